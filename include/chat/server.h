@@ -1,0 +1,101 @@
+// Server: the chat server core, embeddable in any process.
+//
+//   chat::ServerOptions options;
+//   options.port = 8080;
+//   options.store = chat::NewSqliteStore({.path = "chat.db"}).value();
+//   options.authenticator = chat::NewJwtAuthenticator({.secrets = {{"", secret}}}).value();
+//   auto server = chat::Server::Open(std::move(options));
+//   if (!server.ok()) return 1;
+//   (*server)->Run();  // until Shutdown() from a signal handler thread or another thread
+//
+// Runtime: one event-loop thread owns every connection (libwebsockets) and the protocol logic;
+// one writer thread commits messages in groups; reader threads serve sync and history, so the
+// loop never waits on disk. Nothing is acked or delivered before it is committed.
+//
+// Thread-safety: Open, Run and Start are called once, from one thread. Shutdown and port may be
+// called from any thread, any number of times.
+#ifndef CHAT_SERVER_H_
+#define CHAT_SERVER_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "chat/auth.h"
+#include "chat/clock.h"
+#include "chat/export.h"
+#include "chat/status.h"
+#include "chat/store.h"
+
+namespace chat {
+
+struct ServerOptions {
+  // --- Network ---
+  std::string listen_address = "127.0.0.1";  // IPv4/IPv6 literal or interface name
+  uint16_t port = 8080;                      // 0: pick a free port; see Server::port()
+  std::string tls_cert_path;                 // PEM; with tls_key_path set, serve wss only
+  std::string tls_key_path;                  // PEM
+
+  // --- Parts (traits) ---
+  std::shared_ptr<MessageStore> store;          // required
+  std::shared_ptr<Authenticator> authenticator;  // required
+  std::shared_ptr<Clock> clock;                 // default: SystemClock()
+  uint32_t node_id = 0;                         // Snowflake node id, 0..1023
+
+  // --- Limits ---
+  size_t max_message_bytes = 256 * 1024;   // one assembled WebSocket message; close 1009 past it
+  size_t max_body_bytes = 64 * 1024;       // Send.body
+  uint32_t max_attachments = 16;           // per message
+  uint32_t hello_timeout_ms = 10'000;      // from connect to a valid Hello; close 4001 after
+  uint32_t idle_timeout_ms = 90'000;       // without any frame from the client; close 4002
+  uint32_t heartbeat_interval_ms = 30'000;  // told to clients in Welcome
+  size_t max_outbound_bytes = 1024 * 1024;  // queued for one connection; past it: slow consumer
+  uint32_t messages_per_second = 200;      // per connection, sustained (token bucket)
+  uint32_t messages_burst = 400;           // per connection, bucket size
+  size_t bytes_per_second = 4 * 1024 * 1024;  // per connection, inbound
+  uint32_t max_devices_per_user = 16;      // concurrent connections of one user
+  uint32_t max_pending_connections = 1024;  // connections that have not sent Hello yet
+  uint32_t max_connections = 19'000;       // all connections; refused with UNAVAILABLE past it
+  uint32_t history_page_max = 200;         // messages per HistoryPage
+  uint32_t sync_page_max = 500;            // messages per SyncBatch
+  uint32_t sync_catchup_max = 1000;        // per conversation; past it Sync returns a Gap
+
+  // --- Store threads ---
+  uint32_t commit_batch_max = 512;         // messages per transaction, at most
+  uint32_t commit_delay_ms = 0;            // wait this long for more messages before a commit
+  size_t writer_queue_max = 20'000;        // messages waiting for commit; past it reads pause
+  uint32_t reader_threads = 2;             // threads serving Sync and History
+
+  // --- HTTP ---
+  bool serve_healthz = true;               // GET /healthz answers 200 "ok"
+};
+
+class CHAT_EXPORT Server {
+ public:
+  // Validates `options` (InvalidArgument naming the field), binds the port (Unavailable if
+  // it cannot), and returns a server that is not yet serving.
+  static Result<std::unique_ptr<Server>> Open(ServerOptions options);
+
+  Server(const Server&) = delete;
+  Server& operator=(const Server&) = delete;
+  virtual ~Server() = default;  // shuts down if still running
+
+  // Serves on the calling thread until Shutdown(). Returns the reason serving stopped.
+  virtual Status Run() = 0;
+  // Serves on a thread of its own; returns at once.
+  virtual Status Start() = 0;
+  // Graceful: stops accepting, commits what is queued, closes sessions with 1001, and makes
+  // Run() return (or joins the Start() thread). Safe from any thread and from signal-driven
+  // code paths that are not async-signal contexts.
+  virtual void Shutdown() = 0;
+  // The bound port (useful with options.port = 0).
+  virtual uint16_t port() const = 0;
+
+ protected:
+  Server() = default;
+};
+
+}  // namespace chat
+
+#endif  // CHAT_SERVER_H_

@@ -1,0 +1,163 @@
+// MessageStore: where conversations, messages, members and cursors live.
+//
+// The server core never touches storage directly: it hands batches of messages to a
+// MessageStore and asks it for sync and history pages. The store assigns each message its
+// conversation's next `seq` in the same transaction that inserts it, enforces the idempotency
+// key (sender, client_msg_id), and checks membership in that transaction, so the check and the
+// write cannot race. A store whose Append returns OK has made the batch durable: only then does
+// the server ack or deliver anything.
+//
+// Shipped implementations: NewSqliteStore (the default; one file, WAL) and NewMemoryStore (for
+// tests and ephemeral servers). MessageStoreWrapper forwards every call and is the base for
+// fault injection and metrics.
+//
+// Thread-safety: Append is called by one thread at a time (the server's writer thread); the
+// read methods (Sync, History, Members, Epoch) may be called concurrently with each other and
+// with Append from other threads.
+#ifndef CHAT_STORE_H_
+#define CHAT_STORE_H_
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "chat/export.h"
+#include "chat/status.h"
+#include "chat/types.h"
+
+namespace chat {
+
+// One message to commit.
+struct AppendRequest {
+  // Either a conversation id, or (conversation_id == 0) the direct conversation between
+  // `sender` and `peer`, created by this append if it does not exist yet.
+  ConversationId conversation_id = 0;
+  UserId peer;
+  UserId sender;
+  DeviceId sender_device;
+  std::string client_msg_id;   // idempotency key, unique per sender
+  MessageId message_id = 0;    // assigned by the caller; used when the message is new
+  int64_t server_time_ms = 0;  // assigned by the caller
+  MessageKind kind = MessageKind::kUser;
+  std::string content_type;
+  std::string body;
+  std::vector<Attachment> attachments;
+};
+
+struct AppendResult {
+  // OK, or why this item was refused: PermissionDenied (sender not a member, or the
+  // conversation does not exist), InvalidArgument (peer is the sender).
+  Status status;
+  // The committed message with its seq, or for a duplicate the message committed earlier.
+  Message message;
+  bool duplicate = false;          // (sender, client_msg_id) was committed before
+  bool created = false;            // this append created the direct conversation
+  std::vector<UserId> recipients;  // members to deliver to (sender included), at commit time
+};
+
+struct SyncQuery {
+  UserId user;
+  DeviceId device;
+  std::vector<Cursor> cursors;  // conversations the client knows; others count as seq 0
+  uint32_t limit = 500;         // messages in this reply, at most
+  uint32_t catchup_max = 1000;  // per conversation; more missing => newest page + Gap
+};
+
+struct SyncReply {
+  // Conversations with messages above the client's cursor (new ones included), by id.
+  std::vector<ConversationInfo> conversations;
+  // Messages above the cursors in ascending (conversation_id, seq), at most `limit`.
+  std::vector<Message> messages;
+  // Ranges left out because more than catchup_max were missing (or removed by retention).
+  std::vector<Gap> gaps;
+  // True when `limit` cut the reply: sync again with advanced cursors.
+  bool has_more = false;
+};
+
+struct HistoryQuery {
+  UserId user;
+  ConversationId conversation_id = 0;
+  Seq before_seq = 0;  // exclusive; 0 = from the newest
+  uint32_t limit = 50;
+};
+
+struct HistoryReply {
+  std::vector<Message> messages;  // newest first
+  bool has_more = false;          // older messages exist
+  Seq first_seq = 0;              // lowest stored seq; 0 when empty
+};
+
+class CHAT_EXPORT MessageStore {
+ public:
+  MessageStore() = default;
+  MessageStore(const MessageStore&) = delete;
+  MessageStore& operator=(const MessageStore&) = delete;
+  virtual ~MessageStore() = default;
+
+  // Identifies the data set: a random value chosen when the store was created. A client that
+  // sees a different epoch knows its cache describes another store and rebuilds it.
+  virtual uint64_t Epoch() const = 0;
+
+  // Commits `batch` in one transaction. Items refused on their own (see AppendResult::status)
+  // do not abort the others. `results` receives one entry per item, in order.
+  // Returns non-OK if the transaction failed: then nothing of the batch is stored and every
+  // item must be reported to its sender as failed.
+  virtual Status Append(std::span<const AppendRequest> batch,
+                        std::vector<AppendResult>* results) = 0;
+
+  // Messages the user's device is missing. Never returns conversations the user is not in.
+  virtual Result<SyncReply> Sync(const SyncQuery& query) = 0;
+
+  // A page of a conversation, newest first. PermissionDenied if the user is not a member or
+  // the conversation does not exist (the two are not distinguished, so nothing leaks).
+  virtual Result<HistoryReply> History(const HistoryQuery& query) = 0;
+
+  // Current members of a conversation. NotFound if it does not exist.
+  virtual Result<std::vector<UserId>> Members(ConversationId conversation_id) = 0;
+};
+
+// Forwards every call to `target`; override what a test or a metric needs.
+class CHAT_EXPORT MessageStoreWrapper : public MessageStore {
+ public:
+  explicit MessageStoreWrapper(std::shared_ptr<MessageStore> target) : target_(std::move(target)) {}
+  uint64_t Epoch() const override { return target_->Epoch(); }
+  Status Append(std::span<const AppendRequest> batch,
+                std::vector<AppendResult>* results) override {
+    return target_->Append(batch, results);
+  }
+  Result<SyncReply> Sync(const SyncQuery& query) override { return target_->Sync(query); }
+  Result<HistoryReply> History(const HistoryQuery& query) override {
+    return target_->History(query);
+  }
+  Result<std::vector<UserId>> Members(ConversationId conversation_id) override {
+    return target_->Members(conversation_id);
+  }
+
+ protected:
+  MessageStore& target() { return *target_; }
+
+ private:
+  std::shared_ptr<MessageStore> target_;
+};
+
+struct SqliteStoreOptions {
+  std::string path;             // database file; created if missing
+  // true: synchronous=FULL (an acked message survives power loss). false: NORMAL (survives a
+  // crash of the process, may lose the last commits on power loss). Default true.
+  bool synchronous_full = true;
+  uint32_t reader_connections = 2;   // read-only connections for concurrent Sync/History
+  uint32_t busy_timeout_ms = 5000;
+};
+
+// Opens (creating and migrating as needed) a SQLite store. InvalidArgument for an empty path;
+// Unavailable if the file cannot be opened; DataLoss if the schema is newer than this build.
+CHAT_EXPORT Result<std::shared_ptr<MessageStore>> NewSqliteStore(SqliteStoreOptions options);
+
+// A store that keeps everything in memory and forgets it on destruction.
+CHAT_EXPORT std::shared_ptr<MessageStore> NewMemoryStore();
+
+}  // namespace chat
+
+#endif  // CHAT_STORE_H_

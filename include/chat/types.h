@@ -1,0 +1,107 @@
+// The SDK's vocabulary: ids, messages, conversations, cursors.
+//
+// A conversation is a totally ordered log: every message in it has a `seq` (1, 2, 3, ...)
+// assigned by the server when the message is committed, with no gaps. Clients order by seq,
+// never by clock. A message also has a `message_id` (a 64-bit Snowflake, unique across the
+// deployment and roughly time-sortable) and the sender's `client_msg_id` (the idempotency key:
+// a resend with the same key is answered with the original message_id and seq).
+//
+// Thread-safety: plain values.
+#ifndef CHAT_TYPES_H_
+#define CHAT_TYPES_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace chat {
+
+using ConversationId = uint64_t;
+using MessageId = uint64_t;
+using Seq = uint64_t;
+using UserId = std::string;
+using DeviceId = std::string;
+
+enum class ConversationKind : int { kUnspecified = 0, kDirect = 1, kGroup = 2, kChannel = 3 };
+enum class Role : int { kUnspecified = 0, kMember = 1, kAdmin = 2 };
+enum class MessageKind : int { kUnspecified = 0, kUser = 1, kSystem = 2 };
+
+// Metadata of a blob stored elsewhere.
+struct Attachment {
+  std::string url;
+  std::string mime_type;
+  uint64_t size = 0;       // bytes
+  std::string sha256;      // 32 raw bytes, or empty
+  std::string name;
+  uint32_t width = 0;      // pixels
+  uint32_t height = 0;     // pixels
+  uint32_t duration_ms = 0;
+};
+
+// A membership or metadata change recorded in the conversation's log.
+struct SystemEvent {
+  enum class Type : int {
+    kUnspecified = 0,
+    kCreated = 1,
+    kMembersAdded = 2,
+    kMembersRemoved = 3,
+    kMemberLeft = 4,
+    kRenamed = 5,
+    kRoleChanged = 6,
+    kMessagesExpired = 7,
+  };
+  Type type = Type::kUnspecified;
+  UserId actor;
+  std::vector<UserId> users;
+  std::string title;
+  Role role = Role::kUnspecified;
+  Seq seq = 0;
+};
+
+struct Message {
+  ConversationId conversation_id = 0;
+  Seq seq = 0;
+  MessageId message_id = 0;
+  UserId sender;
+  DeviceId sender_device;
+  std::string client_msg_id;
+  int64_t server_time_ms = 0;  // Unix ms at commit
+  MessageKind kind = MessageKind::kUser;
+  std::string content_type;
+  std::string body;            // opaque bytes
+  std::vector<Attachment> attachments;
+  SystemEvent system;          // kind == kSystem
+};
+
+// What one user knows about one conversation.
+struct ConversationInfo {
+  ConversationId conversation_id = 0;
+  ConversationKind kind = ConversationKind::kUnspecified;
+  std::string title;
+  UserId peer;                 // direct conversations: the other user
+  Seq last_seq = 0;
+  Seq read_seq = 0;            // the user's read watermark (all devices)
+  Seq delivered_seq = 0;       // the device's delivered watermark
+  uint64_t unread = 0;
+  Seq first_seq = 0;           // lowest stored seq (retention); 0 when empty
+  Role role = Role::kUnspecified;
+  uint32_t member_count = 0;
+  int64_t last_activity_ms = 0;
+};
+
+// The highest seq a client holds for a conversation with nothing missing below it.
+struct Cursor {
+  ConversationId conversation_id = 0;
+  Seq seq = 0;
+};
+
+// Seqs [from_seq, to_seq] that a reply left out; fetch them with History.
+struct Gap {
+  ConversationId conversation_id = 0;
+  Seq from_seq = 0;
+  Seq to_seq = 0;
+};
+
+}  // namespace chat
+
+#endif  // CHAT_TYPES_H_

@@ -1,0 +1,112 @@
+// Hub: the server's protocol logic as a sans-IO state machine.
+//
+// The Hub owns sessions (handshake, limits, timeouts), routing, fan-out and the rules of the
+// protocol. It has no sockets, threads, clocks or disk of its own: the runtime feeds it frames
+// and store completions and carries out what it asks through HubIo. The same Hub runs under the
+// libwebsockets runtime (server.cc) and under unit tests that drive it with a fake clock and
+// the in-memory store.
+//
+// Thread-safety: none. Every method, and every HubIo call it makes, happens on one thread (the
+// event loop). HubIo methods must not call back into the Hub re-entrantly.
+#ifndef CHAT_SRC_SERVER_HUB_H_
+#define CHAT_SRC_SERVER_HUB_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <variant>
+
+#include "chat/auth.h"
+#include "chat/clock.h"
+#include "chat/server.h"
+#include "chat/status.h"
+#include "chat/store.h"
+#include "src/core/codec.h"
+
+namespace chat::server {
+
+using SessionId = uint64_t;
+
+// WebSocket close codes the Hub uses (RFC 6455 and the application range).
+inline constexpr int kCloseNormal = 1000;
+inline constexpr int kCloseGoingAway = 1001;          // server shutdown
+inline constexpr int kCloseProtocolError = 1002;      // frame the protocol does not allow
+inline constexpr int kCloseInvalidPayload = 1007;     // undecodable frame (bad protobuf/JSON/UTF-8)
+inline constexpr int kClosePolicy = 1008;             // e.g. a second Hello
+inline constexpr int kCloseTooLarge = 1009;           // message over max_message_bytes
+inline constexpr int kCloseTryAgainLater = 1013;      // overload
+inline constexpr int kCloseUnauthenticated = 4001;    // no/invalid Hello, bad token, hello timeout
+inline constexpr int kCloseIdleTimeout = 4002;        // no frame within idle_timeout_ms
+inline constexpr int kCloseSlowConsumer = 4003;       // outbound queue stayed over its cap
+inline constexpr int kCloseTooManyDevices = 4004;     // max_devices_per_user reached
+
+// A unit of work for the store's writer thread. `token` comes back in OnAppendDone.
+struct AppendJob {
+  uint64_t token = 0;
+  AppendRequest request;
+};
+
+// A unit of work for a store reader thread. `token` comes back in OnReadDone.
+struct ReadJob {
+  uint64_t token = 0;
+  std::variant<SyncQuery, HistoryQuery> query;
+};
+using ReadResult = std::variant<Result<SyncReply>, Result<HistoryReply>>;
+
+// What the Hub asks of its runtime.
+class HubIo {
+ public:
+  virtual ~HubIo() = default;
+  // Queue an encoded envelope (in the session's format) for the session. The runtime packs
+  // queued frames into Batch frames and closes the session as a slow consumer if its queue
+  // stays over max_outbound_bytes.
+  virtual void Send(SessionId session, codec::Frame frame) = 0;
+  // Send a close frame with `code` and `reason` after the queued frames, then drop the
+  // connection. The Hub forgets the session at once; OnClose will not be called for it.
+  virtual void Close(SessionId session, int code, std::string_view reason) = 0;
+  // Hand a message to the writer. Completions arrive in OnAppendDone in submission order.
+  virtual void SubmitAppend(AppendJob job) = 0;
+  // Hand a query to a reader. Completions arrive in OnReadDone in any order.
+  virtual void SubmitRead(ReadJob job) = 0;
+};
+
+class Hub {
+ public:
+  // `options` must already be validated; `io`, `clock` and `authenticator` outlive the Hub.
+  // `epoch` is the store's Epoch(), told to clients in Welcome.
+  Hub(const ServerOptions& options, uint64_t epoch, HubIo* io);
+  ~Hub();
+  Hub(const Hub&) = delete;
+  Hub& operator=(const Hub&) = delete;
+
+  // A connection was accepted. Returns false (and the runtime closes it with 1013) when the
+  // server is over max_connections or max_pending_connections.
+  bool OnOpen(SessionId session);
+  // One complete WebSocket message. `text` selects the JSON mapping, else binary protobuf.
+  // The runtime has already enforced max_message_bytes.
+  void OnFrame(SessionId session, std::string_view bytes, bool text);
+  // The connection is gone (peer closed, network error, or after a Close the Hub asked for).
+  void OnClose(SessionId session);
+
+  void OnAppendDone(uint64_t token, const Status& commit_status, AppendResult result);
+  void OnReadDone(uint64_t token, ReadResult result);
+
+  // Called by the runtime at least every 100 ms: hello and idle timeouts, rate-limit refill.
+  void Tick();
+
+  // Shutdown: close every session with 1001. Appends already submitted still complete.
+  void CloseAll();
+
+  // For the runtime's overload decisions and for tests.
+  size_t session_count() const;
+  size_t pending_appends() const;
+
+ private:
+  class Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace chat::server
+
+#endif  // CHAT_SRC_SERVER_HUB_H_
