@@ -26,8 +26,9 @@ enum class Format { kBinary, kJson };
 
 // Decodes one envelope. Checks, in order: size <= max_bytes ("too large"), well-formed
 // encoding ("truncated", "malformed", "invalid UTF-8", "invalid JSON: ..."), a body is set
-// ("unknown message type"), and the body's required fields (Validate). A Batch is decoded
-// whole; nested Batches are refused.
+// ("unknown message type"). A Batch is decoded whole; nested Batches are refused. Required
+// fields are NOT checked here: call Validate() on the result, so a caller can still answer a
+// structurally valid request (its rid is known) with an error instead of closing.
 Status Decode(std::string_view bytes, Format format, size_t max_bytes, v1::Envelope* out);
 
 // Required fields of client->server bodies; e.g. Hello.token, Send.client_msg_id and a
