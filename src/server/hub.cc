@@ -1,0 +1,637 @@
+#include "src/server/hub.h"
+
+#include <algorithm>
+#include <functional>
+#include <queue>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "chat/v1/chat.pb.h"
+#include "src/core/snowflake.h"
+
+namespace chat::server {
+
+namespace {
+
+constexpr uint32_t kDefaultHistoryLimit = 50;
+constexpr size_t kMinClientMsgIdBytes = 16;
+constexpr size_t kMaxClientMsgIdBytes = 128;
+constexpr size_t kMaxDeviceIdBytes = 128;
+// Token buckets count in thousandths, so a rate of N per second refills N units per millisecond
+// and the arithmetic stays in integers.
+constexpr int64_t kMilli = 1000;
+
+// Per-connection state. Kept small: an idle server holds thousands of these.
+struct Session {
+  UserId user;
+  DeviceId device;
+  int64_t hello_deadline_ms = 0;
+  int64_t last_frame_ms = 0;
+  int64_t timer_due_ms = 0;    // when this session's live entry in the timer heap fires
+  int64_t refill_ms = 0;       // when the buckets were last refilled
+  int64_t message_tokens = 0;  // thousandths of a message
+  int64_t byte_tokens = 0;     // thousandths of a byte; negative while in debt
+  codec::Format format = codec::Format::kBinary;
+  bool format_known = false;
+  bool authenticated = false;
+};
+
+struct PendingAppend {
+  SessionId session = 0;
+  uint64_t rid = 0;
+  std::string client_msg_id;
+};
+
+struct PendingRead {
+  SessionId session = 0;
+  uint64_t rid = 0;
+  ConversationId conversation_id = 0;  // History only
+};
+
+using Body = v1::Envelope::BodyCase;
+
+// The oneof field's name ("send", "presence_subscribe", ...), for error messages.
+std::string BodyName(const v1::Envelope& envelope) {
+  const google::protobuf::OneofDescriptor* oneof =
+      v1::Envelope::descriptor()->FindOneofByName("body");
+  const google::protobuf::FieldDescriptor* field =
+      v1::Envelope::GetReflection()->GetOneofFieldDescriptor(envelope, oneof);
+  return field != nullptr ? field->name() : "unknown";
+}
+
+bool IsClientRequest(Body body) {
+  switch (body) {
+    case Body::kHello:
+    case Body::kSend:
+    case Body::kReceipt:
+    case Body::kSync:
+    case Body::kHistory:
+    case Body::kTyping:
+    case Body::kPresenceSubscribe:
+    case Body::kPresenceUnsubscribe:
+    case Body::kCreateGroup:
+    case Body::kRenameGroup:
+    case Body::kAddMembers:
+    case Body::kRemoveMembers:
+    case Body::kLeave:
+    case Body::kSetRole:
+    case Body::kSubscribe:
+    case Body::kUnsubscribe:
+    case Body::kGetReceipts:
+    case Body::kRegisterPushToken:
+    case Body::kPing:
+      return true;
+    default:
+      return false;
+  }
+}
+
+int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace
+
+class Hub::Impl {
+ public:
+  Impl(const ServerOptions& options, uint64_t epoch, HubIo* io)
+      : options_(options),
+        epoch_(epoch),
+        io_(io),
+        clock_(options.clock ? options.clock : SystemClock()),
+        ids_(options.node_id, clock_) {}
+
+  bool OnOpen(SessionId id) {
+    if (sessions_.size() >= options_.max_connections ||
+        pending_sessions_ >= options_.max_pending_connections || sessions_.count(id) != 0) {
+      return false;
+    }
+    const int64_t now = clock_->MonotonicMs();
+    Session& s = sessions_[id];
+    s.hello_deadline_ms = now + options_.hello_timeout_ms;
+    s.last_frame_ms = now;
+    s.refill_ms = now;
+    s.message_tokens = static_cast<int64_t>(options_.messages_burst) * kMilli;
+    s.byte_tokens = static_cast<int64_t>(options_.bytes_per_second) * kMilli;
+    ++pending_sessions_;
+    ArmTimer(id, s);
+    return true;
+  }
+
+  void OnFrame(SessionId id, std::string_view bytes, bool text) {
+    auto it = sessions_.find(id);
+    if (it == sessions_.end()) return;  // closed by us; late frames are dropped
+    Session& s = it->second;
+    const int64_t now = clock_->MonotonicMs();
+    s.last_frame_ms = now;
+    const codec::Format frame_format = text ? codec::Format::kJson : codec::Format::kBinary;
+    if (!s.format_known) {
+      s.format = frame_format;
+      s.format_known = true;
+    }
+    Refill(s, now);
+    s.byte_tokens -= static_cast<int64_t>(bytes.size()) * kMilli;
+
+    // The bytes are decoded as what the frame says they are; replies keep the session's format.
+    v1::Envelope envelope;
+    Status decoded = codec::Decode(bytes, frame_format, options_.max_message_bytes, &envelope);
+    if (!decoded.ok()) {
+      SendError(id, s, 0, decoded);
+      CloseSession(id, kCloseInvalidPayload, decoded.message());
+      return;
+    }
+    if (envelope.body_case() == Body::kBatch) {
+      // Each element may close the session, so look it up again before the next one.
+      for (const v1::Envelope& element : envelope.batch().envelopes()) {
+        auto current = sessions_.find(id);
+        if (current == sessions_.end()) return;
+        HandleEnvelope(id, current->second, element);
+      }
+      return;
+    }
+    HandleEnvelope(id, s, envelope);
+  }
+
+  void OnClose(SessionId id) { Forget(id); }
+
+  void OnAppendDone(uint64_t token, const Status& commit_status, AppendResult result) {
+    auto it = pending_appends_.find(token);
+    if (it == pending_appends_.end()) return;
+    PendingAppend pending = std::move(it->second);
+    pending_appends_.erase(it);
+    Session* sender = FindSession(pending.session);
+
+    if (!commit_status.ok() || !result.status.ok()) {
+      if (sender == nullptr) return;
+      const Status& failure = commit_status.ok() ? result.status : commit_status;
+      SendError(pending.session, *sender, pending.rid, failure, pending.client_msg_id);
+      return;
+    }
+
+    if (sender != nullptr) {
+      v1::Envelope reply;
+      reply.set_rid(pending.rid);
+      v1::SendAck* ack = reply.mutable_send_ack();
+      ack->set_conversation_id(result.message.conversation_id);
+      ack->set_seq(result.message.seq);
+      ack->set_message_id(result.message.message_id);
+      ack->set_server_time_ms(result.message.server_time_ms);
+      ack->set_client_msg_id(pending.client_msg_id);
+      ack->set_duplicate(result.duplicate);
+      Reply(pending.session, *sender, reply);
+    }
+    // A duplicate was delivered when it was first committed.
+    if (result.duplicate) return;
+    FanOut(result.message, result.recipients, pending.session);
+  }
+
+  void OnReadDone(uint64_t token, ReadResult result) {
+    auto it = pending_reads_.find(token);
+    if (it == pending_reads_.end()) return;
+    PendingRead pending = it->second;
+    pending_reads_.erase(it);
+    Session* s = FindSession(pending.session);
+    if (s == nullptr) return;
+
+    v1::Envelope reply;
+    reply.set_rid(pending.rid);
+    if (auto* sync = std::get_if<Result<SyncReply>>(&result)) {
+      if (!sync->ok()) {
+        SendError(pending.session, *s, pending.rid, sync->status());
+        return;
+      }
+      v1::SyncBatch* batch = reply.mutable_sync_batch();
+      for (const ConversationInfo& info : (*sync)->conversations) {
+        codec::ToProto(info, batch->add_conversations());
+      }
+      for (const Message& message : (*sync)->messages) {
+        codec::ToProto(message, batch->add_messages());
+      }
+      for (const Gap& gap : (*sync)->gaps) {
+        v1::Gap* out = batch->add_gaps();
+        out->set_conversation_id(gap.conversation_id);
+        out->set_from_seq(gap.from_seq);
+        out->set_to_seq(gap.to_seq);
+      }
+      batch->set_has_more((*sync)->has_more);
+    } else {
+      auto& history = std::get<Result<HistoryReply>>(result);
+      if (!history.ok()) {
+        SendError(pending.session, *s, pending.rid, history.status());
+        return;
+      }
+      v1::HistoryPage* page = reply.mutable_history_page();
+      page->set_conversation_id(pending.conversation_id);
+      for (const Message& message : history->messages) {
+        codec::ToProto(message, page->add_messages());
+      }
+      page->set_has_more(history->has_more);
+      page->set_first_seq(history->first_seq);
+    }
+    Reply(pending.session, *s, reply);
+  }
+
+  void Tick() {
+    const int64_t now = clock_->MonotonicMs();
+    // Only sessions whose deadline has come are looked at, so a tick over many idle sessions
+    // costs nothing but the heap's top.
+    while (!timers_.empty() && timers_.top().first <= now) {
+      const auto [due, id] = timers_.top();
+      timers_.pop();
+      Session* s = FindSession(id);
+      if (s == nullptr || s->timer_due_ms != due) continue;  // stale entry
+      if (!s->authenticated && now >= s->hello_deadline_ms) {
+        CloseSession(id, kCloseUnauthenticated, "hello timeout");
+      } else if (now >= s->last_frame_ms + static_cast<int64_t>(options_.idle_timeout_ms)) {
+        CloseSession(id, kCloseIdleTimeout, "idle timeout");
+      } else {
+        ArmTimer(id, *s);
+      }
+    }
+  }
+
+  void CloseAll() {
+    std::vector<SessionId> ids;
+    ids.reserve(sessions_.size());
+    for (const auto& [id, s] : sessions_) ids.push_back(id);
+    for (SessionId id : ids) CloseSession(id, kCloseGoingAway, "server shutting down");
+  }
+
+  size_t session_count() const { return sessions_.size(); }
+  size_t pending_appends() const { return pending_appends_.size(); }
+
+ private:
+  Session* FindSession(SessionId id) {
+    auto it = sessions_.find(id);
+    return it == sessions_.end() ? nullptr : &it->second;
+  }
+
+  void ArmTimer(SessionId id, Session& s) {
+    int64_t due = s.last_frame_ms + static_cast<int64_t>(options_.idle_timeout_ms);
+    if (!s.authenticated) due = std::min(due, s.hello_deadline_ms);
+    s.timer_due_ms = due;
+    timers_.emplace(due, id);
+  }
+
+  // Buckets are refilled lazily when a session sends, which is equivalent to refilling them on
+  // every tick and keeps Tick independent of the number of sessions.
+  void Refill(Session& s, int64_t now) {
+    const int64_t elapsed = now - s.refill_ms;
+    if (elapsed <= 0) return;
+    s.refill_ms = now;
+    const int64_t message_cap = static_cast<int64_t>(options_.messages_burst) * kMilli;
+    const int64_t byte_cap = static_cast<int64_t>(options_.bytes_per_second) * kMilli;
+    s.message_tokens =
+        std::min(message_cap,
+                 s.message_tokens + elapsed * static_cast<int64_t>(options_.messages_per_second));
+    s.byte_tokens = std::min(
+        byte_cap, s.byte_tokens + elapsed * static_cast<int64_t>(options_.bytes_per_second));
+  }
+
+  // Takes one message token. Returns ResourceExhausted with the wait until a request would be
+  // accepted when the message or the byte bucket is empty.
+  Status TakeToken(Session& s) {
+    int64_t wait_ms = 0;
+    if (s.message_tokens < kMilli) {
+      const int64_t rate = options_.messages_per_second;
+      wait_ms = rate > 0 ? CeilDiv(kMilli - s.message_tokens, rate) : kMilli;
+    }
+    if (s.byte_tokens < 0) {
+      const int64_t rate = static_cast<int64_t>(options_.bytes_per_second);
+      wait_ms = std::max(wait_ms, rate > 0 ? CeilDiv(-s.byte_tokens, rate) : kMilli);
+    }
+    if (wait_ms > 0) {
+      const int64_t capped = std::min<int64_t>(wait_ms, UINT32_MAX);
+      return ResourceExhausted("rate limit exceeded")
+          .set_retry_after_ms(static_cast<uint32_t>(std::max<int64_t>(capped, 1)));
+    }
+    s.message_tokens -= kMilli;
+    return Status::Ok();
+  }
+
+  void HandleEnvelope(SessionId id, Session& s, const v1::Envelope& envelope) {
+    const Body body = envelope.body_case();
+    if (!IsClientRequest(body)) {
+      const std::string name = BodyName(envelope);
+      SendError(id, s, envelope.rid(), InvalidArgument("not a client request: " + name));
+      CloseSession(id, kCloseProtocolError, "not a client request");
+      return;
+    }
+    if (!s.authenticated && body != Body::kHello) {
+      SendError(id, s, envelope.rid(), Unauthenticated("hello required first"));
+      CloseSession(id, kCloseUnauthenticated, "hello required first");
+      return;
+    }
+    Status valid = codec::Validate(envelope);
+    if (!valid.ok()) {
+      SendError(id, s, envelope.rid(), valid,
+                body == Body::kSend ? envelope.send().client_msg_id() : std::string());
+      return;
+    }
+    switch (body) {
+      case Body::kHello:
+        HandleHello(id, s, envelope);
+        return;
+      case Body::kSend:
+        HandleSend(id, s, envelope);
+        return;
+      case Body::kSync:
+        HandleSync(id, s, envelope);
+        return;
+      case Body::kHistory:
+        HandleHistory(id, s, envelope);
+        return;
+      case Body::kPing:
+        HandlePing(id, s, envelope);
+        return;
+      default:
+        HandleUnsupported(id, s, envelope);
+        return;
+    }
+  }
+
+  void HandleHello(SessionId id, Session& s, const v1::Envelope& envelope) {
+    const uint64_t rid = envelope.rid();
+    if (s.authenticated) {
+      SendError(id, s, rid, FailedPrecondition("already authenticated"));
+      CloseSession(id, kClosePolicy, "already authenticated");
+      return;
+    }
+    const v1::Hello& hello = envelope.hello();
+    if (hello.device_id().size() > kMaxDeviceIdBytes) {
+      SendError(id, s, rid, InvalidArgument("device_id must be at most 128 bytes"));
+      return;
+    }
+    Result<Identity> identity = options_.authenticator->Verify(hello.token(), clock_->WallMs());
+    if (!identity.ok()) {
+      // Whatever the authenticator says, the client sees UNAUTHENTICATED with its reason.
+      SendError(id, s, rid, Unauthenticated(identity.status().message()));
+      CloseSession(id, kCloseUnauthenticated, "unauthenticated");
+      return;
+    }
+    std::vector<SessionId>& devices = users_[identity->user_id];
+    if (devices.size() >= options_.max_devices_per_user) {
+      if (devices.empty()) users_.erase(identity->user_id);
+      SendError(id, s, rid, ResourceExhausted("too many devices for this user"));
+      CloseSession(id, kCloseTooManyDevices, "too many devices");
+      return;
+    }
+    devices.push_back(id);
+    s.user = std::move(identity->user_id);
+    s.device = hello.device_id();
+    s.authenticated = true;
+    --pending_sessions_;
+    ArmTimer(id, s);
+
+    v1::Envelope reply;
+    reply.set_rid(rid);
+    v1::Welcome* welcome = reply.mutable_welcome();
+    welcome->set_user_id(s.user);
+    welcome->set_device_id(s.device);
+    welcome->set_session_id(id);
+    welcome->set_epoch(epoch_);
+    welcome->set_server_time_ms(clock_->WallMs());
+    v1::Limits* limits = welcome->mutable_limits();
+    limits->set_max_message_bytes(ClampU32(options_.max_message_bytes));
+    limits->set_max_body_bytes(ClampU32(options_.max_body_bytes));
+    limits->set_history_page_max(options_.history_page_max);
+    limits->set_sync_page_max(options_.sync_page_max);
+    limits->set_sync_catchup_max(options_.sync_catchup_max);
+    limits->set_heartbeat_interval_ms(options_.heartbeat_interval_ms);
+    limits->set_idle_timeout_ms(options_.idle_timeout_ms);
+    limits->set_messages_per_second(options_.messages_per_second);
+    limits->set_max_attachments(options_.max_attachments);
+    Reply(id, s, reply);
+  }
+
+  void HandleSend(SessionId id, Session& s, const v1::Envelope& envelope) {
+    const v1::Send& send = envelope.send();
+    const uint64_t rid = envelope.rid();
+    Status status = TakeToken(s);
+    if (status.ok()) status = CheckSend(s, send);
+    if (!status.ok()) {
+      SendError(id, s, rid, status, send.client_msg_id());
+      return;
+    }
+
+    AppendJob job;
+    job.token = next_token_++;
+    AppendRequest& request = job.request;
+    if (send.to_case() == v1::Send::kConversationId) {
+      request.conversation_id = send.conversation_id();
+    } else {
+      request.peer = send.peer();
+    }
+    request.sender = s.user;
+    request.sender_device = s.device;
+    request.client_msg_id = send.client_msg_id();
+    request.message_id = ids_.Next();
+    request.server_time_ms = clock_->WallMs();
+    request.kind = MessageKind::kUser;
+    request.content_type = send.content_type();
+    request.body = send.body();
+    request.attachments.reserve(send.attachments_size());
+    for (const v1::Attachment& attachment : send.attachments()) {
+      request.attachments.push_back(codec::FromProto(attachment));
+    }
+    pending_appends_.emplace(job.token, PendingAppend{id, rid, send.client_msg_id()});
+    io_->SubmitAppend(std::move(job));
+  }
+
+  Status CheckSend(const Session& s, const v1::Send& send) const {
+    const size_t id_bytes = send.client_msg_id().size();
+    if (id_bytes < kMinClientMsgIdBytes || id_bytes > kMaxClientMsgIdBytes) {
+      return InvalidArgument("client_msg_id must be 16..128 bytes");
+    }
+    if (send.body().empty() && send.attachments_size() == 0) {
+      return InvalidArgument("empty body");
+    }
+    if (send.body().size() > options_.max_body_bytes) {
+      return InvalidArgument("body too large");
+    }
+    if (static_cast<uint32_t>(send.attachments_size()) > options_.max_attachments) {
+      return InvalidArgument("too many attachments");
+    }
+    if (send.to_case() == v1::Send::kPeer && send.peer() == s.user) {
+      return InvalidArgument("cannot send to yourself");
+    }
+    return Status::Ok();
+  }
+
+  void HandleSync(SessionId id, Session& s, const v1::Envelope& envelope) {
+    Status status = TakeToken(s);
+    if (!status.ok()) {
+      SendError(id, s, envelope.rid(), status);
+      return;
+    }
+    const v1::Sync& sync = envelope.sync();
+    SyncQuery query;
+    query.user = s.user;
+    query.device = s.device;
+    query.cursors.reserve(sync.cursors_size());
+    for (const v1::Cursor& cursor : sync.cursors()) {
+      query.cursors.push_back(Cursor{cursor.conversation_id(), cursor.seq()});
+    }
+    const uint32_t requested = sync.limit() != 0 ? sync.limit() : options_.sync_page_max;
+    query.limit = std::min(requested, options_.sync_page_max);
+    query.catchup_max = options_.sync_catchup_max;
+    SubmitRead(id, envelope.rid(), 0, std::move(query));
+  }
+
+  void HandleHistory(SessionId id, Session& s, const v1::Envelope& envelope) {
+    Status status = TakeToken(s);
+    if (!status.ok()) {
+      SendError(id, s, envelope.rid(), status);
+      return;
+    }
+    const v1::History& history = envelope.history();
+    HistoryQuery query;
+    query.user = s.user;
+    query.conversation_id = history.conversation_id();
+    query.before_seq = history.before_seq();
+    const uint32_t requested = history.limit() != 0 ? history.limit() : kDefaultHistoryLimit;
+    query.limit = std::min(requested, options_.history_page_max);
+    SubmitRead(id, envelope.rid(), query.conversation_id, std::move(query));
+  }
+
+  void HandlePing(SessionId id, Session& s, const v1::Envelope& envelope) {
+    Status status = TakeToken(s);
+    if (!status.ok()) {
+      SendError(id, s, envelope.rid(), status);
+      return;
+    }
+    v1::Envelope reply;
+    reply.set_rid(envelope.rid());
+    v1::Pong* pong = reply.mutable_pong();
+    pong->set_client_time_ms(envelope.ping().client_time_ms());
+    pong->set_server_time_ms(clock_->WallMs());
+    Reply(id, s, reply);
+  }
+
+  // Requests in the schema that this server does not serve yet. Each becomes its own handler
+  // in HandleEnvelope's switch when it is implemented.
+  void HandleUnsupported(SessionId id, Session& s, const v1::Envelope& envelope) {
+    Status status = TakeToken(s);
+    if (status.ok()) {
+      status = FailedPrecondition(BodyName(envelope) + " is not supported by this server yet");
+    }
+    SendError(id, s, envelope.rid(), status);
+  }
+
+  void SubmitRead(SessionId id, uint64_t rid, ConversationId conversation_id,
+                  std::variant<SyncQuery, HistoryQuery> query) {
+    ReadJob job;
+    job.token = next_token_++;
+    job.query = std::move(query);
+    pending_reads_.emplace(job.token, PendingRead{id, rid, conversation_id});
+    io_->SubmitRead(std::move(job));
+  }
+
+  // One Deliver, encoded at most once per wire format, to every online device of every
+  // recipient except the connection that sent it.
+  void FanOut(const Message& message, const std::vector<UserId>& recipients, SessionId sender) {
+    v1::Envelope deliver;
+    codec::ToProto(message, deliver.mutable_deliver()->mutable_message());
+    codec::Frame binary;
+    codec::Frame json;
+    for (const UserId& user : recipients) {
+      auto it = users_.find(user);
+      if (it == users_.end()) continue;
+      for (SessionId target : it->second) {
+        if (target == sender) continue;
+        Session* s = FindSession(target);
+        if (s == nullptr) continue;
+        codec::Frame& frame = s->format == codec::Format::kJson ? json : binary;
+        if (!frame) frame = codec::EncodeShared(deliver, s->format);
+        io_->Send(target, frame);
+      }
+    }
+  }
+
+  void Reply(SessionId id, const Session& s, const v1::Envelope& envelope) {
+    io_->Send(id, codec::EncodeShared(envelope, s.format));
+  }
+
+  void SendError(SessionId id, const Session& s, uint64_t rid, const Status& status,
+                 const std::string& client_msg_id = std::string()) {
+    v1::Envelope envelope = codec::ErrorEnvelope(rid, status);
+    if (!client_msg_id.empty()) envelope.mutable_error()->set_client_msg_id(client_msg_id);
+    Reply(id, s, envelope);
+  }
+
+  // Asks the runtime to close and forgets the session at once: it gets no more frames, replies
+  // or deliveries, and OnClose will not be called for it.
+  void CloseSession(SessionId id, int code, std::string_view reason) {
+    Forget(id);
+    io_->Close(id, code, reason);
+  }
+
+  void Forget(SessionId id) {
+    auto it = sessions_.find(id);
+    if (it == sessions_.end()) return;
+    Session& s = it->second;
+    if (s.authenticated) {
+      auto user = users_.find(s.user);
+      if (user != users_.end()) {
+        std::erase(user->second, id);
+        if (user->second.empty()) users_.erase(user);
+      }
+    } else {
+      --pending_sessions_;
+    }
+    sessions_.erase(it);
+  }
+
+  static uint32_t ClampU32(size_t value) {
+    return static_cast<uint32_t>(std::min<size_t>(value, UINT32_MAX));
+  }
+
+  const ServerOptions options_;
+  const uint64_t epoch_;
+  HubIo* const io_;
+  const std::shared_ptr<Clock> clock_;
+  SnowflakeGenerator ids_;
+
+  std::unordered_map<SessionId, Session> sessions_;
+  std::unordered_map<UserId, std::vector<SessionId>> users_;  // authenticated sessions by user
+  size_t pending_sessions_ = 0;                               // sessions without a successful Hello
+
+  // (due ms, session): one live entry per session; stale entries are skipped when popped.
+  using Timer = std::pair<int64_t, SessionId>;
+  std::priority_queue<Timer, std::vector<Timer>, std::greater<>> timers_;
+
+  uint64_t next_token_ = 1;
+  std::unordered_map<uint64_t, PendingAppend> pending_appends_;
+  std::unordered_map<uint64_t, PendingRead> pending_reads_;
+};
+
+Hub::Hub(const ServerOptions& options, uint64_t epoch, HubIo* io)
+    : impl_(std::make_unique<Impl>(options, epoch, io)) {}
+
+Hub::~Hub() = default;
+
+bool Hub::OnOpen(SessionId session) { return impl_->OnOpen(session); }
+
+void Hub::OnFrame(SessionId session, std::string_view bytes, bool text) {
+  impl_->OnFrame(session, bytes, text);
+}
+
+void Hub::OnClose(SessionId session) { impl_->OnClose(session); }
+
+void Hub::OnAppendDone(uint64_t token, const Status& commit_status, AppendResult result) {
+  impl_->OnAppendDone(token, commit_status, std::move(result));
+}
+
+void Hub::OnReadDone(uint64_t token, ReadResult result) {
+  impl_->OnReadDone(token, std::move(result));
+}
+
+void Hub::Tick() { impl_->Tick(); }
+
+void Hub::CloseAll() { impl_->CloseAll(); }
+
+size_t Hub::session_count() const { return impl_->session_count(); }
+
+size_t Hub::pending_appends() const { return impl_->pending_appends(); }
+
+}  // namespace chat::server
