@@ -130,7 +130,6 @@ class Hub::Impl {
       s.format_known = true;
     }
     Refill(s, now);
-    s.byte_tokens -= static_cast<int64_t>(bytes.size()) * kMilli;
 
     // The bytes are decoded as what the frame says they are; replies keep the session's format.
     v1::Envelope envelope;
@@ -143,13 +142,18 @@ class Hub::Impl {
     if (envelope.body_case() == Body::kBatch) {
       // Each element may close the session, so look it up again before the next one.
       for (const v1::Envelope& element : envelope.batch().envelopes()) {
-        auto current = sessions_.find(id);
-        if (current == sessions_.end()) return;
-        HandleEnvelope(id, current->second, element);
+        Session* current = FindSession(id);
+        if (current == nullptr) return;
+        HandleEnvelope(id, *current, element);
       }
-      return;
+    } else {
+      HandleEnvelope(id, s, envelope);
     }
-    HandleEnvelope(id, s, envelope);
+    // The frame is charged after it was served: a frame larger than the bucket still passes
+    // once, and the debt holds back the frames that follow it.
+    if (Session* current = FindSession(id)) {
+      current->byte_tokens -= static_cast<int64_t>(bytes.size()) * kMilli;
+    }
   }
 
   void OnClose(SessionId id) { Forget(id); }
