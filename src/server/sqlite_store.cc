@@ -1,0 +1,827 @@
+// NewSqliteStore: the MessageStore semantics of store_common over one SQLite file in WAL mode.
+//
+// One writer connection serves Append (the trait promises one caller at a time; a mutex makes a
+// misbehaving caller wait instead of corrupting a transaction). Reads go to a small pool of
+// read-only connections, each read in its own transaction, so a Sync or History sees one
+// consistent snapshot while the writer commits beside it. Every statement is prepared once per
+// connection and reused.
+
+#include <openssl/rand.h>
+#include <sqlite3.h>
+
+#include <algorithm>
+#include <array>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <random>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "chat/store.h"
+#include "chat/v1/chat.pb.h"
+#include "src/core/codec.h"
+#include "src/server/store_common.h"
+
+namespace chat {
+namespace {
+
+using server::ConversationHead;
+
+// The schema version this build writes. A file with a higher PRAGMA user_version was written
+// by a newer build and is refused rather than misread.
+constexpr int kSchemaVersion = 1;
+
+// Migration N brings a file from user_version N-1 to N; index 0 is migration 1.
+constexpr std::array<const char*, kSchemaVersion> kMigrations = {
+    R"sql(
+CREATE TABLE meta(
+  key TEXT PRIMARY KEY,
+  value ANY
+) WITHOUT ROWID;
+
+CREATE TABLE conversations(
+  conversation_id INTEGER PRIMARY KEY,
+  kind INTEGER NOT NULL,
+  title TEXT NOT NULL DEFAULT '',
+  last_seq INTEGER NOT NULL DEFAULT 0,
+  first_seq INTEGER NOT NULL DEFAULT 0,
+  retention_ms INTEGER NOT NULL DEFAULT 0,
+  created_ms INTEGER NOT NULL,
+  last_activity_ms INTEGER NOT NULL
+);
+
+CREATE TABLE direct(
+  user_a TEXT NOT NULL,
+  user_b TEXT NOT NULL,
+  conversation_id INTEGER NOT NULL,
+  PRIMARY KEY(user_a, user_b),
+  CHECK(user_a < user_b)
+) WITHOUT ROWID;
+
+CREATE TABLE members(
+  conversation_id INTEGER NOT NULL,
+  user_id TEXT NOT NULL,
+  role INTEGER NOT NULL,
+  joined_seq INTEGER NOT NULL,
+  PRIMARY KEY(conversation_id, user_id)
+) WITHOUT ROWID;
+CREATE INDEX members_by_user ON members(user_id, conversation_id);
+
+CREATE TABLE messages(
+  conversation_id INTEGER NOT NULL,
+  seq INTEGER NOT NULL,
+  message_id INTEGER NOT NULL,
+  sender TEXT NOT NULL,
+  sender_device TEXT NOT NULL,
+  client_msg_id TEXT NOT NULL,
+  ts INTEGER NOT NULL,
+  kind INTEGER NOT NULL,
+  content_type TEXT NOT NULL,
+  body BLOB NOT NULL,
+  attachments BLOB,
+  system BLOB,
+  PRIMARY KEY(conversation_id, seq)
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX messages_by_key ON messages(sender, client_msg_id) WHERE client_msg_id <> '';
+
+CREATE TABLE cursors(
+  conversation_id INTEGER NOT NULL,
+  user_id TEXT NOT NULL,
+  device_id TEXT NOT NULL,
+  delivered_seq INTEGER NOT NULL DEFAULT 0,
+  read_seq INTEGER NOT NULL DEFAULT 0,
+  PRIMARY KEY(conversation_id, user_id, device_id)
+) WITHOUT ROWID;
+
+CREATE TABLE users(
+  user_id TEXT PRIMARY KEY,
+  last_seen_ms INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+)sql",
+};
+
+#define CHAT_MESSAGE_COLUMNS                                                           \
+  "conversation_id, seq, message_id, sender, sender_device, client_msg_id, ts, kind, " \
+  "content_type, body, attachments, system"
+
+// Every statement the store runs, prepared at most once per connection.
+enum class Sql : int {
+  kBegin,
+  kBeginImmediate,
+  kCommit,
+  kRollback,
+  kUserVersion,
+  kGetEpoch,
+  kFindByKey,
+  kFindDirect,
+  kInsertConversation,
+  kInsertDirect,
+  kInsertMember,
+  kIsMember,
+  kLastSeq,
+  kInsertMessage,
+  kAdvanceConversation,
+  kMembers,
+  kConversationExists,
+  kUserConversations,
+  kMemberHead,
+  kDescribe,
+  kMemberCount,
+  kPeer,
+  kReadSeq,
+  kDeliveredSeq,
+  kUnread,
+  kRangeAscending,
+  kRangeDescending,
+  kCount,
+};
+
+constexpr std::array<const char*, static_cast<size_t>(Sql::kCount)> kSql = {
+    "BEGIN",
+    "BEGIN IMMEDIATE",
+    "COMMIT",
+    "ROLLBACK",
+    "PRAGMA user_version",
+    "SELECT value FROM meta WHERE key = 'epoch'",
+    "SELECT " CHAT_MESSAGE_COLUMNS
+    " FROM messages WHERE sender = ?1 AND client_msg_id = ?2 AND client_msg_id <> ''",
+    "SELECT conversation_id FROM direct WHERE user_a = ?1 AND user_b = ?2",
+    "INSERT INTO conversations(kind, created_ms, last_activity_ms) VALUES(?1, ?2, ?2)",
+    "INSERT INTO direct(user_a, user_b, conversation_id) VALUES(?1, ?2, ?3)",
+    "INSERT INTO members(conversation_id, user_id, role, joined_seq) VALUES(?1, ?2, ?3, ?4)",
+    "SELECT 1 FROM members WHERE conversation_id = ?1 AND user_id = ?2",
+    "SELECT last_seq FROM conversations WHERE conversation_id = ?1",
+    "INSERT INTO messages(" CHAT_MESSAGE_COLUMNS
+    ") VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+    "UPDATE conversations SET last_seq = ?2, last_activity_ms = ?3, "
+    "first_seq = CASE WHEN first_seq = 0 THEN ?2 ELSE first_seq END WHERE conversation_id = ?1",
+    "SELECT user_id FROM members WHERE conversation_id = ?1 ORDER BY user_id",
+    "SELECT 1 FROM conversations WHERE conversation_id = ?1",
+    "SELECT c.conversation_id, c.last_seq, c.first_seq FROM members m "
+    "JOIN conversations c ON c.conversation_id = m.conversation_id "
+    "WHERE m.user_id = ?1 ORDER BY m.conversation_id",
+    "SELECT c.last_seq, c.first_seq FROM members m "
+    "JOIN conversations c ON c.conversation_id = m.conversation_id "
+    "WHERE m.conversation_id = ?1 AND m.user_id = ?2",
+    "SELECT c.kind, c.title, c.last_seq, c.first_seq, c.last_activity_ms, m.role "
+    "FROM members m JOIN conversations c ON c.conversation_id = m.conversation_id "
+    "WHERE m.conversation_id = ?1 AND m.user_id = ?2",
+    "SELECT COUNT(*) FROM members WHERE conversation_id = ?1",
+    "SELECT user_id FROM members WHERE conversation_id = ?1 AND user_id <> ?2 "
+    "ORDER BY user_id LIMIT 1",
+    "SELECT COALESCE(MAX(read_seq), 0) FROM cursors WHERE conversation_id = ?1 AND user_id = ?2",
+    "SELECT delivered_seq FROM cursors "
+    "WHERE conversation_id = ?1 AND user_id = ?2 AND device_id = ?3",
+    "SELECT COUNT(*) FROM messages WHERE conversation_id = ?1 AND seq > ?2 AND sender <> ?3",
+    "SELECT " CHAT_MESSAGE_COLUMNS
+    " FROM messages WHERE conversation_id = ?1 AND seq >= ?2 AND seq <= ?3 "
+    "ORDER BY seq LIMIT ?4",
+    "SELECT " CHAT_MESSAGE_COLUMNS
+    " FROM messages WHERE conversation_id = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3",
+};
+
+#undef CHAT_MESSAGE_COLUMNS
+
+// SQLITE_TRANSIENT spelled without the old-style cast of its macro: SQLite copies the value.
+const sqlite3_destructor_type kTransient = reinterpret_cast<sqlite3_destructor_type>(intptr_t{-1});
+
+// Maps a SQLite result code to the Status a caller can act on: contention and I/O trouble may
+// pass (retry), a damaged file will not, anything else is a bug or a broken invariant.
+Status SqliteStatus(int rc, std::string_view what, std::string_view detail) {
+  std::string message = "sqlite: ";
+  message += what;
+  message += ": ";
+  message += detail;
+  switch (rc & 0xff) {
+    case SQLITE_BUSY:
+    case SQLITE_LOCKED:
+    case SQLITE_IOERR:
+    case SQLITE_FULL:
+    case SQLITE_CANTOPEN:
+    case SQLITE_READONLY:
+    case SQLITE_PROTOCOL:
+    case SQLITE_NOMEM:
+      return Unavailable(message);
+    case SQLITE_CORRUPT:
+    case SQLITE_NOTADB:
+      return DataLoss(message);
+    default:
+      return Internal(message);
+  }
+}
+
+// One SQLite connection with its prepared statements. Used by one thread at a time.
+class Connection {
+ public:
+  static Result<std::unique_ptr<Connection>> Open(const std::string& path, bool read_only,
+                                                  uint32_t busy_timeout_ms) {
+    const int flags =
+        (read_only ? SQLITE_OPEN_READONLY : SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE) |
+        SQLITE_OPEN_NOMUTEX;
+    sqlite3* db = nullptr;
+    const int rc = sqlite3_open_v2(path.c_str(), &db, flags, nullptr);
+    if (rc != SQLITE_OK) {
+      std::string detail = db != nullptr ? sqlite3_errmsg(db) : sqlite3_errstr(rc);
+      sqlite3_close_v2(db);
+      return Unavailable("cannot open " + path + ": " + detail);
+    }
+    sqlite3_extended_result_codes(db, 1);
+    sqlite3_busy_timeout(db, static_cast<int>(std::min<uint32_t>(busy_timeout_ms, INT32_MAX)));
+    return std::unique_ptr<Connection>(new Connection(db));
+  }
+
+  ~Connection() {
+    for (sqlite3_stmt* stmt : statements_) sqlite3_finalize(stmt);
+    sqlite3_close_v2(db_);
+  }
+  Connection(const Connection&) = delete;
+  Connection& operator=(const Connection&) = delete;
+
+  // Runs SQL text that is executed once (schema, pragmas); not cached.
+  Status Exec(const char* sql, std::string_view what) {
+    char* error = nullptr;
+    const int rc = sqlite3_exec(db_, sql, nullptr, nullptr, &error);
+    if (rc == SQLITE_OK) return Status::Ok();
+    std::string detail = error != nullptr ? error : sqlite3_errstr(rc);
+    sqlite3_free(error);
+    return SqliteStatus(rc, what, detail);
+  }
+
+  // The cached statement for `id`, prepared on first use.
+  Result<sqlite3_stmt*> Statement(Sql id) {
+    sqlite3_stmt*& stmt = statements_[static_cast<size_t>(id)];
+    if (stmt == nullptr) {
+      const int rc = sqlite3_prepare_v3(db_, kSql[static_cast<size_t>(id)], -1,
+                                        SQLITE_PREPARE_PERSISTENT, &stmt, nullptr);
+      if (rc != SQLITE_OK) {
+        sqlite3_finalize(stmt);
+        stmt = nullptr;
+        return Error(rc, "prepare");
+      }
+    }
+    return stmt;
+  }
+
+  Status Error(int rc, std::string_view what) const {
+    return SqliteStatus(rc, what, sqlite3_errmsg(db_));
+  }
+
+  int64_t LastInsertRowid() const { return sqlite3_last_insert_rowid(db_); }
+
+ private:
+  explicit Connection(sqlite3* db) : db_(db) { statements_.fill(nullptr); }
+
+  sqlite3* db_;
+  std::array<sqlite3_stmt*, static_cast<size_t>(Sql::kCount)> statements_;
+};
+
+// One use of a cached statement: binds parameters in order, steps, reads columns, and resets
+// the statement when it goes out of scope so it holds no lock and no stale bindings.
+class Query {
+ public:
+  Query(Connection& conn, Sql id) : conn_(conn) {
+    Result<sqlite3_stmt*> stmt = conn.Statement(id);
+    if (stmt.ok()) {
+      stmt_ = *stmt;
+    } else {
+      status_ = stmt.status();
+    }
+  }
+  ~Query() {
+    if (stmt_ != nullptr) {
+      sqlite3_reset(stmt_);
+      sqlite3_clear_bindings(stmt_);
+    }
+  }
+  Query(const Query&) = delete;
+  Query& operator=(const Query&) = delete;
+
+  Query& Int(int64_t value) {
+    if (status_.ok()) Check(sqlite3_bind_int64(stmt_, ++next_, value));
+    return *this;
+  }
+  // Ids and seqs are uint64 in the API; SQLite integers are int64, so they are stored by bit
+  // pattern (values above INT64_MAX never occur in practice but survive a round trip).
+  Query& U64(uint64_t value) { return Int(static_cast<int64_t>(value)); }
+  Query& Text(std::string_view value) {
+    if (status_.ok()) {
+      Check(
+          sqlite3_bind_text64(stmt_, ++next_, value.data(), value.size(), kTransient, SQLITE_UTF8));
+    }
+    return *this;
+  }
+  // Binds NULL for an empty value when `null_if_empty`, else a (possibly empty) blob.
+  Query& Blob(std::string_view value, bool null_if_empty = false) {
+    if (!status_.ok()) return *this;
+    ++next_;
+    if (value.empty() && null_if_empty) {
+      Check(sqlite3_bind_null(stmt_, next_));
+    } else if (value.empty()) {
+      Check(sqlite3_bind_zeroblob(stmt_, next_, 0));
+    } else {
+      Check(sqlite3_bind_blob64(stmt_, next_, value.data(), value.size(), kTransient));
+    }
+    return *this;
+  }
+
+  // True for a row, false when done.
+  Result<bool> Step() {
+    if (!status_.ok()) return status_;
+    const int rc = sqlite3_step(stmt_);
+    if (rc == SQLITE_ROW) return true;
+    if (rc == SQLITE_DONE) return false;
+    return conn_.Error(rc, "step");
+  }
+  // Runs a statement that returns no rows.
+  Status Run() {
+    Result<bool> row = Step();
+    return row.ok() ? Status::Ok() : row.status();
+  }
+
+  int64_t ColumnInt(int i) const { return sqlite3_column_int64(stmt_, i); }
+  uint64_t ColumnU64(int i) const { return static_cast<uint64_t>(ColumnInt(i)); }
+  std::string ColumnBytes(int i) const {
+    // Ask for the pointer first: it may convert the value, which changes its size.
+    const void* data = sqlite3_column_blob(stmt_, i);
+    const int size = sqlite3_column_bytes(stmt_, i);
+    if (data == nullptr || size <= 0) return std::string();
+    return std::string(static_cast<const char*>(data), static_cast<size_t>(size));
+  }
+
+ private:
+  void Check(int rc) {
+    if (rc != SQLITE_OK) status_ = conn_.Error(rc, "bind");
+  }
+
+  Connection& conn_;
+  sqlite3_stmt* stmt_ = nullptr;
+  Status status_;
+  int next_ = 0;
+};
+
+// Attachments are stored as a chat.v1.Message carrying only its attachments, and a system
+// event as a chat.v1.SystemEvent: compact, and readable by any later schema.
+std::string EncodeAttachments(const std::vector<Attachment>& attachments) {
+  if (attachments.empty()) return std::string();
+  v1::Message holder;
+  for (const Attachment& a : attachments) codec::ToProto(a, holder.add_attachments());
+  return holder.SerializeAsString();
+}
+
+std::string EncodeSystem(const Message& message) {
+  if (message.kind != MessageKind::kSystem) return std::string();
+  v1::Message holder;
+  codec::ToProto(message, &holder);
+  return holder.system().SerializeAsString();
+}
+
+// Reads the CHAT_MESSAGE_COLUMNS of the current row.
+Result<Message> ReadMessage(const Query& q) {
+  Message m;
+  m.conversation_id = q.ColumnU64(0);
+  m.seq = q.ColumnU64(1);
+  m.message_id = q.ColumnU64(2);
+  m.sender = q.ColumnBytes(3);
+  m.sender_device = q.ColumnBytes(4);
+  m.client_msg_id = q.ColumnBytes(5);
+  m.server_time_ms = q.ColumnInt(6);
+  m.kind = static_cast<MessageKind>(q.ColumnInt(7));
+  m.content_type = q.ColumnBytes(8);
+  m.body = q.ColumnBytes(9);
+  const std::string attachments = q.ColumnBytes(10);
+  const std::string system = q.ColumnBytes(11);
+  if (!attachments.empty() || !system.empty()) {
+    v1::Message holder;
+    if (!attachments.empty() && !holder.ParseFromString(attachments)) {
+      return DataLoss("undecodable attachments in conversation " +
+                      std::to_string(m.conversation_id) + " seq " + std::to_string(m.seq));
+    }
+    if (!system.empty() && !holder.mutable_system()->ParseFromString(system)) {
+      return DataLoss("undecodable system event in conversation " +
+                      std::to_string(m.conversation_id) + " seq " + std::to_string(m.seq));
+    }
+    Message decoded = codec::FromProto(holder);
+    m.attachments = std::move(decoded.attachments);
+    m.system = std::move(decoded.system);
+  }
+  return m;
+}
+
+// Appends every row of `q` to `out` as a message.
+Status ReadMessages(Query& q, std::vector<Message>* out) {
+  for (;;) {
+    Result<bool> row = q.Step();
+    if (!row.ok()) return row.status();
+    if (!*row) return Status::Ok();
+    Result<Message> m = ReadMessage(q);
+    if (!m.ok()) return m.status();
+    out->push_back(std::move(*m));
+  }
+}
+
+// The single integer of a one-row query, or `fallback` when it returns no row.
+Result<int64_t> ScalarInt(Query& q, int64_t fallback) {
+  Result<bool> row = q.Step();
+  if (!row.ok()) return row.status();
+  return *row ? q.ColumnInt(0) : fallback;
+}
+
+Result<std::vector<UserId>> ReadMembers(Connection& conn, ConversationId conversation_id) {
+  Query q(conn, Sql::kMembers);
+  q.U64(conversation_id);
+  std::vector<UserId> out;
+  for (;;) {
+    Result<bool> row = q.Step();
+    if (!row.ok()) return row.status();
+    if (!*row) return out;
+    out.push_back(q.ColumnBytes(0));
+  }
+}
+
+class SqliteTarget final : public server::AppendTarget {
+ public:
+  explicit SqliteTarget(Connection& conn) : conn_(conn) {}
+
+  Result<std::optional<Message>> FindByKey(const UserId& sender,
+                                           const std::string& client_msg_id) override {
+    Query q(conn_, Sql::kFindByKey);
+    q.Text(sender).Text(client_msg_id);
+    Result<bool> row = q.Step();
+    if (!row.ok()) return row.status();
+    if (!*row) return std::optional<Message>();
+    Result<Message> m = ReadMessage(q);
+    if (!m.ok()) return m.status();
+    return std::optional<Message>(std::move(*m));
+  }
+
+  Result<ConversationId> FindDirect(const UserId& low, const UserId& high) override {
+    Query q(conn_, Sql::kFindDirect);
+    q.Text(low).Text(high);
+    Result<int64_t> id = ScalarInt(q, 0);
+    if (!id.ok()) return id.status();
+    return static_cast<ConversationId>(*id);
+  }
+
+  Result<ConversationId> CreateDirect(const UserId& low, const UserId& high,
+                                      int64_t now_ms) override {
+    {
+      Query q(conn_, Sql::kInsertConversation);
+      q.Int(static_cast<int>(ConversationKind::kDirect)).Int(now_ms);
+      if (Status s = q.Run(); !s.ok()) return s;
+    }
+    const auto id = static_cast<ConversationId>(conn_.LastInsertRowid());
+    {
+      Query q(conn_, Sql::kInsertDirect);
+      q.Text(low).Text(high).U64(id);
+      if (Status s = q.Run(); !s.ok()) return s;
+    }
+    for (const UserId* user : {&low, &high}) {
+      Query q(conn_, Sql::kInsertMember);
+      q.U64(id).Text(*user).Int(static_cast<int>(Role::kMember)).Int(0);
+      if (Status s = q.Run(); !s.ok()) return s;
+    }
+    return id;
+  }
+
+  Result<bool> IsMember(ConversationId conversation_id, const UserId& user) override {
+    Query q(conn_, Sql::kIsMember);
+    q.U64(conversation_id).Text(user);
+    return q.Step();
+  }
+
+  Result<Seq> LastSeq(ConversationId conversation_id) override {
+    Query q(conn_, Sql::kLastSeq);
+    q.U64(conversation_id);
+    Result<bool> row = q.Step();
+    if (!row.ok()) return row.status();
+    if (!*row) {
+      return Internal("conversation " + std::to_string(conversation_id) + " has no row");
+    }
+    return q.ColumnU64(0);
+  }
+
+  Status Insert(const Message& m) override {
+    {
+      Query q(conn_, Sql::kInsertMessage);
+      q.U64(m.conversation_id)
+          .U64(m.seq)
+          .U64(m.message_id)
+          .Text(m.sender)
+          .Text(m.sender_device)
+          .Text(m.client_msg_id)
+          .Int(m.server_time_ms)
+          .Int(static_cast<int>(m.kind))
+          .Text(m.content_type)
+          .Blob(m.body)
+          .Blob(EncodeAttachments(m.attachments), /*null_if_empty=*/true)
+          .Blob(EncodeSystem(m), /*null_if_empty=*/true);
+      if (Status s = q.Run(); !s.ok()) return s;
+    }
+    Query q(conn_, Sql::kAdvanceConversation);
+    q.U64(m.conversation_id).U64(m.seq).Int(m.server_time_ms);
+    return q.Run();
+  }
+
+  Result<std::vector<UserId>> Members(ConversationId conversation_id) override {
+    return ReadMembers(conn_, conversation_id);
+  }
+
+ private:
+  Connection& conn_;
+};
+
+class SqliteSource final : public server::ReadSource {
+ public:
+  explicit SqliteSource(Connection& conn) : conn_(conn) {}
+
+  Status UserConversations(const UserId& user, std::vector<ConversationHead>* out) override {
+    Query q(conn_, Sql::kUserConversations);
+    q.Text(user);
+    for (;;) {
+      Result<bool> row = q.Step();
+      if (!row.ok()) return row.status();
+      if (!*row) return Status::Ok();
+      out->push_back({q.ColumnU64(0), q.ColumnU64(1), q.ColumnU64(2)});
+    }
+  }
+
+  Result<std::optional<ConversationHead>> MemberHead(ConversationId conversation_id,
+                                                     const UserId& user) override {
+    Query q(conn_, Sql::kMemberHead);
+    q.U64(conversation_id).Text(user);
+    Result<bool> row = q.Step();
+    if (!row.ok()) return row.status();
+    if (!*row) return std::optional<ConversationHead>();
+    return std::optional<ConversationHead>(
+        ConversationHead{conversation_id, q.ColumnU64(0), q.ColumnU64(1)});
+  }
+
+  Result<ConversationInfo> Describe(ConversationId conversation_id, const UserId& user,
+                                    const DeviceId& device) override {
+    ConversationInfo info;
+    info.conversation_id = conversation_id;
+    {
+      Query q(conn_, Sql::kDescribe);
+      q.U64(conversation_id).Text(user);
+      Result<bool> row = q.Step();
+      if (!row.ok()) return row.status();
+      if (!*row) return server::NotAMember(conversation_id);
+      info.kind = static_cast<ConversationKind>(q.ColumnInt(0));
+      info.title = q.ColumnBytes(1);
+      info.last_seq = q.ColumnU64(2);
+      info.first_seq = q.ColumnU64(3);
+      info.last_activity_ms = q.ColumnInt(4);
+      info.role = static_cast<Role>(q.ColumnInt(5));
+    }
+    {
+      Query q(conn_, Sql::kMemberCount);
+      q.U64(conversation_id);
+      Result<int64_t> count = ScalarInt(q, 0);
+      if (!count.ok()) return count.status();
+      info.member_count = static_cast<uint32_t>(*count);
+    }
+    if (info.kind == ConversationKind::kDirect) {
+      Query q(conn_, Sql::kPeer);
+      q.U64(conversation_id).Text(user);
+      Result<bool> row = q.Step();
+      if (!row.ok()) return row.status();
+      if (*row) info.peer = q.ColumnBytes(0);
+    }
+    {
+      Query q(conn_, Sql::kReadSeq);
+      q.U64(conversation_id).Text(user);
+      Result<int64_t> seq = ScalarInt(q, 0);
+      if (!seq.ok()) return seq.status();
+      info.read_seq = static_cast<Seq>(*seq);
+    }
+    {
+      Query q(conn_, Sql::kDeliveredSeq);
+      q.U64(conversation_id).Text(user).Text(device);
+      Result<int64_t> seq = ScalarInt(q, 0);
+      if (!seq.ok()) return seq.status();
+      info.delivered_seq = static_cast<Seq>(*seq);
+    }
+    {
+      Query q(conn_, Sql::kUnread);
+      q.U64(conversation_id).U64(info.read_seq).Text(user);
+      Result<int64_t> unread = ScalarInt(q, 0);
+      if (!unread.ok()) return unread.status();
+      info.unread = static_cast<uint64_t>(*unread);
+    }
+    return info;
+  }
+
+  Status ReadAscending(ConversationId conversation_id, Seq from_seq, Seq to_seq, size_t max,
+                       std::vector<Message>* out) override {
+    Query q(conn_, Sql::kRangeAscending);
+    q.U64(conversation_id).U64(from_seq).U64(to_seq).Int(Limit(max));
+    return ReadMessages(q, out);
+  }
+
+  Status ReadDescending(ConversationId conversation_id, Seq before_seq, size_t max,
+                        std::vector<Message>* out) override {
+    Query q(conn_, Sql::kRangeDescending);
+    q.U64(conversation_id).U64(before_seq).Int(Limit(max));
+    return ReadMessages(q, out);
+  }
+
+ private:
+  static int64_t Limit(size_t max) {
+    return static_cast<int64_t>(std::min<size_t>(max, size_t{INT64_MAX}));
+  }
+
+  Connection& conn_;
+};
+
+uint64_t NewEpoch() {
+  uint64_t epoch = 0;
+  if (RAND_bytes(reinterpret_cast<unsigned char*>(&epoch), sizeof(epoch)) != 1) {
+    std::random_device rd;
+    epoch = (uint64_t{rd()} << 32) | rd();
+  }
+  // 0 reads as "no epoch known" on a client; never hand it out.
+  return epoch == 0 ? 1 : epoch;
+}
+
+class SqliteStore final : public MessageStore {
+ public:
+  static Result<std::shared_ptr<MessageStore>> Open(const SqliteStoreOptions& options) {
+    if (options.path.empty()) return InvalidArgument("path is required");
+    if (options.reader_connections == 0) {
+      return InvalidArgument("reader_connections must be at least 1");
+    }
+    Result<std::unique_ptr<Connection>> writer =
+        Connection::Open(options.path, /*read_only=*/false, options.busy_timeout_ms);
+    if (!writer.ok()) return writer.status();
+    Connection& w = **writer;
+
+    // The version is checked before anything is changed, so a newer file is left untouched.
+    {
+      Query q(w, Sql::kUserVersion);
+      Result<int64_t> version = ScalarInt(q, 0);
+      if (!version.ok()) return version.status();
+      if (*version > kSchemaVersion) return TooNew(*version);
+    }
+    if (Status s = w.Exec("PRAGMA journal_mode=WAL", "enable WAL"); !s.ok()) return s;
+    if (Status s = w.Exec(
+            options.synchronous_full ? "PRAGMA synchronous=FULL" : "PRAGMA synchronous=NORMAL",
+            "set synchronous");
+        !s.ok()) {
+      return s;
+    }
+    if (Status s = Migrate(w); !s.ok()) return s;
+
+    uint64_t epoch = 0;
+    {
+      Query q(w, Sql::kGetEpoch);
+      Result<bool> row = q.Step();
+      if (!row.ok()) return row.status();
+      if (!*row) return DataLoss("store has no epoch: " + options.path);
+      epoch = q.ColumnU64(0);
+    }
+
+    std::vector<std::unique_ptr<Connection>> readers;
+    for (uint32_t i = 0; i < options.reader_connections; ++i) {
+      Result<std::unique_ptr<Connection>> reader =
+          Connection::Open(options.path, /*read_only=*/true, options.busy_timeout_ms);
+      if (!reader.ok()) return reader.status();
+      readers.push_back(std::move(*reader));
+    }
+    return std::shared_ptr<MessageStore>(
+        new SqliteStore(epoch, std::move(*writer), std::move(readers)));
+  }
+
+  uint64_t Epoch() const override { return epoch_; }
+
+  Status Append(std::span<const AppendRequest> batch, std::vector<AppendResult>* results) override {
+    results->clear();
+    results->resize(batch.size());
+    std::lock_guard lock(writer_mu_);
+    Status s = Query(*writer_, Sql::kBeginImmediate).Run();
+    if (s.ok()) {
+      SqliteTarget target(*writer_);
+      for (size_t i = 0; i < batch.size() && s.ok(); ++i) {
+        s = server::AppendOne(target, batch[i], &(*results)[i]);
+      }
+      if (s.ok()) s = Query(*writer_, Sql::kCommit).Run();
+      // After a failed COMMIT the transaction may still be open (SQLITE_BUSY) or already
+      // rolled back by SQLite; ROLLBACK covers the first and harmlessly fails in the second.
+      if (!s.ok()) (void)Query(*writer_, Sql::kRollback).Run();
+    }
+    if (!s.ok()) results->clear();
+    return s;
+  }
+
+  Result<SyncReply> Sync(const SyncQuery& query) override {
+    return WithReader<SyncReply>([&](Connection& conn) {
+      SqliteSource source(conn);
+      return server::RunSync(source, query);
+    });
+  }
+
+  Result<HistoryReply> History(const HistoryQuery& query) override {
+    return WithReader<HistoryReply>([&](Connection& conn) {
+      SqliteSource source(conn);
+      return server::RunHistory(source, query);
+    });
+  }
+
+  Result<std::vector<UserId>> Members(ConversationId conversation_id) override {
+    return WithReader<std::vector<UserId>>([&](Connection& conn) -> Result<std::vector<UserId>> {
+      Query q(conn, Sql::kConversationExists);
+      q.U64(conversation_id);
+      Result<bool> exists = q.Step();
+      if (!exists.ok()) return exists.status();
+      if (!*exists) {
+        return NotFound("conversation " + std::to_string(conversation_id) + " does not exist");
+      }
+      return ReadMembers(conn, conversation_id);
+    });
+  }
+
+ private:
+  SqliteStore(uint64_t epoch, std::unique_ptr<Connection> writer,
+              std::vector<std::unique_ptr<Connection>> readers)
+      : epoch_(epoch), writer_(std::move(writer)), readers_(std::move(readers)) {
+    for (auto& reader : readers_) idle_.push_back(reader.get());
+  }
+
+  static Status TooNew(int64_t version) {
+    return DataLoss("schema version " + std::to_string(version) +
+                    " is newer than this build supports (" + std::to_string(kSchemaVersion) + ")");
+  }
+
+  // Brings the file to kSchemaVersion. The version is read again inside the write transaction
+  // so two processes opening a new file at once do not both migrate it.
+  static Status Migrate(Connection& w) {
+    if (Status s = Query(w, Sql::kBeginImmediate).Run(); !s.ok()) return s;
+    Status s = [&]() -> Status {
+      Query q(w, Sql::kUserVersion);
+      Result<int64_t> version = ScalarInt(q, 0);
+      if (!version.ok()) return version.status();
+      if (*version > kSchemaVersion) return TooNew(*version);
+      for (int64_t v = *version; v < kSchemaVersion; ++v) {
+        if (Status m = w.Exec(kMigrations[static_cast<size_t>(v)], "migrate"); !m.ok()) {
+          return m;
+        }
+        if (v == 0) {
+          const std::string epoch = std::to_string(static_cast<int64_t>(NewEpoch()));
+          const std::string sql = "INSERT INTO meta(key, value) VALUES('epoch', " + epoch + ")";
+          if (Status e = w.Exec(sql.c_str(), "write epoch"); !e.ok()) return e;
+        }
+        const std::string pragma = "PRAGMA user_version = " + std::to_string(v + 1);
+        if (Status p = w.Exec(pragma.c_str(), "set user_version"); !p.ok()) return p;
+      }
+      return Status::Ok();
+    }();
+    if (s.ok()) s = Query(w, Sql::kCommit).Run();
+    if (!s.ok()) (void)Query(w, Sql::kRollback).Run();
+    return s;
+  }
+
+  // Runs `fn` on an idle reader connection inside one read transaction (one snapshot).
+  template <typename T, typename Fn>
+  Result<T> WithReader(Fn fn) {
+    Connection* conn = nullptr;
+    {
+      std::unique_lock lock(readers_mu_);
+      readers_cv_.wait(lock, [&] { return !idle_.empty(); });
+      conn = idle_.back();
+      idle_.pop_back();
+    }
+    Result<T> result = [&]() -> Result<T> {
+      if (Status s = Query(*conn, Sql::kBegin).Run(); !s.ok()) return s;
+      Result<T> r = fn(*conn);
+      // Ending a read transaction only releases its snapshot; a failure here loses nothing.
+      (void)Query(*conn, Sql::kCommit).Run();
+      return r;
+    }();
+    {
+      std::lock_guard lock(readers_mu_);
+      idle_.push_back(conn);
+    }
+    readers_cv_.notify_one();
+    return result;
+  }
+
+  const uint64_t epoch_;
+  std::mutex writer_mu_;
+  const std::unique_ptr<Connection> writer_;  // guarded by writer_mu_
+  const std::vector<std::unique_ptr<Connection>> readers_;
+  std::mutex readers_mu_;
+  std::condition_variable readers_cv_;
+  std::vector<Connection*> idle_;  // guarded by readers_mu_
+};
+
+}  // namespace
+
+Result<std::shared_ptr<MessageStore>> NewSqliteStore(SqliteStoreOptions options) {
+  return SqliteStore::Open(options);
+}
+
+}  // namespace chat
