@@ -37,8 +37,9 @@ class SnowflakeGenerator {
   const uint32_t node_;
   const std::shared_ptr<Clock> clock_;
   std::mutex mu_;
-  int64_t last_ms_ = 0;      // ms since kSnowflakeEpochMs of the last id; guarded by mu_
-  uint32_t counter_ = 0;     // guarded by mu_
+  // ms since kSnowflakeEpochMs of the last id, -1 before the first; guarded by mu_.
+  int64_t last_ms_ = -1;
+  uint32_t counter_ = 0;  // guarded by mu_
 };
 
 }  // namespace chat
