@@ -3,6 +3,7 @@
 #define CHAT_CHAT_H_
 
 #include "chat/auth.h"
+#include "chat/client.h"
 #include "chat/clock.h"
 #include "chat/log.h"
 #include "chat/server.h"

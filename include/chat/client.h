@@ -1,0 +1,200 @@
+// Client: the chat client core, embeddable in any application.
+//
+//   chat::ClientOptions options;
+//   options.url = "ws://127.0.0.1:8080";
+//   options.token_provider = [] { return LoadToken(); };
+//   options.device_id = "laptop-1";
+//   options.cache_path = "/home/me/.local/share/app/chat-cache.db";
+//   options.listener = std::make_shared<MyListener>();
+//   auto client = chat::Client::Open(std::move(options));
+//   if (!client.ok()) return 1;
+//   (void)(*client)->Start();  // or call (*client)->Poll(50) from the app's own loop
+//   auto id = (*client)->SendTo("bob", "text/plain", "hi");  // pending until the server acks
+//
+// The client keeps one WebSocket connection to the server, reconnects with exponential backoff
+// and full jitter, catches up with Sync after every (re)connect, and keeps a local SQLite cache
+// of conversations and messages. Send() commits the message to a persistent outbox before any
+// network I/O; the outbox drains in order whenever the client is connected and survives
+// Close(), reconnects and a crash of the application. Every conversation's messages reach
+// ClientListener::OnMessage exactly once, in seq order.
+//
+// Thread-safety: every public method may be called from any thread, also from inside a
+// listener callback (it posts work to the client's loop). Callbacks run only on the client's
+// loop thread (the internal thread after Start(), or the thread calling Poll()); none runs after
+// Close() returns, and none runs re-entrantly inside the public call that caused it. The rules
+// are numbered in docs/client.md. Do not destroy the Client from inside one of its callbacks.
+#ifndef CHAT_CLIENT_H_
+#define CHAT_CLIENT_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "chat/clock.h"
+#include "chat/export.h"
+#include "chat/status.h"
+#include "chat/types.h"
+
+namespace chat {
+
+enum class ConnectionState : int {
+  kDisconnected = 0,  // waiting to reconnect (backoff), or not started yet
+  kConnecting = 1,    // WebSocket handshake and Hello in progress
+  kSyncing = 2,       // authenticated; catching up with Sync
+  kConnected = 3,     // caught up; live messages flow and the outbox drains
+  kClosed = 4,        // Close() was called
+};
+
+CHAT_EXPORT std::string_view ConnectionStateName(ConnectionState state);
+
+enum class MessageStatus : int {
+  kPending = 0,  // in the outbox, not acknowledged by the server yet
+  kSent = 1,     // committed by the server (it has a seq)
+  kFailed = 2,   // refused by the server for good; `reason` says why
+};
+
+// One message as the application sees it.
+struct MessageEvent {
+  // kPending: conversation_id is 0 when the message was addressed to a peer, seq is 0 and
+  // message_id is 0; client_msg_id, content_type and body are set.
+  Message message;
+  UserId peer;  // set when the message was sent with SendTo()
+  MessageStatus status = MessageStatus::kSent;
+  bool outgoing = false;  // sent by this user, from this or another device
+  Status reason;          // kFailed: the server's error
+};
+
+// Receives the client's events. The default implementations do nothing.
+// Thread-safety: called only on the client's loop thread, one call at a time.
+class CHAT_EXPORT ClientListener {
+ public:
+  virtual ~ClientListener() = default;
+  virtual void OnConnectionState(ConnectionState state);
+  // Called for every committed message of every conversation exactly once and in seq order
+  // (status kSent), and for this client's own sends when they enter the outbox (kPending) or
+  // fail (kFailed). A message sent by this client is reported kPending first, then kSent when
+  // it takes its place in the conversation's order.
+  virtual void OnMessage(const MessageEvent& event);
+  virtual void OnConversationUpdated(const ConversationInfo& info);
+  // Problems that no call returned: authentication failures, a server epoch change (DataLoss:
+  // the cache was rebuilt), cache write failures.
+  virtual void OnError(const Status& status);
+};
+
+struct ReconnectPolicy {
+  int64_t base_ms = 500;            // ms; ceiling of the first reconnect delay. Default 500.
+  int64_t cap_ms = 30'000;          // ms; ceiling of every reconnect delay. Default 30 s.
+  int64_t reset_after_ms = 60'000;  // ms connected after which the delays start over. Default 60 s.
+};
+
+struct ClientOptions {
+  // Server address: "ws://host:port[/path]" or "wss://host:port[/path]". Required.
+  std::string url;
+  // Returns the token for Hello. Required. Called on the client's loop thread before every
+  // connection attempt, so a refreshed token is picked up after the server says it expired.
+  std::function<std::string()> token_provider;
+  // Stable per installation, 1..128 bytes. Required.
+  std::string device_id;
+  // SQLite file holding the cache and the outbox; created if missing. Default "": in memory
+  // only (nothing survives Close()).
+  std::string cache_path;
+  // Receives events; may be null.
+  std::shared_ptr<ClientListener> listener;
+  ReconnectPolicy reconnect;
+  // ms between Pings; a link silent for two intervals is considered dead and reconnected.
+  // Default 0: the server's value from Welcome (30 s for chatd).
+  uint32_t heartbeat_interval_ms = 0;
+  // ms from starting a connection to Welcome before the attempt is given up. Default 10 s.
+  uint32_t connect_timeout_ms = 10'000;
+  // Messages waiting in the outbox (pending); Send() returns ResourceExhausted past it.
+  // Default 1000.
+  size_t outbox_max = 1000;
+  // Outbox messages sent before their acks arrive. 1 keeps the order even when the server
+  // refuses a message temporarily; larger is faster. Default 16.
+  uint32_t max_in_flight = 16;
+  // Messages per Sync page; 0 = the server's default. Default 0.
+  uint32_t sync_page_limit = 0;
+  // bytes; largest WebSocket message accepted from the server. Default 4 MiB.
+  size_t max_message_bytes = 4 * 1024 * 1024;
+  // Pending API calls posted to the loop; calls past it return ResourceExhausted. Default 10000.
+  size_t max_pending_calls = 10'000;
+  // PEM bundle to verify a wss server with; "" = the system's default. Default "".
+  std::string tls_ca_path;
+  // Default: SystemClock().
+  std::shared_ptr<Clock> clock;
+};
+
+// A page of history, newest first.
+struct HistoryResult {
+  ConversationId conversation_id = 0;
+  std::vector<Message> messages;  // newest first
+  bool has_more = false;          // older messages exist
+  bool from_cache = false;        // answered from the local cache without asking the server
+};
+
+using HistoryCallback = std::function<void(Result<HistoryResult> result)>;
+
+class CHAT_EXPORT Client {
+ public:
+  // Validates `options` (InvalidArgument naming the field) and opens the cache (Unavailable if
+  // the file cannot be opened, DataLoss if it is not a cache). Does not connect yet.
+  static Result<std::unique_ptr<Client>> Open(ClientOptions options);
+
+  Client(const Client&) = delete;
+  Client& operator=(const Client&) = delete;
+  ~Client();  // Close()
+
+  // Runs the client on an internal thread. FailedPrecondition if already started, if Poll()
+  // was used, or after Close().
+  Status Start();
+  // Runs the client on the calling thread for at most about `timeout_ms` (0 = do what is
+  // ready, do not wait): connects, reads, writes, fires timers and callbacks.
+  // FailedPrecondition after Start() or Close().
+  Status Poll(int timeout_ms);
+  // Disconnects and stops. Idempotent. No callback runs after it returns. The outbox stays in
+  // the cache and is sent by the next Client opened on the same cache_path.
+  void Close();
+
+  // Commits a message to the outbox and returns its client_msg_id at once; it is sent when
+  // connected. InvalidArgument if `conversation` is 0 or `content_type` is empty,
+  // ResourceExhausted if the outbox holds outbox_max messages, FailedPrecondition after
+  // Close(), Unavailable if the cache cannot be written.
+  Result<std::string> Send(ConversationId conversation, std::string_view content_type,
+                           std::string_view body);
+  // The same, to the direct conversation with `peer` (created by the server on first send).
+  Result<std::string> SendTo(std::string_view peer, std::string_view content_type,
+                             std::string_view body);
+
+  // Up to `limit` messages of `conversation` with seq < before_seq (0 = the newest), newest
+  // first: from the cache when it holds the whole range, otherwise from the server.
+  // `callback` is called exactly once on the loop thread (with Unavailable if the server is
+  // needed and not connected), unless this returns an error: InvalidArgument if conversation
+  // or limit is 0 or callback is empty, FailedPrecondition after Close().
+  Status History(ConversationId conversation, Seq before_seq, uint32_t limit,
+                 HistoryCallback callback);
+
+  // The cached conversations, most recently active first.
+  Result<std::vector<ConversationInfo>> Conversations();
+  // The messages in the outbox (pending and failed), oldest first.
+  Result<std::vector<MessageEvent>> Outbox();
+
+  // Drops the connection and reconnects at once (e.g. after the network changed).
+  // FailedPrecondition after Close().
+  Status Reconnect();
+
+  ConnectionState state() const;
+
+  class Impl;
+
+ private:
+  explicit Client(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace chat
+
+#endif  // CHAT_CLIENT_H_

@@ -1,0 +1,122 @@
+// Cache: the client's local SQLite store of conversations, messages, the server epoch and the
+// outbox.
+//
+// The cache is what the application sees between connections: Conversations() and History()
+// read from it, and the outbox in it survives Close(), reconnects and kill -9 of the process
+// (every write is committed before the call returns; WAL, synchronous=NORMAL, so a process crash
+// loses nothing and only a power loss may lose the last transactions).
+//
+// Each conversation row carries `cursor`: the highest seq the application has been given with
+// nothing missing below it (seqs covered by a server Gap count as given). It is both the Sync
+// cursor and the watermark of exactly-once delivery to the application.
+//
+// Thread-safety: every method is safe from any thread (one mutex). A Transaction holds the mutex
+// for its lifetime, so a group of writes is atomic and isolated from other threads.
+#ifndef CHAT_SRC_CLIENT_CACHE_H_
+#define CHAT_SRC_CLIENT_CACHE_H_
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "chat/client.h"
+#include "chat/status.h"
+#include "chat/types.h"
+#include "chat/v1/chat.pb.h"
+
+namespace chat::client {
+
+struct OutboxEntry {
+  int64_t id = 0;  // insertion order
+  std::string client_msg_id;
+  ConversationId conversation_id = 0;  // 0 when addressed to `peer`
+  UserId peer;
+  std::string content_type;
+  std::string body;
+  int64_t created_ms = 0;                          // wall clock
+  MessageStatus status = MessageStatus::kPending;  // kPending or kFailed
+  Status reason;                                   // kFailed
+};
+
+struct ConversationRow {
+  ConversationInfo info;
+  Seq cursor = 0;  // see the file comment
+};
+
+class Cache {
+ public:
+  // `path` "" opens an in-memory database. Unavailable if the file cannot be opened,
+  // DataLoss if it is not a database.
+  static Result<std::unique_ptr<Cache>> Open(const std::string& path);
+  ~Cache();
+  Cache(const Cache&) = delete;
+  Cache& operator=(const Cache&) = delete;
+
+  // Groups writes into one SQLite transaction; commits in Commit() or rolls back when
+  // destroyed uncommitted.
+  class Transaction {
+   public:
+    explicit Transaction(Cache* cache);
+    ~Transaction();
+    Transaction(const Transaction&) = delete;
+    Transaction& operator=(const Transaction&) = delete;
+    Status Commit();
+
+   private:
+    Cache* cache_;
+    std::unique_lock<std::recursive_mutex> lock_;
+    bool active_ = false;
+  };
+
+  // --- Server identity ---
+  uint64_t Epoch();
+  std::string UserId();
+  Status SetIdentity(uint64_t epoch, const std::string& user_id);
+  // Forgets every conversation and message (the server's store was replaced); keeps the
+  // outbox's pending and failed messages.
+  Status ResetForEpoch(uint64_t epoch);
+
+  // --- Conversations ---
+  std::optional<ConversationRow> GetConversation(ConversationId id);
+  Status PutConversation(const ConversationRow& row);
+  // Most recently active first.
+  std::vector<ConversationRow> ListConversations();
+
+  // --- Messages ---
+  // Stores a committed message; a second copy of the same (conversation, seq) is ignored.
+  Status PutMessage(const v1::Message& message);
+  std::optional<v1::Message> GetMessage(ConversationId conversation, Seq seq);
+  // Messages with from <= seq <= to, newest first, at most `limit`.
+  std::vector<v1::Message> RangeNewestFirst(ConversationId conversation, Seq from, Seq to,
+                                            uint32_t limit);
+  uint64_t CountRange(ConversationId conversation, Seq from, Seq to);
+  uint64_t MessageCount();
+
+  // --- Outbox ---
+  // Appends `entry` (id is assigned) if fewer than `max_pending` messages are pending;
+  // ResourceExhausted otherwise, AlreadyExists if the client_msg_id is taken.
+  Status AddOutbox(OutboxEntry* entry, size_t max_pending);
+  size_t PendingCount();
+  // Pending entries, oldest first, at most `limit`.
+  std::vector<OutboxEntry> PendingOutbox(size_t limit);
+  // Pending and failed entries, oldest first.
+  std::vector<OutboxEntry> ListOutbox();
+  std::optional<OutboxEntry> FindOutbox(const std::string& client_msg_id);
+  Status RemoveOutbox(const std::string& client_msg_id);
+  Status FailOutbox(const std::string& client_msg_id, const Status& reason);
+
+ private:
+  class Db;
+  explicit Cache(std::unique_ptr<Db> db);
+  Status Exec(const char* sql);
+
+  std::recursive_mutex mu_;
+  std::unique_ptr<Db> db_;
+};
+
+}  // namespace chat::client
+
+#endif  // CHAT_SRC_CLIENT_CACHE_H_

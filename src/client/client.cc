@@ -1,0 +1,438 @@
+#include "chat/client.h"
+
+#include <sys/random.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <random>
+#include <thread>
+#include <utility>
+
+#include "chat/log.h"
+#include "src/client/cache.h"
+#include "src/client/session.h"
+#include "src/client/transport.h"
+#include "src/core/codec.h"
+
+namespace chat {
+
+std::string_view ConnectionStateName(ConnectionState state) {
+  switch (state) {
+    case ConnectionState::kDisconnected:
+      return "disconnected";
+    case ConnectionState::kConnecting:
+      return "connecting";
+    case ConnectionState::kSyncing:
+      return "syncing";
+    case ConnectionState::kConnected:
+      return "connected";
+    case ConnectionState::kClosed:
+      return "closed";
+  }
+  return "unknown";
+}
+
+void ClientListener::OnConnectionState(ConnectionState) {}
+void ClientListener::OnMessage(const MessageEvent&) {}
+void ClientListener::OnConversationUpdated(const ConversationInfo&) {}
+void ClientListener::OnError(const Status&) {}
+
+namespace {
+
+// 128 random bits from the kernel, as 32 hex digits.
+Result<std::string> NewClientMsgId() {
+  unsigned char bytes[16];
+  size_t got = 0;
+  while (got < sizeof(bytes)) {
+    ssize_t n = getrandom(bytes + got, sizeof(bytes) - got, 0);
+    if (n <= 0) return Internal("getrandom failed");
+    got += static_cast<size_t>(n);
+  }
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string id;
+  id.reserve(32);
+  for (unsigned char b : bytes) {
+    id.push_back(kHex[b >> 4]);
+    id.push_back(kHex[b & 15]);
+  }
+  return id;
+}
+
+Status ValidateOptions(const ClientOptions& o) {
+  if (o.url.rfind("ws://", 0) != 0 && o.url.rfind("wss://", 0) != 0) {
+    return InvalidArgument("url: must start with ws:// or wss://");
+  }
+  if (!o.token_provider) return InvalidArgument("token_provider: required");
+  if (o.device_id.empty() || o.device_id.size() > 128) {
+    return InvalidArgument("device_id: must be 1..128 bytes");
+  }
+  if (o.outbox_max == 0) return InvalidArgument("outbox_max: must be at least 1");
+  if (o.max_in_flight == 0) return InvalidArgument("max_in_flight: must be at least 1");
+  if (o.connect_timeout_ms == 0) return InvalidArgument("connect_timeout_ms: must be positive");
+  if (o.max_message_bytes < 1024) return InvalidArgument("max_message_bytes: at least 1024");
+  if (o.max_pending_calls == 0) return InvalidArgument("max_pending_calls: must be at least 1");
+  if (o.reconnect.base_ms <= 0 || o.reconnect.cap_ms < o.reconnect.base_ms ||
+      o.reconnect.reset_after_ms < 0) {
+    return InvalidArgument("reconnect: need 0 < base_ms <= cap_ms and reset_after_ms >= 0");
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+class Client::Impl final : public ClientListener, public client::SessionIo {
+ public:
+  explicit Impl(ClientOptions options) : options_(std::move(options)) {
+    std::random_device device;
+    rng_.seed((static_cast<uint64_t>(device()) << 32) | device());
+  }
+
+  ~Impl() override { Close(); }
+
+  Status Init() {
+    if (!options_.clock) options_.clock = SystemClock();
+    auto cache = client::Cache::Open(options_.cache_path);
+    if (!cache.ok()) return cache.status();
+    cache_ = std::move(cache.value());
+    auto transport =
+        client::Transport::Create({options_.url, options_.tls_ca_path, options_.max_message_bytes,
+                                   std::max<size_t>(options_.max_message_bytes * 2, 1 << 20)});
+    if (!transport.ok()) return transport.status();
+    transport_ = std::move(transport.value());
+    client::SessionOptions so;
+    so.device_id = options_.device_id;
+    so.token_provider = options_.token_provider;
+    so.backoff = {options_.reconnect.base_ms, options_.reconnect.cap_ms,
+                  options_.reconnect.reset_after_ms};
+    so.heartbeat_interval_ms = options_.heartbeat_interval_ms;
+    so.connect_timeout_ms = options_.connect_timeout_ms;
+    so.max_in_flight = options_.max_in_flight;
+    so.sync_page_limit = options_.sync_page_limit;
+    session_ = std::make_unique<client::Session>(so, cache_.get(), this, this, options_.clock,
+                                                 [this] { return rng_(); });
+    return Status::Ok();
+  }
+
+  // --- Public API ---
+
+  Status Start() {
+    std::lock_guard lock(api_mu_);
+    if (closed_) return FailedPrecondition("client is closed");
+    if (started_) return FailedPrecondition("already started");
+    if (polled_) return FailedPrecondition("Poll() is in use; Start() cannot be mixed with it");
+    started_ = true;
+    thread_ = std::thread([this] {
+      while (!stop_) RunOnce(1000);
+      Teardown();
+    });
+    return Status::Ok();
+  }
+
+  Status Poll(int timeout_ms) {
+    {
+      std::lock_guard lock(api_mu_);
+      if (closed_) return FailedPrecondition("client is closed");
+      if (started_) return FailedPrecondition("Start() is in use; Poll() cannot be mixed with it");
+      polled_ = true;
+    }
+    std::lock_guard poll_lock(poll_mu_);
+    if (torn_down_) return FailedPrecondition("client is closed");
+    RunOnce(std::max(0, timeout_ms));
+    if (stop_) Teardown();
+    return Status::Ok();
+  }
+
+  void Close() {
+    const bool on_loop = std::this_thread::get_id() == loop_thread_.load();
+    {
+      std::lock_guard lock(api_mu_);
+      closed_ = true;
+    }
+    if (!on_loop) {
+      // Wait for a callback in progress on the loop; none starts after this.
+      std::lock_guard cb_lock(cb_mu_);
+    }
+    stop_ = true;
+    Wake();
+    if (on_loop) return;  // the loop tears down when the current turn ends
+    if (thread_.joinable()) {
+      thread_.join();
+    } else {
+      std::lock_guard poll_lock(poll_mu_);
+      Teardown();
+    }
+  }
+
+  Result<std::string> Send(ConversationId conversation, std::string_view peer,
+                           std::string_view content_type, std::string_view body) {
+    if (closed_) return FailedPrecondition("client is closed");
+    if (conversation == 0 && peer.empty()) return InvalidArgument("conversation: must not be 0");
+    if (content_type.empty()) return InvalidArgument("content_type: must not be empty");
+    Result<std::string> id = NewClientMsgId();
+    if (!id.ok()) return id.status();
+    client::OutboxEntry entry;
+    entry.client_msg_id = *id;
+    entry.conversation_id = conversation;
+    entry.peer = std::string(peer);
+    entry.content_type = std::string(content_type);
+    entry.body = std::string(body);
+    entry.created_ms = options_.clock->WallMs();
+    if (Status st = cache_->AddOutbox(&entry, options_.outbox_max); !st.ok()) return st;
+    // The outbox bounds these posts, so they are not counted against max_pending_calls.
+    (void)Post([this, entry] { session_->OnOutboxAdded(entry); }, /*bounded=*/false);
+    return entry.client_msg_id;
+  }
+
+  Status History(ConversationId conversation, Seq before_seq, uint32_t limit,
+                 HistoryCallback callback) {
+    if (closed_) return FailedPrecondition("client is closed");
+    if (conversation == 0) return InvalidArgument("conversation: must not be 0");
+    if (limit == 0) return InvalidArgument("limit: must be at least 1");
+    if (!callback) return InvalidArgument("callback: required");
+    return Post(
+        [this, conversation, before_seq, limit, callback = std::move(callback)]() mutable {
+          session_->History(conversation, before_seq, limit,
+                            [this, callback = std::move(callback)](Result<HistoryResult> r) {
+                              Gate([&] { callback(std::move(r)); });
+                            });
+        },
+        /*bounded=*/true);
+  }
+
+  Result<std::vector<ConversationInfo>> Conversations() {
+    if (closed_) return FailedPrecondition("client is closed");
+    std::vector<ConversationInfo> out;
+    for (const client::ConversationRow& row : cache_->ListConversations()) {
+      out.push_back(row.info);
+    }
+    return out;
+  }
+
+  Result<std::vector<MessageEvent>> Outbox() {
+    if (closed_) return FailedPrecondition("client is closed");
+    std::vector<MessageEvent> out;
+    const std::string me = cache_->UserId();
+    for (const client::OutboxEntry& e : cache_->ListOutbox()) {
+      MessageEvent event;
+      event.message.conversation_id = e.conversation_id;
+      event.message.client_msg_id = e.client_msg_id;
+      event.message.content_type = e.content_type;
+      event.message.body = e.body;
+      event.message.sender = me;
+      event.message.sender_device = options_.device_id;
+      event.peer = e.peer;
+      event.status = e.status;
+      event.outgoing = true;
+      event.reason = e.reason;
+      out.push_back(std::move(event));
+    }
+    return out;
+  }
+
+  Status Reconnect() {
+    if (closed_) return FailedPrecondition("client is closed");
+    return Post([this] { session_->Reconnect(); }, /*bounded=*/true);
+  }
+
+  ConnectionState state() const { return state_.load(); }
+
+  // --- ClientListener: the gate between the Session and the application's listener ---
+
+  void OnConnectionState(ConnectionState state) override {
+    state_ = state;
+    Gate([&] {
+      if (options_.listener) options_.listener->OnConnectionState(state);
+    });
+  }
+  void OnMessage(const MessageEvent& event) override {
+    Gate([&] {
+      if (options_.listener) options_.listener->OnMessage(event);
+    });
+  }
+  void OnConversationUpdated(const ConversationInfo& info) override {
+    Gate([&] {
+      if (options_.listener) options_.listener->OnConversationUpdated(info);
+    });
+  }
+  void OnError(const Status& status) override {
+    Gate([&] {
+      if (options_.listener) options_.listener->OnError(status);
+    });
+  }
+
+  // --- SessionIo ---
+
+  void Open() override { transport_->Connect(); }
+  void Drop() override { transport_->Drop(); }
+  bool Write(const v1::Envelope& envelope) override {
+    return transport_->Send(codec::Encode(envelope, codec::Format::kBinary));
+  }
+
+ private:
+  template <typename F>
+  void Gate(F&& f) {
+    if (closed_) return;
+    std::lock_guard lock(cb_mu_);
+    if (closed_) return;
+    f();
+  }
+
+  Status Post(std::function<void()> task, bool bounded) {
+    {
+      std::lock_guard lock(tasks_mu_);
+      if (bounded && tasks_.size() >= options_.max_pending_calls) {
+        return ResourceExhausted("too many calls waiting for the client's loop");
+      }
+      tasks_.push_back(std::move(task));
+    }
+    Wake();
+    return Status::Ok();
+  }
+
+  void Wake() {
+    // Coalesced: one lws_cancel_service per loop turn is enough.
+    if (wake_pending_.exchange(true)) return;
+    std::lock_guard lock(tasks_mu_);
+    if (transport_ && !torn_down_) transport_->Wake();
+  }
+
+  void RunTasks() {
+    std::deque<std::function<void()>> tasks;
+    {
+      std::lock_guard lock(tasks_mu_);
+      tasks.swap(tasks_);
+    }
+    for (auto& task : tasks) {
+      if (stop_) return;
+      task();
+    }
+  }
+
+  void FeedEvents() {
+    for (client::TransportEvent& event : transport_->TakeEvents()) {
+      if (stop_) return;
+      switch (event.type) {
+        case client::TransportEvent::Type::kOpen:
+          session_->OnOpen();
+          break;
+        case client::TransportEvent::Type::kClosed:
+          session_->OnClosed(event.close_code, event.data);
+          break;
+        case client::TransportEvent::Type::kMessage: {
+          v1::Envelope envelope;
+          Status st = codec::Decode(event.data,
+                                    event.binary ? codec::Format::kBinary : codec::Format::kJson,
+                                    options_.max_message_bytes, &envelope);
+          if (!st.ok()) {
+            Log(LogLevel::kWarn,
+                "chat client: undecodable frame from the server: " + st.ToString());
+            transport_->Drop();
+            session_->OnClosed(1007, "undecodable frame");
+            break;
+          }
+          session_->OnEnvelope(envelope);
+          break;
+        }
+      }
+    }
+  }
+
+  void RunOnce(int timeout_ms) {
+    loop_thread_ = std::this_thread::get_id();
+    if (!session_started_) {
+      session_started_ = true;
+      session_->Start();
+    }
+    wake_pending_ = false;
+    RunTasks();
+    session_->Tick();
+    FeedEvents();
+    if (stop_) return;
+    int64_t wait = session_->NextDeadlineMs() - options_.clock->MonotonicMs();
+    wait = std::clamp<int64_t>(wait, 0, timeout_ms);
+    bool idle;
+    {
+      std::lock_guard lock(tasks_mu_);
+      idle = tasks_.empty();
+    }
+    transport_->Service(idle ? static_cast<int>(wait) : 0);
+    FeedEvents();
+    RunTasks();
+    session_->Tick();
+    FeedEvents();
+  }
+
+  void Teardown() {
+    if (torn_down_) return;
+    session_->Stop();
+    state_ = ConnectionState::kClosed;
+    std::unique_ptr<client::Transport> transport;
+    {
+      std::lock_guard lock(tasks_mu_);
+      torn_down_ = true;
+      transport = std::move(transport_);
+      tasks_.clear();
+    }
+    transport.reset();
+  }
+
+  ClientOptions options_;
+  std::unique_ptr<client::Cache> cache_;
+  std::unique_ptr<client::Transport> transport_;
+  std::unique_ptr<client::Session> session_;
+  std::mt19937_64 rng_;  // loop thread only
+
+  std::mutex api_mu_;
+  std::atomic<bool> closed_{false};
+  std::atomic<bool> stop_{false};
+  bool started_ = false;          // guarded by api_mu_
+  bool polled_ = false;           // guarded by api_mu_
+  bool session_started_ = false;  // loop thread only
+  bool torn_down_ = false;        // guarded by tasks_mu_ for writers; read on the loop
+  std::atomic<ConnectionState> state_{ConnectionState::kDisconnected};
+  std::atomic<std::thread::id> loop_thread_{};
+
+  std::mutex tasks_mu_;
+  std::deque<std::function<void()>> tasks_;
+  std::atomic<bool> wake_pending_{false};
+
+  std::mutex cb_mu_;    // held while a callback runs
+  std::mutex poll_mu_;  // held while Poll() runs
+  std::thread thread_;
+};
+
+Result<std::unique_ptr<Client>> Client::Open(ClientOptions options) {
+  if (Status st = ValidateOptions(options); !st.ok()) return st;
+  auto impl = std::make_unique<Impl>(std::move(options));
+  if (Status st = impl->Init(); !st.ok()) return st;
+  return std::unique_ptr<Client>(new Client(std::move(impl)));
+}
+
+Client::Client(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Client::~Client() = default;
+
+Status Client::Start() { return impl_->Start(); }
+Status Client::Poll(int timeout_ms) { return impl_->Poll(timeout_ms); }
+void Client::Close() { impl_->Close(); }
+Result<std::string> Client::Send(ConversationId conversation, std::string_view content_type,
+                                 std::string_view body) {
+  if (conversation == 0) return InvalidArgument("conversation: must not be 0");
+  return impl_->Send(conversation, "", content_type, body);
+}
+Result<std::string> Client::SendTo(std::string_view peer, std::string_view content_type,
+                                   std::string_view body) {
+  if (peer.empty()) return InvalidArgument("peer: must not be empty");
+  return impl_->Send(0, peer, content_type, body);
+}
+Status Client::History(ConversationId conversation, Seq before_seq, uint32_t limit,
+                       HistoryCallback callback) {
+  return impl_->History(conversation, before_seq, limit, std::move(callback));
+}
+Result<std::vector<ConversationInfo>> Client::Conversations() { return impl_->Conversations(); }
+Result<std::vector<MessageEvent>> Client::Outbox() { return impl_->Outbox(); }
+Status Client::Reconnect() { return impl_->Reconnect(); }
+ConnectionState Client::state() const { return impl_->state(); }
+
+}  // namespace chat

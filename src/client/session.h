@@ -1,0 +1,176 @@
+// Session: the client's protocol logic as a sans-IO state machine.
+//
+// The Session owns the connection lifecycle (connect -> Hello -> Welcome -> paged Sync -> live),
+// heartbeats and dead-link detection, reconnect backoff, token refresh, the outbox pump, gap
+// repair, epoch changes and History requests. It has no sockets, threads or clock of its own:
+// the runtime (client.cc) or a unit test feeds it transport events, decoded envelopes, timer
+// ticks and API calls, and carries out what it asks through SessionIo. It writes to the Cache
+// and calls the ClientListener directly.
+//
+// Exactly-once delivery to the application: a message is given to OnMessage only when it is
+// the next seq after the conversation's cursor (Cache's ConversationRow::cursor), and the cursor
+// is committed before the callback. A message that arrives ahead of the cursor is kept in the
+// cache and a Sync fetches what is missing; seqs the server reports as a Gap are skipped (the
+// application may page them in with History).
+//
+// Thread-safety: none. Every method, and every SessionIo and listener call it makes, happens on
+// one thread (the client's loop). SessionIo methods must not call back into the Session.
+#ifndef CHAT_SRC_CLIENT_SESSION_H_
+#define CHAT_SRC_CLIENT_SESSION_H_
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <set>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "chat/client.h"
+#include "chat/clock.h"
+#include "chat/v1/chat.pb.h"
+#include "src/client/cache.h"
+#include "src/core/backoff.h"
+
+namespace chat::client {
+
+// What the Session asks of its runtime.
+class SessionIo {
+ public:
+  virtual ~SessionIo() = default;
+  // Starts a new connection. OnOpen or OnClosed follows later, never inside this call.
+  virtual void Open() = 0;
+  // Drops the current connection. No event of that connection reaches the Session afterwards.
+  virtual void Drop() = 0;
+  // Queues one envelope on the current connection. False when the transport's queue is full.
+  virtual bool Write(const v1::Envelope& envelope) = 0;
+};
+
+// The parts of ClientOptions the Session uses.
+struct SessionOptions {
+  std::string device_id;
+  std::function<std::string()> token_provider;
+  BackoffPolicy backoff;
+  uint32_t heartbeat_interval_ms = 0;  // 0: the server's
+  uint32_t connect_timeout_ms = 10'000;
+  uint32_t max_in_flight = 16;
+  uint32_t sync_page_limit = 0;
+};
+
+// The heartbeat used when neither the options nor the server give one.
+inline constexpr uint32_t kDefaultHeartbeatMs = 30'000;
+// A Send refused with a retryable code is tried again after at least this long.
+inline constexpr int64_t kOutboxRetryMinMs = 1'000;
+
+class Session {
+ public:
+  // `cache`, `io`, `listener` and `clock` must outlive the Session. `random` returns uniformly
+  // distributed 64-bit values (backoff jitter).
+  Session(SessionOptions options, Cache* cache, SessionIo* io, ClientListener* listener,
+          std::shared_ptr<Clock> clock, std::function<uint64_t()> random);
+
+  // Begins connecting at the next Tick().
+  void Start();
+  // Drops the connection for good; nothing more is written or called back.
+  void Stop();
+
+  // --- Transport events ---
+  void OnOpen();
+  void OnClosed(int close_code, std::string_view reason);
+  void OnEnvelope(const v1::Envelope& envelope);
+
+  // --- Time ---
+  // Fires due timers (connect, heartbeat, dead link, reconnect, outbox retry).
+  void Tick();
+  // Monotonic ms of the next timer; the runtime calls Tick() by then.
+  int64_t NextDeadlineMs() const;
+
+  // --- API calls, already on the loop thread ---
+  // A message was committed to the outbox: report it pending and send it when possible.
+  void OnOutboxAdded(const OutboxEntry& entry);
+  void History(ConversationId conversation, Seq before_seq, uint32_t limit,
+               HistoryCallback callback);
+  void Reconnect();
+
+  ConnectionState state() const;
+  // The attempt number the next reconnect delay is computed from (tests).
+  uint32_t attempt() const { return attempt_; }
+  // Monotonic ms of the next connection attempt while disconnected (tests).
+  int64_t reconnect_at_ms() const { return reconnect_at_; }
+
+ private:
+  enum class Phase { kStopped, kBackoff, kOpening, kHello, kSyncing, kLive, kClosed };
+
+  struct PendingHistory {
+    ConversationId conversation = 0;
+    HistoryCallback callback;
+  };
+
+  int64_t Now() const { return clock_->MonotonicMs(); }
+  uint64_t NextRid() { return next_rid_++; }
+  bool Authenticated() const { return phase_ == Phase::kSyncing || phase_ == Phase::kLive; }
+  void SetPhase(Phase phase);
+  bool Write(const v1::Envelope& envelope);
+  // Drops the connection (if any) and schedules the next attempt.
+  void Disconnect(std::string_view why);
+  void ConnectionDown();
+
+  void HandleWelcome(const v1::Envelope& envelope);
+  void HandleError(const v1::Envelope& envelope);
+  void HandleSendAck(const v1::Envelope& envelope);
+  void HandleSyncBatch(const v1::SyncBatch& batch);
+  void HandleHistoryPage(uint64_t rid, const v1::HistoryPage& page);
+  void HandleConversationUpdate(const v1::ConversationState& state);
+
+  // Stores committed messages and gives every conversation's next seqs to the application.
+  void Ingest(const std::vector<const v1::Message*>& messages);
+  // Moves `conversation`'s cursor over the cached messages that follow it; collects the events
+  // to report after the commit. Returns true if a message above the cursor is still missing.
+  bool Advance(ConversationRow* row, std::vector<MessageEvent>* events);
+  ConversationRow LoadOrStub(ConversationId conversation);
+
+  void SendSync();
+  void RequestSync();
+  void PumpOutbox();
+  void ReportError(const Status& status);
+  MessageEvent EventFor(const v1::Message& message) const;
+
+  const SessionOptions options_;
+  Cache* const cache_;
+  SessionIo* const io_;
+  ClientListener* const listener_;
+  const std::shared_ptr<Clock> clock_;
+  const std::function<uint64_t()> random_;
+
+  Phase phase_ = Phase::kStopped;
+  ConnectionState reported_ = ConnectionState::kDisconnected;
+  uint64_t next_rid_ = 1;
+  uint64_t hello_rid_ = 0;
+  std::string user_id_;
+  uint32_t heartbeat_ms_ = kDefaultHeartbeatMs;
+
+  int64_t reconnect_at_ = 0;
+  int64_t connect_deadline_ = 0;
+  int64_t connected_at_ = 0;  // Welcome time of the current connection
+  int64_t last_rx_ = 0;
+  int64_t next_ping_ = 0;
+  uint32_t attempt_ = 0;
+  uint32_t retry_after_ms_ = 0;  // floor for the next reconnect delay, from the server
+  bool token_expired_ = false;   // the server said the token expired: refresh at once
+  bool refreshed_last_ = false;  // the current attempt already was such a refresh
+
+  uint64_t sync_rid_ = 0;  // 0: no Sync in flight
+  bool sync_again_ = false;
+  std::set<ConversationId> stubs_;  // known only from a Deliver: ask Sync for their state
+
+  std::map<uint64_t, std::string> in_flight_;  // rid -> client_msg_id
+  std::set<std::string> in_flight_ids_;
+  int64_t outbox_retry_at_ = 0;
+
+  std::map<uint64_t, PendingHistory> histories_;
+};
+
+}  // namespace chat::client
+
+#endif  // CHAT_SRC_CLIENT_SESSION_H_
