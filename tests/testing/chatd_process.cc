@@ -133,6 +133,20 @@ std::string ChatdProcess::Token(std::string_view user, int64_t ttl_ms) const {
   return token.ok() ? *token : std::string();
 }
 
+Result<std::unique_ptr<WsClient>> ChatdProcess::Login(const std::string& user,
+                                                     const std::string& device, Wire wire) const {
+  auto client = std::make_unique<WsClient>();
+  Status connected = client->Connect(url());
+  if (!connected.ok()) return connected;
+  std::optional<v1::Envelope> reply = client->Hello(Token(user), device, wire);
+  if (!reply.has_value()) return DeadlineExceeded("no reply to Hello");
+  if (reply->has_error()) {
+    return Status(static_cast<Code>(reply->error().code()), reply->error().message());
+  }
+  if (!reply->has_welcome()) return Internal("Hello answered with " + reply->DebugString());
+  return client;
+}
+
 Result<std::string> ChatdProcess::CliToken(std::string_view user, std::string_view ttl) {
   const std::string out_path = dir_.File("token.out");
   WriteFile(out_path, "");

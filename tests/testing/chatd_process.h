@@ -12,12 +12,14 @@
 #include <sys/types.h>
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <vector>
 
 #include "chat/status.h"
 #include "tests/testing/temp_dir.h"
+#include "tests/testing/ws_client.h"
 
 namespace chat::testing {
 
@@ -71,6 +73,11 @@ class ChatdProcess {
   std::string Token(std::string_view user, int64_t ttl_ms = 3'600'000) const;
   // A token printed by `chatd token --user <user> --ttl <ttl> --secret-file <file>`.
   Result<std::string> CliToken(std::string_view user, std::string_view ttl = "1h");
+
+  // Connects a new WsClient to this chatd and completes Hello as `user` on `device`.
+  // Returns the server's Error as a Status (with its code) if Hello was refused.
+  Result<std::unique_ptr<WsClient>> Login(const std::string& user, const std::string& device,
+                                          Wire wire = Wire::kBinary) const;
 
   const std::string& secret() const { return secret_; }
   std::string db_path() const { return dir_.File("chat.db"); }

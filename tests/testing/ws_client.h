@@ -87,6 +87,10 @@ class WsClient {
   std::optional<v1::Envelope> Hello(const std::string& token, const std::string& device,
                                     Wire wire = Wire::kBinary, int timeout_ms = 5000);
 
+  // Sends `envelope` (with a fresh rid if it has none) and waits for the reply with its rid.
+  std::optional<v1::Envelope> Request(v1::Envelope envelope, Wire wire = Wire::kBinary,
+                                      int timeout_ms = 5000);
+
   // A fresh request id (1, 2, 3, ...).
   uint64_t NextRid() { return next_rid_.fetch_add(1); }
 
@@ -132,6 +136,20 @@ class WsClient {
   int binary_frames_ = 0;
   int undecodable_frames_ = 0;
 };
+
+// A random client_msg_id (32 hex characters, 128 bits).
+std::string NewClientMsgId();
+
+// Envelope builders for the requests tests send most. rid 0 lets Request() pick one.
+v1::Envelope MakeSendToPeer(const std::string& peer, const std::string& client_msg_id,
+                            const std::string& body, uint64_t rid = 0);
+v1::Envelope MakeSendToConversation(uint64_t conversation_id, const std::string& client_msg_id,
+                                    const std::string& body, uint64_t rid = 0);
+// `cursors` are (conversation_id, seq) pairs.
+v1::Envelope MakeSync(const std::vector<std::pair<uint64_t, uint64_t>>& cursors,
+                      uint32_t limit = 0, uint64_t rid = 0);
+v1::Envelope MakeHistory(uint64_t conversation_id, uint64_t before_seq, uint32_t limit,
+                         uint64_t rid = 0);
 
 // Result of a plain HTTP/1.1 GET over loopback.
 struct HttpResponse {
