@@ -1,0 +1,724 @@
+// The server runtime: libwebsockets transport, store threads and timers around the sans-IO Hub.
+//
+// Threads (see include/chat/server.h): the loop thread runs lws_service and owns the Hub, every
+// Connection and every lws call except lws_cancel_service. StoreThreads runs the store calls and
+// posts completions, then wakes the loop with lws_cancel_service behind an atomic flag, so any
+// number of completions costs one wake-up. LWS_CALLBACK_EVENT_WAIT_CANCELLED drains them into
+// the Hub.
+#include <libwebsockets.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <span>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "chat/log.h"
+#include "chat/server.h"
+#include "src/core/codec.h"
+#include "src/server/hub.h"
+#include "src/server/store_threads.h"
+
+namespace chat {
+
+namespace {
+
+using server::SessionId;
+
+constexpr char kProtocolName[] = "chat.v1";
+// One WebSocket write packs queued envelopes up to this size into one Batch frame.
+constexpr size_t kMaxWriteBytes = 256 * 1024;
+// Hub::Tick period. Never below 10 ms: sub-ms lws timers busy-spin the 4.1 loop.
+constexpr uint32_t kTickMs = 100;
+// Per connection: the receive buffer lws allocates at ESTABLISHED, and so the largest chunk a
+// RECEIVE callback gets. Larger messages arrive in pieces and are reassembled here.
+constexpr size_t kRxBufferBytes = 4096;
+// A connection asked to close has this long to take its queued frames and the close frame.
+constexpr int kCloseFlushSeconds = 5;
+// Shutdown: how long to wait for submitted appends to commit and be acked, then how long for
+// the clients to answer the close frames.
+constexpr auto kShutdownCommitWait = std::chrono::seconds(5);
+constexpr auto kShutdownCloseWait = std::chrono::seconds(3);
+// A refused connection is told to come back after kRetryAfterBaseMs plus up to
+// kRetryAfterJitterMs, so a reconnect storm spreads itself out.
+constexpr uint32_t kRetryAfterBaseMs = 1000;
+constexpr uint32_t kRetryAfterJitterMs = 2000;
+// A receive buffer that grew past this is released after the message, so idle connections
+// stay small.
+constexpr size_t kKeepRxCapacity = 16 * 1024;
+// The shared write buffer is released after a write larger than this.
+constexpr size_t kKeepWriteCapacity = 1024 * 1024;
+// Queued reads past which a Sync or History is refused with UNAVAILABLE.
+constexpr size_t kReadQueueMax = 10'000;
+// A WebSocket close reason is at most 123 bytes.
+constexpr size_t kMaxCloseReasonBytes = 123;
+
+// Per-connection state, created at ESTABLISHED and deleted at CLOSED. lws only stores a pointer
+// to it (its per-session memory is malloc'd and zeroed, so no constructor would run).
+struct Connection {
+  SessionId id = 0;
+  lws* wsi = nullptr;
+  std::vector<codec::Frame> outbound;  // encoded envelopes waiting for a write
+  size_t outbound_bytes = 0;
+  std::string rx;  // the message being reassembled from fragments
+  bool assembling = false;
+  bool rx_text = false;
+  bool format_known = false;
+  bool text = false;    // the session speaks JSON in text frames
+  bool in_hub = false;  // the Hub knows this session: tell it when the connection goes
+  bool closing = false;
+  bool paused = false;  // reads paused while the writer queue is full
+  int close_code = 0;
+  std::string close_reason;
+  int peer_close_code = 0;
+  std::string peer;
+};
+
+// The close reason fits in a close frame and does not end inside a UTF-8 sequence.
+std::string CloseReasonBytes(std::string_view reason) {
+  if (reason.size() <= kMaxCloseReasonBytes) return std::string(reason);
+  size_t n = kMaxCloseReasonBytes;
+  while (n > 0 && (static_cast<unsigned char>(reason[n]) & 0xC0) == 0x80) --n;
+  return std::string(reason.substr(0, n));
+}
+
+bool IsAllInterfaces(const std::string& address) {
+  return address.empty() || address == "0.0.0.0" || address == "::" || address == "*";
+}
+
+Status Positive(uint64_t value, const char* field) {
+  if (value == 0) return InvalidArgument(std::string(field) + " must be > 0");
+  return Status::Ok();
+}
+
+Status Validate(const ServerOptions& o) {
+  if (!o.store) return InvalidArgument("store is required");
+  if (!o.authenticator) return InvalidArgument("authenticator is required");
+  if (o.node_id > 1023) return InvalidArgument("node_id must be <= 1023");
+  if (o.tls_cert_path.empty() != o.tls_key_path.empty()) {
+    return InvalidArgument("tls_cert_path and tls_key_path must be set together");
+  }
+  if (!o.tls_cert_path.empty() && access(o.tls_cert_path.c_str(), R_OK) != 0) {
+    return InvalidArgument("tls_cert_path: cannot read " + o.tls_cert_path);
+  }
+  if (!o.tls_key_path.empty() && access(o.tls_key_path.c_str(), R_OK) != 0) {
+    return InvalidArgument("tls_key_path: cannot read " + o.tls_key_path);
+  }
+  const std::pair<uint64_t, const char*> positive[] = {
+      {o.max_message_bytes, "max_message_bytes"},
+      {o.max_body_bytes, "max_body_bytes"},
+      {o.hello_timeout_ms, "hello_timeout_ms"},
+      {o.idle_timeout_ms, "idle_timeout_ms"},
+      {o.heartbeat_interval_ms, "heartbeat_interval_ms"},
+      {o.max_outbound_bytes, "max_outbound_bytes"},
+      {o.messages_per_second, "messages_per_second"},
+      {o.messages_burst, "messages_burst"},
+      {o.bytes_per_second, "bytes_per_second"},
+      {o.max_devices_per_user, "max_devices_per_user"},
+      {o.max_pending_connections, "max_pending_connections"},
+      {o.max_connections, "max_connections"},
+      {o.history_page_max, "history_page_max"},
+      {o.sync_page_max, "sync_page_max"},
+      {o.sync_catchup_max, "sync_catchup_max"},
+      {o.commit_batch_max, "commit_batch_max"},
+      {o.writer_queue_max, "writer_queue_max"},
+      {o.reader_threads, "reader_threads"},
+  };
+  for (const auto& [value, field] : positive) {
+    Status s = Positive(value, field);
+    if (!s.ok()) return s;
+  }
+  if (o.heartbeat_interval_ms >= o.idle_timeout_ms) {
+    // Clients heartbeat at this interval; at or above the idle timeout they would be closed.
+    return InvalidArgument("heartbeat_interval_ms must be < idle_timeout_ms");
+  }
+  return Status::Ok();
+}
+
+// lws logs through chat::Log; only its errors, which are rare and worth seeing.
+void LwsLog(int level, const char* line) {
+  std::string_view text(line != nullptr ? line : "");
+  while (!text.empty() && (text.back() == '\n' || text.back() == '\r')) text.remove_suffix(1);
+  Log(level == LLL_ERR ? LogLevel::kError : LogLevel::kWarn, "lws: " + std::string(text));
+}
+
+class ServerImpl;
+
+// A standard-layout holder, so the timer callback can get back to its server from the sul.
+struct TickTimer {
+  lws_sorted_usec_list_t sul;
+  ServerImpl* owner;
+};
+
+// The lws per-session memory of the HTTP protocol (plain data: lws zeroes it).
+struct HttpState {
+  int healthz_pending;
+};
+
+class ServerImpl final : public Server, private server::HubIo {
+ public:
+  explicit ServerImpl(ServerOptions options)
+      : options_(std::move(options)), rng_(std::random_device{}()) {}
+
+  ~ServerImpl() override {
+    Shutdown();
+    // Open without Run/Start: nothing ran on another thread, so destroy here.
+    DestroyContext();
+  }
+
+  Status Init() {
+    static std::once_flag lws_log_once;
+    std::call_once(lws_log_once, [] { lws_set_log_level(LLL_ERR, LwsLog); });
+
+    server::HubIo* io = this;
+    hub_ = std::make_unique<server::Hub>(options_, options_.store->Epoch(), io);
+    server::StoreThreadsOptions store_options;
+    store_options.commit_batch_max = options_.commit_batch_max;
+    store_options.commit_delay_ms = options_.commit_delay_ms;
+    store_options.reader_threads = options_.reader_threads;
+    // Reads pause at writer_queue_max; the hard bound leaves room for what was already read.
+    store_options.append_queue_max = 2 * options_.writer_queue_max;
+    store_options.read_queue_max = kReadQueueMax;
+    store_options.overload_retry_after_ms = kRetryAfterBaseMs;
+    store_threads_ =
+        std::make_unique<server::StoreThreads>(options_.store, store_options, [this] { Wake(); });
+
+    protocols_[0] = {};
+    protocols_[0].name = "http";
+    protocols_[0].callback = &ServerImpl::HttpCallback;
+    protocols_[0].per_session_data_size = sizeof(HttpState);
+    protocols_[1] = {};
+    protocols_[1].name = kProtocolName;
+    protocols_[1].callback = &ServerImpl::ChatCallback;
+    protocols_[1].per_session_data_size = sizeof(Connection*);
+    protocols_[1].rx_buffer_size = kRxBufferBytes;
+    protocols_[2] = {};
+
+    const bool tls = !options_.tls_cert_path.empty();
+    lws_context_creation_info info;
+    std::memset(&info, 0, sizeof(info));
+    info.options = LWS_SERVER_OPTION_EXPLICIT_VHOSTS;
+    if (tls) info.options |= LWS_SERVER_OPTION_DO_SSL_GLOBAL_INIT;
+    info.port = CONTEXT_PORT_NO_LISTEN;
+    info.gid = -1;
+    info.uid = -1;
+    info.user = this;
+    lws_context* context = lws_create_context(&info);
+    if (context == nullptr) return Unavailable("cannot create the libwebsockets context");
+    {
+      std::lock_guard<std::mutex> lock(ctx_mu_);
+      ctx_ = context;
+    }
+
+    lws_context_creation_info vinfo;
+    std::memset(&vinfo, 0, sizeof(vinfo));
+    vinfo.port = options_.port;
+    vinfo.iface =
+        IsAllInterfaces(options_.listen_address) ? nullptr : options_.listen_address.c_str();
+    vinfo.protocols = protocols_;
+    vinfo.options = LWS_SERVER_OPTION_FAIL_UPON_UNABLE_TO_BIND;
+    vinfo.vhost_name = "chat";
+    if (tls) {
+      vinfo.ssl_cert_filepath = options_.tls_cert_path.c_str();
+      vinfo.ssl_private_key_filepath = options_.tls_key_path.c_str();
+    }
+    vhost_ = lws_create_vhost(context, &vinfo);
+    const std::string where = options_.listen_address + ":" + std::to_string(options_.port);
+    if (vhost_ == nullptr) {
+      return Unavailable("cannot listen on " + where + (tls ? " (or load the TLS files)" : ""));
+    }
+    const int bound = lws_get_vhost_listen_port(vhost_);
+    if (bound <= 0 || bound > 65535) return Unavailable("cannot listen on " + where);
+    port_.store(static_cast<uint16_t>(bound));
+    tls_ = tls;
+    return Status::Ok();
+  }
+
+  Status Run() override {
+    if (started_.exchange(true)) return FailedPrecondition("Run or Start was already called");
+    RunLoop();
+    return Status::Ok();
+  }
+
+  Status Start() override {
+    if (started_.exchange(true)) return FailedPrecondition("Run or Start was already called");
+    std::lock_guard<std::mutex> lock(join_mu_);
+    thread_ = std::thread([this] { RunLoop(); });
+    return Status::Ok();
+  }
+
+  void Shutdown() override {
+    shutdown_requested_.store(true);
+    WakeUnconditionally();
+    // The Start() thread is joined by whoever shuts down, unless that is the loop itself.
+    std::lock_guard<std::mutex> lock(join_mu_);
+    if (thread_.joinable() && thread_.get_id() != std::this_thread::get_id()) thread_.join();
+  }
+
+  uint16_t port() const override { return port_.load(); }
+
+ private:
+  enum class Phase { kServing, kCommitting, kClosing, kDone };
+
+  // ---- Loop -------------------------------------------------------------------------------
+
+  void RunLoop() {
+    store_threads_->Start();
+    Log(LogLevel::kInfo, std::string("chat: serving on ") + (tls_ ? "wss" : "ws") + "://" +
+                             options_.listen_address + ":" + std::to_string(port()));
+    tick_.owner = this;
+    lws_sul_schedule(ctx_, 0, &tick_.sul, &ServerImpl::OnTick, kTickMs * LWS_US_PER_MS);
+    AdvanceShutdown();
+    while (phase_ != Phase::kDone) {
+      if (lws_service(ctx_, 0) < 0) {
+        Log(LogLevel::kError, "chat: the event loop failed; stopping");
+        break;
+      }
+    }
+    lws_sul_cancel(&tick_.sul);
+    // Accepted appends are committed before the writer exits, so a client that resends them
+    // gets its original result; nobody is left to ack them now.
+    store_threads_->Stop();
+    DestroyContext();
+    Log(LogLevel::kInfo, "chat: server stopped");
+  }
+
+  void DestroyContext() {
+    lws_context* context = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(ctx_mu_);
+      context = ctx_;
+      ctx_ = nullptr;
+    }
+    // CLOSED callbacks run inside; they find the Hub still alive.
+    if (context != nullptr) lws_context_destroy(context);
+    for (auto& [id, conn] : connections_) delete conn;
+    connections_.clear();
+  }
+
+  // Called from any thread. Coalesces: one lws_cancel_service per drain of the loop.
+  void Wake() {
+    if (wake_pending_.exchange(true)) return;
+    WakeUnconditionally();
+  }
+
+  void WakeUnconditionally() {
+    std::lock_guard<std::mutex> lock(ctx_mu_);
+    if (ctx_ != nullptr) lws_cancel_service(ctx_);
+  }
+
+  static void OnTick(lws_sorted_usec_list_t* sul) {
+    TickTimer* timer = reinterpret_cast<TickTimer*>(sul);
+    ServerImpl* self = timer->owner;
+    self->hub_->Tick();
+    self->AdvanceShutdown();
+    if (self->phase_ != Phase::kDone) {
+      lws_sul_schedule(self->ctx_, 0, &timer->sul, &ServerImpl::OnTick, kTickMs * LWS_US_PER_MS);
+    }
+  }
+
+  void DrainCompletions() {
+    wake_pending_.store(false);
+    store_threads_->TakeCompletions(&appends_done_, &reads_done_);
+    for (server::AppendDone& done : appends_done_) {
+      hub_->OnAppendDone(done.token, done.commit_status, std::move(done.result));
+    }
+    for (server::ReadDone& done : reads_done_) {
+      hub_->OnReadDone(done.token, std::move(done.result));
+    }
+    appends_done_.clear();
+    reads_done_.clear();
+    ResumeReadsIfDrained();
+  }
+
+  // Shutdown runs as phases on the loop: stop accepting and pause reads, wait for the
+  // submitted appends to be committed and acked, close every session (1001) after its queued
+  // frames, wait for the connections to go, then leave the loop.
+  void AdvanceShutdown() {
+    const auto now = std::chrono::steady_clock::now();
+    if (phase_ == Phase::kServing) {
+      if (!shutdown_requested_.load()) return;
+      Log(LogLevel::kInfo, "chat: shutting down");
+      phase_ = Phase::kCommitting;
+      deadline_ = now + kShutdownCommitWait;
+      for (auto& [id, conn] : connections_) {
+        if (!conn->paused && !conn->closing) {
+          conn->paused = true;
+          lws_rx_flow_control(conn->wsi, 0);
+        }
+      }
+    }
+    if (phase_ == Phase::kCommitting) {
+      if (hub_->pending_appends() > 0 && now < deadline_) return;
+      if (hub_->pending_appends() > 0) {
+        Log(LogLevel::kWarn, "chat: shutdown: " + std::to_string(hub_->pending_appends()) +
+                                 " messages still committing; their senders get no ack");
+      }
+      // Reads resume so the peers' close answers are seen; frames after CloseAll are dropped.
+      for (auto& [id, conn] : connections_) {
+        if (conn->paused) {
+          conn->paused = false;
+          lws_rx_flow_control(conn->wsi, 1);
+        }
+      }
+      paused_.clear();
+      hub_->CloseAll();
+      phase_ = Phase::kClosing;
+      deadline_ = now + kShutdownCloseWait;
+    }
+    if (phase_ == Phase::kClosing) {
+      if (!connections_.empty() && now < deadline_) return;
+      phase_ = Phase::kDone;
+    }
+  }
+
+  void ResumeReadsIfDrained() {
+    if (paused_.empty() || phase_ != Phase::kServing) return;
+    if (store_threads_->appends_pending() >= options_.writer_queue_max / 2) return;
+    for (SessionId id : paused_) {
+      auto it = connections_.find(id);
+      if (it == connections_.end() || !it->second->paused) continue;
+      it->second->paused = false;
+      lws_rx_flow_control(it->second->wsi, 1);
+    }
+    paused_.clear();
+  }
+
+  // ---- HubIo ------------------------------------------------------------------------------
+
+  void Send(SessionId session, codec::Frame frame) override {
+    auto it = connections_.find(session);
+    if (it == connections_.end() || frame == nullptr) return;
+    Connection& conn = *it->second;
+    if (conn.closing) return;
+    // One frame always fits an empty queue, so a large reply (a full sync page) can be sent;
+    // the bound applies to what piles up behind it.
+    if (!conn.outbound.empty() &&
+        conn.outbound_bytes + frame->size() > options_.max_outbound_bytes) {
+      Log(LogLevel::kWarn, "chat: session " + std::to_string(session) +
+                               " closed as a slow consumer (" +
+                               std::to_string(conn.outbound_bytes) + " bytes queued)");
+      conn.outbound.clear();
+      conn.outbound_bytes = 0;
+      BeginClose(conn, server::kCloseSlowConsumer, "slow consumer");
+      return;
+    }
+    conn.outbound_bytes += frame->size();
+    conn.outbound.push_back(std::move(frame));
+    lws_callback_on_writable(conn.wsi);
+  }
+
+  void Close(SessionId session, int code, std::string_view reason) override {
+    auto it = connections_.find(session);
+    if (it == connections_.end()) return;
+    Connection& conn = *it->second;
+    conn.in_hub = false;  // the Hub has forgotten it already
+    if (conn.closing) return;
+    BeginClose(conn, code, reason);
+  }
+
+  void SubmitAppend(server::AppendJob job) override {
+    store_threads_->SubmitAppend(std::move(job));
+    // The session whose frame produced this append stops being read until the writer catches
+    // up; its data waits in the kernel, and TCP pushes back on the client.
+    if (current_ != nullptr && !current_->paused &&
+        store_threads_->appends_pending() >= options_.writer_queue_max) {
+      current_->paused = true;
+      paused_.push_back(current_->id);
+      lws_rx_flow_control(current_->wsi, 0);
+    }
+  }
+
+  void SubmitRead(server::ReadJob job) override { store_threads_->SubmitRead(std::move(job)); }
+
+  // ---- Connections ------------------------------------------------------------------------
+
+  void BeginClose(Connection& conn, int code, std::string_view reason) {
+    conn.closing = true;
+    conn.close_code = code;
+    conn.close_reason = CloseReasonBytes(reason);
+    if (conn.paused) {
+      // The peer's answer to the close frame must be read.
+      conn.paused = false;
+      lws_rx_flow_control(conn.wsi, 1);
+    }
+    // A peer that does not read its queued frames is dropped after a while.
+    lws_set_timeout(conn.wsi, PENDING_TIMEOUT_USER_OK, kCloseFlushSeconds);
+    lws_callback_on_writable(conn.wsi);
+  }
+
+  int OnEstablished(lws* wsi, Connection** slot) {
+    if (phase_ != Phase::kServing) return -1;
+    auto* conn = new Connection;
+    conn->id = ++last_session_id_;
+    conn->wsi = wsi;
+    char peer[64] = {};
+    const char* name = lws_get_peer_simple(wsi, peer, sizeof(peer));
+    conn->peer = name != nullptr ? name : "?";
+    *slot = conn;
+    connections_.emplace(conn->id, conn);
+    Log(LogLevel::kInfo,
+        "chat: connect session=" + std::to_string(conn->id) + " peer=" + conn->peer);
+
+    const bool overloaded = store_threads_->appends_pending() >= options_.writer_queue_max;
+    if (!overloaded && hub_->OnOpen(conn->id)) {
+      conn->in_hub = true;
+      return 0;
+    }
+    // Refused: say why and when to come back, then close with 1013.
+    Status refusal = Unavailable(overloaded ? "server overloaded, try again later"
+                                            : "too many connections, try again later");
+    refusal.set_retry_after_ms(
+        kRetryAfterBaseMs + std::uniform_int_distribution<uint32_t>(0, kRetryAfterJitterMs)(rng_));
+    Log(LogLevel::kWarn, "chat: session " + std::to_string(conn->id) +
+                             " refused: " + std::string(refusal.message()));
+    codec::Frame frame =
+        codec::EncodeShared(codec::ErrorEnvelope(0, refusal), codec::Format::kBinary);
+    conn->outbound_bytes = frame->size();
+    conn->outbound.push_back(std::move(frame));
+    BeginClose(*conn, server::kCloseTryAgainLater, "try again later");
+    return 0;
+  }
+
+  void OnClosed(Connection** slot) {
+    Connection* conn = *slot;
+    if (conn == nullptr) return;
+    *slot = nullptr;
+    const int code = conn->closing                ? conn->close_code
+                     : conn->peer_close_code != 0 ? conn->peer_close_code
+                                                  : 1006;
+    Log(LogLevel::kInfo, "chat: disconnect session=" + std::to_string(conn->id) + " code=" +
+                             std::to_string(code) + (conn->closing ? " (server)" : " (peer)"));
+    if (conn->in_hub) hub_->OnClose(conn->id);
+    if (current_ == conn) current_ = nullptr;
+    connections_.erase(conn->id);
+    delete conn;
+    if (phase_ == Phase::kClosing && connections_.empty()) AdvanceShutdown();
+  }
+
+  int OnReceive(Connection* conn, const char* data, size_t len) {
+    // After a close was asked for, nothing more is read into the Hub.
+    if (conn->closing) return 0;
+    if (!conn->assembling) {
+      conn->assembling = true;
+      conn->rx_text = !lws_frame_is_binary(conn->wsi);
+      conn->rx.clear();
+    }
+    const bool final = lws_is_final_fragment(conn->wsi) != 0;
+    // The frame's announced remainder counts too, so a huge frame is refused at its start.
+    const size_t announced = conn->rx.size() + len + lws_remaining_packet_payload(conn->wsi);
+    if (announced > options_.max_message_bytes) {
+      Log(LogLevel::kWarn, "chat: session " + std::to_string(conn->id) +
+                               " sent a message over max_message_bytes; closing with 1009");
+      conn->closing = true;
+      conn->close_code = server::kCloseTooLarge;
+      conn->rx.clear();
+      conn->rx.shrink_to_fit();
+      static constexpr char kReason[] = "message too large";
+      lws_close_reason(conn->wsi, LWS_CLOSE_STATUS_MESSAGE_TOO_LARGE,
+                       reinterpret_cast<unsigned char*>(const_cast<char*>(kReason)),
+                       sizeof(kReason) - 1);
+      return -1;
+    }
+    if (final && conn->rx.empty()) {
+      // The common case: the whole message in one piece, handed over without a copy.
+      conn->assembling = false;
+      Deliver(conn, std::string_view(data, len));
+      return 0;
+    }
+    conn->rx.append(data, len);
+    if (!final) return 0;
+    conn->assembling = false;
+    Deliver(conn, conn->rx);
+    conn->rx.clear();
+    if (conn->rx.capacity() > kKeepRxCapacity) conn->rx.shrink_to_fit();
+    return 0;
+  }
+
+  void Deliver(Connection* conn, std::string_view bytes) {
+    if (!conn->format_known) {
+      // The Hub picks the session's format from its first message the same way.
+      conn->format_known = true;
+      conn->text = conn->rx_text;
+    }
+    if (!conn->in_hub) return;
+    current_ = conn;
+    hub_->OnFrame(conn->id, bytes, conn->rx_text);
+    current_ = nullptr;
+  }
+
+  int OnWriteable(Connection* conn) {
+    if (!conn->outbound.empty()) {
+      size_t n = 0;
+      size_t bytes = 0;
+      while (n < conn->outbound.size() &&
+             (n == 0 || bytes + conn->outbound[n]->size() <= kMaxWriteBytes)) {
+        bytes += conn->outbound[n]->size();
+        ++n;
+      }
+      const codec::Format format = conn->text ? codec::Format::kJson : codec::Format::kBinary;
+      const std::string packed =
+          codec::PackBatch(std::span<const codec::Frame>(conn->outbound.data(), n), format);
+      write_buffer_.resize(LWS_PRE + packed.size());
+      std::memcpy(write_buffer_.data() + LWS_PRE, packed.data(), packed.size());
+      const int written = lws_write(conn->wsi, write_buffer_.data() + LWS_PRE, packed.size(),
+                                    conn->text ? LWS_WRITE_TEXT : LWS_WRITE_BINARY);
+      if (write_buffer_.capacity() > kKeepWriteCapacity) {
+        write_buffer_.clear();
+        write_buffer_.shrink_to_fit();
+      }
+      conn->outbound.erase(conn->outbound.begin(),
+                           conn->outbound.begin() + static_cast<std::ptrdiff_t>(n));
+      conn->outbound_bytes -= bytes;
+      if (written < static_cast<int>(packed.size())) {
+        Log(LogLevel::kWarn, "chat: write failed on session " + std::to_string(conn->id));
+        return -1;
+      }
+      // One write per callback; the rest (or the close frame) goes on the next one.
+      if (!conn->outbound.empty() || conn->closing) lws_callback_on_writable(conn->wsi);
+      return 0;
+    }
+    if (conn->closing) {
+      lws_close_reason(conn->wsi, static_cast<lws_close_status>(conn->close_code),
+                       reinterpret_cast<unsigned char*>(conn->close_reason.data()),
+                       conn->close_reason.size());
+      return -1;
+    }
+    return 0;  // spurious: lws finished a buffered partial send
+  }
+
+  // ---- lws callbacks ----------------------------------------------------------------------
+
+  static ServerImpl* From(lws* wsi) {
+    return static_cast<ServerImpl*>(lws_context_user(lws_get_context(wsi)));
+  }
+
+  static int ChatCallback(lws* wsi, lws_callback_reasons reason, void* user, void* in, size_t len) {
+    ServerImpl* self = From(wsi);
+    auto** slot = static_cast<Connection**>(user);
+    switch (reason) {
+      case LWS_CALLBACK_EVENT_WAIT_CANCELLED:
+        self->DrainCompletions();
+        self->AdvanceShutdown();
+        return 0;
+      case LWS_CALLBACK_ESTABLISHED:
+        return self->OnEstablished(wsi, slot);
+      case LWS_CALLBACK_RECEIVE:
+        if (*slot == nullptr) return -1;
+        return self->OnReceive(*slot, static_cast<const char*>(in), len);
+      case LWS_CALLBACK_SERVER_WRITEABLE:
+        if (*slot == nullptr) return 0;
+        return self->OnWriteable(*slot);
+      case LWS_CALLBACK_WS_PEER_INITIATED_CLOSE:
+        if (*slot != nullptr && in != nullptr && len >= 2) {
+          const auto* code = static_cast<const unsigned char*>(in);
+          (*slot)->peer_close_code = (code[0] << 8) | code[1];
+        }
+        return 0;
+      case LWS_CALLBACK_CLOSED:
+        if (slot != nullptr) self->OnClosed(slot);
+        return 0;
+      default:
+        return 0;
+    }
+  }
+
+  static int HttpCallback(lws* wsi, lws_callback_reasons reason, void* user, void* in, size_t len) {
+    ServerImpl* self = From(wsi);
+    auto* state = static_cast<HttpState*>(user);
+    switch (reason) {
+      case LWS_CALLBACK_FILTER_NETWORK_CONNECTION:
+        // New connections are refused once shutdown began.
+        return self->phase_ == Phase::kServing ? 0 : -1;
+      case LWS_CALLBACK_ESTABLISHED:
+        // A WebSocket without the chat.v1 subprotocol lands here: refuse it.
+        return -1;
+      case LWS_CALLBACK_HTTP: {
+        const char* path = static_cast<const char*>(in);
+        const bool get = lws_hdr_total_length(wsi, WSI_TOKEN_GET_URI) > 0;
+        if (self->options_.serve_healthz && get && path != nullptr &&
+            std::string_view(path) == "/healthz") {
+          unsigned char buffer[LWS_PRE + 512];
+          unsigned char* start = buffer + LWS_PRE;
+          unsigned char* p = start;
+          unsigned char* end = buffer + sizeof(buffer) - 1;
+          if (lws_add_http_common_headers(wsi, HTTP_STATUS_OK, "text/plain", 3, &p, end) != 0 ||
+              lws_finalize_write_http_header(wsi, start, &p, end) != 0) {
+            return -1;
+          }
+          state->healthz_pending = 1;
+          lws_callback_on_writable(wsi);
+          return 0;
+        }
+        if (lws_return_http_status(wsi, HTTP_STATUS_NOT_FOUND, nullptr) != 0) return -1;
+        return lws_http_transaction_completed(wsi) != 0 ? -1 : 0;
+      }
+      case LWS_CALLBACK_HTTP_WRITEABLE: {
+        if (state == nullptr || state->healthz_pending == 0) return 0;
+        state->healthz_pending = 0;
+        unsigned char buffer[LWS_PRE + 8];
+        std::memcpy(buffer + LWS_PRE, "ok\n", 3);
+        if (lws_write(wsi, buffer + LWS_PRE, 3, LWS_WRITE_HTTP_FINAL) != 3) return -1;
+        return lws_http_transaction_completed(wsi) != 0 ? -1 : 0;
+      }
+      default:
+        return lws_callback_http_dummy(wsi, reason, user, in, len);
+    }
+  }
+
+  const ServerOptions options_;
+  std::unique_ptr<server::Hub> hub_;
+  std::unique_ptr<server::StoreThreads> store_threads_;
+  lws_protocols protocols_[3] = {};
+  lws_vhost* vhost_ = nullptr;
+  bool tls_ = false;
+  std::atomic<uint16_t> port_{0};
+
+  std::mutex ctx_mu_;  // guards ctx_ against destruction while another thread wakes the loop
+  lws_context* ctx_ = nullptr;
+  std::atomic<bool> wake_pending_{false};
+  std::atomic<bool> shutdown_requested_{false};
+  std::atomic<bool> started_{false};
+  std::mutex join_mu_;  // guards thread_
+  std::thread thread_;
+
+  // Loop thread only.
+  TickTimer tick_ = {};
+  Phase phase_ = Phase::kServing;
+  std::chrono::steady_clock::time_point deadline_;
+  std::unordered_map<SessionId, Connection*> connections_;
+  SessionId last_session_id_ = 0;
+  Connection* current_ = nullptr;  // whose frame the Hub is handling
+  std::vector<SessionId> paused_;
+  std::vector<server::AppendDone> appends_done_;
+  std::vector<server::ReadDone> reads_done_;
+  std::vector<unsigned char> write_buffer_;
+  std::mt19937 rng_;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<Server>> Server::Open(ServerOptions options) {
+  Status valid = Validate(options);
+  if (!valid.ok()) return valid;
+  if (!options.clock) options.clock = SystemClock();
+  auto server = std::make_unique<ServerImpl>(std::move(options));
+  Status init = server->Init();
+  if (!init.ok()) {
+    Log(LogLevel::kError, "chat: cannot open the server: " + init.ToString());
+    return init;
+  }
+  return std::unique_ptr<Server>(std::move(server));
+}
+
+}  // namespace chat

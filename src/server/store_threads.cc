@@ -1,0 +1,193 @@
+#include "src/server/store_threads.h"
+
+#include <algorithm>
+#include <chrono>
+#include <string>
+#include <utility>
+#include <variant>
+
+#include "chat/log.h"
+
+namespace chat::server {
+
+namespace {
+
+Status Overloaded(std::string_view what, uint32_t retry_after_ms) {
+  Status status = Unavailable(std::string("server overloaded: ") + std::string(what));
+  status.set_retry_after_ms(retry_after_ms);
+  return status;
+}
+
+}  // namespace
+
+StoreThreads::StoreThreads(std::shared_ptr<MessageStore> store, StoreThreadsOptions options,
+                           std::function<void()> wake)
+    : store_(std::move(store)), options_(options), wake_(std::move(wake)) {}
+
+StoreThreads::~StoreThreads() { Stop(); }
+
+void StoreThreads::Start() {
+  if (started_) return;
+  started_ = true;
+  writer_ = std::thread([this] { WriterLoop(); });
+  const uint32_t readers = std::max<uint32_t>(options_.reader_threads, 1);
+  readers_.reserve(readers);
+  for (uint32_t i = 0; i < readers; ++i) readers_.emplace_back([this] { ReaderLoop(); });
+}
+
+void StoreThreads::Stop() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stopping_ = true;
+  }
+  append_cv_.notify_all();
+  read_cv_.notify_all();
+  if (writer_.joinable()) writer_.join();
+  for (std::thread& reader : readers_) {
+    if (reader.joinable()) reader.join();
+  }
+  readers_.clear();
+}
+
+void StoreThreads::SubmitAppend(AppendJob job) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!stopping_ && append_queue_.size() < options_.append_queue_max) {
+      append_queue_.push_back(std::move(job));
+      appends_pending_.fetch_add(1, std::memory_order_relaxed);
+      if (append_queue_.size() >= options_.commit_batch_max || options_.commit_delay_ms == 0 ||
+          append_queue_.size() == 1) {
+        append_cv_.notify_one();
+      }
+      return;
+    }
+  }
+  AppendDone refused;
+  refused.token = job.token;
+  refused.commit_status =
+      Overloaded("too many messages waiting for commit", options_.overload_retry_after_ms);
+  {
+    std::lock_guard<std::mutex> lock(done_mu_);
+    appends_done_.push_back(std::move(refused));
+  }
+  wake_();
+}
+
+void StoreThreads::SubmitRead(ReadJob job) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!stopping_ && read_queue_.size() < options_.read_queue_max) {
+      read_queue_.push_back(std::move(job));
+      read_cv_.notify_one();
+      return;
+    }
+  }
+  const Status status =
+      Overloaded("too many queries waiting for the store", options_.overload_retry_after_ms);
+  if (std::holds_alternative<SyncQuery>(job.query)) {
+    PostRead(ReadDone{job.token, Result<SyncReply>(status)});
+  } else {
+    PostRead(ReadDone{job.token, Result<HistoryReply>(status)});
+  }
+}
+
+void StoreThreads::TakeCompletions(std::vector<AppendDone>* appends, std::vector<ReadDone>* reads) {
+  std::lock_guard<std::mutex> lock(done_mu_);
+  appends->swap(appends_done_);
+  reads->swap(reads_done_);
+  appends_done_.clear();
+  reads_done_.clear();
+}
+
+void StoreThreads::WriterLoop() {
+  const size_t batch_max = std::max<uint32_t>(options_.commit_batch_max, 1);
+  std::vector<AppendJob> jobs;
+  jobs.reserve(batch_max);
+  for (;;) {
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      append_cv_.wait(lock, [this] { return stopping_ || !append_queue_.empty(); });
+      if (append_queue_.empty()) return;  // stopping, and everything accepted was committed
+      // Waiting for a fuller group trades latency for fewer transactions (fewer fsyncs).
+      if (options_.commit_delay_ms > 0 && !stopping_ && append_queue_.size() < batch_max) {
+        const auto deadline =
+            std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.commit_delay_ms);
+        append_cv_.wait_until(lock, deadline, [this, batch_max] {
+          return stopping_ || append_queue_.size() >= batch_max;
+        });
+      }
+      const size_t n = std::min(batch_max, append_queue_.size());
+      for (size_t i = 0; i < n; ++i) {
+        jobs.push_back(std::move(append_queue_.front()));
+        append_queue_.pop_front();
+      }
+    }
+    Commit(&jobs);
+    jobs.clear();
+  }
+}
+
+void StoreThreads::Commit(std::vector<AppendJob>* jobs) {
+  std::vector<AppendRequest> batch;
+  batch.reserve(jobs->size());
+  for (AppendJob& job : *jobs) batch.push_back(std::move(job.request));
+
+  std::vector<AppendResult> results;
+  results.reserve(batch.size());
+  Status status = store_->Append(batch, &results);
+  if (status.ok() && results.size() != batch.size()) {
+    // A store that breaks its contract must not make the server ack what it did not report.
+    status = Internal("store returned " + std::to_string(results.size()) + " results for " +
+                      std::to_string(batch.size()) + " messages");
+  }
+  if (!status.ok()) {
+    Log(LogLevel::kError, "chat: commit of " + std::to_string(batch.size()) +
+                              " messages failed: " + status.ToString());
+  }
+
+  std::vector<AppendDone> done(jobs->size());
+  for (size_t i = 0; i < jobs->size(); ++i) {
+    done[i].token = (*jobs)[i].token;
+    done[i].commit_status = status;
+    if (status.ok()) done[i].result = std::move(results[i]);
+  }
+  PostAppends(&done);
+}
+
+void StoreThreads::PostAppends(std::vector<AppendDone>* done) {
+  const size_t n = done->size();
+  {
+    std::lock_guard<std::mutex> lock(done_mu_);
+    for (AppendDone& d : *done) appends_done_.push_back(std::move(d));
+  }
+  appends_pending_.fetch_sub(n, std::memory_order_relaxed);
+  wake_();
+}
+
+void StoreThreads::ReaderLoop() {
+  for (;;) {
+    ReadJob job;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      read_cv_.wait(lock, [this] { return stopping_ || !read_queue_.empty(); });
+      if (stopping_) return;
+      job = std::move(read_queue_.front());
+      read_queue_.pop_front();
+    }
+    if (auto* sync = std::get_if<SyncQuery>(&job.query)) {
+      PostRead(ReadDone{job.token, store_->Sync(*sync)});
+    } else {
+      PostRead(ReadDone{job.token, store_->History(std::get<HistoryQuery>(job.query))});
+    }
+  }
+}
+
+void StoreThreads::PostRead(ReadDone done) {
+  {
+    std::lock_guard<std::mutex> lock(done_mu_);
+    reads_done_.push_back(std::move(done));
+  }
+  wake_();
+}
+
+}  // namespace chat::server

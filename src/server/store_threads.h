@@ -1,0 +1,112 @@
+// StoreThreads: the threads that call the MessageStore, so the event loop never waits on disk.
+//
+// One writer thread commits appends in groups: it takes up to `commit_batch_max` queued jobs
+// (optionally waiting `commit_delay_ms` for more), calls MessageStore::Append once for the whole
+// group, and posts one completion per job, in submission order. `reader_threads` threads serve
+// Sync and History queries and post their completions in any order. Every completion is posted
+// to a mutex-guarded queue and announced with `wake`, after which the loop collects them with
+// TakeCompletions.
+//
+// Both job queues are bounded. A job submitted past its bound is not queued: it completes at
+// once with Unavailable ("server overloaded"), so the sender gets an error instead of the server
+// growing without limit. Such an early failure may overtake appends still queued before it.
+//
+// Thread-safety: Submit*, TakeCompletions and the counters may be called from any thread; the
+// runtime calls them from its loop thread. Start and Stop are called once each, from one thread.
+#ifndef CHAT_SRC_SERVER_STORE_THREADS_H_
+#define CHAT_SRC_SERVER_STORE_THREADS_H_
+
+#include <atomic>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "chat/status.h"
+#include "chat/store.h"
+#include "src/server/hub.h"
+
+namespace chat::server {
+
+struct AppendDone {
+  uint64_t token = 0;
+  Status commit_status;  // non-OK: the transaction failed and nothing of the job was stored
+  AppendResult result;
+};
+
+struct ReadDone {
+  uint64_t token = 0;
+  ReadResult result;
+};
+
+struct StoreThreadsOptions {
+  uint32_t commit_batch_max = 512;  // jobs per Append call, at most
+  uint32_t commit_delay_ms = 0;     // wait this long for a fuller group
+  uint32_t reader_threads = 2;
+  size_t append_queue_max = 40'000;         // queued appends; past it a job fails with Unavailable
+  size_t read_queue_max = 10'000;           // queued reads; past it a job fails with Unavailable
+  uint32_t overload_retry_after_ms = 1000;  // told to senders refused past a bound
+};
+
+class StoreThreads {
+ public:
+  // `wake` is called from any thread after completions were posted; it must be thread-safe
+  // and must not call back into StoreThreads.
+  StoreThreads(std::shared_ptr<MessageStore> store, StoreThreadsOptions options,
+               std::function<void()> wake);
+  // Stops the threads if they are still running.
+  ~StoreThreads();
+  StoreThreads(const StoreThreads&) = delete;
+  StoreThreads& operator=(const StoreThreads&) = delete;
+
+  void Start();
+  // The writer commits every append still queued (they were accepted, so a client may resend
+  // them and expects the original result), then the threads exit. Queued reads are dropped.
+  // Completions posted after Stop are never collected by anyone but TakeCompletions.
+  void Stop();
+
+  void SubmitAppend(AppendJob job);
+  void SubmitRead(ReadJob job);
+
+  // Moves every completion posted so far into `appends` (in submission order) and `reads`.
+  void TakeCompletions(std::vector<AppendDone>* appends, std::vector<ReadDone>* reads);
+
+  // Appends submitted and not yet completed (queued or being committed).
+  size_t appends_pending() const { return appends_pending_.load(std::memory_order_relaxed); }
+
+ private:
+  void WriterLoop();
+  void ReaderLoop();
+  void Commit(std::vector<AppendJob>* jobs);
+  void PostAppends(std::vector<AppendDone>* done);
+  void PostRead(ReadDone done);
+
+  const std::shared_ptr<MessageStore> store_;
+  const StoreThreadsOptions options_;
+  const std::function<void()> wake_;
+
+  std::mutex mu_;  // guards the job queues and stopping_
+  std::condition_variable append_cv_;
+  std::condition_variable read_cv_;
+  std::deque<AppendJob> append_queue_;
+  std::deque<ReadJob> read_queue_;
+  bool stopping_ = false;
+
+  std::mutex done_mu_;  // guards the completion queues
+  std::vector<AppendDone> appends_done_;
+  std::vector<ReadDone> reads_done_;
+
+  std::atomic<size_t> appends_pending_{0};
+  std::thread writer_;
+  std::vector<std::thread> readers_;
+  bool started_ = false;
+};
+
+}  // namespace chat::server
+
+#endif  // CHAT_SRC_SERVER_STORE_THREADS_H_
