@@ -326,10 +326,15 @@ class Hub::Impl {
       CloseSession(id, kCloseUnauthenticated, "hello required first");
       return;
     }
-    Status valid = codec::Validate(envelope);
-    if (!valid.ok()) {
-      SendError(id, s, envelope.rid(), valid,
-                body == Body::kSend ? envelope.send().client_msg_id() : std::string());
+    // Every request costs a token, malformed ones included, so no kind of request can flood
+    // the loop or the store's queues. For Send this is the first of its checks.
+    const std::string_view client_msg_id = body == Body::kSend
+                                               ? std::string_view(envelope.send().client_msg_id())
+                                               : std::string_view();
+    Status status = TakeToken(s);
+    if (status.ok()) status = codec::Validate(envelope);
+    if (!status.ok()) {
+      SendError(id, s, envelope.rid(), status, client_msg_id);
       return;
     }
     switch (body) {
@@ -411,8 +416,7 @@ class Hub::Impl {
   void HandleSend(SessionId id, Session& s, const v1::Envelope& envelope) {
     const v1::Send& send = envelope.send();
     const uint64_t rid = envelope.rid();
-    Status status = TakeToken(s);
-    if (status.ok()) status = CheckSend(s, send);
+    Status status = CheckSend(s, send);
     if (!status.ok()) {
       SendError(id, s, rid, status, send.client_msg_id());
       return;
@@ -463,11 +467,6 @@ class Hub::Impl {
   }
 
   void HandleSync(SessionId id, Session& s, const v1::Envelope& envelope) {
-    Status status = TakeToken(s);
-    if (!status.ok()) {
-      SendError(id, s, envelope.rid(), status);
-      return;
-    }
     const v1::Sync& sync = envelope.sync();
     SyncQuery query;
     query.user = s.user;
@@ -483,11 +482,6 @@ class Hub::Impl {
   }
 
   void HandleHistory(SessionId id, Session& s, const v1::Envelope& envelope) {
-    Status status = TakeToken(s);
-    if (!status.ok()) {
-      SendError(id, s, envelope.rid(), status);
-      return;
-    }
     const v1::History& history = envelope.history();
     HistoryQuery query;
     query.user = s.user;
@@ -499,11 +493,6 @@ class Hub::Impl {
   }
 
   void HandlePing(SessionId id, Session& s, const v1::Envelope& envelope) {
-    Status status = TakeToken(s);
-    if (!status.ok()) {
-      SendError(id, s, envelope.rid(), status);
-      return;
-    }
     v1::Envelope reply;
     reply.set_rid(envelope.rid());
     v1::Pong* pong = reply.mutable_pong();
@@ -515,11 +504,8 @@ class Hub::Impl {
   // Requests in the schema that this server does not serve yet. Each becomes its own handler
   // in HandleEnvelope's switch when it is implemented.
   void HandleUnsupported(SessionId id, Session& s, const v1::Envelope& envelope) {
-    Status status = TakeToken(s);
-    if (status.ok()) {
-      status = FailedPrecondition(BodyName(envelope) + " is not supported by this server yet");
-    }
-    SendError(id, s, envelope.rid(), status);
+    SendError(id, s, envelope.rid(),
+              FailedPrecondition(BodyName(envelope) + " is not supported by this server yet"));
   }
 
   void SubmitRead(SessionId id, uint64_t rid, ConversationId conversation_id,
@@ -557,9 +543,11 @@ class Hub::Impl {
   }
 
   void SendError(SessionId id, const Session& s, uint64_t rid, const Status& status,
-                 const std::string& client_msg_id = std::string()) {
+                 std::string_view client_msg_id = {}) {
     v1::Envelope envelope = codec::ErrorEnvelope(rid, status);
-    if (!client_msg_id.empty()) envelope.mutable_error()->set_client_msg_id(client_msg_id);
+    if (!client_msg_id.empty()) {
+      envelope.mutable_error()->set_client_msg_id(std::string(client_msg_id));
+    }
     Reply(id, s, envelope);
   }
 

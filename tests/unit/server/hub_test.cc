@@ -483,6 +483,8 @@ TEST_CASE("hub: past the message burst a send gets RESOURCE_EXHAUSTED with retry
   options.messages_burst = 3;
   HubHarness h(options);
   SessionId alice = h.Connect("alice", "a");
+  // Waiting refills the bucket only up to the burst (the Hello took a token too).
+  h.Advance(10'000);
   for (uint64_t n = 1; n <= 3; ++n)
     h.SendEnvelope(alice, SendToPeer(n, "bob", ClientMsgId(n), "x"));
   CHECK(h.queued_appends() == 3);
@@ -732,6 +734,24 @@ TEST_CASE("hub: a JSON session gets JSON frames while a binary session gets bina
   REQUIRE(json.size() == 1);
   CHECK(json[0].format == codec::Format::kJson);
   CHECK(json[0].envelopes.at(0).deliver().message().body() == "hi");
+}
+
+TEST_CASE("hub: the first frame fixes the session's format for every reply") {
+  HubHarness h;
+  SessionId json = h.Connect("alice", "a", codec::Format::kJson);
+  // A binary frame later is still understood, but the reply stays JSON.
+  h.SendEnvelope(json, PingEnvelope(1), codec::Format::kBinary);
+  std::vector<ReceivedFrame> frames = h.TakeFrames(json);
+  REQUIRE(frames.size() == 1);
+  CHECK(frames[0].format == codec::Format::kJson);
+  CHECK(frames[0].envelopes.at(0).has_pong());
+
+  SessionId binary = h.Connect("bob", "b", codec::Format::kBinary);
+  h.SendEnvelope(binary, PingEnvelope(2), codec::Format::kJson);
+  frames = h.TakeFrames(binary);
+  REQUIRE(frames.size() == 1);
+  CHECK(frames[0].format == codec::Format::kBinary);
+  CHECK(frames[0].envelopes.at(0).has_pong());
 }
 
 TEST_CASE("hub: requests this server does not serve yet get FAILED_PRECONDITION") {
