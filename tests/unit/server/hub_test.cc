@@ -247,6 +247,23 @@ TEST_CASE("hub: a request missing a required field gets INVALID_ARGUMENT with it
   ExpectOpen(h, session);
 }
 
+TEST_CASE("hub: an invalid hello gets INVALID_ARGUMENT and the client may try again") {
+  HubHarness h;
+  SessionId session = h.Open().value();
+  h.SendEnvelope(session, HelloEnvelope(1, "", "d"));
+  v1::Error error = ExpectError(Only(h.Take(session)), v1::Error::INVALID_ARGUMENT, 1);
+  CHECK(error.message() == "missing required field: hello.token");
+  h.SendEnvelope(session, HelloEnvelope(2, h.Token("alice"), std::string(129, 'd')));
+  error = ExpectError(Only(h.Take(session)), v1::Error::INVALID_ARGUMENT, 2);
+  CHECK(error.message() == "device_id must be at most 128 bytes");
+  CHECK_FALSE(h.closed(session).has_value());
+
+  h.SendEnvelope(session, HelloEnvelope(3, h.Token("alice"), std::string(128, 'd')));
+  v1::Envelope welcome = Only(h.Take(session));
+  REQUIRE(welcome.has_welcome());
+  CHECK(welcome.welcome().device_id() == std::string(128, 'd'));
+}
+
 TEST_CASE("hub: a server-only body from a client gets INVALID_ARGUMENT and close 1002") {
   HubHarness h;
   SessionId session = h.Connect("alice", "d");
@@ -501,6 +518,24 @@ TEST_CASE("hub: past the message burst a send gets RESOURCE_EXHAUSTED with retry
   h.SendEnvelope(alice, SendToPeer(5, "bob", ClientMsgId(5), "x"));
   CHECK(h.Take(alice).empty());
   CHECK(h.queued_appends() == 4);
+}
+
+TEST_CASE("hub: the message rate limit applies to every request, not only sends") {
+  ServerOptions options;
+  options.messages_per_second = 1;
+  options.messages_burst = 2;
+  HubHarness h(options);
+  SessionId alice = h.Connect("alice", "a");
+  h.Advance(10'000);
+  h.SendEnvelope(alice, PingEnvelope(1));
+  h.SendEnvelope(alice, SyncEnvelope(2));
+  CHECK(Only(h.Take(alice)).has_pong());
+  CHECK(h.queued_reads() == 1);
+  h.SendEnvelope(alice, HistoryEnvelope(3, 1, 0, 10));
+  v1::Error error = ExpectError(Only(h.Take(alice)), v1::Error::RESOURCE_EXHAUSTED, 3);
+  CHECK(error.retry_after_ms() == 1000);
+  CHECK(h.queued_reads() == 1);
+  CHECK_FALSE(h.closed(alice).has_value());
 }
 
 TEST_CASE("hub: past bytes_per_second a send gets RESOURCE_EXHAUSTED with retry_after_ms") {
