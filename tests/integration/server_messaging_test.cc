@@ -10,7 +10,8 @@
 namespace chat::testing {
 namespace {
 
-TEST_CASE("server: two users chat both ways; the sender gets SendAck, its other device Deliver") {
+TEST_CASE(
+    "server: two users chat both ways - the sender gets SendAck and its other device Deliver") {
   ChatdProcess chatd;
   MustStart(chatd);
   auto alice1 = MustLogin(chatd, "alice", "alice-phone");

@@ -100,10 +100,19 @@ TEST_CASE("server: Sync past --sync-catchup-max returns the newest messages and 
               .conversation_id();
     }
   }
-  auto bob = MustLogin(chatd, "bob", "b1");
+  auto bob = MustConnect(chatd);
+  std::optional<v1::Envelope> welcome = bob->Hello(chatd.Token("bob"), "b1");
+  REQUIRE(welcome.has_value());
+  REQUIRE_MESSAGE(welcome->has_welcome(), welcome->DebugString());
+  // The limits from the command line are the ones the server tells its clients.
+  CHECK(welcome->welcome().limits().sync_page_max() == 4);
+  CHECK(welcome->welcome().limits().sync_catchup_max() == 6);
 
   // Cursor 0: 10 missing > 6, so seqs 1..4 become a gap and 5..10 come in two pages.
   const SyncAllResult sync = MustSyncAll(*bob, {});
+  std::string replies;
+  for (const v1::SyncBatch& batch : sync.batches) replies += batch.ShortDebugString() + "\n";
+  INFO(replies);
   REQUIRE(sync.gaps.size() == 1);
   CHECK(sync.gaps[0].conversation_id() == conversation);
   CHECK(sync.gaps[0].from_seq() == 1);

@@ -104,7 +104,8 @@ Status WsClient::Connect(const std::string& url, int timeout_ms) {
   info.gid = -1;
   info.uid = -1;
   info.fd_limit_per_thread = 64;
-  info.options = LWS_SERVER_OPTION_DO_SSL_GLOBAL_INIT;
+  // OpenSSL is set up only for wss: a plain context then allocates nothing of it.
+  if (parsed.tls) info.options = LWS_SERVER_OPTION_DO_SSL_GLOBAL_INIT;
   context_ = lws_create_context(&info);
   if (context_ == nullptr) return Internal("lws_create_context failed");
 
@@ -394,8 +395,7 @@ std::optional<v1::Envelope> WsClient::Hello(const std::string& token, const std:
   return WaitForRid(hello.rid(), timeout_ms);
 }
 
-std::optional<v1::Envelope> WsClient::Request(v1::Envelope envelope, Wire wire,
-                                              int timeout_ms) {
+std::optional<v1::Envelope> WsClient::Request(v1::Envelope envelope, Wire wire, int timeout_ms) {
   if (envelope.rid() == 0) envelope.set_rid(NextRid());
   if (!SendEnvelope(envelope, wire).ok()) return std::nullopt;
   return WaitForRid(envelope.rid(), timeout_ms);
