@@ -2,7 +2,9 @@
 
 #include <sqlite3.h>
 
+#include <algorithm>
 #include <bit>
+#include <cstdint>
 #include <utility>
 
 #include "src/core/codec.h"
@@ -42,6 +44,8 @@ CREATE TABLE IF NOT EXISTS outbox(
 
 // SQLite stores signed 64-bit integers; ids and seqs are unsigned on the wire.
 int64_t ToDb(uint64_t v) { return std::bit_cast<int64_t>(v); }
+// Seq bounds of range queries compare as signed numbers: keep them non-negative.
+int64_t SeqBound(uint64_t v) { return static_cast<int64_t>(std::min<uint64_t>(v, INT64_MAX)); }
 uint64_t FromDb(int64_t v) { return std::bit_cast<uint64_t>(v); }
 
 }  // namespace
@@ -289,7 +293,7 @@ std::vector<v1::Message> Cache::RangeNewestFirst(ConversationId conversation, Se
   Stmt s(db_->get(),
          "SELECT message FROM messages WHERE conversation_id = ? AND seq >= ? AND seq <= ? "
          "ORDER BY seq DESC LIMIT ?");
-  s.Int(1, ToDb(conversation)).Int(2, ToDb(from)).Int(3, ToDb(to)).Int(4, limit);
+  s.Int(1, ToDb(conversation)).Int(2, SeqBound(from)).Int(3, SeqBound(to)).Int(4, limit);
   std::vector<v1::Message> out;
   while (s.Step() == SQLITE_ROW) {
     v1::Message m;
@@ -302,7 +306,7 @@ uint64_t Cache::CountRange(ConversationId conversation, Seq from, Seq to) {
   std::lock_guard lock(mu_);
   Stmt s(db_->get(),
          "SELECT COUNT(*) FROM messages WHERE conversation_id = ? AND seq >= ? AND seq <= ?");
-  s.Int(1, ToDb(conversation)).Int(2, ToDb(from)).Int(3, ToDb(to));
+  s.Int(1, ToDb(conversation)).Int(2, SeqBound(from)).Int(3, SeqBound(to));
   return s.Step() == SQLITE_ROW ? FromDb(s.ColInt(0)) : 0;
 }
 

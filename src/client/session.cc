@@ -1,6 +1,7 @@
 #include "src/client/session.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <utility>
 
 #include "chat/log.h"
@@ -226,7 +227,7 @@ void Session::OnEnvelope(const v1::Envelope& envelope) {
       HandleSendAck(envelope);
       break;
     case v1::Envelope::kDeliver:
-      Ingest({&envelope.deliver().message()});
+      Ingest({&envelope.deliver().message()}, /*from_sync=*/false);
       break;
     case v1::Envelope::kSyncBatch:
       if (envelope.rid() == sync_rid_) HandleSyncBatch(envelope.sync_batch());
@@ -362,7 +363,7 @@ bool Session::Advance(ConversationRow* row, std::vector<MessageEvent>* events) {
     }
     events->push_back(EventFor(*next));
   }
-  return cache_->CountRange(id, row->cursor + 1, UINT64_MAX) > 0;
+  return cache_->CountRange(id, row->cursor + 1, static_cast<Seq>(INT64_MAX)) > 0;
 }
 
 MessageEvent Session::EventFor(const v1::Message& message) const {
@@ -373,7 +374,7 @@ MessageEvent Session::EventFor(const v1::Message& message) const {
   return event;
 }
 
-void Session::Ingest(const std::vector<const v1::Message*>& messages) {
+void Session::Ingest(const std::vector<const v1::Message*>& messages, bool from_sync) {
   std::vector<MessageEvent> events;
   std::vector<ConversationInfo> updated;
   bool missing = false;
@@ -416,7 +417,8 @@ void Session::Ingest(const std::vector<const v1::Message*>& messages) {
   }
   for (const MessageEvent& event : events) listener_->OnMessage(event);
   for (const ConversationInfo& info : updated) listener_->OnConversationUpdated(info);
-  if (missing || new_stub) RequestSync();
+  // A Sync reply carries the states of the conversations it brings; a Deliver does not.
+  if (missing || (new_stub && !from_sync)) RequestSync();
 }
 
 void Session::HandleSendAck(const v1::Envelope& envelope) {
@@ -457,7 +459,7 @@ void Session::HandleSendAck(const v1::Envelope& envelope) {
       (void)cache_->RemoveOutbox(client_msg_id);
       if (Status st = txn.Commit(); !st.ok()) ReportError(st);
     }
-    Ingest({&message});
+    Ingest({&message}, /*from_sync=*/false);
   }
   PumpOutbox();
 }
@@ -512,7 +514,7 @@ void Session::HandleSyncBatch(const v1::SyncBatch& batch) {
   for (const v1::Message& m : batch.messages()) messages.push_back(&m);
   if (!messages.empty()) progress = true;
   // Ingest may ask for another Sync (a hole); this one is still in flight, so it is noted.
-  Ingest(messages);
+  Ingest(messages, /*from_sync=*/true);
   if (!Authenticated()) return;
   {
     Cache::Transaction txn(cache_);

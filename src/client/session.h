@@ -124,7 +124,7 @@ class Session {
   void HandleConversationUpdate(const v1::ConversationState& state);
 
   // Stores committed messages and gives every conversation's next seqs to the application.
-  void Ingest(const std::vector<const v1::Message*>& messages);
+  void Ingest(const std::vector<const v1::Message*>& messages, bool from_sync);
   // Moves `conversation`'s cursor over the cached messages that follow it; collects the events
   // to report after the commit. Returns true if a message above the cursor is still missing.
   bool Advance(ConversationRow* row, std::vector<MessageEvent>* events);
