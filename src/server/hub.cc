@@ -22,6 +22,11 @@ constexpr size_t kMaxDeviceIdBytes = 128;
 // Token buckets count in thousandths, so a rate of N per second refills N units per millisecond
 // and the arithmetic stays in integers.
 constexpr int64_t kMilli = 1000;
+// Bounds that keep the bucket arithmetic far from int64 overflow whatever the options say: a
+// rate is at most 2^40 per second, and one refill adds at most this many milliseconds' worth
+// (every sane bucket is full long before).
+constexpr int64_t kMaxRate = int64_t{1} << 40;
+constexpr int64_t kMaxRefillMs = 1'000'000;
 
 // Per-connection state. Kept small: an idle server holds thousands of these.
 struct Session {
@@ -90,6 +95,10 @@ bool IsClientRequest(Body body) {
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+int64_t ClampRate(uint64_t rate) {
+  return static_cast<int64_t>(std::min<uint64_t>(rate, kMaxRate));
+}
+
 }  // namespace
 
 class Hub::Impl {
@@ -99,7 +108,11 @@ class Hub::Impl {
         epoch_(epoch),
         io_(io),
         clock_(options.clock ? options.clock : SystemClock()),
-        ids_(options.node_id, clock_) {}
+        ids_(options.node_id, clock_),
+        message_rate_(ClampRate(options.messages_per_second)),
+        message_cap_(ClampRate(options.messages_burst) * kMilli),
+        byte_rate_(ClampRate(options.bytes_per_second)),
+        byte_cap_(byte_rate_ * kMilli) {}
 
   bool OnOpen(SessionId id) {
     if (sessions_.size() >= options_.max_connections ||
@@ -111,8 +124,8 @@ class Hub::Impl {
     s.hello_deadline_ms = now + options_.hello_timeout_ms;
     s.last_frame_ms = now;
     s.refill_ms = now;
-    s.message_tokens = static_cast<int64_t>(options_.messages_burst) * kMilli;
-    s.byte_tokens = static_cast<int64_t>(options_.bytes_per_second) * kMilli;
+    s.message_tokens = message_cap_;
+    s.byte_tokens = byte_cap_;
     ++pending_sessions_;
     ArmTimer(id, s);
     return true;
@@ -280,16 +293,11 @@ class Hub::Impl {
   // Buckets are refilled lazily when a session sends, which is equivalent to refilling them on
   // every tick and keeps Tick independent of the number of sessions.
   void Refill(Session& s, int64_t now) {
-    const int64_t elapsed = now - s.refill_ms;
+    const int64_t elapsed = std::min(now - s.refill_ms, kMaxRefillMs);
     if (elapsed <= 0) return;
     s.refill_ms = now;
-    const int64_t message_cap = static_cast<int64_t>(options_.messages_burst) * kMilli;
-    const int64_t byte_cap = static_cast<int64_t>(options_.bytes_per_second) * kMilli;
-    s.message_tokens =
-        std::min(message_cap,
-                 s.message_tokens + elapsed * static_cast<int64_t>(options_.messages_per_second));
-    s.byte_tokens = std::min(
-        byte_cap, s.byte_tokens + elapsed * static_cast<int64_t>(options_.bytes_per_second));
+    s.message_tokens = std::min(message_cap_, s.message_tokens + elapsed * message_rate_);
+    s.byte_tokens = std::min(byte_cap_, s.byte_tokens + elapsed * byte_rate_);
   }
 
   // Takes one message token. Returns ResourceExhausted with the wait until a request would be
@@ -297,12 +305,10 @@ class Hub::Impl {
   Status TakeToken(Session& s) {
     int64_t wait_ms = 0;
     if (s.message_tokens < kMilli) {
-      const int64_t rate = options_.messages_per_second;
-      wait_ms = rate > 0 ? CeilDiv(kMilli - s.message_tokens, rate) : kMilli;
+      wait_ms = message_rate_ > 0 ? CeilDiv(kMilli - s.message_tokens, message_rate_) : kMilli;
     }
     if (s.byte_tokens < 0) {
-      const int64_t rate = static_cast<int64_t>(options_.bytes_per_second);
-      wait_ms = std::max(wait_ms, rate > 0 ? CeilDiv(-s.byte_tokens, rate) : kMilli);
+      wait_ms = std::max(wait_ms, byte_rate_ > 0 ? CeilDiv(-s.byte_tokens, byte_rate_) : kMilli);
     }
     if (wait_ms > 0) {
       const int64_t capped = std::min<int64_t>(wait_ms, UINT32_MAX);
@@ -583,6 +589,11 @@ class Hub::Impl {
   HubIo* const io_;
   const std::shared_ptr<Clock> clock_;
   SnowflakeGenerator ids_;
+  // Token bucket parameters in thousandths (see kMilli), per millisecond.
+  const int64_t message_rate_;
+  const int64_t message_cap_;
+  const int64_t byte_rate_;
+  const int64_t byte_cap_;
 
   std::unordered_map<SessionId, Session> sessions_;
   std::unordered_map<UserId, std::vector<SessionId>> users_;  // authenticated sessions by user

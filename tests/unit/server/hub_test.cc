@@ -551,6 +551,20 @@ TEST_CASE("hub: past bytes_per_second a send gets RESOURCE_EXHAUSTED with retry_
   CHECK(h.queued_appends() == 1);
 }
 
+TEST_CASE("hub: limits at their type's maximum do not overflow the rate limiter") {
+  ServerOptions options;
+  options.messages_per_second = UINT32_MAX;
+  options.messages_burst = UINT32_MAX;
+  options.bytes_per_second = SIZE_MAX;
+  options.idle_timeout_ms = UINT32_MAX;
+  HubHarness h(options);
+  SessionId alice = h.Connect("alice", "a");
+  h.Advance(86'400'000);
+  h.SendEnvelope(alice, SendToPeer(1, "bob", ClientMsgId(1), "x"));
+  CHECK(h.Take(alice).empty());
+  CHECK(h.queued_appends() == 1);
+}
+
 TEST_CASE("hub: an offline recipient syncs every missed message in order") {
   HubHarness h;
   SessionId alice = h.Connect("alice", "a");
