@@ -43,6 +43,9 @@ struct Session {
   bool authenticated = false;
 };
 
+// Per-session memory is budgeted (about 2 KB per idle connection, libwebsockets included).
+static_assert(sizeof(Session) <= 128, "Session grew: check the per-connection memory budget");
+
 struct PendingAppend {
   SessionId session = 0;
   uint64_t rid = 0;

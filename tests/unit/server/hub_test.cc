@@ -202,6 +202,39 @@ TEST_CASE("hub: a session silent for idle_timeout_ms closes with 4002; any frame
   CHECK(h.violations().empty());
 }
 
+TEST_CASE("hub: each session's hello and idle deadlines fire at their own time") {
+  ServerOptions options;
+  options.hello_timeout_ms = 5000;
+  options.idle_timeout_ms = 20'000;
+  HubHarness h(options);
+  SessionId a = h.Open().value();
+  SessionId b = h.Open().value();
+  h.Advance(1000);
+  h.SendEnvelope(a, HelloEnvelope(1, h.Token("alice"), "a"));
+  CHECK(Only(h.Take(a)).has_welcome());
+  h.Advance(2000);
+  SessionId c = h.Open().value();
+  h.Advance(2000);  // t = 5000
+  CHECK(h.closed(b).has_value());
+  CHECK_FALSE(h.closed(a).has_value());
+  CHECK_FALSE(h.closed(c).has_value());
+  h.Advance(2999);  // t = 7999
+  CHECK_FALSE(h.closed(c).has_value());
+  h.Advance(1);  // t = 8000
+  REQUIRE(h.closed(c).has_value());
+  CHECK(h.closed(c)->code == server::kCloseUnauthenticated);
+  h.Advance(2000);  // t = 10000
+  h.SendEnvelope(a, PingEnvelope(2));
+  CHECK(Only(h.Take(a)).has_pong());
+  h.Advance(19'999);  // t = 29999
+  CHECK_FALSE(h.closed(a).has_value());
+  h.Advance(1);
+  REQUIRE(h.closed(a).has_value());
+  CHECK(h.closed(a)->code == server::kCloseIdleTimeout);
+  CHECK(h.hub().session_count() == 0);
+  CHECK(h.violations().empty());
+}
+
 TEST_CASE("hub: a second hello is refused with FAILED_PRECONDITION and close 1008") {
   HubHarness h;
   SessionId session = h.Connect("alice", "d");
@@ -380,6 +413,25 @@ TEST_CASE("hub: a resend with the same client_msg_id is acked as duplicate and n
   CHECK(again.send_ack().conversation_id() == first.conversation_id());
   CHECK(again.send_ack().client_msg_id() == ClientMsgId(1));
   CHECK(h.Take(bob).empty());
+}
+
+TEST_CASE("hub: a resend before the first commit is acked twice and delivered once") {
+  HubHarness h;
+  SessionId alice = h.Connect("alice", "a");
+  SessionId bob = h.Connect("bob", "b");
+  h.SendEnvelope(alice, SendToPeer(1, "bob", ClientMsgId(1), "hi"));
+  h.SendEnvelope(alice, SendToPeer(2, "bob", ClientMsgId(1), "hi"));
+  CHECK(h.queued_appends() == 2);
+  h.Pump();
+  std::vector<v1::Envelope> acks = h.Take(alice);
+  REQUIRE(acks.size() == 2);
+  CHECK(acks[0].rid() == 1);
+  CHECK_FALSE(acks[0].send_ack().duplicate());
+  CHECK(acks[1].rid() == 2);
+  CHECK(acks[1].send_ack().duplicate());
+  CHECK(acks[1].send_ack().message_id() == acks[0].send_ack().message_id());
+  CHECK(acks[1].send_ack().seq() == acks[0].send_ack().seq());
+  CHECK(Only(h.Take(bob)).has_deliver());
 }
 
 TEST_CASE("hub: a failed commit is an error to the sender, never an ack or a delivery") {
