@@ -229,6 +229,8 @@ class ServerImpl final : public Server, private server::HubIo {
     vinfo.options = LWS_SERVER_OPTION_FAIL_UPON_UNABLE_TO_BIND;
     vinfo.vhost_name = "chat";
     if (tls) {
+      // lws 4.1 enables TLS on a vhost only if its own options carry the global-init flag.
+      vinfo.options |= LWS_SERVER_OPTION_DO_SSL_GLOBAL_INIT;
       vinfo.ssl_cert_filepath = options_.tls_cert_path.c_str();
       vinfo.ssl_private_key_filepath = options_.tls_key_path.c_str();
     }

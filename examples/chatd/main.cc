@@ -1,0 +1,393 @@
+// chatd: the chat server built from the SDK.
+//
+//   chatd serve --db chat.db --secret-file secret [--port 8080 ...]   (serve is the default)
+//   chatd token --user alice --ttl 24h --secret-file secret
+//
+// Every ServerOptions field has a flag; `--config FILE` reads the same flags from an INI/TOML
+// file (one `name = value` per line, e.g. `port = 9000`). SIGINT or SIGTERM shuts down
+// gracefully: queued messages are committed and acked, clients are closed with 1001, and the
+// process exits 0. When the server is ready it prints exactly one line to stdout:
+// "chatd listening on ws://<address>:<port>" (wss:// with TLS).
+#include <signal.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cctype>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <ctime>
+#include <fstream>
+#include <iostream>
+#include <memory>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "CLI/CLI.hpp"
+#include "chat/auth.h"
+#include "chat/log.h"
+#include "chat/server.h"
+#include "chat/status.h"
+#include "chat/store.h"
+
+namespace {
+
+constexpr int kExitOk = 0;
+constexpr int kExitFailure = 1;
+constexpr int kExitUsage = 2;
+
+struct SecretFlags {
+  std::string file;
+  std::string env;
+};
+
+void AddSecretFlags(CLI::App* app, SecretFlags* flags) {
+  CLI::Option* file =
+      app->add_option("--secret-file", flags->file,
+                      "File holding the HS256 signing secret (at least 32 bytes; surrounding "
+                      "whitespace is ignored)");
+  CLI::Option* env = app->add_option("--secret-env", flags->env,
+                                     "Environment variable holding the HS256 signing secret");
+  file->excludes(env);
+}
+
+// The secret's bytes, without the trailing newline an editor or `openssl rand -hex` adds.
+chat::Result<std::string> LoadSecret(const SecretFlags& flags) {
+  std::string secret;
+  if (!flags.file.empty()) {
+    std::ifstream in(flags.file, std::ios::binary);
+    if (!in) return chat::InvalidArgument("--secret-file: cannot read " + flags.file);
+    std::ostringstream content;
+    content << in.rdbuf();
+    secret = content.str();
+  } else if (!flags.env.empty()) {
+    const char* value = std::getenv(flags.env.c_str());
+    if (value == nullptr) {
+      return chat::InvalidArgument("--secret-env: " + flags.env + " is not set");
+    }
+    secret = value;
+  } else {
+    return chat::InvalidArgument("a signing secret is required: --secret-file or --secret-env");
+  }
+  while (!secret.empty() && std::isspace(static_cast<unsigned char>(secret.back()))) {
+    secret.pop_back();
+  }
+  size_t start = 0;
+  while (start < secret.size() && std::isspace(static_cast<unsigned char>(secret[start]))) {
+    ++start;
+  }
+  secret.erase(0, start);
+  if (secret.size() < 32) {
+    return chat::InvalidArgument("the signing secret must be at least 32 bytes");
+  }
+  return secret;
+}
+
+// "90s", "15m", "24h", "7d", "500ms"; a bare number is seconds.
+chat::Result<int64_t> ParseDurationMs(const std::string& text) {
+  size_t digits = 0;
+  while (digits < text.size() && std::isdigit(static_cast<unsigned char>(text[digits]))) {
+    ++digits;
+  }
+  if (digits == 0 || digits > 12) return chat::InvalidArgument("bad duration: " + text);
+  const int64_t value = std::stoll(text.substr(0, digits));
+  const std::string unit = text.substr(digits);
+  int64_t scale = 0;
+  if (unit == "ms") {
+    scale = 1;
+  } else if (unit.empty() || unit == "s") {
+    scale = 1000;
+  } else if (unit == "m") {
+    scale = 60'000;
+  } else if (unit == "h") {
+    scale = 3'600'000;
+  } else if (unit == "d") {
+    scale = 86'400'000;
+  } else {
+    return chat::InvalidArgument("bad duration unit in " + text + " (use ms, s, m, h or d)");
+  }
+  if (value == 0) return chat::InvalidArgument("duration must be > 0: " + text);
+  return value * scale;
+}
+
+int64_t NowMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+std::string UrlHost(const std::string& address) {
+  if (address.empty() || address == "*" || address == "0.0.0.0" || address == "::") {
+    return "0.0.0.0";
+  }
+  if (address.find(':') != std::string::npos) return "[" + address + "]";
+  return address;
+}
+
+// Waits for SIGINT/SIGTERM on a thread of its own (the signals are blocked everywhere else),
+// so shutting down is ordinary code, not work inside a signal handler. A second signal exits
+// at once; what was acked is durable either way.
+class SignalWatcher {
+ public:
+  explicit SignalWatcher(sigset_t set) : set_(set) {}
+  ~SignalWatcher() { Stop(); }
+
+  void Start(chat::Server* server) {
+    thread_ = std::thread([this, server] {
+      int signals = 0;
+      while (!done_.load()) {
+        timespec timeout{0, 200'000'000};
+        const int sig = sigtimedwait(&set_, nullptr, &timeout);
+        if (sig <= 0) continue;
+        if (++signals > 1) {
+          chat::Log(chat::LogLevel::kWarn, "chatd: second signal, exiting now");
+          std::_Exit(kExitFailure);
+        }
+        chat::Log(
+            chat::LogLevel::kInfo,
+            std::string("chatd: ") + (sig == SIGINT ? "SIGINT" : "SIGTERM") + ", shutting down");
+        server->Shutdown();
+      }
+    });
+  }
+
+  void Stop() {
+    done_.store(true);
+    if (thread_.joinable()) thread_.join();
+  }
+
+ private:
+  sigset_t set_;
+  std::atomic<bool> done_{false};
+  std::thread thread_;
+};
+
+std::optional<chat::LogLevel> ParseLogLevel(const std::string& name) {
+  if (name == "debug") return chat::LogLevel::kDebug;
+  if (name == "info") return chat::LogLevel::kInfo;
+  if (name == "warn") return chat::LogLevel::kWarn;
+  if (name == "error") return chat::LogLevel::kError;
+  if (name == "off") return chat::LogLevel::kOff;
+  return std::nullopt;
+}
+
+struct ServeFlags {
+  chat::ServerOptions options;
+  std::string db = "chat.db";
+  std::string synchronous = "full";
+  std::string log_level = "info";
+  SecretFlags secret;
+  bool no_healthz = false;
+};
+
+void AddServeFlags(CLI::App* serve, ServeFlags* f) {
+  chat::ServerOptions& o = f->options;
+  serve->set_config("--config", "", "Read flags from this INI/TOML file (name = value)");
+
+  serve
+      ->add_option("--listen", o.listen_address,
+                   "Address to listen on: IP literal or interface name; 0.0.0.0 = all")
+      ->capture_default_str();
+  serve->add_option("--port", o.port, "TCP port; 0 picks a free one")->capture_default_str();
+  serve->add_option("--tls-cert", o.tls_cert_path, "PEM certificate; with --tls-key, serve wss");
+  serve->add_option("--tls-key", o.tls_key_path, "PEM private key");
+  serve->add_option("--node-id", o.node_id, "Snowflake node id, 0..1023")->capture_default_str();
+
+  serve->add_option("--db", f->db, "SQLite database file (created if missing)")
+      ->capture_default_str();
+  serve
+      ->add_option("--synchronous", f->synchronous,
+                   "full: an acked message survives power loss; normal: survives a crash of "
+                   "chatd, may lose the last commits on power loss")
+      ->check(CLI::IsMember({"full", "normal"}))
+      ->capture_default_str();
+  AddSecretFlags(serve, &f->secret);
+  serve->add_option("--log-level", f->log_level, "debug, info, warn, error or off")
+      ->check(CLI::IsMember({"debug", "info", "warn", "error", "off"}))
+      ->capture_default_str();
+  serve->add_flag("--no-healthz", f->no_healthz, "Do not answer GET /healthz");
+
+  serve
+      ->add_option("--max-message-bytes", o.max_message_bytes,
+                   "One assembled WebSocket message; close 1009 past it")
+      ->capture_default_str();
+  serve->add_option("--max-body-bytes", o.max_body_bytes, "Send.body")->capture_default_str();
+  serve->add_option("--max-attachments", o.max_attachments, "Attachments per message")
+      ->capture_default_str();
+  serve
+      ->add_option("--hello-timeout-ms", o.hello_timeout_ms,
+                   "From connect to a valid Hello; close 4001 after")
+      ->capture_default_str();
+  serve
+      ->add_option("--idle-timeout-ms", o.idle_timeout_ms,
+                   "Without any frame from the client; close 4002 after")
+      ->capture_default_str();
+  serve
+      ->add_option("--heartbeat-interval-ms", o.heartbeat_interval_ms, "Told to clients in Welcome")
+      ->capture_default_str();
+  serve
+      ->add_option("--max-outbound-bytes", o.max_outbound_bytes,
+                   "Queued for one connection; past it close 4003 (slow consumer)")
+      ->capture_default_str();
+  serve->add_option("--messages-per-second", o.messages_per_second, "Per connection, sustained")
+      ->capture_default_str();
+  serve->add_option("--messages-burst", o.messages_burst, "Per connection, bucket size")
+      ->capture_default_str();
+  serve->add_option("--bytes-per-second", o.bytes_per_second, "Per connection, inbound")
+      ->capture_default_str();
+  serve
+      ->add_option("--max-devices-per-user", o.max_devices_per_user,
+                   "Concurrent connections of one user")
+      ->capture_default_str();
+  serve
+      ->add_option("--max-pending-connections", o.max_pending_connections,
+                   "Connections that have not sent Hello yet")
+      ->capture_default_str();
+  serve
+      ->add_option("--max-connections", o.max_connections,
+                   "All connections; refused with UNAVAILABLE past it")
+      ->capture_default_str();
+  serve->add_option("--history-page-max", o.history_page_max, "Messages per HistoryPage")
+      ->capture_default_str();
+  serve->add_option("--sync-page-max", o.sync_page_max, "Messages per SyncBatch")
+      ->capture_default_str();
+  serve
+      ->add_option("--sync-catchup-max", o.sync_catchup_max,
+                   "Per conversation; past it Sync returns a Gap")
+      ->capture_default_str();
+  serve->add_option("--commit-batch-max", o.commit_batch_max, "Messages per transaction")
+      ->capture_default_str();
+  serve
+      ->add_option("--commit-delay-ms", o.commit_delay_ms,
+                   "Wait this long for more messages before a commit")
+      ->capture_default_str();
+  serve
+      ->add_option("--writer-queue-max", o.writer_queue_max,
+                   "Messages waiting for commit; past it reads pause")
+      ->capture_default_str();
+  serve->add_option("--reader-threads", o.reader_threads, "Threads serving Sync and History")
+      ->capture_default_str();
+}
+
+int Serve(ServeFlags& flags) {
+  chat::SetLogLevel(*ParseLogLevel(flags.log_level));
+  chat::Result<std::string> secret = LoadSecret(flags.secret);
+  if (!secret.ok()) {
+    std::cerr << "chatd: " << secret.status().message() << "\n";
+    return kExitUsage;
+  }
+  chat::ServerOptions options = flags.options;
+  options.serve_healthz = !flags.no_healthz;
+
+  chat::Result<std::shared_ptr<chat::Authenticator>> auth =
+      chat::NewJwtAuthenticator({.secrets = {{"", *secret}}});
+  if (!auth.ok()) {
+    std::cerr << "chatd: " << auth.status().ToString() << "\n";
+    return kExitUsage;
+  }
+  options.authenticator = *auth;
+
+  chat::Result<std::shared_ptr<chat::MessageStore>> store =
+      chat::NewSqliteStore({.path = flags.db,
+                            .synchronous_full = flags.synchronous == "full",
+                            .reader_connections = std::max<uint32_t>(options.reader_threads, 1)});
+  if (!store.ok()) {
+    std::cerr << "chatd: cannot open " << flags.db << ": " << store.status().ToString() << "\n";
+    return kExitFailure;
+  }
+  options.store = *store;
+
+  // Block the shutdown signals before any thread starts, so every thread inherits the mask and
+  // only the watcher receives them.
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  // A client that vanishes mid-write must not kill the process.
+  signal(SIGPIPE, SIG_IGN);
+
+  const std::string host = UrlHost(options.listen_address);
+  const bool tls = !options.tls_cert_path.empty();
+  chat::Result<std::unique_ptr<chat::Server>> server = chat::Server::Open(std::move(options));
+  if (!server.ok()) {
+    std::cerr << "chatd: " << server.status().ToString() << "\n";
+    return kExitFailure;
+  }
+  SignalWatcher watcher(set);
+  watcher.Start(server->get());
+
+  std::cout << "chatd listening on " << (tls ? "wss" : "ws") << "://" << host << ":"
+            << (*server)->port() << std::endl;
+  chat::Status status = (*server)->Run();
+  watcher.Stop();
+  server->reset();
+  if (!status.ok()) {
+    std::cerr << "chatd: " << status.ToString() << "\n";
+    return kExitFailure;
+  }
+  return kExitOk;
+}
+
+int Token(const std::string& user, const std::string& ttl, const std::string& kid,
+          const SecretFlags& secret_flags) {
+  chat::Result<std::string> secret = LoadSecret(secret_flags);
+  if (!secret.ok()) {
+    std::cerr << "chatd: " << secret.status().message() << "\n";
+    return kExitUsage;
+  }
+  chat::Result<int64_t> ttl_ms = ParseDurationMs(ttl);
+  if (!ttl_ms.ok()) {
+    std::cerr << "chatd: --ttl: " << ttl_ms.status().message() << "\n";
+    return kExitUsage;
+  }
+  chat::Result<std::string> token = chat::SignJwt(*secret, kid, user, NowMs(), *ttl_ms);
+  if (!token.ok()) {
+    std::cerr << "chatd: " << token.status().ToString() << "\n";
+    return kExitFailure;
+  }
+  std::cout << *token << std::endl;
+  return kExitOk;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"chatd: real-time chat server (WebSocket, protobuf, SQLite)", "chatd"};
+  app.require_subcommand(1, 1);
+
+  CLI::App* serve = app.add_subcommand("serve", "Serve chat over WebSocket (the default)");
+  ServeFlags serve_flags;
+  AddServeFlags(serve, &serve_flags);
+
+  CLI::App* token = app.add_subcommand("token", "Print a signed token for a user (development)");
+  std::string user;
+  std::string ttl = "24h";
+  std::string kid;
+  SecretFlags token_secret;
+  token->add_option("--user", user, "User id (the token's sub)")->required();
+  token->add_option("--ttl", ttl, "Validity: 90s, 15m, 24h, 7d, 500ms")->capture_default_str();
+  token->add_option("--kid", kid, "Key id to put in the token header (key rotation)");
+  AddSecretFlags(token, &token_secret);
+
+  // `serve` is the default: `chatd --port 9000` means `chatd serve --port 9000`.
+  std::vector<std::string> args(argv + 1, argv + argc);
+  const bool help_only =
+      !args.empty() && (args[0] == "--help" || args[0] == "-h" || args[0] == "--help-all");
+  if (!help_only && (args.empty() || (args[0] != "serve" && args[0] != "token"))) {
+    args.insert(args.begin(), "serve");
+  }
+  std::reverse(args.begin(), args.end());  // CLI11 takes a reversed vector
+  try {
+    app.parse(args);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+
+  if (*token) return Token(user, ttl, kid, token_secret);
+  return Serve(serve_flags);
+}
