@@ -1,0 +1,525 @@
+// chat-cli: a command-line chat client built on chat::Client.
+//
+//   chat-cli --url ws://127.0.0.1:8080 --token T [--device D] [--cache PATH]   interactive
+//   chat-cli ... send (--to USER | --conversation ID) TEXT...                  send and wait
+//   chat-cli ... flush                                   send what the cache's outbox holds
+//   chat-cli ... tail                                    print messages as they arrive
+//   chat-cli ... history --conversation ID [--before SEQ] [--limit N]
+//   chat-cli ... conversations
+//
+// Every subcommand takes --json to print one JSON object per line instead of text.
+#include <signal.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdio>
+#include <iostream>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+
+#include "chat/client.h"
+
+namespace {
+
+std::atomic<bool> g_interrupted{false};
+
+void OnSignal(int) { g_interrupted = true; }
+
+std::string JsonString(std::string_view s) {
+  std::string out = "\"";
+  for (unsigned char c : s) {
+    switch (c) {
+      case '"':
+        out += "\\\"";
+        break;
+      case '\\':
+        out += "\\\\";
+        break;
+      case '\n':
+        out += "\\n";
+        break;
+      case '\r':
+        out += "\\r";
+        break;
+      case '\t':
+        out += "\\t";
+        break;
+      default:
+        if (c < 0x20) {
+          char buf[8];
+          std::snprintf(buf, sizeof(buf), "\\u%04x", c);
+          out += buf;
+        } else {
+          out += static_cast<char>(c);
+        }
+    }
+  }
+  return out + "\"";
+}
+
+const char* StatusName(chat::MessageStatus status) {
+  switch (status) {
+    case chat::MessageStatus::kPending:
+      return "pending";
+    case chat::MessageStatus::kSent:
+      return "sent";
+    case chat::MessageStatus::kFailed:
+      return "failed";
+  }
+  return "unknown";
+}
+
+std::string MessageLine(const chat::MessageEvent& e, bool json) {
+  const chat::Message& m = e.message;
+  if (json) {
+    std::string out =
+        "{\"type\":\"message\",\"status\":\"" + std::string(StatusName(e.status)) +
+        "\",\"conversation_id\":" + std::to_string(m.conversation_id) +
+        ",\"seq\":" + std::to_string(m.seq) + ",\"message_id\":" + std::to_string(m.message_id) +
+        ",\"sender\":" + JsonString(m.sender) +
+        ",\"client_msg_id\":" + JsonString(m.client_msg_id) +
+        ",\"server_time_ms\":" + std::to_string(m.server_time_ms) +
+        ",\"content_type\":" + JsonString(m.content_type) + ",\"body\":" + JsonString(m.body) +
+        ",\"outgoing\":" + (e.outgoing ? "true" : "false");
+    if (!e.peer.empty()) out += ",\"peer\":" + JsonString(e.peer);
+    if (e.status == chat::MessageStatus::kFailed)
+      out += ",\"reason\":" + JsonString(e.reason.ToString());
+    return out + "}";
+  }
+  std::string who = m.sender.empty() ? "me" : m.sender;
+  std::string out = "[" + std::to_string(m.conversation_id) + "#" + std::to_string(m.seq) + "] " +
+                    who + ": " + m.body;
+  if (e.status != chat::MessageStatus::kSent)
+    out += "  (" + std::string(StatusName(e.status)) + ")";
+  if (e.status == chat::MessageStatus::kFailed) out += " " + e.reason.ToString();
+  return out;
+}
+
+std::string ConversationLine(const chat::ConversationInfo& c, bool json) {
+  if (json) {
+    return "{\"type\":\"conversation\",\"conversation_id\":" + std::to_string(c.conversation_id) +
+           ",\"kind\":" + std::to_string(static_cast<int>(c.kind)) +
+           ",\"title\":" + JsonString(c.title) + ",\"peer\":" + JsonString(c.peer) +
+           ",\"last_seq\":" + std::to_string(c.last_seq) +
+           ",\"unread\":" + std::to_string(c.unread) + "}";
+  }
+  std::string name = !c.title.empty() ? c.title : !c.peer.empty() ? c.peer : "(unknown)";
+  return std::to_string(c.conversation_id) + "  " + name + "  last=" + std::to_string(c.last_seq) +
+         "  unread=" + std::to_string(c.unread);
+}
+
+// Prints events, remembers what the waiting command needs, and lets main() wait for it.
+class Listener : public chat::ClientListener {
+ public:
+  Listener(bool json, bool print_messages) : json_(json), print_messages_(print_messages) {}
+
+  void OnConnectionState(chat::ConnectionState state) override {
+    std::lock_guard lock(mu_);
+    state_ = state;
+    if (verbose_) {
+      if (json_) {
+        Print("{\"type\":\"state\",\"state\":\"" + std::string(chat::ConnectionStateName(state)) +
+              "\"}");
+      } else {
+        Print("* " + std::string(chat::ConnectionStateName(state)));
+      }
+    }
+    cv_.notify_all();
+  }
+  void OnMessage(const chat::MessageEvent& event) override {
+    std::lock_guard lock(mu_);
+    if (print_messages_) Print(MessageLine(event, json_));
+    if (event.outgoing && !event.message.client_msg_id.empty()) {
+      if (event.status == chat::MessageStatus::kSent) {
+        sent_[event.message.client_msg_id] = event;
+      } else if (event.status == chat::MessageStatus::kFailed) {
+        failed_[event.message.client_msg_id] = event;
+      }
+    }
+    cv_.notify_all();
+  }
+  void OnError(const chat::Status& status) override {
+    std::lock_guard lock(mu_);
+    if (json_) {
+      Print("{\"type\":\"error\",\"error\":" + JsonString(status.ToString()) + "}");
+    } else {
+      std::fprintf(stderr, "error: %s\n", status.ToString().c_str());
+    }
+    if (status.code() == chat::Code::kUnauthenticated) auth_failed_ = true;
+    cv_.notify_all();
+  }
+
+  // Waits until `done()` holds (called under the lock), an interrupt, or the timeout.
+  template <typename F>
+  bool WaitFor(F done, int timeout_ms) {
+    std::unique_lock lock(mu_);
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+    while (!done()) {
+      if (g_interrupted) return false;
+      if (timeout_ms >= 0 && std::chrono::steady_clock::now() >= deadline) return false;
+      cv_.wait_for(lock, std::chrono::milliseconds(100));
+    }
+    return true;
+  }
+
+  void set_verbose(bool v) { verbose_ = v; }
+  std::mutex& mu() { return mu_; }
+  std::condition_variable& cv() { return cv_; }
+  chat::ConnectionState state() const { return state_; }
+  bool auth_failed() const { return auth_failed_; }
+  std::map<std::string, chat::MessageEvent>& sent() { return sent_; }
+  std::map<std::string, chat::MessageEvent>& failed() { return failed_; }
+
+ private:
+  void Print(const std::string& line) {
+    std::fputs((line + "\n").c_str(), stdout);
+    std::fflush(stdout);
+  }
+
+  const bool json_;
+  const bool print_messages_;
+  bool verbose_ = false;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  chat::ConnectionState state_ = chat::ConnectionState::kDisconnected;
+  bool auth_failed_ = false;
+  std::map<std::string, chat::MessageEvent> sent_;
+  std::map<std::string, chat::MessageEvent> failed_;
+};
+
+struct Flags {
+  std::string url = "ws://127.0.0.1:8080";
+  std::string token;
+  std::string token_file;
+  std::string device = "chat-cli";
+  std::string cache;
+  bool json = false;
+  int timeout_ms = 15'000;
+};
+
+std::unique_ptr<chat::Client> OpenClient(const Flags& flags, std::shared_ptr<Listener> listener) {
+  chat::ClientOptions options;
+  options.url = flags.url;
+  options.token_provider = [flags] {
+    if (flags.token_file.empty()) return flags.token;
+    // Read again on every connect, so a refreshed token in the file is picked up.
+    std::FILE* f = std::fopen(flags.token_file.c_str(), "r");
+    if (!f) return flags.token;
+    char buf[4096];
+    size_t n = std::fread(buf, 1, sizeof(buf), f);
+    std::fclose(f);
+    std::string token(buf, n);
+    while (!token.empty() && (token.back() == '\n' || token.back() == ' ')) token.pop_back();
+    return token;
+  };
+  options.device_id = flags.device;
+  options.cache_path = flags.cache;
+  options.listener = std::move(listener);
+  auto client = chat::Client::Open(std::move(options));
+  if (!client.ok()) {
+    std::fprintf(stderr, "chat-cli: %s\n", client.status().ToString().c_str());
+    return nullptr;
+  }
+  if (chat::Status st = (*client)->Start(); !st.ok()) {
+    std::fprintf(stderr, "chat-cli: %s\n", st.ToString().c_str());
+    return nullptr;
+  }
+  return std::move(client.value());
+}
+
+bool WaitConnected(Listener& listener, int timeout_ms) {
+  bool ok = listener.WaitFor(
+      [&] {
+        return listener.state() == chat::ConnectionState::kConnected || listener.auth_failed();
+      },
+      timeout_ms);
+  if (!ok || listener.state() != chat::ConnectionState::kConnected) {
+    std::fprintf(stderr, "chat-cli: could not connect to the server\n");
+    return false;
+  }
+  return true;
+}
+
+// Waits until every id in `ids` is sent or failed. Returns the exit code.
+int WaitSent(Listener& listener, const std::vector<std::string>& ids, int timeout_ms) {
+  bool done = listener.WaitFor(
+      [&] {
+        for (const auto& id : ids) {
+          if (!listener.sent().contains(id) && !listener.failed().contains(id)) return false;
+        }
+        return true;
+      },
+      timeout_ms);
+  if (!done) {
+    std::fprintf(stderr, "chat-cli: not all messages were acknowledged in time%s\n",
+                 "; they stay in the outbox when --cache is used");
+    return 3;
+  }
+  std::lock_guard lock(listener.mu());
+  return listener.failed().empty() ? 0 : 4;
+}
+
+int RunSend(const Flags& flags, const std::string& to, uint64_t conversation,
+            const std::vector<std::string>& texts) {
+  if (to.empty() == (conversation == 0)) {
+    std::fprintf(stderr, "chat-cli send: give exactly one of --to and --conversation\n");
+    return 2;
+  }
+  auto listener = std::make_shared<Listener>(flags.json, false);
+  auto client = OpenClient(flags, listener);
+  if (!client) return 1;
+  std::vector<std::string> ids;
+  for (const std::string& text : texts) {
+    auto id = to.empty() ? client->Send(conversation, "text/plain", text)
+                         : client->SendTo(to, "text/plain", text);
+    if (!id.ok()) {
+      std::fprintf(stderr, "chat-cli send: %s\n", id.status().ToString().c_str());
+      client->Close();
+      return 1;
+    }
+    ids.push_back(*id);
+  }
+  if (flags.json) {
+    std::printf("{\"type\":\"queued\",\"count\":%zu}\n", ids.size());
+  } else {
+    std::printf("queued %zu message(s)\n", ids.size());
+  }
+  std::fflush(stdout);
+  int rc = WaitSent(*listener, ids, flags.timeout_ms);
+  {
+    std::lock_guard lock(listener->mu());
+    for (const auto& id : ids) {
+      auto it = listener->sent().find(id);
+      if (it == listener->sent().end()) it = listener->failed().find(id);
+      if (it != listener->failed().end()) std::puts(MessageLine(it->second, flags.json).c_str());
+    }
+  }
+  client->Close();
+  return rc;
+}
+
+int RunFlush(const Flags& flags) {
+  auto listener = std::make_shared<Listener>(flags.json, false);
+  auto client = OpenClient(flags, listener);
+  if (!client) return 1;
+  auto start = std::chrono::steady_clock::now();
+  int rc = 3;
+  while (!g_interrupted &&
+         std::chrono::steady_clock::now() - start < std::chrono::milliseconds(flags.timeout_ms)) {
+    auto outbox = client->Outbox();
+    if (!outbox.ok()) break;
+    size_t pending = 0;
+    for (const auto& e : *outbox) pending += e.status == chat::MessageStatus::kPending ? 1 : 0;
+    if (pending == 0) {
+      rc = 0;
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  if (rc != 0) std::fprintf(stderr, "chat-cli flush: the outbox is not empty yet\n");
+  client->Close();
+  return rc;
+}
+
+int RunTail(const Flags& flags) {
+  auto listener = std::make_shared<Listener>(flags.json, true);
+  auto client = OpenClient(flags, listener);
+  if (!client) return 1;
+  (void)listener->WaitFor([] { return false; }, -1);  // until SIGINT/SIGTERM
+  client->Close();
+  return 0;
+}
+
+int RunConversations(const Flags& flags) {
+  auto listener = std::make_shared<Listener>(flags.json, false);
+  auto client = OpenClient(flags, listener);
+  if (!client) return 1;
+  if (!WaitConnected(*listener, flags.timeout_ms)) {
+    client->Close();
+    return 3;
+  }
+  auto conversations = client->Conversations();
+  client->Close();
+  if (!conversations.ok()) return 1;
+  for (const auto& c : *conversations) std::puts(ConversationLine(c, flags.json).c_str());
+  return 0;
+}
+
+int PrintHistory(chat::Client& client, Listener& listener, uint64_t conversation, uint64_t before,
+                 uint32_t limit, bool json, int timeout_ms) {
+  std::mutex mu;
+  std::optional<chat::Result<chat::HistoryResult>> result;
+  chat::Status st = client.History(conversation, before, limit, [&](auto r) {
+    {
+      std::lock_guard lock(mu);
+      result.emplace(std::move(r));
+    }
+    std::lock_guard lock(listener.mu());
+    listener.cv().notify_all();
+  });
+  if (!st.ok()) {
+    std::fprintf(stderr, "history: %s\n", st.ToString().c_str());
+    return 1;
+  }
+  listener.WaitFor(
+      [&] {
+        std::lock_guard lock(mu);
+        return result.has_value();
+      },
+      timeout_ms);
+  std::lock_guard lock(mu);
+  if (!result) {
+    std::fprintf(stderr, "history: no answer in time\n");
+    return 3;
+  }
+  if (!result->ok()) {
+    std::fprintf(stderr, "history: %s\n", result->status().ToString().c_str());
+    return 1;
+  }
+  // Oldest first reads naturally on a terminal.
+  const auto& messages = (*result)->messages;
+  for (auto it = messages.rbegin(); it != messages.rend(); ++it) {
+    chat::MessageEvent e;
+    e.message = *it;
+    e.status = chat::MessageStatus::kSent;
+    std::puts(MessageLine(e, json).c_str());
+  }
+  return 0;
+}
+
+int RunHistory(const Flags& flags, uint64_t conversation, uint64_t before, uint32_t limit) {
+  auto listener = std::make_shared<Listener>(flags.json, false);
+  auto client = OpenClient(flags, listener);
+  if (!client) return 1;
+  if (!WaitConnected(*listener, flags.timeout_ms)) {
+    client->Close();
+    return 3;
+  }
+  int rc =
+      PrintHistory(*client, *listener, conversation, before, limit, flags.json, flags.timeout_ms);
+  client->Close();
+  return rc;
+}
+
+int RunInteractive(const Flags& flags) {
+  auto listener = std::make_shared<Listener>(flags.json, true);
+  listener->set_verbose(true);
+  auto client = OpenClient(flags, listener);
+  if (!client) return 1;
+  std::puts(
+      "commands: /list  /open <conversation id|user>  /history [n]  /quit; other lines are sent");
+  uint64_t open_conversation = 0;
+  std::string open_peer;
+  std::string line;
+  while (!g_interrupted && std::getline(std::cin, line)) {
+    if (line.empty()) continue;
+    if (line == "/quit") break;
+    if (line == "/list") {
+      auto conversations = client->Conversations();
+      if (conversations.ok()) {
+        for (const auto& c : *conversations) std::puts(ConversationLine(c, flags.json).c_str());
+      }
+      continue;
+    }
+    if (line.rfind("/open ", 0) == 0) {
+      std::string target = line.substr(6);
+      open_conversation = 0;
+      open_peer.clear();
+      if (!target.empty() && target.find_first_not_of("0123456789") == std::string::npos) {
+        open_conversation = std::stoull(target);
+      } else {
+        open_peer = target;
+        // Reuse the direct conversation with this user if it is known.
+        auto conversations = client->Conversations();
+        if (conversations.ok()) {
+          for (const auto& c : *conversations) {
+            if (c.peer == target) open_conversation = c.conversation_id;
+          }
+        }
+      }
+      std::printf("* talking to %s\n", target.c_str());
+      if (open_conversation != 0) {
+        (void)PrintHistory(*client, *listener, open_conversation, 0, 20, flags.json, 5'000);
+      }
+      continue;
+    }
+    if (line.rfind("/history", 0) == 0) {
+      if (open_conversation == 0) {
+        std::puts("* /open a conversation first");
+        continue;
+      }
+      uint32_t n = line.size() > 9 ? static_cast<uint32_t>(std::stoul(line.substr(9))) : 20;
+      (void)PrintHistory(*client, *listener, open_conversation, 0, n, flags.json, 5'000);
+      continue;
+    }
+    if (open_conversation == 0 && open_peer.empty()) {
+      std::puts("* /open a conversation first");
+      continue;
+    }
+    auto id = open_conversation != 0 ? client->Send(open_conversation, "text/plain", line)
+                                     : client->SendTo(open_peer, "text/plain", line);
+    if (!id.ok()) std::fprintf(stderr, "send: %s\n", id.status().ToString().c_str());
+  }
+  client->Close();
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"chat-cli: command-line chat client"};
+  app.fallthrough();
+  Flags flags;
+  app.add_option("--url", flags.url, "Server URL, ws:// or wss://")->capture_default_str();
+  app.add_option("--token", flags.token, "Token for Hello (e.g. from `chatd token`)");
+  app.add_option("--token-file", flags.token_file,
+                 "Read the token from this file on every connect");
+  app.add_option("--device", flags.device, "Device id, stable per installation")
+      ->capture_default_str();
+  app.add_option("--cache", flags.cache,
+                 "SQLite cache and outbox file; default: in memory (the outbox is lost on exit)");
+  app.add_flag("--json", flags.json, "One JSON object per line");
+  app.add_option("--timeout-ms", flags.timeout_ms, "How long commands wait for the server")
+      ->capture_default_str();
+
+  auto* send = app.add_subcommand("send", "Send text messages in order and wait for the acks");
+  std::string to;
+  uint64_t send_conversation = 0;
+  std::vector<std::string> texts;
+  send->add_option("--to", to, "User to send to (direct conversation)");
+  send->add_option("--conversation", send_conversation, "Conversation id");
+  send->add_option("text", texts, "Message texts")->required();
+
+  auto* flush = app.add_subcommand("flush", "Send what the outbox in --cache holds, then exit");
+  auto* tail = app.add_subcommand("tail", "Print messages as they arrive, until interrupted");
+  auto* history = app.add_subcommand("history", "Print a conversation's messages");
+  uint64_t history_conversation = 0;
+  uint64_t before = 0;
+  uint32_t limit = 50;
+  history->add_option("--conversation", history_conversation, "Conversation id")->required();
+  history->add_option("--before", before, "Only messages with a smaller seq (0: newest)");
+  history->add_option("--limit", limit, "At most this many")->capture_default_str();
+  auto* conversations = app.add_subcommand("conversations", "List conversations");
+
+  CLI11_PARSE(app, argc, argv);
+  if (flags.token.empty() && flags.token_file.empty()) {
+    std::fprintf(stderr, "chat-cli: --token or --token-file is required\n");
+    return 2;
+  }
+  signal(SIGINT, OnSignal);
+  signal(SIGTERM, OnSignal);
+
+  if (*send) return RunSend(flags, to, send_conversation, texts);
+  if (*flush) return RunFlush(flags);
+  if (*tail) return RunTail(flags);
+  if (*history) return RunHistory(flags, history_conversation, before, limit);
+  if (*conversations) return RunConversations(flags);
+  return RunInteractive(flags);
+}
