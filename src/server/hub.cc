@@ -19,6 +19,8 @@ constexpr uint32_t kDefaultHistoryLimit = 50;
 constexpr size_t kMinClientMsgIdBytes = 16;
 constexpr size_t kMaxClientMsgIdBytes = 128;
 constexpr size_t kMaxDeviceIdBytes = 128;
+// Suggested wait before resending after a failed commit, when the store gives none.
+constexpr uint32_t kCommitRetryAfterMs = 1000;
 // Token buckets count in thousandths, so a rate of N per second refills N units per millisecond
 // and the arithmetic stays in integers.
 constexpr int64_t kMilli = 1000;
@@ -181,10 +183,21 @@ class Hub::Impl {
     pending_appends_.erase(it);
     Session* sender = FindSession(pending.session);
 
-    if (!commit_status.ok() || !result.status.ok()) {
+    if (!commit_status.ok()) {
       if (sender == nullptr) return;
-      const Status& failure = commit_status.ok() ? result.status : commit_status;
+      // Nothing of the batch was stored. Tell the client when to resend (with the same
+      // client_msg_id) unless the store already said.
+      Status failure = commit_status;
+      if (failure.retry_after_ms() == 0 && IsRetryable(failure.code())) {
+        failure.set_retry_after_ms(kCommitRetryAfterMs);
+      }
       SendError(pending.session, *sender, pending.rid, failure, pending.client_msg_id);
+      return;
+    }
+    if (!result.status.ok()) {
+      if (sender != nullptr) {
+        SendError(pending.session, *sender, pending.rid, result.status, pending.client_msg_id);
+      }
       return;
     }
 

@@ -444,6 +444,7 @@ TEST_CASE("hub: a failed commit is an error to the sender, never an ack or a del
   v1::Error error = ExpectError(Only(h.Take(alice)), v1::Error::UNAVAILABLE, 8);
   CHECK(error.client_msg_id() == ClientMsgId(1));
   CHECK(error.message() == "disk on fire");
+  CHECK(error.retry_after_ms() > 0);
   CHECK(h.Take(bob).empty());
 
   // Nothing was stored: the resend after recovery is the first message, not a duplicate.
