@@ -1,0 +1,442 @@
+// chat::Client against the real chatd over loopback: offline sends, restarts and kill -9 of the
+// server and of a client process, paginated catch-up and a replaced server store. Each test
+// checks what the application sees: every message exactly once, in order, statuses ending as
+// sent.
+#include <doctest/doctest.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdio>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "chat/client.h"
+#include "tests/testing/chatd_process.h"
+#include "tests/testing/temp_dir.h"
+
+extern char** environ;
+
+namespace chat::testing {
+namespace {
+
+// Records everything a listener sees; safe to read from the test thread.
+class Recorder : public ClientListener {
+ public:
+  void OnConnectionState(ConnectionState state) override {
+    std::lock_guard lock(mu_);
+    state_ = state;
+  }
+  void OnMessage(const MessageEvent& event) override {
+    std::lock_guard lock(mu_);
+    events_.push_back(event);
+  }
+  void OnError(const Status& status) override {
+    std::lock_guard lock(mu_);
+    errors_.push_back(status);
+  }
+
+  // Bodies of committed messages of other users, in the order the application got them.
+  std::vector<std::string> ReceivedBodies() {
+    std::lock_guard lock(mu_);
+    std::vector<std::string> out;
+    for (const auto& e : events_) {
+      if (e.status == MessageStatus::kSent && !e.outgoing) out.push_back(e.message.body);
+    }
+    return out;
+  }
+  std::vector<Seq> ReceivedSeqs() {
+    std::lock_guard lock(mu_);
+    std::vector<Seq> out;
+    for (const auto& e : events_) {
+      if (e.status == MessageStatus::kSent && !e.outgoing) out.push_back(e.message.seq);
+    }
+    return out;
+  }
+  // client_msg_id -> how often it was reported with `status`.
+  std::map<std::string, int> OwnWithStatus(MessageStatus status) {
+    std::lock_guard lock(mu_);
+    std::map<std::string, int> out;
+    for (const auto& e : events_) {
+      if (e.outgoing && e.status == status) ++out[e.message.client_msg_id];
+    }
+    return out;
+  }
+  std::vector<Status> errors() {
+    std::lock_guard lock(mu_);
+    return errors_;
+  }
+  ConnectionState state() {
+    std::lock_guard lock(mu_);
+    return state_;
+  }
+
+ private:
+  std::mutex mu_;
+  ConnectionState state_ = ConnectionState::kDisconnected;
+  std::vector<MessageEvent> events_;
+  std::vector<Status> errors_;
+};
+
+enum class Mode { kStart, kPoll };
+
+struct TestClient {
+  std::shared_ptr<Recorder> recorder = std::make_shared<Recorder>();
+  std::unique_ptr<Client> client;
+  Mode mode = Mode::kStart;
+};
+
+TestClient MakeClient(const ChatdProcess& chatd, const std::string& user, const std::string& device,
+                      const std::string& cache_path, Mode mode = Mode::kStart,
+                      size_t outbox_max = 1000) {
+  TestClient t;
+  t.mode = mode;
+  ClientOptions options;
+  options.url = chatd.url();
+  options.token_provider = [&chatd, user] { return chatd.Token(user); };
+  options.device_id = device;
+  options.cache_path = cache_path;
+  options.listener = t.recorder;
+  // Short delays keep the tests quick; the policy itself is unit-tested.
+  options.reconnect.base_ms = 50;
+  options.reconnect.cap_ms = 500;
+  options.outbox_max = outbox_max;
+  auto client = Client::Open(std::move(options));
+  REQUIRE(client.ok());
+  t.client = std::move(client.value());
+  if (mode == Mode::kStart) REQUIRE(t.client->Start().ok());
+  return t;
+}
+
+// Waits for `done`, driving the Poll()-mode clients meanwhile. False on timeout.
+bool Drive(const std::vector<TestClient*>& clients, const std::function<bool()>& done,
+           int timeout_ms = 60'000) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  while (!done()) {
+    if (std::chrono::steady_clock::now() >= deadline) return false;
+    bool polled = false;
+    for (TestClient* c : clients) {
+      if (c->mode == Mode::kPoll) {
+        REQUIRE(c->client->Poll(10).ok());
+        polled = true;
+      }
+    }
+    if (!polled) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return true;
+}
+
+std::vector<std::string> Bodies(int n, int from = 0) {
+  std::vector<std::string> out;
+  for (int i = from; i < n; ++i) out.push_back("m" + std::to_string(i));
+  return out;
+}
+
+size_t Pending(Client& client) {
+  auto outbox = client.Outbox();
+  REQUIRE(outbox.ok());
+  size_t n = 0;
+  for (const auto& e : *outbox) n += e.status == MessageStatus::kPending ? 1 : 0;
+  return n;
+}
+
+std::vector<Seq> Range(Seq from, Seq to) {
+  std::vector<Seq> out;
+  for (Seq s = from; s <= to; ++s) out.push_back(s);
+  return out;
+}
+
+void SendWhileServerDownThenStart(Mode mode) {
+  ChatdProcess chatd;
+  REQUIRE(chatd.Start().ok());
+  REQUIRE(chatd.Kill9().ok());
+  TempDir dir;
+  TestClient alice = MakeClient(chatd, "alice", "alice-laptop", dir.File("alice.db"), mode);
+  constexpr int kCount = 50;
+  for (const std::string& body : Bodies(kCount)) {
+    REQUIRE(alice.client->SendTo("bob", "text/plain", body).ok());
+  }
+  // Offline: everything is pending, nothing is lost.
+  CHECK(Drive({&alice}, [&] {
+    return alice.recorder->OwnWithStatus(MessageStatus::kPending).size() == kCount;
+  }));
+  CHECK(Pending(*alice.client) == kCount);
+  CHECK(alice.recorder->state() != ConnectionState::kConnected);
+
+  REQUIRE(chatd.Restart().ok());
+  TestClient bob = MakeClient(chatd, "bob", "bob-phone", dir.File("bob.db"), mode);
+  REQUIRE(Drive({&alice, &bob}, [&] {
+    return bob.recorder->ReceivedBodies().size() >= kCount &&
+           alice.recorder->OwnWithStatus(MessageStatus::kSent).size() == kCount;
+  }));
+  CHECK(bob.recorder->ReceivedBodies() == Bodies(kCount));
+  CHECK(bob.recorder->ReceivedSeqs() == Range(1, kCount));
+  for (const auto& [id, n] : alice.recorder->OwnWithStatus(MessageStatus::kSent)) {
+    CHECK_MESSAGE(n == 1, id);
+  }
+  CHECK(alice.recorder->OwnWithStatus(MessageStatus::kFailed).empty());
+  CHECK(Pending(*alice.client) == 0);
+  alice.client->Close();
+  bob.client->Close();
+}
+
+TEST_CASE(
+    "client e2e: messages sent while chatd is down are delivered once, in order (Start mode)") {
+  SendWhileServerDownThenStart(Mode::kStart);
+}
+
+TEST_CASE(
+    "client e2e: messages sent while chatd is down are delivered once, in order (Poll mode)") {
+  SendWhileServerDownThenStart(Mode::kPoll);
+}
+
+TEST_CASE("client e2e: kill -9 of chatd during a stream loses, duplicates and reorders nothing") {
+  ChatdProcess chatd;
+  REQUIRE(chatd.Start().ok());
+  TempDir dir;
+  TestClient alice = MakeClient(chatd, "alice", "alice-laptop", dir.File("alice.db"));
+  TestClient bob = MakeClient(chatd, "bob", "bob-phone", dir.File("bob.db"));
+  constexpr int kCount = 300;
+  const std::vector<std::string> bodies = Bodies(kCount);
+  for (int i = 0; i < kCount; ++i) {
+    REQUIRE(alice.client->SendTo("bob", "text/plain", bodies[static_cast<size_t>(i)]).ok());
+    if (i % 100 == 60) {
+      // Let the stream get going, then kill the server under it.
+      REQUIRE(Drive({}, [&] { return bob.recorder->ReceivedBodies().size() > 10; }));
+      REQUIRE(chatd.Kill9().ok());
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      REQUIRE(chatd.Restart().ok());
+    }
+    if (i % 10 == 0) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  REQUIRE(Drive({}, [&] {
+    return bob.recorder->ReceivedBodies().size() >= kCount &&
+           alice.recorder->OwnWithStatus(MessageStatus::kSent).size() == kCount;
+  }));
+  CHECK(bob.recorder->ReceivedBodies() == bodies);
+  CHECK(bob.recorder->ReceivedSeqs() == Range(1, kCount));
+  for (const auto& [id, n] : alice.recorder->OwnWithStatus(MessageStatus::kSent)) {
+    CHECK_MESSAGE(n == 1, id);
+  }
+  CHECK(alice.recorder->OwnWithStatus(MessageStatus::kFailed).empty());
+  CHECK(Pending(*alice.client) == 0);
+  alice.client->Close();
+  bob.client->Close();
+}
+
+// Starts chat-cli with stdout and stderr in `log`; returns its pid.
+pid_t SpawnCli(const std::vector<std::string>& args, const std::string& log) {
+  std::vector<std::string> argv = {std::string(CHAT_BINARY_DIR) + "/examples/chat-cli"};
+  argv.insert(argv.end(), args.begin(), args.end());
+  std::vector<char*> cargv;
+  for (auto& a : argv) cargv.push_back(a.data());
+  cargv.push_back(nullptr);
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_addopen(&actions, 1, log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+  posix_spawn_file_actions_adddup2(&actions, 1, 2);
+  pid_t pid = -1;
+  int rc = posix_spawn(&pid, cargv[0], &actions, nullptr, cargv.data(), environ);
+  posix_spawn_file_actions_destroy(&actions);
+  return rc == 0 ? pid : -1;
+}
+
+void KillClientWithOutbox(bool server_up) {
+  ChatdProcess chatd(
+      {.extra_flags = {"--messages-per-second", "100000", "--messages-burst", "100000"}});
+  REQUIRE(chatd.Start().ok());
+  if (!server_up) REQUIRE(chatd.Kill9().ok());
+  TempDir dir;
+  const std::string cache = dir.File("cli.db");
+  const std::string log = dir.File("cli.log");
+  const std::string token = chatd.Token("alice");
+  constexpr int kCount = 400;
+  std::vector<std::string> args = {"--url",   chatd.url(), "--token", token,  "--device", "cli",
+                                   "--cache", cache,       "send",    "--to", "bob"};
+  for (const std::string& body : Bodies(kCount)) args.push_back(body);
+  pid_t pid = SpawnCli(args, log);
+  REQUIRE(pid > 0);
+  // "queued" means every message is committed to the outbox.
+  REQUIRE(Drive(
+      {}, [&] { return ReadFile(log).find("queued") != std::string::npos; }, 20'000));
+  REQUIRE(kill(pid, SIGKILL) == 0);
+  int wstatus = 0;
+  REQUIRE(waitpid(pid, &wstatus, 0) == pid);
+  CHECK(WIFSIGNALED(wstatus));
+
+  if (!server_up) {
+    // The outbox survived the kill: every message is still pending in the cache file.
+    ClientOptions options;
+    options.url = chatd.url();
+    options.token_provider = [] { return std::string(); };
+    options.device_id = "cli";
+    options.cache_path = cache;
+    auto reopened = Client::Open(std::move(options));
+    REQUIRE(reopened.ok());
+    CHECK(Pending(**reopened) == kCount);
+    (*reopened)->Close();
+    REQUIRE(chatd.Restart().ok());
+  }
+  Result<int> flushed = RunProcess(
+      {std::string(CHAT_BINARY_DIR) + "/examples/chat-cli", "--url", chatd.url(), "--token", token,
+       "--device", "cli", "--cache", cache, "--timeout-ms", "60000", "flush"},
+      dir.path(), log, 90'000);
+  REQUIRE(flushed.ok());
+  CHECK_MESSAGE(*flushed == 0, ReadFile(log));
+
+  TestClient bob = MakeClient(chatd, "bob", "bob-phone", "");
+  REQUIRE(Drive({}, [&] { return bob.recorder->ReceivedBodies().size() >= kCount; }));
+  // Settle: a duplicate would arrive right behind.
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  CHECK(bob.recorder->ReceivedBodies() == Bodies(kCount));
+  CHECK(bob.recorder->ReceivedSeqs() == Range(1, kCount));
+  bob.client->Close();
+}
+
+TEST_CASE("client e2e: kill -9 of a client with a full outbox, server down: all sent once") {
+  KillClientWithOutbox(/*server_up=*/false);
+}
+
+TEST_CASE("client e2e: kill -9 of a client while its outbox drains: all sent once") {
+  KillClientWithOutbox(/*server_up=*/true);
+}
+
+void SendMany(ChatdProcess& chatd, TempDir& dir, int count) {
+  TestClient alice =
+      MakeClient(chatd, "alice", "alice-laptop", dir.File("alice.db"), Mode::kStart, count);
+  for (const std::string& body : Bodies(count)) {
+    REQUIRE(alice.client->SendTo("bob", "text/plain", body).ok());
+  }
+  REQUIRE(Drive({}, [&] {
+    return alice.recorder->OwnWithStatus(MessageStatus::kSent).size() == static_cast<size_t>(count);
+  }));
+  alice.client->Close();
+}
+
+TEST_CASE("client e2e: an offline device catches up thousands of messages through paged Sync") {
+  ChatdProcess chatd({.extra_flags = {"--messages-per-second", "100000", "--messages-burst",
+                                      "100000", "--synchronous", "normal", "--sync-page-max", "200",
+                                      "--sync-catchup-max", "10000"}});
+  REQUIRE(chatd.Start().ok());
+  TempDir dir;
+  constexpr int kCount = 2500;
+  SendMany(chatd, dir, kCount);
+
+  TestClient bob = MakeClient(chatd, "bob", "bob-phone", dir.File("bob.db"));
+  REQUIRE(Drive({}, [&] { return bob.recorder->ReceivedBodies().size() >= kCount; }));
+  REQUIRE(Drive({}, [&] { return bob.recorder->state() == ConnectionState::kConnected; }));
+  CHECK(bob.recorder->ReceivedBodies() == Bodies(kCount));
+  CHECK(bob.recorder->ReceivedSeqs() == Range(1, kCount));
+  auto conversations = bob.client->Conversations();
+  REQUIRE(conversations.ok());
+  REQUIRE(conversations->size() == 1);
+  CHECK((*conversations)[0].last_seq == kCount);
+  CHECK((*conversations)[0].peer == "alice");
+  CHECK((*conversations)[0].unread == kCount);
+  bob.client->Close();
+}
+
+TEST_CASE(
+    "client e2e: past the catch-up limit the newest messages arrive and History fills the gap") {
+  ChatdProcess chatd(
+      {.extra_flags = {"--messages-per-second", "100000", "--messages-burst", "100000",
+                       "--synchronous", "normal", "--sync-catchup-max", "1000"}});
+  REQUIRE(chatd.Start().ok());
+  TempDir dir;
+  constexpr int kCount = 1500;
+  SendMany(chatd, dir, kCount);
+
+  TestClient bob = MakeClient(chatd, "bob", "bob-phone", dir.File("bob.db"));
+  REQUIRE(Drive({}, [&] { return bob.recorder->state() == ConnectionState::kConnected; }));
+  CHECK(bob.recorder->ReceivedSeqs() == Range(501, kCount));
+  CHECK(bob.recorder->ReceivedBodies() == Bodies(kCount, 500));
+  auto conversations = bob.client->Conversations();
+  REQUIRE(conversations.ok());
+  REQUIRE(conversations->size() == 1);
+  const ConversationId conversation = (*conversations)[0].conversation_id;
+
+  std::mutex mu;
+  std::vector<Result<HistoryResult>> pages;
+  auto callback = [&](Result<HistoryResult> r) {
+    std::lock_guard lock(mu);
+    pages.push_back(std::move(r));
+  };
+  auto page_count = [&] {
+    std::lock_guard lock(mu);
+    return pages.size();
+  };
+  // Cached range: answered locally.
+  REQUIRE(bob.client->History(conversation, 0, 10, callback).ok());
+  REQUIRE(Drive({}, [&] { return page_count() == 1; }));
+  // Inside the gap: the server answers.
+  REQUIRE(bob.client->History(conversation, 501, 100, callback).ok());
+  REQUIRE(Drive({}, [&] { return page_count() == 2; }));
+  std::lock_guard lock(mu);
+  REQUIRE(pages[0].ok());
+  CHECK(pages[0]->from_cache);
+  REQUIRE(pages[0]->messages.size() == 10);
+  CHECK(pages[0]->messages.front().seq == kCount);
+  REQUIRE(pages[1].ok());
+  CHECK_FALSE(pages[1]->from_cache);
+  REQUIRE(pages[1]->messages.size() == 100);
+  CHECK(pages[1]->messages.front().seq == 500);
+  CHECK(pages[1]->messages.back().seq == 401);
+  CHECK(pages[1]->messages.front().body == "m499");
+  CHECK(pages[1]->has_more);
+  // History does not re-deliver: the application saw each seq once.
+  CHECK(bob.recorder->ReceivedSeqs() == Range(501, kCount));
+  bob.client->Close();
+}
+
+TEST_CASE("client e2e: a new server store (epoch change) rebuilds the cache") {
+  ChatdProcess chatd;
+  REQUIRE(chatd.Start().ok());
+  TempDir dir;
+  TestClient alice = MakeClient(chatd, "alice", "alice-laptop", dir.File("alice.db"));
+  TestClient bob = MakeClient(chatd, "bob", "bob-phone", dir.File("bob.db"));
+  for (const std::string& body : Bodies(3)) {
+    REQUIRE(alice.client->SendTo("bob", "text/plain", body).ok());
+  }
+  REQUIRE(Drive({}, [&] { return bob.recorder->ReceivedBodies().size() == 3; }));
+  auto before = bob.client->Conversations();
+  REQUIRE(before.ok());
+  REQUIRE(before->size() == 1);
+  CHECK((*before)[0].last_seq == 3);
+
+  // Replace the store: same server, new database, new epoch.
+  REQUIRE(chatd.Terminate().ok());
+  for (const char* suffix : {"", "-wal", "-shm"}) std::remove((chatd.db_path() + suffix).c_str());
+  REQUIRE(chatd.Restart().ok());
+
+  REQUIRE(Drive({}, [&] {
+    for (const Status& st : bob.recorder->errors()) {
+      if (st.code() == Code::kDataLoss) return true;
+    }
+    return false;
+  }));
+  REQUIRE(Drive({}, [&] { return bob.recorder->state() == ConnectionState::kConnected; }));
+  auto after = bob.client->Conversations();
+  REQUIRE(after.ok());
+  CHECK(after->empty());
+
+  // The new store starts over at seq 1, and the application sees it.
+  REQUIRE(alice.client->SendTo("bob", "text/plain", "after").ok());
+  REQUIRE(Drive({}, [&] { return bob.recorder->ReceivedBodies().size() == 4; }));
+  CHECK(bob.recorder->ReceivedBodies().back() == "after");
+  CHECK(bob.recorder->ReceivedSeqs() == std::vector<Seq>{1, 2, 3, 1});
+  alice.client->Close();
+  bob.client->Close();
+}
+
+}  // namespace
+}  // namespace chat::testing
