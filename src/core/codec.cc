@@ -415,8 +415,9 @@ std::string Encode(const v1::Envelope& envelope, Format format) {
   std::string out;
   auto status = google::protobuf::util::MessageToJsonString(envelope, &out);
   if (status.ok()) return out;
-  // Only a string that is not UTF-8 can fail here, which means a bug upstream: the peer still
-  // gets a well-formed reply it can match to its request instead of a broken frame.
+  // protobuf's printer drops ill-formed UTF-8 rather than failing, so this is not expected to
+  // happen; if it does, the peer still gets a well-formed reply it can match to its request
+  // instead of an empty or broken frame.
   const auto message = status.message();
   Log(LogLevel::kError,
       "codec: JSON encoding failed: " + std::string(message.data(), message.size()));

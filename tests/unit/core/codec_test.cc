@@ -677,5 +677,20 @@ TEST_CASE("codec: ErrorEnvelope keeps an error message quoting bad bytes decodab
   }
 }
 
+TEST_CASE("codec: a string field holding bytes that are not UTF-8 still encodes decodably") {
+  // Strings are only UTF-8-checked when parsed; a bug that puts raw bytes into a string field
+  // must still produce frames the peer can decode and match to its request. protobuf's JSON
+  // printer drops the ill-formed bytes.
+  v1::Envelope envelope;
+  envelope.set_rid(31);
+  envelope.mutable_welcome()->set_user_id(
+      "a\xff"
+      "b\xc3");
+  v1::Envelope decoded;
+  REQUIRE(DecodeJson(Encode(envelope, Format::kJson), &decoded).ok());
+  CHECK(decoded.rid() == 31);
+  CHECK(decoded.welcome().user_id() == "ab");
+}
+
 }  // namespace
 }  // namespace chat::codec
