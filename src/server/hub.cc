@@ -149,6 +149,13 @@ class Hub::Impl {
     }
     Refill(s, now);
 
+    // The runtime normally refuses such a message before it is assembled; this keeps the close
+    // code right for any runtime that does not.
+    if (bytes.size() > options_.max_message_bytes) {
+      SendError(id, s, 0, InvalidArgument("message too large"));
+      CloseSession(id, kCloseTooLarge, "message too large");
+      return;
+    }
     // The bytes are decoded as what the frame says they are; replies keep the session's format.
     v1::Envelope envelope;
     Status decoded = codec::Decode(bytes, frame_format, options_.max_message_bytes, &envelope);

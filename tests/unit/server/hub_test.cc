@@ -269,6 +269,18 @@ TEST_CASE("hub: an undecodable text frame as first frame gets a JSON error and c
   CHECK(h.closed(session)->code == server::kCloseInvalidPayload);
 }
 
+TEST_CASE("hub: a message over max_message_bytes gets INVALID_ARGUMENT and close 1009") {
+  ServerOptions options;
+  options.max_message_bytes = 1000;
+  HubHarness h(options);
+  SessionId session = h.Connect("alice", "a");
+  h.SendEnvelope(session, SendToPeer(1, "bob", ClientMsgId(1), std::string(1000, 'x')));
+  ExpectError(Only(h.Take(session)), v1::Error::INVALID_ARGUMENT, 0);
+  REQUIRE(h.closed(session).has_value());
+  CHECK(h.closed(session)->code == server::kCloseTooLarge);
+  CHECK(h.queued_appends() == 0);
+}
+
 TEST_CASE("hub: a request missing a required field gets INVALID_ARGUMENT with its rid") {
   HubHarness h;
   SessionId session = h.Connect("alice", "d");
