@@ -284,3 +284,74 @@ TEST_CASE("server bad input: a server-only message from a client -> close 1002")
 
 }  // namespace
 }  // namespace chat::testing
+
+namespace chat::testing {
+namespace {
+
+TEST_CASE("server limits: an authenticated client silent past --idle-timeout-ms -> close 4002") {
+  ChatdProcess chatd(
+      {.extra_flags = {"--idle-timeout-ms", "500", "--heartbeat-interval-ms", "200"}});
+  MustStart(chatd);
+  auto idle = MustLogin(chatd, "alice", "a1");
+  CHECK(idle->WaitClosed(10'000) == 4002);
+  CHECK(chatd.running());
+}
+
+TEST_CASE("server limits: past the message rate -> RESOURCE_EXHAUSTED with retry_after_ms") {
+  ChatdProcess chatd({.extra_flags = {"--messages-per-second", "1", "--messages-burst", "3"}});
+  MustStart(chatd);
+  auto alice = MustLogin(chatd, "alice", "a1");
+  // The burst allows a few requests at once (Hello included); within a handful one is refused.
+  std::optional<v1::Error> refused;
+  int acked = 0;
+  for (int i = 0; i < 10 && !refused.has_value(); ++i) {
+    const std::string id = NewClientMsgId();
+    std::optional<v1::Envelope> reply = alice->Request(MakeSendToPeer("bob", id, "hi"));
+    REQUIRE(reply.has_value());
+    if (reply->has_error()) {
+      refused = reply->error();
+      CHECK(reply->error().client_msg_id() == id);
+    } else {
+      REQUIRE_MESSAGE(reply->has_send_ack(), reply->DebugString());
+      ++acked;
+    }
+  }
+  REQUIRE(refused.has_value());
+  CHECK(refused->code() == v1::Error::RESOURCE_EXHAUSTED);
+  CHECK(refused->retry_after_ms() > 0);
+  CHECK(acked >= 1);
+  CHECK(acked <= 3);
+  // Throttling is not a protocol violation.
+  CHECK_FALSE(alice->closed());
+}
+
+TEST_CASE("server limits: past --max-devices-per-user -> RESOURCE_EXHAUSTED, close 4004") {
+  ChatdProcess chatd({.extra_flags = {"--max-devices-per-user", "1"}});
+  MustStart(chatd);
+  auto first = MustLogin(chatd, "alice", "a1");
+  auto second = MustConnect(chatd);
+  std::optional<v1::Envelope> reply = second->Hello(chatd.Token("alice"), "a2");
+  REQUIRE(reply.has_value());
+  REQUIRE_MESSAGE(reply->has_error(), reply->DebugString());
+  CHECK(reply->error().code() == v1::Error::RESOURCE_EXHAUSTED);
+  CHECK(second->WaitClosed() == 4004);
+  // The first device is unaffected, and another user may still connect.
+  MustBarrier(*first);
+  auto bob = MustLogin(chatd, "bob", "b1");
+  MustAck(*bob, MakeSendToPeer("alice", NewClientMsgId(), "hi"));
+}
+
+TEST_CASE("server: an operation this server does not serve yet -> FAILED_PRECONDITION") {
+  ChatdProcess chatd;
+  MustStart(chatd);
+  auto alice = MustLogin(chatd, "alice", "a1");
+  v1::Envelope typing;
+  typing.mutable_typing()->set_conversation_id(1);
+  typing.mutable_typing()->set_active(true);
+  CHECK(MustFail(*alice, typing).code() == v1::Error::FAILED_PRECONDITION);
+  CHECK_FALSE(alice->closed());
+  MustBarrier(*alice);
+}
+
+}  // namespace
+}  // namespace chat::testing
