@@ -150,6 +150,7 @@ class Client::Impl final : public ClientListener, public client::SessionIo {
       std::lock_guard lock(api_mu_);
       closed_ = true;
     }
+    state_ = ConnectionState::kClosed;
     if (!on_loop) {
       // Wait for a callback in progress on the loop; none starts after this.
       std::lock_guard cb_lock(cb_mu_);
@@ -241,7 +242,7 @@ class Client::Impl final : public ClientListener, public client::SessionIo {
   // --- ClientListener: the gate between the Session and the application's listener ---
 
   void OnConnectionState(ConnectionState state) override {
-    state_ = state;
+    if (!closed_) state_ = state;
     Gate([&] {
       if (options_.listener) options_.listener->OnConnectionState(state);
     });
@@ -340,7 +341,12 @@ class Client::Impl final : public ClientListener, public client::SessionIo {
   }
 
   void RunOnce(int timeout_ms) {
+    // Marks "inside the loop" for Close(): a Close() from a callback cannot wait for the loop.
     loop_thread_ = std::this_thread::get_id();
+    struct Leave {
+      std::atomic<std::thread::id>* id;
+      ~Leave() { *id = std::thread::id(); }
+    } leave{&loop_thread_};
     if (!session_started_) {
       session_started_ = true;
       session_->Start();
@@ -366,7 +372,7 @@ class Client::Impl final : public ClientListener, public client::SessionIo {
 
   void Teardown() {
     if (torn_down_) return;
-    session_->Stop();
+    if (session_) session_->Stop();
     state_ = ConnectionState::kClosed;
     std::unique_ptr<client::Transport> transport;
     {
@@ -392,7 +398,7 @@ class Client::Impl final : public ClientListener, public client::SessionIo {
   bool session_started_ = false;  // loop thread only
   bool torn_down_ = false;        // guarded by tasks_mu_ for writers; read on the loop
   std::atomic<ConnectionState> state_{ConnectionState::kDisconnected};
-  std::atomic<std::thread::id> loop_thread_{};
+  std::atomic<std::thread::id> loop_thread_{};  // the thread inside RunOnce(), if any
 
   std::mutex tasks_mu_;
   std::deque<std::function<void()>> tasks_;

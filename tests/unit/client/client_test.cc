@@ -1,0 +1,205 @@
+// chat::Client's public contract without a server: option validation, argument errors, the
+// bounded persistent outbox, and the Start/Poll/Close rules.
+#include "chat/client.h"
+
+#include <doctest/doctest.h>
+
+#include <atomic>
+#include <memory>
+#include <string>
+
+#include "tests/testing/temp_dir.h"
+
+namespace chat {
+namespace {
+
+class CountingListener : public ClientListener {
+ public:
+  void OnConnectionState(ConnectionState) override { ++calls; }
+  void OnMessage(const MessageEvent&) override { ++calls; }
+  void OnError(const Status&) override { ++calls; }
+  std::atomic<int> calls{0};
+};
+
+// Nothing listens on port 1: the client stays offline.
+ClientOptions Offline(const std::string& cache = "") {
+  ClientOptions o;
+  o.url = "ws://127.0.0.1:1/";
+  o.token_provider = [] { return std::string("token"); };
+  o.device_id = "dev-1";
+  o.cache_path = cache;
+  return o;
+}
+
+Status OpenStatus(ClientOptions o) {
+  auto r = Client::Open(std::move(o));
+  return r.ok() ? Status::Ok() : r.status();
+}
+
+TEST_CASE("client: Open names the invalid option") {
+  ClientOptions o = Offline();
+  o.url = "http://example.com";
+  Status st = OpenStatus(o);
+  CHECK(st.code() == Code::kInvalidArgument);
+  CHECK(st.message().find("url") != std::string_view::npos);
+
+  o = Offline();
+  o.url = "ws://";
+  CHECK(OpenStatus(o).code() == Code::kInvalidArgument);
+
+  o = Offline();
+  o.token_provider = nullptr;
+  st = OpenStatus(o);
+  CHECK(st.code() == Code::kInvalidArgument);
+  CHECK(st.message().find("token_provider") != std::string_view::npos);
+
+  o = Offline();
+  o.device_id = "";
+  CHECK(OpenStatus(o).message().find("device_id") != std::string_view::npos);
+  o.device_id = std::string(129, 'd');
+  CHECK(OpenStatus(o).code() == Code::kInvalidArgument);
+
+  o = Offline();
+  o.outbox_max = 0;
+  CHECK(OpenStatus(o).message().find("outbox_max") != std::string_view::npos);
+
+  o = Offline();
+  o.max_in_flight = 0;
+  CHECK(OpenStatus(o).message().find("max_in_flight") != std::string_view::npos);
+
+  o = Offline();
+  o.reconnect.cap_ms = 10;
+  CHECK(OpenStatus(o).message().find("reconnect") != std::string_view::npos);
+
+  CHECK(OpenStatus(Offline()).ok());
+}
+
+TEST_CASE("client: a cache file that is not a database is refused with DataLoss") {
+  testing::TempDir dir;
+  REQUIRE(testing::WriteFile(dir.File("junk.db"), std::string(8192, 'x')));
+  CHECK(OpenStatus(Offline(dir.File("junk.db"))).code() == Code::kDataLoss);
+  CHECK(OpenStatus(Offline(dir.File("missing-dir/x/cache.db"))).code() == Code::kUnavailable);
+}
+
+TEST_CASE("client: Send validates its arguments") {
+  auto client = Client::Open(Offline()).value();
+  CHECK(client->Send(0, "text/plain", "x").status().code() == Code::kInvalidArgument);
+  CHECK(client->Send(5, "", "x").status().code() == Code::kInvalidArgument);
+  CHECK(client->SendTo("", "text/plain", "x").status().code() == Code::kInvalidArgument);
+  auto id = client->Send(5, "text/plain", "x");
+  REQUIRE(id.ok());
+  CHECK(id->size() == 32);  // 128 random bits in hex
+  auto other = client->Send(5, "text/plain", "x");
+  REQUIRE(other.ok());
+  CHECK(*other != *id);
+}
+
+TEST_CASE("client: the outbox is bounded by outbox_max") {
+  ClientOptions o = Offline();
+  o.outbox_max = 2;
+  auto client = Client::Open(std::move(o)).value();
+  REQUIRE(client->SendTo("bob", "text/plain", "1").ok());
+  REQUIRE(client->SendTo("bob", "text/plain", "2").ok());
+  auto third = client->SendTo("bob", "text/plain", "3");
+  CHECK(third.status().code() == Code::kResourceExhausted);
+  auto outbox = client->Outbox();
+  REQUIRE(outbox.ok());
+  REQUIRE(outbox->size() == 2);
+  CHECK((*outbox)[0].message.body == "1");
+  CHECK((*outbox)[0].peer == "bob");
+  CHECK((*outbox)[0].status == MessageStatus::kPending);
+  CHECK((*outbox)[1].message.body == "2");
+}
+
+TEST_CASE("client: the outbox survives Close and is there for the next Client") {
+  testing::TempDir dir;
+  std::string first_id;
+  {
+    auto client = Client::Open(Offline(dir.File("cache.db"))).value();
+    first_id = client->Send(7, "text/plain", "kept").value();
+    REQUIRE(client->SendTo("carol", "text/plain", "kept too").ok());
+    client->Close();
+  }
+  auto client = Client::Open(Offline(dir.File("cache.db"))).value();
+  auto outbox = client->Outbox();
+  REQUIRE(outbox.ok());
+  REQUIRE(outbox->size() == 2);
+  CHECK((*outbox)[0].message.client_msg_id == first_id);
+  CHECK((*outbox)[0].message.conversation_id == 7);
+  CHECK((*outbox)[1].peer == "carol");
+}
+
+TEST_CASE("client: calls after Close fail with FailedPrecondition and no callback runs") {
+  auto listener = std::make_shared<CountingListener>();
+  ClientOptions o = Offline();
+  o.listener = listener;
+  auto client = Client::Open(std::move(o)).value();
+  REQUIRE(client->Poll(0).ok());
+  client->Close();
+  client->Close();  // idempotent
+  const int calls = listener->calls.load();
+  CHECK(client->Send(5, "text/plain", "x").status().code() == Code::kFailedPrecondition);
+  CHECK(client->History(5, 0, 10, [](Result<HistoryResult>) {}).code() ==
+        Code::kFailedPrecondition);
+  CHECK(client->Reconnect().code() == Code::kFailedPrecondition);
+  CHECK(client->Poll(0).code() == Code::kFailedPrecondition);
+  CHECK(client->Start().code() == Code::kFailedPrecondition);
+  CHECK(client->Conversations().status().code() == Code::kFailedPrecondition);
+  CHECK(client->state() == ConnectionState::kClosed);
+  CHECK(listener->calls.load() == calls);
+}
+
+TEST_CASE("client: Start and Poll cannot be mixed") {
+  {
+    auto client = Client::Open(Offline()).value();
+    REQUIRE(client->Start().ok());
+    CHECK(client->Start().code() == Code::kFailedPrecondition);
+    CHECK(client->Poll(0).code() == Code::kFailedPrecondition);
+    client->Close();
+  }
+  auto client = Client::Open(Offline()).value();
+  REQUIRE(client->Poll(0).ok());
+  CHECK(client->Start().code() == Code::kFailedPrecondition);
+}
+
+TEST_CASE("client: History validates its arguments and never calls back on error") {
+  auto client = Client::Open(Offline()).value();
+  int called = 0;
+  auto cb = [&](Result<HistoryResult>) { ++called; };
+  CHECK(client->History(0, 0, 10, cb).code() == Code::kInvalidArgument);
+  CHECK(client->History(5, 0, 0, cb).code() == Code::kInvalidArgument);
+  CHECK(client->History(5, 0, 10, nullptr).code() == Code::kInvalidArgument);
+  for (int i = 0; i < 5; ++i) REQUIRE(client->Poll(0).ok());
+  CHECK(called == 0);
+}
+
+TEST_CASE("client: offline, History is answered Unavailable on the loop, not inside the call") {
+  auto client = Client::Open(Offline()).value();
+  int called = 0;
+  Status got;
+  REQUIRE(client
+              ->History(5, 0, 10,
+                        [&](Result<HistoryResult> r) {
+                          ++called;
+                          got = r.status();
+                        })
+              .ok());
+  CHECK(called == 0);
+  REQUIRE(client->Poll(0).ok());
+  CHECK(called == 1);
+  CHECK(got.code() == Code::kUnavailable);
+}
+
+TEST_CASE("client: pending sends are reported on the loop thread, not inside Send") {
+  auto listener = std::make_shared<CountingListener>();
+  ClientOptions o = Offline();
+  o.listener = listener;
+  auto client = Client::Open(std::move(o)).value();
+  REQUIRE(client->SendTo("bob", "text/plain", "x").ok());
+  CHECK(listener->calls.load() == 0);
+  REQUIRE(client->Poll(0).ok());
+  CHECK(listener->calls.load() >= 1);
+}
+
+}  // namespace
+}  // namespace chat
