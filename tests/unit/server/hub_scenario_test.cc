@@ -1,6 +1,6 @@
-// Randomized scenarios over the Hub: users connect and disconnect devices, send (and resend)
-// direct messages, and commits succeed or fail, in a seeded random order. After every commit
-// the test checks what each client saw against the delivery rules:
+// Randomized scenarios over the Hub: users connect and disconnect devices (binary or JSON),
+// send (and resend) direct messages, and commits succeed or fail, in a seeded random order. After
+// every commit the test checks what each client saw against the delivery rules:
 //   - every send is answered exactly once (ack or error) if its connection is still open;
 //   - a committed message reaches every connected device of both members, except the
 //     connection that sent it, exactly once and in seq order; a failed commit reaches nobody;
@@ -27,6 +27,7 @@ using server::SessionId;
 struct Connection {
   std::string user;
   std::string device;
+  codec::Format format = codec::Format::kBinary;
 };
 
 struct SentRequest {
@@ -73,7 +74,8 @@ void RunScenario(uint32_t seed, int steps) {
       for (const auto& [id, c] : open) devices += c.user == user ? 1 : 0;
       if (devices >= options.max_devices_per_user) continue;
       const std::string device = user + "-d" + std::to_string(next_device++);
-      open[h.Connect(user, device)] = Connection{user, device};
+      const codec::Format format = pick(2) == 0 ? codec::Format::kJson : codec::Format::kBinary;
+      open[h.Connect(user, device, format)] = Connection{user, device, format};
     } else if (op < 3) {
       auto it = std::next(open.begin(), static_cast<std::ptrdiff_t>(pick(open.size())));
       h.Disconnect(it->first);
@@ -95,7 +97,7 @@ void RunScenario(uint32_t seed, int steps) {
         used.push_back(cmid);
       }
       const uint64_t rid = ++next_rid;
-      h.SendEnvelope(it->first, SendToPeer(rid, peer, cmid, "m" + cmid));
+      h.SendEnvelope(it->first, SendToPeer(rid, peer, cmid, "m" + cmid), from.format);
       in_flight[rid] = SentRequest{it->first, from.user, peer, cmid};
     } else {
       const bool fail = pick(5) == 0;
@@ -104,7 +106,12 @@ void RunScenario(uint32_t seed, int steps) {
       const std::map<SessionId, Connection> online = open;
       h.Pump();
       std::map<SessionId, std::vector<v1::Envelope>> got;
-      for (const auto& [id, c] : online) got[id] = h.Take(id);
+      for (const auto& [id, c] : online) {
+        for (ReceivedFrame& frame : h.TakeFrames(id)) {
+          CHECK(frame.format == c.format);
+          for (v1::Envelope& e : frame.envelopes) got[id].push_back(std::move(e));
+        }
+      }
 
       const std::map<std::string, Committed> committed_before = committed;
       // Answers to sends, in submission (rid) order, as the writer committed them.
