@@ -19,7 +19,7 @@ struct Fixture {
   Fixture()
       : chatd({.extra_flags = {"--max-message-bytes", std::to_string(kMaxMessageBytes),
                                "--max-body-bytes", std::to_string(kMaxBodyBytes),
-                               "--hello-timeout-ms", "500"}}) {
+                               "--hello-timeout-ms", "1500"}}) {
     MustStart(chatd);
     bystander = MustLogin(chatd, "alice", "a1");
     bob = MustLogin(chatd, "bob", "b1");
