@@ -134,7 +134,7 @@ std::string ChatdProcess::Token(std::string_view user, int64_t ttl_ms) const {
 }
 
 Result<std::unique_ptr<WsClient>> ChatdProcess::Login(const std::string& user,
-                                                     const std::string& device, Wire wire) const {
+                                                      const std::string& device, Wire wire) const {
   auto client = std::make_unique<WsClient>();
   Status connected = client->Connect(url());
   if (!connected.ok()) return connected;

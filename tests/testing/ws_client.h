@@ -146,8 +146,8 @@ v1::Envelope MakeSendToPeer(const std::string& peer, const std::string& client_m
 v1::Envelope MakeSendToConversation(uint64_t conversation_id, const std::string& client_msg_id,
                                     const std::string& body, uint64_t rid = 0);
 // `cursors` are (conversation_id, seq) pairs.
-v1::Envelope MakeSync(const std::vector<std::pair<uint64_t, uint64_t>>& cursors,
-                      uint32_t limit = 0, uint64_t rid = 0);
+v1::Envelope MakeSync(const std::vector<std::pair<uint64_t, uint64_t>>& cursors, uint32_t limit = 0,
+                      uint64_t rid = 0);
 v1::Envelope MakeHistory(uint64_t conversation_id, uint64_t before_seq, uint32_t limit,
                          uint64_t rid = 0);
 
