@@ -355,6 +355,11 @@ class Hub::Impl {
       CloseSession(id, kCloseUnauthenticated, "hello required first");
       return;
     }
+    if (s.authenticated && body == Body::kHello) {
+      SendError(id, s, envelope.rid(), FailedPrecondition("already authenticated"));
+      CloseSession(id, kClosePolicy, "already authenticated");
+      return;
+    }
     // Every request costs a token, malformed ones included, so no kind of request can flood
     // the loop or the store's queues. For Send this is the first of its checks.
     const std::string_view client_msg_id = body == Body::kSend
@@ -390,11 +395,6 @@ class Hub::Impl {
 
   void HandleHello(SessionId id, Session& s, const v1::Envelope& envelope) {
     const uint64_t rid = envelope.rid();
-    if (s.authenticated) {
-      SendError(id, s, rid, FailedPrecondition("already authenticated"));
-      CloseSession(id, kClosePolicy, "already authenticated");
-      return;
-    }
     const v1::Hello& hello = envelope.hello();
     if (hello.device_id().size() > kMaxDeviceIdBytes) {
       SendError(id, s, rid, InvalidArgument("device_id must be at most 128 bytes"));

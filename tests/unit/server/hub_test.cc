@@ -244,6 +244,13 @@ TEST_CASE("hub: a second hello is refused with FAILED_PRECONDITION and close 100
   REQUIRE(h.closed(session).has_value());
   CHECK(h.closed(session)->code == server::kClosePolicy);
   CHECK(h.hub().session_count() == 0);
+
+  // Even a malformed second hello is the same violation.
+  SessionId other = h.Connect("bob", "b");
+  h.SendEnvelope(other, HelloEnvelope(3, "", ""));
+  ExpectError(Only(h.Take(other)), v1::Error::FAILED_PRECONDITION, 3);
+  REQUIRE(h.closed(other).has_value());
+  CHECK(h.closed(other)->code == server::kClosePolicy);
 }
 
 TEST_CASE("hub: an undecodable binary frame gets INVALID_ARGUMENT and close 1007") {
