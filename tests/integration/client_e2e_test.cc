@@ -9,6 +9,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
@@ -36,6 +37,11 @@ class Recorder : public ClientListener {
   void OnConnectionState(ConnectionState state) override {
     std::lock_guard lock(mu_);
     state_ = state;
+    if (state == ConnectionState::kConnected) ++connects_;
+  }
+  int connects() {
+    std::lock_guard lock(mu_);
+    return connects_;
   }
   void OnMessage(const MessageEvent& event) override {
     std::lock_guard lock(mu_);
@@ -84,6 +90,7 @@ class Recorder : public ClientListener {
  private:
   std::mutex mu_;
   ConnectionState state_ = ConnectionState::kDisconnected;
+  int connects_ = 0;
   std::vector<MessageEvent> events_;
   std::vector<Status> errors_;
 };
@@ -434,6 +441,51 @@ TEST_CASE("client e2e: a new server store (epoch change) rebuilds the cache") {
   REQUIRE(Drive({}, [&] { return bob.recorder->ReceivedBodies().size() == 4; }));
   CHECK(bob.recorder->ReceivedBodies().back() == "after");
   CHECK(bob.recorder->ReceivedSeqs() == std::vector<Seq>{1, 2, 3, 1});
+  alice.client->Close();
+  bob.client->Close();
+}
+
+TEST_CASE("client e2e: an expired token is replaced by calling the token provider again") {
+  ChatdProcess chatd;
+  REQUIRE(chatd.Start().ok());
+  auto recorder = std::make_shared<Recorder>();
+  std::atomic<int> calls{0};
+  ClientOptions options;
+  options.url = chatd.url();
+  // The first token has already expired; later ones are fresh.
+  options.token_provider = [&] {
+    return chatd.Token("alice", calls.fetch_add(1) == 0 ? -60'000 : 3'600'000);
+  };
+  options.device_id = "alice-laptop";
+  options.listener = recorder;
+  auto client = Client::Open(std::move(options));
+  REQUIRE(client.ok());
+  REQUIRE((*client)->Start().ok());
+  REQUIRE(Drive(
+      {}, [&] { return recorder->state() == ConnectionState::kConnected; }, 10'000));
+  CHECK(calls.load() == 2);
+  auto errors = recorder->errors();
+  REQUIRE(errors.size() == 1);
+  CHECK(errors[0].code() == Code::kUnauthenticated);
+  CHECK(errors[0].message().find("expired") != std::string_view::npos);
+  (*client)->Close();
+}
+
+TEST_CASE("client e2e: Reconnect() drops the connection and comes back, nothing lost") {
+  ChatdProcess chatd;
+  REQUIRE(chatd.Start().ok());
+  TestClient alice = MakeClient(chatd, "alice", "alice-laptop", "");
+  TestClient bob = MakeClient(chatd, "bob", "bob-phone", "", Mode::kPoll);
+  REQUIRE(Drive({&bob}, [&] { return bob.recorder->state() == ConnectionState::kConnected; }));
+  REQUIRE(alice.client->SendTo("bob", "text/plain", "m0").ok());
+  REQUIRE(Drive({&bob}, [&] { return bob.recorder->ReceivedBodies().size() == 1; }));
+  REQUIRE(bob.client->Reconnect().ok());
+  REQUIRE(alice.client->SendTo("bob", "text/plain", "m1").ok());
+  REQUIRE(Drive({&bob}, [&] {
+    return bob.recorder->ReceivedBodies().size() == 2 && bob.recorder->connects() == 2;
+  }));
+  CHECK(bob.recorder->ReceivedBodies() == Bodies(2));
+  CHECK(bob.recorder->state() == ConnectionState::kConnected);
   alice.client->Close();
   bob.client->Close();
 }
