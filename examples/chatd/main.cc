@@ -186,7 +186,7 @@ struct ServeFlags {
 
 void AddServeFlags(CLI::App* serve, ServeFlags* f) {
   chat::ServerOptions& o = f->options;
-  serve->set_config("--config", "", "Read flags from this INI/TOML file (name = value)");
+  serve->set_config("--config", "", "Read the serve flags from this INI/TOML file (name = value)");
 
   serve
       ->add_option("--listen", o.listen_address,
@@ -358,11 +358,16 @@ int Token(const std::string& user, const std::string& ttl, const std::string& ki
 
 int main(int argc, char** argv) {
   CLI::App app{"chatd: real-time chat server (WebSocket, protobuf, SQLite)", "chatd"};
-  app.require_subcommand(1, 1);
+  app.require_subcommand(0, 1);
 
-  CLI::App* serve = app.add_subcommand("serve", "Serve chat over WebSocket (the default)");
+  // The serve flags live on the top-level app, so `serve` is the default (`chatd --port 9000`
+  // means `chatd serve --port 9000`) and a config file holds them as plain `name = value`
+  // lines; `serve` passes its flags through to them.
   ServeFlags serve_flags;
-  AddServeFlags(serve, &serve_flags);
+  AddServeFlags(&app, &serve_flags);
+  CLI::App* serve = app.add_subcommand(
+      "serve", "Serve chat over WebSocket (the default; its flags are listed by chatd --help)");
+  serve->fallthrough();
 
   CLI::App* token = app.add_subcommand("token", "Print a signed token for a user (development)");
   std::string user;
@@ -374,19 +379,7 @@ int main(int argc, char** argv) {
   token->add_option("--kid", kid, "Key id to put in the token header (key rotation)");
   AddSecretFlags(token, &token_secret);
 
-  // `serve` is the default: `chatd --port 9000` means `chatd serve --port 9000`.
-  std::vector<std::string> args(argv + 1, argv + argc);
-  const bool help_only =
-      !args.empty() && (args[0] == "--help" || args[0] == "-h" || args[0] == "--help-all");
-  if (!help_only && (args.empty() || (args[0] != "serve" && args[0] != "token"))) {
-    args.insert(args.begin(), "serve");
-  }
-  std::reverse(args.begin(), args.end());  // CLI11 takes a reversed vector
-  try {
-    app.parse(args);
-  } catch (const CLI::ParseError& e) {
-    return app.exit(e);
-  }
+  CLI11_PARSE(app, argc, argv);
 
   if (*token) return Token(user, ttl, kid, token_secret);
   return Serve(serve_flags);

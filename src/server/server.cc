@@ -5,7 +5,11 @@
 // posts completions, then wakes the loop with lws_cancel_service behind an atomic flag, so any
 // number of completions costs one wake-up. LWS_CALLBACK_EVENT_WAIT_CANCELLED drains them into
 // the Hub.
+#include <arpa/inet.h>
 #include <libwebsockets.h>
+#include <net/if.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -96,6 +100,36 @@ bool IsAllInterfaces(const std::string& address) {
   return address.empty() || address == "0.0.0.0" || address == "::" || address == "*";
 }
 
+// lws quietly listens on every interface when it cannot use the one it was given, so the
+// address is checked here: an IP literal must belong to this host, anything else must name an
+// interface.
+Status CheckListenAddress(const std::string& address) {
+  if (IsAllInterfaces(address)) return Status::Ok();
+  sockaddr_in v4 = {};
+  sockaddr_in6 v6 = {};
+  int family = AF_UNSPEC;
+  if (inet_pton(AF_INET, address.c_str(), &v4.sin_addr) == 1) {
+    v4.sin_family = AF_INET;
+    family = AF_INET;
+  } else if (inet_pton(AF_INET6, address.c_str(), &v6.sin6_addr) == 1) {
+    v6.sin6_family = AF_INET6;
+    family = AF_INET6;
+  }
+  if (family == AF_UNSPEC) {
+    if (if_nametoindex(address.c_str()) != 0) return Status::Ok();
+    return InvalidArgument("listen_address: not an IP address or interface name: " + address);
+  }
+  const int fd = socket(family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return Unavailable("listen_address: cannot create a socket");
+  const int rc = family == AF_INET ? bind(fd, reinterpret_cast<sockaddr*>(&v4), sizeof(v4))
+                                   : bind(fd, reinterpret_cast<sockaddr*>(&v6), sizeof(v6));
+  close(fd);
+  if (rc != 0) {
+    return InvalidArgument("listen_address: " + address + " is not an address of this host");
+  }
+  return Status::Ok();
+}
+
 Status Positive(uint64_t value, const char* field) {
   if (value == 0) return InvalidArgument(std::string(field) + " must be > 0");
   return Status::Ok();
@@ -108,6 +142,8 @@ Status Validate(const ServerOptions& o) {
   if (o.tls_cert_path.empty() != o.tls_key_path.empty()) {
     return InvalidArgument("tls_cert_path and tls_key_path must be set together");
   }
+  Status address = CheckListenAddress(o.listen_address);
+  if (!address.ok()) return address;
   if (!o.tls_cert_path.empty() && access(o.tls_cert_path.c_str(), R_OK) != 0) {
     return InvalidArgument("tls_cert_path: cannot read " + o.tls_cert_path);
   }
@@ -227,6 +263,12 @@ class ServerImpl final : public Server, private server::HubIo {
         IsAllInterfaces(options_.listen_address) ? nullptr : options_.listen_address.c_str();
     vinfo.protocols = protocols_;
     vinfo.options = LWS_SERVER_OPTION_FAIL_UPON_UNABLE_TO_BIND;
+    in_addr v4;
+    if (vinfo.iface != nullptr && inet_pton(AF_INET, vinfo.iface, &v4) == 1) {
+      // On an IPv6 socket lws 4.1 does not resolve an IPv4 literal and listens on every
+      // interface instead; an IPv4 socket binds to exactly that address.
+      vinfo.options |= LWS_SERVER_OPTION_DISABLE_IPV6;
+    }
     vinfo.vhost_name = "chat";
     if (tls) {
       // lws 4.1 enables TLS on a vhost only if its own options carry the global-init flag.
