@@ -19,11 +19,15 @@ class Printer : public chat::ClientListener {
                                                                        : "failed";
     std::printf("[%s] %s #%llu: %s\n", status, event.message.sender.c_str(),
                 static_cast<unsigned long long>(event.message.seq), event.message.body.c_str());
-    if (event.outgoing && event.status != chat::MessageStatus::kPending) done = true;
+    if (event.message.client_msg_id == waiting_for &&
+        event.status != chat::MessageStatus::kPending) {
+      done = true;
+    }
   }
   void OnError(const chat::Status& status) override {
     std::fprintf(stderr, "error: %s\n", status.ToString().c_str());
   }
+  std::string waiting_for;  // the client_msg_id of our message
   bool done = false;
 };
 
@@ -50,6 +54,8 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "send: %s\n", id.status().ToString().c_str());
     return 1;
   }
+  // Safe without a lock: callbacks run only inside Poll(), on this thread.
+  printer->waiting_for = *id;
   // Drive the client from this thread; callbacks run inside Poll().
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
   while (!printer->done && std::chrono::steady_clock::now() < deadline) {

@@ -372,6 +372,7 @@ class Client::Impl final : public ClientListener, public client::SessionIo {
 
   void Teardown() {
     if (torn_down_) return;
+    if (transport_) transport_->CloseGracefully(200);
     if (session_) session_->Stop();
     state_ = ConnectionState::kClosed;
     std::unique_ptr<client::Transport> transport;

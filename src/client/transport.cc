@@ -138,6 +138,16 @@ void Transport::Drop() {
     lws_set_timeout(old, PENDING_TIMEOUT_USER_OK, LWS_TO_KILL_ASYNC);
 }
 
+void Transport::CloseGracefully(int wait_ms) {
+  if (wsi_ == nullptr || !established_) return;
+  closing_ = true;
+  lws_callback_on_writable(wsi_);
+  for (int waited = 0; wsi_ != nullptr && waited < wait_ms; waited += 10) Service(10);
+  closing_ = false;
+  Drop();
+  events_.clear();
+}
+
 bool Transport::Send(std::string bytes) {
   if (wsi_ == nullptr || !established_) return false;
   if (queue_bytes_ + bytes.size() > options_.max_queue_bytes) return false;
@@ -206,6 +216,10 @@ int Transport::Callback(lws* wsi, int reason_int, void* in, size_t len) {
     }
     case LWS_CALLBACK_CLIENT_WRITEABLE: {
       if (!Current(wsi)) return -1;
+      if (closing_) {
+        lws_close_reason(wsi, LWS_CLOSE_STATUS_NORMAL, nullptr, 0);
+        return -1;
+      }
       if (queue_.empty()) return 0;  // spurious WRITEABLE after lws's own partial sends
       std::string frame = std::move(queue_.front());
       queue_.pop_front();

@@ -53,6 +53,9 @@ class Transport {
   void Connect();
   // Closes the current connection; none of its events is reported afterwards.
   void Drop();
+  // Sends a normal close (1000) on the current connection and services the loop for up to
+  // `wait_ms` so it leaves; the server then sees a clean close instead of a dropped socket.
+  void CloseGracefully(int wait_ms);
   // Queues one binary message. False if not connected or the queue is full.
   bool Send(std::string bytes);
   // Waits up to timeout_ms (0: not at all) for network events or Wake(), and handles them.
@@ -78,6 +81,7 @@ class Transport {
   lws* wsi_ = nullptr;        // the current connection, or null
   uintptr_t generation_ = 0;  // tags each connection; events of older ones are ignored
   bool established_ = false;
+  bool closing_ = false;  // CloseGracefully() asked the current connection to close
   int peer_close_code_ = 0;
   std::deque<std::string> queue_;  // each with LWS_PRE bytes of headroom
   size_t queue_bytes_ = 0;
