@@ -269,6 +269,12 @@ void Session::HandleWelcome(const v1::Envelope& envelope) {
   last_rx_ = now;
   next_ping_ = now + heartbeat_ms_;
   outbox_retry_at_ = 0;
+  // 90% of the server's rate leaves room for Pings, Syncs and History requests.
+  const uint32_t per_second = welcome.limits().messages_per_second();
+  send_rate_ = per_second * 0.9 / 1000.0;
+  send_capacity_ = std::max(1.0, per_second * 0.9);
+  send_tokens_ = send_capacity_;
+  send_tokens_at_ = now;
   SetPhase(Phase::kSyncing);
   SendSync();
 }
@@ -628,6 +634,21 @@ void Session::OnOutboxAdded(const OutboxEntry& entry) {
   PumpOutbox();
 }
 
+bool Session::TakeSendToken() {
+  if (send_rate_ <= 0) return true;
+  const int64_t now = Now();
+  send_tokens_ = std::min(send_capacity_, send_tokens_ + (now - send_tokens_at_) * send_rate_);
+  send_tokens_at_ = now;
+  if (send_tokens_ >= 1) {
+    send_tokens_ -= 1;
+    return true;
+  }
+  // At least 10 ms: finer timers only make the loop spin.
+  const auto wait = static_cast<int64_t>((1 - send_tokens_) / send_rate_) + 1;
+  outbox_retry_at_ = now + std::max<int64_t>(10, wait);
+  return false;
+}
+
 void Session::PumpOutbox() {
   if (phase_ != Phase::kLive || outbox_retry_at_ != 0) return;
   const size_t window = std::max<uint32_t>(1, options_.max_in_flight);
@@ -635,6 +656,7 @@ void Session::PumpOutbox() {
   for (const OutboxEntry& entry : cache_->PendingOutbox(window + in_flight_.size())) {
     if (in_flight_.size() >= window) break;
     if (in_flight_ids_.contains(entry.client_msg_id)) continue;
+    if (!TakeSendToken()) return;
     v1::Envelope envelope;
     const uint64_t rid = NextRid();
     envelope.set_rid(rid);

@@ -130,6 +130,8 @@ class Session {
   bool Advance(ConversationRow* row, std::vector<MessageEvent>* events);
   ConversationRow LoadOrStub(ConversationId conversation);
 
+  // Spends one token of the client-side send budget; false (and a retry timer) when empty.
+  bool TakeSendToken();
   void SendSync();
   void RequestSync();
   void PumpOutbox();
@@ -167,6 +169,12 @@ class Session {
   std::map<uint64_t, std::string> in_flight_;  // rid -> client_msg_id
   std::set<std::string> in_flight_ids_;
   int64_t outbox_retry_at_ = 0;
+  // Sends are paced below the server's messages_per_second (told in Welcome), so a burst from
+  // the outbox is not refused by the rate limit, which could reorder it within the window.
+  double send_rate_ = 0;  // tokens per ms; 0 = no limit
+  double send_capacity_ = 0;
+  double send_tokens_ = 0;
+  int64_t send_tokens_at_ = 0;
 
   std::map<uint64_t, PendingHistory> histories_;
 };

@@ -106,7 +106,8 @@ struct Harness {
   }
 
   // Welcome and answer the first Sync with `batch`; returns the Sync request.
-  v1::Envelope Welcome(uint64_t epoch = 7, uint32_t heartbeat_ms = 30'000) {
+  v1::Envelope Welcome(uint64_t epoch = 7, uint32_t heartbeat_ms = 30'000,
+                       uint32_t messages_per_second = 0) {
     v1::Envelope hello = OpenToHello();
     v1::Envelope welcome;
     welcome.set_rid(hello.rid());
@@ -114,6 +115,7 @@ struct Harness {
     welcome.mutable_welcome()->set_device_id("laptop");
     welcome.mutable_welcome()->set_epoch(epoch);
     welcome.mutable_welcome()->mutable_limits()->set_heartbeat_interval_ms(heartbeat_ms);
+    welcome.mutable_welcome()->mutable_limits()->set_messages_per_second(messages_per_second);
     session->OnEnvelope(welcome);
     auto written = io.Take();
     REQUIRE(written.size() == 1);
@@ -405,6 +407,30 @@ TEST_CASE("session: the outbox drains in order within the in-flight window") {
   // A late second ack for the same message changes nothing.
   h.session->OnEnvelope(AckFor(resent[1], 3, true));
   CHECK(h.listener.SentSeqs(5) == std::vector<Seq>{1, 2, 3});
+}
+
+TEST_CASE("session: sends are paced below the server's messages_per_second") {
+  SessionOptions o;
+  o.max_in_flight = 100;
+  Harness h(o);
+  for (int i = 0; i < 12; ++i) h.AddOutbox("msg-" + std::to_string(100 + i) + "-0123456789");
+  v1::Envelope sync = h.Welcome(7, 30'000, /*messages_per_second=*/10);
+  h.Reply(sync, {});
+  // A full bucket holds 90% of the rate: 9 messages at once.
+  auto first = SendIds(h.io.Take());
+  REQUIRE(first.size() == 9);
+  CHECK(first.front() == "msg-100-0123456789");
+  // Then one every 1000 / 9 ms, in order.
+  h.clock->Advance(100);
+  h.session->Tick();
+  CHECK(SendIds(h.io.Take()).empty());
+  h.clock->Advance(20);
+  h.session->Tick();
+  CHECK(SendIds(h.io.Take()) == std::vector<std::string>{"msg-109-0123456789"});
+  h.clock->Advance(400);
+  h.session->Tick();
+  CHECK(SendIds(h.io.Take()) ==
+        std::vector<std::string>{"msg-110-0123456789", "msg-111-0123456789"});
 }
 
 TEST_CASE("session: an own message seen in Sync before its ack leaves the outbox") {
