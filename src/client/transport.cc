@@ -14,6 +14,9 @@ namespace {
 
 int ProtocolCallback(lws* wsi, lws_callback_reasons reason, void* user, void* in, size_t len) {
   (void)user;
+  // Without a wsi there is no connection to report on; the Session's connect timeout covers
+  // a connection that never reports back.
+  if (wsi == nullptr) return 0;
   lws_context* context = lws_get_context(wsi);
   auto* transport = context ? static_cast<Transport*>(lws_context_user(context)) : nullptr;
   if (transport == nullptr) return 0;
