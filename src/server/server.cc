@@ -428,7 +428,7 @@ class ServerImpl final : public Server, private server::HubIo {
 
   void ResumeReadsIfDrained() {
     if (paused_.empty() || phase_ != Phase::kServing) return;
-    if (store_threads_->appends_pending() >= options_.writer_queue_max / 2) return;
+    if (store_threads_->appends_pending() * 2 >= options_.writer_queue_max) return;
     for (SessionId id : paused_) {
       auto it = connections_.find(id);
       if (it == connections_.end() || !it->second->paused) continue;

@@ -1,0 +1,482 @@
+// chat::Server (src/server/server.cc) in-process: option validation, binding, HTTP, the
+// connection refusals, message reassembly and its size cap, slow consumers, and a graceful
+// shutdown that acks what was being committed before closing with 1001.
+#include <arpa/inet.h>
+#include <doctest/doctest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <condition_variable>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "chat/auth.h"
+#include "chat/server.h"
+#include "chat/store.h"
+#include "chat/v1/chat.pb.h"
+#include "tests/testing/ws_client.h"
+
+namespace chat::testing {
+namespace {
+
+const std::string kSecret(48, 'k');
+
+int64_t NowMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+std::string TokenFor(const std::string& user) {
+  Result<std::string> token = SignJwt(kSecret, "", user, NowMs(), 3'600'000);
+  REQUIRE(token.ok());
+  return *token;
+}
+
+ServerOptions BaseOptions(std::shared_ptr<MessageStore> store = NewMemoryStore()) {
+  ServerOptions options;
+  options.port = 0;
+  options.store = std::move(store);
+  Result<std::shared_ptr<Authenticator>> auth = NewJwtAuthenticator({.secrets = {{"", kSecret}}});
+  REQUIRE(auth.ok());
+  options.authenticator = *auth;
+  return options;
+}
+
+std::unique_ptr<Server> MustStart(ServerOptions options) {
+  Result<std::unique_ptr<Server>> server = Server::Open(std::move(options));
+  REQUIRE_MESSAGE(server.ok(), server.status().ToString());
+  REQUIRE((*server)->Start().ok());
+  REQUIRE((*server)->port() != 0);
+  return std::move(*server);
+}
+
+std::string Url(const Server& server) {
+  return "ws://127.0.0.1:" + std::to_string(server.port()) + "/";
+}
+
+std::unique_ptr<WsClient> MustLogin(const Server& server, const std::string& user) {
+  auto client = std::make_unique<WsClient>();
+  REQUIRE(client->Connect(Url(server)).ok());
+  std::optional<v1::Envelope> reply = client->Hello(TokenFor(user), user + "-phone");
+  REQUIRE(reply.has_value());
+  REQUIRE_MESSAGE(reply->has_welcome(), reply->DebugString());
+  return client;
+}
+
+v1::Envelope HelloEnvelope(const std::string& user) {
+  v1::Envelope envelope;
+  envelope.set_rid(1);
+  envelope.mutable_hello()->set_token(TokenFor(user));
+  envelope.mutable_hello()->set_device_id(user + "-laptop");
+  return envelope;
+}
+
+// A store whose Append waits at a gate the test opens, so a commit can be held in progress.
+class GatedStore : public MessageStoreWrapper {
+ public:
+  GatedStore() : MessageStoreWrapper(NewMemoryStore()) {}
+
+  Status Append(std::span<const AppendRequest> batch, std::vector<AppendResult>* results) override {
+    std::unique_lock<std::mutex> lock(mu_);
+    ++entered_;
+    cv_.notify_all();
+    cv_.wait(lock, [this] { return open_; });
+    lock.unlock();
+    return MessageStoreWrapper::Append(batch, results);
+  }
+
+  // Waits (bounded) until an Append is held at the gate.
+  bool WaitEntered(int timeout_ms = 5000) {
+    std::unique_lock<std::mutex> lock(mu_);
+    return cv_.wait_for(lock, std::chrono::milliseconds(timeout_ms),
+                        [this] { return entered_ > 0; });
+  }
+
+  void Open() {
+    std::lock_guard<std::mutex> lock(mu_);
+    open_ = true;
+    cv_.notify_all();
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  int entered_ = 0;
+  bool open_ = false;
+};
+
+// A minimal WebSocket client on a raw socket that reads only when asked to, for the slow
+// consumer case (WsClient always reads).
+class RawWs {
+ public:
+  ~RawWs() {
+    if (fd_ >= 0) close(fd_);
+  }
+
+  bool Connect(uint16_t port, int receive_buffer) {
+    fd_ = socket(AF_INET, SOCK_STREAM, 0);
+    if (fd_ < 0) return false;
+    // A small receive window makes the server's socket fill up quickly.
+    setsockopt(fd_, SOL_SOCKET, SO_RCVBUF, &receive_buffer, sizeof(receive_buffer));
+    timeval timeout{10, 0};
+    setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
+    sockaddr_in addr = {};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(port);
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (connect(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) return false;
+    const std::string request =
+        "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Protocol: chat.v1\r\n\r\n";
+    if (!WriteAll(request)) return false;
+    std::string response;
+    char c = 0;
+    while (response.find("\r\n\r\n") == std::string::npos) {
+      if (read(fd_, &c, 1) != 1) return false;
+      response += c;
+    }
+    return response.rfind("HTTP/1.1 101", 0) == 0;
+  }
+
+  // One masked binary frame (FIN set).
+  bool SendBinary(const std::string& payload) {
+    std::string frame;
+    frame += static_cast<char>(0x82);
+    if (payload.size() < 126) {
+      frame += static_cast<char>(0x80 | payload.size());
+    } else {
+      frame += static_cast<char>(0x80 | 126);
+      frame += static_cast<char>((payload.size() >> 8) & 0xff);
+      frame += static_cast<char>(payload.size() & 0xff);
+    }
+    const char mask[4] = {0x11, 0x22, 0x33, 0x44};
+    frame.append(mask, 4);
+    for (size_t i = 0; i < payload.size(); ++i)
+      frame += static_cast<char>(payload[i] ^ mask[i % 4]);
+    return WriteAll(frame);
+  }
+
+  struct Frame {
+    int opcode = 0;
+    std::string payload;
+  };
+
+  // The next frame from the server (servers do not mask); nullopt if the stream ended.
+  std::optional<Frame> ReadFrame() {
+    unsigned char head[2];
+    if (!ReadExact(head, 2)) return std::nullopt;
+    uint64_t length = head[1] & 0x7f;
+    if (length == 126) {
+      unsigned char ext[2];
+      if (!ReadExact(ext, 2)) return std::nullopt;
+      length = (ext[0] << 8) | ext[1];
+    } else if (length == 127) {
+      unsigned char ext[8];
+      if (!ReadExact(ext, 8)) return std::nullopt;
+      length = 0;
+      for (unsigned char b : ext) length = (length << 8) | b;
+    }
+    Frame frame;
+    frame.opcode = head[0] & 0x0f;
+    frame.payload.resize(length);
+    if (length > 0 && !ReadExact(frame.payload.data(), length)) return std::nullopt;
+    return frame;
+  }
+
+  // Reads frames until a close frame and returns its code; nullopt if the stream ended first.
+  std::optional<int> ReadUntilClose() {
+    for (;;) {
+      std::optional<Frame> frame = ReadFrame();
+      if (!frame.has_value()) return std::nullopt;
+      if (frame->opcode != 0x8) continue;
+      if (frame->payload.size() < 2) return 1005;
+      return (static_cast<unsigned char>(frame->payload[0]) << 8) |
+             static_cast<unsigned char>(frame->payload[1]);
+    }
+  }
+
+ private:
+  bool WriteAll(const std::string& bytes) {
+    size_t done = 0;
+    while (done < bytes.size()) {
+      const ssize_t n = write(fd_, bytes.data() + done, bytes.size() - done);
+      if (n <= 0) return false;
+      done += static_cast<size_t>(n);
+    }
+    return true;
+  }
+
+  bool ReadExact(void* out, size_t n) {
+    auto* p = static_cast<char*>(out);
+    size_t done = 0;
+    while (done < n) {
+      const ssize_t r = read(fd_, p + done, n - done);
+      if (r <= 0) return false;
+      done += static_cast<size_t>(r);
+    }
+    return true;
+  }
+
+  int fd_ = -1;
+};
+
+// A refused connection gets one Error{UNAVAILABLE, retry_after_ms} frame, then close 1013.
+// (Read on a raw socket: the lws 4.1 client reports close codes 1012..2999 as 1002.)
+void CheckRefused(uint16_t port) {
+  RawWs refused;
+  REQUIRE(refused.Connect(port, 64 * 1024));
+  std::optional<RawWs::Frame> frame = refused.ReadFrame();
+  REQUIRE(frame.has_value());
+  CHECK(frame->opcode == 0x2);
+  v1::Envelope error;
+  REQUIRE(error.ParseFromString(frame->payload));
+  REQUIRE_MESSAGE(error.has_error(), error.DebugString());
+  CHECK(error.error().code() == v1::Error::UNAVAILABLE);
+  CHECK(error.error().retry_after_ms() >= 1000);
+  CHECK(error.error().retry_after_ms() <= 3000);
+  CHECK(refused.ReadUntilClose() == std::optional<int>(1013));
+}
+
+TEST_CASE("server runtime: Open refuses invalid options with INVALID_ARGUMENT naming the field") {
+  struct Case {
+    std::function<void(ServerOptions&)> mutate;
+    std::string message;
+  };
+  const std::vector<Case> cases = {
+      {[](ServerOptions& o) { o.store = nullptr; }, "store is required"},
+      {[](ServerOptions& o) { o.authenticator = nullptr; }, "authenticator is required"},
+      {[](ServerOptions& o) { o.node_id = 1024; }, "node_id must be <= 1023"},
+      {[](ServerOptions& o) { o.tls_cert_path = "/tmp/cert.pem"; },
+       "tls_cert_path and tls_key_path must be set together"},
+      {[](ServerOptions& o) { o.tls_key_path = "/tmp/key.pem"; },
+       "tls_cert_path and tls_key_path must be set together"},
+      {[](ServerOptions& o) {
+         o.tls_cert_path = "/nonexistent/cert.pem";
+         o.tls_key_path = "/nonexistent/key.pem";
+       },
+       "tls_cert_path: cannot read /nonexistent/cert.pem"},
+      {[](ServerOptions& o) { o.listen_address = "192.0.2.1"; },
+       "listen_address: 192.0.2.1 is not an address of this host"},
+      {[](ServerOptions& o) { o.listen_address = "no-such-if0"; },
+       "listen_address: not an IP address or interface name: no-such-if0"},
+      {[](ServerOptions& o) { o.max_message_bytes = 0; }, "max_message_bytes must be > 0"},
+      {[](ServerOptions& o) { o.max_outbound_bytes = 0; }, "max_outbound_bytes must be > 0"},
+      {[](ServerOptions& o) { o.hello_timeout_ms = 0; }, "hello_timeout_ms must be > 0"},
+      {[](ServerOptions& o) { o.max_connections = 0; }, "max_connections must be > 0"},
+      {[](ServerOptions& o) { o.sync_page_max = 0; }, "sync_page_max must be > 0"},
+      {[](ServerOptions& o) { o.commit_batch_max = 0; }, "commit_batch_max must be > 0"},
+      {[](ServerOptions& o) { o.writer_queue_max = 0; }, "writer_queue_max must be > 0"},
+      {[](ServerOptions& o) { o.reader_threads = 0; }, "reader_threads must be > 0"},
+      {[](ServerOptions& o) { o.heartbeat_interval_ms = o.idle_timeout_ms; },
+       "heartbeat_interval_ms must be < idle_timeout_ms"},
+  };
+  for (const Case& c : cases) {
+    ServerOptions options = BaseOptions();
+    c.mutate(options);
+    Result<std::unique_ptr<Server>> server = Server::Open(std::move(options));
+    REQUIRE_FALSE(server.ok());
+    CHECK(server.status().code() == Code::kInvalidArgument);
+    CHECK(server.status().message() == c.message);
+  }
+}
+
+TEST_CASE("server runtime: Open on a port already in use is UNAVAILABLE") {
+  std::unique_ptr<Server> first = MustStart(BaseOptions());
+  ServerOptions options = BaseOptions();
+  options.port = first->port();
+  Result<std::unique_ptr<Server>> second = Server::Open(std::move(options));
+  REQUIRE_FALSE(second.ok());
+  CHECK(second.status().code() == Code::kUnavailable);
+  first->Shutdown();
+}
+
+TEST_CASE("server runtime: GET /healthz is 200 ok, other paths 404, and 404 when disabled") {
+  std::unique_ptr<Server> server = MustStart(BaseOptions());
+  Result<HttpResponse> health = HttpGet("127.0.0.1", server->port(), "/healthz");
+  REQUIRE_MESSAGE(health.ok(), health.status().ToString());
+  CHECK(health->status == 200);
+  CHECK(health->body == "ok\n");
+  Result<HttpResponse> other = HttpGet("127.0.0.1", server->port(), "/index.html");
+  REQUIRE(other.ok());
+  CHECK(other->status == 404);
+  server->Shutdown();
+
+  ServerOptions options = BaseOptions();
+  options.serve_healthz = false;
+  std::unique_ptr<Server> quiet = MustStart(std::move(options));
+  Result<HttpResponse> disabled = HttpGet("127.0.0.1", quiet->port(), "/healthz");
+  REQUIRE(disabled.ok());
+  CHECK(disabled->status == 404);
+}
+
+TEST_CASE("server runtime: Run or Start a second time is FAILED_PRECONDITION") {
+  std::unique_ptr<Server> server = MustStart(BaseOptions());
+  CHECK(server->Start().code() == Code::kFailedPrecondition);
+  CHECK(server->Run().code() == Code::kFailedPrecondition);
+  server->Shutdown();
+  server->Shutdown();  // idempotent
+}
+
+TEST_CASE("server runtime: Run serves until Shutdown from another thread, then returns OK") {
+  Result<std::unique_ptr<Server>> server = Server::Open(BaseOptions());
+  REQUIRE(server.ok());
+  Server& s = **server;
+  Status run_status = Internal("Run did not return");
+  std::thread loop([&] { run_status = s.Run(); });
+  {
+    auto alice = MustLogin(s, "alice");
+    s.Shutdown();
+    std::optional<int> code = alice->WaitClosed();
+    REQUIRE(code.has_value());
+    CHECK(*code == 1001);
+  }
+  loop.join();
+  CHECK(run_status.ok());
+  // The port is closed now.
+  CHECK_FALSE(HttpGet("127.0.0.1", s.port(), "/healthz", 1000).ok());
+}
+
+TEST_CASE("server runtime: Shutdown before Run makes Run return OK at once") {
+  Result<std::unique_ptr<Server>> server = Server::Open(BaseOptions());
+  REQUIRE(server.ok());
+  (*server)->Shutdown();
+  CHECK((*server)->Run().ok());
+}
+
+TEST_CASE(
+    "server runtime: past max_connections a client gets UNAVAILABLE with retry_after_ms "
+    "and close 1013") {
+  ServerOptions options = BaseOptions();
+  options.max_connections = 1;
+  std::unique_ptr<Server> server = MustStart(std::move(options));
+  auto alice = MustLogin(*server, "alice");
+
+  CheckRefused(server->port());
+
+  // The accepted session is unaffected.
+  CHECK(alice->Barrier().has_value());
+}
+
+TEST_CASE("server runtime: a message split into fragments is reassembled") {
+  std::unique_ptr<Server> server = MustStart(BaseOptions());
+  WsClient client;
+  REQUIRE(client.Connect(Url(*server)).ok());
+  std::string hello;
+  REQUIRE(HelloEnvelope("alice").SerializeToString(&hello));
+  REQUIRE(client.SendFragments(hello, 3).ok());
+  std::optional<v1::Envelope> reply = client.Next();
+  REQUIRE(reply.has_value());
+  CHECK_MESSAGE(reply->has_welcome(), reply->DebugString());
+}
+
+TEST_CASE("server runtime: max_message_bytes is enforced on the assembled message (close 1009)") {
+  ServerOptions options = BaseOptions();
+  options.max_message_bytes = 1024;
+  std::unique_ptr<Server> server = MustStart(std::move(options));
+
+  SUBCASE("exactly at the limit reaches the decoder (1007 for garbage)") {
+    WsClient client;
+    REQUIRE(client.Connect(Url(*server)).ok());
+    REQUIRE(client.SendRaw(std::string(1024, '\xff')).ok());
+    std::optional<int> code = client.WaitClosed();
+    REQUIRE(code.has_value());
+    CHECK(*code == 1007);
+  }
+  SUBCASE("one byte over in one frame") {
+    WsClient client;
+    REQUIRE(client.Connect(Url(*server)).ok());
+    REQUIRE(client.SendRaw(std::string(1025, 'x')).ok());
+    std::optional<int> code = client.WaitClosed();
+    REQUIRE(code.has_value());
+    CHECK(*code == 1009);
+    CHECK(client.close_reason() == "message too large");
+  }
+  SUBCASE("over the limit across many small fragments") {
+    WsClient client;
+    REQUIRE(client.Connect(Url(*server)).ok());
+    REQUIRE(client.SendFragments(std::string(4000, 'x'), 40).ok());
+    std::optional<int> code = client.WaitClosed();
+    REQUIRE(code.has_value());
+    CHECK(*code == 1009);
+  }
+}
+
+TEST_CASE("server runtime: a client that does not read is closed as a slow consumer (4003)") {
+  ServerOptions options = BaseOptions();
+  options.max_outbound_bytes = 256 * 1024;
+  options.bytes_per_second = 1024 * 1024 * 1024;
+  std::unique_ptr<Server> server = MustStart(std::move(options));
+
+  RawWs alice;
+  REQUIRE(alice.Connect(server->port(), 4096));
+  std::string hello;
+  REQUIRE(HelloEnvelope("alice").SerializeToString(&hello));
+  REQUIRE(alice.SendBinary(hello));
+
+  // More than the kernel buffers on both sides can hold (tcp_wmem max is 4 MiB here), so
+  // the server's queue for alice has to grow past its cap.
+  auto bob = MustLogin(*server, "bob");
+  const std::string body(60'000, 'b');
+  for (int i = 0; i < 120; ++i) {
+    std::optional<v1::Envelope> ack = bob->Request(MakeSendToPeer("alice", NewClientMsgId(), body));
+    REQUIRE(ack.has_value());
+    REQUIRE_MESSAGE(ack->has_send_ack(), ack->DebugString());
+  }
+  std::optional<int> code = alice.ReadUntilClose();
+  REQUIRE(code.has_value());
+  CHECK(*code == 4003);
+  // Bob, who reads, is still served.
+  CHECK(bob->Barrier().has_value());
+}
+
+TEST_CASE("server runtime: while the writer queue is full, new connections get UNAVAILABLE") {
+  auto store = std::make_shared<GatedStore>();
+  ServerOptions options = BaseOptions(store);
+  options.writer_queue_max = 1;
+  std::unique_ptr<Server> server = MustStart(std::move(options));
+  auto alice = MustLogin(*server, "alice");
+  REQUIRE(alice->SendEnvelope(MakeSendToPeer("bob", NewClientMsgId(), "held", 7)).ok());
+  REQUIRE(store->WaitEntered());
+
+  CheckRefused(server->port());
+
+  store->Open();
+  std::optional<v1::Envelope> ack = alice->WaitForRid(7);
+  REQUIRE(ack.has_value());
+  CHECK(ack->has_send_ack());
+}
+
+TEST_CASE("server runtime: Shutdown acks the message being committed, then closes with 1001") {
+  auto store = std::make_shared<GatedStore>();
+  std::unique_ptr<Server> server = MustStart(BaseOptions(store));
+  auto alice = MustLogin(*server, "alice");
+  const std::string id = NewClientMsgId();
+  REQUIRE(alice->SendEnvelope(MakeSendToPeer("bob", id, "in flight", 9)).ok());
+  REQUIRE(store->WaitEntered());
+
+  std::thread stopper([&] { server->Shutdown(); });
+  store->Open();
+  stopper.join();
+
+  std::optional<v1::Envelope> ack = alice->WaitForRid(9);
+  REQUIRE(ack.has_value());
+  REQUIRE_MESSAGE(ack->has_send_ack(), ack->DebugString());
+  CHECK(ack->send_ack().client_msg_id() == id);
+  CHECK(ack->send_ack().seq() == 1);
+  std::optional<int> code = alice->WaitClosed();
+  REQUIRE(code.has_value());
+  CHECK(*code == 1001);
+}
+
+}  // namespace
+}  // namespace chat::testing
