@@ -388,20 +388,23 @@ TEST_CASE(
   // Inside the gap: the server answers.
   REQUIRE(bob.client->History(conversation, 501, 100, callback).ok());
   REQUIRE(Drive({}, [&] { return page_count() == 2; }));
-  std::lock_guard lock(mu);
-  REQUIRE(pages[0].ok());
-  CHECK(pages[0]->from_cache);
-  REQUIRE(pages[0]->messages.size() == 10);
-  CHECK(pages[0]->messages.front().seq == kCount);
-  REQUIRE(pages[1].ok());
-  CHECK_FALSE(pages[1]->from_cache);
-  REQUIRE(pages[1]->messages.size() == 100);
-  CHECK(pages[1]->messages.front().seq == 500);
-  CHECK(pages[1]->messages.back().seq == 401);
-  CHECK(pages[1]->messages.front().body == "m499");
-  CHECK(pages[1]->has_more);
-  // History does not re-deliver: the application saw each seq once.
-  CHECK(bob.recorder->ReceivedSeqs() == Range(501, kCount));
+  {
+    // Released before Close(), which waits for a running callback that may need `mu`.
+    std::lock_guard lock(mu);
+    REQUIRE(pages[0].ok());
+    CHECK(pages[0]->from_cache);
+    REQUIRE(pages[0]->messages.size() == 10);
+    CHECK(pages[0]->messages.front().seq == kCount);
+    REQUIRE(pages[1].ok());
+    CHECK_FALSE(pages[1]->from_cache);
+    REQUIRE(pages[1]->messages.size() == 100);
+    CHECK(pages[1]->messages.front().seq == 500);
+    CHECK(pages[1]->messages.back().seq == 401);
+    CHECK(pages[1]->messages.front().body == "m499");
+    CHECK(pages[1]->has_more);
+    // History does not re-deliver: the application saw each seq once.
+    CHECK(bob.recorder->ReceivedSeqs() == Range(501, kCount));
+  }
   bob.client->Close();
 }
 
