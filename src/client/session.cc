@@ -154,7 +154,7 @@ void Session::Tick() {
         next_ping_ = now + heartbeat_ms_;
         if (!Write(ping)) return;
       }
-      if (phase_ == Phase::kLive && outbox_retry_at_ != 0 && now >= outbox_retry_at_) {
+      if (outbox_retry_at_ != 0 && now >= outbox_retry_at_) {
         outbox_retry_at_ = 0;
         PumpOutbox();
       }
