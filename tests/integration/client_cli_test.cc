@@ -1,0 +1,78 @@
+// chat-cli against the real chatd: the subcommands users script with, in text and JSON.
+#include <doctest/doctest.h>
+
+#include <string>
+#include <vector>
+
+#include "tests/testing/chatd_process.h"
+#include "tests/testing/temp_dir.h"
+
+namespace chat::testing {
+namespace {
+
+struct CliRun {
+  int code = -1;
+  std::string out;
+};
+
+CliRun Cli(const ChatdProcess& chatd, const TempDir& dir, const std::string& user,
+           std::vector<std::string> args) {
+  static int n = 0;
+  const std::string log = dir.File("cli-" + std::to_string(++n) + ".log");
+  std::vector<std::string> argv = {std::string(CHAT_BINARY_DIR) + "/examples/chat-cli",
+                                   "--url",
+                                   chatd.url(),
+                                   "--token",
+                                   chatd.Token(user),
+                                   "--device",
+                                   user + "-cli"};
+  argv.insert(argv.end(), args.begin(), args.end());
+  Result<int> code = RunProcess(argv, dir.path(), log, 60'000);
+  REQUIRE(code.ok());
+  return {*code, ReadFile(log)};
+}
+
+TEST_CASE("chat-cli: send, conversations and history, in JSON") {
+  ChatdProcess chatd;
+  REQUIRE(chatd.Start().ok());
+  TempDir dir;
+  CliRun sent = Cli(chatd, dir, "alice", {"--json", "send", "--to", "bob", "first", "second"});
+  CHECK_MESSAGE(sent.code == 0, sent.out);
+  CHECK(sent.out.find("{\"type\":\"queued\",\"count\":2}") != std::string::npos);
+  CHECK(sent.out.find("\"status\":\"sent\",\"conversation_id\":1,\"seq\":1") != std::string::npos);
+  CHECK(sent.out.find("\"seq\":2") != std::string::npos);
+
+  CliRun listed = Cli(chatd, dir, "bob", {"--json", "conversations"});
+  CHECK_MESSAGE(listed.code == 0, listed.out);
+  CHECK(listed.out.find("\"conversation_id\":1,\"kind\":1,\"title\":\"\",\"peer\":\"alice\","
+                        "\"last_seq\":2,\"unread\":2") != std::string::npos);
+
+  CliRun history = Cli(chatd, dir, "bob", {"--json", "history", "--conversation", "1"});
+  CHECK_MESSAGE(history.code == 0, history.out);
+  const size_t first = history.out.find("\"body\":\"first\"");
+  const size_t second = history.out.find("\"body\":\"second\"");
+  REQUIRE(first != std::string::npos);
+  REQUIRE(second != std::string::npos);
+  CHECK(first < second);  // oldest first on the terminal
+
+  // Text mode, and a conversation the user is not in.
+  CliRun text = Cli(chatd, dir, "bob", {"history", "--conversation", "1"});
+  CHECK(text.out.find("[1#1] alice: first") != std::string::npos);
+  CliRun denied = Cli(chatd, dir, "carol", {"history", "--conversation", "1"});
+  CHECK(denied.code == 1);
+  CHECK(denied.out.find("PERMISSION_DENIED") != std::string::npos);
+}
+
+TEST_CASE("chat-cli: a refused send exits non-zero and prints the reason") {
+  ChatdProcess chatd;
+  REQUIRE(chatd.Start().ok());
+  TempDir dir;
+  CliRun run = Cli(chatd, dir, "alice", {"send", "--conversation", "424242", "hello"});
+  CHECK(run.code == 4);
+  CHECK(run.out.find("(failed) PERMISSION_DENIED") != std::string::npos);
+  CliRun usage = Cli(chatd, dir, "alice", {"send", "hello"});
+  CHECK(usage.code == 2);
+}
+
+}  // namespace
+}  // namespace chat::testing
