@@ -85,7 +85,6 @@ struct Connection {
   int close_code = 0;
   std::string close_reason;
   int peer_close_code = 0;
-  std::string peer;
 };
 
 // The close reason fits in a close frame and does not end inside a UTF-8 sequence.
@@ -508,11 +507,10 @@ class ServerImpl final : public Server, private server::HubIo {
     conn->wsi = wsi;
     char peer[64] = {};
     const char* name = lws_get_peer_simple(wsi, peer, sizeof(peer));
-    conn->peer = name != nullptr ? name : "?";
     *slot = conn;
     connections_.emplace(conn->id, conn);
-    Log(LogLevel::kInfo,
-        "chat: connect session=" + std::to_string(conn->id) + " peer=" + conn->peer);
+    Log(LogLevel::kInfo, "chat: connect session=" + std::to_string(conn->id) +
+                             " peer=" + (name != nullptr ? name : "?"));
 
     const bool overloaded = store_threads_->appends_pending() >= options_.writer_queue_max;
     if (!overloaded && hub_->OnOpen(conn->id)) {
