@@ -13,6 +13,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
+#include <filesystem>
 #include <functional>
 #include <map>
 #include <memory>
@@ -491,6 +492,61 @@ TEST_CASE("client e2e: Reconnect() drops the connection and comes back, nothing 
   CHECK(bob.recorder->state() == ConnectionState::kConnected);
   alice.client->Close();
   bob.client->Close();
+}
+
+// The pid of the process with `arg` among its arguments, or -1.
+pid_t FindProcessWithArg(const std::string& arg) {
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator("/proc", ec)) {
+    const std::string name = entry.path().filename().string();
+    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+    const std::string cmdline = ReadFile(entry.path().string() + "/cmdline");
+    size_t start = 0;
+    while (start < cmdline.size()) {
+      size_t end = cmdline.find('\0', start);
+      if (end == std::string::npos) end = cmdline.size();
+      if (cmdline.compare(start, end - start, arg) == 0) return std::stoi(name);
+      start = end + 1;
+    }
+  }
+  return -1;
+}
+
+TEST_CASE("client e2e: a frozen server is detected by the heartbeat and the client recovers") {
+  ChatdProcess chatd;
+  REQUIRE(chatd.Start().ok());
+  const pid_t server = FindProcessWithArg(chatd.db_path());
+  REQUIRE(server > 0);
+  auto recorder = std::make_shared<Recorder>();
+  ClientOptions options;
+  options.url = chatd.url();
+  options.token_provider = [&chatd] { return chatd.Token("bob"); };
+  options.device_id = "bob-phone";
+  options.listener = recorder;
+  options.heartbeat_interval_ms = 300;
+  options.connect_timeout_ms = 1'000;
+  options.reconnect.base_ms = 50;
+  options.reconnect.cap_ms = 200;
+  auto bob = Client::Open(std::move(options));
+  REQUIRE(bob.ok());
+  REQUIRE((*bob)->Start().ok());
+  REQUIRE(Drive({}, [&] { return recorder->state() == ConnectionState::kConnected; }));
+
+  // Frozen, the server neither answers Pings nor closes the socket: only the heartbeat notices.
+  REQUIRE(kill(server, SIGSTOP) == 0);
+  const bool noticed = Drive(
+      {}, [&] { return recorder->state() != ConnectionState::kConnected; }, 10'000);
+  REQUIRE(kill(server, SIGCONT) == 0);
+  CHECK(noticed);
+  REQUIRE(Drive({}, [&] {
+    return recorder->state() == ConnectionState::kConnected && recorder->connects() >= 2;
+  }));
+  TestClient alice = MakeClient(chatd, "alice", "alice-laptop", "");
+  REQUIRE(alice.client->SendTo("bob", "text/plain", "m0").ok());
+  REQUIRE(Drive({}, [&] { return recorder->ReceivedBodies().size() == 1; }));
+  CHECK(recorder->ReceivedBodies() == Bodies(1));
+  alice.client->Close();
+  (*bob)->Close();
 }
 
 }  // namespace
