@@ -1,0 +1,259 @@
+// StoreThreads (src/server/store_threads.h): group commit, completion order, failures, bounds.
+#include "src/server/store_threads.h"
+
+#include <doctest/doctest.h>
+
+#include <chrono>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "chat/store.h"
+
+namespace chat::server {
+namespace {
+
+// Records the size of every Append batch; the first Append waits at a gate until Open().
+// Fails every Append with `fail` when set, or returns one result too few with `short_results`.
+class RecordingStore : public MessageStoreWrapper {
+ public:
+  RecordingStore() : MessageStoreWrapper(NewMemoryStore()) {}
+
+  Status Append(std::span<const AppendRequest> batch, std::vector<AppendResult>* results) override {
+    std::unique_lock<std::mutex> lock(mu_);
+    batches_.push_back(batch.size());
+    cv_.notify_all();
+    cv_.wait(lock, [this] { return open_; });
+    lock.unlock();
+    if (!fail_.ok()) return fail_;
+    Status status = MessageStoreWrapper::Append(batch, results);
+    if (short_results_ && !results->empty()) results->pop_back();
+    return status;
+  }
+
+  bool WaitBatches(size_t n) {
+    std::unique_lock<std::mutex> lock(mu_);
+    return cv_.wait_for(lock, std::chrono::seconds(10), [&] { return batches_.size() >= n; });
+  }
+  void Open() {
+    std::lock_guard<std::mutex> lock(mu_);
+    open_ = true;
+    cv_.notify_all();
+  }
+  std::vector<size_t> batches() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return batches_;
+  }
+
+  Status fail_;
+  bool short_results_ = false;
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<size_t> batches_;
+  bool open_ = false;
+};
+
+// Collects completions as the loop would, waiting on the wake callback.
+class Collector {
+ public:
+  std::function<void()> WakeFn() {
+    return [this] {
+      std::lock_guard<std::mutex> lock(mu_);
+      ++wakes_;
+      cv_.notify_all();
+    };
+  }
+
+  // Takes completions until `appends` append completions were seen (bounded wait).
+  bool CollectAppends(StoreThreads& threads, size_t appends) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (appends_.size() < appends) {
+      std::vector<AppendDone> a;
+      std::vector<ReadDone> r;
+      threads.TakeCompletions(&a, &r);
+      for (AppendDone& d : a) appends_.push_back(std::move(d));
+      for (ReadDone& d : r) reads_.push_back(std::move(d));
+      if (appends_.size() >= appends) break;
+      std::unique_lock<std::mutex> lock(mu_);
+      if (!cv_.wait_until(lock, deadline, [&] { return wakes_ > seen_; })) return false;
+      seen_ = wakes_;
+    }
+    return true;
+  }
+
+  bool CollectReads(StoreThreads& threads, size_t reads) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (reads_.size() < reads) {
+      std::vector<AppendDone> a;
+      std::vector<ReadDone> r;
+      threads.TakeCompletions(&a, &r);
+      for (AppendDone& d : a) appends_.push_back(std::move(d));
+      for (ReadDone& d : r) reads_.push_back(std::move(d));
+      if (reads_.size() >= reads) break;
+      std::unique_lock<std::mutex> lock(mu_);
+      if (!cv_.wait_until(lock, deadline, [&] { return wakes_ > seen_; })) return false;
+      seen_ = wakes_;
+    }
+    return true;
+  }
+
+  std::vector<AppendDone> appends_;
+  std::vector<ReadDone> reads_;
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  int wakes_ = 0;
+  int seen_ = 0;
+};
+
+AppendJob Job(uint64_t token) {
+  AppendJob job;
+  job.token = token;
+  job.request.peer = "bob";
+  job.request.sender = "alice";
+  job.request.sender_device = "alice-1";
+  job.request.client_msg_id = "client-msg-id-" + std::to_string(1000 + token);
+  job.request.message_id = token;
+  job.request.server_time_ms = 1'700'000'000'000;
+  job.request.body = "m" + std::to_string(token);
+  return job;
+}
+
+TEST_CASE("store threads: appends queued during a commit go in the next group, in order") {
+  auto store = std::make_shared<RecordingStore>();
+  Collector collector;
+  StoreThreads threads(store, {.commit_batch_max = 4, .reader_threads = 1}, collector.WakeFn());
+  threads.Start();
+  threads.SubmitAppend(Job(1));
+  REQUIRE(store->WaitBatches(1));  // the first group (1 message) is held at the gate
+  for (uint64_t t = 2; t <= 10; ++t) threads.SubmitAppend(Job(t));
+  CHECK(threads.appends_pending() == 10);
+  store->Open();
+  REQUIRE(collector.CollectAppends(threads, 10));
+  CHECK(store->batches() == std::vector<size_t>{1, 4, 4, 1});
+  for (size_t i = 0; i < collector.appends_.size(); ++i) {
+    const AppendDone& done = collector.appends_[i];
+    CHECK(done.token == i + 1);
+    CHECK(done.commit_status.ok());
+    CHECK(done.result.status.ok());
+    CHECK(done.result.message.seq == i + 1);
+  }
+  CHECK(threads.appends_pending() == 0);
+  threads.Stop();
+}
+
+TEST_CASE("store threads: a failed transaction fails every message of its group") {
+  auto store = std::make_shared<RecordingStore>();
+  store->fail_ = Unavailable("disk full");
+  store->Open();
+  Collector collector;
+  StoreThreads threads(store, {.commit_batch_max = 8, .reader_threads = 1}, collector.WakeFn());
+  threads.Start();
+  threads.SubmitAppend(Job(1));
+  threads.SubmitAppend(Job(2));
+  REQUIRE(collector.CollectAppends(threads, 2));
+  for (const AppendDone& done : collector.appends_) {
+    CHECK(done.commit_status.code() == Code::kUnavailable);
+    CHECK(done.commit_status.message() == "disk full");
+  }
+  threads.Stop();
+}
+
+TEST_CASE("store threads: a store returning too few results is INTERNAL, never an ack") {
+  auto store = std::make_shared<RecordingStore>();
+  store->short_results_ = true;
+  store->Open();
+  Collector collector;
+  StoreThreads threads(store, {.reader_threads = 1}, collector.WakeFn());
+  threads.Start();
+  threads.SubmitAppend(Job(1));
+  REQUIRE(collector.CollectAppends(threads, 1));
+  CHECK(collector.appends_[0].commit_status.code() == Code::kInternal);
+  threads.Stop();
+}
+
+TEST_CASE("store threads: past append_queue_max a message fails at once with UNAVAILABLE") {
+  auto store = std::make_shared<RecordingStore>();
+  Collector collector;
+  StoreThreads threads(store,
+                       {.commit_batch_max = 1,
+                        .reader_threads = 1,
+                        .append_queue_max = 2,
+                        .overload_retry_after_ms = 1234},
+                       collector.WakeFn());
+  threads.Start();
+  threads.SubmitAppend(Job(1));
+  REQUIRE(store->WaitBatches(1));  // job 1 is committing; the queue is empty
+  threads.SubmitAppend(Job(2));
+  threads.SubmitAppend(Job(3));
+  threads.SubmitAppend(Job(4));  // the queue holds 2: refused
+  REQUIRE(collector.CollectAppends(threads, 1));
+  CHECK(collector.appends_[0].token == 4);
+  CHECK(collector.appends_[0].commit_status.code() == Code::kUnavailable);
+  CHECK(collector.appends_[0].commit_status.retry_after_ms() == 1234);
+  CHECK(threads.appends_pending() == 3);
+  store->Open();
+  REQUIRE(collector.CollectAppends(threads, 4));
+  for (size_t i = 1; i < 4; ++i) {
+    CHECK(collector.appends_[i].token == i);
+    CHECK(collector.appends_[i].commit_status.ok());
+  }
+  threads.Stop();
+}
+
+TEST_CASE("store threads: Stop commits what was accepted before the writer exits") {
+  auto store = std::make_shared<RecordingStore>();
+  Collector collector;
+  auto threads = std::make_unique<StoreThreads>(
+      store, StoreThreadsOptions{.commit_batch_max = 16, .reader_threads = 1}, collector.WakeFn());
+  threads->Start();
+  threads->SubmitAppend(Job(1));
+  REQUIRE(store->WaitBatches(1));
+  threads->SubmitAppend(Job(2));
+  threads->SubmitAppend(Job(3));
+  store->Open();
+  threads->Stop();
+  CHECK(store->batches() == std::vector<size_t>{1, 2});
+  REQUIRE(collector.CollectAppends(*threads, 3));
+  const ConversationId conversation = collector.appends_[0].result.message.conversation_id;
+  Result<HistoryReply> history = store->History({.user = "alice", .conversation_id = conversation});
+  REQUIRE(history.ok());
+  CHECK(history->messages.size() == 3);
+}
+
+TEST_CASE("store threads: Sync and History run on the readers and errors come back as values") {
+  auto store = std::make_shared<RecordingStore>();
+  store->Open();
+  Collector collector;
+  StoreThreads threads(store, {.reader_threads = 2}, collector.WakeFn());
+  threads.Start();
+  threads.SubmitAppend(Job(1));
+  REQUIRE(collector.CollectAppends(threads, 1));
+  const ConversationId conversation = collector.appends_[0].result.message.conversation_id;
+  threads.SubmitRead(
+      {.token = 7, .query = SyncQuery{.user = "bob", .device = "bob-1", .cursors = {}}});
+  threads.SubmitRead(
+      {.token = 8,
+       .query = HistoryQuery{.user = "carol", .conversation_id = conversation, .limit = 10}});
+  REQUIRE(collector.CollectReads(threads, 2));
+  for (ReadDone& done : collector.reads_) {
+    if (done.token == 7) {
+      auto& sync = std::get<Result<SyncReply>>(done.result);
+      REQUIRE(sync.ok());
+      CHECK(sync->messages.size() == 1);
+    } else {
+      CHECK(done.token == 8);
+      auto& history = std::get<Result<HistoryReply>>(done.result);
+      CHECK(history.status().code() == Code::kPermissionDenied);
+    }
+  }
+  threads.Stop();
+}
+
+}  // namespace
+}  // namespace chat::server
