@@ -289,14 +289,14 @@ class ServerImpl final : public Server, private server::HubIo {
 
   Status Run() override {
     if (started_.exchange(true)) return FailedPrecondition("Run or Start was already called");
-    RunLoop();
-    return Status::Ok();
+    return RunLoop();
   }
 
   Status Start() override {
     if (started_.exchange(true)) return FailedPrecondition("Run or Start was already called");
     std::lock_guard<std::mutex> lock(join_mu_);
-    thread_ = std::thread([this] { RunLoop(); });
+    // Start() has no caller to return the reason to; RunLoop logs it.
+    thread_ = std::thread([this] { (void)RunLoop(); });
     return Status::Ok();
   }
 
@@ -315,7 +315,8 @@ class ServerImpl final : public Server, private server::HubIo {
 
   // ---- Loop -------------------------------------------------------------------------------
 
-  void RunLoop() {
+  Status RunLoop() {
+    Status result;
     store_threads_->Start();
     Log(LogLevel::kInfo, std::string("chat: serving on ") + (tls_ ? "wss" : "ws") + "://" +
                              options_.listen_address + ":" + std::to_string(port()));
@@ -325,6 +326,7 @@ class ServerImpl final : public Server, private server::HubIo {
     while (phase_ != Phase::kDone) {
       if (lws_service(ctx_, 0) < 0) {
         Log(LogLevel::kError, "chat: the event loop failed; stopping");
+        result = Internal("the event loop failed");
         break;
       }
     }
@@ -334,6 +336,7 @@ class ServerImpl final : public Server, private server::HubIo {
     store_threads_->Stop();
     DestroyContext();
     Log(LogLevel::kInfo, "chat: server stopped");
+    return result;
   }
 
   void DestroyContext() {
