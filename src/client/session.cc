@@ -254,7 +254,9 @@ void Session::HandleWelcome(const v1::Envelope& envelope) {
     // The cache describes another data set (a replaced store, or another user): rebuild it.
     stubs_.clear();
     if (Status st = cache_->ResetForEpoch(welcome.epoch()); !st.ok()) ReportError(st);
-    ReportError(DataLoss("server epoch changed: the cache was rebuilt"));
+    ReportError(DataLoss(cached_user.empty() || cached_user == welcome.user_id()
+                             ? "server epoch changed: the cache was rebuilt"
+                             : "signed in as another user: the cache was rebuilt"));
   }
   if (Status st = cache_->SetIdentity(welcome.epoch(), welcome.user_id()); !st.ok()) {
     ReportError(st);

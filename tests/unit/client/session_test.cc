@@ -107,11 +107,11 @@ struct Harness {
 
   // Welcome and answer the first Sync with `batch`; returns the Sync request.
   v1::Envelope Welcome(uint64_t epoch = 7, uint32_t heartbeat_ms = 30'000,
-                       uint32_t messages_per_second = 0) {
+                       uint32_t messages_per_second = 0, const std::string& user = "alice") {
     v1::Envelope hello = OpenToHello();
     v1::Envelope welcome;
     welcome.set_rid(hello.rid());
-    welcome.mutable_welcome()->set_user_id("alice");
+    welcome.mutable_welcome()->set_user_id(user);
     welcome.mutable_welcome()->set_device_id("laptop");
     welcome.mutable_welcome()->set_epoch(epoch);
     welcome.mutable_welcome()->mutable_limits()->set_heartbeat_interval_ms(heartbeat_ms);
@@ -595,6 +595,25 @@ TEST_CASE("session: a changed server epoch clears the cache and syncs from scrat
   h.Reply(fresh, rebuilt);
   CHECK(h.listener.SentSeqs(6) == std::vector<Seq>{1});
   CHECK(SendIds(h.io.Take()) == std::vector<std::string>{"msg-kept-01234567"});
+}
+
+TEST_CASE("session: a cache of another user is rebuilt") {
+  Harness h;
+  v1::Envelope sync = h.Welcome(7);
+  v1::SyncBatch batch;
+  *batch.add_messages() = Msg(5, 1);
+  auto* conv = batch.add_conversations();
+  conv->set_conversation_id(5);
+  conv->set_kind(v1::CONVERSATION_KIND_DIRECT);
+  h.Reply(sync, batch);
+  h.session->OnClosed(1000, "bye");
+  v1::Envelope fresh = h.Welcome(7, 30'000, 0, "mallory");
+  CHECK(fresh.sync().cursors_size() == 0);
+  CHECK(h.cache->MessageCount() == 0);
+  CHECK(h.cache->UserId() == "mallory");
+  REQUIRE(h.listener.errors.size() == 1);
+  CHECK(h.listener.errors[0] ==
+        Status(Code::kDataLoss, "signed in as another user: the cache was rebuilt"));
 }
 
 TEST_CASE("session: History answers from the cache when it holds the range") {
