@@ -5,8 +5,10 @@
 #include <doctest/doctest.h>
 
 #include <atomic>
+#include <chrono>
 #include <memory>
 #include <string>
+#include <thread>
 
 #include "tests/testing/temp_dir.h"
 
@@ -199,6 +201,75 @@ TEST_CASE("client: pending sends are reported on the loop thread, not inside Sen
   CHECK(listener->calls.load() == 0);
   REQUIRE(client->Poll(0).ok());
   CHECK(listener->calls.load() >= 1);
+}
+
+// Counts callbacks that run after Close() returned; can close the client from a callback.
+class CloseWatcher : public ClientListener {
+ public:
+  void OnConnectionState(ConnectionState) override { Called(); }
+  void OnMessage(const MessageEvent&) override { Called(); }
+  void OnError(const Status&) override { Called(); }
+
+  void Called() {
+    ++calls;
+    if (close_returned) ++after_close;
+    if (close_from_callback && client != nullptr) {
+      client->Close();  // must not deadlock
+      close_returned = true;
+    }
+    // Keep the loop inside a callback for a while, so Close() meets one in progress.
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+
+  std::atomic<int> calls{0};
+  std::atomic<int> after_close{0};
+  std::atomic<bool> close_returned{false};
+  bool close_from_callback = false;
+  Client* client = nullptr;
+};
+
+ClientOptions Churning(std::shared_ptr<ClientListener> listener) {
+  ClientOptions o = Offline();
+  o.listener = std::move(listener);
+  // Connection refused at once and retried quickly: a steady stream of state callbacks.
+  o.reconnect.base_ms = 1;
+  o.reconnect.cap_ms = 5;
+  return o;
+}
+
+TEST_CASE("client: Close() from another thread waits for a running callback and none runs after") {
+  auto watcher = std::make_shared<CloseWatcher>();
+  auto client = Client::Open(Churning(watcher)).value();
+  REQUIRE(client->Start().ok());
+  for (int i = 0; i < 500 && watcher->calls.load() < 3; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  REQUIRE(watcher->calls.load() >= 3);
+  // Posted work keeps the loop busy while it closes.
+  for (int i = 0; i < 20; ++i) REQUIRE(client->SendTo("bob", "text/plain", "x").ok());
+  client->Close();
+  watcher->close_returned = true;
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  CHECK(watcher->after_close.load() == 0);
+  CHECK(client->state() == ConnectionState::kClosed);
+}
+
+TEST_CASE("client: Close() from inside a callback returns and stops the callbacks") {
+  auto watcher = std::make_shared<CloseWatcher>();
+  watcher->close_from_callback = true;
+  auto client = Client::Open(Churning(watcher)).value();
+  watcher->client = client.get();
+  REQUIRE(client->Start().ok());
+  for (int i = 0; i < 500 && !watcher->close_returned.load(); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  REQUIRE(watcher->close_returned.load());
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  CHECK(watcher->calls.load() == 1);
+  CHECK(watcher->after_close.load() == 0);
+  CHECK(client->Send(5, "text/plain", "x").status().code() == Code::kFailedPrecondition);
+  watcher->client = nullptr;
+  client.reset();  // joins the loop thread
 }
 
 }  // namespace

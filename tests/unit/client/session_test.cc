@@ -449,7 +449,7 @@ TEST_CASE("session: an own message seen in Sync before its ack leaves the outbox
   CHECK(h.listener.messages.back().outgoing);
 }
 
-TEST_CASE("session: a refused send fails with the server's code; a retryable one is retried") {
+TEST_CASE("session: a refused send fails with the server's code and a retryable one is retried") {
   Harness h;
   h.ConnectLive();
   h.AddOutbox("msg-denied-012345", 9);
