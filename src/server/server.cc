@@ -565,15 +565,14 @@ class ServerImpl final : public Server, private server::HubIo {
     if (announced > options_.max_message_bytes) {
       Log(LogLevel::kWarn, "chat: session " + std::to_string(conn->id) +
                                " sent a message over max_message_bytes; closing with 1009");
-      conn->closing = true;
-      conn->close_code = server::kCloseTooLarge;
       conn->rx.clear();
       conn->rx.shrink_to_fit();
-      static constexpr char kReason[] = "message too large";
-      lws_close_reason(conn->wsi, LWS_CLOSE_STATUS_MESSAGE_TOO_LARGE,
-                       reinterpret_cast<unsigned char*>(const_cast<char*>(kReason)),
-                       sizeof(kReason) - 1);
-      return -1;
+      conn->assembling = false;
+      // Close through the writeable path instead of failing the read: the rest of the message
+      // is read and dropped meanwhile, so the socket is not torn down with unread input, which
+      // would make the kernel answer with a reset that can destroy the close frame in flight.
+      BeginClose(*conn, server::kCloseTooLarge, "message too large");
+      return 0;
     }
     if (final && conn->rx.empty()) {
       // The common case: the whole message in one piece, handed over without a copy.

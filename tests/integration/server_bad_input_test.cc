@@ -2,8 +2,10 @@
 // server keeps serving a client that was already connected.
 #include <doctest/doctest.h>
 
+#include <chrono>
 #include <ctime>
 #include <string>
+#include <thread>
 
 #include "chat/auth.h"
 #include "tests/integration/server_test_helpers.h"
@@ -50,13 +52,31 @@ struct Fixture {
   std::unique_ptr<WsClient> bob;
 };
 
+// The server closes while the client is still sending the rest of the oversized message. Its
+// close frame (1009) normally arrives, but when the kernel answers the late bytes with a reset
+// the client's unread input, close frame included, is discarded and it sees 1006. Either way
+// the server must have closed the session with 1009 (its log records that), must keep serving
+// the others, and must have delivered nothing.
+void CheckClosedTooLarge(WsClient& bad, Fixture& f) {
+  const int code = bad.WaitClosed().value_or(-1);
+  CHECK((code == 1009 || code == 1006));
+  f.CheckStillServing();
+  CHECK(CountDelivers(MustBarrier(*f.bob)) == 0);
+  bool logged = false;
+  for (int i = 0; i < 100 && !logged; ++i) {  // bounded: 10 s
+    logged = f.chatd.log().find("code=1009 (server)") != std::string::npos;
+    if (!logged) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  CHECK(logged);
+}
+
 TEST_CASE("server bad input: garbage bytes -> INVALID_ARGUMENT, close 1007") {
   Fixture f;
   auto bad = MustLogin(f.chatd, "mallory", "m1");
   REQUIRE(
       bad->SendRaw(std::string("\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01garbage", 18)).ok());
   Fixture::ExpectError(*bad, v1::Error::INVALID_ARGUMENT);
-  CHECK(bad->WaitClosed() == 1007);
+  CHECK(bad->WaitClosed().value_or(-1) == 1007);
   f.CheckStillServing();
 }
 
@@ -67,7 +87,7 @@ TEST_CASE("server bad input: truncated protobuf -> INVALID_ARGUMENT, close 1007"
       MakeSendToPeer("bob", NewClientMsgId(), std::string(200, 'x'), 7).SerializeAsString();
   REQUIRE(bad->SendRaw(whole.substr(0, whole.size() - 50)).ok());
   Fixture::ExpectError(*bad, v1::Error::INVALID_ARGUMENT);
-  CHECK(bad->WaitClosed() == 1007);
+  CHECK(bad->WaitClosed().value_or(-1) == 1007);
   f.CheckStillServing();
   // Nothing of the truncated Send reached bob.
   CHECK(CountDelivers(MustBarrier(*f.bob)) == 0);
@@ -77,7 +97,7 @@ TEST_CASE("server bad input: garbage before Hello -> close 1007") {
   Fixture f;
   auto bad = MustConnect(f.chatd);
   REQUIRE(bad->SendRaw("\x0a\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff").ok());
-  CHECK(bad->WaitClosed() == 1007);
+  CHECK(bad->WaitClosed().value_or(-1) == 1007);
   f.CheckStillServing();
 }
 
@@ -88,9 +108,7 @@ TEST_CASE("server bad input: a message over --max-message-bytes in one frame -> 
       MakeSendToPeer("bob", NewClientMsgId(), std::string(kMaxMessageBytes + 1000, 'x'))
           .SerializeAsString();
   REQUIRE(bad->SendRaw(big).ok());
-  CHECK(bad->WaitClosed() == 1009);
-  f.CheckStillServing();
-  CHECK(CountDelivers(MustBarrier(*f.bob)) == 0);
+  CheckClosedTooLarge(*bad, f);
 }
 
 TEST_CASE("server bad input: a message over --max-message-bytes in 64 fragments -> close 1009") {
@@ -101,9 +119,7 @@ TEST_CASE("server bad input: a message over --max-message-bytes in 64 fragments 
       MakeSendToPeer("bob", NewClientMsgId(), std::string(2 * kMaxMessageBytes, 'y'))
           .SerializeAsString();
   REQUIRE(bad->SendFragments(big, 64).ok());
-  CHECK(bad->WaitClosed() == 1009);
-  f.CheckStillServing();
-  CHECK(CountDelivers(MustBarrier(*f.bob)) == 0);
+  CheckClosedTooLarge(*bad, f);
 }
 
 TEST_CASE("server: a message under --max-message-bytes in many fragments is accepted") {
@@ -126,7 +142,7 @@ TEST_CASE("server bad input: invalid JSON text frame -> INVALID_ARGUMENT, close 
   auto bad = MustLogin(f.chatd, "mallory", "m1", Wire::kJson);
   REQUIRE(bad->SendRaw("{\"rid\":\"3\",\"send\":{\"peer\":\"bob\",", /*binary=*/false).ok());
   Fixture::ExpectError(*bad, v1::Error::INVALID_ARGUMENT);
-  CHECK(bad->WaitClosed() == 1007);
+  CHECK(bad->WaitClosed().value_or(-1) == 1007);
   CHECK(bad->undecodable_frames() == 0);  // the error itself came back as valid JSON
   f.CheckStillServing();
 }
@@ -136,7 +152,7 @@ TEST_CASE("server bad input: Send before Hello -> UNAUTHENTICATED, close 4001") 
   auto bad = MustConnect(f.chatd);
   const v1::Error error = MustFail(*bad, MakeSendToPeer("bob", NewClientMsgId(), "sneaky"));
   CHECK(error.code() == v1::Error::UNAUTHENTICATED);
-  CHECK(bad->WaitClosed() == 4001);
+  CHECK(bad->WaitClosed().value_or(-1) == 4001);
   f.CheckStillServing();
   CHECK(CountDelivers(MustBarrier(*f.bob)) == 0);
 }
@@ -154,7 +170,7 @@ void ExpectHelloRefused(Fixture& f, const std::string& token) {
   REQUIRE(reply.has_value());
   REQUIRE_MESSAGE(reply->has_error(), reply->DebugString());
   CHECK(reply->error().code() == v1::Error::UNAUTHENTICATED);
-  CHECK(bad->WaitClosed() == 4001);
+  CHECK(bad->WaitClosed().value_or(-1) == 4001);
   f.CheckStillServing();
 }
 
@@ -176,7 +192,7 @@ TEST_CASE(
   // Still unauthenticated: anything but Hello now closes with 4001.
   CHECK(MustFail(*bad, MakeSendToPeer("bob", NewClientMsgId(), "x")).code() ==
         v1::Error::UNAUTHENTICATED);
-  CHECK(bad->WaitClosed() == 4001);
+  CHECK(bad->WaitClosed().value_or(-1) == 4001);
   f.CheckStillServing();
 }
 
@@ -268,7 +284,7 @@ TEST_CASE("server bad input: a second Hello -> FAILED_PRECONDITION, close 1008")
   REQUIRE(reply.has_value());
   REQUIRE_MESSAGE(reply->has_error(), reply->DebugString());
   CHECK(reply->error().code() == v1::Error::FAILED_PRECONDITION);
-  CHECK(bad->WaitClosed() == 1008);
+  CHECK(bad->WaitClosed().value_or(-1) == 1008);
   f.CheckStillServing();
 }
 
@@ -280,7 +296,7 @@ TEST_CASE("server bad input: a server-only message from a client -> close 1002")
   welcome.mutable_welcome()->set_user_id("alice");
   const v1::Error error = MustFail(*bad, welcome);
   CHECK(error.code() == v1::Error::INVALID_ARGUMENT);
-  CHECK(bad->WaitClosed() == 1002);
+  CHECK(bad->WaitClosed().value_or(-1) == 1002);
   f.CheckStillServing();
 }
 
@@ -336,7 +352,7 @@ TEST_CASE("server limits: past --max-devices-per-user -> RESOURCE_EXHAUSTED, clo
   REQUIRE(reply.has_value());
   REQUIRE_MESSAGE(reply->has_error(), reply->DebugString());
   CHECK(reply->error().code() == v1::Error::RESOURCE_EXHAUSTED);
-  CHECK(second->WaitClosed() == 4004);
+  CHECK(second->WaitClosed().value_or(-1) == 4004);
   // The first device is unaffected, and another user may still connect.
   MustBarrier(*first);
   auto bob = MustLogin(chatd, "bob", "b1");

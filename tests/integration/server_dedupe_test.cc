@@ -90,7 +90,7 @@ void RunRestartCase(bool kill9) {
       Result<int> code = chatd.Terminate();
       REQUIRE(code.ok());
       CHECK(*code == 0);
-      CHECK(alice->WaitClosed() == 1001);
+      CHECK(alice->WaitClosed().value_or(-1) == 1001);
     }
   }
   MustStart(chatd);
