@@ -10,7 +10,7 @@ packages=(
   libsqlite3-dev sqlite3
   doctest-dev libcli11-dev
   libbenchmark-dev
-  python3 curl procps
+  python3 curl procps openssl
 )
 
 missing=()
