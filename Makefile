@@ -5,7 +5,7 @@ JOBS ?= $(shell nproc)
 BUILD_TEST ?= build/asan
 BUILD_RUN ?= build/release
 
-.PHONY: all deps test run build-test build-run format clean
+.PHONY: all deps test run build-test build-run format clean bench
 
 all: build-run
 
@@ -25,6 +25,11 @@ build-run: deps
 
 run: build-run
 	@bash scripts/run-chatd.sh $(BUILD_RUN)
+
+# Release build into build/bench, chatd and chat-bench pinned to one core each; see
+# docs/performance.md. BENCH_ARGS=--quick for the small run, or name workloads.
+bench: deps
+	@bash bench/run.sh $(BENCH_ARGS)
 
 format:
 	@git ls-files '*.h' '*.cc' | xargs clang-format -i

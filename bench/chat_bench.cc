@@ -1,0 +1,1230 @@
+// chat-bench: the load generator of bench/run.sh (see /work/shared/BENCH.md and
+// docs/performance.md).
+//
+// One libwebsockets client context drives every connection of a run on one thread, so the
+// generator stays cheap next to the server it measures (its own CPU time is reported too). Load is
+// open-loop: a 10 ms timer (never finer, see LWS-NOTES pitfall 1) sends every message that is due
+// by the schedule, whatever the replies are doing, so queueing in the server shows up in the
+// percentiles. Each message body carries the CLOCK_MONOTONIC time it was queued and the sender's
+// index, from which the receiver derives send->deliver latency and checks that nothing was lost,
+// duplicated or reordered. Every run prints one JSON object on stdout and exits 1 if the workload
+// did not complete or lost, duplicated or reordered anything.
+#include <arpa/inet.h>
+#include <libwebsockets.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <cinttypes>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <ctime>
+#include <deque>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <set>
+#include <sstream>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+
+#include "chat/auth.h"
+#include "chat/v1/chat.pb.h"
+
+namespace chat::bench {
+namespace {
+
+int64_t NowNs() {
+  timespec ts{};
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1'000'000'000 + ts.tv_nsec;
+}
+
+int64_t WallMs() {
+  timespec ts{};
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1'000'000;
+}
+
+double CpuSecondsSelf() {
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return static_cast<double>(usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) +
+         static_cast<double>(usage.ru_utime.tv_usec + usage.ru_stime.tv_usec) / 1e6;
+}
+
+// CPU seconds (user + system, all threads) of another process, from /proc/<pid>/stat; -1 when
+// the process cannot be read. The resolution is one clock tick (10 ms here), so the callers
+// measure over seconds.
+double CpuSecondsOf(int pid) {
+  if (pid <= 0) return -1;
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string line;
+  if (!std::getline(in, line)) return -1;
+  size_t paren = line.rfind(')');
+  if (paren == std::string::npos) return -1;
+  std::istringstream fields(line.substr(paren + 2));
+  std::string field;
+  // Fields after the command start at field 3 (state); utime and stime are fields 14 and 15.
+  uint64_t utime = 0;
+  uint64_t stime = 0;
+  for (int index = 3; index <= 15 && fields >> field; ++index) {
+    if (index == 14) utime = std::stoull(field);
+    if (index == 15) stime = std::stoull(field);
+  }
+  return static_cast<double>(utime + stime) / static_cast<double>(sysconf(_SC_CLK_TCK));
+}
+
+// A "Key:   123 kB" line of a /proc file, in KiB; -1 when absent.
+int64_t ProcKb(const std::string& path, const std::string& key) {
+  std::ifstream in(path);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind(key + ":", 0) == 0) {
+      return std::strtoll(line.c_str() + key.size() + 1, nullptr, 10);
+    }
+  }
+  return -1;
+}
+
+int64_t RssKbOf(int pid) {
+  return pid > 0 ? ProcKb("/proc/" + std::to_string(pid) + "/status", "VmRSS") : -1;
+}
+int64_t PeakRssKbOf(int pid) {
+  return pid > 0 ? ProcKb("/proc/" + std::to_string(pid) + "/status", "VmHWM") : -1;
+}
+int64_t SlabKb() { return ProcKb("/proc/meminfo", "Slab"); }
+
+// A log-bucketed latency histogram in the manner of HdrHistogram: values below 64 ns are exact,
+// above that each power of two is split into 32 buckets, so a reported percentile is at most ~3%
+// above the true value (it is the upper edge of its bucket, capped by the exact maximum).
+class Histogram {
+ public:
+  void Record(int64_t value_ns) {
+    if (value_ns < 0) value_ns = 0;
+    ++counts_[Index(value_ns)];
+    ++count_;
+    max_ = std::max(max_, value_ns);
+  }
+  int64_t count() const { return count_; }
+  int64_t max() const { return max_; }
+  int64_t Percentile(double fraction) const {
+    if (count_ == 0) return 0;
+    auto rank = static_cast<int64_t>(fraction * static_cast<double>(count_) + 0.999999);
+    rank = std::clamp<int64_t>(rank, 1, count_);
+    int64_t seen = 0;
+    for (size_t i = 0; i < counts_.size(); ++i) {
+      seen += counts_[i];
+      if (seen >= rank) return std::min(UpperEdge(i), max_);
+    }
+    return max_;
+  }
+  void Merge(const Histogram& other) {
+    for (size_t i = 0; i < counts_.size(); ++i) counts_[i] += other.counts_[i];
+    count_ += other.count_;
+    max_ = std::max(max_, other.max_);
+  }
+  // {"n":..,"p50_us":..,"p99_us":..,"p999_us":..,"max_us":..}
+  std::string Json() const {
+    char buffer[256];
+    std::snprintf(buffer, sizeof buffer,
+                  "{\"n\":%" PRId64
+                  ",\"p50_us\":%.1f,\"p99_us\":%.1f,\"p999_us\":%.1f,"
+                  "\"max_us\":%.1f}",
+                  count_, Us(Percentile(0.5)), Us(Percentile(0.99)), Us(Percentile(0.999)),
+                  Us(max_));
+    return buffer;
+  }
+
+ private:
+  static constexpr int kSubBits = 5;
+  static double Us(int64_t ns) { return static_cast<double>(ns) / 1000.0; }
+  static size_t Index(int64_t value) {
+    auto v = static_cast<uint64_t>(value);
+    if (v < 64) return v;
+    int msb = 63 - __builtin_clzll(v);
+    int shift = msb - kSubBits;
+    uint64_t mantissa = v >> shift;  // 32..63
+    return 64 + static_cast<size_t>(shift - 1) * 32 + static_cast<size_t>(mantissa - 32);
+  }
+  static int64_t UpperEdge(size_t index) {
+    if (index < 64) return static_cast<int64_t>(index);
+    size_t shift = (index - 64) / 32 + 1;
+    uint64_t mantissa = (index - 64) % 32 + 32;
+    return static_cast<int64_t>(((mantissa + 1) << shift) - 1);
+  }
+
+  std::array<int64_t, 64 + 58 * 32> counts_{};
+  int64_t count_ = 0;
+  int64_t max_ = 0;
+};
+
+// Minimal JSON object writer: enough for flat metrics and nested raw values.
+class JsonObject {
+ public:
+  JsonObject& Add(const std::string& key, const std::string& value) {
+    std::string quoted = "\"";
+    for (char c : value) {
+      if (c == '"' || c == '\\') quoted += '\\';
+      if (static_cast<unsigned char>(c) >= 0x20) quoted += c;
+    }
+    return Raw(key, quoted + "\"");
+  }
+  JsonObject& Add(const std::string& key, const char* value) {
+    return Add(key, std::string(value));
+  }
+  JsonObject& Add(const std::string& key, int64_t value) { return Raw(key, std::to_string(value)); }
+  JsonObject& Add(const std::string& key, int value) { return Raw(key, std::to_string(value)); }
+  JsonObject& Add(const std::string& key, bool value) { return Raw(key, value ? "true" : "false"); }
+  JsonObject& Add(const std::string& key, double value) {
+    char buffer[64];
+    std::snprintf(buffer, sizeof buffer, "%.3f", value);
+    return Raw(key, buffer);
+  }
+  JsonObject& Raw(const std::string& key, const std::string& json) {
+    if (!text_.empty()) text_ += ",";
+    text_ += "\"" + key + "\":" + json;
+    return *this;
+  }
+  std::string str() const { return "{" + text_ + "}"; }
+
+ private:
+  std::string text_;
+};
+
+struct Options {
+  std::string workload;
+  std::string host = "127.0.0.1";
+  int port = 0;
+  std::string secret_file;
+  int server_pid = 0;
+  int pairs = 50;
+  double rate = 5000;
+  double duration_s = 10;
+  std::vector<double> rates;
+  double step_s = 5;
+  double p99_limit_ms = 50;
+  int connections = 1000;
+  int conversations = 100;
+  int messages = 10000;
+  int per_client = 2;
+  int body_bytes = 64;
+  int max_connecting = 256;
+  double timeout_s = 120;
+  double hold_s = 2;
+  int round_trips = 20000;
+  std::string label;
+};
+
+class Bench;
+
+// Per-conversation record of what a receiver got: (seq, sender index) pairs in arrival order,
+// checked at the end, and the contiguous seq used as the Sync cursor.
+struct Received {
+  uint64_t conversation_id = 0;
+  std::vector<std::pair<uint64_t, uint32_t>> messages;
+  uint64_t contiguous_seq = 0;
+  std::set<uint64_t> ahead;
+
+  void Add(uint64_t seq, uint32_t index) {
+    messages.emplace_back(seq, index);
+    if (seq <= contiguous_seq) return;
+    ahead.insert(seq);
+    while (!ahead.empty() && *ahead.begin() == contiguous_seq + 1) {
+      ++contiguous_seq;
+      ahead.erase(ahead.begin());
+    }
+  }
+};
+
+// One client connection (one user, one device). Owned by Bench; the lws wsi points back to it
+// through opaque_user_data.
+struct Conn {
+  int id = 0;
+  std::string user;
+  std::string device;
+  std::string token;
+  lws* wsi = nullptr;
+  enum class State { kDown, kConnecting, kHello, kReady } state = State::kDown;
+  bool want_up = false;
+  int64_t reconnect_at_ns = 0;
+  int64_t connect_start_ns = 0;
+  int64_t ready_ns = 0;
+  int connects = 0;
+  bool hello_sent = false;
+  std::deque<std::string> out;  // each frame with LWS_PRE bytes of headroom in front
+  std::string rx;
+
+  // Sender side: messages go to `target` (a Conn id, -1 for none).
+  int target = -1;
+  uint32_t next_index = 0;
+  std::unordered_map<uint32_t, int64_t> unacked;  // index -> queue time
+  std::vector<uint32_t> acked_indices;
+
+  // Receiver side, keyed by sender user id.
+  std::unordered_map<std::string, Received> received;
+  bool syncing = false;
+  bool synced = false;
+  int sync_pages = 0;
+};
+
+struct Counters {
+  int64_t sent = 0;
+  int64_t acked = 0;
+  int64_t delivered = 0;
+  int64_t synced_messages = 0;
+  int64_t errors = 0;
+  int64_t duplicate_acks = 0;
+  int64_t connect_failures = 0;
+  int64_t closes = 0;
+  std::map<std::string, int64_t> error_codes;
+  std::map<int, int64_t> close_codes;
+};
+
+class Bench {
+ public:
+  explicit Bench(Options options) : options_(std::move(options)) {}
+
+  bool Init(std::string* error) {
+    std::ifstream in(options_.secret_file);
+    std::stringstream content;
+    content << in.rdbuf();
+    secret_ = content.str();
+    while (!secret_.empty() && std::isspace(static_cast<unsigned char>(secret_.back()))) {
+      secret_.pop_back();
+    }
+    if (secret_.size() < 32) {
+      *error = "cannot read a secret of >= 32 bytes from --secret-file " + options_.secret_file;
+      return false;
+    }
+    // Up to 10,000 connections need as many descriptors; raise the soft limit to the hard one.
+    rlimit limit{};
+    if (getrlimit(RLIMIT_NOFILE, &limit) == 0) {
+      limit.rlim_cur = limit.rlim_max;
+      setrlimit(RLIMIT_NOFILE, &limit);
+    }
+    lws_set_log_level(LLL_ERR, nullptr);
+    protocols_[0] = {"chat.v1", &Bench::Callback, 0, 1 << 16, 0, nullptr, 0};
+    protocols_[1] = {nullptr, nullptr, 0, 0, 0, nullptr, 0};
+    lws_context_creation_info info{};
+    info.port = CONTEXT_PORT_NO_LISTEN;
+    info.protocols = protocols_;
+    info.user = this;
+    info.fd_limit_per_thread = static_cast<unsigned int>(limit.rlim_cur);
+    info.pt_serv_buf_size = 64 * 1024;
+    context_ = lws_create_context(&info);
+    if (context_ == nullptr) {
+      *error = "lws_create_context failed";
+      return false;
+    }
+    start_ns_ = NowNs();
+    cpu_start_ = CpuSecondsSelf();
+    return true;
+  }
+
+  ~Bench() {
+    if (context_ != nullptr) {
+      lws_sul_cancel(&tick_.sul);
+      lws_context_destroy(context_);
+    }
+  }
+
+  Conn& AddConn(const std::string& user) {
+    auto conn = std::make_unique<Conn>();
+    conn->id = static_cast<int>(conns_.size());
+    conn->user = user;
+    conn->device = "bench";
+    auto token = SignJwt(secret_, "", user, WallMs(), 24LL * 3600 * 1000);
+    if (token.ok()) conn->token = *token;
+    conns_.push_back(std::move(conn));
+    return *conns_.back();
+  }
+
+  // Asks for the connection to be up; Bench connects it (paced by max_connecting) and
+  // reconnects it after a refusal or drop while want_up stays set.
+  void Up(Conn& conn, int64_t at_ns = 0) {
+    conn.want_up = true;
+    conn.reconnect_at_ns = at_ns;
+  }
+
+  // Drops the connection from the client side without a close handshake (as a lost network).
+  void Drop(Conn& conn) {
+    conn.want_up = false;
+    if (conn.wsi != nullptr) {
+      lws_set_timeout(conn.wsi, PENDING_TIMEOUT_USER_OK, LWS_TO_KILL_ASYNC);
+    }
+  }
+
+  void Queue(Conn& conn, const v1::Envelope& envelope) {
+    std::string frame(LWS_PRE, '\0');
+    envelope.AppendToString(&frame);
+    conn.out.push_back(std::move(frame));
+    if (conn.wsi != nullptr) lws_callback_on_writable(conn.wsi);
+  }
+
+  // Queues the next message from `conn` to its target, stamped now.
+  void SendNext(Conn& conn) { SendIndex(conn, conn.next_index++, NowNs()); }
+
+  void SendIndex(Conn& conn, uint32_t index, int64_t stamp_ns) {
+    v1::Envelope envelope;
+    envelope.set_rid(static_cast<uint64_t>(index) + 1);
+    v1::Send* send = envelope.mutable_send();
+    send->set_peer(conns_[static_cast<size_t>(conn.target)]->user);
+    char id[64];
+    std::snprintf(id, sizeof id, "%s-%010u-bench", conn.user.c_str(), index);
+    send->set_client_msg_id(id);
+    send->set_content_type("application/x-chat-bench");
+    std::string body(static_cast<size_t>(std::max(options_.body_bytes, 12)), 'x');
+    std::memcpy(body.data(), &stamp_ns, sizeof stamp_ns);
+    std::memcpy(body.data() + 8, &index, sizeof index);
+    send->set_body(std::move(body));
+    conn.unacked[index] = stamp_ns;
+    ++counters_.sent;
+    Queue(conn, envelope);
+  }
+
+  void SendSync(Conn& conn) {
+    v1::Envelope envelope;
+    envelope.set_rid(1ULL << 40);
+    v1::Sync* sync = envelope.mutable_sync();
+    sync->set_limit(500);
+    for (const auto& [sender, record] : conn.received) {
+      if (record.conversation_id == 0) continue;
+      v1::Cursor* cursor = sync->add_cursors();
+      cursor->set_conversation_id(record.conversation_id);
+      cursor->set_seq(record.contiguous_seq);
+    }
+    conn.syncing = true;
+    conn.synced = false;
+    Queue(conn, envelope);
+  }
+
+  // Runs the loop until `done` returns true or the timeout passes; `tick` runs every 10 ms.
+  template <typename Done, typename Tick>
+  bool RunUntil(double timeout_s, Done done, Tick tick) {
+    int64_t deadline = NowNs() + static_cast<int64_t>(timeout_s * 1e9);
+    tick_fn_ = [&, tick]() mutable { tick(); };
+    ScheduleTick();
+    bool ok = false;
+    int64_t checked = 0;
+    while (true) {
+      // done() may be costly (the storm verifies every conversation): at most once per ms.
+      int64_t now = NowNs();
+      if (now - checked >= 1'000'000) {
+        checked = now;
+        if (done()) {
+          ok = true;
+          break;
+        }
+        if (now > deadline) break;
+      }
+      lws_service(context_, 0);
+    }
+    lws_sul_cancel(&tick_.sul);
+    tick_fn_ = nullptr;
+    return ok;
+  }
+
+  bool RunFor(double seconds) {
+    int64_t until = NowNs() + static_cast<int64_t>(seconds * 1e9);
+    return RunUntil(
+        seconds + 1, [until] { return NowNs() >= until; }, [] {});
+  }
+
+  bool AllReady(const std::vector<Conn*>& conns) const {
+    return std::all_of(conns.begin(), conns.end(),
+                       [](const Conn* c) { return c->state == Conn::State::kReady; });
+  }
+  bool AllDown(const std::vector<Conn*>& conns) const {
+    return std::all_of(conns.begin(), conns.end(),
+                       [](const Conn* c) { return c->state == Conn::State::kDown; });
+  }
+
+  // Every sent message acked and every acked one received by its target.
+  bool Settled(const std::vector<Conn*>& senders) const {
+    for (const Conn* sender : senders) {
+      if (!sender->unacked.empty()) return false;
+    }
+    return counters_.delivered + counters_.synced_messages >= ExpectedReceipts(senders);
+  }
+  int64_t ExpectedReceipts(const std::vector<Conn*>& senders) const {
+    int64_t total = 0;
+    for (const Conn* sender : senders) total += static_cast<int64_t>(sender->acked_indices.size());
+    return total;
+  }
+
+  struct Check {
+    int64_t expected = 0;
+    int64_t lost = 0;
+    int64_t duplicated = 0;
+    int64_t reordered = 0;
+  };
+
+  // Compares what each sender had acked with what its target holds. Duplicated: one sender index
+  // stored under two seqs (an idempotency failure). Reordered: ascending seq does not give
+  // ascending sender index. Lost: an acked index the target never received.
+  Check Verify(const std::vector<Conn*>& senders) const {
+    Check check;
+    for (const Conn* sender : senders) {
+      if (sender->target < 0) continue;
+      check.expected += static_cast<int64_t>(sender->acked_indices.size());
+      const Conn& target = *conns_[static_cast<size_t>(sender->target)];
+      auto it = target.received.find(sender->user);
+      std::vector<std::pair<uint64_t, uint32_t>> got;
+      if (it != target.received.end()) got = it->second.messages;
+      std::sort(got.begin(), got.end());
+      got.erase(std::unique(got.begin(), got.end()), got.end());
+      std::unordered_map<uint32_t, uint64_t> seq_of;
+      int64_t last_index = -1;
+      for (const auto& [seq, index] : got) {
+        if (!seq_of.emplace(index, seq).second) ++check.duplicated;
+        if (static_cast<int64_t>(index) <= last_index) ++check.reordered;
+        last_index = std::max<int64_t>(last_index, index);
+      }
+      for (uint32_t index : sender->acked_indices) {
+        if (seq_of.find(index) == seq_of.end()) ++check.lost;
+      }
+    }
+    return check;
+  }
+
+  // The standard tail of every result: generator CPU, counters, errors.
+  void AddCommon(JsonObject& json) const {
+    json.Add("generator_cpu_s", CpuSecondsSelf() - cpu_start_);
+    json.Add("generator_wall_s", static_cast<double>(NowNs() - start_ns_) / 1e9);
+    json.Add("sent", counters_.sent);
+    json.Add("acked", counters_.acked);
+    json.Add("delivered", counters_.delivered);
+    json.Add("synced_messages", counters_.synced_messages);
+    json.Add("send_errors", counters_.errors);
+    json.Add("connect_failures", counters_.connect_failures);
+    json.Add("closes", counters_.closes);
+    JsonObject codes;
+    for (const auto& [code, n] : counters_.error_codes) codes.Add(code, n);
+    json.Raw("error_codes", codes.str());
+    JsonObject closes;
+    for (const auto& [code, n] : counters_.close_codes) closes.Add(std::to_string(code), n);
+    json.Raw("close_codes", closes.str());
+  }
+
+  const Options& options() const { return options_; }
+  Counters& counters() { return counters_; }
+  Histogram& ack_latency() { return ack_latency_; }
+  Histogram& deliver_latency() { return deliver_latency_; }
+  std::vector<std::unique_ptr<Conn>>& conns() { return conns_; }
+  std::function<void(Conn&)> on_ready;
+
+ private:
+  void ScheduleTick() {
+    tick_.owner = this;
+    lws_sul_schedule(context_, 0, &tick_.sul, &Bench::OnTick, 10 * LWS_US_PER_MS);
+  }
+
+  static void OnTick(lws_sorted_usec_list_t* sul) {
+    // The sul is the first member of the standard-layout TickTimer.
+    Bench* self = reinterpret_cast<TickTimer*>(sul)->owner;
+    self->ConnectDue();
+    if (self->tick_fn_) self->tick_fn_();
+    self->ScheduleTick();
+  }
+
+  void ConnectDue() {
+    int64_t now = NowNs();
+    for (auto& owned : conns_) {
+      if (connecting_ >= options_.max_connecting) break;
+      Conn& conn = *owned;
+      if (!conn.want_up || conn.state != Conn::State::kDown || conn.reconnect_at_ns > now) {
+        continue;
+      }
+      Connect(conn);
+    }
+  }
+
+  void Connect(Conn& conn) {
+    conn.state = Conn::State::kConnecting;
+    conn.connect_start_ns = NowNs();
+    conn.rx.clear();
+    ++conn.connects;
+    ++connecting_;
+    lws_client_connect_info info{};
+    info.context = context_;
+    info.address = options_.host.c_str();
+    info.port = options_.port;
+    info.path = "/";
+    info.host = options_.host.c_str();
+    info.origin = options_.host.c_str();
+    info.protocol = "chat.v1";
+    info.ietf_version_or_minus_one = -1;
+    info.opaque_user_data = &conn;
+    info.pwsi = &conn.wsi;
+    lws_client_connect_via_info(&info);
+  }
+
+  void OnDown(Conn& conn, bool failed) {
+    if (conn.state == Conn::State::kConnecting || conn.state == Conn::State::kHello) {
+      --connecting_;
+    }
+    if (failed) ++counters_.connect_failures;
+    conn.state = Conn::State::kDown;
+    conn.wsi = nullptr;
+    conn.out.clear();
+    conn.syncing = false;
+    if (conn.want_up && conn.reconnect_at_ns <= NowNs()) {
+      conn.reconnect_at_ns = NowNs() + 200'000'000 + (conn.id % 100) * 5'000'000;
+    }
+  }
+
+  void OnWelcome(Conn& conn) {
+    conn.state = Conn::State::kReady;
+    conn.ready_ns = NowNs();
+    --connecting_;
+    // Unacked messages of an earlier connection are resent with their client_msg_id, as a
+    // client's outbox would; the server answers duplicates with the original seq.
+    std::vector<uint32_t> pending;
+    for (const auto& [index, stamp] : conn.unacked) pending.push_back(index);
+    std::sort(pending.begin(), pending.end());
+    for (uint32_t index : pending) {
+      --counters_.sent;
+      SendIndex(conn, index, conn.unacked[index]);
+    }
+    if (on_ready) on_ready(conn);
+    if (!conn.out.empty() && conn.wsi != nullptr) lws_callback_on_writable(conn.wsi);
+  }
+
+  void OnMessage(Conn& conn, const v1::Message& message) {
+    if (message.body().size() < 12) return;
+    int64_t stamp = 0;
+    uint32_t index = 0;
+    std::memcpy(&stamp, message.body().data(), sizeof stamp);
+    std::memcpy(&index, message.body().data() + 8, sizeof index);
+    Received& record = conn.received[message.sender()];
+    record.conversation_id = message.conversation_id();
+    record.Add(message.seq(), index);
+  }
+
+  void OnEnvelope(Conn& conn, const v1::Envelope& envelope) {
+    switch (envelope.body_case()) {
+      case v1::Envelope::kBatch:
+        for (const v1::Envelope& inner : envelope.batch().envelopes()) OnEnvelope(conn, inner);
+        break;
+      case v1::Envelope::kWelcome:
+        OnWelcome(conn);
+        break;
+      case v1::Envelope::kSendAck: {
+        auto index = static_cast<uint32_t>(envelope.rid() - 1);
+        auto it = conn.unacked.find(index);
+        if (it == conn.unacked.end()) {
+          ++counters_.duplicate_acks;
+          break;
+        }
+        ack_latency_.Record(NowNs() - it->second);
+        conn.unacked.erase(it);
+        conn.acked_indices.push_back(index);
+        ++counters_.acked;
+        break;
+      }
+      case v1::Envelope::kDeliver: {
+        const v1::Message& message = envelope.deliver().message();
+        if (message.body().size() >= 8) {
+          int64_t stamp = 0;
+          std::memcpy(&stamp, message.body().data(), sizeof stamp);
+          deliver_latency_.Record(NowNs() - stamp);
+        }
+        ++counters_.delivered;
+        OnMessage(conn, message);
+        break;
+      }
+      case v1::Envelope::kSyncBatch: {
+        const v1::SyncBatch& batch = envelope.sync_batch();
+        for (const v1::ConversationState& state : batch.conversations()) {
+          if (!state.peer().empty())
+            conn.received[state.peer()].conversation_id = state.conversation_id();
+        }
+        for (const v1::Message& message : batch.messages()) {
+          OnMessage(conn, message);
+          ++counters_.synced_messages;
+        }
+        ++conn.sync_pages;
+        if (batch.has_more()) {
+          SendSync(conn);
+        } else {
+          conn.syncing = false;
+          conn.synced = true;
+        }
+        break;
+      }
+      case v1::Envelope::kError: {
+        const v1::Error& error = envelope.error();
+        ++counters_.error_codes[v1::Error::Code_Name(error.code())];
+        if (!error.client_msg_id().empty() && envelope.rid() != 0) {
+          // The message was refused and is not stored: it will not be delivered.
+          conn.unacked.erase(static_cast<uint32_t>(envelope.rid() - 1));
+          ++counters_.errors;
+        }
+        if (error.retry_after_ms() > 0) {
+          conn.reconnect_at_ns = NowNs() + static_cast<int64_t>(error.retry_after_ms()) * 1'000'000;
+        }
+        break;
+      }
+      default:
+        break;
+    }
+  }
+
+  static int Callback(lws* wsi, lws_callback_reasons reason, void* /*user*/, void* in, size_t len) {
+    auto* conn = static_cast<Conn*>(lws_get_opaque_user_data(wsi));
+    Bench* self = static_cast<Bench*>(lws_context_user(lws_get_context(wsi)));
+    switch (reason) {
+      case LWS_CALLBACK_CLIENT_CONNECTION_ERROR:
+        if (conn != nullptr && conn->state != Conn::State::kDown) self->OnDown(*conn, true);
+        break;
+      case LWS_CALLBACK_CLIENT_ESTABLISHED: {
+        if (conn == nullptr) return -1;
+        conn->wsi = wsi;
+        conn->state = Conn::State::kHello;
+        conn->hello_sent = false;
+        v1::Envelope hello;
+        hello.mutable_hello()->set_token(conn->token);
+        hello.mutable_hello()->set_device_id(conn->device);
+        hello.mutable_hello()->set_protocol_version(1);
+        // The hello goes first, ahead of anything queued while the connection was down.
+        std::string frame(LWS_PRE, '\0');
+        hello.AppendToString(&frame);
+        conn->out.push_front(std::move(frame));
+        lws_callback_on_writable(wsi);
+        break;
+      }
+      case LWS_CALLBACK_CLIENT_WRITEABLE: {
+        if (conn == nullptr || conn->out.empty()) return 0;
+        // Only the hello goes before the welcome; the rest waits for it.
+        if (conn->state == Conn::State::kHello && conn->hello_sent) return 0;
+        if (conn->state == Conn::State::kHello) conn->hello_sent = true;
+        std::string& frame = conn->out.front();
+        size_t size = frame.size() - LWS_PRE;
+        auto* data = reinterpret_cast<unsigned char*>(frame.data()) + LWS_PRE;
+        if (lws_write(wsi, data, size, LWS_WRITE_BINARY) < static_cast<int>(size)) return -1;
+        conn->out.pop_front();
+        if (!conn->out.empty()) lws_callback_on_writable(wsi);
+        break;
+      }
+      case LWS_CALLBACK_CLIENT_RECEIVE: {
+        if (conn == nullptr) return -1;
+        conn->rx.append(static_cast<const char*>(in), len);
+        if (!lws_is_final_fragment(wsi) || lws_remaining_packet_payload(wsi) > 0) break;
+        v1::Envelope envelope;
+        bool parsed = envelope.ParseFromString(conn->rx);
+        conn->rx.clear();
+        if (parsed) self->OnEnvelope(*conn, envelope);
+        break;
+      }
+      case LWS_CALLBACK_WS_PEER_INITIATED_CLOSE:
+        if (conn != nullptr && len >= 2) {
+          const auto* bytes = static_cast<const unsigned char*>(in);
+          ++self->counters_.close_codes[(bytes[0] << 8) | bytes[1]];
+        }
+        break;
+      case LWS_CALLBACK_CLIENT_CLOSED:
+        if (conn != nullptr && conn->state != Conn::State::kDown) {
+          ++self->counters_.closes;
+          self->OnDown(*conn, false);
+        }
+        break;
+      default:
+        break;
+    }
+    return 0;
+  }
+
+  Options options_;
+  std::string secret_;
+  lws_protocols protocols_[2]{};
+  lws_context* context_ = nullptr;
+  struct TickTimer {
+    lws_sorted_usec_list_t sul{};
+    Bench* owner = nullptr;
+  };
+  TickTimer tick_;
+  std::function<void()> tick_fn_;
+  std::vector<std::unique_ptr<Conn>> conns_;
+  int connecting_ = 0;
+  Counters counters_;
+  Histogram ack_latency_;
+  Histogram deliver_latency_;
+  int64_t start_ns_ = 0;
+  double cpu_start_ = 0;
+};
+
+void AddCheck(JsonObject& json, const Bench::Check& check) {
+  json.Add("expected", check.expected);
+  json.Add("lost", check.lost);
+  json.Add("duplicated", check.duplicated);
+  json.Add("reordered", check.reordered);
+}
+
+bool CheckOk(const Bench::Check& check) {
+  return check.lost == 0 && check.duplicated == 0 && check.reordered == 0;
+}
+
+// Paces messages over `senders` at `rate` per second for `seconds`, round-robin, open-loop:
+// each 10 ms tick sends what the schedule says is due by now.
+struct Pacer {
+  std::vector<Conn*> senders;
+  double rate = 0;
+  int64_t start_ns = 0;
+  int64_t end_ns = 0;
+  int64_t sent = 0;
+  size_t cursor = 0;
+
+  void Tick(Bench& bench) {
+    int64_t now = std::min(NowNs(), end_ns);
+    auto due = static_cast<int64_t>(static_cast<double>(now - start_ns) * rate / 1e9);
+    for (size_t tried = 0; sent < due && tried < senders.size() * 4; ++tried) {
+      Conn* conn = senders[cursor];
+      cursor = (cursor + 1) % senders.size();
+      if (conn->state != Conn::State::kReady) continue;
+      bench.SendNext(*conn);
+      ++sent;
+    }
+  }
+  // Every message of the schedule was sent (or a second passed without the senders ready).
+  bool Done() const {
+    auto total = static_cast<int64_t>(static_cast<double>(end_ns - start_ns) * rate / 1e9);
+    return sent >= total || NowNs() > end_ns + 1'000'000'000;
+  }
+};
+
+// Users bench-<run>-<i> so that runs against one database never share conversations.
+std::string UserName(const Options& options, const std::string& role, int i) {
+  return options.label + "-" + role + std::to_string(i);
+}
+
+// Connects `conns` and waits until all have their Welcome.
+bool ConnectAll(Bench& bench, const std::vector<Conn*>& conns, double timeout_s) {
+  for (Conn* conn : conns) bench.Up(*conn);
+  return bench.RunUntil(
+      timeout_s, [&] { return bench.AllReady(conns); }, [] {});
+}
+
+// Creates `pairs` pairs of users, both sending to each other.
+std::vector<Conn*> MakePairs(Bench& bench, int pairs) {
+  std::vector<Conn*> conns;
+  for (int i = 0; i < pairs; ++i) {
+    Conn& a = bench.AddConn(UserName(bench.options(), "a", i));
+    Conn& b = bench.AddConn(UserName(bench.options(), "b", i));
+    a.target = b.id;
+    b.target = a.id;
+    conns.push_back(&a);
+    conns.push_back(&b);
+  }
+  return conns;
+}
+
+bool Drain(Bench& bench, const std::vector<Conn*>& senders, double timeout_s) {
+  return bench.RunUntil(
+      timeout_s, [&] { return bench.Settled(senders); }, [] {});
+}
+
+struct StepResult {
+  bool ok = true;
+  std::string json;
+  double p99_ms = 0;
+  double achieved = 0;
+};
+
+// One open-loop step at `rate`: send for `seconds`, drain, report latencies and server CPU.
+StepResult RunStep(Bench& bench, const std::vector<Conn*>& senders, double rate, double seconds) {
+  bench.ack_latency() = Histogram();
+  bench.deliver_latency() = Histogram();
+  Counters start = bench.counters();
+  double server_cpu0 = CpuSecondsOf(bench.options().server_pid);
+  double self_cpu0 = CpuSecondsSelf();
+  Pacer pacer{senders, rate, NowNs(), NowNs() + static_cast<int64_t>(seconds * 1e9)};
+  int64_t t0 = NowNs();
+  bench.RunUntil(
+      seconds + 5, [&] { return pacer.Done(); }, [&] { pacer.Tick(bench); });
+  bool drained = Drain(bench, senders, std::max(10.0, seconds * 2));
+  double wall = static_cast<double>(NowNs() - t0) / 1e9;
+  double server_cpu = CpuSecondsOf(bench.options().server_pid) - server_cpu0;
+  double self_cpu = CpuSecondsSelf() - self_cpu0;
+  int64_t sent = bench.counters().sent - start.sent;
+  int64_t delivered = bench.counters().delivered - start.delivered;
+  StepResult result;
+  result.ok = drained;
+  result.p99_ms = static_cast<double>(bench.deliver_latency().Percentile(0.99)) / 1e6;
+  result.achieved = static_cast<double>(delivered) / seconds;
+  JsonObject json;
+  json.Add("offered_rate", rate);
+  json.Add("seconds", seconds);
+  json.Add("sent", sent);
+  json.Add("acked", bench.counters().acked - start.acked);
+  json.Add("delivered", delivered);
+  json.Add("delivered_per_s", result.achieved);
+  json.Add("drained", drained);
+  json.Raw("send_to_ack", bench.ack_latency().Json());
+  json.Raw("send_to_deliver", bench.deliver_latency().Json());
+  json.Add("server_cpu_s", server_cpu);
+  json.Add("server_cpu_us_per_msg",
+           sent > 0 && server_cpu >= 0 ? server_cpu * 1e6 / static_cast<double>(sent) : -1.0);
+  json.Add("generator_cpu_s", self_cpu);
+  json.Add("wall_s", wall);
+  result.json = json.str();
+  return result;
+}
+
+int Finish(Bench& bench, JsonObject& json, bool completed, const Bench::Check& check) {
+  json.Add("completed", completed);
+  AddCheck(json, check);
+  json.Add("server_rss_kb", RssKbOf(bench.options().server_pid));
+  json.Add("server_peak_rss_kb", PeakRssKbOf(bench.options().server_pid));
+  bench.AddCommon(json);
+  std::printf("%s\n", json.str().c_str());
+  return completed && CheckOk(check) ? 0 : 1;
+}
+
+int RunLatency(Bench& bench) {
+  const Options& o = bench.options();
+  std::vector<Conn*> conns = MakePairs(bench, o.pairs);
+  JsonObject json;
+  json.Add("workload", "latency");
+  json.Add("pairs", o.pairs);
+  bool completed = ConnectAll(bench, conns, o.timeout_s);
+  if (completed) {
+    StepResult step = RunStep(bench, conns, o.rate, o.duration_s);
+    completed = step.ok;
+    json.Raw("step", step.json);
+    json.Raw("send_to_ack", bench.ack_latency().Json());
+    json.Raw("send_to_deliver", bench.deliver_latency().Json());
+  }
+  return Finish(bench, json, completed, bench.Verify(conns));
+}
+
+int RunDirect(Bench& bench) {
+  const Options& o = bench.options();
+  std::vector<Conn*> conns = MakePairs(bench, o.pairs);
+  JsonObject json;
+  json.Add("workload", "direct");
+  json.Add("pairs", o.pairs);
+  bool completed = ConnectAll(bench, conns, o.timeout_s);
+  std::string steps;
+  double best = 0;
+  double best_cpu = -1;
+  if (completed) {
+    for (double rate : o.rates) {
+      StepResult step = RunStep(bench, conns, rate, o.step_s);
+      if (!steps.empty()) steps += ",";
+      steps += step.json;
+      bool held = step.ok && step.p99_ms < o.p99_limit_ms && step.achieved >= 0.95 * rate;
+      if (held && rate > best) {
+        best = rate;
+        std::string key = "\"server_cpu_us_per_msg\":";
+        size_t at = step.json.find(key);
+        if (at != std::string::npos)
+          best_cpu = std::strtod(step.json.c_str() + at + key.size(), nullptr);
+      }
+      // Past saturation the queues only grow; stop before the drain takes minutes.
+      if (!step.ok || step.p99_ms > 20 * o.p99_limit_ms || step.achieved < 0.7 * rate) break;
+    }
+  }
+  json.Raw("steps", "[" + steps + "]");
+  json.Add("max_rate_p99_under_limit", best);
+  json.Add("p99_limit_ms", o.p99_limit_ms);
+  json.Add("server_cpu_us_per_msg_at_max", best_cpu);
+  return Finish(bench, json, completed, bench.Verify(conns));
+}
+
+int RunIdle(Bench& bench) {
+  const Options& o = bench.options();
+  std::vector<Conn*> conns;
+  for (int i = 0; i < o.connections; ++i) {
+    conns.push_back(&bench.AddConn(UserName(o, "idle", i)));
+  }
+  int64_t rss0 = RssKbOf(o.server_pid);
+  int64_t slab0 = SlabKb();
+  int64_t t0 = NowNs();
+  bool completed = ConnectAll(bench, conns, o.timeout_s);
+  double connect_s = static_cast<double>(NowNs() - t0) / 1e9;
+  bench.RunFor(o.hold_s);
+  int64_t rss1 = RssKbOf(o.server_pid);
+  int64_t slab1 = SlabKb();
+  bool still_up = bench.AllReady(conns);
+  JsonObject json;
+  json.Add("workload", "idle");
+  json.Add("connections", o.connections);
+  json.Add("connect_s", connect_s);
+  json.Add("still_up_after_hold", still_up);
+  json.Add("server_rss_before_kb", rss0);
+  json.Add("server_rss_after_kb", rss1);
+  double n = std::max(1, o.connections);
+  json.Add("server_rss_bytes_per_conn", static_cast<double>(rss1 - rss0) * 1024.0 / n);
+  // System-wide: both ends of every loopback socket and the generator's side are in it.
+  json.Add("slab_bytes_per_conn_both_ends", static_cast<double>(slab1 - slab0) * 1024.0 / n);
+  return Finish(bench, json, completed && still_up, bench.Verify(conns));
+}
+
+int RunSync(Bench& bench) {
+  const Options& o = bench.options();
+  Conn& syncer = bench.AddConn(UserName(o, "syncer", 0));
+  std::vector<Conn*> senders;
+  for (int i = 0; i < o.conversations; ++i) {
+    Conn& sender = bench.AddConn(UserName(o, "s", i));
+    sender.target = syncer.id;
+    senders.push_back(&sender);
+  }
+  JsonObject json;
+  json.Add("workload", "sync");
+  json.Add("conversations", o.conversations);
+  json.Add("messages", o.messages);
+  bool completed = ConnectAll(bench, senders, o.timeout_s);
+  if (completed) {
+    // The syncer is offline: every message is stored for it, none delivered.
+    double seconds = static_cast<double>(o.messages) / o.rate;
+    Pacer pacer{senders, o.rate, NowNs(), NowNs() + static_cast<int64_t>(seconds * 1e9)};
+    bench.RunUntil(
+        seconds + 5, [&] { return pacer.Done(); }, [&] { pacer.Tick(bench); });
+    completed = bench.RunUntil(
+        o.timeout_s,
+        [&] {
+          return std::all_of(senders.begin(), senders.end(),
+                             [](const Conn* s) { return s->unacked.empty(); });
+        },
+        [] {});
+    json.Add("stored", bench.counters().acked);
+  }
+  if (completed) {
+    int64_t t0 = NowNs();
+    bench.on_ready = [&bench](Conn& conn) { bench.SendSync(conn); };
+    bench.Up(syncer);
+    int64_t expected = bench.ExpectedReceipts(senders);
+    completed = bench.RunUntil(
+        o.timeout_s, [&] { return syncer.synced && bench.counters().synced_messages >= expected; },
+        [] {});
+    int64_t t1 = NowNs();
+    json.Add("reconnect_to_synced_ms", static_cast<double>(t1 - t0) / 1e6);
+    json.Add("welcome_to_synced_ms", static_cast<double>(t1 - syncer.ready_ns) / 1e6);
+    json.Add("sync_pages", syncer.sync_pages);
+  }
+  return Finish(bench, json, completed, bench.Verify(senders));
+}
+
+int RunConnect(Bench& bench) {
+  const Options& o = bench.options();
+  std::vector<Conn*> conns;
+  for (int i = 0; i < o.connections; ++i) {
+    conns.push_back(&bench.AddConn(UserName(o, "c", i)));
+  }
+  int64_t t0 = NowNs();
+  bool completed = ConnectAll(bench, conns, o.timeout_s);
+  double seconds = static_cast<double>(NowNs() - t0) / 1e9;
+  Histogram handshake;
+  for (Conn* conn : conns) {
+    if (conn->state == Conn::State::kReady)
+      handshake.Record(conn->ready_ns - conn->connect_start_ns);
+  }
+  JsonObject json;
+  json.Add("workload", "connect");
+  json.Add("connections", o.connections);
+  json.Add("max_connecting", o.max_connecting);
+  json.Add("seconds", seconds);
+  json.Add("handshakes_per_s", static_cast<double>(o.connections) / seconds);
+  json.Raw("connect_to_welcome", handshake.Json());
+  return Finish(bench, json, completed, bench.Verify(conns));
+}
+
+int RunStorm(Bench& bench) {
+  const Options& o = bench.options();
+  std::vector<Conn*> conns = MakePairs(bench, o.connections / 2);
+  JsonObject json;
+  json.Add("workload", "storm");
+  json.Add("connections", static_cast<int>(conns.size()));
+  json.Add("messages_per_client_per_phase", o.per_client);
+  bool completed = ConnectAll(bench, conns, o.timeout_s);
+  auto send_round = [&] {
+    for (Conn* conn : conns) {
+      for (int k = 0; k < o.per_client; ++k) bench.SendNext(*conn);
+    }
+  };
+  if (completed) {
+    send_round();
+    completed = Drain(bench, conns, o.timeout_s);
+  }
+  if (completed) {
+    // Everyone drops at once and comes back at a uniformly random moment within 1 s; while
+    // they reconnect, those already back send more (to peers that may still be offline) and
+    // everyone syncs from its cursors.
+    int64_t t0 = NowNs();
+    for (Conn* conn : conns) bench.Drop(*conn);
+    bench.RunUntil(
+        o.timeout_s, [&] { return bench.AllDown(conns); }, [] {});
+    int64_t dropped_ns = NowNs();
+    uint64_t random = 0x9E3779B97F4A7C15ULL;
+    for (Conn* conn : conns) {
+      random ^= random << 13;
+      random ^= random >> 7;
+      random ^= random << 17;
+      bench.Up(*conn, dropped_ns + static_cast<int64_t>(random % 1'000'000'000ULL));
+    }
+    bench.on_ready = [&bench, &o](Conn& conn) {
+      bench.SendSync(conn);
+      for (int k = 0; k < o.per_client; ++k) bench.SendNext(conn);
+    };
+    completed = bench.RunUntil(
+        o.timeout_s,
+        [&] {
+          if (!bench.AllReady(conns)) return false;
+          for (Conn* conn : conns) {
+            if (!conn->synced || !conn->unacked.empty()) return false;
+          }
+          return bench.Verify(conns).lost == 0;
+        },
+        [] {});
+    json.Add("drop_to_all_down_ms", static_cast<double>(dropped_ns - t0) / 1e6);
+    json.Add("reconnect_to_all_synced_ms", static_cast<double>(NowNs() - dropped_ns) / 1e6);
+  }
+  return Finish(bench, json, completed, bench.Verify(conns));
+}
+
+// The floor: a plain TCP ping-pong over loopback, `round_trips` of body_bytes each way.
+int RunTcpEchoServer(const Options& o) {
+  int listener = socket(AF_INET, SOCK_STREAM, 0);
+  int one = 1;
+  setsockopt(listener, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_port = htons(static_cast<uint16_t>(o.port));
+  inet_pton(AF_INET, o.host.c_str(), &address.sin_addr);
+  if (bind(listener, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0 ||
+      listen(listener, 4) != 0) {
+    std::perror("tcp-echo-server");
+    return 1;
+  }
+  socklen_t size = sizeof address;
+  getsockname(listener, reinterpret_cast<sockaddr*>(&address), &size);
+  std::printf("tcp-echo listening on %d\n", ntohs(address.sin_port));
+  std::fflush(stdout);
+  int fd = accept(listener, nullptr, nullptr);
+  if (fd < 0) return 1;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  char buffer[65536];
+  while (true) {
+    ssize_t n = read(fd, buffer, sizeof buffer);
+    if (n <= 0) break;
+    if (write(fd, buffer, static_cast<size_t>(n)) != n) break;
+  }
+  close(fd);
+  close(listener);
+  return 0;
+}
+
+int RunFloor(const Options& o) {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_port = htons(static_cast<uint16_t>(o.port));
+  inet_pton(AF_INET, o.host.c_str(), &address.sin_addr);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0) {
+    std::perror("floor: connect");
+    return 1;
+  }
+  int one = 1;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  std::string message(static_cast<size_t>(std::max(o.body_bytes, 1)), 'p');
+  std::string reply(message.size(), '\0');
+  Histogram rtt;
+  double cpu0 = CpuSecondsSelf();
+  int64_t t0 = NowNs();
+  bool ok = true;
+  for (int i = 0; i < o.round_trips && ok; ++i) {
+    int64_t start = NowNs();
+    ok = write(fd, message.data(), message.size()) == static_cast<ssize_t>(message.size());
+    size_t got = 0;
+    while (ok && got < reply.size()) {
+      ssize_t n = read(fd, reply.data() + got, reply.size() - got);
+      ok = n > 0;
+      if (ok) got += static_cast<size_t>(n);
+    }
+    if (ok) rtt.Record(NowNs() - start);
+  }
+  double seconds = static_cast<double>(NowNs() - t0) / 1e9;
+  close(fd);
+  JsonObject json;
+  json.Add("workload", "floor");
+  json.Add("completed", ok);
+  json.Add("round_trips", rtt.count());
+  json.Add("bytes", static_cast<int>(message.size()));
+  json.Raw("round_trip", rtt.Json());
+  json.Add("round_trips_per_s", static_cast<double>(rtt.count()) / seconds);
+  json.Add("generator_cpu_s", CpuSecondsSelf() - cpu0);
+  json.Add("lost", static_cast<int64_t>(0));
+  json.Add("duplicated", static_cast<int64_t>(0));
+  json.Add("reordered", static_cast<int64_t>(0));
+  std::printf("%s\n", json.str().c_str());
+  return ok ? 0 : 1;
+}
+
+}  // namespace
+}  // namespace chat::bench
+
+int main(int argc, char** argv) {
+  using chat::bench::Options;
+  Options o;
+  CLI::App app{"chat-bench: load generator for chatd (see bench/run.sh)"};
+  app.add_option("--workload", o.workload,
+                 "latency | direct | idle | sync | connect | storm | floor | tcp-echo-server")
+      ->required();
+  app.add_option("--host", o.host, "server address")->capture_default_str();
+  app.add_option("--port", o.port, "server port")->required();
+  app.add_option("--secret-file", o.secret_file, "chatd's HS256 secret, to mint tokens");
+  app.add_option("--server-pid", o.server_pid, "chatd's pid, for its CPU time and RSS");
+  app.add_option("--label", o.label, "prefix of user ids, unique per run")->required();
+  app.add_option("--pairs", o.pairs, "latency/direct: user pairs (both send)")
+      ->capture_default_str();
+  app.add_option("--rate", o.rate, "latency/sync: messages per second")->capture_default_str();
+  app.add_option("--duration", o.duration_s, "latency: seconds of load")->capture_default_str();
+  app.add_option("--rates", o.rates, "direct: offered rates, stepped up")->delimiter(',');
+  app.add_option("--step-seconds", o.step_s, "direct: seconds per step")->capture_default_str();
+  app.add_option("--p99-limit-ms", o.p99_limit_ms, "direct: p99 deliver latency to hold")
+      ->capture_default_str();
+  app.add_option("--connections", o.connections, "idle/connect/storm: connections")
+      ->capture_default_str();
+  app.add_option("--conversations", o.conversations, "sync: conversations")->capture_default_str();
+  app.add_option("--messages", o.messages, "sync: messages stored while offline")
+      ->capture_default_str();
+  app.add_option("--per-client", o.per_client, "storm: messages per client before and after")
+      ->capture_default_str();
+  app.add_option("--body-bytes", o.body_bytes, "message body size (>= 12)")->capture_default_str();
+  app.add_option("--max-connecting", o.max_connecting, "handshakes in flight at once")
+      ->capture_default_str();
+  app.add_option("--timeout", o.timeout_s, "seconds before a phase counts as failed")
+      ->capture_default_str();
+  app.add_option("--hold", o.hold_s, "idle: seconds to hold the connections")
+      ->capture_default_str();
+  app.add_option("--round-trips", o.round_trips, "floor: round trips")->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+
+  if (o.workload == "tcp-echo-server") return chat::bench::RunTcpEchoServer(o);
+  if (o.workload == "floor") return chat::bench::RunFloor(o);
+  if (o.rates.empty()) o.rates = {5000, 10000, 20000, 30000, 40000, 50000, 60000};
+
+  chat::bench::Bench bench(o);
+  std::string error;
+  if (!bench.Init(&error)) {
+    std::fprintf(stderr, "chat-bench: %s\n", error.c_str());
+    return 2;
+  }
+  if (o.workload == "latency") return chat::bench::RunLatency(bench);
+  if (o.workload == "direct") return chat::bench::RunDirect(bench);
+  if (o.workload == "idle") return chat::bench::RunIdle(bench);
+  if (o.workload == "sync") return chat::bench::RunSync(bench);
+  if (o.workload == "connect") return chat::bench::RunConnect(bench);
+  if (o.workload == "storm") return chat::bench::RunStorm(bench);
+  std::fprintf(stderr, "chat-bench: unknown workload %s\n", o.workload.c_str());
+  return 2;
+}

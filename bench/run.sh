@@ -1,0 +1,224 @@
+#!/usr/bin/env bash
+# Runs the benchmark workloads of /work/shared/BENCH.md against a fresh chatd each and writes
+# <results>/<workload>.json, a markdown table of all of them and (with gnuplot) an SVG plot.
+#
+#   bench/run.sh [--quick] [--build-dir DIR] [--results-dir DIR] [workload...]
+#
+#   workloads: floor latency direct idle sync connect storm (default: all)
+#   --quick        every workload small (under a minute in all); used by the test suite
+#   --build-dir    use the chatd and chat-bench already built there instead of building Release
+#                  into build/bench
+#   --results-dir  where the JSON files go (default bench/results)
+#
+# Exits 1 if any workload did not complete or lost, duplicated or reordered a message.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+QUICK=0
+BUILD_DIR=""
+RESULTS="$ROOT/bench/results"
+WORKLOADS=()
+ALL=(floor latency direct idle sync connect storm)
+
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --quick) QUICK=1 ;;
+    --build-dir) BUILD_DIR=$2; shift ;;
+    --results-dir) RESULTS=$2; shift ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -*) echo "run.sh: unknown flag $1" >&2; exit 2 ;;
+    *) WORKLOADS+=("$1") ;;
+  esac
+  shift
+done
+[[ ${#WORKLOADS[@]} -eq 0 ]] && WORKLOADS=("${ALL[@]}")
+for w in "${WORKLOADS[@]}"; do
+  [[ " ${ALL[*]} " == *" $w "* ]] || { echo "run.sh: unknown workload $w (have: ${ALL[*]})" >&2; exit 2; }
+done
+
+if [[ -z "$BUILD_DIR" ]]; then
+  BUILD_DIR="$ROOT/build/bench"
+  echo "== building Release into $BUILD_DIR"
+  cmake -S "$ROOT" -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE=Release -DCHAT_BUILD_TESTS=OFF >/dev/null
+  cmake --build "$BUILD_DIR" -j "$(nproc)" --target chatd chat-bench >/dev/null
+fi
+BUILD_DIR=$(cd "$BUILD_DIR" && pwd)
+CHATD="$BUILD_DIR/examples/chatd"
+BENCH="$BUILD_DIR/bench/chat-bench"
+for bin in "$CHATD" "$BENCH"; do
+  [[ -x "$bin" ]] || { echo "run.sh: $bin is missing (build targets chatd and chat-bench)" >&2; exit 2; }
+done
+BUILD_TYPE=$(sed -n 's/^CMAKE_BUILD_TYPE:[A-Z]*=//p' "$BUILD_DIR/CMakeCache.txt")
+if grep -q '^CHAT_SANITIZE:BOOL=ON' "$BUILD_DIR/CMakeCache.txt"; then BUILD_TYPE="$BUILD_TYPE+ASan"; fi
+mkdir -p "$RESULTS"
+RESULTS=$(cd "$RESULTS" && pwd)
+
+PIN_SERVER=()
+PIN_GEN=()
+if command -v taskset >/dev/null && [[ $(nproc) -ge 2 ]]; then
+  PIN_SERVER=(taskset -c 0)
+  PIN_GEN=(taskset -c 1)
+  PINNING="chatd on CPU 0 (taskset -c 0), chat-bench on CPU 1 (taskset -c 1)"
+else
+  PINNING="not pinned (taskset missing or fewer than 2 CPUs)"
+fi
+echo "== pinning: $PINNING"
+echo "== build: $BUILD_TYPE ($BUILD_DIR), results: $RESULTS"
+
+TMP=$(mktemp -d)
+CHATD_PID=""
+ECHO_PID=""
+cleanup() {
+  [[ -n "$CHATD_PID" ]] && kill -TERM "$CHATD_PID" 2>/dev/null && wait "$CHATD_PID" 2>/dev/null
+  [[ -n "$ECHO_PID" ]] && kill "$ECHO_PID" 2>/dev/null && wait "$ECHO_PID" 2>/dev/null
+  rm -rf "$TMP"
+}
+trap cleanup EXIT
+head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$TMP/secret"
+
+# Starts chatd on a free port with a fresh database; sets CHATD_PID and PORT.
+start_chatd() {
+  local name=$1
+  shift
+  "${PIN_SERVER[@]}" "$CHATD" serve --listen 127.0.0.1 --port 0 --db "$TMP/$name.db" \
+    --secret-file "$TMP/secret" --log-level error \
+    --messages-per-second 1000000 --messages-burst 1000000 "$@" \
+    >"$TMP/$name.out" 2>"$TMP/$name.err" &
+  CHATD_PID=$!
+  PORT=""
+  for _ in $(seq 1 300); do
+    PORT=$(sed -n 's|^chatd listening on ws://127.0.0.1:\([0-9]*\)$|\1|p' "$TMP/$name.out")
+    [[ -n "$PORT" ]] && return 0
+    kill -0 "$CHATD_PID" 2>/dev/null || break
+    sleep 0.1
+  done
+  echo "run.sh: chatd did not start:" >&2
+  cat "$TMP/$name.err" >&2
+  return 1
+}
+
+stop_chatd() {
+  kill -TERM "$CHATD_PID" 2>/dev/null || true
+  wait "$CHATD_PID" 2>/dev/null || true
+  CHATD_PID=""
+}
+
+COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+if [[ -n "$(git -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null)" ]]; then
+  COMMIT="$COMMIT+dirty"
+fi
+FAILED=()
+
+# Wraps chat-bench's JSON with the run's context and writes <results>/<file>.json.
+record() {
+  local file=$1 durability=$2 command=$3 rc=$4 raw=$5
+  if ! jq -e . "$raw" >/dev/null 2>&1; then
+    echo "run.sh: $file produced no JSON (exit $rc)" >&2
+    FAILED+=("$file")
+    return
+  fi
+  jq --arg commit "$COMMIT" --arg nproc "$(nproc)" --arg kernel "$(uname -r)" \
+     --arg build "$BUILD_TYPE" --arg pinning "$PINNING" --arg durability "$durability" \
+     --arg command "$command" --argjson quick "$QUICK" --argjson exit "$rc" \
+     '. + {git_commit: $commit, nproc: ($nproc | tonumber), kernel: $kernel, build_type: $build,
+           pinning: $pinning, durability: $durability, quick: ($quick == 1),
+           generator_command: $command, exit_code: $exit}' "$raw" >"$RESULTS/$file.json"
+  [[ $rc -eq 0 ]] || FAILED+=("$file")
+}
+
+# Runs one chat-bench workload against a fresh chatd: run_bench FILE DURABILITY -- ARGS...
+run_bench() {
+  local file=$1 durability=$2
+  shift 3
+  start_chatd "$file" --synchronous "$durability"
+  local args=(--port "$PORT" --secret-file "$TMP/secret" --server-pid "$CHATD_PID"
+              --label "$file" "$@")
+  echo "== $file ($durability): chat-bench ${*}"
+  local rc=0
+  "${PIN_GEN[@]}" "$BENCH" "${args[@]}" >"$TMP/$file.raw" 2>"$TMP/$file.bench.err" || rc=$?
+  stop_chatd
+  [[ $rc -eq 0 ]] || { echo "   exit $rc"; tail -5 "$TMP/$file.bench.err" >&2 || true; }
+  record "$file" "$durability" "chat-bench $*" "$rc" "$TMP/$file.raw"
+}
+
+run_floor() {
+  local trips=$1
+  "${PIN_SERVER[@]}" "$BENCH" --workload tcp-echo-server --port 0 --label floor >"$TMP/echo.out" &
+  ECHO_PID=$!
+  local port=""
+  for _ in $(seq 1 100); do
+    port=$(sed -n 's/^tcp-echo listening on \([0-9]*\)$/\1/p' "$TMP/echo.out")
+    [[ -n "$port" ]] && break
+    sleep 0.1
+  done
+  echo "== floor: plain TCP ping-pong over loopback, $trips round trips"
+  local rc=0
+  "${PIN_GEN[@]}" "$BENCH" --workload floor --port "$port" --label floor --round-trips "$trips" \
+    >"$TMP/floor.raw" || rc=$?
+  wait "$ECHO_PID" 2>/dev/null || true
+  ECHO_PID=""
+  record floor none "chat-bench --workload floor --round-trips $trips" "$rc" "$TMP/floor.raw"
+}
+
+for w in "${WORKLOADS[@]}"; do
+  if [[ $QUICK -eq 1 ]]; then
+    case $w in
+      floor) run_floor 2000 ;;
+      latency) run_bench latency full -- --workload latency --pairs 5 --rate 200 --duration 2 --timeout 30 ;;
+      direct)
+        run_bench direct full -- --workload direct --pairs 20 --rates 200,400 --step-seconds 1 --timeout 30
+        run_bench direct-normal normal -- --workload direct --pairs 20 --rates 200,400 --step-seconds 1 --timeout 30 ;;
+      idle) run_bench idle full -- --workload idle --connections 100 --hold 1 --timeout 30 ;;
+      sync) run_bench sync full -- --workload sync --conversations 10 --messages 500 --rate 2000 --timeout 30 ;;
+      connect) run_bench connect full -- --workload connect --connections 100 --timeout 30 ;;
+      storm) run_bench storm full -- --workload storm --connections 100 --per-client 2 --timeout 30 ;;
+    esac
+  else
+    case $w in
+      floor) run_floor 20000 ;;
+      latency) run_bench latency full -- --workload latency --pairs 50 --rate 5000 --duration 10 ;;
+      direct)
+        rates=2500,5000,10000,15000,20000,30000,40000,50000,60000
+        run_bench direct full -- --workload direct --pairs 500 --rates $rates --step-seconds 5
+        run_bench direct-normal normal -- --workload direct --pairs 500 --rates $rates --step-seconds 5 ;;
+      idle) run_bench idle full -- --workload idle --connections 10000 --hold 3 --max-connecting 512 ;;
+      sync) run_bench sync full -- --workload sync --conversations 100 --messages 10000 --rate 20000 ;;
+      connect) run_bench connect full -- --workload connect --connections 10000 --max-connecting 512 ;;
+      storm) run_bench storm full -- --workload storm --connections 10000 --per-client 1 --max-connecting 512 ;;
+    esac
+  fi
+done
+
+python3 "$ROOT/bench/table.py" "$RESULTS"
+
+if [[ $QUICK -eq 0 ]] && [[ -f "$RESULTS/direct.json" ]]; then
+  if ! command -v gnuplot >/dev/null; then
+    echo "== gnuplot missing: trying apt-get install -y gnuplot-nox"
+    apt-get install -y gnuplot-nox >/dev/null 2>&1 || true
+  fi
+  if command -v gnuplot >/dev/null; then
+    python3 "$ROOT/bench/table.py" --plot-data "$RESULTS" >"$TMP/direct.dat"
+    gnuplot <<EOF
+set terminal svg size 800,500
+set output "$RESULTS/direct-latency.svg"
+set title "direct: send -> deliver latency vs offered load (chatd on 1 core)"
+set xlabel "offered load (msg/s)"
+set ylabel "latency (ms)"
+set logscale y
+set key left top
+plot "$TMP/direct.dat" index 0 using 1:2 with linespoints title "p50 FULL", \
+     "" index 0 using 1:3 with linespoints title "p99 FULL", \
+     "" index 0 using 1:4 with linespoints title "p99.9 FULL", \
+     "" index 1 using 1:3 with linespoints title "p99 NORMAL"
+EOF
+    echo "== plot: $RESULTS/direct-latency.svg"
+  else
+    echo "== gnuplot unavailable: no plot written"
+  fi
+fi
+
+if [[ ${#FAILED[@]} -gt 0 ]]; then
+  echo "== FAILED: ${FAILED[*]} (incomplete, or lost/duplicated/reordered messages)" >&2
+  exit 1
+fi
+echo "== all workloads completed with 0 lost / 0 duplicated / 0 reordered"

@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""Prints the markdown table of bench/run.sh results, or the gnuplot data of the direct steps.
+
+    table.py RESULTS_DIR                 one markdown table of every <workload>.json
+    table.py --plot-data RESULTS_DIR     offered rate, p50, p99, p99.9 (ms) of direct and
+                                         direct-normal, as two gnuplot data blocks
+"""
+import json
+import os
+import sys
+
+ORDER = ["floor", "latency", "direct", "direct-normal", "idle", "sync", "connect", "storm"]
+TARGETS = {
+    "floor": "(floor, no target)",
+    "latency": "p99 < 5 ms at 5,000 msg/s",
+    "direct": ">= 50,000 msg/s at p99 < 50 ms; <= 20 us CPU/msg",
+    "direct-normal": "(NORMAL beside FULL)",
+    "idle": "<= 2 KB user space per connection",
+    "sync": "< 200 ms for 10,000 messages in 100 conversations",
+    "connect": ">= 10,000 handshakes/s (ws)",
+    "storm": "10,000 clients: < 10 s, 0 lost",
+}
+
+
+def lat(h):
+    return "p50 %.0f / p99 %.0f / p99.9 %.0f / max %.0f us (n=%d)" % (
+        h["p50_us"], h["p99_us"], h["p999_us"], h["max_us"], h["n"])
+
+
+def headline(r):
+    w = r["workload"]
+    if w == "floor":
+        return "TCP round trip " + lat(r["round_trip"])
+    if w == "latency":
+        s = r.get("step", {})
+        return "%.0f msg/s offered, %d pairs: ack %s; deliver %s" % (
+            s.get("offered_rate", 0), r.get("pairs", 0), lat(r["send_to_ack"]),
+            lat(r["send_to_deliver"]))
+    if w == "direct":
+        steps = ", ".join("%.0f/s: p99 %.1f ms, %.1f us CPU/msg" % (
+            s["offered_rate"], s["send_to_deliver"]["p99_us"] / 1000.0,
+            s["server_cpu_us_per_msg"]) for s in r["steps"])
+        return "max %.0f msg/s with p99 < %.0f ms (%.1f us CPU/msg there); steps: %s" % (
+            r["max_rate_p99_under_limit"], r["p99_limit_ms"],
+            r["server_cpu_us_per_msg_at_max"], steps)
+    if w == "idle":
+        return "%d conns: server RSS %.0f B/conn; slab %.0f B/conn (both ends + client)" % (
+            r["connections"], r["server_rss_bytes_per_conn"], r["slab_bytes_per_conn_both_ends"])
+    if w == "sync":
+        return "%d msgs in %d convs: reconnect -> synced %.1f ms (welcome -> synced %.1f ms, %d pages)" % (
+            r["messages"], r["conversations"], r.get("reconnect_to_synced_ms", -1),
+            r.get("welcome_to_synced_ms", -1), r.get("sync_pages", 0))
+    if w == "connect":
+        return "%d conns: %.0f handshakes/s; connect -> welcome %s" % (
+            r["connections"], r["handshakes_per_s"], lat(r["connect_to_welcome"]))
+    if w == "storm":
+        return "%d clients: reconnect -> all synced %.0f ms; server peak RSS %d KB" % (
+            r["connections"], r.get("reconnect_to_all_synced_ms", -1), r["server_peak_rss_kb"])
+    return ""
+
+
+def load(directory):
+    results = {}
+    for name in ORDER:
+        path = os.path.join(directory, name + ".json")
+        if os.path.exists(path):
+            with open(path) as f:
+                results[name] = json.load(f)
+    return results
+
+
+def table(directory):
+    results = load(directory)
+    if not results:
+        print("(no results in %s)" % directory)
+        return
+    any_result = next(iter(results.values()))
+    print()
+    print("Build %s, commit %s, nproc %d, kernel %s; %s." % (
+        any_result["build_type"], any_result["git_commit"], any_result["nproc"],
+        any_result["kernel"], any_result["pinning"]))
+    print()
+    print("| workload | durability | measured | target | lost / dup / reordered | gen CPU s | ok |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        try:
+            text = headline(r)
+        except (KeyError, TypeError) as e:
+            text = "(incomplete: missing %s)" % e
+        print("| %s | %s | %s | %s | %s / %s / %s | %.2f | %s |" % (
+            name, r.get("durability", ""), text, TARGETS.get(name, ""), r.get("lost", "?"),
+            r.get("duplicated", "?"), r.get("reordered", "?"), r.get("generator_cpu_s", 0),
+            "yes" if r.get("exit_code") == 0 else "NO"))
+    print()
+
+
+def plot_data(directory):
+    results = load(directory)
+    for name in ["direct", "direct-normal"]:
+        print("# %s: offered p50_ms p99_ms p999_ms" % name)
+        for s in results.get(name, {}).get("steps", []):
+            d = s["send_to_deliver"]
+            print("%.0f %.3f %.3f %.3f" % (s["offered_rate"], d["p50_us"] / 1000.0,
+                                           d["p99_us"] / 1000.0, d["p999_us"] / 1000.0))
+        print()
+        print()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--plot-data":
+        plot_data(sys.argv[2])
+    elif len(sys.argv) == 2:
+        table(sys.argv[1])
+    else:
+        sys.exit(__doc__)
