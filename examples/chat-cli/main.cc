@@ -11,6 +11,7 @@
 #include <signal.h>
 
 #include <atomic>
+#include <charconv>
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
@@ -432,8 +433,10 @@ int RunInteractive(const Flags& flags) {
       std::string target = line.substr(6);
       open_conversation = 0;
       open_peer.clear();
-      if (!target.empty() && target.find_first_not_of("0123456789") == std::string::npos) {
-        open_conversation = std::stoull(target);
+      uint64_t id = 0;
+      auto [end, ec] = std::from_chars(target.data(), target.data() + target.size(), id);
+      if (!target.empty() && ec == std::errc() && end == target.data() + target.size()) {
+        open_conversation = id;
       } else {
         open_peer = target;
         // Reuse the direct conversation with this user if it is known.
@@ -455,7 +458,14 @@ int RunInteractive(const Flags& flags) {
         std::puts("* /open a conversation first");
         continue;
       }
-      uint32_t n = line.size() > 9 ? static_cast<uint32_t>(std::stoul(line.substr(9))) : 20;
+      uint32_t n = 20;
+      if (line.size() > 9) {
+        auto [end, ec] = std::from_chars(line.data() + 9, line.data() + line.size(), n);
+        if (ec != std::errc() || n == 0) {
+          std::puts("* usage: /history [n], n >= 1");
+          continue;
+        }
+      }
       (void)PrintHistory(*client, *listener, open_conversation, 0, n, flags.json, 5'000);
       continue;
     }

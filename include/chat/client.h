@@ -119,7 +119,7 @@ struct ClientOptions {
   // Messages per Sync page; 0 = the server's default. Default 0.
   uint32_t sync_page_limit = 0;
   // bytes; largest WebSocket message accepted from the server. Default 4 MiB.
-  size_t max_message_bytes = 4 * 1024 * 1024;
+  size_t max_message_bytes = size_t{4} * 1024 * 1024;
   // Pending API calls posted to the loop; calls past it return ResourceExhausted. Default 10000.
   size_t max_pending_calls = 10'000;
   // PEM bundle to verify a wss server with; "" = the system's default. Default "".

@@ -639,7 +639,8 @@ void Session::OnOutboxAdded(const OutboxEntry& entry) {
 bool Session::TakeSendToken() {
   if (send_rate_ <= 0) return true;
   const int64_t now = Now();
-  send_tokens_ = std::min(send_capacity_, send_tokens_ + (now - send_tokens_at_) * send_rate_);
+  send_tokens_ = std::min(send_capacity_,
+                          send_tokens_ + static_cast<double>(now - send_tokens_at_) * send_rate_);
   send_tokens_at_ = now;
   if (send_tokens_ >= 1) {
     send_tokens_ -= 1;

@@ -71,8 +71,8 @@ Status Transport::Init() {
   std::memset(&info, 0, sizeof(info));
   info.port = CONTEXT_PORT_NO_LISTEN;
   info.protocols = kProtocols;
-  info.gid = static_cast<gid_t>(-1);
-  info.uid = static_cast<uid_t>(-1);
+  info.gid = -1;
+  info.uid = -1;
   info.user = this;
   // One connection at a time: a small fd table instead of one sized by the fd rlimit.
   info.fd_limit_per_thread = 16;
@@ -117,12 +117,13 @@ void Transport::Connect() {
   ci.opaque_user_data = reinterpret_cast<void*>(generation_);
   lws* created = nullptr;
   ci.pwsi = &created;
-  // wsi_ is set before the call: lws may report a failure from inside it.
-  wsi_ = reinterpret_cast<lws*>(1);
+  // lws may report a failure from inside the call; it is recognized by `connecting_`.
+  connecting_ = true;
+  failed_while_connecting_ = false;
   lws* result = lws_client_connect_via_info(&ci);
-  if (wsi_ == nullptr) return;  // failed inside the call; the event is queued
+  connecting_ = false;
+  if (failed_while_connecting_) return;  // the event is queued
   if (result == nullptr) {
-    wsi_ = nullptr;
     events_.push_back({TransportEvent::Type::kClosed, "connect failed", true, 0});
     return;
   }
@@ -137,8 +138,7 @@ void Transport::Drop() {
   queue_.clear();
   queue_bytes_ = 0;
   established_ = false;
-  if (old != reinterpret_cast<lws*>(1))
-    lws_set_timeout(old, PENDING_TIMEOUT_USER_OK, LWS_TO_KILL_ASYNC);
+  lws_set_timeout(old, PENDING_TIMEOUT_USER_OK, LWS_TO_KILL_ASYNC);
 }
 
 void Transport::CloseGracefully(int wait_ms) {
@@ -151,7 +151,7 @@ void Transport::CloseGracefully(int wait_ms) {
   events_.clear();
 }
 
-bool Transport::Send(std::string bytes) {
+bool Transport::Send(const std::string& bytes) {
   if (wsi_ == nullptr || !established_) return false;
   if (queue_bytes_ + bytes.size() > options_.max_queue_bytes) return false;
   std::string frame(LWS_PRE, '\0');
@@ -184,15 +184,14 @@ int Transport::Callback(lws* wsi, int reason_int, void* in, size_t len) {
   const auto reason = static_cast<lws_callback_reasons>(reason_int);
   switch (reason) {
     case LWS_CALLBACK_CLIENT_CONNECTION_ERROR: {
-      const bool current = wsi_ != nullptr && reinterpret_cast<uintptr_t>(
-                                                  lws_get_opaque_user_data(wsi)) == generation_;
-      if (current) {
-        wsi_ = nullptr;
-        std::string why = in ? std::string(static_cast<const char*>(in),
-                                           strnlen(static_cast<const char*>(in), len ? len : 256))
-                             : "connection error";
-        events_.push_back({TransportEvent::Type::kClosed, why, true, 0});
-      }
+      const bool ours = reinterpret_cast<uintptr_t>(lws_get_opaque_user_data(wsi)) == generation_;
+      if (!ours || (wsi_ == nullptr && !connecting_)) return 0;
+      if (connecting_) failed_while_connecting_ = true;
+      wsi_ = nullptr;
+      std::string why = in ? std::string(static_cast<const char*>(in),
+                                         strnlen(static_cast<const char*>(in), len ? len : 256))
+                           : "connection error";
+      events_.push_back({TransportEvent::Type::kClosed, why, true, 0});
       return 0;
     }
     case LWS_CALLBACK_CLIENT_ESTABLISHED:

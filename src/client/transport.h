@@ -27,10 +27,10 @@ struct lws_context;
 namespace chat::client {
 
 struct TransportOptions {
-  std::string url;                             // ws://host:port/path or wss://...
-  std::string tls_ca_path;                     // "" = system default
-  size_t max_message_bytes = 4 * 1024 * 1024;  // largest assembled inbound message
-  size_t max_queue_bytes = 8 * 1024 * 1024;    // queued outbound bytes
+  std::string url;                                     // ws://host:port/path or wss://...
+  std::string tls_ca_path;                             // "" = system default
+  size_t max_message_bytes = size_t{4} * 1024 * 1024;  // largest assembled inbound message
+  size_t max_queue_bytes = size_t{8} * 1024 * 1024;    // queued outbound bytes
 };
 
 struct TransportEvent {
@@ -57,7 +57,7 @@ class Transport {
   // `wait_ms` so it leaves; the server then sees a clean close instead of a dropped socket.
   void CloseGracefully(int wait_ms);
   // Queues one binary message. False if not connected or the queue is full.
-  bool Send(std::string bytes);
+  bool Send(const std::string& bytes);
   // Waits up to timeout_ms (0: not at all) for network events or Wake(), and handles them.
   void Service(int timeout_ms);
   std::vector<TransportEvent> TakeEvents();
@@ -81,7 +81,10 @@ class Transport {
   lws* wsi_ = nullptr;        // the current connection, or null
   uintptr_t generation_ = 0;  // tags each connection; events of older ones are ignored
   bool established_ = false;
-  bool closing_ = false;  // CloseGracefully() asked the current connection to close
+  bool closing_ = false;
+  bool connecting_ = false;               // inside lws_client_connect_via_info()
+  bool failed_while_connecting_ = false;  // it reported CONNECTION_ERROR from inside  //
+                                          // CloseGracefully() asked the current connection to close
   int peer_close_code_ = 0;
   std::deque<std::string> queue_;  // each with LWS_PRE bytes of headroom
   size_t queue_bytes_ = 0;
