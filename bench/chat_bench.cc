@@ -595,7 +595,12 @@ class Bench {
       --counters_.sent;
       SendIndex(conn, index, conn.unacked[index]);
     }
-    if (on_ready) on_ready(conn);
+    // A connection the server closed (slow consumer, overload) catches up like a real client.
+    if (on_ready) {
+      on_ready(conn);
+    } else if (conn.connects > 1) {
+      SendSync(conn);
+    }
     if (!conn.out.empty() && conn.wsi != nullptr) lws_callback_on_writable(conn.wsi);
   }
 

@@ -10,6 +10,9 @@
 #                  into build/bench
 #   --results-dir  where the JSON files go (default bench/results)
 #
+# BENCH_GIT_COMMIT names the commit measured when the binaries were built from an export of it
+# rather than from this checkout.
+#
 # Exits 1 if any workload did not complete or lost, duplicated or reordered a message.
 set -euo pipefail
 
@@ -25,7 +28,7 @@ while [[ $# -gt 0 ]]; do
     --quick) QUICK=1 ;;
     --build-dir) BUILD_DIR=$2; shift ;;
     --results-dir) RESULTS=$2; shift ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     -*) echo "run.sh: unknown flag $1" >&2; exit 2 ;;
     *) WORKLOADS+=("$1") ;;
   esac
@@ -80,6 +83,7 @@ head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$TMP/secret"
 start_chatd() {
   local name=$1
   shift
+  : >"$TMP/$name.out"
   "${PIN_SERVER[@]}" "$CHATD" serve --listen 127.0.0.1 --port 0 --db "$TMP/$name.db" \
     --secret-file "$TMP/secret" --log-level error \
     --messages-per-second 1000000 --messages-burst 1000000 "$@" \
@@ -87,7 +91,7 @@ start_chatd() {
   CHATD_PID=$!
   PORT=""
   for _ in $(seq 1 300); do
-    PORT=$(sed -n 's|^chatd listening on ws://127.0.0.1:\([0-9]*\)$|\1|p' "$TMP/$name.out")
+    PORT=$(sed -n 's|^chatd listening on ws://127.0.0.1:\([0-9]*\)$|\1|p' "$TMP/$name.out" || true)
     [[ -n "$PORT" ]] && return 0
     kill -0 "$CHATD_PID" 2>/dev/null || break
     sleep 0.1
@@ -103,9 +107,12 @@ stop_chatd() {
   CHATD_PID=""
 }
 
-COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
-if [[ -n "$(git -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null)" ]]; then
-  COMMIT="$COMMIT+dirty"
+COMMIT=${BENCH_GIT_COMMIT:-}
+if [[ -z "$COMMIT" ]]; then
+  COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+  if [[ -n "$(git -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null)" ]]; then
+    COMMIT="$COMMIT+dirty"
+  fi
 fi
 FAILED=()
 
@@ -143,11 +150,12 @@ run_bench() {
 
 run_floor() {
   local trips=$1
+  : >"$TMP/echo.out"
   "${PIN_SERVER[@]}" "$BENCH" --workload tcp-echo-server --port 0 --label floor >"$TMP/echo.out" &
   ECHO_PID=$!
   local port=""
   for _ in $(seq 1 100); do
-    port=$(sed -n 's/^tcp-echo listening on \([0-9]*\)$/\1/p' "$TMP/echo.out")
+    port=$(sed -n 's/^tcp-echo listening on \([0-9]*\)$/\1/p' "$TMP/echo.out" || true)
     [[ -n "$port" ]] && break
     sleep 0.1
   done
@@ -155,6 +163,7 @@ run_floor() {
   local rc=0
   "${PIN_GEN[@]}" "$BENCH" --workload floor --port "$port" --label floor --round-trips "$trips" \
     >"$TMP/floor.raw" || rc=$?
+  kill "$ECHO_PID" 2>/dev/null || true
   wait "$ECHO_PID" 2>/dev/null || true
   ECHO_PID=""
   record floor none "chat-bench --workload floor --round-trips $trips" "$rc" "$TMP/floor.raw"
