@@ -31,3 +31,16 @@ fi
   -DCMAKE_EXE_LINKER_FLAGS="$flags"
 "$cmake" --build "$tmp/build" -j2
 "$tmp/build/consumer"
+
+# The same consumer through pkg-config (static libraries, so --static pulls in the private
+# dependencies), with the prefix pointed at the temporary install.
+if command -v pkg-config >/dev/null 2>&1; then
+  pc_flags=$(PKG_CONFIG_PATH="$tmp/prefix/lib/pkgconfig" \
+    pkg-config --define-variable=prefix="$tmp/prefix" --static --cflags --libs chat)
+  # shellcheck disable=SC2086
+  "$cxx" -std=c++20 $flags "$consumer_dir/main.cc" $pc_flags -o "$tmp/consumer-pc"
+  "$tmp/consumer-pc"
+else
+  echo "run.sh: pkg-config not found" >&2
+  exit 1
+fi
