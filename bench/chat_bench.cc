@@ -1025,9 +1025,11 @@ int RunConnect(Bench& bench) {
   for (int i = 0; i < o.connections; ++i) {
     conns.push_back(&bench.AddConn(UserName(o, "c", i)));
   }
+  double server_cpu0 = CpuSecondsOf(o.server_pid);
   int64_t t0 = NowNs();
   bool completed = ConnectAll(bench, conns, o.timeout_s);
   double seconds = static_cast<double>(NowNs() - t0) / 1e9;
+  double server_cpu = CpuSecondsOf(o.server_pid) - server_cpu0;
   Histogram handshake;
   for (Conn* conn : conns) {
     if (conn->state == Conn::State::kReady)
@@ -1039,6 +1041,8 @@ int RunConnect(Bench& bench) {
   json.Add("max_connecting", o.max_connecting);
   json.Add("seconds", seconds);
   json.Add("handshakes_per_s", static_cast<double>(o.connections) / seconds);
+  json.Add("server_cpu_s", server_cpu);
+  json.Add("server_cpu_us_per_handshake", server_cpu * 1e6 / std::max(1, o.connections));
   json.Raw("connect_to_welcome", handshake.Json());
   return Finish(bench, json, completed, bench.Verify(conns));
 }
@@ -1069,6 +1073,7 @@ int RunStorm(Bench& bench) {
     bench.RunUntil(
         o.timeout_s, [&] { return bench.AllDown(conns); }, [] {});
     int64_t dropped_ns = NowNs();
+    double server_cpu0 = CpuSecondsOf(o.server_pid);
     uint64_t random = 0x9E3779B97F4A7C15ULL;
     for (Conn* conn : conns) {
       random ^= random << 13;
@@ -1092,6 +1097,7 @@ int RunStorm(Bench& bench) {
         [] {});
     json.Add("drop_to_all_down_ms", static_cast<double>(dropped_ns - t0) / 1e6);
     json.Add("reconnect_to_all_synced_ms", static_cast<double>(NowNs() - dropped_ns) / 1e6);
+    json.Add("server_cpu_s_reconnect", CpuSecondsOf(o.server_pid) - server_cpu0);
   }
   return Finish(bench, json, completed, bench.Verify(conns));
 }

@@ -119,7 +119,7 @@ FAILED=()
 # Wraps chat-bench's JSON with the run's context and writes <results>/<file>.json.
 record() {
   local file=$1 durability=$2 command=$3 rc=$4 raw=$5
-  if ! jq -e . "$raw" >/dev/null 2>&1; then
+  if [[ ! -s "$raw" ]] || ! jq -e 'type == "object"' "$raw" >/dev/null 2>&1; then
     echo "run.sh: $file produced no JSON (exit $rc)" >&2
     FAILED+=("$file")
     return
@@ -187,7 +187,7 @@ for w in "${WORKLOADS[@]}"; do
       floor) run_floor 20000 ;;
       latency) run_bench latency full -- --workload latency --pairs 50 --rate 5000 --duration 10 ;;
       direct)
-        rates=2500,5000,10000,15000,20000,30000,40000,50000,60000
+        rates=1000,2500,5000,7500,10000,15000,20000,30000,40000,50000,60000
         run_bench direct full -- --workload direct --pairs 500 --rates $rates --step-seconds 5
         run_bench direct-normal normal -- --workload direct --pairs 500 --rates $rates --step-seconds 5 ;;
       idle) run_bench idle full -- --workload idle --connections 10000 --hold 3 --max-connecting 512 ;;

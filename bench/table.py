@@ -51,11 +51,13 @@ def headline(r):
             r["messages"], r["conversations"], r.get("reconnect_to_synced_ms", -1),
             r.get("welcome_to_synced_ms", -1), r.get("sync_pages", 0))
     if w == "connect":
-        return "%d conns: %.0f handshakes/s; connect -> welcome %s" % (
-            r["connections"], r["handshakes_per_s"], lat(r["connect_to_welcome"]))
+        return "%d conns: %.0f handshakes/s (%.0f us server CPU each); connect -> welcome %s" % (
+            r["connections"], r["handshakes_per_s"], r.get("server_cpu_us_per_handshake", -1),
+            lat(r["connect_to_welcome"]))
     if w == "storm":
-        return "%d clients: reconnect -> all synced %.0f ms; server peak RSS %d KB" % (
-            r["connections"], r.get("reconnect_to_all_synced_ms", -1), r["server_peak_rss_kb"])
+        return "%d clients: reconnect -> all synced %.0f ms (server CPU %.1f s); server peak RSS %d KB" % (
+            r["connections"], r.get("reconnect_to_all_synced_ms", -1),
+            r.get("server_cpu_s_reconnect", -1), r["server_peak_rss_kb"])
     return ""
 
 
@@ -65,7 +67,10 @@ def load(directory):
         path = os.path.join(directory, name + ".json")
         if os.path.exists(path):
             with open(path) as f:
-                results[name] = json.load(f)
+                try:
+                    results[name] = json.load(f)
+                except ValueError:
+                    print("(%s is not valid JSON)" % path)
     return results
 
 
