@@ -60,6 +60,12 @@ struct ServerOptions {
   uint32_t history_page_max = 200;         // messages per HistoryPage
   uint32_t sync_page_max = 500;            // messages per SyncBatch
   uint32_t sync_catchup_max = 1000;        // per conversation; past it Sync returns a Gap
+  uint32_t max_group_members = 500;        // per group, creator included; 0 = no cap
+  uint32_t max_channel_members = 1'000'000;  // per channel, creator included; 0 = no cap
+  uint32_t max_channel_subscriptions = 64;  // channels one connection receives live at once
+  uint32_t typing_expires_ms = 6000;       // told in TypingUpdate: show no longer unless refreshed
+  uint32_t typing_interval_ms = 1000;      // typing repeats per device and conversation within
+                                           // this are dropped; a change of state always passes
 
   // --- Store threads ---
   uint32_t commit_batch_max = 512;         // messages per transaction, at most

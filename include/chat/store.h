@@ -12,8 +12,8 @@
 // fault injection and metrics.
 //
 // Thread-safety: Append is called by one thread at a time (the server's writer thread); the
-// read methods (Sync, History, Members, Epoch) may be called concurrently with each other and
-// with Append from other threads.
+// read methods (Sync, History, Members, Receipts, Epoch) may be called concurrently with each other
+// and with Append from other threads.
 #ifndef CHAT_STORE_H_
 #define CHAT_STORE_H_
 
@@ -29,7 +29,21 @@
 
 namespace chat {
 
-// One message to commit.
+// What an AppendRequest does. Every membership or metadata change is committed through the
+// same writer as messages, as a system message in the conversation (with its own seq), in the
+// same transaction as the change, so clients learn it through the same Deliver/Sync path.
+enum class ConversationOp : int {
+  kNone = 0,           // a user message (Send)
+  kCreateGroup = 1,    // a new group or channel: group_kind, title, users; the sender is admin
+  kRename = 2,         // title (admins only)
+  kAddMembers = 3,     // users (admins only)
+  kRemoveMembers = 4,  // users (admins only)
+  kLeave = 5,          // the sender leaves (any member)
+  kSetRole = 6,        // users[0] gets `role` (admins only)
+  kReceipt = 7,        // the sender device's watermarks; commits no message
+};
+
+// One message (or conversation change, see `op`) to commit.
 struct AppendRequest {
   // Either a conversation id, or (conversation_id == 0) the direct conversation between
   // `sender` and `peer`, created by this append if it does not exist yet.
@@ -44,6 +58,30 @@ struct AppendRequest {
   std::string content_type;
   std::string body;
   std::vector<Attachment> attachments;
+
+  // Conversation changes (op != kNone).
+  ConversationOp op = ConversationOp::kNone;
+  ConversationKind group_kind = ConversationKind::kUnspecified;  // kCreateGroup
+  std::string title;                                             // kCreateGroup, kRename
+  std::vector<UserId> users;       // kCreateGroup, k*Members, kSetRole
+  Role role = Role::kUnspecified;  // kSetRole
+  Seq delivered_seq = 0;           // kReceipt
+  Seq read_seq = 0;                // kReceipt
+  // kCreateGroup, kAddMembers: member caps (creator included) by the conversation's kind, which
+  // only the store knows for an existing conversation; 0 = no cap.
+  uint32_t max_group_members = 0;
+  uint32_t max_channel_members = 0;
+  // kLeave, kRemoveMembers: the message id of the promotion that follows when the last admin
+  // goes (see AppendResult::also).
+  MessageId spare_message_id = 0;
+};
+
+// A member's watermarks in a conversation: the highest over the member's devices.
+struct MemberReceipt {
+  UserId user;
+  Role role = Role::kUnspecified;
+  Seq delivered_seq = 0;
+  Seq read_seq = 0;
 };
 
 struct AppendResult {
@@ -52,9 +90,29 @@ struct AppendResult {
   Status status;
   // The committed message with its seq, or for a duplicate the message committed earlier.
   Message message;
-  bool duplicate = false;          // (sender, client_msg_id) was committed before
-  bool created = false;            // this append created the direct conversation
-  std::vector<UserId> recipients;  // members to deliver to (sender included), at commit time
+  bool duplicate = false;  // (sender, client_msg_id) was committed before
+  bool created = false;    // this append created the direct conversation
+  // Users to deliver `message` (and `also`) to, sender included, at commit time: every member
+  // of a direct conversation or group, plus the users a change removed (they get their own
+  // removal message). Channels never list their members: only the actor and the users a change
+  // is about; live delivery to everyone else goes to subscribed sessions.
+  std::vector<UserId> recipients;
+  ConversationKind kind = ConversationKind::kUnspecified;
+  // Conversation changes: further system messages committed after `message` in the same
+  // transaction (the promotion of a new admin after the last one left).
+  std::vector<Message> also;
+  // Users who lost access with this change (removed or left).
+  std::vector<UserId> removed;
+  // Changes and receipts: the conversation as the sender's device sees it after the commit.
+  ConversationInfo conversation;
+  // kReceipt: whether the sender's user-wide watermarks moved; the sender's watermarks over all of
+  // its devices; the sender's unread count across every conversation; and (direct and groups) the
+  // lowest watermarks over all current members.
+  bool receipt_changed = false;
+  MemberReceipt sender_receipt;
+  uint64_t unread_total = 0;
+  Seq delivered_all_seq = 0;
+  Seq read_all_seq = 0;
 };
 
 struct SyncQuery {
@@ -74,6 +132,8 @@ struct SyncReply {
   std::vector<Gap> gaps;
   // True when `limit` cut the reply: sync again with advanced cursors.
   bool has_more = false;
+  // The user's unread messages across all of its conversations.
+  uint64_t unread_total = 0;
 };
 
 struct HistoryQuery {
@@ -87,6 +147,20 @@ struct HistoryReply {
   std::vector<Message> messages;  // newest first
   bool has_more = false;          // older messages exist
   Seq first_seq = 0;              // lowest stored seq; 0 when empty
+};
+
+// Who has read what in one conversation, and the asking user's standing in it.
+struct ReceiptsQuery {
+  UserId user;
+  ConversationId conversation_id = 0;
+};
+
+struct ReceiptsReply {
+  ConversationKind kind = ConversationKind::kUnspecified;
+  Role role = Role::kUnspecified;  // the asking user's role
+  // Current members by user id. A channel lists only the asking user: its members' cursors are
+  // private, and listing 100k members would be no answer.
+  std::vector<MemberReceipt> members;
 };
 
 class CHAT_EXPORT MessageStore {
@@ -116,6 +190,10 @@ class CHAT_EXPORT MessageStore {
 
   // Current members of a conversation. NotFound if it does not exist.
   virtual Result<std::vector<UserId>> Members(ConversationId conversation_id) = 0;
+
+  // The members' watermarks and the user's standing. PermissionDenied unless the user is a
+  // current member (a missing conversation looks the same).
+  virtual Result<ReceiptsReply> Receipts(const ReceiptsQuery& query) = 0;
 };
 
 // Forwards every call to `target`; override what a test or a metric needs.
@@ -123,8 +201,7 @@ class CHAT_EXPORT MessageStoreWrapper : public MessageStore {
  public:
   explicit MessageStoreWrapper(std::shared_ptr<MessageStore> target) : target_(std::move(target)) {}
   uint64_t Epoch() const override { return target_->Epoch(); }
-  Status Append(std::span<const AppendRequest> batch,
-                std::vector<AppendResult>* results) override {
+  Status Append(std::span<const AppendRequest> batch, std::vector<AppendResult>* results) override {
     return target_->Append(batch, results);
   }
   Result<SyncReply> Sync(const SyncQuery& query) override { return target_->Sync(query); }
@@ -133,6 +210,9 @@ class CHAT_EXPORT MessageStoreWrapper : public MessageStore {
   }
   Result<std::vector<UserId>> Members(ConversationId conversation_id) override {
     return target_->Members(conversation_id);
+  }
+  Result<ReceiptsReply> Receipts(const ReceiptsQuery& query) override {
+    return target_->Receipts(query);
   }
 
  protected:
@@ -143,11 +223,11 @@ class CHAT_EXPORT MessageStoreWrapper : public MessageStore {
 };
 
 struct SqliteStoreOptions {
-  std::string path;             // database file; created if missing
+  std::string path;  // database file; created if missing
   // true: synchronous=FULL (an acked message survives power loss). false: NORMAL (survives a
   // crash of the process, may lose the last commits on power loss). Default true.
   bool synchronous_full = true;
-  uint32_t reader_connections = 2;   // read-only connections for concurrent Sync/History
+  uint32_t reader_connections = 2;  // read-only connections for concurrent Sync/History
   uint32_t busy_timeout_ms = 5000;
 };
 

@@ -87,6 +87,7 @@ struct ConversationInfo {
   Role role = Role::kUnspecified;
   uint32_t member_count = 0;
   int64_t last_activity_ms = 0;
+  Seq removed_at_seq = 0;      // non-zero: the user was removed at this seq, may read up to it
 };
 
 // The highest seq a client holds for a conversation with nothing missing below it.

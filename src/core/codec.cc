@@ -517,6 +517,7 @@ void ToProto(const ConversationInfo& in, v1::ConversationState* out) {
   out->set_role(static_cast<v1::Role>(in.role));
   out->set_member_count(in.member_count);
   out->set_last_activity_ms(in.last_activity_ms);
+  out->set_removed_at_seq(in.removed_at_seq);
 }
 
 ConversationInfo FromProto(const v1::ConversationState& in) {
@@ -533,6 +534,7 @@ ConversationInfo FromProto(const v1::ConversationState& in) {
   out.role = EnumOrUnspecified<Role>(in.role(), v1::Role_MAX);
   out.member_count = in.member_count();
   out.last_activity_ms = in.last_activity_ms();
+  out.removed_at_seq = in.removed_at_seq();
   return out;
 }
 

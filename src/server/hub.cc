@@ -5,6 +5,7 @@
 #include <queue>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -48,17 +49,42 @@ struct Session {
 // Per-session memory is budgeted (about 2 KB per idle connection, libwebsockets included).
 static_assert(sizeof(Session) <= 128, "Session grew: check the per-connection memory budget");
 
+// What a store job was submitted for, so its completion is answered the right way.
+enum class Purpose : uint8_t {
+  kSend,
+  kChange,  // group operations: answered with ConversationUpdate
+  kReceipt,
+  kSync,
+  kHistory,
+  kGetReceipts,
+  kSubscribe,
+  kUnsubscribe,
+  kTypingOn,
+  kTypingOff,
+};
+
 struct PendingAppend {
   SessionId session = 0;
   uint64_t rid = 0;
   std::string client_msg_id;
+  Purpose purpose = Purpose::kSend;
 };
 
 struct PendingRead {
   SessionId session = 0;
   uint64_t rid = 0;
-  ConversationId conversation_id = 0;  // History only
+  ConversationId conversation_id = 0;  // all but Sync
+  Purpose purpose = Purpose::kSync;
 };
+
+// Typing state one connection last forwarded for one conversation.
+struct TypingMark {
+  ConversationId conversation_id = 0;
+  int64_t forwarded_ms = 0;
+  bool active = false;
+};
+// Conversations whose typing state one connection remembers; the oldest is forgotten past it.
+constexpr size_t kTypingMarksPerSession = 16;
 
 using Body = v1::Envelope::BodyCase;
 
@@ -207,6 +233,23 @@ class Hub::Impl {
       }
       return;
     }
+    switch (pending.purpose) {
+      case Purpose::kChange:
+        if (sender != nullptr) {
+          v1::Envelope reply;
+          reply.set_rid(pending.rid);
+          codec::ToProto(result.conversation,
+                         reply.mutable_conversation_update()->mutable_conversation());
+          Reply(pending.session, *sender, reply);
+        }
+        FanOutCommitted(result, /*except=*/0);
+        return;
+      case Purpose::kReceipt:
+        AnswerReceipt(pending, sender, result);
+        return;
+      default:
+        break;
+    }
 
     if (sender != nullptr) {
       v1::Envelope reply;
@@ -222,7 +265,7 @@ class Hub::Impl {
     }
     // A duplicate was delivered when it was first committed.
     if (result.duplicate) return;
-    FanOut(result.message, result.recipients, pending.session);
+    FanOutCommitted(result, pending.session);
   }
 
   void OnReadDone(uint64_t token, ReadResult result) {
@@ -235,6 +278,14 @@ class Hub::Impl {
 
     v1::Envelope reply;
     reply.set_rid(pending.rid);
+    if (auto* receipts = std::get_if<Result<ReceiptsReply>>(&result)) {
+      if (!receipts->ok()) {
+        SendError(pending.session, *s, pending.rid, receipts->status());
+        return;
+      }
+      AnswerMembersRead(pending, *s, **receipts);
+      return;
+    }
     if (auto* sync = std::get_if<Result<SyncReply>>(&result)) {
       if (!sync->ok()) {
         SendError(pending.session, *s, pending.rid, sync->status());
@@ -254,6 +305,7 @@ class Hub::Impl {
         out->set_to_seq(gap.to_seq);
       }
       batch->set_has_more((*sync)->has_more);
+      batch->set_unread_total((*sync)->unread_total);
     } else {
       auto& history = std::get<Result<HistoryReply>>(result);
       if (!history.ok()) {
@@ -387,6 +439,32 @@ class Hub::Impl {
       case Body::kPing:
         HandlePing(id, s, envelope);
         return;
+      case Body::kCreateGroup:
+      case Body::kRenameGroup:
+      case Body::kAddMembers:
+      case Body::kRemoveMembers:
+      case Body::kLeave:
+      case Body::kSetRole:
+        HandleChange(id, s, envelope);
+        return;
+      case Body::kReceipt:
+        HandleReceipt(id, s, envelope);
+        return;
+      case Body::kGetReceipts:
+        SubmitMembersRead(id, s, envelope.rid(), envelope.get_receipts().conversation_id(),
+                          Purpose::kGetReceipts);
+        return;
+      case Body::kSubscribe:
+        SubmitMembersRead(id, s, envelope.rid(), envelope.subscribe().conversation_id(),
+                          Purpose::kSubscribe);
+        return;
+      case Body::kUnsubscribe:
+        SubmitMembersRead(id, s, envelope.rid(), envelope.unsubscribe().conversation_id(),
+                          Purpose::kUnsubscribe);
+        return;
+      case Body::kTyping:
+        HandleTyping(id, s, envelope);
+        return;
       default:
         HandleUnsupported(id, s, envelope);
         return;
@@ -439,6 +517,7 @@ class Hub::Impl {
     limits->set_idle_timeout_ms(options_.idle_timeout_ms);
     limits->set_messages_per_second(options_.messages_per_second);
     limits->set_max_attachments(options_.max_attachments);
+    limits->set_max_group_members(options_.max_group_members);
     Reply(id, s, reply);
   }
 
@@ -507,7 +586,7 @@ class Hub::Impl {
     const uint32_t requested = sync.limit() != 0 ? sync.limit() : options_.sync_page_max;
     query.limit = std::min(requested, options_.sync_page_max);
     query.catchup_max = options_.sync_catchup_max;
-    SubmitRead(id, envelope.rid(), 0, std::move(query));
+    SubmitRead(id, envelope.rid(), 0, Purpose::kSync, std::move(query));
   }
 
   void HandleHistory(SessionId id, Session& s, const v1::Envelope& envelope) {
@@ -518,7 +597,7 @@ class Hub::Impl {
     query.before_seq = history.before_seq();
     const uint32_t requested = history.limit() != 0 ? history.limit() : kDefaultHistoryLimit;
     query.limit = std::min(requested, options_.history_page_max);
-    SubmitRead(id, envelope.rid(), query.conversation_id, std::move(query));
+    SubmitRead(id, envelope.rid(), query.conversation_id, Purpose::kHistory, std::move(query));
   }
 
   void HandlePing(SessionId id, Session& s, const v1::Envelope& envelope) {
@@ -537,13 +616,307 @@ class Hub::Impl {
               FailedPrecondition(BodyName(envelope) + " is not supported by this server yet"));
   }
 
-  void SubmitRead(SessionId id, uint64_t rid, ConversationId conversation_id,
-                  std::variant<SyncQuery, HistoryQuery> query) {
+  void SubmitRead(SessionId id, uint64_t rid, ConversationId conversation_id, Purpose purpose,
+                  std::variant<SyncQuery, HistoryQuery, ReceiptsQuery> query) {
     ReadJob job;
     job.token = next_token_++;
     job.query = std::move(query);
-    pending_reads_.emplace(job.token, PendingRead{id, rid, conversation_id});
+    pending_reads_.emplace(job.token, PendingRead{id, rid, conversation_id, purpose});
     io_->SubmitRead(std::move(job));
+  }
+
+  // Requests that need the user's standing and the members (GetReceipts, Subscribe,
+  // Unsubscribe, Typing) read them from the store, which authorizes them (store_common's
+  // Authorize), and are answered in AnswerMembersRead.
+  void SubmitMembersRead(SessionId id, const Session& s, uint64_t rid,
+                         ConversationId conversation_id, Purpose purpose) {
+    SubmitRead(id, rid, conversation_id, purpose,
+               ReceiptsQuery{.user = s.user, .conversation_id = conversation_id});
+  }
+
+  // Group operations go to the writer like messages: the store authorizes them and commits
+  // each as a system message in the same transaction as the change.
+  void HandleChange(SessionId id, Session& s, const v1::Envelope& envelope) {
+    AppendJob job;
+    job.token = next_token_++;
+    AppendRequest& request = job.request;
+    request.sender = s.user;
+    request.sender_device = s.device;
+    request.message_id = ids_.Next();
+    request.server_time_ms = clock_->WallMs();
+    request.kind = MessageKind::kSystem;
+    request.max_group_members = options_.max_group_members;
+    request.max_channel_members = options_.max_channel_members;
+    switch (envelope.body_case()) {
+      case Body::kCreateGroup: {
+        const v1::CreateGroup& create = envelope.create_group();
+        request.op = ConversationOp::kCreateGroup;
+        request.group_kind = static_cast<ConversationKind>(create.kind());
+        request.title = create.title();
+        request.users.assign(create.members().begin(), create.members().end());
+        break;
+      }
+      case Body::kRenameGroup:
+        request.op = ConversationOp::kRename;
+        request.conversation_id = envelope.rename_group().conversation_id();
+        request.title = envelope.rename_group().title();
+        break;
+      case Body::kAddMembers:
+        request.op = ConversationOp::kAddMembers;
+        request.conversation_id = envelope.add_members().conversation_id();
+        request.users.assign(envelope.add_members().users().begin(),
+                             envelope.add_members().users().end());
+        break;
+      case Body::kRemoveMembers:
+        request.op = ConversationOp::kRemoveMembers;
+        request.conversation_id = envelope.remove_members().conversation_id();
+        request.users.assign(envelope.remove_members().users().begin(),
+                             envelope.remove_members().users().end());
+        request.spare_message_id = ids_.Next();
+        break;
+      case Body::kLeave:
+        request.op = ConversationOp::kLeave;
+        request.conversation_id = envelope.leave().conversation_id();
+        request.spare_message_id = ids_.Next();
+        break;
+      default:  // kSetRole
+        request.op = ConversationOp::kSetRole;
+        request.conversation_id = envelope.set_role().conversation_id();
+        request.users = {envelope.set_role().user()};
+        request.role = static_cast<Role>(envelope.set_role().role());
+        break;
+    }
+    pending_appends_.emplace(job.token, PendingAppend{id, envelope.rid(), {}, Purpose::kChange});
+    io_->SubmitAppend(std::move(job));
+  }
+
+  void HandleReceipt(SessionId id, Session& s, const v1::Envelope& envelope) {
+    const v1::Receipt& receipt = envelope.receipt();
+    AppendJob job;
+    job.token = next_token_++;
+    job.request.op = ConversationOp::kReceipt;
+    job.request.conversation_id = receipt.conversation_id();
+    job.request.sender = s.user;
+    job.request.sender_device = s.device;
+    job.request.delivered_seq = receipt.delivered_seq();
+    job.request.read_seq = receipt.read_seq();
+    pending_appends_.emplace(job.token, PendingAppend{id, envelope.rid(), {}, Purpose::kReceipt});
+    io_->SubmitAppend(std::move(job));
+  }
+
+  // The requester gets a ReceiptUpdate with its new watermarks and unread counts as the reply;
+  // its other devices get the same; in direct conversations and groups the other members get
+  // the user's watermarks and the all-members watermarks. Nothing is told when nothing moved.
+  void AnswerReceipt(const PendingAppend& pending, Session* sender, const AppendResult& result) {
+    const ConversationInfo& info = result.conversation;
+    v1::Envelope own;
+    v1::ReceiptUpdate* update = own.mutable_receipt_update();
+    update->set_conversation_id(info.conversation_id);
+    if (sender != nullptr) {
+      update->set_user_id(sender->user);
+      update->set_device_id(sender->device);
+    }
+    update->set_delivered_seq(result.sender_receipt.delivered_seq);
+    update->set_read_seq(result.sender_receipt.read_seq);
+    update->set_delivered_all_seq(result.delivered_all_seq);
+    update->set_read_all_seq(result.read_all_seq);
+    update->set_unread(info.unread);
+    update->set_unread_total(result.unread_total);
+    if (sender != nullptr) {
+      own.set_rid(pending.rid);
+      Reply(pending.session, *sender, own);
+      own.set_rid(0);
+    }
+    if (!result.receipt_changed) return;
+    const UserId& user = result.sender_receipt.user;
+    SendToUser(user, own, pending.session);
+    if (result.kind == ConversationKind::kChannel) return;
+    v1::Envelope others = own;
+    others.mutable_receipt_update()->clear_unread();
+    others.mutable_receipt_update()->clear_unread_total();
+    codec::Frame binary;
+    codec::Frame json;
+    for (const UserId& member : result.recipients) {
+      if (member == user) continue;
+      SendToUserShared(member, others, 0, binary, json);
+    }
+  }
+
+  void HandleTyping(SessionId id, Session& s, const v1::Envelope& envelope) {
+    const v1::Typing& typing = envelope.typing();
+    const int64_t now = clock_->MonotonicMs();
+    std::vector<TypingMark>& marks = typing_[id];
+    auto mark = std::find_if(marks.begin(), marks.end(), [&](const TypingMark& m) {
+      return m.conversation_id == typing.conversation_id();
+    });
+    // Repeats of the same state within the interval are dropped silently (the client is told
+    // Ok): the other members already show it, and it expires by itself.
+    if (mark != marks.end() && mark->active == typing.active() &&
+        now - mark->forwarded_ms < static_cast<int64_t>(options_.typing_interval_ms)) {
+      SendOk(id, s, envelope.rid());
+      return;
+    }
+    if (mark == marks.end()) {
+      if (marks.size() >= kTypingMarksPerSession) marks.erase(marks.begin());
+      marks.push_back(TypingMark{typing.conversation_id(), now, typing.active()});
+    } else {
+      mark->forwarded_ms = now;
+      mark->active = typing.active();
+    }
+    SubmitMembersRead(id, s, envelope.rid(), typing.conversation_id(),
+                      typing.active() ? Purpose::kTypingOn : Purpose::kTypingOff);
+  }
+
+  void AnswerMembersRead(const PendingRead& pending, Session& s, const ReceiptsReply& reply) {
+    const ConversationId conversation_id = pending.conversation_id;
+    switch (pending.purpose) {
+      case Purpose::kGetReceipts: {
+        v1::Envelope out;
+        out.set_rid(pending.rid);
+        v1::ReceiptsPage* page = out.mutable_receipts_page();
+        page->set_conversation_id(conversation_id);
+        for (const MemberReceipt& member : reply.members) {
+          v1::MemberReceipt* m = page->add_members();
+          m->set_user_id(member.user);
+          m->set_delivered_seq(member.delivered_seq);
+          m->set_read_seq(member.read_seq);
+          m->set_role(static_cast<v1::Role>(member.role));
+        }
+        Reply(pending.session, s, out);
+        return;
+      }
+      case Purpose::kSubscribe: {
+        // Direct conversations and groups are pushed to every member anyway.
+        if (reply.kind == ConversationKind::kChannel) {
+          std::vector<ConversationId>& mine = session_channels_[pending.session];
+          if (std::find(mine.begin(), mine.end(), conversation_id) == mine.end()) {
+            if (mine.size() >= options_.max_channel_subscriptions) {
+              SendError(pending.session, s, pending.rid,
+                        ResourceExhausted("too many channel subscriptions on this connection"));
+              return;
+            }
+            mine.push_back(conversation_id);
+            subscribers_[conversation_id].insert(pending.session);
+          }
+        }
+        SendOk(pending.session, s, pending.rid);
+        return;
+      }
+      case Purpose::kUnsubscribe:
+        Unsubscribe(pending.session, conversation_id);
+        SendOk(pending.session, s, pending.rid);
+        return;
+      default: {  // typing
+        if (reply.kind == ConversationKind::kChannel) {
+          SendError(pending.session, s, pending.rid,
+                    FailedPrecondition("typing is not shown in channels"));
+          return;
+        }
+        v1::Envelope update;
+        v1::TypingUpdate* typing = update.mutable_typing_update();
+        typing->set_conversation_id(conversation_id);
+        typing->set_user_id(s.user);
+        typing->set_active(pending.purpose == Purpose::kTypingOn);
+        typing->set_expires_ms(options_.typing_expires_ms);
+        codec::Frame binary;
+        codec::Frame json;
+        for (const MemberReceipt& member : reply.members) {
+          if (member.user == s.user) continue;
+          SendToUserShared(member.user, update, 0, binary, json);
+        }
+        SendOk(pending.session, s, pending.rid);
+        return;
+      }
+    }
+  }
+
+  void Unsubscribe(SessionId id, ConversationId conversation_id) {
+    auto mine = session_channels_.find(id);
+    if (mine != session_channels_.end()) {
+      std::erase(mine->second, conversation_id);
+      if (mine->second.empty()) session_channels_.erase(mine);
+    }
+    auto subs = subscribers_.find(conversation_id);
+    if (subs != subscribers_.end()) {
+      subs->second.erase(id);
+      if (subs->second.empty()) subscribers_.erase(subs);
+    }
+  }
+
+  void SendOk(SessionId id, const Session& s, uint64_t rid) {
+    v1::Envelope ok;
+    ok.set_rid(rid);
+    ok.mutable_ok();
+    Reply(id, s, ok);
+  }
+
+  // `envelope` to every connection of `user` but `except`.
+  void SendToUser(const UserId& user, const v1::Envelope& envelope, SessionId except) {
+    codec::Frame binary;
+    codec::Frame json;
+    SendToUserShared(user, envelope, except, binary, json);
+  }
+
+  // Like SendToUser, encoding at most once per format across calls that share the frames.
+  void SendToUserShared(const UserId& user, const v1::Envelope& envelope, SessionId except,
+                        codec::Frame& binary, codec::Frame& json) {
+    auto it = users_.find(user);
+    if (it == users_.end()) return;
+    for (SessionId target : it->second) {
+      if (target == except) continue;
+      Session* s = FindSession(target);
+      if (s == nullptr) continue;
+      codec::Frame& frame = s->format == codec::Format::kJson ? json : binary;
+      if (!frame) frame = codec::EncodeShared(envelope, s->format);
+      io_->Send(target, frame);
+    }
+  }
+
+  // Delivers a commit's messages: direct conversations and groups to every online device of
+  // the recipients the store listed; channels to the connections subscribed to the channel
+  // (plus the users a change is about), so an offline or uninterested member costs nothing.
+  // Users the change removed are delivered their removal and then unsubscribed.
+  void FanOutCommitted(const AppendResult& result, SessionId except) {
+    std::vector<const Message*> messages = {&result.message};
+    for (const Message& m : result.also) messages.push_back(&m);
+    for (const Message* message : messages) {
+      if (result.kind == ConversationKind::kChannel) {
+        FanOutChannel(*message, result.recipients, except);
+      } else {
+        FanOut(*message, result.recipients, except);
+      }
+    }
+    for (const UserId& user : result.removed) {
+      auto it = users_.find(user);
+      if (it == users_.end()) continue;
+      for (SessionId session : it->second) Unsubscribe(session, result.message.conversation_id);
+    }
+  }
+
+  void FanOutChannel(const Message& message, const std::vector<UserId>& recipients,
+                     SessionId except) {
+    v1::Envelope deliver;
+    codec::ToProto(message, deliver.mutable_deliver()->mutable_message());
+    codec::Frame binary;
+    codec::Frame json;
+    std::unordered_set<SessionId> sent;
+    auto send = [&](SessionId target) {
+      if (target == except || !sent.insert(target).second) return;
+      Session* s = FindSession(target);
+      if (s == nullptr) return;
+      codec::Frame& frame = s->format == codec::Format::kJson ? json : binary;
+      if (!frame) frame = codec::EncodeShared(deliver, s->format);
+      io_->Send(target, frame);
+    };
+    auto subs = subscribers_.find(message.conversation_id);
+    if (subs != subscribers_.end()) {
+      for (SessionId target : subs->second) send(target);
+    }
+    for (const UserId& user : recipients) {
+      auto it = users_.find(user);
+      if (it == users_.end()) continue;
+      for (SessionId target : it->second) send(target);
+    }
   }
 
   // One Deliver, encoded at most once per wire format, to every online device of every
@@ -600,6 +973,12 @@ class Hub::Impl {
     } else {
       --pending_sessions_;
     }
+    typing_.erase(id);
+    auto channels = session_channels_.find(id);
+    if (channels != session_channels_.end()) {
+      const std::vector<ConversationId> subscribed = channels->second;
+      for (ConversationId conversation_id : subscribed) Unsubscribe(id, conversation_id);
+    }
     sessions_.erase(it);
   }
 
@@ -625,6 +1004,12 @@ class Hub::Impl {
   // (due ms, session): one live entry per session; stale entries are skipped when popped.
   using Timer = std::pair<int64_t, SessionId>;
   std::priority_queue<Timer, std::vector<Timer>, std::greater<>> timers_;
+
+  // Live channel subscriptions, both ways, bounded by max_channel_subscriptions per session.
+  std::unordered_map<ConversationId, std::unordered_set<SessionId>> subscribers_;
+  std::unordered_map<SessionId, std::vector<ConversationId>> session_channels_;
+  // Per connection: the typing state last forwarded, per conversation (bounded).
+  std::unordered_map<SessionId, std::vector<TypingMark>> typing_;
 
   uint64_t next_token_ = 1;
   std::unordered_map<uint64_t, PendingAppend> pending_appends_;

@@ -30,16 +30,16 @@ using SessionId = uint64_t;
 
 // WebSocket close codes the Hub uses (RFC 6455 and the application range).
 inline constexpr int kCloseNormal = 1000;
-inline constexpr int kCloseGoingAway = 1001;          // server shutdown
-inline constexpr int kCloseProtocolError = 1002;      // frame the protocol does not allow
-inline constexpr int kCloseInvalidPayload = 1007;     // undecodable frame (bad protobuf/JSON/UTF-8)
-inline constexpr int kClosePolicy = 1008;             // e.g. a second Hello
-inline constexpr int kCloseTooLarge = 1009;           // message over max_message_bytes
-inline constexpr int kCloseTryAgainLater = 1013;      // overload
-inline constexpr int kCloseUnauthenticated = 4001;    // no/invalid Hello, bad token, hello timeout
-inline constexpr int kCloseIdleTimeout = 4002;        // no frame within idle_timeout_ms
-inline constexpr int kCloseSlowConsumer = 4003;       // outbound queue stayed over its cap
-inline constexpr int kCloseTooManyDevices = 4004;     // max_devices_per_user reached
+inline constexpr int kCloseGoingAway = 1001;        // server shutdown
+inline constexpr int kCloseProtocolError = 1002;    // frame the protocol does not allow
+inline constexpr int kCloseInvalidPayload = 1007;   // undecodable frame (bad protobuf/JSON/UTF-8)
+inline constexpr int kClosePolicy = 1008;           // e.g. a second Hello
+inline constexpr int kCloseTooLarge = 1009;         // message over max_message_bytes
+inline constexpr int kCloseTryAgainLater = 1013;    // overload
+inline constexpr int kCloseUnauthenticated = 4001;  // no/invalid Hello, bad token, hello timeout
+inline constexpr int kCloseIdleTimeout = 4002;      // no frame within idle_timeout_ms
+inline constexpr int kCloseSlowConsumer = 4003;     // outbound queue stayed over its cap
+inline constexpr int kCloseTooManyDevices = 4004;   // max_devices_per_user reached
 
 // A unit of work for the store's writer thread. `token` comes back in OnAppendDone.
 struct AppendJob {
@@ -50,9 +50,34 @@ struct AppendJob {
 // A unit of work for a store reader thread. `token` comes back in OnReadDone.
 struct ReadJob {
   uint64_t token = 0;
-  std::variant<SyncQuery, HistoryQuery> query;
+  std::variant<SyncQuery, HistoryQuery, ReceiptsQuery> query;
 };
-using ReadResult = std::variant<Result<SyncReply>, Result<HistoryReply>>;
+// One alternative per query type, in the same order.
+using ReadResult = std::variant<Result<SyncReply>, Result<HistoryReply>, Result<ReceiptsReply>>;
+
+// Runs `job` on `store` (on a reader thread).
+inline ReadResult RunReadJob(MessageStore& store, const ReadJob& job) {
+  switch (job.query.index()) {
+    case 0:
+      return store.Sync(std::get<0>(job.query));
+    case 1:
+      return store.History(std::get<1>(job.query));
+    default:
+      return store.Receipts(std::get<2>(job.query));
+  }
+}
+
+// The completion of `job` when it was refused with `status` before it ran.
+inline ReadResult FailedRead(const ReadJob& job, const Status& status) {
+  switch (job.query.index()) {
+    case 0:
+      return Result<SyncReply>(status);
+    case 1:
+      return Result<HistoryReply>(status);
+    default:
+      return Result<ReceiptsReply>(status);
+  }
+}
 
 // What the Hub asks of its runtime.
 class HubIo {

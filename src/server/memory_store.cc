@@ -24,6 +24,8 @@ using server::ConversationHead;
 struct Member {
   Role role = Role::kMember;
   Seq joined_seq = 0;
+  Seq removed_at_seq = 0;  // non-zero: removed; the row stays for capped reads
+  bool current() const { return removed_at_seq == 0; }
 };
 
 struct Watermarks {
@@ -38,11 +40,10 @@ struct Conversation {
   Seq first_seq = 0;
   int64_t created_ms = 0;
   int64_t last_activity_ms = 0;
-  std::map<UserId, Member> members;
+  std::map<UserId, Member> members;  // current and removed
+  size_t current_members = 0;
   std::map<Seq, Message> messages;
-  // Per (user, device). Receipts will write them; the trait has no such call yet, so they
-  // stay at 0 and only shape ConversationInfo.
-  std::map<std::pair<UserId, DeviceId>, Watermarks> cursors;
+  std::map<std::pair<UserId, DeviceId>, Watermarks> cursors;  // per (user, device)
 };
 
 struct Data {
@@ -53,71 +54,6 @@ struct Data {
   std::map<std::pair<UserId, std::string>, std::pair<ConversationId, Seq>> keys;
 };
 
-class MemoryTarget final : public server::AppendTarget {
- public:
-  explicit MemoryTarget(Data* data) : data_(data) {}
-
-  Result<std::optional<Message>> FindByKey(const UserId& sender,
-                                           const std::string& client_msg_id) override {
-    auto it = data_->keys.find({sender, client_msg_id});
-    if (it == data_->keys.end()) return std::optional<Message>();
-    const auto& [conversation_id, seq] = it->second;
-    return std::optional<Message>(data_->conversations.at(conversation_id).messages.at(seq));
-  }
-
-  Result<ConversationId> FindDirect(const UserId& low, const UserId& high) override {
-    auto it = data_->direct.find({low, high});
-    return it == data_->direct.end() ? ConversationId{0} : it->second;
-  }
-
-  Result<ConversationId> CreateDirect(const UserId& low, const UserId& high,
-                                      int64_t now_ms) override {
-    const ConversationId id = data_->next_id++;
-    Conversation& c = data_->conversations[id];
-    c.kind = ConversationKind::kDirect;
-    c.created_ms = now_ms;
-    c.last_activity_ms = now_ms;
-    c.members[low] = Member{};
-    c.members[high] = Member{};
-    data_->direct[{low, high}] = id;
-    data_->by_user[low].insert(id);
-    data_->by_user[high].insert(id);
-    return id;
-  }
-
-  Result<bool> IsMember(ConversationId conversation_id, const UserId& user) override {
-    auto it = data_->conversations.find(conversation_id);
-    return it != data_->conversations.end() && it->second.members.contains(user);
-  }
-
-  Result<Seq> LastSeq(ConversationId conversation_id) override {
-    return data_->conversations.at(conversation_id).last_seq;
-  }
-
-  Status Insert(const Message& message) override {
-    Conversation& c = data_->conversations.at(message.conversation_id);
-    c.messages[message.seq] = message;
-    c.last_seq = message.seq;
-    if (c.first_seq == 0) c.first_seq = message.seq;
-    c.last_activity_ms = message.server_time_ms;
-    if (!message.client_msg_id.empty()) {
-      data_->keys[{message.sender, message.client_msg_id}] = {message.conversation_id, message.seq};
-    }
-    return Status::Ok();
-  }
-
-  Result<std::vector<UserId>> Members(ConversationId conversation_id) override {
-    std::vector<UserId> out;
-    for (const auto& [user, member] : data_->conversations.at(conversation_id).members) {
-      out.push_back(user);
-    }
-    return out;
-  }
-
- private:
-  Data* data_;
-};
-
 class MemorySource final : public server::ReadSource {
  public:
   explicit MemorySource(const Data* data) : data_(data) {}
@@ -125,43 +61,64 @@ class MemorySource final : public server::ReadSource {
   Status UserConversations(const UserId& user, std::vector<ConversationHead>* out) override {
     auto it = data_->by_user.find(user);
     if (it == data_->by_user.end()) return Status::Ok();
-    for (ConversationId id : it->second) out->push_back(Head(id));
+    for (ConversationId id : it->second) {
+      ConversationHead head = RawHead(id);
+      const Member& m = data_->conversations.at(id).members.at(user);
+      head.joined_seq = m.joined_seq;
+      head.removed_at_seq = m.removed_at_seq;
+      out->push_back(head);
+    }
     return Status::Ok();
   }
 
-  Result<std::optional<ConversationHead>> MemberHead(ConversationId conversation_id,
-                                                     const UserId& user) override {
+  Result<server::Membership> GetMembership(ConversationId conversation_id,
+                                           const UserId& user) override {
+    server::Membership out;
     auto it = data_->conversations.find(conversation_id);
-    if (it == data_->conversations.end() || !it->second.members.contains(user)) {
-      return std::optional<ConversationHead>();
-    }
-    return std::optional<ConversationHead>(Head(conversation_id));
+    if (it == data_->conversations.end()) return out;
+    out.exists = true;
+    out.kind = it->second.kind;
+    auto member = it->second.members.find(user);
+    if (member == it->second.members.end()) return out;
+    out.role = member->second.role;
+    out.joined_seq = member->second.joined_seq;
+    out.removed_at_seq = member->second.removed_at_seq;
+    return out;
+  }
+
+  Result<ConversationHead> Head(ConversationId conversation_id) override {
+    return RawHead(conversation_id);
   }
 
   Result<ConversationInfo> Describe(ConversationId conversation_id, const UserId& user,
                                     const DeviceId& device) override {
     const Conversation& c = data_->conversations.at(conversation_id);
+    const Member& member = c.members.at(user);
     ConversationInfo info;
     info.conversation_id = conversation_id;
     info.kind = c.kind;
     info.title = c.title;
     if (c.kind == ConversationKind::kDirect) {
-      for (const auto& [member, unused] : c.members) {
-        if (member != user) info.peer = member;
+      for (const auto& [other, unused] : c.members) {
+        if (other != user) info.peer = other;
       }
     }
     info.last_seq = c.last_seq;
-    for (const auto& [key, marks] : c.cursors) {
-      if (key.first != user) continue;
-      info.read_seq = std::max(info.read_seq, marks.read_seq);
-      if (key.second == device) info.delivered_seq = marks.delivered_seq;
+    if (member.removed_at_seq != 0) info.last_seq = std::min(info.last_seq, member.removed_at_seq);
+    info.removed_at_seq = member.removed_at_seq;
+    for (auto it = c.cursors.lower_bound({user, DeviceId()});
+         it != c.cursors.end() && it->first.first == user; ++it) {
+      info.read_seq = std::max(info.read_seq, it->second.read_seq);
+      if (it->first.second == device) info.delivered_seq = it->second.delivered_seq;
     }
-    for (auto it = c.messages.upper_bound(info.read_seq); it != c.messages.end(); ++it) {
-      if (it->second.sender != user) ++info.unread;
+    const Seq from = std::max(info.read_seq + 1, member.joined_seq);
+    for (auto it = c.messages.lower_bound(from);
+         it != c.messages.end() && it->first <= info.last_seq; ++it) {
+      if (it->second.kind == MessageKind::kUser && it->second.sender != user) ++info.unread;
     }
     info.first_seq = c.first_seq;
-    info.role = c.members.at(user).role;
-    info.member_count = static_cast<uint32_t>(c.members.size());
+    info.role = member.role;
+    info.member_count = static_cast<uint32_t>(c.current_members);
     info.last_activity_ms = c.last_activity_ms;
     return info;
   }
@@ -188,13 +145,146 @@ class MemorySource final : public server::ReadSource {
     return Status::Ok();
   }
 
+  Status Watermarks(ConversationId conversation_id, const UserId& only,
+                    std::vector<MemberReceipt>* out) override {
+    const Conversation& c = data_->conversations.at(conversation_id);
+    auto add = [&](const UserId& user, const Member& member) {
+      if (!member.current()) return;
+      MemberReceipt receipt{user, member.role, 0, 0};
+      for (auto it = c.cursors.lower_bound({user, DeviceId()});
+           it != c.cursors.end() && it->first.first == user; ++it) {
+        receipt.delivered_seq = std::max(receipt.delivered_seq, it->second.delivered_seq);
+        receipt.read_seq = std::max(receipt.read_seq, it->second.read_seq);
+      }
+      out->push_back(std::move(receipt));
+    };
+    if (!only.empty()) {
+      auto it = c.members.find(only);
+      if (it != c.members.end()) add(it->first, it->second);
+      return Status::Ok();
+    }
+    for (const auto& [user, member] : c.members) add(user, member);
+    return Status::Ok();
+  }
+
  private:
-  ConversationHead Head(ConversationId id) const {
+  ConversationHead RawHead(ConversationId id) const {
     const Conversation& c = data_->conversations.at(id);
-    return ConversationHead{id, c.last_seq, c.first_seq};
+    return ConversationHead{id, c.last_seq, c.first_seq, 0, 0};
   }
 
   const Data* data_;
+};
+
+class MemoryTarget final : public server::AppendTarget {
+ public:
+  explicit MemoryTarget(Data* data) : data_(data), reader_(data) {}
+
+  server::ReadSource& Reader() override { return reader_; }
+
+  Result<std::optional<Message>> FindByKey(const UserId& sender,
+                                           const std::string& client_msg_id) override {
+    auto it = data_->keys.find({sender, client_msg_id});
+    if (it == data_->keys.end()) return std::optional<Message>();
+    const auto& [conversation_id, seq] = it->second;
+    return std::optional<Message>(data_->conversations.at(conversation_id).messages.at(seq));
+  }
+
+  Result<ConversationId> FindDirect(const UserId& low, const UserId& high) override {
+    auto it = data_->direct.find({low, high});
+    return it == data_->direct.end() ? ConversationId{0} : it->second;
+  }
+
+  Result<ConversationId> CreateDirect(const UserId& low, const UserId& high,
+                                      int64_t now_ms) override {
+    Result<ConversationId> id = CreateGroup(ConversationKind::kDirect, "", now_ms);
+    if (Status s = PutMember(*id, low, Role::kMember, 0); !s.ok()) return s;
+    if (Status s = PutMember(*id, high, Role::kMember, 0); !s.ok()) return s;
+    data_->direct[{low, high}] = *id;
+    return id;
+  }
+
+  Result<ConversationId> CreateGroup(ConversationKind kind, const std::string& title,
+                                     int64_t now_ms) override {
+    const ConversationId id = data_->next_id++;
+    Conversation& c = data_->conversations[id];
+    c.kind = kind;
+    c.title = title;
+    c.created_ms = now_ms;
+    c.last_activity_ms = now_ms;
+    return id;
+  }
+
+  Status SetTitle(ConversationId conversation_id, const std::string& title) override {
+    data_->conversations.at(conversation_id).title = title;
+    return Status::Ok();
+  }
+
+  Status PutMember(ConversationId conversation_id, const UserId& user, Role role,
+                   Seq joined_seq) override {
+    Conversation& c = data_->conversations.at(conversation_id);
+    Member& m = c.members[user];
+    // A row created just now by operator[] is not in by_user yet, so it counts as new.
+    const bool was_current = data_->by_user[user].contains(conversation_id) && m.current();
+    m.role = role;
+    m.joined_seq = joined_seq;
+    m.removed_at_seq = 0;
+    if (!was_current) ++c.current_members;
+    data_->by_user[user].insert(conversation_id);
+    return Status::Ok();
+  }
+
+  Status SetRole(ConversationId conversation_id, const UserId& user, Role role) override {
+    data_->conversations.at(conversation_id).members.at(user).role = role;
+    return Status::Ok();
+  }
+
+  Status RemoveMember(ConversationId conversation_id, const UserId& user, Seq seq) override {
+    Conversation& c = data_->conversations.at(conversation_id);
+    Member& m = c.members.at(user);
+    if (m.current()) --c.current_members;
+    m.removed_at_seq = seq;
+    return Status::Ok();
+  }
+
+  Result<uint64_t> MemberCount(ConversationId conversation_id) override {
+    return uint64_t{data_->conversations.at(conversation_id).current_members};
+  }
+
+  Status PutCursor(ConversationId conversation_id, const UserId& user, const DeviceId& device,
+                   Seq delivered_seq, Seq read_seq) override {
+    data_->conversations.at(conversation_id).cursors[{user, device}] =
+        Watermarks{delivered_seq, read_seq};
+    return Status::Ok();
+  }
+
+  Result<Seq> LastSeq(ConversationId conversation_id) override {
+    return data_->conversations.at(conversation_id).last_seq;
+  }
+
+  Status Insert(const Message& message) override {
+    Conversation& c = data_->conversations.at(message.conversation_id);
+    c.messages[message.seq] = message;
+    c.last_seq = message.seq;
+    if (c.first_seq == 0) c.first_seq = message.seq;
+    c.last_activity_ms = message.server_time_ms;
+    if (!message.client_msg_id.empty()) {
+      data_->keys[{message.sender, message.client_msg_id}] = {message.conversation_id, message.seq};
+    }
+    return Status::Ok();
+  }
+
+  Result<std::vector<UserId>> Members(ConversationId conversation_id) override {
+    std::vector<UserId> out;
+    for (const auto& [user, member] : data_->conversations.at(conversation_id).members) {
+      if (member.current()) out.push_back(user);
+    }
+    return out;
+  }
+
+ private:
+  Data* data_;
+  MemorySource reader_;
 };
 
 class MemoryStore final : public MessageStore {
@@ -226,6 +316,12 @@ class MemoryStore final : public MessageStore {
     std::lock_guard lock(mu_);
     MemorySource source(&data_);
     return server::RunHistory(source, query);
+  }
+
+  Result<ReceiptsReply> Receipts(const ReceiptsQuery& query) override {
+    std::lock_guard lock(mu_);
+    MemorySource source(&data_);
+    return server::RunReceipts(source, query);
   }
 
   Result<std::vector<UserId>> Members(ConversationId conversation_id) override {

@@ -34,7 +34,7 @@ using server::ConversationHead;
 
 // The schema version this build writes. A file with a higher PRAGMA user_version was written
 // by a newer build and is refused rather than misread.
-constexpr int kSchemaVersion = 1;
+constexpr int kSchemaVersion = 2;
 
 // Migration N brings a file from user_version N-1 to N; index 0 is migration 1.
 constexpr std::array<const char*, kSchemaVersion> kMigrations = {
@@ -103,6 +103,10 @@ CREATE TABLE users(
   last_seen_ms INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 )sql",
+    // 2: removed members keep their row (read access up to their removal).
+    R"sql(
+ALTER TABLE members ADD COLUMN removed_at_seq INTEGER NOT NULL DEFAULT 0;
+)sql",
 };
 
 #define CHAT_MESSAGE_COLUMNS                                                           \
@@ -122,14 +126,21 @@ enum class Sql : int {
   kInsertConversation,
   kInsertDirect,
   kInsertMember,
-  kIsMember,
+  kMembership,
+  kHead,
+  kInsertGroup,
+  kSetTitle,
+  kPutMember,
+  kSetRole,
+  kRemoveMember,
+  kPutCursor,
+  kWatermarks,
   kLastSeq,
   kInsertMessage,
   kAdvanceConversation,
   kMembers,
   kConversationExists,
   kUserConversations,
-  kMemberHead,
   kDescribe,
   kMemberCount,
   kPeer,
@@ -154,30 +165,49 @@ constexpr std::array<const char*, static_cast<size_t>(Sql::kCount)> kSql = {
     "INSERT INTO conversations(kind, created_ms, last_activity_ms) VALUES(?1, ?2, ?2)",
     "INSERT INTO direct(user_a, user_b, conversation_id) VALUES(?1, ?2, ?3)",
     "INSERT INTO members(conversation_id, user_id, role, joined_seq) VALUES(?1, ?2, ?3, ?4)",
-    "SELECT 1 FROM members WHERE conversation_id = ?1 AND user_id = ?2",
+    "SELECT c.kind, m.role, m.joined_seq, m.removed_at_seq FROM conversations c "
+    "LEFT JOIN members m ON m.conversation_id = c.conversation_id AND m.user_id = ?2 "
+    "WHERE c.conversation_id = ?1",
+    "SELECT last_seq, first_seq FROM conversations WHERE conversation_id = ?1",
+    "INSERT INTO conversations(kind, title, created_ms, last_activity_ms) VALUES(?1, ?2, ?3, ?3)",
+    "UPDATE conversations SET title = ?2 WHERE conversation_id = ?1",
+    "INSERT INTO members(conversation_id, user_id, role, joined_seq, removed_at_seq) "
+    "VALUES(?1, ?2, ?3, ?4, 0) ON CONFLICT(conversation_id, user_id) DO UPDATE SET "
+    "role = excluded.role, joined_seq = excluded.joined_seq, removed_at_seq = 0",
+    "UPDATE members SET role = ?3 WHERE conversation_id = ?1 AND user_id = ?2",
+    "UPDATE members SET removed_at_seq = ?3 "
+    "WHERE conversation_id = ?1 AND user_id = ?2 AND removed_at_seq = 0",
+    "INSERT INTO cursors(conversation_id, user_id, device_id, delivered_seq, read_seq) "
+    "VALUES(?1, ?2, ?3, ?4, ?5) ON CONFLICT(conversation_id, user_id, device_id) DO UPDATE SET "
+    "delivered_seq = excluded.delivered_seq, read_seq = excluded.read_seq",
+    "SELECT m.user_id, m.role, COALESCE(MAX(k.delivered_seq), 0), COALESCE(MAX(k.read_seq), 0) "
+    "FROM members m LEFT JOIN cursors k "
+    "ON k.conversation_id = m.conversation_id AND k.user_id = m.user_id "
+    "WHERE m.conversation_id = ?1 AND m.removed_at_seq = 0 AND (?2 = '' OR m.user_id = ?2) "
+    "GROUP BY m.user_id ORDER BY m.user_id",
     "SELECT last_seq FROM conversations WHERE conversation_id = ?1",
     "INSERT INTO messages(" CHAT_MESSAGE_COLUMNS
     ") VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
     "UPDATE conversations SET last_seq = ?2, last_activity_ms = ?3, "
     "first_seq = CASE WHEN first_seq = 0 THEN ?2 ELSE first_seq END WHERE conversation_id = ?1",
-    "SELECT user_id FROM members WHERE conversation_id = ?1 ORDER BY user_id",
+    "SELECT user_id FROM members WHERE conversation_id = ?1 AND removed_at_seq = 0 "
+    "ORDER BY user_id",
     "SELECT 1 FROM conversations WHERE conversation_id = ?1",
-    "SELECT c.conversation_id, c.last_seq, c.first_seq FROM members m "
-    "JOIN conversations c ON c.conversation_id = m.conversation_id "
-    "WHERE m.user_id = ?1 ORDER BY m.conversation_id",
-    "SELECT c.last_seq, c.first_seq FROM members m "
-    "JOIN conversations c ON c.conversation_id = m.conversation_id "
-    "WHERE m.conversation_id = ?1 AND m.user_id = ?2",
-    "SELECT c.kind, c.title, c.last_seq, c.first_seq, c.last_activity_ms, m.role "
+    "SELECT c.conversation_id, c.last_seq, c.first_seq, m.joined_seq, m.removed_at_seq "
     "FROM members m JOIN conversations c ON c.conversation_id = m.conversation_id "
+    "WHERE m.user_id = ?1 ORDER BY m.conversation_id",
+    "SELECT c.kind, c.title, c.last_seq, c.first_seq, c.last_activity_ms, m.role, "
+    "m.joined_seq, m.removed_at_seq FROM members m JOIN conversations c ON c.conversation_id = "
+    "m.conversation_id "
     "WHERE m.conversation_id = ?1 AND m.user_id = ?2",
-    "SELECT COUNT(*) FROM members WHERE conversation_id = ?1",
+    "SELECT COUNT(*) FROM members WHERE conversation_id = ?1 AND removed_at_seq = 0",
     "SELECT user_id FROM members WHERE conversation_id = ?1 AND user_id <> ?2 "
     "ORDER BY user_id LIMIT 1",
     "SELECT COALESCE(MAX(read_seq), 0) FROM cursors WHERE conversation_id = ?1 AND user_id = ?2",
     "SELECT delivered_seq FROM cursors "
     "WHERE conversation_id = ?1 AND user_id = ?2 AND device_id = ?3",
-    "SELECT COUNT(*) FROM messages WHERE conversation_id = ?1 AND seq > ?2 AND sender <> ?3",
+    "SELECT COUNT(*) FROM messages "
+    "WHERE conversation_id = ?1 AND seq > ?2 AND seq <= ?4 AND kind = 1 AND sender <> ?3",
     "SELECT " CHAT_MESSAGE_COLUMNS
     " FROM messages WHERE conversation_id = ?1 AND seq >= ?2 AND seq <= ?3 "
     "ORDER BY seq LIMIT ?4",
@@ -443,9 +473,147 @@ Result<std::vector<UserId>> ReadMembers(Connection& conn, ConversationId convers
   }
 }
 
+class SqliteSource final : public server::ReadSource {
+ public:
+  explicit SqliteSource(Connection& conn) : conn_(conn) {}
+
+  Status UserConversations(const UserId& user, std::vector<ConversationHead>* out) override {
+    Query q(conn_, Sql::kUserConversations);
+    q.Text(user);
+    for (;;) {
+      Result<bool> row = q.Step();
+      if (!row.ok()) return row.status();
+      if (!*row) return Status::Ok();
+      out->push_back(
+          {q.ColumnU64(0), q.ColumnU64(1), q.ColumnU64(2), q.ColumnU64(3), q.ColumnU64(4)});
+    }
+  }
+
+  Result<server::Membership> GetMembership(ConversationId conversation_id,
+                                           const UserId& user) override {
+    Query q(conn_, Sql::kMembership);
+    q.U64(conversation_id).Text(user);
+    Result<bool> row = q.Step();
+    if (!row.ok()) return row.status();
+    server::Membership out;
+    if (!*row) return out;
+    out.exists = true;
+    out.kind = static_cast<ConversationKind>(q.ColumnInt(0));
+    out.role = static_cast<Role>(q.ColumnInt(1));  // NULL (no row) reads as 0: unspecified
+    out.joined_seq = q.ColumnU64(2);
+    out.removed_at_seq = q.ColumnU64(3);
+    return out;
+  }
+
+  Result<ConversationHead> Head(ConversationId conversation_id) override {
+    Query q(conn_, Sql::kHead);
+    q.U64(conversation_id);
+    Result<bool> row = q.Step();
+    if (!row.ok()) return row.status();
+    if (!*row) return server::NotAMember(conversation_id);
+    return ConversationHead{conversation_id, q.ColumnU64(0), q.ColumnU64(1), 0, 0};
+  }
+
+  Result<ConversationInfo> Describe(ConversationId conversation_id, const UserId& user,
+                                    const DeviceId& device) override {
+    ConversationInfo info;
+    info.conversation_id = conversation_id;
+    Seq joined_seq = 0;
+    {
+      Query q(conn_, Sql::kDescribe);
+      q.U64(conversation_id).Text(user);
+      Result<bool> row = q.Step();
+      if (!row.ok()) return row.status();
+      if (!*row) return server::NotAMember(conversation_id);
+      info.kind = static_cast<ConversationKind>(q.ColumnInt(0));
+      info.title = q.ColumnBytes(1);
+      info.last_seq = q.ColumnU64(2);
+      info.first_seq = q.ColumnU64(3);
+      info.last_activity_ms = q.ColumnInt(4);
+      info.role = static_cast<Role>(q.ColumnInt(5));
+      joined_seq = q.ColumnU64(6);
+      info.removed_at_seq = q.ColumnU64(7);
+      if (info.removed_at_seq != 0) info.last_seq = std::min(info.last_seq, info.removed_at_seq);
+    }
+    {
+      Query q(conn_, Sql::kMemberCount);
+      q.U64(conversation_id);
+      Result<int64_t> count = ScalarInt(q, 0);
+      if (!count.ok()) return count.status();
+      info.member_count = static_cast<uint32_t>(*count);
+    }
+    if (info.kind == ConversationKind::kDirect) {
+      Query q(conn_, Sql::kPeer);
+      q.U64(conversation_id).Text(user);
+      Result<bool> row = q.Step();
+      if (!row.ok()) return row.status();
+      if (*row) info.peer = q.ColumnBytes(0);
+    }
+    {
+      Query q(conn_, Sql::kReadSeq);
+      q.U64(conversation_id).Text(user);
+      Result<int64_t> seq = ScalarInt(q, 0);
+      if (!seq.ok()) return seq.status();
+      info.read_seq = std::min(static_cast<Seq>(*seq), info.last_seq);
+    }
+    {
+      Query q(conn_, Sql::kDeliveredSeq);
+      q.U64(conversation_id).Text(user).Text(device);
+      Result<int64_t> seq = ScalarInt(q, 0);
+      if (!seq.ok()) return seq.status();
+      info.delivered_seq = static_cast<Seq>(*seq);
+    }
+    {
+      Query q(conn_, Sql::kUnread);
+      const Seq above = std::max(info.read_seq, joined_seq == 0 ? 0 : joined_seq - 1);
+      q.U64(conversation_id).U64(above).Text(user).U64(info.last_seq);
+      Result<int64_t> unread = ScalarInt(q, 0);
+      if (!unread.ok()) return unread.status();
+      info.unread = static_cast<uint64_t>(*unread);
+    }
+    return info;
+  }
+
+  Status ReadAscending(ConversationId conversation_id, Seq from_seq, Seq to_seq, size_t max,
+                       std::vector<Message>* out) override {
+    Query q(conn_, Sql::kRangeAscending);
+    q.U64(conversation_id).U64(from_seq).U64(to_seq).Int(Limit(max));
+    return ReadMessages(q, out);
+  }
+
+  Status ReadDescending(ConversationId conversation_id, Seq before_seq, size_t max,
+                        std::vector<Message>* out) override {
+    Query q(conn_, Sql::kRangeDescending);
+    q.U64(conversation_id).U64(before_seq).Int(Limit(max));
+    return ReadMessages(q, out);
+  }
+
+  Status Watermarks(ConversationId conversation_id, const UserId& only,
+                    std::vector<MemberReceipt>* out) override {
+    Query q(conn_, Sql::kWatermarks);
+    q.U64(conversation_id).Text(only);
+    for (;;) {
+      Result<bool> row = q.Step();
+      if (!row.ok()) return row.status();
+      if (!*row) return Status::Ok();
+      out->push_back(
+          {q.ColumnBytes(0), static_cast<Role>(q.ColumnInt(1)), q.ColumnU64(2), q.ColumnU64(3)});
+    }
+  }
+
+ private:
+  static int64_t Limit(size_t max) {
+    return static_cast<int64_t>(std::min<size_t>(max, size_t{INT64_MAX}));
+  }
+
+  Connection& conn_;
+};
+
 class SqliteTarget final : public server::AppendTarget {
  public:
-  explicit SqliteTarget(Connection& conn) : conn_(conn) {}
+  explicit SqliteTarget(Connection& conn) : conn_(conn), reader_(conn) {}
+
+  server::ReadSource& Reader() override { return reader_; }
 
   Result<std::optional<Message>> FindByKey(const UserId& sender,
                                            const std::string& client_msg_id) override {
@@ -488,10 +656,52 @@ class SqliteTarget final : public server::AppendTarget {
     return id;
   }
 
-  Result<bool> IsMember(ConversationId conversation_id, const UserId& user) override {
-    Query q(conn_, Sql::kIsMember);
-    q.U64(conversation_id).Text(user);
-    return q.Step();
+  Result<ConversationId> CreateGroup(ConversationKind kind, const std::string& title,
+                                     int64_t now_ms) override {
+    Query q(conn_, Sql::kInsertGroup);
+    q.Int(static_cast<int>(kind)).Text(title).Int(now_ms);
+    if (Status s = q.Run(); !s.ok()) return s;
+    return static_cast<ConversationId>(conn_.LastInsertRowid());
+  }
+
+  Status SetTitle(ConversationId conversation_id, const std::string& title) override {
+    Query q(conn_, Sql::kSetTitle);
+    q.U64(conversation_id).Text(title);
+    return q.Run();
+  }
+
+  Status PutMember(ConversationId conversation_id, const UserId& user, Role role,
+                   Seq joined_seq) override {
+    Query q(conn_, Sql::kPutMember);
+    q.U64(conversation_id).Text(user).Int(static_cast<int>(role)).U64(joined_seq);
+    return q.Run();
+  }
+
+  Status SetRole(ConversationId conversation_id, const UserId& user, Role role) override {
+    Query q(conn_, Sql::kSetRole);
+    q.U64(conversation_id).Text(user).Int(static_cast<int>(role));
+    return q.Run();
+  }
+
+  Status RemoveMember(ConversationId conversation_id, const UserId& user, Seq seq) override {
+    Query q(conn_, Sql::kRemoveMember);
+    q.U64(conversation_id).Text(user).U64(seq);
+    return q.Run();
+  }
+
+  Result<uint64_t> MemberCount(ConversationId conversation_id) override {
+    Query q(conn_, Sql::kMemberCount);
+    q.U64(conversation_id);
+    Result<int64_t> count = ScalarInt(q, 0);
+    if (!count.ok()) return count.status();
+    return static_cast<uint64_t>(*count);
+  }
+
+  Status PutCursor(ConversationId conversation_id, const UserId& user, const DeviceId& device,
+                   Seq delivered_seq, Seq read_seq) override {
+    Query q(conn_, Sql::kPutCursor);
+    q.U64(conversation_id).Text(user).Text(device).U64(delivered_seq).U64(read_seq);
+    return q.Run();
   }
 
   Result<Seq> LastSeq(ConversationId conversation_id) override {
@@ -533,109 +743,7 @@ class SqliteTarget final : public server::AppendTarget {
 
  private:
   Connection& conn_;
-};
-
-class SqliteSource final : public server::ReadSource {
- public:
-  explicit SqliteSource(Connection& conn) : conn_(conn) {}
-
-  Status UserConversations(const UserId& user, std::vector<ConversationHead>* out) override {
-    Query q(conn_, Sql::kUserConversations);
-    q.Text(user);
-    for (;;) {
-      Result<bool> row = q.Step();
-      if (!row.ok()) return row.status();
-      if (!*row) return Status::Ok();
-      out->push_back({q.ColumnU64(0), q.ColumnU64(1), q.ColumnU64(2)});
-    }
-  }
-
-  Result<std::optional<ConversationHead>> MemberHead(ConversationId conversation_id,
-                                                     const UserId& user) override {
-    Query q(conn_, Sql::kMemberHead);
-    q.U64(conversation_id).Text(user);
-    Result<bool> row = q.Step();
-    if (!row.ok()) return row.status();
-    if (!*row) return std::optional<ConversationHead>();
-    return std::optional<ConversationHead>(
-        ConversationHead{conversation_id, q.ColumnU64(0), q.ColumnU64(1)});
-  }
-
-  Result<ConversationInfo> Describe(ConversationId conversation_id, const UserId& user,
-                                    const DeviceId& device) override {
-    ConversationInfo info;
-    info.conversation_id = conversation_id;
-    {
-      Query q(conn_, Sql::kDescribe);
-      q.U64(conversation_id).Text(user);
-      Result<bool> row = q.Step();
-      if (!row.ok()) return row.status();
-      if (!*row) return server::NotAMember(conversation_id);
-      info.kind = static_cast<ConversationKind>(q.ColumnInt(0));
-      info.title = q.ColumnBytes(1);
-      info.last_seq = q.ColumnU64(2);
-      info.first_seq = q.ColumnU64(3);
-      info.last_activity_ms = q.ColumnInt(4);
-      info.role = static_cast<Role>(q.ColumnInt(5));
-    }
-    {
-      Query q(conn_, Sql::kMemberCount);
-      q.U64(conversation_id);
-      Result<int64_t> count = ScalarInt(q, 0);
-      if (!count.ok()) return count.status();
-      info.member_count = static_cast<uint32_t>(*count);
-    }
-    if (info.kind == ConversationKind::kDirect) {
-      Query q(conn_, Sql::kPeer);
-      q.U64(conversation_id).Text(user);
-      Result<bool> row = q.Step();
-      if (!row.ok()) return row.status();
-      if (*row) info.peer = q.ColumnBytes(0);
-    }
-    {
-      Query q(conn_, Sql::kReadSeq);
-      q.U64(conversation_id).Text(user);
-      Result<int64_t> seq = ScalarInt(q, 0);
-      if (!seq.ok()) return seq.status();
-      info.read_seq = static_cast<Seq>(*seq);
-    }
-    {
-      Query q(conn_, Sql::kDeliveredSeq);
-      q.U64(conversation_id).Text(user).Text(device);
-      Result<int64_t> seq = ScalarInt(q, 0);
-      if (!seq.ok()) return seq.status();
-      info.delivered_seq = static_cast<Seq>(*seq);
-    }
-    {
-      Query q(conn_, Sql::kUnread);
-      q.U64(conversation_id).U64(info.read_seq).Text(user);
-      Result<int64_t> unread = ScalarInt(q, 0);
-      if (!unread.ok()) return unread.status();
-      info.unread = static_cast<uint64_t>(*unread);
-    }
-    return info;
-  }
-
-  Status ReadAscending(ConversationId conversation_id, Seq from_seq, Seq to_seq, size_t max,
-                       std::vector<Message>* out) override {
-    Query q(conn_, Sql::kRangeAscending);
-    q.U64(conversation_id).U64(from_seq).U64(to_seq).Int(Limit(max));
-    return ReadMessages(q, out);
-  }
-
-  Status ReadDescending(ConversationId conversation_id, Seq before_seq, size_t max,
-                        std::vector<Message>* out) override {
-    Query q(conn_, Sql::kRangeDescending);
-    q.U64(conversation_id).U64(before_seq).Int(Limit(max));
-    return ReadMessages(q, out);
-  }
-
- private:
-  static int64_t Limit(size_t max) {
-    return static_cast<int64_t>(std::min<size_t>(max, size_t{INT64_MAX}));
-  }
-
-  Connection& conn_;
+  SqliteSource reader_;
 };
 
 uint64_t NewEpoch() {
@@ -728,6 +836,13 @@ class SqliteStore final : public MessageStore {
     return WithReader<HistoryReply>([&](Connection& conn) {
       SqliteSource source(conn);
       return server::RunHistory(source, query);
+    });
+  }
+
+  Result<ReceiptsReply> Receipts(const ReceiptsQuery& query) override {
+    return WithReader<ReceiptsReply>([&](Connection& conn) {
+      SqliteSource source(conn);
+      return server::RunReceipts(source, query);
     });
   }
 

@@ -11,12 +11,94 @@ Status NotAMember(ConversationId conversation_id) {
   return PermissionDenied("not a member of conversation " + std::to_string(conversation_id));
 }
 
-Status AppendOne(AppendTarget& target, const AppendRequest& request, AppendResult* result) {
-  *result = AppendResult{};
-  if (request.sender.empty()) {
-    result->status = InvalidArgument("sender is required");
-    return Status::Ok();
+Status Authorize(ConversationId conversation_id, const Membership& membership, Access access) {
+  if (!membership.exists || membership.role == Role::kUnspecified) {
+    return NotAMember(conversation_id);
   }
+  if (access == Access::kRead) return Status::Ok();
+  if (membership.removed_at_seq != 0) return NotAMember(conversation_id);
+  if (access == Access::kAdmin && membership.role != Role::kAdmin) {
+    return PermissionDenied("only admins of conversation " + std::to_string(conversation_id) +
+                            " may do this");
+  }
+  return Status::Ok();
+}
+
+namespace {
+
+constexpr size_t kMaxTitleBytes = 256;
+constexpr size_t kMaxUserIdBytes = 128;
+
+// Checks a list of user ids from a request and returns it sorted and without duplicates or
+// `exclude`.
+Result<std::vector<UserId>> CleanUsers(const std::vector<UserId>& users, const UserId& exclude) {
+  std::vector<UserId> out;
+  for (const UserId& user : users) {
+    if (user.empty() || user.size() > kMaxUserIdBytes) {
+      return InvalidArgument("user ids must be 1..128 bytes");
+    }
+    if (user != exclude) out.push_back(user);
+  }
+  std::sort(out.begin(), out.end());
+  out.erase(std::unique(out.begin(), out.end()), out.end());
+  return out;
+}
+
+Status CheckTitle(const std::string& title) {
+  if (title.size() > kMaxTitleBytes) return InvalidArgument("title must be at most 256 bytes");
+  return Status::Ok();
+}
+
+uint32_t MemberCap(const AppendRequest& request, ConversationKind kind) {
+  return kind == ConversationKind::kChannel ? request.max_channel_members
+                                            : request.max_group_members;
+}
+
+Status TooManyMembers(uint32_t max_members) {
+  return ResourceExhausted("a conversation of this kind has at most " +
+                           std::to_string(max_members) + " members");
+}
+
+// Inserts a system message at the conversation's next seq.
+Result<Message> InsertSystem(AppendTarget& target, const AppendRequest& request,
+                             ConversationId conversation_id, SystemEvent event,
+                             MessageId message_id) {
+  Result<Seq> last_seq = target.LastSeq(conversation_id);
+  if (!last_seq.ok()) return last_seq.status();
+  Message message;
+  message.conversation_id = conversation_id;
+  message.seq = *last_seq + 1;
+  message.message_id = message_id;
+  message.server_time_ms = request.server_time_ms;
+  message.kind = MessageKind::kSystem;
+  message.system = std::move(event);
+  if (Status s = target.Insert(message); !s.ok()) return s;
+  return message;
+}
+
+// Who gets a committed message live (see AppendResult::recipients).
+Status SetRecipients(AppendTarget& target, ConversationKind kind, const Message& message,
+                     AppendResult* result) {
+  result->kind = kind;
+  std::vector<UserId> recipients;
+  if (kind == ConversationKind::kChannel) {
+    if (message.kind == MessageKind::kSystem) {
+      recipients = message.system.users;
+      if (!message.system.actor.empty()) recipients.push_back(message.system.actor);
+    }
+  } else {
+    Result<std::vector<UserId>> members = target.Members(message.conversation_id);
+    if (!members.ok()) return members.status();
+    recipients = std::move(*members);
+  }
+  recipients.insert(recipients.end(), result->removed.begin(), result->removed.end());
+  std::sort(recipients.begin(), recipients.end());
+  recipients.erase(std::unique(recipients.begin(), recipients.end()), recipients.end());
+  result->recipients = std::move(recipients);
+  return Status::Ok();
+}
+
+Status AppendUserMessage(AppendTarget& target, const AppendRequest& request, AppendResult* result) {
   if (request.conversation_id == 0) {
     if (request.peer.empty()) {
       result->status = InvalidArgument("peer is required when conversation_id is 0");
@@ -38,14 +120,15 @@ Status AppendOne(AppendTarget& target, const AppendRequest& request, AppendResul
     if (original->has_value()) {
       result->message = std::move(**original);
       result->duplicate = true;
-      Result<std::vector<UserId>> members = target.Members(result->message.conversation_id);
-      if (!members.ok()) return members.status();
-      result->recipients = std::move(*members);
-      return Status::Ok();
+      Result<Membership> membership =
+          target.Reader().GetMembership(result->message.conversation_id, request.sender);
+      if (!membership.ok()) return membership.status();
+      return SetRecipients(target, membership->kind, result->message, result);
     }
   }
 
   ConversationId conversation_id = request.conversation_id;
+  ConversationKind kind = ConversationKind::kDirect;
   if (conversation_id == 0) {
     const auto& [low, high] = std::minmax(request.sender, request.peer);
     Result<ConversationId> found = target.FindDirect(low, high);
@@ -58,12 +141,13 @@ Status AppendOne(AppendTarget& target, const AppendRequest& request, AppendResul
       result->created = true;
     }
   } else {
-    Result<bool> member = target.IsMember(conversation_id, request.sender);
-    if (!member.ok()) return member.status();
-    if (!*member) {
-      result->status = NotAMember(conversation_id);
+    Result<Membership> membership = target.Reader().GetMembership(conversation_id, request.sender);
+    if (!membership.ok()) return membership.status();
+    if (Status s = Authorize(conversation_id, *membership, Access::kMember); !s.ok()) {
+      result->status = s;
       return Status::Ok();
     }
+    kind = membership->kind;
   }
 
   Result<Seq> last_seq = target.LastSeq(conversation_id);
@@ -77,16 +161,342 @@ Status AppendOne(AppendTarget& target, const AppendRequest& request, AppendResul
   message.sender_device = request.sender_device;
   message.client_msg_id = request.client_msg_id;
   message.server_time_ms = request.server_time_ms;
-  message.kind = request.kind;
+  message.kind = MessageKind::kUser;
   message.content_type = request.content_type;
   message.body = request.body;
   message.attachments = request.attachments;
   if (Status s = target.Insert(message); !s.ok()) return s;
+  return SetRecipients(target, kind, message, result);
+}
 
-  Result<std::vector<UserId>> members = target.Members(conversation_id);
-  if (!members.ok()) return members.status();
-  result->recipients = std::move(*members);
+Status CreateGroup(AppendTarget& target, const AppendRequest& request, AppendResult* result) {
+  if (request.group_kind != ConversationKind::kGroup &&
+      request.group_kind != ConversationKind::kChannel) {
+    result->status = InvalidArgument("kind must be GROUP or CHANNEL");
+    return Status::Ok();
+  }
+  if (Status s = CheckTitle(request.title); !s.ok()) {
+    result->status = s;
+    return Status::Ok();
+  }
+  Result<std::vector<UserId>> users = CleanUsers(request.users, request.sender);
+  if (!users.ok()) {
+    result->status = users.status();
+    return Status::Ok();
+  }
+  const uint32_t cap = MemberCap(request, request.group_kind);
+  if (cap != 0 && users->size() + 1 > cap) {
+    result->status = TooManyMembers(cap);
+    return Status::Ok();
+  }
+  Result<ConversationId> id =
+      target.CreateGroup(request.group_kind, request.title, request.server_time_ms);
+  if (!id.ok()) return id.status();
+  if (Status s = target.PutMember(*id, request.sender, Role::kAdmin, 1); !s.ok()) return s;
+  for (const UserId& user : *users) {
+    if (Status s = target.PutMember(*id, user, Role::kMember, 1); !s.ok()) return s;
+  }
+  SystemEvent event;
+  event.type = SystemEvent::Type::kCreated;
+  event.actor = request.sender;
+  event.users = *users;
+  event.title = request.title;
+  Result<Message> message =
+      InsertSystem(target, request, *id, std::move(event), request.message_id);
+  if (!message.ok()) return message.status();
+  result->message = std::move(*message);
+  result->created = true;
+  Result<ConversationInfo> info =
+      target.Reader().Describe(*id, request.sender, request.sender_device);
+  if (!info.ok()) return info.status();
+  result->conversation = std::move(*info);
+  return SetRecipients(target, request.group_kind, result->message, result);
+}
+
+// The longest-standing current member (lowest joined_seq, then user id), if any.
+Result<std::optional<UserId>> LongestStanding(AppendTarget& target,
+                                              ConversationId conversation_id) {
+  std::vector<MemberReceipt> members;
+  if (Status s = target.Reader().Watermarks(conversation_id, "", &members); !s.ok()) return s;
+  std::optional<UserId> best;
+  Seq best_joined = 0;
+  for (const MemberReceipt& member : members) {
+    Result<Membership> m = target.Reader().GetMembership(conversation_id, member.user);
+    if (!m.ok()) return m.status();
+    if (!best || m->joined_seq < best_joined) {
+      best = member.user;
+      best_joined = m->joined_seq;
+    }
+  }
+  return best;
+}
+
+Result<bool> HasAdmin(AppendTarget& target, ConversationId conversation_id) {
+  std::vector<MemberReceipt> members;
+  if (Status s = target.Reader().Watermarks(conversation_id, "", &members); !s.ok()) return s;
+  return std::any_of(members.begin(), members.end(),
+                     [](const MemberReceipt& m) { return m.role == Role::kAdmin; });
+}
+
+Status ChangeGroup(AppendTarget& target, const AppendRequest& request, AppendResult* result) {
+  const ConversationId id = request.conversation_id;
+  Result<Membership> actor = target.Reader().GetMembership(id, request.sender);
+  if (!actor.ok()) return actor.status();
+  const Access access = request.op == ConversationOp::kLeave ? Access::kMember : Access::kAdmin;
+  if (Status s = Authorize(id, *actor, access); !s.ok()) {
+    result->status = s;
+    return Status::Ok();
+  }
+  if (actor->kind == ConversationKind::kDirect) {
+    result->status = FailedPrecondition("a direct conversation has fixed members and no title");
+    return Status::Ok();
+  }
+  Result<Seq> last_seq = target.LastSeq(id);
+  if (!last_seq.ok()) return last_seq.status();
+  const Seq seq = *last_seq + 1;
+
+  SystemEvent event;
+  event.actor = request.sender;
+  bool check_admins = false;
+  switch (request.op) {
+    case ConversationOp::kRename: {
+      if (request.title.empty()) {
+        result->status = InvalidArgument("title is required");
+        return Status::Ok();
+      }
+      if (Status s = CheckTitle(request.title); !s.ok()) {
+        result->status = s;
+        return Status::Ok();
+      }
+      if (Status s = target.SetTitle(id, request.title); !s.ok()) return s;
+      event.type = SystemEvent::Type::kRenamed;
+      event.title = request.title;
+      break;
+    }
+    case ConversationOp::kAddMembers: {
+      Result<std::vector<UserId>> users = CleanUsers(request.users, "");
+      if (!users.ok()) {
+        result->status = users.status();
+        return Status::Ok();
+      }
+      std::vector<UserId> added;
+      for (const UserId& user : *users) {
+        Result<Membership> m = target.Reader().GetMembership(id, user);
+        if (!m.ok()) return m.status();
+        const bool current = m->role != Role::kUnspecified && m->removed_at_seq == 0;
+        if (!current) added.push_back(user);
+      }
+      if (added.empty()) {
+        result->status = AlreadyExists("every user is already a member");
+        return Status::Ok();
+      }
+      Result<uint64_t> count = target.MemberCount(id);
+      if (!count.ok()) return count.status();
+      const uint32_t cap = MemberCap(request, actor->kind);
+      if (cap != 0 && *count + added.size() > cap) {
+        result->status = TooManyMembers(cap);
+        return Status::Ok();
+      }
+      for (const UserId& user : added) {
+        if (Status s = target.PutMember(id, user, Role::kMember, seq); !s.ok()) return s;
+      }
+      event.type = SystemEvent::Type::kMembersAdded;
+      event.users = std::move(added);
+      break;
+    }
+    case ConversationOp::kRemoveMembers:
+    case ConversationOp::kLeave: {
+      std::vector<UserId> users;
+      if (request.op == ConversationOp::kLeave) {
+        users.push_back(request.sender);
+      } else {
+        Result<std::vector<UserId>> clean = CleanUsers(request.users, "");
+        if (!clean.ok()) {
+          result->status = clean.status();
+          return Status::Ok();
+        }
+        for (const UserId& user : *clean) {
+          Result<Membership> m = target.Reader().GetMembership(id, user);
+          if (!m.ok()) return m.status();
+          if (m->role != Role::kUnspecified && m->removed_at_seq == 0) users.push_back(user);
+        }
+        if (users.empty()) {
+          result->status = NotFound("none of the users is a member");
+          return Status::Ok();
+        }
+      }
+      for (const UserId& user : users) {
+        if (Status s = target.RemoveMember(id, user, seq); !s.ok()) return s;
+      }
+      event.type = request.op == ConversationOp::kLeave ? SystemEvent::Type::kMemberLeft
+                                                        : SystemEvent::Type::kMembersRemoved;
+      event.users = users;
+      result->removed = std::move(users);
+      check_admins = true;
+      break;
+    }
+    case ConversationOp::kSetRole: {
+      if (request.users.size() != 1 ||
+          (request.role != Role::kMember && request.role != Role::kAdmin)) {
+        result->status = InvalidArgument("set_role needs one user and role MEMBER or ADMIN");
+        return Status::Ok();
+      }
+      const UserId& user = request.users[0];
+      Result<Membership> m = target.Reader().GetMembership(id, user);
+      if (!m.ok()) return m.status();
+      if (m->role == Role::kUnspecified || m->removed_at_seq != 0) {
+        result->status = NotFound(user + " is not a member");
+        return Status::Ok();
+      }
+      if (m->role == Role::kAdmin && request.role == Role::kMember) {
+        std::vector<MemberReceipt> members;
+        if (Status s = target.Reader().Watermarks(id, "", &members); !s.ok()) return s;
+        const auto admins = std::count_if(members.begin(), members.end(),
+                                          [](const auto& x) { return x.role == Role::kAdmin; });
+        if (admins <= 1) {
+          result->status = FailedPrecondition(
+              "the last admin cannot step down; promote another member first or leave");
+          return Status::Ok();
+        }
+      }
+      if (Status s = target.SetRole(id, user, request.role); !s.ok()) return s;
+      event.type = SystemEvent::Type::kRoleChanged;
+      event.users = {user};
+      event.role = request.role;
+      break;
+    }
+    default:
+      result->status = InvalidArgument("unknown conversation operation");
+      return Status::Ok();
+  }
+
+  Result<Message> message = InsertSystem(target, request, id, std::move(event), request.message_id);
+  if (!message.ok()) return message.status();
+  result->message = std::move(*message);
+
+  // The last admin leaving (or removing themselves) hands the role to the longest-standing
+  // member, recorded as a role change by no one, in the same transaction.
+  if (check_admins) {
+    Result<bool> has_admin = HasAdmin(target, id);
+    if (!has_admin.ok()) return has_admin.status();
+    if (!*has_admin) {
+      Result<std::optional<UserId>> heir = LongestStanding(target, id);
+      if (!heir.ok()) return heir.status();
+      if (heir->has_value()) {
+        if (Status s = target.SetRole(id, **heir, Role::kAdmin); !s.ok()) return s;
+        SystemEvent promoted;
+        promoted.type = SystemEvent::Type::kRoleChanged;
+        promoted.users = {**heir};
+        promoted.role = Role::kAdmin;
+        Result<Message> follow =
+            InsertSystem(target, request, id, std::move(promoted), request.spare_message_id);
+        if (!follow.ok()) return follow.status();
+        result->also.push_back(std::move(*follow));
+      }
+    }
+  }
+  if (Status s = SetRecipients(target, actor->kind, result->message, result); !s.ok()) return s;
+  if (!result->also.empty() && actor->kind == ConversationKind::kChannel) {
+    result->recipients.push_back(result->also.back().system.users[0]);
+  }
+  Result<ConversationInfo> info =
+      target.Reader().Describe(id, request.sender, request.sender_device);
+  if (!info.ok()) return info.status();
+  result->conversation = std::move(*info);
   return Status::Ok();
+}
+
+Result<uint64_t> UnreadTotal(ReadSource& source, const UserId& user, const DeviceId& device) {
+  std::vector<ConversationHead> heads;
+  if (Status s = source.UserConversations(user, &heads); !s.ok()) return s;
+  uint64_t total = 0;
+  for (const ConversationHead& head : heads) {
+    Result<ConversationInfo> info = source.Describe(head.conversation_id, user, device);
+    if (!info.ok()) return info.status();
+    total += info->unread;
+  }
+  return total;
+}
+
+Status ApplyReceipt(AppendTarget& target, const AppendRequest& request, AppendResult* result) {
+  const ConversationId id = request.conversation_id;
+  ReadSource& reader = target.Reader();
+  Result<Membership> membership = reader.GetMembership(id, request.sender);
+  if (!membership.ok()) return membership.status();
+  if (Status s = Authorize(id, *membership, Access::kMember); !s.ok()) {
+    result->status = s;
+    return Status::Ok();
+  }
+  result->kind = membership->kind;
+  Result<ConversationInfo> before = reader.Describe(id, request.sender, request.sender_device);
+  if (!before.ok()) return before.status();
+  // Watermarks never move backwards and never past what is committed. A device that has read
+  // up to a seq has also received it.
+  const Seq last = before->last_seq;
+  const Seq read = std::max(before->read_seq, std::min(request.read_seq, last));
+  const Seq delivered =
+      std::max({before->delivered_seq, std::min(request.delivered_seq, last), read});
+  std::vector<MemberReceipt> user_before;
+  if (Status s = reader.Watermarks(id, request.sender, &user_before); !s.ok()) return s;
+  if (read != before->read_seq || delivered != before->delivered_seq) {
+    if (Status s = target.PutCursor(id, request.sender, request.sender_device, delivered, read);
+        !s.ok()) {
+      return s;
+    }
+  }
+  Result<ConversationInfo> after = reader.Describe(id, request.sender, request.sender_device);
+  if (!after.ok()) return after.status();
+  result->conversation = std::move(*after);
+  result->message.conversation_id = id;
+  Result<uint64_t> total = UnreadTotal(reader, request.sender, request.sender_device);
+  if (!total.ok()) return total.status();
+  result->unread_total = *total;
+
+  std::vector<MemberReceipt> marks;
+  const bool channel = membership->kind == ConversationKind::kChannel;
+  // A channel keeps only the member's own cursors: nothing about others is read or told.
+  if (Status s = reader.Watermarks(id, channel ? request.sender : UserId(), &marks); !s.ok()) {
+    return s;
+  }
+  // Others are told only when the user's own watermarks (over all devices) moved; one device
+  // catching up with another changes nothing they can see.
+  bool first = true;
+  for (const MemberReceipt& mark : marks) {
+    if (mark.user == request.sender) {
+      result->receipt_changed = user_before.empty() ||
+                                user_before[0].delivered_seq != mark.delivered_seq ||
+                                user_before[0].read_seq != mark.read_seq;
+    }
+    if (mark.user == request.sender) result->sender_receipt = mark;
+    if (channel) continue;
+    result->recipients.push_back(mark.user);
+    result->delivered_all_seq =
+        first ? mark.delivered_seq : std::min(result->delivered_all_seq, mark.delivered_seq);
+    result->read_all_seq = first ? mark.read_seq : std::min(result->read_all_seq, mark.read_seq);
+    first = false;
+  }
+  if (channel) result->recipients.push_back(request.sender);
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status AppendOne(AppendTarget& target, const AppendRequest& request, AppendResult* result) {
+  *result = AppendResult{};
+  if (request.sender.empty()) {
+    result->status = InvalidArgument("sender is required");
+    return Status::Ok();
+  }
+  switch (request.op) {
+    case ConversationOp::kNone:
+      return AppendUserMessage(target, request, result);
+    case ConversationOp::kCreateGroup:
+      return CreateGroup(target, request, result);
+    case ConversationOp::kReceipt:
+      return ApplyReceipt(target, request, result);
+    default:
+      return ChangeGroup(target, request, result);
+  }
 }
 
 // Conversations are visited in id order and each contributes its missing messages in seq
@@ -109,7 +519,16 @@ Result<SyncReply> RunSync(ReadSource& source, const SyncQuery& query) {
   if (Status s = source.UserConversations(query.user, &heads); !s.ok()) return s;
 
   SyncReply reply;
+  // Unread counts cover every conversation, also those this page does not list, so every
+  // device shows the same total.
   for (const ConversationHead& head : heads) {
+    Result<ConversationInfo> info = source.Describe(head.conversation_id, query.user, query.device);
+    if (!info.ok()) return info.status();
+    reply.unread_total += info->unread;
+  }
+  for (ConversationHead head : heads) {
+    // A removed member's log ends at its removal.
+    if (head.removed_at_seq != 0) head.last_seq = std::min(head.last_seq, head.removed_at_seq);
     auto it = cursors.find(head.conversation_id);
     const Seq cursor = it == cursors.end() ? 0 : it->second;
     if (head.last_seq <= cursor) continue;
@@ -118,13 +537,17 @@ Result<SyncReply> RunSync(ReadSource& source, const SyncQuery& query) {
       break;
     }
 
-    Seq start = cursor + 1;
-    if (head.last_seq - cursor > query.catchup_max) start = head.last_seq - query.catchup_max + 1;
+    // A member sees the log from the change that added it; nothing before it is missing.
+    const Seq lowest = std::max(cursor + 1, head.joined_seq);
+    Seq start = lowest;
+    if (head.last_seq - cursor > query.catchup_max) {
+      start = std::max(start, head.last_seq - query.catchup_max + 1);
+    }
     // Retention may have removed the oldest messages; everything stored was removed when
     // first_seq is 0 while last_seq is not.
     const Seq first_stored = head.first_seq == 0 ? head.last_seq + 1 : head.first_seq;
     start = std::max(start, first_stored);
-    if (start > cursor + 1) reply.gaps.push_back({head.conversation_id, cursor + 1, start - 1});
+    if (start > lowest) reply.gaps.push_back({head.conversation_id, lowest, start - 1});
 
     const size_t room = query.limit - reply.messages.size();
     const size_t before = reply.messages.size();
@@ -150,21 +573,43 @@ Result<SyncReply> RunSync(ReadSource& source, const SyncQuery& query) {
 
 Result<HistoryReply> RunHistory(ReadSource& source, const HistoryQuery& query) {
   if (query.limit == 0) return InvalidArgument("limit must be at least 1");
-  Result<std::optional<ConversationHead>> head =
-      source.MemberHead(query.conversation_id, query.user);
+  Result<Membership> membership = source.GetMembership(query.conversation_id, query.user);
+  if (!membership.ok()) return membership.status();
+  if (Status s = Authorize(query.conversation_id, *membership, Access::kRead); !s.ok()) return s;
+  Result<ConversationHead> head = source.Head(query.conversation_id);
   if (!head.ok()) return head.status();
-  if (!head->has_value()) return NotAMember(query.conversation_id);
 
-  const ConversationHead& h = **head;
-  const Seq before =
-      query.before_seq == 0 || query.before_seq > h.last_seq ? h.last_seq + 1 : query.before_seq;
+  Seq last = head->last_seq;
+  if (membership->removed_at_seq != 0) last = std::min(last, membership->removed_at_seq);
+  const Seq visible_from = std::max<Seq>(membership->joined_seq, 1);
+  const Seq before = query.before_seq == 0 || query.before_seq > last ? last + 1 : query.before_seq;
   HistoryReply reply;
-  reply.first_seq = h.first_seq;
-  if (Status s = source.ReadDescending(h.conversation_id, before, query.limit, &reply.messages);
+  reply.first_seq = head->first_seq == 0 ? 0 : std::max(head->first_seq, visible_from);
+  if (before <= visible_from) return reply;
+  if (Status s = source.ReadDescending(query.conversation_id, before, query.limit, &reply.messages);
       !s.ok()) {
     return s;
   }
-  reply.has_more = !reply.messages.empty() && reply.messages.back().seq > h.first_seq;
+  std::erase_if(reply.messages, [&](const Message& m) { return m.seq < visible_from; });
+  reply.has_more = !reply.messages.empty() && reply.messages.back().seq > reply.first_seq;
+  return reply;
+}
+
+Result<ReceiptsReply> RunReceipts(ReadSource& source, const ReceiptsQuery& query) {
+  Result<Membership> membership = source.GetMembership(query.conversation_id, query.user);
+  if (!membership.ok()) return membership.status();
+  if (Status s = Authorize(query.conversation_id, *membership, Access::kMember); !s.ok()) {
+    return s;
+  }
+  ReceiptsReply reply;
+  reply.kind = membership->kind;
+  reply.role = membership->role;
+  const bool channel = membership->kind == ConversationKind::kChannel;
+  if (Status s =
+          source.Watermarks(query.conversation_id, channel ? query.user : UserId(), &reply.members);
+      !s.ok()) {
+    return s;
+  }
   return reply;
 }
 

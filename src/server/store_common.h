@@ -22,11 +22,70 @@
 
 namespace chat::server {
 
+// A user's standing in a conversation.
+struct Membership {
+  bool exists = false;  // the conversation exists
+  ConversationKind kind = ConversationKind::kUnspecified;
+  Role role = Role::kUnspecified;  // kUnspecified: never a member
+  Seq joined_seq = 0;              // the seq of the change that (last) added the user
+  Seq removed_at_seq = 0;          // non-zero: removed (or left) at this seq
+};
+
+// What a request needs of its user.
+enum class Access {
+  kRead,    // read history: current members, and removed members up to their removal
+  kMember,  // send, receipts, typing, subscribe, members' receipts, leave
+  kAdmin,   // rename, add and remove members, change roles
+};
+
+// THE authorization rule: every request that reads or changes conversation data is decided here.
+// A missing conversation and one the user never belonged to give the same PermissionDenied, so
+// nothing leaks.
+Status Authorize(ConversationId conversation_id, const Membership& membership, Access access);
+
+// The head of one conversation, as the sync and history algorithms need it.
+struct ConversationHead {
+  ConversationId conversation_id = 0;
+  Seq last_seq = 0;
+  Seq first_seq = 0;       // lowest stored seq, 0 when none is stored
+  Seq joined_seq = 0;      // see Membership (UserConversations only)
+  Seq removed_at_seq = 0;  // see Membership (UserConversations only)
+};
+
+// Read primitives of a store, called inside one consistent snapshot.
+class ReadSource {
+ public:
+  virtual ~ReadSource() = default;
+  // Heads of the conversations `user` is or was a member of, ascending by id, with the user's
+  // joined_seq and removed_at_seq.
+  virtual Status UserConversations(const UserId& user, std::vector<ConversationHead>* out) = 0;
+  virtual Result<Membership> GetMembership(ConversationId conversation_id, const UserId& user) = 0;
+  // The raw head (joined/removed left 0). REQUIRES: the conversation exists.
+  virtual Result<ConversationHead> Head(ConversationId conversation_id) = 0;
+  // The conversation as `user` on `device` sees it (ConversationInfo documents the fields): a
+  // removed user sees last_seq capped at its removal; unread counts user messages of others
+  // above the read watermark that the user may see. REQUIRES: `user` is or was a member.
+  virtual Result<ConversationInfo> Describe(ConversationId conversation_id, const UserId& user,
+                                            const DeviceId& device) = 0;
+  // Appends to `out` the messages with from_seq <= seq <= to_seq, ascending, at most `max`.
+  virtual Status ReadAscending(ConversationId conversation_id, Seq from_seq, Seq to_seq, size_t max,
+                               std::vector<Message>* out) = 0;
+  // Appends to `out` the messages with seq < before_seq, descending, at most `max`.
+  virtual Status ReadDescending(ConversationId conversation_id, Seq before_seq, size_t max,
+                                std::vector<Message>* out) = 0;
+  // Watermarks of the current members (all of them, or only `only` when it is non-empty),
+  // ascending by user id.
+  virtual Status Watermarks(ConversationId conversation_id, const UserId& only,
+                            std::vector<MemberReceipt>* out) = 0;
+};
+
 // Write primitives of a store, called inside the store's batch transaction. A non-OK Status
 // from any of them aborts the whole batch.
 class AppendTarget {
  public:
   virtual ~AppendTarget() = default;
+  // Reads inside the same transaction (they see the batch's own writes).
+  virtual ReadSource& Reader() = 0;
   // The message `sender` committed earlier with `client_msg_id` (non-empty), if any.
   virtual Result<std::optional<Message>> FindByKey(const UserId& sender,
                                                    const std::string& client_msg_id) = 0;
@@ -36,8 +95,23 @@ class AppendTarget {
   // members (role member, joined at seq 0) and returns its id.
   virtual Result<ConversationId> CreateDirect(const UserId& low, const UserId& high,
                                               int64_t now_ms) = 0;
-  // Whether `user` is a current member; false for a conversation that does not exist.
-  virtual Result<bool> IsMember(ConversationId conversation_id, const UserId& user) = 0;
+  // Creates an empty group or channel and returns its id.
+  virtual Result<ConversationId> CreateGroup(ConversationKind kind, const std::string& title,
+                                             int64_t now_ms) = 0;
+  virtual Status SetTitle(ConversationId conversation_id, const std::string& title) = 0;
+  // Makes `user` a current member with `role`, joined at `joined_seq` (a removed member is
+  // re-added: its removal is cleared).
+  virtual Status PutMember(ConversationId conversation_id, const UserId& user, Role role,
+                           Seq joined_seq) = 0;
+  // REQUIRES: `user` is a current member.
+  virtual Status SetRole(ConversationId conversation_id, const UserId& user, Role role) = 0;
+  // Marks a current member removed at `seq`; the row stays for its capped reads.
+  virtual Status RemoveMember(ConversationId conversation_id, const UserId& user, Seq seq) = 0;
+  // Number of current members.
+  virtual Result<uint64_t> MemberCount(ConversationId conversation_id) = 0;
+  // Stores the watermarks of one device.
+  virtual Status PutCursor(ConversationId conversation_id, const UserId& user,
+                           const DeviceId& device, Seq delivered_seq, Seq read_seq) = 0;
   // The conversation's highest committed seq (0 when it has no messages).
   // REQUIRES: the conversation exists.
   virtual Result<Seq> LastSeq(ConversationId conversation_id) = 0;
@@ -53,40 +127,14 @@ class AppendTarget {
 // caller must roll the batch back.
 Status AppendOne(AppendTarget& target, const AppendRequest& request, AppendResult* result);
 
-// The head of one conversation, as the sync and history algorithms need it.
-struct ConversationHead {
-  ConversationId conversation_id = 0;
-  Seq last_seq = 0;
-  Seq first_seq = 0;  // lowest stored seq, 0 when none is stored
-};
-
-// Read primitives of a store, called inside one consistent snapshot.
-class ReadSource {
- public:
-  virtual ~ReadSource() = default;
-  // Heads of the conversations `user` is a member of, ascending by id.
-  virtual Status UserConversations(const UserId& user, std::vector<ConversationHead>* out) = 0;
-  // The head of `conversation_id` if `user` is a member of it; nullopt otherwise (also when
-  // the conversation does not exist).
-  virtual Result<std::optional<ConversationHead>> MemberHead(ConversationId conversation_id,
-                                                             const UserId& user) = 0;
-  // The conversation as `user` on `device` sees it (ConversationInfo documents the fields).
-  // REQUIRES: `user` is a member.
-  virtual Result<ConversationInfo> Describe(ConversationId conversation_id, const UserId& user,
-                                            const DeviceId& device) = 0;
-  // Appends to `out` the messages with from_seq <= seq <= to_seq, ascending, at most `max`.
-  virtual Status ReadAscending(ConversationId conversation_id, Seq from_seq, Seq to_seq, size_t max,
-                               std::vector<Message>* out) = 0;
-  // Appends to `out` the messages with seq < before_seq, descending, at most `max`.
-  virtual Status ReadDescending(ConversationId conversation_id, Seq before_seq, size_t max,
-                                std::vector<Message>* out) = 0;
-};
-
 // MessageStore::Sync over `source`.
 Result<SyncReply> RunSync(ReadSource& source, const SyncQuery& query);
 
 // MessageStore::History over `source`.
 Result<HistoryReply> RunHistory(ReadSource& source, const HistoryQuery& query);
+
+// MessageStore::Receipts over `source`.
+Result<ReceiptsReply> RunReceipts(ReadSource& source, const ReceiptsQuery& query);
 
 // The message every store uses for a refused membership check, so a missing conversation and
 // a foreign one look the same.

@@ -84,11 +84,7 @@ void StoreThreads::SubmitRead(ReadJob job) {
   }
   const Status status =
       Overloaded("too many queries waiting for the store", options_.overload_retry_after_ms);
-  if (std::holds_alternative<SyncQuery>(job.query)) {
-    PostRead(ReadDone{job.token, Result<SyncReply>(status)});
-  } else {
-    PostRead(ReadDone{job.token, Result<HistoryReply>(status)});
-  }
+  PostRead(ReadDone{job.token, FailedRead(job, status)});
 }
 
 void StoreThreads::TakeCompletions(std::vector<AppendDone>* appends, std::vector<ReadDone>* reads) {
@@ -174,11 +170,7 @@ void StoreThreads::ReaderLoop() {
       job = std::move(read_queue_.front());
       read_queue_.pop_front();
     }
-    if (auto* sync = std::get_if<SyncQuery>(&job.query)) {
-      PostRead(ReadDone{job.token, store_->Sync(*sync)});
-    } else {
-      PostRead(ReadDone{job.token, store_->History(std::get<HistoryQuery>(job.query))});
-    }
+    PostRead(ReadDone{job.token, RunReadJob(*store_, job)});
   }
 }
 

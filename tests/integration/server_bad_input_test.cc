@@ -363,10 +363,9 @@ TEST_CASE("server: an operation this server does not serve yet -> FAILED_PRECOND
   ChatdProcess chatd;
   MustStart(chatd);
   auto alice = MustLogin(chatd, "alice", "a1");
-  v1::Envelope typing;
-  typing.mutable_typing()->set_conversation_id(1);
-  typing.mutable_typing()->set_active(true);
-  CHECK(MustFail(*alice, typing).code() == v1::Error::FAILED_PRECONDITION);
+  v1::Envelope presence;
+  presence.mutable_presence_subscribe()->add_users("bob");
+  CHECK(MustFail(*alice, presence).code() == v1::Error::FAILED_PRECONDITION);
   CHECK_FALSE(alice->closed());
   MustBarrier(*alice);
 }

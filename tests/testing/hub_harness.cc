@@ -124,11 +124,7 @@ size_t HubHarness::Pump() {
     }
     std::deque<server::ReadJob> reads = std::exchange(reads_, {});
     for (server::ReadJob& job : reads) {
-      if (auto* sync = std::get_if<SyncQuery>(&job.query)) {
-        hub_->OnReadDone(job.token, options_.store->Sync(*sync));
-      } else {
-        hub_->OnReadDone(job.token, options_.store->History(std::get<HistoryQuery>(job.query)));
-      }
+      hub_->OnReadDone(job.token, server::RunReadJob(*options_.store, job));
       ++ran;
     }
   }

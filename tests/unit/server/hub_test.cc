@@ -884,37 +884,10 @@ TEST_CASE("hub: requests this server does not serve yet get FAILED_PRECONDITION"
     set(envelope);
     requests.emplace_back(std::move(name), std::move(envelope));
   };
-  add("receipt", [](v1::Envelope& e) { e.mutable_receipt()->set_conversation_id(1); });
-  add("typing", [](v1::Envelope& e) { e.mutable_typing()->set_conversation_id(1); });
   add("presence_subscribe",
       [](v1::Envelope& e) { e.mutable_presence_subscribe()->add_users("bob"); });
   add("presence_unsubscribe",
       [](v1::Envelope& e) { e.mutable_presence_unsubscribe()->add_users("bob"); });
-  add("create_group", [](v1::Envelope& e) {
-    e.mutable_create_group()->set_kind(v1::CONVERSATION_KIND_GROUP);
-    e.mutable_create_group()->set_title("team");
-  });
-  add("rename_group", [](v1::Envelope& e) {
-    e.mutable_rename_group()->set_conversation_id(1);
-    e.mutable_rename_group()->set_title("t");
-  });
-  add("add_members", [](v1::Envelope& e) {
-    e.mutable_add_members()->set_conversation_id(1);
-    e.mutable_add_members()->add_users("bob");
-  });
-  add("remove_members", [](v1::Envelope& e) {
-    e.mutable_remove_members()->set_conversation_id(1);
-    e.mutable_remove_members()->add_users("bob");
-  });
-  add("leave", [](v1::Envelope& e) { e.mutable_leave()->set_conversation_id(1); });
-  add("set_role", [](v1::Envelope& e) {
-    e.mutable_set_role()->set_conversation_id(1);
-    e.mutable_set_role()->set_user("bob");
-    e.mutable_set_role()->set_role(v1::ROLE_ADMIN);
-  });
-  add("subscribe", [](v1::Envelope& e) { e.mutable_subscribe()->set_conversation_id(1); });
-  add("unsubscribe", [](v1::Envelope& e) { e.mutable_unsubscribe()->set_conversation_id(1); });
-  add("get_receipts", [](v1::Envelope& e) { e.mutable_get_receipts()->set_conversation_id(1); });
   add("register_push_token", [](v1::Envelope& e) {
     e.mutable_register_push_token()->set_platform("fcm");
     e.mutable_register_push_token()->set_token("t");

@@ -7,6 +7,7 @@
 #include <atomic>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
@@ -632,6 +633,406 @@ Result<std::shared_ptr<MessageStore>> OpenAt(const std::string& path) {
   return NewSqliteStore(options);
 }
 
+// --- Groups, channels, receipts (conformance) ---
+
+AppendRequest Change(ConversationOp op, ConversationId id, const UserId& actor,
+                     std::vector<UserId> users = {}) {
+  AppendRequest r;
+  r.op = op;
+  r.conversation_id = id;
+  r.sender = actor;
+  r.sender_device = actor + "-phone";
+  r.message_id = static_cast<MessageId>(++next_message_id);
+  r.spare_message_id = static_cast<MessageId>(++next_message_id);
+  r.server_time_ms = 1'700'000'000'000 + next_message_id;
+  r.kind = MessageKind::kSystem;
+  r.users = std::move(users);
+  r.max_group_members = 5;
+  r.max_channel_members = 1'000'000;
+  return r;
+}
+
+AppendRequest Create(ConversationKind kind, const UserId& actor, std::vector<UserId> users,
+                     const std::string& title = "team") {
+  AppendRequest r = Change(ConversationOp::kCreateGroup, 0, actor, std::move(users));
+  r.group_kind = kind;
+  r.title = title;
+  return r;
+}
+
+AppendRequest ReceiptOf(ConversationId id, const UserId& user, const DeviceId& device,
+                        Seq delivered, Seq read) {
+  AppendRequest r = Change(ConversationOp::kReceipt, id, user);
+  r.sender_device = device;
+  r.delivered_seq = delivered;
+  r.read_seq = read;
+  return r;
+}
+
+ConversationId CreateGroupOk(MessageStore& store, const UserId& actor, std::vector<UserId> users,
+                             ConversationKind kind = ConversationKind::kGroup) {
+  AppendResult r = CommitOne(store, Create(kind, actor, std::move(users)));
+  REQUIRE_MESSAGE(r.status.ok(), r.status.ToString());
+  return r.message.conversation_id;
+}
+
+std::optional<ConversationInfo> InfoOf(MessageStore& store, const UserId& user, ConversationId id,
+                                       const DeviceId& device = "") {
+  SyncQuery q;
+  q.user = user;
+  q.device = device.empty() ? user + "-phone" : device;
+  Result<SyncReply> reply = store.Sync(q);
+  REQUIRE(reply.ok());
+  for (const ConversationInfo& info : reply->conversations) {
+    if (info.conversation_id == id) return info;
+  }
+  return std::nullopt;
+}
+
+void GroupCreationIsASystemMessage(Kind kind) {
+  Env env(kind);
+  MessageStore& store = *env.store;
+  AppendResult r =
+      CommitOne(store, Create(ConversationKind::kGroup, "alice", {"bob", "carol", "bob", "alice"}));
+  REQUIRE(r.status.ok());
+  CHECK(r.created);
+  CHECK(r.kind == ConversationKind::kGroup);
+  CHECK(r.message.seq == 1);
+  CHECK(r.message.kind == MessageKind::kSystem);
+  CHECK(r.message.sender.empty());
+  CHECK(r.message.system.type == SystemEvent::Type::kCreated);
+  CHECK(r.message.system.actor == "alice");
+  CHECK(r.message.system.users == std::vector<UserId>{"bob", "carol"});
+  CHECK(r.message.system.title == "team");
+  CHECK(r.recipients == std::vector<UserId>{"alice", "bob", "carol"});
+  CHECK(r.conversation.role == Role::kAdmin);
+  CHECK(r.conversation.member_count == 3);
+  CHECK(r.conversation.last_seq == 1);
+  const ConversationId id = r.message.conversation_id;
+
+  std::optional<ConversationInfo> bob = InfoOf(store, "bob", id);
+  REQUIRE(bob.has_value());
+  CHECK(bob->kind == ConversationKind::kGroup);
+  CHECK(bob->title == "team");
+  CHECK(bob->role == Role::kMember);
+  CHECK(bob->member_count == 3);
+  // System messages are not unread: they are not somebody's message.
+  CHECK(bob->unread == 0);
+  Result<HistoryReply> h = HistoryOf(store, "carol", id, 0, 10);
+  REQUIRE(h.ok());
+  REQUIRE(h->messages.size() == 1);
+  CHECK(h->messages[0].system.type == SystemEvent::Type::kCreated);
+  CHECK(h->messages[0].system.users == std::vector<UserId>{"bob", "carol"});
+
+  // The cap counts the creator: 5 allows four others.
+  AppendResult big =
+      CommitOne(store, Create(ConversationKind::kGroup, "alice", {"b", "c", "d", "e", "f"}));
+  CHECK(big.status.code() == Code::kResourceExhausted);
+  CHECK(big.status.message() == "a conversation of this kind has at most 5 members");
+  AppendResult fits =
+      CommitOne(store, Create(ConversationKind::kGroup, "alice", {"b", "c", "d", "e"}));
+  CHECK(fits.status.ok());
+  // Channels have their own cap.
+  AppendResult channel =
+      CommitOne(store, Create(ConversationKind::kChannel, "alice", {"b", "c", "d", "e", "f"}));
+  CHECK(channel.status.ok());
+  CHECK(channel.recipients == std::vector<UserId>{"alice", "b", "c", "d", "e", "f"});
+
+  AppendResult direct = CommitOne(store, Create(ConversationKind::kDirect, "alice", {"bob"}));
+  CHECK(direct.status.code() == Code::kInvalidArgument);
+  AppendResult long_title =
+      CommitOne(store, Create(ConversationKind::kGroup, "alice", {}, std::string(257, 't')));
+  CHECK(long_title.status.code() == Code::kInvalidArgument);
+  AppendResult bad_user = CommitOne(store, Create(ConversationKind::kGroup, "alice", {""}));
+  CHECK(bad_user.status.code() == Code::kInvalidArgument);
+}
+STORE_CASE(GroupCreationIsASystemMessage, "creating a group commits a CREATED system message")
+
+void OnlyAdminsChangeAGroup(Kind kind) {
+  Env env(kind);
+  MessageStore& store = *env.store;
+  const ConversationId id = CreateGroupOk(store, "alice", {"bob"});
+  const ConversationId ab = OpenDirect(store, "alice", "bob");
+
+  AppendRequest rename = Change(ConversationOp::kRename, id, "bob");
+  rename.title = "mine";
+  CHECK(CommitOne(store, rename).status.code() == Code::kPermissionDenied);
+  AppendRequest set_role = Change(ConversationOp::kSetRole, id, "bob", {"bob"});
+  set_role.role = Role::kAdmin;
+  CHECK(CommitOne(store, set_role).status.code() == Code::kPermissionDenied);
+  CHECK(CommitOne(store, Change(ConversationOp::kAddMembers, id, "bob", {"erin"})).status.code() ==
+        Code::kPermissionDenied);
+  CHECK(CommitOne(store, Change(ConversationOp::kRemoveMembers, id, "bob", {"alice"}))
+            .status.code() == Code::kPermissionDenied);
+  // A stranger and a missing conversation look the same.
+  rename.sender = "mallory";
+  AppendResult stranger = CommitOne(store, rename);
+  rename.conversation_id = id + 1000;
+  AppendResult missing = CommitOne(store, rename);
+  CHECK(stranger.status.code() == Code::kPermissionDenied);
+  CHECK(missing.status.code() == Code::kPermissionDenied);
+  CHECK(missing.status.message() == "not a member of conversation " + std::to_string(id + 1000));
+  // Direct conversations have no admins and fixed members.
+  AppendRequest rename_direct = Change(ConversationOp::kRename, ab, "alice");
+  rename_direct.title = "x";
+  CHECK(CommitOne(store, rename_direct).status.code() == Code::kPermissionDenied);
+  CHECK(CommitOne(store, Change(ConversationOp::kLeave, ab, "alice")).status.code() ==
+        Code::kFailedPrecondition);
+  CHECK(HistoryOf(store, "bob", id, 0, 10)->messages.size() == 1);
+
+  rename.sender = "alice";
+  rename.conversation_id = id;
+  rename.title = "";
+  CHECK(CommitOne(store, rename).status.code() == Code::kInvalidArgument);
+  rename.title = "renamed";
+  AppendResult renamed = CommitOne(store, rename);
+  REQUIRE(renamed.status.ok());
+  CHECK(renamed.message.seq == 2);
+  CHECK(renamed.message.system.type == SystemEvent::Type::kRenamed);
+  CHECK(renamed.message.system.title == "renamed");
+  CHECK(renamed.conversation.title == "renamed");
+  CHECK(InfoOf(store, "bob", id)->title == "renamed");
+
+  AppendResult promoted = CommitOne(store, Change(ConversationOp::kSetRole, id, "alice", {"bob"}));
+  CHECK(promoted.status.code() == Code::kInvalidArgument);  // no role given
+  set_role.sender = "alice";
+  AppendResult ok = CommitOne(store, set_role);
+  REQUIRE(ok.status.ok());
+  CHECK(ok.message.system.type == SystemEvent::Type::kRoleChanged);
+  CHECK(ok.message.system.users == std::vector<UserId>{"bob"});
+  CHECK(ok.message.system.role == Role::kAdmin);
+  CHECK(InfoOf(store, "bob", id)->role == Role::kAdmin);
+  AppendRequest unknown = set_role;
+  unknown.users = {"zed"};
+  CHECK(CommitOne(store, unknown).status.code() == Code::kNotFound);
+
+  // An admin may step down only while another admin remains.
+  AppendRequest step_down = Change(ConversationOp::kSetRole, id, "bob", {"bob"});
+  step_down.role = Role::kMember;
+  CHECK(CommitOne(store, step_down).status.ok());
+  AppendRequest last = Change(ConversationOp::kSetRole, id, "alice", {"alice"});
+  last.role = Role::kMember;
+  AppendResult refused = CommitOne(store, last);
+  CHECK(refused.status.code() == Code::kFailedPrecondition);
+  CHECK(InfoOf(store, "alice", id)->role == Role::kAdmin);
+}
+STORE_CASE(OnlyAdminsChangeAGroup, "only admins rename, change members and roles")
+
+void MembersSeeTheLogFromJoinToRemoval(Kind kind) {
+  Env env(kind);
+  MessageStore& store = *env.store;
+  const ConversationId id = CreateGroupOk(store, "alice", {"bob"});
+  SendMany(store, id, "alice", 3, "early");  // seqs 2..4
+
+  AppendResult added =
+      CommitOne(store, Change(ConversationOp::kAddMembers, id, "alice", {"carol", "bob"}));
+  REQUIRE(added.status.ok());
+  CHECK(added.message.seq == 5);
+  CHECK(added.message.system.type == SystemEvent::Type::kMembersAdded);
+  CHECK(added.message.system.users == std::vector<UserId>{"carol"});  // bob already is one
+  CHECK(added.recipients == std::vector<UserId>{"alice", "bob", "carol"});
+  CHECK(CommitOne(store, Change(ConversationOp::kAddMembers, id, "alice", {"bob"})).status.code() ==
+        Code::kAlreadyExists);
+  // Over the cap of 5 (alice, bob, carol + 3).
+  CHECK(CommitOne(store, Change(ConversationOp::kAddMembers, id, "alice", {"x", "y", "z"}))
+            .status.code() == Code::kResourceExhausted);
+
+  SendMany(store, id, "bob", 2, "later");  // seqs 6, 7
+  // carol sees the log from her join: no gap, no earlier message.
+  Result<HistoryReply> carol = HistoryOf(store, "carol", id, 0, 50);
+  REQUIRE(carol.ok());
+  CHECK(Seqs(carol->messages) == std::vector<Seq>{7, 6, 5});
+  CHECK_FALSE(carol->has_more);
+  CHECK(carol->first_seq == 5);
+  Result<SyncReply> carol_sync = SyncOf(store, "carol", {});
+  REQUIRE(carol_sync.ok());
+  CHECK(Seqs(carol_sync->messages) == std::vector<Seq>{5, 6, 7});
+  CHECK(carol_sync->gaps.empty());
+  CHECK(carol_sync->unread_total == 2);
+  CHECK(InfoOf(store, "carol", id)->unread == 2);
+
+  AppendResult removed =
+      CommitOne(store, Change(ConversationOp::kRemoveMembers, id, "alice", {"carol", "nobody"}));
+  REQUIRE(removed.status.ok());
+  CHECK(removed.message.seq == 8);
+  CHECK(removed.message.system.type == SystemEvent::Type::kMembersRemoved);
+  CHECK(removed.message.system.users == std::vector<UserId>{"carol"});
+  CHECK(removed.removed == std::vector<UserId>{"carol"});
+  // The removed user is told of the removal.
+  CHECK(removed.recipients == std::vector<UserId>{"alice", "bob", "carol"});
+  CHECK(CommitOne(store, Change(ConversationOp::kRemoveMembers, id, "alice", {"nobody"}))
+            .status.code() == Code::kNotFound);
+
+  AppendResult after = CommitOne(store, ToConversation(id, "bob", "after-removal", "secret"));
+  REQUIRE(after.status.ok());
+  CHECK(after.recipients == std::vector<UserId>{"alice", "bob"});
+  CHECK(CommitOne(store, ToConversation(id, "carol", "carol-after", "x")).status.code() ==
+        Code::kPermissionDenied);
+  Result<std::vector<UserId>> members = store.Members(id);
+  REQUIRE(members.ok());
+  CHECK(*members == std::vector<UserId>{"alice", "bob"});
+
+  // carol reads up to her removal and no further, by History and by Sync.
+  Result<HistoryReply> capped = HistoryOf(store, "carol", id, 0, 50);
+  REQUIRE(capped.ok());
+  CHECK(Seqs(capped->messages) == std::vector<Seq>{8, 7, 6, 5});
+  Result<SyncReply> capped_sync = SyncOf(store, "carol", {{id, 6}});
+  REQUIRE(capped_sync.ok());
+  CHECK(Seqs(capped_sync->messages) == std::vector<Seq>{7, 8});
+  REQUIRE(capped_sync->conversations.size() == 1);
+  CHECK(capped_sync->conversations[0].last_seq == 8);
+  CHECK(capped_sync->conversations[0].removed_at_seq == 8);
+  CHECK(SyncOf(store, "carol", {{id, 8}})->messages.empty());
+  ReceiptsQuery q{.user = "carol", .conversation_id = id};
+  CHECK(store.Receipts(q).status().code() == Code::kPermissionDenied);
+  CHECK(CommitOne(store, ReceiptOf(id, "carol", "carol-phone", 8, 8)).status.code() ==
+        Code::kPermissionDenied);
+
+  // Re-added, she sees the log from the new join on.
+  REQUIRE(
+      CommitOne(store, Change(ConversationOp::kAddMembers, id, "alice", {"carol"})).status.ok());
+  Result<HistoryReply> again = HistoryOf(store, "carol", id, 0, 50);
+  REQUIRE(again.ok());
+  CHECK(Seqs(again->messages) == std::vector<Seq>{10});
+}
+STORE_CASE(MembersSeeTheLogFromJoinToRemoval,
+           "members see the log from their join to their removal")
+
+void LastAdminLeavingPromotesTheLongestStanding(Kind kind) {
+  Env env(kind);
+  MessageStore& store = *env.store;
+  const ConversationId id = CreateGroupOk(store, "alice", {"bob"});
+  REQUIRE(
+      CommitOne(store, Change(ConversationOp::kAddMembers, id, "alice", {"aaron"})).status.ok());
+  AppendResult left = CommitOne(store, Change(ConversationOp::kLeave, id, "alice"));
+  REQUIRE(left.status.ok());
+  CHECK(left.message.system.type == SystemEvent::Type::kMemberLeft);
+  CHECK(left.message.system.users == std::vector<UserId>{"alice"});
+  CHECK(left.removed == std::vector<UserId>{"alice"});
+  // bob joined at creation, aaron later: bob becomes admin, recorded right after.
+  REQUIRE(left.also.size() == 1);
+  CHECK(left.also[0].seq == left.message.seq + 1);
+  CHECK(left.also[0].system.type == SystemEvent::Type::kRoleChanged);
+  CHECK(left.also[0].system.users == std::vector<UserId>{"bob"});
+  CHECK(left.also[0].system.role == Role::kAdmin);
+  CHECK(left.conversation.removed_at_seq == left.message.seq);
+  Result<ReceiptsReply> receipts = store.Receipts({.user = "aaron", .conversation_id = id});
+  REQUIRE(receipts.ok());
+  REQUIRE(receipts->members.size() == 2);
+  CHECK(receipts->members[0].user == "aaron");
+  CHECK(receipts->members[0].role == Role::kMember);
+  CHECK(receipts->members[1].user == "bob");
+  CHECK(receipts->members[1].role == Role::kAdmin);
+  // A member leaving changes no roles.
+  AppendResult aaron = CommitOne(store, Change(ConversationOp::kLeave, id, "aaron"));
+  REQUIRE(aaron.status.ok());
+  CHECK(aaron.also.empty());
+  CHECK(CommitOne(store, Change(ConversationOp::kLeave, id, "aaron")).status.code() ==
+        Code::kPermissionDenied);
+}
+STORE_CASE(LastAdminLeavingPromotesTheLongestStanding,
+           "the last admin leaving promotes the longest-standing member")
+
+void ReceiptsAreMonotonicPerUserAndExact(Kind kind) {
+  Env env(kind);
+  MessageStore& store = *env.store;
+  const ConversationId id = CreateGroupOk(store, "alice", {"bob", "carol"});
+  SendMany(store, id, "alice", 4, "a");                         // seqs 2..5
+  SendMany(store, id, "bob", 1, "b");                           // seq 6
+  const ConversationId ab = OpenDirect(store, "alice", "bob");  // one message from alice
+
+  CHECK(InfoOf(store, "bob", id, "bob-phone")->unread == 4);
+  CHECK(SyncOf(store, "bob", {})->unread_total == 5);
+
+  AppendResult r = CommitOne(store, ReceiptOf(id, "bob", "bob-phone", 3, 3));
+  REQUIRE(r.status.ok());
+  CHECK(r.receipt_changed);
+  CHECK(r.conversation.read_seq == 3);
+  CHECK(r.conversation.delivered_seq == 3);
+  CHECK(r.conversation.unread == 2);
+  CHECK(r.unread_total == 3);
+  CHECK(r.sender_receipt.user == "bob");
+  CHECK(r.sender_receipt.read_seq == 3);
+  CHECK(r.read_all_seq == 0);  // alice and carol have read nothing
+  CHECK(r.recipients == std::vector<UserId>{"alice", "bob", "carol"});
+
+  // Read on another device is read for the user; delivered stays per device; nothing moves
+  // backwards, nothing passes last_seq.
+  AppendResult tablet = CommitOne(store, ReceiptOf(id, "bob", "bob-tablet", 100, 1));
+  REQUIRE(tablet.status.ok());
+  CHECK(tablet.conversation.read_seq == 3);
+  CHECK(tablet.conversation.delivered_seq == 6);
+  CHECK(tablet.conversation.unread == 2);
+  std::optional<ConversationInfo> phone = InfoOf(store, "bob", id, "bob-phone");
+  CHECK(phone->read_seq == 3);
+  CHECK(phone->delivered_seq == 3);
+  CHECK(phone->unread == 2);
+  AppendResult back = CommitOne(store, ReceiptOf(id, "bob", "bob-phone", 1, 1));
+  CHECK(back.status.ok());
+  CHECK_FALSE(back.receipt_changed);
+  CHECK(back.conversation.read_seq == 3);
+
+  AppendResult all = CommitOne(store, ReceiptOf(id, "bob", "bob-tablet", 6, 6));
+  CHECK(all.conversation.unread == 0);
+  CHECK(all.unread_total == 1);
+  CHECK(InfoOf(store, "bob", id, "bob-phone")->unread == 0);
+  CHECK(CommitOne(store, ReceiptOf(ab, "bob", "bob-phone", 1, 1)).unread_total == 0);
+  CHECK(SyncOf(store, "bob", {})->unread_total == 0);
+
+  REQUIRE(CommitOne(store, ReceiptOf(id, "alice", "alice-phone", 6, 4)).status.ok());
+  AppendResult carol = CommitOne(store, ReceiptOf(id, "carol", "carol-phone", 5, 2));
+  CHECK(carol.delivered_all_seq == 5);
+  CHECK(carol.read_all_seq == 2);
+  Result<ReceiptsReply> page = store.Receipts({.user = "carol", .conversation_id = id});
+  REQUIRE(page.ok());
+  REQUIRE(page->members.size() == 3);
+  CHECK(page->members[0].user == "alice");
+  CHECK(page->members[0].delivered_seq == 6);
+  CHECK(page->members[0].read_seq == 4);
+  CHECK(page->members[1].read_seq == 6);
+  CHECK(page->members[2].read_seq == 2);
+  CHECK(page->role == Role::kMember);
+  CHECK(page->kind == ConversationKind::kGroup);
+  CHECK(store.Receipts({.user = "mallory", .conversation_id = id}).status().code() ==
+        Code::kPermissionDenied);
+  CHECK(CommitOne(store, ReceiptOf(id, "mallory", "m", 1, 1)).status.code() ==
+        Code::kPermissionDenied);
+}
+STORE_CASE(ReceiptsAreMonotonicPerUserAndExact,
+           "receipts are monotonic, per user for read, and unread counts are exact")
+
+void ChannelsNeverListTheirMembers(Kind kind) {
+  Env env(kind);
+  MessageStore& store = *env.store;
+  std::vector<UserId> members;
+  for (int i = 0; i < 50; ++i) members.push_back("m" + std::to_string(i));
+  const ConversationId id = CreateGroupOk(store, "owner", members, ConversationKind::kChannel);
+  AppendResult post = CommitOne(store, ToConversation(id, "owner", "post-1", "news"));
+  REQUIRE(post.status.ok());
+  CHECK(post.kind == ConversationKind::kChannel);
+  CHECK(post.recipients.empty());
+  CHECK(CommitOne(store, ToConversation(id, "m1", "m1-post", "hi")).status.ok());
+  CHECK(CommitOne(store, ToConversation(id, "stranger", "s-post", "hi")).status.code() ==
+        Code::kPermissionDenied);
+  AppendResult removed =
+      CommitOne(store, Change(ConversationOp::kRemoveMembers, id, "owner", {"m7"}));
+  REQUIRE(removed.status.ok());
+  CHECK(removed.recipients == std::vector<UserId>{"m7", "owner"});
+
+  AppendResult receipt = CommitOne(store, ReceiptOf(id, "m3", "m3-phone", 2, 2));
+  REQUIRE(receipt.status.ok());
+  CHECK(receipt.recipients == std::vector<UserId>{"m3"});
+  CHECK(receipt.conversation.unread == 1);
+  Result<ReceiptsReply> page = store.Receipts({.user = "m3", .conversation_id = id});
+  REQUIRE(page.ok());
+  REQUIRE(page->members.size() == 1);
+  CHECK(page->members[0].user == "m3");
+  CHECK(page->members[0].read_seq == 2);
+  CHECK(InfoOf(store, "m4", id)->unread == 2);
+  CHECK(InfoOf(store, "m4", id)->member_count == 50);
+}
+STORE_CASE(ChannelsNeverListTheirMembers, "channels never list their members on the send path")
+
 TEST_CASE("store: sqlite: data survives close and reopen with the same epoch") {
   TempDir dir;
   const std::string path = dir.File("chat.db");
@@ -681,11 +1082,32 @@ TEST_CASE("store: sqlite: a schema newer than this build is DataLoss and left un
   RawExec(path, "PRAGMA user_version = 99");
   Result<std::shared_ptr<MessageStore>> newer = OpenAt(path);
   CHECK(newer.status().code() == Code::kDataLoss);
-  CHECK(newer.status().message() == "schema version 99 is newer than this build supports (1)");
-  RawExec(path, "PRAGMA user_version = 1");
+  CHECK(newer.status().message() == "schema version 99 is newer than this build supports (2)");
+  RawExec(path, "PRAGMA user_version = 2");
   Result<std::shared_ptr<MessageStore>> again = OpenAt(path);
   REQUIRE(again.ok());
   CHECK((*again)->Members(1).ok());
+}
+
+TEST_CASE("store: sqlite: a version 1 file is migrated and keeps its data") {
+  TempDir dir;
+  const std::string path = dir.File("chat.db");
+  ConversationId ab = 0;
+  {
+    Result<std::shared_ptr<MessageStore>> store = OpenAt(path);
+    REQUIRE(store.ok());
+    ab = OpenDirect(**store, "alice", "bob");
+  }
+  // What migration 1 alone left behind.
+  RawExec(path, "ALTER TABLE members DROP COLUMN removed_at_seq; PRAGMA user_version = 1");
+  Result<std::shared_ptr<MessageStore>> migrated = OpenAt(path);
+  REQUIRE(migrated.ok());
+  Result<HistoryReply> h = HistoryOf(**migrated, "bob", ab, 0, 10);
+  REQUIRE(h.ok());
+  CHECK(h->messages.size() == 1);
+  const ConversationId group = CreateGroupOk(**migrated, "alice", {"bob"});
+  REQUIRE(CommitOne(**migrated, Change(ConversationOp::kLeave, group, "bob")).status.ok());
+  CHECK(*(*migrated)->Members(group) == std::vector<UserId>{"alice"});
 }
 
 TEST_CASE("store: sqlite: bad options and unusable files are refused") {
