@@ -1,11 +1,16 @@
 # The two set-up commands (see README.md):
 #   make run    install what is missing, build, start chatd on 127.0.0.1
-#   make test   install what is missing, build with ASan + UBSan, run the whole suite
+#   make test   install what is missing, build with ASan + UBSan, run the whole suite, then
+#               run the threaded tests again under ThreadSanitizer
 JOBS ?= $(shell nproc)
 BUILD_TEST ?= build/asan
 BUILD_RUN ?= build/release
+BUILD_TSAN ?= build/tsan
+# The threaded parts, run again under ThreadSanitizer: the server runtime and its store threads,
+# concurrent SQLite readers, the Snowflake generator and the client (Start/Poll/Close threads).
+TSAN_TESTS ?= unit_client|server runtime|store threads|store: sqlite|snowflake
 
-.PHONY: all deps test run build-test build-run format clean bench
+.PHONY: all deps test test-asan test-tsan run build-test build-run format clean bench
 
 all: build-run
 
@@ -16,8 +21,15 @@ build-test: deps
 	@cmake -S . -B $(BUILD_TEST) -DCMAKE_BUILD_TYPE=Debug -DCHAT_SANITIZE=ON >/dev/null
 	@cmake --build $(BUILD_TEST) -j $(JOBS)
 
-test: build-test
+test: test-asan test-tsan
+
+test-asan: build-test
 	cd $(BUILD_TEST) && ctest --output-on-failure -j $(JOBS) --timeout 300
+
+test-tsan: deps
+	@cmake -S . -B $(BUILD_TSAN) -DCMAKE_BUILD_TYPE=Debug -DCHAT_SANITIZE_THREAD=ON >/dev/null
+	@cmake --build $(BUILD_TSAN) -j $(JOBS) --target unit_core unit_server unit_client
+	cd $(BUILD_TSAN) && ctest --output-on-failure -j $(JOBS) --timeout 300 -R "$(TSAN_TESTS)"
 
 build-run: deps
 	@cmake -S . -B $(BUILD_RUN) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCHAT_BUILD_TESTS=OFF >/dev/null
