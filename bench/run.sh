@@ -127,9 +127,11 @@ record() {
   jq --arg commit "$COMMIT" --arg nproc "$(nproc)" --arg kernel "$(uname -r)" \
      --arg build "$BUILD_TYPE" --arg pinning "$PINNING" --arg durability "$durability" \
      --arg command "$command" --argjson quick "$QUICK" --argjson exit "$rc" \
+     --arg loadavg "$(cut -d' ' -f1-3 /proc/loadavg)" \
      '. + {git_commit: $commit, nproc: ($nproc | tonumber), kernel: $kernel, build_type: $build,
            pinning: $pinning, durability: $durability, quick: ($quick == 1),
-           generator_command: $command, exit_code: $exit}' "$raw" >"$RESULTS/$file.json"
+           generator_command: $command, exit_code: $exit,
+           loadavg_after: $loadavg}' "$raw" >"$RESULTS/$file.json"
   [[ $rc -eq 0 ]] || FAILED+=("$file")
 }
 

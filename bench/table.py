@@ -84,6 +84,8 @@ def table(directory):
     print("Build %s, commit %s, nproc %d, kernel %s; %s." % (
         any_result["build_type"], any_result["git_commit"], any_result["nproc"],
         any_result["kernel"], any_result["pinning"]))
+    print("Load average (1/5/15 min) after each workload: %s." % ", ".join(
+        "%s %s" % (name, r.get("loadavg_after", "?")) for name, r in results.items()))
     print()
     print("| workload | durability | measured | target | lost / dup / reordered | gen CPU s | ok |")
     print("|---|---|---|---|---|---|---|")
