@@ -190,7 +190,7 @@ TEST_CASE("groups: create replies with ConversationUpdate and delivers CREATED t
 }
 
 TEST_CASE(
-    "groups: 500 members online get every message exactly once per device; joins and "
+    "groups: 500 members online get every message exactly once per device, and joins and "
     "removals take effect at their seq") {
   HubHarness h(RoomyOptions());
   std::vector<std::string> others;
@@ -319,7 +319,7 @@ TEST_CASE("channels: a post to 100,000 members does no per-member work for offli
 }
 
 TEST_CASE(
-    "receipts: read on one device is read on all; unread counts are exact and survive "
+    "receipts: read on one device is read on all, and unread counts are exact and survive "
     "reconnect") {
   HubHarness h(RoomyOptions());
   SessionId alice = h.Connect("alice", "a1");
