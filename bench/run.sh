@@ -119,19 +119,16 @@ FAILED=()
 # Wraps chat-bench's JSON with the run's context and writes <results>/<file>.json.
 record() {
   local file=$1 durability=$2 command=$3 rc=$4 raw=$5
-  if [[ ! -s "$raw" ]] || ! jq -e 'type == "object"' "$raw" >/dev/null 2>&1; then
+  rm -f "$RESULTS/$file.json"
+  if ! python3 "$ROOT/bench/table.py" --record "$raw" "$RESULTS/$file.json" \
+      git_commit="$COMMIT" nproc="$(nproc)" kernel="$(uname -r)" build_type="$BUILD_TYPE" \
+      pinning="$PINNING" durability="$durability" quick="$QUICK" \
+      generator_command="$command" exit_code="$rc" \
+      loadavg_after="$(cut -d' ' -f1-3 /proc/loadavg)"; then
     echo "run.sh: $file produced no JSON (exit $rc)" >&2
     FAILED+=("$file")
     return
   fi
-  jq --arg commit "$COMMIT" --arg nproc "$(nproc)" --arg kernel "$(uname -r)" \
-     --arg build "$BUILD_TYPE" --arg pinning "$PINNING" --arg durability "$durability" \
-     --arg command "$command" --argjson quick "$QUICK" --argjson exit "$rc" \
-     --arg loadavg "$(cut -d' ' -f1-3 /proc/loadavg)" \
-     '. + {git_commit: $commit, nproc: ($nproc | tonumber), kernel: $kernel, build_type: $build,
-           pinning: $pinning, durability: $durability, quick: ($quick == 1),
-           generator_command: $command, exit_code: $exit,
-           loadavg_after: $loadavg}' "$raw" >"$RESULTS/$file.json"
   [[ $rc -eq 0 ]] || FAILED+=("$file")
 }
 

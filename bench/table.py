@@ -4,6 +4,9 @@
     table.py RESULTS_DIR                 one markdown table of every <workload>.json
     table.py --plot-data RESULTS_DIR     offered rate, p50, p99, p99.9 (ms) of direct and
                                          direct-normal, as two gnuplot data blocks
+    table.py --record RAW OUT KEY=VALUE...
+                                         writes chat-bench's JSON object RAW to OUT with the
+                                         run's context added; exits 1 if RAW is not an object
 """
 import json
 import os
@@ -113,7 +116,31 @@ def plot_data(directory):
         print()
 
 
+def record(raw, out, pairs):
+    try:
+        with open(raw) as f:
+            result = json.load(f)
+    except (OSError, ValueError):
+        return 1
+    if not isinstance(result, dict):
+        return 1
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key in ("nproc", "exit_code"):
+            result[key] = int(value)
+        elif key == "quick":
+            result[key] = value == "1"
+        else:
+            result[key] = value
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
+    return 0
+
+
 if __name__ == "__main__":
+    if len(sys.argv) >= 4 and sys.argv[1] == "--record":
+        sys.exit(record(sys.argv[2], sys.argv[3], sys.argv[4:]))
     if len(sys.argv) == 3 and sys.argv[1] == "--plot-data":
         plot_data(sys.argv[2])
     elif len(sys.argv) == 2:
