@@ -73,6 +73,10 @@ const char* StatusName(chat::MessageStatus status) {
       return "sent";
     case chat::MessageStatus::kFailed:
       return "failed";
+    case chat::MessageStatus::kDelivered:
+      return "delivered";
+    case chat::MessageStatus::kRead:
+      return "read";
   }
   return "unknown";
 }

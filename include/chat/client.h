@@ -55,6 +55,28 @@ enum class MessageStatus : int {
   kPending = 0,  // in the outbox, not acknowledged by the server yet
   kSent = 1,     // committed by the server (it has a seq)
   kFailed = 2,   // refused by the server for good; `reason` says why
+  // Own messages only, reported through ClientListener::OnMessageStatus and MessageStatusOf():
+  kDelivered = 3,  // every other member has it on at least one device
+  kRead = 4,       // every other member has read it
+};
+
+// A member's receipt watermarks moved (ReceiptUpdate from the server).
+struct ReceiptEvent {
+  ConversationId conversation_id = 0;
+  UserId user_id;      // whose watermarks moved: another member, or this user (another device)
+  DeviceId device_id;  // the device that sent the receipt
+  Seq delivered_seq = 0;
+  Seq read_seq = 0;
+  Seq delivered_all_seq = 0;  // every member has messages up to here delivered
+  Seq read_all_seq = 0;       // every member has read up to here
+};
+
+// One member's watermarks, from GetReceipts().
+struct MemberReceipt {
+  UserId user_id;
+  Seq delivered_seq = 0;
+  Seq read_seq = 0;
+  Role role = Role::kUnspecified;
 };
 
 // One message as the application sees it.
@@ -83,6 +105,18 @@ class CHAT_EXPORT ClientListener {
   // Problems that no call returned: authentication failures, a server epoch change (DataLoss:
   // the cache was rebuilt), cache write failures.
   virtual void OnError(const Status& status);
+  // `user` started (active) or stopped typing in `conversation`. An active indicator that is
+  // not refreshed is reported inactive after the server's expiry (at most 6 s), and every
+  // indicator is reported inactive when the connection is lost.
+  virtual void OnTyping(ConversationId conversation, const UserId& user, bool active);
+  // A member's receipt watermarks moved; this user's own other devices included.
+  virtual void OnReceipt(const ReceiptEvent& event);
+  // This user's messages in `conversation` with seq <= `up_to_seq` reached `status`
+  // (kDelivered or kRead). Reported when the watermark moves forward, never backward.
+  virtual void OnMessageStatus(ConversationId conversation, Seq up_to_seq, MessageStatus status);
+  // Unread messages across all conversations changed (exact once synced with the server).
+  // The per-conversation count is ConversationInfo::unread in OnConversationUpdated.
+  virtual void OnUnreadTotal(uint64_t total);
 };
 
 struct ReconnectPolicy {
@@ -137,6 +171,14 @@ struct HistoryResult {
 };
 
 using HistoryCallback = std::function<void(Result<HistoryResult> result)>;
+// The conversation's state after a group operation, or the server's error.
+using ConversationCallback = std::function<void(Result<ConversationInfo> result)>;
+using ReceiptsCallback = std::function<void(Result<std::vector<MemberReceipt>> result)>;
+
+// Subscribe() calls a client remembers at most (re-sent after every reconnect).
+inline constexpr size_t kMaxChannelSubscriptions = 1000;
+// ms; SetTyping(active) repeats are sent at most this often (the server expires them later).
+inline constexpr int64_t kTypingRefreshMs = 3'000;
 
 class CHAT_EXPORT Client {
  public:
@@ -176,6 +218,53 @@ class CHAT_EXPORT Client {
   // or limit is 0 or callback is empty, FailedPrecondition after Close().
   Status History(ConversationId conversation, Seq before_seq, uint32_t limit,
                  HistoryCallback callback);
+
+  // --- Groups and channels ---
+  // Each call below sends one request; `callback` is called exactly once with the new state
+  // of the conversation (also stored in the cache and reported by OnConversationUpdated), or
+  // with the server's error (e.g. PermissionDenied when not an admin), or with Unavailable
+  // when not connected or the connection is lost before the reply. They return an error (and
+  // never call back): InvalidArgument naming a bad argument or an empty callback,
+  // FailedPrecondition after Close(), ResourceExhausted when too many calls wait for the loop.
+  // Every change also arrives as a system message (MessageKind::kSystem) through OnMessage.
+
+  // Creates a group or channel (`kind` kGroup or kChannel) with this user as admin.
+  Status CreateGroup(std::string_view title, std::vector<UserId> members, ConversationKind kind,
+                     ConversationCallback callback);
+  Status RenameGroup(ConversationId conversation, std::string_view title,
+                     ConversationCallback callback);
+  Status AddMembers(ConversationId conversation, std::vector<UserId> users,
+                    ConversationCallback callback);
+  Status RemoveMembers(ConversationId conversation, std::vector<UserId> users,
+                       ConversationCallback callback);
+  // Leaves the conversation; what was received up to then stays readable.
+  Status Leave(ConversationId conversation, ConversationCallback callback);
+  // `role` kMember or kAdmin.
+  Status SetRole(ConversationId conversation, std::string_view user, Role role,
+                 ConversationCallback callback);
+  // Channels push live messages only to subscribed members: subscribe while the channel is on
+  // screen. Remembered and re-sent after every reconnect until Unsubscribe(). InvalidArgument
+  // if conversation is 0, ResourceExhausted past kMaxChannelSubscriptions, FailedPrecondition
+  // after Close(). A refusal by the server goes to OnError.
+  Status Subscribe(ConversationId conversation);
+  Status Unsubscribe(ConversationId conversation);
+
+  // --- Receipts and typing ---
+  // Delivered receipts are sent automatically when messages reach OnMessage. MarkRead moves
+  // this user's read watermark (on all devices) to `seq`, or to the newest message given to
+  // the application when `seq` is 0; it never moves backward and is capped at that newest
+  // message. InvalidArgument if conversation is 0, FailedPrecondition after Close().
+  Status MarkRead(ConversationId conversation, Seq seq = 0);
+  // Tells the other members that this user is (or stopped) typing. Call it on every keystroke:
+  // repeated active calls are sent at most every kTypingRefreshMs. Dropped while offline.
+  Status SetTyping(ConversationId conversation, bool active);
+  // Every member's watermarks (groups: who has read up to where). Same rules as CreateGroup.
+  Status GetReceipts(ConversationId conversation, ReceiptsCallback callback);
+  // The status of this user's message `seq` in `conversation` from the cached watermarks:
+  // kRead, kDelivered or kSent. NotFound if the conversation is not cached.
+  Result<MessageStatus> MessageStatusOf(ConversationId conversation, Seq seq);
+  // Unread messages across the cached conversations.
+  Result<uint64_t> UnreadTotal();
 
   // The cached conversations, most recently active first.
   Result<std::vector<ConversationInfo>> Conversations();

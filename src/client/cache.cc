@@ -15,7 +15,7 @@ namespace {
 
 // Bumped when the schema changes; an older cache is dropped and rebuilt from the server, except
 // for the outbox, whose table keeps its shape across versions.
-constexpr int kSchemaVersion = 1;
+constexpr int kSchemaVersion = 2;
 
 constexpr const char* kSchema = R"sql(
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value BLOB);
@@ -23,7 +23,9 @@ CREATE TABLE IF NOT EXISTS conversations(
   conversation_id INTEGER PRIMARY KEY,
   state BLOB NOT NULL,
   cursor INTEGER NOT NULL,
-  last_activity_ms INTEGER NOT NULL);
+  last_activity_ms INTEGER NOT NULL,
+  delivered_all_seq INTEGER NOT NULL DEFAULT 0,
+  read_all_seq INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS messages(
   conversation_id INTEGER NOT NULL,
   seq INTEGER NOT NULL,
@@ -112,6 +114,8 @@ ConversationRow RowFrom(Stmt& s) {
   if (state.ParseFromString(bytes)) row.info = codec::FromProto(state);
   row.info.conversation_id = FromDb(s.ColInt(0));
   row.cursor = FromDb(s.ColInt(2));
+  row.delivered_all_seq = FromDb(s.ColInt(3));
+  row.read_all_seq = FromDb(s.ColInt(4));
   return row;
 }
 
@@ -169,7 +173,7 @@ Result<std::unique_ptr<Cache>> Cache::Open(const std::string& path) {
     }
   }
   if (Status st = cache->Exec(kSchema); !st.ok()) return st;
-  if (Status st = cache->Exec("PRAGMA user_version=1"); !st.ok()) return st;
+  if (Status st = cache->Exec("PRAGMA user_version=2"); !st.ok()) return st;
   return cache;
 }
 
@@ -236,8 +240,10 @@ Status Cache::ResetForEpoch(uint64_t epoch) {
 
 std::optional<ConversationRow> Cache::GetConversation(ConversationId id) {
   std::lock_guard lock(mu_);
-  Stmt s(db_->get(),
-         "SELECT conversation_id, state, cursor FROM conversations WHERE conversation_id = ?");
+  Stmt s(
+      db_->get(),
+      "SELECT conversation_id, state, cursor, delivered_all_seq, read_all_seq FROM conversations "
+      "WHERE conversation_id = ?");
   if (s.Int(1, ToDb(id)).Step() != SQLITE_ROW) return std::nullopt;
   return RowFrom(s);
 }
@@ -247,21 +253,24 @@ Status Cache::PutConversation(const ConversationRow& row) {
   v1::ConversationState state;
   codec::ToProto(row.info, &state);
   Stmt s(db_->get(),
-         "INSERT OR REPLACE INTO conversations(conversation_id, state, cursor, last_activity_ms) "
-         "VALUES(?, ?, ?, ?)");
+         "INSERT OR REPLACE INTO conversations(conversation_id, state, cursor, last_activity_ms, "
+         "delivered_all_seq, read_all_seq) VALUES(?, ?, ?, ?, ?, ?)");
   s.Int(1, ToDb(row.info.conversation_id))
       .Blob(2, state.SerializeAsString())
       .Int(3, ToDb(row.cursor))
-      .Int(4, row.info.last_activity_ms);
+      .Int(4, row.info.last_activity_ms)
+      .Int(5, ToDb(row.delivered_all_seq))
+      .Int(6, ToDb(row.read_all_seq));
   if (s.Step() != SQLITE_DONE) return db_->Error("put conversation");
   return Status::Ok();
 }
 
 std::vector<ConversationRow> Cache::ListConversations() {
   std::lock_guard lock(mu_);
-  Stmt s(db_->get(),
-         "SELECT conversation_id, state, cursor FROM conversations "
-         "ORDER BY last_activity_ms DESC, conversation_id DESC");
+  Stmt s(
+      db_->get(),
+      "SELECT conversation_id, state, cursor, delivered_all_seq, read_all_seq FROM conversations "
+      "ORDER BY last_activity_ms DESC, conversation_id DESC");
   std::vector<ConversationRow> rows;
   while (s.Step() == SQLITE_ROW) rows.push_back(RowFrom(s));
   return rows;
@@ -308,6 +317,28 @@ uint64_t Cache::CountRange(ConversationId conversation, Seq from, Seq to) {
          "SELECT COUNT(*) FROM messages WHERE conversation_id = ? AND seq >= ? AND seq <= ?");
   s.Int(1, ToDb(conversation)).Int(2, SeqBound(from)).Int(3, SeqBound(to));
   return s.Step() == SQLITE_ROW ? FromDb(s.ColInt(0)) : 0;
+}
+
+uint64_t Cache::UnreadTotal() {
+  uint64_t total = 0;
+  for (const ConversationRow& row : ListConversations()) total += row.info.unread;
+  return total;
+}
+
+uint64_t Cache::CountUnread(ConversationId conversation, Seq from, Seq to, const std::string& me) {
+  std::lock_guard lock(mu_);
+  Stmt s(db_->get(),
+         "SELECT message FROM messages WHERE conversation_id = ? AND seq >= ? AND seq <= ?");
+  s.Int(1, ToDb(conversation)).Int(2, SeqBound(from)).Int(3, SeqBound(to));
+  uint64_t n = 0;
+  while (s.Step() == SQLITE_ROW) {
+    v1::Message m;
+    if (m.ParseFromString(s.ColText(0)) && m.kind() != v1::MESSAGE_KIND_SYSTEM &&
+        m.sender() != me) {
+      ++n;
+    }
+  }
+  return n;
 }
 
 uint64_t Cache::MessageCount() {

@@ -44,6 +44,10 @@ struct OutboxEntry {
 struct ConversationRow {
   ConversationInfo info;
   Seq cursor = 0;  // see the file comment
+  // Receipt watermarks of all members (from ReceiptUpdate): this user's messages up to these
+  // seqs are delivered / read. They only move forward.
+  Seq delivered_all_seq = 0;
+  Seq read_all_seq = 0;
 };
 
 class Cache {
@@ -84,6 +88,8 @@ class Cache {
   Status PutConversation(const ConversationRow& row);
   // Most recently active first.
   std::vector<ConversationRow> ListConversations();
+  // The sum of every cached conversation's unread count.
+  uint64_t UnreadTotal();
 
   // --- Messages ---
   // Stores a committed message; a second copy of the same (conversation, seq) is ignored.
@@ -93,6 +99,9 @@ class Cache {
   std::vector<v1::Message> RangeNewestFirst(ConversationId conversation, Seq from, Seq to,
                                             uint32_t limit);
   uint64_t CountRange(ConversationId conversation, Seq from, Seq to);
+  // Cached user messages with from <= seq <= to not sent by `me`: the unread ones above a
+  // read watermark.
+  uint64_t CountUnread(ConversationId conversation, Seq from, Seq to, const std::string& me);
   uint64_t MessageCount();
 
   // --- Outbox ---

@@ -6,7 +6,9 @@
 #include <condition_variable>
 #include <deque>
 #include <mutex>
+#include <optional>
 #include <random>
+#include <set>
 #include <thread>
 #include <utility>
 
@@ -38,6 +40,10 @@ void ClientListener::OnConnectionState(ConnectionState) {}
 void ClientListener::OnMessage(const MessageEvent&) {}
 void ClientListener::OnConversationUpdated(const ConversationInfo&) {}
 void ClientListener::OnError(const Status&) {}
+void ClientListener::OnTyping(ConversationId, const UserId&, bool) {}
+void ClientListener::OnReceipt(const ReceiptEvent&) {}
+void ClientListener::OnMessageStatus(ConversationId, Seq, MessageStatus) {}
+void ClientListener::OnUnreadTotal(uint64_t) {}
 
 namespace {
 
@@ -232,6 +238,90 @@ class Client::Impl final : public ClientListener, public client::SessionIo {
     return out;
   }
 
+  // Posts a group operation; the callback runs through the gate like every callback.
+  Status Request(v1::Envelope request, ConversationCallback callback) {
+    if (closed_) return FailedPrecondition("client is closed");
+    if (!callback) return InvalidArgument("callback: required");
+    return Post(
+        [this, request = std::move(request), callback = std::move(callback)]() mutable {
+          session_->ConversationRequest(std::move(request), [this, callback = std::move(callback)](
+                                                                Result<ConversationInfo> r) {
+            Gate([&] { callback(std::move(r)); });
+          });
+        },
+        /*bounded=*/true);
+  }
+
+  Status GetReceipts(ConversationId conversation, ReceiptsCallback callback) {
+    if (closed_) return FailedPrecondition("client is closed");
+    if (conversation == 0) return InvalidArgument("conversation: must not be 0");
+    if (!callback) return InvalidArgument("callback: required");
+    return Post(
+        [this, conversation, callback = std::move(callback)]() mutable {
+          session_->GetReceipts(conversation, [this, callback = std::move(callback)](
+                                                  Result<std::vector<MemberReceipt>> r) {
+            Gate([&] { callback(std::move(r)); });
+          });
+        },
+        /*bounded=*/true);
+  }
+
+  Status Subscribe(ConversationId conversation, bool subscribe) {
+    if (closed_) return FailedPrecondition("client is closed");
+    if (conversation == 0) return InvalidArgument("conversation: must not be 0");
+    {
+      std::lock_guard lock(api_mu_);
+      if (subscribe) {
+        if (!subscriptions_.contains(conversation) &&
+            subscriptions_.size() >= kMaxChannelSubscriptions) {
+          return ResourceExhausted("too many channel subscriptions");
+        }
+        subscriptions_.insert(conversation);
+      } else {
+        subscriptions_.erase(conversation);
+      }
+    }
+    return Post(
+        [this, conversation, subscribe] {
+          if (subscribe) {
+            session_->Subscribe(conversation);
+          } else {
+            session_->Unsubscribe(conversation);
+          }
+        },
+        /*bounded=*/true);
+  }
+
+  Status MarkRead(ConversationId conversation, Seq seq) {
+    if (closed_) return FailedPrecondition("client is closed");
+    if (conversation == 0) return InvalidArgument("conversation: must not be 0");
+    return Post([this, conversation, seq] { session_->MarkRead(conversation, seq); },
+                /*bounded=*/true);
+  }
+
+  Status SetTyping(ConversationId conversation, bool active) {
+    if (closed_) return FailedPrecondition("client is closed");
+    if (conversation == 0) return InvalidArgument("conversation: must not be 0");
+    return Post([this, conversation, active] { session_->SetTyping(conversation, active); },
+                /*bounded=*/true);
+  }
+
+  Result<MessageStatus> MessageStatusOf(ConversationId conversation, Seq seq) {
+    if (closed_) return FailedPrecondition("client is closed");
+    if (conversation == 0) return InvalidArgument("conversation: must not be 0");
+    if (seq == 0) return InvalidArgument("seq: must not be 0");
+    std::optional<client::ConversationRow> row = cache_->GetConversation(conversation);
+    if (!row) return NotFound("conversation is not cached");
+    if (seq <= row->read_all_seq) return MessageStatus::kRead;
+    if (seq <= row->delivered_all_seq) return MessageStatus::kDelivered;
+    return MessageStatus::kSent;
+  }
+
+  Result<uint64_t> UnreadTotal() {
+    if (closed_) return FailedPrecondition("client is closed");
+    return cache_->UnreadTotal();
+  }
+
   Status Reconnect() {
     if (closed_) return FailedPrecondition("client is closed");
     return Post([this] { session_->Reconnect(); }, /*bounded=*/true);
@@ -260,6 +350,26 @@ class Client::Impl final : public ClientListener, public client::SessionIo {
   void OnError(const Status& status) override {
     Gate([&] {
       if (options_.listener) options_.listener->OnError(status);
+    });
+  }
+  void OnTyping(ConversationId conversation, const UserId& user, bool active) override {
+    Gate([&] {
+      if (options_.listener) options_.listener->OnTyping(conversation, user, active);
+    });
+  }
+  void OnReceipt(const ReceiptEvent& event) override {
+    Gate([&] {
+      if (options_.listener) options_.listener->OnReceipt(event);
+    });
+  }
+  void OnMessageStatus(ConversationId conversation, Seq up_to_seq, MessageStatus status) override {
+    Gate([&] {
+      if (options_.listener) options_.listener->OnMessageStatus(conversation, up_to_seq, status);
+    });
+  }
+  void OnUnreadTotal(uint64_t total) override {
+    Gate([&] {
+      if (options_.listener) options_.listener->OnUnreadTotal(total);
     });
   }
 
@@ -394,10 +504,11 @@ class Client::Impl final : public ClientListener, public client::SessionIo {
   std::mutex api_mu_;
   std::atomic<bool> closed_{false};
   std::atomic<bool> stop_{false};
-  bool started_ = false;          // guarded by api_mu_
-  bool polled_ = false;           // guarded by api_mu_
-  bool session_started_ = false;  // loop thread only
-  bool torn_down_ = false;        // guarded by tasks_mu_ for writers; read on the loop
+  bool started_ = false;                    // guarded by api_mu_
+  bool polled_ = false;                     // guarded by api_mu_
+  std::set<ConversationId> subscriptions_;  // guarded by api_mu_; bounds Subscribe()
+  bool session_started_ = false;            // loop thread only
+  bool torn_down_ = false;                  // guarded by tasks_mu_ for writers; read on the loop
   std::atomic<ConnectionState> state_{ConnectionState::kDisconnected};
   std::atomic<std::thread::id> loop_thread_{};  // the thread inside RunOnce(), if any
 
@@ -440,6 +551,114 @@ Status Client::History(ConversationId conversation, Seq before_seq, uint32_t lim
 Result<std::vector<ConversationInfo>> Client::Conversations() { return impl_->Conversations(); }
 Result<std::vector<MessageEvent>> Client::Outbox() { return impl_->Outbox(); }
 Status Client::Reconnect() { return impl_->Reconnect(); }
+
+namespace {
+
+Status CheckUsers(const std::vector<UserId>& users, std::string_view field, bool allow_empty) {
+  if (users.empty() && !allow_empty) {
+    return InvalidArgument(std::string(field) + ": must not be empty");
+  }
+  for (const UserId& user : users) {
+    if (user.empty() || user.size() > 128) {
+      return InvalidArgument(std::string(field) + ": user ids must be 1..128 bytes");
+    }
+  }
+  return Status::Ok();
+}
+
+Status CheckTitle(std::string_view title) {
+  if (title.empty()) return InvalidArgument("title: must not be empty");
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status Client::CreateGroup(std::string_view title, std::vector<UserId> members,
+                           ConversationKind kind, ConversationCallback callback) {
+  if (kind != ConversationKind::kGroup && kind != ConversationKind::kChannel) {
+    return InvalidArgument("kind: must be kGroup or kChannel");
+  }
+  if (Status st = CheckTitle(title); !st.ok()) return st;
+  if (Status st = CheckUsers(members, "members", /*allow_empty=*/true); !st.ok()) return st;
+  v1::Envelope request;
+  v1::CreateGroup* create = request.mutable_create_group();
+  create->set_kind(kind == ConversationKind::kGroup ? v1::CONVERSATION_KIND_GROUP
+                                                    : v1::CONVERSATION_KIND_CHANNEL);
+  create->set_title(std::string(title));
+  for (UserId& member : members) create->add_members(std::move(member));
+  return impl_->Request(std::move(request), std::move(callback));
+}
+
+Status Client::RenameGroup(ConversationId conversation, std::string_view title,
+                           ConversationCallback callback) {
+  if (conversation == 0) return InvalidArgument("conversation: must not be 0");
+  if (Status st = CheckTitle(title); !st.ok()) return st;
+  v1::Envelope request;
+  request.mutable_rename_group()->set_conversation_id(conversation);
+  request.mutable_rename_group()->set_title(std::string(title));
+  return impl_->Request(std::move(request), std::move(callback));
+}
+
+Status Client::AddMembers(ConversationId conversation, std::vector<UserId> users,
+                          ConversationCallback callback) {
+  if (conversation == 0) return InvalidArgument("conversation: must not be 0");
+  if (Status st = CheckUsers(users, "users", /*allow_empty=*/false); !st.ok()) return st;
+  v1::Envelope request;
+  request.mutable_add_members()->set_conversation_id(conversation);
+  for (UserId& user : users) request.mutable_add_members()->add_users(std::move(user));
+  return impl_->Request(std::move(request), std::move(callback));
+}
+
+Status Client::RemoveMembers(ConversationId conversation, std::vector<UserId> users,
+                             ConversationCallback callback) {
+  if (conversation == 0) return InvalidArgument("conversation: must not be 0");
+  if (Status st = CheckUsers(users, "users", /*allow_empty=*/false); !st.ok()) return st;
+  v1::Envelope request;
+  request.mutable_remove_members()->set_conversation_id(conversation);
+  for (UserId& user : users) request.mutable_remove_members()->add_users(std::move(user));
+  return impl_->Request(std::move(request), std::move(callback));
+}
+
+Status Client::Leave(ConversationId conversation, ConversationCallback callback) {
+  if (conversation == 0) return InvalidArgument("conversation: must not be 0");
+  v1::Envelope request;
+  request.mutable_leave()->set_conversation_id(conversation);
+  return impl_->Request(std::move(request), std::move(callback));
+}
+
+Status Client::SetRole(ConversationId conversation, std::string_view user, Role role,
+                       ConversationCallback callback) {
+  if (conversation == 0) return InvalidArgument("conversation: must not be 0");
+  if (user.empty() || user.size() > 128) return InvalidArgument("user: must be 1..128 bytes");
+  if (role != Role::kMember && role != Role::kAdmin) {
+    return InvalidArgument("role: must be kMember or kAdmin");
+  }
+  v1::Envelope request;
+  request.mutable_set_role()->set_conversation_id(conversation);
+  request.mutable_set_role()->set_user(std::string(user));
+  request.mutable_set_role()->set_role(role == Role::kAdmin ? v1::ROLE_ADMIN : v1::ROLE_MEMBER);
+  return impl_->Request(std::move(request), std::move(callback));
+}
+
+Status Client::Subscribe(ConversationId conversation) {
+  return impl_->Subscribe(conversation, true);
+}
+Status Client::Unsubscribe(ConversationId conversation) {
+  return impl_->Subscribe(conversation, false);
+}
+Status Client::MarkRead(ConversationId conversation, Seq seq) {
+  return impl_->MarkRead(conversation, seq);
+}
+Status Client::SetTyping(ConversationId conversation, bool active) {
+  return impl_->SetTyping(conversation, active);
+}
+Status Client::GetReceipts(ConversationId conversation, ReceiptsCallback callback) {
+  return impl_->GetReceipts(conversation, std::move(callback));
+}
+Result<MessageStatus> Client::MessageStatusOf(ConversationId conversation, Seq seq) {
+  return impl_->MessageStatusOf(conversation, seq);
+}
+Result<uint64_t> Client::UnreadTotal() { return impl_->UnreadTotal(); }
 ConnectionState Client::state() const { return impl_->state(); }
 
 }  // namespace chat

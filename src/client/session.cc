@@ -31,6 +31,7 @@ Session::Session(SessionOptions options, Cache* cache, SessionIo* io, ClientList
       clock_(std::move(clock)),
       random_(std::move(random)) {
   user_id_ = cache_->UserId();
+  unread_total_ = cache_->UnreadTotal();
 }
 
 ConnectionState Session::state() const {
@@ -72,6 +73,10 @@ void Session::Stop() {
   histories_.clear();
   in_flight_.clear();
   in_flight_ids_.clear();
+  ops_.clear();
+  quiet_rids_.clear();
+  typing_.clear();
+  typing_sent_.clear();
 }
 
 bool Session::Write(const v1::Envelope& envelope) {
@@ -93,6 +98,12 @@ void Session::ConnectionDown() {
   // Requests of the lost connection get no reply: their callbacks learn it now.
   auto histories = std::move(histories_);
   histories_.clear();
+  auto ops = std::move(ops_);
+  ops_.clear();
+  auto typing = std::move(typing_);
+  typing_.clear();
+  quiet_rids_.clear();
+  typing_sent_.clear();
   in_flight_.clear();
   in_flight_ids_.clear();
   sync_rid_ = 0;
@@ -115,6 +126,12 @@ void Session::ConnectionDown() {
   for (auto& [rid, pending] : histories) {
     pending.callback(Unavailable("connection lost"));
   }
+  for (auto& [rid, op] : ops) {
+    if (op.conversation) op.conversation(Unavailable("connection lost"));
+    if (op.receipts) op.receipts(Unavailable("connection lost"));
+  }
+  // Typing indicators are live state: without a connection nobody refreshes or ends them.
+  for (const auto& [key, expiry] : typing) listener_->OnTyping(key.first, key.second, false);
 }
 
 void Session::Reconnect() {
@@ -147,6 +164,9 @@ void Session::Tick() {
         Disconnect("no frame from the server within two heartbeat intervals");
         return;
       }
+      ExpireTyping();
+      FlushReceipts();
+      if (!Authenticated()) return;
       if (now >= next_ping_) {
         v1::Envelope ping;
         ping.set_rid(NextRid());
@@ -173,6 +193,11 @@ int64_t Session::NextDeadlineMs() const {
     case Phase::kLive: {
       int64_t next = std::min(next_ping_, last_rx_ + 2 * static_cast<int64_t>(heartbeat_ms_));
       if (outbox_retry_at_ != 0) next = std::min(next, outbox_retry_at_);
+      if (!typing_.empty()) {
+        for (const auto& [key, expiry] : typing_) next = std::min(next, expiry);
+      }
+      // Receipts go out at the end of the turn that moved the watermarks.
+      if (!receipts_due_.empty()) next = std::min(next, Now());
       return next;
     }
     default:
@@ -235,8 +260,39 @@ void Session::OnEnvelope(const v1::Envelope& envelope) {
     case v1::Envelope::kHistoryPage:
       HandleHistoryPage(envelope.rid(), envelope.history_page());
       break;
-    case v1::Envelope::kConversationUpdate:
-      HandleConversationUpdate(envelope.conversation_update().conversation());
+    case v1::Envelope::kConversationUpdate: {
+      ConversationInfo info =
+          HandleConversationUpdate(envelope.conversation_update().conversation());
+      if (auto it = ops_.find(envelope.rid()); envelope.rid() != 0 && it != ops_.end()) {
+        PendingOp op = std::move(it->second);
+        ops_.erase(it);
+        if (op.conversation) op.conversation(info);
+      }
+      break;
+    }
+    case v1::Envelope::kReceiptsPage:
+      if (auto it = ops_.find(envelope.rid()); envelope.rid() != 0 && it != ops_.end()) {
+        PendingOp op = std::move(it->second);
+        ops_.erase(it);
+        std::vector<MemberReceipt> members;
+        for (const v1::MemberReceipt& m : envelope.receipts_page().members()) {
+          MemberReceipt r;
+          r.user_id = m.user_id();
+          r.delivered_seq = m.delivered_seq();
+          r.read_seq = m.read_seq();
+          r.role = m.role() == v1::ROLE_ADMIN    ? Role::kAdmin
+                   : m.role() == v1::ROLE_MEMBER ? Role::kMember
+                                                 : Role::kUnspecified;
+          members.push_back(std::move(r));
+        }
+        if (op.receipts) op.receipts(std::move(members));
+      }
+      break;
+    case v1::Envelope::kReceiptUpdate:
+      HandleReceiptUpdate(envelope.rid(), envelope.receipt_update());
+      break;
+    case v1::Envelope::kTypingUpdate:
+      HandleTypingUpdate(envelope.typing_update());
       break;
     default:
       // Pong and the replies of features this client does not use only prove the link alive.
@@ -329,6 +385,19 @@ void Session::HandleError(const v1::Envelope& envelope) {
     callback(status);
     return;
   }
+  if (auto it = ops_.find(rid); rid != 0 && it != ops_.end()) {
+    PendingOp op = std::move(it->second);
+    ops_.erase(it);
+    if (op.conversation) op.conversation(status);
+    if (op.receipts) op.receipts(status);
+    return;
+  }
+  if (rid != 0 && quiet_rids_.erase(rid) > 0) {
+    // A refused Receipt is sent again when the watermarks next move or after a reconnect;
+    // typing is best effort. Neither is worth an OnError per keystroke or message.
+    Log(LogLevel::kInfo, "chat client: receipt or typing refused: " + status.ToString());
+    return;
+  }
   if (rid != 0 && rid == sync_rid_) {
     // Without a successful Sync the cache cannot be trusted to be complete: start over.
     ReportError(status);
@@ -350,6 +419,7 @@ ConversationRow Session::LoadOrStub(ConversationId conversation) {
 
 bool Session::Advance(ConversationRow* row, std::vector<MessageEvent>* events) {
   const ConversationId id = row->info.conversation_id;
+  bool others = false;
   while (std::optional<v1::Message> next = cache_->GetMessage(id, row->cursor + 1)) {
     row->cursor = next->seq();
     row->info.last_seq = std::max(row->info.last_seq, next->seq());
@@ -358,6 +428,8 @@ bool Session::Advance(ConversationRow* row, std::vector<MessageEvent>* events) {
     if (!own && next->kind() != v1::MESSAGE_KIND_SYSTEM && next->seq() > row->info.read_seq) {
       ++row->info.unread;
     }
+    if (!own) others = true;
+    if (next->kind() == v1::MESSAGE_KIND_SYSTEM) ApplySystemEvent(&row->info, *next);
     if (own && !next->client_msg_id().empty()) {
       // Our own message came back (Sync, or another device's echo): it is no longer pending.
       if (std::optional<OutboxEntry> entry = cache_->FindOutbox(next->client_msg_id());
@@ -370,6 +442,12 @@ bool Session::Advance(ConversationRow* row, std::vector<MessageEvent>* events) {
       }
     }
     events->push_back(EventFor(*next));
+  }
+  // Others' messages reached the application: tell the server (one Receipt per conversation
+  // per turn, see FlushReceipts).
+  if (others && row->cursor > row->info.delivered_seq) {
+    row->info.delivered_seq = row->cursor;
+    receipts_due_.insert(id);
   }
   return cache_->CountRange(id, row->cursor + 1, static_cast<Seq>(INT64_MAX)) > 0;
 }
@@ -425,6 +503,7 @@ void Session::Ingest(const std::vector<const v1::Message*>& messages, bool from_
   }
   for (const MessageEvent& event : events) listener_->OnMessage(event);
   for (const ConversationInfo& info : updated) listener_->OnConversationUpdated(info);
+  if (!updated.empty()) ReportUnreadTotal();
   // A Sync reply carries the states of the conversations it brings; a Deliver does not.
   if (missing || (new_stub && !from_sync)) RequestSync();
 }
@@ -528,9 +607,7 @@ void Session::HandleSyncBatch(const v1::SyncBatch& batch) {
     Cache::Transaction txn(cache_);
     for (const v1::ConversationState& state : batch.conversations()) {
       ConversationRow row = LoadOrStub(state.conversation_id());
-      ConversationInfo info = codec::FromProto(state);
-      info.last_seq = std::max(info.last_seq, row.info.last_seq);
-      row.info = info;
+      MergeState(&row, state);
       stubs_.erase(state.conversation_id());
       if (Status st = cache_->PutConversation(row); !st.ok()) ReportError(st);
       updated.push_back(row.info);
@@ -540,6 +617,7 @@ void Session::HandleSyncBatch(const v1::SyncBatch& batch) {
   }
   for (const ConversationInfo& info : updated) listener_->OnConversationUpdated(info);
   if (!Authenticated()) return;
+  ReportUnreadTotal();
 
   sync_rid_ = 0;
   // Without progress another page would be the same page: stop rather than loop.
@@ -549,6 +627,13 @@ void Session::HandleSyncBatch(const v1::SyncBatch& batch) {
   }
   if (phase_ == Phase::kSyncing) {
     SetPhase(Phase::kLive);
+    // The server forgets subscriptions with the connection.
+    for (ConversationId channel : subscriptions_) {
+      v1::Envelope envelope;
+      envelope.set_rid(NextRid());
+      envelope.mutable_subscribe()->set_conversation_id(channel);
+      if (!Write(envelope)) return;
+    }
     PumpOutbox();
   }
 }
@@ -572,13 +657,253 @@ void Session::HandleHistoryPage(uint64_t rid, const v1::HistoryPage& page) {
   callback(std::move(result));
 }
 
-void Session::HandleConversationUpdate(const v1::ConversationState& state) {
+ConversationInfo Session::HandleConversationUpdate(const v1::ConversationState& state) {
   ConversationRow row = LoadOrStub(state.conversation_id());
-  row.info = codec::FromProto(state);
+  MergeState(&row, state);
   stubs_.erase(state.conversation_id());
   if (Status st = cache_->PutConversation(row); !st.ok()) ReportError(st);
   listener_->OnConversationUpdated(row.info);
+  ReportUnreadTotal();
   if (row.info.last_seq > row.cursor) RequestSync();
+  return row.info;
+}
+
+void Session::MergeState(ConversationRow* row, const v1::ConversationState& state) {
+  const ConversationInfo local = row->info;
+  ConversationInfo info = codec::FromProto(state);
+  info.last_seq = std::max(info.last_seq, local.last_seq);
+  if (local.delivered_seq > info.delivered_seq) {
+    info.delivered_seq = local.delivered_seq;
+    receipts_due_.insert(info.conversation_id);
+  }
+  if (local.read_seq > info.read_seq) {
+    // The server has not seen this device's MarkRead yet: keep it and tell it again.
+    info.read_seq = local.read_seq;
+    info.unread = std::min(info.unread, local.unread);
+    receipts_due_.insert(info.conversation_id);
+  }
+  row->info = info;
+}
+
+void Session::ApplySystemEvent(ConversationInfo* info, const v1::Message& message) const {
+  const v1::SystemEvent& event = message.system();
+  const auto n = static_cast<uint32_t>(event.users_size());
+  bool me = false;
+  for (const std::string& user : event.users()) me |= !user_id_.empty() && user == user_id_;
+  switch (event.type()) {
+    case v1::SystemEvent::TYPE_CREATED:
+    case v1::SystemEvent::TYPE_RENAMED:
+      if (!event.title().empty()) info->title = event.title();
+      if (event.type() == v1::SystemEvent::TYPE_CREATED && n > 0) info->member_count = n;
+      break;
+    case v1::SystemEvent::TYPE_MEMBERS_ADDED:
+      info->member_count += n;
+      if (me) info->removed_at_seq = 0;
+      break;
+    case v1::SystemEvent::TYPE_MEMBERS_REMOVED:
+    case v1::SystemEvent::TYPE_MEMBER_LEFT:
+      info->member_count -= std::min(info->member_count, n);
+      if (me) info->removed_at_seq = message.seq();
+      break;
+    case v1::SystemEvent::TYPE_ROLE_CHANGED:
+      if (me) {
+        info->role = event.role() == v1::ROLE_ADMIN ? Role::kAdmin : Role::kMember;
+      }
+      break;
+    default:
+      break;
+  }
+}
+
+void Session::HandleReceiptUpdate(uint64_t rid, const v1::ReceiptUpdate& update) {
+  std::optional<ConversationRow> found = cache_->GetConversation(update.conversation_id());
+  if (!found) return;  // a conversation this client has not synced yet; Sync brings its state
+  ConversationRow row = std::move(*found);
+  const bool own = !user_id_.empty() && update.user_id() == user_id_;
+  bool info_changed = false;
+  if (own && update.read_seq() >= row.info.read_seq) {
+    // Exact counts from the server: read on one device is read on all of the user's devices.
+    info_changed = update.read_seq() != row.info.read_seq || update.unread() != row.info.unread;
+    row.info.read_seq = update.read_seq();
+    row.info.unread = update.unread();
+  }
+  const Seq delivered_before = row.delivered_all_seq;
+  const Seq read_before = row.read_all_seq;
+  row.delivered_all_seq = std::max(row.delivered_all_seq, update.delivered_all_seq());
+  row.read_all_seq = std::max(row.read_all_seq, update.read_all_seq());
+  if (info_changed || row.delivered_all_seq != delivered_before ||
+      row.read_all_seq != read_before) {
+    if (Status st = cache_->PutConversation(row); !st.ok()) ReportError(st);
+  }
+  // The reply to this device's own Receipt tells the application nothing new about members.
+  if (rid == 0 || !own) {
+    ReceiptEvent event;
+    event.conversation_id = update.conversation_id();
+    event.user_id = update.user_id();
+    event.device_id = update.device_id();
+    event.delivered_seq = update.delivered_seq();
+    event.read_seq = update.read_seq();
+    event.delivered_all_seq = update.delivered_all_seq();
+    event.read_all_seq = update.read_all_seq();
+    listener_->OnReceipt(event);
+  }
+  if (row.delivered_all_seq != delivered_before) {
+    listener_->OnMessageStatus(row.info.conversation_id, row.delivered_all_seq,
+                               MessageStatus::kDelivered);
+  }
+  if (row.read_all_seq != read_before) {
+    listener_->OnMessageStatus(row.info.conversation_id, row.read_all_seq, MessageStatus::kRead);
+  }
+  if (info_changed) {
+    listener_->OnConversationUpdated(row.info);
+    ReportUnreadTotal();
+  }
+}
+
+void Session::HandleTypingUpdate(const v1::TypingUpdate& update) {
+  if (update.conversation_id() == 0 || update.user_id().empty()) return;
+  if (!user_id_.empty() && update.user_id() == user_id_) return;
+  auto key = std::make_pair(update.conversation_id(), update.user_id());
+  if (!update.active()) {
+    if (typing_.erase(key) > 0) listener_->OnTyping(key.first, key.second, false);
+    return;
+  }
+  const int64_t show =
+      update.expires_ms() == 0
+          ? kTypingMaxShowMs
+          : std::min<int64_t>(kTypingMaxShowMs, static_cast<int64_t>(update.expires_ms()));
+  auto it = typing_.find(key);
+  if (it != typing_.end()) {
+    it->second = Now() + show;  // a refresh: already shown
+    return;
+  }
+  if (typing_.size() >= kMaxTypingShown) return;
+  typing_.emplace(key, Now() + show);
+  listener_->OnTyping(key.first, key.second, true);
+}
+
+void Session::ExpireTyping() {
+  const int64_t now = Now();
+  for (auto it = typing_.begin(); it != typing_.end();) {
+    if (it->second > now) {
+      ++it;
+      continue;
+    }
+    auto key = it->first;
+    it = typing_.erase(it);
+    listener_->OnTyping(key.first, key.second, false);
+  }
+}
+
+void Session::FlushReceipts() {
+  if (!Authenticated() || receipts_due_.empty()) return;
+  auto due = std::move(receipts_due_);
+  receipts_due_.clear();
+  for (ConversationId id : due) {
+    std::optional<ConversationRow> row = cache_->GetConversation(id);
+    if (!row) continue;
+    v1::Envelope envelope;
+    v1::Receipt* receipt = envelope.mutable_receipt();
+    receipt->set_conversation_id(id);
+    receipt->set_delivered_seq(row->info.delivered_seq);
+    receipt->set_read_seq(row->info.read_seq);
+    WriteQuiet(&envelope);
+    if (!Authenticated()) return;
+  }
+}
+
+void Session::WriteQuiet(v1::Envelope* envelope) {
+  const uint64_t rid = NextRid();
+  envelope->set_rid(rid);
+  if (quiet_rids_.size() >= kMaxQuietRids) quiet_rids_.erase(quiet_rids_.begin());
+  quiet_rids_.insert(rid);
+  Write(*envelope);
+}
+
+void Session::ReportUnreadTotal() {
+  const uint64_t total = cache_->UnreadTotal();
+  if (total == unread_total_) return;
+  unread_total_ = total;
+  listener_->OnUnreadTotal(total);
+}
+
+void Session::ConversationRequest(v1::Envelope request, ConversationCallback callback) {
+  if (phase_ != Phase::kLive && phase_ != Phase::kSyncing) {
+    callback(Unavailable("not connected"));
+    return;
+  }
+  const uint64_t rid = NextRid();
+  request.set_rid(rid);
+  ops_[rid] = PendingOp{std::move(callback), nullptr};
+  Write(request);
+}
+
+void Session::GetReceipts(ConversationId conversation, ReceiptsCallback callback) {
+  if (phase_ != Phase::kLive && phase_ != Phase::kSyncing) {
+    callback(Unavailable("not connected"));
+    return;
+  }
+  v1::Envelope request;
+  const uint64_t rid = NextRid();
+  request.set_rid(rid);
+  request.mutable_get_receipts()->set_conversation_id(conversation);
+  ops_[rid] = PendingOp{nullptr, std::move(callback)};
+  Write(request);
+}
+
+void Session::Subscribe(ConversationId conversation) {
+  if (phase_ == Phase::kClosed) return;
+  subscriptions_.insert(conversation);
+  if (phase_ != Phase::kLive) return;  // sent when the session goes live
+  v1::Envelope envelope;
+  envelope.set_rid(NextRid());
+  envelope.mutable_subscribe()->set_conversation_id(conversation);
+  Write(envelope);
+}
+
+void Session::Unsubscribe(ConversationId conversation) {
+  if (phase_ == Phase::kClosed) return;
+  if (subscriptions_.erase(conversation) == 0 || phase_ != Phase::kLive) return;
+  v1::Envelope envelope;
+  envelope.set_rid(NextRid());
+  envelope.mutable_unsubscribe()->set_conversation_id(conversation);
+  Write(envelope);
+}
+
+void Session::MarkRead(ConversationId conversation, Seq seq) {
+  if (phase_ == Phase::kClosed) return;
+  std::optional<ConversationRow> found = cache_->GetConversation(conversation);
+  if (!found) return;
+  ConversationRow row = std::move(*found);
+  const Seq target = seq == 0 ? row.cursor : std::min(seq, row.cursor);
+  if (target <= row.info.read_seq) return;
+  row.info.read_seq = target;
+  row.info.unread = cache_->CountUnread(conversation, target + 1, row.cursor, user_id_);
+  if (Status st = cache_->PutConversation(row); !st.ok()) {
+    ReportError(st);
+    return;
+  }
+  receipts_due_.insert(conversation);
+  listener_->OnConversationUpdated(row.info);
+  ReportUnreadTotal();
+}
+
+void Session::SetTyping(ConversationId conversation, bool active) {
+  if (phase_ != Phase::kLive) return;
+  auto it = typing_sent_.find(conversation);
+  if (it == typing_sent_.end()) {
+    if (!active) return;  // nothing was said
+    if (typing_sent_.size() >= kMaxTypingShown) typing_sent_.clear();
+    it = typing_sent_.emplace(conversation, TypingSent{}).first;
+  }
+  TypingSent& sent = it->second;
+  if (active == sent.active && (!active || Now() - sent.at < kTypingRefreshMs)) return;
+  sent.active = active;
+  sent.at = Now();
+  v1::Envelope envelope;
+  envelope.mutable_typing()->set_conversation_id(conversation);
+  envelope.mutable_typing()->set_active(active);
+  WriteQuiet(&envelope);
 }
 
 void Session::History(ConversationId conversation, Seq before_seq, uint32_t limit,

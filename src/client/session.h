@@ -25,6 +25,7 @@
 #include <set>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "chat/client.h"
@@ -62,6 +63,12 @@ struct SessionOptions {
 inline constexpr uint32_t kDefaultHeartbeatMs = 30'000;
 // A Send refused with a retryable code is tried again after at least this long.
 inline constexpr int64_t kOutboxRetryMinMs = 1'000;
+// Typing indicators: shown at most this long unless refreshed (also when the server says more),
+// and at most this many at once (further ones are ignored until some expire).
+inline constexpr int64_t kTypingMaxShowMs = 6'000;
+inline constexpr size_t kMaxTypingShown = 1'000;
+// Receipt/Typing requests whose errors are recognised (older ones are forgotten).
+inline constexpr size_t kMaxQuietRids = 1'024;
 
 class Session {
  public:
@@ -93,6 +100,19 @@ class Session {
                HistoryCallback callback);
   void Reconnect();
 
+  // --- Groups, channels, receipts, typing ---
+  // Sends `request` (a group operation; its rid is set here) and calls `callback` once with the
+  // ConversationUpdate reply, the server's error, or Unavailable when not connected or the
+  // connection is lost first.
+  void ConversationRequest(v1::Envelope request, ConversationCallback callback);
+  void GetReceipts(ConversationId conversation, ReceiptsCallback callback);
+  // Remembered and (re-)sent whenever the session goes live.
+  void Subscribe(ConversationId conversation);
+  void Unsubscribe(ConversationId conversation);
+  // Moves the read watermark forward (0: up to the cursor) and schedules a Receipt.
+  void MarkRead(ConversationId conversation, Seq seq);
+  void SetTyping(ConversationId conversation, bool active);
+
   ConnectionState state() const;
   // The attempt number the next reconnect delay is computed from (tests).
   uint32_t attempt() const { return attempt_; }
@@ -121,7 +141,21 @@ class Session {
   void HandleSendAck(const v1::Envelope& envelope);
   void HandleSyncBatch(const v1::SyncBatch& batch);
   void HandleHistoryPage(uint64_t rid, const v1::HistoryPage& page);
-  void HandleConversationUpdate(const v1::ConversationState& state);
+  // Applies a conversation's state from the server; returns what the application is told.
+  ConversationInfo HandleConversationUpdate(const v1::ConversationState& state);
+  void HandleReceiptUpdate(uint64_t rid, const v1::ReceiptUpdate& update);
+  void HandleTypingUpdate(const v1::TypingUpdate& update);
+  // Takes the server's state of a conversation, keeping local watermarks that are ahead of it
+  // (a Receipt not yet answered).
+  void MergeState(ConversationRow* row, const v1::ConversationState& state);
+  // Updates the cached title, membership and role from a system message.
+  void ApplySystemEvent(ConversationInfo* info, const v1::Message& message) const;
+  // Sends one Receipt per conversation whose watermarks moved since the last flush.
+  void FlushReceipts();
+  void ExpireTyping();
+  void ReportUnreadTotal();
+  // Sends a request whose reply nobody waits for; its error is only logged.
+  void WriteQuiet(v1::Envelope* envelope);
 
   // Stores committed messages and gives every conversation's next seqs to the application.
   void Ingest(const std::vector<const v1::Message*>& messages, bool from_sync);
@@ -177,6 +211,22 @@ class Session {
   int64_t send_tokens_at_ = 0;
 
   std::map<uint64_t, PendingHistory> histories_;
+
+  struct PendingOp {
+    ConversationCallback conversation;
+    ReceiptsCallback receipts;
+  };
+  std::map<uint64_t, PendingOp> ops_;       // rid -> callback; failed when the link drops
+  std::set<uint64_t> quiet_rids_;           // Receipt and Typing requests (bounded)
+  std::set<ConversationId> receipts_due_;   // watermarks moved, Receipt not sent yet
+  std::set<ConversationId> subscriptions_;  // channels to Subscribe after every connect
+  std::map<std::pair<ConversationId, UserId>, int64_t> typing_;  // -> monotonic expiry
+  struct TypingSent {
+    bool active = false;
+    int64_t at = 0;
+  };
+  std::map<ConversationId, TypingSent> typing_sent_;
+  uint64_t unread_total_ = 0;  // last value reported by OnUnreadTotal
 };
 
 }  // namespace chat::client

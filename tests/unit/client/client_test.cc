@@ -272,5 +272,76 @@ TEST_CASE("client: Close() from inside a callback returns and stops the callback
   client.reset();  // joins the loop thread
 }
 
+TEST_CASE("client: group operations validate their arguments and never call back on error") {
+  auto client = Client::Open(Offline()).value();
+  int calls = 0;
+  auto cb = [&](Result<ConversationInfo>) { ++calls; };
+  Status st = client->CreateGroup("", {"bob"}, ConversationKind::kGroup, cb);
+  CHECK(st.code() == Code::kInvalidArgument);
+  CHECK(st.message().find("title") != std::string_view::npos);
+  st = client->CreateGroup("team", {"bob"}, ConversationKind::kDirect, cb);
+  CHECK(st.code() == Code::kInvalidArgument);
+  CHECK(st.message().find("kind") != std::string_view::npos);
+  st = client->CreateGroup("team", {""}, ConversationKind::kGroup, cb);
+  CHECK(st.message().find("members") != std::string_view::npos);
+  CHECK(client->CreateGroup("team", {"bob"}, ConversationKind::kGroup, nullptr).code() ==
+        Code::kInvalidArgument);
+  CHECK(client->RenameGroup(0, "x", cb).code() == Code::kInvalidArgument);
+  CHECK(client->RenameGroup(5, "", cb).code() == Code::kInvalidArgument);
+  st = client->AddMembers(5, {}, cb);
+  CHECK(st.code() == Code::kInvalidArgument);
+  CHECK(st.message().find("users") != std::string_view::npos);
+  CHECK(client->RemoveMembers(0, {"bob"}, cb).code() == Code::kInvalidArgument);
+  CHECK(client->Leave(0, cb).code() == Code::kInvalidArgument);
+  CHECK(client->SetRole(5, "", Role::kAdmin, cb).code() == Code::kInvalidArgument);
+  CHECK(client->SetRole(5, "bob", Role::kUnspecified, cb).code() == Code::kInvalidArgument);
+  CHECK(client->GetReceipts(0, [](Result<std::vector<MemberReceipt>>) {}).code() ==
+        Code::kInvalidArgument);
+  CHECK(client->GetReceipts(5, nullptr).code() == Code::kInvalidArgument);
+  CHECK(client->Subscribe(0).code() == Code::kInvalidArgument);
+  CHECK(client->MarkRead(0).code() == Code::kInvalidArgument);
+  CHECK(client->SetTyping(0, true).code() == Code::kInvalidArgument);
+  CHECK(client->MessageStatusOf(5, 1).status().code() == Code::kNotFound);
+  CHECK(client->MessageStatusOf(5, 0).status().code() == Code::kInvalidArgument);
+  CHECK(client->UnreadTotal().value() == 0);
+  REQUIRE(client->Poll(0).ok());
+  CHECK(calls == 0);
+
+  client->Close();
+  CHECK(client->Leave(5, cb).code() == Code::kFailedPrecondition);
+  CHECK(client->MarkRead(5).code() == Code::kFailedPrecondition);
+  CHECK(client->SetTyping(5, true).code() == Code::kFailedPrecondition);
+  CHECK(client->Subscribe(5).code() == Code::kFailedPrecondition);
+  CHECK(client->UnreadTotal().status().code() == Code::kFailedPrecondition);
+}
+
+TEST_CASE("client: offline, a group operation is answered Unavailable on the loop") {
+  auto client = Client::Open(Offline()).value();
+  int calls = 0;
+  Status got;
+  REQUIRE(client
+              ->CreateGroup("team", {"bob", "carol"}, ConversationKind::kChannel,
+                            [&](Result<ConversationInfo> r) {
+                              ++calls;
+                              got = r.status();
+                            })
+              .ok());
+  CHECK(calls == 0);
+  REQUIRE(client->Poll(0).ok());
+  CHECK(calls == 1);
+  CHECK(got.code() == Code::kUnavailable);
+}
+
+TEST_CASE("client: channel subscriptions are bounded") {
+  auto client = Client::Open(Offline()).value();
+  for (ConversationId id = 1; id <= kMaxChannelSubscriptions; ++id) {
+    REQUIRE(client->Subscribe(id).ok());
+  }
+  CHECK(client->Subscribe(kMaxChannelSubscriptions + 1).code() == Code::kResourceExhausted);
+  CHECK(client->Subscribe(1).ok());  // already subscribed
+  CHECK(client->Unsubscribe(1).ok());
+  CHECK(client->Subscribe(kMaxChannelSubscriptions + 1).ok());
+}
+
 }  // namespace
 }  // namespace chat

@@ -41,6 +41,15 @@ class Recorder : public ClientListener {
     conversations.push_back(info);
   }
   void OnError(const Status& status) override { errors.push_back(status); }
+  void OnTyping(ConversationId conversation, const UserId& user, bool active) override {
+    typing.push_back(std::to_string(conversation) + ":" + user + ":" + (active ? "on" : "off"));
+  }
+  void OnReceipt(const ReceiptEvent& event) override { receipts.push_back(event); }
+  void OnMessageStatus(ConversationId conversation, Seq up_to_seq, MessageStatus status) override {
+    statuses.push_back(std::to_string(conversation) + ":" + std::to_string(up_to_seq) + ":" +
+                       (status == MessageStatus::kRead ? "read" : "delivered"));
+  }
+  void OnUnreadTotal(uint64_t total) override { unread_totals.push_back(total); }
 
   std::vector<Seq> SentSeqs(ConversationId conversation) const {
     std::vector<Seq> out;
@@ -56,6 +65,10 @@ class Recorder : public ClientListener {
   std::vector<MessageEvent> messages;
   std::vector<ConversationInfo> conversations;
   std::vector<Status> errors;
+  std::vector<std::string> typing;
+  std::vector<ReceiptEvent> receipts;
+  std::vector<std::string> statuses;
+  std::vector<uint64_t> unread_totals;
 };
 
 constexpr uint64_t kRandom = 999'999'999'999;
@@ -715,6 +728,480 @@ TEST_CASE("session: after Stop nothing is written or reported") {
   CHECK(h.io.Take().empty());
   CHECK(h.listener.messages.empty());
   CHECK(h.listener.states.size() == states);
+}
+
+// --- Groups, channels, receipts, unread counts, typing ---
+
+v1::ConversationState GroupState(ConversationId id, Seq last_seq, uint64_t unread,
+                                 const std::string& title = "team") {
+  v1::ConversationState state;
+  state.set_conversation_id(id);
+  state.set_kind(v1::CONVERSATION_KIND_GROUP);
+  state.set_title(title);
+  state.set_last_seq(last_seq);
+  state.set_unread(unread);
+  state.set_role(v1::ROLE_ADMIN);
+  state.set_member_count(3);
+  return state;
+}
+
+std::vector<v1::Envelope> OfCase(const std::vector<v1::Envelope>& all,
+                                 v1::Envelope::BodyCase body) {
+  std::vector<v1::Envelope> out;
+  for (const auto& e : all) {
+    if (e.body_case() == body) out.push_back(e);
+  }
+  return out;
+}
+
+// Live, with group 5 holding bob's messages 1..3, all unread.
+void ConnectWithGroup(Harness& h) {
+  v1::Envelope sync = h.Welcome();
+  v1::SyncBatch batch;
+  *batch.add_conversations() = GroupState(5, 3, 3);
+  for (Seq seq = 1; seq <= 3; ++seq) *batch.add_messages() = Msg(5, seq);
+  batch.set_unread_total(3);
+  h.Reply(sync, batch);
+  REQUIRE(h.state() == ConnectionState::kConnected);
+}
+
+v1::Envelope ReceiptUpdateFor(ConversationId conversation, const std::string& user,
+                              Seq delivered_all, Seq read_all) {
+  v1::Envelope e;
+  v1::ReceiptUpdate* u = e.mutable_receipt_update();
+  u->set_conversation_id(conversation);
+  u->set_user_id(user);
+  u->set_device_id("phone");
+  u->set_delivered_seq(delivered_all);
+  u->set_read_seq(read_all);
+  u->set_delivered_all_seq(delivered_all);
+  u->set_read_all_seq(read_all);
+  return e;
+}
+
+TEST_CASE("session: delivered receipts are coalesced to one per conversation per tick") {
+  Harness h;
+  ConnectWithGroup(h);
+  h.session->Tick();
+  auto first = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  REQUIRE(first.size() == 1);  // the synced messages reached the application
+  CHECK(first[0].receipt().conversation_id() == 5);
+  CHECK(first[0].receipt().delivered_seq() == 3);
+  CHECK(first[0].receipt().read_seq() == 0);
+
+  h.Deliver(Msg(5, 4));
+  h.Deliver(Msg(5, 5));
+  h.Deliver(Msg(5, 6));
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());  // not before the tick
+  CHECK(h.session->NextDeadlineMs() <= h.Now());
+  h.session->Tick();
+  auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  REQUIRE(receipts.size() == 1);
+  CHECK(receipts[0].receipt().delivered_seq() == 6);
+  h.session->Tick();
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());
+
+  // This user's own messages need no delivered receipt.
+  h.Deliver(Msg(5, 7, "alice"));
+  h.session->Tick();
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());
+  CHECK(h.cache->GetConversation(5)->info.delivered_seq == 6);
+}
+
+TEST_CASE("session: MarkRead sends read_seq, updates unread and the total, never moves back") {
+  Harness h;
+  ConnectWithGroup(h);
+  CHECK(h.listener.unread_totals == std::vector<uint64_t>{3});
+  h.session->Tick();
+  h.io.Take();
+
+  h.listener.conversations.clear();
+  h.session->MarkRead(5, 2);
+  REQUIRE(h.listener.conversations.size() == 1);
+  CHECK(h.listener.conversations[0].read_seq == 2);
+  CHECK(h.listener.conversations[0].unread == 1);
+  CHECK(h.listener.unread_totals == std::vector<uint64_t>{3, 1});
+  h.session->Tick();
+  auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  REQUIRE(receipts.size() == 1);
+  CHECK(receipts[0].receipt().read_seq() == 2);
+  CHECK(receipts[0].receipt().delivered_seq() == 3);
+
+  // Backward and equal moves do nothing.
+  h.session->MarkRead(5, 1);
+  h.session->MarkRead(5, 2);
+  h.session->Tick();
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());
+  CHECK(h.listener.conversations.size() == 1);
+
+  // Beyond the newest message given to the application it is capped there; 0 means all.
+  h.session->MarkRead(5, 99);
+  CHECK(h.cache->GetConversation(5)->info.read_seq == 3);
+  CHECK(h.cache->GetConversation(5)->info.unread == 0);
+  CHECK(h.listener.unread_totals.back() == 0);
+
+  // Unknown conversations are ignored.
+  h.session->MarkRead(77, 1);
+  h.session->Tick();
+  auto last = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  REQUIRE(last.size() == 1);
+  CHECK(last[0].receipt().conversation_id() == 5);
+  CHECK(last[0].receipt().read_seq() == 3);
+}
+
+TEST_CASE("session: a new message from another member counts as unread, own ones do not") {
+  Harness h;
+  ConnectWithGroup(h);
+  h.Deliver(Msg(5, 4));
+  CHECK(h.cache->GetConversation(5)->info.unread == 4);
+  CHECK(h.listener.unread_totals.back() == 4);
+  h.Deliver(Msg(5, 5, "alice"));
+  CHECK(h.cache->GetConversation(5)->info.unread == 4);
+}
+
+TEST_CASE("session: a read receipt from another of the user's devices sets read_seq and unread") {
+  Harness h;
+  ConnectWithGroup(h);
+  h.listener.conversations.clear();
+  v1::Envelope update = ReceiptUpdateFor(5, "alice", 3, 0);
+  update.mutable_receipt_update()->set_read_seq(2);
+  update.mutable_receipt_update()->set_unread(1);
+  update.mutable_receipt_update()->set_unread_total(1);
+  h.session->OnEnvelope(update);
+  REQUIRE(h.listener.conversations.size() == 1);
+  CHECK(h.listener.conversations[0].read_seq == 2);
+  CHECK(h.listener.conversations[0].unread == 1);
+  CHECK(h.listener.unread_totals.back() == 1);
+  REQUIRE(h.listener.receipts.size() == 1);
+  CHECK(h.listener.receipts[0].user_id == "alice");
+
+  // An older watermark (a late update) does not move it back.
+  update.mutable_receipt_update()->set_read_seq(1);
+  update.mutable_receipt_update()->set_unread(2);
+  h.session->OnEnvelope(update);
+  CHECK(h.cache->GetConversation(5)->info.read_seq == 2);
+  CHECK(h.cache->GetConversation(5)->info.unread == 1);
+  CHECK(h.listener.conversations.size() == 1);
+}
+
+TEST_CASE("session: others' receipts move own messages to delivered, then read") {
+  Harness h;
+  ConnectWithGroup(h);
+  h.AddOutbox("cmid-0000000000000001");
+  auto sends = OfCase(h.io.Take(), v1::Envelope::kSend);
+  REQUIRE(sends.size() == 1);
+  h.session->OnEnvelope(AckFor(sends[0], 4));
+
+  h.session->OnEnvelope(ReceiptUpdateFor(5, "bob", 4, 0));
+  CHECK(h.listener.statuses == std::vector<std::string>{"5:4:delivered"});
+  CHECK(h.cache->GetConversation(5)->delivered_all_seq == 4);
+  CHECK(h.cache->GetConversation(5)->read_all_seq == 0);
+  REQUIRE(h.listener.receipts.size() == 1);
+  CHECK(h.listener.receipts[0].user_id == "bob");
+  CHECK(h.listener.receipts[0].delivered_all_seq == 4);
+
+  h.session->OnEnvelope(ReceiptUpdateFor(5, "carol", 4, 4));
+  CHECK(h.listener.statuses == std::vector<std::string>{"5:4:delivered", "5:4:read"});
+  CHECK(h.cache->GetConversation(5)->read_all_seq == 4);
+
+  // Watermarks never move back, and a repeat reports no status.
+  h.session->OnEnvelope(ReceiptUpdateFor(5, "bob", 2, 1));
+  CHECK(h.listener.statuses.size() == 2);
+  CHECK(h.cache->GetConversation(5)->delivered_all_seq == 4);
+  CHECK(h.cache->GetConversation(5)->read_all_seq == 4);
+
+  // A conversation not in the cache is ignored.
+  h.session->OnEnvelope(ReceiptUpdateFor(99, "bob", 4, 4));
+  CHECK(h.listener.statuses.size() == 2);
+  CHECK(!h.cache->GetConversation(99));
+}
+
+TEST_CASE("session: the reply to this device's own Receipt updates unread without OnReceipt") {
+  Harness h;
+  ConnectWithGroup(h);
+  h.session->MarkRead(5, 3);
+  h.session->Tick();
+  auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  REQUIRE(receipts.size() == 1);
+  v1::Envelope reply = ReceiptUpdateFor(5, "alice", 3, 3);
+  reply.set_rid(receipts[0].rid());
+  h.session->OnEnvelope(reply);
+  CHECK(h.listener.receipts.empty());
+  CHECK(h.cache->GetConversation(5)->info.unread == 0);
+}
+
+TEST_CASE("session: a refused receipt is logged, not reported as an error") {
+  Harness h;
+  ConnectWithGroup(h);
+  h.session->Tick();
+  auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  REQUIRE(receipts.size() == 1);
+  v1::Envelope error;
+  error.set_rid(receipts[0].rid());
+  error.mutable_error()->set_code(v1::Error::FAILED_PRECONDITION);
+  error.mutable_error()->set_message("receipt is not supported by this server yet");
+  h.session->OnEnvelope(error);
+  CHECK(h.listener.errors.empty());
+  CHECK(h.state() == ConnectionState::kConnected);
+}
+
+TEST_CASE("session: the synced state keeps a read watermark the server has not seen yet") {
+  Harness h;
+  ConnectWithGroup(h);
+  h.session->MarkRead(5, 3);
+  h.session->OnClosed(1006, "abnormal");  // before the Receipt went out
+  v1::Envelope sync = h.Welcome();
+  v1::SyncBatch batch;
+  *batch.add_conversations() = GroupState(5, 3, 3);
+  h.Reply(sync, batch);
+  CHECK(h.cache->GetConversation(5)->info.read_seq == 3);
+  CHECK(h.cache->GetConversation(5)->info.unread == 0);
+  h.session->Tick();
+  auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  REQUIRE(receipts.size() == 1);
+  CHECK(receipts[0].receipt().read_seq() == 3);
+}
+
+v1::Envelope TypingFor(ConversationId conversation, const std::string& user, bool active,
+                       uint32_t expires_ms) {
+  v1::Envelope e;
+  e.mutable_typing_update()->set_conversation_id(conversation);
+  e.mutable_typing_update()->set_user_id(user);
+  e.mutable_typing_update()->set_active(active);
+  e.mutable_typing_update()->set_expires_ms(expires_ms);
+  return e;
+}
+
+TEST_CASE("session: typing is shown, refreshed, and expires by itself after expires_ms") {
+  Harness h;
+  ConnectWithGroup(h);
+  h.session->OnEnvelope(TypingFor(5, "bob", true, 5'000));
+  CHECK(h.listener.typing == std::vector<std::string>{"5:bob:on"});
+  CHECK(h.session->NextDeadlineMs() <= h.Now() + 5'000);
+  h.clock->Advance(4'000);
+  h.session->OnEnvelope(TypingFor(5, "bob", true, 5'000));  // refresh: not reported again
+  h.clock->Advance(4'999);
+  h.session->Tick();
+  CHECK(h.listener.typing.size() == 1);
+  h.clock->Advance(1);
+  h.session->Tick();
+  CHECK(h.listener.typing == std::vector<std::string>{"5:bob:on", "5:bob:off"});
+
+  // An explicit stop, and a server expiry beyond 6 s is capped at 6 s.
+  h.session->OnEnvelope(TypingFor(5, "carol", true, 60'000));
+  h.session->OnEnvelope(TypingFor(5, "carol", false, 0));
+  h.session->OnEnvelope(TypingFor(5, "dave", true, 60'000));
+  h.clock->Advance(6'000);
+  h.session->Tick();
+  CHECK(h.listener.typing == std::vector<std::string>{"5:bob:on", "5:bob:off", "5:carol:on",
+                                                      "5:carol:off", "5:dave:on", "5:dave:off"});
+}
+
+TEST_CASE("session: typing indicators end when the connection is lost") {
+  Harness h;
+  ConnectWithGroup(h);
+  h.session->OnEnvelope(TypingFor(5, "bob", true, 6'000));
+  h.session->OnEnvelope(TypingFor(5, "alice", true, 6'000));  // this user: not shown
+  h.session->OnClosed(1006, "abnormal");
+  CHECK(h.listener.typing == std::vector<std::string>{"5:bob:on", "5:bob:off"});
+}
+
+TEST_CASE("session: SetTyping sends a start, refreshes at most every 3 s, and a stop") {
+  Harness h;
+  ConnectWithGroup(h);
+  h.io.Take();
+  h.session->SetTyping(5, false);  // nothing to stop
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kTyping).empty());
+  h.session->SetTyping(5, true);
+  h.session->SetTyping(5, true);
+  h.clock->Advance(kTypingRefreshMs - 1);
+  h.session->SetTyping(5, true);
+  auto typing = OfCase(h.io.Take(), v1::Envelope::kTyping);
+  REQUIRE(typing.size() == 1);
+  CHECK(typing[0].typing().conversation_id() == 5);
+  CHECK(typing[0].typing().active());
+  h.clock->Advance(1);
+  h.session->SetTyping(5, true);
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kTyping).size() == 1);
+  h.session->SetTyping(5, false);
+  typing = OfCase(h.io.Take(), v1::Envelope::kTyping);
+  REQUIRE(typing.size() == 1);
+  CHECK(!typing[0].typing().active());
+
+  // Offline it is dropped.
+  h.session->OnClosed(1006, "abnormal");
+  h.session->SetTyping(5, true);
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kTyping).empty());
+}
+
+TEST_CASE("session: a group operation calls back with the new state and caches it") {
+  Harness h;
+  h.ConnectLive();
+  Result<ConversationInfo> got = Internal("not called");
+  int calls = 0;
+  v1::Envelope request;
+  request.mutable_create_group()->set_kind(v1::CONVERSATION_KIND_GROUP);
+  request.mutable_create_group()->set_title("team");
+  request.mutable_create_group()->add_members("bob");
+  h.session->ConversationRequest(request, [&](Result<ConversationInfo> r) {
+    ++calls;
+    got = std::move(r);
+  });
+  auto written = OfCase(h.io.Take(), v1::Envelope::kCreateGroup);
+  REQUIRE(written.size() == 1);
+  CHECK(written[0].rid() != 0);
+  CHECK(written[0].create_group().title() == "team");
+  CHECK(calls == 0);
+
+  v1::Envelope reply;
+  reply.set_rid(written[0].rid());
+  *reply.mutable_conversation_update()->mutable_conversation() = GroupState(9, 1, 0);
+  h.session->OnEnvelope(reply);
+  REQUIRE(calls == 1);
+  REQUIRE(got.ok());
+  CHECK(got->conversation_id == 9);
+  CHECK(got->kind == ConversationKind::kGroup);
+  CHECK(got->title == "team");
+  CHECK(got->role == Role::kAdmin);
+  REQUIRE(h.cache->GetConversation(9));
+  CHECK(h.cache->GetConversation(9)->info.title == "team");
+  // The created system message (seq 1) is fetched.
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kSync).size() == 1);
+  h.session->OnEnvelope(reply);  // a second reply with the same rid calls nobody
+  CHECK(calls == 1);
+}
+
+TEST_CASE("session: a refused group operation calls back with the server's error") {
+  Harness h;
+  h.ConnectLive();
+  Status got;
+  int calls = 0;
+  v1::Envelope request;
+  request.mutable_rename_group()->set_conversation_id(5);
+  request.mutable_rename_group()->set_title("new");
+  h.session->ConversationRequest(request, [&](Result<ConversationInfo> r) {
+    ++calls;
+    got = r.status();
+  });
+  auto written = OfCase(h.io.Take(), v1::Envelope::kRenameGroup);
+  REQUIRE(written.size() == 1);
+  v1::Envelope error;
+  error.set_rid(written[0].rid());
+  error.mutable_error()->set_code(v1::Error::PERMISSION_DENIED);
+  error.mutable_error()->set_message("only admins may rename");
+  h.session->OnEnvelope(error);
+  CHECK(calls == 1);
+  CHECK(got.code() == Code::kPermissionDenied);
+  CHECK(h.listener.errors.empty());
+}
+
+TEST_CASE("session: group operations and GetReceipts fail Unavailable offline and on a lost link") {
+  Harness h;
+  Status offline;
+  v1::Envelope leave;
+  leave.mutable_leave()->set_conversation_id(5);
+  h.session->ConversationRequest(leave, [&](Result<ConversationInfo> r) { offline = r.status(); });
+  CHECK(offline.code() == Code::kUnavailable);
+  CHECK(h.io.Take().empty());
+
+  h.ConnectLive();
+  Status lost_op;
+  Status lost_receipts;
+  h.session->ConversationRequest(leave, [&](Result<ConversationInfo> r) { lost_op = r.status(); });
+  h.session->GetReceipts(5,
+                         [&](Result<std::vector<MemberReceipt>> r) { lost_receipts = r.status(); });
+  CHECK(lost_op.ok());
+  h.session->OnClosed(1006, "abnormal");
+  CHECK(lost_op.code() == Code::kUnavailable);
+  CHECK(lost_receipts.code() == Code::kUnavailable);
+}
+
+TEST_CASE("session: GetReceipts returns every member's watermarks") {
+  Harness h;
+  h.ConnectLive();
+  Result<std::vector<MemberReceipt>> got = Internal("not called");
+  h.session->GetReceipts(5, [&](Result<std::vector<MemberReceipt>> r) { got = std::move(r); });
+  auto written = OfCase(h.io.Take(), v1::Envelope::kGetReceipts);
+  REQUIRE(written.size() == 1);
+  CHECK(written[0].get_receipts().conversation_id() == 5);
+  v1::Envelope page;
+  page.set_rid(written[0].rid());
+  page.mutable_receipts_page()->set_conversation_id(5);
+  v1::MemberReceipt* bob = page.mutable_receipts_page()->add_members();
+  bob->set_user_id("bob");
+  bob->set_delivered_seq(7);
+  bob->set_read_seq(4);
+  bob->set_role(v1::ROLE_ADMIN);
+  h.session->OnEnvelope(page);
+  REQUIRE(got.ok());
+  REQUIRE(got->size() == 1);
+  CHECK((*got)[0].user_id == "bob");
+  CHECK((*got)[0].delivered_seq == 7);
+  CHECK((*got)[0].read_seq == 4);
+  CHECK((*got)[0].role == Role::kAdmin);
+}
+
+v1::Message SystemMsg(ConversationId conversation, Seq seq, v1::SystemEvent::Type type,
+                      std::vector<std::string> users, const std::string& title = "") {
+  v1::Message m = Msg(conversation, seq, "bob");
+  m.set_kind(v1::MESSAGE_KIND_SYSTEM);
+  m.clear_body();
+  m.clear_content_type();
+  m.mutable_system()->set_type(type);
+  m.mutable_system()->set_actor("bob");
+  for (auto& u : users) m.mutable_system()->add_users(u);
+  m.mutable_system()->set_title(title);
+  return m;
+}
+
+TEST_CASE("session: system messages update title and membership and reach the app as system") {
+  Harness h;
+  ConnectWithGroup(h);  // member_count 3, unread 3
+  h.listener.messages.clear();
+  h.Deliver(SystemMsg(5, 4, v1::SystemEvent::TYPE_RENAMED, {}, "renamed"));
+  h.Deliver(SystemMsg(5, 5, v1::SystemEvent::TYPE_MEMBERS_ADDED, {"dave", "erin"}));
+  h.Deliver(SystemMsg(5, 6, v1::SystemEvent::TYPE_MEMBERS_REMOVED, {"erin"}));
+  ConversationRow row = *h.cache->GetConversation(5);
+  CHECK(row.info.title == "renamed");
+  CHECK(row.info.member_count == 4);
+  CHECK(row.info.removed_at_seq == 0);
+  CHECK(row.info.unread == 3);  // system messages are not unread
+  REQUIRE(h.listener.messages.size() == 3);
+  CHECK(h.listener.messages[0].message.kind == MessageKind::kSystem);
+  CHECK(h.listener.messages[0].message.system.type == SystemEvent::Type::kRenamed);
+  CHECK(h.listener.messages[0].message.system.title == "renamed");
+  CHECK(h.listener.messages[1].message.system.users == std::vector<UserId>{"dave", "erin"});
+  CHECK(h.listener.conversations.back().title == "renamed");
+
+  h.Deliver(SystemMsg(5, 7, v1::SystemEvent::TYPE_MEMBERS_REMOVED, {"alice"}));
+  CHECK(h.cache->GetConversation(5)->info.removed_at_seq == 7);
+  CHECK(h.cache->GetConversation(5)->info.member_count == 3);
+}
+
+TEST_CASE("session: channel subscriptions are sent when live and again after a reconnect") {
+  Harness h;
+  h.session->Start();
+  h.session->Subscribe(8);  // offline: remembered
+  CHECK(h.io.Take().empty());
+  h.ConnectLive();
+  auto subs = OfCase(h.io.Take(), v1::Envelope::kSubscribe);
+  REQUIRE(subs.size() == 1);
+  CHECK(subs[0].subscribe().conversation_id() == 8);
+
+  h.session->Subscribe(9);
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kSubscribe).size() == 1);
+  h.session->Unsubscribe(8);
+  auto unsubs = OfCase(h.io.Take(), v1::Envelope::kUnsubscribe);
+  REQUIRE(unsubs.size() == 1);
+  CHECK(unsubs[0].unsubscribe().conversation_id() == 8);
+  h.session->Unsubscribe(8);  // not subscribed: nothing sent
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kUnsubscribe).empty());
+
+  h.session->OnClosed(1006, "abnormal");
+  h.ConnectLive();
+  subs = OfCase(h.io.Take(), v1::Envelope::kSubscribe);
+  REQUIRE(subs.size() == 1);
+  CHECK(subs[0].subscribe().conversation_id() == 9);
 }
 
 }  // namespace
