@@ -147,6 +147,30 @@ run_bench() {
   record "$file" "$durability" "chat-bench $*" "$rc" "$TMP/$file.raw"
 }
 
+# Like run_bench, but with PROCESSES generators at once, each with its share of the connections:
+# libwebsockets' poll(2) loop costs time linear in the descriptors per process, so one process
+# with 10,000 connections limits the handshake rate (docs/performance.md).
+# run_connect_split FILE PROCESSES CONNECTIONS -- ARGS...
+run_connect_split() {
+  local file=$1 processes=$2 connections=$3
+  shift 4
+  start_chatd "$file" --synchronous full
+  local share=$((connections / processes)) pids=() rc=0 raws=()
+  echo "== $file (full): $processes x chat-bench --workload connect --connections $share ${*}"
+  for i in $(seq 1 "$processes"); do
+    "${PIN_GEN[@]}" "$BENCH" --workload connect --port "$PORT" --secret-file "$TMP/secret" \
+      --server-pid "$CHATD_PID" --label "$file-$i" --connections "$share" "$@" \
+      >"$TMP/$file.$i.raw" 2>"$TMP/$file.$i.err" &
+    pids+=($!)
+    raws+=("$TMP/$file.$i.raw")
+  done
+  for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done
+  stop_chatd
+  python3 "$ROOT/bench/table.py" --merge-connect "$TMP/$file.raw" "${raws[@]}" || true
+  record "$file" full "$processes x chat-bench --workload connect --connections $share $*" \
+    "$rc" "$TMP/$file.raw"
+}
+
 run_floor() {
   local trips=$1
   : >"$TMP/echo.out"
@@ -178,7 +202,9 @@ for w in "${WORKLOADS[@]}"; do
         run_bench direct-normal normal -- --workload direct --pairs 20 --rates 200,400 --step-seconds 1 --timeout 30 ;;
       idle) run_bench idle full -- --workload idle --connections 100 --hold 1 --timeout 30 ;;
       sync) run_bench sync full -- --workload sync --conversations 10 --messages 500 --rate 2000 --timeout 30 ;;
-      connect) run_bench connect full -- --workload connect --connections 100 --timeout 30 ;;
+      connect)
+        run_bench connect full -- --workload connect --connections 100 --timeout 30
+        run_connect_split connect-split 2 100 -- --max-connecting 32 --timeout 30 ;;
       storm) run_bench storm full -- --workload storm --connections 100 --per-client 2 --timeout 30 ;;
     esac
   else
@@ -191,7 +217,9 @@ for w in "${WORKLOADS[@]}"; do
         run_bench direct-normal normal -- --workload direct --pairs 500 --rates $rates --step-seconds 5 ;;
       idle) run_bench idle full -- --workload idle --connections 10000 --hold 3 --max-connecting 512 ;;
       sync) run_bench sync full -- --workload sync --conversations 100 --messages 10000 --rate 20000 ;;
-      connect) run_bench connect full -- --workload connect --connections 10000 --max-connecting 512 ;;
+      connect)
+        run_bench connect full -- --workload connect --connections 10000 --max-connecting 512
+        run_connect_split connect-split 4 10000 -- --max-connecting 128 ;;
       storm) run_bench storm full -- --workload storm --connections 10000 --per-client 1 --max-connecting 512 ;;
     esac
   fi

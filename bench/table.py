@@ -4,6 +4,7 @@
     table.py RESULTS_DIR                 one markdown table of every <workload>.json
     table.py --plot-data RESULTS_DIR     offered rate, p50, p99, p99.9 (ms) of direct and
                                          direct-normal, as two gnuplot data blocks
+    table.py --merge-connect OUT RAW...  one connect result from several generator processes
     table.py --record RAW OUT KEY=VALUE...
                                          writes chat-bench's JSON object RAW to OUT with the
                                          run's context added; exits 1 if RAW is not an object
@@ -12,7 +13,8 @@ import json
 import os
 import sys
 
-ORDER = ["floor", "latency", "direct", "direct-normal", "idle", "sync", "connect", "storm"]
+ORDER = ["floor", "latency", "direct", "direct-normal", "idle", "sync", "connect", "connect-split",
+         "storm"]
 TARGETS = {
     "floor": "(floor, no target)",
     "latency": "p99 < 5 ms at 5,000 msg/s",
@@ -21,6 +23,7 @@ TARGETS = {
     "idle": "<= 2 KB user space per connection",
     "sync": "< 200 ms for 10,000 messages in 100 conversations",
     "connect": ">= 10,000 handshakes/s (ws)",
+    "connect-split": ">= 10,000 handshakes/s (ws)",
     "storm": "10,000 clients: < 10 s, 0 lost",
 }
 
@@ -32,6 +35,8 @@ def lat(h):
 
 def headline(r):
     w = r["workload"]
+    if "per_process" in r:
+        w = "connect"
     if w == "floor":
         return "TCP round trip " + lat(r["round_trip"])
     if w == "latency":
@@ -54,8 +59,9 @@ def headline(r):
             r["messages"], r["conversations"], r.get("reconnect_to_synced_ms", -1),
             r.get("welcome_to_synced_ms", -1), r.get("sync_pages", 0))
     if w == "connect":
-        return "%d conns: %.0f handshakes/s (%.0f us server CPU each); connect -> welcome %s" % (
-            r["connections"], r["handshakes_per_s"], r.get("server_cpu_us_per_handshake", -1),
+        return "%d conns from %d process(es): %.0f handshakes/s (%.0f us server CPU each); connect -> welcome %s" % (
+            r["connections"], r.get("processes", 1), r["handshakes_per_s"],
+            r.get("server_cpu_us_per_handshake", -1),
             lat(r["connect_to_welcome"]))
     if w == "storm":
         return "%d clients: reconnect -> all synced %.0f ms (server CPU %.1f s); server peak RSS %d KB" % (
@@ -116,6 +122,46 @@ def plot_data(directory):
         print()
 
 
+def merge_connect(out, raws):
+    """One connect result from several generator processes that ran at the same time."""
+    parts = []
+    for raw in raws:
+        try:
+            with open(raw) as f:
+                parts.append(json.load(f))
+        except (OSError, ValueError):
+            return 1
+    total = sum(p["connections"] for p in parts)
+    seconds = max(p["seconds"] for p in parts)
+    server_cpu = max(p["server_cpu_s"] for p in parts)
+    merged = {
+        "workload": "connect",
+        "processes": len(parts),
+        "connections": total,
+        "max_connecting": sum(p["max_connecting"] for p in parts),
+        "seconds": seconds,
+        "handshakes_per_s": total / seconds,
+        # Each process measured the server over its own, overlapping interval: the largest
+        # of them covers the run.
+        "server_cpu_s": server_cpu,
+        "server_cpu_us_per_handshake": server_cpu * 1e6 / total,
+        # Percentiles cannot be merged from summaries: the worst process's, an upper bound.
+        "connect_to_welcome": {k: max(p["connect_to_welcome"][k] for p in parts)
+                               for k in ("p50_us", "p99_us", "p999_us", "max_us")},
+        "per_process": parts,
+    }
+    merged["connect_to_welcome"]["n"] = sum(p["connect_to_welcome"]["n"] for p in parts)
+    merged["completed"] = all(p["completed"] for p in parts)
+    for key in ("expected", "lost", "duplicated", "reordered", "connect_failures", "closes"):
+        merged[key] = sum(p[key] for p in parts)
+    merged["generator_cpu_s"] = sum(p["generator_cpu_s"] for p in parts)
+    merged["server_rss_kb"] = max(p["server_rss_kb"] for p in parts)
+    merged["server_peak_rss_kb"] = max(p["server_peak_rss_kb"] for p in parts)
+    with open(out, "w") as f:
+        json.dump(merged, f)
+    return 0
+
+
 def record(raw, out, pairs):
     try:
         with open(raw) as f:
@@ -139,6 +185,8 @@ def record(raw, out, pairs):
 
 
 if __name__ == "__main__":
+    if len(sys.argv) >= 4 and sys.argv[1] == "--merge-connect":
+        sys.exit(merge_connect(sys.argv[2], sys.argv[3:]))
     if len(sys.argv) >= 4 and sys.argv[1] == "--record":
         sys.exit(record(sys.argv[2], sys.argv[3], sys.argv[4:]))
     if len(sys.argv) == 3 and sys.argv[1] == "--plot-data":
