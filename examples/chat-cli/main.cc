@@ -6,10 +6,13 @@
 //   chat-cli ... tail                                    print messages as they arrive
 //   chat-cli ... history --conversation ID [--before SEQ] [--limit N]
 //   chat-cli ... conversations
+//   chat-cli ... group-create --title T [--channel] USER...   create a group (or channel)
+//   chat-cli ... mark-read --conversation ID [--seq N]        mark read up to N (0: all)
 //
 // Every subcommand takes --json to print one JSON object per line instead of text.
 #include <signal.h>
 
+#include <algorithm>
 #include <atomic>
 #include <charconv>
 #include <chrono>
@@ -19,7 +22,9 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -81,8 +86,55 @@ const char* StatusName(chat::MessageStatus status) {
   return "unknown";
 }
 
+std::string Join(const std::vector<std::string>& items) {
+  std::string out;
+  for (const auto& item : items) out += (out.empty() ? "" : ", ") + item;
+  return out;
+}
+
+// A system message as a sentence, e.g. "alice added bob, carol".
+std::string SystemText(const chat::SystemEvent& e) {
+  using Type = chat::SystemEvent::Type;
+  const std::string who = e.actor.empty() ? "someone" : e.actor;
+  switch (e.type) {
+    case Type::kCreated:
+      return who + " created \"" + e.title + "\"";
+    case Type::kMembersAdded:
+      return who + " added " + Join(e.users);
+    case Type::kMembersRemoved:
+      return who + " removed " + Join(e.users);
+    case Type::kMemberLeft:
+      return (e.users.empty() ? who : Join(e.users)) + " left";
+    case Type::kRenamed:
+      return who + " renamed the conversation to \"" + e.title + "\"";
+    case Type::kRoleChanged:
+      return who + " made " + Join(e.users) +
+             (e.role == chat::Role::kAdmin ? " an admin" : " a member");
+    case Type::kMessagesExpired:
+      return "messages up to #" + std::to_string(e.seq) + " expired";
+    case Type::kUnspecified:
+      break;
+  }
+  return "(system event)";
+}
+
+// The ticks a sender sees on its own messages.
+const char* Ticks(chat::MessageStatus status) {
+  switch (status) {
+    case chat::MessageStatus::kSent:
+      return "\u2713";  // ✓
+    case chat::MessageStatus::kDelivered:
+      return "\u2713\u2713";  // ✓✓
+    case chat::MessageStatus::kRead:
+      return "\u2713\u2713 read";
+    default:
+      return "";
+  }
+}
+
 std::string MessageLine(const chat::MessageEvent& e, bool json) {
   const chat::Message& m = e.message;
+  const bool system = m.kind == chat::MessageKind::kSystem;
   if (json) {
     std::string out =
         "{\"type\":\"message\",\"status\":\"" + std::string(StatusName(e.status)) +
@@ -92,17 +144,24 @@ std::string MessageLine(const chat::MessageEvent& e, bool json) {
         ",\"client_msg_id\":" + JsonString(m.client_msg_id) +
         ",\"server_time_ms\":" + std::to_string(m.server_time_ms) +
         ",\"content_type\":" + JsonString(m.content_type) + ",\"body\":" + JsonString(m.body) +
-        ",\"outgoing\":" + (e.outgoing ? "true" : "false");
+        ",\"outgoing\":" + (e.outgoing ? "true" : "false") +
+        ",\"kind\":" + (system ? "\"system\"" : "\"user\"");
+    if (system) out += ",\"system\":" + JsonString(SystemText(m.system));
     if (!e.peer.empty()) out += ",\"peer\":" + JsonString(e.peer);
     if (e.status == chat::MessageStatus::kFailed)
       out += ",\"reason\":" + JsonString(e.reason.ToString());
     return out + "}";
   }
+  std::string where = "[" + std::to_string(m.conversation_id) + "#" + std::to_string(m.seq) + "] ";
+  if (system) return where + "* " + SystemText(m.system);
   std::string who = m.sender.empty() ? "me" : m.sender;
-  std::string out = "[" + std::to_string(m.conversation_id) + "#" + std::to_string(m.seq) + "] " +
-                    who + ": " + m.body;
-  if (e.status != chat::MessageStatus::kSent)
+  std::string out = where + who + ": " + m.body;
+  if (e.outgoing && e.status != chat::MessageStatus::kPending &&
+      e.status != chat::MessageStatus::kFailed) {
+    out += "  " + std::string(Ticks(e.status));
+  } else if (e.status != chat::MessageStatus::kSent) {
     out += "  (" + std::string(StatusName(e.status)) + ")";
+  }
   if (e.status == chat::MessageStatus::kFailed) out += " " + e.reason.ToString();
   return out;
 }
@@ -113,11 +172,20 @@ std::string ConversationLine(const chat::ConversationInfo& c, bool json) {
            ",\"kind\":" + std::to_string(static_cast<int>(c.kind)) +
            ",\"title\":" + JsonString(c.title) + ",\"peer\":" + JsonString(c.peer) +
            ",\"last_seq\":" + std::to_string(c.last_seq) +
-           ",\"unread\":" + std::to_string(c.unread) + "}";
+           ",\"unread\":" + std::to_string(c.unread) +
+           ",\"read_seq\":" + std::to_string(c.read_seq) +
+           ",\"member_count\":" + std::to_string(c.member_count) +
+           ",\"role\":" + std::to_string(static_cast<int>(c.role)) + "}";
   }
   std::string name = !c.title.empty() ? c.title : !c.peer.empty() ? c.peer : "(unknown)";
-  return std::to_string(c.conversation_id) + "  " + name + "  last=" + std::to_string(c.last_seq) +
-         "  unread=" + std::to_string(c.unread);
+  const char* kind = c.kind == chat::ConversationKind::kGroup     ? "  [group]"
+                     : c.kind == chat::ConversationKind::kChannel ? "  [channel]"
+                                                                  : "";
+  std::string line = std::to_string(c.conversation_id) + "  " + name + kind +
+                     "  last=" + std::to_string(c.last_seq);
+  if (c.unread > 0) line += "  (" + std::to_string(c.unread) + " unread)";
+  if (c.removed_at_seq != 0) line += "  (left)";
+  return line;
 }
 
 // Prints events, remembers what the waiting command needs, and lets main() wait for it.
@@ -149,6 +217,40 @@ class Listener : public chat::ClientListener {
       }
     }
     cv_.notify_all();
+  }
+  void OnTyping(chat::ConversationId conversation, const chat::UserId& user, bool active) override {
+    std::lock_guard lock(mu_);
+    if (!print_messages_) return;
+    if (json_) {
+      Print("{\"type\":\"typing\",\"conversation_id\":" + std::to_string(conversation) +
+            ",\"user\":" + JsonString(user) + ",\"active\":" + (active ? "true" : "false") + "}");
+    } else {
+      Print("[" + std::to_string(conversation) + "] * " + user +
+            (active ? " is typing..." : " stopped typing"));
+    }
+  }
+  void OnMessageStatus(chat::ConversationId conversation, chat::Seq up_to_seq,
+                       chat::MessageStatus status) override {
+    std::lock_guard lock(mu_);
+    if (!print_messages_) return;
+    if (json_) {
+      Print("{\"type\":\"status\",\"conversation_id\":" + std::to_string(conversation) +
+            ",\"up_to_seq\":" + std::to_string(up_to_seq) + ",\"status\":\"" + StatusName(status) +
+            "\"}");
+    } else {
+      Print("[" + std::to_string(conversation) + "] * your messages up to #" +
+            std::to_string(up_to_seq) + " " + Ticks(status) +
+            (status == chat::MessageStatus::kDelivered ? " delivered" : ""));
+    }
+  }
+  void OnUnreadTotal(uint64_t total) override {
+    std::lock_guard lock(mu_);
+    if (!verbose_) return;
+    if (json_) {
+      Print("{\"type\":\"unread_total\",\"unread\":" + std::to_string(total) + "}");
+    } else {
+      Print("* unread: " + std::to_string(total));
+    }
   }
   void OnError(const chat::Status& status) override {
     std::lock_guard lock(mu_);
@@ -399,6 +501,120 @@ int PrintHistory(chat::Client& client, Listener& listener, uint64_t conversation
   return 0;
 }
 
+// Runs a group operation (`start` calls the client with the callback it is given), waits for
+// its answer and prints the conversation or the error. Returns the exit code.
+template <typename Start>
+int RunGroupOp(Listener& listener, bool json, int timeout_ms, const char* what, Start start) {
+  std::mutex mu;
+  std::optional<chat::Result<chat::ConversationInfo>> result;
+  chat::Status st = start([&](chat::Result<chat::ConversationInfo> r) {
+    {
+      std::lock_guard lock(mu);
+      result.emplace(std::move(r));
+    }
+    std::lock_guard lock(listener.mu());
+    listener.cv().notify_all();
+  });
+  if (!st.ok()) {
+    std::fprintf(stderr, "%s: %s\n", what, st.ToString().c_str());
+    return 1;
+  }
+  listener.WaitFor(
+      [&] {
+        std::lock_guard lock(mu);
+        return result.has_value();
+      },
+      timeout_ms);
+  std::lock_guard lock(mu);
+  if (!result) {
+    std::fprintf(stderr, "%s: no answer in time\n", what);
+    return 3;
+  }
+  if (!result->ok()) {
+    if (json) {
+      std::printf("{\"type\":\"error\",\"error\":%s}\n",
+                  JsonString(result->status().ToString()).c_str());
+    } else {
+      std::fprintf(stderr, "%s: %s\n", what, result->status().ToString().c_str());
+    }
+    return 1;
+  }
+  std::puts(ConversationLine(**result, json).c_str());
+  std::fflush(stdout);
+  return 0;
+}
+
+int RunGroupCreate(const Flags& flags, const std::string& title, bool channel,
+                   const std::vector<std::string>& members) {
+  auto listener = std::make_shared<Listener>(flags.json, false);
+  auto client = OpenClient(flags, listener);
+  if (!client) return 1;
+  if (!WaitConnected(*listener, flags.timeout_ms)) {
+    client->Close();
+    return 3;
+  }
+  int rc = RunGroupOp(*listener, flags.json, flags.timeout_ms, "group-create", [&](auto cb) {
+    return client->CreateGroup(
+        title, members, channel ? chat::ConversationKind::kChannel : chat::ConversationKind::kGroup,
+        cb);
+  });
+  client->Close();
+  return rc;
+}
+
+int RunMarkRead(const Flags& flags, uint64_t conversation, uint64_t seq) {
+  auto listener = std::make_shared<Listener>(flags.json, false);
+  auto client = OpenClient(flags, listener);
+  if (!client) return 1;
+  if (!WaitConnected(*listener, flags.timeout_ms)) {
+    client->Close();
+    return 3;
+  }
+  if (chat::Status st = client->MarkRead(conversation, seq); !st.ok()) {
+    std::fprintf(stderr, "mark-read: %s\n", st.ToString().c_str());
+    client->Close();
+    return 1;
+  }
+  // The loop applies the mark and queues its Receipt in the same turn; wait for the first.
+  std::optional<chat::ConversationInfo> found;
+  auto start = std::chrono::steady_clock::now();
+  while (!g_interrupted &&
+         std::chrono::steady_clock::now() - start < std::chrono::milliseconds(flags.timeout_ms)) {
+    found.reset();
+    if (auto conversations = client->Conversations(); conversations.ok()) {
+      for (const auto& c : *conversations) {
+        if (c.conversation_id == conversation) found = c;
+      }
+    }
+    if (!found) break;
+    if (found->read_seq >= (seq == 0 ? found->last_seq : std::min(seq, found->last_seq))) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  client->Close();
+  if (!found) {
+    std::fprintf(stderr, "mark-read: conversation %llu is not known\n",
+                 static_cast<unsigned long long>(conversation));
+    return 1;
+  }
+  std::puts(ConversationLine(*found, flags.json).c_str());
+  return 0;
+}
+
+// Splits "a b  c" into words.
+std::vector<std::string> Words(std::string_view text) {
+  std::vector<std::string> out;
+  size_t i = 0;
+  while (i < text.size()) {
+    while (i < text.size() && text[i] == ' ') ++i;
+    size_t j = i;
+    while (j < text.size() && text[j] != ' ') ++j;
+    if (j > i) out.emplace_back(text.substr(i, j - i));
+    i = j;
+  }
+  return out;
+}
+
 int RunHistory(const Flags& flags, uint64_t conversation, uint64_t before, uint32_t limit) {
   auto listener = std::make_shared<Listener>(flags.json, false);
   auto client = OpenClient(flags, listener);
@@ -419,7 +635,13 @@ int RunInteractive(const Flags& flags) {
   auto client = OpenClient(flags, listener);
   if (!client) return 1;
   std::puts(
-      "commands: /list  /open <conversation id|user>  /history [n]  /quit; other lines are sent");
+      "commands: /list  /open <conversation id|user>  /history [n]  /read  /typing\n"
+      "          /group create TITLE USER...  /channel create TITLE USER...\n"
+      "          /add USER...  /remove USER...  /leave  /rename TITLE  /quit\n"
+      "other lines are sent to the open conversation");
+  auto group_op = [&](const char* what, auto start) {
+    (void)RunGroupOp(*listener, flags.json, 5'000, what, start);
+  };
   uint64_t open_conversation = 0;
   std::string open_peer;
   std::string line;
@@ -433,7 +655,62 @@ int RunInteractive(const Flags& flags) {
       }
       continue;
     }
+    if (line.rfind("/group create ", 0) == 0 || line.rfind("/channel create ", 0) == 0) {
+      const bool channel = line[1] == 'c';
+      std::vector<std::string> words = Words(line.substr(channel ? 16 : 14));
+      if (words.empty()) {
+        std::puts("* usage: /group create TITLE USER...");
+        continue;
+      }
+      std::string title = words[0];
+      words.erase(words.begin());
+      group_op("create", [&](auto cb) {
+        return client->CreateGroup(
+            title, words,
+            channel ? chat::ConversationKind::kChannel : chat::ConversationKind::kGroup, cb);
+      });
+      continue;
+    }
+    const bool group_command = line.rfind("/add ", 0) == 0 || line.rfind("/remove ", 0) == 0 ||
+                               line == "/leave" || line.rfind("/rename ", 0) == 0 ||
+                               line == "/read" || line == "/typing";
+    if (group_command && open_conversation == 0) {
+      std::puts("* /open a conversation first");
+      continue;
+    }
+    if (line.rfind("/add ", 0) == 0) {
+      group_op("add", [&](auto cb) {
+        return client->AddMembers(open_conversation, Words(line.substr(5)), cb);
+      });
+      continue;
+    }
+    if (line.rfind("/remove ", 0) == 0) {
+      group_op("remove", [&](auto cb) {
+        return client->RemoveMembers(open_conversation, Words(line.substr(8)), cb);
+      });
+      continue;
+    }
+    if (line == "/leave") {
+      group_op("leave", [&](auto cb) { return client->Leave(open_conversation, cb); });
+      continue;
+    }
+    if (line.rfind("/rename ", 0) == 0) {
+      group_op("rename",
+               [&](auto cb) { return client->RenameGroup(open_conversation, line.substr(8), cb); });
+      continue;
+    }
+    if (line == "/read") {
+      if (chat::Status st = client->MarkRead(open_conversation); !st.ok()) {
+        std::fprintf(stderr, "read: %s\n", st.ToString().c_str());
+      }
+      continue;
+    }
+    if (line == "/typing") {
+      (void)client->SetTyping(open_conversation, true);
+      continue;
+    }
     if (line.rfind("/open ", 0) == 0) {
+      if (open_conversation != 0) (void)client->Unsubscribe(open_conversation);
       std::string target = line.substr(6);
       open_conversation = 0;
       open_peer.clear();
@@ -453,7 +730,10 @@ int RunInteractive(const Flags& flags) {
       }
       std::printf("* talking to %s\n", target.c_str());
       if (open_conversation != 0) {
+        // Channels push live messages only to subscribers; harmless for other conversations.
+        (void)client->Subscribe(open_conversation);
         (void)PrintHistory(*client, *listener, open_conversation, 0, 20, flags.json, 5'000);
+        (void)client->MarkRead(open_conversation);
       }
       continue;
     }
@@ -480,6 +760,11 @@ int RunInteractive(const Flags& flags) {
     auto id = open_conversation != 0 ? client->Send(open_conversation, "text/plain", line)
                                      : client->SendTo(open_peer, "text/plain", line);
     if (!id.ok()) std::fprintf(stderr, "send: %s\n", id.status().ToString().c_str());
+    if (open_conversation != 0) {
+      // Replying means the conversation was read; the sent line ends any typing indicator.
+      (void)client->SetTyping(open_conversation, false);
+      (void)client->MarkRead(open_conversation);
+    }
   }
   client->Close();
   return 0;
@@ -521,6 +806,18 @@ int main(int argc, char** argv) {
   history->add_option("--before", before, "Only messages with a smaller seq (0: newest)");
   history->add_option("--limit", limit, "At most this many")->capture_default_str();
   auto* conversations = app.add_subcommand("conversations", "List conversations");
+  auto* group_create = app.add_subcommand("group-create", "Create a group (or a channel)");
+  std::string group_title;
+  bool group_channel = false;
+  std::vector<std::string> group_members;
+  group_create->add_option("--title", group_title, "Title")->required();
+  group_create->add_flag("--channel", group_channel, "Create a channel instead of a group");
+  group_create->add_option("members", group_members, "Users to add besides yourself");
+  auto* mark_read = app.add_subcommand("mark-read", "Mark a conversation read");
+  uint64_t read_conversation = 0;
+  uint64_t read_seq = 0;
+  mark_read->add_option("--conversation", read_conversation, "Conversation id")->required();
+  mark_read->add_option("--seq", read_seq, "Read up to this seq (0: everything)");
 
   CLI11_PARSE(app, argc, argv);
   if (flags.token.empty() && flags.token_file.empty()) {
@@ -533,6 +830,8 @@ int main(int argc, char** argv) {
   if (*send) return RunSend(flags, to, send_conversation, texts);
   if (*flush) return RunFlush(flags);
   if (*tail) return RunTail(flags);
+  if (*group_create) return RunGroupCreate(flags, group_title, group_channel, group_members);
+  if (*mark_read) return RunMarkRead(flags, read_conversation, read_seq);
   if (*history) return RunHistory(flags, history_conversation, before, limit);
   if (*conversations) return RunConversations(flags);
   return RunInteractive(flags);

@@ -196,8 +196,10 @@ int64_t Session::NextDeadlineMs() const {
       if (!typing_.empty()) {
         for (const auto& [key, expiry] : typing_) next = std::min(next, expiry);
       }
-      // Receipts go out at the end of the turn that moved the watermarks.
-      if (!receipts_due_.empty()) next = std::min(next, Now());
+      // Receipts go out at the end of the turn that moved the watermarks (or the interval).
+      if (!receipts_due_.empty()) {
+        next = std::min(next, std::max(Now(), receipts_sent_at_ + kReceiptIntervalMs));
+      }
       return next;
     }
     default:
@@ -797,6 +799,8 @@ void Session::ExpireTyping() {
 
 void Session::FlushReceipts() {
   if (!Authenticated() || receipts_due_.empty()) return;
+  if (Now() < receipts_sent_at_ + kReceiptIntervalMs) return;
+  receipts_sent_at_ = Now();
   auto due = std::move(receipts_due_);
   receipts_due_.clear();
   for (ConversationId id : due) {

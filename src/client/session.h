@@ -69,6 +69,9 @@ inline constexpr int64_t kTypingMaxShowMs = 6'000;
 inline constexpr size_t kMaxTypingShown = 1'000;
 // Receipt/Typing requests whose errors are recognised (older ones are forgotten).
 inline constexpr size_t kMaxQuietRids = 1'024;
+// Receipts are sent at most this often (all due conversations at once), so a burst of incoming
+// messages costs a few Receipts, not one per loop turn, against the server's rate limit.
+inline constexpr int64_t kReceiptIntervalMs = 100;
 
 class Session {
  public:
@@ -216,10 +219,11 @@ class Session {
     ConversationCallback conversation;
     ReceiptsCallback receipts;
   };
-  std::map<uint64_t, PendingOp> ops_;       // rid -> callback; failed when the link drops
-  std::set<uint64_t> quiet_rids_;           // Receipt and Typing requests (bounded)
-  std::set<ConversationId> receipts_due_;   // watermarks moved, Receipt not sent yet
-  std::set<ConversationId> subscriptions_;  // channels to Subscribe after every connect
+  std::map<uint64_t, PendingOp> ops_;               // rid -> callback; failed when the link drops
+  std::set<uint64_t> quiet_rids_;                   // Receipt and Typing requests (bounded)
+  std::set<ConversationId> receipts_due_;           // watermarks moved, Receipt not sent yet
+  int64_t receipts_sent_at_ = -kReceiptIntervalMs;  // monotonic ms of the last flush
+  std::set<ConversationId> subscriptions_;          // channels to Subscribe after every connect
   std::map<std::pair<ConversationId, UserId>, int64_t> typing_;  // -> monotonic expiry
   struct TypingSent {
     bool active = false;

@@ -779,7 +779,7 @@ v1::Envelope ReceiptUpdateFor(ConversationId conversation, const std::string& us
   return e;
 }
 
-TEST_CASE("session: delivered receipts are coalesced to one per conversation per tick") {
+TEST_CASE("session: delivered receipts are coalesced, one per conversation at most every 100 ms") {
   Harness h;
   ConnectWithGroup(h);
   h.session->Tick();
@@ -793,7 +793,10 @@ TEST_CASE("session: delivered receipts are coalesced to one per conversation per
   h.Deliver(Msg(5, 5));
   h.Deliver(Msg(5, 6));
   CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());  // not before the tick
-  CHECK(h.session->NextDeadlineMs() <= h.Now());
+  h.session->Tick();
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());  // not within the interval
+  CHECK(h.session->NextDeadlineMs() == h.Now() + kReceiptIntervalMs);
+  h.clock->Advance(kReceiptIntervalMs);
   h.session->Tick();
   auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
   REQUIRE(receipts.size() == 1);
@@ -803,6 +806,7 @@ TEST_CASE("session: delivered receipts are coalesced to one per conversation per
 
   // This user's own messages need no delivered receipt.
   h.Deliver(Msg(5, 7, "alice"));
+  h.clock->Advance(kReceiptIntervalMs);
   h.session->Tick();
   CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());
   CHECK(h.cache->GetConversation(5)->info.delivered_seq == 6);
@@ -821,6 +825,7 @@ TEST_CASE("session: MarkRead sends read_seq, updates unread and the total, never
   CHECK(h.listener.conversations[0].read_seq == 2);
   CHECK(h.listener.conversations[0].unread == 1);
   CHECK(h.listener.unread_totals == std::vector<uint64_t>{3, 1});
+  h.clock->Advance(kReceiptIntervalMs);
   h.session->Tick();
   auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
   REQUIRE(receipts.size() == 1);
@@ -830,6 +835,7 @@ TEST_CASE("session: MarkRead sends read_seq, updates unread and the total, never
   // Backward and equal moves do nothing.
   h.session->MarkRead(5, 1);
   h.session->MarkRead(5, 2);
+  h.clock->Advance(kReceiptIntervalMs);
   h.session->Tick();
   CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());
   CHECK(h.listener.conversations.size() == 1);
@@ -842,6 +848,7 @@ TEST_CASE("session: MarkRead sends read_seq, updates unread and the total, never
 
   // Unknown conversations are ignored.
   h.session->MarkRead(77, 1);
+  h.clock->Advance(kReceiptIntervalMs);
   h.session->Tick();
   auto last = OfCase(h.io.Take(), v1::Envelope::kReceipt);
   REQUIRE(last.size() == 1);
