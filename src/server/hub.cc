@@ -75,6 +75,7 @@ struct PendingRead {
   uint64_t rid = 0;
   ConversationId conversation_id = 0;  // all but Sync
   Purpose purpose = Purpose::kSync;
+  uint64_t removals = 0;  // the Hub's count of committed removals when the read was submitted
 };
 
 // Typing state one connection last forwarded for one conversation.
@@ -621,7 +622,7 @@ class Hub::Impl {
     ReadJob job;
     job.token = next_token_++;
     job.query = std::move(query);
-    pending_reads_.emplace(job.token, PendingRead{id, rid, conversation_id, purpose});
+    pending_reads_.emplace(job.token, PendingRead{id, rid, conversation_id, purpose, removals_});
     io_->SubmitRead(std::move(job));
   }
 
@@ -712,10 +713,8 @@ class Hub::Impl {
     v1::Envelope own;
     v1::ReceiptUpdate* update = own.mutable_receipt_update();
     update->set_conversation_id(info.conversation_id);
-    if (sender != nullptr) {
-      update->set_user_id(sender->user);
-      update->set_device_id(sender->device);
-    }
+    update->set_user_id(result.sender_receipt.user);
+    if (sender != nullptr) update->set_device_id(sender->device);
     update->set_delivered_seq(result.sender_receipt.delivered_seq);
     update->set_read_seq(result.sender_receipt.read_seq);
     update->set_delivered_all_seq(result.delivered_all_seq);
@@ -786,6 +785,12 @@ class Hub::Impl {
         return;
       }
       case Purpose::kSubscribe: {
+        // The read may predate a removal the Hub has applied since (and whose unsubscribe has
+        // already run): ask again rather than subscribe a removed member.
+        if (pending.removals != removals_) {
+          SubmitMembersRead(pending.session, s, pending.rid, conversation_id, Purpose::kSubscribe);
+          return;
+        }
         // Direct conversations and groups are pushed to every member anyway.
         if (reply.kind == ConversationKind::kChannel) {
           std::vector<ConversationId>& mine = session_channels_[pending.session];
@@ -886,6 +891,7 @@ class Hub::Impl {
         FanOut(*message, result.recipients, except);
       }
     }
+    if (!result.removed.empty()) ++removals_;
     for (const UserId& user : result.removed) {
       auto it = users_.find(user);
       if (it == users_.end()) continue;
@@ -1008,6 +1014,7 @@ class Hub::Impl {
   // Live channel subscriptions, both ways, bounded by max_channel_subscriptions per session.
   std::unordered_map<ConversationId, std::unordered_set<SessionId>> subscribers_;
   std::unordered_map<SessionId, std::vector<ConversationId>> session_channels_;
+  uint64_t removals_ = 0;  // commits that removed members, to spot reads that predate one
   // Per connection: the typing state last forwarded, per conversation (bounded).
   std::unordered_map<SessionId, std::vector<TypingMark>> typing_;
 

@@ -3,9 +3,9 @@
 // One writer thread commits appends in groups: it takes up to `commit_batch_max` queued jobs
 // (optionally waiting `commit_delay_ms` for more), calls MessageStore::Append once for the whole
 // group, and posts one completion per job, in submission order. `reader_threads` threads serve
-// Sync and History queries and post their completions in any order. Every completion is posted
-// to a mutex-guarded queue and announced with `wake`, after which the loop collects them with
-// TakeCompletions.
+// Sync, History and Receipts queries and post their completions in any order. Every completion is
+// posted to a mutex-guarded queue and announced with `wake`, after which the loop collects them
+// with TakeCompletions.
 //
 // Both job queues are bounded. A job submitted past its bound is not queued: it completes at
 // once with Unavailable ("server overloaded"), so the sender gets an error instead of the server
