@@ -422,6 +422,7 @@ ConversationRow Session::LoadOrStub(ConversationId conversation) {
 bool Session::Advance(ConversationRow* row, std::vector<MessageEvent>* events) {
   const ConversationId id = row->info.conversation_id;
   bool others = false;
+  bool read_moved = false;
   while (std::optional<v1::Message> next = cache_->GetMessage(id, row->cursor + 1)) {
     row->cursor = next->seq();
     row->info.last_seq = std::max(row->info.last_seq, next->seq());
@@ -431,6 +432,14 @@ bool Session::Advance(ConversationRow* row, std::vector<MessageEvent>* events) {
       ++row->info.unread;
     }
     if (!own) others = true;
+    if (own && next->kind() != v1::MESSAGE_KIND_SYSTEM) {
+      // Replying means the user saw the conversation: the read watermark follows the user's
+      // own message. It also lets the members' read_all_seq (which includes this user) reach
+      // the user's own messages, so their status can become kRead.
+      row->info.read_seq = std::max(row->info.read_seq, next->seq());
+      row->info.unread = 0;
+      read_moved = true;
+    }
     if (next->kind() == v1::MESSAGE_KIND_SYSTEM) ApplySystemEvent(&row->info, *next);
     if (own && !next->client_msg_id().empty()) {
       // Our own message came back (Sync, or another device's echo): it is no longer pending.
@@ -445,12 +454,13 @@ bool Session::Advance(ConversationRow* row, std::vector<MessageEvent>* events) {
     }
     events->push_back(EventFor(*next));
   }
-  // Others' messages reached the application: tell the server (one Receipt per conversation
-  // per turn, see FlushReceipts).
-  if (others && row->cursor > row->info.delivered_seq) {
+  // Messages reached the application: tell the server (coalesced, see FlushReceipts). Only
+  // the user's own messages alone need no delivered receipt unless they also moved read_seq.
+  if ((others || read_moved) && row->cursor > row->info.delivered_seq) {
     row->info.delivered_seq = row->cursor;
     receipts_due_.insert(id);
   }
+  if (read_moved) receipts_due_.insert(id);
   return cache_->CountRange(id, row->cursor + 1, static_cast<Seq>(INT64_MAX)) > 0;
 }
 

@@ -804,12 +804,14 @@ TEST_CASE("session: delivered receipts are coalesced, one per conversation at mo
   h.session->Tick();
   CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());
 
-  // This user's own messages need no delivered receipt.
+  // This user's own message (from another device) marks the conversation read up to it.
   h.Deliver(Msg(5, 7, "alice"));
   h.clock->Advance(kReceiptIntervalMs);
   h.session->Tick();
-  CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());
-  CHECK(h.cache->GetConversation(5)->info.delivered_seq == 6);
+  receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  REQUIRE(receipts.size() == 1);
+  CHECK(receipts[0].receipt().delivered_seq() == 7);
+  CHECK(receipts[0].receipt().read_seq() == 7);
 }
 
 TEST_CASE("session: MarkRead sends read_seq, updates unread and the total, never moves back") {
@@ -856,14 +858,18 @@ TEST_CASE("session: MarkRead sends read_seq, updates unread and the total, never
   CHECK(last[0].receipt().read_seq() == 3);
 }
 
-TEST_CASE("session: a new message from another member counts as unread, own ones do not") {
+TEST_CASE("session: others' new messages count as unread, and replying marks them read") {
   Harness h;
   ConnectWithGroup(h);
   h.Deliver(Msg(5, 4));
   CHECK(h.cache->GetConversation(5)->info.unread == 4);
   CHECK(h.listener.unread_totals.back() == 4);
   h.Deliver(Msg(5, 5, "alice"));
-  CHECK(h.cache->GetConversation(5)->info.unread == 4);
+  CHECK(h.cache->GetConversation(5)->info.unread == 0);
+  CHECK(h.cache->GetConversation(5)->info.read_seq == 5);
+  CHECK(h.listener.unread_totals.back() == 0);
+  h.Deliver(Msg(5, 6));
+  CHECK(h.cache->GetConversation(5)->info.unread == 1);
 }
 
 TEST_CASE("session: a read receipt from another of the user's devices sets read_seq and unread") {

@@ -1,0 +1,223 @@
+// chat::Client groups, receipts, unread counts and typing against the real chatd over loopback.
+// Each test checks what the applications of the members see.
+#include <doctest/doctest.h>
+
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "chat/client.h"
+#include "tests/testing/chatd_process.h"
+#include "tests/testing/temp_dir.h"
+
+namespace chat::testing {
+namespace {
+
+class GroupRecorder : public ClientListener {
+ public:
+  void OnConnectionState(ConnectionState state) override {
+    std::lock_guard lock(mu_);
+    state_ = state;
+  }
+  void OnMessage(const MessageEvent& event) override {
+    std::lock_guard lock(mu_);
+    if (event.status == MessageStatus::kSent) messages_.push_back(event.message);
+  }
+  void OnTyping(ConversationId, const UserId& user, bool active) override {
+    std::lock_guard lock(mu_);
+    typing_.push_back(user + (active ? ":on" : ":off"));
+  }
+  void OnMessageStatus(ConversationId, Seq up_to_seq, MessageStatus status) override {
+    std::lock_guard lock(mu_);
+    if (status == MessageStatus::kDelivered) delivered_ = std::max(delivered_, up_to_seq);
+    if (status == MessageStatus::kRead) read_ = std::max(read_, up_to_seq);
+  }
+  ConnectionState state() {
+    std::lock_guard lock(mu_);
+    return state_;
+  }
+  std::vector<Message> messages() {
+    std::lock_guard lock(mu_);
+    return messages_;
+  }
+  std::vector<std::string> typing() {
+    std::lock_guard lock(mu_);
+    return typing_;
+  }
+  Seq delivered() {
+    std::lock_guard lock(mu_);
+    return delivered_;
+  }
+  Seq read() {
+    std::lock_guard lock(mu_);
+    return read_;
+  }
+
+ private:
+  std::mutex mu_;
+  ConnectionState state_ = ConnectionState::kDisconnected;
+  std::vector<Message> messages_;
+  std::vector<std::string> typing_;
+  Seq delivered_ = 0;
+  Seq read_ = 0;
+};
+
+struct Member {
+  std::shared_ptr<GroupRecorder> recorder = std::make_shared<GroupRecorder>();
+  std::unique_ptr<Client> client;
+};
+
+Member Connect(const ChatdProcess& chatd, const std::string& user, const std::string& device,
+               const std::string& cache) {
+  Member m;
+  ClientOptions options;
+  options.url = chatd.url();
+  options.token_provider = [&chatd, user] { return chatd.Token(user); };
+  options.device_id = device;
+  options.cache_path = cache;
+  options.listener = m.recorder;
+  options.reconnect.base_ms = 50;
+  options.reconnect.cap_ms = 500;
+  auto client = Client::Open(std::move(options));
+  REQUIRE(client.ok());
+  m.client = std::move(client.value());
+  REQUIRE(m.client->Start().ok());
+  return m;
+}
+
+bool WaitFor(const std::function<bool()>& done, int timeout_ms = 20'000) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  while (!done()) {
+    if (std::chrono::steady_clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return true;
+}
+
+std::optional<ConversationInfo> Cached(Client& client, ConversationId id) {
+  auto conversations = client.Conversations();
+  if (!conversations.ok()) return std::nullopt;
+  for (const auto& c : *conversations) {
+    if (c.conversation_id == id) return c;
+  }
+  return std::nullopt;
+}
+
+TEST_CASE("client groups e2e: create, system message, unread on two devices, delivered and read") {
+  ChatdProcess chatd;
+  REQUIRE(chatd.Start().ok());
+  TempDir dir;
+  Member alice = Connect(chatd, "alice", "alice-laptop", dir.File("alice.db"));
+  Member bob = Connect(chatd, "bob", "bob-phone", dir.File("bob-phone.db"));
+  Member bob2 = Connect(chatd, "bob", "bob-tablet", dir.File("bob-tablet.db"));
+  REQUIRE(WaitFor([&] {
+    return alice.recorder->state() == ConnectionState::kConnected &&
+           bob.recorder->state() == ConnectionState::kConnected &&
+           bob2.recorder->state() == ConnectionState::kConnected;
+  }));
+
+  std::mutex mu;
+  std::optional<Result<ConversationInfo>> created;
+  REQUIRE(alice.client
+              ->CreateGroup("team", {"bob"}, ConversationKind::kGroup,
+                            [&](Result<ConversationInfo> r) {
+                              std::lock_guard lock(mu);
+                              created.emplace(std::move(r));
+                            })
+              .ok());
+  REQUIRE(WaitFor([&] {
+    std::lock_guard lock(mu);
+    return created.has_value();
+  }));
+  REQUIRE(created->ok());
+  const ConversationId id = (*created)->conversation_id;
+  CHECK((*created)->kind == ConversationKind::kGroup);
+  CHECK((*created)->title == "team");
+  CHECK((*created)->role == Role::kAdmin);
+
+  REQUIRE(alice.client->Send(id, "text/plain", "one").ok());
+  REQUIRE(alice.client->Send(id, "text/plain", "two").ok());
+  // Bob's devices get the creation as a system message, then the two messages, and two unread.
+  for (Member* m : {&bob, &bob2}) {
+    REQUIRE(WaitFor([&] { return m->recorder->messages().size() >= 3; }));
+    std::vector<Message> got = m->recorder->messages();
+    CHECK(got[0].kind == MessageKind::kSystem);
+    CHECK(got[0].system.type == SystemEvent::Type::kCreated);
+    CHECK(got[1].body == "one");
+    CHECK(got[2].body == "two");
+    REQUIRE(WaitFor([&] {
+      auto c = Cached(*m->client, id);
+      return c && c->unread == 2 && c->title == "team";
+    }));
+  }
+  // Both of bob's devices report delivery by themselves.
+  CHECK(WaitFor([&] { return alice.recorder->delivered() >= 3; }));
+  CHECK(alice.recorder->read() < 3);
+
+  // Read on the phone is read on the tablet, and the sender sees it.
+  REQUIRE(bob.client->MarkRead(id).ok());
+  CHECK(WaitFor([&] {
+    auto c = Cached(*bob2.client, id);
+    return c && c->unread == 0 && c->read_seq == 3;
+  }));
+  CHECK(bob2.client->UnreadTotal().value() == 0);
+  CHECK(WaitFor([&] { return alice.recorder->read() >= 3; }));
+  CHECK(alice.client->MessageStatusOf(id, 3).value() == MessageStatus::kRead);
+
+  // Typing reaches the other member and ends by itself or when stopped.
+  REQUIRE(alice.client->SetTyping(id, true).ok());
+  CHECK(WaitFor([&] {
+    auto t = bob.recorder->typing();
+    return !t.empty() && t.front() == "alice:on";
+  }));
+  REQUIRE(alice.client->SetTyping(id, false).ok());
+  CHECK(WaitFor([&] {
+    auto t = bob.recorder->typing();
+    return t.size() >= 2 && t[1] == "alice:off";
+  }));
+
+  // Only an admin renames: bob is refused, alice is not, and bob's cache follows.
+  std::optional<Result<ConversationInfo>> refused;
+  REQUIRE(bob.client
+              ->RenameGroup(id, "bob's",
+                            [&](Result<ConversationInfo> r) {
+                              std::lock_guard lock(mu);
+                              refused.emplace(std::move(r));
+                            })
+              .ok());
+  REQUIRE(WaitFor([&] {
+    std::lock_guard lock(mu);
+    return refused.has_value();
+  }));
+  CHECK(refused->status().code() == Code::kPermissionDenied);
+  std::optional<Result<ConversationInfo>> renamed;
+  REQUIRE(alice.client
+              ->RenameGroup(id, "renamed",
+                            [&](Result<ConversationInfo> r) {
+                              std::lock_guard lock(mu);
+                              renamed.emplace(std::move(r));
+                            })
+              .ok());
+  REQUIRE(WaitFor([&] {
+    std::lock_guard lock(mu);
+    return renamed.has_value();
+  }));
+  REQUIRE(renamed->ok());
+  CHECK((*renamed)->title == "renamed");
+  CHECK(WaitFor([&] {
+    auto c = Cached(*bob.client, id);
+    return c && c->title == "renamed";
+  }));
+
+  alice.client->Close();
+  bob.client->Close();
+  bob2.client->Close();
+}
+
+}  // namespace
+}  // namespace chat::testing
