@@ -74,5 +74,41 @@ TEST_CASE("chat-cli: a refused send exits non-zero and prints the reason") {
   CHECK(usage.code == 2);
 }
 
+TEST_CASE("chat-cli: group-create and mark-read, in JSON") {
+  ChatdProcess chatd;
+  REQUIRE(chatd.Start().ok());
+  TempDir dir;
+  CliRun created =
+      Cli(chatd, dir, "alice", {"--json", "group-create", "--title", "team", "bob", "carol"});
+  CHECK_MESSAGE(created.code == 0, created.out);
+  CHECK(created.out.find("{\"type\":\"conversation\",\"conversation_id\":1,\"kind\":2,"
+                         "\"title\":\"team\"") != std::string::npos);
+  CHECK(created.out.find("\"member_count\":3,\"role\":2") != std::string::npos);
+
+  CliRun sent = Cli(chatd, dir, "alice", {"send", "--conversation", "1", "hello", "team"});
+  CHECK_MESSAGE(sent.code == 0, sent.out);
+  CliRun before = Cli(chatd, dir, "bob", {"conversations"});
+  CHECK(before.out.find("1  team  [group]  last=3  (2 unread)") != std::string::npos);
+
+  CliRun read = Cli(chatd, dir, "bob", {"--json", "mark-read", "--conversation", "1"});
+  CHECK_MESSAGE(read.code == 0, read.out);
+  CHECK(read.out.find("\"unread\":0,\"read_seq\":3") != std::string::npos);
+  // A fresh cache (nothing local) gets the same exact count from the server.
+  CliRun after = Cli(chatd, dir, "bob", {"--json", "conversations"});
+  CHECK(after.out.find("\"last_seq\":3,\"unread\":0,\"read_seq\":3") != std::string::npos);
+
+  // The system message reads as a sentence.
+  CliRun history = Cli(chatd, dir, "bob", {"history", "--conversation", "1"});
+  CHECK(history.out.find("[1#1] * alice created \"team\"") != std::string::npos);
+
+  // Refusals exit non-zero: a conversation bob is not in, and an empty title.
+  CliRun unknown = Cli(chatd, dir, "bob", {"mark-read", "--conversation", "99"});
+  CHECK(unknown.code == 1);
+  CHECK(unknown.out.find("not known") != std::string::npos);
+  CliRun empty = Cli(chatd, dir, "alice", {"group-create", "--title", ""});
+  CHECK(empty.code == 1);
+  CHECK(empty.out.find("INVALID_ARGUMENT") != std::string::npos);
+}
+
 }  // namespace
 }  // namespace chat::testing
