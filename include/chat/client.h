@@ -72,7 +72,7 @@ struct ReceiptEvent {
 };
 
 // One member's watermarks, from GetReceipts().
-struct MemberReceipt {
+struct MemberWatermarks {
   UserId user_id;
   Seq delivered_seq = 0;
   Seq read_seq = 0;
@@ -173,7 +173,7 @@ struct HistoryResult {
 using HistoryCallback = std::function<void(Result<HistoryResult> result)>;
 // The conversation's state after a group operation, or the server's error.
 using ConversationCallback = std::function<void(Result<ConversationInfo> result)>;
-using ReceiptsCallback = std::function<void(Result<std::vector<MemberReceipt>> result)>;
+using ReceiptsCallback = std::function<void(Result<std::vector<MemberWatermarks>> result)>;
 
 // Subscribe() calls a client remembers at most (re-sent after every reconnect).
 inline constexpr size_t kMaxChannelSubscriptions = 1000;

@@ -259,7 +259,7 @@ class Client::Impl final : public ClientListener, public client::SessionIo {
     return Post(
         [this, conversation, callback = std::move(callback)]() mutable {
           session_->GetReceipts(conversation, [this, callback = std::move(callback)](
-                                                  Result<std::vector<MemberReceipt>> r) {
+                                                  Result<std::vector<MemberWatermarks>> r) {
             Gate([&] { callback(std::move(r)); });
           });
         },

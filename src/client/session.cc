@@ -276,9 +276,9 @@ void Session::OnEnvelope(const v1::Envelope& envelope) {
       if (auto it = ops_.find(envelope.rid()); envelope.rid() != 0 && it != ops_.end()) {
         PendingOp op = std::move(it->second);
         ops_.erase(it);
-        std::vector<MemberReceipt> members;
+        std::vector<MemberWatermarks> members;
         for (const v1::MemberReceipt& m : envelope.receipts_page().members()) {
-          MemberReceipt r;
+          MemberWatermarks r;
           r.user_id = m.user_id();
           r.delivered_seq = m.delivered_seq();
           r.read_seq = m.read_seq();

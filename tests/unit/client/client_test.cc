@@ -295,7 +295,7 @@ TEST_CASE("client: group operations validate their arguments and never call back
   CHECK(client->Leave(0, cb).code() == Code::kInvalidArgument);
   CHECK(client->SetRole(5, "", Role::kAdmin, cb).code() == Code::kInvalidArgument);
   CHECK(client->SetRole(5, "bob", Role::kUnspecified, cb).code() == Code::kInvalidArgument);
-  CHECK(client->GetReceipts(0, [](Result<std::vector<MemberReceipt>>) {}).code() ==
+  CHECK(client->GetReceipts(0, [](Result<std::vector<MemberWatermarks>>) {}).code() ==
         Code::kInvalidArgument);
   CHECK(client->GetReceipts(5, nullptr).code() == Code::kInvalidArgument);
   CHECK(client->Subscribe(0).code() == Code::kInvalidArgument);

@@ -1121,8 +1121,8 @@ TEST_CASE("session: group operations and GetReceipts fail Unavailable offline an
   Status lost_op;
   Status lost_receipts;
   h.session->ConversationRequest(leave, [&](Result<ConversationInfo> r) { lost_op = r.status(); });
-  h.session->GetReceipts(5,
-                         [&](Result<std::vector<MemberReceipt>> r) { lost_receipts = r.status(); });
+  h.session->GetReceipts(
+      5, [&](Result<std::vector<MemberWatermarks>> r) { lost_receipts = r.status(); });
   CHECK(lost_op.ok());
   h.session->OnClosed(1006, "abnormal");
   CHECK(lost_op.code() == Code::kUnavailable);
@@ -1132,8 +1132,8 @@ TEST_CASE("session: group operations and GetReceipts fail Unavailable offline an
 TEST_CASE("session: GetReceipts returns every member's watermarks") {
   Harness h;
   h.ConnectLive();
-  Result<std::vector<MemberReceipt>> got = Internal("not called");
-  h.session->GetReceipts(5, [&](Result<std::vector<MemberReceipt>> r) { got = std::move(r); });
+  Result<std::vector<MemberWatermarks>> got = Internal("not called");
+  h.session->GetReceipts(5, [&](Result<std::vector<MemberWatermarks>> r) { got = std::move(r); });
   auto written = OfCase(h.io.Take(), v1::Envelope::kGetReceipts);
   REQUIRE(written.size() == 1);
   CHECK(written[0].get_receipts().conversation_id() == 5);
