@@ -259,6 +259,26 @@ void AddServeFlags(CLI::App* serve, ServeFlags* f) {
       ->add_option("--sync-catchup-max", o.sync_catchup_max,
                    "Per conversation; past it Sync returns a Gap")
       ->capture_default_str();
+  serve
+      ->add_option("--max-group-members", o.max_group_members,
+                   "Members per group, creator included; 0 = no cap")
+      ->capture_default_str();
+  serve
+      ->add_option("--max-channel-members", o.max_channel_members,
+                   "Members per channel, creator included; 0 = no cap")
+      ->capture_default_str();
+  serve
+      ->add_option("--max-channel-subscriptions", o.max_channel_subscriptions,
+                   "Channels one connection receives live at once")
+      ->capture_default_str();
+  serve
+      ->add_option("--typing-expires-ms", o.typing_expires_ms,
+                   "How long clients show a typing indicator unless refreshed")
+      ->capture_default_str();
+  serve
+      ->add_option("--typing-interval-ms", o.typing_interval_ms,
+                   "Typing repeats per device and conversation within this are dropped")
+      ->capture_default_str();
   serve->add_option("--commit-batch-max", o.commit_batch_max, "Messages per transaction")
       ->capture_default_str();
   serve

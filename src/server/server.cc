@@ -168,6 +168,8 @@ Status Validate(const ServerOptions& o) {
       {o.commit_batch_max, "commit_batch_max"},
       {o.writer_queue_max, "writer_queue_max"},
       {o.reader_threads, "reader_threads"},
+      {o.max_channel_subscriptions, "max_channel_subscriptions"},
+      {o.typing_expires_ms, "typing_expires_ms"},
   };
   for (const auto& [value, field] : positive) {
     Status s = Positive(value, field);
