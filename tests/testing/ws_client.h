@@ -26,6 +26,7 @@
 
 #include "chat/status.h"
 #include "chat/v1/chat.pb.h"
+#include "tests/testing/envelopes.h"
 
 struct lws;
 struct lws_context;
@@ -136,20 +137,6 @@ class WsClient {
   int binary_frames_ = 0;
   int undecodable_frames_ = 0;
 };
-
-// A random client_msg_id (32 hex characters, 128 bits).
-std::string NewClientMsgId();
-
-// Envelope builders for the requests tests send most. rid 0 lets Request() pick one.
-v1::Envelope MakeSendToPeer(const std::string& peer, const std::string& client_msg_id,
-                            const std::string& body, uint64_t rid = 0);
-v1::Envelope MakeSendToConversation(uint64_t conversation_id, const std::string& client_msg_id,
-                                    const std::string& body, uint64_t rid = 0);
-// `cursors` are (conversation_id, seq) pairs.
-v1::Envelope MakeSync(const std::vector<std::pair<uint64_t, uint64_t>>& cursors, uint32_t limit = 0,
-                      uint64_t rid = 0);
-v1::Envelope MakeHistory(uint64_t conversation_id, uint64_t before_seq, uint32_t limit,
-                         uint64_t rid = 0);
 
 // Result of a plain HTTP/1.1 GET over loopback.
 struct HttpResponse {

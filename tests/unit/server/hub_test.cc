@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "chat/auth.h"
+#include "tests/testing/envelopes.h"
 #include "tests/testing/hub_harness.h"
 
 namespace chat::testing {
@@ -21,34 +22,18 @@ v1::Envelope Only(std::vector<v1::Envelope> envelopes) {
 }
 
 v1::Envelope PingEnvelope(uint64_t rid, int64_t client_time_ms = 0) {
-  v1::Envelope envelope;
-  envelope.set_rid(rid);
-  envelope.mutable_ping()->set_client_time_ms(client_time_ms);
-  return envelope;
+  return MakePing(client_time_ms, rid);
 }
 
 v1::Envelope SyncEnvelope(uint64_t rid, std::vector<Cursor> cursors = {}, uint32_t limit = 0) {
-  v1::Envelope envelope;
-  envelope.set_rid(rid);
-  v1::Sync* sync = envelope.mutable_sync();
-  for (const Cursor& cursor : cursors) {
-    v1::Cursor* out = sync->add_cursors();
-    out->set_conversation_id(cursor.conversation_id);
-    out->set_seq(cursor.seq);
-  }
-  sync->set_limit(limit);
-  return envelope;
+  std::vector<std::pair<uint64_t, uint64_t>> pairs;
+  for (const Cursor& cursor : cursors) pairs.emplace_back(cursor.conversation_id, cursor.seq);
+  return MakeSync(pairs, limit, rid);
 }
 
 v1::Envelope HistoryEnvelope(uint64_t rid, ConversationId conversation_id, Seq before_seq,
                              uint32_t limit) {
-  v1::Envelope envelope;
-  envelope.set_rid(rid);
-  v1::History* history = envelope.mutable_history();
-  history->set_conversation_id(conversation_id);
-  history->set_before_seq(before_seq);
-  history->set_limit(limit);
-  return envelope;
+  return MakeHistory(conversation_id, before_seq, limit, rid);
 }
 
 // Checks that `envelope` is an Error with `code` and rid, and returns it.
