@@ -423,4 +423,20 @@ Status Cache::FailOutbox(const std::string& client_msg_id, const Status& reason)
   return Status::Ok();
 }
 
+MessageEvent OutboxMessageEvent(const OutboxEntry& entry, const UserId& user,
+                                const DeviceId& device) {
+  MessageEvent event;
+  event.message.conversation_id = entry.conversation_id;
+  event.message.client_msg_id = entry.client_msg_id;
+  event.message.content_type = entry.content_type;
+  event.message.body = entry.body;
+  event.message.sender = user;
+  event.message.sender_device = device;
+  event.peer = entry.peer;
+  event.status = entry.status;
+  event.outgoing = true;
+  event.reason = entry.reason;
+  return event;
+}
+
 }  // namespace chat::client

@@ -41,6 +41,10 @@ struct OutboxEntry {
   Status reason;                                   // kFailed
 };
 
+// How an outbox entry of `user`'s device `device` is shown to the application.
+MessageEvent OutboxMessageEvent(const OutboxEntry& entry, const UserId& user,
+                                const DeviceId& device);
+
 struct ConversationRow {
   ConversationInfo info;
   Seq cursor = 0;  // see the file comment

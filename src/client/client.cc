@@ -222,18 +222,7 @@ class Client::Impl final : public ClientListener, public client::SessionIo {
     std::vector<MessageEvent> out;
     const std::string me = cache_->UserId();
     for (const client::OutboxEntry& e : cache_->ListOutbox()) {
-      MessageEvent event;
-      event.message.conversation_id = e.conversation_id;
-      event.message.client_msg_id = e.client_msg_id;
-      event.message.content_type = e.content_type;
-      event.message.body = e.body;
-      event.message.sender = me;
-      event.message.sender_device = options_.device_id;
-      event.peer = e.peer;
-      event.status = e.status;
-      event.outgoing = true;
-      event.reason = e.reason;
-      out.push_back(std::move(event));
+      out.push_back(client::OutboxMessageEvent(e, me, options_.device_id));
     }
     return out;
   }

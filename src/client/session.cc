@@ -961,16 +961,8 @@ void Session::History(ConversationId conversation, Seq before_seq, uint32_t limi
 
 void Session::OnOutboxAdded(const OutboxEntry& entry) {
   if (phase_ == Phase::kClosed) return;
-  MessageEvent event;
-  event.message.conversation_id = entry.conversation_id;
-  event.message.client_msg_id = entry.client_msg_id;
-  event.message.content_type = entry.content_type;
-  event.message.body = entry.body;
-  event.message.sender = user_id_;
-  event.message.sender_device = options_.device_id;
-  event.peer = entry.peer;
+  MessageEvent event = OutboxMessageEvent(entry, user_id_, options_.device_id);
   event.status = MessageStatus::kPending;
-  event.outgoing = true;
   listener_->OnMessage(event);
   PumpOutbox();
 }
