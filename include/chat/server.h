@@ -73,6 +73,13 @@ struct ServerOptions {
   size_t writer_queue_max = 20'000;        // messages waiting for commit; past it reads pause
   uint32_t reader_threads = 2;             // threads serving Sync and History
 
+  // --- Retention (see docs/retention.md) ---
+  // Messages older than this are deleted by a background sweep, unless their conversation has
+  // its own retention (MessageStore::SetRetention). Milliseconds; 0 = keep forever (default).
+  int64_t retention_ms = 0;
+  uint32_t retention_sweep_interval_ms = 60'000;  // between sweeps; 0 = never sweep
+  uint32_t retention_batch_max = 1000;  // messages deleted per transaction, at most; >= 1
+
   // --- HTTP ---
   bool serve_healthz = true;               // GET /healthz answers 200 "ok"
 };

@@ -163,6 +163,18 @@ struct ReceiptsReply {
   std::vector<MemberReceipt> members;
 };
 
+// One bounded retention pass; see MessageStore::DeleteExpired.
+struct SweepRequest {
+  int64_t now_ms = 0;                // wall clock, milliseconds since the Unix epoch
+  int64_t default_retention_ms = 0;  // for conversations without their own; 0 = keep forever
+  uint32_t max_messages = 1000;      // deleted in this call (one transaction), at most; >= 1
+};
+
+struct SweepResult {
+  uint64_t deleted = 0;   // messages deleted by this call
+  bool has_more = false;  // the bound cut the pass: expired messages remain
+};
+
 class CHAT_EXPORT MessageStore {
  public:
   MessageStore() = default;
@@ -194,6 +206,21 @@ class CHAT_EXPORT MessageStore {
   // The members' watermarks and the user's standing. PermissionDenied unless the user is a
   // current member (a missing conversation looks the same).
   virtual Result<ReceiptsReply> Receipts(const ReceiptsQuery& query) = 0;
+
+  // Retention: deletes, in one transaction, at most request.max_messages expired messages. A
+  // message is expired when its server time is older than now_ms minus its conversation's
+  // retention_ms (or default_retention_ms when the conversation has none). Only the oldest run
+  // of a conversation is deleted, so what stays is always the contiguous range
+  // [first_seq, last_seq]; first_seq advances (0 once nothing is stored), last_seq never moves,
+  // and Sync reports the deleted range as a Gap. Called by one thread at a time, like Append.
+  // InvalidArgument if max_messages is 0 or default_retention_ms is negative. The default
+  // implementation returns FailedPrecondition (not supported by this store).
+  virtual Result<SweepResult> DeleteExpired(const SweepRequest& request);
+
+  // Sets a conversation's own retention (milliseconds; 0 = follow the server-wide default).
+  // NotFound if the conversation does not exist; InvalidArgument if retention_ms is negative.
+  // The default implementation returns FailedPrecondition (not supported by this store).
+  virtual Status SetRetention(ConversationId conversation_id, int64_t retention_ms);
 };
 
 // Forwards every call to `target`; override what a test or a metric needs.
@@ -213,6 +240,12 @@ class CHAT_EXPORT MessageStoreWrapper : public MessageStore {
   }
   Result<ReceiptsReply> Receipts(const ReceiptsQuery& query) override {
     return target_->Receipts(query);
+  }
+  Result<SweepResult> DeleteExpired(const SweepRequest& request) override {
+    return target_->DeleteExpired(request);
+  }
+  Status SetRetention(ConversationId conversation_id, int64_t retention_ms) override {
+    return target_->SetRetention(conversation_id, retention_ms);
   }
 
  protected:

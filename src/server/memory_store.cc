@@ -38,6 +38,7 @@ struct Conversation {
   std::string title;
   Seq last_seq = 0;
   Seq first_seq = 0;
+  int64_t retention_ms = 0;  // 0: the server-wide default
   int64_t created_ms = 0;
   int64_t last_activity_ms = 0;
   std::map<UserId, Member> members;  // current and removed
@@ -322,6 +323,43 @@ class MemoryStore final : public MessageStore {
     std::lock_guard lock(mu_);
     MemorySource source(&data_);
     return server::RunReceipts(source, query);
+  }
+
+  Result<SweepResult> DeleteExpired(const SweepRequest& request) override {
+    if (Status s = server::ValidateSweep(request); !s.ok()) return s;
+    std::lock_guard lock(mu_);
+    SweepResult result;
+    for (auto& [id, c] : data_.conversations) {
+      const int64_t ttl = server::EffectiveRetention(c.retention_ms, request.default_retention_ms);
+      if (ttl <= 0) continue;
+      const int64_t cutoff = request.now_ms - ttl;
+      // Only the oldest run goes, so the stored range stays contiguous even if the clock that
+      // stamped the messages stepped back.
+      while (!c.messages.empty() && c.messages.begin()->second.server_time_ms < cutoff) {
+        if (result.deleted == request.max_messages) {
+          result.has_more = true;
+          break;
+        }
+        const Message& m = c.messages.begin()->second;
+        if (!m.client_msg_id.empty()) data_.keys.erase({m.sender, m.client_msg_id});
+        c.messages.erase(c.messages.begin());
+        ++result.deleted;
+      }
+      c.first_seq = c.messages.empty() ? 0 : c.messages.begin()->first;
+      if (result.has_more) break;
+    }
+    return result;
+  }
+
+  Status SetRetention(ConversationId conversation_id, int64_t retention_ms) override {
+    if (retention_ms < 0) return InvalidArgument("retention_ms must not be negative");
+    std::lock_guard lock(mu_);
+    auto it = data_.conversations.find(conversation_id);
+    if (it == data_.conversations.end()) {
+      return NotFound("conversation " + std::to_string(conversation_id) + " does not exist");
+    }
+    it->second.retention_ms = retention_ms;
+    return Status::Ok();
   }
 
   Result<std::vector<UserId>> Members(ConversationId conversation_id) override {

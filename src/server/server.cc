@@ -179,6 +179,8 @@ Status Validate(const ServerOptions& o) {
     // Clients heartbeat at this interval; at or above the idle timeout they would be closed.
     return InvalidArgument("heartbeat_interval_ms must be < idle_timeout_ms");
   }
+  if (o.retention_ms < 0) return InvalidArgument("retention_ms must not be negative");
+  if (Status s = Positive(o.retention_batch_max, "retention_batch_max"); !s.ok()) return s;
   return Status::Ok();
 }
 
@@ -227,6 +229,12 @@ class ServerImpl final : public Server, private server::HubIo {
     store_options.append_queue_max = 2 * options_.writer_queue_max;
     store_options.read_queue_max = kReadQueueMax;
     store_options.overload_retry_after_ms = kRetryAfterBaseMs;
+    store_options.retention_sweep = options_.retention_sweep_interval_ms > 0;
+    store_options.retention_ms = options_.retention_ms;
+    store_options.retention_sweep_interval_ms = options_.retention_sweep_interval_ms;
+    store_options.retention_batch_max = options_.retention_batch_max;
+    // Messages are stamped with this clock's wall time, so expiry is measured by it too.
+    store_options.wall_ms = [clock = options_.clock] { return clock->WallMs(); };
     store_threads_ =
         std::make_unique<server::StoreThreads>(options_.store, store_options, [this] { Wake(); });
 

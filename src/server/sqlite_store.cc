@@ -149,6 +149,11 @@ enum class Sql : int {
   kUnread,
   kRangeAscending,
   kRangeDescending,
+  kRetentionCandidates,
+  kRetentionScan,
+  kDeleteThrough,
+  kSetFirstSeq,
+  kSetRetention,
   kCount,
 };
 
@@ -213,6 +218,13 @@ constexpr std::array<const char*, static_cast<size_t>(Sql::kCount)> kSql = {
     "ORDER BY seq LIMIT ?4",
     "SELECT " CHAT_MESSAGE_COLUMNS
     " FROM messages WHERE conversation_id = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3",
+    "SELECT conversation_id, first_seq, CASE WHEN retention_ms > 0 THEN retention_ms ELSE ?1 END "
+    "FROM conversations WHERE first_seq > 0 AND (retention_ms > 0 OR ?1 > 0) "
+    "ORDER BY conversation_id",
+    "SELECT seq, ts FROM messages WHERE conversation_id = ?1 AND seq >= ?2 ORDER BY seq LIMIT ?3",
+    "DELETE FROM messages WHERE conversation_id = ?1 AND seq <= ?2",
+    "UPDATE conversations SET first_seq = ?2 WHERE conversation_id = ?1",
+    "UPDATE conversations SET retention_ms = ?2 WHERE conversation_id = ?1",
 };
 
 #undef CHAT_MESSAGE_COLUMNS
@@ -825,6 +837,37 @@ class SqliteStore final : public MessageStore {
     return s;
   }
 
+  Result<SweepResult> DeleteExpired(const SweepRequest& request) override {
+    if (Status s = server::ValidateSweep(request); !s.ok()) return s;
+    std::lock_guard lock(writer_mu_);
+    SweepResult result;
+    Status s = Query(*writer_, Sql::kBeginImmediate).Run();
+    if (s.ok()) {
+      s = Sweep(request, &result);
+      if (s.ok()) s = Query(*writer_, Sql::kCommit).Run();
+      if (!s.ok()) (void)Query(*writer_, Sql::kRollback).Run();
+    }
+    if (!s.ok()) return s;
+    return result;
+  }
+
+  Status SetRetention(ConversationId conversation_id, int64_t retention_ms) override {
+    if (retention_ms < 0) return InvalidArgument("retention_ms must not be negative");
+    std::lock_guard lock(writer_mu_);
+    {
+      Query q(*writer_, Sql::kConversationExists);
+      q.U64(conversation_id);
+      Result<bool> exists = q.Step();
+      if (!exists.ok()) return exists.status();
+      if (!*exists) {
+        return NotFound("conversation " + std::to_string(conversation_id) + " does not exist");
+      }
+    }
+    Query q(*writer_, Sql::kSetRetention);
+    q.U64(conversation_id).Int(retention_ms);
+    return q.Run();
+  }
+
   Result<SyncReply> Sync(const SyncQuery& query) override {
     return WithReader<SyncReply>([&](Connection& conn) {
       SqliteSource source(conn);
@@ -864,6 +907,65 @@ class SqliteStore final : public MessageStore {
               std::vector<std::unique_ptr<Connection>> readers)
       : epoch_(epoch), writer_(std::move(writer)), readers_(std::move(readers)) {
     for (auto& reader : readers_) idle_.push_back(reader.get());
+  }
+
+  // One retention pass inside the writer's open transaction. The candidates are read first, so
+  // no statement is stepping over a table while it is changed.
+  Status Sweep(const SweepRequest& request, SweepResult* result) {
+    struct Candidate {
+      ConversationId conversation_id;
+      Seq first_seq;
+      int64_t retention_ms;
+    };
+    std::vector<Candidate> candidates;
+    {
+      Query q(*writer_, Sql::kRetentionCandidates);
+      q.Int(request.default_retention_ms);
+      for (;;) {
+        Result<bool> row = q.Step();
+        if (!row.ok()) return row.status();
+        if (!*row) break;
+        candidates.push_back({q.ColumnU64(0), q.ColumnU64(1), q.ColumnInt(2)});
+      }
+    }
+    for (const Candidate& c : candidates) {
+      // With no room left the scan still reads one row, to tell whether more is expired.
+      const uint64_t room = request.max_messages - result->deleted;
+      const int64_t cutoff = request.now_ms - c.retention_ms;
+      // Only the oldest run goes, so the stored range stays contiguous even if the clock that
+      // stamped the messages stepped back. One row past the room tells what follows the cut.
+      Seq through = 0;
+      Seq next = 0;
+      uint64_t expired = 0;
+      {
+        Query q(*writer_, Sql::kRetentionScan);
+        q.U64(c.conversation_id).U64(c.first_seq).Int(static_cast<int64_t>(room) + 1);
+        for (;;) {
+          Result<bool> row = q.Step();
+          if (!row.ok()) return row.status();
+          if (!*row) break;
+          if (expired == room || q.ColumnInt(1) >= cutoff) {
+            next = q.ColumnU64(0);
+            if (expired == room && q.ColumnInt(1) < cutoff) result->has_more = true;
+            break;
+          }
+          through = q.ColumnU64(0);
+          ++expired;
+        }
+      }
+      if (expired == 0) continue;
+      {
+        Query q(*writer_, Sql::kDeleteThrough);
+        q.U64(c.conversation_id).U64(through);
+        if (Status s = q.Run(); !s.ok()) return s;
+      }
+      Query q(*writer_, Sql::kSetFirstSeq);
+      q.U64(c.conversation_id).U64(next);
+      if (Status s = q.Run(); !s.ok()) return s;
+      result->deleted += expired;
+      if (result->has_more) return Status::Ok();
+    }
+    return Status::Ok();
   }
 
   static Status TooNew(int64_t version) {

@@ -5,6 +5,18 @@
 #include <string>
 #include <utility>
 
+namespace chat {
+
+Result<SweepResult> MessageStore::DeleteExpired(const SweepRequest& /*request*/) {
+  return FailedPrecondition("this store does not support retention");
+}
+
+Status MessageStore::SetRetention(ConversationId /*conversation_id*/, int64_t /*retention_ms*/) {
+  return FailedPrecondition("this store does not support retention");
+}
+
+}  // namespace chat
+
 namespace chat::server {
 
 Status NotAMember(ConversationId conversation_id) {
@@ -593,6 +605,14 @@ Result<HistoryReply> RunHistory(ReadSource& source, const HistoryQuery& query) {
   std::erase_if(reply.messages, [&](const Message& m) { return m.seq < visible_from; });
   reply.has_more = !reply.messages.empty() && reply.messages.back().seq > reply.first_seq;
   return reply;
+}
+
+Status ValidateSweep(const SweepRequest& request) {
+  if (request.max_messages == 0) return InvalidArgument("max_messages must be at least 1");
+  if (request.default_retention_ms < 0) {
+    return InvalidArgument("default_retention_ms must not be negative");
+  }
+  return Status::Ok();
 }
 
 Result<ReceiptsReply> RunReceipts(ReadSource& source, const ReceiptsQuery& query) {

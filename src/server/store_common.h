@@ -136,6 +136,14 @@ Result<HistoryReply> RunHistory(ReadSource& source, const HistoryQuery& query);
 // MessageStore::Receipts over `source`.
 Result<ReceiptsReply> RunReceipts(ReadSource& source, const ReceiptsQuery& query);
 
+// InvalidArgument unless `request` is a valid MessageStore::DeleteExpired request.
+Status ValidateSweep(const SweepRequest& request);
+
+// The retention in force for a conversation: its own when set, else the default; 0 = keep.
+inline int64_t EffectiveRetention(int64_t own_ms, int64_t default_ms) {
+  return own_ms > 0 ? own_ms : default_ms;
+}
+
 // The message every store uses for a refused membership check, so a missing conversation and
 // a foreign one look the same.
 Status NotAMember(ConversationId conversation_id);

@@ -97,15 +97,25 @@ void StoreThreads::TakeCompletions(std::vector<AppendDone>* appends, std::vector
 
 void StoreThreads::WriterLoop() {
   const size_t batch_max = std::max<uint32_t>(options_.commit_batch_max, 1);
+  const bool sweeping = options_.retention_sweep && options_.wall_ms;
+  const auto interval =
+      std::chrono::milliseconds(std::max<uint32_t>(options_.retention_sweep_interval_ms, 1));
+  auto next_sweep = std::chrono::steady_clock::now() + interval;
   std::vector<AppendJob> jobs;
   jobs.reserve(batch_max);
   for (;;) {
     {
       std::unique_lock<std::mutex> lock(mu_);
-      append_cv_.wait(lock, [this] { return stopping_ || !append_queue_.empty(); });
-      if (append_queue_.empty()) return;  // stopping, and everything accepted was committed
+      auto ready = [this] { return stopping_ || !append_queue_.empty(); };
+      if (sweeping) {
+        append_cv_.wait_until(lock, next_sweep, ready);
+      } else {
+        append_cv_.wait(lock, ready);
+      }
+      if (append_queue_.empty() && stopping_) return;  // everything accepted was committed
       // Waiting for a fuller group trades latency for fewer transactions (fewer fsyncs).
-      if (options_.commit_delay_ms > 0 && !stopping_ && append_queue_.size() < batch_max) {
+      if (!append_queue_.empty() && options_.commit_delay_ms > 0 && !stopping_ &&
+          append_queue_.size() < batch_max) {
         const auto deadline =
             std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.commit_delay_ms);
         append_cv_.wait_until(lock, deadline, [this, batch_max] {
@@ -118,9 +128,41 @@ void StoreThreads::WriterLoop() {
         append_queue_.pop_front();
       }
     }
-    Commit(&jobs);
-    jobs.clear();
+    if (!jobs.empty()) {
+      Commit(&jobs);
+      jobs.clear();
+    }
+    if (sweeping && std::chrono::steady_clock::now() >= next_sweep) {
+      // A pass cut by its bound continues right after the next commit group.
+      const bool more = SweepOnce();
+      next_sweep =
+          more ? std::chrono::steady_clock::now() : std::chrono::steady_clock::now() + interval;
+    }
   }
+}
+
+bool StoreThreads::SweepOnce() {
+  if (sweep_unsupported_) return false;
+  SweepRequest request;
+  request.now_ms = options_.wall_ms();
+  request.default_retention_ms = options_.retention_ms;
+  request.max_messages = std::max<uint32_t>(options_.retention_batch_max, 1);
+  Result<SweepResult> swept = store_->DeleteExpired(request);
+  if (swept.status().code() == Code::kFailedPrecondition) {
+    // A store without retention support says so once, not every interval.
+    sweep_unsupported_ = true;
+    Log(LogLevel::kWarn, "chat: retention is off: " + swept.status().ToString());
+    return false;
+  }
+  if (!swept.ok()) {
+    Log(LogLevel::kError, "chat: retention sweep failed: " + swept.status().ToString());
+    return false;
+  }
+  if (swept->deleted > 0) {
+    Log(LogLevel::kInfo,
+        "chat: retention deleted " + std::to_string(swept->deleted) + " expired messages");
+  }
+  return swept->has_more;
 }
 
 void StoreThreads::Commit(std::vector<AppendJob>* jobs) {

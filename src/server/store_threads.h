@@ -7,6 +7,9 @@
 // posted to a mutex-guarded queue and announced with `wake`, after which the loop collects them
 // with TakeCompletions.
 //
+// With retention on, the writer also runs MessageStore::DeleteExpired in bounded passes between
+// commit groups, so a sweep never holds the write lock for longer than one small transaction.
+//
 // Both job queues are bounded. A job submitted past its bound is not queued: it completes at
 // once with Unavailable ("server overloaded"), so the sender gets an error instead of the server
 // growing without limit. Such an early failure may overtake appends still queued before it.
@@ -51,6 +54,15 @@ struct StoreThreadsOptions {
   size_t append_queue_max = 40'000;         // queued appends; past it a job fails with Unavailable
   size_t read_queue_max = 10'000;           // queued reads; past it a job fails with Unavailable
   uint32_t overload_retry_after_ms = 1000;  // told to senders refused past a bound
+  // Retention: the writer deletes expired messages every retention_sweep_interval_ms, at most
+  // retention_batch_max per transaction, between commit groups (queued appends go first).
+  // retention_sweep false: no sweeps at all.
+  bool retention_sweep = false;
+  int64_t retention_ms = 0;  // server-wide default; 0 = keep forever
+  uint32_t retention_sweep_interval_ms = 60'000;
+  uint32_t retention_batch_max = 1000;
+  std::function<int64_t()> wall_ms =
+      nullptr;  // the clock that stamps messages; required when sweeping
 };
 
 class StoreThreads {
@@ -83,6 +95,8 @@ class StoreThreads {
   void WriterLoop();
   void ReaderLoop();
   void Commit(std::vector<AppendJob>* jobs);
+  // Runs one bounded retention pass; returns whether expired messages remain.
+  bool SweepOnce();
   void PostAppends(std::vector<AppendDone>* done);
   void PostRead(ReadDone done);
 
@@ -105,6 +119,7 @@ class StoreThreads {
   std::thread writer_;
   std::vector<std::thread> readers_;
   bool started_ = false;
+  bool sweep_unsupported_ = false;  // writer thread only
 };
 
 }  // namespace chat::server

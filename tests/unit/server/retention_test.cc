@@ -1,0 +1,288 @@
+// Retention in both stores: MessageStore::DeleteExpired and SetRetention, and what Sync and
+// History answer for the deleted range.
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "chat/store.h"
+#include "doctest/doctest.h"
+#include "tests/testing/temp_dir.h"
+
+namespace chat {
+namespace {
+
+enum class Kind { kMemory, kSqlite };
+
+struct Env {
+  explicit Env(Kind kind) {
+    if (kind == Kind::kMemory) {
+      store = NewMemoryStore();
+      return;
+    }
+    SqliteStoreOptions options;
+    options.path = dir.File("chat.db");
+    Result<std::shared_ptr<MessageStore>> opened = NewSqliteStore(options);
+    REQUIRE_MESSAGE(opened.ok(), opened.status().ToString());
+    store = *opened;
+  }
+
+  testing::TempDir dir;
+  std::shared_ptr<MessageStore> store;
+};
+
+MessageId next_message_id = 5000;
+
+// A message from `sender` stamped with server time `ts_ms`: to `peer` (direct, created on first
+// send) when `id` is 0, else into conversation `id`.
+AppendResult SendAt(MessageStore& store, ConversationId id, const UserId& sender,
+                    const UserId& peer, const std::string& key, int64_t ts_ms) {
+  AppendRequest r;
+  r.conversation_id = id;
+  r.peer = peer;
+  r.sender = sender;
+  r.sender_device = sender + "-phone";
+  r.client_msg_id = key;
+  r.message_id = ++next_message_id;
+  r.server_time_ms = ts_ms;
+  r.content_type = "text/plain";
+  r.body = key;
+  std::vector<AppendRequest> batch = {r};
+  std::vector<AppendResult> results;
+  Status s = store.Append(batch, &results);
+  REQUIRE_MESSAGE(s.ok(), s.ToString());
+  REQUIRE(results.size() == 1);
+  REQUIRE_MESSAGE(results[0].status.ok(), results[0].status.ToString());
+  return results[0];
+}
+
+// The direct conversation alice-bob with `n` messages from alice at ts 1000, 1001, ...
+ConversationId DirectWith(MessageStore& store, int n, const std::string& tag = "m") {
+  ConversationId id = 0;
+  for (int i = 0; i < n; ++i) {
+    AppendResult r = SendAt(store, id, "alice", "bob", tag + std::to_string(i), 1000 + i);
+    id = r.message.conversation_id;
+  }
+  return id;
+}
+
+SweepResult Sweep(MessageStore& store, int64_t now_ms, int64_t default_ms, uint32_t max) {
+  Result<SweepResult> r = store.DeleteExpired({now_ms, default_ms, max});
+  REQUIRE_MESSAGE(r.ok(), r.status().ToString());
+  return *r;
+}
+
+HistoryReply HistoryOf(MessageStore& store, ConversationId id, Seq before_seq) {
+  Result<HistoryReply> r = store.History({"bob", id, before_seq, 50});
+  REQUIRE_MESSAGE(r.ok(), r.status().ToString());
+  return *r;
+}
+
+SyncReply SyncFrom(MessageStore& store, ConversationId id, Seq cursor) {
+  SyncQuery q;
+  q.user = "bob";
+  q.device = "bob-phone";
+  q.cursors = {{id, cursor}};
+  Result<SyncReply> r = store.Sync(q);
+  REQUIRE_MESSAGE(r.ok(), r.status().ToString());
+  return *r;
+}
+
+std::vector<Seq> Seqs(const std::vector<Message>& messages) {
+  std::vector<Seq> out;
+  for (const Message& m : messages) out.push_back(m.seq);
+  return out;
+}
+
+#define RETENTION_CASE(fn, title)                               \
+  TEST_CASE("retention: memory: " title) { fn(Kind::kMemory); } \
+  TEST_CASE("retention: sqlite: " title) { fn(Kind::kSqlite); }
+
+void ExpiredDeletedOthersKept(Kind kind) {
+  Env env(kind);
+  const ConversationId id = DirectWith(*env.store, 5);  // seq 1..5 at ts 1000..1004
+  // Retention 1000 ms at 2003: ts < 1003 is expired, so seq 1..3 go.
+  SweepResult swept = Sweep(*env.store, 2003, 1000, 100);
+  CHECK(swept.deleted == 3);
+  CHECK_FALSE(swept.has_more);
+
+  HistoryReply history = HistoryOf(*env.store, id, 0);
+  CHECK(Seqs(history.messages) == std::vector<Seq>{5, 4});
+  CHECK(history.first_seq == 4);
+  CHECK_FALSE(history.has_more);
+
+  // Nothing else is expired yet: a second pass deletes nothing.
+  CHECK(Sweep(*env.store, 2003, 1000, 100).deleted == 0);
+  // Retention 0 keeps everything, however old.
+  CHECK(Sweep(*env.store, 1'000'000, 0, 100).deleted == 0);
+  CHECK(Seqs(HistoryOf(*env.store, id, 0).messages) == std::vector<Seq>{5, 4});
+}
+RETENTION_CASE(ExpiredDeletedOthersKept, "expired messages are deleted, newer ones kept")
+
+void SyncAcrossDeletedRangeIsAGap(Kind kind) {
+  Env env(kind);
+  const ConversationId id = DirectWith(*env.store, 5);
+  REQUIRE(Sweep(*env.store, 2003, 1000, 100).deleted == 3);
+
+  SyncReply reply = SyncFrom(*env.store, id, 0);
+  REQUIRE(reply.gaps.size() == 1);
+  CHECK(reply.gaps[0].conversation_id == id);
+  CHECK(reply.gaps[0].from_seq == 1);
+  CHECK(reply.gaps[0].to_seq == 3);
+  CHECK(Seqs(reply.messages) == std::vector<Seq>{4, 5});
+  REQUIRE(reply.conversations.size() == 1);
+  CHECK(reply.conversations[0].first_seq == 4);
+  CHECK(reply.conversations[0].last_seq == 5);
+
+  // A cursor inside the deleted range gets the rest of the range as its gap.
+  SyncReply partial = SyncFrom(*env.store, id, 2);
+  REQUIRE(partial.gaps.size() == 1);
+  CHECK(partial.gaps[0].from_seq == 3);
+  CHECK(partial.gaps[0].to_seq == 3);
+  CHECK(Seqs(partial.messages) == std::vector<Seq>{4, 5});
+
+  // A cursor past the deleted range sees no gap.
+  SyncReply after = SyncFrom(*env.store, id, 4);
+  CHECK(after.gaps.empty());
+  CHECK(Seqs(after.messages) == std::vector<Seq>{5});
+}
+RETENTION_CASE(SyncAcrossDeletedRangeIsAGap, "sync across the deleted range returns a gap")
+
+void HistoryBelowFirstSeqIsEmpty(Kind kind) {
+  Env env(kind);
+  const ConversationId id = DirectWith(*env.store, 5);
+  REQUIRE(Sweep(*env.store, 2003, 1000, 100).deleted == 3);
+
+  HistoryReply below = HistoryOf(*env.store, id, 3);
+  CHECK(below.messages.empty());
+  CHECK(below.first_seq == 4);
+  CHECK_FALSE(below.has_more);
+
+  HistoryReply from_five = HistoryOf(*env.store, id, 5);
+  CHECK(Seqs(from_five.messages) == std::vector<Seq>{4});
+  CHECK_FALSE(from_five.has_more);
+}
+RETENTION_CASE(HistoryBelowFirstSeqIsEmpty, "history below first_seq is empty, not an error")
+
+void BatchBoundRespected(Kind kind) {
+  Env env(kind);
+  const ConversationId id = DirectWith(*env.store, 10);  // all expired below
+  SweepResult first = Sweep(*env.store, 100'000, 1000, 4);
+  CHECK(first.deleted == 4);
+  CHECK(first.has_more);
+  CHECK(HistoryOf(*env.store, id, 0).first_seq == 5);
+
+  SweepResult second = Sweep(*env.store, 100'000, 1000, 4);
+  CHECK(second.deleted == 4);
+  CHECK(second.has_more);
+
+  SweepResult last = Sweep(*env.store, 100'000, 1000, 4);
+  CHECK(last.deleted == 2);
+  CHECK_FALSE(last.has_more);
+  CHECK(Sweep(*env.store, 100'000, 1000, 4).deleted == 0);
+
+  // Everything is gone: History is empty with first_seq 0, Sync is one gap, seq goes on.
+  HistoryReply empty = HistoryOf(*env.store, id, 0);
+  CHECK(empty.messages.empty());
+  CHECK(empty.first_seq == 0);
+  SyncReply sync = SyncFrom(*env.store, id, 0);
+  REQUIRE(sync.gaps.size() == 1);
+  CHECK(sync.gaps[0].from_seq == 1);
+  CHECK(sync.gaps[0].to_seq == 10);
+  CHECK(sync.messages.empty());
+
+  AppendResult next = SendAt(*env.store, id, "alice", "", "after", 200'000);
+  CHECK(next.message.seq == 11);
+  HistoryReply after = HistoryOf(*env.store, id, 0);
+  CHECK(Seqs(after.messages) == std::vector<Seq>{11});
+  CHECK(after.first_seq == 11);
+}
+RETENTION_CASE(BatchBoundRespected, "each call deletes at most max_messages")
+
+void BatchBoundSpansConversations(Kind kind) {
+  Env env(kind);
+  const ConversationId ab = DirectWith(*env.store, 3);
+  const ConversationId cb =
+      SendAt(*env.store, 0, "carol", "bob", "c0", 1000).message.conversation_id;
+  SendAt(*env.store, cb, "carol", "", "c1", 1001);
+  SweepResult first = Sweep(*env.store, 100'000, 1000, 4);
+  CHECK(first.deleted == 4);
+  CHECK(first.has_more);
+  SweepResult second = Sweep(*env.store, 100'000, 1000, 4);
+  CHECK(second.deleted == 1);
+  CHECK_FALSE(second.has_more);
+  CHECK(HistoryOf(*env.store, ab, 0).messages.empty());
+  CHECK(HistoryOf(*env.store, cb, 0).messages.empty());
+}
+RETENTION_CASE(BatchBoundSpansConversations, "the bound counts across conversations")
+
+void PerConversationRetention(Kind kind) {
+  Env env(kind);
+  const ConversationId short_lived = DirectWith(*env.store, 3);
+  const ConversationId kept =
+      SendAt(*env.store, 0, "carol", "bob", "c0", 1000).message.conversation_id;
+  REQUIRE(env.store->SetRetention(short_lived, 500).ok());
+
+  // No server-wide default: only the conversation with its own retention is swept.
+  CHECK(Sweep(*env.store, 10'000, 0, 100).deleted == 3);
+  CHECK(HistoryOf(*env.store, short_lived, 0).messages.empty());
+  CHECK(Seqs(HistoryOf(*env.store, kept, 0).messages) == std::vector<Seq>{1});
+
+  // Its own retention wins over a longer default.
+  SendAt(*env.store, short_lived, "alice", "", "late", 9'000);
+  CHECK(Sweep(*env.store, 10'000, 1'000'000, 100).deleted == 1);
+  CHECK(Seqs(HistoryOf(*env.store, kept, 0).messages) == std::vector<Seq>{1});
+
+  // Back to the default.
+  REQUIRE(env.store->SetRetention(short_lived, 0).ok());
+  SendAt(*env.store, short_lived, "alice", "", "later", 9'900);
+  CHECK(Sweep(*env.store, 10'000, 1'000'000, 100).deleted == 0);
+}
+RETENTION_CASE(PerConversationRetention, "a conversation's own retention overrides the default")
+
+void BadRequests(Kind kind) {
+  Env env(kind);
+  const ConversationId id = DirectWith(*env.store, 1);
+  CHECK(env.store->SetRetention(id + 100, 1000).code() == Code::kNotFound);
+  CHECK(env.store->SetRetention(id, -1).code() == Code::kInvalidArgument);
+
+  Result<SweepResult> zero = env.store->DeleteExpired({10'000, 1000, 0});
+  CHECK(zero.status().code() == Code::kInvalidArgument);
+  Result<SweepResult> negative = env.store->DeleteExpired({10'000, -5, 10});
+  CHECK(negative.status().code() == Code::kInvalidArgument);
+  // Nothing was deleted by the refused calls.
+  CHECK(HistoryOf(*env.store, id, 0).messages.size() == 1);
+}
+RETENTION_CASE(BadRequests, "bad arguments are refused with InvalidArgument or NotFound")
+
+void ResendAfterExpiryIsNew(Kind kind) {
+  Env env(kind);
+  const ConversationId id = DirectWith(*env.store, 2);
+  REQUIRE(Sweep(*env.store, 100'000, 1000, 100).deleted == 2);
+  // The idempotency key went with the message: a late resend is stored as a new message.
+  AppendResult resend = SendAt(*env.store, id, "alice", "", "m0", 100'000);
+  CHECK_FALSE(resend.duplicate);
+  CHECK(resend.message.seq == 3);
+}
+RETENTION_CASE(ResendAfterExpiryIsNew, "a resend after expiry is a new message")
+
+TEST_CASE("retention: sqlite: survives reopening") {
+  testing::TempDir dir;
+  SqliteStoreOptions options;
+  options.path = dir.File("chat.db");
+  ConversationId id = 0;
+  {
+    Result<std::shared_ptr<MessageStore>> opened = NewSqliteStore(options);
+    REQUIRE(opened.ok());
+    id = DirectWith(**opened, 3);
+    REQUIRE((*opened)->SetRetention(id, 100).ok());
+    REQUIRE(Sweep(**opened, 1001 + 100, 0, 100).deleted == 1);
+  }
+  Result<std::shared_ptr<MessageStore>> reopened = NewSqliteStore(options);
+  REQUIRE(reopened.ok());
+  CHECK(HistoryOf(**reopened, id, 0).first_seq == 2);
+  // The conversation's own retention was stored too.
+  CHECK(Sweep(**reopened, 10'000, 0, 100).deleted == 2);
+}
+
+}  // namespace
+}  // namespace chat
