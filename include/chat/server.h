@@ -25,6 +25,7 @@
 #include "chat/auth.h"
 #include "chat/clock.h"
 #include "chat/export.h"
+#include "chat/push.h"
 #include "chat/status.h"
 #include "chat/store.h"
 
@@ -79,6 +80,11 @@ struct ServerOptions {
   int64_t retention_ms = 0;
   uint32_t retention_sweep_interval_ms = 60'000;  // between sweeps; 0 = never sweep
   uint32_t retention_batch_max = 1000;  // messages deleted per transaction, at most; >= 1
+
+  // --- Push (see chat/push.h) ---
+  std::shared_ptr<PushNotifier> push;      // null: no push notifications
+  uint32_t push_collapse_ms = 2000;        // one notification per (user, conversation) per window
+  bool push_preview = true;                // false: notifications carry no message body
 
   // --- HTTP ---
   bool serve_healthz = true;               // GET /healthz answers 200 "ok"

@@ -1,7 +1,9 @@
 #include "src/server/hub.h"
 
 #include <algorithm>
+#include <deque>
 #include <functional>
+#include <map>
 #include <queue>
 #include <string>
 #include <unordered_map>
@@ -86,6 +88,12 @@ struct TypingMark {
 };
 // Conversations whose typing state one connection remembers; the oldest is forgotten past it.
 constexpr size_t kTypingMarksPerSession = 16;
+// Push: pending (user, conversation) notifications and users with registered tokens are bounded;
+// past the caps new ones are dropped, because a lost push is cheaper than unbounded memory.
+constexpr size_t kMaxPendingPushes = 100'000;
+constexpr size_t kMaxPushTokenUsers = 100'000;
+constexpr size_t kMaxPushTokenBytes = 4096;
+constexpr size_t kMaxPushPlatformBytes = 64;
 
 using Body = v1::Envelope::BodyCase;
 
@@ -341,6 +349,7 @@ class Hub::Impl {
         ArmTimer(id, *s);
       }
     }
+    FlushPushes(now);
   }
 
   void CloseAll() {
@@ -465,6 +474,9 @@ class Hub::Impl {
         return;
       case Body::kTyping:
         HandleTyping(id, s, envelope);
+        return;
+      case Body::kRegisterPushToken:
+        HandleRegisterPushToken(id, s, envelope);
         return;
       default:
         HandleUnsupported(id, s, envelope);
@@ -848,6 +860,81 @@ class Hub::Impl {
     }
   }
 
+  // Tokens live in memory only (not persisted yet), at most max_devices_per_user per user. An
+  // empty token unregisters the device. Without a notifier the server has no use for tokens.
+  void HandleRegisterPushToken(SessionId id, Session& s, const v1::Envelope& envelope) {
+    if (options_.push == nullptr) {
+      HandleUnsupported(id, s, envelope);
+      return;
+    }
+    const v1::RegisterPushToken& request = envelope.register_push_token();
+    if (request.token().size() > kMaxPushTokenBytes ||
+        request.platform().size() > kMaxPushPlatformBytes ||
+        (!request.token().empty() && request.platform().empty())) {
+      SendError(id, s, envelope.rid(),
+                InvalidArgument("push token needs a platform, at most 64 bytes, and a token of "
+                                "at most 4096 bytes"));
+      return;
+    }
+    auto it = push_tokens_.find(s.user);
+    if (it != push_tokens_.end()) {
+      std::erase_if(it->second, [&](const PushToken& t) { return t.device == s.device; });
+    }
+    if (!request.token().empty()) {
+      if (it == push_tokens_.end()) {
+        if (push_tokens_.size() >= kMaxPushTokenUsers) {
+          SendError(id, s, envelope.rid(), ResourceExhausted("too many users with push tokens"));
+          return;
+        }
+        it = push_tokens_.emplace(s.user, std::vector<PushToken>{}).first;
+      }
+      const size_t cap = std::max<size_t>(options_.max_devices_per_user, 1);
+      if (it->second.size() >= cap) it->second.erase(it->second.begin());
+      it->second.push_back(PushToken{s.device, request.platform(), request.token()});
+    } else if (it != push_tokens_.end() && it->second.empty()) {
+      push_tokens_.erase(it);
+    }
+    SendOk(id, s, envelope.rid());
+  }
+
+  // A committed user message for `user`, who has no online device: opens a collapse window for
+  // (user, conversation) or folds into the open one.
+  void QueuePush(const UserId& user, const Message& message) {
+    const PushKey key{user, message.conversation_id};
+    auto it = pending_pushes_.find(key);
+    if (it == pending_pushes_.end()) {
+      if (pending_pushes_.size() >= kMaxPendingPushes) return;
+      it = pending_pushes_.emplace(key, PushNotification{}).first;
+      it->second.user = user;
+      it->second.conversation_id = message.conversation_id;
+      it->second.collapsed = 0;
+      push_due_.emplace_back(clock_->MonotonicMs() + options_.push_collapse_ms, key);
+    }
+    PushNotification& n = it->second;
+    n.sender = message.sender;
+    n.seq = message.seq;
+    n.server_time_ms = message.server_time_ms;
+    if (options_.push_preview) n.preview = message.body;
+    ++n.collapsed;
+  }
+
+  // Hands the windows that ended to the notifier. Windows all have the same length, so the
+  // queue is in due order. A user who came online meanwhile has seen the messages: no push.
+  void FlushPushes(int64_t now) {
+    while (!push_due_.empty() && push_due_.front().first <= now) {
+      PushKey key = std::move(push_due_.front().second);
+      push_due_.pop_front();
+      auto it = pending_pushes_.find(key);
+      if (it == pending_pushes_.end()) continue;
+      PushNotification notification = std::move(it->second);
+      pending_pushes_.erase(it);
+      if (users_.contains(key.first)) continue;
+      auto tokens = push_tokens_.find(key.first);
+      if (tokens != push_tokens_.end()) notification.tokens = tokens->second;
+      options_.push->Notify(std::move(notification));
+    }
+  }
+
   void SendOk(SessionId id, const Session& s, uint64_t rid) {
     v1::Envelope ok;
     ok.set_rid(rid);
@@ -932,9 +1019,13 @@ class Hub::Impl {
     codec::ToProto(message, deliver.mutable_deliver()->mutable_message());
     codec::Frame binary;
     codec::Frame json;
+    const bool push = options_.push != nullptr && message.kind == MessageKind::kUser;
     for (const UserId& user : recipients) {
       auto it = users_.find(user);
-      if (it == users_.end()) continue;
+      if (it == users_.end()) {
+        if (push && user != message.sender) QueuePush(user, message);
+        continue;
+      }
       for (SessionId target : it->second) {
         if (target == sender) continue;
         Session* s = FindSession(target);
@@ -1017,6 +1108,12 @@ class Hub::Impl {
   uint64_t removals_ = 0;  // commits that removed members, to spot reads that predate one
   // Per connection: the typing state last forwarded, per conversation (bounded).
   std::unordered_map<SessionId, std::vector<TypingMark>> typing_;
+
+  // Push: open collapse windows, their due times in order, and registered device tokens.
+  using PushKey = std::pair<UserId, ConversationId>;
+  std::map<PushKey, PushNotification> pending_pushes_;
+  std::deque<std::pair<int64_t, PushKey>> push_due_;
+  std::unordered_map<UserId, std::vector<PushToken>> push_tokens_;
 
   uint64_t next_token_ = 1;
   std::unordered_map<uint64_t, PendingAppend> pending_appends_;

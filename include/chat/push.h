@@ -1,0 +1,87 @@
+// Push notifications for users with no online device.
+//
+// After a message is committed, every recipient (sender excluded) with no connected device gets
+// a pending notification. Notifications are collapsed per (user, conversation): the first
+// message opens a window of ServerOptions::push_collapse_ms, and when it ends the notifier is
+// called once with the latest message and how many messages the window held.
+//
+//   chat::ServerOptions options;
+//   options.push = chat::NewWebhookNotifier({.url = "http://127.0.0.1:9000/push"}).value();
+//
+// Device tokens registered with RegisterPushToken are kept in memory by the server (bounded per
+// user) and are not persisted yet: after a restart, devices register again on their next Hello.
+//
+// Thread-safety: the server calls Notify from its event-loop thread only. Notify must return
+// quickly and must not block on the network; NewWebhookNotifier's notifier queues and returns.
+#ifndef CHAT_PUSH_H_
+#define CHAT_PUSH_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "chat/export.h"
+#include "chat/status.h"
+#include "chat/types.h"
+
+namespace chat {
+
+// A device token as the client registered it.
+struct PushToken {
+  DeviceId device;
+  std::string platform;  // "apns", "fcm", "webhook", ...
+  std::string token;
+};
+
+struct PushNotification {
+  UserId user;  // the recipient, who has no online device
+  ConversationId conversation_id = 0;
+  UserId sender;               // of the latest message in the window
+  Seq seq = 0;                 // of the latest message in the window
+  int64_t server_time_ms = 0;  // of the latest message in the window
+  std::string preview;         // the latest body; empty when ServerOptions::push_preview is false
+  uint32_t collapsed = 1;      // messages in this window for (user, conversation)
+  // The user's unread total across conversations (the badge). The server does not compute it
+  // yet and always sends 0.
+  uint64_t unread_total = 0;
+  std::vector<PushToken> tokens;  // the user's registered devices (may be empty)
+};
+
+class CHAT_EXPORT PushNotifier {
+ public:
+  virtual ~PushNotifier() = default;
+  // Called once per collapsed notification. Must not block.
+  virtual void Notify(PushNotification notification) = 0;
+};
+
+// Forwards to another notifier; derive from it to intercept a few calls.
+class CHAT_EXPORT PushNotifierWrapper : public PushNotifier {
+ public:
+  explicit PushNotifierWrapper(std::shared_ptr<PushNotifier> target) : target_(std::move(target)) {}
+  void Notify(PushNotification notification) override { target_->Notify(std::move(notification)); }
+
+ protected:
+  PushNotifier& target() { return *target_; }
+
+ private:
+  std::shared_ptr<PushNotifier> target_;
+};
+
+struct WebhookOptions {
+  std::string url;             // http://host[:port][/path]; https is not supported
+  uint32_t timeout_ms = 5000;  // connect, send and response, per attempt
+  size_t max_queue = 10'000;   // notifications waiting; past it new ones are dropped
+  uint32_t max_retries = 3;    // after the first attempt, on network errors and 5xx
+  uint32_t backoff_ms = 200;   // before the first retry; doubles for each further retry
+};
+
+// POSTs each notification as JSON (see docs/push.md) from a thread of its own. Notify only
+// queues. InvalidArgument if the URL is not http://host[:port][/path] or a limit is zero.
+CHAT_EXPORT Result<std::shared_ptr<PushNotifier>> NewWebhookNotifier(WebhookOptions options);
+
+}  // namespace chat
+
+#endif  // CHAT_PUSH_H_
