@@ -182,6 +182,8 @@ struct ServeFlags {
   std::string log_level = "info";
   SecretFlags secret;
   bool no_healthz = false;
+  std::string push_webhook;
+  bool no_push_preview = false;
 };
 
 void AddServeFlags(CLI::App* serve, ServeFlags* f) {
@@ -210,6 +212,14 @@ void AddServeFlags(CLI::App* serve, ServeFlags* f) {
       ->check(CLI::IsMember({"debug", "info", "warn", "error", "off"}))
       ->capture_default_str();
   serve->add_flag("--no-healthz", f->no_healthz, "Do not answer GET /healthz");
+  serve->add_option("--push-webhook", f->push_webhook,
+                    "POST push notifications for offline users as JSON to this http:// URL");
+  serve
+      ->add_option("--push-collapse-ms", o.push_collapse_ms,
+                   "One push per user and conversation within this window")
+      ->capture_default_str();
+  serve->add_flag("--no-push-preview", f->no_push_preview,
+                  "Push notifications carry no message body");
 
   serve
       ->add_option("--max-message-bytes", o.max_message_bytes,
@@ -291,6 +301,18 @@ void AddServeFlags(CLI::App* serve, ServeFlags* f) {
       ->capture_default_str();
   serve->add_option("--reader-threads", o.reader_threads, "Threads serving Sync and History")
       ->capture_default_str();
+  serve
+      ->add_option("--retention-ms", o.retention_ms,
+                   "Delete messages older than this (ms); 0 keeps them forever")
+      ->capture_default_str();
+  serve
+      ->add_option("--retention-sweep-interval-ms", o.retention_sweep_interval_ms,
+                   "Between retention sweeps (ms); 0 never sweeps")
+      ->capture_default_str();
+  serve
+      ->add_option("--retention-batch-max", o.retention_batch_max,
+                   "Expired messages deleted per transaction, at most")
+      ->capture_default_str();
 }
 
 int Serve(ServeFlags& flags) {
@@ -302,6 +324,16 @@ int Serve(ServeFlags& flags) {
   }
   chat::ServerOptions options = flags.options;
   options.serve_healthz = !flags.no_healthz;
+  options.push_preview = !flags.no_push_preview;
+  if (!flags.push_webhook.empty()) {
+    chat::Result<std::shared_ptr<chat::PushNotifier>> push =
+        chat::NewWebhookNotifier({.url = flags.push_webhook});
+    if (!push.ok()) {
+      std::cerr << "chatd: --push-webhook: " << push.status().message() << "\n";
+      return kExitUsage;
+    }
+    options.push = *push;
+  }
 
   chat::Result<std::shared_ptr<chat::Authenticator>> auth =
       chat::NewJwtAuthenticator({.secrets = {{"", *secret}}});
