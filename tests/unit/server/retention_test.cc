@@ -1,11 +1,14 @@
 // Retention in both stores: MessageStore::DeleteExpired and SetRetention, and what Sync and
 // History answer for the deleted range.
+#include <chrono>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "chat/store.h"
 #include "doctest/doctest.h"
+#include "src/server/store_threads.h"
 #include "tests/testing/temp_dir.h"
 
 namespace chat {
@@ -282,6 +285,45 @@ TEST_CASE("retention: sqlite: survives reopening") {
   CHECK(HistoryOf(**reopened, id, 0).first_seq == 2);
   // The conversation's own retention was stored too.
   CHECK(Sweep(**reopened, 10'000, 0, 100).deleted == 2);
+}
+
+void WriterThreadSweeps(Kind kind) {
+  Env env(kind);
+  const ConversationId id = DirectWith(*env.store, 5);
+  server::StoreThreadsOptions options;
+  options.retention_sweep = true;
+  options.retention_ms = 1000;
+  options.retention_sweep_interval_ms = 1;
+  options.retention_batch_max = 2;
+  options.wall_ms = [] { return int64_t{100'000}; };
+  server::StoreThreads threads(env.store, options, [] {});
+  threads.Start();
+  // Bounded wait for the writer thread: three passes of at most two messages each.
+  bool gone = false;
+  for (int attempt = 0; attempt < 1000 && !gone; ++attempt) {
+    gone = HistoryOf(*env.store, id, 0).messages.empty();
+    if (!gone) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  threads.Stop();
+  CHECK(gone);
+  SyncReply sync = SyncFrom(*env.store, id, 0);
+  REQUIRE(sync.gaps.size() == 1);
+  CHECK(sync.gaps[0].to_seq == 5);
+}
+RETENTION_CASE(WriterThreadSweeps, "the store writer thread sweeps expired messages")
+
+TEST_CASE("retention: no sweep when retention_sweep is off") {
+  Env env(Kind::kMemory);
+  const ConversationId id = DirectWith(*env.store, 3);
+  server::StoreThreadsOptions options;
+  options.retention_ms = 1000;
+  options.retention_sweep_interval_ms = 1;
+  options.wall_ms = [] { return int64_t{100'000}; };
+  server::StoreThreads threads(env.store, options, [] {});
+  threads.Start();
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  threads.Stop();
+  CHECK(HistoryOf(*env.store, id, 0).messages.size() == 3);
 }
 
 }  // namespace
