@@ -38,8 +38,8 @@ struct JwtOptions {
   // kid -> secret (raw bytes, at least 32). The entry with key "" is used for tokens without a
   // kid and for signing when no kid is given.
   std::map<std::string, std::string> secrets;
-  int64_t leeway_ms = 30'000;       // tolerated clock skew for exp and nbf
-  size_t max_token_bytes = 4096;    // longer tokens are refused before decoding
+  int64_t leeway_ms = 30'000;     // tolerated clock skew for exp and nbf
+  size_t max_token_bytes = 4096;  // longer tokens are refused before decoding
 };
 
 // Returns InvalidArgument if no secret is given or one is shorter than 32 bytes.

@@ -39,55 +39,55 @@ struct ServerOptions {
   std::string tls_key_path;                  // PEM
 
   // --- Parts (traits) ---
-  std::shared_ptr<MessageStore> store;          // required
+  std::shared_ptr<MessageStore> store;           // required
   std::shared_ptr<Authenticator> authenticator;  // required
-  std::shared_ptr<Clock> clock;                 // default: SystemClock()
-  uint32_t node_id = 0;                         // Snowflake node id, 0..1023
+  std::shared_ptr<Clock> clock;                  // default: SystemClock()
+  uint32_t node_id = 0;                          // Snowflake node id, 0..1023
 
   // --- Limits ---
-  size_t max_message_bytes = 256 * 1024;   // one assembled WebSocket message; close 1009 past it
-  size_t max_body_bytes = 64 * 1024;       // Send.body
-  uint32_t max_attachments = 16;           // per message
-  uint32_t hello_timeout_ms = 10'000;      // from connect to a valid Hello; close 4001 after
-  uint32_t idle_timeout_ms = 90'000;       // without any frame from the client; close 4002
-  uint32_t heartbeat_interval_ms = 30'000;  // told to clients in Welcome
-  size_t max_outbound_bytes = 1024 * 1024;  // queued for one connection; past it: slow consumer
-  uint32_t messages_per_second = 200;      // per connection, sustained (token bucket)
-  uint32_t messages_burst = 400;           // per connection, bucket size
+  size_t max_message_bytes = 256 * 1024;      // one assembled WebSocket message; close 1009 past it
+  size_t max_body_bytes = 64 * 1024;          // Send.body
+  uint32_t max_attachments = 16;              // per message
+  uint32_t hello_timeout_ms = 10'000;         // from connect to a valid Hello; close 4001 after
+  uint32_t idle_timeout_ms = 90'000;          // without any frame from the client; close 4002
+  uint32_t heartbeat_interval_ms = 30'000;    // told to clients in Welcome
+  size_t max_outbound_bytes = 1024 * 1024;    // queued for one connection; past it: slow consumer
+  uint32_t messages_per_second = 200;         // per connection, sustained (token bucket)
+  uint32_t messages_burst = 400;              // per connection, bucket size
   size_t bytes_per_second = 4 * 1024 * 1024;  // per connection, inbound
-  uint32_t max_devices_per_user = 16;      // concurrent connections of one user
-  uint32_t max_pending_connections = 1024;  // connections that have not sent Hello yet
-  uint32_t max_connections = 19'000;       // all connections; refused with UNAVAILABLE past it
-  uint32_t history_page_max = 200;         // messages per HistoryPage
-  uint32_t sync_page_max = 500;            // messages per SyncBatch
-  uint32_t sync_catchup_max = 1000;        // per conversation; past it Sync returns a Gap
-  uint32_t max_group_members = 500;        // per group, creator included; 0 = no cap
-  uint32_t max_channel_members = 1'000'000;  // per channel, creator included; 0 = no cap
-  uint32_t max_channel_subscriptions = 64;  // channels one connection receives live at once
-  uint32_t typing_expires_ms = 6000;       // told in TypingUpdate: show no longer unless refreshed
-  uint32_t typing_interval_ms = 1000;      // typing repeats per device and conversation within
-                                           // this are dropped; a change of state always passes
+  uint32_t max_devices_per_user = 16;         // concurrent connections of one user
+  uint32_t max_pending_connections = 1024;    // connections that have not sent Hello yet
+  uint32_t max_connections = 19'000;          // all connections; refused with UNAVAILABLE past it
+  uint32_t history_page_max = 200;            // messages per HistoryPage
+  uint32_t sync_page_max = 500;               // messages per SyncBatch
+  uint32_t sync_catchup_max = 1000;           // per conversation; past it Sync returns a Gap
+  uint32_t max_group_members = 500;           // per group, creator included; 0 = no cap
+  uint32_t max_channel_members = 1'000'000;   // per channel, creator included; 0 = no cap
+  uint32_t max_channel_subscriptions = 64;    // channels one connection receives live at once
+  uint32_t typing_expires_ms = 6000;   // told in TypingUpdate: show no longer unless refreshed
+  uint32_t typing_interval_ms = 1000;  // typing repeats per device and conversation within
+                                       // this are dropped; a change of state always passes
 
   // --- Store threads ---
-  uint32_t commit_batch_max = 512;         // messages per transaction, at most
-  uint32_t commit_delay_ms = 0;            // wait this long for more messages before a commit
-  size_t writer_queue_max = 20'000;        // messages waiting for commit; past it reads pause
-  uint32_t reader_threads = 2;             // threads serving Sync and History
+  uint32_t commit_batch_max = 512;   // messages per transaction, at most
+  uint32_t commit_delay_ms = 0;      // wait this long for more messages before a commit
+  size_t writer_queue_max = 20'000;  // messages waiting for commit; past it reads pause
+  uint32_t reader_threads = 2;       // threads serving Sync and History
 
   // --- Retention (see docs/retention.md) ---
   // Messages older than this are deleted by a background sweep, unless their conversation has
   // its own retention (MessageStore::SetRetention). Milliseconds; 0 = keep forever (default).
   int64_t retention_ms = 0;
   uint32_t retention_sweep_interval_ms = 60'000;  // between sweeps; 0 = never sweep
-  uint32_t retention_batch_max = 1000;  // messages deleted per transaction, at most; >= 1
+  uint32_t retention_batch_max = 1000;            // messages deleted per transaction, at most; >= 1
 
   // --- Push (see chat/push.h) ---
-  std::shared_ptr<PushNotifier> push;      // null: no push notifications
-  uint32_t push_collapse_ms = 2000;        // one notification per (user, conversation) per window
-  bool push_preview = true;                // false: notifications carry no message body
+  std::shared_ptr<PushNotifier> push;  // null: no push notifications
+  uint32_t push_collapse_ms = 2000;    // one notification per (user, conversation) per window
+  bool push_preview = true;            // false: notifications carry no message body
 
   // --- HTTP ---
-  bool serve_healthz = true;               // GET /healthz answers 200 "ok"
+  bool serve_healthz = true;  // GET /healthz answers 200 "ok"
 };
 
 class CHAT_EXPORT Server {

@@ -30,11 +30,11 @@ enum class MessageKind : int { kUnspecified = 0, kUser = 1, kSystem = 2 };
 struct Attachment {
   std::string url;
   std::string mime_type;
-  uint64_t size = 0;       // bytes
-  std::string sha256;      // 32 raw bytes, or empty
+  uint64_t size = 0;   // bytes
+  std::string sha256;  // 32 raw bytes, or empty
   std::string name;
-  uint32_t width = 0;      // pixels
-  uint32_t height = 0;     // pixels
+  uint32_t width = 0;   // pixels
+  uint32_t height = 0;  // pixels
   uint32_t duration_ms = 0;
 };
 
@@ -68,9 +68,9 @@ struct Message {
   int64_t server_time_ms = 0;  // Unix ms at commit
   MessageKind kind = MessageKind::kUser;
   std::string content_type;
-  std::string body;            // opaque bytes
+  std::string body;  // opaque bytes
   std::vector<Attachment> attachments;
-  SystemEvent system;          // kind == kSystem
+  SystemEvent system;  // kind == kSystem
 };
 
 // What one user knows about one conversation.
@@ -78,16 +78,16 @@ struct ConversationInfo {
   ConversationId conversation_id = 0;
   ConversationKind kind = ConversationKind::kUnspecified;
   std::string title;
-  UserId peer;                 // direct conversations: the other user
+  UserId peer;  // direct conversations: the other user
   Seq last_seq = 0;
-  Seq read_seq = 0;            // the user's read watermark (all devices)
-  Seq delivered_seq = 0;       // the device's delivered watermark
+  Seq read_seq = 0;       // the user's read watermark (all devices)
+  Seq delivered_seq = 0;  // the device's delivered watermark
   uint64_t unread = 0;
-  Seq first_seq = 0;           // lowest stored seq (retention); 0 when empty
+  Seq first_seq = 0;  // lowest stored seq (retention); 0 when empty
   Role role = Role::kUnspecified;
   uint32_t member_count = 0;
   int64_t last_activity_ms = 0;
-  Seq removed_at_seq = 0;      // non-zero: the user was removed at this seq, may read up to it
+  Seq removed_at_seq = 0;  // non-zero: the user was removed at this seq, may read up to it
 };
 
 // The highest seq a client holds for a conversation with nothing missing below it.

@@ -8,9 +8,9 @@
 namespace chat {
 
 struct BackoffPolicy {
-  int64_t base_ms = 500;             // ceiling of the first delay
-  int64_t cap_ms = 30'000;           // ceiling of every delay
-  int64_t reset_after_ms = 60'000;   // a connection that lasted this long resets the attempt count
+  int64_t base_ms = 500;            // ceiling of the first delay
+  int64_t cap_ms = 30'000;          // ceiling of every delay
+  int64_t reset_after_ms = 60'000;  // a connection that lasted this long resets the attempt count
 };
 
 // Delay before reconnect attempt `attempt` (0 = first retry): uniform in

@@ -6,9 +6,18 @@ namespace chat {
 
 namespace {
 constexpr std::array<std::string_view, 13> kCodeNames = {
-    "OK",          "INVALID_ARGUMENT",  "NOT_FOUND",         "ALREADY_EXISTS",
-    "PERMISSION_DENIED", "UNAUTHENTICATED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
-    "UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED",         "DATA_LOSS",
+    "OK",
+    "INVALID_ARGUMENT",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "UNAUTHENTICATED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "UNAVAILABLE",
+    "DEADLINE_EXCEEDED",
+    "CANCELLED",
+    "DATA_LOSS",
     "INTERNAL",
 };
 }  // namespace
