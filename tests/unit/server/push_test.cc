@@ -17,6 +17,7 @@
 
 #include "chat/push.h"
 #include "chat/server.h"
+#include "tests/testing/http_receiver.h"
 #include "tests/testing/hub_harness.h"
 
 namespace chat::testing {
@@ -200,82 +201,6 @@ TEST_CASE("push webhook: a url that is not http://host[:port][/path] is INVALID_
   CHECK(NewWebhookNotifier({.url = "http://localhost/push"}).ok());
 }
 
-// A loopback HTTP receiver: answers each request with the next status in `statuses` (the last
-// one repeats) and records the request bodies.
-class Receiver {
- public:
-  explicit Receiver(std::vector<int> statuses) : statuses_(std::move(statuses)) {
-    fd_ = socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in address{};
-    address.sin_family = AF_INET;
-    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    REQUIRE(bind(fd_, reinterpret_cast<sockaddr*>(&address), sizeof(address)) == 0);
-    REQUIRE(listen(fd_, 16) == 0);
-    socklen_t length = sizeof(address);
-    getsockname(fd_, reinterpret_cast<sockaddr*>(&address), &length);
-    port_ = ntohs(address.sin_port);
-    thread_ = std::thread([this] { Run(); });
-  }
-  ~Receiver() {
-    shutdown(fd_, SHUT_RDWR);
-    close(fd_);
-    thread_.join();
-  }
-  std::string url() const { return "http://127.0.0.1:" + std::to_string(port_) + "/hook"; }
-  // Waits (without a time limit: the test fails by its own timeout) for `n` requests.
-  std::vector<std::string> WaitFor(size_t n) {
-    std::unique_lock lock(mutex_);
-    changed_.wait(lock, [&] { return requests_.size() >= n; });
-    return requests_;
-  }
-
- private:
-  void Run() {
-    for (;;) {
-      const int client = accept(fd_, nullptr, nullptr);
-      if (client < 0) return;
-      std::string request;
-      char buffer[4096];
-      size_t header_end = std::string::npos;
-      size_t content_length = 0;
-      for (;;) {
-        const ssize_t n = recv(client, buffer, sizeof(buffer), 0);
-        if (n <= 0) break;
-        request.append(buffer, static_cast<size_t>(n));
-        if (header_end == std::string::npos) {
-          header_end = request.find("\r\n\r\n");
-          if (header_end != std::string::npos) {
-            const size_t at = request.find("Content-Length: ");
-            if (at != std::string::npos) content_length = std::stoul(request.substr(at + 16));
-          }
-        }
-        if (header_end != std::string::npos && request.size() >= header_end + 4 + content_length) {
-          break;
-        }
-      }
-      int status = 200;
-      {
-        std::lock_guard lock(mutex_);
-        status = statuses_[std::min(requests_.size(), statuses_.size() - 1)];
-        requests_.push_back(request);
-      }
-      changed_.notify_all();
-      const std::string response =
-          "HTTP/1.1 " + std::to_string(status) + " X\r\nContent-Length: 0\r\n\r\n";
-      send(client, response.data(), response.size(), MSG_NOSIGNAL);
-      close(client);
-    }
-  }
-
-  std::vector<int> statuses_;
-  int fd_ = -1;
-  uint16_t port_ = 0;
-  std::mutex mutex_;
-  std::condition_variable changed_;
-  std::vector<std::string> requests_;
-  std::thread thread_;
-};
-
 PushNotification Sample() {
   PushNotification n;
   n.user = "bob";
@@ -290,7 +215,7 @@ PushNotification Sample() {
 }
 
 TEST_CASE("push webhook: posts the notification as JSON") {
-  Receiver receiver({200});
+  HttpReceiver receiver({200});
   auto notifier = NewWebhookNotifier({.url = receiver.url()});
   REQUIRE(notifier.ok());
   (*notifier)->Notify(Sample());
@@ -308,7 +233,7 @@ TEST_CASE("push webhook: posts the notification as JSON") {
 }
 
 TEST_CASE("push webhook: a 500 is retried until the receiver accepts it") {
-  Receiver receiver({500, 503, 200});
+  HttpReceiver receiver({500, 503, 200});
   auto notifier = NewWebhookNotifier({.url = receiver.url(), .max_retries = 3, .backoff_ms = 1});
   REQUIRE(notifier.ok());
   (*notifier)->Notify(Sample());
@@ -318,7 +243,7 @@ TEST_CASE("push webhook: a 500 is retried until the receiver accepts it") {
 }
 
 TEST_CASE("push webhook: a 4xx is not retried; the next notification still goes out") {
-  Receiver receiver({400, 200});
+  HttpReceiver receiver({400, 200});
   auto notifier = NewWebhookNotifier({.url = receiver.url(), .backoff_ms = 1});
   REQUIRE(notifier.ok());
   (*notifier)->Notify(Sample());
