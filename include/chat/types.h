@@ -88,6 +88,8 @@ struct ConversationInfo {
   uint32_t member_count = 0;
   int64_t last_activity_ms = 0;
   Seq removed_at_seq = 0;  // non-zero: the user was removed at this seq, may read up to it
+  int64_t peer_last_seen_ms = 0;  // direct: when the peer was last online (Unix ms); 0 = unknown
+  int64_t retention_ms = 0;  // the conversation's own retention: 0 = server default, -1 = keep
 };
 
 // The highest seq a client holds for a conversation with nothing missing below it.
