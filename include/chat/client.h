@@ -79,6 +79,16 @@ struct MemberWatermarks {
   Role role = Role::kUnspecified;
 };
 
+// A watched user's presence (ClientListener::OnPresence). Live state: never cached on disk.
+struct PresenceInfo {
+  UserId user;
+  bool online = false;   // at least one device connected and heartbeating
+  uint32_t devices = 0;  // devices online
+  // Unix ms. Offline: when the user was last online (0 = never or unknown). Online: the
+  // server's time of the update.
+  int64_t last_seen_ms = 0;
+};
+
 // One message as the application sees it.
 struct MessageEvent {
   // kPending: conversation_id is 0 when the message was addressed to a peer, seq is 0 and
@@ -117,6 +127,9 @@ class CHAT_EXPORT ClientListener {
   // Unread messages across all conversations changed (exact once synced with the server).
   // The per-conversation count is ConversationInfo::unread in OnConversationUpdated.
   virtual void OnUnreadTotal(uint64_t total);
+  // A watched user's presence: once per user when a subscription is (re-)established, then at
+  // every change the server reports (coalesced by the server). See SubscribePresence().
+  virtual void OnPresence(const PresenceInfo& info);
 };
 
 struct ReconnectPolicy {
@@ -174,9 +187,17 @@ using HistoryCallback = std::function<void(Result<HistoryResult> result)>;
 // The conversation's state after a group operation, or the server's error.
 using ConversationCallback = std::function<void(Result<ConversationInfo> result)>;
 using ReceiptsCallback = std::function<void(Result<std::vector<MemberWatermarks>> result)>;
+// The server's answer to a request that returns nothing but success or an error.
+using StatusCallback = std::function<void(Status status)>;
 
 // Subscribe() calls a client remembers at most (re-sent after every reconnect).
 inline constexpr size_t kMaxChannelSubscriptions = 1000;
+// Users a client watches at most (SubscribePresence). Once connected, the server's
+// Limits.max_presence_subscriptions from Welcome applies when it is lower.
+inline constexpr size_t kMaxPresenceSubscriptions = 1000;
+// bytes; longest push platform name and token RegisterPushToken() accepts.
+inline constexpr size_t kMaxPushPlatformBytes = 64;
+inline constexpr size_t kMaxPushTokenBytes = 4096;
 // ms; SetTyping(active) repeats are sent at most this often (the server expires them later).
 inline constexpr int64_t kTypingRefreshMs = 3'000;
 
@@ -248,6 +269,39 @@ class CHAT_EXPORT Client {
   // after Close(). A refusal by the server goes to OnError.
   Status Subscribe(ConversationId conversation);
   Status Unsubscribe(ConversationId conversation);
+
+  // --- Presence ---
+  // Watches `users` (who must share a direct conversation or a group with this user) for as
+  // long as this Client lives: every update reaches ClientListener::OnPresence, starting with
+  // one per user giving the current state. The watched set is re-subscribed automatically after
+  // every reconnect (the server forgets it with the connection). `callback` is called once with
+  // the server's answer: Ok; PermissionDenied if one of the users shares no conversation with
+  // this user (none of `users` is watched then); ResourceExhausted if more than
+  // kMaxPresenceSubscriptions (or the server's lower limit) users would be watched.
+  // While not connected the request waits for the connection (the callback with it).
+  // A user who can no longer be watched when re-subscribing (e.g. removed from the shared
+  // group) is dropped from the set and reported to OnError as PermissionDenied.
+  // Returns (and never calls back): InvalidArgument if `users` is empty, holds an empty id, or
+  // `callback` is empty; ResourceExhausted if `users` holds more than
+  // kMaxPresenceSubscriptions; FailedPrecondition after Close(); ResourceExhausted when too
+  // many calls wait for the loop.
+  Status SubscribePresence(std::vector<UserId> users, StatusCallback callback);
+  // Stops watching `users` (unknown ones are ignored); no OnPresence for them arrives after
+  // `callback` is called (Ok; offline at once). Same argument errors as SubscribePresence.
+  Status UnsubscribePresence(std::vector<UserId> users, StatusCallback callback);
+
+  // --- Push notifications ---
+  // Registers this device's push token (`platform` e.g. "apns", "fcm", "webhook"; the server
+  // passes both to its PushNotifier) so the user is notified while no device is online. An empty
+  // `token` unregisters the device. Call it once: the client remembers the latest token and sends
+  // it again after every reconnect (the server treats a repeat as a no-op). `callback` is called
+  // once with the server's answer to this call; while not connected it waits for the
+  // connection, and a newer call before that answers this one with Cancelled. Returns (and never
+  // calls back): InvalidArgument if `platform` is empty or longer than kMaxPushPlatformBytes,
+  // `token` is longer than kMaxPushTokenBytes or `callback` is empty; FailedPrecondition after
+  // Close().
+  Status RegisterPushToken(std::string_view platform, std::string_view token,
+                           StatusCallback callback);
 
   // --- Receipts and typing ---
   // Delivered receipts are sent automatically when messages reach OnMessage. MarkRead moves

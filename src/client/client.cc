@@ -44,6 +44,7 @@ void ClientListener::OnTyping(ConversationId, const UserId&, bool) {}
 void ClientListener::OnReceipt(const ReceiptEvent&) {}
 void ClientListener::OnMessageStatus(ConversationId, Seq, MessageStatus) {}
 void ClientListener::OnUnreadTotal(uint64_t) {}
+void ClientListener::OnPresence(const PresenceInfo&) {}
 
 namespace {
 
@@ -281,6 +282,53 @@ class Client::Impl final : public ClientListener, public client::SessionIo {
         /*bounded=*/true);
   }
 
+  Status Presence(std::vector<UserId> users, bool subscribe, StatusCallback callback) {
+    if (closed_) return FailedPrecondition("client is closed");
+    if (users.empty()) return InvalidArgument("users: must not be empty");
+    for (const UserId& user : users) {
+      if (user.empty()) return InvalidArgument("users: an id is empty");
+    }
+    if (!callback) return InvalidArgument("callback: required");
+    if (users.size() > kMaxPresenceSubscriptions) {
+      return ResourceExhausted("more than " + std::to_string(kMaxPresenceSubscriptions) +
+                               " users in one call");
+    }
+    auto gated = [this, callback = std::move(callback)](Status st) {
+      Gate([&] { callback(std::move(st)); });
+    };
+    return Post(
+        [this, users = std::move(users), subscribe, gated = std::move(gated)]() mutable {
+          if (subscribe) {
+            session_->SubscribePresence(std::move(users), std::move(gated));
+          } else {
+            session_->UnsubscribePresence(std::move(users), std::move(gated));
+          }
+        },
+        /*bounded=*/true);
+  }
+
+  Status RegisterPushToken(std::string_view platform, std::string_view token,
+                           StatusCallback callback) {
+    if (closed_) return FailedPrecondition("client is closed");
+    if (platform.empty() || platform.size() > kMaxPushPlatformBytes) {
+      return InvalidArgument("platform: must be 1.." + std::to_string(kMaxPushPlatformBytes) +
+                             " bytes");
+    }
+    if (token.size() > kMaxPushTokenBytes) {
+      return InvalidArgument("token: longer than " + std::to_string(kMaxPushTokenBytes) + " bytes");
+    }
+    if (!callback) return InvalidArgument("callback: required");
+    return Post(
+        [this, platform = std::string(platform), token = std::string(token),
+         callback = std::move(callback)]() mutable {
+          session_->RegisterPushToken(std::move(platform), std::move(token),
+                                      [this, callback = std::move(callback)](Status st) {
+                                        Gate([&] { callback(std::move(st)); });
+                                      });
+        },
+        /*bounded=*/true);
+  }
+
   Status MarkRead(ConversationId conversation, Seq seq) {
     if (closed_) return FailedPrecondition("client is closed");
     if (conversation == 0) return InvalidArgument("conversation: must not be 0");
@@ -359,6 +407,11 @@ class Client::Impl final : public ClientListener, public client::SessionIo {
   void OnUnreadTotal(uint64_t total) override {
     Gate([&] {
       if (options_.listener) options_.listener->OnUnreadTotal(total);
+    });
+  }
+  void OnPresence(const PresenceInfo& info) override {
+    Gate([&] {
+      if (options_.listener) options_.listener->OnPresence(info);
     });
   }
 
@@ -641,6 +694,19 @@ Status Client::MarkRead(ConversationId conversation, Seq seq) {
 Status Client::SetTyping(ConversationId conversation, bool active) {
   return impl_->SetTyping(conversation, active);
 }
+Status Client::SubscribePresence(std::vector<UserId> users, StatusCallback callback) {
+  return impl_->Presence(std::move(users), /*subscribe=*/true, std::move(callback));
+}
+
+Status Client::UnsubscribePresence(std::vector<UserId> users, StatusCallback callback) {
+  return impl_->Presence(std::move(users), /*subscribe=*/false, std::move(callback));
+}
+
+Status Client::RegisterPushToken(std::string_view platform, std::string_view token,
+                                 StatusCallback callback) {
+  return impl_->RegisterPushToken(platform, token, std::move(callback));
+}
+
 Status Client::GetReceipts(ConversationId conversation, ReceiptsCallback callback) {
   return impl_->GetReceipts(conversation, std::move(callback));
 }

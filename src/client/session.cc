@@ -77,6 +77,8 @@ void Session::Stop() {
   quiet_rids_.clear();
   typing_.clear();
   typing_sent_.clear();
+  presence_waiting_.clear();
+  push_waiting_ = nullptr;
 }
 
 bool Session::Write(const v1::Envelope& envelope) {
@@ -126,9 +128,28 @@ void Session::ConnectionDown() {
   for (auto& [rid, pending] : histories) {
     pending.callback(Unavailable("connection lost"));
   }
+  std::vector<StatusCallback> cancelled;
+  for (auto& [rid, op] : ops) {
+    // The application's presence and push requests wait for the next connection instead;
+    // the session's own re-subscriptions are made again from the watched set.
+    if (!op.presence.empty() && op.status) {
+      presence_waiting_.push_back(
+          {std::move(op.presence), std::move(op.added), std::exchange(op.status, nullptr)});
+    } else if (op.push && op.status) {
+      if (op.generation == push_generation_) {
+        push_waiting_ = std::exchange(op.status, nullptr);
+      } else {
+        cancelled.push_back(std::exchange(op.status, nullptr));
+      }
+    }
+  }
   for (auto& [rid, op] : ops) {
     if (op.conversation) op.conversation(Unavailable("connection lost"));
     if (op.receipts) op.receipts(Unavailable("connection lost"));
+    if (op.status) op.status(Unavailable("connection lost"));
+  }
+  for (StatusCallback& callback : cancelled) {
+    callback(Cancelled("replaced by a newer RegisterPushToken call"));
   }
   // Typing indicators are live state: without a connection nobody refreshes or ends them.
   for (const auto& [key, expiry] : typing) listener_->OnTyping(key.first, key.second, false);
@@ -296,6 +317,12 @@ void Session::OnEnvelope(const v1::Envelope& envelope) {
     case v1::Envelope::kTypingUpdate:
       HandleTypingUpdate(envelope.typing_update());
       break;
+    case v1::Envelope::kPresenceUpdate:
+      HandlePresenceUpdate(envelope.presence_update());
+      break;
+    case v1::Envelope::kOk:
+      HandleOk(envelope.rid());
+      break;
     default:
       // Pong and the replies of features this client does not use only prove the link alive.
       break;
@@ -335,6 +362,9 @@ void Session::HandleWelcome(const v1::Envelope& envelope) {
   send_capacity_ = std::max(1.0, per_second * 0.9);
   send_tokens_ = send_capacity_;
   send_tokens_at_ = now;
+  const uint32_t presence_max = welcome.limits().max_presence_subscriptions();
+  presence_limit_ = presence_max == 0 ? kMaxPresenceSubscriptions
+                                      : std::min<size_t>(kMaxPresenceSubscriptions, presence_max);
   SetPhase(Phase::kSyncing);
   SendSync();
 }
@@ -390,8 +420,17 @@ void Session::HandleError(const v1::Envelope& envelope) {
   if (auto it = ops_.find(rid); rid != 0 && it != ops_.end()) {
     PendingOp op = std::move(it->second);
     ops_.erase(it);
+    if (!op.presence.empty()) {
+      PresenceRefused(std::move(op), status);
+      return;
+    }
+    if (op.push) {
+      PushRefused(std::move(op), status);
+      return;
+    }
     if (op.conversation) op.conversation(status);
     if (op.receipts) op.receipts(status);
+    if (op.status) op.status(status);
     return;
   }
   if (rid != 0 && quiet_rids_.erase(rid) > 0) {
@@ -646,6 +685,8 @@ void Session::HandleSyncBatch(const v1::SyncBatch& batch) {
       envelope.mutable_subscribe()->set_conversation_id(channel);
       if (!Write(envelope)) return;
     }
+    ResumePresenceAndPush();
+    if (phase_ != Phase::kLive) return;
     PumpOutbox();
   }
 }
@@ -684,6 +725,10 @@ void Session::MergeState(ConversationRow* row, const v1::ConversationState& stat
   const ConversationInfo local = row->info;
   ConversationInfo info = codec::FromProto(state);
   info.last_seq = std::max(info.last_seq, local.last_seq);
+  if (info.peer == local.peer) {
+    // A PresenceUpdate may have told a later last seen than the server's stored state.
+    info.peer_last_seen_ms = std::max(info.peer_last_seen_ms, local.peer_last_seen_ms);
+  }
   if (local.delivered_seq > info.delivered_seq) {
     info.delivered_seq = local.delivered_seq;
     receipts_due_.insert(info.conversation_id);
@@ -848,7 +893,9 @@ void Session::ConversationRequest(v1::Envelope request, ConversationCallback cal
   }
   const uint64_t rid = NextRid();
   request.set_rid(rid);
-  ops_[rid] = PendingOp{std::move(callback), nullptr};
+  PendingOp op;
+  op.conversation = std::move(callback);
+  ops_[rid] = std::move(op);
   Write(request);
 }
 
@@ -861,7 +908,9 @@ void Session::GetReceipts(ConversationId conversation, ReceiptsCallback callback
   const uint64_t rid = NextRid();
   request.set_rid(rid);
   request.mutable_get_receipts()->set_conversation_id(conversation);
-  ops_[rid] = PendingOp{nullptr, std::move(callback)};
+  PendingOp op;
+  op.receipts = std::move(callback);
+  ops_[rid] = std::move(op);
   Write(request);
 }
 
@@ -918,6 +967,214 @@ void Session::SetTyping(ConversationId conversation, bool active) {
   envelope.mutable_typing()->set_conversation_id(conversation);
   envelope.mutable_typing()->set_active(active);
   WriteQuiet(&envelope);
+}
+
+void Session::SubscribePresence(std::vector<UserId> users, StatusCallback callback) {
+  if (phase_ == Phase::kClosed) return;
+  std::set<UserId> unique(users.begin(), users.end());
+  PresenceRequest request;
+  request.callback = std::move(callback);
+  for (const UserId& user : unique) {
+    if (!presence_.contains(user)) request.added.push_back(user);
+    request.users.push_back(user);
+  }
+  if (presence_.size() + request.added.size() > presence_limit_ ||
+      (phase_ != Phase::kLive && presence_waiting_.size() >= presence_limit_)) {
+    request.callback(ResourceExhausted("watching more than " + std::to_string(presence_limit_) +
+                                       " users' presence"));
+    return;
+  }
+  presence_.insert(request.added.begin(), request.added.end());
+  SendPresenceRequest(std::move(request));
+}
+
+void Session::SendPresenceRequest(PresenceRequest request) {
+  if (request.users.empty()) return;
+  if (phase_ != Phase::kLive) {
+    // Automatic re-subscriptions are made again from the watched set when live.
+    if (request.callback) presence_waiting_.push_back(std::move(request));
+    return;
+  }
+  v1::Envelope envelope;
+  const uint64_t rid = NextRid();
+  envelope.set_rid(rid);
+  for (const UserId& user : request.users) envelope.mutable_presence_subscribe()->add_users(user);
+  PendingOp op;
+  op.automatic = !request.callback;
+  op.status = std::move(request.callback);
+  op.presence = std::move(request.users);
+  op.added = std::move(request.added);
+  ops_[rid] = std::move(op);
+  Write(envelope);
+}
+
+void Session::UnsubscribePresence(std::vector<UserId> users, StatusCallback callback) {
+  if (phase_ == Phase::kClosed) return;
+  const std::set<UserId> gone(users.begin(), users.end());
+  for (const UserId& user : gone) presence_.erase(user);
+  // Waiting requests forget these users; one left with nobody to watch is answered now.
+  std::vector<StatusCallback> emptied;
+  std::erase_if(presence_waiting_, [&](PresenceRequest& request) {
+    std::erase_if(request.users, [&](const UserId& u) { return gone.contains(u); });
+    std::erase_if(request.added, [&](const UserId& u) { return gone.contains(u); });
+    if (!request.users.empty()) return false;
+    emptied.push_back(std::move(request.callback));
+    return true;
+  });
+  for (StatusCallback& cb : emptied) cb(Cancelled("unsubscribed before the connection was back"));
+  if (phase_ != Phase::kLive) {
+    // The server forgot every subscription with the connection.
+    callback(Status::Ok());
+    return;
+  }
+  v1::Envelope envelope;
+  const uint64_t rid = NextRid();
+  envelope.set_rid(rid);
+  for (const UserId& user : gone) envelope.mutable_presence_unsubscribe()->add_users(user);
+  PendingOp op;
+  op.status = std::move(callback);
+  ops_[rid] = std::move(op);
+  Write(envelope);
+}
+
+void Session::RegisterPushToken(std::string platform, std::string token, StatusCallback callback) {
+  if (phase_ == Phase::kClosed) return;
+  push_ = PushToken{std::move(platform), std::move(token)};
+  ++push_generation_;
+  if (StatusCallback older = std::exchange(push_waiting_, nullptr)) {
+    older(Cancelled("replaced by a newer RegisterPushToken call"));
+  }
+  if (phase_ != Phase::kLive) {
+    push_waiting_ = std::move(callback);
+    return;
+  }
+  SendPushToken(std::move(callback));
+}
+
+void Session::SendPushToken(StatusCallback callback) {
+  if (!push_) return;
+  v1::Envelope envelope;
+  const uint64_t rid = NextRid();
+  envelope.set_rid(rid);
+  envelope.mutable_register_push_token()->set_platform(push_->platform);
+  envelope.mutable_register_push_token()->set_token(push_->token);
+  PendingOp op;
+  op.push = true;
+  op.generation = push_generation_;
+  op.automatic = !callback;
+  op.status = std::move(callback);
+  ops_[rid] = std::move(op);
+  Write(envelope);
+}
+
+void Session::ResumePresenceAndPush() {
+  // The server forgot the subscriptions with the last connection: one request for the users
+  // whose own request is not waiting, then the waiting requests with their callbacks.
+  std::set<UserId> asked;
+  for (const PresenceRequest& request : presence_waiting_) {
+    asked.insert(request.users.begin(), request.users.end());
+  }
+  PresenceRequest again;
+  for (const UserId& user : presence_) {
+    if (!asked.contains(user)) again.users.push_back(user);
+  }
+  SendPresenceRequest(std::move(again));
+  auto waiting = std::exchange(presence_waiting_, {});
+  for (PresenceRequest& request : waiting) SendPresenceRequest(std::move(request));
+  if (phase_ != Phase::kLive) return;
+  SendPushToken(std::exchange(push_waiting_, nullptr));
+}
+
+void Session::HandleOk(uint64_t rid) {
+  auto it = ops_.find(rid);
+  if (rid == 0 || it == ops_.end()) return;
+  PendingOp op = std::move(it->second);
+  ops_.erase(it);
+  if (op.push && op.generation == push_generation_ && push_ && push_->token.empty()) {
+    // The device is unregistered: nothing to repeat after a reconnect.
+    push_.reset();
+  }
+  if (op.status) op.status(Status::Ok());
+}
+
+void Session::PresenceRefused(PendingOp op, const Status& status) {
+  if (!op.automatic) {
+    // The server subscribed none of the request's users.
+    for (const UserId& user : op.added) presence_.erase(user);
+    op.status(status);
+    return;
+  }
+  if (status.code() == Code::kPermissionDenied && op.presence.size() > 1) {
+    // One of them may no longer be watched: ask for each alone to find out who.
+    for (UserId& user : op.presence) {
+      if (phase_ != Phase::kLive) return;
+      if (!presence_.contains(user)) continue;
+      PresenceRequest single;
+      single.users.push_back(std::move(user));
+      SendPresenceRequest(std::move(single));
+    }
+    return;
+  }
+  std::string who;
+  for (const UserId& user : op.presence) who += (who.empty() ? "" : ", ") + user;
+  if (status.code() == Code::kPermissionDenied || status.code() == Code::kInvalidArgument) {
+    // Never going to work (e.g. no longer in a shared conversation): stop asking.
+    for (const UserId& user : op.presence) presence_.erase(user);
+  }
+  Status report(status.code(), "presence of " + who + ": " + std::string(status.message()));
+  if (status.retry_after_ms() != 0) report.set_retry_after_ms(status.retry_after_ms());
+  ReportError(report);
+}
+
+void Session::PushRefused(PendingOp op, const Status& status) {
+  if (!IsRetryable(status.code()) && op.generation == push_generation_) {
+    // Repeating a refused token after every reconnect would only repeat the error.
+    push_.reset();
+  }
+  if (op.status) {
+    op.status(status);
+  } else {
+    ReportError(Status(status.code(), "push token: " + std::string(status.message())));
+  }
+}
+
+void Session::HandlePresenceUpdate(const v1::PresenceUpdate& update) {
+  const UserId& user = update.user_id();
+  if (user.empty()) return;
+  // Updates still in flight when the user was unwatched are not the application's concern.
+  if (!presence_.contains(user)) return;
+  PresenceInfo info;
+  info.user = user;
+  info.online = update.online();
+  info.devices = update.devices();
+  info.last_seen_ms = update.last_seen_ms();
+  listener_->OnPresence(info);
+  if (!info.online && info.last_seen_ms > 0) UpdatePeerLastSeen(user, info.last_seen_ms);
+}
+
+void Session::UpdatePeerLastSeen(const UserId& user, int64_t last_seen_ms) {
+  std::vector<ConversationInfo> updated;
+  {
+    Cache::Transaction txn(cache_);
+    for (ConversationRow& row : cache_->ListConversations()) {
+      if (row.info.kind != ConversationKind::kDirect || row.info.peer != user ||
+          row.info.peer_last_seen_ms >= last_seen_ms) {
+        continue;
+      }
+      row.info.peer_last_seen_ms = last_seen_ms;
+      if (Status st = cache_->PutConversation(row); !st.ok()) {
+        ReportError(st);
+        return;
+      }
+      updated.push_back(row.info);
+    }
+    if (updated.empty()) return;
+    if (Status st = txn.Commit(); !st.ok()) {
+      ReportError(st);
+      return;
+    }
+  }
+  for (const ConversationInfo& info : updated) listener_->OnConversationUpdated(info);
 }
 
 void Session::History(ConversationId conversation, Seq before_seq, uint32_t limit,

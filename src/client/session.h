@@ -22,6 +22,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <string_view>
@@ -116,6 +117,17 @@ class Session {
   void MarkRead(ConversationId conversation, Seq seq);
   void SetTyping(ConversationId conversation, bool active);
 
+  // --- Presence and push ---
+  // Adds `users` to the watched set (re-subscribed whenever the session goes live) and sends a
+  // PresenceSubscribe when live; otherwise the request waits for the connection. `callback` is
+  // called once with the server's answer, or ResourceExhausted past the limit.
+  void SubscribePresence(std::vector<UserId> users, StatusCallback callback);
+  void UnsubscribePresence(std::vector<UserId> users, StatusCallback callback);
+  // Remembers the token (sent again whenever the session goes live) and sends it when live.
+  void RegisterPushToken(std::string platform, std::string token, StatusCallback callback);
+  // The watched users (tests).
+  const std::set<UserId>& watched() const { return presence_; }
+
   ConnectionState state() const;
   // The attempt number the next reconnect delay is computed from (tests).
   uint32_t attempt() const { return attempt_; }
@@ -128,6 +140,22 @@ class Session {
   struct PendingHistory {
     ConversationId conversation = 0;
     HistoryCallback callback;
+  };
+  struct PendingOp {
+    ConversationCallback conversation;
+    ReceiptsCallback receipts;
+    StatusCallback status;  // requests answered with Ok
+    // PresenceSubscribe: the users asked for (empty for other requests).
+    std::vector<UserId> presence;
+    std::vector<UserId> added;  // the application's PresenceSubscribe: users it added to the set
+    bool push = false;          // RegisterPushToken
+    uint64_t generation = 0;    // RegisterPushToken: push_generation_ when sent
+    bool automatic = false;     // sent by the session itself: refusals go to OnError
+  };
+  struct PresenceRequest {
+    std::vector<UserId> users;
+    std::vector<UserId> added;  // not watched before this request; dropped if it is refused
+    StatusCallback callback;
   };
 
   int64_t Now() const { return clock_->MonotonicMs(); }
@@ -148,6 +176,19 @@ class Session {
   ConversationInfo HandleConversationUpdate(const v1::ConversationState& state);
   void HandleReceiptUpdate(uint64_t rid, const v1::ReceiptUpdate& update);
   void HandleTypingUpdate(const v1::TypingUpdate& update);
+  void HandlePresenceUpdate(const v1::PresenceUpdate& update);
+  void HandleOk(uint64_t rid);
+  // Sends one PresenceSubscribe when live, else keeps `request` waiting for the connection.
+  // An empty callback marks an automatic re-subscription, whose refusals go to OnError.
+  void SendPresenceRequest(PresenceRequest request);
+  void SendPushToken(StatusCallback callback);
+  // Re-subscribes the watched set and sends the waiting requests (the session went live).
+  void ResumePresenceAndPush();
+  // The server refused a PresenceSubscribe or a RegisterPushToken.
+  void PresenceRefused(PendingOp op, const Status& status);
+  void PushRefused(PendingOp op, const Status& status);
+  // A watched direct peer went offline: its conversation's peer_last_seen_ms moves forward.
+  void UpdatePeerLastSeen(const UserId& user, int64_t last_seen_ms);
   // Takes the server's state of a conversation, keeping local watermarks that are ahead of it
   // (a Receipt not yet answered).
   void MergeState(ConversationRow* row, const v1::ConversationState& state);
@@ -215,10 +256,6 @@ class Session {
 
   std::map<uint64_t, PendingHistory> histories_;
 
-  struct PendingOp {
-    ConversationCallback conversation;
-    ReceiptsCallback receipts;
-  };
   std::map<uint64_t, PendingOp> ops_;               // rid -> callback; failed when the link drops
   std::set<uint64_t> quiet_rids_;                   // Receipt and Typing requests (bounded)
   std::set<ConversationId> receipts_due_;           // watermarks moved, Receipt not sent yet
@@ -231,6 +268,21 @@ class Session {
   };
   std::map<ConversationId, TypingSent> typing_sent_;
   uint64_t unread_total_ = 0;  // last value reported by OnUnreadTotal
+
+  // Presence: the watched users and the application's subscribe requests waiting for the
+  // connection (both bounded by presence_limit_).
+  std::set<UserId> presence_;
+  std::vector<PresenceRequest> presence_waiting_;
+  size_t presence_limit_ = kMaxPresenceSubscriptions;  // lowered by the server's Welcome
+  // Push: the latest token, sent whenever the session goes live, and the callback of the call
+  // that set it while it waits for the connection.
+  struct PushToken {
+    std::string platform;
+    std::string token;
+  };
+  std::optional<PushToken> push_;
+  uint64_t push_generation_ = 0;  // bumped by every RegisterPushToken call
+  StatusCallback push_waiting_;
 };
 
 }  // namespace chat::client

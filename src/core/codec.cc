@@ -518,6 +518,8 @@ void ToProto(const ConversationInfo& in, v1::ConversationState* out) {
   out->set_member_count(in.member_count);
   out->set_last_activity_ms(in.last_activity_ms);
   out->set_removed_at_seq(in.removed_at_seq);
+  out->set_peer_last_seen_ms(in.peer_last_seen_ms);
+  out->set_retention_ms(in.retention_ms);
 }
 
 ConversationInfo FromProto(const v1::ConversationState& in) {
@@ -535,6 +537,8 @@ ConversationInfo FromProto(const v1::ConversationState& in) {
   out.member_count = in.member_count();
   out.last_activity_ms = in.last_activity_ms();
   out.removed_at_seq = in.removed_at_seq();
+  out.peer_last_seen_ms = in.peer_last_seen_ms();
+  out.retention_ms = in.retention_ms();
   return out;
 }
 

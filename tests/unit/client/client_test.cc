@@ -343,5 +343,52 @@ TEST_CASE("client: channel subscriptions are bounded") {
   CHECK(client->Subscribe(kMaxChannelSubscriptions + 1).ok());
 }
 
+TEST_CASE("client: presence and push calls validate their arguments and never call back on error") {
+  auto client = Client::Open(Offline()).value();
+  int calls = 0;
+  auto cb = [&](Status) { ++calls; };
+  Status st = client->SubscribePresence({}, cb);
+  CHECK(st.code() == Code::kInvalidArgument);
+  CHECK(st.message().find("users") != std::string_view::npos);
+  CHECK(client->SubscribePresence({"bob", ""}, cb).code() == Code::kInvalidArgument);
+  CHECK(client->SubscribePresence({"bob"}, nullptr).code() == Code::kInvalidArgument);
+  CHECK(client->UnsubscribePresence({}, cb).code() == Code::kInvalidArgument);
+  std::vector<UserId> too_many;
+  for (size_t i = 0; i <= kMaxPresenceSubscriptions; ++i)
+    too_many.push_back("u" + std::to_string(i));
+  CHECK(client->SubscribePresence(too_many, cb).code() == Code::kResourceExhausted);
+  st = client->RegisterPushToken("", "t", cb);
+  CHECK(st.code() == Code::kInvalidArgument);
+  CHECK(st.message().find("platform") != std::string_view::npos);
+  CHECK(client->RegisterPushToken(std::string(kMaxPushPlatformBytes + 1, 'p'), "t", cb).code() ==
+        Code::kInvalidArgument);
+  st = client->RegisterPushToken("fcm", std::string(kMaxPushTokenBytes + 1, 't'), cb);
+  CHECK(st.code() == Code::kInvalidArgument);
+  CHECK(st.message().find("token") != std::string_view::npos);
+  CHECK(client->RegisterPushToken("fcm", "t", nullptr).code() == Code::kInvalidArgument);
+  REQUIRE(client->Poll(0).ok());
+  CHECK(calls == 0);
+
+  client->Close();
+  CHECK(client->SubscribePresence({"bob"}, cb).code() == Code::kFailedPrecondition);
+  CHECK(client->UnsubscribePresence({"bob"}, cb).code() == Code::kFailedPrecondition);
+  CHECK(client->RegisterPushToken("fcm", "t", cb).code() == Code::kFailedPrecondition);
+  CHECK(calls == 0);
+}
+
+TEST_CASE("client: offline, presence and push requests wait for the connection") {
+  auto client = Client::Open(Offline()).value();
+  int calls = 0;
+  REQUIRE(client->SubscribePresence({"bob"}, [&](Status) { ++calls; }).ok());
+  REQUIRE(client->RegisterPushToken("fcm", "t", [&](Status) { ++calls; }).ok());
+  Status unsubscribed = Internal("not called");
+  REQUIRE(client->UnsubscribePresence({"carol"}, [&](Status st) { unsubscribed = st; }).ok());
+  REQUIRE(client->Poll(0).ok());
+  CHECK(calls == 0);
+  CHECK(unsubscribed.ok());  // offline there is nothing to tell the server
+  client->Close();
+  CHECK(calls == 0);  // no callback after Close
+}
+
 }  // namespace
 }  // namespace chat
