@@ -598,6 +598,7 @@ TEST_CASE("codec: ConversationInfo converts to the wire type and back") {
   info.role = Role::kMember;
   info.member_count = 4000;
   info.last_activity_ms = 1'763'900'000'000;
+  info.retention_ms = -1;
   v1::ConversationState wire;
   ToProto(info, &wire);
   const ConversationInfo back = FromProto(wire);
@@ -613,13 +614,16 @@ TEST_CASE("codec: ConversationInfo converts to the wire type and back") {
   CHECK(back.role == Role::kMember);
   CHECK(back.member_count == 4000);
   CHECK(back.last_activity_ms == 1'763'900'000'000);
+  CHECK(back.retention_ms == -1);
 
   ConversationInfo direct;
   direct.kind = ConversationKind::kDirect;
   direct.peer = "bob";
+  direct.peer_last_seen_ms = 1'763'900'123'456;
   ToProto(direct, &wire);
   CHECK(FromProto(wire).peer == "bob");
   CHECK(FromProto(wire).kind == ConversationKind::kDirect);
+  CHECK(FromProto(wire).peer_last_seen_ms == 1'763'900'123'456);
 }
 
 TEST_CASE("codec: enum values from a newer peer map to unspecified") {
