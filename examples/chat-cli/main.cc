@@ -8,6 +8,9 @@
 //   chat-cli ... conversations
 //   chat-cli ... group-create --title T [--channel] USER...   create a group (or channel)
 //   chat-cli ... mark-read --conversation ID [--seq N]        mark read up to N (0: all)
+//   chat-cli ... presence [--count N] [--duration-ms MS] USER...   print presence updates
+//   chat-cli ... register-push PLATFORM [TOKEN]    register this device's push token (none:
+//                                                  unregister)
 //
 // Every subcommand takes --json to print one JSON object per line instead of text.
 #include <signal.h>
@@ -18,6 +21,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
+#include <ctime>
 #include <iostream>
 #include <map>
 #include <memory>
@@ -166,7 +170,37 @@ std::string MessageLine(const chat::MessageEvent& e, bool json) {
   return out;
 }
 
-std::string ConversationLine(const chat::ConversationInfo& c, bool json) {
+// Unix ms as "2026-11-23 14:05:10 UTC".
+std::string UtcTime(int64_t unix_ms) {
+  const std::time_t seconds = static_cast<std::time_t>(unix_ms / 1000);
+  std::tm tm{};
+  gmtime_r(&seconds, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof(buf), "%Y-%m-%d %H:%M:%S UTC", &tm);
+  return buf;
+}
+
+// "online (2 devices)", "offline, last seen 2026-11-23 14:05:10 UTC" or "offline".
+std::string PresenceText(bool online, uint32_t devices, int64_t last_seen_ms) {
+  if (online) {
+    return "online (" + std::to_string(devices) + (devices == 1 ? " device)" : " devices)");
+  }
+  return last_seen_ms > 0 ? "offline, last seen " + UtcTime(last_seen_ms) : "offline";
+}
+
+std::string PresenceLine(const chat::PresenceInfo& p, bool json) {
+  if (json) {
+    return "{\"type\":\"presence\",\"user\":" + JsonString(p.user) +
+           ",\"online\":" + (p.online ? "true" : "false") +
+           ",\"devices\":" + std::to_string(p.devices) +
+           ",\"last_seen_ms\":" + std::to_string(p.last_seen_ms) + "}";
+  }
+  return p.user + " " + PresenceText(p.online, p.devices, p.last_seen_ms);
+}
+
+// A conversation; `peer` is the live presence of a direct conversation's peer when known.
+std::string ConversationLine(const chat::ConversationInfo& c, bool json,
+                             const chat::PresenceInfo* peer = nullptr) {
   if (json) {
     return "{\"type\":\"conversation\",\"conversation_id\":" + std::to_string(c.conversation_id) +
            ",\"kind\":" + std::to_string(static_cast<int>(c.kind)) +
@@ -175,7 +209,16 @@ std::string ConversationLine(const chat::ConversationInfo& c, bool json) {
            ",\"unread\":" + std::to_string(c.unread) +
            ",\"read_seq\":" + std::to_string(c.read_seq) +
            ",\"member_count\":" + std::to_string(c.member_count) +
-           ",\"role\":" + std::to_string(static_cast<int>(c.role)) + "}";
+           ",\"role\":" + std::to_string(static_cast<int>(c.role)) +
+           (peer != nullptr ? std::string(",\"peer_online\":") + (peer->online ? "true" : "false")
+                            : std::string()) +
+           (c.kind == chat::ConversationKind::kDirect
+                ? ",\"peer_last_seen_ms\":" +
+                      std::to_string(peer != nullptr && !peer->online
+                                         ? std::max(peer->last_seen_ms, c.peer_last_seen_ms)
+                                         : c.peer_last_seen_ms)
+                : std::string()) +
+           "}";
   }
   std::string name = !c.title.empty() ? c.title : !c.peer.empty() ? c.peer : "(unknown)";
   const char* kind = c.kind == chat::ConversationKind::kGroup     ? "  [group]"
@@ -185,6 +228,14 @@ std::string ConversationLine(const chat::ConversationInfo& c, bool json) {
                      "  last=" + std::to_string(c.last_seq);
   if (c.unread > 0) line += "  (" + std::to_string(c.unread) + " unread)";
   if (c.removed_at_seq != 0) line += "  (left)";
+  if (peer != nullptr) {
+    line += "  (" +
+            PresenceText(peer->online, peer->devices,
+                         std::max(peer->last_seen_ms, c.peer_last_seen_ms)) +
+            ")";
+  } else if (c.kind == chat::ConversationKind::kDirect && c.peer_last_seen_ms > 0) {
+    line += "  (last seen " + UtcTime(c.peer_last_seen_ms) + ")";
+  }
   return line;
 }
 
@@ -252,6 +303,13 @@ class Listener : public chat::ClientListener {
       Print("* unread: " + std::to_string(total));
     }
   }
+  void OnPresence(const chat::PresenceInfo& info) override {
+    std::lock_guard lock(mu_);
+    if (print_messages_ || print_presence_) Print(PresenceLine(info, json_));
+    presence_[info.user] = info;
+    ++presence_updates_;
+    cv_.notify_all();
+  }
   void OnError(const chat::Status& status) override {
     std::lock_guard lock(mu_);
     if (json_) {
@@ -277,12 +335,16 @@ class Listener : public chat::ClientListener {
   }
 
   void set_verbose(bool v) { verbose_ = v; }
+  void set_print_presence(bool v) { print_presence_ = v; }
   std::mutex& mu() { return mu_; }
   std::condition_variable& cv() { return cv_; }
   chat::ConnectionState state() const { return state_; }
   bool auth_failed() const { return auth_failed_; }
   std::map<std::string, chat::MessageEvent>& sent() { return sent_; }
   std::map<std::string, chat::MessageEvent>& failed() { return failed_; }
+  // The latest presence of every user reported, and how many reports came (under mu()).
+  std::map<std::string, chat::PresenceInfo>& presence() { return presence_; }
+  uint64_t presence_updates() const { return presence_updates_; }
 
  private:
   void Print(const std::string& line) {
@@ -293,12 +355,15 @@ class Listener : public chat::ClientListener {
   const bool json_;
   const bool print_messages_;
   bool verbose_ = false;
+  bool print_presence_ = false;
   std::mutex mu_;
   std::condition_variable cv_;
   chat::ConnectionState state_ = chat::ConnectionState::kDisconnected;
   bool auth_failed_ = false;
   std::map<std::string, chat::MessageEvent> sent_;
   std::map<std::string, chat::MessageEvent> failed_;
+  std::map<std::string, chat::PresenceInfo> presence_;
+  uint64_t presence_updates_ = 0;
 };
 
 struct Flags {
@@ -444,52 +509,100 @@ int RunTail(const Flags& flags) {
   return 0;
 }
 
-int RunConversations(const Flags& flags) {
+// Opens a client, waits until it is connected, runs `body(client, listener)` and closes the
+// client. Returns body's exit code, 1 if the client cannot be opened, 3 if it does not connect.
+template <typename Body>
+int WithConnection(const Flags& flags, Body body) {
   auto listener = std::make_shared<Listener>(flags.json, false);
   auto client = OpenClient(flags, listener);
   if (!client) return 1;
-  if (!WaitConnected(*listener, flags.timeout_ms)) {
-    client->Close();
-    return 3;
-  }
-  auto conversations = client->Conversations();
+  const int rc = WaitConnected(*listener, flags.timeout_ms) ? body(*client, *listener) : 3;
   client->Close();
-  if (!conversations.ok()) return 1;
-  for (const auto& c : *conversations) std::puts(ConversationLine(c, flags.json).c_str());
-  return 0;
+  return rc;
+}
+
+// Calls `start` with a callback and waits for the value the callback gets. Returns nullopt
+// and sets `rc` (1: the call was refused, 3: no answer in time) after printing why.
+template <typename T, typename Start>
+std::optional<T> Await(Listener& listener, int timeout_ms, const char* what, Start start, int* rc) {
+  // Shared with the callback, which may still come after a timeout (until Close()).
+  auto answer = std::make_shared<std::optional<T>>();
+  chat::Status st = start([answer, &listener](T value) {
+    std::lock_guard lock(listener.mu());
+    answer->emplace(std::move(value));
+    listener.cv().notify_all();
+  });
+  if (!st.ok()) {
+    std::fprintf(stderr, "%s: %s\n", what, st.ToString().c_str());
+    *rc = 1;
+    return std::nullopt;
+  }
+  listener.WaitFor([&] { return answer->has_value(); }, timeout_ms);
+  std::lock_guard lock(listener.mu());
+  if (!answer->has_value()) {
+    std::fprintf(stderr, "%s: no answer in time\n", what);
+    *rc = 3;
+    return std::nullopt;
+  }
+  return std::move(**answer);
+}
+
+// Prints the server's refusal of `what`; returns the exit code 1.
+int PrintError(const char* what, const chat::Status& status, bool json) {
+  if (json) {
+    std::printf("{\"type\":\"error\",\"error\":%s}\n", JsonString(status.ToString()).c_str());
+    std::fflush(stdout);
+  } else {
+    std::fprintf(stderr, "%s: %s\n", what, status.ToString().c_str());
+  }
+  return 1;
+}
+
+int RunConversations(const Flags& flags) {
+  return WithConnection(flags, [&](chat::Client& client, Listener& listener) {
+    auto conversations = client.Conversations();
+    if (!conversations.ok()) return PrintError("conversations", conversations.status(), flags.json);
+    std::vector<chat::UserId> peers;
+    for (const auto& c : *conversations) {
+      if (c.kind == chat::ConversationKind::kDirect && !c.peer.empty()) peers.push_back(c.peer);
+    }
+    std::sort(peers.begin(), peers.end());
+    peers.erase(std::unique(peers.begin(), peers.end()), peers.end());
+    bool live = false;
+    if (!peers.empty() && peers.size() <= chat::kMaxPresenceSubscriptions) {
+      // The current states arrive before the answer. Without them (a server without presence)
+      // the list still shows the cached last seen.
+      int rc = 0;
+      std::optional<chat::Status> answer = Await<chat::Status>(
+          listener, flags.timeout_ms, "presence",
+          [&](auto cb) { return client.SubscribePresence(peers, cb); }, &rc);
+      live = answer && answer->ok();
+    }
+    // Presence updates may have moved a peer's last seen in the cache meanwhile.
+    conversations = client.Conversations();
+    if (!conversations.ok()) return PrintError("conversations", conversations.status(), flags.json);
+    std::lock_guard lock(listener.mu());
+    for (const auto& c : *conversations) {
+      const chat::PresenceInfo* peer = nullptr;
+      if (live && c.kind == chat::ConversationKind::kDirect) {
+        auto it = listener.presence().find(c.peer);
+        if (it != listener.presence().end()) peer = &it->second;
+      }
+      std::puts(ConversationLine(c, flags.json, peer).c_str());
+    }
+    return 0;
+  });
 }
 
 int PrintHistory(chat::Client& client, Listener& listener, uint64_t conversation, uint64_t before,
                  uint32_t limit, bool json, int timeout_ms) {
-  std::mutex mu;
-  std::optional<chat::Result<chat::HistoryResult>> result;
-  chat::Status st = client.History(conversation, before, limit, [&](auto r) {
-    {
-      std::lock_guard lock(mu);
-      result.emplace(std::move(r));
-    }
-    std::lock_guard lock(listener.mu());
-    listener.cv().notify_all();
-  });
-  if (!st.ok()) {
-    std::fprintf(stderr, "history: %s\n", st.ToString().c_str());
-    return 1;
-  }
-  listener.WaitFor(
-      [&] {
-        std::lock_guard lock(mu);
-        return result.has_value();
-      },
-      timeout_ms);
-  std::lock_guard lock(mu);
-  if (!result) {
-    std::fprintf(stderr, "history: no answer in time\n");
-    return 3;
-  }
-  if (!result->ok()) {
-    std::fprintf(stderr, "history: %s\n", result->status().ToString().c_str());
-    return 1;
-  }
+  int rc = 0;
+  std::optional<chat::Result<chat::HistoryResult>> result =
+      Await<chat::Result<chat::HistoryResult>>(
+          listener, timeout_ms, "history",
+          [&](auto cb) { return client.History(conversation, before, limit, cb); }, &rc);
+  if (!result) return rc;
+  if (!result->ok()) return PrintError("history", result->status(), json);
   // Oldest first reads naturally on a terminal.
   const auto& messages = (*result)->messages;
   for (auto it = messages.rbegin(); it != messages.rend(); ++it) {
@@ -505,40 +618,11 @@ int PrintHistory(chat::Client& client, Listener& listener, uint64_t conversation
 // its answer and prints the conversation or the error. Returns the exit code.
 template <typename Start>
 int RunGroupOp(Listener& listener, bool json, int timeout_ms, const char* what, Start start) {
-  std::mutex mu;
-  std::optional<chat::Result<chat::ConversationInfo>> result;
-  chat::Status st = start([&](chat::Result<chat::ConversationInfo> r) {
-    {
-      std::lock_guard lock(mu);
-      result.emplace(std::move(r));
-    }
-    std::lock_guard lock(listener.mu());
-    listener.cv().notify_all();
-  });
-  if (!st.ok()) {
-    std::fprintf(stderr, "%s: %s\n", what, st.ToString().c_str());
-    return 1;
-  }
-  listener.WaitFor(
-      [&] {
-        std::lock_guard lock(mu);
-        return result.has_value();
-      },
-      timeout_ms);
-  std::lock_guard lock(mu);
-  if (!result) {
-    std::fprintf(stderr, "%s: no answer in time\n", what);
-    return 3;
-  }
-  if (!result->ok()) {
-    if (json) {
-      std::printf("{\"type\":\"error\",\"error\":%s}\n",
-                  JsonString(result->status().ToString()).c_str());
-    } else {
-      std::fprintf(stderr, "%s: %s\n", what, result->status().ToString().c_str());
-    }
-    return 1;
-  }
+  int rc = 0;
+  std::optional<chat::Result<chat::ConversationInfo>> result =
+      Await<chat::Result<chat::ConversationInfo>>(listener, timeout_ms, what, start, &rc);
+  if (!result) return rc;
+  if (!result->ok()) return PrintError(what, result->status(), json);
   std::puts(ConversationLine(**result, json).c_str());
   std::fflush(stdout);
   return 0;
@@ -546,59 +630,84 @@ int RunGroupOp(Listener& listener, bool json, int timeout_ms, const char* what, 
 
 int RunGroupCreate(const Flags& flags, const std::string& title, bool channel,
                    const std::vector<std::string>& members) {
-  auto listener = std::make_shared<Listener>(flags.json, false);
-  auto client = OpenClient(flags, listener);
-  if (!client) return 1;
-  if (!WaitConnected(*listener, flags.timeout_ms)) {
-    client->Close();
-    return 3;
-  }
-  int rc = RunGroupOp(*listener, flags.json, flags.timeout_ms, "group-create", [&](auto cb) {
-    return client->CreateGroup(
-        title, members, channel ? chat::ConversationKind::kChannel : chat::ConversationKind::kGroup,
-        cb);
+  return WithConnection(flags, [&](chat::Client& client, Listener& listener) {
+    return RunGroupOp(listener, flags.json, flags.timeout_ms, "group-create", [&](auto cb) {
+      return client.CreateGroup(
+          title, members,
+          channel ? chat::ConversationKind::kChannel : chat::ConversationKind::kGroup, cb);
+    });
   });
-  client->Close();
-  return rc;
 }
 
 int RunMarkRead(const Flags& flags, uint64_t conversation, uint64_t seq) {
-  auto listener = std::make_shared<Listener>(flags.json, false);
-  auto client = OpenClient(flags, listener);
-  if (!client) return 1;
-  if (!WaitConnected(*listener, flags.timeout_ms)) {
-    client->Close();
-    return 3;
-  }
-  if (chat::Status st = client->MarkRead(conversation, seq); !st.ok()) {
-    std::fprintf(stderr, "mark-read: %s\n", st.ToString().c_str());
-    client->Close();
-    return 1;
-  }
-  // The loop applies the mark and queues its Receipt in the same turn; wait for the first.
-  std::optional<chat::ConversationInfo> found;
-  auto start = std::chrono::steady_clock::now();
-  while (!g_interrupted &&
-         std::chrono::steady_clock::now() - start < std::chrono::milliseconds(flags.timeout_ms)) {
-    found.reset();
-    if (auto conversations = client->Conversations(); conversations.ok()) {
-      for (const auto& c : *conversations) {
-        if (c.conversation_id == conversation) found = c;
-      }
+  return WithConnection(flags, [&](chat::Client& client, Listener&) {
+    if (chat::Status st = client.MarkRead(conversation, seq); !st.ok()) {
+      std::fprintf(stderr, "mark-read: %s\n", st.ToString().c_str());
+      return 1;
     }
-    if (!found) break;
-    if (found->read_seq >= (seq == 0 ? found->last_seq : std::min(seq, found->last_seq))) break;
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
-  std::this_thread::sleep_for(std::chrono::milliseconds(200));
-  client->Close();
-  if (!found) {
-    std::fprintf(stderr, "mark-read: conversation %llu is not known\n",
-                 static_cast<unsigned long long>(conversation));
-    return 1;
-  }
-  std::puts(ConversationLine(*found, flags.json).c_str());
-  return 0;
+    // The loop applies the mark and queues its Receipt in the same turn; wait for the first.
+    std::optional<chat::ConversationInfo> found;
+    auto start = std::chrono::steady_clock::now();
+    while (!g_interrupted &&
+           std::chrono::steady_clock::now() - start < std::chrono::milliseconds(flags.timeout_ms)) {
+      found.reset();
+      if (auto conversations = client.Conversations(); conversations.ok()) {
+        for (const auto& c : *conversations) {
+          if (c.conversation_id == conversation) found = c;
+        }
+      }
+      if (!found) break;
+      if (found->read_seq >= (seq == 0 ? found->last_seq : std::min(seq, found->last_seq))) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    if (!found) {
+      std::fprintf(stderr, "mark-read: conversation %llu is not known\n",
+                   static_cast<unsigned long long>(conversation));
+      return 1;
+    }
+    std::puts(ConversationLine(*found, flags.json).c_str());
+    return 0;
+  });
+}
+
+// Prints the users' presence as it changes, starting with the current state of each, until
+// `count` updates were printed (0: no limit), `duration_ms` passed (0: no limit) or SIGINT.
+int RunPresence(const Flags& flags, const std::vector<std::string>& users, uint64_t count,
+                int duration_ms) {
+  return WithConnection(flags, [&](chat::Client& client, Listener& listener) {
+    {
+      std::lock_guard lock(listener.mu());
+      listener.set_print_presence(true);
+    }
+    int rc = 0;
+    std::optional<chat::Status> answer = Await<chat::Status>(
+        listener, flags.timeout_ms, "presence",
+        [&](auto cb) { return client.SubscribePresence(users, cb); }, &rc);
+    if (!answer) return rc;
+    if (!answer->ok()) return PrintError("presence", *answer, flags.json);
+    (void)listener.WaitFor([&] { return count > 0 && listener.presence_updates() >= count; },
+                           duration_ms > 0 ? duration_ms : -1);
+    return 0;
+  });
+}
+
+int RunRegisterPush(const Flags& flags, const std::string& platform, const std::string& token) {
+  return WithConnection(flags, [&](chat::Client& client, Listener& listener) {
+    int rc = 0;
+    std::optional<chat::Status> answer = Await<chat::Status>(
+        listener, flags.timeout_ms, "register-push",
+        [&](auto cb) { return client.RegisterPushToken(platform, token, cb); }, &rc);
+    if (!answer) return rc;
+    if (!answer->ok()) return PrintError("register-push", *answer, flags.json);
+    if (flags.json) {
+      std::printf("{\"type\":\"push_token\",\"registered\":%s}\n",
+                  token.empty() ? "false" : "true");
+    } else {
+      std::puts(token.empty() ? "push token unregistered" : "push token registered");
+    }
+    return 0;
+  });
 }
 
 // Splits "a b  c" into words.
@@ -616,17 +725,10 @@ std::vector<std::string> Words(std::string_view text) {
 }
 
 int RunHistory(const Flags& flags, uint64_t conversation, uint64_t before, uint32_t limit) {
-  auto listener = std::make_shared<Listener>(flags.json, false);
-  auto client = OpenClient(flags, listener);
-  if (!client) return 1;
-  if (!WaitConnected(*listener, flags.timeout_ms)) {
-    client->Close();
-    return 3;
-  }
-  int rc =
-      PrintHistory(*client, *listener, conversation, before, limit, flags.json, flags.timeout_ms);
-  client->Close();
-  return rc;
+  return WithConnection(flags, [&](chat::Client& client, Listener& listener) {
+    return PrintHistory(client, listener, conversation, before, limit, flags.json,
+                        flags.timeout_ms);
+  });
 }
 
 int RunInteractive(const Flags& flags) {
@@ -637,7 +739,8 @@ int RunInteractive(const Flags& flags) {
   std::puts(
       "commands: /list  /open <conversation id|user>  /history [n]  /read  /typing\n"
       "          /group create TITLE USER...  /channel create TITLE USER...\n"
-      "          /add USER...  /remove USER...  /leave  /rename TITLE  /quit\n"
+      "          /add USER...  /remove USER...  /leave  /rename TITLE  /presence USER...\n"
+      "          /quit\n"
       "other lines are sent to the open conversation");
   auto group_op = [&](const char* what, auto start) {
     (void)RunGroupOp(*listener, flags.json, 5'000, what, start);
@@ -650,9 +753,22 @@ int RunInteractive(const Flags& flags) {
     if (line == "/quit") break;
     if (line == "/list") {
       auto conversations = client->Conversations();
-      if (conversations.ok()) {
-        for (const auto& c : *conversations) std::puts(ConversationLine(c, flags.json).c_str());
+      if (!conversations.ok()) continue;
+      std::lock_guard lock(listener->mu());
+      for (const auto& c : *conversations) {
+        // Peers watched with /presence show their live state.
+        auto it = listener->presence().find(c.peer);
+        const bool watched =
+            c.kind == chat::ConversationKind::kDirect && it != listener->presence().end();
+        std::puts(ConversationLine(c, flags.json, watched ? &it->second : nullptr).c_str());
       }
+      continue;
+    }
+    if (line.rfind("/presence ", 0) == 0) {
+      chat::Status st = client->SubscribePresence(Words(line.substr(10)), [](chat::Status answer) {
+        if (!answer.ok()) std::fprintf(stderr, "presence: %s\n", answer.ToString().c_str());
+      });
+      if (!st.ok()) std::fprintf(stderr, "presence: %s\n", st.ToString().c_str());
       continue;
     }
     if (line.rfind("/group create ", 0) == 0 || line.rfind("/channel create ", 0) == 0) {
@@ -818,6 +934,18 @@ int main(int argc, char** argv) {
   uint64_t read_seq = 0;
   mark_read->add_option("--conversation", read_conversation, "Conversation id")->required();
   mark_read->add_option("--seq", read_seq, "Read up to this seq (0: everything)");
+  auto* presence = app.add_subcommand("presence", "Print users' presence as it changes");
+  std::vector<std::string> presence_users;
+  uint64_t presence_count = 0;
+  int presence_duration_ms = 0;
+  presence->add_option("users", presence_users, "Users to watch")->required();
+  presence->add_option("--count", presence_count, "Exit after this many updates (0: no limit)");
+  presence->add_option("--duration-ms", presence_duration_ms, "Exit after this long (0: no limit)");
+  auto* register_push = app.add_subcommand("register-push", "Register this device's push token");
+  std::string push_platform;
+  std::string push_token;
+  register_push->add_option("platform", push_platform, "apns, fcm, webhook, ...")->required();
+  register_push->add_option("token", push_token, "The token; omitted: unregister the device");
 
   CLI11_PARSE(app, argc, argv);
   if (flags.token.empty() && flags.token_file.empty()) {
@@ -833,6 +961,8 @@ int main(int argc, char** argv) {
   if (*group_create) return RunGroupCreate(flags, group_title, group_channel, group_members);
   if (*mark_read) return RunMarkRead(flags, read_conversation, read_seq);
   if (*history) return RunHistory(flags, history_conversation, before, limit);
+  if (*presence) return RunPresence(flags, presence_users, presence_count, presence_duration_ms);
+  if (*register_push) return RunRegisterPush(flags, push_platform, push_token);
   if (*conversations) return RunConversations(flags);
   return RunInteractive(flags);
 }
