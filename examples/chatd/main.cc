@@ -289,6 +289,22 @@ void AddServeFlags(CLI::App* serve, ServeFlags* f) {
       ->add_option("--typing-interval-ms", o.typing_interval_ms,
                    "Typing repeats per device and conversation within this are dropped")
       ->capture_default_str();
+  serve
+      ->add_option("--presence-ttl-ms", o.presence_ttl_ms,
+                   "A device not heard from for this long is not online; > heartbeat interval")
+      ->capture_default_str();
+  serve
+      ->add_option("--presence-grace-ms", o.presence_grace_ms,
+                   "After a user's last device went: offline only after this; 0 = at once")
+      ->capture_default_str();
+  serve
+      ->add_option("--presence-coalesce-ms", o.presence_coalesce_ms,
+                   "At most one presence update per watched user per this many ms")
+      ->capture_default_str();
+  serve
+      ->add_option("--max-presence-subscriptions", o.max_presence_subscriptions,
+                   "Users one connection watches at once")
+      ->capture_default_str();
   serve->add_option("--commit-batch-max", o.commit_batch_max, "Messages per transaction")
       ->capture_default_str();
   serve

@@ -6,6 +6,7 @@
 #include "chat/client.h"
 #include "chat/clock.h"
 #include "chat/log.h"
+#include "chat/presence.h"
 #include "chat/push.h"
 #include "chat/server.h"
 #include "chat/status.h"

@@ -25,6 +25,7 @@
 #include "chat/auth.h"
 #include "chat/clock.h"
 #include "chat/export.h"
+#include "chat/presence.h"
 #include "chat/push.h"
 #include "chat/status.h"
 #include "chat/store.h"
@@ -67,6 +68,16 @@ struct ServerOptions {
   uint32_t typing_expires_ms = 6000;   // told in TypingUpdate: show no longer unless refreshed
   uint32_t typing_interval_ms = 1000;  // typing repeats per device and conversation within
                                        // this are dropped; a change of state always passes
+
+  // --- Presence (see docs/presence.md) ---
+  std::shared_ptr<PresenceRegistry> presence;  // null: in-process registry (single node)
+  uint32_t presence_ttl_ms = 60'000;  // a device not heard from for this long is not online;
+                                      // must be > heartbeat_interval_ms
+  uint32_t presence_grace_ms = 5000;  // after the last device went: offline only after this;
+                                      // 0 = at once
+  uint32_t presence_coalesce_ms = 1000;       // at most one PresenceUpdate per watched user per
+                                              // this many ms; > 0
+  uint32_t max_presence_subscriptions = 256;  // users one connection watches at once; > 0
 
   // --- Store threads ---
   uint32_t commit_batch_max = 512;   // messages per transaction, at most

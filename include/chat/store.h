@@ -12,7 +12,7 @@
 // fault injection and metrics.
 //
 // Thread-safety: Append is called by one thread at a time (the server's writer thread); the
-// read methods (Sync, History, Members, Receipts, Epoch) may be called concurrently with each other
+// read methods (Sync, History, Members, Receipts, Presence, Epoch) may be called concurrently with each other
 // and with Append from other threads.
 #ifndef CHAT_STORE_H_
 #define CHAT_STORE_H_
@@ -41,6 +41,7 @@ enum class ConversationOp : int {
   kLeave = 5,          // the sender leaves (any member)
   kSetRole = 6,        // users[0] gets `role` (admins only)
   kReceipt = 7,        // the sender device's watermarks; commits no message
+  kLastSeen = 8,       // presence: `users` were last seen at server_time_ms; commits no message
 };
 
 // One message (or conversation change, see `op`) to commit.
@@ -163,6 +164,29 @@ struct ReceiptsReply {
   std::vector<MemberReceipt> members;
 };
 
+// --- Presence ---
+// Last seen is written through Append (ConversationOp::kLastSeen: `users` were online at
+// `server_time_ms`, wall clock; a store keeps the latest value per user and ignores older ones;
+// `sender` is not needed) and read with MessageStore::Presence.
+
+// Whether `user` may see each target's presence, and the targets' last seen.
+struct PresenceQuery {
+  UserId user;
+  std::vector<UserId> targets;
+};
+
+struct PresenceContact {
+  UserId user;
+  // The asking user and this one are both current members of at least one direct conversation
+  // or group. Channels do not count: a broadcast audience must not expose presence.
+  bool shares_conversation = false;
+  int64_t last_seen_ms = 0;  // persisted last seen (Unix ms); 0 = never seen
+};
+
+struct PresenceReply {
+  std::vector<PresenceContact> targets;  // one per query target, in query order
+};
+
 // One bounded retention pass; see MessageStore::DeleteExpired.
 struct SweepRequest {
   int64_t now_ms = 0;                // wall clock, milliseconds since the Unix epoch
@@ -207,6 +231,12 @@ class CHAT_EXPORT MessageStore {
   // current member (a missing conversation looks the same).
   virtual Result<ReceiptsReply> Receipts(const ReceiptsQuery& query) = 0;
 
+  // Presence: who of query.targets shares a direct conversation or group with query.user, and
+  // their last seen (see PresenceReply). A target that shares nothing is reported with
+  // shares_conversation false, never as an error. The default implementation returns
+  // FailedPrecondition (not supported by this store).
+  virtual Result<PresenceReply> Presence(const PresenceQuery& query);
+
   // Retention: deletes, in one transaction, at most request.max_messages expired messages. A
   // message is expired when its server time is older than now_ms minus its conversation's
   // retention_ms (or default_retention_ms when the conversation has none). Only the oldest run
@@ -240,6 +270,9 @@ class CHAT_EXPORT MessageStoreWrapper : public MessageStore {
   }
   Result<ReceiptsReply> Receipts(const ReceiptsQuery& query) override {
     return target_->Receipts(query);
+  }
+  Result<PresenceReply> Presence(const PresenceQuery& query) override {
+    return target_->Presence(query);
   }
   Result<SweepResult> DeleteExpired(const SweepRequest& request) override {
     return target_->DeleteExpired(request);

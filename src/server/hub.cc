@@ -13,6 +13,7 @@
 
 #include "chat/v1/chat.pb.h"
 #include "src/core/snowflake.h"
+#include "src/server/presence_tracker.h"
 
 namespace chat::server {
 
@@ -63,6 +64,8 @@ enum class Purpose : uint8_t {
   kUnsubscribe,
   kTypingOn,
   kTypingOff,
+  kPresenceSubscribe,
+  kPresenceRecheck,  // subscriptions suspended by a membership removal
 };
 
 struct PendingAppend {
@@ -94,6 +97,8 @@ constexpr size_t kMaxPendingPushes = 100'000;
 constexpr size_t kMaxPushTokenUsers = 100'000;
 constexpr size_t kMaxPushTokenBytes = 4096;
 constexpr size_t kMaxPushPlatformBytes = 64;
+// Presence: user ids as the store accepts them for members.
+constexpr size_t kMaxPresenceUserIdBytes = 128;
 
 using Body = v1::Envelope::BodyCase;
 
@@ -141,7 +146,7 @@ int64_t ClampRate(uint64_t rate) {
 
 }  // namespace
 
-class Hub::Impl {
+class Hub::Impl final : private PresenceTracker::Sink {
  public:
   Impl(const ServerOptions& options, uint64_t epoch, HubIo* io)
       : options_(options),
@@ -152,7 +157,10 @@ class Hub::Impl {
         message_rate_(ClampRate(options.messages_per_second)),
         message_cap_(ClampRate(options.messages_burst) * kMilli),
         byte_rate_(ClampRate(options.bytes_per_second)),
-        byte_cap_(byte_rate_ * kMilli) {}
+        byte_cap_(byte_rate_ * kMilli),
+        presence_(options, options.presence ? options.presence : NewInProcessPresenceRegistry(),
+                  clock_.get(), this),
+        next_presence_refresh_ms_(clock_->MonotonicMs() + presence_.refresh_interval_ms()) {}
 
   bool OnOpen(SessionId id) {
     if (sessions_.size() >= options_.max_connections ||
@@ -176,6 +184,11 @@ class Hub::Impl {
     if (it == sessions_.end()) return;  // closed by us; late frames are dropped
     Session& s = it->second;
     const int64_t now = clock_->MonotonicMs();
+    // A device silent past the presence TTL counts again from its first frame.
+    if (s.authenticated &&
+        now - s.last_frame_ms >= static_cast<int64_t>(options_.presence_ttl_ms)) {
+      presence_.DeviceHeard(s.user, s.device, now);
+    }
     s.last_frame_ms = now;
     const codec::Format frame_format = text ? codec::Format::kJson : codec::Format::kBinary;
     if (!s.format_known) {
@@ -285,6 +298,10 @@ class Hub::Impl {
     Session* s = FindSession(pending.session);
     if (s == nullptr) return;
 
+    if (auto* presence = std::get_if<Result<PresenceReply>>(&result)) {
+      AnswerPresenceRead(pending, *s, *presence);
+      return;
+    }
     v1::Envelope reply;
     reply.set_rid(pending.rid);
     if (auto* receipts = std::get_if<Result<ReceiptsReply>>(&result)) {
@@ -350,9 +367,11 @@ class Hub::Impl {
       }
     }
     FlushPushes(now);
+    PresenceTick(now);
   }
 
   void CloseAll() {
+    presence_.PersistAll();
     std::vector<SessionId> ids;
     ids.reserve(sessions_.size());
     for (const auto& [id, s] : sessions_) ids.push_back(id);
@@ -478,6 +497,12 @@ class Hub::Impl {
       case Body::kRegisterPushToken:
         HandleRegisterPushToken(id, s, envelope);
         return;
+      case Body::kPresenceSubscribe:
+        HandlePresenceSubscribe(id, s, envelope);
+        return;
+      case Body::kPresenceUnsubscribe:
+        HandlePresenceUnsubscribe(id, s, envelope);
+        return;
       default:
         HandleUnsupported(id, s, envelope);
         return;
@@ -505,6 +530,10 @@ class Hub::Impl {
       CloseSession(id, kCloseTooManyDevices, "too many devices");
       return;
     }
+    const bool device_known = std::any_of(devices.begin(), devices.end(), [&](SessionId other) {
+      const Session* o = FindSession(other);
+      return o != nullptr && o->device == hello.device_id();
+    });
     devices.push_back(id);
     s.user = std::move(identity->user_id);
     s.device = hello.device_id();
@@ -531,7 +560,9 @@ class Hub::Impl {
     limits->set_messages_per_second(options_.messages_per_second);
     limits->set_max_attachments(options_.max_attachments);
     limits->set_max_group_members(options_.max_group_members);
+    limits->set_max_presence_subscriptions(options_.max_presence_subscriptions);
     Reply(id, s, reply);
+    if (!device_known) presence_.DeviceUp(s.user, s.device);
   }
 
   void HandleSend(SessionId id, Session& s, const v1::Envelope& envelope) {
@@ -630,7 +661,7 @@ class Hub::Impl {
   }
 
   void SubmitRead(SessionId id, uint64_t rid, ConversationId conversation_id, Purpose purpose,
-                  std::variant<SyncQuery, HistoryQuery, ReceiptsQuery> query) {
+                  decltype(ReadJob::query) query) {
     ReadJob job;
     job.token = next_token_++;
     job.query = std::move(query);
@@ -935,6 +966,155 @@ class Hub::Impl {
     }
   }
 
+  // --- Presence ---
+
+  // Subscriptions are checked against the store (who shares a direct conversation or group with
+  // the caller) on a reader thread, and answered in AnswerPresenceRead.
+  void HandlePresenceSubscribe(SessionId id, Session& s, const v1::Envelope& envelope) {
+    std::vector<UserId> users;
+    if (Status valid = PresenceUsers(envelope.presence_subscribe().users(), &users); !valid.ok()) {
+      SendError(id, s, envelope.rid(), valid);
+      return;
+    }
+    if (Status room = PresenceRoom(id, users); !room.ok()) {
+      SendError(id, s, envelope.rid(), room);
+      return;
+    }
+    SubmitRead(id, envelope.rid(), 0, Purpose::kPresenceSubscribe,
+               PresenceQuery{.user = s.user, .targets = std::move(users)});
+  }
+
+  void HandlePresenceUnsubscribe(SessionId id, Session& s, const v1::Envelope& envelope) {
+    std::vector<UserId> users;
+    if (Status valid = PresenceUsers(envelope.presence_unsubscribe().users(), &users);
+        !valid.ok()) {
+      SendError(id, s, envelope.rid(), valid);
+      return;
+    }
+    for (const UserId& user : users) presence_.Unwatch(id, user);
+    SendOk(id, s, envelope.rid());
+  }
+
+  // The request's user ids, checked and without repeats (in request order).
+  static Status PresenceUsers(const google::protobuf::RepeatedPtrField<std::string>& in,
+                              std::vector<UserId>* out) {
+    for (const std::string& user : in) {
+      if (user.empty() || user.size() > kMaxPresenceUserIdBytes) {
+        return InvalidArgument("presence user ids must be 1..128 bytes");
+      }
+      if (std::find(out->begin(), out->end(), user) == out->end()) out->push_back(user);
+    }
+    return Status::Ok();
+  }
+
+  // ResourceExhausted if watching `users` too would take the connection past its cap.
+  Status PresenceRoom(SessionId id, const std::vector<UserId>& users) const {
+    if (presence_.watch_count(id) + presence_.CountNew(id, users) >
+        options_.max_presence_subscriptions) {
+      return ResourceExhausted("too many presence subscriptions on this connection (max " +
+                               std::to_string(options_.max_presence_subscriptions) + ")");
+    }
+    return Status::Ok();
+  }
+
+  void AnswerPresenceRead(const PendingRead& pending, Session& s,
+                          const Result<PresenceReply>& reply) {
+    const bool subscribe = pending.purpose == Purpose::kPresenceSubscribe;
+    if (!reply.ok()) {
+      if (subscribe) {
+        SendError(pending.session, s, pending.rid, reply.status());
+      } else {
+        // Without a verdict the safe side is to deliver nothing: the suspended subscriptions
+        // are dropped (the client may subscribe again).
+        presence_.DropSuspended(pending.session);
+      }
+      return;
+    }
+    // The read may predate a removal the Hub has applied since: ask again.
+    if (pending.removals != removals_) {
+      std::vector<UserId> targets;
+      for (const PresenceContact& c : reply->targets) targets.push_back(c.user);
+      SubmitRead(pending.session, pending.rid, 0, pending.purpose,
+                 PresenceQuery{.user = s.user, .targets = std::move(targets)});
+      return;
+    }
+    if (!subscribe) {
+      for (const PresenceContact& c : reply->targets) {
+        presence_.Resolve(pending.session, c.user, c.user == s.user || c.shares_conversation);
+      }
+      return;
+    }
+    for (const PresenceContact& c : reply->targets) {
+      if (c.user != s.user && !c.shares_conversation) {
+        SendError(pending.session, s, pending.rid,
+                  PermissionDenied("may not watch the presence of " + c.user +
+                                   ": no shared direct conversation or group"));
+        return;
+      }
+    }
+    std::vector<UserId> targets;
+    for (const PresenceContact& c : reply->targets) targets.push_back(c.user);
+    // Other subscribes may have been answered since this one was checked.
+    if (Status room = PresenceRoom(pending.session, targets); !room.ok()) {
+      SendError(pending.session, s, pending.rid, room);
+      return;
+    }
+    for (const PresenceContact& c : reply->targets) {
+      const PresenceState state = presence_.Watch(pending.session, s.user, c.user, c.last_seen_ms);
+      SendPresence(pending.session, c.user, state);
+    }
+    SendOk(pending.session, s, pending.rid);
+  }
+
+  // Members were removed: the subscriptions of and on them are suspended and re-checked.
+  void RecheckPresence(const std::vector<UserId>& removed) {
+    for (auto& [session, targets] : presence_.Suspend(removed)) {
+      const Session* s = FindSession(session);
+      if (s == nullptr) continue;
+      SubmitRead(session, 0, 0, Purpose::kPresenceRecheck,
+                 PresenceQuery{.user = s->user, .targets = std::move(targets)});
+    }
+  }
+
+  // Keeps this node's live devices fresh in the registry (a device is live while heard from
+  // within presence_ttl_ms), then lets the tracker do its timed work.
+  void PresenceTick(int64_t now) {
+    if (now >= next_presence_refresh_ms_) {
+      next_presence_refresh_ms_ = now + presence_.refresh_interval_ms();
+      const int64_t ttl = options_.presence_ttl_ms;
+      for (const auto& [id, s] : sessions_) {
+        if (s.authenticated && now - s.last_frame_ms < ttl) {
+          presence_.DeviceHeard(s.user, s.device, s.last_frame_ms);
+        }
+      }
+    }
+    presence_.Tick();
+  }
+
+  // PresenceTracker::Sink.
+  void SendPresence(SessionId session, const UserId& user, const PresenceState& state) override {
+    Session* s = FindSession(session);
+    if (s == nullptr) return;
+    v1::Envelope update;
+    v1::PresenceUpdate* p = update.mutable_presence_update();
+    p->set_user_id(user);
+    p->set_online(state.online);
+    p->set_devices(state.devices);
+    p->set_last_seen_ms(state.last_seen_ms);
+    Reply(session, *s, update);
+  }
+
+  // Fire and forget: not tracked as a pending append, so shutdown and overload accounting see
+  // only client work. A failed write loses one last-seen value, which the next one repairs.
+  void PersistLastSeen(std::vector<UserId> users, int64_t wall_ms) override {
+    AppendJob job;
+    job.token = next_token_++;
+    job.request.op = ConversationOp::kLastSeen;
+    job.request.users = std::move(users);
+    job.request.server_time_ms = wall_ms;
+    io_->SubmitAppend(std::move(job));
+  }
+
   void SendOk(SessionId id, const Session& s, uint64_t rid) {
     v1::Envelope ok;
     ok.set_rid(rid);
@@ -978,7 +1158,10 @@ class Hub::Impl {
         FanOut(*message, result.recipients, except);
       }
     }
-    if (!result.removed.empty()) ++removals_;
+    if (!result.removed.empty()) {
+      ++removals_;
+      RecheckPresence(result.removed);
+    }
     for (const UserId& user : result.removed) {
       auto it = users_.find(user);
       if (it == users_.end()) continue;
@@ -1062,11 +1245,18 @@ class Hub::Impl {
     if (it == sessions_.end()) return;
     Session& s = it->second;
     if (s.authenticated) {
+      bool device_left = true;
       auto user = users_.find(s.user);
       if (user != users_.end()) {
         std::erase(user->second, id);
+        for (SessionId other : user->second) {
+          const Session* o = FindSession(other);
+          if (o != nullptr && o->device == s.device) device_left = false;
+        }
         if (user->second.empty()) users_.erase(user);
       }
+      if (device_left) presence_.DeviceDown(s.user, s.device);
+      presence_.ForgetSession(id);
     } else {
       --pending_sessions_;
     }
@@ -1118,6 +1308,10 @@ class Hub::Impl {
   uint64_t next_token_ = 1;
   std::unordered_map<uint64_t, PendingAppend> pending_appends_;
   std::unordered_map<uint64_t, PendingRead> pending_reads_;
+
+  // Presence (declared after clock_, which it uses).
+  PresenceTracker presence_;
+  int64_t next_presence_refresh_ms_ = 0;  // monotonic: next DeviceHeard pass over the sessions
 };
 
 Hub::Hub(const ServerOptions& options, uint64_t epoch, HubIo* io)

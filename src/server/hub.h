@@ -50,10 +50,11 @@ struct AppendJob {
 // A unit of work for a store reader thread. `token` comes back in OnReadDone.
 struct ReadJob {
   uint64_t token = 0;
-  std::variant<SyncQuery, HistoryQuery, ReceiptsQuery> query;
+  std::variant<SyncQuery, HistoryQuery, ReceiptsQuery, PresenceQuery> query;
 };
 // One alternative per query type, in the same order.
-using ReadResult = std::variant<Result<SyncReply>, Result<HistoryReply>, Result<ReceiptsReply>>;
+using ReadResult = std::variant<Result<SyncReply>, Result<HistoryReply>, Result<ReceiptsReply>,
+                                Result<PresenceReply>>;
 
 // Runs `job` on `store` (on a reader thread).
 inline ReadResult RunReadJob(MessageStore& store, const ReadJob& job) {
@@ -62,8 +63,10 @@ inline ReadResult RunReadJob(MessageStore& store, const ReadJob& job) {
       return store.Sync(std::get<0>(job.query));
     case 1:
       return store.History(std::get<1>(job.query));
-    default:
+    case 2:
       return store.Receipts(std::get<2>(job.query));
+    default:
+      return store.Presence(std::get<3>(job.query));
   }
 }
 
@@ -74,8 +77,10 @@ inline ReadResult FailedRead(const ReadJob& job, const Status& status) {
       return Result<SyncReply>(status);
     case 1:
       return Result<HistoryReply>(status);
-    default:
+    case 2:
       return Result<ReceiptsReply>(status);
+    default:
+      return Result<PresenceReply>(status);
   }
 }
 
@@ -118,10 +123,12 @@ class Hub {
   void OnAppendDone(uint64_t token, const Status& commit_status, AppendResult result);
   void OnReadDone(uint64_t token, ReadResult result);
 
-  // Called by the runtime at least every 100 ms: hello and idle timeouts, rate-limit refill.
+  // Called by the runtime at least every 100 ms: hello and idle timeouts, rate-limit refill,
+  // presence (expiry, grace periods, coalesced updates, last-seen persistence).
   void Tick();
 
-  // Shutdown: close every session with 1001. Appends already submitted still complete.
+  // Shutdown: persist the last seen of the users online here, then close every session with
+  // 1001. Appends already submitted still complete.
   void CloseAll();
 
   // For the runtime's overload decisions and for tests.

@@ -53,6 +53,7 @@ struct Data {
   std::map<std::pair<UserId, UserId>, ConversationId> direct;  // (low, high)
   std::map<UserId, std::set<ConversationId>> by_user;
   std::map<std::pair<UserId, std::string>, std::pair<ConversationId, Seq>> keys;
+  std::map<UserId, int64_t> last_seen;  // presence: Unix ms
 };
 
 class MemorySource final : public server::ReadSource {
@@ -103,6 +104,7 @@ class MemorySource final : public server::ReadSource {
       for (const auto& [other, unused] : c.members) {
         if (other != user) info.peer = other;
       }
+      info.peer_last_seen_ms = StoredLastSeen(info.peer);
     }
     info.last_seq = c.last_seq;
     if (member.removed_at_seq != 0) info.last_seq = std::min(info.last_seq, member.removed_at_seq);
@@ -168,7 +170,30 @@ class MemorySource final : public server::ReadSource {
     return Status::Ok();
   }
 
+  Result<bool> SharesConversation(const UserId& a, const UserId& b) override {
+    auto it = data_->by_user.find(a);
+    if (it == data_->by_user.end()) return false;
+    for (ConversationId id : it->second) {
+      const Conversation& c = data_->conversations.at(id);
+      if (c.kind != ConversationKind::kDirect && c.kind != ConversationKind::kGroup) continue;
+      auto mine = c.members.find(a);
+      auto theirs = c.members.find(b);
+      if (mine != c.members.end() && mine->second.current() && theirs != c.members.end() &&
+          theirs->second.current()) {
+        return true;
+      }
+    }
+    return false;
+  }
+
+  Result<int64_t> LastSeen(const UserId& user) override { return StoredLastSeen(user); }
+
  private:
+  int64_t StoredLastSeen(const UserId& user) const {
+    auto it = data_->last_seen.find(user);
+    return it == data_->last_seen.end() ? 0 : it->second;
+  }
+
   ConversationHead RawHead(ConversationId id) const {
     const Conversation& c = data_->conversations.at(id);
     return ConversationHead{id, c.last_seq, c.first_seq, 0, 0};
@@ -283,6 +308,12 @@ class MemoryTarget final : public server::AppendTarget {
     return out;
   }
 
+  Status PutLastSeen(const UserId& user, int64_t last_seen_ms) override {
+    int64_t& stored = data_->last_seen[user];
+    stored = std::max(stored, last_seen_ms);
+    return Status::Ok();
+  }
+
  private:
   Data* data_;
   MemorySource reader_;
@@ -323,6 +354,12 @@ class MemoryStore final : public MessageStore {
     std::lock_guard lock(mu_);
     MemorySource source(&data_);
     return server::RunReceipts(source, query);
+  }
+
+  Result<PresenceReply> Presence(const PresenceQuery& query) override {
+    std::lock_guard lock(mu_);
+    MemorySource source(&data_);
+    return server::RunPresence(source, query);
   }
 
   Result<SweepResult> DeleteExpired(const SweepRequest& request) override {

@@ -170,6 +170,8 @@ Status Validate(const ServerOptions& o) {
       {o.reader_threads, "reader_threads"},
       {o.max_channel_subscriptions, "max_channel_subscriptions"},
       {o.typing_expires_ms, "typing_expires_ms"},
+      {o.presence_coalesce_ms, "presence_coalesce_ms"},
+      {o.max_presence_subscriptions, "max_presence_subscriptions"},
   };
   for (const auto& [value, field] : positive) {
     Status s = Positive(value, field);
@@ -178,6 +180,10 @@ Status Validate(const ServerOptions& o) {
   if (o.heartbeat_interval_ms >= o.idle_timeout_ms) {
     // Clients heartbeat at this interval; at or above the idle timeout they would be closed.
     return InvalidArgument("heartbeat_interval_ms must be < idle_timeout_ms");
+  }
+  if (o.presence_ttl_ms <= o.heartbeat_interval_ms) {
+    // A client heartbeating on time must never look silent.
+    return InvalidArgument("presence_ttl_ms must be > heartbeat_interval_ms");
   }
   if (o.retention_ms < 0) return InvalidArgument("retention_ms must not be negative");
   if (Status s = Positive(o.retention_batch_max, "retention_batch_max"); !s.ok()) return s;

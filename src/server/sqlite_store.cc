@@ -154,6 +154,9 @@ enum class Sql : int {
   kDeleteThrough,
   kSetFirstSeq,
   kSetRetention,
+  kSharesConversation,
+  kLastSeen,
+  kPutLastSeen,
   kCount,
 };
 
@@ -225,6 +228,14 @@ constexpr std::array<const char*, static_cast<size_t>(Sql::kCount)> kSql = {
     "DELETE FROM messages WHERE conversation_id = ?1 AND seq <= ?2",
     "UPDATE conversations SET first_seq = ?2 WHERE conversation_id = ?1",
     "UPDATE conversations SET retention_ms = ?2 WHERE conversation_id = ?1",
+    // Presence: a direct conversation or group (kinds 1 and 2) with both as current members.
+    "SELECT 1 FROM members a JOIN members b ON b.conversation_id = a.conversation_id "
+    "AND b.user_id = ?2 AND b.removed_at_seq = 0 "
+    "JOIN conversations c ON c.conversation_id = a.conversation_id AND c.kind IN (1, 2) "
+    "WHERE a.user_id = ?1 AND a.removed_at_seq = 0 LIMIT 1",
+    "SELECT last_seen_ms FROM users WHERE user_id = ?1",
+    "INSERT INTO users(user_id, last_seen_ms) VALUES(?1, ?2) ON CONFLICT(user_id) DO UPDATE SET "
+    "last_seen_ms = MAX(last_seen_ms, excluded.last_seen_ms)",
 };
 
 #undef CHAT_MESSAGE_COLUMNS
@@ -561,6 +572,11 @@ class SqliteSource final : public server::ReadSource {
       if (!row.ok()) return row.status();
       if (*row) info.peer = q.ColumnBytes(0);
     }
+    if (!info.peer.empty()) {
+      Result<int64_t> last_seen = LastSeen(info.peer);
+      if (!last_seen.ok()) return last_seen.status();
+      info.peer_last_seen_ms = *last_seen;
+    }
     {
       Query q(conn_, Sql::kReadSeq);
       q.U64(conversation_id).Text(user);
@@ -611,6 +627,20 @@ class SqliteSource final : public server::ReadSource {
       out->push_back(
           {q.ColumnBytes(0), static_cast<Role>(q.ColumnInt(1)), q.ColumnU64(2), q.ColumnU64(3)});
     }
+  }
+
+  Result<bool> SharesConversation(const UserId& a, const UserId& b) override {
+    Query q(conn_, Sql::kSharesConversation);
+    q.Text(a).Text(b);
+    return q.Step();
+  }
+
+  Result<int64_t> LastSeen(const UserId& user) override {
+    Query q(conn_, Sql::kLastSeen);
+    q.Text(user);
+    Result<bool> row = q.Step();
+    if (!row.ok()) return row.status();
+    return *row ? q.ColumnInt(0) : int64_t{0};
   }
 
  private:
@@ -753,6 +783,12 @@ class SqliteTarget final : public server::AppendTarget {
     return ReadMembers(conn_, conversation_id);
   }
 
+  Status PutLastSeen(const UserId& user, int64_t last_seen_ms) override {
+    Query q(conn_, Sql::kPutLastSeen);
+    q.Text(user).Int(last_seen_ms);
+    return q.Run();
+  }
+
  private:
   Connection& conn_;
   SqliteSource reader_;
@@ -886,6 +922,13 @@ class SqliteStore final : public MessageStore {
     return WithReader<ReceiptsReply>([&](Connection& conn) {
       SqliteSource source(conn);
       return server::RunReceipts(source, query);
+    });
+  }
+
+  Result<PresenceReply> Presence(const PresenceQuery& query) override {
+    return WithReader<PresenceReply>([&](Connection& conn) {
+      SqliteSource source(conn);
+      return server::RunPresence(source, query);
     });
   }
 

@@ -15,6 +15,10 @@ Status MessageStore::SetRetention(ConversationId /*conversation_id*/, int64_t /*
   return FailedPrecondition("this store does not support retention");
 }
 
+Result<PresenceReply> MessageStore::Presence(const PresenceQuery& /*query*/) {
+  return FailedPrecondition("this store does not support presence");
+}
+
 }  // namespace chat
 
 namespace chat::server {
@@ -491,10 +495,25 @@ Status ApplyReceipt(AppendTarget& target, const AppendRequest& request, AppendRe
   return Status::Ok();
 }
 
+// Presence: last seen of several users at one time. Commits no message.
+Status PutLastSeen(AppendTarget& target, const AppendRequest& request, AppendResult* result) {
+  for (const UserId& user : request.users) {
+    if (user.empty() || user.size() > kMaxUserIdBytes) {
+      result->status = InvalidArgument("user ids must be 1..128 bytes");
+      return Status::Ok();
+    }
+  }
+  for (const UserId& user : request.users) {
+    if (Status s = target.PutLastSeen(user, request.server_time_ms); !s.ok()) return s;
+  }
+  return Status::Ok();
+}
+
 }  // namespace
 
 Status AppendOne(AppendTarget& target, const AppendRequest& request, AppendResult* result) {
   *result = AppendResult{};
+  if (request.op == ConversationOp::kLastSeen) return PutLastSeen(target, request, result);
   if (request.sender.empty()) {
     result->status = InvalidArgument("sender is required");
     return Status::Ok();
@@ -629,6 +648,23 @@ Result<ReceiptsReply> RunReceipts(ReadSource& source, const ReceiptsQuery& query
           source.Watermarks(query.conversation_id, channel ? query.user : UserId(), &reply.members);
       !s.ok()) {
     return s;
+  }
+  return reply;
+}
+
+Result<PresenceReply> RunPresence(ReadSource& source, const PresenceQuery& query) {
+  PresenceReply reply;
+  reply.targets.reserve(query.targets.size());
+  for (const UserId& target : query.targets) {
+    PresenceContact contact;
+    contact.user = target;
+    Result<bool> shares = source.SharesConversation(query.user, target);
+    if (!shares.ok()) return shares.status();
+    contact.shares_conversation = *shares;
+    Result<int64_t> last_seen = source.LastSeen(target);
+    if (!last_seen.ok()) return last_seen.status();
+    contact.last_seen_ms = *last_seen;
+    reply.targets.push_back(std::move(contact));
   }
   return reply;
 }

@@ -77,6 +77,12 @@ class ReadSource {
   // ascending by user id.
   virtual Status Watermarks(ConversationId conversation_id, const UserId& only,
                             std::vector<MemberReceipt>* out) = 0;
+
+  // --- Presence ---
+  // Whether `a` and `b` are both current members of a direct conversation or group.
+  virtual Result<bool> SharesConversation(const UserId& a, const UserId& b) = 0;
+  // The user's persisted last seen (Unix ms), 0 when never written.
+  virtual Result<int64_t> LastSeen(const UserId& user) = 0;
 };
 
 // Write primitives of a store, called inside the store's batch transaction. A non-OK Status
@@ -120,6 +126,8 @@ class AppendTarget {
   virtual Status Insert(const Message& message) = 0;
   // Current members, ascending.
   virtual Result<std::vector<UserId>> Members(ConversationId conversation_id) = 0;
+  // Presence: stores max(stored, last_seen_ms) as the user's last seen.
+  virtual Status PutLastSeen(const UserId& user, int64_t last_seen_ms) = 0;
 };
 
 // Applies one AppendRequest. Per-item refusals (InvalidArgument, PermissionDenied) go to
@@ -135,6 +143,9 @@ Result<HistoryReply> RunHistory(ReadSource& source, const HistoryQuery& query);
 
 // MessageStore::Receipts over `source`.
 Result<ReceiptsReply> RunReceipts(ReadSource& source, const ReceiptsQuery& query);
+
+// MessageStore::Presence over `source`.
+Result<PresenceReply> RunPresence(ReadSource& source, const PresenceQuery& query);
 
 // InvalidArgument unless `request` is a valid MessageStore::DeleteExpired request.
 Status ValidateSweep(const SweepRequest& request);
