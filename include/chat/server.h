@@ -71,12 +71,12 @@ struct ServerOptions {
 
   // --- Presence (see docs/presence.md) ---
   std::shared_ptr<PresenceRegistry> presence;  // null: in-process registry (single node)
-  uint32_t presence_ttl_ms = 60'000;  // a device not heard from for this long is not online;
-                                      // must be > heartbeat_interval_ms
-  uint32_t presence_grace_ms = 5000;  // after the last device went: offline only after this;
-                                      // 0 = at once
-  uint32_t presence_coalesce_ms = 1000;       // at most one PresenceUpdate per watched user per
-                                              // this many ms; > 0
+  uint32_t presence_ttl_ms = 60'000;     // a device not heard from for this long is not online;
+                                         // must be > heartbeat_interval_ms
+  uint32_t presence_grace_ms = 5000;     // after the last device went: offline only after this;
+                                         // 0 = at once
+  uint32_t presence_coalesce_ms = 1000;  // at most one PresenceUpdate per watched user per
+                                         // this many ms; > 0
   uint32_t max_presence_subscriptions = 256;  // users one connection watches at once; > 0
 
   // --- Store threads ---

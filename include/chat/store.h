@@ -12,8 +12,8 @@
 // fault injection and metrics.
 //
 // Thread-safety: Append is called by one thread at a time (the server's writer thread); the
-// read methods (Sync, History, Members, Receipts, Presence, Epoch) may be called concurrently with each other
-// and with Append from other threads.
+// read methods (Sync, History, Members, Receipts, Presence, Epoch) may be called concurrently with
+// each other and with Append from other threads.
 #ifndef CHAT_STORE_H_
 #define CHAT_STORE_H_
 

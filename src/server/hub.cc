@@ -1255,8 +1255,9 @@ class Hub::Impl final : private PresenceTracker::Sink {
         }
         if (user->second.empty()) users_.erase(user);
       }
-      if (device_left) presence_.DeviceDown(s.user, s.device);
+      // Its own subscriptions first, so the session hears nothing about its own departure.
       presence_.ForgetSession(id);
+      if (device_left) presence_.DeviceDown(s.user, s.device);
     } else {
       --pending_sessions_;
     }

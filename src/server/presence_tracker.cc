@@ -89,8 +89,8 @@ bool PresenceTracker::watches(SessionId session, const UserId& target) const {
   return it != sessions_.end() && it->second.targets.contains(target);
 }
 
-PresenceState PresenceTracker::Watch(SessionId session, const UserId& watcher,
-                                     const UserId& target, int64_t stored_last_seen_ms) {
+PresenceState PresenceTracker::Watch(SessionId session, const UserId& watcher, const UserId& target,
+                                     int64_t stored_last_seen_ms) {
   const bool known = users_.contains(target);
   Entry& e = EntryFor(target);
   if (!known) {

@@ -20,8 +20,8 @@
 
 #include <cstdint>
 #include <deque>
-#include <map>
 #include <functional>
+#include <map>
 #include <memory>
 #include <queue>
 #include <unordered_map>

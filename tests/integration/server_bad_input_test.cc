@@ -359,13 +359,19 @@ TEST_CASE("server limits: past --max-devices-per-user -> RESOURCE_EXHAUSTED, clo
   MustAck(*bob, MakeSendToPeer("alice", NewClientMsgId(), "hi"));
 }
 
-TEST_CASE("server: an operation this server does not serve yet -> FAILED_PRECONDITION") {
+TEST_CASE("server: bad presence subscriptions -> PERMISSION_DENIED or INVALID_ARGUMENT") {
   ChatdProcess chatd;
   MustStart(chatd);
   auto alice = MustLogin(chatd, "alice", "a1");
-  v1::Envelope presence;
-  presence.mutable_presence_subscribe()->add_users("bob");
-  CHECK(MustFail(*alice, presence).code() == v1::Error::FAILED_PRECONDITION);
+  v1::Envelope stranger;
+  stranger.mutable_presence_subscribe()->add_users("bob");
+  CHECK(MustFail(*alice, stranger).code() == v1::Error::PERMISSION_DENIED);
+  v1::Envelope empty_id;
+  empty_id.mutable_presence_subscribe()->add_users("");
+  CHECK(MustFail(*alice, empty_id).code() == v1::Error::INVALID_ARGUMENT);
+  v1::Envelope no_users;
+  no_users.mutable_presence_subscribe();
+  CHECK(MustFail(*alice, no_users).code() == v1::Error::INVALID_ARGUMENT);
   CHECK_FALSE(alice->closed());
   MustBarrier(*alice);
 }

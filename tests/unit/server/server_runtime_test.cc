@@ -279,6 +279,11 @@ TEST_CASE("server runtime: Open refuses invalid options with INVALID_ARGUMENT na
       {[](ServerOptions& o) { o.reader_threads = 0; }, "reader_threads must be > 0"},
       {[](ServerOptions& o) { o.heartbeat_interval_ms = o.idle_timeout_ms; },
        "heartbeat_interval_ms must be < idle_timeout_ms"},
+      {[](ServerOptions& o) { o.presence_ttl_ms = o.heartbeat_interval_ms; },
+       "presence_ttl_ms must be > heartbeat_interval_ms"},
+      {[](ServerOptions& o) { o.presence_coalesce_ms = 0; }, "presence_coalesce_ms must be > 0"},
+      {[](ServerOptions& o) { o.max_presence_subscriptions = 0; },
+       "max_presence_subscriptions must be > 0"},
   };
   for (const Case& c : cases) {
     ServerOptions options = BaseOptions();

@@ -1,0 +1,680 @@
+// Presence: what watchers see (online, devices, grace, TTL, coalescing), who may watch whom, the
+// in-process PresenceRegistry, and last seen in both stores.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "chat/presence.h"
+#include "chat/server.h"
+#include "chat/store.h"
+#include "tests/testing/envelopes.h"
+#include "tests/testing/hub_harness.h"
+#include "tests/testing/temp_dir.h"
+
+namespace chat::testing {
+namespace {
+
+using server::SessionId;
+
+// Advances the clock by `ms` in 100 ms steps, ticking after each, the way the runtime does.
+void Run(HubHarness& h, int64_t ms) {
+  for (int64_t done = 0; done < ms; done += 100) h.Advance(std::min<int64_t>(100, ms - done));
+}
+
+// MakePing with an explicit rid (the harness does not pick one).
+v1::Envelope PingEnvelope(uint64_t rid) { return MakePing(0, rid); }
+
+std::vector<v1::PresenceUpdate> Updates(const std::vector<v1::Envelope>& envelopes) {
+  std::vector<v1::PresenceUpdate> out;
+  for (const v1::Envelope& e : envelopes) {
+    if (e.has_presence_update()) {
+      CHECK(e.rid() == 0);
+      out.push_back(e.presence_update());
+    }
+  }
+  return out;
+}
+
+v1::Envelope SubscribeEnvelope(uint64_t rid, const std::vector<std::string>& users) {
+  v1::Envelope e;
+  e.set_rid(rid);
+  e.mutable_presence_subscribe();
+  for (const std::string& user : users) e.mutable_presence_subscribe()->add_users(user);
+  return e;
+}
+
+v1::Envelope UnsubscribeEnvelope(uint64_t rid, const std::vector<std::string>& users) {
+  v1::Envelope e;
+  e.set_rid(rid);
+  for (const std::string& user : users) e.mutable_presence_unsubscribe()->add_users(user);
+  return e;
+}
+
+// Subscribes and expects the success answer: one PresenceUpdate per user, then Ok. Returns
+// the updates.
+std::vector<v1::PresenceUpdate> MustSubscribe(HubHarness& h, SessionId session, uint64_t rid,
+                                              const std::vector<std::string>& users) {
+  h.SendEnvelope(session, SubscribeEnvelope(rid, users));
+  h.Pump();
+  std::vector<v1::Envelope> got = h.Take(session);
+  REQUIRE_MESSAGE(got.size() == users.size() + 1, got.size());
+  CHECK(got.back().has_ok());
+  CHECK(got.back().rid() == rid);
+  got.pop_back();
+  std::vector<v1::PresenceUpdate> updates = Updates(got);
+  REQUIRE(updates.size() == users.size());
+  for (size_t i = 0; i < users.size(); ++i) CHECK(updates[i].user_id() == users[i]);
+  return updates;
+}
+
+// Subscribes and expects one Error with `code`; returns its message.
+std::string MustRefuse(HubHarness& h, SessionId session, uint64_t rid,
+                       const std::vector<std::string>& users, v1::Error::Code code) {
+  h.SendEnvelope(session, SubscribeEnvelope(rid, users));
+  h.Pump();
+  std::vector<v1::Envelope> got = h.Take(session);
+  REQUIRE_MESSAGE(got.size() == 1, got.size());
+  REQUIRE_MESSAGE(got[0].has_error(), got[0].DebugString());
+  CHECK(got[0].error().code() == code);
+  CHECK(got[0].rid() == rid);
+  return got[0].error().message();
+}
+
+// `from` sends `peer` a message, so the two share a direct conversation.
+void Befriend(HubHarness& h, SessionId from, std::string_view peer, uint64_t rid) {
+  h.SendEnvelope(from, SendToPeer(rid, peer, ClientMsgId(rid), "hi"));
+  h.Pump();
+  REQUIRE(h.Take(from).at(0).has_send_ack());
+}
+
+ConversationId CreateGroup(HubHarness& h, SessionId creator, v1::ConversationKind kind,
+                           const std::vector<std::string>& members, uint64_t rid) {
+  v1::Envelope create;
+  create.set_rid(rid);
+  create.mutable_create_group()->set_kind(kind);
+  create.mutable_create_group()->set_title("g");
+  for (const std::string& m : members) create.mutable_create_group()->add_members(m);
+  h.SendEnvelope(creator, create);
+  h.Pump();
+  const ConversationId id =
+      h.Take(creator).at(0).conversation_update().conversation().conversation_id();
+  REQUIRE(id != 0);
+  return id;
+}
+
+void RemoveMember(HubHarness& h, SessionId admin, ConversationId id, const std::string& user,
+                  uint64_t rid) {
+  v1::Envelope remove;
+  remove.set_rid(rid);
+  remove.mutable_remove_members()->set_conversation_id(id);
+  remove.mutable_remove_members()->add_users(user);
+  h.SendEnvelope(admin, remove);
+  h.Pump();
+  REQUIRE(h.Take(admin).at(0).has_conversation_update());
+}
+
+Result<PresenceReply> PresenceOf(MessageStore& store, const UserId& user,
+                                 std::vector<UserId> targets) {
+  return store.Presence(PresenceQuery{.user = user, .targets = std::move(targets)});
+}
+
+int64_t StoredLastSeen(MessageStore& store, const UserId& user) {
+  Result<PresenceReply> reply = PresenceOf(store, user, {user});
+  REQUIRE_MESSAGE(reply.ok(), reply.status().ToString());
+  return reply->targets.at(0).last_seen_ms;
+}
+
+ServerOptions Options() {
+  ServerOptions o;
+  o.idle_timeout_ms = 1'000'000;
+  o.hello_timeout_ms = 1'000'000;
+  return o;
+}
+
+// bob watches alice, who is connected on a1; returns bob's session.
+struct Pair {
+  explicit Pair(ServerOptions options = Options()) : h(options) {
+    alice1 = h.Connect("alice", "a1");
+    bob = h.Connect("bob", "b1");
+    Befriend(h, alice1, "bob", 1);
+    h.Take(bob);
+    std::vector<v1::PresenceUpdate> first = MustSubscribe(h, bob, 2, {"alice"});
+    CHECK(first[0].online());
+    CHECK(first[0].devices() == 1);
+    CHECK(first[0].last_seen_ms() == h.clock().WallMs());
+  }
+  HubHarness h;
+  SessionId alice1 = 0;
+  SessionId bob = 0;
+};
+
+TEST_CASE("presence: two devices of one user are online until both go, with the device count") {
+  Pair p;
+  HubHarness& h = p.h;
+  SessionId alice2 = h.Connect("alice", "a2");
+  std::vector<v1::PresenceUpdate> got = Updates(h.Take(p.bob));
+  REQUIRE(got.size() == 1);
+  CHECK(got[0].user_id() == "alice");
+  CHECK(got[0].online());
+  CHECK(got[0].devices() == 2);
+
+  Run(h, 2000);
+  h.Disconnect(p.alice1);
+  Run(h, 1000);
+  got = Updates(h.Take(p.bob));
+  REQUIRE(got.size() == 1);
+  CHECK(got[0].online());
+  CHECK(got[0].devices() == 1);
+
+  const int64_t gone_ms = h.clock().WallMs();
+  h.Disconnect(alice2);
+  Run(h, 10'000);
+  got = Updates(h.Take(p.bob));
+  REQUIRE(got.size() == 1);
+  CHECK_FALSE(got[0].online());
+  CHECK(got[0].devices() == 0);
+  CHECK(got[0].last_seen_ms() == gone_ms);
+  // Only watchers hear of it: alice's device was the only other one, and it is gone.
+  CHECK(h.violations().empty());
+}
+
+TEST_CASE("presence: the last device gone -> offline only after the grace period") {
+  ServerOptions o = Options();
+  o.presence_grace_ms = 3000;
+  Pair p(o);
+  HubHarness& h = p.h;
+  const int64_t gone_ms = h.clock().WallMs();
+  h.Disconnect(p.alice1);
+  Run(h, 2900);
+  CHECK(Updates(h.Take(p.bob)).empty());
+  Run(h, 200);
+  std::vector<v1::PresenceUpdate> got = Updates(h.Take(p.bob));
+  REQUIRE(got.size() == 1);
+  CHECK_FALSE(got[0].online());
+  CHECK(got[0].last_seen_ms() == gone_ms);
+  // Persisted when the user went offline.
+  h.Pump();
+  CHECK(StoredLastSeen(h.store(), "alice") == gone_ms);
+}
+
+TEST_CASE("presence: a quick reconnect within the grace period produces no update") {
+  Pair p;
+  HubHarness& h = p.h;
+  h.Disconnect(p.alice1);
+  Run(h, 3000);
+  SessionId again = h.Connect("alice", "a1");
+  Run(h, 10'000);
+  CHECK(Updates(h.Take(p.bob)).empty());
+  h.Disconnect(again);
+  Run(h, 10'000);
+  std::vector<v1::PresenceUpdate> got = Updates(h.Take(p.bob));
+  REQUIRE(got.size() == 1);
+  CHECK_FALSE(got[0].online());
+}
+
+TEST_CASE("presence: 100 flaps in one second give at most one update per coalescing interval") {
+  Pair p;
+  HubHarness& h = p.h;
+  std::vector<int64_t> update_times;
+  std::vector<v1::PresenceUpdate> all;
+  auto collect = [&] {
+    for (const v1::PresenceUpdate& u : Updates(h.Take(p.bob))) {
+      update_times.push_back(h.clock().MonotonicMs());
+      all.push_back(u);
+    }
+  };
+  // A second device connects and goes 100 times within one second.
+  for (int i = 0; i < 100; ++i) {
+    SessionId flap = h.Connect("alice", "a2");
+    collect();
+    h.clock().Advance(5);
+    h.hub().Tick();
+    collect();
+    h.Disconnect(flap);
+    collect();
+    h.clock().Advance(5);
+    h.hub().Tick();
+    collect();
+  }
+  Run(h, 3000);
+  collect();
+  REQUIRE_FALSE(all.empty());
+  CHECK(all.size() <= 3);
+  for (size_t i = 1; i < update_times.size(); ++i) {
+    CHECK(update_times[i] - update_times[i - 1] >= 1000);
+  }
+  // The last update carries the final state: one device.
+  CHECK(all.back().online());
+  CHECK(all.back().devices() == 1);
+}
+
+TEST_CASE("presence: a non-contact and a channel-only contact get PERMISSION_DENIED") {
+  HubHarness h(Options());
+  SessionId alice = h.Connect("alice", "a1");
+  SessionId bob = h.Connect("bob", "b1");
+  SessionId carol = h.Connect("carol", "c1");
+  SessionId mallory = h.Connect("mallory", "m1");
+  CreateGroup(h, alice, v1::CONVERSATION_KIND_CHANNEL, {"mallory"}, 1);
+  Befriend(h, alice, "bob", 2);
+  CreateGroup(h, carol, v1::CONVERSATION_KIND_GROUP, {"bob"}, 3);
+  h.Take(bob);
+  h.Take(mallory);
+
+  // A stranger, and a fellow channel member.
+  CHECK(MustRefuse(h, carol, 10, {"alice"}, v1::Error::PERMISSION_DENIED).find("alice") !=
+        std::string::npos);
+  CHECK(MustRefuse(h, mallory, 11, {"alice"}, v1::Error::PERMISSION_DENIED).find("alice") !=
+        std::string::npos);
+  CHECK(MustRefuse(h, alice, 12, {"mallory"}, v1::Error::PERMISSION_DENIED).find("mallory") !=
+        std::string::npos);
+  // One forbidden user refuses the whole request: bob (a contact) is not subscribed either.
+  CHECK(MustRefuse(h, alice, 13, {"bob", "carol"}, v1::Error::PERMISSION_DENIED).find("carol") !=
+        std::string::npos);
+  h.Disconnect(bob);
+  Run(h, 10'000);
+  CHECK(Updates(h.Take(alice)).empty());
+  CHECK(Updates(h.Take(mallory)).empty());
+
+  // Direct and group contacts, and oneself, may be watched.
+  SessionId bob2 = h.Connect("bob", "b2");
+  MustSubscribe(h, carol, 14, {"bob", "carol"});
+  std::vector<v1::PresenceUpdate> mine = MustSubscribe(h, alice, 15, {"bob", "alice"});
+  CHECK(mine[0].online());
+  CHECK(mine[1].online());
+  h.Disconnect(bob2);
+  Run(h, 10'000);
+  CHECK(Updates(h.Take(alice)).size() == 1);
+  CHECK(Updates(h.Take(carol)).size() == 1);
+}
+
+TEST_CASE("presence: bad subscribe requests get INVALID_ARGUMENT") {
+  HubHarness h(Options());
+  SessionId alice = h.Connect("alice", "a1");
+  MustRefuse(h, alice, 1, {""}, v1::Error::INVALID_ARGUMENT);
+  MustRefuse(h, alice, 2, {std::string(129, 'x')}, v1::Error::INVALID_ARGUMENT);
+  MustRefuse(h, alice, 3, {}, v1::Error::INVALID_ARGUMENT);
+  h.SendEnvelope(alice, UnsubscribeEnvelope(4, {""}));
+  std::vector<v1::Envelope> got = h.Take(alice);
+  REQUIRE(got.size() == 1);
+  CHECK(got[0].error().code() == v1::Error::INVALID_ARGUMENT);
+  CHECK(h.queued_reads() == 0);
+}
+
+TEST_CASE("presence: unsubscribing stops updates") {
+  Pair p;
+  HubHarness& h = p.h;
+  h.SendEnvelope(p.bob, UnsubscribeEnvelope(5, {"alice", "nobody"}));
+  std::vector<v1::Envelope> got = h.Take(p.bob);
+  REQUIRE(got.size() == 1);
+  CHECK(got[0].has_ok());
+  CHECK(got[0].rid() == 5);
+  h.Connect("alice", "a2");
+  h.Disconnect(p.alice1);
+  Run(h, 10'000);
+  CHECK(Updates(h.Take(p.bob)).empty());
+}
+
+TEST_CASE("presence: removal from the shared group stops updates both ways") {
+  HubHarness h(Options());
+  SessionId alice = h.Connect("alice", "a1");
+  SessionId bob = h.Connect("bob", "b1");
+  SessionId carol = h.Connect("carol", "c1");
+  SessionId dave = h.Connect("dave", "d1");
+  const ConversationId group =
+      CreateGroup(h, alice, v1::CONVERSATION_KIND_GROUP, {"bob", "carol", "dave"}, 1);
+  h.Take(bob);
+  h.Take(carol);
+  h.Take(dave);
+  Befriend(h, dave, "bob", 2);  // dave also shares a direct conversation with bob
+  h.Take(bob);
+  MustSubscribe(h, carol, 3, {"bob"});
+  MustSubscribe(h, bob, 4, {"carol", "dave"});
+  MustSubscribe(h, dave, 5, {"bob"});
+
+  RemoveMember(h, alice, group, "carol", 6);
+  RemoveMember(h, alice, group, "dave", 7);
+  h.Take(bob);
+  h.Take(carol);
+  h.Take(dave);
+
+  // carol and bob no longer share anything; dave and bob still share their direct conversation.
+  h.Connect("carol", "c2");
+  h.Connect("bob", "b2");
+  Run(h, 2000);
+  CHECK(Updates(h.Take(carol)).empty());
+  CHECK(Updates(h.Take(bob)).empty());
+  std::vector<v1::PresenceUpdate> for_dave = Updates(h.Take(dave));
+  REQUIRE(for_dave.size() == 1);
+  CHECK(for_dave[0].user_id() == "bob");
+  CHECK(for_dave[0].devices() == 2);
+  CHECK(MustRefuse(h, dave, 8, {"carol"}, v1::Error::PERMISSION_DENIED).find("carol") !=
+        std::string::npos);
+  CHECK(h.violations().empty());
+}
+
+TEST_CASE("presence: past max_presence_subscriptions -> RESOURCE_EXHAUSTED, nothing subscribed") {
+  ServerOptions o = Options();
+  o.max_presence_subscriptions = 2;
+  HubHarness h(o);
+  SessionId alice = h.Open().value();
+  h.SendEnvelope(alice, HelloEnvelope(1, h.Token("alice"), "a1"));
+  std::vector<v1::Envelope> welcome = h.Take(alice);
+  REQUIRE(welcome.size() == 1);
+  CHECK(welcome[0].welcome().limits().max_presence_subscriptions() == 2);
+  uint64_t rid = 10;
+  for (const char* peer : {"bob", "carol", "dave"}) Befriend(h, alice, peer, ++rid);
+  MustRefuse(h, alice, 20, {"bob", "carol", "dave"}, v1::Error::RESOURCE_EXHAUSTED);
+  MustSubscribe(h, alice, 21, {"bob", "carol"});
+  // Already watched, and repeated: counted once, answered once.
+  h.SendEnvelope(alice, SubscribeEnvelope(22, {"bob", "bob"}));
+  h.Pump();
+  std::vector<v1::Envelope> again = h.Take(alice);
+  REQUIRE(again.size() == 2);
+  CHECK(again[0].presence_update().user_id() == "bob");
+  CHECK(again[1].has_ok());
+  MustRefuse(h, alice, 23, {"dave"}, v1::Error::RESOURCE_EXHAUSTED);
+  h.SendEnvelope(alice, UnsubscribeEnvelope(24, {"carol"}));
+  CHECK(h.Take(alice).at(0).has_ok());
+  MustSubscribe(h, alice, 25, {"dave"});
+}
+
+TEST_CASE("presence: a device silent past the TTL goes offline and comes back when heard") {
+  ServerOptions o = Options();
+  o.presence_ttl_ms = 3000;
+  o.heartbeat_interval_ms = 1000;
+  o.presence_grace_ms = 500;
+  Pair p(o);
+  HubHarness& h = p.h;
+  const int64_t heard_wall = h.clock().WallMs();
+  // bob keeps heartbeating and stays online; alice says nothing.
+  for (int i = 0; i < 3; ++i) {
+    Run(h, 1000);
+    h.SendEnvelope(p.bob, PingEnvelope(100 + i));
+  }
+  Run(h, 600);
+  std::vector<v1::PresenceUpdate> got = Updates(h.Take(p.bob));
+  REQUIRE(got.size() == 1);
+  CHECK_FALSE(got[0].online());
+  CHECK(got[0].last_seen_ms() == heard_wall + 3000);
+
+  h.SendEnvelope(p.alice1, PingEnvelope(7));
+  CHECK(h.Take(p.alice1).at(0).has_pong());
+  Run(h, 1000);  // within the coalescing interval of the offline update
+  got = Updates(h.Take(p.bob));
+  REQUIRE(got.size() == 1);
+  CHECK(got[0].online());
+  CHECK(got[0].devices() == 1);
+
+  // Heartbeating every interval keeps a device online indefinitely.
+  for (int i = 0; i < 20; ++i) {
+    Run(h, 1000);
+    h.SendEnvelope(p.alice1, PingEnvelope(200 + i));
+  }
+  CHECK(Updates(h.Take(p.bob)).empty());
+}
+
+TEST_CASE("presence: last seen is persisted periodically for online users and at shutdown") {
+  ServerOptions o = Options();
+  o.heartbeat_interval_ms = 1000;
+  o.presence_ttl_ms = 5000;
+  HubHarness h(o);
+  SessionId alice = h.Connect("alice", "a1");
+  CHECK(StoredLastSeen(h.store(), "alice") == 0);
+  for (int i = 0; i < 3; ++i) {
+    Run(h, 1000);
+    h.SendEnvelope(alice, PingEnvelope(10 + i));
+  }
+  h.Pump();
+  const int64_t periodic = StoredLastSeen(h.store(), "alice");
+  CHECK(periodic > h.clock().WallMs() - 1100);
+  CHECK(periodic <= h.clock().WallMs());
+
+  Run(h, 500);
+  h.hub().CloseAll();
+  h.Pump();
+  CHECK(StoredLastSeen(h.store(), "alice") == h.clock().WallMs());
+}
+
+TEST_CASE("presence: a direct conversation carries the peer's persisted last seen") {
+  ServerOptions o = Options();
+  o.presence_grace_ms = 0;
+  HubHarness h(o);
+  SessionId alice = h.Connect("alice", "a1");
+  SessionId bob = h.Connect("bob", "b1");
+  Befriend(h, alice, "bob", 1);
+  const int64_t gone_ms = h.clock().WallMs();
+  h.Disconnect(bob);
+  Run(h, 500);
+  h.Pump();
+  v1::Envelope sync;
+  sync.set_rid(2);
+  sync.mutable_sync();
+  h.SendEnvelope(alice, sync);
+  h.Pump();
+  std::vector<v1::Envelope> got = h.Take(alice);
+  REQUIRE(got.size() == 1);
+  REQUIRE(got[0].has_sync_batch());
+  REQUIRE(got[0].sync_batch().conversations_size() == 1);
+  CHECK(got[0].sync_batch().conversations(0).peer() == "bob");
+  CHECK(got[0].sync_batch().conversations(0).peer_last_seen_ms() == gone_ms);
+}
+
+// --- The in-process registry ---
+
+TEST_CASE("presence registry: devices count until removed or expired, changes reported once") {
+  std::shared_ptr<PresenceRegistry> r = NewInProcessPresenceRegistry();
+  r->Refresh({"alice", "a1", 0}, 1000, 500);
+  r->Refresh({"alice", "a2", 0}, 1000, 500);
+  r->Refresh({"alice", "a1", 0}, 1100, 500);  // a refresh does not add a device
+  r->Refresh({"bob", "b1", 0}, 1000, 10'000);
+  CHECK(r->DeviceCount("alice", 1100) == 2);
+  CHECK(r->DeviceCount("nobody", 1100) == 0);
+  std::vector<UserId> changed;
+  r->TakeChanges(1100, &changed);
+  CHECK(changed == std::vector<UserId>{"alice", "bob"});
+  changed.clear();
+  r->TakeChanges(1200, &changed);
+  CHECK(changed.empty());
+
+  // a2 expires at 1500, a1 (refreshed) at 1600.
+  CHECK(r->DeviceCount("alice", 1500) == 1);
+  r->TakeChanges(1500, &changed);
+  CHECK(changed == std::vector<UserId>{"alice"});
+  changed.clear();
+  CHECK(r->DeviceCount("alice", 1600) == 0);
+  r->Remove({"bob", "b1", 0}, 1600);
+  r->Remove({"bob", "b1", 0}, 1600);  // unknown now: nothing
+  CHECK(r->DeviceCount("bob", 1600) == 0);
+  r->TakeChanges(1600, &changed);
+  CHECK(changed == std::vector<UserId>{"alice", "bob"});
+}
+
+TEST_CASE("presence registry: a dead node's devices expire, a refresh never shortens an entry") {
+  std::shared_ptr<PresenceRegistry> r = NewInProcessPresenceRegistry();
+  r->Refresh({"alice", "phone", 1}, 0, 1000);
+  r->Refresh({"alice", "phone", 2}, 0, 1000);  // same device id on another node: another entry
+  CHECK(r->DeviceCount("alice", 0) == 2);
+  // Node 1 keeps refreshing; node 2 died.
+  for (int64_t t = 500; t <= 3000; t += 500) r->Refresh({"alice", "phone", 1}, t, 1000);
+  CHECK(r->DeviceCount("alice", 3000) == 1);
+  r->Refresh({"alice", "phone", 1}, 3000, 10);  // shorter than what stands: ignored
+  CHECK(r->DeviceCount("alice", 3900) == 1);
+  CHECK(r->DeviceCount("alice", 4000) == 0);
+  r->Watch("alice");
+  r->Unwatch("alice");
+}
+
+// --- Stores ---
+
+enum class Kind { kMemory, kSqlite };
+
+struct StoreEnv {
+  explicit StoreEnv(Kind k) : kind(k) { Open(); }
+  void Open() {
+    store.reset();
+    if (kind == Kind::kMemory) {
+      store = NewMemoryStore();
+      return;
+    }
+    Result<std::shared_ptr<MessageStore>> opened = NewSqliteStore({.path = dir.File("chat.db")});
+    REQUIRE_MESSAGE(opened.ok(), opened.status().ToString());
+    store = *opened;
+  }
+  AppendResult Commit(AppendRequest request) {
+    std::vector<AppendResult> results;
+    Status s = store->Append({&request, 1}, &results);
+    REQUIRE_MESSAGE(s.ok(), s.ToString());
+    REQUIRE(results.size() == 1);
+    return results[0];
+  }
+  AppendResult PutLastSeen(std::vector<UserId> users, int64_t ms) {
+    AppendRequest r;
+    r.op = ConversationOp::kLastSeen;
+    r.users = std::move(users);
+    r.server_time_ms = ms;
+    return Commit(std::move(r));
+  }
+  ConversationId Direct(const UserId& a, const UserId& b) {
+    AppendRequest r;
+    r.sender = a;
+    r.peer = b;
+    r.client_msg_id = "direct-" + a + "-" + b;
+    r.message_id = ++next_id;
+    r.server_time_ms = 1'700'000'000'000;
+    r.body = "hi";
+    AppendResult result = Commit(std::move(r));
+    REQUIRE(result.status.ok());
+    return result.message.conversation_id;
+  }
+  ConversationId Group(ConversationKind group_kind, const UserId& creator,
+                       std::vector<UserId> users) {
+    AppendRequest r;
+    r.op = ConversationOp::kCreateGroup;
+    r.kind = MessageKind::kSystem;
+    r.group_kind = group_kind;
+    r.sender = creator;
+    r.users = std::move(users);
+    r.message_id = ++next_id;
+    r.server_time_ms = 1'700'000'000'000;
+    AppendResult result = Commit(std::move(r));
+    REQUIRE_MESSAGE(result.status.ok(), result.status.ToString());
+    return result.message.conversation_id;
+  }
+  void Remove(ConversationId id, const UserId& admin, const UserId& user) {
+    AppendRequest r;
+    r.op = ConversationOp::kRemoveMembers;
+    r.kind = MessageKind::kSystem;
+    r.conversation_id = id;
+    r.sender = admin;
+    r.users = {user};
+    r.message_id = ++next_id;
+    r.spare_message_id = ++next_id;
+    r.server_time_ms = 1'700'000'000'000;
+    REQUIRE(Commit(std::move(r)).status.ok());
+  }
+
+  Kind kind;
+  TempDir dir;
+  std::shared_ptr<MessageStore> store;
+  MessageId next_id = 1;
+};
+
+Result<SyncReply> SyncOf(MessageStore& store, const UserId& user) {
+  SyncQuery query;
+  query.user = user;
+  query.device = user + "-1";
+  return store.Sync(query);
+}
+
+void LastSeenKeepsTheLatest(Kind kind) {
+  StoreEnv env(kind);
+  CHECK(StoredLastSeen(*env.store, "alice") == 0);
+  CHECK(env.PutLastSeen({"alice", "bob"}, 5000).status.ok());
+  CHECK(env.PutLastSeen({"alice"}, 4000).status.ok());  // older: ignored
+  CHECK(env.PutLastSeen({"bob"}, 7000).status.ok());
+  CHECK(StoredLastSeen(*env.store, "alice") == 5000);
+  CHECK(StoredLastSeen(*env.store, "bob") == 7000);
+  CHECK(env.PutLastSeen({""}, 8000).status.code() == Code::kInvalidArgument);
+  CHECK(StoredLastSeen(*env.store, "bob") == 7000);
+}
+
+void SharedConversations(Kind kind) {
+  StoreEnv env(kind);
+  env.Direct("alice", "bob");
+  const ConversationId group = env.Group(ConversationKind::kGroup, "carol", {"dave", "erin"});
+  env.Group(ConversationKind::kChannel, "alice", {"mallory"});
+  env.Remove(group, "carol", "erin");
+  env.PutLastSeen({"bob"}, 1234);
+  Result<PresenceReply> reply =
+      PresenceOf(*env.store, "alice", {"bob", "mallory", "carol", "nobody"});
+  REQUIRE_MESSAGE(reply.ok(), reply.status().ToString());
+  REQUIRE(reply->targets.size() == 4);
+  CHECK(reply->targets[0].user == "bob");
+  CHECK(reply->targets[0].shares_conversation);
+  CHECK(reply->targets[0].last_seen_ms == 1234);
+  CHECK(reply->targets[1].user == "mallory");
+  CHECK_FALSE(reply->targets[1].shares_conversation);  // a channel does not count
+  CHECK_FALSE(reply->targets[2].shares_conversation);
+  CHECK_FALSE(reply->targets[3].shares_conversation);
+  CHECK(reply->targets[3].last_seen_ms == 0);
+
+  reply = PresenceOf(*env.store, "dave", {"carol", "erin"});
+  REQUIRE(reply.ok());
+  CHECK(reply->targets[0].shares_conversation);
+  CHECK_FALSE(reply->targets[1].shares_conversation);  // removed from the group
+  reply = PresenceOf(*env.store, "erin", {"dave"});
+  REQUIRE(reply.ok());
+  CHECK_FALSE(reply->targets[0].shares_conversation);
+}
+
+void PeerLastSeenInConversationInfo(Kind kind) {
+  StoreEnv env(kind);
+  env.Direct("alice", "bob");
+  env.PutLastSeen({"bob"}, 4242);
+  Result<SyncReply> sync = SyncOf(*env.store, "alice");
+  REQUIRE(sync.ok());
+  REQUIRE(sync->conversations.size() == 1);
+  CHECK(sync->conversations[0].peer == "bob");
+  CHECK(sync->conversations[0].peer_last_seen_ms == 4242);
+  sync = SyncOf(*env.store, "bob");
+  REQUIRE(sync.ok());
+  CHECK(sync->conversations.at(0).peer_last_seen_ms == 0);  // alice never seen
+}
+
+#define STORE_CASE(fn, title)                                        \
+  TEST_CASE("presence store: memory: " title) { fn(Kind::kMemory); } \
+  TEST_CASE("presence store: sqlite: " title) { fn(Kind::kSqlite); }
+
+STORE_CASE(LastSeenKeepsTheLatest, "last seen keeps the latest value per user")
+STORE_CASE(SharedConversations, "direct conversations and groups count, channels and removals not")
+STORE_CASE(PeerLastSeenInConversationInfo, "a direct conversation carries the peer's last seen")
+
+TEST_CASE("presence store: sqlite: last seen survives close and reopen") {
+  StoreEnv env(Kind::kSqlite);
+  env.Direct("alice", "bob");
+  env.PutLastSeen({"alice"}, 99'000);
+  env.Open();
+  CHECK(StoredLastSeen(*env.store, "alice") == 99'000);
+  Result<SyncReply> sync = SyncOf(*env.store, "bob");
+  REQUIRE(sync.ok());
+  CHECK(sync->conversations.at(0).peer_last_seen_ms == 99'000);
+}
+
+TEST_CASE("presence store: a store without presence support says FAILED_PRECONDITION") {
+  class Bare final : public MessageStoreWrapper {
+   public:
+    Bare() : MessageStoreWrapper(NewMemoryStore()) {}
+    Result<PresenceReply> Presence(const PresenceQuery& query) override {
+      return MessageStore::Presence(query);
+    }
+  };
+  Bare bare;
+  CHECK(PresenceOf(bare, "alice", {"bob"}).status().code() == Code::kFailedPrecondition);
+}
+
+}  // namespace
+}  // namespace chat::testing
