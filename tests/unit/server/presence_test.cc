@@ -3,6 +3,7 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <map>
 #include <memory>
 #include <string>
 #include <utility>
@@ -11,7 +12,9 @@
 #include "chat/presence.h"
 #include "chat/server.h"
 #include "chat/store.h"
+#include "src/server/presence_tracker.h"
 #include "tests/testing/envelopes.h"
+#include "tests/testing/fake_clock.h"
 #include "tests/testing/hub_harness.h"
 #include "tests/testing/temp_dir.h"
 
@@ -461,6 +464,70 @@ TEST_CASE("presence: a direct conversation carries the peer's persisted last see
   REQUIRE(got[0].sync_batch().conversations_size() == 1);
   CHECK(got[0].sync_batch().conversations(0).peer() == "bob");
   CHECK(got[0].sync_batch().conversations(0).peer_last_seen_ms() == gone_ms);
+}
+
+// --- The tracker on its own: suspended subscriptions ---
+
+struct RecordingSink final : server::PresenceTracker::Sink {
+  void SendPresence(server::PresenceTracker::SessionId session, const UserId& user,
+                    const server::PresenceState& state) override {
+    sent.push_back({session, user, state});
+  }
+  void PersistLastSeen(std::vector<UserId> users, int64_t wall_ms) override {
+    for (UserId& user : users) persisted.emplace_back(std::move(user), wall_ms);
+  }
+  struct Sent {
+    server::PresenceTracker::SessionId session;
+    UserId user;
+    server::PresenceState state;
+  };
+  std::vector<Sent> sent;
+  std::vector<std::pair<UserId, int64_t>> persisted;
+};
+
+TEST_CASE("presence tracker: nothing is delivered while a re-check is pending") {
+  auto clock = std::make_shared<FakeClock>();
+  RecordingSink sink;
+  ServerOptions options;
+  server::PresenceTracker tracker(options, NewInProcessPresenceRegistry(), clock.get(), &sink);
+  tracker.DeviceUp("bob", "b1");
+  CHECK(tracker.Watch(7, "carol", "bob", 0).online);
+  CHECK(tracker.Watch(8, "dave", "bob", 0).online);
+  CHECK(tracker.watch_count(7) == 1);
+
+  // carol lost the shared group: her subscription is suspended until the store answers.
+  std::map<server::PresenceTracker::SessionId, std::vector<UserId>> recheck =
+      tracker.Suspend({"carol"});
+  REQUIRE(recheck.size() == 1);
+  CHECK(recheck.at(7) == std::vector<UserId>{"bob"});
+  tracker.DeviceUp("bob", "b2");
+  REQUIRE(sink.sent.size() == 1);  // dave only
+  CHECK(sink.sent[0].session == 8);
+  CHECK(sink.sent[0].state.devices == 2);
+
+  // Still allowed (another shared conversation): resumed, with the state held back meanwhile.
+  tracker.Resolve(7, "bob", /*allowed=*/true);
+  REQUIRE(sink.sent.size() == 2);
+  CHECK(sink.sent[1].session == 7);
+  CHECK(sink.sent[1].state.devices == 2);
+  tracker.Resolve(7, "bob", /*allowed=*/true);  // not suspended any more: nothing
+  CHECK(sink.sent.size() == 2);
+
+  // Not allowed: dropped, and nothing more reaches carol.
+  tracker.Suspend({"carol"});
+  tracker.Resolve(7, "bob", /*allowed=*/false);
+  CHECK_FALSE(tracker.watches(7, "bob"));
+  clock->Advance(2000);
+  tracker.DeviceDown("bob", "b2");
+  tracker.Tick();
+  REQUIRE(sink.sent.size() == 3);
+  CHECK(sink.sent[2].session == 8);
+  CHECK(sink.sent[2].state.devices == 1);
+
+  // A failed re-check drops what it suspended.
+  tracker.Suspend({"dave"});
+  tracker.DropSuspended(8);
+  CHECK(tracker.watch_count(8) == 0);
 }
 
 // --- The in-process registry ---
