@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "chat/export.h"
+#include "chat/push.h"
 #include "chat/status.h"
 #include "chat/types.h"
 
@@ -42,6 +43,9 @@ enum class ConversationOp : int {
   kSetRole = 6,        // users[0] gets `role` (admins only)
   kReceipt = 7,        // the sender device's watermarks; commits no message
   kLastSeen = 8,       // presence: `users` were last seen at server_time_ms; commits no message
+  // retention_ms (admins of groups and channels, either member of a direct conversation).
+  kSetRetention = 9,
+  kPushToken = 10,  // the sender device's push token; commits no message
 };
 
 // One message (or conversation change, see `op`) to commit.
@@ -75,6 +79,14 @@ struct AppendRequest {
   // kLeave, kRemoveMembers: the message id of the promotion that follows when the last admin
   // goes (see AppendResult::also).
   MessageId spare_message_id = 0;
+  // kSetRetention: the conversation's own retention, as MessageStore::SetRetention takes it.
+  int64_t retention_ms = 0;
+  // kPushToken: the token of (sender, sender_device) and its platform; an empty token removes
+  // the device's token. A user keeps at most max_push_tokens devices (the least recently
+  // registered go first); 0 = no cap.
+  std::string push_platform;
+  std::string push_token;
+  uint32_t max_push_tokens = 0;
 };
 
 // A member's watermarks in a conversation: the highest over the member's devices.
@@ -199,6 +211,13 @@ struct SweepResult {
   bool has_more = false;  // the bound cut the pass: expired messages remain
 };
 
+// What a push notification needs to know about one user; see MessageStore::PushTargets.
+struct PushTarget {
+  UserId user;
+  std::vector<PushToken> tokens;  // the user's registered devices, by device id
+  uint64_t unread_total = 0;      // unread messages across the user's conversations (the badge)
+};
+
 class CHAT_EXPORT MessageStore {
  public:
   MessageStore() = default;
@@ -247,10 +266,25 @@ class CHAT_EXPORT MessageStore {
   // implementation returns FailedPrecondition (not supported by this store).
   virtual Result<SweepResult> DeleteExpired(const SweepRequest& request);
 
-  // Sets a conversation's own retention (milliseconds; 0 = follow the server-wide default).
-  // NotFound if the conversation does not exist; InvalidArgument if retention_ms is negative.
-  // The default implementation returns FailedPrecondition (not supported by this store).
+  // Sets a conversation's own retention in milliseconds: 0 follows the server-wide default, -1
+  // keeps the conversation's messages forever even when a default is set, a positive value is
+  // the conversation's time to live. This is the embedding application's way in; a client's
+  // SetRetention request is an Append with ConversationOp::kSetRetention, which also records the
+  // change as a system message. NotFound if the conversation does not exist; InvalidArgument for
+  // a value below -1. The default implementation returns FailedPrecondition (not supported).
   virtual Status SetRetention(ConversationId conversation_id, int64_t retention_ms);
+
+  // ---- Push tokens ----
+  //
+  // A device's push token is written by Append with ConversationOp::kPushToken, so it is
+  // committed by the writer like every other change and survives a restart of a persistent
+  // store. Tokens are keyed by (user, device): a new token replaces the device's previous one,
+  // an empty token removes it.
+
+  // For each distinct user of `users`, in ascending order: the registered tokens and the
+  // unread total (as Sync reports it), read in one snapshot. A user with no tokens and no
+  // conversations still gets an entry. The default implementation returns FailedPrecondition.
+  virtual Result<std::vector<PushTarget>> PushTargets(std::span<const UserId> users);
 };
 
 // Forwards every call to `target`; override what a test or a metric needs.
@@ -279,6 +313,9 @@ class CHAT_EXPORT MessageStoreWrapper : public MessageStore {
   }
   Status SetRetention(ConversationId conversation_id, int64_t retention_ms) override {
     return target_->SetRetention(conversation_id, retention_ms);
+  }
+  Result<std::vector<PushTarget>> PushTargets(std::span<const UserId> users) override {
+    return target_->PushTargets(users);
   }
 
  protected:

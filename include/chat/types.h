@@ -49,6 +49,7 @@ struct SystemEvent {
     kRenamed = 5,
     kRoleChanged = 6,
     kMessagesExpired = 7,
+    kRetentionChanged = 8,
   };
   Type type = Type::kUnspecified;
   UserId actor;
@@ -56,6 +57,7 @@ struct SystemEvent {
   std::string title;
   Role role = Role::kUnspecified;
   Seq seq = 0;
+  int64_t retention_ms = 0;  // kRetentionChanged: 0 = server default, -1 = keep, > 0 = TTL in ms
 };
 
 struct Message {
@@ -87,9 +89,9 @@ struct ConversationInfo {
   Role role = Role::kUnspecified;
   uint32_t member_count = 0;
   int64_t last_activity_ms = 0;
-  Seq removed_at_seq = 0;  // non-zero: the user was removed at this seq, may read up to it
+  Seq removed_at_seq = 0;         // non-zero: the user was removed at this seq, may read up to it
   int64_t peer_last_seen_ms = 0;  // direct: when the peer was last online (Unix ms); 0 = unknown
-  int64_t retention_ms = 0;  // the conversation's own retention: 0 = server default, -1 = keep
+  int64_t retention_ms = 0;       // the conversation's own retention: 0 = server default, -1 = keep
 };
 
 // The highest seq a client holds for a conversation with nothing missing below it.

@@ -304,6 +304,7 @@ void ToProto(const SystemEvent& in, v1::SystemEvent* out) {
   out->set_title(in.title);
   out->set_role(static_cast<v1::Role>(in.role));
   out->set_seq(in.seq);
+  out->set_retention_ms(in.retention_ms);
 }
 
 SystemEvent FromProto(const v1::SystemEvent& in) {
@@ -314,6 +315,7 @@ SystemEvent FromProto(const v1::SystemEvent& in) {
   out.title = in.title();
   out.role = EnumOrUnspecified<Role>(in.role(), v1::Role_MAX);
   out.seq = in.seq();
+  out.retention_ms = in.retention_ms();
   return out;
 }
 
@@ -363,6 +365,8 @@ Status Validate(const v1::Envelope& envelope) {
       return RequireConversation(envelope.get_receipts(), "get_receipts");
     case v1::Envelope::kLeave:
       return RequireConversation(envelope.leave(), "leave");
+    case v1::Envelope::kSetRetention:
+      return RequireConversation(envelope.set_retention(), "set_retention");
     case v1::Envelope::kRenameGroup:
       if (Status status = RequireConversation(envelope.rename_group(), "rename_group");
           !status.ok()) {

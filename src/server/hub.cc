@@ -66,6 +66,7 @@ enum class Purpose : uint8_t {
   kTypingOff,
   kPresenceSubscribe,
   kPresenceRecheck,  // subscriptions suspended by a membership removal
+  kPushToken,
 };
 
 struct PendingAppend {
@@ -91,14 +92,14 @@ struct TypingMark {
 };
 // Conversations whose typing state one connection remembers; the oldest is forgotten past it.
 constexpr size_t kTypingMarksPerSession = 16;
-// Push: pending (user, conversation) notifications and users with registered tokens are bounded;
-// past the caps new ones are dropped, because a lost push is cheaper than unbounded memory.
+// Push: pending (user, conversation) notifications, and those waiting for their tokens and badge
+// from the store, are bounded; past the cap new ones are dropped, because a lost push is cheaper
+// than unbounded memory.
 constexpr size_t kMaxPendingPushes = 100'000;
-constexpr size_t kMaxPushTokenUsers = 100'000;
-constexpr size_t kMaxPushTokenBytes = 4096;
-constexpr size_t kMaxPushPlatformBytes = 64;
 // Presence: user ids as the store accepts them for members.
 constexpr size_t kMaxPresenceUserIdBytes = 128;
+// Users whose tokens and badge one store read fetches, at most, so one read stays short.
+constexpr size_t kPushTargetsPerRead = 256;
 
 using Body = v1::Envelope::BodyCase;
 
@@ -132,6 +133,7 @@ bool IsClientRequest(Body body) {
     case Body::kGetReceipts:
     case Body::kRegisterPushToken:
     case Body::kPing:
+    case Body::kSetRetention:
       return true;
     default:
       return false;
@@ -269,6 +271,9 @@ class Hub::Impl final : private PresenceTracker::Sink {
       case Purpose::kReceipt:
         AnswerReceipt(pending, sender, result);
         return;
+      case Purpose::kPushToken:
+        if (sender != nullptr) SendOk(pending.session, *sender, pending.rid);
+        return;
       default:
         break;
     }
@@ -291,6 +296,10 @@ class Hub::Impl final : private PresenceTracker::Sink {
   }
 
   void OnReadDone(uint64_t token, ReadResult result) {
+    if (auto* targets = std::get_if<Result<std::vector<PushTarget>>>(&result)) {
+      NotifyPushes(token, std::move(*targets));
+      return;
+    }
     auto it = pending_reads_.find(token);
     if (it == pending_reads_.end()) return;
     PendingRead pending = it->second;
@@ -474,6 +483,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
       case Body::kRemoveMembers:
       case Body::kLeave:
       case Body::kSetRole:
+      case Body::kSetRetention:
         HandleChange(id, s, envelope);
         return;
       case Body::kReceipt:
@@ -723,6 +733,11 @@ class Hub::Impl final : private PresenceTracker::Sink {
         request.conversation_id = envelope.leave().conversation_id();
         request.spare_message_id = ids_.Next();
         break;
+      case Body::kSetRetention:
+        request.op = ConversationOp::kSetRetention;
+        request.conversation_id = envelope.set_retention().conversation_id();
+        request.retention_ms = envelope.set_retention().retention_ms();
+        break;
       default:  // kSetRole
         request.op = ConversationOp::kSetRole;
         request.conversation_id = envelope.set_role().conversation_id();
@@ -891,41 +906,26 @@ class Hub::Impl final : private PresenceTracker::Sink {
     }
   }
 
-  // Tokens live in memory only (not persisted yet), at most max_devices_per_user per user. An
-  // empty token unregisters the device. Without a notifier the server has no use for tokens.
+  // Tokens are stored by the writer like any other change (ConversationOp::kPushToken), which
+  // checks them and keeps at most max_devices_per_user devices per user. An empty token
+  // unregisters the device. Without a notifier the server has no use for tokens.
   void HandleRegisterPushToken(SessionId id, Session& s, const v1::Envelope& envelope) {
     if (options_.push == nullptr) {
       HandleUnsupported(id, s, envelope);
       return;
     }
     const v1::RegisterPushToken& request = envelope.register_push_token();
-    if (request.token().size() > kMaxPushTokenBytes ||
-        request.platform().size() > kMaxPushPlatformBytes ||
-        (!request.token().empty() && request.platform().empty())) {
-      SendError(id, s, envelope.rid(),
-                InvalidArgument("push token needs a platform, at most 64 bytes, and a token of "
-                                "at most 4096 bytes"));
-      return;
-    }
-    auto it = push_tokens_.find(s.user);
-    if (it != push_tokens_.end()) {
-      std::erase_if(it->second, [&](const PushToken& t) { return t.device == s.device; });
-    }
-    if (!request.token().empty()) {
-      if (it == push_tokens_.end()) {
-        if (push_tokens_.size() >= kMaxPushTokenUsers) {
-          SendError(id, s, envelope.rid(), ResourceExhausted("too many users with push tokens"));
-          return;
-        }
-        it = push_tokens_.emplace(s.user, std::vector<PushToken>{}).first;
-      }
-      const size_t cap = std::max<size_t>(options_.max_devices_per_user, 1);
-      if (it->second.size() >= cap) it->second.erase(it->second.begin());
-      it->second.push_back(PushToken{s.device, request.platform(), request.token()});
-    } else if (it != push_tokens_.end() && it->second.empty()) {
-      push_tokens_.erase(it);
-    }
-    SendOk(id, s, envelope.rid());
+    AppendJob job;
+    job.token = next_token_++;
+    job.request.op = ConversationOp::kPushToken;
+    job.request.sender = s.user;
+    job.request.sender_device = s.device;
+    job.request.server_time_ms = clock_->WallMs();
+    job.request.push_platform = request.platform();
+    job.request.push_token = request.token();
+    job.request.max_push_tokens = std::max<uint32_t>(options_.max_devices_per_user, 1);
+    pending_appends_.emplace(job.token, PendingAppend{id, envelope.rid(), {}, Purpose::kPushToken});
+    io_->SubmitAppend(std::move(job));
   }
 
   // A committed user message for `user`, who has no online device: opens a collapse window for
@@ -949,9 +949,12 @@ class Hub::Impl final : private PresenceTracker::Sink {
     ++n.collapsed;
   }
 
-  // Hands the windows that ended to the notifier. Windows all have the same length, so the
-  // queue is in due order. A user who came online meanwhile has seen the messages: no push.
+  // Windows that ended are handed to the notifier once the store has told their users' tokens
+  // and unread totals, read in one job per kPushTargetsPerRead users. Windows all have the same
+  // length, so the queue is in due order. A user who came online meanwhile has seen the
+  // messages: no push.
   void FlushPushes(int64_t now) {
+    std::vector<PushNotification> due;
     while (!push_due_.empty() && push_due_.front().first <= now) {
       PushKey key = std::move(push_due_.front().second);
       push_due_.pop_front();
@@ -960,9 +963,47 @@ class Hub::Impl final : private PresenceTracker::Sink {
       PushNotification notification = std::move(it->second);
       pending_pushes_.erase(it);
       if (users_.contains(key.first)) continue;
-      auto tokens = push_tokens_.find(key.first);
-      if (tokens != push_tokens_.end()) notification.tokens = tokens->second;
-      options_.push->Notify(std::move(notification));
+      if (pushes_reading_ >= kMaxPendingPushes) continue;
+      due.push_back(std::move(notification));
+      if (due.size() == kPushTargetsPerRead) SubmitPushTargets(&due);
+    }
+    if (!due.empty()) SubmitPushTargets(&due);
+  }
+
+  void SubmitPushTargets(std::vector<PushNotification>* due) {
+    PushTargetsQuery query;
+    for (const PushNotification& n : *due) query.users.push_back(n.user);
+    ReadJob job;
+    job.token = next_token_++;
+    job.query = std::move(query);
+    pushes_reading_ += due->size();
+    push_reads_.emplace(job.token, std::move(*due));
+    due->clear();
+    io_->SubmitRead(std::move(job));
+  }
+
+  // The store answered a SubmitPushTargets read. If it failed (overload, a store without push
+  // tokens) the notifications still go out, without tokens and with a zero badge: a push that
+  // wakes the app is worth more than a correct badge.
+  void NotifyPushes(uint64_t token, Result<std::vector<PushTarget>> targets) {
+    auto it = push_reads_.find(token);
+    if (it == push_reads_.end()) return;
+    std::vector<PushNotification> notifications = std::move(it->second);
+    push_reads_.erase(it);
+    pushes_reading_ -= notifications.size();
+    for (PushNotification& n : notifications) {
+      // Devices that connected while the store was read have synced.
+      if (users_.contains(n.user)) continue;
+      if (targets.ok()) {
+        auto target =
+            std::lower_bound(targets->begin(), targets->end(), n.user,
+                             [](const PushTarget& t, const UserId& user) { return t.user < user; });
+        if (target != targets->end() && target->user == n.user) {
+          n.tokens = target->tokens;
+          n.unread_total = target->unread_total;
+        }
+      }
+      options_.push->Notify(std::move(n));
     }
   }
 
@@ -1300,11 +1341,13 @@ class Hub::Impl final : private PresenceTracker::Sink {
   // Per connection: the typing state last forwarded, per conversation (bounded).
   std::unordered_map<SessionId, std::vector<TypingMark>> typing_;
 
-  // Push: open collapse windows, their due times in order, and registered device tokens.
+  // Push: open collapse windows, their due times in order, and the notifications whose tokens
+  // and badge are being read (by read token; pushes_reading_ counts them).
   using PushKey = std::pair<UserId, ConversationId>;
   std::map<PushKey, PushNotification> pending_pushes_;
   std::deque<std::pair<int64_t, PushKey>> push_due_;
-  std::unordered_map<UserId, std::vector<PushToken>> push_tokens_;
+  std::unordered_map<uint64_t, std::vector<PushNotification>> push_reads_;
+  size_t pushes_reading_ = 0;
 
   uint64_t next_token_ = 1;
   std::unordered_map<uint64_t, PendingAppend> pending_appends_;

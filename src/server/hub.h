@@ -16,6 +16,7 @@
 #include <string>
 #include <string_view>
 #include <variant>
+#include <vector>
 
 #include "chat/auth.h"
 #include "chat/clock.h"
@@ -47,14 +48,19 @@ struct AppendJob {
   AppendRequest request;
 };
 
+// The push tokens and badges of users about to be notified (MessageStore::PushTargets).
+struct PushTargetsQuery {
+  std::vector<UserId> users;
+};
+
 // A unit of work for a store reader thread. `token` comes back in OnReadDone.
 struct ReadJob {
   uint64_t token = 0;
-  std::variant<SyncQuery, HistoryQuery, ReceiptsQuery, PresenceQuery> query;
+  std::variant<SyncQuery, HistoryQuery, ReceiptsQuery, PresenceQuery, PushTargetsQuery> query;
 };
 // One alternative per query type, in the same order.
 using ReadResult = std::variant<Result<SyncReply>, Result<HistoryReply>, Result<ReceiptsReply>,
-                                Result<PresenceReply>>;
+                                Result<PresenceReply>, Result<std::vector<PushTarget>>>;
 
 // Runs `job` on `store` (on a reader thread).
 inline ReadResult RunReadJob(MessageStore& store, const ReadJob& job) {
@@ -65,8 +71,10 @@ inline ReadResult RunReadJob(MessageStore& store, const ReadJob& job) {
       return store.History(std::get<1>(job.query));
     case 2:
       return store.Receipts(std::get<2>(job.query));
-    default:
+    case 3:
       return store.Presence(std::get<3>(job.query));
+    default:
+      return store.PushTargets(std::get<4>(job.query).users);
   }
 }
 
@@ -79,8 +87,10 @@ inline ReadResult FailedRead(const ReadJob& job, const Status& status) {
       return Result<HistoryReply>(status);
     case 2:
       return Result<ReceiptsReply>(status);
-    default:
+    case 3:
       return Result<PresenceReply>(status);
+    default:
+      return Result<std::vector<PushTarget>>(status);
   }
 }
 

@@ -47,6 +47,12 @@ struct Conversation {
   std::map<std::pair<UserId, DeviceId>, Watermarks> cursors;  // per (user, device)
 };
 
+struct StoredPushToken {
+  std::string platform;
+  std::string token;
+  int64_t registered_ms = 0;
+};
+
 struct Data {
   ConversationId next_id = 1;
   std::map<ConversationId, Conversation> conversations;
@@ -54,6 +60,7 @@ struct Data {
   std::map<UserId, std::set<ConversationId>> by_user;
   std::map<std::pair<UserId, std::string>, std::pair<ConversationId, Seq>> keys;
   std::map<UserId, int64_t> last_seen;  // presence: Unix ms
+  std::map<UserId, std::map<DeviceId, StoredPushToken>> push_tokens;
 };
 
 class MemorySource final : public server::ReadSource {
@@ -123,6 +130,7 @@ class MemorySource final : public server::ReadSource {
     info.role = member.role;
     info.member_count = static_cast<uint32_t>(c.current_members);
     info.last_activity_ms = c.last_activity_ms;
+    info.retention_ms = c.retention_ms;
     return info;
   }
 
@@ -187,6 +195,15 @@ class MemorySource final : public server::ReadSource {
   }
 
   Result<int64_t> LastSeen(const UserId& user) override { return StoredLastSeen(user); }
+
+  Status PushTokens(const UserId& user, std::vector<PushToken>* out) override {
+    auto it = data_->push_tokens.find(user);
+    if (it == data_->push_tokens.end()) return Status::Ok();
+    for (const auto& [device, stored] : it->second) {
+      out->push_back(PushToken{device, stored.platform, stored.token});
+    }
+    return Status::Ok();
+  }
 
  private:
   int64_t StoredLastSeen(const UserId& user) const {
@@ -314,6 +331,37 @@ class MemoryTarget final : public server::AppendTarget {
     return Status::Ok();
   }
 
+  Status SetConversationRetention(ConversationId conversation_id, int64_t retention_ms) override {
+    data_->conversations.at(conversation_id).retention_ms = retention_ms;
+    return Status::Ok();
+  }
+
+  Status PutPushToken(const UserId& user, const DeviceId& device, const std::string& platform,
+                      const std::string& token, int64_t now_ms, uint32_t max_devices) override {
+    std::map<DeviceId, StoredPushToken>& tokens = data_->push_tokens[user];
+    tokens[device] = StoredPushToken{platform, token, now_ms};
+    // The least recently registered other device goes first, ties by device id, as in SQLite.
+    while (max_devices != 0 && tokens.size() > max_devices) {
+      auto oldest = tokens.end();
+      for (auto it = tokens.begin(); it != tokens.end(); ++it) {
+        if (it->first == device) continue;
+        if (oldest == tokens.end() || it->second.registered_ms < oldest->second.registered_ms) {
+          oldest = it;
+        }
+      }
+      tokens.erase(oldest);
+    }
+    return Status::Ok();
+  }
+
+  Status DeletePushToken(const UserId& user, const DeviceId& device) override {
+    auto it = data_->push_tokens.find(user);
+    if (it == data_->push_tokens.end()) return Status::Ok();
+    it->second.erase(device);
+    if (it->second.empty()) data_->push_tokens.erase(it);
+    return Status::Ok();
+  }
+
  private:
   Data* data_;
   MemorySource reader_;
@@ -389,7 +437,7 @@ class MemoryStore final : public MessageStore {
   }
 
   Status SetRetention(ConversationId conversation_id, int64_t retention_ms) override {
-    if (retention_ms < 0) return InvalidArgument("retention_ms must not be negative");
+    if (Status s = server::CheckRetention(retention_ms); !s.ok()) return s;
     std::lock_guard lock(mu_);
     auto it = data_.conversations.find(conversation_id);
     if (it == data_.conversations.end()) {
@@ -407,6 +455,12 @@ class MemoryStore final : public MessageStore {
     }
     MemoryTarget target(&data_);
     return target.Members(conversation_id);
+  }
+
+  Result<std::vector<PushTarget>> PushTargets(std::span<const UserId> users) override {
+    std::lock_guard lock(mu_);
+    MemorySource source(&data_);
+    return server::RunPushTargets(source, users);
   }
 
  private:

@@ -34,7 +34,7 @@ using server::ConversationHead;
 
 // The schema version this build writes. A file with a higher PRAGMA user_version was written
 // by a newer build and is refused rather than misread.
-constexpr int kSchemaVersion = 2;
+constexpr int kSchemaVersion = 3;
 
 // Migration N brings a file from user_version N-1 to N; index 0 is migration 1.
 constexpr std::array<const char*, kSchemaVersion> kMigrations = {
@@ -107,6 +107,17 @@ CREATE TABLE users(
     R"sql(
 ALTER TABLE members ADD COLUMN removed_at_seq INTEGER NOT NULL DEFAULT 0;
 )sql",
+    // 3: device push tokens, so a restart does not forget them.
+    R"sql(
+CREATE TABLE push_tokens(
+  user_id TEXT NOT NULL,
+  device_id TEXT NOT NULL,
+  platform TEXT NOT NULL,
+  token TEXT NOT NULL,
+  registered_ms INTEGER NOT NULL,
+  PRIMARY KEY(user_id, device_id)
+) WITHOUT ROWID;
+)sql",
 };
 
 #define CHAT_MESSAGE_COLUMNS                                                           \
@@ -157,6 +168,10 @@ enum class Sql : int {
   kSharesConversation,
   kLastSeen,
   kPutLastSeen,
+  kPushTokens,
+  kPutPushToken,
+  kTrimPushTokens,
+  kDeletePushToken,
   kCount,
 };
 
@@ -205,7 +220,8 @@ constexpr std::array<const char*, static_cast<size_t>(Sql::kCount)> kSql = {
     "FROM members m JOIN conversations c ON c.conversation_id = m.conversation_id "
     "WHERE m.user_id = ?1 ORDER BY m.conversation_id",
     "SELECT c.kind, c.title, c.last_seq, c.first_seq, c.last_activity_ms, m.role, "
-    "m.joined_seq, m.removed_at_seq FROM members m JOIN conversations c ON c.conversation_id = "
+    "m.joined_seq, m.removed_at_seq, c.retention_ms FROM members m JOIN conversations c ON "
+    "c.conversation_id = "
     "m.conversation_id "
     "WHERE m.conversation_id = ?1 AND m.user_id = ?2",
     "SELECT COUNT(*) FROM members WHERE conversation_id = ?1 AND removed_at_seq = 0",
@@ -222,7 +238,8 @@ constexpr std::array<const char*, static_cast<size_t>(Sql::kCount)> kSql = {
     "SELECT " CHAT_MESSAGE_COLUMNS
     " FROM messages WHERE conversation_id = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3",
     "SELECT conversation_id, first_seq, CASE WHEN retention_ms > 0 THEN retention_ms ELSE ?1 END "
-    "FROM conversations WHERE first_seq > 0 AND (retention_ms > 0 OR ?1 > 0) "
+    "FROM conversations WHERE first_seq > 0 AND (retention_ms > 0 OR (retention_ms = 0 AND ?1 > "
+    "0)) "
     "ORDER BY conversation_id",
     "SELECT seq, ts FROM messages WHERE conversation_id = ?1 AND seq >= ?2 ORDER BY seq LIMIT ?3",
     "DELETE FROM messages WHERE conversation_id = ?1 AND seq <= ?2",
@@ -236,6 +253,15 @@ constexpr std::array<const char*, static_cast<size_t>(Sql::kCount)> kSql = {
     "SELECT last_seen_ms FROM users WHERE user_id = ?1",
     "INSERT INTO users(user_id, last_seen_ms) VALUES(?1, ?2) ON CONFLICT(user_id) DO UPDATE SET "
     "last_seen_ms = MAX(last_seen_ms, excluded.last_seen_ms)",
+    "SELECT device_id, platform, token FROM push_tokens WHERE user_id = ?1 ORDER BY device_id",
+    "INSERT INTO push_tokens(user_id, device_id, platform, token, registered_ms) "
+    "VALUES(?1, ?2, ?3, ?4, ?5) ON CONFLICT(user_id, device_id) DO UPDATE SET "
+    "platform = excluded.platform, token = excluded.token, registered_ms = excluded.registered_ms",
+    // Keeps the ?3 most recently registered devices other than ?2 (ties: the higher device id).
+    "DELETE FROM push_tokens WHERE user_id = ?1 AND device_id IN ("
+    "SELECT device_id FROM push_tokens WHERE user_id = ?1 AND device_id <> ?2 "
+    "ORDER BY registered_ms DESC, device_id DESC LIMIT -1 OFFSET ?3)",
+    "DELETE FROM push_tokens WHERE user_id = ?1 AND device_id = ?2",
 };
 
 #undef CHAT_MESSAGE_COLUMNS
@@ -556,6 +582,7 @@ class SqliteSource final : public server::ReadSource {
       info.role = static_cast<Role>(q.ColumnInt(5));
       joined_seq = q.ColumnU64(6);
       info.removed_at_seq = q.ColumnU64(7);
+      info.retention_ms = q.ColumnInt(8);
       if (info.removed_at_seq != 0) info.last_seq = std::min(info.last_seq, info.removed_at_seq);
     }
     {
@@ -641,6 +668,17 @@ class SqliteSource final : public server::ReadSource {
     Result<bool> row = q.Step();
     if (!row.ok()) return row.status();
     return *row ? q.ColumnInt(0) : int64_t{0};
+  }
+
+  Status PushTokens(const UserId& user, std::vector<PushToken>* out) override {
+    Query q(conn_, Sql::kPushTokens);
+    q.Text(user);
+    for (;;) {
+      Result<bool> row = q.Step();
+      if (!row.ok()) return row.status();
+      if (!*row) return Status::Ok();
+      out->push_back(PushToken{q.ColumnBytes(0), q.ColumnBytes(1), q.ColumnBytes(2)});
+    }
   }
 
  private:
@@ -789,6 +827,31 @@ class SqliteTarget final : public server::AppendTarget {
     return q.Run();
   }
 
+  Status SetConversationRetention(ConversationId conversation_id, int64_t retention_ms) override {
+    Query q(conn_, Sql::kSetRetention);
+    q.U64(conversation_id).Int(retention_ms);
+    return q.Run();
+  }
+
+  Status PutPushToken(const UserId& user, const DeviceId& device, const std::string& platform,
+                      const std::string& token, int64_t now_ms, uint32_t max_devices) override {
+    {
+      Query q(conn_, Sql::kPutPushToken);
+      q.Text(user).Text(device).Text(platform).Text(token).Int(now_ms);
+      if (Status s = q.Run(); !s.ok()) return s;
+    }
+    if (max_devices == 0) return Status::Ok();
+    Query q(conn_, Sql::kTrimPushTokens);
+    q.Text(user).Text(device).Int(int64_t{max_devices} - 1);
+    return q.Run();
+  }
+
+  Status DeletePushToken(const UserId& user, const DeviceId& device) override {
+    Query q(conn_, Sql::kDeletePushToken);
+    q.Text(user).Text(device);
+    return q.Run();
+  }
+
  private:
   Connection& conn_;
   SqliteSource reader_;
@@ -888,7 +951,7 @@ class SqliteStore final : public MessageStore {
   }
 
   Status SetRetention(ConversationId conversation_id, int64_t retention_ms) override {
-    if (retention_ms < 0) return InvalidArgument("retention_ms must not be negative");
+    if (Status s = server::CheckRetention(retention_ms); !s.ok()) return s;
     std::lock_guard lock(writer_mu_);
     {
       Query q(*writer_, Sql::kConversationExists);
@@ -942,6 +1005,13 @@ class SqliteStore final : public MessageStore {
         return NotFound("conversation " + std::to_string(conversation_id) + " does not exist");
       }
       return ReadMembers(conn, conversation_id);
+    });
+  }
+
+  Result<std::vector<PushTarget>> PushTargets(std::span<const UserId> users) override {
+    return WithReader<std::vector<PushTarget>>([&](Connection& conn) {
+      SqliteSource source(conn);
+      return server::RunPushTargets(source, users);
     });
   }
 

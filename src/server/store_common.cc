@@ -19,6 +19,10 @@ Result<PresenceReply> MessageStore::Presence(const PresenceQuery& /*query*/) {
   return FailedPrecondition("this store does not support presence");
 }
 
+Result<std::vector<PushTarget>> MessageStore::PushTargets(std::span<const UserId> /*users*/) {
+  return FailedPrecondition("this store does not support push tokens");
+}
+
 }  // namespace chat
 
 namespace chat::server {
@@ -509,6 +513,59 @@ Status PutLastSeen(AppendTarget& target, const AppendRequest& request, AppendRes
   return Status::Ok();
 }
 
+// Push tokens are opaque to the server; the bounds keep one user's rows small.
+constexpr size_t kMaxPushTokenBytes = 4096;
+constexpr size_t kMaxPushPlatformBytes = 64;
+
+// Registers or removes the sender device's push token. Commits no message.
+Status ApplyPushToken(AppendTarget& target, const AppendRequest& request, AppendResult* result) {
+  if (request.sender_device.empty()) {
+    result->status = InvalidArgument("a push token belongs to a device: sender_device is required");
+    return Status::Ok();
+  }
+  if (request.push_token.empty())
+    return target.DeletePushToken(request.sender, request.sender_device);
+  if (request.push_token.size() > kMaxPushTokenBytes || request.push_platform.empty() ||
+      request.push_platform.size() > kMaxPushPlatformBytes) {
+    result->status = InvalidArgument(
+        "push token needs a platform, at most 64 bytes, and a token of at most 4096 bytes");
+    return Status::Ok();
+  }
+  return target.PutPushToken(request.sender, request.sender_device, request.push_platform,
+                             request.push_token, request.server_time_ms, request.max_push_tokens);
+}
+
+// A conversation's own retention, changed by an admin (groups, channels) or either member
+// (direct), recorded as a system message so every member learns it through Deliver and Sync.
+Status ApplySetRetention(AppendTarget& target, const AppendRequest& request, AppendResult* result) {
+  const ConversationId id = request.conversation_id;
+  Result<Membership> actor = target.Reader().GetMembership(id, request.sender);
+  if (!actor.ok()) return actor.status();
+  const Access access = actor->kind == ConversationKind::kDirect ? Access::kMember : Access::kAdmin;
+  if (Status s = Authorize(id, *actor, access); !s.ok()) {
+    result->status = s;
+    return Status::Ok();
+  }
+  if (Status s = CheckRetention(request.retention_ms); !s.ok()) {
+    result->status = s;
+    return Status::Ok();
+  }
+  if (Status s = target.SetConversationRetention(id, request.retention_ms); !s.ok()) return s;
+  SystemEvent event;
+  event.type = SystemEvent::Type::kRetentionChanged;
+  event.actor = request.sender;
+  event.retention_ms = request.retention_ms;
+  Result<Message> message = InsertSystem(target, request, id, std::move(event), request.message_id);
+  if (!message.ok()) return message.status();
+  result->message = std::move(*message);
+  if (Status s = SetRecipients(target, actor->kind, result->message, result); !s.ok()) return s;
+  Result<ConversationInfo> info =
+      target.Reader().Describe(id, request.sender, request.sender_device);
+  if (!info.ok()) return info.status();
+  result->conversation = std::move(*info);
+  return Status::Ok();
+}
+
 }  // namespace
 
 Status AppendOne(AppendTarget& target, const AppendRequest& request, AppendResult* result) {
@@ -525,6 +582,10 @@ Status AppendOne(AppendTarget& target, const AppendRequest& request, AppendResul
       return CreateGroup(target, request, result);
     case ConversationOp::kReceipt:
       return ApplyReceipt(target, request, result);
+    case ConversationOp::kSetRetention:
+      return ApplySetRetention(target, request, result);
+    case ConversationOp::kPushToken:
+      return ApplyPushToken(target, request, result);
     default:
       return ChangeGroup(target, request, result);
   }
@@ -632,6 +693,32 @@ Status ValidateSweep(const SweepRequest& request) {
     return InvalidArgument("default_retention_ms must not be negative");
   }
   return Status::Ok();
+}
+
+Status CheckRetention(int64_t retention_ms) {
+  if (retention_ms < kKeepForever) {
+    return InvalidArgument("retention_ms must be -1 (keep), 0 (server default) or positive");
+  }
+  return Status::Ok();
+}
+
+Result<std::vector<PushTarget>> RunPushTargets(ReadSource& source, std::span<const UserId> users) {
+  std::vector<UserId> sorted(users.begin(), users.end());
+  std::sort(sorted.begin(), sorted.end());
+  sorted.erase(std::unique(sorted.begin(), sorted.end()), sorted.end());
+  std::vector<PushTarget> out;
+  out.reserve(sorted.size());
+  for (UserId& user : sorted) {
+    PushTarget target;
+    if (Status s = source.PushTokens(user, &target.tokens); !s.ok()) return s;
+    // The badge counts what Sync would report; no device is involved in unread counts.
+    Result<uint64_t> total = UnreadTotal(source, user, DeviceId());
+    if (!total.ok()) return total.status();
+    target.unread_total = *total;
+    target.user = std::move(user);
+    out.push_back(std::move(target));
+  }
+  return out;
 }
 
 Result<ReceiptsReply> RunReceipts(ReadSource& source, const ReceiptsQuery& query) {

@@ -13,6 +13,7 @@
 
 #include <cstddef>
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -83,6 +84,8 @@ class ReadSource {
   virtual Result<bool> SharesConversation(const UserId& a, const UserId& b) = 0;
   // The user's persisted last seen (Unix ms), 0 when never written.
   virtual Result<int64_t> LastSeen(const UserId& user) = 0;
+  // Appends to `out` the push tokens registered for `user`, ascending by device id.
+  virtual Status PushTokens(const UserId& user, std::vector<PushToken>* out) = 0;
 };
 
 // Write primitives of a store, called inside the store's batch transaction. A non-OK Status
@@ -128,6 +131,16 @@ class AppendTarget {
   virtual Result<std::vector<UserId>> Members(ConversationId conversation_id) = 0;
   // Presence: stores max(stored, last_seen_ms) as the user's last seen.
   virtual Status PutLastSeen(const UserId& user, int64_t last_seen_ms) = 0;
+  // Stores a conversation's own retention (see MessageStore::SetRetention).
+  // REQUIRES: the conversation exists and retention_ms passed CheckRetention.
+  virtual Status SetConversationRetention(ConversationId conversation_id, int64_t retention_ms) = 0;
+  // Stores (user, device)'s token, replacing the previous one, stamped `now_ms`; then, when
+  // `max_devices` is non-zero, removes the user's least recently stamped tokens past it.
+  virtual Status PutPushToken(const UserId& user, const DeviceId& device,
+                              const std::string& platform, const std::string& token, int64_t now_ms,
+                              uint32_t max_devices) = 0;
+  // Removes (user, device)'s token, if any.
+  virtual Status DeletePushToken(const UserId& user, const DeviceId& device) = 0;
 };
 
 // Applies one AppendRequest. Per-item refusals (InvalidArgument, PermissionDenied) go to
@@ -150,10 +163,21 @@ Result<PresenceReply> RunPresence(ReadSource& source, const PresenceQuery& query
 // InvalidArgument unless `request` is a valid MessageStore::DeleteExpired request.
 Status ValidateSweep(const SweepRequest& request);
 
-// The retention in force for a conversation: its own when set, else the default; 0 = keep.
+// A conversation's own retention that keeps its messages whatever the server default says.
+inline constexpr int64_t kKeepForever = -1;
+
+// InvalidArgument unless `retention_ms` is a conversation retention: -1, 0 or positive.
+Status CheckRetention(int64_t retention_ms);
+
+// The retention in force for a conversation: its own when set (kKeepForever: none), else the
+// default; 0 = keep.
 inline int64_t EffectiveRetention(int64_t own_ms, int64_t default_ms) {
+  if (own_ms == kKeepForever) return 0;
   return own_ms > 0 ? own_ms : default_ms;
 }
+
+// MessageStore::PushTargets over `source`.
+Result<std::vector<PushTarget>> RunPushTargets(ReadSource& source, std::span<const UserId> users);
 
 // The message every store uses for a refused membership check, so a missing conversation and
 // a foreign one look the same.
