@@ -8,8 +8,10 @@
 //   chat::ServerOptions options;
 //   options.push = chat::NewWebhookNotifier({.url = "http://127.0.0.1:9000/push"}).value();
 //
-// Device tokens registered with RegisterPushToken are kept in memory by the server (bounded per
-// user) and are not persisted yet: after a restart, devices register again on their next Hello.
+// Device tokens registered with RegisterPushToken are stored by the MessageStore, per (user,
+// device) and at most ServerOptions::max_devices_per_user per user, so they survive a restart.
+// When a window ends the server reads the user's tokens and unread total in one store read (never
+// on the event loop) and then calls the notifier, unless the user came online meanwhile.
 //
 // Thread-safety: the server calls Notify from its event-loop thread only. Notify must return
 // quickly and must not block on the network; NewWebhookNotifier's notifier queues and returns.
@@ -44,10 +46,10 @@ struct PushNotification {
   int64_t server_time_ms = 0;  // of the latest message in the window
   std::string preview;         // the latest body; empty when ServerOptions::push_preview is false
   uint32_t collapsed = 1;      // messages in this window for (user, conversation)
-  // The user's unread total across conversations (the badge). The server does not compute it
-  // yet and always sends 0.
+  // The user's unread total across conversations (the badge), as Sync reports it when the
+  // window ended. 0 if the store could not be read (the notification is sent anyway).
   uint64_t unread_total = 0;
-  std::vector<PushToken> tokens;  // the user's registered devices (may be empty)
+  std::vector<PushToken> tokens;  // the user's registered devices by device id (may be empty)
 };
 
 class CHAT_EXPORT PushNotifier {

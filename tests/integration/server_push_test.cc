@@ -54,6 +54,38 @@ TEST_CASE("server push: one collapsed webhook call for an offline user, none for
   CHECK(CountFor(bodies, "bob") == 0);
 }
 
+TEST_CASE("server push: a token registered before a restart reaches the webhook with the badge") {
+  HttpReceiver receiver({200});
+  ChatdProcess chatd(
+      {.extra_flags = {"--push-webhook", receiver.url(), "--push-collapse-ms", "2000"}});
+  MustStart(chatd);
+  {
+    auto bob = MustLogin(chatd, "bob", "b1");
+    v1::Envelope reg;
+    reg.mutable_register_push_token()->set_platform("apns");
+    reg.mutable_register_push_token()->set_token("bob-apns-token");
+    std::optional<v1::Envelope> ok = bob->Request(reg);
+    REQUIRE(ok.has_value());
+    REQUIRE_MESSAGE(ok->has_ok(), ok->DebugString());
+  }
+  Result<int> exit_code = chatd.Terminate();
+  REQUIRE(exit_code.ok());
+  CHECK(*exit_code == 0);
+  REQUIRE(chatd.Restart().ok());
+
+  // bob has no device online; his two unread messages are the badge.
+  auto alice = MustLogin(chatd, "alice", "a1");
+  MustAck(*alice, MakeSendToPeer("bob", NewClientMsgId(), "one"));
+  MustAck(*alice, MakeSendToPeer("bob", NewClientMsgId(), "two"));
+  const std::vector<std::string> bodies = receiver.WaitForBodies(1);
+  REQUIRE(CountFor(bodies, "bob") == 1);
+  CHECK(bodies[0].find("\"collapsed\":2") != std::string::npos);
+  CHECK(bodies[0].find("\"unread_total\":\"2\"") != std::string::npos);
+  CHECK(
+      bodies[0].find(R"("tokens":[{"device":"b1","platform":"apns","token":"bob-apns-token"}])") !=
+      std::string::npos);
+}
+
 TEST_CASE("server push: --no-push-preview sends an empty preview") {
   HttpReceiver receiver({200});
   ChatdProcess chatd({.extra_flags = {"--push-webhook", receiver.url(), "--push-collapse-ms", "10",

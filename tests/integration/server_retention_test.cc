@@ -56,6 +56,87 @@ TEST_CASE("server: --retention-ms deletes old messages and Sync returns a gap fo
   CHECK_FALSE(below->history_page().has_more());
 }
 
+v1::Envelope SetRetention(uint64_t conversation_id, int64_t retention_ms) {
+  v1::Envelope e;
+  e.mutable_set_retention()->set_conversation_id(conversation_id);
+  e.mutable_set_retention()->set_retention_ms(retention_ms);
+  return e;
+}
+
+TEST_CASE("server: SetRetention by an admin is told to members; a plain member is refused") {
+  ChatdProcess chatd;
+  MustStart(chatd);
+  auto alice = MustLogin(chatd, "alice", "a1");
+  auto bob = MustLogin(chatd, "bob", "b1");
+  v1::Envelope create;
+  create.mutable_create_group()->set_kind(v1::CONVERSATION_KIND_GROUP);
+  create.mutable_create_group()->set_title("team");
+  create.mutable_create_group()->add_members("bob");
+  std::optional<v1::Envelope> created = alice->Request(create);
+  REQUIRE(created.has_value());
+  REQUIRE_MESSAGE(created->has_conversation_update(), created->DebugString());
+  const uint64_t group = created->conversation_update().conversation().conversation_id();
+
+  std::optional<v1::Envelope> set = alice->Request(SetRetention(group, 604'800'000));
+  REQUIRE(set.has_value());
+  REQUIRE_MESSAGE(set->has_conversation_update(), set->DebugString());
+  CHECK(set->conversation_update().conversation().retention_ms() == 604'800'000);
+  std::optional<v1::Envelope> told = bob->WaitFor([](const v1::Envelope& e) {
+    return e.has_deliver() &&
+           e.deliver().message().system().type() == v1::SystemEvent::TYPE_RETENTION_CHANGED;
+  });
+  REQUIRE(told.has_value());
+  CHECK(told->deliver().message().system().actor() == "alice");
+  CHECK(told->deliver().message().system().retention_ms() == 604'800'000);
+
+  CHECK(MustFail(*bob, SetRetention(group, 0)).code() == v1::Error::PERMISSION_DENIED);
+  CHECK(MustFail(*alice, SetRetention(group, -7)).code() == v1::Error::INVALID_ARGUMENT);
+  // The refused requests changed nothing: a sync still shows the admin's value.
+  const SyncAllResult sync = MustSyncAll(*bob, {});
+  bool found = false;
+  for (const v1::SyncBatch& batch : sync.batches) {
+    for (const v1::ConversationState& c : batch.conversations()) {
+      if (c.conversation_id() != group) continue;
+      found = true;
+      CHECK(c.retention_ms() == 604'800'000);
+    }
+  }
+  CHECK(found);
+}
+
+TEST_CASE("server: retention -1 keeps a conversation while the server default expires others") {
+  ChatdProcess chatd(
+      {.extra_flags = {"--retention-ms", "3000", "--retention-sweep-interval-ms", "100"}});
+  MustStart(chatd);
+  auto alice = MustLogin(chatd, "alice", "a1");
+  auto bob = MustLogin(chatd, "bob", "b1");
+  const uint64_t kept =
+      MustAck(*alice, MakeSendToPeer("bob", NewClientMsgId(), "keep me")).conversation_id();
+  // Either member of a direct conversation may opt it out.
+  std::optional<v1::Envelope> set = bob->Request(SetRetention(kept, -1));
+  REQUIRE(set.has_value());
+  REQUIRE_MESSAGE(set->has_conversation_update(), set->DebugString());
+  CHECK(set->conversation_update().conversation().retention_ms() == -1);
+  const uint64_t other =
+      MustAck(*alice, MakeSendToPeer("carol", NewClientMsgId(), "expire me")).conversation_id();
+
+  // Wait (bounded) until the default has expired the other conversation.
+  bool gone = false;
+  for (int attempt = 0; attempt < 300 && !gone; ++attempt) {
+    std::optional<v1::Envelope> page = alice->Request(MakeHistory(other, 0, 10));
+    REQUIRE(page.has_value());
+    REQUIRE_MESSAGE(page->has_history_page(), page->DebugString());
+    gone = page->history_page().messages_size() == 0;
+    if (!gone) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  REQUIRE(gone);
+  // Older than the default by now, and still there: the message and the change.
+  const std::vector<v1::Message> history = MustHistoryAll(*alice, kept);
+  REQUIRE(history.size() == 2);
+  CHECK(history[0].body() == "keep me");
+  CHECK(history[1].system().type() == v1::SystemEvent::TYPE_RETENTION_CHANGED);
+}
+
 TEST_CASE("server: chatd refuses --retention-batch-max 0 with a message naming the field") {
   ChatdProcess chatd({.extra_flags = {"--retention-batch-max", "0"}});
   const Status started = chatd.Start();

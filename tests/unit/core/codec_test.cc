@@ -478,6 +478,10 @@ TEST_CASE("codec: Validate checks the required fields of each client request") {
       {R"({"getReceipts":{}})", "missing required field: get_receipts.conversation_id"},
       {R"({"leave":{}})", "missing required field: leave.conversation_id"},
       {R"({"leave":{"conversationId":"2"}})", nullptr},
+      {R"({"setRetention":{"retentionMs":"-1"}})",
+       "missing required field: set_retention.conversation_id"},
+      {R"({"setRetention":{"conversationId":"2"}})", nullptr},
+      {R"({"setRetention":{"conversationId":"2","retentionMs":"-1"}})", nullptr},
       {R"({"renameGroup":{"title":"x"}})", "missing required field: rename_group.conversation_id"},
       {R"({"renameGroup":{"conversationId":"2"}})", "missing required field: rename_group.title"},
       {R"({"renameGroup":{"conversationId":"2","title":"x"}})", nullptr},
@@ -571,6 +575,7 @@ TEST_CASE("codec: Message converts to the wire type and back") {
   system.system.title = "team";
   system.system.role = Role::kAdmin;
   system.system.seq = 77;
+  system.system.retention_ms = -1;
   v1::Message system_wire;
   ToProto(system, &system_wire);
   CHECK(system_wire.has_system());
@@ -582,6 +587,7 @@ TEST_CASE("codec: Message converts to the wire type and back") {
   CHECK(system_back.system.title == "team");
   CHECK(system_back.system.role == Role::kAdmin);
   CHECK(system_back.system.seq == 77);
+  CHECK(system_back.system.retention_ms == -1);
 }
 
 TEST_CASE("codec: ConversationInfo converts to the wire type and back") {

@@ -49,6 +49,8 @@ const std::map<std::string, Needs>& Classification() {
       {"get_receipts", Needs::kMember},
       {"register_push_token", Needs::kNotScoped},
       {"ping", Needs::kNotScoped},
+      // Groups and channels: admins; a direct conversation: either member (retention_test).
+      {"set_retention", Needs::kAdmin},
   };
   return *table;
 }
@@ -90,6 +92,9 @@ v1::Envelope Request(const std::string& name, ConversationId id, uint64_t rid) {
     e.mutable_unsubscribe()->set_conversation_id(id);
   } else if (name == "get_receipts") {
     e.mutable_get_receipts()->set_conversation_id(id);
+  } else if (name == "set_retention") {
+    e.mutable_set_retention()->set_conversation_id(id);
+    e.mutable_set_retention()->set_retention_ms(1000);
   } else {
     FAIL("no request builder for " << name);
   }
@@ -201,7 +206,7 @@ TEST_CASE("authz: every conversation request refuses strangers, removed members 
       }
     }
   }
-  CHECK(tried == 2 * 13 + 4);
+  CHECK(tried == 2 * 14 + 5);
   // Nothing any of them did reached the members.
   CHECK(h.Take(alice).empty());
   CHECK(h.Take(bob).empty());

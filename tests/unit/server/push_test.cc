@@ -17,8 +17,10 @@
 
 #include "chat/push.h"
 #include "chat/server.h"
+#include "chat/store.h"
 #include "tests/testing/http_receiver.h"
 #include "tests/testing/hub_harness.h"
+#include "tests/testing/temp_dir.h"
 
 namespace chat::testing {
 namespace {
@@ -34,13 +36,22 @@ class RecordingNotifier final : public PushNotifier {
 };
 
 struct PushHub {
-  explicit PushHub(bool preview = true) : h(Options(notifier, preview)) {}
-  static ServerOptions Options(const std::shared_ptr<RecordingNotifier>& notifier, bool preview) {
+  explicit PushHub(bool preview = true, std::shared_ptr<MessageStore> store = nullptr)
+      : h(Options(notifier, preview, std::move(store))) {}
+  static ServerOptions Options(const std::shared_ptr<RecordingNotifier>& notifier, bool preview,
+                               std::shared_ptr<MessageStore> store) {
     ServerOptions options;
+    options.store = std::move(store);
     options.push = notifier;
     options.push_collapse_ms = 1000;
     options.push_preview = preview;
     return options;
+  }
+  // Advances the clock and runs the store reads that due notifications wait for (their tokens
+  // and badge).
+  void Elapse(int64_t ms) {
+    h.Advance(ms);
+    h.Pump();
   }
   std::shared_ptr<RecordingNotifier> notifier = std::make_shared<RecordingNotifier>();
   HubHarness h;
@@ -61,9 +72,9 @@ TEST_CASE("push: an offline user gets exactly one collapsed notification per win
   SendAndCommit(p.h, alice, 1, "bob", "one");
   SendAndCommit(p.h, alice, 2, "bob", "two");
   SendAndCommit(p.h, alice, 3, "bob", "three");
-  p.h.Advance(999);
+  p.Elapse(999);
   CHECK(p.notifier->notifications.empty());
-  p.h.Advance(1);
+  p.Elapse(1);
   REQUIRE(p.notifier->notifications.size() == 1);
   const PushNotification n = p.notifier->notifications[0];
   CHECK(n.user == "bob");
@@ -71,15 +82,15 @@ TEST_CASE("push: an offline user gets exactly one collapsed notification per win
   CHECK(n.seq == 3);
   CHECK(n.collapsed == 3);
   CHECK(n.preview == "three");
-  CHECK(n.unread_total == 0);
+  CHECK(n.unread_total == 3);  // the badge: everything bob has not read
   CHECK(n.tokens.empty());
   CHECK(n.conversation_id != 0);
 
   // The window is over: the next message opens a new one.
-  p.h.Advance(5000);
+  p.Elapse(5000);
   CHECK(p.notifier->notifications.size() == 1);
   SendAndCommit(p.h, alice, 4, "bob", "four");
-  p.h.Advance(1000);
+  p.Elapse(1000);
   REQUIRE(p.notifier->notifications.size() == 2);
   CHECK(p.notifier->notifications[1].collapsed == 1);
   CHECK(p.notifier->notifications[1].seq == 4);
@@ -92,7 +103,7 @@ TEST_CASE("push: each conversation of an offline user has its own window") {
   SessionId carol = p.h.Connect("carol", "c1");
   SendAndCommit(p.h, alice, 1, "bob", "from alice");
   SendAndCommit(p.h, carol, 2, "bob", "from carol");
-  p.h.Advance(1000);
+  p.Elapse(1000);
   REQUIRE(p.notifier->notifications.size() == 2);
   CHECK(p.notifier->notifications[0].sender != p.notifier->notifications[1].sender);
   CHECK(p.notifier->notifications[0].conversation_id !=
@@ -107,7 +118,7 @@ TEST_CASE("push: an online user and the sender get no notification") {
   std::vector<v1::Envelope> got = p.h.Take(bob);
   REQUIRE(got.size() == 1);
   CHECK(got[0].has_deliver());
-  p.h.Advance(5000);
+  p.Elapse(5000);
   CHECK(p.notifier->notifications.empty());
 }
 
@@ -116,7 +127,7 @@ TEST_CASE("push: a user who comes online within the window gets no notification"
   SessionId alice = p.h.Connect("alice", "a1");
   SendAndCommit(p.h, alice, 1, "bob", "hi");
   p.h.Connect("bob", "b1");
-  p.h.Advance(1000);
+  p.Elapse(1000);
   CHECK(p.notifier->notifications.empty());
 }
 
@@ -124,7 +135,7 @@ TEST_CASE("push: with preview off the notification carries no body") {
   PushHub p(/*preview=*/false);
   SessionId alice = p.h.Connect("alice", "a1");
   SendAndCommit(p.h, alice, 1, "bob", "secret");
-  p.h.Advance(1000);
+  p.Elapse(1000);
   REQUIRE(p.notifier->notifications.size() == 1);
   CHECK(p.notifier->notifications[0].preview.empty());
   CHECK(p.notifier->notifications[0].collapsed == 1);
@@ -144,6 +155,7 @@ TEST_CASE("push: registered device tokens are passed with the notification") {
   SessionId bob2 = p.h.Connect("bob", "b2");
   p.h.SendEnvelope(bob1, RegisterToken(5, "fcm", "token-1"));
   p.h.SendEnvelope(bob2, RegisterToken(6, "apns", "token-2"));
+  p.h.Pump();
   for (SessionId s : {bob1, bob2}) {
     std::vector<v1::Envelope> got = p.h.Take(s);
     REQUIRE(got.size() == 1);
@@ -152,6 +164,7 @@ TEST_CASE("push: registered device tokens are passed with the notification") {
   // Re-registering replaces the device's token; an empty token unregisters the device.
   p.h.SendEnvelope(bob1, RegisterToken(7, "fcm", "token-1b"));
   p.h.SendEnvelope(bob2, RegisterToken(8, "", ""));
+  p.h.Pump();
   CHECK(p.h.Take(bob1).at(0).has_ok());
   CHECK(p.h.Take(bob2).at(0).has_ok());
   p.h.Disconnect(bob1);
@@ -159,7 +172,7 @@ TEST_CASE("push: registered device tokens are passed with the notification") {
 
   SessionId alice = p.h.Connect("alice", "a1");
   SendAndCommit(p.h, alice, 1, "bob", "hi");
-  p.h.Advance(1000);
+  p.Elapse(1000);
   REQUIRE(p.notifier->notifications.size() == 1);
   const std::vector<PushToken>& tokens = p.notifier->notifications[0].tokens;
   REQUIRE(tokens.size() == 1);
@@ -173,15 +186,262 @@ TEST_CASE("push: a token without a platform or too long is INVALID_ARGUMENT") {
   SessionId bob = p.h.Connect("bob", "b1");
   p.h.SendEnvelope(bob, RegisterToken(5, "", "token"));
   p.h.SendEnvelope(bob, RegisterToken(6, "fcm", std::string(4097, 'x')));
+  p.h.SendEnvelope(bob, RegisterToken(7, std::string(65, 'p'), "token"));
+  p.h.Pump();
   std::vector<v1::Envelope> got = p.h.Take(bob);
-  REQUIRE(got.size() == 2);
+  REQUIRE(got.size() == 3);
   for (const v1::Envelope& e : got) {
     REQUIRE(e.has_error());
     CHECK(e.error().code() == v1::Error::INVALID_ARGUMENT);
   }
   CHECK(got[0].rid() == 5);
   CHECK(got[1].rid() == 6);
+  CHECK(got[2].rid() == 7);
   CHECK_FALSE(p.h.closed(bob).has_value());
+}
+
+TEST_CASE("push: the badge is the user's unread total across conversations") {
+  PushHub p;
+  SessionId alice = p.h.Connect("alice", "a1");
+  SessionId carol = p.h.Connect("carol", "c1");
+  SendAndCommit(p.h, alice, 1, "bob", "one");
+  SendAndCommit(p.h, alice, 2, "bob", "two");
+  SendAndCommit(p.h, carol, 3, "bob", "three");
+  p.Elapse(1000);
+  REQUIRE(p.notifier->notifications.size() == 2);
+  for (const PushNotification& n : p.notifier->notifications) CHECK(n.unread_total == 3);
+
+  // Bob reads alice's conversation on a device, goes away; the next badge counts only the rest.
+  const ConversationId with_alice = p.notifier->notifications[0].sender == "alice"
+                                        ? p.notifier->notifications[0].conversation_id
+                                        : p.notifier->notifications[1].conversation_id;
+  SessionId bob = p.h.Connect("bob", "b1");
+  v1::Envelope receipt;
+  receipt.set_rid(9);
+  receipt.mutable_receipt()->set_conversation_id(with_alice);
+  receipt.mutable_receipt()->set_read_seq(2);
+  p.h.SendEnvelope(bob, receipt);
+  p.h.Pump();
+  p.h.Disconnect(bob);
+  SendAndCommit(p.h, carol, 4, "bob", "four");
+  p.Elapse(1000);
+  REQUIRE(p.notifier->notifications.size() == 3);
+  CHECK(p.notifier->notifications[2].sender == "carol");
+  CHECK(p.notifier->notifications[2].unread_total == 2);
+}
+
+TEST_CASE("push: a user who connects while the tokens are read gets no notification") {
+  PushHub p;
+  SessionId alice = p.h.Connect("alice", "a1");
+  SendAndCommit(p.h, alice, 1, "bob", "hi");
+  p.h.Advance(1000);  // the window ends; its tokens and badge are being read
+  CHECK(p.h.queued_reads() == 1);
+  p.h.Connect("bob", "b1");
+  p.h.Pump();
+  CHECK(p.notifier->notifications.empty());
+}
+
+// A store that cannot say anything about push targets.
+class NoPushTargetsStore final : public MessageStoreWrapper {
+ public:
+  NoPushTargetsStore() : MessageStoreWrapper(NewMemoryStore()) {}
+  Result<std::vector<PushTarget>> PushTargets(std::span<const UserId> /*users*/) override {
+    return Unavailable("store overloaded");
+  }
+};
+
+TEST_CASE("push: when the store cannot read tokens the notification still goes out") {
+  PushHub p(/*preview=*/true, std::make_shared<NoPushTargetsStore>());
+  SessionId alice = p.h.Connect("alice", "a1");
+  SendAndCommit(p.h, alice, 1, "bob", "hi");
+  p.Elapse(1000);
+  REQUIRE(p.notifier->notifications.size() == 1);
+  CHECK(p.notifier->notifications[0].user == "bob");
+  CHECK(p.notifier->notifications[0].tokens.empty());
+  CHECK(p.notifier->notifications[0].unread_total == 0);
+}
+
+TEST_CASE("push: tokens registered before a restart are used after it") {
+  testing::TempDir dir;
+  SqliteStoreOptions options{.path = dir.File("chat.db")};
+  {
+    Result<std::shared_ptr<MessageStore>> store = NewSqliteStore(options);
+    REQUIRE(store.ok());
+    PushHub p(/*preview=*/true, *store);
+    SessionId bob = p.h.Connect("bob", "b1");
+    p.h.SendEnvelope(bob, RegisterToken(5, "apns", "bob-token"));
+    p.h.Pump();
+    REQUIRE(p.h.Take(bob).at(0).has_ok());
+  }
+  Result<std::shared_ptr<MessageStore>> store = NewSqliteStore(options);
+  REQUIRE(store.ok());
+  PushHub p(/*preview=*/true, *store);
+  SessionId alice = p.h.Connect("alice", "a1");
+  SendAndCommit(p.h, alice, 1, "bob", "hi");
+  p.Elapse(1000);
+  REQUIRE(p.notifier->notifications.size() == 1);
+  REQUIRE(p.notifier->notifications[0].tokens.size() == 1);
+  CHECK(p.notifier->notifications[0].tokens[0].device == "b1");
+  CHECK(p.notifier->notifications[0].tokens[0].platform == "apns");
+  CHECK(p.notifier->notifications[0].tokens[0].token == "bob-token");
+  CHECK(p.notifier->notifications[0].unread_total == 1);
+}
+
+// --- Push tokens in the stores ---
+
+enum class Kind { kMemory, kSqlite };
+
+struct StoreEnv {
+  explicit StoreEnv(Kind kind) {
+    if (kind == Kind::kMemory) {
+      store = NewMemoryStore();
+      return;
+    }
+    Result<std::shared_ptr<MessageStore>> opened = NewSqliteStore({.path = dir.File("chat.db")});
+    REQUIRE_MESSAGE(opened.ok(), opened.status().ToString());
+    store = *opened;
+  }
+  testing::TempDir dir;
+  std::shared_ptr<MessageStore> store;
+};
+
+// Registers (user, device)'s token at wall time `now_ms` with a cap of `max` devices.
+Status PutToken(MessageStore& store, const UserId& user, const DeviceId& device,
+                const std::string& platform, const std::string& token, int64_t now_ms = 1000,
+                uint32_t max = 0) {
+  AppendRequest r;
+  r.op = ConversationOp::kPushToken;
+  r.sender = user;
+  r.sender_device = device;
+  r.server_time_ms = now_ms;
+  r.push_platform = platform;
+  r.push_token = token;
+  r.max_push_tokens = max;
+  std::vector<AppendRequest> batch = {r};
+  std::vector<AppendResult> results;
+  if (Status s = store.Append(batch, &results); !s.ok()) return s;
+  REQUIRE(results.size() == 1);
+  return results[0].status;
+}
+
+std::vector<PushTarget> Targets(MessageStore& store, std::vector<UserId> users) {
+  Result<std::vector<PushTarget>> r = store.PushTargets(users);
+  REQUIRE_MESSAGE(r.ok(), r.status().ToString());
+  return *r;
+}
+
+std::vector<std::string> Devices(const PushTarget& target) {
+  std::vector<std::string> out;
+  for (const PushToken& t : target.tokens)
+    out.push_back(t.device + "=" + t.platform + ":" + t.token);
+  return out;
+}
+
+#define PUSH_STORE_CASE(fn, title)                                \
+  TEST_CASE("push tokens: memory: " title) { fn(Kind::kMemory); } \
+  TEST_CASE("push tokens: sqlite: " title) { fn(Kind::kSqlite); }
+
+void RegisterReplaceRemove(Kind kind) {
+  StoreEnv env(kind);
+  MessageStore& store = *env.store;
+  REQUIRE(PutToken(store, "bob", "phone", "apns", "t1").ok());
+  REQUIRE(PutToken(store, "bob", "tablet", "fcm", "t2").ok());
+  REQUIRE(PutToken(store, "carol", "phone", "fcm", "t3").ok());
+  std::vector<PushTarget> targets = Targets(store, {"carol", "bob", "carol", "nobody"});
+  // One entry per distinct user, ascending, even without tokens.
+  REQUIRE(targets.size() == 3);
+  CHECK(targets[0].user == "bob");
+  CHECK(Devices(targets[0]) == std::vector<std::string>{"phone=apns:t1", "tablet=fcm:t2"});
+  CHECK(targets[1].user == "carol");
+  CHECK(Devices(targets[1]) == std::vector<std::string>{"phone=fcm:t3"});
+  CHECK(targets[2].user == "nobody");
+  CHECK(targets[2].tokens.empty());
+  CHECK(targets[2].unread_total == 0);
+
+  // A new token replaces the device's; an empty one removes it (twice is harmless).
+  REQUIRE(PutToken(store, "bob", "phone", "apns", "t1b").ok());
+  REQUIRE(PutToken(store, "bob", "tablet", "", "").ok());
+  REQUIRE(PutToken(store, "bob", "tablet", "", "").ok());
+  CHECK(Devices(Targets(store, {"bob"}).at(0)) == std::vector<std::string>{"phone=apns:t1b"});
+}
+PUSH_STORE_CASE(RegisterReplaceRemove, "register, replace and remove per (user, device)")
+
+void CapDropsLeastRecent(Kind kind) {
+  StoreEnv env(kind);
+  MessageStore& store = *env.store;
+  REQUIRE(PutToken(store, "bob", "d1", "fcm", "a", 1000, 2).ok());
+  REQUIRE(PutToken(store, "bob", "d2", "fcm", "b", 2000, 2).ok());
+  REQUIRE(PutToken(store, "bob", "d1", "fcm", "a2", 3000, 2).ok());  // d1 is now the newest
+  REQUIRE(PutToken(store, "bob", "d3", "fcm", "c", 4000, 2).ok());
+  CHECK(Devices(Targets(store, {"bob"}).at(0)) ==
+        std::vector<std::string>{"d1=fcm:a2", "d3=fcm:c"});
+}
+PUSH_STORE_CASE(CapDropsLeastRecent, "past the cap the least recently registered device goes")
+
+void BadTokens(Kind kind) {
+  StoreEnv env(kind);
+  MessageStore& store = *env.store;
+  CHECK(PutToken(store, "bob", "", "fcm", "t").code() == Code::kInvalidArgument);
+  CHECK(PutToken(store, "bob", "d1", "", "t").code() == Code::kInvalidArgument);
+  CHECK(PutToken(store, "bob", "d1", std::string(65, 'p'), "t").code() == Code::kInvalidArgument);
+  CHECK(PutToken(store, "bob", "d1", "fcm", std::string(4097, 't')).code() ==
+        Code::kInvalidArgument);
+  CHECK(PutToken(store, "bob", "d1", std::string(64, 'p'), std::string(4096, 't')).ok());
+  CHECK(Targets(store, {"bob"}).at(0).tokens.size() == 1);
+}
+PUSH_STORE_CASE(BadTokens, "a token without device or platform, or too long, is InvalidArgument")
+
+void BadgeIsUnreadTotal(Kind kind) {
+  StoreEnv env(kind);
+  MessageStore& store = *env.store;
+  for (int i = 0; i < 3; ++i) {
+    AppendRequest r;
+    r.sender = i < 2 ? "alice" : "carol";
+    r.peer = "bob";
+    r.sender_device = "x";
+    r.client_msg_id = "key-" + std::to_string(i);
+    r.message_id = 100 + i;
+    r.server_time_ms = 1000;
+    r.body = "hi";
+    std::vector<AppendRequest> batch = {r};
+    std::vector<AppendResult> results;
+    REQUIRE(store.Append(batch, &results).ok());
+    REQUIRE(results.at(0).status.ok());
+  }
+  std::vector<PushTarget> targets = Targets(store, {"bob", "alice"});
+  REQUIRE(targets.size() == 2);
+  CHECK(targets[0].user == "alice");
+  CHECK(targets[0].unread_total == 0);  // her own messages do not count
+  CHECK(targets[1].unread_total == 3);
+}
+PUSH_STORE_CASE(BadgeIsUnreadTotal, "the badge is the unread total Sync reports")
+
+TEST_CASE("push tokens: sqlite: survive reopening the file") {
+  testing::TempDir dir;
+  SqliteStoreOptions options{.path = dir.File("chat.db")};
+  {
+    Result<std::shared_ptr<MessageStore>> store = NewSqliteStore(options);
+    REQUIRE(store.ok());
+    REQUIRE(PutToken(**store, "bob", "phone", "apns", "t1").ok());
+    REQUIRE(PutToken(**store, "bob", "tablet", "fcm", "t2").ok());
+    REQUIRE(PutToken(**store, "bob", "tablet", "", "").ok());
+  }
+  Result<std::shared_ptr<MessageStore>> store = NewSqliteStore(options);
+  REQUIRE(store.ok());
+  CHECK(Devices(Targets(**store, {"bob"}).at(0)) == std::vector<std::string>{"phone=apns:t1"});
+}
+
+TEST_CASE("push tokens: a store without support answers FailedPrecondition") {
+  class Bare final : public MessageStoreWrapper {
+   public:
+    Bare() : MessageStoreWrapper(NewMemoryStore()) {}
+    Result<std::vector<PushTarget>> PushTargets(std::span<const UserId> users) override {
+      return MessageStore::PushTargets(users);
+    }
+  };
+  Bare bare;
+  std::vector<UserId> users = {"bob"};
+  CHECK(bare.PushTargets(users).status().code() == Code::kFailedPrecondition);
 }
 
 // --- Webhook ---

@@ -7,8 +7,10 @@
 #include <vector>
 
 #include "chat/store.h"
+#include "chat/v1/chat.pb.h"
 #include "doctest/doctest.h"
 #include "src/server/store_threads.h"
+#include "tests/testing/hub_harness.h"
 #include "tests/testing/temp_dir.h"
 
 namespace chat {
@@ -246,7 +248,7 @@ void BadRequests(Kind kind) {
   Env env(kind);
   const ConversationId id = DirectWith(*env.store, 1);
   CHECK(env.store->SetRetention(id + 100, 1000).code() == Code::kNotFound);
-  CHECK(env.store->SetRetention(id, -1).code() == Code::kInvalidArgument);
+  CHECK(env.store->SetRetention(id, -2).code() == Code::kInvalidArgument);
 
   Result<SweepResult> zero = env.store->DeleteExpired({10'000, 1000, 0});
   CHECK(zero.status().code() == Code::kInvalidArgument);
@@ -267,6 +269,180 @@ void ResendAfterExpiryIsNew(Kind kind) {
   CHECK(resend.message.seq == 3);
 }
 RETENTION_CASE(ResendAfterExpiryIsNew, "a resend after expiry is a new message")
+
+// One conversation change by `sender`, committed alone.
+AppendResult Change(MessageStore& store, AppendRequest r) {
+  r.sender_device = r.sender + "-phone";
+  r.message_id = ++next_message_id;
+  r.spare_message_id = ++next_message_id;
+  r.server_time_ms = 50'000;
+  r.kind = MessageKind::kSystem;
+  std::vector<AppendRequest> batch = {r};
+  std::vector<AppendResult> results;
+  Status s = store.Append(batch, &results);
+  REQUIRE_MESSAGE(s.ok(), s.ToString());
+  REQUIRE(results.size() == 1);
+  return results[0];
+}
+
+AppendResult SetRetentionBy(MessageStore& store, const UserId& sender, ConversationId id,
+                            int64_t retention_ms) {
+  return Change(store, {.conversation_id = id,
+                        .sender = sender,
+                        .op = ConversationOp::kSetRetention,
+                        .retention_ms = retention_ms});
+}
+
+void KeepForeverOptsOut(Kind kind) {
+  Env env(kind);
+  const ConversationId kept = DirectWith(*env.store, 3, "k");
+  AppendResult other = SendAt(*env.store, 0, "carol", "bob", "c0", 1000);
+  REQUIRE(env.store->SetRetention(kept, -1).ok());
+  // The server default expires everything else, but not the conversation that opted out.
+  CHECK(Sweep(*env.store, 100'000, 1000, 100).deleted == 1);
+  CHECK(HistoryOf(*env.store, other.message.conversation_id, 0).messages.empty());
+  CHECK(Seqs(HistoryOf(*env.store, kept, 0).messages) == std::vector<Seq>{3, 2, 1});
+  SyncReply sync = SyncFrom(*env.store, kept, 0);
+  REQUIRE(sync.conversations.size() == 1);
+  CHECK(sync.conversations[0].retention_ms == -1);
+  // Back to the default: now it expires too.
+  REQUIRE(env.store->SetRetention(kept, 0).ok());
+  CHECK(Sweep(*env.store, 100'000, 1000, 100).deleted == 3);
+}
+RETENTION_CASE(KeepForeverOptsOut, "-1 keeps a conversation's messages despite the default")
+
+void SetRetentionThroughAppend(Kind kind) {
+  Env env(kind);
+  AppendResult created = Change(*env.store, {.sender = "alice",
+                                             .op = ConversationOp::kCreateGroup,
+                                             .group_kind = ConversationKind::kGroup,
+                                             .title = "team",
+                                             .users = {"bob"}});
+  REQUIRE_MESSAGE(created.status.ok(), created.status.ToString());
+  const ConversationId group = created.message.conversation_id;
+
+  // An admin sets it: a system message every member receives, and the new value in the info.
+  AppendResult set = SetRetentionBy(*env.store, "alice", group, 60'000);
+  REQUIRE_MESSAGE(set.status.ok(), set.status.ToString());
+  CHECK(set.message.kind == MessageKind::kSystem);
+  CHECK(set.message.system.type == SystemEvent::Type::kRetentionChanged);
+  CHECK(set.message.system.actor == "alice");
+  CHECK(set.message.system.retention_ms == 60'000);
+  CHECK(set.conversation.retention_ms == 60'000);
+  CHECK(set.recipients == std::vector<UserId>{"alice", "bob"});
+  // Members learn it through Sync as well, message and conversation state.
+  SyncReply sync = SyncFrom(*env.store, group, 0);
+  REQUIRE(sync.conversations.size() == 1);
+  CHECK(sync.conversations[0].retention_ms == 60'000);
+  REQUIRE_FALSE(sync.messages.empty());
+  CHECK(sync.messages.back().system.type == SystemEvent::Type::kRetentionChanged);
+  CHECK(sync.messages.back().system.retention_ms == 60'000);
+
+  // A member who is not an admin, a stranger, a missing conversation, a bad value.
+  CHECK(SetRetentionBy(*env.store, "bob", group, 0).status.code() == Code::kPermissionDenied);
+  CHECK(SetRetentionBy(*env.store, "mallory", group, 0).status.code() == Code::kPermissionDenied);
+  CHECK(SetRetentionBy(*env.store, "alice", group + 100, 0).status.code() ==
+        Code::kPermissionDenied);
+  CHECK(SetRetentionBy(*env.store, "alice", group, -2).status.code() == Code::kInvalidArgument);
+  // Refused requests changed nothing.
+  CHECK(SyncFrom(*env.store, group, 0).conversations.at(0).retention_ms == 60'000);
+
+  // In a direct conversation either member may set it; others may not.
+  const ConversationId direct = DirectWith(*env.store, 1);
+  AppendResult by_bob = SetRetentionBy(*env.store, "bob", direct, -1);
+  REQUIRE_MESSAGE(by_bob.status.ok(), by_bob.status.ToString());
+  CHECK(by_bob.conversation.retention_ms == -1);
+  CHECK(SetRetentionBy(*env.store, "carol", direct, 0).status.code() == Code::kPermissionDenied);
+}
+RETENTION_CASE(SetRetentionThroughAppend,
+               "SetRetention through Append: admins of groups, either member of a direct one")
+
+v1::Envelope SetRetentionRequest(uint64_t rid, ConversationId id, int64_t retention_ms) {
+  v1::Envelope e;
+  e.set_rid(rid);
+  e.mutable_set_retention()->set_conversation_id(id);
+  e.mutable_set_retention()->set_retention_ms(retention_ms);
+  return e;
+}
+
+TEST_CASE("retention: protocol: SetRetention by an admin reaches members; others are refused") {
+  testing::HubHarness h;
+  server::SessionId alice = h.Connect("alice", "a1");
+  server::SessionId bob = h.Connect("bob", "b1");
+  v1::Envelope create;
+  create.set_rid(1);
+  create.mutable_create_group()->set_kind(v1::CONVERSATION_KIND_GROUP);
+  create.mutable_create_group()->set_title("team");
+  create.mutable_create_group()->add_members("bob");
+  h.SendEnvelope(alice, create);
+  h.Pump();
+  const ConversationId id =
+      h.Take(alice).at(0).conversation_update().conversation().conversation_id();
+  REQUIRE(id != 0);
+  h.Take(bob);
+
+  h.SendEnvelope(alice, SetRetentionRequest(2, id, 86'400'000));
+  h.Pump();
+  std::vector<v1::Envelope> reply = h.Take(alice);
+  REQUIRE(reply.size() == 1);
+  REQUIRE_MESSAGE(reply[0].has_conversation_update(), reply[0].DebugString());
+  CHECK(reply[0].rid() == 2);
+  CHECK(reply[0].conversation_update().conversation().retention_ms() == 86'400'000);
+  std::vector<v1::Envelope> told = h.Take(bob);
+  REQUIRE(told.size() == 1);
+  REQUIRE(told[0].has_deliver());
+  const v1::SystemEvent& event = told[0].deliver().message().system();
+  CHECK(event.type() == v1::SystemEvent::TYPE_RETENTION_CHANGED);
+  CHECK(event.actor() == "alice");
+  CHECK(event.retention_ms() == 86'400'000);
+
+  // A plain member, a bad value, a conversation that does not exist.
+  h.SendEnvelope(bob, SetRetentionRequest(3, id, 0));
+  h.SendEnvelope(alice, SetRetentionRequest(4, id, -2));
+  h.SendEnvelope(alice, SetRetentionRequest(5, id + 1000, 0));
+  h.SendEnvelope(alice, SetRetentionRequest(6, 0, 0));
+  h.Pump();
+  std::vector<v1::Envelope> refused = h.Take(bob);
+  REQUIRE(refused.size() == 1);
+  REQUIRE(refused[0].has_error());
+  CHECK(refused[0].error().code() == v1::Error::PERMISSION_DENIED);
+  refused = h.Take(alice);
+  REQUIRE(refused.size() == 3);
+  for (const v1::Envelope& e : refused) REQUIRE_MESSAGE(e.has_error(), e.DebugString());
+  CHECK(refused[0].rid() == 4);
+  CHECK(refused[0].error().code() == v1::Error::INVALID_ARGUMENT);
+  CHECK(refused[1].rid() == 5);
+  CHECK(refused[1].error().code() == v1::Error::PERMISSION_DENIED);
+  CHECK(refused[2].rid() == 6);
+  CHECK(refused[2].error().code() == v1::Error::INVALID_ARGUMENT);
+  CHECK(h.violations().empty());
+}
+
+TEST_CASE("retention: protocol: History below first_seq is an empty page with first_seq set") {
+  std::shared_ptr<MessageStore> store = NewMemoryStore();
+  const ConversationId id = DirectWith(*store, 5);
+  REQUIRE(Sweep(*store, 1003 + 1000, 1000, 100).deleted == 3);  // seqs 1..3 expired
+  testing::HubHarness h(ServerOptions{.store = store});
+  server::SessionId bob = h.Connect("bob", "b1");
+  for (uint64_t before : {uint64_t{3}, uint64_t{4}, uint64_t{0}}) {
+    CAPTURE(before);
+    v1::Envelope history;
+    history.set_rid(7);
+    history.mutable_history()->set_conversation_id(id);
+    history.mutable_history()->set_before_seq(before);
+    h.SendEnvelope(bob, history);
+    h.Pump();
+    std::vector<v1::Envelope> got = h.Take(bob);
+    REQUIRE(got.size() == 1);
+    REQUIRE_MESSAGE(got[0].has_history_page(), got[0].DebugString());
+    const v1::HistoryPage& page = got[0].history_page();
+    CHECK(page.first_seq() == 4);
+    CHECK_FALSE(page.has_more());
+    // The stored range is contiguous, so a page never reports holes.
+    CHECK(page.gaps().empty());
+    CHECK(page.messages_size() == (before == 0 ? 2 : 0));
+  }
+}
 
 TEST_CASE("retention: sqlite: survives reopening") {
   testing::TempDir dir;
