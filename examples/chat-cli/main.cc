@@ -116,6 +116,10 @@ std::string SystemText(const chat::SystemEvent& e) {
              (e.role == chat::Role::kAdmin ? " an admin" : " a member");
     case Type::kMessagesExpired:
       return "messages up to #" + std::to_string(e.seq) + " expired";
+    case Type::kRetentionChanged:
+      if (e.retention_ms == -1) return who + " set messages to be kept forever";
+      if (e.retention_ms == 0) return who + " set messages to follow the server's retention";
+      return who + " set messages to expire after " + std::to_string(e.retention_ms) + " ms";
     case Type::kUnspecified:
       break;
   }

@@ -8,6 +8,8 @@
 #include <fcntl.h>
 #include <netdb.h>
 #include <poll.h>
+#include <pthread.h>
+#include <signal.h>
 #include <sys/socket.h>
 #include <sys/types.h>
 #include <unistd.h>
@@ -236,7 +238,18 @@ int PostOnce(const ParsedUrl& url, const std::string& request, uint32_t timeout_
 class WebhookNotifier final : public PushNotifier {
  public:
   WebhookNotifier(WebhookOptions options, ParsedUrl url)
-      : options_(std::move(options)), url_(std::move(url)), thread_([this] { Run(); }) {}
+      : options_(std::move(options)), url_(std::move(url)) {
+    // The application decides which thread takes SIGTERM and the like (chatd waits for them on
+    // a thread of its own). The notifier may be made before the application blocks them, so its
+    // thread starts with every signal blocked and is never picked for one, which would run the
+    // default action and kill the process.
+    sigset_t all;
+    sigset_t previous;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &previous);
+    thread_ = std::thread([this] { Run(); });
+    pthread_sigmask(SIG_SETMASK, &previous, nullptr);
+  }
 
   ~WebhookNotifier() override {
     {

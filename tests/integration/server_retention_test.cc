@@ -63,7 +63,7 @@ v1::Envelope SetRetention(uint64_t conversation_id, int64_t retention_ms) {
   return e;
 }
 
-TEST_CASE("server: SetRetention by an admin is told to members; a plain member is refused") {
+TEST_CASE("server: SetRetention by an admin is told to members, a plain member is refused") {
   ChatdProcess chatd;
   MustStart(chatd);
   auto alice = MustLogin(chatd, "alice", "a1");

@@ -502,7 +502,7 @@ TEST_CASE("push webhook: a 500 is retried until the receiver accepts it") {
   CHECK(requests[0] == requests[2]);
 }
 
-TEST_CASE("push webhook: a 4xx is not retried; the next notification still goes out") {
+TEST_CASE("push webhook: a 4xx is not retried, the next notification still goes out") {
   HttpReceiver receiver({400, 200});
   auto notifier = NewWebhookNotifier({.url = receiver.url(), .backoff_ms = 1});
   REQUIRE(notifier.ok());

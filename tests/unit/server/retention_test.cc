@@ -4,6 +4,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "chat/store.h"
@@ -287,10 +288,12 @@ AppendResult Change(MessageStore& store, AppendRequest r) {
 
 AppendResult SetRetentionBy(MessageStore& store, const UserId& sender, ConversationId id,
                             int64_t retention_ms) {
-  return Change(store, {.conversation_id = id,
-                        .sender = sender,
-                        .op = ConversationOp::kSetRetention,
-                        .retention_ms = retention_ms});
+  AppendRequest r;
+  r.conversation_id = id;
+  r.sender = sender;
+  r.op = ConversationOp::kSetRetention;
+  r.retention_ms = retention_ms;
+  return Change(store, std::move(r));
 }
 
 void KeepForeverOptsOut(Kind kind) {
@@ -303,8 +306,10 @@ void KeepForeverOptsOut(Kind kind) {
   CHECK(HistoryOf(*env.store, other.message.conversation_id, 0).messages.empty());
   CHECK(Seqs(HistoryOf(*env.store, kept, 0).messages) == std::vector<Seq>{3, 2, 1});
   SyncReply sync = SyncFrom(*env.store, kept, 0);
-  REQUIRE(sync.conversations.size() == 1);
+  REQUIRE(sync.conversations.size() == 2);  // bob's two conversations
+  CHECK(sync.conversations[0].conversation_id == kept);
   CHECK(sync.conversations[0].retention_ms == -1);
+  CHECK(sync.conversations[1].retention_ms == 0);
   // Back to the default: now it expires too.
   REQUIRE(env.store->SetRetention(kept, 0).ok());
   CHECK(Sweep(*env.store, 100'000, 1000, 100).deleted == 3);
@@ -313,11 +318,13 @@ RETENTION_CASE(KeepForeverOptsOut, "-1 keeps a conversation's messages despite t
 
 void SetRetentionThroughAppend(Kind kind) {
   Env env(kind);
-  AppendResult created = Change(*env.store, {.sender = "alice",
-                                             .op = ConversationOp::kCreateGroup,
-                                             .group_kind = ConversationKind::kGroup,
-                                             .title = "team",
-                                             .users = {"bob"}});
+  AppendRequest create;
+  create.sender = "alice";
+  create.op = ConversationOp::kCreateGroup;
+  create.group_kind = ConversationKind::kGroup;
+  create.title = "team";
+  create.users = {"bob"};
+  AppendResult created = Change(*env.store, std::move(create));
   REQUIRE_MESSAGE(created.status.ok(), created.status.ToString());
   const ConversationId group = created.message.conversation_id;
 
@@ -365,7 +372,7 @@ v1::Envelope SetRetentionRequest(uint64_t rid, ConversationId id, int64_t retent
   return e;
 }
 
-TEST_CASE("retention: protocol: SetRetention by an admin reaches members; others are refused") {
+TEST_CASE("retention: protocol: SetRetention by an admin reaches members, others are refused") {
   testing::HubHarness h;
   server::SessionId alice = h.Connect("alice", "a1");
   server::SessionId bob = h.Connect("bob", "b1");
@@ -384,10 +391,11 @@ TEST_CASE("retention: protocol: SetRetention by an admin reaches members; others
   h.SendEnvelope(alice, SetRetentionRequest(2, id, 86'400'000));
   h.Pump();
   std::vector<v1::Envelope> reply = h.Take(alice);
-  REQUIRE(reply.size() == 1);
+  REQUIRE(reply.size() == 2);  // the reply, then the change like every member gets it
   REQUIRE_MESSAGE(reply[0].has_conversation_update(), reply[0].DebugString());
   CHECK(reply[0].rid() == 2);
   CHECK(reply[0].conversation_update().conversation().retention_ms() == 86'400'000);
+  CHECK(reply[1].has_deliver());
   std::vector<v1::Envelope> told = h.Take(bob);
   REQUIRE(told.size() == 1);
   REQUIRE(told[0].has_deliver());
@@ -409,12 +417,13 @@ TEST_CASE("retention: protocol: SetRetention by an admin reaches members; others
   refused = h.Take(alice);
   REQUIRE(refused.size() == 3);
   for (const v1::Envelope& e : refused) REQUIRE_MESSAGE(e.has_error(), e.DebugString());
-  CHECK(refused[0].rid() == 4);
+  // A missing conversation id is refused at once; the others after the store looked.
+  CHECK(refused[0].rid() == 6);
   CHECK(refused[0].error().code() == v1::Error::INVALID_ARGUMENT);
-  CHECK(refused[1].rid() == 5);
-  CHECK(refused[1].error().code() == v1::Error::PERMISSION_DENIED);
-  CHECK(refused[2].rid() == 6);
-  CHECK(refused[2].error().code() == v1::Error::INVALID_ARGUMENT);
+  CHECK(refused[1].rid() == 4);
+  CHECK(refused[1].error().code() == v1::Error::INVALID_ARGUMENT);
+  CHECK(refused[2].rid() == 5);
+  CHECK(refused[2].error().code() == v1::Error::PERMISSION_DENIED);
   CHECK(h.violations().empty());
 }
 
@@ -422,7 +431,9 @@ TEST_CASE("retention: protocol: History below first_seq is an empty page with fi
   std::shared_ptr<MessageStore> store = NewMemoryStore();
   const ConversationId id = DirectWith(*store, 5);
   REQUIRE(Sweep(*store, 1003 + 1000, 1000, 100).deleted == 3);  // seqs 1..3 expired
-  testing::HubHarness h(ServerOptions{.store = store});
+  ServerOptions options;
+  options.store = store;
+  testing::HubHarness h(options);
   server::SessionId bob = h.Connect("bob", "b1");
   for (uint64_t before : {uint64_t{3}, uint64_t{4}, uint64_t{0}}) {
     CAPTURE(before);
