@@ -24,7 +24,9 @@ namespace chat {
 
 struct Identity {
   UserId user_id;
-  int64_t expires_at_ms = 0;  // Unix ms; 0 = never
+  // Unix ms from which the authenticator refuses the token (JWT: exp plus the leeway); 0 =
+  // never. The server ends a session then, with UNAUTHENTICATED and close 4001.
+  int64_t expires_at_ms = 0;
 };
 
 class CHAT_EXPORT Authenticator {

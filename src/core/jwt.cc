@@ -487,7 +487,8 @@ class JwtAuthenticator final : public Authenticator {
       if (SaturatingAdd(now_ms, options_.leeway_ms) < nbf_ms)
         return Unauthenticated("token not yet valid");
     }
-    return Identity{sub->string, exp_ms};
+    // The session may last exactly as long as this token would still be accepted.
+    return Identity{sub->string, SaturatingAdd(exp_ms, options_.leeway_ms)};
   }
 
  private:

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <deque>
 #include <functional>
+#include <limits>
 #include <map>
 #include <queue>
 #include <string>
@@ -23,6 +24,8 @@ constexpr uint32_t kDefaultHistoryLimit = 50;
 constexpr size_t kMinClientMsgIdBytes = 16;
 constexpr size_t kMaxClientMsgIdBytes = 128;
 constexpr size_t kMaxDeviceIdBytes = 128;
+// Hello.protocol_version this server speaks; 0 (unset) is taken as 1.
+constexpr uint32_t kProtocolVersion = 1;
 // Suggested wait before resending after a failed commit, when the store gives none.
 constexpr uint32_t kCommitRetryAfterMs = 1000;
 // Token buckets count in thousandths, so a rate of N per second refills N units per millisecond
@@ -38,7 +41,8 @@ constexpr int64_t kMaxRefillMs = 1'000'000;
 struct Session {
   UserId user;
   DeviceId device;
-  int64_t hello_deadline_ms = 0;
+  // Before Hello: the hello timeout. After: when the token expires (INT64_MAX for never).
+  int64_t deadline_ms = 0;
   int64_t last_frame_ms = 0;
   int64_t timer_due_ms = 0;    // when this session's live entry in the timer heap fires
   int64_t refill_ms = 0;       // when the buckets were last refilled
@@ -171,7 +175,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
     }
     const int64_t now = clock_->MonotonicMs();
     Session& s = sessions_[id];
-    s.hello_deadline_ms = now + options_.hello_timeout_ms;
+    s.deadline_ms = now + options_.hello_timeout_ms;
     s.last_frame_ms = now;
     s.refill_ms = now;
     s.message_tokens = message_cap_;
@@ -367,8 +371,12 @@ class Hub::Impl final : private PresenceTracker::Sink {
       timers_.pop();
       Session* s = FindSession(id);
       if (s == nullptr || s->timer_due_ms != due) continue;  // stale entry
-      if (!s->authenticated && now >= s->hello_deadline_ms) {
+      if (!s->authenticated && now >= s->deadline_ms) {
         CloseSession(id, kCloseUnauthenticated, "hello timeout");
+      } else if (now >= s->deadline_ms) {
+        // The client reconnects with a fresh token from its token provider.
+        SendError(id, *s, 0, Unauthenticated("token expired"));
+        CloseSession(id, kCloseUnauthenticated, "token expired");
       } else if (now >= s->last_frame_ms + static_cast<int64_t>(options_.idle_timeout_ms)) {
         CloseSession(id, kCloseIdleTimeout, "idle timeout");
       } else {
@@ -396,9 +404,19 @@ class Hub::Impl final : private PresenceTracker::Sink {
     return it == sessions_.end() ? nullptr : &it->second;
   }
 
+  // A token expiry (Unix ms, 0 = never) on the monotonic clock the timers use.
+  int64_t DeadlineOf(int64_t expires_at_ms, int64_t wall_now) const {
+    constexpr int64_t kNever = std::numeric_limits<int64_t>::max();
+    if (expires_at_ms == 0) return kNever;
+    const int64_t now = clock_->MonotonicMs();
+    if (expires_at_ms <= wall_now) return now;
+    const int64_t left = expires_at_ms - wall_now;  // positive: cannot overflow
+    return left >= kNever - now ? kNever : now + left;
+  }
+
   void ArmTimer(SessionId id, Session& s) {
     int64_t due = s.last_frame_ms + static_cast<int64_t>(options_.idle_timeout_ms);
-    if (!s.authenticated) due = std::min(due, s.hello_deadline_ms);
+    due = std::min(due, s.deadline_ms);
     s.timer_due_ms = due;
     timers_.emplace(due, id);
   }
@@ -526,7 +544,17 @@ class Hub::Impl final : private PresenceTracker::Sink {
       SendError(id, s, rid, InvalidArgument("device_id must be at most 128 bytes"));
       return;
     }
-    Result<Identity> identity = options_.authenticator->Verify(hello.token(), clock_->WallMs());
+    if (hello.protocol_version() > kProtocolVersion) {
+      // A newer client: refuse plainly rather than misread what it sends.
+      SendError(
+          id, s, rid,
+          FailedPrecondition("unsupported protocol_version " +
+                             std::to_string(hello.protocol_version()) + "; this server speaks 1"));
+      CloseSession(id, kCloseProtocolError, "unsupported protocol version");
+      return;
+    }
+    const int64_t wall_now = clock_->WallMs();
+    Result<Identity> identity = options_.authenticator->Verify(hello.token(), wall_now);
     if (!identity.ok()) {
       // Whatever the authenticator says, the client sees UNAUTHENTICATED with its reason.
       SendError(id, s, rid, Unauthenticated(identity.status().message()));
@@ -548,6 +576,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
     s.user = std::move(identity->user_id);
     s.device = hello.device_id();
     s.authenticated = true;
+    s.deadline_ms = DeadlineOf(identity->expires_at_ms, wall_now);
     --pending_sessions_;
     ArmTimer(id, s);
 

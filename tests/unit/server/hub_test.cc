@@ -131,6 +131,50 @@ TEST_CASE("hub: an expired token is refused with UNAUTHENTICATED and close 4001"
   CHECK(h.closed(session)->code == server::kCloseUnauthenticated);
 }
 
+TEST_CASE("hub: a session ends with UNAUTHENTICATED and close 4001 when its token expires") {
+  ServerOptions options;
+  options.idle_timeout_ms = 600'000;
+  HubHarness h(options);
+  SessionId session = h.Open().value();
+  // Valid for 60 s, plus the authenticator's default leeway (30 s).
+  h.SendEnvelope(session, HelloEnvelope(1, h.Token("alice", 60'000), "d"));
+  REQUIRE(Only(h.Take(session)).has_welcome());
+  h.Advance(89'999);
+  ExpectOpen(h, session);
+  h.Advance(1);
+  v1::Error error = ExpectError(Only(h.Take(session)), v1::Error::UNAUTHENTICATED, 0);
+  CHECK(error.message() == "token expired");
+  REQUIRE(h.closed(session).has_value());
+  CHECK(h.closed(session)->code == server::kCloseUnauthenticated);
+  CHECK(h.closed(session)->reason == "token expired");
+  CHECK(h.hub().session_count() == 0);
+  // A fresh token gets the user back in.
+  SessionId again = h.Open().value();
+  h.SendEnvelope(again, HelloEnvelope(2, h.Token("alice", 60'000), "d"));
+  CHECK(Only(h.Take(again)).has_welcome());
+}
+
+TEST_CASE("hub: a hello with a newer protocol_version gets FAILED_PRECONDITION and close 1002") {
+  HubHarness h;
+  SessionId session = h.Open().value();
+  v1::Envelope hello = HelloEnvelope(1, h.Token("alice"), "d");
+  hello.mutable_hello()->set_protocol_version(2);
+  h.SendEnvelope(session, hello);
+  v1::Error error = ExpectError(Only(h.Take(session)), v1::Error::FAILED_PRECONDITION, 1);
+  CHECK(error.message() == "unsupported protocol_version 2; this server speaks 1");
+  REQUIRE(h.closed(session).has_value());
+  CHECK(h.closed(session)->code == server::kCloseProtocolError);
+  CHECK(h.hub().session_count() == 0);
+  // Version 1 and an unset version (0) are both accepted.
+  for (uint32_t version : {0u, 1u}) {
+    SessionId ok = h.Open().value();
+    v1::Envelope good = HelloEnvelope(1, h.Token("alice"), "d" + std::to_string(version));
+    good.mutable_hello()->set_protocol_version(version);
+    h.SendEnvelope(ok, good);
+    CHECK(Only(h.Take(ok)).has_welcome());
+  }
+}
+
 TEST_CASE("hub: a token signed with another secret is refused with close 4001") {
   HubHarness h;
   Result<std::string> forged =
@@ -615,7 +659,10 @@ TEST_CASE("hub: limits at their type's maximum do not overflow the rate limiter"
   options.bytes_per_second = SIZE_MAX;
   options.idle_timeout_ms = UINT32_MAX;
   HubHarness h(options);
-  SessionId alice = h.Connect("alice", "a");
+  // A token that outlives the day the test waits (a session ends when its token expires).
+  SessionId alice = h.Open().value();
+  h.SendEnvelope(alice, HelloEnvelope(1, h.Token("alice", 2 * 86'400'000), "a"));
+  REQUIRE(Only(h.Take(alice)).has_welcome());
   h.Advance(86'400'000);
   h.SendEnvelope(alice, SendToPeer(1, "bob", ClientMsgId(1), "x"));
   CHECK(h.Take(alice).empty());
