@@ -36,169 +36,12 @@
 
 #include <CLI/CLI.hpp>
 
+#include "bench/bench_util.h"
 #include "chat/auth.h"
 #include "chat/v1/chat.pb.h"
 
 namespace chat::bench {
 namespace {
-
-int64_t NowNs() {
-  timespec ts{};
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<int64_t>(ts.tv_sec) * 1'000'000'000 + ts.tv_nsec;
-}
-
-int64_t WallMs() {
-  timespec ts{};
-  clock_gettime(CLOCK_REALTIME, &ts);
-  return static_cast<int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1'000'000;
-}
-
-double CpuSecondsSelf() {
-  rusage usage{};
-  getrusage(RUSAGE_SELF, &usage);
-  return static_cast<double>(usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) +
-         static_cast<double>(usage.ru_utime.tv_usec + usage.ru_stime.tv_usec) / 1e6;
-}
-
-// CPU seconds (user + system, all threads) of another process, from /proc/<pid>/stat; -1 when
-// the process cannot be read. The resolution is one clock tick (10 ms here), so the callers
-// measure over seconds.
-double CpuSecondsOf(int pid) {
-  if (pid <= 0) return -1;
-  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
-  std::string line;
-  if (!std::getline(in, line)) return -1;
-  size_t paren = line.rfind(')');
-  if (paren == std::string::npos) return -1;
-  std::istringstream fields(line.substr(paren + 2));
-  std::string field;
-  // Fields after the command start at field 3 (state); utime and stime are fields 14 and 15.
-  uint64_t utime = 0;
-  uint64_t stime = 0;
-  for (int index = 3; index <= 15 && fields >> field; ++index) {
-    if (index == 14) utime = std::stoull(field);
-    if (index == 15) stime = std::stoull(field);
-  }
-  return static_cast<double>(utime + stime) / static_cast<double>(sysconf(_SC_CLK_TCK));
-}
-
-// A "Key:   123 kB" line of a /proc file, in KiB; -1 when absent.
-int64_t ProcKb(const std::string& path, const std::string& key) {
-  std::ifstream in(path);
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.rfind(key + ":", 0) == 0) {
-      return std::strtoll(line.c_str() + key.size() + 1, nullptr, 10);
-    }
-  }
-  return -1;
-}
-
-int64_t RssKbOf(int pid) {
-  return pid > 0 ? ProcKb("/proc/" + std::to_string(pid) + "/status", "VmRSS") : -1;
-}
-int64_t PeakRssKbOf(int pid) {
-  return pid > 0 ? ProcKb("/proc/" + std::to_string(pid) + "/status", "VmHWM") : -1;
-}
-int64_t SlabKb() { return ProcKb("/proc/meminfo", "Slab"); }
-
-// A log-bucketed latency histogram in the manner of HdrHistogram: values below 64 ns are exact,
-// above that each power of two is split into 32 buckets, so a reported percentile is at most ~3%
-// above the true value (it is the upper edge of its bucket, capped by the exact maximum).
-class Histogram {
- public:
-  void Record(int64_t value_ns) {
-    if (value_ns < 0) value_ns = 0;
-    ++counts_[Index(value_ns)];
-    ++count_;
-    max_ = std::max(max_, value_ns);
-  }
-  int64_t count() const { return count_; }
-  int64_t max() const { return max_; }
-  int64_t Percentile(double fraction) const {
-    if (count_ == 0) return 0;
-    auto rank = static_cast<int64_t>(fraction * static_cast<double>(count_) + 0.999999);
-    rank = std::clamp<int64_t>(rank, 1, count_);
-    int64_t seen = 0;
-    for (size_t i = 0; i < counts_.size(); ++i) {
-      seen += counts_[i];
-      if (seen >= rank) return std::min(UpperEdge(i), max_);
-    }
-    return max_;
-  }
-  void Merge(const Histogram& other) {
-    for (size_t i = 0; i < counts_.size(); ++i) counts_[i] += other.counts_[i];
-    count_ += other.count_;
-    max_ = std::max(max_, other.max_);
-  }
-  // {"n":..,"p50_us":..,"p99_us":..,"p999_us":..,"max_us":..}
-  std::string Json() const {
-    char buffer[256];
-    std::snprintf(buffer, sizeof buffer,
-                  "{\"n\":%" PRId64
-                  ",\"p50_us\":%.1f,\"p99_us\":%.1f,\"p999_us\":%.1f,"
-                  "\"max_us\":%.1f}",
-                  count_, Us(Percentile(0.5)), Us(Percentile(0.99)), Us(Percentile(0.999)),
-                  Us(max_));
-    return buffer;
-  }
-
- private:
-  static constexpr int kSubBits = 5;
-  static double Us(int64_t ns) { return static_cast<double>(ns) / 1000.0; }
-  static size_t Index(int64_t value) {
-    auto v = static_cast<uint64_t>(value);
-    if (v < 64) return v;
-    int msb = 63 - __builtin_clzll(v);
-    int shift = msb - kSubBits;
-    uint64_t mantissa = v >> shift;  // 32..63
-    return 64 + static_cast<size_t>(shift - 1) * 32 + static_cast<size_t>(mantissa - 32);
-  }
-  static int64_t UpperEdge(size_t index) {
-    if (index < 64) return static_cast<int64_t>(index);
-    size_t shift = (index - 64) / 32 + 1;
-    uint64_t mantissa = (index - 64) % 32 + 32;
-    return static_cast<int64_t>(((mantissa + 1) << shift) - 1);
-  }
-
-  std::array<int64_t, 64 + 58 * 32> counts_{};
-  int64_t count_ = 0;
-  int64_t max_ = 0;
-};
-
-// Minimal JSON object writer: enough for flat metrics and nested raw values.
-class JsonObject {
- public:
-  JsonObject& Add(const std::string& key, const std::string& value) {
-    std::string quoted = "\"";
-    for (char c : value) {
-      if (c == '"' || c == '\\') quoted += '\\';
-      if (static_cast<unsigned char>(c) >= 0x20) quoted += c;
-    }
-    return Raw(key, quoted + "\"");
-  }
-  JsonObject& Add(const std::string& key, const char* value) {
-    return Add(key, std::string(value));
-  }
-  JsonObject& Add(const std::string& key, int64_t value) { return Raw(key, std::to_string(value)); }
-  JsonObject& Add(const std::string& key, int value) { return Raw(key, std::to_string(value)); }
-  JsonObject& Add(const std::string& key, bool value) { return Raw(key, value ? "true" : "false"); }
-  JsonObject& Add(const std::string& key, double value) {
-    char buffer[64];
-    std::snprintf(buffer, sizeof buffer, "%.3f", value);
-    return Raw(key, buffer);
-  }
-  JsonObject& Raw(const std::string& key, const std::string& json) {
-    if (!text_.empty()) text_ += ",";
-    text_ += "\"" + key + "\":" + json;
-    return *this;
-  }
-  std::string str() const { return "{" + text_ + "}"; }
-
- private:
-  std::string text_;
-};
 
 struct Options {
   std::string workload;
@@ -222,7 +65,24 @@ struct Options {
   double hold_s = 2;
   int round_trips = 20000;
   std::string label;
+  bool tls = false;
+  // fanout
+  int groups = 20;
+  int members = 500;
+  // channel
+  int viewers = 1000;
+  int channel_members = 100000;
+  int add_batch = 5000;
+  // history (through the protocol)
+  std::string conversations_file;
+  int requests = 10000;
+  int page = 50;
 };
+
+constexpr char kBenchContentType[] = "application/x-chat-bench";
+// Request ids of control requests (CreateGroup, AddMembers, Subscribe, History) start here, far
+// above the message indices that Send uses as rids.
+constexpr uint64_t kControlRid = 1ULL << 41;
 
 class Bench;
 
@@ -263,8 +123,12 @@ struct Conn {
   std::deque<std::string> out;  // each frame with LWS_PRE bytes of headroom in front
   std::string rx;
 
-  // Sender side: messages go to `target` (a Conn id, -1 for none).
+  // Sender side: messages go to `target` (a Conn id, -1 for none) as direct messages, or when
+  // `conversation` is set, into that group or channel, whose receivers under test are
+  // `audience` (Conn ids).
   int target = -1;
+  uint64_t conversation = 0;
+  std::vector<int> audience;
   uint32_t next_index = 0;
   std::unordered_map<uint32_t, int64_t> unacked;  // index -> queue time
   std::vector<uint32_t> acked_indices;
@@ -274,6 +138,11 @@ struct Conn {
   bool syncing = false;
   bool synced = false;
   int sync_pages = 0;
+
+  // Replies to control requests (Ok, ConversationUpdate, Error with a rid): how many came, and
+  // the conversation of the last ConversationUpdate.
+  int64_t replies = 0;
+  uint64_t reply_conversation = 0;
 };
 
 struct Counters {
@@ -320,6 +189,7 @@ class Bench {
     info.user = this;
     info.fd_limit_per_thread = static_cast<unsigned int>(limit.rlim_cur);
     info.pt_serv_buf_size = 64 * 1024;
+    if (options_.tls) info.options |= LWS_SERVER_OPTION_DO_SSL_GLOBAL_INIT;
     context_ = lws_create_context(&info);
     if (context_ == nullptr) {
       *error = "lws_create_context failed";
@@ -377,11 +247,15 @@ class Bench {
     v1::Envelope envelope;
     envelope.set_rid(static_cast<uint64_t>(index) + 1);
     v1::Send* send = envelope.mutable_send();
-    send->set_peer(conns_[static_cast<size_t>(conn.target)]->user);
+    if (conn.conversation != 0) {
+      send->set_conversation_id(conn.conversation);
+    } else {
+      send->set_peer(conns_[static_cast<size_t>(conn.target)]->user);
+    }
     char id[64];
     std::snprintf(id, sizeof id, "%s-%010u-bench", conn.user.c_str(), index);
     send->set_client_msg_id(id);
-    send->set_content_type("application/x-chat-bench");
+    send->set_content_type(kBenchContentType);
     std::string body(static_cast<size_t>(std::max(options_.body_bytes, 12)), 'x');
     std::memcpy(body.data(), &stamp_ns, sizeof stamp_ns);
     std::memcpy(body.data() + 8, &index, sizeof index);
@@ -457,7 +331,10 @@ class Bench {
   }
   int64_t ExpectedReceipts(const std::vector<Conn*>& senders) const {
     int64_t total = 0;
-    for (const Conn* sender : senders) total += static_cast<int64_t>(sender->acked_indices.size());
+    for (const Conn* sender : senders) {
+      total += static_cast<int64_t>(sender->acked_indices.size()) *
+               static_cast<int64_t>(std::max<size_t>(1, sender->audience.size()));
+    }
     return total;
   }
 
@@ -468,32 +345,39 @@ class Bench {
     int64_t reordered = 0;
   };
 
-  // Compares what each sender had acked with what its target holds. Duplicated: one sender index
-  // stored under two seqs (an idempotency failure). Reordered: ascending seq does not give
-  // ascending sender index. Lost: an acked index the target never received.
+  // Compares what each sender had acked with what its target (or each of its audience) holds.
+  // Duplicated: one sender index stored under two seqs (an idempotency failure). Reordered:
+  // ascending seq does not give ascending sender index. Lost: an acked index the target never
+  // received.
   Check Verify(const std::vector<Conn*>& senders) const {
     Check check;
     for (const Conn* sender : senders) {
-      if (sender->target < 0) continue;
-      check.expected += static_cast<int64_t>(sender->acked_indices.size());
-      const Conn& target = *conns_[static_cast<size_t>(sender->target)];
-      auto it = target.received.find(sender->user);
-      std::vector<std::pair<uint64_t, uint32_t>> got;
-      if (it != target.received.end()) got = it->second.messages;
-      std::sort(got.begin(), got.end());
-      got.erase(std::unique(got.begin(), got.end()), got.end());
-      std::unordered_map<uint32_t, uint64_t> seq_of;
-      int64_t last_index = -1;
-      for (const auto& [seq, index] : got) {
-        if (!seq_of.emplace(index, seq).second) ++check.duplicated;
-        if (static_cast<int64_t>(index) <= last_index) ++check.reordered;
-        last_index = std::max<int64_t>(last_index, index);
-      }
-      for (uint32_t index : sender->acked_indices) {
-        if (seq_of.find(index) == seq_of.end()) ++check.lost;
-      }
+      std::vector<int> receivers = sender->audience;
+      if (receivers.empty() && sender->target >= 0) receivers.push_back(sender->target);
+      for (int receiver : receivers)
+        VerifyOne(*sender, *conns_[static_cast<size_t>(receiver)], &check);
     }
     return check;
+  }
+
+  // One receiver's record of one sender's messages against what the sender had acked.
+  static void VerifyOne(const Conn& sender, const Conn& target, Check* check) {
+    check->expected += static_cast<int64_t>(sender.acked_indices.size());
+    auto it = target.received.find(sender.user);
+    std::vector<std::pair<uint64_t, uint32_t>> got;
+    if (it != target.received.end()) got = it->second.messages;
+    std::sort(got.begin(), got.end());
+    got.erase(std::unique(got.begin(), got.end()), got.end());
+    std::unordered_map<uint32_t, uint64_t> seq_of;
+    int64_t last_index = -1;
+    for (const auto& [seq, index] : got) {
+      if (!seq_of.emplace(index, seq).second) ++check->duplicated;
+      if (static_cast<int64_t>(index) <= last_index) ++check->reordered;
+      last_index = std::max<int64_t>(last_index, index);
+    }
+    for (uint32_t index : sender.acked_indices) {
+      if (seq_of.find(index) == seq_of.end()) ++check->lost;
+    }
   }
 
   // The standard tail of every result: generator CPU, counters, errors.
@@ -521,6 +405,8 @@ class Bench {
   Histogram& deliver_latency() { return deliver_latency_; }
   std::vector<std::unique_ptr<Conn>>& conns() { return conns_; }
   std::function<void(Conn&)> on_ready;
+  // Called with every HistoryPage, and every Error answering a control request.
+  std::function<void(Conn&, const v1::Envelope&)> on_history;
 
  private:
   void ScheduleTick() {
@@ -565,6 +451,11 @@ class Bench {
     info.ietf_version_or_minus_one = -1;
     info.opaque_user_data = &conn;
     info.pwsi = &conn.wsi;
+    // wss against chatd's self-signed test certificate: encrypted, not authenticated.
+    if (options_.tls) {
+      info.ssl_connection =
+          LCCSCF_USE_SSL | LCCSCF_ALLOW_SELFSIGNED | LCCSCF_SKIP_SERVER_CERT_HOSTNAME_CHECK;
+    }
     lws_client_connect_via_info(&info);
   }
 
@@ -638,6 +529,9 @@ class Bench {
       }
       case v1::Envelope::kDeliver: {
         const v1::Message& message = envelope.deliver().message();
+        // System messages (group changes) and a sender's own messages are not deliveries under
+        // test.
+        if (message.content_type() != kBenchContentType || message.sender() == conn.user) break;
         if (message.body().size() >= 8) {
           int64_t stamp = 0;
           std::memcpy(&stamp, message.body().data(), sizeof stamp);
@@ -666,9 +560,25 @@ class Bench {
         }
         break;
       }
+      case v1::Envelope::kOk:
+        if (envelope.rid() != 0) ++conn.replies;
+        break;
+      case v1::Envelope::kConversationUpdate:
+        if (envelope.rid() != 0) {
+          conn.reply_conversation = envelope.conversation_update().conversation().conversation_id();
+          ++conn.replies;
+        }
+        break;
+      case v1::Envelope::kHistoryPage:
+        if (on_history) on_history(conn, envelope);
+        break;
       case v1::Envelope::kError: {
         const v1::Error& error = envelope.error();
         ++counters_.error_codes[v1::Error::Code_Name(error.code())];
+        if (envelope.rid() >= kControlRid) {
+          ++conn.replies;
+          if (on_history) on_history(conn, envelope);
+        }
         if (!error.client_msg_id().empty() && envelope.rid() != 0) {
           // The message was refused and is not stored: it will not be delivered.
           conn.unacked.erase(static_cast<uint32_t>(envelope.rid() - 1));
@@ -841,7 +751,8 @@ struct StepResult {
   bool ok = true;
   std::string json;
   double p99_ms = 0;
-  double achieved = 0;
+  double achieved = 0;  // deliveries per second of sending time
+  double server_cpu_us_per_msg = -1;
 };
 
 // One open-loop step at `rate`: send for `seconds`, drain, report latencies and server CPU.
@@ -865,6 +776,8 @@ StepResult RunStep(Bench& bench, const std::vector<Conn*>& senders, double rate,
   result.ok = drained;
   result.p99_ms = static_cast<double>(bench.deliver_latency().Percentile(0.99)) / 1e6;
   result.achieved = static_cast<double>(delivered) / seconds;
+  result.server_cpu_us_per_msg =
+      sent > 0 && server_cpu >= 0 ? server_cpu * 1e6 / static_cast<double>(sent) : -1.0;
   JsonObject json;
   json.Add("offered_rate", rate);
   json.Add("seconds", seconds);
@@ -1102,6 +1015,297 @@ int RunStorm(Bench& bench) {
   return Finish(bench, json, completed, bench.Verify(conns));
 }
 
+// Sends a control request (CreateGroup, AddMembers, Subscribe) from `conn`; the reply is
+// counted in conn.replies.
+void SendControl(Bench& bench, Conn& conn, v1::Envelope envelope) {
+  static uint64_t next_rid = kControlRid;
+  envelope.set_rid(next_rid++);
+  bench.Queue(conn, envelope);
+}
+
+// Waits until each of `conns` has at least `replies` replies to control requests.
+bool AwaitReplies(Bench& bench, const std::vector<Conn*>& conns, int64_t replies,
+                  double timeout_s) {
+  return bench.RunUntil(
+      timeout_s,
+      [&] {
+        return std::all_of(conns.begin(), conns.end(),
+                           [replies](const Conn* c) { return c->replies >= replies; });
+      },
+      [] {});
+}
+
+int64_t ErrorCount(Bench& bench) {
+  int64_t n = 0;
+  for (const auto& [code, count] : bench.counters().error_codes) n += count;
+  return n;
+}
+
+// The offered rates of `rates` (messages per second, over all senders) one step after another,
+// each message reaching `receivers_per_message` connections. A step holds when its send ->
+// deliver p99 stays under --p99-limit-ms and at least 95% of the deliveries it offered arrived
+// within its sending time (plus the drain). Stops past saturation, like `direct`.
+struct RisingResult {
+  std::string steps_json;
+  double best_rate = 0;
+  double best_deliveries_per_s = 0;
+  double best_cpu_us_per_msg = -1;
+};
+
+RisingResult RunRising(Bench& bench, const std::vector<Conn*>& senders,
+                       const std::vector<double>& rates, double receivers_per_message) {
+  const Options& o = bench.options();
+  RisingResult out;
+  for (double rate : rates) {
+    StepResult step = RunStep(bench, senders, rate, o.step_s);
+    if (!out.steps_json.empty()) out.steps_json += ",";
+    out.steps_json += step.json;
+    double offered_deliveries = rate * receivers_per_message;
+    bool held =
+        step.ok && step.p99_ms < o.p99_limit_ms && step.achieved >= 0.95 * offered_deliveries;
+    if (held && rate > out.best_rate) {
+      out.best_rate = rate;
+      out.best_deliveries_per_s = step.achieved;
+      out.best_cpu_us_per_msg = step.server_cpu_us_per_msg;
+    }
+    if (!step.ok || step.p99_ms > 20 * o.p99_limit_ms || step.achieved < 0.7 * offered_deliveries)
+      break;
+  }
+  return out;
+}
+
+// fanout: `groups` groups of `members` online members each (one connection per member, all in
+// this process), created through the protocol with CreateGroup; each group's creator posts at
+// the step's rate per group and every other member must receive every post in order.
+int RunFanout(Bench& bench) {
+  const Options& o = bench.options();
+  std::vector<Conn*> all;
+  std::vector<Conn*> creators;
+  std::vector<std::vector<Conn*>> groups(static_cast<size_t>(o.groups));
+  for (int g = 0; g < o.groups; ++g) {
+    for (int m = 0; m < o.members; ++m) {
+      Conn& conn = bench.AddConn(UserName(o, "g" + std::to_string(g) + "m", m));
+      groups[static_cast<size_t>(g)].push_back(&conn);
+      all.push_back(&conn);
+    }
+    creators.push_back(groups[static_cast<size_t>(g)].front());
+  }
+  JsonObject json;
+  json.Add("workload", "fanout");
+  json.Add("groups", o.groups);
+  json.Add("members_per_group", o.members);
+  json.Add("connections", static_cast<int>(all.size()));
+  json.Add("p99_limit_ms", o.p99_limit_ms);
+  int64_t t0 = NowNs();
+  bool completed = ConnectAll(bench, all, o.timeout_s);
+  json.Add("connect_s", static_cast<double>(NowNs() - t0) / 1e9);
+  if (completed) {
+    for (auto& members : groups) {
+      v1::Envelope create;
+      create.mutable_create_group()->set_kind(v1::CONVERSATION_KIND_GROUP);
+      create.mutable_create_group()->set_title(members.front()->user);
+      for (size_t m = 1; m < members.size(); ++m) {
+        create.mutable_create_group()->add_members(members[m]->user);
+        members.front()->audience.push_back(members[m]->id);
+      }
+      SendControl(bench, *members.front(), create);
+    }
+    completed = AwaitReplies(bench, creators, 1, o.timeout_s) && ErrorCount(bench) == 0;
+    for (Conn* creator : creators) {
+      creator->conversation = creator->reply_conversation;
+      if (creator->conversation == 0) completed = false;
+    }
+  }
+  RisingResult rising;
+  if (completed) {
+    std::vector<double> rates;  // per group -> over all groups
+    for (double per_group : o.rates) rates.push_back(per_group * o.groups);
+    rising = RunRising(bench, creators, rates, o.members - 1);
+  }
+  json.Raw("steps", "[" + rising.steps_json + "]");
+  json.Add("max_messages_per_s_p99_under_limit", rising.best_rate);
+  json.Add("max_per_group_rate_p99_under_limit", rising.best_rate / std::max(1, o.groups));
+  json.Add("max_deliveries_per_s_p99_under_limit", rising.best_deliveries_per_s);
+  json.Add("server_cpu_us_per_msg_at_max", rising.best_cpu_us_per_msg);
+  return Finish(bench, json, completed, bench.Verify(creators));
+}
+
+// channel: one channel of `channel_members` members of whom only `viewers` are connected and
+// subscribed; the rest are added with AddMembers in batches of `add_batch` and never connect.
+// Server RSS is read before and after adding them; then one poster posts at rising rates.
+int RunChannel(Bench& bench) {
+  const Options& o = bench.options();
+  Conn& poster = bench.AddConn(UserName(o, "poster", 0));
+  std::vector<Conn*> viewers;
+  for (int i = 0; i < o.viewers; ++i) viewers.push_back(&bench.AddConn(UserName(o, "v", i)));
+  std::vector<Conn*> all = viewers;
+  all.push_back(&poster);
+  JsonObject json;
+  json.Add("workload", "channel");
+  json.Add("viewers", o.viewers);
+  json.Add("p99_limit_ms", o.p99_limit_ms);
+  bool completed = ConnectAll(bench, all, o.timeout_s);
+  int offline = std::max(0, o.channel_members - 1 - o.viewers);
+  if (completed) {
+    v1::Envelope create;
+    create.mutable_create_group()->set_kind(v1::CONVERSATION_KIND_CHANNEL);
+    create.mutable_create_group()->set_title("bench channel");
+    for (Conn* viewer : viewers) {
+      create.mutable_create_group()->add_members(viewer->user);
+      poster.audience.push_back(viewer->id);
+    }
+    SendControl(bench, poster, create);
+    completed = AwaitReplies(bench, {&poster}, 1, o.timeout_s) && ErrorCount(bench) == 0 &&
+                poster.reply_conversation != 0;
+    poster.conversation = poster.reply_conversation;
+  }
+  if (completed) {
+    // Let the server settle after the creation before the first reading.
+    bench.RunFor(0.5);
+    int64_t rss0 = RssKbOf(o.server_pid);
+    double server_cpu0 = CpuSecondsOf(o.server_pid);
+    int64_t t0 = NowNs();
+    int64_t requests = 0;
+    for (int first = 0; first < offline && completed; first += o.add_batch) {
+      v1::Envelope add;
+      add.mutable_add_members()->set_conversation_id(poster.conversation);
+      for (int i = first; i < std::min(offline, first + o.add_batch); ++i) {
+        add.mutable_add_members()->add_users(UserName(o, "off", i));
+      }
+      SendControl(bench, poster, add);
+      ++requests;
+      // One request at a time, so the time per batch is the server's.
+      completed =
+          AwaitReplies(bench, {&poster}, 1 + requests, o.timeout_s) && ErrorCount(bench) == 0;
+    }
+    double add_s = static_cast<double>(NowNs() - t0) / 1e9;
+    double add_cpu = CpuSecondsOf(o.server_pid) - server_cpu0;
+    bench.RunFor(0.5);
+    int64_t rss1 = RssKbOf(o.server_pid);
+    json.Add("members", 1 + o.viewers + offline);
+    json.Add("offline_members_added", offline);
+    json.Add("add_members_batch", o.add_batch);
+    json.Add("add_members_s", add_s);
+    json.Add("add_members_per_s", add_s > 0 ? offline / add_s : 0.0);
+    json.Add("add_members_server_cpu_s", add_cpu);
+    json.Add("server_rss_before_members_kb", rss0);
+    json.Add("server_rss_after_members_kb", rss1);
+    json.Add("server_rss_bytes_per_offline_member",
+             static_cast<double>(rss1 - rss0) * 1024.0 / std::max(1, offline));
+  }
+  if (completed) {
+    for (Conn* viewer : viewers) {
+      v1::Envelope subscribe;
+      subscribe.mutable_subscribe()->set_conversation_id(poster.conversation);
+      SendControl(bench, *viewer, subscribe);
+    }
+    completed = AwaitReplies(bench, viewers, 1, o.timeout_s) && ErrorCount(bench) == 0;
+  }
+  RisingResult rising;
+  if (completed) rising = RunRising(bench, {&poster}, o.rates, o.viewers);
+  json.Raw("steps", "[" + rising.steps_json + "]");
+  json.Add("max_posts_per_s_p99_under_limit", rising.best_rate);
+  json.Add("max_deliveries_per_s_p99_under_limit", rising.best_deliveries_per_s);
+  json.Add("server_cpu_us_per_post_at_max", rising.best_cpu_us_per_msg);
+  json.Add("server_rss_end_kb", RssKbOf(o.server_pid));
+  return Finish(bench, json, completed, bench.Verify({&poster}));
+}
+
+// history (through the protocol): `connections` users of the pre-built store (their
+// conversations listed in --conversations-file as "user conversation_id" lines) each ask for
+// the newest `page` messages of one of their conversations after another, one request in flight
+// per connection, `requests` in all. Latency is request -> HistoryPage at the client. A page
+// must hold `page` messages in strictly descending, gapless seq order: a gap counts as lost, a
+// repeated seq as duplicated, an ascending step as reordered.
+int RunHistory(Bench& bench) {
+  const Options& o = bench.options();
+  std::map<std::string, std::vector<uint64_t>> by_user;
+  {
+    std::ifstream in(o.conversations_file);
+    std::string user;
+    uint64_t conversation = 0;
+    while (in >> user >> conversation) by_user[user].push_back(conversation);
+  }
+  JsonObject json;
+  json.Add("workload", "history");
+  json.Add("page", o.page);
+  json.Add("requests", o.requests);
+  if (by_user.empty()) {
+    std::fprintf(stderr, "chat-bench: no conversations in %s\n", o.conversations_file.c_str());
+    return Finish(bench, json, false, {});
+  }
+  std::vector<Conn*> conns;
+  std::vector<const std::vector<uint64_t>*> theirs;
+  for (const auto& [user, conversations] : by_user) {
+    if (static_cast<int>(conns.size()) >= o.connections) break;
+    Conn& conn = bench.AddConn(user);
+    conns.push_back(&conn);
+    theirs.push_back(&conversations);
+  }
+  json.Add("connections", static_cast<int>(conns.size()));
+  bool completed = ConnectAll(bench, conns, o.timeout_s);
+  Histogram latency;
+  Bench::Check check;
+  int64_t sent = 0;
+  int64_t answered = 0;
+  std::vector<int64_t> started(bench.conns().size(), 0);
+  uint64_t random = 0x9E3779B97F4A7C15ULL;
+  std::unordered_map<int, size_t> slot;  // Conn id -> index in conns
+  for (size_t i = 0; i < conns.size(); ++i) slot[conns[i]->id] = i;
+  auto ask = [&](Conn& conn) {
+    if (sent >= o.requests) return;
+    const std::vector<uint64_t>& mine = *theirs[slot[conn.id]];
+    random ^= random << 13;
+    random ^= random >> 7;
+    random ^= random << 17;
+    v1::Envelope request;
+    request.mutable_history()->set_conversation_id(mine[random % mine.size()]);
+    request.mutable_history()->set_limit(static_cast<uint32_t>(o.page));
+    ++sent;
+    started[static_cast<size_t>(conn.id)] = NowNs();
+    SendControl(bench, conn, request);
+  };
+  bench.on_history = [&](Conn& conn, const v1::Envelope& envelope) {
+    latency.Record(NowNs() - started[static_cast<size_t>(conn.id)]);
+    ++answered;
+    if (envelope.has_history_page()) {
+      const v1::HistoryPage& page = envelope.history_page();
+      check.expected += o.page;
+      if (page.messages_size() < o.page && page.has_more()) {
+        check.lost += o.page - page.messages_size();
+      }
+      for (int i = 1; i < page.messages_size(); ++i) {
+        uint64_t newer = page.messages(i - 1).seq();
+        uint64_t older = page.messages(i).seq();
+        if (older == newer) {
+          ++check.duplicated;
+        } else if (older > newer) {
+          ++check.reordered;
+        } else if (older + 1 < newer) {
+          check.lost += static_cast<int64_t>(newer - older - 1);
+        }
+      }
+    }
+    ask(conn);
+  };
+  double server_cpu0 = CpuSecondsOf(o.server_pid);
+  int64_t t0 = NowNs();
+  if (completed) {
+    for (Conn* conn : conns) ask(*conn);
+    completed = bench.RunUntil(
+                    o.timeout_s, [&] { return answered >= sent && sent >= o.requests; }, [] {}) &&
+                ErrorCount(bench) == 0;
+  }
+  double seconds = static_cast<double>(NowNs() - t0) / 1e9;
+  double server_cpu = CpuSecondsOf(o.server_pid) - server_cpu0;
+  bench.on_history = nullptr;
+  json.Raw("request_to_page", latency.Json());
+  json.Add("pages_per_s", seconds > 0 ? static_cast<double>(answered) / seconds : 0.0);
+  json.Add("server_cpu_us_per_page",
+           answered > 0 ? server_cpu * 1e6 / static_cast<double>(answered) : -1.0);
+  return Finish(bench, json, completed, check);
+}
+
 // The floor: a plain TCP ping-pong over loopback, `round_trips` of body_bytes each way.
 int RunTcpEchoServer(const Options& o) {
   int listener = socket(AF_INET, SOCK_STREAM, 0);
@@ -1188,10 +1392,11 @@ int main(int argc, char** argv) {
   Options o;
   CLI::App app{"chat-bench: load generator for chatd (see bench/run.sh)"};
   app.add_option("--workload", o.workload,
-                 "latency | direct | idle | sync | connect | storm | floor | tcp-echo-server")
+                 "latency | direct | idle | sync | connect | storm | fanout | channel | history | "
+                 "history-gen | history-store | client | floor | tcp-echo-server")
       ->required();
   app.add_option("--host", o.host, "server address")->capture_default_str();
-  app.add_option("--port", o.port, "server port")->required();
+  app.add_option("--port", o.port, "server port (not used by the SDK workloads)");
   app.add_option("--secret-file", o.secret_file, "chatd's HS256 secret, to mint tokens");
   app.add_option("--server-pid", o.server_pid, "chatd's pid, for its CPU time and RSS");
   app.add_option("--label", o.label, "prefix of user ids, unique per run")->required();
@@ -1199,13 +1404,16 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--rate", o.rate, "latency/sync: messages per second")->capture_default_str();
   app.add_option("--duration", o.duration_s, "latency: seconds of load")->capture_default_str();
-  app.add_option("--rates", o.rates, "direct: offered rates, stepped up")->delimiter(',');
+  app.add_option("--rates", o.rates,
+                 "direct, channel: offered rates (msg/s), stepped up; fanout: per group")
+      ->delimiter(',');
   app.add_option("--step-seconds", o.step_s, "direct: seconds per step")->capture_default_str();
   app.add_option("--p99-limit-ms", o.p99_limit_ms, "direct: p99 deliver latency to hold")
       ->capture_default_str();
-  app.add_option("--connections", o.connections, "idle/connect/storm: connections")
+  app.add_option("--connections", o.connections, "idle/connect/storm/history: connections")
       ->capture_default_str();
-  app.add_option("--conversations", o.conversations, "sync: conversations")->capture_default_str();
+  app.add_option("--conversations", o.conversations, "sync, history-gen: conversations")
+      ->capture_default_str();
   app.add_option("--messages", o.messages, "sync: messages stored while offline")
       ->capture_default_str();
   app.add_option("--per-client", o.per_client, "storm: messages per client before and after")
@@ -1218,7 +1426,47 @@ int main(int argc, char** argv) {
   app.add_option("--hold", o.hold_s, "idle: seconds to hold the connections")
       ->capture_default_str();
   app.add_option("--round-trips", o.round_trips, "floor: round trips")->capture_default_str();
+  app.add_flag("--tls", o.tls, "connect with wss (accepting a self-signed certificate)");
+  app.add_option("--groups", o.groups, "fanout: groups")->capture_default_str();
+  app.add_option("--members", o.members, "fanout: online members per group, creator included")
+      ->capture_default_str();
+  app.add_option("--viewers", o.viewers, "channel: connected, subscribed members")
+      ->capture_default_str();
+  app.add_option("--channel-members", o.channel_members,
+                 "channel: members in all, poster and viewers included")
+      ->capture_default_str();
+  app.add_option("--add-batch", o.add_batch, "channel: users per AddMembers request")
+      ->capture_default_str();
+  app.add_option("--conversations-file", o.conversations_file,
+                 "history: \"user conversation_id\" lines of the pre-built store");
+  app.add_option("--requests", o.requests, "history: History requests in all")
+      ->capture_default_str();
+  app.add_option("--page", o.page, "history: messages per page")->capture_default_str();
+  chat::bench::SdkOptions sdk;
+  app.add_option("--store", sdk.store_path, "history-gen, history-store: the SQLite store file");
+  app.add_option("--messages-per-conversation", sdk.messages_per_conversation,
+                 "history-gen: messages in each conversation")
+      ->capture_default_str();
+  app.add_option("--batch", sdk.batch, "history-gen: messages per Append")->capture_default_str();
+  app.add_option("--reads", sdk.reads, "history-store, client: pages read")->capture_default_str();
+  app.add_option("--sends", sdk.sends, "client: Send() calls")->capture_default_str();
+  app.add_option("--url", sdk.url, "client: chatd's ws:// address (empty: no server)");
+  app.add_option("--user", sdk.user, "client: user to connect as");
   CLI11_PARSE(app, argc, argv);
+
+  if (o.workload == "history-gen" || o.workload == "history-store" || o.workload == "client") {
+    sdk.workload = o.workload;
+    sdk.conversations_file = o.conversations_file;
+    sdk.conversations = o.conversations;
+    sdk.page = o.page;
+    sdk.body_bytes = o.body_bytes;
+    sdk.secret_file = o.secret_file;
+    sdk.label = o.label;
+    sdk.timeout_s = o.timeout_s;
+    if (o.workload == "history-gen") return chat::bench::RunHistoryGen(sdk);
+    if (o.workload == "history-store") return chat::bench::RunHistoryStore(sdk);
+    return chat::bench::RunClient(sdk);
+  }
 
   if (o.workload == "tcp-echo-server") return chat::bench::RunTcpEchoServer(o);
   if (o.workload == "floor") return chat::bench::RunFloor(o);
@@ -1236,6 +1484,9 @@ int main(int argc, char** argv) {
   if (o.workload == "sync") return chat::bench::RunSync(bench);
   if (o.workload == "connect") return chat::bench::RunConnect(bench);
   if (o.workload == "storm") return chat::bench::RunStorm(bench);
+  if (o.workload == "fanout") return chat::bench::RunFanout(bench);
+  if (o.workload == "channel") return chat::bench::RunChannel(bench);
+  if (o.workload == "history") return chat::bench::RunHistory(bench);
   std::fprintf(stderr, "chat-bench: unknown workload %s\n", o.workload.c_str());
   return 2;
 }

@@ -4,7 +4,8 @@
 #
 #   bench/run.sh [--quick] [--build-dir DIR] [--results-dir DIR] [workload...]
 #
-#   workloads: floor latency direct idle sync connect storm (default: all)
+#   workloads: floor latency direct idle sync connect storm fanout channel history client
+#              (default: all; connect also runs over wss as connect-wss)
 #   --quick        every workload small (under a minute in all); used by the test suite
 #   --build-dir    use the chatd and chat-bench already built there instead of building Release
 #                  into build/bench
@@ -21,14 +22,14 @@ QUICK=0
 BUILD_DIR=""
 RESULTS="$ROOT/bench/results"
 WORKLOADS=()
-ALL=(floor latency direct idle sync connect storm)
+ALL=(floor latency direct idle sync connect storm fanout channel history client)
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --quick) QUICK=1 ;;
     --build-dir) BUILD_DIR=$2; shift ;;
     --results-dir) RESULTS=$2; shift ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     -*) echo "run.sh: unknown flag $1" >&2; exit 2 ;;
     *) WORKLOADS+=("$1") ;;
   esac
@@ -79,19 +80,30 @@ cleanup() {
 trap cleanup EXIT
 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$TMP/secret"
 
-# Starts chatd on a free port with a fresh database; sets CHATD_PID and PORT.
+# Starts chatd on a free port with a fresh database (or CHATD_DB when set), over wss with a
+# self-signed certificate when CHATD_TLS=1; sets CHATD_PID and PORT.
+CHATD_DB=""
+CHATD_TLS=0
 start_chatd() {
   local name=$1
   shift
+  local db=${CHATD_DB:-$TMP/$name.db} tls=()
+  if [[ $CHATD_TLS -eq 1 ]]; then
+    if [[ ! -f "$TMP/cert.pem" ]]; then
+      openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+        -subj /CN=127.0.0.1 -keyout "$TMP/key.pem" -out "$TMP/cert.pem" >/dev/null 2>&1
+    fi
+    tls=(--tls-cert "$TMP/cert.pem" --tls-key "$TMP/key.pem")
+  fi
   : >"$TMP/$name.out"
-  "${PIN_SERVER[@]}" "$CHATD" serve --listen 127.0.0.1 --port 0 --db "$TMP/$name.db" \
+  "${PIN_SERVER[@]}" "$CHATD" serve --listen 127.0.0.1 --port 0 --db "$db" \
     --secret-file "$TMP/secret" --log-level error \
-    --messages-per-second 1000000 --messages-burst 1000000 "$@" \
+    --messages-per-second 1000000 --messages-burst 1000000 "${tls[@]}" "$@" \
     >"$TMP/$name.out" 2>"$TMP/$name.err" &
   CHATD_PID=$!
   PORT=""
   for _ in $(seq 1 300); do
-    PORT=$(sed -n 's|^chatd listening on ws://127.0.0.1:\([0-9]*\)$|\1|p' "$TMP/$name.out" || true)
+    PORT=$(sed -n 's|^chatd listening on wss*://127.0.0.1:\([0-9]*\)$|\1|p' "$TMP/$name.out" || true)
     [[ -n "$PORT" ]] && return 0
     kill -0 "$CHATD_PID" 2>/dev/null || break
     sleep 0.1
@@ -171,6 +183,78 @@ run_connect_split() {
     "$rc" "$TMP/$file.raw"
 }
 
+# The history workload: a store of CONVERSATIONS x PER messages built once with the store API
+# (cached under the build dir, keyed by the store's schema version and size), then newest-page
+# reads three ways: MessageStore::History in-process, History requests to a chatd serving that
+# store, and Client::History answered from a client's cache synced from that chatd.
+# run_history CONVERSATIONS PER READS REQUESTS
+run_history() {
+  local conversations=$1 per=$2 reads=$3 requests=$4 rc=0 part
+  local schema
+  schema=$(sed -n 's/^constexpr int kSchemaVersion = \([0-9]*\);.*/\1/p' \
+    "$ROOT/src/server/sqlite_store.cc")
+  mkdir -p "$BUILD_DIR/bench-cache"
+  local base="$BUILD_DIR/bench-cache/history-schema${schema:-unknown}-${conversations}x${per}"
+  local db="$base.db" list="$base.conversations"
+  local gen=(--workload history-gen --store "$db" --conversations-file "$list" --label hist
+             --conversations "$conversations" --messages-per-conversation "$per")
+  if [[ ! -f "$list" ]]; then
+    echo "== history: generating $((conversations * per)) messages into $db (once, then cached)"
+    "${PIN_SERVER[@]}" "$BENCH" "${gen[@]}" >"$TMP/history-gen.raw" 2>"$TMP/history.err" || rc=$?
+  else
+    echo "== history: reusing $db"
+    echo '{"workload":"history-gen","cached":true}' >"$TMP/history-gen.raw"
+  fi
+  local store=(--workload history-store --store "$db" --conversations-file "$list" --label hist
+               --messages-per-conversation "$per" --reads "$reads")
+  echo "== history (in-process store): chat-bench ${store[*]}"
+  "${PIN_SERVER[@]}" "$BENCH" "${store[@]}" >"$TMP/history-store.raw" 2>>"$TMP/history.err" || rc=$?
+  CHATD_DB=$db
+  start_chatd history --synchronous full
+  CHATD_DB=""
+  local protocol=(--workload history --conversations-file "$list" --requests "$requests"
+                  --connections 10 --label hist)
+  echo "== history (protocol): chat-bench ${protocol[*]}"
+  "${PIN_GEN[@]}" "$BENCH" --port "$PORT" --secret-file "$TMP/secret" --server-pid "$CHATD_PID" \
+    "${protocol[@]}" >"$TMP/history-protocol.raw" 2>>"$TMP/history.err" || rc=$?
+  local user
+  user=$(head -1 "$list" | cut -d' ' -f1)
+  local client=(--workload client --sends 0 --reads "$reads" --user "$user" --label hist)
+  echo "== history (client cache): chat-bench ${client[*]}"
+  "${PIN_GEN[@]}" "$BENCH" --url "ws://127.0.0.1:$PORT" --secret-file "$TMP/secret" \
+    "${client[@]}" >"$TMP/history-client.raw" 2>>"$TMP/history.err" || rc=$?
+  stop_chatd
+  [[ $rc -eq 0 ]] || { echo "   exit $rc"; tail -5 "$TMP/history.err" >&2 || true; }
+  for part in gen store protocol client; do
+    [[ -s "$TMP/history-$part.raw" ]] || echo '{}' >"$TMP/history-$part.raw"
+  done
+  python3 "$ROOT/bench/table.py" --merge-history "$TMP/history.raw" "$TMP/history-gen.raw" \
+    "$TMP/history-store.raw" "$TMP/history-protocol.raw" "$TMP/history-client.raw" || true
+  record history full "chat-bench ${gen[*]}; chat-bench ${store[*]}; chat-bench ${protocol[*]}; chat-bench ${client[*]}" \
+    "$rc" "$TMP/history.raw"
+}
+
+# The client workload: Client::Send() into the outbox with the client's loop not running (no
+# network I/O), then the outbox drains into a chatd, then cached newest pages.
+run_client() {
+  local sends=$1 reads=$2 rc=0
+  start_chatd client --synchronous full
+  local args=(--workload client --sends "$sends" --reads "$reads" --label client)
+  echo "== client (full): chat-bench ${args[*]}"
+  "${PIN_GEN[@]}" "$BENCH" --url "ws://127.0.0.1:$PORT" --secret-file "$TMP/secret" "${args[@]}" \
+    >"$TMP/client.raw" 2>"$TMP/client.err" || rc=$?
+  stop_chatd
+  [[ $rc -eq 0 ]] || { echo "   exit $rc"; tail -5 "$TMP/client.err" >&2 || true; }
+  record client full "chat-bench ${args[*]}" "$rc" "$TMP/client.raw"
+}
+
+# connect over wss: chatd with a self-signed certificate.
+run_connect_wss() {
+  CHATD_TLS=1
+  run_bench connect-wss full -- --workload connect --tls "$@"
+  CHATD_TLS=0
+}
+
 run_floor() {
   local trips=$1
   : >"$TMP/echo.out"
@@ -204,8 +288,17 @@ for w in "${WORKLOADS[@]}"; do
       sync) run_bench sync full -- --workload sync --conversations 10 --messages 500 --rate 2000 --timeout 30 ;;
       connect)
         run_bench connect full -- --workload connect --connections 100 --timeout 30
-        run_connect_split connect-split 2 100 -- --max-connecting 32 --timeout 30 ;;
+        run_connect_split connect-split 2 100 -- --max-connecting 32 --timeout 30
+        run_connect_wss --connections 50 --timeout 30 ;;
       storm) run_bench storm full -- --workload storm --connections 100 --per-client 2 --timeout 30 ;;
+      fanout)
+        run_bench fanout full -- --workload fanout --groups 2 --members 10 --rates 1,5 \
+          --step-seconds 1 --p99-limit-ms 100 --timeout 30 ;;
+      channel)
+        run_bench channel full -- --workload channel --viewers 20 --channel-members 2000 \
+          --add-batch 500 --rates 5,20 --step-seconds 1 --p99-limit-ms 100 --timeout 30 ;;
+      history) run_history 1000 100 200 200 ;;
+      client) run_client 2000 200 ;;
     esac
   else
     case $w in
@@ -219,8 +312,18 @@ for w in "${WORKLOADS[@]}"; do
       sync) run_bench sync full -- --workload sync --conversations 100 --messages 10000 --rate 20000 ;;
       connect)
         run_bench connect full -- --workload connect --connections 10000 --max-connecting 512
-        run_connect_split connect-split 4 10000 -- --max-connecting 128 ;;
+        run_connect_split connect-split 4 10000 -- --max-connecting 128
+        run_connect_wss --connections 10000 --max-connecting 512 ;;
       storm) run_bench storm full -- --workload storm --connections 10000 --per-client 1 --max-connecting 512 ;;
+      fanout)
+        run_bench fanout full -- --workload fanout --groups 20 --members 500 --max-connecting 512 \
+          --rates 1,2,5,10,20,50,100 --step-seconds 5 --p99-limit-ms 100 --timeout 300 ;;
+      channel)
+        run_bench channel full -- --workload channel --viewers 1000 --channel-members 100000 \
+          --add-batch 5000 --rates 10,20,50,100,200,500,1000 --step-seconds 5 --p99-limit-ms 100 \
+          --timeout 300 ;;
+      history) run_history 100000 100 10000 10000 ;;
+      client) run_client 20000 10000 ;;
     esac
   fi
 done

@@ -4,7 +4,11 @@
     table.py RESULTS_DIR                 one markdown table of every <workload>.json
     table.py --plot-data RESULTS_DIR     offered rate, p50, p99, p99.9 (ms) of direct and
                                          direct-normal, as two gnuplot data blocks
+    table.py --plot-idle RESULTS_DIR     connections, server RSS (MiB) of the idle ramp
+    table.py --plot-fanout RESULTS_DIR   deliveries/s, p50, p99 (ms) of the fanout steps
     table.py --merge-connect OUT RAW...  one connect result from several generator processes
+    table.py --merge-history OUT GEN STORE PROTOCOL CLIENT
+                                         one history result from its four chat-bench runs
     table.py --record RAW OUT KEY=VALUE...
                                          writes chat-bench's JSON object RAW to OUT with the
                                          run's context added; exits 1 if RAW is not an object
@@ -14,7 +18,7 @@ import os
 import sys
 
 ORDER = ["floor", "latency", "direct", "direct-normal", "idle", "sync", "connect", "connect-split",
-         "storm"]
+         "connect-wss", "storm", "fanout", "channel", "history", "client"]
 TARGETS = {
     "floor": "(floor, no target)",
     "latency": "p99 < 5 ms at 5,000 msg/s",
@@ -25,6 +29,11 @@ TARGETS = {
     "connect": ">= 10,000 handshakes/s (ws)",
     "connect-split": ">= 10,000 handshakes/s (ws)",
     "storm": "10,000 clients: < 10 s, 0 lost",
+    "connect-wss": "(wss beside ws; no target)",
+    "fanout": ">= 500,000 deliveries/s at p99 < 100 ms",
+    "channel": "no per-member work for offline members",
+    "history": "newest-50 page p99 < 1 ms server; < 0.2 ms client cache",
+    "client": ">= 20,000 sends/s",
 }
 
 
@@ -63,11 +72,45 @@ def headline(r):
             r["connections"], r.get("processes", 1), r["handshakes_per_s"],
             r.get("server_cpu_us_per_handshake", -1),
             lat(r["connect_to_welcome"]))
+    if w == "fanout":
+        return ("%d groups x %d online members: max %.0f deliveries/s with p99 < %.0f ms "
+                "(%.0f msg/s, %.1f us server CPU/msg); steps: %s") % (
+            r["groups"], r["members_per_group"], r["max_deliveries_per_s_p99_under_limit"],
+            r["p99_limit_ms"], r["max_messages_per_s_p99_under_limit"],
+            r["server_cpu_us_per_msg_at_max"], steps_text(r))
+    if w == "channel":
+        return ("%d members (%d viewers subscribed): server RSS %+.0f B per offline member "
+                "(%d -> %d KB, added at %.0f/s); max %.0f posts/s (%.0f deliveries/s) with "
+                "p99 < %.0f ms (%.1f us server CPU/post); steps: %s") % (
+            r["members"], r["viewers"], r["server_rss_bytes_per_offline_member"],
+            r["server_rss_before_members_kb"], r["server_rss_after_members_kb"],
+            r["add_members_per_s"], r["max_posts_per_s_p99_under_limit"],
+            r["max_deliveries_per_s_p99_under_limit"], r["p99_limit_ms"],
+            r["server_cpu_us_per_post_at_max"], steps_text(r))
+    if w == "history":
+        g, st, p, c = r["gen"], r["store"], r["protocol"], r["client"]
+        return ("%s messages in %s conversations (%s); newest-%d page: store call %s; "
+                "through chatd %s; client cache %s") % (
+            r.get("messages", "?"), r.get("conversations", "?"),
+            "cached store" if g.get("cached") else "generated in %.0f s" % g.get("seconds", -1),
+            st["page"], lat(st["history_call"]), lat(p["request_to_page"]),
+            lat(c["cached_history_call"]))
+    if w == "client":
+        return ("Send() into the outbox (server %s): %.0f sends/s, call %s; outbox drained in "
+                "%.1f s; cached newest-%d page %s") % (
+            r["server"], r["sends_per_s"], lat(r["send_call"]), r["connect_and_drain_s"],
+            r["page"], lat(r["cached_history_call"]))
     if w == "storm":
         return "%d clients: reconnect -> all synced %.0f ms (server CPU %.1f s); server peak RSS %d KB" % (
             r["connections"], r.get("reconnect_to_all_synced_ms", -1),
             r.get("server_cpu_s_reconnect", -1), r["server_peak_rss_kb"])
     return ""
+
+
+def steps_text(r):
+    return ", ".join("%.0f/s: %.0f deliveries/s, p99 %.1f ms" % (
+        s["offered_rate"], s["delivered_per_s"], s["send_to_deliver"]["p99_us"] / 1000.0)
+        for s in r["steps"])
 
 
 def load(directory):
@@ -120,6 +163,48 @@ def plot_data(directory):
                                            d["p99_us"] / 1000.0, d["p999_us"] / 1000.0))
         print()
         print()
+
+
+def plot_idle(directory):
+    print("# idle: connections server_rss_mib")
+    for n, kb in load(directory).get("idle", {}).get("rss_curve", []):
+        print("%d %.2f" % (n, kb / 1024.0))
+
+
+def plot_fanout(directory):
+    print("# fanout: deliveries_per_s p50_ms p99_ms")
+    for s in load(directory).get("fanout", {}).get("steps", []):
+        d = s["send_to_deliver"]
+        print("%.0f %.3f %.3f" % (s["delivered_per_s"], d["p50_us"] / 1000.0, d["p99_us"] / 1000.0))
+
+
+def merge_history(out, gen, store, protocol, client):
+    """One history result from the generation, store, protocol and client-cache runs."""
+    parts = {}
+    for name, raw in (("gen", gen), ("store", store), ("protocol", protocol), ("client", client)):
+        try:
+            with open(raw) as f:
+                parts[name] = json.load(f)
+        except (OSError, ValueError):
+            parts[name] = {}
+    store_part = parts["store"]
+    merged = {"workload": "history"}
+    merged.update(parts)
+    merged["conversations"] = store_part.get("conversations", 0)
+    merged["messages_per_conversation"] = store_part.get("messages_per_conversation", 0)
+    merged["messages"] = merged["conversations"] * merged["messages_per_conversation"]
+    runs = [parts[k] for k in ("store", "protocol", "client")]
+    if not parts["gen"].get("cached"):
+        runs.append(parts["gen"])
+    merged["completed"] = all(p.get("completed", False) for p in runs)
+    for key in ("expected", "lost", "duplicated", "reordered"):
+        merged[key] = sum(p.get(key, 0) for p in runs)
+    merged["generator_cpu_s"] = sum(p.get("generator_cpu_s", 0) for p in runs)
+    for key in ("server_rss_kb", "server_peak_rss_kb"):
+        merged[key] = parts["protocol"].get(key, -1)
+    with open(out, "w") as f:
+        json.dump(merged, f)
+    return 0
 
 
 def merge_connect(out, raws):
@@ -189,8 +274,14 @@ if __name__ == "__main__":
         sys.exit(merge_connect(sys.argv[2], sys.argv[3:]))
     if len(sys.argv) >= 4 and sys.argv[1] == "--record":
         sys.exit(record(sys.argv[2], sys.argv[3], sys.argv[4:]))
+    if len(sys.argv) == 7 and sys.argv[1] == "--merge-history":
+        sys.exit(merge_history(*sys.argv[2:]))
     if len(sys.argv) == 3 and sys.argv[1] == "--plot-data":
         plot_data(sys.argv[2])
+    elif len(sys.argv) == 3 and sys.argv[1] == "--plot-idle":
+        plot_idle(sys.argv[2])
+    elif len(sys.argv) == 3 and sys.argv[1] == "--plot-fanout":
+        plot_fanout(sys.argv[2])
     elif len(sys.argv) == 2:
         table(sys.argv[1])
     else:

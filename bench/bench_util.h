@@ -1,0 +1,206 @@
+// Shared pieces of chat-bench: clocks, CPU and memory readings of a process, the latency
+// histogram and the JSON writer every workload reports with.
+#ifndef CHAT_BENCH_BENCH_UTIL_H_
+#define CHAT_BENCH_BENCH_UTIL_H_
+
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <cinttypes>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <ctime>
+#include <fstream>
+#include <sstream>
+#include <string>
+
+namespace chat::bench {
+
+inline int64_t NowNs() {
+  timespec ts{};
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1'000'000'000 + ts.tv_nsec;
+}
+
+inline int64_t WallMs() {
+  timespec ts{};
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1'000'000;
+}
+
+inline double CpuSecondsSelf() {
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return static_cast<double>(usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) +
+         static_cast<double>(usage.ru_utime.tv_usec + usage.ru_stime.tv_usec) / 1e6;
+}
+
+// CPU seconds (user + system, all threads) of another process, from /proc/<pid>/stat; -1 when
+// the process cannot be read. The resolution is one clock tick (10 ms here), so the callers
+// measure over seconds.
+inline double CpuSecondsOf(int pid) {
+  if (pid <= 0) return -1;
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string line;
+  if (!std::getline(in, line)) return -1;
+  size_t paren = line.rfind(')');
+  if (paren == std::string::npos) return -1;
+  std::istringstream fields(line.substr(paren + 2));
+  std::string field;
+  // Fields after the command start at field 3 (state); utime and stime are fields 14 and 15.
+  uint64_t utime = 0;
+  uint64_t stime = 0;
+  for (int index = 3; index <= 15 && fields >> field; ++index) {
+    if (index == 14) utime = std::stoull(field);
+    if (index == 15) stime = std::stoull(field);
+  }
+  return static_cast<double>(utime + stime) / static_cast<double>(sysconf(_SC_CLK_TCK));
+}
+
+// A "Key:   123 kB" line of a /proc file, in KiB; -1 when absent.
+inline int64_t ProcKb(const std::string& path, const std::string& key) {
+  std::ifstream in(path);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind(key + ":", 0) == 0) {
+      return std::strtoll(line.c_str() + key.size() + 1, nullptr, 10);
+    }
+  }
+  return -1;
+}
+
+inline int64_t RssKbOf(int pid) {
+  return pid > 0 ? ProcKb("/proc/" + std::to_string(pid) + "/status", "VmRSS") : -1;
+}
+inline int64_t PeakRssKbOf(int pid) {
+  return pid > 0 ? ProcKb("/proc/" + std::to_string(pid) + "/status", "VmHWM") : -1;
+}
+inline int64_t SlabKb() { return ProcKb("/proc/meminfo", "Slab"); }
+
+// A log-bucketed latency histogram in the manner of HdrHistogram: values below 64 ns are exact,
+// above that each power of two is split into 32 buckets, so a reported percentile is at most ~3%
+// above the true value (it is the upper edge of its bucket, capped by the exact maximum).
+class Histogram {
+ public:
+  void Record(int64_t value_ns) {
+    if (value_ns < 0) value_ns = 0;
+    ++counts_[Index(value_ns)];
+    ++count_;
+    max_ = std::max(max_, value_ns);
+  }
+  int64_t count() const { return count_; }
+  int64_t max() const { return max_; }
+  int64_t Percentile(double fraction) const {
+    if (count_ == 0) return 0;
+    auto rank = static_cast<int64_t>(fraction * static_cast<double>(count_) + 0.999999);
+    rank = std::clamp<int64_t>(rank, 1, count_);
+    int64_t seen = 0;
+    for (size_t i = 0; i < counts_.size(); ++i) {
+      seen += counts_[i];
+      if (seen >= rank) return std::min(UpperEdge(i), max_);
+    }
+    return max_;
+  }
+  void Merge(const Histogram& other) {
+    for (size_t i = 0; i < counts_.size(); ++i) counts_[i] += other.counts_[i];
+    count_ += other.count_;
+    max_ = std::max(max_, other.max_);
+  }
+  // {"n":..,"p50_us":..,"p99_us":..,"p999_us":..,"max_us":..}
+  std::string Json() const {
+    char buffer[256];
+    std::snprintf(buffer, sizeof buffer,
+                  "{\"n\":%" PRId64
+                  ",\"p50_us\":%.1f,\"p99_us\":%.1f,\"p999_us\":%.1f,"
+                  "\"max_us\":%.1f}",
+                  count_, Us(Percentile(0.5)), Us(Percentile(0.99)), Us(Percentile(0.999)),
+                  Us(max_));
+    return buffer;
+  }
+
+ private:
+  static constexpr int kSubBits = 5;
+  static double Us(int64_t ns) { return static_cast<double>(ns) / 1000.0; }
+  static size_t Index(int64_t value) {
+    auto v = static_cast<uint64_t>(value);
+    if (v < 64) return v;
+    int msb = 63 - __builtin_clzll(v);
+    int shift = msb - kSubBits;
+    uint64_t mantissa = v >> shift;  // 32..63
+    return 64 + static_cast<size_t>(shift - 1) * 32 + static_cast<size_t>(mantissa - 32);
+  }
+  static int64_t UpperEdge(size_t index) {
+    if (index < 64) return static_cast<int64_t>(index);
+    size_t shift = (index - 64) / 32 + 1;
+    uint64_t mantissa = (index - 64) % 32 + 32;
+    return static_cast<int64_t>(((mantissa + 1) << shift) - 1);
+  }
+
+  std::array<int64_t, 64 + 58 * 32> counts_{};
+  int64_t count_ = 0;
+  int64_t max_ = 0;
+};
+
+// Minimal JSON object writer: enough for flat metrics and nested raw values.
+class JsonObject {
+ public:
+  JsonObject& Add(const std::string& key, const std::string& value) {
+    std::string quoted = "\"";
+    for (char c : value) {
+      if (c == '"' || c == '\\') quoted += '\\';
+      if (static_cast<unsigned char>(c) >= 0x20) quoted += c;
+    }
+    return Raw(key, quoted + "\"");
+  }
+  JsonObject& Add(const std::string& key, const char* value) {
+    return Add(key, std::string(value));
+  }
+  JsonObject& Add(const std::string& key, int64_t value) { return Raw(key, std::to_string(value)); }
+  JsonObject& Add(const std::string& key, int value) { return Raw(key, std::to_string(value)); }
+  JsonObject& Add(const std::string& key, bool value) { return Raw(key, value ? "true" : "false"); }
+  JsonObject& Add(const std::string& key, double value) {
+    char buffer[64];
+    std::snprintf(buffer, sizeof buffer, "%.3f", value);
+    return Raw(key, buffer);
+  }
+  JsonObject& Raw(const std::string& key, const std::string& json) {
+    if (!text_.empty()) text_ += ",";
+    text_ += "\"" + key + "\":" + json;
+    return *this;
+  }
+  std::string str() const { return "{" + text_ + "}"; }
+
+ private:
+  std::string text_;
+};
+
+// Workloads that use the SDK in-process rather than the protocol (sdk_bench.cc). Each prints one
+// JSON object on stdout and returns the process exit code.
+struct SdkOptions {
+  std::string workload;
+  std::string store_path;          // history-gen, history-store: the SQLite file
+  std::string conversations_file;  // history-gen writes "user conversation_id" lines here
+  int conversations = 100000;
+  int messages_per_conversation = 100;
+  int batch = 10000;
+  int reads = 10000;
+  int page = 50;
+  int sends = 20000;
+  int body_bytes = 64;
+  std::string url;   // client: a chatd to drain the outbox into ("" = offline only)
+  std::string user;  // client: the user to connect as ("" = <label>-me)
+  std::string secret_file;
+  std::string label = "sdk";
+  double timeout_s = 120;
+};
+
+int RunHistoryGen(const SdkOptions& options);
+int RunHistoryStore(const SdkOptions& options);
+int RunClient(const SdkOptions& options);
+
+}  // namespace chat::bench
+
+#endif  // CHAT_BENCH_BENCH_UTIL_H_

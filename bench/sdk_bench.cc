@@ -1,0 +1,414 @@
+// The chat-bench workloads that use the SDK in-process instead of speaking the protocol:
+//
+//   history-gen    builds the history store (messages in many direct conversations) with the
+//                  public MessageStore API, in large batches, and lists its conversations;
+//   history-store  times MessageStore::History (newest page) directly on that store;
+//   client         times Client::Send() into the durable outbox, drains the outbox into a chatd,
+//                  and times Client::History() pages answered from the local cache. With
+//                  --sends 0 and --user it only syncs that user's conversations into a fresh
+//                  cache and times cached pages (the history workload's client side).
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "bench/bench_util.h"
+#include "chat/auth.h"
+#include "chat/client.h"
+#include "chat/store.h"
+
+namespace chat::bench {
+namespace {
+
+constexpr char kContentType[] = "application/x-chat-bench";
+
+std::string Body(int bytes, uint64_t n) {
+  std::string body(static_cast<size_t>(std::max(bytes, 8)), 'x');
+  std::snprintf(body.data(), body.size(), "%016llx", static_cast<unsigned long long>(n));
+  body[std::min<size_t>(16, body.size() - 1)] = 'x';
+  return body;
+}
+
+uint64_t Next(uint64_t* state) {
+  *state ^= *state << 13;
+  *state ^= *state >> 7;
+  *state ^= *state << 17;
+  return *state;
+}
+
+// Lost / duplicated / reordered inside one newest-first page that should hold `expected`
+// messages: a gap between neighbours counts as lost, a repeated seq as duplicated, an
+// ascending step as reordered.
+struct PageCheck {
+  int64_t expected = 0;
+  int64_t lost = 0;
+  int64_t duplicated = 0;
+  int64_t reordered = 0;
+
+  void Add(const std::vector<Message>& messages, int64_t want) {
+    expected += want;
+    if (static_cast<int64_t>(messages.size()) < want) {
+      lost += want - static_cast<int64_t>(messages.size());
+    }
+    for (size_t i = 1; i < messages.size(); ++i) {
+      Seq newer = messages[i - 1].seq;
+      Seq older = messages[i].seq;
+      if (older == newer) {
+        ++duplicated;
+      } else if (older > newer) {
+        ++reordered;
+      } else if (older + 1 < newer) {
+        lost += static_cast<int64_t>(newer - older - 1);
+      }
+    }
+  }
+  bool ok() const { return lost == 0 && duplicated == 0 && reordered == 0; }
+  void AddTo(JsonObject& json) const {
+    json.Add("expected", expected);
+    json.Add("lost", lost);
+    json.Add("duplicated", duplicated);
+    json.Add("reordered", reordered);
+  }
+};
+
+int Print(JsonObject& json, bool ok, double cpu0) {
+  json.Add("completed", ok);
+  json.Add("generator_cpu_s", CpuSecondsSelf() - cpu0);
+  std::printf("%s\n", json.str().c_str());
+  return ok ? 0 : 1;
+}
+
+// Conversations per user in the history store: each user holds this many direct
+// conversations, so a History request can pick among them.
+constexpr int kConversationsPerUser = 100;
+
+}  // namespace
+
+int RunHistoryGen(const SdkOptions& o) {
+  double cpu0 = CpuSecondsSelf();
+  JsonObject json;
+  json.Add("workload", "history-gen");
+  json.Add("conversations", o.conversations);
+  json.Add("messages_per_conversation", o.messages_per_conversation);
+  json.Add("batch", o.batch);
+  std::error_code ignored;
+  std::filesystem::remove(o.store_path, ignored);
+  std::filesystem::remove(o.store_path + "-wal", ignored);
+  std::filesystem::remove(o.store_path + "-shm", ignored);
+  std::filesystem::remove(o.conversations_file, ignored);
+  // NORMAL: a crash during generation only means generating again.
+  Result<std::shared_ptr<MessageStore>> opened =
+      NewSqliteStore({.path = o.store_path, .synchronous_full = false});
+  if (!opened.ok()) {
+    std::fprintf(stderr, "chat-bench: %s\n", opened.status().ToString().c_str());
+    return Print(json, false, cpu0);
+  }
+  std::shared_ptr<MessageStore> store = *opened;
+  std::vector<ConversationId> ids(static_cast<size_t>(o.conversations), 0);
+  auto user_of = [&](int c) { return o.label + "-u" + std::to_string(c / kConversationsPerUser); };
+  auto peer_of = [&](int c) { return o.label + "-p" + std::to_string(c); };
+  int64_t t0 = NowNs();
+  int64_t now_ms = WallMs();
+  MessageId message_id = 1;
+  int64_t committed = 0;
+  bool ok = true;
+  std::vector<AppendRequest> batch;
+  std::vector<AppendResult> results;
+  // Round-robin over the conversations, one message each per round, as traffic interleaves:
+  // a conversation's messages are spread over the whole file, not stored side by side.
+  for (int round = 0; round < o.messages_per_conversation && ok; ++round) {
+    for (int first = 0; first < o.conversations && ok; first += o.batch) {
+      int last = std::min(o.conversations, first + o.batch);
+      batch.clear();
+      batch.resize(static_cast<size_t>(last - first));
+      for (int c = first; c < last; ++c) {
+        AppendRequest& r = batch[static_cast<size_t>(c - first)];
+        bool from_peer = round % 2 == 1;
+        r.sender = from_peer ? peer_of(c) : user_of(c);
+        if (ids[static_cast<size_t>(c)] != 0) {
+          r.conversation_id = ids[static_cast<size_t>(c)];
+        } else {
+          r.peer = from_peer ? user_of(c) : peer_of(c);
+        }
+        r.sender_device = "gen";
+        char id[64];
+        std::snprintf(id, sizeof id, "gen-%09d-%06d", c, round);
+        r.client_msg_id = id;
+        r.message_id = message_id++;
+        r.server_time_ms = now_ms;
+        r.content_type = kContentType;
+        r.body = Body(o.body_bytes, static_cast<uint64_t>(r.message_id));
+      }
+      results.clear();
+      Status status = store->Append(batch, &results);
+      if (!status.ok()) {
+        std::fprintf(stderr, "chat-bench: Append: %s\n", status.ToString().c_str());
+        ok = false;
+        break;
+      }
+      for (int c = first; c < last; ++c) {
+        const AppendResult& result = results[static_cast<size_t>(c - first)];
+        if (!result.status.ok() || result.message.seq != static_cast<Seq>(round + 1)) {
+          std::fprintf(stderr, "chat-bench: conversation %d round %d: %s (seq %llu)\n", c, round,
+                       result.status.ToString().c_str(),
+                       static_cast<unsigned long long>(result.message.seq));
+          ok = false;
+          break;
+        }
+        ids[static_cast<size_t>(c)] = result.message.conversation_id;
+        ++committed;
+      }
+    }
+  }
+  store.reset();
+  double seconds = static_cast<double>(NowNs() - t0) / 1e9;
+  if (ok) {
+    // Written last: its presence tells bench/run.sh that the store is complete.
+    std::ofstream out(o.conversations_file + ".tmp");
+    for (int c = 0; c < o.conversations; ++c) {
+      out << user_of(c) << " " << ids[static_cast<size_t>(c)] << "\n";
+    }
+    out.close();
+    std::filesystem::rename(o.conversations_file + ".tmp", o.conversations_file, ignored);
+    ok = !ignored;
+  }
+  json.Add("messages", committed);
+  json.Add("seconds", seconds);
+  json.Add("messages_per_s", seconds > 0 ? static_cast<double>(committed) / seconds : 0.0);
+  std::error_code size_error;
+  auto bytes = std::filesystem::file_size(o.store_path, size_error);
+  json.Add("store_bytes", size_error ? int64_t{-1} : static_cast<int64_t>(bytes));
+  json.Add("lost", int64_t{0});
+  json.Add("duplicated", int64_t{0});
+  json.Add("reordered", int64_t{0});
+  return Print(json, ok, cpu0);
+}
+
+namespace {
+
+std::vector<std::pair<std::string, ConversationId>> ReadConversations(const std::string& path) {
+  std::vector<std::pair<std::string, ConversationId>> out;
+  std::ifstream in(path);
+  std::string user;
+  ConversationId id = 0;
+  while (in >> user >> id) out.emplace_back(user, id);
+  return out;
+}
+
+}  // namespace
+
+int RunHistoryStore(const SdkOptions& o) {
+  double cpu0 = CpuSecondsSelf();
+  JsonObject json;
+  json.Add("workload", "history-store");
+  json.Add("page", o.page);
+  json.Add("reads", o.reads);
+  std::vector<std::pair<std::string, ConversationId>> conversations =
+      ReadConversations(o.conversations_file);
+  Result<std::shared_ptr<MessageStore>> opened = NewSqliteStore({.path = o.store_path});
+  if (conversations.empty() || !opened.ok()) {
+    std::fprintf(stderr, "chat-bench: no store or no conversations list\n");
+    return Print(json, false, cpu0);
+  }
+  MessageStore& store = **opened;
+  json.Add("conversations", static_cast<int64_t>(conversations.size()));
+  json.Add("messages_per_conversation", o.messages_per_conversation);
+  Histogram latency;
+  PageCheck check;
+  uint64_t random = 0x2545F4914F6CDD1DULL;
+  bool ok = true;
+  int64_t t0 = NowNs();
+  for (int i = 0; i < o.reads && ok; ++i) {
+    const auto& [user, id] = conversations[Next(&random) % conversations.size()];
+    HistoryQuery query{.user = user, .conversation_id = id, .limit = static_cast<uint32_t>(o.page)};
+    int64_t start = NowNs();
+    Result<HistoryReply> reply = store.History(query);
+    latency.Record(NowNs() - start);
+    if (!reply.ok()) {
+      std::fprintf(stderr, "chat-bench: History: %s\n", reply.status().ToString().c_str());
+      ok = false;
+      break;
+    }
+    check.Add(reply->messages,
+              std::min<int64_t>(o.page, static_cast<int64_t>(o.messages_per_conversation)));
+  }
+  double seconds = static_cast<double>(NowNs() - t0) / 1e9;
+  json.Raw("history_call", latency.Json());
+  json.Add("pages_per_s", seconds > 0 ? static_cast<double>(latency.count()) / seconds : 0.0);
+  check.AddTo(json);
+  return Print(json, ok && check.ok(), cpu0);
+}
+
+namespace {
+
+// Counts the client's events; everything runs on the thread calling Poll().
+class CountingListener : public ClientListener {
+ public:
+  void OnConnectionState(ConnectionState now) override { state = now; }
+  void OnMessage(const MessageEvent& event) override {
+    if (event.status == MessageStatus::kSent && event.outgoing &&
+        event.message.content_type == kContentType) {
+      ++sent;
+      conversation = event.message.conversation_id;
+    } else if (event.status == MessageStatus::kFailed) {
+      ++failed;
+    } else if (event.status == MessageStatus::kSent) {
+      ++received;
+    }
+  }
+  void OnError(const Status& status) override {
+    ++errors;
+    std::fprintf(stderr, "chat-bench: client error: %s\n", status.ToString().c_str());
+  }
+
+  ConnectionState state = ConnectionState::kDisconnected;
+  int64_t sent = 0;
+  int64_t failed = 0;
+  int64_t received = 0;
+  int64_t errors = 0;
+  ConversationId conversation = 0;
+};
+
+// Polls until `done` or the timeout; false on timeout.
+template <typename Done>
+bool PollUntil(Client& client, double timeout_s, Done done) {
+  int64_t deadline = NowNs() + static_cast<int64_t>(timeout_s * 1e9);
+  while (!done()) {
+    if (NowNs() > deadline) return false;
+    if (!client.Poll(10).ok()) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+int RunClient(const SdkOptions& o) {
+  double cpu0 = CpuSecondsSelf();
+  JsonObject json;
+  json.Add("workload", "client");
+  json.Add("sends", o.sends);
+  json.Add("reads", o.reads);
+  json.Add("page", o.page);
+  json.Add("server", o.url.empty() ? "absent" : "present (" + o.url + ")");
+  std::ifstream secret_in(o.secret_file);
+  std::stringstream secret_text;
+  secret_text << secret_in.rdbuf();
+  std::string secret = secret_text.str();
+  while (!secret.empty() && std::isspace(static_cast<unsigned char>(secret.back()))) {
+    secret.pop_back();
+  }
+  char dir_template[] = "/tmp/chat-bench-client-XXXXXX";
+  const char* dir = mkdtemp(dir_template);
+  if (dir == nullptr) return Print(json, false, cpu0);
+  std::string user = o.user.empty() ? o.label + "-me" : o.user;
+  auto listener = std::make_shared<CountingListener>();
+  ClientOptions options;
+  options.url = o.url.empty() ? "ws://127.0.0.1:9" : o.url;
+  options.token_provider = [secret, user] {
+    Result<std::string> token = SignJwt(secret, "", user, WallMs(), 24LL * 3600 * 1000);
+    return token.ok() ? *token : std::string();
+  };
+  options.device_id = "bench";
+  options.cache_path = std::string(dir) + "/cache.db";
+  options.listener = listener;
+  options.outbox_max = static_cast<size_t>(std::max(o.sends, 1)) + 16;
+  Result<std::unique_ptr<Client>> opened = Client::Open(std::move(options));
+  if (!opened.ok()) {
+    std::fprintf(stderr, "chat-bench: Client::Open: %s\n", opened.status().ToString().c_str());
+    std::filesystem::remove_all(dir);
+    return Print(json, false, cpu0);
+  }
+  Client& client = **opened;
+  bool ok = true;
+  PageCheck check;
+
+  // 1. Send() into the outbox while the client's loop does not run: no network I/O, only the
+  // cache write each call commits.
+  if (o.sends > 0) {
+    Histogram send_call;
+    std::string peer = o.label + "-peer";
+    int64_t t0 = NowNs();
+    for (int i = 0; i < o.sends && ok; ++i) {
+      std::string body = Body(o.body_bytes, static_cast<uint64_t>(i));
+      int64_t start = NowNs();
+      Result<std::string> id = client.SendTo(peer, kContentType, body);
+      send_call.Record(NowNs() - start);
+      if (!id.ok()) {
+        std::fprintf(stderr, "chat-bench: Send: %s\n", id.status().ToString().c_str());
+        ok = false;
+      }
+    }
+    double seconds = static_cast<double>(NowNs() - t0) / 1e9;
+    json.Raw("send_call", send_call.Json());
+    json.Add("sends_per_s", seconds > 0 ? static_cast<double>(send_call.count()) / seconds : 0.0);
+  }
+  // 2. Connect (when there is a server): the outbox drains, or the user's conversations sync.
+  if (ok && !o.url.empty()) {
+    int64_t t0 = NowNs();
+    ok = PollUntil(client, o.timeout_s, [&] {
+      return listener->state == ConnectionState::kConnected &&
+             listener->sent + listener->failed >= o.sends;
+    });
+    json.Add("connect_and_drain_s", static_cast<double>(NowNs() - t0) / 1e9);
+    json.Add("outbox_acked", listener->sent);
+    json.Add("outbox_failed", listener->failed);
+    json.Add("synced_messages", listener->received);
+    if (listener->failed > 0) ok = false;
+    check.expected += o.sends;
+    check.lost += o.sends - listener->sent - listener->failed;
+  }
+  // 3. Newest-page reads from the cache, over every cached conversation in turn.
+  if (ok && !o.url.empty() && o.reads > 0) {
+    Result<std::vector<ConversationInfo>> cached = client.Conversations();
+    std::vector<ConversationInfo> conversations;
+    if (cached.ok()) {
+      for (const ConversationInfo& info : *cached) {
+        if (info.last_seq > 0) conversations.push_back(info);
+      }
+    }
+    json.Add("cached_conversations", static_cast<int64_t>(conversations.size()));
+    if (conversations.empty()) ok = false;
+    Histogram read_call;
+    int64_t from_cache = 0;
+    uint64_t random = 0x9E3779B97F4A7C15ULL;
+    for (int i = 0; i < o.reads && ok; ++i) {
+      const ConversationInfo& info = conversations[Next(&random) % conversations.size()];
+      bool answered = false;
+      int64_t start = NowNs();
+      Status status =
+          client.History(info.conversation_id, 0, static_cast<uint32_t>(o.page),
+                         [&](Result<HistoryResult> result) {
+                           read_call.Record(NowNs() - start);
+                           answered = true;
+                           if (!result.ok()) {
+                             ok = false;
+                             return;
+                           }
+                           if (result->from_cache) ++from_cache;
+                           check.Add(result->messages, std::min<int64_t>(o.page, info.last_seq));
+                         });
+      if (!status.ok()) ok = false;
+      while (ok && !answered) {
+        if (!client.Poll(0).ok()) ok = false;
+      }
+    }
+    json.Raw("cached_history_call", read_call.Json());
+    json.Add("pages_from_cache", from_cache);
+    if (from_cache != read_call.count()) ok = false;
+  }
+  json.Add("client_errors", listener->errors);
+  check.AddTo(json);
+  client.Close();
+  opened->reset();
+  std::filesystem::remove_all(dir);
+  return Print(json, ok && check.ok(), cpu0);
+}
+
+}  // namespace chat::bench
