@@ -867,7 +867,24 @@ int RunIdle(Bench& bench) {
   int64_t rss0 = RssKbOf(o.server_pid);
   int64_t slab0 = SlabKb();
   int64_t t0 = NowNs();
-  bool completed = ConnectAll(bench, conns, o.timeout_s);
+  // Server RSS sampled as the connections come up, for the memory-against-connections plot.
+  std::string curve = "[[0," + std::to_string(rss0) + "]";
+  int step = std::max(1, o.connections / 20);
+  int next = step;
+  for (Conn* conn : conns) bench.Up(*conn);
+  bool completed = bench.RunUntil(
+      o.timeout_s,
+      [&] {
+        auto ready = static_cast<int>(std::count_if(conns.begin(), conns.end(), [](const Conn* c) {
+          return c->state == Conn::State::kReady;
+        }));
+        if (ready >= next) {
+          curve += ",[" + std::to_string(ready) + "," + std::to_string(RssKbOf(o.server_pid)) + "]";
+          while (next <= ready) next += step;
+        }
+        return ready == static_cast<int>(conns.size());
+      },
+      [] {});
   double connect_s = static_cast<double>(NowNs() - t0) / 1e9;
   bench.RunFor(o.hold_s);
   int64_t rss1 = RssKbOf(o.server_pid);
@@ -880,6 +897,7 @@ int RunIdle(Bench& bench) {
   json.Add("still_up_after_hold", still_up);
   json.Add("server_rss_before_kb", rss0);
   json.Add("server_rss_after_kb", rss1);
+  json.Raw("rss_curve", curve + "]");
   double n = std::max(1, o.connections);
   json.Add("server_rss_bytes_per_conn", static_cast<double>(rss1 - rss0) * 1024.0 / n);
   // System-wide: both ends of every loopback socket and the generator's side are in it.

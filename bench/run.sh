@@ -330,14 +330,25 @@ done
 
 python3 "$ROOT/bench/table.py" "$RESULTS"
 
-if [[ $QUICK -eq 0 ]] && [[ -f "$RESULTS/direct.json" ]]; then
-  if ! command -v gnuplot >/dev/null; then
-    echo "== gnuplot missing: trying apt-get install -y gnuplot-nox"
-    apt-get install -y gnuplot-nox >/dev/null 2>&1 || true
-  fi
-  if command -v gnuplot >/dev/null; then
-    python3 "$ROOT/bench/table.py" --plot-data "$RESULTS" >"$TMP/direct.dat"
-    gnuplot <<EOF
+# Plots (full runs only): direct latency against offered load, idle server memory against
+# connections, fanout latency against deliveries per second.
+plots=()
+for w in direct idle fanout; do
+  if [[ $QUICK -eq 0 && -f "$RESULTS/$w.json" ]]; then plots+=("$w"); fi
+done
+if [[ ${#plots[@]} -gt 0 ]] && ! command -v gnuplot >/dev/null; then
+  echo "== gnuplot missing: trying apt-get install -y gnuplot-nox"
+  apt-get install -y gnuplot-nox >/dev/null 2>&1 || true
+fi
+if [[ ${#plots[@]} -gt 0 ]] && ! command -v gnuplot >/dev/null; then
+  echo "== gnuplot unavailable: no plots written"
+  plots=()
+fi
+for w in "${plots[@]}"; do
+  case $w in
+    direct)
+      python3 "$ROOT/bench/table.py" --plot-data "$RESULTS" >"$TMP/direct.dat"
+      gnuplot <<EOF
 set terminal svg size 800,500
 set output "$RESULTS/direct-latency.svg"
 set title "direct: send -> deliver latency vs offered load (chatd on 1 core)"
@@ -350,11 +361,35 @@ plot "$TMP/direct.dat" index 0 using 1:2 with linespoints title "p50 FULL", \
      "" index 0 using 1:4 with linespoints title "p99.9 FULL", \
      "" index 1 using 1:3 with linespoints title "p99 NORMAL"
 EOF
-    echo "== plot: $RESULTS/direct-latency.svg"
-  else
-    echo "== gnuplot unavailable: no plot written"
-  fi
-fi
+      echo "== plot: $RESULTS/direct-latency.svg" ;;
+    idle)
+      python3 "$ROOT/bench/table.py" --plot-idle "$RESULTS" >"$TMP/idle.dat"
+      gnuplot <<EOF
+set terminal svg size 800,500
+set output "$RESULTS/idle-memory.svg"
+set title "idle: chatd RSS vs authenticated connections (sampled while connecting)"
+set xlabel "connections"
+set ylabel "server RSS (MiB)"
+set key left top
+plot "$TMP/idle.dat" using 1:2 with linespoints title "chatd RSS"
+EOF
+      echo "== plot: $RESULTS/idle-memory.svg" ;;
+    fanout)
+      python3 "$ROOT/bench/table.py" --plot-fanout "$RESULTS" >"$TMP/fanout.dat"
+      gnuplot <<EOF
+set terminal svg size 800,500
+set output "$RESULTS/fanout-latency.svg"
+set title "fanout: send -> deliver latency vs group deliveries per second (chatd on 1 core)"
+set xlabel "deliveries/s"
+set ylabel "latency (ms)"
+set logscale y
+set key left top
+plot "$TMP/fanout.dat" using 1:2 with linespoints title "p50", \
+     "" using 1:3 with linespoints title "p99"
+EOF
+      echo "== plot: $RESULTS/fanout-latency.svg" ;;
+  esac
+done
 
 if [[ ${#FAILED[@]} -gt 0 ]]; then
   echo "== FAILED: ${FAILED[*]} (incomplete, or lost/duplicated/reordered messages)" >&2

@@ -15,6 +15,7 @@
 #include <fstream>
 #include <map>
 #include <memory>
+#include <set>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -122,49 +123,53 @@ int RunHistoryGen(const SdkOptions& o) {
   std::vector<AppendRequest> batch;
   std::vector<AppendResult> results;
   // Round-robin over the conversations, one message each per round, as traffic interleaves:
-  // a conversation's messages are spread over the whole file, not stored side by side.
-  for (int round = 0; round < o.messages_per_conversation && ok; ++round) {
-    for (int first = 0; first < o.conversations && ok; first += o.batch) {
-      int last = std::min(o.conversations, first + o.batch);
-      batch.clear();
-      batch.resize(static_cast<size_t>(last - first));
-      for (int c = first; c < last; ++c) {
-        AppendRequest& r = batch[static_cast<size_t>(c - first)];
-        bool from_peer = round % 2 == 1;
-        r.sender = from_peer ? peer_of(c) : user_of(c);
-        if (ids[static_cast<size_t>(c)] != 0) {
-          r.conversation_id = ids[static_cast<size_t>(c)];
-        } else {
-          r.peer = from_peer ? user_of(c) : peer_of(c);
-        }
-        r.sender_device = "gen";
-        char id[64];
-        std::snprintf(id, sizeof id, "gen-%09d-%06d", c, round);
-        r.client_msg_id = id;
-        r.message_id = message_id++;
-        r.server_time_ms = now_ms;
-        r.content_type = kContentType;
-        r.body = Body(o.body_bytes, static_cast<uint64_t>(r.message_id));
+  // a conversation's messages are spread over the whole file, not stored side by side. A batch
+  // may span rounds (then one conversation appears in it more than once, in order).
+  int64_t total = static_cast<int64_t>(o.conversations) * o.messages_per_conversation;
+  for (int64_t first = 0; first < total && ok; first += o.batch) {
+    int64_t last = std::min(total, first + o.batch);
+    batch.clear();
+    batch.resize(static_cast<size_t>(last - first));
+    for (int64_t k = first; k < last; ++k) {
+      auto c = static_cast<int>(k % o.conversations);
+      auto round = static_cast<int>(k / o.conversations);
+      AppendRequest& r = batch[static_cast<size_t>(k - first)];
+      bool from_peer = round % 2 == 1;
+      r.sender = from_peer ? peer_of(c) : user_of(c);
+      if (ids[static_cast<size_t>(c)] != 0) {
+        r.conversation_id = ids[static_cast<size_t>(c)];
+      } else {
+        r.peer = from_peer ? user_of(c) : peer_of(c);
       }
-      results.clear();
-      Status status = store->Append(batch, &results);
-      if (!status.ok()) {
-        std::fprintf(stderr, "chat-bench: Append: %s\n", status.ToString().c_str());
+      r.sender_device = "gen";
+      char id[64];
+      std::snprintf(id, sizeof id, "gen-%09d-%06d", c, round);
+      r.client_msg_id = id;
+      r.message_id = message_id++;
+      r.server_time_ms = now_ms;
+      r.content_type = kContentType;
+      r.body = Body(o.body_bytes, static_cast<uint64_t>(r.message_id));
+    }
+    results.clear();
+    Status status = store->Append(batch, &results);
+    if (!status.ok()) {
+      std::fprintf(stderr, "chat-bench: Append: %s\n", status.ToString().c_str());
+      ok = false;
+      break;
+    }
+    for (int64_t k = first; k < last && ok; ++k) {
+      auto c = static_cast<int>(k % o.conversations);
+      auto round = static_cast<int>(k / o.conversations);
+      const AppendResult& result = results[static_cast<size_t>(k - first)];
+      if (!result.status.ok() || result.message.seq != static_cast<Seq>(round + 1)) {
+        std::fprintf(stderr, "chat-bench: conversation %d round %d: %s (seq %llu)\n", c, round,
+                     result.status.ToString().c_str(),
+                     static_cast<unsigned long long>(result.message.seq));
         ok = false;
         break;
       }
-      for (int c = first; c < last; ++c) {
-        const AppendResult& result = results[static_cast<size_t>(c - first)];
-        if (!result.status.ok() || result.message.seq != static_cast<Seq>(round + 1)) {
-          std::fprintf(stderr, "chat-bench: conversation %d round %d: %s (seq %llu)\n", c, round,
-                       result.status.ToString().c_str(),
-                       static_cast<unsigned long long>(result.message.seq));
-          ok = false;
-          break;
-        }
-        ids[static_cast<size_t>(c)] = result.message.conversation_id;
-        ++committed;
-      }
+      ids[static_cast<size_t>(c)] = result.message.conversation_id;
+      ++committed;
     }
   }
   store.reset();
@@ -253,8 +258,7 @@ class CountingListener : public ClientListener {
  public:
   void OnConnectionState(ConnectionState now) override { state = now; }
   void OnMessage(const MessageEvent& event) override {
-    if (event.status == MessageStatus::kSent && event.outgoing &&
-        event.message.content_type == kContentType) {
+    if (event.status == MessageStatus::kSent && mine.count(event.message.client_msg_id) > 0) {
       ++sent;
       conversation = event.message.conversation_id;
     } else if (event.status == MessageStatus::kFailed) {
@@ -274,6 +278,7 @@ class CountingListener : public ClientListener {
   int64_t received = 0;
   int64_t errors = 0;
   ConversationId conversation = 0;
+  std::set<std::string> mine;  // client_msg_ids of this run's Send() calls
 };
 
 // Polls until `done` or the timeout; false on timeout.
@@ -340,7 +345,9 @@ int RunClient(const SdkOptions& o) {
       int64_t start = NowNs();
       Result<std::string> id = client.SendTo(peer, kContentType, body);
       send_call.Record(NowNs() - start);
-      if (!id.ok()) {
+      if (id.ok()) {
+        listener->mine.insert(*id);
+      } else {
         std::fprintf(stderr, "chat-bench: Send: %s\n", id.status().ToString().c_str());
         ok = false;
       }
