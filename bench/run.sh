@@ -298,7 +298,7 @@ for w in "${WORKLOADS[@]}"; do
         run_bench channel full -- --workload channel --viewers 20 --channel-members 2000 \
           --add-batch 500 --rates 5,20 --step-seconds 1 --p99-limit-ms 100 --timeout 30 ;;
       history) run_history 1000 100 200 200 ;;
-      client) run_client 2000 200 ;;
+      client) run_client 500 100 ;;
     esac
   else
     case $w in
