@@ -1101,8 +1101,11 @@ int RunFanout(Bench& bench) {
   std::vector<Conn*> creators;
   std::vector<std::vector<Conn*>> groups(static_cast<size_t>(o.groups));
   for (int g = 0; g < o.groups; ++g) {
+    std::string role = "g";
+    role += std::to_string(g);
+    role += "m";
     for (int m = 0; m < o.members; ++m) {
-      Conn& conn = bench.AddConn(UserName(o, "g" + std::to_string(g) + "m", m));
+      Conn& conn = bench.AddConn(UserName(o, role, m));
       groups[static_cast<size_t>(g)].push_back(&conn);
       all.push_back(&conn);
     }
