@@ -122,6 +122,7 @@ struct Conn {
   bool hello_sent = false;
   std::deque<std::string> out;  // each frame with LWS_PRE bytes of headroom in front
   std::string rx;
+  int64_t last_queued_ns = 0;  // when a frame was last queued, for the heartbeat
 
   // Sender side: messages go to `target` (a Conn id, -1 for none) as direct messages, or when
   // `conversation` is set, into that group or channel, whose receivers under test are
@@ -237,6 +238,7 @@ class Bench {
     std::string frame(LWS_PRE, '\0');
     envelope.AppendToString(&frame);
     conn.out.push_back(std::move(frame));
+    conn.last_queued_ns = NowNs();
     if (conn.wsi != nullptr) lws_callback_on_writable(conn.wsi);
   }
 
@@ -418,8 +420,26 @@ class Bench {
     // The sul is the first member of the standard-layout TickTimer.
     Bench* self = reinterpret_cast<TickTimer*>(sul)->owner;
     self->ConnectDue();
+    self->Heartbeat();
     if (self->tick_fn_) self->tick_fn_();
     self->ScheduleTick();
+  }
+
+  // Like a real client, pings every connection that has sent nothing for kPingAfterNs, so the
+  // server's idle timeout (90 s for chatd) does not close connections that wait through a long
+  // setup phase. Checked once a second.
+  void Heartbeat() {
+    constexpr int64_t kPingAfterNs = 20'000'000'000;
+    int64_t now = NowNs();
+    if (now - last_heartbeat_ns_ < 1'000'000'000) return;
+    last_heartbeat_ns_ = now;
+    for (auto& owned : conns_) {
+      Conn& conn = *owned;
+      if (conn.state != Conn::State::kReady || now - conn.last_queued_ns < kPingAfterNs) continue;
+      v1::Envelope ping;
+      ping.mutable_ping()->set_client_time_ms(WallMs());
+      Queue(conn, ping);
+    }
   }
 
   void ConnectDue() {
@@ -476,6 +496,7 @@ class Bench {
   void OnWelcome(Conn& conn) {
     conn.state = Conn::State::kReady;
     conn.ready_ns = NowNs();
+    conn.last_queued_ns = conn.ready_ns;
     --connecting_;
     // Unacked messages of an earlier connection are resent with their client_msg_id, as a
     // client's outbox would; the server answers duplicates with the original seq.
@@ -670,6 +691,7 @@ class Bench {
   std::function<void()> tick_fn_;
   std::vector<std::unique_ptr<Conn>> conns_;
   int connecting_ = 0;
+  int64_t last_heartbeat_ns_ = 0;
   Counters counters_;
   Histogram ack_latency_;
   Histogram deliver_latency_;
@@ -1136,6 +1158,9 @@ int RunFanout(Bench& bench) {
       creator->conversation = creator->reply_conversation;
       if (creator->conversation == 0) completed = false;
     }
+    // The creation's system messages and updates go to every member: let them drain before the
+    // first step.
+    bench.RunFor(2);
   }
   RisingResult rising;
   if (completed) {
