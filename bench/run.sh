@@ -313,7 +313,7 @@ for w in "${WORKLOADS[@]}"; do
       connect)
         run_bench connect full -- --workload connect --connections 10000 --max-connecting 512
         run_connect_split connect-split 4 10000 -- --max-connecting 128
-        run_connect_wss --connections 10000 --max-connecting 512 ;;
+        run_connect_wss --connections 2000 --max-connecting 256 --timeout 300 ;;
       storm) run_bench storm full -- --workload storm --connections 10000 --per-client 1 --max-connecting 512 ;;
       fanout)
         run_bench fanout full -- --workload fanout --groups 20 --members 500 --max-connecting 512 \
