@@ -9,6 +9,8 @@
 //   chat-cli ... group-create --title T [--channel] USER...   create a group (or channel)
 //   chat-cli ... mark-read --conversation ID [--seq N]        mark read up to N (0: all)
 //   chat-cli ... presence [--count N] [--duration-ms MS] USER...   print presence updates
+//   chat-cli ... retention CONVERSATION MS   set a conversation's retention (0: server default,
+//                                            -1: keep forever)
 //   chat-cli ... register-push PLATFORM [TOKEN]    register this device's push token (none:
 //                                                  unregister)
 //
@@ -214,6 +216,7 @@ std::string ConversationLine(const chat::ConversationInfo& c, bool json,
            ",\"read_seq\":" + std::to_string(c.read_seq) +
            ",\"member_count\":" + std::to_string(c.member_count) +
            ",\"role\":" + std::to_string(static_cast<int>(c.role)) +
+           ",\"retention_ms\":" + std::to_string(c.retention_ms) +
            (peer != nullptr ? std::string(",\"peer_online\":") + (peer->online ? "true" : "false")
                             : std::string()) +
            (c.kind == chat::ConversationKind::kDirect
@@ -232,6 +235,8 @@ std::string ConversationLine(const chat::ConversationInfo& c, bool json,
                      "  last=" + std::to_string(c.last_seq);
   if (c.unread > 0) line += "  (" + std::to_string(c.unread) + " unread)";
   if (c.removed_at_seq != 0) line += "  (left)";
+  if (c.retention_ms == -1) line += "  (kept forever)";
+  if (c.retention_ms > 0) line += "  (expires after " + std::to_string(c.retention_ms) + " ms)";
   if (peer != nullptr) {
     line += "  (" +
             PresenceText(peer->online, peer->devices,
@@ -696,6 +701,13 @@ int RunPresence(const Flags& flags, const std::vector<std::string>& users, uint6
   });
 }
 
+int RunRetention(const Flags& flags, uint64_t conversation, int64_t retention_ms) {
+  return WithConnection(flags, [&](chat::Client& client, Listener& listener) {
+    return RunGroupOp(listener, flags.json, flags.timeout_ms, "retention",
+                      [&](auto cb) { return client.SetRetention(conversation, retention_ms, cb); });
+  });
+}
+
 int RunRegisterPush(const Flags& flags, const std::string& platform, const std::string& token) {
   return WithConnection(flags, [&](chat::Client& client, Listener& listener) {
     int rc = 0;
@@ -945,6 +957,14 @@ int main(int argc, char** argv) {
   presence->add_option("users", presence_users, "Users to watch")->required();
   presence->add_option("--count", presence_count, "Exit after this many updates (0: no limit)");
   presence->add_option("--duration-ms", presence_duration_ms, "Exit after this long (0: no limit)");
+  auto* retention = app.add_subcommand("retention", "Set a conversation's message retention");
+  uint64_t retention_conversation = 0;
+  int64_t retention_ms = 0;
+  retention->add_option("conversation", retention_conversation, "Conversation id")->required();
+  retention
+      ->add_option("ms", retention_ms,
+                   "Time to live of its messages in ms; 0: the server's default, -1: keep forever")
+      ->required();
   auto* register_push = app.add_subcommand("register-push", "Register this device's push token");
   std::string push_platform;
   std::string push_token;
@@ -966,6 +986,7 @@ int main(int argc, char** argv) {
   if (*mark_read) return RunMarkRead(flags, read_conversation, read_seq);
   if (*history) return RunHistory(flags, history_conversation, before, limit);
   if (*presence) return RunPresence(flags, presence_users, presence_count, presence_duration_ms);
+  if (*retention) return RunRetention(flags, retention_conversation, retention_ms);
   if (*register_push) return RunRegisterPush(flags, push_platform, push_token);
   if (*conversations) return RunConversations(flags);
   return RunInteractive(flags);

@@ -263,6 +263,13 @@ class CHAT_EXPORT Client {
   // `role` kMember or kAdmin.
   Status SetRole(ConversationId conversation, std::string_view user, Role role,
                  ConversationCallback callback);
+  // Sets the conversation's own retention: `retention_ms` 0 = the server's default, -1 = keep
+  // forever, > 0 = messages older than this many ms are deleted. Admins of groups and channels
+  // and either member of a direct conversation may set it (others get PermissionDenied). The
+  // members see a system message (SystemEvent::Type::kRetentionChanged).
+  // InvalidArgument if `retention_ms` < -1.
+  Status SetRetention(ConversationId conversation, int64_t retention_ms,
+                      ConversationCallback callback);
   // Channels push live messages only to subscribed members: subscribe while the channel is on
   // screen. Remembered and re-sent after every reconnect until Unsubscribe(). InvalidArgument
   // if conversation is 0, ResourceExhausted past kMaxChannelSubscriptions, FailedPrecondition

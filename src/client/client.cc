@@ -641,6 +641,18 @@ Status Client::RenameGroup(ConversationId conversation, std::string_view title,
   return impl_->Request(std::move(request), std::move(callback));
 }
 
+Status Client::SetRetention(ConversationId conversation, int64_t retention_ms,
+                            ConversationCallback callback) {
+  if (conversation == 0) return InvalidArgument("conversation: must not be 0");
+  if (retention_ms < -1) {
+    return InvalidArgument("retention_ms: 0 (server default), -1 (keep) or a positive ms");
+  }
+  v1::Envelope request;
+  request.mutable_set_retention()->set_conversation_id(conversation);
+  request.mutable_set_retention()->set_retention_ms(retention_ms);
+  return impl_->Request(std::move(request), std::move(callback));
+}
+
 Status Client::AddMembers(ConversationId conversation, std::vector<UserId> users,
                           ConversationCallback callback) {
   if (conversation == 0) return InvalidArgument("conversation: must not be 0");

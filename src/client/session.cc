@@ -762,6 +762,9 @@ void Session::ApplySystemEvent(ConversationInfo* info, const v1::Message& messag
       info->member_count -= std::min(info->member_count, n);
       if (me) info->removed_at_seq = message.seq();
       break;
+    case v1::SystemEvent::TYPE_RETENTION_CHANGED:
+      info->retention_ms = event.retention_ms();
+      break;
     case v1::SystemEvent::TYPE_ROLE_CHANGED:
       if (me) {
         info->role = event.role() == v1::ROLE_ADMIN ? Role::kAdmin : Role::kMember;

@@ -110,5 +110,33 @@ TEST_CASE("chat-cli: group-create and mark-read, in JSON") {
   CHECK(empty.out.find("INVALID_ARGUMENT") != std::string::npos);
 }
 
+TEST_CASE("chat-cli: retention sets a conversation's retention, refused for a non-admin") {
+  ChatdProcess chatd;
+  REQUIRE(chatd.Start().ok());
+  TempDir dir;
+  CliRun sent = Cli(chatd, dir, "alice", {"send", "--to", "bob", "hi"});
+  REQUIRE_MESSAGE(sent.code == 0, sent.out);
+  // Either member of a direct conversation may set it.
+  CliRun forever = Cli(chatd, dir, "bob", {"retention", "1", "-1"});
+  CHECK_MESSAGE(forever.code == 0, forever.out);
+  CHECK(forever.out.find("1  alice  last=") != std::string::npos);
+  CHECK(forever.out.find("(kept forever)") != std::string::npos);
+  CliRun listed = Cli(chatd, dir, "alice", {"--json", "conversations"});
+  CHECK(listed.out.find("\"retention_ms\":-1") != std::string::npos);
+  CliRun history = Cli(chatd, dir, "alice", {"history", "--conversation", "1"});
+  CHECK(history.out.find("* bob set messages to be kept forever") != std::string::npos);
+
+  CliRun group = Cli(chatd, dir, "alice", {"group-create", "--title", "team", "bob"});
+  REQUIRE_MESSAGE(group.code == 0, group.out);
+  CliRun day = Cli(chatd, dir, "alice", {"--json", "retention", "2", "86400000"});
+  CHECK_MESSAGE(day.code == 0, day.out);
+  CHECK(day.out.find("\"retention_ms\":86400000") != std::string::npos);
+  CliRun member = Cli(chatd, dir, "bob", {"retention", "2", "0"});
+  CHECK(member.code == 1);
+  CHECK(member.out.find("PERMISSION_DENIED") != std::string::npos);
+  CliRun bad = Cli(chatd, dir, "alice", {"retention", "2", "-5"});
+  CHECK(bad.code == 1);
+  CHECK(bad.out.find("INVALID_ARGUMENT") != std::string::npos);
+}
 }  // namespace
 }  // namespace chat::testing

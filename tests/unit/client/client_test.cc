@@ -298,6 +298,11 @@ TEST_CASE("client: group operations validate their arguments and never call back
   CHECK(client->GetReceipts(0, [](Result<std::vector<MemberWatermarks>>) {}).code() ==
         Code::kInvalidArgument);
   CHECK(client->GetReceipts(5, nullptr).code() == Code::kInvalidArgument);
+  CHECK(client->SetRetention(0, -1, cb).code() == Code::kInvalidArgument);
+  st = client->SetRetention(5, -2, cb);
+  CHECK(st.code() == Code::kInvalidArgument);
+  CHECK(st.message().find("retention_ms") != std::string_view::npos);
+  CHECK(client->SetRetention(5, 1000, nullptr).code() == Code::kInvalidArgument);
   CHECK(client->Subscribe(0).code() == Code::kInvalidArgument);
   CHECK(client->MarkRead(0).code() == Code::kInvalidArgument);
   CHECK(client->SetTyping(0, true).code() == Code::kInvalidArgument);
@@ -309,6 +314,7 @@ TEST_CASE("client: group operations validate their arguments and never call back
 
   client->Close();
   CHECK(client->Leave(5, cb).code() == Code::kFailedPrecondition);
+  CHECK(client->SetRetention(5, -1, cb).code() == Code::kFailedPrecondition);
   CHECK(client->MarkRead(5).code() == Code::kFailedPrecondition);
   CHECK(client->SetTyping(5, true).code() == Code::kFailedPrecondition);
   CHECK(client->Subscribe(5).code() == Code::kFailedPrecondition);

@@ -999,6 +999,23 @@ TEST_CASE("session: system messages update title and membership and reach the ap
   CHECK(h.cache->GetConversation(5)->info.member_count == 3);
 }
 
+TEST_CASE("session: a retention change message sets the conversation's retention") {
+  Harness h;
+  ConnectWithGroup(h);
+  v1::Message forever = SystemMsg(5, 4, v1::SystemEvent::TYPE_RETENTION_CHANGED, {});
+  forever.mutable_system()->set_retention_ms(-1);
+  h.Deliver(forever);
+  CHECK(h.cache->GetConversation(5)->info.retention_ms == -1);
+  CHECK(h.listener.conversations.back().retention_ms == -1);
+  REQUIRE_FALSE(h.listener.messages.empty());
+  CHECK(h.listener.messages.back().message.system.type == SystemEvent::Type::kRetentionChanged);
+  CHECK(h.listener.messages.back().message.system.retention_ms == -1);
+  v1::Message day = SystemMsg(5, 5, v1::SystemEvent::TYPE_RETENTION_CHANGED, {});
+  day.mutable_system()->set_retention_ms(86'400'000);
+  h.Deliver(day);
+  CHECK(h.cache->GetConversation(5)->info.retention_ms == 86'400'000);
+}
+
 TEST_CASE("session: channel subscriptions are sent when live and again after a reconnect") {
   Harness h;
   h.session->Start();
