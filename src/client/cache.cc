@@ -42,6 +42,8 @@ CREATE TABLE IF NOT EXISTS outbox(
   status INTEGER NOT NULL,
   reason_code INTEGER NOT NULL,
   reason_message TEXT NOT NULL);
+-- Counting and reading pending sends without scanning the bodies of every queued message.
+CREATE INDEX IF NOT EXISTS outbox_status ON outbox(status);
 )sql";
 
 // SQLite stores signed 64-bit integers; ids and seqs are unsigned on the wire.
