@@ -5,7 +5,7 @@ set -euo pipefail
 
 packages=(
   build-essential cmake pkg-config git
-  libwebsockets-dev libssl-dev
+  libwebsockets-dev libwebsockets-evlib-ev libev-dev libssl-dev
   libprotobuf-dev protobuf-compiler
   libsqlite3-dev sqlite3
   doctest-dev libcli11-dev
