@@ -51,8 +51,9 @@ constexpr size_t kMaxWriteBytes = 256 * 1024;
 // Hub::Tick period. Never below 10 ms: sub-ms lws timers busy-spin the 4.1 loop.
 constexpr uint32_t kTickMs = 100;
 // Per connection: the receive buffer lws allocates at ESTABLISHED, and so the largest chunk a
-// RECEIVE callback gets. Larger messages arrive in pieces and are reassembled here.
-constexpr size_t kRxBufferBytes = 4096;
+// RECEIVE callback gets. Larger messages arrive in pieces and are reassembled here. A typical
+// client envelope fits in 512 bytes; lws's 4 KiB default was most of an idle connection's memory.
+constexpr size_t kRxBufferBytes = 512;
 // A connection asked to close has this long to take its queued frames and the close frame.
 constexpr int kCloseFlushSeconds = 5;
 // Shutdown: how long to wait for submitted appends to commit and be acked, then how long for
@@ -260,6 +261,9 @@ class ServerImpl final : public Server, private server::HubIo {
     protocols_[1].callback = &ServerImpl::ChatCallback;
     protocols_[1].per_session_data_size = sizeof(Connection*);
     protocols_[1].rx_buffer_size = kRxBufferBytes;
+    // Without it lws caps one send() at rx_buffer_size and copies the rest of a write into its
+    // own buffer, drained one such piece per POLLOUT.
+    protocols_[1].tx_packet_size = kMaxWriteBytes;
     protocols_[2] = {};
 
     const bool tls = !options_.tls_cert_path.empty();
