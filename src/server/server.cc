@@ -565,12 +565,15 @@ class ServerImpl final : public Server, private server::HubIo {
     auto* conn = new Connection;
     conn->id = ++last_session_id_;
     conn->wsi = wsi;
-    char peer[64] = {};
-    const char* name = lws_get_peer_simple(wsi, peer, sizeof(peer));
     *slot = conn;
     connections_.emplace(conn->id, conn);
-    Log(LogLevel::kInfo, "chat: connect session=" + std::to_string(conn->id) +
-                             " peer=" + (name != nullptr ? name : "?"));
+    // Looking the peer up costs a system call per connection: only when the line is kept.
+    if (GetLogLevel() <= LogLevel::kInfo) {
+      char peer[64] = {};
+      const char* name = lws_get_peer_simple(wsi, peer, sizeof(peer));
+      Log(LogLevel::kInfo, "chat: connect session=" + std::to_string(conn->id) +
+                               " peer=" + (name != nullptr ? name : "?"));
+    }
 
     const bool overloaded = store_threads_->appends_pending() >= options_.writer_queue_max;
     if (!overloaded && hub_->OnOpen(conn->id)) {
@@ -599,8 +602,10 @@ class ServerImpl final : public Server, private server::HubIo {
     const int code = conn->closing                ? conn->close_code
                      : conn->peer_close_code != 0 ? conn->peer_close_code
                                                   : 1006;
-    Log(LogLevel::kInfo, "chat: disconnect session=" + std::to_string(conn->id) + " code=" +
-                             std::to_string(code) + (conn->closing ? " (server)" : " (peer)"));
+    if (GetLogLevel() <= LogLevel::kInfo) {
+      Log(LogLevel::kInfo, "chat: disconnect session=" + std::to_string(conn->id) + " code=" +
+                               std::to_string(code) + (conn->closing ? " (server)" : " (peer)"));
+    }
     if (conn->in_hub) hub_->OnClose(conn->id);
     if (current_ == conn) current_ = nullptr;
     connections_.erase(conn->id);
@@ -668,11 +673,18 @@ class ServerImpl final : public Server, private server::HubIo {
         ++n;
       }
       const codec::Format format = conn->text ? codec::Format::kJson : codec::Format::kBinary;
-      const std::string packed =
-          codec::PackBatch(std::span<const codec::Frame>(conn->outbound.data(), n), format);
-      write_buffer_.resize(LWS_PRE + packed.size());
-      std::memcpy(write_buffer_.data() + LWS_PRE, packed.data(), packed.size());
-      const int written = lws_write(conn->wsi, write_buffer_.data() + LWS_PRE, packed.size(),
+      // A lone envelope is written as it is (what PackBatch would return) without the
+      // intermediate copy; lws needs LWS_PRE bytes of headroom, hence the one copy that stays.
+      std::string packed;
+      const std::string* payload = conn->outbound.front().get();
+      if (n > 1) {
+        packed = codec::PackBatch(std::span<const codec::Frame>(conn->outbound.data(), n), format);
+        payload = &packed;
+      }
+      const size_t size = payload->size();
+      write_buffer_.resize(LWS_PRE + size);
+      std::memcpy(write_buffer_.data() + LWS_PRE, payload->data(), size);
+      const int written = lws_write(conn->wsi, write_buffer_.data() + LWS_PRE, size,
                                     conn->text ? LWS_WRITE_TEXT : LWS_WRITE_BINARY);
       if (write_buffer_.capacity() > kKeepWriteCapacity) {
         write_buffer_.clear();
@@ -681,7 +693,7 @@ class ServerImpl final : public Server, private server::HubIo {
       conn->outbound.erase(conn->outbound.begin(),
                            conn->outbound.begin() + static_cast<std::ptrdiff_t>(n));
       conn->outbound_bytes -= bytes;
-      if (written < static_cast<int>(packed.size())) {
+      if (written < static_cast<int>(size)) {
         Log(LogLevel::kWarn, "chat: write failed on session " + std::to_string(conn->id));
         return -1;
       }
