@@ -5,49 +5,29 @@
 #include <vector>
 
 #include "tests/testing/chatd_process.h"
+#include "tests/testing/client_fixtures.h"
 #include "tests/testing/temp_dir.h"
 
 namespace chat::testing {
 namespace {
 
-struct CliRun {
-  int code = -1;
-  std::string out;
-};
-
-CliRun Cli(const ChatdProcess& chatd, const TempDir& dir, const std::string& user,
-           std::vector<std::string> args) {
-  static int n = 0;
-  const std::string log = dir.File("cli-" + std::to_string(++n) + ".log");
-  std::vector<std::string> argv = {std::string(CHAT_BINARY_DIR) + "/examples/chat-cli",
-                                   "--url",
-                                   chatd.url(),
-                                   "--token",
-                                   chatd.Token(user),
-                                   "--device",
-                                   user + "-cli"};
-  argv.insert(argv.end(), args.begin(), args.end());
-  Result<int> code = RunProcess(argv, dir.path(), log, 60'000);
-  REQUIRE(code.ok());
-  return {*code, ReadFile(log)};
-}
-
 TEST_CASE("chat-cli: send, conversations and history, in JSON") {
   ChatdProcess chatd;
   REQUIRE(chatd.Start().ok());
   TempDir dir;
-  CliRun sent = Cli(chatd, dir, "alice", {"--json", "send", "--to", "bob", "first", "second"});
+  CliRun sent =
+      RunChatCli(chatd, dir, "alice", {"--json", "send", "--to", "bob", "first", "second"});
   CHECK_MESSAGE(sent.code == 0, sent.out);
   CHECK(sent.out.find("{\"type\":\"queued\",\"count\":2}") != std::string::npos);
   CHECK(sent.out.find("\"status\":\"sent\",\"conversation_id\":1,\"seq\":1") != std::string::npos);
   CHECK(sent.out.find("\"seq\":2") != std::string::npos);
 
-  CliRun listed = Cli(chatd, dir, "bob", {"--json", "conversations"});
+  CliRun listed = RunChatCli(chatd, dir, "bob", {"--json", "conversations"});
   CHECK_MESSAGE(listed.code == 0, listed.out);
   CHECK(listed.out.find("\"conversation_id\":1,\"kind\":1,\"title\":\"\",\"peer\":\"alice\","
                         "\"last_seq\":2,\"unread\":2") != std::string::npos);
 
-  CliRun history = Cli(chatd, dir, "bob", {"--json", "history", "--conversation", "1"});
+  CliRun history = RunChatCli(chatd, dir, "bob", {"--json", "history", "--conversation", "1"});
   CHECK_MESSAGE(history.code == 0, history.out);
   const size_t first = history.out.find("\"body\":\"first\"");
   const size_t second = history.out.find("\"body\":\"second\"");
@@ -56,9 +36,9 @@ TEST_CASE("chat-cli: send, conversations and history, in JSON") {
   CHECK(first < second);  // oldest first on the terminal
 
   // Text mode, and a conversation the user is not in.
-  CliRun text = Cli(chatd, dir, "bob", {"history", "--conversation", "1"});
+  CliRun text = RunChatCli(chatd, dir, "bob", {"history", "--conversation", "1"});
   CHECK(text.out.find("[1#1] alice: first") != std::string::npos);
-  CliRun denied = Cli(chatd, dir, "carol", {"history", "--conversation", "1"});
+  CliRun denied = RunChatCli(chatd, dir, "carol", {"history", "--conversation", "1"});
   CHECK(denied.code == 1);
   CHECK(denied.out.find("PERMISSION_DENIED") != std::string::npos);
 }
@@ -67,10 +47,10 @@ TEST_CASE("chat-cli: a refused send exits non-zero and prints the reason") {
   ChatdProcess chatd;
   REQUIRE(chatd.Start().ok());
   TempDir dir;
-  CliRun run = Cli(chatd, dir, "alice", {"send", "--conversation", "424242", "hello"});
+  CliRun run = RunChatCli(chatd, dir, "alice", {"send", "--conversation", "424242", "hello"});
   CHECK(run.code == 4);
   CHECK(run.out.find("(failed) PERMISSION_DENIED") != std::string::npos);
-  CliRun usage = Cli(chatd, dir, "alice", {"send", "hello"});
+  CliRun usage = RunChatCli(chatd, dir, "alice", {"send", "hello"});
   CHECK(usage.code == 2);
 }
 
@@ -78,34 +58,34 @@ TEST_CASE("chat-cli: group-create and mark-read, in JSON") {
   ChatdProcess chatd;
   REQUIRE(chatd.Start().ok());
   TempDir dir;
-  CliRun created =
-      Cli(chatd, dir, "alice", {"--json", "group-create", "--title", "team", "bob", "carol"});
+  CliRun created = RunChatCli(chatd, dir, "alice",
+                              {"--json", "group-create", "--title", "team", "bob", "carol"});
   CHECK_MESSAGE(created.code == 0, created.out);
   CHECK(created.out.find("{\"type\":\"conversation\",\"conversation_id\":1,\"kind\":2,"
                          "\"title\":\"team\"") != std::string::npos);
   CHECK(created.out.find("\"member_count\":3,\"role\":2") != std::string::npos);
 
-  CliRun sent = Cli(chatd, dir, "alice", {"send", "--conversation", "1", "hello", "team"});
+  CliRun sent = RunChatCli(chatd, dir, "alice", {"send", "--conversation", "1", "hello", "team"});
   CHECK_MESSAGE(sent.code == 0, sent.out);
-  CliRun before = Cli(chatd, dir, "bob", {"conversations"});
+  CliRun before = RunChatCli(chatd, dir, "bob", {"conversations"});
   CHECK(before.out.find("1  team  [group]  last=3  (2 unread)") != std::string::npos);
 
-  CliRun read = Cli(chatd, dir, "bob", {"--json", "mark-read", "--conversation", "1"});
+  CliRun read = RunChatCli(chatd, dir, "bob", {"--json", "mark-read", "--conversation", "1"});
   CHECK_MESSAGE(read.code == 0, read.out);
   CHECK(read.out.find("\"unread\":0,\"read_seq\":3") != std::string::npos);
   // A fresh cache (nothing local) gets the same exact count from the server.
-  CliRun after = Cli(chatd, dir, "bob", {"--json", "conversations"});
+  CliRun after = RunChatCli(chatd, dir, "bob", {"--json", "conversations"});
   CHECK(after.out.find("\"last_seq\":3,\"unread\":0,\"read_seq\":3") != std::string::npos);
 
   // The system message reads as a sentence.
-  CliRun history = Cli(chatd, dir, "bob", {"history", "--conversation", "1"});
+  CliRun history = RunChatCli(chatd, dir, "bob", {"history", "--conversation", "1"});
   CHECK(history.out.find("[1#1] * alice created \"team\"") != std::string::npos);
 
   // Refusals exit non-zero: a conversation bob is not in, and an empty title.
-  CliRun unknown = Cli(chatd, dir, "bob", {"mark-read", "--conversation", "99"});
+  CliRun unknown = RunChatCli(chatd, dir, "bob", {"mark-read", "--conversation", "99"});
   CHECK(unknown.code == 1);
   CHECK(unknown.out.find("not known") != std::string::npos);
-  CliRun empty = Cli(chatd, dir, "alice", {"group-create", "--title", ""});
+  CliRun empty = RunChatCli(chatd, dir, "alice", {"group-create", "--title", ""});
   CHECK(empty.code == 1);
   CHECK(empty.out.find("INVALID_ARGUMENT") != std::string::npos);
 }
@@ -114,27 +94,27 @@ TEST_CASE("chat-cli: retention sets a conversation's retention, refused for a no
   ChatdProcess chatd;
   REQUIRE(chatd.Start().ok());
   TempDir dir;
-  CliRun sent = Cli(chatd, dir, "alice", {"send", "--to", "bob", "hi"});
+  CliRun sent = RunChatCli(chatd, dir, "alice", {"send", "--to", "bob", "hi"});
   REQUIRE_MESSAGE(sent.code == 0, sent.out);
   // Either member of a direct conversation may set it.
-  CliRun forever = Cli(chatd, dir, "bob", {"retention", "1", "-1"});
+  CliRun forever = RunChatCli(chatd, dir, "bob", {"retention", "1", "-1"});
   CHECK_MESSAGE(forever.code == 0, forever.out);
   CHECK(forever.out.find("1  alice  last=") != std::string::npos);
   CHECK(forever.out.find("(kept forever)") != std::string::npos);
-  CliRun listed = Cli(chatd, dir, "alice", {"--json", "conversations"});
+  CliRun listed = RunChatCli(chatd, dir, "alice", {"--json", "conversations"});
   CHECK(listed.out.find("\"retention_ms\":-1") != std::string::npos);
-  CliRun history = Cli(chatd, dir, "alice", {"history", "--conversation", "1"});
+  CliRun history = RunChatCli(chatd, dir, "alice", {"history", "--conversation", "1"});
   CHECK(history.out.find("* bob set messages to be kept forever") != std::string::npos);
 
-  CliRun group = Cli(chatd, dir, "alice", {"group-create", "--title", "team", "bob"});
+  CliRun group = RunChatCli(chatd, dir, "alice", {"group-create", "--title", "team", "bob"});
   REQUIRE_MESSAGE(group.code == 0, group.out);
-  CliRun day = Cli(chatd, dir, "alice", {"--json", "retention", "2", "86400000"});
+  CliRun day = RunChatCli(chatd, dir, "alice", {"--json", "retention", "2", "86400000"});
   CHECK_MESSAGE(day.code == 0, day.out);
   CHECK(day.out.find("\"retention_ms\":86400000") != std::string::npos);
-  CliRun member = Cli(chatd, dir, "bob", {"retention", "2", "0"});
+  CliRun member = RunChatCli(chatd, dir, "bob", {"retention", "2", "0"});
   CHECK(member.code == 1);
   CHECK(member.out.find("PERMISSION_DENIED") != std::string::npos);
-  CliRun bad = Cli(chatd, dir, "alice", {"retention", "2", "-5"});
+  CliRun bad = RunChatCli(chatd, dir, "alice", {"retention", "2", "-5"});
   CHECK(bad.code == 1);
   CHECK(bad.out.find("INVALID_ARGUMENT") != std::string::npos);
 }

@@ -14,6 +14,7 @@
 
 #include "chat/client.h"
 #include "tests/testing/chatd_process.h"
+#include "tests/testing/client_fixtures.h"
 #include "tests/testing/temp_dir.h"
 
 namespace chat::testing {
@@ -62,78 +63,9 @@ class Watcher : public ClientListener {
   std::vector<Status> errors_;
 };
 
-// Polls `done` every 10 ms for at most 30 s.
-bool Eventually(const std::function<bool()>& done) {
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-  while (!done()) {
-    if (std::chrono::steady_clock::now() >= deadline) return false;
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
-  return true;
-}
-
-// A StatusCallback whose answer the test thread can wait for.
-class Answer {
- public:
-  StatusCallback Callback() {
-    return [state = state_](Status st) {
-      std::lock_guard lock(state->mu);
-      state->status = std::move(st);
-    };
-  }
-  Status Wait() {
-    Eventually([&] {
-      std::lock_guard lock(state_->mu);
-      return state_->status.has_value();
-    });
-    std::lock_guard lock(state_->mu);
-    return state_->status.value_or(DeadlineExceeded("no answer within 30 s"));
-  }
-
- private:
-  struct State {
-    std::mutex mu;
-    std::optional<Status> status;
-  };
-  std::shared_ptr<State> state_ = std::make_shared<State>();
-};
-
 std::unique_ptr<Client> Open(const ChatdProcess& chatd, const std::string& user,
                              const std::string& cache, std::shared_ptr<ClientListener> listener) {
-  ClientOptions options;
-  options.url = chatd.url();
-  options.token_provider = [&chatd, user] { return chatd.Token(user); };
-  options.device_id = user + "-laptop";
-  options.cache_path = cache;
-  options.listener = std::move(listener);
-  options.reconnect.base_ms = 50;
-  options.reconnect.cap_ms = 500;
-  auto client = Client::Open(std::move(options));
-  REQUIRE(client.ok());
-  REQUIRE((*client)->Start().ok());
-  return std::move(client.value());
-}
-
-struct CliRun {
-  int code = -1;
-  std::string out;
-};
-
-CliRun Cli(const ChatdProcess& chatd, const TempDir& dir, const std::string& user,
-           std::vector<std::string> args) {
-  static int n = 0;
-  const std::string log = dir.File("presence-cli-" + std::to_string(++n) + ".log");
-  std::vector<std::string> argv = {std::string(CHAT_BINARY_DIR) + "/examples/chat-cli",
-                                   "--url",
-                                   chatd.url(),
-                                   "--token",
-                                   chatd.Token(user),
-                                   "--device",
-                                   user + "-cli"};
-  argv.insert(argv.end(), args.begin(), args.end());
-  Result<int> code = RunProcess(argv, dir.path(), log, 60'000);
-  REQUIRE(code.ok());
-  return {*code, ReadFile(log)};
+  return OpenStartedClient(chatd, user, user + "-laptop", cache, std::move(listener));
 }
 
 ChatdOptions FastPresence() {
@@ -153,13 +85,13 @@ TEST_CASE("client presence: a contact is seen online, then offline, and last see
   ChatdProcess chatd(FastPresence());
   REQUIRE(chatd.Start().ok());
   TempDir dir;
-  CliRun sent = Cli(chatd, dir, "alice", {"send", "--to", "bob", "hi bob"});
+  CliRun sent = RunChatCli(chatd, dir, "alice", {"send", "--to", "bob", "hi bob"});
   REQUIRE_MESSAGE(sent.code == 0, sent.out);
 
   auto watcher = std::make_shared<Watcher>();
   auto alice = Open(chatd, "alice", dir.File("alice.db"), watcher);
   REQUIRE(Eventually([&] { return watcher->connects() == 1; }));
-  Answer subscribed;
+  StatusAnswer subscribed;
   REQUIRE(alice->SubscribePresence({"bob"}, subscribed.Callback()).ok());
   Status answer = subscribed.Wait();
   CHECK_MESSAGE(answer.ok(), answer.ToString());
@@ -220,14 +152,14 @@ TEST_CASE("client presence: a non-contact cannot be watched") {
   TempDir dir;
   auto watcher = std::make_shared<Watcher>();
   auto alice = Open(chatd, "alice", "", watcher);
-  Answer subscribed;
+  StatusAnswer subscribed;
   REQUIRE(alice->SubscribePresence({"mallory"}, subscribed.Callback()).ok());
   Status answer = subscribed.Wait();
   CHECK(answer.code() == Code::kPermissionDenied);
   CHECK(answer.message().find("mallory") != std::string_view::npos);
   CHECK(watcher->presence().empty());
 
-  CliRun run = Cli(chatd, dir, "alice", {"presence", "mallory"});
+  CliRun run = RunChatCli(chatd, dir, "alice", {"presence", "mallory"});
   CHECK(run.code == 1);
   CHECK(run.out.find("PERMISSION_DENIED") != std::string::npos);
 }
@@ -236,31 +168,31 @@ TEST_CASE("chat-cli: presence and conversations show a contact online, then last
   ChatdProcess chatd(FastPresence());
   REQUIRE(chatd.Start().ok());
   TempDir dir;
-  CliRun sent = Cli(chatd, dir, "alice", {"send", "--to", "bob", "hi bob"});
+  CliRun sent = RunChatCli(chatd, dir, "alice", {"send", "--to", "bob", "hi bob"});
   REQUIRE_MESSAGE(sent.code == 0, sent.out);
   auto bob_listener = std::make_shared<Watcher>();
   auto bob = Open(chatd, "bob", dir.File("bob.db"), bob_listener);
   REQUIRE(Eventually([&] { return bob_listener->connects() == 1; }));
 
-  CliRun online = Cli(chatd, dir, "alice", {"presence", "--count", "1", "bob"});
+  CliRun online = RunChatCli(chatd, dir, "alice", {"presence", "--count", "1", "bob"});
   CHECK_MESSAGE(online.code == 0, online.out);
   CHECK(online.out.find("bob online (1 device)") != std::string::npos);
-  CliRun listed = Cli(chatd, dir, "alice", {"conversations"});
+  CliRun listed = RunChatCli(chatd, dir, "alice", {"conversations"});
   CHECK_MESSAGE(listed.code == 0, listed.out);
   CHECK(listed.out.find("bob  last=1  (online (1 device))") != std::string::npos);
 
   bob->Close();
   // Offline once the grace period is over; --duration-ms ends a run that sees nothing more.
   REQUIRE(Eventually([&] {
-    CliRun run = Cli(chatd, dir, "alice", {"presence", "--count", "1", "bob"});
+    CliRun run = RunChatCli(chatd, dir, "alice", {"presence", "--count", "1", "bob"});
     return run.out.find("bob offline, last seen ") != std::string::npos;
   }));
-  CliRun json = Cli(chatd, dir, "alice",
-                    {"--json", "presence", "--count", "5", "--duration-ms", "300", "bob"});
+  CliRun json = RunChatCli(chatd, dir, "alice",
+                           {"--json", "presence", "--count", "5", "--duration-ms", "300", "bob"});
   CHECK_MESSAGE(json.code == 0, json.out);
   CHECK(json.out.find("{\"type\":\"presence\",\"user\":\"bob\",\"online\":false,\"devices\":0,"
                       "\"last_seen_ms\":") != std::string::npos);
-  listed = Cli(chatd, dir, "alice", {"conversations"});
+  listed = RunChatCli(chatd, dir, "alice", {"conversations"});
   CHECK(listed.out.find("bob  last=1  (offline, last seen ") != std::string::npos);
   CHECK(listed.out.find(" UTC)") != std::string::npos);
 }

@@ -13,6 +13,7 @@
 
 #include "chat/client.h"
 #include "tests/testing/chatd_process.h"
+#include "tests/testing/client_fixtures.h"
 #include "tests/testing/http_receiver.h"
 #include "tests/testing/temp_dir.h"
 
@@ -44,78 +45,9 @@ class Connections : public ClientListener {
   std::vector<Status> errors_;
 };
 
-// Polls `done` every 10 ms for at most 30 s.
-bool Eventually(const std::function<bool()>& done) {
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-  while (!done()) {
-    if (std::chrono::steady_clock::now() >= deadline) return false;
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
-  return true;
-}
-
-// A StatusCallback whose answer the test thread can wait for.
-class Answer {
- public:
-  StatusCallback Callback() {
-    return [state = state_](Status st) {
-      std::lock_guard lock(state->mu);
-      state->status = std::move(st);
-    };
-  }
-  std::optional<Status> Wait() {
-    Eventually([&] {
-      std::lock_guard lock(state_->mu);
-      return state_->status.has_value();
-    });
-    std::lock_guard lock(state_->mu);
-    return state_->status;
-  }
-
- private:
-  struct State {
-    std::mutex mu;
-    std::optional<Status> status;
-  };
-  std::shared_ptr<State> state_ = std::make_shared<State>();
-};
-
 std::unique_ptr<Client> Open(const ChatdProcess& chatd, const std::string& user,
                              const std::string& cache, std::shared_ptr<ClientListener> listener) {
-  ClientOptions options;
-  options.url = chatd.url();
-  options.token_provider = [&chatd, user] { return chatd.Token(user); };
-  options.device_id = user + "-phone";
-  options.cache_path = cache;
-  options.listener = std::move(listener);
-  options.reconnect.base_ms = 50;
-  options.reconnect.cap_ms = 500;
-  auto client = Client::Open(std::move(options));
-  REQUIRE(client.ok());
-  REQUIRE((*client)->Start().ok());
-  return std::move(client.value());
-}
-
-struct CliRun {
-  int code = -1;
-  std::string out;
-};
-
-CliRun Cli(const ChatdProcess& chatd, const TempDir& dir, const std::string& user,
-           std::vector<std::string> args) {
-  static int n = 0;
-  const std::string log = dir.File("push-cli-" + std::to_string(++n) + ".log");
-  std::vector<std::string> argv = {std::string(CHAT_BINARY_DIR) + "/examples/chat-cli",
-                                   "--url",
-                                   chatd.url(),
-                                   "--token",
-                                   chatd.Token(user),
-                                   "--device",
-                                   user + "-cli"};
-  argv.insert(argv.end(), args.begin(), args.end());
-  Result<int> code = RunProcess(argv, dir.path(), log, 60'000);
-  REQUIRE(code.ok());
-  return {*code, ReadFile(log)};
+  return OpenStartedClient(chatd, user, user + "-phone", cache, std::move(listener));
 }
 
 TEST_CASE("client push: the token is registered again after a server restart and reaches push") {
@@ -127,11 +59,10 @@ TEST_CASE("client push: the token is registered again after a server restart and
   auto listener = std::make_shared<Connections>();
   auto bob = Open(chatd, "bob", dir.File("bob.db"), listener);
   REQUIRE(Eventually([&] { return listener->connects() == 1; }));
-  Answer registered;
+  StatusAnswer registered;
   REQUIRE(bob->RegisterPushToken("fcm", "bob-token-1", registered.Callback()).ok());
-  std::optional<Status> answer = registered.Wait();
-  REQUIRE(answer.has_value());
-  CHECK_MESSAGE(answer->ok(), answer->ToString());
+  Status answer = registered.Wait();
+  CHECK_MESSAGE(answer.ok(), answer.ToString());
 
   // The server may keep tokens in memory only: after a restart only the client's repeat
   // brings it back.
@@ -139,12 +70,12 @@ TEST_CASE("client push: the token is registered again after a server restart and
   REQUIRE(chatd.Restart().ok());
   REQUIRE(Eventually([&] { return listener->connects() == 2; }));
   // A request answered by the server after the repeat: the token is registered by then.
-  Answer barrier;
+  StatusAnswer barrier;
   REQUIRE(bob->UnsubscribePresence({"nobody"}, barrier.Callback()).ok());
-  REQUIRE(barrier.Wait().has_value());
+  REQUIRE(barrier.Wait().code() != Code::kDeadlineExceeded);
   bob->Close();
 
-  CliRun sent = Cli(chatd, dir, "alice", {"send", "--to", "bob", "are you there?"});
+  CliRun sent = RunChatCli(chatd, dir, "alice", {"send", "--to", "bob", "are you there?"});
   REQUIRE_MESSAGE(sent.code == 0, sent.out);
   std::vector<std::string> bodies = receiver.WaitForBodies(1);
   REQUIRE(bodies.size() == 1);
@@ -160,22 +91,22 @@ TEST_CASE("chat-cli: register-push registers and unregisters a device's token") 
       {.extra_flags = {"--push-webhook", receiver.url(), "--push-collapse-ms", "10"}});
   REQUIRE(chatd.Start().ok());
   TempDir dir;
-  CliRun reg = Cli(chatd, dir, "bob", {"register-push", "apns", "bob-apns"});
+  CliRun reg = RunChatCli(chatd, dir, "bob", {"register-push", "apns", "bob-apns"});
   CHECK_MESSAGE(reg.code == 0, reg.out);
   CHECK(reg.out.find("push token registered") != std::string::npos);
-  CliRun bad = Cli(chatd, dir, "bob", {"register-push", ""});
+  CliRun bad = RunChatCli(chatd, dir, "bob", {"register-push", ""});
   CHECK(bad.code == 1);
   CHECK(bad.out.find("INVALID_ARGUMENT") != std::string::npos);
 
-  CliRun sent = Cli(chatd, dir, "alice", {"send", "--to", "bob", "hello"});
+  CliRun sent = RunChatCli(chatd, dir, "alice", {"send", "--to", "bob", "hello"});
   REQUIRE_MESSAGE(sent.code == 0, sent.out);
   std::vector<std::string> bodies = receiver.WaitForBodies(1);
   CHECK(bodies[0].find("\"token\":\"bob-apns\"") != std::string::npos);
 
-  CliRun unreg = Cli(chatd, dir, "bob", {"--json", "register-push", "apns"});
+  CliRun unreg = RunChatCli(chatd, dir, "bob", {"--json", "register-push", "apns"});
   CHECK_MESSAGE(unreg.code == 0, unreg.out);
   CHECK(unreg.out.find("{\"type\":\"push_token\",\"registered\":false}") != std::string::npos);
-  sent = Cli(chatd, dir, "alice", {"send", "--to", "bob", "hello again"});
+  sent = RunChatCli(chatd, dir, "alice", {"send", "--to", "bob", "hello again"});
   REQUIRE_MESSAGE(sent.code == 0, sent.out);
   bodies = receiver.WaitForBodies(2);
   CHECK(bodies[1].find("\"token\":\"bob-apns\"") == std::string::npos);
