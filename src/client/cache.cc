@@ -370,13 +370,19 @@ Status Cache::AddOutbox(OutboxEntry* entry, size_t max_pending) {
   }
   entry->id = sqlite3_last_insert_rowid(db_->get());
   entry->status = MessageStatus::kPending;
-  return txn.Commit();
+  Status committed = txn.Commit();
+  if (committed.ok() && pending_count_.has_value()) ++*pending_count_;
+  return committed;
 }
 
 size_t Cache::PendingCount() {
   std::lock_guard lock(mu_);
-  Stmt s(db_->get(), "SELECT COUNT(*) FROM outbox WHERE status = 0");
-  return s.Step() == SQLITE_ROW ? static_cast<size_t>(s.ColInt(0)) : 0;
+  if (!pending_count_.has_value()) {
+    Stmt s(db_->get(), "SELECT COUNT(*) FROM outbox WHERE status = 0");
+    if (s.Step() != SQLITE_ROW) return 0;
+    pending_count_ = static_cast<size_t>(s.ColInt(0));
+  }
+  return *pending_count_;
 }
 
 std::vector<OutboxEntry> Cache::PendingOutbox(size_t limit) {
@@ -410,6 +416,7 @@ std::optional<OutboxEntry> Cache::FindOutbox(const std::string& client_msg_id) {
 
 Status Cache::RemoveOutbox(const std::string& client_msg_id) {
   std::lock_guard lock(mu_);
+  pending_count_.reset();
   Stmt s(db_->get(), "DELETE FROM outbox WHERE client_msg_id = ?");
   if (s.Text(1, client_msg_id).Step() != SQLITE_DONE) return db_->Error("remove from outbox");
   return Status::Ok();
@@ -417,6 +424,7 @@ Status Cache::RemoveOutbox(const std::string& client_msg_id) {
 
 Status Cache::FailOutbox(const std::string& client_msg_id, const Status& reason) {
   std::lock_guard lock(mu_);
+  pending_count_.reset();
   Stmt s(db_->get(),
          "UPDATE outbox SET status = 2, reason_code = ?, reason_message = ? "
          "WHERE client_msg_id = ?");

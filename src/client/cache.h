@@ -128,6 +128,9 @@ class Cache {
 
   std::recursive_mutex mu_;
   std::unique_ptr<Db> db_;
+  // Pending outbox rows, counted once and then kept by AddOutbox, so a burst of offline sends
+  // does not count the whole outbox per send; unknown (recounted) after any other change.
+  std::optional<size_t> pending_count_;
 };
 
 }  // namespace chat::client
