@@ -379,6 +379,7 @@ class ServerImpl final : public Server, private server::HubIo {
       if (loop_ != nullptr) {
         // One iteration at a time, so the phase is checked after every batch of events.
         ev_run(loop_, EVRUN_ONCE);
+        FlushAppends();
         continue;
       }
       if (lws_service(ctx_, 0) < 0) {
@@ -386,7 +387,9 @@ class ServerImpl final : public Server, private server::HubIo {
         result = Internal("the event loop failed");
         break;
       }
+      FlushAppends();
     }
+    FlushAppends();
     lws_sul_cancel(&tick_.sul);
     // Accepted appends are committed before the writer exits, so a client that resends them
     // gets its original result; nobody is left to ack them now.
@@ -487,7 +490,7 @@ class ServerImpl final : public Server, private server::HubIo {
 
   void ResumeReadsIfDrained() {
     if (paused_.empty() || phase_ != Phase::kServing) return;
-    if (store_threads_->appends_pending() * 2 >= options_.writer_queue_max) return;
+    if (AppendsPending() * 2 >= options_.writer_queue_max) return;
     for (SessionId id : paused_) {
       auto it = connections_.find(id);
       if (it == connections_.end() || !it->second->paused) continue;
@@ -530,12 +533,14 @@ class ServerImpl final : public Server, private server::HubIo {
     BeginClose(conn, code, reason);
   }
 
+  // Appends wait here until the end of the loop iteration, then go to the writer together: one
+  // wake-up of the writer per iteration instead of one per message, and everything that arrived
+  // in one pass over the ready connections becomes one commit group (one fsync with FULL).
   void SubmitAppend(server::AppendJob job) override {
-    store_threads_->SubmitAppend(std::move(job));
+    batched_appends_.push_back(std::move(job));
     // The session whose frame produced this append stops being read until the writer catches
     // up; its data waits in the kernel, and TCP pushes back on the client.
-    if (current_ != nullptr && !current_->paused &&
-        store_threads_->appends_pending() >= options_.writer_queue_max) {
+    if (current_ != nullptr && !current_->paused && AppendsPending() >= options_.writer_queue_max) {
       current_->paused = true;
       paused_.push_back(current_->id);
       lws_rx_flow_control(current_->wsi, 0);
@@ -543,6 +548,15 @@ class ServerImpl final : public Server, private server::HubIo {
   }
 
   void SubmitRead(server::ReadJob job) override { store_threads_->SubmitRead(std::move(job)); }
+
+  void FlushAppends() {
+    if (!batched_appends_.empty()) store_threads_->SubmitAppends(&batched_appends_);
+  }
+
+  // Accepted appends not yet completed, including those waiting for the end of the iteration.
+  size_t AppendsPending() const {
+    return store_threads_->appends_pending() + batched_appends_.size();
+  }
 
   // ---- Connections ------------------------------------------------------------------------
 
@@ -575,7 +589,7 @@ class ServerImpl final : public Server, private server::HubIo {
                                " peer=" + (name != nullptr ? name : "?"));
     }
 
-    const bool overloaded = store_threads_->appends_pending() >= options_.writer_queue_max;
+    const bool overloaded = AppendsPending() >= options_.writer_queue_max;
     if (!overloaded && hub_->OnOpen(conn->id)) {
       conn->in_hub = true;
       return 0;
@@ -817,6 +831,7 @@ class ServerImpl final : public Server, private server::HubIo {
   Connection* current_ = nullptr;  // whose frame the Hub is handling
   std::vector<SessionId> paused_;
   std::vector<server::AppendDone> appends_done_;
+  std::vector<server::AppendJob> batched_appends_;  // loop thread: submitted at iteration end
   std::vector<server::ReadDone> reads_done_;
   std::vector<unsigned char> write_buffer_;
   std::mt19937 rng_;

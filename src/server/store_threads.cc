@@ -50,25 +50,37 @@ void StoreThreads::Stop() {
 }
 
 void StoreThreads::SubmitAppend(AppendJob job) {
+  std::vector<AppendJob> jobs;
+  jobs.push_back(std::move(job));
+  SubmitAppends(&jobs);
+}
+
+void StoreThreads::SubmitAppends(std::vector<AppendJob>* jobs) {
+  std::vector<AppendDone> refused;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (!stopping_ && append_queue_.size() < options_.append_queue_max) {
+    const bool was_empty = append_queue_.empty();
+    for (AppendJob& job : *jobs) {
+      if (stopping_ || append_queue_.size() >= options_.append_queue_max) {
+        AppendDone& done = refused.emplace_back();
+        done.token = job.token;
+        done.commit_status =
+            Overloaded("too many messages waiting for commit", options_.overload_retry_after_ms);
+        continue;
+      }
       append_queue_.push_back(std::move(job));
       appends_pending_.fetch_add(1, std::memory_order_relaxed);
-      if (append_queue_.size() >= options_.commit_batch_max || options_.commit_delay_ms == 0 ||
-          append_queue_.size() == 1) {
-        append_cv_.notify_one();
-      }
-      return;
+    }
+    if (!append_queue_.empty() && (was_empty || options_.commit_delay_ms == 0 ||
+                                   append_queue_.size() >= options_.commit_batch_max)) {
+      append_cv_.notify_one();
     }
   }
-  AppendDone refused;
-  refused.token = job.token;
-  refused.commit_status =
-      Overloaded("too many messages waiting for commit", options_.overload_retry_after_ms);
+  jobs->clear();
+  if (refused.empty()) return;
   {
     std::lock_guard<std::mutex> lock(done_mu_);
-    appends_done_.push_back(std::move(refused));
+    for (AppendDone& done : refused) appends_done_.push_back(std::move(done));
   }
   wake_();
 }

@@ -83,6 +83,10 @@ class StoreThreads {
   void Stop();
 
   void SubmitAppend(AppendJob job);
+  // Submits `jobs` in order under one lock with at most one wake-up of the writer, and leaves
+  // `jobs` empty. A loop that collects the appends of one pass over its ready connections and
+  // submits them together lets the writer commit them as one group.
+  void SubmitAppends(std::vector<AppendJob>* jobs);
   void SubmitRead(ReadJob job);
 
   // Moves every completion posted so far into `appends` (in submission order) and `reads`.

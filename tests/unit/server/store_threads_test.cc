@@ -206,6 +206,35 @@ TEST_CASE("store threads: past append_queue_max a message fails at once with UNA
   threads.Stop();
 }
 
+TEST_CASE("store threads: SubmitAppends hands a loop pass to the writer as one group") {
+  auto store = std::make_shared<RecordingStore>();
+  store->Open();
+  Collector collector;
+  StoreThreads threads(store, {.commit_batch_max = 16, .reader_threads = 1, .append_queue_max = 5},
+                       collector.WakeFn());
+  std::vector<AppendJob> jobs;
+  for (uint64_t t = 1; t <= 7; ++t) jobs.push_back(Job(t));
+  // Submitted before the writer runs, so nothing is taken while the vector is being queued.
+  threads.SubmitAppends(&jobs);
+  CHECK(jobs.empty());
+  CHECK(threads.appends_pending() == 5);
+  threads.Start();
+  REQUIRE(collector.CollectAppends(threads, 7));
+  CHECK(store->batches() == std::vector<size_t>{5});
+  // The two past the bound fail at once (they come first); the five accepted commit in order.
+  REQUIRE(collector.appends_.size() == 7);
+  for (size_t i = 0; i < 2; ++i) {
+    CHECK(collector.appends_[i].token == 6 + i);
+    CHECK(collector.appends_[i].commit_status.code() == Code::kUnavailable);
+  }
+  for (size_t i = 2; i < 7; ++i) {
+    CHECK(collector.appends_[i].token == i - 1);
+    CHECK(collector.appends_[i].commit_status.ok());
+    CHECK(collector.appends_[i].result.message.seq == i - 1);
+  }
+  threads.Stop();
+}
+
 TEST_CASE("store threads: Stop commits what was accepted before the writer exits") {
   auto store = std::make_shared<RecordingStore>();
   Collector collector;
