@@ -14,9 +14,14 @@ namespace chat::client {
 namespace {
 
 // Bumped when the schema changes; an older cache is dropped and rebuilt from the server, except
-// for the outbox, whose table keeps its shape across versions.
-constexpr int kSchemaVersion = 2;
+// for the outbox, whose rows are carried over (see MigrateOutbox).
+constexpr int kSchemaVersion = 3;
 
+// The outbox has one index, on client_msg_id (the lookups of acks and failures); insertion order
+// is the rowid. Each index costs another page in the WAL for every Send() commit, so the pending
+// count is kept in memory instead of an index on status, and ids are plain rowids (max + 1) rather
+// than AUTOINCREMENT, which would update sqlite_sequence in every commit. New rows still get the
+// highest id, so order is kept.
 constexpr const char* kSchema = R"sql(
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value BLOB);
 CREATE TABLE IF NOT EXISTS conversations(
@@ -32,7 +37,7 @@ CREATE TABLE IF NOT EXISTS messages(
   message BLOB NOT NULL,
   PRIMARY KEY(conversation_id, seq)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS outbox(
-  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  id INTEGER PRIMARY KEY,
   client_msg_id TEXT NOT NULL UNIQUE,
   conversation_id INTEGER NOT NULL,
   peer TEXT NOT NULL,
@@ -42,9 +47,82 @@ CREATE TABLE IF NOT EXISTS outbox(
   status INTEGER NOT NULL,
   reason_code INTEGER NOT NULL,
   reason_message TEXT NOT NULL);
--- Counting and reading pending sends without scanning the bodies of every queued message.
-CREATE INDEX IF NOT EXISTS outbox_status ON outbox(status);
 )sql";
+
+// Versions 1 and 2 kept the same outbox columns in a table with AUTOINCREMENT and an index on
+// status: their rows move into the version 3 table, ids and order unchanged.
+constexpr const char* kMigrateOutbox = R"sql(
+DROP INDEX IF EXISTS outbox_status;
+CREATE TABLE outbox_v3(
+  id INTEGER PRIMARY KEY,
+  client_msg_id TEXT NOT NULL UNIQUE,
+  conversation_id INTEGER NOT NULL,
+  peer TEXT NOT NULL,
+  content_type TEXT NOT NULL,
+  body BLOB NOT NULL,
+  created_ms INTEGER NOT NULL,
+  status INTEGER NOT NULL,
+  reason_code INTEGER NOT NULL,
+  reason_message TEXT NOT NULL);
+INSERT INTO outbox_v3 SELECT id, client_msg_id, conversation_id, peer, content_type, body,
+  created_ms, status, reason_code, reason_message FROM outbox ORDER BY id;
+DROP TABLE outbox;
+ALTER TABLE outbox_v3 RENAME TO outbox;
+)sql";
+
+// The statements used more than once. Each is compiled once per connection and kept (see
+// Cache::Db::Prepare, which keys them by address: only these constants may be passed to it).
+constexpr const char* kUserVersion = "PRAGMA user_version";
+constexpr const char* kHasOutbox =
+    "SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'outbox'";
+constexpr const char* kBegin = "BEGIN IMMEDIATE";
+constexpr const char* kCommit = "COMMIT";
+constexpr const char* kRollback = "ROLLBACK";
+constexpr const char* kGetMeta = "SELECT value FROM meta WHERE key = ?";
+constexpr const char* kSetMeta = "INSERT OR REPLACE INTO meta(key, value) VALUES(?, ?)";
+constexpr const char* kGetConversation =
+    "SELECT conversation_id, state, cursor, delivered_all_seq, read_all_seq FROM conversations "
+    "WHERE conversation_id = ?";
+constexpr const char* kPutConversation =
+    "INSERT OR REPLACE INTO conversations(conversation_id, state, cursor, last_activity_ms, "
+    "delivered_all_seq, read_all_seq) VALUES(?, ?, ?, ?, ?, ?)";
+constexpr const char* kListConversations =
+    "SELECT conversation_id, state, cursor, delivered_all_seq, read_all_seq FROM conversations "
+    "ORDER BY last_activity_ms DESC, conversation_id DESC";
+constexpr const char* kPutMessage =
+    "INSERT OR IGNORE INTO messages(conversation_id, seq, message) VALUES(?, ?, ?)";
+constexpr const char* kGetMessage =
+    "SELECT message FROM messages WHERE conversation_id = ? AND seq = ?";
+constexpr const char* kRangeNewestFirst =
+    "SELECT message FROM messages WHERE conversation_id = ? AND seq >= ? AND seq <= ? "
+    "ORDER BY seq DESC LIMIT ?";
+constexpr const char* kCountRange =
+    "SELECT COUNT(*) FROM messages WHERE conversation_id = ? AND seq >= ? AND seq <= ?";
+constexpr const char* kRangeMessages =
+    "SELECT message FROM messages WHERE conversation_id = ? AND seq >= ? AND seq <= ?";
+constexpr const char* kCountMessages = "SELECT COUNT(*) FROM messages";
+constexpr const char* kAddOutbox =
+    "INSERT INTO outbox(client_msg_id, conversation_id, peer, content_type, body, created_ms, "
+    "status, reason_code, reason_message) VALUES(?, ?, ?, ?, ?, ?, 0, 0, '')";
+constexpr const char* kCountPending = "SELECT COUNT(*) FROM outbox WHERE status = 0";
+constexpr const char* kPendingOutbox =
+    "SELECT id, client_msg_id, conversation_id, peer, content_type, body, created_ms, status, "
+    "reason_code, reason_message FROM outbox WHERE status = 0 ORDER BY id LIMIT ?";
+constexpr const char* kListOutbox =
+    "SELECT id, client_msg_id, conversation_id, peer, content_type, body, created_ms, status, "
+    "reason_code, reason_message FROM outbox ORDER BY id";
+constexpr const char* kFindOutbox =
+    "SELECT id, client_msg_id, conversation_id, peer, content_type, body, created_ms, status, "
+    "reason_code, reason_message FROM outbox WHERE client_msg_id = ?";
+constexpr const char* kRemoveOutbox = "DELETE FROM outbox WHERE client_msg_id = ? RETURNING status";
+constexpr const char* kFailOutbox =
+    "UPDATE outbox SET status = 2, reason_code = ?, reason_message = ? "
+    "WHERE client_msg_id = ? AND status = 0";
+
+// ms; how long opening waits for another client that has the same file open.
+constexpr int kBusyTimeoutMs = 5000;
+// A page's vector is reserved up to this many rows; larger ones grow as they are read.
+constexpr Seq kReserveRows = 1000;
 
 // SQLite stores signed 64-bit integers; ids and seqs are unsigned on the wire.
 int64_t ToDb(uint64_t v) { return std::bit_cast<int64_t>(v); }
@@ -54,66 +132,110 @@ uint64_t FromDb(int64_t v) { return std::bit_cast<uint64_t>(v); }
 
 }  // namespace
 
-// Owns the connection and a prepared-statement helper.
+// Owns the connection and its prepared statements.
 class Cache::Db {
  public:
   explicit Db(sqlite3* db) : db_(db) {}
-  ~Db() { sqlite3_close_v2(db_); }
+  ~Db() { Close(); }
   Db(const Db&) = delete;
   Db& operator=(const Db&) = delete;
 
   sqlite3* get() { return db_; }
 
+  // The statement for `sql`, one of the constants above, compiled on first use and kept until
+  // Close(); nullptr when closed or if it does not compile. Keyed by address, so the number of
+  // kept statements is bounded by the constants in this file.
+  sqlite3_stmt* Prepare(const char* sql) {
+    if (db_ == nullptr) return nullptr;
+    for (const auto& [key, stmt] : stmts_) {
+      if (key == sql) return stmt;
+    }
+    sqlite3_stmt* stmt = nullptr;
+    if (sqlite3_prepare_v3(db_, sql, -1, SQLITE_PREPARE_PERSISTENT, &stmt, nullptr) != SQLITE_OK) {
+      sqlite3_finalize(stmt);
+      return nullptr;
+    }
+    stmts_.emplace_back(sql, stmt);
+    return stmt;
+  }
+
+  void Close() {
+    for (const auto& entry : stmts_) sqlite3_finalize(entry.second);
+    stmts_.clear();
+    if (db_ != nullptr) sqlite3_close_v2(db_);
+    db_ = nullptr;
+  }
+
   Status Error(std::string_view what) {
+    if (db_ == nullptr) return Unavailable("cache: " + std::string(what) + ": the cache is closed");
     return Unavailable(std::string("cache: ") + std::string(what) + ": " + sqlite3_errmsg(db_));
   }
 
  private:
   sqlite3* db_;
+  // Few enough (the constants above) that a linear scan beats hashing.
+  std::vector<std::pair<const char*, sqlite3_stmt*>> stmts_;
 };
 
 namespace {
 
-// A prepared statement with typed binders; finalized on destruction.
+// One use of a kept statement, with typed binders; reset when it goes out of scope. Text and
+// blobs are bound without a copy: the bound data must outlive the Stmt's last Step().
 class Stmt {
  public:
-  Stmt(sqlite3* db, const char* sql) { rc_ = sqlite3_prepare_v2(db, sql, -1, &stmt_, nullptr); }
-  ~Stmt() { sqlite3_finalize(stmt_); }
+  Stmt(Cache::Db* db, const char* sql) : stmt_(db->Prepare(sql)) {}
+  ~Stmt() {
+    if (stmt_ != nullptr) {
+      sqlite3_reset(stmt_);
+      sqlite3_clear_bindings(stmt_);
+    }
+  }
   Stmt(const Stmt&) = delete;
   Stmt& operator=(const Stmt&) = delete;
 
-  bool ok() const { return rc_ == SQLITE_OK && stmt_ != nullptr; }
+  bool ok() const { return stmt_ != nullptr; }
   Stmt& Int(int i, int64_t v) {
     if (ok()) sqlite3_bind_int64(stmt_, i, v);
     return *this;
   }
   Stmt& Text(int i, std::string_view v) {
-    if (ok()) sqlite3_bind_text(stmt_, i, v.data(), static_cast<int>(v.size()), SQLITE_TRANSIENT);
+    if (ok()) sqlite3_bind_text(stmt_, i, v.data(), static_cast<int>(v.size()), SQLITE_STATIC);
     return *this;
   }
   Stmt& Blob(int i, std::string_view v) {
-    if (ok()) sqlite3_bind_blob(stmt_, i, v.data(), static_cast<int>(v.size()), SQLITE_TRANSIENT);
+    if (ok()) sqlite3_bind_blob(stmt_, i, v.data(), static_cast<int>(v.size()), SQLITE_STATIC);
     return *this;
   }
   // SQLITE_ROW, SQLITE_DONE or an error code.
-  int Step() { return ok() ? sqlite3_step(stmt_) : rc_; }
+  int Step() { return ok() ? sqlite3_step(stmt_) : SQLITE_MISUSE; }
+  // Steps to the end; SQLITE_DONE or an error code.
+  int Run() {
+    int rc = Step();
+    while (rc == SQLITE_ROW) rc = Step();
+    return rc;
+  }
   int64_t ColInt(int i) { return sqlite3_column_int64(stmt_, i); }
-  std::string ColText(int i) {
+  // The column's bytes, valid until the next Step() or the end of the Stmt.
+  std::string_view ColView(int i) {
     const void* p = sqlite3_column_blob(stmt_, i);
     int n = sqlite3_column_bytes(stmt_, i);
-    return p ? std::string(static_cast<const char*>(p), static_cast<size_t>(n)) : std::string();
+    return p ? std::string_view(static_cast<const char*>(p), static_cast<size_t>(n))
+             : std::string_view();
   }
+  std::string ColText(int i) { return std::string(ColView(i)); }
 
  private:
-  sqlite3_stmt* stmt_ = nullptr;
-  int rc_ = SQLITE_ERROR;
+  sqlite3_stmt* stmt_;
 };
+
+bool ParseView(std::string_view bytes, google::protobuf::MessageLite* out) {
+  return out->ParseFromArray(bytes.data(), static_cast<int>(bytes.size()));
+}
 
 ConversationRow RowFrom(Stmt& s) {
   ConversationRow row;
   v1::ConversationState state;
-  std::string bytes = s.ColText(1);
-  if (state.ParseFromString(bytes)) row.info = codec::FromProto(state);
+  if (ParseView(s.ColView(1), &state)) row.info = codec::FromProto(state);
   row.info.conversation_id = FromDb(s.ColInt(0));
   row.cursor = FromDb(s.ColInt(2));
   row.delivered_all_seq = FromDb(s.ColInt(3));
@@ -136,54 +258,75 @@ OutboxEntry OutboxFrom(Stmt& s) {
   return e;
 }
 
-constexpr const char* kOutboxColumns =
-    "id, client_msg_id, conversation_id, peer, content_type, body, created_ms, status, "
-    "reason_code, reason_message";
-
 }  // namespace
 
 Result<std::unique_ptr<Cache>> Cache::Open(const std::string& path) {
   sqlite3* raw = nullptr;
   const std::string name = path.empty() ? ":memory:" : path;
+  // Cache's own mutex serializes every use of the connection, so SQLite's is not needed.
   int rc =
       sqlite3_open_v2(name.c_str(), &raw,
-                      SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX, nullptr);
+                      SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, nullptr);
   auto db = std::make_unique<Db>(raw);
   if (rc != SQLITE_OK) {
     return Unavailable("cache: cannot open " + name + ": " + sqlite3_errstr(rc));
   }
-  sqlite3_busy_timeout(raw, 5000);
+  sqlite3_busy_timeout(raw, kBusyTimeoutMs);
   std::unique_ptr<Cache> cache(new Cache(std::move(db)));
+  // Exclusive locking, set before WAL is entered: one client owns the file while it is open, so
+  // SQLite keeps the WAL index in memory instead of a shared -shm file and takes no file locks per
+  // transaction (about ten fcntl calls per Send() otherwise). A second client on the same file
+  // gets Unavailable ("database is locked") after the busy timeout.
   // A file that is not a database fails on the first statement that reads it.
-  rc = sqlite3_exec(raw, "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;", nullptr, nullptr,
-                    nullptr);
+  rc = sqlite3_exec(raw,
+                    "PRAGMA locking_mode=EXCLUSIVE; PRAGMA journal_mode=WAL; "
+                    "PRAGMA synchronous=NORMAL;",
+                    nullptr, nullptr, nullptr);
   if (rc == SQLITE_NOTADB || rc == SQLITE_CORRUPT) {
     return DataLoss("cache: " + name + " is not a cache database");
   }
   if (rc != SQLITE_OK) return cache->db_->Error("pragma");
   int version = 0;
   {
-    Stmt s(raw, "PRAGMA user_version");
+    Stmt s(cache->db_.get(), kUserVersion);
     if (s.Step() == SQLITE_ROW) version = static_cast<int>(s.ColInt(0));
   }
-  if (version != 0 && version != kSchemaVersion) {
-    // An unknown layout of the derived tables: rebuild them from the server.
-    if (Status st = cache->Exec("DROP TABLE IF EXISTS meta; DROP TABLE IF EXISTS conversations; "
-                                "DROP TABLE IF EXISTS messages;");
-        !st.ok()) {
-      return st;
+  if (version != kSchemaVersion) {
+    Transaction txn(cache.get());
+    if (version != 0) {
+      // An unknown layout of the derived tables: rebuild them from the server.
+      if (Status st = cache->Exec("DROP TABLE IF EXISTS meta; DROP TABLE IF EXISTS conversations; "
+                                  "DROP TABLE IF EXISTS messages;");
+          !st.ok()) {
+        return st;
+      }
+      bool has_outbox = false;
+      {
+        Stmt s(cache->db_.get(), kHasOutbox);
+        has_outbox = s.Step() == SQLITE_ROW;
+      }
+      if (has_outbox && version < kSchemaVersion) {
+        if (Status st = cache->Exec(kMigrateOutbox); !st.ok()) return st;
+      }
     }
+    if (Status st = cache->Exec(kSchema); !st.ok()) return st;
+    if (Status st = cache->Exec("PRAGMA user_version=3"); !st.ok()) return st;
+    if (Status st = txn.Commit(); !st.ok()) return st;
   }
-  if (Status st = cache->Exec(kSchema); !st.ok()) return st;
-  if (Status st = cache->Exec("PRAGMA user_version=2"); !st.ok()) return st;
   return cache;
 }
 
 Cache::Cache(std::unique_ptr<Db> db) : db_(std::move(db)) {}
 Cache::~Cache() = default;
 
+void Cache::Close() {
+  std::lock_guard lock(mu_);
+  db_->Close();
+}
+
 Status Cache::Exec(const char* sql) {
   std::lock_guard lock(mu_);
+  if (db_->get() == nullptr) return db_->Error("exec");
   char* err = nullptr;
   int rc = sqlite3_exec(db_->get(), sql, nullptr, nullptr, &err);
   if (rc != SQLITE_OK) {
@@ -195,38 +338,50 @@ Status Cache::Exec(const char* sql) {
   return Status::Ok();
 }
 
-Cache::Transaction::Transaction(Cache* cache) : cache_(cache), lock_(cache->mu_) {
-  active_ = cache_->Exec("BEGIN IMMEDIATE").ok();
+Cache::Transaction::Transaction(Cache* cache)
+    : cache_(cache), lock_(cache->mu_), pending_before_(cache->pending_count_) {
+  Stmt s(cache_->db_.get(), kBegin);
+  active_ = s.Run() == SQLITE_DONE;
 }
 
 Cache::Transaction::~Transaction() {
-  if (active_) (void)cache_->Exec("ROLLBACK");
+  if (!active_) return;
+  Stmt s(cache_->db_.get(), kRollback);
+  // The pending count goes back with the rows; unknown if the rollback itself failed.
+  cache_->pending_count_ = s.Run() == SQLITE_DONE ? pending_before_ : std::nullopt;
 }
 
 Status Cache::Transaction::Commit() {
   if (!active_) return Unavailable("cache: transaction did not start");
-  active_ = false;
-  return cache_->Exec("COMMIT");
+  Stmt s(cache_->db_.get(), kCommit);
+  if (s.Run() == SQLITE_DONE) {
+    active_ = false;
+    return Status::Ok();
+  }
+  // Still open (e.g. SQLITE_BUSY): the destructor rolls it back.
+  return cache_->db_->Error("commit");
 }
 
 uint64_t Cache::Epoch() {
   std::lock_guard lock(mu_);
-  Stmt s(db_->get(), "SELECT value FROM meta WHERE key = 'epoch'");
-  return s.Step() == SQLITE_ROW ? FromDb(s.ColInt(0)) : 0;
+  Stmt s(db_.get(), kGetMeta);
+  return s.Text(1, "epoch").Step() == SQLITE_ROW ? FromDb(s.ColInt(0)) : 0;
 }
 
 std::string Cache::UserId() {
   std::lock_guard lock(mu_);
-  Stmt s(db_->get(), "SELECT value FROM meta WHERE key = 'user_id'");
-  return s.Step() == SQLITE_ROW ? s.ColText(0) : std::string();
+  Stmt s(db_.get(), kGetMeta);
+  return s.Text(1, "user_id").Step() == SQLITE_ROW ? s.ColText(0) : std::string();
 }
 
 Status Cache::SetIdentity(uint64_t epoch, const std::string& user_id) {
   std::lock_guard lock(mu_);
-  Stmt a(db_->get(), "INSERT OR REPLACE INTO meta(key, value) VALUES('epoch', ?)");
-  if (a.Int(1, ToDb(epoch)).Step() != SQLITE_DONE) return db_->Error("set epoch");
-  Stmt b(db_->get(), "INSERT OR REPLACE INTO meta(key, value) VALUES('user_id', ?)");
-  if (b.Text(1, user_id).Step() != SQLITE_DONE) return db_->Error("set user");
+  {
+    Stmt a(db_.get(), kSetMeta);
+    if (a.Text(1, "epoch").Int(2, ToDb(epoch)).Run() != SQLITE_DONE) return db_->Error("set epoch");
+  }
+  Stmt b(db_.get(), kSetMeta);
+  if (b.Text(1, "user_id").Text(2, user_id).Run() != SQLITE_DONE) return db_->Error("set user");
   return Status::Ok();
 }
 
@@ -234,18 +389,15 @@ Status Cache::ResetForEpoch(uint64_t epoch) {
   Transaction txn(this);
   if (Status st = Exec("DELETE FROM conversations; DELETE FROM messages;"); !st.ok()) return st;
   {
-    Stmt a(db_->get(), "INSERT OR REPLACE INTO meta(key, value) VALUES('epoch', ?)");
-    if (a.Int(1, ToDb(epoch)).Step() != SQLITE_DONE) return db_->Error("set epoch");
+    Stmt a(db_.get(), kSetMeta);
+    if (a.Text(1, "epoch").Int(2, ToDb(epoch)).Run() != SQLITE_DONE) return db_->Error("set epoch");
   }
   return txn.Commit();
 }
 
 std::optional<ConversationRow> Cache::GetConversation(ConversationId id) {
   std::lock_guard lock(mu_);
-  Stmt s(
-      db_->get(),
-      "SELECT conversation_id, state, cursor, delivered_all_seq, read_all_seq FROM conversations "
-      "WHERE conversation_id = ?");
+  Stmt s(db_.get(), kGetConversation);
   if (s.Int(1, ToDb(id)).Step() != SQLITE_ROW) return std::nullopt;
   return RowFrom(s);
 }
@@ -254,25 +406,21 @@ Status Cache::PutConversation(const ConversationRow& row) {
   std::lock_guard lock(mu_);
   v1::ConversationState state;
   codec::ToProto(row.info, &state);
-  Stmt s(db_->get(),
-         "INSERT OR REPLACE INTO conversations(conversation_id, state, cursor, last_activity_ms, "
-         "delivered_all_seq, read_all_seq) VALUES(?, ?, ?, ?, ?, ?)");
+  const std::string bytes = state.SerializeAsString();
+  Stmt s(db_.get(), kPutConversation);
   s.Int(1, ToDb(row.info.conversation_id))
-      .Blob(2, state.SerializeAsString())
+      .Blob(2, bytes)
       .Int(3, ToDb(row.cursor))
       .Int(4, row.info.last_activity_ms)
       .Int(5, ToDb(row.delivered_all_seq))
       .Int(6, ToDb(row.read_all_seq));
-  if (s.Step() != SQLITE_DONE) return db_->Error("put conversation");
+  if (s.Run() != SQLITE_DONE) return db_->Error("put conversation");
   return Status::Ok();
 }
 
 std::vector<ConversationRow> Cache::ListConversations() {
   std::lock_guard lock(mu_);
-  Stmt s(
-      db_->get(),
-      "SELECT conversation_id, state, cursor, delivered_all_seq, read_all_seq FROM conversations "
-      "ORDER BY last_activity_ms DESC, conversation_id DESC");
+  Stmt s(db_.get(), kListConversations);
   std::vector<ConversationRow> rows;
   while (s.Step() == SQLITE_ROW) rows.push_back(RowFrom(s));
   return rows;
@@ -280,43 +428,61 @@ std::vector<ConversationRow> Cache::ListConversations() {
 
 Status Cache::PutMessage(const v1::Message& message) {
   std::lock_guard lock(mu_);
-  Stmt s(db_->get(),
-         "INSERT OR IGNORE INTO messages(conversation_id, seq, message) VALUES(?, ?, ?)");
-  s.Int(1, ToDb(message.conversation_id()))
-      .Int(2, ToDb(message.seq()))
-      .Blob(3, message.SerializeAsString());
-  if (s.Step() != SQLITE_DONE) return db_->Error("put message");
+  const std::string bytes = message.SerializeAsString();
+  Stmt s(db_.get(), kPutMessage);
+  s.Int(1, ToDb(message.conversation_id())).Int(2, ToDb(message.seq())).Blob(3, bytes);
+  if (s.Run() != SQLITE_DONE) return db_->Error("put message");
   return Status::Ok();
 }
 
 std::optional<v1::Message> Cache::GetMessage(ConversationId conversation, Seq seq) {
   std::lock_guard lock(mu_);
-  Stmt s(db_->get(), "SELECT message FROM messages WHERE conversation_id = ? AND seq = ?");
+  Stmt s(db_.get(), kGetMessage);
   if (s.Int(1, ToDb(conversation)).Int(2, ToDb(seq)).Step() != SQLITE_ROW) return std::nullopt;
   v1::Message m;
-  if (!m.ParseFromString(s.ColText(0))) return std::nullopt;
+  if (!ParseView(s.ColView(0), &m)) return std::nullopt;
   return m;
 }
 
 std::vector<v1::Message> Cache::RangeNewestFirst(ConversationId conversation, Seq from, Seq to,
                                                  uint32_t limit) {
   std::lock_guard lock(mu_);
-  Stmt s(db_->get(),
-         "SELECT message FROM messages WHERE conversation_id = ? AND seq >= ? AND seq <= ? "
-         "ORDER BY seq DESC LIMIT ?");
+  Stmt s(db_.get(), kRangeNewestFirst);
   s.Int(1, ToDb(conversation)).Int(2, SeqBound(from)).Int(3, SeqBound(to)).Int(4, limit);
   std::vector<v1::Message> out;
   while (s.Step() == SQLITE_ROW) {
     v1::Message m;
-    if (m.ParseFromString(s.ColText(0))) out.push_back(std::move(m));
+    if (ParseView(s.ColView(0), &m)) out.push_back(std::move(m));
   }
   return out;
 }
 
+bool Cache::FullRangeNewestFirst(ConversationId conversation, Seq from, Seq to,
+                                 std::vector<Message>* out) {
+  if (from == 0 || to < from) return false;
+  std::lock_guard lock(mu_);
+  Stmt s(db_.get(), kRangeNewestFirst);
+  s.Int(1, ToDb(conversation))
+      .Int(2, SeqBound(from))
+      .Int(3, SeqBound(to))
+      .Int(4, ToDb(to - from + 1));
+  out->clear();
+  out->reserve(static_cast<size_t>(std::min<Seq>(to - from + 1, kReserveRows)));
+  // One parsed message reused for every row keeps its allocations between rows.
+  v1::Message m;
+  Seq expected = to;
+  int rc;
+  while ((rc = s.Step()) == SQLITE_ROW) {
+    if (!ParseView(s.ColView(0), &m) || m.seq() != expected) return false;
+    out->push_back(codec::FromProto(m));
+    --expected;
+  }
+  return rc == SQLITE_DONE && expected + 1 == from;
+}
+
 uint64_t Cache::CountRange(ConversationId conversation, Seq from, Seq to) {
   std::lock_guard lock(mu_);
-  Stmt s(db_->get(),
-         "SELECT COUNT(*) FROM messages WHERE conversation_id = ? AND seq >= ? AND seq <= ?");
+  Stmt s(db_.get(), kCountRange);
   s.Int(1, ToDb(conversation)).Int(2, SeqBound(from)).Int(3, SeqBound(to));
   return s.Step() == SQLITE_ROW ? FromDb(s.ColInt(0)) : 0;
 }
@@ -329,14 +495,12 @@ uint64_t Cache::UnreadTotal() {
 
 uint64_t Cache::CountUnread(ConversationId conversation, Seq from, Seq to, const std::string& me) {
   std::lock_guard lock(mu_);
-  Stmt s(db_->get(),
-         "SELECT message FROM messages WHERE conversation_id = ? AND seq >= ? AND seq <= ?");
+  Stmt s(db_.get(), kRangeMessages);
   s.Int(1, ToDb(conversation)).Int(2, SeqBound(from)).Int(3, SeqBound(to));
   uint64_t n = 0;
+  v1::Message m;
   while (s.Step() == SQLITE_ROW) {
-    v1::Message m;
-    if (m.ParseFromString(s.ColText(0)) && m.kind() != v1::MESSAGE_KIND_SYSTEM &&
-        m.sender() != me) {
+    if (ParseView(s.ColView(0), &m) && m.kind() != v1::MESSAGE_KIND_SYSTEM && m.sender() != me) {
       ++n;
     }
   }
@@ -345,40 +509,39 @@ uint64_t Cache::CountUnread(ConversationId conversation, Seq from, Seq to, const
 
 uint64_t Cache::MessageCount() {
   std::lock_guard lock(mu_);
-  Stmt s(db_->get(), "SELECT COUNT(*) FROM messages");
+  Stmt s(db_.get(), kCountMessages);
   return s.Step() == SQLITE_ROW ? FromDb(s.ColInt(0)) : 0;
 }
 
 Status Cache::AddOutbox(OutboxEntry* entry, size_t max_pending) {
-  Transaction txn(this);
+  std::lock_guard lock(mu_);
   if (PendingCount() >= max_pending) {
     return ResourceExhausted("outbox is full (" + std::to_string(max_pending) + " pending)");
   }
+  Transaction txn(this);
   {
-    Stmt s(db_->get(),
-           "INSERT INTO outbox(client_msg_id, conversation_id, peer, content_type, body, "
-           "created_ms, status, reason_code, reason_message) VALUES(?, ?, ?, ?, ?, ?, 0, 0, '')");
+    Stmt s(db_.get(), kAddOutbox);
     s.Text(1, entry->client_msg_id)
         .Int(2, ToDb(entry->conversation_id))
         .Text(3, entry->peer)
         .Text(4, entry->content_type)
         .Blob(5, entry->body)
         .Int(6, entry->created_ms);
-    int rc = s.Step();
+    int rc = s.Run();
     if (rc == SQLITE_CONSTRAINT) return AlreadyExists("client_msg_id already in the outbox");
     if (rc != SQLITE_DONE) return db_->Error("add to outbox");
   }
   entry->id = sqlite3_last_insert_rowid(db_->get());
   entry->status = MessageStatus::kPending;
-  Status committed = txn.Commit();
-  if (committed.ok() && pending_count_.has_value()) ++*pending_count_;
-  return committed;
+  if (Status st = txn.Commit(); !st.ok()) return st;
+  if (pending_count_.has_value()) ++*pending_count_;
+  return Status::Ok();
 }
 
 size_t Cache::PendingCount() {
   std::lock_guard lock(mu_);
   if (!pending_count_.has_value()) {
-    Stmt s(db_->get(), "SELECT COUNT(*) FROM outbox WHERE status = 0");
+    Stmt s(db_.get(), kCountPending);
     if (s.Step() != SQLITE_ROW) return 0;
     pending_count_ = static_cast<size_t>(s.ColInt(0));
   }
@@ -387,9 +550,7 @@ size_t Cache::PendingCount() {
 
 std::vector<OutboxEntry> Cache::PendingOutbox(size_t limit) {
   std::lock_guard lock(mu_);
-  std::string sql =
-      std::string("SELECT ") + kOutboxColumns + " FROM outbox WHERE status = 0 ORDER BY id LIMIT ?";
-  Stmt s(db_->get(), sql.c_str());
+  Stmt s(db_.get(), kPendingOutbox);
   s.Int(1, static_cast<int64_t>(limit));
   std::vector<OutboxEntry> out;
   while (s.Step() == SQLITE_ROW) out.push_back(OutboxFrom(s));
@@ -398,8 +559,7 @@ std::vector<OutboxEntry> Cache::PendingOutbox(size_t limit) {
 
 std::vector<OutboxEntry> Cache::ListOutbox() {
   std::lock_guard lock(mu_);
-  std::string sql = std::string("SELECT ") + kOutboxColumns + " FROM outbox ORDER BY id";
-  Stmt s(db_->get(), sql.c_str());
+  Stmt s(db_.get(), kListOutbox);
   std::vector<OutboxEntry> out;
   while (s.Step() == SQLITE_ROW) out.push_back(OutboxFrom(s));
   return out;
@@ -407,29 +567,37 @@ std::vector<OutboxEntry> Cache::ListOutbox() {
 
 std::optional<OutboxEntry> Cache::FindOutbox(const std::string& client_msg_id) {
   std::lock_guard lock(mu_);
-  std::string sql =
-      std::string("SELECT ") + kOutboxColumns + " FROM outbox WHERE client_msg_id = ?";
-  Stmt s(db_->get(), sql.c_str());
+  Stmt s(db_.get(), kFindOutbox);
   if (s.Text(1, client_msg_id).Step() != SQLITE_ROW) return std::nullopt;
   return OutboxFrom(s);
 }
 
 Status Cache::RemoveOutbox(const std::string& client_msg_id) {
   std::lock_guard lock(mu_);
-  pending_count_.reset();
-  Stmt s(db_->get(), "DELETE FROM outbox WHERE client_msg_id = ?");
-  if (s.Text(1, client_msg_id).Step() != SQLITE_DONE) return db_->Error("remove from outbox");
+  Stmt s(db_.get(), kRemoveOutbox);
+  s.Text(1, client_msg_id);
+  bool was_pending = false;
+  int rc;
+  while ((rc = s.Step()) == SQLITE_ROW) was_pending = s.ColInt(0) == 0;
+  if (rc != SQLITE_DONE) {
+    pending_count_.reset();
+    return db_->Error("remove from outbox");
+  }
+  if (was_pending && pending_count_.has_value() && *pending_count_ > 0) --*pending_count_;
   return Status::Ok();
 }
 
 Status Cache::FailOutbox(const std::string& client_msg_id, const Status& reason) {
   std::lock_guard lock(mu_);
-  pending_count_.reset();
-  Stmt s(db_->get(),
-         "UPDATE outbox SET status = 2, reason_code = ?, reason_message = ? "
-         "WHERE client_msg_id = ?");
+  Stmt s(db_.get(), kFailOutbox);
   s.Int(1, static_cast<int>(reason.code())).Text(2, reason.message()).Text(3, client_msg_id);
-  if (s.Step() != SQLITE_DONE) return db_->Error("fail outbox message");
+  if (s.Run() != SQLITE_DONE) {
+    pending_count_.reset();
+    return db_->Error("fail outbox message");
+  }
+  if (sqlite3_changes(db_->get()) > 0 && pending_count_.has_value() && *pending_count_ > 0) {
+    --*pending_count_;
+  }
   return Status::Ok();
 }
 

@@ -4,7 +4,8 @@
 // The cache is what the application sees between connections: Conversations() and History()
 // read from it, and the outbox in it survives Close(), reconnects and kill -9 of the process
 // (every write is committed before the call returns; WAL, synchronous=NORMAL, so a process crash
-// loses nothing and only a power loss may lose the last transactions).
+// loses nothing and only a power loss may lose the last transactions). The file is locked
+// exclusively while the Cache is open: one client per cache file.
 //
 // Each conversation row carries `cursor`: the highest seq the application has been given with
 // nothing missing below it (seqs covered by a server Gap count as given). It is both the Sync
@@ -63,6 +64,13 @@ class Cache {
   Cache(const Cache&) = delete;
   Cache& operator=(const Cache&) = delete;
 
+  // Closes the database and releases the file for another client; every later call fails
+  // (Unavailable) or finds nothing.
+  void Close();
+
+  // The connection and its kept statements (cache.cc).
+  class Db;
+
   // Groups writes into one SQLite transaction; commits in Commit() or rolls back when
   // destroyed uncommitted.
   class Transaction {
@@ -76,6 +84,7 @@ class Cache {
    private:
     Cache* cache_;
     std::unique_lock<std::recursive_mutex> lock_;
+    std::optional<size_t> pending_before_;  // restored by a rollback
     bool active_ = false;
   };
 
@@ -102,6 +111,10 @@ class Cache {
   // Messages with from <= seq <= to, newest first, at most `limit`.
   std::vector<v1::Message> RangeNewestFirst(ConversationId conversation, Seq from, Seq to,
                                             uint32_t limit);
+  // The whole range from <= seq <= to (from >= 1), newest first, into `out`: true only if every
+  // seq of it is cached. One statement, for History pages answered from the cache.
+  bool FullRangeNewestFirst(ConversationId conversation, Seq from, Seq to,
+                            std::vector<Message>* out);
   uint64_t CountRange(ConversationId conversation, Seq from, Seq to);
   // Cached user messages with from <= seq <= to not sent by `me`: the unread ones above a
   // read watermark.
@@ -122,14 +135,14 @@ class Cache {
   Status FailOutbox(const std::string& client_msg_id, const Status& reason);
 
  private:
-  class Db;
   explicit Cache(std::unique_ptr<Db> db);
   Status Exec(const char* sql);
 
   std::recursive_mutex mu_;
   std::unique_ptr<Db> db_;
-  // Pending outbox rows, counted once and then kept by AddOutbox, so a burst of offline sends
-  // does not count the whole outbox per send; unknown (recounted) after any other change.
+  // Pending outbox rows, counted once and then kept exactly by AddOutbox, RemoveOutbox and
+  // FailOutbox, so Send() never counts the outbox; unknown (recounted) after a rollback or a
+  // failed write.
   std::optional<size_t> pending_count_;
 };
 

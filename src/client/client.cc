@@ -188,9 +188,11 @@ class Client::Impl final : public ClientListener, public client::SessionIo {
     entry.body = std::string(body);
     entry.created_ms = options_.clock->WallMs();
     if (Status st = cache_->AddOutbox(&entry, options_.outbox_max); !st.ok()) return st;
+    std::string client_msg_id = entry.client_msg_id;
     // The outbox bounds these posts, so they are not counted against max_pending_calls.
-    (void)Post([this, entry] { session_->OnOutboxAdded(entry); }, /*bounded=*/false);
-    return entry.client_msg_id;
+    (void)Post([this, entry = std::move(entry)] { session_->OnOutboxAdded(entry); },
+               /*bounded=*/false);
+    return client_msg_id;
   }
 
   Status History(ConversationId conversation, Seq before_seq, uint32_t limit,
@@ -535,6 +537,8 @@ class Client::Impl final : public ClientListener, public client::SessionIo {
       tasks_.clear();
     }
     transport.reset();
+    // Releases the cache file (locked while open) for the next client on the same path.
+    if (cache_) cache_->Close();
   }
 
   ClientOptions options_;

@@ -1196,11 +1196,8 @@ void Session::History(ConversationId conversation, Seq before_seq, uint32_t limi
     }
     const Seq to = top - 1;
     const Seq from = to + 1 > floor + limit ? to + 1 - limit : floor;
-    if (cache_->CountRange(conversation, from, to) == to - from + 1) {
+    if (cache_->FullRangeNewestFirst(conversation, from, to, &result.messages)) {
       result.has_more = from > floor;
-      for (const v1::Message& m : cache_->RangeNewestFirst(conversation, from, to, limit)) {
-        result.messages.push_back(codec::FromProto(m));
-      }
       callback(std::move(result));
       return;
     }
