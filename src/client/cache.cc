@@ -277,10 +277,13 @@ Result<std::unique_ptr<Cache>> Cache::Open(const std::string& path) {
   // SQLite keeps the WAL index in memory instead of a shared -shm file and takes no file locks per
   // transaction (about ten fcntl calls per Send() otherwise). A second client on the same file
   // gets Unavailable ("database is locked") after the busy timeout.
+  // A checkpoint (which the commit that crosses the threshold runs) costs two fsyncs, whose time
+  // hardly depends on how much the WAL holds: 4000 pages (16 MiB at 4 KiB) instead of SQLite's
+  // 1000 makes them a quarter as frequent for a burst of Send() calls.
   // A file that is not a database fails on the first statement that reads it.
   rc = sqlite3_exec(raw,
                     "PRAGMA locking_mode=EXCLUSIVE; PRAGMA journal_mode=WAL; "
-                    "PRAGMA synchronous=NORMAL;",
+                    "PRAGMA synchronous=NORMAL; PRAGMA wal_autocheckpoint=4000;",
                     nullptr, nullptr, nullptr);
   if (rc == SQLITE_NOTADB || rc == SQLITE_CORRUPT) {
     return DataLoss("cache: " + name + " is not a cache database");

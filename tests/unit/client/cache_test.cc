@@ -2,8 +2,10 @@
 #include "src/client/cache.h"
 
 #include <doctest/doctest.h>
+#include <sqlite3.h>
 
 #include <string>
+#include <vector>
 
 #include "tests/testing/temp_dir.h"
 
@@ -112,6 +114,138 @@ TEST_CASE("cache: an uncommitted transaction leaves nothing behind") {
     REQUIRE(txn.Commit().ok());
   }
   CHECK(cache->MessageCount() == 1);
+}
+
+TEST_CASE("cache: the pending count follows removals, failures and rolled back transactions") {
+  auto cache = Cache::Open("").value();
+  OutboxEntry a = Entry("id-a"), b = Entry("id-b"), c = Entry("id-c");
+  REQUIRE(cache->AddOutbox(&a, 2).ok());
+  REQUIRE(cache->AddOutbox(&b, 2).ok());
+  {
+    Cache::Transaction txn(cache.get());
+    REQUIRE(cache->RemoveOutbox("id-a").ok());
+    REQUIRE(cache->FailOutbox("id-b", PermissionDenied("no")).ok());
+    CHECK(cache->PendingCount() == 0);
+  }
+  // Rolled back: both are pending again, and the outbox is still full.
+  CHECK(cache->PendingCount() == 2);
+  CHECK(cache->AddOutbox(&c, 2).code() == Code::kResourceExhausted);
+  CHECK(cache->PendingOutbox(10).size() == 2);
+  {
+    Cache::Transaction txn(cache.get());
+    REQUIRE(cache->RemoveOutbox("id-a").ok());
+    REQUIRE(txn.Commit().ok());
+  }
+  CHECK(cache->PendingCount() == 1);
+  // Removing or failing what is not pending changes nothing.
+  REQUIRE(cache->RemoveOutbox("id-a").ok());
+  REQUIRE(cache->FailOutbox("id-b", PermissionDenied("no")).ok());
+  REQUIRE(cache->FailOutbox("id-b", PermissionDenied("again")).ok());
+  CHECK(cache->PendingCount() == 0);
+  CHECK(cache->FindOutbox("id-b")->reason == PermissionDenied("no"));
+  REQUIRE(cache->RemoveOutbox("id-b").ok());
+  CHECK(cache->PendingCount() == 0);
+  REQUIRE(cache->AddOutbox(&c, 1).ok());
+  CHECK(cache->PendingCount() == 1);
+  CHECK(cache->ListOutbox().size() == 1);
+}
+
+TEST_CASE("cache: a full range is read newest first in one piece, a range with a hole is not") {
+  auto cache = Cache::Open("").value();
+  for (Seq s : {1, 2, 3, 5, 6}) REQUIRE(cache->PutMessage(Msg(1, s)).ok());
+  REQUIRE(cache->PutMessage(Msg(2, 4)).ok());
+  std::vector<Message> page;
+  REQUIRE(cache->FullRangeNewestFirst(1, 1, 3, &page));
+  REQUIRE(page.size() == 3);
+  CHECK(page[0].seq == 3);
+  CHECK(page[0].body == "body-3");
+  CHECK(page[2].seq == 1);
+  REQUIRE(cache->FullRangeNewestFirst(1, 5, 6, &page));
+  REQUIRE(page.size() == 2);
+  CHECK(page[0].seq == 6);
+  // Seq 4 of conversation 1 is missing (conversation 2 has one).
+  CHECK_FALSE(cache->FullRangeNewestFirst(1, 3, 6, &page));
+  CHECK_FALSE(cache->FullRangeNewestFirst(1, 6, 7, &page));
+  CHECK_FALSE(cache->FullRangeNewestFirst(1, 0, 2, &page));
+  CHECK_FALSE(cache->FullRangeNewestFirst(1, 3, 2, &page));
+}
+
+TEST_CASE("cache: a closed cache refuses writes with Unavailable and reads nothing") {
+  auto cache = Cache::Open("").value();
+  OutboxEntry a = Entry("id-a");
+  REQUIRE(cache->AddOutbox(&a, 10).ok());
+  REQUIRE(cache->PutMessage(Msg(1, 1)).ok());
+  cache->Close();
+  OutboxEntry b = Entry("id-b");
+  CHECK(cache->AddOutbox(&b, 10).code() == Code::kUnavailable);
+  CHECK(cache->PutMessage(Msg(1, 2)).code() == Code::kUnavailable);
+  CHECK(cache->ListOutbox().empty());
+  CHECK_FALSE(cache->GetMessage(1, 1).has_value());
+  std::vector<Message> page;
+  CHECK_FALSE(cache->FullRangeNewestFirst(1, 1, 1, &page));
+  Cache::Transaction txn(cache.get());
+  CHECK(txn.Commit().code() == Code::kUnavailable);
+}
+
+// A cache file as schema version 2 wrote it: an AUTOINCREMENT outbox with an index on status.
+void WriteVersion2Cache(const std::string& path) {
+  sqlite3* db = nullptr;
+  REQUIRE(sqlite3_open(path.c_str(), &db) == SQLITE_OK);
+  const char* sql = R"sql(
+PRAGMA journal_mode=WAL;
+CREATE TABLE meta(key TEXT PRIMARY KEY, value BLOB);
+INSERT INTO meta VALUES('user_id', 'alice');
+CREATE TABLE conversations(conversation_id INTEGER PRIMARY KEY, state BLOB NOT NULL,
+  cursor INTEGER NOT NULL, last_activity_ms INTEGER NOT NULL,
+  delivered_all_seq INTEGER NOT NULL DEFAULT 0, read_all_seq INTEGER NOT NULL DEFAULT 0);
+INSERT INTO conversations VALUES(1, x'', 1, 0, 0, 0);
+CREATE TABLE messages(conversation_id INTEGER NOT NULL, seq INTEGER NOT NULL,
+  message BLOB NOT NULL, PRIMARY KEY(conversation_id, seq)) WITHOUT ROWID;
+CREATE TABLE outbox(id INTEGER PRIMARY KEY AUTOINCREMENT, client_msg_id TEXT NOT NULL UNIQUE,
+  conversation_id INTEGER NOT NULL, peer TEXT NOT NULL, content_type TEXT NOT NULL,
+  body BLOB NOT NULL, created_ms INTEGER NOT NULL, status INTEGER NOT NULL,
+  reason_code INTEGER NOT NULL, reason_message TEXT NOT NULL);
+CREATE INDEX outbox_status ON outbox(status);
+INSERT INTO outbox VALUES(5, 'id-old-1', 0, 'bob', 'text/plain', 'one', 1, 0, 0, '');
+INSERT INTO outbox VALUES(7, 'id-old-2', 3, '', 'text/plain', 'two', 2, 2, 4, 'denied');
+INSERT INTO outbox VALUES(9, 'id-old-3', 0, 'bob', 'text/plain', 'three', 3, 0, 0, '');
+PRAGMA user_version=2;
+)sql";
+  char* err = nullptr;
+  const int rc = sqlite3_exec(db, sql, nullptr, nullptr, &err);
+  CHECK_MESSAGE(rc == SQLITE_OK, (err ? err : ""));
+  sqlite3_free(err);
+  sqlite3_close(db);
+}
+
+TEST_CASE("cache: an outbox of schema version 2 is carried over with its ids and order") {
+  testing::TempDir dir;
+  WriteVersion2Cache(dir.File("c.db"));
+  for (int open = 0; open < 2; ++open) {
+    auto opened = Cache::Open(dir.File("c.db"));
+    REQUIRE(opened.ok());
+    auto& cache = *opened;
+    // The derived tables are rebuilt from the server.
+    CHECK_FALSE(cache->GetConversation(1).has_value());
+    std::vector<OutboxEntry> all = cache->ListOutbox();
+    REQUIRE(all.size() == (open == 0 ? 3 : 4));
+    CHECK(all[0].id == 5);
+    CHECK(all[0].client_msg_id == "id-old-1");
+    CHECK(all[0].peer == "bob");
+    CHECK(all[0].body == "one");
+    CHECK(all[1].status == MessageStatus::kFailed);
+    CHECK(all[1].reason == PermissionDenied("denied"));
+    CHECK(all[2].client_msg_id == "id-old-3");
+    if (open == 0) {
+      CHECK(cache->PendingCount() == 2);
+      OutboxEntry next = Entry("id-new");
+      REQUIRE(cache->AddOutbox(&next, 10).ok());
+      CHECK(next.id > 9);
+    } else {
+      CHECK(cache->PendingCount() == 3);
+      CHECK(all[3].client_msg_id == "id-new");
+    }
+  }
 }
 
 }  // namespace

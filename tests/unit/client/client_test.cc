@@ -3,9 +3,12 @@
 #include "chat/client.h"
 
 #include <doctest/doctest.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
+#include <csignal>
 #include <memory>
 #include <string>
 #include <thread>
@@ -129,6 +132,77 @@ TEST_CASE("client: the outbox survives Close and is there for the next Client") 
   CHECK((*outbox)[0].message.client_msg_id == first_id);
   CHECK((*outbox)[0].message.conversation_id == 7);
   CHECK((*outbox)[1].peer == "carol");
+}
+
+TEST_CASE(
+    "client: a process killed right after Send() returns leaves every message in the outbox") {
+  testing::TempDir dir;
+  const std::string cache = dir.File("cache.db");
+  constexpr int kCount = 50;
+  int pipe_fds[2];
+  REQUIRE(pipe(pipe_fds) == 0);
+  const pid_t pid = fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    // The child sends, tells the parent its ids and dies with no Close() and no destructor.
+    close(pipe_fds[0]);
+    auto client = Client::Open(Offline(cache));
+    std::string ids;
+    for (int i = 0; client.ok() && i < kCount; ++i) {
+      auto id = (*client)->SendTo("bob", "text/plain", "m" + std::to_string(i));
+      if (!id.ok()) break;
+      ids += *id + "\n";
+    }
+    (void)!write(pipe_fds[1], ids.data(), ids.size());
+    raise(SIGKILL);
+  }
+  close(pipe_fds[1]);
+  std::string ids;
+  char buffer[4096];
+  for (ssize_t n; (n = read(pipe_fds[0], buffer, sizeof buffer)) > 0;) {
+    ids.append(buffer, static_cast<size_t>(n));
+  }
+  close(pipe_fds[0]);
+  int wstatus = 0;
+  REQUIRE(waitpid(pid, &wstatus, 0) == pid);
+  REQUIRE(WIFSIGNALED(wstatus));
+
+  auto client = Client::Open(Offline(cache));
+  REQUIRE(client.ok());
+  auto outbox = (*client)->Outbox();
+  REQUIRE(outbox.ok());
+  REQUIRE(outbox->size() == kCount);
+  std::string listed;
+  for (int i = 0; i < kCount; ++i) {
+    const MessageEvent& event = (*outbox)[static_cast<size_t>(i)];
+    CHECK(event.message.body == "m" + std::to_string(i));
+    CHECK(event.status == MessageStatus::kPending);
+    listed += event.message.client_msg_id + "\n";
+  }
+  CHECK(listed == ids);
+  // The outbox keeps its order for messages sent after the restart.
+  auto next = (*client)->SendTo("bob", "text/plain", "after");
+  REQUIRE(next.ok());
+  outbox = (*client)->Outbox();
+  REQUIRE(outbox.ok());
+  REQUIRE(outbox->size() == kCount + 1);
+  CHECK(outbox->back().message.client_msg_id == *next);
+}
+
+TEST_CASE("client: a cache file in use by another client is refused until that one is closed") {
+  testing::TempDir dir;
+  auto first = Client::Open(Offline(dir.File("cache.db")));
+  REQUIRE(first.ok());
+  REQUIRE((*first)->SendTo("bob", "text/plain", "kept").ok());
+  // Waits for the lock (a few seconds) before giving up.
+  CHECK(OpenStatus(Offline(dir.File("cache.db"))).code() == Code::kUnavailable);
+  (*first)->Close();
+  auto second = Client::Open(Offline(dir.File("cache.db")));
+  REQUIRE(second.ok());
+  auto outbox = (*second)->Outbox();
+  REQUIRE(outbox.ok());
+  REQUIRE(outbox->size() == 1);
+  CHECK((*outbox)[0].message.body == "kept");
 }
 
 TEST_CASE("client: calls after Close fail with FailedPrecondition and no callback runs") {
