@@ -19,6 +19,7 @@
 #include <random>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -522,9 +523,88 @@ Result<std::vector<UserId>> ReadMembers(Connection& conn, ConversationId convers
   }
 }
 
+// What the writer connection remembers between its transactions, so a message in a known
+// conversation costs three statements (idempotency probe, insert, advance) instead of six:
+// each conversation's last seq, its members, and the memberships looked up for authorization.
+// Only the writer connection changes these rows, and every change goes through the writer's
+// SqliteTarget, which keeps the cache in step; a rolled-back transaction clears it. Bounded:
+// past kMaxConversations conversations or kMaxMemberIds cached member ids it starts over.
+class WriterCache {
+ public:
+  std::optional<Seq> LastSeq(ConversationId conversation_id) const {
+    auto it = conversations_.find(conversation_id);
+    if (it == conversations_.end() || it->second.last_seq == 0) return std::nullopt;
+    return it->second.last_seq;
+  }
+  void SetLastSeq(ConversationId conversation_id, Seq seq) {
+    Entry(conversation_id).last_seq = seq;
+  }
+
+  const server::Membership* FindMembership(ConversationId conversation_id,
+                                           const UserId& user) const {
+    auto it = conversations_.find(conversation_id);
+    if (it == conversations_.end()) return nullptr;
+    auto m = it->second.memberships.find(user);
+    return m == it->second.memberships.end() ? nullptr : &m->second;
+  }
+  void PutMembership(ConversationId conversation_id, const UserId& user,
+                     const server::Membership& membership) {
+    // A conversation that does not exist yet may be created later: never remember its absence.
+    if (!membership.exists) return;
+    Entry(conversation_id).memberships[user] = membership;
+    ++ids_;
+  }
+
+  const std::vector<UserId>* FindMembers(ConversationId conversation_id) const {
+    auto it = conversations_.find(conversation_id);
+    if (it == conversations_.end() || !it->second.members) return nullptr;
+    return &*it->second.members;
+  }
+  void PutMembers(ConversationId conversation_id, const std::vector<UserId>& members) {
+    ids_ += members.size();
+    Entry(conversation_id).members = members;
+  }
+
+  // A member was added, changed or removed: what was known of the conversation's members goes.
+  void ForgetMembers(ConversationId conversation_id) {
+    auto it = conversations_.find(conversation_id);
+    if (it == conversations_.end()) return;
+    it->second.memberships.clear();
+    it->second.members.reset();
+  }
+
+  void Clear() {
+    conversations_.clear();
+    ids_ = 0;
+  }
+
+ private:
+  static constexpr size_t kMaxConversations = 10'000;
+  static constexpr size_t kMaxMemberIds = 100'000;
+
+  struct Conversation {
+    Seq last_seq = 0;  // 0: not known
+    std::optional<std::vector<UserId>> members;
+    std::unordered_map<UserId, server::Membership> memberships;
+  };
+
+  Conversation& Entry(ConversationId conversation_id) {
+    if (ids_ > kMaxMemberIds ||
+        (conversations_.size() >= kMaxConversations && !conversations_.contains(conversation_id))) {
+      Clear();
+    }
+    return conversations_[conversation_id];
+  }
+
+  std::unordered_map<ConversationId, Conversation> conversations_;
+  size_t ids_ = 0;  // member ids and memberships held, an upper bound (forgotten ones still count)
+};
+
 class SqliteSource final : public server::ReadSource {
  public:
-  explicit SqliteSource(Connection& conn) : conn_(conn) {}
+  // `cache`: the writer's, or nullptr for a reader connection.
+  explicit SqliteSource(Connection& conn, WriterCache* cache = nullptr)
+      : conn_(conn), cache_(cache) {}
 
   Status UserConversations(const UserId& user, std::vector<ConversationHead>* out) override {
     Query q(conn_, Sql::kUserConversations);
@@ -540,6 +620,19 @@ class SqliteSource final : public server::ReadSource {
 
   Result<server::Membership> GetMembership(ConversationId conversation_id,
                                            const UserId& user) override {
+    if (cache_ != nullptr) {
+      if (const server::Membership* known = cache_->FindMembership(conversation_id, user)) {
+        return *known;
+      }
+    }
+    Result<server::Membership> membership = ReadMembership(conversation_id, user);
+    if (cache_ != nullptr && membership.ok()) {
+      cache_->PutMembership(conversation_id, user, *membership);
+    }
+    return membership;
+  }
+
+  Result<server::Membership> ReadMembership(ConversationId conversation_id, const UserId& user) {
     Query q(conn_, Sql::kMembership);
     q.U64(conversation_id).Text(user);
     Result<bool> row = q.Step();
@@ -687,11 +780,13 @@ class SqliteSource final : public server::ReadSource {
   }
 
   Connection& conn_;
+  WriterCache* const cache_;
 };
 
 class SqliteTarget final : public server::AppendTarget {
  public:
-  explicit SqliteTarget(Connection& conn) : conn_(conn), reader_(conn) {}
+  SqliteTarget(Connection& conn, WriterCache& cache)
+      : conn_(conn), cache_(cache), reader_(conn, &cache) {}
 
   server::ReadSource& Reader() override { return reader_; }
 
@@ -733,6 +828,7 @@ class SqliteTarget final : public server::AppendTarget {
       q.U64(id).Text(*user).Int(static_cast<int>(Role::kMember)).Int(0);
       if (Status s = q.Run(); !s.ok()) return s;
     }
+    cache_.ForgetMembers(id);
     return id;
   }
 
@@ -752,18 +848,21 @@ class SqliteTarget final : public server::AppendTarget {
 
   Status PutMember(ConversationId conversation_id, const UserId& user, Role role,
                    Seq joined_seq) override {
+    cache_.ForgetMembers(conversation_id);
     Query q(conn_, Sql::kPutMember);
     q.U64(conversation_id).Text(user).Int(static_cast<int>(role)).U64(joined_seq);
     return q.Run();
   }
 
   Status SetRole(ConversationId conversation_id, const UserId& user, Role role) override {
+    cache_.ForgetMembers(conversation_id);
     Query q(conn_, Sql::kSetRole);
     q.U64(conversation_id).Text(user).Int(static_cast<int>(role));
     return q.Run();
   }
 
   Status RemoveMember(ConversationId conversation_id, const UserId& user, Seq seq) override {
+    cache_.ForgetMembers(conversation_id);
     Query q(conn_, Sql::kRemoveMember);
     q.U64(conversation_id).Text(user).U64(seq);
     return q.Run();
@@ -785,6 +884,7 @@ class SqliteTarget final : public server::AppendTarget {
   }
 
   Result<Seq> LastSeq(ConversationId conversation_id) override {
+    if (std::optional<Seq> known = cache_.LastSeq(conversation_id)) return *known;
     Query q(conn_, Sql::kLastSeq);
     q.U64(conversation_id);
     Result<bool> row = q.Step();
@@ -814,11 +914,16 @@ class SqliteTarget final : public server::AppendTarget {
     }
     Query q(conn_, Sql::kAdvanceConversation);
     q.U64(m.conversation_id).U64(m.seq).Int(m.server_time_ms);
-    return q.Run();
+    if (Status s = q.Run(); !s.ok()) return s;
+    cache_.SetLastSeq(m.conversation_id, m.seq);
+    return Status::Ok();
   }
 
   Result<std::vector<UserId>> Members(ConversationId conversation_id) override {
-    return ReadMembers(conn_, conversation_id);
+    if (const std::vector<UserId>* known = cache_.FindMembers(conversation_id)) return *known;
+    Result<std::vector<UserId>> members = ReadMembers(conn_, conversation_id);
+    if (members.ok()) cache_.PutMembers(conversation_id, *members);
+    return members;
   }
 
   Status PutLastSeen(const UserId& user, int64_t last_seen_ms) override {
@@ -854,6 +959,7 @@ class SqliteTarget final : public server::AppendTarget {
 
  private:
   Connection& conn_;
+  WriterCache& cache_;
   SqliteSource reader_;
 };
 
@@ -923,14 +1029,18 @@ class SqliteStore final : public MessageStore {
     std::lock_guard lock(writer_mu_);
     Status s = Query(*writer_, Sql::kBeginImmediate).Run();
     if (s.ok()) {
-      SqliteTarget target(*writer_);
+      SqliteTarget target(*writer_, cache_);
       for (size_t i = 0; i < batch.size() && s.ok(); ++i) {
         s = server::AppendOne(target, batch[i], &(*results)[i]);
       }
       if (s.ok()) s = Query(*writer_, Sql::kCommit).Run();
       // After a failed COMMIT the transaction may still be open (SQLITE_BUSY) or already
       // rolled back by SQLite; ROLLBACK covers the first and harmlessly fails in the second.
-      if (!s.ok()) (void)Query(*writer_, Sql::kRollback).Run();
+      if (!s.ok()) {
+        (void)Query(*writer_, Sql::kRollback).Run();
+        // The cache may hold what the rolled-back statements wrote.
+        cache_.Clear();
+      }
     }
     if (!s.ok()) results->clear();
     return s;
@@ -1142,6 +1252,7 @@ class SqliteStore final : public MessageStore {
   const uint64_t epoch_;
   std::mutex writer_mu_;
   const std::unique_ptr<Connection> writer_;  // guarded by writer_mu_
+  WriterCache cache_;                         // guarded by writer_mu_
   const std::vector<std::unique_ptr<Connection>> readers_;
   std::mutex readers_mu_;
   std::condition_variable readers_cv_;

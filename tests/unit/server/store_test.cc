@@ -898,6 +898,59 @@ void MembersSeeTheLogFromJoinToRemoval(Kind kind) {
 STORE_CASE(MembersSeeTheLogFromJoinToRemoval,
            "members see the log from their join to their removal")
 
+// The SQLite store keeps members, memberships and last seqs between transactions: every
+// change, within one batch or across batches, must show in the very next message.
+void MembershipChangesShowInTheNextMessage(Kind kind) {
+  Env env(kind);
+  MessageStore& store = *env.store;
+  const ConversationId id = CreateGroupOk(store, "alice", {"bob"});
+  AppendResult first = CommitOne(store, ToConversation(id, "bob", "m-1", "hi"));
+  REQUIRE(first.status.ok());
+  CHECK(first.recipients == std::vector<UserId>{"alice", "bob"});
+
+  // Added and sending in the same batch.
+  std::vector<AppendResult> added =
+      Commit(store, {Change(ConversationOp::kAddMembers, id, "alice", {"carol"}),
+                     ToConversation(id, "carol", "m-2", "I am in"),
+                     ToConversation(id, "bob", "m-3", "welcome")});
+  REQUIRE(added.size() == 3);
+  CHECK(added[0].status.ok());
+  CHECK(added[1].status.ok());
+  CHECK(added[2].recipients == std::vector<UserId>{"alice", "bob", "carol"});
+  CHECK(added[2].message.seq == first.message.seq + 3);
+
+  // Removed in one batch, refused in the next; the others no longer deliver to bob.
+  REQUIRE(
+      CommitOne(store, Change(ConversationOp::kRemoveMembers, id, "alice", {"bob"})).status.ok());
+  CHECK(CommitOne(store, ToConversation(id, "bob", "m-4", "still here?")).status.code() ==
+        Code::kPermissionDenied);
+  AppendResult without = CommitOne(store, ToConversation(id, "carol", "m-5", "bye bob"));
+  REQUIRE(without.status.ok());
+  CHECK(without.recipients == std::vector<UserId>{"alice", "carol"});
+
+  // A promotion lets carol do what only admins may, at once.
+  AppendRequest promote = Change(ConversationOp::kSetRole, id, "alice", {"carol"});
+  promote.role = Role::kAdmin;
+  REQUIRE(CommitOne(store, promote).status.ok());
+  AppendResult readded =
+      CommitOne(store, Change(ConversationOp::kAddMembers, id, "carol", {"bob"}));
+  REQUIRE(readded.status.ok());
+  AppendResult back = CommitOne(store, ToConversation(id, "bob", "m-6", "back"));
+  REQUIRE(back.status.ok());
+  CHECK(back.recipients == std::vector<UserId>{"alice", "bob", "carol"});
+  CHECK(back.message.seq == readded.message.seq + 1);
+
+  // Seqs stayed gapless through it all.
+  Result<HistoryReply> h = HistoryOf(store, "alice", id, 0, 50);
+  REQUIRE(h.ok());
+  for (size_t i = 1; i < h->messages.size(); ++i) {
+    CHECK(h->messages[i].seq + 1 == h->messages[i - 1].seq);
+  }
+  CHECK(h->messages.front().seq == back.message.seq);
+}
+STORE_CASE(MembershipChangesShowInTheNextMessage,
+           "membership changes show in the very next message, in a batch and across batches")
+
 void LastAdminLeavingPromotesTheLongestStanding(Kind kind) {
   Env env(kind);
   MessageStore& store = *env.store;
