@@ -11,6 +11,7 @@
 // did not complete or lost, duplicated or reordered anything.
 #include <arpa/inet.h>
 #include <ev.h>
+#include <fcntl.h>
 #include <libwebsockets.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -65,6 +66,8 @@ struct Options {
   double timeout_s = 120;
   double hold_s = 2;
   int round_trips = 20000;
+  int syncs = 1000;      // floor: appends + fdatasync, as a small WAL commit does
+  std::string sync_dir;  // floor: where the file for the fdatasync floor goes (empty: none)
   std::string label;
   bool tls = false;
   // fanout
@@ -1445,6 +1448,28 @@ int RunFloor(const Options& o) {
   }
   double seconds = static_cast<double>(NowNs() - t0) / 1e9;
   close(fd);
+  // The disk's floor for a durable commit: append three 4,120-byte WAL frames (a small SQLite
+  // commit: page + frame header, three pages) and fdatasync, in the directory chatd's database
+  // uses. synchronous=FULL pays this once per commit group.
+  Histogram sync;
+  if (ok && !o.sync_dir.empty()) {
+    const std::string path = o.sync_dir + "/floor-fdatasync";
+    int file = open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    std::string frames(3 * 4120, 'w');
+    off_t offset = 0;
+    for (int i = 0; i < o.syncs && file >= 0 && ok; ++i) {
+      if (i % 1000 == 0) offset = 0;  // SQLite restarts its WAL from the start after a checkpoint
+      int64_t start = NowNs();
+      ok = pwrite(file, frames.data(), frames.size(), offset) ==
+               static_cast<ssize_t>(frames.size()) &&
+           fdatasync(file) == 0;
+      if (ok) sync.Record(NowNs() - start);
+      offset += static_cast<off_t>(frames.size());
+    }
+    if (file < 0) ok = false;
+    if (file >= 0) close(file);
+    unlink(path.c_str());
+  }
   JsonObject json;
   json.Add("workload", "floor");
   json.Add("completed", ok);
@@ -1452,6 +1477,7 @@ int RunFloor(const Options& o) {
   json.Add("bytes", static_cast<int>(message.size()));
   json.Raw("round_trip", rtt.Json());
   json.Add("round_trips_per_s", static_cast<double>(rtt.count()) / seconds);
+  if (sync.count() > 0) json.Raw("append_fdatasync", sync.Json());
   json.Add("generator_cpu_s", CpuSecondsSelf() - cpu0);
   json.Add("lost", static_cast<int64_t>(0));
   json.Add("duplicated", static_cast<int64_t>(0));
@@ -1502,6 +1528,8 @@ int main(int argc, char** argv) {
   app.add_option("--hold", o.hold_s, "idle: seconds to hold the connections")
       ->capture_default_str();
   app.add_option("--round-trips", o.round_trips, "floor: round trips")->capture_default_str();
+  app.add_option("--syncs", o.syncs, "floor: append + fdatasync rounds")->capture_default_str();
+  app.add_option("--sync-dir", o.sync_dir, "floor: directory for the fdatasync floor's file");
   app.add_flag("--tls", o.tls, "connect with wss (accepting a self-signed certificate)");
   app.add_option("--groups", o.groups, "fanout: groups")->capture_default_str();
   app.add_option("--members", o.members, "fanout: online members per group, creator included")

@@ -256,7 +256,7 @@ run_connect_wss() {
 }
 
 run_floor() {
-  local trips=$1
+  local trips=$1 syncs=$2
   : >"$TMP/echo.out"
   "${PIN_SERVER[@]}" "$BENCH" --workload tcp-echo-server --port 0 --label floor >"$TMP/echo.out" &
   ECHO_PID=$!
@@ -266,20 +266,21 @@ run_floor() {
     [[ -n "$port" ]] && break
     sleep 0.1
   done
-  echo "== floor: plain TCP ping-pong over loopback, $trips round trips"
+  echo "== floor: plain TCP ping-pong over loopback, $trips round trips; $syncs appends + fdatasync"
   local rc=0
   "${PIN_GEN[@]}" "$BENCH" --workload floor --port "$port" --label floor --round-trips "$trips" \
-    >"$TMP/floor.raw" || rc=$?
+    --syncs "$syncs" --sync-dir "$TMP" >"$TMP/floor.raw" || rc=$?
   kill "$ECHO_PID" 2>/dev/null || true
   wait "$ECHO_PID" 2>/dev/null || true
   ECHO_PID=""
-  record floor none "chat-bench --workload floor --round-trips $trips" "$rc" "$TMP/floor.raw"
+  record floor none "chat-bench --workload floor --round-trips $trips --syncs $syncs" "$rc" \
+    "$TMP/floor.raw"
 }
 
 for w in "${WORKLOADS[@]}"; do
   if [[ $QUICK -eq 1 ]]; then
     case $w in
-      floor) run_floor 2000 ;;
+      floor) run_floor 2000 100 ;;
       latency) run_bench latency full -- --workload latency --pairs 5 --rate 200 --duration 2 --timeout 30 ;;
       direct)
         run_bench direct full -- --workload direct --pairs 20 --rates 200,400 --step-seconds 1 --timeout 30
@@ -302,7 +303,7 @@ for w in "${WORKLOADS[@]}"; do
     esac
   else
     case $w in
-      floor) run_floor 20000 ;;
+      floor) run_floor 20000 1000 ;;
       latency) run_bench latency full -- --workload latency --pairs 50 --rate 5000 --duration 10 ;;
       direct)
         rates=1000,2500,5000,7500,10000,15000,20000,30000,40000,50000,60000

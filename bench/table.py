@@ -47,7 +47,10 @@ def headline(r):
     if "per_process" in r:
         w = "connect"
     if w == "floor":
-        return "TCP round trip " + lat(r["round_trip"])
+        out = "TCP round trip " + lat(r["round_trip"])
+        if "append_fdatasync" in r:
+            out += "; 12 KiB append + fdatasync " + lat(r["append_fdatasync"])
+        return out
     if w == "latency":
         s = r.get("step", {})
         return "%.0f msg/s offered, %d pairs: ack %s; deliver %s" % (
