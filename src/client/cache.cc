@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <bit>
 #include <cstdint>
+#include <unordered_map>
 #include <utility>
 
 #include "src/core/codec.h"
@@ -15,12 +16,13 @@ namespace {
 
 // Bumped when the schema changes; an older cache is dropped and rebuilt from the server, except
 // for the outbox, whose rows are carried over (see MigrateOutbox).
-constexpr int kSchemaVersion = 3;
+constexpr int kSchemaVersion = 4;
 
-// The outbox has one index, on client_msg_id (the lookups of acks and failures); insertion order
-// is the rowid. Each index costs another page in the WAL for every Send() commit, so the pending
-// count is kept in memory instead of an index on status, and ids are plain rowids (max + 1) rather
-// than AUTOINCREMENT, which would update sqlite_sequence in every commit. New rows still get the
+// The outbox is one B-tree, keyed by insertion order (the rowid), so a Send() commit writes one
+// page to the WAL: every index would add another page to every commit (and its random leaf to
+// every checkpoint). So the pending count and the client_msg_id -> id map are kept in memory
+// instead of indexes on status and client_msg_id, and ids are plain rowids (max + 1) rather than
+// AUTOINCREMENT, which would update sqlite_sequence in every commit. New rows still get the
 // highest id, so order is kept.
 constexpr const char* kSchema = R"sql(
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value BLOB);
@@ -38,7 +40,7 @@ CREATE TABLE IF NOT EXISTS messages(
   PRIMARY KEY(conversation_id, seq)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS outbox(
   id INTEGER PRIMARY KEY,
-  client_msg_id TEXT NOT NULL UNIQUE,
+  client_msg_id TEXT NOT NULL,
   conversation_id INTEGER NOT NULL,
   peer TEXT NOT NULL,
   content_type TEXT NOT NULL,
@@ -49,13 +51,14 @@ CREATE TABLE IF NOT EXISTS outbox(
   reason_message TEXT NOT NULL);
 )sql";
 
-// Versions 1 and 2 kept the same outbox columns in a table with AUTOINCREMENT and an index on
-// status: their rows move into the version 3 table, ids and order unchanged.
+// Versions 1 to 3 kept the same outbox columns with a UNIQUE client_msg_id (and, before 3,
+// AUTOINCREMENT and an index on status): their rows move into the version 4 table, ids and order
+// unchanged.
 constexpr const char* kMigrateOutbox = R"sql(
 DROP INDEX IF EXISTS outbox_status;
-CREATE TABLE outbox_v3(
+CREATE TABLE outbox_v4(
   id INTEGER PRIMARY KEY,
-  client_msg_id TEXT NOT NULL UNIQUE,
+  client_msg_id TEXT NOT NULL,
   conversation_id INTEGER NOT NULL,
   peer TEXT NOT NULL,
   content_type TEXT NOT NULL,
@@ -64,15 +67,16 @@ CREATE TABLE outbox_v3(
   status INTEGER NOT NULL,
   reason_code INTEGER NOT NULL,
   reason_message TEXT NOT NULL);
-INSERT INTO outbox_v3 SELECT id, client_msg_id, conversation_id, peer, content_type, body,
+INSERT INTO outbox_v4 SELECT id, client_msg_id, conversation_id, peer, content_type, body,
   created_ms, status, reason_code, reason_message FROM outbox ORDER BY id;
 DROP TABLE outbox;
-ALTER TABLE outbox_v3 RENAME TO outbox;
+ALTER TABLE outbox_v4 RENAME TO outbox;
 )sql";
 
 // The statements used more than once. Each is compiled once per connection and kept (see
 // Cache::Db::Prepare, which keys them by address: only these constants may be passed to it).
 constexpr const char* kUserVersion = "PRAGMA user_version";
+constexpr const char* kSetUserVersion = "PRAGMA user_version=4";
 constexpr const char* kHasOutbox =
     "SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'outbox'";
 constexpr const char* kBegin = "BEGIN IMMEDIATE";
@@ -113,11 +117,11 @@ constexpr const char* kListOutbox =
     "reason_code, reason_message FROM outbox ORDER BY id";
 constexpr const char* kFindOutbox =
     "SELECT id, client_msg_id, conversation_id, peer, content_type, body, created_ms, status, "
-    "reason_code, reason_message FROM outbox WHERE client_msg_id = ?";
-constexpr const char* kRemoveOutbox = "DELETE FROM outbox WHERE client_msg_id = ? RETURNING status";
+    "reason_code, reason_message FROM outbox WHERE id = ?";
+constexpr const char* kOutboxIds = "SELECT client_msg_id, id FROM outbox";
+constexpr const char* kRemoveOutbox = "DELETE FROM outbox WHERE id = ? RETURNING status";
 constexpr const char* kFailOutbox =
-    "UPDATE outbox SET status = 2, reason_code = ?, reason_message = ? "
-    "WHERE client_msg_id = ? AND status = 0";
+    "UPDATE outbox SET status = 2, reason_code = ?, reason_message = ? WHERE id = ? AND status = 0";
 
 // ms; how long opening waits for another client that has the same file open.
 constexpr int kBusyTimeoutMs = 5000;
@@ -313,7 +317,7 @@ Result<std::unique_ptr<Cache>> Cache::Open(const std::string& path) {
       }
     }
     if (Status st = cache->Exec(kSchema); !st.ok()) return st;
-    if (Status st = cache->Exec("PRAGMA user_version=3"); !st.ok()) return st;
+    if (Status st = cache->Exec(kSetUserVersion); !st.ok()) return st;
     if (Status st = txn.Commit(); !st.ok()) return st;
   }
   return cache;
@@ -350,8 +354,10 @@ Cache::Transaction::Transaction(Cache* cache)
 Cache::Transaction::~Transaction() {
   if (!active_) return;
   Stmt s(cache_->db_.get(), kRollback);
-  // The pending count goes back with the rows; unknown if the rollback itself failed.
+  // The pending count goes back with the rows (unknown if the rollback itself failed); the id
+  // map is read again when next needed.
   cache_->pending_count_ = s.Run() == SQLITE_DONE ? pending_before_ : std::nullopt;
+  cache_->outbox_ids_.reset();
 }
 
 Status Cache::Transaction::Commit() {
@@ -516,12 +522,40 @@ uint64_t Cache::MessageCount() {
   return s.Step() == SQLITE_ROW ? FromDb(s.ColInt(0)) : 0;
 }
 
+std::unordered_map<std::string, int64_t>* Cache::OutboxIds() {
+  if (!outbox_ids_.has_value()) {
+    Stmt s(db_.get(), kOutboxIds);
+    if (!s.ok()) return nullptr;
+    std::unordered_map<std::string, int64_t> ids;
+    int rc;
+    while ((rc = s.Step()) == SQLITE_ROW) ids.emplace(s.ColText(0), s.ColInt(1));
+    if (rc != SQLITE_DONE) return nullptr;
+    outbox_ids_ = std::move(ids);
+  }
+  return &*outbox_ids_;
+}
+
+std::optional<int64_t> Cache::OutboxId(const std::string& client_msg_id) {
+  std::unordered_map<std::string, int64_t>* ids = OutboxIds();
+  if (ids == nullptr) return std::nullopt;
+  auto it = ids->find(client_msg_id);
+  if (it == ids->end()) return std::nullopt;
+  return it->second;
+}
+
 Status Cache::AddOutbox(OutboxEntry* entry, size_t max_pending) {
   std::lock_guard lock(mu_);
   if (PendingCount() >= max_pending) {
     return ResourceExhausted("outbox is full (" + std::to_string(max_pending) + " pending)");
   }
+  std::unordered_map<std::string, int64_t>* ids = OutboxIds();
+  if (ids == nullptr) return db_->Error("read the outbox");
+  if (ids->contains(entry->client_msg_id)) {
+    return AlreadyExists("client_msg_id already in the outbox");
+  }
   Transaction txn(this);
+  // Outside a transaction the insert would commit by itself, even if this call then failed.
+  if (!txn.active()) return db_->Error("begin");
   {
     Stmt s(db_.get(), kAddOutbox);
     s.Text(1, entry->client_msg_id)
@@ -530,14 +564,14 @@ Status Cache::AddOutbox(OutboxEntry* entry, size_t max_pending) {
         .Text(4, entry->content_type)
         .Blob(5, entry->body)
         .Int(6, entry->created_ms);
-    int rc = s.Run();
-    if (rc == SQLITE_CONSTRAINT) return AlreadyExists("client_msg_id already in the outbox");
-    if (rc != SQLITE_DONE) return db_->Error("add to outbox");
+    if (s.Run() != SQLITE_DONE) return db_->Error("add to outbox");
   }
   entry->id = sqlite3_last_insert_rowid(db_->get());
   entry->status = MessageStatus::kPending;
   if (Status st = txn.Commit(); !st.ok()) return st;
   if (pending_count_.has_value()) ++*pending_count_;
+  // Not reset by a rollback: the transaction above is over.
+  ids->emplace(entry->client_msg_id, entry->id);
   return Status::Ok();
 }
 
@@ -570,30 +604,38 @@ std::vector<OutboxEntry> Cache::ListOutbox() {
 
 std::optional<OutboxEntry> Cache::FindOutbox(const std::string& client_msg_id) {
   std::lock_guard lock(mu_);
+  std::optional<int64_t> id = OutboxId(client_msg_id);
+  if (!id) return std::nullopt;
   Stmt s(db_.get(), kFindOutbox);
-  if (s.Text(1, client_msg_id).Step() != SQLITE_ROW) return std::nullopt;
+  if (s.Int(1, *id).Step() != SQLITE_ROW) return std::nullopt;
   return OutboxFrom(s);
 }
 
 Status Cache::RemoveOutbox(const std::string& client_msg_id) {
   std::lock_guard lock(mu_);
+  std::optional<int64_t> id = OutboxId(client_msg_id);
+  if (!id) return Status::Ok();
   Stmt s(db_.get(), kRemoveOutbox);
-  s.Text(1, client_msg_id);
+  s.Int(1, *id);
   bool was_pending = false;
   int rc;
   while ((rc = s.Step()) == SQLITE_ROW) was_pending = s.ColInt(0) == 0;
   if (rc != SQLITE_DONE) {
     pending_count_.reset();
+    outbox_ids_.reset();
     return db_->Error("remove from outbox");
   }
+  outbox_ids_->erase(client_msg_id);
   if (was_pending && pending_count_.has_value() && *pending_count_ > 0) --*pending_count_;
   return Status::Ok();
 }
 
 Status Cache::FailOutbox(const std::string& client_msg_id, const Status& reason) {
   std::lock_guard lock(mu_);
+  std::optional<int64_t> id = OutboxId(client_msg_id);
+  if (!id) return Status::Ok();
   Stmt s(db_.get(), kFailOutbox);
-  s.Int(1, static_cast<int>(reason.code())).Text(2, reason.message()).Text(3, client_msg_id);
+  s.Int(1, static_cast<int>(reason.code())).Text(2, reason.message()).Int(3, *id);
   if (s.Run() != SQLITE_DONE) {
     pending_count_.reset();
     return db_->Error("fail outbox message");

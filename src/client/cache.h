@@ -21,6 +21,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "chat/client.h"
@@ -80,6 +81,8 @@ class Cache {
     Transaction(const Transaction&) = delete;
     Transaction& operator=(const Transaction&) = delete;
     Status Commit();
+    // False if BEGIN failed: writes made now would commit one by one.
+    bool active() const { return active_; }
 
    private:
     Cache* cache_;
@@ -137,6 +140,9 @@ class Cache {
  private:
   explicit Cache(std::unique_ptr<Db> db);
   Status Exec(const char* sql);
+  // The id map, read if unknown; nullptr if it cannot be read. REQUIRES: mu_ held.
+  std::unordered_map<std::string, int64_t>* OutboxIds();
+  std::optional<int64_t> OutboxId(const std::string& client_msg_id);
 
   std::recursive_mutex mu_;
   std::unique_ptr<Db> db_;
@@ -144,6 +150,10 @@ class Cache {
   // FailOutbox, so Send() never counts the outbox; unknown (recounted) after a rollback or a
   // failed write.
   std::optional<size_t> pending_count_;
+  // client_msg_id -> id of every outbox row (pending and failed): the outbox table has no index
+  // on client_msg_id (see cache.cc). Read on first use, then kept by AddOutbox and RemoveOutbox;
+  // read again after a rollback or a failed write.
+  std::optional<std::unordered_map<std::string, int64_t>> outbox_ids_;
 };
 
 }  // namespace chat::client

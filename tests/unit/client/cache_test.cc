@@ -129,6 +129,8 @@ TEST_CASE("cache: the pending count follows removals, failures and rolled back t
   }
   // Rolled back: both are pending again, and the outbox is still full.
   CHECK(cache->PendingCount() == 2);
+  REQUIRE(cache->FindOutbox("id-a").has_value());
+  CHECK(cache->FindOutbox("id-b")->status == MessageStatus::kPending);
   CHECK(cache->AddOutbox(&c, 2).code() == Code::kResourceExhausted);
   CHECK(cache->PendingOutbox(10).size() == 2);
   {
@@ -148,6 +150,21 @@ TEST_CASE("cache: the pending count follows removals, failures and rolled back t
   REQUIRE(cache->AddOutbox(&c, 1).ok());
   CHECK(cache->PendingCount() == 1);
   CHECK(cache->ListOutbox().size() == 1);
+}
+
+TEST_CASE("cache: a send that cannot have its own transaction is refused and writes nothing") {
+  auto cache = Cache::Open("").value();
+  {
+    Cache::Transaction outer(cache.get());
+    OutboxEntry a = Entry("id-a");
+    CHECK(cache->AddOutbox(&a, 10).code() == Code::kUnavailable);
+    REQUIRE(outer.Commit().ok());
+  }
+  CHECK(cache->ListOutbox().empty());
+  CHECK(cache->PendingCount() == 0);
+  OutboxEntry a = Entry("id-a");
+  REQUIRE(cache->AddOutbox(&a, 10).ok());
+  CHECK(cache->FindOutbox("id-a")->id == a.id);
 }
 
 TEST_CASE("cache: a full range is read newest first in one piece, a range with a hole is not") {
