@@ -88,7 +88,8 @@ struct Connection {
   bool text = false;    // the session speaks JSON in text frames
   bool in_hub = false;  // the Hub knows this session: tell it when the connection goes
   bool closing = false;
-  bool paused = false;  // reads paused while the writer queue is full
+  bool paused = false;         // reads paused while the writer queue is full
+  bool flush_pending = false;  // listed in ServerImpl::to_flush_
   int close_code = 0;
   std::string close_reason;
   int peer_close_code = 0;
@@ -380,6 +381,7 @@ class ServerImpl final : public Server, private server::HubIo {
         // One iteration at a time, so the phase is checked after every batch of events.
         ev_run(loop_, EVRUN_ONCE);
         FlushAppends();
+        FlushWrites();
         continue;
       }
       if (lws_service(ctx_, 0) < 0) {
@@ -388,6 +390,7 @@ class ServerImpl final : public Server, private server::HubIo {
         break;
       }
       FlushAppends();
+      FlushWrites();
     }
     FlushAppends();
     lws_sul_cancel(&tick_.sul);
@@ -521,7 +524,37 @@ class ServerImpl final : public Server, private server::HubIo {
     }
     conn.outbound_bytes += frame->size();
     conn.outbound.push_back(std::move(frame));
-    lws_callback_on_writable(conn.wsi);
+    if (!conn.flush_pending) {
+      conn.flush_pending = true;
+      to_flush_.push_back(session);
+    }
+  }
+
+  // At the end of every loop iteration, each connection that was sent something writes it at
+  // once, everything queued in one frame: no round through the event loop for a WRITEABLE
+  // callback, so no epoll_ctl to ask for POLLOUT and another to drop it. lws takes a write
+  // outside its callback (4.1: it buffers what the socket does not accept and asks for
+  // WRITEABLE itself); a connection with such a remainder, or more than one write's worth
+  // queued, or a close under way, goes through the WRITEABLE callback as before.
+  void FlushWrites() {
+    for (SessionId id : to_flush_) {
+      auto it = connections_.find(id);
+      if (it == connections_.end()) continue;
+      Connection& conn = *it->second;
+      conn.flush_pending = false;
+      if (conn.closing || conn.outbound.empty()) continue;
+      if (lws_partial_buffered(conn.wsi) != 0) {
+        lws_callback_on_writable(conn.wsi);
+        continue;
+      }
+      if (!WriteQueued(conn)) {
+        // Outside a callback a failed connection cannot be closed by returning -1.
+        lws_set_timeout(conn.wsi, PENDING_TIMEOUT_USER_OK, LWS_TO_KILL_ASYNC);
+        continue;
+      }
+      if (!conn.outbound.empty()) lws_callback_on_writable(conn.wsi);
+    }
+    to_flush_.clear();
   }
 
   void Close(SessionId session, int code, std::string_view reason) override {
@@ -677,40 +710,47 @@ class ServerImpl final : public Server, private server::HubIo {
     current_ = nullptr;
   }
 
+  // Writes the queued envelopes that fit in one write (several packed in one Batch frame) and
+  // drops them from the queue; false when the write failed.
+  bool WriteQueued(Connection& conn) {
+    size_t n = 0;
+    size_t bytes = 0;
+    while (n < conn.outbound.size() &&
+           (n == 0 || bytes + conn.outbound[n]->size() <= kMaxWriteBytes)) {
+      bytes += conn.outbound[n]->size();
+      ++n;
+    }
+    const codec::Format format = conn.text ? codec::Format::kJson : codec::Format::kBinary;
+    // A lone envelope is written as it is (what PackBatch would return) without the
+    // intermediate copy; lws needs LWS_PRE bytes of headroom, hence the one copy that stays.
+    std::string packed;
+    const std::string* payload = conn.outbound.front().get();
+    if (n > 1) {
+      packed = codec::PackBatch(std::span<const codec::Frame>(conn.outbound.data(), n), format);
+      payload = &packed;
+    }
+    const size_t size = payload->size();
+    write_buffer_.resize(LWS_PRE + size);
+    std::memcpy(write_buffer_.data() + LWS_PRE, payload->data(), size);
+    const int written = lws_write(conn.wsi, write_buffer_.data() + LWS_PRE, size,
+                                  conn.text ? LWS_WRITE_TEXT : LWS_WRITE_BINARY);
+    if (write_buffer_.capacity() > kKeepWriteCapacity) {
+      write_buffer_.clear();
+      write_buffer_.shrink_to_fit();
+    }
+    conn.outbound.erase(conn.outbound.begin(),
+                        conn.outbound.begin() + static_cast<std::ptrdiff_t>(n));
+    conn.outbound_bytes -= bytes;
+    if (written < static_cast<int>(size)) {
+      Log(LogLevel::kWarn, "chat: write failed on session " + std::to_string(conn.id));
+      return false;
+    }
+    return true;
+  }
+
   int OnWriteable(Connection* conn) {
     if (!conn->outbound.empty()) {
-      size_t n = 0;
-      size_t bytes = 0;
-      while (n < conn->outbound.size() &&
-             (n == 0 || bytes + conn->outbound[n]->size() <= kMaxWriteBytes)) {
-        bytes += conn->outbound[n]->size();
-        ++n;
-      }
-      const codec::Format format = conn->text ? codec::Format::kJson : codec::Format::kBinary;
-      // A lone envelope is written as it is (what PackBatch would return) without the
-      // intermediate copy; lws needs LWS_PRE bytes of headroom, hence the one copy that stays.
-      std::string packed;
-      const std::string* payload = conn->outbound.front().get();
-      if (n > 1) {
-        packed = codec::PackBatch(std::span<const codec::Frame>(conn->outbound.data(), n), format);
-        payload = &packed;
-      }
-      const size_t size = payload->size();
-      write_buffer_.resize(LWS_PRE + size);
-      std::memcpy(write_buffer_.data() + LWS_PRE, payload->data(), size);
-      const int written = lws_write(conn->wsi, write_buffer_.data() + LWS_PRE, size,
-                                    conn->text ? LWS_WRITE_TEXT : LWS_WRITE_BINARY);
-      if (write_buffer_.capacity() > kKeepWriteCapacity) {
-        write_buffer_.clear();
-        write_buffer_.shrink_to_fit();
-      }
-      conn->outbound.erase(conn->outbound.begin(),
-                           conn->outbound.begin() + static_cast<std::ptrdiff_t>(n));
-      conn->outbound_bytes -= bytes;
-      if (written < static_cast<int>(size)) {
-        Log(LogLevel::kWarn, "chat: write failed on session " + std::to_string(conn->id));
-        return -1;
-      }
+      if (!WriteQueued(*conn)) return -1;
       // One write per callback; the rest (or the close frame) goes on the next one.
       if (!conn->outbound.empty() || conn->closing) lws_callback_on_writable(conn->wsi);
       return 0;
@@ -832,6 +872,7 @@ class ServerImpl final : public Server, private server::HubIo {
   std::vector<SessionId> paused_;
   std::vector<server::AppendDone> appends_done_;
   std::vector<server::AppendJob> batched_appends_;  // loop thread: submitted at iteration end
+  std::vector<SessionId> to_flush_;  // loop thread: connections to write at iteration end
   std::vector<server::ReadDone> reads_done_;
   std::vector<unsigned char> write_buffer_;
   std::mt19937 rng_;
