@@ -179,6 +179,8 @@ struct ServeFlags {
   chat::ServerOptions options;
   std::string db = "chat.db";
   std::string synchronous = "full";
+  uint32_t cache_kib = chat::SqliteStoreOptions().cache_size_kib;
+  uint64_t mmap_bytes = chat::SqliteStoreOptions().mmap_size_bytes;
   std::string log_level = "info";
   SecretFlags secret;
   bool no_healthz = false;
@@ -206,6 +208,16 @@ void AddServeFlags(CLI::App* serve, ServeFlags* f) {
                    "full: an acked message survives power loss; normal: survives a crash of "
                    "chatd, may lose the last commits on power loss")
       ->check(CLI::IsMember({"full", "normal"}))
+      ->capture_default_str();
+  serve
+      ->add_option("--cache-kib", f->cache_kib,
+                   "SQLite page cache per connection (the writer and each reader thread), KiB")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  serve
+      ->add_option("--mmap-bytes", f->mmap_bytes,
+                   "Read the database through a memory map of up to this many bytes, shared by "
+                   "all connections; 0 = read(2) only")
       ->capture_default_str();
   AddSecretFlags(serve, &f->secret);
   serve->add_option("--log-level", f->log_level, "debug, info, warn, error or off")
@@ -362,7 +374,9 @@ int Serve(ServeFlags& flags) {
   chat::Result<std::shared_ptr<chat::MessageStore>> store =
       chat::NewSqliteStore({.path = flags.db,
                             .synchronous_full = flags.synchronous == "full",
-                            .reader_connections = std::max<uint32_t>(options.reader_threads, 1)});
+                            .reader_connections = std::max<uint32_t>(options.reader_threads, 1),
+                            .cache_size_kib = flags.cache_kib,
+                            .mmap_size_bytes = flags.mmap_bytes});
   if (!store.ok()) {
     std::cerr << "chatd: cannot open " << flags.db << ": " << store.status().ToString() << "\n";
     return kExitFailure;

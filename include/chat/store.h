@@ -332,6 +332,16 @@ struct SqliteStoreOptions {
   bool synchronous_full = true;
   uint32_t reader_connections = 2;  // read-only connections for concurrent Sync/History
   uint32_t busy_timeout_ms = 5000;
+  // SQLite's page cache of each connection (the writer and every reader), in KiB: memory is at
+  // most (1 + reader_connections) times this, allocated only as pages are read. Default 2000,
+  // SQLite's own default. A larger writer cache mostly speeds up bulk loads into a large file.
+  uint32_t cache_size_kib = 2000;
+  // How much of the file each connection reads through a shared memory map instead of read(2)
+  // into its page cache, in bytes; 0 (the default) maps nothing. Mapped pages are the kernel's
+  // page cache, shared by all connections and counted once, not per connection. SQLite caps the
+  // value at its compile-time limit (2 GiB in Debian's build). An I/O error on a mapped page
+  // kills the process with SIGBUS instead of returning an error, hence off by default.
+  uint64_t mmap_size_bytes = 0;
 };
 
 // Opens (creating and migrating as needed) a SQLite store. InvalidArgument for an empty path;

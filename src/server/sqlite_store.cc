@@ -425,12 +425,14 @@ class Query {
 
   int64_t ColumnInt(int i) const { return sqlite3_column_int64(stmt_, i); }
   uint64_t ColumnU64(int i) const { return static_cast<uint64_t>(ColumnInt(i)); }
-  std::string ColumnBytes(int i) const {
+  std::string ColumnBytes(int i) const { return std::string(ColumnView(i)); }
+  // The column's bytes, valid until the next Step or the end of the query.
+  std::string_view ColumnView(int i) const {
     // Ask for the pointer first: it may convert the value, which changes its size.
     const void* data = sqlite3_column_blob(stmt_, i);
     const int size = sqlite3_column_bytes(stmt_, i);
-    if (data == nullptr || size <= 0) return std::string();
-    return std::string(static_cast<const char*>(data), static_cast<size_t>(size));
+    if (data == nullptr || size <= 0) return std::string_view();
+    return std::string_view(static_cast<const char*>(data), static_cast<size_t>(size));
   }
 
  private:
@@ -460,28 +462,30 @@ std::string EncodeSystem(const Message& message) {
   return holder.system().SerializeAsString();
 }
 
-// Reads the CHAT_MESSAGE_COLUMNS of the current row.
-Result<Message> ReadMessage(const Query& q) {
-  Message m;
+// Reads the CHAT_MESSAGE_COLUMNS of the current row into `out`, a default-constructed Message.
+Status ReadMessageInto(const Query& q, Message* out) {
+  Message& m = *out;
   m.conversation_id = q.ColumnU64(0);
   m.seq = q.ColumnU64(1);
   m.message_id = q.ColumnU64(2);
-  m.sender = q.ColumnBytes(3);
-  m.sender_device = q.ColumnBytes(4);
-  m.client_msg_id = q.ColumnBytes(5);
+  m.sender.assign(q.ColumnView(3));
+  m.sender_device.assign(q.ColumnView(4));
+  m.client_msg_id.assign(q.ColumnView(5));
   m.server_time_ms = q.ColumnInt(6);
   m.kind = static_cast<MessageKind>(q.ColumnInt(7));
-  m.content_type = q.ColumnBytes(8);
-  m.body = q.ColumnBytes(9);
-  const std::string attachments = q.ColumnBytes(10);
-  const std::string system = q.ColumnBytes(11);
+  m.content_type.assign(q.ColumnView(8));
+  m.body.assign(q.ColumnView(9));
+  const std::string_view attachments = q.ColumnView(10);
+  const std::string_view system = q.ColumnView(11);
   if (!attachments.empty() || !system.empty()) {
     v1::Message holder;
-    if (!attachments.empty() && !holder.ParseFromString(attachments)) {
+    if (!attachments.empty() &&
+        !holder.ParseFromArray(attachments.data(), static_cast<int>(attachments.size()))) {
       return DataLoss("undecodable attachments in conversation " +
                       std::to_string(m.conversation_id) + " seq " + std::to_string(m.seq));
     }
-    if (!system.empty() && !holder.mutable_system()->ParseFromString(system)) {
+    if (!system.empty() &&
+        !holder.mutable_system()->ParseFromArray(system.data(), static_cast<int>(system.size()))) {
       return DataLoss("undecodable system event in conversation " +
                       std::to_string(m.conversation_id) + " seq " + std::to_string(m.seq));
     }
@@ -489,18 +493,26 @@ Result<Message> ReadMessage(const Query& q) {
     m.attachments = std::move(decoded.attachments);
     m.system = std::move(decoded.system);
   }
+  return Status::Ok();
+}
+
+// Reads the CHAT_MESSAGE_COLUMNS of the current row.
+Result<Message> ReadMessage(const Query& q) {
+  Message m;
+  if (Status s = ReadMessageInto(q, &m); !s.ok()) return s;
   return m;
 }
 
-// Appends every row of `q` to `out` as a message.
+// Appends every row of `q` to `out` as a message, each built in place.
 Status ReadMessages(Query& q, std::vector<Message>* out) {
   for (;;) {
     Result<bool> row = q.Step();
     if (!row.ok()) return row.status();
     if (!*row) return Status::Ok();
-    Result<Message> m = ReadMessage(q);
-    if (!m.ok()) return m.status();
-    out->push_back(std::move(*m));
+    if (Status s = ReadMessageInto(q, &out->emplace_back()); !s.ok()) {
+      out->pop_back();
+      return s;
+    }
   }
 }
 
@@ -599,6 +611,10 @@ class WriterCache {
   std::unordered_map<ConversationId, Conversation> conversations_;
   size_t ids_ = 0;  // member ids and memberships held, an upper bound (forgotten ones still count)
 };
+
+// Pages up to this many messages get their vector reserved up front; larger limits grow it as
+// rows arrive, so a huge limit on a short conversation does not allocate for nothing.
+constexpr size_t kReservePageMax = 256;
 
 class SqliteSource final : public server::ReadSource {
  public:
@@ -731,6 +747,9 @@ class SqliteSource final : public server::ReadSource {
 
   Status ReadDescending(ConversationId conversation_id, Seq before_seq, size_t max,
                         std::vector<Message>* out) override {
+    // A page is small and usually full: one allocation instead of moving every Message again
+    // each time the vector grows.
+    out->reserve(out->size() + std::min<size_t>(max, kReservePageMax));
     Query q(conn_, Sql::kRangeDescending);
     q.U64(conversation_id).U64(before_seq).Int(Limit(max));
     return ReadMessages(q, out);
@@ -980,10 +999,15 @@ class SqliteStore final : public MessageStore {
     if (options.reader_connections == 0) {
       return InvalidArgument("reader_connections must be at least 1");
     }
+    if (options.cache_size_kib == 0) return InvalidArgument("cache_size_kib must be at least 1");
+    if (options.mmap_size_bytes > uint64_t{INT64_MAX}) {
+      return InvalidArgument("mmap_size_bytes must be at most 2^63 - 1");
+    }
     Result<std::unique_ptr<Connection>> writer =
         Connection::Open(options.path, /*read_only=*/false, options.busy_timeout_ms);
     if (!writer.ok()) return writer.status();
     Connection& w = **writer;
+    if (Status s = ConfigureCache(w, options); !s.ok()) return s;
 
     // The version is checked before anything is changed, so a newer file is left untouched.
     {
@@ -1015,6 +1039,7 @@ class SqliteStore final : public MessageStore {
       Result<std::unique_ptr<Connection>> reader =
           Connection::Open(options.path, /*read_only=*/true, options.busy_timeout_ms);
       if (!reader.ok()) return reader.status();
+      if (Status s = ConfigureCache(**reader, options); !s.ok()) return s;
       readers.push_back(std::move(*reader));
     }
     return std::shared_ptr<MessageStore>(
@@ -1189,6 +1214,15 @@ class SqliteStore final : public MessageStore {
       if (result->has_more) return Status::Ok();
     }
     return Status::Ok();
+  }
+
+  // Sizes the connection's page cache (negative cache_size: KiB rather than pages) and its
+  // memory map.
+  static Status ConfigureCache(Connection& conn, const SqliteStoreOptions& options) {
+    const std::string cache = "PRAGMA cache_size = -" + std::to_string(options.cache_size_kib);
+    if (Status s = conn.Exec(cache.c_str(), "set cache_size"); !s.ok()) return s;
+    const std::string mmap = "PRAGMA mmap_size = " + std::to_string(options.mmap_size_bytes);
+    return conn.Exec(mmap.c_str(), "set mmap_size");
   }
 
   static Status TooNew(int64_t version) {

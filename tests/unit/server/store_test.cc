@@ -1178,6 +1178,20 @@ TEST_CASE("store: sqlite: bad options and unusable files are refused") {
   CHECK(zero.status().code() == Code::kInvalidArgument);
   CHECK(zero.status().message() == "reader_connections must be at least 1");
 
+  SqliteStoreOptions no_cache;
+  no_cache.path = dir.File("chat.db");
+  no_cache.cache_size_kib = 0;
+  Result<std::shared_ptr<MessageStore>> uncached = NewSqliteStore(no_cache);
+  CHECK(uncached.status().code() == Code::kInvalidArgument);
+  CHECK(uncached.status().message() == "cache_size_kib must be at least 1");
+
+  SqliteStoreOptions huge_map;
+  huge_map.path = dir.File("chat.db");
+  huge_map.mmap_size_bytes = UINT64_MAX;
+  Result<std::shared_ptr<MessageStore>> mapped = NewSqliteStore(huge_map);
+  CHECK(mapped.status().code() == Code::kInvalidArgument);
+  CHECK(mapped.status().message() == "mmap_size_bytes must be at most 2^63 - 1");
+
   Result<std::shared_ptr<MessageStore>> no_dir = OpenAt(dir.File("missing/chat.db"));
   CHECK(no_dir.status().code() == Code::kUnavailable);
 
@@ -1185,6 +1199,59 @@ TEST_CASE("store: sqlite: bad options and unusable files are refused") {
   REQUIRE(testing::WriteFile(junk, std::string(4096, 'j')));
   Result<std::shared_ptr<MessageStore>> not_db = OpenAt(junk);
   CHECK(not_db.status().code() == Code::kDataLoss);
+}
+
+TEST_CASE("store: sqlite: a memory-mapped store with a tiny page cache reads back every page") {
+  TempDir dir;
+  SqliteStoreOptions options;
+  options.path = dir.File("chat.db");
+  options.cache_size_kib = 64;  // far smaller than the file: pages are evicted and read again
+  options.mmap_size_bytes = 64 << 20;
+  // Two conversations written in turns, so each one's rows spread over many pages.
+  constexpr int kMessages = 400;
+  const std::string body(300, 'b');
+  ConversationId ab = 0;
+  ConversationId ac = 0;
+  {
+    Result<std::shared_ptr<MessageStore>> opened = NewSqliteStore(options);
+    REQUIRE_MESSAGE(opened.ok(), opened.status().ToString());
+    MessageStore& store = **opened;
+    ab = OpenDirect(store, "alice", "bob");
+    ac = OpenDirect(store, "alice", "carol");
+    for (int i = 0; i < kMessages; ++i) {
+      std::vector<AppendRequest> batch = {
+          ToConversation(ab, "bob", "b-" + std::to_string(i), body + std::to_string(i)),
+          ToConversation(ac, "carol", "c-" + std::to_string(i), body + std::to_string(i))};
+      Attachment file;
+      file.url = "https://files/" + std::to_string(i);
+      batch[0].attachments.push_back(file);
+      for (const AppendResult& r : Commit(store, batch)) REQUIRE(r.status.ok());
+    }
+  }
+  Result<std::shared_ptr<MessageStore>> reopened = NewSqliteStore(options);
+  REQUIRE_MESSAGE(reopened.ok(), reopened.status().ToString());
+  MessageStore& store = **reopened;
+  for (ConversationId id : {ab, ac}) {
+    // Page through the whole conversation, newest first: seq kMessages + 1 down to 1.
+    Seq before = 0;
+    Seq expected = kMessages + 1;
+    for (int page = 0; page < 100 && expected > 0; ++page) {
+      Result<HistoryReply> h = HistoryOf(store, "alice", id, before, 50);
+      REQUIRE_MESSAGE(h.ok(), h.status().ToString());
+      REQUIRE_FALSE(h->messages.empty());
+      for (const Message& m : h->messages) {
+        REQUIRE(m.seq == expected);
+        if (m.seq > 1) {
+          CHECK(m.body == body + std::to_string(m.seq - 2));
+          CHECK(m.attachments.size() == (id == ab ? 1U : 0U));
+        }
+        --expected;
+      }
+      before = h->messages.back().seq;
+      CHECK(h->has_more == (expected > 0));
+    }
+    CHECK(expected == 0);
+  }
 }
 
 TEST_CASE("store: sqlite: readers see consistent snapshots while the writer appends") {
