@@ -1552,6 +1552,15 @@ int main(int argc, char** argv) {
                  "history-gen: messages in each conversation")
       ->capture_default_str();
   app.add_option("--batch", sdk.batch, "history-gen: messages per Append")->capture_default_str();
+  app.add_option("--burst", sdk.burst,
+                 "history-gen: messages a conversation gets in a row before the next one's turn")
+      ->capture_default_str();
+  app.add_option("--cache-kib", sdk.cache_size_kib,
+                 "history-gen, history-store: SQLite page cache per connection (KiB)")
+      ->capture_default_str();
+  app.add_option("--mmap-bytes", sdk.mmap_size_bytes,
+                 "history-gen, history-store: SQLite memory map per connection (bytes)")
+      ->capture_default_str();
   app.add_option("--reads", sdk.reads, "history-store, client: pages read")->capture_default_str();
   app.add_option("--sends", sdk.sends, "client: Send() calls")->capture_default_str();
   app.add_option("--url", sdk.url, "client: chatd's ws:// address (empty: no server)");
