@@ -7,8 +7,8 @@
     table.py --plot-idle RESULTS_DIR     connections, server RSS (MiB) of the idle ramp
     table.py --plot-fanout RESULTS_DIR   deliveries/s, p50, p99 (ms) of the fanout steps
     table.py --merge-connect OUT RAW...  one connect result from several generator processes
-    table.py --merge-history OUT GEN STORE PROTOCOL CLIENT
-                                         one history result from its four chat-bench runs
+    table.py --merge-history OUT GEN STORE PROTOCOL PROTOCOL10 CLIENT
+                                         one history result from its five chat-bench runs
     table.py --record RAW OUT KEY=VALUE...
                                          writes chat-bench's JSON object RAW to OUT with the
                                          run's context added; exits 1 if RAW is not an object
@@ -92,11 +92,16 @@ def headline(r):
             r["server_cpu_us_per_post_at_max"], steps_text(r))
     if w == "history":
         g, st, p, c = r["gen"], r["store"], r["protocol"], r["client"]
-        return ("%s messages in %s conversations (%s); newest-%d page: store call %s; "
-                "through chatd %s; client cache %s") % (
+        p10 = r.get("protocol_10", {})
+        return ("%s messages in %s conversations (%s); newest-%d page: store call, file in the "
+                "page cache %s (CPU %s), file evicted first %s; through chatd, one request at a "
+                "time %s, 10 in flight %s; client cache %s") % (
             r.get("messages", "?"), r.get("conversations", "?"),
-            "cached store" if g.get("cached") else "generated in %.0f s" % g.get("seconds", -1),
-            st["page"], lat(st["history_call"]), lat(p["request_to_page"]),
+            "cached store" if g.get("cached") else "generated in %.0f s, %.0f CPU-s" % (
+                g.get("seconds", -1), g.get("generator_cpu_s", -1)),
+            st["page"], lat(st["history_call"]), lat(st["history_call_cpu"]),
+            lat(st["history_call_cold"]), lat(p["request_to_page"]),
+            lat(p10["request_to_page"]) if "request_to_page" in p10 else "-",
             lat(c["cached_history_call"]))
     if w == "client":
         return ("Send() into the outbox (server %s): %.0f sends/s, call %s; outbox drained in "
@@ -181,10 +186,12 @@ def plot_fanout(directory):
         print("%.0f %.3f %.3f" % (s["delivered_per_s"], d["p50_us"] / 1000.0, d["p99_us"] / 1000.0))
 
 
-def merge_history(out, gen, store, protocol, client):
-    """One history result from the generation, store, protocol and client-cache runs."""
+def merge_history(out, gen, store, protocol, protocol_10, client):
+    """One history result from the generation, store, protocol (one request in flight, then ten)
+    and client-cache runs."""
     parts = {}
-    for name, raw in (("gen", gen), ("store", store), ("protocol", protocol), ("client", client)):
+    for name, raw in (("gen", gen), ("store", store), ("protocol", protocol),
+                      ("protocol_10", protocol_10), ("client", client)):
         try:
             with open(raw) as f:
                 parts[name] = json.load(f)
@@ -196,7 +203,7 @@ def merge_history(out, gen, store, protocol, client):
     merged["conversations"] = store_part.get("conversations", 0)
     merged["messages_per_conversation"] = store_part.get("messages_per_conversation", 0)
     merged["messages"] = merged["conversations"] * merged["messages_per_conversation"]
-    runs = [parts[k] for k in ("store", "protocol", "client")]
+    runs = [parts[k] for k in ("store", "protocol", "protocol_10", "client")]
     if not parts["gen"].get("cached"):
         runs.append(parts["gen"])
     merged["completed"] = all(p.get("completed", False) for p in runs)
@@ -277,7 +284,7 @@ if __name__ == "__main__":
         sys.exit(merge_connect(sys.argv[2], sys.argv[3:]))
     if len(sys.argv) >= 4 and sys.argv[1] == "--record":
         sys.exit(record(sys.argv[2], sys.argv[3], sys.argv[4:]))
-    if len(sys.argv) == 7 and sys.argv[1] == "--merge-history":
+    if len(sys.argv) == 8 and sys.argv[1] == "--merge-history":
         sys.exit(merge_history(*sys.argv[2:]))
     if len(sys.argv) == 3 and sys.argv[1] == "--plot-data":
         plot_data(sys.argv[2])
