@@ -19,10 +19,12 @@
 #include <random>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <unordered_map>
 #include <utility>
 #include <vector>
 
+#include "chat/log.h"
 #include "chat/store.h"
 #include "chat/v1/chat.pb.h"
 #include "src/core/codec.h"
@@ -352,6 +354,8 @@ class Connection {
   }
 
   int64_t LastInsertRowid() const { return sqlite3_last_insert_rowid(db_); }
+
+  sqlite3* raw() const { return db_; }
 
  private:
   explicit Connection(sqlite3* db) : db_(db) { statements_.fill(nullptr); }
@@ -1024,6 +1028,10 @@ class SqliteStore final : public MessageStore {
       return s;
     }
     if (Status s = Migrate(w); !s.ok()) return s;
+    // Checkpoints run on a thread of their own (see Checkpointer), not inside a commit.
+    if (Status s = w.Exec("PRAGMA wal_autocheckpoint=0", "turn off inline checkpoints"); !s.ok()) {
+      return s;
+    }
 
     uint64_t epoch = 0;
     {
@@ -1042,8 +1050,18 @@ class SqliteStore final : public MessageStore {
       if (Status s = ConfigureCache(**reader, options); !s.ok()) return s;
       readers.push_back(std::move(*reader));
     }
+    Result<std::unique_ptr<Connection>> checkpointer =
+        Connection::Open(options.path, /*read_only=*/false, options.busy_timeout_ms);
+    if (!checkpointer.ok()) return checkpointer.status();
+    if (Status s = (*checkpointer)
+                       ->Exec(options.synchronous_full ? "PRAGMA synchronous=FULL"
+                                                       : "PRAGMA synchronous=NORMAL",
+                              "set synchronous");
+        !s.ok()) {
+      return s;
+    }
     return std::shared_ptr<MessageStore>(
-        new SqliteStore(epoch, std::move(*writer), std::move(readers)));
+        new SqliteStore(epoch, std::move(*writer), std::move(readers), std::move(*checkpointer)));
   }
 
   uint64_t Epoch() const override { return epoch_; }
@@ -1152,9 +1170,71 @@ class SqliteStore final : public MessageStore {
 
  private:
   SqliteStore(uint64_t epoch, std::unique_ptr<Connection> writer,
-              std::vector<std::unique_ptr<Connection>> readers)
-      : epoch_(epoch), writer_(std::move(writer)), readers_(std::move(readers)) {
+              std::vector<std::unique_ptr<Connection>> readers,
+              std::unique_ptr<Connection> checkpointer)
+      : epoch_(epoch),
+        writer_(std::move(writer)),
+        readers_(std::move(readers)),
+        checkpointer_(std::move(checkpointer)) {
     for (auto& reader : readers_) idle_.push_back(reader.get());
+    checkpoint_thread_ = std::thread([this] { CheckpointLoop(); });
+    sqlite3_wal_hook(writer_->raw(), &SqliteStore::OnWalCommit, this);
+  }
+
+ public:
+  ~SqliteStore() override {
+    sqlite3_wal_hook(writer_->raw(), nullptr, nullptr);
+    {
+      std::lock_guard lock(checkpoint_mu_);
+      checkpoint_stop_ = true;
+    }
+    checkpoint_cv_.notify_one();
+    checkpoint_thread_.join();
+  }
+
+ private:
+  // Called by SQLite on the writer's thread after each commit with the WAL's size in pages.
+  static int OnWalCommit(void* self, sqlite3* db, const char* /*schema*/, int pages) {
+    if (pages >= kCheckpointWalMaxPages) {
+      // The writer commits faster than the checkpoints complete (a WAL is started over only
+      // when a checkpoint has copied all of it): copy it here, between two transactions, as
+      // SQLite's own automatic checkpoint would, so the WAL stays bounded.
+      (void)sqlite3_wal_checkpoint_v2(db, nullptr, SQLITE_CHECKPOINT_PASSIVE, nullptr, nullptr);
+    } else if (pages >= kCheckpointPages) {
+      static_cast<SqliteStore*>(self)->RequestCheckpoint();
+    }
+    return SQLITE_OK;
+  }
+
+  void RequestCheckpoint() {
+    {
+      std::lock_guard lock(checkpoint_mu_);
+      if (checkpoint_wanted_) return;
+      checkpoint_wanted_ = true;
+    }
+    checkpoint_cv_.notify_one();
+  }
+
+  // Copies the WAL's pages back into the database file on a connection of its own. A PASSIVE
+  // checkpoint never waits for the writer or the readers: commits go on appending to the WAL
+  // meanwhile, and once every frame is copied the writer's next transaction starts the WAL
+  // over from its beginning. Inline (SQLite's default) every thousandth page made one commit
+  // wait for the copy and its fsyncs.
+  void CheckpointLoop() {
+    std::unique_lock lock(checkpoint_mu_);
+    for (;;) {
+      checkpoint_cv_.wait(lock, [this] { return checkpoint_stop_ || checkpoint_wanted_; });
+      if (checkpoint_stop_) return;
+      checkpoint_wanted_ = false;
+      lock.unlock();
+      const int rc = sqlite3_wal_checkpoint_v2(checkpointer_->raw(), nullptr,
+                                               SQLITE_CHECKPOINT_PASSIVE, nullptr, nullptr);
+      if (rc != SQLITE_OK && (rc & 0xff) != SQLITE_BUSY) {
+        Log(LogLevel::kWarn,
+            "chat: sqlite checkpoint failed: " + checkpointer_->Error(rc, "checkpoint").ToString());
+      }
+      lock.lock();
+    }
   }
 
   // One retention pass inside the writer's open transaction. The candidates are read first, so
@@ -1291,6 +1371,17 @@ class SqliteStore final : public MessageStore {
   std::mutex readers_mu_;
   std::condition_variable readers_cv_;
   std::vector<Connection*> idle_;  // guarded by readers_mu_
+
+  // Checkpoints start when a commit leaves this many pages in the WAL (16 MiB of 4 KiB pages).
+  static constexpr int kCheckpointPages = 4000;
+  // Past this the writer checkpoints itself (64 MiB of 4 KiB pages).
+  static constexpr int kCheckpointWalMaxPages = 4 * kCheckpointPages;
+  const std::unique_ptr<Connection> checkpointer_;  // used by checkpoint_thread_ only
+  std::mutex checkpoint_mu_;
+  std::condition_variable checkpoint_cv_;
+  bool checkpoint_wanted_ = false;  // guarded by checkpoint_mu_
+  bool checkpoint_stop_ = false;    // guarded by checkpoint_mu_
+  std::thread checkpoint_thread_;
 };
 
 }  // namespace

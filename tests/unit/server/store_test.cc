@@ -5,6 +5,8 @@
 #include <sqlite3.h>
 
 #include <atomic>
+#include <chrono>
+#include <filesystem>
 #include <map>
 #include <memory>
 #include <optional>
@@ -1307,6 +1309,32 @@ TEST_CASE("store: sqlite: readers see consistent snapshots while the writer appe
   Result<HistoryReply> h = HistoryOf(store, "alice", id, 0, 1);
   REQUIRE(h.ok());
   CHECK(h->messages[0].seq == 1 + kBatches * kPerBatch);
+}
+
+TEST_CASE("store: sqlite: the WAL is copied into the database while the store stays open") {
+  Env env(Kind::kSqlite);
+  MessageStore& store = *env.store;
+  const std::string path = env.dir.File("chat.db");
+  const ConversationId ab = OpenDirect(store, "alice", "bob");
+  const auto initial = std::filesystem::file_size(path);
+  // Several thousand commits: far more WAL pages than the checkpoint threshold (4,000).
+  const std::string body(3000, 'x');
+  for (int i = 0; i < 3000; ++i) {
+    REQUIRE(
+        CommitOne(store, ToConversation(ab, "alice", "w-" + std::to_string(i), body)).status.ok());
+  }
+  // The checkpoint runs on the store's own thread: wait for it (bounded), never for a close.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (std::filesystem::file_size(path) < initial + 4'000'000 &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  CHECK(std::filesystem::file_size(path) >= initial + 4'000'000);
+  // Bounded: the WAL never holds more than the writer's own checkpoint limit (16,000 pages).
+  CHECK(std::filesystem::file_size(path + "-wal") < 16'001 * 4'120);
+  Result<HistoryReply> h = HistoryOf(store, "bob", ab, 0, 1);
+  REQUIRE(h.ok());
+  CHECK(h->messages.front().seq == 3001);
 }
 
 TEST_CASE("store: sqlite: a failed transaction stores nothing of the batch") {
