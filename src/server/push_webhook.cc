@@ -8,8 +8,6 @@
 #include <fcntl.h>
 #include <netdb.h>
 #include <poll.h>
-#include <pthread.h>
-#include <signal.h>
 #include <sys/socket.h>
 #include <sys/types.h>
 #include <unistd.h>
@@ -29,6 +27,7 @@
 #include "chat/log.h"
 #include "chat/push.h"
 #include "chat/status.h"
+#include "src/core/threads.h"
 
 namespace chat {
 namespace {
@@ -239,16 +238,8 @@ class WebhookNotifier final : public PushNotifier {
  public:
   WebhookNotifier(WebhookOptions options, ParsedUrl url)
       : options_(std::move(options)), url_(std::move(url)) {
-    // The application decides which thread takes SIGTERM and the like (chatd waits for them on
-    // a thread of its own). The notifier may be made before the application blocks them, so its
-    // thread starts with every signal blocked and is never picked for one, which would run the
-    // default action and kill the process.
-    sigset_t all;
-    sigset_t previous;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &previous);
-    thread_ = std::thread([this] { Run(); });
-    pthread_sigmask(SIG_SETMASK, &previous, nullptr);
+    // The notifier may be made before the application blocks its signals.
+    thread_ = StartThreadWithSignalsBlocked([this] { Run(); });
   }
 
   ~WebhookNotifier() override {

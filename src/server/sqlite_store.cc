@@ -28,6 +28,7 @@
 #include "chat/store.h"
 #include "chat/v1/chat.pb.h"
 #include "src/core/codec.h"
+#include "src/core/threads.h"
 #include "src/server/store_common.h"
 
 namespace chat {
@@ -1177,7 +1178,8 @@ class SqliteStore final : public MessageStore {
         readers_(std::move(readers)),
         checkpointer_(std::move(checkpointer)) {
     for (auto& reader : readers_) idle_.push_back(reader.get());
-    checkpoint_thread_ = std::thread([this] { CheckpointLoop(); });
+    // The store may be opened before the application blocks its signals.
+    checkpoint_thread_ = StartThreadWithSignalsBlocked([this] { CheckpointLoop(); });
     sqlite3_wal_hook(writer_->raw(), &SqliteStore::OnWalCommit, this);
   }
 
