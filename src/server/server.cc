@@ -56,6 +56,9 @@ constexpr uint32_t kTickMs = 100;
 constexpr size_t kRxBufferBytes = 512;
 // A connection asked to close has this long to take its queued frames and the close frame.
 constexpr int kCloseFlushSeconds = 5;
+// A connection closed for an oversized message sends its close frame once the peer has sent
+// nothing for this long.
+constexpr lws_usec_t kDrainQuietUs = 20 * LWS_US_PER_MS;
 // Shutdown: how long to wait for submitted appends to commit and be acked, then how long for
 // the clients to answer the close frames.
 constexpr auto kShutdownCommitWait = std::chrono::seconds(5);
@@ -90,6 +93,10 @@ struct Connection {
   bool closing = false;
   bool paused = false;         // reads paused while the writer queue is full
   bool flush_pending = false;  // listed in ServerImpl::to_flush_
+  // Closing for an oversized message: the close frame waits until the peer has stopped sending
+  // for kDrainQuietUs (rx_since_check says whether it sent anything since the last check).
+  bool draining = false;
+  bool rx_since_check = false;
   int close_code = 0;
   std::string close_reason;
   int peer_close_code = 0;
@@ -604,7 +611,19 @@ class ServerImpl final : public Server, private server::HubIo {
     }
     // A peer that does not read its queued frames is dropped after a while.
     lws_set_timeout(conn.wsi, PENDING_TIMEOUT_USER_OK, kCloseFlushSeconds);
-    lws_callback_on_writable(conn.wsi);
+    if (!conn.draining) lws_callback_on_writable(conn.wsi);
+  }
+
+  // LWS_CALLBACK_TIMER of a draining connection: close once a whole period passed without input.
+  void OnDrainTimer(Connection* conn) {
+    if (!conn->draining) return;
+    if (conn->rx_since_check) {
+      conn->rx_since_check = false;
+      lws_set_timer_usecs(conn->wsi, kDrainQuietUs);
+      return;
+    }
+    conn->draining = false;
+    lws_callback_on_writable(conn->wsi);
   }
 
   int OnEstablished(lws* wsi, Connection** slot) {
@@ -662,7 +681,10 @@ class ServerImpl final : public Server, private server::HubIo {
 
   int OnReceive(Connection* conn, const char* data, size_t len) {
     // After a close was asked for, nothing more is read into the Hub.
-    if (conn->closing) return 0;
+    if (conn->closing) {
+      conn->rx_since_check = true;
+      return 0;
+    }
     if (!conn->assembling) {
       conn->assembling = true;
       conn->rx_text = !lws_frame_is_binary(conn->wsi);
@@ -680,7 +702,14 @@ class ServerImpl final : public Server, private server::HubIo {
       // Close through the writeable path instead of failing the read: the rest of the message
       // is read and dropped meanwhile, so the socket is not torn down with unread input, which
       // would make the kernel answer with a reset that can destroy the close frame in flight.
+      // The peer is most likely still sending the rest of it. Closing the socket while its data
+      // keeps arriving makes the kernel answer with a reset, and a client that sees the reset
+      // first never reads the close frame (it reports 1006, not 1009). So the rest is read and
+      // dropped, and the close frame goes out once the peer has been quiet for a moment (or
+      // kCloseFlushSeconds after the close began, when the connection is dropped anyway).
+      conn->draining = true;
       BeginClose(*conn, server::kCloseTooLarge, "message too large");
+      lws_set_timer_usecs(conn->wsi, kDrainQuietUs);
       return 0;
     }
     if (final && conn->rx.empty()) {
@@ -755,7 +784,7 @@ class ServerImpl final : public Server, private server::HubIo {
       if (!conn->outbound.empty() || conn->closing) lws_callback_on_writable(conn->wsi);
       return 0;
     }
-    if (conn->closing) {
+    if (conn->closing && !conn->draining) {
       lws_close_reason(conn->wsi, static_cast<lws_close_status>(conn->close_code),
                        reinterpret_cast<unsigned char*>(conn->close_reason.data()),
                        conn->close_reason.size());
@@ -791,6 +820,9 @@ class ServerImpl final : public Server, private server::HubIo {
           const auto* code = static_cast<const unsigned char*>(in);
           (*slot)->peer_close_code = (code[0] << 8) | code[1];
         }
+        return 0;
+      case LWS_CALLBACK_TIMER:
+        if (*slot != nullptr) self->OnDrainTimer(*slot);
         return 0;
       case LWS_CALLBACK_CLOSED:
         if (slot != nullptr) self->OnClosed(slot);
