@@ -578,8 +578,10 @@ class WriterCache {
     return &*it->second.members;
   }
   void PutMembers(ConversationId conversation_id, const std::vector<UserId>& members) {
-    ids_ += members.size();
+    if (members.size() > kMaxMemberIds) return;  // read each time rather than break the bound
+    // Counted after Entry, which may start over: what is stored is always counted.
     Entry(conversation_id).members = members;
+    ids_ += members.size();
   }
 
   // A member was added, changed or removed: what was known of the conversation's members goes.
@@ -1200,7 +1202,10 @@ class SqliteStore final : public MessageStore {
     if (pages >= kCheckpointWalMaxPages) {
       // The writer commits faster than the checkpoints complete (a WAL is started over only
       // when a checkpoint has copied all of it): copy it here, between two transactions, as
-      // SQLite's own automatic checkpoint would, so the WAL stays bounded.
+      // SQLite's own automatic checkpoint would, so the WAL stays bounded. A checkpoint the
+      // thread is running would make this one SQLITE_BUSY: wait for it, then copy the rest.
+      auto* store = static_cast<SqliteStore*>(self);
+      std::lock_guard running(store->checkpoint_run_mu_);
       (void)sqlite3_wal_checkpoint_v2(db, nullptr, SQLITE_CHECKPOINT_PASSIVE, nullptr, nullptr);
     } else if (pages >= kCheckpointPages) {
       static_cast<SqliteStore*>(self)->RequestCheckpoint();
@@ -1229,8 +1234,12 @@ class SqliteStore final : public MessageStore {
       if (checkpoint_stop_) return;
       checkpoint_wanted_ = false;
       lock.unlock();
-      const int rc = sqlite3_wal_checkpoint_v2(checkpointer_->raw(), nullptr,
-                                               SQLITE_CHECKPOINT_PASSIVE, nullptr, nullptr);
+      int rc;
+      {
+        std::lock_guard running(checkpoint_run_mu_);
+        rc = sqlite3_wal_checkpoint_v2(checkpointer_->raw(), nullptr, SQLITE_CHECKPOINT_PASSIVE,
+                                       nullptr, nullptr);
+      }
       if (rc != SQLITE_OK && (rc & 0xff) != SQLITE_BUSY) {
         Log(LogLevel::kWarn,
             "chat: sqlite checkpoint failed: " + checkpointer_->Error(rc, "checkpoint").ToString());
@@ -1379,6 +1388,7 @@ class SqliteStore final : public MessageStore {
   // Past this the writer checkpoints itself (64 MiB of 4 KiB pages).
   static constexpr int kCheckpointWalMaxPages = 4 * kCheckpointPages;
   const std::unique_ptr<Connection> checkpointer_;  // used by checkpoint_thread_ only
+  std::mutex checkpoint_run_mu_;  // held while a checkpoint runs, by either thread
   std::mutex checkpoint_mu_;
   std::condition_variable checkpoint_cv_;
   bool checkpoint_wanted_ = false;  // guarded by checkpoint_mu_
