@@ -63,6 +63,7 @@ struct Options {
   int per_client = 2;
   int body_bytes = 64;
   int max_connecting = 256;
+  double pace_ms = 1;  // the schedule's tick on the libev loop
   double timeout_s = 120;
   double hold_s = 2;
   int round_trips = 20000;
@@ -306,12 +307,19 @@ class Bench {
     Queue(conn, envelope);
   }
 
-  // Runs the loop until `done` returns true or the timeout passes; `tick` runs every 10 ms.
+  // Runs the loop until `done` returns true or the timeout passes; `tick` runs every
+  // millisecond on the libev loop (every 10 ms on lws's poll loop, see OnTick).
   template <typename Done, typename Tick>
   bool RunUntil(double timeout_s, Done done, Tick tick) {
     int64_t deadline = NowNs() + static_cast<int64_t>(timeout_s * 1e9);
     tick_fn_ = [&, tick]() mutable { tick(); };
     ScheduleTick();
+    if (loop_ != nullptr) {
+      const double pace_s = options_.pace_ms / 1000;
+      ev_timer_init(&pace_timer_, &Bench::OnPace, pace_s, pace_s);
+      pace_timer_.data = this;
+      ev_timer_start(loop_, &pace_timer_);
+    }
     bool ok = false;
     int64_t checked = 0;
     while (true) {
@@ -332,6 +340,7 @@ class Bench {
       }
     }
     lws_sul_cancel(&tick_.sul);
+    if (loop_ != nullptr) ev_timer_stop(loop_, &pace_timer_);
     tick_fn_ = nullptr;
     return ok;
   }
@@ -448,8 +457,16 @@ class Bench {
     Bench* self = reinterpret_cast<TickTimer*>(sul)->owner;
     self->ConnectDue();
     self->Heartbeat();
-    if (self->tick_fn_) self->tick_fn_();
+    // On lws's poll loop a timer finer than 10 ms busy-spins (LWS-NOTES pitfall 1).
+    if (self->loop_ == nullptr && self->tick_fn_) self->tick_fn_();
     self->ScheduleTick();
+  }
+
+  // The schedule's tick on the libev loop: a message waits at most 1 ms in the generator, and
+  // a rate arrives as small bursts rather than one burst of 10 ms worth of messages.
+  static void OnPace(struct ev_loop* /*loop*/, ev_timer* timer, int /*revents*/) {
+    auto* self = static_cast<Bench*>(timer->data);
+    if (self->tick_fn_) self->tick_fn_();
   }
 
   // Like a real client, pings every connection that has sent nothing for kPingAfterNs, so the
@@ -721,6 +738,7 @@ class Bench {
     Bench* owner = nullptr;
   };
   TickTimer tick_;
+  ev_timer pace_timer_{};
   std::function<void()> tick_fn_;
   std::vector<std::unique_ptr<Conn>> conns_;
   int connecting_ = 0;
@@ -744,7 +762,7 @@ bool CheckOk(const Bench::Check& check) {
 }
 
 // Paces messages over `senders` at `rate` per second for `seconds`, round-robin, open-loop:
-// each 10 ms tick sends what the schedule says is due by now.
+// each tick (1 ms on the libev loop) sends what the schedule says is due by now.
 struct Pacer {
   std::vector<Conn*> senders;
   double rate = 0;
@@ -835,6 +853,7 @@ StepResult RunStep(Bench& bench, const std::vector<Conn*>& senders, double rate,
       sent > 0 && server_cpu >= 0 ? server_cpu * 1e6 / static_cast<double>(sent) : -1.0;
   JsonObject json;
   json.Add("offered_rate", rate);
+  json.Add("pace_ms", bench.options().pace_ms);
   json.Add("seconds", seconds);
   json.Add("sent", sent);
   json.Add("acked", bench.counters().acked - start.acked);
@@ -1530,6 +1549,9 @@ int main(int argc, char** argv) {
   app.add_option("--round-trips", o.round_trips, "floor: round trips")->capture_default_str();
   app.add_option("--syncs", o.syncs, "floor: append + fdatasync rounds")->capture_default_str();
   app.add_option("--sync-dir", o.sync_dir, "floor: directory for the fdatasync floor's file");
+  app.add_option("--pace-ms", o.pace_ms, "open-loop schedule's tick (libev loop; >= 1)")
+      ->check(CLI::Range(1.0, 100.0))
+      ->capture_default_str();
   app.add_flag("--tls", o.tls, "connect with wss (accepting a self-signed certificate)");
   app.add_option("--groups", o.groups, "fanout: groups")->capture_default_str();
   app.add_option("--members", o.members, "fanout: online members per group, creator included")
