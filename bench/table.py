@@ -80,7 +80,7 @@ def headline(r):
                 "(%.0f msg/s, %.1f us server CPU/msg); steps: %s") % (
             r["groups"], r["members_per_group"], r["max_deliveries_per_s_p99_under_limit"],
             r["p99_limit_ms"], r["max_messages_per_s_p99_under_limit"],
-            r["server_cpu_us_per_msg_at_max"], steps_text(r))
+            r["server_cpu_us_per_msg_at_max"], steps_text(r)) + settle_text(r)
     if w == "channel":
         return ("%d members (%d viewers subscribed): server RSS %+.0f B per offline member "
                 "(%d -> %d KB, added at %.0f/s); max %.0f posts/s (%.0f deliveries/s) with "
@@ -89,7 +89,7 @@ def headline(r):
             r["server_rss_before_members_kb"], r["server_rss_after_members_kb"],
             r["add_members_per_s"], r["max_posts_per_s_p99_under_limit"],
             r["max_deliveries_per_s_p99_under_limit"], r["p99_limit_ms"],
-            r["server_cpu_us_per_post_at_max"], steps_text(r))
+            r["server_cpu_us_per_post_at_max"], steps_text(r)) + settle_text(r)
     if w == "history":
         g, st, p, c = r["gen"], r["store"], r["protocol"], r["client"]
         p10 = r.get("protocol_10", {})
@@ -113,6 +113,13 @@ def headline(r):
             r["connections"], r.get("reconnect_to_all_synced_ms", -1),
             r.get("server_cpu_s_reconnect", -1), r["server_peak_rss_kb"])
     return ""
+
+
+def settle_text(r):
+    if "settled" not in r:
+        return ""
+    state = "everything arrived" if r["settled"] else "NOT everything arrived"
+    return "; after the last step %s within %.1f s" % (state, r["settle_s"])
 
 
 def steps_text(r):
