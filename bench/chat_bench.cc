@@ -279,7 +279,10 @@ class Bench {
       send->set_peer(conns_[static_cast<size_t>(conn.target)]->user);
     }
     char id[64];
-    std::snprintf(id, sizeof id, "%s-%010u-bench", conn.user.c_str(), index);
+    // Time-prefixed like the client SDK's ids (the send's monotonic stamp, so a resend
+    // repeats it).
+    std::snprintf(id, sizeof id, "%012llx-%s-%010u-bench",
+                  static_cast<unsigned long long>(stamp_ns / 1'000'000), conn.user.c_str(), index);
     send->set_client_msg_id(id);
     send->set_content_type(kBenchContentType);
     std::string body(static_cast<size_t>(std::max(options_.body_bytes, 12)), 'x');

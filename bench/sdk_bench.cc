@@ -156,7 +156,9 @@ int RunHistoryGen(const SdkOptions& o) {
       }
       r.sender_device = "gen";
       char id[64];
-      std::snprintf(id, sizeof id, "gen-%09d-%06d", c, index);
+      // Time-ordered like the client SDK's ids (message ids grow with time).
+      std::snprintf(id, sizeof id, "%012llx-gen-%09d-%06d",
+                    static_cast<unsigned long long>(message_id), c, index);
       r.client_msg_id = id;
       r.message_id = message_id++;
       r.server_time_ms = now_ms;

@@ -3,7 +3,9 @@
 #include <sys/random.h>
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
+#include <cstdint>
 #include <deque>
 #include <mutex>
 #include <optional>
@@ -48,8 +50,14 @@ void ClientListener::OnPresence(const PresenceInfo&) {}
 
 namespace {
 
-// 128 random bits from the kernel, as 32 hex digits.
+// The wall clock in milliseconds as 12 hex digits, then 128 random bits from the kernel as 32
+// hex digits. The random part makes the id unique; the prefix makes ids sent at about the same
+// time sort together, so the server's idempotency index grows at one end rather than
+// everywhere (docs/server.md).
 Result<std::string> NewClientMsgId() {
+  const auto now_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                          std::chrono::system_clock::now().time_since_epoch())
+                          .count();
   unsigned char bytes[16];
   size_t got = 0;
   while (got < sizeof(bytes)) {
@@ -59,7 +67,10 @@ Result<std::string> NewClientMsgId() {
   }
   static constexpr char kHex[] = "0123456789abcdef";
   std::string id;
-  id.reserve(32);
+  id.reserve(44);
+  for (int shift = 44; shift >= 0; shift -= 4) {
+    id.push_back(kHex[(static_cast<uint64_t>(now_ms) >> shift) & 15]);
+  }
   for (unsigned char b : bytes) {
     id.push_back(kHex[b >> 4]);
     id.push_back(kHex[b & 15]);

@@ -38,7 +38,7 @@ using server::ConversationHead;
 
 // The schema version this build writes. A file with a higher PRAGMA user_version was written
 // by a newer build and is refused rather than misread.
-constexpr int kSchemaVersion = 3;
+constexpr int kSchemaVersion = 4;
 
 // Migration N brings a file from user_version N-1 to N; index 0 is migration 1.
 constexpr std::array<const char*, kSchemaVersion> kMigrations = {
@@ -121,6 +121,13 @@ CREATE TABLE push_tokens(
   registered_ms INTEGER NOT NULL,
   PRIMARY KEY(user_id, device_id)
 ) WITHOUT ROWID;
+)sql",
+    // 4: the idempotency index leads with client_msg_id, so time-prefixed ids (the client
+    // SDK's) insert next to each other: a commit group touches one or two of its leaves rather
+    // than one per sender. Same columns, same uniqueness.
+    R"sql(
+DROP INDEX messages_by_key;
+CREATE UNIQUE INDEX messages_by_key ON messages(client_msg_id, sender) WHERE client_msg_id <> '';
 )sql",
 };
 
@@ -1326,8 +1333,13 @@ class SqliteStore final : public MessageStore {
   static Status Migrate(Connection& w) {
     if (Status s = Query(w, Sql::kBeginImmediate).Run(); !s.ok()) return s;
     Status s = [&]() -> Status {
-      Query q(w, Sql::kUserVersion);
-      Result<int64_t> version = ScalarInt(q, 0);
+      Result<int64_t> version = 0;
+      {
+        // Done with before the migrations run: a statement still open on the connection makes
+        // DROP INDEX fail with "database table is locked".
+        Query q(w, Sql::kUserVersion);
+        version = ScalarInt(q, 0);
+      }
       if (!version.ok()) return version.status();
       if (*version > kSchemaVersion) return TooNew(*version);
       for (int64_t v = *version; v < kSchemaVersion; ++v) {

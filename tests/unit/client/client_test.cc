@@ -91,12 +91,22 @@ TEST_CASE("client: Send validates its arguments") {
   CHECK(client->Send(0, "text/plain", "x").status().code() == Code::kInvalidArgument);
   CHECK(client->Send(5, "", "x").status().code() == Code::kInvalidArgument);
   CHECK(client->SendTo("", "text/plain", "x").status().code() == Code::kInvalidArgument);
+  const auto before_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                             std::chrono::system_clock::now().time_since_epoch())
+                             .count();
   auto id = client->Send(5, "text/plain", "x");
   REQUIRE(id.ok());
-  CHECK(id->size() == 32);  // 128 random bits in hex
+  // The wall clock in ms (12 hex digits), then 128 random bits (32 hex digits).
+  REQUIRE(id->size() == 44);
+  CHECK(id->find_first_not_of("0123456789abcdef") == std::string::npos);
+  const auto stamped_ms = static_cast<int64_t>(std::stoull(id->substr(0, 12), nullptr, 16));
+  CHECK(stamped_ms >= before_ms);
+  CHECK(stamped_ms < before_ms + 60'000);
   auto other = client->Send(5, "text/plain", "x");
   REQUIRE(other.ok());
   CHECK(*other != *id);
+  CHECK(other->substr(12) != id->substr(12));  // the random parts differ
+  CHECK(other->substr(0, 12) >= id->substr(0, 12));
 }
 
 TEST_CASE("client: the outbox is bounded by outbox_max") {

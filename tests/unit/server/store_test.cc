@@ -1137,8 +1137,8 @@ TEST_CASE("store: sqlite: a schema newer than this build is DataLoss and left un
   RawExec(path, "PRAGMA user_version = 99");
   Result<std::shared_ptr<MessageStore>> newer = OpenAt(path);
   CHECK(newer.status().code() == Code::kDataLoss);
-  CHECK(newer.status().message() == "schema version 99 is newer than this build supports (3)");
-  RawExec(path, "PRAGMA user_version = 3");
+  CHECK(newer.status().message() == "schema version 99 is newer than this build supports (4)");
+  RawExec(path, "PRAGMA user_version = 4");
   Result<std::shared_ptr<MessageStore>> again = OpenAt(path);
   REQUIRE(again.ok());
   CHECK((*again)->Members(1).ok());
@@ -1165,6 +1165,48 @@ TEST_CASE("store: sqlite: a version 1 file is migrated and keeps its data") {
   const ConversationId group = CreateGroupOk(**migrated, "alice", {"bob"});
   REQUIRE(CommitOne(**migrated, Change(ConversationOp::kLeave, group, "bob")).status.ok());
   CHECK(*(*migrated)->Members(group) == std::vector<UserId>{"alice"});
+}
+
+TEST_CASE("store: sqlite: a version 3 file gets the idempotency index led by client_msg_id") {
+  TempDir dir;
+  const std::string path = dir.File("chat.db");
+  ConversationId ab = 0;
+  {
+    Result<std::shared_ptr<MessageStore>> store = OpenAt(path);
+    REQUIRE(store.ok());
+    ab = CommitOne(**store, ToPeer("alice", "bob", "key-1", "first")).message.conversation_id;
+    REQUIRE(ab != 0);
+  }
+  // Version 3's index, led by the sender.
+  RawExec(path,
+          "DROP INDEX messages_by_key; CREATE UNIQUE INDEX messages_by_key ON "
+          "messages(sender, client_msg_id) WHERE client_msg_id <> ''; PRAGMA user_version = 3");
+  Result<std::shared_ptr<MessageStore>> migrated = OpenAt(path);
+  REQUIRE(migrated.ok());
+  // The stored message is still found by its key: a resend is the original.
+  AppendResult dup = CommitOne(**migrated, ToPeer("alice", "bob", "key-1", "changed"));
+  REQUIRE(dup.status.ok());
+  CHECK(dup.duplicate);
+  CHECK(dup.message.seq == 1);
+  CHECK(dup.message.body == "first");
+  CHECK_FALSE(CommitOne(**migrated, ToPeer("bob", "alice", "key-1", "own")).duplicate);
+  migrated->reset();
+  // The file now carries version 4's index, client_msg_id first.
+  sqlite3* db = nullptr;
+  REQUIRE(sqlite3_open(path.c_str(), &db) == SQLITE_OK);
+  sqlite3_stmt* stmt = nullptr;
+  REQUIRE(sqlite3_prepare_v2(db, "SELECT sql FROM sqlite_master WHERE name = 'messages_by_key'", -1,
+                             &stmt, nullptr) == SQLITE_OK);
+  REQUIRE(sqlite3_step(stmt) == SQLITE_ROW);
+  const std::string sql = reinterpret_cast<const char*>(sqlite3_column_text(stmt, 0));
+  sqlite3_finalize(stmt);
+  sqlite3_close(db);
+  CHECK(sql.find("messages(client_msg_id, sender)") != std::string::npos);
+  Result<std::shared_ptr<MessageStore>> again = OpenAt(path);
+  REQUIRE(again.ok());
+  Result<HistoryReply> h = HistoryOf(**again, "bob", ab, 0, 10);
+  REQUIRE(h.ok());
+  CHECK(Seqs(h->messages) == std::vector<Seq>{2, 1});
 }
 
 TEST_CASE("store: sqlite: bad options and unusable files are refused") {
