@@ -157,8 +157,8 @@ struct ClientOptions {
   uint32_t heartbeat_interval_ms = 0;
   // ms from starting a connection to Welcome before the attempt is given up. Default 10 s.
   uint32_t connect_timeout_ms = 10'000;
-  // Messages waiting in the outbox (pending); Send() returns ResourceExhausted past it.
-  // Default 1000.
+  // Messages the outbox holds, pending and failed together; Send() returns ResourceExhausted
+  // past it. A failed message stays until Discard() removes it. Default 1000.
   size_t outbox_max = 1000;
   // Outbox messages sent before their acks arrive. 1 keeps the order even when the server
   // refuses a message temporarily; larger is faster. Default 16.
@@ -224,7 +224,8 @@ class CHAT_EXPORT Client {
 
   // Commits a message to the outbox and returns its client_msg_id at once; it is sent when
   // connected. InvalidArgument if `conversation` is 0 or `content_type` is empty,
-  // ResourceExhausted if the outbox holds outbox_max messages, FailedPrecondition after
+  // ResourceExhausted if the outbox holds outbox_max messages (pending and failed: Discard()
+  // failed ones), FailedPrecondition after
   // Close(), Unavailable if the cache cannot be written.
   Result<std::string> Send(ConversationId conversation, std::string_view content_type,
                            std::string_view body);
@@ -331,6 +332,11 @@ class CHAT_EXPORT Client {
   Result<std::vector<ConversationInfo>> Conversations();
   // The messages in the outbox (pending and failed), oldest first.
   Result<std::vector<MessageEvent>> Outbox();
+  // Removes a failed message (MessageStatus::kFailed) from the outbox, freeing its place
+  // under outbox_max. NotFound if the outbox has no message with this id, FailedPrecondition
+  // if it is still pending (it may be on the wire) or after Close(), InvalidArgument if the
+  // id is empty, Unavailable if the cache cannot be written.
+  Status Discard(std::string_view client_msg_id);
 
   // Drops the connection and reconnects at once (e.g. after the network changed).
   // FailedPrecondition after Close().

@@ -120,6 +120,7 @@ constexpr const char* kFindOutbox =
     "reason_code, reason_message FROM outbox WHERE id = ?";
 constexpr const char* kOutboxIds = "SELECT client_msg_id, id FROM outbox";
 constexpr const char* kRemoveOutbox = "DELETE FROM outbox WHERE id = ? RETURNING status";
+constexpr const char* kDiscardFailed = "DELETE FROM outbox WHERE id = ? AND status = 2";
 constexpr const char* kFailOutbox =
     "UPDATE outbox SET status = 2, reason_code = ?, reason_message = ? WHERE id = ? AND status = 0";
 
@@ -543,13 +544,18 @@ std::optional<int64_t> Cache::OutboxId(const std::string& client_msg_id) {
   return it->second;
 }
 
-Status Cache::AddOutbox(OutboxEntry* entry, size_t max_pending) {
+Status Cache::AddOutbox(OutboxEntry* entry, size_t max_rows) {
   std::lock_guard lock(mu_);
-  if (PendingCount() >= max_pending) {
-    return ResourceExhausted("outbox is full (" + std::to_string(max_pending) + " pending)");
-  }
   std::unordered_map<std::string, int64_t>* ids = OutboxIds();
   if (ids == nullptr) return db_->Error("read the outbox");
+  // Failed messages stay until the application discards them: they count, so the outbox (and
+  // the id map) stays bounded.
+  if (ids->size() >= max_rows) {
+    const size_t pending = std::min(PendingCount(), ids->size());
+    return ResourceExhausted("outbox is full (" + std::to_string(ids->size()) +
+                             " messages: " + std::to_string(pending) + " pending, " +
+                             std::to_string(ids->size() - pending) + " failed)");
+  }
   if (ids->contains(entry->client_msg_id)) {
     return AlreadyExists("client_msg_id already in the outbox");
   }
@@ -643,6 +649,24 @@ Status Cache::FailOutbox(const std::string& client_msg_id, const Status& reason)
   if (sqlite3_changes(db_->get()) > 0 && pending_count_.has_value() && *pending_count_ > 0) {
     --*pending_count_;
   }
+  return Status::Ok();
+}
+
+Status Cache::DiscardFailed(const std::string& client_msg_id) {
+  std::lock_guard lock(mu_);
+  if (OutboxIds() == nullptr) return db_->Error("read the outbox");
+  std::optional<int64_t> id = OutboxId(client_msg_id);
+  if (!id) return NotFound("no message with this client_msg_id in the outbox");
+  Stmt s(db_.get(), kDiscardFailed);
+  s.Int(1, *id);
+  if (s.Run() != SQLITE_DONE) {
+    outbox_ids_.reset();
+    return db_->Error("discard from outbox");
+  }
+  if (sqlite3_changes(db_->get()) == 0) {
+    return FailedPrecondition("the message is pending; only a failed message can be discarded");
+  }
+  outbox_ids_->erase(client_msg_id);
   return Status::Ok();
 }
 

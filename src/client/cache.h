@@ -125,9 +125,10 @@ class Cache {
   uint64_t MessageCount();
 
   // --- Outbox ---
-  // Appends `entry` (id is assigned) if fewer than `max_pending` messages are pending;
-  // ResourceExhausted otherwise, AlreadyExists if the client_msg_id is taken.
-  Status AddOutbox(OutboxEntry* entry, size_t max_pending);
+  // Appends `entry` (id is assigned) if the outbox holds fewer than `max_rows` messages,
+  // pending and failed together; ResourceExhausted otherwise, AlreadyExists if the
+  // client_msg_id is taken.
+  Status AddOutbox(OutboxEntry* entry, size_t max_rows);
   size_t PendingCount();
   // Pending entries, oldest first, at most `limit`.
   std::vector<OutboxEntry> PendingOutbox(size_t limit);
@@ -136,6 +137,9 @@ class Cache {
   std::optional<OutboxEntry> FindOutbox(const std::string& client_msg_id);
   Status RemoveOutbox(const std::string& client_msg_id);
   Status FailOutbox(const std::string& client_msg_id, const Status& reason);
+  // Removes a failed message. NotFound if no outbox row has this id, FailedPrecondition if it
+  // is still pending (it may be on the wire).
+  Status DiscardFailed(const std::string& client_msg_id);
 
  private:
   explicit Cache(std::unique_ptr<Db> db);

@@ -241,6 +241,12 @@ class Client::Impl final : public ClientListener, public client::SessionIo {
     return out;
   }
 
+  Status Discard(std::string_view client_msg_id) {
+    if (closed_) return FailedPrecondition("client is closed");
+    if (client_msg_id.empty()) return InvalidArgument("client_msg_id: must not be empty");
+    return cache_->DiscardFailed(std::string(client_msg_id));
+  }
+
   // Posts a group operation; the callback runs through the gate like every callback.
   Status Request(v1::Envelope request, ConversationCallback callback) {
     if (closed_) return FailedPrecondition("client is closed");
@@ -607,6 +613,7 @@ Status Client::History(ConversationId conversation, Seq before_seq, uint32_t lim
 }
 Result<std::vector<ConversationInfo>> Client::Conversations() { return impl_->Conversations(); }
 Result<std::vector<MessageEvent>> Client::Outbox() { return impl_->Outbox(); }
+Status Client::Discard(std::string_view client_msg_id) { return impl_->Discard(client_msg_id); }
 Status Client::Reconnect() { return impl_->Reconnect(); }
 
 namespace {

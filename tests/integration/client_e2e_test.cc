@@ -499,6 +499,45 @@ TEST_CASE("client e2e: Reconnect() drops the connection and comes back, nothing 
   bob.client->Close();
 }
 
+TEST_CASE("client e2e: a refused message stays in the outbox as failed until Discard") {
+  ChatdProcess chatd;
+  REQUIRE(chatd.Start().ok());
+  TestClient alice = MakeClient(chatd, "alice", "alice-laptop", "", Mode::kPoll, 2);
+  // Conversation 999 does not exist: the server refuses the message.
+  Result<std::string> refused = alice.client->Send(999, "text/plain", "nowhere");
+  REQUIRE(refused.ok());
+  REQUIRE(Drive({&alice}, [&] {
+    return alice.recorder->OwnWithStatus(MessageStatus::kFailed).count(*refused) == 1;
+  }));
+  Result<std::vector<MessageEvent>> outbox = alice.client->Outbox();
+  REQUIRE(outbox.ok());
+  REQUIRE(outbox->size() == 1);
+  CHECK((*outbox)[0].status == MessageStatus::kFailed);
+  CHECK((*outbox)[0].message.client_msg_id == *refused);
+
+  // The failed message counts under outbox_max (2): one more fits, then the outbox is full.
+  Result<std::string> sent = alice.client->SendTo("bob", "text/plain", "hello");
+  REQUIRE(sent.ok());
+  REQUIRE(Drive({&alice}, [&] {
+    return alice.recorder->OwnWithStatus(MessageStatus::kSent).count(*sent) == 1;
+  }));
+  REQUIRE(alice.client->SendTo("bob", "text/plain", "b").ok());
+  Result<std::string> full = alice.client->SendTo("bob", "text/plain", "c");
+  CHECK(full.status().code() == Code::kResourceExhausted);
+  REQUIRE(Drive({&alice}, [&] { return alice.client->Outbox()->size() == 1; }));
+
+  // Discard removes it once; what is not in the outbox is NotFound.
+  CHECK(alice.client->Discard("").code() == Code::kInvalidArgument);
+  REQUIRE(alice.client->Discard(*refused).ok());
+  CHECK(alice.client->Discard(*refused).code() == Code::kNotFound);
+  CHECK(alice.client->Discard(*sent).code() == Code::kNotFound);
+  CHECK(alice.client->Outbox()->empty());
+  REQUIRE(alice.client->SendTo("bob", "text/plain", "d").ok());
+  REQUIRE(alice.client->SendTo("bob", "text/plain", "e").ok());
+  alice.client->Close();
+  CHECK(alice.client->Discard(*refused).code() == Code::kFailedPrecondition);
+}
+
 // The pid of the process with `arg` among its arguments, or -1.
 pid_t FindProcessWithArg(const std::string& arg) {
   std::error_code ec;
