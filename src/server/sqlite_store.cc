@@ -1241,11 +1241,18 @@ class SqliteStore final : public MessageStore {
       if (checkpoint_stop_) return;
       checkpoint_wanted_ = false;
       lock.unlock();
-      int rc;
-      {
-        std::lock_guard running(checkpoint_run_mu_);
-        rc = sqlite3_wal_checkpoint_v2(checkpointer_->raw(), nullptr, SQLITE_CHECKPOINT_PASSIVE,
-                                       nullptr, nullptr);
+      int log_frames = 0;
+      int copied_frames = 0;
+      int rc = Checkpoint(&log_frames, &copied_frames);
+      // The WAL starts over from its beginning only when a write transaction begins with every
+      // frame copied. Under steady commits the pass above never gets there: by the writer's
+      // next BEGIN it has appended more. So copy what is left with commits held off (a short
+      // pause: most pages are in the database already); the next transaction then restarts
+      // the WAL. Without this the WAL grew to the writer's own limit and every commit past
+      // kCheckpointPages asked for another pass over the few frames written since the last.
+      if (rc == SQLITE_OK && log_frames > 0 && log_frames - copied_frames <= kCheckpointTailPages) {
+        std::lock_guard no_commits(writer_mu_);
+        rc = Checkpoint(nullptr, nullptr);
       }
       if (rc != SQLITE_OK && (rc & 0xff) != SQLITE_BUSY) {
         Log(LogLevel::kWarn,
@@ -1253,6 +1260,14 @@ class SqliteStore final : public MessageStore {
       }
       lock.lock();
     }
+  }
+
+  // A PASSIVE checkpoint on the checkpoint thread's connection: the WAL's size and how much of
+  // it is now in the database, in frames.
+  int Checkpoint(int* log_frames, int* copied_frames) {
+    std::lock_guard running(checkpoint_run_mu_);
+    return sqlite3_wal_checkpoint_v2(checkpointer_->raw(), nullptr, SQLITE_CHECKPOINT_PASSIVE,
+                                     log_frames, copied_frames);
   }
 
   // One retention pass inside the writer's open transaction. The candidates are read first, so
@@ -1399,6 +1414,9 @@ class SqliteStore final : public MessageStore {
   static constexpr int kCheckpointPages = 4000;
   // Past this the writer checkpoints itself (64 MiB of 4 KiB pages).
   static constexpr int kCheckpointWalMaxPages = 4 * kCheckpointPages;
+  // A checkpoint that left at most this many frames uncopied copies them with commits held
+  // (more means readers hold old snapshots: holding commits would not help).
+  static constexpr int kCheckpointTailPages = 1000;
   const std::unique_ptr<Connection> checkpointer_;  // used by checkpoint_thread_ only
   std::mutex checkpoint_run_mu_;  // held while a checkpoint runs, by either thread
   std::mutex checkpoint_mu_;
