@@ -509,6 +509,38 @@ int RunFlush(const Flags& flags) {
   return rc;
 }
 
+// Lists what the outbox in --cache holds: pending messages and those the server refused.
+int RunOutbox(const Flags& flags) {
+  auto listener = std::make_shared<Listener>(flags.json, false);
+  auto client = OpenClient(flags, listener);
+  if (!client) return 1;
+  auto outbox = client->Outbox();
+  if (!outbox.ok()) {
+    std::fprintf(stderr, "chat-cli outbox: %s\n", outbox.status().ToString().c_str());
+    client->Close();
+    return 1;
+  }
+  for (const chat::MessageEvent& e : *outbox) std::puts(MessageLine(e, flags.json).c_str());
+  client->Close();
+  return 0;
+}
+
+// Removes failed messages from the outbox in --cache, by client_msg_id.
+int RunDiscard(const Flags& flags, const std::vector<std::string>& ids) {
+  auto listener = std::make_shared<Listener>(flags.json, false);
+  auto client = OpenClient(flags, listener);
+  if (!client) return 1;
+  int rc = 0;
+  for (const std::string& id : ids) {
+    if (chat::Status st = client->Discard(id); !st.ok()) {
+      std::fprintf(stderr, "chat-cli discard: %s: %s\n", id.c_str(), st.ToString().c_str());
+      rc = 1;
+    }
+  }
+  client->Close();
+  return rc;
+}
+
 int RunTail(const Flags& flags) {
   auto listener = std::make_shared<Listener>(flags.json, true);
   auto client = OpenClient(flags, listener);
@@ -929,6 +961,10 @@ int main(int argc, char** argv) {
   send->add_option("text", texts, "Message texts")->required();
 
   auto* flush = app.add_subcommand("flush", "Send what the outbox in --cache holds, then exit");
+  auto* outbox = app.add_subcommand("outbox", "List the pending and failed messages in --cache");
+  auto* discard = app.add_subcommand("discard", "Remove failed messages from the outbox");
+  std::vector<std::string> discard_ids;
+  discard->add_option("client_msg_id", discard_ids, "Ids of failed messages")->required();
   auto* tail = app.add_subcommand("tail", "Print messages as they arrive, until interrupted");
   auto* history = app.add_subcommand("history", "Print a conversation's messages");
   uint64_t history_conversation = 0;
@@ -981,6 +1017,8 @@ int main(int argc, char** argv) {
 
   if (*send) return RunSend(flags, to, send_conversation, texts);
   if (*flush) return RunFlush(flags);
+  if (*outbox) return RunOutbox(flags);
+  if (*discard) return RunDiscard(flags, discard_ids);
   if (*tail) return RunTail(flags);
   if (*group_create) return RunGroupCreate(flags, group_title, group_channel, group_members);
   if (*mark_read) return RunMarkRead(flags, read_conversation, read_seq);

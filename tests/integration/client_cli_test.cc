@@ -54,6 +54,33 @@ TEST_CASE("chat-cli: a refused send exits non-zero and prints the reason") {
   CHECK(usage.code == 2);
 }
 
+TEST_CASE("chat-cli: a refused message stays in the outbox until discard removes it") {
+  ChatdProcess chatd;
+  REQUIRE(chatd.Start().ok());
+  TempDir dir;
+  const std::string cache = dir.File("alice.db");
+  CliRun run = RunChatCli(chatd, dir, "alice",
+                          {"--cache", cache, "send", "--conversation", "424242", "hello"});
+  CHECK(run.code == 4);
+  CliRun listed = RunChatCli(chatd, dir, "alice", {"--cache", cache, "--json", "outbox"});
+  CHECK_MESSAGE(listed.code == 0, listed.out);
+  CHECK(listed.out.find("\"status\":\"failed\"") != std::string::npos);
+  CHECK(listed.out.find("PERMISSION_DENIED") != std::string::npos);
+  const std::string key = "\"client_msg_id\":\"";
+  const size_t at = listed.out.find(key);
+  REQUIRE(at != std::string::npos);
+  const std::string id = listed.out.substr(at + key.size(), 44);
+
+  CliRun discarded = RunChatCli(chatd, dir, "alice", {"--cache", cache, "discard", id});
+  CHECK_MESSAGE(discarded.code == 0, discarded.out);
+  CliRun empty = RunChatCli(chatd, dir, "alice", {"--cache", cache, "--json", "outbox"});
+  CHECK(empty.code == 0);
+  CHECK(empty.out.find("\"type\":\"message\"") == std::string::npos);
+  CliRun again = RunChatCli(chatd, dir, "alice", {"--cache", cache, "discard", id});
+  CHECK(again.code == 1);
+  CHECK(again.out.find("NOT_FOUND") != std::string::npos);
+}
+
 TEST_CASE("chat-cli: group-create and mark-read, in JSON") {
   ChatdProcess chatd;
   REQUIRE(chatd.Start().ok());
