@@ -1414,8 +1414,9 @@ class SqliteStore final : public MessageStore {
   static constexpr int kCheckpointPages = 4000;
   // Past this the writer checkpoints itself (64 MiB of 4 KiB pages).
   static constexpr int kCheckpointWalMaxPages = 4 * kCheckpointPages;
-  // A checkpoint that left at most this many frames uncopied copies them with commits held
-  // (more means readers hold old snapshots: holding commits would not help).
+  // A checkpoint that left at most this many frames uncopied copies them with commits held.
+  // More means a reader holds an old snapshot (holding commits would not help) or the writer
+  // outran the pass; either way the next commit asks for another pass.
   static constexpr int kCheckpointTailPages = 1000;
   const std::unique_ptr<Connection> checkpointer_;  // used by checkpoint_thread_ only
   std::mutex checkpoint_run_mu_;  // held while a checkpoint runs, by either thread
