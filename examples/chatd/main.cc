@@ -237,6 +237,10 @@ void AddServeFlags(CLI::App* serve, ServeFlags* f) {
       ->add_option("--max-message-bytes", o.max_message_bytes,
                    "One assembled WebSocket message; close 1009 past it")
       ->capture_default_str();
+  serve
+      ->add_option("--receive-buffer-bytes", o.receive_buffer_bytes,
+                   "Per connection receive buffer; larger messages are reassembled")
+      ->capture_default_str();
   serve->add_option("--max-body-bytes", o.max_body_bytes, "Send.body")->capture_default_str();
   serve->add_option("--max-attachments", o.max_attachments, "Attachments per message")
       ->capture_default_str();

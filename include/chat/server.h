@@ -46,7 +46,11 @@ struct ServerOptions {
   uint32_t node_id = 0;                          // Snowflake node id, 0..1023
 
   // --- Limits ---
-  size_t max_message_bytes = 256 * 1024;      // one assembled WebSocket message; close 1009 past it
+  size_t max_message_bytes = 256 * 1024;  // one assembled WebSocket message; close 1009 past it
+  // What libwebsockets allocates per connection to receive into (64..65536). A message larger
+  // than this arrives in pieces that the server reassembles (a little CPU per such message);
+  // each byte here is a byte of every idle connection. 256 holds a typical chat envelope whole.
+  size_t receive_buffer_bytes = 256;
   size_t max_body_bytes = 64 * 1024;          // Send.body
   uint32_t max_attachments = 16;              // per message
   uint32_t hello_timeout_ms = 10'000;         // from connect to a valid Hello; close 4001 after

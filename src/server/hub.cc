@@ -56,6 +56,39 @@ struct Session {
 // Per-session memory is budgeted (about 2 KB per idle connection, libwebsockets included).
 static_assert(sizeof(Session) <= 128, "Session grew: check the per-connection memory budget");
 
+// The authenticated sessions of one user: nearly always one, kept inline (a vector of one
+// would be an allocation per online user); two or more spill to the heap.
+class UserSessions {
+ public:
+  const SessionId* begin() const { return more_.empty() ? &one_ : more_.data(); }
+  const SessionId* end() const { return begin() + size(); }
+  size_t size() const { return more_.empty() ? (one_ != 0 ? 1 : 0) : more_.size(); }
+  bool empty() const { return size() == 0; }
+  void push_back(SessionId id) {
+    if (more_.empty() && one_ == 0) {
+      one_ = id;
+      return;
+    }
+    if (more_.empty()) more_.push_back(one_);
+    more_.push_back(id);
+  }
+  void erase(SessionId id) {
+    if (more_.empty()) {
+      if (one_ == id) one_ = 0;
+      return;
+    }
+    std::erase(more_, id);
+    if (more_.size() == 1) {
+      one_ = more_.front();
+      std::vector<SessionId>().swap(more_);
+    }
+  }
+
+ private:
+  SessionId one_ = 0;            // the only session while more_ is empty (0: none)
+  std::vector<SessionId> more_;  // every session, when two or more
+};
+
 // What a store job was submitted for, so its completion is answered the right way.
 enum class Purpose : uint8_t {
   kSend,
@@ -169,7 +202,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
         next_presence_refresh_ms_(clock_->MonotonicMs() + presence_.refresh_interval_ms()) {}
 
   bool OnOpen(SessionId id) {
-    if (sessions_.size() >= options_.max_connections ||
+    if (id == 0 || sessions_.size() >= options_.max_connections ||
         pending_sessions_ >= options_.max_pending_connections || sessions_.count(id) != 0) {
       return false;
     }
@@ -561,7 +594,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
       CloseSession(id, kCloseUnauthenticated, "unauthenticated");
       return;
     }
-    std::vector<SessionId>& devices = users_[identity->user_id];
+    UserSessions& devices = users_[identity->user_id];
     if (devices.size() >= options_.max_devices_per_user) {
       if (devices.empty()) users_.erase(identity->user_id);
       SendError(id, s, rid, ResourceExhausted("too many devices for this user"));
@@ -1318,7 +1351,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
       bool device_left = true;
       auto user = users_.find(s.user);
       if (user != users_.end()) {
-        std::erase(user->second, id);
+        user->second.erase(id);
         for (SessionId other : user->second) {
           const Session* o = FindSession(other);
           if (o != nullptr && o->device == s.device) device_left = false;
@@ -1356,8 +1389,8 @@ class Hub::Impl final : private PresenceTracker::Sink {
   const int64_t byte_cap_;
 
   std::unordered_map<SessionId, Session> sessions_;
-  std::unordered_map<UserId, std::vector<SessionId>> users_;  // authenticated sessions by user
-  size_t pending_sessions_ = 0;                               // sessions without a successful Hello
+  std::unordered_map<UserId, UserSessions> users_;  // authenticated sessions by user
+  size_t pending_sessions_ = 0;                     // sessions without a successful Hello
 
   // (due ms, session): one live entry per session; stale entries are skipped when popped.
   using Timer = std::pair<int64_t, SessionId>;

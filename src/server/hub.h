@@ -122,7 +122,8 @@ class Hub {
 
   // A connection was accepted. Returns false (and the runtime closes it with 1013) when the
   // server is over max_connections or max_pending_connections.
-  // REQUIRES: `session` was never used before (late store completions are matched by id).
+  // REQUIRES: `session` is not 0 and was never used before (late store completions are matched
+  // by id); 0 is refused.
   bool OnOpen(SessionId session);
   // One complete WebSocket message. `text` selects the JSON mapping, else binary protobuf.
   // The runtime has already enforced max_message_bytes.

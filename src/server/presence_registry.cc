@@ -1,17 +1,18 @@
 // NewInProcessPresenceRegistry: the PresenceRegistry of a single node, in memory.
 //
-// Entries are kept per user; expiry is found through a min-heap of (expires, entry) that may
-// hold stale items (an entry refreshed or removed since it was pushed), which are skipped when
-// they surface. Each refresh pushes one item, and an item leaves the heap when its time comes,
-// so the heap holds at most (ttl / refresh interval + 1) items per live device.
+// Entries are kept per user, in a short vector (a user has a few devices). Expiry is found
+// through a min-heap of (time, user) holding one live item per user with entries: the earliest
+// expiry among them, pushed again for the next one when it fires. An item is stale when the
+// user's record no longer names its time (the user left, or a shorter entry came in and pushed
+// an earlier item); stale items are skipped when they surface. Refreshing an entry pushes
+// nothing, so a steadily refreshed device costs one heap item, not one per refresh.
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
-#include <map>
 #include <memory>
 #include <queue>
 #include <string>
-#include <tuple>
 #include <unordered_map>
 #include <unordered_set>
 #include <utility>
@@ -22,15 +23,21 @@
 namespace chat {
 namespace {
 
-using EntryKey = std::pair<DeviceId, uint32_t>;  // (device, node) within one user
-
-struct HeapItem {
-  int64_t expires_ms = 0;
-  UserId user;
+struct Entry {
   DeviceId device;
   uint32_t node = 0;
-  bool operator>(const HeapItem& other) const { return expires_ms > other.expires_ms; }
+  int64_t expires_ms = 0;
 };
+
+struct UserEntries {
+  int64_t queued_ms = 0;  // the time of this user's live heap item; 0: none
+  std::vector<Entry> entries;
+};
+
+using HeapItem = std::pair<int64_t, UserId>;  // (expires, user)
+
+// Changes past which the change list's memory is released once taken.
+constexpr size_t kKeepChanged = 1024;
 
 class InProcessPresenceRegistry final : public PresenceRegistry {
  public:
@@ -38,39 +45,50 @@ class InProcessPresenceRegistry final : public PresenceRegistry {
     if (ttl_ms <= 0) return;
     Expire(now_ms);
     const int64_t expires = now_ms + ttl_ms;
-    std::map<EntryKey, int64_t>& entries = users_[device.user];
-    auto [it, created] = entries.try_emplace(EntryKey{device.device, device.node}, expires);
-    if (!created) {
+    UserEntries& user = users_[device.user];
+    auto it = Find(user, device);
+    if (it != user.entries.end()) {
       // A refresh never shortens an entry: a late refresh computed from an older frame must
       // not undo a newer one.
-      if (expires <= it->second) return;
-      it->second = expires;
+      if (expires <= it->expires_ms) return;
+      it->expires_ms = expires;
     } else {
+      user.entries.push_back(Entry{device.device, device.node, expires});
       MarkChanged(device.user);
     }
-    heap_.push(HeapItem{expires, device.user, device.device, device.node});
+    // The live item fires no later than every other entry; only a shorter new one (another
+    // node's ttl) needs an earlier item.
+    if (user.queued_ms == 0 || expires < user.queued_ms) Queue(device.user, user, expires);
   }
 
   void Remove(const PresenceDevice& device, int64_t now_ms) override {
     Expire(now_ms);
     auto user = users_.find(device.user);
     if (user == users_.end()) return;
-    if (user->second.erase(EntryKey{device.device, device.node}) == 0) return;
-    if (user->second.empty()) users_.erase(user);
+    auto it = Find(user->second, device);
+    if (it == user->second.entries.end()) return;
+    user->second.entries.erase(it);
+    if (user->second.entries.empty()) users_.erase(user);
     MarkChanged(device.user);
   }
 
   uint32_t DeviceCount(const UserId& user, int64_t now_ms) override {
     Expire(now_ms);
     auto it = users_.find(user);
-    return it == users_.end() ? 0 : static_cast<uint32_t>(it->second.size());
+    return it == users_.end() ? 0 : static_cast<uint32_t>(it->second.entries.size());
   }
 
   void TakeChanges(int64_t now_ms, std::vector<UserId>* users) override {
     Expire(now_ms);
     for (UserId& user : changed_order_) users->push_back(std::move(user));
-    changed_order_.clear();
-    changed_.clear();
+    // A burst of connections leaves no large table behind.
+    if (changed_order_.size() > kKeepChanged) {
+      std::vector<UserId>().swap(changed_order_);
+      std::unordered_set<UserId>().swap(changed_);
+    } else {
+      changed_order_.clear();
+      changed_.clear();
+    }
   }
 
   // One node sees every change of its own entries, so interest changes nothing.
@@ -78,18 +96,34 @@ class InProcessPresenceRegistry final : public PresenceRegistry {
   void Unwatch(const UserId&) override {}
 
  private:
+  static std::vector<Entry>::iterator Find(UserEntries& user, const PresenceDevice& device) {
+    return std::find_if(user.entries.begin(), user.entries.end(), [&](const Entry& e) {
+      return e.node == device.node && e.device == device.device;
+    });
+  }
+
+  void Queue(const UserId& id, UserEntries& user, int64_t at_ms) {
+    user.queued_ms = at_ms;
+    heap_.emplace(at_ms, id);
+  }
+
   void Expire(int64_t now_ms) {
-    while (!heap_.empty() && heap_.top().expires_ms <= now_ms) {
+    while (!heap_.empty() && heap_.top().first <= now_ms) {
       const HeapItem item = heap_.top();
       heap_.pop();
-      auto user = users_.find(item.user);
-      if (user == users_.end()) continue;
-      auto entry = user->second.find(EntryKey{item.device, item.node});
-      // Stale: removed, or refreshed to a later time since this item was pushed.
-      if (entry == user->second.end() || entry->second != item.expires_ms) continue;
-      user->second.erase(entry);
-      if (user->second.empty()) users_.erase(user);
-      MarkChanged(item.user);
+      auto user = users_.find(item.second);
+      if (user == users_.end() || user->second.queued_ms != item.first) continue;  // stale
+      std::vector<Entry>& entries = user->second.entries;
+      const size_t expired =
+          std::erase_if(entries, [now_ms](const Entry& e) { return e.expires_ms <= now_ms; });
+      if (entries.empty()) {
+        users_.erase(user);
+      } else {
+        int64_t next = entries.front().expires_ms;
+        for (const Entry& e : entries) next = std::min(next, e.expires_ms);
+        Queue(item.second, user->second, next);
+      }
+      if (expired > 0) MarkChanged(item.second);
     }
   }
 
@@ -97,7 +131,7 @@ class InProcessPresenceRegistry final : public PresenceRegistry {
     if (changed_.insert(user).second) changed_order_.push_back(user);
   }
 
-  std::unordered_map<UserId, std::map<EntryKey, int64_t>> users_;  // live entries -> expiry
+  std::unordered_map<UserId, UserEntries> users_;
   std::priority_queue<HeapItem, std::vector<HeapItem>, std::greater<>> heap_;
   std::unordered_set<UserId> changed_;
   std::vector<UserId> changed_order_;  // changed_, in the order of the first change

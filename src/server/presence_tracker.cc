@@ -201,6 +201,8 @@ void PresenceTracker::Tick() {
     auto it = users_.find(user);
     if (it != users_.end()) Recompute(user, it->second, now);
   }
+  // A burst of connections leaves no large scratch behind.
+  if (changed_.capacity() > kKeepScratchUsers) std::vector<UserId>().swap(changed_);
   while (!grace_due_.empty() && grace_due_.front().first <= now) {
     const auto [due, user] = std::move(grace_due_.front());
     grace_due_.pop_front();

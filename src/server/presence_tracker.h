@@ -109,21 +109,22 @@ class PresenceTracker {
   PresenceState Current(const UserId& user);
 
  private:
+  // Ordered to pack: one per online or watched user.
   struct Entry {
     uint32_t local_devices = 0;  // this node's devices of the user
+    uint32_t shown_devices = 0;  // as shown while online
+    uint32_t watchers = 0;       // subscriptions on this user
     bool had_local = false;      // a local device was up during this online period
     bool online = false;         // as shown to watchers (still online during grace)
-    uint32_t shown_devices = 0;  // as shown while online
+    bool ever_sent = false;      // coalescing: an update was sent (`sent` holds it)
+    bool dirty = false;          // an update waits in due_
     int64_t last_seen_ms = 0;    // wall: when last online, once offline
     int64_t went_ms = 0;         // wall: when the device count last dropped to zero
     int64_t grace_until = 0;     // monotonic; 0: no grace period running
-    // Coalescing.
-    bool ever_sent = false;
+    int64_t next_send_ms = 0;    // monotonic: no update before this
     PresenceState sent;
-    int64_t next_send_ms = 0;  // monotonic: no update before this
-    bool dirty = false;        // an update waits in due_
-    size_t watchers = 0;       // subscriptions on this user
   };
+  static_assert(sizeof(Entry) <= 64, "Entry grew: check the per-connection memory budget");
   struct Subscription {
     bool suspended = false;
     bool missed = false;  // an update was held back while suspended
@@ -162,7 +163,8 @@ class PresenceTracker {
   std::deque<Due> grace_due_;
   std::priority_queue<Due, std::vector<Due>, std::greater<>> send_due_;
   int64_t next_persist_ms_ = 0;
-  std::vector<UserId> changed_;  // scratch for TakeChanges
+  std::vector<UserId> changed_;                      // scratch for TakeChanges
+  static constexpr size_t kKeepScratchUsers = 1024;  // past this, changed_ is released
 };
 
 }  // namespace chat::server

@@ -50,10 +50,9 @@ constexpr char kProtocolName[] = "chat.v1";
 constexpr size_t kMaxWriteBytes = 256 * 1024;
 // Hub::Tick period. Never below 10 ms: sub-ms lws timers busy-spin the 4.1 loop.
 constexpr uint32_t kTickMs = 100;
-// Per connection: the receive buffer lws allocates at ESTABLISHED, and so the largest chunk a
-// RECEIVE callback gets. Larger messages arrive in pieces and are reassembled here. A typical
-// client envelope fits in 512 bytes; lws's 4 KiB default was most of an idle connection's memory.
-constexpr size_t kRxBufferBytes = 512;
+// ServerOptions::receive_buffer_bytes: below this nearly every message arrives in pieces.
+constexpr size_t kMinReceiveBufferBytes = 64;
+constexpr size_t kMaxReceiveBufferBytes = 64 * 1024;
 // A connection asked to close has this long to take its queued frames and the close frame.
 constexpr int kCloseFlushSeconds = 5;
 // A connection closed for an oversized message sends its close frame once the peer has sent
@@ -67,9 +66,6 @@ constexpr auto kShutdownCloseWait = std::chrono::seconds(3);
 // kRetryAfterJitterMs, so a reconnect storm spreads itself out.
 constexpr uint32_t kRetryAfterBaseMs = 1000;
 constexpr uint32_t kRetryAfterJitterMs = 2000;
-// A receive buffer that grew past this is released after the message, so idle connections
-// stay small.
-constexpr size_t kKeepRxCapacity = 16 * 1024;
 // The shared write buffer is released after a write larger than this.
 constexpr size_t kKeepWriteCapacity = 1024 * 1024;
 // Queued reads past which a Sync or History is refused with UNAVAILABLE.
@@ -77,30 +73,35 @@ constexpr size_t kReadQueueMax = 10'000;
 // A WebSocket close reason is at most 123 bytes.
 constexpr size_t kMaxCloseReasonBytes = 123;
 
-// Per-connection state, created at ESTABLISHED and deleted at CLOSED. lws only stores a pointer
-// to it (its per-session memory is malloc'd and zeroed, so no constructor would run).
+// Per-connection state, created at ESTABLISHED and erased at CLOSED; it lives in
+// ServerImpl::connections_ and lws stores a pointer to it (its per-session memory is malloc'd
+// and zeroed, so no constructor would run there). Kept small: an idle server holds thousands.
+// What only some connections need (a message arriving in pieces, a close reason) is allocated
+// when needed.
 struct Connection {
   SessionId id = 0;
   lws* wsi = nullptr;
   std::vector<codec::Frame> outbound;  // encoded envelopes waiting for a write
   size_t outbound_bytes = 0;
-  std::string rx;  // the message being reassembled from fragments
-  bool assembling = false;
-  bool rx_text = false;
-  bool format_known = false;
-  bool text = false;    // the session speaks JSON in text frames
-  bool in_hub = false;  // the Hub knows this session: tell it when the connection goes
-  bool closing = false;
-  bool paused = false;         // reads paused while the writer queue is full
-  bool flush_pending = false;  // listed in ServerImpl::to_flush_
+  std::unique_ptr<std::string> rx;            // the message being reassembled from fragments
+  std::unique_ptr<std::string> close_reason;  // set when the server began closing
+  uint16_t close_code = 0;
+  uint16_t peer_close_code = 0;
+  bool assembling : 1 = false;
+  bool rx_text : 1 = false;
+  bool format_known : 1 = false;
+  bool text : 1 = false;    // the session speaks JSON in text frames
+  bool in_hub : 1 = false;  // the Hub knows this session: tell it when the connection goes
+  bool closing : 1 = false;
+  bool paused : 1 = false;         // reads paused while the writer queue is full
+  bool flush_pending : 1 = false;  // listed in ServerImpl::to_flush_
   // Closing for an oversized message: the close frame waits until the peer has stopped sending
   // for kDrainQuietUs (rx_since_check says whether it sent anything since the last check).
-  bool draining = false;
-  bool rx_since_check = false;
-  int close_code = 0;
-  std::string close_reason;
-  int peer_close_code = 0;
+  bool draining : 1 = false;
+  bool rx_since_check : 1 = false;
 };
+
+static_assert(sizeof(Connection) <= 72, "Connection grew: check the per-connection memory budget");
 
 // The close reason fits in a close frame and does not end inside a UTF-8 sequence.
 std::string CloseReasonBytes(std::string_view reason) {
@@ -163,6 +164,12 @@ Status Validate(const ServerOptions& o) {
   }
   if (!o.tls_key_path.empty() && access(o.tls_key_path.c_str(), R_OK) != 0) {
     return InvalidArgument("tls_key_path: cannot read " + o.tls_key_path);
+  }
+  if (o.receive_buffer_bytes < kMinReceiveBufferBytes ||
+      o.receive_buffer_bytes > kMaxReceiveBufferBytes) {
+    return InvalidArgument("receive_buffer_bytes must be in " +
+                           std::to_string(kMinReceiveBufferBytes) + ".." +
+                           std::to_string(kMaxReceiveBufferBytes));
   }
   const std::pair<uint64_t, const char*> positive[] = {
       {o.max_message_bytes, "max_message_bytes"},
@@ -268,7 +275,8 @@ class ServerImpl final : public Server, private server::HubIo {
     protocols_[1].name = kProtocolName;
     protocols_[1].callback = &ServerImpl::ChatCallback;
     protocols_[1].per_session_data_size = sizeof(Connection*);
-    protocols_[1].rx_buffer_size = kRxBufferBytes;
+    // Larger messages arrive in pieces and are reassembled in OnReceive.
+    protocols_[1].rx_buffer_size = options_.receive_buffer_bytes;
     // Without it lws caps one send() at rx_buffer_size and copies the rest of a write into its
     // own buffer, drained one such piece per POLLOUT.
     protocols_[1].tx_packet_size = kMaxWriteBytes;
@@ -418,7 +426,6 @@ class ServerImpl final : public Server, private server::HubIo {
     }
     // CLOSED callbacks run inside; they find the Hub still alive.
     if (context != nullptr) lws_context_destroy(context);
-    for (auto& [id, conn] : connections_) delete conn;
     connections_.clear();
   }
 
@@ -468,9 +475,9 @@ class ServerImpl final : public Server, private server::HubIo {
       phase_ = Phase::kCommitting;
       deadline_ = now + kShutdownCommitWait;
       for (auto& [id, conn] : connections_) {
-        if (!conn->paused && !conn->closing) {
-          conn->paused = true;
-          lws_rx_flow_control(conn->wsi, 0);
+        if (!conn.paused && !conn.closing) {
+          conn.paused = true;
+          lws_rx_flow_control(conn.wsi, 0);
         }
       }
     }
@@ -482,9 +489,9 @@ class ServerImpl final : public Server, private server::HubIo {
       }
       // Reads resume so the peers' close answers are seen; frames after CloseAll are dropped.
       for (auto& [id, conn] : connections_) {
-        if (conn->paused) {
-          conn->paused = false;
-          lws_rx_flow_control(conn->wsi, 1);
+        if (conn.paused) {
+          conn.paused = false;
+          lws_rx_flow_control(conn.wsi, 1);
         }
       }
       paused_.clear();
@@ -503,9 +510,9 @@ class ServerImpl final : public Server, private server::HubIo {
     if (AppendsPending() * 2 >= options_.writer_queue_max) return;
     for (SessionId id : paused_) {
       auto it = connections_.find(id);
-      if (it == connections_.end() || !it->second->paused) continue;
-      it->second->paused = false;
-      lws_rx_flow_control(it->second->wsi, 1);
+      if (it == connections_.end() || !it->second.paused) continue;
+      it->second.paused = false;
+      lws_rx_flow_control(it->second.wsi, 1);
     }
     paused_.clear();
   }
@@ -515,7 +522,7 @@ class ServerImpl final : public Server, private server::HubIo {
   void Send(SessionId session, codec::Frame frame) override {
     auto it = connections_.find(session);
     if (it == connections_.end() || frame == nullptr) return;
-    Connection& conn = *it->second;
+    Connection& conn = it->second;
     if (conn.closing) return;
     // One frame always fits an empty queue, so a large reply (a full sync page) can be sent;
     // the bound applies to what piles up behind it.
@@ -547,7 +554,7 @@ class ServerImpl final : public Server, private server::HubIo {
     for (SessionId id : to_flush_) {
       auto it = connections_.find(id);
       if (it == connections_.end()) continue;
-      Connection& conn = *it->second;
+      Connection& conn = it->second;
       conn.flush_pending = false;
       if (conn.closing || conn.outbound.empty()) continue;
       if (lws_partial_buffered(conn.wsi) != 0) {
@@ -567,7 +574,7 @@ class ServerImpl final : public Server, private server::HubIo {
   void Close(SessionId session, int code, std::string_view reason) override {
     auto it = connections_.find(session);
     if (it == connections_.end()) return;
-    Connection& conn = *it->second;
+    Connection& conn = it->second;
     conn.in_hub = false;  // the Hub has forgotten it already
     if (conn.closing) return;
     BeginClose(conn, code, reason);
@@ -602,8 +609,8 @@ class ServerImpl final : public Server, private server::HubIo {
 
   void BeginClose(Connection& conn, int code, std::string_view reason) {
     conn.closing = true;
-    conn.close_code = code;
-    conn.close_reason = CloseReasonBytes(reason);
+    conn.close_code = static_cast<uint16_t>(code);
+    conn.close_reason = std::make_unique<std::string>(CloseReasonBytes(reason));
     if (conn.paused) {
       // The peer's answer to the close frame must be read.
       conn.paused = false;
@@ -628,11 +635,11 @@ class ServerImpl final : public Server, private server::HubIo {
 
   int OnEstablished(lws* wsi, Connection** slot) {
     if (phase_ != Phase::kServing) return -1;
-    auto* conn = new Connection;
-    conn->id = ++last_session_id_;
+    const SessionId id = ++last_session_id_;
+    Connection* conn = &connections_[id];
+    conn->id = id;
     conn->wsi = wsi;
     *slot = conn;
-    connections_.emplace(conn->id, conn);
     // Looking the peer up costs a system call per connection: only when the line is kept.
     if (GetLogLevel() <= LogLevel::kInfo) {
       char peer[64] = {};
@@ -674,8 +681,7 @@ class ServerImpl final : public Server, private server::HubIo {
     }
     if (conn->in_hub) hub_->OnClose(conn->id);
     if (current_ == conn) current_ = nullptr;
-    connections_.erase(conn->id);
-    delete conn;
+    connections_.erase(conn->id);  // conn is gone from here on
     if (phase_ == Phase::kClosing && connections_.empty()) AdvanceShutdown();
   }
 
@@ -688,16 +694,16 @@ class ServerImpl final : public Server, private server::HubIo {
     if (!conn->assembling) {
       conn->assembling = true;
       conn->rx_text = !lws_frame_is_binary(conn->wsi);
-      conn->rx.clear();
+      conn->rx.reset();
     }
     const bool final = lws_is_final_fragment(conn->wsi) != 0;
     // The frame's announced remainder counts too, so a huge frame is refused at its start.
-    const size_t announced = conn->rx.size() + len + lws_remaining_packet_payload(conn->wsi);
+    const size_t assembled = conn->rx != nullptr ? conn->rx->size() : 0;
+    const size_t announced = assembled + len + lws_remaining_packet_payload(conn->wsi);
     if (announced > options_.max_message_bytes) {
       Log(LogLevel::kWarn, "chat: session " + std::to_string(conn->id) +
                                " sent a message over max_message_bytes; closing with 1009");
-      conn->rx.clear();
-      conn->rx.shrink_to_fit();
+      conn->rx.reset();
       conn->assembling = false;
       // Close through the writeable path instead of failing the read: the rest of the message
       // is read and dropped meanwhile, so the socket is not torn down with unread input, which
@@ -712,18 +718,19 @@ class ServerImpl final : public Server, private server::HubIo {
       lws_set_timer_usecs(conn->wsi, kDrainQuietUs);
       return 0;
     }
-    if (final && conn->rx.empty()) {
+    if (final && assembled == 0) {
       // The common case: the whole message in one piece, handed over without a copy.
       conn->assembling = false;
       Deliver(conn, std::string_view(data, len));
       return 0;
     }
-    conn->rx.append(data, len);
+    // Released after the message: an idle connection keeps no reassembly buffer.
+    if (conn->rx == nullptr) conn->rx = std::make_unique<std::string>();
+    conn->rx->append(data, len);
     if (!final) return 0;
     conn->assembling = false;
-    Deliver(conn, conn->rx);
-    conn->rx.clear();
-    if (conn->rx.capacity() > kKeepRxCapacity) conn->rx.shrink_to_fit();
+    const std::unique_ptr<std::string> message = std::move(conn->rx);
+    Deliver(conn, *message);
     return 0;
   }
 
@@ -785,9 +792,11 @@ class ServerImpl final : public Server, private server::HubIo {
       return 0;
     }
     if (conn->closing && !conn->draining) {
-      lws_close_reason(conn->wsi, static_cast<lws_close_status>(conn->close_code),
-                       reinterpret_cast<unsigned char*>(conn->close_reason.data()),
-                       conn->close_reason.size());
+      std::string* reason = conn->close_reason.get();
+      lws_close_reason(
+          conn->wsi, static_cast<lws_close_status>(conn->close_code),
+          reinterpret_cast<unsigned char*>(reason != nullptr ? reason->data() : nullptr),
+          reason != nullptr ? reason->size() : 0);
       return -1;
     }
     return 0;  // spurious: lws finished a buffered partial send
@@ -818,7 +827,7 @@ class ServerImpl final : public Server, private server::HubIo {
       case LWS_CALLBACK_WS_PEER_INITIATED_CLOSE:
         if (*slot != nullptr && in != nullptr && len >= 2) {
           const auto* code = static_cast<const unsigned char*>(in);
-          (*slot)->peer_close_code = (code[0] << 8) | code[1];
+          (*slot)->peer_close_code = static_cast<uint16_t>((code[0] << 8) | code[1]);
         }
         return 0;
       case LWS_CALLBACK_TIMER:
@@ -898,7 +907,8 @@ class ServerImpl final : public Server, private server::HubIo {
   TickTimer tick_ = {};
   Phase phase_ = Phase::kServing;
   std::chrono::steady_clock::time_point deadline_;
-  std::unordered_map<SessionId, Connection*> connections_;
+  // Node-based: a Connection stays where it is while others come and go (lws holds pointers).
+  std::unordered_map<SessionId, Connection> connections_;
   SessionId last_session_id_ = 0;
   Connection* current_ = nullptr;  // whose frame the Hub is handling
   std::vector<SessionId> paused_;

@@ -575,6 +575,28 @@ TEST_CASE("presence registry: a dead node's devices expire, a refresh never shor
   r->Unwatch("alice");
 }
 
+TEST_CASE("presence registry: an entry shorter than the user's others expires on its own time") {
+  std::shared_ptr<PresenceRegistry> r = NewInProcessPresenceRegistry();
+  r->Refresh({"alice", "desk", 1}, 0, 10'000);
+  r->Refresh({"alice", "phone", 2}, 100, 500);  // another node, a shorter ttl
+  CHECK(r->DeviceCount("alice", 599) == 2);
+  CHECK(r->DeviceCount("alice", 600) == 1);
+  std::vector<UserId> changed;
+  r->TakeChanges(600, &changed);
+  CHECK(changed == std::vector<UserId>{"alice"});
+  // The phone comes back and goes again; the desk, refreshed, outlives both.
+  r->Refresh({"alice", "phone", 2}, 700, 500);
+  r->Remove({"alice", "phone", 2}, 800);
+  r->Refresh({"alice", "desk", 1}, 9'000, 10'000);
+  CHECK(r->DeviceCount("alice", 10'000) == 1);
+  CHECK(r->DeviceCount("alice", 18'999) == 1);
+  CHECK(r->DeviceCount("alice", 19'000) == 0);
+  // A user who left and came back counts from the new entry only.
+  r->Refresh({"alice", "desk", 1}, 20'000, 1'000);
+  CHECK(r->DeviceCount("alice", 20'999) == 1);
+  CHECK(r->DeviceCount("alice", 21'000) == 0);
+}
+
 // --- Stores ---
 
 enum class Kind { kMemory, kSqlite };

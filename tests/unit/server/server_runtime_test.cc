@@ -269,6 +269,10 @@ TEST_CASE("server runtime: Open refuses invalid options with INVALID_ARGUMENT na
        "listen_address: 192.0.2.1 is not an address of this host"},
       {[](ServerOptions& o) { o.listen_address = "no-such-if0"; },
        "listen_address: not an IP address or interface name: no-such-if0"},
+      {[](ServerOptions& o) { o.receive_buffer_bytes = 63; },
+       "receive_buffer_bytes must be in 64..65536"},
+      {[](ServerOptions& o) { o.receive_buffer_bytes = 65537; },
+       "receive_buffer_bytes must be in 64..65536"},
       {[](ServerOptions& o) { o.max_message_bytes = 0; }, "max_message_bytes must be > 0"},
       {[](ServerOptions& o) { o.max_outbound_bytes = 0; }, "max_outbound_bytes must be > 0"},
       {[](ServerOptions& o) { o.hello_timeout_ms = 0; }, "hello_timeout_ms must be > 0"},
@@ -382,6 +386,27 @@ TEST_CASE("server runtime: a message split into fragments is reassembled") {
   std::optional<v1::Envelope> reply = client.Next();
   REQUIRE(reply.has_value());
   CHECK_MESSAGE(reply->has_welcome(), reply->DebugString());
+}
+
+TEST_CASE(
+    "server runtime: messages larger than the receive buffer arrive whole, one after another") {
+  ServerOptions options = BaseOptions();
+  options.receive_buffer_bytes = 64;  // the Hello's token alone is larger
+  std::unique_ptr<Server> server = MustStart(std::move(options));
+  auto alice = MustLogin(*server, "alice");
+  auto bob = MustLogin(*server, "bob");
+  const std::string bodies[] = {std::string(5000, 'a'), "short", std::string(200, 'c')};
+  uint64_t rid = 10;
+  for (const std::string& body : bodies) {
+    REQUIRE(alice->SendEnvelope(MakeSendToPeer("bob", NewClientMsgId(), body, ++rid)).ok());
+    std::optional<v1::Envelope> ack = alice->WaitForRid(rid);
+    REQUIRE(ack.has_value());
+    REQUIRE_MESSAGE(ack->has_send_ack(), ack->DebugString());
+    std::optional<v1::Envelope> delivered =
+        bob->WaitFor([](const v1::Envelope& e) { return e.has_deliver(); });
+    REQUIRE(delivered.has_value());
+    CHECK(delivered->deliver().message().body() == body);
+  }
 }
 
 TEST_CASE("server runtime: max_message_bytes is enforced on the assembled message (close 1009)") {
