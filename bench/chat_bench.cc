@@ -30,7 +30,6 @@
 #include <fstream>
 #include <map>
 #include <memory>
-#include <set>
 #include <sstream>
 #include <string>
 #include <unordered_map>
@@ -97,15 +96,25 @@ struct Received {
   uint64_t conversation_id = 0;
   std::vector<std::pair<uint64_t, uint32_t>> messages;
   uint64_t contiguous_seq = 0;
-  std::set<uint64_t> ahead;
+  // Seqs above contiguous_seq + 1, ascending and distinct. Messages arrive in order, so this
+  // grows at its end; a gap that never closes (seqs of messages that are not recorded, such as
+  // a group's system messages) keeps every later seq here, hence a deque and not a tree.
+  std::deque<uint64_t> ahead;
 
   void Add(uint64_t seq, uint32_t index) {
     messages.emplace_back(seq, index);
     if (seq <= contiguous_seq) return;
-    ahead.insert(seq);
-    while (!ahead.empty() && *ahead.begin() == contiguous_seq + 1) {
+    if (seq == contiguous_seq + 1) {
+      ++contiguous_seq;  // the usual case: in order, nothing to remember
+    } else if (ahead.empty() || seq > ahead.back()) {
+      ahead.push_back(seq);
+    } else {
+      auto at = std::lower_bound(ahead.begin(), ahead.end(), seq);
+      if (*at != seq) ahead.insert(at, seq);
+    }
+    while (!ahead.empty() && ahead.front() == contiguous_seq + 1) {
       ++contiguous_seq;
-      ahead.erase(ahead.begin());
+      ahead.pop_front();
     }
   }
 };
@@ -823,11 +832,15 @@ bool Drain(Bench& bench, const std::vector<Conn*>& senders, double timeout_s) {
       timeout_s, [&] { return bench.Settled(senders); }, [] {});
 }
 
+// A step whose schedule took this much longer than the step to send was not offered in full.
+constexpr double kBehindScheduleFactor = 1.05;
+
 struct StepResult {
   bool ok = true;
   std::string json;
   double p99_ms = 0;
-  double achieved = 0;  // deliveries per second of sending time
+  bool behind = false;  // the schedule took longer to send than the step: not offered in full
+  double achieved = 0;  // deliveries per second over the step (sending and draining)
   double server_cpu_us_per_msg = -1;
 };
 
@@ -842,6 +855,10 @@ StepResult RunStep(Bench& bench, const std::vector<Conn*>& senders, double rate,
   int64_t t0 = NowNs();
   bench.RunUntil(
       seconds + 5, [&] { return pacer.Done(); }, [&] { pacer.Tick(bench); });
+  // Sending the schedule took longer than the step when this process could not keep up (its
+  // loop busy receiving): then the load offered was lower than the rate says.
+  const double send_s = static_cast<double>(NowNs() - t0) / 1e9;
+  const bool behind = send_s > seconds * kBehindScheduleFactor;
   bool drained = Drain(bench, senders, std::max(10.0, seconds * 2));
   double wall = static_cast<double>(NowNs() - t0) / 1e9;
   double server_cpu = CpuSecondsOf(bench.options().server_pid) - server_cpu0;
@@ -850,8 +867,10 @@ StepResult RunStep(Bench& bench, const std::vector<Conn*>& senders, double rate,
   int64_t delivered = bench.counters().delivered - start.delivered;
   StepResult result;
   result.ok = drained;
+  result.behind = behind;
   result.p99_ms = static_cast<double>(bench.deliver_latency().Percentile(0.99)) / 1e6;
-  result.achieved = static_cast<double>(delivered) / seconds;
+  // Over the whole step, sending and draining: a step that ran long delivered at a lower rate.
+  result.achieved = static_cast<double>(delivered) / std::max(seconds, wall);
   result.server_cpu_us_per_msg =
       sent > 0 && server_cpu >= 0 ? server_cpu * 1e6 / static_cast<double>(sent) : -1.0;
   JsonObject json;
@@ -870,6 +889,8 @@ StepResult RunStep(Bench& bench, const std::vector<Conn*>& senders, double rate,
            sent > 0 && server_cpu >= 0 ? server_cpu * 1e6 / static_cast<double>(sent) : -1.0);
   json.Add("generator_cpu_s", self_cpu);
   json.Add("wall_s", wall);
+  json.Add("send_s", send_s);
+  json.Add("generator_behind", behind);
   result.json = json.str();
   return result;
 }
@@ -1158,8 +1179,8 @@ RisingResult RunRising(Bench& bench, const std::vector<Conn*>& senders,
     if (!out.steps_json.empty()) out.steps_json += ",";
     out.steps_json += step.json;
     double offered_deliveries = rate * receivers_per_message;
-    bool held =
-        step.ok && step.p99_ms < o.p99_limit_ms && step.achieved >= 0.95 * offered_deliveries;
+    bool held = step.ok && !step.behind && step.p99_ms < o.p99_limit_ms &&
+                step.achieved >= 0.95 * offered_deliveries;
     if (held && rate > out.best_rate) {
       out.best_rate = rate;
       out.best_deliveries_per_s = step.achieved;

@@ -123,8 +123,10 @@ def settle_text(r):
 
 
 def steps_text(r):
-    return ", ".join("%.0f/s: %.0f deliveries/s, p99 %.1f ms" % (
-        s["offered_rate"], s["delivered_per_s"], s["send_to_deliver"]["p99_us"] / 1000.0)
+    return ", ".join("%.0f/s: %.0f deliveries/s, p99 %.1f ms%s" % (
+        s["offered_rate"], s["delivered_per_s"], s["send_to_deliver"]["p99_us"] / 1000.0,
+        " (generator behind schedule: sent in %.1f s)" % s["send_s"]
+        if s.get("generator_behind") else "")
         for s in r["steps"])
 
 
