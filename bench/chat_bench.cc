@@ -1614,7 +1614,8 @@ int main(int argc, char** argv) {
                  "history-gen: messages a conversation gets in a row before the next one's turn")
       ->capture_default_str();
   app.add_option("--cache-kib", sdk.cache_size_kib,
-                 "history-gen, history-store: SQLite page cache per connection (KiB)")
+                 "history-gen, history-store: SQLite page cache per connection, the writer's "
+                 "included (KiB)")
       ->capture_default_str();
   app.add_option("--mmap-bytes", sdk.mmap_size_bytes,
                  "history-gen, history-store: SQLite memory map per connection (bytes)")

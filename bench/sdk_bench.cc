@@ -109,8 +109,11 @@ int RunHistoryGen(const SdkOptions& o) {
   std::filesystem::remove(o.store_path + "-shm", ignored);
   std::filesystem::remove(o.conversations_file, ignored);
   // NORMAL: a crash during generation only means generating again.
-  Result<std::shared_ptr<MessageStore>> opened = NewSqliteStore(
-      {.path = o.store_path, .synchronous_full = false, .cache_size_kib = o.cache_size_kib});
+  Result<std::shared_ptr<MessageStore>> opened =
+      NewSqliteStore({.path = o.store_path,
+                      .synchronous_full = false,
+                      .cache_size_kib = o.cache_size_kib,
+                      .writer_cache_size_kib = o.cache_size_kib});
   if (!opened.ok()) {
     std::fprintf(stderr, "chat-bench: %s\n", opened.status().ToString().c_str());
     return Print(json, false, cpu0);
@@ -316,6 +319,7 @@ int RunHistoryStore(const SdkOptions& o) {
   Result<std::shared_ptr<MessageStore>> opened =
       NewSqliteStore({.path = o.store_path,
                       .cache_size_kib = o.cache_size_kib,
+                      .writer_cache_size_kib = o.cache_size_kib,
                       .mmap_size_bytes = o.mmap_size_bytes});
   if (!opened.ok()) {
     std::fprintf(stderr, "chat-bench: %s\n", opened.status().ToString().c_str());

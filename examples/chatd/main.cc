@@ -180,6 +180,7 @@ struct ServeFlags {
   std::string db = "chat.db";
   std::string synchronous = "full";
   uint32_t cache_kib = chat::SqliteStoreOptions().cache_size_kib;
+  uint32_t writer_cache_kib = chat::SqliteStoreOptions().writer_cache_size_kib;
   uint64_t mmap_bytes = chat::SqliteStoreOptions().mmap_size_bytes;
   std::string log_level = "info";
   SecretFlags secret;
@@ -209,9 +210,12 @@ void AddServeFlags(CLI::App* serve, ServeFlags* f) {
                    "chatd, may lose the last commits on power loss")
       ->check(CLI::IsMember({"full", "normal"}))
       ->capture_default_str();
+  serve->add_option("--cache-kib", f->cache_kib, "SQLite page cache of each reader thread, KiB")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   serve
-      ->add_option("--cache-kib", f->cache_kib,
-                   "SQLite page cache per connection (the writer and each reader thread), KiB")
+      ->add_option("--writer-cache-kib", f->writer_cache_kib,
+                   "SQLite page cache of the writer (the pages new messages go to), KiB")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
   serve
@@ -380,6 +384,7 @@ int Serve(ServeFlags& flags) {
                             .synchronous_full = flags.synchronous == "full",
                             .reader_connections = std::max<uint32_t>(options.reader_threads, 1),
                             .cache_size_kib = flags.cache_kib,
+                            .writer_cache_size_kib = flags.writer_cache_kib,
                             .mmap_size_bytes = flags.mmap_bytes});
   if (!store.ok()) {
     std::cerr << "chatd: cannot open " << flags.db << ": " << store.status().ToString() << "\n";

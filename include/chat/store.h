@@ -332,10 +332,15 @@ struct SqliteStoreOptions {
   bool synchronous_full = true;
   uint32_t reader_connections = 2;  // read-only connections for concurrent Sync/History
   uint32_t busy_timeout_ms = 5000;
-  // SQLite's page cache of each connection (the writer and every reader), in KiB: memory is at
-  // most (1 + reader_connections) times this, allocated only as pages are read. Default 2000,
-  // SQLite's own default. A larger writer cache mostly speeds up bulk loads into a large file.
+  // SQLite's page cache of each reader connection, in KiB, allocated only as pages are read.
+  // Default 2000, SQLite's own default: a History page reads a handful of pages, and the
+  // kernel's page cache, not this one, keeps a large file fast.
   uint32_t cache_size_kib = 2000;
+  // The writer connection's page cache, in KiB, allocated only as pages are read. New messages
+  // go to the newest leaf of each active conversation and the right-hand end of the idempotency
+  // index; pages that do not fit are read again (pread) for every commit that touches them.
+  // Default 16 MiB: the newest leaves of about 4,000 conversations.
+  uint32_t writer_cache_size_kib = 16 * 1024;
   // How much of the file each connection reads through a shared memory map instead of read(2)
   // into its page cache, in bytes; 0 (the default) maps nothing. Mapped pages are the kernel's
   // page cache, shared by all connections and counted once, not per connection. SQLite caps the

@@ -1014,6 +1014,9 @@ class SqliteStore final : public MessageStore {
       return InvalidArgument("reader_connections must be at least 1");
     }
     if (options.cache_size_kib == 0) return InvalidArgument("cache_size_kib must be at least 1");
+    if (options.writer_cache_size_kib == 0) {
+      return InvalidArgument("writer_cache_size_kib must be at least 1");
+    }
     if (options.mmap_size_bytes > uint64_t{INT64_MAX}) {
       return InvalidArgument("mmap_size_bytes must be at most 2^63 - 1");
     }
@@ -1021,7 +1024,7 @@ class SqliteStore final : public MessageStore {
         Connection::Open(options.path, /*read_only=*/false, options.busy_timeout_ms);
     if (!writer.ok()) return writer.status();
     Connection& w = **writer;
-    if (Status s = ConfigureCache(w, options); !s.ok()) return s;
+    if (Status s = ConfigureCache(w, options.writer_cache_size_kib, options); !s.ok()) return s;
 
     // The version is checked before anything is changed, so a newer file is left untouched.
     {
@@ -1057,7 +1060,7 @@ class SqliteStore final : public MessageStore {
       Result<std::unique_ptr<Connection>> reader =
           Connection::Open(options.path, /*read_only=*/true, options.busy_timeout_ms);
       if (!reader.ok()) return reader.status();
-      if (Status s = ConfigureCache(**reader, options); !s.ok()) return s;
+      if (Status s = ConfigureCache(**reader, options.cache_size_kib, options); !s.ok()) return s;
       readers.push_back(std::move(*reader));
     }
     Result<std::unique_ptr<Connection>> checkpointer =
@@ -1331,8 +1334,9 @@ class SqliteStore final : public MessageStore {
 
   // Sizes the connection's page cache (negative cache_size: KiB rather than pages) and its
   // memory map.
-  static Status ConfigureCache(Connection& conn, const SqliteStoreOptions& options) {
-    const std::string cache = "PRAGMA cache_size = -" + std::to_string(options.cache_size_kib);
+  static Status ConfigureCache(Connection& conn, uint32_t cache_kib,
+                               const SqliteStoreOptions& options) {
+    const std::string cache = "PRAGMA cache_size = -" + std::to_string(cache_kib);
     if (Status s = conn.Exec(cache.c_str(), "set cache_size"); !s.ok()) return s;
     const std::string mmap = "PRAGMA mmap_size = " + std::to_string(options.mmap_size_bytes);
     return conn.Exec(mmap.c_str(), "set mmap_size");

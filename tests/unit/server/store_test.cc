@@ -1229,6 +1229,13 @@ TEST_CASE("store: sqlite: bad options and unusable files are refused") {
   CHECK(uncached.status().code() == Code::kInvalidArgument);
   CHECK(uncached.status().message() == "cache_size_kib must be at least 1");
 
+  SqliteStoreOptions no_writer_cache;
+  no_writer_cache.path = dir.File("chat.db");
+  no_writer_cache.writer_cache_size_kib = 0;
+  Result<std::shared_ptr<MessageStore>> writer_uncached = NewSqliteStore(no_writer_cache);
+  CHECK(writer_uncached.status().code() == Code::kInvalidArgument);
+  CHECK(writer_uncached.status().message() == "writer_cache_size_kib must be at least 1");
+
   SqliteStoreOptions huge_map;
   huge_map.path = dir.File("chat.db");
   huge_map.mmap_size_bytes = UINT64_MAX;
