@@ -834,13 +834,17 @@ bool Drain(Bench& bench, const std::vector<Conn*>& senders, double timeout_s) {
 
 // A step whose schedule took this much longer than the step to send was not offered in full.
 constexpr double kBehindScheduleFactor = 1.05;
+// A step during which this process used this share of its core or more measured, at least in
+// part, how fast this process receives: its latencies include its own queueing.
+constexpr double kSaturatedCpuShare = 0.9;
 
 struct StepResult {
   bool ok = true;
   std::string json;
   double p99_ms = 0;
-  bool behind = false;  // the schedule took longer to send than the step: not offered in full
-  double achieved = 0;  // deliveries per second over the step (sending and draining)
+  bool behind = false;     // the schedule took longer to send than the step: not offered in full
+  bool saturated = false;  // this process was busy nearly all the time: a bound on the result
+  double achieved = 0;     // deliveries per second over the step (sending and draining)
   double server_cpu_us_per_msg = -1;
 };
 
@@ -868,6 +872,7 @@ StepResult RunStep(Bench& bench, const std::vector<Conn*>& senders, double rate,
   StepResult result;
   result.ok = drained;
   result.behind = behind;
+  result.saturated = self_cpu >= kSaturatedCpuShare * wall;
   result.p99_ms = static_cast<double>(bench.deliver_latency().Percentile(0.99)) / 1e6;
   // Over the whole step, sending and draining: a step that ran long delivered at a lower rate.
   result.achieved = static_cast<double>(delivered) / std::max(seconds, wall);
@@ -891,6 +896,7 @@ StepResult RunStep(Bench& bench, const std::vector<Conn*>& senders, double rate,
   json.Add("wall_s", wall);
   json.Add("send_s", send_s);
   json.Add("generator_behind", behind);
+  json.Add("generator_saturated", result.saturated);
   result.json = json.str();
   return result;
 }
@@ -1179,7 +1185,7 @@ RisingResult RunRising(Bench& bench, const std::vector<Conn*>& senders,
     if (!out.steps_json.empty()) out.steps_json += ",";
     out.steps_json += step.json;
     double offered_deliveries = rate * receivers_per_message;
-    bool held = step.ok && !step.behind && step.p99_ms < o.p99_limit_ms &&
+    bool held = step.ok && !step.behind && !step.saturated && step.p99_ms < o.p99_limit_ms &&
                 step.achieved >= 0.95 * offered_deliveries;
     if (held && rate > out.best_rate) {
       out.best_rate = rate;

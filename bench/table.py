@@ -125,9 +125,18 @@ def settle_text(r):
 def steps_text(r):
     return ", ".join("%.0f/s: %.0f deliveries/s, p99 %.1f ms%s" % (
         s["offered_rate"], s["delivered_per_s"], s["send_to_deliver"]["p99_us"] / 1000.0,
-        " (generator behind schedule: sent in %.1f s)" % s["send_s"]
-        if s.get("generator_behind") else "")
+        generator_text(s))
         for s in r["steps"])
+
+
+def generator_text(s):
+    """Why a step says more about chat-bench than about the server, if it does."""
+    notes = []
+    if s.get("generator_behind"):
+        notes.append("generator behind schedule: sent in %.1f s" % s["send_s"])
+    if s.get("generator_saturated"):
+        notes.append("generator saturated: %.1f CPU-s in %.1f s" % (s["generator_cpu_s"], s["wall_s"]))
+    return " (%s)" % "; ".join(notes) if notes else ""
 
 
 def load(directory):
