@@ -1215,33 +1215,27 @@ TEST_CASE("store: sqlite: bad options and unusable files are refused") {
   CHECK(empty.status().code() == Code::kInvalidArgument);
   CHECK(empty.status().message() == "path is required");
 
-  SqliteStoreOptions no_readers;
-  no_readers.path = dir.File("chat.db");
-  no_readers.reader_connections = 0;
-  Result<std::shared_ptr<MessageStore>> zero = NewSqliteStore(no_readers);
-  CHECK(zero.status().code() == Code::kInvalidArgument);
-  CHECK(zero.status().message() == "reader_connections must be at least 1");
-
-  SqliteStoreOptions no_cache;
-  no_cache.path = dir.File("chat.db");
-  no_cache.cache_size_kib = 0;
-  Result<std::shared_ptr<MessageStore>> uncached = NewSqliteStore(no_cache);
-  CHECK(uncached.status().code() == Code::kInvalidArgument);
-  CHECK(uncached.status().message() == "cache_size_kib must be at least 1");
-
-  SqliteStoreOptions no_writer_cache;
-  no_writer_cache.path = dir.File("chat.db");
-  no_writer_cache.writer_cache_size_kib = 0;
-  Result<std::shared_ptr<MessageStore>> writer_uncached = NewSqliteStore(no_writer_cache);
-  CHECK(writer_uncached.status().code() == Code::kInvalidArgument);
-  CHECK(writer_uncached.status().message() == "writer_cache_size_kib must be at least 1");
-
-  SqliteStoreOptions huge_map;
-  huge_map.path = dir.File("chat.db");
-  huge_map.mmap_size_bytes = UINT64_MAX;
-  Result<std::shared_ptr<MessageStore>> mapped = NewSqliteStore(huge_map);
-  CHECK(mapped.status().code() == Code::kInvalidArgument);
-  CHECK(mapped.status().message() == "mmap_size_bytes must be at most 2^63 - 1");
+  struct Case {
+    void (*mutate)(SqliteStoreOptions&);
+    const char* message;
+  };
+  const Case cases[] = {
+      {[](SqliteStoreOptions& o) { o.reader_connections = 0; },
+       "reader_connections must be at least 1"},
+      {[](SqliteStoreOptions& o) { o.cache_size_kib = 0; }, "cache_size_kib must be at least 1"},
+      {[](SqliteStoreOptions& o) { o.writer_cache_size_kib = 0; },
+       "writer_cache_size_kib must be at least 1"},
+      {[](SqliteStoreOptions& o) { o.mmap_size_bytes = UINT64_MAX; },
+       "mmap_size_bytes must be at most 2^63 - 1"},
+  };
+  for (const Case& c : cases) {
+    SqliteStoreOptions options;
+    options.path = dir.File("chat.db");
+    c.mutate(options);
+    Result<std::shared_ptr<MessageStore>> refused = NewSqliteStore(options);
+    CHECK(refused.status().code() == Code::kInvalidArgument);
+    CHECK(refused.status().message() == c.message);
+  }
 
   Result<std::shared_ptr<MessageStore>> no_dir = OpenAt(dir.File("missing/chat.db"));
   CHECK(no_dir.status().code() == Code::kUnavailable);
