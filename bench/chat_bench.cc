@@ -794,11 +794,11 @@ struct Pacer {
       ++sent;
     }
   }
-  // Every message of the schedule was sent (or a second passed without the senders ready).
-  bool Done() const {
-    auto total = static_cast<int64_t>(static_cast<double>(end_ns - start_ns) * rate / 1e9);
-    return sent >= total || NowNs() > end_ns + 1'000'000'000;
+  int64_t Total() const {
+    return static_cast<int64_t>(static_cast<double>(end_ns - start_ns) * rate / 1e9);
   }
+  // Every message of the schedule was sent (or a second passed without the senders ready).
+  bool Done() const { return sent >= Total() || NowNs() > end_ns + 1'000'000'000; }
 };
 
 // Users bench-<run>-<i> so that runs against one database never share conversations.
@@ -844,9 +844,18 @@ struct StepResult {
   double p99_ms = 0;
   bool behind = false;     // the schedule took longer to send than the step: not offered in full
   bool saturated = false;  // this process was busy nearly all the time: a bound on the result
-  double achieved = 0;     // deliveries per second over the step (sending and draining)
+  int64_t delivered = 0;
+  double achieved = 0;  // deliveries per second over the step (sending and draining)
   double server_cpu_us_per_msg = -1;
 };
+
+// A step holds when it drained, the generator kept up, its p99 is under the limit and at least
+// 95 % of the deliveries its schedule asked for arrived.
+bool Held(const StepResult& step, double offered_deliveries_per_s, double seconds,
+          double p99_limit_ms) {
+  return step.ok && !step.behind && !step.saturated && step.p99_ms < p99_limit_ms &&
+         static_cast<double>(step.delivered) >= 0.95 * offered_deliveries_per_s * seconds;
+}
 
 // One open-loop step at `rate`: send for `seconds`, drain, report latencies and server CPU.
 StepResult RunStep(Bench& bench, const std::vector<Conn*>& senders, double rate, double seconds) {
@@ -860,9 +869,10 @@ StepResult RunStep(Bench& bench, const std::vector<Conn*>& senders, double rate,
   bench.RunUntil(
       seconds + 5, [&] { return pacer.Done(); }, [&] { pacer.Tick(bench); });
   // Sending the schedule took longer than the step when this process could not keep up (its
-  // loop busy receiving): then the load offered was lower than the rate says.
+  // loop busy receiving), or it gave up with messages unsent: then the load offered was lower
+  // than the rate says.
   const double send_s = static_cast<double>(NowNs() - t0) / 1e9;
-  const bool behind = send_s > seconds * kBehindScheduleFactor;
+  const bool behind = send_s > seconds * kBehindScheduleFactor || pacer.sent < pacer.Total();
   bool drained = Drain(bench, senders, std::max(10.0, seconds * 2));
   double wall = static_cast<double>(NowNs() - t0) / 1e9;
   double server_cpu = CpuSecondsOf(bench.options().server_pid) - server_cpu0;
@@ -872,6 +882,7 @@ StepResult RunStep(Bench& bench, const std::vector<Conn*>& senders, double rate,
   StepResult result;
   result.ok = drained;
   result.behind = behind;
+  result.delivered = delivered;
   result.saturated = self_cpu >= kSaturatedCpuShare * wall;
   result.p99_ms = static_cast<double>(bench.deliver_latency().Percentile(0.99)) / 1e6;
   // Over the whole step, sending and draining: a step that ran long delivered at a lower rate.
@@ -943,13 +954,9 @@ int RunDirect(Bench& bench) {
       StepResult step = RunStep(bench, conns, rate, o.step_s);
       if (!steps.empty()) steps += ",";
       steps += step.json;
-      bool held = step.ok && step.p99_ms < o.p99_limit_ms && step.achieved >= 0.95 * rate;
-      if (held && rate > best) {
+      if (Held(step, rate, o.step_s, o.p99_limit_ms) && rate > best) {
         best = rate;
-        std::string key = "\"server_cpu_us_per_msg\":";
-        size_t at = step.json.find(key);
-        if (at != std::string::npos)
-          best_cpu = std::strtod(step.json.c_str() + at + key.size(), nullptr);
+        best_cpu = step.server_cpu_us_per_msg;
       }
       // Past saturation the queues only grow; stop before the drain takes minutes.
       if (!step.ok || step.p99_ms > 20 * o.p99_limit_ms || step.achieved < 0.7 * rate) break;
@@ -1185,9 +1192,7 @@ RisingResult RunRising(Bench& bench, const std::vector<Conn*>& senders,
     if (!out.steps_json.empty()) out.steps_json += ",";
     out.steps_json += step.json;
     double offered_deliveries = rate * receivers_per_message;
-    bool held = step.ok && !step.behind && !step.saturated && step.p99_ms < o.p99_limit_ms &&
-                step.achieved >= 0.95 * offered_deliveries;
-    if (held && rate > out.best_rate) {
+    if (Held(step, offered_deliveries, o.step_s, o.p99_limit_ms) && rate > out.best_rate) {
       out.best_rate = rate;
       out.best_deliveries_per_s = step.achieved;
       out.best_cpu_us_per_msg = step.server_cpu_us_per_msg;

@@ -47,7 +47,7 @@ struct ServerOptions {
 
   // --- Limits ---
   size_t max_message_bytes = 256 * 1024;  // one assembled WebSocket message; close 1009 past it
-  // What libwebsockets allocates per connection to receive into (64..65536). A message larger
+  // What libwebsockets allocates per connection to receive into (128..65536). A message larger
   // than this arrives in pieces that the server reassembles (a little CPU per such message);
   // each byte here is a byte of every idle connection. 256 holds a typical chat envelope whole.
   size_t receive_buffer_bytes = 256;

@@ -29,8 +29,11 @@ struct Entry {
   int64_t expires_ms = 0;
 };
 
+// UserEntries::queued_ms when the user has no live heap item.
+constexpr int64_t kNotQueued = INT64_MIN;
+
 struct UserEntries {
-  int64_t queued_ms = 0;  // the time of this user's live heap item; 0: none
+  int64_t queued_ms = kNotQueued;  // the time of this user's live heap item
   std::vector<Entry> entries;
 };
 
@@ -58,7 +61,9 @@ class InProcessPresenceRegistry final : public PresenceRegistry {
     }
     // The live item fires no later than every other entry; only a shorter new one (another
     // node's ttl) needs an earlier item.
-    if (user.queued_ms == 0 || expires < user.queued_ms) Queue(device.user, user, expires);
+    if (user.queued_ms == kNotQueued || expires < user.queued_ms) {
+      Queue(device.user, user, expires);
+    }
   }
 
   void Remove(const PresenceDevice& device, int64_t now_ms) override {

@@ -50,8 +50,9 @@ constexpr char kProtocolName[] = "chat.v1";
 constexpr size_t kMaxWriteBytes = 256 * 1024;
 // Hub::Tick period. Never below 10 ms: sub-ms lws timers busy-spin the 4.1 loop.
 constexpr uint32_t kTickMs = 100;
-// ServerOptions::receive_buffer_bytes: below this nearly every message arrives in pieces.
-constexpr size_t kMinReceiveBufferBytes = 64;
+// ServerOptions::receive_buffer_bytes. lws answers a ping or a close frame from the first
+// buffer's worth of it, so the buffer holds the largest control frame (125 bytes) whole.
+constexpr size_t kMinReceiveBufferBytes = 128;
 constexpr size_t kMaxReceiveBufferBytes = 64 * 1024;
 // A connection asked to close has this long to take its queued frames and the close frame.
 constexpr int kCloseFlushSeconds = 5;
@@ -681,7 +682,8 @@ class ServerImpl final : public Server, private server::HubIo {
     }
     if (conn->in_hub) hub_->OnClose(conn->id);
     if (current_ == conn) current_ = nullptr;
-    connections_.erase(conn->id);  // conn is gone from here on
+    const SessionId id = conn->id;
+    connections_.erase(id);  // conn is gone from here on
     if (phase_ == Phase::kClosing && connections_.empty()) AdvanceShutdown();
   }
 

@@ -149,9 +149,12 @@ class RawWs {
   }
 
   // One masked binary frame (FIN set).
-  bool SendBinary(const std::string& payload) {
+  bool SendBinary(const std::string& payload) { return SendFrame(0x2, payload); }
+
+  // One final, masked frame of `opcode` (0x2 binary, 0x9 ping, ...).
+  bool SendFrame(int opcode, const std::string& payload) {
     std::string frame;
-    frame += static_cast<char>(0x82);
+    frame += static_cast<char>(0x80 | opcode);
     if (payload.size() < 126) {
       frame += static_cast<char>(0x80 | payload.size());
     } else {
@@ -269,10 +272,10 @@ TEST_CASE("server runtime: Open refuses invalid options with INVALID_ARGUMENT na
        "listen_address: 192.0.2.1 is not an address of this host"},
       {[](ServerOptions& o) { o.listen_address = "no-such-if0"; },
        "listen_address: not an IP address or interface name: no-such-if0"},
-      {[](ServerOptions& o) { o.receive_buffer_bytes = 63; },
-       "receive_buffer_bytes must be in 64..65536"},
+      {[](ServerOptions& o) { o.receive_buffer_bytes = 127; },
+       "receive_buffer_bytes must be in 128..65536"},
       {[](ServerOptions& o) { o.receive_buffer_bytes = 65537; },
-       "receive_buffer_bytes must be in 64..65536"},
+       "receive_buffer_bytes must be in 128..65536"},
       {[](ServerOptions& o) { o.max_message_bytes = 0; }, "max_message_bytes must be > 0"},
       {[](ServerOptions& o) { o.max_outbound_bytes = 0; }, "max_outbound_bytes must be > 0"},
       {[](ServerOptions& o) { o.hello_timeout_ms = 0; }, "hello_timeout_ms must be > 0"},
@@ -391,7 +394,7 @@ TEST_CASE("server runtime: a message split into fragments is reassembled") {
 TEST_CASE(
     "server runtime: messages larger than the receive buffer arrive whole, one after another") {
   ServerOptions options = BaseOptions();
-  options.receive_buffer_bytes = 64;  // the Hello's token alone is larger
+  options.receive_buffer_bytes = 128;  // the Hello's token alone is larger
   std::unique_ptr<Server> server = MustStart(std::move(options));
   auto alice = MustLogin(*server, "alice");
   auto bob = MustLogin(*server, "bob");
@@ -407,6 +410,21 @@ TEST_CASE(
     REQUIRE(delivered.has_value());
     CHECK(delivered->deliver().message().body() == body);
   }
+}
+
+TEST_CASE("server runtime: at the smallest receive buffer a 125-byte ping gets its whole pong") {
+  ServerOptions options = BaseOptions();
+  options.receive_buffer_bytes = 128;
+  std::unique_ptr<Server> server = MustStart(std::move(options));
+  RawWs client;
+  REQUIRE(client.Connect(server->port(), 1 << 16));
+  std::string payload(125, 'p');
+  for (size_t i = 0; i < payload.size(); ++i) payload[i] = static_cast<char>('a' + i % 26);
+  REQUIRE(client.SendFrame(0x9, payload));
+  std::optional<RawWs::Frame> pong = client.ReadFrame();
+  REQUIRE(pong.has_value());
+  CHECK(pong->opcode == 0xA);
+  CHECK(pong->payload == payload);
 }
 
 TEST_CASE("server runtime: max_message_bytes is enforced on the assembled message (close 1009)") {
