@@ -306,6 +306,10 @@ class MemoryTarget final : public server::AppendTarget {
   }
 
   Status Insert(const Message& message) override {
+    if (!message.client_msg_id.empty() &&
+        data_->keys.contains({message.sender, message.client_msg_id})) {
+      return AlreadyExists("client_msg_id is already stored for this sender");
+    }
     Conversation& c = data_->conversations.at(message.conversation_id);
     c.messages[message.seq] = message;
     c.last_seq = message.seq;

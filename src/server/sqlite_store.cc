@@ -943,7 +943,13 @@ class SqliteTarget final : public server::AppendTarget {
           .Blob(m.body)
           .Blob(EncodeAttachments(m.attachments), /*null_if_empty=*/true)
           .Blob(EncodeSystem(m), /*null_if_empty=*/true);
-      if (Status s = q.Run(); !s.ok()) return s;
+      if (Status s = q.Run(); !s.ok()) {
+        // messages_by_key: the statement stored nothing and the transaction goes on.
+        if (sqlite3_extended_errcode(conn_.raw()) == SQLITE_CONSTRAINT_UNIQUE) {
+          return AlreadyExists("client_msg_id is already stored for this sender");
+        }
+        return s;
+      }
     }
     Query q(conn_, Sql::kAdvanceConversation);
     q.U64(m.conversation_id).U64(m.seq).Int(m.server_time_ms);

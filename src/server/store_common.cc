@@ -118,6 +118,25 @@ Status SetRecipients(AppendTarget& target, ConversationKind kind, const Message&
   return Status::Ok();
 }
 
+// When `request`'s sender already stored a message under its client_msg_id, answers with that
+// message (duplicate, its recipients as they are now) and returns true.
+Result<bool> AnswerResend(AppendTarget& target, const AppendRequest& request,
+                          AppendResult* result) {
+  Result<std::optional<Message>> original = target.FindByKey(request.sender, request.client_msg_id);
+  if (!original.ok()) return original.status();
+  if (!original->has_value()) return false;
+  *result = AppendResult{};
+  result->message = std::move(**original);
+  result->duplicate = true;
+  Result<Membership> membership =
+      target.Reader().GetMembership(result->message.conversation_id, request.sender);
+  if (!membership.ok()) return membership.status();
+  if (Status s = SetRecipients(target, membership->kind, result->message, result); !s.ok()) {
+    return s;
+  }
+  return true;
+}
+
 Status AppendUserMessage(AppendTarget& target, const AppendRequest& request, AppendResult* result) {
   if (request.conversation_id == 0) {
     if (request.peer.empty()) {
@@ -130,23 +149,11 @@ Status AppendUserMessage(AppendTarget& target, const AppendRequest& request, App
     }
   }
 
-  // The idempotency key is checked before anything else is resolved, so a resend never
-  // creates a conversation and is answered even if the conversation changed since. An empty
-  // key opts out of deduplication (the server's own system messages have none).
-  if (!request.client_msg_id.empty()) {
-    Result<std::optional<Message>> original =
-        target.FindByKey(request.sender, request.client_msg_id);
-    if (!original.ok()) return original.status();
-    if (original->has_value()) {
-      result->message = std::move(**original);
-      result->duplicate = true;
-      Result<Membership> membership =
-          target.Reader().GetMembership(result->message.conversation_id, request.sender);
-      if (!membership.ok()) return membership.status();
-      return SetRecipients(target, membership->kind, result->message, result);
-    }
-  }
-
+  // A resend (same sender and client_msg_id; an empty key opts out, as the server's own system
+  // messages do) is answered with the original, even if the conversation changed since. The
+  // key is not looked up first: the insert refuses a stored key, and only the paths that would
+  // answer something else (a refusal, a new conversation) look it up before they do.
+  const bool keyed = !request.client_msg_id.empty();
   ConversationId conversation_id = request.conversation_id;
   ConversationKind kind = ConversationKind::kDirect;
   if (conversation_id == 0) {
@@ -155,6 +162,11 @@ Status AppendUserMessage(AppendTarget& target, const AppendRequest& request, App
     if (!found.ok()) return found.status();
     conversation_id = *found;
     if (conversation_id == 0) {
+      // The key may name a message of another conversation: a resend creates nothing.
+      if (keyed) {
+        Result<bool> resent = AnswerResend(target, request, result);
+        if (!resent.ok() || *resent) return resent.status();
+      }
       Result<ConversationId> created = target.CreateDirect(low, high, request.server_time_ms);
       if (!created.ok()) return created.status();
       conversation_id = *created;
@@ -164,6 +176,10 @@ Status AppendUserMessage(AppendTarget& target, const AppendRequest& request, App
     Result<Membership> membership = target.Reader().GetMembership(conversation_id, request.sender);
     if (!membership.ok()) return membership.status();
     if (Status s = Authorize(conversation_id, *membership, Access::kMember); !s.ok()) {
+      if (keyed) {
+        Result<bool> resent = AnswerResend(target, request, result);
+        if (!resent.ok() || *resent) return resent.status();
+      }
       result->status = s;
       return Status::Ok();
     }
@@ -185,7 +201,13 @@ Status AppendUserMessage(AppendTarget& target, const AppendRequest& request, App
   message.content_type = request.content_type;
   message.body = request.body;
   message.attachments = request.attachments;
-  if (Status s = target.Insert(message); !s.ok()) return s;
+  if (Status s = target.Insert(message); !s.ok()) {
+    if (s.code() != Code::kAlreadyExists || !keyed) return s;
+    Result<bool> resent = AnswerResend(target, request, result);
+    if (!resent.ok()) return resent.status();
+    if (!*resent) return Internal("the insert refused a client_msg_id that is not stored");
+    return Status::Ok();
+  }
   return SetRecipients(target, kind, message, result);
 }
 

@@ -125,7 +125,8 @@ class AppendTarget {
   // REQUIRES: the conversation exists.
   virtual Result<Seq> LastSeq(ConversationId conversation_id) = 0;
   // Stores `message` (its seq is LastSeq + 1) and advances the conversation's last_seq,
-  // first_seq and last_activity_ms.
+  // first_seq and last_activity_ms. AlreadyExists, storing nothing, when its sender already
+  // stored a message with its (non-empty) client_msg_id.
   virtual Status Insert(const Message& message) = 0;
   // Current members, ascending.
   virtual Result<std::vector<UserId>> Members(ConversationId conversation_id) = 0;

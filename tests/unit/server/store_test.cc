@@ -662,6 +662,49 @@ AppendRequest Create(ConversationKind kind, const UserId& actor, std::vector<Use
   return r;
 }
 
+void ResendAnsweredWhereTheSendWouldBeRefused(Kind kind) {
+  Env env(kind);
+  MessageStore& store = *env.store;
+  AppendResult original = CommitOne(store, ToPeer("alice", "bob", "key-1", "first"));
+  REQUIRE(original.status.ok());
+
+  // The key addressed to a new peer: the original, and no conversation with carol.
+  AppendResult elsewhere = CommitOne(store, ToPeer("alice", "carol", "key-1", "to carol"));
+  REQUIRE(elsewhere.status.ok());
+  CHECK(elsewhere.duplicate);
+  CHECK_FALSE(elsewhere.created);
+  CHECK(elsewhere.message.conversation_id == original.message.conversation_id);
+  CHECK(elsewhere.message.body == "first");
+  Result<SyncReply> carol = SyncOf(store, "carol", {});
+  REQUIRE(carol.ok());
+  CHECK(carol->conversations.empty());
+
+  // A group message resent after its sender was removed: the original, not a refusal.
+  AppendResult group = CommitOne(store, Create(ConversationKind::kGroup, "bob", {"alice"}));
+  REQUIRE(group.status.ok());
+  const ConversationId id = group.message.conversation_id;
+  AppendResult posted = CommitOne(store, ToConversation(id, "alice", "key-2", "hello team"));
+  REQUIRE(posted.status.ok());
+  REQUIRE(
+      CommitOne(store, Change(ConversationOp::kRemoveMembers, id, "bob", {"alice"})).status.ok());
+  AppendResult resent = CommitOne(store, ToConversation(id, "alice", "key-2", "hello again"));
+  REQUIRE(resent.status.ok());
+  CHECK(resent.duplicate);
+  CHECK(resent.message.seq == posted.message.seq);
+  CHECK(resent.message.body == "hello team");
+  // A new key from the removed member is refused.
+  CHECK(CommitOne(store, ToConversation(id, "alice", "key-3", "x")).status.code() ==
+        Code::kPermissionDenied);
+
+  // The refused duplicate insert used no seq: the next message follows the original.
+  AppendResult next = CommitOne(store, ToPeer("bob", "alice", "key-b", "next"));
+  REQUIRE(next.status.ok());
+  CHECK(next.message.seq == original.message.seq + 1);
+}
+STORE_CASE(ResendAnsweredWhereTheSendWouldBeRefused,
+           "a resend is answered with its original where a new send would be refused or "
+           "would create a conversation")
+
 AppendRequest ReceiptOf(ConversationId id, const UserId& user, const DeviceId& device,
                         Seq delivered, Seq read) {
   AppendRequest r = Change(ConversationOp::kReceipt, id, user);
