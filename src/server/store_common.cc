@@ -110,6 +110,11 @@ Status SetRecipients(AppendTarget& target, ConversationKind kind, const Message&
     Result<std::vector<UserId>> members = target.Members(message.conversation_id);
     if (!members.ok()) return members.status();
     recipients = std::move(*members);
+    if (result->removed.empty()) {
+      // Members are listed ascending and once each already (a group's 500 need no sort).
+      result->recipients = std::move(recipients);
+      return Status::Ok();
+    }
   }
   recipients.insert(recipients.end(), result->removed.begin(), result->removed.end());
   std::sort(recipients.begin(), recipients.end());
