@@ -9,6 +9,7 @@
 // process exits 0. When the server is ready it prints exactly one line to stdout:
 // "chatd listening on ws://<address>:<port>" (wss:// with TLS).
 #include <signal.h>
+#include <sys/resource.h>
 
 #include <algorithm>
 #include <atomic>
@@ -38,6 +39,37 @@ namespace {
 
 constexpr int kExitOk = 0;
 constexpr int kExitFailure = 1;
+// Descriptors beyond one per connection: refused connections on their way out, the store's
+// database, WAL and shared-memory files per SQLite connection, the listening socket, the
+// event loop's own.
+constexpr rlim_t kFdReserve = 1024;
+// Below max_connections plus this, the descriptor limit is reported as too low.
+constexpr rlim_t kFdMinimumReserve = 64;
+
+// Sets the soft descriptor limit to what max_connections needs, within the hard limit, before
+// libwebsockets sizes its descriptor table by it. Raising it: many systems start processes at
+// 1024. Lowering it: Debian's libwebsockets 4.1 walks that whole table on every close, so a limit
+// of a million would cost milliseconds per disconnect (docs/server.md).
+void FitDescriptorLimit(uint32_t max_connections) {
+  rlimit limit{};
+  if (getrlimit(RLIMIT_NOFILE, &limit) != 0) return;
+  const rlim_t wanted = rlim_t{max_connections} + kFdReserve;
+  const rlim_t soft = std::min(wanted, limit.rlim_max);
+  if (soft != limit.rlim_cur) {
+    const rlim_t before = limit.rlim_cur;
+    limit.rlim_cur = soft;
+    if (setrlimit(RLIMIT_NOFILE, &limit) != 0) return;
+    chat::Log(chat::LogLevel::kInfo, "chatd: descriptor limit " + std::to_string(before) + " -> " +
+                                         std::to_string(soft) + " (max_connections " +
+                                         std::to_string(max_connections) + ")");
+  }
+  if (soft < rlim_t{max_connections} + kFdMinimumReserve) {
+    chat::Log(chat::LogLevel::kWarn,
+              "chatd: the hard descriptor limit " + std::to_string(limit.rlim_max) +
+                  " is too low for max_connections " + std::to_string(max_connections) +
+                  "; raise it (ulimit -Hn, LimitNOFILE=) or lower --max-connections");
+  }
+}
 constexpr int kExitUsage = 2;
 
 struct SecretFlags {
@@ -404,6 +436,7 @@ int Serve(ServeFlags& flags) {
 
   const std::string host = UrlHost(options.listen_address);
   const bool tls = !options.tls_cert_path.empty();
+  FitDescriptorLimit(options.max_connections);
   chat::Result<std::unique_ptr<chat::Server>> server = chat::Server::Open(std::move(options));
   if (!server.ok()) {
     std::cerr << "chatd: " << server.status().ToString() << "\n";

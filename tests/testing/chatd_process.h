@@ -65,6 +65,8 @@ class ChatdProcess {
   bool running();
 
   uint16_t port() const { return port_; }
+  // The running process's id (-1 when not started).
+  pid_t pid() const { return pid_; }
   // "ws://127.0.0.1:<port>/" or "wss://127.0.0.1:<port>/".
   std::string url() const;
 
