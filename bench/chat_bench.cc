@@ -37,8 +37,10 @@
 
 #include <CLI/CLI.hpp>
 
+#include <google/protobuf/arena.h>
 #include "bench/bench_util.h"
 #include "chat/auth.h"
+
 #include "chat/v1/chat.pb.h"
 
 namespace chat::bench {
@@ -148,8 +150,11 @@ struct Conn {
   std::unordered_map<uint32_t, int64_t> unacked;  // index -> queue time
   std::vector<uint32_t> acked_indices;
 
-  // Receiver side, keyed by sender user id.
+  // Receiver side, keyed by sender user id; the last sender's record is remembered (most
+  // connections hear from one sender), and a node's address never changes.
   std::unordered_map<std::string, Received> received;
+  const std::string* last_sender = nullptr;
+  Received* last_record = nullptr;
   bool syncing = false;
   bool synced = false;
   int sync_pages = 0;
@@ -583,7 +588,12 @@ class Bench {
     uint32_t index = 0;
     std::memcpy(&stamp, message.body().data(), sizeof stamp);
     std::memcpy(&index, message.body().data() + 8, sizeof index);
-    Received& record = conn.received[message.sender()];
+    if (conn.last_record == nullptr || *conn.last_sender != message.sender()) {
+      auto it = conn.received.try_emplace(message.sender()).first;
+      conn.last_sender = &it->first;
+      conn.last_record = &it->second;
+    }
+    Received& record = *conn.last_record;
     record.conversation_id = message.conversation_id();
     record.Add(message.seq(), index);
   }
@@ -714,12 +724,23 @@ class Bench {
       }
       case LWS_CALLBACK_CLIENT_RECEIVE: {
         if (conn == nullptr) return -1;
-        conn->rx.append(static_cast<const char*>(in), len);
-        if (!lws_is_final_fragment(wsi) || lws_remaining_packet_payload(wsi) > 0) break;
-        v1::Envelope envelope;
-        bool parsed = envelope.ParseFromString(conn->rx);
+        const bool whole = lws_is_final_fragment(wsi) && lws_remaining_packet_payload(wsi) == 0;
+        if (!whole || !conn->rx.empty()) {
+          conn->rx.append(static_cast<const char*>(in), len);
+          if (!whole) break;
+          in = conn->rx.data();
+          len = conn->rx.size();
+        }
+        // Parsed into an arena on a block of this object, so a delivery's messages and
+        // strings cost no allocation each (the generator must stay cheaper than the server).
+        google::protobuf::ArenaOptions arena_options;
+        arena_options.initial_block = self->parse_block_.data();
+        arena_options.initial_block_size = self->parse_block_.size();
+        google::protobuf::Arena arena(arena_options);
+        auto* envelope = google::protobuf::Arena::CreateMessage<v1::Envelope>(&arena);
+        const bool parsed = envelope->ParseFromArray(in, static_cast<int>(len));
         conn->rx.clear();
-        if (parsed) self->OnEnvelope(*conn, envelope);
+        if (parsed) self->OnEnvelope(*conn, *envelope);
         break;
       }
       case LWS_CALLBACK_WS_PEER_INITIATED_CLOSE:
@@ -743,6 +764,7 @@ class Bench {
   Options options_;
   std::string secret_;
   lws_protocols protocols_[2]{};
+  alignas(16) std::array<char, 16 * 1024> parse_block_{};  // the parse arena's first block
   lws_context* context_ = nullptr;
   struct ev_loop* loop_ = nullptr;
   struct TickTimer {
