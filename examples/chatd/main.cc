@@ -42,9 +42,9 @@ constexpr int kExitFailure = 1;
 // Descriptors beyond one per connection: refused connections on their way out, the store's
 // database, WAL and shared-memory files per SQLite connection, the listening socket, the
 // event loop's own.
-constexpr rlim_t kFdReserve = 1024;
+constexpr uint64_t kFdReserve = 1024;
 // Below max_connections plus this, the descriptor limit is reported as too low.
-constexpr rlim_t kFdMinimumReserve = 64;
+constexpr uint64_t kFdMinimumReserve = 64;
 
 // Sets the soft descriptor limit to what max_connections needs, within the hard limit, before
 // libwebsockets sizes its descriptor table by it. Raising it: many systems start processes at
@@ -52,18 +52,26 @@ constexpr rlim_t kFdMinimumReserve = 64;
 // of a million would cost milliseconds per disconnect (docs/server.md).
 void FitDescriptorLimit(uint32_t max_connections) {
   rlimit limit{};
-  if (getrlimit(RLIMIT_NOFILE, &limit) != 0) return;
-  const rlim_t wanted = rlim_t{max_connections} + kFdReserve;
-  const rlim_t soft = std::min(wanted, limit.rlim_max);
+  if (getrlimit(RLIMIT_NOFILE, &limit) != 0) {
+    chat::Log(chat::LogLevel::kWarn, "chatd: cannot read the descriptor limit; left as it is");
+    return;
+  }
+  const uint64_t wanted = uint64_t{max_connections} + kFdReserve;
+  const auto soft = static_cast<rlim_t>(std::min<uint64_t>(wanted, limit.rlim_max));
   if (soft != limit.rlim_cur) {
     const rlim_t before = limit.rlim_cur;
     limit.rlim_cur = soft;
-    if (setrlimit(RLIMIT_NOFILE, &limit) != 0) return;
+    if (setrlimit(RLIMIT_NOFILE, &limit) != 0) {
+      chat::Log(chat::LogLevel::kWarn, "chatd: cannot set the descriptor limit to " +
+                                           std::to_string(soft) + "; left at " +
+                                           std::to_string(before));
+      return;
+    }
     chat::Log(chat::LogLevel::kInfo, "chatd: descriptor limit " + std::to_string(before) + " -> " +
                                          std::to_string(soft) + " (max_connections " +
                                          std::to_string(max_connections) + ")");
   }
-  if (soft < rlim_t{max_connections} + kFdMinimumReserve) {
+  if (uint64_t{soft} < uint64_t{max_connections} + kFdMinimumReserve) {
     chat::Log(chat::LogLevel::kWarn,
               "chatd: the hard descriptor limit " + std::to_string(limit.rlim_max) +
                   " is too low for max_connections " + std::to_string(max_connections) +
