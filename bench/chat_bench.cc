@@ -35,12 +35,11 @@
 #include <unordered_map>
 #include <vector>
 
+#include <google/protobuf/arena.h>
 #include <CLI/CLI.hpp>
 
-#include <google/protobuf/arena.h>
 #include "bench/bench_util.h"
 #include "chat/auth.h"
-
 #include "chat/v1/chat.pb.h"
 
 namespace chat::bench {
@@ -923,8 +922,7 @@ StepResult RunStep(Bench& bench, const std::vector<Conn*>& senders, double rate,
   json.Raw("send_to_ack", bench.ack_latency().Json());
   json.Raw("send_to_deliver", bench.deliver_latency().Json());
   json.Add("server_cpu_s", server_cpu);
-  json.Add("server_cpu_us_per_msg",
-           sent > 0 && server_cpu >= 0 ? server_cpu * 1e6 / static_cast<double>(sent) : -1.0);
+  json.Add("server_cpu_us_per_msg", result.server_cpu_us_per_msg);
   json.Add("generator_cpu_s", self_cpu);
   json.Add("wall_s", wall);
   json.Add("send_s", send_s);
@@ -961,6 +959,45 @@ int RunLatency(Bench& bench) {
   return Finish(bench, json, completed, bench.Verify(conns));
 }
 
+// The offered rates of `rates` (messages per second, over all senders) one step after another,
+// each message reaching `receivers_per_message` connections; the highest step that held (see
+// Held). Stops past saturation, where the queues only grow and a drain would take minutes.
+struct RisingResult {
+  std::string steps_json;
+  double best_rate = 0;
+  double best_deliveries_per_s = 0;
+  double best_cpu_us_per_msg = -1;
+  bool settled = true;  // every acked message reached every receiver after the last step
+  double settle_s = 0;  // how long that took after the last step's own drain
+};
+
+RisingResult RunRising(Bench& bench, const std::vector<Conn*>& senders,
+                       const std::vector<double>& rates, double receivers_per_message) {
+  const Options& o = bench.options();
+  RisingResult out;
+  for (double rate : rates) {
+    StepResult step = RunStep(bench, senders, rate, o.step_s);
+    if (!out.steps_json.empty()) out.steps_json += ",";
+    out.steps_json += step.json;
+    double offered_deliveries = rate * receivers_per_message;
+    if (Held(step, offered_deliveries, o.step_s, o.p99_limit_ms) && rate > out.best_rate) {
+      out.best_rate = rate;
+      out.best_deliveries_per_s = step.achieved;
+      out.best_cpu_us_per_msg = step.server_cpu_us_per_msg;
+    }
+    // Past saturation the queues only grow; stop before the drain takes minutes.
+    if (!step.ok || step.p99_ms > 20 * o.p99_limit_ms || step.achieved < 0.7 * offered_deliveries)
+      break;
+  }
+  // An overloaded last step can end with posts unacked and deliveries still queued in the
+  // server: wait for them (bounded by --timeout), so that the check afterwards counts as lost
+  // only what never arrives.
+  const int64_t t0 = NowNs();
+  out.settled = Drain(bench, senders, o.timeout_s);
+  out.settle_s = static_cast<double>(NowNs() - t0) / 1e9;
+  return out;
+}
+
 int RunDirect(Bench& bench) {
   const Options& o = bench.options();
   std::vector<Conn*> conns = MakePairs(bench, o.pairs);
@@ -968,26 +1005,14 @@ int RunDirect(Bench& bench) {
   json.Add("workload", "direct");
   json.Add("pairs", o.pairs);
   bool completed = ConnectAll(bench, conns, o.timeout_s);
-  std::string steps;
-  double best = 0;
-  double best_cpu = -1;
-  if (completed) {
-    for (double rate : o.rates) {
-      StepResult step = RunStep(bench, conns, rate, o.step_s);
-      if (!steps.empty()) steps += ",";
-      steps += step.json;
-      if (Held(step, rate, o.step_s, o.p99_limit_ms) && rate > best) {
-        best = rate;
-        best_cpu = step.server_cpu_us_per_msg;
-      }
-      // Past saturation the queues only grow; stop before the drain takes minutes.
-      if (!step.ok || step.p99_ms > 20 * o.p99_limit_ms || step.achieved < 0.7 * rate) break;
-    }
-  }
-  json.Raw("steps", "[" + steps + "]");
-  json.Add("max_rate_p99_under_limit", best);
+  RisingResult rising;
+  if (completed) rising = RunRising(bench, conns, o.rates, 1);
+  json.Raw("steps", "[" + rising.steps_json + "]");
+  json.Add("max_rate_p99_under_limit", rising.best_rate);
   json.Add("p99_limit_ms", o.p99_limit_ms);
-  json.Add("server_cpu_us_per_msg_at_max", best_cpu);
+  json.Add("server_cpu_us_per_msg_at_max", rising.best_cpu_us_per_msg);
+  json.Add("settled", rising.settled);
+  json.Add("settle_s", rising.settle_s);
   return Finish(bench, json, completed, bench.Verify(conns));
 }
 
@@ -1190,45 +1215,6 @@ int64_t ErrorCount(Bench& bench) {
   int64_t n = 0;
   for (const auto& [code, count] : bench.counters().error_codes) n += count;
   return n;
-}
-
-// The offered rates of `rates` (messages per second, over all senders) one step after another,
-// each message reaching `receivers_per_message` connections. A step holds when its send ->
-// deliver p99 stays under --p99-limit-ms and at least 95% of the deliveries it offered arrived
-// within its sending time (plus the drain). Stops past saturation, like `direct`.
-struct RisingResult {
-  std::string steps_json;
-  double best_rate = 0;
-  double best_deliveries_per_s = 0;
-  double best_cpu_us_per_msg = -1;
-  bool settled = true;  // every acked message reached every receiver after the last step
-  double settle_s = 0;  // how long that took after the last step's own drain
-};
-
-RisingResult RunRising(Bench& bench, const std::vector<Conn*>& senders,
-                       const std::vector<double>& rates, double receivers_per_message) {
-  const Options& o = bench.options();
-  RisingResult out;
-  for (double rate : rates) {
-    StepResult step = RunStep(bench, senders, rate, o.step_s);
-    if (!out.steps_json.empty()) out.steps_json += ",";
-    out.steps_json += step.json;
-    double offered_deliveries = rate * receivers_per_message;
-    if (Held(step, offered_deliveries, o.step_s, o.p99_limit_ms) && rate > out.best_rate) {
-      out.best_rate = rate;
-      out.best_deliveries_per_s = step.achieved;
-      out.best_cpu_us_per_msg = step.server_cpu_us_per_msg;
-    }
-    if (!step.ok || step.p99_ms > 20 * o.p99_limit_ms || step.achieved < 0.7 * offered_deliveries)
-      break;
-  }
-  // An overloaded last step can end with posts unacked and deliveries still queued in the
-  // server: wait for them (bounded by --timeout), so that the check afterwards counts as lost
-  // only what never arrives.
-  const int64_t t0 = NowNs();
-  out.settled = Drain(bench, senders, o.timeout_s);
-  out.settle_s = static_cast<double>(NowNs() - t0) / 1e9;
-  return out;
 }
 
 // fanout: `groups` groups of `members` online members each (one connection per member, all in

@@ -39,6 +39,7 @@ namespace {
 
 constexpr int kExitOk = 0;
 constexpr int kExitFailure = 1;
+constexpr int kExitUsage = 2;
 // Descriptors beyond one per connection: refused connections on their way out, the store's
 // database, WAL and shared-memory files per SQLite connection, the listening socket, the
 // event loop's own.
@@ -78,7 +79,6 @@ void FitDescriptorLimit(uint32_t max_connections) {
                   "; raise it (ulimit -Hn, LimitNOFILE=) or lower --max-connections");
   }
 }
-constexpr int kExitUsage = 2;
 
 struct SecretFlags {
   std::string file;

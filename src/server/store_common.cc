@@ -124,9 +124,11 @@ Status SetRecipients(AppendTarget& target, ConversationKind kind, const Message&
 }
 
 // When `request`'s sender already stored a message under its client_msg_id, answers with that
-// message (duplicate, its recipients as they are now) and returns true.
+// message (duplicate, its recipients as they are now) and returns true. An empty key opts out
+// of deduplication (the server's own system messages have none): false.
 Result<bool> AnswerResend(AppendTarget& target, const AppendRequest& request,
                           AppendResult* result) {
+  if (request.client_msg_id.empty()) return false;
   Result<std::optional<Message>> original = target.FindByKey(request.sender, request.client_msg_id);
   if (!original.ok()) return original.status();
   if (!original->has_value()) return false;
@@ -154,11 +156,10 @@ Status AppendUserMessage(AppendTarget& target, const AppendRequest& request, App
     }
   }
 
-  // A resend (same sender and client_msg_id; an empty key opts out, as the server's own system
-  // messages do) is answered with the original, even if the conversation changed since. The
-  // key is not looked up first: the insert refuses a stored key, and only the paths that would
-  // answer something else (a refusal, a new conversation) look it up before they do.
-  const bool keyed = !request.client_msg_id.empty();
+  // A resend (same sender and client_msg_id) is answered with the original, even if the
+  // conversation changed since. The key is not looked up first: the insert refuses a stored
+  // key, and only the paths that would answer something else (a refusal, a new conversation)
+  // look it up before they do.
   ConversationId conversation_id = request.conversation_id;
   ConversationKind kind = ConversationKind::kDirect;
   if (conversation_id == 0) {
@@ -168,10 +169,8 @@ Status AppendUserMessage(AppendTarget& target, const AppendRequest& request, App
     conversation_id = *found;
     if (conversation_id == 0) {
       // The key may name a message of another conversation: a resend creates nothing.
-      if (keyed) {
-        Result<bool> resent = AnswerResend(target, request, result);
-        if (!resent.ok() || *resent) return resent.status();
-      }
+      Result<bool> resent = AnswerResend(target, request, result);
+      if (!resent.ok() || *resent) return resent.status();
       Result<ConversationId> created = target.CreateDirect(low, high, request.server_time_ms);
       if (!created.ok()) return created.status();
       conversation_id = *created;
@@ -181,10 +180,8 @@ Status AppendUserMessage(AppendTarget& target, const AppendRequest& request, App
     Result<Membership> membership = target.Reader().GetMembership(conversation_id, request.sender);
     if (!membership.ok()) return membership.status();
     if (Status s = Authorize(conversation_id, *membership, Access::kMember); !s.ok()) {
-      if (keyed) {
-        Result<bool> resent = AnswerResend(target, request, result);
-        if (!resent.ok() || *resent) return resent.status();
-      }
+      Result<bool> resent = AnswerResend(target, request, result);
+      if (!resent.ok() || *resent) return resent.status();
       result->status = s;
       return Status::Ok();
     }
@@ -207,7 +204,7 @@ Status AppendUserMessage(AppendTarget& target, const AppendRequest& request, App
   message.body = request.body;
   message.attachments = request.attachments;
   if (Status s = target.Insert(message); !s.ok()) {
-    if (s.code() != Code::kAlreadyExists || !keyed) return s;
+    if (s.code() != Code::kAlreadyExists) return s;
     Result<bool> resent = AnswerResend(target, request, result);
     if (!resent.ok()) return resent.status();
     if (!*resent) return Internal("the insert refused a client_msg_id that is not stored");
