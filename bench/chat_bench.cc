@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cerrno>
 #include <cinttypes>
 #include <cstdint>
 #include <cstdio>
@@ -71,6 +72,7 @@ struct Options {
   std::string sync_dir;  // floor: where the file for the fdatasync floor goes (empty: none)
   std::string label;
   bool tls = false;
+  bool lws_receive = false;  // fanout, channel: keep receiving through lws (see ReadDirect)
   // fanout
   int groups = 20;
   int members = 500;
@@ -136,7 +138,12 @@ struct Conn {
   int connects = 0;
   bool hello_sent = false;
   std::deque<std::string> out;  // each frame with LWS_PRE bytes of headroom in front
-  std::string rx;
+  std::string rx;               // a message being reassembled from fragments
+  // Receiving without lws (Bench::ReadDirect): a watcher of our own reads the socket and the
+  // frames are parsed here; `partial` holds the bytes of a frame not yet complete.
+  bool direct = false;
+  ev_io direct_io{};
+  std::string partial;
   int64_t last_queued_ns = 0;  // when a frame was last queued, for the heartbeat
 
   // Sender side: messages go to `target` (a Conn id, -1 for none) as direct messages, or when
@@ -213,6 +220,7 @@ class Bench {
     // every wake-up, which with thousands of connections made the generator the bottleneck.
     loop_ = ev_loop_new(EVFLAG_AUTO | EVFLAG_NOSIGMASK);
     if (loop_ != nullptr) {
+      ev_set_userdata(loop_, this);
       void* foreign_loops[1] = {loop_};
       info.options |= LWS_SERVER_OPTION_LIBEV;
       info.foreign_loops = foreign_loops;
@@ -549,6 +557,7 @@ class Bench {
       --connecting_;
     }
     if (failed) ++counters_.connect_failures;
+    EndDirect(conn, false);
     conn.state = Conn::State::kDown;
     conn.wsi = nullptr;
     conn.out.clear();
@@ -685,6 +694,136 @@ class Bench {
     }
   }
 
+  // One whole WebSocket message from the server.
+  void OnFrame(Conn& conn, const void* data, size_t len) {
+    // Parsed into an arena on a block of this object, so a delivery's messages and strings
+    // cost no allocation each (the generator must stay cheaper than the server).
+    google::protobuf::ArenaOptions arena_options;
+    arena_options.initial_block = parse_block_.data();
+    arena_options.initial_block_size = parse_block_.size();
+    google::protobuf::Arena arena(arena_options);
+    auto* envelope = google::protobuf::Arena::CreateMessage<v1::Envelope>(&arena);
+    if (envelope->ParseFromArray(data, static_cast<int>(len))) OnEnvelope(conn, *envelope);
+  }
+
+  static void OnDirectReadable(struct ev_loop* loop, ev_io* io, int /*revents*/) {
+    auto* self = static_cast<Bench*>(ev_userdata(loop));
+    self->ReadSocket(*static_cast<Conn*>(io->data));
+  }
+
+  // One read of a direct connection's socket, and every whole frame in what has arrived.
+  void ReadSocket(Conn& conn) {
+    ssize_t n = recv(conn.direct_io.fd, read_buf_.data(), read_buf_.size(), 0);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return;
+    if (n <= 0) {
+      EndDirect(conn, true);
+      return;
+    }
+    const char* data = read_buf_.data();
+    size_t len = static_cast<size_t>(n);
+    if (!conn.partial.empty()) {
+      conn.partial.append(data, len);
+      data = conn.partial.data();
+      len = conn.partial.size();
+    }
+    size_t used = 0;
+    while (conn.direct) {
+      const size_t frame = ParseFrame(conn, data + used, len - used);
+      if (frame == 0) break;
+      used += frame;
+    }
+    if (!conn.direct) return;
+    if (data == conn.partial.data()) {
+      conn.partial.erase(0, used);
+    } else {
+      conn.partial.assign(data + used, len - used);
+    }
+  }
+
+  // Handles the frame at the start of `data` (RFC 6455 section 5.2; a server's frames are not
+  // masked) and returns its length, or 0 while it is incomplete.
+  size_t ParseFrame(Conn& conn, const char* data, size_t len) {
+    if (len < 2) return 0;
+    const auto* bytes = reinterpret_cast<const unsigned char*>(data);
+    const bool fin = (bytes[0] & 0x80) != 0;
+    const int opcode = bytes[0] & 0x0f;
+    uint64_t size = bytes[1] & 0x7f;
+    size_t header = 2;
+    if ((bytes[1] & 0x80) != 0) {  // a masked frame from a server is a protocol error
+      EndDirect(conn, true);
+      return 0;
+    }
+    if (size == 126) {
+      if (len < 4) return 0;
+      size = (uint64_t{bytes[2]} << 8) | bytes[3];
+      header = 4;
+    } else if (size == 127) {
+      if (len < 10) return 0;
+      size = 0;
+      for (int i = 2; i < 10; ++i) size = (size << 8) | bytes[i];
+      header = 10;
+    }
+    if (len - header < size) return 0;
+    const char* payload = data + header;
+    switch (opcode) {
+      case 0x0:  // continuation
+      case 0x1:  // text
+      case 0x2:  // binary
+        if (fin && conn.rx.empty()) {
+          OnFrame(conn, payload, size);
+        } else {
+          conn.rx.append(payload, size);
+          if (fin) {
+            OnFrame(conn, conn.rx.data(), conn.rx.size());
+            conn.rx.clear();
+          }
+        }
+        break;
+      case 0x8:  // close
+        if (size >= 2) ++counters_.close_codes[(bytes[header] << 8) | bytes[header + 1]];
+        EndDirect(conn, true);
+        break;
+      default:  // ping, pong: chatd sends neither (no lws validity checks)
+        ++counters_.error_codes["unexpected control frame"];
+        break;
+    }
+    return header + size;
+  }
+
+ public:
+  // From now on `conn`'s socket is read here rather than by lws, whose client parser handles
+  // every received byte one at a time: in fanout it was a third of this process's CPU, and
+  // the generator must stay cheaper than the server it measures. lws keeps writing. Only a
+  // ready connection with nothing half-received switches (lws has then buffered nothing), and
+  // only without TLS and on the libev loop; returns whether it switched.
+  bool ReadDirect(Conn& conn) {
+    if (conn.direct || conn.wsi == nullptr || loop_ == nullptr || options_.tls ||
+        conn.state != Conn::State::kReady || !conn.rx.empty() ||
+        lws_remaining_packet_payload(conn.wsi) != 0) {
+      return conn.direct;
+    }
+    if (lws_rx_flow_control(conn.wsi, 0) < 0) return false;
+    ev_io_init(&conn.direct_io, &Bench::OnDirectReadable, lws_get_socket_fd(conn.wsi), EV_READ);
+    conn.direct_io.data = &conn;
+    ev_io_start(loop_, &conn.direct_io);
+    conn.direct = true;
+    return true;
+  }
+
+ private:
+  // Stops reading `conn` directly; `close`: the server closed or broke the connection, which
+  // lws is then told to drop (it reports the close as for any other connection).
+  void EndDirect(Conn& conn, bool close) {
+    if (!conn.direct) return;
+    ev_io_stop(loop_, &conn.direct_io);
+    conn.direct = false;
+    conn.partial.clear();
+    conn.rx.clear();
+    if (close && conn.wsi != nullptr) {
+      lws_set_timeout(conn.wsi, PENDING_TIMEOUT_USER_OK, LWS_TO_KILL_ASYNC);
+    }
+  }
+
   static int Callback(lws* wsi, lws_callback_reasons reason, void* /*user*/, void* in, size_t len) {
     auto* conn = static_cast<Conn*>(lws_get_opaque_user_data(wsi));
     Bench* self = static_cast<Bench*>(lws_context_user(lws_get_context(wsi)));
@@ -730,16 +869,8 @@ class Bench {
           in = conn->rx.data();
           len = conn->rx.size();
         }
-        // Parsed into an arena on a block of this object, so a delivery's messages and
-        // strings cost no allocation each (the generator must stay cheaper than the server).
-        google::protobuf::ArenaOptions arena_options;
-        arena_options.initial_block = self->parse_block_.data();
-        arena_options.initial_block_size = self->parse_block_.size();
-        google::protobuf::Arena arena(arena_options);
-        auto* envelope = google::protobuf::Arena::CreateMessage<v1::Envelope>(&arena);
-        const bool parsed = envelope->ParseFromArray(in, static_cast<int>(len));
+        self->OnFrame(*conn, in, len);
         conn->rx.clear();
-        if (parsed) self->OnEnvelope(*conn, *envelope);
         break;
       }
       case LWS_CALLBACK_WS_PEER_INITIATED_CLOSE:
@@ -764,6 +895,7 @@ class Bench {
   std::string secret_;
   lws_protocols protocols_[2]{};
   alignas(16) std::array<char, 16 * 1024> parse_block_{};  // the parse arena's first block
+  std::array<char, 64 * 1024> read_buf_{};                 // direct connections' reads
   lws_context* context_ = nullptr;
   struct ev_loop* loop_ = nullptr;
   struct TickTimer {
@@ -1220,6 +1352,16 @@ int64_t ErrorCount(Bench& bench) {
 // fanout: `groups` groups of `members` online members each (one connection per member, all in
 // this process), created through the protocol with CreateGroup; each group's creator posts at
 // the step's rate per group and every other member must receive every post in order.
+// Switches `conns` to reading their sockets directly unless --lws-receive; records how many
+// did in the result.
+void ReadAllDirect(Bench& bench, const std::vector<Conn*>& conns, JsonObject& json) {
+  int direct = 0;
+  if (!bench.options().lws_receive) {
+    for (Conn* conn : conns) direct += bench.ReadDirect(*conn) ? 1 : 0;
+  }
+  json.Add("connections_read_directly", direct);
+}
+
 int RunFanout(Bench& bench) {
   const Options& o = bench.options();
   std::vector<Conn*> all;
@@ -1267,6 +1409,7 @@ int RunFanout(Bench& bench) {
   }
   RisingResult rising;
   if (completed) {
+    ReadAllDirect(bench, all, json);
     std::vector<double> rates;  // per group -> over all groups
     for (double per_group : o.rates) rates.push_back(per_group * o.groups);
     rising = RunRising(bench, creators, rates, o.members - 1);
@@ -1353,7 +1496,10 @@ int RunChannel(Bench& bench) {
     completed = AwaitReplies(bench, viewers, 1, o.timeout_s) && ErrorCount(bench) == 0;
   }
   RisingResult rising;
-  if (completed) rising = RunRising(bench, {&poster}, o.rates, o.viewers);
+  if (completed) {
+    ReadAllDirect(bench, all, json);
+    rising = RunRising(bench, {&poster}, o.rates, o.viewers);
+  }
   json.Raw("steps", "[" + rising.steps_json + "]");
   json.Add("max_posts_per_s_p99_under_limit", rising.best_rate);
   json.Add("max_deliveries_per_s_p99_under_limit", rising.best_deliveries_per_s);
@@ -1608,6 +1754,9 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1.0, 100.0))
       ->capture_default_str();
   app.add_flag("--tls", o.tls, "connect with wss (accepting a self-signed certificate)");
+  app.add_flag("--lws-receive", o.lws_receive,
+               "fanout, channel: receive through lws's client parser rather than reading the "
+               "sockets directly");
   app.add_option("--groups", o.groups, "fanout: groups")->capture_default_str();
   app.add_option("--members", o.members, "fanout: online members per group, creator included")
       ->capture_default_str();
