@@ -5,6 +5,7 @@
 #include <functional>
 #include <limits>
 #include <map>
+#include <memory>
 #include <queue>
 #include <string>
 #include <unordered_map>
@@ -38,16 +39,19 @@ constexpr int64_t kMaxRate = int64_t{1} << 40;
 constexpr int64_t kMaxRefillMs = 1'000'000;
 
 // Per-connection state. Kept small: an idle server holds thousands of these.
+// Session::timer_due_ms while the session has no live entry in the timer heap.
+constexpr int64_t kNoTimer = std::numeric_limits<int64_t>::min();
+
 struct Session {
   UserId user;
   DeviceId device;
   // Before Hello: the hello timeout. After: when the token expires (INT64_MAX for never).
   int64_t deadline_ms = 0;
   int64_t last_frame_ms = 0;
-  int64_t timer_due_ms = 0;    // when this session's live entry in the timer heap fires
-  int64_t refill_ms = 0;       // when the buckets were last refilled
-  int64_t message_tokens = 0;  // thousandths of a message
-  int64_t byte_tokens = 0;     // thousandths of a byte; negative while in debt
+  int64_t timer_due_ms = kNoTimer;  // when this session's live timer heap entry fires
+  int64_t refill_ms = 0;            // when the buckets were last refilled
+  int64_t message_tokens = 0;       // thousandths of a message
+  int64_t byte_tokens = 0;          // thousandths of a byte; negative while in debt
   codec::Format format = codec::Format::kBinary;
   bool format_known = false;
   bool authenticated = false;
@@ -60,34 +64,35 @@ static_assert(sizeof(Session) <= 128, "Session grew: check the per-connection me
 // would be an allocation per online user); two or more spill to the heap.
 class UserSessions {
  public:
-  const SessionId* begin() const { return more_.empty() ? &one_ : more_.data(); }
+  const SessionId* begin() const { return more_ ? more_->data() : &one_; }
   const SessionId* end() const { return begin() + size(); }
-  size_t size() const { return more_.empty() ? (one_ != 0 ? 1 : 0) : more_.size(); }
+  size_t size() const { return more_ ? more_->size() : (one_ != 0 ? 1 : 0); }
   bool empty() const { return size() == 0; }
   void push_back(SessionId id) {
-    if (more_.empty() && one_ == 0) {
+    if (!more_ && one_ == 0) {
       one_ = id;
       return;
     }
-    if (more_.empty()) more_.push_back(one_);
-    more_.push_back(id);
+    if (!more_) more_ = std::make_unique<std::vector<SessionId>>(1, one_);
+    more_->push_back(id);
   }
   void erase(SessionId id) {
-    if (more_.empty()) {
+    if (!more_) {
       if (one_ == id) one_ = 0;
       return;
     }
-    std::erase(more_, id);
-    if (more_.size() == 1) {
-      one_ = more_.front();
-      std::vector<SessionId>().swap(more_);
+    std::erase(*more_, id);
+    if (more_->size() == 1) {
+      one_ = more_->front();
+      more_.reset();
     }
   }
 
  private:
-  SessionId one_ = 0;            // the only session while more_ is empty (0: none)
-  std::vector<SessionId> more_;  // every session, when two or more
+  SessionId one_ = 0;                             // the only session while more_ is null
+  std::unique_ptr<std::vector<SessionId>> more_;  // every session, when two or more
 };
+static_assert(sizeof(UserSessions) <= 16, "UserSessions grew: one per online user");
 
 // What a store job was submitted for, so its completion is answered the right way.
 enum class Purpose : uint8_t {
@@ -404,6 +409,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
       timers_.pop();
       Session* s = FindSession(id);
       if (s == nullptr || s->timer_due_ms != due) continue;  // stale entry
+      s->timer_due_ms = kNoTimer;
       if (!s->authenticated && now >= s->deadline_ms) {
         CloseSession(id, kCloseUnauthenticated, "hello timeout");
       } else if (now >= s->deadline_ms) {
@@ -447,9 +453,13 @@ class Hub::Impl final : private PresenceTracker::Sink {
     return left >= kNever - now ? kNever : now + left;
   }
 
+  // A session has at most one live heap entry, the earliest: a later due waits until that entry
+  // fires and Tick re-arms, so the heap holds about one entry per session, not one per re-arm
+  // (the hello timeout's entry used to stay behind, stale, after every Hello).
   void ArmTimer(SessionId id, Session& s) {
     int64_t due = s.last_frame_ms + static_cast<int64_t>(options_.idle_timeout_ms);
     due = std::min(due, s.deadline_ms);
+    if (s.timer_due_ms != kNoTimer && s.timer_due_ms <= due) return;
     s.timer_due_ms = due;
     timers_.emplace(due, id);
   }

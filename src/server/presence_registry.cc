@@ -1,11 +1,13 @@
 // NewInProcessPresenceRegistry: the PresenceRegistry of a single node, in memory.
 //
-// Entries are kept per user, in a short vector (a user has a few devices). Expiry is found
-// through a min-heap of (time, user) holding one live item per user with entries: the earliest
-// expiry among them, pushed again for the next one when it fires. An item is stale when the
-// user's record no longer names its time (the user left, or a shorter entry came in and pushed
-// an earlier item); stale items are skipped when they surface. Refreshing an entry pushes
-// nothing, so a steadily refreshed device costs one heap item, not one per refresh.
+// Entries are kept per user, the first inline (a user nearly always has one device), more in a
+// vector. Expiry is found through a min-heap of (time, user record) holding one live item per
+// user with entries: the earliest expiry among them, pushed again for the next one when it
+// fires. An item is stale when its user's record no longer names its time (a shorter entry came
+// in and pushed an earlier item); stale items are skipped when they surface. A record counts
+// the heap items that point at it and outlives its last entry until none does, so an item
+// never points at a freed record. Refreshing an entry pushes nothing, so a steadily refreshed
+// device costs one heap item, not one per refresh.
 
 #include <algorithm>
 #include <cstdint>
@@ -32,12 +34,58 @@ struct Entry {
 // UserEntries::queued_ms when the user has no live heap item.
 constexpr int64_t kNotQueued = INT64_MIN;
 
-struct UserEntries {
+// One user's live entries and expiry bookkeeping.
+class UserEntries {
+ public:
   int64_t queued_ms = kNotQueued;  // the time of this user's live heap item
-  std::vector<Entry> entries;
+  uint32_t heap_items = 0;         // heap items pointing at this record, live or stale
+
+  Entry* begin() { return more_ ? more_->data() : &one_; }
+  Entry* end() { return begin() + size(); }
+  size_t size() const { return more_ ? more_->size() : (has_one_ ? 1 : 0); }
+  bool empty() const { return size() == 0; }
+
+  void push_back(Entry entry) {
+    if (!more_ && !has_one_) {
+      one_ = std::move(entry);
+      has_one_ = true;
+      return;
+    }
+    if (!more_) {
+      more_ = std::make_unique<std::vector<Entry>>();
+      more_->push_back(std::move(one_));
+      has_one_ = false;
+    }
+    more_->push_back(std::move(entry));
+  }
+
+  // Removes the entries `pred` is true for; returns how many.
+  template <typename Pred>
+  size_t erase_if(Pred pred) {
+    if (!more_) {
+      if (!has_one_ || !pred(one_)) return 0;
+      one_ = Entry{};
+      has_one_ = false;
+      return 1;
+    }
+    const size_t erased = std::erase_if(*more_, pred);
+    if (more_->size() <= 1) {
+      has_one_ = !more_->empty();
+      if (has_one_) one_ = std::move(more_->front());
+      more_.reset();
+    }
+    return erased;
+  }
+
+ private:
+  Entry one_;  // the only entry while more_ is null and has_one_ is set
+  bool has_one_ = false;
+  std::unique_ptr<std::vector<Entry>> more_;  // every entry, when two or more
 };
 
-using HeapItem = std::pair<int64_t, UserId>;  // (expires, user)
+using UserMap = std::unordered_map<UserId, UserEntries>;
+using UserRecord = UserMap::value_type;            // stable: the map's nodes never move
+using HeapItem = std::pair<int64_t, UserRecord*>;  // (expires, user)
 
 // Changes past which the change list's memory is released once taken.
 constexpr size_t kKeepChanged = 1024;
@@ -48,39 +96,37 @@ class InProcessPresenceRegistry final : public PresenceRegistry {
     if (ttl_ms <= 0) return;
     Expire(now_ms);
     const int64_t expires = now_ms + ttl_ms;
-    UserEntries& user = users_[device.user];
-    auto it = Find(user, device);
-    if (it != user.entries.end()) {
+    UserRecord& record = *users_.try_emplace(device.user).first;
+    UserEntries& user = record.second;
+    Entry* entry = Find(user, device);
+    if (entry != nullptr) {
       // A refresh never shortens an entry: a late refresh computed from an older frame must
       // not undo a newer one.
-      if (expires <= it->expires_ms) return;
-      it->expires_ms = expires;
+      if (expires <= entry->expires_ms) return;
+      entry->expires_ms = expires;
     } else {
-      user.entries.push_back(Entry{device.device, device.node, expires});
+      user.push_back(Entry{device.device, device.node, expires});
       MarkChanged(device.user);
     }
     // The live item fires no later than every other entry; only a shorter new one (another
     // node's ttl) needs an earlier item.
-    if (user.queued_ms == kNotQueued || expires < user.queued_ms) {
-      Queue(device.user, user, expires);
-    }
+    if (user.queued_ms == kNotQueued || expires < user.queued_ms) Queue(record, expires);
   }
 
   void Remove(const PresenceDevice& device, int64_t now_ms) override {
     Expire(now_ms);
-    auto user = users_.find(device.user);
-    if (user == users_.end()) return;
-    auto it = Find(user->second, device);
-    if (it == user->second.entries.end()) return;
-    user->second.entries.erase(it);
-    if (user->second.entries.empty()) users_.erase(user);
+    auto it = users_.find(device.user);
+    if (it == users_.end()) return;
+    const size_t removed = it->second.erase_if([&](const Entry& e) { return Matches(e, device); });
+    if (removed == 0) return;
     MarkChanged(device.user);
+    MaybeErase(it);
   }
 
   uint32_t DeviceCount(const UserId& user, int64_t now_ms) override {
     Expire(now_ms);
     auto it = users_.find(user);
-    return it == users_.end() ? 0 : static_cast<uint32_t>(it->second.entries.size());
+    return it == users_.end() ? 0 : static_cast<uint32_t>(it->second.size());
   }
 
   void TakeChanges(int64_t now_ms, std::vector<UserId>* users) override {
@@ -101,34 +147,49 @@ class InProcessPresenceRegistry final : public PresenceRegistry {
   void Unwatch(const UserId&) override {}
 
  private:
-  static std::vector<Entry>::iterator Find(UserEntries& user, const PresenceDevice& device) {
-    return std::find_if(user.entries.begin(), user.entries.end(), [&](const Entry& e) {
-      return e.node == device.node && e.device == device.device;
-    });
+  static bool Matches(const Entry& e, const PresenceDevice& device) {
+    return e.node == device.node && e.device == device.device;
   }
 
-  void Queue(const UserId& id, UserEntries& user, int64_t at_ms) {
-    user.queued_ms = at_ms;
-    heap_.emplace(at_ms, id);
+  static Entry* Find(UserEntries& user, const PresenceDevice& device) {
+    for (Entry& e : user) {
+      if (Matches(e, device)) return &e;
+    }
+    return nullptr;
+  }
+
+  void Queue(UserRecord& record, int64_t at_ms) {
+    record.second.queued_ms = at_ms;
+    ++record.second.heap_items;
+    heap_.emplace(at_ms, &record);
+  }
+
+  // Erases a user's record once it has neither entries nor heap items pointing at it.
+  void MaybeErase(UserMap::iterator it) {
+    if (it->second.empty() && it->second.heap_items == 0) users_.erase(it);
   }
 
   void Expire(int64_t now_ms) {
     while (!heap_.empty() && heap_.top().first <= now_ms) {
-      const HeapItem item = heap_.top();
+      const auto [at_ms, record] = heap_.top();
       heap_.pop();
-      auto user = users_.find(item.second);
-      if (user == users_.end() || user->second.queued_ms != item.first) continue;  // stale
-      std::vector<Entry>& entries = user->second.entries;
-      const size_t expired =
-          std::erase_if(entries, [now_ms](const Entry& e) { return e.expires_ms <= now_ms; });
-      if (entries.empty()) {
-        users_.erase(user);
-      } else {
-        int64_t next = entries.front().expires_ms;
-        for (const Entry& e : entries) next = std::min(next, e.expires_ms);
-        Queue(item.second, user->second, next);
+      UserEntries& user = record->second;
+      --user.heap_items;
+      auto it = users_.find(record->first);
+      if (user.queued_ms != at_ms) {  // stale
+        MaybeErase(it);
+        continue;
       }
-      if (expired > 0) MarkChanged(item.second);
+      user.queued_ms = kNotQueued;
+      const size_t expired =
+          user.erase_if([now_ms](const Entry& e) { return e.expires_ms <= now_ms; });
+      if (expired > 0) MarkChanged(record->first);
+      if (!user.empty()) {
+        int64_t next = INT64_MAX;
+        for (const Entry& e : user) next = std::min(next, e.expires_ms);
+        Queue(*record, next);
+      }
+      MaybeErase(it);
     }
   }
 
@@ -136,7 +197,7 @@ class InProcessPresenceRegistry final : public PresenceRegistry {
     if (changed_.insert(user).second) changed_order_.push_back(user);
   }
 
-  std::unordered_map<UserId, UserEntries> users_;
+  UserMap users_;
   std::priority_queue<HeapItem, std::vector<HeapItem>, std::greater<>> heap_;
   std::unordered_set<UserId> changed_;
   std::vector<UserId> changed_order_;  // changed_, in the order of the first change

@@ -154,6 +154,25 @@ TEST_CASE("hub: a session ends with UNAUTHENTICATED and close 4001 when its toke
   CHECK(Only(h.Take(again)).has_welcome());
 }
 
+TEST_CASE(
+    "hub: a token that expires before the hello timeout would have ends the session on time") {
+  ServerOptions options;
+  options.hello_timeout_ms = 60'000;
+  options.idle_timeout_ms = 600'000;
+  HubHarness h(options);
+  SessionId session = h.Open().value();
+  // Valid for 1 s plus the default leeway (30 s): the session's timer must move earlier than
+  // the hello timeout it was armed with.
+  h.SendEnvelope(session, HelloEnvelope(1, h.Token("alice", 1'000), "d"));
+  REQUIRE(Only(h.Take(session)).has_welcome());
+  h.Advance(30'999);
+  ExpectOpen(h, session);
+  h.Advance(1);
+  ExpectError(Only(h.Take(session)), v1::Error::UNAUTHENTICATED, 0);
+  REQUIRE(h.closed(session).has_value());
+  CHECK(h.closed(session)->reason == "token expired");
+}
+
 TEST_CASE("hub: a hello with a newer protocol_version gets FAILED_PRECONDITION and close 1002") {
   HubHarness h;
   SessionId session = h.Open().value();

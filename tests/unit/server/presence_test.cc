@@ -597,6 +597,28 @@ TEST_CASE("presence registry: an entry shorter than the user's others expires on
   CHECK(r->DeviceCount("alice", 21'000) == 0);
 }
 
+TEST_CASE("presence registry: a user whose devices go while expiry items are pending") {
+  std::shared_ptr<PresenceRegistry> r = NewInProcessPresenceRegistry();
+  r->Refresh({"alice", "desk", 1}, 0, 10'000);  // expiry item at 10,000
+  r->Refresh({"alice", "phone", 2}, 0, 500);    // an earlier one at 500
+  r->Remove({"alice", "desk", 1}, 100);
+  r->Remove({"alice", "phone", 2}, 100);
+  CHECK(r->DeviceCount("alice", 100) == 0);
+  CHECK(r->DeviceCount("alice", 600) == 0);  // the item at 500 finds no entries
+  // Back before the item at 10,000 surfaces: it changes nothing when it does.
+  r->Refresh({"alice", "desk", 1}, 700, 20'000);
+  CHECK(r->DeviceCount("alice", 10'000) == 1);
+  CHECK(r->DeviceCount("alice", 20'699) == 1);
+  CHECK(r->DeviceCount("alice", 20'700) == 0);
+  std::vector<UserId> changed;
+  r->TakeChanges(20'700, &changed);
+  CHECK(changed == std::vector<UserId>{"alice"});
+  // Another user's entries are untouched by all of it.
+  r->Refresh({"bob", "b", 1}, 20'700, 100);
+  CHECK(r->DeviceCount("bob", 20'799) == 1);
+  CHECK(r->DeviceCount("bob", 20'800) == 0);
+}
+
 // --- Stores ---
 
 enum class Kind { kMemory, kSqlite };
