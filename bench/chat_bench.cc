@@ -72,7 +72,7 @@ struct Options {
   std::string sync_dir;  // floor: where the file for the fdatasync floor goes (empty: none)
   std::string label;
   bool tls = false;
-  bool lws_receive = false;  // fanout, channel: keep receiving through lws (see ReadDirect)
+  bool lws_receive = false;  // fanout, channel: keep receiving through lws (see ReadDirectly)
   // fanout
   int groups = 20;
   int members = 500;
@@ -87,6 +87,9 @@ struct Options {
 };
 
 constexpr char kBenchContentType[] = "application/x-chat-bench";
+// A frame from the server longer than this breaks a directly read connection (chatd's largest,
+// a Sync page, is far smaller).
+constexpr uint64_t kMaxDirectFrameBytes = 64ULL << 20;
 // Request ids of control requests (CreateGroup, AddMembers, Subscribe, History) start here, far
 // above the message indices that Send uses as rids.
 constexpr uint64_t kControlRid = 1ULL << 41;
@@ -139,9 +142,10 @@ struct Conn {
   bool hello_sent = false;
   std::deque<std::string> out;  // each frame with LWS_PRE bytes of headroom in front
   std::string rx;               // a message being reassembled from fragments
-  // Receiving without lws (Bench::ReadDirect): a watcher of our own reads the socket and the
+  // Receiving without lws (Bench::ReadDirectly): a watcher of our own reads the socket and the
   // frames are parsed here; `partial` holds the bytes of a frame not yet complete.
   bool direct = false;
+  bool fragmented = false;  // a fragmented message has begun (rx holds its start)
   ev_io direct_io{};
   std::string partial;
   int64_t last_queued_ns = 0;  // when a frame was last queued, for the heartbeat
@@ -741,18 +745,16 @@ class Bench {
   }
 
   // Handles the frame at the start of `data` (RFC 6455 section 5.2; a server's frames are not
-  // masked) and returns its length, or 0 while it is incomplete.
+  // masked) and returns its length, or 0 while it is incomplete or when it broke the
+  // connection (then `conn` no longer reads directly).
   size_t ParseFrame(Conn& conn, const char* data, size_t len) {
     if (len < 2) return 0;
     const auto* bytes = reinterpret_cast<const unsigned char*>(data);
     const bool fin = (bytes[0] & 0x80) != 0;
     const int opcode = bytes[0] & 0x0f;
+    const bool control = (opcode & 0x08) != 0;
     uint64_t size = bytes[1] & 0x7f;
     size_t header = 2;
-    if ((bytes[1] & 0x80) != 0) {  // a masked frame from a server is a protocol error
-      EndDirect(conn, true);
-      return 0;
-    }
     if (size == 126) {
       if (len < 4) return 0;
       size = (uint64_t{bytes[2]} << 8) | bytes[3];
@@ -763,16 +765,29 @@ class Bench {
       for (int i = 2; i < 10; ++i) size = (size << 8) | bytes[i];
       header = 10;
     }
+    // What no server may send: reserved bits (no extension was negotiated), a mask, an
+    // unknown opcode, a fragmented or long control frame, a continuation of nothing, a new
+    // message inside a fragmented one, or a frame past any message chatd could send.
+    const bool known = opcode <= 0x2 || (opcode >= 0x8 && opcode <= 0xA);
+    const bool in_message = !conn.rx.empty() || conn.fragmented;
+    if ((bytes[0] & 0x70) != 0 || (bytes[1] & 0x80) != 0 || !known ||
+        (control && (!fin || size > 125)) || (opcode == 0x0 && !in_message) ||
+        ((opcode == 0x1 || opcode == 0x2) && in_message) || size > kMaxDirectFrameBytes) {
+      ++counters_.error_codes["bad frame from server"];
+      EndDirect(conn, true);
+      return 0;
+    }
     if (len - header < size) return 0;
     const char* payload = data + header;
     switch (opcode) {
       case 0x0:  // continuation
       case 0x1:  // text
       case 0x2:  // binary
-        if (fin && conn.rx.empty()) {
+        if (fin && !in_message) {
           OnFrame(conn, payload, size);
         } else {
           conn.rx.append(payload, size);
+          conn.fragmented = !fin;
           if (fin) {
             OnFrame(conn, conn.rx.data(), conn.rx.size());
             conn.rx.clear();
@@ -782,7 +797,7 @@ class Bench {
       case 0x8:  // close
         if (size >= 2) ++counters_.close_codes[(bytes[header] << 8) | bytes[header + 1]];
         EndDirect(conn, true);
-        break;
+        return 0;
       default:  // ping, pong: chatd sends neither (no lws validity checks)
         ++counters_.error_codes["unexpected control frame"];
         break;
@@ -791,23 +806,21 @@ class Bench {
   }
 
  public:
-  // From now on `conn`'s socket is read here rather than by lws, whose client parser handles
-  // every received byte one at a time: in fanout it was a third of this process's CPU, and
-  // the generator must stay cheaper than the server it measures. lws keeps writing. Only a
-  // ready connection with nothing half-received switches (lws has then buffered nothing), and
-  // only without TLS and on the libev loop; returns whether it switched.
-  bool ReadDirect(Conn& conn) {
-    if (conn.direct || conn.wsi == nullptr || loop_ == nullptr || options_.tls ||
-        conn.state != Conn::State::kReady || !conn.rx.empty() ||
-        lws_remaining_packet_payload(conn.wsi) != 0) {
-      return conn.direct;
-    }
-    if (lws_rx_flow_control(conn.wsi, 0) < 0) return false;
+  // From the next connection on (reconnections included), each connection's socket is read
+  // here rather than by lws, whose client parser handles every received byte one at a time: in
+  // fanout it was a third of this process's CPU, and the generator must stay cheaper than the
+  // server it measures. The switch happens when lws reports the connection established, before
+  // the Hello is sent, so lws has parsed no byte of any frame. lws keeps writing and closing.
+  // Not over TLS, and only on the libev loop.
+  void ReadDirectly() { read_directly_ = !options_.tls && loop_ != nullptr; }
+
+ private:
+  void StartDirect(Conn& conn) {
+    if (lws_rx_flow_control(conn.wsi, 0) < 0) return;
     ev_io_init(&conn.direct_io, &Bench::OnDirectReadable, lws_get_socket_fd(conn.wsi), EV_READ);
     conn.direct_io.data = &conn;
     ev_io_start(loop_, &conn.direct_io);
     conn.direct = true;
-    return true;
   }
 
  private:
@@ -819,6 +832,7 @@ class Bench {
     conn.direct = false;
     conn.partial.clear();
     conn.rx.clear();
+    conn.fragmented = false;
     if (close && conn.wsi != nullptr) {
       lws_set_timeout(conn.wsi, PENDING_TIMEOUT_USER_OK, LWS_TO_KILL_ASYNC);
     }
@@ -844,6 +858,7 @@ class Bench {
         std::string frame(LWS_PRE, '\0');
         hello.AppendToString(&frame);
         conn->out.push_front(std::move(frame));
+        if (self->read_directly_) self->StartDirect(*conn);
         lws_callback_on_writable(wsi);
         break;
       }
@@ -896,6 +911,7 @@ class Bench {
   lws_protocols protocols_[2]{};
   alignas(16) std::array<char, 16 * 1024> parse_block_{};  // the parse arena's first block
   std::array<char, 64 * 1024> read_buf_{};                 // direct connections' reads
+  bool read_directly_ = false;                             // see ReadDirectly
   lws_context* context_ = nullptr;
   struct ev_loop* loop_ = nullptr;
   struct TickTimer {
@@ -1352,14 +1368,10 @@ int64_t ErrorCount(Bench& bench) {
 // fanout: `groups` groups of `members` online members each (one connection per member, all in
 // this process), created through the protocol with CreateGroup; each group's creator posts at
 // the step's rate per group and every other member must receive every post in order.
-// Switches `conns` to reading their sockets directly unless --lws-receive; records how many
-// did in the result.
-void ReadAllDirect(Bench& bench, const std::vector<Conn*>& conns, JsonObject& json) {
-  int direct = 0;
-  if (!bench.options().lws_receive) {
-    for (Conn* conn : conns) direct += bench.ReadDirect(*conn) ? 1 : 0;
-  }
-  json.Add("connections_read_directly", direct);
+// How many of `conns` read their sockets directly (Bench::ReadDirectly), for the result.
+int CountDirect(const std::vector<Conn*>& conns) {
+  return static_cast<int>(
+      std::count_if(conns.begin(), conns.end(), [](const Conn* c) { return c->direct; }));
 }
 
 int RunFanout(Bench& bench) {
@@ -1385,6 +1397,7 @@ int RunFanout(Bench& bench) {
   json.Add("connections", static_cast<int>(all.size()));
   json.Add("p99_limit_ms", o.p99_limit_ms);
   int64_t t0 = NowNs();
+  if (!o.lws_receive) bench.ReadDirectly();
   bool completed = ConnectAll(bench, all, o.timeout_s);
   json.Add("connect_s", static_cast<double>(NowNs() - t0) / 1e9);
   if (completed) {
@@ -1409,7 +1422,7 @@ int RunFanout(Bench& bench) {
   }
   RisingResult rising;
   if (completed) {
-    ReadAllDirect(bench, all, json);
+    json.Add("connections_read_directly", CountDirect(all));
     std::vector<double> rates;  // per group -> over all groups
     for (double per_group : o.rates) rates.push_back(per_group * o.groups);
     rising = RunRising(bench, creators, rates, o.members - 1);
@@ -1438,6 +1451,7 @@ int RunChannel(Bench& bench) {
   json.Add("workload", "channel");
   json.Add("viewers", o.viewers);
   json.Add("p99_limit_ms", o.p99_limit_ms);
+  if (!o.lws_receive) bench.ReadDirectly();
   bool completed = ConnectAll(bench, all, o.timeout_s);
   int offline = std::max(0, o.channel_members - 1 - o.viewers);
   if (completed) {
@@ -1497,7 +1511,7 @@ int RunChannel(Bench& bench) {
   }
   RisingResult rising;
   if (completed) {
-    ReadAllDirect(bench, all, json);
+    json.Add("connections_read_directly", CountDirect(all));
     rising = RunRising(bench, {&poster}, o.rates, o.viewers);
   }
   json.Raw("steps", "[" + rising.steps_json + "]");

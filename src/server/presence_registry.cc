@@ -87,6 +87,15 @@ using UserMap = std::unordered_map<UserId, UserEntries>;
 using UserRecord = UserMap::value_type;            // stable: the map's nodes never move
 using HeapItem = std::pair<int64_t, UserRecord*>;  // (expires, user)
 
+// The heap's order: earliest first, ties by user id (not by address), so users expiring
+// together are reported in the same order every run.
+struct Later {
+  bool operator()(const HeapItem& a, const HeapItem& b) const {
+    if (a.first != b.first) return a.first > b.first;
+    return a.second->first > b.second->first;
+  }
+};
+
 // Changes past which the change list's memory is released once taken.
 constexpr size_t kKeepChanged = 1024;
 
@@ -175,21 +184,18 @@ class InProcessPresenceRegistry final : public PresenceRegistry {
       heap_.pop();
       UserEntries& user = record->second;
       --user.heap_items;
-      auto it = users_.find(record->first);
-      if (user.queued_ms != at_ms) {  // stale
-        MaybeErase(it);
-        continue;
+      if (user.queued_ms == at_ms) {  // the live item (otherwise stale)
+        user.queued_ms = kNotQueued;
+        const size_t expired =
+            user.erase_if([now_ms](const Entry& e) { return e.expires_ms <= now_ms; });
+        if (expired > 0) MarkChanged(record->first);
+        if (!user.empty()) {
+          int64_t next = INT64_MAX;
+          for (const Entry& e : user) next = std::min(next, e.expires_ms);
+          Queue(*record, next);
+        }
       }
-      user.queued_ms = kNotQueued;
-      const size_t expired =
-          user.erase_if([now_ms](const Entry& e) { return e.expires_ms <= now_ms; });
-      if (expired > 0) MarkChanged(record->first);
-      if (!user.empty()) {
-        int64_t next = INT64_MAX;
-        for (const Entry& e : user) next = std::min(next, e.expires_ms);
-        Queue(*record, next);
-      }
-      MaybeErase(it);
+      if (user.empty() && user.heap_items == 0) users_.erase(record->first);
     }
   }
 
@@ -198,7 +204,7 @@ class InProcessPresenceRegistry final : public PresenceRegistry {
   }
 
   UserMap users_;
-  std::priority_queue<HeapItem, std::vector<HeapItem>, std::greater<>> heap_;
+  std::priority_queue<HeapItem, std::vector<HeapItem>, Later> heap_;
   std::unordered_set<UserId> changed_;
   std::vector<UserId> changed_order_;  // changed_, in the order of the first change
 };
