@@ -40,6 +40,10 @@ class UserEntries {
   int64_t queued_ms = kNotQueued;  // the time of this user's live heap item
   uint32_t heap_items = 0;         // heap items pointing at this record, live or stale
 
+ private:
+  bool has_one_ = false;  // next to heap_items: the record packs into 72 bytes
+
+ public:
   Entry* begin() { return more_ ? more_->data() : &one_; }
   Entry* end() { return begin() + size(); }
   size_t size() const { return more_ ? more_->size() : (has_one_ ? 1 : 0); }
@@ -79,9 +83,9 @@ class UserEntries {
 
  private:
   Entry one_;  // the only entry while more_ is null and has_one_ is set
-  bool has_one_ = false;
   std::unique_ptr<std::vector<Entry>> more_;  // every entry, when two or more
 };
+static_assert(sizeof(UserEntries) <= 72, "UserEntries grew: one per online user");
 
 using UserMap = std::unordered_map<UserId, UserEntries>;
 using UserRecord = UserMap::value_type;            // stable: the map's nodes never move
