@@ -275,7 +275,9 @@ class ServerImpl final : public Server, private server::HubIo {
     protocols_[1] = {};
     protocols_[1].name = kProtocolName;
     protocols_[1].callback = &ServerImpl::ChatCallback;
-    protocols_[1].per_session_data_size = sizeof(Connection*);
+    // No per-session data: the Connection is found through the wsi's opaque user pointer,
+    // which saves lws a block per connection.
+    protocols_[1].per_session_data_size = 0;
     // Larger messages arrive in pieces and are reassembled in OnReceive.
     protocols_[1].rx_buffer_size = options_.receive_buffer_bytes;
     // Without it lws caps one send() at rx_buffer_size and copies the rest of a write into its
@@ -634,13 +636,13 @@ class ServerImpl final : public Server, private server::HubIo {
     lws_callback_on_writable(conn->wsi);
   }
 
-  int OnEstablished(lws* wsi, Connection** slot) {
+  int OnEstablished(lws* wsi) {
     if (phase_ != Phase::kServing) return -1;
     const SessionId id = ++last_session_id_;
     Connection* conn = &connections_[id];
     conn->id = id;
     conn->wsi = wsi;
-    *slot = conn;
+    lws_set_opaque_user_data(wsi, conn);
     // Looking the peer up costs a system call per connection: only when the line is kept.
     if (GetLogLevel() <= LogLevel::kInfo) {
       char peer[64] = {};
@@ -669,10 +671,10 @@ class ServerImpl final : public Server, private server::HubIo {
     return 0;
   }
 
-  void OnClosed(Connection** slot) {
-    Connection* conn = *slot;
+  void OnClosed(lws* wsi) {
+    auto* conn = static_cast<Connection*>(lws_get_opaque_user_data(wsi));
     if (conn == nullptr) return;
-    *slot = nullptr;
+    lws_set_opaque_user_data(wsi, nullptr);
     const int code = conn->closing                ? conn->close_code
                      : conn->peer_close_code != 0 ? conn->peer_close_code
                                                   : 1006;
@@ -810,33 +812,34 @@ class ServerImpl final : public Server, private server::HubIo {
     return static_cast<ServerImpl*>(lws_context_user(lws_get_context(wsi)));
   }
 
-  static int ChatCallback(lws* wsi, lws_callback_reasons reason, void* user, void* in, size_t len) {
+  static int ChatCallback(lws* wsi, lws_callback_reasons reason, void* /*user*/, void* in,
+                          size_t len) {
     ServerImpl* self = From(wsi);
-    auto** slot = static_cast<Connection**>(user);
+    auto* conn = static_cast<Connection*>(lws_get_opaque_user_data(wsi));
     switch (reason) {
       case LWS_CALLBACK_EVENT_WAIT_CANCELLED:
         self->DrainCompletions();
         self->AdvanceShutdown();
         return 0;
       case LWS_CALLBACK_ESTABLISHED:
-        return self->OnEstablished(wsi, slot);
+        return self->OnEstablished(wsi);
       case LWS_CALLBACK_RECEIVE:
-        if (*slot == nullptr) return -1;
-        return self->OnReceive(*slot, static_cast<const char*>(in), len);
+        if (conn == nullptr) return -1;
+        return self->OnReceive(conn, static_cast<const char*>(in), len);
       case LWS_CALLBACK_SERVER_WRITEABLE:
-        if (*slot == nullptr) return 0;
-        return self->OnWriteable(*slot);
+        if (conn == nullptr) return 0;
+        return self->OnWriteable(conn);
       case LWS_CALLBACK_WS_PEER_INITIATED_CLOSE:
-        if (*slot != nullptr && in != nullptr && len >= 2) {
+        if (conn != nullptr && in != nullptr && len >= 2) {
           const auto* code = static_cast<const unsigned char*>(in);
-          (*slot)->peer_close_code = static_cast<uint16_t>((code[0] << 8) | code[1]);
+          conn->peer_close_code = static_cast<uint16_t>((code[0] << 8) | code[1]);
         }
         return 0;
       case LWS_CALLBACK_TIMER:
-        if (*slot != nullptr) self->OnDrainTimer(*slot);
+        if (conn != nullptr) self->OnDrainTimer(conn);
         return 0;
       case LWS_CALLBACK_CLOSED:
-        if (slot != nullptr) self->OnClosed(slot);
+        self->OnClosed(wsi);
         return 0;
       default:
         return 0;
