@@ -131,15 +131,13 @@ TEST_CASE("hub: an expired token is refused with UNAUTHENTICATED and close 4001"
   CHECK(h.closed(session)->code == server::kCloseUnauthenticated);
 }
 
-TEST_CASE("hub: a session ends with UNAUTHENTICATED and close 4001 when its token expires") {
-  ServerOptions options;
-  options.idle_timeout_ms = 600'000;
-  HubHarness h(options);
+// Alice says hello with a token valid for `valid_ms`; the session must stay open until
+// `closes_after_ms` and then end with UNAUTHENTICATED "token expired" and close 4001.
+void ExpectTokenExpiry(HubHarness& h, int64_t valid_ms, int64_t closes_after_ms) {
   SessionId session = h.Open().value();
-  // Valid for 60 s, plus the authenticator's default leeway (30 s).
-  h.SendEnvelope(session, HelloEnvelope(1, h.Token("alice", 60'000), "d"));
+  h.SendEnvelope(session, HelloEnvelope(1, h.Token("alice", valid_ms), "d"));
   REQUIRE(Only(h.Take(session)).has_welcome());
-  h.Advance(89'999);
+  h.Advance(closes_after_ms - 1);
   ExpectOpen(h, session);
   h.Advance(1);
   v1::Error error = ExpectError(Only(h.Take(session)), v1::Error::UNAUTHENTICATED, 0);
@@ -147,6 +145,14 @@ TEST_CASE("hub: a session ends with UNAUTHENTICATED and close 4001 when its toke
   REQUIRE(h.closed(session).has_value());
   CHECK(h.closed(session)->code == server::kCloseUnauthenticated);
   CHECK(h.closed(session)->reason == "token expired");
+}
+
+TEST_CASE("hub: a session ends with UNAUTHENTICATED and close 4001 when its token expires") {
+  ServerOptions options;
+  options.idle_timeout_ms = 600'000;
+  HubHarness h(options);
+  // Valid for 60 s, plus the authenticator's default leeway (30 s).
+  ExpectTokenExpiry(h, 60'000, 90'000);
   CHECK(h.hub().session_count() == 0);
   // A fresh token gets the user back in.
   SessionId again = h.Open().value();
@@ -160,17 +166,9 @@ TEST_CASE(
   options.hello_timeout_ms = 60'000;
   options.idle_timeout_ms = 600'000;
   HubHarness h(options);
-  SessionId session = h.Open().value();
   // Valid for 1 s plus the default leeway (30 s): the session's timer must move earlier than
   // the hello timeout it was armed with.
-  h.SendEnvelope(session, HelloEnvelope(1, h.Token("alice", 1'000), "d"));
-  REQUIRE(Only(h.Take(session)).has_welcome());
-  h.Advance(30'999);
-  ExpectOpen(h, session);
-  h.Advance(1);
-  ExpectError(Only(h.Take(session)), v1::Error::UNAUTHENTICATED, 0);
-  REQUIRE(h.closed(session).has_value());
-  CHECK(h.closed(session)->reason == "token expired");
+  ExpectTokenExpiry(h, 1'000, 31'000);
 }
 
 TEST_CASE("hub: a hello with a newer protocol_version gets FAILED_PRECONDITION and close 1002") {
