@@ -101,7 +101,8 @@ PresenceState PresenceTracker::Watch(SessionId session, const UserId& watcher, c
     e.shown_devices = n;
   }
   e.last_seen_ms = std::max(e.last_seen_ms, stored_last_seen_ms);
-  auto [sub, created] = watchers_[target].try_emplace(session);
+  Watched& watched = watchers_[target];
+  auto [sub, created] = watched.subs.try_emplace(session);
   if (created) {
     Watcher& w = sessions_[session];
     w.user = watcher;
@@ -112,17 +113,17 @@ PresenceState PresenceTracker::Watch(SessionId session, const UserId& watcher, c
     sub->second = Subscription{};
   }
   const PresenceState state = StateOf(e);
-  if (!e.ever_sent) {
-    e.ever_sent = true;
-    e.sent = state;
+  if (!watched.ever_sent) {
+    watched.ever_sent = true;
+    watched.sent = state;
   }
   return state;
 }
 
 void PresenceTracker::Unwatch(SessionId session, const UserId& target) {
   auto subs = watchers_.find(target);
-  if (subs == watchers_.end() || subs->second.erase(session) == 0) return;
-  if (subs->second.empty()) watchers_.erase(subs);
+  if (subs == watchers_.end() || subs->second.subs.erase(session) == 0) return;
+  if (subs->second.subs.empty()) watchers_.erase(subs);
   auto w = sessions_.find(session);
   if (w != sessions_.end()) {
     w->second.targets.erase(target);
@@ -149,7 +150,7 @@ std::map<PresenceTracker::SessionId, std::vector<UserId>> PresenceTracker::Suspe
   for (const UserId& user : removed) {
     auto subs = watchers_.find(user);
     if (subs == watchers_.end()) continue;
-    for (auto& [session, sub] : subs->second) {
+    for (auto& [session, sub] : subs->second.subs) {
       sub.suspended = true;
       out[session].push_back(user);
     }
@@ -158,7 +159,7 @@ std::map<PresenceTracker::SessionId, std::vector<UserId>> PresenceTracker::Suspe
   for (const auto& [session, w] : sessions_) {
     if (!gone.contains(w.user)) continue;
     for (const UserId& target : w.targets) {
-      watchers_[target][session].suspended = true;
+      watchers_[target].subs[session].suspended = true;
       out[session].push_back(target);
     }
   }
@@ -172,8 +173,8 @@ std::map<PresenceTracker::SessionId, std::vector<UserId>> PresenceTracker::Suspe
 void PresenceTracker::Resolve(SessionId session, const UserId& target, bool allowed) {
   auto subs = watchers_.find(target);
   if (subs == watchers_.end()) return;
-  auto sub = subs->second.find(session);
-  if (sub == subs->second.end() || !sub->second.suspended) return;
+  auto sub = subs->second.subs.find(session);
+  if (sub == subs->second.subs.end() || !sub->second.suspended) return;
   if (!allowed) {
     Unwatch(session, target);
     return;
@@ -188,7 +189,7 @@ void PresenceTracker::DropSuspended(SessionId session) {
   if (w == sessions_.end()) return;
   std::vector<UserId> suspended;
   for (const UserId& target : w->second.targets) {
-    if (watchers_[target][session].suspended) suspended.push_back(target);
+    if (watchers_[target].subs[session].suspended) suspended.push_back(target);
   }
   for (const UserId& target : suspended) Unwatch(session, target);
 }
@@ -215,10 +216,11 @@ void PresenceTracker::Tick() {
   while (!send_due_.empty() && send_due_.top().first <= now) {
     const UserId user = send_due_.top().second;
     send_due_.pop();
+    auto w = watchers_.find(user);
+    if (w == watchers_.end() || !w->second.dirty) continue;  // nobody watches any more
+    w->second.dirty = false;
     auto it = users_.find(user);
-    if (it == users_.end() || !it->second.dirty) continue;
-    Broadcast(user, it->second, now);
-    MaybeErase(user);
+    if (it != users_.end()) Broadcast(user, it->second, w->second, now);
   }
   if (now >= next_persist_ms_) {
     next_persist_ms_ = now + persist_interval_ms_;
@@ -259,13 +261,13 @@ PresenceState PresenceTracker::Current(const UserId& user) {
 
 PresenceTracker::Entry& PresenceTracker::EntryFor(const UserId& user) { return users_[user]; }
 
-// An entry is kept while it matters to someone: local devices, watchers, a grace period or a
-// pending update. Last seen of a forgotten user is in the store.
+// An entry is kept while it matters to someone: local devices, watchers (a pending update has
+// watchers) or a grace period. Last seen of a forgotten user is in the store.
 void PresenceTracker::MaybeErase(const UserId& user) {
   auto it = users_.find(user);
   if (it == users_.end()) return;
   const Entry& e = it->second;
-  if (e.local_devices == 0 && e.watchers == 0 && !e.online && e.grace_until == 0 && !e.dirty) {
+  if (e.local_devices == 0 && e.watchers == 0 && !e.online && e.grace_until == 0) {
     users_.erase(it);
   }
 }
@@ -301,26 +303,28 @@ void PresenceTracker::GoOffline(const UserId& user, Entry& e) {
 }
 
 void PresenceTracker::Changed(const UserId& user, Entry& e, int64_t now) {
-  if (e.watchers == 0 || e.dirty) return;  // nobody to tell, or the pending update will
-  if (e.ever_sent && SameState(StateOf(e), e.sent)) return;
-  if (now >= e.next_send_ms) {
-    Broadcast(user, e, now);
+  if (e.watchers == 0) return;  // nobody to tell
+  auto found = watchers_.find(user);
+  if (found == watchers_.end()) return;
+  Watched& w = found->second;
+  if (w.dirty) return;  // the pending update will tell
+  if (w.ever_sent && SameState(StateOf(e), w.sent)) return;
+  if (now >= w.next_send_ms) {
+    Broadcast(user, e, w, now);
     return;
   }
-  e.dirty = true;
-  send_due_.emplace(e.next_send_ms, user);
+  w.dirty = true;
+  send_due_.emplace(w.next_send_ms, user);
 }
 
-void PresenceTracker::Broadcast(const UserId& user, Entry& e, int64_t now) {
-  e.dirty = false;
+void PresenceTracker::Broadcast(const UserId& user, const Entry& e, Watched& w, int64_t now) {
+  w.dirty = false;
   const PresenceState state = StateOf(e);
-  if (e.ever_sent && SameState(state, e.sent)) return;
-  e.sent = state;
-  e.ever_sent = true;
-  e.next_send_ms = now + coalesce_ms_;
-  auto subs = watchers_.find(user);
-  if (subs == watchers_.end()) return;
-  for (auto& [session, sub] : subs->second) {
+  if (w.ever_sent && SameState(state, w.sent)) return;
+  w.sent = state;
+  w.ever_sent = true;
+  w.next_send_ms = now + coalesce_ms_;
+  for (auto& [session, sub] : w.subs) {
     if (sub.suspended) {
       sub.missed = true;
       continue;

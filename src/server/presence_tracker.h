@@ -109,25 +109,30 @@ class PresenceTracker {
   PresenceState Current(const UserId& user);
 
  private:
-  // Ordered to pack: one per online or watched user.
+  // Ordered to pack: one per online or watched user (what watchers were last told lives with
+  // the watchers, in Watched, so an unwatched online user costs only this).
   struct Entry {
     uint32_t local_devices = 0;  // this node's devices of the user
     uint32_t shown_devices = 0;  // as shown while online
     uint32_t watchers = 0;       // subscriptions on this user
     bool had_local = false;      // a local device was up during this online period
     bool online = false;         // as shown to watchers (still online during grace)
-    bool ever_sent = false;      // coalescing: an update was sent (`sent` holds it)
-    bool dirty = false;          // an update waits in due_
     int64_t last_seen_ms = 0;    // wall: when last online, once offline
     int64_t went_ms = 0;         // wall: when the device count last dropped to zero
     int64_t grace_until = 0;     // monotonic; 0: no grace period running
-    int64_t next_send_ms = 0;    // monotonic: no update before this
-    PresenceState sent;
   };
-  static_assert(sizeof(Entry) <= 64, "Entry grew: check the per-connection memory budget");
+  static_assert(sizeof(Entry) <= 40, "Entry grew: check the per-connection memory budget");
   struct Subscription {
     bool suspended = false;
     bool missed = false;  // an update was held back while suspended
+  };
+  // A watched user: the watching sessions and the coalescing of what they are told.
+  struct Watched {
+    std::unordered_map<SessionId, Subscription> subs;
+    PresenceState sent;        // the last update sent (valid once ever_sent)
+    int64_t next_send_ms = 0;  // monotonic: no update before this
+    bool ever_sent = false;
+    bool dirty = false;  // an update waits in send_due_
   };
   struct Watcher {
     UserId user;
@@ -139,7 +144,7 @@ class PresenceTracker {
   void Recompute(const UserId& user, Entry& e, int64_t now);
   void GoOffline(const UserId& user, Entry& e);
   void Changed(const UserId& user, Entry& e, int64_t now);
-  void Broadcast(const UserId& user, Entry& e, int64_t now);
+  void Broadcast(const UserId& user, const Entry& e, Watched& w, int64_t now);
   PresenceState StateOf(const Entry& e) const;
   PresenceDevice Device(const UserId& user, const DeviceId& device) const;
 
@@ -155,7 +160,7 @@ class PresenceTracker {
 
   std::unordered_map<UserId, Entry> users_;
   // target -> watching session -> subscription; session -> its user and targets.
-  std::unordered_map<UserId, std::unordered_map<SessionId, Subscription>> watchers_;
+  std::unordered_map<UserId, Watched> watchers_;
   std::unordered_map<SessionId, Watcher> sessions_;
   // (due, user): grace periods all have one length and start in time order, so a FIFO is in
   // due order; coalescing windows start at each user's last update, so they need a heap.

@@ -530,6 +530,31 @@ TEST_CASE("presence tracker: nothing is delivered while a re-check is pending") 
   CHECK(tracker.watch_count(8) == 0);
 }
 
+TEST_CASE("presence tracker: an update held back for coalescing goes with the last watcher") {
+  auto clock = std::make_shared<FakeClock>();
+  RecordingSink sink;
+  ServerOptions options;
+  options.presence_coalesce_ms = 1000;
+  server::PresenceTracker tracker(options, NewInProcessPresenceRegistry(), clock.get(), &sink);
+  tracker.DeviceUp("bob", "b1");
+  CHECK(tracker.Watch(7, "carol", "bob", 0).devices == 1);
+  tracker.DeviceUp("bob", "b2");  // the first change is sent at once
+  REQUIRE(sink.sent.size() == 1);
+  CHECK(sink.sent[0].state.devices == 2);
+  tracker.DeviceDown("bob", "b2");  // within the coalescing interval: held back
+  CHECK(sink.sent.size() == 1);
+  tracker.Unwatch(7, "bob");  // nobody left to tell
+  clock->Advance(1000);
+  tracker.Tick();
+  CHECK(sink.sent.size() == 1);
+  // A new watcher learns the state from its reply, and the next change reaches it at once.
+  CHECK(tracker.Watch(8, "dave", "bob", 0).devices == 1);
+  tracker.DeviceUp("bob", "b3");
+  REQUIRE(sink.sent.size() == 2);
+  CHECK(sink.sent[1].session == 8);
+  CHECK(sink.sent[1].state.devices == 2);
+}
+
 // --- The in-process registry ---
 
 TEST_CASE("presence registry: devices count until removed or expired, changes reported once") {
