@@ -112,6 +112,7 @@ PresenceState PresenceTracker::Watch(SessionId session, const UserId& watcher, c
     // The caller checked the subscription against the store after any removal: it stands.
     sub->second = Subscription{};
   }
+  if (watched.dirty) sub->second.told_ahead = true;
   const PresenceState state = StateOf(e);
   if (!watched.ever_sent) {
     watched.ever_sent = true;
@@ -217,7 +218,9 @@ void PresenceTracker::Tick() {
     const UserId user = send_due_.top().second;
     send_due_.pop();
     auto w = watchers_.find(user);
-    if (w == watchers_.end() || !w->second.dirty) continue;  // nobody watches any more
+    // Skipped: nobody watches any more, nothing is held back, or the item is older than the
+    // record (its watchers all left and others came; the record's own item is due later).
+    if (w == watchers_.end() || !w->second.dirty || w->second.next_send_ms > now) continue;
     w->second.dirty = false;
     auto it = users_.find(user);
     if (it != users_.end()) Broadcast(user, it->second, w->second, now);
@@ -320,11 +323,16 @@ void PresenceTracker::Changed(const UserId& user, Entry& e, int64_t now) {
 void PresenceTracker::Broadcast(const UserId& user, const Entry& e, Watched& w, int64_t now) {
   w.dirty = false;
   const PresenceState state = StateOf(e);
-  if (w.ever_sent && SameState(state, w.sent)) return;
-  w.sent = state;
-  w.ever_sent = true;
-  w.next_send_ms = now + coalesce_ms_;
+  const bool news = !w.ever_sent || !SameState(state, w.sent);
+  if (news) {
+    w.sent = state;
+    w.ever_sent = true;
+    w.next_send_ms = now + coalesce_ms_;
+  }
   for (auto& [session, sub] : w.subs) {
+    const bool tell = news || sub.told_ahead;
+    sub.told_ahead = false;
+    if (!tell) continue;
     if (sub.suspended) {
       sub.missed = true;
       continue;

@@ -125,6 +125,9 @@ class PresenceTracker {
   struct Subscription {
     bool suspended = false;
     bool missed = false;  // an update was held back while suspended
+    // Subscribed while an update was held back: its reply may differ from what the others were
+    // last told, so the held-back update reaches it even if it turns out to be no news.
+    bool told_ahead = false;
   };
   // A watched user: the watching sessions and the coalescing of what they are told.
   struct Watched {

@@ -75,8 +75,8 @@ constexpr size_t kReadQueueMax = 10'000;
 constexpr size_t kMaxCloseReasonBytes = 123;
 
 // Per-connection state, created at ESTABLISHED and erased at CLOSED; it lives in
-// ServerImpl::connections_ and lws stores a pointer to it (its per-session memory is malloc'd
-// and zeroed, so no constructor would run there). Kept small: an idle server holds thousands.
+// ServerImpl::connections_ (whose nodes never move) and the wsi's opaque user pointer points at
+// it. Kept small: an idle server holds thousands.
 // What only some connections need (a message arriving in pieces, a close reason) is allocated
 // when needed.
 struct Connection {

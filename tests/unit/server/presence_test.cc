@@ -555,6 +555,60 @@ TEST_CASE("presence tracker: an update held back for coalescing goes with the la
   CHECK(sink.sent[1].state.devices == 2);
 }
 
+TEST_CASE("presence tracker: an update held back before the watchers changed keeps its interval") {
+  auto clock = std::make_shared<FakeClock>();
+  RecordingSink sink;
+  ServerOptions options;
+  options.presence_coalesce_ms = 1000;
+  server::PresenceTracker tracker(options, NewInProcessPresenceRegistry(), clock.get(), &sink);
+  tracker.DeviceUp("bob", "b1");
+  tracker.Watch(7, "carol", "bob", 0);
+  tracker.DeviceUp("bob", "b2");  // sent at once; carol's next update not before 1000
+  clock->Advance(100);
+  tracker.DeviceDown("bob", "b2");  // held back until 1000
+  clock->Advance(100);
+  tracker.Unwatch(7, "bob");
+  clock->Advance(100);
+  CHECK(tracker.Watch(8, "dave", "bob", 0).devices == 1);
+  clock->Advance(100);
+  tracker.DeviceUp("bob", "b3");  // t=400: sent at once; dave's next update not before 1400
+  REQUIRE(sink.sent.size() == 2);
+  CHECK(sink.sent[1].session == 8);
+  clock->Advance(100);
+  tracker.DeviceDown("bob", "b3");  // held back until 1400
+  clock->Advance(500);
+  tracker.Tick();  // t=1000: carol's old slot is no reason to tell dave early
+  CHECK(sink.sent.size() == 2);
+  clock->Advance(400);
+  tracker.Tick();  // t=1400
+  REQUIRE(sink.sent.size() == 3);
+  CHECK(sink.sent[2].session == 8);
+  CHECK(sink.sent[2].state.devices == 1);
+}
+
+TEST_CASE("presence tracker: a watcher that joins while an update is held back gets its result") {
+  auto clock = std::make_shared<FakeClock>();
+  RecordingSink sink;
+  ServerOptions options;
+  options.presence_coalesce_ms = 1000;
+  server::PresenceTracker tracker(options, NewInProcessPresenceRegistry(), clock.get(), &sink);
+  tracker.DeviceUp("bob", "b1");
+  tracker.Watch(7, "carol", "bob", 0);
+  tracker.DeviceUp("bob", "b2");  // carol is told 2 devices
+  REQUIRE(sink.sent.size() == 1);
+  clock->Advance(100);
+  tracker.DeviceDown("bob", "b2");  // 1 device, held back
+  clock->Advance(100);
+  CHECK(tracker.Watch(8, "dave", "bob", 0).devices == 1);  // dave's reply says 1
+  clock->Advance(100);
+  tracker.DeviceUp("bob", "b2");  // back to 2: no news for carol, but dave was told 1
+  clock->Advance(700);
+  tracker.Tick();
+  REQUIRE(sink.sent.size() == 2);
+  CHECK(sink.sent[1].session == 8);
+  CHECK(sink.sent[1].state.devices == 2);
+}
+
 // --- The in-process registry ---
 
 TEST_CASE("presence registry: devices count until removed or expired, changes reported once") {
