@@ -530,17 +530,35 @@ TEST_CASE("presence tracker: nothing is delivered while a re-check is pending") 
   CHECK(tracker.watch_count(8) == 0);
 }
 
-TEST_CASE("presence tracker: an update held back for coalescing goes with the last watcher") {
-  auto clock = std::make_shared<FakeClock>();
+// Bob online with one device and carol watching him, already told of his second device: his
+// next change falls inside carol's coalescing interval (1 s).
+struct CoalescingFixture {
+  CoalescingFixture() {
+    tracker.DeviceUp("bob", "b1");
+    CHECK(tracker.Watch(7, "carol", "bob", 0).devices == 1);
+    tracker.DeviceUp("bob", "b2");  // the first change is sent at once
+    REQUIRE(sink.sent.size() == 1);
+    CHECK(sink.sent[0].state.devices == 2);
+  }
+  // `count` updates were sent in all, the last to `session`, saying `devices`.
+  void ExpectLast(size_t count, server::PresenceTracker::SessionId session, uint32_t devices) {
+    REQUIRE(sink.sent.size() == count);
+    CHECK(sink.sent.back().session == session);
+    CHECK(sink.sent.back().state.devices == devices);
+  }
+  static ServerOptions Options() {
+    ServerOptions options;
+    options.presence_coalesce_ms = 1000;
+    return options;
+  }
+  std::shared_ptr<FakeClock> clock = std::make_shared<FakeClock>();
   RecordingSink sink;
-  ServerOptions options;
-  options.presence_coalesce_ms = 1000;
-  server::PresenceTracker tracker(options, NewInProcessPresenceRegistry(), clock.get(), &sink);
-  tracker.DeviceUp("bob", "b1");
-  CHECK(tracker.Watch(7, "carol", "bob", 0).devices == 1);
-  tracker.DeviceUp("bob", "b2");  // the first change is sent at once
-  REQUIRE(sink.sent.size() == 1);
-  CHECK(sink.sent[0].state.devices == 2);
+  server::PresenceTracker tracker{Options(), NewInProcessPresenceRegistry(), clock.get(), &sink};
+};
+
+TEST_CASE_FIXTURE(
+    CoalescingFixture,
+    "presence tracker: an update held back for coalescing goes with the last watcher") {
   tracker.DeviceDown("bob", "b2");  // within the coalescing interval: held back
   CHECK(sink.sent.size() == 1);
   tracker.Unwatch(7, "bob");  // nobody left to tell
@@ -550,20 +568,12 @@ TEST_CASE("presence tracker: an update held back for coalescing goes with the la
   // A new watcher learns the state from its reply, and the next change reaches it at once.
   CHECK(tracker.Watch(8, "dave", "bob", 0).devices == 1);
   tracker.DeviceUp("bob", "b3");
-  REQUIRE(sink.sent.size() == 2);
-  CHECK(sink.sent[1].session == 8);
-  CHECK(sink.sent[1].state.devices == 2);
+  ExpectLast(2, 8, 2);
 }
 
-TEST_CASE("presence tracker: an update held back before the watchers changed keeps its interval") {
-  auto clock = std::make_shared<FakeClock>();
-  RecordingSink sink;
-  ServerOptions options;
-  options.presence_coalesce_ms = 1000;
-  server::PresenceTracker tracker(options, NewInProcessPresenceRegistry(), clock.get(), &sink);
-  tracker.DeviceUp("bob", "b1");
-  tracker.Watch(7, "carol", "bob", 0);
-  tracker.DeviceUp("bob", "b2");  // sent at once; carol's next update not before 1000
+TEST_CASE_FIXTURE(
+    CoalescingFixture,
+    "presence tracker: an update held back before the watchers changed keeps its interval") {
   clock->Advance(100);
   tracker.DeviceDown("bob", "b2");  // held back until 1000
   clock->Advance(100);
@@ -572,8 +582,7 @@ TEST_CASE("presence tracker: an update held back before the watchers changed kee
   CHECK(tracker.Watch(8, "dave", "bob", 0).devices == 1);
   clock->Advance(100);
   tracker.DeviceUp("bob", "b3");  // t=400: sent at once; dave's next update not before 1400
-  REQUIRE(sink.sent.size() == 2);
-  CHECK(sink.sent[1].session == 8);
+  ExpectLast(2, 8, 2);
   clock->Advance(100);
   tracker.DeviceDown("bob", "b3");  // held back until 1400
   clock->Advance(500);
@@ -581,21 +590,12 @@ TEST_CASE("presence tracker: an update held back before the watchers changed kee
   CHECK(sink.sent.size() == 2);
   clock->Advance(400);
   tracker.Tick();  // t=1400
-  REQUIRE(sink.sent.size() == 3);
-  CHECK(sink.sent[2].session == 8);
-  CHECK(sink.sent[2].state.devices == 1);
+  ExpectLast(3, 8, 1);
 }
 
-TEST_CASE("presence tracker: a watcher that joins while an update is held back gets its result") {
-  auto clock = std::make_shared<FakeClock>();
-  RecordingSink sink;
-  ServerOptions options;
-  options.presence_coalesce_ms = 1000;
-  server::PresenceTracker tracker(options, NewInProcessPresenceRegistry(), clock.get(), &sink);
-  tracker.DeviceUp("bob", "b1");
-  tracker.Watch(7, "carol", "bob", 0);
-  tracker.DeviceUp("bob", "b2");  // carol is told 2 devices
-  REQUIRE(sink.sent.size() == 1);
+TEST_CASE_FIXTURE(
+    CoalescingFixture,
+    "presence tracker: a watcher that joins while an update is held back gets its result") {
   clock->Advance(100);
   tracker.DeviceDown("bob", "b2");  // 1 device, held back
   clock->Advance(100);
@@ -604,9 +604,7 @@ TEST_CASE("presence tracker: a watcher that joins while an update is held back g
   tracker.DeviceUp("bob", "b2");  // back to 2: no news for carol, but dave was told 1
   clock->Advance(700);
   tracker.Tick();
-  REQUIRE(sink.sent.size() == 2);
-  CHECK(sink.sent[1].session == 8);
-  CHECK(sink.sent[1].state.devices == 2);
+  ExpectLast(2, 8, 2);
 }
 
 // --- The in-process registry ---
