@@ -68,7 +68,10 @@ struct AppendRequest {
   ConversationOp op = ConversationOp::kNone;
   ConversationKind group_kind = ConversationKind::kUnspecified;  // kCreateGroup
   std::string title;                                             // kCreateGroup, kRename
-  std::vector<UserId> users;       // kCreateGroup, k*Members, kSetRole
+  std::vector<UserId> users;  // kCreateGroup, k*Members, kSetRole, kLastSeen
+  // kLastSeen: when each of `users` was last seen (wall ms, in the same order); empty: all of
+  // them at server_time_ms.
+  std::vector<int64_t> user_times_ms;
   Role role = Role::kUnspecified;  // kSetRole
   Seq delivered_seq = 0;           // kReceipt
   Seq read_seq = 0;                // kReceipt
@@ -178,8 +181,9 @@ struct ReceiptsReply {
 
 // --- Presence ---
 // Last seen is written through Append (ConversationOp::kLastSeen: `users` were online at
-// `server_time_ms`, wall clock; a store keeps the latest value per user and ignores older ones;
-// `sender` is not needed) and read with MessageStore::Presence.
+// `server_time_ms`, or each at its entry of `user_times_ms`, wall clock; a store keeps the latest
+// value per user and ignores older ones; `sender` is not needed) and read with
+// MessageStore::Presence.
 
 // Whether `user` may see each target's presence, and the targets' last seen.
 struct PresenceQuery {

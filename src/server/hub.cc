@@ -1220,10 +1220,18 @@ class Hub::Impl final : private PresenceTracker::Sink {
   // Fire and forget: not tracked as a pending append, so shutdown and overload accounting see
   // only client work. A failed write loses one last-seen value, which the next one repairs.
   void PersistLastSeen(std::vector<UserId> users, int64_t wall_ms) override {
+    SubmitLastSeen(std::move(users), {}, wall_ms);
+  }
+  void PersistLastSeenEach(std::vector<UserId> users, std::vector<int64_t> wall_ms) override {
+    SubmitLastSeen(std::move(users), std::move(wall_ms), 0);
+  }
+  // One store write for `users`, at `times_ms` each or, when empty, all at `wall_ms`.
+  void SubmitLastSeen(std::vector<UserId> users, std::vector<int64_t> times_ms, int64_t wall_ms) {
     AppendJob job;
     job.token = next_token_++;
     job.request.op = ConversationOp::kLastSeen;
     job.request.users = std::move(users);
+    job.request.user_times_ms = std::move(times_ms);
     job.request.server_time_ms = wall_ms;
     io_->SubmitAppend(std::move(job));
   }

@@ -1,6 +1,7 @@
 #include "src/server/presence_tracker.h"
 
 #include <algorithm>
+#include <iterator>
 #include <string>
 #include <utility>
 
@@ -60,6 +61,7 @@ void PresenceTracker::DeviceDown(const UserId& user, const DeviceId& device) {
   if (e.local_devices > 0) --e.local_devices;
   Recompute(user, e, now);
   MaybeErase(user);
+  FlushWent();
 }
 
 void PresenceTracker::DeviceHeard(const UserId& user, const DeviceId& device, int64_t heard_ms) {
@@ -238,6 +240,7 @@ void PresenceTracker::Tick() {
     }
     if (!online.empty()) sink_->PersistLastSeen(std::move(online), clock_->WallMs());
   }
+  FlushWent();
 }
 
 void PresenceTracker::PersistAll() {
@@ -245,7 +248,9 @@ void PresenceTracker::PersistAll() {
   for (const auto& [user, e] : users_) {
     if (!e.had_local || !e.online) continue;
     if (e.grace_until != 0) {
-      sink_->PersistLastSeen({user}, e.went_ms);  // the last device went before shutdown
+      // The last device went before shutdown.
+      went_users_.push_back(user);
+      went_ms_.push_back(e.went_ms);
     } else {
       online.push_back(user);
     }
@@ -255,6 +260,23 @@ void PresenceTracker::PersistAll() {
     }
   }
   if (!online.empty()) sink_->PersistLastSeen(std::move(online), clock_->WallMs());
+  FlushWent();
+}
+
+void PresenceTracker::FlushWent() {
+  for (size_t first = 0; first < went_users_.size(); first += kPersistChunk) {
+    const size_t last = std::min(went_users_.size(), first + kPersistChunk);
+    sink_->PersistLastSeenEach(
+        std::vector<UserId>(std::make_move_iterator(went_users_.begin() + first),
+                            std::make_move_iterator(went_users_.begin() + last)),
+        std::vector<int64_t>(went_ms_.begin() + first, went_ms_.begin() + last));
+  }
+  went_users_.clear();
+  went_ms_.clear();
+  if (went_users_.capacity() > kKeepScratchUsers) {
+    std::vector<UserId>().swap(went_users_);
+    std::vector<int64_t>().swap(went_ms_);
+  }
 }
 
 PresenceState PresenceTracker::Current(const UserId& user) {
@@ -300,8 +322,11 @@ void PresenceTracker::GoOffline(const UserId& user, Entry& e) {
   e.shown_devices = 0;
   e.grace_until = 0;
   e.last_seen_ms = std::max(e.last_seen_ms, e.went_ms);
-  // The node that held the devices records when they went.
-  if (e.had_local) sink_->PersistLastSeen({user}, e.went_ms);
+  // The node that held the devices records when they went (FlushWent, with the others).
+  if (e.had_local) {
+    went_users_.push_back(user);
+    went_ms_.push_back(e.went_ms);
+  }
   e.had_local = e.local_devices > 0;
 }
 

@@ -55,6 +55,8 @@ class PresenceTracker {
                               const PresenceState& state) = 0;
     // Store `users`' last seen as `wall_ms` (through the writer; fire and forget).
     virtual void PersistLastSeen(std::vector<UserId> users, int64_t wall_ms) = 0;
+    // Store each of `users`' last seen as its entry of `wall_ms` (same order).
+    virtual void PersistLastSeenEach(std::vector<UserId> users, std::vector<int64_t> wall_ms) = 0;
   };
 
   // `options` must be validated; `registry` (non-null), `clock` and `sink` outlive the tracker.
@@ -146,6 +148,7 @@ class PresenceTracker {
   void MaybeErase(const UserId& user);
   void Recompute(const UserId& user, Entry& e, int64_t now);
   void GoOffline(const UserId& user, Entry& e);
+  void FlushWent();
   void Changed(const UserId& user, Entry& e, int64_t now);
   void Broadcast(const UserId& user, const Entry& e, Watched& w, int64_t now);
   PresenceState StateOf(const Entry& e) const;
@@ -171,6 +174,10 @@ class PresenceTracker {
   std::deque<Due> grace_due_;
   std::priority_queue<Due, std::vector<Due>, std::greater<>> send_due_;
   int64_t next_persist_ms_ = 0;
+  // Users whose last device went (GoOffline), with when, persisted together by FlushWent: a
+  // thousand users going offline in one tick are one store write, not a thousand.
+  std::vector<UserId> went_users_;
+  std::vector<int64_t> went_ms_;
   std::vector<UserId> changed_;                      // scratch for TakeChanges
   static constexpr size_t kKeepScratchUsers = 1024;  // past this, changed_ is released
 };

@@ -531,8 +531,14 @@ Status PutLastSeen(AppendTarget& target, const AppendRequest& request, AppendRes
       return Status::Ok();
     }
   }
-  for (const UserId& user : request.users) {
-    if (Status s = target.PutLastSeen(user, request.server_time_ms); !s.ok()) return s;
+  const std::vector<int64_t>& times = request.user_times_ms;
+  if (!times.empty() && times.size() != request.users.size()) {
+    result->status = InvalidArgument("user_times_ms must give one time per user");
+    return Status::Ok();
+  }
+  for (size_t i = 0; i < request.users.size(); ++i) {
+    const int64_t at = times.empty() ? request.server_time_ms : times[i];
+    if (Status s = target.PutLastSeen(request.users[i], at); !s.ok()) return s;
   }
   return Status::Ok();
 }

@@ -476,6 +476,13 @@ struct RecordingSink final : server::PresenceTracker::Sink {
   void PersistLastSeen(std::vector<UserId> users, int64_t wall_ms) override {
     for (UserId& user : users) persisted.emplace_back(std::move(user), wall_ms);
   }
+  void PersistLastSeenEach(std::vector<UserId> users, std::vector<int64_t> wall_ms) override {
+    REQUIRE(users.size() == wall_ms.size());
+    for (size_t i = 0; i < users.size(); ++i)
+      persisted.emplace_back(std::move(users[i]), wall_ms[i]);
+    ++each_calls;
+  }
+  int each_calls = 0;
   struct Sent {
     server::PresenceTracker::SessionId session;
     UserId user;
@@ -528,6 +535,28 @@ TEST_CASE("presence tracker: nothing is delivered while a re-check is pending") 
   tracker.Suspend({"dave"});
   tracker.DropSuspended(8);
   CHECK(tracker.watch_count(8) == 0);
+}
+
+TEST_CASE("presence tracker: users whose grace periods end together are persisted in one write") {
+  auto clock = std::make_shared<FakeClock>();
+  RecordingSink sink;
+  ServerOptions options;
+  options.presence_grace_ms = 5000;
+  server::PresenceTracker tracker(options, NewInProcessPresenceRegistry(), clock.get(), &sink);
+  for (int i = 0; i < 2500; ++i) tracker.DeviceUp("u" + std::to_string(i), "d");
+  const int64_t went0 = clock->WallMs();
+  for (int i = 0; i < 2500; ++i) {
+    tracker.DeviceDown("u" + std::to_string(i), "d");
+    if (i == 1249) clock->Advance(7);  // the second half went 7 ms later
+  }
+  CHECK(sink.persisted.empty());  // still within the grace period
+  clock->Advance(5000);
+  tracker.Tick();
+  // 2,500 users in chunks of 1,000: three writes, each user at the moment it went.
+  CHECK(sink.each_calls == 3);
+  REQUIRE(sink.persisted.size() == 2500);
+  CHECK(sink.persisted[0] == std::pair<UserId, int64_t>{"u0", went0});
+  CHECK(sink.persisted[2499] == std::pair<UserId, int64_t>{"u2499", went0 + 7});
 }
 
 // Bob online with one device and carol watching him, already told of his second device: his
@@ -788,6 +817,20 @@ void LastSeenKeepsTheLatest(Kind kind) {
   CHECK(StoredLastSeen(*env.store, "bob") == 7000);
   CHECK(env.PutLastSeen({""}, 8000).status.code() == Code::kInvalidArgument);
   CHECK(StoredLastSeen(*env.store, "bob") == 7000);
+
+  // Each user at a time of their own, in one write.
+  AppendRequest each;
+  each.op = ConversationOp::kLastSeen;
+  each.users = {"alice", "bob", "carol"};
+  each.user_times_ms = {6000, 6500, 3000};
+  each.server_time_ms = 9999;  // not used when each user has a time
+  CHECK(env.Commit(each).status.ok());
+  CHECK(StoredLastSeen(*env.store, "alice") == 6000);
+  CHECK(StoredLastSeen(*env.store, "bob") == 7000);  // 6500 is older: ignored
+  CHECK(StoredLastSeen(*env.store, "carol") == 3000);
+  each.user_times_ms = {9000};  // one time for three users
+  CHECK(env.Commit(each).status.code() == Code::kInvalidArgument);
+  CHECK(StoredLastSeen(*env.store, "alice") == 6000);
 }
 
 void SharedConversations(Kind kind) {
@@ -837,7 +880,8 @@ void PeerLastSeenInConversationInfo(Kind kind) {
   TEST_CASE("presence store: memory: " title) { fn(Kind::kMemory); } \
   TEST_CASE("presence store: sqlite: " title) { fn(Kind::kSqlite); }
 
-STORE_CASE(LastSeenKeepsTheLatest, "last seen keeps the latest value per user")
+STORE_CASE(LastSeenKeepsTheLatest,
+           "last seen keeps the latest value per user, written for all at once or each at its time")
 STORE_CASE(SharedConversations, "direct conversations and groups count, channels and removals not")
 STORE_CASE(PeerLastSeenInConversationInfo, "a direct conversation carries the peer's last seen")
 
