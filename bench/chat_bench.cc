@@ -769,10 +769,9 @@ class Bench {
     // unknown opcode, a fragmented or long control frame, a continuation of nothing, a new
     // message inside a fragmented one, or a frame past any message chatd could send.
     const bool known = opcode <= 0x2 || (opcode >= 0x8 && opcode <= 0xA);
-    const bool in_message = !conn.rx.empty() || conn.fragmented;
     if ((bytes[0] & 0x70) != 0 || (bytes[1] & 0x80) != 0 || !known ||
-        (control && (!fin || size > 125)) || (opcode == 0x0 && !in_message) ||
-        ((opcode == 0x1 || opcode == 0x2) && in_message) || size > kMaxDirectFrameBytes) {
+        (control && (!fin || size > 125)) || (opcode == 0x0 && !conn.fragmented) ||
+        ((opcode == 0x1 || opcode == 0x2) && conn.fragmented) || size > kMaxDirectFrameBytes) {
       ++counters_.error_codes["bad frame from server"];
       EndDirect(conn, true);
       return 0;
@@ -783,7 +782,7 @@ class Bench {
       case 0x0:  // continuation
       case 0x1:  // text
       case 0x2:  // binary
-        if (fin && !in_message) {
+        if (fin && !conn.fragmented) {
           OnFrame(conn, payload, size);
         } else {
           conn.rx.append(payload, size);
@@ -811,8 +810,10 @@ class Bench {
   // fanout it was a third of this process's CPU, and the generator must stay cheaper than the
   // server it measures. The switch happens when lws reports the connection established, before
   // the Hello is sent, so lws has parsed no byte of any frame. lws keeps writing and closing.
-  // Not over TLS, and only on the libev loop.
-  void ReadDirectly() { read_directly_ = !options_.tls && loop_ != nullptr; }
+  // Not over TLS, only on the libev loop, and not with --lws-receive.
+  void ReadDirectly() {
+    read_directly_ = !options_.lws_receive && !options_.tls && loop_ != nullptr;
+  }
 
  private:
   void StartDirect(Conn& conn) {
@@ -823,7 +824,6 @@ class Bench {
     conn.direct = true;
   }
 
- private:
   // Stops reading `conn` directly; `close`: the server closed or broke the connection, which
   // lws is then told to drop (it reports the close as for any other connection).
   void EndDirect(Conn& conn, bool close) {
@@ -1365,15 +1365,15 @@ int64_t ErrorCount(Bench& bench) {
   return n;
 }
 
-// fanout: `groups` groups of `members` online members each (one connection per member, all in
-// this process), created through the protocol with CreateGroup; each group's creator posts at
-// the step's rate per group and every other member must receive every post in order.
 // How many of `conns` read their sockets directly (Bench::ReadDirectly), for the result.
 int CountDirect(const std::vector<Conn*>& conns) {
   return static_cast<int>(
       std::count_if(conns.begin(), conns.end(), [](const Conn* c) { return c->direct; }));
 }
 
+// fanout: `groups` groups of `members` online members each (one connection per member, all in
+// this process), created through the protocol with CreateGroup; each group's creator posts at
+// the step's rate per group and every other member must receive every post in order.
 int RunFanout(Bench& bench) {
   const Options& o = bench.options();
   std::vector<Conn*> all;
@@ -1397,7 +1397,7 @@ int RunFanout(Bench& bench) {
   json.Add("connections", static_cast<int>(all.size()));
   json.Add("p99_limit_ms", o.p99_limit_ms);
   int64_t t0 = NowNs();
-  if (!o.lws_receive) bench.ReadDirectly();
+  bench.ReadDirectly();
   bool completed = ConnectAll(bench, all, o.timeout_s);
   json.Add("connect_s", static_cast<double>(NowNs() - t0) / 1e9);
   if (completed) {
@@ -1451,7 +1451,7 @@ int RunChannel(Bench& bench) {
   json.Add("workload", "channel");
   json.Add("viewers", o.viewers);
   json.Add("p99_limit_ms", o.p99_limit_ms);
-  if (!o.lws_receive) bench.ReadDirectly();
+  bench.ReadDirectly();
   bool completed = ConnectAll(bench, all, o.timeout_s);
   int offline = std::max(0, o.channel_members - 1 - o.viewers);
   if (completed) {

@@ -38,10 +38,10 @@ constexpr int64_t kMilli = 1000;
 constexpr int64_t kMaxRate = int64_t{1} << 40;
 constexpr int64_t kMaxRefillMs = 1'000'000;
 
-// Per-connection state. Kept small: an idle server holds thousands of these.
 // Session::timer_due_ms while the session has no live entry in the timer heap.
 constexpr int64_t kNoTimer = std::numeric_limits<int64_t>::min();
 
+// Per-connection state. Kept small: an idle server holds thousands of these.
 struct Session {
   UserId user;
   DeviceId device;

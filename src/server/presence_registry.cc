@@ -48,6 +48,8 @@ class UserEntries {
   Entry* end() { return begin() + size(); }
   size_t size() const { return more_ ? more_->size() : (has_one_ ? 1 : 0); }
   bool empty() const { return size() == 0; }
+  // No entries and no heap item pointing here: the record can go.
+  bool unused() const { return empty() && heap_items == 0; }
 
   void push_back(Entry entry) {
     if (!more_ && !has_one_) {
@@ -179,7 +181,7 @@ class InProcessPresenceRegistry final : public PresenceRegistry {
 
   // Erases a user's record once it has neither entries nor heap items pointing at it.
   void MaybeErase(UserMap::iterator it) {
-    if (it->second.empty() && it->second.heap_items == 0) users_.erase(it);
+    if (it->second.unused()) users_.erase(it);
   }
 
   void Expire(int64_t now_ms) {
@@ -199,7 +201,7 @@ class InProcessPresenceRegistry final : public PresenceRegistry {
           Queue(*record, next);
         }
       }
-      if (user.empty() && user.heap_items == 0) users_.erase(record->first);
+      if (user.unused()) users_.erase(record->first);
     }
   }
 

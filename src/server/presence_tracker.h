@@ -178,8 +178,9 @@ class PresenceTracker {
   // thousand users going offline in one tick are one store write, not a thousand.
   std::vector<UserId> went_users_;
   std::vector<int64_t> went_ms_;
-  std::vector<UserId> changed_;                      // scratch for TakeChanges
-  static constexpr size_t kKeepScratchUsers = 1024;  // past this, changed_ is released
+  std::vector<UserId> changed_;  // scratch for TakeChanges
+  // Past this many users, changed_ and the went_ lists are released after use.
+  static constexpr size_t kKeepScratchUsers = 1024;
 };
 
 }  // namespace chat::server
