@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "chat/log.h"
+#include "src/core/lws_log.h"
 
 namespace chat::client {
 
@@ -66,7 +67,7 @@ Status Transport::Init() {
   port_ = port;
   if (port_ == 0 || (tls_ && port_ == 80)) port_ = tls_ ? 443 : 80;
 
-  lws_set_log_level(LLL_ERR, nullptr);
+  RouteLwsLogs();
   lws_context_creation_info info;
   std::memset(&info, 0, sizeof(info));
   info.port = CONTEXT_PORT_NO_LISTEN;

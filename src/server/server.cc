@@ -36,6 +36,7 @@
 #include "chat/log.h"
 #include "chat/server.h"
 #include "src/core/codec.h"
+#include "src/core/lws_log.h"
 #include "src/server/hub.h"
 #include "src/server/store_threads.h"
 
@@ -213,13 +214,6 @@ Status Validate(const ServerOptions& o) {
   return Status::Ok();
 }
 
-// lws logs through chat::Log; only its errors, which are rare and worth seeing.
-void LwsLog(int level, const char* line) {
-  std::string_view text(line != nullptr ? line : "");
-  while (!text.empty() && (text.back() == '\n' || text.back() == '\r')) text.remove_suffix(1);
-  Log(level == LLL_ERR ? LogLevel::kError : LogLevel::kWarn, "lws: " + std::string(text));
-}
-
 class ServerImpl;
 
 // A standard-layout holder, so the timer callback can get back to its server from the sul.
@@ -246,8 +240,7 @@ class ServerImpl final : public Server, private server::HubIo {
   }
 
   Status Init() {
-    static std::once_flag lws_log_once;
-    std::call_once(lws_log_once, [] { lws_set_log_level(LLL_ERR, LwsLog); });
+    RouteLwsLogs();
 
     server::HubIo* io = this;
     hub_ = std::make_unique<server::Hub>(options_, options_.store->Epoch(), io);
