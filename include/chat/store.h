@@ -12,12 +12,13 @@
 // fault injection and metrics.
 //
 // Thread-safety: Append is called by one thread at a time (the server's writer thread); the
-// read methods (Sync, History, Members, Receipts, Presence, Epoch) may be called concurrently with
-// each other and with Append from other threads.
+// read methods (Sync, SyncMany, History, Members, Receipts, Presence, Epoch) may be called
+// concurrently with each other and with Append from other threads.
 #ifndef CHAT_STORE_H_
 #define CHAT_STORE_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -289,9 +290,21 @@ class CHAT_EXPORT MessageStore {
   // unread total (as Sync reports it), read in one snapshot. A user with no tokens and no
   // conversations still gets an entry. The default implementation returns FailedPrecondition.
   virtual Result<std::vector<PushTarget>> PushTargets(std::span<const UserId> users);
+
+  // Several Syncs answered from one snapshot, each message range that more than one of them
+  // wants read from storage once (members of a conversation catching up from the same or
+  // nearby cursors, as after a restart). `done(i, reply)` is called exactly once per query, in
+  // order, on the calling thread and before SyncMany returns, with what Sync(queries[i]) would
+  // return at that snapshot; it must not call the store. A storage failure answers that query
+  // and all after it with the failure. The runtime passes the Syncs that wait for a reader at
+  // the same time. The default calls Sync for each query.
+  using SyncDone = std::function<void(size_t index, Result<SyncReply> reply)>;
+  virtual void SyncMany(std::span<const SyncQuery> queries, const SyncDone& done);
 };
 
-// Forwards every call to `target`; override what a test or a metric needs.
+// Forwards every call to `target`; override what a test or a metric needs. SyncMany is not
+// forwarded: the default calls this wrapper's Sync for each query, so an overridden Sync sees
+// every query (the target's merging is lost; a wrapper that wants it overrides SyncMany).
 class CHAT_EXPORT MessageStoreWrapper : public MessageStore {
  public:
   explicit MessageStoreWrapper(std::shared_ptr<MessageStore> target) : target_(std::move(target)) {}

@@ -396,6 +396,12 @@ class MemoryStore final : public MessageStore {
     return server::RunSync(source, query);
   }
 
+  void SyncMany(std::span<const SyncQuery> queries, const SyncDone& done) override {
+    std::lock_guard lock(mu_);
+    MemorySource source(&data_);
+    server::RunSyncMany(source, queries, done);
+  }
+
   Result<HistoryReply> History(const HistoryQuery& query) override {
     std::lock_guard lock(mu_);
     MemorySource source(&data_);

@@ -1146,6 +1146,20 @@ class SqliteStore final : public MessageStore {
     });
   }
 
+  // One read transaction for all of them: RunSyncMany needs one snapshot.
+  void SyncMany(std::span<const SyncQuery> queries, const SyncDone& done) override {
+    size_t answered = 0;
+    Result<bool> ran = WithReader<bool>([&](Connection& conn) -> Result<bool> {
+      SqliteSource source(conn);
+      server::RunSyncMany(source, queries, [&](size_t i, Result<SyncReply> reply) {
+        ++answered;
+        done(i, std::move(reply));
+      });
+      return true;
+    });
+    for (size_t i = answered; i < queries.size(); ++i) done(i, ran.status());
+  }
+
   Result<HistoryReply> History(const HistoryQuery& query) override {
     return WithReader<HistoryReply>([&](Connection& conn) {
       SqliteSource source(conn);

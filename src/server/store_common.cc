@@ -23,6 +23,10 @@ Result<std::vector<PushTarget>> MessageStore::PushTargets(std::span<const UserId
   return FailedPrecondition("this store does not support push tokens");
 }
 
+void MessageStore::SyncMany(std::span<const SyncQuery> queries, const SyncDone& done) {
+  for (size_t i = 0; i < queries.size(); ++i) done(i, Sync(queries[i]));
+}
+
 }  // namespace chat
 
 namespace chat::server {
@@ -642,13 +646,17 @@ Result<SyncReply> RunSync(ReadSource& source, const SyncQuery& query) {
 
   SyncReply reply;
   // Unread counts cover every conversation, also those this page does not list, so every
-  // device shows the same total.
+  // device shows the same total. The descriptions are kept for the conversations listed below.
+  std::vector<ConversationInfo> infos;
+  infos.reserve(heads.size());
   for (const ConversationHead& head : heads) {
     Result<ConversationInfo> info = source.Describe(head.conversation_id, query.user, query.device);
     if (!info.ok()) return info.status();
     reply.unread_total += info->unread;
+    infos.push_back(std::move(*info));
   }
-  for (ConversationHead head : heads) {
+  for (size_t i = 0; i < heads.size(); ++i) {
+    ConversationHead head = heads[i];
     // A removed member's log ends at its removal.
     if (head.removed_at_seq != 0) head.last_seq = std::min(head.last_seq, head.removed_at_seq);
     auto it = cursors.find(head.conversation_id);
@@ -680,9 +688,7 @@ Result<SyncReply> RunSync(ReadSource& source, const SyncQuery& query) {
         return s;
       }
     }
-    Result<ConversationInfo> info = source.Describe(head.conversation_id, query.user, query.device);
-    if (!info.ok()) return info.status();
-    reply.conversations.push_back(std::move(*info));
+    reply.conversations.push_back(std::move(infos[i]));
 
     const size_t added = reply.messages.size() - before;
     if (added == room && reply.messages.back().seq < head.last_seq) {
@@ -691,6 +697,138 @@ Result<SyncReply> RunSync(ReadSource& source, const SyncQuery& query) {
     }
   }
   return reply;
+}
+
+namespace {
+
+// What a message costs the memo, roughly: its strings and attachments beside the struct.
+size_t MessageBytes(const Message& m) {
+  size_t n = sizeof(Message) + m.sender.size() + m.sender_device.size() + m.client_msg_id.size() +
+             m.content_type.size() + m.body.size();
+  for (const Attachment& a : m.attachments) {
+    n += sizeof(Attachment) + a.url.size() + a.mime_type.size() + a.sha256.size() + a.name.size();
+  }
+  n += m.system.actor.size() + m.system.title.size();
+  for (const UserId& user : m.system.users) n += sizeof(UserId) + user.size();
+  return n;
+}
+
+// A ReadSource for several Syncs in one snapshot: ReadAscending keeps what it read per
+// (conversation, to_seq) and answers a later call for the same range, or a part of it starting
+// later, from that copy when the copy holds every message the call asks for. Everything else
+// goes to the inner source.
+class MergingSource final : public ReadSource {
+ public:
+  explicit MergingSource(ReadSource& inner) : inner_(inner) {}
+
+  Status UserConversations(const UserId& user, std::vector<ConversationHead>* out) override {
+    return inner_.UserConversations(user, out);
+  }
+  Result<Membership> GetMembership(ConversationId conversation_id, const UserId& user) override {
+    return inner_.GetMembership(conversation_id, user);
+  }
+  Result<ConversationHead> Head(ConversationId conversation_id) override {
+    return inner_.Head(conversation_id);
+  }
+  Result<ConversationInfo> Describe(ConversationId conversation_id, const UserId& user,
+                                    const DeviceId& device) override {
+    return inner_.Describe(conversation_id, user, device);
+  }
+  Status ReadDescending(ConversationId conversation_id, Seq before_seq, size_t max,
+                        std::vector<Message>* out) override {
+    return inner_.ReadDescending(conversation_id, before_seq, max, out);
+  }
+  Status Watermarks(ConversationId conversation_id, const UserId& only,
+                    std::vector<MemberReceipt>* out) override {
+    return inner_.Watermarks(conversation_id, only, out);
+  }
+  Result<bool> SharesConversation(const UserId& a, const UserId& b) override {
+    return inner_.SharesConversation(a, b);
+  }
+  Result<int64_t> LastSeen(const UserId& user) override { return inner_.LastSeen(user); }
+  Status PushTokens(const UserId& user, std::vector<PushToken>* out) override {
+    return inner_.PushTokens(user, out);
+  }
+
+  Status ReadAscending(ConversationId conversation_id, Seq from_seq, Seq to_seq, size_t max,
+                       std::vector<Message>* out) override {
+    const Key key{conversation_id, to_seq};
+    auto it = ranges_.find(key);
+    if (it != ranges_.end() && it->second.from_seq <= from_seq) {
+      const Range& range = it->second;
+      // The copy holds every message of [range.from_seq, last copied seq]; it answers the call
+      // if it reaches to_seq (the read was not cut by its max) or holds `max` messages from
+      // from_seq on.
+      auto first = std::lower_bound(range.messages.begin(), range.messages.end(), from_seq,
+                                    [](const Message& m, Seq seq) { return m.seq < seq; });
+      const auto available = static_cast<size_t>(range.messages.end() - first);
+      if (range.complete || available >= max) {
+        ++merged_;
+        out->insert(out->end(), first,
+                    first + static_cast<std::ptrdiff_t>(std::min(available, max)));
+        return Status::Ok();
+      }
+    }
+    const size_t before = out->size();
+    if (Status s = inner_.ReadAscending(conversation_id, from_seq, to_seq, max, out); !s.ok()) {
+      return s;
+    }
+    const auto read = out->begin() + static_cast<std::ptrdiff_t>(before);
+    size_t bytes = 0;
+    for (auto m = read; m != out->end(); ++m) bytes += MessageBytes(*m);
+    if (it != ranges_.end()) {
+      // A call reaching further back, or asking for more, replaces the older copy.
+      bytes_ -= it->second.bytes;
+      ranges_.erase(it);
+    }
+    if (bytes_ + bytes > kMergedReadBytesMax) return Status::Ok();
+    bytes_ += bytes;
+    const size_t n = out->size() - before;
+    ranges_.emplace(key, Range{from_seq, n < max, bytes, std::vector<Message>(read, out->end())});
+    return Status::Ok();
+  }
+
+  // Calls answered from a copy.
+  size_t merged() const { return merged_; }
+
+ private:
+  using Key = std::pair<ConversationId, Seq>;
+  struct Range {
+    Seq from_seq = 0;
+    bool complete = false;  // every message up to to_seq is here
+    size_t bytes = 0;
+    std::vector<Message> messages;
+  };
+
+  ReadSource& inner_;
+  std::map<Key, Range> ranges_;
+  size_t bytes_ = 0;
+  size_t merged_ = 0;
+};
+
+}  // namespace
+
+size_t RunSyncMany(ReadSource& source, std::span<const SyncQuery> queries,
+                   const MessageStore::SyncDone& done) {
+  if (queries.size() == 1) {
+    done(0, RunSync(source, queries[0]));
+    return 0;
+  }
+  MergingSource merging(source);
+  for (size_t i = 0; i < queries.size(); ++i) {
+    Result<SyncReply> reply = RunSync(merging, queries[i]);
+    // A refused query (InvalidArgument) is its own; any other failure came from storage, and
+    // after it the snapshot may be gone (SQLite may have rolled the read transaction back), so
+    // the rest get the same failure rather than replies from different moments.
+    if (!reply.ok() && reply.status().code() != Code::kInvalidArgument) {
+      const Status failure = reply.status();
+      done(i, std::move(reply));
+      for (size_t rest = i + 1; rest < queries.size(); ++rest) done(rest, failure);
+      break;
+    }
+    done(i, std::move(reply));
+  }
+  return merging.merged();
 }
 
 Result<HistoryReply> RunHistory(ReadSource& source, const HistoryQuery& query) {

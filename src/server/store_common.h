@@ -152,6 +152,17 @@ Status AppendOne(AppendTarget& target, const AppendRequest& request, AppendResul
 // MessageStore::Sync over `source`.
 Result<SyncReply> RunSync(ReadSource& source, const SyncQuery& query);
 
+// MessageStore::SyncMany over `source`, which must stay one snapshot throughout: RunSync for
+// each query, with every message range read through a memo shared by the queries, so a range
+// (or a later part of one) is copied from an earlier query's read when that read holds every
+// message asked for, not read again. After a failure other than InvalidArgument the remaining
+// queries get that failure.
+// The memo keeps at most kMergedReadBytesMax of messages; past that, ranges are read as usual.
+// Returns how many range reads were answered from the memo.
+inline constexpr size_t kMergedReadBytesMax = 16 * 1024 * 1024;
+size_t RunSyncMany(ReadSource& source, std::span<const SyncQuery> queries,
+                   const MessageStore::SyncDone& done);
+
 // MessageStore::History over `source`.
 Result<HistoryReply> RunHistory(ReadSource& source, const HistoryQuery& query);
 

@@ -18,6 +18,12 @@ Status Overloaded(std::string_view what, uint32_t retry_after_ms) {
   return status;
 }
 
+// Syncs that wait for a reader together are answered together (MessageStore::SyncMany), so a
+// message range many of them want is read once: at most kMaxMergedSyncs, found among the first
+// kMergeScan queued reads.
+constexpr size_t kMaxMergedSyncs = 32;
+constexpr size_t kMergeScan = 256;
+
 }  // namespace
 
 StoreThreads::StoreThreads(std::shared_ptr<MessageStore> store, StoreThreadsOptions options,
@@ -215,6 +221,10 @@ void StoreThreads::PostAppends(std::vector<AppendDone>* done) {
 }
 
 void StoreThreads::ReaderLoop() {
+  std::vector<ReadJob> syncs;
+  std::vector<SyncQuery> queries;
+  std::vector<uint64_t> tokens;
+  std::vector<bool> answered;
   for (;;) {
     ReadJob job;
     {
@@ -223,9 +233,55 @@ void StoreThreads::ReaderLoop() {
       if (stopping_) return;
       job = std::move(read_queue_.front());
       read_queue_.pop_front();
+      if (job.query.index() == 0) TakeQueuedSyncs(&syncs);
     }
-    PostRead(ReadDone{job.token, RunReadJob(*store_, job)});
+    if (syncs.empty()) {
+      PostRead(ReadDone{job.token, RunReadJob(*store_, job)});
+      continue;
+    }
+    tokens.assign(1, job.token);
+    queries.push_back(std::move(std::get<SyncQuery>(job.query)));
+    for (ReadJob& other : syncs) {
+      tokens.push_back(other.token);
+      queries.push_back(std::move(std::get<SyncQuery>(other.query)));
+    }
+    syncs.clear();
+    // Every Sync gets exactly one completion, whatever the store does with `done`.
+    answered.assign(tokens.size(), false);
+    store_->SyncMany(queries, [&](size_t i, Result<SyncReply> reply) {
+      if (i >= tokens.size() || answered[i]) return;
+      answered[i] = true;
+      PostRead(ReadDone{tokens[i], ReadResult(std::in_place_index<0>, std::move(reply))});
+    });
+    for (size_t i = 0; i < tokens.size(); ++i) {
+      if (answered[i]) continue;
+      PostRead(ReadDone{tokens[i], ReadResult(std::in_place_index<0>,
+                                              Internal("the store did not answer this Sync"))});
+    }
+    queries.clear();
   }
+}
+
+// Moves Syncs among the first kMergeScan queued reads to `syncs`: this reader's share of them
+// (the other readers take theirs), at most kMaxMergedSyncs - 1. The other reads keep their
+// order. Called with mu_ held.
+void StoreThreads::TakeQueuedSyncs(std::vector<ReadJob>* syncs) {
+  const auto end =
+      read_queue_.begin() + static_cast<std::ptrdiff_t>(std::min(kMergeScan, read_queue_.size()));
+  const auto waiting = static_cast<size_t>(std::count_if(
+      read_queue_.begin(), end, [](const ReadJob& j) { return j.query.index() == 0; }));
+  const size_t readers = std::max<size_t>(1, options_.reader_threads);
+  const size_t take = std::min(kMaxMergedSyncs - 1, (waiting + readers - 1) / readers);
+  auto keep = read_queue_.begin();
+  for (auto it = read_queue_.begin(); it != end; ++it) {
+    if (it->query.index() == 0 && syncs->size() < take) {
+      syncs->push_back(std::move(*it));
+    } else {
+      if (keep != it) *keep = std::move(*it);
+      ++keep;
+    }
+  }
+  read_queue_.erase(keep, end);
 }
 
 void StoreThreads::PostRead(ReadDone done) {

@@ -3,9 +3,11 @@
 // One writer thread commits appends in groups: it takes up to `commit_batch_max` queued jobs
 // (optionally waiting `commit_delay_ms` for more), calls MessageStore::Append once for the whole
 // group, and posts one completion per job, in submission order. `reader_threads` threads serve
-// Sync, History and Receipts queries and post their completions in any order. Every completion is
-// posted to a mutex-guarded queue and announced with `wake`, after which the loop collects them
-// with TakeCompletions.
+// Sync, History and Receipts queries and post their completions in any order; a reader that
+// takes a Sync also takes the other Syncs waiting near the front of the queue and answers them
+// with one MessageStore::SyncMany (concurrent catch-up reads of the same messages are merged).
+// Every completion is posted to a mutex-guarded queue and announced with `wake`, after which the
+// loop collects them with TakeCompletions.
 //
 // With retention on, the writer also runs MessageStore::DeleteExpired in bounded passes between
 // commit groups, so a sweep never holds the write lock for longer than one small transaction.
@@ -98,6 +100,7 @@ class StoreThreads {
  private:
   void WriterLoop();
   void ReaderLoop();
+  void TakeQueuedSyncs(std::vector<ReadJob>* syncs);
   void Commit(std::vector<AppendJob>* jobs);
   // Runs one bounded retention pass; returns whether expired messages remain.
   bool SweepOnce();

@@ -1131,6 +1131,109 @@ void ChannelsNeverListTheirMembers(Kind kind) {
 }
 STORE_CASE(ChannelsNeverListTheirMembers, "channels never list their members on the send path")
 
+// Field by field (the reply structs have no ==).
+void CheckSameReply(const Result<SyncReply>& got, const Result<SyncReply>& want) {
+  REQUIRE(got.ok() == want.ok());
+  if (!want.ok()) {
+    CHECK(got.status().code() == want.status().code());
+    CHECK(got.status().message() == want.status().message());
+    return;
+  }
+  CHECK(Seqs(got->messages) == Seqs(want->messages));
+  REQUIRE(got->messages.size() == want->messages.size());
+  for (size_t i = 0; i < got->messages.size(); ++i) {
+    CHECK(got->messages[i].conversation_id == want->messages[i].conversation_id);
+    CHECK(got->messages[i].body == want->messages[i].body);
+    CHECK(got->messages[i].client_msg_id == want->messages[i].client_msg_id);
+  }
+  REQUIRE(got->conversations.size() == want->conversations.size());
+  for (size_t i = 0; i < got->conversations.size(); ++i) {
+    const ConversationInfo& a = got->conversations[i];
+    const ConversationInfo& b = want->conversations[i];
+    CHECK(a.conversation_id == b.conversation_id);
+    CHECK(a.last_seq == b.last_seq);
+    CHECK(a.unread == b.unread);
+    CHECK(a.read_seq == b.read_seq);
+    CHECK(a.delivered_seq == b.delivered_seq);
+    CHECK(a.member_count == b.member_count);
+    CHECK(a.peer == b.peer);
+  }
+  REQUIRE(got->gaps.size() == want->gaps.size());
+  for (size_t i = 0; i < got->gaps.size(); ++i) {
+    CHECK(got->gaps[i].conversation_id == want->gaps[i].conversation_id);
+    CHECK(got->gaps[i].from_seq == want->gaps[i].from_seq);
+    CHECK(got->gaps[i].to_seq == want->gaps[i].to_seq);
+  }
+  CHECK(got->has_more == want->has_more);
+  CHECK(got->unread_total == want->unread_total);
+}
+
+void SyncManyAnswersEachQueryAsSyncWould(Kind kind) {
+  Env env(kind);
+  MessageStore& store = *env.store;
+  const ConversationId group = CreateGroupOk(store, "alice", {"bob", "carol", "dave"});
+  SendMany(store, group, "alice", 30, "g");
+  const ConversationId direct = OpenDirect(store, "bob", "erin");
+  SendMany(store, direct, "erin", 5, "d");
+  std::vector<SyncQuery> queries;
+  auto add = [&](const UserId& user, std::vector<Cursor> cursors, uint32_t limit,
+                 uint32_t catchup_max = 1000) {
+    queries.push_back({.user = user,
+                       .device = user + "-phone",
+                       .cursors = std::move(cursors),
+                       .limit = limit,
+                       .catchup_max = catchup_max});
+  };
+  add("bob", {}, 500);                          // both conversations, everything
+  add("carol", {}, 500);                        // the same group range
+  add("dave", {{group, 10}}, 500);              // a later part of it
+  add("bob", {}, 7);                            // cut by the limit: has_more
+  add("carol", {{group, 20}}, 3);               // a later part, cut
+  add("dave", {}, 500, 5);                      // more missing than catchup_max: a gap
+  add("bob", {{group, 31}, {direct, 6}}, 500);  // up to date
+  add("mallory", {}, 500);                      // in nothing
+  add("erin", {}, 0);                           // refused: limit 0
+  std::vector<std::optional<Result<SyncReply>>> many(queries.size());
+  size_t next = 0;
+  store.SyncMany(queries, [&](size_t i, Result<SyncReply> reply) {
+    CHECK(i == next++);
+    many[i] = std::move(reply);
+  });
+  CHECK(next == queries.size());
+  for (size_t i = 0; i < queries.size(); ++i) {
+    CAPTURE(i);
+    REQUIRE(many[i].has_value());
+    CheckSameReply(*many[i], store.Sync(queries[i]));
+  }
+  // Spot checks of what the comparison covers.
+  REQUIRE(many[0]->ok());
+  CHECK((*many[0])->messages.size() == 31 + 6);
+  CHECK((*many[3])->has_more);
+  CHECK((*many[5])->gaps.size() == 1);
+  CHECK((*many[8]).status().code() == Code::kInvalidArgument);
+}
+STORE_CASE(SyncManyAnswersEachQueryAsSyncWould, "SyncMany answers each query as Sync would")
+
+TEST_CASE("store: a wrapper that overrides only Sync sees every query SyncMany is given") {
+  class Refusing : public MessageStoreWrapper {
+   public:
+    Refusing() : MessageStoreWrapper(NewMemoryStore()) {}
+    Result<SyncReply> Sync(const SyncQuery& query) override {
+      return Unavailable("refused for " + query.user);
+    }
+  } store;
+  std::vector<SyncQuery> queries;
+  for (const char* user : {"a", "b", "c"}) {
+    queries.push_back({.user = user, .device = "d", .cursors = {}});
+  }
+  std::vector<std::string> answers;
+  store.SyncMany(queries, [&](size_t i, Result<SyncReply> reply) {
+    CHECK(i == answers.size());
+    answers.emplace_back(reply.status().message());
+  });
+  CHECK(answers == std::vector<std::string>{"refused for a", "refused for b", "refused for c"});
+}
+
 TEST_CASE("store: sqlite: data survives close and reopen with the same epoch") {
   TempDir dir;
   const std::string path = dir.File("chat.db");

@@ -5,9 +5,11 @@
 
 #include <chrono>
 #include <condition_variable>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "chat/store.h"
@@ -15,46 +17,61 @@
 namespace chat::server {
 namespace {
 
-// Records the size of every Append batch; the first Append waits at a gate until Open().
-// Fails every Append with `fail` when set, or returns one result too few with `short_results`.
-class RecordingStore : public MessageStoreWrapper {
+// What a test store was called with, and a gate its calls can wait at until Open().
+template <typename T>
+class GatedLog {
  public:
-  RecordingStore() : MessageStoreWrapper(NewMemoryStore()) {}
-
-  Status Append(std::span<const AppendRequest> batch, std::vector<AppendResult>* results) override {
+  // Records `item`; with `wait`, returns only once Open() was called.
+  void Record(T item, bool wait) {
     std::unique_lock<std::mutex> lock(mu_);
-    batches_.push_back(batch.size());
+    items_.push_back(std::move(item));
     cv_.notify_all();
-    cv_.wait(lock, [this] { return open_; });
-    lock.unlock();
-    if (!fail_.ok()) return fail_;
-    Status status = MessageStoreWrapper::Append(batch, results);
-    if (short_results_ && !results->empty()) results->pop_back();
-    return status;
+    if (wait) cv_.wait(lock, [this] { return open_; });
   }
-
-  bool WaitBatches(size_t n) {
+  bool WaitFor(size_t n) {
     std::unique_lock<std::mutex> lock(mu_);
-    return cv_.wait_for(lock, std::chrono::seconds(10), [&] { return batches_.size() >= n; });
+    return cv_.wait_for(lock, std::chrono::seconds(10), [&] { return items_.size() >= n; });
   }
   void Open() {
     std::lock_guard<std::mutex> lock(mu_);
     open_ = true;
     cv_.notify_all();
   }
-  std::vector<size_t> batches() {
+  std::vector<T> items() {
     std::lock_guard<std::mutex> lock(mu_);
-    return batches_;
+    return items_;
   }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<T> items_;
+  bool open_ = false;
+};
+
+// Records the size of every Append batch; every Append waits at the gate until Open().
+// Fails every Append with `fail` when set, or returns one result too few with `short_results`.
+class RecordingStore : public MessageStoreWrapper {
+ public:
+  RecordingStore() : MessageStoreWrapper(NewMemoryStore()) {}
+
+  Status Append(std::span<const AppendRequest> batch, std::vector<AppendResult>* results) override {
+    log_.Record(batch.size(), /*wait=*/true);
+    if (!fail_.ok()) return fail_;
+    Status status = MessageStoreWrapper::Append(batch, results);
+    if (short_results_ && !results->empty()) results->pop_back();
+    return status;
+  }
+
+  bool WaitBatches(size_t n) { return log_.WaitFor(n); }
+  void Open() { log_.Open(); }
+  std::vector<size_t> batches() { return log_.items(); }
 
   Status fail_;
   bool short_results_ = false;
 
  private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::vector<size_t> batches_;
-  bool open_ = false;
+  GatedLog<size_t> log_;
 };
 
 // Collects completions as the loop would, waiting on the wake callback.
@@ -281,6 +298,101 @@ TEST_CASE("store threads: Sync and History run on the readers and errors come ba
       CHECK(history.status().code() == Code::kPermissionDenied);
     }
   }
+  threads.Stop();
+}
+
+// Records every Sync and SyncMany call; a Sync waits at the gate until Open().
+class SyncGateStore : public MessageStoreWrapper {
+ public:
+  SyncGateStore() : MessageStoreWrapper(NewMemoryStore()) {}
+
+  Result<SyncReply> Sync(const SyncQuery& query) override {
+    log_.Record("Sync " + query.user, /*wait=*/true);
+    return MessageStoreWrapper::Sync(query);
+  }
+  void SyncMany(std::span<const SyncQuery> queries, const SyncDone& done) override {
+    std::string call = "SyncMany";
+    for (const SyncQuery& q : queries) call += " " + q.user;
+    log_.Record(std::move(call), /*wait=*/false);
+    if (!broken_) {
+      target().SyncMany(queries, done);
+      return;
+    }
+    // A store breaking the contract: the first query answered twice, one index out of range,
+    // the others never.
+    target().SyncMany(queries.first(1), [&](size_t i, Result<SyncReply> reply) {
+      done(i, reply);
+      done(i, reply);
+      done(queries.size() + 3, std::move(reply));
+    });
+  }
+
+  bool WaitCalls(size_t n) { return log_.WaitFor(n); }
+  void Open() { log_.Open(); }
+  std::vector<std::string> calls() { return log_.items(); }
+
+  bool broken_ = false;
+
+ private:
+  GatedLog<std::string> log_;
+};
+
+TEST_CASE("store threads: Syncs waiting together are answered by one SyncMany, other reads kept") {
+  auto store = std::make_shared<SyncGateStore>();
+  Collector collector;
+  StoreThreads threads(store, {.reader_threads = 1}, collector.WakeFn());
+  threads.Start();
+  auto sync = [](uint64_t token, const std::string& user) {
+    return ReadJob{.token = token,
+                   .query = SyncQuery{.user = user, .device = user + "-1", .cursors = {}}};
+  };
+  threads.SubmitRead(sync(1, "u1"));
+  // The only reader is held inside u1's Sync while the others queue up.
+  REQUIRE(store->WaitCalls(1));
+  threads.SubmitRead(sync(2, "u2"));
+  threads.SubmitRead(
+      {.token = 3, .query = HistoryQuery{.user = "u3", .conversation_id = 1, .limit = 10}});
+  threads.SubmitRead(sync(4, "u4"));
+  threads.SubmitRead(sync(5, "u5"));
+  store->Open();
+  REQUIRE(collector.CollectReads(threads, 5));
+  CHECK(store->calls() == std::vector<std::string>{"Sync u1", "SyncMany u2 u4 u5"});
+  std::vector<uint64_t> tokens;
+  for (ReadDone& done : collector.reads_) {
+    tokens.push_back(done.token);
+    if (done.token == 3) {
+      CHECK(std::get<Result<HistoryReply>>(done.result).status().code() == Code::kPermissionDenied);
+    } else {
+      CHECK(std::get<Result<SyncReply>>(done.result).ok());
+    }
+  }
+  // u1, then the merged Syncs in their order, then the History that waited behind them.
+  CHECK(tokens == std::vector<uint64_t>{1, 2, 4, 5, 3});
+  threads.Stop();
+}
+
+TEST_CASE("store threads: a store that leaves a merged Sync unanswered makes it INTERNAL") {
+  auto store = std::make_shared<SyncGateStore>();
+  store->broken_ = true;
+  Collector collector;
+  StoreThreads threads(store, {.reader_threads = 1}, collector.WakeFn());
+  threads.Start();
+  for (uint64_t token = 1; token <= 4; ++token) {
+    const std::string user = "u" + std::to_string(token);
+    threads.SubmitRead(
+        {.token = token, .query = SyncQuery{.user = user, .device = user + "-1", .cursors = {}}});
+    if (token == 1) REQUIRE(store->WaitCalls(1));
+  }
+  store->Open();
+  REQUIRE(collector.CollectReads(threads, 4));
+  CHECK(store->calls() == std::vector<std::string>{"Sync u1", "SyncMany u2 u3 u4"});
+  std::map<uint64_t, Code> codes;
+  for (ReadDone& done : collector.reads_) {
+    CHECK(codes.count(done.token) == 0);
+    codes[done.token] = std::get<Result<SyncReply>>(done.result).status().code();
+  }
+  CHECK(codes == std::map<uint64_t, Code>{
+                     {1, Code::kOk}, {2, Code::kOk}, {3, Code::kInternal}, {4, Code::kInternal}});
   threads.Stop();
 }
 
