@@ -1284,6 +1284,18 @@ int RunConnect(Bench& bench) {
   return Finish(bench, json, completed, bench.Verify(conns));
 }
 
+// Each of `conns` comes back at its own moment in the second after `from_ns` (a fixed
+// xorshift sequence, so every run spreads them the same way).
+void UpWithinOneSecond(Bench& bench, const std::vector<Conn*>& conns, int64_t from_ns) {
+  uint64_t random = 0x9E3779B97F4A7C15ULL;
+  for (Conn* conn : conns) {
+    random ^= random << 13;
+    random ^= random >> 7;
+    random ^= random << 17;
+    bench.Up(*conn, from_ns + static_cast<int64_t>(random % 1'000'000'000ULL));
+  }
+}
+
 int RunStorm(Bench& bench) {
   const Options& o = bench.options();
   std::vector<Conn*> conns = MakePairs(bench, o.connections / 2);
@@ -1311,13 +1323,7 @@ int RunStorm(Bench& bench) {
         o.timeout_s, [&] { return bench.AllDown(conns); }, [] {});
     int64_t dropped_ns = NowNs();
     double server_cpu0 = CpuSecondsOf(o.server_pid);
-    uint64_t random = 0x9E3779B97F4A7C15ULL;
-    for (Conn* conn : conns) {
-      random ^= random << 13;
-      random ^= random >> 7;
-      random ^= random << 17;
-      bench.Up(*conn, dropped_ns + static_cast<int64_t>(random % 1'000'000'000ULL));
-    }
+    UpWithinOneSecond(bench, conns, dropped_ns);
     bench.on_ready = [&bench, &o](Conn& conn) {
       bench.SendSync(conn);
       for (int k = 0; k < o.per_client; ++k) bench.SendNext(conn);
@@ -1371,13 +1377,10 @@ int CountDirect(const std::vector<Conn*>& conns) {
       std::count_if(conns.begin(), conns.end(), [](const Conn* c) { return c->direct; }));
 }
 
-// fanout: `groups` groups of `members` online members each (one connection per member, all in
-// this process), created through the protocol with CreateGroup; each group's creator posts at
-// the step's rate per group and every other member must receive every post in order.
-int RunFanout(Bench& bench) {
+// `groups` of `members` connections each (the first is the group's creator), added to `all`.
+std::vector<std::vector<Conn*>> AddGroupMembers(Bench& bench, std::vector<Conn*>* all,
+                                                std::vector<Conn*>* creators) {
   const Options& o = bench.options();
-  std::vector<Conn*> all;
-  std::vector<Conn*> creators;
   std::vector<std::vector<Conn*>> groups(static_cast<size_t>(o.groups));
   for (int g = 0; g < o.groups; ++g) {
     std::string role = "g";
@@ -1386,10 +1389,46 @@ int RunFanout(Bench& bench) {
     for (int m = 0; m < o.members; ++m) {
       Conn& conn = bench.AddConn(UserName(o, role, m));
       groups[static_cast<size_t>(g)].push_back(&conn);
-      all.push_back(&conn);
+      all->push_back(&conn);
     }
-    creators.push_back(groups[static_cast<size_t>(g)].front());
+    creators->push_back(groups[static_cast<size_t>(g)].front());
   }
+  return groups;
+}
+
+// Each creator (connected) creates its group with the other members; a creator's messages go
+// to the group afterwards. Waits for the creation's system messages to drain.
+bool CreateGroups(Bench& bench, const std::vector<std::vector<Conn*>>& groups,
+                  const std::vector<Conn*>& creators) {
+  const Options& o = bench.options();
+  for (const auto& members : groups) {
+    v1::Envelope create;
+    create.mutable_create_group()->set_kind(v1::CONVERSATION_KIND_GROUP);
+    create.mutable_create_group()->set_title(members.front()->user);
+    for (size_t m = 1; m < members.size(); ++m) {
+      create.mutable_create_group()->add_members(members[m]->user);
+      members.front()->audience.push_back(members[m]->id);
+    }
+    SendControl(bench, *members.front(), create);
+  }
+  bool completed = AwaitReplies(bench, creators, 1, o.timeout_s) && ErrorCount(bench) == 0;
+  for (Conn* creator : creators) {
+    creator->conversation = creator->reply_conversation;
+    if (creator->conversation == 0) completed = false;
+  }
+  // The creation's system messages and updates go to every member: let them drain.
+  bench.RunFor(2);
+  return completed;
+}
+
+// fanout: `groups` groups of `members` online members each (one connection per member, all in
+// this process), created through the protocol with CreateGroup; each group's creator posts at
+// the step's rate per group and every other member must receive every post in order.
+int RunFanout(Bench& bench) {
+  const Options& o = bench.options();
+  std::vector<Conn*> all;
+  std::vector<Conn*> creators;
+  std::vector<std::vector<Conn*>> groups = AddGroupMembers(bench, &all, &creators);
   JsonObject json;
   json.Add("workload", "fanout");
   json.Add("groups", o.groups);
@@ -1400,26 +1439,7 @@ int RunFanout(Bench& bench) {
   bench.ReadDirectly();
   bool completed = ConnectAll(bench, all, o.timeout_s);
   json.Add("connect_s", static_cast<double>(NowNs() - t0) / 1e9);
-  if (completed) {
-    for (auto& members : groups) {
-      v1::Envelope create;
-      create.mutable_create_group()->set_kind(v1::CONVERSATION_KIND_GROUP);
-      create.mutable_create_group()->set_title(members.front()->user);
-      for (size_t m = 1; m < members.size(); ++m) {
-        create.mutable_create_group()->add_members(members[m]->user);
-        members.front()->audience.push_back(members[m]->id);
-      }
-      SendControl(bench, *members.front(), create);
-    }
-    completed = AwaitReplies(bench, creators, 1, o.timeout_s) && ErrorCount(bench) == 0;
-    for (Conn* creator : creators) {
-      creator->conversation = creator->reply_conversation;
-      if (creator->conversation == 0) completed = false;
-    }
-    // The creation's system messages and updates go to every member: let them drain before the
-    // first step.
-    bench.RunFor(2);
-  }
+  if (completed) completed = CreateGroups(bench, groups, creators);
   RisingResult rising;
   if (completed) {
     json.Add("connections_read_directly", CountDirect(all));
@@ -1434,6 +1454,60 @@ int RunFanout(Bench& bench) {
   json.Add("server_cpu_us_per_msg_at_max", rising.best_cpu_us_per_msg);
   json.Add("settled", rising.settled);
   json.Add("settle_s", rising.settle_s);
+  return Finish(bench, json, completed, bench.Verify(creators));
+}
+
+// Members of groups catching up together: every member but the creators drops, each creator
+// posts --per-client messages to its group, and the members come back within 1 s and sync. All
+// members of a group sync the same range, the case merged catch-up reads are for.
+int RunStormGroups(Bench& bench) {
+  const Options& o = bench.options();
+  std::vector<Conn*> all;
+  std::vector<Conn*> creators;
+  std::vector<std::vector<Conn*>> groups = AddGroupMembers(bench, &all, &creators);
+  std::vector<Conn*> members;
+  for (const auto& group : groups) members.insert(members.end(), group.begin() + 1, group.end());
+  JsonObject json;
+  json.Add("workload", "storm-groups");
+  json.Add("groups", o.groups);
+  json.Add("members_per_group", o.members);
+  json.Add("messages_per_group", o.per_client);
+  bool completed = ConnectAll(bench, all, o.timeout_s) && CreateGroups(bench, groups, creators);
+  if (completed) {
+    for (Conn* conn : members) bench.Drop(*conn);
+    completed = bench.RunUntil(
+        o.timeout_s, [&] { return bench.AllDown(members); }, [] {});
+  }
+  if (completed) {
+    for (Conn* creator : creators) {
+      for (int k = 0; k < o.per_client; ++k) bench.SendNext(*creator);
+    }
+    completed = bench.RunUntil(
+        o.timeout_s,
+        [&] {
+          return std::all_of(creators.begin(), creators.end(),
+                             [](const Conn* c) { return c->unacked.empty(); });
+        },
+        [] {});
+  }
+  if (completed) {
+    const int64_t t0 = NowNs();
+    const double server_cpu0 = CpuSecondsOf(o.server_pid);
+    UpWithinOneSecond(bench, members, t0);
+    bench.on_ready = [&bench](Conn& conn) { bench.SendSync(conn); };
+    completed = bench.RunUntil(
+        o.timeout_s,
+        [&] {
+          if (!bench.AllReady(members)) return false;
+          for (const Conn* conn : members) {
+            if (!conn->synced) return false;
+          }
+          return bench.Settled(creators);
+        },
+        [] {});
+    json.Add("reconnect_to_all_synced_ms", static_cast<double>(NowNs() - t0) / 1e6);
+    json.Add("server_cpu_s_reconnect", CpuSecondsOf(o.server_pid) - server_cpu0);
+  }
   return Finish(bench, json, completed, bench.Verify(creators));
 }
 
@@ -1727,9 +1801,11 @@ int main(int argc, char** argv) {
   using chat::bench::Options;
   Options o;
   CLI::App app{"chat-bench: load generator for chatd (see bench/run.sh)"};
-  app.add_option("--workload", o.workload,
-                 "latency | direct | idle | sync | connect | storm | fanout | channel | history | "
-                 "history-gen | history-store | client | floor | tcp-echo-server")
+  app.add_option(
+         "--workload", o.workload,
+         "latency | direct | idle | sync | connect | storm | storm-groups | fanout | channel | "
+         "history | "
+         "history-gen | history-store | client | floor | tcp-echo-server")
       ->required();
   app.add_option("--host", o.host, "server address")->capture_default_str();
   app.add_option("--port", o.port, "server port (not used by the SDK workloads)");
@@ -1752,7 +1828,8 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--messages", o.messages, "sync: messages stored while offline")
       ->capture_default_str();
-  app.add_option("--per-client", o.per_client, "storm: messages per client before and after")
+  app.add_option("--per-client", o.per_client,
+                 "storm: messages per client before and after; storm-groups: per group")
       ->capture_default_str();
   app.add_option("--body-bytes", o.body_bytes, "message body size (>= 12)")->capture_default_str();
   app.add_option("--max-connecting", o.max_connecting, "handshakes in flight at once")
@@ -1771,8 +1848,9 @@ int main(int argc, char** argv) {
   app.add_flag("--lws-receive", o.lws_receive,
                "fanout, channel: receive through lws's client parser rather than reading the "
                "sockets directly");
-  app.add_option("--groups", o.groups, "fanout: groups")->capture_default_str();
-  app.add_option("--members", o.members, "fanout: online members per group, creator included")
+  app.add_option("--groups", o.groups, "fanout, storm-groups: groups")->capture_default_str();
+  app.add_option("--members", o.members,
+                 "fanout, storm-groups: members per group, creator included")
       ->capture_default_str();
   app.add_option("--viewers", o.viewers, "channel: connected, subscribed members")
       ->capture_default_str();
@@ -1838,6 +1916,7 @@ int main(int argc, char** argv) {
   if (o.workload == "sync") return chat::bench::RunSync(bench);
   if (o.workload == "connect") return chat::bench::RunConnect(bench);
   if (o.workload == "storm") return chat::bench::RunStorm(bench);
+  if (o.workload == "storm-groups") return chat::bench::RunStormGroups(bench);
   if (o.workload == "fanout") return chat::bench::RunFanout(bench);
   if (o.workload == "channel") return chat::bench::RunChannel(bench);
   if (o.workload == "history") return chat::bench::RunHistory(bench);

@@ -5,7 +5,8 @@
 #   bench/run.sh [--quick] [--build-dir DIR] [--results-dir DIR] [workload...]
 #
 #   workloads: floor latency direct idle sync connect storm fanout channel history client
-#              (default: all; connect also runs over wss as connect-wss)
+#              (default: all; connect also runs over wss as connect-wss, and storm also as
+#              storm-groups, members of groups catching up on the same messages)
 #   --quick        every workload small (under a minute in all); used by the test suite
 #   --build-dir    use the chatd and chat-bench already built there instead of building Release
 #                  into build/bench
@@ -307,7 +308,10 @@ for w in "${WORKLOADS[@]}"; do
         run_bench connect full -- --workload connect --connections 100 --timeout 30
         run_connect_split connect-split 2 100 -- --max-connecting 32 --timeout 30
         run_connect_wss --connections 50 --timeout 30 ;;
-      storm) run_bench storm full -- --workload storm --connections 100 --per-client 2 --timeout 30 ;;
+      storm)
+        run_bench storm full -- --workload storm --connections 100 --per-client 2 --timeout 30
+        run_bench storm-groups full -- --workload storm-groups --groups 4 --members 10 --per-client 3 \
+          --timeout 30 ;;
       fanout)
         run_bench fanout full -- --workload fanout --groups 2 --members 10 --rates 1,5 \
           --step-seconds 1 --p99-limit-ms 100 --timeout 30 ;;
@@ -331,7 +335,10 @@ for w in "${WORKLOADS[@]}"; do
         run_bench connect full -- --workload connect --connections 10000 --max-connecting 512
         run_connect_split connect-split 4 10000 -- --max-connecting 128
         run_connect_wss --connections 2000 --max-connecting 256 --timeout 300 ;;
-      storm) run_bench storm full -- --workload storm --connections 10000 --per-client 1 --max-connecting 512 ;;
+      storm)
+        run_bench storm full -- --workload storm --connections 10000 --per-client 1 --max-connecting 512
+        run_bench storm-groups full -- --workload storm-groups --groups 20 --members 500 --per-client 20 \
+          --max-connecting 512 ;;
       fanout)
         run_bench fanout full -- --workload fanout --groups 20 --members 500 --max-connecting 512 \
           --rates 1,2,5,10,20,50,100 --step-seconds 5 --p99-limit-ms 100 --timeout 300 ;;

@@ -18,7 +18,7 @@ import os
 import sys
 
 ORDER = ["floor", "latency", "direct", "direct-normal", "idle", "sync", "connect", "connect-split",
-         "connect-wss", "storm", "fanout", "channel", "history", "client"]
+         "connect-wss", "storm", "storm-groups", "fanout", "channel", "history", "client"]
 TARGETS = {
     "floor": "(floor, no target)",
     "latency": "p99 < 5 ms at 5,000 msg/s",
@@ -29,6 +29,7 @@ TARGETS = {
     "connect": ">= 10,000 handshakes/s (ws)",
     "connect-split": ">= 10,000 handshakes/s (ws)",
     "storm": "10,000 clients: < 10 s, 0 lost",
+    "storm-groups": "(storm beside storm: group members catching up together; no target)",
     "connect-wss": "(wss beside ws; no target)",
     "fanout": ">= 500,000 deliveries/s at p99 < 100 ms",
     "channel": "no per-member work for offline members",
@@ -108,6 +109,12 @@ def headline(r):
                 "%.1f s; cached newest-%d page %s") % (
             r["server"], r["sends_per_s"], lat(r["send_call"]), r["connect_and_drain_s"],
             r["page"], lat(r["cached_history_call"]))
+    if w == "storm-groups":
+        return ("%d groups x %d members, %d messages per group while the members were offline: "
+                "reconnect -> all synced %.0f ms (server CPU %.2f s, %d messages synced)") % (
+            r["groups"], r["members_per_group"], r["messages_per_group"],
+            r.get("reconnect_to_all_synced_ms", -1), r.get("server_cpu_s_reconnect", -1),
+            r.get("synced_messages", -1))
     if w == "storm":
         return "%d clients: reconnect -> all synced %.0f ms (server CPU %.1f s); server peak RSS %d KB" % (
             r["connections"], r.get("reconnect_to_all_synced_ms", -1),
