@@ -163,6 +163,9 @@ struct Conn {
   // Receiver side, keyed by sender user id; the last sender's record is remembered (most
   // connections hear from one sender), and a node's address never changes.
   std::unordered_map<std::string, Received> received;
+  // Conversation -> highest seq in the pages of the Sync under way (system messages included,
+  // which `received` does not record), so the next page starts after the last one.
+  std::unordered_map<uint64_t, uint64_t> sync_seen;
   const std::string* last_sender = nullptr;
   Received* last_record = nullptr;
   bool syncing = false;
@@ -329,6 +332,12 @@ class Bench {
       v1::Cursor* cursor = sync->add_cursors();
       cursor->set_conversation_id(record.conversation_id);
       cursor->set_seq(record.contiguous_seq);
+    }
+    // The server takes the highest cursor given for a conversation.
+    for (const auto& [conversation_id, seq] : conn.sync_seen) {
+      v1::Cursor* cursor = sync->add_cursors();
+      cursor->set_conversation_id(conversation_id);
+      cursor->set_seq(seq);
     }
     conn.syncing = true;
     conn.synced = false;
@@ -654,6 +663,8 @@ class Bench {
         for (const v1::Message& message : batch.messages()) {
           OnMessage(conn, message);
           ++counters_.synced_messages;
+          uint64_t& seen = conn.sync_seen[message.conversation_id()];
+          seen = std::max(seen, message.seq());
         }
         ++conn.sync_pages;
         if (batch.has_more()) {
@@ -661,6 +672,7 @@ class Bench {
         } else {
           conn.syncing = false;
           conn.synced = true;
+          conn.sync_seen.clear();
         }
         break;
       }
