@@ -4,9 +4,11 @@
 
 #include <sqlite3.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -1498,6 +1500,60 @@ TEST_CASE("store: sqlite: readers see consistent snapshots while the writer appe
   Result<HistoryReply> h = HistoryOf(store, "alice", id, 0, 1);
   REQUIRE(h.ok());
   CHECK(h->messages[0].seq == 1 + kBatches * kPerBatch);
+}
+
+TEST_CASE(
+    "store: sqlite: SyncMany answers a whole batch from one snapshot while the writer appends") {
+  Env env(Kind::kSqlite);
+  MessageStore& store = *env.store;
+  const ConversationId id = OpenDirect(store, "alice", "bob");
+
+  std::atomic<bool> done{false};
+  std::atomic<int> failures{0};
+  std::atomic<int> batches{0};
+  std::thread reader([&] {
+    std::vector<SyncQuery> queries;
+    for (const char* user : {"alice", "bob", "alice", "bob"}) {
+      queries.push_back(
+          {.user = user, .device = std::string(user) + "-phone", .cursors = {}, .limit = 2000});
+    }
+    // Bounded: at least 3 batches, then until the writer is done, never more than 5000.
+    for (int round = 0; round < 5000 && (round < 3 || !done.load()); ++round) {
+      std::vector<Seq> last_seqs;
+      store.SyncMany(queries, [&](size_t, Result<SyncReply> reply) {
+        if (!reply.ok() || reply->conversations.size() != 1) {
+          ++failures;
+          return;
+        }
+        const Seq last = reply->conversations[0].last_seq;
+        if (reply->messages.size() != last) ++failures;
+        for (size_t i = 0; i < reply->messages.size(); ++i) {
+          if (reply->messages[i].seq != i + 1) ++failures;
+        }
+        last_seqs.push_back(last);
+      });
+      // One snapshot: every reply of the batch saw the same last message.
+      if (last_seqs.size() != queries.size() ||
+          std::adjacent_find(last_seqs.begin(), last_seqs.end(), std::not_equal_to<>()) !=
+              last_seqs.end()) {
+        ++failures;
+      }
+      ++batches;
+    }
+  });
+  for (int b = 0; b < 60; ++b) {
+    std::vector<AppendRequest> batch;
+    for (int i = 0; i < 5; ++i) {
+      batch.push_back(ToConversation(id, b % 2 ? "alice" : "bob",
+                                     "m-" + std::to_string(b) + "-" + std::to_string(i), "x"));
+    }
+    std::vector<AppendResult> results;
+    CHECK(store.Append(batch, &results).ok());
+  }
+  done = true;
+  reader.join();
+  CHECK(failures.load() == 0);
+  CHECK(batches.load() > 0);
 }
 
 TEST_CASE("store: sqlite: the WAL is copied into the database while the store stays open") {
