@@ -164,7 +164,8 @@ struct Conn {
   // connections hear from one sender), and a node's address never changes.
   std::unordered_map<std::string, Received> received;
   // Conversation -> highest seq in the pages of the Sync under way (system messages included,
-  // which `received` does not record), so the next page starts after the last one.
+  // which `received` does not record), so the next page starts after the last one. Cleared
+  // when the Sync completes or the connection goes down.
   std::unordered_map<uint64_t, uint64_t> sync_seen;
   const std::string* last_sender = nullptr;
   Received* last_record = nullptr;
@@ -575,6 +576,7 @@ class Bench {
     conn.wsi = nullptr;
     conn.out.clear();
     conn.syncing = false;
+    conn.sync_seen.clear();
     if (conn.want_up && conn.reconnect_at_ns <= NowNs()) {
       conn.reconnect_at_ns = NowNs() + 200'000'000 + (conn.id % 100) * 5'000'000;
     }

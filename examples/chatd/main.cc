@@ -493,7 +493,10 @@ int main(int argc, char** argv) {
   // chatd reads no SQLite memory statistics; without them SQLite's allocator takes no global
   // mutex per allocation (the writer thread's CPU in `direct` fell 2-3 %, docs/performance.md).
   // Process-wide, so set here by the application, before SQLite is first used, not by the library.
-  sqlite3_config(SQLITE_CONFIG_MEMSTATUS, 0);
+  if (sqlite3_config(SQLITE_CONFIG_MEMSTATUS, 0) != SQLITE_OK) {
+    chat::Log(chat::LogLevel::kWarn,
+              "chatd: SQLite was initialized early; memory statistics stay on");
+  }
   CLI::App app{"chatd: real-time chat server (WebSocket, protobuf, SQLite)", "chatd"};
   app.require_subcommand(0, 1);
 

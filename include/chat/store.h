@@ -295,8 +295,9 @@ class CHAT_EXPORT MessageStore {
   // wants read from storage once (members of a conversation catching up from the same or
   // nearby cursors, as after a restart). `done(i, reply)` is called exactly once per query, in
   // order, on the calling thread and before SyncMany returns, with what Sync(queries[i]) would
-  // return at that snapshot; it must not call the store. A storage failure answers that query
-  // and all after it with the failure. The runtime passes the Syncs that wait for a reader at
+  // return at that snapshot; it must not call the store. A failure is that query's own, unless
+  // it ended the snapshot (a storage error after which the read transaction is gone): then it
+  // answers the remaining queries too. The runtime passes the Syncs that wait for a reader at
   // the same time. The default calls Sync for each query.
   using SyncDone = std::function<void(size_t index, Result<SyncReply> reply)>;
   virtual void SyncMany(std::span<const SyncQuery> queries, const SyncDone& done);

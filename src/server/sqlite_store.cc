@@ -1151,13 +1151,18 @@ class SqliteStore final : public MessageStore {
     size_t answered = 0;
     Result<bool> ran = WithReader<bool>([&](Connection& conn) -> Result<bool> {
       SqliteSource source(conn);
-      server::RunSyncMany(source, queries, [&](size_t i, Result<SyncReply> reply) {
-        ++answered;
-        done(i, std::move(reply));
-      });
+      server::RunSyncMany(
+          source, queries,
+          [&](size_t i, Result<SyncReply> reply) {
+            ++answered;
+            done(i, std::move(reply));
+          },
+          // After some errors SQLite rolls the read transaction back by itself.
+          [&] { return sqlite3_get_autocommit(conn.raw()) != 0; });
       return true;
     });
-    for (size_t i = answered; i < queries.size(); ++i) done(i, ran.status());
+    const Status failure = ran.ok() ? Internal("SyncMany left a query unanswered") : ran.status();
+    for (size_t i = answered; i < queries.size(); ++i) done(i, failure);
   }
 
   Result<HistoryReply> History(const HistoryQuery& query) override {

@@ -809,7 +809,7 @@ class MergingSource final : public ReadSource {
 }  // namespace
 
 size_t RunSyncMany(ReadSource& source, std::span<const SyncQuery> queries,
-                   const MessageStore::SyncDone& done) {
+                   const MessageStore::SyncDone& done, const std::function<bool()>& snapshot_lost) {
   if (queries.size() == 1) {
     done(0, RunSync(source, queries[0]));
     return 0;
@@ -817,10 +817,9 @@ size_t RunSyncMany(ReadSource& source, std::span<const SyncQuery> queries,
   MergingSource merging(source);
   for (size_t i = 0; i < queries.size(); ++i) {
     Result<SyncReply> reply = RunSync(merging, queries[i]);
-    // A refused query (InvalidArgument) is its own; any other failure came from storage, and
-    // after it the snapshot may be gone (SQLite may have rolled the read transaction back), so
-    // the rest get the same failure rather than replies from different moments.
-    if (!reply.ok() && reply.status().code() != Code::kInvalidArgument) {
+    // A failure is the query's own (a refusal, a row that does not decode) unless it ended the
+    // snapshot the batch is read from.
+    if (!reply.ok() && snapshot_lost && snapshot_lost()) {
       const Status failure = reply.status();
       done(i, std::move(reply));
       for (size_t rest = i + 1; rest < queries.size(); ++rest) done(rest, failure);

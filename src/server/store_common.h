@@ -12,6 +12,7 @@
 #define CHAT_SRC_SERVER_STORE_COMMON_H_
 
 #include <cstddef>
+#include <functional>
 #include <optional>
 #include <span>
 #include <string>
@@ -155,13 +156,15 @@ Result<SyncReply> RunSync(ReadSource& source, const SyncQuery& query);
 // MessageStore::SyncMany over `source`, which must stay one snapshot throughout: RunSync for
 // each query, with every message range read through a memo shared by the queries, so a range
 // (or a later part of one) is copied from an earlier query's read when that read holds every
-// message asked for, not read again. After a failure other than InvalidArgument the remaining
-// queries get that failure.
+// message asked for, not read again. A failing query fails on its own, as with Sync, unless
+// `snapshot_lost` (when given) says the failure ended the snapshot: then the remaining queries
+// get that failure too, rather than replies read from other moments.
 // The memo keeps at most kMergedReadBytesMax of messages; past that, ranges are read as usual.
 // Returns how many range reads were answered from the memo.
 inline constexpr size_t kMergedReadBytesMax = 16 * 1024 * 1024;
 size_t RunSyncMany(ReadSource& source, std::span<const SyncQuery> queries,
-                   const MessageStore::SyncDone& done);
+                   const MessageStore::SyncDone& done,
+                   const std::function<bool()>& snapshot_lost = nullptr);
 
 // MessageStore::History over `source`.
 Result<HistoryReply> RunHistory(ReadSource& source, const HistoryQuery& query);

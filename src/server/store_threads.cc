@@ -246,7 +246,9 @@ void StoreThreads::ReaderLoop() {
       queries.push_back(std::move(std::get<SyncQuery>(other.query)));
     }
     syncs.clear();
-    // Every Sync gets exactly one completion, whatever the store does with `done`.
+    // Every Sync gets exactly one completion even from a store that calls `done` twice for a
+    // query, with an index out of range, or not at all (the contract has it called once per
+    // query before SyncMany returns).
     answered.assign(tokens.size(), false);
     store_->SyncMany(queries, [&](size_t i, Result<SyncReply> reply) {
       if (i >= tokens.size() || answered[i]) return;

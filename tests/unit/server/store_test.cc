@@ -1503,6 +1503,34 @@ TEST_CASE("store: sqlite: readers see consistent snapshots while the writer appe
 }
 
 TEST_CASE(
+    "store: sqlite: in SyncMany a message that does not decode fails only its reader's Sync") {
+  Env env(Kind::kSqlite);
+  MessageStore& store = *env.store;
+  const ConversationId damaged = OpenDirect(store, "alice", "bob");
+  OpenDirect(store, "carol", "dave");
+  // The stored attachments of alice's message no longer decode (a damaged file).
+  RawExec(env.dir.File("chat.db"),
+          "UPDATE messages SET attachments = x'ff01' WHERE conversation_id = " +
+              std::to_string(damaged));
+  std::vector<SyncQuery> queries;
+  for (const char* user : {"alice", "carol", "bob", "dave"}) {
+    queries.push_back({.user = user, .device = std::string(user) + "-phone", .cursors = {}});
+  }
+  std::vector<std::optional<Result<SyncReply>>> replies(queries.size());
+  store.SyncMany(queries,
+                 [&](size_t i, Result<SyncReply> reply) { replies[i] = std::move(reply); });
+  for (size_t i = 0; i < queries.size(); ++i) {
+    CAPTURE(i);
+    REQUIRE(replies[i].has_value());
+    CheckSameReply(*replies[i], store.Sync(queries[i]));
+  }
+  CHECK(replies[0]->status().code() == Code::kDataLoss);
+  CHECK(replies[1]->ok());
+  CHECK(replies[2]->status().code() == Code::kDataLoss);
+  CHECK(replies[3]->ok());
+}
+
+TEST_CASE(
     "store: sqlite: SyncMany answers a whole batch from one snapshot while the writer appends") {
   Env env(Kind::kSqlite);
   MessageStore& store = *env.store;

@@ -3,6 +3,7 @@
 
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <map>
@@ -368,6 +369,32 @@ TEST_CASE("store threads: Syncs waiting together are answered by one SyncMany, o
   }
   // u1, then the merged Syncs in their order, then the History that waited behind them.
   CHECK(tokens == std::vector<uint64_t>{1, 2, 4, 5, 3});
+  threads.Stop();
+}
+
+TEST_CASE("store threads: with two readers each takes its share of the waiting Syncs") {
+  auto store = std::make_shared<SyncGateStore>();
+  Collector collector;
+  StoreThreads threads(store, {.reader_threads = 2}, collector.WakeFn());
+  threads.Start();
+  auto sync = [](uint64_t token) {
+    const std::string user = "u" + std::to_string(token);
+    return ReadJob{.token = token,
+                   .query = SyncQuery{.user = user, .device = user + "-1", .cursors = {}}};
+  };
+  // Both readers are held inside a Sync (one at a time, or the first would take both) while
+  // four more queue up.
+  threads.SubmitRead(sync(1));
+  REQUIRE(store->WaitCalls(1));
+  threads.SubmitRead(sync(2));
+  REQUIRE(store->WaitCalls(2));
+  for (uint64_t token = 3; token <= 6; ++token) threads.SubmitRead(sync(token));
+  store->Open();
+  REQUIRE(collector.CollectReads(threads, 6));
+  // The first reader free takes u3 and half of the three behind it; the other, what is left.
+  std::vector<std::string> calls = store->calls();
+  std::sort(calls.begin(), calls.end());
+  CHECK(calls == std::vector<std::string>{"Sync u1", "Sync u2", "Sync u6", "SyncMany u3 u4 u5"});
   threads.Stop();
 }
 

@@ -53,7 +53,10 @@ class FakeSource final : public ReadSource {
   }
   Result<ConversationInfo> Describe(ConversationId id, const UserId& user,
                                     const DeviceId& /*device*/) override {
-    if (user == failing_user) return Unavailable("disk I/O error");
+    if (user == failing_user) {
+      storage_failed = true;
+      return Unavailable("disk I/O error");
+    }
     const FakeMember& m = members.at(user).at(id);
     ConversationInfo info;
     info.conversation_id = id;
@@ -95,6 +98,7 @@ class FakeSource final : public ReadSource {
   std::map<ConversationId, FakeConversation> conversations;
   std::map<UserId, std::map<ConversationId, FakeMember>> members;
   UserId failing_user;  // Describe fails for this user, as a storage error would
+  bool storage_failed = false;
   int reads = 0;
 
  private:
@@ -222,23 +226,40 @@ TEST_CASE("sync merge: past the memo's byte bound every range is read on its own
   CHECK(run.merged == 0);
 }
 
-TEST_CASE("sync merge: a storage failure answers that query and the rest; a refusal only its own") {
+// a refused, b fine, c fails in storage, d fine on its own; `lost` says whether c's failure
+// ended the snapshot.
+std::vector<std::optional<Result<SyncReply>>> RunWithFailure(bool lost) {
   FakeSource source = Group(30, {"a", "b", "c", "d"});
   source.failing_user = "c";
-  const std::vector<SyncQuery> queries = {Query("a", 0, 0),  // limit 0: refused, not a failure
+  const std::vector<SyncQuery> queries = {Query("a", 0, 0),  // limit 0: refused
                                           Query("b", 0, 500), Query("c", 0, 500),
                                           Query("d", 0, 500)};
   std::vector<std::optional<Result<SyncReply>>> replies(queries.size());
-  RunSyncMany(source, queries, [&](size_t i, Result<SyncReply> reply) {
-    REQUIRE_FALSE(replies[i].has_value());
-    replies[i] = std::move(reply);
-  });
+  RunSyncMany(
+      source, queries,
+      [&](size_t i, Result<SyncReply> reply) {
+        REQUIRE_FALSE(replies[i].has_value());
+        replies[i] = std::move(reply);
+      },
+      // As SQLite's store asks: did the failure take the read transaction with it?
+      [&] { return lost && source.storage_failed; });
   for (const auto& reply : replies) REQUIRE(reply.has_value());
   CHECK(replies[0]->status().code() == Code::kInvalidArgument);
   REQUIRE(replies[1]->ok());
   CHECK((*replies[1])->messages.size() == 30);
   CHECK(replies[2]->status().code() == Code::kUnavailable);
-  // d's own Sync would succeed; after a storage failure it is not answered from another moment.
+  return replies;
+}
+
+TEST_CASE("sync merge: a failure is its query's own while the snapshot lasts") {
+  auto replies = RunWithFailure(/*lost=*/false);
+  REQUIRE(replies[3]->ok());
+  CHECK((*replies[3])->messages.size() == 30);
+}
+
+TEST_CASE("sync merge: a failure that ended the snapshot answers the rest of the batch") {
+  auto replies = RunWithFailure(/*lost=*/true);
+  // d's own Sync would succeed, but not from the batch's snapshot.
   CHECK(replies[3]->status().code() == Code::kUnavailable);
   CHECK(replies[3]->status().message() == replies[2]->status().message());
 }
