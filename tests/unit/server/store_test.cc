@@ -20,6 +20,7 @@
 
 #include "chat/store.h"
 #include "doctest/doctest.h"
+#include "tests/testing/sync_replies.h"
 #include "tests/testing/temp_dir.h"
 
 namespace chat {
@@ -1133,43 +1134,6 @@ void ChannelsNeverListTheirMembers(Kind kind) {
 }
 STORE_CASE(ChannelsNeverListTheirMembers, "channels never list their members on the send path")
 
-// Field by field (the reply structs have no ==).
-void CheckSameReply(const Result<SyncReply>& got, const Result<SyncReply>& want) {
-  REQUIRE(got.ok() == want.ok());
-  if (!want.ok()) {
-    CHECK(got.status().code() == want.status().code());
-    CHECK(got.status().message() == want.status().message());
-    return;
-  }
-  CHECK(Seqs(got->messages) == Seqs(want->messages));
-  REQUIRE(got->messages.size() == want->messages.size());
-  for (size_t i = 0; i < got->messages.size(); ++i) {
-    CHECK(got->messages[i].conversation_id == want->messages[i].conversation_id);
-    CHECK(got->messages[i].body == want->messages[i].body);
-    CHECK(got->messages[i].client_msg_id == want->messages[i].client_msg_id);
-  }
-  REQUIRE(got->conversations.size() == want->conversations.size());
-  for (size_t i = 0; i < got->conversations.size(); ++i) {
-    const ConversationInfo& a = got->conversations[i];
-    const ConversationInfo& b = want->conversations[i];
-    CHECK(a.conversation_id == b.conversation_id);
-    CHECK(a.last_seq == b.last_seq);
-    CHECK(a.unread == b.unread);
-    CHECK(a.read_seq == b.read_seq);
-    CHECK(a.delivered_seq == b.delivered_seq);
-    CHECK(a.member_count == b.member_count);
-    CHECK(a.peer == b.peer);
-  }
-  REQUIRE(got->gaps.size() == want->gaps.size());
-  for (size_t i = 0; i < got->gaps.size(); ++i) {
-    CHECK(got->gaps[i].conversation_id == want->gaps[i].conversation_id);
-    CHECK(got->gaps[i].from_seq == want->gaps[i].from_seq);
-    CHECK(got->gaps[i].to_seq == want->gaps[i].to_seq);
-  }
-  CHECK(got->has_more == want->has_more);
-  CHECK(got->unread_total == want->unread_total);
-}
-
 void SyncManyAnswersEachQueryAsSyncWould(Kind kind) {
   Env env(kind);
   MessageStore& store = *env.store;
@@ -1205,7 +1169,7 @@ void SyncManyAnswersEachQueryAsSyncWould(Kind kind) {
   for (size_t i = 0; i < queries.size(); ++i) {
     CAPTURE(i);
     REQUIRE(many[i].has_value());
-    CheckSameReply(*many[i], store.Sync(queries[i]));
+    testing::CheckSameSyncReply(*many[i], store.Sync(queries[i]));
   }
   // Spot checks of what the comparison covers.
   REQUIRE(many[0]->ok());
@@ -1447,6 +1411,20 @@ TEST_CASE("store: sqlite: a memory-mapped store with a tiny page cache reads bac
   }
 }
 
+// `batches` commits of `per_batch` messages in `id`, bob and alice taking turns by commit.
+void AppendTurns(MessageStore& store, ConversationId id, int batches, int per_batch,
+                 const std::string& tag) {
+  for (int b = 0; b < batches; ++b) {
+    std::vector<AppendRequest> batch;
+    for (int i = 0; i < per_batch; ++i) {
+      batch.push_back(ToConversation(id, b % 2 ? "alice" : "bob",
+                                     tag + "-" + std::to_string(b) + "-" + std::to_string(i), "x"));
+    }
+    std::vector<AppendResult> results;
+    CHECK(store.Append(batch, &results).ok());
+  }
+}
+
 TEST_CASE("store: sqlite: readers see consistent snapshots while the writer appends") {
   SqliteStoreOptions options;
   options.reader_connections = 2;
@@ -1483,15 +1461,7 @@ TEST_CASE("store: sqlite: readers see consistent snapshots while the writer appe
   };
   std::thread r1(reader, "alice");
   std::thread r2(reader, "bob");
-  for (int b = 0; b < kBatches; ++b) {
-    std::vector<AppendRequest> batch;
-    for (int i = 0; i < kPerBatch; ++i) {
-      batch.push_back(ToConversation(id, b % 2 ? "alice" : "bob",
-                                     "c-" + std::to_string(b) + "-" + std::to_string(i), "x"));
-    }
-    std::vector<AppendResult> results;
-    CHECK(store.Append(batch, &results).ok());
-  }
+  AppendTurns(store, id, kBatches, kPerBatch, "c");
   done = true;
   r1.join();
   r2.join();
@@ -1522,7 +1492,7 @@ TEST_CASE(
   for (size_t i = 0; i < queries.size(); ++i) {
     CAPTURE(i);
     REQUIRE(replies[i].has_value());
-    CheckSameReply(*replies[i], store.Sync(queries[i]));
+    testing::CheckSameSyncReply(*replies[i], store.Sync(queries[i]));
   }
   CHECK(replies[0]->status().code() == Code::kDataLoss);
   CHECK(replies[1]->ok());
@@ -1569,15 +1539,7 @@ TEST_CASE(
       ++batches;
     }
   });
-  for (int b = 0; b < 60; ++b) {
-    std::vector<AppendRequest> batch;
-    for (int i = 0; i < 5; ++i) {
-      batch.push_back(ToConversation(id, b % 2 ? "alice" : "bob",
-                                     "m-" + std::to_string(b) + "-" + std::to_string(i), "x"));
-    }
-    std::vector<AppendResult> results;
-    CHECK(store.Append(batch, &results).ok());
-  }
+  AppendTurns(store, id, 60, 5, "m");
   done = true;
   reader.join();
   CHECK(failures.load() == 0);

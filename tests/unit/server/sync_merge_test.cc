@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "src/server/store_common.h"
+#include "tests/testing/sync_replies.h"
 
 namespace chat::server {
 namespace {
@@ -113,34 +114,6 @@ SyncQuery Query(const std::string& user, Seq cursor, uint32_t limit) {
   return q;
 }
 
-// Field by field (the reply structs have no ==).
-void CheckSame(const Result<SyncReply>& got, const Result<SyncReply>& want) {
-  REQUIRE(got.ok() == want.ok());
-  if (!want.ok()) {
-    CHECK(got.status().code() == want.status().code());
-    return;
-  }
-  REQUIRE(got->messages.size() == want->messages.size());
-  for (size_t i = 0; i < got->messages.size(); ++i) {
-    CHECK(got->messages[i].conversation_id == want->messages[i].conversation_id);
-    CHECK(got->messages[i].seq == want->messages[i].seq);
-    CHECK(got->messages[i].body == want->messages[i].body);
-  }
-  REQUIRE(got->conversations.size() == want->conversations.size());
-  for (size_t i = 0; i < got->conversations.size(); ++i) {
-    CHECK(got->conversations[i].conversation_id == want->conversations[i].conversation_id);
-    CHECK(got->conversations[i].last_seq == want->conversations[i].last_seq);
-  }
-  REQUIRE(got->gaps.size() == want->gaps.size());
-  for (size_t i = 0; i < got->gaps.size(); ++i) {
-    CHECK(got->gaps[i].conversation_id == want->gaps[i].conversation_id);
-    CHECK(got->gaps[i].from_seq == want->gaps[i].from_seq);
-    CHECK(got->gaps[i].to_seq == want->gaps[i].to_seq);
-  }
-  CHECK(got->has_more == want->has_more);
-  CHECK(got->unread_total == want->unread_total);
-}
-
 struct Run {
   int reads = 0;      // range reads the merged run made
   size_t merged = 0;  // range reads answered from the memo
@@ -160,7 +133,7 @@ Run RunAndCompare(FakeSource& source, const std::vector<SyncQuery>& queries) {
   for (size_t i = 0; i < queries.size(); ++i) {
     CAPTURE(i);
     REQUIRE(replies[i].has_value());
-    CheckSame(*replies[i], RunSync(source, queries[i]));
+    testing::CheckSameSyncReply(*replies[i], RunSync(source, queries[i]));
   }
   return run;
 }
