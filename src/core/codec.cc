@@ -8,6 +8,7 @@
 #include <climits>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include "chat/log.h"
@@ -297,11 +298,20 @@ Out EnumOrUnspecified(In value, int max) {
   return raw >= 0 && raw <= max ? static_cast<Out>(raw) : static_cast<Out>(0);
 }
 
-void ToProto(const SystemEvent& in, v1::SystemEvent* out) {
+// `in` is a const SystemEvent& (copied) or a SystemEvent&& (its strings moved).
+template <typename Event>
+void SystemEventToProto(Event&& in, v1::SystemEvent* out) {
   out->set_type(static_cast<v1::SystemEvent::Type>(in.type));
-  out->set_actor(in.actor);
-  for (const UserId& user : in.users) out->add_users(user);
-  out->set_title(in.title);
+  out->set_actor(std::forward<Event>(in).actor);
+  out->mutable_users()->Reserve(static_cast<int>(in.users.size()));
+  for (auto& user : in.users) {
+    if constexpr (std::is_rvalue_reference_v<Event&&>) {
+      out->add_users(std::move(user));
+    } else {
+      out->add_users(user);
+    }
+  }
+  out->set_title(std::forward<Event>(in).title);
   out->set_role(static_cast<v1::Role>(in.role));
   out->set_seq(in.seq);
   out->set_retention_ms(in.retention_ms);
@@ -471,22 +481,37 @@ Attachment FromProto(const v1::Attachment& in) {
   return out;
 }
 
-void ToProto(const Message& in, v1::Message* out) {
+namespace {
+
+// `in` is a const Message& (copied) or a Message&& (its strings moved; each member is moved at
+// most once).
+template <typename M>
+void MessageToProto(M&& in, v1::Message* out) {
   out->set_conversation_id(in.conversation_id);
   out->set_seq(in.seq);
   out->set_message_id(in.message_id);
-  out->set_sender(in.sender);
-  out->set_sender_device(in.sender_device);
-  out->set_client_msg_id(in.client_msg_id);
+  out->set_sender(std::forward<M>(in).sender);
+  out->set_sender_device(std::forward<M>(in).sender_device);
+  out->set_client_msg_id(std::forward<M>(in).client_msg_id);
   out->set_server_time_ms(in.server_time_ms);
   out->set_kind(static_cast<v1::MessageKind>(in.kind));
-  out->set_content_type(in.content_type);
-  out->set_body(in.body);
-  for (const Attachment& attachment : in.attachments) ToProto(attachment, out->add_attachments());
+  out->set_content_type(std::forward<M>(in).content_type);
+  out->set_body(std::forward<M>(in).body);
+  for (const Attachment& attachment : in.attachments) {
+    codec::ToProto(attachment, out->add_attachments());
+  }
   // The system event is only meaningful on system messages; leaving it unset elsewhere keeps
   // user messages small on the wire.
-  if (in.kind == MessageKind::kSystem) ToProto(in.system, out->mutable_system());
+  if (in.kind == MessageKind::kSystem) {
+    SystemEventToProto(std::forward<M>(in).system, out->mutable_system());
+  }
 }
+
+}  // namespace
+
+void ToProto(const Message& in, v1::Message* out) { MessageToProto(in, out); }
+
+void ToProto(Message&& in, v1::Message* out) { MessageToProto(std::move(in), out); }
 
 Message FromProto(const v1::Message& in) {
   Message out;

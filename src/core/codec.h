@@ -48,6 +48,9 @@ std::string PackBatch(std::span<const Frame> frames, Format format);
 
 // Conversions to and from the public types.
 void ToProto(const Message& in, v1::Message* out);
+// The same, moving `in`'s strings into `out` instead of copying them (a reply built from a
+// store's result it owns).
+void ToProto(Message&& in, v1::Message* out);
 Message FromProto(const v1::Message& in);
 void ToProto(const ConversationInfo& in, v1::ConversationState* out);
 ConversationInfo FromProto(const v1::ConversationState& in);

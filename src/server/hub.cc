@@ -372,8 +372,8 @@ class Hub::Impl final : private PresenceTracker::Sink {
       for (const ConversationInfo& info : (*sync)->conversations) {
         codec::ToProto(info, batch->add_conversations());
       }
-      for (const Message& message : (*sync)->messages) {
-        codec::ToProto(message, batch->add_messages());
+      for (Message& message : (*sync)->messages) {
+        codec::ToProto(std::move(message), batch->add_messages());
       }
       for (const Gap& gap : (*sync)->gaps) {
         v1::Gap* out = batch->add_gaps();
@@ -391,8 +391,8 @@ class Hub::Impl final : private PresenceTracker::Sink {
       }
       v1::HistoryPage* page = reply.mutable_history_page();
       page->set_conversation_id(pending.conversation_id);
-      for (const Message& message : history->messages) {
-        codec::ToProto(message, page->add_messages());
+      for (Message& message : history->messages) {
+        codec::ToProto(std::move(message), page->add_messages());
       }
       page->set_has_more(history->has_more);
       page->set_first_seq(history->first_seq);

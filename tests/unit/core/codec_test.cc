@@ -702,5 +702,44 @@ TEST_CASE("codec: a string field holding bytes that are not UTF-8 still encodes 
   CHECK(decoded.welcome().user_id() == "ab");
 }
 
+TEST_CASE("codec: a Message moved into its proto gives the same proto as a copied one") {
+  Message m;
+  m.conversation_id = 7;
+  m.seq = 42;
+  m.message_id = 99;
+  m.sender = "a-sender-id-longer-than-fifteen-bytes";
+  m.sender_device = "a-device-id-longer-than-fifteen-bytes";
+  m.client_msg_id = "0192a1b2c3d4-a-client-message-id";
+  m.server_time_ms = 1'700'000'000'000;
+  m.kind = MessageKind::kSystem;
+  m.content_type = "application/x-chat-system";
+  m.body = std::string(300, 'b');
+  Attachment attachment;
+  attachment.url = "https://example.com/a-long-attachment-url";
+  attachment.mime_type = "image/png";
+  m.attachments.push_back(attachment);
+  m.system.type = SystemEvent::Type::kMembersAdded;
+  m.system.actor = "an-actor-id-longer-than-fifteen-bytes";
+  for (int i = 0; i < 50; ++i)
+    m.system.users.push_back("a-member-id-longer-than-15-" + std::to_string(i));
+  m.system.title = "a title";
+  m.system.seq = 41;
+
+  v1::Message copied;
+  ToProto(m, &copied);
+  Message moving = m;
+  v1::Message moved;
+  ToProto(std::move(moving), &moved);
+  CHECK(google::protobuf::util::MessageDifferencer::Equals(copied, moved));
+  CHECK(moved.system().users_size() == 50);
+  CHECK(moved.sender() == m.sender);
+  CHECK(moved.body() == m.body);
+  // And the conversion back gives the original.
+  const Message back = FromProto(moved);
+  CHECK(back.system.users == m.system.users);
+  CHECK(back.attachments.size() == 1);
+  CHECK(back.sender_device == m.sender_device);
+}
+
 }  // namespace
 }  // namespace chat::codec
