@@ -48,8 +48,8 @@ std::string PackBatch(std::span<const Frame> frames, Format format);
 
 // Conversions to and from the public types.
 void ToProto(const Message& in, v1::Message* out);
-// The same, moving `in`'s strings into `out` instead of copying them (a reply built from a
-// store's result it owns).
+// The same, moving `in`'s strings (its system event's too) into `out` instead of copying them,
+// for a reply built from a store's result it owns; attachments are still copied.
 void ToProto(Message&& in, v1::Message* out);
 Message FromProto(const v1::Message& in);
 void ToProto(const ConversationInfo& in, v1::ConversationState* out);
