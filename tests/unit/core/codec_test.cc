@@ -525,7 +525,8 @@ TEST_CASE("codec: Validate checks the required fields of each client request") {
   }
 }
 
-TEST_CASE("codec: Message converts to the wire type and back") {
+// A user message with every field set and two attachments.
+Message SampleMessage() {
   Message user;
   user.conversation_id = 7;
   user.seq = 12;
@@ -540,6 +541,11 @@ TEST_CASE("codec: Message converts to the wire type and back") {
   user.attachments.push_back(
       Attachment{"https://x/y", "image/png", 1234, std::string(32, 'h'), "y.png", 640, 480, 0});
   user.attachments.push_back(Attachment{"https://x/z", "audio/ogg", 99, "", "z.ogg", 0, 0, 5000});
+  return user;
+}
+
+TEST_CASE("codec: Message converts to the wire type and back") {
+  const Message user = SampleMessage();
 
   v1::Message wire;
   ToProto(user, &wire);
@@ -703,25 +709,17 @@ TEST_CASE("codec: a string field holding bytes that are not UTF-8 still encodes 
 }
 
 TEST_CASE("codec: a Message moved into its proto gives the same proto as a copied one") {
-  Message m;
-  m.conversation_id = 7;
-  m.seq = 42;
-  m.message_id = 99;
+  // Strings past the inline buffer, a system event with many members, attachments.
+  Message m = SampleMessage();
   m.sender = "a-sender-id-longer-than-fifteen-bytes";
   m.sender_device = "a-device-id-longer-than-fifteen-bytes";
-  m.client_msg_id = "0192a1b2c3d4-a-client-message-id";
-  m.server_time_ms = 1'700'000'000'000;
   m.kind = MessageKind::kSystem;
-  m.content_type = "application/x-chat-system";
   m.body = std::string(300, 'b');
-  Attachment attachment;
-  attachment.url = "https://example.com/a-long-attachment-url";
-  attachment.mime_type = "image/png";
-  m.attachments.push_back(attachment);
   m.system.type = SystemEvent::Type::kMembersAdded;
   m.system.actor = "an-actor-id-longer-than-fifteen-bytes";
-  for (int i = 0; i < 50; ++i)
+  for (int i = 0; i < 50; ++i) {
     m.system.users.push_back("a-member-id-longer-than-15-" + std::to_string(i));
+  }
   m.system.title = "a title";
   m.system.seq = 41;
 
@@ -737,7 +735,7 @@ TEST_CASE("codec: a Message moved into its proto gives the same proto as a copie
   // And the conversion back gives the original.
   const Message back = FromProto(moved);
   CHECK(back.system.users == m.system.users);
-  CHECK(back.attachments.size() == 1);
+  CHECK(back.attachments.size() == 2);
   CHECK(back.sender_device == m.sender_device);
 }
 
