@@ -93,6 +93,8 @@ constexpr uint64_t kMaxDirectFrameBytes = 64ULL << 20;
 // Request ids of control requests (CreateGroup, AddMembers, Subscribe, History) start here, far
 // above the message indices that Send uses as rids.
 constexpr uint64_t kControlRid = 1ULL << 41;
+// The rid of a Sync (below kControlRid).
+constexpr uint64_t kSyncRid = 1ULL << 40;
 
 class Bench;
 
@@ -171,6 +173,7 @@ struct Conn {
   Received* last_record = nullptr;
   bool syncing = false;
   bool synced = false;
+  bool resync_pending = false;  // listed in Bench::resync_ after an error answered its Sync
   int sync_pages = 0;
 
   // Replies to control requests (Ok, ConversationUpdate, Error with a rid): how many came, and
@@ -325,7 +328,7 @@ class Bench {
 
   void SendSync(Conn& conn) {
     v1::Envelope envelope;
-    envelope.set_rid(1ULL << 40);
+    envelope.set_rid(kSyncRid);
     v1::Sync* sync = envelope.mutable_sync();
     sync->set_limit(500);
     for (const auto& [sender, record] : conn.received) {
@@ -494,6 +497,7 @@ class Bench {
     // The sul is the first member of the standard-layout TickTimer.
     Bench* self = reinterpret_cast<TickTimer*>(sul)->owner;
     self->ConnectDue();
+    self->ResyncDue();
     self->Heartbeat();
     // On lws's poll loop a timer finer than 10 ms busy-spins (LWS-NOTES pitfall 1).
     if (self->loop_ == nullptr && self->tick_fn_) self->tick_fn_();
@@ -505,6 +509,21 @@ class Bench {
   static void OnPace(struct ev_loop* /*loop*/, ev_timer* timer, int /*revents*/) {
     auto* self = static_cast<Bench*>(timer->data);
     if (self->tick_fn_) self->tick_fn_();
+  }
+
+  // A Sync answered with an error (the server overloaded, UNAVAILABLE with retry_after_ms) is
+  // sent again once the retry time has passed, as a client would; a connection that went down
+  // meanwhile syncs when it is back anyway.
+  void ResyncDue() {
+    if (resync_.empty()) return;
+    const int64_t now = NowNs();
+    std::erase_if(resync_, [&](const std::pair<int64_t, Conn*>& due) {
+      if (due.first > now) return false;
+      Conn& conn = *due.second;
+      conn.resync_pending = false;
+      if (conn.state == Conn::State::kReady && conn.syncing) SendSync(conn);
+      return true;
+    });
   }
 
   // Like a real client, pings every connection that has sent nothing for kPingAfterNs, so the
@@ -704,6 +723,11 @@ class Bench {
         }
         if (error.retry_after_ms() > 0) {
           conn.reconnect_at_ns = NowNs() + static_cast<int64_t>(error.retry_after_ms()) * 1'000'000;
+        }
+        if (envelope.rid() == kSyncRid && conn.syncing && !conn.resync_pending) {
+          conn.resync_pending = true;
+          const int64_t wait_ms = std::max<int64_t>(100, error.retry_after_ms());
+          resync_.emplace_back(NowNs() + wait_ms * 1'000'000, &conn);
         }
         break;
       }
@@ -938,6 +962,8 @@ class Bench {
   std::vector<std::unique_ptr<Conn>> conns_;
   int connecting_ = 0;
   int64_t last_heartbeat_ns_ = 0;
+  // (due, connection): Syncs to send again after an error; at most one per connection.
+  std::vector<std::pair<int64_t, Conn*>> resync_;
   Counters counters_;
   Histogram ack_latency_;
   Histogram deliver_latency_;
