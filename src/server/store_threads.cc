@@ -229,7 +229,9 @@ void StoreThreads::ReaderLoop() {
     ReadJob job;
     {
       std::unique_lock<std::mutex> lock(mu_);
+      ++idle_readers_;
       read_cv_.wait(lock, [this] { return stopping_ || !read_queue_.empty(); });
+      --idle_readers_;
       if (stopping_) return;
       job = std::move(read_queue_.front());
       read_queue_.pop_front();
@@ -264,16 +266,19 @@ void StoreThreads::ReaderLoop() {
   }
 }
 
-// Moves Syncs among the first kMergeScan queued reads to `syncs`: this reader's share of them
-// (the other readers take theirs), at most kMaxMergedSyncs - 1. The other reads keep their
-// order. Called with mu_ held.
+// Moves Syncs among the first kMergeScan queued reads to `syncs`: this reader's share of them,
+// the waiting Syncs and the one it holds divided among itself and the readers waiting for work
+// (a busy reader takes its share when it comes back), at most kMaxMergedSyncs in all. The other
+// reads keep their order. Called with mu_ held.
 void StoreThreads::TakeQueuedSyncs(std::vector<ReadJob>* syncs) {
   const auto end =
       read_queue_.begin() + static_cast<std::ptrdiff_t>(std::min(kMergeScan, read_queue_.size()));
   const auto waiting = static_cast<size_t>(std::count_if(
       read_queue_.begin(), end, [](const ReadJob& j) { return j.query.index() == 0; }));
-  const size_t readers = std::max<size_t>(1, options_.reader_threads);
-  const size_t take = std::min(kMaxMergedSyncs - 1, (waiting + readers - 1) / readers);
+  // Two idle readers split 2 Syncs 1 / 1 and 4 Syncs 2 / 2; a reader with no idle peer takes
+  // them all (up to the bound).
+  const size_t readers = idle_readers_ + 1;
+  const size_t take = std::min(kMaxMergedSyncs, (waiting + readers) / readers) - 1;
   auto keep = read_queue_.begin();
   for (auto it = read_queue_.begin(); it != end; ++it) {
     if (it->query.index() == 0 && syncs->size() < take) {
@@ -284,6 +289,11 @@ void StoreThreads::TakeQueuedSyncs(std::vector<ReadJob>* syncs) {
     }
   }
   read_queue_.erase(keep, end);
+}
+
+size_t StoreThreads::idle_readers() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return idle_readers_;
 }
 
 void StoreThreads::PostRead(ReadDone done) {

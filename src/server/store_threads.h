@@ -96,6 +96,8 @@ class StoreThreads {
 
   // Appends submitted and not yet completed (queued or being committed).
   size_t appends_pending() const { return appends_pending_.load(std::memory_order_relaxed); }
+  // Readers blocked waiting for a read.
+  size_t idle_readers();
 
  private:
   void WriterLoop();
@@ -116,6 +118,7 @@ class StoreThreads {
   std::condition_variable read_cv_;
   std::deque<AppendJob> append_queue_;
   std::deque<ReadJob> read_queue_;
+  size_t idle_readers_ = 0;  // readers blocked waiting for a read
   bool stopping_ = false;
 
   std::mutex done_mu_;  // guards the completion queues

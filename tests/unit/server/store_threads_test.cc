@@ -10,6 +10,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -372,7 +373,7 @@ TEST_CASE("store threads: Syncs waiting together are answered by one SyncMany, o
   threads.Stop();
 }
 
-TEST_CASE("store threads: with two readers each takes its share of the waiting Syncs") {
+TEST_CASE("store threads: a reader with no idle peer takes all the waiting Syncs") {
   auto store = std::make_shared<SyncGateStore>();
   Collector collector;
   StoreThreads threads(store, {.reader_threads = 2}, collector.WakeFn());
@@ -391,10 +392,33 @@ TEST_CASE("store threads: with two readers each takes its share of the waiting S
   for (uint64_t token = 3; token <= 6; ++token) threads.SubmitRead(sync(token));
   store->Open();
   REQUIRE(collector.CollectReads(threads, 6));
-  // The first reader free takes u3 and half of the three behind it; the other, what is left.
+  // The first reader back finds no idle peer and takes all four.
   std::vector<std::string> calls = store->calls();
   std::sort(calls.begin(), calls.end());
-  CHECK(calls == std::vector<std::string>{"Sync u1", "Sync u2", "Sync u6", "SyncMany u3 u4 u5"});
+  CHECK(calls == std::vector<std::string>{"Sync u1", "Sync u2", "SyncMany u3 u4 u5 u6"});
+  threads.Stop();
+}
+
+TEST_CASE("store threads: two idle readers split two Syncs that arrive together") {
+  auto store = std::make_shared<SyncGateStore>();
+  store->Open();
+  Collector collector;
+  StoreThreads threads(store, {.reader_threads = 2}, collector.WakeFn());
+  threads.Start();
+  // Both readers waiting for work (bounded wait).
+  for (int i = 0; i < 10'000 && threads.idle_readers() < 2; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  REQUIRE(threads.idle_readers() == 2);
+  for (uint64_t token = 1; token <= 2; ++token) {
+    const std::string user = "u" + std::to_string(token);
+    threads.SubmitRead(
+        {.token = token, .query = SyncQuery{.user = user, .device = user + "-1", .cursors = {}}});
+  }
+  REQUIRE(collector.CollectReads(threads, 2));
+  std::vector<std::string> calls = store->calls();
+  std::sort(calls.begin(), calls.end());
+  CHECK(calls == std::vector<std::string>{"Sync u1", "Sync u2"});
   threads.Stop();
 }
 
