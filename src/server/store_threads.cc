@@ -221,9 +221,8 @@ void StoreThreads::PostAppends(std::vector<AppendDone>* done) {
 }
 
 void StoreThreads::ReaderLoop() {
-  std::vector<ReadJob> syncs;
+  std::vector<ReadJob> syncs;  // a Sync and those taken with it
   std::vector<SyncQuery> queries;
-  std::vector<uint64_t> tokens;
   std::vector<bool> answered;
   for (;;) {
     ReadJob job;
@@ -235,41 +234,42 @@ void StoreThreads::ReaderLoop() {
       if (stopping_) return;
       job = std::move(read_queue_.front());
       read_queue_.pop_front();
-      if (job.query.index() == 0) TakeQueuedSyncs(&syncs);
+      if (job.query.index() == 0) {
+        syncs.push_back(std::move(job));
+        TakeQueuedSyncs(&syncs);
+      }
     }
-    if (syncs.empty()) {
-      PostRead(ReadDone{job.token, RunReadJob(*store_, job)});
+    if (syncs.size() <= 1) {
+      const ReadJob& one = syncs.empty() ? job : syncs.front();
+      PostRead(ReadDone{one.token, RunReadJob(*store_, one)});
+      syncs.clear();
       continue;
     }
-    tokens.assign(1, job.token);
-    queries.push_back(std::move(std::get<SyncQuery>(job.query)));
-    for (ReadJob& other : syncs) {
-      tokens.push_back(other.token);
-      queries.push_back(std::move(std::get<SyncQuery>(other.query)));
-    }
-    syncs.clear();
+    for (ReadJob& sync : syncs) queries.push_back(std::move(std::get<SyncQuery>(sync.query)));
     // Every Sync gets exactly one completion even from a store that calls `done` twice for a
     // query, with an index out of range, or not at all (the contract has it called once per
     // query before SyncMany returns).
-    answered.assign(tokens.size(), false);
+    answered.assign(syncs.size(), false);
     store_->SyncMany(queries, [&](size_t i, Result<SyncReply> reply) {
-      if (i >= tokens.size() || answered[i]) return;
+      if (i >= syncs.size() || answered[i]) return;
       answered[i] = true;
-      PostRead(ReadDone{tokens[i], ReadResult(std::in_place_index<0>, std::move(reply))});
+      PostRead(ReadDone{syncs[i].token, ReadResult(std::in_place_index<0>, std::move(reply))});
     });
-    for (size_t i = 0; i < tokens.size(); ++i) {
+    for (size_t i = 0; i < syncs.size(); ++i) {
       if (answered[i]) continue;
-      PostRead(ReadDone{tokens[i], ReadResult(std::in_place_index<0>,
-                                              Internal("the store did not answer this Sync"))});
+      PostRead(ReadDone{
+          syncs[i].token,
+          ReadResult(std::in_place_index<0>, Internal("the store did not answer this Sync"))});
     }
+    syncs.clear();
     queries.clear();
   }
 }
 
-// Moves Syncs among the first kMergeScan queued reads to `syncs`: this reader's share of them,
-// the waiting Syncs and the one it holds divided among itself and the readers waiting for work
-// (a busy reader takes its share when it comes back), at most kMaxMergedSyncs in all. The other
-// reads keep their order. Called with mu_ held.
+// Adds to `syncs` (which holds the Sync this reader took) Syncs among the first kMergeScan
+// queued reads: this reader's share, the waiting Syncs and the one it holds divided among itself
+// and the readers waiting for work (a busy reader takes its share when it comes back), at most
+// kMaxMergedSyncs in all. The other reads keep their order. Called with mu_ held.
 void StoreThreads::TakeQueuedSyncs(std::vector<ReadJob>* syncs) {
   const auto end =
       read_queue_.begin() + static_cast<std::ptrdiff_t>(std::min(kMergeScan, read_queue_.size()));
@@ -278,10 +278,10 @@ void StoreThreads::TakeQueuedSyncs(std::vector<ReadJob>* syncs) {
   // Two idle readers split 2 Syncs 1 / 1 and 4 Syncs 2 / 2; a reader with no idle peer takes
   // them all (up to the bound).
   const size_t readers = idle_readers_ + 1;
-  const size_t take = std::min(kMaxMergedSyncs, (waiting + readers) / readers) - 1;
+  const size_t share = std::min(kMaxMergedSyncs, (waiting + syncs->size() + readers - 1) / readers);
   auto keep = read_queue_.begin();
   for (auto it = read_queue_.begin(); it != end; ++it) {
-    if (it->query.index() == 0 && syncs->size() < take) {
+    if (it->query.index() == 0 && syncs->size() < share) {
       syncs->push_back(std::move(*it));
     } else {
       if (keep != it) *keep = std::move(*it);

@@ -339,23 +339,26 @@ class SyncGateStore : public MessageStoreWrapper {
   GatedLog<std::string> log_;
 };
 
+// A Sync of user "u<token>".
+ReadJob SyncJob(uint64_t token) {
+  const std::string user = "u" + std::to_string(token);
+  return ReadJob{.token = token,
+                 .query = SyncQuery{.user = user, .device = user + "-1", .cursors = {}}};
+}
+
 TEST_CASE("store threads: Syncs waiting together are answered by one SyncMany, other reads kept") {
   auto store = std::make_shared<SyncGateStore>();
   Collector collector;
   StoreThreads threads(store, {.reader_threads = 1}, collector.WakeFn());
   threads.Start();
-  auto sync = [](uint64_t token, const std::string& user) {
-    return ReadJob{.token = token,
-                   .query = SyncQuery{.user = user, .device = user + "-1", .cursors = {}}};
-  };
-  threads.SubmitRead(sync(1, "u1"));
+  threads.SubmitRead(SyncJob(1));
   // The only reader is held inside u1's Sync while the others queue up.
   REQUIRE(store->WaitCalls(1));
-  threads.SubmitRead(sync(2, "u2"));
+  threads.SubmitRead(SyncJob(2));
   threads.SubmitRead(
       {.token = 3, .query = HistoryQuery{.user = "u3", .conversation_id = 1, .limit = 10}});
-  threads.SubmitRead(sync(4, "u4"));
-  threads.SubmitRead(sync(5, "u5"));
+  threads.SubmitRead(SyncJob(4));
+  threads.SubmitRead(SyncJob(5));
   store->Open();
   REQUIRE(collector.CollectReads(threads, 5));
   CHECK(store->calls() == std::vector<std::string>{"Sync u1", "SyncMany u2 u4 u5"});
@@ -378,18 +381,13 @@ TEST_CASE("store threads: a reader with no idle peer takes all the waiting Syncs
   Collector collector;
   StoreThreads threads(store, {.reader_threads = 2}, collector.WakeFn());
   threads.Start();
-  auto sync = [](uint64_t token) {
-    const std::string user = "u" + std::to_string(token);
-    return ReadJob{.token = token,
-                   .query = SyncQuery{.user = user, .device = user + "-1", .cursors = {}}};
-  };
   // Both readers are held inside a Sync (one at a time, or the first would take both) while
   // four more queue up.
-  threads.SubmitRead(sync(1));
+  threads.SubmitRead(SyncJob(1));
   REQUIRE(store->WaitCalls(1));
-  threads.SubmitRead(sync(2));
+  threads.SubmitRead(SyncJob(2));
   REQUIRE(store->WaitCalls(2));
-  for (uint64_t token = 3; token <= 6; ++token) threads.SubmitRead(sync(token));
+  for (uint64_t token = 3; token <= 6; ++token) threads.SubmitRead(SyncJob(token));
   store->Open();
   REQUIRE(collector.CollectReads(threads, 6));
   // The first reader back finds no idle peer and takes all four.
@@ -410,11 +408,7 @@ TEST_CASE("store threads: two idle readers split two Syncs that arrive together"
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
   REQUIRE(threads.idle_readers() == 2);
-  for (uint64_t token = 1; token <= 2; ++token) {
-    const std::string user = "u" + std::to_string(token);
-    threads.SubmitRead(
-        {.token = token, .query = SyncQuery{.user = user, .device = user + "-1", .cursors = {}}});
-  }
+  for (uint64_t token = 1; token <= 2; ++token) threads.SubmitRead(SyncJob(token));
   REQUIRE(collector.CollectReads(threads, 2));
   std::vector<std::string> calls = store->calls();
   std::sort(calls.begin(), calls.end());
@@ -429,9 +423,7 @@ TEST_CASE("store threads: a store that leaves a merged Sync unanswered makes it 
   StoreThreads threads(store, {.reader_threads = 1}, collector.WakeFn());
   threads.Start();
   for (uint64_t token = 1; token <= 4; ++token) {
-    const std::string user = "u" + std::to_string(token);
-    threads.SubmitRead(
-        {.token = token, .query = SyncQuery{.user = user, .device = user + "-1", .cursors = {}}});
+    threads.SubmitRead(SyncJob(token));
     if (token == 1) REQUIRE(store->WaitCalls(1));
   }
   store->Open();
