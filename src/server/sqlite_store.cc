@@ -279,6 +279,8 @@ constexpr std::array<const char*, static_cast<size_t>(Sql::kCount)> kSql = {
 
 // SQLITE_TRANSIENT spelled without the old-style cast of its macro: SQLite copies the value.
 const sqlite3_destructor_type kTransient = reinterpret_cast<sqlite3_destructor_type>(intptr_t{-1});
+// SQLITE_STATIC: SQLite reads the caller's bytes until the statement is reset.
+const sqlite3_destructor_type kStatic = nullptr;
 
 // Maps a SQLite result code to the Status a caller can act on: contention and I/O trouble may
 // pass (retry), a damaged file will not, anything else is a bug or a broken invariant.
@@ -400,25 +402,16 @@ class Query {
   // Ids and seqs are uint64 in the API; SQLite integers are int64, so they are stored by bit
   // pattern (values above INT64_MAX never occur in practice but survive a round trip).
   Query& U64(uint64_t value) { return Int(static_cast<int64_t>(value)); }
-  Query& Text(std::string_view value) {
-    if (status_.ok()) {
-      Check(
-          sqlite3_bind_text64(stmt_, ++next_, value.data(), value.size(), kTransient, SQLITE_UTF8));
-    }
-    return *this;
-  }
+  // Text and Blob bind the caller's bytes without copying them: they must stay valid until
+  // the Query ends (the statement is reset there). A temporary std::string is copied instead.
+  Query& Text(std::string_view value) { return BindText(value, kStatic); }
+  Query& Text(std::string&& value) { return BindText(value, kTransient); }
   // Binds NULL for an empty value when `null_if_empty`, else a (possibly empty) blob.
   Query& Blob(std::string_view value, bool null_if_empty = false) {
-    if (!status_.ok()) return *this;
-    ++next_;
-    if (value.empty() && null_if_empty) {
-      Check(sqlite3_bind_null(stmt_, next_));
-    } else if (value.empty()) {
-      Check(sqlite3_bind_zeroblob(stmt_, next_, 0));
-    } else {
-      Check(sqlite3_bind_blob64(stmt_, next_, value.data(), value.size(), kTransient));
-    }
-    return *this;
+    return BindBlob(value, null_if_empty, kStatic);
+  }
+  Query& Blob(std::string&& value, bool null_if_empty = false) {
+    return BindBlob(value, null_if_empty, kTransient);
   }
 
   // True for a row, false when done.
@@ -448,6 +441,24 @@ class Query {
   }
 
  private:
+  Query& BindText(std::string_view value, sqlite3_destructor_type lifetime) {
+    if (status_.ok()) {
+      Check(sqlite3_bind_text64(stmt_, ++next_, value.data(), value.size(), lifetime, SQLITE_UTF8));
+    }
+    return *this;
+  }
+  Query& BindBlob(std::string_view value, bool null_if_empty, sqlite3_destructor_type lifetime) {
+    if (!status_.ok()) return *this;
+    ++next_;
+    if (value.empty() && null_if_empty) {
+      Check(sqlite3_bind_null(stmt_, next_));
+    } else if (value.empty()) {
+      Check(sqlite3_bind_zeroblob(stmt_, next_, 0));
+    } else {
+      Check(sqlite3_bind_blob64(stmt_, next_, value.data(), value.size(), lifetime));
+    }
+    return *this;
+  }
   void Check(int rc) {
     if (rc != SQLITE_OK) status_ = conn_.Error(rc, "bind");
   }
