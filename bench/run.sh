@@ -55,6 +55,9 @@ for bin in "$CHATD" "$BENCH"; do
 done
 BUILD_TYPE=$(sed -n 's/^CMAKE_BUILD_TYPE:[A-Z]*=//p' "$BUILD_DIR/CMakeCache.txt")
 if grep -q '^CHAT_SANITIZE:BOOL=ON' "$BUILD_DIR/CMakeCache.txt"; then BUILD_TYPE="$BUILD_TYPE+ASan"; fi
+# The allocator chatd runs on (jemalloc in builds without sanitizers; see examples/CMakeLists.txt).
+ALLOCATOR="glibc malloc"
+if ldd "$CHATD" 2>/dev/null | grep -q 'libjemalloc'; then ALLOCATOR="jemalloc"; fi
 mkdir -p "$RESULTS"
 RESULTS=$(cd "$RESULTS" && pwd)
 
@@ -135,7 +138,7 @@ record() {
   rm -f "$RESULTS/$file.json"
   if ! python3 "$ROOT/bench/table.py" --record "$raw" "$RESULTS/$file.json" \
       git_commit="$COMMIT" nproc="$(nproc)" kernel="$(uname -r)" build_type="$BUILD_TYPE" \
-      pinning="$PINNING" durability="$durability" quick="$QUICK" \
+      pinning="$PINNING" durability="$durability" quick="$QUICK" server_allocator="$ALLOCATOR" \
       generator_command="$command" exit_code="$rc" \
       loadavg_after="$(cut -d' ' -f1-3 /proc/loadavg)"; then
     echo "run.sh: $file produced no JSON (exit $rc)" >&2

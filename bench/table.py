@@ -166,9 +166,10 @@ def table(directory):
         return
     any_result = next(iter(results.values()))
     print()
-    print("Build %s, commit %s, nproc %d, kernel %s; %s." % (
+    print("Build %s, commit %s, nproc %d, kernel %s; %s; chatd allocates with %s." % (
         any_result["build_type"], any_result["git_commit"], any_result["nproc"],
-        any_result["kernel"], any_result["pinning"]))
+        any_result["kernel"], any_result["pinning"],
+        any_result.get("server_allocator", "glibc malloc")))
     print("Load average (1/5/15 min) after each workload: %s." % ", ".join(
         "%s %s" % (name, r.get("loadavg_after", "?")) for name, r in results.items()))
     print()

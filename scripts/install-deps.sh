@@ -8,6 +8,7 @@ packages=(
   libwebsockets-dev libwebsockets-evlib-ev libev-dev libssl-dev
   libprotobuf-dev protobuf-compiler
   libsqlite3-dev sqlite3
+  libjemalloc-dev
   doctest-dev libcli11-dev
   libbenchmark-dev
   python3 curl procps openssl

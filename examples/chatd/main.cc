@@ -11,6 +11,9 @@
 #include <signal.h>
 #include <sqlite3.h>
 #include <sys/resource.h>
+#ifdef CHAT_WITH_JEMALLOC
+#include <jemalloc/jemalloc.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -79,6 +82,21 @@ void FitDescriptorLimit(uint32_t max_connections) {
                   " is too low for max_connections " + std::to_string(max_connections) +
                   "; raise it (ulimit -Hn, LimitNOFILE=) or lower --max-connections");
   }
+}
+
+// Names the allocator in the log, so a deployment can tell which one its chatd runs on.
+void LogAllocator() {
+#ifdef CHAT_WITH_JEMALLOC
+  const char* version = nullptr;
+  size_t size = sizeof(version);
+  if (mallctl("version", &version, &size, nullptr, 0) == 0 && version != nullptr) {
+    chat::Log(chat::LogLevel::kInfo, std::string("chatd: allocator jemalloc ") + version);
+    return;
+  }
+  chat::Log(chat::LogLevel::kWarn, "chatd: built with jemalloc, but it does not answer");
+#else
+  chat::Log(chat::LogLevel::kInfo, "chatd: allocator: the C library's malloc");
+#endif
 }
 
 struct SecretFlags {
@@ -446,6 +464,7 @@ int Serve(ServeFlags& flags) {
   const std::string host = UrlHost(options.listen_address);
   const bool tls = !options.tls_cert_path.empty();
   FitDescriptorLimit(options.max_connections);
+  LogAllocator();
   chat::Result<std::unique_ptr<chat::Server>> server = chat::Server::Open(std::move(options));
   if (!server.ok()) {
     std::cerr << "chatd: " << server.status().ToString() << "\n";
