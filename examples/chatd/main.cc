@@ -39,6 +39,14 @@
 #include "chat/status.h"
 #include "chat/store.h"
 
+#ifdef CHAT_WITH_JEMALLOC
+// Read by jemalloc when it starts. Its background thread hands pages freed after a burst (the
+// handshakes of many connections, a catch-up storm) back to the system on jemalloc's decay
+// schedule (10 s) even while the server is idle; without it jemalloc only purges on later
+// allocations, so an idle server would keep them resident indefinitely.
+const char* malloc_conf = "background_thread:true";
+#endif
+
 namespace {
 
 constexpr int kExitOk = 0;

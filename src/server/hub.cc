@@ -47,9 +47,8 @@ struct Session {
   DeviceId device;
   // Before Hello: the hello timeout. After: when the token expires (INT64_MAX for never).
   int64_t deadline_ms = 0;
-  int64_t last_frame_ms = 0;
+  int64_t last_frame_ms = 0;        // also when the rate-limit buckets were last refilled
   int64_t timer_due_ms = kNoTimer;  // when this session's live timer heap entry fires
-  int64_t refill_ms = 0;            // when the buckets were last refilled
   int64_t message_tokens = 0;       // thousandths of a message
   int64_t byte_tokens = 0;          // thousandths of a byte; negative while in debt
   codec::Format format = codec::Format::kBinary;
@@ -57,8 +56,9 @@ struct Session {
   bool authenticated = false;
 };
 
-// Per-session memory is budgeted (about 2 KB per idle connection, libwebsockets included).
-static_assert(sizeof(Session) <= 128, "Session grew: check the per-connection memory budget");
+// Per-session memory is budgeted (about 2 KB per idle connection, libwebsockets included): with
+// the map's next pointer and key, 112 bytes make a 128-byte node, one of jemalloc's size classes.
+static_assert(sizeof(Session) <= 112, "Session grew: check the per-connection memory budget");
 
 // The authenticated sessions of one user: nearly always one, kept inline (a vector of one
 // would be an allocation per online user); two or more spill to the heap.
@@ -215,7 +215,6 @@ class Hub::Impl final : private PresenceTracker::Sink {
     Session& s = sessions_[id];
     s.deadline_ms = now + options_.hello_timeout_ms;
     s.last_frame_ms = now;
-    s.refill_ms = now;
     s.message_tokens = message_cap_;
     s.byte_tokens = byte_cap_;
     ++pending_sessions_;
@@ -233,13 +232,13 @@ class Hub::Impl final : private PresenceTracker::Sink {
         now - s.last_frame_ms >= static_cast<int64_t>(options_.presence_ttl_ms)) {
       presence_.DeviceHeard(s.user, s.device, now);
     }
+    Refill(s, now);  // before last_frame_ms moves: the buckets were last refilled then
     s.last_frame_ms = now;
     const codec::Format frame_format = text ? codec::Format::kJson : codec::Format::kBinary;
     if (!s.format_known) {
       s.format = frame_format;
       s.format_known = true;
     }
-    Refill(s, now);
 
     // The runtime normally refuses such a message before it is assembled; this keeps the close
     // code right for any runtime that does not.
@@ -465,11 +464,11 @@ class Hub::Impl final : private PresenceTracker::Sink {
   }
 
   // Buckets are refilled lazily when a session sends, which is equivalent to refilling them on
-  // every tick and keeps Tick independent of the number of sessions.
+  // every tick and keeps Tick independent of the number of sessions. They were last refilled at
+  // the session's previous frame (or its opening), so last_frame_ms serves as the refill time.
   void Refill(Session& s, int64_t now) {
-    const int64_t elapsed = std::min(now - s.refill_ms, kMaxRefillMs);
+    const int64_t elapsed = std::min(now - s.last_frame_ms, kMaxRefillMs);
     if (elapsed <= 0) return;
-    s.refill_ms = now;
     s.message_tokens = std::min(message_cap_, s.message_tokens + elapsed * message_rate_);
     s.byte_tokens = std::min(byte_cap_, s.byte_tokens + elapsed * byte_rate_);
   }

@@ -85,8 +85,7 @@ struct Connection {
   lws* wsi = nullptr;
   std::vector<codec::Frame> outbound;  // encoded envelopes waiting for a write
   size_t outbound_bytes = 0;
-  std::unique_ptr<std::string> rx;            // the message being reassembled from fragments
-  std::unique_ptr<std::string> close_reason;  // set when the server began closing
+  std::unique_ptr<std::string> rx;  // the message being reassembled from fragments
   uint16_t close_code = 0;
   uint16_t peer_close_code = 0;
   bool assembling : 1 = false;
@@ -103,7 +102,8 @@ struct Connection {
   bool rx_since_check : 1 = false;
 };
 
-static_assert(sizeof(Connection) <= 72, "Connection grew: check the per-connection memory budget");
+// With the map's next pointer and key, 64 bytes make an 80-byte node (a jemalloc size class).
+static_assert(sizeof(Connection) <= 64, "Connection grew: check the per-connection memory budget");
 
 // The close reason fits in a close frame and does not end inside a UTF-8 sequence.
 std::string CloseReasonBytes(std::string_view reason) {
@@ -423,6 +423,7 @@ class ServerImpl final : public Server, private server::HubIo {
     // CLOSED callbacks run inside; they find the Hub still alive.
     if (context != nullptr) lws_context_destroy(context);
     connections_.clear();
+    close_reasons_.clear();
   }
 
   // Called from any thread. Coalesces: one lws_cancel_service per drain of the loop.
@@ -606,7 +607,7 @@ class ServerImpl final : public Server, private server::HubIo {
   void BeginClose(Connection& conn, int code, std::string_view reason) {
     conn.closing = true;
     conn.close_code = static_cast<uint16_t>(code);
-    conn.close_reason = std::make_unique<std::string>(CloseReasonBytes(reason));
+    close_reasons_[conn.id] = CloseReasonBytes(reason);
     if (conn.paused) {
       // The peer's answer to the close frame must be read.
       conn.paused = false;
@@ -678,6 +679,7 @@ class ServerImpl final : public Server, private server::HubIo {
     if (conn->in_hub) hub_->OnClose(conn->id);
     if (current_ == conn) current_ = nullptr;
     const SessionId id = conn->id;
+    if (conn->closing) close_reasons_.erase(id);
     connections_.erase(id);  // conn is gone from here on
     if (phase_ == Phase::kClosing && connections_.empty()) AdvanceShutdown();
   }
@@ -771,8 +773,13 @@ class ServerImpl final : public Server, private server::HubIo {
       write_buffer_.clear();
       write_buffer_.shrink_to_fit();
     }
-    conn.outbound.erase(conn.outbound.begin(),
-                        conn.outbound.begin() + static_cast<std::ptrdiff_t>(n));
+    if (n == conn.outbound.size()) {
+      // Emptied: an idle connection keeps no queue storage (the next frame allocates again).
+      std::vector<codec::Frame>().swap(conn.outbound);
+    } else {
+      conn.outbound.erase(conn.outbound.begin(),
+                          conn.outbound.begin() + static_cast<std::ptrdiff_t>(n));
+    }
     conn.outbound_bytes -= bytes;
     if (written < static_cast<int>(size)) {
       Log(LogLevel::kWarn, "chat: write failed on session " + std::to_string(conn.id));
@@ -789,7 +796,8 @@ class ServerImpl final : public Server, private server::HubIo {
       return 0;
     }
     if (conn->closing && !conn->draining) {
-      std::string* reason = conn->close_reason.get();
+      auto it = close_reasons_.find(conn->id);
+      std::string* reason = it != close_reasons_.end() ? &it->second : nullptr;
       lws_close_reason(
           conn->wsi, static_cast<lws_close_status>(conn->close_code),
           reinterpret_cast<unsigned char*>(reason != nullptr ? reason->data() : nullptr),
@@ -907,6 +915,9 @@ class ServerImpl final : public Server, private server::HubIo {
   std::chrono::steady_clock::time_point deadline_;
   // Node-based: a Connection stays where it is while others come and go (lws holds pointers).
   std::unordered_map<SessionId, Connection> connections_;
+  // The close reason of each connection the server began closing (few at a time; kept here
+  // rather than in every Connection).
+  std::unordered_map<SessionId, std::string> close_reasons_;
   SessionId last_session_id_ = 0;
   Connection* current_ = nullptr;  // whose frame the Hub is handling
   std::vector<SessionId> paused_;
