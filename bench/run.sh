@@ -332,7 +332,8 @@ for w in "${WORKLOADS[@]}"; do
         rates=1000,2500,5000,7500,10000,15000,20000,30000,40000,50000,60000
         run_bench direct full -- --workload direct --pairs 500 --rates $rates --step-seconds 5
         run_bench direct-normal normal -- --workload direct --pairs 500 --rates $rates --step-seconds 5 ;;
-      idle) run_bench idle full -- --workload idle --connections 10000 --hold 3 --max-connecting 512 ;;
+      # Held 15 s: chatd's allocator hands the handshakes' freed pages back within ~10 s.
+      idle) run_bench idle full -- --workload idle --connections 10000 --hold 15 --max-connecting 512 ;;
       sync) run_bench sync full -- --workload sync --conversations 100 --messages 10000 --rate 20000 ;;
       connect)
         run_bench connect full -- --workload connect --connections 10000 --max-connecting 512

@@ -65,8 +65,11 @@ def headline(r):
             r["max_rate_p99_under_limit"], r["p99_limit_ms"],
             r["server_cpu_us_per_msg_at_max"], steps)
     if w == "idle":
-        return "%d conns: server RSS %.0f B/conn; slab %.0f B/conn (both ends + client)" % (
-            r["connections"], r["server_rss_bytes_per_conn"], r["slab_bytes_per_conn_both_ends"])
+        connected = r.get("server_rss_bytes_per_conn_connected")
+        return "%d conns: server RSS %.0f B/conn after %gs idle%s; slab %.0f B/conn (both ends + client)" % (
+            r["connections"], r["server_rss_bytes_per_conn"], r.get("hold_s", 0),
+            "" if connected is None else " (%.0f B/conn right after connecting)" % connected,
+            r["slab_bytes_per_conn_both_ends"])
     if w == "sync":
         return "%d msgs in %d convs: reconnect -> synced %.1f ms (welcome -> synced %.1f ms, %d pages)" % (
             r["messages"], r["conversations"], r.get("reconnect_to_synced_ms", -1),
