@@ -57,7 +57,11 @@ BUILD_TYPE=$(sed -n 's/^CMAKE_BUILD_TYPE:[A-Z]*=//p' "$BUILD_DIR/CMakeCache.txt"
 if grep -q '^CHAT_SANITIZE:BOOL=ON' "$BUILD_DIR/CMakeCache.txt"; then BUILD_TYPE="$BUILD_TYPE+ASan"; fi
 # The allocator chatd runs on (jemalloc in builds without sanitizers; see examples/CMakeLists.txt).
 ALLOCATOR="glibc malloc"
-if ldd "$CHATD" 2>/dev/null | grep -q 'libjemalloc'; then ALLOCATOR="jemalloc"; fi
+if grep -q '^CHAT_SANITIZE[A-Z_]*:BOOL=ON' "$BUILD_DIR/CMakeCache.txt"; then
+  ALLOCATOR="the sanitizer's"
+elif ldd "$CHATD" 2>/dev/null | grep -q 'libjemalloc'; then
+  ALLOCATOR="jemalloc"
+fi
 mkdir -p "$RESULTS"
 RESULTS=$(cd "$RESULTS" && pwd)
 

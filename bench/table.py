@@ -66,8 +66,9 @@ def headline(r):
             r["server_cpu_us_per_msg_at_max"], steps)
     if w == "idle":
         connected = r.get("server_rss_bytes_per_conn_connected")
-        return "%d conns: server RSS %.0f B/conn after %gs idle%s; slab %.0f B/conn (both ends + client)" % (
-            r["connections"], r["server_rss_bytes_per_conn"], r.get("hold_s", 0),
+        return "%d conns: server RSS %.0f B/conn%s%s; slab %.0f B/conn (both ends + client)" % (
+            r["connections"], r["server_rss_bytes_per_conn"],
+            "" if "hold_s" not in r else " after %gs idle" % r["hold_s"],
             "" if connected is None else " (%.0f B/conn right after connecting)" % connected,
             r["slab_bytes_per_conn_both_ends"])
     if w == "sync":

@@ -43,7 +43,8 @@
 // Read by jemalloc when it starts. Its background thread hands pages freed after a burst (the
 // handshakes of many connections, a catch-up storm) back to the system on jemalloc's decay
 // schedule (10 s) even while the server is idle; without it jemalloc only purges on later
-// allocations, so an idle server would keep them resident indefinitely.
+// allocations, so an idle server would keep them resident indefinitely. (Defined after
+// <jemalloc/jemalloc.h>, whose extern "C" declaration gives it C linkage and default visibility.)
 const char* malloc_conf = "background_thread:true";
 #endif
 

@@ -406,6 +406,7 @@ class Query {
   // the Query ends (the statement is reset there). A temporary std::string is copied instead.
   Query& Text(std::string_view value) { return BindText(value, kStatic); }
   Query& Text(std::string&& value) { return BindText(value, kTransient); }
+  Query& Text(const std::string&& value) = delete;  // would bind a temporary without a copy
   // Binds NULL for an empty value when `null_if_empty`, else a (possibly empty) blob.
   Query& Blob(std::string_view value, bool null_if_empty = false) {
     return BindBlob(value, null_if_empty, kStatic);
@@ -413,6 +414,7 @@ class Query {
   Query& Blob(std::string&& value, bool null_if_empty = false) {
     return BindBlob(value, null_if_empty, kTransient);
   }
+  Query& Blob(const std::string&& value, bool null_if_empty = false) = delete;
 
   // True for a row, false when done.
   Result<bool> Step() {
