@@ -8,6 +8,7 @@
 // gracefully: queued messages are committed and acked, clients are closed with 1001, and the
 // process exits 0. When the server is ready it prints exactly one line to stdout:
 // "chatd listening on ws://<address>:<port>" (wss:// with TLS).
+#include <libwebsockets.h>
 #include <signal.h>
 #include <sqlite3.h>
 #include <sys/resource.h>
@@ -22,6 +23,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <ctime>
 #include <fstream>
 #include <iostream>
@@ -38,6 +40,7 @@
 #include "chat/server.h"
 #include "chat/status.h"
 #include "chat/store.h"
+#include "src/core/slot_pool.h"
 
 #ifdef CHAT_WITH_JEMALLOC
 // Read by jemalloc when it starts. Its background thread hands pages freed after a burst (the
@@ -91,6 +94,44 @@ void FitDescriptorLimit(uint32_t max_connections) {
                   " is too low for max_connections " + std::to_string(max_connections) +
                   "; raise it (ulimit -Hn, LimitNOFILE=) or lower --max-connections");
   }
+}
+
+// libwebsockets' connection struct (952 bytes in Debian's 4.1) lands in jemalloc's 1,024-byte
+// class, so the structs of all connections sit 1 KiB apart, and lws reads a field of every one
+// of them whenever it adds or closes a connection (its descriptor-table check): at that stride
+// the reads share a few cache sets and miss. Blocks of that size are served from 960-byte slots
+// instead (docs/server.md, "Allocator"); every other lws allocation keeps the process's malloc.
+constexpr size_t kLwsSlotBytes = 960;
+constexpr size_t kLwsSlotMinBytes = 897;  // smaller blocks keep the allocator's own size classes
+
+chat::SlotPool& LwsSlots() {
+  static auto* const pool = new chat::SlotPool(kLwsSlotBytes);  // outlives lws: never freed
+  return *pool;
+}
+
+// lws_set_allocator's contract: realloc(nullptr, n) allocates, realloc(p, 0) frees.
+void* LwsRealloc(void* ptr, size_t size, const char* /*reason*/) {
+  chat::SlotPool& slots = LwsSlots();
+  if (ptr != nullptr && slots.Owns(ptr)) {
+    if (size == 0) {
+      slots.Free(ptr);
+      return nullptr;
+    }
+    if (size <= slots.slot_bytes()) return ptr;
+    void* moved = std::malloc(size);
+    if (moved == nullptr) return nullptr;  // as realloc: the block stays valid
+    std::memcpy(moved, ptr, slots.slot_bytes());
+    slots.Free(ptr);
+    return moved;
+  }
+  if (size == 0) {
+    std::free(ptr);
+    return nullptr;
+  }
+  if (ptr == nullptr && size >= kLwsSlotMinBytes && size <= slots.slot_bytes()) {
+    if (void* slot = slots.Allocate()) return slot;
+  }
+  return std::realloc(ptr, size);
 }
 
 // Names the allocator in the log, so a deployment can tell which one its chatd runs on.
@@ -518,6 +559,8 @@ int Token(const std::string& user, const std::string& ttl, const std::string& ki
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Before anything of lws runs; process-wide, so the application's choice, not the library's.
+  lws_set_allocator(&LwsRealloc);
   // chatd reads no SQLite memory statistics; without them SQLite's allocator takes no global
   // mutex per allocation (the writer thread's CPU in `direct` fell 2-3 %, docs/performance.md).
   // Process-wide, so set here by the application, before SQLite is first used, not by the library.
