@@ -31,6 +31,7 @@
 #include <optional>
 #include <sstream>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -96,13 +97,20 @@ void FitDescriptorLimit(uint32_t max_connections) {
   }
 }
 
-// libwebsockets' connection struct (952 bytes in Debian's 4.1) lands in jemalloc's 1,024-byte
-// class, so the structs of all connections sit 1 KiB apart, and lws reads a field of every one
-// of them whenever it adds or closes a connection (its descriptor-table check): at that stride
-// the reads share a few cache sets and miss. Blocks of that size are served from 960-byte slots
-// instead (docs/server.md, "Allocator"); every other lws allocation keeps the process's malloc.
+// libwebsockets' connection struct (952 bytes in Debian's 4.1 with its libev plugin) lands in
+// jemalloc's 1,024-byte class, so the structs of all connections sit 1 KiB apart, and lws reads a
+// field of every one of them whenever it adds or closes a connection (its descriptor-table
+// check): at that stride the reads share a few cache sets and miss. Connection structs ("new
+// server wsi", "listen wsi", "event pipe wsi", ... by lws's allocation reason) of that size are
+// served from 960-byte slots instead (docs/server.md, "Allocator"); every other lws allocation,
+// and a struct of another size, keeps the process's malloc.
 constexpr size_t kLwsSlotBytes = 960;
 constexpr size_t kLwsSlotMinBytes = 897;  // smaller blocks keep the allocator's own size classes
+
+bool IsConnectionStruct(const char* reason) {
+  constexpr std::string_view kSuffix = " wsi";
+  return reason != nullptr && std::string_view(reason).ends_with(kSuffix);
+}
 
 chat::SlotPool& LwsSlots() {
   static auto* const pool = new chat::SlotPool(kLwsSlotBytes);  // outlives lws: never freed
@@ -110,7 +118,7 @@ chat::SlotPool& LwsSlots() {
 }
 
 // lws_set_allocator's contract: realloc(nullptr, n) allocates, realloc(p, 0) frees.
-void* LwsRealloc(void* ptr, size_t size, const char* /*reason*/) {
+void* LwsRealloc(void* ptr, size_t size, const char* reason) {
   chat::SlotPool& slots = LwsSlots();
   if (ptr != nullptr && slots.Owns(ptr)) {
     if (size == 0) {
@@ -128,7 +136,8 @@ void* LwsRealloc(void* ptr, size_t size, const char* /*reason*/) {
     std::free(ptr);
     return nullptr;
   }
-  if (ptr == nullptr && size >= kLwsSlotMinBytes && size <= slots.slot_bytes()) {
+  if (ptr == nullptr && size >= kLwsSlotMinBytes && size <= slots.slot_bytes() &&
+      IsConnectionStruct(reason)) {
     if (void* slot = slots.Allocate()) return slot;
   }
   return std::realloc(ptr, size);

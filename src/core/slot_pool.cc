@@ -3,7 +3,16 @@
 #include <cstdlib>
 #include <new>
 
-#if defined(__SANITIZE_ADDRESS__)
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer)  // clang
+#define CHAT_SLOT_POOL_ASAN 1
+#endif
+#endif
+#if defined(__SANITIZE_ADDRESS__)  // gcc
+#define CHAT_SLOT_POOL_ASAN 1
+#endif
+
+#if defined(CHAT_SLOT_POOL_ASAN)
 #include <sanitizer/asan_interface.h>
 #define CHAT_POISON(p, n) ASAN_POISON_MEMORY_REGION((p), (n))
 #define CHAT_UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION((p), (n))
@@ -32,11 +41,16 @@ uintptr_t SlabOf(const void* p) {
   return reinterpret_cast<uintptr_t>(p) & ~uintptr_t{SlotPool::kSlabBytes - 1};
 }
 
+size_t CheckedSlotBytes(size_t slot_bytes) {
+  if (slot_bytes < 16 || slot_bytes > 4096 || slot_bytes % 16 != 0) std::abort();
+  return slot_bytes;
+}
+
 }  // namespace
 
 SlotPool::SlotPool(size_t slot_bytes)
-    : slot_bytes_(slot_bytes), slots_per_slab_((kSlabBytes - kHeaderBytes) / slot_bytes) {
-  if (slot_bytes < 16 || slot_bytes > 4096 || slot_bytes % 16 != 0) std::abort();
+    : slot_bytes_(CheckedSlotBytes(slot_bytes)),
+      slots_per_slab_((kSlabBytes - kHeaderBytes) / slot_bytes_) {
   static_assert(sizeof(Slab) <= kHeaderBytes);
 }
 
@@ -58,6 +72,7 @@ SlotPool::Slab* SlotPool::NewSlab() {
   }
   auto* slab = new (memory) Slab();
   CHAT_POISON(static_cast<char*>(memory) + kHeaderBytes, kSlabBytes - kHeaderBytes);
+  ++slabs_created_;
   return slab;
 }
 
@@ -93,6 +108,7 @@ void* SlotPool::Allocate() {
     slot = reinterpret_cast<char*>(slab) + kHeaderBytes + slab->carved * slot_bytes_;
     ++slab->carved;
   }
+  if (slab == spare_) spare_ = nullptr;  // in use again
   ++slab->live;
   ++in_use_;
   if (slab->free == nullptr && slab->carved == slots_per_slab_) Unlink(slab);
@@ -108,6 +124,10 @@ bool SlotPool::Owns(const void* p) const {
 void SlotPool::Free(void* p) {
   std::lock_guard lock(mu_);
   auto* slab = reinterpret_cast<Slab*>(SlabOf(p));
+#if defined(CHAT_SLOT_POOL_ASAN)
+  // A slot freed twice is poisoned already: fail loudly rather than corrupt the free list.
+  if (__asan_address_is_poisoned(static_cast<char*>(p) + sizeof(void*))) std::abort();
+#endif
   CHAT_POISON(static_cast<char*>(p) + sizeof(void*), slot_bytes_ - sizeof(void*));
   *static_cast<void**>(p) = slab->free;
   slab->free = p;
@@ -115,8 +135,13 @@ void SlotPool::Free(void* p) {
   --in_use_;
   if (!slab->listed) PushPartial(slab);
   if (slab->live != 0) return;
-  // All free: released unless it is the only slab with room (kept for the next Allocate).
-  if (partial_ == slab && slab->next == nullptr) return;
+  // All free: kept as the spare when there is none (the next Allocate may need it; without one
+  // a count of slots hovering at a slab boundary would allocate and release a slab each time),
+  // released otherwise.
+  if (spare_ == nullptr) {
+    spare_ = slab;
+    return;
+  }
   Unlink(slab);
   slabs_.erase(reinterpret_cast<uintptr_t>(slab));
   CHAT_UNPOISON(slab, kSlabBytes);
@@ -131,6 +156,11 @@ size_t SlotPool::slabs() const {
 size_t SlotPool::in_use() const {
   std::lock_guard lock(mu_);
   return in_use_;
+}
+
+size_t SlotPool::slabs_created() const {
+  std::lock_guard lock(mu_);
+  return slabs_created_;
 }
 
 }  // namespace chat

@@ -7,9 +7,10 @@
 // (examples/chatd/main.cc, docs/server.md "Allocator").
 //
 // Slots are handed out from partly used slabs first; a slab is carved lazily, so its untouched
-// pages are never faulted in; a slab whose slots are all free is released unless it is the only
-// spare. Slots are 16-byte aligned. Under AddressSanitizer a free slot is poisoned (its first
-// 8 bytes hold the free list), so a use after Free is reported.
+// pages are never faulted in; a slab whose slots are all free is released unless no other empty
+// slab is kept (one spare). Slots are 16-byte aligned. Under AddressSanitizer a free slot is
+// poisoned (its first 8 bytes hold the free list), so a use after Free is reported, and a slot
+// freed twice aborts.
 //
 // Thread-safety: every member may be called from any thread.
 #ifndef CHAT_SRC_CORE_SLOT_POOL_H_
@@ -43,9 +44,10 @@ class SlotPool {
   // Returns a slot from Allocate. Freeing anything else is undefined.
   void Free(void* p);
 
-  // Slabs held and slots in use (for tests and diagnostics).
+  // Slabs held, slots in use and slabs ever created (for tests and diagnostics).
   size_t slabs() const;
   size_t in_use() const;
+  size_t slabs_created() const;
 
  private:
   struct Slab;
@@ -59,7 +61,9 @@ class SlotPool {
   mutable std::mutex mu_;
   std::unordered_set<uintptr_t> slabs_;  // every slab's address
   Slab* partial_ = nullptr;              // slabs with a free or uncarved slot
+  Slab* spare_ = nullptr;                // the one empty slab kept, if any (also in partial_)
   size_t in_use_ = 0;
+  size_t slabs_created_ = 0;
 };
 
 }  // namespace chat

@@ -1,6 +1,9 @@
 #include "src/core/slot_pool.h"
 
 #include <doctest/doctest.h>
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -89,6 +92,59 @@ TEST_CASE("slot pool: freed slots are reused and empty slabs released, one kept"
   pool.Free(again);
   CHECK(pool.slabs() == 1);
 }
+
+TEST_CASE("slot pool: the slots freed in a slab are the ones handed out next") {
+  SlotPool pool(960);
+  std::vector<void*> slots;
+  for (size_t i = 0; i < pool.slots_per_slab(); ++i) slots.push_back(pool.Allocate());
+  REQUIRE(pool.slabs() == 1);
+  std::vector<void*> freed = {slots[3], slots[10], slots[42], slots[0]};
+  for (void* slot : freed) pool.Free(slot);
+  std::vector<void*> again;
+  for (size_t i = 0; i < freed.size(); ++i) again.push_back(pool.Allocate());
+  CHECK(pool.slabs() == 1);
+  std::sort(freed.begin(), freed.end());
+  std::sort(again.begin(), again.end());
+  CHECK(again == freed);
+  CHECK(pool.Allocate() != nullptr);  // the slab is full again: the next slot opens a new one
+  CHECK(pool.slabs() == 2);
+}
+
+TEST_CASE("slot pool: a count of slots hovering at a slab boundary does not churn slabs") {
+  SlotPool pool(960);
+  std::vector<void*> full;
+  for (size_t i = 0; i < pool.slots_per_slab(); ++i) full.push_back(pool.Allocate());
+  void* extra = pool.Allocate();  // the second slab's only slot
+  REQUIRE(pool.slabs_created() == 2);
+  for (int cycle = 0; cycle < 100; ++cycle) {
+    pool.Free(full.back());  // room in the first slab
+    pool.Free(extra);        // the second slab is empty: kept as the spare
+    full.back() = pool.Allocate();
+    extra = pool.Allocate();
+  }
+  CHECK(pool.slabs_created() == 2);
+  CHECK(pool.slabs() == 2);
+  for (void* slot : full) pool.Free(slot);
+  pool.Free(extra);
+  CHECK(pool.slabs() == 1);
+}
+
+#if defined(__SANITIZE_ADDRESS__)
+TEST_CASE("slot pool: a freed slot is poisoned for AddressSanitizer, an allocated one is not") {
+  SlotPool pool(960);
+  auto* slot = static_cast<char*>(pool.Allocate());
+  REQUIRE(slot != nullptr);
+  CHECK_FALSE(__asan_address_is_poisoned(slot + 959));
+  void* keep = pool.Allocate();  // so the slab is never empty in this test
+  pool.Free(slot);
+  CHECK(__asan_address_is_poisoned(slot + 8));
+  CHECK(__asan_address_is_poisoned(slot + 959));
+  CHECK(pool.Allocate() == slot);
+  CHECK_FALSE(__asan_address_is_poisoned(slot + 8));
+  pool.Free(slot);
+  pool.Free(keep);
+}
+#endif
 
 TEST_CASE("slot pool: concurrent Allocate and Free keep every slot's bytes") {
   SlotPool pool(960);
