@@ -257,7 +257,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
     }
     if (envelope.body_case() == Body::kBatch) {
       // Each element may close the session, so look it up again before the next one.
-      for (const v1::Envelope& element : envelope.batch().envelopes()) {
+      for (v1::Envelope& element : *envelope.mutable_batch()->mutable_envelopes()) {
         Session* current = FindSession(id);
         if (current == nullptr) return;
         HandleEnvelope(id, *current, element);
@@ -327,7 +327,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
       ack->set_seq(result.message.seq);
       ack->set_message_id(result.message.message_id);
       ack->set_server_time_ms(result.message.server_time_ms);
-      ack->set_client_msg_id(pending.client_msg_id);
+      ack->set_client_msg_id(std::move(pending.client_msg_id));
       ack->set_duplicate(result.duplicate);
       Reply(pending.session, *sender, reply);
     }
@@ -492,7 +492,8 @@ class Hub::Impl final : private PresenceTracker::Sink {
     return Status::Ok();
   }
 
-  void HandleEnvelope(SessionId id, Session& s, const v1::Envelope& envelope) {
+  // `envelope` is the decoded frame's: handlers may move its strings out (it is dropped after).
+  void HandleEnvelope(SessionId id, Session& s, v1::Envelope& envelope) {
     const Body body = envelope.body_case();
     if (!IsClientRequest(body)) {
       const std::string name = BodyName(envelope);
@@ -646,8 +647,10 @@ class Hub::Impl final : private PresenceTracker::Sink {
     if (!device_known) presence_.DeviceUp(s.user, s.device);
   }
 
-  void HandleSend(SessionId id, Session& s, const v1::Envelope& envelope) {
-    const v1::Send& send = envelope.send();
+  // The request takes the decoded Send's strings instead of copying them (a body may be up to
+  // max_body_bytes); only the pending entry keeps a copy of client_msg_id, for the reply.
+  void HandleSend(SessionId id, Session& s, v1::Envelope& envelope) {
+    v1::Send& send = *envelope.mutable_send();
     const uint64_t rid = envelope.rid();
     Status status = CheckSend(s, send);
     if (!status.ok()) {
@@ -657,25 +660,25 @@ class Hub::Impl final : private PresenceTracker::Sink {
 
     AppendJob job;
     job.token = next_token_++;
+    pending_appends_.emplace(job.token, PendingAppend{id, rid, send.client_msg_id()});
     AppendRequest& request = job.request;
     if (send.to_case() == v1::Send::kConversationId) {
       request.conversation_id = send.conversation_id();
     } else {
-      request.peer = send.peer();
+      request.peer = std::move(*send.mutable_peer());
     }
     request.sender = s.user;
     request.sender_device = s.device;
-    request.client_msg_id = send.client_msg_id();
+    request.client_msg_id = std::move(*send.mutable_client_msg_id());
     request.message_id = ids_.Next();
     request.server_time_ms = clock_->WallMs();
     request.kind = MessageKind::kUser;
-    request.content_type = send.content_type();
-    request.body = send.body();
+    request.content_type = std::move(*send.mutable_content_type());
+    request.body = std::move(*send.mutable_body());
     request.attachments.reserve(send.attachments_size());
     for (const v1::Attachment& attachment : send.attachments()) {
       request.attachments.push_back(codec::FromProto(attachment));
     }
-    pending_appends_.emplace(job.token, PendingAppend{id, rid, send.client_msg_id()});
     io_->SubmitAppend(std::move(job));
   }
 
