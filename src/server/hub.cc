@@ -512,7 +512,8 @@ class Hub::Impl final : private PresenceTracker::Sink {
       return;
     }
     // Every request costs a token, malformed ones included, so no kind of request can flood
-    // the loop or the store's queues. For Send this is the first of its checks.
+    // the loop or the store's queues. For Send this is the first of its checks. (client_msg_id
+    // is for the error below only: HandleSend moves the Send's strings out.)
     const std::string_view client_msg_id = body == Body::kSend
                                                ? std::string_view(envelope.send().client_msg_id())
                                                : std::string_view();

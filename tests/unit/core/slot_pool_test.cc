@@ -1,7 +1,16 @@
 #include "src/core/slot_pool.h"
 
 #include <doctest/doctest.h>
-#if defined(__SANITIZE_ADDRESS__)
+
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer)  // clang
+#define CHAT_TEST_ASAN 1
+#endif
+#endif
+#if defined(__SANITIZE_ADDRESS__)  // gcc
+#define CHAT_TEST_ASAN 1
+#endif
+#if defined(CHAT_TEST_ASAN)
 #include <sanitizer/asan_interface.h>
 #endif
 
@@ -129,7 +138,7 @@ TEST_CASE("slot pool: a count of slots hovering at a slab boundary does not chur
   CHECK(pool.slabs() == 1);
 }
 
-#if defined(__SANITIZE_ADDRESS__)
+#if defined(CHAT_TEST_ASAN)
 TEST_CASE("slot pool: a freed slot is poisoned for AddressSanitizer, an allocated one is not") {
   SlotPool pool(960);
   auto* slot = static_cast<char*>(pool.Allocate());
