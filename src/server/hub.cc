@@ -41,9 +41,16 @@ constexpr int64_t kMaxRefillMs = 1'000'000;
 // Session::timer_due_ms while the session has no live entry in the timer heap.
 constexpr int64_t kNoTimer = std::numeric_limits<int64_t>::min();
 
+// What user() returns before Hello.
+const UserId kNoUser;
+
 // Per-connection state. Kept small: an idle server holds thousands of these.
 struct Session {
-  UserId user;
+  // The user's id is the key of its entry in the Hub's users_ map, which exists exactly while
+  // the user has an authenticated session (a node's key never moves): one copy per user, not
+  // one per session.
+  const UserId* user_key = nullptr;  // set by Hello
+  const UserId& user() const { return user_key != nullptr ? *user_key : kNoUser; }
   DeviceId device;
   // Before Hello: the hello timeout. After: when the token expires (INT64_MAX for never).
   int64_t deadline_ms = 0;
@@ -57,8 +64,8 @@ struct Session {
 };
 
 // Per-session memory is budgeted (about 2 KB per idle connection, libwebsockets included): with
-// the map's next pointer and key, 112 bytes make a 128-byte node, one of jemalloc's size classes.
-static_assert(sizeof(Session) <= 112, "Session grew: check the per-connection memory budget");
+// the map's next pointer and key, 96 bytes make a 112-byte node, one of jemalloc's size classes.
+static_assert(sizeof(Session) <= 96, "Session grew: check the per-connection memory budget");
 
 // The authenticated sessions of one user: nearly always one, kept inline (a vector of one
 // would be an allocation per online user); two or more spill to the heap.
@@ -230,7 +237,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
     // A device silent past the presence TTL counts again from its first frame.
     if (s.authenticated &&
         now - s.last_frame_ms >= static_cast<int64_t>(options_.presence_ttl_ms)) {
-      presence_.DeviceHeard(s.user, s.device, now);
+      presence_.DeviceHeard(s.user(), s.device, now);
     }
     Refill(s, now);  // before last_frame_ms moves: the buckets were last refilled then
     s.last_frame_ms = now;
@@ -605,9 +612,10 @@ class Hub::Impl final : private PresenceTracker::Sink {
       CloseSession(id, kCloseUnauthenticated, "unauthenticated");
       return;
     }
-    UserSessions& devices = users_[identity->user_id];
+    const auto user_entry = users_.try_emplace(std::move(identity->user_id)).first;
+    UserSessions& devices = user_entry->second;
     if (devices.size() >= options_.max_devices_per_user) {
-      if (devices.empty()) users_.erase(identity->user_id);
+      if (devices.empty()) users_.erase(user_entry);
       SendError(id, s, rid, ResourceExhausted("too many devices for this user"));
       CloseSession(id, kCloseTooManyDevices, "too many devices");
       return;
@@ -617,7 +625,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
       return o != nullptr && o->device == hello.device_id();
     });
     devices.push_back(id);
-    s.user = std::move(identity->user_id);
+    s.user_key = &user_entry->first;
     s.device = hello.device_id();
     s.authenticated = true;
     s.deadline_ms = DeadlineOf(identity->expires_at_ms, wall_now);
@@ -627,7 +635,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
     v1::Envelope reply;
     reply.set_rid(rid);
     v1::Welcome* welcome = reply.mutable_welcome();
-    welcome->set_user_id(s.user);
+    welcome->set_user_id(s.user());
     welcome->set_device_id(s.device);
     welcome->set_session_id(id);
     welcome->set_epoch(epoch_);
@@ -645,7 +653,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
     limits->set_max_group_members(options_.max_group_members);
     limits->set_max_presence_subscriptions(options_.max_presence_subscriptions);
     Reply(id, s, reply);
-    if (!device_known) presence_.DeviceUp(s.user, s.device);
+    if (!device_known) presence_.DeviceUp(s.user(), s.device);
   }
 
   // The request takes the decoded Send's strings instead of copying them (a body may be up to
@@ -668,7 +676,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
     } else {
       request.peer = std::move(*send.mutable_peer());
     }
-    request.sender = s.user;
+    request.sender = s.user();
     request.sender_device = s.device;
     request.client_msg_id = std::move(*send.mutable_client_msg_id());
     request.message_id = ids_.Next();
@@ -697,7 +705,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
     if (static_cast<uint32_t>(send.attachments_size()) > options_.max_attachments) {
       return InvalidArgument("too many attachments");
     }
-    if (send.to_case() == v1::Send::kPeer && send.peer() == s.user) {
+    if (send.to_case() == v1::Send::kPeer && send.peer() == s.user()) {
       return InvalidArgument("cannot send to yourself");
     }
     return Status::Ok();
@@ -706,7 +714,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
   void HandleSync(SessionId id, Session& s, const v1::Envelope& envelope) {
     const v1::Sync& sync = envelope.sync();
     SyncQuery query;
-    query.user = s.user;
+    query.user = s.user();
     query.device = s.device;
     query.cursors.reserve(sync.cursors_size());
     for (const v1::Cursor& cursor : sync.cursors()) {
@@ -721,7 +729,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
   void HandleHistory(SessionId id, Session& s, const v1::Envelope& envelope) {
     const v1::History& history = envelope.history();
     HistoryQuery query;
-    query.user = s.user;
+    query.user = s.user();
     query.conversation_id = history.conversation_id();
     query.before_seq = history.before_seq();
     const uint32_t requested = history.limit() != 0 ? history.limit() : kDefaultHistoryLimit;
@@ -760,7 +768,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
   void SubmitMembersRead(SessionId id, const Session& s, uint64_t rid,
                          ConversationId conversation_id, Purpose purpose) {
     SubmitRead(id, rid, conversation_id, purpose,
-               ReceiptsQuery{.user = s.user, .conversation_id = conversation_id});
+               ReceiptsQuery{.user = s.user(), .conversation_id = conversation_id});
   }
 
   // Group operations go to the writer like messages: the store authorizes them and commits
@@ -769,7 +777,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
     AppendJob job;
     job.token = next_token_++;
     AppendRequest& request = job.request;
-    request.sender = s.user;
+    request.sender = s.user();
     request.sender_device = s.device;
     request.message_id = ids_.Next();
     request.server_time_ms = clock_->WallMs();
@@ -830,7 +838,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
     job.token = next_token_++;
     job.request.op = ConversationOp::kReceipt;
     job.request.conversation_id = receipt.conversation_id();
-    job.request.sender = s.user;
+    job.request.sender = s.user();
     job.request.sender_device = s.device;
     job.request.delivered_seq = receipt.delivered_seq();
     job.request.read_seq = receipt.read_seq();
@@ -953,13 +961,13 @@ class Hub::Impl final : private PresenceTracker::Sink {
         v1::Envelope update;
         v1::TypingUpdate* typing = update.mutable_typing_update();
         typing->set_conversation_id(conversation_id);
-        typing->set_user_id(s.user);
+        typing->set_user_id(s.user());
         typing->set_active(pending.purpose == Purpose::kTypingOn);
         typing->set_expires_ms(options_.typing_expires_ms);
         codec::Frame binary;
         codec::Frame json;
         for (const MemberReceipt& member : reply.members) {
-          if (member.user == s.user) continue;
+          if (member.user == s.user()) continue;
           SendToUserShared(member.user, update, 0, binary, json);
         }
         SendOk(pending.session, s, pending.rid);
@@ -993,7 +1001,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
     AppendJob job;
     job.token = next_token_++;
     job.request.op = ConversationOp::kPushToken;
-    job.request.sender = s.user;
+    job.request.sender = s.user();
     job.request.sender_device = s.device;
     job.request.server_time_ms = clock_->WallMs();
     job.request.push_platform = request.platform();
@@ -1097,7 +1105,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
       return;
     }
     SubmitRead(id, envelope.rid(), 0, Purpose::kPresenceSubscribe,
-               PresenceQuery{.user = s.user, .targets = std::move(users)});
+               PresenceQuery{.user = s.user(), .targets = std::move(users)});
   }
 
   void HandlePresenceUnsubscribe(SessionId id, Session& s, const v1::Envelope& envelope) {
@@ -1151,17 +1159,17 @@ class Hub::Impl final : private PresenceTracker::Sink {
       std::vector<UserId> targets;
       for (const PresenceContact& c : reply->targets) targets.push_back(c.user);
       SubmitRead(pending.session, pending.rid, 0, pending.purpose,
-                 PresenceQuery{.user = s.user, .targets = std::move(targets)});
+                 PresenceQuery{.user = s.user(), .targets = std::move(targets)});
       return;
     }
     if (!subscribe) {
       for (const PresenceContact& c : reply->targets) {
-        presence_.Resolve(pending.session, c.user, c.user == s.user || c.shares_conversation);
+        presence_.Resolve(pending.session, c.user, c.user == s.user() || c.shares_conversation);
       }
       return;
     }
     for (const PresenceContact& c : reply->targets) {
-      if (c.user != s.user && !c.shares_conversation) {
+      if (c.user != s.user() && !c.shares_conversation) {
         SendError(pending.session, s, pending.rid,
                   PermissionDenied("may not watch the presence of " + c.user +
                                    ": no shared direct conversation or group"));
@@ -1176,7 +1184,8 @@ class Hub::Impl final : private PresenceTracker::Sink {
       return;
     }
     for (const PresenceContact& c : reply->targets) {
-      const PresenceState state = presence_.Watch(pending.session, s.user, c.user, c.last_seen_ms);
+      const PresenceState state =
+          presence_.Watch(pending.session, s.user(), c.user, c.last_seen_ms);
       SendPresence(pending.session, c.user, state);
     }
     SendOk(pending.session, s, pending.rid);
@@ -1188,7 +1197,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
       const Session* s = FindSession(session);
       if (s == nullptr) continue;
       SubmitRead(session, 0, 0, Purpose::kPresenceRecheck,
-                 PresenceQuery{.user = s->user, .targets = std::move(targets)});
+                 PresenceQuery{.user = s->user(), .targets = std::move(targets)});
     }
   }
 
@@ -1200,7 +1209,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
       const int64_t ttl = options_.presence_ttl_ms;
       for (const auto& [id, s] : sessions_) {
         if (s.authenticated && now - s.last_frame_ms < ttl) {
-          presence_.DeviceHeard(s.user, s.device, s.last_frame_ms);
+          presence_.DeviceHeard(s.user(), s.device, s.last_frame_ms);
         }
       }
     }
@@ -1369,8 +1378,10 @@ class Hub::Impl final : private PresenceTracker::Sink {
     if (it == sessions_.end()) return;
     Session& s = it->second;
     if (s.authenticated) {
+      // A copy: the users_ entry holding the id may go below, before presence is told.
+      const UserId user_id = s.user();
       bool device_left = true;
-      auto user = users_.find(s.user);
+      auto user = users_.find(user_id);
       if (user != users_.end()) {
         user->second.erase(id);
         for (SessionId other : user->second) {
@@ -1379,9 +1390,10 @@ class Hub::Impl final : private PresenceTracker::Sink {
         }
         if (user->second.empty()) users_.erase(user);
       }
+      s.user_key = nullptr;
       // Its own subscriptions first, so the session hears nothing about its own departure.
       presence_.ForgetSession(id);
-      if (device_left) presence_.DeviceDown(s.user, s.device);
+      if (device_left) presence_.DeviceDown(user_id, s.device);
     } else {
       --pending_sessions_;
     }
