@@ -1390,7 +1390,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
         }
         if (user->second.empty()) users_.erase(user);
       }
-      s.user_key = nullptr;
+      s.user_key = nullptr;  // user() is "" from here until the session is erased below
       // Its own subscriptions first, so the session hears nothing about its own departure.
       presence_.ForgetSession(id);
       if (device_left) presence_.DeviceDown(user_id, s.device);
@@ -1422,8 +1422,10 @@ class Hub::Impl final : private PresenceTracker::Sink {
   const int64_t byte_cap_;
 
   std::unordered_map<SessionId, Session> sessions_;
-  std::unordered_map<UserId, UserSessions> users_;  // authenticated sessions by user
-  size_t pending_sessions_ = 0;                     // sessions without a successful Hello
+  // Authenticated sessions by user. Node-based on purpose: each Session::user_key points at its
+  // entry's key, so entries must never move (no open-addressing map here).
+  std::unordered_map<UserId, UserSessions> users_;
+  size_t pending_sessions_ = 0;  // sessions without a successful Hello
 
   // (due ms, session): one live entry per session; stale entries are skipped when popped.
   using Timer = std::pair<int64_t, SessionId>;
