@@ -154,7 +154,7 @@ void LogAllocator() {
   }
   chat::Log(chat::LogLevel::kWarn, "chatd: built with jemalloc, but it does not answer");
 #else
-  chat::Log(chat::LogLevel::kInfo, "chatd: allocator: the C library's malloc");
+  chat::Log(chat::LogLevel::kInfo, "chatd: allocator: malloc (built without jemalloc)");
 #endif
 }
 

@@ -49,8 +49,9 @@ struct Session {
   // The user's id is the key of its entry in the Hub's users_ map, which exists exactly while
   // the user has an authenticated session (a node's key never moves): one copy per user, not
   // one per session.
-  const UserId* user_key = nullptr;  // set by Hello
+  const UserId* user_key = nullptr;  // set by a successful Hello
   const UserId& user() const { return user_key != nullptr ? *user_key : kNoUser; }
+  bool authenticated() const { return user_key != nullptr; }
   DeviceId device;
   // Before Hello: the hello timeout. After: when the token expires (INT64_MAX for never).
   int64_t deadline_ms = 0;
@@ -60,7 +61,6 @@ struct Session {
   int64_t byte_tokens = 0;          // thousandths of a byte; negative while in debt
   codec::Format format = codec::Format::kBinary;
   bool format_known = false;
-  bool authenticated = false;
 };
 
 // Per-session memory is budgeted (about 2 KB per idle connection, libwebsockets included): with
@@ -235,7 +235,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
     Session& s = it->second;
     const int64_t now = clock_->MonotonicMs();
     // A device silent past the presence TTL counts again from its first frame.
-    if (s.authenticated &&
+    if (s.authenticated() &&
         now - s.last_frame_ms >= static_cast<int64_t>(options_.presence_ttl_ms)) {
       presence_.DeviceHeard(s.user(), s.device, now);
     }
@@ -416,7 +416,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
       Session* s = FindSession(id);
       if (s == nullptr || s->timer_due_ms != due) continue;  // stale entry
       s->timer_due_ms = kNoTimer;
-      if (!s->authenticated && now >= s->deadline_ms) {
+      if (!s->authenticated() && now >= s->deadline_ms) {
         CloseSession(id, kCloseUnauthenticated, "hello timeout");
       } else if (now >= s->deadline_ms) {
         // The client reconnects with a fresh token from its token provider.
@@ -508,12 +508,12 @@ class Hub::Impl final : private PresenceTracker::Sink {
       CloseSession(id, kCloseProtocolError, "not a client request");
       return;
     }
-    if (!s.authenticated && body != Body::kHello) {
+    if (!s.authenticated() && body != Body::kHello) {
       SendError(id, s, envelope.rid(), Unauthenticated("hello required first"));
       CloseSession(id, kCloseUnauthenticated, "hello required first");
       return;
     }
-    if (s.authenticated && body == Body::kHello) {
+    if (s.authenticated() && body == Body::kHello) {
       SendError(id, s, envelope.rid(), FailedPrecondition("already authenticated"));
       CloseSession(id, kClosePolicy, "already authenticated");
       return;
@@ -627,7 +627,6 @@ class Hub::Impl final : private PresenceTracker::Sink {
     devices.push_back(id);
     s.user_key = &user_entry->first;
     s.device = hello.device_id();
-    s.authenticated = true;
     s.deadline_ms = DeadlineOf(identity->expires_at_ms, wall_now);
     --pending_sessions_;
     ArmTimer(id, s);
@@ -1208,7 +1207,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
       next_presence_refresh_ms_ = now + presence_.refresh_interval_ms();
       const int64_t ttl = options_.presence_ttl_ms;
       for (const auto& [id, s] : sessions_) {
-        if (s.authenticated && now - s.last_frame_ms < ttl) {
+        if (s.authenticated() && now - s.last_frame_ms < ttl) {
           presence_.DeviceHeard(s.user(), s.device, s.last_frame_ms);
         }
       }
@@ -1377,7 +1376,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
     auto it = sessions_.find(id);
     if (it == sessions_.end()) return;
     Session& s = it->second;
-    if (s.authenticated) {
+    if (s.authenticated()) {
       // A copy: the users_ entry holding the id may go below, before presence is told.
       const UserId user_id = s.user();
       bool device_left = true;
@@ -1390,7 +1389,8 @@ class Hub::Impl final : private PresenceTracker::Sink {
         }
         if (user->second.empty()) users_.erase(user);
       }
-      s.user_key = nullptr;  // user() is "" from here until the session is erased below
+      // From here until it is erased below the session counts as unauthenticated, user "".
+      s.user_key = nullptr;
       // Its own subscriptions first, so the session hears nothing about its own departure.
       presence_.ForgetSession(id);
       if (device_left) presence_.DeviceDown(user_id, s.device);
