@@ -29,7 +29,6 @@
 #include "chat/v1/chat.pb.h"
 #include "src/core/codec.h"
 #include "src/core/threads.h"
-#include "src/server/sqlite_wal_vfs.h"
 #include "src/server/store_common.h"
 
 namespace chat {
@@ -317,8 +316,7 @@ class Connection {
         (read_only ? SQLITE_OPEN_READONLY : SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE) |
         SQLITE_OPEN_NOMUTEX;
     sqlite3* db = nullptr;
-    // WAL frames go out in one write per commit (sqlite_wal_vfs.h); the default VFS otherwise.
-    const int rc = sqlite3_open_v2(path.c_str(), &db, flags, server::WalBufferingVfsName());
+    const int rc = sqlite3_open_v2(path.c_str(), &db, flags, nullptr);
     if (rc != SQLITE_OK) {
       std::string detail = db != nullptr ? sqlite3_errmsg(db) : sqlite3_errstr(rc);
       sqlite3_close_v2(db);
