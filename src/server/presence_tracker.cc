@@ -232,13 +232,9 @@ void PresenceTracker::Tick() {
     std::vector<UserId> online;
     for (const auto& [user, e] : users_) {
       if (e.local_devices == 0 || !e.online || e.grace_until != 0) continue;
-      online.push_back(user);
-      if (online.size() == kPersistChunk) {
-        sink_->PersistLastSeen(std::move(online), clock_->WallMs());
-        online.clear();
-      }
+      PersistOnline(user, &online);
     }
-    if (!online.empty()) sink_->PersistLastSeen(std::move(online), clock_->WallMs());
+    PersistOnline(&online);
   }
   FlushWent();
 }
@@ -252,15 +248,22 @@ void PresenceTracker::PersistAll() {
       went_users_.push_back(user);
       went_ms_.push_back(e.went_ms);
     } else {
-      online.push_back(user);
-    }
-    if (online.size() == kPersistChunk) {
-      sink_->PersistLastSeen(std::move(online), clock_->WallMs());
-      online.clear();
+      PersistOnline(user, &online);
     }
   }
-  if (!online.empty()) sink_->PersistLastSeen(std::move(online), clock_->WallMs());
+  PersistOnline(&online);
   FlushWent();
+}
+
+void PresenceTracker::PersistOnline(const UserId& user, std::vector<UserId>* online) {
+  online->push_back(user);
+  if (online->size() == kPersistChunk) PersistOnline(online);
+}
+
+void PresenceTracker::PersistOnline(std::vector<UserId>* online) {
+  if (online->empty()) return;
+  sink_->PersistLastSeen(std::move(*online), clock_->WallMs());
+  online->clear();
 }
 
 void PresenceTracker::FlushWent() {

@@ -149,6 +149,10 @@ class PresenceTracker {
   void Recompute(const UserId& user, Entry& e, int64_t now);
   void GoOffline(const UserId& user, Entry& e);
   void FlushWent();
+  // Adds `user` to the users persisted as online now, persisting them in chunks.
+  void PersistOnline(const UserId& user, std::vector<UserId>* online);
+  // Persists what `online` holds (and leaves it empty).
+  void PersistOnline(std::vector<UserId>* online);
   void Changed(const UserId& user, Entry& e, int64_t now);
   void Broadcast(const UserId& user, const Entry& e, Watched& w, int64_t now);
   PresenceState StateOf(const Entry& e) const;

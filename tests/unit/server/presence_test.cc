@@ -474,6 +474,7 @@ struct RecordingSink final : server::PresenceTracker::Sink {
     sent.push_back({session, user, state});
   }
   void PersistLastSeen(std::vector<UserId> users, int64_t wall_ms) override {
+    online_call_sizes.push_back(users.size());
     for (UserId& user : users) persisted.emplace_back(std::move(user), wall_ms);
   }
   void PersistLastSeenEach(std::vector<UserId> users, std::vector<int64_t> wall_ms) override {
@@ -483,6 +484,7 @@ struct RecordingSink final : server::PresenceTracker::Sink {
     ++each_calls;
   }
   int each_calls = 0;
+  std::vector<size_t> online_call_sizes;  // users per PersistLastSeen call
   struct Sent {
     server::PresenceTracker::SessionId session;
     UserId user;
@@ -557,6 +559,37 @@ TEST_CASE("presence tracker: users whose grace periods end together are persiste
   REQUIRE(sink.persisted.size() == 2500);
   CHECK(sink.persisted[0] == std::pair<UserId, int64_t>{"u0", went0});
   CHECK(sink.persisted[2499] == std::pair<UserId, int64_t>{"u2499", went0 + 7});
+}
+
+TEST_CASE("presence tracker: online users' last seen is written in chunks of 1,000") {
+  auto clock = std::make_shared<FakeClock>();
+  RecordingSink sink;
+  ServerOptions options;
+  options.heartbeat_interval_ms = 1000;
+  options.presence_grace_ms = 5000;
+  server::PresenceTracker tracker(options, NewInProcessPresenceRegistry(), clock.get(), &sink);
+  for (int i = 0; i < 2500; ++i) tracker.DeviceUp("u" + std::to_string(i), "d");
+  clock->Advance(1000);
+  tracker.Tick();  // the periodic write
+  CHECK(sink.online_call_sizes == std::vector<size_t>{1000, 1000, 500});
+  REQUIRE(sink.persisted.size() == 2500);
+  CHECK(sink.persisted[2499].second == clock->WallMs());
+
+  // At shutdown: the users still online in chunks again; one whose last device just went (in
+  // its grace period) with the moment it went.
+  sink.online_call_sizes.clear();
+  sink.persisted.clear();
+  tracker.DeviceDown("u0", "d");
+  const int64_t went = clock->WallMs();
+  clock->Advance(10);
+  tracker.PersistAll();
+  CHECK(sink.online_call_sizes == std::vector<size_t>{1000, 1000, 499});
+  CHECK(sink.each_calls == 1);
+  REQUIRE(sink.persisted.size() == 2500);
+  const auto u0 = std::find_if(sink.persisted.begin(), sink.persisted.end(),
+                               [](const auto& p) { return p.first == "u0"; });
+  REQUIRE(u0 != sink.persisted.end());
+  CHECK(u0->second == went);
 }
 
 // Bob online with one device and carol watching him, already told of his second device: his
