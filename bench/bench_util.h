@@ -13,7 +13,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <ctime>
+#include <filesystem>
 #include <fstream>
+#include <map>
 #include <sstream>
 #include <string>
 
@@ -58,6 +60,48 @@ inline double CpuSecondsOf(int pid) {
     if (index == 15) stime = std::stoull(field);
   }
   return static_cast<double>(utime + stime) / static_cast<double>(sysconf(_SC_CLK_TCK));
+}
+
+// User + system CPU seconds of each of `pid`'s threads, summed by thread name (chatd names its
+// threads: "chatd" is the event loop, "chat-writer", "chat-reader", "chat-checkpoint"...).
+// Empty when the process cannot be read.
+inline std::map<std::string, double> ThreadCpuSecondsOf(int pid) {
+  std::map<std::string, double> by_name;
+  if (pid <= 0) return by_name;
+  std::error_code error;
+  const std::filesystem::path tasks = "/proc/" + std::to_string(pid) + "/task";
+  for (const auto& task : std::filesystem::directory_iterator(tasks, error)) {
+    std::string name;
+    std::ifstream comm(task.path() / "comm");
+    if (!std::getline(comm, name)) continue;
+    std::ifstream stat(task.path() / "stat");
+    std::string line;
+    if (!std::getline(stat, line)) continue;
+    const size_t paren = line.rfind(')');
+    if (paren == std::string::npos) continue;
+    std::istringstream fields(line.substr(paren + 2));
+    std::string field;
+    uint64_t ticks = 0;
+    for (int index = 3; index <= 15 && fields >> field; ++index) {
+      if (index == 14 || index == 15) ticks += std::stoull(field);
+    }
+    by_name[name] += static_cast<double>(ticks) / static_cast<double>(sysconf(_SC_CLK_TCK));
+  }
+  return by_name;
+}
+
+// What each thread name used between two ThreadCpuSecondsOf readings, as a JSON object.
+inline std::string ThreadCpuJson(const std::map<std::string, double>& before,
+                                 const std::map<std::string, double>& after) {
+  std::string json = "{";
+  for (const auto& [name, seconds] : after) {
+    auto it = before.find(name);
+    char buffer[64];
+    std::snprintf(buffer, sizeof buffer, "%.2f", seconds - (it == before.end() ? 0 : it->second));
+    if (json.size() > 1) json += ",";
+    json += "\"" + name + "\":" + buffer;
+  }
+  return json + "}";
 }
 
 // A "Key:   123 kB" line of a /proc file, in KiB; -1 when absent.

@@ -1072,6 +1072,7 @@ StepResult RunStep(Bench& bench, const std::vector<Conn*>& senders, double rate,
   bench.deliver_latency() = Histogram();
   Counters start = bench.counters();
   double server_cpu0 = CpuSecondsOf(bench.options().server_pid);
+  const std::map<std::string, double> threads0 = ThreadCpuSecondsOf(bench.options().server_pid);
   double self_cpu0 = CpuSecondsSelf();
   Pacer pacer{senders, rate, NowNs(), NowNs() + static_cast<int64_t>(seconds * 1e9)};
   int64_t t0 = NowNs();
@@ -1085,6 +1086,7 @@ StepResult RunStep(Bench& bench, const std::vector<Conn*>& senders, double rate,
   bool drained = Drain(bench, senders, std::max(10.0, seconds * 2));
   double wall = static_cast<double>(NowNs() - t0) / 1e9;
   double server_cpu = CpuSecondsOf(bench.options().server_pid) - server_cpu0;
+  const std::map<std::string, double> threads1 = ThreadCpuSecondsOf(bench.options().server_pid);
   double self_cpu = CpuSecondsSelf() - self_cpu0;
   int64_t sent = bench.counters().sent - start.sent;
   int64_t delivered = bench.counters().delivered - start.delivered;
@@ -1111,6 +1113,7 @@ StepResult RunStep(Bench& bench, const std::vector<Conn*>& senders, double rate,
   json.Raw("send_to_deliver", bench.deliver_latency().Json());
   json.Add("server_cpu_s", server_cpu);
   json.Add("server_cpu_us_per_msg", result.server_cpu_us_per_msg);
+  json.Raw("server_threads_cpu_s", ThreadCpuJson(threads0, threads1));
   json.Add("generator_cpu_s", self_cpu);
   json.Add("wall_s", wall);
   json.Add("send_s", send_s);

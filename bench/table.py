@@ -43,6 +43,20 @@ def lat(h):
         h["p50_us"], h["p99_us"], h["p999_us"], h["max_us"], h["n"])
 
 
+def thread_split(r):
+    """chatd's CPU per message by thread at the highest step held (results since the threads
+    are named: chatd = the event loop), or ""."""
+    best = [s for s in r.get("steps", [])
+            if s["offered_rate"] == r.get("max_rate_p99_under_limit")]
+    threads = best[0].get("server_threads_cpu_s") if best else None
+    if not threads or not best[0].get("sent"):
+        return ""
+    def per(name):
+        return threads.get(name, 0.0) * 1e6 / best[0]["sent"]
+    return ": loop %.1f, writer %.1f, checkpoint %.1f, readers %.1f" % (
+        per("chatd"), per("chat-writer"), per("chat-checkpoint"), per("chat-reader"))
+
+
 def headline(r):
     w = r["workload"]
     if "per_process" in r:
@@ -61,9 +75,9 @@ def headline(r):
         steps = ", ".join("%.0f/s: p99 %.1f ms, %.1f us CPU/msg" % (
             s["offered_rate"], s["send_to_deliver"]["p99_us"] / 1000.0,
             s["server_cpu_us_per_msg"]) for s in r["steps"])
-        return "max %.0f msg/s with p99 < %.0f ms (%.1f us CPU/msg there); steps: %s" % (
+        return "max %.0f msg/s with p99 < %.0f ms (%.1f us CPU/msg there%s); steps: %s" % (
             r["max_rate_p99_under_limit"], r["p99_limit_ms"],
-            r["server_cpu_us_per_msg_at_max"], steps)
+            r["server_cpu_us_per_msg_at_max"], thread_split(r), steps)
     if w == "idle":
         connected = r.get("server_rss_bytes_per_conn_connected")
         return "%d conns: server RSS %.0f B/conn%s%s; slab %.0f B/conn (both ends + client)" % (

@@ -9,6 +9,7 @@
 // process exits 0. When the server is ready it prints exactly one line to stdout:
 // "chatd listening on ws://<address>:<port>" (wss:// with TLS).
 #include <libwebsockets.h>
+#include <pthread.h>
 #include <signal.h>
 #include <sqlite3.h>
 #include <sys/resource.h>
@@ -256,6 +257,7 @@ class SignalWatcher {
 
   void Start(chat::Server* server) {
     thread_ = std::thread([this, server] {
+      pthread_setname_np(pthread_self(), "chatd-signals");
       int signals = 0;
       while (!done_.load()) {
         timespec timeout{0, 200'000'000};

@@ -19,6 +19,7 @@
 #include "src/client/session.h"
 #include "src/client/transport.h"
 #include "src/core/codec.h"
+#include "src/core/threads.h"
 
 namespace chat {
 
@@ -141,7 +142,7 @@ class Client::Impl final : public ClientListener, public client::SessionIo {
     if (started_) return FailedPrecondition("already started");
     if (polled_) return FailedPrecondition("Poll() is in use; Start() cannot be mixed with it");
     started_ = true;
-    thread_ = std::thread([this] {
+    thread_ = StartThreadWithSignalsBlocked("chat-client", [this] {
       while (!stop_) RunOnce(1000);
       Teardown();
     });

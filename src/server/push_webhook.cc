@@ -239,7 +239,7 @@ class WebhookNotifier final : public PushNotifier {
   WebhookNotifier(WebhookOptions options, ParsedUrl url)
       : options_(std::move(options)), url_(std::move(url)) {
     // The notifier may be made before the application blocks its signals.
-    thread_ = StartThreadWithSignalsBlocked([this] { Run(); });
+    thread_ = StartThreadWithSignalsBlocked("chat-push", [this] { Run(); });
   }
 
   ~WebhookNotifier() override {

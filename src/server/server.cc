@@ -37,6 +37,7 @@
 #include "chat/server.h"
 #include "src/core/codec.h"
 #include "src/core/lws_log.h"
+#include "src/core/threads.h"
 #include "src/server/hub.h"
 #include "src/server/store_threads.h"
 
@@ -360,7 +361,7 @@ class ServerImpl final : public Server, private server::HubIo {
     if (started_.exchange(true)) return FailedPrecondition("Run or Start was already called");
     std::lock_guard<std::mutex> lock(join_mu_);
     // Start() has no caller to return the reason to; RunLoop logs it.
-    thread_ = std::thread([this] { (void)RunLoop(); });
+    thread_ = StartThreadWithSignalsBlocked("chat-server", [this] { (void)RunLoop(); });
     return Status::Ok();
   }
 

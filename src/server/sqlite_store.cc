@@ -1229,7 +1229,8 @@ class SqliteStore final : public MessageStore {
         checkpointer_(std::move(checkpointer)) {
     for (auto& reader : readers_) idle_.push_back(reader.get());
     // The store may be opened before the application blocks its signals.
-    checkpoint_thread_ = StartThreadWithSignalsBlocked([this] { CheckpointLoop(); });
+    checkpoint_thread_ =
+        StartThreadWithSignalsBlocked("chat-checkpoint", [this] { CheckpointLoop(); });
     sqlite3_wal_hook(writer_->raw(), &SqliteStore::OnWalCommit, this);
   }
 

@@ -7,6 +7,7 @@
 #include <variant>
 
 #include "chat/log.h"
+#include "src/core/threads.h"
 
 namespace chat::server {
 
@@ -35,10 +36,12 @@ StoreThreads::~StoreThreads() { Stop(); }
 void StoreThreads::Start() {
   if (started_) return;
   started_ = true;
-  writer_ = std::thread([this] { WriterLoop(); });
+  writer_ = StartThreadWithSignalsBlocked("chat-writer", [this] { WriterLoop(); });
   const uint32_t readers = std::max<uint32_t>(options_.reader_threads, 1);
   readers_.reserve(readers);
-  for (uint32_t i = 0; i < readers; ++i) readers_.emplace_back([this] { ReaderLoop(); });
+  for (uint32_t i = 0; i < readers; ++i) {
+    readers_.push_back(StartThreadWithSignalsBlocked("chat-reader", [this] { ReaderLoop(); }));
+  }
 }
 
 void StoreThreads::Stop() {
