@@ -49,7 +49,7 @@ def thread_split(r):
     best = [s for s in r.get("steps", [])
             if s["offered_rate"] == r.get("max_rate_p99_under_limit")]
     threads = best[0].get("server_threads_cpu_s") if best else None
-    if not threads or not best[0].get("sent"):
+    if not threads or "chatd" not in threads or not best[0].get("sent"):
         return ""
     def per(name):
         return threads.get(name, 0.0) * 1e6 / best[0]["sent"]

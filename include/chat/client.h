@@ -211,8 +211,9 @@ class CHAT_EXPORT Client {
   Client& operator=(const Client&) = delete;
   ~Client();  // Close()
 
-  // Runs the client on an internal thread. FailedPrecondition if already started, if Poll()
-  // was used, or after Close().
+  // Runs the client on an internal thread (named "chat-client"; it blocks the signals sent to
+  // the process, and what the callbacks start inherits that). FailedPrecondition if already
+  // started, if Poll() was used, or after Close().
   Status Start();
   // Runs the client on the calling thread for at most about `timeout_ms` (0 = do what is
   // ready, do not wait): connects, reads, writes, fires timers and callbacks.

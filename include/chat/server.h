@@ -117,7 +117,8 @@ class CHAT_EXPORT Server {
 
   // Serves on the calling thread until Shutdown(). Returns the reason serving stopped.
   virtual Status Run() = 0;
-  // Serves on a thread of its own; returns at once.
+  // Serves on a thread of its own (named "chat-server"; it blocks the signals sent to the
+  // process, and what the hooks start inherits that); returns at once.
   virtual Status Start() = 0;
   // Graceful: stops accepting, commits what is queued, closes sessions with 1001, and makes
   // Run() return (or joins the Start() thread). Safe from any thread and from signal-driven

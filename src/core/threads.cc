@@ -5,20 +5,35 @@
 
 #include <utility>
 
-namespace chat {
+namespace chat::internal {
+namespace {
 
-std::thread StartThreadWithSignalsBlocked(const char* name, std::function<void()> fn) {
-  sigset_t all;
-  sigset_t previous;
-  sigfillset(&all);
-  pthread_sigmask(SIG_SETMASK, &all, &previous);
-  std::thread thread([name, fn = std::move(fn)] {
-    // Longer names are refused (ERANGE); the thread then keeps its parent's.
+// Restores the calling thread's signal mask when it goes out of scope.
+class MaskRestorer {
+ public:
+  explicit MaskRestorer(const sigset_t& mask) { pthread_sigmask(SIG_SETMASK, &mask, &previous_); }
+  ~MaskRestorer() { pthread_sigmask(SIG_SETMASK, &previous_, nullptr); }
+  MaskRestorer(const MaskRestorer&) = delete;
+  MaskRestorer& operator=(const MaskRestorer&) = delete;
+
+ private:
+  sigset_t previous_;
+};
+
+}  // namespace
+
+std::thread StartLibraryThread(const char* name, std::function<void()> fn) {
+  sigset_t mask;
+  sigfillset(&mask);
+  for (int raised : {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGTRAP, SIGSYS, SIGABRT, SIGPROF}) {
+    sigdelset(&mask, raised);
+  }
+  // The new thread inherits the mask in force while it is created.
+  MaskRestorer restore(mask);
+  return std::thread([name, fn = std::move(fn)] {
     pthread_setname_np(pthread_self(), name);
     fn();
   });
-  pthread_sigmask(SIG_SETMASK, &previous, nullptr);
-  return thread;
 }
 
-}  // namespace chat
+}  // namespace chat::internal

@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <chrono>
 #include <condition_variable>
+#include <filesystem>
+#include <fstream>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -141,6 +143,39 @@ AppendJob Job(uint64_t token) {
   job.request.server_time_ms = 1'700'000'000'000;
   job.request.body = "m" + std::to_string(token);
   return job;
+}
+
+// The names of this process's threads, one entry per thread.
+std::vector<std::string> ThreadNames() {
+  std::vector<std::string> names;
+  for (const auto& task : std::filesystem::directory_iterator("/proc/self/task")) {
+    std::ifstream comm(task.path() / "comm");
+    std::string name;
+    if (std::getline(comm, name)) names.push_back(name);
+  }
+  return names;
+}
+
+TEST_CASE("store threads: the writer and the readers are named threads") {
+  auto store = std::make_shared<RecordingStore>();
+  Collector collector;
+  StoreThreads threads(store, {.reader_threads = 3}, collector.WakeFn());
+  threads.Start();
+  // Each thread names itself as it starts.
+  auto count = [](const std::string& name) {
+    const std::vector<std::string> names = ThreadNames();
+    return std::count(names.begin(), names.end(), name);
+  };
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while ((count("chat-writer") != 1 || count("chat-reader") != 3) &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  CHECK(count("chat-writer") == 1);
+  CHECK(count("chat-reader") == 3);
+  threads.Stop();
+  CHECK(count("chat-writer") == 0);
+  CHECK(count("chat-reader") == 0);
 }
 
 TEST_CASE("store threads: appends queued during a commit go in the next group, in order") {
