@@ -526,17 +526,22 @@ class Bench {
     });
   }
 
-  // Like a real client, pings every connection that has sent nothing for kPingAfterNs, so the
-  // server's idle timeout (90 s for chatd) does not close connections that wait through a long
-  // setup phase. Checked once a second.
+  // Like a real client, pings every connection that has sent nothing for kPingAfterNs plus its
+  // own offset (0 to kPingSpreadNs by its id), so the server's idle timeout (90 s for chatd) does
+  // not close connections that wait through a long setup phase. The offsets keep the thousands
+  // of connections made together from all pinging in the same instant, which would put a burst
+  // of work into whichever step is running then. Checked every 100 ms.
   void Heartbeat() {
     constexpr int64_t kPingAfterNs = 20'000'000'000;
+    constexpr int64_t kPingSpreadNs = 10'000'000'000;
+    constexpr int kBuckets = 100;
     int64_t now = NowNs();
-    if (now - last_heartbeat_ns_ < 1'000'000'000) return;
+    if (now - last_heartbeat_ns_ < kPingSpreadNs / kBuckets) return;
     last_heartbeat_ns_ = now;
     for (auto& owned : conns_) {
       Conn& conn = *owned;
-      if (conn.state != Conn::State::kReady || now - conn.last_queued_ns < kPingAfterNs) continue;
+      const int64_t silent_for = kPingAfterNs + (conn.id % kBuckets) * (kPingSpreadNs / kBuckets);
+      if (conn.state != Conn::State::kReady || now - conn.last_queued_ns < silent_for) continue;
       v1::Envelope ping;
       ping.mutable_ping()->set_client_time_ms(WallMs());
       Queue(conn, ping);
