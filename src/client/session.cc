@@ -354,7 +354,10 @@ void Session::HandleWelcome(const v1::Envelope& envelope) {
   const int64_t now = Now();
   connected_at_ = now;
   last_rx_ = now;
-  next_ping_ = now + heartbeat_ms_;
+  // The first ping comes up to half an interval early, at random, so clients that connected
+  // together (after a server restart, say) do not all ping the server in the same moment of
+  // every interval; from then on, one interval apart.
+  next_ping_ = now + heartbeat_ms_ - static_cast<int64_t>(random_() % (heartbeat_ms_ / 2 + 1));
   outbox_retry_at_ = 0;
   // 90% of the server's rate leaves room for Pings, Syncs and History requests.
   const uint32_t per_second = welcome.limits().messages_per_second();

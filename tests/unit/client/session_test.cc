@@ -103,7 +103,10 @@ TEST_CASE("session: pings every heartbeat and drops a link silent for two interv
   Harness h;
   v1::Envelope sync = h.Welcome(7, /*heartbeat_ms=*/10'000);
   h.Reply(sync, {});
-  h.clock->Advance(9'999);
+  // The first ping comes kRandom % 5001 ms early (up to half an interval).
+  const int64_t early = static_cast<int64_t>(kRandom % 5'001);
+  REQUIRE(early > 0);
+  h.clock->Advance(10'000 - early - 1);
   h.session->Tick();
   CHECK(h.io.Take().empty());
   h.clock->Advance(1);
@@ -112,6 +115,15 @@ TEST_CASE("session: pings every heartbeat and drops a link silent for two interv
   REQUIRE(written.size() == 1);
   CHECK(written[0].has_ping());
   CHECK(h.session->NextDeadlineMs() <= h.Now() + 10'000);
+  // Then one interval apart.
+  h.clock->Advance(9'999);
+  h.session->Tick();
+  CHECK(h.io.Take().empty());
+  h.clock->Advance(1);
+  h.session->Tick();
+  written = h.io.Take();
+  REQUIRE(written.size() == 1);
+  CHECK(written[0].has_ping());
 
   // A Pong proves the link alive.
   v1::Envelope pong;
