@@ -90,20 +90,6 @@ inline std::map<std::string, double> ThreadCpuSecondsOf(int pid) {
   return by_name;
 }
 
-// What each thread name used between two ThreadCpuSecondsOf readings, as a JSON object.
-inline std::string ThreadCpuJson(const std::map<std::string, double>& before,
-                                 const std::map<std::string, double>& after) {
-  std::string json = "{";
-  for (const auto& [name, seconds] : after) {
-    auto it = before.find(name);
-    char buffer[64];
-    std::snprintf(buffer, sizeof buffer, "%.2f", seconds - (it == before.end() ? 0 : it->second));
-    if (json.size() > 1) json += ",";
-    json += "\"" + name + "\":" + buffer;
-  }
-  return json + "}";
-}
-
 // A "Key:   123 kB" line of a /proc file, in KiB; -1 when absent.
 inline int64_t ProcKb(const std::string& path, const std::string& key) {
   std::ifstream in(path);
@@ -191,13 +177,17 @@ class Histogram {
 // Minimal JSON object writer: enough for flat metrics and nested raw values.
 class JsonObject {
  public:
-  JsonObject& Add(const std::string& key, const std::string& value) {
+  // `text` as a JSON string (quotes and backslashes escaped, control characters dropped).
+  static std::string Quoted(const std::string& text) {
     std::string quoted = "\"";
-    for (char c : value) {
+    for (char c : text) {
       if (c == '"' || c == '\\') quoted += '\\';
       if (static_cast<unsigned char>(c) >= 0x20) quoted += c;
     }
-    return Raw(key, quoted + "\"");
+    return quoted + "\"";
+  }
+  JsonObject& Add(const std::string& key, const std::string& value) {
+    return Raw(key, Quoted(value));
   }
   JsonObject& Add(const std::string& key, const char* value) {
     return Add(key, std::string(value));
@@ -212,7 +202,7 @@ class JsonObject {
   }
   JsonObject& Raw(const std::string& key, const std::string& json) {
     if (!text_.empty()) text_ += ",";
-    text_ += "\"" + key + "\":" + json;
+    text_ += Quoted(key) + ":" + json;
     return *this;
   }
   std::string str() const { return "{" + text_ + "}"; }
@@ -220,6 +210,17 @@ class JsonObject {
  private:
   std::string text_;
 };
+
+// What each thread name used between two ThreadCpuSecondsOf readings, as a JSON object.
+inline std::string ThreadCpuJson(const std::map<std::string, double>& before,
+                                 const std::map<std::string, double>& after) {
+  JsonObject json;
+  for (const auto& [name, seconds] : after) {
+    auto it = before.find(name);
+    json.Add(name, seconds - (it == before.end() ? 0 : it->second));
+  }
+  return json.str();
+}
 
 // Workloads that use the SDK in-process rather than the protocol (sdk_bench.cc). Each prints one
 // JSON object on stdout and returns the process exit code.

@@ -46,13 +46,17 @@ def lat(h):
 def thread_split(r):
     """chatd's CPU per message by thread at the highest step held (results since the threads
     are named: chatd = the event loop), or ""."""
-    best = [s for s in r.get("steps", [])
-            if s["offered_rate"] == r.get("max_rate_p99_under_limit")]
-    threads = best[0].get("server_threads_cpu_s") if best else None
-    if not threads or "chatd" not in threads or not best[0].get("sent"):
+    # The held step at that rate (a rate may be repeated): the one whose CPU was reported.
+    steps = [s for s in r.get("steps", [])
+             if s["offered_rate"] == r.get("max_rate_p99_under_limit")
+             and s.get("server_cpu_us_per_msg") == r.get("server_cpu_us_per_msg_at_max")]
+    step = steps[-1] if steps else {}
+    threads = step.get("server_threads_cpu_s")
+    if not threads or "chatd" not in threads or not step.get("sent"):
         return ""
+
     def per(name):
-        return threads.get(name, 0.0) * 1e6 / best[0]["sent"]
+        return threads.get(name, 0.0) * 1e6 / step["sent"]
     return ": loop %.1f, writer %.1f, checkpoint %.1f, readers %.1f" % (
         per("chatd"), per("chat-writer"), per("chat-checkpoint"), per("chat-reader"))
 
