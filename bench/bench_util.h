@@ -40,31 +40,34 @@ inline double CpuSecondsSelf() {
          static_cast<double>(usage.ru_utime.tv_usec + usage.ru_stime.tv_usec) / 1e6;
 }
 
-// CPU seconds (user + system, all threads) of another process, from /proc/<pid>/stat; -1 when
-// the process cannot be read. The resolution is one clock tick (10 ms here), so the callers
-// measure over seconds.
-inline double CpuSecondsOf(int pid) {
-  if (pid <= 0) return -1;
-  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+// User + system CPU seconds from a /proc stat file (a process's, all its threads, or one
+// thread's); -1 when it cannot be read. The resolution is one clock tick (10 ms here), so the
+// callers measure over seconds.
+inline double StatCpuSeconds(const std::filesystem::path& stat_path) {
+  std::ifstream in(stat_path);
   std::string line;
   if (!std::getline(in, line)) return -1;
-  size_t paren = line.rfind(')');
-  if (paren == std::string::npos) return -1;
+  // The command, in parentheses, may hold spaces; the fields after it start at field 3 (state).
+  const size_t paren = line.rfind(')');
+  if (paren == std::string::npos || paren + 2 > line.size()) return -1;
   std::istringstream fields(line.substr(paren + 2));
   std::string field;
-  // Fields after the command start at field 3 (state); utime and stime are fields 14 and 15.
-  uint64_t utime = 0;
-  uint64_t stime = 0;
+  uint64_t ticks = 0;  // utime and stime are fields 14 and 15
   for (int index = 3; index <= 15 && fields >> field; ++index) {
-    if (index == 14) utime = std::stoull(field);
-    if (index == 15) stime = std::stoull(field);
+    if (index == 14 || index == 15) ticks += std::stoull(field);
   }
-  return static_cast<double>(utime + stime) / static_cast<double>(sysconf(_SC_CLK_TCK));
+  return static_cast<double>(ticks) / static_cast<double>(sysconf(_SC_CLK_TCK));
+}
+
+// CPU seconds (user + system, all threads) of another process; -1 when it cannot be read.
+inline double CpuSecondsOf(int pid) {
+  if (pid <= 0) return -1;
+  return StatCpuSeconds("/proc/" + std::to_string(pid) + "/stat");
 }
 
 // User + system CPU seconds of each of `pid`'s threads, summed by thread name (chatd names its
 // threads: "chatd" is the event loop, "chat-writer", "chat-reader", "chat-checkpoint"...).
-// Empty when the process cannot be read.
+// Empty when the process cannot be read; a thread that exits meanwhile is left out.
 inline std::map<std::string, double> ThreadCpuSecondsOf(int pid) {
   std::map<std::string, double> by_name;
   if (pid <= 0) return by_name;
@@ -74,18 +77,8 @@ inline std::map<std::string, double> ThreadCpuSecondsOf(int pid) {
     std::string name;
     std::ifstream comm(task.path() / "comm");
     if (!std::getline(comm, name)) continue;
-    std::ifstream stat(task.path() / "stat");
-    std::string line;
-    if (!std::getline(stat, line)) continue;
-    const size_t paren = line.rfind(')');
-    if (paren == std::string::npos) continue;
-    std::istringstream fields(line.substr(paren + 2));
-    std::string field;
-    uint64_t ticks = 0;
-    for (int index = 3; index <= 15 && fields >> field; ++index) {
-      if (index == 14 || index == 15) ticks += std::stoull(field);
-    }
-    by_name[name] += static_cast<double>(ticks) / static_cast<double>(sysconf(_SC_CLK_TCK));
+    const double seconds = StatCpuSeconds(task.path() / "stat");
+    if (seconds >= 0) by_name[name] += seconds;
   }
   return by_name;
 }

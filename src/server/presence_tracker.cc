@@ -232,9 +232,9 @@ void PresenceTracker::Tick() {
     std::vector<UserId> online;
     for (const auto& [user, e] : users_) {
       if (e.local_devices == 0 || !e.online || e.grace_until != 0) continue;
-      PersistOnline(user, &online);
+      QueueOnline(user, &online);
     }
-    PersistOnline(&online);
+    FlushOnline(&online);
   }
   FlushWent();
 }
@@ -248,19 +248,19 @@ void PresenceTracker::PersistAll() {
       went_users_.push_back(user);
       went_ms_.push_back(e.went_ms);
     } else {
-      PersistOnline(user, &online);
+      QueueOnline(user, &online);
     }
   }
-  PersistOnline(&online);
+  FlushOnline(&online);
   FlushWent();
 }
 
-void PresenceTracker::PersistOnline(const UserId& user, std::vector<UserId>* online) {
+void PresenceTracker::QueueOnline(const UserId& user, std::vector<UserId>* online) {
   online->push_back(user);
-  if (online->size() == kPersistChunk) PersistOnline(online);
+  if (online->size() == kPersistChunk) FlushOnline(online);
 }
 
-void PresenceTracker::PersistOnline(std::vector<UserId>* online) {
+void PresenceTracker::FlushOnline(std::vector<UserId>* online) {
   if (online->empty()) return;
   sink_->PersistLastSeen(std::move(*online), clock_->WallMs());
   online->clear();

@@ -149,10 +149,11 @@ class PresenceTracker {
   void Recompute(const UserId& user, Entry& e, int64_t now);
   void GoOffline(const UserId& user, Entry& e);
   void FlushWent();
-  // Adds `user` to the users persisted as online now, persisting them in chunks.
-  void PersistOnline(const UserId& user, std::vector<UserId>* online);
-  // Persists what `online` holds (and leaves it empty).
-  void PersistOnline(std::vector<UserId>* online);
+  // Adds `user` to `online`, the users whose last seen is written as now, writing them in
+  // chunks of kPersistChunk.
+  void QueueOnline(const UserId& user, std::vector<UserId>* online);
+  // Writes what `online` holds (and leaves it empty).
+  void FlushOnline(std::vector<UserId>* online);
   void Changed(const UserId& user, Entry& e, int64_t now);
   void Broadcast(const UserId& user, const Entry& e, Watched& w, int64_t now);
   PresenceState StateOf(const Entry& e) const;
