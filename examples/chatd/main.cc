@@ -449,7 +449,11 @@ void AddServeFlags(CLI::App* serve, ServeFlags* f) {
       ->capture_default_str();
   serve
       ->add_option("--commit-delay-ms", o.commit_delay_ms,
-                   "Wait this long for more messages before a commit")
+                   "Under load, wait this long for more messages before a commit; 0 = never")
+      ->capture_default_str();
+  serve
+      ->add_option("--commit-delay-min-batch", o.commit_delay_min_batch,
+                   "Load at which commits are paced: messages in the previous commit")
       ->capture_default_str();
   serve
       ->add_option("--writer-queue-max", o.writer_queue_max,

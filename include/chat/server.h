@@ -84,8 +84,12 @@ struct ServerOptions {
   uint32_t max_presence_subscriptions = 256;  // users one connection watches at once; > 0
 
   // --- Store threads ---
-  uint32_t commit_batch_max = 512;   // messages per transaction, at most
-  uint32_t commit_delay_ms = 0;      // wait this long for more messages before a commit
+  uint32_t commit_batch_max = 512;  // messages per transaction, at most
+  // Under load (the last commit had at least commit_delay_min_batch messages), the writer
+  // waits this long for more messages before the next commit, so each carries more of them;
+  // below that load messages are committed at once. 0 = never wait.
+  uint32_t commit_delay_ms = 2;
+  uint32_t commit_delay_min_batch = 32;
   size_t writer_queue_max = 20'000;  // messages waiting for commit; past it reads pause
   uint32_t reader_threads = 2;       // threads serving Sync and History
 

@@ -1,8 +1,10 @@
 // StoreThreads: the threads that call the MessageStore, so the event loop never waits on disk.
 //
-// One writer thread commits appends in groups: it takes up to `commit_batch_max` queued jobs
-// (optionally waiting `commit_delay_ms` for more), calls MessageStore::Append once for the whole
-// group, and posts one completion per job, in submission order. `reader_threads` threads serve
+// One writer thread commits appends in groups: it takes up to `commit_batch_max` queued jobs,
+// calls MessageStore::Append once for the whole group, and posts one completion per job, in
+// submission order. Under load (the last group had at least `commit_delay_min_batch` jobs) it
+// first waits `commit_delay_ms` for more, so each commit carries more messages; below that load
+// it commits what is queued at once. `reader_threads` threads serve
 // Sync, History and Receipts queries and post their completions in any order; a reader that
 // takes a Sync also takes the other Syncs waiting near the front of the queue and answers them
 // with one MessageStore::SyncMany (concurrent catch-up reads of the same messages are merged).
@@ -51,7 +53,11 @@ struct ReadDone {
 
 struct StoreThreadsOptions {
   uint32_t commit_batch_max = 512;  // jobs per Append call, at most
-  uint32_t commit_delay_ms = 0;     // wait this long for a fuller group
+  // Under load, the writer waits this long for more jobs before taking a group (less if
+  // commit_batch_max are queued); 0 = never wait. Load: the previous group had at least
+  // commit_delay_min_batch jobs (0 or 1 = always).
+  uint32_t commit_delay_ms = 0;
+  uint32_t commit_delay_min_batch = 0;
   uint32_t reader_threads = 2;
   size_t append_queue_max = 40'000;         // queued appends; past it a job fails with Unavailable
   size_t read_queue_max = 10'000;           // queued reads; past it a job fails with Unavailable

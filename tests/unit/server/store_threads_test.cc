@@ -309,6 +309,55 @@ TEST_CASE("store threads: Stop commits what was accepted before the writer exits
   CHECK(history->messages.size() == 3);
 }
 
+// commit_delay_ms of a minute: a wait that should not happen fails the bounded collections.
+const StoreThreadsOptions kPaced{.commit_batch_max = 4,
+                                 .commit_delay_ms = 60'000,
+                                 .commit_delay_min_batch = 2,
+                                 .reader_threads = 1};
+
+TEST_CASE("store threads: below the load set by commit_delay_min_batch, nothing waits") {
+  auto store = std::make_shared<RecordingStore>();
+  store->Open();
+  Collector collector;
+  StoreThreads threads(store, kPaced, collector.WakeFn());
+  threads.Start();
+  for (uint64_t t = 1; t <= 3; ++t) {
+    threads.SubmitAppend(Job(t));
+    REQUIRE(collector.CollectAppends(threads, t));  // committed alone, not a minute later
+  }
+  CHECK(store->batches() == std::vector<size_t>{1, 1, 1});
+  threads.Stop();
+}
+
+TEST_CASE("store threads: under load the writer waits for a fuller group, up to the batch max") {
+  auto store = std::make_shared<RecordingStore>();
+  Collector collector;
+  StoreThreads threads(store, kPaced, collector.WakeFn());
+  threads.Start();
+  threads.SubmitAppend(Job(1));
+  REQUIRE(store->WaitBatches(1));
+  threads.SubmitAppend(Job(2));
+  threads.SubmitAppend(Job(3));
+  store->Open();
+  REQUIRE(collector.CollectAppends(threads, 3));
+  CHECK(store->batches() == std::vector<size_t>{1, 2});  // a group of 2: the load is reached
+  // The next messages wait for company; the fourth fills the group and it commits at once.
+  for (uint64_t t = 4; t <= 7; ++t) threads.SubmitAppend(Job(t));
+  REQUIRE(collector.CollectAppends(threads, 7));
+  CHECK(store->batches() == std::vector<size_t>{1, 2, 4});
+  // A waiting message is committed by Stop without the rest of the wait.
+  threads.SubmitAppend(Job(8));
+  std::thread stopper([&] { threads.Stop(); });
+  const bool committed = collector.CollectAppends(threads, 8);
+  stopper.join();
+  CHECK(committed);
+  CHECK(store->batches() == std::vector<size_t>{1, 2, 4, 1});
+  for (size_t i = 0; i < collector.appends_.size(); ++i) {
+    CHECK(collector.appends_[i].token == i + 1);
+    CHECK(collector.appends_[i].commit_status.ok());
+  }
+}
+
 TEST_CASE("store threads: Sync and History run on the readers and errors come back as values") {
   auto store = std::make_shared<RecordingStore>();
   store->Open();
