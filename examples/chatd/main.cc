@@ -453,7 +453,7 @@ void AddServeFlags(CLI::App* serve, ServeFlags* f) {
       ->capture_default_str();
   serve
       ->add_option("--commit-delay-min-batch", o.commit_delay_min_batch,
-                   "Load at which commits are paced: messages in the previous commit")
+                   "Load at which commits wait: messages queued during the previous commit")
       ->capture_default_str();
   serve
       ->add_option("--writer-queue-max", o.writer_queue_max,

@@ -85,9 +85,10 @@ struct ServerOptions {
 
   // --- Store threads ---
   uint32_t commit_batch_max = 512;  // messages per transaction, at most
-  // Under load (the last commit had at least commit_delay_min_batch messages), the writer
-  // waits this long for more messages before the next commit, so each carries more of them;
-  // below that load messages are committed at once. 0 = never wait.
+  // Under load (at least commit_delay_min_batch messages, receipts or changes queued up while
+  // the previous commit ran), the writer waits up to this long for more before the next
+  // commit, so each carries more of them; below that load they are committed at once.
+  // 0 = never wait; at most 1000. commit_delay_min_batch 0 = always wait.
   uint32_t commit_delay_ms = 2;
   uint32_t commit_delay_min_batch = 32;
   size_t writer_queue_max = 20'000;  // messages waiting for commit; past it reads pause

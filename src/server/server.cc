@@ -56,6 +56,8 @@ constexpr uint32_t kTickMs = 100;
 // buffer's worth of it, so the buffer holds the largest control frame (125 bytes) whole.
 constexpr size_t kMinReceiveBufferBytes = 128;
 constexpr size_t kMaxReceiveBufferBytes = 64 * 1024;
+// The longest a commit group may wait for more messages under load (commit_delay_ms).
+constexpr uint32_t kMaxCommitDelayMs = 1000;
 // A connection asked to close has this long to take its queued frames and the close frame.
 constexpr int kCloseFlushSeconds = 5;
 // A connection closed for an oversized message sends its close frame once the peer has sent
@@ -211,6 +213,10 @@ Status Validate(const ServerOptions& o) {
     return InvalidArgument("presence_ttl_ms must be > heartbeat_interval_ms");
   }
   if (o.retention_ms < 0) return InvalidArgument("retention_ms must not be negative");
+  if (o.commit_delay_ms > kMaxCommitDelayMs) {
+    // A wait for company longer than this only holds acks back (and a graceful stop's).
+    return InvalidArgument("commit_delay_ms must be <= " + std::to_string(kMaxCommitDelayMs));
+  }
   if (Status s = Positive(o.retention_batch_max, "retention_batch_max"); !s.ok()) return s;
   return Status::Ok();
 }

@@ -80,8 +80,8 @@ void StoreThreads::SubmitAppends(std::vector<AppendJob>* jobs) {
       append_queue_.push_back(std::move(job));
       appends_pending_.fetch_add(1, std::memory_order_relaxed);
     }
-    if (!append_queue_.empty() && (was_empty || options_.commit_delay_ms == 0 ||
-                                   append_queue_.size() >= options_.commit_batch_max)) {
+    if (!append_queue_.empty() &&
+        (was_empty || options_.commit_delay_ms == 0 || append_queue_.size() >= GroupFill())) {
       append_cv_.notify_one();
     }
   }
@@ -124,12 +124,16 @@ void StoreThreads::WriterLoop() {
   auto next_sweep = std::chrono::steady_clock::now() + interval;
   const auto delay = std::chrono::milliseconds(options_.commit_delay_ms);
   const size_t min_batch = options_.commit_delay_min_batch;
-  size_t last_group = 0;
+  const size_t fill = GroupFill();
   std::vector<AppendJob> jobs;
   jobs.reserve(batch_max);
   for (;;) {
     {
       std::unique_lock<std::mutex> lock(mu_);
+      // The load: the jobs that queued up while the previous group was committed (none when
+      // the writer caught up and sleeps until the next one). Not the size of the previous
+      // group, which the wait itself makes larger: that would keep waiting on below the load.
+      const size_t backlog = append_queue_.size();
       auto ready = [this] { return stopping_ || !append_queue_.empty(); };
       if (sweeping) {
         append_cv_.wait_until(lock, next_sweep, ready);
@@ -137,17 +141,15 @@ void StoreThreads::WriterLoop() {
         append_cv_.wait(lock, ready);
       }
       if (append_queue_.empty() && stopping_) return;  // everything accepted was committed
-      // Under load, waiting makes each group carry more messages: fewer transactions and
-      // fsyncs, and a conversation's B-tree page written once for several of its messages.
-      // Below the load (a small last group) what is queued is committed at once.
-      if (delay.count() > 0 && last_group >= min_batch && !stopping_ &&
-          append_queue_.size() < batch_max) {
-        append_cv_.wait_until(lock, std::chrono::steady_clock::now() + delay, [this, batch_max] {
-          return stopping_ || append_queue_.size() >= batch_max;
-        });
+      // Under load, waiting makes each group carry more jobs: fewer transactions and fsyncs,
+      // and a conversation's B-tree page written once for several of its messages. Below the
+      // load what is queued is committed at once.
+      if (!append_queue_.empty() && delay.count() > 0 && backlog >= min_batch && !stopping_ &&
+          append_queue_.size() < fill) {
+        append_cv_.wait_until(lock, std::chrono::steady_clock::now() + delay,
+                              [this, fill] { return stopping_ || append_queue_.size() >= fill; });
       }
       const size_t n = std::min(batch_max, append_queue_.size());
-      last_group = n;
       for (size_t i = 0; i < n; ++i) {
         jobs.push_back(std::move(append_queue_.front()));
         append_queue_.pop_front();
@@ -164,6 +166,14 @@ void StoreThreads::WriterLoop() {
           more ? std::chrono::steady_clock::now() : std::chrono::steady_clock::now() + interval;
     }
   }
+}
+
+size_t StoreThreads::GroupFill() const {
+  // A full group, or as many as the queue may hold if that is fewer (the wait would otherwise
+  // run out its time for jobs that the bound refuses).
+  return std::max<size_t>(
+      std::min<size_t>(std::max<uint32_t>(options_.commit_batch_max, 1), options_.append_queue_max),
+      1);
 }
 
 bool StoreThreads::SweepOnce() {

@@ -2,10 +2,10 @@
 //
 // One writer thread commits appends in groups: it takes up to `commit_batch_max` queued jobs,
 // calls MessageStore::Append once for the whole group, and posts one completion per job, in
-// submission order. Under load (the last group had at least `commit_delay_min_batch` jobs) it
-// first waits `commit_delay_ms` for more, so each commit carries more messages; below that load
-// it commits what is queued at once. `reader_threads` threads serve
-// Sync, History and Receipts queries and post their completions in any order; a reader that
+// submission order. Under load (at least `commit_delay_min_batch` jobs queued up while the
+// previous group was committed) it first waits up to `commit_delay_ms` for more, so each commit
+// carries more of them; below that load it commits what is queued at once. `reader_threads` threads
+// serve Sync, History and Receipts queries and post their completions in any order; a reader that
 // takes a Sync also takes the other Syncs waiting near the front of the queue and answers them
 // with one MessageStore::SyncMany (concurrent catch-up reads of the same messages are merged).
 // Every completion is posted to a mutex-guarded queue and announced with `wake`, after which the
@@ -54,8 +54,8 @@ struct ReadDone {
 struct StoreThreadsOptions {
   uint32_t commit_batch_max = 512;  // jobs per Append call, at most
   // Under load, the writer waits this long for more jobs before taking a group (less if
-  // commit_batch_max are queued); 0 = never wait. Load: the previous group had at least
-  // commit_delay_min_batch jobs (0 or 1 = always).
+  // commit_batch_max are queued); 0 = never wait. Load: at least commit_delay_min_batch jobs
+  // queued up while the previous group was committed (0 = always wait).
   uint32_t commit_delay_ms = 0;
   uint32_t commit_delay_min_batch = 0;
   uint32_t reader_threads = 2;
@@ -112,6 +112,7 @@ class StoreThreads {
   void Commit(std::vector<AppendJob>* jobs);
   // Runs one bounded retention pass; returns whether expired messages remain.
   bool SweepOnce();
+  size_t GroupFill() const;  // jobs that end the wait for a fuller group
   void PostAppends(std::vector<AppendDone>* done);
   void PostRead(ReadDone done);
 

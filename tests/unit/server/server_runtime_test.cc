@@ -282,6 +282,7 @@ TEST_CASE("server runtime: Open refuses invalid options with INVALID_ARGUMENT na
       {[](ServerOptions& o) { o.max_connections = 0; }, "max_connections must be > 0"},
       {[](ServerOptions& o) { o.sync_page_max = 0; }, "sync_page_max must be > 0"},
       {[](ServerOptions& o) { o.commit_batch_max = 0; }, "commit_batch_max must be > 0"},
+      {[](ServerOptions& o) { o.commit_delay_ms = 1001; }, "commit_delay_ms must be <= 1000"},
       {[](ServerOptions& o) { o.writer_queue_max = 0; }, "writer_queue_max must be > 0"},
       {[](ServerOptions& o) { o.reader_threads = 0; }, "reader_threads must be > 0"},
       {[](ServerOptions& o) { o.heartbeat_interval_ms = o.idle_timeout_ms; },

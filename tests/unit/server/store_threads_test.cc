@@ -78,6 +78,13 @@ class RecordingStore : public MessageStoreWrapper {
   GatedLog<size_t> log_;
 };
 
+// Opens a RecordingStore's gate when the test ends, also when a REQUIRE failed while an Append
+// was held at it, so that stopping the writer cannot hang. Declare it after the StoreThreads.
+struct OpenAtEnd {
+  RecordingStore* store;
+  ~OpenAtEnd() { store->Open(); }
+};
+
 // Collects completions as the loop would, waiting on the wake callback.
 class Collector {
  public:
@@ -182,6 +189,7 @@ TEST_CASE("store threads: appends queued during a commit go in the next group, i
   auto store = std::make_shared<RecordingStore>();
   Collector collector;
   StoreThreads threads(store, {.commit_batch_max = 4, .reader_threads = 1}, collector.WakeFn());
+  OpenAtEnd open_at_end{store.get()};
   threads.Start();
   threads.SubmitAppend(Job(1));
   REQUIRE(store->WaitBatches(1));  // the first group (1 message) is held at the gate
@@ -240,6 +248,7 @@ TEST_CASE("store threads: past append_queue_max a message fails at once with UNA
                         .append_queue_max = 2,
                         .overload_retry_after_ms = 1234},
                        collector.WakeFn());
+  OpenAtEnd open_at_end{store.get()};
   threads.Start();
   threads.SubmitAppend(Job(1));
   REQUIRE(store->WaitBatches(1));  // job 1 is committing; the queue is empty
@@ -294,6 +303,7 @@ TEST_CASE("store threads: Stop commits what was accepted before the writer exits
   Collector collector;
   auto threads = std::make_unique<StoreThreads>(
       store, StoreThreadsOptions{.commit_batch_max = 16, .reader_threads = 1}, collector.WakeFn());
+  OpenAtEnd open_at_end{store.get()};
   threads->Start();
   threads->SubmitAppend(Job(1));
   REQUIRE(store->WaitBatches(1));
@@ -329,33 +339,49 @@ TEST_CASE("store threads: below the load set by commit_delay_min_batch, nothing 
   threads.Stop();
 }
 
-TEST_CASE("store threads: under load the writer waits for a fuller group, up to the batch max") {
+TEST_CASE("store threads: under load the writer waits for a fuller group, and not after it") {
   auto store = std::make_shared<RecordingStore>();
   Collector collector;
   StoreThreads threads(store, kPaced, collector.WakeFn());
+  OpenAtEnd open_at_end{store.get()};
+  threads.Start();
+  threads.SubmitAppend(Job(1));
+  REQUIRE(store->WaitBatches(1));  // held in its commit while two more queue up: the load
+  threads.SubmitAppend(Job(2));
+  threads.SubmitAppend(Job(3));
+  store->Open();
+  // 2 and 3 wait for company; the fourth and fifth fill the group and it commits at once.
+  threads.SubmitAppend(Job(4));
+  threads.SubmitAppend(Job(5));
+  REQUIRE(collector.CollectAppends(threads, 5));
+  CHECK(store->batches() == std::vector<size_t>{1, 4});
+  // Nothing queued up during that commit: the load is gone, the next message does not wait.
+  threads.SubmitAppend(Job(6));
+  REQUIRE(collector.CollectAppends(threads, 6));
+  CHECK(store->batches() == std::vector<size_t>{1, 4, 1});
+  for (size_t i = 0; i < collector.appends_.size(); ++i) {
+    CHECK(collector.appends_[i].token == i + 1);
+    CHECK(collector.appends_[i].commit_status.ok());
+  }
+  threads.Stop();
+}
+
+TEST_CASE("store threads: Stop commits a group waiting for company without the rest of the wait") {
+  auto store = std::make_shared<RecordingStore>();
+  Collector collector;
+  StoreThreads threads(store, kPaced, collector.WakeFn());
+  OpenAtEnd open_at_end{store.get()};
   threads.Start();
   threads.SubmitAppend(Job(1));
   REQUIRE(store->WaitBatches(1));
   threads.SubmitAppend(Job(2));
   threads.SubmitAppend(Job(3));
-  store->Open();
-  REQUIRE(collector.CollectAppends(threads, 3));
-  CHECK(store->batches() == std::vector<size_t>{1, 2});  // a group of 2: the load is reached
-  // The next messages wait for company; the fourth fills the group and it commits at once.
-  for (uint64_t t = 4; t <= 7; ++t) threads.SubmitAppend(Job(t));
-  REQUIRE(collector.CollectAppends(threads, 7));
-  CHECK(store->batches() == std::vector<size_t>{1, 2, 4});
-  // A waiting message is committed by Stop without the rest of the wait.
-  threads.SubmitAppend(Job(8));
+  store->Open();  // 2 and 3 now wait up to a minute for a fuller group
   std::thread stopper([&] { threads.Stop(); });
-  const bool committed = collector.CollectAppends(threads, 8);
+  const bool committed = collector.CollectAppends(threads, 3);
   stopper.join();
   CHECK(committed);
-  CHECK(store->batches() == std::vector<size_t>{1, 2, 4, 1});
-  for (size_t i = 0; i < collector.appends_.size(); ++i) {
-    CHECK(collector.appends_[i].token == i + 1);
-    CHECK(collector.appends_[i].commit_status.ok());
-  }
+  CHECK(store->batches() == std::vector<size_t>{1, 2});
 }
 
 TEST_CASE("store threads: Sync and History run on the readers and errors come back as values") {
