@@ -13,6 +13,8 @@
 #include <utility>
 #include <vector>
 
+#include <google/protobuf/arena.h>
+
 #include "chat/v1/chat.pb.h"
 #include "src/core/snowflake.h"
 #include "src/server/presence_tracker.h"
@@ -37,6 +39,34 @@ constexpr int64_t kMilli = 1000;
 // (every sane bucket is full long before).
 constexpr int64_t kMaxRate = int64_t{1} << 40;
 constexpr int64_t kMaxRefillMs = 1'000'000;
+
+// A protobuf arena whose first block is part of the object, for the envelopes of one frame,
+// one acknowledgement or one delivery: they, their sub-messages and their string objects are
+// placed in the block instead of being allocated one by one (strings longer than the
+// small-string buffer still allocate their characters; a larger envelope spills into blocks
+// the arena allocates and frees with itself).
+class LocalArena {
+ public:
+  LocalArena() : arena_(Options(block_, sizeof(block_))) {}
+  LocalArena(const LocalArena&) = delete;
+  LocalArena& operator=(const LocalArena&) = delete;
+
+  template <typename T>
+  T* Create() {
+    return google::protobuf::Arena::CreateMessage<T>(&arena_);
+  }
+
+ private:
+  static google::protobuf::ArenaOptions Options(char* block, size_t size) {
+    google::protobuf::ArenaOptions options;
+    options.initial_block = block;
+    options.initial_block_size = size;
+    return options;
+  }
+
+  alignas(16) char block_[2048];
+  google::protobuf::Arena arena_;
+};
 
 // Session::timer_due_ms while the session has no live entry in the timer heap.
 constexpr int64_t kNoTimer = std::numeric_limits<int64_t>::min();
@@ -255,7 +285,8 @@ class Hub::Impl final : private PresenceTracker::Sink {
       return;
     }
     // The bytes are decoded as what the frame says they are; replies keep the session's format.
-    v1::Envelope envelope;
+    LocalArena arena;
+    v1::Envelope& envelope = *arena.Create<v1::Envelope>();
     Status decoded = codec::Decode(bytes, frame_format, options_.max_message_bytes, &envelope);
     if (!decoded.ok()) {
       SendError(id, s, 0, decoded);
@@ -327,7 +358,8 @@ class Hub::Impl final : private PresenceTracker::Sink {
     }
 
     if (sender != nullptr) {
-      v1::Envelope reply;
+      LocalArena arena;
+      v1::Envelope& reply = *arena.Create<v1::Envelope>();
       reply.set_rid(pending.rid);
       v1::SendAck* ack = reply.mutable_send_ack();
       ack->set_conversation_id(result.message.conversation_id);
@@ -1281,15 +1313,15 @@ class Hub::Impl final : private PresenceTracker::Sink {
   // (plus the users a change is about), so an offline or uninterested member costs nothing.
   // Users the change removed are delivered their removal and then unsubscribed.
   void FanOutCommitted(const AppendResult& result, SessionId except) {
-    std::vector<const Message*> messages = {&result.message};
-    for (const Message& m : result.also) messages.push_back(&m);
-    for (const Message* message : messages) {
+    auto fan_out = [&](const Message& message) {
       if (result.kind == ConversationKind::kChannel) {
-        FanOutChannel(*message, result.recipients, except);
+        FanOutChannel(message, result.recipients, except);
       } else {
-        FanOut(*message, result.recipients, except);
+        FanOut(message, result.recipients, except);
       }
-    }
+    };
+    fan_out(result.message);
+    for (const Message& message : result.also) fan_out(message);
     if (!result.removed.empty()) {
       ++removals_;
       RecheckPresence(result.removed);
@@ -1303,7 +1335,8 @@ class Hub::Impl final : private PresenceTracker::Sink {
 
   void FanOutChannel(const Message& message, const std::vector<UserId>& recipients,
                      SessionId except) {
-    v1::Envelope deliver;
+    LocalArena arena;
+    v1::Envelope& deliver = *arena.Create<v1::Envelope>();
     codec::ToProto(message, deliver.mutable_deliver()->mutable_message());
     codec::Frame binary;
     codec::Frame json;
@@ -1330,7 +1363,8 @@ class Hub::Impl final : private PresenceTracker::Sink {
   // One Deliver, encoded at most once per wire format, to every online device of every
   // recipient except the connection that sent it.
   void FanOut(const Message& message, const std::vector<UserId>& recipients, SessionId sender) {
-    v1::Envelope deliver;
+    LocalArena arena;
+    v1::Envelope& deliver = *arena.Create<v1::Envelope>();
     codec::ToProto(message, deliver.mutable_deliver()->mutable_message());
     codec::Frame binary;
     codec::Frame json;
