@@ -339,49 +339,49 @@ TEST_CASE("store threads: below the load set by commit_delay_min_batch, nothing 
   threads.Stop();
 }
 
-TEST_CASE("store threads: under load the writer waits for a fuller group, and not after it") {
-  auto store = std::make_shared<RecordingStore>();
-  Collector collector;
-  StoreThreads threads(store, kPaced, collector.WakeFn());
-  OpenAtEnd open_at_end{store.get()};
-  threads.Start();
-  threads.SubmitAppend(Job(1));
-  REQUIRE(store->WaitBatches(1));  // held in its commit while two more queue up: the load
-  threads.SubmitAppend(Job(2));
-  threads.SubmitAppend(Job(3));
-  store->Open();
-  // 2 and 3 wait for company; the fourth and fifth fill the group and it commits at once.
-  threads.SubmitAppend(Job(4));
-  threads.SubmitAppend(Job(5));
-  REQUIRE(collector.CollectAppends(threads, 5));
-  CHECK(store->batches() == std::vector<size_t>{1, 4});
-  // Nothing queued up during that commit: the load is gone, the next message does not wait.
-  threads.SubmitAppend(Job(6));
-  REQUIRE(collector.CollectAppends(threads, 6));
-  CHECK(store->batches() == std::vector<size_t>{1, 4, 1});
-  for (size_t i = 0; i < collector.appends_.size(); ++i) {
-    CHECK(collector.appends_[i].token == i + 1);
-    CHECK(collector.appends_[i].commit_status.ok());
+// A writer under kPaced whose job 1 was held in its commit while jobs 2 and 3 queued up (the
+// load), then let go: 2 and 3 now wait up to a minute for a fuller group.
+struct PacedUnderLoad {
+  PacedUnderLoad() {
+    threads.Start();
+    threads.SubmitAppend(Job(1));
+    REQUIRE(store->WaitBatches(1));
+    threads.SubmitAppend(Job(2));
+    threads.SubmitAppend(Job(3));
+    store->Open();
   }
-  threads.Stop();
+
+  std::shared_ptr<RecordingStore> store = std::make_shared<RecordingStore>();
+  Collector collector;
+  StoreThreads threads{store, kPaced, collector.WakeFn()};
+  OpenAtEnd open_at_end{store.get()};
+};
+
+TEST_CASE("store threads: under load the writer waits for a fuller group, and not after it") {
+  PacedUnderLoad f;
+  // The fourth and fifth fill the group and it commits at once.
+  f.threads.SubmitAppend(Job(4));
+  f.threads.SubmitAppend(Job(5));
+  REQUIRE(f.collector.CollectAppends(f.threads, 5));
+  CHECK(f.store->batches() == std::vector<size_t>{1, 4});
+  // Nothing queued up during that commit: the load is gone, the next message does not wait.
+  f.threads.SubmitAppend(Job(6));
+  REQUIRE(f.collector.CollectAppends(f.threads, 6));
+  CHECK(f.store->batches() == std::vector<size_t>{1, 4, 1});
+  for (size_t i = 0; i < f.collector.appends_.size(); ++i) {
+    CHECK(f.collector.appends_[i].token == i + 1);
+    CHECK(f.collector.appends_[i].commit_status.ok());
+  }
+  f.threads.Stop();
 }
 
 TEST_CASE("store threads: Stop commits a group waiting for company without the rest of the wait") {
-  auto store = std::make_shared<RecordingStore>();
-  Collector collector;
-  StoreThreads threads(store, kPaced, collector.WakeFn());
-  OpenAtEnd open_at_end{store.get()};
-  threads.Start();
-  threads.SubmitAppend(Job(1));
-  REQUIRE(store->WaitBatches(1));
-  threads.SubmitAppend(Job(2));
-  threads.SubmitAppend(Job(3));
-  store->Open();  // 2 and 3 now wait up to a minute for a fuller group
-  std::thread stopper([&] { threads.Stop(); });
-  const bool committed = collector.CollectAppends(threads, 3);
+  PacedUnderLoad f;
+  std::thread stopper([&] { f.threads.Stop(); });
+  const bool committed = f.collector.CollectAppends(f.threads, 3);
   stopper.join();
   CHECK(committed);
-  CHECK(store->batches() == std::vector<size_t>{1, 2});
+  CHECK(f.store->batches() == std::vector<size_t>{1, 2});
 }
 
 TEST_CASE("store threads: Sync and History run on the readers and errors come back as values") {
