@@ -448,8 +448,9 @@ void AddServeFlags(CLI::App* serve, ServeFlags* f) {
   serve->add_option("--commit-batch-max", o.commit_batch_max, "Messages per transaction")
       ->capture_default_str();
   serve
-      ->add_option("--commit-delay-ms", o.commit_delay_ms,
-                   "Under load, wait this long for more messages before a commit; 0 = never")
+      ->add_option(
+          "--commit-delay-ms", o.commit_delay_ms,
+          "Under load, wait up to this long (ms) for more messages before a commit; 0 = never")
       ->capture_default_str();
   serve
       ->add_option("--commit-delay-min-batch", o.commit_delay_min_batch,
