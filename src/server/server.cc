@@ -255,6 +255,7 @@ class ServerImpl final : public Server, private server::HubIo {
     store_options.commit_batch_max = options_.commit_batch_max;
     store_options.commit_delay_ms = options_.commit_delay_ms;
     store_options.commit_delay_min_batch = options_.commit_delay_min_batch;
+    store_options.append_queue_soft_max = options_.writer_queue_max;
     store_options.reader_threads = options_.reader_threads;
     // Reads pause at writer_queue_max; the hard bound leaves room for what was already read.
     store_options.append_queue_max = 2 * options_.writer_queue_max;

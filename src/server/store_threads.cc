@@ -125,15 +125,15 @@ void StoreThreads::WriterLoop() {
   const auto delay = std::chrono::milliseconds(options_.commit_delay_ms);
   const size_t min_batch = options_.commit_delay_min_batch;
   const size_t fill = GroupFill();
+  // The load: the jobs that queued up while the previous group was committed (none when the
+  // writer caught up, or woke for a retention pass). Not the size of the previous group, which
+  // the wait itself makes larger.
+  size_t backlog = 0;
   std::vector<AppendJob> jobs;
   jobs.reserve(batch_max);
   for (;;) {
     {
       std::unique_lock<std::mutex> lock(mu_);
-      // The load: the jobs that queued up while the previous group was committed (none when
-      // the writer caught up and sleeps until the next one). Not the size of the previous
-      // group, which the wait itself makes larger: that would keep waiting on below the load.
-      const size_t backlog = append_queue_.size();
       auto ready = [this] { return stopping_ || !append_queue_.empty(); };
       if (sweeping) {
         append_cv_.wait_until(lock, next_sweep, ready);
@@ -146,8 +146,10 @@ void StoreThreads::WriterLoop() {
       // load what is queued is committed at once.
       if (!append_queue_.empty() && delay.count() > 0 && backlog >= min_batch && !stopping_ &&
           append_queue_.size() < fill) {
+        writer_waiting_ = true;
         append_cv_.wait_until(lock, std::chrono::steady_clock::now() + delay,
                               [this, fill] { return stopping_ || append_queue_.size() >= fill; });
+        writer_waiting_ = false;
       }
       const size_t n = std::min(batch_max, append_queue_.size());
       for (size_t i = 0; i < n; ++i) {
@@ -155,9 +157,12 @@ void StoreThreads::WriterLoop() {
         append_queue_.pop_front();
       }
     }
+    backlog = 0;
     if (!jobs.empty()) {
       Commit(&jobs);
       jobs.clear();
+      std::lock_guard<std::mutex> lock(mu_);
+      backlog = append_queue_.size();  // before a retention pass, which is not load
     }
     if (sweeping && std::chrono::steady_clock::now() >= next_sweep) {
       // A pass cut by its bound continues right after the next commit group.
@@ -170,10 +175,10 @@ void StoreThreads::WriterLoop() {
 
 size_t StoreThreads::GroupFill() const {
   // A full group, or as many as the queue may hold if that is fewer (the wait would otherwise
-  // run out its time for jobs that the bound refuses).
+  // run out its time for jobs that the bound refuses or the submitter holds back).
+  const size_t batch_max = std::max<uint32_t>(options_.commit_batch_max, 1);
   return std::max<size_t>(
-      std::min<size_t>(std::max<uint32_t>(options_.commit_batch_max, 1), options_.append_queue_max),
-      1);
+      std::min({batch_max, options_.append_queue_max, options_.append_queue_soft_max}), 1);
 }
 
 bool StoreThreads::SweepOnce() {
@@ -306,6 +311,11 @@ void StoreThreads::TakeQueuedSyncs(std::vector<ReadJob>* syncs) {
     }
   }
   read_queue_.erase(keep, end);
+}
+
+bool StoreThreads::writer_waiting() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return writer_waiting_;
 }
 
 size_t StoreThreads::idle_readers() {

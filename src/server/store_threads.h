@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -59,7 +60,10 @@ struct StoreThreadsOptions {
   uint32_t commit_delay_ms = 0;
   uint32_t commit_delay_min_batch = 0;
   uint32_t reader_threads = 2;
-  size_t append_queue_max = 40'000;         // queued appends; past it a job fails with Unavailable
+  size_t append_queue_max = 40'000;  // queued appends; past it a job fails with Unavailable
+  // The submitter stops submitting at this many (the server pauses reading at its
+  // writer_queue_max), so a wait for a fuller group ends there too.
+  size_t append_queue_soft_max = std::numeric_limits<size_t>::max();
   size_t read_queue_max = 10'000;           // queued reads; past it a job fails with Unavailable
   uint32_t overload_retry_after_ms = 1000;  // told to senders refused past a bound
   // Retention: the writer deletes expired messages every retention_sweep_interval_ms, at most
@@ -104,6 +108,8 @@ class StoreThreads {
   size_t appends_pending() const { return appends_pending_.load(std::memory_order_relaxed); }
   // Readers blocked waiting for a read.
   size_t idle_readers();
+  // Whether the writer is waiting for a fuller group under load (for tests).
+  bool writer_waiting();
 
  private:
   void WriterLoop();
@@ -126,6 +132,7 @@ class StoreThreads {
   std::deque<AppendJob> append_queue_;
   std::deque<ReadJob> read_queue_;
   size_t idle_readers_ = 0;  // readers blocked waiting for a read
+  bool writer_waiting_ = false;
   bool stopping_ = false;
 
   std::mutex done_mu_;  // guards the completion queues

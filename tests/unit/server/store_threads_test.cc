@@ -8,6 +8,7 @@
 #include <condition_variable>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -339,21 +340,32 @@ TEST_CASE("store threads: below the load set by commit_delay_min_batch, nothing 
   threads.Stop();
 }
 
-// A writer under kPaced whose job 1 was held in its commit while jobs 2 and 3 queued up (the
-// load), then let go: 2 and 3 now wait up to a minute for a fuller group.
+// Polls `done` every millisecond for up to 10 s.
+bool Eventually(const std::function<bool()>& done) {
+  for (int i = 0; i < 10'000 && !done(); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return done();
+}
+
+// A writer under `options` (kPaced by default) whose job 1 was held in its commit while jobs 2
+// and 3 queued up (the load), then let go: 2 and 3 now wait up to a minute for a fuller group.
 struct PacedUnderLoad {
-  PacedUnderLoad() {
+  explicit PacedUnderLoad(StoreThreadsOptions options = kPaced)
+      : threads(store, std::move(options), collector.WakeFn()) {
     threads.Start();
     threads.SubmitAppend(Job(1));
     REQUIRE(store->WaitBatches(1));
     threads.SubmitAppend(Job(2));
     threads.SubmitAppend(Job(3));
     store->Open();
+    REQUIRE(Eventually([this] { return threads.writer_waiting(); }));
+    REQUIRE(store->batches() == std::vector<size_t>{1});
   }
 
   std::shared_ptr<RecordingStore> store = std::make_shared<RecordingStore>();
   Collector collector;
-  StoreThreads threads{store, kPaced, collector.WakeFn()};
+  StoreThreads threads;
   OpenAtEnd open_at_end{store.get()};
 };
 
@@ -373,6 +385,28 @@ TEST_CASE("store threads: under load the writer waits for a fuller group, and no
     CHECK(f.collector.appends_[i].commit_status.ok());
   }
   f.threads.Stop();
+}
+
+TEST_CASE("store threads: the wait for a fuller group ends at the queue's bounds") {
+  for (const auto& [name, bounded] :
+       std::vector<std::pair<std::string, StoreThreadsOptions>>{{"append_queue_max",
+                                                                 {.commit_batch_max = 4,
+                                                                 .commit_delay_ms = 60'000,
+                                                                 .commit_delay_min_batch = 2,
+                                                                 .reader_threads = 1,
+                                                                 .append_queue_max = 3}},
+                                                                {"append_queue_soft_max",
+                                                                 {.commit_batch_max = 4,
+                                                                 .commit_delay_ms = 60'000,
+                                                                 .commit_delay_min_batch = 2,
+                                                                 .reader_threads = 1,
+                                                                 .append_queue_soft_max = 3}}}) {
+    CAPTURE(name);
+    PacedUnderLoad f(bounded);
+    f.threads.SubmitAppend(Job(4));  // three queued: as many as the queue takes, so no wait
+    REQUIRE(f.collector.CollectAppends(f.threads, 4));
+    CHECK(f.store->batches() == std::vector<size_t>{1, 3});
+  }
 }
 
 TEST_CASE("store threads: Stop commits a group waiting for company without the rest of the wait") {
