@@ -47,7 +47,7 @@ constexpr int64_t kMaxRefillMs = 1'000'000;
 // the arena allocates and frees with itself).
 class LocalArena {
  public:
-  LocalArena() : arena_(Options(block_, sizeof(block_))) {}
+  LocalArena() : arena_(block_, sizeof(block_)) {}
   LocalArena(const LocalArena&) = delete;
   LocalArena& operator=(const LocalArena&) = delete;
 
@@ -57,14 +57,7 @@ class LocalArena {
   }
 
  private:
-  static google::protobuf::ArenaOptions Options(char* block, size_t size) {
-    google::protobuf::ArenaOptions options;
-    options.initial_block = block;
-    options.initial_block_size = size;
-    return options;
-  }
-
-  alignas(16) char block_[2048];
+  alignas(16) char block_[2048];  // declared first: the arena uses it until its destructor ends
   google::protobuf::Arena arena_;
 };
 

@@ -968,6 +968,36 @@ TEST_CASE("hub: a client batch is processed element by element") {
   CHECK(h.queued_appends() == 1);
 }
 
+TEST_CASE("hub: a batch far larger than the decoder's first arena block is served in full") {
+  for (codec::Format format : {codec::Format::kBinary, codec::Format::kJson}) {
+    CAPTURE(static_cast<int>(format));
+    HubHarness h;
+    SessionId alice = h.Connect("alice", "a", format);
+    SessionId bob = h.Connect("bob", "b");
+    constexpr uint64_t kSends = 60;  // tens of KiB of decoded envelopes and strings
+    v1::Envelope batch;
+    for (uint64_t n = 1; n <= kSends; ++n) {
+      *batch.mutable_batch()->add_envelopes() =
+          SendToPeer(n, "bob", ClientMsgId(n), "message number " + std::to_string(n) + " of 60");
+    }
+    h.SendEnvelope(alice, batch, format);
+    h.Pump();
+    std::vector<v1::Envelope> acks = h.Take(alice);
+    std::vector<v1::Envelope> delivered = h.Take(bob);
+    REQUIRE(acks.size() == kSends);
+    REQUIRE(delivered.size() == kSends);
+    for (uint64_t n = 1; n <= kSends; ++n) {
+      CHECK(acks[n - 1].rid() == n);
+      CHECK(acks[n - 1].send_ack().client_msg_id() == ClientMsgId(n));
+      CHECK(acks[n - 1].send_ack().seq() == n);
+      const v1::Message& message = delivered[n - 1].deliver().message();
+      CHECK(message.client_msg_id() == ClientMsgId(n));
+      CHECK(message.body() == "message number " + std::to_string(n) + " of 60");
+    }
+    CHECK(h.violations().empty());
+  }
+}
+
 TEST_CASE("hub: a batch stops at the element that closes the session") {
   HubHarness h;
   SessionId session = h.Open().value();
