@@ -88,10 +88,17 @@ class GatedStore : public MessageStoreWrapper {
   Status Append(std::span<const AppendRequest> batch, std::vector<AppendResult>* results) override {
     std::unique_lock<std::mutex> lock(mu_);
     ++entered_;
+    batch_sizes_.push_back(batch.size());
     cv_.notify_all();
     cv_.wait(lock, [this] { return open_; });
     lock.unlock();
     return MessageStoreWrapper::Append(batch, results);
+  }
+
+  // The size of every Append's batch so far.
+  std::vector<size_t> batch_sizes() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return batch_sizes_;
   }
 
   // Waits (bounded) until an Append is held at the gate.
@@ -111,6 +118,7 @@ class GatedStore : public MessageStoreWrapper {
   std::mutex mu_;
   std::condition_variable cv_;
   int entered_ = 0;
+  std::vector<size_t> batch_sizes_;
   bool open_ = false;
 };
 
@@ -503,6 +511,32 @@ TEST_CASE("server runtime: while the writer queue is full, new connections get U
   std::optional<v1::Envelope> ack = alice->WaitForRid(7);
   REQUIRE(ack.has_value());
   CHECK(ack->has_send_ack());
+}
+
+TEST_CASE("server runtime: under load a commit waits commit_delay_ms for a fuller group") {
+  auto store = std::make_shared<GatedStore>();
+  ServerOptions options = BaseOptions(store);
+  options.commit_delay_ms = 1000;  // far longer than the test takes to send the fourth message
+  options.commit_delay_min_batch = 1;
+  options.commit_batch_max = 3;
+  std::unique_ptr<Server> server = MustStart(std::move(options));
+  auto alice = MustLogin(*server, "alice");
+  REQUIRE(alice->SendEnvelope(MakeSendToPeer("bob", NewClientMsgId(), "one", 1)).ok());
+  REQUIRE(store->WaitEntered());
+  // Two more queue up while the first is being committed: the load.
+  REQUIRE(alice->SendEnvelope(MakeSendToPeer("bob", NewClientMsgId(), "two", 2)).ok());
+  REQUIRE(alice->SendEnvelope(MakeSendToPeer("bob", NewClientMsgId(), "three", 3)).ok());
+  REQUIRE(alice->Barrier().has_value());  // both handed to the writer (before the pong)
+  store->Open();
+  REQUIRE(alice->WaitForRid(1).has_value());
+  // Two and three wait for company; the fourth fills the group of commit_batch_max.
+  REQUIRE(alice->SendEnvelope(MakeSendToPeer("bob", NewClientMsgId(), "four", 4)).ok());
+  for (uint64_t rid = 2; rid <= 4; ++rid) {
+    std::optional<v1::Envelope> ack = alice->WaitForRid(rid);
+    REQUIRE(ack.has_value());
+    CHECK(ack->has_send_ack());
+  }
+  CHECK(store->batch_sizes() == std::vector<size_t>{1, 3});
 }
 
 TEST_CASE("server runtime: Shutdown acks the message being committed, then closes with 1001") {
