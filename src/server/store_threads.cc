@@ -117,7 +117,7 @@ void StoreThreads::TakeCompletions(std::vector<AppendDone>* appends, std::vector
 }
 
 void StoreThreads::WriterLoop() {
-  const size_t batch_max = std::max<uint32_t>(options_.commit_batch_max, 1);
+  const size_t batch_max = BatchMax();
   const bool sweeping = options_.retention_sweep && options_.wall_ms;
   const auto interval =
       std::chrono::milliseconds(std::max<uint32_t>(options_.retention_sweep_interval_ms, 1));
@@ -173,12 +173,13 @@ void StoreThreads::WriterLoop() {
   }
 }
 
+size_t StoreThreads::BatchMax() const { return std::max<uint32_t>(options_.commit_batch_max, 1); }
+
 size_t StoreThreads::GroupFill() const {
   // A full group, or as many as the queue may hold if that is fewer (the wait would otherwise
   // run out its time for jobs that the bound refuses or the submitter holds back).
-  const size_t batch_max = std::max<uint32_t>(options_.commit_batch_max, 1);
   return std::max<size_t>(
-      std::min({batch_max, options_.append_queue_max, options_.append_queue_soft_max}), 1);
+      std::min({BatchMax(), options_.append_queue_max, options_.append_queue_soft_max}), 1);
 }
 
 bool StoreThreads::SweepOnce() {

@@ -118,6 +118,7 @@ class StoreThreads {
   void Commit(std::vector<AppendJob>* jobs);
   // Runs one bounded retention pass; returns whether expired messages remain.
   bool SweepOnce();
+  size_t BatchMax() const;   // jobs per group, at most
   size_t GroupFill() const;  // jobs that end the wait for a fuller group
   void PostAppends(std::vector<AppendDone>* done);
   void PostRead(ReadDone done);
