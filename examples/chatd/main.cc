@@ -302,6 +302,7 @@ struct ServeFlags {
   uint32_t cache_kib = chat::SqliteStoreOptions().cache_size_kib;
   uint32_t writer_cache_kib = chat::SqliteStoreOptions().writer_cache_size_kib;
   uint64_t mmap_bytes = chat::SqliteStoreOptions().mmap_size_bytes;
+  uint32_t recent_log_rows = chat::SqliteStoreOptions().recent_log_rows;
   std::string log_level = "info";
   SecretFlags secret;
   bool no_healthz = false;
@@ -342,6 +343,12 @@ void AddServeFlags(CLI::App* serve, ServeFlags* f) {
       ->add_option("--mmap-bytes", f->mmap_bytes,
                    "Read the database through a memory map of up to this many bytes, shared by "
                    "all connections; 0 = read(2) only")
+      ->capture_default_str();
+  serve
+      ->add_option("--recent-log-rows", f->recent_log_rows,
+                   "New messages collect in an arrival-order log of this many and move into the "
+                   "conversation-ordered table in bulk; 0 = stored there directly")
+      ->check(CLI::Range(0, 1'000'000))
       ->capture_default_str();
   AddSecretFlags(serve, &f->secret);
   serve->add_option("--log-level", f->log_level, "debug, info, warn, error or off")
@@ -510,7 +517,8 @@ int Serve(ServeFlags& flags) {
                             .reader_connections = std::max<uint32_t>(options.reader_threads, 1),
                             .cache_size_kib = flags.cache_kib,
                             .writer_cache_size_kib = flags.writer_cache_kib,
-                            .mmap_size_bytes = flags.mmap_bytes});
+                            .mmap_size_bytes = flags.mmap_bytes,
+                            .recent_log_rows = flags.recent_log_rows});
   if (!store.ok()) {
     std::cerr << "chatd: cannot open " << flags.db << ": " << store.status().ToString() << "\n";
     return kExitFailure;

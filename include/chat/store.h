@@ -365,6 +365,13 @@ struct SqliteStoreOptions {
   // value at its compile-time limit (2 GiB in Debian's build). An I/O error on a mapped page
   // kills the process with SIGBUS instead of returning an error, hence off by default.
   uint64_t mmap_size_bytes = 0;
+  // New messages are stored in the order they arrive, in a log that grows at one end, and moved
+  // into the conversation-ordered table in bulk: once the log holds this many messages, the
+  // writer switches to a second log and copies the first, a slice of conversations after each
+  // commit, so a conversation's new messages are written into its pages together instead of
+  // one commit at a time. Readers see both logs and the table as one. 0 stores every message
+  // straight into the conversation-ordered table. Default 32,768; at most 1,000,000.
+  uint32_t recent_log_rows = 32'768;
 };
 
 // Opens (creating and migrating as needed) a SQLite store. InvalidArgument for an empty path;

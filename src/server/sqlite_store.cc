@@ -38,7 +38,7 @@ using server::ConversationHead;
 
 // The schema version this build writes. A file with a higher PRAGMA user_version was written
 // by a newer build and is refused rather than misread.
-constexpr int kSchemaVersion = 4;
+constexpr int kSchemaVersion = 5;
 
 // Migration N brings a file from user_version N-1 to N; index 0 is migration 1.
 constexpr std::array<const char*, kSchemaVersion> kMigrations = {
@@ -129,11 +129,83 @@ CREATE TABLE push_tokens(
 DROP INDEX messages_by_key;
 CREATE UNIQUE INDEX messages_by_key ON messages(client_msg_id, sender) WHERE client_msg_id <> '';
 )sql",
+    // 5: new messages go to an arrival-order log (log0 or log1, whichever log_state names
+    // active) and move into messages in bulk, conversation by conversation (see LogMerge). The
+    // idempotency keys move out of messages into a table of their own, so one key check covers
+    // the logs and messages alike.
+    R"sql(
+CREATE TABLE message_keys(
+  client_msg_id TEXT NOT NULL,
+  sender TEXT NOT NULL,
+  conversation_id INTEGER NOT NULL,
+  seq INTEGER NOT NULL,
+  PRIMARY KEY(client_msg_id, sender)
+) WITHOUT ROWID;
+INSERT INTO message_keys(client_msg_id, sender, conversation_id, seq)
+  SELECT client_msg_id, sender, conversation_id, seq FROM messages
+  WHERE client_msg_id <> '' ORDER BY client_msg_id, sender;
+DROP INDEX messages_by_key;
+
+CREATE TABLE log0(
+  conversation_id INTEGER NOT NULL,
+  seq INTEGER NOT NULL,
+  message_id INTEGER NOT NULL,
+  sender TEXT NOT NULL,
+  sender_device TEXT NOT NULL,
+  client_msg_id TEXT NOT NULL,
+  ts INTEGER NOT NULL,
+  kind INTEGER NOT NULL,
+  content_type TEXT NOT NULL,
+  body BLOB NOT NULL,
+  attachments BLOB,
+  system BLOB
+);
+CREATE UNIQUE INDEX log0_by_seq ON log0(conversation_id, seq);
+CREATE TABLE log1(
+  conversation_id INTEGER NOT NULL,
+  seq INTEGER NOT NULL,
+  message_id INTEGER NOT NULL,
+  sender TEXT NOT NULL,
+  sender_device TEXT NOT NULL,
+  client_msg_id TEXT NOT NULL,
+  ts INTEGER NOT NULL,
+  kind INTEGER NOT NULL,
+  content_type TEXT NOT NULL,
+  body BLOB NOT NULL,
+  attachments BLOB,
+  system BLOB
+);
+CREATE UNIQUE INDEX log1_by_seq ON log1(conversation_id, seq);
+
+-- active: the log new messages go to. merged_through: NULL when the other log is empty;
+-- otherwise the other log's rows of conversations up to this id are already in messages
+-- (readers skip them) and the rest are not yet.
+CREATE TABLE log_state(
+  id INTEGER PRIMARY KEY CHECK(id = 0),
+  active INTEGER NOT NULL CHECK(active IN (0, 1)),
+  merged_through INTEGER
+);
+INSERT INTO log_state(id, active, merged_through) VALUES(0, 0, NULL);
+)sql",
 };
 
 #define CHAT_MESSAGE_COLUMNS                                                           \
   "conversation_id, seq, message_id, sender, sender_device, client_msg_id, ts, kind, " \
   "content_type, body, attachments, system"
+
+// A row of log0 or log1 (n) is one that readers see: every row of the active log, and the rows
+// of the other one that the merge has not copied into messages yet. ?1 is the conversation.
+#define CHAT_LOG_VISIBLE(n) "(SELECT active = " n " OR ?1 > merged_through FROM log_state)"
+// A conversation's messages wherever they are: messages, then the two logs (each conversation's
+// seqs in messages are below those in the other log, which are below those in the active one).
+// A compound SELECT with ORDER BY merges its arms, each read in order from its index.
+#define CHAT_ALL_MESSAGES(columns, where)                                              \
+  "SELECT " columns " FROM messages WHERE " where " UNION ALL SELECT " columns         \
+  " FROM log0 WHERE " where " AND " CHAT_LOG_VISIBLE("0") " UNION ALL SELECT " columns \
+                                                          " FROM log1 WHERE " where    \
+                                                          " AND " CHAT_LOG_VISIBLE("1")
+#define CHAT_UNREAD_WHERE \
+  "conversation_id = ?1 AND seq > ?2 AND seq <= ?4 AND kind = 1 AND sender <> ?3"
 
 // Every statement the store runs, prepared at most once per connection.
 enum class Sql : int {
@@ -159,6 +231,24 @@ enum class Sql : int {
   kWatermarks,
   kLastSeq,
   kInsertMessage,
+  kInsertLog0,
+  kInsertLog1,
+  kInsertKey,
+  kDeleteKey,
+  kLogState,
+  kCountLog0,
+  kCountLog1,
+  kSwitchLog,
+  kSliceEnd0,
+  kSliceEnd1,
+  kMergeLog0,
+  kMergeLog1,
+  kClearLog0,
+  kClearLog1,
+  kSetMergedThrough,
+  kMergeFinished,
+  kDeleteThroughLog0,
+  kDeleteThroughLog1,
   kAdvanceConversation,
   kMembers,
   kConversationExists,
@@ -193,8 +283,7 @@ constexpr std::array<const char*, static_cast<size_t>(Sql::kCount)> kSql = {
     "ROLLBACK",
     "PRAGMA user_version",
     "SELECT value FROM meta WHERE key = 'epoch'",
-    "SELECT " CHAT_MESSAGE_COLUMNS
-    " FROM messages WHERE sender = ?1 AND client_msg_id = ?2 AND client_msg_id <> ''",
+    "SELECT conversation_id, seq FROM message_keys WHERE sender = ?1 AND client_msg_id = ?2",
     "SELECT conversation_id FROM direct WHERE user_a = ?1 AND user_b = ?2",
     "INSERT INTO conversations(kind, created_ms, last_activity_ms) VALUES(?1, ?2, ?2)",
     "INSERT INTO direct(user_a, user_b, conversation_id) VALUES(?1, ?2, ?3)",
@@ -222,6 +311,31 @@ constexpr std::array<const char*, static_cast<size_t>(Sql::kCount)> kSql = {
     "SELECT last_seq FROM conversations WHERE conversation_id = ?1",
     "INSERT INTO messages(" CHAT_MESSAGE_COLUMNS
     ") VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+    "INSERT INTO log0(" CHAT_MESSAGE_COLUMNS
+    ") VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+    "INSERT INTO log1(" CHAT_MESSAGE_COLUMNS
+    ") VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+    "INSERT INTO message_keys(client_msg_id, sender, conversation_id, seq) VALUES(?1, ?2, ?3, ?4)",
+    "DELETE FROM message_keys WHERE client_msg_id = ?1 AND sender = ?2",
+    "SELECT active, merged_through FROM log_state",
+    "SELECT COUNT(*) FROM log0",
+    "SELECT COUNT(*) FROM log1",
+    "UPDATE log_state SET active = 1 - active, merged_through = 0",
+    // The conversation of the ?2-th row past ?1: a slice ends with that whole conversation.
+    "SELECT conversation_id FROM log0 WHERE conversation_id > ?1 "
+    "ORDER BY conversation_id, seq LIMIT 1 OFFSET ?2",
+    "SELECT conversation_id FROM log1 WHERE conversation_id > ?1 "
+    "ORDER BY conversation_id, seq LIMIT 1 OFFSET ?2",
+    "INSERT INTO messages(" CHAT_MESSAGE_COLUMNS ") SELECT " CHAT_MESSAGE_COLUMNS
+    " FROM log0 WHERE conversation_id > ?1 AND conversation_id <= ?2 ORDER BY conversation_id, seq",
+    "INSERT INTO messages(" CHAT_MESSAGE_COLUMNS ") SELECT " CHAT_MESSAGE_COLUMNS
+    " FROM log1 WHERE conversation_id > ?1 AND conversation_id <= ?2 ORDER BY conversation_id, seq",
+    "DELETE FROM log0",
+    "DELETE FROM log1",
+    "UPDATE log_state SET merged_through = ?1",
+    "UPDATE log_state SET merged_through = NULL",
+    "DELETE FROM log0 WHERE conversation_id = ?1 AND seq <= ?2",
+    "DELETE FROM log1 WHERE conversation_id = ?1 AND seq <= ?2",
     "UPDATE conversations SET last_seq = ?2, last_activity_ms = ?3, "
     "first_seq = CASE WHEN first_seq = 0 THEN ?2 ELSE first_seq END WHERE conversation_id = ?1",
     "SELECT user_id FROM members WHERE conversation_id = ?1 AND removed_at_seq = 0 "
@@ -241,18 +355,19 @@ constexpr std::array<const char*, static_cast<size_t>(Sql::kCount)> kSql = {
     "SELECT COALESCE(MAX(read_seq), 0) FROM cursors WHERE conversation_id = ?1 AND user_id = ?2",
     "SELECT delivered_seq FROM cursors "
     "WHERE conversation_id = ?1 AND user_id = ?2 AND device_id = ?3",
-    "SELECT COUNT(*) FROM messages "
-    "WHERE conversation_id = ?1 AND seq > ?2 AND seq <= ?4 AND kind = 1 AND sender <> ?3",
-    "SELECT " CHAT_MESSAGE_COLUMNS
-    " FROM messages WHERE conversation_id = ?1 AND seq >= ?2 AND seq <= ?3 "
-    "ORDER BY seq LIMIT ?4",
-    "SELECT " CHAT_MESSAGE_COLUMNS
-    " FROM messages WHERE conversation_id = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3",
+    "SELECT (SELECT COUNT(*) FROM messages WHERE " CHAT_UNREAD_WHERE ") + "
+    "(SELECT COUNT(*) FROM log0 WHERE " CHAT_UNREAD_WHERE " AND " CHAT_LOG_VISIBLE("0") ") + "
+    "(SELECT COUNT(*) FROM log1 WHERE " CHAT_UNREAD_WHERE " AND " CHAT_LOG_VISIBLE("1") ")",
+    CHAT_ALL_MESSAGES(CHAT_MESSAGE_COLUMNS, "conversation_id = ?1 AND seq >= ?2 AND seq <= ?3")
+    " ORDER BY seq LIMIT ?4",
+    CHAT_ALL_MESSAGES(CHAT_MESSAGE_COLUMNS, "conversation_id = ?1 AND seq < ?2")
+    " ORDER BY seq DESC LIMIT ?3",
     "SELECT conversation_id, first_seq, CASE WHEN retention_ms > 0 THEN retention_ms ELSE ?1 END "
     "FROM conversations WHERE first_seq > 0 AND (retention_ms > 0 OR (retention_ms = 0 AND ?1 > "
     "0)) "
     "ORDER BY conversation_id",
-    "SELECT seq, ts FROM messages WHERE conversation_id = ?1 AND seq >= ?2 ORDER BY seq LIMIT ?3",
+    CHAT_ALL_MESSAGES("seq, ts, client_msg_id, sender", "conversation_id = ?1 AND seq >= ?2")
+    " ORDER BY seq LIMIT ?3",
     "DELETE FROM messages WHERE conversation_id = ?1 AND seq <= ?2",
     "UPDATE conversations SET first_seq = ?2 WHERE conversation_id = ?1",
     "UPDATE conversations SET retention_ms = ?2 WHERE conversation_id = ?1",
@@ -275,6 +390,9 @@ constexpr std::array<const char*, static_cast<size_t>(Sql::kCount)> kSql = {
     "DELETE FROM push_tokens WHERE user_id = ?1 AND device_id = ?2",
 };
 
+#undef CHAT_ALL_MESSAGES
+#undef CHAT_LOG_VISIBLE
+#undef CHAT_UNREAD_WHERE
 #undef CHAT_MESSAGE_COLUMNS
 
 // SQLITE_TRANSIENT spelled without the old-style cast of its macro: SQLite copies the value.
@@ -432,6 +550,7 @@ class Query {
 
   int64_t ColumnInt(int i) const { return sqlite3_column_int64(stmt_, i); }
   uint64_t ColumnU64(int i) const { return static_cast<uint64_t>(ColumnInt(i)); }
+  bool ColumnNull(int i) const { return sqlite3_column_type(stmt_, i) == SQLITE_NULL; }
   std::string ColumnBytes(int i) const { return std::string(ColumnView(i)); }
   // The column's bytes, valid until the next Step or the end of the query.
   std::string_view ColumnView(int i) const {
@@ -519,13 +638,6 @@ Status ReadMessageInto(const Query& q, Message* out) {
     m.system = std::move(decoded.system);
   }
   return Status::Ok();
-}
-
-// Reads the CHAT_MESSAGE_COLUMNS of the current row.
-Result<Message> ReadMessage(const Query& q) {
-  Message m;
-  if (Status s = ReadMessageInto(q, &m); !s.ok()) return s;
-  return m;
 }
 
 // Appends every row of `q` to `out` as a message, each built in place.
@@ -831,21 +943,33 @@ class SqliteSource final : public server::ReadSource {
 
 class SqliteTarget final : public server::AppendTarget {
  public:
-  SqliteTarget(Connection& conn, WriterCache& cache)
-      : conn_(conn), cache_(cache), reader_(conn, &cache) {}
+  // `insert`: the statement that stores a new message (into the active log, or into messages).
+  SqliteTarget(Connection& conn, WriterCache& cache, Sql insert)
+      : conn_(conn), cache_(cache), reader_(conn, &cache), insert_(insert) {}
 
   server::ReadSource& Reader() override { return reader_; }
 
   Result<std::optional<Message>> FindByKey(const UserId& sender,
                                            const std::string& client_msg_id) override {
-    Query q(conn_, Sql::kFindByKey);
-    q.Text(sender).Text(client_msg_id);
-    Result<bool> row = q.Step();
-    if (!row.ok()) return row.status();
-    if (!*row) return std::optional<Message>();
-    Result<Message> m = ReadMessage(q);
-    if (!m.ok()) return m.status();
-    return std::optional<Message>(std::move(*m));
+    ConversationId conversation_id = 0;
+    Seq seq = 0;
+    {
+      Query q(conn_, Sql::kFindByKey);
+      q.Text(sender).Text(client_msg_id);
+      Result<bool> row = q.Step();
+      if (!row.ok()) return row.status();
+      if (!*row) return std::optional<Message>();
+      conversation_id = q.ColumnU64(0);
+      seq = q.ColumnU64(1);
+    }
+    std::vector<Message> found;
+    if (Status s = reader_.ReadAscending(conversation_id, seq, seq, 1, &found); !s.ok()) return s;
+    if (found.empty()) {
+      return DataLoss("client_msg_id " + client_msg_id + " names conversation " +
+                      std::to_string(conversation_id) + " seq " + std::to_string(seq) +
+                      ", which is not stored");
+    }
+    return std::optional<Message>(std::move(found.front()));
   }
 
   Result<ConversationId> FindDirect(const UserId& low, const UserId& high) override {
@@ -942,8 +1066,19 @@ class SqliteTarget final : public server::AppendTarget {
   }
 
   Status Insert(const Message& m) override {
+    if (!m.client_msg_id.empty()) {
+      Query q(conn_, Sql::kInsertKey);
+      q.Text(m.client_msg_id).Text(m.sender).U64(m.conversation_id).U64(m.seq);
+      if (Status s = q.Run(); !s.ok()) {
+        // The key is taken: the statement stored nothing and the transaction goes on.
+        if (sqlite3_extended_errcode(conn_.raw()) == SQLITE_CONSTRAINT_PRIMARYKEY) {
+          return AlreadyExists("client_msg_id is already stored for this sender");
+        }
+        return s;
+      }
+    }
     {
-      Query q(conn_, Sql::kInsertMessage);
+      Query q(conn_, insert_);
       q.U64(m.conversation_id)
           .U64(m.seq)
           .U64(m.message_id)
@@ -956,13 +1091,7 @@ class SqliteTarget final : public server::AppendTarget {
           .Blob(m.body)
           .Blob(EncodeAttachments(m.attachments), /*null_if_empty=*/true)
           .Blob(EncodeSystem(m), /*null_if_empty=*/true);
-      if (Status s = q.Run(); !s.ok()) {
-        // messages_by_key: the statement stored nothing and the transaction goes on.
-        if (sqlite3_extended_errcode(conn_.raw()) == SQLITE_CONSTRAINT_UNIQUE) {
-          return AlreadyExists("client_msg_id is already stored for this sender");
-        }
-        return s;
-      }
+      if (Status s = q.Run(); !s.ok()) return s;
     }
     Query q(conn_, Sql::kAdvanceConversation);
     q.U64(m.conversation_id).U64(m.seq).Int(m.server_time_ms);
@@ -1013,6 +1142,7 @@ class SqliteTarget final : public server::AppendTarget {
   Connection& conn_;
   WriterCache& cache_;
   SqliteSource reader_;
+  const Sql insert_;
 };
 
 uint64_t NewEpoch() {
@@ -1024,6 +1154,28 @@ uint64_t NewEpoch() {
   // 0 reads as "no epoch known" on a client; never hand it out.
   return epoch == 0 ? 1 : epoch;
 }
+
+// The statements of log0 and log1, indexed by the log's number.
+constexpr std::array<Sql, 2> kInsertLog = {Sql::kInsertLog0, Sql::kInsertLog1};
+constexpr std::array<Sql, 2> kCountLog = {Sql::kCountLog0, Sql::kCountLog1};
+constexpr std::array<Sql, 2> kSliceEnd = {Sql::kSliceEnd0, Sql::kSliceEnd1};
+constexpr std::array<Sql, 2> kMergeLog = {Sql::kMergeLog0, Sql::kMergeLog1};
+constexpr std::array<Sql, 2> kClearLog = {Sql::kClearLog0, Sql::kClearLog1};
+
+// Bound of SqliteStoreOptions::recent_log_rows: a log is read through its index by every
+// History and Sync, and the writer keeps its pages in its cache.
+constexpr uint32_t kMaxRecentLogRows = 1'000'000;
+
+// About this many log rows are copied into messages per merge step (whole conversations).
+constexpr int64_t kMergeSliceRows = 256;
+
+// The writer's copy of log_state, and how many rows the active log holds (counted at open and
+// by every committed batch; a batch's duplicates and refusals count too, so it is an upper bound).
+struct LogState {
+  int active = 0;
+  std::optional<int64_t> merged_through;  // nullopt: the other log is empty
+  uint64_t active_rows = 0;
+};
 
 class SqliteStore final : public MessageStore {
  public:
@@ -1038,6 +1190,9 @@ class SqliteStore final : public MessageStore {
     }
     if (options.mmap_size_bytes > uint64_t{INT64_MAX}) {
       return InvalidArgument("mmap_size_bytes must be at most 2^63 - 1");
+    }
+    if (options.recent_log_rows > kMaxRecentLogRows) {
+      return InvalidArgument("recent_log_rows must be at most 1,000,000");
     }
     Result<std::unique_ptr<Connection>> writer =
         Connection::Open(options.path, /*read_only=*/false, options.busy_timeout_ms);
@@ -1073,6 +1228,8 @@ class SqliteStore final : public MessageStore {
       if (!*row) return DataLoss("store has no epoch: " + options.path);
       epoch = q.ColumnU64(0);
     }
+    Result<LogState> log = ReadLogState(w);
+    if (!log.ok()) return log.status();
 
     std::vector<std::unique_ptr<Connection>> readers;
     for (uint32_t i = 0; i < options.reader_connections; ++i) {
@@ -1093,7 +1250,8 @@ class SqliteStore final : public MessageStore {
       return s;
     }
     return std::shared_ptr<MessageStore>(
-        new SqliteStore(epoch, std::move(*writer), std::move(readers), std::move(*checkpointer)));
+        new SqliteStore(epoch, std::move(*writer), std::move(readers), std::move(*checkpointer),
+                        *log, options.recent_log_rows));
   }
 
   uint64_t Epoch() const override { return epoch_; }
@@ -1104,7 +1262,8 @@ class SqliteStore final : public MessageStore {
     std::lock_guard lock(writer_mu_);
     Status s = Query(*writer_, Sql::kBeginImmediate).Run();
     if (s.ok()) {
-      SqliteTarget target(*writer_, cache_);
+      SqliteTarget target(*writer_, cache_,
+                          log_rows_ == 0 ? Sql::kInsertMessage : kInsertLog[log_.active]);
       for (size_t i = 0; i < batch.size() && s.ok(); ++i) {
         s = server::AppendOne(target, batch[i], &(*results)[i]);
       }
@@ -1117,8 +1276,102 @@ class SqliteStore final : public MessageStore {
         cache_.Clear();
       }
     }
-    if (!s.ok()) results->clear();
+    if (!s.ok()) {
+      results->clear();
+      return s;
+    }
+    log_.active_rows += batch.size();
+    // The batch is committed whatever the merge does; a failed step is tried again after the
+    // next batch (the merge is for speed, the messages are stored either way).
+    (void)MergeLog();
     return s;
+  }
+
+  // One merge step after every batch, and more while the active log is past recent_log_rows:
+  // then the merge fell behind (batches larger than the log, or a burst), and it catches up
+  // before the next switch instead of letting the active log grow.
+  Status MergeLog() {
+    for (int steps = 0;; ++steps) {
+      if (log_rows_ == 0) return Status::Ok();
+      if (steps > 0 && log_.active_rows <= log_rows_) return Status::Ok();
+      if (!log_.merged_through.has_value() && log_.active_rows < log_rows_) return Status::Ok();
+      if (Status s = MergeStep(); !s.ok()) return s;
+    }
+  }
+
+  // One step of moving the logs into messages, in its own transaction after a batch: switches
+  // the logs once the active one holds recent_log_rows and the other is empty, or copies the
+  // next slice of the other log's conversations (about kMergeSliceRows rows, whole
+  // conversations) into messages, emptying that log with the last slice. Each conversation's
+  // rows are copied together, in seq order, so a leaf of messages is written once per slice for
+  // all of its conversation's new rows rather than once per commit that added one; the logs
+  // themselves grow at one end, a few pages per commit. Slices keep each step short, so a batch
+  // waits behind at most one of them.
+  Status MergeStep() {
+    Status s = Query(*writer_, Sql::kBeginImmediate).Run();
+    LogState next = log_;
+    if (s.ok()) {
+      if (!log_.merged_through.has_value()) {
+        s = Query(*writer_, Sql::kSwitchLog).Run();
+        next.active = 1 - log_.active;
+        next.merged_through = 0;
+        next.active_rows = 0;
+      } else {
+        const int other = 1 - log_.active;
+        std::optional<int64_t> end;
+        {
+          Query q(*writer_, kSliceEnd[other]);
+          q.Int(*log_.merged_through).Int(kMergeSliceRows);
+          Result<bool> row = q.Step();
+          s = row.status();
+          if (s.ok() && *row) end = q.ColumnInt(0);
+        }
+        if (s.ok()) {
+          Query q(*writer_, kMergeLog[other]);
+          q.Int(*log_.merged_through).Int(end.value_or(INT64_MAX));
+          s = q.Run();
+        }
+        if (s.ok() && end.has_value()) {
+          Query q(*writer_, Sql::kSetMergedThrough);
+          q.Int(*end);
+          s = q.Run();
+          next.merged_through = end;
+        } else if (s.ok()) {
+          s = Query(*writer_, kClearLog[other]).Run();
+          if (s.ok()) s = Query(*writer_, Sql::kMergeFinished).Run();
+          next.merged_through.reset();
+        }
+      }
+      if (s.ok()) s = Query(*writer_, Sql::kCommit).Run();
+      if (!s.ok()) (void)Query(*writer_, Sql::kRollback).Run();
+    }
+    if (s.ok()) {
+      log_ = next;
+      return s;
+    }
+    Log(LogLevel::kWarn, "chat: moving the message log into messages failed: " + s.ToString());
+    // What the file says is what counts after a failure.
+    Result<LogState> reread = ReadLogState(*writer_);
+    if (reread.ok()) log_ = *reread;
+    return s;
+  }
+
+  static Result<LogState> ReadLogState(Connection& conn) {
+    LogState out;
+    {
+      Query q(conn, Sql::kLogState);
+      Result<bool> row = q.Step();
+      if (!row.ok()) return row.status();
+      if (!*row) return DataLoss("the store has no log_state row");
+      out.active = static_cast<int>(q.ColumnInt(0));
+      if (out.active != 0 && out.active != 1) return DataLoss("log_state names no log");
+      if (!q.ColumnNull(1)) out.merged_through = q.ColumnInt(1);
+    }
+    Query q(conn, kCountLog[out.active]);
+    Result<int64_t> rows = ScalarInt(q, 0);
+    if (!rows.ok()) return rows.status();
+    out.active_rows = static_cast<uint64_t>(*rows);
+    return out;
   }
 
   Result<SweepResult> DeleteExpired(const SweepRequest& request) override {
@@ -1222,9 +1475,11 @@ class SqliteStore final : public MessageStore {
  private:
   SqliteStore(uint64_t epoch, std::unique_ptr<Connection> writer,
               std::vector<std::unique_ptr<Connection>> readers,
-              std::unique_ptr<Connection> checkpointer)
+              std::unique_ptr<Connection> checkpointer, LogState log, uint32_t log_rows)
       : epoch_(epoch),
+        log_rows_(log_rows),
         writer_(std::move(writer)),
+        log_(log),
         readers_(std::move(readers)),
         checkpointer_(std::move(checkpointer)) {
     for (auto& reader : readers_) idle_.push_back(reader.get());
@@ -1321,6 +1576,7 @@ class SqliteStore final : public MessageStore {
       int64_t retention_ms;
     };
     std::vector<Candidate> candidates;
+    std::vector<std::pair<std::string, std::string>> keys;  // client_msg_id, sender
     {
       Query q(*writer_, Sql::kRetentionCandidates);
       q.Int(request.default_retention_ms);
@@ -1340,6 +1596,7 @@ class SqliteStore final : public MessageStore {
       Seq through = 0;
       Seq next = 0;
       uint64_t expired = 0;
+      keys.clear();
       {
         Query q(*writer_, Sql::kRetentionScan);
         q.U64(c.conversation_id).U64(c.first_seq).Int(static_cast<int64_t>(room) + 1);
@@ -1354,11 +1611,18 @@ class SqliteStore final : public MessageStore {
           }
           through = q.ColumnU64(0);
           ++expired;
+          if (!q.ColumnView(2).empty()) keys.emplace_back(q.ColumnView(2), q.ColumnView(3));
         }
       }
       if (expired == 0) continue;
-      {
-        Query q(*writer_, Sql::kDeleteThrough);
+      // The keys go with their messages: a resend of a deleted message is stored anew.
+      for (const auto& [client_msg_id, sender] : keys) {
+        Query q(*writer_, Sql::kDeleteKey);
+        q.Text(client_msg_id).Text(sender);
+        if (Status s = q.Run(); !s.ok()) return s;
+      }
+      for (Sql table : {Sql::kDeleteThrough, Sql::kDeleteThroughLog0, Sql::kDeleteThroughLog1}) {
+        Query q(*writer_, table);
         q.U64(c.conversation_id).U64(through);
         if (Status s = q.Run(); !s.ok()) return s;
       }
@@ -1445,8 +1709,10 @@ class SqliteStore final : public MessageStore {
   }
 
   const uint64_t epoch_;
+  const uint32_t log_rows_;  // SqliteStoreOptions::recent_log_rows
   std::mutex writer_mu_;
   const std::unique_ptr<Connection> writer_;  // guarded by writer_mu_
+  LogState log_;                              // guarded by writer_mu_
   WriterCache cache_;                         // guarded by writer_mu_
   const std::vector<std::unique_ptr<Connection>> readers_;
   std::mutex readers_mu_;

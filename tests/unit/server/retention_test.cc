@@ -17,7 +17,8 @@
 namespace chat {
 namespace {
 
-enum class Kind { kMemory, kSqlite };
+// kSqliteMerging: the message log switches after every batch (see store_test.cc).
+enum class Kind { kMemory, kSqlite, kSqliteMerging };
 
 struct Env {
   explicit Env(Kind kind) {
@@ -27,6 +28,7 @@ struct Env {
     }
     SqliteStoreOptions options;
     options.path = dir.File("chat.db");
+    if (kind == Kind::kSqliteMerging) options.recent_log_rows = 1;
     Result<std::shared_ptr<MessageStore>> opened = NewSqliteStore(options);
     REQUIRE_MESSAGE(opened.ok(), opened.status().ToString());
     store = *opened;
@@ -101,7 +103,8 @@ std::vector<Seq> Seqs(const std::vector<Message>& messages) {
 
 #define RETENTION_CASE(fn, title)                               \
   TEST_CASE("retention: memory: " title) { fn(Kind::kMemory); } \
-  TEST_CASE("retention: sqlite: " title) { fn(Kind::kSqlite); }
+  TEST_CASE("retention: sqlite: " title) { fn(Kind::kSqlite); } \
+  TEST_CASE("retention: sqlite, merging: " title) { fn(Kind::kSqliteMerging); }
 
 void ExpiredDeletedOthersKept(Kind kind) {
   Env env(kind);

@@ -28,7 +28,9 @@ namespace {
 
 using testing::TempDir;
 
-enum class Kind { kMemory, kSqlite };
+// kSqliteMerging: a SQLite store whose message log switches after every batch, so the cases
+// run while messages move between the logs and the conversation-ordered table.
+enum class Kind { kMemory, kSqlite, kSqliteMerging };
 
 // A store of the given kind; the SQLite one lives in a private temp dir removed afterwards.
 struct Env {
@@ -38,6 +40,7 @@ struct Env {
       return;
     }
     options.path = dir.File("chat.db");
+    if (kind == Kind::kSqliteMerging) options.recent_log_rows = 1;
     Result<std::shared_ptr<MessageStore>> opened = NewSqliteStore(options);
     REQUIRE_MESSAGE(opened.ok(), opened.status().ToString());
     store = *opened;
@@ -130,7 +133,8 @@ Result<SyncReply> SyncOf(MessageStore& store, const UserId& user, std::vector<Cu
 
 #define STORE_CASE(fn, title)                               \
   TEST_CASE("store: memory: " title) { fn(Kind::kMemory); } \
-  TEST_CASE("store: sqlite: " title) { fn(Kind::kSqlite); }
+  TEST_CASE("store: sqlite: " title) { fn(Kind::kSqlite); } \
+  TEST_CASE("store: sqlite, merging: " title) { fn(Kind::kSqliteMerging); }
 
 void SeqIsGaplessAndFieldsRoundTrip(Kind kind) {
   Env env(kind);
@@ -631,6 +635,14 @@ void RawExec(const std::string& path, const std::string& sql) {
   sqlite3_close(db);
   REQUIRE_MESSAGE(rc == SQLITE_OK, message);
 }
+
+// Turns a file of this build into what version 4 left behind: every message in `messages`, the
+// idempotency index on it, no logs and no keys table.
+constexpr const char* kBackToVersion4 =
+    "INSERT INTO messages SELECT * FROM log0; INSERT INTO messages SELECT * FROM log1; "
+    "DROP TABLE log0; DROP TABLE log1; DROP TABLE log_state; DROP TABLE message_keys; "
+    "CREATE UNIQUE INDEX messages_by_key ON messages(client_msg_id, sender) "
+    "WHERE client_msg_id <> ''; PRAGMA user_version = 4;";
 
 Result<std::shared_ptr<MessageStore>> OpenAt(const std::string& path) {
   SqliteStoreOptions options;
@@ -1249,8 +1261,8 @@ TEST_CASE("store: sqlite: a schema newer than this build is DataLoss and left un
   RawExec(path, "PRAGMA user_version = 99");
   Result<std::shared_ptr<MessageStore>> newer = OpenAt(path);
   CHECK(newer.status().code() == Code::kDataLoss);
-  CHECK(newer.status().message() == "schema version 99 is newer than this build supports (4)");
-  RawExec(path, "PRAGMA user_version = 4");
+  CHECK(newer.status().message() == "schema version 99 is newer than this build supports (5)");
+  RawExec(path, "PRAGMA user_version = 5");
   Result<std::shared_ptr<MessageStore>> again = OpenAt(path);
   REQUIRE(again.ok());
   CHECK((*again)->Members(1).ok());
@@ -1266,9 +1278,11 @@ TEST_CASE("store: sqlite: a version 1 file is migrated and keeps its data") {
     ab = OpenDirect(**store, "alice", "bob");
   }
   // What migration 1 alone left behind.
-  RawExec(path,
-          "ALTER TABLE members DROP COLUMN removed_at_seq; DROP TABLE push_tokens; "
-          "PRAGMA user_version = 1");
+  RawExec(path, std::string(kBackToVersion4) +
+                    "DROP INDEX messages_by_key; CREATE UNIQUE INDEX messages_by_key ON "
+                    "messages(sender, client_msg_id) WHERE client_msg_id <> ''; "
+                    "ALTER TABLE members DROP COLUMN removed_at_seq; DROP TABLE push_tokens; "
+                    "PRAGMA user_version = 1");
   Result<std::shared_ptr<MessageStore>> migrated = OpenAt(path);
   REQUIRE(migrated.ok());
   Result<HistoryReply> h = HistoryOf(**migrated, "bob", ab, 0, 10);
@@ -1279,7 +1293,7 @@ TEST_CASE("store: sqlite: a version 1 file is migrated and keeps its data") {
   CHECK(*(*migrated)->Members(group) == std::vector<UserId>{"alice"});
 }
 
-TEST_CASE("store: sqlite: a version 3 file gets the idempotency index led by client_msg_id") {
+TEST_CASE("store: sqlite: a version 3 file gets the keys table led by client_msg_id") {
   TempDir dir;
   const std::string path = dir.File("chat.db");
   ConversationId ab = 0;
@@ -1290,9 +1304,10 @@ TEST_CASE("store: sqlite: a version 3 file gets the idempotency index led by cli
     REQUIRE(ab != 0);
   }
   // Version 3's index, led by the sender.
-  RawExec(path,
-          "DROP INDEX messages_by_key; CREATE UNIQUE INDEX messages_by_key ON "
-          "messages(sender, client_msg_id) WHERE client_msg_id <> ''; PRAGMA user_version = 3");
+  RawExec(path, std::string(kBackToVersion4) +
+                    "DROP INDEX messages_by_key; CREATE UNIQUE INDEX messages_by_key ON "
+                    "messages(sender, client_msg_id) WHERE client_msg_id <> ''; "
+                    "PRAGMA user_version = 3");
   Result<std::shared_ptr<MessageStore>> migrated = OpenAt(path);
   REQUIRE(migrated.ok());
   // The stored message is still found by its key: a resend is the original.
@@ -1303,17 +1318,30 @@ TEST_CASE("store: sqlite: a version 3 file gets the idempotency index led by cli
   CHECK(dup.message.body == "first");
   CHECK_FALSE(CommitOne(**migrated, ToPeer("bob", "alice", "key-1", "own")).duplicate);
   migrated->reset();
-  // The file now carries version 4's index, client_msg_id first.
+  // The file now carries version 5's keys table, client_msg_id first, holding both keys; the
+  // index on messages is gone.
   sqlite3* db = nullptr;
   REQUIRE(sqlite3_open(path.c_str(), &db) == SQLITE_OK);
   sqlite3_stmt* stmt = nullptr;
-  REQUIRE(sqlite3_prepare_v2(db, "SELECT sql FROM sqlite_master WHERE name = 'messages_by_key'", -1,
-                             &stmt, nullptr) == SQLITE_OK);
+  REQUIRE(sqlite3_prepare_v2(db,
+                             "SELECT group_concat(name || ': ' || sql, '; ') FROM sqlite_master "
+                             "WHERE name IN ('messages_by_key', 'message_keys')",
+                             -1, &stmt, nullptr) == SQLITE_OK);
   REQUIRE(sqlite3_step(stmt) == SQLITE_ROW);
   const std::string sql = reinterpret_cast<const char*>(sqlite3_column_text(stmt, 0));
   sqlite3_finalize(stmt);
+  REQUIRE(sqlite3_prepare_v2(db,
+                             "SELECT group_concat(client_msg_id || '/' || sender, ' ') FROM "
+                             "message_keys",
+                             -1, &stmt, nullptr) == SQLITE_OK);
+  REQUIRE(sqlite3_step(stmt) == SQLITE_ROW);
+  const std::string keys = reinterpret_cast<const char*>(sqlite3_column_text(stmt, 0));
+  sqlite3_finalize(stmt);
   sqlite3_close(db);
-  CHECK(sql.find("messages(client_msg_id, sender)") != std::string::npos);
+  CHECK(sql.starts_with("message_keys: "));
+  CHECK(sql.find("PRIMARY KEY(client_msg_id, sender)") != std::string::npos);
+  CHECK(sql.find("messages_by_key") == std::string::npos);
+  CHECK(keys == "key-1/alice key-1/bob");
   Result<std::shared_ptr<MessageStore>> again = OpenAt(path);
   REQUIRE(again.ok());
   Result<HistoryReply> h = HistoryOf(**again, "bob", ab, 0, 10);
@@ -1339,6 +1367,8 @@ TEST_CASE("store: sqlite: bad options and unusable files are refused") {
        "writer_cache_size_kib must be at least 1"},
       {[](SqliteStoreOptions& o) { o.mmap_size_bytes = UINT64_MAX; },
        "mmap_size_bytes must be at most 2^63 - 1"},
+      {[](SqliteStoreOptions& o) { o.recent_log_rows = 1'000'001; },
+       "recent_log_rows must be at most 1,000,000"},
   };
   for (const Case& c : cases) {
     SqliteStoreOptions options;
@@ -1356,6 +1386,161 @@ TEST_CASE("store: sqlite: bad options and unusable files are refused") {
   REQUIRE(testing::WriteFile(junk, std::string(4096, 'j')));
   Result<std::shared_ptr<MessageStore>> not_db = OpenAt(junk);
   CHECK(not_db.status().code() == Code::kDataLoss);
+}
+
+// Where the rows are: (messages, log0, log1) counts and log_state, read from the file.
+struct LogPlacement {
+  int64_t messages = 0;
+  int64_t log0 = 0;
+  int64_t log1 = 0;
+  int64_t active = 0;
+  std::optional<int64_t> merged_through;
+};
+
+LogPlacement PlacementOf(const std::string& path) {
+  sqlite3* db = nullptr;
+  REQUIRE(sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READONLY, nullptr) == SQLITE_OK);
+  sqlite3_stmt* stmt = nullptr;
+  REQUIRE(sqlite3_prepare_v2(db,
+                             "SELECT (SELECT COUNT(*) FROM messages), (SELECT COUNT(*) FROM log0), "
+                             "(SELECT COUNT(*) FROM log1), active, merged_through FROM log_state",
+                             -1, &stmt, nullptr) == SQLITE_OK);
+  REQUIRE(sqlite3_step(stmt) == SQLITE_ROW);
+  LogPlacement out{sqlite3_column_int64(stmt, 0), sqlite3_column_int64(stmt, 1),
+                   sqlite3_column_int64(stmt, 2), sqlite3_column_int64(stmt, 3), std::nullopt};
+  if (sqlite3_column_type(stmt, 4) != SQLITE_NULL)
+    out.merged_through = sqlite3_column_int64(stmt, 4);
+  sqlite3_finalize(stmt);
+  sqlite3_close(db);
+  return out;
+}
+
+TEST_CASE("store: sqlite: messages move from the log into the conversation table in slices") {
+  TempDir dir;
+  SqliteStoreOptions options;
+  options.path = dir.File("chat.db");
+  options.recent_log_rows = 1500;
+  constexpr int kPairs = 60;
+  constexpr int kRounds = 50;  // each pair sends one message per round: 3,000 in all
+  std::vector<ConversationId> conversations(kPairs, 0);
+  std::vector<Seq> expected(kPairs, 0);
+  std::optional<std::shared_ptr<MessageStore>> store;
+  auto open = [&] {
+    Result<std::shared_ptr<MessageStore>> opened = NewSqliteStore(options);
+    REQUIRE_MESSAGE(opened.ok(), opened.status().ToString());
+    store = *opened;
+  };
+  open();
+  // Every conversation reads back whole, in order, each message once, wherever its rows are.
+  auto check_all = [&] {
+    for (int p = 0; p < kPairs; ++p) {
+      if (conversations[p] == 0) continue;
+      CAPTURE(p);
+      Result<HistoryReply> h =
+          HistoryOf(**store, "u" + std::to_string(p), conversations[p], 0, 1000);
+      REQUIRE(h.ok());
+      std::vector<Seq> want;
+      for (Seq s = expected[p]; s >= 1; --s) want.push_back(s);
+      REQUIRE(Seqs(h->messages) == want);
+      for (const Message& m : h->messages) {
+        CHECK(m.body == "p" + std::to_string(p) + "-" + std::to_string(m.seq));
+      }
+    }
+  };
+  std::vector<LogPlacement> seen;
+  bool reopened = false;
+  for (int round = 0; round < kRounds; ++round) {
+    std::vector<AppendRequest> batch;
+    for (int p = 0; p < kPairs; ++p) {
+      const std::string body = "p" + std::to_string(p) + "-" + std::to_string(expected[p] + 1);
+      AppendRequest r =
+          conversations[p] == 0
+              ? ToPeer("u" + std::to_string(p), "v" + std::to_string(p), "k-" + body, body)
+              : ToConversation(conversations[p], "u" + std::to_string(p), "k-" + body, body);
+      batch.push_back(r);
+    }
+    std::vector<AppendResult> results = Commit(**store, batch);
+    for (int p = 0; p < kPairs; ++p) {
+      REQUIRE(results[p].status.ok());
+      conversations[p] = results[p].message.conversation_id;
+      REQUIRE(results[p].message.seq == ++expected[p]);
+    }
+    // A resend of an early message is still the original, wherever that one is now (each
+    // Append, this one too, takes one merge step).
+    AppendResult dup = CommitOne(**store, ToPeer("u0", "v0", "k-p0-1", "changed"));
+    REQUIRE(dup.status.ok());
+    CHECK(dup.duplicate);
+    CHECK(dup.message.seq == 1);
+    CHECK(dup.message.body == "p0-1");
+    seen.push_back(PlacementOf(options.path));
+    const LogPlacement& now = seen.back();
+    CHECK(now.messages + (now.active == 0 ? now.log0 : now.log1) +
+              (now.merged_through.has_value() ? 0 : (now.active == 0 ? now.log1 : now.log0)) <=
+          (round + 1) * kPairs);
+    check_all();
+    // Closed and opened again half-way through a merge: it carries on from log_state.
+    if (!reopened && now.merged_through.value_or(0) > 0) {
+      store.reset();
+      open();
+      reopened = true;
+      check_all();
+    }
+  }
+  CHECK(reopened);
+  // The first switch came once the log held 1,500 rows, the merge took more than one slice
+  // (a slice is about 256 rows), and the second log was emptied when it was done.
+  bool switched = false;
+  bool mid_merge = false;
+  bool finished = false;
+  for (const LogPlacement& p : seen) {
+    switched = switched || p.active == 1;
+    mid_merge = mid_merge || (p.merged_through.has_value() && *p.merged_through > 0);
+    finished = finished || (p.active == 1 && !p.merged_through.has_value() && p.log0 == 0 &&
+                            p.messages >= 1500);
+  }
+  CHECK(switched);
+  CHECK(mid_merge);
+  CHECK(finished);
+  const LogPlacement last = seen.back();
+  CHECK(last.messages + last.log0 + last.log1 >= kRounds * kPairs);
+}
+
+TEST_CASE("store: sqlite: batches larger than the log make the merge catch up, not the log grow") {
+  TempDir dir;
+  SqliteStoreOptions options;
+  options.path = dir.File("chat.db");
+  options.recent_log_rows = 100;
+  Result<std::shared_ptr<MessageStore>> store = NewSqliteStore(options);
+  REQUIRE(store.ok());
+  std::vector<ConversationId> conversations(30, 0);
+  for (int round = 0; round < 20; ++round) {
+    std::vector<AppendRequest> batch;
+    for (int p = 0; p < 30; ++p) {
+      for (int i = 0; i < 10; ++i) {
+        const std::string key =
+            std::to_string(round) + "-" + std::to_string(p) + "-" + std::to_string(i);
+        batch.push_back(conversations[p] == 0 && i == 0
+                            ? ToPeer("u" + std::to_string(p), "v" + std::to_string(p), key, key)
+                            : ToConversation(conversations[p], "u" + std::to_string(p), key, key));
+        if (conversations[p] == 0) break;  // the first message creates the conversation
+      }
+    }
+    std::vector<AppendResult> results = Commit(**store, batch);
+    for (const AppendResult& r : results) REQUIRE(r.status.ok());
+    for (int p = 0; p < 30; ++p) {
+      if (conversations[p] == 0) conversations[p] = results[p].message.conversation_id;
+    }
+    const LogPlacement now = PlacementOf(options.path);
+    CAPTURE(round);
+    // At most the log's size plus one batch waits in the active log.
+    CHECK((now.active == 0 ? now.log0 : now.log1) <= 100 + 300);
+  }
+  for (int p = 0; p < 30; ++p) {
+    Result<HistoryReply> h = HistoryOf(**store, "v" + std::to_string(p), conversations[p], 0, 1000);
+    REQUIRE(h.ok());
+    CHECK(h->messages.size() == 1 + 19 * 10);
+    CHECK(h->messages.front().seq == 1 + 19 * 10);
+  }
 }
 
 TEST_CASE("store: sqlite: a memory-mapped store with a tiny page cache reads back every page") {
@@ -1479,9 +1664,9 @@ TEST_CASE(
   const ConversationId damaged = OpenDirect(store, "alice", "bob");
   OpenDirect(store, "carol", "dave");
   // The stored attachments of alice's message no longer decode (a damaged file).
-  RawExec(env.dir.File("chat.db"),
-          "UPDATE messages SET attachments = x'ff01' WHERE conversation_id = " +
-              std::to_string(damaged));
+  RawExec(
+      env.dir.File("chat.db"),
+      "UPDATE log0 SET attachments = x'ff01' WHERE conversation_id = " + std::to_string(damaged));
   std::vector<SyncQuery> queries;
   for (const char* user : {"alice", "carol", "bob", "dave"}) {
     queries.push_back({.user = user, .device = std::string(user) + "-phone", .cursors = {}});
@@ -1582,7 +1767,7 @@ TEST_CASE("store: sqlite: a failed transaction stores nothing of the batch") {
 
   // The third item fails inside SQLite after the first two were written in the transaction.
   RawExec(path,
-          "CREATE TRIGGER fail_boom BEFORE INSERT ON messages WHEN NEW.body = CAST('boom' AS BLOB)"
+          "CREATE TRIGGER fail_boom BEFORE INSERT ON log0 WHEN NEW.body = CAST('boom' AS BLOB)"
           " BEGIN SELECT RAISE(ABORT, 'injected failure'); END");
   std::vector<AppendRequest> batch = {
       ToPeer("carol", "dave", "t-1", "creates a conversation"),
