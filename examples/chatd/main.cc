@@ -303,6 +303,7 @@ struct ServeFlags {
   uint32_t writer_cache_kib = chat::SqliteStoreOptions().writer_cache_size_kib;
   uint64_t mmap_bytes = chat::SqliteStoreOptions().mmap_size_bytes;
   uint32_t recent_log_rows = chat::SqliteStoreOptions().recent_log_rows;
+  uint32_t recent_log_slice_rows = chat::SqliteStoreOptions().recent_log_slice_rows;
   std::string log_level = "info";
   SecretFlags secret;
   bool no_healthz = false;
@@ -349,6 +350,11 @@ void AddServeFlags(CLI::App* serve, ServeFlags* f) {
                    "New messages collect in an arrival-order log of this many and move into the "
                    "conversation-ordered table in bulk; 0 = stored there directly")
       ->check(CLI::Range(0, 1'000'000))
+      ->capture_default_str();
+  serve
+      ->add_option("--recent-log-slice-rows", f->recent_log_slice_rows,
+                   "Messages copied from a log into the conversation-ordered table per step")
+      ->check(CLI::Range(1, 1'000'000))
       ->capture_default_str();
   AddSecretFlags(serve, &f->secret);
   serve->add_option("--log-level", f->log_level, "debug, info, warn, error or off")
@@ -518,7 +524,8 @@ int Serve(ServeFlags& flags) {
                             .cache_size_kib = flags.cache_kib,
                             .writer_cache_size_kib = flags.writer_cache_kib,
                             .mmap_size_bytes = flags.mmap_bytes,
-                            .recent_log_rows = flags.recent_log_rows});
+                            .recent_log_rows = flags.recent_log_rows,
+                            .recent_log_slice_rows = flags.recent_log_slice_rows});
   if (!store.ok()) {
     std::cerr << "chatd: cannot open " << flags.db << ": " << store.status().ToString() << "\n";
     return kExitFailure;

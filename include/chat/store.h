@@ -355,9 +355,9 @@ struct SqliteStoreOptions {
   // kernel's page cache, not this one, keeps a large file fast.
   uint32_t cache_size_kib = 2000;
   // The writer connection's page cache, in KiB, allocated only as pages are read. New messages
-  // go to the newest leaf of each active conversation and the right-hand end of the idempotency
-  // index; pages that do not fit are read again (pread) for every commit that touches them.
-  // Default 16 MiB: the newest leaves of about 4,000 conversations.
+  // go to the end of the message log and of the idempotency keys, and the merge writes the
+  // newest leaf of each conversation it copies; pages that do not fit are read again (pread)
+  // for every commit that touches them. Default 16 MiB.
   uint32_t writer_cache_size_kib = 16 * 1024;
   // How much of the file each connection reads through a shared memory map instead of read(2)
   // into its page cache, in bytes; 0 (the default) maps nothing. Mapped pages are the kernel's
@@ -366,12 +366,17 @@ struct SqliteStoreOptions {
   // kills the process with SIGBUS instead of returning an error, hence off by default.
   uint64_t mmap_size_bytes = 0;
   // New messages are stored in the order they arrive, in a log that grows at one end, and moved
-  // into the conversation-ordered table in bulk: once the log holds this many messages, the
-  // writer switches to a second log and copies the first, a slice of conversations after each
-  // commit, so a conversation's new messages are written into its pages together instead of
-  // one commit at a time. Readers see both logs and the table as one. 0 stores every message
-  // straight into the conversation-ordered table. Default 32,768; at most 1,000,000.
+  // into the conversation-ordered table in bulk: once the log holds this many messages (or 32 MiB
+  // of bodies), the writer switches to a second log and copies the first into the table, in
+  // slices of recent_log_slice_rows messages, as many per commit as the commit added, inside
+  // that commit. A conversation's new messages are so written into its pages together instead
+  // of one commit at a time. Readers see both logs and the table as one. 0 stores every message
+  // straight into the conversation-ordered table (and empties logs left from before). Default
+  // 32,768; at most 1,000,000.
   uint32_t recent_log_rows = 32'768;
+  // Messages copied from a log into the table per step (see recent_log_rows); a commit waits
+  // for its steps. Default 256; 1 to 1,000,000.
+  uint32_t recent_log_slice_rows = 256;
 };
 
 // Opens (creating and migrating as needed) a SQLite store. InvalidArgument for an empty path;

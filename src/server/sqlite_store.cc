@@ -130,7 +130,7 @@ DROP INDEX messages_by_key;
 CREATE UNIQUE INDEX messages_by_key ON messages(client_msg_id, sender) WHERE client_msg_id <> '';
 )sql",
     // 5: new messages go to an arrival-order log (log0 or log1, whichever log_state names
-    // active) and move into messages in bulk, conversation by conversation (see LogMerge). The
+    // active) and move into messages in bulk, in (conversation, seq) order (see MergeSteps). The
     // idempotency keys move out of messages into a table of their own, so one key check covers
     // the logs and messages alike.
     R"sql(
@@ -177,15 +177,16 @@ CREATE TABLE log1(
 );
 CREATE UNIQUE INDEX log1_by_seq ON log1(conversation_id, seq);
 
--- active: the log new messages go to. merged_through: NULL when the other log is empty;
--- otherwise the other log's rows of conversations up to this id are already in messages
--- (readers skip them) and the rest are not yet.
+-- active: the log new messages go to. merged_conversation, merged_seq: NULL when the other
+-- log is empty; otherwise the other log's rows up to this (conversation_id, seq) are already in
+-- messages (readers skip them) and the rest are not yet.
 CREATE TABLE log_state(
   id INTEGER PRIMARY KEY CHECK(id = 0),
   active INTEGER NOT NULL CHECK(active IN (0, 1)),
-  merged_through INTEGER
+  merged_conversation INTEGER,
+  merged_seq INTEGER
 );
-INSERT INTO log_state(id, active, merged_through) VALUES(0, 0, NULL);
+INSERT INTO log_state(id, active, merged_conversation, merged_seq) VALUES(0, 0, NULL, NULL);
 )sql",
 };
 
@@ -193,17 +194,22 @@ INSERT INTO log_state(id, active, merged_through) VALUES(0, 0, NULL);
   "conversation_id, seq, message_id, sender, sender_device, client_msg_id, ts, kind, " \
   "content_type, body, attachments, system"
 
-// A row of log0 or log1 (n) is one that readers see: every row of the active log, and the rows
-// of the other one that the merge has not copied into messages yet. ?1 is the conversation.
-#define CHAT_LOG_VISIBLE(n) "(SELECT active = " n " OR ?1 > merged_through FROM log_state)"
-// A conversation's messages wherever they are: messages, then the two logs (each conversation's
-// seqs in messages are below those in the other log, which are below those in the active one).
+// The seq above which conversation ?1's rows of log0 or log1 (n) are visible to readers: every
+// row of the active log, and the rows of the other one that the merge has not copied into
+// messages yet (none when that log is empty). A constant for the statement, so the log's index
+// is searched from it rather than walked over the rows already copied.
+#define CHAT_LOG_FLOOR(n)                \
+  "(SELECT CASE WHEN active = " n        \
+  " OR ?1 > merged_conversation THEN 0 " \
+  "WHEN ?1 = merged_conversation THEN merged_seq ELSE 9223372036854775807 END FROM log_state)"
+// A conversation's messages wherever they are: messages and the visible rows of the two logs.
 // A compound SELECT with ORDER BY merges its arms, each read in order from its index.
-#define CHAT_ALL_MESSAGES(columns, where)                                              \
-  "SELECT " columns " FROM messages WHERE " where " UNION ALL SELECT " columns         \
-  " FROM log0 WHERE " where " AND " CHAT_LOG_VISIBLE("0") " UNION ALL SELECT " columns \
-                                                          " FROM log1 WHERE " where    \
-                                                          " AND " CHAT_LOG_VISIBLE("1")
+#define CHAT_ALL_MESSAGES(columns, where)                                       \
+  "SELECT " columns " FROM messages WHERE " where " UNION ALL SELECT " columns  \
+  " FROM log0 "                                                                 \
+  "WHERE " where " AND seq > " CHAT_LOG_FLOOR("0") " UNION ALL SELECT " columns \
+                                                   " FROM log1 WHERE " where    \
+                                                   " AND seq > " CHAT_LOG_FLOOR("1")
 #define CHAT_UNREAD_WHERE \
   "conversation_id = ?1 AND seq > ?2 AND seq <= ?4 AND kind = 1 AND sender <> ?3"
 
@@ -245,8 +251,11 @@ enum class Sql : int {
   kMergeLog1,
   kClearLog0,
   kClearLog1,
-  kSetMergedThrough,
+  kSetMerged,
   kMergeFinished,
+  kSavepoint,
+  kRelease,
+  kRollbackTo,
   kDeleteThroughLog0,
   kDeleteThroughLog1,
   kAdvanceConversation,
@@ -317,23 +326,28 @@ constexpr std::array<const char*, static_cast<size_t>(Sql::kCount)> kSql = {
     ") VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
     "INSERT INTO message_keys(client_msg_id, sender, conversation_id, seq) VALUES(?1, ?2, ?3, ?4)",
     "DELETE FROM message_keys WHERE client_msg_id = ?1 AND sender = ?2",
-    "SELECT active, merged_through FROM log_state",
-    "SELECT COUNT(*) FROM log0",
-    "SELECT COUNT(*) FROM log1",
-    "UPDATE log_state SET active = 1 - active, merged_through = 0",
-    // The conversation of the ?2-th row past ?1: a slice ends with that whole conversation.
-    "SELECT conversation_id FROM log0 WHERE conversation_id > ?1 "
-    "ORDER BY conversation_id, seq LIMIT 1 OFFSET ?2",
-    "SELECT conversation_id FROM log1 WHERE conversation_id > ?1 "
-    "ORDER BY conversation_id, seq LIMIT 1 OFFSET ?2",
+    "SELECT active, merged_conversation, merged_seq FROM log_state",
+    "SELECT COUNT(*), TOTAL(length(body)) FROM log0",
+    "SELECT COUNT(*), TOTAL(length(body)) FROM log1",
+    "UPDATE log_state SET active = 1 - active, merged_conversation = 0, merged_seq = 0",
+    // The row ?3 rows past the first one after (?1, ?2): the last of a slice of ?3 + 1 rows.
+    "SELECT conversation_id, seq FROM log0 WHERE (conversation_id, seq) > (?1, ?2) "
+    "ORDER BY conversation_id, seq LIMIT 1 OFFSET ?3",
+    "SELECT conversation_id, seq FROM log1 WHERE (conversation_id, seq) > (?1, ?2) "
+    "ORDER BY conversation_id, seq LIMIT 1 OFFSET ?3",
     "INSERT INTO messages(" CHAT_MESSAGE_COLUMNS ") SELECT " CHAT_MESSAGE_COLUMNS
-    " FROM log0 WHERE conversation_id > ?1 AND conversation_id <= ?2 ORDER BY conversation_id, seq",
+    " FROM log0 WHERE (conversation_id, seq) > (?1, ?2) AND (conversation_id, seq) <= (?3, ?4) "
+    "ORDER BY conversation_id, seq",
     "INSERT INTO messages(" CHAT_MESSAGE_COLUMNS ") SELECT " CHAT_MESSAGE_COLUMNS
-    " FROM log1 WHERE conversation_id > ?1 AND conversation_id <= ?2 ORDER BY conversation_id, seq",
+    " FROM log1 WHERE (conversation_id, seq) > (?1, ?2) AND (conversation_id, seq) <= (?3, ?4) "
+    "ORDER BY conversation_id, seq",
     "DELETE FROM log0",
     "DELETE FROM log1",
-    "UPDATE log_state SET merged_through = ?1",
-    "UPDATE log_state SET merged_through = NULL",
+    "UPDATE log_state SET merged_conversation = ?1, merged_seq = ?2",
+    "UPDATE log_state SET merged_conversation = NULL, merged_seq = NULL",
+    "SAVEPOINT merge",
+    "RELEASE merge",
+    "ROLLBACK TO merge",
     "DELETE FROM log0 WHERE conversation_id = ?1 AND seq <= ?2",
     "DELETE FROM log1 WHERE conversation_id = ?1 AND seq <= ?2",
     "UPDATE conversations SET last_seq = ?2, last_activity_ms = ?3, "
@@ -356,8 +370,8 @@ constexpr std::array<const char*, static_cast<size_t>(Sql::kCount)> kSql = {
     "SELECT delivered_seq FROM cursors "
     "WHERE conversation_id = ?1 AND user_id = ?2 AND device_id = ?3",
     "SELECT (SELECT COUNT(*) FROM messages WHERE " CHAT_UNREAD_WHERE ") + "
-    "(SELECT COUNT(*) FROM log0 WHERE " CHAT_UNREAD_WHERE " AND " CHAT_LOG_VISIBLE("0") ") + "
-    "(SELECT COUNT(*) FROM log1 WHERE " CHAT_UNREAD_WHERE " AND " CHAT_LOG_VISIBLE("1") ")",
+    "(SELECT COUNT(*) FROM log0 WHERE " CHAT_UNREAD_WHERE " AND seq > " CHAT_LOG_FLOOR("0") ") + "
+    "(SELECT COUNT(*) FROM log1 WHERE " CHAT_UNREAD_WHERE " AND seq > " CHAT_LOG_FLOOR("1") ")",
     CHAT_ALL_MESSAGES(CHAT_MESSAGE_COLUMNS, "conversation_id = ?1 AND seq >= ?2 AND seq <= ?3")
     " ORDER BY seq LIMIT ?4",
     CHAT_ALL_MESSAGES(CHAT_MESSAGE_COLUMNS, "conversation_id = ?1 AND seq < ?2")
@@ -391,7 +405,7 @@ constexpr std::array<const char*, static_cast<size_t>(Sql::kCount)> kSql = {
 };
 
 #undef CHAT_ALL_MESSAGES
-#undef CHAT_LOG_VISIBLE
+#undef CHAT_LOG_FLOOR
 #undef CHAT_UNREAD_WHERE
 #undef CHAT_MESSAGE_COLUMNS
 
@@ -551,6 +565,7 @@ class Query {
   int64_t ColumnInt(int i) const { return sqlite3_column_int64(stmt_, i); }
   uint64_t ColumnU64(int i) const { return static_cast<uint64_t>(ColumnInt(i)); }
   bool ColumnNull(int i) const { return sqlite3_column_type(stmt_, i) == SQLITE_NULL; }
+  double ColumnDouble(int i) const { return sqlite3_column_double(stmt_, i); }
   std::string ColumnBytes(int i) const { return std::string(ColumnView(i)); }
   // The column's bytes, valid until the next Step or the end of the query.
   std::string_view ColumnView(int i) const {
@@ -941,6 +956,37 @@ class SqliteSource final : public server::ReadSource {
   WriterCache* const cache_;
 };
 
+// The statements of log0 and log1, indexed by the log's number.
+constexpr std::array<Sql, 2> kInsertLog = {Sql::kInsertLog0, Sql::kInsertLog1};
+constexpr std::array<Sql, 2> kCountLog = {Sql::kCountLog0, Sql::kCountLog1};
+constexpr std::array<Sql, 2> kSliceEnd = {Sql::kSliceEnd0, Sql::kSliceEnd1};
+constexpr std::array<Sql, 2> kMergeLog = {Sql::kMergeLog0, Sql::kMergeLog1};
+constexpr std::array<Sql, 2> kClearLog = {Sql::kClearLog0, Sql::kClearLog1};
+
+// Bound of SqliteStoreOptions::recent_log_rows: a log is read through its index by every
+// History and Sync, and the writer keeps its pages in its cache.
+constexpr uint32_t kMaxRecentLogRows = 1'000'000;
+
+// Past this many bytes of bodies (plus kLogRowBytes per row) the active log is switched as if
+// it held recent_log_rows, so large messages do not make a log of gigabytes.
+constexpr uint64_t kMaxLogBytes = uint64_t{32} << 20;
+constexpr uint64_t kLogRowBytes = 128;  // what a row costs besides its body, roughly
+
+// (conversation_id, seq) of a log row; the merge copies rows in this order.
+struct LogKey {
+  int64_t conversation_id = 0;
+  int64_t seq = 0;
+};
+
+// The writer's copy of log_state, and how much the active log holds (counted at open and by
+// every committed insert into it).
+struct LogState {
+  int active = 0;
+  std::optional<LogKey> merged;  // nullopt: the other log is empty
+  uint64_t active_rows = 0;
+  uint64_t active_bytes = 0;
+};
+
 class SqliteTarget final : public server::AppendTarget {
  public:
   // `insert`: the statement that stores a new message (into the active log, or into messages).
@@ -948,6 +994,10 @@ class SqliteTarget final : public server::AppendTarget {
       : conn_(conn), cache_(cache), reader_(conn, &cache), insert_(insert) {}
 
   server::ReadSource& Reader() override { return reader_; }
+
+  // Messages stored through Insert, and their bodies' bytes plus kLogRowBytes each.
+  uint64_t inserted_rows() const { return inserted_rows_; }
+  uint64_t inserted_bytes() const { return inserted_bytes_; }
 
   Result<std::optional<Message>> FindByKey(const UserId& sender,
                                            const std::string& client_msg_id) override {
@@ -1093,6 +1143,8 @@ class SqliteTarget final : public server::AppendTarget {
           .Blob(EncodeSystem(m), /*null_if_empty=*/true);
       if (Status s = q.Run(); !s.ok()) return s;
     }
+    ++inserted_rows_;
+    inserted_bytes_ += m.body.size() + kLogRowBytes;
     Query q(conn_, Sql::kAdvanceConversation);
     q.U64(m.conversation_id).U64(m.seq).Int(m.server_time_ms);
     if (Status s = q.Run(); !s.ok()) return s;
@@ -1143,6 +1195,8 @@ class SqliteTarget final : public server::AppendTarget {
   WriterCache& cache_;
   SqliteSource reader_;
   const Sql insert_;
+  uint64_t inserted_rows_ = 0;
+  uint64_t inserted_bytes_ = 0;
 };
 
 uint64_t NewEpoch() {
@@ -1154,28 +1208,6 @@ uint64_t NewEpoch() {
   // 0 reads as "no epoch known" on a client; never hand it out.
   return epoch == 0 ? 1 : epoch;
 }
-
-// The statements of log0 and log1, indexed by the log's number.
-constexpr std::array<Sql, 2> kInsertLog = {Sql::kInsertLog0, Sql::kInsertLog1};
-constexpr std::array<Sql, 2> kCountLog = {Sql::kCountLog0, Sql::kCountLog1};
-constexpr std::array<Sql, 2> kSliceEnd = {Sql::kSliceEnd0, Sql::kSliceEnd1};
-constexpr std::array<Sql, 2> kMergeLog = {Sql::kMergeLog0, Sql::kMergeLog1};
-constexpr std::array<Sql, 2> kClearLog = {Sql::kClearLog0, Sql::kClearLog1};
-
-// Bound of SqliteStoreOptions::recent_log_rows: a log is read through its index by every
-// History and Sync, and the writer keeps its pages in its cache.
-constexpr uint32_t kMaxRecentLogRows = 1'000'000;
-
-// About this many log rows are copied into messages per merge step (whole conversations).
-constexpr int64_t kMergeSliceRows = 256;
-
-// The writer's copy of log_state, and how many rows the active log holds (counted at open and
-// by every committed batch; a batch's duplicates and refusals count too, so it is an upper bound).
-struct LogState {
-  int active = 0;
-  std::optional<int64_t> merged_through;  // nullopt: the other log is empty
-  uint64_t active_rows = 0;
-};
 
 class SqliteStore final : public MessageStore {
  public:
@@ -1193,6 +1225,9 @@ class SqliteStore final : public MessageStore {
     }
     if (options.recent_log_rows > kMaxRecentLogRows) {
       return InvalidArgument("recent_log_rows must be at most 1,000,000");
+    }
+    if (options.recent_log_slice_rows == 0 || options.recent_log_slice_rows > kMaxRecentLogRows) {
+      return InvalidArgument("recent_log_slice_rows must be 1 to 1,000,000");
     }
     Result<std::unique_ptr<Connection>> writer =
         Connection::Open(options.path, /*read_only=*/false, options.busy_timeout_ms);
@@ -1251,7 +1286,7 @@ class SqliteStore final : public MessageStore {
     }
     return std::shared_ptr<MessageStore>(
         new SqliteStore(epoch, std::move(*writer), std::move(readers), std::move(*checkpointer),
-                        *log, options.recent_log_rows));
+                        *log, options.recent_log_rows, options.recent_log_slice_rows));
   }
 
   uint64_t Epoch() const override { return epoch_; }
@@ -1260,12 +1295,25 @@ class SqliteStore final : public MessageStore {
     results->clear();
     results->resize(batch.size());
     std::lock_guard lock(writer_mu_);
+    LogState next = log_;
     Status s = Query(*writer_, Sql::kBeginImmediate).Run();
     if (s.ok()) {
-      SqliteTarget target(*writer_, cache_,
-                          log_rows_ == 0 ? Sql::kInsertMessage : kInsertLog[log_.active]);
+      // Into the active log, unless the store stores straight into messages or the log is twice
+      // its size (merge steps have been failing): then into messages, which readers see too.
+      const bool to_log = log_rows_ > 0 && log_.active_rows < 2 * uint64_t{log_rows_} &&
+                          log_.active_bytes < 2 * kMaxLogBytes;
+      SqliteTarget target(*writer_, cache_, to_log ? kInsertLog[log_.active] : Sql::kInsertMessage);
       for (size_t i = 0; i < batch.size() && s.ok(); ++i) {
         s = server::AppendOne(target, batch[i], &(*results)[i]);
+      }
+      if (to_log) {
+        next.active_rows += target.inserted_rows();
+        next.active_bytes += target.inserted_bytes();
+      }
+      if (s.ok()) {
+        Result<LogState> merged = MergeSteps(next, target.inserted_rows());
+        s = merged.status();
+        if (s.ok()) next = *merged;
       }
       if (s.ok()) s = Query(*writer_, Sql::kCommit).Run();
       // After a failed COMMIT the transaction may still be open (SQLITE_BUSY) or already
@@ -1280,80 +1328,95 @@ class SqliteStore final : public MessageStore {
       results->clear();
       return s;
     }
-    log_.active_rows += batch.size();
-    // The batch is committed whatever the merge does; a failed step is tried again after the
-    // next batch (the merge is for speed, the messages are stored either way).
-    (void)MergeLog();
+    log_ = next;
     return s;
   }
 
-  // One merge step after every batch, and more while the active log is past recent_log_rows:
-  // then the merge fell behind (batches larger than the log, or a burst), and it catches up
-  // before the next switch instead of letting the active log grow.
-  Status MergeLog() {
-    for (int steps = 0;; ++steps) {
-      if (log_rows_ == 0) return Status::Ok();
-      if (steps > 0 && log_.active_rows <= log_rows_) return Status::Ok();
-      if (!log_.merged_through.has_value() && log_.active_rows < log_rows_) return Status::Ok();
-      if (Status s = MergeStep(); !s.ok()) return s;
-    }
-  }
-
-  // One step of moving the logs into messages, in its own transaction after a batch: switches
-  // the logs once the active one holds recent_log_rows and the other is empty, or copies the
-  // next slice of the other log's conversations (about kMergeSliceRows rows, whole
-  // conversations) into messages, emptying that log with the last slice. Each conversation's
-  // rows are copied together, in seq order, so a leaf of messages is written once per slice for
-  // all of its conversation's new rows rather than once per commit that added one; the logs
-  // themselves grow at one end, a few pages per commit. Slices keep each step short, so a batch
-  // waits behind at most one of them.
-  Status MergeStep() {
-    Status s = Query(*writer_, Sql::kBeginImmediate).Run();
-    LogState next = log_;
-    if (s.ok()) {
-      if (!log_.merged_through.has_value()) {
+  // Moves log rows on, inside the batch's transaction (no commit of their own), copying as many
+  // rows as the batch added (at least recent_log_slice_rows), so the merge keeps pace with the
+  // inserts: the logs switch once the active one is full and the other empty, and the other
+  // one's rows are copied into messages in slices of at most recent_log_slice_rows, in
+  // conversation and seq order, so a leaf of messages is written once for all of its
+  // conversation's rows in the slice rather than once per commit that added one; the last slice
+  // empties that log. The steps run under a savepoint: when they fail, they are undone and the
+  // batch commits anyway (the messages are stored either way; the next batch tries again).
+  // Returns the state after the steps; an error only when the savepoint could not be undone.
+  Result<LogState> MergeSteps(const LogState& state, uint64_t batch_rows) {
+    const uint64_t full_rows = std::max<uint64_t>(log_rows_, 1);
+    auto full = [&](const LogState& st) {
+      return st.active_rows >= full_rows || st.active_bytes >= kMaxLogBytes;
+    };
+    if (!state.merged.has_value() && !full(state)) return state;
+    if (Status s = Query(*writer_, Sql::kSavepoint).Run(); !s.ok()) return s;
+    LogState next = state;
+    Status s;
+    uint64_t budget = std::max<uint64_t>(batch_rows, slice_rows_);
+    while (s.ok()) {
+      if (!next.merged.has_value()) {
+        if (!full(next)) break;
         s = Query(*writer_, Sql::kSwitchLog).Run();
-        next.active = 1 - log_.active;
-        next.merged_through = 0;
+        next.active = 1 - next.active;
+        next.merged = LogKey{};
         next.active_rows = 0;
-      } else {
-        const int other = 1 - log_.active;
-        std::optional<int64_t> end;
-        {
-          Query q(*writer_, kSliceEnd[other]);
-          q.Int(*log_.merged_through).Int(kMergeSliceRows);
-          Result<bool> row = q.Step();
-          s = row.status();
-          if (s.ok() && *row) end = q.ColumnInt(0);
-        }
-        if (s.ok()) {
-          Query q(*writer_, kMergeLog[other]);
-          q.Int(*log_.merged_through).Int(end.value_or(INT64_MAX));
-          s = q.Run();
-        }
-        if (s.ok() && end.has_value()) {
-          Query q(*writer_, Sql::kSetMergedThrough);
-          q.Int(*end);
-          s = q.Run();
-          next.merged_through = end;
-        } else if (s.ok()) {
-          s = Query(*writer_, kClearLog[other]).Run();
-          if (s.ok()) s = Query(*writer_, Sql::kMergeFinished).Run();
-          next.merged_through.reset();
-        }
+        next.active_bytes = 0;
+        continue;
       }
-      if (s.ok()) s = Query(*writer_, Sql::kCommit).Run();
-      if (!s.ok()) (void)Query(*writer_, Sql::kRollback).Run();
+      if (budget == 0) break;
+      Result<uint64_t> copied =
+          MergeSlice(1 - next.active, std::min<uint64_t>(budget, slice_rows_), &next.merged);
+      s = copied.status();
+      if (s.ok()) budget -= std::min(budget, *copied);
     }
+    if (s.ok()) s = Query(*writer_, Sql::kRelease).Run();
     if (s.ok()) {
-      log_ = next;
-      return s;
+      merge_failing_ = false;
+      return next;
     }
-    Log(LogLevel::kWarn, "chat: moving the message log into messages failed: " + s.ToString());
-    // What the file says is what counts after a failure.
-    Result<LogState> reread = ReadLogState(*writer_);
-    if (reread.ok()) log_ = *reread;
-    return s;
+    if (!merge_failing_) {
+      Log(LogLevel::kWarn,
+          "chat: moving logged messages into messages failed (messages are stored; retried "
+          "with the next batch): " +
+              s.ToString());
+    }
+    merge_failing_ = true;
+    if (Status undo = Query(*writer_, Sql::kRollbackTo).Run(); !undo.ok()) return undo;
+    if (Status undo = Query(*writer_, Sql::kRelease).Run(); !undo.ok()) return undo;
+    return state;
+  }
+
+  // Copies the next `limit` rows of log `other` past `*merged` into messages and advances
+  // `*merged`; when fewer are left, copies the rest, empties the log and resets `*merged`.
+  // Returns how many rows were copied.
+  Result<uint64_t> MergeSlice(int other, uint64_t limit, std::optional<LogKey>* merged) {
+    const LogKey from = **merged;
+    std::optional<LogKey> to;
+    {
+      Query q(*writer_, kSliceEnd[other]);
+      q.Int(from.conversation_id).Int(from.seq).Int(static_cast<int64_t>(limit) - 1);
+      Result<bool> row = q.Step();
+      if (!row.ok()) return row.status();
+      // The slice's last row; none when fewer than `limit` are left.
+      if (*row) to = LogKey{q.ColumnInt(0), q.ColumnInt(1)};
+    }
+    uint64_t copied = 0;
+    {
+      Query q(*writer_, kMergeLog[other]);
+      const LogKey end = to.value_or(LogKey{INT64_MAX, INT64_MAX});
+      q.Int(from.conversation_id).Int(from.seq).Int(end.conversation_id).Int(end.seq);
+      if (Status s = q.Run(); !s.ok()) return s;
+      copied = static_cast<uint64_t>(sqlite3_changes64(writer_->raw()));
+    }
+    if (to.has_value()) {
+      Query q(*writer_, Sql::kSetMerged);
+      q.Int(to->conversation_id).Int(to->seq);
+      if (Status s = q.Run(); !s.ok()) return s;
+      *merged = to;
+      return copied;
+    }
+    if (Status st = Query(*writer_, kClearLog[other]).Run(); !st.ok()) return st;
+    if (Status st = Query(*writer_, Sql::kMergeFinished).Run(); !st.ok()) return st;
+    merged->reset();
+    return copied;
   }
 
   static Result<LogState> ReadLogState(Connection& conn) {
@@ -1365,12 +1428,13 @@ class SqliteStore final : public MessageStore {
       if (!*row) return DataLoss("the store has no log_state row");
       out.active = static_cast<int>(q.ColumnInt(0));
       if (out.active != 0 && out.active != 1) return DataLoss("log_state names no log");
-      if (!q.ColumnNull(1)) out.merged_through = q.ColumnInt(1);
+      if (!q.ColumnNull(1)) out.merged = LogKey{q.ColumnInt(1), q.ColumnInt(2)};
     }
     Query q(conn, kCountLog[out.active]);
-    Result<int64_t> rows = ScalarInt(q, 0);
-    if (!rows.ok()) return rows.status();
-    out.active_rows = static_cast<uint64_t>(*rows);
+    Result<bool> row = q.Step();
+    if (!row.ok()) return row.status();
+    out.active_rows = q.ColumnU64(0);
+    out.active_bytes = static_cast<uint64_t>(q.ColumnDouble(1)) + out.active_rows * kLogRowBytes;
     return out;
   }
 
@@ -1475,9 +1539,11 @@ class SqliteStore final : public MessageStore {
  private:
   SqliteStore(uint64_t epoch, std::unique_ptr<Connection> writer,
               std::vector<std::unique_ptr<Connection>> readers,
-              std::unique_ptr<Connection> checkpointer, LogState log, uint32_t log_rows)
+              std::unique_ptr<Connection> checkpointer, LogState log, uint32_t log_rows,
+              uint32_t slice_rows)
       : epoch_(epoch),
         log_rows_(log_rows),
+        slice_rows_(slice_rows),
         writer_(std::move(writer)),
         log_(log),
         readers_(std::move(readers)),
@@ -1709,10 +1775,12 @@ class SqliteStore final : public MessageStore {
   }
 
   const uint64_t epoch_;
-  const uint32_t log_rows_;  // SqliteStoreOptions::recent_log_rows
+  const uint32_t log_rows_;    // SqliteStoreOptions::recent_log_rows
+  const uint32_t slice_rows_;  // SqliteStoreOptions::recent_log_slice_rows
   std::mutex writer_mu_;
   const std::unique_ptr<Connection> writer_;  // guarded by writer_mu_
   LogState log_;                              // guarded by writer_mu_
+  bool merge_failing_ = false;                // guarded by writer_mu_; logged once per streak
   WriterCache cache_;                         // guarded by writer_mu_
   const std::vector<std::unique_ptr<Connection>> readers_;
   std::mutex readers_mu_;

@@ -17,7 +17,7 @@
 namespace chat {
 namespace {
 
-// kSqliteMerging: the message log switches after every batch (see store_test.cc).
+// kSqliteMerging: the message log switches every two messages (see store_test.cc).
 enum class Kind { kMemory, kSqlite, kSqliteMerging };
 
 struct Env {
@@ -28,7 +28,10 @@ struct Env {
     }
     SqliteStoreOptions options;
     options.path = dir.File("chat.db");
-    if (kind == Kind::kSqliteMerging) options.recent_log_rows = 1;
+    if (kind == Kind::kSqliteMerging) {
+      options.recent_log_rows = 2;
+      options.recent_log_slice_rows = 1;
+    }
     Result<std::shared_ptr<MessageStore>> opened = NewSqliteStore(options);
     REQUIRE_MESSAGE(opened.ok(), opened.status().ToString());
     store = *opened;

@@ -28,8 +28,9 @@ namespace {
 
 using testing::TempDir;
 
-// kSqliteMerging: a SQLite store whose message log switches after every batch, so the cases
-// run while messages move between the logs and the conversation-ordered table.
+// kSqliteMerging: a SQLite store whose message log switches every two messages and moves one
+// row per step, so the cases run while messages are part-way between the logs and the
+// conversation-ordered table.
 enum class Kind { kMemory, kSqlite, kSqliteMerging };
 
 // A store of the given kind; the SQLite one lives in a private temp dir removed afterwards.
@@ -40,7 +41,10 @@ struct Env {
       return;
     }
     options.path = dir.File("chat.db");
-    if (kind == Kind::kSqliteMerging) options.recent_log_rows = 1;
+    if (kind == Kind::kSqliteMerging) {
+      options.recent_log_rows = 2;
+      options.recent_log_slice_rows = 1;
+    }
     Result<std::shared_ptr<MessageStore>> opened = NewSqliteStore(options);
     REQUIRE_MESSAGE(opened.ok(), opened.status().ToString());
     store = *opened;
@@ -1369,6 +1373,8 @@ TEST_CASE("store: sqlite: bad options and unusable files are refused") {
        "mmap_size_bytes must be at most 2^63 - 1"},
       {[](SqliteStoreOptions& o) { o.recent_log_rows = 1'000'001; },
        "recent_log_rows must be at most 1,000,000"},
+      {[](SqliteStoreOptions& o) { o.recent_log_slice_rows = 0; },
+       "recent_log_slice_rows must be 1 to 1,000,000"},
   };
   for (const Case& c : cases) {
     SqliteStoreOptions options;
@@ -1388,28 +1394,49 @@ TEST_CASE("store: sqlite: bad options and unusable files are refused") {
   CHECK(not_db.status().code() == Code::kDataLoss);
 }
 
-// Where the rows are: (messages, log0, log1) counts and log_state, read from the file.
+// Where the rows are, read from the file: the three tables' row counts, log_state, the rows a
+// reader sees (messages and the visible log rows: the active log's, and the other log's past
+// the merged key), and how many conversations have a row in messages newer than a visible log
+// row (0 when messages only ever receives a conversation's oldest rows, in order).
 struct LogPlacement {
   int64_t messages = 0;
   int64_t log0 = 0;
   int64_t log1 = 0;
   int64_t active = 0;
-  std::optional<int64_t> merged_through;
+  bool merging = false;  // the other log holds rows not yet all copied
+  int64_t merged_conversation = 0;
+  int64_t visible = 0;
+  int64_t out_of_order = 0;
 };
 
 LogPlacement PlacementOf(const std::string& path) {
   sqlite3* db = nullptr;
   REQUIRE(sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READONLY, nullptr) == SQLITE_OK);
+  const char* sql = R"sql(
+WITH st AS (SELECT active, merged_conversation AS mc, merged_seq AS ms FROM log_state),
+seen AS (
+  SELECT conversation_id, seq, 0 AS in_log FROM messages
+  UNION ALL SELECT conversation_id, seq, 1 FROM log0, st
+    WHERE active = 0 OR (conversation_id, seq) > (mc, ms)
+  UNION ALL SELECT conversation_id, seq, 1 FROM log1, st
+    WHERE active = 1 OR (conversation_id, seq) > (mc, ms))
+SELECT (SELECT COUNT(*) FROM messages), (SELECT COUNT(*) FROM log0), (SELECT COUNT(*) FROM log1),
+  (SELECT active FROM st), (SELECT mc IS NOT NULL FROM st), (SELECT IFNULL(mc, 0) FROM st),
+  (SELECT COUNT(*) FROM seen),
+  (SELECT COUNT(*) FROM (SELECT conversation_id FROM seen GROUP BY conversation_id
+     HAVING MAX(CASE WHEN in_log = 0 THEN seq END) > MIN(CASE WHEN in_log = 1 THEN seq END))))sql";
   sqlite3_stmt* stmt = nullptr;
-  REQUIRE(sqlite3_prepare_v2(db,
-                             "SELECT (SELECT COUNT(*) FROM messages), (SELECT COUNT(*) FROM log0), "
-                             "(SELECT COUNT(*) FROM log1), active, merged_through FROM log_state",
-                             -1, &stmt, nullptr) == SQLITE_OK);
+  REQUIRE_MESSAGE(sqlite3_prepare_v2(db, sql, -1, &stmt, nullptr) == SQLITE_OK, sqlite3_errmsg(db));
   REQUIRE(sqlite3_step(stmt) == SQLITE_ROW);
-  LogPlacement out{sqlite3_column_int64(stmt, 0), sqlite3_column_int64(stmt, 1),
-                   sqlite3_column_int64(stmt, 2), sqlite3_column_int64(stmt, 3), std::nullopt};
-  if (sqlite3_column_type(stmt, 4) != SQLITE_NULL)
-    out.merged_through = sqlite3_column_int64(stmt, 4);
+  LogPlacement out;
+  out.messages = sqlite3_column_int64(stmt, 0);
+  out.log0 = sqlite3_column_int64(stmt, 1);
+  out.log1 = sqlite3_column_int64(stmt, 2);
+  out.active = sqlite3_column_int64(stmt, 3);
+  out.merging = sqlite3_column_int64(stmt, 4) != 0;
+  out.merged_conversation = sqlite3_column_int64(stmt, 5);
+  out.visible = sqlite3_column_int64(stmt, 6);
+  out.out_of_order = sqlite3_column_int64(stmt, 7);
   sqlite3_finalize(stmt);
   sqlite3_close(db);
   return out;
@@ -1420,6 +1447,7 @@ TEST_CASE("store: sqlite: messages move from the log into the conversation table
   SqliteStoreOptions options;
   options.path = dir.File("chat.db");
   options.recent_log_rows = 1500;
+  options.recent_log_slice_rows = 100;
   constexpr int kPairs = 60;
   constexpr int kRounds = 50;  // each pair sends one message per round: 3,000 in all
   std::vector<ConversationId> conversations(kPairs, 0);
@@ -1449,7 +1477,11 @@ TEST_CASE("store: sqlite: messages move from the log into the conversation table
   };
   std::vector<LogPlacement> seen;
   bool reopened = false;
+  int64_t total = 0;
   for (int round = 0; round < kRounds; ++round) {
+    CAPTURE(round);
+    // 60 messages, then a resend of an early one alone: a batch of one takes one step of 100
+    // rows, so the merge is left part-way through between the calls.
     std::vector<AppendRequest> batch;
     for (int p = 0; p < kPairs; ++p) {
       const std::string body = "p" + std::to_string(p) + "-" + std::to_string(expected[p] + 1);
@@ -1465,8 +1497,11 @@ TEST_CASE("store: sqlite: messages move from the log into the conversation table
       conversations[p] = results[p].message.conversation_id;
       REQUIRE(results[p].message.seq == ++expected[p]);
     }
-    // A resend of an early message is still the original, wherever that one is now (each
-    // Append, this one too, takes one merge step).
+    total += kPairs;
+    seen.push_back(PlacementOf(options.path));
+    CHECK(seen.back().visible == total);
+    CHECK(seen.back().out_of_order == 0);
+    // A resend of an early message is still the original, wherever that one is now.
     AppendResult dup = CommitOne(**store, ToPeer("u0", "v0", "k-p0-1", "changed"));
     REQUIRE(dup.status.ok());
     CHECK(dup.duplicate);
@@ -1474,12 +1509,11 @@ TEST_CASE("store: sqlite: messages move from the log into the conversation table
     CHECK(dup.message.body == "p0-1");
     seen.push_back(PlacementOf(options.path));
     const LogPlacement& now = seen.back();
-    CHECK(now.messages + (now.active == 0 ? now.log0 : now.log1) +
-              (now.merged_through.has_value() ? 0 : (now.active == 0 ? now.log1 : now.log0)) <=
-          (round + 1) * kPairs);
+    CHECK(now.visible == total);
+    CHECK(now.out_of_order == 0);
     check_all();
     // Closed and opened again half-way through a merge: it carries on from log_state.
-    if (!reopened && now.merged_through.value_or(0) > 0) {
+    if (!reopened && now.merging && now.merged_conversation > 0) {
       store.reset();
       open();
       reopened = true;
@@ -1487,32 +1521,31 @@ TEST_CASE("store: sqlite: messages move from the log into the conversation table
     }
   }
   CHECK(reopened);
-  // The first switch came once the log held 1,500 rows, the merge took more than one slice
-  // (a slice is about 256 rows), and the second log was emptied when it was done.
+  // The first switch came once the log held 1,500 rows, the merge took more than one step, and
+  // the other log was emptied when it was done.
   bool switched = false;
   bool mid_merge = false;
   bool finished = false;
   for (const LogPlacement& p : seen) {
     switched = switched || p.active == 1;
-    mid_merge = mid_merge || (p.merged_through.has_value() && *p.merged_through > 0);
-    finished = finished || (p.active == 1 && !p.merged_through.has_value() && p.log0 == 0 &&
-                            p.messages >= 1500);
+    mid_merge = mid_merge || (p.merging && p.merged_conversation > 0);
+    finished = finished || (p.active == 1 && !p.merging && p.log0 == 0 && p.messages >= 1500);
   }
   CHECK(switched);
   CHECK(mid_merge);
   CHECK(finished);
-  const LogPlacement last = seen.back();
-  CHECK(last.messages + last.log0 + last.log1 >= kRounds * kPairs);
 }
 
-TEST_CASE("store: sqlite: batches larger than the log make the merge catch up, not the log grow") {
+TEST_CASE("store: sqlite: the merge keeps pace with batches larger than the log") {
   TempDir dir;
   SqliteStoreOptions options;
   options.path = dir.File("chat.db");
   options.recent_log_rows = 100;
+  options.recent_log_slice_rows = 10;
   Result<std::shared_ptr<MessageStore>> store = NewSqliteStore(options);
   REQUIRE(store.ok());
   std::vector<ConversationId> conversations(30, 0);
+  int64_t total = 0;
   for (int round = 0; round < 20; ++round) {
     std::vector<AppendRequest> batch;
     for (int p = 0; p < 30; ++p) {
@@ -1530,9 +1563,13 @@ TEST_CASE("store: sqlite: batches larger than the log make the merge catch up, n
     for (int p = 0; p < 30; ++p) {
       if (conversations[p] == 0) conversations[p] = results[p].message.conversation_id;
     }
+    total += static_cast<int64_t>(batch.size());
     const LogPlacement now = PlacementOf(options.path);
     CAPTURE(round);
-    // At most the log's size plus one batch waits in the active log.
+    CHECK(now.visible == total);
+    // Every batch went through the log (a merge that fell behind would leave the log full and
+    // send the next batches straight to messages, past rows still in the log).
+    CHECK(now.out_of_order == 0);
     CHECK((now.active == 0 ? now.log0 : now.log1) <= 100 + 300);
   }
   for (int p = 0; p < 30; ++p) {
@@ -1541,6 +1578,99 @@ TEST_CASE("store: sqlite: batches larger than the log make the merge catch up, n
     CHECK(h->messages.size() == 1 + 19 * 10);
     CHECK(h->messages.front().seq == 1 + 19 * 10);
   }
+}
+
+TEST_CASE("store: sqlite: a failing merge leaves the batch stored and recovers when it can") {
+  TempDir dir;
+  SqliteStoreOptions options;
+  options.path = dir.File("chat.db");
+  options.recent_log_rows = 20;
+  options.recent_log_slice_rows = 5;
+  Result<std::shared_ptr<MessageStore>> store = NewSqliteStore(options);
+  REQUIRE(store.ok());
+  const ConversationId ab = OpenDirect(**store, "alice", "bob");
+  // Every merge step fails from now on (its change of log_state is refused).
+  RawExec(options.path,
+          "CREATE TRIGGER fail_merge BEFORE UPDATE ON log_state "
+          "BEGIN SELECT RAISE(ABORT, 'injected merge failure'); END");
+  int64_t total = 1;
+  for (int round = 0; round < 30; ++round) {
+    CAPTURE(round);
+    std::vector<AppendRequest> batch;
+    for (int i = 0; i < 4; ++i) {
+      const std::string key = "f-" + std::to_string(round) + "-" + std::to_string(i);
+      batch.push_back(ToConversation(ab, i % 2 == 0 ? "alice" : "bob", key, key));
+    }
+    for (const AppendResult& r : Commit(**store, batch)) CHECK(r.status.ok());
+    total += 4;
+    const LogPlacement now = PlacementOf(options.path);
+    CHECK(now.visible == total);
+    // The log stops growing at twice its size (plus a batch): then new messages go straight
+    // into the table.
+    CHECK(now.log0 <= 2 * 20 + 4);
+    CHECK(now.log1 == 0);
+    CHECK(now.log0 + now.messages == total);
+  }
+  CHECK(PlacementOf(options.path).messages > 0);
+  Result<HistoryReply> h = HistoryOf(**store, "bob", ab, 0, 1000);
+  REQUIRE(h.ok());
+  CHECK(h->messages.size() == static_cast<size_t>(total));
+  RawExec(options.path, "DROP TRIGGER fail_merge");
+  // The next batches move everything on.
+  for (int round = 0; round < 30; ++round) {
+    const std::string key = "g-" + std::to_string(round);
+    CHECK(CommitOne(**store, ToConversation(ab, "alice", key, key)).status.ok());
+    ++total;
+  }
+  const LogPlacement after = PlacementOf(options.path);
+  CHECK(after.visible == total);
+  CHECK(after.messages > 0);
+  CHECK(after.out_of_order == 0);
+  Result<HistoryReply> all = HistoryOf(**store, "bob", ab, 0, 1000);
+  REQUIRE(all.ok());
+  CHECK(all->messages.size() == static_cast<size_t>(total));
+  CHECK(all->messages.front().seq == static_cast<Seq>(total));
+}
+
+TEST_CASE("store: sqlite: a store opened with recent_log_rows 0 empties the logs and skips them") {
+  TempDir dir;
+  SqliteStoreOptions options;
+  options.path = dir.File("chat.db");
+  ConversationId ab = 0;
+  {
+    Result<std::shared_ptr<MessageStore>> store = NewSqliteStore(options);
+    REQUIRE(store.ok());
+    ab = OpenDirect(**store, "alice", "bob");
+    SendMany(**store, ab, "alice", 40, "logged");
+  }
+  CHECK(PlacementOf(options.path).log0 == 41);
+  options.recent_log_rows = 0;
+  options.recent_log_slice_rows = 16;
+  Result<std::shared_ptr<MessageStore>> store = NewSqliteStore(options);
+  REQUIRE(store.ok());
+  for (int i = 0; i < 5; ++i) {
+    const std::string key = "direct-" + std::to_string(i);
+    CHECK(CommitOne(**store, ToConversation(ab, "bob", key, key)).status.ok());
+  }
+  const LogPlacement now = PlacementOf(options.path);
+  CHECK(now.log0 == 0);
+  CHECK(now.log1 == 0);
+  CHECK(now.messages == 46);
+  CHECK(now.visible == 46);
+  CHECK(now.out_of_order == 0);
+  // And a batch that fails stores nothing in the table either.
+  RawExec(options.path,
+          "CREATE TRIGGER fail_boom BEFORE INSERT ON messages WHEN NEW.body = CAST('boom' AS BLOB)"
+          " BEGIN SELECT RAISE(ABORT, 'injected failure'); END");
+  std::vector<AppendResult> results;
+  Status s = (*store)->Append(std::vector<AppendRequest>{ToConversation(ab, "alice", "b-1", "ok"),
+                                                         ToConversation(ab, "bob", "b-2", "boom")},
+                              &results);
+  CHECK(s.code() == Code::kInternal);
+  CHECK(PlacementOf(options.path).messages == 46);
+  Result<HistoryReply> h = HistoryOf(**store, "bob", ab, 0, 100);
+  REQUIRE(h.ok());
+  CHECK(h->messages.size() == 46);
 }
 
 TEST_CASE("store: sqlite: a memory-mapped store with a tiny page cache reads back every page") {
@@ -1613,6 +1743,11 @@ void AppendTurns(MessageStore& store, ConversationId id, int batches, int per_ba
 TEST_CASE("store: sqlite: readers see consistent snapshots while the writer appends") {
   SqliteStoreOptions options;
   options.reader_connections = 2;
+  SUBCASE("new messages in the log") {}
+  SUBCASE("messages moving from the logs into the table all the time") {
+    options.recent_log_rows = 7;
+    options.recent_log_slice_rows = 3;
+  }
   Env env(Kind::kSqlite, options);
   MessageStore& store = *env.store;
   const ConversationId id = OpenDirect(store, "alice", "bob");
