@@ -372,8 +372,8 @@ struct SqliteStoreOptions {
   // that commit. A conversation's new messages are so written into its pages together instead
   // of one commit at a time. Readers see both logs and the table as one. 0 stores every message
   // straight into the conversation-ordered table (and empties logs left from before). Default
-  // 32,768; at most 1,000,000.
-  uint32_t recent_log_rows = 32'768;
+  // 16,384; at most 1,000,000.
+  uint32_t recent_log_rows = 16'384;
   // Messages copied from a log into the table per step (see recent_log_rows); a commit waits
   // for its steps. Default 256; 1 to 1,000,000.
   uint32_t recent_log_slice_rows = 256;
