@@ -196,22 +196,22 @@ INSERT INTO log_state(id, active, merged_conversation, merged_seq) VALUES(0, 0, 
 
 // The seq above which conversation ?1's rows of log0 or log1 (n) are visible to readers: every
 // row of the active log, and the rows of the other one that the merge has not copied into
-// messages yet (none when that log is empty). A constant for the statement, so the log's index
-// is searched from it rather than walked over the rows already copied.
+// messages yet (none when that log is empty). A constant for the statement.
 #define CHAT_LOG_FLOOR(n)                \
   "(SELECT CASE WHEN active = " n        \
   " OR ?1 > merged_conversation THEN 0 " \
   "WHEN ?1 = merged_conversation THEN merged_seq ELSE 9223372036854775807 END FROM log_state)"
-// A conversation's messages wherever they are: messages and the visible rows of the two logs.
-// A compound SELECT with ORDER BY merges its arms, each read in order from its index.
-#define CHAT_ALL_MESSAGES(columns, where)                                       \
-  "SELECT " columns " FROM messages WHERE " where " UNION ALL SELECT " columns  \
-  " FROM log0 "                                                                 \
-  "WHERE " where " AND seq > " CHAT_LOG_FLOOR("0") " UNION ALL SELECT " columns \
-                                                   " FROM log1 WHERE " where    \
-                                                   " AND seq > " CHAT_LOG_FLOOR("1")
-#define CHAT_UNREAD_WHERE \
-  "conversation_id = ?1 AND seq > ?2 AND seq <= ?4 AND kind = 1 AND sender <> ?3"
+// Conversation ?1's messages with seq above `above` and matching `more`, wherever they are:
+// messages and the visible rows of the two logs. Each log arm has one lower bound, the larger of
+// `above` and its floor, so its index search starts there (given two, SQLite searches from one
+// and walks the rows up to the other: the rows already copied). A compound SELECT with ORDER BY
+// merges its arms, each read in order from its index.
+#define CHAT_ALL_MESSAGES(columns, above, more)                                             \
+  "SELECT " columns " FROM messages WHERE conversation_id = ?1 AND seq > " above more       \
+  " UNION ALL SELECT " columns " FROM log0 WHERE conversation_id = ?1 AND seq > MAX(" above \
+  ", " CHAT_LOG_FLOOR("0") ")" more " UNION ALL SELECT " columns                            \
+                           " FROM log1 WHERE conversation_id = ?1 AND seq > MAX(" above     \
+                           ", " CHAT_LOG_FLOOR("1") ")" more
 
 // Every statement the store runs, prepared at most once per connection.
 enum class Sql : int {
@@ -369,19 +369,15 @@ constexpr std::array<const char*, static_cast<size_t>(Sql::kCount)> kSql = {
     "SELECT COALESCE(MAX(read_seq), 0) FROM cursors WHERE conversation_id = ?1 AND user_id = ?2",
     "SELECT delivered_seq FROM cursors "
     "WHERE conversation_id = ?1 AND user_id = ?2 AND device_id = ?3",
-    "SELECT (SELECT COUNT(*) FROM messages WHERE " CHAT_UNREAD_WHERE ") + "
-    "(SELECT COUNT(*) FROM log0 WHERE " CHAT_UNREAD_WHERE " AND seq > " CHAT_LOG_FLOOR("0") ") + "
-    "(SELECT COUNT(*) FROM log1 WHERE " CHAT_UNREAD_WHERE " AND seq > " CHAT_LOG_FLOOR("1") ")",
-    CHAT_ALL_MESSAGES(CHAT_MESSAGE_COLUMNS, "conversation_id = ?1 AND seq >= ?2 AND seq <= ?3")
-    " ORDER BY seq LIMIT ?4",
-    CHAT_ALL_MESSAGES(CHAT_MESSAGE_COLUMNS, "conversation_id = ?1 AND seq < ?2")
-    " ORDER BY seq DESC LIMIT ?3",
+    "SELECT COUNT(*) FROM (" CHAT_ALL_MESSAGES(
+        "kind, sender", "?2", " AND seq <= ?4") ") WHERE kind = 1 AND sender <> ?3",
+    CHAT_ALL_MESSAGES(CHAT_MESSAGE_COLUMNS, "?2 - 1", " AND seq <= ?3") " ORDER BY seq LIMIT ?4",
+    CHAT_ALL_MESSAGES(CHAT_MESSAGE_COLUMNS, "0", " AND seq < ?2") " ORDER BY seq DESC LIMIT ?3",
     "SELECT conversation_id, first_seq, CASE WHEN retention_ms > 0 THEN retention_ms ELSE ?1 END "
     "FROM conversations WHERE first_seq > 0 AND (retention_ms > 0 OR (retention_ms = 0 AND ?1 > "
     "0)) "
     "ORDER BY conversation_id",
-    CHAT_ALL_MESSAGES("seq, ts, client_msg_id, sender", "conversation_id = ?1 AND seq >= ?2")
-    " ORDER BY seq LIMIT ?3",
+    CHAT_ALL_MESSAGES("seq, ts, client_msg_id, sender", "?2 - 1", "") " ORDER BY seq LIMIT ?3",
     "DELETE FROM messages WHERE conversation_id = ?1 AND seq <= ?2",
     "UPDATE conversations SET first_seq = ?2 WHERE conversation_id = ?1",
     "UPDATE conversations SET retention_ms = ?2 WHERE conversation_id = ?1",
@@ -406,7 +402,6 @@ constexpr std::array<const char*, static_cast<size_t>(Sql::kCount)> kSql = {
 
 #undef CHAT_ALL_MESSAGES
 #undef CHAT_LOG_FLOOR
-#undef CHAT_UNREAD_WHERE
 #undef CHAT_MESSAGE_COLUMNS
 
 // SQLITE_TRANSIENT spelled without the old-style cast of its macro: SQLite copies the value.
@@ -967,6 +962,10 @@ constexpr std::array<Sql, 2> kClearLog = {Sql::kClearLog0, Sql::kClearLog1};
 // History and Sync, and the writer keeps its pages in its cache.
 constexpr uint32_t kMaxRecentLogRows = 1'000'000;
 
+// A commit copies this many log rows for each row it added (see MergeSteps): more than one, so
+// a merge finishes before the active log fills, with the switch and the emptying commit in it.
+constexpr uint64_t kMergePace = 2;
+
 // Past this many bytes of bodies (plus kLogRowBytes per row) the active log is switched as if
 // it held recent_log_rows, so large messages do not make a log of gigabytes.
 constexpr uint64_t kMaxLogBytes = uint64_t{32} << 20;
@@ -1332,15 +1331,16 @@ class SqliteStore final : public MessageStore {
     return s;
   }
 
-  // Moves log rows on, inside the batch's transaction (no commit of their own), copying as many
-  // rows as the batch added (at least recent_log_slice_rows), so the merge keeps pace with the
-  // inserts: the logs switch once the active one is full and the other empty, and the other
-  // one's rows are copied into messages in slices of at most recent_log_slice_rows, in
-  // conversation and seq order, so a leaf of messages is written once for all of its
-  // conversation's rows in the slice rather than once per commit that added one; the last slice
-  // empties that log. The steps run under a savepoint: when they fail, they are undone and the
-  // batch commits anyway (the messages are stored either way; the next batch tries again).
-  // Returns the state after the steps; an error only when the savepoint could not be undone.
+  // Moves log rows on, inside the batch's transaction (no commit of their own), copying
+  // kMergePace times as many rows as the batch added (at least one), so the merge keeps ahead of
+  // the inserts while each commit's share stays in proportion to it: the logs switch once the
+  // active one is full and the other empty, and the other one's rows are copied into messages in
+  // slices of at most recent_log_slice_rows, in conversation and seq order, so a leaf of messages
+  // is written once for all of its conversation's rows in the slice rather than once per commit
+  // that added one; the last slice empties that log. The steps run under a savepoint: when they
+  // fail, they are undone and the batch commits anyway (the messages are stored either way; the
+  // next batch tries again). Returns the state after the steps; an error only when the savepoint
+  // could not be undone.
   Result<LogState> MergeSteps(const LogState& state, uint64_t batch_rows) {
     const uint64_t full_rows = std::max<uint64_t>(log_rows_, 1);
     auto full = [&](const LogState& st) {
@@ -1350,7 +1350,8 @@ class SqliteStore final : public MessageStore {
     if (Status s = Query(*writer_, Sql::kSavepoint).Run(); !s.ok()) return s;
     LogState next = state;
     Status s;
-    uint64_t budget = std::max<uint64_t>(batch_rows, slice_rows_);
+    // With no log in use (recent_log_rows 0), what is left of one goes a slice per commit.
+    uint64_t budget = std::max<uint64_t>(kMergePace * batch_rows, log_rows_ == 0 ? slice_rows_ : 1);
     while (s.ok()) {
       if (!next.merged.has_value()) {
         if (!full(next)) break;

@@ -1632,6 +1632,44 @@ TEST_CASE("store: sqlite: a failing merge leaves the batch stored and recovers w
   CHECK(all->messages.front().seq == static_cast<Seq>(total));
 }
 
+TEST_CASE("store: sqlite: a merge step that fails half-way is undone, not half kept") {
+  TempDir dir;
+  SqliteStoreOptions options;
+  options.path = dir.File("chat.db");
+  options.recent_log_rows = 20;
+  options.recent_log_slice_rows = 5;
+  Result<std::shared_ptr<MessageStore>> store = NewSqliteStore(options);
+  REQUIRE(store.ok());
+  const ConversationId ab = OpenDirect(**store, "alice", "bob");
+  int64_t total = 1;
+  auto send = [&](const std::string& key) {
+    CHECK(CommitOne(**store, ToConversation(ab, "alice", key, key)).status.ok());
+    ++total;
+  };
+  for (int i = 0; i < 20; ++i) send("a-" + std::to_string(i));
+  // The logs switched; the next slices copy rows into messages and then fail to record how far
+  // they got: the copies must go with them.
+  REQUIRE(PlacementOf(options.path).merging);
+  RawExec(options.path,
+          "CREATE TRIGGER fail_slice BEFORE UPDATE ON log_state WHEN NEW.merged_conversation > 0 "
+          "BEGIN SELECT RAISE(ABORT, 'injected slice failure'); END");
+  const int64_t copied = PlacementOf(options.path).messages;
+  for (int i = 0; i < 10; ++i) {
+    send("b-" + std::to_string(i));
+    const LogPlacement now = PlacementOf(options.path);
+    CHECK(now.visible == total);
+    CHECK(now.messages == copied);
+  }
+  RawExec(options.path, "DROP TRIGGER fail_slice");
+  for (int i = 0; i < 40; ++i) send("c-" + std::to_string(i));
+  const LogPlacement after = PlacementOf(options.path);
+  CHECK(after.visible == total);
+  CHECK(after.messages > copied);
+  Result<HistoryReply> h = HistoryOf(**store, "bob", ab, 0, 1000);
+  REQUIRE(h.ok());
+  CHECK(h->messages.size() == static_cast<size_t>(total));
+}
+
 TEST_CASE("store: sqlite: a store opened with recent_log_rows 0 empties the logs and skips them") {
   TempDir dir;
   SqliteStoreOptions options;
