@@ -40,6 +40,16 @@ using server::ConversationHead;
 // by a newer build and is refused rather than misread.
 constexpr int kSchemaVersion = 5;
 
+// log0 and log1 of schema 5: the columns of messages, in arrival order (rowid), found by
+// conversation and seq through their index.
+#define CHAT_LOG_TABLE(n)                                                             \
+  "CREATE TABLE log" n                                                                \
+  "(conversation_id INTEGER NOT NULL, seq INTEGER NOT NULL, "                         \
+  "message_id INTEGER NOT NULL, sender TEXT NOT NULL, sender_device TEXT NOT NULL, "  \
+  "client_msg_id TEXT NOT NULL, ts INTEGER NOT NULL, kind INTEGER NOT NULL, "         \
+  "content_type TEXT NOT NULL, body BLOB NOT NULL, attachments BLOB, system BLOB);\n" \
+  "CREATE UNIQUE INDEX log" n "_by_seq ON log" n "(conversation_id, seq);\n"
+
 // Migration N brings a file from user_version N-1 to N; index 0 is migration 1.
 constexpr std::array<const char*, kSchemaVersion> kMigrations = {
     R"sql(
@@ -146,36 +156,7 @@ INSERT INTO message_keys(client_msg_id, sender, conversation_id, seq)
   WHERE client_msg_id <> '' ORDER BY client_msg_id, sender;
 DROP INDEX messages_by_key;
 
-CREATE TABLE log0(
-  conversation_id INTEGER NOT NULL,
-  seq INTEGER NOT NULL,
-  message_id INTEGER NOT NULL,
-  sender TEXT NOT NULL,
-  sender_device TEXT NOT NULL,
-  client_msg_id TEXT NOT NULL,
-  ts INTEGER NOT NULL,
-  kind INTEGER NOT NULL,
-  content_type TEXT NOT NULL,
-  body BLOB NOT NULL,
-  attachments BLOB,
-  system BLOB
-);
-CREATE UNIQUE INDEX log0_by_seq ON log0(conversation_id, seq);
-CREATE TABLE log1(
-  conversation_id INTEGER NOT NULL,
-  seq INTEGER NOT NULL,
-  message_id INTEGER NOT NULL,
-  sender TEXT NOT NULL,
-  sender_device TEXT NOT NULL,
-  client_msg_id TEXT NOT NULL,
-  ts INTEGER NOT NULL,
-  kind INTEGER NOT NULL,
-  content_type TEXT NOT NULL,
-  body BLOB NOT NULL,
-  attachments BLOB,
-  system BLOB
-);
-CREATE UNIQUE INDEX log1_by_seq ON log1(conversation_id, seq);
+)sql" CHAT_LOG_TABLE("0") CHAT_LOG_TABLE("1") R"sql(
 
 -- active: the log new messages go to. merged_conversation, merged_seq: NULL when the other
 -- log is empty; otherwise the other log's rows up to this (conversation_id, seq) are already in
@@ -189,6 +170,8 @@ CREATE TABLE log_state(
 INSERT INTO log_state(id, active, merged_conversation, merged_seq) VALUES(0, 0, NULL, NULL);
 )sql",
 };
+
+#undef CHAT_LOG_TABLE
 
 #define CHAT_MESSAGE_COLUMNS                                                           \
   "conversation_id, seq, message_id, sender, sender_device, client_msg_id, ts, kind, " \

@@ -1580,17 +1580,31 @@ TEST_CASE("store: sqlite: the merge keeps pace with batches larger than the log"
   }
 }
 
-TEST_CASE("store: sqlite: a failing merge leaves the batch stored and recovers when it can") {
+// A SQLite store with a small message log, and alice and bob's direct conversation in it.
+struct SmallLog {
+  SmallLog(uint32_t rows, uint32_t slice) {
+    options.path = dir.File("chat.db");
+    options.recent_log_rows = rows;
+    options.recent_log_slice_rows = slice;
+    Result<std::shared_ptr<MessageStore>> opened = NewSqliteStore(options);
+    REQUIRE_MESSAGE(opened.ok(), opened.status().ToString());
+    store = *opened;
+    ab = OpenDirect(*store, "alice", "bob");
+  }
+
   TempDir dir;
   SqliteStoreOptions options;
-  options.path = dir.File("chat.db");
-  options.recent_log_rows = 20;
-  options.recent_log_slice_rows = 5;
-  Result<std::shared_ptr<MessageStore>> store = NewSqliteStore(options);
-  REQUIRE(store.ok());
-  const ConversationId ab = OpenDirect(**store, "alice", "bob");
+  std::shared_ptr<MessageStore> store;
+  ConversationId ab = 0;
+};
+
+TEST_CASE("store: sqlite: a failing merge leaves the batch stored and recovers when it can") {
+  SmallLog log(/*rows=*/20, /*slice=*/5);
+  MessageStore& store = *log.store;
+  const std::string& path = log.options.path;
+  const ConversationId ab = log.ab;
   // Every merge step fails from now on (its change of log_state is refused).
-  RawExec(options.path,
+  RawExec(path,
           "CREATE TRIGGER fail_merge BEFORE UPDATE ON log_state "
           "BEGIN SELECT RAISE(ABORT, 'injected merge failure'); END");
   int64_t total = 1;
@@ -1601,9 +1615,9 @@ TEST_CASE("store: sqlite: a failing merge leaves the batch stored and recovers w
       const std::string key = "f-" + std::to_string(round) + "-" + std::to_string(i);
       batch.push_back(ToConversation(ab, i % 2 == 0 ? "alice" : "bob", key, key));
     }
-    for (const AppendResult& r : Commit(**store, batch)) CHECK(r.status.ok());
+    for (const AppendResult& r : Commit(store, batch)) CHECK(r.status.ok());
     total += 4;
-    const LogPlacement now = PlacementOf(options.path);
+    const LogPlacement now = PlacementOf(path);
     CHECK(now.visible == total);
     // The log stops growing at twice its size (plus a batch): then new messages go straight
     // into the table.
@@ -1611,61 +1625,57 @@ TEST_CASE("store: sqlite: a failing merge leaves the batch stored and recovers w
     CHECK(now.log1 == 0);
     CHECK(now.log0 + now.messages == total);
   }
-  CHECK(PlacementOf(options.path).messages > 0);
-  Result<HistoryReply> h = HistoryOf(**store, "bob", ab, 0, 1000);
+  CHECK(PlacementOf(path).messages > 0);
+  Result<HistoryReply> h = HistoryOf(store, "bob", ab, 0, 1000);
   REQUIRE(h.ok());
   CHECK(h->messages.size() == static_cast<size_t>(total));
-  RawExec(options.path, "DROP TRIGGER fail_merge");
+  RawExec(path, "DROP TRIGGER fail_merge");
   // The next batches move everything on.
   for (int round = 0; round < 30; ++round) {
     const std::string key = "g-" + std::to_string(round);
-    CHECK(CommitOne(**store, ToConversation(ab, "alice", key, key)).status.ok());
+    CHECK(CommitOne(store, ToConversation(ab, "alice", key, key)).status.ok());
     ++total;
   }
-  const LogPlacement after = PlacementOf(options.path);
+  const LogPlacement after = PlacementOf(path);
   CHECK(after.visible == total);
   CHECK(after.messages > 0);
   CHECK(after.out_of_order == 0);
-  Result<HistoryReply> all = HistoryOf(**store, "bob", ab, 0, 1000);
+  Result<HistoryReply> all = HistoryOf(store, "bob", ab, 0, 1000);
   REQUIRE(all.ok());
   CHECK(all->messages.size() == static_cast<size_t>(total));
   CHECK(all->messages.front().seq == static_cast<Seq>(total));
 }
 
 TEST_CASE("store: sqlite: a merge step that fails half-way is undone, not half kept") {
-  TempDir dir;
-  SqliteStoreOptions options;
-  options.path = dir.File("chat.db");
-  options.recent_log_rows = 20;
-  options.recent_log_slice_rows = 5;
-  Result<std::shared_ptr<MessageStore>> store = NewSqliteStore(options);
-  REQUIRE(store.ok());
-  const ConversationId ab = OpenDirect(**store, "alice", "bob");
+  SmallLog log(/*rows=*/20, /*slice=*/5);
+  MessageStore& store = *log.store;
+  const std::string& path = log.options.path;
+  const ConversationId ab = log.ab;
   int64_t total = 1;
   auto send = [&](const std::string& key) {
-    CHECK(CommitOne(**store, ToConversation(ab, "alice", key, key)).status.ok());
+    CHECK(CommitOne(store, ToConversation(ab, "alice", key, key)).status.ok());
     ++total;
   };
   for (int i = 0; i < 20; ++i) send("a-" + std::to_string(i));
   // The logs switched; the next slices copy rows into messages and then fail to record how far
   // they got: the copies must go with them.
-  REQUIRE(PlacementOf(options.path).merging);
-  RawExec(options.path,
+  REQUIRE(PlacementOf(path).merging);
+  RawExec(path,
           "CREATE TRIGGER fail_slice BEFORE UPDATE ON log_state WHEN NEW.merged_conversation > 0 "
           "BEGIN SELECT RAISE(ABORT, 'injected slice failure'); END");
-  const int64_t copied = PlacementOf(options.path).messages;
+  const int64_t copied = PlacementOf(path).messages;
   for (int i = 0; i < 10; ++i) {
     send("b-" + std::to_string(i));
-    const LogPlacement now = PlacementOf(options.path);
+    const LogPlacement now = PlacementOf(path);
     CHECK(now.visible == total);
     CHECK(now.messages == copied);
   }
-  RawExec(options.path, "DROP TRIGGER fail_slice");
+  RawExec(path, "DROP TRIGGER fail_slice");
   for (int i = 0; i < 40; ++i) send("c-" + std::to_string(i));
-  const LogPlacement after = PlacementOf(options.path);
+  const LogPlacement after = PlacementOf(path);
   CHECK(after.visible == total);
   CHECK(after.messages > copied);
-  Result<HistoryReply> h = HistoryOf(**store, "bob", ab, 0, 1000);
+  Result<HistoryReply> h = HistoryOf(store, "bob", ab, 0, 1000);
   REQUIRE(h.ok());
   CHECK(h->messages.size() == static_cast<size_t>(total));
 }
