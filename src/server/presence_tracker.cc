@@ -103,6 +103,11 @@ PresenceState PresenceTracker::Watch(SessionId session, const UserId& watcher, c
     e.shown_devices = n;
   }
   e.last_seen_ms = std::max(e.last_seen_ms, stored_last_seen_ms);
+  if (!known) {
+    auto recent = recent_last_seen_.find(target);
+    if (recent != recent_last_seen_.end())
+      e.last_seen_ms = std::max(e.last_seen_ms, recent->second);
+  }
   Watched& watched = watchers_[target];
   auto [sub, created] = watched.subs.try_emplace(session);
   if (created) {
@@ -290,13 +295,28 @@ PresenceState PresenceTracker::Current(const UserId& user) {
 PresenceTracker::Entry& PresenceTracker::EntryFor(const UserId& user) { return users_[user]; }
 
 // An entry is kept while it matters to someone: local devices, watchers (a pending update has
-// watchers) or a grace period. Last seen of a forgotten user is in the store.
+// watchers) or a grace period. Last seen of a forgotten user is in the store, and for a while
+// in recent_last_seen_ (the store's copy may not be committed yet).
 void PresenceTracker::MaybeErase(const UserId& user) {
   auto it = users_.find(user);
   if (it == users_.end()) return;
   const Entry& e = it->second;
   if (e.local_devices == 0 && e.watchers == 0 && !e.online && e.grace_until == 0) {
+    if (e.last_seen_ms > 0) RememberLastSeen(user, e.last_seen_ms);
     users_.erase(it);
+  }
+}
+
+void PresenceTracker::RememberLastSeen(const UserId& user, int64_t last_seen_ms) {
+  auto [it, added] = recent_last_seen_.try_emplace(user, last_seen_ms);
+  if (!added) {
+    it->second = std::max(it->second, last_seen_ms);
+    return;
+  }
+  recent_order_.push_back(user);
+  if (recent_order_.size() > kRecentLastSeen) {
+    recent_last_seen_.erase(recent_order_.front());
+    recent_order_.pop_front();
   }
 }
 

@@ -146,6 +146,7 @@ class PresenceTracker {
 
   Entry& EntryFor(const UserId& user);
   void MaybeErase(const UserId& user);
+  void RememberLastSeen(const UserId& user, int64_t last_seen_ms);
   void Recompute(const UserId& user, Entry& e, int64_t now);
   void GoOffline(const UserId& user, Entry& e);
   void FlushWent();
@@ -184,6 +185,12 @@ class PresenceTracker {
   std::vector<UserId> went_users_;
   std::vector<int64_t> went_ms_;
   std::vector<UserId> changed_;  // scratch for TakeChanges
+  // The last seen of the kRecentLastSeen users most recently forgotten (MaybeErase), oldest
+  // first: their store write goes through the writer without waiting, so a watch that comes
+  // right after may read the store before it is committed. Watch takes the later of the two.
+  std::unordered_map<UserId, int64_t> recent_last_seen_;
+  std::deque<UserId> recent_order_;
+  static constexpr size_t kRecentLastSeen = 1024;
   // Past this many users, changed_ and the went_ lists are released after use.
   static constexpr size_t kKeepScratchUsers = 1024;
 };

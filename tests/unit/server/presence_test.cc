@@ -539,6 +539,39 @@ TEST_CASE("presence tracker: nothing is delivered while a re-check is pending") 
   CHECK(tracker.watch_count(8) == 0);
 }
 
+TEST_CASE(
+    "presence tracker: a user watched again right after being forgotten keeps its last seen") {
+  auto clock = std::make_shared<FakeClock>();
+  RecordingSink sink;
+  ServerOptions options;
+  options.presence_grace_ms = 1000;
+  server::PresenceTracker tracker(options, NewInProcessPresenceRegistry(), clock.get(), &sink);
+  tracker.DeviceUp("bob", "b1");
+  CHECK(tracker.Watch(7, "alice", "bob", 0).online);
+  const int64_t went = clock->WallMs();
+  tracker.DeviceDown("bob", "b1");
+  clock->Advance(1500);
+  tracker.Tick();
+  CHECK(tracker.Current("bob").last_seen_ms == went);
+  // alice's connection goes: nobody watches bob, so the tracker forgets him. His last seen was
+  // handed to the store, which may not have committed it when alice watches again.
+  tracker.ForgetSession(7);
+  CHECK(tracker.Watch(9, "alice", "bob", /*stored_last_seen_ms=*/0).last_seen_ms == went);
+  // A later stored value wins.
+  tracker.ForgetSession(9);
+  CHECK(tracker.Watch(10, "alice", "bob", went + 5).last_seen_ms == went + 5);
+  // Bounded: after 1,024 other users were forgotten, bob's is the store's alone.
+  tracker.ForgetSession(10);
+  for (int i = 0; i < 1024; ++i) {
+    const std::string user = "u" + std::to_string(i);
+    tracker.DeviceUp(user, "d");
+    tracker.DeviceDown(user, "d");
+  }
+  clock->Advance(1500);
+  tracker.Tick();
+  CHECK(tracker.Watch(11, "alice", "bob", 0).last_seen_ms == 0);
+}
+
 TEST_CASE("presence tracker: users whose grace periods end together are persisted in one write") {
   auto clock = std::make_shared<FakeClock>();
   RecordingSink sink;
