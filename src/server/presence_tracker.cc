@@ -302,7 +302,7 @@ void PresenceTracker::MaybeErase(const UserId& user) {
   if (it == users_.end()) return;
   const Entry& e = it->second;
   if (e.local_devices == 0 && e.watchers == 0 && !e.online && e.grace_until == 0) {
-    if (e.last_seen_ms > 0) RememberLastSeen(user, e.last_seen_ms);
+    if (e.wrote_last_seen) RememberLastSeen(user, e.last_seen_ms);
     users_.erase(it);
   }
 }
@@ -310,8 +310,9 @@ void PresenceTracker::MaybeErase(const UserId& user) {
 void PresenceTracker::RememberLastSeen(const UserId& user, int64_t last_seen_ms) {
   auto [it, added] = recent_last_seen_.try_emplace(user, last_seen_ms);
   if (!added) {
+    // Remembered again: it moves to the back, as new (a scan of at most kRecentLastSeen names).
     it->second = std::max(it->second, last_seen_ms);
-    return;
+    recent_order_.erase(std::find(recent_order_.begin(), recent_order_.end(), user));
   }
   recent_order_.push_back(user);
   if (recent_order_.size() > kRecentLastSeen) {
@@ -346,6 +347,7 @@ void PresenceTracker::GoOffline(const UserId& user, Entry& e) {
   e.grace_until = 0;
   e.last_seen_ms = std::max(e.last_seen_ms, e.went_ms);
   // The node that held the devices records when they went (FlushWent, with the others).
+  e.wrote_last_seen = e.had_local;
   if (e.had_local) {
     went_users_.push_back(user);
     went_ms_.push_back(e.went_ms);

@@ -114,14 +114,15 @@ class PresenceTracker {
   // Ordered to pack: one per online or watched user (what watchers were last told lives with
   // the watchers, in Watched, so an unwatched online user costs only this).
   struct Entry {
-    uint32_t local_devices = 0;  // this node's devices of the user
-    uint32_t shown_devices = 0;  // as shown while online
-    uint32_t watchers = 0;       // subscriptions on this user
-    bool had_local = false;      // a local device was up during this online period
-    bool online = false;         // as shown to watchers (still online during grace)
-    int64_t last_seen_ms = 0;    // wall: when last online, once offline
-    int64_t went_ms = 0;         // wall: when the device count last dropped to zero
-    int64_t grace_until = 0;     // monotonic; 0: no grace period running
+    uint32_t local_devices = 0;    // this node's devices of the user
+    uint32_t shown_devices = 0;    // as shown while online
+    uint32_t watchers = 0;         // subscriptions on this user
+    bool had_local = false;        // a local device was up during this online period
+    bool online = false;           // as shown to watchers (still online during grace)
+    bool wrote_last_seen = false;  // last_seen_ms went to the store from here (may be pending)
+    int64_t last_seen_ms = 0;      // wall: when last online, once offline
+    int64_t went_ms = 0;           // wall: when the device count last dropped to zero
+    int64_t grace_until = 0;       // monotonic; 0: no grace period running
   };
   static_assert(sizeof(Entry) <= 40, "Entry grew: check the per-connection memory budget");
   struct Subscription {
@@ -185,9 +186,10 @@ class PresenceTracker {
   std::vector<UserId> went_users_;
   std::vector<int64_t> went_ms_;
   std::vector<UserId> changed_;  // scratch for TakeChanges
-  // The last seen of the kRecentLastSeen users most recently forgotten (MaybeErase), oldest
-  // first: their store write goes through the writer without waiting, so a watch that comes
-  // right after may read the store before it is committed. Watch takes the later of the two.
+  // The last seen of the kRecentLastSeen users most recently forgotten (MaybeErase) whose last
+  // seen this tracker had just handed to the store, oldest first: that write goes through the
+  // writer without waiting, so a watch that comes right after may read the store before it is
+  // committed. Watch takes the later of the two.
   std::unordered_map<UserId, int64_t> recent_last_seen_;
   std::deque<UserId> recent_order_;
   static constexpr size_t kRecentLastSeen = 1024;

@@ -560,16 +560,36 @@ TEST_CASE(
   // A later stored value wins.
   tracker.ForgetSession(9);
   CHECK(tracker.Watch(10, "alice", "bob", went + 5).last_seen_ms == went + 5);
-  // Bounded: after 1,024 other users were forgotten, bob's is the store's alone.
+  // Bounded: bob's stays through 1,023 other users forgotten after him, not through 1,024.
   tracker.ForgetSession(10);
-  for (int i = 0; i < 1024; ++i) {
-    const std::string user = "u" + std::to_string(i);
-    tracker.DeviceUp(user, "d");
-    tracker.DeviceDown(user, "d");
-  }
+  auto forget = [&](int first, int count) {
+    for (int i = first; i < first + count; ++i) {
+      const std::string user = "u" + std::to_string(i);
+      tracker.DeviceUp(user, "d");
+      tracker.DeviceDown(user, "d");
+    }
+    clock->Advance(1500);
+    tracker.Tick();
+  };
+  forget(0, 1023);
+  CHECK(tracker.Watch(11, "alice", "bob", 0).last_seen_ms == went);
+  tracker.ForgetSession(11);
+  forget(1023, 1);
+  CHECK(tracker.Watch(12, "alice", "bob", 0).last_seen_ms == 0);
+  // Only what this node handed to the store is remembered: carol, online on another node and
+  // seen going from here, is not.
+  std::shared_ptr<PresenceRegistry> shared = NewInProcessPresenceRegistry();
+  server::PresenceTracker here(options, shared, clock.get(), &sink);
+  shared->Refresh({"carol", "c1", /*node=*/5}, clock->MonotonicMs(), 60'000);
+  CHECK(here.Watch(20, "alice", "carol", 0).online);
+  shared->Remove({"carol", "c1", 5}, clock->MonotonicMs());
+  here.Tick();
   clock->Advance(1500);
-  tracker.Tick();
-  CHECK(tracker.Watch(11, "alice", "bob", 0).last_seen_ms == 0);
+  here.Tick();
+  CHECK_FALSE(here.Current("carol").online);
+  CHECK(here.Current("carol").last_seen_ms > 0);  // as seen from here
+  here.ForgetSession(20);
+  CHECK(here.Watch(21, "alice", "carol", 0).last_seen_ms == 0);  // the store's (its node's) value
 }
 
 TEST_CASE("presence tracker: users whose grace periods end together are persisted in one write") {
