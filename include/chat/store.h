@@ -371,9 +371,9 @@ struct SqliteStoreOptions {
   // second log and copies the first into the table, in slices of at most recent_log_slice_rows
   // messages, twice as many per commit as the commit added, inside that commit. A conversation's
   // new messages are so written into its pages together instead of one commit at a time.
-  // Readers see both logs and the table as one. 0 stores every message straight into the
-  // conversation-ordered table (and empties logs left from before). Default 16,384; at most
-  // 1,000,000.
+  // Bodies over 4 KiB go straight into the table. Readers see both logs and the table as one.
+  // 0 stores every message straight into the conversation-ordered table (and empties logs left
+  // from before). Default 16,384; at most 1,000,000.
   uint32_t recent_log_rows = 16'384;
   // Messages copied from a log into the table per step (see recent_log_rows); a commit waits
   // for its steps. Default 256; 1 to 1,000,000.

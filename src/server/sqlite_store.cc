@@ -953,6 +953,9 @@ constexpr uint64_t kMergePace = 2;
 // it held recent_log_rows, so large messages do not make a log of gigabytes.
 constexpr uint64_t kMaxLogBytes = uint64_t{32} << 20;
 constexpr uint64_t kLogRowBytes = 128;  // what a row costs besides its body, roughly
+// A message with a larger body goes straight into messages: it fills pages of its own anyway,
+// and through the log it would be written three times (log, copy, zeroing).
+constexpr size_t kLogBodyMax = 4096;
 
 // (conversation_id, seq) of a log row; the merge copies rows in this order.
 struct LogKey {
@@ -977,9 +980,11 @@ class SqliteTarget final : public server::AppendTarget {
 
   server::ReadSource& Reader() override { return reader_; }
 
-  // Messages stored through Insert, and their bodies' bytes plus kLogRowBytes each.
+  // Messages stored through Insert; of them, those that went into the log, and their bodies'
+  // bytes plus kLogRowBytes each.
   uint64_t inserted_rows() const { return inserted_rows_; }
-  uint64_t inserted_bytes() const { return inserted_bytes_; }
+  uint64_t logged_rows() const { return logged_rows_; }
+  uint64_t logged_bytes() const { return logged_bytes_; }
 
   Result<std::optional<Message>> FindByKey(const UserId& sender,
                                            const std::string& client_msg_id) override {
@@ -1109,8 +1114,9 @@ class SqliteTarget final : public server::AppendTarget {
         return s;
       }
     }
+    const bool logged = insert_ != Sql::kInsertMessage && m.body.size() <= kLogBodyMax;
     {
-      Query q(conn_, insert_);
+      Query q(conn_, logged ? insert_ : Sql::kInsertMessage);
       q.U64(m.conversation_id)
           .U64(m.seq)
           .U64(m.message_id)
@@ -1126,7 +1132,10 @@ class SqliteTarget final : public server::AppendTarget {
       if (Status s = q.Run(); !s.ok()) return s;
     }
     ++inserted_rows_;
-    inserted_bytes_ += m.body.size() + kLogRowBytes;
+    if (logged) {
+      ++logged_rows_;
+      logged_bytes_ += m.body.size() + kLogRowBytes;
+    }
     Query q(conn_, Sql::kAdvanceConversation);
     q.U64(m.conversation_id).U64(m.seq).Int(m.server_time_ms);
     if (Status s = q.Run(); !s.ok()) return s;
@@ -1178,7 +1187,8 @@ class SqliteTarget final : public server::AppendTarget {
   SqliteSource reader_;
   const Sql insert_;
   uint64_t inserted_rows_ = 0;
-  uint64_t inserted_bytes_ = 0;
+  uint64_t logged_rows_ = 0;
+  uint64_t logged_bytes_ = 0;
 };
 
 uint64_t NewEpoch() {
@@ -1288,10 +1298,8 @@ class SqliteStore final : public MessageStore {
       for (size_t i = 0; i < batch.size() && s.ok(); ++i) {
         s = server::AppendOne(target, batch[i], &(*results)[i]);
       }
-      if (to_log) {
-        next.active_rows += target.inserted_rows();
-        next.active_bytes += target.inserted_bytes();
-      }
+      next.active_rows += target.logged_rows();
+      next.active_bytes += target.logged_bytes();
       if (s.ok()) {
         Result<LogState> merged = MergeSteps(next, target.inserted_rows());
         s = merged.status();

@@ -1680,6 +1680,36 @@ TEST_CASE("store: sqlite: a merge step that fails half-way is undone, not half k
   CHECK(h->messages.size() == static_cast<size_t>(total));
 }
 
+TEST_CASE("store: sqlite: a message with a body over 4 KiB goes straight into the table") {
+  SmallLog log(/*rows=*/1000, /*slice=*/10);
+  MessageStore& store = *log.store;
+  const std::string& path = log.options.path;
+  SendMany(store, log.ab, "alice", 5, "small");
+  CHECK(PlacementOf(path).messages == 0);
+  CHECK(PlacementOf(path).log0 == 6);
+  const std::string large(4097, 'x');
+  AppendResult big = CommitOne(store, ToConversation(log.ab, "bob", "large-1", large));
+  REQUIRE(big.status.ok());
+  CHECK(big.message.seq == 7);
+  SendMany(store, log.ab, "alice", 2, "after");
+  const LogPlacement now = PlacementOf(path);
+  CHECK(now.messages == 1);
+  CHECK(now.log0 == 8);
+  CHECK(now.visible == 9);
+  // Read back in order wherever each one is; a resend of the large one is the original.
+  Result<HistoryReply> h = HistoryOf(store, "bob", log.ab, 0, 100);
+  REQUIRE(h.ok());
+  CHECK(Seqs(h->messages) == std::vector<Seq>{9, 8, 7, 6, 5, 4, 3, 2, 1});
+  CHECK(h->messages[2].body == large);
+  AppendResult dup = CommitOne(store, ToConversation(log.ab, "bob", "large-1", "changed"));
+  CHECK(dup.duplicate);
+  CHECK(dup.message.seq == 7);
+  // A body of exactly 4 KiB still goes through the log.
+  CHECK(
+      CommitOne(store, ToConversation(log.ab, "bob", "edge", std::string(4096, 'y'))).status.ok());
+  CHECK(PlacementOf(path).messages == 1);
+}
+
 TEST_CASE("store: sqlite: a store opened with recent_log_rows 0 empties the logs and skips them") {
   TempDir dir;
   SqliteStoreOptions options;
