@@ -1002,9 +1002,11 @@ class SqliteTarget final : public server::AppendTarget {
     std::vector<Message> found;
     if (Status s = reader_.ReadAscending(conversation_id, seq, seq, 1, &found); !s.ok()) return s;
     if (found.empty()) {
-      return DataLoss("client_msg_id " + client_msg_id + " names conversation " +
-                      std::to_string(conversation_id) + " seq " + std::to_string(seq) +
-                      ", which is not stored");
+      Status lost = DataLoss("client_msg_id " + client_msg_id + " of " + sender +
+                             " names conversation " + std::to_string(conversation_id) + " seq " +
+                             std::to_string(seq) + ", which is not stored");
+      Log(LogLevel::kWarn, "chat: sqlite store: " + lost.ToString());
+      return lost;
     }
     return std::optional<Message>(std::move(found.front()));
   }

@@ -134,7 +134,14 @@ Result<bool> AnswerResend(AppendTarget& target, const AppendRequest& request,
                           AppendResult* result) {
   if (request.client_msg_id.empty()) return false;
   Result<std::optional<Message>> original = target.FindByKey(request.sender, request.client_msg_id);
-  if (!original.ok()) return original.status();
+  if (!original.ok()) {
+    // A key whose message is not stored (a damaged file) fails this request alone: the lookup
+    // wrote nothing, so the other requests of the batch still commit.
+    if (original.status().code() != Code::kDataLoss) return original.status();
+    *result = AppendResult{};
+    result->status = original.status();
+    return true;
+  }
   if (!original->has_value()) return false;
   *result = AppendResult{};
   result->message = std::move(**original);

@@ -2010,6 +2010,42 @@ TEST_CASE("store: sqlite: a failed transaction stores nothing of the batch") {
   CHECK(retried[2].message.seq == 3);
 }
 
+TEST_CASE("store: sqlite: a resend whose message is missing fails alone, not its batch") {
+  Env env(Kind::kSqlite);
+  MessageStore& store = *env.store;
+  const std::string path = env.dir.File("chat.db");
+  const ConversationId ab = OpenDirect(store, "alice", "bob");
+  CHECK(CommitOne(store, ToConversation(ab, "alice", "k-1", "first")).message.seq == 2);
+  // A damaged file: the message is gone, its idempotency key is still there.
+  RawExec(path,
+          "DELETE FROM log0 WHERE client_msg_id = 'k-1'; DELETE FROM log1 WHERE client_msg_id = "
+          "'k-1'; DELETE FROM messages WHERE client_msg_id = 'k-1'");
+
+  std::vector<AppendRequest> batch = {
+      ToConversation(ab, "bob", "k-2", "before"),
+      ToConversation(ab, "alice", "k-1", "first"),  // the resend
+      ToPeer("alice", "bob", "k-1", "first"),       // the same key through the peer path
+      ToConversation(ab, "bob", "k-3", "after"),
+  };
+  std::vector<AppendResult> results;
+  REQUIRE(store.Append(batch, &results).ok());
+  REQUIRE(results.size() == 4);
+  CHECK(results[0].status.ok());
+  CHECK(results[0].message.seq == 3);
+  for (size_t i : {1, 2}) {
+    CHECK(results[i].status.code() == Code::kDataLoss);
+    CHECK(results[i].status.message().find("k-1") != std::string_view::npos);
+    CHECK(results[i].message.seq == 0);
+    CHECK(results[i].recipients.empty());
+  }
+  CHECK(results[3].status.ok());
+  CHECK(results[3].message.seq == 4);
+
+  Result<HistoryReply> h = HistoryOf(store, "bob", ab, 0, 10);
+  REQUIRE(h.ok());
+  CHECK(Seqs(h->messages) == std::vector<Seq>{4, 3, 1});
+}
+
 TEST_CASE("store: sqlite: a locked database makes Append Unavailable and stores nothing") {
   SqliteStoreOptions options;
   options.busy_timeout_ms = 20;
