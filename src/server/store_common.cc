@@ -674,7 +674,9 @@ Result<SyncReply> RunSync(ReadSource& source, const SyncQuery& query) {
       break;
     }
 
-    // A member sees the log from the change that added it; nothing before it is missing.
+    // A member sees the log from the change that added it. The part before it is reported as
+    // a gap like any other (History answers it with nothing), so a client's cursor can pass it:
+    // one that waited for seq cursor + 1 would otherwise never apply what follows.
     const Seq lowest = std::max(cursor + 1, head.joined_seq);
     Seq start = lowest;
     if (head.last_seq - cursor > query.catchup_max) {
@@ -684,7 +686,7 @@ Result<SyncReply> RunSync(ReadSource& source, const SyncQuery& query) {
     // first_seq is 0 while last_seq is not.
     const Seq first_stored = head.first_seq == 0 ? head.last_seq + 1 : head.first_seq;
     start = std::max(start, first_stored);
-    if (start > lowest) reply.gaps.push_back({head.conversation_id, lowest, start - 1});
+    if (start > cursor + 1) reply.gaps.push_back({head.conversation_id, cursor + 1, start - 1});
 
     const size_t room = query.limit - reply.messages.size();
     const size_t before = reply.messages.size();

@@ -219,5 +219,115 @@ TEST_CASE("client groups e2e: create, system message, unread on two devices, del
   bob2.client->Close();
 }
 
+// Waits for a group call's answer.
+Result<ConversationInfo> Await(const std::function<Status(ConversationCallback)>& call) {
+  std::mutex mu;
+  std::optional<Result<ConversationInfo>> got;
+  Status s = call([&](Result<ConversationInfo> r) {
+    std::lock_guard lock(mu);
+    got.emplace(std::move(r));
+  });
+  if (!s.ok()) return s;
+  if (!WaitFor([&] {
+        std::lock_guard lock(mu);
+        return got.has_value();
+      })) {
+    return DeadlineExceeded("no answer");
+  }
+  std::lock_guard lock(mu);
+  return std::move(*got);
+}
+
+std::vector<std::string> Bodies(const std::vector<Message>& messages, ConversationId id) {
+  std::vector<std::string> out;
+  for (const Message& m : messages) {
+    if (m.conversation_id != id) continue;
+    out.push_back(m.kind == MessageKind::kSystem
+                      ? "<" + std::to_string(static_cast<int>(m.system.type)) + ">"
+                      : m.body);
+  }
+  return out;
+}
+
+TEST_CASE("client groups e2e: a member added later gets the log from the addition, online or not") {
+  ChatdProcess chatd;
+  REQUIRE(chatd.Start().ok());
+  TempDir dir;
+  Member alice = Connect(chatd, "alice", "laptop", dir.File("alice.db"));
+  Member bob = Connect(chatd, "bob", "phone", dir.File("bob.db"));
+  Member carol = Connect(chatd, "carol", "phone", dir.File("carol.db"));
+  REQUIRE(WaitFor([&] {
+    return alice.recorder->state() == ConnectionState::kConnected &&
+           bob.recorder->state() == ConnectionState::kConnected &&
+           carol.recorder->state() == ConnectionState::kConnected;
+  }));
+  Result<ConversationInfo> created = Await([&](ConversationCallback done) {
+    return alice.client->CreateGroup("team", {"bob"}, ConversationKind::kGroup, std::move(done));
+  });
+  REQUIRE(created.ok());
+  const ConversationId id = created->conversation_id;
+  REQUIRE(alice.client->Send(id, "text/plain", "before carol").ok());
+  REQUIRE(WaitFor([&] { return Bodies(bob.recorder->messages(), id).size() == 2; }));
+
+  // Carol, online, is added after two messages (seq 3): her device gets the addition and what
+  // follows, and nothing before it.
+  REQUIRE(Await([&](ConversationCallback done) {
+            return alice.client->AddMembers(id, {"carol"}, std::move(done));
+          }).ok());
+  REQUIRE(alice.client->Send(id, "text/plain", "with carol").ok());
+  const std::string added =
+      "<" + std::to_string(static_cast<int>(SystemEvent::Type::kMembersAdded)) + ">";
+  CHECK(WaitFor([&] {
+    return Bodies(carol.recorder->messages(), id) == std::vector<std::string>{added, "with carol"};
+  }));
+  CHECK(WaitFor([&] {
+    auto c = Cached(*carol.client, id);
+    return c && c->last_seq == 4 && c->unread == 1;
+  }));
+
+  // Bob is removed, misses a message, is added again: his device shows the removal, then the
+  // new addition and what follows it.
+  REQUIRE(Await([&](ConversationCallback done) {
+            return alice.client->RemoveMembers(id, {"bob"}, std::move(done));
+          }).ok());
+  REQUIRE(alice.client->Send(id, "text/plain", "without bob").ok());
+  REQUIRE(Await([&](ConversationCallback done) {
+            return alice.client->AddMembers(id, {"bob"}, std::move(done));
+          }).ok());
+  REQUIRE(alice.client->Send(id, "text/plain", "bob is back").ok());
+  const std::string removed =
+      "<" + std::to_string(static_cast<int>(SystemEvent::Type::kMembersRemoved)) + ">";
+  CHECK(WaitFor([&] {
+    return Bodies(bob.recorder->messages(), id) ==
+           std::vector<std::string>{
+               "<" + std::to_string(static_cast<int>(SystemEvent::Type::kCreated)) + ">",
+               "before carol",
+               added,
+               "with carol",
+               removed,
+               added,
+               "bob is back"};
+  }));
+
+  // Dave is added while he has never connected: his first sync starts at his addition, and his
+  // device goes live (the outbox drains).
+  REQUIRE(Await([&](ConversationCallback done) {
+            return alice.client->AddMembers(id, {"dave"}, std::move(done));
+          }).ok());
+  REQUIRE(alice.client->Send(id, "text/plain", "hi dave").ok());
+  Member dave = Connect(chatd, "dave", "phone", dir.File("dave.db"));
+  CHECK(WaitFor([&] {
+    return Bodies(dave.recorder->messages(), id) == std::vector<std::string>{added, "hi dave"};
+  }));
+  CHECK(WaitFor([&] { return dave.recorder->state() == ConnectionState::kConnected; }));
+  REQUIRE(dave.client->Send(id, "text/plain", "dave here").ok());
+  CHECK(WaitFor([&] {
+    std::vector<std::string> got = Bodies(carol.recorder->messages(), id);
+    return !got.empty() && got.back() == "dave here";
+  }));
+
+  for (Member* m : {&alice, &bob, &carol, &dave}) m->client->Close();
+}
+
 }  // namespace
 }  // namespace chat::testing

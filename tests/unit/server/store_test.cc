@@ -902,7 +902,8 @@ void MembersSeeTheLogFromJoinToRemoval(Kind kind) {
             .status.code() == Code::kResourceExhausted);
 
   SendMany(store, id, "bob", 2, "later");  // seqs 6, 7
-  // carol sees the log from her join: no gap, no earlier message.
+  // carol sees the log from her join: no earlier message, and a gap below it, so a client
+  // that starts from seq 0 can apply what follows.
   Result<HistoryReply> carol = HistoryOf(store, "carol", id, 0, 50);
   REQUIRE(carol.ok());
   CHECK(Seqs(carol->messages) == std::vector<Seq>{7, 6, 5});
@@ -911,7 +912,14 @@ void MembersSeeTheLogFromJoinToRemoval(Kind kind) {
   Result<SyncReply> carol_sync = SyncOf(store, "carol", {});
   REQUIRE(carol_sync.ok());
   CHECK(Seqs(carol_sync->messages) == std::vector<Seq>{5, 6, 7});
-  CHECK(carol_sync->gaps.empty());
+  REQUIRE(carol_sync->gaps.size() == 1);
+  CHECK(carol_sync->gaps[0].conversation_id == id);
+  CHECK(carol_sync->gaps[0].from_seq == 1);
+  CHECK(carol_sync->gaps[0].to_seq == 4);
+  Result<SyncReply> carol_caught_up = SyncOf(store, "carol", {{id, 4}});
+  REQUIRE(carol_caught_up.ok());
+  CHECK(Seqs(carol_caught_up->messages) == std::vector<Seq>{5, 6, 7});
+  CHECK(carol_caught_up->gaps.empty());
   CHECK(carol_sync->unread_total == 2);
   CHECK(InfoOf(store, "carol", id)->unread == 2);
 
