@@ -44,7 +44,8 @@ struct PushNotification {
   UserId sender;               // of the latest message in the window
   Seq seq = 0;                 // of the latest message in the window
   int64_t server_time_ms = 0;  // of the latest message in the window
-  std::string preview;         // the latest body; empty when ServerOptions::push_preview is false
+  std::string preview;         // the latest body's first 1,024 bytes at most (cut at a character);
+                               // empty when ServerOptions::push_preview is false
   uint32_t collapsed = 1;      // messages in this window for (user, conversation)
   // The user's unread total across conversations (the badge), as Sync reports it when the
   // window ended. 0 if the store could not be read (the notification is sent anyway).

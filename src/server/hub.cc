@@ -8,6 +8,7 @@
 #include <memory>
 #include <queue>
 #include <string>
+#include <string_view>
 #include <unordered_map>
 #include <unordered_set>
 #include <utility>
@@ -27,6 +28,9 @@ constexpr uint32_t kDefaultHistoryLimit = 50;
 constexpr size_t kMinClientMsgIdBytes = 16;
 constexpr size_t kMaxClientMsgIdBytes = 128;
 constexpr size_t kMaxDeviceIdBytes = 128;
+constexpr size_t kMaxUserIdBytes = 128;
+constexpr size_t kMaxContentTypeBytes = 255;
+constexpr size_t kMaxPushPreviewBytes = 1024;
 // Hello.protocol_version this server speaks; 0 (unset) is taken as 1.
 constexpr uint32_t kProtocolVersion = 1;
 // Suggested wait before resending after a failed commit, when the store gives none.
@@ -729,8 +733,23 @@ class Hub::Impl final : private PresenceTracker::Sink {
     if (static_cast<uint32_t>(send.attachments_size()) > options_.max_attachments) {
       return InvalidArgument("too many attachments");
     }
-    if (send.to_case() == v1::Send::kPeer && send.peer() == s.user()) {
-      return InvalidArgument("cannot send to yourself");
+    if (send.content_type().size() > kMaxContentTypeBytes) {
+      return InvalidArgument("content_type must be at most 255 bytes");
+    }
+    // What the attachments describe counts against the body's bound, so a message cannot grow
+    // past it through their strings.
+    size_t described = send.body().size();
+    for (const v1::Attachment& a : send.attachments()) {
+      described += a.url().size() + a.mime_type().size() + a.name().size() + a.sha256().size();
+    }
+    if (described > options_.max_body_bytes) {
+      return InvalidArgument("body and attachments too large");
+    }
+    if (send.to_case() == v1::Send::kPeer) {
+      if (send.peer().empty() || send.peer().size() > kMaxUserIdBytes) {
+        return InvalidArgument("peer must be 1..128 bytes");
+      }
+      if (send.peer() == s.user()) return InvalidArgument("cannot send to yourself");
     }
     return Status::Ok();
   }
@@ -1052,8 +1071,18 @@ class Hub::Impl final : private PresenceTracker::Sink {
     n.sender = message.sender;
     n.seq = message.seq;
     n.server_time_ms = message.server_time_ms;
-    if (options_.push_preview) n.preview = message.body;
+    if (options_.push_preview) n.preview = PreviewOf(message.body);
     ++n.collapsed;
+  }
+
+  // The start of a body for a notification: at most kMaxPushPreviewBytes, cut before a UTF-8
+  // sequence that would not fit, so up to kMaxPendingPushes windows hold little memory however
+  // large the bodies (push services show a line or two anyway).
+  static std::string PreviewOf(std::string_view body) {
+    if (body.size() <= kMaxPushPreviewBytes) return std::string(body);
+    size_t cut = kMaxPushPreviewBytes;
+    while (cut > 0 && (static_cast<unsigned char>(body[cut]) & 0xC0) == 0x80) --cut;
+    return std::string(body.substr(0, cut));
   }
 
   // Windows that ended are handed to the notifier once the store has told their users' tokens
@@ -1144,23 +1173,34 @@ class Hub::Impl final : private PresenceTracker::Sink {
   }
 
   // The request's user ids, checked and without repeats (in request order).
-  static Status PresenceUsers(const google::protobuf::RepeatedPtrField<std::string>& in,
-                              std::vector<UserId>* out) {
+  // A list longer than the connection may watch is refused before it is looked at, so one
+  // request costs at most max_presence_subscriptions ids of work.
+  Status PresenceUsers(const google::protobuf::RepeatedPtrField<std::string>& in,
+                       std::vector<UserId>* out) const {
+    if (static_cast<uint64_t>(in.size()) > options_.max_presence_subscriptions) {
+      return TooManyPresenceSubscriptions();
+    }
+    std::unordered_set<std::string_view> seen;
+    seen.reserve(static_cast<size_t>(in.size()));
     for (const std::string& user : in) {
       if (user.empty() || user.size() > kMaxPresenceUserIdBytes) {
         return InvalidArgument("presence user ids must be 1..128 bytes");
       }
-      if (std::find(out->begin(), out->end(), user) == out->end()) out->push_back(user);
+      if (seen.insert(user).second) out->push_back(user);
     }
     return Status::Ok();
+  }
+
+  Status TooManyPresenceSubscriptions() const {
+    return ResourceExhausted("too many presence subscriptions on this connection (max " +
+                             std::to_string(options_.max_presence_subscriptions) + ")");
   }
 
   // ResourceExhausted if watching `users` too would take the connection past its cap.
   Status PresenceRoom(SessionId id, const std::vector<UserId>& users) const {
     if (presence_.watch_count(id) + presence_.CountNew(id, users) >
         options_.max_presence_subscriptions) {
-      return ResourceExhausted("too many presence subscriptions on this connection (max " +
-                               std::to_string(options_.max_presence_subscriptions) + ")");
+      return TooManyPresenceSubscriptions();
     }
     return Status::Ok();
   }

@@ -165,6 +165,10 @@ Status AppendUserMessage(AppendTarget& target, const AppendRequest& request, App
       result->status = InvalidArgument("peer must not be the sender");
       return Status::Ok();
     }
+    if (request.peer.size() > kMaxUserIdBytes) {
+      result->status = InvalidArgument("user ids must be 1..128 bytes");
+      return Status::Ok();
+    }
   }
 
   // A resend (same sender and client_msg_id) is answered with the original, even if the

@@ -602,6 +602,49 @@ TEST_CASE("hub: more than max_attachments gets INVALID_ARGUMENT") {
   ExpectOpen(h, alice);
 }
 
+TEST_CASE("hub: a peer, content type or attachments over their bounds get INVALID_ARGUMENT") {
+  ServerOptions options;
+  options.max_body_bytes = 100;
+  HubHarness h(options);
+  SessionId alice = h.Connect("alice", "a");
+  h.SendEnvelope(alice, SendToPeer(1, std::string(129, 'p'), ClientMsgId(1), "hi"));
+  v1::Error error = ExpectError(Only(h.Take(alice)), v1::Error::INVALID_ARGUMENT, 1);
+  CHECK(error.message() == "peer must be 1..128 bytes");
+  CHECK(error.client_msg_id() == ClientMsgId(1));
+  h.SendEnvelope(alice, SendToPeer(2, "", ClientMsgId(2), "hi"));
+  CHECK(ExpectError(Only(h.Take(alice)), v1::Error::INVALID_ARGUMENT, 2).message() ==
+        "missing required field: send.conversation_id or send.peer");
+
+  v1::Envelope typed = SendToPeer(3, "bob", ClientMsgId(3), "hi");
+  typed.mutable_send()->set_content_type(std::string(256, 't'));
+  h.SendEnvelope(alice, typed);
+  CHECK(ExpectError(Only(h.Take(alice)), v1::Error::INVALID_ARGUMENT, 3).message() ==
+        "content_type must be at most 255 bytes");
+
+  // 60 bytes of body and 41 of attachment strings: one over max_body_bytes.
+  v1::Envelope described = SendToPeer(4, "bob", ClientMsgId(4), std::string(60, 'b'));
+  v1::Attachment* a = described.mutable_send()->add_attachments();
+  a->set_url(std::string(30, 'u'));
+  a->set_name(std::string(11, 'n'));
+  h.SendEnvelope(alice, described);
+  CHECK(ExpectError(Only(h.Take(alice)), v1::Error::INVALID_ARGUMENT, 4).message() ==
+        "body and attachments too large");
+  CHECK(h.queued_appends() == 0);
+
+  // At the bounds they are accepted.
+  h.SendEnvelope(alice, SendToPeer(5, std::string(128, 'p'), ClientMsgId(5), "hi"));
+  typed.set_rid(6);
+  typed.mutable_send()->set_client_msg_id(ClientMsgId(6));
+  typed.mutable_send()->set_content_type(std::string(255, 't'));
+  h.SendEnvelope(alice, typed);
+  a->set_name(std::string(10, 'n'));
+  described.set_rid(7);
+  described.mutable_send()->set_client_msg_id(ClientMsgId(7));
+  h.SendEnvelope(alice, described);
+  CHECK(h.queued_appends() == 3);
+  ExpectOpen(h, alice);
+}
+
 TEST_CASE("hub: sending to oneself as peer gets INVALID_ARGUMENT") {
   HubHarness h;
   SessionId alice = h.Connect("alice", "a");

@@ -383,6 +383,14 @@ TEST_CASE("presence: past max_presence_subscriptions -> RESOURCE_EXHAUSTED, noth
   h.SendEnvelope(alice, UnsubscribeEnvelope(24, {"carol"}));
   CHECK(h.Take(alice).at(0).has_ok());
   MustSubscribe(h, alice, 25, {"dave"});
+  // A list longer than the cap is refused before it is looked at, repeats or not, and so is an
+  // unsubscribe that long; nothing changes.
+  MustRefuse(h, alice, 26, {"bob", "bob", "bob"}, v1::Error::RESOURCE_EXHAUSTED);
+  h.SendEnvelope(alice, UnsubscribeEnvelope(27, {"bob", "dave", "carol"}));
+  std::vector<v1::Envelope> refused = h.Take(alice);
+  REQUIRE(refused.size() == 1);
+  CHECK(refused[0].error().code() == v1::Error::RESOURCE_EXHAUSTED);
+  MustRefuse(h, alice, 28, {"carol"}, v1::Error::RESOURCE_EXHAUSTED);
 }
 
 TEST_CASE("presence: a device silent past the TTL goes offline and comes back when heard") {

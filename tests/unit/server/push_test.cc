@@ -141,6 +141,21 @@ TEST_CASE("push: with preview off the notification carries no body") {
   CHECK(p.notifier->notifications[0].collapsed == 1);
 }
 
+TEST_CASE("push: a long body's preview is its first 1,024 bytes, cut at a character") {
+  PushHub p;
+  SessionId alice = p.h.Connect("alice", "a1");
+  SessionId carol = p.h.Connect("carol", "c1");
+  // 1,023 ASCII bytes, then a 3-byte character that would end past the bound.
+  SendAndCommit(p.h, alice, 1, "bob", std::string(1023, 'a') + "\xE2\x82\xAC" + "tail");
+  SendAndCommit(p.h, carol, 2, "bob", std::string(2000, 'c'));
+  p.Elapse(1000);
+  REQUIRE(p.notifier->notifications.size() == 2);
+  for (const PushNotification& n : p.notifier->notifications) {
+    if (n.sender == "alice") CHECK(n.preview == std::string(1023, 'a'));
+    if (n.sender == "carol") CHECK(n.preview == std::string(1024, 'c'));
+  }
+}
+
 v1::Envelope RegisterToken(uint64_t rid, std::string_view platform, std::string_view token) {
   v1::Envelope envelope;
   envelope.set_rid(rid);

@@ -249,8 +249,11 @@ void BadAddressesAreRefusedPerItem(Kind kind) {
       ToPeer("alice", "", "nobody", "?"),
       ToPeer("", "bob", "anon", "?"),
       ToPeer("alice", "bob", "fine", "ok"),
+      ToPeer("alice", std::string(129, 'p'), "long", "?"),
   };
   std::vector<AppendResult> results = Commit(store, batch);
+  CHECK(results[4].status.code() == Code::kInvalidArgument);
+  CHECK(results[4].status.message() == "user ids must be 1..128 bytes");
   CHECK(results[0].status.code() == Code::kInvalidArgument);
   CHECK(results[0].status.message() == "peer must not be the sender");
   CHECK(results[1].status.code() == Code::kInvalidArgument);
