@@ -365,6 +365,8 @@ void Session::HandleWelcome(const v1::Envelope& envelope) {
   send_capacity_ = std::max(1.0, per_second * 0.9);
   send_tokens_ = send_capacity_;
   send_tokens_at_ = now;
+  max_body_bytes_ = welcome.limits().max_body_bytes();
+  max_frame_bytes_ = welcome.limits().max_message_bytes();
   const uint32_t presence_max = welcome.limits().max_presence_subscriptions();
   presence_limit_ = presence_max == 0 ? kMaxPresenceSubscriptions
                                       : std::min<size_t>(kMaxPresenceSubscriptions, presence_max);
@@ -398,19 +400,7 @@ void Session::HandleError(const v1::Envelope& envelope) {
     }
     std::optional<OutboxEntry> entry = cache_->FindOutbox(client_msg_id);
     if (!entry || entry->status != MessageStatus::kPending) return;
-    if (Status st = cache_->FailOutbox(client_msg_id, status); !st.ok()) ReportError(st);
-    MessageEvent event;
-    event.message.conversation_id = entry->conversation_id;
-    event.message.client_msg_id = entry->client_msg_id;
-    event.message.content_type = entry->content_type;
-    event.message.body = entry->body;
-    event.message.sender = user_id_;
-    event.message.sender_device = options_.device_id;
-    event.peer = entry->peer;
-    event.status = MessageStatus::kFailed;
-    event.outgoing = true;
-    event.reason = status;
-    listener_->OnMessage(event);
+    FailPending(*entry, status);
     PumpOutbox();
     return;
   }
@@ -1250,10 +1240,12 @@ void Session::PumpOutbox() {
   for (const OutboxEntry& entry : cache_->PendingOutbox(window + in_flight_.size())) {
     if (in_flight_.size() >= window) break;
     if (in_flight_ids_.contains(entry.client_msg_id)) continue;
-    if (!TakeSendToken()) return;
+    if (max_body_bytes_ != 0 && entry.body.size() > max_body_bytes_) {
+      FailPending(entry, InvalidArgument("body too large (the server takes at most " +
+                                         std::to_string(max_body_bytes_) + " bytes)"));
+      continue;
+    }
     v1::Envelope envelope;
-    const uint64_t rid = NextRid();
-    envelope.set_rid(rid);
     v1::Send* send = envelope.mutable_send();
     if (entry.conversation_id != 0) {
       send->set_conversation_id(entry.conversation_id);
@@ -1263,10 +1255,35 @@ void Session::PumpOutbox() {
     send->set_client_msg_id(entry.client_msg_id);
     send->set_content_type(entry.content_type);
     send->set_body(entry.body);
+    // The rid is at most 10 bytes; counted at its largest before it is taken.
+    if (max_frame_bytes_ != 0 && envelope.ByteSizeLong() + 11 > max_frame_bytes_) {
+      FailPending(entry, InvalidArgument("message too large (the server takes frames of at most " +
+                                         std::to_string(max_frame_bytes_) + " bytes)"));
+      continue;
+    }
+    if (!TakeSendToken()) return;
+    const uint64_t rid = NextRid();
+    envelope.set_rid(rid);
     in_flight_[rid] = entry.client_msg_id;
     in_flight_ids_.insert(entry.client_msg_id);
     if (!Write(envelope)) return;
   }
+}
+
+void Session::FailPending(const OutboxEntry& entry, const Status& reason) {
+  if (Status st = cache_->FailOutbox(entry.client_msg_id, reason); !st.ok()) ReportError(st);
+  MessageEvent event;
+  event.message.conversation_id = entry.conversation_id;
+  event.message.client_msg_id = entry.client_msg_id;
+  event.message.content_type = entry.content_type;
+  event.message.body = entry.body;
+  event.message.sender = user_id_;
+  event.message.sender_device = options_.device_id;
+  event.peer = entry.peer;
+  event.status = MessageStatus::kFailed;
+  event.outgoing = true;
+  event.reason = reason;
+  listener_->OnMessage(event);
 }
 
 void Session::ReportError(const Status& status) {

@@ -213,6 +213,8 @@ class Session {
   void SendSync();
   void RequestSync();
   void PumpOutbox();
+  // Marks a pending outbox entry failed and tells the application (kFailed with `reason`).
+  void FailPending(const OutboxEntry& entry, const Status& reason);
   void ReportError(const Status& status);
   MessageEvent EventFor(const v1::Message& message) const;
 
@@ -253,6 +255,11 @@ class Session {
   double send_capacity_ = 0;
   double send_tokens_ = 0;
   int64_t send_tokens_at_ = 0;
+  // The server's bounds from Welcome (0 = not told): a message past them is failed here, since
+  // the server would close the connection on it (too large a frame) and the outbox would send
+  // it again after every reconnect, with nothing behind it ever sent.
+  uint64_t max_body_bytes_ = 0;
+  uint64_t max_frame_bytes_ = 0;
 
   std::map<uint64_t, PendingHistory> histories_;
 

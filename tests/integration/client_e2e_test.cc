@@ -80,6 +80,15 @@ class Recorder : public ClientListener {
     }
     return out;
   }
+  // client_msg_id -> the reason of its kFailed event.
+  std::map<std::string, Status> FailReasons() {
+    std::lock_guard lock(mu_);
+    std::map<std::string, Status> out;
+    for (const auto& e : events_) {
+      if (e.outgoing && e.status == MessageStatus::kFailed) out[e.message.client_msg_id] = e.reason;
+    }
+    return out;
+  }
   std::vector<Status> errors() {
     std::lock_guard lock(mu_);
     return errors_;
@@ -601,6 +610,38 @@ TEST_CASE("client e2e: a refused message stays in the outbox as failed until Dis
   REQUIRE(alice.client->SendTo("bob", "text/plain", "e").ok());
   alice.client->Close();
   CHECK(alice.client->Discard(*refused).code() == Code::kFailedPrecondition);
+}
+
+TEST_CASE("client e2e: a message past the server's bounds fails at once and the outbox goes on") {
+  ChatdProcess chatd;
+  REQUIRE(chatd.Start().ok());
+  TestClient alice = MakeClient(chatd, "alice", "alice-laptop", "");
+  TestClient bob = MakeClient(chatd, "bob", "bob-phone", "");
+  // Past the server's frame bound (256 KiB), on which it would close the connection, and past
+  // its body bound (64 KiB) within a frame; then a message that fits.
+  Result<std::string> huge = alice.client->SendTo("bob", "text/plain", std::string(300 << 10, 'h'));
+  Result<std::string> big = alice.client->SendTo("bob", "text/plain", std::string(100 << 10, 'b'));
+  Result<std::string> fits = alice.client->SendTo("bob", "text/plain", "after");
+  REQUIRE(huge.ok());
+  REQUIRE(big.ok());
+  REQUIRE(fits.ok());
+  REQUIRE(Drive({&alice, &bob}, [&] {
+    return bob.recorder->ReceivedBodies() == std::vector<std::string>{"after"} &&
+           alice.recorder->OwnWithStatus(MessageStatus::kSent).count(*fits) == 1;
+  }));
+  std::map<std::string, Status> failed = alice.recorder->FailReasons();
+  REQUIRE(failed.size() == 2);
+  CHECK(failed[*huge].code() == Code::kInvalidArgument);
+  CHECK(failed[*huge].message().find("too large") != std::string_view::npos);
+  CHECK(failed[*big].code() == Code::kInvalidArgument);
+  CHECK(failed[*big].message().find("too large") != std::string_view::npos);
+  // Both stay in the outbox as failed; the connection was never dropped.
+  Result<std::vector<MessageEvent>> outbox = alice.client->Outbox();
+  REQUIRE(outbox.ok());
+  CHECK(outbox->size() == 2);
+  CHECK(alice.recorder->connects() == 1);
+  alice.client->Close();
+  bob.client->Close();
 }
 
 // The pid of the process with `arg` among its arguments, or -1.
