@@ -165,7 +165,9 @@ struct ClientOptions {
   uint32_t max_in_flight = 16;
   // Messages per Sync page; 0 = the server's default. Default 0.
   uint32_t sync_page_limit = 0;
-  // bytes; largest WebSocket message accepted from the server. Default 4 MiB.
+  // bytes; largest WebSocket message accepted from the server, told to it in Hello so that its
+  // Sync replies and History pages stay below half of it. A single message larger than this
+  // cannot be received: the connection closes (1009) each time it comes. Default 4 MiB.
   size_t max_message_bytes = size_t{4} * 1024 * 1024;
   // Pending API calls posted to the loop; calls past it return ResourceExhausted. Default 10000.
   size_t max_pending_calls = 10'000;

@@ -138,6 +138,9 @@ struct SyncQuery {
   std::vector<Cursor> cursors;  // conversations the client knows; others count as seq 0
   uint32_t limit = 500;         // messages in this reply, at most
   uint32_t catchup_max = 1000;  // per conversation; more missing => newest page + Gap
+  // The reply's messages stop before they pass about this many bytes (at least one message
+  // is carried; has_more is then set); 0 = no bound.
+  uint64_t max_bytes = 0;
 };
 
 struct SyncReply {
@@ -147,7 +150,7 @@ struct SyncReply {
   std::vector<Message> messages;
   // Ranges left out because more than catchup_max were missing (or removed by retention).
   std::vector<Gap> gaps;
-  // True when `limit` cut the reply: sync again with advanced cursors.
+  // True when `limit` or `max_bytes` cut the reply: sync again with advanced cursors.
   bool has_more = false;
   // The user's unread messages across all of its conversations.
   uint64_t unread_total = 0;
@@ -158,6 +161,9 @@ struct HistoryQuery {
   ConversationId conversation_id = 0;
   Seq before_seq = 0;  // exclusive; 0 = from the newest
   uint32_t limit = 50;
+  // The page stops before its messages pass about this many bytes (at least one message is
+  // carried); 0 = no bound.
+  uint64_t max_bytes = 0;
 };
 
 struct HistoryReply {

@@ -129,6 +129,7 @@ class Client::Impl final : public ClientListener, public client::SessionIo {
     so.connect_timeout_ms = options_.connect_timeout_ms;
     so.max_in_flight = options_.max_in_flight;
     so.sync_page_limit = options_.sync_page_limit;
+    so.max_message_bytes = options_.max_message_bytes;
     session_ = std::make_unique<client::Session>(so, cache_.get(), this, this, options_.clock,
                                                  [this] { return rng_(); });
     return Status::Ok();

@@ -58,6 +58,7 @@ struct SessionOptions {
   uint32_t connect_timeout_ms = 10'000;
   uint32_t max_in_flight = 16;
   uint32_t sync_page_limit = 0;
+  uint64_t max_message_bytes = 0;  // told to the server in Hello; 0: not told
 };
 
 // The heartbeat used when neither the options nor the server give one.

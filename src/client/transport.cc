@@ -202,13 +202,22 @@ int Transport::Callback(lws* wsi, int reason_int, void* in, size_t len) {
       events_.push_back({TransportEvent::Type::kOpen, "", true, 0});
       return 0;
     case LWS_CALLBACK_CLIENT_RECEIVE: {
-      if (!Current(wsi)) return -1;
+      // Never -1 from here: lws 4.1 goes on parsing the rest of what it read after the close
+      // that -1 starts, into buffers that close freed (heap corruption, seen under ASan with
+      // a server sending messages past max_message_bytes). The connection is closed from the
+      // event loop instead, and what it still receives is dropped.
+      if (!Current(wsi)) {
+        lws_set_timeout(wsi, PENDING_TIMEOUT_CLOSE_SEND, LWS_TO_KILL_ASYNC);
+        return 0;
+      }
       if (lws_is_first_fragment(wsi)) rx_.clear();
       if (rx_.size() + len > options_.max_message_bytes) {
+        std::string().swap(rx_);
         lws_close_reason(wsi, LWS_CLOSE_STATUS_MESSAGE_TOO_LARGE, nullptr, 0);
+        lws_set_timeout(wsi, PENDING_TIMEOUT_CLOSE_SEND, LWS_TO_KILL_ASYNC);
         wsi_ = nullptr;
         events_.push_back({TransportEvent::Type::kClosed, "message too large", true, 1009});
-        return -1;
+        return 0;
       }
       rx_.append(static_cast<const char*>(in), len);
       if (lws_is_final_fragment(wsi) && lws_remaining_packet_payload(wsi) == 0) {

@@ -88,6 +88,7 @@ struct Session {
   int64_t byte_tokens = 0;          // thousandths of a byte; negative while in debt
   codec::Format format = codec::Format::kBinary;
   bool format_known = false;
+  uint32_t client_max_bytes = 0;  // Hello.max_message_bytes; 0 = not told
 };
 
 // Per-session memory is budgeted (about 2 KB per idle connection, libwebsockets included): with
@@ -656,6 +657,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
     devices.push_back(id);
     s.user_key = &user_entry->first;
     s.device = hello.device_id();
+    s.client_max_bytes = hello.max_message_bytes();
     s.deadline_ms = DeadlineOf(identity->expires_at_ms, wall_now);
     --pending_sessions_;
     ArmTimer(id, s);
@@ -766,6 +768,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
     const uint32_t requested = sync.limit() != 0 ? sync.limit() : options_.sync_page_max;
     query.limit = std::min(requested, options_.sync_page_max);
     query.catchup_max = options_.sync_catchup_max;
+    query.max_bytes = ReplyMaxBytes(s);
     SubmitRead(id, envelope.rid(), 0, Purpose::kSync, std::move(query));
   }
 
@@ -777,7 +780,17 @@ class Hub::Impl final : private PresenceTracker::Sink {
     query.before_seq = history.before_seq();
     const uint32_t requested = history.limit() != 0 ? history.limit() : kDefaultHistoryLimit;
     query.limit = std::min(requested, options_.history_page_max);
+    query.max_bytes = ReplyMaxBytes(s);
     SubmitRead(id, envelope.rid(), query.conversation_id, Purpose::kHistory, std::move(query));
+  }
+
+  // A Sync reply or History page carries messages up to half the connection's outbound bound,
+  // so it fits beside the deliveries queued with it, and up to half what the client said it
+  // accepts, however large the bodies; the client asks again for the rest.
+  uint64_t ReplyMaxBytes(const Session& s) const {
+    uint64_t bound = options_.max_outbound_bytes / 2;
+    if (s.client_max_bytes != 0) bound = std::min<uint64_t>(bound, s.client_max_bytes / 2);
+    return std::max<uint64_t>(bound, 1);
   }
 
   void HandlePing(SessionId id, Session& s, const v1::Envelope& envelope) {

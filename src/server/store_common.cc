@@ -636,6 +636,38 @@ Status AppendOne(AppendTarget& target, const AppendRequest& request, AppendResul
   }
 }
 
+namespace {
+
+// What a message costs in memory, roughly: its strings and attachments beside the struct (the
+// merged reads' memo, and the byte bound of a reply, which it overestimates for the wire).
+size_t MessageBytes(const Message& m) {
+  size_t n = sizeof(Message) + m.sender.size() + m.sender_device.size() + m.client_msg_id.size() +
+             m.content_type.size() + m.body.size();
+  for (const Attachment& a : m.attachments) {
+    n += sizeof(Attachment) + a.url.size() + a.mime_type.size() + a.sha256.size() + a.name.size();
+  }
+  n += m.system.actor.size() + m.system.title.size();
+  for (const UserId& user : m.system.users) n += sizeof(UserId) + user.size();
+  return n;
+}
+
+// Keeps the messages of `messages` from `from` on while `*bytes` stays within `max_bytes` (0 =
+// no bound), always the first message of the whole vector; drops the rest. True if it dropped any.
+bool KeepWithin(std::vector<Message>* messages, size_t from, uint64_t max_bytes, uint64_t* bytes) {
+  if (max_bytes == 0) return false;
+  size_t keep = from;
+  for (; keep < messages->size(); ++keep) {
+    const uint64_t n = MessageBytes((*messages)[keep]);
+    if (keep > 0 && *bytes + n > max_bytes) break;
+    *bytes += n;
+  }
+  if (keep == messages->size()) return false;
+  messages->erase(messages->begin() + static_cast<std::ptrdiff_t>(keep), messages->end());
+  return true;
+}
+
+}  // namespace
+
 // Conversations are visited in id order and each contributes its missing messages in seq
 // order until `limit` is reached. A conversation is listed in `conversations` only when the
 // reply carries at least one of its messages or a gap for it: its ConversationInfo then
@@ -656,6 +688,7 @@ Result<SyncReply> RunSync(ReadSource& source, const SyncQuery& query) {
   if (Status s = source.UserConversations(query.user, &heads); !s.ok()) return s;
 
   SyncReply reply;
+  uint64_t bytes = 0;  // of reply.messages, as MessageBytes counts them
   // Unread counts cover every conversation, also those this page does not list, so every
   // device shows the same total. The descriptions are kept for the conversations listed below.
   std::vector<ConversationInfo> infos;
@@ -673,7 +706,8 @@ Result<SyncReply> RunSync(ReadSource& source, const SyncQuery& query) {
     auto it = cursors.find(head.conversation_id);
     const Seq cursor = it == cursors.end() ? 0 : it->second;
     if (head.last_seq <= cursor) continue;
-    if (reply.messages.size() >= query.limit) {
+    if (reply.messages.size() >= query.limit ||
+        (query.max_bytes != 0 && bytes >= query.max_bytes && !reply.messages.empty())) {
       reply.has_more = true;
       break;
     }
@@ -690,7 +724,8 @@ Result<SyncReply> RunSync(ReadSource& source, const SyncQuery& query) {
     // first_seq is 0 while last_seq is not.
     const Seq first_stored = head.first_seq == 0 ? head.last_seq + 1 : head.first_seq;
     start = std::max(start, first_stored);
-    if (start > cursor + 1) reply.gaps.push_back({head.conversation_id, cursor + 1, start - 1});
+    const bool gap = start > cursor + 1;
+    if (gap) reply.gaps.push_back({head.conversation_id, cursor + 1, start - 1});
 
     const size_t room = query.limit - reply.messages.size();
     const size_t before = reply.messages.size();
@@ -701,10 +736,10 @@ Result<SyncReply> RunSync(ReadSource& source, const SyncQuery& query) {
         return s;
       }
     }
-    reply.conversations.push_back(std::move(infos[i]));
-
+    const bool cut = KeepWithin(&reply.messages, before, query.max_bytes, &bytes);
     const size_t added = reply.messages.size() - before;
-    if (added == room && reply.messages.back().seq < head.last_seq) {
+    if (added > 0 || gap) reply.conversations.push_back(std::move(infos[i]));
+    if (cut || (added == room && reply.messages.back().seq < head.last_seq)) {
       reply.has_more = true;
       break;
     }
@@ -713,18 +748,6 @@ Result<SyncReply> RunSync(ReadSource& source, const SyncQuery& query) {
 }
 
 namespace {
-
-// What a message costs the memo, roughly: its strings and attachments beside the struct.
-size_t MessageBytes(const Message& m) {
-  size_t n = sizeof(Message) + m.sender.size() + m.sender_device.size() + m.client_msg_id.size() +
-             m.content_type.size() + m.body.size();
-  for (const Attachment& a : m.attachments) {
-    n += sizeof(Attachment) + a.url.size() + a.mime_type.size() + a.sha256.size() + a.name.size();
-  }
-  n += m.system.actor.size() + m.system.title.size();
-  for (const UserId& user : m.system.users) n += sizeof(UserId) + user.size();
-  return n;
-}
 
 // A ReadSource for several Syncs in one snapshot: ReadAscending keeps what it read per
 // (conversation, to_seq) and answers a later call for the same range, or a part of it starting
@@ -863,6 +886,8 @@ Result<HistoryReply> RunHistory(ReadSource& source, const HistoryQuery& query) {
     return s;
   }
   std::erase_if(reply.messages, [&](const Message& m) { return m.seq < visible_from; });
+  uint64_t bytes = 0;
+  KeepWithin(&reply.messages, 0, query.max_bytes, &bytes);
   reply.has_more = !reply.messages.empty() && reply.messages.back().seq > reply.first_seq;
   return reply;
 }
