@@ -341,6 +341,18 @@ void Session::HandleWelcome(const v1::Envelope& envelope) {
     // The cache describes another data set (a replaced store, or another user): rebuild it.
     stubs_.clear();
     if (Status st = cache_->ResetForEpoch(welcome.epoch()); !st.ok()) ReportError(st);
+    // The outbox was kept, but what it holds was written by the cached user, some of it to
+    // conversation ids of the old store: another user must not send any of it, and an old id
+    // may name another conversation in the new store. A message to a peer (by user id) still
+    // goes when only the store changed.
+    const bool other_user = !cached_user.empty() && cached_user != welcome.user_id();
+    for (const OutboxEntry& entry : cache_->PendingOutbox(kOutboxScanMax)) {
+      if (other_user) {
+        FailPending(entry, FailedPrecondition("signed in as another user: not sent"));
+      } else if (entry.conversation_id != 0) {
+        FailPending(entry, FailedPrecondition("the server's store changed: not sent"));
+      }
+    }
     ReportError(DataLoss(cached_user.empty() || cached_user == welcome.user_id()
                              ? "server epoch changed: the cache was rebuilt"
                              : "signed in as another user: the cache was rebuilt"));
@@ -592,7 +604,14 @@ void Session::HandleSendAck(const v1::Envelope& envelope) {
       (void)cache_->RemoveOutbox(client_msg_id);
       if (Status st = txn.Commit(); !st.ok()) ReportError(st);
     }
-    Ingest({&message}, /*from_sync=*/false);
+    std::optional<ConversationRow> row = cache_->GetConversation(ack.conversation_id());
+    if (row && row->cursor >= ack.seq()) {
+      // A Sync gap moved the cursor past this seq while the ack was lost (the link dropped):
+      // the message was never reported, and Ingest would skip it. It is reported here, once.
+      listener_->OnMessage(EventFor(message));
+    } else {
+      Ingest({&message}, /*from_sync=*/false);
+    }
   }
   PumpOutbox();
 }
@@ -1213,9 +1232,14 @@ void Session::History(ConversationId conversation, Seq before_seq, uint32_t limi
 
 void Session::OnOutboxAdded(const OutboxEntry& entry) {
   if (phase_ == Phase::kClosed) return;
-  MessageEvent event = OutboxMessageEvent(entry, user_id_, options_.device_id);
-  event.status = MessageStatus::kPending;
-  listener_->OnMessage(event);
+  // A pump that ran between Send() and this task may have sent the entry, and its ack may have
+  // come: then kSent (or kFailed) was reported already, and a late kPending would undo it.
+  if (std::optional<OutboxEntry> now = cache_->FindOutbox(entry.client_msg_id);
+      now && now->status == MessageStatus::kPending) {
+    MessageEvent event = OutboxMessageEvent(entry, user_id_, options_.device_id);
+    event.status = MessageStatus::kPending;
+    listener_->OnMessage(event);
+  }
   PumpOutbox();
 }
 
@@ -1274,16 +1298,8 @@ void Session::PumpOutbox() {
 
 void Session::FailPending(const OutboxEntry& entry, const Status& reason) {
   if (Status st = cache_->FailOutbox(entry.client_msg_id, reason); !st.ok()) ReportError(st);
-  MessageEvent event;
-  event.message.conversation_id = entry.conversation_id;
-  event.message.client_msg_id = entry.client_msg_id;
-  event.message.content_type = entry.content_type;
-  event.message.body = entry.body;
-  event.message.sender = user_id_;
-  event.message.sender_device = options_.device_id;
-  event.peer = entry.peer;
+  MessageEvent event = OutboxMessageEvent(entry, user_id_, options_.device_id);
   event.status = MessageStatus::kFailed;
-  event.outgoing = true;
   event.reason = reason;
   listener_->OnMessage(event);
 }

@@ -65,6 +65,8 @@ struct SessionOptions {
 inline constexpr uint32_t kDefaultHeartbeatMs = 30'000;
 // A Send refused with a retryable code is tried again after at least this long.
 inline constexpr int64_t kOutboxRetryMinMs = 1'000;
+// More than any outbox holds (ClientOptions::outbox_max is far below it).
+inline constexpr size_t kOutboxScanMax = 1'000'000;
 // Typing indicators: shown at most this long unless refreshed (also when the server says more),
 // and at most this many at once (further ones are ignored until some expire).
 inline constexpr int64_t kTypingMaxShowMs = 6'000;

@@ -291,6 +291,64 @@ TEST_CASE("session: an own message seen in Sync before its ack leaves the outbox
   CHECK(h.listener.messages.back().outgoing);
 }
 
+TEST_CASE("session: an own message whose seq a Gap passed is reported sent when its ack comes") {
+  Harness h;
+  h.AddOutbox("msg-a-0123456789");
+  h.ConnectLive();
+  auto sends = h.io.Take();
+  REQUIRE(SendIds(sends) == std::vector<std::string>{"msg-a-0123456789"});
+  // The link drops before the ack. The message got seq 2, and so many followed it that the
+  // next Sync answers with a gap over it.
+  h.session->OnClosed(1006, "abnormal");
+  v1::Envelope sync = h.Welcome();
+  v1::SyncBatch batch;
+  auto* conv = batch.add_conversations();
+  conv->set_conversation_id(5);
+  conv->set_kind(v1::CONVERSATION_KIND_GROUP);
+  conv->set_last_seq(1002);
+  auto* gap = batch.add_gaps();
+  gap->set_conversation_id(5);
+  gap->set_from_seq(1);
+  gap->set_to_seq(1001);
+  *batch.add_messages() = Msg(5, 1002);
+  h.Reply(sync, batch);
+  REQUIRE(h.state() == ConnectionState::kConnected);
+  auto resent = h.io.Take();
+  REQUIRE(SendIds(resent) == std::vector<std::string>{"msg-a-0123456789"});
+  h.session->OnEnvelope(AckFor(resent[0], 2, /*duplicate=*/true));
+  CHECK(h.cache->PendingCount() == 0);
+  CHECK(h.listener.SentSeqs(5) == std::vector<Seq>{1002, 2});
+  CHECK(h.listener.messages.back().outgoing);
+  CHECK(h.listener.messages.back().message.client_msg_id == "msg-a-0123456789");
+  // A second ack changes nothing.
+  h.session->OnEnvelope(AckFor(resent[0], 2, /*duplicate=*/true));
+  CHECK(h.listener.SentSeqs(5) == std::vector<Seq>{1002, 2});
+}
+
+TEST_CASE("session: an outbox entry acked before its announcement is not reported pending") {
+  Harness h;
+  h.ConnectLive();
+  OutboxEntry entry;
+  entry.client_msg_id = "msg-a-0123456789";
+  entry.conversation_id = 5;
+  entry.content_type = "text/plain";
+  entry.body = "hi";
+  REQUIRE(h.cache->AddOutbox(&entry, 100).ok());
+  // A pump (here: another entry's announcement) sends it before its own announcement ran.
+  h.AddOutbox("msg-b-0123456789");
+  auto sends = h.io.Take();
+  REQUIRE(SendIds(sends) == std::vector<std::string>{"msg-a-0123456789", "msg-b-0123456789"});
+  h.session->OnEnvelope(AckFor(sends[0], 1));
+  h.session->OnOutboxAdded(entry);
+  size_t pending = 0;
+  for (const MessageEvent& e : h.listener.messages) {
+    if (e.message.client_msg_id == "msg-a-0123456789" && e.status == MessageStatus::kPending)
+      ++pending;
+  }
+  CHECK(pending == 0);
+  CHECK(h.listener.SentSeqs(5) == std::vector<Seq>{1});
+}
+
 TEST_CASE("session: a refused send fails with the server's code and a retryable one is retried") {
   Harness h;
   h.ConnectLive();
@@ -410,6 +468,10 @@ TEST_CASE("session: a changed server epoch clears the cache and syncs from scrat
   CHECK(h.cache->MessageCount() == 2);
   h.AddOutbox("msg-kept-01234567", 0, "bob");
   h.io.Take();
+  h.session->OnClosed(1001, "restart");
+  h.AddOutbox("msg-conv-01234567", 5);  // to conversation 5 of the old store
+  h.Reply(h.Welcome(7), {});
+  h.io.Take();
 
   h.session->OnClosed(1001, "restart");
   v1::Envelope same = h.Welcome(7);
@@ -425,6 +487,10 @@ TEST_CASE("session: a changed server epoch clears the cache and syncs from scrat
   CHECK(h.cache->ListConversations().empty());
   CHECK(h.cache->Epoch() == 8);
   CHECK(h.cache->PendingCount() == 1);
+  // The message to conversation 5 of the old store is failed, not sent to whatever 5 is now.
+  REQUIRE(h.listener.messages.back().status == MessageStatus::kFailed);
+  CHECK(h.listener.messages.back().message.client_msg_id == "msg-conv-01234567");
+  CHECK(h.listener.messages.back().reason.code() == Code::kFailedPrecondition);
   REQUIRE(h.listener.errors.size() == 1);
   CHECK(h.listener.errors[0].code() == Code::kDataLoss);
   // The new store's messages reach the application again, from seq 1.
@@ -449,10 +515,24 @@ TEST_CASE("session: a cache of another user is rebuilt") {
   conv->set_kind(v1::CONVERSATION_KIND_DIRECT);
   h.Reply(sync, batch);
   h.session->OnClosed(1000, "bye");
+  // Written by alice while offline: mallory's session must not send them.
+  h.AddOutbox("msg-a-0123456789", 5);
+  h.AddOutbox("msg-b-0123456789", 0, "bob");
   v1::Envelope fresh = h.Welcome(7, 30'000, 0, "mallory");
   CHECK(fresh.sync().cursors_size() == 0);
   CHECK(h.cache->MessageCount() == 0);
   CHECK(h.cache->UserId() == "mallory");
+  CHECK(h.cache->PendingCount() == 0);
+  size_t failed = 0;
+  for (const MessageEvent& e : h.listener.messages) {
+    if (e.status == MessageStatus::kFailed) {
+      ++failed;
+      CHECK(e.reason == Status(Code::kFailedPrecondition, "signed in as another user: not sent"));
+    }
+  }
+  CHECK(failed == 2);
+  h.Reply(fresh, {});
+  CHECK(SendIds(h.io.Take()).empty());
   REQUIRE(h.listener.errors.size() == 1);
   CHECK(h.listener.errors[0] ==
         Status(Code::kDataLoss, "signed in as another user: the cache was rebuilt"));
