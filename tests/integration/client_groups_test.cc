@@ -2,8 +2,10 @@
 // Each test checks what the applications of the members see.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <functional>
+#include <initializer_list>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -99,6 +101,15 @@ bool WaitFor(const std::function<bool()>& done, int timeout_ms = 20'000) {
   return true;
 }
 
+// Waits until every member's client is connected (synced and live).
+bool AllConnected(std::initializer_list<const Member*> members) {
+  return WaitFor([&] {
+    return std::all_of(members.begin(), members.end(), [](const Member* m) {
+      return m->recorder->state() == ConnectionState::kConnected;
+    });
+  });
+}
+
 std::optional<ConversationInfo> Cached(Client& client, ConversationId id) {
   auto conversations = client.Conversations();
   if (!conversations.ok()) return std::nullopt;
@@ -115,11 +126,7 @@ TEST_CASE("client groups e2e: create, system message, unread on two devices, del
   Member alice = Connect(chatd, "alice", "alice-laptop", dir.File("alice.db"));
   Member bob = Connect(chatd, "bob", "bob-phone", dir.File("bob-phone.db"));
   Member bob2 = Connect(chatd, "bob", "bob-tablet", dir.File("bob-tablet.db"));
-  REQUIRE(WaitFor([&] {
-    return alice.recorder->state() == ConnectionState::kConnected &&
-           bob.recorder->state() == ConnectionState::kConnected &&
-           bob2.recorder->state() == ConnectionState::kConnected;
-  }));
+  REQUIRE(AllConnected({&alice, &bob, &bob2}));
 
   std::mutex mu;
   std::optional<Result<ConversationInfo>> created;
@@ -256,11 +263,7 @@ TEST_CASE("client groups e2e: a member added later gets the log from the additio
   Member alice = Connect(chatd, "alice", "laptop", dir.File("alice.db"));
   Member bob = Connect(chatd, "bob", "phone", dir.File("bob.db"));
   Member carol = Connect(chatd, "carol", "phone", dir.File("carol.db"));
-  REQUIRE(WaitFor([&] {
-    return alice.recorder->state() == ConnectionState::kConnected &&
-           bob.recorder->state() == ConnectionState::kConnected &&
-           carol.recorder->state() == ConnectionState::kConnected;
-  }));
+  REQUIRE(AllConnected({&alice, &bob, &carol}));
   Result<ConversationInfo> created = Await([&](ConversationCallback done) {
     return alice.client->CreateGroup("team", {"bob"}, ConversationKind::kGroup, std::move(done));
   });
