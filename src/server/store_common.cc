@@ -651,6 +651,9 @@ size_t MessageBytes(const Message& m) {
   return n;
 }
 
+// The first read of a range under a byte bound; later ones are four times the last.
+constexpr size_t kFirstReadChunk = 16;
+
 // Keeps the messages of `messages` from `from` on while `*bytes` stays within `max_bytes` (0 =
 // no bound), always the first message of the whole vector; drops the rest. True if it dropped any.
 bool KeepWithin(std::vector<Message>* messages, size_t from, uint64_t max_bytes, uint64_t* bytes) {
@@ -729,14 +732,25 @@ Result<SyncReply> RunSync(ReadSource& source, const SyncQuery& query) {
 
     const size_t room = query.limit - reply.messages.size();
     const size_t before = reply.messages.size();
-    if (start <= head.last_seq) {
-      if (Status s = source.ReadAscending(head.conversation_id, start, head.last_seq, room,
+    bool cut = false;
+    // With a byte bound the range is read in growing chunks, so a page of large messages reads
+    // about what it carries rather than `room` messages it would drop.
+    Seq from = start;
+    size_t want = query.max_bytes == 0 ? room : std::min(room, kFirstReadChunk);
+    while (from <= head.last_seq) {
+      const size_t chunk_start = reply.messages.size();
+      if (Status s = source.ReadAscending(head.conversation_id, from, head.last_seq, want,
                                           &reply.messages);
           !s.ok()) {
         return s;
       }
+      const size_t got = reply.messages.size() - chunk_start;
+      cut = KeepWithin(&reply.messages, chunk_start, query.max_bytes, &bytes);
+      const size_t taken = reply.messages.size() - before;
+      if (cut || got < want || taken >= room) break;
+      from = reply.messages.back().seq + 1;
+      want = std::min(room - taken, want * 4);
     }
-    const bool cut = KeepWithin(&reply.messages, before, query.max_bytes, &bytes);
     const size_t added = reply.messages.size() - before;
     if (added > 0 || gap) reply.conversations.push_back(std::move(infos[i]));
     if (cut || (added == room && reply.messages.back().seq < head.last_seq)) {
@@ -812,14 +826,26 @@ class MergingSource final : public ReadSource {
     const auto read = out->begin() + static_cast<std::ptrdiff_t>(before);
     size_t bytes = 0;
     for (auto m = read; m != out->end(); ++m) bytes += MessageBytes(*m);
+    const size_t n = out->size() - before;
     if (it != ranges_.end()) {
+      Range& range = it->second;
+      const Seq next = range.messages.empty() ? range.from_seq : range.messages.back().seq + 1;
+      if (!range.complete && from_seq == next) {
+        // The next part of the copied range (RunSync reads in chunks): the copy grows.
+        if (bytes_ + bytes <= kMergedReadBytesMax) {
+          bytes_ += bytes;
+          range.bytes += bytes;
+          range.messages.insert(range.messages.end(), read, out->end());
+          range.complete = n < max;
+        }
+        return Status::Ok();
+      }
       // A call reaching further back, or asking for more, replaces the older copy.
-      bytes_ -= it->second.bytes;
+      bytes_ -= range.bytes;
       ranges_.erase(it);
     }
     if (bytes_ + bytes > kMergedReadBytesMax) return Status::Ok();
     bytes_ += bytes;
-    const size_t n = out->size() - before;
     ranges_.emplace(key, Range{from_seq, n < max, bytes, std::vector<Message>(read, out->end())});
     return Status::Ok();
   }
@@ -881,13 +907,26 @@ Result<HistoryReply> RunHistory(ReadSource& source, const HistoryQuery& query) {
   HistoryReply reply;
   reply.first_seq = head->first_seq == 0 ? 0 : std::max(head->first_seq, visible_from);
   if (before <= visible_from) return reply;
-  if (Status s = source.ReadDescending(query.conversation_id, before, query.limit, &reply.messages);
-      !s.ok()) {
-    return s;
-  }
-  std::erase_if(reply.messages, [&](const Message& m) { return m.seq < visible_from; });
+  // In growing chunks under a byte bound, as in RunSync.
   uint64_t bytes = 0;
-  KeepWithin(&reply.messages, 0, query.max_bytes, &bytes);
+  Seq below = before;
+  size_t want = query.max_bytes == 0 ? query.limit : std::min<size_t>(query.limit, kFirstReadChunk);
+  while (below > visible_from) {
+    const size_t chunk_start = reply.messages.size();
+    if (Status s = source.ReadDescending(query.conversation_id, below, want, &reply.messages);
+        !s.ok()) {
+      return s;
+    }
+    const size_t got = reply.messages.size() - chunk_start;
+    std::erase_if(reply.messages, [&](const Message& m) { return m.seq < visible_from; });
+    const bool cut = KeepWithin(&reply.messages, chunk_start, query.max_bytes, &bytes);
+    if (cut || got < want || reply.messages.size() >= query.limit ||
+        reply.messages.size() == chunk_start) {
+      break;
+    }
+    below = reply.messages.back().seq;
+    want = std::min<size_t>(query.limit - reply.messages.size(), want * 4);
+  }
   reply.has_more = !reply.messages.empty() && reply.messages.back().seq > reply.first_seq;
   return reply;
 }

@@ -74,6 +74,7 @@ class FakeSource final : public ReadSource {
     const FakeConversation& c = conversations.at(id);
     for (auto it = c.stored.lower_bound(from_seq); it != c.stored.end() && *it <= to_seq && max > 0;
          ++it, --max) {
+      ++messages_read;
       Message m;
       m.conversation_id = id;
       m.seq = *it;
@@ -101,6 +102,7 @@ class FakeSource final : public ReadSource {
   UserId failing_user;  // Describe fails for this user, as a storage error would
   bool storage_failed = false;
   int reads = 0;
+  size_t messages_read = 0;
 
  private:
   static Status Unused() { return Internal("not used by RunSync"); }
@@ -161,6 +163,43 @@ TEST_CASE("sync merge: members catching up from the same or later cursors read t
   const Run run = RunAndCompare(source, queries);
   CHECK(run.reads == 1);
   CHECK(run.merged == 9);
+}
+
+TEST_CASE("sync merge: under a byte bound a page reads in chunks, about what it carries") {
+  FakeSource source = Group(400, {"a"}, /*body_bytes=*/10'000);
+  SyncQuery q = Query("a", 0, 500);
+  q.max_bytes = 50'000;  // four or five of these messages
+  Result<SyncReply> reply = RunSync(source, q);
+  REQUIRE(reply.ok());
+  CHECK(reply->has_more);
+  CHECK(reply->messages.size() >= 4);
+  CHECK(reply->messages.size() <= 5);
+  CHECK(source.reads == 1);
+  CHECK(source.messages_read == 16);  // the first chunk, not the 500 the page had room for
+
+  // Small messages fill the page through growing chunks (16, 64, 256, then the rest).
+  FakeSource small = Group(400, {"a"});
+  q.max_bytes = 10'000'000;
+  Result<SyncReply> full = RunSync(small, q);
+  REQUIRE(full.ok());
+  CHECK(full->messages.size() == 400);
+  CHECK_FALSE(full->has_more);
+  CHECK(small.reads == 4);
+  CHECK(small.messages_read == 400);
+}
+
+TEST_CASE("sync merge: chunked reads of the same range are shared by the members") {
+  std::vector<std::string> users;
+  std::vector<SyncQuery> queries;
+  for (int i = 0; i < 5; ++i) {
+    users.push_back("m" + std::to_string(i));
+    queries.push_back(Query(users.back(), 50, 500));
+    queries.back().max_bytes = 10'000'000;
+  }
+  FakeSource source = Group(100, users);
+  const Run run = RunAndCompare(source, queries);
+  CHECK(run.reads == 2);  // 51..66, then 67..100 (fewer than the 64 asked: done)
+  CHECK(run.merged == 8);
 }
 
 TEST_CASE("sync merge: a cursor before the copy, or a page the copy cannot fill, reads again") {
