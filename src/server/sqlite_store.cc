@@ -1243,13 +1243,14 @@ class SqliteStore final : public MessageStore {
         !s.ok()) {
       return s;
     }
+    if (Status s = Migrate(w); !s.ok()) return s;
     // The merge's savepoint keeps the original of every page it changes in a statement journal,
     // which SQLite spills to a temporary file past 64 KiB (an open, writes and an unlink every
-    // few commits). In memory it is bounded by what one merge step changes.
+    // few commits). In memory it is bounded by what one merge step changes. Set after the
+    // migrations, whose index builds over a whole store sort in temporary files.
     if (Status s = w.Exec("PRAGMA temp_store=MEMORY", "keep temporary data in memory"); !s.ok()) {
       return s;
     }
-    if (Status s = Migrate(w); !s.ok()) return s;
     // Checkpoints run on a thread of their own (see Checkpointer), not inside a commit.
     if (Status s = w.Exec("PRAGMA wal_autocheckpoint=0", "turn off inline checkpoints"); !s.ok()) {
       return s;
