@@ -391,13 +391,16 @@ void Session::HandleWelcome(const v1::Envelope& envelope) {
 void Session::HandleError(const v1::Envelope& envelope) {
   const v1::Error& error = envelope.error();
   Status status(codec::FromProtoCode(error.code()), error.message());
-  if (error.retry_after_ms() != 0) status.set_retry_after_ms(error.retry_after_ms());
+  // The server's wait is followed up to kMaxRetryAfterMs: a larger one (a server bug, or a
+  // hostile one) would park the outbox and the reconnects for days.
+  const uint32_t retry_after = std::min<uint32_t>(error.retry_after_ms(), kMaxRetryAfterMs);
+  if (retry_after != 0) status.set_retry_after_ms(retry_after);
   const uint64_t rid = envelope.rid();
 
   if (phase_ == Phase::kHello || (rid != 0 && rid == hello_rid_)) {
     // The server refused the connection; it closes it next.
     if (IsTokenExpired(error)) token_expired_ = true;
-    retry_after_ms_ = std::max(retry_after_ms_, error.retry_after_ms());
+    retry_after_ms_ = std::max(retry_after_ms_, retry_after);
     ReportError(status);
     Disconnect("hello refused: " + status.ToString());
     return;
@@ -408,7 +411,7 @@ void Session::HandleError(const v1::Envelope& envelope) {
     in_flight_.erase(it);
     if (IsRetryable(status.code())) {
       // Keep it pending; it goes again (same client_msg_id) after the server's delay.
-      int64_t wait = std::max<int64_t>(kOutboxRetryMinMs, error.retry_after_ms());
+      int64_t wait = std::max<int64_t>(kOutboxRetryMinMs, retry_after);
       outbox_retry_at_ = std::max(outbox_retry_at_, Now() + wait);
       return;
     }
@@ -449,12 +452,12 @@ void Session::HandleError(const v1::Envelope& envelope) {
   if (rid != 0 && rid == sync_rid_) {
     // Without a successful Sync the cache cannot be trusted to be complete: start over.
     ReportError(status);
-    retry_after_ms_ = std::max(retry_after_ms_, error.retry_after_ms());
+    retry_after_ms_ = std::max(retry_after_ms_, retry_after);
     Disconnect("sync failed: " + status.ToString());
     return;
   }
   if (IsTokenExpired(error)) token_expired_ = true;
-  retry_after_ms_ = std::max(retry_after_ms_, error.retry_after_ms());
+  retry_after_ms_ = std::max(retry_after_ms_, retry_after);
   ReportError(status);
 }
 
@@ -1262,37 +1265,45 @@ bool Session::TakeSendToken() {
 void Session::PumpOutbox() {
   if (phase_ != Phase::kLive || outbox_retry_at_ != 0) return;
   const size_t window = std::max<uint32_t>(1, options_.max_in_flight);
-  if (in_flight_.size() >= window) return;
-  for (const OutboxEntry& entry : cache_->PendingOutbox(window + in_flight_.size())) {
-    if (in_flight_.size() >= window) break;
-    if (in_flight_ids_.contains(entry.client_msg_id)) continue;
-    if (max_body_bytes_ != 0 && entry.body.size() > max_body_bytes_) {
-      FailPending(entry, InvalidArgument("body too large (the server takes at most " +
-                                         std::to_string(max_body_bytes_) + " bytes)"));
-      continue;
+  // Entries failed here leave room in the window: the next ones are fetched again, until a
+  // pass fails none (each pass that fails one has one pending entry fewer).
+  bool failed = true;
+  while (failed && phase_ == Phase::kLive && in_flight_.size() < window) {
+    failed = false;
+    for (const OutboxEntry& entry : cache_->PendingOutbox(window + in_flight_.size())) {
+      if (in_flight_.size() >= window || phase_ != Phase::kLive) break;
+      if (in_flight_ids_.contains(entry.client_msg_id)) continue;
+      if (max_body_bytes_ != 0 && entry.body.size() > max_body_bytes_) {
+        FailPending(entry, InvalidArgument("body too large (the server takes at most " +
+                                           std::to_string(max_body_bytes_) + " bytes)"));
+        failed = true;
+        continue;
+      }
+      v1::Envelope envelope;
+      v1::Send* send = envelope.mutable_send();
+      if (entry.conversation_id != 0) {
+        send->set_conversation_id(entry.conversation_id);
+      } else {
+        send->set_peer(entry.peer);
+      }
+      send->set_client_msg_id(entry.client_msg_id);
+      send->set_content_type(entry.content_type);
+      send->set_body(entry.body);
+      // The rid is at most 10 bytes; counted at its largest before it is taken.
+      if (max_frame_bytes_ != 0 && envelope.ByteSizeLong() + 11 > max_frame_bytes_) {
+        FailPending(entry,
+                    InvalidArgument("message too large (the server takes frames of at most " +
+                                    std::to_string(max_frame_bytes_) + " bytes)"));
+        failed = true;
+        continue;
+      }
+      if (!TakeSendToken()) return;
+      const uint64_t rid = NextRid();
+      envelope.set_rid(rid);
+      in_flight_[rid] = entry.client_msg_id;
+      in_flight_ids_.insert(entry.client_msg_id);
+      if (!Write(envelope)) return;
     }
-    v1::Envelope envelope;
-    v1::Send* send = envelope.mutable_send();
-    if (entry.conversation_id != 0) {
-      send->set_conversation_id(entry.conversation_id);
-    } else {
-      send->set_peer(entry.peer);
-    }
-    send->set_client_msg_id(entry.client_msg_id);
-    send->set_content_type(entry.content_type);
-    send->set_body(entry.body);
-    // The rid is at most 10 bytes; counted at its largest before it is taken.
-    if (max_frame_bytes_ != 0 && envelope.ByteSizeLong() + 11 > max_frame_bytes_) {
-      FailPending(entry, InvalidArgument("message too large (the server takes frames of at most " +
-                                         std::to_string(max_frame_bytes_) + " bytes)"));
-      continue;
-    }
-    if (!TakeSendToken()) return;
-    const uint64_t rid = NextRid();
-    envelope.set_rid(rid);
-    in_flight_[rid] = entry.client_msg_id;
-    in_flight_ids_.insert(entry.client_msg_id);
-    if (!Write(envelope)) return;
   }
 }
 

@@ -65,6 +65,8 @@ struct SessionOptions {
 inline constexpr uint32_t kDefaultHeartbeatMs = 30'000;
 // A Send refused with a retryable code is tried again after at least this long.
 inline constexpr int64_t kOutboxRetryMinMs = 1'000;
+// The longest retry_after_ms from the server that is followed (5 minutes).
+inline constexpr uint32_t kMaxRetryAfterMs = 300'000;
 // More than any outbox holds (ClientOptions::outbox_max is far below it).
 inline constexpr size_t kOutboxScanMax = 1'000'000;
 // Typing indicators: shown at most this long unless refreshed (also when the server says more),

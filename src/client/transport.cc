@@ -105,6 +105,10 @@ void Transport::Connect() {
   established_ = false;
   peer_close_code_ = 0;
   rx_.clear();
+  // Frames queued for a connection that closed by itself (Drop clears only a live one) belong
+  // to it: a new connection starts with Hello.
+  queue_.clear();
+  queue_bytes_ = 0;
   lws_client_connect_info ci;
   std::memset(&ci, 0, sizeof(ci));
   ci.context = context_;

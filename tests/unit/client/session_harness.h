@@ -133,6 +133,7 @@ struct Harness {
     welcome.mutable_welcome()->mutable_limits()->set_heartbeat_interval_ms(heartbeat_ms);
     welcome.mutable_welcome()->mutable_limits()->set_messages_per_second(messages_per_second);
     welcome.mutable_welcome()->mutable_limits()->set_max_presence_subscriptions(presence_limit);
+    welcome.mutable_welcome()->mutable_limits()->set_max_body_bytes(max_body_bytes);
     session->OnEnvelope(welcome);
     auto written = io.Take();
     REQUIRE(written.size() == 1);
@@ -182,6 +183,7 @@ struct Harness {
   int token_calls = 0;
   uint64_t random = kRandom;
   uint32_t presence_limit = 0;  // Welcome's Limits.max_presence_subscriptions
+  uint32_t max_body_bytes = 0;  // Welcome's Limits.max_body_bytes
   std::unique_ptr<Session> session;
 };
 

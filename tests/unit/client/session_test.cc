@@ -97,6 +97,13 @@ TEST_CASE("session: the server's retry_after_ms is a floor for the reconnect del
   REQUIRE(h.listener.errors.size() == 1);
   CHECK(h.listener.errors[0].code() == Code::kUnavailable);
   CHECK(h.listener.errors[0].retry_after_ms() == 12'000);
+
+  // A wait of days is followed for 5 minutes at most.
+  error.set_rid(h.OpenToHello().rid());
+  error.mutable_error()->set_retry_after_ms(4'000'000'000);
+  h.session->OnEnvelope(error);
+  CHECK(h.session->reconnect_at_ms() - h.Now() == 300'000);
+  CHECK(h.listener.errors.back().retry_after_ms() == 300'000);
 }
 
 TEST_CASE("session: pings every heartbeat and drops a link silent for two intervals") {
@@ -249,6 +256,32 @@ TEST_CASE("session: the outbox drains in order within the in-flight window") {
   // A late second ack for the same message changes nothing.
   h.session->OnEnvelope(AckFor(resent[1], 3, true));
   CHECK(h.listener.SentSeqs(5) == std::vector<Seq>{1, 2, 3});
+}
+
+TEST_CASE("session: a message past the server's body bound fails and the next one goes at once") {
+  SessionOptions o;
+  o.max_in_flight = 1;
+  Harness h(o);
+  h.max_body_bytes = 30;
+  OutboxEntry big;
+  big.client_msg_id = "msg-big-01234567";
+  big.conversation_id = 5;
+  big.content_type = "text/plain";
+  big.body = std::string(31, 'x');
+  REQUIRE(h.cache->AddOutbox(&big, 100).ok());
+  h.session->OnOutboxAdded(big);
+  h.AddOutbox("msg-b-0123456789");  // a body of 24 bytes
+  h.ConnectLive();
+  CHECK(SendIds(h.io.Take()) == std::vector<std::string>{"msg-b-0123456789"});
+  REQUIRE(h.cache->PendingCount() == 1);
+  bool failed = false;
+  for (const MessageEvent& e : h.listener.messages) {
+    if (e.message.client_msg_id == "msg-big-01234567" && e.status == MessageStatus::kFailed) {
+      failed = true;
+      CHECK(e.reason.code() == Code::kInvalidArgument);
+    }
+  }
+  CHECK(failed);
 }
 
 TEST_CASE("session: sends are paced below the server's messages_per_second") {
