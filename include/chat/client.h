@@ -168,9 +168,9 @@ struct ClientOptions {
   // bytes; largest WebSocket message accepted from the server, told to it in Hello so that its
   // Sync replies and History pages stay below half of it. A single message larger than this
   // cannot be received: the connection closes (1009) each time it comes, and the device does
-  // not get past it. chatd also packs live messages into frames of up to 256 KiB, which it does
-  // not yet fit to this bound: keep it above that (the server's max_message_bytes, 256 KiB by
-  // default, plus a little). Default 4 MiB.
+  // not get past it (keep it above the server's max_message_bytes, 256 KiB by default, plus a
+  // little). chatd also packs the live messages it writes together into frames of at most half
+  // of it. Default 4 MiB.
   size_t max_message_bytes = size_t{4} * 1024 * 1024;
   // Pending API calls posted to the loop; calls past it return ResourceExhausted. Default 10000.
   size_t max_pending_calls = 10'000;

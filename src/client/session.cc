@@ -656,6 +656,16 @@ void Session::HandleSyncBatch(const v1::SyncBatch& batch) {
     for (const v1::Gap& gap : batch.gaps()) {
       ConversationRow row = LoadOrStub(gap.conversation_id());
       if (gap.from_seq() <= row.cursor + 1 && gap.to_seq() > row.cursor) {
+        // Own messages cached inside the gap (acked while a hole lay below them) were never
+        // reported: they are, now, as sent; the app has them as pending.
+        std::vector<v1::Message> inside = cache_->RangeNewestFirst(
+            gap.conversation_id(), row.cursor + 1, gap.to_seq(), kMaxGapOwnReported);
+        for (auto m = inside.rbegin(); m != inside.rend(); ++m) {
+          if (m->sender() == user_id_ && !m->client_msg_id().empty() &&
+              m->kind() != v1::MESSAGE_KIND_SYSTEM) {
+            events.push_back(EventFor(*m));
+          }
+        }
         row.cursor = gap.to_seq();
         row.info.last_seq = std::max(row.info.last_seq, gap.to_seq());
         progress = true;
@@ -664,6 +674,8 @@ void Session::HandleSyncBatch(const v1::SyncBatch& batch) {
     }
     if (Status st = txn.Commit(); !st.ok()) ReportError(st);
   }
+  for (const MessageEvent& event : events) listener_->OnMessage(event);
+  if (!Authenticated()) return;
   std::vector<const v1::Message*> messages;
   messages.reserve(static_cast<size_t>(batch.messages_size()));
   for (const v1::Message& m : batch.messages()) messages.push_back(&m);

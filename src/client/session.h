@@ -67,6 +67,9 @@ inline constexpr uint32_t kDefaultHeartbeatMs = 30'000;
 inline constexpr int64_t kOutboxRetryMinMs = 1'000;
 // The longest retry_after_ms from the server that is followed (5 minutes).
 inline constexpr uint32_t kMaxRetryAfterMs = 300'000;
+// Cached messages looked at inside one Sync gap for own ones never reported (see
+// HandleSyncBatch); far more than a device caches there.
+inline constexpr uint32_t kMaxGapOwnReported = 10'000;
 // More than any outbox holds (ClientOptions::outbox_max is far below it).
 inline constexpr size_t kOutboxScanMax = 1'000'000;
 // Typing indicators: shown at most this long unless refreshed (also when the server says more),

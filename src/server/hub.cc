@@ -658,6 +658,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
     s.user_key = &user_entry->first;
     s.device = hello.device_id();
     s.client_max_bytes = hello.max_message_bytes();
+    if (s.client_max_bytes != 0) io_->SetFrameLimit(id, s.client_max_bytes);
     s.deadline_ms = DeadlineOf(identity->expires_at_ms, wall_now);
     --pending_sessions_;
     ArmTimer(id, s);

@@ -109,6 +109,9 @@ class HubIo {
   virtual void SubmitAppend(AppendJob job) = 0;
   // Hand a query to a reader. Completions arrive in OnReadDone in any order.
   virtual void SubmitRead(ReadJob job) = 0;
+  // The largest WebSocket message the session's client accepts (told in Hello): queued frames
+  // are packed into Batch frames that stay within it. A runtime that does not pack ignores it.
+  virtual void SetFrameLimit(SessionId /*session*/, size_t /*bytes*/) {}
 };
 
 class Hub {

@@ -22,6 +22,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <random>
@@ -91,6 +92,8 @@ struct Connection {
   std::unique_ptr<std::string> rx;  // the message being reassembled from fragments
   uint16_t close_code = 0;
   uint16_t peer_close_code = 0;
+  // Half the client's bound from Hello, KiB (0 = not told): packed Batch frames stay within it.
+  uint16_t pack_limit_kib = 0;
   bool assembling : 1 = false;
   bool rx_text : 1 = false;
   bool format_known : 1 = false;
@@ -577,6 +580,14 @@ class ServerImpl final : public Server, private server::HubIo {
     to_flush_.clear();
   }
 
+  void SetFrameLimit(SessionId session, size_t bytes) override {
+    auto it = connections_.find(session);
+    if (it == connections_.end()) return;
+    // Half, for the Batch's own framing; at least 1 KiB (one envelope is sent alone anyway).
+    it->second.pack_limit_kib = static_cast<uint16_t>(
+        std::clamp<size_t>(bytes / 2 / 1024, 1, std::numeric_limits<uint16_t>::max()));
+  }
+
   void Close(SessionId session, int code, std::string_view reason) override {
     auto it = connections_.find(session);
     if (it == connections_.end()) return;
@@ -759,8 +770,10 @@ class ServerImpl final : public Server, private server::HubIo {
   bool WriteQueued(Connection& conn) {
     size_t n = 0;
     size_t bytes = 0;
-    while (n < conn.outbound.size() &&
-           (n == 0 || bytes + conn.outbound[n]->size() <= kMaxWriteBytes)) {
+    const size_t limit = conn.pack_limit_kib == 0
+                             ? kMaxWriteBytes
+                             : std::min(kMaxWriteBytes, size_t{conn.pack_limit_kib} * 1024);
+    while (n < conn.outbound.size() && (n == 0 || bytes + conn.outbound[n]->size() <= limit)) {
       bytes += conn.outbound[n]->size();
       ++n;
     }

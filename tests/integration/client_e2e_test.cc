@@ -406,6 +406,32 @@ TEST_CASE("client e2e: an offline device catches up messages larger in all than 
   }
 }
 
+TEST_CASE("client e2e: live messages to a device with a small bound are not packed past it") {
+  ChatdProcess chatd(
+      {.extra_flags = {"--messages-per-second", "100000", "--messages-burst", "100000"}});
+  REQUIRE(chatd.Start().ok());
+  // 60,000-byte bodies to a device that accepts 100 KiB: chatd packs what one commit delivers
+  // to a connection into one frame (up to 256 KiB), but for this device at most 50 KiB, so each
+  // of these goes alone and the device is never closed with 1009.
+  TestClient bob = MakeClient(chatd, "bob", "bob-watch", "", Mode::kStart, 1000, "", 100 << 10);
+  TestClient alice = MakeClient(chatd, "alice", "alice-laptop", "");
+  REQUIRE(Drive({&alice, &bob}, [&] {
+    return alice.recorder->state() == ConnectionState::kConnected &&
+           bob.recorder->state() == ConnectionState::kConnected;
+  }));
+  constexpr int kCount = 12;
+  std::vector<std::string> sent;
+  for (int i = 0; i < kCount; ++i) {
+    sent.push_back(std::to_string(i) + ":" + std::string(60'000, static_cast<char>('a' + i)));
+    REQUIRE(alice.client->SendTo("bob", "text/plain", sent.back()).ok());
+  }
+  REQUIRE(Drive({&alice, &bob}, [&] { return bob.recorder->ReceivedBodies().size() >= kCount; }));
+  CHECK(bob.recorder->ReceivedBodies() == sent);
+  CHECK(bob.recorder->connects() == 1);
+  alice.client->Close();
+  bob.client->Close();
+}
+
 TEST_CASE(
     "client e2e: a message past the device's own bound closes (1009) again and again, safely") {
   ChatdProcess chatd(

@@ -358,6 +358,46 @@ TEST_CASE("session: an own message whose seq a Gap passed is reported sent when 
   CHECK(h.listener.SentSeqs(5) == std::vector<Seq>{1002, 2});
 }
 
+TEST_CASE("session: an own message acked above a hole that a Gap then covers is reported sent") {
+  Harness h;
+  v1::Envelope first = h.Welcome();
+  v1::SyncBatch known;
+  auto* c5 = known.add_conversations();
+  c5->set_conversation_id(5);
+  c5->set_kind(v1::CONVERSATION_KIND_GROUP);
+  c5->set_last_seq(1);
+  *known.add_messages() = Msg(5, 1);
+  h.Reply(first, known);
+  REQUIRE(h.state() == ConnectionState::kConnected);
+  h.AddOutbox("msg-a-0123456789");
+  auto sends = h.io.Take();
+  REQUIRE(SendIds(sends) == std::vector<std::string>{"msg-a-0123456789"});
+  // Acked as seq 5 while 2..4 are missing: cached, held back, and a Sync asked for.
+  h.session->OnEnvelope(AckFor(sends[0], 5));
+  CHECK(h.listener.SentSeqs(5) == std::vector<Seq>{1});
+  auto sync = h.io.Take();
+  REQUIRE(sync.size() == 1);
+  REQUIRE(sync[0].has_sync());
+  // So much arrived meanwhile that the server answers with a gap over seq 5.
+  v1::SyncBatch batch;
+  auto* conv = batch.add_conversations();
+  conv->set_conversation_id(5);
+  conv->set_kind(v1::CONVERSATION_KIND_GROUP);
+  conv->set_last_seq(1005);
+  auto* gap = batch.add_gaps();
+  gap->set_conversation_id(5);
+  gap->set_from_seq(2);
+  gap->set_to_seq(1004);
+  *batch.add_messages() = Msg(5, 1005);
+  h.Reply(sync[0], batch);
+  CHECK(h.listener.SentSeqs(5) == std::vector<Seq>{1, 5, 1005});
+  bool own = false;
+  for (const MessageEvent& e : h.listener.messages) {
+    if (e.message.seq == 5 && e.status == MessageStatus::kSent) own = e.outgoing;
+  }
+  CHECK(own);
+}
+
 TEST_CASE("session: an outbox entry acked before its announcement is not reported pending") {
   Harness h;
   h.ConnectLive();
