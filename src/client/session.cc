@@ -340,6 +340,7 @@ void Session::HandleWelcome(const v1::Envelope& envelope) {
       (!cached_user.empty() && cached_user != welcome.user_id())) {
     // The cache describes another data set (a replaced store, or another user): rebuild it.
     stubs_.clear();
+    acked_held_.clear();
     if (Status st = cache_->ResetForEpoch(welcome.epoch()); !st.ok()) ReportError(st);
     // The outbox was kept, but what it holds was written by the cached user, some of it to
     // conversation ids of the old store: another user must not send any of it, and an old id
@@ -501,6 +502,7 @@ bool Session::Advance(ConversationRow* row, std::vector<MessageEvent>* events) {
         }
       }
     }
+    if (!acked_held_.empty()) acked_held_.erase({id, next->seq()});
     events->push_back(EventFor(*next));
   }
   // Messages reached the application: tell the server (coalesced, see FlushReceipts). Only
@@ -614,6 +616,11 @@ void Session::HandleSendAck(const v1::Envelope& envelope) {
       listener_->OnMessage(EventFor(message));
     } else {
       Ingest({&message}, /*from_sync=*/false);
+      row = cache_->GetConversation(ack.conversation_id());
+      if (row && row->cursor < ack.seq()) {
+        if (acked_held_.size() >= kMaxAckedHeld) acked_held_.erase(acked_held_.begin());
+        acked_held_.insert({ack.conversation_id(), ack.seq()});
+      }
     }
   }
   PumpOutbox();
@@ -649,6 +656,7 @@ void Session::HandleSyncBatch(const v1::SyncBatch& batch) {
   std::vector<MessageEvent> events;
   std::vector<ConversationInfo> updated;
   bool progress = false;
+  bool saved = true;
   // Gaps first: the newest messages of a conversation come in the same batch as the gap below
   // them, and the cursor must jump over the gap before they can follow it.
   if (batch.gaps_size() > 0) {
@@ -656,25 +664,35 @@ void Session::HandleSyncBatch(const v1::SyncBatch& batch) {
     for (const v1::Gap& gap : batch.gaps()) {
       ConversationRow row = LoadOrStub(gap.conversation_id());
       if (gap.from_seq() <= row.cursor + 1 && gap.to_seq() > row.cursor) {
-        // Own messages cached inside the gap (acked while a hole lay below them) were never
-        // reported: they are, now, as sent; the app has them as pending.
-        std::vector<v1::Message> inside = cache_->RangeNewestFirst(
-            gap.conversation_id(), row.cursor + 1, gap.to_seq(), kMaxGapOwnReported);
-        for (auto m = inside.rbegin(); m != inside.rend(); ++m) {
-          if (m->sender() == user_id_ && !m->client_msg_id().empty() &&
-              m->kind() != v1::MESSAGE_KIND_SYSTEM) {
+        // Own messages acked here while a hole lay below them, which the gap now covers, were
+        // never reported: they are, as sent (the app has them as pending).
+        for (auto it = acked_held_.lower_bound({gap.conversation_id(), row.cursor + 1});
+             it != acked_held_.end() && it->first == gap.conversation_id() &&
+             it->second <= gap.to_seq();
+             it = acked_held_.erase(it)) {
+          if (std::optional<v1::Message> m = cache_->GetMessage(it->first, it->second)) {
             events.push_back(EventFor(*m));
           }
         }
         row.cursor = gap.to_seq();
         row.info.last_seq = std::max(row.info.last_seq, gap.to_seq());
         progress = true;
-        if (Status st = cache_->PutConversation(row); !st.ok()) ReportError(st);
+        if (Status st = cache_->PutConversation(row); !st.ok()) {
+          ReportError(st);
+          saved = false;
+        }
       }
     }
-    if (Status st = txn.Commit(); !st.ok()) ReportError(st);
+    if (Status st = txn.Commit(); !st.ok()) {
+      ReportError(st);
+      saved = false;
+    }
   }
-  for (const MessageEvent& event : events) listener_->OnMessage(event);
+  // Reported only once the cursors past them are stored (else the next Sync brings the gap
+  // again; the messages are then not held any more, and are not reported twice).
+  if (saved) {
+    for (const MessageEvent& event : events) listener_->OnMessage(event);
+  }
   if (!Authenticated()) return;
   std::vector<const v1::Message*> messages;
   messages.reserve(static_cast<size_t>(batch.messages_size()));
@@ -1286,9 +1304,10 @@ void Session::PumpOutbox() {
       if (in_flight_.size() >= window || phase_ != Phase::kLive) break;
       if (in_flight_ids_.contains(entry.client_msg_id)) continue;
       if (max_body_bytes_ != 0 && entry.body.size() > max_body_bytes_) {
-        FailPending(entry, InvalidArgument("body too large (the server takes at most " +
-                                           std::to_string(max_body_bytes_) + " bytes)"));
-        failed = true;
+        // Fetched again only if recorded: an entry the cache could not fail stays pending,
+        // and another pass would find it again without end.
+        failed |= FailPending(entry, InvalidArgument("body too large (the server takes at most " +
+                                                     std::to_string(max_body_bytes_) + " bytes)"));
         continue;
       }
       v1::Envelope envelope;
@@ -1303,10 +1322,9 @@ void Session::PumpOutbox() {
       send->set_body(entry.body);
       // The rid is at most 10 bytes; counted at its largest before it is taken.
       if (max_frame_bytes_ != 0 && envelope.ByteSizeLong() + 11 > max_frame_bytes_) {
-        FailPending(entry,
-                    InvalidArgument("message too large (the server takes frames of at most " +
-                                    std::to_string(max_frame_bytes_) + " bytes)"));
-        failed = true;
+        failed |= FailPending(
+            entry, InvalidArgument("message too large (the server takes frames of at most " +
+                                   std::to_string(max_frame_bytes_) + " bytes)"));
         continue;
       }
       if (!TakeSendToken()) return;
@@ -1319,12 +1337,16 @@ void Session::PumpOutbox() {
   }
 }
 
-void Session::FailPending(const OutboxEntry& entry, const Status& reason) {
-  if (Status st = cache_->FailOutbox(entry.client_msg_id, reason); !st.ok()) ReportError(st);
+bool Session::FailPending(const OutboxEntry& entry, const Status& reason) {
+  if (Status st = cache_->FailOutbox(entry.client_msg_id, reason); !st.ok()) {
+    ReportError(st);
+    return false;
+  }
   MessageEvent event = OutboxMessageEvent(entry, user_id_, options_.device_id);
   event.status = MessageStatus::kFailed;
   event.reason = reason;
   listener_->OnMessage(event);
+  return true;
 }
 
 void Session::ReportError(const Status& status) {

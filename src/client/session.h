@@ -67,9 +67,7 @@ inline constexpr uint32_t kDefaultHeartbeatMs = 30'000;
 inline constexpr int64_t kOutboxRetryMinMs = 1'000;
 // The longest retry_after_ms from the server that is followed (5 minutes).
 inline constexpr uint32_t kMaxRetryAfterMs = 300'000;
-// Cached messages looked at inside one Sync gap for own ones never reported (see
-// HandleSyncBatch); far more than a device caches there.
-inline constexpr uint32_t kMaxGapOwnReported = 10'000;
+inline constexpr size_t kMaxAckedHeld = 10'000;
 // More than any outbox holds (ClientOptions::outbox_max is far below it).
 inline constexpr size_t kOutboxScanMax = 1'000'000;
 // Typing indicators: shown at most this long unless refreshed (also when the server says more),
@@ -222,7 +220,8 @@ class Session {
   void RequestSync();
   void PumpOutbox();
   // Marks a pending outbox entry failed and tells the application (kFailed with `reason`).
-  void FailPending(const OutboxEntry& entry, const Status& reason);
+  // False if the cache could not record it (the entry stays pending).
+  bool FailPending(const OutboxEntry& entry, const Status& reason);
   void ReportError(const Status& status);
   MessageEvent EventFor(const v1::Message& message) const;
 
@@ -255,6 +254,10 @@ class Session {
   std::set<ConversationId> stubs_;  // known only from a Deliver: ask Sync for their state
 
   std::map<uint64_t, std::string> in_flight_;  // rid -> client_msg_id
+  // Own messages acked on this device while a hole lay below them: cached, out of the outbox,
+  // not reported yet. A Sync gap that covers one reports it (HandleSyncBatch). At most
+  // kMaxAckedHeld (the oldest are forgotten).
+  std::set<std::pair<ConversationId, Seq>> acked_held_;
   std::set<std::string> in_flight_ids_;
   int64_t outbox_retry_at_ = 0;
   // Sends are paced below the server's messages_per_second (told in Welcome), so a burst from

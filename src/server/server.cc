@@ -106,6 +106,7 @@ struct Connection {
   // for kDrainQuietUs (rx_since_check says whether it sent anything since the last check).
   bool draining : 1 = false;
   bool rx_since_check : 1 = false;
+  bool pack_none : 1 = false;  // the client's bound is under 2 KiB: one envelope per frame
 };
 
 // With the map's next pointer and key, 64 bytes make an 80-byte node (a jemalloc size class).
@@ -583,7 +584,8 @@ class ServerImpl final : public Server, private server::HubIo {
   void SetFrameLimit(SessionId session, size_t bytes) override {
     auto it = connections_.find(session);
     if (it == connections_.end()) return;
-    // Half, for the Batch's own framing; at least 1 KiB (one envelope is sent alone anyway).
+    // Half, for the Batch's own framing. Under 2 KiB nothing is packed: each envelope goes alone.
+    it->second.pack_none = bytes / 2 / 1024 == 0;
     it->second.pack_limit_kib = static_cast<uint16_t>(
         std::clamp<size_t>(bytes / 2 / 1024, 1, std::numeric_limits<uint16_t>::max()));
   }
@@ -770,7 +772,8 @@ class ServerImpl final : public Server, private server::HubIo {
   bool WriteQueued(Connection& conn) {
     size_t n = 0;
     size_t bytes = 0;
-    const size_t limit = conn.pack_limit_kib == 0
+    const size_t limit = conn.pack_none ? 0
+                         : conn.pack_limit_kib == 0
                              ? kMaxWriteBytes
                              : std::min(kMaxWriteBytes, size_t{conn.pack_limit_kib} * 1024);
     while (n < conn.outbound.size() && (n == 0 || bytes + conn.outbound[n]->size() <= limit)) {

@@ -378,7 +378,13 @@ TEST_CASE("session: an own message acked above a hole that a Gap then covers is 
   auto sync = h.io.Take();
   REQUIRE(sync.size() == 1);
   REQUIRE(sync[0].has_sync());
-  // So much arrived meanwhile that the server answers with a gap over seq 5.
+  // The user's other device sent seq 6, delivered here behind the same hole: this device never
+  // had it pending, so the gap below does not report it.
+  v1::Message other_device = Msg(5, 6, "alice");
+  other_device.set_client_msg_id("msg-z-0123456789");
+  other_device.set_sender_device("phone");
+  h.Deliver(other_device);
+  // So much arrived meanwhile that the server answers with a gap over seqs 5 and 6.
   v1::SyncBatch batch;
   auto* conv = batch.add_conversations();
   conv->set_conversation_id(5);
