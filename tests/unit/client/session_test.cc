@@ -16,6 +16,20 @@
 namespace chat::client {
 namespace {
 
+// A SyncBatch for group conversation 5 at `last_seq` with a gap from..to (messages to add).
+v1::SyncBatch GapBatch(Seq last_seq, Seq from, Seq to) {
+  v1::SyncBatch batch;
+  auto* conv = batch.add_conversations();
+  conv->set_conversation_id(5);
+  conv->set_kind(v1::CONVERSATION_KIND_GROUP);
+  conv->set_last_seq(last_seq);
+  auto* gap = batch.add_gaps();
+  gap->set_conversation_id(5);
+  gap->set_from_seq(from);
+  gap->set_to_seq(to);
+  return batch;
+}
+
 TEST_CASE("session: connects with Hello, syncs, and reports each state once in order") {
   Harness h;
   v1::Envelope hello = h.OpenToHello();
@@ -334,15 +348,7 @@ TEST_CASE("session: an own message whose seq a Gap passed is reported sent when 
   // next Sync answers with a gap over it.
   h.session->OnClosed(1006, "abnormal");
   v1::Envelope sync = h.Welcome();
-  v1::SyncBatch batch;
-  auto* conv = batch.add_conversations();
-  conv->set_conversation_id(5);
-  conv->set_kind(v1::CONVERSATION_KIND_GROUP);
-  conv->set_last_seq(1002);
-  auto* gap = batch.add_gaps();
-  gap->set_conversation_id(5);
-  gap->set_from_seq(1);
-  gap->set_to_seq(1001);
+  v1::SyncBatch batch = GapBatch(/*last_seq=*/1002, /*from=*/1, /*to=*/1001);
   *batch.add_messages() = Msg(5, 1002);
   h.Reply(sync, batch);
   REQUIRE(h.state() == ConnectionState::kConnected);
@@ -385,15 +391,7 @@ TEST_CASE("session: an own message acked above a hole that a Gap then covers is 
   other_device.set_sender_device("phone");
   h.Deliver(other_device);
   // So much arrived meanwhile that the server answers with a gap over seqs 5 and 6.
-  v1::SyncBatch batch;
-  auto* conv = batch.add_conversations();
-  conv->set_conversation_id(5);
-  conv->set_kind(v1::CONVERSATION_KIND_GROUP);
-  conv->set_last_seq(1005);
-  auto* gap = batch.add_gaps();
-  gap->set_conversation_id(5);
-  gap->set_from_seq(2);
-  gap->set_to_seq(1004);
+  v1::SyncBatch batch = GapBatch(/*last_seq=*/1005, /*from=*/2, /*to=*/1004);
   *batch.add_messages() = Msg(5, 1005);
   h.Reply(sync[0], batch);
   CHECK(h.listener.SentSeqs(5) == std::vector<Seq>{1, 5, 1005});
@@ -507,15 +505,7 @@ TEST_CASE("session: a Deliver that skips ahead is held until Sync fills the gap"
 TEST_CASE("session: Sync pages until has_more is false, and a Gap moves the cursor") {
   Harness h;
   v1::Envelope sync = h.Welcome();
-  v1::SyncBatch first;
-  auto* conv = first.add_conversations();
-  conv->set_conversation_id(5);
-  conv->set_kind(v1::CONVERSATION_KIND_GROUP);
-  conv->set_last_seq(4004);
-  auto* gap = first.add_gaps();
-  gap->set_conversation_id(5);
-  gap->set_from_seq(1);
-  gap->set_to_seq(4000);
+  v1::SyncBatch first = GapBatch(/*last_seq=*/4004, /*from=*/1, /*to=*/4000);
   *first.add_messages() = Msg(5, 4001);
   *first.add_messages() = Msg(5, 4002);
   first.set_has_more(true);
