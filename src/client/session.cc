@@ -594,9 +594,12 @@ void Session::HandleSendAck(const v1::Envelope& envelope) {
     message.set_kind(v1::MESSAGE_KIND_USER);
     message.set_content_type(entry->content_type);
     message.set_body(entry->body);
+    Seq cursor = 0;  // the conversation's, before this message (0 for one created here)
     {
       Cache::Transaction txn(cache_);
-      if (!cache_->GetConversation(ack.conversation_id()) && !entry->peer.empty()) {
+      if (std::optional<ConversationRow> known = cache_->GetConversation(ack.conversation_id())) {
+        cursor = known->cursor;
+      } else if (!entry->peer.empty()) {
         ConversationRow row;
         row.info.conversation_id = ack.conversation_id();
         row.info.kind = ConversationKind::kDirect;
@@ -609,17 +612,19 @@ void Session::HandleSendAck(const v1::Envelope& envelope) {
       (void)cache_->RemoveOutbox(client_msg_id);
       if (Status st = txn.Commit(); !st.ok()) ReportError(st);
     }
-    std::optional<ConversationRow> row = cache_->GetConversation(ack.conversation_id());
-    if (row && row->cursor >= ack.seq()) {
+    if (cursor >= ack.seq()) {
       // A Sync gap moved the cursor past this seq while the ack was lost (the link dropped):
       // the message was never reported, and Ingest would skip it. It is reported here, once.
       listener_->OnMessage(EventFor(message));
     } else {
       Ingest({&message}, /*from_sync=*/false);
-      row = cache_->GetConversation(ack.conversation_id());
-      if (row && row->cursor < ack.seq()) {
-        if (acked_held_.size() >= kMaxAckedHeld) acked_held_.erase(acked_held_.begin());
-        acked_held_.insert({ack.conversation_id(), ack.seq()});
+      // The cursor's next seq was reported by Ingest; another may be held behind a hole.
+      if (ack.seq() != cursor + 1) {
+        std::optional<ConversationRow> row = cache_->GetConversation(ack.conversation_id());
+        if (row && row->cursor < ack.seq()) {
+          if (acked_held_.size() >= kMaxAckedHeld) acked_held_.erase(acked_held_.begin());
+          acked_held_.insert({ack.conversation_id(), ack.seq()});
+        }
       }
     }
   }

@@ -18,6 +18,7 @@
 
 #include "chat/v1/chat.pb.h"
 #include "src/core/snowflake.h"
+#include "src/core/utf8.h"
 #include "src/server/presence_tracker.h"
 
 namespace chat::server {
@@ -28,7 +29,7 @@ constexpr uint32_t kDefaultHistoryLimit = 50;
 constexpr size_t kMinClientMsgIdBytes = 16;
 constexpr size_t kMaxClientMsgIdBytes = 128;
 constexpr size_t kMaxDeviceIdBytes = 128;
-constexpr size_t kMaxUserIdBytes = 128;
+constexpr size_t kMaxUserIdBytes = 128;  // as the store accepts them (peers, presence)
 constexpr size_t kMaxContentTypeBytes = 255;
 constexpr size_t kMaxPushPreviewBytes = 1024;
 // Hello.protocol_version this server speaks; 0 (unset) is taken as 1.
@@ -173,8 +174,6 @@ constexpr size_t kTypingMarksPerSession = 16;
 // from the store, are bounded; past the cap new ones are dropped, because a lost push is cheaper
 // than unbounded memory.
 constexpr size_t kMaxPendingPushes = 100'000;
-// Presence: user ids as the store accepts them for members.
-constexpr size_t kMaxPresenceUserIdBytes = 128;
 // Users whose tokens and badge one store read fetches, at most, so one read stays short.
 constexpr size_t kPushTargetsPerRead = 256;
 
@@ -1085,18 +1084,11 @@ class Hub::Impl final : private PresenceTracker::Sink {
     n.sender = message.sender;
     n.seq = message.seq;
     n.server_time_ms = message.server_time_ms;
-    if (options_.push_preview) n.preview = PreviewOf(message.body);
+    // At most kMaxPushPreviewBytes, cut before a UTF-8 sequence that would not fit, so up to
+    // kMaxPendingPushes windows hold little memory however large the bodies (push services
+    // show a line or two anyway).
+    if (options_.push_preview) n.preview = Utf8Prefix(message.body, kMaxPushPreviewBytes);
     ++n.collapsed;
-  }
-
-  // The start of a body for a notification: at most kMaxPushPreviewBytes, cut before a UTF-8
-  // sequence that would not fit, so up to kMaxPendingPushes windows hold little memory however
-  // large the bodies (push services show a line or two anyway).
-  static std::string PreviewOf(std::string_view body) {
-    if (body.size() <= kMaxPushPreviewBytes) return std::string(body);
-    size_t cut = kMaxPushPreviewBytes;
-    while (cut > 0 && (static_cast<unsigned char>(body[cut]) & 0xC0) == 0x80) --cut;
-    return std::string(body.substr(0, cut));
   }
 
   // Windows that ended are handed to the notifier once the store has told their users' tokens
@@ -1193,7 +1185,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
     std::unordered_set<std::string_view> seen;
     seen.reserve(static_cast<size_t>(in.size()));
     for (const std::string& user : in) {
-      if (user.empty() || user.size() > kMaxPresenceUserIdBytes) {
+      if (user.empty() || user.size() > kMaxUserIdBytes) {
         return InvalidArgument("presence user ids must be 1..128 bytes");
       }
       if (seen.insert(user).second) out->push_back(user);

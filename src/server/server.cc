@@ -22,7 +22,6 @@
 #include <atomic>
 #include <chrono>
 #include <cstring>
-#include <limits>
 #include <memory>
 #include <mutex>
 #include <random>
@@ -39,6 +38,7 @@
 #include "src/core/codec.h"
 #include "src/core/lws_log.h"
 #include "src/core/threads.h"
+#include "src/core/utf8.h"
 #include "src/server/hub.h"
 #include "src/server/store_threads.h"
 
@@ -92,8 +92,9 @@ struct Connection {
   std::unique_ptr<std::string> rx;  // the message being reassembled from fragments
   uint16_t close_code = 0;
   uint16_t peer_close_code = 0;
-  // Half the client's bound from Hello, KiB (0 = not told): packed Batch frames stay within it.
-  uint16_t pack_limit_kib = 0;
+  // Envelopes written together are packed into one Batch frame of at most this many KiB: 256
+  // (kMaxWriteBytes), or half the client's bound from Hello if smaller (0: one per frame).
+  uint16_t pack_limit_kib = kMaxWriteBytes / 1024;
   bool assembling : 1 = false;
   bool rx_text : 1 = false;
   bool format_known : 1 = false;
@@ -106,7 +107,6 @@ struct Connection {
   // for kDrainQuietUs (rx_since_check says whether it sent anything since the last check).
   bool draining : 1 = false;
   bool rx_since_check : 1 = false;
-  bool pack_none : 1 = false;  // the client's bound is under 2 KiB: one envelope per frame
 };
 
 // With the map's next pointer and key, 64 bytes make an 80-byte node (a jemalloc size class).
@@ -114,10 +114,7 @@ static_assert(sizeof(Connection) <= 64, "Connection grew: check the per-connecti
 
 // The close reason fits in a close frame and does not end inside a UTF-8 sequence.
 std::string CloseReasonBytes(std::string_view reason) {
-  if (reason.size() <= kMaxCloseReasonBytes) return std::string(reason);
-  size_t n = kMaxCloseReasonBytes;
-  while (n > 0 && (static_cast<unsigned char>(reason[n]) & 0xC0) == 0x80) --n;
-  return std::string(reason.substr(0, n));
+  return std::string(Utf8Prefix(reason, kMaxCloseReasonBytes));
 }
 
 bool IsAllInterfaces(const std::string& address) {
@@ -584,10 +581,9 @@ class ServerImpl final : public Server, private server::HubIo {
   void SetFrameLimit(SessionId session, size_t bytes) override {
     auto it = connections_.find(session);
     if (it == connections_.end()) return;
-    // Half, for the Batch's own framing. Under 2 KiB nothing is packed: each envelope goes alone.
-    it->second.pack_none = bytes / 2 / 1024 == 0;
-    it->second.pack_limit_kib = static_cast<uint16_t>(
-        std::clamp<size_t>(bytes / 2 / 1024, 1, std::numeric_limits<uint16_t>::max()));
+    // Half, for the Batch's own framing; under 2 KiB that is 0: each envelope goes alone.
+    it->second.pack_limit_kib =
+        static_cast<uint16_t>(std::min<size_t>(bytes / 2 / 1024, kMaxWriteBytes / 1024));
   }
 
   void Close(SessionId session, int code, std::string_view reason) override {
@@ -772,10 +768,7 @@ class ServerImpl final : public Server, private server::HubIo {
   bool WriteQueued(Connection& conn) {
     size_t n = 0;
     size_t bytes = 0;
-    const size_t limit = conn.pack_none ? 0
-                         : conn.pack_limit_kib == 0
-                             ? kMaxWriteBytes
-                             : std::min(kMaxWriteBytes, size_t{conn.pack_limit_kib} * 1024);
+    const size_t limit = size_t{conn.pack_limit_kib} * 1024;
     while (n < conn.outbound.size() && (n == 0 || bytes + conn.outbound[n]->size() <= limit)) {
       bytes += conn.outbound[n]->size();
       ++n;

@@ -669,6 +669,27 @@ bool KeepWithin(std::vector<Message>* messages, size_t from, uint64_t max_bytes,
   return true;
 }
 
+// Appends a range's messages to `out` through `read(want)`, which appends up to `want` more of
+// them (after those it appended before) and returns how many the source gave. Without a byte
+// bound that is one read of `room`; with one the range is read in growing chunks, so a page of
+// large messages reads about what it carries rather than `room` messages it would drop. Stops
+// at `room` messages, at the range's end, or at `max_bytes` (then true: the page was cut).
+template <typename Read>
+Result<bool> ReadInChunks(const Read& read, size_t room, uint64_t max_bytes, uint64_t* bytes,
+                          std::vector<Message>* out) {
+  const size_t before = out->size();
+  size_t want = max_bytes == 0 ? room : std::min(room, kFirstReadChunk);
+  while (true) {
+    const size_t chunk_start = out->size();
+    Result<size_t> got = read(want);
+    if (!got.ok()) return got.status();
+    if (KeepWithin(out, chunk_start, max_bytes, bytes)) return true;
+    const size_t taken = out->size() - before;
+    if (*got < want || taken >= room || out->size() == chunk_start) return false;
+    want = std::min(room - taken, want * 4);
+  }
+}
+
 }  // namespace
 
 // Conversations are visited in id order and each contributes its missing messages in seq
@@ -732,28 +753,23 @@ Result<SyncReply> RunSync(ReadSource& source, const SyncQuery& query) {
 
     const size_t room = query.limit - reply.messages.size();
     const size_t before = reply.messages.size();
-    bool cut = false;
-    // With a byte bound the range is read in growing chunks, so a page of large messages reads
-    // about what it carries rather than `room` messages it would drop.
     Seq from = start;
-    size_t want = query.max_bytes == 0 ? room : std::min(room, kFirstReadChunk);
-    while (from <= head.last_seq) {
-      const size_t chunk_start = reply.messages.size();
+    auto read = [&](size_t want) -> Result<size_t> {
+      if (from > head.last_seq) return size_t{0};
+      const size_t at = reply.messages.size();
       if (Status s = source.ReadAscending(head.conversation_id, from, head.last_seq, want,
                                           &reply.messages);
           !s.ok()) {
         return s;
       }
-      const size_t got = reply.messages.size() - chunk_start;
-      cut = KeepWithin(&reply.messages, chunk_start, query.max_bytes, &bytes);
-      const size_t taken = reply.messages.size() - before;
-      if (cut || got < want || taken >= room) break;
-      from = reply.messages.back().seq + 1;
-      want = std::min(room - taken, want * 4);
-    }
+      if (reply.messages.size() > at) from = reply.messages.back().seq + 1;
+      return reply.messages.size() - at;
+    };
+    Result<bool> cut = ReadInChunks(read, room, query.max_bytes, &bytes, &reply.messages);
+    if (!cut.ok()) return cut.status();
     const size_t added = reply.messages.size() - before;
     if (added > 0 || gap) reply.conversations.push_back(std::move(infos[i]));
-    if (cut || (added == room && reply.messages.back().seq < head.last_seq)) {
+    if (*cut || (added == room && reply.messages.back().seq < head.last_seq)) {
       reply.has_more = true;
       break;
     }
@@ -907,25 +923,23 @@ Result<HistoryReply> RunHistory(ReadSource& source, const HistoryQuery& query) {
   HistoryReply reply;
   reply.first_seq = head->first_seq == 0 ? 0 : std::max(head->first_seq, visible_from);
   if (before <= visible_from) return reply;
-  // In growing chunks under a byte bound, as in RunSync.
-  uint64_t bytes = 0;
   Seq below = before;
-  size_t want = query.max_bytes == 0 ? query.limit : std::min<size_t>(query.limit, kFirstReadChunk);
-  while (below > visible_from) {
-    const size_t chunk_start = reply.messages.size();
+  auto read = [&](size_t want) -> Result<size_t> {
+    if (below <= visible_from) return size_t{0};
+    const size_t at = reply.messages.size();
     if (Status s = source.ReadDescending(query.conversation_id, below, want, &reply.messages);
         !s.ok()) {
       return s;
     }
-    const size_t got = reply.messages.size() - chunk_start;
+    const size_t got = reply.messages.size() - at;
     std::erase_if(reply.messages, [&](const Message& m) { return m.seq < visible_from; });
-    const bool cut = KeepWithin(&reply.messages, chunk_start, query.max_bytes, &bytes);
-    if (cut || got < want || reply.messages.size() >= query.limit ||
-        reply.messages.size() == chunk_start) {
-      break;
-    }
-    below = reply.messages.back().seq;
-    want = std::min<size_t>(query.limit - reply.messages.size(), want * 4);
+    if (reply.messages.size() > at) below = reply.messages.back().seq;
+    return got;
+  };
+  uint64_t bytes = 0;
+  if (Result<bool> cut = ReadInChunks(read, query.limit, query.max_bytes, &bytes, &reply.messages);
+      !cut.ok()) {
+    return cut.status();
   }
   reply.has_more = !reply.messages.empty() && reply.messages.back().seq > reply.first_seq;
   return reply;

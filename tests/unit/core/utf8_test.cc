@@ -41,5 +41,19 @@ TEST_CASE("utf8: ill-formed sequences are refused and replaced") {
         "b");
 }
 
+TEST_CASE("utf8: a prefix within a byte bound never ends inside a sequence") {
+  CHECK(Utf8Prefix("short", 10) == "short");
+  CHECK(Utf8Prefix("abcdef", 4) == "abcd");
+  // "a€b": the euro sign is 3 bytes (1..3); a bound inside it cuts before it.
+  const std::string text =
+      "a\xE2\x82\xAC"
+      "b";
+  CHECK(Utf8Prefix(text, 1) == "a");
+  CHECK(Utf8Prefix(text, 2) == "a");
+  CHECK(Utf8Prefix(text, 3) == "a");
+  CHECK(Utf8Prefix(text, 4) == "a\xE2\x82\xAC");
+  CHECK(Utf8Prefix(text, 0).empty());
+}
+
 }  // namespace
 }  // namespace chat
