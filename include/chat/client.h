@@ -166,11 +166,11 @@ struct ClientOptions {
   // Messages per Sync page; 0 = the server's default. Default 0.
   uint32_t sync_page_limit = 0;
   // bytes; largest WebSocket message accepted from the server, told to it in Hello so that its
-  // Sync replies and History pages stay below half of it. A single message larger than this
-  // cannot be received: the connection closes (1009) each time it comes, and the device does
-  // not get past it (keep it above the server's max_message_bytes, 256 KiB by default, plus a
-  // little). chatd also packs the live messages it writes together into frames of at most half
-  // of it. Default 4 MiB.
+  // Sync replies and History pages stay below half of it, and chatd packs the live messages it
+  // writes together into frames of at most half of it. It must hold the largest message the
+  // server may send (for chatd its max_message_bytes, 256 KiB by default, or max_body_bytes if
+  // larger, plus a few KiB): else chatd refuses the connection and OnError reports
+  // FailedPrecondition with the figure needed, at every attempt. Default 4 MiB.
   size_t max_message_bytes = size_t{4} * 1024 * 1024;
   // Pending API calls posted to the loop; calls past it return ResourceExhausted. Default 10000.
   size_t max_pending_calls = 10'000;

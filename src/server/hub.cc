@@ -20,6 +20,7 @@
 #include "src/core/snowflake.h"
 #include "src/core/utf8.h"
 #include "src/server/presence_tracker.h"
+#include "src/server/store_common.h"
 
 namespace chat::server {
 
@@ -29,7 +30,6 @@ constexpr uint32_t kDefaultHistoryLimit = 50;
 constexpr size_t kMinClientMsgIdBytes = 16;
 constexpr size_t kMaxClientMsgIdBytes = 128;
 constexpr size_t kMaxDeviceIdBytes = 128;
-constexpr size_t kMaxUserIdBytes = 128;  // as the store accepts them (peers, presence)
 constexpr size_t kMaxContentTypeBytes = 255;
 constexpr size_t kMaxPushPreviewBytes = 1024;
 // Hello.protocol_version this server speaks; 0 (unset) is taken as 1.
@@ -44,6 +44,38 @@ constexpr int64_t kMilli = 1000;
 // (every sane bucket is full long before).
 constexpr int64_t kMaxRate = int64_t{1} << 40;
 constexpr int64_t kMaxRefillMs = 1'000'000;
+
+// Fixed fields, string lengths, tags and nesting of one message, its conversation's state
+// (title, peer) and a gap, generously: everything in a frame but the bounded strings below.
+constexpr size_t kFrameSlackBytes = 2048;
+// Per attachment: tags, lengths, size/width/height/duration and sha256 (its strings count
+// against max_body_bytes with the body).
+constexpr size_t kAttachmentSlackBytes = 96;
+
+}  // namespace
+
+size_t LargestMessageFrameBytes(const ServerOptions& o, codec::Format format) {
+  // A user message: body and attachment strings (max_body_bytes together), content_type,
+  // client_msg_id, sender and sender_device.
+  const size_t user_message = o.max_body_bytes + o.max_attachments * kAttachmentSlackBytes +
+                              kMaxContentTypeBytes + kMaxClientMsgIdBytes + 2 * kMaxUserIdBytes;
+  // A system event names its actor, a title and the users it is about: the users one request
+  // named (at most max_message_bytes, each with its tag and length as in the event), and at
+  // most a full conversation of the largest kind (a tag and two length bytes each).
+  const uint64_t cap = o.max_group_members == 0 || o.max_channel_members == 0
+                           ? 0
+                           : std::max(o.max_group_members, o.max_channel_members);
+  const size_t users = cap == 0 ? o.max_message_bytes
+                                : static_cast<size_t>(std::min<uint64_t>(
+                                      o.max_message_bytes, cap * (kMaxUserIdBytes + 3)));
+  const size_t system_event = users + 2 * kMaxUserIdBytes + kMaxTitleBytes;
+  const size_t binary = std::max(user_message, system_event) + kFrameSlackBytes;
+  // JSON writes bytes in base64 (4/3) and a string's control characters as \u00XX (6 times);
+  // field names are within the slack's factor too.
+  return format == codec::Format::kJson ? 6 * binary : binary;
+}
+
+namespace {
 
 // A protobuf arena whose first block is part of the object, for the envelopes of one frame,
 // one acknowledgement or one delivery: they, their sub-messages and their string objects are
@@ -632,6 +664,18 @@ class Hub::Impl final : private PresenceTracker::Sink {
                              std::to_string(hello.protocol_version()) + "; this server speaks 1"));
       CloseSession(id, kCloseProtocolError, "unsupported protocol version");
       return;
+    }
+    if (hello.max_message_bytes() != 0) {
+      const size_t needed = LargestMessageFrameBytes(options_, s.format);
+      if (hello.max_message_bytes() < needed) {
+        SendError(
+            id, s, rid,
+            FailedPrecondition("max_message_bytes " + std::to_string(hello.max_message_bytes()) +
+                               " is below the largest message this server may send (" +
+                               std::to_string(needed) + " bytes)"));
+        CloseSession(id, kCloseClientLimitTooLow, "max_message_bytes too low");
+        return;
+      }
     }
     const int64_t wall_now = clock_->WallMs();
     Result<Identity> identity = options_.authenticator->Verify(hello.token(), wall_now);

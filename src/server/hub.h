@@ -31,16 +31,23 @@ using SessionId = uint64_t;
 
 // WebSocket close codes the Hub uses (RFC 6455 and the application range).
 inline constexpr int kCloseNormal = 1000;
-inline constexpr int kCloseGoingAway = 1001;        // server shutdown
-inline constexpr int kCloseProtocolError = 1002;    // frame the protocol does not allow
-inline constexpr int kCloseInvalidPayload = 1007;   // undecodable frame (bad protobuf/JSON/UTF-8)
-inline constexpr int kClosePolicy = 1008;           // e.g. a second Hello
-inline constexpr int kCloseTooLarge = 1009;         // message over max_message_bytes
-inline constexpr int kCloseTryAgainLater = 1013;    // overload
-inline constexpr int kCloseUnauthenticated = 4001;  // no/invalid Hello, bad token, hello timeout
-inline constexpr int kCloseIdleTimeout = 4002;      // no frame within idle_timeout_ms
-inline constexpr int kCloseSlowConsumer = 4003;     // outbound queue stayed over its cap
-inline constexpr int kCloseTooManyDevices = 4004;   // max_devices_per_user reached
+inline constexpr int kCloseGoingAway = 1001;          // server shutdown
+inline constexpr int kCloseProtocolError = 1002;      // frame the protocol does not allow
+inline constexpr int kCloseInvalidPayload = 1007;     // undecodable frame (bad protobuf/JSON/UTF-8)
+inline constexpr int kClosePolicy = 1008;             // e.g. a second Hello
+inline constexpr int kCloseTooLarge = 1009;           // message over max_message_bytes
+inline constexpr int kCloseTryAgainLater = 1013;      // overload
+inline constexpr int kCloseUnauthenticated = 4001;    // no/invalid Hello, bad token, hello timeout
+inline constexpr int kCloseIdleTimeout = 4002;        // no frame within idle_timeout_ms
+inline constexpr int kCloseSlowConsumer = 4003;       // outbound queue stayed over its cap
+inline constexpr int kCloseTooManyDevices = 4004;     // max_devices_per_user reached
+inline constexpr int kCloseClientLimitTooLow = 4005;  // Hello.max_message_bytes too low
+
+// The most bytes one stored message can take in a frame this server writes (a Deliver, or a
+// SyncBatch or HistoryPage carrying it alone with its conversation's state), in `format`. A
+// client whose Hello.max_message_bytes is lower is refused: such a message would close its
+// connection (1009) every time it came, and the client could never get past it.
+size_t LargestMessageFrameBytes(const ServerOptions& options, codec::Format format);
 
 // A unit of work for the store's writer thread. `token` comes back in OnAppendDone.
 struct AppendJob {

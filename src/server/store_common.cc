@@ -50,9 +50,6 @@ Status Authorize(ConversationId conversation_id, const Membership& membership, A
 
 namespace {
 
-constexpr size_t kMaxTitleBytes = 256;
-constexpr size_t kMaxUserIdBytes = 128;
-
 // Checks a list of user ids from a request and returns it sorted and without duplicates or
 // `exclude`.
 Result<std::vector<UserId>> CleanUsers(const std::vector<UserId>& users, const UserId& exclude) {

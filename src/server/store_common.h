@@ -24,6 +24,10 @@
 
 namespace chat::server {
 
+// bytes; the longest user id and group title the stores accept (peers, members, presence).
+inline constexpr size_t kMaxUserIdBytes = 128;
+inline constexpr size_t kMaxTitleBytes = 256;
+
 // A user's standing in a conversation.
 struct Membership {
   bool exists = false;  // the conversation exists

@@ -372,9 +372,14 @@ TEST_CASE("client e2e: an offline device catches up thousands of messages throug
   bob.client->Close();
 }
 
+// 90,000 bytes: a frame bound under which the largest message this chatd sends fits a device
+// that accepts 100 KiB (with the default 256 KiB the device would be refused at Hello).
+constexpr char kSmallFrameBytes[] = "90000";
+
 TEST_CASE("client e2e: an offline device catches up messages larger in all than its frame bound") {
-  ChatdProcess chatd({.extra_flags = {"--messages-per-second", "100000", "--messages-burst",
-                                      "100000", "--synchronous", "normal"}});
+  ChatdProcess chatd(
+      {.extra_flags = {"--messages-per-second", "100000", "--messages-burst", "100000",
+                       "--synchronous", "normal", "--max-message-bytes", kSmallFrameBytes}});
   REQUIRE(chatd.Start().ok());
   // 72 bodies of 60,000 bytes: 4.3 MB, more than the client's 4 MiB receive bound, all within
   // one Sync page by count (500).
@@ -407,8 +412,8 @@ TEST_CASE("client e2e: an offline device catches up messages larger in all than 
 }
 
 TEST_CASE("client e2e: live messages to a device with a small bound are not packed past it") {
-  ChatdProcess chatd(
-      {.extra_flags = {"--messages-per-second", "100000", "--messages-burst", "100000"}});
+  ChatdProcess chatd({.extra_flags = {"--messages-per-second", "100000", "--messages-burst",
+                                      "100000", "--max-message-bytes", kSmallFrameBytes}});
   REQUIRE(chatd.Start().ok());
   // 60,000-byte bodies to a device that accepts 100 KiB: chatd packs what one commit delivers
   // to a connection into one frame (up to 256 KiB), but for this device at most 50 KiB, so each
@@ -432,25 +437,48 @@ TEST_CASE("client e2e: live messages to a device with a small bound are not pack
   bob.client->Close();
 }
 
-TEST_CASE(
-    "client e2e: a message past the device's own bound closes (1009) again and again, safely") {
+TEST_CASE("client e2e: a device whose bound is below the server's largest message is refused") {
   ChatdProcess chatd(
       {.extra_flags = {"--max-body-bytes", "300000", "--max-message-bytes", "400000"}});
   REQUIRE(chatd.Start().ok());
-  // The server takes 250,000-byte bodies; this device accepts 100 KiB. It cannot get the
-  // message (live or through Sync, which carries at least one message): each try ends with a
-  // 1009 close and a reconnect. What is checked is that the client survives them all (closing
-  // from the receive callback corrupted the heap after a few such rounds).
-  TestClient bob = MakeClient(chatd, "bob", "bob-phone", "", Mode::kStart, 1000, "", 100 << 10);
+  // The server takes 300,000-byte bodies; this device accepts 100 KiB: it is told at once, and
+  // each attempt (after the reconnect delay) is refused the same way.
+  TestClient bob = MakeClient(chatd, "bob", "bob-watch", "", Mode::kStart, 1000, "", 100 << 10);
+  REQUIRE(Drive({&bob}, [&] { return bob.recorder->errors().size() >= 2; }));
+  for (const Status& error : bob.recorder->errors()) {
+    CHECK(error.code() == Code::kFailedPrecondition);
+    CHECK(error.message().find("max_message_bytes 102400 is below the largest message this "
+                               "server may send") != std::string_view::npos);
+  }
+  CHECK(bob.recorder->connects() == 0);
+  bob.client->Close();
+}
+
+TEST_CASE(
+    "client e2e: a stored message past the device's own bound closes (1009) again and again, "
+    "safely") {
+  ChatdProcess chatd(
+      {.extra_flags = {"--max-body-bytes", "300000", "--max-message-bytes", "400000"}});
+  REQUIRE(chatd.Start().ok());
   TestClient alice = MakeClient(chatd, "alice", "alice-laptop", "");
   REQUIRE(alice.client->SendTo("bob", "text/plain", std::string(250'000, 'r')).ok());
   REQUIRE(Drive({&alice},
                 [&] { return alice.recorder->OwnWithStatus(MessageStatus::kSent).size() == 1; }));
+  alice.client->Close();
+  // The server's bounds were lowered after the message was stored: a device that accepts
+  // 100 KiB passes Hello, but cannot get that message (live or through Sync, which carries at
+  // least one message): each try ends with a 1009 close and a reconnect. What is checked is
+  // that the client survives them all (closing from the receive callback corrupted the heap
+  // after a few such rounds).
+  REQUIRE(chatd.Terminate().ok());
+  chatd.set_extra_flags({"--max-message-bytes", kSmallFrameBytes});
+  REQUIRE(chatd.Restart().ok());
+  TestClient bob = MakeClient(chatd, "bob", "bob-phone", "", Mode::kStart, 1000, "", 100 << 10);
   std::this_thread::sleep_for(std::chrono::seconds(4));
   CHECK(bob.recorder->ReceivedBodies().empty());
   CHECK(bob.recorder->state() != ConnectionState::kConnected);
+  CHECK(bob.recorder->errors().empty());
   bob.client->Close();
-  alice.client->Close();
 }
 
 TEST_CASE(

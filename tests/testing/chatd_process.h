@@ -81,6 +81,9 @@ class ChatdProcess {
   Result<std::unique_ptr<WsClient>> Login(const std::string& user, const std::string& device,
                                           Wire wire = Wire::kBinary) const;
 
+  // Replaces ChatdOptions::extra_flags for the next Start().
+  void set_extra_flags(std::vector<std::string> flags) { options_.extra_flags = std::move(flags); }
+
   const std::string& secret() const { return secret_; }
   std::string db_path() const { return dir_.File("chat.db"); }
   std::string cert_path() const { return dir_.File("cert.pem"); }

@@ -192,6 +192,134 @@ TEST_CASE("hub: a hello with a newer protocol_version gets FAILED_PRECONDITION a
   }
 }
 
+TEST_CASE("hub: a hello whose max_message_bytes is below the largest message frame is refused") {
+  HubHarness h;
+  for (const bool text : {false, true}) {
+    CAPTURE(text);
+    const codec::Format format = text ? codec::Format::kJson : codec::Format::kBinary;
+    const size_t needed = server::LargestMessageFrameBytes(h.options(), format);
+    SessionId session = h.Open().value();
+    v1::Envelope hello = HelloEnvelope(1, h.Token("alice"), text ? "json" : "binary");
+    hello.mutable_hello()->set_max_message_bytes(static_cast<uint32_t>(needed - 1));
+    h.SendEnvelope(session, hello, format);
+    v1::Error error = ExpectError(Only(h.Take(session)), v1::Error::FAILED_PRECONDITION, 1);
+    CHECK(error.message() == "max_message_bytes " + std::to_string(needed - 1) +
+                                 " is below the largest message this server may send (" +
+                                 std::to_string(needed) + " bytes)");
+    REQUIRE(h.closed(session).has_value());
+    CHECK(h.closed(session)->code == server::kCloseClientLimitTooLow);
+    // At the bound, and unset (0: not told), the hello is accepted.
+    for (uint32_t max : {static_cast<uint32_t>(needed), 0u}) {
+      SessionId ok = h.Open().value();
+      v1::Envelope good = HelloEnvelope(
+          1, h.Token("alice"), std::string(text ? "json" : "binary") + std::to_string(max));
+      good.mutable_hello()->set_max_message_bytes(max);
+      h.SendEnvelope(ok, good, format);
+      CHECK(Only(h.Take(ok)).has_welcome());
+    }
+  }
+  CHECK(h.hub().session_count() == 4);
+}
+
+// The bound covers the largest message of each kind the options allow, in a SyncBatch beside
+// its conversation's state and a gap, in both formats (JSON with strings of control
+// characters, each written as \u00XX).
+TEST_CASE("hub: LargestMessageFrameBytes bounds the largest messages the server can send") {
+  for (const bool capped : {false, true}) {
+    CAPTURE(capped);
+    ServerOptions o;
+    o.max_message_bytes = 64 * 1024;
+    o.max_body_bytes = 16 * 1024;
+    if (capped) {
+      o.max_group_members = 50;
+      o.max_channel_members = 40;
+    }
+    for (const char fill : {'a', '\x01'}) {
+      const auto text = [fill](size_t n) { return std::string(n, fill); };
+      size_t largest = 0;  // binary
+      v1::Envelope envelope;
+      envelope.set_rid(UINT64_MAX);
+      v1::SyncBatch* batch = envelope.mutable_sync_batch();
+      v1::ConversationState* state = batch->add_conversations();
+      state->set_conversation_id(UINT64_MAX);
+      state->set_kind(v1::CONVERSATION_KIND_GROUP);
+      state->set_title(text(256));
+      state->set_peer(text(128));
+      for (auto set :
+           {&v1::ConversationState::set_last_seq, &v1::ConversationState::set_read_seq,
+            &v1::ConversationState::set_delivered_seq, &v1::ConversationState::set_unread,
+            &v1::ConversationState::set_first_seq, &v1::ConversationState::set_removed_at_seq}) {
+        (state->*set)(UINT64_MAX);
+      }
+      state->set_role(v1::ROLE_ADMIN);
+      state->set_member_count(UINT32_MAX);
+      state->set_last_activity_ms(INT64_MIN);
+      state->set_peer_last_seen_ms(INT64_MIN);
+      state->set_retention_ms(INT64_MIN);
+      v1::Gap* gap = batch->add_gaps();
+      gap->set_conversation_id(UINT64_MAX);
+      gap->set_from_seq(UINT64_MAX);
+      gap->set_to_seq(UINT64_MAX);
+      batch->set_has_more(true);
+      const auto fill_message = [&](v1::Message* m) {
+        m->set_conversation_id(UINT64_MAX);
+        m->set_seq(UINT64_MAX);
+        m->set_message_id(UINT64_MAX);
+        m->set_server_time_ms(INT64_MIN);
+      };
+      // A user message: body and attachment strings max_body_bytes together.
+      v1::Message user;
+      fill_message(&user);
+      user.set_sender(text(128));
+      user.set_sender_device(text(128));
+      user.set_client_msg_id(text(128));
+      user.set_kind(v1::MESSAGE_KIND_USER);
+      user.set_content_type(text(255));
+      size_t strings = 0;
+      for (uint32_t i = 0; i < o.max_attachments; ++i) {
+        v1::Attachment* a = user.add_attachments();
+        a->set_url(text(10));
+        a->set_mime_type(text(10));
+        a->set_name(text(10));
+        strings += 30;
+        a->set_size(UINT64_MAX);
+        a->set_sha256(std::string(32, '\xff'));
+        a->set_width(UINT32_MAX);
+        a->set_height(UINT32_MAX);
+        a->set_duration_ms(UINT32_MAX);
+      }
+      user.set_body(std::string(o.max_body_bytes - strings, '\xff'));
+      // A system event naming as many users as a request of max_message_bytes can, or as a
+      // full conversation has.
+      v1::Message system;
+      fill_message(&system);
+      system.set_kind(v1::MESSAGE_KIND_SYSTEM);
+      v1::SystemEvent* event = system.mutable_system();
+      event->set_type(v1::SystemEvent::TYPE_CREATED);
+      event->set_actor(text(128));
+      event->set_title(text(256));
+      event->set_role(v1::ROLE_ADMIN);
+      event->set_seq(UINT64_MAX);
+      event->set_retention_ms(INT64_MIN);
+      const size_t named = capped ? 50 : o.max_message_bytes / (128 + 3);
+      for (size_t i = 0; i < named; ++i) event->add_users(text(128));
+      for (const v1::Message* message : {&user, &system}) {
+        *batch->mutable_messages()->Add() = *message;
+        for (const codec::Format format : {codec::Format::kBinary, codec::Format::kJson}) {
+          CAPTURE(static_cast<int>(format));
+          CAPTURE(fill);
+          const size_t encoded = codec::Encode(envelope, format).size();
+          CHECK(encoded <= server::LargestMessageFrameBytes(o, format));
+          if (format == codec::Format::kBinary) largest = std::max(largest, encoded);
+        }
+        batch->clear_messages();
+      }
+      // Not loose either: the larger of the two is within 4 KiB of the binary bound.
+      CHECK(largest + 4096 > server::LargestMessageFrameBytes(o, codec::Format::kBinary));
+    }
+  }
+}
+
 TEST_CASE("hub: a token signed with another secret is refused with close 4001") {
   HubHarness h;
   Result<std::string> forged =
