@@ -97,6 +97,9 @@ constexpr const char* kPutMessage =
     "INSERT OR IGNORE INTO messages(conversation_id, seq, message) VALUES(?, ?, ?)";
 constexpr const char* kGetMessage =
     "SELECT message FROM messages WHERE conversation_id = ? AND seq = ?";
+constexpr const char* kRangeOldestFirst =
+    "SELECT message FROM messages WHERE conversation_id = ? AND seq >= ? AND seq <= ? "
+    "ORDER BY seq";
 constexpr const char* kRangeNewestFirst =
     "SELECT message FROM messages WHERE conversation_id = ? AND seq >= ? AND seq <= ? "
     "ORDER BY seq DESC LIMIT ?";
@@ -452,6 +455,17 @@ std::optional<v1::Message> Cache::GetMessage(ConversationId conversation, Seq se
   v1::Message m;
   if (!ParseView(s.ColView(0), &m)) return std::nullopt;
   return m;
+}
+
+std::optional<v1::Message> Cache::FirstInRange(ConversationId conversation, Seq from, Seq to) {
+  std::lock_guard lock(mu_);
+  Stmt s(db_.get(), kRangeOldestFirst);
+  s.Int(1, ToDb(conversation)).Int(2, SeqBound(from)).Int(3, SeqBound(to));
+  while (s.Step() == SQLITE_ROW) {
+    v1::Message m;
+    if (ParseView(s.ColView(0), &m)) return m;
+  }
+  return std::nullopt;
 }
 
 std::vector<v1::Message> Cache::RangeNewestFirst(ConversationId conversation, Seq from, Seq to,

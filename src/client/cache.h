@@ -111,6 +111,9 @@ class Cache {
   // Stores a committed message; a second copy of the same (conversation, seq) is ignored.
   Status PutMessage(const v1::Message& message);
   std::optional<v1::Message> GetMessage(ConversationId conversation, Seq seq);
+  // The cached message with the lowest seq in from <= seq <= to (rows that do not decode are
+  // passed over).
+  std::optional<v1::Message> FirstInRange(ConversationId conversation, Seq from, Seq to);
   // Messages with from <= seq <= to, newest first, at most `limit`.
   std::vector<v1::Message> RangeNewestFirst(ConversationId conversation, Seq from, Seq to,
                                             uint32_t limit);

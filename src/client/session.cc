@@ -340,7 +340,6 @@ void Session::HandleWelcome(const v1::Envelope& envelope) {
       (!cached_user.empty() && cached_user != welcome.user_id())) {
     // The cache describes another data set (a replaced store, or another user): rebuild it.
     stubs_.clear();
-    acked_held_.clear();
     if (Status st = cache_->ResetForEpoch(welcome.epoch()); !st.ok()) ReportError(st);
     // The outbox was kept, but what it holds was written by the cached user, some of it to
     // conversation ids of the old store: another user must not send any of it, and an old id
@@ -469,41 +468,54 @@ ConversationRow Session::LoadOrStub(ConversationId conversation) {
   return row;
 }
 
-bool Session::Advance(ConversationRow* row, std::vector<MessageEvent>* events) {
+void Session::Apply(ConversationRow* row, const v1::Message& next,
+                    std::vector<MessageEvent>* events, bool* others, bool* read_moved) {
+  row->cursor = next.seq();
+  row->info.last_seq = std::max(row->info.last_seq, next.seq());
+  row->info.last_activity_ms = std::max(row->info.last_activity_ms, next.server_time_ms());
+  const bool own = !user_id_.empty() && next.sender() == user_id_;
+  if (!own && next.kind() != v1::MESSAGE_KIND_SYSTEM && next.seq() > row->info.read_seq) {
+    ++row->info.unread;
+  }
+  if (!own) *others = true;
+  if (own && next.kind() != v1::MESSAGE_KIND_SYSTEM) {
+    // Replying means the user saw the conversation: the read watermark follows the user's
+    // own message. It also lets the members' read_all_seq (which includes this user) reach
+    // the user's own messages, so their status can become kRead.
+    row->info.read_seq = std::max(row->info.read_seq, next.seq());
+    row->info.unread = 0;
+    *read_moved = true;
+  }
+  if (next.kind() == v1::MESSAGE_KIND_SYSTEM) ApplySystemEvent(&row->info, next);
+  if (own && !next.client_msg_id().empty()) {
+    // Our own message came back (Sync, or another device's echo): it is no longer pending.
+    if (std::optional<OutboxEntry> entry = cache_->FindOutbox(next.client_msg_id());
+        entry && entry->status == MessageStatus::kPending) {
+      (void)cache_->RemoveOutbox(next.client_msg_id());
+      if (row->info.peer.empty() && !entry->peer.empty()) {
+        row->info.peer = entry->peer;
+        row->info.kind = ConversationKind::kDirect;
+      }
+    }
+  }
+  events->push_back(EventFor(next));
+}
+
+bool Session::Advance(ConversationRow* row, std::vector<MessageEvent>* events, Seq skip_to) {
   const ConversationId id = row->info.conversation_id;
   bool others = false;
   bool read_moved = false;
+  while (row->cursor < skip_to) {
+    std::optional<v1::Message> next = cache_->FirstInRange(id, row->cursor + 1, skip_to);
+    if (!next) {
+      row->cursor = skip_to;
+      row->info.last_seq = std::max(row->info.last_seq, skip_to);
+      break;
+    }
+    Apply(row, *next, events, &others, &read_moved);
+  }
   while (std::optional<v1::Message> next = cache_->GetMessage(id, row->cursor + 1)) {
-    row->cursor = next->seq();
-    row->info.last_seq = std::max(row->info.last_seq, next->seq());
-    row->info.last_activity_ms = std::max(row->info.last_activity_ms, next->server_time_ms());
-    const bool own = !user_id_.empty() && next->sender() == user_id_;
-    if (!own && next->kind() != v1::MESSAGE_KIND_SYSTEM && next->seq() > row->info.read_seq) {
-      ++row->info.unread;
-    }
-    if (!own) others = true;
-    if (own && next->kind() != v1::MESSAGE_KIND_SYSTEM) {
-      // Replying means the user saw the conversation: the read watermark follows the user's
-      // own message. It also lets the members' read_all_seq (which includes this user) reach
-      // the user's own messages, so their status can become kRead.
-      row->info.read_seq = std::max(row->info.read_seq, next->seq());
-      row->info.unread = 0;
-      read_moved = true;
-    }
-    if (next->kind() == v1::MESSAGE_KIND_SYSTEM) ApplySystemEvent(&row->info, *next);
-    if (own && !next->client_msg_id().empty()) {
-      // Our own message came back (Sync, or another device's echo): it is no longer pending.
-      if (std::optional<OutboxEntry> entry = cache_->FindOutbox(next->client_msg_id());
-          entry && entry->status == MessageStatus::kPending) {
-        (void)cache_->RemoveOutbox(next->client_msg_id());
-        if (row->info.peer.empty() && !entry->peer.empty()) {
-          row->info.peer = entry->peer;
-          row->info.kind = ConversationKind::kDirect;
-        }
-      }
-    }
-    if (!acked_held_.empty()) acked_held_.erase({id, next->seq()});
-    events->push_back(EventFor(*next));
+    Apply(row, *next, events, &others, &read_moved);
   }
   // Messages reached the application: tell the server (coalesced, see FlushReceipts). Only
   // the user's own messages alone need no delivered receipt unless they also moved read_seq.
@@ -529,7 +541,7 @@ void Session::Ingest(const std::vector<const v1::Message*>& messages, bool from_
   bool missing = false;
   bool new_stub = false;
   {
-    Cache::Transaction txn(cache_);
+    CacheTxn txn(this);
     std::map<ConversationId, ConversationRow> rows;
     for (const v1::Message* m : messages) {
       if (m->conversation_id() == 0 || m->seq() == 0) continue;
@@ -596,7 +608,7 @@ void Session::HandleSendAck(const v1::Envelope& envelope) {
     message.set_body(entry->body);
     Seq cursor = 0;  // the conversation's, before this message (0 for one created here)
     {
-      Cache::Transaction txn(cache_);
+      CacheTxn txn(this);
       if (std::optional<ConversationRow> known = cache_->GetConversation(ack.conversation_id())) {
         cursor = known->cursor;
       } else if (!entry->peer.empty()) {
@@ -617,15 +629,9 @@ void Session::HandleSendAck(const v1::Envelope& envelope) {
       // the message was never reported, and Ingest would skip it. It is reported here, once.
       listener_->OnMessage(EventFor(message));
     } else {
+      // Reported now if it is the cursor's next seq, else when the hole below it is filled, or
+      // passed by a Sync gap (Advance).
       Ingest({&message}, /*from_sync=*/false);
-      // The cursor's next seq was reported by Ingest; another may be held behind a hole.
-      if (ack.seq() != cursor + 1) {
-        std::optional<ConversationRow> row = cache_->GetConversation(ack.conversation_id());
-        if (row && row->cursor < ack.seq()) {
-          if (acked_held_.size() >= kMaxAckedHeld) acked_held_.erase(acked_held_.begin());
-          acked_held_.insert({ack.conversation_id(), ack.seq()});
-        }
-      }
     }
   }
   PumpOutbox();
@@ -665,22 +671,14 @@ void Session::HandleSyncBatch(const v1::SyncBatch& batch) {
   // Gaps first: the newest messages of a conversation come in the same batch as the gap below
   // them, and the cursor must jump over the gap before they can follow it.
   if (batch.gaps_size() > 0) {
-    Cache::Transaction txn(cache_);
+    CacheTxn txn(this);
     for (const v1::Gap& gap : batch.gaps()) {
       ConversationRow row = LoadOrStub(gap.conversation_id());
       if (gap.from_seq() <= row.cursor + 1 && gap.to_seq() > row.cursor) {
-        // Own messages acked here while a hole lay below them, which the gap now covers, were
-        // never reported: they are, as sent (the app has them as pending).
-        for (auto it = acked_held_.lower_bound({gap.conversation_id(), row.cursor + 1});
-             it != acked_held_.end() && it->first == gap.conversation_id() &&
-             it->second <= gap.to_seq();
-             it = acked_held_.erase(it)) {
-          if (std::optional<v1::Message> m = cache_->GetMessage(it->first, it->second)) {
-            events.push_back(EventFor(*m));
-          }
-        }
-        row.cursor = gap.to_seq();
-        row.info.last_seq = std::max(row.info.last_seq, gap.to_seq());
+        // The cached messages inside the gap waited behind a hole below them (this device's
+        // own acked sends, or others' received live); the server no longer has them. The
+        // cursor passes them in order, reporting each (the rest of the batch follows).
+        (void)Advance(&row, &events, gap.to_seq());
         progress = true;
         if (Status st = cache_->PutConversation(row); !st.ok()) {
           ReportError(st);
@@ -694,7 +692,7 @@ void Session::HandleSyncBatch(const v1::SyncBatch& batch) {
     }
   }
   // Reported only once the cursors past them are stored (else the next Sync brings the gap
-  // again; the messages are then not held any more, and are not reported twice).
+  // again, and they are reported then, once).
   if (saved) {
     for (const MessageEvent& event : events) listener_->OnMessage(event);
   }
@@ -707,7 +705,7 @@ void Session::HandleSyncBatch(const v1::SyncBatch& batch) {
   Ingest(messages, /*from_sync=*/true);
   if (!Authenticated()) return;
   {
-    Cache::Transaction txn(cache_);
+    CacheTxn txn(this);
     for (const v1::ConversationState& state : batch.conversations()) {
       ConversationRow row = LoadOrStub(state.conversation_id());
       MergeState(&row, state);
@@ -752,7 +750,7 @@ void Session::HandleHistoryPage(uint64_t rid, const v1::HistoryPage& page) {
   result.conversation_id = page.conversation_id();
   result.has_more = page.has_more();
   {
-    Cache::Transaction txn(cache_);
+    CacheTxn txn(this);
     for (const v1::Message& m : page.messages()) {
       (void)cache_->PutMessage(m);
       result.messages.push_back(codec::FromProto(m));
@@ -1210,7 +1208,7 @@ void Session::HandlePresenceUpdate(const v1::PresenceUpdate& update) {
 void Session::UpdatePeerLastSeen(const UserId& user, int64_t last_seen_ms) {
   std::vector<ConversationInfo> updated;
   {
-    Cache::Transaction txn(cache_);
+    CacheTxn txn(this);
     for (ConversationRow& row : cache_->ListConversations()) {
       if (row.info.kind != ConversationKind::kDirect || row.info.peer != user ||
           row.info.peer_last_seen_ms >= last_seen_ms) {
@@ -1356,7 +1354,24 @@ bool Session::FailPending(const OutboxEntry& entry, const Status& reason) {
 
 void Session::ReportError(const Status& status) {
   Log(LogLevel::kWarn, "chat client: " + status.ToString());
-  listener_->OnError(status);
+  if (txn_depth_ == 0) {
+    listener_->OnError(status);
+  } else if (held_errors_.size() < kMaxHeldErrors) {
+    held_errors_.push_back(status);
+  }
+}
+
+Session::CacheTxn::CacheTxn(Session* session) : session_(session) {
+  ++session_->txn_depth_;
+  txn_.emplace(session_->cache_);
+}
+
+Session::CacheTxn::~CacheTxn() {
+  txn_.reset();  // rolls back if not committed, and frees the cache's mutex
+  if (--session_->txn_depth_ > 0) return;
+  for (const Status& status : std::exchange(session_->held_errors_, {})) {
+    session_->listener_->OnError(status);
+  }
 }
 
 }  // namespace chat::client

@@ -67,7 +67,8 @@ inline constexpr uint32_t kDefaultHeartbeatMs = 30'000;
 inline constexpr int64_t kOutboxRetryMinMs = 1'000;
 // The longest retry_after_ms from the server that is followed (5 minutes).
 inline constexpr uint32_t kMaxRetryAfterMs = 300'000;
-inline constexpr size_t kMaxAckedHeld = 10'000;
+// Errors held back during one cache transaction (the rest are logged only).
+inline constexpr size_t kMaxHeldErrors = 16;
 // More than any outbox holds (ClientOptions::outbox_max is far below it).
 inline constexpr size_t kOutboxScanMax = 1'000'000;
 // Typing indicators: shown at most this long unless refreshed (also when the server says more),
@@ -143,6 +144,23 @@ class Session {
  private:
   enum class Phase { kStopped, kBackoff, kOpening, kHello, kSyncing, kLive, kClosed };
 
+  // A cache transaction during which errors are held back: ReportError's OnError calls come
+  // once it has ended and the cache's mutex is free. Called while the mutex was held, an
+  // OnError that takes an application lock would deadlock with a thread that holds that lock
+  // and calls Send() (which waits for the mutex).
+  class CacheTxn {
+   public:
+    explicit CacheTxn(Session* session);
+    ~CacheTxn();
+    CacheTxn(const CacheTxn&) = delete;
+    CacheTxn& operator=(const CacheTxn&) = delete;
+    Status Commit() { return txn_->Commit(); }
+
+   private:
+    Session* const session_;
+    std::optional<Cache::Transaction> txn_;
+  };
+
   struct PendingHistory {
     ConversationId conversation = 0;
     HistoryCallback callback;
@@ -210,8 +228,14 @@ class Session {
   // Stores committed messages and gives every conversation's next seqs to the application.
   void Ingest(const std::vector<const v1::Message*>& messages, bool from_sync);
   // Moves `conversation`'s cursor over the cached messages that follow it; collects the events
-  // to report after the commit. Returns true if a message above the cursor is still missing.
-  bool Advance(ConversationRow* row, std::vector<MessageEvent>* events);
+  // to report after the commit. With `skip_to` (the end of a gap the server reported), the
+  // cursor first passes every seq up to it, reporting the cached messages among them (received
+  // live while a hole lay below them; the server no longer sends them). Returns true if a
+  // message above the cursor is still missing.
+  bool Advance(ConversationRow* row, std::vector<MessageEvent>* events, Seq skip_to = 0);
+  // Advance's step over one message: the cursor moves to it and it is reported.
+  void Apply(ConversationRow* row, const v1::Message& message, std::vector<MessageEvent>* events,
+             bool* others, bool* read_moved);
   ConversationRow LoadOrStub(ConversationId conversation);
 
   // Spends one token of the client-side send budget; false (and a retry timer) when empty.
@@ -222,6 +246,7 @@ class Session {
   // Marks a pending outbox entry failed and tells the application (kFailed with `reason`).
   // False if the cache could not record it (the entry stays pending).
   bool FailPending(const OutboxEntry& entry, const Status& reason);
+  // Logs `status` and tells OnError, after the current CacheTxn if one is open.
   void ReportError(const Status& status);
   MessageEvent EventFor(const v1::Message& message) const;
 
@@ -254,11 +279,9 @@ class Session {
   std::set<ConversationId> stubs_;  // known only from a Deliver: ask Sync for their state
 
   std::map<uint64_t, std::string> in_flight_;  // rid -> client_msg_id
-  // Own messages acked on this device while a hole lay below them: cached, out of the outbox,
-  // not reported yet. A Sync gap that covers one reports it (HandleSyncBatch). At most
-  // kMaxAckedHeld (the oldest are forgotten).
-  std::set<std::pair<ConversationId, Seq>> acked_held_;
   std::set<std::string> in_flight_ids_;
+  int txn_depth_ = 0;                // open CacheTxns
+  std::vector<Status> held_errors_;  // reported when the last CacheTxn ends; at most kMaxHeldErrors
   int64_t outbox_retry_at_ = 0;
   // Sends are paced below the server's messages_per_second (told in Welcome), so a burst from
   // the outbox is not refused by the rate limit, which could reorder it within the window.

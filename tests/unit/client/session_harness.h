@@ -5,6 +5,7 @@
 
 #include <doctest/doctest.h>
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <utility>
@@ -41,7 +42,10 @@ class Recorder : public ClientListener {
   void OnConversationUpdated(const ConversationInfo& info) override {
     conversations.push_back(info);
   }
-  void OnError(const Status& status) override { errors.push_back(status); }
+  void OnError(const Status& status) override {
+    errors.push_back(status);
+    if (on_error) on_error(status);
+  }
   void OnTyping(ConversationId conversation, const UserId& user, bool active) override {
     typing.push_back(std::to_string(conversation) + ":" + user + ":" + (active ? "on" : "off"));
   }
@@ -67,6 +71,7 @@ class Recorder : public ClientListener {
   std::vector<MessageEvent> messages;
   std::vector<ConversationInfo> conversations;
   std::vector<Status> errors;
+  std::function<void(const Status&)> on_error;  // called after recording
   std::vector<std::string> typing;
   std::vector<ReceiptEvent> receipts;
   std::vector<std::string> statuses;

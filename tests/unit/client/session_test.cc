@@ -4,13 +4,18 @@
 
 #include <doctest/doctest.h>
 
+#include <chrono>
 #include <deque>
+#include <future>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "src/client/cache.h"
 #include "tests/testing/fake_clock.h"
+#include "tests/testing/fault_vfs.h"
+#include "tests/testing/temp_dir.h"
 #include "tests/unit/client/session_harness.h"
 
 namespace chat::client {
@@ -384,8 +389,7 @@ TEST_CASE("session: an own message acked above a hole that a Gap then covers is 
   auto sync = h.io.Take();
   REQUIRE(sync.size() == 1);
   REQUIRE(sync[0].has_sync());
-  // The user's other device sent seq 6, delivered here behind the same hole: this device never
-  // had it pending, so the gap below does not report it.
+  // The user's other device sent seq 6, delivered here behind the same hole.
   v1::Message other_device = Msg(5, 6, "alice");
   other_device.set_client_msg_id("msg-z-0123456789");
   other_device.set_sender_device("phone");
@@ -394,12 +398,84 @@ TEST_CASE("session: an own message acked above a hole that a Gap then covers is 
   v1::SyncBatch batch = GapBatch(/*last_seq=*/1005, /*from=*/2, /*to=*/1004);
   *batch.add_messages() = Msg(5, 1005);
   h.Reply(sync[0], batch);
-  CHECK(h.listener.SentSeqs(5) == std::vector<Seq>{1, 5, 1005});
-  bool own = false;
+  // Both cached messages inside the gap are reported once, in order: the server no longer
+  // sends them.
+  CHECK(h.listener.SentSeqs(5) == std::vector<Seq>{1, 5, 6, 1005});
   for (const MessageEvent& e : h.listener.messages) {
-    if (e.message.seq == 5 && e.status == MessageStatus::kSent) own = e.outgoing;
+    if (e.status == MessageStatus::kSent && (e.message.seq == 5 || e.message.seq == 6)) {
+      CHECK(e.outgoing);
+    }
   }
-  CHECK(own);
+}
+
+TEST_CASE("session: others' messages received live behind a hole that a Gap covers are reported") {
+  Harness h;
+  v1::Envelope first = h.Welcome();
+  v1::SyncBatch known;
+  auto* c5 = known.add_conversations();
+  c5->set_conversation_id(5);
+  c5->set_kind(v1::CONVERSATION_KIND_GROUP);
+  c5->set_last_seq(1);
+  *known.add_messages() = Msg(5, 1);
+  h.Reply(first, known);
+  REQUIRE(h.state() == ConnectionState::kConnected);
+  // Seqs 3 and 7 arrive live while 2 is missing: cached, not reported, a Sync asked for.
+  h.Deliver(Msg(5, 3));
+  h.Deliver(Msg(5, 7));
+  CHECK(h.listener.SentSeqs(5) == std::vector<Seq>{1});
+  auto sync = h.io.Take();
+  REQUIRE(sync.size() == 1);
+  REQUIRE(sync[0].has_sync());
+  // Retention removed 2..8 on the server before the Sync: a gap, then seq 9.
+  v1::SyncBatch batch = GapBatch(/*last_seq=*/9, /*from=*/2, /*to=*/8);
+  *batch.add_messages() = Msg(5, 9);
+  h.Reply(sync[0], batch);
+  CHECK(h.listener.SentSeqs(5) == std::vector<Seq>{1, 3, 7, 9});
+  std::optional<ConversationRow> row = h.cache->GetConversation(5);
+  REQUIRE(row.has_value());
+  CHECK(row->cursor == 9);
+}
+
+// A listener that takes an application lock in OnError while another thread holds that lock
+// and calls into the cache (as Client::Send does) must not deadlock: the error is reported
+// once the cache's transaction has ended.
+TEST_CASE("session: a cache write failure reaches OnError after the cache is free") {
+  testing::FaultVfs vfs;
+  testing::TempDir dir;
+  std::shared_ptr<Cache> cache(Cache::Open(dir.File("cache.db")).value());
+  Harness h({}, cache);
+  h.ConnectLive();
+  bool cache_free = false;
+  int calls = 0;
+  std::vector<std::thread> probes;
+  h.listener.on_error = [&](const Status&) {
+    ++calls;
+    // Another thread asks the cache for something; it must not have to wait for this call.
+    auto answered = std::make_shared<std::promise<void>>();
+    std::future<void> done = answered->get_future();
+    probes.emplace_back([cache, answered] {
+      (void)cache->UnreadTotal();
+      answered->set_value();
+    });
+    cache_free = done.wait_for(std::chrono::seconds(5)) == std::future_status::ready;
+  };
+  vfs.FailWrites(true);
+  h.Deliver(Msg(5, 1));
+  vfs.FailWrites(false);
+  for (std::thread& probe : probes) probe.join();
+  CHECK(vfs.refused() > 0);
+  REQUIRE(h.listener.errors.size() == 1);
+  CHECK(h.listener.errors[0].code() == Code::kUnavailable);
+  CHECK(calls == 1);
+  CHECK(cache_free);
+  // Nothing was stored or reported; the next message finds the hole and asks for a Sync.
+  CHECK(h.listener.SentSeqs(5).empty());
+  h.io.Take();
+  h.Deliver(Msg(5, 2));
+  CHECK(h.listener.SentSeqs(5).empty());
+  auto written = h.io.Take();
+  REQUIRE_FALSE(written.empty());
+  CHECK(written.back().has_sync());
 }
 
 TEST_CASE("session: an outbox entry acked before its announcement is not reported pending") {
