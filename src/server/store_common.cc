@@ -648,6 +648,12 @@ size_t MessageBytes(const Message& m) {
   return n;
 }
 
+// What a conversation listed in a Sync reply adds beside its messages: its state and a gap,
+// counted like MessageBytes (conversations emptied by retention bring nothing else).
+size_t StateBytes(const ConversationInfo& info) {
+  return sizeof(ConversationInfo) + sizeof(Gap) + info.title.size() + info.peer.size();
+}
+
 // The first read of a range under a byte bound; later ones are four times the last.
 constexpr size_t kFirstReadChunk = 16;
 
@@ -728,7 +734,7 @@ Result<SyncReply> RunSync(ReadSource& source, const SyncQuery& query) {
     const Seq cursor = it == cursors.end() ? 0 : it->second;
     if (head.last_seq <= cursor) continue;
     if (reply.messages.size() >= query.limit ||
-        (query.max_bytes != 0 && bytes >= query.max_bytes && !reply.messages.empty())) {
+        (query.max_bytes != 0 && bytes >= query.max_bytes && !reply.conversations.empty())) {
       reply.has_more = true;
       break;
     }
@@ -765,7 +771,10 @@ Result<SyncReply> RunSync(ReadSource& source, const SyncQuery& query) {
     Result<bool> cut = ReadInChunks(read, room, query.max_bytes, &bytes, &reply.messages);
     if (!cut.ok()) return cut.status();
     const size_t added = reply.messages.size() - before;
-    if (added > 0 || gap) reply.conversations.push_back(std::move(infos[i]));
+    if (added > 0 || gap) {
+      bytes += StateBytes(infos[i]);
+      reply.conversations.push_back(std::move(infos[i]));
+    }
     if (*cut || (added == room && reply.messages.back().seq < head.last_seq)) {
       reply.has_more = true;
       break;

@@ -1,6 +1,7 @@
 // Retention in both stores: MessageStore::DeleteExpired and SetRetention, and what Sync and
 // History answer for the deleted range.
 #include <chrono>
+#include <map>
 #include <memory>
 #include <string>
 #include <thread>
@@ -129,6 +130,49 @@ void ExpiredDeletedOthersKept(Kind kind) {
   CHECK(Seqs(HistoryOf(*env.store, id, 0).messages) == std::vector<Seq>{5, 4});
 }
 RETENTION_CASE(ExpiredDeletedOthersKept, "expired messages are deleted, newer ones kept")
+
+// A user whose conversations were all emptied by retention gets one gap and one state per
+// conversation and no message: those count against the reply's byte bound too, so a user in
+// many such conversations syncs them over several pages instead of one unbounded reply.
+void GapOnlyConversationsCountAgainstTheByteBound(Kind kind) {
+  Env env(kind);
+  constexpr int kPeers = 30;
+  std::map<ConversationId, Seq> last;
+  for (int i = 0; i < kPeers; ++i) {
+    AppendResult r =
+        SendAt(*env.store, 0, "alice", "peer-" + std::to_string(i), "k" + std::to_string(i), 1000);
+    last[r.message.conversation_id] = r.message.seq;
+  }
+  REQUIRE(Sweep(*env.store, 5000, 1000, 1000).deleted == kPeers);
+
+  std::map<ConversationId, Seq> cursors;
+  std::map<ConversationId, int> listed;
+  int pages = 0;
+  for (bool more = true; more && pages < 100; ++pages) {
+    SyncQuery q;
+    q.user = "alice";
+    q.device = "alice-phone";
+    for (const auto& [id, seq] : cursors) q.cursors.push_back({id, seq});
+    q.max_bytes = 2000;
+    Result<SyncReply> page = env.store->Sync(q);
+    REQUIRE(page.ok());
+    CHECK(page->messages.empty());
+    REQUIRE_FALSE(page->conversations.empty());
+    CHECK(page->conversations.size() < kPeers / 2);
+    CHECK(page->gaps.size() == page->conversations.size());
+    for (const Gap& gap : page->gaps) {
+      ++listed[gap.conversation_id];
+      CHECK(gap.to_seq == last[gap.conversation_id]);
+      cursors[gap.conversation_id] = gap.to_seq;
+    }
+    more = page->has_more;
+  }
+  CHECK(pages > 2);
+  CHECK(listed.size() == kPeers);
+  for (const auto& [id, times] : listed) CHECK(times == 1);
+}
+RETENTION_CASE(GapOnlyConversationsCountAgainstTheByteBound,
+               "conversations emptied by retention count against a Sync's byte bound")
 
 void SyncAcrossDeletedRangeIsAGap(Kind kind) {
   Env env(kind);
