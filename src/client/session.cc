@@ -542,6 +542,7 @@ void Session::Ingest(const std::vector<const v1::Message*>& messages, bool from_
   bool new_stub = false;
   {
     CacheTxn txn(this);
+    if (!txn.Started()) return;
     std::map<ConversationId, ConversationRow> rows;
     for (const v1::Message* m : messages) {
       if (m->conversation_id() == 0 || m->seq() == 0) continue;
@@ -607,24 +608,35 @@ void Session::HandleSendAck(const v1::Envelope& envelope) {
     message.set_content_type(entry->content_type);
     message.set_body(entry->body);
     Seq cursor = 0;  // the conversation's, before this message (0 for one created here)
+    bool stored = false;
     {
       CacheTxn txn(this);
-      if (std::optional<ConversationRow> known = cache_->GetConversation(ack.conversation_id())) {
-        cursor = known->cursor;
-      } else if (!entry->peer.empty()) {
-        ConversationRow row;
-        row.info.conversation_id = ack.conversation_id();
-        row.info.kind = ConversationKind::kDirect;
-        row.info.peer = entry->peer;
-        (void)cache_->PutConversation(row);
+      if (txn.Started()) {
+        if (std::optional<ConversationRow> known = cache_->GetConversation(ack.conversation_id())) {
+          cursor = known->cursor;
+        } else if (!entry->peer.empty()) {
+          ConversationRow row;
+          row.info.conversation_id = ack.conversation_id();
+          row.info.kind = ConversationKind::kDirect;
+          row.info.peer = entry->peer;
+          (void)cache_->PutConversation(row);
+        }
+        (void)cache_->PutMessage(message);
+        // Removed now, not when the message reaches the application: it may wait there behind
+        // a hole, and must not be sent again meanwhile.
+        (void)cache_->RemoveOutbox(client_msg_id);
+        if (Status st = txn.Commit(); st.ok()) {
+          stored = true;
+        } else {
+          ReportError(st);
+        }
       }
-      (void)cache_->PutMessage(message);
-      // Removed now, not when the message reaches the application: it may wait there behind
-      // a hole, and must not be sent again meanwhile.
-      (void)cache_->RemoveOutbox(client_msg_id);
-      if (Status st = txn.Commit(); !st.ok()) ReportError(st);
     }
-    if (cursor >= ack.seq()) {
+    if (!stored) {
+      // Still pending in the outbox: it is sent again (the server answers with the same seq)
+      // after a pause, so a cache that keeps failing is not asked again at once.
+      outbox_retry_at_ = std::max(outbox_retry_at_, Now() + kOutboxRetryMinMs);
+    } else if (cursor >= ack.seq()) {
       // A Sync gap moved the cursor past this seq while the ack was lost (the link dropped):
       // the message was never reported, and Ingest would skip it. It is reported here, once.
       listener_->OnMessage(EventFor(message));
@@ -672,23 +684,27 @@ void Session::HandleSyncBatch(const v1::SyncBatch& batch) {
   // them, and the cursor must jump over the gap before they can follow it.
   if (batch.gaps_size() > 0) {
     CacheTxn txn(this);
+    saved = txn.Started();
     for (const v1::Gap& gap : batch.gaps()) {
+      if (!saved) break;
       ConversationRow row = LoadOrStub(gap.conversation_id());
       if (gap.from_seq() <= row.cursor + 1 && gap.to_seq() > row.cursor) {
         // The cached messages inside the gap waited behind a hole below them (this device's
-        // own acked sends, or others' received live); the server no longer has them. The
+        // own acked sends, or others' received live); the server does not send them. The
         // cursor passes them in order, reporting each (the rest of the batch follows).
         (void)Advance(&row, &events, gap.to_seq());
         progress = true;
         if (Status st = cache_->PutConversation(row); !st.ok()) {
           ReportError(st);
-          saved = false;
+          saved = false;  // rolled back: none of the batch's gaps is applied
         }
       }
     }
-    if (Status st = txn.Commit(); !st.ok()) {
-      ReportError(st);
-      saved = false;
+    if (saved) {
+      if (Status st = txn.Commit(); !st.ok()) {
+        ReportError(st);
+        saved = false;
+      }
     }
   }
   // Reported only once the cursors past them are stored (else the next Sync brings the gap
@@ -1364,6 +1380,12 @@ void Session::ReportError(const Status& status) {
 Session::CacheTxn::CacheTxn(Session* session) : session_(session) {
   ++session_->txn_depth_;
   txn_.emplace(session_->cache_);
+}
+
+bool Session::CacheTxn::Started() {
+  if (txn_->active()) return true;
+  session_->ReportError(Unavailable("cache: transaction did not start"));
+  return false;
 }
 
 Session::CacheTxn::~CacheTxn() {

@@ -155,6 +155,8 @@ class Session {
     CacheTxn(const CacheTxn&) = delete;
     CacheTxn& operator=(const CacheTxn&) = delete;
     Status Commit() { return txn_->Commit(); }
+    // False if BEGIN failed: writes made now would commit one by one. Reported then.
+    bool Started();
 
    private:
     Session* const session_;

@@ -51,6 +51,8 @@ constexpr size_t kFrameSlackBytes = 2048;
 // Per attachment: tags, lengths, size/width/height/duration and sha256 (its strings count
 // against max_body_bytes with the body).
 constexpr size_t kAttachmentSlackBytes = 96;
+// One member in a ReceiptsPage: a user id, two seqs, a role, tags and lengths.
+constexpr size_t kMemberReceiptBytes = kMaxUserIdBytes + 32;
 
 }  // namespace
 
@@ -69,7 +71,10 @@ size_t LargestMessageFrameBytes(const ServerOptions& o, codec::Format format) {
                                 : static_cast<size_t>(std::min<uint64_t>(
                                       o.max_message_bytes, cap * (kMaxUserIdBytes + 3)));
   const size_t system_event = users + 2 * kMaxUserIdBytes + kMaxTitleBytes;
-  const size_t binary = std::max(user_message, system_event) + kFrameSlackBytes;
+  // A GetReceipts reply lists every member of a group (a channel's, only the caller). With no
+  // cap on a group's members it has no bound; it is not counted then.
+  const size_t receipts = size_t{o.max_group_members} * kMemberReceiptBytes;
+  const size_t binary = std::max({user_message, system_event, receipts}) + kFrameSlackBytes;
   // JSON writes bytes in base64 (4/3) and a string's control characters as \u00XX (6 times);
   // field names are within the slack's factor too.
   return format == codec::Format::kJson ? 6 * binary : binary;
@@ -685,6 +690,12 @@ class Hub::Impl final : private PresenceTracker::Sink {
       CloseSession(id, kCloseUnauthenticated, "unauthenticated");
       return;
     }
+    if (identity->user_id.empty() || identity->user_id.size() > kMaxUserIdBytes) {
+      // The stores take user ids of up to 128 bytes, and the frame bound counts on it.
+      SendError(id, s, rid, Unauthenticated("the token's user id must be 1 to 128 bytes"));
+      CloseSession(id, kCloseUnauthenticated, "unauthenticated");
+      return;
+    }
     const auto user_entry = users_.try_emplace(std::move(identity->user_id)).first;
     UserSessions& devices = user_entry->second;
     if (devices.size() >= options_.max_devices_per_user) {
@@ -831,9 +842,11 @@ class Hub::Impl final : private PresenceTracker::Sink {
   // A Sync reply or History page carries messages up to half the connection's outbound bound,
   // so it fits beside the deliveries queued with it, and up to half what the client said it
   // accepts, however large the bodies; the client asks again for the rest.
+  // In JSON a byte may take six (a control character is written \u00XX).
   uint64_t ReplyMaxBytes(const Session& s) const {
     uint64_t bound = options_.max_outbound_bytes / 2;
     if (s.client_max_bytes != 0) bound = std::min<uint64_t>(bound, s.client_max_bytes / 2);
+    if (s.format == codec::Format::kJson) bound /= 6;
     return std::max<uint64_t>(bound, 1);
   }
 

@@ -658,13 +658,14 @@ size_t StateBytes(const ConversationInfo& info) {
 constexpr size_t kFirstReadChunk = 16;
 
 // Keeps the messages of `messages` from `from` on while `*bytes` stays within `max_bytes` (0 =
-// no bound), always the first message of the whole vector; drops the rest. True if it dropped any.
+// no bound), always the first message of a reply that holds nothing else yet (so every reply
+// makes progress); drops the rest. True if it dropped any.
 bool KeepWithin(std::vector<Message>* messages, size_t from, uint64_t max_bytes, uint64_t* bytes) {
   if (max_bytes == 0) return false;
   size_t keep = from;
   for (; keep < messages->size(); ++keep) {
     const uint64_t n = MessageBytes((*messages)[keep]);
-    if (keep > 0 && *bytes + n > max_bytes) break;
+    if ((keep > 0 || *bytes > 0) && *bytes + n > max_bytes) break;
     *bytes += n;
   }
   if (keep == messages->size()) return false;

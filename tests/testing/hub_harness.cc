@@ -143,6 +143,7 @@ void HubHarness::Send(server::SessionId session, codec::Frame frame) {
   }
   ReceivedFrame received;
   received.format = DetectFormat(*frame);
+  received.bytes = frame->size();
   v1::Envelope envelope;
   Status decoded = codec::Decode(*frame, received.format, kUnlimited, &envelope);
   if (!decoded.ok()) {

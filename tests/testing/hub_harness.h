@@ -35,6 +35,7 @@ inline constexpr std::string_view kHubTestSecret = "hub-harness-secret-012345678
 // One frame as the client received it.
 struct ReceivedFrame {
   codec::Format format = codec::Format::kBinary;
+  size_t bytes = 0;                     // as written
   std::vector<v1::Envelope> envelopes;  // a Batch frame unpacked, in order
 };
 

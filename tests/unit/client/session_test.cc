@@ -1279,5 +1279,67 @@ TEST_CASE("session: channel subscriptions are sent when live and again after a r
   CHECK(subs[0].subscribe().conversation_id() == 9);
 }
 
+// An ack the cache cannot record leaves the message pending: it is not reported (the app would
+// otherwise see it twice, once more on the resend's ack), and goes again after a pause.
+TEST_CASE("session: an ack the cache cannot store is reported once, on the resend's ack") {
+  testing::FaultVfs vfs;
+  testing::TempDir dir;
+  std::shared_ptr<Cache> cache(Cache::Open(dir.File("cache.db")).value());
+  Harness h({}, cache);
+  h.ConnectLive();
+  h.AddOutbox("msg-a-0123456789");
+  auto sends = h.io.Take();
+  REQUIRE(SendIds(sends) == std::vector<std::string>{"msg-a-0123456789"});
+  vfs.FailWrites(true);
+  h.session->OnEnvelope(AckFor(sends[0], 1));
+  vfs.FailWrites(false);
+  REQUIRE(h.listener.errors.size() == 1);
+  CHECK(h.listener.SentSeqs(5).empty());
+  CHECK(h.cache->PendingCount() == 1);
+  CHECK(SendIds(h.io.Take()).empty());  // not at once
+  h.clock->Advance(kOutboxRetryMinMs);
+  h.session->Tick();
+  auto resent = h.io.Take();
+  REQUIRE(SendIds(resent) == std::vector<std::string>{"msg-a-0123456789"});
+  h.session->OnEnvelope(AckFor(resent[0], 1, /*duplicate=*/true));
+  CHECK(h.listener.SentSeqs(5) == std::vector<Seq>{1});
+  CHECK(h.cache->PendingCount() == 0);
+}
+
+// A gap the cache cannot store is not applied at all: the cached messages inside it are not
+// reported, and the next Sync, which brings the gap again, reports them once.
+TEST_CASE("session: a gap the cache cannot store reports nothing; the next Sync's does") {
+  testing::FaultVfs vfs;
+  testing::TempDir dir;
+  std::shared_ptr<Cache> cache(Cache::Open(dir.File("cache.db")).value());
+  Harness h({}, cache);
+  v1::Envelope first = h.Welcome();
+  v1::SyncBatch known;
+  auto* c5 = known.add_conversations();
+  c5->set_conversation_id(5);
+  c5->set_kind(v1::CONVERSATION_KIND_GROUP);
+  c5->set_last_seq(1);
+  *known.add_messages() = Msg(5, 1);
+  h.Reply(first, known);
+  REQUIRE(h.state() == ConnectionState::kConnected);
+  h.Deliver(Msg(5, 3));
+  auto sync = h.io.Take();
+  REQUIRE(sync.size() == 1);
+  REQUIRE(sync[0].has_sync());
+  vfs.FailWrites(true);
+  h.Reply(sync[0], GapBatch(/*last_seq=*/3, /*from=*/2, /*to=*/2));
+  vfs.FailWrites(false);
+  CHECK_FALSE(h.listener.errors.empty());
+  CHECK(h.listener.SentSeqs(5) == std::vector<Seq>{1});
+  REQUIRE(h.cache->GetConversation(5).has_value());
+  CHECK(h.cache->GetConversation(5)->cursor == 1);
+  // The link drops and comes back: the Sync from the stored cursor brings the gap again.
+  h.session->OnClosed(1006, "abnormal");
+  v1::Envelope again = h.Welcome();
+  h.Reply(again, GapBatch(/*last_seq=*/3, /*from=*/2, /*to=*/2));
+  CHECK(h.listener.SentSeqs(5) == std::vector<Seq>{1, 3});
+  CHECK(h.cache->GetConversation(5)->cursor == 3);
+}
+
 }  // namespace
 }  // namespace chat::client

@@ -221,6 +221,66 @@ TEST_CASE("hub: a hello whose max_message_bytes is below the largest message fra
   CHECK(h.hub().session_count() == 4);
 }
 
+TEST_CASE("hub: a token whose user id is over 128 bytes is refused with close 4001") {
+  HubHarness h;
+  SessionId session = h.Open().value();
+  h.SendEnvelope(session, HelloEnvelope(1, h.Token(std::string(129, 'u')), "d"));
+  v1::Error error = ExpectError(Only(h.Take(session)), v1::Error::UNAUTHENTICATED, 1);
+  CHECK(error.message() == "the token's user id must be 1 to 128 bytes");
+  REQUIRE(h.closed(session).has_value());
+  CHECK(h.closed(session)->code == server::kCloseUnauthenticated);
+  // 128 bytes are accepted.
+  SessionId ok = h.Open().value();
+  h.SendEnvelope(ok, HelloEnvelope(1, h.Token(std::string(128, 'u')), "d"));
+  CHECK(Only(h.Take(ok)).has_welcome());
+}
+
+// A JSON client that accepts the least the server allows still gets every Sync page within
+// it, also when the messages' strings are control characters (six bytes each in JSON).
+TEST_CASE("hub: Sync pages to a JSON client stay within its max_message_bytes") {
+  HubHarness h;
+  const SessionId alice = h.Connect("alice", "a1");
+  constexpr int kCount = 12;
+  for (int i = 0; i < kCount; ++i) {
+    v1::Envelope send =
+        SendToPeer(10 + i, "bob", "cmid-" + std::to_string(i) + "-0123456789abcdef", "x");
+    v1::Attachment* a = send.mutable_send()->add_attachments();
+    a->set_url("u");
+    a->set_name(std::string(60'000, '\x01'));
+    h.SendEnvelope(alice, send);
+    h.Pump();
+  }
+  for (const v1::Envelope& e : h.Take(alice)) REQUIRE_MESSAGE(e.has_send_ack(), e.DebugString());
+
+  const size_t bound = server::LargestMessageFrameBytes(h.options(), codec::Format::kJson);
+  SessionId bob = h.Open().value();
+  v1::Envelope hello = HelloEnvelope(1, h.Token("bob"), "b1");
+  hello.mutable_hello()->set_max_message_bytes(static_cast<uint32_t>(bound));
+  h.SendEnvelope(bob, hello, codec::Format::kJson);
+  REQUIRE(Only(h.Take(bob)).has_welcome());
+  int received = 0;
+  uint64_t cursor = 0;
+  ConversationId conversation = 0;
+  for (int pages = 0; pages < 50 && received < kCount; ++pages) {
+    std::vector<Cursor> cursors;
+    if (conversation != 0) cursors.push_back({conversation, cursor});
+    h.SendEnvelope(bob, SyncEnvelope(100 + pages, cursors), codec::Format::kJson);
+    h.Pump();
+    for (const ReceivedFrame& frame : h.TakeFrames(bob)) {
+      CHECK(frame.bytes <= bound);
+      for (const v1::Envelope& e : frame.envelopes) {
+        if (!e.has_sync_batch()) continue;
+        for (const v1::Message& m : e.sync_batch().messages()) {
+          conversation = m.conversation_id();
+          cursor = m.seq();
+          ++received;
+        }
+      }
+    }
+  }
+  CHECK(received == kCount);
+}
+
 // The bound covers the largest message of each kind the options allow, in a SyncBatch beside
 // its conversation's state and a gap, in both formats (JSON with strings of control
 // characters, each written as \u00XX).
@@ -231,7 +291,8 @@ TEST_CASE("hub: LargestMessageFrameBytes bounds the largest messages the server 
     o.max_message_bytes = 64 * 1024;
     o.max_body_bytes = 16 * 1024;
     if (capped) {
-      o.max_group_members = 50;
+      // A full group's receipts page is the largest frame here.
+      o.max_group_members = 500;
       o.max_channel_members = 40;
     }
     for (const char fill : {'a', '\x01'}) {
@@ -301,7 +362,7 @@ TEST_CASE("hub: LargestMessageFrameBytes bounds the largest messages the server 
       event->set_role(v1::ROLE_ADMIN);
       event->set_seq(UINT64_MAX);
       event->set_retention_ms(INT64_MIN);
-      const size_t named = capped ? 50 : o.max_message_bytes / (128 + 3);
+      const size_t named = o.max_message_bytes / (128 + 3);
       for (size_t i = 0; i < named; ++i) event->add_users(text(128));
       for (const v1::Message* message : {&user, &system}) {
         *batch->mutable_messages()->Add() = *message;
@@ -314,7 +375,23 @@ TEST_CASE("hub: LargestMessageFrameBytes bounds the largest messages the server 
         }
         batch->clear_messages();
       }
-      // Not loose either: the larger of the two is within 4 KiB of the binary bound.
+      // A group's receipts page, every member listed.
+      v1::Envelope receipts;
+      receipts.set_rid(UINT64_MAX);
+      receipts.mutable_receipts_page()->set_conversation_id(UINT64_MAX);
+      for (uint32_t i = 0; i < o.max_group_members; ++i) {
+        v1::MemberReceipt* member = receipts.mutable_receipts_page()->add_members();
+        member->set_user_id(text(128));
+        member->set_delivered_seq(UINT64_MAX);
+        member->set_read_seq(UINT64_MAX);
+        member->set_role(v1::ROLE_ADMIN);
+      }
+      for (const codec::Format format : {codec::Format::kBinary, codec::Format::kJson}) {
+        const size_t encoded = codec::Encode(receipts, format).size();
+        CHECK(encoded <= server::LargestMessageFrameBytes(o, format));
+        if (format == codec::Format::kBinary) largest = std::max(largest, encoded);
+      }
+      // Not loose either: the largest of them is within 4 KiB of the binary bound.
       CHECK(largest + 4096 > server::LargestMessageFrameBytes(o, codec::Format::kBinary));
     }
   }
