@@ -310,8 +310,10 @@ constexpr std::array<const char*, static_cast<size_t>(Sql::kCount)> kSql = {
     "INSERT INTO message_keys(client_msg_id, sender, conversation_id, seq) VALUES(?1, ?2, ?3, ?4)",
     "DELETE FROM message_keys WHERE client_msg_id = ?1 AND sender = ?2",
     "SELECT active, merged_conversation, merged_seq FROM log_state",
-    "SELECT COUNT(*), TOTAL(length(body)) FROM log0",
-    "SELECT COUNT(*), TOTAL(length(body)) FROM log1",
+    "SELECT COUNT(*), TOTAL(length(body) + IFNULL(length(attachments), 0) + "
+    "IFNULL(length(system), 0)) FROM log0",
+    "SELECT COUNT(*), TOTAL(length(body) + IFNULL(length(attachments), 0) + "
+    "IFNULL(length(system), 0)) FROM log1",
     "UPDATE log_state SET active = 1 - active, merged_conversation = 0, merged_seq = 0",
     // The row ?3 rows past the first one after (?1, ?2): the last of a slice of ?3 + 1 rows.
     "SELECT conversation_id, seq FROM log0 WHERE (conversation_id, seq) > (?1, ?2) "
@@ -949,12 +951,14 @@ constexpr uint32_t kMaxRecentLogRows = 1'000'000;
 // a merge finishes before the active log fills, with the switch and the emptying commit in it.
 constexpr uint64_t kMergePace = 2;
 
-// Past this many bytes of bodies (plus kLogRowBytes per row) the active log is switched as if
-// it held recent_log_rows, so large messages do not make a log of gigabytes.
+// Past this many bytes of bodies, attachments and system events (plus kLogRowBytes per row) the
+// active log is switched as if it held recent_log_rows, so large messages do not make a log of
+// gigabytes.
 constexpr uint64_t kMaxLogBytes = uint64_t{32} << 20;
-constexpr uint64_t kLogRowBytes = 128;  // what a row costs besides its body, roughly
-// A message with a larger body goes straight into messages: it fills pages of its own anyway,
-// and through the log it would be written three times (log, copy, zeroing).
+constexpr uint64_t kLogRowBytes = 128;  // what a row costs besides those, roughly
+// A message with more bytes than this in its body, attachments and system event goes straight
+// into messages: it fills pages of its own anyway, and through the log it would be written
+// three times (log, copy, zeroing).
 constexpr size_t kLogBodyMax = 4096;
 
 // (conversation_id, seq) of a log row; the merge copies rows in this order.
@@ -980,8 +984,8 @@ class SqliteTarget final : public server::AppendTarget {
 
   server::ReadSource& Reader() override { return reader_; }
 
-  // Messages stored through Insert; of them, those that went into the log, and their bodies'
-  // bytes plus kLogRowBytes each.
+  // Messages stored through Insert; of them, those that went into the log, and their bodies',
+  // attachments' and system events' bytes plus kLogRowBytes each.
   uint64_t inserted_rows() const { return inserted_rows_; }
   uint64_t logged_rows() const { return logged_rows_; }
   uint64_t logged_bytes() const { return logged_bytes_; }
@@ -1116,7 +1120,11 @@ class SqliteTarget final : public server::AppendTarget {
         return s;
       }
     }
-    const bool logged = insert_ != Sql::kInsertMessage && m.body.size() <= kLogBodyMax;
+    const std::string attachments = EncodeAttachments(m.attachments);
+    const std::string system = EncodeSystem(m);
+    // Attachments count with the body (their strings may take most of max_body_bytes).
+    const size_t row_bytes = m.body.size() + attachments.size() + system.size();
+    const bool logged = insert_ != Sql::kInsertMessage && row_bytes <= kLogBodyMax;
     {
       Query q(conn_, logged ? insert_ : Sql::kInsertMessage);
       q.U64(m.conversation_id)
@@ -1129,14 +1137,14 @@ class SqliteTarget final : public server::AppendTarget {
           .Int(static_cast<int>(m.kind))
           .Text(m.content_type)
           .Blob(m.body)
-          .Blob(EncodeAttachments(m.attachments), /*null_if_empty=*/true)
-          .Blob(EncodeSystem(m), /*null_if_empty=*/true);
+          .Blob(attachments, /*null_if_empty=*/true)
+          .Blob(system, /*null_if_empty=*/true);
       if (Status s = q.Run(); !s.ok()) return s;
     }
     ++inserted_rows_;
     if (logged) {
       ++logged_rows_;
-      logged_bytes_ += m.body.size() + kLogRowBytes;
+      logged_bytes_ += row_bytes + kLogRowBytes;
     }
     Query q(conn_, Sql::kAdvanceConversation);
     q.U64(m.conversation_id).U64(m.seq).Int(m.server_time_ms);

@@ -1762,7 +1762,7 @@ TEST_CASE("store: sqlite: a merge step that fails half-way is undone, not half k
   CHECK(h->messages.size() == static_cast<size_t>(total));
 }
 
-TEST_CASE("store: sqlite: a message with a body over 4 KiB goes straight into the table") {
+TEST_CASE("store: sqlite: a message with over 4 KiB of body and attachments goes into the table") {
   SmallLog log(/*rows=*/1000, /*slice=*/10);
   MessageStore& store = *log.store;
   const std::string& path = log.options.path;
@@ -1790,6 +1790,22 @@ TEST_CASE("store: sqlite: a message with a body over 4 KiB goes straight into th
   CHECK(
       CommitOne(store, ToConversation(log.ab, "bob", "edge", std::string(4096, 'y'))).status.ok());
   CHECK(PlacementOf(path).messages == 1);
+  // Attachments count with the body: a short body with 5 KiB of attachment names is large too.
+  AppendRequest attached = ToConversation(log.ab, "bob", "attached", "see files");
+  for (int i = 0; i < 5; ++i) {
+    Attachment a;
+    a.url = "https://files.example/" + std::to_string(i);
+    a.name = std::string(1024, static_cast<char>('a' + i));
+    attached.attachments.push_back(std::move(a));
+  }
+  AppendResult with_files = CommitOne(store, attached);
+  REQUIRE(with_files.status.ok());
+  CHECK(PlacementOf(path).messages == 2);
+  Result<HistoryReply> newest = HistoryOf(store, "bob", log.ab, 0, 1);
+  REQUIRE(newest.ok());
+  REQUIRE(newest->messages.size() == 1);
+  CHECK(newest->messages[0].attachments.size() == 5);
+  CHECK(newest->messages[0].attachments[4].name == std::string(1024, 'e'));
 }
 
 TEST_CASE("store: sqlite: a store opened with recent_log_rows 0 empties the logs and skips them") {
