@@ -1451,13 +1451,22 @@ class SqliteStore final : public MessageStore {
     if (Status s = server::ValidateSweep(request); !s.ok()) return s;
     std::lock_guard lock(writer_mu_);
     SweepResult result;
+    LogState next = log_;
     Status s = Query(*writer_, Sql::kBeginImmediate).Run();
     if (s.ok()) {
       s = Sweep(request, &result);
+      if (s.ok() && result.deleted > 0) {
+        // Rows it deleted from the active log no longer count toward its size (else the log
+        // would be switched and merged early, by what retention already removed).
+        Result<LogState> counted = ReadLogState(*writer_);
+        s = counted.status();
+        if (s.ok()) next = *counted;
+      }
       if (s.ok()) s = Query(*writer_, Sql::kCommit).Run();
       if (!s.ok()) (void)Query(*writer_, Sql::kRollback).Run();
     }
     if (!s.ok()) return s;
+    log_ = next;
     return result;
   }
 

@@ -35,6 +35,19 @@ v1::SyncBatch GapBatch(Seq last_seq, Seq from, Seq to) {
   return batch;
 }
 
+// Connects live with group 5 holding seq 1, reported.
+void LiveWithGroupAtSeq1(Harness& h) {
+  v1::Envelope first = h.Welcome();
+  v1::SyncBatch known;
+  auto* c5 = known.add_conversations();
+  c5->set_conversation_id(5);
+  c5->set_kind(v1::CONVERSATION_KIND_GROUP);
+  c5->set_last_seq(1);
+  *known.add_messages() = Msg(5, 1);
+  h.Reply(first, known);
+  REQUIRE(h.state() == ConnectionState::kConnected);
+}
+
 TEST_CASE("session: connects with Hello, syncs, and reports each state once in order") {
   Harness h;
   v1::Envelope hello = h.OpenToHello();
@@ -371,15 +384,7 @@ TEST_CASE("session: an own message whose seq a Gap passed is reported sent when 
 
 TEST_CASE("session: an own message acked above a hole that a Gap then covers is reported sent") {
   Harness h;
-  v1::Envelope first = h.Welcome();
-  v1::SyncBatch known;
-  auto* c5 = known.add_conversations();
-  c5->set_conversation_id(5);
-  c5->set_kind(v1::CONVERSATION_KIND_GROUP);
-  c5->set_last_seq(1);
-  *known.add_messages() = Msg(5, 1);
-  h.Reply(first, known);
-  REQUIRE(h.state() == ConnectionState::kConnected);
+  LiveWithGroupAtSeq1(h);
   h.AddOutbox("msg-a-0123456789");
   auto sends = h.io.Take();
   REQUIRE(SendIds(sends) == std::vector<std::string>{"msg-a-0123456789"});
@@ -410,15 +415,7 @@ TEST_CASE("session: an own message acked above a hole that a Gap then covers is 
 
 TEST_CASE("session: others' messages received live behind a hole that a Gap covers are reported") {
   Harness h;
-  v1::Envelope first = h.Welcome();
-  v1::SyncBatch known;
-  auto* c5 = known.add_conversations();
-  c5->set_conversation_id(5);
-  c5->set_kind(v1::CONVERSATION_KIND_GROUP);
-  c5->set_last_seq(1);
-  *known.add_messages() = Msg(5, 1);
-  h.Reply(first, known);
-  REQUIRE(h.state() == ConnectionState::kConnected);
+  LiveWithGroupAtSeq1(h);
   // Seqs 3 and 7 arrive live while 2 is missing: cached, not reported, a Sync asked for.
   h.Deliver(Msg(5, 3));
   h.Deliver(Msg(5, 7));
@@ -1313,15 +1310,7 @@ TEST_CASE("session: a gap the cache cannot store reports nothing; the next Sync'
   testing::TempDir dir;
   std::shared_ptr<Cache> cache(Cache::Open(dir.File("cache.db")).value());
   Harness h({}, cache);
-  v1::Envelope first = h.Welcome();
-  v1::SyncBatch known;
-  auto* c5 = known.add_conversations();
-  c5->set_conversation_id(5);
-  c5->set_kind(v1::CONVERSATION_KIND_GROUP);
-  c5->set_last_seq(1);
-  *known.add_messages() = Msg(5, 1);
-  h.Reply(first, known);
-  REQUIRE(h.state() == ConnectionState::kConnected);
+  LiveWithGroupAtSeq1(h);
   h.Deliver(Msg(5, 3));
   auto sync = h.io.Take();
   REQUIRE(sync.size() == 1);

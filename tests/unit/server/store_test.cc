@@ -1680,6 +1680,31 @@ struct SmallLog {
   ConversationId ab = 0;
 };
 
+TEST_CASE("store: sqlite: rows retention removes from the log no longer count toward its size") {
+  SmallLog log(/*rows=*/10, /*slice=*/5);
+  MessageStore& store = *log.store;
+  const std::string& path = log.options.path;
+  SendMany(store, log.ab, "alice", 7, "old");
+  REQUIRE(PlacementOf(path).log0 == 8);  // with the opening message
+  Result<SweepResult> swept = store.DeleteExpired({1'800'000'000'000, 1000, 100});
+  REQUIRE(swept.ok());
+  CHECK(swept->deleted == 8);
+  CHECK(PlacementOf(path).log0 == 0);
+  // The log counts what is left: 5 more rows do not fill it (10), so it is not switched.
+  SendMany(store, log.ab, "alice", 5, "new");
+  const LogPlacement now = PlacementOf(path);
+  CHECK(now.active == 0);
+  CHECK(now.log0 == 5);
+  CHECK_FALSE(now.merging);
+  // Nor after a restart, which counts the rows again.
+  log.store.reset();
+  Result<std::shared_ptr<MessageStore>> reopened = NewSqliteStore(log.options);
+  REQUIRE(reopened.ok());
+  SendMany(**reopened, log.ab, "alice", 4, "later");
+  CHECK(PlacementOf(path).active == 0);
+  CHECK(PlacementOf(path).log0 == 9);
+}
+
 TEST_CASE("store: sqlite: a failing merge leaves the batch stored and recovers when it can") {
   SmallLog log(/*rows=*/20, /*slice=*/5);
   MessageStore& store = *log.store;
