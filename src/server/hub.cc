@@ -197,6 +197,9 @@ struct PendingRead {
   ConversationId conversation_id = 0;  // all but Sync
   Purpose purpose = Purpose::kSync;
   uint64_t removals = 0;  // the Hub's count of committed removals when the read was submitted
+  // kPresenceSubscribe: the users asked for that the session has not unsubscribed from since
+  // (an Unsubscribe may overtake the Subscribe's read).
+  std::unordered_set<UserId> still_wanted;
 };
 
 // Typing state one connection last forwarded for one conversation.
@@ -298,9 +301,12 @@ class Hub::Impl final : private PresenceTracker::Sink {
     if (it == sessions_.end()) return;  // closed by us; late frames are dropped
     Session& s = it->second;
     const int64_t now = clock_->MonotonicMs();
-    // A device silent past the presence TTL counts again from its first frame.
+    // A device whose registry entry may expire before the next refresh pass (PresenceTick)
+    // renews it from this frame: one silent past the TTL counts again, and one heard late (a
+    // frame after the last pass, but past TTL - refresh interval) does not flicker offline.
     if (s.authenticated() &&
-        now - s.last_frame_ms >= static_cast<int64_t>(options_.presence_ttl_ms)) {
+        now - s.last_frame_ms >=
+            static_cast<int64_t>(options_.presence_ttl_ms) - presence_.refresh_interval_ms()) {
       presence_.DeviceHeard(s.user(), s.device, now);
     }
     Refill(s, now);  // before last_frame_ms moves: the buckets were last refilled then
@@ -416,8 +422,9 @@ class Hub::Impl final : private PresenceTracker::Sink {
     }
     auto it = pending_reads_.find(token);
     if (it == pending_reads_.end()) return;
-    PendingRead pending = it->second;
+    PendingRead pending = std::move(it->second);
     pending_reads_.erase(it);
+    if (pending.purpose == Purpose::kPresenceSubscribe) ForgetSubscribeRead(pending.session, token);
     Session* s = FindSession(pending.session);
     if (s == nullptr) return;
 
@@ -738,7 +745,18 @@ class Hub::Impl final : private PresenceTracker::Sink {
     limits->set_max_group_members(options_.max_group_members);
     limits->set_max_presence_subscriptions(options_.max_presence_subscriptions);
     Reply(id, s, reply);
-    if (!device_known) presence_.DeviceUp(s.user(), s.device);
+    // The user's devices sync what the open collapse windows hold: no push for it.
+    for (auto it = pending_pushes_.lower_bound(PushKey{s.user(), 0});
+         it != pending_pushes_.end() && it->first.first == s.user();) {
+      it = pending_pushes_.erase(it);
+    }
+    if (!device_known) {
+      presence_.DeviceUp(s.user(), s.device);
+    } else {
+      // The device reconnected while its old connection lingers (not closed yet, perhaps
+      // silent past the presence TTL): it is live again from now, not from the next refresh.
+      presence_.DeviceHeard(s.user(), s.device, clock_->MonotonicMs());
+    }
   }
 
   // The request takes the decoded Send's strings instead of copying them (a body may be up to
@@ -870,9 +888,25 @@ class Hub::Impl final : private PresenceTracker::Sink {
                   decltype(ReadJob::query) query) {
     ReadJob job;
     job.token = next_token_++;
+    PendingRead pending{id, rid, conversation_id, purpose, removals_, {}};
+    if (purpose == Purpose::kPresenceSubscribe) {
+      const auto& targets = std::get<PresenceQuery>(query).targets;
+      pending.still_wanted.insert(targets.begin(), targets.end());
+      subscribe_reads_.emplace(id, job.token);
+    }
     job.query = std::move(query);
-    pending_reads_.emplace(job.token, PendingRead{id, rid, conversation_id, purpose, removals_});
+    pending_reads_.emplace(job.token, std::move(pending));
     io_->SubmitRead(std::move(job));
+  }
+
+  void ForgetSubscribeRead(SessionId session, uint64_t token) {
+    auto [first, last] = subscribe_reads_.equal_range(session);
+    for (auto it = first; it != last; ++it) {
+      if (it->second == token) {
+        subscribe_reads_.erase(it);
+        return;
+      }
+    }
   }
 
   // Requests that need the user's standing and the members (GetReceipts, Subscribe,
@@ -1232,6 +1266,13 @@ class Hub::Impl final : private PresenceTracker::Sink {
       return;
     }
     for (const UserId& user : users) presence_.Unwatch(id, user);
+    // A Subscribe still being checked must not watch them when its read comes back.
+    auto [first, last] = subscribe_reads_.equal_range(id);
+    for (auto it = first; it != last; ++it) {
+      auto read = pending_reads_.find(it->second);
+      if (read == pending_reads_.end()) continue;
+      for (const UserId& user : users) read->second.still_wanted.erase(user);
+    }
     SendOk(id, s, envelope.rid());
   }
 
@@ -1276,7 +1317,9 @@ class Hub::Impl final : private PresenceTracker::Sink {
     // The read may predate a removal the Hub has applied since: ask again.
     if (pending.removals != removals_) {
       std::vector<UserId> targets;
-      for (const PresenceContact& c : reply->targets) targets.push_back(c.user);
+      for (const PresenceContact& c : reply->targets) {
+        if (!subscribe || pending.still_wanted.contains(c.user)) targets.push_back(c.user);
+      }
       SubmitRead(pending.session, pending.rid, 0, pending.purpose,
                  PresenceQuery{.user = s.user(), .targets = std::move(targets)});
       return;
@@ -1296,13 +1339,16 @@ class Hub::Impl final : private PresenceTracker::Sink {
       }
     }
     std::vector<UserId> targets;
-    for (const PresenceContact& c : reply->targets) targets.push_back(c.user);
+    for (const PresenceContact& c : reply->targets) {
+      if (pending.still_wanted.contains(c.user)) targets.push_back(c.user);
+    }
     // Other subscribes may have been answered since this one was checked.
     if (Status room = PresenceRoom(pending.session, targets); !room.ok()) {
       SendError(pending.session, s, pending.rid, room);
       return;
     }
     for (const PresenceContact& c : reply->targets) {
+      if (!pending.still_wanted.contains(c.user)) continue;
       const PresenceState state =
           presence_.Watch(pending.session, s.user(), c.user, c.last_seen_ms);
       SendPresence(pending.session, c.user, state);
@@ -1571,6 +1617,8 @@ class Hub::Impl final : private PresenceTracker::Sink {
   uint64_t next_token_ = 1;
   std::unordered_map<uint64_t, PendingAppend> pending_appends_;
   std::unordered_map<uint64_t, PendingRead> pending_reads_;
+  // Session -> tokens of its PresenceSubscribe reads in flight (for Unsubscribe).
+  std::unordered_multimap<SessionId, uint64_t> subscribe_reads_;
 
   // Presence (declared after clock_, which it uses).
   PresenceTracker presence_;

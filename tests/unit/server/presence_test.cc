@@ -321,6 +321,34 @@ TEST_CASE("presence: unsubscribing stops updates") {
   CHECK(Updates(h.Take(p.bob)).empty());
 }
 
+TEST_CASE("presence: an unsubscribe that overtakes a subscribe's check is not undone by it") {
+  HubHarness h(Options());
+  const SessionId alice = h.Connect("alice", "a1");
+  const SessionId carol = h.Connect("carol", "c1");
+  const SessionId bob = h.Connect("bob", "b1");
+  Befriend(h, alice, "bob", 1);
+  Befriend(h, carol, "bob", 2);
+  h.Take(bob);
+  // bob asks for alice and carol, and drops alice before the store has checked the request.
+  h.SendEnvelope(bob, SubscribeEnvelope(3, {"alice", "carol"}));
+  h.SendEnvelope(bob, UnsubscribeEnvelope(4, {"alice"}));
+  std::vector<v1::Envelope> got = h.Take(bob);
+  REQUIRE(got.size() == 1);
+  CHECK(got[0].rid() == 4);
+  h.Pump();
+  got = h.Take(bob);
+  REQUIRE(got.size() == 2);
+  REQUIRE(got[0].has_presence_update());
+  CHECK(got[0].presence_update().user_id() == "carol");
+  CHECK(got[1].has_ok());
+  CHECK(got[1].rid() == 3);
+  // alice comes and goes: bob hears nothing of her.
+  h.Connect("alice", "a2");
+  h.Disconnect(alice);
+  Run(h, 10'000);
+  CHECK(Updates(h.Take(bob)).empty());
+}
+
 TEST_CASE("presence: removal from the shared group stops updates both ways") {
   HubHarness h(Options());
   SessionId alice = h.Connect("alice", "a1");
@@ -428,6 +456,46 @@ TEST_CASE("presence: a device silent past the TTL goes offline and comes back wh
     h.SendEnvelope(p.alice1, PingEnvelope(200 + i));
   }
   CHECK(Updates(h.Take(p.bob)).empty());
+}
+
+// TTL 3 s, heartbeat 0.1 s: the Hub refreshes live devices every 1.45 s (at 1.45, 2.9, 4.35 s).
+ServerOptions FastPresence() {
+  ServerOptions o = Options();
+  o.presence_ttl_ms = 3000;
+  o.heartbeat_interval_ms = 100;
+  o.presence_grace_ms = 500;
+  o.presence_coalesce_ms = 50;
+  return o;
+}
+
+TEST_CASE("presence: a frame heard after the last refresh keeps the device online") {
+  Pair p(FastPresence());
+  HubHarness& h = p.h;
+  // alice's last frame was at 0; the pass at 2.9 s renewed her until 3 s. A ping at 2.95 s
+  // must carry her past 3 s without waiting for the pass at 4.35 s.
+  Run(h, 2950);
+  h.SendEnvelope(p.alice1, PingEnvelope(7));
+  CHECK(h.Take(p.alice1).at(0).has_pong());
+  Run(h, 1500);
+  CHECK(Updates(h.Take(p.bob)).empty());
+}
+
+TEST_CASE("presence: a device reconnecting while its old connection lingers is online at once") {
+  Pair p(FastPresence());
+  HubHarness& h = p.h;
+  Run(h, 3700);  // alice silent since 0: expired at 3 s, offline after the grace period
+  std::vector<v1::PresenceUpdate> got = Updates(h.Take(p.bob));
+  REQUIRE(got.size() == 1);
+  CHECK_FALSE(got[0].online());
+  // Her phone reconnects with the same device id; the old connection is still open.
+  const SessionId again = h.Connect("alice", "a1");
+  CHECK_FALSE(h.closed(p.alice1).has_value());
+  Run(h, 100);  // before the next refresh pass (4.35 s)
+  got = Updates(h.Take(p.bob));
+  REQUIRE(got.size() == 1);
+  CHECK(got[0].online());
+  CHECK(got[0].devices() == 1);
+  h.Take(again);
 }
 
 TEST_CASE("presence: last seen is persisted periodically for online users and at shutdown") {

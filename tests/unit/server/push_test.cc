@@ -131,6 +131,23 @@ TEST_CASE("push: a user who comes online within the window gets no notification"
   CHECK(p.notifier->notifications.empty());
 }
 
+TEST_CASE("push: a user who comes online and goes again within the window gets no notification") {
+  PushHub p;
+  SessionId alice = p.h.Connect("alice", "a1");
+  SendAndCommit(p.h, alice, 1, "bob", "hi");
+  // bob's phone connects, syncs what the window holds, and drops before the window ends.
+  SessionId bob = p.h.Connect("bob", "b1");
+  p.h.Disconnect(bob);
+  p.Elapse(5000);
+  CHECK(p.notifier->notifications.empty());
+  // A message after he left opens a new window, which is pushed.
+  SendAndCommit(p.h, alice, 2, "bob", "are you there?");
+  p.Elapse(5000);
+  REQUIRE(p.notifier->notifications.size() == 1);
+  CHECK(p.notifier->notifications[0].preview == "are you there?");
+  CHECK(p.notifier->notifications[0].collapsed == 1);
+}
+
 TEST_CASE("push: with preview off the notification carries no body") {
   PushHub p(/*preview=*/false);
   SessionId alice = p.h.Connect("alice", "a1");
