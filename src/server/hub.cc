@@ -32,6 +32,9 @@ constexpr size_t kMaxClientMsgIdBytes = 128;
 constexpr size_t kMaxDeviceIdBytes = 128;
 constexpr size_t kMaxContentTypeBytes = 255;
 constexpr size_t kMaxPushPreviewBytes = 1024;
+// Removal commits the Hub remembers, so that a read older than the last one is asked again only
+// if one of them concerns it (older reads are always asked again).
+constexpr size_t kRecentRemovals = 1024;
 // Hello.protocol_version this server speaks; 0 (unset) is taken as 1.
 constexpr uint32_t kProtocolVersion = 1;
 // Suggested wait before resending after a failed commit, when the store gives none.
@@ -1075,7 +1078,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
       case Purpose::kSubscribe: {
         // The read may predate a removal the Hub has applied since (and whose unsubscribe has
         // already run): ask again rather than subscribe a removed member.
-        if (pending.removals != removals_) {
+        if (RemovedSince(pending.removals, {s.user()}, conversation_id)) {
           SubmitMembersRead(pending.session, s, pending.rid, conversation_id, Purpose::kSubscribe);
           return;
         }
@@ -1158,8 +1161,25 @@ class Hub::Impl final : private PresenceTracker::Sink {
     io_->SubmitAppend(std::move(job));
   }
 
-  // A committed user message for `user`, who has no online device: opens a collapse window for
-  // (user, conversation) or folds into the open one.
+  // Whether one of `devices`' connections was heard from within presence_ttl_ms, as presence
+  // counts a device online. A connection silent for longer may be gone without a close (a phone
+  // in a tunnel, a suspended app: the idle timeout ends it later), so its user is pushed.
+  bool HeardLately(const UserSessions& devices, int64_t now) {
+    for (SessionId id : devices) {
+      const Session* s = FindSession(id);
+      if (s != nullptr && now - s->last_frame_ms < static_cast<int64_t>(options_.presence_ttl_ms)) {
+        return true;
+      }
+    }
+    return false;
+  }
+  bool HeardLately(const UserId& user, int64_t now) {
+    auto it = users_.find(user);
+    return it != users_.end() && HeardLately(it->second, now);
+  }
+
+  // A committed user message for `user`, who has no device heard from lately: opens a collapse
+  // window for (user, conversation) or folds into the open one.
   void QueuePush(const UserId& user, const Message& message) {
     const PushKey key{user, message.conversation_id};
     auto it = pending_pushes_.find(key);
@@ -1195,7 +1215,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
       if (it == pending_pushes_.end()) continue;
       PushNotification notification = std::move(it->second);
       pending_pushes_.erase(it);
-      if (users_.contains(key.first)) continue;
+      if (HeardLately(key.first, now)) continue;
       if (pushes_reading_ >= kMaxPendingPushes) continue;
       due.push_back(std::move(notification));
       if (due.size() == kPushTargetsPerRead) SubmitPushTargets(&due);
@@ -1224,9 +1244,10 @@ class Hub::Impl final : private PresenceTracker::Sink {
     std::vector<PushNotification> notifications = std::move(it->second);
     push_reads_.erase(it);
     pushes_reading_ -= notifications.size();
+    const int64_t now = clock_->MonotonicMs();
     for (PushNotification& n : notifications) {
       // Devices that connected while the store was read have synced.
-      if (users_.contains(n.user)) continue;
+      if (HeardLately(n.user, now)) continue;
       if (targets.ok()) {
         auto target =
             std::lower_bound(targets->begin(), targets->end(), n.user,
@@ -1314,8 +1335,13 @@ class Hub::Impl final : private PresenceTracker::Sink {
       }
       return;
     }
-    // The read may predate a removal the Hub has applied since: ask again.
-    if (pending.removals != removals_) {
+    // The read may predate a removal the Hub has applied since: ask again if it concerns the
+    // watcher or one of the targets.
+    std::vector<UserId> concerned;
+    concerned.reserve(reply->targets.size() + 1);
+    concerned.push_back(s.user());
+    for (const PresenceContact& c : reply->targets) concerned.push_back(c.user);
+    if (RemovedSince(pending.removals, concerned, 0)) {
       std::vector<UserId> targets;
       for (const PresenceContact& c : reply->targets) {
         if (!subscribe || pending.still_wanted.contains(c.user)) targets.push_back(c.user);
@@ -1354,6 +1380,24 @@ class Hub::Impl final : private PresenceTracker::Sink {
       SendPresence(pending.session, c.user, state);
     }
     SendOk(pending.session, s, pending.rid);
+  }
+
+  // Whether a removal committed after the one numbered `since` (a read's snapshot of removals_)
+  // removed one of `users`, from `conversation` if it is not 0. Also true when the records do
+  // not reach back that far. Unrelated removals elsewhere do not send a read back to the store,
+  // where a busy server's steady removals would otherwise keep it from ever being answered.
+  bool RemovedSince(uint64_t since, const std::vector<UserId>& users,
+                    ConversationId conversation) const {
+    if (since == removals_) return false;
+    if (recent_removals_.empty() || recent_removals_.front().number > since + 1) return true;
+    for (auto it = recent_removals_.rbegin(); it != recent_removals_.rend() && it->number > since;
+         ++it) {
+      if (conversation != 0 && it->conversation != conversation) continue;
+      for (const UserId& user : users) {
+        if (std::binary_search(it->users.begin(), it->users.end(), user)) return true;
+      }
+    }
+    return false;
   }
 
   // Members were removed: the subscriptions of and on them are suspended and re-checked.
@@ -1458,6 +1502,10 @@ class Hub::Impl final : private PresenceTracker::Sink {
     for (const Message& message : result.also) fan_out(message);
     if (!result.removed.empty()) {
       ++removals_;
+      std::vector<UserId> removed = result.removed;
+      std::sort(removed.begin(), removed.end());
+      recent_removals_.push_back({removals_, result.message.conversation_id, std::move(removed)});
+      if (recent_removals_.size() > kRecentRemovals) recent_removals_.pop_front();
       RecheckPresence(result.removed);
     }
     for (const UserId& user : result.removed) {
@@ -1503,12 +1551,13 @@ class Hub::Impl final : private PresenceTracker::Sink {
     codec::Frame binary;
     codec::Frame json;
     const bool push = options_.push != nullptr && message.kind == MessageKind::kUser;
+    const int64_t now = push ? clock_->MonotonicMs() : 0;
     for (const UserId& user : recipients) {
       auto it = users_.find(user);
-      if (it == users_.end()) {
-        if (push && user != message.sender) QueuePush(user, message);
-        continue;
+      if (push && user != message.sender && (it == users_.end() || !HeardLately(it->second, now))) {
+        QueuePush(user, message);
       }
+      if (it == users_.end()) continue;
       for (SessionId target : it->second) {
         if (target == sender) continue;
         Session* s = FindSession(target);
@@ -1603,6 +1652,13 @@ class Hub::Impl final : private PresenceTracker::Sink {
   std::unordered_map<ConversationId, std::unordered_set<SessionId>> subscribers_;
   std::unordered_map<SessionId, std::vector<ConversationId>> session_channels_;
   uint64_t removals_ = 0;  // commits that removed members, to spot reads that predate one
+  // The latest of those commits (at most kRecentRemovals): number, conversation, users (sorted).
+  struct RemovalRecord {
+    uint64_t number = 0;
+    ConversationId conversation = 0;
+    std::vector<UserId> users;
+  };
+  std::deque<RemovalRecord> recent_removals_;
   // Per connection: the typing state last forwarded, per conversation (bounded).
   std::unordered_map<SessionId, std::vector<TypingMark>> typing_;
 

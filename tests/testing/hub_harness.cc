@@ -104,24 +104,35 @@ void HubHarness::Advance(int64_t ms) {
   hub_->Tick();
 }
 
+size_t HubHarness::CommitAppends() {
+  std::deque<server::AppendJob> jobs = std::exchange(appends_, {});
+  std::vector<AppendRequest> batch;
+  batch.reserve(jobs.size());
+  for (const server::AppendJob& job : jobs) batch.push_back(job.request);
+  std::vector<AppendResult> results;
+  Status commit = commit_failure_;
+  if (commit.ok()) commit = options_.store->Append(std::span(batch), &results);
+  if (commit.ok()) REQUIRE(results.size() == jobs.size());
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    hub_->OnAppendDone(jobs[i].token, commit, commit.ok() ? std::move(results[i]) : AppendResult{});
+  }
+  return jobs.size();
+}
+
+void HubHarness::ReadThenCommit() {
+  std::deque<server::ReadJob> reads = std::exchange(reads_, {});
+  std::vector<std::pair<uint64_t, server::ReadResult>> done;
+  for (server::ReadJob& job : reads) {
+    done.emplace_back(job.token, server::RunReadJob(*options_.store, job));
+  }
+  CommitAppends();
+  for (auto& [token, result] : done) hub_->OnReadDone(token, std::move(result));
+}
+
 size_t HubHarness::Pump() {
   size_t ran = 0;
   while (!appends_.empty() || !reads_.empty()) {
-    if (!appends_.empty()) {
-      std::deque<server::AppendJob> jobs = std::exchange(appends_, {});
-      std::vector<AppendRequest> batch;
-      batch.reserve(jobs.size());
-      for (const server::AppendJob& job : jobs) batch.push_back(job.request);
-      std::vector<AppendResult> results;
-      Status commit = commit_failure_;
-      if (commit.ok()) commit = options_.store->Append(std::span(batch), &results);
-      if (commit.ok()) REQUIRE(results.size() == jobs.size());
-      for (size_t i = 0; i < jobs.size(); ++i) {
-        hub_->OnAppendDone(jobs[i].token, commit,
-                           commit.ok() ? std::move(results[i]) : AppendResult{});
-      }
-      ran += jobs.size();
-    }
+    if (!appends_.empty()) ran += CommitAppends();
     std::deque<server::ReadJob> reads = std::exchange(reads_, {});
     for (server::ReadJob& job : reads) {
       hub_->OnReadDone(job.token, server::RunReadJob(*options_.store, job));

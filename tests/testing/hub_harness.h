@@ -97,6 +97,9 @@ class HubHarness final : public server::HubIo {
   // Commits every queued append in one transaction, then runs every queued read, handing
   // the completions to the Hub. Returns the number of jobs run.
   size_t Pump();
+  // Runs the queued reads on the store as it is, then commits the queued appends and hands
+  // them to the Hub, and only then the reads' results: reads that a commit overtook.
+  void ReadThenCommit();
 
   // HubIo.
   void Send(server::SessionId session, codec::Frame frame) override;
@@ -105,6 +108,9 @@ class HubHarness final : public server::HubIo {
   void SubmitRead(server::ReadJob job) override;
 
  private:
+  // Commits the queued appends in one transaction and hands the results to the Hub.
+  size_t CommitAppends();
+
   struct Peer {
     std::vector<ReceivedFrame> frames;
     std::optional<CloseRecord> close;

@@ -349,6 +349,57 @@ TEST_CASE("presence: an unsubscribe that overtakes a subscribe's check is not un
   CHECK(Updates(h.Take(bob)).empty());
 }
 
+// A subscribe whose check a removal overtook is checked again only if the removal concerns
+// the watcher or a target: a busy server's unrelated removals must not keep sending it back.
+TEST_CASE("presence: a removal that overtakes a subscribe's check re-checks it only if related") {
+  HubHarness h(Options());
+  const SessionId alice = h.Connect("alice", "a1");
+  const SessionId bob = h.Connect("bob", "b1");
+  h.Connect("carol", "c1");
+  h.Connect("dave", "d1");
+  // alice and bob share only group g; carol and dave have a group of their own with bob as
+  // admin (no tie to alice).
+  const ConversationId g = CreateGroup(h, bob, v1::CONVERSATION_KIND_GROUP, {"alice"}, 1);
+  const ConversationId other =
+      CreateGroup(h, bob, v1::CONVERSATION_KIND_GROUP, {"carol", "dave"}, 2);
+  h.Take(alice);
+  h.Take(bob);
+
+  // Unrelated: dave leaves the other group while bob's subscribe to alice is being read.
+  h.SendEnvelope(bob, SubscribeEnvelope(3, {"alice"}));
+  v1::Envelope remove;
+  remove.set_rid(4);
+  remove.mutable_remove_members()->set_conversation_id(other);
+  remove.mutable_remove_members()->add_users("dave");
+  h.SendEnvelope(bob, remove);
+  h.ReadThenCommit();
+  CHECK(h.queued_reads() == 0);  // answered from the first read
+  std::vector<v1::Envelope> got = h.Take(bob);
+  bool ok = false;
+  for (const v1::Envelope& e : got) ok = ok || (e.has_ok() && e.rid() == 3);
+  CHECK(ok);
+  h.SendEnvelope(bob, UnsubscribeEnvelope(5, {"alice"}));
+  h.Take(bob);
+
+  // Related: alice leaves g, the only conversation she shares with bob, meanwhile.
+  h.SendEnvelope(bob, SubscribeEnvelope(6, {"alice"}));
+  remove.set_rid(7);
+  remove.mutable_remove_members()->set_conversation_id(g);
+  remove.mutable_remove_members()->clear_users();
+  remove.mutable_remove_members()->add_users("alice");
+  h.SendEnvelope(bob, remove);
+  h.ReadThenCommit();
+  CHECK(h.queued_reads() == 1);  // asked again
+  h.Pump();
+  got = h.Take(bob);
+  bool denied = false;
+  for (const v1::Envelope& e : got) {
+    denied = denied ||
+             (e.has_error() && e.rid() == 6 && e.error().code() == v1::Error::PERMISSION_DENIED);
+  }
+  CHECK(denied);
+}
+
 TEST_CASE("presence: removal from the shared group stops updates both ways") {
   HubHarness h(Options());
   SessionId alice = h.Connect("alice", "a1");
@@ -571,6 +622,54 @@ struct RecordingSink final : server::PresenceTracker::Sink {
   std::vector<Sent> sent;
   std::vector<std::pair<UserId, int64_t>> persisted;
 };
+
+// Like a registry shared by several nodes: TakeChanges reports only the users this node
+// watches (presence.h allows it), over the in-process registry.
+class WatchedOnlyRegistry final : public PresenceRegistry {
+ public:
+  void Refresh(const PresenceDevice& device, int64_t now_ms, int64_t ttl_ms) override {
+    inner_->Refresh(device, now_ms, ttl_ms);
+  }
+  void Remove(const PresenceDevice& device, int64_t now_ms) override {
+    inner_->Remove(device, now_ms);
+  }
+  uint32_t DeviceCount(const UserId& user, int64_t now_ms) override {
+    return inner_->DeviceCount(user, now_ms);
+  }
+  void TakeChanges(int64_t now_ms, std::vector<UserId>* users) override {
+    std::vector<UserId> all;
+    inner_->TakeChanges(now_ms, &all);
+    for (UserId& user : all) {
+      if (watched_[user] > 0) users->push_back(std::move(user));
+    }
+  }
+  void Watch(const UserId& user) override { ++watched_[user]; }
+  void Unwatch(const UserId& user) override { --watched_[user]; }
+
+ private:
+  std::shared_ptr<PresenceRegistry> inner_ = NewInProcessPresenceRegistry();
+  std::map<UserId, int> watched_;
+};
+
+TEST_CASE(
+    "presence tracker: a user online only on another node is read afresh when watched again") {
+  auto clock = std::make_shared<FakeClock>();
+  RecordingSink sink;
+  ServerOptions options;
+  auto registry = std::make_shared<WatchedOnlyRegistry>();
+  server::PresenceTracker tracker(options, registry, clock.get(), &sink);
+  const PresenceDevice phone{"alice", "a1", /*node=*/9};  // connected to another node
+  registry->Refresh(phone, clock->MonotonicMs(), 60'000);
+  CHECK(tracker.Watch(7, "bob", "alice", 0).online);
+  tracker.Unwatch(7, "alice");
+  // alice goes offline over there while nobody here watches her: no change is reported.
+  registry->Remove(phone, clock->MonotonicMs());
+  clock->Advance(10'000);
+  tracker.Tick();
+  const server::PresenceState again = tracker.Watch(8, "bob", "alice", 0);
+  CHECK_FALSE(again.online);
+  CHECK(again.devices == 0);
+}
 
 TEST_CASE("presence tracker: nothing is delivered while a re-check is pending") {
   auto clock = std::make_shared<FakeClock>();

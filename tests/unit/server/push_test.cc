@@ -18,6 +18,7 @@
 #include "chat/push.h"
 #include "chat/server.h"
 #include "chat/store.h"
+#include "tests/testing/envelopes.h"
 #include "tests/testing/http_receiver.h"
 #include "tests/testing/hub_harness.h"
 #include "tests/testing/temp_dir.h"
@@ -146,6 +147,27 @@ TEST_CASE("push: a user who comes online and goes again within the window gets n
   REQUIRE(p.notifier->notifications.size() == 1);
   CHECK(p.notifier->notifications[0].preview == "are you there?");
   CHECK(p.notifier->notifications[0].collapsed == 1);
+}
+
+// A connection that has said nothing for presence_ttl_ms (60 s) may be gone without a close
+// (the idle timeout ends it later): its user counts as offline for push, as for presence.
+TEST_CASE("push: a user whose only connection fell silent past the presence TTL is pushed") {
+  PushHub p;
+  SessionId alice = p.h.Connect("alice", "a1");
+  SessionId bob = p.h.Connect("bob", "b1");
+  // alice keeps talking; bob's phone went into a tunnel 61 s ago.
+  for (int i = 0; i < 61; ++i) {
+    p.h.Advance(1000);
+    p.h.SendEnvelope(alice, MakePing(0, 100 + static_cast<uint64_t>(i)));
+  }
+  p.h.Take(alice);
+  CHECK_FALSE(p.h.closed(bob).has_value());
+  SendAndCommit(p.h, alice, 1, "bob", "hi");
+  CHECK(p.h.Take(bob).at(0).has_deliver());  // written to the connection all the same
+  p.Elapse(1000);
+  REQUIRE(p.notifier->notifications.size() == 1);
+  CHECK(p.notifier->notifications[0].user == "bob");
+  CHECK(p.notifier->notifications[0].preview == "hi");
 }
 
 TEST_CASE("push: with preview off the notification carries no body") {
