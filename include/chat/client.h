@@ -153,7 +153,9 @@ struct ClientOptions {
   std::shared_ptr<ClientListener> listener;
   ReconnectPolicy reconnect;
   // ms between Pings; a link silent for two intervals is considered dead and reconnected.
-  // Default 0: the server's value from Welcome (30 s for chatd).
+  // At most the server's value from Welcome (a longer one is cut to it: the server counts a
+  // connection silent past its presence TTL as offline). Default 0: the server's value (30 s
+  // for chatd).
   uint32_t heartbeat_interval_ms = 0;
   // ms from starting a connection to Welcome before the attempt is given up. Default 10 s.
   uint32_t connect_timeout_ms = 10'000;

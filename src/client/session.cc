@@ -361,10 +361,14 @@ void Session::HandleWelcome(const v1::Envelope& envelope) {
     ReportError(st);
   }
   user_id_ = welcome.user_id();
-  heartbeat_ms_ = options_.heartbeat_interval_ms != 0 ? options_.heartbeat_interval_ms
-                  : welcome.limits().heartbeat_interval_ms() != 0
-                      ? welcome.limits().heartbeat_interval_ms()
-                      : kDefaultHeartbeatMs;
+  // The server's interval is the longest the client may use: the server counts a connection
+  // silent past its presence TTL as offline (presence, push).
+  const uint32_t server_ms = welcome.limits().heartbeat_interval_ms() != 0
+                                 ? welcome.limits().heartbeat_interval_ms()
+                                 : kDefaultHeartbeatMs;
+  heartbeat_ms_ = options_.heartbeat_interval_ms != 0
+                      ? std::min<uint32_t>(options_.heartbeat_interval_ms, server_ms)
+                      : server_ms;
   const int64_t now = Now();
   connected_at_ = now;
   last_rx_ = now;

@@ -35,6 +35,7 @@ constexpr size_t kMaxPushPreviewBytes = 1024;
 // Removal commits the Hub remembers, so that a read older than the last one is asked again only
 // if one of them concerns it (older reads are always asked again).
 constexpr size_t kRecentRemovals = 1024;
+constexpr size_t kRecentRemovedUsers = 65'536;
 // Hello.protocol_version this server speaks; 0 (unset) is taken as 1.
 constexpr uint32_t kProtocolVersion = 1;
 // Suggested wait before resending after a failed commit, when the store gives none.
@@ -1185,13 +1186,14 @@ class Hub::Impl final : private PresenceTracker::Sink {
     auto it = pending_pushes_.find(key);
     if (it == pending_pushes_.end()) {
       if (pending_pushes_.size() >= kMaxPendingPushes) return;
-      it = pending_pushes_.emplace(key, PushNotification{}).first;
-      it->second.user = user;
-      it->second.conversation_id = message.conversation_id;
-      it->second.collapsed = 0;
-      push_due_.emplace_back(clock_->MonotonicMs() + options_.push_collapse_ms, key);
+      const int64_t due_ms = clock_->MonotonicMs() + options_.push_collapse_ms;
+      it = pending_pushes_.emplace(key, PendingPush{PushNotification{}, due_ms}).first;
+      it->second.notification.user = user;
+      it->second.notification.conversation_id = message.conversation_id;
+      it->second.notification.collapsed = 0;
+      push_due_.emplace_back(due_ms, key);
     }
-    PushNotification& n = it->second;
+    PushNotification& n = it->second.notification;
     n.sender = message.sender;
     n.seq = message.seq;
     n.server_time_ms = message.server_time_ms;
@@ -1209,11 +1211,14 @@ class Hub::Impl final : private PresenceTracker::Sink {
   void FlushPushes(int64_t now) {
     std::vector<PushNotification> due;
     while (!push_due_.empty() && push_due_.front().first <= now) {
+      const int64_t due_ms = push_due_.front().first;
       PushKey key = std::move(push_due_.front().second);
       push_due_.pop_front();
       auto it = pending_pushes_.find(key);
-      if (it == pending_pushes_.end()) continue;
-      PushNotification notification = std::move(it->second);
+      // Gone, or a later window of the same key (the one this entry was for was dropped at a
+      // Hello): that one has its own entry.
+      if (it == pending_pushes_.end() || it->second.due_ms != due_ms) continue;
+      PushNotification notification = std::move(it->second.notification);
       pending_pushes_.erase(it);
       if (HeardLately(key.first, now)) continue;
       if (pushes_reading_ >= kMaxPendingPushes) continue;
@@ -1357,6 +1362,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
       return;
     }
     for (const PresenceContact& c : reply->targets) {
+      if (!pending.still_wanted.contains(c.user)) continue;  // unsubscribed meanwhile
       if (c.user != s.user() && !c.shares_conversation) {
         SendError(pending.session, s, pending.rid,
                   PermissionDenied("may not watch the presence of " + c.user +
@@ -1380,6 +1386,26 @@ class Hub::Impl final : private PresenceTracker::Sink {
       SendPresence(pending.session, c.user, state);
     }
     SendOk(pending.session, s, pending.rid);
+  }
+
+  // Records the removal numbered removals_. The records hold at most kRecentRemovals commits and
+  // kRecentRemovedUsers users in all, the oldest going first (a read older than every record is
+  // read again, so forgetting is safe); a removal naming more users than that forgets them all.
+  void RememberRemoval(ConversationId conversation, const std::vector<UserId>& users) {
+    if (users.size() > kRecentRemovedUsers) {
+      recent_removals_.clear();
+      recent_removed_users_ = 0;
+      return;
+    }
+    std::vector<UserId> sorted = users;
+    std::sort(sorted.begin(), sorted.end());
+    recent_removed_users_ += sorted.size();
+    recent_removals_.push_back({removals_, conversation, std::move(sorted)});
+    while (recent_removals_.size() > kRecentRemovals ||
+           recent_removed_users_ > kRecentRemovedUsers) {
+      recent_removed_users_ -= recent_removals_.front().users.size();
+      recent_removals_.pop_front();
+    }
   }
 
   // Whether a removal committed after the one numbered `since` (a read's snapshot of removals_)
@@ -1502,10 +1528,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
     for (const Message& message : result.also) fan_out(message);
     if (!result.removed.empty()) {
       ++removals_;
-      std::vector<UserId> removed = result.removed;
-      std::sort(removed.begin(), removed.end());
-      recent_removals_.push_back({removals_, result.message.conversation_id, std::move(removed)});
-      if (recent_removals_.size() > kRecentRemovals) recent_removals_.pop_front();
+      RememberRemoval(result.message.conversation_id, result.removed);
       RecheckPresence(result.removed);
     }
     for (const UserId& user : result.removed) {
@@ -1659,13 +1682,18 @@ class Hub::Impl final : private PresenceTracker::Sink {
     std::vector<UserId> users;
   };
   std::deque<RemovalRecord> recent_removals_;
+  size_t recent_removed_users_ = 0;  // users in recent_removals_
   // Per connection: the typing state last forwarded, per conversation (bounded).
   std::unordered_map<SessionId, std::vector<TypingMark>> typing_;
 
   // Push: open collapse windows, their due times in order, and the notifications whose tokens
   // and badge are being read (by read token; pushes_reading_ counts them).
   using PushKey = std::pair<UserId, ConversationId>;
-  std::map<PushKey, PushNotification> pending_pushes_;
+  struct PendingPush {
+    PushNotification notification;
+    int64_t due_ms = 0;  // monotonic: when its window ends
+  };
+  std::map<PushKey, PendingPush> pending_pushes_;
   std::deque<std::pair<int64_t, PushKey>> push_due_;
   std::unordered_map<uint64_t, std::vector<PushNotification>> push_reads_;
   size_t pushes_reading_ = 0;

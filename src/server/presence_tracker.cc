@@ -301,11 +301,11 @@ void PresenceTracker::MaybeErase(const UserId& user) {
   auto it = users_.find(user);
   if (it == users_.end()) return;
   const Entry& e = it->second;
-  // Online only through other nodes' devices (none here this period) and watched by nobody
-  // here: a registry that reports only watched users' changes would leave the entry stale, so
-  // it goes, and a later Watch reads the registry afresh.
-  const bool remote_only = e.online && !e.had_local;
-  if (e.local_devices == 0 && e.watchers == 0 && (!e.online || remote_only) && e.grace_until == 0) {
+  // No device here, no watcher here, no grace period running: nothing here depends on the
+  // entry. One still online is so through other nodes' devices, and a registry that reports only
+  // watched users' changes would leave it stale, so it goes too; a later Watch reads the
+  // registry afresh, and the node that has the devices writes the user's last seen.
+  if (e.local_devices == 0 && e.watchers == 0 && e.grace_until == 0) {
     if (e.wrote_last_seen) RememberLastSeen(user, e.last_seen_ms);
     users_.erase(it);
   }

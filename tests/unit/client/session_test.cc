@@ -194,6 +194,28 @@ TEST_CASE("session: the options' heartbeat overrides the server's") {
   CHECK(h.state() == ConnectionState::kDisconnected);
 }
 
+TEST_CASE("session: an options' heartbeat longer than the server's is cut to it") {
+  SessionOptions o;
+  o.heartbeat_interval_ms = 70'000;
+  Harness h(o);
+  h.ConnectLive();  // the server says 30 s
+  h.io.Take();
+  // The first ping comes up to half an interval early, then one every 30 s.
+  h.clock->Advance(30'000 - static_cast<int64_t>(kRandom % 15'001));
+  h.session->Tick();
+  auto written = h.io.Take();
+  REQUIRE(written.size() == 1);
+  CHECK(written[0].has_ping());
+  h.clock->Advance(29'999);
+  h.session->Tick();
+  CHECK(h.io.Take().empty());
+  h.clock->Advance(1);
+  h.session->Tick();
+  written = h.io.Take();
+  REQUIRE(written.size() == 1);
+  CHECK(written[0].has_ping());
+}
+
 TEST_CASE("session: a connection that does not reach Welcome in time is given up") {
   SessionOptions o;
   o.connect_timeout_ms = 5'000;

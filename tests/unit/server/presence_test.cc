@@ -669,6 +669,18 @@ TEST_CASE(
   const server::PresenceState again = tracker.Watch(8, "bob", "alice", 0);
   CHECK_FALSE(again.online);
   CHECK(again.devices == 0);
+  tracker.Unwatch(8, "alice");
+
+  // The same after her device here closed while the one over there keeps her online.
+  registry->Refresh(phone, clock->MonotonicMs(), 60'000);
+  tracker.DeviceUp("alice", "laptop");
+  CHECK(tracker.Watch(9, "bob", "alice", 0).devices == 2);
+  tracker.DeviceDown("alice", "laptop");
+  tracker.Unwatch(9, "alice");
+  registry->Remove(phone, clock->MonotonicMs());
+  clock->Advance(10'000);
+  tracker.Tick();
+  CHECK_FALSE(tracker.Watch(10, "bob", "alice", 0).online);
 }
 
 TEST_CASE("presence tracker: nothing is delivered while a re-check is pending") {

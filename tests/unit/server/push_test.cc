@@ -170,6 +170,22 @@ TEST_CASE("push: a user whose only connection fell silent past the presence TTL 
   CHECK(p.notifier->notifications[0].preview == "hi");
 }
 
+TEST_CASE("push: a window opened after a Hello dropped the last one keeps its full length") {
+  PushHub p;
+  SessionId alice = p.h.Connect("alice", "a1");
+  SendAndCommit(p.h, alice, 1, "bob", "first");  // opens a window ending at 1,000 ms
+  p.Elapse(100);
+  SessionId bob = p.h.Connect("bob", "b1");  // drops it
+  p.h.Disconnect(bob);
+  p.Elapse(100);
+  SendAndCommit(p.h, alice, 2, "bob", "second");  // a new window, ending at 1,200 ms
+  p.Elapse(800);                                  // 1,000 ms: the dropped window's end
+  CHECK(p.notifier->notifications.empty());
+  p.Elapse(200);
+  REQUIRE(p.notifier->notifications.size() == 1);
+  CHECK(p.notifier->notifications[0].preview == "second");
+}
+
 TEST_CASE("push: with preview off the notification carries no body") {
   PushHub p(/*preview=*/false);
   SessionId alice = p.h.Connect("alice", "a1");
