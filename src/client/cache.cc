@@ -79,6 +79,15 @@ constexpr const char* kUserVersion = "PRAGMA user_version";
 constexpr const char* kSetUserVersion = "PRAGMA user_version=4";
 constexpr const char* kHasOutbox =
     "SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'outbox'";
+constexpr const char* kApplicationId = "PRAGMA application_id";
+// "chat" in ASCII: what SQLite's application_id marks a cache file with (since the SDK's cache
+// schema version 4; older caches have 0).
+constexpr int64_t kCacheApplicationId = 0x63686174;
+constexpr const char* kSetApplicationId = "PRAGMA application_id=1667785076";
+// Tables of a cache file that is not marked yet, other than these, make it another program's.
+constexpr const char* kForeignTables =
+    "SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT IN "
+    "('meta', 'conversations', 'messages', 'outbox', 'outbox_v4', 'sqlite_sequence') LIMIT 1";
 constexpr const char* kBegin = "BEGIN IMMEDIATE";
 constexpr const char* kCommit = "COMMIT";
 constexpr const char* kRollback = "ROLLBACK";
@@ -302,11 +311,34 @@ Result<std::unique_ptr<Cache>> Cache::Open(const std::string& path) {
     Stmt s(cache->db_.get(), kUserVersion);
     if (s.Step() == SQLITE_ROW) version = static_cast<int>(s.ColInt(0));
   }
-  if (version != kSchemaVersion) {
+  int64_t application_id = 0;
+  {
+    Stmt s(cache->db_.get(), kApplicationId);
+    if (s.Step() == SQLITE_ROW) application_id = s.ColInt(0);
+  }
+  if (application_id != kCacheApplicationId) {
+    // Not marked as a cache: a new file, a cache of a version that did not mark its files, or
+    // another program's database, which must be left as it is.
+    std::string foreign;
+    {
+      Stmt s(cache->db_.get(), kForeignTables);
+      if (s.Step() == SQLITE_ROW) foreign = std::string(s.ColView(0));
+    }
+    if (application_id != 0 || version < 0 || version > kSchemaVersion || !foreign.empty()) {
+      return DataLoss("cache: " + name + " is another program's database (" +
+                      (!foreign.empty() ? "table " + foreign
+                                        : "application_id " + std::to_string(application_id) +
+                                              ", user_version " + std::to_string(version)) +
+                      "), not a chat cache");
+    }
+  }
+  if (version != kSchemaVersion || application_id != kCacheApplicationId) {
     Transaction txn(cache.get());
-    if (version != 0) {
-      // An unknown layout of the derived tables: rebuild them from the server.
-      if (Status st = cache->Exec("DROP TABLE IF EXISTS meta; DROP TABLE IF EXISTS conversations; "
+    if (version != 0 && version != kSchemaVersion) {
+      // Another layout of the derived tables: rebuild them from the server. meta (the epoch and
+      // user the outbox was written for) keeps its layout and stays, so the outbox is still
+      // checked against them at the next Welcome.
+      if (Status st = cache->Exec("DROP TABLE IF EXISTS conversations; "
                                   "DROP TABLE IF EXISTS messages;");
           !st.ok()) {
         return st;
@@ -322,6 +354,7 @@ Result<std::unique_ptr<Cache>> Cache::Open(const std::string& path) {
     }
     if (Status st = cache->Exec(kSchema); !st.ok()) return st;
     if (Status st = cache->Exec(kSetUserVersion); !st.ok()) return st;
+    if (Status st = cache->Exec(kSetApplicationId); !st.ok()) return st;
     if (Status st = txn.Commit(); !st.ok()) return st;
   }
   return cache;

@@ -59,7 +59,9 @@ struct ConversationRow {
 class Cache {
  public:
   // `path` "" opens an in-memory database. Unavailable if the file cannot be opened,
-  // DataLoss if it is not a database.
+  // DataLoss if it is not a database or is another program's (a cache is marked with SQLite's
+  // application_id; an unmarked file is taken only if it is empty or holds nothing but a
+  // cache's tables at a known version). Another program's file is left unchanged.
   static Result<std::unique_ptr<Cache>> Open(const std::string& path);
   ~Cache();
   Cache(const Cache&) = delete;

@@ -89,7 +89,10 @@ Status ValidateOptions(const ClientOptions& o) {
   }
   if (o.outbox_max == 0) return InvalidArgument("outbox_max: must be at least 1");
   if (o.max_in_flight == 0) return InvalidArgument("max_in_flight: must be at least 1");
-  if (o.connect_timeout_ms == 0) return InvalidArgument("connect_timeout_ms: must be positive");
+  if (o.connect_timeout_ms < 100) return InvalidArgument("connect_timeout_ms: at least 100");
+  if (o.heartbeat_interval_ms != 0 && o.heartbeat_interval_ms < 100) {
+    return InvalidArgument("heartbeat_interval_ms: 0 (the server's) or at least 100");
+  }
   if (o.max_message_bytes < 1024) return InvalidArgument("max_message_bytes: at least 1024");
   if (o.max_pending_calls == 0) return InvalidArgument("max_pending_calls: must be at least 1");
   if (o.reconnect.base_ms <= 0 || o.reconnect.cap_ms < o.reconnect.base_ms ||
@@ -151,6 +154,9 @@ class Client::Impl final : public ClientListener, public client::SessionIo {
   }
 
   Status Poll(int timeout_ms) {
+    if (std::this_thread::get_id() == loop_thread_.load()) {
+      return FailedPrecondition("Poll() called from inside a callback of this client");
+    }
     {
       std::lock_guard lock(api_mu_);
       if (closed_) return FailedPrecondition("client is closed");
@@ -166,9 +172,11 @@ class Client::Impl final : public ClientListener, public client::SessionIo {
 
   void Close() {
     const bool on_loop = std::this_thread::get_id() == loop_thread_.load();
+    bool started = false;
     {
       std::lock_guard lock(api_mu_);
       closed_ = true;
+      started = started_;
     }
     state_ = ConnectionState::kClosed;
     if (!on_loop) {
@@ -178,9 +186,11 @@ class Client::Impl final : public ClientListener, public client::SessionIo {
     stop_ = true;
     Wake();
     if (on_loop) return;  // the loop tears down when the current turn ends
+    // Two threads may close at once: one joins the loop thread, the other waits for it.
+    std::lock_guard join_lock(join_mu_);
     if (thread_.joinable()) {
       thread_.join();
-    } else {
+    } else if (!started) {
       std::lock_guard poll_lock(poll_mu_);
       Teardown();
     }
@@ -191,6 +201,11 @@ class Client::Impl final : public ClientListener, public client::SessionIo {
     if (closed_) return FailedPrecondition("client is closed");
     if (conversation == 0 && peer.empty()) return InvalidArgument("conversation: must not be 0");
     if (content_type.empty()) return InvalidArgument("content_type: must not be empty");
+    // Larger than any message this client accepts: its own copy could never come back to it.
+    if (body.size() > options_.max_message_bytes) {
+      return InvalidArgument("body: larger than max_message_bytes (" +
+                             std::to_string(options_.max_message_bytes) + ")");
+    }
     Result<std::string> id = NewClientMsgId();
     if (!id.ok()) return id.status();
     client::OutboxEntry entry;
@@ -583,6 +598,7 @@ class Client::Impl final : public ClientListener, public client::SessionIo {
 
   std::mutex cb_mu_;    // held while a callback runs
   std::mutex poll_mu_;  // held while Poll() runs
+  std::mutex join_mu_;  // held by Close() while it joins thread_
   std::thread thread_;
 };
 

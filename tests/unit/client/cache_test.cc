@@ -255,6 +255,64 @@ PRAGMA user_version=2;
   sqlite3_close(db);
 }
 
+// Runs `sql` on a plain SQLite file.
+void WriteFile(const std::string& path, const char* sql) {
+  sqlite3* db = nullptr;
+  REQUIRE(sqlite3_open(path.c_str(), &db) == SQLITE_OK);
+  char* err = nullptr;
+  const int rc = sqlite3_exec(db, sql, nullptr, nullptr, &err);
+  CHECK_MESSAGE(rc == SQLITE_OK, (err ? err : ""));
+  sqlite3_free(err);
+  sqlite3_close(db);
+}
+
+int64_t CountRows(const std::string& path, const char* table) {
+  sqlite3* db = nullptr;
+  REQUIRE(sqlite3_open(path.c_str(), &db) == SQLITE_OK);
+  sqlite3_stmt* stmt = nullptr;
+  const std::string sql = std::string("SELECT COUNT(*) FROM ") + table;
+  REQUIRE(sqlite3_prepare_v2(db, sql.c_str(), -1, &stmt, nullptr) == SQLITE_OK);
+  REQUIRE(sqlite3_step(stmt) == SQLITE_ROW);
+  const int64_t n = sqlite3_column_int64(stmt, 0);
+  sqlite3_finalize(stmt);
+  sqlite3_close(db);
+  return n;
+}
+
+TEST_CASE("cache: another program's SQLite file is refused with DataLoss and left unchanged") {
+  testing::TempDir dir;
+  // An app's own database, with tables named like the cache's and a version of its own.
+  const std::string app = dir.File("app.db");
+  WriteFile(app, R"sql(
+CREATE TABLE messages(id INTEGER PRIMARY KEY, text TEXT);
+CREATE TABLE conversations(id INTEGER PRIMARY KEY, title TEXT);
+INSERT INTO messages VALUES(1, 'keep me');
+PRAGMA user_version=12;
+)sql");
+  Result<std::unique_ptr<Cache>> opened = Cache::Open(app);
+  REQUIRE_FALSE(opened.ok());
+  CHECK(opened.status().code() == Code::kDataLoss);
+  CHECK(opened.status().message().find("another program's database") != std::string::npos);
+  CHECK(CountRows(app, "messages") == 1);
+  // Version 0, but with a table a cache never has.
+  const std::string other = dir.File("other.db");
+  WriteFile(other, "CREATE TABLE settings(k TEXT, v TEXT); INSERT INTO settings VALUES('a', 'b');");
+  opened = Cache::Open(other);
+  REQUIRE_FALSE(opened.ok());
+  CHECK(opened.status().code() == Code::kDataLoss);
+  CHECK(opened.status().message().find("table settings") != std::string::npos);
+  CHECK(CountRows(other, "settings") == 1);
+  // Another program's application_id.
+  const std::string marked = dir.File("marked.db");
+  WriteFile(marked, "PRAGMA application_id=42;");
+  CHECK(Cache::Open(marked).status().code() == Code::kDataLoss);
+  // An empty SQLite file becomes a cache, marked as one.
+  const std::string empty = dir.File("empty.db");
+  WriteFile(empty, "PRAGMA user_version=0;");
+  REQUIRE(Cache::Open(empty).ok());
+  REQUIRE(Cache::Open(empty).ok());
+}
+
 TEST_CASE("cache: an outbox of schema version 2 is carried over with its ids and order") {
   testing::TempDir dir;
   WriteVersion2Cache(dir.File("c.db"));
@@ -262,8 +320,10 @@ TEST_CASE("cache: an outbox of schema version 2 is carried over with its ids and
     auto opened = Cache::Open(dir.File("c.db"));
     REQUIRE(opened.ok());
     auto& cache = *opened;
-    // The derived tables are rebuilt from the server.
+    // The derived tables are rebuilt from the server; the user the outbox was written for
+    // stays, so a Welcome for another user still fails its messages.
     CHECK_FALSE(cache->GetConversation(1).has_value());
+    CHECK(cache->UserId() == "alice");
     std::vector<OutboxEntry> all = cache->ListOutbox();
     REQUIRE(all.size() == (open == 0 ? 3 : 4));
     CHECK(all[0].id == 5);

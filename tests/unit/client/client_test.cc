@@ -75,6 +75,13 @@ TEST_CASE("client: Open names the invalid option") {
   o = Offline();
   o.reconnect.cap_ms = 10;
   CHECK(OpenStatus(o).message().find("reconnect") != std::string_view::npos);
+  // Seconds written where milliseconds are meant: a client that would drop every link.
+  o = Offline();
+  o.heartbeat_interval_ms = 5;
+  CHECK(OpenStatus(o).message().find("heartbeat_interval_ms") != std::string_view::npos);
+  o = Offline();
+  o.connect_timeout_ms = 10;
+  CHECK(OpenStatus(o).message().find("connect_timeout_ms") != std::string_view::npos);
 
   CHECK(OpenStatus(Offline()).ok());
 }
@@ -102,6 +109,11 @@ TEST_CASE("client: Send validates its arguments") {
   const auto stamped_ms = static_cast<int64_t>(std::stoull(id->substr(0, 12), nullptr, 16));
   CHECK(stamped_ms >= before_ms);
   CHECK(stamped_ms < before_ms + 60'000);
+  // A body larger than any message this client accepts could never come back to it.
+  const std::string huge(size_t{4} * 1024 * 1024 + 1, 'h');
+  Status too_big = client->Send(5, "text/plain", huge).status();
+  CHECK(too_big.code() == Code::kInvalidArgument);
+  CHECK(too_big.message().find("max_message_bytes") != std::string_view::npos);
   auto other = client->Send(5, "text/plain", "x");
   REQUIRE(other.ok());
   CHECK(*other != *id);
@@ -354,6 +366,40 @@ TEST_CASE("client: Close() from inside a callback returns and stops the callback
   CHECK(client->Send(5, "text/plain", "x").status().code() == Code::kFailedPrecondition);
   watcher->client = nullptr;
   client.reset();  // joins the loop thread
+}
+
+// Poll() from a callback of the same client would lock what its caller holds.
+class PollingListener : public ClientListener {
+ public:
+  void OnConnectionState(ConnectionState) override {
+    if (client != nullptr && !polled.exchange(true)) status = client->Poll(0);
+  }
+  Client* client = nullptr;
+  std::atomic<bool> polled{false};
+  Status status;
+};
+
+TEST_CASE("client: Poll() from inside a callback is refused, not a deadlock") {
+  auto listener = std::make_shared<PollingListener>();
+  ClientOptions o = Offline();
+  o.listener = listener;
+  auto client = Client::Open(std::move(o)).value();
+  listener->client = client.get();
+  for (int i = 0; i < 100 && !listener->polled.load(); ++i) REQUIRE(client->Poll(10).ok());
+  REQUIRE(listener->polled.load());
+  CHECK(listener->status.code() == Code::kFailedPrecondition);
+  listener->client = nullptr;
+}
+
+TEST_CASE("client: Close() from two threads at once joins the loop once") {
+  for (int round = 0; round < 100; ++round) {
+    auto client = Client::Open(Offline()).value();
+    REQUIRE(client->Start().ok());
+    std::thread other([&] { client->Close(); });
+    client->Close();
+    other.join();
+    CHECK(client->state() == ConnectionState::kClosed);
+  }
 }
 
 TEST_CASE("client: group operations validate their arguments and never call back on error") {
