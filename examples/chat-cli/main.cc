@@ -19,11 +19,13 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <charconv>
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
 #include <ctime>
+#include <fstream>
 #include <iostream>
 #include <map>
 #include <memory>
@@ -385,20 +387,31 @@ struct Flags {
   int timeout_ms = 15'000;
 };
 
+// The token in `path` (trailing whitespace, CR included, removed); nullopt if the file cannot be
+// read or holds more than 64 KiB.
+std::optional<std::string> ReadTokenFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return std::nullopt;
+  std::string token(64 * 1024 + 1, '\0');
+  in.read(token.data(), static_cast<std::streamsize>(token.size()));
+  if (in.bad() || in.gcount() > 64 * 1024) return std::nullopt;
+  token.resize(static_cast<size_t>(in.gcount()));
+  while (!token.empty() && std::isspace(static_cast<unsigned char>(token.back()))) {
+    token.pop_back();
+  }
+  return token;
+}
+
 std::unique_ptr<chat::Client> OpenClient(const Flags& flags, std::shared_ptr<Listener> listener) {
   chat::ClientOptions options;
   options.url = flags.url;
-  options.token_provider = [flags] {
+  // Read again on every connect, so a refreshed token in the file is picked up; if it cannot
+  // be read then, the last token read is used.
+  auto last = std::make_shared<std::string>(flags.token);
+  options.token_provider = [flags, last] {
     if (flags.token_file.empty()) return flags.token;
-    // Read again on every connect, so a refreshed token in the file is picked up.
-    std::FILE* f = std::fopen(flags.token_file.c_str(), "r");
-    if (!f) return flags.token;
-    char buf[4096];
-    size_t n = std::fread(buf, 1, sizeof(buf), f);
-    std::fclose(f);
-    std::string token(buf, n);
-    while (!token.empty() && (token.back() == '\n' || token.back() == ' ')) token.pop_back();
-    return token;
+    if (std::optional<std::string> token = ReadTokenFile(flags.token_file)) *last = *token;
+    return *last;
   };
   options.device_id = flags.device;
   options.cache_path = flags.cache;
@@ -440,7 +453,8 @@ int WaitSent(Listener& listener, const std::vector<std::string>& ids, int timeou
       timeout_ms);
   if (!done) {
     std::fprintf(stderr, "chat-cli: not all messages were acknowledged in time%s\n",
-                 "; they stay in the outbox when --cache is used");
+                 "; with --cache they stay in the outbox (chat-cli flush sends them), without it "
+                 "they are not kept");
     return 3;
   }
   std::lock_guard lock(listener.mu());
@@ -477,9 +491,11 @@ int RunSend(const Flags& flags, const std::string& to, uint64_t conversation,
   {
     std::lock_guard lock(listener->mu());
     for (const auto& id : ids) {
-      auto it = listener->sent().find(id);
-      if (it == listener->sent().end()) it = listener->failed().find(id);
-      if (it != listener->failed().end()) std::puts(MessageLine(it->second, flags.json).c_str());
+      if (auto it = listener->sent().find(id); it != listener->sent().end()) {
+        std::puts(MessageLine(it->second, flags.json).c_str());
+      } else if (auto failed = listener->failed().find(id); failed != listener->failed().end()) {
+        std::puts(MessageLine(failed->second, flags.json).c_str());
+      }
     }
   }
   client->Close();
@@ -779,17 +795,19 @@ int RunHistory(const Flags& flags, uint64_t conversation, uint64_t before, uint3
   });
 }
 
+constexpr const char* kInteractiveHelp =
+    "commands: /list  /open <conversation id|user>  /history [n]  /read  /typing\n"
+    "          /group create TITLE USER...  /channel create TITLE USER...\n"
+    "          /add USER...  /remove USER...  /leave  /rename TITLE  /presence USER...\n"
+    "          /help  /quit\n"
+    "other lines are sent to the open conversation (// sends a line beginning with /)";
+
 int RunInteractive(const Flags& flags) {
   auto listener = std::make_shared<Listener>(flags.json, true);
   listener->set_verbose(true);
   auto client = OpenClient(flags, listener);
   if (!client) return 1;
-  std::puts(
-      "commands: /list  /open <conversation id|user>  /history [n]  /read  /typing\n"
-      "          /group create TITLE USER...  /channel create TITLE USER...\n"
-      "          /add USER...  /remove USER...  /leave  /rename TITLE  /presence USER...\n"
-      "          /quit\n"
-      "other lines are sent to the open conversation");
+  std::puts(kInteractiveHelp);
   auto group_op = [&](const char* what, auto start) {
     (void)RunGroupOp(*listener, flags.json, 5'000, what, start);
   };
@@ -797,8 +815,19 @@ int RunInteractive(const Flags& flags) {
   std::string open_peer;
   std::string line;
   while (!g_interrupted && std::getline(std::cin, line)) {
+    if (g_interrupted) break;  // Ctrl-C while reading: the line is not sent
     if (line.empty()) continue;
+    if (line[0] == '/') {
+      // Commands are matched without trailing blanks ("/quit " quits).
+      while (!line.empty() && std::isspace(static_cast<unsigned char>(line.back()))) {
+        line.pop_back();
+      }
+    }
     if (line == "/quit") break;
+    if (line == "/help") {
+      std::puts(kInteractiveHelp);
+      continue;
+    }
     if (line == "/list") {
       auto conversations = client->Conversations();
       if (!conversations.ok()) continue;
@@ -917,6 +946,15 @@ int RunInteractive(const Flags& flags) {
       (void)PrintHistory(*client, *listener, open_conversation, 0, n, flags.json, 5'000);
       continue;
     }
+    if (line[0] == '/' && line.rfind("//", 0) != 0) {
+      // Not a command, or one without its argument: never sent as a message by mistake.
+      std::printf(
+          "* unknown command or missing argument: %s (/help lists the commands; start a "
+          "line with // to send one that begins with /)\n",
+          line.c_str());
+      continue;
+    }
+    if (line.rfind("//", 0) == 0) line.erase(0, 1);
     if (open_conversation == 0 && open_peer.empty()) {
       std::puts("* /open a conversation first");
       continue;
@@ -931,7 +969,7 @@ int RunInteractive(const Flags& flags) {
     }
   }
   client->Close();
-  return 0;
+  return g_interrupted ? 130 : 0;
 }
 
 }  // namespace
@@ -1012,8 +1050,24 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "chat-cli: --token or --token-file is required\n");
     return 2;
   }
-  signal(SIGINT, OnSignal);
-  signal(SIGTERM, OnSignal);
+  if (!flags.token_file.empty() && !ReadTokenFile(flags.token_file)) {
+    std::fprintf(stderr,
+                 "chat-cli: cannot read --token-file %s (missing, unreadable or over 64 KiB)\n",
+                 flags.token_file.c_str());
+    return 2;
+  }
+  if ((*flush || *outbox || *discard) && flags.cache.empty()) {
+    std::fprintf(stderr,
+                 "chat-cli: flush, outbox and discard work on a persistent outbox: give --cache\n");
+    return 2;
+  }
+  // Without SA_RESTART, so Ctrl-C also ends a read of the terminal that is waiting.
+  struct sigaction action {};
+  action.sa_handler = OnSignal;
+  sigemptyset(&action.sa_mask);
+  action.sa_flags = 0;
+  sigaction(SIGINT, &action, nullptr);
+  sigaction(SIGTERM, &action, nullptr);
 
   if (*send) return RunSend(flags, to, send_conversation, texts);
   if (*flush) return RunFlush(flags);

@@ -1,6 +1,7 @@
 // chat-cli against the real chatd: the subcommands users script with, in text and JSON.
 #include <doctest/doctest.h>
 
+#include <atomic>
 #include <string>
 #include <vector>
 
@@ -145,5 +146,78 @@ TEST_CASE("chat-cli: retention sets a conversation's retention, refused for a no
   CHECK(bad.code == 1);
   CHECK(bad.out.find("INVALID_ARGUMENT") != std::string::npos);
 }
+
+std::string CliPath() { return std::string(CHAT_BINARY_DIR) + "/examples/chat-cli"; }
+
+// Runs `script` with /bin/sh in `dir`; returns its exit code and output.
+CliRun RunShell(const TempDir& dir, const std::string& script) {
+  static std::atomic<int> runs{0};
+  const std::string log = dir.File("sh-" + std::to_string(++runs) + ".log");
+  Result<int> code = RunProcess({"/bin/sh", "-c", script}, dir.path(), log, 60'000);
+  REQUIRE(code.ok());
+  return {*code, ReadFile(log)};
+}
+
+std::string Connection(const ChatdProcess& chatd, const std::string& user) {
+  return "--url " + chatd.url() + " --token " + chatd.Token(user) + " --device " + user + "-cli";
+}
+
+TEST_CASE("chat-cli: interactive mode never sends a mistyped command; // sends a slash") {
+  ChatdProcess chatd;
+  REQUIRE(chatd.Start().ok());
+  TempDir dir;
+  CliRun run =
+      RunShell(dir, "printf '/open bob\\n/helo\\n/add\\n//slash\\nhello\\n/help\\n/quit \\n' | " +
+                        CliPath() + " " + Connection(chatd, "alice") + " --cache alice.db");
+  CHECK_MESSAGE(run.code == 0, run.out);
+  CHECK(run.out.find("* unknown command or missing argument: /helo") != std::string::npos);
+  CHECK(run.out.find("* /open a conversation first") == std::string::npos);
+  // /add without users needs a group; /help printed the commands again.
+  CHECK(run.out.find("/help  /quit") != std::string::npos);
+  // What was queued goes out (flush from the same cache), and only that.
+  CliRun flush = RunChatCli(chatd, dir, "alice", {"--cache", "alice.db", "flush"});
+  CHECK_MESSAGE(flush.code == 0, flush.out);
+  CliRun history = RunChatCli(chatd, dir, "bob", {"--json", "history", "--conversation", "1"});
+  CHECK_MESSAGE(history.code == 0, history.out);
+  const size_t slash = history.out.find("\"body\":\"/slash\"");
+  const size_t hello = history.out.find("\"body\":\"hello\"");
+  REQUIRE(slash != std::string::npos);
+  REQUIRE(hello != std::string::npos);
+  CHECK(slash < hello);
+  CHECK(history.out.find("helo\"") == std::string::npos);
+  CHECK(history.out.find("\"body\":\"/add\"") == std::string::npos);
+}
+
+TEST_CASE("chat-cli: an unreadable token file and outbox commands without --cache exit 2") {
+  ChatdProcess chatd;
+  REQUIRE(chatd.Start().ok());
+  TempDir dir;
+  CliRun missing = RunShell(
+      dir, CliPath() + " --url " + chatd.url() + " --token-file missing.txt conversations");
+  CHECK(missing.code == 2);
+  CHECK(missing.out.find("cannot read --token-file missing.txt") != std::string::npos);
+  // A token file written on Windows (CRLF) works.
+  REQUIRE(WriteFile(dir.File("token.txt"), chatd.Token("alice") + "\r\n"));
+  CliRun crlf = RunShell(dir, CliPath() + " --url " + chatd.url() +
+                                  " --token-file token.txt --device a conversations");
+  CHECK_MESSAGE(crlf.code == 0, crlf.out);
+  for (const char* command : {"flush", "outbox"}) {
+    CliRun run = RunChatCli(chatd, dir, "alice", {command});
+    CHECK(run.code == 2);
+    CHECK(run.out.find("give --cache") != std::string::npos);
+  }
+}
+
+TEST_CASE("chat-cli: Ctrl-C ends interactive mode while it waits for a line (exit 130)") {
+  ChatdProcess chatd;
+  REQUIRE(chatd.Start().ok());
+  TempDir dir;
+  // The FIFO stays open for writing and empty: chat-cli waits in its read of the terminal.
+  CliRun run = RunShell(dir, "mkfifo in && { " + CliPath() + " " + Connection(chatd, "alice") +
+                                 " < in & pid=$!; exec 3>in; sleep 1; kill -INT $pid; "
+                                 "wait $pid; echo rc=$?; }");
+  CHECK_MESSAGE(run.out.find("rc=130") != std::string::npos, run.out);
+}
+
 }  // namespace
 }  // namespace chat::testing
