@@ -224,10 +224,19 @@ TEST_CASE("cache: a closed cache refuses writes with Unavailable and reads nothi
   CHECK(txn.Commit().code() == Code::kUnavailable);
 }
 
-// A cache file as schema version 2 wrote it: an AUTOINCREMENT outbox with an index on status.
-void WriteVersion2Cache(const std::string& path) {
+// Runs `sql` on a plain SQLite file.
+void ExecOnFile(const std::string& path, const char* sql) {
   sqlite3* db = nullptr;
   REQUIRE(sqlite3_open(path.c_str(), &db) == SQLITE_OK);
+  char* err = nullptr;
+  const int rc = sqlite3_exec(db, sql, nullptr, nullptr, &err);
+  CHECK_MESSAGE(rc == SQLITE_OK, (err ? err : ""));
+  sqlite3_free(err);
+  sqlite3_close(db);
+}
+
+// A cache file as schema version 2 wrote it: an AUTOINCREMENT outbox with an index on status.
+void WriteVersion2Cache(const std::string& path) {
   const char* sql = R"sql(
 PRAGMA journal_mode=WAL;
 CREATE TABLE meta(key TEXT PRIMARY KEY, value BLOB);
@@ -248,22 +257,7 @@ INSERT INTO outbox VALUES(7, 'id-old-2', 3, '', 'text/plain', 'two', 2, 2, 4, 'd
 INSERT INTO outbox VALUES(9, 'id-old-3', 0, 'bob', 'text/plain', 'three', 3, 0, 0, '');
 PRAGMA user_version=2;
 )sql";
-  char* err = nullptr;
-  const int rc = sqlite3_exec(db, sql, nullptr, nullptr, &err);
-  CHECK_MESSAGE(rc == SQLITE_OK, (err ? err : ""));
-  sqlite3_free(err);
-  sqlite3_close(db);
-}
-
-// Runs `sql` on a plain SQLite file.
-void WriteFile(const std::string& path, const char* sql) {
-  sqlite3* db = nullptr;
-  REQUIRE(sqlite3_open(path.c_str(), &db) == SQLITE_OK);
-  char* err = nullptr;
-  const int rc = sqlite3_exec(db, sql, nullptr, nullptr, &err);
-  CHECK_MESSAGE(rc == SQLITE_OK, (err ? err : ""));
-  sqlite3_free(err);
-  sqlite3_close(db);
+  ExecOnFile(path, sql);
 }
 
 int64_t CountRows(const std::string& path, const char* table) {
@@ -283,7 +277,7 @@ TEST_CASE("cache: another program's SQLite file is refused with DataLoss and lef
   testing::TempDir dir;
   // An app's own database, with tables named like the cache's and a version of its own.
   const std::string app = dir.File("app.db");
-  WriteFile(app, R"sql(
+  ExecOnFile(app, R"sql(
 CREATE TABLE messages(id INTEGER PRIMARY KEY, text TEXT);
 CREATE TABLE conversations(id INTEGER PRIMARY KEY, title TEXT);
 INSERT INTO messages VALUES(1, 'keep me');
@@ -296,7 +290,8 @@ PRAGMA user_version=12;
   CHECK(CountRows(app, "messages") == 1);
   // Version 0, but with a table a cache never has.
   const std::string other = dir.File("other.db");
-  WriteFile(other, "CREATE TABLE settings(k TEXT, v TEXT); INSERT INTO settings VALUES('a', 'b');");
+  ExecOnFile(other,
+             "CREATE TABLE settings(k TEXT, v TEXT); INSERT INTO settings VALUES('a', 'b');");
   opened = Cache::Open(other);
   REQUIRE_FALSE(opened.ok());
   CHECK(opened.status().code() == Code::kDataLoss);
@@ -304,11 +299,11 @@ PRAGMA user_version=12;
   CHECK(CountRows(other, "settings") == 1);
   // Another program's application_id.
   const std::string marked = dir.File("marked.db");
-  WriteFile(marked, "PRAGMA application_id=42;");
+  ExecOnFile(marked, "PRAGMA application_id=42;");
   CHECK(Cache::Open(marked).status().code() == Code::kDataLoss);
   // An empty SQLite file becomes a cache, marked as one.
   const std::string empty = dir.File("empty.db");
-  WriteFile(empty, "PRAGMA user_version=0;");
+  ExecOnFile(empty, "PRAGMA user_version=0;");
   REQUIRE(Cache::Open(empty).ok());
   REQUIRE(Cache::Open(empty).ok());
 }

@@ -138,6 +138,19 @@ TEST_CASE("session: the server's retry_after_ms is a floor for the reconnect del
   CHECK(h.listener.errors.back().retry_after_ms() == 300'000);
 }
 
+// Nothing is written for `ms` - 1 more milliseconds, then one Ping; returns what was written.
+std::vector<v1::Envelope> ExpectPingAfter(Harness& h, int64_t ms) {
+  h.clock->Advance(ms - 1);
+  h.session->Tick();
+  CHECK(h.io.Take().empty());
+  h.clock->Advance(1);
+  h.session->Tick();
+  std::vector<v1::Envelope> written = h.io.Take();
+  REQUIRE(written.size() == 1);
+  CHECK(written[0].has_ping());
+  return written;
+}
+
 TEST_CASE("session: pings every heartbeat and drops a link silent for two intervals") {
   Harness h;
   v1::Envelope sync = h.Welcome(7, /*heartbeat_ms=*/10'000);
@@ -155,14 +168,7 @@ TEST_CASE("session: pings every heartbeat and drops a link silent for two interv
   CHECK(written[0].has_ping());
   CHECK(h.session->NextDeadlineMs() <= h.Now() + 10'000);
   // Then one interval apart.
-  h.clock->Advance(9'999);
-  h.session->Tick();
-  CHECK(h.io.Take().empty());
-  h.clock->Advance(1);
-  h.session->Tick();
-  written = h.io.Take();
-  REQUIRE(written.size() == 1);
-  CHECK(written[0].has_ping());
+  written = ExpectPingAfter(h, 10'000);
 
   // A Pong proves the link alive.
   v1::Envelope pong;
@@ -206,14 +212,7 @@ TEST_CASE("session: an options' heartbeat longer than the server's is cut to it"
   auto written = h.io.Take();
   REQUIRE(written.size() == 1);
   CHECK(written[0].has_ping());
-  h.clock->Advance(29'999);
-  h.session->Tick();
-  CHECK(h.io.Take().empty());
-  h.clock->Advance(1);
-  h.session->Tick();
-  written = h.io.Take();
-  REQUIRE(written.size() == 1);
-  CHECK(written[0].has_ping());
+  ExpectPingAfter(h, 30'000);
 }
 
 TEST_CASE("session: a connection that does not reach Welcome in time is given up") {
