@@ -44,7 +44,12 @@ namespace {
 
 std::atomic<bool> g_interrupted{false};
 
-void OnSignal(int) { g_interrupted = true; }
+std::atomic<int> g_signal{0};  // the signal that set g_interrupted
+
+void OnSignal(int signal) {
+  g_signal = signal;
+  g_interrupted = true;
+}
 
 std::string JsonString(std::string_view s) {
   std::string out = "\"";
@@ -406,11 +411,15 @@ std::unique_ptr<chat::Client> OpenClient(const Flags& flags, std::shared_ptr<Lis
   chat::ClientOptions options;
   options.url = flags.url;
   // Read again on every connect, so a refreshed token in the file is picked up; if it cannot
-  // be read then, the last token read is used.
+  // be read then, or is empty (a pipe read once, a file being rewritten), the last token read
+  // (at start, into flags.token) is used.
   auto last = std::make_shared<std::string>(flags.token);
   options.token_provider = [flags, last] {
     if (flags.token_file.empty()) return flags.token;
-    if (std::optional<std::string> token = ReadTokenFile(flags.token_file)) *last = *token;
+    if (std::optional<std::string> token = ReadTokenFile(flags.token_file);
+        token && !token->empty()) {
+      *last = *token;
+    }
     return *last;
   };
   options.device_id = flags.device;
@@ -521,6 +530,14 @@ int RunFlush(const Flags& flags) {
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   if (rc != 0) std::fprintf(stderr, "chat-cli flush: the outbox is not empty yet\n");
+  {
+    // Refused by the server during this flush: printed, and exit 4 as for send.
+    std::lock_guard lock(listener->mu());
+    for (const auto& [id, event] : listener->failed()) {
+      std::puts(MessageLine(event, flags.json).c_str());
+    }
+    if (rc == 0 && !listener->failed().empty()) rc = 4;
+  }
   client->Close();
   return rc;
 }
@@ -969,7 +986,7 @@ int RunInteractive(const Flags& flags) {
     }
   }
   client->Close();
-  return g_interrupted ? 130 : 0;
+  return g_interrupted ? 128 + g_signal.load() : 0;
 }
 
 }  // namespace
@@ -1050,11 +1067,16 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "chat-cli: --token or --token-file is required\n");
     return 2;
   }
-  if (!flags.token_file.empty() && !ReadTokenFile(flags.token_file)) {
-    std::fprintf(stderr,
-                 "chat-cli: cannot read --token-file %s (missing, unreadable or over 64 KiB)\n",
-                 flags.token_file.c_str());
-    return 2;
+  if (!flags.token_file.empty()) {
+    std::optional<std::string> token = ReadTokenFile(flags.token_file);
+    if (!token || token->empty()) {
+      std::fprintf(stderr,
+                   "chat-cli: cannot read --token-file %s (missing, unreadable, empty or over "
+                   "64 KiB)\n",
+                   flags.token_file.c_str());
+      return 2;
+    }
+    flags.token = *token;
   }
   if ((*flush || *outbox || *discard) && flags.cache.empty()) {
     std::fprintf(stderr,

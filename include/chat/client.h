@@ -216,7 +216,9 @@ class CHAT_EXPORT Client {
 
   Client(const Client&) = delete;
   Client& operator=(const Client&) = delete;
-  ~Client();  // Close()
+  // Close(). REQUIRES: not called from one of this client's own callbacks (Close() may be;
+  // destroy the Client elsewhere afterwards): its loop would be destroyed while it runs.
+  ~Client();
 
   // Runs the client on an internal thread (named "chat-client"; it blocks the signals sent to
   // the process, and what the callbacks start inherits that). FailedPrecondition if already
@@ -224,7 +226,7 @@ class CHAT_EXPORT Client {
   Status Start();
   // Runs the client on the calling thread for at most about `timeout_ms` (0 = do what is
   // ready, do not wait): connects, reads, writes, fires timers and callbacks.
-  // FailedPrecondition after Start() or Close().
+  // FailedPrecondition after Start() or Close(), or when called from one of its callbacks.
   Status Poll(int timeout_ms);
   // Disconnects and stops. Idempotent. No callback runs after it returns. The outbox stays in
   // the cache and is sent by the next Client opened on the same cache_path.

@@ -84,10 +84,25 @@ constexpr const char* kApplicationId = "PRAGMA application_id";
 // schema version 4; older caches have 0).
 constexpr int64_t kCacheApplicationId = 0x63686174;
 constexpr const char* kSetApplicationId = "PRAGMA application_id=1667785076";
-// Tables of a cache file that is not marked yet, other than these, make it another program's.
-constexpr const char* kForeignTables =
-    "SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT IN "
-    "('meta', 'conversations', 'messages', 'outbox', 'outbox_v4', 'sqlite_sequence') LIMIT 1";
+// A file not marked yet is a cache only if it has no tables, or (versions 1 to 4, which created
+// them together) exactly a cache's: these four, with these columns, and nothing but an interrupted
+// migration's outbox_v4 and AUTOINCREMENT's sqlite_sequence besides.
+constexpr const char* kTableCount = "SELECT COUNT(*) FROM sqlite_schema WHERE type = 'table'";
+constexpr const char* kUnmarkedCacheLayout = R"sql(
+SELECT
+  (SELECT COUNT(*) FROM sqlite_schema WHERE type = 'table' AND name NOT IN
+     ('meta', 'conversations', 'messages', 'outbox', 'outbox_v4', 'sqlite_sequence')) = 0
+  AND (SELECT COUNT(*) FROM sqlite_schema WHERE type = 'table' AND name IN
+     ('meta', 'conversations', 'messages', 'outbox')) = 4
+  AND (SELECT group_concat(name, ',') FROM
+     (SELECT name FROM pragma_table_info('meta') ORDER BY cid)) = 'key,value'
+  AND (SELECT group_concat(name, ',') FROM
+     (SELECT name FROM pragma_table_info('messages') ORDER BY cid)) = 'conversation_id,seq,message'
+  AND (SELECT COUNT(*) FROM pragma_table_info('conversations')
+     WHERE name IN ('conversation_id', 'state', 'cursor')) = 3
+  AND (SELECT COUNT(*) FROM pragma_table_info('outbox')
+     WHERE name IN ('id', 'client_msg_id', 'body', 'status')) = 4
+)sql";
 constexpr const char* kBegin = "BEGIN IMMEDIATE";
 constexpr const char* kCommit = "COMMIT";
 constexpr const char* kRollback = "ROLLBACK";
@@ -294,18 +309,13 @@ Result<std::unique_ptr<Cache>> Cache::Open(const std::string& path) {
   // SQLite keeps the WAL index in memory instead of a shared -shm file and takes no file locks per
   // transaction (about ten fcntl calls per Send() otherwise). A second client on the same file
   // gets Unavailable ("database is locked") after the busy timeout.
-  // A checkpoint (which the commit that crosses the threshold runs) costs two fsyncs, whose time
-  // hardly depends on how much the WAL holds: 4000 pages (16 MiB at 4 KiB) instead of SQLite's
-  // 1000 makes them a quarter as frequent for a burst of Send() calls.
   // A file that is not a database fails on the first statement that reads it.
-  rc = sqlite3_exec(raw,
-                    "PRAGMA locking_mode=EXCLUSIVE; PRAGMA journal_mode=WAL; "
-                    "PRAGMA synchronous=NORMAL; PRAGMA wal_autocheckpoint=4000;",
+  rc = sqlite3_exec(raw, "PRAGMA locking_mode=EXCLUSIVE; SELECT COUNT(*) FROM sqlite_schema;",
                     nullptr, nullptr, nullptr);
   if (rc == SQLITE_NOTADB || rc == SQLITE_CORRUPT) {
     return DataLoss("cache: " + name + " is not a cache database");
   }
-  if (rc != SQLITE_OK) return cache->db_->Error("pragma");
+  if (rc != SQLITE_OK) return cache->db_->Error("open");
   int version = 0;
   {
     Stmt s(cache->db_.get(), kUserVersion);
@@ -316,24 +326,45 @@ Result<std::unique_ptr<Cache>> Cache::Open(const std::string& path) {
     Stmt s(cache->db_.get(), kApplicationId);
     if (s.Step() == SQLITE_ROW) application_id = s.ColInt(0);
   }
+  // Before anything is written (WAL mode included): another program's database, or a cache a
+  // newer SDK wrote, is left as it is.
+  if (application_id == kCacheApplicationId && version > kSchemaVersion) {
+    return FailedPrecondition("cache: " + name +
+                              " was written by a newer version of the SDK "
+                              "(schema version " +
+                              std::to_string(version) + "; this one reads " +
+                              std::to_string(kSchemaVersion) + " and older)");
+  }
   if (application_id != kCacheApplicationId) {
-    // Not marked as a cache: a new file, a cache of a version that did not mark its files, or
-    // another program's database, which must be left as it is.
-    std::string foreign;
+    int64_t tables = 0;
     {
-      Stmt s(cache->db_.get(), kForeignTables);
-      if (s.Step() == SQLITE_ROW) foreign = std::string(s.ColView(0));
+      Stmt s(cache->db_.get(), kTableCount);
+      if (s.Step() == SQLITE_ROW) tables = s.ColInt(0);
     }
-    if (application_id != 0 || version < 0 || version > kSchemaVersion || !foreign.empty()) {
-      return DataLoss("cache: " + name + " is another program's database (" +
-                      (!foreign.empty() ? "table " + foreign
-                                        : "application_id " + std::to_string(application_id) +
-                                              ", user_version " + std::to_string(version)) +
-                      "), not a chat cache");
+    bool cache_layout = tables == 0;
+    if (!cache_layout && version >= 1 && version <= kSchemaVersion) {
+      Stmt s(cache->db_.get(), kUnmarkedCacheLayout);
+      cache_layout = s.Step() == SQLITE_ROW && s.ColInt(0) == 1;
+    }
+    if (application_id != 0 || (tables == 0 && version != 0) || !cache_layout) {
+      return DataLoss("cache: " + name + " is another program's database (application_id " +
+                      std::to_string(application_id) + ", user_version " + std::to_string(version) +
+                      ", " + std::to_string(tables) +
+                      " tables), not a chat cache; it was left unchanged");
     }
   }
+  // A checkpoint (which the commit that crosses the threshold runs) costs two fsyncs, whose time
+  // hardly depends on how much the WAL holds: 4000 pages (16 MiB at 4 KiB) instead of SQLite's
+  // 1000 makes them a quarter as frequent for a burst of Send() calls.
+  rc = sqlite3_exec(raw,
+                    "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; "
+                    "PRAGMA wal_autocheckpoint=4000;",
+                    nullptr, nullptr, nullptr);
+  if (rc != SQLITE_OK) return cache->db_->Error("pragma");
   if (version != kSchemaVersion || application_id != kCacheApplicationId) {
     Transaction txn(cache.get());
+    // Without it, the steps below would commit one by one and could stop half way.
+    if (!txn.active()) return cache->db_->Error("begin");
     if (version != 0 && version != kSchemaVersion) {
       // Another layout of the derived tables: rebuild them from the server. meta (the epoch and
       // user the outbox was written for) keeps its layout and stays, so the outbox is still

@@ -196,6 +196,15 @@ TEST_CASE("chat-cli: an unreadable token file and outbox commands without --cach
       dir, CliPath() + " --url " + chatd.url() + " --token-file missing.txt conversations");
   CHECK(missing.code == 2);
   CHECK(missing.out.find("cannot read --token-file missing.txt") != std::string::npos);
+  REQUIRE(WriteFile(dir.File("empty.txt"), "\n"));
+  CliRun empty =
+      RunShell(dir, CliPath() + " --url " + chatd.url() + " --token-file empty.txt conversations");
+  CHECK(empty.code == 2);
+  // A token that can be read once (a pipe) is kept for the connection.
+  CliRun piped =
+      RunShell(dir, "printf '%s' '" + chatd.Token("alice") + "' | " + CliPath() + " --url " +
+                        chatd.url() + " --token-file /dev/stdin --device a conversations");
+  CHECK_MESSAGE(piped.code == 0, piped.out);
   // A token file written on Windows (CRLF) works.
   REQUIRE(WriteFile(dir.File("token.txt"), chatd.Token("alice") + "\r\n"));
   CliRun crlf = RunShell(dir, CliPath() + " --url " + chatd.url() +
@@ -217,6 +226,22 @@ TEST_CASE("chat-cli: Ctrl-C ends interactive mode while it waits for a line (exi
                                  " < in & pid=$!; exec 3>in; sleep 1; kill -INT $pid; "
                                  "wait $pid; echo rc=$?; }");
   CHECK_MESSAGE(run.out.find("rc=130") != std::string::npos, run.out);
+}
+
+TEST_CASE("chat-cli: flush exits 4 when the server refuses what it sends") {
+  ChatdProcess chatd;
+  REQUIRE(chatd.Start().ok());
+  TempDir dir;
+  REQUIRE(chatd.Terminate().ok());
+  // Queued while the server is down: to a conversation alice is not in.
+  CliRun queued = RunChatCli(chatd, dir, "alice",
+                             {"--cache", "alice.db", "--timeout-ms", "500", "send",
+                              "--conversation", "424242", "nobody reads this"});
+  CHECK(queued.code == 3);
+  REQUIRE(chatd.Restart().ok());
+  CliRun flush = RunChatCli(chatd, dir, "alice", {"--cache", "alice.db", "flush"});
+  CHECK_MESSAGE(flush.code == 4, flush.out);
+  CHECK(flush.out.find("PERMISSION_DENIED") != std::string::npos);
 }
 
 }  // namespace

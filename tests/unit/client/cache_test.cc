@@ -273,6 +273,18 @@ int64_t CountRows(const std::string& path, const char* table) {
   return n;
 }
 
+std::string JournalMode(const std::string& path) {
+  sqlite3* db = nullptr;
+  REQUIRE(sqlite3_open(path.c_str(), &db) == SQLITE_OK);
+  sqlite3_stmt* stmt = nullptr;
+  REQUIRE(sqlite3_prepare_v2(db, "PRAGMA journal_mode", -1, &stmt, nullptr) == SQLITE_OK);
+  REQUIRE(sqlite3_step(stmt) == SQLITE_ROW);
+  std::string mode(reinterpret_cast<const char*>(sqlite3_column_text(stmt, 0)));
+  sqlite3_finalize(stmt);
+  sqlite3_close(db);
+  return mode;
+}
+
 TEST_CASE("cache: another program's SQLite file is refused with DataLoss and left unchanged") {
   testing::TempDir dir;
   // An app's own database, with tables named like the cache's and a version of its own.
@@ -288,6 +300,7 @@ PRAGMA user_version=12;
   CHECK(opened.status().code() == Code::kDataLoss);
   CHECK(opened.status().message().find("another program's database") != std::string::npos);
   CHECK(CountRows(app, "messages") == 1);
+  CHECK(JournalMode(app) == "delete");
   // Version 0, but with a table a cache never has.
   const std::string other = dir.File("other.db");
   ExecOnFile(other,
@@ -295,12 +308,39 @@ PRAGMA user_version=12;
   opened = Cache::Open(other);
   REQUIRE_FALSE(opened.ok());
   CHECK(opened.status().code() == Code::kDataLoss);
-  CHECK(opened.status().message().find("table settings") != std::string::npos);
+  CHECK(opened.status().message().find("another program's database") != std::string::npos);
   CHECK(CountRows(other, "settings") == 1);
+  // A version an old cache had, with tables named as a cache's but laid out otherwise; and
+  // version 0 (SQLite's default) with such a table.
+  for (const char* version : {"2", "0"}) {
+    CAPTURE(version);
+    const std::string lookalike = dir.File(std::string("lookalike-") + version + ".db");
+    ExecOnFile(lookalike, (std::string(R"sql(
+CREATE TABLE meta(key TEXT PRIMARY KEY, value BLOB);
+CREATE TABLE conversations(id INTEGER PRIMARY KEY, title TEXT);
+CREATE TABLE messages(id INTEGER PRIMARY KEY, text TEXT);
+CREATE TABLE outbox(id INTEGER PRIMARY KEY, text TEXT);
+INSERT INTO messages VALUES(1, 'keep me');
+PRAGMA user_version=)sql") +
+                           version + ";")
+                              .c_str());
+    CHECK(Cache::Open(lookalike).status().code() == Code::kDataLoss);
+    CHECK(CountRows(lookalike, "messages") == 1);
+    CHECK(JournalMode(lookalike) == "delete");  // not switched to WAL either
+  }
   // Another program's application_id.
   const std::string marked = dir.File("marked.db");
   ExecOnFile(marked, "PRAGMA application_id=42;");
   CHECK(Cache::Open(marked).status().code() == Code::kDataLoss);
+  // A cache written by a newer SDK is refused, not downgraded.
+  const std::string newer = dir.File("newer.db");
+  ExecOnFile(newer,
+             "PRAGMA application_id=1667785076; PRAGMA user_version=5; "
+             "CREATE TABLE outbox(id INTEGER PRIMARY KEY, v5 TEXT);");
+  opened = Cache::Open(newer);
+  CHECK(opened.status().code() == Code::kFailedPrecondition);
+  CHECK(opened.status().message().find("newer version of the SDK") != std::string::npos);
+  CHECK(JournalMode(newer) == "delete");
   // An empty SQLite file becomes a cache, marked as one.
   const std::string empty = dir.File("empty.db");
   ExecOnFile(empty, "PRAGMA user_version=0;");
