@@ -1162,21 +1162,19 @@ class Hub::Impl final : private PresenceTracker::Sink {
     io_->SubmitAppend(std::move(job));
   }
 
-  // Whether one of `devices`' connections was heard from within presence_ttl_ms, as presence
+  // Whether a connection (or one of `user`'s) was heard from within presence_ttl_ms, as presence
   // counts a device online. A connection silent for longer may be gone without a close (a phone
   // in a tunnel, a suspended app: the idle timeout ends it later), so its user is pushed.
-  bool HeardLately(const UserSessions& devices, int64_t now) {
-    for (SessionId id : devices) {
-      const Session* s = FindSession(id);
-      if (s != nullptr && now - s->last_frame_ms < static_cast<int64_t>(options_.presence_ttl_ms)) {
-        return true;
-      }
-    }
-    return false;
+  bool HeardLately(const Session& s, int64_t now) const {
+    return now - s.last_frame_ms < static_cast<int64_t>(options_.presence_ttl_ms);
   }
   bool HeardLately(const UserId& user, int64_t now) {
     auto it = users_.find(user);
-    return it != users_.end() && HeardLately(it->second, now);
+    if (it == users_.end()) return false;
+    return std::any_of(it->second.begin(), it->second.end(), [&](SessionId id) {
+      const Session* s = FindSession(id);
+      return s != nullptr && HeardLately(*s, now);
+    });
   }
 
   // A committed user message for `user`, who has no device heard from lately: opens a collapse
@@ -1340,50 +1338,47 @@ class Hub::Impl final : private PresenceTracker::Sink {
       }
       return;
     }
+    // What the read found for the users still asked about: a subscribe's minus those the
+    // session unsubscribed from meanwhile (a re-check's, all of them).
+    std::vector<const PresenceContact*> wanted;
+    std::vector<UserId> targets;
+    for (const PresenceContact& c : reply->targets) {
+      if (subscribe && !pending.still_wanted.contains(c.user)) continue;
+      wanted.push_back(&c);
+      targets.push_back(c.user);
+    }
     // The read may predate a removal the Hub has applied since: ask again if it concerns the
     // watcher or one of the targets.
-    std::vector<UserId> concerned;
-    concerned.reserve(reply->targets.size() + 1);
+    std::vector<UserId> concerned = targets;
     concerned.push_back(s.user());
-    for (const PresenceContact& c : reply->targets) concerned.push_back(c.user);
     if (RemovedSince(pending.removals, concerned, 0)) {
-      std::vector<UserId> targets;
-      for (const PresenceContact& c : reply->targets) {
-        if (!subscribe || pending.still_wanted.contains(c.user)) targets.push_back(c.user);
-      }
       SubmitRead(pending.session, pending.rid, 0, pending.purpose,
                  PresenceQuery{.user = s.user(), .targets = std::move(targets)});
       return;
     }
     if (!subscribe) {
-      for (const PresenceContact& c : reply->targets) {
-        presence_.Resolve(pending.session, c.user, c.user == s.user() || c.shares_conversation);
+      for (const PresenceContact* c : wanted) {
+        presence_.Resolve(pending.session, c->user, c->user == s.user() || c->shares_conversation);
       }
       return;
     }
-    for (const PresenceContact& c : reply->targets) {
-      if (!pending.still_wanted.contains(c.user)) continue;  // unsubscribed meanwhile
-      if (c.user != s.user() && !c.shares_conversation) {
+    for (const PresenceContact* c : wanted) {
+      if (c->user != s.user() && !c->shares_conversation) {
         SendError(pending.session, s, pending.rid,
-                  PermissionDenied("may not watch the presence of " + c.user +
+                  PermissionDenied("may not watch the presence of " + c->user +
                                    ": no shared direct conversation or group"));
         return;
       }
-    }
-    std::vector<UserId> targets;
-    for (const PresenceContact& c : reply->targets) {
-      if (pending.still_wanted.contains(c.user)) targets.push_back(c.user);
     }
     // Other subscribes may have been answered since this one was checked.
     if (Status room = PresenceRoom(pending.session, targets); !room.ok()) {
       SendError(pending.session, s, pending.rid, room);
       return;
     }
-    for (const PresenceContact& c : reply->targets) {
-      if (!pending.still_wanted.contains(c.user)) continue;
+    for (const PresenceContact* c : wanted) {
       const PresenceState state =
-          presence_.Watch(pending.session, s.user(), c.user, c.last_seen_ms);
-      SendPresence(pending.session, c.user, state);
+          presence_.Watch(pending.session, s.user(), c->user, c->last_seen_ms);
+      SendPresence(pending.session, c->user, state);
     }
     SendOk(pending.session, s, pending.rid);
   }
@@ -1576,19 +1571,19 @@ class Hub::Impl final : private PresenceTracker::Sink {
     const bool push = options_.push != nullptr && message.kind == MessageKind::kUser;
     const int64_t now = push ? clock_->MonotonicMs() : 0;
     for (const UserId& user : recipients) {
-      auto it = users_.find(user);
-      if (push && user != message.sender && (it == users_.end() || !HeardLately(it->second, now))) {
-        QueuePush(user, message);
+      bool heard = false;  // a connection of `user` heard from lately (push only)
+      if (auto it = users_.find(user); it != users_.end()) {
+        for (SessionId target : it->second) {
+          if (target == sender) continue;  // the sender is not pushed either
+          Session* s = FindSession(target);
+          if (s == nullptr) continue;
+          heard = heard || (push && HeardLately(*s, now));
+          codec::Frame& frame = s->format == codec::Format::kJson ? json : binary;
+          if (!frame) frame = codec::EncodeShared(deliver, s->format);
+          io_->Send(target, frame);
+        }
       }
-      if (it == users_.end()) continue;
-      for (SessionId target : it->second) {
-        if (target == sender) continue;
-        Session* s = FindSession(target);
-        if (s == nullptr) continue;
-        codec::Frame& frame = s->format == codec::Format::kJson ? json : binary;
-        if (!frame) frame = codec::EncodeShared(deliver, s->format);
-        io_->Send(target, frame);
-      }
+      if (push && !heard && user != message.sender) QueuePush(user, message);
     }
   }
 
