@@ -485,7 +485,13 @@ void AddServeFlags(CLI::App* serve, ServeFlags* f) {
       ->capture_default_str();
   serve
       ->add_option("--retention-batch-max", o.retention_batch_max,
-                   "Expired messages deleted per transaction, at most")
+                   "Expired messages (and keys past their resend window) deleted per "
+                   "transaction, at most")
+      ->capture_default_str();
+  serve
+      ->add_option("--retention-resend-window-ms", o.retention_resend_window_ms,
+                   "How long a deleted message's client_msg_id still answers a resend as a "
+                   "duplicate (ms); 0 forgets it with the message")
       ->capture_default_str();
 }
 

@@ -99,7 +99,13 @@ struct ServerOptions {
   // its own retention (MessageStore::SetRetention). Milliseconds; 0 = keep forever (default).
   int64_t retention_ms = 0;
   uint32_t retention_sweep_interval_ms = 60'000;  // between sweeps; 0 = never sweep
-  uint32_t retention_batch_max = 1000;            // messages deleted per transaction, at most; >= 1
+  // Messages deleted per transaction, at most (with the dropped keys of resend_window); >= 1.
+  uint32_t retention_batch_max = 1000;
+  // A deleted message's client_msg_id is remembered this long after the deletion, so a device
+  // resending it (offline past the retention with the ack lost) gets the original's ack as a
+  // duplicate instead of storing it again (SweepRequest::resend_window_ms). 0 = forgotten with
+  // the message.
+  int64_t retention_resend_window_ms = 7LL * 24 * 60 * 60 * 1000;
 
   // --- Push (see chat/push.h) ---
   std::shared_ptr<PushNotifier> push;  // null: no push notifications

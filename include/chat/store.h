@@ -105,7 +105,8 @@ struct AppendResult {
   // OK, or why this item was refused: PermissionDenied (sender not a member, or the
   // conversation does not exist), InvalidArgument (peer is the sender).
   Status status;
-  // The committed message with its seq, or for a duplicate the message committed earlier.
+  // The committed message with its seq, or for a duplicate the message committed earlier (only
+  // its ids, sender, kind and server time when retention has deleted it since).
   Message message;
   bool duplicate = false;  // (sender, client_msg_id) was committed before
   bool created = false;    // this append created the direct conversation
@@ -215,11 +216,17 @@ struct SweepRequest {
   int64_t now_ms = 0;                // wall clock, milliseconds since the Unix epoch
   int64_t default_retention_ms = 0;  // for conversations without their own; 0 = keep forever
   uint32_t max_messages = 1000;      // deleted in this call (one transaction), at most; >= 1
+  // A deleted message's idempotency key (sender, client_msg_id) is kept this long after the
+  // deletion, so a device that resends the message (its ack was lost, then it stayed offline
+  // past the retention) is answered with the original's seq as a duplicate instead of storing
+  // it again. 0: the key goes with its message. Default 7 days.
+  int64_t resend_window_ms = 7LL * 24 * 60 * 60 * 1000;
 };
 
 struct SweepResult {
-  uint64_t deleted = 0;   // messages deleted by this call
-  bool has_more = false;  // the bound cut the pass: expired messages remain
+  uint64_t deleted = 0;       // messages deleted by this call
+  uint64_t keys_dropped = 0;  // keys of deleted messages dropped, their resend window over
+  bool has_more = false;      // the bound cut the pass: expired messages or keys (may) remain
 };
 
 // What a push notification needs to know about one user; see MessageStore::PushTargets.
@@ -272,8 +279,13 @@ class CHAT_EXPORT MessageStore {
   // retention_ms (or default_retention_ms when the conversation has none). Only the oldest run
   // of a conversation is deleted, so what stays is always the contiguous range
   // [first_seq, last_seq]; first_seq advances (0 once nothing is stored), last_seq never moves,
-  // and Sync reports the deleted range as a Gap. Called by one thread at a time, like Append.
-  // InvalidArgument if max_messages is 0 or default_retention_ms is negative. The default
+  // and Sync reports the deleted range as a Gap. A deleted message's idempotency key stays for
+  // request.resend_window_ms: a resend of it within that time is acknowledged as a duplicate
+  // with the original's conversation, seq, message_id and server time (Append's result holds
+  // them, without body). Keys whose window is over are dropped by the same calls, and count
+  // with the messages toward max_messages. Called by one thread at a time, like Append.
+  // InvalidArgument if max_messages is 0 or default_retention_ms or resend_window_ms is
+  // negative. The default
   // implementation returns FailedPrecondition (not supported by this store).
   virtual Result<SweepResult> DeleteExpired(const SweepRequest& request);
 

@@ -58,8 +58,19 @@ struct Data {
   std::map<ConversationId, Conversation> conversations;
   std::map<std::pair<UserId, UserId>, ConversationId> direct;  // (low, high)
   std::map<UserId, std::set<ConversationId>> by_user;
-  std::map<std::pair<UserId, std::string>, std::pair<ConversationId, Seq>> keys;
-  std::map<UserId, int64_t> last_seen;  // presence: Unix ms
+  // Idempotency keys (sender, client_msg_id): where the message is, and once retention deleted
+  // it (gone_ms > 0), its id and time until the resend window is over.
+  using KeyId = std::pair<UserId, std::string>;
+  struct Key {
+    ConversationId conversation_id = 0;
+    Seq seq = 0;
+    MessageId message_id = 0;
+    int64_t server_time_ms = 0;
+    int64_t gone_ms = 0;
+  };
+  std::map<KeyId, Key> keys;
+  std::multimap<int64_t, KeyId> buried;  // the keys whose message is deleted, by gone_ms
+  std::map<UserId, int64_t> last_seen;   // presence: Unix ms
   std::map<UserId, std::map<DeviceId, StoredPushToken>> push_tokens;
 };
 
@@ -229,8 +240,13 @@ class MemoryTarget final : public server::AppendTarget {
                                            const std::string& client_msg_id) override {
     auto it = data_->keys.find({sender, client_msg_id});
     if (it == data_->keys.end()) return std::optional<Message>();
-    const auto& [conversation_id, seq] = it->second;
-    return std::optional<Message>(data_->conversations.at(conversation_id).messages.at(seq));
+    const Data::Key& key = it->second;
+    if (key.gone_ms > 0) {
+      return std::optional<Message>(server::DeletedMessage(
+          key.conversation_id, key.seq, key.message_id, sender, client_msg_id, key.server_time_ms));
+    }
+    return std::optional<Message>(
+        data_->conversations.at(key.conversation_id).messages.at(key.seq));
   }
 
   Result<ConversationId> FindDirect(const UserId& low, const UserId& high) override {
@@ -316,7 +332,9 @@ class MemoryTarget final : public server::AppendTarget {
     if (c.first_seq == 0) c.first_seq = message.seq;
     c.last_activity_ms = message.server_time_ms;
     if (!message.client_msg_id.empty()) {
-      data_->keys[{message.sender, message.client_msg_id}] = {message.conversation_id, message.seq};
+      Data::Key& key = data_->keys[{message.sender, message.client_msg_id}];
+      key.conversation_id = message.conversation_id;
+      key.seq = message.seq;
     }
     return Status::Ok();
   }
@@ -424,6 +442,16 @@ class MemoryStore final : public MessageStore {
     if (Status s = server::ValidateSweep(request); !s.ok()) return s;
     std::lock_guard lock(mu_);
     SweepResult result;
+    const int64_t dropped_until = request.now_ms - request.resend_window_ms;
+    while (!data_.buried.empty() && data_.buried.begin()->first <= dropped_until) {
+      data_.keys.erase(data_.buried.begin()->second);
+      data_.buried.erase(data_.buried.begin());
+      // A pass that used its whole bound on keys says more may remain, as the SQLite store does.
+      if (++result.keys_dropped == request.max_messages) {
+        result.has_more = true;
+        return result;
+      }
+    }
     for (auto& [id, c] : data_.conversations) {
       const int64_t ttl = server::EffectiveRetention(c.retention_ms, request.default_retention_ms);
       if (ttl <= 0) continue;
@@ -431,12 +459,21 @@ class MemoryStore final : public MessageStore {
       // Only the oldest run goes, so the stored range stays contiguous even if the clock that
       // stamped the messages stepped back.
       while (!c.messages.empty() && c.messages.begin()->second.server_time_ms < cutoff) {
-        if (result.deleted == request.max_messages) {
+        if (result.deleted + result.keys_dropped == request.max_messages) {
           result.has_more = true;
           break;
         }
         const Message& m = c.messages.begin()->second;
-        if (!m.client_msg_id.empty()) data_.keys.erase({m.sender, m.client_msg_id});
+        auto key = m.client_msg_id.empty() ? data_.keys.end()
+                                           : data_.keys.find({m.sender, m.client_msg_id});
+        if (key != data_.keys.end() && request.resend_window_ms == 0) {
+          data_.keys.erase(key);
+        } else if (key != data_.keys.end()) {
+          key->second.message_id = m.message_id;
+          key->second.server_time_ms = m.server_time_ms;
+          key->second.gone_ms = server::KeyGoneMs(request.now_ms);
+          data_.buried.emplace(key->second.gone_ms, key->first);
+        }
         c.messages.erase(c.messages.begin());
         ++result.deleted;
       }

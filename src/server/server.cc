@@ -214,6 +214,9 @@ Status Validate(const ServerOptions& o) {
     return InvalidArgument("presence_ttl_ms must be > heartbeat_interval_ms");
   }
   if (o.retention_ms < 0) return InvalidArgument("retention_ms must not be negative");
+  if (o.retention_resend_window_ms < 0) {
+    return InvalidArgument("retention_resend_window_ms must not be negative");
+  }
   if (o.commit_delay_ms > kMaxCommitDelayMs) {
     // A wait for company longer than this only holds acks back (and a graceful stop's).
     return InvalidArgument("commit_delay_ms must be <= " + std::to_string(kMaxCommitDelayMs));
@@ -266,6 +269,7 @@ class ServerImpl final : public Server, private server::HubIo {
     store_options.retention_ms = options_.retention_ms;
     store_options.retention_sweep_interval_ms = options_.retention_sweep_interval_ms;
     store_options.retention_batch_max = options_.retention_batch_max;
+    store_options.retention_resend_window_ms = options_.retention_resend_window_ms;
     // Messages are stamped with this clock's wall time, so expiry is measured by it too.
     store_options.wall_ms = [clock = options_.clock] { return clock->WallMs(); };
     store_threads_ =

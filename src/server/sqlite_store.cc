@@ -38,7 +38,7 @@ using server::ConversationHead;
 
 // The schema version this build writes. A file with a higher PRAGMA user_version was written
 // by a newer build and is refused rather than misread.
-constexpr int kSchemaVersion = 5;
+constexpr int kSchemaVersion = 6;
 
 // log0 and log1 of schema 5: the columns of messages, in arrival order (rowid), found by
 // conversation and seq through their index.
@@ -169,6 +169,15 @@ CREATE TABLE log_state(
 );
 INSERT INTO log_state(id, active, merged_conversation, merged_seq) VALUES(0, 0, NULL, NULL);
 )sql",
+    // 6: a key whose message retention deleted stays until its resend window is over, with
+    // what a resend's acknowledgement names (message_id, ts). gone_ms: when the message was
+    // deleted; 0 while it is stored (new keys leave the three columns at their defaults).
+    R"sql(
+ALTER TABLE message_keys ADD COLUMN message_id INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE message_keys ADD COLUMN ts INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE message_keys ADD COLUMN gone_ms INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX message_keys_gone ON message_keys(gone_ms) WHERE gone_ms > 0;
+)sql",
 };
 
 #undef CHAT_LOG_TABLE
@@ -224,6 +233,8 @@ enum class Sql : int {
   kInsertLog1,
   kInsertKey,
   kDeleteKey,
+  kBuryKey,
+  kDropKeys,
   kLogState,
   kCountLog0,
   kCountLog1,
@@ -275,7 +286,8 @@ constexpr std::array<const char*, static_cast<size_t>(Sql::kCount)> kSql = {
     "ROLLBACK",
     "PRAGMA user_version",
     "SELECT value FROM meta WHERE key = 'epoch'",
-    "SELECT conversation_id, seq FROM message_keys WHERE sender = ?1 AND client_msg_id = ?2",
+    "SELECT conversation_id, seq, message_id, ts, gone_ms FROM message_keys "
+    "WHERE sender = ?1 AND client_msg_id = ?2",
     "SELECT conversation_id FROM direct WHERE user_a = ?1 AND user_b = ?2",
     "INSERT INTO conversations(kind, created_ms, last_activity_ms) VALUES(?1, ?2, ?2)",
     "INSERT INTO direct(user_a, user_b, conversation_id) VALUES(?1, ?2, ?3)",
@@ -309,6 +321,11 @@ constexpr std::array<const char*, static_cast<size_t>(Sql::kCount)> kSql = {
     ") VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
     "INSERT INTO message_keys(client_msg_id, sender, conversation_id, seq) VALUES(?1, ?2, ?3, ?4)",
     "DELETE FROM message_keys WHERE client_msg_id = ?1 AND sender = ?2",
+    "UPDATE message_keys SET message_id = ?3, ts = ?4, gone_ms = ?5 "
+    "WHERE client_msg_id = ?1 AND sender = ?2",
+    // At most ?2 keys whose message was deleted at or before ?1 (through the partial index).
+    "DELETE FROM message_keys WHERE (client_msg_id, sender) IN (SELECT client_msg_id, sender "
+    "FROM message_keys WHERE gone_ms > 0 AND gone_ms <= ?1 LIMIT ?2)",
     "SELECT active, merged_conversation, merged_seq FROM log_state",
     "SELECT COUNT(*), TOTAL(length(body) + IFNULL(length(attachments), 0) + "
     "IFNULL(length(system), 0)) FROM log0",
@@ -362,7 +379,8 @@ constexpr std::array<const char*, static_cast<size_t>(Sql::kCount)> kSql = {
     "FROM conversations WHERE first_seq > 0 AND (retention_ms > 0 OR (retention_ms = 0 AND ?1 > "
     "0)) "
     "ORDER BY conversation_id",
-    CHAT_ALL_MESSAGES("seq, ts, client_msg_id, sender", "?2 - 1", "") " ORDER BY seq LIMIT ?3",
+    CHAT_ALL_MESSAGES("seq, ts, client_msg_id, sender, message_id", "?2 - 1",
+                      "") " ORDER BY seq LIMIT ?3",
     "DELETE FROM messages WHERE conversation_id = ?1 AND seq <= ?2",
     "UPDATE conversations SET first_seq = ?2 WHERE conversation_id = ?1",
     "UPDATE conversations SET retention_ms = ?2 WHERE conversation_id = ?1",
@@ -1002,6 +1020,10 @@ class SqliteTarget final : public server::AppendTarget {
       if (!*row) return std::optional<Message>();
       conversation_id = q.ColumnU64(0);
       seq = q.ColumnU64(1);
+      if (q.ColumnInt(4) > 0) {
+        return std::optional<Message>(server::DeletedMessage(
+            conversation_id, seq, q.ColumnU64(2), sender, client_msg_id, q.ColumnInt(3)));
+      }
     }
     std::vector<Message> found;
     if (Status s = reader_.ReadAscending(conversation_id, seq, seq, 1, &found); !s.ok()) return s;
@@ -1659,8 +1681,26 @@ class SqliteStore final : public MessageStore {
       Seq first_seq;
       int64_t retention_ms;
     };
+    struct DeletedKey {
+      std::string client_msg_id;
+      std::string sender;
+      MessageId message_id;
+      int64_t ts;
+    };
     std::vector<Candidate> candidates;
-    std::vector<std::pair<std::string, std::string>> keys;  // client_msg_id, sender
+    std::vector<DeletedKey> keys;
+    {
+      // Keys whose resend window is over go first, within the same bound (with the window at 0
+      // too: keys kept under an earlier, longer window).
+      Query q(*writer_, Sql::kDropKeys);
+      q.Int(request.now_ms - request.resend_window_ms).Int(request.max_messages);
+      if (Status s = q.Run(); !s.ok()) return s;
+      result->keys_dropped = static_cast<uint64_t>(sqlite3_changes64(writer_->raw()));
+      if (result->keys_dropped == request.max_messages) {
+        result->has_more = true;
+        return Status::Ok();
+      }
+    }
     {
       Query q(*writer_, Sql::kRetentionCandidates);
       q.Int(request.default_retention_ms);
@@ -1673,7 +1713,7 @@ class SqliteStore final : public MessageStore {
     }
     for (const Candidate& c : candidates) {
       // With no room left the scan still reads one row, to tell whether more is expired.
-      const uint64_t room = request.max_messages - result->deleted;
+      const uint64_t room = request.max_messages - result->deleted - result->keys_dropped;
       const int64_t cutoff = request.now_ms - c.retention_ms;
       // Only the oldest run goes, so the stored range stays contiguous even if the clock that
       // stamped the messages stepped back. One row past the room tells what follows the cut.
@@ -1695,14 +1735,20 @@ class SqliteStore final : public MessageStore {
           }
           through = q.ColumnU64(0);
           ++expired;
-          if (!q.ColumnView(2).empty()) keys.emplace_back(q.ColumnView(2), q.ColumnView(3));
+          if (!q.ColumnView(2).empty()) {
+            keys.push_back({std::string(q.ColumnView(2)), std::string(q.ColumnView(3)),
+                            q.ColumnU64(4), q.ColumnInt(1)});
+          }
         }
       }
       if (expired == 0) continue;
-      // The keys go with their messages: a resend of a deleted message is stored anew.
-      for (const auto& [client_msg_id, sender] : keys) {
-        Query q(*writer_, Sql::kDeleteKey);
-        q.Text(client_msg_id).Text(sender);
+      // The keys stay for the resend window (without one they go with their messages).
+      for (const DeletedKey& key : keys) {
+        Query q(*writer_, request.resend_window_ms > 0 ? Sql::kBuryKey : Sql::kDeleteKey);
+        q.Text(key.client_msg_id).Text(key.sender);
+        if (request.resend_window_ms > 0) {
+          q.U64(key.message_id).Int(key.ts).Int(server::KeyGoneMs(request.now_ms));
+        }
         if (Status s = q.Run(); !s.ok()) return s;
       }
       for (Sql table : {Sql::kDeleteThrough, Sql::kDeleteThroughLog0, Sql::kDeleteThroughLog1}) {

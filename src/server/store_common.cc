@@ -957,7 +957,22 @@ Status ValidateSweep(const SweepRequest& request) {
   if (request.default_retention_ms < 0) {
     return InvalidArgument("default_retention_ms must not be negative");
   }
+  if (request.resend_window_ms < 0) return InvalidArgument("resend_window_ms must not be negative");
   return Status::Ok();
+}
+
+Message DeletedMessage(ConversationId conversation_id, Seq seq, MessageId message_id,
+                       const UserId& sender, const std::string& client_msg_id,
+                       int64_t server_time_ms) {
+  Message m;
+  m.conversation_id = conversation_id;
+  m.seq = seq;
+  m.message_id = message_id;
+  m.sender = sender;
+  m.client_msg_id = client_msg_id;
+  m.server_time_ms = server_time_ms;
+  m.kind = MessageKind::kUser;
+  return m;
 }
 
 Status CheckRetention(int64_t retention_ms) {

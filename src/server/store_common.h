@@ -100,7 +100,8 @@ class AppendTarget {
   virtual ~AppendTarget() = default;
   // Reads inside the same transaction (they see the batch's own writes).
   virtual ReadSource& Reader() = 0;
-  // The message `sender` committed earlier with `client_msg_id` (non-empty), if any.
+  // The message `sender` committed earlier with `client_msg_id` (non-empty), if any; when
+  // retention deleted it within the resend window, what its key kept (ids, sender, kind, time).
   virtual Result<std::optional<Message>> FindByKey(const UserId& sender,
                                                    const std::string& client_msg_id) = 0;
   // The direct conversation between `low` and `high` (low < high), or 0.
@@ -181,6 +182,16 @@ Result<PresenceReply> RunPresence(ReadSource& source, const PresenceQuery& query
 
 // InvalidArgument unless `request` is a valid MessageStore::DeleteExpired request.
 Status ValidateSweep(const SweepRequest& request);
+
+// What FindByKey answers for a user message that retention deleted while its key stayed (see
+// SweepRequest::resend_window_ms): the ids and time a resend's acknowledgement names, no body.
+Message DeletedMessage(ConversationId conversation_id, Seq seq, MessageId message_id,
+                       const UserId& sender, const std::string& client_msg_id,
+                       int64_t server_time_ms);
+
+// When a key of a message deleted at `now_ms` is dropped: the time stored with it (never 0,
+// which marks a key whose message is stored).
+inline int64_t KeyGoneMs(int64_t now_ms) { return now_ms > 0 ? now_ms : 1; }
 
 // A conversation's own retention that keeps its messages whatever the server default says.
 inline constexpr int64_t kKeepForever = -1;

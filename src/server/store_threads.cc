@@ -188,6 +188,7 @@ bool StoreThreads::SweepOnce() {
   request.now_ms = options_.wall_ms();
   request.default_retention_ms = options_.retention_ms;
   request.max_messages = std::max<uint32_t>(options_.retention_batch_max, 1);
+  request.resend_window_ms = options_.retention_resend_window_ms;
   Result<SweepResult> swept = store_->DeleteExpired(request);
   if (swept.status().code() == Code::kFailedPrecondition) {
     // A store without retention support says so once, not every interval.
@@ -202,6 +203,10 @@ bool StoreThreads::SweepOnce() {
   if (swept->deleted > 0) {
     Log(LogLevel::kInfo,
         "chat: retention deleted " + std::to_string(swept->deleted) + " expired messages");
+  }
+  if (swept->keys_dropped > 0) {
+    Log(LogLevel::kInfo, "chat: retention dropped " + std::to_string(swept->keys_dropped) +
+                             " keys of deleted messages, their resend window over");
   }
   return swept->has_more;
 }

@@ -73,6 +73,7 @@ struct StoreThreadsOptions {
   int64_t retention_ms = 0;  // server-wide default; 0 = keep forever
   uint32_t retention_sweep_interval_ms = 60'000;
   uint32_t retention_batch_max = 1000;
+  int64_t retention_resend_window_ms = 7LL * 24 * 60 * 60 * 1000;  // see SweepRequest
   std::function<int64_t()> wall_ms =
       nullptr;  // the clock that stamps messages; required when sweeping
 };

@@ -17,7 +17,9 @@ TEST_CASE("server: --retention-ms deletes old messages and Sync returns a gap fo
   MustStart(chatd);
   auto alice = MustLogin(chatd, "alice", "a1");
   uint64_t conversation = 0;
-  for (int i = 1; i <= 5; ++i) {
+  const std::string first_key = NewClientMsgId();
+  const v1::SendAck first = MustAck(*alice, MakeSendToPeer("bob", first_key, "old1"));
+  for (int i = 2; i <= 5; ++i) {
     conversation =
         MustAck(*alice, MakeSendToPeer("bob", NewClientMsgId(), "old" + std::to_string(i)))
             .conversation_id();
@@ -34,6 +36,16 @@ TEST_CASE("server: --retention-ms deletes old messages and Sync returns a gap fo
     if (!gone) std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
   REQUIRE(gone);
+
+  // A device resending the first message (its ack lost, offline past the retention) gets the
+  // original's ack as a duplicate: the deleted message is not stored again.
+  const v1::SendAck resent = MustAck(*alice, MakeSendToPeer("bob", first_key, "old1"));
+  CHECK(resent.duplicate());
+  CHECK(resent.conversation_id() == first.conversation_id());
+  CHECK(resent.seq() == 1);
+  CHECK(resent.message_id() == first.message_id());
+  CHECK(resent.server_time_ms() == first.server_time_ms());
+  CHECK(resent.client_msg_id() == first_key);
 
   // The conversation goes on at seq 6; a client syncing from 0 gets 1..5 as a gap.
   const v1::SendAck fresh = MustAck(*alice, MakeSendToPeer("bob", NewClientMsgId(), "new"));
@@ -135,6 +147,35 @@ TEST_CASE("server: retention -1 keeps a conversation while the server default ex
   REQUIRE(history.size() == 2);
   CHECK(history[0].body() == "keep me");
   CHECK(history[1].system().type() == v1::SystemEvent::TYPE_RETENTION_CHANGED);
+}
+
+TEST_CASE("server: --retention-resend-window-ms 0 forgets a deleted message's key") {
+  ChatdProcess chatd({.extra_flags = {"--retention-ms", "1000", "--retention-sweep-interval-ms",
+                                      "100", "--retention-resend-window-ms", "0"}});
+  MustStart(chatd);
+  auto alice = MustLogin(chatd, "alice", "a1");
+  const std::string key = NewClientMsgId();
+  const v1::SendAck first = MustAck(*alice, MakeSendToPeer("bob", key, "old"));
+  bool gone = false;
+  for (int attempt = 0; attempt < 300 && !gone; ++attempt) {
+    std::optional<v1::Envelope> page = alice->Request(MakeHistory(first.conversation_id(), 0, 10));
+    REQUIRE(page.has_value());
+    REQUIRE_MESSAGE(page->has_history_page(), page->DebugString());
+    gone = page->history_page().messages_size() == 0;
+    if (!gone) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  REQUIRE(gone);
+  // The key went with the message: the resend is stored as a new one.
+  const v1::SendAck resent = MustAck(*alice, MakeSendToPeer("bob", key, "old"));
+  CHECK_FALSE(resent.duplicate());
+  CHECK(resent.seq() == 2);
+}
+
+TEST_CASE("server: chatd refuses a negative --retention-resend-window-ms") {
+  ChatdProcess chatd({.extra_flags = {"--retention-resend-window-ms", "-1"}});
+  const Status started = chatd.Start();
+  CHECK_FALSE(started.ok());
+  CHECK(chatd.log().find("retention_resend_window_ms must not be negative") != std::string::npos);
 }
 
 TEST_CASE("server: chatd refuses --retention-batch-max 0 with a message naming the field") {

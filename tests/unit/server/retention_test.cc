@@ -77,8 +77,10 @@ ConversationId DirectWith(MessageStore& store, int n, const std::string& tag = "
   return id;
 }
 
-SweepResult Sweep(MessageStore& store, int64_t now_ms, int64_t default_ms, uint32_t max) {
-  Result<SweepResult> r = store.DeleteExpired({now_ms, default_ms, max});
+// One pass at `now_ms`; deleted messages' keys kept for `window_ms` (SweepRequest's default).
+SweepResult Sweep(MessageStore& store, int64_t now_ms, int64_t default_ms, uint32_t max,
+                  int64_t window_ms = SweepRequest{}.resend_window_ms) {
+  Result<SweepResult> r = store.DeleteExpired({now_ms, default_ms, max, window_ms});
   REQUIRE_MESSAGE(r.ok(), r.status().ToString());
   return *r;
 }
@@ -331,21 +333,105 @@ void BadRequests(Kind kind) {
   CHECK(zero.status().code() == Code::kInvalidArgument);
   Result<SweepResult> negative = env.store->DeleteExpired({10'000, -5, 10});
   CHECK(negative.status().code() == Code::kInvalidArgument);
+  Result<SweepResult> negative_window = env.store->DeleteExpired({10'000, 1000, 10, -1});
+  CHECK(negative_window.status().code() == Code::kInvalidArgument);
+  CHECK(negative_window.status().message() == "resend_window_ms must not be negative");
   // Nothing was deleted by the refused calls.
   CHECK(HistoryOf(*env.store, id, 0).messages.size() == 1);
 }
 RETENTION_CASE(BadRequests, "bad arguments are refused with InvalidArgument or NotFound")
 
-void ResendAfterExpiryIsNew(Kind kind) {
+// A device whose ack was lost and that stayed offline past the retention resends: within the
+// resend window it gets the original's ack (seq, message_id, server time) as a duplicate, and
+// nothing is stored; once the window is over the key is dropped and a resend is new.
+void ResendAfterExpiryWithinTheWindow(Kind kind) {
+  Env env(kind);
+  const AppendResult first = SendAt(*env.store, 0, "alice", "bob", "m0", 1000);
+  const ConversationId id = first.message.conversation_id;
+  SendAt(*env.store, id, "alice", "", "m1", 1001);
+  constexpr int64_t kWindow = 50'000;
+  REQUIRE(Sweep(*env.store, 100'000, 1000, 100, kWindow).deleted == 2);
+
+  AppendResult resend = SendAt(*env.store, id, "alice", "", "m0", 100'000);
+  CHECK(resend.duplicate);
+  CHECK(resend.message.conversation_id == id);
+  CHECK(resend.message.seq == 1);
+  CHECK(resend.message.message_id == first.message.message_id);
+  CHECK(resend.message.server_time_ms == 1000);
+  CHECK(resend.message.sender == "alice");
+  CHECK(resend.message.client_msg_id == "m0");
+  CHECK(resend.message.body.empty());
+  // A resend addressed by peer (conversation_id 0) is recognized the same way.
+  AppendResult by_peer = SendAt(*env.store, 0, "alice", "bob", "m1", 100'000);
+  CHECK(by_peer.duplicate);
+  CHECK(by_peer.message.seq == 2);
+  // Nothing was stored: the next message is seq 3, and the store holds only it.
+  CHECK(SendAt(*env.store, id, "alice", "", "m2", 100'000).message.seq == 3);
+  CHECK(Seqs(HistoryOf(*env.store, id, 0).messages) == std::vector<Seq>{3});
+
+  // The last millisecond of the window keeps the keys.
+  SweepResult kept = Sweep(*env.store, 100'000 + kWindow - 1, 1'000'000, 100, kWindow);
+  CHECK(kept.keys_dropped == 0);
+  CHECK(SendAt(*env.store, id, "alice", "", "m0", 100'000).duplicate);
+  // Then they go; a resend is stored as a new message.
+  SweepResult dropped = Sweep(*env.store, 100'000 + kWindow, 1'000'000, 100, kWindow);
+  CHECK(dropped.keys_dropped == 2);
+  CHECK(dropped.deleted == 0);
+  CHECK_FALSE(dropped.has_more);
+  AppendResult late = SendAt(*env.store, id, "alice", "", "m0", 100'000);
+  CHECK_FALSE(late.duplicate);
+  CHECK(late.message.seq == 4);
+}
+RETENTION_CASE(ResendAfterExpiryWithinTheWindow,
+               "a resend after expiry is a duplicate until the resend window is over")
+
+void NoWindowKeysGoWithMessages(Kind kind) {
   Env env(kind);
   const ConversationId id = DirectWith(*env.store, 2);
-  REQUIRE(Sweep(*env.store, 100'000, 1000, 100).deleted == 2);
+  SweepResult swept = Sweep(*env.store, 100'000, 1000, 100, /*window_ms=*/0);
+  REQUIRE(swept.deleted == 2);
+  CHECK(swept.keys_dropped == 0);
   // The idempotency key went with the message: a late resend is stored as a new message.
   AppendResult resend = SendAt(*env.store, id, "alice", "", "m0", 100'000);
   CHECK_FALSE(resend.duplicate);
   CHECK(resend.message.seq == 3);
+
+  // Keys kept under an earlier window are dropped once the window is set to 0.
+  REQUIRE(Sweep(*env.store, 200'000, 1000, 100).deleted == 1);
+  REQUIRE(SendAt(*env.store, id, "alice", "", "m0", 200'000).duplicate);
+  SweepResult later = Sweep(*env.store, 200'000, 1000, 100, /*window_ms=*/0);
+  CHECK(later.keys_dropped == 1);
+  CHECK_FALSE(SendAt(*env.store, id, "alice", "", "m0", 200'000).duplicate);
 }
-RETENTION_CASE(ResendAfterExpiryIsNew, "a resend after expiry is a new message")
+RETENTION_CASE(NoWindowKeysGoWithMessages, "with no resend window a resend after expiry is new")
+
+// Keys past their window count toward max_messages with the messages a pass deletes.
+void DroppedKeysShareTheBound(Kind kind) {
+  Env env(kind);
+  const ConversationId old_id = DirectWith(*env.store, 3, "old");  // ts 1000..1002
+  REQUIRE(Sweep(*env.store, 2000, 100, 100, 10).deleted == 3);
+  // Two newer messages in another conversation, expired too by time 20'000.
+  const ConversationId new_id =
+      SendAt(*env.store, 0, "carol", "dave", "new0", 10'000).message.conversation_id;
+  SendAt(*env.store, new_id, "carol", "", "new1", 10'001);
+
+  SweepResult first = Sweep(*env.store, 20'000, 100, 2, 10);
+  CHECK(first.keys_dropped == 2);
+  CHECK(first.deleted == 0);
+  CHECK(first.has_more);
+  SweepResult second = Sweep(*env.store, 20'000, 100, 2, 10);
+  CHECK(second.keys_dropped == 1);
+  CHECK(second.deleted == 1);
+  CHECK(second.has_more);
+  SweepResult third = Sweep(*env.store, 20'000, 100, 2, 10);
+  CHECK(third.keys_dropped == 0);
+  CHECK(third.deleted == 1);
+  CHECK_FALSE(third.has_more);
+  // The old conversation's keys are gone, the new one's kept for their window.
+  CHECK_FALSE(SendAt(*env.store, old_id, "alice", "", "old0", 20'000).duplicate);
+  CHECK(SendAt(*env.store, new_id, "carol", "", "new1", 20'000).duplicate);
+}
+RETENTION_CASE(DroppedKeysShareTheBound, "dropped keys count toward the pass's bound")
 
 // One conversation change by `sender`, committed alone.
 AppendResult Change(MessageStore& store, AppendRequest r) {
@@ -546,6 +632,10 @@ TEST_CASE("retention: sqlite: survives reopening") {
   Result<std::shared_ptr<MessageStore>> reopened = NewSqliteStore(options);
   REQUIRE(reopened.ok());
   CHECK(HistoryOf(**reopened, id, 0).first_seq == 2);
+  // The deleted message's key was stored too: a resend is still the original.
+  AppendResult resend = SendAt(**reopened, id, "alice", "", "m0", 5000);
+  CHECK(resend.duplicate);
+  CHECK(resend.message.seq == 1);
   // The conversation's own retention was stored too.
   CHECK(Sweep(**reopened, 10'000, 0, 100).deleted == 2);
 }

@@ -1347,8 +1347,8 @@ TEST_CASE("store: sqlite: a schema newer than this build is DataLoss and left un
   RawExec(path, "PRAGMA user_version = 99");
   Result<std::shared_ptr<MessageStore>> newer = OpenAt(path);
   CHECK(newer.status().code() == Code::kDataLoss);
-  CHECK(newer.status().message() == "schema version 99 is newer than this build supports (5)");
-  RawExec(path, "PRAGMA user_version = 5");
+  CHECK(newer.status().message() == "schema version 99 is newer than this build supports (6)");
+  RawExec(path, "PRAGMA user_version = 6");
   Result<std::shared_ptr<MessageStore>> again = OpenAt(path);
   REQUIRE(again.ok());
   CHECK((*again)->Members(1).ok());
@@ -1433,6 +1433,34 @@ TEST_CASE("store: sqlite: a version 3 file gets the keys table led by client_msg
   Result<HistoryReply> h = HistoryOf(**again, "bob", ab, 0, 10);
   REQUIRE(h.ok());
   CHECK(Seqs(h->messages) == std::vector<Seq>{2, 1});
+}
+
+TEST_CASE("store: sqlite: a version 5 file's keys answer resends, also after retention") {
+  TempDir dir;
+  const std::string path = dir.File("chat.db");
+  {
+    Result<std::shared_ptr<MessageStore>> store = OpenAt(path);
+    REQUIRE(store.ok());
+    REQUIRE(CommitOne(**store, ToPeer("alice", "bob", "key-1", "first")).status.ok());
+  }
+  RawExec(path,
+          "DROP INDEX message_keys_gone; ALTER TABLE message_keys DROP COLUMN gone_ms; "
+          "ALTER TABLE message_keys DROP COLUMN ts; ALTER TABLE message_keys DROP COLUMN "
+          "message_id; PRAGMA user_version = 5");
+  Result<std::shared_ptr<MessageStore>> migrated = OpenAt(path);
+  REQUIRE(migrated.ok());
+  AppendResult dup = CommitOne(**migrated, ToPeer("alice", "bob", "key-1", "changed"));
+  CHECK(dup.duplicate);
+  CHECK(dup.message.body == "first");
+  const MessageId original = dup.message.message_id;
+  Result<SweepResult> swept = (*migrated)->DeleteExpired({dup.message.server_time_ms + 2, 1, 10});
+  REQUIRE(swept.ok());
+  REQUIRE(swept->deleted == 1);
+  AppendResult late = CommitOne(**migrated, ToPeer("alice", "bob", "key-1", "changed"));
+  CHECK(late.duplicate);
+  CHECK(late.message.seq == 1);
+  CHECK(late.message.message_id == original);
+  CHECK(late.message.server_time_ms == dup.message.server_time_ms);
 }
 
 TEST_CASE("store: sqlite: bad options and unusable files are refused") {
