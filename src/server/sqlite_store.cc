@@ -603,6 +603,17 @@ class Query {
   int next_ = 0;
 };
 
+// Starts a transaction with `begin`. One still open (a COMMIT and then its ROLLBACK failed)
+// is rolled back first, or every later BEGIN on the connection would fail with "cannot start a
+// transaction within a transaction".
+Status Begin(Connection& conn, Sql begin) {
+  if (sqlite3_get_autocommit(conn.raw()) == 0) {
+    Log(LogLevel::kWarn, "chat: sqlite store: rolling back a transaction left open");
+    if (Status s = Query(conn, Sql::kRollback).Run(); !s.ok()) return s;
+  }
+  return Query(conn, begin).Run();
+}
+
 // Attachments are stored as a chat.v1.Message carrying only its attachments, and a system
 // event as a chat.v1.SystemEvent: compact, and readable by any later schema.
 std::string EncodeAttachments(const std::vector<Attachment>& attachments) {
@@ -1327,7 +1338,7 @@ class SqliteStore final : public MessageStore {
     results->resize(batch.size());
     std::lock_guard lock(writer_mu_);
     LogState next = log_;
-    Status s = Query(*writer_, Sql::kBeginImmediate).Run();
+    Status s = Begin(*writer_, Sql::kBeginImmediate);
     if (s.ok()) {
       // Into the active log, unless the store stores straight into messages or the log is twice
       // its size (merge steps have been failing): then into messages, which readers see too.
@@ -1474,7 +1485,7 @@ class SqliteStore final : public MessageStore {
     std::lock_guard lock(writer_mu_);
     SweepResult result;
     LogState next = log_;
-    Status s = Query(*writer_, Sql::kBeginImmediate).Run();
+    Status s = Begin(*writer_, Sql::kBeginImmediate);
     if (s.ok()) {
       s = Sweep(request, &result);
       if (s.ok() && result.deleted > 0) {
@@ -1824,7 +1835,7 @@ class SqliteStore final : public MessageStore {
       idle_.pop_back();
     }
     Result<T> result = [&]() -> Result<T> {
-      if (Status s = Query(*conn, Sql::kBegin).Run(); !s.ok()) return s;
+      if (Status s = Begin(*conn, Sql::kBegin); !s.ok()) return s;
       Result<T> r = fn(*conn);
       // Ending a read transaction only releases its snapshot; a failure here loses nothing.
       (void)Query(*conn, Sql::kCommit).Run();

@@ -132,8 +132,9 @@ Result<bool> AnswerResend(AppendTarget& target, const AppendRequest& request,
   if (request.client_msg_id.empty()) return false;
   Result<std::optional<Message>> original = target.FindByKey(request.sender, request.client_msg_id);
   if (!original.ok()) {
-    // A key whose message is not stored (a damaged file) fails this request alone: the lookup
-    // wrote nothing, so the other requests of the batch still commit.
+    // A key whose message is not stored or does not decode fails this request alone: the
+    // lookup wrote nothing, so the other requests of the batch still commit. (When SQLite
+    // found the file itself damaged, it refuses the batch's COMMIT.)
     if (original.status().code() != Code::kDataLoss) return original.status();
     *result = AppendResult{};
     result->status = original.status();

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <filesystem>
 #include <functional>
 #include <map>
@@ -1461,6 +1462,60 @@ TEST_CASE("store: sqlite: a version 5 file's keys answer resends, also after ret
   CHECK(late.message.seq == 1);
   CHECK(late.message.message_id == original);
   CHECK(late.message.server_time_ms == dup.message.server_time_ms);
+}
+
+// A key lookup that finds the file damaged is answered to its own request (as DATA_LOSS) like a
+// key whose message is missing, but the batch does not commit: SQLite refuses to commit a
+// transaction in which it met the damage, so the message written before it is not stored.
+TEST_CASE("store: sqlite: corruption found by a key lookup fails the whole batch") {
+  TempDir dir;
+  const std::string path = dir.File("chat.db");
+  ConversationId ab = 0;
+  {
+    Result<std::shared_ptr<MessageStore>> store = OpenAt(path);
+    REQUIRE(store.ok());
+    ab = CommitOne(**store, ToPeer("alice", "bob", "key-1", "first")).message.conversation_id;
+    REQUIRE(ab != 0);
+  }
+  RawExec(path, "PRAGMA wal_checkpoint(TRUNCATE)");
+  // message_keys holds one key: its root page is its only page. A page type byte SQLite does
+  // not know makes every lookup in it SQLITE_CORRUPT.
+  int64_t root = 0;
+  int64_t page_size = 0;
+  {
+    sqlite3* db = nullptr;
+    REQUIRE(sqlite3_open(path.c_str(), &db) == SQLITE_OK);
+    sqlite3_stmt* stmt = nullptr;
+    REQUIRE(sqlite3_prepare_v2(db,
+                               "SELECT (SELECT rootpage FROM sqlite_master WHERE name = "
+                               "'message_keys'), (SELECT page_size FROM pragma_page_size)",
+                               -1, &stmt, nullptr) == SQLITE_OK);
+    REQUIRE(sqlite3_step(stmt) == SQLITE_ROW);
+    root = sqlite3_column_int64(stmt, 0);
+    page_size = sqlite3_column_int64(stmt, 1);
+    sqlite3_finalize(stmt);
+    sqlite3_close(db);
+  }
+  REQUIRE(root > 1);
+  {
+    std::FILE* f = std::fopen(path.c_str(), "r+b");
+    REQUIRE(f != nullptr);
+    REQUIRE(std::fseek(f, static_cast<long>((root - 1) * page_size), SEEK_SET) == 0);
+    REQUIRE(std::fputc(0x7f, f) == 0x7f);
+    std::fclose(f);
+  }
+  Result<std::shared_ptr<MessageStore>> store = OpenAt(path);
+  REQUIRE(store.ok());
+  // Bob's message has no key and touches no key page; the send to carol then looks key-2 up.
+  std::vector<AppendRequest> batch = {ToConversation(ab, "bob", "", "no key"),
+                                      ToPeer("alice", "carol", "key-2", "to carol")};
+  std::vector<AppendResult> results;
+  Status s = (*store)->Append(batch, &results);
+  CHECK(s.code() == Code::kDataLoss);
+  CHECK(results.empty());
+  Result<HistoryReply> h = HistoryOf(**store, "bob", ab, 0, 10);
+  REQUIRE(h.ok());
+  CHECK(Seqs(h->messages) == std::vector<Seq>{1});
 }
 
 TEST_CASE("store: sqlite: bad options and unusable files are refused") {
