@@ -12,6 +12,7 @@
 #include <sys/types.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <condition_variable>
@@ -40,27 +41,42 @@ struct ParsedUrl {
   std::string path = "/";
 };
 
+// True if `s` has a byte that may not appear unescaped in a URL's host or request target
+// (controls, space, DEL, and beyond ASCII).
+bool HasUnsafeUrlBytes(std::string_view s) {
+  return std::any_of(s.begin(), s.end(), [](char c) {
+    const auto b = static_cast<unsigned char>(c);
+    return b <= 0x20 || b >= 0x7f;
+  });
+}
+
 Result<ParsedUrl> ParseHttpUrl(std::string_view url) {
   constexpr std::string_view kScheme = "http://";
   if (!url.starts_with(kScheme)) return InvalidArgument("webhook url must start with http://");
   url.remove_prefix(kScheme.size());
+  // A fragment is never sent.
+  url = url.substr(0, url.find('#'));
   ParsedUrl parsed;
-  const size_t slash = url.find('/');
-  std::string_view authority = url.substr(0, slash);
-  if (slash != std::string_view::npos) parsed.path = std::string(url.substr(slash));
+  const size_t end = url.find_first_of("/?");
+  std::string_view authority = url.substr(0, end);
+  if (end != std::string_view::npos) {
+    // "http://host?q" asks for "/?q".
+    parsed.path = (url[end] == '?' ? "/" : "") + std::string(url.substr(end));
+  }
   const size_t colon = authority.rfind(':');
   if (colon != std::string_view::npos) {
     std::string_view port = authority.substr(colon + 1);
     if (port.empty() || port.size() > 5 ||
-        port.find_first_not_of("0123456789") != std::string_view::npos) {
-      return InvalidArgument("webhook url has an invalid port");
+        port.find_first_not_of("0123456789") != std::string_view::npos ||
+        std::stoi(std::string(port)) < 1 || std::stoi(std::string(port)) > 65535) {
+      return InvalidArgument("webhook url has an invalid port (1..65535)");
     }
     parsed.port = std::string(port);
     authority = authority.substr(0, colon);
   }
   if (authority.empty()) return InvalidArgument("webhook url has no host");
-  if (authority.find_first_of(" @[]") != std::string_view::npos ||
-      parsed.path.find_first_of(" \r\n") != std::string::npos) {
+  if (authority.find_first_of("@[]") != std::string_view::npos || HasUnsafeUrlBytes(authority) ||
+      HasUnsafeUrlBytes(parsed.path)) {
     return InvalidArgument("webhook url has invalid characters");
   }
   parsed.host = std::string(authority);
@@ -280,6 +296,7 @@ class WebhookNotifier final : public PushNotifier {
       const std::string body = ToJson(notification);
       const std::string request =
           "POST " + url_.path + " HTTP/1.1\r\nHost: " + url_.host +
+          (url_.port == "80" ? "" : ":" + url_.port) +
           "\r\nContent-Type: application/json\r\nContent-Length: " + std::to_string(body.size()) +
           "\r\nConnection: close\r\n\r\n" + body;
       lock.lock();

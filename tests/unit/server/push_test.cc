@@ -517,8 +517,10 @@ TEST_CASE("push tokens: a store without support answers FailedPrecondition") {
 // --- Webhook ---
 
 TEST_CASE("push webhook: a url that is not http://host[:port][/path] is INVALID_ARGUMENT") {
-  for (const char* url : {"", "https://example.com/", "http://", "http://host:abc/",
-                          "http://host:/", "ftp://host/"}) {
+  for (const char* url :
+       {"", "https://example.com/", "http://", "http://host:abc/", "http://host:/", "ftp://host/",
+        "http://host:0/", "http://host:65536/", "http://host:99999/", "http://?x", "http://#x",
+        "http://ho\r\nst/", "http://host/a b", "http://host/\x7f", "http://[::1]/"}) {
     CAPTURE(url);
     auto notifier = NewWebhookNotifier({.url = url});
     REQUIRE_FALSE(notifier.ok());
@@ -553,6 +555,9 @@ TEST_CASE("push webhook: posts the notification as JSON") {
   REQUIRE(requests.size() == 1);
   const std::string& r = requests[0];
   CHECK(r.starts_with("POST /hook HTTP/1.1\r\n"));
+  // The port is part of Host when it is not 80 (HTTP/1.1 requires it).
+  const std::string authority = receiver.url().substr(7, receiver.url().size() - 7 - 5);
+  CHECK(r.find("\r\nHost: " + authority + "\r\n") != std::string::npos);
   CHECK(r.find("Content-Type: application/json\r\n") != std::string::npos);
   const std::string body = r.substr(r.find("\r\n\r\n") + 4);
   CHECK(body ==
@@ -560,6 +565,17 @@ TEST_CASE("push webhook: posts the notification as JSON") {
         "\"seq\":\"7\",\"server_time_ms\":\"1700000000000\","
         "\"preview\":\"say \\\"hi\\\"\\u000a\\ufffd\",\"collapsed\":2,\"unread_total\":\"0\","
         "\"tokens\":[{\"device\":\"b1\",\"platform\":\"fcm\",\"token\":\"tok\"}]}");
+}
+
+TEST_CASE("push webhook: a url with a query and no path posts to /?query, without the fragment") {
+  HttpReceiver receiver({200});
+  const std::string base = receiver.url().substr(0, receiver.url().size() - 5);  // no "/hook"
+  auto notifier = NewWebhookNotifier({.url = base + "?key=v1#top"});
+  REQUIRE(notifier.ok());
+  (*notifier)->Notify(Sample());
+  const std::vector<std::string> requests = receiver.WaitFor(1);
+  REQUIRE(requests.size() == 1);
+  CHECK(requests[0].starts_with("POST /?key=v1 HTTP/1.1\r\n"));
 }
 
 TEST_CASE("push webhook: a 500 is retried until the receiver accepts it") {
