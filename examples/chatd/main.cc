@@ -375,6 +375,10 @@ void AddServeFlags(CLI::App* serve, ServeFlags* f) {
                    "One assembled WebSocket message; close 1009 past it")
       ->capture_default_str();
   serve
+      ->add_option("--max-hello-bytes", o.max_hello_bytes,
+                   "The same before a connection's Hello succeeded (at least 1024)")
+      ->capture_default_str();
+  serve
       ->add_option("--receive-buffer-bytes", o.receive_buffer_bytes,
                    "Per connection receive buffer; larger messages are reassembled")
       ->capture_default_str();

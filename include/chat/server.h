@@ -47,6 +47,9 @@ struct ServerOptions {
 
   // --- Limits ---
   size_t max_message_bytes = 256 * 1024;  // one assembled WebSocket message; close 1009 past it
+  // The same before the connection's Hello succeeded (so unauthenticated connections hold
+  // little); at least 1024. A Hello is its token and a few short fields.
+  size_t max_hello_bytes = 16 * 1024;
   // What libwebsockets allocates per connection to receive into (128..65536). A message larger
   // than this arrives in pieces that the server reassembles (a little CPU per such message);
   // each byte here is a byte of every idle connection. 256 holds a typical chat envelope whole.

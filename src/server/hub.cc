@@ -338,6 +338,14 @@ class Hub::Impl final : private PresenceTracker::Sink {
       return;
     }
     if (envelope.body_case() == Body::kBatch) {
+      if (const int n = envelope.batch().envelopes_size(); n > kMaxClientBatchEnvelopes) {
+        SendError(
+            id, s, 0,
+            InvalidArgument("a batch holds at most " + std::to_string(kMaxClientBatchEnvelopes) +
+                            " envelopes, not " + std::to_string(n)));
+        CloseSession(id, kClosePolicy, "batch too large");
+        return;
+      }
       // Each element may close the session, so look it up again before the next one.
       for (v1::Envelope& element : *envelope.mutable_batch()->mutable_envelopes()) {
         Session* current = FindSession(id);
@@ -723,7 +731,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
     s.user_key = &user_entry->first;
     s.device = hello.device_id();
     s.client_max_bytes = hello.max_message_bytes();
-    if (s.client_max_bytes != 0) io_->SetFrameLimit(id, s.client_max_bytes);
+    io_->Welcomed(id, s.client_max_bytes);
     s.deadline_ms = DeadlineOf(identity->expires_at_ms, wall_now);
     --pending_sessions_;
     ArmTimer(id, s);

@@ -43,6 +43,10 @@ inline constexpr int kCloseSlowConsumer = 4003;       // outbound queue stayed o
 inline constexpr int kCloseTooManyDevices = 4004;     // max_devices_per_user reached
 inline constexpr int kCloseClientLimitTooLow = 4005;  // Hello.max_message_bytes too low
 
+// The most envelopes a client may pack into one Batch: each is served (and may be answered)
+// before the next frame is read, so a frame of tiny envelopes must not become a flood.
+inline constexpr int kMaxClientBatchEnvelopes = 256;
+
 // The most bytes one stored message can take in a frame this server writes (a Deliver, or a
 // SyncBatch or HistoryPage carrying it alone with its conversation's state), in `format`. A
 // client whose Hello.max_message_bytes is lower is refused: such a message would close its
@@ -116,9 +120,11 @@ class HubIo {
   virtual void SubmitAppend(AppendJob job) = 0;
   // Hand a query to a reader. Completions arrive in OnReadDone in any order.
   virtual void SubmitRead(ReadJob job) = 0;
-  // The largest WebSocket message the session's client accepts (told in Hello): queued frames
-  // are packed into Batch frames that stay within it. A runtime that does not pack ignores it.
-  virtual void SetFrameLimit(SessionId /*session*/, size_t /*bytes*/) {}
+  // The session's Hello succeeded: it may now send messages up to max_message_bytes (before,
+  // up to max_hello_bytes). `client_max_bytes` is the largest WebSocket message its client
+  // accepts (0: not told): queued frames are packed into Batch frames that stay within it. A
+  // runtime that does not pack or bound messages ignores it.
+  virtual void Welcomed(SessionId /*session*/, size_t /*client_max_bytes*/) {}
 };
 
 class Hub {

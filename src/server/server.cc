@@ -107,6 +107,8 @@ struct Connection {
   // for kDrainQuietUs (rx_since_check says whether it sent anything since the last check).
   bool draining : 1 = false;
   bool rx_since_check : 1 = false;
+  // Hello succeeded: messages up to max_message_bytes, not max_hello_bytes.
+  bool welcomed : 1 = false;
 };
 
 // With the map's next pointer and key, 64 bytes make an 80-byte node (a jemalloc size class).
@@ -205,6 +207,7 @@ Status Validate(const ServerOptions& o) {
     Status s = Positive(value, field);
     if (!s.ok()) return s;
   }
+  if (o.max_hello_bytes < 1024) return InvalidArgument("max_hello_bytes must be >= 1024");
   if (o.heartbeat_interval_ms >= o.idle_timeout_ms) {
     // Clients heartbeat at this interval; at or above the idle timeout they would be closed.
     return InvalidArgument("heartbeat_interval_ms must be < idle_timeout_ms");
@@ -352,6 +355,10 @@ class ServerImpl final : public Server, private server::HubIo {
       vinfo.options |= LWS_SERVER_OPTION_DO_SSL_GLOBAL_INIT;
       vinfo.ssl_cert_filepath = options_.tls_cert_path.c_str();
       vinfo.ssl_private_key_filepath = options_.tls_key_path.c_str();
+      // HTTP/1.1 only: lws would otherwise offer h2, and WebSocket over HTTP/2 (RFC 8441) is
+      // not what the runtime's writes are made for (they write outside lws's writeable
+      // callback, which h2 streams do not allow).
+      vinfo.alpn = "http/1.1";
     }
     vhost_ = lws_create_vhost(context, &vinfo);
     const std::string where = options_.listen_address + ":" + std::to_string(options_.port);
@@ -582,12 +589,14 @@ class ServerImpl final : public Server, private server::HubIo {
     to_flush_.clear();
   }
 
-  void SetFrameLimit(SessionId session, size_t bytes) override {
+  void Welcomed(SessionId session, size_t client_max_bytes) override {
     auto it = connections_.find(session);
     if (it == connections_.end()) return;
+    it->second.welcomed = true;
+    if (client_max_bytes == 0) return;
     // Half, for the Batch's own framing; under 2 KiB that is 0: each envelope goes alone.
     it->second.pack_limit_kib =
-        static_cast<uint16_t>(std::min<size_t>(bytes / 2 / 1024, kMaxWriteBytes / 1024));
+        static_cast<uint16_t>(std::min<size_t>(client_max_bytes / 2 / 1024, kMaxWriteBytes / 1024));
   }
 
   void Close(SessionId session, int code, std::string_view reason) override {
@@ -721,9 +730,14 @@ class ServerImpl final : public Server, private server::HubIo {
     // The frame's announced remainder counts too, so a huge frame is refused at its start.
     const size_t assembled = conn->rx != nullptr ? conn->rx->size() : 0;
     const size_t announced = assembled + len + lws_remaining_packet_payload(conn->wsi);
-    if (announced > options_.max_message_bytes) {
-      Log(LogLevel::kWarn, "chat: session " + std::to_string(conn->id) +
-                               " sent a message over max_message_bytes; closing with 1009");
+    // Before Hello a connection is unauthenticated: it may hold only a Hello's worth.
+    const size_t limit = conn->welcomed
+                             ? options_.max_message_bytes
+                             : std::min(options_.max_message_bytes, options_.max_hello_bytes);
+    if (announced > limit) {
+      Log(LogLevel::kWarn, "chat: session " + std::to_string(conn->id) + " sent a message over " +
+                               (conn->welcomed ? "max_message_bytes" : "max_hello_bytes") +
+                               "; closing with 1009");
       conn->rx.reset();
       conn->assembling = false;
       // Close through the writeable path instead of failing the read: the rest of the message

@@ -122,6 +122,67 @@ TEST_CASE("server bad input: a message over --max-message-bytes in 64 fragments 
   CheckClosedTooLarge(*bad, f);
 }
 
+TEST_CASE("server bad input: a message over --max-hello-bytes before Hello -> close 1009") {
+  Fixture f;
+  auto bad = MustConnect(f.chatd);
+  // A Hello carrying a 20 KiB token: over the 16 KiB allowed before Hello, though well under
+  // --max-message-bytes. It is refused as too large, not read as a bad token.
+  v1::Envelope hello;
+  hello.mutable_hello()->set_token(std::string(20 * 1024, 'a'));
+  hello.mutable_hello()->set_device_id("m1");
+  REQUIRE(bad->SendEnvelope(hello).ok());
+  CheckClosedTooLarge(*bad, f);
+  CHECK(f.chatd.log().find("over max_hello_bytes") != std::string::npos);
+}
+
+TEST_CASE("server: after Hello a message over --max-hello-bytes is read as usual") {
+  Fixture f;
+  auto client = MustLogin(f.chatd, "carol", "c1");
+  // 20 KiB: read and answered (the body is over --max-body-bytes), the connection stays.
+  std::optional<v1::Envelope> reply =
+      client->Request(MakeSendToPeer("bob", NewClientMsgId(), std::string(20 * 1024, 'z')));
+  REQUIRE(reply.has_value());
+  REQUIRE_MESSAGE(reply->has_error(), reply->DebugString());
+  CHECK(reply->error().code() == v1::Error::INVALID_ARGUMENT);
+  CHECK(reply->error().message() == "body too large");
+  MustBarrier(*client);
+  CHECK_FALSE(client->closed());
+}
+
+TEST_CASE("server bad input: chatd refuses --max-hello-bytes below 1024") {
+  ChatdProcess chatd({.extra_flags = {"--max-hello-bytes", "1000"}});
+  const Status started = chatd.Start();
+  CHECK_FALSE(started.ok());
+  CHECK(chatd.log().find("max_hello_bytes must be >= 1024") != std::string::npos);
+}
+
+// One frame of tiny envelopes must not turn into a flood of work and replies.
+TEST_CASE("server bad input: a Batch of 257 envelopes -> INVALID_ARGUMENT, close 1008") {
+  Fixture f;
+  auto client = MustLogin(f.chatd, "carol", "c1");
+  // 256 are served: every ping gets its pong.
+  v1::Envelope batch;
+  for (int i = 0; i < 256; ++i) *batch.mutable_batch()->add_envelopes() = MakePing(0, 1000 + i);
+  REQUIRE(client->SendEnvelope(batch).ok());
+  for (int i = 0; i < 256; ++i) {
+    std::optional<v1::Envelope> pong = client->WaitForRid(1000 + i);
+    REQUIRE(pong.has_value());
+    CHECK_MESSAGE(pong->has_pong(), pong->DebugString());
+  }
+  *batch.mutable_batch()->add_envelopes() = MakePing(0, 2000);
+  auto bad = MustLogin(f.chatd, "mallory", "m1");
+  REQUIRE(bad->SendEnvelope(batch).ok());
+  std::optional<v1::Envelope> error =
+      bad->WaitFor([](const v1::Envelope& e) { return e.has_error(); });
+  REQUIRE(error.has_value());
+  CHECK(error->error().code() == v1::Error::INVALID_ARGUMENT);
+  CHECK(error->error().message() == "a batch holds at most 256 envelopes, not 257");
+  CHECK(bad->WaitClosed().value_or(-1) == 1008);
+  // None of them was served.
+  CHECK(bad->Drain().empty());
+  f.CheckStillServing();
+}
+
 TEST_CASE("server: a message under --max-message-bytes in many fragments is accepted") {
   Fixture f;
   auto client = MustLogin(f.chatd, "carol", "c1");

@@ -1,6 +1,11 @@
 // Live 1:1 messaging through the real chatd over loopback: acks, fan-out to every device,
 // the JSON mapping, TLS, health check and graceful shutdown.
+#include <arpa/inet.h>
 #include <doctest/doctest.h>
+#include <netinet/in.h>
+#include <openssl/ssl.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <string>
 
@@ -145,6 +150,37 @@ TEST_CASE("server: SIGTERM closes connected clients with 1001 and chatd exits 0"
   CHECK(sync.messages[0].body() == "before stop");
 }
 
+// The application protocol the server picks over TLS when a client offers "h2,http/1.1"
+// (empty if none, or the handshake failed).
+std::string NegotiatedAlpn(uint16_t port) {
+  SSL_CTX* ctx = SSL_CTX_new(TLS_client_method());
+  REQUIRE(ctx != nullptr);
+  static const unsigned char kOffer[] = "\x02h2\x08http/1.1";
+  REQUIRE(SSL_CTX_set_alpn_protos(ctx, kOffer, sizeof(kOffer) - 1) == 0);
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  REQUIRE(fd >= 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(port);
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  std::string selected;
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
+    SSL* ssl = SSL_new(ctx);
+    SSL_set_fd(ssl, fd);
+    if (SSL_connect(ssl) == 1) {
+      const unsigned char* name = nullptr;
+      unsigned int length = 0;
+      SSL_get0_alpn_selected(ssl, &name, &length);
+      if (name != nullptr) selected.assign(reinterpret_cast<const char*>(name), length);
+      SSL_shutdown(ssl);
+    }
+    SSL_free(ssl);
+  }
+  close(fd);
+  SSL_CTX_free(ctx);
+  return selected;
+}
+
 TEST_CASE("server: wss with a self-signed certificate") {
   ChatdProcess chatd({.extra_flags = {}, .tls = true});
   MustStart(chatd);
@@ -157,6 +193,9 @@ TEST_CASE("server: wss with a self-signed certificate") {
       bob->WaitFor([&](const v1::Envelope& e) { return IsDeliverOf(e, ack.conversation_id(), 1); });
   REQUIRE(deliver.has_value());
   CHECK(deliver->deliver().message().body() == "over tls");
+
+  // A client offering HTTP/2 first is answered with HTTP/1.1: WebSocket runs over HTTP/1.1 only.
+  CHECK(NegotiatedAlpn(chatd.port()) == "http/1.1");
 
   // The TLS port does not speak plain WebSocket.
   WsClient plain;
