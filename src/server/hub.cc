@@ -709,9 +709,12 @@ class Hub::Impl final : private PresenceTracker::Sink {
       CloseSession(id, kCloseUnauthenticated, "unauthenticated");
       return;
     }
-    if (identity->user_id.empty() || identity->user_id.size() > kMaxUserIdBytes) {
-      // The stores take user ids of up to 128 bytes, and the frame bound counts on it.
-      SendError(id, s, rid, Unauthenticated("the token's user id must be 1 to 128 bytes"));
+    if (identity->user_id.empty() || identity->user_id.size() > kMaxUserIdBytes ||
+        !IsValidUtf8(identity->user_id)) {
+      // The stores take user ids of up to 128 bytes, and the frame bound counts on it. Ids go
+      // into protobuf strings, which clients refuse to decode unless they are UTF-8 (a custom
+      // authenticator may hand out anything).
+      SendError(id, s, rid, Unauthenticated("the token's user id must be 1 to 128 bytes of UTF-8"));
       CloseSession(id, kCloseUnauthenticated, "unauthenticated");
       return;
     }

@@ -226,12 +226,37 @@ TEST_CASE("hub: a token whose user id is over 128 bytes is refused with close 40
   SessionId session = h.Open().value();
   h.SendEnvelope(session, HelloEnvelope(1, h.Token(std::string(129, 'u')), "d"));
   v1::Error error = ExpectError(Only(h.Take(session)), v1::Error::UNAUTHENTICATED, 1);
-  CHECK(error.message() == "the token's user id must be 1 to 128 bytes");
+  CHECK(error.message() == "the token's user id must be 1 to 128 bytes of UTF-8");
   REQUIRE(h.closed(session).has_value());
   CHECK(h.closed(session)->code == server::kCloseUnauthenticated);
   // 128 bytes are accepted.
   SessionId ok = h.Open().value();
   h.SendEnvelope(ok, HelloEnvelope(1, h.Token(std::string(128, 'u')), "d"));
+  CHECK(Only(h.Take(ok)).has_welcome());
+}
+
+// An authenticator of the application's own whose user id is the token itself, except that
+// "bad" stands for an id that is not UTF-8 (a token is a protobuf string, so always UTF-8).
+class TokenIsUser final : public Authenticator {
+ public:
+  Result<Identity> Verify(std::string_view token, int64_t /*now_ms*/) const override {
+    return Identity{token == "bad" ? std::string("mall\xffory") : std::string(token), 0};
+  }
+};
+
+// Ids go into protobuf strings, which clients cannot decode unless they are UTF-8.
+TEST_CASE("hub: a user id that is not UTF-8 is refused with close 4001") {
+  ServerOptions options;
+  options.authenticator = std::make_shared<TokenIsUser>();
+  HubHarness h(options);
+  SessionId session = h.Open().value();
+  h.SendEnvelope(session, HelloEnvelope(1, "bad", "d"));
+  v1::Error error = ExpectError(Only(h.Take(session)), v1::Error::UNAUTHENTICATED, 1);
+  CHECK(error.message() == "the token's user id must be 1 to 128 bytes of UTF-8");
+  REQUIRE(h.closed(session).has_value());
+  CHECK(h.closed(session)->code == server::kCloseUnauthenticated);
+  SessionId ok = h.Open().value();
+  h.SendEnvelope(ok, HelloEnvelope(1, "zo\xc3\xab", "d"));
   CHECK(Only(h.Take(ok)).has_welcome());
 }
 
