@@ -12,6 +12,7 @@ packages=(
   doctest-dev libcli11-dev
   libbenchmark-dev
   python3 curl procps openssl
+  locales  # locale sources: a JWT test builds a decimal-comma locale in a temp dir
 )
 
 missing=()

@@ -5,10 +5,13 @@
 #include <openssl/hmac.h>
 
 #include <array>
+#include <charconv>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <string>
+#include <string_view>
+#include <system_error>
 #include <utility>
 
 #include "chat/auth.h"
@@ -145,7 +148,7 @@ class JsonReader {
     }
   }
 
-  // JSON number grammar, checked by hand so that strtod only ever sees a valid literal.
+  // JSON number grammar, checked by hand so that from_chars only ever sees a valid literal.
   bool ReadNumber(double* out) {
     const size_t start = pos_;
     Consume('-');
@@ -159,10 +162,15 @@ class JsonReader {
       if (!Consume('+')) Consume('-');
       if (!ReadDigits()) return false;
     }
-    const std::string literal(text_.substr(start, pos_ - start));
-    char* end = nullptr;
-    const double value = std::strtod(literal.c_str(), &end);
-    if (end != literal.c_str() + literal.size() || !std::isfinite(value)) return false;
+    // from_chars, unlike strtod, does not follow the process's LC_NUMERIC (which an embedding
+    // application may have set to a decimal comma).
+    const std::string_view literal = text_.substr(start, pos_ - start);
+    double value = 0;
+    const auto [end, error] =
+        std::from_chars(literal.data(), literal.data() + literal.size(), value);
+    if (error != std::errc() || end != literal.data() + literal.size() || !std::isfinite(value)) {
+      return false;
+    }
     *out = value;
     return true;
   }

@@ -1,13 +1,17 @@
 #include "src/core/jwt.h"
 
 #include <doctest/doctest.h>
+#include <stdlib.h>
 
+#include <clocale>
+#include <cstdlib>
 #include <limits>
 #include <map>
 #include <memory>
 #include <string>
 
 #include "chat/auth.h"
+#include "tests/testing/temp_dir.h"
 
 namespace chat {
 namespace {
@@ -73,6 +77,27 @@ TEST_CASE("jwt: a hand-made token with typ, iat, aud list and escapes is accepte
         "b\xc3\xb6"
         "b\xf0\x9f\x98\x80");
   CHECK(identity->expires_at_ms == kNow + 60'500 + kLeeway);
+}
+
+// An application may switch LC_NUMERIC (Qt does, from the environment); a fractional exp is
+// still read with '.' as its decimal point. The locale is built into a temp dir (LOCPATH).
+TEST_CASE("jwt: a fractional exp reads the same under a locale with a decimal comma") {
+  testing::TempDir dir;
+  const std::string build =
+      "localedef -i de_DE -f UTF-8 " + dir.File("de_DE.UTF-8") + " >/dev/null 2>&1";
+  REQUIRE(std::system(build.c_str()) == 0);
+  REQUIRE(setenv("LOCPATH", dir.path().c_str(), 1) == 0);
+  const bool switched = std::setlocale(LC_NUMERIC, "de_DE.UTF-8") != nullptr;
+  const std::string point = std::localeconv()->decimal_point;
+  auto authenticator = MakeAuthenticator();
+  Result<Identity> identity = authenticator->Verify(
+      Sign(R"({"sub":"alice","exp":)" + std::to_string(kNowSeconds + 60) + ".25}"), kNow);
+  std::setlocale(LC_NUMERIC, "C");
+  unsetenv("LOCPATH");
+  REQUIRE(switched);
+  REQUIRE(point == ",");
+  REQUIRE_MESSAGE(identity.ok(), identity.status().ToString());
+  CHECK(identity->expires_at_ms == (kNowSeconds + 60) * 1000 + 250 + kLeeway);
 }
 
 TEST_CASE("jwt: an expired token is refused beyond the leeway") {
