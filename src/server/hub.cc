@@ -204,6 +204,9 @@ struct PendingRead {
   // kPresenceSubscribe: the users asked for that the session has not unsubscribed from since
   // (an Unsubscribe may overtake the Subscribe's read).
   std::unordered_set<UserId> still_wanted;
+  // kSubscribe: the session asked to unsubscribe from the channel since (its read may be
+  // answered first); the Subscribe is then answered without subscribing.
+  bool withdrawn = false;
 };
 
 // Typing state one connection last forwarded for one conversation.
@@ -436,7 +439,9 @@ class Hub::Impl final : private PresenceTracker::Sink {
     if (it == pending_reads_.end()) return;
     PendingRead pending = std::move(it->second);
     pending_reads_.erase(it);
-    if (pending.purpose == Purpose::kPresenceSubscribe) ForgetSubscribeRead(pending.session, token);
+    if (pending.purpose == Purpose::kPresenceSubscribe || pending.purpose == Purpose::kSubscribe) {
+      ForgetSubscribeRead(pending.session, token);
+    }
     Session* s = FindSession(pending.session);
     if (s == nullptr) return;
 
@@ -651,10 +656,21 @@ class Hub::Impl final : private PresenceTracker::Sink {
         SubmitMembersRead(id, s, envelope.rid(), envelope.subscribe().conversation_id(),
                           Purpose::kSubscribe);
         return;
-      case Body::kUnsubscribe:
-        SubmitMembersRead(id, s, envelope.rid(), envelope.unsubscribe().conversation_id(),
-                          Purpose::kUnsubscribe);
+      case Body::kUnsubscribe: {
+        const ConversationId conversation_id = envelope.unsubscribe().conversation_id();
+        // A Subscribe of the same channel still being checked must not subscribe when its
+        // read comes back after this one's.
+        auto [first, last] = subscribe_reads_.equal_range(id);
+        for (auto it = first; it != last; ++it) {
+          auto read = pending_reads_.find(it->second);
+          if (read != pending_reads_.end() && read->second.purpose == Purpose::kSubscribe &&
+              read->second.conversation_id == conversation_id) {
+            read->second.withdrawn = true;
+          }
+        }
+        SubmitMembersRead(id, s, envelope.rid(), conversation_id, Purpose::kUnsubscribe);
         return;
+      }
       case Body::kTyping:
         HandleTyping(id, s, envelope);
         return;
@@ -903,10 +919,12 @@ class Hub::Impl final : private PresenceTracker::Sink {
                   decltype(ReadJob::query) query) {
     ReadJob job;
     job.token = next_token_++;
-    PendingRead pending{id, rid, conversation_id, purpose, removals_, {}};
+    PendingRead pending{id, rid, conversation_id, purpose, removals_, {}, false};
     if (purpose == Purpose::kPresenceSubscribe) {
       const auto& targets = std::get<PresenceQuery>(query).targets;
       pending.still_wanted.insert(targets.begin(), targets.end());
+    }
+    if (purpose == Purpose::kPresenceSubscribe || purpose == Purpose::kSubscribe) {
       subscribe_reads_.emplace(id, job.token);
     }
     job.query = std::move(query);
@@ -1088,6 +1106,10 @@ class Hub::Impl final : private PresenceTracker::Sink {
         return;
       }
       case Purpose::kSubscribe: {
+        if (pending.withdrawn) {
+          SendOk(pending.session, s, pending.rid);
+          return;
+        }
         // The read may predate a removal the Hub has applied since (and whose unsubscribe has
         // already run): ask again rather than subscribe a removed member.
         if (RemovedSince(pending.removals, {s.user()}, conversation_id)) {
@@ -1119,6 +1141,17 @@ class Hub::Impl final : private PresenceTracker::Sink {
           SendError(pending.session, s, pending.rid,
                     FailedPrecondition("typing is not shown in channels"));
           return;
+        }
+        if (pending.removals != removals_) {
+          // A removal since the read may concern the typist or a member it lists: read again
+          // (a removed typist is then refused) rather than tell a removed member.
+          std::vector<UserId> listed;
+          listed.reserve(reply.members.size());
+          for (const MemberReceipt& member : reply.members) listed.push_back(member.user);
+          if (RemovedSince(pending.removals, listed, conversation_id)) {
+            SubmitMembersRead(pending.session, s, pending.rid, conversation_id, pending.purpose);
+            return;
+          }
         }
         v1::Envelope update;
         v1::TypingUpdate* typing = update.mutable_typing_update();
@@ -1523,15 +1556,15 @@ class Hub::Impl final : private PresenceTracker::Sink {
   // (plus the users a change is about), so an offline or uninterested member costs nothing.
   // Users the change removed are delivered their removal and then unsubscribed.
   void FanOutCommitted(const AppendResult& result, SessionId except) {
-    auto fan_out = [&](const Message& message) {
+    auto fan_out = [&](const Message& message, const std::vector<UserId>& recipients) {
       if (result.kind == ConversationKind::kChannel) {
-        FanOutChannel(message, result.recipients, except);
+        FanOutChannel(message, recipients, except);
       } else {
-        FanOut(message, result.recipients, except);
+        FanOut(message, recipients, except);
       }
     };
-    fan_out(result.message);
-    for (const Message& message : result.also) fan_out(message);
+    // The users a change removed get the change itself, their last message there.
+    fan_out(result.message, result.recipients);
     if (!result.removed.empty()) {
       ++removals_;
       RememberRemoval(result.message.conversation_id, result.removed);
@@ -1542,6 +1575,17 @@ class Hub::Impl final : private PresenceTracker::Sink {
       if (it == users_.end()) continue;
       for (SessionId session : it->second) Unsubscribe(session, result.message.conversation_id);
     }
+    if (result.also.empty()) return;
+    // What the change brought after it (an admin promoted when the last one left) is past
+    // their removal: it goes to the others only.
+    std::vector<UserId> staying;
+    staying.reserve(result.recipients.size());
+    for (const UserId& user : result.recipients) {
+      if (std::find(result.removed.begin(), result.removed.end(), user) == result.removed.end()) {
+        staying.push_back(user);
+      }
+    }
+    for (const Message& message : result.also) fan_out(message, staying);
   }
 
   void FanOutChannel(const Message& message, const std::vector<UserId>& recipients,
@@ -1707,7 +1751,8 @@ class Hub::Impl final : private PresenceTracker::Sink {
   uint64_t next_token_ = 1;
   std::unordered_map<uint64_t, PendingAppend> pending_appends_;
   std::unordered_map<uint64_t, PendingRead> pending_reads_;
-  // Session -> tokens of its PresenceSubscribe reads in flight (for Unsubscribe).
+  // Session -> tokens of its PresenceSubscribe and Subscribe reads in flight (for the
+  // Unsubscribes that may overtake them).
   std::unordered_multimap<SessionId, uint64_t> subscribe_reads_;
 
   // Presence (declared after clock_, which it uses).

@@ -364,8 +364,12 @@ Status ChangeGroup(AppendTarget& target, const AppendRequest& request, AppendRes
     case ConversationOp::kRemoveMembers:
     case ConversationOp::kLeave: {
       std::vector<UserId> users;
+      // Only an admin's going can leave the conversation without one (the check reads every
+      // member: a channel's million, for each plain member who leaves, would stall the writer).
+      bool admin_goes = false;
       if (request.op == ConversationOp::kLeave) {
         users.push_back(request.sender);
+        admin_goes = actor->role == Role::kAdmin;
       } else {
         Result<std::vector<UserId>> clean = CleanUsers(request.users, "");
         if (!clean.ok()) {
@@ -375,7 +379,10 @@ Status ChangeGroup(AppendTarget& target, const AppendRequest& request, AppendRes
         for (const UserId& user : *clean) {
           Result<Membership> m = target.Reader().GetMembership(id, user);
           if (!m.ok()) return m.status();
-          if (m->role != Role::kUnspecified && m->removed_at_seq == 0) users.push_back(user);
+          if (m->role != Role::kUnspecified && m->removed_at_seq == 0) {
+            users.push_back(user);
+            admin_goes = admin_goes || m->role == Role::kAdmin;
+          }
         }
         if (users.empty()) {
           result->status = NotFound("none of the users is a member");
@@ -389,7 +396,7 @@ Status ChangeGroup(AppendTarget& target, const AppendRequest& request, AppendRes
                                                         : SystemEvent::Type::kMembersRemoved;
       event.users = users;
       result->removed = std::move(users);
-      check_admins = true;
+      check_admins = admin_goes;
       break;
     }
     case ConversationOp::kSetRole: {

@@ -129,6 +129,14 @@ void HubHarness::ReadThenCommit() {
   for (auto& [token, result] : done) hub_->OnReadDone(token, std::move(result));
 }
 
+void HubHarness::PumpReadsInReverse() {
+  std::deque<server::ReadJob> reads = std::exchange(reads_, {});
+  for (auto it = reads.rbegin(); it != reads.rend(); ++it) {
+    hub_->OnReadDone(it->token, server::RunReadJob(*options_.store, *it));
+  }
+  Pump();
+}
+
 size_t HubHarness::Pump() {
   size_t ran = 0;
   while (!appends_.empty() || !reads_.empty()) {

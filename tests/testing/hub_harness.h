@@ -100,6 +100,8 @@ class HubHarness final : public server::HubIo {
   // Runs the queued reads on the store as it is, then commits the queued appends and hands
   // them to the Hub, and only then the reads' results: reads that a commit overtook.
   void ReadThenCommit();
+  // Answers the queued reads last first (readers finish in any order), then Pump()s the rest.
+  void PumpReadsInReverse();
 
   // HubIo.
   void Send(server::SessionId session, codec::Frame frame) override;

@@ -438,9 +438,11 @@ TEST_CASE("typing: forwarded to the other members, rate-limited per device, neve
 TEST_CASE("groups: the last admin leaving promotes the longest-standing member") {
   HubHarness h(RoomyOptions());
   SessionId alice = h.Connect("alice", "a1");
+  SessionId alice_phone = h.Connect("alice", "a2");
   SessionId bob = h.Connect("bob", "b1");
   const ConversationId id = MustCreate(h, alice, {"bob"});
   h.Take(bob);
+  h.Take(alice_phone);
   v1::Envelope leave;
   leave.set_rid(3);
   leave.mutable_leave()->set_conversation_id(id);
@@ -455,6 +457,12 @@ TEST_CASE("groups: the last admin leaving promotes the longest-standing member")
   CHECK(to_bob[1].system().type() == v1::SystemEvent::TYPE_ROLE_CHANGED);
   CHECK(to_bob[1].system().users(0) == "bob");
   CHECK(to_bob[1].system().role() == v1::ROLE_ADMIN);
+  // alice's other device learns that she left, and nothing after it (the promotion is seq 3,
+  // past her removal at seq 2).
+  std::vector<v1::Message> to_alice = Delivered(h.Take(alice_phone));
+  REQUIRE(to_alice.size() == 1);
+  CHECK(to_alice[0].system().type() == v1::SystemEvent::TYPE_MEMBER_LEFT);
+  CHECK(to_alice[0].seq() == 2);
   // bob may now rename; alice may not.
   v1::Envelope rename;
   rename.set_rid(4);
@@ -465,6 +473,82 @@ TEST_CASE("groups: the last admin leaving promotes the longest-standing member")
   h.Pump();
   CHECK(h.Take(alice).at(0).error().code() == v1::Error::PERMISSION_DENIED);
   CHECK(Find(h.Take(bob), 4).value().conversation_update().conversation().title() == "bob's");
+}
+
+// A typing notice whose member read a removal overtook is not sent to the removed member: the
+// members are read again.
+TEST_CASE("groups: a member removed while a typing notice reads the members gets no notice") {
+  HubHarness h(RoomyOptions());
+  SessionId alice = h.Connect("alice", "a1");
+  SessionId bob = h.Connect("bob", "b1");
+  SessionId carol = h.Connect("carol", "c1");
+  const ConversationId id = MustCreate(h, alice, {"bob", "carol"});
+  h.Take(bob);
+  h.Take(carol);
+  h.SendEnvelope(bob, TypingEnvelope(1, id, true));
+  h.SendEnvelope(alice, MembersEnvelope(2, id, {"carol"}, /*add=*/false));
+  // bob's read sees carol; the removal commits and is fanned out before the read's answer.
+  h.ReadThenCommit();
+  h.Pump();
+  std::vector<v1::Envelope> to_carol = h.Take(carol);
+  CHECK(Delivered(to_carol).size() == 1);  // her removal
+  for (const v1::Envelope& e : to_carol) CHECK_FALSE(e.has_typing_update());
+  std::vector<v1::Envelope> to_alice = h.Take(alice);
+  CHECK(std::count_if(to_alice.begin(), to_alice.end(),
+                      [](const v1::Envelope& e) { return e.has_typing_update(); }) == 1);
+  CHECK(Find(h.Take(bob), 1).value().has_ok());
+}
+
+// Subscribe and Unsubscribe are checked against the store by reads that may finish in any
+// order: an Unsubscribe whose read is answered first still wins over the Subscribe before it.
+TEST_CASE("channels: an Unsubscribe whose check finishes first still ends the subscription") {
+  HubHarness h(RoomyOptions());
+  SessionId owner = h.Connect("owner", "o1");
+  SessionId viewer = h.Connect("viewer", "v1");
+  const ConversationId id = MustCreate(h, owner, {"viewer"}, v1::CONVERSATION_KIND_CHANNEL);
+  h.Take(viewer);
+  h.SendEnvelope(viewer, SimpleEnvelope(1, id, true));
+  h.SendEnvelope(viewer, SimpleEnvelope(2, id, false));
+  h.PumpReadsInReverse();
+  std::vector<v1::Envelope> answers = h.Take(viewer);
+  CHECK(Find(answers, 1).value().has_ok());
+  CHECK(Find(answers, 2).value().has_ok());
+  h.SendEnvelope(owner, SendToConversation(3, id, ClientMsgId(3), "news"));
+  h.Pump();
+  CHECK(Delivered(h.Take(viewer)).empty());
+  // Subscribing again works.
+  h.SendEnvelope(viewer, SimpleEnvelope(4, id, true));
+  h.Pump();
+  CHECK(Find(h.Take(viewer), 4).value().has_ok());
+  h.SendEnvelope(owner, SendToConversation(5, id, ClientMsgId(5), "more"));
+  h.Pump();
+  CHECK(Delivered(h.Take(viewer)).size() == 1);
+}
+
+// In a channel the leaver's other device had the channel open (subscribed): the promotion
+// after the leave still does not reach it.
+TEST_CASE("channels: the last admin leaving gets no message past its removal") {
+  HubHarness h(RoomyOptions());
+  SessionId alice = h.Connect("alice", "a1");
+  SessionId alice_phone = h.Connect("alice", "a2");
+  SessionId bob = h.Connect("bob", "b1");
+  const ConversationId id = MustCreate(h, alice, {"bob"}, v1::CONVERSATION_KIND_CHANNEL);
+  h.SendEnvelope(alice_phone, SimpleEnvelope(1, id, true));
+  h.SendEnvelope(bob, SimpleEnvelope(2, id, true));
+  h.Pump();
+  REQUIRE(Find(h.Take(alice_phone), 1).value().has_ok());
+  REQUIRE(Find(h.Take(bob), 2).value().has_ok());
+  v1::Envelope leave;
+  leave.set_rid(3);
+  leave.mutable_leave()->set_conversation_id(id);
+  h.SendEnvelope(alice, leave);
+  h.Pump();
+  std::vector<v1::Message> to_bob = Delivered(h.Take(bob));
+  REQUIRE(to_bob.size() == 2);
+  CHECK(to_bob[1].system().type() == v1::SystemEvent::TYPE_ROLE_CHANGED);
+  std::vector<v1::Message> to_alice = Delivered(h.Take(alice_phone));
+  REQUIRE(to_alice.size() == 1);
+  CHECK(to_alice[0].system().type() == v1::SystemEvent::TYPE_MEMBER_LEFT);
 }
 
 }  // namespace
