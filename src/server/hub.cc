@@ -453,6 +453,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
     reply.set_rid(pending.rid);
     if (auto* receipts = std::get_if<Result<ReceiptsReply>>(&result)) {
       if (!receipts->ok()) {
+        ForgetTypingMark(pending);
         SendError(pending.session, *s, pending.rid, receipts->status());
         return;
       }
@@ -1087,6 +1088,18 @@ class Hub::Impl final : private PresenceTracker::Sink {
                       typing.active() ? Purpose::kTypingOn : Purpose::kTypingOff);
   }
 
+  // A refused Typing leaves no mark, so a repeat within the interval is refused again rather
+  // than dropped with Ok.
+  void ForgetTypingMark(const PendingRead& pending) {
+    if (pending.purpose != Purpose::kTypingOn && pending.purpose != Purpose::kTypingOff) return;
+    auto it = typing_.find(pending.session);
+    if (it == typing_.end()) return;
+    std::erase_if(it->second, [&](const TypingMark& m) {
+      return m.conversation_id == pending.conversation_id;
+    });
+    if (it->second.empty()) typing_.erase(it);
+  }
+
   void AnswerMembersRead(const PendingRead& pending, Session& s, const ReceiptsReply& reply) {
     const ConversationId conversation_id = pending.conversation_id;
     switch (pending.purpose) {
@@ -1138,6 +1151,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
         return;
       default: {  // typing
         if (reply.kind == ConversationKind::kChannel) {
+          ForgetTypingMark(pending);
           SendError(pending.session, s, pending.rid,
                     FailedPrecondition("typing is not shown in channels"));
           return;

@@ -525,6 +525,26 @@ TEST_CASE("channels: an Unsubscribe whose check finishes first still ends the su
   CHECK(Delivered(h.Take(viewer)).size() == 1);
 }
 
+// A refused Typing is refused again when repeated within the typing interval (repeats of a
+// forwarded state are dropped with Ok; refused ones must not be).
+TEST_CASE("groups: Typing by a non-member or in a channel is refused every time") {
+  HubHarness h(RoomyOptions());
+  SessionId alice = h.Connect("alice", "a1");
+  SessionId mallory = h.Connect("mallory", "m1");
+  const ConversationId group = MustCreate(h, alice, {"bob"});
+  const ConversationId channel = MustCreate(h, alice, {"bob"}, v1::CONVERSATION_KIND_CHANNEL);
+  for (uint64_t rid : {1, 2}) {
+    h.SendEnvelope(mallory, TypingEnvelope(rid, group, true));
+    h.Pump();
+    CHECK(Find(h.Take(mallory), rid).value().error().code() == v1::Error::PERMISSION_DENIED);
+  }
+  for (uint64_t rid : {3, 4}) {
+    h.SendEnvelope(alice, TypingEnvelope(rid, channel, true));
+    h.Pump();
+    CHECK(Find(h.Take(alice), rid).value().error().code() == v1::Error::FAILED_PRECONDITION);
+  }
+}
+
 // In a channel the leaver's other device had the channel open (subscribed): the promotion
 // after the leave still does not reach it.
 TEST_CASE("channels: the last admin leaving gets no message past its removal") {
