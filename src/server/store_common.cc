@@ -405,6 +405,10 @@ Status ChangeGroup(AppendTarget& target, const AppendRequest& request, AppendRes
         result->status = InvalidArgument("set_role needs one user and role MEMBER or ADMIN");
         return Status::Ok();
       }
+      if (Result<std::vector<UserId>> clean = CleanUsers(request.users, ""); !clean.ok()) {
+        result->status = clean.status();
+        return Status::Ok();
+      }
       const UserId& user = request.users[0];
       Result<Membership> m = target.Reader().GetMembership(id, user);
       if (!m.ok()) return m.status();

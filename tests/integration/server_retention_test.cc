@@ -11,6 +11,20 @@
 namespace chat::testing {
 namespace {
 
+// Waits (bounded: 30 s) until the sweep has deleted every message of the conversation, as
+// History shows it to `client`.
+void WaitUntilSwept(WsClient& client, uint64_t conversation_id) {
+  bool gone = false;
+  for (int attempt = 0; attempt < 300 && !gone; ++attempt) {
+    std::optional<v1::Envelope> page = client.Request(MakeHistory(conversation_id, 0, 10));
+    REQUIRE(page.has_value());
+    REQUIRE_MESSAGE(page->has_history_page(), page->DebugString());
+    gone = page->history_page().messages_size() == 0;
+    if (!gone) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  REQUIRE(gone);
+}
+
 TEST_CASE("server: --retention-ms deletes old messages and Sync returns a gap for them") {
   ChatdProcess chatd({.extra_flags = {"--retention-ms", "3000", "--retention-sweep-interval-ms",
                                       "100", "--retention-batch-max", "2"}});
@@ -27,15 +41,7 @@ TEST_CASE("server: --retention-ms deletes old messages and Sync returns a gap fo
   auto bob = MustLogin(chatd, "bob", "b1");
 
   // Wait (bounded) until the sweep has removed all five, in batches of two.
-  bool gone = false;
-  for (int attempt = 0; attempt < 300 && !gone; ++attempt) {
-    std::optional<v1::Envelope> page = bob->Request(MakeHistory(conversation, 0, 10));
-    REQUIRE(page.has_value());
-    REQUIRE_MESSAGE(page->has_history_page(), page->DebugString());
-    gone = page->history_page().messages_size() == 0;
-    if (!gone) std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  }
-  REQUIRE(gone);
+  WaitUntilSwept(*bob, conversation);
 
   // A device resending the first message (its ack lost, offline past the retention) gets the
   // original's ack as a duplicate: the deleted message is not stored again.
@@ -133,15 +139,7 @@ TEST_CASE("server: retention -1 keeps a conversation while the server default ex
       MustAck(*alice, MakeSendToPeer("carol", NewClientMsgId(), "expire me")).conversation_id();
 
   // Wait (bounded) until the default has expired the other conversation.
-  bool gone = false;
-  for (int attempt = 0; attempt < 300 && !gone; ++attempt) {
-    std::optional<v1::Envelope> page = alice->Request(MakeHistory(other, 0, 10));
-    REQUIRE(page.has_value());
-    REQUIRE_MESSAGE(page->has_history_page(), page->DebugString());
-    gone = page->history_page().messages_size() == 0;
-    if (!gone) std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  }
-  REQUIRE(gone);
+  WaitUntilSwept(*alice, other);
   // Older than the default by now, and still there: the message and the change.
   const std::vector<v1::Message> history = MustHistoryAll(*alice, kept);
   REQUIRE(history.size() == 2);
@@ -156,15 +154,7 @@ TEST_CASE("server: --retention-resend-window-ms 0 forgets a deleted message's ke
   auto alice = MustLogin(chatd, "alice", "a1");
   const std::string key = NewClientMsgId();
   const v1::SendAck first = MustAck(*alice, MakeSendToPeer("bob", key, "old"));
-  bool gone = false;
-  for (int attempt = 0; attempt < 300 && !gone; ++attempt) {
-    std::optional<v1::Envelope> page = alice->Request(MakeHistory(first.conversation_id(), 0, 10));
-    REQUIRE(page.has_value());
-    REQUIRE_MESSAGE(page->has_history_page(), page->DebugString());
-    gone = page->history_page().messages_size() == 0;
-    if (!gone) std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  }
-  REQUIRE(gone);
+  WaitUntilSwept(*alice, first.conversation_id());
   // The key went with the message: the resend is stored as a new one.
   const v1::SendAck resent = MustAck(*alice, MakeSendToPeer("bob", key, "old"));
   CHECK_FALSE(resent.duplicate());

@@ -644,6 +644,26 @@ void RawExec(const std::string& path, const std::string& sql) {
   REQUIRE_MESSAGE(rc == SQLITE_OK, message);
 }
 
+// The first row `sql` returns on the file (through a connection of the test's own), its columns
+// as text.
+std::vector<std::string> RawRow(const std::string& path, const std::string& sql) {
+  sqlite3* db = nullptr;
+  REQUIRE(sqlite3_open(path.c_str(), &db) == SQLITE_OK);
+  sqlite3_stmt* stmt = nullptr;
+  REQUIRE(sqlite3_prepare_v2(db, sql.c_str(), -1, &stmt, nullptr) == SQLITE_OK);
+  std::vector<std::string> columns;
+  if (sqlite3_step(stmt) == SQLITE_ROW) {
+    for (int i = 0; i < sqlite3_column_count(stmt); ++i) {
+      const unsigned char* text = sqlite3_column_text(stmt, i);
+      columns.emplace_back(text != nullptr ? reinterpret_cast<const char*>(text) : "");
+    }
+  }
+  sqlite3_finalize(stmt);
+  sqlite3_close(db);
+  REQUIRE_FALSE(columns.empty());
+  return columns;
+}
+
 // Turns a file of this build into what version 4 left behind: every message in `messages`, the
 // idempotency index on it, no logs and no keys table.
 constexpr const char* kBackToVersion4 =
@@ -656,6 +676,17 @@ Result<std::shared_ptr<MessageStore>> OpenAt(const std::string& path) {
   SqliteStoreOptions options;
   options.path = path;
   return NewSqliteStore(options);
+}
+
+// A store file at `path` holding alice's "first" to bob (key-1), closed again; returns the
+// conversation.
+ConversationId FileWithOneMessage(const std::string& path) {
+  Result<std::shared_ptr<MessageStore>> store = OpenAt(path);
+  REQUIRE(store.ok());
+  const ConversationId id =
+      CommitOne(**store, ToPeer("alice", "bob", "key-1", "first")).message.conversation_id;
+  REQUIRE(id != 0);
+  return id;
 }
 
 // --- Groups, channels, receipts (conformance) ---
@@ -846,6 +877,14 @@ void OnlyAdminsChangeAGroup(Kind kind) {
   CHECK(CommitOne(store, rename_direct).status.code() == Code::kPermissionDenied);
   CHECK(CommitOne(store, Change(ConversationOp::kLeave, ab, "alice")).status.code() ==
         Code::kFailedPrecondition);
+  // An admin naming a user id no member can have: INVALID_ARGUMENT, as for add and remove.
+  for (const std::string& bad : {std::string(), std::string(129, 'u')}) {
+    AppendRequest bad_role = Change(ConversationOp::kSetRole, id, "alice", {bad});
+    bad_role.role = Role::kAdmin;
+    AppendResult refused = CommitOne(store, bad_role);
+    CHECK(refused.status.code() == Code::kInvalidArgument);
+    CHECK(refused.status.message() == "user ids must be 1..128 bytes");
+  }
   CHECK(HistoryOf(store, "bob", id, 0, 10)->messages.size() == 1);
 
   rename.sender = "alice";
@@ -1383,13 +1422,7 @@ TEST_CASE("store: sqlite: a version 1 file is migrated and keeps its data") {
 TEST_CASE("store: sqlite: a version 3 file gets the keys table led by client_msg_id") {
   TempDir dir;
   const std::string path = dir.File("chat.db");
-  ConversationId ab = 0;
-  {
-    Result<std::shared_ptr<MessageStore>> store = OpenAt(path);
-    REQUIRE(store.ok());
-    ab = CommitOne(**store, ToPeer("alice", "bob", "key-1", "first")).message.conversation_id;
-    REQUIRE(ab != 0);
-  }
+  const ConversationId ab = FileWithOneMessage(path);
   // Version 3's index, led by the sender.
   RawExec(path, std::string(kBackToVersion4) +
                     "DROP INDEX messages_by_key; CREATE UNIQUE INDEX messages_by_key ON "
@@ -1407,24 +1440,14 @@ TEST_CASE("store: sqlite: a version 3 file gets the keys table led by client_msg
   migrated->reset();
   // The file now carries version 5's keys table, client_msg_id first, holding both keys; the
   // index on messages is gone.
-  sqlite3* db = nullptr;
-  REQUIRE(sqlite3_open(path.c_str(), &db) == SQLITE_OK);
-  sqlite3_stmt* stmt = nullptr;
-  REQUIRE(sqlite3_prepare_v2(db,
-                             "SELECT group_concat(name || ': ' || sql, '; ') FROM sqlite_master "
-                             "WHERE name IN ('messages_by_key', 'message_keys')",
-                             -1, &stmt, nullptr) == SQLITE_OK);
-  REQUIRE(sqlite3_step(stmt) == SQLITE_ROW);
-  const std::string sql = reinterpret_cast<const char*>(sqlite3_column_text(stmt, 0));
-  sqlite3_finalize(stmt);
-  REQUIRE(sqlite3_prepare_v2(db,
-                             "SELECT group_concat(client_msg_id || '/' || sender, ' ') FROM "
-                             "message_keys",
-                             -1, &stmt, nullptr) == SQLITE_OK);
-  REQUIRE(sqlite3_step(stmt) == SQLITE_ROW);
-  const std::string keys = reinterpret_cast<const char*>(sqlite3_column_text(stmt, 0));
-  sqlite3_finalize(stmt);
-  sqlite3_close(db);
+  const std::string sql =
+      RawRow(path,
+             "SELECT group_concat(name || ': ' || sql, '; ') FROM sqlite_master "
+             "WHERE name IN ('messages_by_key', 'message_keys')")
+          .at(0);
+  const std::string keys =
+      RawRow(path, "SELECT group_concat(client_msg_id || '/' || sender, ' ') FROM message_keys")
+          .at(0);
   CHECK(sql.starts_with("message_keys: "));
   CHECK(sql.find("PRIMARY KEY(client_msg_id, sender)") != std::string::npos);
   CHECK(sql.find("messages_by_key") == std::string::npos);
@@ -1439,11 +1462,7 @@ TEST_CASE("store: sqlite: a version 3 file gets the keys table led by client_msg
 TEST_CASE("store: sqlite: a version 5 file's keys answer resends, also after retention") {
   TempDir dir;
   const std::string path = dir.File("chat.db");
-  {
-    Result<std::shared_ptr<MessageStore>> store = OpenAt(path);
-    REQUIRE(store.ok());
-    REQUIRE(CommitOne(**store, ToPeer("alice", "bob", "key-1", "first")).status.ok());
-  }
+  FileWithOneMessage(path);
   RawExec(path,
           "DROP INDEX message_keys_gone; ALTER TABLE message_keys DROP COLUMN gone_ms; "
           "ALTER TABLE message_keys DROP COLUMN ts; ALTER TABLE message_keys DROP COLUMN "
@@ -1470,32 +1489,16 @@ TEST_CASE("store: sqlite: a version 5 file's keys answer resends, also after ret
 TEST_CASE("store: sqlite: corruption found by a key lookup fails the whole batch") {
   TempDir dir;
   const std::string path = dir.File("chat.db");
-  ConversationId ab = 0;
-  {
-    Result<std::shared_ptr<MessageStore>> store = OpenAt(path);
-    REQUIRE(store.ok());
-    ab = CommitOne(**store, ToPeer("alice", "bob", "key-1", "first")).message.conversation_id;
-    REQUIRE(ab != 0);
-  }
+  const ConversationId ab = FileWithOneMessage(path);
   RawExec(path, "PRAGMA wal_checkpoint(TRUNCATE)");
   // message_keys holds one key: its root page is its only page. A page type byte SQLite does
   // not know makes every lookup in it SQLITE_CORRUPT.
-  int64_t root = 0;
-  int64_t page_size = 0;
-  {
-    sqlite3* db = nullptr;
-    REQUIRE(sqlite3_open(path.c_str(), &db) == SQLITE_OK);
-    sqlite3_stmt* stmt = nullptr;
-    REQUIRE(sqlite3_prepare_v2(db,
-                               "SELECT (SELECT rootpage FROM sqlite_master WHERE name = "
-                               "'message_keys'), (SELECT page_size FROM pragma_page_size)",
-                               -1, &stmt, nullptr) == SQLITE_OK);
-    REQUIRE(sqlite3_step(stmt) == SQLITE_ROW);
-    root = sqlite3_column_int64(stmt, 0);
-    page_size = sqlite3_column_int64(stmt, 1);
-    sqlite3_finalize(stmt);
-    sqlite3_close(db);
-  }
+  const std::vector<std::string> row =
+      RawRow(path,
+             "SELECT (SELECT rootpage FROM sqlite_master WHERE name = 'message_keys'), "
+             "(SELECT page_size FROM pragma_page_size)");
+  const int64_t root = std::stoll(row.at(0));
+  const int64_t page_size = std::stoll(row.at(1));
   REQUIRE(root > 1);
   {
     std::FILE* f = std::fopen(path.c_str(), "r+b");
