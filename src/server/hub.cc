@@ -615,9 +615,27 @@ class Hub::Impl final : private PresenceTracker::Sink {
     const std::string_view client_msg_id = body == Body::kSend
                                                ? std::string_view(envelope.send().client_msg_id())
                                                : std::string_view();
+    if (body == Body::kSend) {
+      if (auto held = held_sends_.find(id); held != held_sends_.end()) {
+        // Refused without taking a token (as a refusal by the rate limit takes none), so the
+        // refusals of what the client had in flight cannot hold its resend back.
+        if (held->second != client_msg_id) {
+          Status refused = Unavailable(std::string(kHeldSendMessage));
+          refused.set_retry_after_ms(kHeldSendRetryMs);
+          SendError(id, s, envelope.rid(), refused, client_msg_id);
+          return;
+        }
+        held_sends_.erase(held);  // the refused one again: what follows it may follow it
+      }
+    }
     Status status = TakeToken(s);
     if (status.ok()) status = codec::Validate(envelope);
     if (!status.ok()) {
+      // A Send refused for now (the rate limit) is sent again later: until then the session's
+      // later Sends are refused, so they are not stored before it.
+      if (body == Body::kSend && IsRetryable(status.code())) {
+        held_sends_.try_emplace(id, client_msg_id);
+      }
       SendError(id, s, envelope.rid(), status, client_msg_id);
       return;
     }
@@ -804,6 +822,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
 
     AppendJob job;
     job.token = next_token_++;
+    job.session = id;
     pending_appends_.emplace(job.token, PendingAppend{id, rid, send.client_msg_id()});
     AppendRequest& request = job.request;
     if (send.to_case() == v1::Send::kConversationId) {
@@ -1702,6 +1721,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
       --pending_sessions_;
     }
     typing_.erase(id);
+    held_sends_.erase(id);
     auto channels = session_channels_.find(id);
     if (channels != session_channels_.end()) {
       const std::vector<ConversationId> subscribed = channels->second;
@@ -1726,6 +1746,9 @@ class Hub::Impl final : private PresenceTracker::Sink {
   const int64_t byte_cap_;
 
   std::unordered_map<SessionId, Session> sessions_;
+  // Sessions one of whose Sends the Hub refused for now (rate limit): the client_msg_id it must
+  // send again before any later Send is taken (the writer holds sessions back the same way).
+  std::unordered_map<SessionId, std::string> held_sends_;
   // Authenticated sessions by user. Node-based on purpose: each Session::user_key points at its
   // entry's key, so entries must never move (no open-addressing map here).
   std::unordered_map<UserId, UserSessions> users_;

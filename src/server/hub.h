@@ -54,9 +54,21 @@ inline constexpr int kMaxClientBatchEnvelopes = 256;
 size_t LargestMessageFrameBytes(const ServerOptions& options, codec::Format format);
 
 // A unit of work for the store's writer thread. `token` comes back in OnAppendDone.
+// Why a connection's message is refused after an earlier one of its messages was not stored
+// (UNAVAILABLE): its messages are stored in the order it sent them, so it must send that one
+// again first (a client resending its outbox in order does).
+inline constexpr std::string_view kHeldSendMessage =
+    "an earlier message from this connection was not stored; send it again first";
+// The retry_after_ms given with it.
+inline constexpr uint32_t kHeldSendRetryMs = 1000;
+
 struct AppendJob {
   uint64_t token = 0;
   AppendRequest request;
+  // The connection a user message came from (0: none). A connection's messages are stored in
+  // the order it sent them: once one of them is not stored, the writer refuses its later ones
+  // until that one is sent again (StoreThreads).
+  SessionId session = 0;
 };
 
 // The push tokens and badges of users about to be notified (MessageStore::PushTargets).
@@ -116,7 +128,9 @@ class HubIo {
   // Send a close frame with `code` and `reason` after the queued frames, then drop the
   // connection. The Hub forgets the session at once; OnClose will not be called for it.
   virtual void Close(SessionId session, int code, std::string_view reason) = 0;
-  // Hand a message to the writer. Completions arrive in OnAppendDone in submission order.
+  // Hand a message to the writer. Completions arrive in OnAppendDone in submission order, except
+  // that jobs refused at once (past the writer's bound, or held back behind a refused message of
+  // their connection) complete early.
   virtual void SubmitAppend(AppendJob job) = 0;
   // Hand a query to a reader. Completions arrive in OnReadDone in any order.
   virtual void SubmitRead(ReadJob job) = 0;

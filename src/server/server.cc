@@ -710,6 +710,7 @@ class ServerImpl final : public Server, private server::HubIo {
     if (conn->in_hub) hub_->OnClose(conn->id);
     if (current_ == conn) current_ = nullptr;
     const SessionId id = conn->id;
+    store_threads_->ForgetSession(id);
     close_reasons_.erase(id);
     connections_.erase(id);  // conn is gone from here on
     if (phase_ == Phase::kClosing && connections_.empty()) AdvanceShutdown();

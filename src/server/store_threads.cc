@@ -19,6 +19,17 @@ Status Overloaded(std::string_view what, uint32_t retry_after_ms) {
   return status;
 }
 
+// Whether `job` is a user message that must be stored in its connection's order.
+bool Ordered(SessionId session, const AppendRequest& request) {
+  return session != 0 && request.op == ConversationOp::kNone && !request.client_msg_id.empty();
+}
+
+Status HeldStatus() {
+  Status status = Unavailable(std::string(kHeldSendMessage));
+  status.set_retry_after_ms(kHeldSendRetryMs);
+  return status;
+}
+
 // Syncs that wait for a reader together are answered together (MessageStore::SyncMany), so a
 // message range many of them want is read once: at most kMaxMergedSyncs, found among the first
 // kMergeScan queued reads.
@@ -70,11 +81,15 @@ void StoreThreads::SubmitAppends(std::vector<AppendJob>* jobs) {
     std::lock_guard<std::mutex> lock(mu_);
     const bool was_empty = append_queue_.empty();
     for (AppendJob& job : *jobs) {
+      if (HeldBack(job)) {
+        Refuse(job, HeldStatus(), &refused);
+        continue;
+      }
       if (stopping_ || append_queue_.size() >= options_.append_queue_max) {
-        AppendDone& done = refused.emplace_back();
-        done.token = job.token;
-        done.commit_status =
-            Overloaded("too many messages waiting for commit", options_.overload_retry_after_ms);
+        Hold(job.session, job.request);
+        Refuse(job,
+               Overloaded("too many messages waiting for commit", options_.overload_retry_after_ms),
+               &refused);
         continue;
       }
       append_queue_.push_back(std::move(job));
@@ -92,6 +107,31 @@ void StoreThreads::SubmitAppends(std::vector<AppendJob>* jobs) {
     for (AppendDone& done : refused) appends_done_.push_back(std::move(done));
   }
   wake_();
+}
+
+void StoreThreads::ForgetSession(SessionId session) {
+  std::lock_guard<std::mutex> lock(mu_);
+  held_.erase(session);
+}
+
+bool StoreThreads::HeldBack(const AppendJob& job) {
+  if (!Ordered(job.session, job.request)) return false;
+  auto it = held_.find(job.session);
+  if (it == held_.end()) return false;
+  if (it->second != job.request.client_msg_id) return true;
+  held_.erase(it);  // the message not stored comes again: what follows it may follow it
+  return false;
+}
+
+void StoreThreads::Hold(SessionId session, const AppendRequest& request) {
+  if (Ordered(session, request)) held_.try_emplace(session, request.client_msg_id);
+}
+
+void StoreThreads::Refuse(const AppendJob& job, Status status,
+                          std::vector<AppendDone>* refused) const {
+  AppendDone& done = refused->emplace_back();
+  done.token = job.token;
+  done.commit_status = std::move(status);
 }
 
 void StoreThreads::SubmitRead(ReadJob job) {
@@ -229,6 +269,26 @@ void StoreThreads::Commit(std::vector<AppendJob>* jobs) {
                               " messages failed: " + status.ToString());
   }
 
+  if (!status.ok() && IsRetryable(status.code())) {
+    // Nothing of the group is stored: each connection's later messages wait for the first of
+    // its messages here to come again. (After a failure that is not retried, DATA_LOSS say,
+    // no client sends it again.) Those already queued were sent after it: refused now,
+    // so none is left in the queue to be stored after that one comes again.
+    std::vector<AppendDone> refused;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (size_t i = 0; i < jobs->size(); ++i) Hold((*jobs)[i].session, batch[i]);
+      for (auto it = append_queue_.begin(); it != append_queue_.end();) {
+        if (HeldBack(*it)) {
+          Refuse(*it, HeldStatus(), &refused);
+          it = append_queue_.erase(it);
+        } else {
+          ++it;
+        }
+      }
+    }
+    if (!refused.empty()) PostAppends(&refused);
+  }
   std::vector<AppendDone> done(jobs->size());
   for (size_t i = 0; i < jobs->size(); ++i) {
     done[i].token = (*jobs)[i].token;

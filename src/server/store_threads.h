@@ -18,6 +18,13 @@
 // once with Unavailable ("server overloaded"), so the sender gets an error instead of the server
 // growing without limit. Such an early failure may overtake appends still queued before it.
 //
+// A connection's user messages (AppendJob::session) are stored in the order it sent them. Once
+// one of them is not stored (refused past the bound, or its commit group failed), the
+// connection's later messages are refused with Unavailable, whether queued or submitted later,
+// until that message comes again (same client_msg_id): a client resends its outbox in order, so
+// nothing it sent after the failed message is stored before it. ForgetSession ends this when the
+// connection closes (a new connection starts afresh).
+//
 // Thread-safety: Submit*, TakeCompletions and the counters may be called from any thread; the
 // runtime calls them from its loop thread. Start and Stop are called once each, from one thread.
 #ifndef CHAT_SRC_SERVER_STORE_THREADS_H_
@@ -32,7 +39,9 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 #include "chat/status.h"
@@ -101,6 +110,8 @@ class StoreThreads {
   // submits them together lets the writer commit them as one group.
   void SubmitAppends(std::vector<AppendJob>* jobs);
   void SubmitRead(ReadJob job);
+  // The connection closed: its messages are no longer held back (see the top of this file).
+  void ForgetSession(SessionId session);
 
   // Moves every completion posted so far into `appends` (in submission order) and `reads`.
   void TakeCompletions(std::vector<AppendDone>* appends, std::vector<ReadDone>* reads);
@@ -122,6 +133,15 @@ class StoreThreads {
   size_t BatchMax() const;   // jobs per group, at most
   size_t GroupFill() const;  // jobs that end the wait for a fuller group
   void PostAppends(std::vector<AppendDone>* done);
+  // Whether `job`, a message of a connection one of whose messages was not stored, must be
+  // refused; it is not when it is that message again (then the connection is no longer held).
+  // REQUIRES: mu_ held.
+  bool HeldBack(const AppendJob& job);
+  // Holds `job`'s connection back, unless it already is (first message not stored wins).
+  // REQUIRES: mu_ held.
+  void Hold(SessionId session, const AppendRequest& request);
+  // Completes `job` with Unavailable at once, out of order (into `refused`).
+  void Refuse(const AppendJob& job, Status status, std::vector<AppendDone>* refused) const;
   void PostRead(ReadDone done);
 
   const std::shared_ptr<MessageStore> store_;
@@ -136,6 +156,9 @@ class StoreThreads {
   size_t idle_readers_ = 0;  // readers blocked waiting for a read
   bool writer_waiting_ = false;
   bool stopping_ = false;
+  // Connections held back: the client_msg_id of the first of their messages not stored (at most
+  // one entry per open connection).
+  std::unordered_map<SessionId, std::string> held_;
 
   std::mutex done_mu_;  // guards the completion queues
   std::vector<AppendDone> appends_done_;

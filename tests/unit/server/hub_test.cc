@@ -904,11 +904,32 @@ TEST_CASE("hub: past the message burst a send gets RESOURCE_EXHAUSTED with retry
   CHECK(h.queued_appends() == 3);
   CHECK_FALSE(h.closed(alice).has_value());
 
-  // After the advised wait the bucket holds a token again.
+  // After the advised wait the bucket holds a token again. A later message is refused until
+  // the refused one comes again, so it cannot be stored before it; the refusal takes no token.
   h.Advance(error.retry_after_ms());
   h.SendEnvelope(alice, SendToPeer(5, "bob", ClientMsgId(5), "x"));
+  v1::Error held = ExpectError(Only(h.Take(alice)), v1::Error::UNAVAILABLE, 5);
+  CHECK(held.message() ==
+        "an earlier message from this connection was not stored; send it again first");
+  CHECK(held.retry_after_ms() == 1000);
+  CHECK(held.client_msg_id() == ClientMsgId(5));
+  CHECK(h.queued_appends() == 3);
+  h.SendEnvelope(alice, SendToPeer(6, "bob", ClientMsgId(4), "x"));
   CHECK(h.Take(alice).empty());
   CHECK(h.queued_appends() == 4);
+  h.Advance(1000);
+  h.SendEnvelope(alice, SendToPeer(7, "bob", ClientMsgId(5), "x"));
+  CHECK(h.Take(alice).empty());
+  CHECK(h.queued_appends() == 5);
+  // Stored in the order sent: 1, 2, 3, then 4 and 5.
+  h.Pump();
+  std::vector<v1::Envelope> acks = h.Take(alice);
+  REQUIRE(acks.size() == 5);
+  for (size_t i = 0; i < acks.size(); ++i) {
+    REQUIRE(acks[i].has_send_ack());
+    CHECK(acks[i].send_ack().client_msg_id() == ClientMsgId(i + 1));
+    CHECK(acks[i].send_ack().seq() == i + 1);
+  }
 }
 
 TEST_CASE("hub: the message rate limit applies to every request, not only sends") {

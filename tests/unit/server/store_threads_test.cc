@@ -4,6 +4,7 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <filesystem>
@@ -63,6 +64,7 @@ class RecordingStore : public MessageStoreWrapper {
   Status Append(std::span<const AppendRequest> batch, std::vector<AppendResult>* results) override {
     log_.Record(batch.size(), /*wait=*/true);
     if (!fail_.ok()) return fail_;
+    if (fail_next_.exchange(false)) return Unavailable("disk full");
     Status status = MessageStoreWrapper::Append(batch, results);
     if (short_results_ && !results->empty()) results->pop_back();
     return status;
@@ -73,6 +75,7 @@ class RecordingStore : public MessageStoreWrapper {
   std::vector<size_t> batches() { return log_.items(); }
 
   Status fail_;
+  std::atomic<bool> fail_next_ = false;  // fails the next Append once
   bool short_results_ = false;
 
  private:
@@ -267,6 +270,126 @@ TEST_CASE("store threads: past append_queue_max a message fails at once with UNA
     CHECK(collector.appends_[i].token == i);
     CHECK(collector.appends_[i].commit_status.ok());
   }
+  threads.Stop();
+}
+
+// A job of connection `session` (Job's client_msg_id follows the token unless `key` is given).
+AppendJob SessionJob(uint64_t token, SessionId session, uint64_t key = 0) {
+  AppendJob job = Job(token);
+  job.session = session;
+  if (key != 0) job.request.client_msg_id = "client-msg-id-" + std::to_string(1000 + key);
+  return job;
+}
+
+const AppendDone& DoneFor(const Collector& collector, uint64_t token) {
+  for (const AppendDone& done : collector.appends_) {
+    if (done.token == token) return done;
+  }
+  FAIL("no completion for token " << token);
+  return collector.appends_.front();
+}
+
+// A connection's messages are stored in the order it sent them: after one was refused past the
+// bound, its later ones are refused too until that one is sent again.
+TEST_CASE("store threads: after a refusal a connection's later messages wait for the refused one") {
+  auto store = std::make_shared<RecordingStore>();
+  Collector collector;
+  StoreThreads threads(store, {.commit_batch_max = 1, .reader_threads = 1, .append_queue_max = 1},
+                       collector.WakeFn());
+  OpenAtEnd open_at_end{store.get()};
+  threads.Start();
+  threads.SubmitAppend(SessionJob(1, 9));
+  REQUIRE(store->WaitBatches(1));          // job 1 is committing; the queue is empty
+  threads.SubmitAppend(SessionJob(2, 9));  // queued
+  threads.SubmitAppend(SessionJob(3, 7));  // the queue is full: refused, connection 7 held
+  store->Open();
+  REQUIRE(collector.CollectAppends(threads, 3));
+  CHECK(DoneFor(collector, 3).commit_status.code() == Code::kUnavailable);
+  // Room again, but 7's next message must not go before its refused one.
+  threads.SubmitAppend(SessionJob(4, 7));
+  REQUIRE(collector.CollectAppends(threads, 4));
+  const Status& held = DoneFor(collector, 4).commit_status;
+  CHECK(held.code() == Code::kUnavailable);
+  CHECK(held.message() ==
+        "an earlier message from this connection was not stored; send it again first");
+  // Other connections are not held. Then the refused message again (its client_msg_id), then
+  // the next: stored in that order. (One at a time: the queue holds one.)
+  threads.SubmitAppend(SessionJob(5, 8));
+  REQUIRE(collector.CollectAppends(threads, 5));
+  threads.SubmitAppend(SessionJob(6, 7, /*key=*/3));
+  REQUIRE(collector.CollectAppends(threads, 6));
+  threads.SubmitAppend(SessionJob(7, 7, /*key=*/4));
+  REQUIRE(collector.CollectAppends(threads, 7));
+  for (uint64_t token : {5, 6, 7}) {
+    CAPTURE(token);
+    CHECK(DoneFor(collector, token).commit_status.ok());
+  }
+  CHECK(DoneFor(collector, 6).result.message.seq < DoneFor(collector, 7).result.message.seq);
+  threads.Stop();
+}
+
+// The same after a failed commit group: the connection's messages queued behind it are refused.
+TEST_CASE("store threads: after a failed commit a connection's queued messages are refused") {
+  auto store = std::make_shared<RecordingStore>();
+  store->fail_next_ = true;
+  Collector collector;
+  StoreThreads threads(store, {.commit_batch_max = 4, .reader_threads = 1}, collector.WakeFn());
+  OpenAtEnd open_at_end{store.get()};
+  threads.Start();
+  threads.SubmitAppend(SessionJob(1, 7));
+  REQUIRE(store->WaitBatches(1));  // job 1's group is held at the gate, then fails
+  threads.SubmitAppend(SessionJob(2, 7));
+  threads.SubmitAppend(SessionJob(3, 8));
+  store->Open();
+  REQUIRE(collector.CollectAppends(threads, 3));
+  CHECK(DoneFor(collector, 1).commit_status.message() == "disk full");
+  CHECK(DoneFor(collector, 2).commit_status.code() == Code::kUnavailable);
+  CHECK(DoneFor(collector, 3).commit_status.ok());
+  CHECK(store->batches() == std::vector<size_t>{1, 1});  // job 2 never reached the store
+  threads.SubmitAppend(SessionJob(4, 7, /*key=*/1));
+  threads.SubmitAppend(SessionJob(5, 7, /*key=*/2));
+  REQUIRE(collector.CollectAppends(threads, 5));
+  CHECK(DoneFor(collector, 4).commit_status.ok());
+  CHECK(DoneFor(collector, 5).commit_status.ok());
+  CHECK(DoneFor(collector, 4).result.message.seq < DoneFor(collector, 5).result.message.seq);
+  threads.Stop();
+}
+
+// A failure no client retries (DATA_LOSS) holds nothing back: the message is not sent again.
+TEST_CASE("store threads: a failure that is not retried holds no connection back") {
+  auto store = std::make_shared<RecordingStore>();
+  store->fail_ = DataLoss("damaged");
+  store->Open();
+  Collector collector;
+  StoreThreads threads(store, {.reader_threads = 1}, collector.WakeFn());
+  threads.Start();
+  threads.SubmitAppend(SessionJob(1, 7));
+  REQUIRE(collector.CollectAppends(threads, 1));
+  threads.SubmitAppend(SessionJob(2, 7));
+  REQUIRE(collector.CollectAppends(threads, 2));
+  CHECK(DoneFor(collector, 2).commit_status.message() == "damaged");  // it reached the store
+  CHECK(store->batches().size() == 2);
+  threads.Stop();
+}
+
+// A new connection starts afresh: ForgetSession (the connection closed) drops the hold.
+TEST_CASE("store threads: a closed connection's hold is forgotten") {
+  auto store = std::make_shared<RecordingStore>();
+  store->fail_next_ = true;
+  store->Open();
+  Collector collector;
+  StoreThreads threads(store, {.reader_threads = 1}, collector.WakeFn());
+  threads.Start();
+  threads.SubmitAppend(SessionJob(1, 7));
+  REQUIRE(collector.CollectAppends(threads, 1));
+  REQUIRE(DoneFor(collector, 1).commit_status.code() == Code::kUnavailable);
+  threads.SubmitAppend(SessionJob(2, 7));
+  REQUIRE(collector.CollectAppends(threads, 2));
+  CHECK(DoneFor(collector, 2).commit_status.code() == Code::kUnavailable);
+  threads.ForgetSession(7);
+  threads.SubmitAppend(SessionJob(3, 7));
+  REQUIRE(collector.CollectAppends(threads, 3));
+  CHECK(DoneFor(collector, 3).commit_status.ok());
   threads.Stop();
 }
 
