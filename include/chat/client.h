@@ -162,8 +162,9 @@ struct ClientOptions {
   // Messages the outbox holds, pending and failed together; Send() returns ResourceExhausted
   // past it. A failed message stays until Discard() removes it. Default 1000.
   size_t outbox_max = 1000;
-  // Outbox messages sent before their acks arrive. 1 keeps the order even when the server
-  // refuses a message temporarily; larger is faster. Default 16.
+  // Outbox messages sent before their acks arrive; larger is faster. The order holds either
+  // way: a server that refuses one for now refuses the later ones until it comes again.
+  // Default 16.
   uint32_t max_in_flight = 16;
   // Messages per Sync page; 0 = the server's default. Default 0.
   uint32_t sync_page_limit = 0;

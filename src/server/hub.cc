@@ -633,7 +633,10 @@ class Hub::Impl final : private PresenceTracker::Sink {
     if (!status.ok()) {
       // A Send refused for now (the rate limit) is sent again later: until then the session's
       // later Sends are refused, so they are not stored before it.
-      if (body == Body::kSend && IsRetryable(status.code())) {
+      // (An id of the wrong length is refused for good on its resend: nothing to wait for.)
+      if (body == Body::kSend && IsRetryable(status.code()) &&
+          client_msg_id.size() >= kMinClientMsgIdBytes &&
+          client_msg_id.size() <= kMaxClientMsgIdBytes) {
         held_sends_.try_emplace(id, client_msg_id);
       }
       SendError(id, s, envelope.rid(), status, client_msg_id);

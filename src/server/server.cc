@@ -472,6 +472,11 @@ class ServerImpl final : public Server, private server::HubIo {
     wake_pending_.store(false);
     store_threads_->TakeCompletions(&appends_done_, &reads_done_);
     for (server::AppendDone& done : appends_done_) {
+      // A failure may have held its connection back after the connection closed (and was
+      // forgotten): forget it again, or the hold would stay.
+      if (!done.commit_status.ok() && done.session != 0 && !connections_.contains(done.session)) {
+        store_threads_->ForgetSession(done.session);
+      }
       hub_->OnAppendDone(done.token, done.commit_status, std::move(done.result));
     }
     for (server::ReadDone& done : reads_done_) {
@@ -710,6 +715,9 @@ class ServerImpl final : public Server, private server::HubIo {
     if (conn->in_hub) hub_->OnClose(conn->id);
     if (current_ == conn) current_ = nullptr;
     const SessionId id = conn->id;
+    // Its messages of this loop pass go to the writer before its hold is forgotten, so one
+    // sent after a refused one is refused, not stored ahead of it.
+    FlushAppends();
     store_threads_->ForgetSession(id);
     close_reasons_.erase(id);
     connections_.erase(id);  // conn is gone from here on

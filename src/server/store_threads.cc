@@ -86,7 +86,7 @@ void StoreThreads::SubmitAppends(std::vector<AppendJob>* jobs) {
         continue;
       }
       if (stopping_ || append_queue_.size() >= options_.append_queue_max) {
-        Hold(job.session, job.request);
+        Hold(job.session, job.token, job.request);
         Refuse(job,
                Overloaded("too many messages waiting for commit", options_.overload_retry_after_ms),
                &refused);
@@ -118,19 +118,23 @@ bool StoreThreads::HeldBack(const AppendJob& job) {
   if (!Ordered(job.session, job.request)) return false;
   auto it = held_.find(job.session);
   if (it == held_.end()) return false;
-  if (it->second != job.request.client_msg_id) return true;
+  if (it->second.client_msg_id != job.request.client_msg_id) return true;
   held_.erase(it);  // the message not stored comes again: what follows it may follow it
   return false;
 }
 
-void StoreThreads::Hold(SessionId session, const AppendRequest& request) {
-  if (Ordered(session, request)) held_.try_emplace(session, request.client_msg_id);
+void StoreThreads::Hold(SessionId session, uint64_t token, const AppendRequest& request) {
+  if (!Ordered(session, request)) return;
+  auto [it, added] = held_.try_emplace(session, Held{token, request.client_msg_id});
+  // A message refused past the bound may have been sent after one whose group fails later.
+  if (!added && token < it->second.token) it->second = Held{token, request.client_msg_id};
 }
 
 void StoreThreads::Refuse(const AppendJob& job, Status status,
                           std::vector<AppendDone>* refused) const {
   AppendDone& done = refused->emplace_back();
   done.token = job.token;
+  done.session = job.session;
   done.commit_status = std::move(status);
 }
 
@@ -277,7 +281,9 @@ void StoreThreads::Commit(std::vector<AppendJob>* jobs) {
     std::vector<AppendDone> refused;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      for (size_t i = 0; i < jobs->size(); ++i) Hold((*jobs)[i].session, batch[i]);
+      for (size_t i = 0; i < jobs->size(); ++i) {
+        Hold((*jobs)[i].session, (*jobs)[i].token, batch[i]);
+      }
       for (auto it = append_queue_.begin(); it != append_queue_.end();) {
         if (HeldBack(*it)) {
           Refuse(*it, HeldStatus(), &refused);
@@ -292,6 +298,7 @@ void StoreThreads::Commit(std::vector<AppendJob>* jobs) {
   std::vector<AppendDone> done(jobs->size());
   for (size_t i = 0; i < jobs->size(); ++i) {
     done[i].token = (*jobs)[i].token;
+    done[i].session = (*jobs)[i].session;
     done[i].commit_status = status;
     if (status.ok()) done[i].result = std::move(results[i]);
   }

@@ -52,7 +52,8 @@ namespace chat::server {
 
 struct AppendDone {
   uint64_t token = 0;
-  Status commit_status;  // non-OK: the transaction failed and nothing of the job was stored
+  SessionId session = 0;  // the job's (AppendJob::session)
+  Status commit_status;   // non-OK: the transaction failed and nothing of the job was stored
   AppendResult result;
 };
 
@@ -137,9 +138,10 @@ class StoreThreads {
   // refused; it is not when it is that message again (then the connection is no longer held).
   // REQUIRES: mu_ held.
   bool HeldBack(const AppendJob& job);
-  // Holds `job`'s connection back, unless it already is (first message not stored wins).
+  // Holds the connection of job `token` back on its message, unless it is held on one sent
+  // earlier (the Hub's tokens rise in the order messages arrive).
   // REQUIRES: mu_ held.
-  void Hold(SessionId session, const AppendRequest& request);
+  void Hold(SessionId session, uint64_t token, const AppendRequest& request);
   // Completes `job` with Unavailable at once, out of order (into `refused`).
   void Refuse(const AppendJob& job, Status status, std::vector<AppendDone>* refused) const;
   void PostRead(ReadDone done);
@@ -158,7 +160,11 @@ class StoreThreads {
   bool stopping_ = false;
   // Connections held back: the client_msg_id of the first of their messages not stored (at most
   // one entry per open connection).
-  std::unordered_map<SessionId, std::string> held_;
+  struct Held {
+    uint64_t token = 0;
+    std::string client_msg_id;
+  };
+  std::unordered_map<SessionId, Held> held_;
 
   std::mutex done_mu_;  // guards the completion queues
   std::vector<AppendDone> appends_done_;

@@ -355,6 +355,35 @@ TEST_CASE("store threads: after a failed commit a connection's queued messages a
   threads.Stop();
 }
 
+// Held on the earliest: a message refused past the bound while an earlier one of the same
+// connection was committing, in a group that then fails, leaves the connection waiting for the
+// earlier one (the client resends oldest first).
+TEST_CASE("store threads: a connection is held on the earliest of its messages not stored") {
+  auto store = std::make_shared<RecordingStore>();
+  store->fail_next_ = true;
+  Collector collector;
+  StoreThreads threads(store, {.commit_batch_max = 1, .reader_threads = 1, .append_queue_max = 1},
+                       collector.WakeFn());
+  OpenAtEnd open_at_end{store.get()};
+  threads.Start();
+  threads.SubmitAppend(SessionJob(1, 7));  // A: committing, its group fails
+  REQUIRE(store->WaitBatches(1));
+  threads.SubmitAppend(SessionJob(2, 9));  // fills the queue
+  threads.SubmitAppend(SessionJob(3, 7));  // B: refused past the bound
+  store->Open();
+  REQUIRE(collector.CollectAppends(threads, 3));
+  CHECK(DoneFor(collector, 1).commit_status.message() == "disk full");
+  CHECK(DoneFor(collector, 3).commit_status.code() == Code::kUnavailable);
+  threads.SubmitAppend(SessionJob(4, 7, /*key=*/1));  // A again
+  REQUIRE(collector.CollectAppends(threads, 4));
+  threads.SubmitAppend(SessionJob(5, 7, /*key=*/3));  // then B
+  REQUIRE(collector.CollectAppends(threads, 5));
+  REQUIRE(DoneFor(collector, 4).commit_status.ok());
+  REQUIRE(DoneFor(collector, 5).commit_status.ok());
+  CHECK(DoneFor(collector, 4).result.message.seq < DoneFor(collector, 5).result.message.seq);
+  threads.Stop();
+}
+
 // A failure no client retries (DATA_LOSS) holds nothing back: the message is not sent again.
 TEST_CASE("store threads: a failure that is not retried holds no connection back") {
   auto store = std::make_shared<RecordingStore>();
