@@ -61,7 +61,8 @@ Result<ParsedUrl> ParseHttpUrl(std::string_view url) {
   std::string_view authority = url.substr(0, end);
   if (end != std::string_view::npos) {
     // "http://host?q" asks for "/?q".
-    parsed.path = (url[end] == '?' ? "/" : "") + std::string(url.substr(end));
+    parsed.path.assign(url[end] == '?' ? "/" : "");
+    parsed.path.append(url.substr(end));
   }
   const size_t colon = authority.rfind(':');
   if (colon != std::string_view::npos) {
