@@ -289,6 +289,21 @@ const AppendDone& DoneFor(const Collector& collector, uint64_t token) {
   return collector.appends_.front();
 }
 
+// Sends the messages of `session` with keys `first_key` and `second_key` again (tokens `token`
+// and `token + 1`), one at a time, and checks that both are stored, in that order.
+void ResendInOrder(StoreThreads& threads, Collector& collector, SessionId session, uint64_t token,
+                   uint64_t first_key, uint64_t second_key) {
+  threads.SubmitAppend(SessionJob(token, session, first_key));
+  REQUIRE(collector.CollectAppends(threads, collector.appends_.size() + 1));
+  threads.SubmitAppend(SessionJob(token + 1, session, second_key));
+  REQUIRE(collector.CollectAppends(threads, collector.appends_.size() + 1));
+  const AppendDone& first = DoneFor(collector, token);
+  const AppendDone& second = DoneFor(collector, token + 1);
+  REQUIRE(first.commit_status.ok());
+  REQUIRE(second.commit_status.ok());
+  CHECK(first.result.message.seq < second.result.message.seq);
+}
+
 // A connection's messages are stored in the order it sent them: after one was refused past the
 // bound, its later ones are refused too until that one is sent again.
 TEST_CASE("store threads: after a refusal a connection's later messages wait for the refused one") {
@@ -316,15 +331,8 @@ TEST_CASE("store threads: after a refusal a connection's later messages wait for
   // the next: stored in that order. (One at a time: the queue holds one.)
   threads.SubmitAppend(SessionJob(5, 8));
   REQUIRE(collector.CollectAppends(threads, 5));
-  threads.SubmitAppend(SessionJob(6, 7, /*key=*/3));
-  REQUIRE(collector.CollectAppends(threads, 6));
-  threads.SubmitAppend(SessionJob(7, 7, /*key=*/4));
-  REQUIRE(collector.CollectAppends(threads, 7));
-  for (uint64_t token : {5, 6, 7}) {
-    CAPTURE(token);
-    CHECK(DoneFor(collector, token).commit_status.ok());
-  }
-  CHECK(DoneFor(collector, 6).result.message.seq < DoneFor(collector, 7).result.message.seq);
+  CHECK(DoneFor(collector, 5).commit_status.ok());
+  ResendInOrder(threads, collector, 7, 6, /*first_key=*/3, /*second_key=*/4);
   threads.Stop();
 }
 
@@ -346,12 +354,7 @@ TEST_CASE("store threads: after a failed commit a connection's queued messages a
   CHECK(DoneFor(collector, 2).commit_status.code() == Code::kUnavailable);
   CHECK(DoneFor(collector, 3).commit_status.ok());
   CHECK(store->batches() == std::vector<size_t>{1, 1});  // job 2 never reached the store
-  threads.SubmitAppend(SessionJob(4, 7, /*key=*/1));
-  threads.SubmitAppend(SessionJob(5, 7, /*key=*/2));
-  REQUIRE(collector.CollectAppends(threads, 5));
-  CHECK(DoneFor(collector, 4).commit_status.ok());
-  CHECK(DoneFor(collector, 5).commit_status.ok());
-  CHECK(DoneFor(collector, 4).result.message.seq < DoneFor(collector, 5).result.message.seq);
+  ResendInOrder(threads, collector, 7, 4, /*first_key=*/1, /*second_key=*/2);
   threads.Stop();
 }
 
@@ -374,13 +377,7 @@ TEST_CASE("store threads: a connection is held on the earliest of its messages n
   REQUIRE(collector.CollectAppends(threads, 3));
   CHECK(DoneFor(collector, 1).commit_status.message() == "disk full");
   CHECK(DoneFor(collector, 3).commit_status.code() == Code::kUnavailable);
-  threads.SubmitAppend(SessionJob(4, 7, /*key=*/1));  // A again
-  REQUIRE(collector.CollectAppends(threads, 4));
-  threads.SubmitAppend(SessionJob(5, 7, /*key=*/3));  // then B
-  REQUIRE(collector.CollectAppends(threads, 5));
-  REQUIRE(DoneFor(collector, 4).commit_status.ok());
-  REQUIRE(DoneFor(collector, 5).commit_status.ok());
-  CHECK(DoneFor(collector, 4).result.message.seq < DoneFor(collector, 5).result.message.seq);
+  ResendInOrder(threads, collector, 7, 4, /*first_key=*/1, /*second_key=*/3);  // A, then B
   threads.Stop();
 }
 
