@@ -462,6 +462,9 @@ class ServerImpl final : public Server, private server::HubIo {
     TickTimer* timer = reinterpret_cast<TickTimer*>(sul);
     ServerImpl* self = timer->owner;
     self->hub_->Tick();
+    // A backstop: a drain normally resumes paused reads, and this catches a wake-up merged
+    // into one whose drain had already read the pending count.
+    self->ResumeReadsIfDrained();
     self->AdvanceShutdown();
     if (self->phase_ != Phase::kDone) {
       lws_sul_schedule(self->ctx_, 0, &timer->sul, &ServerImpl::OnTick, kTickMs * LWS_US_PER_MS);
@@ -469,7 +472,9 @@ class ServerImpl final : public Server, private server::HubIo {
   }
 
   void DrainCompletions() {
-    wake_pending_.store(false);
+    // An exchange (acquire), not a store: it reads the writer's Wake, so the pending count
+    // that the writer lowered before that Wake is seen below.
+    (void)wake_pending_.exchange(false);
     store_threads_->TakeCompletions(&appends_done_, &reads_done_);
     for (server::AppendDone& done : appends_done_) {
       // A failure may have held its connection back after the connection closed (and was
