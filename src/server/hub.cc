@@ -620,9 +620,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
         // Refused without taking a token (as a refusal by the rate limit takes none), so the
         // refusals of what the client had in flight cannot hold its resend back.
         if (held->second != client_msg_id) {
-          Status refused = Unavailable(std::string(kHeldSendMessage));
-          refused.set_retry_after_ms(kHeldSendRetryMs);
-          SendError(id, s, envelope.rid(), refused, client_msg_id);
+          SendError(id, s, envelope.rid(), HeldSendStatus(), client_msg_id);
           return;
         }
         held_sends_.erase(held);  // the refused one again: what follows it may follow it
@@ -682,14 +680,11 @@ class Hub::Impl final : private PresenceTracker::Sink {
         const ConversationId conversation_id = envelope.unsubscribe().conversation_id();
         // A Subscribe of the same channel still being checked must not subscribe when its
         // read comes back after this one's.
-        auto [first, last] = subscribe_reads_.equal_range(id);
-        for (auto it = first; it != last; ++it) {
-          auto read = pending_reads_.find(it->second);
-          if (read != pending_reads_.end() && read->second.purpose == Purpose::kSubscribe &&
-              read->second.conversation_id == conversation_id) {
-            read->second.withdrawn = true;
+        ForEachSubscribeRead(id, [&](PendingRead& read) {
+          if (read.purpose == Purpose::kSubscribe && read.conversation_id == conversation_id) {
+            read.withdrawn = true;
           }
-        }
+        });
         SubmitMembersRead(id, s, envelope.rid(), conversation_id, Purpose::kUnsubscribe);
         return;
       }
@@ -953,6 +948,16 @@ class Hub::Impl final : private PresenceTracker::Sink {
     job.query = std::move(query);
     pending_reads_.emplace(job.token, std::move(pending));
     io_->SubmitRead(std::move(job));
+  }
+
+  // Calls `fn` on each (PresenceSubscribe or Subscribe) read of `session` still in flight.
+  template <typename Fn>
+  void ForEachSubscribeRead(SessionId session, const Fn& fn) {
+    auto [first, last] = subscribe_reads_.equal_range(session);
+    for (auto it = first; it != last; ++it) {
+      auto read = pending_reads_.find(it->second);
+      if (read != pending_reads_.end()) fn(read->second);
+    }
   }
 
   void ForgetSubscribeRead(SessionId session, uint64_t token) {
@@ -1371,12 +1376,9 @@ class Hub::Impl final : private PresenceTracker::Sink {
     }
     for (const UserId& user : users) presence_.Unwatch(id, user);
     // A Subscribe still being checked must not watch them when its read comes back.
-    auto [first, last] = subscribe_reads_.equal_range(id);
-    for (auto it = first; it != last; ++it) {
-      auto read = pending_reads_.find(it->second);
-      if (read == pending_reads_.end()) continue;
-      for (const UserId& user : users) read->second.still_wanted.erase(user);
-    }
+    ForEachSubscribeRead(id, [&](PendingRead& read) {
+      for (const UserId& user : users) read.still_wanted.erase(user);
+    });
     SendOk(id, s, envelope.rid());
   }
 

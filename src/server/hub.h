@@ -53,15 +53,18 @@ inline constexpr int kMaxClientBatchEnvelopes = 256;
 // connection (1009) every time it came, and the client could never get past it.
 size_t LargestMessageFrameBytes(const ServerOptions& options, codec::Format format);
 
-// A unit of work for the store's writer thread. `token` comes back in OnAppendDone.
-// Why a connection's message is refused after an earlier one of its messages was not stored
-// (UNAVAILABLE): its messages are stored in the order it sent them, so it must send that one
-// again first (a client resending its outbox in order does).
-inline constexpr std::string_view kHeldSendMessage =
-    "an earlier message from this connection was not stored; send it again first";
-// The retry_after_ms given with it.
-inline constexpr uint32_t kHeldSendRetryMs = 1000;
+// The refusal of a connection's message after an earlier one of its messages was not stored
+// (UNAVAILABLE, retry after 1 s): its messages are stored in the order it sent them, so it must
+// send that one again first (a client resending its outbox in order does). The Hub (rate limit)
+// and the writer (overload, failed commit) both answer with it.
+inline Status HeldSendStatus() {
+  Status status =
+      Unavailable("an earlier message from this connection was not stored; send it again first");
+  status.set_retry_after_ms(1000);
+  return status;
+}
 
+// A unit of work for the store's writer thread. `token` comes back in OnAppendDone.
 struct AppendJob {
   uint64_t token = 0;
   AppendRequest request;

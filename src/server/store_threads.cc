@@ -24,12 +24,6 @@ bool Ordered(SessionId session, const AppendRequest& request) {
   return session != 0 && request.op == ConversationOp::kNone && !request.client_msg_id.empty();
 }
 
-Status HeldStatus() {
-  Status status = Unavailable(std::string(kHeldSendMessage));
-  status.set_retry_after_ms(kHeldSendRetryMs);
-  return status;
-}
-
 // Syncs that wait for a reader together are answered together (MessageStore::SyncMany), so a
 // message range many of them want is read once: at most kMaxMergedSyncs, found among the first
 // kMergeScan queued reads.
@@ -82,7 +76,7 @@ void StoreThreads::SubmitAppends(std::vector<AppendJob>* jobs) {
     const bool was_empty = append_queue_.empty();
     for (AppendJob& job : *jobs) {
       if (HeldBack(job)) {
-        Refuse(job, HeldStatus(), &refused);
+        Refuse(job, HeldSendStatus(), &refused);
         continue;
       }
       if (stopping_ || append_queue_.size() >= options_.append_queue_max) {
@@ -286,7 +280,7 @@ void StoreThreads::Commit(std::vector<AppendJob>* jobs) {
       }
       for (auto it = append_queue_.begin(); it != append_queue_.end();) {
         if (HeldBack(*it)) {
-          Refuse(*it, HeldStatus(), &refused);
+          Refuse(*it, HeldSendStatus(), &refused);
           it = append_queue_.erase(it);
         } else {
           ++it;
