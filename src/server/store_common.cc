@@ -416,6 +416,12 @@ Status ChangeGroup(AppendTarget& target, const AppendRequest& request, AppendRes
         result->status = NotFound(user + " is not a member");
         return Status::Ok();
       }
+      if (m->role == request.role) {
+        result->status =
+            AlreadyExists(user + (request.role == Role::kAdmin ? " is already an admin"
+                                                               : " is already a member"));
+        return Status::Ok();
+      }
       if (m->role == Role::kAdmin && request.role == Role::kMember) {
         std::vector<MemberReceipt> members;
         if (Status s = target.Reader().Watermarks(id, "", &members); !s.ok()) return s;

@@ -909,6 +909,11 @@ void OnlyAdminsChangeAGroup(Kind kind) {
   CHECK(ok.message.system.users == std::vector<UserId>{"bob"});
   CHECK(ok.message.system.role == Role::kAdmin);
   CHECK(InfoOf(store, "bob", id)->role == Role::kAdmin);
+  // The role a member already has: refused, and nothing is committed.
+  AppendResult again = CommitOne(store, set_role);
+  CHECK(again.status.code() == Code::kAlreadyExists);
+  CHECK(again.status.message() == "bob is already an admin");
+  CHECK(InfoOf(store, "bob", id)->last_seq == ok.message.seq);
   AppendRequest unknown = set_role;
   unknown.users = {"zed"};
   CHECK(CommitOne(store, unknown).status.code() == Code::kNotFound);
