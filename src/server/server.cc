@@ -412,8 +412,7 @@ class ServerImpl final : public Server, private server::HubIo {
       if (loop_ != nullptr) {
         // One iteration at a time, so the phase is checked after every batch of events.
         ev_run(loop_, EVRUN_ONCE);
-        FlushAppends();
-        FlushWrites();
+        EndIteration();
         continue;
       }
       if (lws_service(ctx_, 0) < 0) {
@@ -421,8 +420,7 @@ class ServerImpl final : public Server, private server::HubIo {
         result = Internal("the event loop failed");
         break;
       }
-      FlushAppends();
-      FlushWrites();
+      EndIteration();
     }
     FlushAppends();
     lws_sul_cancel(&tick_.sul);
@@ -530,6 +528,24 @@ class ServerImpl final : public Server, private server::HubIo {
     if (phase_ == Phase::kClosing) {
       if (!connections_.empty() && now < deadline_) return;
       phase_ = Phase::kDone;
+    }
+  }
+
+  void EndIteration() {
+    ForgetClosing();
+    FlushAppends();
+    FlushWrites();
+  }
+
+  // The Hub forgets a session the runtime began closing on its own (slow consumer, 1009) at the
+  // end of the iteration, not when the close completes: a peer that does not read may keep the
+  // connection for kCloseFlushSeconds, and presence and push would count its user online
+  // meanwhile. Not at once, since the close may begin inside a Hub call (Send).
+  void ForgetClosing() {
+    while (!to_forget_.empty()) {
+      std::vector<SessionId> ids;
+      ids.swap(to_forget_);
+      for (SessionId id : ids) hub_->OnClose(id);  // may begin more closes
     }
   }
 
@@ -647,6 +663,10 @@ class ServerImpl final : public Server, private server::HubIo {
 
   void BeginClose(Connection& conn, int code, std::string_view reason) {
     conn.closing = true;
+    if (conn.in_hub) {
+      conn.in_hub = false;
+      to_forget_.push_back(conn.id);
+    }
     conn.close_code = static_cast<uint16_t>(code);
     close_reasons_[conn.id] = CloseReasonBytes(reason);
     if (conn.paused) {
@@ -973,7 +993,8 @@ class ServerImpl final : public Server, private server::HubIo {
   std::vector<SessionId> paused_;
   std::vector<server::AppendDone> appends_done_;
   std::vector<server::AppendJob> batched_appends_;  // loop thread: submitted at iteration end
-  std::vector<SessionId> to_flush_;  // loop thread: connections to write at iteration end
+  std::vector<SessionId> to_flush_;   // loop thread: connections to write at iteration end
+  std::vector<SessionId> to_forget_;  // loop thread: for Hub::OnClose at iteration end
   std::vector<server::ReadDone> reads_done_;
   std::vector<unsigned char> write_buffer_;
   std::mt19937 rng_;

@@ -496,6 +496,53 @@ TEST_CASE("server runtime: a client that does not read is closed as a slow consu
   CHECK(bob->Barrier().has_value());
 }
 
+TEST_CASE("server runtime: a slow consumer's user goes offline when its close begins") {
+  ServerOptions options = BaseOptions();
+  options.max_outbound_bytes = 256 * 1024;
+  options.bytes_per_second = 1024 * 1024 * 1024;
+  options.presence_grace_ms = 0;
+  options.presence_coalesce_ms = 100;
+  std::unique_ptr<Server> server = MustStart(std::move(options));
+
+  RawWs alice;
+  REQUIRE(alice.Connect(server->port(), 4096));
+  std::string hello;
+  REQUIRE(HelloEnvelope("alice").SerializeToString(&hello));
+  REQUIRE(alice.SendBinary(hello));
+  auto bob = MustLogin(*server, "bob");
+  const std::string body(60'000, 'b');
+  std::optional<v1::Envelope> ack = bob->Request(MakeSendToPeer("alice", NewClientMsgId(), body));
+  REQUIRE(ack.has_value());
+  REQUIRE_MESSAGE(ack->has_send_ack(), ack->DebugString());
+  v1::Envelope subscribe;
+  subscribe.mutable_presence_subscribe()->add_users("alice");
+  std::optional<v1::Envelope> subscribed = bob->Request(subscribe);
+  REQUIRE(subscribed.has_value());
+  REQUIRE_MESSAGE(subscribed->has_ok(), subscribed->DebugString());
+  std::optional<v1::Envelope> online = bob->WaitFor(
+      [](const v1::Envelope& e) { return e.has_presence_update() && e.presence_update().online(); },
+      0);
+  REQUIRE(online.has_value());
+
+  for (int i = 0; i < 120; ++i) {
+    ack = bob->Request(MakeSendToPeer("alice", NewClientMsgId(), body));
+    REQUIRE(ack.has_value());
+    REQUIRE_MESSAGE(ack->has_send_ack(), ack->DebugString());
+  }
+  // alice reads nothing, so her connection lasts until the server gives up flushing it (5 s
+  // after the close began); she is offline well before that.
+  std::optional<v1::Envelope> offline = bob->WaitFor(
+      [](const v1::Envelope& e) {
+        return e.has_presence_update() && !e.presence_update().online();
+      },
+      3000);
+  REQUIRE_MESSAGE(offline.has_value(), "alice still online after her close began");
+  CHECK(offline->presence_update().devices() == 0);
+  std::optional<int> code = alice.ReadUntilClose();
+  REQUIRE(code.has_value());
+  CHECK(*code == 4003);
+}
+
 TEST_CASE("server runtime: while the writer queue is full, new connections get UNAVAILABLE") {
   auto store = std::make_shared<GatedStore>();
   ServerOptions options = BaseOptions(store);
