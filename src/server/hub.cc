@@ -619,11 +619,13 @@ class Hub::Impl final : private PresenceTracker::Sink {
       if (auto held = held_sends_.find(id); held != held_sends_.end()) {
         // Refused without taking a token (as a refusal by the rate limit takes none), so the
         // refusals of what the client had in flight cannot hold its resend back.
-        if (held->second != client_msg_id) {
+        if (held->second.client_msg_id != client_msg_id &&
+            clock_->MonotonicMs() - held->second.since_ms < kHeldSendTimeoutMs) {
           SendError(id, s, envelope.rid(), HeldSendStatus(), client_msg_id);
           return;
         }
-        held_sends_.erase(held);  // the refused one again: what follows it may follow it
+        // The refused one again (what follows it may follow it), or the hold ran out.
+        held_sends_.erase(held);
       }
     }
     Status status = TakeToken(s);
@@ -635,7 +637,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
       if (body == Body::kSend && IsRetryable(status.code()) &&
           client_msg_id.size() >= kMinClientMsgIdBytes &&
           client_msg_id.size() <= kMaxClientMsgIdBytes) {
-        held_sends_.try_emplace(id, client_msg_id);
+        held_sends_.try_emplace(id, HeldSend{std::string(client_msg_id), clock_->MonotonicMs()});
       }
       SendError(id, s, envelope.rid(), status, client_msg_id);
       return;
@@ -1752,8 +1754,13 @@ class Hub::Impl final : private PresenceTracker::Sink {
 
   std::unordered_map<SessionId, Session> sessions_;
   // Sessions one of whose Sends the Hub refused for now (rate limit): the client_msg_id it must
-  // send again before any later Send is taken (the writer holds sessions back the same way).
-  std::unordered_map<SessionId, std::string> held_sends_;
+  // send again before any later Send is taken, for up to kHeldSendTimeoutMs from the refusal
+  // (the writer holds sessions back the same way).
+  struct HeldSend {
+    std::string client_msg_id;
+    int64_t since_ms = 0;
+  };
+  std::unordered_map<SessionId, HeldSend> held_sends_;
   // Authenticated sessions by user. Node-based on purpose: each Session::user_key points at its
   // entry's key, so entries must never move (no open-addressing map here).
   std::unordered_map<UserId, UserSessions> users_;

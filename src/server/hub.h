@@ -53,10 +53,15 @@ inline constexpr int kMaxClientBatchEnvelopes = 256;
 // connection (1009) every time it came, and the client could never get past it.
 size_t LargestMessageFrameBytes(const ServerOptions& options, codec::Format format);
 
+inline constexpr uint32_t kHeldSendTimeoutMs = 30'000;
+
 // The refusal of a connection's message after an earlier one of its messages was not stored
 // (UNAVAILABLE, retry after 1 s): its messages are stored in the order it sent them, so it must
 // send that one again first (a client resending its outbox in order does). The Hub (rate limit)
 // and the writer (overload, failed commit) both answer with it.
+// A hold ends after kHeldSendTimeoutMs even if the refused message never came again: a client
+// that gave it up (it saw it stored after all, or the user discarded it) must not have every
+// later message refused for as long as its connection lasts.
 inline Status HeldSendStatus() {
   Status status =
       Unavailable("an earlier message from this connection was not stored; send it again first");
@@ -161,7 +166,9 @@ class Hub {
   // One complete WebSocket message. `text` selects the JSON mapping, else binary protobuf.
   // The runtime has already enforced max_message_bytes.
   void OnFrame(SessionId session, std::string_view bytes, bool text);
-  // The connection is gone (peer closed, network error, or after a Close the Hub asked for).
+  // The connection is gone (peer closed, network error), or the runtime began closing it on its
+  // own (slow consumer, message too large): nothing more is read from it into the Hub. Not
+  // called after a Close the Hub asked for.
   void OnClose(SessionId session);
 
   void OnAppendDone(uint64_t token, const Status& commit_status, AppendResult result);

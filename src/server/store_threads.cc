@@ -112,16 +112,22 @@ bool StoreThreads::HeldBack(const AppendJob& job) {
   if (!Ordered(job.session, job.request)) return false;
   auto it = held_.find(job.session);
   if (it == held_.end()) return false;
-  if (it->second.client_msg_id != job.request.client_msg_id) return true;
-  held_.erase(it);  // the message not stored comes again: what follows it may follow it
+  if (it->second.client_msg_id != job.request.client_msg_id &&
+      std::chrono::steady_clock::now() - it->second.since <
+          std::chrono::milliseconds(options_.held_send_timeout_ms)) {
+    return true;
+  }
+  // The message not stored comes again (what follows it may follow it), or the hold ran out.
+  held_.erase(it);
   return false;
 }
 
 void StoreThreads::Hold(SessionId session, uint64_t token, const AppendRequest& request) {
   if (!Ordered(session, request)) return;
-  auto [it, added] = held_.try_emplace(session, Held{token, request.client_msg_id});
+  const auto now = std::chrono::steady_clock::now();
+  auto [it, added] = held_.try_emplace(session, Held{token, request.client_msg_id, now});
   // A message refused past the bound may have been sent after one whose group fails later.
-  if (!added && token < it->second.token) it->second = Held{token, request.client_msg_id};
+  if (!added && token < it->second.token) it->second = Held{token, request.client_msg_id, now};
 }
 
 void StoreThreads::Refuse(const AppendJob& job, Status status,

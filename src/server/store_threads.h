@@ -31,6 +31,7 @@
 #define CHAT_SRC_SERVER_STORE_THREADS_H_
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
@@ -84,6 +85,8 @@ struct StoreThreadsOptions {
   uint32_t retention_sweep_interval_ms = 60'000;
   uint32_t retention_batch_max = 1000;
   int64_t retention_resend_window_ms = 7LL * 24 * 60 * 60 * 1000;  // see SweepRequest
+  // A connection held back behind a refused message is let go after this long (hub.h).
+  uint32_t held_send_timeout_ms = kHeldSendTimeoutMs;
   std::function<int64_t()> wall_ms =
       nullptr;  // the clock that stamps messages; required when sweeping
 };
@@ -159,10 +162,11 @@ class StoreThreads {
   bool writer_waiting_ = false;
   bool stopping_ = false;
   // Connections held back: the client_msg_id of the first of their messages not stored (at most
-  // one entry per open connection).
+  // one entry per open connection), until held_send_timeout_ms after `since`.
   struct Held {
     uint64_t token = 0;
     std::string client_msg_id;
+    std::chrono::steady_clock::time_point since;
   };
   std::unordered_map<SessionId, Held> held_;
 

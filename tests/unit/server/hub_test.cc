@@ -932,6 +932,28 @@ TEST_CASE("hub: past the message burst a send gets RESOURCE_EXHAUSTED with retry
   }
 }
 
+TEST_CASE("hub: a session held behind a refused send is let go after kHeldSendTimeoutMs") {
+  ServerOptions options;
+  options.messages_per_second = 1;
+  options.messages_burst = 2;
+  HubHarness h(options);
+  SessionId alice = h.Connect("alice", "a");
+  h.Advance(10'000);
+  for (uint64_t n = 1; n <= 2; ++n)
+    h.SendEnvelope(alice, SendToPeer(n, "bob", ClientMsgId(n), "x"));
+  h.SendEnvelope(alice, SendToPeer(3, "bob", ClientMsgId(3), "x"));
+  ExpectError(Only(h.Take(alice)), v1::Error::RESOURCE_EXHAUSTED, 3);
+  // The client gave message 3 up: its next message is refused until the hold runs out.
+  h.Advance(server::kHeldSendTimeoutMs - 1);
+  h.SendEnvelope(alice, SendToPeer(4, "bob", ClientMsgId(4), "x"));
+  ExpectError(Only(h.Take(alice)), v1::Error::UNAVAILABLE, 4);
+  h.Advance(1);
+  const size_t queued = h.queued_appends();
+  h.SendEnvelope(alice, SendToPeer(5, "bob", ClientMsgId(4), "x"));
+  CHECK(h.Take(alice).empty());
+  CHECK(h.queued_appends() == queued + 1);
+}
+
 TEST_CASE("hub: the message rate limit applies to every request, not only sends") {
   ServerOptions options;
   options.messages_per_second = 1;

@@ -398,6 +398,32 @@ TEST_CASE("store threads: a failure that is not retried holds no connection back
   threads.Stop();
 }
 
+// A client that never sends the refused message again (it gave it up) is held only for
+// held_send_timeout_ms.
+TEST_CASE("store threads: a hold runs out after held_send_timeout_ms") {
+  auto store = std::make_shared<RecordingStore>();
+  store->fail_next_ = true;
+  store->Open();
+  Collector collector;
+  StoreThreads threads(store, {.reader_threads = 1, .held_send_timeout_ms = 1000},
+                       collector.WakeFn());
+  threads.Start();
+  const auto refused_at = std::chrono::steady_clock::now();
+  threads.SubmitAppend(SessionJob(1, 7));
+  REQUIRE(collector.CollectAppends(threads, 1));
+  REQUIRE(DoneFor(collector, 1).commit_status.code() == Code::kUnavailable);
+  threads.SubmitAppend(SessionJob(2, 7));
+  REQUIRE(collector.CollectAppends(threads, 2));
+  if (std::chrono::steady_clock::now() - refused_at < std::chrono::milliseconds(1000)) {
+    CHECK(DoneFor(collector, 2).commit_status.code() == Code::kUnavailable);
+  }
+  std::this_thread::sleep_until(refused_at + std::chrono::milliseconds(1100));
+  threads.SubmitAppend(SessionJob(3, 7));
+  REQUIRE(collector.CollectAppends(threads, 3));
+  CHECK(DoneFor(collector, 3).commit_status.ok());
+  threads.Stop();
+}
+
 // A new connection starts afresh: ForgetSession (the connection closed) drops the hold.
 TEST_CASE("store threads: a closed connection's hold is forgotten") {
   auto store = std::make_shared<RecordingStore>();
