@@ -171,7 +171,7 @@ class MemorySource final : public server::ReadSource {
                     std::vector<MemberReceipt>* out) override {
     const Conversation& c = data_->conversations.at(conversation_id);
     auto add = [&](const UserId& user, const Member& member) {
-      if (!member.current()) return;
+      if (only.empty() && !member.current()) return;
       MemberReceipt receipt{user, member.role, 0, 0};
       for (auto it = c.cursors.lower_bound({user, DeviceId()});
            it != c.cursors.end() && it->first.first == user; ++it) {

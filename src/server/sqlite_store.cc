@@ -310,7 +310,7 @@ constexpr std::array<const char*, static_cast<size_t>(Sql::kCount)> kSql = {
     "SELECT m.user_id, m.role, COALESCE(MAX(k.delivered_seq), 0), COALESCE(MAX(k.read_seq), 0) "
     "FROM members m LEFT JOIN cursors k "
     "ON k.conversation_id = m.conversation_id AND k.user_id = m.user_id "
-    "WHERE m.conversation_id = ?1 AND m.removed_at_seq = 0 AND (?2 = '' OR m.user_id = ?2) "
+    "WHERE m.conversation_id = ?1 AND ((?2 = '' AND m.removed_at_seq = 0) OR m.user_id = ?2) "
     "GROUP BY m.user_id ORDER BY m.user_id",
     "SELECT last_seq FROM conversations WHERE conversation_id = ?1",
     "INSERT INTO messages(" CHAT_MESSAGE_COLUMNS

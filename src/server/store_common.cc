@@ -497,11 +497,14 @@ Status ApplyReceipt(AppendTarget& target, const AppendRequest& request, AppendRe
   ReadSource& reader = target.Reader();
   Result<Membership> membership = reader.GetMembership(id, request.sender);
   if (!membership.ok()) return membership.status();
-  if (Status s = Authorize(id, *membership, Access::kMember); !s.ok()) {
+  // A removed member may still mark read what it could read (up to its removal), or its unread
+  // count (and push badge) would stay above 0 for good; only its own devices are told.
+  if (Status s = Authorize(id, *membership, Access::kRead); !s.ok()) {
     result->status = s;
     return Status::Ok();
   }
   result->kind = membership->kind;
+  const bool removed = membership->removed_at_seq != 0;
   Result<ConversationInfo> before = reader.Describe(id, request.sender, request.sender_device);
   if (!before.ok()) return before.status();
   // Watermarks never move backwards and never past what is committed. A device that has read
@@ -527,9 +530,10 @@ Status ApplyReceipt(AppendTarget& target, const AppendRequest& request, AppendRe
   result->unread_total = *total;
 
   std::vector<MemberReceipt> marks;
-  const bool channel = membership->kind == ConversationKind::kChannel;
-  // A channel keeps only the member's own cursors: nothing about others is read or told.
-  if (Status s = reader.Watermarks(id, channel ? request.sender : UserId(), &marks); !s.ok()) {
+  // A channel keeps only the member's own cursors: nothing about others is read or told. Nor
+  // is anything told to or about the members of a conversation the user was removed from.
+  const bool own_only = membership->kind == ConversationKind::kChannel || removed;
+  if (Status s = reader.Watermarks(id, own_only ? request.sender : UserId(), &marks); !s.ok()) {
     return s;
   }
   // Others are told only when the user's own watermarks (over all devices) moved; one device
@@ -542,14 +546,14 @@ Status ApplyReceipt(AppendTarget& target, const AppendRequest& request, AppendRe
                                 user_before[0].read_seq != mark.read_seq;
     }
     if (mark.user == request.sender) result->sender_receipt = mark;
-    if (channel) continue;
+    if (own_only) continue;
     result->recipients.push_back(mark.user);
     result->delivered_all_seq =
         first ? mark.delivered_seq : std::min(result->delivered_all_seq, mark.delivered_seq);
     result->read_all_seq = first ? mark.read_seq : std::min(result->read_all_seq, mark.read_seq);
     first = false;
   }
-  if (channel) result->recipients.push_back(request.sender);
+  if (own_only) result->recipients.push_back(request.sender);
   return Status::Ok();
 }
 

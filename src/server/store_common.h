@@ -79,8 +79,8 @@ class ReadSource {
   // Appends to `out` the messages with seq < before_seq, descending, at most `max`.
   virtual Status ReadDescending(ConversationId conversation_id, Seq before_seq, size_t max,
                                 std::vector<Message>* out) = 0;
-  // Watermarks of the current members (all of them, or only `only` when it is non-empty),
-  // ascending by user id.
+  // Watermarks of the current members, ascending by user id; or, when `only` is non-empty, of
+  // that member alone, also after its removal.
   virtual Status Watermarks(ConversationId conversation_id, const UserId& only,
                             std::vector<MemberReceipt>* out) = 0;
 
