@@ -137,7 +137,8 @@ class MemorySource final : public server::ReadSource {
          it != c.messages.end() && it->first <= info.last_seq; ++it) {
       if (it->second.kind == MessageKind::kUser && it->second.sender != user) ++info.unread;
     }
-    info.first_seq = c.first_seq;
+    // Nothing a removed member may read is stored any more: say so, not what came later.
+    info.first_seq = c.first_seq > info.last_seq ? 0 : c.first_seq;
     info.role = member.role;
     info.member_count = static_cast<uint32_t>(c.current_members);
     info.last_activity_ms = c.last_activity_ms;

@@ -856,6 +856,8 @@ class SqliteSource final : public server::ReadSource {
       info.removed_at_seq = q.ColumnU64(7);
       info.retention_ms = q.ColumnInt(8);
       if (info.removed_at_seq != 0) info.last_seq = std::min(info.last_seq, info.removed_at_seq);
+      // Nothing a removed member may read is stored any more: say so, not what came later.
+      if (info.first_seq > info.last_seq) info.first_seq = 0;
     }
     {
       Query q(conn_, Sql::kMemberCount);

@@ -772,8 +772,9 @@ Result<SyncReply> RunSync(ReadSource& source, const SyncQuery& query) {
     }
     // Retention may have removed the oldest messages; everything stored was removed when
     // first_seq is 0 while last_seq is not.
+    // (For a removed member the gap ends at its removal, whatever retention removed after it.)
     const Seq first_stored = head.first_seq == 0 ? head.last_seq + 1 : head.first_seq;
-    start = std::max(start, first_stored);
+    start = std::min(std::max(start, first_stored), head.last_seq + 1);
     const bool gap = start > cursor + 1;
     if (gap) reply.gaps.push_back({head.conversation_id, cursor + 1, start - 1});
 
@@ -950,7 +951,9 @@ Result<HistoryReply> RunHistory(ReadSource& source, const HistoryQuery& query) {
   const Seq visible_from = std::max<Seq>(membership->joined_seq, 1);
   const Seq before = query.before_seq == 0 || query.before_seq > last ? last + 1 : query.before_seq;
   HistoryReply reply;
-  reply.first_seq = head->first_seq == 0 ? 0 : std::max(head->first_seq, visible_from);
+  // 0 also when nothing up to a removed member's removal is stored any more.
+  reply.first_seq =
+      head->first_seq == 0 || head->first_seq > last ? 0 : std::max(head->first_seq, visible_from);
   if (before <= visible_from) return reply;
   Seq below = before;
   auto read = [&](size_t want) -> Result<size_t> {

@@ -247,6 +247,68 @@ void HistoryBelowFirstSeqIsEmpty(Kind kind) {
 }
 RETENTION_CASE(HistoryBelowFirstSeqIsEmpty, "history below first_seq is empty, not an error")
 
+// A group change by `actor` at server time `ts_ms` (kCreateGroup when `id` is 0).
+AppendResult ChangeAt(MessageStore& store, ConversationOp op, ConversationId id,
+                      const UserId& actor, std::vector<UserId> users, int64_t ts_ms) {
+  AppendRequest r;
+  r.op = op;
+  r.conversation_id = id;
+  r.sender = actor;
+  r.sender_device = actor + "-phone";
+  r.message_id = ++next_message_id;
+  r.spare_message_id = ++next_message_id;
+  r.server_time_ms = ts_ms;
+  r.kind = MessageKind::kSystem;
+  r.group_kind = ConversationKind::kGroup;
+  r.title = "team";
+  r.users = std::move(users);
+  r.max_group_members = 10;
+  std::vector<AppendRequest> batch = {r};
+  std::vector<AppendResult> results;
+  Status s = store.Append(batch, &results);
+  REQUIRE_MESSAGE(s.ok(), s.ToString());
+  REQUIRE(results.size() == 1);
+  REQUIRE_MESSAGE(results[0].status.ok(), results[0].status.ToString());
+  return results[0];
+}
+
+// Retention deleting past a removed member's removal shows it nothing of what came after: its
+// gap ends at the removal and first_seq says nothing it may read is stored.
+void RemovedMemberSeesNothingAfterItsRemoval(Kind kind) {
+  Env env(kind);
+  MessageStore& store = *env.store;
+  const ConversationId id =
+      ChangeAt(store, ConversationOp::kCreateGroup, 0, "alice", {"bob", "carol"}, 1000)
+          .message.conversation_id;
+  for (int i = 0; i < 4; ++i) SendAt(store, id, "alice", "", "early" + std::to_string(i), 1001);
+  // seq 6: bob removed; seqs 7..15 after it.
+  REQUIRE(ChangeAt(store, ConversationOp::kRemoveMembers, id, "alice", {"bob"}, 1002).message.seq ==
+          6);
+  for (int i = 0; i < 9; ++i) SendAt(store, id, "alice", "", "late" + std::to_string(i), 1003);
+  // Everything up to seq 12 expires (ts < 1004 at 2004, retention 1000 ms): bob's part and more.
+  for (int i = 0; i < 3; ++i) SendAt(store, id, "alice", "", "kept" + std::to_string(i), 5000);
+  REQUIRE(Sweep(store, 2004, 1000, 100).deleted == 15);
+
+  SyncReply sync = SyncFrom(store, id, 3);
+  REQUIRE(sync.gaps.size() == 1);
+  CHECK(sync.gaps[0].from_seq == 4);
+  CHECK(sync.gaps[0].to_seq == 6);
+  CHECK(sync.messages.empty());
+  REQUIRE(sync.conversations.size() == 1);
+  CHECK(sync.conversations[0].last_seq == 6);
+  CHECK(sync.conversations[0].first_seq == 0);
+  HistoryReply history = HistoryOf(store, id, 0);
+  CHECK(history.messages.empty());
+  CHECK(history.first_seq == 0);
+  CHECK_FALSE(history.has_more);
+  // Carol, still a member, sees where the stored part starts.
+  Result<HistoryReply> carol = store.History({"carol", id, 0, 50});
+  REQUIRE(carol.ok());
+  CHECK(carol->first_seq == 16);
+}
+RETENTION_CASE(RemovedMemberSeesNothingAfterItsRemoval,
+               "a removed member sees nothing of what retention deleted after its removal")
+
 void BatchBoundRespected(Kind kind) {
   Env env(kind);
   const ConversationId id = DirectWith(*env.store, 10);  // all expired below
