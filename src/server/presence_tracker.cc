@@ -187,9 +187,14 @@ void PresenceTracker::Resolve(SessionId session, const UserId& target, bool allo
     Unwatch(session, target);
     return;
   }
+  // told_ahead stays: the reply it stands for still differs from what the others were told.
   const bool missed = sub->second.missed;
-  sub->second = Subscription{};
-  if (missed) sink_->SendPresence(session, target, Current(target));
+  sub->second.suspended = false;
+  sub->second.missed = false;
+  if (!missed) return;
+  sink_->SendPresence(session, target, Current(target));
+  // Told ahead of an update still held back, which must then reach it even if it is no news.
+  if (subs->second.dirty) sub->second.told_ahead = true;
 }
 
 void PresenceTracker::DropSuspended(SessionId session) {

@@ -911,6 +911,43 @@ TEST_CASE_FIXTURE(
   ExpectLast(2, 8, 2);
 }
 
+TEST_CASE_FIXTURE(CoalescingFixture,
+                  "presence tracker: a subscription re-checked while an update is held back "
+                  "still gets it") {
+  SUBCASE("subscribed while it was held back") {
+    clock->Advance(100);
+    tracker.DeviceDown("bob", "b2");  // 1 device, held back until 1000
+    clock->Advance(100);
+    CHECK(tracker.Watch(8, "dave", "bob", 0).devices == 1);  // dave's reply says 1
+    clock->Advance(100);
+    tracker.Suspend({"dave"});  // dave lost a shared group, but shares another
+    tracker.Resolve(8, "bob", /*allowed=*/true);
+    clock->Advance(100);
+    tracker.DeviceUp("bob", "b2");  // 2 again: no news for carol, but dave was told 1
+    clock->Advance(600);
+    tracker.Tick();
+    ExpectLast(2, 8, 2);
+  }
+  SUBCASE("resumed with what it missed while another update was held back") {
+    clock->Advance(100);
+    tracker.Suspend({"carol"});
+    tracker.DeviceDown("bob", "b2");  // held back until 1000
+    clock->Advance(900);
+    tracker.Tick();  // 1 device: carol is suspended and misses it; next not before 2000
+    CHECK(sink.sent.size() == 1);
+    clock->Advance(100);
+    tracker.DeviceUp("bob", "b2");  // 2 devices, held back until 2000
+    clock->Advance(100);
+    tracker.Resolve(7, "bob", /*allowed=*/true);  // carol is told the current state: 2
+    ExpectLast(2, 7, 2);
+    clock->Advance(100);
+    tracker.DeviceDown("bob", "b2");  // 1 again: what was last sent to all, not to carol
+    clock->Advance(700);
+    tracker.Tick();
+    ExpectLast(3, 7, 1);
+  }
+}
+
 // --- The in-process registry ---
 
 TEST_CASE("presence registry: devices count until removed or expired, changes reported once") {
