@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <iterator>
 #include <utility>
 
 #include "chat/log.h"
@@ -75,6 +76,7 @@ void Session::Stop() {
   in_flight_ids_.clear();
   ops_.clear();
   quiet_rids_.clear();
+  receipts_unanswered_.clear();
   typing_.clear();
   typing_sent_.clear();
   presence_waiting_.clear();
@@ -105,6 +107,10 @@ void Session::ConnectionDown() {
   auto typing = std::move(typing_);
   typing_.clear();
   quiet_rids_.clear();
+  // Receipts of the lost connection may never have reached the server, and the Sync lists only
+  // conversations with news: they go again on the next connection.
+  for (const auto& [rid, conversation] : receipts_unanswered_) receipts_due_.insert(conversation);
+  receipts_unanswered_.clear();
   typing_sent_.clear();
   in_flight_.clear();
   in_flight_ids_.clear();
@@ -219,7 +225,8 @@ int64_t Session::NextDeadlineMs() const {
       }
       // Receipts go out at the end of the turn that moved the watermarks (or the interval).
       if (!receipts_due_.empty()) {
-        next = std::min(next, std::max(Now(), receipts_sent_at_ + kReceiptIntervalMs));
+        next = std::min(
+            next, std::max({Now(), receipts_sent_at_ + kReceiptIntervalMs, receipts_retry_at_}));
       }
       return next;
     }
@@ -377,6 +384,7 @@ void Session::HandleWelcome(const v1::Envelope& envelope) {
   // every interval; from then on, one interval apart.
   next_ping_ = now + heartbeat_ms_ - static_cast<int64_t>(random_() % (heartbeat_ms_ / 2 + 1));
   outbox_retry_at_ = 0;
+  receipts_retry_at_ = 0;
   // 90% of the server's rate leaves room for Pings, Syncs and History requests.
   const uint32_t per_second = welcome.limits().messages_per_second();
   send_rate_ = per_second * 0.9 / 1000.0;
@@ -447,10 +455,23 @@ void Session::HandleError(const v1::Envelope& envelope) {
     if (op.status) op.status(status);
     return;
   }
+  if (auto it = receipts_unanswered_.find(rid); rid != 0 && it != receipts_unanswered_.end()) {
+    const ConversationId conversation = it->second;
+    receipts_unanswered_.erase(it);
+    // Not worth an OnError per message. Refused for now (rate limit, overload), the Receipt goes
+    // again after the server's delay, with the watermarks of then; refused for good, it is not
+    // repeated (the next move of the watermarks sends a new one).
+    Log(LogLevel::kInfo, "chat client: receipt refused: " + status.ToString());
+    if (IsRetryable(status.code())) {
+      receipts_due_.insert(conversation);
+      receipts_retry_at_ =
+          std::max(receipts_retry_at_, Now() + std::max<int64_t>(kReceiptRetryMinMs, retry_after));
+    }
+    return;
+  }
   if (rid != 0 && quiet_rids_.erase(rid) > 0) {
-    // A refused Receipt is sent again when the watermarks next move or after a reconnect;
-    // typing is best effort. Neither is worth an OnError per keystroke or message.
-    Log(LogLevel::kInfo, "chat client: receipt or typing refused: " + status.ToString());
+    // Typing is best effort: not worth an OnError per keystroke.
+    Log(LogLevel::kInfo, "chat client: typing refused: " + status.ToString());
     return;
   }
   if (rid != 0 && rid == sync_rid_) {
@@ -846,6 +867,7 @@ void Session::ApplySystemEvent(ConversationInfo* info, const v1::Message& messag
 }
 
 void Session::HandleReceiptUpdate(uint64_t rid, const v1::ReceiptUpdate& update) {
+  if (rid != 0) receipts_unanswered_.erase(rid);
   std::optional<ConversationRow> found = cache_->GetConversation(update.conversation_id());
   if (!found) return;  // a conversation this client has not synced yet; Sync brings its state
   ConversationRow row = std::move(*found);
@@ -927,20 +949,30 @@ void Session::ExpireTyping() {
 
 void Session::FlushReceipts() {
   if (!Authenticated() || receipts_due_.empty()) return;
-  if (Now() < receipts_sent_at_ + kReceiptIntervalMs) return;
-  receipts_sent_at_ = Now();
+  const int64_t now = Now();
+  if (now < receipts_sent_at_ + kReceiptIntervalMs || now < receipts_retry_at_) return;
+  receipts_sent_at_ = now;
   auto due = std::move(receipts_due_);
   receipts_due_.clear();
-  for (ConversationId id : due) {
-    std::optional<ConversationRow> row = cache_->GetConversation(id);
+  for (auto it = due.begin(); it != due.end(); ++it) {
+    std::optional<ConversationRow> row = cache_->GetConversation(*it);
     if (!row) continue;
     v1::Envelope envelope;
+    const uint64_t rid = NextRid();
+    envelope.set_rid(rid);
     v1::Receipt* receipt = envelope.mutable_receipt();
-    receipt->set_conversation_id(id);
+    receipt->set_conversation_id(*it);
     receipt->set_delivered_seq(row->info.delivered_seq);
     receipt->set_read_seq(row->info.read_seq);
-    WriteQuiet(&envelope);
-    if (!Authenticated()) return;
+    if (receipts_unanswered_.size() >= kMaxQuietRids) {
+      receipts_unanswered_.erase(receipts_unanswered_.begin());
+    }
+    receipts_unanswered_[rid] = *it;
+    if (!Write(envelope)) {
+      // The connection was dropped, which made this Receipt due again: the rest wait with it.
+      receipts_due_.insert(std::next(it), due.end());
+      return;
+    }
   }
 }
 

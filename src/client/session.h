@@ -77,6 +77,8 @@ inline constexpr int64_t kTypingMaxShowMs = 6'000;
 inline constexpr size_t kMaxTypingShown = 1'000;
 // Receipt/Typing requests whose errors are recognised (older ones are forgotten).
 inline constexpr size_t kMaxQuietRids = 1'024;
+// A Receipt refused with a retryable code is sent again after at least this long.
+inline constexpr int64_t kReceiptRetryMinMs = 1'000;
 // Receipts are sent at most this often (all due conversations at once), so a burst of incoming
 // messages costs a few Receipts, not one per loop turn, against the server's rate limit.
 inline constexpr int64_t kReceiptIntervalMs = 100;
@@ -300,10 +302,15 @@ class Session {
   std::map<uint64_t, PendingHistory> histories_;
 
   std::map<uint64_t, PendingOp> ops_;               // rid -> callback; failed when the link drops
-  std::set<uint64_t> quiet_rids_;                   // Receipt and Typing requests (bounded)
+  std::set<uint64_t> quiet_rids_;                   // Typing requests (bounded)
   std::set<ConversationId> receipts_due_;           // watermarks moved, Receipt not sent yet
   int64_t receipts_sent_at_ = -kReceiptIntervalMs;  // monotonic ms of the last flush
-  std::set<ConversationId> subscriptions_;          // channels to Subscribe after every connect
+  int64_t receipts_retry_at_ = 0;  // a Receipt was refused for now: no flush before then
+  // Receipts the server has not answered yet (rid -> conversation, at most kMaxQuietRids): due
+  // again when the connection is lost or the server refuses one for now, since nothing else
+  // would send those watermarks again.
+  std::map<uint64_t, ConversationId> receipts_unanswered_;
+  std::set<ConversationId> subscriptions_;  // channels to Subscribe after every connect
   std::map<std::pair<ConversationId, UserId>, int64_t> typing_;  // -> monotonic expiry
   struct TypingSent {
     bool active = false;

@@ -1038,6 +1038,107 @@ TEST_CASE("session: the synced state keeps a read watermark the server has not s
   CHECK(receipts[0].receipt().read_seq() == 3);
 }
 
+// The server's Sync reply lists only conversations with new messages or a gap: a Receipt lost
+// with the link must come back by itself, not from MergeState.
+TEST_CASE("session: a receipt the server never answered is sent again after a reconnect") {
+  Harness h;
+  ConnectWithGroup(h);
+  h.session->MarkRead(5, 3);
+  h.session->Tick();
+  auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  REQUIRE(receipts.size() == 1);
+  CHECK(receipts[0].receipt().read_seq() == 3);
+  h.session->OnClosed(1006, "abnormal");  // before the server answered
+
+  h.Reply(h.Welcome(), {});
+  REQUIRE(h.state() == ConnectionState::kConnected);
+  h.clock->Advance(kReceiptIntervalMs);
+  h.session->Tick();
+  receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  REQUIRE(receipts.size() == 1);
+  CHECK(receipts[0].receipt().conversation_id() == 5);
+  CHECK(receipts[0].receipt().delivered_seq() == 3);
+  CHECK(receipts[0].receipt().read_seq() == 3);
+
+  // Answered: the next reconnect sends nothing.
+  v1::Envelope reply = ReceiptUpdateFor(5, "alice", 3, 3);
+  reply.set_rid(receipts[0].rid());
+  h.session->OnEnvelope(reply);
+  h.session->OnClosed(1006, "abnormal");
+  h.Reply(h.Welcome(), {});
+  h.clock->Advance(kReceiptIntervalMs);
+  h.session->Tick();
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());
+}
+
+TEST_CASE("session: a receipt refused for now is sent again after the server's delay") {
+  Harness h;
+  ConnectWithGroup(h);
+  h.session->MarkRead(5, 3);
+  h.session->Tick();
+  auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  REQUIRE(receipts.size() == 1);
+  v1::Envelope limited;
+  limited.set_rid(receipts[0].rid());
+  limited.mutable_error()->set_code(v1::Error::RESOURCE_EXHAUSTED);
+  limited.mutable_error()->set_message("rate limit");
+  limited.mutable_error()->set_retry_after_ms(2'000);
+  h.session->OnEnvelope(limited);
+  CHECK(h.listener.errors.empty());
+  CHECK(h.state() == ConnectionState::kConnected);
+
+  h.clock->Advance(1'999);
+  h.session->Tick();
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());
+  h.clock->Advance(1);
+  h.session->Tick();
+  receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  REQUIRE(receipts.size() == 1);
+  CHECK(receipts[0].receipt().conversation_id() == 5);
+  CHECK(receipts[0].receipt().read_seq() == 3);
+
+  // Refused for good: neither sent again later nor after a reconnect.
+  v1::Envelope denied;
+  denied.set_rid(receipts[0].rid());
+  denied.mutable_error()->set_code(v1::Error::PERMISSION_DENIED);
+  denied.mutable_error()->set_message("not a member");
+  h.session->OnEnvelope(denied);
+  CHECK(h.listener.errors.empty());
+  h.clock->Advance(5'000);
+  h.session->Tick();
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());
+  h.session->OnClosed(1006, "abnormal");
+  h.Reply(h.Welcome(), {});
+  h.clock->Advance(kReceiptIntervalMs);
+  h.session->Tick();
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());
+}
+
+TEST_CASE("session: receipts not written when the queue filled are sent on the next connection") {
+  Harness h;
+  v1::Envelope sync = h.Welcome();
+  v1::SyncBatch batch;
+  *batch.add_conversations() = GroupState(5, 1, 1);
+  *batch.add_conversations() = GroupState(6, 1, 1);
+  *batch.add_messages() = Msg(5, 1);
+  *batch.add_messages() = Msg(6, 1);
+  h.Reply(sync, batch);
+  REQUIRE(h.state() == ConnectionState::kConnected);
+  h.io.Take();
+  h.io.full = true;
+  h.session->Tick();  // the first Receipt fails to queue and drops the link
+  CHECK(h.state() == ConnectionState::kDisconnected);
+  h.io.full = false;
+
+  h.Reply(h.Welcome(), {});
+  h.clock->Advance(kReceiptIntervalMs);
+  h.session->Tick();
+  auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  REQUIRE(receipts.size() == 2);
+  CHECK(receipts[0].receipt().conversation_id() == 5);
+  CHECK(receipts[1].receipt().conversation_id() == 6);
+}
+
 v1::Envelope TypingFor(ConversationId conversation, const std::string& user, bool active,
                        uint32_t expires_ms) {
   v1::Envelope e;
