@@ -450,6 +450,7 @@ void Session::HandleError(const v1::Envelope& envelope) {
       PushRefused(std::move(op), status);
       return;
     }
+    if (op.catch_up) ReportError(status);  // a refused Subscribe: nobody else is told
     if (op.conversation) op.conversation(status);
     if (op.receipts) op.receipts(status);
     if (op.status) op.status(status);
@@ -762,8 +763,10 @@ void Session::HandleSyncBatch(const v1::SyncBatch& batch) {
   ReportUnreadTotal();
 
   sync_rid_ = 0;
-  // Without progress another page would be the same page: stop rather than loop.
-  if ((batch.has_more() || sync_again_) && progress) {
+  // Without progress another page would be the same page: stop rather than loop. A Sync asked
+  // for while this one was in flight goes in any case: the server may have read this one before
+  // what it is asked for (a channel subscription, a message above a hole) happened.
+  if ((batch.has_more() && progress) || sync_again_) {
     SendSync();
     return;
   }
@@ -1024,8 +1027,14 @@ void Session::Subscribe(ConversationId conversation) {
   subscriptions_.insert(conversation);
   if (phase_ != Phase::kLive) return;  // sent when the session goes live
   v1::Envelope envelope;
-  envelope.set_rid(NextRid());
+  const uint64_t rid = NextRid();
+  envelope.set_rid(rid);
   envelope.mutable_subscribe()->set_conversation_id(conversation);
+  // The channel's messages posted while this client was not subscribed came by no Deliver:
+  // once the server pushes the new ones (its Ok), a Sync fetches those.
+  PendingOp op;
+  op.catch_up = true;
+  ops_[rid] = std::move(op);
   Write(envelope);
 }
 
@@ -1199,6 +1208,7 @@ void Session::HandleOk(uint64_t rid) {
     // The device is unregistered: nothing to repeat after a reconnect.
     push_.reset();
   }
+  if (op.catch_up) RequestSync();
   if (op.status) op.status(Status::Ok());
 }
 

@@ -119,7 +119,8 @@ class Session {
   // connection is lost first.
   void ConversationRequest(v1::Envelope request, ConversationCallback callback);
   void GetReceipts(ConversationId conversation, ReceiptsCallback callback);
-  // Remembered and (re-)sent whenever the session goes live.
+  // Remembered and (re-)sent whenever the session goes live. Sent while live, the server's Ok
+  // is followed by a Sync, which fetches what the channel got while unsubscribed.
   void Subscribe(ConversationId conversation);
   void Unsubscribe(ConversationId conversation);
   // Moves the read watermark forward (0: up to the cursor) and schedules a Receipt.
@@ -179,6 +180,7 @@ class Session {
     bool push = false;          // RegisterPushToken
     uint64_t generation = 0;    // RegisterPushToken: push_generation_ when sent
     bool automatic = false;     // sent by the session itself: refusals go to OnError
+    bool catch_up = false;      // a Subscribe sent while live: its Ok starts a Sync
   };
   struct PresenceRequest {
     std::vector<UserId> users;

@@ -1398,6 +1398,81 @@ TEST_CASE("session: channel subscriptions are sent when live and again after a r
   CHECK(subs[0].subscribe().conversation_id() == 9);
 }
 
+v1::Envelope OkFor(const v1::Envelope& request) {
+  v1::Envelope ok;
+  ok.set_rid(request.rid());
+  ok.mutable_ok();
+  return ok;
+}
+
+// Live, with channel 8 holding seq 1, reported, and not subscribed.
+void ConnectWithChannel(Harness& h) {
+  v1::Envelope sync = h.Welcome();
+  v1::SyncBatch batch;
+  v1::ConversationState* channel = batch.add_conversations();
+  *channel = GroupState(8, 1, 1, "news");
+  channel->set_kind(v1::CONVERSATION_KIND_CHANNEL);
+  *batch.add_messages() = Msg(8, 1);
+  h.Reply(sync, batch);
+  REQUIRE(h.state() == ConnectionState::kConnected);
+  h.io.Take();
+}
+
+TEST_CASE("session: subscribing while live syncs what the channel got while unsubscribed") {
+  Harness h;
+  ConnectWithChannel(h);
+  h.session->Subscribe(8);
+  auto subs = OfCase(h.io.Take(), v1::Envelope::kSubscribe);
+  REQUIRE(subs.size() == 1);
+  h.session->OnEnvelope(OkFor(subs[0]));
+  // Live messages flow from the Ok on; those posted before it are fetched.
+  auto syncs = OfCase(h.io.Take(), v1::Envelope::kSync);
+  REQUIRE(syncs.size() == 1);
+  REQUIRE(syncs[0].sync().cursors_size() == 1);
+  CHECK(syncs[0].sync().cursors(0).conversation_id() == 8);
+  CHECK(syncs[0].sync().cursors(0).seq() == 1);
+  v1::SyncBatch batch;
+  *batch.add_conversations() = GroupState(8, 3, 3, "news");
+  batch.mutable_conversations(0)->set_kind(v1::CONVERSATION_KIND_CHANNEL);
+  *batch.add_messages() = Msg(8, 2);
+  *batch.add_messages() = Msg(8, 3);
+  h.Reply(syncs[0], batch);
+  CHECK(h.listener.SentSeqs(8) == std::vector<Seq>{1, 2, 3});
+  CHECK(h.cache->GetConversation(8)->info.last_seq == 3);
+
+  // A refused Subscribe is reported and syncs nothing.
+  h.session->Subscribe(9);
+  subs = OfCase(h.io.Take(), v1::Envelope::kSubscribe);
+  REQUIRE(subs.size() == 1);
+  v1::Envelope denied;
+  denied.set_rid(subs[0].rid());
+  denied.mutable_error()->set_code(v1::Error::PERMISSION_DENIED);
+  denied.mutable_error()->set_message("not a member");
+  h.session->OnEnvelope(denied);
+  REQUIRE(h.listener.errors.size() == 1);
+  CHECK(h.listener.errors[0].code() == Code::kPermissionDenied);
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kSync).empty());
+}
+
+TEST_CASE("session: a Subscribe answered while a Sync is in flight syncs again after it") {
+  Harness h;
+  ConnectWithChannel(h);
+  h.Deliver(Msg(5, 2));  // a conversation not known yet: a Sync goes out
+  auto syncs = OfCase(h.io.Take(), v1::Envelope::kSync);
+  REQUIRE(syncs.size() == 1);
+  h.session->Subscribe(8);
+  auto subs = OfCase(h.io.Take(), v1::Envelope::kSubscribe);
+  REQUIRE(subs.size() == 1);
+  h.session->OnEnvelope(OkFor(subs[0]));
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kSync).empty());  // one at a time
+  // The Sync in flight was read before the subscription: its empty reply does not end it.
+  h.Reply(syncs[0], {});
+  syncs = OfCase(h.io.Take(), v1::Envelope::kSync);
+  REQUIRE(syncs.size() == 1);
+  h.Reply(syncs[0], {});
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kSync).empty());
+}
+
 // An ack the cache cannot record leaves the message pending: it is not reported (the app would
 // otherwise see it twice, once more on the resend's ack), and goes again after a pause.
 TEST_CASE("session: an ack the cache cannot store is reported once, on the resend's ack") {
