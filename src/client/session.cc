@@ -379,6 +379,8 @@ void Session::HandleWelcome(const v1::Envelope& envelope) {
   const int64_t now = Now();
   connected_at_ = now;
   last_rx_ = now;
+  // The token worked: when it expires later, that is a first expiry again, refreshed at once.
+  refreshed_last_ = false;
   // The first ping comes up to half an interval early, at random, so clients that connected
   // together (after a server restart, say) do not all ping the server in the same moment of
   // every interval; from then on, one interval apart.

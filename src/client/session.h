@@ -278,7 +278,7 @@ class Session {
   uint32_t attempt_ = 0;
   uint32_t retry_after_ms_ = 0;  // floor for the next reconnect delay, from the server
   bool token_expired_ = false;   // the server said the token expired: refresh at once
-  bool refreshed_last_ = false;  // the current attempt already was such a refresh
+  bool refreshed_last_ = false;  // the current attempt is such a refresh (until its Welcome)
 
   uint64_t sync_rid_ = 0;  // 0: no Sync in flight
   bool sync_again_ = false;

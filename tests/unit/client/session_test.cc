@@ -257,6 +257,28 @@ TEST_CASE("session: an expired token is refreshed from the provider and retried 
   CHECK(h.session->reconnect_at_ms() > h.Now());
 }
 
+TEST_CASE("session: a token that expires again after a working refresh is refreshed at once") {
+  Harness h;
+  h.ConnectLive();
+  v1::Envelope expired;
+  expired.mutable_error()->set_code(v1::Error::UNAUTHENTICATED);
+  expired.mutable_error()->set_message("token expired");
+  h.session->OnEnvelope(expired);
+  h.session->OnClosed(4001, "unauthenticated");
+  CHECK(h.session->reconnect_at_ms() == h.Now());
+
+  // The fresh token works, and the session runs until that one expires too.
+  h.token = "token-2";
+  h.ConnectLive();
+  h.clock->Advance(2 * 3'600'000);
+  h.session->OnEnvelope(expired);
+  h.session->OnClosed(4001, "unauthenticated");
+  CHECK(h.state() == ConnectionState::kDisconnected);
+  CHECK(h.session->reconnect_at_ms() == h.Now());
+  h.token = "token-3";
+  CHECK(h.OpenToHello().hello().token() == "token-3");
+}
+
 TEST_CASE("session: a forged token is reported and retried with backoff") {
   Harness h;
   v1::Envelope hello = h.OpenToHello();
