@@ -1120,6 +1120,7 @@ void Session::SendPresenceRequest(PresenceRequest request) {
   op.status = std::move(request.callback);
   op.presence = std::move(request.users);
   op.added = std::move(request.added);
+  op.resumed = request.resumed;
   ops_[rid] = std::move(op);
   Write(envelope);
 }
@@ -1196,7 +1197,10 @@ void Session::ResumePresenceAndPush() {
   }
   SendPresenceRequest(std::move(again));
   auto waiting = std::exchange(presence_waiting_, {});
-  for (PresenceRequest& request : waiting) SendPresenceRequest(std::move(request));
+  for (PresenceRequest& request : waiting) {
+    request.resumed = true;
+    SendPresenceRequest(std::move(request));
+  }
   if (phase_ != Phase::kLive) return;
   SendPushToken(std::exchange(push_waiting_, nullptr));
 }
@@ -1218,7 +1222,16 @@ void Session::PresenceRefused(PendingOp op, const Status& status) {
   if (!op.automatic) {
     // The server subscribed none of the request's users.
     for (const UserId& user : op.added) presence_.erase(user);
+    PresenceRequest again;
+    if (op.resumed) {
+      // Those watched before it were left out of this connection's re-subscription: without
+      // another request the server would watch none of them.
+      for (UserId& user : op.presence) {
+        if (presence_.contains(user)) again.users.push_back(std::move(user));
+      }
+    }
     op.status(status);
+    SendPresenceRequest(std::move(again));
     return;
   }
   if (status.code() == Code::kPermissionDenied && op.presence.size() > 1) {

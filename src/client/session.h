@@ -177,6 +177,7 @@ class Session {
     // PresenceSubscribe: the users asked for (empty for other requests).
     std::vector<UserId> presence;
     std::vector<UserId> added;  // the application's PresenceSubscribe: users it added to the set
+    bool resumed = false;       // PresenceSubscribe: PresenceRequest::resumed
     bool push = false;          // RegisterPushToken
     uint64_t generation = 0;    // RegisterPushToken: push_generation_ when sent
     bool automatic = false;     // sent by the session itself: refusals go to OnError
@@ -186,6 +187,9 @@ class Session {
     std::vector<UserId> users;
     std::vector<UserId> added;  // not watched before this request; dropped if it is refused
     StatusCallback callback;
+    // Sent as the session went live: the automatic re-subscription left its users watched
+    // before to it, so if it is refused they are subscribed again on their own.
+    bool resumed = false;
   };
 
   int64_t Now() const { return clock_->MonotonicMs(); }

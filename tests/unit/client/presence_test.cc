@@ -217,6 +217,50 @@ TEST_CASE("presence: PERMISSION_DENIED on re-subscribe drops only that user and 
   CHECK(Users(OnlySubscribe(h)) == std::vector<std::string>{"bob"});
 }
 
+// After a reconnect the automatic re-subscription leaves out the users a waiting request names;
+// if that request is refused, the server watches none of them.
+TEST_CASE("presence: users watched before a request refused after a reconnect are watched again") {
+  Harness h;
+  h.ConnectLive();
+  h.io.Take();
+  Answers answers;
+  h.session->SubscribePresence({"bob"}, answers.Callback());
+  h.session->OnEnvelope(OkFor(OnlySubscribe(h)));
+
+  h.session->OnClosed(1006, "abnormal");
+  h.session->SubscribePresence({"bob", "eve"}, answers.Callback());  // waits
+  h.ConnectLive();
+  v1::Envelope sub = OnlySubscribe(h);
+  CHECK(Users(sub) == std::vector<std::string>{"bob", "eve"});
+  h.session->OnEnvelope(ErrorFor(sub, v1::Error::PERMISSION_DENIED, "may not watch eve"));
+  REQUIRE(answers.got.size() == 2);
+  CHECK(answers.got[1].code() == Code::kPermissionDenied);
+  CHECK(h.session->watched() == std::set<UserId>{"bob"});
+
+  v1::Envelope again = OnlySubscribe(h);
+  CHECK(Users(again) == std::vector<std::string>{"bob"});
+  h.session->OnEnvelope(Update("bob", true, 1, 0));
+  h.session->OnEnvelope(OkFor(again));
+  REQUIRE(h.listener.presence.size() == 1);
+  CHECK(h.listener.presence[0].user == "bob");
+  CHECK(answers.got.size() == 2);
+  CHECK(h.listener.errors.empty());
+}
+
+// Sent while live, a refused request changes nothing on the server for the users watched before.
+TEST_CASE("presence: a request refused while live subscribes nobody again") {
+  Harness h;
+  h.ConnectLive();
+  h.io.Take();
+  Answers answers;
+  h.session->SubscribePresence({"bob"}, answers.Callback());
+  h.session->OnEnvelope(OkFor(OnlySubscribe(h)));
+  h.session->SubscribePresence({"bob", "eve"}, answers.Callback());
+  h.session->OnEnvelope(ErrorFor(OnlySubscribe(h), v1::Error::PERMISSION_DENIED, "eve"));
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kPresenceSubscribe).empty());
+  CHECK(h.session->watched() == std::set<UserId>{"bob"});
+}
+
 TEST_CASE("presence: unsubscribe is sent, answered, and later updates are ignored") {
   Harness h;
   h.ConnectLive();
