@@ -44,6 +44,17 @@ struct Env {
 
 MessageId next_message_id = 5000;
 
+// Commits `r` alone; it must succeed.
+AppendResult CommitOk(MessageStore& store, const AppendRequest& r) {
+  std::vector<AppendRequest> batch = {r};
+  std::vector<AppendResult> results;
+  Status s = store.Append(batch, &results);
+  REQUIRE_MESSAGE(s.ok(), s.ToString());
+  REQUIRE(results.size() == 1);
+  REQUIRE_MESSAGE(results[0].status.ok(), results[0].status.ToString());
+  return results[0];
+}
+
 // A message from `sender` stamped with server time `ts_ms`: to `peer` (direct, created on first
 // send) when `id` is 0, else into conversation `id`.
 AppendResult SendAt(MessageStore& store, ConversationId id, const UserId& sender,
@@ -58,13 +69,7 @@ AppendResult SendAt(MessageStore& store, ConversationId id, const UserId& sender
   r.server_time_ms = ts_ms;
   r.content_type = "text/plain";
   r.body = key;
-  std::vector<AppendRequest> batch = {r};
-  std::vector<AppendResult> results;
-  Status s = store.Append(batch, &results);
-  REQUIRE_MESSAGE(s.ok(), s.ToString());
-  REQUIRE(results.size() == 1);
-  REQUIRE_MESSAGE(results[0].status.ok(), results[0].status.ToString());
-  return results[0];
+  return CommitOk(store, r);
 }
 
 // The direct conversation alice-bob with `n` messages from alice at ts 1000, 1001, ...
@@ -263,13 +268,7 @@ AppendResult ChangeAt(MessageStore& store, ConversationOp op, ConversationId id,
   r.title = "team";
   r.users = std::move(users);
   r.max_group_members = 10;
-  std::vector<AppendRequest> batch = {r};
-  std::vector<AppendResult> results;
-  Status s = store.Append(batch, &results);
-  REQUIRE_MESSAGE(s.ok(), s.ToString());
-  REQUIRE(results.size() == 1);
-  REQUIRE_MESSAGE(results[0].status.ok(), results[0].status.ToString());
-  return results[0];
+  return CommitOk(store, r);
 }
 
 // Retention deleting past a removed member's removal shows it nothing of what came after: its

@@ -468,27 +468,40 @@ TEST_CASE("server runtime: max_message_bytes is enforced on the assembled messag
   }
 }
 
-TEST_CASE("server runtime: a client that does not read is closed as a slow consumer (4003)") {
+// Options under which alice, who reads nothing, becomes a slow consumer quickly.
+ServerOptions SlowConsumerOptions() {
   ServerOptions options = BaseOptions();
   options.max_outbound_bytes = 256 * 1024;
   options.bytes_per_second = 1024 * 1024 * 1024;
-  std::unique_ptr<Server> server = MustStart(std::move(options));
+  return options;
+}
 
-  RawWs alice;
-  REQUIRE(alice.Connect(server->port(), 4096));
+// alice logs in with a small receive window and then reads nothing.
+void LoginWithoutReading(RawWs& alice, const Server& server) {
+  REQUIRE(alice.Connect(server.port(), 4096));
   std::string hello;
   REQUIRE(HelloEnvelope("alice").SerializeToString(&hello));
   REQUIRE(alice.SendBinary(hello));
+}
 
-  // More than the kernel buffers on both sides can hold (tcp_wmem max is 4 MiB here), so
-  // the server's queue for alice has to grow past its cap.
-  auto bob = MustLogin(*server, "bob");
+// bob sends alice `count` messages of 60,000 bytes, each acked.
+void SendLargeToAlice(WsClient& bob, int count) {
   const std::string body(60'000, 'b');
-  for (int i = 0; i < 120; ++i) {
-    std::optional<v1::Envelope> ack = bob->Request(MakeSendToPeer("alice", NewClientMsgId(), body));
+  for (int i = 0; i < count; ++i) {
+    std::optional<v1::Envelope> ack = bob.Request(MakeSendToPeer("alice", NewClientMsgId(), body));
     REQUIRE(ack.has_value());
     REQUIRE_MESSAGE(ack->has_send_ack(), ack->DebugString());
   }
+}
+
+TEST_CASE("server runtime: a client that does not read is closed as a slow consumer (4003)") {
+  std::unique_ptr<Server> server = MustStart(SlowConsumerOptions());
+  RawWs alice;
+  LoginWithoutReading(alice, *server);
+  // More than the kernel buffers on both sides can hold (tcp_wmem max is 4 MiB here), so
+  // the server's queue for alice has to grow past its cap.
+  auto bob = MustLogin(*server, "bob");
+  SendLargeToAlice(*bob, 120);
   std::optional<int> code = alice.ReadUntilClose();
   REQUIRE(code.has_value());
   CHECK(*code == 4003);
@@ -497,23 +510,14 @@ TEST_CASE("server runtime: a client that does not read is closed as a slow consu
 }
 
 TEST_CASE("server runtime: a slow consumer's user goes offline when its close begins") {
-  ServerOptions options = BaseOptions();
-  options.max_outbound_bytes = 256 * 1024;
-  options.bytes_per_second = 1024 * 1024 * 1024;
+  ServerOptions options = SlowConsumerOptions();
   options.presence_grace_ms = 0;
   options.presence_coalesce_ms = 100;
   std::unique_ptr<Server> server = MustStart(std::move(options));
-
   RawWs alice;
-  REQUIRE(alice.Connect(server->port(), 4096));
-  std::string hello;
-  REQUIRE(HelloEnvelope("alice").SerializeToString(&hello));
-  REQUIRE(alice.SendBinary(hello));
+  LoginWithoutReading(alice, *server);
   auto bob = MustLogin(*server, "bob");
-  const std::string body(60'000, 'b');
-  std::optional<v1::Envelope> ack = bob->Request(MakeSendToPeer("alice", NewClientMsgId(), body));
-  REQUIRE(ack.has_value());
-  REQUIRE_MESSAGE(ack->has_send_ack(), ack->DebugString());
+  SendLargeToAlice(*bob, 1);  // a conversation with alice, so bob may watch her
   v1::Envelope subscribe;
   subscribe.mutable_presence_subscribe()->add_users("alice");
   std::optional<v1::Envelope> subscribed = bob->Request(subscribe);
@@ -524,11 +528,7 @@ TEST_CASE("server runtime: a slow consumer's user goes offline when its close be
       0);
   REQUIRE(online.has_value());
 
-  for (int i = 0; i < 120; ++i) {
-    ack = bob->Request(MakeSendToPeer("alice", NewClientMsgId(), body));
-    REQUIRE(ack.has_value());
-    REQUIRE_MESSAGE(ack->has_send_ack(), ack->DebugString());
-  }
+  SendLargeToAlice(*bob, 120);
   // alice reads nothing, so her connection lasts until the server gives up flushing it (5 s
   // after the close began); she is offline well before that.
   std::optional<v1::Envelope> offline = bob->WaitFor(
