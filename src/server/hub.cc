@@ -1129,6 +1129,17 @@ class Hub::Impl final : private PresenceTracker::Sink {
     if (it->second.empty()) typing_.erase(it);
   }
 
+  bool TypingSuperseded(const PendingRead& pending) const {
+    auto it = typing_.find(pending.session);
+    if (it == typing_.end()) return false;
+    for (const TypingMark& mark : it->second) {
+      if (mark.conversation_id == pending.conversation_id) {
+        return mark.active != (pending.purpose == Purpose::kTypingOn);
+      }
+    }
+    return false;  // forgotten past kTypingMarksPerSession: nothing later to defer to
+  }
+
   void AnswerMembersRead(const PendingRead& pending, Session& s, const ReceiptsReply& reply) {
     const ConversationId conversation_id = pending.conversation_id;
     switch (pending.purpose) {
@@ -1195,6 +1206,13 @@ class Hub::Impl final : private PresenceTracker::Sink {
             SubmitMembersRead(pending.session, s, pending.rid, conversation_id, pending.purpose);
             return;
           }
+        }
+        // A later Typing of the other state was taken while this one's read was in flight: it
+        // tells the members, so this one must not overtake it (on, off, read in reverse order,
+        // would show typing until it expires).
+        if (TypingSuperseded(pending)) {
+          SendOk(pending.session, s, pending.rid);
+          return;
         }
         v1::Envelope update;
         v1::TypingUpdate* typing = update.mutable_typing_update();

@@ -525,6 +525,28 @@ TEST_CASE("channels: an Unsubscribe whose check finishes first still ends the su
   CHECK(Delivered(h.Take(viewer)).size() == 1);
 }
 
+// Typing on, then off, whose member reads finish in reverse order: the members are left with
+// "off", not with "on" until it expires.
+TEST_CASE("typing: on then off, read in reverse order, leaves the members with off") {
+  HubHarness h(RoomyOptions());
+  SessionId alice = h.Connect("alice", "a1");
+  SessionId bob = h.Connect("bob", "b1");
+  const ConversationId id = MustCreate(h, alice, {"bob"});
+  h.Take(alice);
+  h.Take(bob);
+  h.SendEnvelope(alice, TypingEnvelope(1, id, true));
+  h.SendEnvelope(alice, TypingEnvelope(2, id, false));
+  h.PumpReadsInReverse();
+  std::vector<v1::Envelope> answers = h.Take(alice);
+  CHECK(Find(answers, 1).value().has_ok());
+  CHECK(Find(answers, 2).value().has_ok());
+  std::vector<v1::Envelope> got = h.Take(bob);
+  REQUIRE_FALSE(got.empty());
+  REQUIRE(got.back().has_typing_update());
+  CHECK_FALSE(got.back().typing_update().active());
+  for (const v1::Envelope& e : got) CHECK_FALSE(e.typing_update().active());
+}
+
 // A refused Typing is refused again when repeated within the typing interval (repeats of a
 // forwarded state are dropped with Ok; refused ones must not be).
 TEST_CASE("groups: Typing by a non-member or in a channel is refused every time") {
