@@ -525,6 +525,50 @@ TEST_CASE("channels: an Unsubscribe whose check finishes first still ends the su
   CHECK(Delivered(h.Take(viewer)).size() == 1);
 }
 
+// The Hub remembers the last kRecentRemovals removals (1,024 commits). A read that many
+// removals overtook cannot tell whether one of them concerns it, so it is read again: the
+// bound forgets, it does not let a removed member be told. Fewer unrelated removals do not
+// send it back.
+TEST_CASE("groups: a read older than every remembered removal is read again") {
+  ServerOptions options = RoomyOptions();
+  options.max_group_members = 2000;
+  HubHarness h(options);
+  SessionId alice = h.Connect("alice", "a1");
+  SessionId bob = h.Connect("bob", "b1");
+  const ConversationId id = MustCreate(h, alice, {"bob"});
+  std::vector<std::string> crowd;
+  for (int i = 0; i < 1100; ++i) crowd.push_back("member" + std::to_string(i));
+  const ConversationId other = MustCreate(h, alice, crowd);
+  h.Take(alice);
+  h.Take(bob);
+  uint64_t rid = 100;
+  auto typing_then_removals = [&](int removals) {
+    h.SendEnvelope(bob, TypingEnvelope(++rid, id, true));
+    for (int i = 0; i < removals; ++i) {
+      h.SendEnvelope(alice, MembersEnvelope(++rid, other, {crowd.back()}, /*add=*/false));
+      crowd.pop_back();
+    }
+    // The typing read sees the members before the removals commit and is answered after.
+    h.ReadThenCommit();
+  };
+
+  typing_then_removals(3);
+  CHECK(h.queued_reads() == 0);  // answered: the removals were elsewhere
+  h.Pump();
+  std::vector<v1::Envelope> to_alice = h.Take(alice);
+  CHECK(std::count_if(to_alice.begin(), to_alice.end(),
+                      [](const v1::Envelope& e) { return e.has_typing_update(); }) == 1);
+
+  h.Advance(2000);  // past the typing interval
+  typing_then_removals(1025);
+  CHECK(h.queued_reads() == 1);  // read again
+  h.Pump();
+  to_alice = h.Take(alice);
+  CHECK(std::count_if(to_alice.begin(), to_alice.end(),
+                      [](const v1::Envelope& e) { return e.has_typing_update(); }) == 1);
+  CHECK(Find(h.Take(bob), rid - 1025).value().has_ok());
+}
+
 // Typing on, then off, whose member reads finish in reverse order: the members are left with
 // "off", not with "on" until it expires.
 TEST_CASE("typing: on then off, read in reverse order, leaves the members with off") {
