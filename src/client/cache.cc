@@ -462,14 +462,16 @@ Status Cache::SetIdentity(uint64_t epoch, const std::string& user_id) {
   return Status::Ok();
 }
 
-Status Cache::ResetForEpoch(uint64_t epoch) {
-  Transaction txn(this);
-  if (Status st = Exec("DELETE FROM conversations; DELETE FROM messages;"); !st.ok()) return st;
-  {
-    Stmt a(db_.get(), kSetMeta);
-    if (a.Text(1, "epoch").Int(2, ToDb(epoch)).Run() != SQLITE_DONE) return db_->Error("set epoch");
+Status Cache::ResetForEpoch(uint64_t epoch, const std::string& user_id) {
+  std::lock_guard lock(mu_);
+  // Committed one statement at a time, a crash between them would leave the new epoch on
+  // data of the old store, and the next Welcome would see no reason to rebuild.
+  if (db_->get() == nullptr) return db_->Error("reset");
+  if (sqlite3_get_autocommit(db_->get()) != 0) {
+    return FailedPrecondition("cache: an epoch reset must be made in a transaction");
   }
-  return txn.Commit();
+  if (Status st = Exec("DELETE FROM conversations; DELETE FROM messages;"); !st.ok()) return st;
+  return SetIdentity(epoch, user_id);
 }
 
 std::optional<ConversationRow> Cache::GetConversation(ConversationId id) {

@@ -97,9 +97,12 @@ class Cache {
   uint64_t Epoch();
   std::string UserId();
   Status SetIdentity(uint64_t epoch, const std::string& user_id);
-  // Forgets every conversation and message (the server's store was replaced); keeps the
-  // outbox's pending and failed messages.
-  Status ResetForEpoch(uint64_t epoch);
+  // Forgets every conversation and message (the server's store was replaced, or another user
+  // signed in) and records the new identity; keeps the outbox's pending and failed messages.
+  // REQUIRES: an active Transaction, which also holds the rest of the rebuild (the outbox
+  // messages failed for it): committed together, a crash or a failure leaves the old identity,
+  // so the next Welcome rebuilds again. FailedPrecondition outside a transaction.
+  Status ResetForEpoch(uint64_t epoch, const std::string& user_id);
 
   // --- Conversations ---
   std::optional<ConversationRow> GetConversation(ConversationId id);

@@ -346,25 +346,8 @@ void Session::HandleWelcome(const v1::Envelope& envelope) {
   if ((cached_epoch != 0 && cached_epoch != welcome.epoch()) ||
       (!cached_user.empty() && cached_user != welcome.user_id())) {
     // The cache describes another data set (a replaced store, or another user): rebuild it.
-    stubs_.clear();
-    if (Status st = cache_->ResetForEpoch(welcome.epoch()); !st.ok()) ReportError(st);
-    // The outbox was kept, but what it holds was written by the cached user, some of it to
-    // conversation ids of the old store: another user must not send any of it, and an old id
-    // may name another conversation in the new store. A message to a peer (by user id) still
-    // goes when only the store changed.
-    const bool other_user = !cached_user.empty() && cached_user != welcome.user_id();
-    for (const OutboxEntry& entry : cache_->PendingOutbox(kOutboxScanMax)) {
-      if (other_user) {
-        FailPending(entry, FailedPrecondition("signed in as another user: not sent"));
-      } else if (entry.conversation_id != 0) {
-        FailPending(entry, FailedPrecondition("the server's store changed: not sent"));
-      }
-    }
-    ReportError(DataLoss(cached_user.empty() || cached_user == welcome.user_id()
-                             ? "server epoch changed: the cache was rebuilt"
-                             : "signed in as another user: the cache was rebuilt"));
-  }
-  if (Status st = cache_->SetIdentity(welcome.epoch(), welcome.user_id()); !st.ok()) {
+    if (!RebuildForEpoch(welcome, cached_user)) return;
+  } else if (Status st = cache_->SetIdentity(welcome.epoch(), welcome.user_id()); !st.ok()) {
     ReportError(st);
   }
   user_id_ = welcome.user_id();
@@ -400,6 +383,56 @@ void Session::HandleWelcome(const v1::Envelope& envelope) {
                                       : std::min<size_t>(kMaxPresenceSubscriptions, presence_max);
   SetPhase(Phase::kSyncing);
   SendSync();
+}
+
+bool Session::RebuildForEpoch(const v1::Welcome& welcome, const std::string& cached_user) {
+  stubs_.clear();
+  // The outbox was kept, but what it holds was written by the cached user, some of it to
+  // conversation ids of the old store: another user must not send any of it, and an old id
+  // may name another conversation in the new store. A message to a peer (by user id) still
+  // goes when only the store changed.
+  const bool other_user = !cached_user.empty() && cached_user != welcome.user_id();
+  std::vector<MessageEvent> failed;
+  Status st;
+  {
+    // One transaction: the new epoch is stored only with every old-store message failed, or a
+    // crash half way would leave the rest pending under an epoch that no longer asks for a
+    // rebuild, to be sent to whatever their conversation ids name in the new store. Nothing is
+    // reported inside it (no CacheTxn needed): the failures are told once it is committed.
+    Cache::Transaction txn(cache_);
+    st = txn.active() ? cache_->ResetForEpoch(welcome.epoch(), welcome.user_id())
+                      : Unavailable("cache: transaction did not start");
+    for (const OutboxEntry& entry : cache_->PendingOutbox(kOutboxScanMax)) {
+      if (!st.ok()) break;
+      Status reason;
+      if (other_user) {
+        reason = FailedPrecondition("signed in as another user: not sent");
+      } else if (entry.conversation_id != 0) {
+        reason = FailedPrecondition("the server's store changed: not sent");
+      } else {
+        continue;
+      }
+      st = cache_->FailOutbox(entry.client_msg_id, reason);
+      MessageEvent event = OutboxMessageEvent(entry, user_id_, options_.device_id);
+      event.status = MessageStatus::kFailed;
+      event.reason = reason;
+      failed.push_back(std::move(event));
+    }
+    if (st.ok()) st = txn.Commit();
+  }
+  if (!st.ok()) {
+    // Rolled back: the cache keeps the old identity, so the next connection tries again. Used
+    // as it is, the old cursors (above the new store's seqs, as often as not) would hide the
+    // new store's messages.
+    ReportError(Status(st.code(), "the cache could not be rebuilt for the server's new epoch: " +
+                                      std::string(st.message())));
+    Disconnect("cache rebuild failed");
+    return false;
+  }
+  for (const MessageEvent& event : failed) listener_->OnMessage(event);
+  ReportError(DataLoss(other_user ? "signed in as another user: the cache was rebuilt"
+                                  : "server epoch changed: the cache was rebuilt"));
+  return true;
 }
 
 void Session::HandleError(const v1::Envelope& envelope) {

@@ -202,6 +202,9 @@ class Session {
   void ConnectionDown();
 
   void HandleWelcome(const v1::Envelope& envelope);
+  // Empties the cache for another store or user, failing the outbox messages that must not go
+  // to it, in one transaction. False (reported, and the connection dropped) if it could not.
+  bool RebuildForEpoch(const v1::Welcome& welcome, const std::string& cached_user);
   void HandleError(const v1::Envelope& envelope);
   void HandleSendAck(const v1::Envelope& envelope);
   void HandleSyncBatch(const v1::SyncBatch& batch);

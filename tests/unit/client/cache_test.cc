@@ -114,11 +114,29 @@ TEST_CASE("cache: an epoch reset forgets conversations and messages but keeps th
   REQUIRE(cache->GetConversation(1).has_value());
   CHECK(cache->GetConversation(1)->info.peer == "bob");
   CHECK(cache->GetConversation(1)->cursor == 1);
-  REQUIRE(cache->ResetForEpoch(12).ok());
+  // Only inside a transaction, so that it cannot be committed half way.
+  CHECK(cache->ResetForEpoch(12, "alice").code() == Code::kFailedPrecondition);
+  CHECK(cache->Epoch() == 11);
+  CHECK(cache->MessageCount() == 1);
+  {
+    Cache::Transaction txn(cache.get());
+    REQUIRE(cache->ResetForEpoch(12, "alice").ok());
+    REQUIRE(txn.Commit().ok());
+  }
   CHECK(cache->Epoch() == 12);
+  CHECK(cache->UserId() == "alice");
   CHECK(cache->ListConversations().empty());
   CHECK(cache->MessageCount() == 0);
   CHECK(cache->PendingCount() == 1);
+  // Rolled back, it leaves the old identity and data.
+  REQUIRE(cache->PutMessage(Msg(1, 1)).ok());
+  {
+    Cache::Transaction txn(cache.get());
+    REQUIRE(cache->ResetForEpoch(13, "bob").ok());
+  }
+  CHECK(cache->Epoch() == 12);
+  CHECK(cache->UserId() == "alice");
+  CHECK(cache->MessageCount() == 1);
 }
 
 TEST_CASE("cache: an uncommitted transaction leaves nothing behind") {

@@ -38,7 +38,10 @@ class FakeIo : public SessionIo {
 class Recorder : public ClientListener {
  public:
   void OnConnectionState(ConnectionState state) override { states.push_back(state); }
-  void OnMessage(const MessageEvent& event) override { messages.push_back(event); }
+  void OnMessage(const MessageEvent& event) override {
+    messages.push_back(event);
+    if (on_message) on_message(event);
+  }
   void OnConversationUpdated(const ConversationInfo& info) override {
     conversations.push_back(info);
   }
@@ -71,7 +74,8 @@ class Recorder : public ClientListener {
   std::vector<MessageEvent> messages;
   std::vector<ConversationInfo> conversations;
   std::vector<Status> errors;
-  std::function<void(const Status&)> on_error;  // called after recording
+  std::function<void(const Status&)> on_error;          // called after recording
+  std::function<void(const MessageEvent&)> on_message;  // called after recording
   std::vector<std::string> typing;
   std::vector<ReceiptEvent> receipts;
   std::vector<std::string> statuses;

@@ -723,6 +723,95 @@ TEST_CASE("session: a cache of another user is rebuilt") {
         Status(Code::kDataLoss, "signed in as another user: the cache was rebuilt"));
 }
 
+// Live at epoch 7 with direct conversation 5 holding seqs 1 and 2, then disconnected.
+void CachedAtEpoch7(Harness& h) {
+  v1::Envelope sync = h.Welcome(7);
+  v1::SyncBatch batch;
+  auto* conv = batch.add_conversations();
+  conv->set_conversation_id(5);
+  conv->set_kind(v1::CONVERSATION_KIND_DIRECT);
+  conv->set_last_seq(2);
+  *batch.add_messages() = Msg(5, 1);
+  *batch.add_messages() = Msg(5, 2);
+  h.Reply(sync, batch);
+  REQUIRE(h.state() == ConnectionState::kConnected);
+  h.io.Take();
+  h.session->OnClosed(1001, "restart");
+}
+
+// Told in the middle of the rebuild, the application (or a crash) must find it either not
+// begun or whole: a new epoch with old-store messages still pending would send them to
+// whatever their conversation ids name in the new store.
+TEST_CASE("session: an epoch rebuild is stored whole before its failed messages are reported") {
+  Harness h;
+  CachedAtEpoch7(h);
+  h.AddOutbox("msg-a-0123456789", 5);
+  h.AddOutbox("msg-b-0123456789", 6);
+  h.AddOutbox("msg-c-0123456789", 0, "bob");
+  int failed = 0;
+  h.listener.on_message = [&](const MessageEvent& e) {
+    if (e.status != MessageStatus::kFailed) return;
+    ++failed;
+    bool old_store_pending = false;
+    for (const OutboxEntry& entry : h.cache->PendingOutbox(100)) {
+      old_store_pending |= entry.conversation_id != 0;
+    }
+    CHECK(h.cache->Epoch() == 8);
+    CHECK_FALSE(old_store_pending);
+    CHECK(h.cache->MessageCount() == 0);
+  };
+  v1::Envelope fresh = h.Welcome(8);
+  CHECK(failed == 2);
+  CHECK(fresh.sync().cursors_size() == 0);
+  CHECK(h.cache->PendingCount() == 1);  // the message to a peer still goes
+  REQUIRE(h.listener.errors.size() == 1);
+  CHECK(h.listener.errors[0] ==
+        Status(Code::kDataLoss, "server epoch changed: the cache was rebuilt"));
+}
+
+// A rebuild that cannot be stored must not leave the new epoch on the old store's data: its
+// cursors (often above the new store's seqs) would hide the new messages for good.
+TEST_CASE("session: an epoch rebuild the cache cannot store keeps the old epoch and disconnects") {
+  testing::FaultVfs vfs;
+  testing::TempDir dir;
+  std::shared_ptr<Cache> cache(Cache::Open(dir.File("cache.db")).value());
+  Harness h({}, cache);
+  CachedAtEpoch7(h);
+  h.AddOutbox("msg-a-0123456789", 5);
+  h.io.Take();
+  // The disk is full as the new store's Welcome comes, and has room again once that is told.
+  h.listener.on_error = [&](const Status&) { vfs.FailWrites(false); };
+  vfs.FailWrites(true);
+  v1::Envelope hello = h.OpenToHello();
+  v1::Envelope welcome;
+  welcome.set_rid(hello.rid());
+  welcome.mutable_welcome()->set_user_id("alice");
+  welcome.mutable_welcome()->set_epoch(8);
+  h.session->OnEnvelope(welcome);
+  vfs.FailWrites(false);
+  CHECK(vfs.refused() > 0);
+  CHECK(h.cache->Epoch() == 7);
+  CHECK(h.state() == ConnectionState::kDisconnected);
+  CHECK(h.io.drops == 1);
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kSync).empty());
+  REQUIRE(h.listener.errors.size() == 1);
+  CHECK(h.listener.errors[0].code() == Code::kUnavailable);
+  CHECK(h.cache->MessageCount() == 2);
+  REQUIRE(h.cache->GetConversation(5).has_value());
+  CHECK(h.cache->GetConversation(5)->cursor == 2);
+  CHECK(h.cache->PendingCount() == 1);
+  for (const MessageEvent& e : h.listener.messages) CHECK(e.status != MessageStatus::kFailed);
+  // The next connection rebuilds.
+  h.listener.on_error = nullptr;
+  v1::Envelope fresh = h.Welcome(8);
+  CHECK(fresh.sync().cursors_size() == 0);
+  CHECK(h.cache->Epoch() == 8);
+  CHECK(h.cache->MessageCount() == 0);
+  CHECK(h.cache->PendingCount() == 0);
+  REQUIRE(h.listener.errors.size() == 2);
+  CHECK(h.listener.errors[1].code() == Code::kDataLoss);
+}
+
 TEST_CASE("session: History answers from the cache when it holds the range") {
   Harness h;
   v1::Envelope sync = h.Welcome();
