@@ -16,6 +16,12 @@ namespace {
 // counter must not overflow the shift in BackoffDelayMs.
 constexpr uint32_t kMaxAttempt = 30;
 
+// What a frame from the server that breaks the protocol (a server bug, or a hostile server) is
+// reported as. Such a frame is refused whole: nothing of it is stored.
+Status ProtocolError(std::string_view what) {
+  return Internal("protocol error: the server sent " + std::string(what));
+}
+
 bool IsTokenExpired(const v1::Error& error) {
   return error.code() == v1::Error::UNAUTHENTICATED &&
          error.message().find("expired") != std::string::npos;
@@ -293,12 +299,16 @@ void Session::OnEnvelope(const v1::Envelope& envelope) {
       HandleHistoryPage(envelope.rid(), envelope.history_page());
       break;
     case v1::Envelope::kConversationUpdate: {
-      ConversationInfo info =
-          HandleConversationUpdate(envelope.conversation_update().conversation());
+      const v1::ConversationState& state = envelope.conversation_update().conversation();
+      Result<ConversationInfo> info =
+          state.conversation_id() != 0
+              ? Result<ConversationInfo>(HandleConversationUpdate(state))
+              : Result<ConversationInfo>(ProtocolError("a ConversationUpdate for conversation 0"));
+      if (!info.ok()) ReportError(info.status());
       if (auto it = ops_.find(envelope.rid()); envelope.rid() != 0 && it != ops_.end()) {
         PendingOp op = std::move(it->second);
         ops_.erase(it);
-        if (op.conversation) op.conversation(info);
+        if (op.conversation) op.conversation(std::move(info));
       }
       break;
     }
@@ -654,8 +664,15 @@ void Session::HandleSendAck(const v1::Envelope& envelope) {
     in_flight_.erase(it);
   }
   std::optional<OutboxEntry> entry = cache_->FindOutbox(client_msg_id);
-  if (entry && entry->status == MessageStatus::kPending && ack.conversation_id() != 0 &&
-      ack.seq() != 0) {
+  if (entry && entry->status == MessageStatus::kPending &&
+      (ack.conversation_id() == 0 || ack.seq() == 0)) {
+    // No place to store it at: kept pending, it would be sent again at once, and acked the
+    // same way, without end. It fails like a refused message.
+    const Status error =
+        ProtocolError("a SendAck without a conversation id or seq for " + client_msg_id);
+    ReportError(error);
+    FailPending(*entry, error);
+  } else if (entry && entry->status == MessageStatus::kPending) {
     // The committed message is known in full: the ack names its place, the outbox its content.
     v1::Message message;
     message.set_conversation_id(ack.conversation_id());
@@ -736,7 +753,47 @@ void Session::RequestSync() {
   SendSync();
 }
 
+Status Session::CheckSyncBatch(const v1::SyncBatch& batch) {
+  std::map<ConversationId, Seq> last_seqs;
+  for (const v1::ConversationState& state : batch.conversations()) {
+    if (state.conversation_id() == 0) return ProtocolError("a state for conversation 0");
+    Seq& last = last_seqs[state.conversation_id()];
+    last = std::max(last, state.last_seq());
+  }
+  for (const v1::Gap& gap : batch.gaps()) {
+    const ConversationId id = gap.conversation_id();
+    const std::string where = " (conversation " + std::to_string(id) + ", seqs " +
+                              std::to_string(gap.from_seq()) + " to " +
+                              std::to_string(gap.to_seq()) + ")";
+    if (id == 0) return ProtocolError("a Sync gap for conversation 0" + where);
+    if (gap.from_seq() == 0 || gap.to_seq() < gap.from_seq()) {
+      return ProtocolError("an empty Sync gap" + where);
+    }
+    // The server lists the state of every conversation a reply has a gap for; a gap past its
+    // last seq would move the cursor over seqs that do not exist (at UINT64_MAX for good).
+    auto last = last_seqs.find(id);
+    if (last == last_seqs.end()) return ProtocolError("a Sync gap without its state" + where);
+    if (gap.to_seq() > last->second) {
+      return ProtocolError("a Sync gap past the last seq " + std::to_string(last->second) + where);
+    }
+    // A gap starts at the cursor this client sent, and the cursor only moves forward: one above
+    // it would leave a hole below it that no Sync fills.
+    const std::optional<ConversationRow> row = cache_->GetConversation(id);
+    const Seq cursor = row ? row->cursor : 0;
+    if (gap.from_seq() - 1 > cursor) {
+      return ProtocolError("a Sync gap above the cursor " + std::to_string(cursor) + where);
+    }
+  }
+  return Status::Ok();
+}
+
 void Session::HandleSyncBatch(const v1::SyncBatch& batch) {
+  if (Status error = CheckSyncBatch(batch); !error.ok()) {
+    // Refused whole, as a failed Sync: the cursors stay, and the next connection syncs again.
+    ReportError(error);
+    Disconnect("sync reply refused: " + error.ToString());
+    return;
+  }
   std::vector<MessageEvent> events;
   std::vector<ConversationInfo> updated;
   bool progress = false;
@@ -823,8 +880,32 @@ void Session::HandleSyncBatch(const v1::SyncBatch& batch) {
 void Session::HandleHistoryPage(uint64_t rid, const v1::HistoryPage& page) {
   auto it = histories_.find(rid);
   if (it == histories_.end()) return;
-  HistoryCallback callback = std::move(it->second.callback);
+  PendingHistory pending = std::move(it->second);
   histories_.erase(it);
+  HistoryCallback callback = std::move(pending.callback);
+  // A message of another conversation, or outside the range asked for, stored at its seq would
+  // take the place of the real one (a second copy of a seq is ignored).
+  std::string bad;
+  if (page.conversation_id() != pending.conversation) {
+    bad = "a History page of conversation " + std::to_string(page.conversation_id()) +
+          " for conversation " + std::to_string(pending.conversation);
+  }
+  for (const v1::Message& m : page.messages()) {
+    if (!bad.empty()) break;
+    if (m.conversation_id() != pending.conversation || m.seq() == 0 ||
+        (pending.before_seq != 0 && m.seq() >= pending.before_seq)) {
+      bad = "a History message of conversation " + std::to_string(m.conversation_id()) +
+            " at seq " + std::to_string(m.seq()) + " for conversation " +
+            std::to_string(pending.conversation) + " before seq " +
+            std::to_string(pending.before_seq);
+    }
+  }
+  if (!bad.empty()) {
+    const Status error = ProtocolError(bad);
+    ReportError(error);
+    callback(error);
+    return;
+  }
   HistoryResult result;
   result.conversation_id = page.conversation_id();
   result.has_more = page.has_more();
@@ -1372,7 +1453,7 @@ void Session::History(ConversationId conversation, Seq before_seq, uint32_t limi
   envelope.mutable_history()->set_conversation_id(conversation);
   envelope.mutable_history()->set_before_seq(before_seq);
   envelope.mutable_history()->set_limit(limit);
-  histories_[rid] = PendingHistory{conversation, std::move(callback)};
+  histories_[rid] = PendingHistory{conversation, before_seq, std::move(callback)};
   Write(envelope);
 }
 

@@ -168,6 +168,7 @@ class Session {
 
   struct PendingHistory {
     ConversationId conversation = 0;
+    Seq before_seq = 0;  // 0: the newest
     HistoryCallback callback;
   };
   struct PendingOp {
@@ -208,6 +209,9 @@ class Session {
   void HandleError(const v1::Envelope& envelope);
   void HandleSendAck(const v1::Envelope& envelope);
   void HandleSyncBatch(const v1::SyncBatch& batch);
+  // Ok, or the protocol error that makes `batch` impossible to apply (a gap or state for
+  // conversation 0, a gap past the conversation's last seq or above its cursor).
+  Status CheckSyncBatch(const v1::SyncBatch& batch);
   void HandleHistoryPage(uint64_t rid, const v1::HistoryPage& page);
   // Applies a conversation's state from the server; returns what the application is told.
   ConversationInfo HandleConversationUpdate(const v1::ConversationState& state);

@@ -1638,5 +1638,151 @@ TEST_CASE("session: a gap the cache cannot store reports nothing; the next Sync'
   CHECK(h.cache->GetConversation(5)->cursor == 3);
 }
 
+// A Sync reply with an impossible gap is refused whole, as a failed Sync: the cursor stays
+// where it was (a gap to UINT64_MAX would wedge the conversation for good, since the cursor's
+// next seq wraps to 0), the error says why, and the next connection syncs again.
+TEST_CASE("session: a Sync gap past the last seq, inverted or above the cursor is refused") {
+  struct Bad {
+    Seq last_seq, from, to;
+  };
+  const Bad cases[] = {
+      {/*last_seq=*/3, /*from=*/2, /*to=*/UINT64_MAX},  // past the conversation's last seq
+      {/*last_seq=*/9, /*from=*/5, /*to=*/2},           // ends below its start
+      {/*last_seq=*/9, /*from=*/4, /*to=*/8},           // leaves seqs 2 and 3 behind a hole
+  };
+  for (const Bad& bad : cases) {
+    CAPTURE(bad.to);
+    Harness h;
+    LiveWithGroupAtSeq1(h);
+    h.Deliver(Msg(5, 3));
+    auto sync = h.io.Take();
+    REQUIRE(sync.size() == 1);
+    REQUIRE(sync[0].has_sync());
+    v1::SyncBatch batch = GapBatch(bad.last_seq, bad.from, bad.to);
+    *batch.add_messages() = Msg(5, bad.last_seq);
+    h.Reply(sync[0], batch);
+    REQUIRE(h.cache->GetConversation(5).has_value());
+    CHECK(h.cache->GetConversation(5)->cursor == 1);
+    CHECK(h.listener.SentSeqs(5) == std::vector<Seq>{1});
+    REQUIRE(h.listener.errors.size() == 1);
+    CHECK(h.listener.errors[0].code() == Code::kInternal);
+    CHECK(h.listener.errors[0].message().find("protocol error: the server sent ") == 0);
+    CHECK(h.listener.errors[0].message().find("Sync gap") != std::string::npos);
+    CHECK(h.state() == ConnectionState::kDisconnected);
+    // The next connection asks from the same cursor, and a good reply is applied.
+    v1::Envelope again = h.Welcome();
+    REQUIRE(again.sync().cursors_size() == 1);
+    CHECK(again.sync().cursors(0).seq() == 1);
+    h.Reply(again, GapBatch(/*last_seq=*/3, /*from=*/2, /*to=*/2));
+    CHECK(h.listener.SentSeqs(5) == std::vector<Seq>{1, 3});
+  }
+}
+
+// A gap or state for conversation 0 would make a phantom conversation 0 that Conversations()
+// lists; a ConversationUpdate for it likewise.
+TEST_CASE("session: a gap or conversation state for conversation 0 is refused") {
+  for (int which = 0; which < 2; ++which) {
+    CAPTURE(which);
+    Harness h;
+    v1::Envelope sync = h.Welcome();
+    v1::SyncBatch batch;
+    auto* conv = batch.add_conversations();
+    conv->set_conversation_id(which == 0 ? 5 : 0);
+    conv->set_kind(v1::CONVERSATION_KIND_GROUP);
+    conv->set_last_seq(5);
+    auto* gap = batch.add_gaps();
+    gap->set_conversation_id(which == 0 ? 0 : 5);
+    gap->set_from_seq(1);
+    gap->set_to_seq(4);
+    *batch.add_messages() = Msg(5, 5);
+    h.Reply(sync, batch);
+    CHECK(h.cache->ListConversations().empty());
+    CHECK(h.listener.messages.empty());
+    REQUIRE(h.listener.errors.size() == 1);
+    CHECK(h.listener.errors[0].code() == Code::kInternal);
+    CHECK(h.state() == ConnectionState::kDisconnected);
+  }
+  Harness h;
+  h.ConnectLive();
+  std::vector<Result<ConversationInfo>> results;
+  v1::Envelope rename;
+  rename.mutable_rename_group()->set_conversation_id(5);
+  rename.mutable_rename_group()->set_title("t");
+  h.session->ConversationRequest(
+      rename, [&](Result<ConversationInfo> r) { results.push_back(std::move(r)); });
+  auto written = h.io.Take();
+  REQUIRE(written.size() == 1);
+  v1::Envelope update;
+  update.set_rid(written[0].rid());
+  update.mutable_conversation_update()->mutable_conversation()->set_title("t");
+  h.session->OnEnvelope(update);
+  CHECK(h.cache->ListConversations().empty());
+  REQUIRE(results.size() == 1);
+  CHECK(results[0].status().code() == Code::kInternal);
+  REQUIRE(h.listener.errors.size() == 1);
+  CHECK(h.listener.errors[0] == results[0].status());
+}
+
+// A History page with a message of another conversation, at seq 0, or at or above before_seq
+// is refused whole: stored, such a message would take the place of the real one at its seq.
+TEST_CASE("session: a History page with a message outside the range asked for is refused") {
+  const v1::Message bad_messages[] = {Msg(6, 3), Msg(5, 0), Msg(5, 10), Msg(5, 12)};
+  for (const v1::Message& bad : bad_messages) {
+    CAPTURE(bad.conversation_id());
+    CAPTURE(bad.seq());
+    Harness h;
+    h.ConnectLive();
+    std::vector<Result<HistoryResult>> results;
+    h.session->History(5, /*before_seq=*/10, 10,
+                       [&](Result<HistoryResult> r) { results.push_back(std::move(r)); });
+    auto written = h.io.Take();
+    REQUIRE(written.size() == 1);
+    REQUIRE(written[0].has_history());
+    v1::Envelope page;
+    page.set_rid(written[0].rid());
+    page.mutable_history_page()->set_conversation_id(5);
+    *page.mutable_history_page()->add_messages() = bad;
+    *page.mutable_history_page()->add_messages() = Msg(5, 2);
+    h.session->OnEnvelope(page);
+    REQUIRE(results.size() == 1);
+    CHECK(results[0].status().code() == Code::kInternal);
+    REQUIRE(h.listener.errors.size() == 1);
+    CHECK(h.listener.errors[0] == results[0].status());
+    CHECK(h.cache->MessageCount() == 0);
+    CHECK(h.state() == ConnectionState::kConnected);
+  }
+}
+
+// An ack without a place (seq or conversation 0) cannot be stored: kept pending, the message
+// would be sent again at once and acked the same way, without end.
+TEST_CASE("session: a SendAck without a seq or conversation fails the message, once") {
+  for (int which = 0; which < 2; ++which) {
+    CAPTURE(which);
+    Harness h;
+    h.ConnectLive();
+    h.AddOutbox("msg-a-0123456789");
+    h.AddOutbox("msg-b-0123456789");
+    auto sends = h.io.Take();
+    REQUIRE(SendIds(sends).size() == 2);
+    v1::Envelope ack = AckFor(sends[0], which == 0 ? 0 : 1);
+    if (which == 1) ack.mutable_send_ack()->set_conversation_id(0);
+    h.session->OnEnvelope(ack);
+    CHECK(SendIds(h.io.Take()).empty());
+    h.clock->Advance(kOutboxRetryMinMs);
+    h.session->Tick();
+    CHECK(SendIds(h.io.Take()).empty());
+    REQUIRE(h.listener.errors.size() == 1);
+    CHECK(h.listener.errors[0].code() == Code::kInternal);
+    REQUIRE(h.listener.messages.back().status == MessageStatus::kFailed);
+    CHECK(h.listener.messages.back().message.client_msg_id == "msg-a-0123456789");
+    CHECK(h.listener.messages.back().reason == h.listener.errors[0]);
+    CHECK(h.cache->PendingCount() == 1);
+    CHECK_FALSE(h.cache->GetConversation(0).has_value());
+    // The next message is unaffected.
+    h.session->OnEnvelope(AckFor(sends[1], 1));
+    CHECK(h.listener.SentSeqs(5) == std::vector<Seq>{1});
+  }
+}
+
 }  // namespace
 }  // namespace chat::client
