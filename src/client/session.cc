@@ -81,6 +81,8 @@ void Session::Stop() {
   in_flight_.clear();
   in_flight_ids_.clear();
   ops_.clear();
+  catch_ups_waiting_ = 0;
+  catch_up_due_ = false;
   quiet_rids_.clear();
   receipts_unanswered_.clear();
   typing_.clear();
@@ -122,6 +124,8 @@ void Session::ConnectionDown() {
   in_flight_ids_.clear();
   sync_rid_ = 0;
   sync_again_ = false;
+  catch_ups_waiting_ = 0;
+  catch_up_due_ = false;
   hello_rid_ = 0;
 
   int64_t delay = 0;
@@ -495,7 +499,10 @@ void Session::HandleError(const v1::Envelope& envelope) {
       PushRefused(std::move(op), status);
       return;
     }
-    if (op.catch_up) ReportError(status);  // a refused Subscribe: nobody else is told
+    if (op.catch_up) {
+      ReportError(status);  // a refused Subscribe: nobody else is told
+      CatchUpAnswered(/*ok=*/false);
+    }
     if (op.conversation) op.conversation(status);
     if (op.receipts) op.receipts(status);
     if (op.status) op.status(status);
@@ -866,10 +873,7 @@ void Session::HandleSyncBatch(const v1::SyncBatch& batch) {
     SetPhase(Phase::kLive);
     // The server forgets subscriptions with the connection.
     for (ConversationId channel : subscriptions_) {
-      v1::Envelope envelope;
-      envelope.set_rid(NextRid());
-      envelope.mutable_subscribe()->set_conversation_id(channel);
-      if (!Write(envelope)) return;
+      if (!SendSubscribe(channel)) return;
     }
     ResumePresenceAndPush();
     if (phase_ != Phase::kLive) return;
@@ -1142,16 +1146,30 @@ void Session::Subscribe(ConversationId conversation) {
   if (phase_ == Phase::kClosed) return;
   subscriptions_.insert(conversation);
   if (phase_ != Phase::kLive) return;  // sent when the session goes live
+  SendSubscribe(conversation);
+}
+
+bool Session::SendSubscribe(ConversationId channel) {
   v1::Envelope envelope;
   const uint64_t rid = NextRid();
   envelope.set_rid(rid);
-  envelope.mutable_subscribe()->set_conversation_id(conversation);
-  // The channel's messages posted while this client was not subscribed came by no Deliver:
-  // once the server pushes the new ones (its Ok), a Sync fetches those.
+  envelope.mutable_subscribe()->set_conversation_id(channel);
+  // The channel's messages posted while this connection was not subscribed came by no Deliver
+  // (also those posted after the last Sync page was read, when going live): once the server
+  // pushes the new ones (its Ok), a Sync fetches those.
   PendingOp op;
   op.catch_up = true;
   ops_[rid] = std::move(op);
-  Write(envelope);
+  ++catch_ups_waiting_;
+  return Write(envelope);
+}
+
+void Session::CatchUpAnswered(bool ok) {
+  if (catch_ups_waiting_ > 0) --catch_ups_waiting_;
+  catch_up_due_ |= ok;
+  if (catch_ups_waiting_ > 0 || !catch_up_due_) return;
+  catch_up_due_ = false;
+  RequestSync();
 }
 
 void Session::Unsubscribe(ConversationId conversation) {
@@ -1328,7 +1346,7 @@ void Session::HandleOk(uint64_t rid) {
     // The device is unregistered: nothing to repeat after a reconnect.
     push_.reset();
   }
-  if (op.catch_up) RequestSync();
+  if (op.catch_up) CatchUpAnswered(/*ok=*/true);
   if (op.status) op.status(Status::Ok());
 }
 

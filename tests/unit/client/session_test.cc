@@ -1584,6 +1584,52 @@ TEST_CASE("session: a Subscribe answered while a Sync is in flight syncs again a
   CHECK(OfCase(h.io.Take(), v1::Envelope::kSync).empty());
 }
 
+// The Subscribes go out after the last Sync page: a channel message posted between the server
+// answering that page and registering the Subscribe came by no Deliver. The Oks start one
+// Sync, whatever the number of channels.
+TEST_CASE("session: the Oks to the Subscribes sent on going live start one Sync") {
+  Harness h;
+  h.session->Start();
+  h.session->Subscribe(8);
+  h.session->Subscribe(9);
+  for (int connection = 0; connection < 2; ++connection) {
+    CAPTURE(connection);
+    const Seq before = static_cast<Seq>(connection) + 1;
+    v1::Envelope sync = h.Welcome();
+    v1::SyncBatch batch;
+    v1::ConversationState* channel = batch.add_conversations();
+    *channel = GroupState(8, before, 0, "news");
+    channel->set_kind(v1::CONVERSATION_KIND_CHANNEL);
+    *batch.add_messages() = Msg(8, before);
+    h.Reply(sync, batch);
+    REQUIRE(h.state() == ConnectionState::kConnected);
+    auto written = h.io.Take();
+    auto subs = OfCase(written, v1::Envelope::kSubscribe);
+    REQUIRE(subs.size() == 2);
+    CHECK(OfCase(written, v1::Envelope::kSync).empty());
+    h.session->OnEnvelope(OkFor(subs[0]));
+    CHECK(OfCase(h.io.Take(), v1::Envelope::kSync).empty());  // the other is not answered yet
+    h.session->OnEnvelope(OkFor(subs[1]));
+    auto syncs = OfCase(h.io.Take(), v1::Envelope::kSync);
+    REQUIRE(syncs.size() == 1);
+    // Posted after the last page was read, before the subscription took effect.
+    v1::SyncBatch missed;
+    *missed.add_conversations() = GroupState(8, before + 1, 0, "news");
+    missed.mutable_conversations(0)->set_kind(v1::CONVERSATION_KIND_CHANNEL);
+    *missed.add_messages() = Msg(8, before + 1);
+    h.Reply(syncs[0], missed);
+    CHECK(OfCase(h.io.Take(), v1::Envelope::kSync).empty());
+    CHECK(h.cache->GetConversation(8)->cursor == before + 1);
+    h.session->OnClosed(1006, "abnormal");
+  }
+  CHECK(h.listener.SentSeqs(8) == std::vector<Seq>{1, 2, 3});
+  // Without subscriptions, going live costs no further Sync.
+  h.session->Unsubscribe(8);
+  h.session->Unsubscribe(9);
+  h.ConnectLive();
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kSubscribe).empty());
+}
+
 // An ack the cache cannot record leaves the message pending: it is not reported (the app would
 // otherwise see it twice, once more on the resend's ack), and goes again after a pause.
 TEST_CASE("session: an ack the cache cannot store is reported once, on the resend's ack") {
