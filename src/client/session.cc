@@ -783,6 +783,11 @@ Status Session::CheckSyncBatch(const v1::SyncBatch& batch) {
     if (gap.to_seq() > last->second) {
       return ProtocolError("a Sync gap past the last seq " + std::to_string(last->second) + where);
     }
+    // The cache keeps seqs as SQLite integers: past INT64_MAX they would not sort, and the
+    // cursor's next seq would be out of reach.
+    if (gap.to_seq() > static_cast<Seq>(INT64_MAX)) {
+      return ProtocolError("a Sync gap past the largest seq" + where);
+    }
     // A gap starts at the cursor this client sent, and the cursor only moves forward: one above
     // it would leave a hole below it that no Sync fills.
     const std::optional<ConversationRow> row = cache_->GetConversation(id);

@@ -1692,9 +1692,10 @@ TEST_CASE("session: a Sync gap past the last seq, inverted or above the cursor i
     Seq last_seq, from, to;
   };
   const Bad cases[] = {
-      {/*last_seq=*/3, /*from=*/2, /*to=*/UINT64_MAX},  // past the conversation's last seq
-      {/*last_seq=*/9, /*from=*/5, /*to=*/2},           // ends below its start
-      {/*last_seq=*/9, /*from=*/4, /*to=*/8},           // leaves seqs 2 and 3 behind a hole
+      {/*last_seq=*/3, /*from=*/2, /*to=*/UINT64_MAX},           // past the conversation's last seq
+      {/*last_seq=*/UINT64_MAX, /*from=*/2, /*to=*/UINT64_MAX},  // past any seq the cache holds
+      {/*last_seq=*/9, /*from=*/5, /*to=*/2},                    // ends below its start
+      {/*last_seq=*/9, /*from=*/4, /*to=*/8},  // leaves seqs 2 and 3 behind a hole
   };
   for (const Bad& bad : cases) {
     CAPTURE(bad.to);
