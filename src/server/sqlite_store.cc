@@ -38,7 +38,7 @@ using server::ConversationHead;
 
 // The schema version this build writes. A file with a higher PRAGMA user_version was written
 // by a newer build and is refused rather than misread.
-constexpr int kSchemaVersion = 6;
+constexpr int kSchemaVersion = 7;
 
 // log0 and log1 of schema 5: the columns of messages, in arrival order (rowid), found by
 // conversation and seq through their index.
@@ -178,6 +178,13 @@ ALTER TABLE message_keys ADD COLUMN ts INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE message_keys ADD COLUMN gone_ms INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX message_keys_gone ON message_keys(gone_ms) WHERE gone_ms > 0;
 )sql",
+    // 7: a conversation's current members counted as they come and go, not by a scan of its
+    // member rows (a channel's million) for every description of it.
+    R"sql(
+ALTER TABLE conversations ADD COLUMN member_count INTEGER NOT NULL DEFAULT 0;
+UPDATE conversations SET member_count = (SELECT COUNT(*) FROM members m
+  WHERE m.conversation_id = conversations.conversation_id AND m.removed_at_seq = 0);
+)sql",
 };
 
 #undef CHAT_LOG_TABLE
@@ -225,8 +232,11 @@ enum class Sql : int {
   kPutMember,
   kSetRole,
   kRemoveMember,
+  kCountMemberIn,
+  kCountMemberOut,
   kPutCursor,
   kWatermarks,
+  kWatermarksOf,
   kLastSeq,
   kInsertMessage,
   kInsertLog0,
@@ -289,7 +299,8 @@ constexpr std::array<const char*, static_cast<size_t>(Sql::kCount)> kSql = {
     "SELECT conversation_id, seq, message_id, ts, gone_ms FROM message_keys "
     "WHERE sender = ?1 AND client_msg_id = ?2",
     "SELECT conversation_id FROM direct WHERE user_a = ?1 AND user_b = ?2",
-    "INSERT INTO conversations(kind, created_ms, last_activity_ms) VALUES(?1, ?2, ?2)",
+    "INSERT INTO conversations(kind, created_ms, last_activity_ms, member_count) "
+    "VALUES(?1, ?2, ?2, 2)",
     "INSERT INTO direct(user_a, user_b, conversation_id) VALUES(?1, ?2, ?3)",
     "INSERT INTO members(conversation_id, user_id, role, joined_seq) VALUES(?1, ?2, ?3, ?4)",
     "SELECT c.kind, m.role, m.joined_seq, m.removed_at_seq FROM conversations c "
@@ -304,14 +315,24 @@ constexpr std::array<const char*, static_cast<size_t>(Sql::kCount)> kSql = {
     "UPDATE members SET role = ?3 WHERE conversation_id = ?1 AND user_id = ?2",
     "UPDATE members SET removed_at_seq = ?3 "
     "WHERE conversation_id = ?1 AND user_id = ?2 AND removed_at_seq = 0",
+    "UPDATE conversations SET member_count = member_count + 1 WHERE conversation_id = ?1 AND "
+    "NOT EXISTS (SELECT 1 FROM members WHERE conversation_id = ?1 AND user_id = ?2 AND "
+    "removed_at_seq = 0)",
+    "UPDATE conversations SET member_count = member_count - 1 WHERE conversation_id = ?1 AND "
+    "EXISTS (SELECT 1 FROM members WHERE conversation_id = ?1 AND user_id = ?2 AND "
+    "removed_at_seq = 0)",
     "INSERT INTO cursors(conversation_id, user_id, device_id, delivered_seq, read_seq) "
     "VALUES(?1, ?2, ?3, ?4, ?5) ON CONFLICT(conversation_id, user_id, device_id) DO UPDATE SET "
     "delivered_seq = excluded.delivered_seq, read_seq = excluded.read_seq",
     "SELECT m.user_id, m.role, COALESCE(MAX(k.delivered_seq), 0), COALESCE(MAX(k.read_seq), 0) "
     "FROM members m LEFT JOIN cursors k "
     "ON k.conversation_id = m.conversation_id AND k.user_id = m.user_id "
-    "WHERE m.conversation_id = ?1 AND ((?2 = '' AND m.removed_at_seq = 0) OR m.user_id = ?2) "
-    "GROUP BY m.user_id ORDER BY m.user_id",
+    "WHERE m.conversation_id = ?1 AND m.removed_at_seq = 0 GROUP BY m.user_id ORDER BY m.user_id",
+    // One member's: a lookup by the key, not a walk over the members (a channel's million).
+    "SELECT m.user_id, m.role, COALESCE(MAX(k.delivered_seq), 0), COALESCE(MAX(k.read_seq), 0) "
+    "FROM members m LEFT JOIN cursors k "
+    "ON k.conversation_id = m.conversation_id AND k.user_id = m.user_id "
+    "WHERE m.conversation_id = ?1 AND m.user_id = ?2 GROUP BY m.user_id",
     "SELECT last_seq FROM conversations WHERE conversation_id = ?1",
     "INSERT INTO messages(" CHAT_MESSAGE_COLUMNS
     ") VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
@@ -361,11 +382,10 @@ constexpr std::array<const char*, static_cast<size_t>(Sql::kCount)> kSql = {
     "FROM members m JOIN conversations c ON c.conversation_id = m.conversation_id "
     "WHERE m.user_id = ?1 ORDER BY m.conversation_id",
     "SELECT c.kind, c.title, c.last_seq, c.first_seq, c.last_activity_ms, m.role, "
-    "m.joined_seq, m.removed_at_seq, c.retention_ms FROM members m JOIN conversations c ON "
-    "c.conversation_id = "
-    "m.conversation_id "
+    "m.joined_seq, m.removed_at_seq, c.retention_ms, c.member_count FROM members m "
+    "JOIN conversations c ON c.conversation_id = m.conversation_id "
     "WHERE m.conversation_id = ?1 AND m.user_id = ?2",
-    "SELECT COUNT(*) FROM members WHERE conversation_id = ?1 AND removed_at_seq = 0",
+    "SELECT member_count FROM conversations WHERE conversation_id = ?1",
     "SELECT user_id FROM members WHERE conversation_id = ?1 AND user_id <> ?2 "
     "ORDER BY user_id LIMIT 1",
     "SELECT COALESCE(MAX(read_seq), 0) FROM cursors WHERE conversation_id = ?1 AND user_id = ?2",
@@ -855,16 +875,10 @@ class SqliteSource final : public server::ReadSource {
       joined_seq = q.ColumnU64(6);
       info.removed_at_seq = q.ColumnU64(7);
       info.retention_ms = q.ColumnInt(8);
+      info.member_count = static_cast<uint32_t>(q.ColumnInt(9));
       if (info.removed_at_seq != 0) info.last_seq = std::min(info.last_seq, info.removed_at_seq);
       // Nothing a removed member may read is stored any more: say so, not what came later.
       if (info.first_seq > info.last_seq) info.first_seq = 0;
-    }
-    {
-      Query q(conn_, Sql::kMemberCount);
-      q.U64(conversation_id);
-      Result<int64_t> count = ScalarInt(q, 0);
-      if (!count.ok()) return count.status();
-      info.member_count = static_cast<uint32_t>(*count);
     }
     if (info.kind == ConversationKind::kDirect) {
       Query q(conn_, Sql::kPeer);
@@ -922,8 +936,9 @@ class SqliteSource final : public server::ReadSource {
 
   Status Watermarks(ConversationId conversation_id, const UserId& only,
                     std::vector<MemberReceipt>* out) override {
-    Query q(conn_, Sql::kWatermarks);
-    q.U64(conversation_id).Text(only);
+    Query q(conn_, only.empty() ? Sql::kWatermarks : Sql::kWatermarksOf);
+    q.U64(conversation_id);
+    if (!only.empty()) q.Text(only);
     for (;;) {
       Result<bool> row = q.Step();
       if (!row.ok()) return row.status();
@@ -1097,6 +1112,11 @@ class SqliteTarget final : public server::AppendTarget {
   Status PutMember(ConversationId conversation_id, const UserId& user, Role role,
                    Seq joined_seq) override {
     cache_.ForgetMembers(conversation_id);
+    {
+      Query count(conn_, Sql::kCountMemberIn);  // before the row says it is current
+      count.U64(conversation_id).Text(user);
+      if (Status s = count.Run(); !s.ok()) return s;
+    }
     Query q(conn_, Sql::kPutMember);
     q.U64(conversation_id).Text(user).Int(static_cast<int>(role)).U64(joined_seq);
     return q.Run();
@@ -1111,6 +1131,11 @@ class SqliteTarget final : public server::AppendTarget {
 
   Status RemoveMember(ConversationId conversation_id, const UserId& user, Seq seq) override {
     cache_.ForgetMembers(conversation_id);
+    {
+      Query count(conn_, Sql::kCountMemberOut);  // while the row still says it is current
+      count.U64(conversation_id).Text(user);
+      if (Status s = count.Run(); !s.ok()) return s;
+    }
     Query q(conn_, Sql::kRemoveMember);
     q.U64(conversation_id).Text(user).U64(seq);
     return q.Run();

@@ -667,6 +667,7 @@ std::vector<std::string> RawRow(const std::string& path, const std::string& sql)
 // Turns a file of this build into what version 4 left behind: every message in `messages`, the
 // idempotency index on it, no logs and no keys table.
 constexpr const char* kBackToVersion4 =
+    "ALTER TABLE conversations DROP COLUMN member_count; "
     "INSERT INTO messages SELECT * FROM log0; INSERT INTO messages SELECT * FROM log1; "
     "DROP TABLE log0; DROP TABLE log1; DROP TABLE log_state; DROP TABLE message_keys; "
     "CREATE UNIQUE INDEX messages_by_key ON messages(client_msg_id, sender) "
@@ -1021,6 +1022,7 @@ void MembersSeeTheLogFromJoinToRemoval(Kind kind) {
   Result<ReceiptsReply> members_marks = store.Receipts({.user = "bob", .conversation_id = id});
   REQUIRE(members_marks.ok());
   for (const MemberReceipt& mark : members_marks->members) CHECK(mark.user != "carol");
+  CHECK(InfoOf(store, "alice", id)->member_count == 2);
 
   // Re-added, she sees the log from the new join on.
   REQUIRE(
@@ -1028,6 +1030,9 @@ void MembersSeeTheLogFromJoinToRemoval(Kind kind) {
   Result<HistoryReply> again = HistoryOf(store, "carol", id, 0, 50);
   REQUIRE(again.ok());
   CHECK(Seqs(again->messages) == std::vector<Seq>{10});
+  CHECK(InfoOf(store, "alice", id)->member_count == 3);
+  REQUIRE(CommitOne(store, Change(ConversationOp::kLeave, id, "bob")).status.ok());
+  CHECK(InfoOf(store, "alice", id)->member_count == 2);
 }
 STORE_CASE(MembersSeeTheLogFromJoinToRemoval,
            "members see the log from their join to their removal")
@@ -1406,8 +1411,8 @@ TEST_CASE("store: sqlite: a schema newer than this build is DataLoss and left un
   RawExec(path, "PRAGMA user_version = 99");
   Result<std::shared_ptr<MessageStore>> newer = OpenAt(path);
   CHECK(newer.status().code() == Code::kDataLoss);
-  CHECK(newer.status().message() == "schema version 99 is newer than this build supports (6)");
-  RawExec(path, "PRAGMA user_version = 6");
+  CHECK(newer.status().message() == "schema version 99 is newer than this build supports (7)");
+  RawExec(path, "PRAGMA user_version = 7");
   Result<std::shared_ptr<MessageStore>> again = OpenAt(path);
   REQUIRE(again.ok());
   CHECK((*again)->Members(1).ok());
@@ -1483,6 +1488,7 @@ TEST_CASE("store: sqlite: a version 5 file's keys answer resends, also after ret
   const std::string path = dir.File("chat.db");
   FileWithOneMessage(path);
   RawExec(path,
+          "ALTER TABLE conversations DROP COLUMN member_count; "
           "DROP INDEX message_keys_gone; ALTER TABLE message_keys DROP COLUMN gone_ms; "
           "ALTER TABLE message_keys DROP COLUMN ts; ALTER TABLE message_keys DROP COLUMN "
           "message_id; PRAGMA user_version = 5");
@@ -1500,6 +1506,29 @@ TEST_CASE("store: sqlite: a version 5 file's keys answer resends, also after ret
   CHECK(late.message.seq == 1);
   CHECK(late.message.message_id == original);
   CHECK(late.message.server_time_ms == dup.message.server_time_ms);
+}
+
+TEST_CASE("store: sqlite: a version 6 file counts each conversation's current members") {
+  TempDir dir;
+  const std::string path = dir.File("chat.db");
+  ConversationId group = 0;
+  ConversationId ab = 0;
+  {
+    Result<std::shared_ptr<MessageStore>> store = OpenAt(path);
+    REQUIRE(store.ok());
+    ab = OpenDirect(**store, "alice", "bob");
+    group = CreateGroupOk(**store, "alice", {"bob", "carol", "dave"});
+    REQUIRE(CommitOne(**store, Change(ConversationOp::kLeave, group, "dave")).status.ok());
+  }
+  RawExec(path, "ALTER TABLE conversations DROP COLUMN member_count; PRAGMA user_version = 6");
+  Result<std::shared_ptr<MessageStore>> migrated = OpenAt(path);
+  REQUIRE(migrated.ok());
+  CHECK(InfoOf(**migrated, "alice", group)->member_count == 3);
+  CHECK(InfoOf(**migrated, "alice", ab)->member_count == 2);
+  REQUIRE(CommitOne(**migrated, Change(ConversationOp::kAddMembers, group, "alice", {"dave"}))
+              .status.ok());
+  CHECK(InfoOf(**migrated, "alice", group)->member_count == 4);
+  CHECK(RawRow(path, "PRAGMA user_version").at(0) == "7");
 }
 
 // A key lookup that finds the file damaged is answered to its own request (as DATA_LOSS) like a
