@@ -229,6 +229,7 @@ struct SdkOptions {
   uint32_t cache_size_kib = 2000;
   uint64_t mmap_size_bytes = 0;
   int reads = 10000;
+  int members = 100000;  // receipt-store: the channel's members (--channel-members)
   int page = 50;
   int sends = 20000;
   int body_bytes = 64;
@@ -242,6 +243,7 @@ struct SdkOptions {
 int RunHistoryGen(const SdkOptions& options);
 int RunHistoryStore(const SdkOptions& options);
 int RunClient(const SdkOptions& options);
+int RunReceiptStore(const SdkOptions& options);
 
 }  // namespace chat::bench
 

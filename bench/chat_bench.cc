@@ -1859,7 +1859,7 @@ int main(int argc, char** argv) {
          "--workload", o.workload,
          "latency | direct | idle | sync | connect | storm | storm-groups | fanout | channel | "
          "history | "
-         "history-gen | history-store | client | floor | tcp-echo-server")
+         "history-gen | history-store | client | receipt-store | floor | tcp-echo-server")
       ->required();
   app.add_option("--host", o.host, "server address")->capture_default_str();
   app.add_option("--port", o.port, "server port (not used by the SDK workloads)");
@@ -1909,7 +1909,8 @@ int main(int argc, char** argv) {
   app.add_option("--viewers", o.viewers, "channel: connected, subscribed members")
       ->capture_default_str();
   app.add_option("--channel-members", o.channel_members,
-                 "channel: members in all, poster and viewers included")
+                 "channel: members in all, poster and viewers included; receipt-store: the "
+                 "channel's members")
       ->capture_default_str();
   app.add_option("--add-batch", o.add_batch, "channel: users per AddMembers request")
       ->capture_default_str();
@@ -1919,7 +1920,8 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--page", o.page, "history: messages per page")->capture_default_str();
   chat::bench::SdkOptions sdk;
-  app.add_option("--store", sdk.store_path, "history-gen, history-store: the SQLite store file");
+  app.add_option("--store", sdk.store_path,
+                 "history-gen, history-store, receipt-store: the SQLite store file");
   app.add_option("--messages-per-conversation", sdk.messages_per_conversation,
                  "history-gen: messages in each conversation")
       ->capture_default_str();
@@ -1934,13 +1936,16 @@ int main(int argc, char** argv) {
   app.add_option("--mmap-bytes", sdk.mmap_size_bytes,
                  "history-gen, history-store: SQLite memory map per connection (bytes)")
       ->capture_default_str();
-  app.add_option("--reads", sdk.reads, "history-store, client: pages read")->capture_default_str();
+  app.add_option("--reads", sdk.reads,
+                 "history-store, client: pages read; receipt-store: receipts committed")
+      ->capture_default_str();
   app.add_option("--sends", sdk.sends, "client: Send() calls")->capture_default_str();
   app.add_option("--url", sdk.url, "client: chatd's ws:// address (empty: no server)");
   app.add_option("--user", sdk.user, "client: user to connect as");
   CLI11_PARSE(app, argc, argv);
 
-  if (o.workload == "history-gen" || o.workload == "history-store" || o.workload == "client") {
+  if (o.workload == "history-gen" || o.workload == "history-store" || o.workload == "client" ||
+      o.workload == "receipt-store") {
     sdk.workload = o.workload;
     sdk.conversations_file = o.conversations_file;
     sdk.conversations = o.conversations;
@@ -1949,8 +1954,10 @@ int main(int argc, char** argv) {
     sdk.secret_file = o.secret_file;
     sdk.label = o.label;
     sdk.timeout_s = o.timeout_s;
+    sdk.members = o.channel_members;
     if (o.workload == "history-gen") return chat::bench::RunHistoryGen(sdk);
     if (o.workload == "history-store") return chat::bench::RunHistoryStore(sdk);
+    if (o.workload == "receipt-store") return chat::bench::RunReceiptStore(sdk);
     return chat::bench::RunClient(sdk);
   }
 

@@ -3,6 +3,8 @@
 //   history-gen    builds the history store (messages in many direct conversations) with the
 //                  public MessageStore API, in large batches, and lists its conversations;
 //   history-store  times MessageStore::History (newest page) directly on that store;
+//   receipt-store  times a Receipt's commit (MessageStore::Append) by one member of a channel of
+//                  --channel-members members, in a fresh SQLite store at --store;
 //   client         times Client::Send() into the durable outbox, drains the outbox into a chatd,
 //                  and times Client::History() pages answered from the local cache. With
 //                  --sends 0 and --user it only syncs that user's conversations into a fresh
@@ -343,6 +345,84 @@ int RunHistoryStore(const SdkOptions& o) {
   json.Raw("history_call_cold_cpu", cold.cpu.Json());
   check.AddTo(json);
   return Print(json, ok && check.ok(), cpu0);
+}
+
+namespace {
+
+// One change by `actor` for the receipt-store workload.
+AppendRequest ChannelOp(ConversationOp op, ConversationId id, const UserId& actor, uint64_t n) {
+  AppendRequest r;
+  r.op = op;
+  r.conversation_id = id;
+  r.sender = actor;
+  r.sender_device = actor + "-phone";
+  r.message_id = 2 * n + 1;
+  r.spare_message_id = 2 * n + 2;
+  r.server_time_ms = 1'700'000'000'000 + static_cast<int64_t>(n);
+  r.kind = MessageKind::kSystem;
+  r.max_channel_members = 1'000'000;
+  return r;
+}
+
+bool CommitOk(MessageStore& store, AppendRequest request, AppendResult* result) {
+  std::vector<AppendRequest> batch = {std::move(request)};
+  std::vector<AppendResult> results;
+  Status s = store.Append(batch, &results);
+  if (!s.ok() || results.size() != 1 || !results[0].status.ok()) {
+    std::fprintf(stderr, "chat-bench: %s\n",
+                 (s.ok() ? results.at(0).status : s).ToString().c_str());
+    return false;
+  }
+  *result = std::move(results[0]);
+  return true;
+}
+
+}  // namespace
+
+// A channel of o.members members (added 5,000 per change), then o.reads Receipts by one of
+// them, alternately moving its delivered watermark and moving nothing, each its own commit.
+int RunReceiptStore(const SdkOptions& o) {
+  double cpu0 = CpuSecondsSelf();
+  JsonObject json;
+  json.Add("workload", "receipt-store");
+  json.Add("members", o.members);
+  json.Add("reads", o.reads);
+  std::filesystem::remove(o.store_path);
+  Result<std::shared_ptr<MessageStore>> opened = NewSqliteStore({.path = o.store_path});
+  if (!opened.ok()) {
+    std::fprintf(stderr, "chat-bench: %s\n", opened.status().ToString().c_str());
+    return Print(json, false, cpu0);
+  }
+  MessageStore& store = **opened;
+  uint64_t n = 0;
+  AppendRequest create = ChannelOp(ConversationOp::kCreateGroup, 0, "owner", ++n);
+  create.group_kind = ConversationKind::kChannel;
+  create.title = "receipts";
+  create.users = {"viewer"};
+  AppendResult created;
+  bool ok = CommitOk(store, create, &created);
+  const ConversationId id = created.message.conversation_id;
+  for (int added = 2; ok && added < o.members;) {
+    AppendRequest add = ChannelOp(ConversationOp::kAddMembers, id, "owner", ++n);
+    for (int k = 0; k < 5000 && added < o.members; ++k, ++added) {
+      add.users.push_back("member" + std::to_string(added));
+    }
+    AppendResult done;
+    ok = CommitOk(store, std::move(add), &done);
+  }
+  Histogram wall;
+  for (int i = 0; ok && i < o.reads; ++i) {
+    AppendRequest receipt = ChannelOp(ConversationOp::kReceipt, id, "viewer", ++n);
+    receipt.kind = MessageKind::kUser;
+    receipt.delivered_seq = 1 + static_cast<Seq>(i % 2);
+    receipt.read_seq = 1;
+    AppendResult done;
+    const int64_t start = NowNs();
+    ok = CommitOk(store, std::move(receipt), &done);
+    wall.Record(NowNs() - start);
+  }
+  json.Raw("receipt_commit", wall.Json());
+  return Print(json, ok, cpu0);
 }
 
 namespace {
