@@ -398,13 +398,14 @@ struct SqliteStoreOptions {
   uint32_t recent_log_slice_rows = 256;
 };
 
-// Opens (creating and migrating as needed) a SQLite store. InvalidArgument for an empty path;
-// Unavailable if the file cannot be opened; DataLoss if the schema is newer than this build.
-// The store starts one thread of its own (all signals blocked) that copies the WAL back into the
-// database file once it holds 4,000 pages, so no commit waits for the copy (commits pause only
-// while it copies the last few pages, so the WAL can start over); past 16,000 pages the
-// committing thread checkpoints itself. The file must not be written by another
-// process while the store is open: the writer keeps last seqs and members in memory.
+// Opens (creating and migrating as needed) a SQLite store. InvalidArgument for an empty path or
+// one where SQLite cannot use WAL mode (":memory:"); Unavailable if the file cannot be opened;
+// DataLoss if the schema is newer than this build. The store starts one thread of its own (all
+// signals blocked) that copies the WAL back into the database file once it holds 4,000 pages, so no
+// commit waits for the copy (commits pause only while it copies the last few pages, so the WAL can
+// start over); past 16,000 pages the committing thread checkpoints itself. The file must not be
+// written by another process while the store is open: the writer keeps last seqs and members in
+// memory.
 CHAT_EXPORT Result<std::shared_ptr<MessageStore>> NewSqliteStore(SqliteStoreOptions options);
 
 // A store that keeps everything in memory and forgets it on destruction.

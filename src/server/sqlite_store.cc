@@ -484,10 +484,17 @@ class Connection {
   Connection(const Connection&) = delete;
   Connection& operator=(const Connection&) = delete;
 
-  // Runs SQL text that is executed once (schema, pragmas); not cached.
-  Status Exec(const char* sql, std::string_view what) {
+  // Runs SQL text that is executed once (schema, pragmas); not cached. `first` (if given) gets
+  // the first column of the last row it returned.
+  Status Exec(const char* sql, std::string_view what, std::string* first = nullptr) {
     char* error = nullptr;
-    const int rc = sqlite3_exec(db_, sql, nullptr, nullptr, &error);
+    auto keep = [](void* out, int columns, char** values, char** /*names*/) {
+      if (out != nullptr && columns > 0 && values[0] != nullptr) {
+        *static_cast<std::string*>(out) = values[0];
+      }
+      return 0;
+    };
+    const int rc = sqlite3_exec(db_, sql, keep, first, &error);
     if (rc == SQLITE_OK) return Status::Ok();
     std::string detail = error != nullptr ? error : sqlite3_errstr(rc);
     sqlite3_free(error);
@@ -1304,7 +1311,7 @@ class SqliteStore final : public MessageStore {
       if (!version.ok()) return version.status();
       if (*version > kSchemaVersion) return TooNew(*version);
     }
-    if (Status s = w.Exec("PRAGMA journal_mode=WAL", "enable WAL"); !s.ok()) return s;
+    if (Status s = EnableWal(w, options.path); !s.ok()) return s;
     if (Status s = w.Exec(
             options.synchronous_full ? "PRAGMA synchronous=FULL" : "PRAGMA synchronous=NORMAL",
             "set synchronous");
@@ -1805,6 +1812,18 @@ class SqliteStore final : public MessageStore {
 
   // Sizes the connection's page cache (negative cache_size: KiB rather than pages) and its
   // memory map.
+  // The store's readers see the writer's commits through the WAL. SQLite quietly keeps another
+  // journal mode where WAL cannot work (":memory:", where each connection would get a database
+  // of its own; a file system without shared memory), so the mode it reports is checked.
+  static Status EnableWal(Connection& w, const std::string& path) {
+    std::string mode;
+    if (Status s = w.Exec("PRAGMA journal_mode=WAL", "enable WAL", &mode); !s.ok()) return s;
+    if (mode == "wal") return Status::Ok();
+    return InvalidArgument("the SQLite store needs WAL mode, which \"" + path +
+                           "\" cannot use (journal mode \"" + mode +
+                           "\"): give the path of a file on a local file system");
+  }
+
   static Status ConfigureCache(Connection& conn, uint32_t cache_kib,
                                const SqliteStoreOptions& options) {
     const std::string cache = "PRAGMA cache_size = -" + std::to_string(cache_kib);

@@ -1508,6 +1508,17 @@ TEST_CASE("store: sqlite: a version 5 file's keys answer resends, also after ret
   CHECK(late.message.server_time_ms == dup.message.server_time_ms);
 }
 
+// ":memory:" would give the writer and each reader a database of its own: acks, then every read
+// failing. SQLite keeps its memory journal there without an error, so the store checks the mode.
+TEST_CASE("store: sqlite: a path that cannot use WAL is refused at open") {
+  Result<std::shared_ptr<MessageStore>> memory = OpenAt(":memory:");
+  REQUIRE_FALSE(memory.ok());
+  CHECK(memory.status().code() == Code::kInvalidArgument);
+  CHECK(memory.status().message() ==
+        "the SQLite store needs WAL mode, which \":memory:\" cannot use (journal mode "
+        "\"memory\"): give the path of a file on a local file system");
+}
+
 TEST_CASE("store: sqlite: a version 6 file counts each conversation's current members") {
   TempDir dir;
   const std::string path = dir.File("chat.db");
