@@ -206,6 +206,9 @@ chat::Result<std::string> LoadSecret(const SecretFlags& flags) {
   return secret;
 }
 
+// The longest --ttl: ten years.
+constexpr int64_t kMaxDurationMs = int64_t{3650} * 86'400'000;
+
 // "90s", "15m", "24h", "7d", "500ms"; a bare number is seconds.
 chat::Result<int64_t> ParseDurationMs(const std::string& text) {
   size_t digits = 0;
@@ -230,6 +233,9 @@ chat::Result<int64_t> ParseDurationMs(const std::string& text) {
     return chat::InvalidArgument("bad duration unit in " + text + " (use ms, s, m, h or d)");
   }
   if (value == 0) return chat::InvalidArgument("duration must be > 0: " + text);
+  if (value > kMaxDurationMs / scale) {
+    return chat::InvalidArgument("duration too long: " + text + " (at most 3650d)");
+  }
   return value * scale;
 }
 
@@ -310,6 +316,31 @@ struct ServeFlags {
   std::string push_webhook;
   bool no_push_preview = false;
 };
+
+// CLI11 reads integers with strtoull/strtoll in base 0: "-1" given to an unsigned flag wraps to
+// its largest value, "010" is octal and "0x50" hexadecimal. Every integer flag of `app` takes
+// plain decimal digits (a sign only where the type has one); leading zeros are dropped.
+void PlainDecimalNumbers(CLI::App* app) {
+  for (CLI::Option* option : app->get_options()) {
+    const std::string type = option->get_type_name();
+    if (type != "UINT" && type != "INT") continue;
+    const bool sign = type == "INT";
+    option->transform(CLI::Validator(
+        [sign](std::string& text) -> std::string {
+          size_t start = sign && !text.empty() && text[0] == '-' ? 1 : 0;
+          if (start == text.size()) return "a decimal number is required, not \"" + text + "\"";
+          for (size_t i = start; i < text.size(); ++i) {
+            if (!std::isdigit(static_cast<unsigned char>(text[i]))) {
+              return std::string(sign ? "an integer" : "a non-negative integer") +
+                     " of decimal digits is required, not \"" + text + "\"";
+            }
+          }
+          while (start + 1 < text.size() && text[start] == '0') text.erase(start, 1);
+          return "";
+        },
+        "", "decimal"));
+  }
+}
 
 void AddServeFlags(CLI::App* serve, ServeFlags* f) {
   chat::ServerOptions& o = f->options;
@@ -497,9 +528,29 @@ void AddServeFlags(CLI::App* serve, ServeFlags* f) {
                    "How long a deleted message's client_msg_id still answers a resend as a "
                    "duplicate (ms); 0 forgets it with the message")
       ->capture_default_str();
+  PlainDecimalNumbers(serve);
+  // A misspelt key in a config file must not be ignored.
+  serve->allow_config_extras(CLI::config_extras_mode::error);
+}
+
+// A bad value the library refused (InvalidArgument) is a usage error; anything else means the
+// server could not start.
+int StartFailure(const chat::Status& status) {
+  return status.code() == chat::Code::kInvalidArgument ? kExitUsage : kExitFailure;
 }
 
 int Serve(ServeFlags& flags) {
+  // Block the shutdown signals first, before any thread starts (every thread inherits the mask
+  // and only the watcher receives them), and before the store opens, which may take a while (a
+  // schema migration): a signal meanwhile waits for the watcher and ends the server gracefully.
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  // A client that vanishes mid-write must not kill the process.
+  signal(SIGPIPE, SIG_IGN);
+
   chat::SetLogLevel(*ParseLogLevel(flags.log_level));
   chat::Result<std::string> secret = LoadSecret(flags.secret);
   if (!secret.ok()) {
@@ -538,19 +589,9 @@ int Serve(ServeFlags& flags) {
                             .recent_log_slice_rows = flags.recent_log_slice_rows});
   if (!store.ok()) {
     std::cerr << "chatd: cannot open " << flags.db << ": " << store.status().ToString() << "\n";
-    return kExitFailure;
+    return StartFailure(store.status());
   }
   options.store = *store;
-
-  // Block the shutdown signals before any thread starts, so every thread inherits the mask and
-  // only the watcher receives them.
-  sigset_t set;
-  sigemptyset(&set);
-  sigaddset(&set, SIGINT);
-  sigaddset(&set, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &set, nullptr);
-  // A client that vanishes mid-write must not kill the process.
-  signal(SIGPIPE, SIG_IGN);
 
   const std::string host = UrlHost(options.listen_address);
   const bool tls = !options.tls_cert_path.empty();
@@ -559,7 +600,7 @@ int Serve(ServeFlags& flags) {
   chat::Result<std::unique_ptr<chat::Server>> server = chat::Server::Open(std::move(options));
   if (!server.ok()) {
     std::cerr << "chatd: " << server.status().ToString() << "\n";
-    return kExitFailure;
+    return StartFailure(server.status());
   }
   SignalWatcher watcher(set);
   watcher.Start(server->get());
@@ -576,8 +617,12 @@ int Serve(ServeFlags& flags) {
   return kExitOk;
 }
 
-int Token(const std::string& user, const std::string& ttl, const std::string& kid,
-          const SecretFlags& secret_flags) {
+int Token(const std::string& user, const std::string& ttl, const SecretFlags& secret_flags) {
+  // What chatd accepts at Hello, so it never prints a token it would refuse.
+  if (user.empty() || user.size() > 128) {
+    std::cerr << "chatd: --user must be 1 to 128 bytes\n";
+    return kExitUsage;
+  }
   chat::Result<std::string> secret = LoadSecret(secret_flags);
   if (!secret.ok()) {
     std::cerr << "chatd: " << secret.status().message() << "\n";
@@ -588,7 +633,7 @@ int Token(const std::string& user, const std::string& ttl, const std::string& ki
     std::cerr << "chatd: --ttl: " << ttl_ms.status().message() << "\n";
     return kExitUsage;
   }
-  chat::Result<std::string> token = chat::SignJwt(*secret, kid, user, NowMs(), *ttl_ms);
+  chat::Result<std::string> token = chat::SignJwt(*secret, "", user, NowMs(), *ttl_ms);
   if (!token.ok()) {
     std::cerr << "chatd: " << token.status().ToString() << "\n";
     return kExitFailure;
@@ -624,15 +669,18 @@ int main(int argc, char** argv) {
   CLI::App* token = app.add_subcommand("token", "Print a signed token for a user (development)");
   std::string user;
   std::string ttl = "24h";
-  std::string kid;
   SecretFlags token_secret;
   token->add_option("--user", user, "User id (the token's sub)")->required();
   token->add_option("--ttl", ttl, "Validity: 90s, 15m, 24h, 7d, 500ms")->capture_default_str();
-  token->add_option("--kid", kid, "Key id to put in the token header (key rotation)");
   AddSecretFlags(token, &token_secret);
 
-  CLI11_PARSE(app, argc, argv);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    // --help and --version exit 0; every parse error is a usage error.
+    return app.exit(e) == 0 ? kExitOk : kExitUsage;
+  }
 
-  if (*token) return Token(user, ttl, kid, token_secret);
+  if (*token) return Token(user, ttl, token_secret);
   return Serve(serve_flags);
 }

@@ -1,0 +1,83 @@
+// chatd's command line as an operator meets it: a bad value for any flag, in a config file too,
+// and a token it would refuse are usage errors (exit 2) that name the problem; nothing starts.
+#include <doctest/doctest.h>
+
+#include <string>
+#include <vector>
+
+#include "tests/testing/chatd_process.h"
+#include "tests/testing/temp_dir.h"
+
+namespace chat::testing {
+namespace {
+
+struct Run {
+  int code = -1;
+  std::string out;  // stdout and stderr
+};
+
+// Runs chatd with `args` in a fresh directory holding a valid secret (secret.txt).
+Run Chatd(std::vector<std::string> args, const std::string& config = "") {
+  TempDir dir;
+  REQUIRE(WriteFile(dir.File("secret.txt"), std::string(48, 's') + "\n"));
+  if (!config.empty()) REQUIRE(WriteFile(dir.File("chatd.ini"), config));
+  std::vector<std::string> argv = {ChatdProcess::BinaryPath()};
+  argv.insert(argv.end(), args.begin(), args.end());
+  Result<int> code = RunProcess(argv, dir.path(), dir.File("out.log"), 30'000);
+  REQUIRE_MESSAGE(code.ok(), code.status().ToString());
+  return {*code, ReadFile(dir.File("out.log"))};
+}
+
+std::vector<std::string> Serve(std::vector<std::string> flags) {
+  std::vector<std::string> args = {"serve",   "--port",        "0",         "--db",
+                                   "chat.db", "--secret-file", "secret.txt"};
+  args.insert(args.end(), flags.begin(), flags.end());
+  return args;
+}
+
+TEST_CASE("chatd: a bad flag value is a usage error that names the flag") {
+  struct Case {
+    std::vector<std::string> flags;
+    std::string says;
+  };
+  const std::vector<Case> cases = {
+      // -1 into an unsigned flag would wrap to its largest value: no message cap at all.
+      {{"--max-message-bytes", "-1"}, "--max-message-bytes"},
+      {{"--max-outbound-bytes", "-5"}, "--max-outbound-bytes"},
+      // Hexadecimal and octal are not read as such.
+      {{"--max-connections", "0x50"}, "--max-connections"},
+      {{"--port", "70000"}, "--port"},
+      {{"--no-such-flag"}, "--no-such-flag"},
+      // Refused by the library's own checks.
+      {{"--reader-threads", "0"}, "reader_threads"},
+  };
+  for (const Case& c : cases) {
+    CAPTURE(c.flags.at(0));
+    Run run = Chatd(Serve(c.flags));
+    CHECK(run.code == 2);
+    CHECK(run.out.find(c.says) != std::string::npos);
+    CHECK(run.out.find("listening") == std::string::npos);
+  }
+}
+
+TEST_CASE("chatd: a config file key it does not know is refused, not ignored") {
+  Run run = Chatd(Serve({"--config", "chatd.ini"}), "prot = 9000\n");
+  CHECK(run.code == 2);
+  CHECK(run.out.find("prot") != std::string::npos);
+  CHECK(run.out.find("listening") == std::string::npos);
+}
+
+TEST_CASE("chatd token: a TTL past ten years or a user id chatd refuses is a usage error") {
+  Run ttl =
+      Chatd({"token", "--user", "alice", "--ttl", "213503982335d", "--secret-file", "secret.txt"});
+  CHECK(ttl.code == 2);
+  CHECK(ttl.out.find("duration too long") != std::string::npos);
+  Run user = Chatd({"token", "--user", std::string(129, 'u'), "--secret-file", "secret.txt"});
+  CHECK(user.code == 2);
+  CHECK(user.out.find("--user must be 1 to 128 bytes") != std::string::npos);
+  Run ok = Chatd({"token", "--user", "alice", "--ttl", "3650d", "--secret-file", "secret.txt"});
+  CHECK(ok.code == 0);
+}
+
+}  // namespace
+}  // namespace chat::testing
