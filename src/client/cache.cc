@@ -14,9 +14,12 @@ namespace chat::client {
 
 namespace {
 
-// Bumped when the schema changes; an older cache is dropped and rebuilt from the server, except
-// for the outbox, whose rows are carried over (see MigrateOutbox).
-constexpr int kSchemaVersion = 4;
+// Bumped when the schema changes. A cache of version 4 gains the columns added since (see
+// kMigrateVersion4) and keeps its rows: rebuilt, it would lose its cursors (every message would
+// reach the application again) and the watermarks the server has not confirmed. Older ones are
+// dropped and rebuilt from the server, except for the outbox, whose rows are carried over (see
+// kMigrateOutbox).
+constexpr int kSchemaVersion = 5;
 
 // The outbox is one B-tree, keyed by insertion order (the rowid), so a Send() commit writes one
 // page to the WAL: every index would add another page to every commit (and its random leaf to
@@ -32,7 +35,8 @@ CREATE TABLE IF NOT EXISTS conversations(
   cursor INTEGER NOT NULL,
   last_activity_ms INTEGER NOT NULL,
   delivered_all_seq INTEGER NOT NULL DEFAULT 0,
-  read_all_seq INTEGER NOT NULL DEFAULT 0);
+  read_all_seq INTEGER NOT NULL DEFAULT 0,
+  receipt_due INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS messages(
   conversation_id INTEGER NOT NULL,
   seq INTEGER NOT NULL,
@@ -73,10 +77,15 @@ DROP TABLE outbox;
 ALTER TABLE outbox_v4 RENAME TO outbox;
 )sql";
 
+// Version 5 added receipt_due (see ConversationRow): no Receipt is owed for a version 4 row, as
+// far as anything recorded says.
+constexpr const char* kMigrateVersion4 =
+    "ALTER TABLE conversations ADD COLUMN receipt_due INTEGER NOT NULL DEFAULT 0";
+
 // The statements used more than once. Each is compiled once per connection and kept (see
 // Cache::Db::Prepare, which keys them by address: only these constants may be passed to it).
 constexpr const char* kUserVersion = "PRAGMA user_version";
-constexpr const char* kSetUserVersion = "PRAGMA user_version=4";
+constexpr const char* kSetUserVersion = "PRAGMA user_version=5";
 constexpr const char* kHasOutbox =
     "SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'outbox'";
 constexpr const char* kApplicationId = "PRAGMA application_id";
@@ -109,14 +118,16 @@ constexpr const char* kRollback = "ROLLBACK";
 constexpr const char* kGetMeta = "SELECT value FROM meta WHERE key = ?";
 constexpr const char* kSetMeta = "INSERT OR REPLACE INTO meta(key, value) VALUES(?, ?)";
 constexpr const char* kGetConversation =
-    "SELECT conversation_id, state, cursor, delivered_all_seq, read_all_seq FROM conversations "
-    "WHERE conversation_id = ?";
+    "SELECT conversation_id, state, cursor, delivered_all_seq, read_all_seq, receipt_due "
+    "FROM conversations WHERE conversation_id = ?";
 constexpr const char* kPutConversation =
     "INSERT OR REPLACE INTO conversations(conversation_id, state, cursor, last_activity_ms, "
-    "delivered_all_seq, read_all_seq) VALUES(?, ?, ?, ?, ?, ?)";
+    "delivered_all_seq, read_all_seq, receipt_due) VALUES(?, ?, ?, ?, ?, ?, ?)";
 constexpr const char* kListConversations =
-    "SELECT conversation_id, state, cursor, delivered_all_seq, read_all_seq FROM conversations "
-    "ORDER BY last_activity_ms DESC, conversation_id DESC";
+    "SELECT conversation_id, state, cursor, delivered_all_seq, read_all_seq, receipt_due "
+    "FROM conversations ORDER BY last_activity_ms DESC, conversation_id DESC";
+constexpr const char* kReceiptsDue =
+    "SELECT conversation_id FROM conversations WHERE receipt_due != 0 ORDER BY conversation_id";
 constexpr const char* kPutMessage =
     "INSERT OR IGNORE INTO messages(conversation_id, seq, message) VALUES(?, ?, ?)";
 constexpr const char* kGetMessage =
@@ -272,6 +283,7 @@ ConversationRow RowFrom(Stmt& s) {
   row.cursor = FromDb(s.ColInt(2));
   row.delivered_all_seq = FromDb(s.ColInt(3));
   row.read_all_seq = FromDb(s.ColInt(4));
+  row.receipt_due = s.ColInt(5) != 0;
   return row;
 }
 
@@ -365,7 +377,10 @@ Result<std::unique_ptr<Cache>> Cache::Open(const std::string& path) {
     Transaction txn(cache.get());
     // Without it, the steps below would commit one by one and could stop half way.
     if (!txn.active()) return cache->db_->Error("begin");
-    if (version != 0 && version != kSchemaVersion) {
+    if (version == 4) {
+      // The same tables, one column short: everything stays.
+      if (Status st = cache->Exec(kMigrateVersion4); !st.ok()) return st;
+    } else if (version != 0 && version != kSchemaVersion) {
       // Another layout of the derived tables: rebuild them from the server. meta (the epoch and
       // user the outbox was written for) keeps its layout and stays, so the outbox is still
       // checked against them at the next Welcome.
@@ -379,7 +394,7 @@ Result<std::unique_ptr<Cache>> Cache::Open(const std::string& path) {
         Stmt s(cache->db_.get(), kHasOutbox);
         has_outbox = s.Step() == SQLITE_ROW;
       }
-      if (has_outbox && version < kSchemaVersion) {
+      if (has_outbox && version < 4) {
         if (Status st = cache->Exec(kMigrateOutbox); !st.ok()) return st;
       }
     }
@@ -492,7 +507,8 @@ Status Cache::PutConversation(const ConversationRow& row) {
       .Int(3, ToDb(row.cursor))
       .Int(4, row.info.last_activity_ms)
       .Int(5, ToDb(row.delivered_all_seq))
-      .Int(6, ToDb(row.read_all_seq));
+      .Int(6, ToDb(row.read_all_seq))
+      .Int(7, row.receipt_due ? 1 : 0);
   if (s.Run() != SQLITE_DONE) return db_->Error("put conversation");
   return Status::Ok();
 }
@@ -575,6 +591,14 @@ uint64_t Cache::CountRange(ConversationId conversation, Seq from, Seq to) {
   Stmt s(db_.get(), kCountRange);
   s.Int(1, ToDb(conversation)).Int(2, SeqBound(from)).Int(3, SeqBound(to));
   return s.Step() == SQLITE_ROW ? FromDb(s.ColInt(0)) : 0;
+}
+
+std::vector<ConversationId> Cache::ReceiptsDue() {
+  std::lock_guard lock(mu_);
+  Stmt s(db_.get(), kReceiptsDue);
+  std::vector<ConversationId> ids;
+  while (s.Step() == SQLITE_ROW) ids.push_back(FromDb(s.ColInt(0)));
+  return ids;
 }
 
 uint64_t Cache::UnreadTotal() {

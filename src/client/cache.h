@@ -54,6 +54,10 @@ struct ConversationRow {
   // seqs are delivered / read. They only move forward.
   Seq delivered_all_seq = 0;
   Seq read_all_seq = 0;
+  // This user's watermarks here (info.delivered_seq, info.read_seq) moved and the server has not
+  // confirmed them yet: a Receipt is owed, also after a restart. Set in the write that moves
+  // them; cleared once the server's watermarks are at least these, or it refused them for good.
+  bool receipt_due = false;
 };
 
 class Cache {
@@ -109,6 +113,8 @@ class Cache {
   Status PutConversation(const ConversationRow& row);
   // Most recently active first.
   std::vector<ConversationRow> ListConversations();
+  // The conversations whose row has receipt_due set, by id.
+  std::vector<ConversationId> ReceiptsDue();
   // The sum of every cached conversation's unread count.
   uint64_t UnreadTotal();
 

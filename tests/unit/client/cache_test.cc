@@ -4,7 +4,9 @@
 #include <doctest/doctest.h>
 #include <sqlite3.h>
 
+#include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "tests/testing/temp_dir.h"
@@ -278,6 +280,64 @@ PRAGMA user_version=2;
   ExecOnFile(path, sql);
 }
 
+// A cache file as schema version 4 wrote it (marked, conversations without receipt_due): direct
+// conversation 1 with bob, given to the application up to seq 2 and read here up to seq 1, its
+// two messages, and one pending outbox message.
+void WriteVersion4Cache(const std::string& path) {
+  ExecOnFile(path, R"sql(
+PRAGMA journal_mode=WAL;
+CREATE TABLE meta(key TEXT PRIMARY KEY, value BLOB);
+INSERT INTO meta VALUES('epoch', 7);
+INSERT INTO meta VALUES('user_id', 'alice');
+CREATE TABLE conversations(conversation_id INTEGER PRIMARY KEY, state BLOB NOT NULL,
+  cursor INTEGER NOT NULL, last_activity_ms INTEGER NOT NULL,
+  delivered_all_seq INTEGER NOT NULL DEFAULT 0, read_all_seq INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE messages(conversation_id INTEGER NOT NULL, seq INTEGER NOT NULL,
+  message BLOB NOT NULL, PRIMARY KEY(conversation_id, seq)) WITHOUT ROWID;
+CREATE TABLE outbox(id INTEGER PRIMARY KEY, client_msg_id TEXT NOT NULL,
+  conversation_id INTEGER NOT NULL, peer TEXT NOT NULL, content_type TEXT NOT NULL,
+  body BLOB NOT NULL, created_ms INTEGER NOT NULL, status INTEGER NOT NULL,
+  reason_code INTEGER NOT NULL, reason_message TEXT NOT NULL);
+INSERT INTO outbox VALUES(4, 'id-v4', 1, '', 'text/plain', 'queued', 5, 0, 0, '');
+PRAGMA application_id=1667785076;
+PRAGMA user_version=4;
+)sql");
+  v1::ConversationState state;
+  state.set_conversation_id(1);
+  state.set_kind(v1::CONVERSATION_KIND_DIRECT);
+  state.set_peer("bob");
+  state.set_last_seq(2);
+  state.set_delivered_seq(2);
+  state.set_read_seq(1);
+  state.set_unread(1);
+  std::vector<std::pair<std::string, std::string>> rows = {
+      {"INSERT INTO conversations VALUES(1, ?, 2, 100, 1, 0)", state.SerializeAsString()},
+      {"INSERT INTO messages VALUES(1, 1, ?)", Msg(1, 1).SerializeAsString()},
+      {"INSERT INTO messages VALUES(1, 2, ?)", Msg(1, 2).SerializeAsString()}};
+  sqlite3* db = nullptr;
+  REQUIRE(sqlite3_open(path.c_str(), &db) == SQLITE_OK);
+  for (const auto& [sql, blob] : rows) {
+    sqlite3_stmt* stmt = nullptr;
+    REQUIRE(sqlite3_prepare_v2(db, sql.c_str(), -1, &stmt, nullptr) == SQLITE_OK);
+    sqlite3_bind_blob(stmt, 1, blob.data(), static_cast<int>(blob.size()), SQLITE_TRANSIENT);
+    CHECK(sqlite3_step(stmt) == SQLITE_DONE);
+    sqlite3_finalize(stmt);
+  }
+  sqlite3_close(db);
+}
+
+int64_t UserVersion(const std::string& path) {
+  sqlite3* db = nullptr;
+  REQUIRE(sqlite3_open(path.c_str(), &db) == SQLITE_OK);
+  sqlite3_stmt* stmt = nullptr;
+  REQUIRE(sqlite3_prepare_v2(db, "PRAGMA user_version", -1, &stmt, nullptr) == SQLITE_OK);
+  REQUIRE(sqlite3_step(stmt) == SQLITE_ROW);
+  const int64_t version = sqlite3_column_int64(stmt, 0);
+  sqlite3_finalize(stmt);
+  sqlite3_close(db);
+  return version;
+}
+
 int64_t CountRows(const std::string& path, const char* table) {
   sqlite3* db = nullptr;
   REQUIRE(sqlite3_open(path.c_str(), &db) == SQLITE_OK);
@@ -353,8 +413,8 @@ PRAGMA user_version=)sql") +
   // A cache written by a newer SDK is refused, not downgraded.
   const std::string newer = dir.File("newer.db");
   ExecOnFile(newer,
-             "PRAGMA application_id=1667785076; PRAGMA user_version=5; "
-             "CREATE TABLE outbox(id INTEGER PRIMARY KEY, v5 TEXT);");
+             "PRAGMA application_id=1667785076; PRAGMA user_version=6; "
+             "CREATE TABLE outbox(id INTEGER PRIMARY KEY, v6 TEXT);");
   opened = Cache::Open(newer);
   CHECK(opened.status().code() == Code::kFailedPrecondition);
   CHECK(opened.status().message().find("newer version of the SDK") != std::string::npos);
@@ -375,8 +435,18 @@ TEST_CASE("cache: an outbox of schema version 2 is carried over with its ids and
     auto& cache = *opened;
     // The derived tables are rebuilt from the server; the user the outbox was written for
     // stays, so a Welcome for another user still fails its messages.
-    CHECK_FALSE(cache->GetConversation(1).has_value());
     CHECK(cache->UserId() == "alice");
+    // The rebuilt conversations table is the current one, receipt_due included.
+    if (open == 0) {
+      CHECK_FALSE(cache->GetConversation(1).has_value());
+      ConversationRow row;
+      row.info.conversation_id = 1;
+      row.receipt_due = true;
+      REQUIRE(cache->PutConversation(row).ok());
+    } else {
+      REQUIRE(cache->GetConversation(1).has_value());
+      CHECK(cache->GetConversation(1)->receipt_due);
+    }
     std::vector<OutboxEntry> all = cache->ListOutbox();
     REQUIRE(all.size() == (open == 0 ? 3 : 4));
     CHECK(all[0].id == 5);
@@ -396,6 +466,65 @@ TEST_CASE("cache: an outbox of schema version 2 is carried over with its ids and
       CHECK(all[3].client_msg_id == "id-new");
     }
   }
+}
+
+TEST_CASE("cache: a version 4 cache keeps its conversations, messages and outbox") {
+  testing::TempDir dir;
+  const std::string path = dir.File("c.db");
+  WriteVersion4Cache(path);
+  {
+    auto opened = Cache::Open(path);
+    REQUIRE(opened.ok());
+    auto& cache = *opened;
+    CHECK(cache->Epoch() == 7);
+    CHECK(cache->UserId() == "alice");
+    std::optional<ConversationRow> row = cache->GetConversation(1);
+    REQUIRE(row.has_value());
+    CHECK(row->info.peer == "bob");
+    CHECK(row->info.delivered_seq == 2);
+    CHECK(row->info.read_seq == 1);
+    CHECK(row->info.unread == 1);
+    CHECK(row->cursor == 2);
+    CHECK(row->delivered_all_seq == 1);
+    CHECK(row->read_all_seq == 0);
+    CHECK_FALSE(row->receipt_due);
+    CHECK(cache->ReceiptsDue().empty());
+    CHECK(cache->MessageCount() == 2);
+    REQUIRE(cache->GetMessage(1, 2).has_value());
+    CHECK(cache->GetMessage(1, 2)->body() == "body-2");
+    std::vector<OutboxEntry> outbox = cache->ListOutbox();
+    REQUIRE(outbox.size() == 1);
+    CHECK(outbox[0].id == 4);
+    CHECK(outbox[0].client_msg_id == "id-v4");
+    CHECK(cache->PendingCount() == 1);
+    // The new column is written and read like the others.
+    row->receipt_due = true;
+    REQUIRE(cache->PutConversation(*row).ok());
+  }
+  CHECK(UserVersion(path) == 5);
+  auto cache = Cache::Open(path).value();
+  REQUIRE(cache->GetConversation(1).has_value());
+  CHECK(cache->GetConversation(1)->receipt_due);
+  CHECK(cache->GetConversation(1)->cursor == 2);
+  CHECK(cache->ReceiptsDue() == std::vector<ConversationId>{1});
+  CHECK(cache->MessageCount() == 2);
+}
+
+TEST_CASE("cache: receipt_due is kept per conversation and listed by id") {
+  auto cache = Cache::Open("").value();
+  for (ConversationId id : {9, 3, 5}) {
+    ConversationRow row;
+    row.info.conversation_id = id;
+    row.receipt_due = id != 5;
+    REQUIRE(cache->PutConversation(row).ok());
+  }
+  CHECK(cache->ReceiptsDue() == std::vector<ConversationId>{3, 9});
+  ConversationRow row = *cache->GetConversation(9);
+  CHECK(row.receipt_due);
+  row.receipt_due = false;
+  REQUIRE(cache->PutConversation(row).ok());
+  CHECK(cache->ReceiptsDue() == std::vector<ConversationId>{3});
+  CHECK_FALSE(cache->GetConversation(5)->receipt_due);
 }
 
 }  // namespace
