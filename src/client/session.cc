@@ -384,6 +384,9 @@ void Session::HandleWelcome(const v1::Envelope& envelope) {
   next_ping_ = now + heartbeat_ms_ - static_cast<int64_t>(random_() % (heartbeat_ms_ / 2 + 1));
   outbox_retry_at_ = 0;
   receipts_retry_at_ = 0;
+  // Receipts owed from before (a Receipt unanswered when the client was closed or the process
+  // ended): the Sync lists only conversations with news, so nothing else would send them.
+  for (ConversationId conversation : cache_->ReceiptsDue()) receipts_due_.insert(conversation);
   // 90% of the server's rate leaves room for Pings, Syncs and History requests.
   const uint32_t per_second = welcome.limits().messages_per_second();
   send_rate_ = per_second * 0.9 / 1000.0;
@@ -519,6 +522,8 @@ void Session::HandleError(const v1::Envelope& envelope) {
       receipts_due_.insert(conversation);
       receipts_retry_at_ =
           std::max(receipts_retry_at_, Now() + std::max<int64_t>(kReceiptRetryMinMs, retry_after));
+    } else {
+      ReceiptRefused(conversation);
     }
     return;
   }
@@ -599,9 +604,13 @@ bool Session::Advance(ConversationRow* row, std::vector<MessageEvent>* events, S
   // the user's own messages alone need no delivered receipt unless they also moved read_seq.
   if ((others || read_moved) && row->cursor > row->info.delivered_seq) {
     row->info.delivered_seq = row->cursor;
+    row->receipt_due = true;
     receipts_due_.insert(id);
   }
-  if (read_moved) receipts_due_.insert(id);
+  if (read_moved) {
+    row->receipt_due = true;
+    receipts_due_.insert(id);
+  }
   return cache_->CountRange(id, row->cursor + 1, static_cast<Seq>(INT64_MAX)) > 0;
 }
 
@@ -950,12 +959,14 @@ void Session::MergeState(ConversationRow* row, const v1::ConversationState& stat
   }
   if (local.delivered_seq > info.delivered_seq) {
     info.delivered_seq = local.delivered_seq;
+    row->receipt_due = true;
     receipts_due_.insert(info.conversation_id);
   }
   if (local.read_seq > info.read_seq) {
     // The server has not seen this device's MarkRead yet: keep it and tell it again.
     info.read_seq = local.read_seq;
     info.unread = std::min(info.unread, local.unread);
+    row->receipt_due = true;
     receipts_due_.insert(info.conversation_id);
   }
   row->info = info;
@@ -1000,6 +1011,12 @@ void Session::HandleReceiptUpdate(uint64_t rid, const v1::ReceiptUpdate& update)
   if (!found) return;  // a conversation this client has not synced yet; Sync brings its state
   ConversationRow row = std::move(*found);
   const bool own = !user_id_.empty() && update.user_id() == user_id_;
+  // The server holds this user's watermarks here at least as far as this device moved them:
+  // no Receipt is owed any more (one due or in flight is merely repeated).
+  const bool confirmed = own && row.receipt_due &&
+                         update.delivered_seq() >= row.info.delivered_seq &&
+                         update.read_seq() >= row.info.read_seq;
+  if (confirmed) row.receipt_due = false;
   bool info_changed = false;
   if (own && update.read_seq() >= row.info.read_seq) {
     // Exact counts from the server: read on one device is read on all of the user's devices.
@@ -1011,7 +1028,7 @@ void Session::HandleReceiptUpdate(uint64_t rid, const v1::ReceiptUpdate& update)
   const Seq read_before = row.read_all_seq;
   row.delivered_all_seq = std::max(row.delivered_all_seq, update.delivered_all_seq());
   row.read_all_seq = std::max(row.read_all_seq, update.read_all_seq());
-  if (info_changed || row.delivered_all_seq != delivered_before ||
+  if (confirmed || info_changed || row.delivered_all_seq != delivered_before ||
       row.read_all_seq != read_before) {
     if (Status st = cache_->PutConversation(row); !st.ok()) ReportError(st);
   }
@@ -1102,6 +1119,18 @@ void Session::FlushReceipts() {
       return;
     }
   }
+}
+
+void Session::ReceiptRefused(ConversationId conversation) {
+  // A Receipt with later watermarks, waiting or unanswered, still owes them.
+  if (receipts_due_.contains(conversation)) return;
+  for (const auto& [rid, other] : receipts_unanswered_) {
+    if (other == conversation) return;
+  }
+  std::optional<ConversationRow> row = cache_->GetConversation(conversation);
+  if (!row || !row->receipt_due) return;
+  row->receipt_due = false;
+  if (Status st = cache_->PutConversation(*row); !st.ok()) ReportError(st);
 }
 
 void Session::WriteQuiet(v1::Envelope* envelope) {
@@ -1195,6 +1224,7 @@ void Session::MarkRead(ConversationId conversation, Seq seq) {
   if (target <= row.info.read_seq) return;
   row.info.read_seq = target;
   row.info.unread = cache_->CountUnread(conversation, target + 1, row.cursor, user_id_);
+  row.receipt_due = true;
   if (Status st = cache_->PutConversation(row); !st.ok()) {
     ReportError(st);
     return;

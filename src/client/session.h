@@ -124,7 +124,9 @@ class Session {
   // connection was not subscribed.
   void Subscribe(ConversationId conversation);
   void Unsubscribe(ConversationId conversation);
-  // Moves the read watermark forward (0: up to the cursor) and schedules a Receipt.
+  // Moves the read watermark forward (0: up to the cursor) and schedules a Receipt, which is
+  // recorded in the cache with it (ConversationRow::receipt_due): sent on the first connection
+  // even if this Session ends before the server answered.
   void MarkRead(ConversationId conversation, Seq seq);
   void SetTyping(ConversationId conversation, bool active);
 
@@ -243,6 +245,9 @@ class Session {
   void ApplySystemEvent(ConversationInfo* info, const v1::Message& message) const;
   // Sends one Receipt per conversation whose watermarks moved since the last flush.
   void FlushReceipts();
+  // The server refused a Receipt for `conversation` for good: unless a later one is waiting or
+  // unanswered, the cache owes none any more (else it would be sent again on every start).
+  void ReceiptRefused(ConversationId conversation);
   void ExpireTyping();
   void ReportUnreadTotal();
   // Sends a request whose reply nobody waits for; its error is only logged.

@@ -1250,6 +1250,238 @@ TEST_CASE("session: receipts not written when the queue filled are sent on the n
   CHECK(receipts[1].receipt().conversation_id() == 6);
 }
 
+// The app is closed or the process ends with receipts unanswered: the next run's Sync lists only
+// conversations with news, so the cache's receipt_due flags are what sends them again.
+TEST_CASE("session: a receipt the server has not answered is sent again after a restart") {
+  testing::TempDir dir;
+  const std::string path = dir.File("cache.db");
+  {
+    std::shared_ptr<Cache> cache(Cache::Open(path).value());
+    Harness h({}, cache);
+    ConnectWithGroup(h);
+    h.session->Tick();
+    auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+    REQUIRE(receipts.size() == 1);
+    v1::Envelope reply = ReceiptUpdateFor(5, "alice", 3, 0);
+    reply.set_rid(receipts[0].rid());
+    h.session->OnEnvelope(reply);  // the delivered receipt was answered: nothing owed
+    h.session->MarkRead(5, 2);
+    h.session->Stop();  // Close() before the read receipt went out
+  }
+  {
+    std::shared_ptr<Cache> cache(Cache::Open(path).value());
+    Harness h({}, cache);
+    h.Reply(h.Welcome(), {});  // nothing new: the Sync lists no conversation
+    REQUIRE(h.state() == ConnectionState::kConnected);
+    h.session->Tick();
+    auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+    REQUIRE(receipts.size() == 1);
+    CHECK(receipts[0].receipt().conversation_id() == 5);
+    CHECK(receipts[0].receipt().delivered_seq() == 3);
+    CHECK(receipts[0].receipt().read_seq() == 2);
+    v1::Envelope reply = ReceiptUpdateFor(5, "alice", 3, 2);
+    reply.set_rid(receipts[0].rid());
+    h.session->OnEnvelope(reply);
+    // Not stopped: the process ends.
+  }
+  std::shared_ptr<Cache> cache(Cache::Open(path).value());
+  Harness h({}, cache);
+  h.Reply(h.Welcome(), {});
+  h.session->Tick();
+  h.clock->Advance(kReceiptIntervalMs);
+  h.session->Tick();
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());
+  CHECK(h.cache->GetConversation(5)->info.read_seq == 2);
+}
+
+TEST_CASE("session: delivered and own-message watermarks not yet sent go out after a restart") {
+  testing::TempDir dir;
+  const std::string path = dir.File("cache.db");
+  {
+    std::shared_ptr<Cache> cache(Cache::Open(path).value());
+    Harness h({}, cache);
+    ConnectWithGroup(h);  // bob's 1..3 reached the application
+  }
+  {
+    std::shared_ptr<Cache> cache(Cache::Open(path).value());
+    Harness h({}, cache);
+    h.Reply(h.Welcome(), {});
+    h.session->Tick();
+    auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+    REQUIRE(receipts.size() == 1);
+    CHECK(receipts[0].receipt().delivered_seq() == 3);
+    CHECK(receipts[0].receipt().read_seq() == 0);
+    v1::Envelope reply = ReceiptUpdateFor(5, "alice", 3, 0);
+    reply.set_rid(receipts[0].rid());
+    h.session->OnEnvelope(reply);
+    h.Deliver(Msg(5, 4));  // live, not from a Sync
+  }
+  {
+    std::shared_ptr<Cache> cache(Cache::Open(path).value());
+    Harness h({}, cache);
+    h.Reply(h.Welcome(), {});
+    h.session->Tick();
+    auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+    REQUIRE(receipts.size() == 1);
+    CHECK(receipts[0].receipt().delivered_seq() == 4);
+    CHECK(receipts[0].receipt().read_seq() == 0);
+    v1::Envelope reply = ReceiptUpdateFor(5, "alice", 4, 0);
+    reply.set_rid(receipts[0].rid());
+    h.session->OnEnvelope(reply);
+    h.Deliver(Msg(5, 5, "alice"));  // sent from the phone: read up to it
+  }
+  std::shared_ptr<Cache> cache(Cache::Open(path).value());
+  Harness h({}, cache);
+  h.Reply(h.Welcome(), {});
+  h.session->Tick();
+  auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  REQUIRE(receipts.size() == 1);
+  CHECK(receipts[0].receipt().delivered_seq() == 5);
+  CHECK(receipts[0].receipt().read_seq() == 5);
+}
+
+TEST_CASE("session: after a restart, receipts refused for now or lost go again; not refused ones") {
+  testing::TempDir dir;
+  const std::string path = dir.File("cache.db");
+  {
+    std::shared_ptr<Cache> cache(Cache::Open(path).value());
+    Harness h({}, cache);
+    ConnectWithGroup(h);
+    h.session->MarkRead(5, 3);
+    h.session->Tick();
+    auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+    REQUIRE(receipts.size() == 1);
+    v1::Envelope limited;
+    limited.set_rid(receipts[0].rid());
+    limited.mutable_error()->set_code(v1::Error::RESOURCE_EXHAUSTED);
+    limited.mutable_error()->set_retry_after_ms(2'000);
+    h.session->OnEnvelope(limited);
+    h.clock->Advance(2'000);
+    h.session->Tick();
+    REQUIRE(OfCase(h.io.Take(), v1::Envelope::kReceipt).size() == 1);
+    h.session->OnClosed(1006, "abnormal");  // unanswered
+  }
+  {
+    std::shared_ptr<Cache> cache(Cache::Open(path).value());
+    Harness h({}, cache);
+    h.Reply(h.Welcome(), {});
+    h.session->Tick();
+    auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+    REQUIRE(receipts.size() == 1);
+    CHECK(receipts[0].receipt().read_seq() == 3);
+    // Refused for good (say, the user was removed meanwhile): not owed any more.
+    v1::Envelope denied;
+    denied.set_rid(receipts[0].rid());
+    denied.mutable_error()->set_code(v1::Error::PERMISSION_DENIED);
+    h.session->OnEnvelope(denied);
+  }
+  std::shared_ptr<Cache> cache(Cache::Open(path).value());
+  Harness h({}, cache);
+  h.Reply(h.Welcome(), {});
+  h.session->Tick();
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());
+}
+
+// A refusal for good settles only the watermarks it refused: a later Receipt, waiting or
+// unanswered, is still owed.
+TEST_CASE("session: a receipt refused for good leaves a later one owed") {
+  for (const bool later_sent : {false, true}) {
+    CAPTURE(later_sent);
+    testing::TempDir dir;
+    const std::string path = dir.File("cache.db");
+    {
+      std::shared_ptr<Cache> cache(Cache::Open(path).value());
+      Harness h({}, cache);
+      ConnectWithGroup(h);
+      h.session->MarkRead(5, 2);
+      h.session->Tick();
+      auto first = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+      REQUIRE(first.size() == 1);
+      h.session->MarkRead(5, 3);
+      if (later_sent) {
+        h.clock->Advance(kReceiptIntervalMs);
+        h.session->Tick();
+        REQUIRE(OfCase(h.io.Take(), v1::Envelope::kReceipt).size() == 1);
+      }
+      v1::Envelope denied;
+      denied.set_rid(first[0].rid());
+      denied.mutable_error()->set_code(v1::Error::INVALID_ARGUMENT);
+      h.session->OnEnvelope(denied);
+      CHECK(h.cache->GetConversation(5)->receipt_due);
+    }
+    std::shared_ptr<Cache> cache(Cache::Open(path).value());
+    Harness h({}, cache);
+    h.Reply(h.Welcome(), {});
+    h.session->Tick();
+    auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+    REQUIRE(receipts.size() == 1);
+    CHECK(receipts[0].receipt().read_seq() == 3);
+  }
+}
+
+TEST_CASE("session: another device's receipt at this one's watermarks settles what was owed") {
+  testing::TempDir dir;
+  const std::string path = dir.File("cache.db");
+  {
+    std::shared_ptr<Cache> cache(Cache::Open(path).value());
+    Harness h({}, cache);
+    ConnectWithGroup(h);
+    h.session->MarkRead(5, 3);
+    // The phone read as far before this device's Receipt went out.
+    h.session->OnEnvelope(ReceiptUpdateFor(5, "alice", 2, 2));
+    CHECK(h.cache->GetConversation(5)->receipt_due);  // not as far as this one
+    h.session->OnEnvelope(ReceiptUpdateFor(5, "alice", 3, 3));
+    CHECK_FALSE(h.cache->GetConversation(5)->receipt_due);
+  }
+  std::shared_ptr<Cache> cache(Cache::Open(path).value());
+  Harness h({}, cache);
+  h.Reply(h.Welcome(), {});
+  h.session->Tick();
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());
+}
+
+// A synced state behind the watermarks the server confirmed (its store went back) is told again,
+// and that too survives a restart.
+TEST_CASE(
+    "session: a synced state behind this device's watermarks owes a receipt after a restart") {
+  // The state is behind on the delivered watermark only, then on the read one only.
+  for (const bool behind_on_read : {false, true}) {
+    CAPTURE(behind_on_read);
+    testing::TempDir dir;
+    const std::string path = dir.File("cache.db");
+    {
+      std::shared_ptr<Cache> cache(Cache::Open(path).value());
+      Harness h({}, cache);
+      ConnectWithGroup(h);
+      h.session->MarkRead(5, 3);
+      h.session->Tick();
+      auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+      REQUIRE(receipts.size() == 1);
+      v1::Envelope reply = ReceiptUpdateFor(5, "alice", 3, 3);
+      reply.set_rid(receipts[0].rid());
+      h.session->OnEnvelope(reply);
+      REQUIRE_FALSE(h.cache->GetConversation(5)->receipt_due);
+      v1::Envelope update;
+      v1::ConversationState* state = update.mutable_conversation_update()->mutable_conversation();
+      *state = GroupState(5, 3, behind_on_read ? 3 : 0);
+      state->set_delivered_seq(behind_on_read ? 3 : 0);
+      state->set_read_seq(behind_on_read ? 0 : 3);
+      h.session->OnEnvelope(update);
+      CHECK(h.cache->GetConversation(5)->info.delivered_seq == 3);
+      CHECK(h.cache->GetConversation(5)->info.read_seq == 3);
+      CHECK(h.cache->GetConversation(5)->receipt_due);
+    }
+    std::shared_ptr<Cache> cache(Cache::Open(path).value());
+    Harness h({}, cache);
+    h.Reply(h.Welcome(), {});
+    h.session->Tick();
+    auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+    REQUIRE(receipts.size() == 1);
+    CHECK(receipts[0].receipt().delivered_seq() == 3);
+    CHECK(receipts[0].receipt().read_seq() == 3);
+  }
+}
+
 v1::Envelope TypingFor(ConversationId conversation, const std::string& user, bool active,
                        uint32_t expires_ms) {
   v1::Envelope e;
