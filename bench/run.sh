@@ -370,7 +370,9 @@ for w in direct idle fanout; do
 done
 if [[ ${#plots[@]} -gt 0 ]] && ! command -v gnuplot >/dev/null; then
   echo "== gnuplot missing: trying apt-get install -y gnuplot-nox"
-  apt-get install -y gnuplot-nox >/dev/null 2>&1 || true
+  apt-get install -y gnuplot-nox >/dev/null 2>&1 ||
+    { apt-get update -qq >/dev/null 2>&1 && apt-get install -y gnuplot-nox >/dev/null 2>&1; } ||
+    true
 fi
 if [[ ${#plots[@]} -gt 0 ]] && ! command -v gnuplot >/dev/null; then
   echo "== gnuplot unavailable: no plots written"

@@ -10,7 +10,6 @@ packages=(
   libsqlite3-dev sqlite3
   libjemalloc-dev
   doctest-dev libcli11-dev
-  libbenchmark-dev
   python3 curl procps openssl
   locales  # locale sources: a JWT test builds a decimal-comma locale in a temp dir
 )
