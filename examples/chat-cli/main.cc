@@ -263,6 +263,7 @@ class Listener : public chat::ClientListener {
   void OnConnectionState(chat::ConnectionState state) override {
     std::lock_guard lock(mu_);
     state_ = state;
+    if (state == chat::ConnectionState::kConnected) auth_refusals_ = 0;
     if (verbose_) {
       if (json_) {
         Print("{\"type\":\"state\",\"state\":\"" + std::string(chat::ConnectionStateName(state)) +
@@ -333,7 +334,10 @@ class Listener : public chat::ClientListener {
     } else {
       std::fprintf(stderr, "error: %s\n", status.ToString().c_str());
     }
-    if (status.code() == chat::Code::kUnauthenticated) auth_failed_ = true;
+    if (status.code() == chat::Code::kUnauthenticated) {
+      ++auth_refusals_;
+      auth_error_ = status;
+    }
     cv_.notify_all();
   }
 
@@ -351,13 +355,29 @@ class Listener : public chat::ClientListener {
   }
 
   void set_verbose(bool v) { verbose_ = v; }
+  void set_token_from_file(bool v) { token_from_file_ = v; }
   void set_print_presence(bool v) { print_presence_ = v; }
   std::mutex& mu() { return mu_; }
   std::condition_variable& cv() { return cv_; }
   chat::ConnectionState state() const { return state_; }
-  bool auth_failed() const { return auth_failed_; }
+  // Whether the server refused the token for good (under mu()): any refusal of a --token, or
+  // the second in a row of a token from --token-file. After "token expired" the client reads
+  // the file again at once, and a refresher may have replaced the token meanwhile.
+  bool auth_failed() const {
+    if (auth_refusals_ == 0) return false;
+    return !token_from_file_ || auth_refusals_ >= 2 ||
+           auth_error_.message().find("expired") == std::string::npos;
+  }
+  // The server's latest refusal of the token.
+  const chat::Status& auth_error() const { return auth_error_; }
   std::map<std::string, chat::MessageEvent>& sent() { return sent_; }
   std::map<std::string, chat::MessageEvent>& failed() { return failed_; }
+  // How many of the messages `ids` are neither sent nor failed yet (under mu()).
+  size_t Unanswered(const std::vector<std::string>& ids) const {
+    return static_cast<size_t>(std::count_if(ids.begin(), ids.end(), [&](const std::string& id) {
+      return !sent_.contains(id) && !failed_.contains(id);
+    }));
+  }
   // The latest presence of every user reported, and how many reports came (under mu()).
   std::map<std::string, chat::PresenceInfo>& presence() { return presence_; }
   uint64_t presence_updates() const { return presence_updates_; }
@@ -372,10 +392,12 @@ class Listener : public chat::ClientListener {
   const bool print_messages_;
   bool verbose_ = false;
   bool print_presence_ = false;
+  bool token_from_file_ = false;
   std::mutex mu_;
   std::condition_variable cv_;
   chat::ConnectionState state_ = chat::ConnectionState::kDisconnected;
-  bool auth_failed_ = false;
+  int auth_refusals_ = 0;  // since the last kConnected
+  chat::Status auth_error_;
   std::map<std::string, chat::MessageEvent> sent_;
   std::map<std::string, chat::MessageEvent> failed_;
   std::map<std::string, chat::PresenceInfo> presence_;
@@ -424,6 +446,7 @@ std::unique_ptr<chat::Client> OpenClient(const Flags& flags, std::shared_ptr<Lis
   };
   options.device_id = flags.device;
   options.cache_path = flags.cache;
+  listener->set_token_from_file(!flags.token_file.empty());
   options.listener = std::move(listener);
   auto client = chat::Client::Open(std::move(options));
   if (!client.ok()) {
@@ -437,36 +460,42 @@ std::unique_ptr<chat::Client> OpenClient(const Flags& flags, std::shared_ptr<Lis
   return std::move(client.value());
 }
 
-bool WaitConnected(Listener& listener, int timeout_ms) {
-  bool ok = listener.WaitFor(
+// Prints why the server refused the token; returns the exit code 1.
+// REQUIRES: listener.mu() is held and listener.auth_failed().
+int PrintAuthFailed(const Listener& listener) {
+  std::fprintf(stderr, "chat-cli: the server refused the token: %s\n",
+               listener.auth_error().ToString().c_str());
+  return 1;
+}
+
+// Waits until the client is connected. Returns 0 then, 1 if the server refused the token, 3 if
+// there was no connection in time.
+int WaitConnected(Listener& listener, int timeout_ms) {
+  (void)listener.WaitFor(
       [&] {
         return listener.state() == chat::ConnectionState::kConnected || listener.auth_failed();
       },
       timeout_ms);
-  if (!ok || listener.state() != chat::ConnectionState::kConnected) {
-    std::fprintf(stderr, "chat-cli: could not connect to the server\n");
-    return false;
-  }
-  return true;
+  std::lock_guard lock(listener.mu());
+  if (listener.state() == chat::ConnectionState::kConnected) return 0;
+  if (listener.auth_failed()) return PrintAuthFailed(listener);
+  std::fprintf(stderr, "chat-cli: could not connect to the server\n");
+  return 3;
 }
 
-// Waits until every id in `ids` is sent or failed. Returns the exit code.
+// Waits until every id in `ids` is sent or failed, or the server refuses the token. Returns the
+// exit code.
 int WaitSent(Listener& listener, const std::vector<std::string>& ids, int timeout_ms) {
   bool done = listener.WaitFor(
-      [&] {
-        for (const auto& id : ids) {
-          if (!listener.sent().contains(id) && !listener.failed().contains(id)) return false;
-        }
-        return true;
-      },
-      timeout_ms);
+      [&] { return listener.Unanswered(ids) == 0 || listener.auth_failed(); }, timeout_ms);
+  std::lock_guard lock(listener.mu());
+  if (done && listener.Unanswered(ids) > 0) return PrintAuthFailed(listener);
   if (!done) {
     std::fprintf(stderr, "chat-cli: not all messages were acknowledged in time%s\n",
                  "; with --cache they stay in the outbox (chat-cli flush sends them), without it "
                  "they are not kept");
     return 3;
   }
-  std::lock_guard lock(listener.mu());
   return listener.failed().empty() ? 0 : 4;
 }
 
@@ -527,9 +556,16 @@ int RunFlush(const Flags& flags) {
       rc = 0;
       break;
     }
+    {
+      std::lock_guard lock(listener->mu());
+      if (listener->auth_failed()) {
+        rc = PrintAuthFailed(*listener);
+        break;
+      }
+    }
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
-  if (rc != 0) std::fprintf(stderr, "chat-cli flush: the outbox is not empty yet\n");
+  if (rc == 3) std::fprintf(stderr, "chat-cli flush: the outbox is not empty yet\n");
   {
     // Refused by the server during this flush: printed, and exit 4 as for send.
     std::lock_guard lock(listener->mu());
@@ -578,19 +614,27 @@ int RunTail(const Flags& flags) {
   auto listener = std::make_shared<Listener>(flags.json, true);
   auto client = OpenClient(flags, listener);
   if (!client) return 1;
-  (void)listener->WaitFor([] { return false; }, -1);  // until SIGINT/SIGTERM
+  // Until SIGINT/SIGTERM, or a token refused for good: then nothing more can arrive.
+  (void)listener->WaitFor([&] { return listener->auth_failed(); }, -1);
+  int rc = 0;
+  {
+    std::lock_guard lock(listener->mu());
+    if (listener->auth_failed()) rc = PrintAuthFailed(*listener);
+  }
   client->Close();
-  return 0;
+  return rc;
 }
 
 // Opens a client, waits until it is connected, runs `body(client, listener)` and closes the
-// client. Returns body's exit code, 1 if the client cannot be opened, 3 if it does not connect.
+// client. Returns body's exit code, 1 if the client cannot be opened or the server refuses the
+// token, 3 if it does not connect.
 template <typename Body>
 int WithConnection(const Flags& flags, Body body) {
   auto listener = std::make_shared<Listener>(flags.json, false);
   auto client = OpenClient(flags, listener);
   if (!client) return 1;
-  const int rc = WaitConnected(*listener, flags.timeout_ms) ? body(*client, *listener) : 3;
+  int rc = WaitConnected(*listener, flags.timeout_ms);
+  if (rc == 0) rc = body(*client, *listener);
   client->Close();
   return rc;
 }

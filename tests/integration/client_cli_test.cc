@@ -244,5 +244,52 @@ TEST_CASE("chat-cli: flush exits 4 when the server refuses what it sends") {
   CHECK(flush.out.find("PERMISSION_DENIED") != std::string::npos);
 }
 
+TEST_CASE("chat-cli: a refused token exits 1 with the server's reason") {
+  ChatdProcess chatd;
+  REQUIRE(chatd.Start().ok());
+  TempDir dir;
+  const std::string url = " --url " + chatd.url() + " --device a ";
+  CliRun bad = RunShell(dir, CliPath() + url + "--token bad send --to bob hi");
+  CHECK_MESSAGE(bad.code == 1, bad.out);
+  CHECK(bad.out.find("chat-cli: the server refused the token: UNAUTHENTICATED: malformed token") !=
+        std::string::npos);
+
+  const std::string expired = chatd.Token("alice", -60'000);
+  CliRun listed = RunShell(dir, CliPath() + url + "--token " + expired + " conversations");
+  CHECK_MESSAGE(listed.code == 1, listed.out);
+  CHECK(listed.out.find("refused the token: UNAUTHENTICATED: token expired") != std::string::npos);
+  CHECK(listed.out.find("could not connect") == std::string::npos);
+
+  // A token signed with a key the server does not have: its header names kid "nope".
+  const std::string token = chatd.Token("alice");
+  const std::string wrong_kid =
+      "eyJhbGciOiJIUzI1NiIsImtpZCI6Im5vcGUifQ" + token.substr(token.find('.'));
+  CliRun kid = RunShell(dir, CliPath() + url + "--token " + wrong_kid + " --json send --to bob hi");
+  CHECK_MESSAGE(kid.code == 1, kid.out);
+  CHECK(kid.out.find("UNAUTHENTICATED: unknown key id") != std::string::npos);
+
+  // An expired token in --token-file is read again once (a refresher may have replaced it),
+  // then the refusal is final too.
+  REQUIRE(WriteFile(dir.File("expired.txt"), expired));
+  CliRun file = RunShell(dir, CliPath() + url + "--token-file expired.txt send --to bob hi");
+  CHECK_MESSAGE(file.code == 1, file.out);
+  CHECK(file.out.find("refused the token: UNAUTHENTICATED: token expired") != std::string::npos);
+
+  // flush and tail end too, rather than wait for a connection that cannot come. What send
+  // queued in --cache stays there.
+  CliRun queued = RunShell(dir, CliPath() + url + "--token bad --cache a.db send --to bob kept");
+  CHECK_MESSAGE(queued.code == 1, queued.out);
+  CliRun flush = RunShell(dir, CliPath() + url + "--token bad --cache a.db flush");
+  CHECK_MESSAGE(flush.code == 1, flush.out);
+  CHECK(flush.out.find("refused the token: UNAUTHENTICATED: malformed token") != std::string::npos);
+  CliRun sent = RunShell(dir, CliPath() + url + "--token " + token + " --cache a.db flush");
+  CHECK_MESSAGE(sent.code == 0, sent.out);
+  CliRun history = RunChatCli(chatd, dir, "bob", {"history", "--conversation", "1"});
+  CHECK_MESSAGE(history.out.find("[1#1] alice: kept") != std::string::npos, history.out);
+  CliRun tail = RunShell(dir, CliPath() + url + "--token bad tail");
+  CHECK_MESSAGE(tail.code == 1, tail.out);
+  CHECK(tail.out.find("refused the token: UNAUTHENTICATED: malformed token") != std::string::npos);
+}
+
 }  // namespace
 }  // namespace chat::testing
