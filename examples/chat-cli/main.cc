@@ -874,6 +874,7 @@ int RunInteractive(const Flags& flags) {
   };
   uint64_t open_conversation = 0;
   std::string open_peer;
+  std::vector<std::string> typed;  // client_msg_ids of the lines sent
   std::string line;
   while (!g_interrupted && std::getline(std::cin, line)) {
     if (g_interrupted) break;  // Ctrl-C while reading: the line is not sent
@@ -1022,15 +1023,35 @@ int RunInteractive(const Flags& flags) {
     }
     auto id = open_conversation != 0 ? client->Send(open_conversation, "text/plain", line)
                                      : client->SendTo(open_peer, "text/plain", line);
-    if (!id.ok()) std::fprintf(stderr, "send: %s\n", id.status().ToString().c_str());
+    if (id.ok()) {
+      typed.push_back(*id);
+    } else {
+      std::fprintf(stderr, "send: %s\n", id.status().ToString().c_str());
+    }
     if (open_conversation != 0) {
       // Replying means the conversation was read; the sent line ends any typing indicator.
       (void)client->SetTyping(open_conversation, false);
       (void)client->MarkRead(open_conversation);
     }
   }
+  // On EOF or /quit what was typed is sent before the process (and, without --cache, the
+  // outbox) ends; a signal quits at once.
+  int rc = 0;
+  if (!g_interrupted) {
+    size_t unanswered = 0;
+    {
+      std::lock_guard lock(listener->mu());
+      unanswered = listener->Unanswered(typed);
+    }
+    if (unanswered > 0) {
+      std::fprintf(stderr,
+                   "chat-cli: waiting up to %d ms for the server to acknowledge %zu message(s)\n",
+                   flags.timeout_ms, unanswered);
+    }
+    rc = WaitSent(*listener, typed, flags.timeout_ms);
+  }
   client->Close();
-  return g_interrupted ? 128 + g_signal.load() : 0;
+  return g_interrupted ? 128 + g_signal.load() : rc;
 }
 
 }  // namespace

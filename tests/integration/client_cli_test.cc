@@ -291,5 +291,36 @@ TEST_CASE("chat-cli: a refused token exits 1 with the server's reason") {
   CHECK(tail.out.find("refused the token: UNAUTHENTICATED: malformed token") != std::string::npos);
 }
 
+TEST_CASE("chat-cli: interactive mode sends what was typed before it exits on EOF or /quit") {
+  ChatdProcess chatd;
+  REQUIRE(chatd.Start().ok());
+  TempDir dir;
+  CliRun first = RunChatCli(chatd, dir, "alice", {"send", "--to", "bob", "first"});
+  REQUIRE_MESSAGE(first.code == 0, first.out);
+  // No --cache: the outbox lives only as long as the process.
+  CliRun eof = RunShell(
+      dir, "printf '/open 1\\nhello\\n' | " + CliPath() + " " + Connection(chatd, "alice"));
+  CHECK_MESSAGE(eof.code == 0, eof.out);
+  CliRun quit = RunShell(dir, "printf '/open bob\\nagain\\n/quit\\n' | " + CliPath() + " " +
+                                  Connection(chatd, "alice"));
+  CHECK_MESSAGE(quit.code == 0, quit.out);
+  CliRun history = RunChatCli(chatd, dir, "bob", {"history", "--conversation", "1"});
+  CHECK_MESSAGE(history.out.find("[1#2] alice: hello") != std::string::npos, history.out);
+  CHECK_MESSAGE(history.out.find("[1#3] alice: again") != std::string::npos, history.out);
+
+  // Refused by the server: exit 4 as for send.
+  CliRun refused = RunShell(dir, "printf '/open 424242\\nnot yours\\n' | " + CliPath() + " " +
+                                     Connection(chatd, "alice"));
+  CHECK_MESSAGE(refused.code == 4, refused.out);
+  CHECK(refused.out.find("(failed) PERMISSION_DENIED") != std::string::npos);
+
+  // No server to take them: exit 3 and say so, rather than exit 0 and lose them.
+  REQUIRE(chatd.Terminate().ok());
+  CliRun down = RunShell(dir, "printf '/open bob\\nlost\\n' | " + CliPath() + " " +
+                                  Connection(chatd, "alice") + " --timeout-ms 500");
+  CHECK_MESSAGE(down.code == 3, down.out);
+  CHECK(down.out.find("not all messages were acknowledged in time") != std::string::npos);
+}
+
 }  // namespace
 }  // namespace chat::testing
