@@ -27,6 +27,7 @@
 #include <ctime>
 #include <fstream>
 #include <iostream>
+#include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -1057,6 +1058,8 @@ int RunInteractive(const Flags& flags) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Durations in ms: a negative one would mean "wait forever" to Listener::WaitFor.
+  const CLI::Range kNonNegative(0, std::numeric_limits<int>::max());
   CLI::App app{"chat-cli: command-line chat client"};
   app.fallthrough();
   Flags flags;
@@ -1070,7 +1073,8 @@ int main(int argc, char** argv) {
                  "SQLite cache and outbox file; default: in memory (the outbox is lost on exit)");
   app.add_flag("--json", flags.json, "One JSON object per line");
   app.add_option("--timeout-ms", flags.timeout_ms, "How long commands wait for the server")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(kNonNegative);
 
   auto* send = app.add_subcommand("send", "Send text messages in order and wait for the acks");
   std::string to;
@@ -1112,7 +1116,8 @@ int main(int argc, char** argv) {
   int presence_duration_ms = 0;
   presence->add_option("users", presence_users, "Users to watch")->required();
   presence->add_option("--count", presence_count, "Exit after this many updates (0: no limit)");
-  presence->add_option("--duration-ms", presence_duration_ms, "Exit after this long (0: no limit)");
+  presence->add_option("--duration-ms", presence_duration_ms, "Exit after this long (0: no limit)")
+      ->check(kNonNegative);
   auto* retention = app.add_subcommand("retention", "Set a conversation's message retention");
   uint64_t retention_conversation = 0;
   int64_t retention_ms = 0;
@@ -1127,7 +1132,13 @@ int main(int argc, char** argv) {
   register_push->add_option("platform", push_platform, "apns, fcm, webhook, ...")->required();
   register_push->add_option("token", push_token, "The token; omitted: unregister the device");
 
-  CLI11_PARSE(app, argc, argv);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    // CLI11 has its own codes (105, 106, ...); every argument it refuses is exit 2 here. --help
+    // is a ParseError too, with code 0.
+    return app.exit(e) == 0 ? 0 : 2;
+  }
   if (flags.token.empty() && flags.token_file.empty()) {
     std::fprintf(stderr, "chat-cli: --token or --token-file is required\n");
     return 2;

@@ -322,5 +322,23 @@ TEST_CASE("chat-cli: interactive mode sends what was typed before it exits on EO
   CHECK(down.out.find("not all messages were acknowledged in time") != std::string::npos);
 }
 
+TEST_CASE("chat-cli: a negative duration exits 2 naming the flag") {
+  ChatdProcess chatd;
+  REQUIRE(chatd.Start().ok());
+  TempDir dir;
+  CliRun timeout = RunChatCli(chatd, dir, "alice", {"--timeout-ms", "-1", "conversations"});
+  CHECK_MESSAGE(timeout.code == 2, timeout.out);
+  CHECK(timeout.out.find("--timeout-ms") != std::string::npos);
+  CliRun duration =
+      RunChatCli(chatd, dir, "alice", {"presence", "--count", "1", "--duration-ms", "-5", "bob"});
+  CHECK_MESSAGE(duration.code == 2, duration.out);
+  CHECK(duration.out.find("--duration-ms") != std::string::npos);
+  // Other argument errors CLI11 finds exit 2 too, rather than CLI11's own codes.
+  CliRun missing = RunChatCli(chatd, dir, "alice", {"history"});
+  CHECK_MESSAGE(missing.code == 2, missing.out);
+  CliRun zero = RunChatCli(chatd, dir, "alice", {"--timeout-ms", "0", "--help"});
+  CHECK_MESSAGE(zero.code == 0, zero.out);
+}
+
 }  // namespace
 }  // namespace chat::testing
