@@ -40,6 +40,7 @@
 #include <CLI/CLI.hpp>
 
 #include "chat/client.h"
+#include "examples/cli_numbers.h"
 
 namespace {
 
@@ -1132,6 +1133,7 @@ int main(int argc, char** argv) {
   register_push->add_option("platform", push_platform, "apns, fcm, webhook, ...")->required();
   register_push->add_option("token", push_token, "The token; omitted: unregister the device");
 
+  chat::examples::PlainDecimalNumbers(&app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

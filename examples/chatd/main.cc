@@ -42,6 +42,7 @@
 #include "chat/server.h"
 #include "chat/status.h"
 #include "chat/store.h"
+#include "examples/cli_numbers.h"
 #include "src/core/slot_pool.h"
 
 #ifdef CHAT_WITH_JEMALLOC
@@ -317,31 +318,6 @@ struct ServeFlags {
   bool no_push_preview = false;
 };
 
-// CLI11 reads integers with strtoull/strtoll in base 0: "-1" given to an unsigned flag wraps to
-// its largest value, "010" is octal and "0x50" hexadecimal. Every integer flag of `app` takes
-// plain decimal digits (a sign only where the type has one); leading zeros are dropped.
-void PlainDecimalNumbers(CLI::App* app) {
-  for (CLI::Option* option : app->get_options()) {
-    const std::string type = option->get_type_name();
-    if (type != "UINT" && type != "INT") continue;
-    const bool sign = type == "INT";
-    option->transform(CLI::Validator(
-        [sign](std::string& text) -> std::string {
-          size_t start = sign && !text.empty() && text[0] == '-' ? 1 : 0;
-          if (start == text.size()) return "a decimal number is required, not \"" + text + "\"";
-          for (size_t i = start; i < text.size(); ++i) {
-            if (!std::isdigit(static_cast<unsigned char>(text[i]))) {
-              return std::string(sign ? "an integer" : "a non-negative integer") +
-                     " of decimal digits is required, not \"" + text + "\"";
-            }
-          }
-          while (start + 1 < text.size() && text[start] == '0') text.erase(start, 1);
-          return "";
-        },
-        "", "decimal"));
-  }
-}
-
 void AddServeFlags(CLI::App* serve, ServeFlags* f) {
   chat::ServerOptions& o = f->options;
   serve->set_config("--config", "", "Read the serve flags from this INI/TOML file (name = value)");
@@ -528,7 +504,7 @@ void AddServeFlags(CLI::App* serve, ServeFlags* f) {
                    "How long a deleted message's client_msg_id still answers a resend as a "
                    "duplicate (ms); 0 forgets it with the message")
       ->capture_default_str();
-  PlainDecimalNumbers(serve);
+  chat::examples::PlainDecimalNumbers(serve);
   // A misspelt key in a config file must not be ignored.
   serve->allow_config_extras(CLI::config_extras_mode::error);
 }

@@ -322,7 +322,7 @@ TEST_CASE("chat-cli: interactive mode sends what was typed before it exits on EO
   CHECK(down.out.find("not all messages were acknowledged in time") != std::string::npos);
 }
 
-TEST_CASE("chat-cli: a negative duration exits 2 naming the flag") {
+TEST_CASE("chat-cli: a negative duration or a non-decimal number exits 2 naming the flag") {
   ChatdProcess chatd;
   REQUIRE(chatd.Start().ok());
   TempDir dir;
@@ -338,6 +338,13 @@ TEST_CASE("chat-cli: a negative duration exits 2 naming the flag") {
   CHECK_MESSAGE(missing.code == 2, missing.out);
   CliRun zero = RunChatCli(chatd, dir, "alice", {"--timeout-ms", "0", "--help"});
   CHECK_MESSAGE(zero.code == 0, zero.out);
+  // A sign on an unsigned number would wrap to its largest value, and 0x10 would be 16.
+  for (const char* bad : {"-1", "0x10"}) {
+    CliRun id = RunChatCli(chatd, dir, "alice", {"history", "--conversation", bad});
+    CHECK_MESSAGE(id.code == 2, id.out);
+    CHECK(id.out.find("--conversation: a non-negative integer of decimal digits") !=
+          std::string::npos);
+  }
 }
 
 }  // namespace
