@@ -1252,6 +1252,20 @@ TEST_CASE("session: receipts not written when the queue filled are sent on the n
 
 // The app is closed or the process ends with receipts unanswered: the next run's Sync lists only
 // conversations with news, so the cache's receipt_due flags are what sends them again.
+// The app started again on the cache at `path`: a new session connects, and the server has
+// nothing new for it (an empty Sync reply, as the real server sends). `receipts`: the Receipts
+// it sent on its first turn.
+struct Restarted {
+  explicit Restarted(const std::string& path)
+      : h({}, std::shared_ptr<Cache>(Cache::Open(path).value())) {
+    h.Reply(h.Welcome(), {});
+    h.session->Tick();
+    receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  }
+  Harness h;
+  std::vector<v1::Envelope> receipts;
+};
+
 TEST_CASE("session: a receipt the server has not answered is sent again after a restart") {
   testing::TempDir dir;
   const std::string path = dir.File("cache.db");
@@ -1303,11 +1317,9 @@ TEST_CASE("session: delivered and own-message watermarks not yet sent go out aft
     ConnectWithGroup(h);  // bob's 1..3 reached the application
   }
   {
-    std::shared_ptr<Cache> cache(Cache::Open(path).value());
-    Harness h({}, cache);
-    h.Reply(h.Welcome(), {});
-    h.session->Tick();
-    auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+    Restarted restarted(path);
+    Harness& h = restarted.h;
+    auto receipts = restarted.receipts;
     REQUIRE(receipts.size() == 1);
     CHECK(receipts[0].receipt().delivered_seq() == 3);
     CHECK(receipts[0].receipt().read_seq() == 0);
@@ -1317,11 +1329,9 @@ TEST_CASE("session: delivered and own-message watermarks not yet sent go out aft
     h.Deliver(Msg(5, 4));  // live, not from a Sync
   }
   {
-    std::shared_ptr<Cache> cache(Cache::Open(path).value());
-    Harness h({}, cache);
-    h.Reply(h.Welcome(), {});
-    h.session->Tick();
-    auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+    Restarted restarted(path);
+    Harness& h = restarted.h;
+    auto receipts = restarted.receipts;
     REQUIRE(receipts.size() == 1);
     CHECK(receipts[0].receipt().delivered_seq() == 4);
     CHECK(receipts[0].receipt().read_seq() == 0);
@@ -1330,11 +1340,8 @@ TEST_CASE("session: delivered and own-message watermarks not yet sent go out aft
     h.session->OnEnvelope(reply);
     h.Deliver(Msg(5, 5, "alice"));  // sent from the phone: read up to it
   }
-  std::shared_ptr<Cache> cache(Cache::Open(path).value());
-  Harness h({}, cache);
-  h.Reply(h.Welcome(), {});
-  h.session->Tick();
-  auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  Restarted restarted(path);
+  auto receipts = restarted.receipts;
   REQUIRE(receipts.size() == 1);
   CHECK(receipts[0].receipt().delivered_seq() == 5);
   CHECK(receipts[0].receipt().read_seq() == 5);
@@ -1362,11 +1369,9 @@ TEST_CASE("session: after a restart, receipts refused for now or lost go again; 
     h.session->OnClosed(1006, "abnormal");  // unanswered
   }
   {
-    std::shared_ptr<Cache> cache(Cache::Open(path).value());
-    Harness h({}, cache);
-    h.Reply(h.Welcome(), {});
-    h.session->Tick();
-    auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+    Restarted restarted(path);
+    Harness& h = restarted.h;
+    auto receipts = restarted.receipts;
     REQUIRE(receipts.size() == 1);
     CHECK(receipts[0].receipt().read_seq() == 3);
     // Refused for good (say, the user was removed meanwhile): not owed any more.
@@ -1409,11 +1414,8 @@ TEST_CASE("session: a receipt refused for good leaves a later one owed") {
       h.session->OnEnvelope(denied);
       CHECK(h.cache->GetConversation(5)->receipt_due);
     }
-    std::shared_ptr<Cache> cache(Cache::Open(path).value());
-    Harness h({}, cache);
-    h.Reply(h.Welcome(), {});
-    h.session->Tick();
-    auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+    Restarted restarted(path);
+    auto receipts = restarted.receipts;
     REQUIRE(receipts.size() == 1);
     CHECK(receipts[0].receipt().read_seq() == 3);
   }
@@ -1471,11 +1473,8 @@ TEST_CASE(
       CHECK(h.cache->GetConversation(5)->info.read_seq == 3);
       CHECK(h.cache->GetConversation(5)->receipt_due);
     }
-    std::shared_ptr<Cache> cache(Cache::Open(path).value());
-    Harness h({}, cache);
-    h.Reply(h.Welcome(), {});
-    h.session->Tick();
-    auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+    Restarted restarted(path);
+    auto receipts = restarted.receipts;
     REQUIRE(receipts.size() == 1);
     CHECK(receipts[0].receipt().delivered_seq() == 3);
     CHECK(receipts[0].receipt().read_seq() == 3);
