@@ -632,7 +632,13 @@ void Session::Ingest(const std::vector<const v1::Message*>& messages, bool from_
     if (!txn.Started()) return;
     std::map<ConversationId, ConversationRow> rows;
     for (const v1::Message* m : messages) {
-      if (m->conversation_id() == 0 || m->seq() == 0) continue;
+      // No place in the cache: seqs start at 1, and past INT64_MAX they would not sort.
+      if (m->conversation_id() == 0 || m->seq() == 0 || m->seq() > static_cast<Seq>(INT64_MAX)) {
+        ReportError(ProtocolError("a message at conversation " +
+                                  std::to_string(m->conversation_id()) + ", seq " +
+                                  std::to_string(m->seq())));
+        continue;
+      }
       auto it = rows.find(m->conversation_id());
       if (it == rows.end()) {
         ConversationRow row = LoadOrStub(m->conversation_id());

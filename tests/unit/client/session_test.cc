@@ -2033,6 +2033,27 @@ TEST_CASE("session: a History page with a message outside the range asked for is
 
 // An ack without a place (seq or conversation 0) cannot be stored: kept pending, the message
 // would be sent again at once and acked the same way, without end.
+// A delivered message with no place in the cache is reported, not dropped silently; the other
+// messages are kept.
+TEST_CASE("session: a delivered message at conversation 0, seq 0 or past INT64_MAX is reported") {
+  Harness h;
+  ConnectWithGroup(h);
+  h.listener.errors.clear();
+  h.listener.messages.clear();
+  std::vector<v1::Message> bad = {Msg(0, 4), Msg(5, 0), Msg(5, static_cast<Seq>(INT64_MAX) + 1)};
+  for (const v1::Message& m : bad) h.Deliver(m);
+  REQUIRE(h.listener.errors.size() == 3);
+  for (const Status& error : h.listener.errors) {
+    CHECK(error.code() == Code::kInternal);
+    CHECK(error.message().starts_with("protocol error: the server sent a message at conversation"));
+  }
+  CHECK(h.listener.messages.empty());
+  h.Deliver(Msg(5, 4));
+  REQUIRE(h.listener.messages.size() == 1);
+  CHECK(h.listener.messages[0].message.seq == 4);
+  CHECK(h.state() == ConnectionState::kConnected);
+}
+
 TEST_CASE("session: a SendAck without a seq or conversation fails the message, once") {
   for (int which = 0; which < 2; ++which) {
     CAPTURE(which);
