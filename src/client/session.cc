@@ -686,15 +686,27 @@ void Session::HandleSendAck(const v1::Envelope& envelope) {
     in_flight_.erase(it);
   }
   std::optional<OutboxEntry> entry = cache_->FindOutbox(client_msg_id);
-  if (entry && entry->status == MessageStatus::kPending &&
-      (ack.conversation_id() == 0 || ack.seq() == 0)) {
+  const bool pending = entry && entry->status == MessageStatus::kPending;
+  std::string bad;
+  if (pending && (ack.conversation_id() == 0 || ack.seq() == 0)) {
     // No place to store it at: kept pending, it would be sent again at once, and acked the
-    // same way, without end. It fails like a refused message.
-    const Status error =
-        ProtocolError("a SendAck without a conversation id or seq for " + client_msg_id);
+    // same way, without end.
+    bad = "a SendAck without a conversation id or seq for " + client_msg_id;
+  } else if (pending && ack.seq() > static_cast<Seq>(INT64_MAX)) {
+    bad = "a SendAck past the largest seq for " + client_msg_id;
+  } else if (pending && entry->conversation_id != 0 &&
+             ack.conversation_id() != entry->conversation_id) {
+    // Stored under the conversation the ack names, it would show in a conversation it was
+    // not sent to.
+    bad = "a SendAck naming conversation " + std::to_string(ack.conversation_id()) + " for " +
+          client_msg_id + ", sent to conversation " + std::to_string(entry->conversation_id);
+  }
+  if (!bad.empty()) {
+    // It fails like a refused message.
+    const Status error = ProtocolError(bad);
     ReportError(error);
     FailPending(*entry, error);
-  } else if (entry && entry->status == MessageStatus::kPending) {
+  } else if (pending) {
     // The committed message is known in full: the ack names its place, the outbox its content.
     v1::Message message;
     message.set_conversation_id(ack.conversation_id());

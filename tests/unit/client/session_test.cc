@@ -2054,8 +2054,9 @@ TEST_CASE("session: a delivered message at conversation 0, seq 0 or past INT64_M
   CHECK(h.state() == ConnectionState::kConnected);
 }
 
-TEST_CASE("session: a SendAck without a seq or conversation fails the message, once") {
-  for (int which = 0; which < 2; ++which) {
+// Also one naming another conversation than the message was sent to, or a seq past INT64_MAX.
+TEST_CASE("session: a SendAck that names no place or a wrong one fails the message, once") {
+  for (int which = 0; which < 4; ++which) {
     CAPTURE(which);
     Harness h;
     h.ConnectLive();
@@ -2065,6 +2066,8 @@ TEST_CASE("session: a SendAck without a seq or conversation fails the message, o
     REQUIRE(SendIds(sends).size() == 2);
     v1::Envelope ack = AckFor(sends[0], which == 0 ? 0 : 1);
     if (which == 1) ack.mutable_send_ack()->set_conversation_id(0);
+    if (which == 2) ack.mutable_send_ack()->set_conversation_id(6);
+    if (which == 3) ack.mutable_send_ack()->set_seq(static_cast<Seq>(INT64_MAX) + 1);
     h.session->OnEnvelope(ack);
     CHECK(SendIds(h.io.Take()).empty());
     h.clock->Advance(kOutboxRetryMinMs);
@@ -2077,6 +2080,7 @@ TEST_CASE("session: a SendAck without a seq or conversation fails the message, o
     CHECK(h.listener.messages.back().reason == h.listener.errors[0]);
     CHECK(h.cache->PendingCount() == 1);
     CHECK_FALSE(h.cache->GetConversation(0).has_value());
+    CHECK_FALSE(h.cache->GetConversation(6).has_value());
     // The next message is unaffected.
     h.session->OnEnvelope(AckFor(sends[1], 1));
     CHECK(h.listener.SentSeqs(5) == std::vector<Seq>{1});
