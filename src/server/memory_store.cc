@@ -111,7 +111,7 @@ class MemorySource final : public server::ReadSource {
   }
 
   Result<ConversationInfo> Describe(ConversationId conversation_id, const UserId& user,
-                                    const DeviceId& device) override {
+                                    const DeviceId& device, bool count_unread) override {
     const Conversation& c = data_->conversations.at(conversation_id);
     const Member& member = c.members.at(user);
     ConversationInfo info;
@@ -134,7 +134,7 @@ class MemorySource final : public server::ReadSource {
     }
     const Seq from = std::max(info.read_seq + 1, member.joined_seq);
     for (auto it = c.messages.lower_bound(from);
-         it != c.messages.end() && it->first <= info.last_seq; ++it) {
+         count_unread && it != c.messages.end() && it->first <= info.last_seq; ++it) {
       if (it->second.kind == MessageKind::kUser && it->second.sender != user) ++info.unread;
     }
     // Nothing a removed member may read is stored any more: say so, not what came later.

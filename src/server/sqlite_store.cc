@@ -863,7 +863,7 @@ class SqliteSource final : public server::ReadSource {
   }
 
   Result<ConversationInfo> Describe(ConversationId conversation_id, const UserId& user,
-                                    const DeviceId& device) override {
+                                    const DeviceId& device, bool count_unread) override {
     ConversationInfo info;
     info.conversation_id = conversation_id;
     Seq joined_seq = 0;
@@ -913,7 +913,7 @@ class SqliteSource final : public server::ReadSource {
       if (!seq.ok()) return seq.status();
       info.delivered_seq = static_cast<Seq>(*seq);
     }
-    {
+    if (count_unread) {
       Query q(conn_, Sql::kUnread);
       const Seq above = std::max(info.read_seq, joined_seq == 0 ? 0 : joined_seq - 1);
       q.U64(conversation_id).U64(above).Text(user).U64(info.last_seq);

@@ -480,11 +480,18 @@ Status ChangeGroup(AppendTarget& target, const AppendRequest& request, AppendRes
   return Status::Ok();
 }
 
-Result<uint64_t> UnreadTotal(ReadSource& source, const UserId& user, const DeviceId& device) {
+// `known`, if given, is one of the user's conversations described already: its count is not
+// read again (counting reads every unread message).
+Result<uint64_t> UnreadTotal(ReadSource& source, const UserId& user, const DeviceId& device,
+                             const ConversationInfo* known = nullptr) {
   std::vector<ConversationHead> heads;
   if (Status s = source.UserConversations(user, &heads); !s.ok()) return s;
   uint64_t total = 0;
   for (const ConversationHead& head : heads) {
+    if (known != nullptr && head.conversation_id == known->conversation_id) {
+      total += known->unread;
+      continue;
+    }
     Result<ConversationInfo> info = source.Describe(head.conversation_id, user, device);
     if (!info.ok()) return info.status();
     total += info->unread;
@@ -505,7 +512,9 @@ Status ApplyReceipt(AppendTarget& target, const AppendRequest& request, AppendRe
   }
   result->kind = membership->kind;
   const bool removed = membership->removed_at_seq != 0;
-  Result<ConversationInfo> before = reader.Describe(id, request.sender, request.sender_device);
+  // Only the watermarks: the unread count is read once, after the change.
+  Result<ConversationInfo> before =
+      reader.Describe(id, request.sender, request.sender_device, /*count_unread=*/false);
   if (!before.ok()) return before.status();
   // Watermarks never move backwards and never past what is committed. A device that has read
   // up to a seq has also received it.
@@ -525,7 +534,8 @@ Status ApplyReceipt(AppendTarget& target, const AppendRequest& request, AppendRe
   if (!after.ok()) return after.status();
   result->conversation = std::move(*after);
   result->message.conversation_id = id;
-  Result<uint64_t> total = UnreadTotal(reader, request.sender, request.sender_device);
+  Result<uint64_t> total =
+      UnreadTotal(reader, request.sender, request.sender_device, &result->conversation);
   if (!total.ok()) return total.status();
   result->unread_total = *total;
 
@@ -827,8 +837,8 @@ class MergingSource final : public ReadSource {
     return inner_.Head(conversation_id);
   }
   Result<ConversationInfo> Describe(ConversationId conversation_id, const UserId& user,
-                                    const DeviceId& device) override {
-    return inner_.Describe(conversation_id, user, device);
+                                    const DeviceId& device, bool count_unread) override {
+    return inner_.Describe(conversation_id, user, device, count_unread);
   }
   Status ReadDescending(ConversationId conversation_id, Seq before_seq, size_t max,
                         std::vector<Message>* out) override {

@@ -70,9 +70,10 @@ class ReadSource {
   virtual Result<ConversationHead> Head(ConversationId conversation_id) = 0;
   // The conversation as `user` on `device` sees it (ConversationInfo documents the fields): a
   // removed user sees last_seq capped at its removal; unread counts user messages of others
-  // above the read watermark that the user may see. REQUIRES: `user` is or was a member.
+  // above the read watermark that the user may see; counting them reads each of them, so with
+  // `count_unread` false it is left 0. REQUIRES: `user` is or was a member.
   virtual Result<ConversationInfo> Describe(ConversationId conversation_id, const UserId& user,
-                                            const DeviceId& device) = 0;
+                                            const DeviceId& device, bool count_unread = true) = 0;
   // Appends to `out` the messages with from_seq <= seq <= to_seq, ascending, at most `max`.
   virtual Status ReadAscending(ConversationId conversation_id, Seq from_seq, Seq to_seq, size_t max,
                                std::vector<Message>* out) = 0;

@@ -53,7 +53,7 @@ class FakeSource final : public ReadSource {
     return Status::Ok();
   }
   Result<ConversationInfo> Describe(ConversationId id, const UserId& user,
-                                    const DeviceId& /*device*/) override {
+                                    const DeviceId& /*device*/, bool /*count_unread*/) override {
     if (user == failing_user) {
       storage_failed = true;
       return Unavailable("disk I/O error");
