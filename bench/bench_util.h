@@ -230,6 +230,7 @@ struct SdkOptions {
   uint64_t mmap_size_bytes = 0;
   int reads = 10000;
   int members = 100000;  // receipt-store: the channel's members (--channel-members)
+  int unread = 0;        // receipt-store: posts in the channel the receipts leave unread
   int page = 50;
   int sends = 20000;
   int body_bytes = 64;

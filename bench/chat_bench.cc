@@ -1926,6 +1926,9 @@ int main(int argc, char** argv) {
                  "history-gen: messages in each conversation")
       ->capture_default_str();
   app.add_option("--batch", sdk.batch, "history-gen: messages per Append")->capture_default_str();
+  app.add_option("--unread", sdk.unread,
+                 "receipt-store: posts in the channel that the receipts leave unread")
+      ->capture_default_str();
   app.add_option("--burst", sdk.burst,
                  "history-gen: messages a conversation gets in a row before the next one's turn")
       ->capture_default_str();

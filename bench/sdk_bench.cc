@@ -4,7 +4,8 @@
 //                  public MessageStore API, in large batches, and lists its conversations;
 //   history-store  times MessageStore::History (newest page) directly on that store;
 //   receipt-store  times a Receipt's commit (MessageStore::Append) by one member of a channel of
-//                  --channel-members members, in a fresh SQLite store at --store;
+//                  --channel-members members with --unread posts it has not read, in a
+//                  fresh SQLite store at --store;
 //   client         times Client::Send() into the durable outbox, drains the outbox into a chatd,
 //                  and times Client::History() pages answered from the local cache. With
 //                  --sends 0 and --user it only syncs that user's conversations into a fresh
@@ -410,6 +411,23 @@ int RunReceiptStore(const SdkOptions& o) {
     AppendResult done;
     ok = CommitOk(store, std::move(add), &done);
   }
+  // The owner's posts, all unread by the viewer: what its unread count has to count.
+  for (int posted = 0; ok && posted < o.unread;) {
+    std::vector<AppendRequest> batch;
+    for (; batch.size() < 1000 && posted < o.unread; ++posted) {
+      AppendRequest post = ChannelOp(ConversationOp::kNone, id, "owner", ++n);
+      post.kind = MessageKind::kUser;
+      post.client_msg_id = "post-" + std::to_string(n) + "-0123456789abcdef";
+      post.content_type = kContentType;
+      post.body = Body(o.body_bytes, n);
+      batch.push_back(std::move(post));
+    }
+    std::vector<AppendResult> results;
+    Status s = store.Append(batch, &results);
+    ok = s.ok() && std::all_of(results.begin(), results.end(),
+                               [](const AppendResult& r) { return r.status.ok(); });
+  }
+  json.Add("unread", o.unread);
   Histogram wall;
   for (int i = 0; ok && i < o.reads; ++i) {
     AppendRequest receipt = ChannelOp(ConversationOp::kReceipt, id, "viewer", ++n);
