@@ -40,7 +40,7 @@
 #include <CLI/CLI.hpp>
 
 #include "chat/client.h"
-#include "examples/cli_numbers.h"
+#include "examples/cli_args.h"
 
 namespace {
 
@@ -1133,14 +1133,7 @@ int main(int argc, char** argv) {
   register_push->add_option("platform", push_platform, "apns, fcm, webhook, ...")->required();
   register_push->add_option("token", push_token, "The token; omitted: unregister the device");
 
-  chat::examples::PlainDecimalNumbers(&app);
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    // CLI11 has its own codes (105, 106, ...); every argument it refuses is exit 2 here. --help
-    // is a ParseError too, with code 0.
-    return app.exit(e) == 0 ? 0 : 2;
-  }
+  if (std::optional<int> exit = chat::examples::ParseArguments(app, argc, argv)) return *exit;
   if (flags.token.empty() && flags.token_file.empty()) {
     std::fprintf(stderr, "chat-cli: --token or --token-file is required\n");
     return 2;

@@ -42,7 +42,7 @@
 #include "chat/server.h"
 #include "chat/status.h"
 #include "chat/store.h"
-#include "examples/cli_numbers.h"
+#include "examples/cli_args.h"
 #include "src/core/slot_pool.h"
 
 #ifdef CHAT_WITH_JEMALLOC
@@ -504,7 +504,6 @@ void AddServeFlags(CLI::App* serve, ServeFlags* f) {
                    "How long a deleted message's client_msg_id still answers a resend as a "
                    "duplicate (ms); 0 forgets it with the message")
       ->capture_default_str();
-  chat::examples::PlainDecimalNumbers(serve);
   // A misspelt key in a config file must not be ignored.
   serve->allow_config_extras(CLI::config_extras_mode::error);
 }
@@ -594,7 +593,7 @@ int Serve(ServeFlags& flags) {
 }
 
 int Token(const std::string& user, const std::string& ttl, const SecretFlags& secret_flags) {
-  // What chatd accepts at Hello, so it never prints a token it would refuse.
+  // The length chatd accepts at Hello (it also wants UTF-8, which this does not check).
   if (user.empty() || user.size() > 128) {
     std::cerr << "chatd: --user must be 1 to 128 bytes\n";
     return kExitUsage;
@@ -650,12 +649,7 @@ int main(int argc, char** argv) {
   token->add_option("--ttl", ttl, "Validity: 90s, 15m, 24h, 7d, 500ms")->capture_default_str();
   AddSecretFlags(token, &token_secret);
 
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    // --help and --version exit 0; every parse error is a usage error.
-    return app.exit(e) == 0 ? kExitOk : kExitUsage;
-  }
+  if (std::optional<int> exit = chat::examples::ParseArguments(app, argc, argv)) return *exit;
 
   if (*token) return Token(user, ttl, token_secret);
   return Serve(serve_flags);

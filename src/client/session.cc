@@ -22,6 +22,10 @@ Status ProtocolError(std::string_view what) {
   return Internal("protocol error: the server sent " + std::string(what));
 }
 
+// The cache keeps seqs as SQLite integers: past INT64_MAX they would not sort, and a cursor
+// there would never reach its next seq.
+constexpr Seq kMaxCachedSeq = static_cast<Seq>(INT64_MAX);
+
 bool IsTokenExpired(const v1::Error& error) {
   return error.code() == v1::Error::UNAUTHENTICATED &&
          error.message().find("expired") != std::string::npos;
@@ -611,7 +615,7 @@ bool Session::Advance(ConversationRow* row, std::vector<MessageEvent>* events, S
     row->receipt_due = true;
     receipts_due_.insert(id);
   }
-  return cache_->CountRange(id, row->cursor + 1, static_cast<Seq>(INT64_MAX)) > 0;
+  return cache_->CountRange(id, row->cursor + 1, kMaxCachedSeq) > 0;
 }
 
 MessageEvent Session::EventFor(const v1::Message& message) const {
@@ -632,8 +636,8 @@ void Session::Ingest(const std::vector<const v1::Message*>& messages, bool from_
     if (!txn.Started()) return;
     std::map<ConversationId, ConversationRow> rows;
     for (const v1::Message* m : messages) {
-      // No place in the cache: seqs start at 1, and past INT64_MAX they would not sort.
-      if (m->conversation_id() == 0 || m->seq() == 0 || m->seq() > static_cast<Seq>(INT64_MAX)) {
+      // No place in the cache: seqs start at 1 and end at kMaxCachedSeq.
+      if (m->conversation_id() == 0 || m->seq() == 0 || m->seq() > kMaxCachedSeq) {
         ReportError(ProtocolError("a message at conversation " +
                                   std::to_string(m->conversation_id()) + ", seq " +
                                   std::to_string(m->seq())));
@@ -692,7 +696,7 @@ void Session::HandleSendAck(const v1::Envelope& envelope) {
     // No place to store it at: kept pending, it would be sent again at once, and acked the
     // same way, without end.
     bad = "a SendAck without a conversation id or seq for " + client_msg_id;
-  } else if (pending && ack.seq() > static_cast<Seq>(INT64_MAX)) {
+  } else if (pending && ack.seq() > kMaxCachedSeq) {
     bad = "a SendAck past the largest seq for " + client_msg_id;
   } else if (pending && entry->conversation_id != 0 &&
              ack.conversation_id() != entry->conversation_id) {
@@ -810,9 +814,7 @@ Status Session::CheckSyncBatch(const v1::SyncBatch& batch) {
     if (gap.to_seq() > last->second) {
       return ProtocolError("a Sync gap past the last seq " + std::to_string(last->second) + where);
     }
-    // The cache keeps seqs as SQLite integers: past INT64_MAX they would not sort, and the
-    // cursor's next seq would be out of reach.
-    if (gap.to_seq() > static_cast<Seq>(INT64_MAX)) {
+    if (gap.to_seq() > kMaxCachedSeq) {
       return ProtocolError("a Sync gap past the largest seq" + where);
     }
     // A gap starts at the cursor this client sent, and the cursor only moves forward: one above

@@ -53,21 +53,21 @@ inline constexpr int kMaxClientBatchEnvelopes = 256;
 // connection (1009) every time it came, and the client could never get past it.
 size_t LargestMessageFrameBytes(const ServerOptions& options, codec::Format format);
 
-inline constexpr uint32_t kHeldSendTimeoutMs = 30'000;
-
 // The refusal of a connection's message after an earlier one of its messages was not stored
 // (UNAVAILABLE, retry after 1 s): its messages are stored in the order it sent them, so it must
 // send that one again first (a client resending its outbox in order does). The Hub (rate limit)
 // and the writer (overload, failed commit) both answer with it.
-// A hold ends after kHeldSendTimeoutMs even if the refused message never came again: a client
-// that gave it up (it saw it stored after all, or the user discarded it) must not have every
-// later message refused for as long as its connection lasts.
 inline Status HeldSendStatus() {
   Status status =
       Unavailable("an earlier message from this connection was not stored; send it again first");
   status.set_retry_after_ms(1000);
   return status;
 }
+
+// Such a hold ends this long after the refusal even if the refused message never came again: a
+// client that gave it up (it saw it stored after all, or the user discarded it) must not have
+// every later message refused for as long as its connection lasts.
+inline constexpr uint32_t kHeldSendTimeoutMs = 30'000;
 
 // A unit of work for the store's writer thread. `token` comes back in OnAppendDone.
 struct AppendJob {

@@ -1810,8 +1810,6 @@ class SqliteStore final : public MessageStore {
     return Status::Ok();
   }
 
-  // Sizes the connection's page cache (negative cache_size: KiB rather than pages) and its
-  // memory map.
   // The store's readers see the writer's commits through the WAL. SQLite quietly keeps another
   // journal mode where WAL cannot work (":memory:", where each connection would get a database
   // of its own; a file system without shared memory), so the mode it reports is checked.
@@ -1824,6 +1822,8 @@ class SqliteStore final : public MessageStore {
                            "\"): give the path of a file on a local file system");
   }
 
+  // Sizes the connection's page cache (negative cache_size: KiB rather than pages) and its
+  // memory map.
   static Status ConfigureCache(Connection& conn, uint32_t cache_kib,
                                const SqliteStoreOptions& options) {
     const std::string cache = "PRAGMA cache_size = -" + std::to_string(cache_kib);

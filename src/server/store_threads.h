@@ -23,7 +23,8 @@
 // connection's later messages are refused with Unavailable, whether queued or submitted later,
 // until that message comes again (same client_msg_id): a client resends its outbox in order, so
 // nothing it sent after the failed message is stored before it. ForgetSession ends this when the
-// connection closes (a new connection starts afresh).
+// connection closes (a new connection starts afresh), and it ends by itself
+// held_send_timeout_ms after the refusal.
 //
 // Thread-safety: Submit*, TakeCompletions and the counters may be called from any thread; the
 // runtime calls them from its loop thread. Start and Stop are called once each, from one thread.

@@ -1,14 +1,15 @@
-// Integer flags of chatd and chat-cli take plain decimal numbers.
+// Command-line parsing shared by chatd and chat-cli.
 //
-// CLI11 (2.1) reads integers with strtoull/strtoll in base 0: "-1" given to an unsigned option
-// wraps to its largest value (chatd --max-message-bytes -1 lifted the message cap), "010" is
-// octal and "0x50" hexadecimal. PlainDecimalNumbers makes every integer option of an app and of
-// its subcommands take decimal digits only, with a sign only where the type has one; leading
-// zeros are dropped. Call it after the options are added, before parsing.
-#ifndef CHAT_EXAMPLES_CLI_NUMBERS_H_
-#define CHAT_EXAMPLES_CLI_NUMBERS_H_
+// Integer flags take plain decimal numbers. CLI11 (2.1) reads integers with strtoull/strtoll in
+// base 0: "-1" given to an unsigned option wraps to its largest value (chatd
+// --max-message-bytes -1 lifted the message cap), "010" is octal and "0x50" hexadecimal.
+// PlainDecimalNumbers makes every integer option of an app and of its subcommands take decimal
+// digits only, with a sign only where the type has one; leading zeros are dropped.
+#ifndef CHAT_EXAMPLES_CLI_ARGS_H_
+#define CHAT_EXAMPLES_CLI_ARGS_H_
 
 #include <cctype>
+#include <optional>
 #include <string>
 
 #include "CLI/CLI.hpp"
@@ -38,6 +39,19 @@ inline void PlainDecimalNumbers(CLI::App* app) {
   for (CLI::App* sub : app->get_subcommands({})) PlainDecimalNumbers(sub);
 }
 
+// Parses `argv` into `app` (its integer options taking plain decimal numbers). Returns the exit
+// code when parsing ends the program: 0 after --help, 2 for any argument CLI11 refuses (instead
+// of CLI11's own codes, 103 to 114); nullopt to go on.
+inline std::optional<int> ParseArguments(CLI::App& app, int argc, char** argv) {
+  PlainDecimalNumbers(&app);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e) == 0 ? 0 : 2;
+  }
+  return std::nullopt;
+}
+
 }  // namespace chat::examples
 
-#endif  // CHAT_EXAMPLES_CLI_NUMBERS_H_
+#endif  // CHAT_EXAMPLES_CLI_ARGS_H_
