@@ -398,6 +398,16 @@ TEST_CASE("store threads: a failure that is not retried holds no connection back
   threads.Stop();
 }
 
+// Connection 7's first message (job 1) fails in a store whose next commit fails, then its second
+// (job 2) is submitted; both are collected.
+void FailFirstThenSendAnother(StoreThreads& threads, Collector& collector) {
+  threads.SubmitAppend(SessionJob(1, 7));
+  REQUIRE(collector.CollectAppends(threads, 1));
+  REQUIRE(DoneFor(collector, 1).commit_status.code() == Code::kUnavailable);
+  threads.SubmitAppend(SessionJob(2, 7));
+  REQUIRE(collector.CollectAppends(threads, 2));
+}
+
 // A client that never sends the refused message again (it gave it up) is held only for
 // held_send_timeout_ms.
 TEST_CASE("store threads: a hold runs out after held_send_timeout_ms") {
@@ -409,11 +419,7 @@ TEST_CASE("store threads: a hold runs out after held_send_timeout_ms") {
                        collector.WakeFn());
   threads.Start();
   const auto refused_at = std::chrono::steady_clock::now();
-  threads.SubmitAppend(SessionJob(1, 7));
-  REQUIRE(collector.CollectAppends(threads, 1));
-  REQUIRE(DoneFor(collector, 1).commit_status.code() == Code::kUnavailable);
-  threads.SubmitAppend(SessionJob(2, 7));
-  REQUIRE(collector.CollectAppends(threads, 2));
+  FailFirstThenSendAnother(threads, collector);
   if (std::chrono::steady_clock::now() - refused_at < std::chrono::milliseconds(1000)) {
     CHECK(DoneFor(collector, 2).commit_status.code() == Code::kUnavailable);
   }
@@ -432,11 +438,7 @@ TEST_CASE("store threads: a closed connection's hold is forgotten") {
   Collector collector;
   StoreThreads threads(store, {.reader_threads = 1}, collector.WakeFn());
   threads.Start();
-  threads.SubmitAppend(SessionJob(1, 7));
-  REQUIRE(collector.CollectAppends(threads, 1));
-  REQUIRE(DoneFor(collector, 1).commit_status.code() == Code::kUnavailable);
-  threads.SubmitAppend(SessionJob(2, 7));
-  REQUIRE(collector.CollectAppends(threads, 2));
+  FailFirstThenSendAnother(threads, collector);
   CHECK(DoneFor(collector, 2).commit_status.code() == Code::kUnavailable);
   threads.ForgetSession(7);
   threads.SubmitAppend(SessionJob(3, 7));
