@@ -25,6 +25,7 @@ struct Member {
   Role role = Role::kMember;
   Seq joined_seq = 0;
   Seq removed_at_seq = 0;  // non-zero: removed; the row stays for capped reads
+  Seq sent_seq = 0;        // the member's last own user message
   bool current() const { return removed_at_seq == 0; }
 };
 
@@ -132,7 +133,8 @@ class MemorySource final : public server::ReadSource {
       info.read_seq = std::max(info.read_seq, it->second.read_seq);
       if (it->first.second == device) info.delivered_seq = it->second.delivered_seq;
     }
-    const Seq from = std::max(info.read_seq + 1, member.joined_seq);
+    // Whoever replies has seen what came before: counting starts above the user's own message.
+    const Seq from = std::max({info.read_seq + 1, member.joined_seq, member.sent_seq + 1});
     for (auto it = c.messages.lower_bound(from);
          count_unread && it != c.messages.end() && it->first <= info.last_seq; ++it) {
       if (it->second.kind == MessageKind::kUser && it->second.sender != user) ++info.unread;
@@ -332,6 +334,11 @@ class MemoryTarget final : public server::AppendTarget {
     c.last_seq = message.seq;
     if (c.first_seq == 0) c.first_seq = message.seq;
     c.last_activity_ms = message.server_time_ms;
+    if (message.kind == MessageKind::kUser) {
+      if (auto member = c.members.find(message.sender); member != c.members.end()) {
+        member->second.sent_seq = message.seq;
+      }
+    }
     if (!message.client_msg_id.empty()) {
       Data::Key& key = data_->keys[{message.sender, message.client_msg_id}];
       key.conversation_id = message.conversation_id;

@@ -38,7 +38,7 @@ using server::ConversationHead;
 
 // The schema version this build writes. A file with a higher PRAGMA user_version was written
 // by a newer build and is refused rather than misread.
-constexpr int kSchemaVersion = 7;
+constexpr int kSchemaVersion = 8;
 
 // log0 and log1 of schema 5: the columns of messages, in arrival order (rowid), found by
 // conversation and seq through their index.
@@ -185,6 +185,49 @@ ALTER TABLE conversations ADD COLUMN member_count INTEGER NOT NULL DEFAULT 0;
 UPDATE conversations SET member_count = (SELECT COUNT(*) FROM members m
   WHERE m.conversation_id = conversations.conversation_id AND m.removed_at_seq = 0);
 )sql",
+    // 8: unread counts without a walk over the unread messages. Each message row keeps its
+    // user_ordinal: how many user messages (kind 1) of its conversation were stored up to it and
+    // including it. A conversation keeps the count of its last (user_messages) and of the last
+    // message retention deleted (gone_user_messages); a member, the seq of its last own user
+    // message (sent_seq), above which the messages of others count as unread. Stored messages
+    // are numbered from 1, however many were deleted before; a row the merge copied may still
+    // be in its log (UNION reads it once).
+    R"sql(
+ALTER TABLE messages ADD COLUMN user_ordinal INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE log0 ADD COLUMN user_ordinal INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE log1 ADD COLUMN user_ordinal INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE conversations ADD COLUMN user_messages INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE conversations ADD COLUMN gone_user_messages INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE members ADD COLUMN sent_seq INTEGER NOT NULL DEFAULT 0;
+CREATE TEMP TABLE ordinals(
+  conversation_id INTEGER NOT NULL,
+  seq INTEGER NOT NULL,
+  sender TEXT NOT NULL,
+  kind INTEGER NOT NULL,
+  user_ordinal INTEGER NOT NULL,
+  PRIMARY KEY(conversation_id, seq)
+) WITHOUT ROWID;
+INSERT INTO ordinals(conversation_id, seq, sender, kind, user_ordinal)
+  SELECT conversation_id, seq, sender, kind,
+    SUM(kind = 1) OVER (PARTITION BY conversation_id ORDER BY seq)
+  FROM (SELECT conversation_id, seq, sender, kind FROM messages
+        UNION SELECT conversation_id, seq, sender, kind FROM log0
+        UNION SELECT conversation_id, seq, sender, kind FROM log1);
+UPDATE messages SET user_ordinal = o.user_ordinal FROM ordinals o
+  WHERE o.conversation_id = messages.conversation_id AND o.seq = messages.seq;
+UPDATE log0 SET user_ordinal = o.user_ordinal FROM ordinals o
+  WHERE o.conversation_id = log0.conversation_id AND o.seq = log0.seq;
+UPDATE log1 SET user_ordinal = o.user_ordinal FROM ordinals o
+  WHERE o.conversation_id = log1.conversation_id AND o.seq = log1.seq;
+UPDATE conversations SET user_messages = o.n FROM
+  (SELECT conversation_id, MAX(user_ordinal) AS n FROM ordinals GROUP BY conversation_id) o
+  WHERE o.conversation_id = conversations.conversation_id;
+UPDATE members SET sent_seq = o.seq FROM
+  (SELECT conversation_id, sender, MAX(seq) AS seq FROM ordinals WHERE kind = 1
+   GROUP BY conversation_id, sender) o
+  WHERE o.conversation_id = members.conversation_id AND o.sender = members.user_id;
+DROP TABLE ordinals;
+)sql",
 };
 
 #undef CHAT_LOG_TABLE
@@ -192,6 +235,8 @@ UPDATE conversations SET member_count = (SELECT COUNT(*) FROM members m
 #define CHAT_MESSAGE_COLUMNS                                                           \
   "conversation_id, seq, message_id, sender, sender_device, client_msg_id, ts, kind, " \
   "content_type, body, attachments, system"
+// What a row stores: the columns read back, and its place among the user messages.
+#define CHAT_STORED_COLUMNS CHAT_MESSAGE_COLUMNS ", user_ordinal"
 
 // The seq above which conversation ?1's rows of log0 or log1 (n) are visible to readers: every
 // row of the active log, and the rows of the other one that the merge has not copied into
@@ -263,6 +308,7 @@ enum class Sql : int {
   kDeleteThroughLog0,
   kDeleteThroughLog1,
   kAdvanceConversation,
+  kMarkSent,
   kMembers,
   kConversationExists,
   kUserConversations,
@@ -271,7 +317,7 @@ enum class Sql : int {
   kPeer,
   kReadSeq,
   kDeliveredSeq,
-  kUnread,
+  kUserOrdinal,
   kRangeAscending,
   kRangeDescending,
   kRetentionCandidates,
@@ -333,13 +379,13 @@ constexpr std::array<const char*, static_cast<size_t>(Sql::kCount)> kSql = {
     "FROM members m LEFT JOIN cursors k "
     "ON k.conversation_id = m.conversation_id AND k.user_id = m.user_id "
     "WHERE m.conversation_id = ?1 AND m.user_id = ?2 GROUP BY m.user_id",
-    "SELECT last_seq FROM conversations WHERE conversation_id = ?1",
-    "INSERT INTO messages(" CHAT_MESSAGE_COLUMNS
-    ") VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-    "INSERT INTO log0(" CHAT_MESSAGE_COLUMNS
-    ") VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-    "INSERT INTO log1(" CHAT_MESSAGE_COLUMNS
-    ") VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+    "SELECT last_seq, user_messages FROM conversations WHERE conversation_id = ?1",
+    "INSERT INTO messages(" CHAT_STORED_COLUMNS
+    ") VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+    "INSERT INTO log0(" CHAT_STORED_COLUMNS
+    ") VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+    "INSERT INTO log1(" CHAT_STORED_COLUMNS
+    ") VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
     "INSERT INTO message_keys(client_msg_id, sender, conversation_id, seq) VALUES(?1, ?2, ?3, ?4)",
     "DELETE FROM message_keys WHERE client_msg_id = ?1 AND sender = ?2",
     "UPDATE message_keys SET message_id = ?3, ts = ?4, gone_ms = ?5 "
@@ -358,10 +404,10 @@ constexpr std::array<const char*, static_cast<size_t>(Sql::kCount)> kSql = {
     "ORDER BY conversation_id, seq LIMIT 1 OFFSET ?3",
     "SELECT conversation_id, seq FROM log1 WHERE (conversation_id, seq) > (?1, ?2) "
     "ORDER BY conversation_id, seq LIMIT 1 OFFSET ?3",
-    "INSERT INTO messages(" CHAT_MESSAGE_COLUMNS ") SELECT " CHAT_MESSAGE_COLUMNS
+    "INSERT INTO messages(" CHAT_STORED_COLUMNS ") SELECT " CHAT_STORED_COLUMNS
     " FROM log0 WHERE (conversation_id, seq) > (?1, ?2) AND (conversation_id, seq) <= (?3, ?4) "
     "ORDER BY conversation_id, seq",
-    "INSERT INTO messages(" CHAT_MESSAGE_COLUMNS ") SELECT " CHAT_MESSAGE_COLUMNS
+    "INSERT INTO messages(" CHAT_STORED_COLUMNS ") SELECT " CHAT_STORED_COLUMNS
     " FROM log1 WHERE (conversation_id, seq) > (?1, ?2) AND (conversation_id, seq) <= (?3, ?4) "
     "ORDER BY conversation_id, seq",
     "DELETE FROM log0",
@@ -373,8 +419,9 @@ constexpr std::array<const char*, static_cast<size_t>(Sql::kCount)> kSql = {
     "ROLLBACK TO merge",
     "DELETE FROM log0 WHERE conversation_id = ?1 AND seq <= ?2",
     "DELETE FROM log1 WHERE conversation_id = ?1 AND seq <= ?2",
-    "UPDATE conversations SET last_seq = ?2, last_activity_ms = ?3, "
+    "UPDATE conversations SET last_seq = ?2, last_activity_ms = ?3, user_messages = ?4, "
     "first_seq = CASE WHEN first_seq = 0 THEN ?2 ELSE first_seq END WHERE conversation_id = ?1",
+    "UPDATE members SET sent_seq = ?3 WHERE conversation_id = ?1 AND user_id = ?2",
     "SELECT user_id FROM members WHERE conversation_id = ?1 AND removed_at_seq = 0 "
     "ORDER BY user_id",
     "SELECT 1 FROM conversations WHERE conversation_id = ?1",
@@ -382,7 +429,8 @@ constexpr std::array<const char*, static_cast<size_t>(Sql::kCount)> kSql = {
     "FROM members m JOIN conversations c ON c.conversation_id = m.conversation_id "
     "WHERE m.user_id = ?1 ORDER BY m.conversation_id",
     "SELECT c.kind, c.title, c.last_seq, c.first_seq, c.last_activity_ms, m.role, "
-    "m.joined_seq, m.removed_at_seq, c.retention_ms, c.member_count FROM members m "
+    "m.joined_seq, m.removed_at_seq, c.retention_ms, c.member_count, m.sent_seq, "
+    "c.user_messages, c.gone_user_messages FROM members m "
     "JOIN conversations c ON c.conversation_id = m.conversation_id "
     "WHERE m.conversation_id = ?1 AND m.user_id = ?2",
     "SELECT member_count FROM conversations WHERE conversation_id = ?1",
@@ -391,18 +439,17 @@ constexpr std::array<const char*, static_cast<size_t>(Sql::kCount)> kSql = {
     "SELECT COALESCE(MAX(read_seq), 0) FROM cursors WHERE conversation_id = ?1 AND user_id = ?2",
     "SELECT delivered_seq FROM cursors "
     "WHERE conversation_id = ?1 AND user_id = ?2 AND device_id = ?3",
-    "SELECT COUNT(*) FROM (" CHAT_ALL_MESSAGES(
-        "kind, sender", "?2", " AND seq <= ?4") ") WHERE kind = 1 AND sender <> ?3",
+    CHAT_ALL_MESSAGES("user_ordinal", "?2 - 1", " AND seq <= ?2") " LIMIT 1",
     CHAT_ALL_MESSAGES(CHAT_MESSAGE_COLUMNS, "?2 - 1", " AND seq <= ?3") " ORDER BY seq LIMIT ?4",
     CHAT_ALL_MESSAGES(CHAT_MESSAGE_COLUMNS, "0", " AND seq < ?2") " ORDER BY seq DESC LIMIT ?3",
     "SELECT conversation_id, first_seq, CASE WHEN retention_ms > 0 THEN retention_ms ELSE ?1 END "
     "FROM conversations WHERE first_seq > 0 AND (retention_ms > 0 OR (retention_ms = 0 AND ?1 > "
     "0)) "
     "ORDER BY conversation_id",
-    CHAT_ALL_MESSAGES("seq, ts, client_msg_id, sender, message_id", "?2 - 1",
+    CHAT_ALL_MESSAGES("seq, ts, client_msg_id, sender, message_id, user_ordinal", "?2 - 1",
                       "") " ORDER BY seq LIMIT ?3",
     "DELETE FROM messages WHERE conversation_id = ?1 AND seq <= ?2",
-    "UPDATE conversations SET first_seq = ?2 WHERE conversation_id = ?1",
+    "UPDATE conversations SET first_seq = ?2, gone_user_messages = ?3 WHERE conversation_id = ?1",
     "UPDATE conversations SET retention_ms = ?2 WHERE conversation_id = ?1",
     // Presence: a direct conversation or group (kinds 1 and 2) with both as current members.
     "SELECT 1 FROM members a JOIN members b ON b.conversation_id = a.conversation_id "
@@ -425,6 +472,7 @@ constexpr std::array<const char*, static_cast<size_t>(Sql::kCount)> kSql = {
 
 #undef CHAT_ALL_MESSAGES
 #undef CHAT_LOG_FLOOR
+#undef CHAT_STORED_COLUMNS
 #undef CHAT_MESSAGE_COLUMNS
 
 // SQLITE_TRANSIENT spelled without the old-style cast of its macro: SQLite copies the value.
@@ -724,21 +772,26 @@ Result<std::vector<UserId>> ReadMembers(Connection& conn, ConversationId convers
 }
 
 // What the writer connection remembers between its transactions, so a message in a known
-// conversation costs three statements (idempotency probe, insert, advance) instead of six:
+// conversation costs four statements (idempotency probe, insert, advance, the sender's sent_seq)
+// instead of seven:
 // each conversation's last seq, its members, and the memberships looked up for authorization.
 // Only the writer connection changes these rows, and every change goes through the writer's
 // SqliteTarget, which keeps the cache in step; a rolled-back transaction clears it. Bounded:
 // past kMaxConversations conversations or kMaxMemberIds cached member ids it starts over.
 class WriterCache {
  public:
-  std::optional<Seq> LastSeq(ConversationId conversation_id) const {
+  // A conversation's last message: its seq and user_ordinal.
+  struct Tail {
+    Seq last_seq = 0;  // 0: not known
+    uint64_t user_messages = 0;
+  };
+
+  std::optional<Tail> FindTail(ConversationId conversation_id) const {
     auto it = conversations_.find(conversation_id);
-    if (it == conversations_.end() || it->second.last_seq == 0) return std::nullopt;
-    return it->second.last_seq;
+    if (it == conversations_.end() || it->second.tail.last_seq == 0) return std::nullopt;
+    return it->second.tail;
   }
-  void SetLastSeq(ConversationId conversation_id, Seq seq) {
-    Entry(conversation_id).last_seq = seq;
-  }
+  void SetTail(ConversationId conversation_id, Tail tail) { Entry(conversation_id).tail = tail; }
 
   const server::Membership* FindMembership(ConversationId conversation_id,
                                            const UserId& user) const {
@@ -785,7 +838,7 @@ class WriterCache {
   static constexpr size_t kMaxMemberIds = 100'000;
 
   struct Conversation {
-    Seq last_seq = 0;  // 0: not known
+    Tail tail;
     std::optional<std::vector<UserId>> members;
     std::unordered_map<UserId, server::Membership> memberships;
   };
@@ -867,6 +920,8 @@ class SqliteSource final : public server::ReadSource {
     ConversationInfo info;
     info.conversation_id = conversation_id;
     Seq joined_seq = 0;
+    Seq sent_seq = 0;
+    UserCounts counts;
     {
       Query q(conn_, Sql::kDescribe);
       q.U64(conversation_id).Text(user);
@@ -883,6 +938,8 @@ class SqliteSource final : public server::ReadSource {
       info.removed_at_seq = q.ColumnU64(7);
       info.retention_ms = q.ColumnInt(8);
       info.member_count = static_cast<uint32_t>(q.ColumnInt(9));
+      sent_seq = q.ColumnU64(10);
+      counts = {info.last_seq, info.first_seq, q.ColumnU64(11), q.ColumnU64(12)};
       if (info.removed_at_seq != 0) info.last_seq = std::min(info.last_seq, info.removed_at_seq);
       // Nothing a removed member may read is stored any more: say so, not what came later.
       if (info.first_seq > info.last_seq) info.first_seq = 0;
@@ -914,14 +971,44 @@ class SqliteSource final : public server::ReadSource {
       info.delivered_seq = static_cast<Seq>(*seq);
     }
     if (count_unread) {
-      Query q(conn_, Sql::kUnread);
-      const Seq above = std::max(info.read_seq, joined_seq == 0 ? 0 : joined_seq - 1);
-      q.U64(conversation_id).U64(above).Text(user).U64(info.last_seq);
-      Result<int64_t> unread = ScalarInt(q, 0);
-      if (!unread.ok()) return unread.status();
-      info.unread = static_cast<uint64_t>(*unread);
+      // Others' user messages above what the user read, its own last message (whoever replies
+      // has seen what came before) and its join. Two lookups, however many are unread.
+      const Seq above = std::max({info.read_seq, joined_seq == 0 ? 0 : joined_seq - 1, sent_seq});
+      if (above < info.last_seq) {
+        Result<uint64_t> through_last = UserMessagesThrough(conversation_id, info.last_seq, counts);
+        if (!through_last.ok()) return through_last.status();
+        Result<uint64_t> through_above = UserMessagesThrough(conversation_id, above, counts);
+        if (!through_above.ok()) return through_above.status();
+        info.unread = *through_last > *through_above ? *through_last - *through_above : 0;
+      }
     }
     return info;
+  }
+
+  // What a conversation's row says of its stored user messages.
+  struct UserCounts {
+    Seq last_seq = 0;
+    Seq first_seq = 0;                // 0: nothing stored
+    uint64_t user_messages = 0;       // the user_ordinal of the message at last_seq
+    uint64_t gone_user_messages = 0;  // that of the last message retention deleted
+  };
+
+  // The user_ordinal of the message at `seq` (counting from the stored ones on): the number of
+  // user messages up to it. Those retention deleted are left out of every count alike.
+  Result<uint64_t> UserMessagesThrough(ConversationId conversation_id, Seq seq,
+                                       const UserCounts& counts) {
+    if (seq >= counts.last_seq) return counts.user_messages;
+    if (counts.first_seq == 0 || seq < counts.first_seq) return counts.gone_user_messages;
+    Query q(conn_, Sql::kUserOrdinal);
+    q.U64(conversation_id).U64(seq);
+    Result<bool> row = q.Step();
+    if (!row.ok()) return row.status();
+    if (!*row) {
+      return DataLoss("conversation " + std::to_string(conversation_id) +
+                      " has no message at seq " + std::to_string(seq) +
+                      " between its first and last");
+    }
+    return q.ColumnU64(0);
   }
 
   Status ReadAscending(ConversationId conversation_id, Seq from_seq, Seq to_seq, size_t max,
@@ -1164,15 +1251,9 @@ class SqliteTarget final : public server::AppendTarget {
   }
 
   Result<Seq> LastSeq(ConversationId conversation_id) override {
-    if (std::optional<Seq> known = cache_.LastSeq(conversation_id)) return *known;
-    Query q(conn_, Sql::kLastSeq);
-    q.U64(conversation_id);
-    Result<bool> row = q.Step();
-    if (!row.ok()) return row.status();
-    if (!*row) {
-      return Internal("conversation " + std::to_string(conversation_id) + " has no row");
-    }
-    return q.ColumnU64(0);
+    Result<WriterCache::Tail> tail = FindTail(conversation_id);
+    if (!tail.ok()) return tail.status();
+    return tail->last_seq;
   }
 
   Status Insert(const Message& m) override {
@@ -1187,6 +1268,10 @@ class SqliteTarget final : public server::AppendTarget {
         return s;
       }
     }
+    Result<WriterCache::Tail> tail = FindTail(m.conversation_id);
+    if (!tail.ok()) return tail.status();
+    const bool user_message = m.kind == MessageKind::kUser;
+    const uint64_t user_ordinal = tail->user_messages + (user_message ? 1 : 0);
     const std::string attachments = EncodeAttachments(m.attachments);
     const std::string system = EncodeSystem(m);
     // Attachments count with the body (their strings may take most of max_body_bytes).
@@ -1205,7 +1290,8 @@ class SqliteTarget final : public server::AppendTarget {
           .Text(m.content_type)
           .Blob(m.body)
           .Blob(attachments, /*null_if_empty=*/true)
-          .Blob(system, /*null_if_empty=*/true);
+          .Blob(system, /*null_if_empty=*/true)
+          .U64(user_ordinal);
       if (Status s = q.Run(); !s.ok()) return s;
     }
     ++inserted_rows_;
@@ -1213,11 +1299,17 @@ class SqliteTarget final : public server::AppendTarget {
       ++logged_rows_;
       logged_bytes_ += row_bytes + kLogRowBytes;
     }
-    Query q(conn_, Sql::kAdvanceConversation);
-    q.U64(m.conversation_id).U64(m.seq).Int(m.server_time_ms);
-    if (Status s = q.Run(); !s.ok()) return s;
-    cache_.SetLastSeq(m.conversation_id, m.seq);
-    return Status::Ok();
+    {
+      Query q(conn_, Sql::kAdvanceConversation);
+      q.U64(m.conversation_id).U64(m.seq).Int(m.server_time_ms).U64(user_ordinal);
+      if (Status s = q.Run(); !s.ok()) return s;
+    }
+    cache_.SetTail(m.conversation_id, {m.seq, user_ordinal});
+    if (!user_message) return Status::Ok();
+    // The sender has seen what came before its own message: unread counts start above it.
+    Query q(conn_, Sql::kMarkSent);
+    q.U64(m.conversation_id).Text(m.sender).U64(m.seq);
+    return q.Run();
   }
 
   Result<std::vector<UserId>> Members(ConversationId conversation_id) override {
@@ -1259,6 +1351,18 @@ class SqliteTarget final : public server::AppendTarget {
   }
 
  private:
+  Result<WriterCache::Tail> FindTail(ConversationId conversation_id) {
+    if (std::optional<WriterCache::Tail> known = cache_.FindTail(conversation_id)) return *known;
+    Query q(conn_, Sql::kLastSeq);
+    q.U64(conversation_id);
+    Result<bool> row = q.Step();
+    if (!row.ok()) return row.status();
+    if (!*row) {
+      return Internal("conversation " + std::to_string(conversation_id) + " has no row");
+    }
+    return WriterCache::Tail{q.ColumnU64(0), q.ColumnU64(1)};
+  }
+
   Connection& conn_;
   WriterCache& cache_;
   SqliteSource reader_;
@@ -1763,6 +1867,7 @@ class SqliteStore final : public MessageStore {
       // Only the oldest run goes, so the stored range stays contiguous even if the clock that
       // stamped the messages stepped back. One row past the room tells what follows the cut.
       Seq through = 0;
+      uint64_t gone_user_messages = 0;  // through's user_ordinal
       Seq next = 0;
       uint64_t expired = 0;
       keys.clear();
@@ -1779,6 +1884,7 @@ class SqliteStore final : public MessageStore {
             break;
           }
           through = q.ColumnU64(0);
+          gone_user_messages = q.ColumnU64(5);
           ++expired;
           if (!q.ColumnView(2).empty()) {
             keys.push_back({std::string(q.ColumnView(2)), std::string(q.ColumnView(3)),
@@ -1802,7 +1908,7 @@ class SqliteStore final : public MessageStore {
         if (Status s = q.Run(); !s.ok()) return s;
       }
       Query q(*writer_, Sql::kSetFirstSeq);
-      q.U64(c.conversation_id).U64(next);
+      q.U64(c.conversation_id).U64(next).U64(gone_user_messages);
       if (Status s = q.Run(); !s.ok()) return s;
       result->deleted += expired;
       if (result->has_more) return Status::Ok();

@@ -416,7 +416,7 @@ void SyncReportsMissedMessages(Kind kind) {
   CHECK(info.first_seq == 1);
   CHECK(info.read_seq == 0);
   CHECK(info.delivered_seq == 0);
-  CHECK(info.unread == 4);  // alice's four; bob's own message does not count
+  CHECK(info.unread == 3);  // alice's after bob's reply: whoever replies has seen what came before
   CHECK(info.role == Role::kMember);
   CHECK(info.member_count == 2);
   CHECK(info.last_activity_ms > 0);
@@ -666,7 +666,15 @@ std::vector<std::string> RawRow(const std::string& path, const std::string& sql)
 
 // Turns a file of this build into what version 4 left behind: every message in `messages`, the
 // idempotency index on it, no logs and no keys table.
-constexpr const char* kBackToVersion4 =
+// Undoes migration 8 (the user message counts).
+#define CHAT_BACK_TO_VERSION_7                                                                    \
+  "ALTER TABLE messages DROP COLUMN user_ordinal; ALTER TABLE log0 DROP COLUMN user_ordinal; "    \
+  "ALTER TABLE log1 DROP COLUMN user_ordinal; ALTER TABLE conversations DROP COLUMN "             \
+  "user_messages; ALTER TABLE conversations DROP COLUMN gone_user_messages; ALTER TABLE members " \
+  "DROP COLUMN sent_seq; "
+constexpr const char* kBackToVersion7 = CHAT_BACK_TO_VERSION_7 "PRAGMA user_version = 7;";
+
+constexpr const char* kBackToVersion4 = CHAT_BACK_TO_VERSION_7
     "ALTER TABLE conversations DROP COLUMN member_count; "
     "INSERT INTO messages SELECT * FROM log0; INSERT INTO messages SELECT * FROM log1; "
     "DROP TABLE log0; DROP TABLE log1; DROP TABLE log_state; DROP TABLE message_keys; "
@@ -1200,8 +1208,8 @@ void ReceiptsAreMonotonicPerUserAndExact(Kind kind) {
   Env env(kind);
   MessageStore& store = *env.store;
   const ConversationId id = CreateGroupOk(store, "alice", {"bob", "carol"});
-  SendMany(store, id, "alice", 4, "a");                         // seqs 2..5
-  SendMany(store, id, "bob", 1, "b");                           // seq 6
+  SendMany(store, id, "bob", 1, "b");                           // seq 2
+  SendMany(store, id, "alice", 4, "a");                         // seqs 3..6
   const ConversationId ab = OpenDirect(store, "alice", "bob");  // one message from alice
 
   CHECK(InfoOf(store, "bob", id, "bob-phone")->unread == 4);
@@ -1212,8 +1220,8 @@ void ReceiptsAreMonotonicPerUserAndExact(Kind kind) {
   CHECK(r.receipt_changed);
   CHECK(r.conversation.read_seq == 3);
   CHECK(r.conversation.delivered_seq == 3);
-  CHECK(r.conversation.unread == 2);
-  CHECK(r.unread_total == 3);
+  CHECK(r.conversation.unread == 3);
+  CHECK(r.unread_total == 4);
   CHECK(r.sender_receipt.user == "bob");
   CHECK(r.sender_receipt.read_seq == 3);
   CHECK(r.read_all_seq == 0);  // alice and carol have read nothing
@@ -1225,11 +1233,11 @@ void ReceiptsAreMonotonicPerUserAndExact(Kind kind) {
   REQUIRE(tablet.status.ok());
   CHECK(tablet.conversation.read_seq == 3);
   CHECK(tablet.conversation.delivered_seq == 6);
-  CHECK(tablet.conversation.unread == 2);
+  CHECK(tablet.conversation.unread == 3);
   std::optional<ConversationInfo> phone = InfoOf(store, "bob", id, "bob-phone");
   CHECK(phone->read_seq == 3);
   CHECK(phone->delivered_seq == 3);
-  CHECK(phone->unread == 2);
+  CHECK(phone->unread == 3);
   AppendResult back = CommitOne(store, ReceiptOf(id, "bob", "bob-phone", 1, 1));
   CHECK(back.status.ok());
   CHECK_FALSE(back.receipt_changed);
@@ -1263,6 +1271,75 @@ void ReceiptsAreMonotonicPerUserAndExact(Kind kind) {
 }
 STORE_CASE(ReceiptsAreMonotonicPerUserAndExact,
            "receipts are monotonic, per user for read, and unread counts are exact")
+
+// The unread count of each member, as Sync reports it.
+uint64_t UnreadOf(MessageStore& store, const UserId& user, ConversationId id) {
+  std::optional<ConversationInfo> info = InfoOf(store, user, id);
+  REQUIRE(info.has_value());
+  return info->unread;
+}
+
+// Deletes the conversation's `n` oldest messages (retention of 1 ms, seen from far ahead).
+void DeleteOldest(MessageStore& store, uint32_t n) {
+  Result<SweepResult> swept = store.DeleteExpired({.now_ms = int64_t{1} << 50,
+                                                   .default_retention_ms = 1,
+                                                   .max_messages = n,
+                                                   .resend_window_ms = 0});
+  REQUIRE(swept.ok());
+  REQUIRE(swept->deleted == n);
+}
+
+void UnreadCountsStartAboveTheUsersOwnMessage(Kind kind) {
+  Env env(kind);
+  MessageStore& store = *env.store;
+  const ConversationId id = CreateGroupOk(store, "alice", {"bob", "carol"});  // seq 1
+  SendMany(store, id, "alice", 2, "a");                                       // seqs 2..3
+  SendMany(store, id, "bob", 1, "b");                                         // seq 4
+  SendMany(store, id, "alice", 2, "c");                                       // seqs 5..6
+  // Whoever replies has seen what came before: bob's count starts above his message, alice's
+  // above hers. carol has sent nothing and counts everyone's.
+  CHECK(UnreadOf(store, "bob", id) == 2);
+  CHECK(UnreadOf(store, "alice", id) == 0);
+  CHECK(UnreadOf(store, "carol", id) == 5);
+  // A read mark below the user's own message changes nothing; one above it counts from there.
+  REQUIRE(CommitOne(store, ReceiptOf(id, "bob", "bob-phone", 2, 2)).status.ok());
+  CHECK(UnreadOf(store, "bob", id) == 2);
+  AppendResult read = CommitOne(store, ReceiptOf(id, "bob", "bob-phone", 5, 5));
+  CHECK(read.conversation.unread == 1);
+  CHECK(read.unread_total == 1);
+
+  // A removed member counts up to its removal; a joining one from its join.
+  REQUIRE(CommitOne(store, Change(ConversationOp::kRemoveMembers, id, "alice", {"carol"}))
+              .status.ok());  // seq 7
+  REQUIRE(CommitOne(store, Change(ConversationOp::kAddMembers, id, "alice", {"dave"}))
+              .status.ok());             // seq 8
+  SendMany(store, id, "bob", 1, "d");    // seq 9
+  SendMany(store, id, "alice", 1, "e");  // seq 10
+  CHECK(UnreadOf(store, "carol", id) == 5);
+  CHECK(UnreadOf(store, "dave", id) == 2);
+  CHECK(UnreadOf(store, "bob", id) == 1);
+  REQUIRE(CommitOne(store, ReceiptOf(id, "carol", "carol-phone", 3, 3)).status.ok());
+  CHECK(UnreadOf(store, "carol", id) == 3);
+
+  // Messages retention deleted are counted by nobody, wherever the count starts.
+  DeleteOldest(store, 4);  // seqs 1..4
+  CHECK(UnreadOf(store, "carol", id) == 2);
+  CHECK(UnreadOf(store, "bob", id) == 1);
+  DeleteOldest(store, 5);  // seqs 5..9: carol may read nothing stored
+  CHECK(UnreadOf(store, "carol", id) == 0);
+  CHECK(UnreadOf(store, "dave", id) == 1);
+  CHECK(UnreadOf(store, "bob", id) == 1);
+  DeleteOldest(store, 1);  // seq 10: nothing is stored
+  CHECK(UnreadOf(store, "dave", id) == 0);
+  CHECK(UnreadOf(store, "bob", id) == 0);
+  // The count goes on from there.
+  SendMany(store, id, "alice", 2, "f");  // seqs 11..12
+  CHECK(UnreadOf(store, "dave", id) == 2);
+  CHECK(UnreadOf(store, "bob", id) == 2);
+  CHECK(UnreadOf(store, "alice", id) == 0);
+}
+STORE_CASE(UnreadCountsStartAboveTheUsersOwnMessage,
+           "unread counts start above the user's own last message and skip deleted ones")
 
 void ChannelsNeverListTheirMembers(Kind kind) {
   Env env(kind);
@@ -1411,8 +1488,8 @@ TEST_CASE("store: sqlite: a schema newer than this build is DataLoss and left un
   RawExec(path, "PRAGMA user_version = 99");
   Result<std::shared_ptr<MessageStore>> newer = OpenAt(path);
   CHECK(newer.status().code() == Code::kDataLoss);
-  CHECK(newer.status().message() == "schema version 99 is newer than this build supports (7)");
-  RawExec(path, "PRAGMA user_version = 7");
+  CHECK(newer.status().message() == "schema version 99 is newer than this build supports (8)");
+  RawExec(path, "PRAGMA user_version = 8");
   Result<std::shared_ptr<MessageStore>> again = OpenAt(path);
   REQUIRE(again.ok());
   CHECK((*again)->Members(1).ok());
@@ -1487,7 +1564,7 @@ TEST_CASE("store: sqlite: a version 5 file's keys answer resends, also after ret
   TempDir dir;
   const std::string path = dir.File("chat.db");
   FileWithOneMessage(path);
-  RawExec(path,
+  RawExec(path, CHAT_BACK_TO_VERSION_7
           "ALTER TABLE conversations DROP COLUMN member_count; "
           "DROP INDEX message_keys_gone; ALTER TABLE message_keys DROP COLUMN gone_ms; "
           "ALTER TABLE message_keys DROP COLUMN ts; ALTER TABLE message_keys DROP COLUMN "
@@ -1531,7 +1608,8 @@ TEST_CASE("store: sqlite: a version 6 file counts each conversation's current me
     group = CreateGroupOk(**store, "alice", {"bob", "carol", "dave"});
     REQUIRE(CommitOne(**store, Change(ConversationOp::kLeave, group, "dave")).status.ok());
   }
-  RawExec(path, "ALTER TABLE conversations DROP COLUMN member_count; PRAGMA user_version = 6");
+  RawExec(path, CHAT_BACK_TO_VERSION_7
+          "ALTER TABLE conversations DROP COLUMN member_count; PRAGMA user_version = 6");
   Result<std::shared_ptr<MessageStore>> migrated = OpenAt(path);
   REQUIRE(migrated.ok());
   CHECK(InfoOf(**migrated, "alice", group)->member_count == 3);
@@ -1539,7 +1617,44 @@ TEST_CASE("store: sqlite: a version 6 file counts each conversation's current me
   REQUIRE(CommitOne(**migrated, Change(ConversationOp::kAddMembers, group, "alice", {"dave"}))
               .status.ok());
   CHECK(InfoOf(**migrated, "alice", group)->member_count == 4);
-  CHECK(RawRow(path, "PRAGMA user_version").at(0) == "7");
+  CHECK(RawRow(path, "PRAGMA user_version").at(0) == "8");
+}
+
+TEST_CASE("store: sqlite: a version 7 file counts its user messages and who sent last") {
+  TempDir dir;
+  const std::string path = dir.File("chat.db");
+  ConversationId group = 0;
+  ConversationId ab = 0;
+  {
+    SqliteStoreOptions options;
+    options.path = path;
+    options.recent_log_rows = 2;  // messages in the logs and in the table they merge into
+    options.recent_log_slice_rows = 1;
+    Result<std::shared_ptr<MessageStore>> store = NewSqliteStore(options);
+    REQUIRE(store.ok());
+    group = CreateGroupOk(**store, "alice", {"bob", "carol"});  // seq 1
+    SendMany(**store, group, "alice", 3, "a");                  // seqs 2..4
+    SendMany(**store, group, "bob", 1, "b");                    // seq 5
+    SendMany(**store, group, "alice", 2, "c");                  // seqs 6..7
+    ab = OpenDirect(**store, "alice", "bob");
+    DeleteOldest(**store, 2);  // group seqs 1..2
+  }
+  CHECK(RawRow(path, "SELECT COUNT(*) FROM messages").at(0) != "0");
+  CHECK(RawRow(path, "SELECT (SELECT COUNT(*) FROM log0) + (SELECT COUNT(*) FROM log1)").at(0) !=
+        "0");
+  RawExec(path, kBackToVersion7);
+  Result<std::shared_ptr<MessageStore>> migrated = OpenAt(path);
+  REQUIRE(migrated.ok());
+  CHECK(RawRow(path, "PRAGMA user_version").at(0) == "8");
+  CHECK(UnreadOf(**migrated, "bob", group) == 2);
+  CHECK(UnreadOf(**migrated, "carol", group) == 5);
+  CHECK(UnreadOf(**migrated, "alice", group) == 0);
+  CHECK(UnreadOf(**migrated, "bob", ab) == 1);
+  SendMany(**migrated, group, "alice", 1, "d");  // seq 8
+  CHECK(UnreadOf(**migrated, "bob", group) == 3);
+  CHECK(UnreadOf(**migrated, "carol", group) == 6);
+  REQUIRE(CommitOne(**migrated, ReceiptOf(group, "carol", "carol-phone", 6, 6)).status.ok());
+  CHECK(UnreadOf(**migrated, "carol", group) == 2);
 }
 
 // A key lookup that finds the file damaged is answered to its own request (as DATA_LOSS) like a
