@@ -140,8 +140,6 @@ constexpr const char* kRangeNewestFirst =
     "ORDER BY seq DESC LIMIT ?";
 constexpr const char* kCountRange =
     "SELECT COUNT(*) FROM messages WHERE conversation_id = ? AND seq >= ? AND seq <= ?";
-constexpr const char* kRangeMessages =
-    "SELECT message FROM messages WHERE conversation_id = ? AND seq >= ? AND seq <= ?";
 constexpr const char* kCountMessages = "SELECT COUNT(*) FROM messages";
 constexpr const char* kAddOutbox =
     "INSERT INTO outbox(client_msg_id, conversation_id, peer, content_type, body, created_ms, "
@@ -609,12 +607,16 @@ uint64_t Cache::UnreadTotal() {
 
 uint64_t Cache::CountUnread(ConversationId conversation, Seq from, Seq to, const std::string& me) {
   std::lock_guard lock(mu_);
-  Stmt s(db_.get(), kRangeMessages);
+  Stmt s(db_.get(), kRangeOldestFirst);
   s.Int(1, ToDb(conversation)).Int(2, SeqBound(from)).Int(3, SeqBound(to));
   uint64_t n = 0;
   v1::Message m;
   while (s.Step() == SQLITE_ROW) {
-    if (ParseView(s.ColView(0), &m) && m.kind() != v1::MESSAGE_KIND_SYSTEM && m.sender() != me) {
+    if (!ParseView(s.ColView(0), &m) || m.kind() == v1::MESSAGE_KIND_SYSTEM) continue;
+    // Oldest first: the user's own message clears what came before it.
+    if (!me.empty() && m.sender() == me) {
+      n = 0;
+    } else {
       ++n;
     }
   }

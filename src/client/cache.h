@@ -133,8 +133,9 @@ class Cache {
   bool FullRangeNewestFirst(ConversationId conversation, Seq from, Seq to,
                             std::vector<Message>* out);
   uint64_t CountRange(ConversationId conversation, Seq from, Seq to);
-  // Cached user messages with from <= seq <= to not sent by `me`: the unread ones above a
-  // read watermark.
+  // Cached user messages with from <= seq <= to sent by others after `me`'s last user message
+  // in that range: the unread ones above a read watermark (the user's own message counts as
+  // having read the conversation up to it, as the server counts).
   uint64_t CountUnread(ConversationId conversation, Seq from, Seq to, const std::string& me);
   uint64_t MessageCount();
 

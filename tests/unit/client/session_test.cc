@@ -1046,6 +1046,42 @@ TEST_CASE("session: others' new messages count as unread, and replying marks the
   CHECK(h.cache->GetConversation(5)->info.unread == 1);
 }
 
+// The server counts a user's own message as having read the conversation up to it, so a MarkRead
+// below the user's last message leaves unread only others' messages after that one. Here the
+// user's message is one the cursor passed in a gap and History paged in.
+TEST_CASE("session: MarkRead below the user's own last message counts only others' after it") {
+  Harness h;
+  v1::Envelope sync = h.Welcome();
+  v1::SyncBatch batch = GapBatch(/*last_seq=*/6, /*from=*/1, /*to=*/3);
+  batch.mutable_conversations(0)->set_unread(3);
+  for (Seq seq = 4; seq <= 6; ++seq) *batch.add_messages() = Msg(5, seq);
+  h.Reply(sync, batch);
+  REQUIRE(h.state() == ConnectionState::kConnected);
+  REQUIRE(h.cache->GetConversation(5)->info.unread == 3);
+  h.io.Take();
+  std::vector<Result<HistoryResult>> results;
+  h.session->History(5, 4, 10, [&](Result<HistoryResult> r) { results.push_back(std::move(r)); });
+  auto written = OfCase(h.io.Take(), v1::Envelope::kHistory);
+  REQUIRE(written.size() == 1);
+  v1::Envelope page;
+  page.set_rid(written[0].rid());
+  page.mutable_history_page()->set_conversation_id(5);
+  *page.mutable_history_page()->add_messages() = Msg(5, 3, "alice");  // from her phone
+  *page.mutable_history_page()->add_messages() = Msg(5, 2);
+  *page.mutable_history_page()->add_messages() = Msg(5, 1);
+  h.session->OnEnvelope(page);
+  REQUIRE(results.size() == 1);
+  REQUIRE(results[0].ok());
+
+  h.listener.conversations.clear();
+  h.session->MarkRead(5, 1);
+  REQUIRE(h.listener.conversations.size() == 1);
+  CHECK(h.listener.conversations[0].read_seq == 1);
+  CHECK(h.listener.conversations[0].unread == 3);  // bob's 4 to 6, not his 2
+  CHECK(h.cache->GetConversation(5)->info.unread == 3);
+  CHECK(h.listener.unread_totals.back() == 3);
+}
+
 TEST_CASE("session: a read receipt from another of the user's devices sets read_seq and unread") {
   Harness h;
   ConnectWithGroup(h);
