@@ -140,6 +140,7 @@ constexpr const char* kRangeNewestFirst =
     "ORDER BY seq DESC LIMIT ?";
 constexpr const char* kCountRange =
     "SELECT COUNT(*) FROM messages WHERE conversation_id = ? AND seq >= ? AND seq <= ?";
+constexpr const char* kHighestSeq = "SELECT MAX(seq) FROM messages WHERE conversation_id = ?";
 constexpr const char* kCountMessages = "SELECT COUNT(*) FROM messages";
 constexpr const char* kAddOutbox =
     "INSERT INTO outbox(client_msg_id, conversation_id, peer, content_type, body, created_ms, "
@@ -603,6 +604,13 @@ uint64_t Cache::UnreadTotal() {
   uint64_t total = 0;
   for (const ConversationRow& row : ListConversations()) total += row.info.unread;
   return total;
+}
+
+Seq Cache::HighestSeq(ConversationId conversation) {
+  std::lock_guard lock(mu_);
+  Stmt s(db_.get(), kHighestSeq);
+  // MAX() of no rows is NULL, which reads as 0.
+  return s.Int(1, ToDb(conversation)).Step() == SQLITE_ROW ? FromDb(s.ColInt(0)) : 0;
 }
 
 uint64_t Cache::CountUnread(ConversationId conversation, Seq from, Seq to, const std::string& me) {

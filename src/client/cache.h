@@ -133,6 +133,8 @@ class Cache {
   bool FullRangeNewestFirst(ConversationId conversation, Seq from, Seq to,
                             std::vector<Message>* out);
   uint64_t CountRange(ConversationId conversation, Seq from, Seq to);
+  // The highest seq of a cached message of `conversation`; 0 if none is cached.
+  Seq HighestSeq(ConversationId conversation);
   // Cached user messages with from <= seq <= to sent by others after `me`'s last user message
   // in that range: the unread ones above a read watermark (the user's own message counts as
   // having read the conversation up to it, as the server counts).

@@ -308,10 +308,14 @@ void Session::OnEnvelope(const v1::Envelope& envelope) {
       break;
     case v1::Envelope::kConversationUpdate: {
       const v1::ConversationState& state = envelope.conversation_update().conversation();
-      Result<ConversationInfo> info =
-          state.conversation_id() != 0
-              ? Result<ConversationInfo>(HandleConversationUpdate(state))
-              : Result<ConversationInfo>(ProtocolError("a ConversationUpdate for conversation 0"));
+      Result<ConversationInfo> info = ProtocolError("a ConversationUpdate for conversation 0");
+      if (state.conversation_id() != 0 && state.last_seq() > kMaxCachedSeq) {
+        info = ProtocolError("a ConversationUpdate past the largest seq (conversation " +
+                             std::to_string(state.conversation_id()) + ", last seq " +
+                             std::to_string(state.last_seq()) + ")");
+      } else if (state.conversation_id() != 0) {
+        info = HandleConversationUpdate(state);
+      }
       if (!info.ok()) ReportError(info.status());
       if (auto it = ops_.find(envelope.rid()); envelope.rid() != 0 && it != ops_.end()) {
         PendingOp op = std::move(it->second);
@@ -825,6 +829,13 @@ Status Session::CheckSyncBatch(const v1::SyncBatch& batch) {
       return ProtocolError("a Sync gap above the cursor " + std::to_string(cursor) + where);
     }
   }
+  // MergeState takes the server's last seq as it is, so it must be one the cache can hold.
+  for (const auto& [id, last] : last_seqs) {
+    if (last > kMaxCachedSeq) {
+      return ProtocolError("a state past the largest seq (conversation " + std::to_string(id) +
+                           ", last seq " + std::to_string(last) + ")");
+    }
+  }
   return Status::Ok();
 }
 
@@ -972,7 +983,12 @@ ConversationInfo Session::HandleConversationUpdate(const v1::ConversationState& 
 void Session::MergeState(ConversationRow* row, const v1::ConversationState& state) {
   const ConversationInfo local = row->info;
   ConversationInfo info = codec::FromProto(state);
-  info.last_seq = std::max(info.last_seq, local.last_seq);
+  // The server's last seq is its word: a wrong one it sent before (a bug, or a hostile server)
+  // is replaced, not kept as a maximum for good. A reply read by the server before messages that
+  // have reached this client since (live, or held above a hole) is older than the cache, though:
+  // last_seq stays at least at the newest message the cache holds.
+  info.last_seq =
+      std::max({info.last_seq, row->cursor, cache_->HighestSeq(state.conversation_id())});
   if (info.peer == local.peer) {
     // A PresenceUpdate may have told a later last seen than the server's stored state.
     info.peer_last_seen_ms = std::max(info.peer_last_seen_ms, local.peer_last_seen_ms);

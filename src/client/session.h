@@ -213,7 +213,8 @@ class Session {
   void HandleSendAck(const v1::Envelope& envelope);
   void HandleSyncBatch(const v1::SyncBatch& batch);
   // Ok, or the protocol error that makes `batch` impossible to apply (a gap or state for
-  // conversation 0, a gap past the conversation's last seq or above its cursor).
+  // conversation 0, a gap past the conversation's last seq or above its cursor, a last seq past
+  // the largest seq the cache holds).
   Status CheckSyncBatch(const v1::SyncBatch& batch);
   void HandleHistoryPage(uint64_t rid, const v1::HistoryPage& page);
   // Applies a conversation's state from the server; returns what the application is told.
@@ -239,7 +240,7 @@ class Session {
   // A watched direct peer went offline: its conversation's peer_last_seen_ms moves forward.
   void UpdatePeerLastSeen(const UserId& user, int64_t last_seen_ms);
   // Takes the server's state of a conversation, keeping local watermarks that are ahead of it
-  // (a Receipt not yet answered).
+  // (a Receipt not yet answered) and a last seq no lower than the messages the cache holds.
   void MergeState(ConversationRow* row, const v1::ConversationState& state);
   // Updates the cached title, membership and role from a system message.
   void ApplySystemEvent(ConversationInfo* info, const v1::Message& message) const;

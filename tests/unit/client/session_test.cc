@@ -2037,6 +2037,82 @@ TEST_CASE("session: a gap or conversation state for conversation 0 is refused") 
   CHECK(h.listener.errors[0] == results[0].status());
 }
 
+// The server is authoritative for last_seq: a wrong one it sent once (a bug, or a hostile
+// server) gives way to its next report, and the cache answers History again. A reply the server
+// read before messages that reached the client since does not take last_seq below them.
+TEST_CASE("session: the server's next last_seq replaces a wrong one, never below the cache") {
+  Harness h;
+  ConnectWithGroup(h);
+  h.io.Take();
+  v1::Envelope wrong;
+  *wrong.mutable_conversation_update()->mutable_conversation() = GroupState(5, 1'000'000, 0);
+  h.session->OnEnvelope(wrong);
+  CHECK(h.cache->GetConversation(5)->info.last_seq == 1'000'000);
+  auto syncs = OfCase(h.io.Take(), v1::Envelope::kSync);
+  REQUIRE(syncs.size() == 1);
+  v1::SyncBatch right;
+  *right.add_conversations() = GroupState(5, 3, 3);
+  h.Reply(syncs[0], right);
+  CHECK(h.cache->GetConversation(5)->info.last_seq == 3);
+  REQUIRE_FALSE(h.listener.conversations.empty());
+  CHECK(h.listener.conversations.back().last_seq == 3);
+  std::vector<Result<HistoryResult>> results;
+  h.session->History(5, 0, 10, [&](Result<HistoryResult> r) { results.push_back(std::move(r)); });
+  REQUIRE(results.size() == 1);
+  REQUIRE(results[0].ok());
+  CHECK(results[0]->from_cache);
+  CHECK(results[0]->messages.size() == 3);
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kHistory).empty());
+
+  // 4 reached the application and 6 waits above a hole when a state from before them comes.
+  h.Deliver(Msg(5, 4));
+  h.Deliver(Msg(5, 6));
+  v1::Envelope stale;
+  *stale.mutable_conversation_update()->mutable_conversation() = GroupState(5, 3, 0);
+  h.session->OnEnvelope(stale);
+  CHECK(h.cache->GetConversation(5)->info.last_seq == 6);
+  CHECK(h.listener.conversations.back().last_seq == 6);
+}
+
+// A last seq past INT64_MAX has no place in the cache: the state is refused, not taken.
+TEST_CASE("session: a conversation state with a last seq past INT64_MAX is refused") {
+  constexpr Seq kPast = static_cast<Seq>(INT64_MAX) + 1;
+  {
+    Harness h;
+    v1::Envelope sync = h.Welcome();
+    v1::SyncBatch batch;
+    *batch.add_conversations() = GroupState(5, kPast, 0);
+    h.Reply(sync, batch);
+    CHECK(h.cache->ListConversations().empty());
+    REQUIRE(h.listener.errors.size() == 1);
+    CHECK(h.listener.errors[0].code() == Code::kInternal);
+    CHECK(h.listener.errors[0].message().find("past the largest seq") != std::string::npos);
+    CHECK(h.state() == ConnectionState::kDisconnected);
+  }
+  Harness h;
+  ConnectWithGroup(h);
+  h.io.Take();
+  std::vector<Result<ConversationInfo>> results;
+  v1::Envelope rename;
+  rename.mutable_rename_group()->set_conversation_id(5);
+  rename.mutable_rename_group()->set_title("t");
+  h.session->ConversationRequest(
+      rename, [&](Result<ConversationInfo> r) { results.push_back(std::move(r)); });
+  auto written = h.io.Take();
+  REQUIRE(written.size() == 1);
+  v1::Envelope update;
+  update.set_rid(written[0].rid());
+  *update.mutable_conversation_update()->mutable_conversation() = GroupState(5, kPast, 0, "t");
+  h.session->OnEnvelope(update);
+  REQUIRE(results.size() == 1);
+  CHECK(results[0].status().code() == Code::kInternal);
+  REQUIRE(h.listener.errors.size() == 1);
+  CHECK(h.listener.errors[0] == results[0].status());
+  CHECK(h.cache->GetConversation(5)->info.last_seq == 3);
+  CHECK(h.cache->GetConversation(5)->info.title == "team");
+  CHECK(h.state() == ConnectionState::kConnected);
+}
+
 // A History page with a message of another conversation, at seq 0, or at or above before_seq
 // is refused whole: stored, such a message would take the place of the real one at its seq.
 TEST_CASE("session: a History page with a message outside the range asked for is refused") {
