@@ -85,8 +85,6 @@ void Session::Stop() {
   in_flight_.clear();
   in_flight_ids_.clear();
   ops_.clear();
-  catch_ups_waiting_ = 0;
-  catch_up_due_ = false;
   quiet_rids_.clear();
   receipts_unanswered_.clear();
   typing_.clear();
@@ -128,8 +126,6 @@ void Session::ConnectionDown() {
   in_flight_ids_.clear();
   sync_rid_ = 0;
   sync_again_ = false;
-  catch_ups_waiting_ = 0;
-  catch_up_due_ = false;
   hello_rid_ = 0;
 
   int64_t delay = 0;
@@ -510,10 +506,7 @@ void Session::HandleError(const v1::Envelope& envelope) {
       PushRefused(std::move(op), status);
       return;
     }
-    if (op.catch_up) {
-      ReportError(status);  // a refused Subscribe: nobody else is told
-      CatchUpAnswered(/*ok=*/false);
-    }
+    if (op.catch_up) ReportError(status);  // a refused Subscribe: nobody else is told
     if (op.conversation) op.conversation(status);
     if (op.receipts) op.receipts(status);
     if (op.status) op.status(status);
@@ -1230,16 +1223,7 @@ bool Session::SendSubscribe(ConversationId channel) {
   PendingOp op;
   op.catch_up = true;
   ops_[rid] = std::move(op);
-  ++catch_ups_waiting_;
   return Write(envelope);
-}
-
-void Session::CatchUpAnswered(bool ok) {
-  if (catch_ups_waiting_ > 0) --catch_ups_waiting_;
-  catch_up_due_ |= ok;
-  if (catch_ups_waiting_ > 0 || !catch_up_due_) return;
-  catch_up_due_ = false;
-  RequestSync();
 }
 
 void Session::Unsubscribe(ConversationId conversation) {
@@ -1417,7 +1401,10 @@ void Session::HandleOk(uint64_t rid) {
     // The device is unregistered: nothing to repeat after a reconnect.
     push_.reset();
   }
-  if (op.catch_up) CatchUpAnswered(/*ok=*/true);
+  // The channel's catch-up waits for its own Ok only, never for other Subscribes' answers: one
+  // the server never answers must not hold back the rest. Oks that come while a Sync is in
+  // flight share the one after it (RequestSync).
+  if (op.catch_up) RequestSync();
   if (op.status) op.status(Status::Ok());
 }
 

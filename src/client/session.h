@@ -120,8 +120,8 @@ class Session {
   void ConversationRequest(v1::Envelope request, ConversationCallback callback);
   void GetReceipts(ConversationId conversation, ReceiptsCallback callback);
   // Remembered and (re-)sent whenever the session goes live. The server's Ok is followed by a
-  // Sync (one for the Subscribes sent together), which fetches what the channel got while this
-  // connection was not subscribed.
+  // Sync (or, while one is in flight, by the one after it), which fetches what the channel got
+  // while this connection was not subscribed. It waits for no other Subscribe's answer.
   void Subscribe(ConversationId conversation);
   void Unsubscribe(ConversationId conversation);
   // Moves the read watermark forward (0: up to the cursor) and schedules a Receipt, which is
@@ -185,7 +185,7 @@ class Session {
     bool push = false;          // RegisterPushToken
     uint64_t generation = 0;    // RegisterPushToken: push_generation_ when sent
     bool automatic = false;     // sent by the session itself: refusals go to OnError
-    bool catch_up = false;      // a Subscribe: its Ok starts a Sync (see catch_ups_waiting_)
+    bool catch_up = false;      // a Subscribe: its Ok starts a Sync (see SendSubscribe)
   };
   struct PresenceRequest {
     std::vector<UserId> users;
@@ -223,11 +223,9 @@ class Session {
   void HandleTypingUpdate(const v1::TypingUpdate& update);
   void HandlePresenceUpdate(const v1::PresenceUpdate& update);
   void HandleOk(uint64_t rid);
-  // Sends a Subscribe whose Ok is followed by a Sync. False if the connection was dropped.
+  // Sends a Subscribe whose Ok is followed by a Sync, which fetches what the channel got before
+  // the server pushed it to this connection. False if the connection was dropped.
   bool SendSubscribe(ConversationId channel);
-  // A Subscribe sent by SendSubscribe was answered (`ok`: accepted). After the last one waiting,
-  // one Sync fetches what the channels got before the server pushed to this connection.
-  void CatchUpAnswered(bool ok);
   // Sends one PresenceSubscribe when live, else keeps `request` waiting for the connection.
   // An empty callback marks an automatic re-subscription, whose refusals go to OnError.
   void SendPresenceRequest(PresenceRequest request);
@@ -336,10 +334,6 @@ class Session {
   // would send those watermarks again.
   std::map<uint64_t, ConversationId> receipts_unanswered_;
   std::set<ConversationId> subscriptions_;  // channels to Subscribe after every connect
-  // Subscribes not answered yet (catch_up ops), and whether one of those answered was accepted:
-  // the Oks of the Subscribes sent together (on going live, say) start one Sync, not one each.
-  size_t catch_ups_waiting_ = 0;
-  bool catch_up_due_ = false;
   std::map<std::pair<ConversationId, UserId>, int64_t> typing_;  // -> monotonic expiry
   struct TypingSent {
     bool active = false;

@@ -1852,9 +1852,9 @@ TEST_CASE("session: a Subscribe answered while a Sync is in flight syncs again a
 }
 
 // The Subscribes go out after the last Sync page: a channel message posted between the server
-// answering that page and registering the Subscribe came by no Deliver. The Oks start one
-// Sync, whatever the number of channels.
-TEST_CASE("session: the Oks to the Subscribes sent on going live start one Sync") {
+// answering that page and registering the Subscribe came by no Deliver. Each Ok starts a Sync
+// for its channel; the Oks that come while one is in flight share the next.
+TEST_CASE("session: each Ok to the Subscribes sent on going live starts a catch-up Sync") {
   Harness h;
   h.session->Start();
   h.session->Subscribe(8);
@@ -1873,20 +1873,25 @@ TEST_CASE("session: the Oks to the Subscribes sent on going live start one Sync"
     auto written = h.io.Take();
     auto subs = OfCase(written, v1::Envelope::kSubscribe);
     REQUIRE(subs.size() == 2);
+    REQUIRE(subs[0].subscribe().conversation_id() == 8);
     CHECK(OfCase(written, v1::Envelope::kSync).empty());
     h.session->OnEnvelope(OkFor(subs[0]));
-    CHECK(OfCase(h.io.Take(), v1::Envelope::kSync).empty());  // the other is not answered yet
-    h.session->OnEnvelope(OkFor(subs[1]));
     auto syncs = OfCase(h.io.Take(), v1::Envelope::kSync);
-    REQUIRE(syncs.size() == 1);
+    REQUIRE(syncs.size() == 1);  // at once: channel 9's answer is not waited for
+    h.session->OnEnvelope(OkFor(subs[1]));
+    CHECK(OfCase(h.io.Take(), v1::Envelope::kSync).empty());  // one at a time
     // Posted after the last page was read, before the subscription took effect.
     v1::SyncBatch missed;
     *missed.add_conversations() = GroupState(8, before + 1, 0, "news");
     missed.mutable_conversations(0)->set_kind(v1::CONVERSATION_KIND_CHANNEL);
     *missed.add_messages() = Msg(8, before + 1);
     h.Reply(syncs[0], missed);
-    CHECK(OfCase(h.io.Take(), v1::Envelope::kSync).empty());
     CHECK(h.cache->GetConversation(8)->cursor == before + 1);
+    // The server may have read that Sync before it registered channel 9: one more for 9.
+    syncs = OfCase(h.io.Take(), v1::Envelope::kSync);
+    REQUIRE(syncs.size() == 1);
+    h.Reply(syncs[0], {});
+    CHECK(OfCase(h.io.Take(), v1::Envelope::kSync).empty());
     h.session->OnClosed(1006, "abnormal");
   }
   CHECK(h.listener.SentSeqs(8) == std::vector<Seq>{1, 2, 3});
@@ -1895,6 +1900,45 @@ TEST_CASE("session: the Oks to the Subscribes sent on going live start one Sync"
   h.session->Unsubscribe(9);
   h.ConnectLive();
   CHECK(OfCase(h.io.Take(), v1::Envelope::kSubscribe).empty());
+}
+
+// A Subscribe the server never answers delays no other channel's catch-up. It stays pending
+// until the connection ends (dead-link detection or a close), and goes again on the next one.
+TEST_CASE("session: a Subscribe the server never answers holds back no other channel's catch-up") {
+  Harness h;
+  h.session->Start();
+  h.session->Subscribe(8);
+  h.session->Subscribe(9);
+  v1::Envelope sync = h.Welcome();
+  v1::SyncBatch batch;
+  *batch.add_conversations() = GroupState(8, 1, 0, "news");
+  batch.mutable_conversations(0)->set_kind(v1::CONVERSATION_KIND_CHANNEL);
+  *batch.add_messages() = Msg(8, 1);
+  h.Reply(sync, batch);
+  REQUIRE(h.state() == ConnectionState::kConnected);
+  auto subs = OfCase(h.io.Take(), v1::Envelope::kSubscribe);
+  REQUIRE(subs.size() == 2);
+  REQUIRE(subs[1].subscribe().conversation_id() == 9);
+  h.session->OnEnvelope(OkFor(subs[1]));  // channel 8's is never answered
+  auto syncs = OfCase(h.io.Take(), v1::Envelope::kSync);
+  REQUIRE(syncs.size() == 1);
+  v1::SyncBatch missed;
+  *missed.add_conversations() = GroupState(9, 1, 1, "sport");
+  missed.mutable_conversations(0)->set_kind(v1::CONVERSATION_KIND_CHANNEL);
+  *missed.add_messages() = Msg(9, 1);
+  h.Reply(syncs[0], missed);
+  CHECK(h.listener.SentSeqs(9) == std::vector<Seq>{1});
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kSync).empty());
+  CHECK(h.state() == ConnectionState::kConnected);
+
+  // The request has no timeout of its own: it ends with the connection, and the next one
+  // subscribes both again.
+  h.session->OnClosed(1006, "abnormal");
+  h.ConnectLive();
+  subs = OfCase(h.io.Take(), v1::Envelope::kSubscribe);
+  REQUIRE(subs.size() == 2);
+  h.session->OnEnvelope(OkFor(subs[0]));
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kSync).size() == 1);
 }
 
 // An ack the cache cannot record leaves the message pending: it is not reported (the app would
