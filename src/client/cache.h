@@ -56,7 +56,9 @@ struct ConversationRow {
   Seq read_all_seq = 0;
   // This user's watermarks here (info.delivered_seq, info.read_seq) moved and the server has not
   // confirmed them yet: a Receipt is owed, also after a restart. Set in the write that moves
-  // them; cleared once the server's watermarks are at least these, or it refused them for good.
+  // them; cleared once the server's watermarks are at least these, once it answered a Receipt
+  // that carried these (it caps watermarks at what it has: a lower answer is all it takes), or
+  // once it refused them for good.
   bool receipt_due = false;
 };
 

@@ -119,7 +119,7 @@ void Session::ConnectionDown() {
   quiet_rids_.clear();
   // Receipts of the lost connection may never have reached the server, and the Sync lists only
   // conversations with news: they go again on the next connection.
-  for (const auto& [rid, conversation] : receipts_unanswered_) receipts_due_.insert(conversation);
+  for (const auto& [rid, sent] : receipts_unanswered_) receipts_due_.insert(sent.conversation);
   receipts_unanswered_.clear();
   typing_sent_.clear();
   in_flight_.clear();
@@ -513,7 +513,7 @@ void Session::HandleError(const v1::Envelope& envelope) {
     return;
   }
   if (auto it = receipts_unanswered_.find(rid); rid != 0 && it != receipts_unanswered_.end()) {
-    const ConversationId conversation = it->second;
+    const ConversationId conversation = it->second.conversation;
     receipts_unanswered_.erase(it);
     // Not worth an OnError per message. Refused for now (rate limit, overload), the Receipt goes
     // again after the server's delay, with the watermarks of then; refused for good, it is not
@@ -1035,17 +1035,28 @@ void Session::ApplySystemEvent(ConversationInfo* info, const v1::Message& messag
 }
 
 void Session::HandleReceiptUpdate(uint64_t rid, const v1::ReceiptUpdate& update) {
-  if (rid != 0) receipts_unanswered_.erase(rid);
+  std::optional<SentReceipt> answered;
+  if (auto it = receipts_unanswered_.find(rid); rid != 0 && it != receipts_unanswered_.end()) {
+    answered = it->second;
+    receipts_unanswered_.erase(it);
+  }
   std::optional<ConversationRow> found = cache_->GetConversation(update.conversation_id());
   if (!found) return;  // a conversation this client has not synced yet; Sync brings its state
   ConversationRow row = std::move(*found);
   const bool own = !user_id_.empty() && update.user_id() == user_id_;
-  // The server holds this user's watermarks here at least as far as this device moved them:
-  // no Receipt is owed any more (one due or in flight is merely repeated).
+  // This is the answer to a Receipt that carried this device's current watermarks. The server
+  // never moves them back and caps them at what it has, so what it answered, even below them,
+  // is all it takes: the same Receipt again would get the same answer, on every connection.
+  const bool answered_current =
+      own && answered && answered->conversation == update.conversation_id() &&
+      answered->delivered_seq >= row.info.delivered_seq && answered->read_seq >= row.info.read_seq;
+  // Or the server holds this user's watermarks here at least as far as this device moved them.
+  // Either way no Receipt is owed any more (one due or in flight is merely repeated).
   const bool confirmed = own && row.receipt_due &&
-                         update.delivered_seq() >= row.info.delivered_seq &&
-                         update.read_seq() >= row.info.read_seq;
+                         (answered_current || (update.delivered_seq() >= row.info.delivered_seq &&
+                                               update.read_seq() >= row.info.read_seq));
   if (confirmed) row.receipt_due = false;
+  if (answered_current) receipts_due_.erase(update.conversation_id());
   bool info_changed = false;
   if (own && update.read_seq() >= row.info.read_seq) {
     // Exact counts from the server: read on one device is read on all of the user's devices.
@@ -1141,7 +1152,7 @@ void Session::FlushReceipts() {
     if (receipts_unanswered_.size() >= kMaxQuietRids) {
       receipts_unanswered_.erase(receipts_unanswered_.begin());
     }
-    receipts_unanswered_[rid] = *it;
+    receipts_unanswered_[rid] = {*it, row->info.delivered_seq, row->info.read_seq};
     if (!Write(envelope)) {
       // The connection was dropped, which made this Receipt due again: the rest wait with it.
       receipts_due_.insert(std::next(it), due.end());
@@ -1153,8 +1164,8 @@ void Session::FlushReceipts() {
 void Session::ReceiptRefused(ConversationId conversation) {
   // A Receipt with later watermarks, waiting or unanswered, still owes them.
   if (receipts_due_.contains(conversation)) return;
-  for (const auto& [rid, other] : receipts_unanswered_) {
-    if (other == conversation) return;
+  for (const auto& [rid, sent] : receipts_unanswered_) {
+    if (sent.conversation == conversation) return;
   }
   std::optional<ConversationRow> row = cache_->GetConversation(conversation);
   if (!row || !row->receipt_due) return;

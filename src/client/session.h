@@ -329,10 +329,16 @@ class Session {
   std::set<ConversationId> receipts_due_;           // watermarks moved, Receipt not sent yet
   int64_t receipts_sent_at_ = -kReceiptIntervalMs;  // monotonic ms of the last flush
   int64_t receipts_retry_at_ = 0;  // a Receipt was refused for now: no flush before then
-  // Receipts the server has not answered yet (rid -> conversation, at most kMaxQuietRids): due
+  // Receipts the server has not answered yet (rid -> what was sent, at most kMaxQuietRids): due
   // again when the connection is lost or the server refuses one for now, since nothing else
-  // would send those watermarks again.
-  std::map<uint64_t, ConversationId> receipts_unanswered_;
+  // would send those watermarks again. The watermarks tell whether the answer settles the
+  // current ones (HandleReceiptUpdate).
+  struct SentReceipt {
+    ConversationId conversation = 0;
+    Seq delivered_seq = 0;
+    Seq read_seq = 0;
+  };
+  std::map<uint64_t, SentReceipt> receipts_unanswered_;
   std::set<ConversationId> subscriptions_;  // channels to Subscribe after every connect
   std::map<std::pair<ConversationId, UserId>, int64_t> typing_;  // -> monotonic expiry
   struct TypingSent {

@@ -1457,6 +1457,70 @@ TEST_CASE("session: a receipt refused for good leaves a later one owed") {
   }
 }
 
+// The server never moves watermarks back and caps them at what it has: an answer below the
+// marks its Receipt carried is all it will take. Sending them again would get the same answer,
+// so nothing is owed any more, on this connection, the next one, or after a restart.
+TEST_CASE("session: a receipt answered below the marks it carried is not owed any more") {
+  testing::TempDir dir;
+  const std::string path = dir.File("cache.db");
+  {
+    std::shared_ptr<Cache> cache(Cache::Open(path).value());
+    Harness h({}, cache);
+    ConnectWithGroup(h);
+    h.session->MarkRead(5, 3);
+    h.session->Tick();
+    auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+    REQUIRE(receipts.size() == 1);
+    CHECK(receipts[0].receipt().delivered_seq() == 3);
+    CHECK(receipts[0].receipt().read_seq() == 3);
+    v1::Envelope capped = ReceiptUpdateFor(5, "alice", 2, 2);
+    capped.set_rid(receipts[0].rid());
+    h.session->OnEnvelope(capped);
+    CHECK_FALSE(h.cache->GetConversation(5)->receipt_due);
+    CHECK(h.cache->GetConversation(5)->info.read_seq == 3);
+    h.session->OnClosed(1006, "abnormal");
+    h.Reply(h.Welcome(), {});
+    h.clock->Advance(kReceiptIntervalMs);
+    h.session->Tick();
+    CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());
+  }
+  Restarted restarted(path);
+  CHECK(restarted.receipts.empty());
+}
+
+// Only the answer to a Receipt that carried the current marks settles them: a low answer to an
+// earlier one leaves the marks moved since owed, whether their Receipt is waiting or unanswered.
+TEST_CASE("session: a low answer to an earlier receipt leaves later watermarks owed") {
+  for (const bool later_sent : {false, true}) {
+    CAPTURE(later_sent);
+    testing::TempDir dir;
+    const std::string path = dir.File("cache.db");
+    {
+      std::shared_ptr<Cache> cache(Cache::Open(path).value());
+      Harness h({}, cache);
+      ConnectWithGroup(h);
+      h.session->MarkRead(5, 2);
+      h.session->Tick();
+      auto first = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+      REQUIRE(first.size() == 1);
+      h.session->MarkRead(5, 3);
+      if (later_sent) {
+        h.clock->Advance(kReceiptIntervalMs);
+        h.session->Tick();
+        REQUIRE(OfCase(h.io.Take(), v1::Envelope::kReceipt).size() == 1);
+      }
+      v1::Envelope capped = ReceiptUpdateFor(5, "alice", 2, 1);
+      capped.set_rid(first[0].rid());
+      h.session->OnEnvelope(capped);
+      CHECK(h.cache->GetConversation(5)->receipt_due);
+    }
+    Restarted restarted(path);
+    auto receipts = restarted.receipts;
+    REQUIRE(receipts.size() == 1);
+    CHECK(receipts[0].receipt().read_seq() == 3);
+  }
+}
+
 TEST_CASE("session: another device's receipt at this one's watermarks settles what was owed") {
   testing::TempDir dir;
   const std::string path = dir.File("cache.db");
