@@ -44,6 +44,7 @@
 #include "chat/store.h"
 #include "examples/cli_args.h"
 #include "src/core/slot_pool.h"
+#include "src/core/utf8.h"
 
 #ifdef CHAT_WITH_JEMALLOC
 // Read by jemalloc when it starts. Its background thread hands pages freed after a burst (the
@@ -593,9 +594,9 @@ int Serve(ServeFlags& flags) {
 }
 
 int Token(const std::string& user, const std::string& ttl, const SecretFlags& secret_flags) {
-  // The length chatd accepts at Hello (it also wants UTF-8, which this does not check).
-  if (user.empty() || user.size() > 128) {
-    std::cerr << "chatd: --user must be 1 to 128 bytes\n";
+  // What chatd accepts at Hello: a token for any other user id would be refused there.
+  if (user.empty() || user.size() > 128 || !chat::IsValidUtf8(user)) {
+    std::cerr << "chatd: --user must be 1 to 128 bytes of UTF-8\n";
     return kExitUsage;
   }
   chat::Result<std::string> secret = LoadSecret(secret_flags);

@@ -74,7 +74,16 @@ TEST_CASE("chatd token: a TTL past ten years or a user id chatd refuses is a usa
   CHECK(ttl.out.find("duration too long") != std::string::npos);
   Run user = Chatd({"token", "--user", std::string(129, 'u'), "--secret-file", "secret.txt"});
   CHECK(user.code == 2);
-  CHECK(user.out.find("--user must be 1 to 128 bytes") != std::string::npos);
+  CHECK(user.out.find("--user must be 1 to 128 bytes of UTF-8") != std::string::npos);
+  // Not UTF-8: a lone continuation byte, an overlong '/', a surrogate.
+  for (const char* bad : {"alice\x80", "\xc0\xaf", "\xed\xa0\x80"}) {
+    Run run = Chatd({"token", "--user", bad, "--secret-file", "secret.txt"});
+    CHECK(run.code == 2);
+    CHECK(run.out.find("--user must be 1 to 128 bytes of UTF-8") != std::string::npos);
+    CHECK(run.out.find("eyJ") == std::string::npos);  // no token printed
+  }
+  Run accented = Chatd({"token", "--user", "zo\xc3\xab", "--secret-file", "secret.txt"});
+  CHECK_MESSAGE(accented.code == 0, accented.out);
   Run ok = Chatd({"token", "--user", "alice", "--ttl", "3650d", "--secret-file", "secret.txt"});
   CHECK(ok.code == 0);
 }
