@@ -7,8 +7,12 @@
 // file (one `name = value` per line, e.g. `port = 9000`). SIGINT or SIGTERM shuts down
 // gracefully: queued messages are committed and acked, clients are closed with 1001, and the
 // process exits 0. When the server is ready it prints exactly one line to stdout:
-// "chatd listening on ws://<address>:<port>" (wss:// with TLS).
+// "chatd listening on ws://<address>:<port>" (wss:// with TLS), an address a client can connect
+// to: 127.0.0.1 for --listen 0.0.0.0, [::1] for ::, an interface's own address for its name.
+#include <arpa/inet.h>
+#include <ifaddrs.h>
 #include <libwebsockets.h>
+#include <netinet/in.h>
 #include <pthread.h>
 #include <signal.h>
 #include <sqlite3.h>
@@ -247,12 +251,50 @@ int64_t NowMs() {
       .count();
 }
 
-std::string UrlHost(const std::string& address) {
-  if (address.empty() || address == "*" || address == "0.0.0.0" || address == "::") {
-    return "0.0.0.0";
+// An IPv6 address as the host of a URL: in brackets (RFC 3986), with its zone for a link-local
+// address ("%25" is an escaped "%", RFC 6874).
+std::string UrlHostOfIpv6(const std::string& address, const std::string& zone) {
+  return "[" + address + (zone.empty() ? "" : "%25" + zone) + "]";
+}
+
+// The address of interface `name` that a client can connect to: its first IPv4 address, the one
+// libwebsockets listens on, else its first IPv6 address. nullopt if it has neither.
+std::optional<std::string> InterfaceUrlHost(const std::string& name) {
+  ifaddrs* list = nullptr;
+  if (getifaddrs(&list) != 0) return std::nullopt;
+  std::optional<std::string> v4;
+  std::optional<std::string> v6;
+  for (const ifaddrs* it = list; it != nullptr; it = it->ifa_next) {
+    if (it->ifa_addr == nullptr || name != it->ifa_name) continue;
+    char text[INET6_ADDRSTRLEN] = {};
+    if (it->ifa_addr->sa_family == AF_INET && !v4) {
+      const auto* in = reinterpret_cast<const sockaddr_in*>(it->ifa_addr);
+      if (inet_ntop(AF_INET, &in->sin_addr, text, sizeof(text)) != nullptr) v4 = text;
+    } else if (it->ifa_addr->sa_family == AF_INET6 && !v6) {
+      const auto* in6 = reinterpret_cast<const sockaddr_in6*>(it->ifa_addr);
+      if (inet_ntop(AF_INET6, &in6->sin6_addr, text, sizeof(text)) != nullptr) {
+        v6 = UrlHostOfIpv6(text, IN6_IS_ADDR_LINKLOCAL(&in6->sin6_addr) ? name : "");
+      }
+    }
   }
-  if (address.find(':') != std::string::npos) return "[" + address + "]";
-  return address;
+  freeifaddrs(list);
+  return v4 ? v4 : v6;
+}
+
+// The host the ready line names: one a client can connect to. Listening on every interface,
+// that is the loopback address of the wildcard's family; on an interface, its address (lo:
+// 127.0.0.1); an IPv6 literal goes in brackets.
+std::string UrlHost(const std::string& address) {
+  if (address.empty() || address == "*") return "127.0.0.1";
+  in_addr v4{};
+  if (inet_pton(AF_INET, address.c_str(), &v4) == 1) {
+    return v4.s_addr == htonl(INADDR_ANY) ? "127.0.0.1" : address;
+  }
+  in6_addr v6{};
+  if (inet_pton(AF_INET6, address.c_str(), &v6) == 1) {
+    return IN6_IS_ADDR_UNSPECIFIED(&v6) ? "[::1]" : UrlHostOfIpv6(address, "");
+  }
+  return InterfaceUrlHost(address).value_or(address);
 }
 
 // Waits for SIGINT/SIGTERM on a thread of its own (the signals are blocked everywhere else),

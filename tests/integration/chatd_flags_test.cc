@@ -1,6 +1,10 @@
 // chatd's command line as an operator meets it: a bad value for any flag, in a config file too,
 // and a token it would refuse are usage errors (exit 2) that name the problem; nothing starts.
+// The ready line names an address a client can connect to, whatever --listen was given.
 #include <doctest/doctest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <string>
 #include <vector>
@@ -86,6 +90,54 @@ TEST_CASE("chatd token: a TTL past ten years or a user id chatd refuses is a usa
   CHECK_MESSAGE(accented.code == 0, accented.out);
   Run ok = Chatd({"token", "--user", "alice", "--ttl", "3650d", "--secret-file", "secret.txt"});
   CHECK(ok.code == 0);
+}
+
+// Whether this host can use the IPv6 loopback address (some containers and kernels have none).
+bool HasIpv6Loopback() {
+  const int fd = socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return false;
+  sockaddr_in6 loopback = {};
+  loopback.sin6_family = AF_INET6;
+  loopback.sin6_addr = in6addr_loopback;
+  const bool bound = bind(fd, reinterpret_cast<sockaddr*>(&loopback), sizeof(loopback)) == 0;
+  close(fd);
+  return bound;
+}
+
+TEST_CASE("chatd: the ready line names an address a client can connect to") {
+  struct Case {
+    std::string listen;
+    std::string host;  // in the URL the ready line prints
+    bool ipv6;
+  };
+  const std::vector<Case> cases = {
+      {"0.0.0.0", "127.0.0.1", false},  // every interface: reached on the loopback
+      {"lo", "127.0.0.1", false},       // an interface by name: its address
+      {"127.0.0.1", "127.0.0.1", false},
+      {"::", "[::1]", true},  // every interface, IPv6: the IPv6 loopback, bracketed
+      {"::1", "[::1]", true},
+  };
+  const bool ipv6 = HasIpv6Loopback();
+  for (const Case& c : cases) {
+    CAPTURE(c.listen);
+    if (c.ipv6 && !ipv6) {
+      MESSAGE("skipped --listen " << c.listen << ": this host has no IPv6 loopback (::1)");
+      continue;
+    }
+    ChatdOptions options;
+    options.listen = c.listen;
+    ChatdProcess chatd(options);
+    REQUIRE(chatd.Start().ok());
+    CHECK(chatd.ready_url() == "ws://" + c.host + ":" + std::to_string(chatd.port()));
+    // chat-cli connects to exactly that URL.
+    TempDir dir;
+    Result<int> code =
+        RunProcess({std::string(CHAT_BINARY_DIR) + "/examples/chat-cli", "--url", chatd.ready_url(),
+                    "--token", chatd.Token("alice"), "--device", "a", "conversations"},
+                   dir.path(), dir.File("cli.log"), 60'000);
+    REQUIRE(code.ok());
+    CHECK_MESSAGE(*code == 0, ReadFile(dir.File("cli.log")));
+  }
 }
 
 }  // namespace

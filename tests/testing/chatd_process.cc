@@ -206,7 +206,7 @@ Status ChatdProcess::StartOnce(uint16_t port, bool* exited_early) {
   const std::string log_path = dir_.File("chatd.log");
   const size_t log_start = ReadFile(log_path).size();
   std::vector<std::string> argv = {
-      BinaryPath(),         "serve", "--listen", "127.0.0.1",     "--port",
+      BinaryPath(),         "serve", "--listen", options_.listen, "--port",
       std::to_string(port), "--db",  db_path(),  "--secret-file", dir_.File("secret")};
   if (options_.tls) {
     argv.insert(argv.end(),
@@ -233,6 +233,7 @@ Status ChatdProcess::StartOnce(uint16_t port, bool* exited_early) {
           return Internal("cannot parse the port from: " + line);
         }
         port_ = static_cast<uint16_t>(parsed);
+        ready_url_ = line.substr(kReady.size());
         return Status::Ok();
       }
     }

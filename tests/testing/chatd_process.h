@@ -24,6 +24,8 @@
 namespace chat::testing {
 
 struct ChatdOptions {
+  // chatd's --listen: an IP literal, a wildcard or an interface name.
+  std::string listen = "127.0.0.1";
   // Appended to `chatd serve ...`, e.g. {"--sync-page-max", "5"}.
   std::vector<std::string> extra_flags;
   // Generate a self-signed certificate (openssl CLI) and serve wss with it.
@@ -69,6 +71,8 @@ class ChatdProcess {
   pid_t pid() const { return pid_; }
   // "ws://127.0.0.1:<port>/" or "wss://127.0.0.1:<port>/".
   std::string url() const;
+  // The URL chatd's ready line named ("ws://[::1]:<port>" for --listen ::); "" before Start().
+  const std::string& ready_url() const { return ready_url_; }
 
   // A token for `user` signed with this server's secret, valid for `ttl_ms` from now
   // (negative: already expired). "" if signing failed.
@@ -101,6 +105,7 @@ class ChatdProcess {
   std::string secret_;
   pid_t pid_ = -1;
   uint16_t port_ = 0;
+  std::string ready_url_;
   bool tls_ready_ = false;
 };
 
