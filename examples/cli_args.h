@@ -13,6 +13,7 @@
 #include <string>
 
 #include "CLI/CLI.hpp"
+#include "chat/log.h"
 
 namespace chat::examples {
 
@@ -50,6 +51,23 @@ inline std::optional<int> ParseArguments(CLI::App& app, int argc, char** argv) {
     return app.exit(e) == 0 ? 0 : 2;
   }
   return std::nullopt;
+}
+
+// Adds --log-level to `app`: the SDK's log lines (chat/log.h) below the level named in `level`
+// are dropped. Its value is one of LogLevelNamed's names.
+inline CLI::Option* AddLogLevelOption(CLI::App* app, std::string* level, const std::string& help) {
+  return app->add_option("--log-level", *level, help)
+      ->check(CLI::IsMember({"debug", "info", "warn", "error", "off"}))
+      ->capture_default_str();
+}
+
+// The level a value of --log-level names.
+inline chat::LogLevel LogLevelNamed(const std::string& name) {
+  if (name == "debug") return chat::LogLevel::kDebug;
+  if (name == "info") return chat::LogLevel::kInfo;
+  if (name == "warn") return chat::LogLevel::kWarn;
+  if (name == "error") return chat::LogLevel::kError;
+  return chat::LogLevel::kOff;
 }
 
 }  // namespace chat::examples

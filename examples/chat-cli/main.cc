@@ -40,6 +40,7 @@
 #include <CLI/CLI.hpp>
 
 #include "chat/client.h"
+#include "chat/log.h"
 #include "examples/cli_args.h"
 
 namespace {
@@ -331,12 +332,15 @@ class Listener : public chat::ClientListener {
   }
   void OnError(const chat::Status& status) override {
     std::lock_guard lock(mu_);
+    const bool auth = status.code() == chat::Code::kUnauthenticated;
     if (json_) {
       Print("{\"type\":\"error\",\"error\":" + JsonString(status.ToString()) + "}");
-    } else {
+    } else if (!auth) {
+      // A refused token is told once, by the command it ends (PrintAuthFailed); one the client
+      // reads again from --token-file may still be replaced.
       std::fprintf(stderr, "error: %s\n", status.ToString().c_str());
     }
-    if (status.code() == chat::Code::kUnauthenticated) {
+    if (auth) {
       ++auth_refusals_;
       auth_error_ = status;
     }
@@ -414,6 +418,7 @@ struct Flags {
   std::string cache;
   bool json = false;
   int timeout_ms = 15'000;
+  std::string log_level = "error";
 };
 
 // The token in `path` (trailing whitespace, CR included, removed); nullopt if the file cannot be
@@ -642,7 +647,7 @@ int WithConnection(const Flags& flags, Body body) {
 }
 
 // Calls `start` with a callback and waits for the value the callback gets. Returns nullopt
-// and sets `rc` (1: the call was refused, 3: no answer in time) after printing why.
+// and sets `rc` (1: the call or the token was refused, 3: no answer in time) after printing why.
 template <typename T, typename Start>
 std::optional<T> Await(Listener& listener, int timeout_ms, const char* what, Start start, int* rc) {
   // Shared with the callback, which may still come after a timeout (until Close()).
@@ -657,8 +662,12 @@ std::optional<T> Await(Listener& listener, int timeout_ms, const char* what, Sta
     *rc = 1;
     return std::nullopt;
   }
-  listener.WaitFor([&] { return answer->has_value(); }, timeout_ms);
+  listener.WaitFor([&] { return answer->has_value() || listener.auth_failed(); }, timeout_ms);
   std::lock_guard lock(listener.mu());
+  if (!answer->has_value() && listener.auth_failed()) {
+    *rc = PrintAuthFailed(listener);
+    return std::nullopt;
+  }
   if (!answer->has_value()) {
     std::fprintf(stderr, "%s: no answer in time\n", what);
     *rc = 3;
@@ -806,8 +815,12 @@ int RunPresence(const Flags& flags, const std::vector<std::string>& users, uint6
         [&](auto cb) { return client.SubscribePresence(users, cb); }, &rc);
     if (!answer) return rc;
     if (!answer->ok()) return PrintError("presence", *answer, flags.json);
-    (void)listener.WaitFor([&] { return count > 0 && listener.presence_updates() >= count; },
+    auto enough = [&] { return count > 0 && listener.presence_updates() >= count; };
+    (void)listener.WaitFor([&] { return enough() || listener.auth_failed(); },
                            duration_ms > 0 ? duration_ms : -1);
+    std::lock_guard lock(listener.mu());
+    // Ended by the token refused after a reconnect: no more updates can come.
+    if (!enough() && listener.auth_failed()) return PrintAuthFailed(listener);
     return 0;
   });
 }
@@ -1076,6 +1089,11 @@ int main(int argc, char** argv) {
   app.add_option("--timeout-ms", flags.timeout_ms, "How long commands wait for the server")
       ->capture_default_str()
       ->check(kNonNegative);
+  // What goes wrong is told once, by chat-cli: the SDK's warnings repeat every OnError, and its
+  // info lines narrate each connection.
+  chat::examples::AddLogLevelOption(
+      &app, &flags.log_level,
+      "The SDK's own log lines on stderr from this level up: debug, info, warn, error or off");
 
   auto* send = app.add_subcommand("send", "Send text messages in order and wait for the acks");
   std::string to;
@@ -1134,6 +1152,7 @@ int main(int argc, char** argv) {
   register_push->add_option("token", push_token, "The token; omitted: unregister the device");
 
   if (std::optional<int> exit = chat::examples::ParseArguments(app, argc, argv)) return *exit;
+  chat::SetLogLevel(chat::examples::LogLevelNamed(flags.log_level));
   if (flags.token.empty() && flags.token_file.empty()) {
     std::fprintf(stderr, "chat-cli: --token or --token-file is required\n");
     return 2;

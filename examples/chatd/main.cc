@@ -336,15 +336,6 @@ class SignalWatcher {
   std::thread thread_;
 };
 
-std::optional<chat::LogLevel> ParseLogLevel(const std::string& name) {
-  if (name == "debug") return chat::LogLevel::kDebug;
-  if (name == "info") return chat::LogLevel::kInfo;
-  if (name == "warn") return chat::LogLevel::kWarn;
-  if (name == "error") return chat::LogLevel::kError;
-  if (name == "off") return chat::LogLevel::kOff;
-  return std::nullopt;
-}
-
 struct ServeFlags {
   chat::ServerOptions options;
   std::string db = "chat.db";
@@ -407,9 +398,7 @@ void AddServeFlags(CLI::App* serve, ServeFlags* f) {
       ->check(CLI::Range(1, 1'000'000))
       ->capture_default_str();
   AddSecretFlags(serve, &f->secret);
-  serve->add_option("--log-level", f->log_level, "debug, info, warn, error or off")
-      ->check(CLI::IsMember({"debug", "info", "warn", "error", "off"}))
-      ->capture_default_str();
+  chat::examples::AddLogLevelOption(serve, &f->log_level, "debug, info, warn, error or off");
   serve->add_flag("--no-healthz", f->no_healthz, "Do not answer GET /healthz");
   serve->add_option("--push-webhook", f->push_webhook,
                     "POST push notifications for offline users as JSON to this http:// URL");
@@ -569,7 +558,7 @@ int Serve(ServeFlags& flags) {
   // A client that vanishes mid-write must not kill the process.
   signal(SIGPIPE, SIG_IGN);
 
-  chat::SetLogLevel(*ParseLogLevel(flags.log_level));
+  chat::SetLogLevel(chat::examples::LogLevelNamed(flags.log_level));
   chat::Result<std::string> secret = LoadSecret(flags.secret);
   if (!secret.ok()) {
     std::cerr << "chatd: " << secret.status().message() << "\n";

@@ -158,6 +158,13 @@ CliRun RunShell(const TempDir& dir, const std::string& script) {
   return {*code, ReadFile(log)};
 }
 
+// How many times `part` occurs in `text`.
+size_t Count(const std::string& text, const std::string& part) {
+  size_t n = 0;
+  for (size_t at = text.find(part); at != std::string::npos; at = text.find(part, at + 1)) ++n;
+  return n;
+}
+
 std::string Connection(const ChatdProcess& chatd, const std::string& user) {
   return "--url " + chatd.url() + " --token " + chatd.Token(user) + " --device " + user + "-cli";
 }
@@ -253,11 +260,13 @@ TEST_CASE("chat-cli: a refused token exits 1 with the server's reason") {
   CHECK_MESSAGE(bad.code == 1, bad.out);
   CHECK(bad.out.find("chat-cli: the server refused the token: UNAUTHENTICATED: malformed token") !=
         std::string::npos);
+  CHECK_MESSAGE(Count(bad.out, "malformed token") == 1, bad.out);  // told once
 
   const std::string expired = chatd.Token("alice", -60'000);
   CliRun listed = RunShell(dir, CliPath() + url + "--token " + expired + " conversations");
   CHECK_MESSAGE(listed.code == 1, listed.out);
   CHECK(listed.out.find("refused the token: UNAUTHENTICATED: token expired") != std::string::npos);
+  CHECK_MESSAGE(Count(listed.out, "token expired") == 1, listed.out);
   CHECK(listed.out.find("could not connect") == std::string::npos);
 
   // A token signed with a key the server does not have: its header names kid "nope".
@@ -274,6 +283,7 @@ TEST_CASE("chat-cli: a refused token exits 1 with the server's reason") {
   CliRun file = RunShell(dir, CliPath() + url + "--token-file expired.txt send --to bob hi");
   CHECK_MESSAGE(file.code == 1, file.out);
   CHECK(file.out.find("refused the token: UNAUTHENTICATED: token expired") != std::string::npos);
+  CHECK_MESSAGE(Count(file.out, "token expired") == 1, file.out);  // refused twice, told once
 
   // flush and tail end too, rather than wait for a connection that cannot come. What send
   // queued in --cache stays there.
@@ -282,6 +292,7 @@ TEST_CASE("chat-cli: a refused token exits 1 with the server's reason") {
   CliRun flush = RunShell(dir, CliPath() + url + "--token bad --cache a.db flush");
   CHECK_MESSAGE(flush.code == 1, flush.out);
   CHECK(flush.out.find("refused the token: UNAUTHENTICATED: malformed token") != std::string::npos);
+  CHECK_MESSAGE(Count(flush.out, "malformed token") == 1, flush.out);
   CliRun sent = RunShell(dir, CliPath() + url + "--token " + token + " --cache a.db flush");
   CHECK_MESSAGE(sent.code == 0, sent.out);
   CliRun history = RunChatCli(chatd, dir, "bob", {"history", "--conversation", "1"});
@@ -289,6 +300,11 @@ TEST_CASE("chat-cli: a refused token exits 1 with the server's reason") {
   CliRun tail = RunShell(dir, CliPath() + url + "--token bad tail");
   CHECK_MESSAGE(tail.code == 1, tail.out);
   CHECK(tail.out.find("refused the token: UNAUTHENTICATED: malformed token") != std::string::npos);
+  CHECK_MESSAGE(Count(tail.out, "malformed token") == 1, tail.out);
+  // --log-level info brings back the SDK's own account of each connection.
+  CliRun verbose = RunShell(dir, CliPath() + url + "--token bad --log-level info conversations");
+  CHECK_MESSAGE(verbose.code == 1, verbose.out);
+  CHECK(verbose.out.find("chat client: disconnecting: hello refused") != std::string::npos);
 }
 
 TEST_CASE("chat-cli: interactive mode sends what was typed before it exits on EOF or /quit") {
