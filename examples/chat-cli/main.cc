@@ -15,18 +15,20 @@
 //                                                  unregister)
 //
 // Every subcommand takes --json to print one JSON object per line instead of text.
+#include <poll.h>
 #include <signal.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cctype>
+#include <cerrno>
 #include <charconv>
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
 #include <ctime>
 #include <fstream>
-#include <iostream>
 #include <limits>
 #include <map>
 #include <memory>
@@ -878,6 +880,50 @@ constexpr const char* kInteractiveHelp =
     "          /help  /quit\n"
     "other lines are sent to the open conversation (// sends a line beginning with /)";
 
+// Lines read from a descriptor (the terminal, a pipe) without blocking past a check: Next()
+// waits for a whole line or the end of input, and gives up as soon as `stop()` holds (checked
+// every 100 ms and after a signal), so interactive mode ends when nothing can be sent any more
+// even while no line comes.
+class LineReader {
+ public:
+  explicit LineReader(int fd) : fd_(fd) {}
+
+  // Stores the next line, without its '\n', in `line`. Returns false at the end of input, on a
+  // read error, or once `stop()` holds while no whole line is buffered. A last line without '\n'
+  // is a line.
+  template <typename Stop>
+  bool Next(std::string* line, Stop stop) {
+    for (;;) {
+      if (const size_t eol = buffer_.find('\n'); eol != std::string::npos) {
+        line->assign(buffer_, 0, eol);
+        buffer_.erase(0, eol + 1);
+        return true;
+      }
+      if (eof_) {
+        if (buffer_.empty()) return false;
+        line->swap(buffer_);
+        buffer_.clear();
+        return true;
+      }
+      if (stop()) return false;
+      pollfd readable{.fd = fd_, .events = POLLIN, .revents = 0};
+      const int ready = poll(&readable, 1, 100);
+      if (ready < 0 && errno != EINTR) return false;
+      if (ready <= 0) continue;
+      char chunk[4096];
+      const ssize_t n = read(fd_, chunk, sizeof(chunk));
+      if (n < 0 && errno != EINTR && errno != EAGAIN) return false;
+      if (n == 0) eof_ = true;
+      if (n > 0) buffer_.append(chunk, static_cast<size_t>(n));
+    }
+  }
+
+ private:
+  const int fd_;
+  std::string buffer_;
+  bool eof_ = false;
+};
+
 int RunInteractive(const Flags& flags) {
   auto listener = std::make_shared<Listener>(flags.json, true);
   listener->set_verbose(true);
@@ -890,8 +936,15 @@ int RunInteractive(const Flags& flags) {
   uint64_t open_conversation = 0;
   std::string open_peer;
   std::vector<std::string> typed;  // client_msg_ids of the lines sent
+  auto auth_failed = [&] {
+    std::lock_guard lock(listener->mu());
+    return listener->auth_failed();
+  };
+  // A token the server refused for good ends the session: nothing typed could be sent.
+  LineReader input(STDIN_FILENO);
   std::string line;
-  while (!g_interrupted && std::getline(std::cin, line)) {
+  while (!g_interrupted && !auth_failed() &&
+         input.Next(&line, [&] { return g_interrupted || auth_failed(); })) {
     if (g_interrupted) break;  // Ctrl-C while reading: the line is not sent
     if (line.empty()) continue;
     if (line[0] == '/') {
@@ -1050,9 +1103,12 @@ int RunInteractive(const Flags& flags) {
     }
   }
   // On EOF or /quit what was typed is sent before the process (and, without --cache, the
-  // outbox) ends; a signal quits at once.
+  // outbox) ends; a signal quits at once, as does a refused token (exit 1 with the reason).
   int rc = 0;
-  if (!g_interrupted) {
+  if (!g_interrupted && auth_failed()) {
+    std::lock_guard lock(listener->mu());
+    rc = PrintAuthFailed(*listener);
+  } else if (!g_interrupted) {
     size_t unanswered = 0;
     {
       std::lock_guard lock(listener->mu());

@@ -307,15 +307,39 @@ TEST_CASE("chat-cli: a refused token exits 1 with the server's reason") {
   CHECK(verbose.out.find("chat client: disconnecting: hello refused") != std::string::npos);
 }
 
+TEST_CASE("chat-cli: interactive mode ends when the server refuses the token (exit 1)") {
+  ChatdProcess chatd;
+  REQUIRE(chatd.Start().ok());
+  TempDir dir;
+  // The FIFO stays open for writing and empty: no line and no end of input ever come. timeout(1)
+  // ends a chat-cli that waits anyway (exit 124).
+  const std::string interactive =
+      "timeout 30 " + CliPath() + " --url " + chatd.url() + " --device a --timeout-ms 5000 ";
+  CliRun bad =
+      RunShell(dir, "mkfifo in && exec 3<>in && " + interactive + "--token bad < in; echo rc=$?");
+  CHECK_MESSAGE(bad.out.find("rc=1\n") != std::string::npos, bad.out);
+  CHECK(bad.out.find("chat-cli: the server refused the token: UNAUTHENTICATED: malformed token") !=
+        std::string::npos);
+  CHECK_MESSAGE(Count(bad.out, "malformed token") == 1, bad.out);
+
+  // An expired token in --token-file is read again once, then the refusal is final too.
+  REQUIRE(WriteFile(dir.File("expired.txt"), chatd.Token("alice", -60'000)));
+  CliRun file =
+      RunShell(dir, "exec 3<>in && " + interactive + "--token-file expired.txt < in; echo rc=$?");
+  CHECK_MESSAGE(file.out.find("rc=1\n") != std::string::npos, file.out);
+  CHECK(file.out.find("refused the token: UNAUTHENTICATED: token expired") != std::string::npos);
+  CHECK_MESSAGE(Count(file.out, "token expired") == 1, file.out);
+}
+
 TEST_CASE("chat-cli: interactive mode sends what was typed before it exits on EOF or /quit") {
   ChatdProcess chatd;
   REQUIRE(chatd.Start().ok());
   TempDir dir;
   CliRun first = RunChatCli(chatd, dir, "alice", {"send", "--to", "bob", "first"});
   REQUIRE_MESSAGE(first.code == 0, first.out);
-  // No --cache: the outbox lives only as long as the process.
-  CliRun eof = RunShell(
-      dir, "printf '/open 1\\nhello\\n' | " + CliPath() + " " + Connection(chatd, "alice"));
+  // No --cache: the outbox lives only as long as the process. The last line needs no newline.
+  CliRun eof =
+      RunShell(dir, "printf '/open 1\\nhello' | " + CliPath() + " " + Connection(chatd, "alice"));
   CHECK_MESSAGE(eof.code == 0, eof.out);
   CliRun quit = RunShell(dir, "printf '/open bob\\nagain\\n/quit\\n' | " + CliPath() + " " +
                                   Connection(chatd, "alice"));
