@@ -888,9 +888,12 @@ class LineReader {
  public:
   explicit LineReader(int fd) : fd_(fd) {}
 
+  // Longer lines are refused (too_long()) rather than buffered without bound.
+  static constexpr size_t kMaxLineBytes = size_t{4} << 20;
+
   // Stores the next line, without its '\n', in `line`. Returns false at the end of input, on a
-  // read error, or once `stop()` holds while no whole line is buffered. A last line without '\n'
-  // is a line.
+  // read error, on a line over kMaxLineBytes, or once `stop()` holds while no whole line is
+  // buffered. A last line without '\n' is a line.
   template <typename Stop>
   bool Next(std::string* line, Stop stop) {
     for (;;) {
@@ -898,6 +901,10 @@ class LineReader {
         line->assign(buffer_, 0, eol);
         buffer_.erase(0, eol + 1);
         return true;
+      }
+      if (buffer_.size() > kMaxLineBytes) {
+        too_long_ = true;
+        return false;
       }
       if (eof_) {
         if (buffer_.empty()) return false;
@@ -918,10 +925,13 @@ class LineReader {
     }
   }
 
+  bool too_long() const { return too_long_; }
+
  private:
   const int fd_;
   std::string buffer_;
   bool eof_ = false;
+  bool too_long_ = false;
 };
 
 int RunInteractive(const Flags& flags) {
@@ -1120,6 +1130,12 @@ int RunInteractive(const Flags& flags) {
                    flags.timeout_ms, unanswered);
     }
     rc = WaitSent(*listener, typed, flags.timeout_ms);
+    if (input.too_long()) {
+      // The lines before it were sent (and waited for); the rest of the input is not read.
+      std::fprintf(stderr, "chat-cli: an input line is longer than %zu bytes\n",
+                   LineReader::kMaxLineBytes);
+      if (rc == 0) rc = 2;
+    }
   }
   client->Close();
   return g_interrupted ? 128 + g_signal.load() : rc;

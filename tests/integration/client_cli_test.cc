@@ -348,6 +348,17 @@ TEST_CASE("chat-cli: interactive mode sends what was typed before it exits on EO
   CHECK_MESSAGE(history.out.find("[1#2] alice: hello") != std::string::npos, history.out);
   CHECK_MESSAGE(history.out.find("[1#3] alice: again") != std::string::npos, history.out);
 
+  // A line longer than chat-cli buffers (4 MiB) ends it with exit 2 after the lines before it
+  // are acknowledged; nothing of the long line is sent.
+  CliRun long_line = RunShell(
+      dir, "{ printf '/open bob\\nbefore\\n'; head -c 5000000 /dev/zero | tr '\\0' x; } | " +
+               CliPath() + " " + Connection(chatd, "alice"));
+  CHECK_MESSAGE(long_line.code == 2, long_line.out);
+  CHECK(long_line.out.find("an input line is longer than 4194304 bytes") != std::string::npos);
+  CliRun after = RunChatCli(chatd, dir, "bob", {"history", "--conversation", "1"});
+  CHECK_MESSAGE(after.out.find("[1#4] alice: before") != std::string::npos, after.out);
+  CHECK(after.out.find("#5]") == std::string::npos);
+
   // Refused by the server: exit 4 as for send.
   CliRun refused = RunShell(dir, "printf '/open 424242\\nnot yours\\n' | " + CliPath() + " " +
                                      Connection(chatd, "alice"));
