@@ -191,7 +191,7 @@ UPDATE conversations SET member_count = (SELECT COUNT(*) FROM members m
     // message retention deleted (gone_user_messages); a member, the seq of its last own user
     // message (sent_seq), above which the messages of others count as unread. Stored messages
     // are numbered from 1, however many were deleted before; a row the merge copied may still
-    // be in its log (UNION reads it once).
+    // be in its log (read from messages only).
     R"sql(
 ALTER TABLE messages ADD COLUMN user_ordinal INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE log0 ADD COLUMN user_ordinal INTEGER NOT NULL DEFAULT 0;
@@ -211,8 +211,10 @@ INSERT INTO ordinals(conversation_id, seq, sender, kind, user_ordinal)
   SELECT conversation_id, seq, sender, kind,
     SUM(kind = 1) OVER (PARTITION BY conversation_id ORDER BY seq)
   FROM (SELECT conversation_id, seq, sender, kind FROM messages
-        UNION SELECT conversation_id, seq, sender, kind FROM log0
-        UNION SELECT conversation_id, seq, sender, kind FROM log1);
+        UNION ALL SELECT conversation_id, seq, sender, kind FROM log0 l WHERE NOT EXISTS
+          (SELECT 1 FROM messages m WHERE m.conversation_id = l.conversation_id AND m.seq = l.seq)
+        UNION ALL SELECT conversation_id, seq, sender, kind FROM log1 l WHERE NOT EXISTS
+          (SELECT 1 FROM messages m WHERE m.conversation_id = l.conversation_id AND m.seq = l.seq));
 UPDATE messages SET user_ordinal = o.user_ordinal FROM ordinals o
   WHERE o.conversation_id = messages.conversation_id AND o.seq = messages.seq;
 UPDATE log0 SET user_ordinal = o.user_ordinal FROM ordinals o
@@ -439,7 +441,7 @@ constexpr std::array<const char*, static_cast<size_t>(Sql::kCount)> kSql = {
     "SELECT COALESCE(MAX(read_seq), 0) FROM cursors WHERE conversation_id = ?1 AND user_id = ?2",
     "SELECT delivered_seq FROM cursors "
     "WHERE conversation_id = ?1 AND user_id = ?2 AND device_id = ?3",
-    CHAT_ALL_MESSAGES("user_ordinal", "?2 - 1", " AND seq <= ?2") " LIMIT 1",
+    CHAT_ALL_MESSAGES("seq, user_ordinal", "0", " AND seq <= ?2") " ORDER BY seq DESC LIMIT 1",
     CHAT_ALL_MESSAGES(CHAT_MESSAGE_COLUMNS, "?2 - 1", " AND seq <= ?3") " ORDER BY seq LIMIT ?4",
     CHAT_ALL_MESSAGES(CHAT_MESSAGE_COLUMNS, "0", " AND seq < ?2") " ORDER BY seq DESC LIMIT ?3",
     "SELECT conversation_id, first_seq, CASE WHEN retention_ms > 0 THEN retention_ms ELSE ?1 END "
@@ -993,8 +995,11 @@ class SqliteSource final : public server::ReadSource {
     uint64_t gone_user_messages = 0;  // that of the last message retention deleted
   };
 
-  // The user_ordinal of the message at `seq` (counting from the stored ones on): the number of
-  // user messages up to it. Those retention deleted are left out of every count alike.
+  // The number of user messages up to `seq` (counting from the stored ones on): the
+  // user_ordinal of the message there, or of the nearest one stored below should that row be
+  // missing (a damaged file counts the missing rows too, rather than failing every read that
+  // counts).
+  // Those retention deleted are left out of every count alike.
   Result<uint64_t> UserMessagesThrough(ConversationId conversation_id, Seq seq,
                                        const UserCounts& counts) {
     if (seq >= counts.last_seq) return counts.user_messages;
@@ -1003,12 +1008,7 @@ class SqliteSource final : public server::ReadSource {
     q.U64(conversation_id).U64(seq);
     Result<bool> row = q.Step();
     if (!row.ok()) return row.status();
-    if (!*row) {
-      return DataLoss("conversation " + std::to_string(conversation_id) +
-                      " has no message at seq " + std::to_string(seq) +
-                      " between its first and last");
-    }
-    return q.ColumnU64(0);
+    return *row ? q.ColumnU64(1) : counts.gone_user_messages;
   }
 
   Status ReadAscending(ConversationId conversation_id, Seq from_seq, Seq to_seq, size_t max,
@@ -1947,6 +1947,7 @@ class SqliteStore final : public MessageStore {
   // so two processes opening a new file at once do not both migrate it.
   static Status Migrate(Connection& w) {
     if (Status s = Query(w, Sql::kBeginImmediate).Run(); !s.ok()) return s;
+    int64_t from = 0;  // the file's version
     Status s = [&]() -> Status {
       Result<int64_t> version = 0;
       {
@@ -1957,6 +1958,7 @@ class SqliteStore final : public MessageStore {
       }
       if (!version.ok()) return version.status();
       if (*version > kSchemaVersion) return TooNew(*version);
+      from = *version;
       for (int64_t v = *version; v < kSchemaVersion; ++v) {
         if (Status m = w.Exec(kMigrations[static_cast<size_t>(v)], "migrate"); !m.ok()) {
           return m;
@@ -1972,8 +1974,17 @@ class SqliteStore final : public MessageStore {
       return Status::Ok();
     }();
     if (s.ok()) s = Query(w, Sql::kCommit).Run();
-    if (!s.ok()) (void)Query(w, Sql::kRollback).Run();
-    return s;
+    if (!s.ok()) {
+      (void)Query(w, Sql::kRollback).Run();
+      return s;
+    }
+    // A migration of a store with data may have rewritten every message (8 numbers them): its
+    // pages go into the database file now, and the WAL back to nothing, rather than in the
+    // first commits' checkpoint while clients wait.
+    if (from > 0 && from < kSchemaVersion) {
+      return w.Exec("PRAGMA wal_checkpoint(TRUNCATE)", "checkpoint the migration");
+    }
+    return Status::Ok();
   }
 
   // Runs `fn` on an idle reader connection inside one read transaction (one snapshot).

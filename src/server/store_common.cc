@@ -481,7 +481,7 @@ Status ChangeGroup(AppendTarget& target, const AppendRequest& request, AppendRes
 }
 
 // `known`, if given, is one of the user's conversations described already: its count is not
-// read again (counting reads every unread message).
+// read again.
 Result<uint64_t> UnreadTotal(ReadSource& source, const UserId& user, const DeviceId& device,
                              const ConversationInfo* known = nullptr) {
   std::vector<ConversationHead> heads;

@@ -69,9 +69,10 @@ class ReadSource {
   // The raw head (joined/removed left 0). REQUIRES: the conversation exists.
   virtual Result<ConversationHead> Head(ConversationId conversation_id) = 0;
   // The conversation as `user` on `device` sees it (ConversationInfo documents the fields): a
-  // removed user sees last_seq capped at its removal; unread counts user messages of others
-  // above the read watermark that the user may see; counting them reads each of them, so with
-  // `count_unread` false it is left 0. REQUIRES: `user` is or was a member.
+  // removed user sees last_seq capped at its removal; unread counts the user messages of others
+  // that the user may see above both its read watermark and its own last user message (a few
+  // lookups in SQLite, a walk over them in memory); with `count_unread` false it is left 0.
+  // REQUIRES: `user` is or was a member.
   virtual Result<ConversationInfo> Describe(ConversationId conversation_id, const UserId& user,
                                             const DeviceId& device, bool count_unread = true) = 0;
   // Appends to `out` the messages with from_seq <= seq <= to_seq, ascending, at most `max`.
