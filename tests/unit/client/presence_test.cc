@@ -38,21 +38,6 @@ v1::Envelope Update(const std::string& user, bool online, uint32_t devices, int6
   return e;
 }
 
-v1::Envelope OkFor(const v1::Envelope& request) {
-  v1::Envelope e;
-  e.set_rid(request.rid());
-  e.mutable_ok();
-  return e;
-}
-
-v1::Envelope ErrorFor(const v1::Envelope& request, v1::Error::Code code, const std::string& why) {
-  v1::Envelope e;
-  e.set_rid(request.rid());
-  e.mutable_error()->set_code(code);
-  e.mutable_error()->set_message(why);
-  return e;
-}
-
 // The one presence_subscribe among the written envelopes.
 v1::Envelope OnlySubscribe(Harness& h) {
   auto subs = OfCase(h.io.Take(), v1::Envelope::kPresenceSubscribe);

@@ -214,6 +214,36 @@ inline v1::Envelope AckFor(const v1::Envelope& send, Seq seq, bool duplicate = f
   ack.mutable_send_ack()->set_duplicate(duplicate);
   return ack;
 }
+// The server's Ok, or its error, to `request`.
+inline v1::Envelope OkFor(const v1::Envelope& request) {
+  v1::Envelope ok;
+  ok.set_rid(request.rid());
+  ok.mutable_ok();
+  return ok;
+}
+inline v1::Envelope ErrorFor(const v1::Envelope& request, v1::Error::Code code,
+                             const std::string& why) {
+  v1::Envelope e;
+  e.set_rid(request.rid());
+  e.mutable_error()->set_code(code);
+  e.mutable_error()->set_message(why);
+  return e;
+}
+
+// The state of group `id` as the server sends it (this user an admin, three members).
+inline v1::ConversationState GroupState(ConversationId id, Seq last_seq, uint64_t unread,
+                                        const std::string& title = "team") {
+  v1::ConversationState state;
+  state.set_conversation_id(id);
+  state.set_kind(v1::CONVERSATION_KIND_GROUP);
+  state.set_title(title);
+  state.set_last_seq(last_seq);
+  state.set_unread(unread);
+  state.set_role(v1::ROLE_ADMIN);
+  state.set_member_count(3);
+  return state;
+}
+
 inline std::vector<v1::Envelope> OfCase(const std::vector<v1::Envelope>& all,
                                         v1::Envelope::BodyCase body) {
   std::vector<v1::Envelope> out;

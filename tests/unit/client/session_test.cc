@@ -915,19 +915,6 @@ TEST_CASE("session: after Stop nothing is written or reported") {
 
 // --- Groups, channels, receipts, unread counts, typing ---
 
-v1::ConversationState GroupState(ConversationId id, Seq last_seq, uint64_t unread,
-                                 const std::string& title = "team") {
-  v1::ConversationState state;
-  state.set_conversation_id(id);
-  state.set_kind(v1::CONVERSATION_KIND_GROUP);
-  state.set_title(title);
-  state.set_last_seq(last_seq);
-  state.set_unread(unread);
-  state.set_role(v1::ROLE_ADMIN);
-  state.set_member_count(3);
-  return state;
-}
-
 // Live, with group 5 holding bob's messages 1..3, all unread.
 void ConnectWithGroup(Harness& h) {
   v1::Envelope sync = h.Welcome();
@@ -1838,13 +1825,6 @@ TEST_CASE("session: channel subscriptions are sent when live and again after a r
   subs = OfCase(h.io.Take(), v1::Envelope::kSubscribe);
   REQUIRE(subs.size() == 1);
   CHECK(subs[0].subscribe().conversation_id() == 9);
-}
-
-v1::Envelope OkFor(const v1::Envelope& request) {
-  v1::Envelope ok;
-  ok.set_rid(request.rid());
-  ok.mutable_ok();
-  return ok;
 }
 
 // Live, with channel 8 holding seq 1, reported, and not subscribed.
