@@ -159,6 +159,13 @@ struct ClientOptions {
   uint32_t heartbeat_interval_ms = 0;
   // ms from starting a connection to Welcome before the attempt is given up. Default 10 s.
   uint32_t connect_timeout_ms = 10'000;
+  // ms the server has to answer a request (group operations, SetRetention, GetReceipts,
+  // History from the server, Subscribe, presence, RegisterPushToken, Sync) before it is given
+  // up: its callback gets DeadlineExceeded (a Subscribe's goes to OnError) and a late answer
+  // is ignored. A Sync given up, or a request given up while the server answered none since it
+  // was sent, also drops the connection and reconnects. Sends are not timed out (the outbox
+  // keeps them until acknowledged). At least 100. Default 30 s.
+  uint32_t request_timeout_ms = 30'000;
   // Messages the outbox holds, pending and failed together; Send() returns ResourceExhausted
   // past it. A failed message stays until Discard() removes it. Default 1000.
   size_t outbox_max = 1000;
@@ -247,8 +254,9 @@ class CHAT_EXPORT Client {
   // Up to `limit` messages of `conversation` with seq < before_seq (0 = the newest), newest
   // first: from the cache when it holds the whole range, otherwise from the server.
   // `callback` is called exactly once on the loop thread (with Unavailable if the server is
-  // needed and not connected), unless this returns an error: InvalidArgument if conversation
-  // or limit is 0 or callback is empty, FailedPrecondition after Close().
+  // needed and not connected, DeadlineExceeded if it does not answer within
+  // request_timeout_ms), unless this returns an error: InvalidArgument if conversation or limit
+  // is 0 or callback is empty, FailedPrecondition after Close().
   Status History(ConversationId conversation, Seq before_seq, uint32_t limit,
                  HistoryCallback callback);
 
@@ -256,9 +264,12 @@ class CHAT_EXPORT Client {
   // Each call below sends one request; `callback` is called exactly once with the new state
   // of the conversation (also stored in the cache and reported by OnConversationUpdated), or
   // with the server's error (e.g. PermissionDenied when not an admin), or with Unavailable
-  // when not connected or the connection is lost before the reply. They return an error (and
-  // never call back): InvalidArgument naming a bad argument or an empty callback,
-  // FailedPrecondition after Close(), ResourceExhausted when too many calls wait for the loop.
+  // when not connected or the connection is lost before the reply, or with DeadlineExceeded
+  // when the server does not answer within ClientOptions::request_timeout_ms (the request may
+  // have been carried out: a late answer's state still reaches OnConversationUpdated). The
+  // client does not retry them. They return an error (and never call back): InvalidArgument
+  // naming a bad argument or an empty callback, FailedPrecondition after Close(),
+  // ResourceExhausted when too many calls wait for the loop.
   // Every change also arrives as a system message (MessageKind::kSystem) through OnMessage.
 
   // Creates a group or channel (`kind` kGroup or kChannel) with this user as admin.
@@ -285,7 +296,9 @@ class CHAT_EXPORT Client {
   // Channels push live messages only to subscribed members: subscribe while the channel is on
   // screen. Remembered and re-sent after every reconnect until Unsubscribe(). InvalidArgument
   // if conversation is 0, ResourceExhausted past kMaxChannelSubscriptions, FailedPrecondition
-  // after Close(). A refusal by the server goes to OnError.
+  // after Close(). A refusal by the server goes to OnError, and so does DeadlineExceeded when
+  // the server does not answer within request_timeout_ms (the channel is synced all the same,
+  // and subscribed again by the next connection or another Subscribe() call).
   Status Subscribe(ConversationId conversation);
   Status Unsubscribe(ConversationId conversation);
 
@@ -296,7 +309,9 @@ class CHAT_EXPORT Client {
   // every reconnect (the server forgets it with the connection). `callback` is called once with
   // the server's answer: Ok; PermissionDenied if one of the users shares no conversation with
   // this user (none of `users` is watched then); ResourceExhausted if more than
-  // kMaxPresenceSubscriptions (or the server's lower limit) users would be watched.
+  // kMaxPresenceSubscriptions (or the server's lower limit) users would be watched;
+  // DeadlineExceeded if the server does not answer within request_timeout_ms (the new users are
+  // not watched, as after a refusal).
   // While not connected the request waits for the connection (the callback with it).
   // A user who can no longer be watched when re-subscribing (e.g. removed from the shared
   // group) is dropped from the set and reported to OnError as PermissionDenied.
@@ -314,11 +329,12 @@ class CHAT_EXPORT Client {
   // passes both to its PushNotifier) so the user is notified while no device is online. An empty
   // `token` unregisters the device. Call it once: the client remembers the latest token and sends
   // it again after every reconnect (the server treats a repeat as a no-op). `callback` is called
-  // once with the server's answer to this call; while not connected it waits for the
-  // connection, and a newer call before that answers this one with Cancelled. Returns (and never
-  // calls back): InvalidArgument if `platform` is empty or longer than kMaxPushPlatformBytes,
-  // `token` is longer than kMaxPushTokenBytes or `callback` is empty; FailedPrecondition after
-  // Close().
+  // once with the server's answer to this call (DeadlineExceeded if none comes within
+  // request_timeout_ms: the token is kept and sent again after the next reconnect); while not
+  // connected it waits for the connection, and a newer call before that answers this one with
+  // Cancelled. Returns (and never calls back): InvalidArgument if `platform` is empty or longer
+  // than kMaxPushPlatformBytes, `token` is longer than kMaxPushTokenBytes or `callback` is empty;
+  // FailedPrecondition after Close().
   Status RegisterPushToken(std::string_view platform, std::string_view token,
                            StatusCallback callback);
 

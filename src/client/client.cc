@@ -90,6 +90,7 @@ Status ValidateOptions(const ClientOptions& o) {
   if (o.outbox_max == 0) return InvalidArgument("outbox_max: must be at least 1");
   if (o.max_in_flight == 0) return InvalidArgument("max_in_flight: must be at least 1");
   if (o.connect_timeout_ms < 100) return InvalidArgument("connect_timeout_ms: at least 100");
+  if (o.request_timeout_ms < 100) return InvalidArgument("request_timeout_ms: at least 100");
   if (o.heartbeat_interval_ms != 0 && o.heartbeat_interval_ms < 100) {
     return InvalidArgument("heartbeat_interval_ms: 0 (the server's) or at least 100");
   }
@@ -130,6 +131,7 @@ class Client::Impl final : public ClientListener, public client::SessionIo {
                   options_.reconnect.reset_after_ms};
     so.heartbeat_interval_ms = options_.heartbeat_interval_ms;
     so.connect_timeout_ms = options_.connect_timeout_ms;
+    so.request_timeout_ms = options_.request_timeout_ms;
     so.max_in_flight = options_.max_in_flight;
     so.sync_page_limit = options_.sync_page_limit;
     so.max_message_bytes = options_.max_message_bytes;

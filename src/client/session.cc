@@ -85,6 +85,7 @@ void Session::Stop() {
   in_flight_.clear();
   in_flight_ids_.clear();
   ops_.clear();
+  expired_.clear();
   quiet_rids_.clear();
   receipts_unanswered_.clear();
   typing_.clear();
@@ -116,6 +117,7 @@ void Session::ConnectionDown() {
   ops_.clear();
   auto typing = std::move(typing_);
   typing_.clear();
+  expired_.clear();
   quiet_rids_.clear();
   // Receipts of the lost connection may never have reached the server, and the Sync lists only
   // conversations with news: they go again on the next connection.
@@ -201,6 +203,7 @@ void Session::Tick() {
         Disconnect("no frame from the server within two heartbeat intervals");
         return;
       }
+      if (!ExpireRequests(now)) return;
       ExpireTyping();
       FlushReceipts();
       if (!Authenticated()) return;
@@ -230,6 +233,9 @@ int64_t Session::NextDeadlineMs() const {
     case Phase::kLive: {
       int64_t next = std::min(next_ping_, last_rx_ + 2 * static_cast<int64_t>(heartbeat_ms_));
       if (outbox_retry_at_ != 0) next = std::min(next, outbox_retry_at_);
+      if (sync_rid_ != 0) next = std::min(next, sync_deadline_);
+      if (!ops_.empty()) next = std::min(next, ops_.begin()->second.deadline.at_ms);
+      if (!histories_.empty()) next = std::min(next, histories_.begin()->second.deadline.at_ms);
       if (!typing_.empty()) {
         for (const auto& [key, expiry] : typing_) next = std::min(next, expiry);
       }
@@ -271,6 +277,9 @@ void Session::OnClosed(int close_code, std::string_view reason) {
 void Session::OnEnvelope(const v1::Envelope& envelope) {
   if (phase_ != Phase::kHello && !Authenticated()) return;
   last_rx_ = Now();
+  // A Pong proves the link alive, not that the server serves requests (it may answer Pings
+  // while its store is stuck).
+  if (envelope.rid() != 0 && envelope.body_case() != v1::Envelope::kPong) ++answers_;
   switch (envelope.body_case()) {
     case v1::Envelope::kBatch:
       for (const v1::Envelope& inner : envelope.batch().envelopes()) {
@@ -510,6 +519,11 @@ void Session::HandleError(const v1::Envelope& envelope) {
     if (op.conversation) op.conversation(status);
     if (op.receipts) op.receipts(status);
     if (op.status) op.status(status);
+    return;
+  }
+  if (rid != 0 && expired_.erase(rid) > 0) {
+    // Its callback (or OnError) had DeadlineExceeded already; it is not called twice.
+    Log(LogLevel::kInfo, "chat client: late answer to a request given up: " + status.ToString());
     return;
   }
   if (auto it = receipts_unanswered_.find(rid); rid != 0 && it != receipts_unanswered_.end()) {
@@ -765,6 +779,7 @@ void Session::HandleSendAck(const v1::Envelope& envelope) {
 void Session::SendSync() {
   v1::Envelope envelope;
   sync_rid_ = NextRid();
+  sync_deadline_ = Now() + options_.request_timeout_ms;
   sync_again_ = false;
   envelope.set_rid(sync_rid_);
   v1::Sync* sync = envelope.mutable_sync();
@@ -1197,7 +1212,7 @@ void Session::ConversationRequest(v1::Envelope request, ConversationCallback cal
   request.set_rid(rid);
   PendingOp op;
   op.conversation = std::move(callback);
-  ops_[rid] = std::move(op);
+  Track(rid, std::move(op));
   Write(request);
 }
 
@@ -1212,7 +1227,7 @@ void Session::GetReceipts(ConversationId conversation, ReceiptsCallback callback
   request.mutable_get_receipts()->set_conversation_id(conversation);
   PendingOp op;
   op.receipts = std::move(callback);
-  ops_[rid] = std::move(op);
+  Track(rid, std::move(op));
   Write(request);
 }
 
@@ -1233,7 +1248,8 @@ bool Session::SendSubscribe(ConversationId channel) {
   // pushes the new ones (its Ok), a Sync fetches those.
   PendingOp op;
   op.catch_up = true;
-  ops_[rid] = std::move(op);
+  op.channel = channel;
+  Track(rid, std::move(op));
   return Write(envelope);
 }
 
@@ -1319,7 +1335,7 @@ void Session::SendPresenceRequest(PresenceRequest request) {
   op.presence = std::move(request.users);
   op.added = std::move(request.added);
   op.resumed = request.resumed;
-  ops_[rid] = std::move(op);
+  Track(rid, std::move(op));
   Write(envelope);
 }
 
@@ -1348,7 +1364,7 @@ void Session::UnsubscribePresence(std::vector<UserId> users, StatusCallback call
   for (const UserId& user : gone) envelope.mutable_presence_unsubscribe()->add_users(user);
   PendingOp op;
   op.status = std::move(callback);
-  ops_[rid] = std::move(op);
+  Track(rid, std::move(op));
   Write(envelope);
 }
 
@@ -1378,7 +1394,7 @@ void Session::SendPushToken(StatusCallback callback) {
   op.generation = push_generation_;
   op.automatic = !callback;
   op.status = std::move(callback);
-  ops_[rid] = std::move(op);
+  Track(rid, std::move(op));
   Write(envelope);
 }
 
@@ -1404,8 +1420,17 @@ void Session::ResumePresenceAndPush() {
 }
 
 void Session::HandleOk(uint64_t rid) {
+  if (rid == 0) return;
   auto it = ops_.find(rid);
-  if (rid == 0 || it == ops_.end()) return;
+  if (it == ops_.end()) {
+    if (auto late = expired_.find(rid); late != expired_.end()) {
+      // A Subscribe given up took effect after all: what the channel got until now is synced.
+      const bool subscribe = late->second != 0;
+      expired_.erase(late);
+      if (subscribe) RequestSync();
+    }
+    return;
+  }
   PendingOp op = std::move(it->second);
   ops_.erase(it);
   if (op.push && op.generation == push_generation_ && push_ && push_->token.empty()) {
@@ -1467,6 +1492,82 @@ void Session::PushRefused(PendingOp op, const Status& status) {
   } else {
     ReportError(Status(status.code(), "push token: " + std::string(status.message())));
   }
+}
+
+Session::Deadline Session::NewDeadline() const {
+  return Deadline{Now() + options_.request_timeout_ms, answers_};
+}
+
+void Session::Track(uint64_t rid, PendingOp op) {
+  op.deadline = NewDeadline();
+  ops_[rid] = std::move(op);
+}
+
+bool Session::ExpireRequests(int64_t now) {
+  const bool sync_expired = sync_rid_ != 0 && now >= sync_deadline_;
+  // Taken out before any callback runs, so that nothing answers them twice.
+  std::vector<std::pair<uint64_t, PendingOp>> ops;
+  while (!ops_.empty() && ops_.begin()->second.deadline.at_ms <= now) {
+    auto node = ops_.extract(ops_.begin());
+    ops.emplace_back(node.key(), std::move(node.mapped()));
+  }
+  std::vector<std::pair<uint64_t, PendingHistory>> histories;
+  while (!histories_.empty() && histories_.begin()->second.deadline.at_ms <= now) {
+    auto node = histories_.extract(histories_.begin());
+    histories.emplace_back(node.key(), std::move(node.mapped()));
+  }
+  if (!sync_expired && ops.empty() && histories.empty()) return true;
+
+  const std::string within =
+      "no answer from the server within " + std::to_string(options_.request_timeout_ms) + " ms";
+  const Status timeout = DeadlineExceeded(within);
+  // The server answered nothing since one of them was sent: it is wedged, not just slow with
+  // one request (or having lost it).
+  bool unserved = false;
+  bool catch_up = false;
+  for (const auto& [rid, op] : ops) {
+    unserved |= op.deadline.answers == answers_;
+    if (expired_.size() >= kMaxQuietRids) expired_.erase(expired_.begin());
+    expired_[rid] = op.channel;
+  }
+  for (const auto& [rid, pending] : histories) {
+    unserved |= pending.deadline.answers == answers_;
+    if (expired_.size() >= kMaxQuietRids) expired_.erase(expired_.begin());
+    expired_[rid] = 0;
+  }
+  for (auto& [rid, pending] : histories) pending.callback(timeout);
+  for (auto& [rid, op] : ops) {
+    if (!op.presence.empty()) {
+      PresenceRefused(std::move(op), timeout);
+    } else if (op.push) {
+      PushRefused(std::move(op), timeout);
+    } else if (op.catch_up) {
+      catch_up = true;
+      ReportError(
+          DeadlineExceeded("subscribe to channel " + std::to_string(op.channel) + ": " + within));
+    } else {
+      if (op.conversation) op.conversation(timeout);
+      if (op.receipts) op.receipts(timeout);
+      if (op.status) op.status(timeout);
+    }
+  }
+  if (!Authenticated()) return false;
+  if (sync_expired) {
+    // As for a refused Sync: without its answer the cache is not known to be complete, and
+    // every catch-up and gap repair waits behind it.
+    Disconnect("no answer to a Sync within " + std::to_string(options_.request_timeout_ms) + " ms");
+    return false;
+  }
+  if (unserved) {
+    // Like a dead link: a new connection (with backoff) sends the subscriptions again.
+    Disconnect("the server answered no request within " +
+               std::to_string(options_.request_timeout_ms) + " ms");
+    return false;
+  }
+  // A channel whose Subscribe was given up is caught up all the same; the live messages need the
+  // subscription, which the next connection (or the application's next Subscribe) makes.
+  if (catch_up) RequestSync();
+  return Authenticated();
 }
 
 void Session::HandlePresenceUpdate(const v1::PresenceUpdate& update) {
@@ -1540,7 +1641,7 @@ void Session::History(ConversationId conversation, Seq before_seq, uint32_t limi
   envelope.mutable_history()->set_conversation_id(conversation);
   envelope.mutable_history()->set_before_seq(before_seq);
   envelope.mutable_history()->set_limit(limit);
-  histories_[rid] = PendingHistory{conversation, before_seq, std::move(callback)};
+  histories_[rid] = PendingHistory{conversation, before_seq, std::move(callback), NewDeadline()};
   Write(envelope);
 }
 

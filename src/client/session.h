@@ -1,10 +1,10 @@
 // Session: the client's protocol logic as a sans-IO state machine.
 //
 // The Session owns the connection lifecycle (connect -> Hello -> Welcome -> paged Sync -> live),
-// heartbeats and dead-link detection, reconnect backoff, token refresh, the outbox pump, gap
-// repair, epoch changes and History requests. It has no sockets, threads or clock of its own:
-// the runtime (client.cc) or a unit test feeds it transport events, decoded envelopes, timer
-// ticks and API calls, and carries out what it asks through SessionIo. It writes to the Cache
+// heartbeats and dead-link detection, request timeouts, reconnect backoff, token refresh, the
+// outbox pump, gap repair, epoch changes and History requests. It has no sockets, threads or clock
+// of its own: the runtime (client.cc) or a unit test feeds it transport events, decoded envelopes,
+// timer ticks and API calls, and carries out what it asks through SessionIo. It writes to the Cache
 // and calls the ClientListener directly.
 //
 // Exactly-once delivery to the application: a message is given to OnMessage only when it is
@@ -56,6 +56,7 @@ struct SessionOptions {
   BackoffPolicy backoff;
   uint32_t heartbeat_interval_ms = 0;  // 0: the server's
   uint32_t connect_timeout_ms = 10'000;
+  uint32_t request_timeout_ms = 30'000;
   uint32_t max_in_flight = 16;
   uint32_t sync_page_limit = 0;
   uint64_t max_message_bytes = 0;  // told to the server in Hello; 0: not told
@@ -101,7 +102,7 @@ class Session {
   void OnEnvelope(const v1::Envelope& envelope);
 
   // --- Time ---
-  // Fires due timers (connect, heartbeat, dead link, reconnect, outbox retry).
+  // Fires due timers (connect, heartbeat, dead link, request timeouts, reconnect, outbox retry).
   void Tick();
   // Monotonic ms of the next timer; the runtime calls Tick() by then.
   int64_t NextDeadlineMs() const;
@@ -115,13 +116,16 @@ class Session {
 
   // --- Groups, channels, receipts, typing ---
   // Sends `request` (a group operation; its rid is set here) and calls `callback` once with the
-  // ConversationUpdate reply, the server's error, or Unavailable when not connected or the
-  // connection is lost first.
+  // ConversationUpdate reply, the server's error, Unavailable when not connected or the
+  // connection is lost first, or DeadlineExceeded when no answer comes within
+  // request_timeout_ms.
   void ConversationRequest(v1::Envelope request, ConversationCallback callback);
   void GetReceipts(ConversationId conversation, ReceiptsCallback callback);
   // Remembered and (re-)sent whenever the session goes live. The server's Ok is followed by a
   // Sync (or, while one is in flight, by the one after it), which fetches what the channel got
-  // while this connection was not subscribed. It waits for no other Subscribe's answer.
+  // while this connection was not subscribed. It waits for no other Subscribe's answer, nor for
+  // its own past request_timeout_ms: then OnError gets DeadlineExceeded and the Sync goes anyway
+  // (a late Ok brings one more). Not sent again on this connection.
   void Subscribe(ConversationId conversation);
   void Unsubscribe(ConversationId conversation);
   // Moves the read watermark forward (0: up to the cursor) and schedules a Receipt, which is
@@ -169,10 +173,17 @@ class Session {
     std::optional<Cache::Transaction> txn_;
   };
 
+  // When a request waiting for its answer is given up, and what the server had answered when it
+  // was sent (see ExpireRequests).
+  struct Deadline {
+    int64_t at_ms = 0;     // monotonic
+    uint64_t answers = 0;  // answers_ when sent
+  };
   struct PendingHistory {
     ConversationId conversation = 0;
     Seq before_seq = 0;  // 0: the newest
     HistoryCallback callback;
+    Deadline deadline;
   };
   struct PendingOp {
     ConversationCallback conversation;
@@ -180,12 +191,14 @@ class Session {
     StatusCallback status;  // requests answered with Ok
     // PresenceSubscribe: the users asked for (empty for other requests).
     std::vector<UserId> presence;
-    std::vector<UserId> added;  // the application's PresenceSubscribe: users it added to the set
-    bool resumed = false;       // PresenceSubscribe: PresenceRequest::resumed
-    bool push = false;          // RegisterPushToken
-    uint64_t generation = 0;    // RegisterPushToken: push_generation_ when sent
-    bool automatic = false;     // sent by the session itself: refusals go to OnError
-    bool catch_up = false;      // a Subscribe: its Ok starts a Sync (see SendSubscribe)
+    std::vector<UserId> added;   // the application's PresenceSubscribe: users it added to the set
+    bool resumed = false;        // PresenceSubscribe: PresenceRequest::resumed
+    bool push = false;           // RegisterPushToken
+    uint64_t generation = 0;     // RegisterPushToken: push_generation_ when sent
+    bool automatic = false;      // sent by the session itself: refusals go to OnError
+    bool catch_up = false;       // a Subscribe: its Ok starts a Sync (see SendSubscribe)
+    ConversationId channel = 0;  // a Subscribe: its channel
+    Deadline deadline;
   };
   struct PresenceRequest {
     std::vector<UserId> users;
@@ -223,6 +236,14 @@ class Session {
   void HandleTypingUpdate(const v1::TypingUpdate& update);
   void HandlePresenceUpdate(const v1::PresenceUpdate& update);
   void HandleOk(uint64_t rid);
+  // Registers a request waiting for its answer, with its deadline.
+  void Track(uint64_t rid, PendingOp op);
+  Deadline NewDeadline() const;
+  // Gives up the requests past their deadline (their callbacks get DeadlineExceeded). Drops the
+  // connection if a Sync was given up, or a request the server answered nothing since it was
+  // sent: it reads the connection (the link is alive) but serves no request. False if the
+  // connection was dropped.
+  bool ExpireRequests(int64_t now);
   // Sends a Subscribe whose Ok is followed by a Sync, which fetches what the channel got before
   // the server pushed it to this connection. False if the connection was dropped.
   bool SendSubscribe(ConversationId channel);
@@ -302,6 +323,7 @@ class Session {
   bool refreshed_last_ = false;  // the current attempt is such a refresh (until its Welcome)
 
   uint64_t sync_rid_ = 0;  // 0: no Sync in flight
+  int64_t sync_deadline_ = 0;
   bool sync_again_ = false;
   std::set<ConversationId> stubs_;  // known only from a Deliver: ask Sync for their state
 
@@ -324,6 +346,13 @@ class Session {
 
   std::map<uint64_t, PendingHistory> histories_;
 
+  // Answers from the server so far: frames with a rid, but Pongs.
+  uint64_t answers_ = 0;
+  // Requests given up (rid -> the channel of a Subscribe, else 0; at most kMaxQuietRids): a
+  // late answer is ignored (a Subscribe's Ok still starts a catch-up Sync).
+  std::map<uint64_t, ConversationId> expired_;
+  // ops_, like histories_, is in rid order, which is the order of the deadlines (one timeout, a
+  // monotonic clock): the first entry expires first.
   std::map<uint64_t, PendingOp> ops_;               // rid -> callback; failed when the link drops
   std::set<uint64_t> quiet_rids_;                   // Typing requests (bounded)
   std::set<ConversationId> receipts_due_;           // watermarks moved, Receipt not sent yet

@@ -86,6 +86,21 @@ TEST_CASE("client: Open names the invalid option") {
   CHECK(OpenStatus(Offline()).ok());
 }
 
+TEST_CASE("client: Open refuses a request_timeout_ms below 100 ms, naming it") {
+  ClientOptions o = Offline();
+  o.request_timeout_ms = 0;
+  Status st = OpenStatus(o);
+  CHECK(st.code() == Code::kInvalidArgument);
+  CHECK(st.message().find("request_timeout_ms") != std::string_view::npos);
+  o = Offline();
+  o.request_timeout_ms = 99;
+  CHECK(OpenStatus(o).code() == Code::kInvalidArgument);
+  o = Offline();
+  o.request_timeout_ms = 100;
+  CHECK(OpenStatus(o).ok());
+  CHECK(ClientOptions{}.request_timeout_ms == 30'000);
+}
+
 TEST_CASE("client: a cache file that is not a database is refused with DataLoss") {
   testing::TempDir dir;
   REQUIRE(testing::WriteFile(dir.File("junk.db"), std::string(8192, 'x')));

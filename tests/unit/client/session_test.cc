@@ -1946,8 +1946,9 @@ TEST_CASE("session: each Ok to the Subscribes sent on going live starts a catch-
   CHECK(OfCase(h.io.Take(), v1::Envelope::kSubscribe).empty());
 }
 
-// A Subscribe the server never answers delays no other channel's catch-up. It stays pending
-// until the connection ends (dead-link detection or a close), and goes again on the next one.
+// A Subscribe the server does not answer delays no other channel's catch-up. It stays pending
+// until it is given up (session_timeout_test.cc) or the connection ends, and goes again on the
+// next connection.
 TEST_CASE("session: a Subscribe the server never answers holds back no other channel's catch-up") {
   Harness h;
   h.session->Start();
@@ -1975,8 +1976,7 @@ TEST_CASE("session: a Subscribe the server never answers holds back no other cha
   CHECK(OfCase(h.io.Take(), v1::Envelope::kSync).empty());
   CHECK(h.state() == ConnectionState::kConnected);
 
-  // The request has no timeout of its own: it ends with the connection, and the next one
-  // subscribes both again.
+  // The next connection subscribes both again.
   h.session->OnClosed(1006, "abnormal");
   h.ConnectLive();
   subs = OfCase(h.io.Take(), v1::Envelope::kSubscribe);

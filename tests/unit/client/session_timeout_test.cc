@@ -1,0 +1,315 @@
+// Session: request timeouts and the connection recycled when the server serves no request,
+// driven with a FakeClock and a fake transport.
+#include <doctest/doctest.h>
+
+#include <string>
+#include <vector>
+
+#include "src/client/session.h"
+#include "tests/unit/client/session_harness.h"
+
+namespace chat::client {
+namespace {
+
+constexpr int64_t kTimeoutMs = 30'000;  // SessionOptions' default, as ClientOptions'
+
+// The server answers a Ping: the link is alive, whatever the server does with requests.
+void Pong(Harness& h) {
+  v1::Envelope pong;
+  pong.set_rid(999'000);
+  pong.mutable_pong()->set_client_time_ms(h.clock->WallMs());
+  h.session->OnEnvelope(pong);
+}
+
+// Lets `ms` pass on a link kept alive by Pongs, and fires the timers.
+void Pass(Harness& h, int64_t ms) {
+  Pong(h);
+  h.clock->Advance(ms);
+  h.session->Tick();
+}
+
+// The server answers a request sent now (a GetReceipts of conversation 77): it serves this
+// connection, if not every request.
+void ServeOne(Harness& h) {
+  h.session->GetReceipts(77, [](Result<std::vector<MemberWatermarks>>) {});
+  auto asked = OfCase(h.io.Take(), v1::Envelope::kGetReceipts);
+  REQUIRE(asked.size() == 1);
+  v1::Envelope page;
+  page.set_rid(asked[0].rid());
+  page.mutable_receipts_page()->set_conversation_id(77);
+  h.session->OnEnvelope(page);
+}
+
+v1::ConversationState ChannelState(ConversationId id, Seq last_seq) {
+  v1::ConversationState state = GroupState(id, last_seq, 0, "news");
+  state.set_kind(v1::CONVERSATION_KIND_CHANNEL);
+  return state;
+}
+
+bool Mentions(const Status& status, const std::string& text) {
+  return status.message().find(text) != std::string_view::npos;
+}
+
+TEST_CASE("session: a request not answered in time is called back DeadlineExceeded, once") {
+  Harness h;
+  h.ConnectLive();
+  h.io.Take();
+  std::vector<Status> renamed;
+  std::vector<Status> receipts;
+  std::vector<Status> history;
+  v1::Envelope rename;
+  rename.mutable_rename_group()->set_conversation_id(5);
+  rename.mutable_rename_group()->set_title("new");
+  h.session->ConversationRequest(
+      rename, [&](Result<ConversationInfo> r) { renamed.push_back(r.status()); });
+  h.session->GetReceipts(
+      5, [&](Result<std::vector<MemberWatermarks>> r) { receipts.push_back(r.status()); });
+  h.session->History(5, 0, 10, [&](Result<HistoryResult> r) { history.push_back(r.status()); });
+  auto written = h.io.Take();
+  auto rename_sent = OfCase(written, v1::Envelope::kRenameGroup);
+  auto receipts_sent = OfCase(written, v1::Envelope::kGetReceipts);
+  auto history_sent = OfCase(written, v1::Envelope::kHistory);
+  REQUIRE(rename_sent.size() == 1);
+  REQUIRE(receipts_sent.size() == 1);
+  REQUIRE(history_sent.size() == 1);
+  CHECK(h.session->NextDeadlineMs() <= h.Now() + kTimeoutMs);
+  ServeOne(h);  // the server serves the connection, not these three
+
+  Pass(h, kTimeoutMs - 1);
+  CHECK(renamed.empty());
+  CHECK(receipts.empty());
+  CHECK(history.empty());
+  Pass(h, 1);
+  REQUIRE(renamed.size() == 1);
+  REQUIRE(receipts.size() == 1);
+  REQUIRE(history.size() == 1);
+  CHECK(renamed[0].code() == Code::kDeadlineExceeded);
+  CHECK(receipts[0].code() == Code::kDeadlineExceeded);
+  CHECK(history[0].code() == Code::kDeadlineExceeded);
+  CHECK(Mentions(renamed[0], "30000 ms"));
+  CHECK(h.state() == ConnectionState::kConnected);
+  CHECK(h.io.drops == 0);
+  CHECK(h.listener.errors.empty());
+
+  // Late answers call nobody again and report nothing; a conversation's state is still taken.
+  v1::Envelope update;
+  update.set_rid(rename_sent[0].rid());
+  *update.mutable_conversation_update()->mutable_conversation() = GroupState(5, 0, 0, "new");
+  h.session->OnEnvelope(update);
+  v1::Envelope page;
+  page.set_rid(receipts_sent[0].rid());
+  page.mutable_receipts_page()->set_conversation_id(5);
+  h.session->OnEnvelope(page);
+  h.session->OnEnvelope(ErrorFor(history_sent[0], v1::Error::UNAVAILABLE, "store busy"));
+  Pass(h, kTimeoutMs);
+  CHECK(renamed.size() == 1);
+  CHECK(receipts.size() == 1);
+  CHECK(history.size() == 1);
+  CHECK(h.listener.errors.empty());
+  REQUIRE(h.cache->GetConversation(5));
+  CHECK(h.cache->GetConversation(5)->info.title == "new");
+  CHECK(h.state() == ConnectionState::kConnected);
+}
+
+TEST_CASE("session: presence and push requests not answered in time get DeadlineExceeded") {
+  Harness h;
+  h.ConnectLive();
+  h.io.Take();
+  std::vector<Status> presence;
+  std::vector<Status> push;
+  h.session->SubscribePresence({"bob"}, [&](Status st) { presence.push_back(std::move(st)); });
+  h.session->RegisterPushToken("fcm", "token-a", [&](Status st) { push.push_back(std::move(st)); });
+  auto written = h.io.Take();
+  auto subscribe = OfCase(written, v1::Envelope::kPresenceSubscribe);
+  REQUIRE(subscribe.size() == 1);
+  REQUIRE(OfCase(written, v1::Envelope::kRegisterPushToken).size() == 1);
+  ServeOne(h);
+
+  Pass(h, kTimeoutMs);
+  REQUIRE(presence.size() == 1);
+  REQUIRE(push.size() == 1);
+  CHECK(presence[0].code() == Code::kDeadlineExceeded);
+  CHECK(push[0].code() == Code::kDeadlineExceeded);
+  // As after a refusal, bob is not watched: a late Ok and his updates are ignored.
+  CHECK(h.session->watched().empty());
+  h.session->OnEnvelope(OkFor(subscribe[0]));
+  v1::Envelope update;
+  update.mutable_presence_update()->set_user_id("bob");
+  update.mutable_presence_update()->set_online(true);
+  h.session->OnEnvelope(update);
+  CHECK(h.listener.presence.empty());
+  CHECK(presence.size() == 1);
+  CHECK(h.listener.errors.empty());
+
+  // The token is kept (the code is retryable) and goes with the next connection.
+  h.session->OnClosed(1006, "abnormal");
+  h.io.Take();
+  h.ConnectLive();
+  written = h.io.Take();
+  auto again = OfCase(written, v1::Envelope::kRegisterPushToken);
+  REQUIRE(again.size() == 1);
+  CHECK(again[0].register_push_token().token() == "token-a");
+  CHECK(OfCase(written, v1::Envelope::kPresenceSubscribe).empty());
+  CHECK(push.size() == 1);
+}
+
+// A Subscribe the server does not answer is given up: OnError says so, and its channel is
+// synced all the same. Other channels' catch-ups and other conversations' gap repairs go on
+// meanwhile, and a late Ok catches the channel up once more.
+TEST_CASE("session: a Subscribe given up is reported, and no conversation waits for it") {
+  Harness h;
+  h.session->Start();
+  h.session->Subscribe(8);
+  h.session->Subscribe(9);
+  v1::Envelope sync = h.Welcome();
+  v1::SyncBatch batch;
+  *batch.add_conversations() = ChannelState(8, 1);
+  *batch.add_conversations() = ChannelState(9, 1);
+  *batch.add_conversations() = GroupState(5, 1, 1);
+  *batch.add_messages() = Msg(8, 1);
+  *batch.add_messages() = Msg(9, 1);
+  *batch.add_messages() = Msg(5, 1);
+  h.Reply(sync, batch);
+  REQUIRE(h.state() == ConnectionState::kConnected);
+  auto subs = OfCase(h.io.Take(), v1::Envelope::kSubscribe);
+  REQUIRE(subs.size() == 2);
+  REQUIRE(subs[0].subscribe().conversation_id() == 8);
+
+  h.session->OnEnvelope(OkFor(subs[1]));  // channel 9's is answered, channel 8's never
+  auto syncs = OfCase(h.io.Take(), v1::Envelope::kSync);
+  REQUIRE(syncs.size() == 1);
+  v1::SyncBatch nine;
+  *nine.add_conversations() = ChannelState(9, 2);
+  *nine.add_messages() = Msg(9, 2);
+  h.Reply(syncs[0], nine);
+  CHECK(h.listener.SentSeqs(9) == std::vector<Seq>{1, 2});
+
+  Pass(h, kTimeoutMs - 1);
+  CHECK(h.listener.errors.empty());
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kSync).empty());
+  Pass(h, 1);
+  REQUIRE(h.listener.errors.size() == 1);
+  CHECK(h.listener.errors[0].code() == Code::kDeadlineExceeded);
+  CHECK(Mentions(h.listener.errors[0], "channel 8"));
+  CHECK(h.state() == ConnectionState::kConnected);
+  CHECK(h.io.drops == 0);
+  auto written = h.io.Take();
+  CHECK(OfCase(written, v1::Envelope::kSubscribe).empty());  // not sent again on this link
+  // Channel 8's catch-up does not wait any longer.
+  syncs = OfCase(written, v1::Envelope::kSync);
+  REQUIRE(syncs.size() == 1);
+  v1::SyncBatch eight;
+  *eight.add_conversations() = ChannelState(8, 2);
+  *eight.add_messages() = Msg(8, 2);
+  h.Reply(syncs[0], eight);
+  CHECK(h.listener.SentSeqs(8) == std::vector<Seq>{1, 2});
+
+  // Other conversations go on: a Deliver ahead of group 5's cursor is repaired by a Sync.
+  h.Deliver(Msg(5, 3));
+  syncs = OfCase(h.io.Take(), v1::Envelope::kSync);
+  REQUIRE(syncs.size() == 1);
+  v1::SyncBatch five;
+  *five.add_conversations() = GroupState(5, 3, 3);
+  *five.add_messages() = Msg(5, 2);
+  h.Reply(syncs[0], five);
+  CHECK(h.listener.SentSeqs(5) == std::vector<Seq>{1, 2, 3});
+
+  // The late Ok: the subscription took effect only now, so the channel is synced once more.
+  h.session->OnEnvelope(OkFor(subs[0]));
+  syncs = OfCase(h.io.Take(), v1::Envelope::kSync);
+  REQUIRE(syncs.size() == 1);
+  v1::SyncBatch late;
+  *late.add_conversations() = ChannelState(8, 3);
+  *late.add_messages() = Msg(8, 3);
+  h.Reply(syncs[0], late);
+  CHECK(h.listener.SentSeqs(8) == std::vector<Seq>{1, 2, 3});
+  CHECK(h.listener.errors.size() == 1);
+  CHECK(h.state() == ConnectionState::kConnected);
+}
+
+// The reconnect rule: a request given up while the server answered other requests only tells
+// its caller; one given up while the server answered none since it was sent (the link is alive,
+// Pongs come, but nothing is served) also recycles the connection, like a dead link.
+TEST_CASE("session: a request given up while the server served no request recycles the link") {
+  Harness h;
+  h.session->Start();
+  h.session->Subscribe(8);
+  h.ConnectLive();
+  auto subs = OfCase(h.io.Take(), v1::Envelope::kSubscribe);
+  REQUIRE(subs.size() == 1);
+  h.session->OnEnvelope(OkFor(subs[0]));
+  auto syncs = OfCase(h.io.Take(), v1::Envelope::kSync);
+  REQUIRE(syncs.size() == 1);
+  h.Reply(syncs[0], {});
+  h.io.Take();
+
+  // One request lost by a server that serves the rest: the connection stays.
+  std::vector<Status> first;
+  h.session->GetReceipts(
+      5, [&](Result<std::vector<MemberWatermarks>> r) { first.push_back(r.status()); });
+  h.io.Take();
+  Pass(h, 10'000);
+  ServeOne(h);
+  Pass(h, kTimeoutMs - 10'000);
+  REQUIRE(first.size() == 1);
+  CHECK(first[0].code() == Code::kDeadlineExceeded);
+  CHECK(h.io.drops == 0);
+  CHECK(h.state() == ConnectionState::kConnected);
+  h.io.Take();
+
+  // Then the server answers Pings only.
+  std::vector<Status> second;
+  std::vector<Status> third;
+  h.session->GetReceipts(
+      5, [&](Result<std::vector<MemberWatermarks>> r) { second.push_back(r.status()); });
+  Pass(h, 10'000);
+  h.session->GetReceipts(
+      6, [&](Result<std::vector<MemberWatermarks>> r) { third.push_back(r.status()); });
+  Pass(h, kTimeoutMs - 10'000);
+  REQUIRE(second.size() == 1);
+  CHECK(second[0].code() == Code::kDeadlineExceeded);
+  CHECK(h.io.drops == 1);
+  CHECK(h.state() == ConnectionState::kDisconnected);
+  // The request still waiting learns that the connection is gone.
+  REQUIRE(third.size() == 1);
+  CHECK(third[0].code() == Code::kUnavailable);
+
+  // The next connection (after the backoff) subscribes the channel again.
+  h.io.Take();
+  h.ConnectLive();
+  subs = OfCase(h.io.Take(), v1::Envelope::kSubscribe);
+  REQUIRE(subs.size() == 1);
+  CHECK(subs[0].subscribe().conversation_id() == 8);
+  CHECK(second.size() == 1);
+  CHECK(third.size() == 1);
+}
+
+TEST_CASE("session: a Sync the server does not answer in time recycles the link") {
+  Harness h;
+  v1::Envelope sync = h.Welcome();
+  REQUIRE(h.state() == ConnectionState::kSyncing);
+  h.AddOutbox("queued");
+  Pass(h, kTimeoutMs - 1);
+  CHECK(h.state() == ConnectionState::kSyncing);
+  CHECK(h.io.drops == 0);
+  Pass(h, 1);
+  CHECK(h.io.drops == 1);
+  CHECK(h.state() == ConnectionState::kDisconnected);
+
+  // The next connection syncs again and drains the outbox.
+  h.io.Take();
+  sync = h.Welcome();
+  h.Reply(sync, {});
+  REQUIRE(h.state() == ConnectionState::kConnected);
+  CHECK(SendIds(h.io.Take()) == std::vector<std::string>{"queued"});
+
+  // A gap repair that is never answered is given up the same way.
+  h.Deliver(Msg(5, 3));
+  REQUIRE(OfCase(h.io.Take(), v1::Envelope::kSync).size() == 1);
+  Pass(h, kTimeoutMs);
+  CHECK(h.io.drops == 2);
+  CHECK(h.state() == ConnectionState::kDisconnected);
+}
+
+}  // namespace
+}  // namespace chat::client
