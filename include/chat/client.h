@@ -215,6 +215,12 @@ inline constexpr size_t kMaxPushPlatformBytes = 64;
 inline constexpr size_t kMaxPushTokenBytes = 4096;
 // ms; SetTyping(active) repeats are sent at most this often (the server expires them later).
 inline constexpr int64_t kTypingRefreshMs = 3'000;
+// Requests of the application waiting for the server's answer at once (group operations,
+// SetRetention, GetReceipts, History from the server, Subscribe, presence, RegisterPushToken).
+// Past it a call is answered ResourceExhausted by its callback (a Subscribe by OnError) without
+// a request. The requests the client makes by itself (after a reconnect) count, but are never
+// refused: there are at most as many as subscriptions and watched users allow.
+inline constexpr size_t kMaxPendingRequests = 1000;
 
 class CHAT_EXPORT Client {
  public:
@@ -254,9 +260,9 @@ class CHAT_EXPORT Client {
   // Up to `limit` messages of `conversation` with seq < before_seq (0 = the newest), newest
   // first: from the cache when it holds the whole range, otherwise from the server.
   // `callback` is called exactly once on the loop thread (with Unavailable if the server is
-  // needed and not connected, DeadlineExceeded if it does not answer within
-  // request_timeout_ms), unless this returns an error: InvalidArgument if conversation or limit
-  // is 0 or callback is empty, FailedPrecondition after Close().
+  // needed and not connected, DeadlineExceeded if it does not answer within request_timeout_ms,
+  // ResourceExhausted past kMaxPendingRequests), unless this returns an error: InvalidArgument
+  // if conversation or limit is 0 or callback is empty, FailedPrecondition after Close().
   Status History(ConversationId conversation, Seq before_seq, uint32_t limit,
                  HistoryCallback callback);
 
@@ -266,8 +272,9 @@ class CHAT_EXPORT Client {
   // with the server's error (e.g. PermissionDenied when not an admin), or with Unavailable
   // when not connected or the connection is lost before the reply, or with DeadlineExceeded
   // when the server does not answer within ClientOptions::request_timeout_ms (the request may
-  // have been carried out: a late answer's state still reaches OnConversationUpdated). The
-  // client does not retry them. They return an error (and never call back): InvalidArgument
+  // have been carried out: a late answer's state still reaches OnConversationUpdated), or with
+  // ResourceExhausted, without a request, while kMaxPendingRequests requests wait for answers.
+  // The client does not retry them. They return an error (and never call back): InvalidArgument
   // naming a bad argument or an empty callback, FailedPrecondition after Close(),
   // ResourceExhausted when too many calls wait for the loop.
   // Every change also arrives as a system message (MessageKind::kSystem) through OnMessage.
@@ -298,7 +305,8 @@ class CHAT_EXPORT Client {
   // if conversation is 0, ResourceExhausted past kMaxChannelSubscriptions, FailedPrecondition
   // after Close(). A refusal by the server goes to OnError, and so does DeadlineExceeded when
   // the server does not answer within request_timeout_ms (the channel is synced all the same,
-  // and subscribed again by the next connection or another Subscribe() call).
+  // and subscribed again by the next connection or another Subscribe() call) or
+  // ResourceExhausted past kMaxPendingRequests (subscribed by the next connection).
   Status Subscribe(ConversationId conversation);
   Status Unsubscribe(ConversationId conversation);
 
@@ -309,9 +317,9 @@ class CHAT_EXPORT Client {
   // every reconnect (the server forgets it with the connection). `callback` is called once with
   // the server's answer: Ok; PermissionDenied if one of the users shares no conversation with
   // this user (none of `users` is watched then); ResourceExhausted if more than
-  // kMaxPresenceSubscriptions (or the server's lower limit) users would be watched;
-  // DeadlineExceeded if the server does not answer within request_timeout_ms (the new users are
-  // not watched, as after a refusal).
+  // kMaxPresenceSubscriptions (or the server's lower limit) users would be watched, or past
+  // kMaxPendingRequests (nothing changes); DeadlineExceeded if the server does not answer within
+  // request_timeout_ms (the new users are not watched, as after a refusal).
   // While not connected the request waits for the connection (the callback with it).
   // A user who can no longer be watched when re-subscribing (e.g. removed from the shared
   // group) is dropped from the set and reported to OnError as PermissionDenied.
@@ -330,11 +338,12 @@ class CHAT_EXPORT Client {
   // `token` unregisters the device. Call it once: the client remembers the latest token and sends
   // it again after every reconnect (the server treats a repeat as a no-op). `callback` is called
   // once with the server's answer to this call (DeadlineExceeded if none comes within
-  // request_timeout_ms: the token is kept and sent again after the next reconnect); while not
-  // connected it waits for the connection, and a newer call before that answers this one with
-  // Cancelled. Returns (and never calls back): InvalidArgument if `platform` is empty or longer
-  // than kMaxPushPlatformBytes, `token` is longer than kMaxPushTokenBytes or `callback` is empty;
-  // FailedPrecondition after Close().
+  // request_timeout_ms: the token is kept and sent again after the next reconnect;
+  // ResourceExhausted, the call ignored, past kMaxPendingRequests); while not connected it waits
+  // for the connection, and a newer call before that answers this one with Cancelled. Returns (and
+  // never calls back): InvalidArgument if `platform` is empty or longer than kMaxPushPlatformBytes,
+  // `token` is longer than kMaxPushTokenBytes or `callback` is empty; FailedPrecondition after
+  // Close().
   Status RegisterPushToken(std::string_view platform, std::string_view token,
                            StatusCallback callback);
 

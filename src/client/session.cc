@@ -1208,6 +1208,10 @@ void Session::ConversationRequest(v1::Envelope request, ConversationCallback cal
     callback(Unavailable("not connected"));
     return;
   }
+  if (RequestsFull()) {
+    callback(TooManyRequests());
+    return;
+  }
   const uint64_t rid = NextRid();
   request.set_rid(rid);
   PendingOp op;
@@ -1219,6 +1223,10 @@ void Session::ConversationRequest(v1::Envelope request, ConversationCallback cal
 void Session::GetReceipts(ConversationId conversation, ReceiptsCallback callback) {
   if (phase_ != Phase::kLive && phase_ != Phase::kSyncing) {
     callback(Unavailable("not connected"));
+    return;
+  }
+  if (RequestsFull()) {
+    callback(TooManyRequests());
     return;
   }
   v1::Envelope request;
@@ -1235,6 +1243,13 @@ void Session::Subscribe(ConversationId conversation) {
   if (phase_ == Phase::kClosed) return;
   subscriptions_.insert(conversation);
   if (phase_ != Phase::kLive) return;  // sent when the session goes live
+  if (RequestsFull()) {
+    // Remembered all the same: the next connection subscribes it.
+    ReportError(Status(Code::kResourceExhausted, "subscribe to channel " +
+                                                     std::to_string(conversation) + ": " +
+                                                     std::string(TooManyRequests().message())));
+    return;
+  }
   SendSubscribe(conversation);
 }
 
@@ -1301,6 +1316,10 @@ void Session::SetTyping(ConversationId conversation, bool active) {
 
 void Session::SubscribePresence(std::vector<UserId> users, StatusCallback callback) {
   if (phase_ == Phase::kClosed) return;
+  if (phase_ == Phase::kLive && RequestsFull()) {
+    callback(TooManyRequests());
+    return;
+  }
   std::set<UserId> unique(users.begin(), users.end());
   PresenceRequest request;
   request.callback = std::move(callback);
@@ -1341,6 +1360,10 @@ void Session::SendPresenceRequest(PresenceRequest request) {
 
 void Session::UnsubscribePresence(std::vector<UserId> users, StatusCallback callback) {
   if (phase_ == Phase::kClosed) return;
+  if (phase_ == Phase::kLive && RequestsFull()) {
+    callback(TooManyRequests());
+    return;
+  }
   const std::set<UserId> gone(users.begin(), users.end());
   for (const UserId& user : gone) presence_.erase(user);
   // Waiting requests forget these users; one left with nobody to watch is answered now.
@@ -1370,6 +1393,10 @@ void Session::UnsubscribePresence(std::vector<UserId> users, StatusCallback call
 
 void Session::RegisterPushToken(std::string platform, std::string token, StatusCallback callback) {
   if (phase_ == Phase::kClosed) return;
+  if (phase_ == Phase::kLive && RequestsFull()) {
+    callback(TooManyRequests());
+    return;
+  }
   push_ = PushToken{std::move(platform), std::move(token)};
   ++push_generation_;
   if (StatusCallback older = std::exchange(push_waiting_, nullptr)) {
@@ -1503,6 +1530,15 @@ void Session::Track(uint64_t rid, PendingOp op) {
   ops_[rid] = std::move(op);
 }
 
+bool Session::RequestsFull() const {
+  return ops_.size() + histories_.size() >= kMaxPendingRequests;
+}
+
+Status Session::TooManyRequests() const {
+  return ResourceExhausted("too many requests waiting for the server's answer (" +
+                           std::to_string(kMaxPendingRequests) + ")");
+}
+
 bool Session::ExpireRequests(int64_t now) {
   const bool sync_expired = sync_rid_ != 0 && now >= sync_deadline_;
   // Taken out before any callback runs, so that nothing answers them twice.
@@ -1633,6 +1669,10 @@ void Session::History(ConversationId conversation, Seq before_seq, uint32_t limi
   }
   if (phase_ != Phase::kLive && phase_ != Phase::kSyncing) {
     callback(Unavailable("not connected, and the cache does not hold this range"));
+    return;
+  }
+  if (RequestsFull()) {
+    callback(TooManyRequests());
     return;
   }
   v1::Envelope envelope;

@@ -117,8 +117,8 @@ class Session {
   // --- Groups, channels, receipts, typing ---
   // Sends `request` (a group operation; its rid is set here) and calls `callback` once with the
   // ConversationUpdate reply, the server's error, Unavailable when not connected or the
-  // connection is lost first, or DeadlineExceeded when no answer comes within
-  // request_timeout_ms.
+  // connection is lost first, DeadlineExceeded when no answer comes within request_timeout_ms,
+  // or ResourceExhausted (nothing sent) when kMaxPendingRequests requests wait for answers.
   void ConversationRequest(v1::Envelope request, ConversationCallback callback);
   void GetReceipts(ConversationId conversation, ReceiptsCallback callback);
   // Remembered and (re-)sent whenever the session goes live. The server's Ok is followed by a
@@ -239,6 +239,10 @@ class Session {
   // Registers a request waiting for its answer, with its deadline.
   void Track(uint64_t rid, PendingOp op);
   Deadline NewDeadline() const;
+  // True when kMaxPendingRequests requests wait for answers: the application's next one is
+  // refused with TooManyRequests() (the session's own are not).
+  bool RequestsFull() const;
+  Status TooManyRequests() const;
   // Gives up the requests past their deadline (their callbacks get DeadlineExceeded). Drops the
   // connection if a Sync was given up, or a request the server answered nothing since it was
   // sent: it reads the connection (the link is alive) but serves no request. False if the

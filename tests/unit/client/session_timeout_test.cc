@@ -1,5 +1,5 @@
-// Session: request timeouts and the connection recycled when the server serves no request,
-// driven with a FakeClock and a fake transport.
+// Session: request timeouts, the connection recycled when the server serves no request, and the
+// bound on requests waiting for answers, driven with a FakeClock and a fake transport.
 #include <doctest/doctest.h>
 
 #include <string>
@@ -309,6 +309,60 @@ TEST_CASE("session: a Sync the server does not answer in time recycles the link"
   Pass(h, kTimeoutMs);
   CHECK(h.io.drops == 2);
   CHECK(h.state() == ConnectionState::kDisconnected);
+}
+
+TEST_CASE("session: past kMaxPendingRequests unanswered requests, calls get ResourceExhausted") {
+  Harness h;
+  h.ConnectLive();
+  h.io.Take();
+  std::vector<Status> answers;
+  auto receipts = [&](Result<std::vector<MemberWatermarks>> r) { answers.push_back(r.status()); };
+  for (size_t i = 0; i < kMaxPendingRequests; ++i) h.session->GetReceipts(5, receipts);
+  auto sent = OfCase(h.io.Take(), v1::Envelope::kGetReceipts);
+  REQUIRE(sent.size() == kMaxPendingRequests);
+  CHECK(answers.empty());
+
+  h.session->GetReceipts(5, receipts);
+  v1::Envelope leave;
+  leave.mutable_leave()->set_conversation_id(5);
+  h.session->ConversationRequest(
+      leave, [&](Result<ConversationInfo> r) { answers.push_back(r.status()); });
+  h.session->History(6, 0, 10, [&](Result<HistoryResult> r) { answers.push_back(r.status()); });
+  h.session->SubscribePresence({"bob"}, [&](Status st) { answers.push_back(std::move(st)); });
+  h.session->RegisterPushToken("fcm", "t", [&](Status st) { answers.push_back(std::move(st)); });
+  h.session->Subscribe(8);
+  CHECK(h.io.Take().empty());
+  REQUIRE(answers.size() == 5);
+  for (const Status& st : answers) {
+    CHECK(st.code() == Code::kResourceExhausted);
+    CHECK(Mentions(st, "too many requests waiting"));
+  }
+  CHECK(h.session->watched().empty());
+  REQUIRE(h.listener.errors.size() == 1);
+  CHECK(h.listener.errors[0].code() == Code::kResourceExhausted);
+  CHECK(Mentions(h.listener.errors[0], "channel 8"));
+
+  // An answer makes room for one more.
+  answers.clear();
+  v1::Envelope page;
+  page.set_rid(sent[0].rid());
+  page.mutable_receipts_page()->set_conversation_id(5);
+  h.session->OnEnvelope(page);
+  h.session->GetReceipts(5, receipts);
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kGetReceipts).size() == 1);
+  h.session->GetReceipts(5, receipts);
+  CHECK(h.io.Take().empty());
+  REQUIRE(answers.size() == 2);  // the answered one, and the one refused
+  CHECK(answers[0].ok());
+  CHECK(answers[1].code() == Code::kResourceExhausted);
+
+  // The channel refused for now is remembered: the next connection subscribes it.
+  h.session->OnClosed(1006, "abnormal");
+  h.io.Take();
+  h.ConnectLive();
+  auto subs = OfCase(h.io.Take(), v1::Envelope::kSubscribe);
+  REQUIRE(subs.size() == 1);
+  CHECK(subs[0].subscribe().conversation_id() == 8);
 }
 
 }  // namespace
