@@ -385,13 +385,13 @@ struct SqliteStoreOptions {
   uint64_t mmap_size_bytes = 0;
   // New messages are stored in the order they arrive, in a log that grows at one end, and moved
   // into the conversation-ordered table in bulk: once the log holds this many messages (or 32 MiB
-  // of bodies plus 128 bytes per message, so at most about 260,000), the writer switches to a
-  // second log and copies the first into the table, in slices of at most recent_log_slice_rows
-  // messages, twice as many per commit as the commit added, inside that commit. A conversation's
-  // new messages are so written into its pages together instead of one commit at a time.
-  // Bodies over 4 KiB go straight into the table. Readers see both logs and the table as one.
-  // 0 stores every message straight into the conversation-ordered table (and empties logs left
-  // from before). Default 16,384; at most 1,000,000.
+  // of bodies, attachments and ids plus 128 bytes per message, so at most about 260,000), the
+  // writer switches to a second log and copies the first into the table, in slices of at most
+  // recent_log_slice_rows messages, twice as many per commit as the commit added, inside that
+  // commit. A conversation's new messages are so written into its pages together instead of
+  // one commit at a time. Bodies over 4 KiB go straight into the table. Readers see both logs and
+  // the table as one. 0 stores every message straight into the conversation-ordered table (and
+  // empties logs left from before). Default 16,384; at most 1,000,000.
   uint32_t recent_log_rows = 16'384;
   // Messages copied from a log into the table per step (see recent_log_rows); a commit waits
   // for its steps. Default 256; 1 to 1,000,000.

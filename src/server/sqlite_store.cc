@@ -259,6 +259,13 @@ DROP TABLE ordinals;
                            " FROM log1 WHERE conversation_id = ?1 AND seq > MAX(" above     \
                            ", " CHAT_LOG_FLOOR("1") ")" more
 
+// The bytes of a log row's variable-length columns (TEXT by its bytes, not its characters); see
+// LogRowBytes.
+#define CHAT_LOG_ROW_BYTES                                                       \
+  "length(body) + IFNULL(length(attachments), 0) + IFNULL(length(system), 0) + " \
+  "length(CAST(sender AS BLOB)) + length(CAST(sender_device AS BLOB)) + "        \
+  "length(CAST(client_msg_id AS BLOB)) + length(CAST(content_type AS BLOB))"
+
 // Every statement the store runs, prepared at most once per connection.
 enum class Sql : int {
   kBegin,
@@ -396,10 +403,8 @@ constexpr std::array<const char*, static_cast<size_t>(Sql::kCount)> kSql = {
     "DELETE FROM message_keys WHERE (client_msg_id, sender) IN (SELECT client_msg_id, sender "
     "FROM message_keys WHERE gone_ms > 0 AND gone_ms <= ?1 LIMIT ?2)",
     "SELECT active, merged_conversation, merged_seq FROM log_state",
-    "SELECT COUNT(*), TOTAL(length(body) + IFNULL(length(attachments), 0) + "
-    "IFNULL(length(system), 0)) FROM log0",
-    "SELECT COUNT(*), TOTAL(length(body) + IFNULL(length(attachments), 0) + "
-    "IFNULL(length(system), 0)) FROM log1",
+    "SELECT COUNT(*), TOTAL(" CHAT_LOG_ROW_BYTES ") FROM log0",
+    "SELECT COUNT(*), TOTAL(" CHAT_LOG_ROW_BYTES ") FROM log1",
     "UPDATE log_state SET active = 1 - active, merged_conversation = 0, merged_seq = 0",
     // The row ?3 rows past the first one after (?1, ?2): the last of a slice of ?3 + 1 rows.
     "SELECT conversation_id, seq FROM log0 WHERE (conversation_id, seq) > (?1, ?2) "
@@ -474,6 +479,7 @@ constexpr std::array<const char*, static_cast<size_t>(Sql::kCount)> kSql = {
 
 #undef CHAT_ALL_MESSAGES
 #undef CHAT_LOG_FLOOR
+#undef CHAT_LOG_ROW_BYTES
 #undef CHAT_STORED_COLUMNS
 #undef CHAT_MESSAGE_COLUMNS
 
@@ -1091,11 +1097,17 @@ constexpr uint32_t kMaxRecentLogRows = 1'000'000;
 // a merge finishes before the active log fills, with the switch and the emptying commit in it.
 constexpr uint64_t kMergePace = 2;
 
-// Past this many bytes of bodies, attachments and system events (plus kLogRowBytes per row) the
-// active log is switched as if it held recent_log_rows, so large messages do not make a log of
-// gigabytes.
+// Past this many bytes of rows (LogRowBytes) the active log is switched as if it held
+// recent_log_rows, so large messages or long ids do not make a log of gigabytes.
 constexpr uint64_t kMaxLogBytes = uint64_t{32} << 20;
-constexpr uint64_t kLogRowBytes = 128;  // what a row costs besides those, roughly
+constexpr uint64_t kLogRowBytes = 128;  // what a row costs besides its variable-length columns
+
+// What a log row of `m` takes, about: its variable-length columns (CHAT_LOG_ROW_BYTES counts the
+// same of stored rows) and kLogRowBytes for the rest (integers, headers, its index entry).
+uint64_t LogRowBytes(const Message& m, size_t encoded_bytes) {
+  return encoded_bytes + m.sender.size() + m.sender_device.size() + m.client_msg_id.size() +
+         m.content_type.size() + kLogRowBytes;
+}
 // A message with more bytes than this in its body, attachments and system event goes straight
 // into messages: it fills pages of its own anyway, and through the log it would be written
 // three times (log, copy, zeroing).
@@ -1124,8 +1136,8 @@ class SqliteTarget final : public server::AppendTarget {
 
   server::ReadSource& Reader() override { return reader_; }
 
-  // Messages stored through Insert; of them, those that went into the log, and their bodies',
-  // attachments' and system events' bytes plus kLogRowBytes each.
+  // Messages stored through Insert; of them, those that went into the log, and their
+  // LogRowBytes.
   uint64_t inserted_rows() const { return inserted_rows_; }
   uint64_t logged_rows() const { return logged_rows_; }
   uint64_t logged_bytes() const { return logged_bytes_; }
@@ -1297,7 +1309,7 @@ class SqliteTarget final : public server::AppendTarget {
     ++inserted_rows_;
     if (logged) {
       ++logged_rows_;
-      logged_bytes_ += row_bytes + kLogRowBytes;
+      logged_bytes_ += LogRowBytes(m, row_bytes);
     }
     {
       Query q(conn_, Sql::kAdvanceConversation);

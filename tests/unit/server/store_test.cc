@@ -2108,6 +2108,52 @@ TEST_CASE("store: sqlite: a message with over 4 KiB of body and attachments goes
   CHECK(newest->messages[0].attachments[4].name == std::string(1024, 'e'));
 }
 
+// The log's byte bound counts each row's ids as well as its body: rows of 128-byte ids and a
+// one-byte body (about 640 bytes each by the estimate) switch the log at 32 MiB, after about
+// 52,000 rows, not after about 260,000 as a count of bodies alone would have it. The SQL that
+// counts the rows on open and the count kept while writing must agree.
+TEST_CASE("store: sqlite: long ids count toward the log's byte bound, also after a reopen") {
+  TempDir dir;
+  const std::string path = dir.File("chat.db");
+  SqliteStoreOptions options;
+  options.path = path;
+  options.recent_log_rows = 1'000'000;  // the largest: only the bytes switch the log
+  const std::string alice(128, 'a');
+  const std::string bob(128, 'b');
+  constexpr int kBatches = 60;
+  constexpr int kPerBatch = 1000;
+  ConversationId id = 0;
+  int sent = 0;
+  // Half the rows, then the store is opened again: the bytes already in the log are counted
+  // from its rows.
+  for (int half = 0; half < 2; ++half) {
+    Result<std::shared_ptr<MessageStore>> store = NewSqliteStore(options);
+    REQUIRE(store.ok());
+    for (int b = 0; b < kBatches / 2; ++b) {
+      std::vector<AppendRequest> batch;
+      for (int i = 0; i < kPerBatch; ++i) {
+        std::string key = std::to_string(++sent);
+        key.insert(0, 128 - key.size(), 'k');
+        AppendRequest r =
+            id == 0 ? ToPeer(alice, bob, key, "x") : ToConversation(id, alice, key, "x");
+        r.sender_device = std::string(128, 'd');
+        r.content_type = std::string(128, 't');
+        batch.push_back(std::move(r));
+        if (id == 0) break;  // the first message creates the conversation
+      }
+      id = Commit(**store, batch).back().message.conversation_id;
+    }
+    if (half == 0) CHECK(RawRow(path, "SELECT active FROM log_state").at(0) == "0");
+  }
+  CHECK(RawRow(path, "SELECT active FROM log_state").at(0) == "1");
+  CHECK(std::stoll(RawRow(path, "SELECT COUNT(*) FROM log1").at(0)) > 0);
+  Result<std::shared_ptr<MessageStore>> store = NewSqliteStore(options);
+  REQUIRE(store.ok());
+  Result<HistoryReply> h = HistoryOf(**store, bob, id, 0, 1);
+  REQUIRE(h.ok());
+  CHECK(h->messages.at(0).seq == Seq(sent));
+}
+
 TEST_CASE("store: sqlite: a store opened with recent_log_rows 0 empties the logs and skips them") {
   TempDir dir;
   SqliteStoreOptions options;
