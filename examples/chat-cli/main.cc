@@ -678,7 +678,8 @@ std::optional<T> Await(Listener& listener, int timeout_ms, const char* what, Sta
   return std::move(**answer);
 }
 
-// Prints the server's refusal of `what`; returns the exit code 1.
+// Prints the server's refusal of `what`; returns the exit code: 1, or 3 when the client gave
+// up waiting for the server's answer (its request_timeout_ms) as for no answer in time.
 int PrintError(const char* what, const chat::Status& status, bool json) {
   if (json) {
     std::printf("{\"type\":\"error\",\"error\":%s}\n", JsonString(status.ToString()).c_str());
@@ -686,7 +687,7 @@ int PrintError(const char* what, const chat::Status& status, bool json) {
   } else {
     std::fprintf(stderr, "%s: %s\n", what, status.ToString().c_str());
   }
-  return 1;
+  return status.code() == chat::Code::kDeadlineExceeded ? 3 : 1;
 }
 
 int RunConversations(const Flags& flags) {
