@@ -162,9 +162,11 @@ struct ClientOptions {
   // ms the server has to answer a request (group operations, SetRetention, GetReceipts,
   // History from the server, Subscribe, presence, RegisterPushToken, Sync) before it is given
   // up: its callback gets DeadlineExceeded (a Subscribe's goes to OnError) and a late answer
-  // is ignored. A Sync given up, or a request given up while the server answered none since it
-  // was sent, also drops the connection and reconnects. Sends are not timed out (the outbox
-  // keeps them until acknowledged). At least 100. Default 30 s.
+  // is ignored. The time a frame from the server takes to arrive does not count, and nothing is
+  // given up while one arrives. A request given up while the server served nothing since it
+  // was sent also drops the connection and reconnects; a Sync given up on a connection that is
+  // served is sent again. A Sync given up doubles the next Sync's time (up to 8 times). Sends
+  // are not timed out (the outbox keeps them until acknowledged). At least 100. Default 30 s.
   uint32_t request_timeout_ms = 30'000;
   // Messages the outbox holds, pending and failed together; Send() returns ResourceExhausted
   // past it. A failed message stays until Discard() removes it. Default 1000.

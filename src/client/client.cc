@@ -511,6 +511,9 @@ class Client::Impl final : public ClientListener, public client::SessionIo {
         case client::TransportEvent::Type::kClosed:
           session_->OnClosed(event.close_code, event.data);
           break;
+        case client::TransportEvent::Type::kReceiving:
+          session_->OnReceiving();
+          break;
         case client::TransportEvent::Type::kMessage: {
           v1::Envelope envelope;
           Status st = codec::Decode(event.data,

@@ -81,6 +81,7 @@ void Session::Stop() {
   if (phase_ != Phase::kStopped && phase_ != Phase::kBackoff) io_->Drop();
   phase_ = Phase::kClosed;
   reported_ = ConnectionState::kClosed;
+  EndReceiving();
   histories_.clear();
   in_flight_.clear();
   in_flight_ids_.clear();
@@ -109,7 +110,11 @@ void Session::Disconnect(std::string_view why) {
 
 void Session::ConnectionDown() {
   const int64_t now = Now();
-  if (Authenticated() && now - connected_at_ >= options_.backoff.reset_after_ms) attempt_ = 0;
+  // Only a connection that got through its catch-up counts as a good one: one that keeps timing
+  // out its first Sync (an overloaded server after a restart) backs off further every time.
+  if (phase_ == Phase::kLive && now - connected_at_ >= options_.backoff.reset_after_ms) {
+    attempt_ = 0;
+  }
   // Requests of the lost connection get no reply: their callbacks learn it now.
   auto histories = std::move(histories_);
   histories_.clear();
@@ -129,6 +134,7 @@ void Session::ConnectionDown() {
   sync_rid_ = 0;
   sync_again_ = false;
   hello_rid_ = 0;
+  EndReceiving();
 
   int64_t delay = 0;
   if (token_expired_ && !refreshed_last_) {
@@ -233,9 +239,15 @@ int64_t Session::NextDeadlineMs() const {
     case Phase::kLive: {
       int64_t next = std::min(next_ping_, last_rx_ + 2 * static_cast<int64_t>(heartbeat_ms_));
       if (outbox_retry_at_ != 0) next = std::min(next, outbox_retry_at_);
-      if (sync_rid_ != 0) next = std::min(next, sync_deadline_);
-      if (!ops_.empty()) next = std::min(next, ops_.begin()->second.deadline.at_ms);
-      if (!histories_.empty()) next = std::min(next, histories_.begin()->second.deadline.at_ms);
+      // While a frame arrives no request is given up: its end (or the dead-link timer) comes
+      // first.
+      if (!receiving_) {
+        if (sync_rid_ != 0) next = std::min(next, DueAt(sync_deadline_));
+        if (!ops_.empty()) next = std::min(next, DueAt(ops_.begin()->second.deadline));
+        if (!histories_.empty()) {
+          next = std::min(next, DueAt(histories_.begin()->second.deadline));
+        }
+      }
       if (!typing_.empty()) {
         for (const auto& [key, expiry] : typing_) next = std::min(next, expiry);
       }
@@ -274,17 +286,40 @@ void Session::OnClosed(int close_code, std::string_view reason) {
   ConnectionDown();
 }
 
+void Session::OnReceiving() {
+  if (phase_ != Phase::kHello && !Authenticated()) return;
+  const int64_t now = Now();
+  last_rx_ = now;
+  ++served_;
+  if (!receiving_) {
+    receiving_ = true;
+    receiving_since_ = now;
+  }
+}
+
+void Session::EndReceiving() {
+  if (!receiving_) return;
+  excused_ms_ += Now() - receiving_since_;
+  receiving_ = false;
+}
+
 void Session::OnEnvelope(const v1::Envelope& envelope) {
+  EndReceiving();
+  HandleEnvelope(envelope);
+}
+
+void Session::HandleEnvelope(const v1::Envelope& envelope) {
   if (phase_ != Phase::kHello && !Authenticated()) return;
   last_rx_ = Now();
-  // A Pong proves the link alive, not that the server serves requests (it may answer Pings
-  // while its store is stuck).
-  if (envelope.rid() != 0 && envelope.body_case() != v1::Envelope::kPong) ++answers_;
+  if ((envelope.rid() != 0 && envelope.body_case() != v1::Envelope::kPong) ||
+      envelope.body_case() == v1::Envelope::kDeliver) {
+    ++served_;
+  }
   switch (envelope.body_case()) {
     case v1::Envelope::kBatch:
       for (const v1::Envelope& inner : envelope.batch().envelopes()) {
         if (inner.body_case() == v1::Envelope::kBatch) continue;  // never nested
-        OnEnvelope(inner);
+        HandleEnvelope(inner);
         if (phase_ != Phase::kHello && !Authenticated()) return;
       }
       return;
@@ -779,7 +814,7 @@ void Session::HandleSendAck(const v1::Envelope& envelope) {
 void Session::SendSync() {
   v1::Envelope envelope;
   sync_rid_ = NextRid();
-  sync_deadline_ = Now() + options_.request_timeout_ms;
+  sync_deadline_ = NewDeadline(SyncTimeoutMs());
   sync_again_ = false;
   envelope.set_rid(sync_rid_);
   v1::Sync* sync = envelope.mutable_sync();
@@ -915,6 +950,7 @@ void Session::HandleSyncBatch(const v1::SyncBatch& batch) {
   ReportUnreadTotal();
 
   sync_rid_ = 0;
+  sync_timeouts_ = 0;
   // Without progress another page would be the same page: stop rather than loop. A Sync asked
   // for while this one was in flight goes in any case: the server may have read this one before
   // what it is asked for (a channel subscription, a message above a hole) happened.
@@ -1521,12 +1557,27 @@ void Session::PushRefused(PendingOp op, const Status& status) {
   }
 }
 
-Session::Deadline Session::NewDeadline() const {
-  return Deadline{Now() + options_.request_timeout_ms, answers_};
+Session::Deadline Session::NewDeadline(int64_t timeout_ms) const {
+  return Deadline{Now() + timeout_ms, served_, ExcusedMs()};
+}
+
+int64_t Session::ExcusedMs() const {
+  return excused_ms_ + (receiving_ ? Now() - receiving_since_ : 0);
+}
+
+int64_t Session::DueAt(const Deadline& deadline) const {
+  // Only the time spent receiving since it was sent moves it: ExcusedMs() grows no faster than
+  // the clock, so deadlines keep the order of their requests.
+  return deadline.at_ms + (ExcusedMs() - deadline.excused);
+}
+
+int64_t Session::SyncTimeoutMs() const {
+  return static_cast<int64_t>(options_.request_timeout_ms)
+         << std::min(sync_timeouts_, kMaxSyncTimeoutDoublings);
 }
 
 void Session::Track(uint64_t rid, PendingOp op) {
-  op.deadline = NewDeadline();
+  op.deadline = NewDeadline(options_.request_timeout_ms);
   ops_[rid] = std::move(op);
 }
 
@@ -1540,15 +1591,17 @@ Status Session::TooManyRequests() const {
 }
 
 bool Session::ExpireRequests(int64_t now) {
-  const bool sync_expired = sync_rid_ != 0 && now >= sync_deadline_;
+  // A frame is arriving: it may be the answer of any of them.
+  if (receiving_) return true;
+  const bool sync_expired = sync_rid_ != 0 && DueAt(sync_deadline_) <= now;
   // Taken out before any callback runs, so that nothing answers them twice.
   std::vector<std::pair<uint64_t, PendingOp>> ops;
-  while (!ops_.empty() && ops_.begin()->second.deadline.at_ms <= now) {
+  while (!ops_.empty() && DueAt(ops_.begin()->second.deadline) <= now) {
     auto node = ops_.extract(ops_.begin());
     ops.emplace_back(node.key(), std::move(node.mapped()));
   }
   std::vector<std::pair<uint64_t, PendingHistory>> histories;
-  while (!histories_.empty() && histories_.begin()->second.deadline.at_ms <= now) {
+  while (!histories_.empty() && DueAt(histories_.begin()->second.deadline) <= now) {
     auto node = histories_.extract(histories_.begin());
     histories.emplace_back(node.key(), std::move(node.mapped()));
   }
@@ -1557,17 +1610,18 @@ bool Session::ExpireRequests(int64_t now) {
   const std::string within =
       "no answer from the server within " + std::to_string(options_.request_timeout_ms) + " ms";
   const Status timeout = DeadlineExceeded(within);
-  // The server answered nothing since one of them was sent: it is wedged, not just slow with
+  // The server served nothing since one of them was sent: it is wedged, not just slow with
   // one request (or having lost it).
-  bool unserved = false;
+  const bool sync_unserved = sync_expired && sync_deadline_.served == served_;
+  bool unserved = sync_unserved;
   bool catch_up = false;
   for (const auto& [rid, op] : ops) {
-    unserved |= op.deadline.answers == answers_;
+    unserved |= op.deadline.served == served_;
     if (expired_.size() >= kMaxQuietRids) expired_.erase(expired_.begin());
     expired_[rid] = op.channel;
   }
   for (const auto& [rid, pending] : histories) {
-    unserved |= pending.deadline.answers == answers_;
+    unserved |= pending.deadline.served == served_;
     if (expired_.size() >= kMaxQuietRids) expired_.erase(expired_.begin());
     expired_[rid] = 0;
   }
@@ -1589,10 +1643,22 @@ bool Session::ExpireRequests(int64_t now) {
   }
   if (!Authenticated()) return false;
   if (sync_expired) {
-    // As for a refused Sync: without its answer the cache is not known to be complete, and
-    // every catch-up and gap repair waits behind it.
-    Disconnect("no answer to a Sync within " + std::to_string(options_.request_timeout_ms) + " ms");
-    return false;
+    // The next Sync, here or on the next connection, gets more time: a server that needs longer
+    // than request_timeout_ms for a page would otherwise be asked for the same page forever.
+    const int64_t waited = SyncTimeoutMs();
+    sync_timeouts_ = std::min(sync_timeouts_ + 1, kMaxSyncTimeoutDoublings);
+    if (sync_unserved) {
+      // As for a refused Sync: without its answer the cache is not known to be complete, and
+      // every catch-up and gap repair waits behind it. The server serves nothing: reconnect.
+      Disconnect("no answer to a Sync within " + std::to_string(waited) + " ms");
+      return false;
+    }
+    // The server serves this connection, so it is slow or lost this Sync: ask again here.
+    Log(LogLevel::kInfo,
+        "chat client: no answer to a Sync within " + std::to_string(waited) + " ms; asking again");
+    sync_rid_ = 0;
+    SendSync();
+    if (!Authenticated()) return false;
   }
   if (unserved) {
     // Like a dead link: a new connection (with backoff) sends the subscriptions again.
@@ -1681,7 +1747,8 @@ void Session::History(ConversationId conversation, Seq before_seq, uint32_t limi
   envelope.mutable_history()->set_conversation_id(conversation);
   envelope.mutable_history()->set_before_seq(before_seq);
   envelope.mutable_history()->set_limit(limit);
-  histories_[rid] = PendingHistory{conversation, before_seq, std::move(callback), NewDeadline()};
+  histories_[rid] = PendingHistory{conversation, before_seq, std::move(callback),
+                                   NewDeadline(options_.request_timeout_ms)};
   Write(envelope);
 }
 

@@ -80,6 +80,9 @@ inline constexpr size_t kMaxTypingShown = 1'000;
 inline constexpr size_t kMaxQuietRids = 1'024;
 // A Receipt refused with a retryable code is sent again after at least this long.
 inline constexpr int64_t kReceiptRetryMinMs = 1'000;
+// A Sync given up makes the next one (on this connection or the next) wait longer: twice as
+// long per Sync given up in a row, up to this many doublings (8 x request_timeout_ms).
+inline constexpr uint32_t kMaxSyncTimeoutDoublings = 3;
 // Receipts are sent at most this often (all due conversations at once), so a burst of incoming
 // messages costs a few Receipts, not one per loop turn, against the server's rate limit.
 inline constexpr int64_t kReceiptIntervalMs = 100;
@@ -99,7 +102,12 @@ class Session {
   // --- Transport events ---
   void OnOpen();
   void OnClosed(int close_code, std::string_view reason);
+  // A whole frame from the server, decoded.
   void OnEnvelope(const v1::Envelope& envelope);
+  // Bytes of a frame that is not complete yet arrived (a large frame, or a slow link). The link
+  // is alive and the server is sending: while a frame arrives no request is given up (it may be
+  // the answer), and the time it takes does not count against any request's deadline.
+  void OnReceiving();
 
   // --- Time ---
   // Fires due timers (connect, heartbeat, dead link, request timeouts, reconnect, outbox retry).
@@ -173,11 +181,13 @@ class Session {
     std::optional<Cache::Transaction> txn_;
   };
 
-  // When a request waiting for its answer is given up, and what the server had answered when it
-  // was sent (see ExpireRequests).
+  // When a request waiting for its answer is given up, and what the server had served when it
+  // was sent (see ExpireRequests). The time spent receiving frames after it was sent moves it
+  // later (DueAt).
   struct Deadline {
-    int64_t at_ms = 0;     // monotonic
-    uint64_t answers = 0;  // answers_ when sent
+    int64_t at_ms = 0;    // monotonic, as if no frame took time to arrive
+    uint64_t served = 0;  // served_ when sent
+    int64_t excused = 0;  // ExcusedMs() when sent
   };
   struct PendingHistory {
     ConversationId conversation = 0;
@@ -218,6 +228,10 @@ class Session {
   void Disconnect(std::string_view why);
   void ConnectionDown();
 
+  // OnEnvelope's work, also for each envelope of a Batch.
+  void HandleEnvelope(const v1::Envelope& envelope);
+  // The frame that was arriving is complete, or the connection is gone.
+  void EndReceiving();
   void HandleWelcome(const v1::Envelope& envelope);
   // Empties the cache for another store or user, failing the outbox messages that must not go
   // to it, in one transaction. False (reported, and the connection dropped) if it could not.
@@ -238,15 +252,22 @@ class Session {
   void HandleOk(uint64_t rid);
   // Registers a request waiting for its answer, with its deadline.
   void Track(uint64_t rid, PendingOp op);
-  Deadline NewDeadline() const;
+  Deadline NewDeadline(int64_t timeout_ms) const;
+  // ms spent receiving frames in pieces so far (only grows, at most as fast as the clock).
+  int64_t ExcusedMs() const;
+  // When `deadline` passes, while no frame is arriving.
+  int64_t DueAt(const Deadline& deadline) const;
+  // The time a Sync gets: longer after Syncs given up in a row (kMaxSyncTimeoutDoublings).
+  int64_t SyncTimeoutMs() const;
   // True when kMaxPendingRequests requests wait for answers: the application's next one is
   // refused with TooManyRequests() (the session's own are not).
   bool RequestsFull() const;
   Status TooManyRequests() const;
-  // Gives up the requests past their deadline (their callbacks get DeadlineExceeded). Drops the
-  // connection if a Sync was given up, or a request the server answered nothing since it was
-  // sent: it reads the connection (the link is alive) but serves no request. False if the
-  // connection was dropped.
+  // Gives up the requests past their deadline (their callbacks get DeadlineExceeded); none while
+  // a frame is arriving. Drops the connection if the server served nothing since one of them
+  // was sent: it reads the connection (the link is alive) but serves no request. A Sync given
+  // up on a connection that is served goes again, with more time. False if the connection was
+  // dropped.
   bool ExpireRequests(int64_t now);
   // Sends a Subscribe whose Ok is followed by a Sync, which fetches what the channel got before
   // the server pushed it to this connection. False if the connection was dropped.
@@ -327,7 +348,8 @@ class Session {
   bool refreshed_last_ = false;  // the current attempt is such a refresh (until its Welcome)
 
   uint64_t sync_rid_ = 0;  // 0: no Sync in flight
-  int64_t sync_deadline_ = 0;
+  Deadline sync_deadline_;
+  uint32_t sync_timeouts_ = 0;  // Syncs given up in a row (SyncTimeoutMs)
   bool sync_again_ = false;
   std::set<ConversationId> stubs_;  // known only from a Deliver: ask Sync for their state
 
@@ -350,8 +372,16 @@ class Session {
 
   std::map<uint64_t, PendingHistory> histories_;
 
-  // Answers from the server so far: frames with a rid, but Pongs.
-  uint64_t answers_ = 0;
+  // What the server served so far: answers (frames with a rid, but Pongs), Delivers, and pieces
+  // of frames still arriving. A Pong proves the link alive, not that the server serves requests
+  // (it may answer Pings while its store is stuck).
+  uint64_t served_ = 0;
+  // A frame is arriving in pieces since receiving_since_ (monotonic ms). excused_ms_ sums the
+  // time earlier frames took to arrive that way: a 2 MiB Sync page takes a minute on a slow
+  // link, and that is not the server being late.
+  bool receiving_ = false;
+  int64_t receiving_since_ = 0;
+  int64_t excused_ms_ = 0;
   // Requests given up (rid -> the channel of a Subscribe, else 0; at most kMaxQuietRids): a
   // late answer is ignored (a Subscribe's Ok still starts a catch-up Sync).
   std::map<uint64_t, ConversationId> expired_;

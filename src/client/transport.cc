@@ -224,9 +224,14 @@ int Transport::Callback(lws* wsi, int reason_int, void* in, size_t len) {
         return 0;
       }
       rx_.append(static_cast<const char*>(in), len);
+      received_bytes_ += len;
       if (lws_is_final_fragment(wsi) && lws_remaining_packet_payload(wsi) == 0) {
         events_.push_back({TransportEvent::Type::kMessage, std::exchange(rx_, {}),
                            lws_frame_is_binary(wsi) != 0, 0});
+      } else if (events_.empty() || events_.back().type != TransportEvent::Type::kReceiving) {
+        // A large message on a slow link takes long to arrive: the Session learns that it is
+        // arriving, not only when it is complete.
+        events_.push_back({TransportEvent::Type::kReceiving, "", true, 0});
       }
       return 0;
     }

@@ -34,7 +34,9 @@ struct TransportOptions {
 };
 
 struct TransportEvent {
-  enum class Type { kOpen, kMessage, kClosed };
+  // kReceiving: bytes of a message that is not complete yet arrived (one event for the bytes of
+  // one Service() call).
+  enum class Type { kOpen, kReceiving, kMessage, kClosed };
   Type type = Type::kOpen;
   std::string data;    // kMessage: the payload; kClosed: a reason
   bool binary = true;  // kMessage
@@ -61,6 +63,8 @@ class Transport {
   // Waits up to timeout_ms (0: not at all) for network events or Wake(), and handles them.
   void Service(int timeout_ms);
   std::vector<TransportEvent> TakeEvents();
+  // Bytes received so far, over every connection, also of messages not complete yet.
+  uint64_t received_bytes() const { return received_bytes_; }
   // Makes a blocked Service() return soon. Thread-safe.
   void Wake();
 
@@ -89,6 +93,7 @@ class Transport {
   std::deque<std::string> queue_;  // each with LWS_PRE bytes of headroom
   size_t queue_bytes_ = 0;
   std::string rx_;
+  uint64_t received_bytes_ = 0;
   std::vector<TransportEvent> events_;
   struct Timer;
   std::unique_ptr<Timer> timer_;

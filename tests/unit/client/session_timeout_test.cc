@@ -2,6 +2,7 @@
 // bound on requests waiting for answers, driven with a FakeClock and a fake transport.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -21,11 +22,15 @@ void Pong(Harness& h) {
   h.session->OnEnvelope(pong);
 }
 
-// Lets `ms` pass on a link kept alive by Pongs, and fires the timers.
+// Lets `ms` pass on a link kept alive by Pongs (one every 10 s at most), and fires the timers.
 void Pass(Harness& h, int64_t ms) {
-  Pong(h);
-  h.clock->Advance(ms);
-  h.session->Tick();
+  do {
+    const int64_t step = std::min<int64_t>(ms, 10'000);
+    Pong(h);
+    h.clock->Advance(step);
+    h.session->Tick();
+    ms -= step;
+  } while (ms > 0);
 }
 
 // The server answers a request sent now (a GetReceipts of conversation 77): it serves this
@@ -309,6 +314,131 @@ TEST_CASE("session: a Sync the server does not answer in time recycles the link"
   Pass(h, kTimeoutMs);
   CHECK(h.io.drops == 2);
   CHECK(h.state() == ConnectionState::kDisconnected);
+}
+
+// A slow link: a 2 MiB Sync page takes about a minute at 256 kbit/s. While its pieces arrive,
+// nothing is given up and the link is not taken for dead (no Pong gets through either); the time
+// the frame took does not count against the requests waiting behind it.
+TEST_CASE("session: nothing is given up while a large answer arrives in pieces") {
+  Harness h;
+  v1::Envelope sync = h.Welcome();
+  REQUIRE(h.state() == ConnectionState::kSyncing);
+  h.AddOutbox("queued");
+  std::vector<Status> receipts;
+  h.session->GetReceipts(
+      5, [&](Result<std::vector<MemberWatermarks>> r) { receipts.push_back(r.status()); });
+  h.io.Take();
+
+  h.clock->Advance(2'000);  // the server reads the Sync and starts sending the page
+  for (int i = 0; i < 16; ++i) {
+    h.session->OnReceiving();
+    CHECK(h.session->NextDeadlineMs() > h.Now());
+    h.clock->Advance(4'000);
+    h.session->Tick();
+  }
+  // 66 s: past the Sync's deadline and two heartbeat intervals.
+  CHECK(h.io.drops == 0);
+  CHECK(h.state() == ConnectionState::kSyncing);
+  CHECK(receipts.empty());
+  v1::SyncBatch batch;
+  *batch.add_conversations() = GroupState(5, 1, 1);
+  *batch.add_messages() = Msg(5, 1);
+  h.Reply(sync, batch);
+  CHECK(h.state() == ConnectionState::kConnected);
+  CHECK(h.listener.SentSeqs(5) == std::vector<Seq>{1});
+  CHECK(SendIds(h.io.Take()) == std::vector<std::string>{"queued"});
+
+  // The GetReceipts sent before the page had 30 s of its own, not counting the 64 s the page
+  // took: it is given up at 94 s, not at once.
+  Pass(h, 30'000 - 2'000 - 1);
+  CHECK(receipts.empty());
+  Pass(h, 1);
+  REQUIRE(receipts.size() == 1);
+  CHECK(receipts[0].code() == Code::kDeadlineExceeded);
+  CHECK(h.io.drops == 0);  // the page and the Sync's answer were served since it was sent
+  CHECK(h.state() == ConnectionState::kConnected);
+}
+
+// A server that serves this connection but not its Sync (slow, or it lost it) is asked again
+// on the same connection, with twice the time; one that serves nothing is left, and the next
+// connection's Sync gets more time too. An answered Sync restores request_timeout_ms.
+TEST_CASE("session: a Sync given up is asked again with more time, not in the same loop") {
+  Harness h;
+  h.ConnectLive();
+  h.io.Take();
+  h.Deliver(Msg(5, 3));  // ahead of the cursor: a Sync repairs the gap
+  auto syncs = OfCase(h.io.Take(), v1::Envelope::kSync);
+  REQUIRE(syncs.size() == 1);
+  ServeOne(h);
+  Pass(h, kTimeoutMs);
+  CHECK(h.io.drops == 0);
+  CHECK(h.state() == ConnectionState::kConnected);
+  auto again = OfCase(h.io.Take(), v1::Envelope::kSync);
+  REQUIRE(again.size() == 1);
+  CHECK(again[0].rid() != syncs[0].rid());
+
+  // The late answer to the first is ignored (it served the connection, though); the second
+  // has 60 s, the third 120 s.
+  v1::SyncBatch late;
+  *late.add_conversations() = GroupState(5, 3, 3);
+  *late.add_messages() = Msg(5, 1);
+  h.Reply(syncs[0], late);
+  CHECK(h.listener.SentSeqs(5).empty());
+  Pass(h, 2 * kTimeoutMs - 1);
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kSync).empty());
+  Pass(h, 1);
+  CHECK(h.io.drops == 0);
+  REQUIRE(OfCase(h.io.Take(), v1::Envelope::kSync).size() == 1);
+  Pass(h, 4 * kTimeoutMs - 1);
+  CHECK(h.io.drops == 0);
+  Pass(h, 1);  // nothing served since the third was sent: the link is left
+  CHECK(h.io.drops == 1);
+  CHECK(h.state() == ConnectionState::kDisconnected);
+
+  // The next connection's Sync gets 240 s (the most: 8 x request_timeout_ms).
+  h.io.Take();
+  v1::Envelope sync = h.Welcome();
+  Pass(h, 8 * kTimeoutMs - 1);
+  CHECK(h.io.drops == 1);
+  CHECK(h.state() == ConnectionState::kSyncing);
+  v1::SyncBatch batch;
+  *batch.add_conversations() = GroupState(5, 3, 3);
+  *batch.add_messages() = Msg(5, 1);
+  *batch.add_messages() = Msg(5, 2);
+  h.Reply(sync, batch);
+  CHECK(h.state() == ConnectionState::kConnected);
+  CHECK(h.listener.SentSeqs(5) == std::vector<Seq>{1, 2, 3});
+
+  // Answered: the next Sync has request_timeout_ms again.
+  h.Deliver(Msg(5, 5));
+  REQUIRE(OfCase(h.io.Take(), v1::Envelope::kSync).size() == 1);
+  Pass(h, kTimeoutMs);
+  CHECK(h.io.drops == 2);
+}
+
+// An overloaded server (after a restart, its read queue deep) answers no first Sync in time:
+// its clients come back ever more slowly, since a connection that never went live is no good one.
+TEST_CASE(
+    "session: a connection that never got through its first Sync does not reset the backoff") {
+  SessionOptions options;
+  options.backoff.reset_after_ms = 1'000;
+  Harness h(options);
+  h.Welcome();
+  Pass(h, kTimeoutMs);
+  CHECK(h.io.drops == 1);
+  CHECK(h.session->attempt() == 1);
+  h.io.Take();
+  h.Welcome();
+  Pass(h, 2 * kTimeoutMs);
+  CHECK(h.io.drops == 2);
+  CHECK(h.session->attempt() == 2);
+
+  // A connection that went live and lasted reset_after_ms does.
+  h.io.Take();
+  h.ConnectLive();
+  Pass(h, 2'000);
+  h.session->OnClosed(1006, "abnormal");
+  CHECK(h.session->attempt() == 1);
 }
 
 TEST_CASE("session: past kMaxPendingRequests unanswered requests, calls get ResourceExhausted") {
