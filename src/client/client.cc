@@ -546,6 +546,11 @@ class Client::Impl final : public ClientListener, public client::SessionIo {
     }
     wake_pending_ = false;
     RunTasks();
+    // Input first, then the timers: after a gap in the loop (Poll() not called for a while, or
+    // slow callbacks) the answers that came meanwhile wait in the socket, and the requests they
+    // answer must not be given up, nor the link taken for dead, for want of reading them.
+    ReadInput();
+    if (stop_) return;
     session_->Tick();
     FeedEvents();
     if (stop_) return;
@@ -559,8 +564,23 @@ class Client::Impl final : public ClientListener, public client::SessionIo {
     transport_->Service(idle ? static_cast<int>(wait) : 0);
     FeedEvents();
     RunTasks();
+    ReadInput();
+    if (stop_) return;
     session_->Tick();
     FeedEvents();
+  }
+
+  // Reads and handles what the socket holds now, without waiting. lws reads a bounded chunk per
+  // service, so it goes on while bytes come, up to kMaxReadRounds (a frame left half read then
+  // holds the timeouts itself: nothing is given up while one arrives).
+  void ReadInput() {
+    static constexpr int kMaxReadRounds = 256;
+    for (int round = 0; round < kMaxReadRounds && !stop_; ++round) {
+      const uint64_t before = transport_->received_bytes();
+      transport_->Service(0);
+      FeedEvents();
+      if (transport_->received_bytes() == before) return;
+    }
   }
 
   void Teardown() {
