@@ -220,8 +220,9 @@ inline constexpr int64_t kTypingRefreshMs = 3'000;
 // Requests of the application waiting for the server's answer at once (group operations,
 // SetRetention, GetReceipts, History from the server, Subscribe, presence, RegisterPushToken).
 // Past it a call is answered ResourceExhausted by its callback (a Subscribe by OnError) without
-// a request. The requests the client makes by itself (after a reconnect) count, but are never
-// refused: there are at most as many as subscriptions and watched users allow.
+// a request. The requests the client makes by itself (re-subscriptions and the push token after
+// a reconnect) neither count nor are refused: there are at most as many as subscriptions and
+// watched users allow.
 inline constexpr size_t kMaxPendingRequests = 1000;
 
 class CHAT_EXPORT Client {

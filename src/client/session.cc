@@ -962,7 +962,7 @@ void Session::HandleSyncBatch(const v1::SyncBatch& batch) {
     SetPhase(Phase::kLive);
     // The server forgets subscriptions with the connection.
     for (ConversationId channel : subscriptions_) {
-      if (!SendSubscribe(channel)) return;
+      if (!SendSubscribe(channel, /*automatic=*/true)) return;
     }
     ResumePresenceAndPush();
     if (phase_ != Phase::kLive) return;
@@ -1286,10 +1286,10 @@ void Session::Subscribe(ConversationId conversation) {
                                                      std::string(TooManyRequests().message())));
     return;
   }
-  SendSubscribe(conversation);
+  SendSubscribe(conversation, /*automatic=*/false);
 }
 
-bool Session::SendSubscribe(ConversationId channel) {
+bool Session::SendSubscribe(ConversationId channel, bool automatic) {
   v1::Envelope envelope;
   const uint64_t rid = NextRid();
   envelope.set_rid(rid);
@@ -1298,6 +1298,7 @@ bool Session::SendSubscribe(ConversationId channel) {
   // (also those posted after the last Sync page was read, when going live): once the server
   // pushes the new ones (its Ok), a Sync fetches those.
   PendingOp op;
+  op.automatic = automatic;
   op.catch_up = true;
   op.channel = channel;
   Track(rid, std::move(op));
@@ -1582,7 +1583,12 @@ void Session::Track(uint64_t rid, PendingOp op) {
 }
 
 bool Session::RequestsFull() const {
-  return ops_.size() + histories_.size() >= kMaxPendingRequests;
+  // The session's own requests are bounded by the subscriptions and the watched users; counted
+  // here, 1000 channels re-subscribed after a reconnect would refuse every call of the
+  // application until the server answered them.
+  const auto own = std::count_if(ops_.begin(), ops_.end(),
+                                 [](const auto& entry) { return entry.second.automatic; });
+  return ops_.size() - static_cast<size_t>(own) + histories_.size() >= kMaxPendingRequests;
 }
 
 Status Session::TooManyRequests() const {

@@ -201,11 +201,13 @@ class Session {
     StatusCallback status;  // requests answered with Ok
     // PresenceSubscribe: the users asked for (empty for other requests).
     std::vector<UserId> presence;
-    std::vector<UserId> added;   // the application's PresenceSubscribe: users it added to the set
-    bool resumed = false;        // PresenceSubscribe: PresenceRequest::resumed
-    bool push = false;           // RegisterPushToken
-    uint64_t generation = 0;     // RegisterPushToken: push_generation_ when sent
-    bool automatic = false;      // sent by the session itself: refusals go to OnError
+    std::vector<UserId> added;  // the application's PresenceSubscribe: users it added to the set
+    bool resumed = false;       // PresenceSubscribe: PresenceRequest::resumed
+    bool push = false;          // RegisterPushToken
+    uint64_t generation = 0;    // RegisterPushToken: push_generation_ when sent
+    // Sent by the session itself (re-subscriptions, the push token after a reconnect): refusals
+    // go to OnError, and it does not count against kMaxPendingRequests.
+    bool automatic = false;
     bool catch_up = false;       // a Subscribe: its Ok starts a Sync (see SendSubscribe)
     ConversationId channel = 0;  // a Subscribe: its channel
     Deadline deadline;
@@ -259,8 +261,8 @@ class Session {
   int64_t DueAt(const Deadline& deadline) const;
   // The time a Sync gets: longer after Syncs given up in a row (kMaxSyncTimeoutDoublings).
   int64_t SyncTimeoutMs() const;
-  // True when kMaxPendingRequests requests wait for answers: the application's next one is
-  // refused with TooManyRequests() (the session's own are not).
+  // True when kMaxPendingRequests of the application's requests wait for answers: its next one
+  // is refused with TooManyRequests(). The session's own are neither counted nor refused.
   bool RequestsFull() const;
   Status TooManyRequests() const;
   // Gives up the requests past their deadline (their callbacks get DeadlineExceeded); none while
@@ -270,8 +272,9 @@ class Session {
   // dropped.
   bool ExpireRequests(int64_t now);
   // Sends a Subscribe whose Ok is followed by a Sync, which fetches what the channel got before
-  // the server pushed it to this connection. False if the connection was dropped.
-  bool SendSubscribe(ConversationId channel);
+  // the server pushed it to this connection; `automatic` when the session re-subscribes. False
+  // if the connection was dropped.
+  bool SendSubscribe(ConversationId channel, bool automatic);
   // Sends one PresenceSubscribe when live, else keeps `request` waiting for the connection.
   // An empty callback marks an automatic re-subscription, whose refusals go to OnError.
   void SendPresenceRequest(PresenceRequest request);

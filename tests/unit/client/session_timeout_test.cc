@@ -495,5 +495,27 @@ TEST_CASE("session: past kMaxPendingRequests unanswered requests, calls get Reso
   CHECK(subs[0].subscribe().conversation_id() == 8);
 }
 
+// With kMaxChannelSubscriptions channels, a reconnect sends as many Subscribes; a server slow
+// to answer them must not make every call of the application ResourceExhausted meanwhile.
+TEST_CASE(
+    "session: the client's own requests after a reconnect leave kMaxPendingRequests to the app") {
+  Harness h;
+  h.session->Start();
+  for (ConversationId c = 1; c <= kMaxChannelSubscriptions; ++c) h.session->Subscribe(1000 + c);
+  h.ConnectLive();
+  REQUIRE(OfCase(h.io.Take(), v1::Envelope::kSubscribe).size() == kMaxChannelSubscriptions);
+
+  std::vector<Status> answers;
+  auto receipts = [&](Result<std::vector<MemberWatermarks>> r) { answers.push_back(r.status()); };
+  for (size_t i = 0; i < kMaxPendingRequests; ++i) h.session->GetReceipts(5, receipts);
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kGetReceipts).size() == kMaxPendingRequests);
+  CHECK(answers.empty());
+  h.session->GetReceipts(5, receipts);
+  CHECK(h.io.Take().empty());
+  REQUIRE(answers.size() == 1);
+  CHECK(answers[0].code() == Code::kResourceExhausted);
+  CHECK(h.listener.errors.empty());
+}
+
 }  // namespace
 }  // namespace chat::client
