@@ -985,7 +985,9 @@ void Session::HandleHistoryPage(uint64_t rid, const v1::HistoryPage& page) {
   }
   for (const v1::Message& m : page.messages()) {
     if (!bad.empty()) break;
-    if (m.conversation_id() != pending.conversation || m.seq() == 0 ||
+    // A newest page (before_seq 0) has no bound but the cache's: a message past it would hold
+    // the conversation's last_seq there for good (MergeState keeps it at the cached messages).
+    if (m.conversation_id() != pending.conversation || m.seq() == 0 || m.seq() > kMaxCachedSeq ||
         (pending.before_seq != 0 && m.seq() >= pending.before_seq)) {
       bad = "a History message of conversation " + std::to_string(m.conversation_id()) +
             " at seq " + std::to_string(m.seq()) + " for conversation " +

@@ -2231,6 +2231,49 @@ TEST_CASE("session: a History page with a message outside the range asked for is
   }
 }
 
+// A newest page (before_seq 0) has no upper bound but the cache's: a message past INT64_MAX is
+// refused like the others. Stored, it would hold last_seq there for good (a conversation's
+// last_seq is never below the messages the cache holds) and wrap the next page's bound to 0. A
+// page newer than the conversation's last_seq is taken, and raises it.
+TEST_CASE("session: a newest History page past the largest seq is refused; a newer one is taken") {
+  Harness h;
+  h.ConnectLive();
+  auto history = [&](std::vector<v1::Message> messages) {
+    std::vector<Result<HistoryResult>> results;
+    h.session->History(5, /*before_seq=*/0, 10,
+                       [&](Result<HistoryResult> r) { results.push_back(std::move(r)); });
+    auto written = OfCase(h.io.Take(), v1::Envelope::kHistory);
+    REQUIRE(written.size() == 1);
+    v1::Envelope page;
+    page.set_rid(written[0].rid());
+    page.mutable_history_page()->set_conversation_id(5);
+    for (const v1::Message& m : messages) *page.mutable_history_page()->add_messages() = m;
+    h.session->OnEnvelope(page);
+    REQUIRE(results.size() == 1);
+    return results[0];
+  };
+  Result<HistoryResult> refused = history({Msg(5, static_cast<Seq>(INT64_MAX) + 1), Msg(5, 2)});
+  CHECK(refused.status().code() == Code::kInternal);
+  REQUIRE(h.listener.errors.size() == 1);
+  CHECK(h.listener.errors[0] == refused.status());
+  CHECK(h.cache->MessageCount() == 0);
+
+  // The server's state is taken as it is.
+  v1::Envelope update;
+  *update.mutable_conversation_update()->mutable_conversation() = GroupState(5, 2, 0);
+  h.session->OnEnvelope(update);
+  REQUIRE(h.cache->GetConversation(5));
+  CHECK(h.cache->GetConversation(5)->info.last_seq == 2);
+
+  // A page with messages the state did not know of yet raises last_seq to them.
+  Result<HistoryResult> taken = history({Msg(5, 4), Msg(5, 3)});
+  REQUIRE(taken.ok());
+  CHECK(taken->messages.size() == 2);
+  h.session->OnEnvelope(update);
+  CHECK(h.cache->GetConversation(5)->info.last_seq == 4);
+  CHECK(h.listener.errors.size() == 1);
+}
+
 // An ack without a place (seq or conversation 0) cannot be stored: kept pending, the message
 // would be sent again at once and acked the same way, without end.
 // A delivered message with no place in the cache is reported, not dropped silently; the other
