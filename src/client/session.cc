@@ -1515,9 +1515,11 @@ void Session::PresenceRefused(PendingOp op, const Status& status) {
     // The server subscribed none of the request's users.
     for (const UserId& user : op.added) presence_.erase(user);
     PresenceRequest again;
-    if (op.resumed) {
-      // Those watched before it were left out of this connection's re-subscription: without
-      // another request the server would watch none of them.
+    // Those watched before it were left out of this connection's re-subscription: without
+    // another request the server would watch none of them. Not after a timeout, though: like any
+    // request given up, it is not repeated on this connection (the server may have carried it
+    // out); they stay watched and go with the next connection.
+    if (op.resumed && status.code() != Code::kDeadlineExceeded) {
       for (UserId& user : op.presence) {
         if (presence_.contains(user)) again.users.push_back(std::move(user));
       }

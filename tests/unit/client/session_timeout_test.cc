@@ -3,6 +3,7 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -515,6 +516,48 @@ TEST_CASE(
   REQUIRE(answers.size() == 1);
   CHECK(answers[0].code() == Code::kResourceExhausted);
   CHECK(h.listener.errors.empty());
+}
+
+// A SubscribePresence made offline goes with the reconnect, and the users it names that were
+// watched before are left out of the automatic re-subscription. Given up, it is not followed
+// by another request on the same connection (the server may have carried it out): those users
+// stay watched and go with the next connection.
+TEST_CASE(
+    "session: a SubscribePresence given up after a reconnect sends nothing more on that link") {
+  Harness h;
+  h.ConnectLive();
+  std::vector<Status> first;
+  h.session->SubscribePresence({"carol"}, [&](Status st) { first.push_back(std::move(st)); });
+  auto sent = OfCase(h.io.Take(), v1::Envelope::kPresenceSubscribe);
+  REQUIRE(sent.size() == 1);
+  h.session->OnEnvelope(OkFor(sent[0]));
+  REQUIRE(first.size() == 1);
+  CHECK(first[0].ok());
+  h.session->OnClosed(1006, "abnormal");
+
+  std::vector<Status> second;
+  h.session->SubscribePresence({"carol", "dave"},
+                               [&](Status st) { second.push_back(std::move(st)); });
+  h.io.Take();
+  h.ConnectLive();
+  sent = OfCase(h.io.Take(), v1::Envelope::kPresenceSubscribe);
+  REQUIRE(sent.size() == 1);
+  CHECK(sent[0].presence_subscribe().users_size() == 2);
+  ServeOne(h);
+  Pass(h, kTimeoutMs);
+  REQUIRE(second.size() == 1);
+  CHECK(second[0].code() == Code::kDeadlineExceeded);
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kPresenceSubscribe).empty());
+  CHECK(h.session->watched() == std::set<UserId>{"carol"});
+  CHECK(h.state() == ConnectionState::kConnected);
+
+  h.session->OnClosed(1006, "abnormal");
+  h.io.Take();
+  h.ConnectLive();
+  sent = OfCase(h.io.Take(), v1::Envelope::kPresenceSubscribe);
+  REQUIRE(sent.size() == 1);
+  REQUIRE(sent[0].presence_subscribe().users_size() == 1);
+  CHECK(sent[0].presence_subscribe().users(0) == "carol");
 }
 
 }  // namespace
