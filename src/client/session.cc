@@ -361,6 +361,8 @@ void Session::HandleEnvelope(const v1::Envelope& envelope) {
         PendingOp op = std::move(it->second);
         ops_.erase(it);
         if (op.conversation) op.conversation(std::move(info));
+      } else if (envelope.rid() != 0) {
+        expired_.erase(envelope.rid());  // a late answer: nothing more will come for it
       }
       break;
     }
@@ -380,6 +382,8 @@ void Session::HandleEnvelope(const v1::Envelope& envelope) {
           members.push_back(std::move(r));
         }
         if (op.receipts) op.receipts(std::move(members));
+      } else if (envelope.rid() != 0) {
+        expired_.erase(envelope.rid());
       }
       break;
     case v1::Envelope::kReceiptUpdate:
@@ -972,7 +976,10 @@ void Session::HandleSyncBatch(const v1::SyncBatch& batch) {
 
 void Session::HandleHistoryPage(uint64_t rid, const v1::HistoryPage& page) {
   auto it = histories_.find(rid);
-  if (it == histories_.end()) return;
+  if (it == histories_.end()) {
+    if (rid != 0) expired_.erase(rid);  // a late page is dropped
+    return;
+  }
   PendingHistory pending = std::move(it->second);
   histories_.erase(it);
   HistoryCallback callback = std::move(pending.callback);
@@ -1627,12 +1634,12 @@ bool Session::ExpireRequests(int64_t now) {
   bool catch_up = false;
   for (const auto& [rid, op] : ops) {
     unserved |= op.deadline.served == served_;
-    if (expired_.size() >= kMaxQuietRids) expired_.erase(expired_.begin());
+    if (expired_.size() >= kMaxExpiredRids) expired_.erase(expired_.begin());
     expired_[rid] = op.channel;
   }
   for (const auto& [rid, pending] : histories) {
     unserved |= pending.deadline.served == served_;
-    if (expired_.size() >= kMaxQuietRids) expired_.erase(expired_.begin());
+    if (expired_.size() >= kMaxExpiredRids) expired_.erase(expired_.begin());
     expired_[rid] = 0;
   }
   for (auto& [rid, pending] : histories) pending.callback(timeout);

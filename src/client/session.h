@@ -78,6 +78,13 @@ inline constexpr int64_t kTypingMaxShowMs = 6'000;
 inline constexpr size_t kMaxTypingShown = 1'000;
 // Receipt/Typing requests whose errors are recognised (older ones are forgotten).
 inline constexpr size_t kMaxQuietRids = 1'024;
+// Requests given up whose late answers are recognised (the oldest are forgotten past it): as
+// many as may wait for answers at once, so that all of them given up together are, on a server
+// that answers nothing for a while: the application's, the channel re-subscriptions, the
+// presence requests (the watched set's, one per user after a PermissionDenied, and the
+// application's made offline) and the push token's.
+inline constexpr size_t kMaxExpiredRids =
+    kMaxPendingRequests + kMaxChannelSubscriptions + 2 * kMaxPresenceSubscriptions + 2;
 // A Receipt refused with a retryable code is sent again after at least this long.
 inline constexpr int64_t kReceiptRetryMinMs = 1'000;
 // A Sync given up makes the next one (on this connection or the next) wait longer: twice as
@@ -152,6 +159,8 @@ class Session {
   void RegisterPushToken(std::string platform, std::string token, StatusCallback callback);
   // The watched users (tests).
   const std::set<UserId>& watched() const { return presence_; }
+  // Requests given up whose late answer has not come (tests).
+  size_t given_up() const { return expired_.size(); }
 
   ConnectionState state() const;
   // The attempt number the next reconnect delay is computed from (tests).
@@ -385,8 +394,8 @@ class Session {
   bool receiving_ = false;
   int64_t receiving_since_ = 0;
   int64_t excused_ms_ = 0;
-  // Requests given up (rid -> the channel of a Subscribe, else 0; at most kMaxQuietRids): a
-  // late answer is ignored (a Subscribe's Ok still starts a catch-up Sync).
+  // Requests given up (rid -> the channel of a Subscribe, else 0; at most kMaxExpiredRids): a
+  // late answer is ignored (a Subscribe's Ok still starts a catch-up Sync) and erases its entry.
   std::map<uint64_t, ConversationId> expired_;
   // ops_, like histories_, is in rid order, which is the order of the deadlines (one timeout, a
   // monotonic clock): the first entry expires first.

@@ -560,5 +560,87 @@ TEST_CASE(
   CHECK(sent[0].presence_subscribe().users(0) == "carol");
 }
 
+// Every kind of late answer, an error to a Subscribe included, is dropped without a word and
+// forgets its request given up.
+TEST_CASE("session: a late answer of any kind to a request given up is dropped, and forgets it") {
+  Harness h;
+  h.ConnectLive();
+  h.io.Take();
+  int callbacks = 0;
+  v1::Envelope rename;
+  rename.mutable_rename_group()->set_conversation_id(5);
+  rename.mutable_rename_group()->set_title("new");
+  h.session->ConversationRequest(rename, [&](Result<ConversationInfo>) { ++callbacks; });
+  h.session->GetReceipts(5, [&](Result<std::vector<MemberWatermarks>>) { ++callbacks; });
+  h.session->History(5, 0, 10, [&](Result<HistoryResult>) { ++callbacks; });
+  h.session->Subscribe(8);
+  auto written = h.io.Take();
+  auto rename_sent = OfCase(written, v1::Envelope::kRenameGroup);
+  auto receipts_sent = OfCase(written, v1::Envelope::kGetReceipts);
+  auto history_sent = OfCase(written, v1::Envelope::kHistory);
+  auto subscribe_sent = OfCase(written, v1::Envelope::kSubscribe);
+  REQUIRE(rename_sent.size() == 1);
+  REQUIRE(receipts_sent.size() == 1);
+  REQUIRE(history_sent.size() == 1);
+  REQUIRE(subscribe_sent.size() == 1);
+  ServeOne(h);
+  Pass(h, kTimeoutMs);
+  CHECK(callbacks == 3);
+  REQUIRE(h.listener.errors.size() == 1);  // the Subscribe's DeadlineExceeded
+  CHECK(h.session->given_up() == 4);
+
+  v1::Envelope update;
+  update.set_rid(rename_sent[0].rid());
+  *update.mutable_conversation_update()->mutable_conversation() = GroupState(5, 0, 0, "new");
+  h.session->OnEnvelope(update);
+  v1::Envelope receipts;
+  receipts.set_rid(receipts_sent[0].rid());
+  receipts.mutable_receipts_page()->set_conversation_id(5);
+  h.session->OnEnvelope(receipts);
+  v1::Envelope page;
+  page.set_rid(history_sent[0].rid());
+  page.mutable_history_page()->set_conversation_id(5);
+  *page.mutable_history_page()->add_messages() = Msg(5, 1);
+  h.session->OnEnvelope(page);
+  h.session->OnEnvelope(ErrorFor(subscribe_sent[0], v1::Error::PERMISSION_DENIED, "not a member"));
+  CHECK(h.session->given_up() == 0);
+  CHECK(callbacks == 3);
+  CHECK(h.listener.errors.size() == 1);
+  CHECK(h.cache->MessageCount() == 0);  // the late page is not stored
+  CHECK(h.state() == ConnectionState::kConnected);
+}
+
+// A server that stops answering for a while: the channel re-subscriptions of a reconnect and
+// kMaxPendingRequests calls of the application are given up at once. Late errors to any of them,
+// the oldest included, are recognised as late, not reported as errors without a request.
+TEST_CASE("session: every request given up at once has its late answer recognised") {
+  Harness h;
+  h.session->Start();
+  for (ConversationId c = 1; c <= kMaxChannelSubscriptions; ++c) h.session->Subscribe(1000 + c);
+  h.ConnectLive();
+  auto requests = OfCase(h.io.Take(), v1::Envelope::kSubscribe);
+  REQUIRE(requests.size() == kMaxChannelSubscriptions);
+  int callbacks = 0;
+  for (size_t i = 0; i + 1 < kMaxPendingRequests; ++i) {
+    h.session->GetReceipts(5, [&](Result<std::vector<MemberWatermarks>>) { ++callbacks; });
+  }
+  for (const v1::Envelope& e : OfCase(h.io.Take(), v1::Envelope::kGetReceipts)) {
+    requests.push_back(e);
+  }
+  REQUIRE(requests.size() == kMaxChannelSubscriptions + kMaxPendingRequests - 1);
+  ServeOne(h);  // the last one is answered
+  Pass(h, kTimeoutMs);
+  CHECK(callbacks == static_cast<int>(kMaxPendingRequests) - 1);
+  CHECK(h.state() == ConnectionState::kConnected);
+  const size_t errors = h.listener.errors.size();
+
+  for (const v1::Envelope& request : requests) {
+    h.session->OnEnvelope(ErrorFor(request, v1::Error::UNAVAILABLE, "overloaded"));
+  }
+  CHECK(h.listener.errors.size() == errors);
+  CHECK(callbacks == static_cast<int>(kMaxPendingRequests) - 1);
+  CHECK(h.session->given_up() == 0);
+}
+
 }  // namespace
 }  // namespace chat::client
