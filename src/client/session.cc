@@ -1362,7 +1362,7 @@ void Session::SetTyping(ConversationId conversation, bool active) {
 
 void Session::SubscribePresence(std::vector<UserId> users, StatusCallback callback) {
   if (phase_ == Phase::kClosed) return;
-  if (phase_ == Phase::kLive && RequestsFull()) {
+  if (RequestsFull()) {
     callback(TooManyRequests());
     return;
   }
@@ -1406,7 +1406,7 @@ void Session::SendPresenceRequest(PresenceRequest request) {
 
 void Session::UnsubscribePresence(std::vector<UserId> users, StatusCallback callback) {
   if (phase_ == Phase::kClosed) return;
-  if (phase_ == Phase::kLive && RequestsFull()) {
+  if (RequestsFull()) {
     callback(TooManyRequests());
     return;
   }
@@ -1439,7 +1439,7 @@ void Session::UnsubscribePresence(std::vector<UserId> users, StatusCallback call
 
 void Session::RegisterPushToken(std::string platform, std::string token, StatusCallback callback) {
   if (phase_ == Phase::kClosed) return;
-  if (phase_ == Phase::kLive && RequestsFull()) {
+  if (RequestsFull()) {
     callback(TooManyRequests());
     return;
   }
@@ -1594,6 +1594,8 @@ void Session::Track(uint64_t rid, PendingOp op) {
 }
 
 bool Session::RequestsFull() const {
+  // The same rule in every phase; requests wait only on a connection (kSyncing or kLive), so
+  // while not connected nothing is refused.
   // The session's own requests are bounded by the subscriptions and the watched users; counted
   // here, 1000 channels re-subscribed after a reconnect would refuse every call of the
   // application until the server answered them.

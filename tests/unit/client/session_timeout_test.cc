@@ -642,5 +642,25 @@ TEST_CASE("session: every request given up at once has its late answer recognise
   CHECK(h.session->given_up() == 0);
 }
 
+// The application's requests can wait for answers during the catch-up too (they are sent
+// then): presence and push calls are refused then as when live, not kept for later.
+TEST_CASE("session: kMaxPendingRequests applies while the client syncs, as when live") {
+  Harness h;
+  h.Welcome();
+  REQUIRE(h.state() == ConnectionState::kSyncing);
+  std::vector<Status> answers;
+  auto receipts = [&](Result<std::vector<MemberWatermarks>> r) { answers.push_back(r.status()); };
+  for (size_t i = 0; i < kMaxPendingRequests; ++i) h.session->GetReceipts(5, receipts);
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kGetReceipts).size() == kMaxPendingRequests);
+  h.session->GetReceipts(5, receipts);
+  h.session->SubscribePresence({"bob"}, [&](Status st) { answers.push_back(std::move(st)); });
+  h.session->UnsubscribePresence({"carol"}, [&](Status st) { answers.push_back(std::move(st)); });
+  h.session->RegisterPushToken("fcm", "t", [&](Status st) { answers.push_back(std::move(st)); });
+  REQUIRE(answers.size() == 4);
+  for (const Status& st : answers) CHECK(st.code() == Code::kResourceExhausted);
+  CHECK(h.session->watched().empty());
+  CHECK(h.io.Take().empty());
+}
+
 }  // namespace
 }  // namespace chat::client
