@@ -662,5 +662,60 @@ TEST_CASE("session: kMaxPendingRequests applies while the client syncs, as when 
   CHECK(h.io.Take().empty());
 }
 
+// Requests of a lost connection were answered Unavailable with it; their old deadlines passing
+// on the next connection calls nobody again, and the new connection's requests keep their own.
+TEST_CASE("session: deadlines of a lost connection do not fire on the next one") {
+  Harness h;
+  h.ConnectLive();
+  h.io.Take();
+  std::vector<Status> old_answers;
+  h.session->GetReceipts(
+      5, [&](Result<std::vector<MemberWatermarks>> r) { old_answers.push_back(r.status()); });
+  h.session->History(5, 0, 10, [&](Result<HistoryResult> r) { old_answers.push_back(r.status()); });
+  h.io.Take();
+  Pass(h, 10'000);
+  h.session->OnClosed(1006, "abnormal");
+  REQUIRE(old_answers.size() == 2);
+  CHECK(old_answers[0].code() == Code::kUnavailable);
+  CHECK(old_answers[1].code() == Code::kUnavailable);
+
+  h.io.Take();
+  h.ConnectLive();
+  h.io.Take();
+  std::vector<Status> new_answers;
+  h.session->GetReceipts(
+      5, [&](Result<std::vector<MemberWatermarks>> r) { new_answers.push_back(r.status()); });
+  h.io.Take();
+  ServeOne(h);
+  Pass(h, kTimeoutMs - 1);  // well past the old deadlines
+  CHECK(old_answers.size() == 2);
+  CHECK(new_answers.empty());
+  CHECK(h.listener.errors.empty());
+  Pass(h, 1);
+  REQUIRE(new_answers.size() == 1);
+  CHECK(new_answers[0].code() == Code::kDeadlineExceeded);
+  CHECK(old_answers.size() == 2);
+  CHECK(h.state() == ConnectionState::kConnected);
+}
+
+// Stop() drops the requests waiting, with their callbacks: none runs after it, timers or not.
+TEST_CASE("session: after Stop(), requests waiting are never called back") {
+  Harness h;
+  h.ConnectLive();
+  int callbacks = 0;
+  h.session->GetReceipts(5, [&](Result<std::vector<MemberWatermarks>>) { ++callbacks; });
+  h.session->History(5, 0, 10, [&](Result<HistoryResult>) { ++callbacks; });
+  h.session->Subscribe(8);
+  h.session->Stop();
+  CHECK(h.state() == ConnectionState::kClosed);
+  h.clock->Advance(10 * kTimeoutMs);
+  h.session->Tick();
+  h.session->OnReceiving();
+  h.session->Tick();
+  CHECK(callbacks == 0);
+  CHECK(h.listener.errors.empty());
+  CHECK(h.state() == ConnectionState::kClosed);
+}
+
 }  // namespace
 }  // namespace chat::client
