@@ -1633,11 +1633,12 @@ bool Session::ExpireRequests(int64_t now) {
   // one request (or having lost it).
   const bool sync_unserved = sync_expired && sync_deadline_.served == served_;
   bool unserved = sync_unserved;
-  bool catch_up = false;
+  std::vector<ConversationId> channels;  // of the Subscribes given up
   for (const auto& [rid, op] : ops) {
     unserved |= op.deadline.served == served_;
     if (expired_.size() >= kMaxExpiredRids) expired_.erase(expired_.begin());
     expired_[rid] = op.channel;
+    if (op.catch_up) channels.push_back(op.channel);
   }
   for (const auto& [rid, pending] : histories) {
     unserved |= pending.deadline.served == served_;
@@ -1650,15 +1651,24 @@ bool Session::ExpireRequests(int64_t now) {
       PresenceRefused(std::move(op), timeout);
     } else if (op.push) {
       PushRefused(std::move(op), timeout);
-    } else if (op.catch_up) {
-      catch_up = true;
-      ReportError(
-          DeadlineExceeded("subscribe to channel " + std::to_string(op.channel) + ": " + within));
-    } else {
+    } else if (!op.catch_up) {
       if (op.conversation) op.conversation(timeout);
       if (op.receipts) op.receipts(timeout);
       if (op.status) op.status(timeout);
     }
+  }
+  if (!channels.empty()) {
+    // One report for all: the re-subscriptions of a reconnect expire together on a server that
+    // answers nothing, and 1000 channels are not worth 1000 OnError calls.
+    std::string which =
+        channels.size() == 1 ? "channel " : std::to_string(channels.size()) + " channels (";
+    constexpr size_t kNamed = 10;
+    for (size_t i = 0; i < channels.size() && i < kNamed; ++i) {
+      which += (i == 0 ? "" : ", ") + std::to_string(channels[i]);
+    }
+    if (channels.size() > kNamed) which += ", ...";
+    if (channels.size() > 1) which += ")";
+    ReportError(DeadlineExceeded("subscribe to " + which + ": " + within));
   }
   if (!Authenticated()) return false;
   if (sync_expired) {
@@ -1687,7 +1697,7 @@ bool Session::ExpireRequests(int64_t now) {
   }
   // A channel whose Subscribe was given up is caught up all the same; the live messages need the
   // subscription, which the next connection (or the application's next Subscribe) makes.
-  if (catch_up) RequestSync();
+  if (!channels.empty()) RequestSync();
   return Authenticated();
 }
 

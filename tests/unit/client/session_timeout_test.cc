@@ -717,5 +717,21 @@ TEST_CASE("session: after Stop(), requests waiting are never called back") {
   CHECK(h.state() == ConnectionState::kClosed);
 }
 
+// A server that answers nothing after a reconnect: the channel re-subscriptions are given up
+// together, and the application hears of it once, not once per channel.
+TEST_CASE("session: Subscribes given up together are reported to OnError once") {
+  Harness h;
+  h.session->Start();
+  for (ConversationId c = 1; c <= 12; ++c) h.session->Subscribe(100 + c);
+  h.ConnectLive();
+  REQUIRE(OfCase(h.io.Take(), v1::Envelope::kSubscribe).size() == 12);
+  Pass(h, kTimeoutMs);
+  REQUIRE(h.listener.errors.size() == 1);
+  CHECK(h.listener.errors[0].code() == Code::kDeadlineExceeded);
+  CHECK(Mentions(h.listener.errors[0], "subscribe to 12 channels (101, 102,"));
+  CHECK(Mentions(h.listener.errors[0], "110, ...)"));
+  CHECK(h.io.drops == 1);  // nothing served: the link is recycled
+}
+
 }  // namespace
 }  // namespace chat::client
