@@ -209,6 +209,12 @@ void Session::Tick() {
         Disconnect("no frame from the server within two heartbeat intervals");
         return;
       }
+      if (receiving_ && now - receiving_since_ >= CeilingMs()) {
+        // Bytes keep the link alive, but a frame that never ends holds every request.
+        Disconnect("a frame from the server took more than " + std::to_string(CeilingMs()) +
+                   " ms to arrive");
+        return;
+      }
       if (!ExpireRequests(now)) return;
       ExpireTyping();
       FlushReceipts();
@@ -239,14 +245,13 @@ int64_t Session::NextDeadlineMs() const {
     case Phase::kLive: {
       int64_t next = std::min(next_ping_, last_rx_ + 2 * static_cast<int64_t>(heartbeat_ms_));
       if (outbox_retry_at_ != 0) next = std::min(next, outbox_retry_at_);
-      // While a frame arrives no request is given up: its end (or the dead-link timer) comes
-      // first.
-      if (!receiving_) {
-        if (sync_rid_ != 0) next = std::min(next, DueAt(sync_deadline_));
-        if (!ops_.empty()) next = std::min(next, DueAt(ops_.begin()->second.deadline));
-        if (!histories_.empty()) {
-          next = std::min(next, DueAt(histories_.begin()->second.deadline));
-        }
+      // While a frame arrives no request is given up before its ceiling: the frame's end (or
+      // the dead-link timer, or the frame's own ceiling) comes first.
+      if (receiving_) next = std::min(next, receiving_since_ + CeilingMs());
+      if (sync_rid_ != 0) next = std::min(next, DueNow(sync_deadline_));
+      if (!ops_.empty()) next = std::min(next, DueNow(ops_.begin()->second.deadline));
+      if (!histories_.empty()) {
+        next = std::min(next, DueNow(histories_.begin()->second.deadline));
       }
       if (!typing_.empty()) {
         for (const auto& [key, expiry] : typing_) next = std::min(next, expiry);
@@ -1570,7 +1575,8 @@ void Session::PushRefused(PendingOp op, const Status& status) {
 }
 
 Session::Deadline Session::NewDeadline(int64_t timeout_ms) const {
-  return Deadline{Now() + timeout_ms, served_, ExcusedMs()};
+  const int64_t now = Now();
+  return Deadline{now + timeout_ms, now, served_, ExcusedMs()};
 }
 
 int64_t Session::ExcusedMs() const {
@@ -1580,7 +1586,20 @@ int64_t Session::ExcusedMs() const {
 int64_t Session::DueAt(const Deadline& deadline) const {
   // Only the time spent receiving since it was sent moves it: ExcusedMs() grows no faster than
   // the clock, so deadlines keep the order of their requests.
-  return deadline.at_ms + (ExcusedMs() - deadline.excused);
+  return std::min(deadline.at_ms + (ExcusedMs() - deadline.excused),
+                  deadline.sent_ms + CeilingMs());
+}
+
+int64_t Session::DueNow(const Deadline& deadline) const {
+  return receiving_ ? deadline.sent_ms + CeilingMs() : DueAt(deadline);
+}
+
+int64_t Session::CeilingMs() const {
+  const auto timeout = static_cast<int64_t>(options_.request_timeout_ms);
+  const auto frame =
+      static_cast<int64_t>(std::min<uint64_t>(options_.max_message_bytes, INT64_MAX / 1000) * 1000 /
+                           kMinReceiveBytesPerSecond);
+  return std::max(kMaxWaitFactor * timeout, timeout + frame);
 }
 
 int64_t Session::SyncTimeoutMs() const {
@@ -1610,17 +1629,16 @@ Status Session::TooManyRequests() const {
 }
 
 bool Session::ExpireRequests(int64_t now) {
-  // A frame is arriving: it may be the answer of any of them.
-  if (receiving_) return true;
-  const bool sync_expired = sync_rid_ != 0 && DueAt(sync_deadline_) <= now;
+  // A frame arriving may be the answer of any of them: only their ceilings apply meanwhile.
+  const bool sync_expired = sync_rid_ != 0 && DueNow(sync_deadline_) <= now;
   // Taken out before any callback runs, so that nothing answers them twice.
   std::vector<std::pair<uint64_t, PendingOp>> ops;
-  while (!ops_.empty() && DueAt(ops_.begin()->second.deadline) <= now) {
+  while (!ops_.empty() && DueNow(ops_.begin()->second.deadline) <= now) {
     auto node = ops_.extract(ops_.begin());
     ops.emplace_back(node.key(), std::move(node.mapped()));
   }
   std::vector<std::pair<uint64_t, PendingHistory>> histories;
-  while (!histories_.empty() && DueAt(histories_.begin()->second.deadline) <= now) {
+  while (!histories_.empty() && DueNow(histories_.begin()->second.deadline) <= now) {
     auto node = histories_.extract(histories_.begin());
     histories.emplace_back(node.key(), std::move(node.mapped()));
   }

@@ -90,6 +90,13 @@ inline constexpr int64_t kReceiptRetryMinMs = 1'000;
 // A Sync given up makes the next one (on this connection or the next) wait longer: twice as
 // long per Sync given up in a row, up to this many doublings (8 x request_timeout_ms).
 inline constexpr uint32_t kMaxSyncTimeoutDoublings = 3;
+// However long frames take to arrive, a request is given up at most kMaxWaitFactor x
+// request_timeout_ms after it was sent, and one frame may take at most that long to arrive (or,
+// when longer, request_timeout_ms plus max_message_bytes at kMinReceiveBytesPerSecond): a server
+// that trickles a frame that never ends, or a slow link kept full by Delivers, would otherwise
+// hold every request, and the link, for good.
+inline constexpr int64_t kMaxWaitFactor = int64_t{1} << kMaxSyncTimeoutDoublings;
+inline constexpr uint64_t kMinReceiveBytesPerSecond = 4 * 1024;
 // Receipts are sent at most this often (all due conversations at once), so a burst of incoming
 // messages costs a few Receipts, not one per loop turn, against the server's rate limit.
 inline constexpr int64_t kReceiptIntervalMs = 100;
@@ -112,8 +119,9 @@ class Session {
   // A whole frame from the server, decoded.
   void OnEnvelope(const v1::Envelope& envelope);
   // Bytes of a frame that is not complete yet arrived (a large frame, or a slow link). The link
-  // is alive and the server is sending: while a frame arrives no request is given up (it may be
-  // the answer), and the time it takes does not count against any request's deadline.
+  // is alive and the server is sending: while a frame arrives no request is given up before its
+  // ceiling (it may be the answer), and the time it takes does not count against any request's
+  // deadline. A frame that takes longer than the ceiling drops the connection (kMaxWaitFactor).
   void OnReceiving();
 
   // --- Time ---
@@ -195,6 +203,7 @@ class Session {
   // later (DueAt).
   struct Deadline {
     int64_t at_ms = 0;    // monotonic, as if no frame took time to arrive
+    int64_t sent_ms = 0;  // monotonic; CeilingMs() after it, it passes whatever arrives
     uint64_t served = 0;  // served_ when sent
     int64_t excused = 0;  // ExcusedMs() when sent
   };
@@ -266,19 +275,23 @@ class Session {
   Deadline NewDeadline(int64_t timeout_ms) const;
   // ms spent receiving frames in pieces so far (only grows, at most as fast as the clock).
   int64_t ExcusedMs() const;
-  // When `deadline` passes, while no frame is arriving.
+  // When `deadline` passes while no frame is arriving (at the latest at its ceiling).
   int64_t DueAt(const Deadline& deadline) const;
+  // When `deadline` passes now: while a frame arrives, only at its ceiling.
+  int64_t DueNow(const Deadline& deadline) const;
+  // The longest a request waits, or a frame takes to arrive (see kMaxWaitFactor).
+  int64_t CeilingMs() const;
   // The time a Sync gets: longer after Syncs given up in a row (kMaxSyncTimeoutDoublings).
   int64_t SyncTimeoutMs() const;
   // True when kMaxPendingRequests of the application's requests wait for answers: its next one
   // is refused with TooManyRequests(). The session's own are neither counted nor refused.
   bool RequestsFull() const;
   Status TooManyRequests() const;
-  // Gives up the requests past their deadline (their callbacks get DeadlineExceeded); none while
-  // a frame is arriving. Drops the connection if the server served nothing since one of them
-  // was sent: it reads the connection (the link is alive) but serves no request. A Sync given
-  // up on a connection that is served goes again, with more time. False if the connection was
-  // dropped.
+  // Gives up the requests past their deadline (their callbacks get DeadlineExceeded); while a
+  // frame is arriving, only those past their ceiling. Drops the connection if the server served
+  // nothing since one of them was sent: it reads the connection (the link is alive) but serves no
+  // request. A Sync given up on a connection that is served goes again, with more time. False if
+  // the connection was dropped.
   bool ExpireRequests(int64_t now);
   // Sends a Subscribe whose Ok is followed by a Sync, which fetches what the channel got before
   // the server pushed it to this connection; `automatic` when the session re-subscribes. False

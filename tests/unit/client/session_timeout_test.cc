@@ -360,6 +360,71 @@ TEST_CASE("session: nothing is given up while a large answer arrives in pieces")
   CHECK(h.state() == ConnectionState::kConnected);
 }
 
+// A server that trickles a frame which never ends (a byte every 20 s) keeps the link alive, but
+// holds nothing for good: the request is given up 8 x request_timeout_ms after it was sent, and
+// the link once the frame has taken that long.
+TEST_CASE("session: a frame that never ends holds requests and the link for a bounded time") {
+  Harness h;
+  h.ConnectLive();
+  std::vector<Status> receipts;
+  h.session->GetReceipts(
+      5, [&](Result<std::vector<MemberWatermarks>> r) { receipts.push_back(r.status()); });
+  h.io.Take();
+  h.clock->Advance(1'000);
+  const int64_t sent = h.Now() - 1'000;
+  while (h.Now() < sent + 8 * kTimeoutMs - 1) {
+    h.session->OnReceiving();
+    h.clock->Advance(std::min<int64_t>(20'000, sent + 8 * kTimeoutMs - 1 - h.Now()));
+    h.session->Tick();
+  }
+  CHECK(receipts.empty());
+  CHECK(h.session->NextDeadlineMs() == sent + 8 * kTimeoutMs);
+  h.clock->Advance(1);
+  h.session->OnReceiving();
+  h.session->Tick();
+  REQUIRE(receipts.size() == 1);
+  CHECK(receipts[0].code() == Code::kDeadlineExceeded);
+  h.clock->Advance(999);
+  h.session->OnReceiving();
+  h.session->Tick();
+  CHECK(h.io.drops == 0);
+  h.clock->Advance(1);  // the frame began 1 s after the request
+  h.session->Tick();
+  CHECK(h.io.drops == 1);
+  CHECK(h.state() == ConnectionState::kDisconnected);
+}
+
+// A slow link kept full by large Delivers: each takes 10 s to arrive, one right after another,
+// so the time excused grows about as fast as the clock. A request the server lost is reported
+// all the same, 8 x request_timeout_ms after it was sent; the link, which serves, is kept.
+TEST_CASE("session: a request lost behind a stream of slow frames is given up at its ceiling") {
+  Harness h;
+  v1::Envelope sync = h.Welcome();
+  v1::SyncBatch batch;
+  *batch.add_conversations() = GroupState(5, 0, 0);
+  h.Reply(sync, batch);
+  REQUIRE(h.state() == ConnectionState::kConnected);
+  std::vector<Status> receipts;
+  h.session->GetReceipts(
+      5, [&](Result<std::vector<MemberWatermarks>> r) { receipts.push_back(r.status()); });
+  h.io.Take();
+  const int64_t sent = h.Now();
+  Seq seq = 0;
+  while (h.Now() < sent + 8 * kTimeoutMs) {
+    h.session->OnReceiving();
+    h.clock->Advance(std::min<int64_t>(10'000, sent + 8 * kTimeoutMs - h.Now()));
+    h.session->Tick();
+    if (!receipts.empty()) break;
+    h.Deliver(Msg(5, ++seq));
+  }
+  REQUIRE(receipts.size() == 1);
+  CHECK(receipts[0].code() == Code::kDeadlineExceeded);
+  CHECK(h.Now() == sent + 8 * kTimeoutMs);
+  CHECK(h.io.drops == 0);
+  CHECK(h.state() == ConnectionState::kConnected);
+  CHECK(h.listener.SentSeqs(5).size() == seq);
+}
+
 // A server that serves this connection but not its Sync (slow, or it lost it) is asked again
 // on the same connection, with twice the time; one that serves nothing is left, and the next
 // connection's Sync gets more time too. An answered Sync restores request_timeout_ms.
