@@ -1693,10 +1693,13 @@ bool Session::ExpireRequests(int64_t now) {
     // The next Sync, here or on the next connection, gets more time: a server that needs longer
     // than request_timeout_ms for a page would otherwise be asked for the same page forever.
     const int64_t waited = SyncTimeoutMs();
+    const bool longest = sync_timeouts_ >= kMaxSyncTimeoutDoublings;
     sync_timeouts_ = std::min(sync_timeouts_ + 1, kMaxSyncTimeoutDoublings);
-    if (sync_unserved) {
+    if (sync_unserved || longest) {
       // As for a refused Sync: without its answer the cache is not known to be complete, and
-      // every catch-up and gap repair waits behind it. The server serves nothing: reconnect.
+      // every catch-up and gap repair waits behind it. The server serves nothing, or it left
+      // unanswered a Sync with the most time whatever else it served (Delivers fanned out while
+      // its readers are stuck): reconnect, rather than ask again on this connection forever.
       Disconnect("no answer to a Sync within " + std::to_string(waited) + " ms");
       return false;
     }

@@ -482,6 +482,30 @@ TEST_CASE("session: a Sync given up is asked again with more time, not in the sa
   CHECK(h.io.drops == 2);
 }
 
+// A server whose writer fans out Delivers (or answers other requests) while nothing answers
+// Syncs: each Sync looks served, but one given up with the most time (8 x request_timeout_ms)
+// drops the connection, so the client does not stay in catch-up or gap repair for good.
+TEST_CASE("session: a Sync given up with the most time drops the connection, served or not") {
+  Harness h;
+  h.ConnectLive();
+  h.io.Take();
+  h.Deliver(Msg(5, 3));  // ahead of the cursor: a Sync repairs the gap
+  REQUIRE(OfCase(h.io.Take(), v1::Envelope::kSync).size() == 1);
+  for (int64_t factor : {1, 2, 4}) {
+    ServeOne(h);
+    Pass(h, factor * kTimeoutMs);
+    CHECK(h.io.drops == 0);
+    REQUIRE(OfCase(h.io.Take(), v1::Envelope::kSync).size() == 1);
+  }
+  ServeOne(h);
+  Pass(h, 8 * kTimeoutMs - 1);
+  CHECK(h.io.drops == 0);
+  Pass(h, 1);
+  CHECK(h.io.drops == 1);
+  CHECK(h.state() == ConnectionState::kDisconnected);
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kSync).empty());
+}
+
 // An overloaded server (after a restart, its read queue deep) answers no first Sync in time:
 // its clients come back ever more slowly, since a connection that never went live is no good one.
 TEST_CASE(
