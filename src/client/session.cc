@@ -346,7 +346,11 @@ void Session::HandleEnvelope(const v1::Envelope& envelope) {
       Ingest({&envelope.deliver().message()}, /*from_sync=*/false);
       break;
     case v1::Envelope::kSyncBatch:
-      if (envelope.rid() == sync_rid_) HandleSyncBatch(envelope.sync_batch());
+      if (envelope.rid() != 0 && envelope.rid() == sync_rid_) {
+        HandleSyncBatch(envelope.sync_batch());
+      } else if (envelope.rid() != 0) {
+        expired_.erase(envelope.rid());  // the late answer to a Sync given up
+      }
       break;
     case v1::Envelope::kHistoryPage:
       HandleHistoryPage(envelope.rid(), envelope.history_page());
@@ -1706,7 +1710,9 @@ bool Session::ExpireRequests(int64_t now) {
     // The server serves this connection, so it is slow or lost this Sync: ask again here.
     Log(LogLevel::kInfo,
         "chat client: no answer to a Sync within " + std::to_string(waited) + " ms; asking again");
-    sync_rid_ = 0;
+    // Its late answer is recognised: a SyncBatch is dropped, an Error only logged.
+    if (expired_.size() >= kMaxExpiredRids) expired_.erase(expired_.begin());
+    expired_[std::exchange(sync_rid_, 0)] = 0;
     SendSync();
     if (!Authenticated()) return false;
   }

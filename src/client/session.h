@@ -82,9 +82,9 @@ inline constexpr size_t kMaxQuietRids = 1'024;
 // many as may wait for answers at once, so that all of them given up together are, on a server
 // that answers nothing for a while: the application's, the channel re-subscriptions, the
 // presence requests (the watched set's, one per user after a PermissionDenied, and the
-// application's made offline) and the push token's.
+// application's made offline), the push token's and the Sync asked again.
 inline constexpr size_t kMaxExpiredRids =
-    kMaxPendingRequests + kMaxChannelSubscriptions + 2 * kMaxPresenceSubscriptions + 2;
+    kMaxPendingRequests + kMaxChannelSubscriptions + 2 * kMaxPresenceSubscriptions + 3;
 // A Receipt refused with a retryable code is sent again after at least this long.
 inline constexpr int64_t kReceiptRetryMinMs = 1'000;
 // A Sync given up makes the next one (on this connection or the next) wait longer: twice as

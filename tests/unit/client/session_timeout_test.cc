@@ -482,6 +482,53 @@ TEST_CASE("session: a Sync given up is asked again with more time, not in the sa
   CHECK(h.io.drops == 2);
 }
 
+// The late answer to a Sync given up and asked again is recognised: an Error is not reported to
+// OnError as an error of no request, and its retry_after_ms does not delay the next reconnect.
+TEST_CASE("session: a late answer to a Sync asked again is dropped, and forgets it") {
+  SessionOptions options;
+  options.backoff.base_ms = 100;
+  options.backoff.cap_ms = 100;
+  Harness h(options);
+  h.ConnectLive();
+  h.io.Take();
+  h.Deliver(Msg(5, 3));  // ahead of the cursor: a Sync repairs the gap
+  auto first = OfCase(h.io.Take(), v1::Envelope::kSync);
+  REQUIRE(first.size() == 1);
+  ServeOne(h);
+  Pass(h, kTimeoutMs);
+  auto second = OfCase(h.io.Take(), v1::Envelope::kSync);
+  REQUIRE(second.size() == 1);
+  CHECK(h.session->given_up() == 1);
+  const size_t errors = h.listener.errors.size();
+
+  v1::Envelope late;
+  late.set_rid(first[0].rid());
+  late.mutable_error()->set_code(v1::Error::UNAVAILABLE);
+  late.mutable_error()->set_message("overloaded");
+  late.mutable_error()->set_retry_after_ms(200'000);
+  h.session->OnEnvelope(late);
+  CHECK(h.listener.errors.size() == errors);
+  CHECK(h.session->given_up() == 0);
+  CHECK(h.state() == ConnectionState::kConnected);
+  h.session->OnClosed(1006, "abnormal");
+  CHECK(h.session->reconnect_at_ms() - h.Now() <= 100);
+
+  // A late SyncBatch is dropped the same way, and forgets its Sync.
+  h.io.Take();
+  h.ConnectLive();
+  h.io.Take();
+  h.Deliver(Msg(5, 3));
+  first = OfCase(h.io.Take(), v1::Envelope::kSync);
+  REQUIRE(first.size() == 1);
+  ServeOne(h);
+  Pass(h, 2 * kTimeoutMs);  // the Sync given up above gave this one twice the time
+  REQUIRE(OfCase(h.io.Take(), v1::Envelope::kSync).size() == 1);
+  CHECK(h.session->given_up() == 1);
+  h.Reply(first[0], {});
+  CHECK(h.session->given_up() == 0);
+  CHECK(h.listener.errors.size() == errors);
+}
+
 // A server whose writer fans out Delivers (or answers other requests) while nothing answers
 // Syncs: each Sync looks served, but one given up with the most time (8 x request_timeout_ms)
 // drops the connection, so the client does not stay in catch-up or gap repair for good.
