@@ -571,16 +571,21 @@ class Client::Impl final : public ClientListener, public client::SessionIo {
   }
 
   // Reads and handles what the socket holds now, without waiting. lws reads a bounded chunk per
-  // service, so it goes on while bytes come, up to kMaxReadRounds (a frame left half read then
-  // holds the timeouts itself: nothing is given up while one arrives).
+  // service, so it goes on while bytes come, up to kMaxReadRounds. Stopped there, the bytes left
+  // in the socket may hold answers (also when the last round ended on a frame boundary): the
+  // session gives up no request until a later turn has read everything.
   void ReadInput() {
     static constexpr int kMaxReadRounds = 256;
     for (int round = 0; round < kMaxReadRounds && !stop_; ++round) {
       const uint64_t before = transport_->received_bytes();
       transport_->Service(0);
       FeedEvents();
-      if (transport_->received_bytes() == before) return;
+      if (transport_->received_bytes() == before) {
+        session_->SetInputPending(false);
+        return;
+      }
     }
+    session_->SetInputPending(true);
   }
 
   void Teardown() {

@@ -1595,7 +1595,7 @@ int64_t Session::DueAt(const Deadline& deadline) const {
 }
 
 int64_t Session::DueNow(const Deadline& deadline) const {
-  return receiving_ ? deadline.sent_ms + CeilingMs() : DueAt(deadline);
+  return receiving_ || input_pending_ ? deadline.sent_ms + CeilingMs() : DueAt(deadline);
 }
 
 int64_t Session::CeilingMs() const {
@@ -1633,7 +1633,8 @@ Status Session::TooManyRequests() const {
 }
 
 bool Session::ExpireRequests(int64_t now) {
-  // A frame arriving may be the answer of any of them: only their ceilings apply meanwhile.
+  // A frame arriving, or input not read yet, may be the answer of any of them: only their
+  // ceilings apply meanwhile.
   const bool sync_expired = sync_rid_ != 0 && DueNow(sync_deadline_) <= now;
   // Taken out before any callback runs, so that nothing answers them twice.
   std::vector<std::pair<uint64_t, PendingOp>> ops;

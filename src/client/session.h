@@ -123,6 +123,10 @@ class Session {
   // ceiling (it may be the answer), and the time it takes does not count against any request's
   // deadline. A frame that takes longer than the ceiling drops the connection (kMaxWaitFactor).
   void OnReceiving();
+  // The runtime stopped reading with bytes still coming (its bound on reads per turn): they may
+  // hold answers, so until it says otherwise no request is given up before its ceiling, as while
+  // a frame arrives.
+  void SetInputPending(bool pending) { input_pending_ = pending; }
 
   // --- Time ---
   // Fires due timers (connect, heartbeat, dead link, request timeouts, reconnect, outbox retry).
@@ -405,6 +409,7 @@ class Session {
   // time earlier frames took to arrive that way: a 2 MiB Sync page takes a minute on a slow
   // link, and that is not the server being late.
   bool receiving_ = false;
+  bool input_pending_ = false;  // SetInputPending
   int64_t receiving_since_ = 0;
   int64_t excused_ms_ = 0;
   // Requests given up (rid -> the channel of a Subscribe, else 0; at most kMaxExpiredRids): a

@@ -425,6 +425,42 @@ TEST_CASE("session: a request lost behind a stream of slow frames is given up at
   CHECK(h.listener.SentSeqs(5).size() == seq);
 }
 
+// The runtime reads a bounded number of rounds per turn: stopped there, the answers may still be
+// in the socket (also when the last round ended on a frame boundary, so no frame is arriving).
+TEST_CASE("session: no request is given up while the runtime has input left to read") {
+  Harness h;
+  h.ConnectLive();
+  std::vector<Status> receipts;
+  h.session->GetReceipts(
+      5, [&](Result<std::vector<MemberWatermarks>> r) { receipts.push_back(r.status()); });
+  auto asked = OfCase(h.io.Take(), v1::Envelope::kGetReceipts);
+  REQUIRE(asked.size() == 1);
+  Pass(h, kTimeoutMs - 1);
+  h.session->SetInputPending(true);
+  Pass(h, 1);
+  CHECK(receipts.empty());
+  CHECK(h.session->NextDeadlineMs() > h.Now());
+  // The next turn reads the answer.
+  v1::Envelope page;
+  page.set_rid(asked[0].rid());
+  page.mutable_receipts_page()->set_conversation_id(5);
+  h.session->OnEnvelope(page);
+  h.session->SetInputPending(false);
+  h.session->Tick();
+  REQUIRE(receipts.size() == 1);
+  CHECK(receipts[0].ok());
+
+  // Input left for good is bounded like a frame that never ends.
+  h.session->GetReceipts(
+      5, [&](Result<std::vector<MemberWatermarks>> r) { receipts.push_back(r.status()); });
+  h.session->SetInputPending(true);
+  Pass(h, 8 * kTimeoutMs - 1);
+  CHECK(receipts.size() == 1);
+  Pass(h, 1);
+  REQUIRE(receipts.size() == 2);
+  CHECK(receipts[1].code() == Code::kDeadlineExceeded);
+}
+
 // A server that serves this connection but not its Sync (slow, or it lost it) is asked again
 // on the same connection, with twice the time; one that serves nothing is left, and the next
 // connection's Sync gets more time too. An answered Sync restores request_timeout_ms.
