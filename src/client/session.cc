@@ -295,7 +295,7 @@ void Session::OnReceiving() {
   if (phase_ != Phase::kHello && !Authenticated()) return;
   const int64_t now = Now();
   last_rx_ = now;
-  ++served_;
+  // Not served yet: the frame is counted by its type once complete (a Pong serves nothing).
   if (!receiving_) {
     receiving_ = true;
     receiving_since_ = now;

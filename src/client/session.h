@@ -401,8 +401,8 @@ class Session {
 
   std::map<uint64_t, PendingHistory> histories_;
 
-  // What the server served so far: answers (frames with a rid, but Pongs), Delivers, and pieces
-  // of frames still arriving. A Pong proves the link alive, not that the server serves requests
+  // What the server served so far: answers (frames with a rid, but Pongs) and Delivers, each
+  // counted once complete. A Pong proves the link alive, not that the server serves requests
   // (it may answer Pings while its store is stuck).
   uint64_t served_ = 0;
   // A frame is arriving in pieces since receiving_since_ (monotonic ms). excused_ms_ sums the

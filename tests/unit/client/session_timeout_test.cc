@@ -370,8 +370,8 @@ TEST_CASE("session: a frame that never ends holds requests and the link for a bo
   h.session->GetReceipts(
       5, [&](Result<std::vector<MemberWatermarks>> r) { receipts.push_back(r.status()); });
   h.io.Take();
+  const int64_t sent = h.Now();
   h.clock->Advance(1'000);
-  const int64_t sent = h.Now() - 1'000;
   while (h.Now() < sent + 8 * kTimeoutMs - 1) {
     h.session->OnReceiving();
     h.clock->Advance(std::min<int64_t>(20'000, sent + 8 * kTimeoutMs - 1 - h.Now()));
@@ -384,13 +384,22 @@ TEST_CASE("session: a frame that never ends holds requests and the link for a bo
   h.session->Tick();
   REQUIRE(receipts.size() == 1);
   CHECK(receipts[0].code() == Code::kDeadlineExceeded);
-  h.clock->Advance(999);
-  h.session->OnReceiving();
-  h.session->Tick();
-  CHECK(h.io.drops == 0);
-  h.clock->Advance(1);  // the frame began 1 s after the request
-  h.session->Tick();
+  CHECK(h.io.drops == 1);  // nothing was served since it was sent
+
+  // With no request waiting, the frame itself may take as long, and no longer.
+  h.io.Take();
+  h.ConnectLive();
+  const int64_t began = h.Now();
+  while (h.Now() < began + 8 * kTimeoutMs - 1) {
+    h.session->OnReceiving();
+    h.clock->Advance(std::min<int64_t>(20'000, began + 8 * kTimeoutMs - 1 - h.Now()));
+    h.session->Tick();
+  }
   CHECK(h.io.drops == 1);
+  CHECK(h.session->NextDeadlineMs() == began + 8 * kTimeoutMs);
+  h.clock->Advance(1);
+  h.session->Tick();
+  CHECK(h.io.drops == 2);
   CHECK(h.state() == ConnectionState::kDisconnected);
 }
 
@@ -423,6 +432,27 @@ TEST_CASE("session: a request lost behind a stream of slow frames is given up at
   CHECK(h.io.drops == 0);
   CHECK(h.state() == ConnectionState::kConnected);
   CHECK(h.listener.SentSeqs(5).size() == seq);
+}
+
+// Pieces of a frame serve nothing by themselves: the frame counts by its type once whole, and a
+// Pong proves only the link alive.
+TEST_CASE("session: a frame that arrived in pieces counts as served only by its type") {
+  Harness h;
+  h.ConnectLive();
+  std::vector<Status> receipts;
+  h.session->GetReceipts(
+      5, [&](Result<std::vector<MemberWatermarks>> r) { receipts.push_back(r.status()); });
+  h.io.Take();
+  h.clock->Advance(1'000);
+  h.session->OnReceiving();
+  h.clock->Advance(1'000);
+  h.session->OnReceiving();
+  Pong(h);  // the frame was a Pong
+  Pass(h, kTimeoutMs);
+  REQUIRE(receipts.size() == 1);
+  CHECK(receipts[0].code() == Code::kDeadlineExceeded);
+  CHECK(h.io.drops == 1);
+  CHECK(h.state() == ConnectionState::kDisconnected);
 }
 
 // The runtime reads a bounded number of rounds per turn: stopped there, the answers may still be
