@@ -135,7 +135,7 @@ class CHAT_EXPORT ClientListener {
 struct ReconnectPolicy {
   int64_t base_ms = 500;            // ms; ceiling of the first reconnect delay. Default 500.
   int64_t cap_ms = 30'000;          // ms; ceiling of every reconnect delay. Default 30 s.
-  int64_t reset_after_ms = 60'000;  // ms connected after which the delays start over. Default 60 s.
+  int64_t reset_after_ms = 60'000;  // ms live (first Sync done) to reset the delays. Default 60 s.
 };
 
 struct ClientOptions {

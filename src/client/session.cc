@@ -62,6 +62,7 @@ ConnectionState Session::state() const {
 }
 
 void Session::SetPhase(Phase phase) {
+  if (phase == Phase::kLive && phase_ != Phase::kLive) live_at_ = Now();
   phase_ = phase;
   ConnectionState now = state();
   if (now != reported_) {
@@ -110,9 +111,10 @@ void Session::Disconnect(std::string_view why) {
 
 void Session::ConnectionDown() {
   const int64_t now = Now();
-  // Only a connection that got through its catch-up counts as a good one: one that keeps timing
-  // out its first Sync (an overloaded server after a restart) backs off further every time.
-  if (phase_ == Phase::kLive && now - connected_at_ >= options_.backoff.reset_after_ms) {
+  // Only a connection that got through its catch-up, and lasted reset_after_ms from then, counts
+  // as a good one: one that keeps timing out its first Sync (an overloaded server after a
+  // restart), or answers it just in time and fails soon after, backs off further every time.
+  if (phase_ == Phase::kLive && now - live_at_ >= options_.backoff.reset_after_ms) {
     attempt_ = 0;
   }
   // Requests of the lost connection get no reply: their callbacks learn it now.
@@ -435,7 +437,6 @@ void Session::HandleWelcome(const v1::Envelope& envelope) {
                       ? std::min<uint32_t>(options_.heartbeat_interval_ms, server_ms)
                       : server_ms;
   const int64_t now = Now();
-  connected_at_ = now;
   last_rx_ = now;
   // The token worked: when it expires later, that is a first expiry again, refreshed at once.
   refreshed_last_ = false;

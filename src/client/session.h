@@ -368,7 +368,7 @@ class Session {
 
   int64_t reconnect_at_ = 0;
   int64_t connect_deadline_ = 0;
-  int64_t connected_at_ = 0;  // Welcome time of the current connection
+  int64_t live_at_ = 0;  // when the current connection went live (its first Sync answered)
   int64_t last_rx_ = 0;
   int64_t next_ping_ = 0;
   uint32_t attempt_ = 0;

@@ -644,6 +644,32 @@ TEST_CASE(
   CHECK(h.session->attempt() == 1);
 }
 
+// reset_after_ms counts from going live: a connection whose first Sync took most of it, and that
+// failed soon after, is no good one.
+TEST_CASE("session: the backoff resets only after reset_after_ms live") {
+  SessionOptions options;
+  options.backoff.reset_after_ms = 20'000;
+  Harness h(options);
+  h.Welcome();
+  Pass(h, kTimeoutMs);  // the first Sync is given up: attempt 1
+  REQUIRE(h.io.drops == 1);
+  REQUIRE(h.session->attempt() == 1);
+  h.io.Take();
+  v1::Envelope sync = h.Welcome();
+  Pass(h, 25'000);
+  h.Reply(sync, {});
+  REQUIRE(h.state() == ConnectionState::kConnected);
+  Pass(h, 5'000);
+  h.session->OnClosed(1006, "abnormal");
+  CHECK(h.session->attempt() == 2);
+
+  h.io.Take();
+  h.ConnectLive();
+  Pass(h, 20'000);
+  h.session->OnClosed(1006, "abnormal");
+  CHECK(h.session->attempt() == 1);
+}
+
 TEST_CASE("session: past kMaxPendingRequests unanswered requests, calls get ResourceExhausted") {
   Harness h;
   h.ConnectLive();
