@@ -1416,7 +1416,8 @@ void Session::SendPresenceRequest(PresenceRequest request) {
 
 void Session::UnsubscribePresence(std::vector<UserId> users, StatusCallback callback) {
   if (phase_ == Phase::kClosed) return;
-  if (RequestsFull()) {
+  // Until live (while syncing too) it only edits the watched set: no request, nothing to refuse.
+  if (phase_ == Phase::kLive && RequestsFull()) {
     callback(TooManyRequests());
     return;
   }
