@@ -1534,10 +1534,10 @@ void Session::PresenceRefused(PendingOp op, const Status& status) {
     for (const UserId& user : op.added) presence_.erase(user);
     PresenceRequest again;
     // Those watched before it were left out of this connection's re-subscription: without
-    // another request the server would watch none of them. Not after a timeout, though: like any
-    // request given up, it is not repeated on this connection (the server may have carried it
-    // out); they stay watched and go with the next connection.
-    if (op.resumed && status.code() != Code::kDeadlineExceeded) {
+    // another request the server would watch none of them. Also after a timeout: a
+    // PresenceSubscribe carried out twice does no harm, and the automatic one goes once (given
+    // up in turn, it is reported to OnError and they wait for the next connection).
+    if (op.resumed) {
       for (UserId& user : op.presence) {
         if (presence_.contains(user)) again.users.push_back(std::move(user));
       }

@@ -747,11 +747,12 @@ TEST_CASE(
 }
 
 // A SubscribePresence made offline goes with the reconnect, and the users it names that were
-// watched before are left out of the automatic re-subscription. Given up, it is not followed
-// by another request on the same connection (the server may have carried it out): those users
-// stay watched and go with the next connection.
+// watched before are left out of the automatic re-subscription. Given up, its users watched
+// before are subscribed once more on their own (PresenceSubscribe is idempotent), by an automatic
+// request; that one given up too is reported to OnError, and they go with the next connection.
 TEST_CASE(
-    "session: a SubscribePresence given up after a reconnect sends nothing more on that link") {
+    "session: a SubscribePresence given up after a reconnect re-subscribes the watched users "
+    "once") {
   Harness h;
   h.ConnectLive();
   std::vector<Status> first;
@@ -775,6 +776,18 @@ TEST_CASE(
   Pass(h, kTimeoutMs);
   REQUIRE(second.size() == 1);
   CHECK(second[0].code() == Code::kDeadlineExceeded);
+  sent = OfCase(h.io.Take(), v1::Envelope::kPresenceSubscribe);
+  REQUIRE(sent.size() == 1);
+  REQUIRE(sent[0].presence_subscribe().users_size() == 1);
+  CHECK(sent[0].presence_subscribe().users(0) == "carol");
+  CHECK(h.session->watched() == std::set<UserId>{"carol"});
+  CHECK(h.state() == ConnectionState::kConnected);
+  const size_t errors = h.listener.errors.size();
+  ServeOne(h);
+  Pass(h, kTimeoutMs);
+  REQUIRE(h.listener.errors.size() == errors + 1);
+  CHECK(h.listener.errors.back().code() == Code::kDeadlineExceeded);
+  CHECK(Mentions(h.listener.errors.back(), "presence of carol"));
   CHECK(OfCase(h.io.Take(), v1::Envelope::kPresenceSubscribe).empty());
   CHECK(h.session->watched() == std::set<UserId>{"carol"});
   CHECK(h.state() == ConnectionState::kConnected);
