@@ -1634,6 +1634,11 @@ Status Session::TooManyRequests() const {
                            std::to_string(kMaxPendingRequests) + ")");
 }
 
+void Session::GiveUp(uint64_t rid, ConversationId channel) {
+  if (expired_.size() >= kMaxExpiredRids) expired_.erase(expired_.begin());
+  expired_[rid] = channel;
+}
+
 bool Session::ExpireRequests(int64_t now) {
   // A frame arriving, or input not read yet, may be the answer of any of them: only their
   // ceilings apply meanwhile.
@@ -1661,14 +1666,12 @@ bool Session::ExpireRequests(int64_t now) {
   std::vector<ConversationId> channels;  // of the Subscribes given up
   for (const auto& [rid, op] : ops) {
     unserved |= op.deadline.served == served_;
-    if (expired_.size() >= kMaxExpiredRids) expired_.erase(expired_.begin());
-    expired_[rid] = op.channel;
+    GiveUp(rid, op.channel);
     if (op.catch_up) channels.push_back(op.channel);
   }
   for (const auto& [rid, pending] : histories) {
     unserved |= pending.deadline.served == served_;
-    if (expired_.size() >= kMaxExpiredRids) expired_.erase(expired_.begin());
-    expired_[rid] = 0;
+    GiveUp(rid, 0);
   }
   for (auto& [rid, pending] : histories) pending.callback(timeout);
   for (auto& [rid, op] : ops) {
@@ -1714,8 +1717,7 @@ bool Session::ExpireRequests(int64_t now) {
     Log(LogLevel::kInfo,
         "chat client: no answer to a Sync within " + std::to_string(waited) + " ms; asking again");
     // Its late answer is recognised: a SyncBatch is dropped, an Error only logged.
-    if (expired_.size() >= kMaxExpiredRids) expired_.erase(expired_.begin());
-    expired_[std::exchange(sync_rid_, 0)] = 0;
+    GiveUp(std::exchange(sync_rid_, 0), 0);
     SendSync();
     if (!Authenticated()) return false;
   }

@@ -297,6 +297,9 @@ class Session {
   // request. A Sync given up on a connection that is served goes again, with more time. False if
   // the connection was dropped.
   bool ExpireRequests(int64_t now);
+  // Remembers `rid` as given up (`channel`: a Subscribe's), so its late answer is recognised;
+  // past kMaxExpiredRids the oldest is forgotten.
+  void GiveUp(uint64_t rid, ConversationId channel);
   // Sends a Subscribe whose Ok is followed by a Sync, which fetches what the channel got before
   // the server pushed it to this connection; `automatic` when the session re-subscribes. False
   // if the connection was dropped.
