@@ -38,7 +38,7 @@ using server::ConversationHead;
 
 // The schema version this build writes. A file with a higher PRAGMA user_version was written
 // by a newer build and is refused rather than misread.
-constexpr int kSchemaVersion = 8;
+constexpr int kSchemaVersion = 9;
 
 // log0 and log1 of schema 5: the columns of messages, in arrival order (rowid), found by
 // conversation and seq through their index.
@@ -230,6 +230,17 @@ UPDATE members SET sent_seq = o.seq FROM
   WHERE o.conversation_id = members.conversation_id AND o.sender = members.user_id;
 DROP TABLE ordinals;
 )sql",
+    // 9: the sent_seq of a conversation's two latest distinct senders of user messages lives in
+    // the conversation's row, which every message writes anyway, so their next messages write
+    // no member row: a direct conversation's, never; a group's, only when a third sender takes
+    // a place (the one it takes over goes to its member row). Empty places: the member rows
+    // say it all, as migration 8 left them.
+    R"sql(
+ALTER TABLE conversations ADD COLUMN last_sender TEXT NOT NULL DEFAULT '';
+ALTER TABLE conversations ADD COLUMN last_sent_seq INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE conversations ADD COLUMN prev_sender TEXT NOT NULL DEFAULT '';
+ALTER TABLE conversations ADD COLUMN prev_sent_seq INTEGER NOT NULL DEFAULT 0;
+)sql",
 };
 
 #undef CHAT_LOG_TABLE
@@ -388,7 +399,8 @@ constexpr std::array<const char*, static_cast<size_t>(Sql::kCount)> kSql = {
     "FROM members m LEFT JOIN cursors k "
     "ON k.conversation_id = m.conversation_id AND k.user_id = m.user_id "
     "WHERE m.conversation_id = ?1 AND m.user_id = ?2 GROUP BY m.user_id",
-    "SELECT last_seq, user_messages FROM conversations WHERE conversation_id = ?1",
+    "SELECT last_seq, user_messages, last_sender, last_sent_seq, prev_sender, prev_sent_seq "
+    "FROM conversations WHERE conversation_id = ?1",
     "INSERT INTO messages(" CHAT_STORED_COLUMNS
     ") VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
     "INSERT INTO log0(" CHAT_STORED_COLUMNS
@@ -427,7 +439,8 @@ constexpr std::array<const char*, static_cast<size_t>(Sql::kCount)> kSql = {
     "DELETE FROM log0 WHERE conversation_id = ?1 AND seq <= ?2",
     "DELETE FROM log1 WHERE conversation_id = ?1 AND seq <= ?2",
     "UPDATE conversations SET last_seq = ?2, last_activity_ms = ?3, user_messages = ?4, "
-    "first_seq = CASE WHEN first_seq = 0 THEN ?2 ELSE first_seq END WHERE conversation_id = ?1",
+    "first_seq = CASE WHEN first_seq = 0 THEN ?2 ELSE first_seq END, last_sender = ?5, "
+    "last_sent_seq = ?6, prev_sender = ?7, prev_sent_seq = ?8 WHERE conversation_id = ?1",
     "UPDATE members SET sent_seq = ?3 WHERE conversation_id = ?1 AND user_id = ?2",
     "SELECT user_id FROM members WHERE conversation_id = ?1 AND removed_at_seq = 0 "
     "ORDER BY user_id",
@@ -436,7 +449,9 @@ constexpr std::array<const char*, static_cast<size_t>(Sql::kCount)> kSql = {
     "FROM members m JOIN conversations c ON c.conversation_id = m.conversation_id "
     "WHERE m.user_id = ?1 ORDER BY m.conversation_id",
     "SELECT c.kind, c.title, c.last_seq, c.first_seq, c.last_activity_ms, m.role, "
-    "m.joined_seq, m.removed_at_seq, c.retention_ms, c.member_count, m.sent_seq, "
+    "m.joined_seq, m.removed_at_seq, c.retention_ms, c.member_count, "
+    "CASE ?2 WHEN c.last_sender THEN c.last_sent_seq WHEN c.prev_sender THEN c.prev_sent_seq "
+    "ELSE m.sent_seq END, "
     "c.user_messages, c.gone_user_messages FROM members m "
     "JOIN conversations c ON c.conversation_id = m.conversation_id "
     "WHERE m.conversation_id = ?1 AND m.user_id = ?2",
@@ -788,18 +803,31 @@ Result<std::vector<UserId>> ReadMembers(Connection& conn, ConversationId convers
 // past kMaxConversations conversations or kMaxMemberIds cached member ids it starts over.
 class WriterCache {
  public:
-  // A conversation's last message: its seq and user_ordinal.
+  // A sender and the seq of its last user message.
+  struct Sent {
+    UserId user;  // empty: a free place
+    Seq seq = 0;
+  };
+  // A conversation's row as the writer keeps it up to date: its last message's seq and
+  // user_ordinal, and its two latest distinct senders of user messages, the latest first
+  // (schema 9).
   struct Tail {
     Seq last_seq = 0;  // 0: not known
     uint64_t user_messages = 0;
+    std::array<Sent, 2> senders;
   };
 
-  std::optional<Tail> FindTail(ConversationId conversation_id) const {
+  // The cached tail, or nullptr. Valid until the next call that changes the cache.
+  Tail* FindTail(ConversationId conversation_id) {
     auto it = conversations_.find(conversation_id);
-    if (it == conversations_.end() || it->second.tail.last_seq == 0) return std::nullopt;
-    return it->second.tail;
+    if (it == conversations_.end() || it->second.tail.last_seq == 0) return nullptr;
+    return &it->second.tail;
   }
-  void SetTail(ConversationId conversation_id, Tail tail) { Entry(conversation_id).tail = tail; }
+  Tail* PutTail(ConversationId conversation_id, Tail tail) {
+    Tail& kept = Entry(conversation_id).tail;
+    kept = std::move(tail);
+    return &kept;
+  }
 
   const server::Membership* FindMembership(ConversationId conversation_id,
                                            const UserId& user) const {
@@ -1263,9 +1291,9 @@ class SqliteTarget final : public server::AppendTarget {
   }
 
   Result<Seq> LastSeq(ConversationId conversation_id) override {
-    Result<WriterCache::Tail> tail = FindTail(conversation_id);
+    Result<WriterCache::Tail*> tail = FindTail(conversation_id);
     if (!tail.ok()) return tail.status();
-    return tail->last_seq;
+    return (*tail)->last_seq;
   }
 
   Status Insert(const Message& m) override {
@@ -1280,10 +1308,11 @@ class SqliteTarget final : public server::AppendTarget {
         return s;
       }
     }
-    Result<WriterCache::Tail> tail = FindTail(m.conversation_id);
-    if (!tail.ok()) return tail.status();
+    Result<WriterCache::Tail*> found = FindTail(m.conversation_id);
+    if (!found.ok()) return found.status();
+    WriterCache::Tail& tail = **found;
     const bool user_message = m.kind == MessageKind::kUser;
-    const uint64_t user_ordinal = tail->user_messages + (user_message ? 1 : 0);
+    const uint64_t user_ordinal = tail.user_messages + (user_message ? 1 : 0);
     const std::string attachments = EncodeAttachments(m.attachments);
     const std::string system = EncodeSystem(m);
     // Attachments count with the body (their strings may take most of max_body_bytes).
@@ -1311,17 +1340,25 @@ class SqliteTarget final : public server::AppendTarget {
       ++logged_rows_;
       logged_bytes_ += LogRowBytes(m, row_bytes);
     }
-    {
-      Query q(conn_, Sql::kAdvanceConversation);
-      q.U64(m.conversation_id).U64(m.seq).Int(m.server_time_ms).U64(user_ordinal);
-      if (Status s = q.Run(); !s.ok()) return s;
-    }
-    cache_.SetTail(m.conversation_id, {m.seq, user_ordinal});
-    if (!user_message) return Status::Ok();
     // The sender has seen what came before its own message: unread counts start above it.
-    Query q(conn_, Sql::kMarkSent);
-    q.U64(m.conversation_id).Text(m.sender).U64(m.seq);
-    return q.Run();
+    if (user_message) {
+      if (Status s = NoteSender(m, &tail.senders); !s.ok()) return s;
+    }
+    Query q(conn_, Sql::kAdvanceConversation);
+    q.U64(m.conversation_id)
+        .U64(m.seq)
+        .Int(m.server_time_ms)
+        .U64(user_ordinal)
+        .Text(tail.senders[0].user)
+        .U64(tail.senders[0].seq)
+        .Text(tail.senders[1].user)
+        .U64(tail.senders[1].seq);
+    if (Status s = q.Run(); !s.ok()) return s;
+    // In place: the cache is the row's copy (a failed statement rolls the batch back and clears
+    // the cache).
+    tail.last_seq = m.seq;
+    tail.user_messages = user_ordinal;
+    return Status::Ok();
   }
 
   Result<std::vector<UserId>> Members(ConversationId conversation_id) override {
@@ -1363,8 +1400,8 @@ class SqliteTarget final : public server::AppendTarget {
   }
 
  private:
-  Result<WriterCache::Tail> FindTail(ConversationId conversation_id) {
-    if (std::optional<WriterCache::Tail> known = cache_.FindTail(conversation_id)) return *known;
+  Result<WriterCache::Tail*> FindTail(ConversationId conversation_id) {
+    if (WriterCache::Tail* known = cache_.FindTail(conversation_id)) return known;
     Query q(conn_, Sql::kLastSeq);
     q.U64(conversation_id);
     Result<bool> row = q.Step();
@@ -1372,7 +1409,32 @@ class SqliteTarget final : public server::AppendTarget {
     if (!*row) {
       return Internal("conversation " + std::to_string(conversation_id) + " has no row");
     }
-    return WriterCache::Tail{q.ColumnU64(0), q.ColumnU64(1)};
+    return cache_.PutTail(conversation_id, {q.ColumnU64(0),
+                                            q.ColumnU64(1),
+                                            {WriterCache::Sent{q.ColumnBytes(2), q.ColumnU64(3)},
+                                             WriterCache::Sent{q.ColumnBytes(4), q.ColumnU64(5)}}});
+  }
+
+  // Message m's sender takes the first place of the conversation's two latest senders (its
+  // sent_seq is m's seq); a sender pushed out of both places has its sent_seq written to its
+  // member row, which is where Describe reads it for anyone not in them.
+  Status NoteSender(const Message& m, std::array<WriterCache::Sent, 2>* senders) {
+    auto& [latest, earlier] = *senders;
+    if (latest.user != m.sender) {
+      if (earlier.user == m.sender) {
+        std::swap(latest, earlier);  // a reply in a two-sided exchange: no string copied
+      } else {
+        if (!earlier.user.empty()) {
+          Query q(conn_, Sql::kMarkSent);
+          q.U64(m.conversation_id).Text(earlier.user).U64(earlier.seq);
+          if (Status s = q.Run(); !s.ok()) return s;
+        }
+        earlier = std::move(latest);
+        latest.user = m.sender;
+      }
+    }
+    latest.seq = m.seq;
+    return Status::Ok();
   }
 
   Connection& conn_;

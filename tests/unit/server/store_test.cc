@@ -667,11 +667,18 @@ std::vector<std::string> RawRow(const std::string& path, const std::string& sql)
 // Turns a file of this build into what version 4 left behind: every message in `messages`, the
 // idempotency index on it, no logs and no keys table.
 // Undoes migration 8 (the user message counts).
-#define CHAT_BACK_TO_VERSION_7                                                                    \
-  "ALTER TABLE messages DROP COLUMN user_ordinal; ALTER TABLE log0 DROP COLUMN user_ordinal; "    \
-  "ALTER TABLE log1 DROP COLUMN user_ordinal; ALTER TABLE conversations DROP COLUMN "             \
-  "user_messages; ALTER TABLE conversations DROP COLUMN gone_user_messages; ALTER TABLE members " \
-  "DROP COLUMN sent_seq; "
+// Undoes migration 9 (the two latest senders in the conversation's row).
+#define CHAT_BACK_TO_VERSION_8                                                                \
+  "ALTER TABLE conversations DROP COLUMN last_sender; ALTER TABLE conversations DROP COLUMN " \
+  "last_sent_seq; ALTER TABLE conversations DROP COLUMN prev_sender; ALTER TABLE "            \
+  "conversations DROP COLUMN prev_sent_seq; "
+#define CHAT_BACK_TO_VERSION_7                                                                     \
+  CHAT_BACK_TO_VERSION_8                                                                           \
+      "ALTER TABLE messages DROP COLUMN user_ordinal; ALTER TABLE log0 DROP COLUMN user_ordinal; " \
+      "ALTER TABLE log1 DROP COLUMN user_ordinal; ALTER TABLE conversations DROP COLUMN "          \
+      "user_messages; ALTER TABLE conversations DROP COLUMN gone_user_messages; ALTER TABLE "      \
+      "members "                                                                                   \
+      "DROP COLUMN sent_seq; "
 constexpr const char* kBackToVersion7 = CHAT_BACK_TO_VERSION_7 "PRAGMA user_version = 7;";
 
 constexpr const char* kBackToVersion4 = CHAT_BACK_TO_VERSION_7
@@ -1346,6 +1353,56 @@ void UnreadCountsStartAboveTheUsersOwnMessage(Kind kind) {
 STORE_CASE(UnreadCountsStartAboveTheUsersOwnMessage,
            "unread counts start above the user's own last message and skip deleted ones")
 
+// Group `id`'s user messages as sent (seq, sender), and what each member's unread count must
+// be from them alone: others' messages above the member's own last one.
+struct SentLog {
+  std::vector<std::pair<Seq, UserId>> sent;
+
+  // Sends one message from each sender named by a letter of `order` ('a' = users[0]...).
+  void Send(MessageStore& store, ConversationId id, const std::vector<UserId>& users,
+            const std::string& order) {
+    for (char c : order) {
+      const UserId& sender = users.at(static_cast<size_t>(c - 'a'));
+      AppendResult r =
+          CommitOne(store, ToConversation(id, sender, "k" + std::to_string(sent.size()), "m"));
+      REQUIRE(r.status.ok());
+      sent.emplace_back(r.message.seq, sender);
+      Check(store, id, users);
+    }
+  }
+
+  void Check(MessageStore& store, ConversationId id, const std::vector<UserId>& users) const {
+    for (const UserId& user : users) {
+      Seq own = 0;
+      for (const auto& [seq, sender] : sent) {
+        if (sender == user) own = seq;
+      }
+      uint64_t expected = 0;
+      for (const auto& [seq, sender] : sent) {
+        if (sender != user && seq > own) ++expected;
+      }
+      CHECK_MESSAGE(UnreadOf(store, user, id) == expected,
+                    user << " after " << sent.size() << " messages");
+    }
+  }
+};
+
+// Two members taking turns, a third joining in, one coming back after others have spoken, and
+// one speaking again and again: every way a sender enters, keeps or leaves the places SQLite
+// keeps for the two latest senders (schema 9).
+constexpr const char* kSenderTurns = "abababcacbdbbdadcccbadda";
+
+void UnreadCountsFollowEverySendersLastMessage(Kind kind) {
+  Env env(kind);
+  MessageStore& store = *env.store;
+  const std::vector<UserId> users = {"alice", "bob", "carol", "dave"};
+  const ConversationId id = CreateGroupOk(store, "alice", {"bob", "carol", "dave"});
+  SentLog log;
+  log.Send(store, id, users, kSenderTurns);
+}
+STORE_CASE(UnreadCountsFollowEverySendersLastMessage,
+           "unread counts follow every sender's own last message, however they take turns")
+
 void ChannelsNeverListTheirMembers(Kind kind) {
   Env env(kind);
   MessageStore& store = *env.store;
@@ -1493,8 +1550,8 @@ TEST_CASE("store: sqlite: a schema newer than this build is DataLoss and left un
   RawExec(path, "PRAGMA user_version = 99");
   Result<std::shared_ptr<MessageStore>> newer = OpenAt(path);
   CHECK(newer.status().code() == Code::kDataLoss);
-  CHECK(newer.status().message() == "schema version 99 is newer than this build supports (8)");
-  RawExec(path, "PRAGMA user_version = 8");
+  CHECK(newer.status().message() == "schema version 99 is newer than this build supports (9)");
+  RawExec(path, "PRAGMA user_version = 9");
   Result<std::shared_ptr<MessageStore>> again = OpenAt(path);
   REQUIRE(again.ok());
   CHECK((*again)->Members(1).ok());
@@ -1622,7 +1679,7 @@ TEST_CASE("store: sqlite: a version 6 file counts each conversation's current me
   REQUIRE(CommitOne(**migrated, Change(ConversationOp::kAddMembers, group, "alice", {"dave"}))
               .status.ok());
   CHECK(InfoOf(**migrated, "alice", group)->member_count == 4);
-  CHECK(RawRow(path, "PRAGMA user_version").at(0) == "8");
+  CHECK(RawRow(path, "PRAGMA user_version").at(0) == "9");
 }
 
 TEST_CASE("store: sqlite: a version 7 file counts its user messages and who sent last") {
@@ -1660,7 +1717,7 @@ TEST_CASE("store: sqlite: a version 7 file counts its user messages and who sent
   REQUIRE(migrated.ok());
   // The rewritten rows are in the database file, not left in the WAL for the first commits.
   CHECK(std::filesystem::file_size(path + "-wal") == 0);
-  CHECK(RawRow(path, "PRAGMA user_version").at(0) == "8");
+  CHECK(RawRow(path, "PRAGMA user_version").at(0) == "9");
   CHECK(UnreadOf(**migrated, "bob", group) == 2);
   CHECK(UnreadOf(**migrated, "carol", group) == 5);
   CHECK(UnreadOf(**migrated, "alice", group) == 0);
@@ -1670,6 +1727,51 @@ TEST_CASE("store: sqlite: a version 7 file counts its user messages and who sent
   CHECK(UnreadOf(**migrated, "carol", group) == 6);
   REQUIRE(CommitOne(**migrated, ReceiptOf(group, "carol", "carol-phone", 6, 6)).status.ok());
   CHECK(UnreadOf(**migrated, "carol", group) == 2);
+}
+
+// The two latest senders are kept in the conversation's row, not only in the writer's memory:
+// a store opened again goes on from what the file says.
+TEST_CASE("store: sqlite: unread counts follow every sender's last message across a reopen") {
+  TempDir dir;
+  const std::string path = dir.File("chat.db");
+  const std::vector<UserId> users = {"alice", "bob", "carol", "dave"};
+  ConversationId id = 0;
+  SentLog log;
+  const std::string turns = kSenderTurns;
+  for (size_t from = 0; from < turns.size(); from += 5) {
+    Result<std::shared_ptr<MessageStore>> store = OpenAt(path);
+    REQUIRE(store.ok());
+    if (id == 0) id = CreateGroupOk(**store, "alice", {"bob", "carol", "dave"});
+    log.Check(**store, id, users);
+    log.Send(**store, id, users, turns.substr(from, 5));
+  }
+}
+
+TEST_CASE("store: sqlite: a version 8 file keeps its senders' unread counts") {
+  TempDir dir;
+  const std::string path = dir.File("chat.db");
+  const std::vector<UserId> users = {"alice", "bob", "carol", "dave"};
+  ConversationId id = 0;
+  SentLog log;
+  {
+    Result<std::shared_ptr<MessageStore>> store = OpenAt(path);
+    REQUIRE(store.ok());
+    id = CreateGroupOk(**store, "alice", {"bob", "carol", "dave"});
+    log.Send(**store, id, users, "abcab");
+  }
+  // What schema 8 kept: every sender's sent_seq in its member row.
+  RawExec(path, CHAT_BACK_TO_VERSION_8
+          "UPDATE members SET sent_seq = (SELECT MAX(seq) FROM "
+          "(SELECT conversation_id, seq, sender, kind FROM messages UNION ALL SELECT "
+          "conversation_id, seq, sender, kind FROM log0 UNION ALL SELECT conversation_id, "
+          "seq, sender, kind FROM log1) m WHERE m.conversation_id = members.conversation_id "
+          "AND m.sender = members.user_id AND m.kind = 1) WHERE user_id IN ('alice', "
+          "'bob', 'carol'); PRAGMA user_version = 8;");
+  Result<std::shared_ptr<MessageStore>> migrated = OpenAt(path);
+  REQUIRE(migrated.ok());
+  CHECK(RawRow(path, "PRAGMA user_version").at(0) == "9");
+  log.Check(**migrated, id, users);
+  log.Send(**migrated, id, users, "dcbaddcab");
 }
 
 // A key lookup that finds the file damaged is answered to its own request (as DATA_LOSS) like a
