@@ -48,7 +48,6 @@
 #include "chat/store.h"
 #include "examples/cli_args.h"
 #include "src/core/slot_pool.h"
-#include "src/core/utf8.h"
 
 #ifdef CHAT_WITH_JEMALLOC
 // Read by jemalloc when it starts. Its background thread hands pages freed after a burst (the
@@ -625,11 +624,6 @@ int Serve(ServeFlags& flags) {
 }
 
 int Token(const std::string& user, const std::string& ttl, const SecretFlags& secret_flags) {
-  // What chatd accepts at Hello: a token for any other user id would be refused there.
-  if (user.empty() || user.size() > 128 || !chat::IsValidUtf8(user)) {
-    std::cerr << "chatd: --user must be 1 to 128 bytes of UTF-8\n";
-    return kExitUsage;
-  }
   chat::Result<std::string> secret = LoadSecret(secret_flags);
   if (!secret.ok()) {
     std::cerr << "chatd: " << secret.status().message() << "\n";
@@ -642,8 +636,15 @@ int Token(const std::string& user, const std::string& ttl, const SecretFlags& se
   }
   chat::Result<std::string> token = chat::SignJwt(*secret, "", user, NowMs(), *ttl_ms);
   if (!token.ok()) {
-    std::cerr << "chatd: " << token.status().ToString() << "\n";
-    return kExitFailure;
+    // SignJwt refuses a user id chatd would refuse at Hello (the secret and the TTL were
+    // checked above): a usage error, as they are.
+    const bool usage = token.status().code() == chat::Code::kInvalidArgument;
+    if (usage && token.status().message().starts_with("user_id:")) {
+      std::cerr << "chatd: --user must be 1 to " << chat::kMaxUserIdBytes << " bytes of UTF-8\n";
+    } else {
+      std::cerr << "chatd: " << token.status().ToString() << "\n";
+    }
+    return usage ? kExitUsage : kExitFailure;
   }
   std::cout << *token << std::endl;
   return kExitOk;

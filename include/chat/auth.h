@@ -48,7 +48,10 @@ struct JwtOptions {
 CHAT_EXPORT Result<std::shared_ptr<Authenticator>> NewJwtAuthenticator(JwtOptions options);
 
 // Mints an HS256 token for `user_id` valid for `ttl_ms` from `now_ms` (development and tests;
-// production tokens come from the application's own auth service).
+// production tokens come from the application's own auth service). Returns InvalidArgument,
+// naming the argument, if `secret` is shorter than 32 bytes, `user_id` is not 1 to
+// kMaxUserIdBytes bytes of UTF-8 (the server would refuse the token at Hello), `kid` is not
+// UTF-8, or the expiry is out of range.
 CHAT_EXPORT Result<std::string> SignJwt(std::string_view secret, std::string_view kid,
                                         std::string_view user_id, int64_t now_ms, int64_t ttl_ms);
 

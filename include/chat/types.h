@@ -10,6 +10,7 @@
 #ifndef CHAT_TYPES_H_
 #define CHAT_TYPES_H_
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -21,6 +22,10 @@ using MessageId = uint64_t;
 using Seq = uint64_t;
 using UserId = std::string;
 using DeviceId = std::string;
+
+// The longest user id, in bytes, the server accepts at Hello (a user id is 1 to this many bytes
+// of UTF-8); SignJwt mints tokens only for such ids.
+inline constexpr size_t kMaxUserIdBytes = 128;
 
 enum class ConversationKind : int { kUnspecified = 0, kDirect = 1, kGroup = 2, kChannel = 3 };
 enum class Role : int { kUnspecified = 0, kMember = 1, kAdmin = 2 };

@@ -523,7 +523,11 @@ Result<std::string> SignJwt(std::string_view secret, std::string_view kid, std::
   if (secret.size() < kMinSecretBytes) {
     return InvalidArgument("secret: shorter than " + std::to_string(kMinSecretBytes) + " bytes");
   }
+  // The ids the server accepts at Hello: a token for any other would be refused there.
   if (user_id.empty()) return InvalidArgument("user_id: must not be empty");
+  if (user_id.size() > kMaxUserIdBytes) {
+    return InvalidArgument("user_id: longer than " + std::to_string(kMaxUserIdBytes) + " bytes");
+  }
   if (!IsValidUtf8(user_id)) return InvalidArgument("user_id: invalid UTF-8");
   if (!IsValidUtf8(kid)) return InvalidArgument("kid: invalid UTF-8");
   const int64_t max_ms = static_cast<int64_t>(kMaxNumericDate) * 1000;

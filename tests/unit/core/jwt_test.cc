@@ -240,7 +240,7 @@ TEST_CASE("jwt: oversized tokens are refused before decoding") {
   Result<std::shared_ptr<Authenticator>> authenticator =
       NewJwtAuthenticator(JwtOptions{.secrets = {{"", kSecret}}, .max_token_bytes = 200});
   REQUIRE(authenticator.ok());
-  Result<std::string> token = SignJwt(kSecret, "", std::string(300, 'u'), kNow, 60'000);
+  Result<std::string> token = SignJwt(kSecret, "", std::string(kMaxUserIdBytes, 'u'), kNow, 60'000);
   REQUIRE(token.ok());
   CheckRefused((*authenticator)->Verify(*token, kNow), "token too large");
   // Garbage of that size is refused for its size, not its content.
@@ -301,6 +301,33 @@ TEST_CASE("jwt: SignJwt refuses what it cannot sign") {
       SignJwt(kSecret, "", "alice", kNow, std::numeric_limits<int64_t>::max());
   REQUIRE_FALSE(overflow.ok());
   CHECK(overflow.status().message() == "now_ms, ttl_ms: expiry out of range");
+}
+
+// A token only for a user id the server accepts at Hello: 1 to kMaxUserIdBytes bytes of UTF-8.
+TEST_CASE("jwt: SignJwt refuses a user id the server would refuse, and signs the longest") {
+  auto authenticator = MakeAuthenticator();
+  const std::string longest(kMaxUserIdBytes, 'u');
+  Result<std::string> token = SignJwt(kSecret, "", longest, kNow, 60'000);
+  REQUIRE_MESSAGE(token.ok(), token.status().ToString());
+  Result<Identity> identity = authenticator->Verify(*token, kNow);
+  REQUIRE(identity.ok());
+  CHECK(identity->user_id == longest);
+
+  Result<std::string> too_long = SignJwt(kSecret, "", longest + "u", kNow, 60'000);
+  REQUIRE_FALSE(too_long.ok());
+  CHECK(too_long.status().code() == Code::kInvalidArgument);
+  CHECK(too_long.status().message() == "user_id: longer than 128 bytes");
+  // Not UTF-8: a lone continuation byte, an overlong '/', a surrogate.
+  for (const char* bad : {"alice\x80", "\xc0\xaf", "\xed\xa0\x80"}) {
+    CAPTURE(bad);
+    Result<std::string> refused = SignJwt(kSecret, "", bad, kNow, 60'000);
+    REQUIRE_FALSE(refused.ok());
+    CHECK(refused.status().code() == Code::kInvalidArgument);
+    CHECK(refused.status().message() == "user_id: invalid UTF-8");
+  }
+  Result<std::string> empty = SignJwt(kSecret, "", "", kNow, 60'000);
+  REQUIRE_FALSE(empty.ok());
+  CHECK(empty.status().code() == Code::kInvalidArgument);
 }
 
 TEST_CASE("jwt: a huge leeway does not overflow") {
