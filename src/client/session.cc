@@ -137,6 +137,7 @@ void Session::ConnectionDown() {
   sync_again_ = false;
   hello_rid_ = 0;
   EndReceiving();
+  input_pending_ = false;  // input of the lost connection; the runtime tells anew each turn
 
   int64_t delay = 0;
   if (token_expired_ && !refreshed_last_) {
