@@ -1475,6 +1475,99 @@ TEST_CASE("session: a receipt answered below the marks it carried is not owed an
   CHECK(restarted.receipts.empty());
 }
 
+// Group 5 as a Sync lists it when the server holds this device's watermarks at `delivered` and
+// `read` (below the 3 the device marked: it capped them).
+v1::ConversationState CappedGroupState(Seq last_seq, Seq delivered, Seq read) {
+  v1::ConversationState state = GroupState(5, last_seq, 1);
+  state.set_delivered_seq(delivered);
+  state.set_read_seq(read);
+  return state;
+}
+
+// Answers `receipt` as the server does when it capped the watermarks at `delivered` and `read`.
+void AnswerCapped(Harness& h, const v1::Envelope& receipt, Seq delivered, Seq read) {
+  v1::Envelope capped = ReceiptUpdateFor(5, "alice", delivered, read);
+  capped.set_rid(receipt.rid());
+  h.session->OnEnvelope(capped);
+}
+
+// Reconnects with a Sync that lists `state`; returns the Receipts sent once live.
+std::vector<v1::Envelope> ResyncWith(Harness& h, const v1::ConversationState& state) {
+  h.session->OnClosed(1006, "abnormal");
+  v1::SyncBatch batch;
+  *batch.add_conversations() = state;
+  h.Reply(h.Welcome(), batch);
+  REQUIRE(h.state() == ConnectionState::kConnected);
+  h.clock->Advance(kReceiptIntervalMs);
+  h.session->Tick();
+  return OfCase(h.io.Take(), v1::Envelope::kReceipt);
+}
+
+// After the server answered the watermarks lower, every Sync that lists the conversation shows
+// them as it answered: the watermarks are kept and owe no Receipt, Sync after Sync. Still owed:
+// watermarks moved since (the server has not seen them), and any the server then shows lower
+// than it answered (its store went back).
+TEST_CASE("session: a sync showing the watermarks as the server capped them owes no receipt") {
+  Harness h;
+  ConnectWithGroup(h);
+  h.session->MarkRead(5, 3);
+  h.session->Tick();
+  auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  REQUIRE(receipts.size() == 1);
+  AnswerCapped(h, receipts[0], 2, 2);
+  for (int sync = 0; sync < 3; ++sync) {
+    CAPTURE(sync);
+    CHECK(ResyncWith(h, CappedGroupState(3, 2, 2)).empty());
+    CHECK(h.cache->GetConversation(5)->info.delivered_seq == 3);
+    CHECK(h.cache->GetConversation(5)->info.read_seq == 3);
+    CHECK_FALSE(h.cache->GetConversation(5)->receipt_due);
+  }
+
+  // Read further; the connection drops before the Receipt goes out.
+  h.Deliver(Msg(5, 4));
+  h.session->MarkRead(5, 4);
+  receipts = ResyncWith(h, CappedGroupState(4, 2, 2));
+  REQUIRE(receipts.size() == 1);
+  CHECK(receipts[0].receipt().delivered_seq() == 4);
+  CHECK(receipts[0].receipt().read_seq() == 4);
+  AnswerCapped(h, receipts[0], 2, 2);
+  CHECK(ResyncWith(h, CappedGroupState(4, 2, 2)).empty());
+
+  // The server shows less than it answered.
+  receipts = ResyncWith(h, CappedGroupState(4, 2, 1));
+  REQUIRE(receipts.size() == 1);
+  CHECK(receipts[0].receipt().read_seq() == 4);
+  CHECK(h.cache->GetConversation(5)->receipt_due);
+}
+
+// What the server capped the watermarks at is not kept across restarts: the first Sync after one
+// that shows them capped owes one Receipt, and its answer settles them for the Syncs after it.
+TEST_CASE("session: after a restart one receipt learns again where the server capped watermarks") {
+  testing::TempDir dir;
+  const std::string path = dir.File("cache.db");
+  {
+    std::shared_ptr<Cache> cache(Cache::Open(path).value());
+    Harness h({}, cache);
+    ConnectWithGroup(h);
+    h.session->MarkRead(5, 3);
+    h.session->Tick();
+    auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+    REQUIRE(receipts.size() == 1);
+    AnswerCapped(h, receipts[0], 2, 2);
+  }
+  std::shared_ptr<Cache> cache(Cache::Open(path).value());
+  Harness h({}, cache);
+  v1::SyncBatch batch;
+  *batch.add_conversations() = CappedGroupState(3, 2, 2);
+  h.Reply(h.Welcome(), batch);
+  h.session->Tick();
+  auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  REQUIRE(receipts.size() == 1);
+  AnswerCapped(h, receipts[0], 2, 2);
+  CHECK(ResyncWith(h, CappedGroupState(3, 2, 2)).empty());
+  CHECK(ResyncWith(h, CappedGroupState(3, 2, 2)).empty());
+}
+
 // Only the answer to a Receipt that carried the current marks settles them: a low answer to an
 // earlier one leaves the marks moved since owed, whether their Receipt is waiting or unanswered.
 TEST_CASE("session: a low answer to an earlier receipt leaves later watermarks owed") {
