@@ -420,6 +420,8 @@ struct Flags {
   std::string cache;
   bool json = false;
   int timeout_ms = 15'000;
+  // How long the SDK waits for the answer to one request before it gives up on it.
+  uint32_t request_timeout_ms = chat::ClientOptions{}.request_timeout_ms;
   std::string log_level = "error";
 };
 
@@ -455,6 +457,7 @@ std::unique_ptr<chat::Client> OpenClient(const Flags& flags, std::shared_ptr<Lis
   };
   options.device_id = flags.device;
   options.cache_path = flags.cache;
+  options.request_timeout_ms = flags.request_timeout_ms;
   listener->set_token_from_file(!flags.token_file.empty());
   options.listener = std::move(listener);
   auto client = chat::Client::Open(std::move(options));
@@ -1162,6 +1165,11 @@ int main(int argc, char** argv) {
   app.add_option("--timeout-ms", flags.timeout_ms, "How long commands wait for the server")
       ->capture_default_str()
       ->check(kNonNegative);
+  // The SDK refuses less than 100 ms (ClientOptions::request_timeout_ms).
+  app.add_option("--request-timeout-ms", flags.request_timeout_ms,
+                 "How long the SDK waits for the answer to a request before it gives up (exit 3)")
+      ->capture_default_str()
+      ->check(CLI::Range(uint32_t{100}, std::numeric_limits<uint32_t>::max()));
   // What goes wrong is told once, by chat-cli: the SDK's warnings repeat every OnError, and its
   // info lines narrate each connection.
   chat::examples::AddLogLevelOption(

@@ -147,6 +147,35 @@ TEST_CASE("chat-cli: retention sets a conversation's retention, refused for a no
   CHECK(bad.out.find("INVALID_ARGUMENT") != std::string::npos);
 }
 
+// The SDK gives up on a request the server does not answer within --request-timeout-ms: the
+// subcommand says so and exits 3, as when it waits longer than --timeout-ms itself.
+TEST_CASE("chat-cli: a request the SDK gives up on exits 3 with the reason") {
+  // Every commit waits a second for more to commit with (--commit-delay-min-batch 0: whatever
+  // the load), so the server answers group-create a second late.
+  ChatdProcess chatd(
+      ChatdOptions{.extra_flags = {"--commit-delay-ms", "1000", "--commit-delay-min-batch", "0"}});
+  REQUIRE(chatd.Start().ok());
+  TempDir dir;
+  CliRun run = RunChatCli(
+      chatd, dir, "alice",
+      {"--request-timeout-ms", "100", "--timeout-ms", "20000", "group-create", "--title", "team"});
+  CHECK_MESSAGE(run.code == 3, run.out);
+  CHECK(run.out.find("group-create: DEADLINE_EXCEEDED: no answer from the server within 100 ms") !=
+        std::string::npos);
+  CHECK(run.out.find("no answer in time") == std::string::npos);  // not chat-cli's own wait
+  CliRun json = RunChatCli(chatd, dir, "alice",
+                           {"--json", "--request-timeout-ms", "100", "--timeout-ms", "20000",
+                            "group-create", "--title", "team"});
+  CHECK_MESSAGE(json.code == 3, json.out);
+  CHECK(json.out.find("{\"type\":\"error\",\"error\":\"DEADLINE_EXCEEDED: no answer from the "
+                      "server within 100 ms\"}") != std::string::npos);
+
+  // Below the SDK's least: a usage error naming the flag, before any connection.
+  CliRun low = RunChatCli(chatd, dir, "alice", {"--request-timeout-ms", "99", "conversations"});
+  CHECK_MESSAGE(low.code == 2, low.out);
+  CHECK(low.out.find("--request-timeout-ms") != std::string::npos);
+}
+
 std::string CliPath() { return std::string(CHAT_BINARY_DIR) + "/examples/chat-cli"; }
 
 // Runs `script` with /bin/sh in `dir`; returns its exit code and output.
