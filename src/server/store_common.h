@@ -24,8 +24,8 @@
 
 namespace chat::server {
 
-// bytes; the longest user id and group title the stores accept (peers, members, presence).
-inline constexpr size_t kMaxUserIdBytes = 128;
+// bytes; the longest group title the stores accept. The longest user id (peers, members,
+// presence) is chat::kMaxUserIdBytes.
 inline constexpr size_t kMaxTitleBytes = 256;
 
 // A user's standing in a conversation.
