@@ -61,9 +61,14 @@ constexpr size_t kMaxReceiveBufferBytes = 64 * 1024;
 constexpr uint32_t kMaxCommitDelayMs = 1000;
 // A connection asked to close has this long to take its queued frames and the close frame.
 constexpr int kCloseFlushSeconds = 5;
-// A connection closed for an oversized message sends its close frame once the peer has sent
-// nothing for this long.
-constexpr lws_usec_t kDrainQuietUs = 20 * LWS_US_PER_MS;
+// After the server's close frame, the peer has this long to answer with its own (or end the
+// stream), and what it still sends meanwhile is read and dropped up to kDrainMaxBytes; then the
+// socket is closed anyway. The byte bound is above what Linux can hold in flight by default
+// (the peer's send buffer, up to 4 MiB, and ours for receiving, up to 6 MiB), so a peer that
+// reads while it writes has read the close frame before a reset could destroy it. See
+// docs/server.md, "How a connection is closed".
+constexpr int kDrainSeconds = 2;
+constexpr size_t kDrainMaxBytes = 16 * 1024 * 1024;
 // Shutdown: how long to wait for submitted appends to commit and be acked, then how long for
 // the clients to answer the close frames.
 constexpr auto kShutdownCommitWait = std::chrono::seconds(5);
@@ -76,14 +81,18 @@ constexpr uint32_t kRetryAfterJitterMs = 2000;
 constexpr size_t kKeepWriteCapacity = 1024 * 1024;
 // Queued reads past which a Sync or History is refused with UNAVAILABLE.
 constexpr size_t kReadQueueMax = 10'000;
+// lws_write's frame type for a close frame. lws 4.1 keeps LWS_WRITE_CLOSE (4) out of its public
+// enum, between LWS_WRITE_HTTP (3) and LWS_WRITE_PING (5), for its own close path; the server
+// writes its close frame itself (see ServerImpl::WriteCloseFrame).
+constexpr auto kWriteClose = static_cast<lws_write_protocol>(4);
 // A WebSocket close reason is at most 123 bytes.
 constexpr size_t kMaxCloseReasonBytes = 123;
 
 // Per-connection state, created at ESTABLISHED and erased at CLOSED; it lives in
 // ServerImpl::connections_ (whose nodes never move) and the wsi's opaque user pointer points at
 // it. Kept small: an idle server holds thousands.
-// What only some connections need (a message arriving in pieces, a close reason) is allocated
-// when needed.
+// What only some connections need (a message arriving in pieces, the state of a close) is
+// allocated when needed.
 struct Connection {
   SessionId id = 0;
   lws* wsi = nullptr;
@@ -103,16 +112,23 @@ struct Connection {
   bool closing : 1 = false;
   bool paused : 1 = false;         // reads paused while the writer queue is full
   bool flush_pending : 1 = false;  // listed in ServerImpl::to_flush_
-  // Closing for an oversized message: the close frame waits until the peer has stopped sending
-  // for kDrainQuietUs (rx_since_check says whether it sent anything since the last check).
-  bool draining : 1 = false;
-  bool rx_since_check : 1 = false;
+  // Closing: the close frame was written (the peer's input is being drained), and the write
+  // side was shut down after it.
+  bool close_sent : 1 = false;
+  bool write_shut : 1 = false;
   // Hello succeeded: messages up to max_message_bytes, not max_hello_bytes.
   bool welcomed : 1 = false;
 };
 
 // With the map's next pointer and key, 64 bytes make an 80-byte node (a jemalloc size class).
 static_assert(sizeof(Connection) <= 64, "Connection grew: check the per-connection memory budget");
+
+// A connection the server began closing: few at a time, so kept in ServerImpl::closing_ rather
+// than in every Connection.
+struct Closing {
+  std::string reason;        // of the close frame
+  size_t drained_bytes = 0;  // read and dropped since the close began
+};
 
 // The close reason fits in a close frame and does not end inside a UTF-8 sequence.
 std::string CloseReasonBytes(std::string_view reason) {
@@ -442,7 +458,7 @@ class ServerImpl final : public Server, private server::HubIo {
     // CLOSED callbacks run inside; they find the Hub still alive.
     if (context != nullptr) lws_context_destroy(context);
     connections_.clear();
-    close_reasons_.clear();
+    closing_.clear();
   }
 
   // Called from any thread. Coalesces: one lws_cancel_service per drain of the loop.
@@ -668,7 +684,7 @@ class ServerImpl final : public Server, private server::HubIo {
       to_forget_.push_back(conn.id);
     }
     conn.close_code = static_cast<uint16_t>(code);
-    close_reasons_[conn.id] = CloseReasonBytes(reason);
+    closing_[conn.id].reason = CloseReasonBytes(reason);
     if (conn.paused) {
       // The peer's answer to the close frame must be read.
       conn.paused = false;
@@ -676,19 +692,59 @@ class ServerImpl final : public Server, private server::HubIo {
     }
     // A peer that does not read its queued frames is dropped after a while.
     lws_set_timeout(conn.wsi, PENDING_TIMEOUT_USER_OK, kCloseFlushSeconds);
-    if (!conn.draining) lws_callback_on_writable(conn.wsi);
+    lws_callback_on_writable(conn.wsi);
   }
 
-  // LWS_CALLBACK_TIMER of a draining connection: close once a whole period passed without input.
-  void OnDrainTimer(Connection* conn) {
-    if (!conn->draining) return;
-    if (conn->rx_since_check) {
-      conn->rx_since_check = false;
-      lws_set_timer_usecs(conn->wsi, kDrainQuietUs);
+  // The server's side of the closing handshake, by hand: lws 4.1, asked to close (a callback
+  // returning -1 after lws_close_reason), writes the close frame and closes the socket at once,
+  // with whatever the peer is still sending unread. The kernel answers that input with a reset,
+  // and a peer still writing (the rest of an oversized message, say) fails its write and drops
+  // the connection, usually before it read the close frame: it sees 1006, not the code.
+  // So the close frame is written here, the write side is shut down after it (the peer reads
+  // the frame, then the end of the stream), and the connection stays open, its input read and
+  // dropped, until the peer answers with its close frame or ends the stream; at most
+  // kDrainSeconds and kDrainMaxBytes. Returns false when the write failed.
+  bool WriteCloseFrame(Connection& conn) {
+    auto it = closing_.find(conn.id);
+    const std::string_view reason =
+        it != closing_.end() ? std::string_view(it->second.reason) : std::string_view();
+    unsigned char buffer[LWS_PRE + 2 + kMaxCloseReasonBytes];
+    unsigned char* payload = buffer + LWS_PRE;
+    payload[0] = static_cast<unsigned char>(conn.close_code >> 8);
+    payload[1] = static_cast<unsigned char>(conn.close_code & 0xff);
+    std::memcpy(payload + 2, reason.data(), reason.size());
+    // lws_close_reason is not called: lws sends no close frame of its own when it closes the
+    // connection later.
+    if (lws_write(conn.wsi, payload, 2 + reason.size(), kWriteClose) < 0) return false;
+    conn.close_sent = true;
+    lws_set_timeout(conn.wsi, PENDING_TIMEOUT_USER_OK, kDrainSeconds);
+    ShutWriteWhenFlushed(conn);
+    return true;
+  }
+
+  // Shuts the write side down once lws has written all of the close frame (it keeps what the
+  // socket did not take and asks for WRITEABLE to write it).
+  void ShutWriteWhenFlushed(Connection& conn) {
+    if (lws_partial_buffered(conn.wsi) != 0) {
+      lws_callback_on_writable(conn.wsi);
       return;
     }
-    conn->draining = false;
-    lws_callback_on_writable(conn->wsi);
+    conn.write_shut = true;
+    // Over TLS the stream ends with lws's close_notify when the socket is closed: a FIN under
+    // the TLS session would make the peer's TLS library report a truncated stream.
+    if (!tls_) shutdown(lws_get_socket_fd(conn.wsi), SHUT_WR);
+  }
+
+  // Input that arrives after a close began is read and dropped (see WriteCloseFrame). Returns
+  // -1, which closes the socket, once the peer sent more than kDrainMaxBytes of it.
+  int Drain(Connection* conn, size_t len) {
+    auto it = closing_.find(conn->id);
+    if (it == closing_.end()) return -1;
+    it->second.drained_bytes += len;
+    if (it->second.drained_bytes <= kDrainMaxBytes) return 0;
+    Log(LogLevel::kWarn, "chat: session " + std::to_string(conn->id) + " sent over " +
+                             std::to_string(kDrainMaxBytes) + " bytes after its close began");
+    return -1;
   }
 
   int OnEstablished(lws* wsi) {
@@ -744,17 +800,14 @@ class ServerImpl final : public Server, private server::HubIo {
     // sent after a refused one is refused, not stored ahead of it.
     FlushAppends();
     store_threads_->ForgetSession(id);
-    close_reasons_.erase(id);
+    closing_.erase(id);
     connections_.erase(id);  // conn is gone from here on
     if (phase_ == Phase::kClosing && connections_.empty()) AdvanceShutdown();
   }
 
   int OnReceive(Connection* conn, const char* data, size_t len) {
     // After a close was asked for, nothing more is read into the Hub.
-    if (conn->closing) {
-      conn->rx_since_check = true;
-      return 0;
-    }
+    if (conn->closing) return Drain(conn, len);
     if (!conn->assembling) {
       conn->assembling = true;
       conn->rx_text = !lws_frame_is_binary(conn->wsi);
@@ -774,17 +827,9 @@ class ServerImpl final : public Server, private server::HubIo {
                                "; closing with 1009");
       conn->rx.reset();
       conn->assembling = false;
-      // Close through the writeable path instead of failing the read: the rest of the message
-      // is read and dropped meanwhile, so the socket is not torn down with unread input, which
-      // would make the kernel answer with a reset that can destroy the close frame in flight.
-      // The peer is most likely still sending the rest of it. Closing the socket while its data
-      // keeps arriving makes the kernel answer with a reset, and a client that sees the reset
-      // first never reads the close frame (it reports 1006, not 1009). So the rest is read and
-      // dropped, and the close frame goes out once the peer has been quiet for a moment (or
-      // kCloseFlushSeconds after the close began, when the connection is dropped anyway).
-      conn->draining = true;
+      // The peer is most likely still sending the rest of the message: it is read and dropped
+      // while the close frame goes out (see WriteCloseFrame), not answered with a reset.
       BeginClose(*conn, server::kCloseTooLarge, "message too large");
-      lws_set_timer_usecs(conn->wsi, kDrainQuietUs);
       return 0;
     }
     if (final && assembled == 0) {
@@ -865,16 +910,9 @@ class ServerImpl final : public Server, private server::HubIo {
       if (!conn->outbound.empty() || conn->closing) lws_callback_on_writable(conn->wsi);
       return 0;
     }
-    if (conn->closing && !conn->draining) {
-      auto it = close_reasons_.find(conn->id);
-      std::string* reason = it != close_reasons_.end() ? &it->second : nullptr;
-      lws_close_reason(
-          conn->wsi, static_cast<lws_close_status>(conn->close_code),
-          reinterpret_cast<unsigned char*>(reason != nullptr ? reason->data() : nullptr),
-          reason != nullptr ? reason->size() : 0);
-      return -1;
-    }
-    return 0;  // spurious: lws finished a buffered partial send
+    if (conn->closing && !conn->close_sent) return WriteCloseFrame(*conn) ? 0 : -1;
+    if (conn->close_sent && !conn->write_shut) ShutWriteWhenFlushed(*conn);
+    return 0;  // otherwise spurious: lws finished a buffered partial send
   }
 
   // ---- lws callbacks ----------------------------------------------------------------------
@@ -901,14 +939,14 @@ class ServerImpl final : public Server, private server::HubIo {
         if (conn == nullptr) return 0;
         return self->OnWriteable(conn);
       case LWS_CALLBACK_WS_PEER_INITIATED_CLOSE:
-        if (conn != nullptr && in != nullptr && len >= 2) {
+        if (conn == nullptr) return 0;
+        if (in != nullptr && len >= 2) {
           const auto* code = static_cast<const unsigned char*>(in);
           conn->peer_close_code = static_cast<uint16_t>((code[0] << 8) | code[1]);
         }
-        return 0;
-      case LWS_CALLBACK_TIMER:
-        if (conn != nullptr) self->OnDrainTimer(conn);
-        return 0;
+        // The answer to the server's close frame ends the handshake: close the socket (lws
+        // would echo the frame otherwise). A close the peer began is echoed by lws.
+        return conn->close_sent ? -1 : 0;
       case LWS_CALLBACK_CLOSED:
         self->OnClosed(wsi);
         return 0;
@@ -985,9 +1023,8 @@ class ServerImpl final : public Server, private server::HubIo {
   std::chrono::steady_clock::time_point deadline_;
   // Node-based: a Connection stays where it is while others come and go (lws holds pointers).
   std::unordered_map<SessionId, Connection> connections_;
-  // The close reason of each connection the server began closing (few at a time; kept here
-  // rather than in every Connection).
-  std::unordered_map<SessionId, std::string> close_reasons_;
+  // Each connection the server began closing.
+  std::unordered_map<SessionId, Closing> closing_;
   SessionId last_session_id_ = 0;
   Connection* current_ = nullptr;  // whose frame the Hub is handling
   std::vector<SessionId> paused_;

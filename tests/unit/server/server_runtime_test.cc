@@ -7,6 +7,9 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <condition_variable>
 #include <functional>
@@ -123,7 +126,8 @@ class GatedStore : public MessageStoreWrapper {
 };
 
 // A minimal WebSocket client on a raw socket that reads only when asked to, for the slow
-// consumer case (WsClient always reads).
+// consumer case (WsClient always reads), and writes and reads what and when the test says, for
+// the closing handshake.
 class RawWs {
  public:
   ~RawWs() {
@@ -177,6 +181,27 @@ class RawWs {
     return WriteAll(frame);
   }
 
+  // The header of one masked frame announcing `length` bytes of payload (FIN set when `final`).
+  // Its mask key is all zeros, so the payload follows as it is, in pieces, with SendPayload.
+  bool SendHeader(int opcode, uint64_t length, bool final = true) {
+    std::string header;
+    header += static_cast<char>((final ? 0x80 : 0) | opcode);
+    header += static_cast<char>(0x80 | 127);
+    for (int shift = 56; shift >= 0; shift -= 8) {
+      header += static_cast<char>((length >> shift) & 0xff);
+    }
+    header.append(4, '\0');
+    return WriteAll(header);
+  }
+
+  bool SendPayload(const std::string& bytes) { return WriteAll(bytes); }
+
+  // A close frame with `code`, the answer to the server's.
+  bool SendClose(int code) {
+    return SendFrame(0x8,
+                     std::string{static_cast<char>(code >> 8), static_cast<char>(code & 0xff)});
+  }
+
   struct Frame {
     int opcode = 0;
     std::string payload;
@@ -205,14 +230,30 @@ class RawWs {
   }
 
   // Reads frames until a close frame and returns its code; nullopt if the stream ended first.
-  std::optional<int> ReadUntilClose() {
+  // The close frame's reason goes to `reason` if given.
+  std::optional<int> ReadUntilClose(std::string* reason = nullptr) {
     for (;;) {
       std::optional<Frame> frame = ReadFrame();
       if (!frame.has_value()) return std::nullopt;
       if (frame->opcode != 0x8) continue;
       if (frame->payload.size() < 2) return 1005;
+      if (reason != nullptr) *reason = frame->payload.substr(2);
       return (static_cast<unsigned char>(frame->payload[0]) << 8) |
              static_cast<unsigned char>(frame->payload[1]);
+    }
+  }
+
+  enum class End { kFin, kReset, kOpen };
+
+  // How the stream from the server ends after what was read so far (anything more is dropped):
+  // with a FIN, with a reset, or not within the 10 s receive timeout.
+  End ReadToEnd() {
+    char buffer[4096];
+    for (;;) {
+      const ssize_t n = read(fd_, buffer, sizeof(buffer));
+      if (n > 0) continue;
+      if (n == 0) return End::kFin;
+      return errno == EAGAIN || errno == EWOULDBLOCK ? End::kOpen : End::kReset;
     }
   }
 
@@ -220,7 +261,8 @@ class RawWs {
   bool WriteAll(const std::string& bytes) {
     size_t done = 0;
     while (done < bytes.size()) {
-      const ssize_t n = write(fd_, bytes.data() + done, bytes.size() - done);
+      // MSG_NOSIGNAL: a write after the server reset the connection fails, it does not kill.
+      const ssize_t n = send(fd_, bytes.data() + done, bytes.size() - done, MSG_NOSIGNAL);
       if (n <= 0) return false;
       done += static_cast<size_t>(n);
     }
@@ -466,6 +508,120 @@ TEST_CASE("server runtime: max_message_bytes is enforced on the assembled messag
     REQUIRE(code.has_value());
     CHECK(*code == 1009);
   }
+}
+
+// The closing handshake while the client is still sending: the server writes its close frame and
+// a FIN, reads and drops what the client still sends, and never answers it with a reset (after
+// which the client's writes fail, and a client that sees the reset before the close frame
+// reports 1006, not the code).
+
+// Sends `bytes` bytes of payload in 64 KiB writes; false as soon as one fails.
+bool SendPayloadBytes(RawWs& client, size_t bytes) {
+  const std::string chunk(64 * 1024, 'y');
+  for (size_t sent = 0; sent < bytes; sent += chunk.size()) {
+    if (!client.SendPayload(chunk.substr(0, std::min(chunk.size(), bytes - sent)))) return false;
+  }
+  return true;
+}
+
+TEST_CASE(
+    "server runtime: a client still sending an oversized message after a pause reads close "
+    "1009, then the end of the stream, never a reset") {
+  ServerOptions options = BaseOptions();
+  options.max_message_bytes = 64 * 1024;
+  std::unique_ptr<Server> server = MustStart(std::move(options));
+  auto alice = MustLogin(*server, "alice");
+  RawWs client;
+  REQUIRE(client.Connect(server->port(), 1 << 20));
+  // 4 MiB announced: refused at its start. The client sends the first 64 KiB, stalls (a slow
+  // uplink) while the server's close frame arrives unread, then sends the rest; only then does
+  // it read. Every write goes through: the server is draining, not resetting.
+  REQUIRE(client.SendHeader(0x2, 4 << 20));
+  REQUIRE(SendPayloadBytes(client, 64 * 1024));
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  CHECK(SendPayloadBytes(client, (4 << 20) - 64 * 1024));
+  std::string reason;
+  CHECK(client.ReadUntilClose(&reason) == std::optional<int>(1009));
+  CHECK(reason == "message too large");
+  // The server shut its side down after the close frame; the client answers, and the stream
+  // ends with a FIN.
+  CHECK(client.SendClose(1009));
+  CHECK(client.ReadToEnd() == RawWs::End::kFin);
+  // Meanwhile the others are served as usual.
+  CHECK(alice->Barrier().has_value());
+}
+
+TEST_CASE(
+    "server runtime: a client that never stops sending after its 1009 is dropped at the drain "
+    "bound") {
+  ServerOptions options = BaseOptions();
+  options.max_message_bytes = 64 * 1024;
+  std::unique_ptr<Server> server = MustStart(std::move(options));
+  auto alice = MustLogin(*server, "alice");
+  // Written in 64 KiB pieces as fast as the server drains them, the 16 MiB bound ends the drain;
+  // in 1 KiB pieces 20 times a second, the 2 s bound does.
+  size_t piece = 0;
+  std::chrono::milliseconds pause{0};
+  SUBCASE("fast: the byte bound") { piece = 64 * 1024; }
+  SUBCASE("trickling: the time bound") {
+    piece = 1024;
+    pause = std::chrono::milliseconds(50);
+  }
+  RawWs client;
+  REQUIRE(client.Connect(server->port(), 1 << 20));
+  // A frame announcing 1 TiB, written until a write fails (bounded: 60 s).
+  REQUIRE(client.SendHeader(0x2, uint64_t{1} << 40));
+  std::atomic<bool> dropped{false};
+  std::thread writer([&] {
+    const std::string chunk(piece, 'z');
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    while (std::chrono::steady_clock::now() < deadline) {
+      if (!client.SendPayload(chunk)) {
+        dropped = true;
+        return;
+      }
+      std::this_thread::sleep_for(pause);
+    }
+  });
+  // The close frame comes at once, not once the client stops (it never does), and a FIN after
+  // it.
+  CHECK(client.ReadUntilClose() == std::optional<int>(1009));
+  CHECK(client.ReadToEnd() == RawWs::End::kFin);
+  // Past the drain bound the server closes the socket, and the client's writes fail: the
+  // connection is not kept for as long as the client goes on.
+  writer.join();
+  CHECK(dropped.load());
+  CHECK(alice->Barrier().has_value());
+}
+
+TEST_CASE(
+    "server runtime: a client still sending when the server closes it for a bad frame reads "
+    "the close frame, then the end of the stream, never a reset") {
+  std::unique_ptr<Server> server = MustStart(BaseOptions());
+  RawWs client;
+  REQUIRE(client.Connect(server->port(), 1 << 20));
+  int expected = 0;
+  SUBCASE("garbage: 1007") {
+    expected = 1007;
+    REQUIRE(client.SendBinary("\x0a\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff"));
+  }
+  SUBCASE("a second Hello: 1008") {
+    expected = 1008;
+    std::string hello;
+    REQUIRE(HelloEnvelope("alice").SerializeToString(&hello));
+    REQUIRE(client.SendBinary(hello));
+    std::optional<RawWs::Frame> welcome = client.ReadFrame();
+    REQUIRE(welcome.has_value());
+    REQUIRE(client.SendBinary(hello));
+  }
+  // The client goes on with a 1 MiB message after a moment, as a pipelining client would; the
+  // server has closed the session meanwhile and drops it unread.
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  CHECK(client.SendHeader(0x2, 1 << 20));
+  CHECK(SendPayloadBytes(client, 1 << 20));
+  CHECK(client.ReadUntilClose() == std::optional<int>(expected));
+  CHECK(client.SendClose(expected));
+  CHECK(client.ReadToEnd() == RawWs::End::kFin);
 }
 
 // Options under which alice, who reads nothing, becomes a slow consumer quickly.
