@@ -6,6 +6,7 @@
 #include <ctime>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "chat/auth.h"
 #include "tests/integration/server_test_helpers.h"
@@ -52,14 +53,14 @@ struct Fixture {
   std::unique_ptr<WsClient> bob;
 };
 
-// The server closes while the client is still sending the rest of the oversized message. Its
-// close frame (1009) normally arrives, but when the kernel answers the late bytes with a reset
-// the client's unread input, close frame included, is discarded and it sees 1006. Either way
-// the server must have closed the session with 1009 (its log records that), must keep serving
-// the others, and must have delivered nothing.
+// The server refuses the message at its start, while the client is still sending the rest of
+// it: it sends its close frame at once and reads and drops the rest until the client answers,
+// rather than closing the socket under the client's writes (the kernel would answer them with a
+// reset, and a client that sees the reset first reports 1006). So the client sees 1009 every
+// time; the server keeps serving the others and has delivered nothing.
 void CheckClosedTooLarge(WsClient& bad, Fixture& f) {
-  const int code = bad.WaitClosed().value_or(-1);
-  CHECK((code == 1009 || code == 1006));
+  CHECK(bad.WaitClosed().value_or(-1) == 1009);
+  CHECK(bad.close_reason() == "message too large");
   f.CheckStillServing();
   CHECK(CountDelivers(MustBarrier(*f.bob)) == 0);
   bool logged = false;
@@ -78,6 +79,21 @@ TEST_CASE("server bad input: garbage bytes -> INVALID_ARGUMENT, close 1007") {
   Fixture::ExpectError(*bad, v1::Error::INVALID_ARGUMENT);
   CHECK(bad->WaitClosed().value_or(-1) == 1007);
   f.CheckStillServing();
+}
+
+TEST_CASE("server bad input: garbage followed at once by an 8 MiB message -> close 1007") {
+  Fixture f;
+  auto bad = MustLogin(f.chatd, "mallory", "m1");
+  // The server closes on the garbage while the client is still sending the large message queued
+  // behind it; the rest is read and dropped, so the client still gets the Error and the code.
+  std::vector<std::string> messages = {
+      std::string("\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01garbage", 18),
+      MakeSendToPeer("bob", NewClientMsgId(), std::string(8 << 20, 'g')).SerializeAsString()};
+  REQUIRE(bad->SendRaw(std::move(messages)).ok());
+  Fixture::ExpectError(*bad, v1::Error::INVALID_ARGUMENT);
+  CHECK(bad->WaitClosed().value_or(-1) == 1007);
+  f.CheckStillServing();
+  CHECK(CountDelivers(MustBarrier(*f.bob)) == 0);
 }
 
 TEST_CASE("server bad input: truncated protobuf -> INVALID_ARGUMENT, close 1007") {
@@ -120,6 +136,38 @@ TEST_CASE("server bad input: a message over --max-message-bytes in 64 fragments 
           .SerializeAsString();
   REQUIRE(bad->SendFragments(big, 64).ok());
   CheckClosedTooLarge(*bad, f);
+}
+
+TEST_CASE("server bad input: an 8 MiB message sent at once -> close 1009") {
+  Fixture f;
+  auto bad = MustLogin(f.chatd, "mallory", "m1");
+  const std::string big =
+      MakeSendToPeer("bob", NewClientMsgId(), std::string(8 << 20, 'x')).SerializeAsString();
+  REQUIRE(bad->SendRaw(big).ok());
+  CheckClosedTooLarge(*bad, f);
+}
+
+TEST_CASE("server bad input: an 8 MiB message in 512 fragments sent at once -> close 1009") {
+  Fixture f;
+  auto bad = MustLogin(f.chatd, "mallory", "m1");
+  const std::string big =
+      MakeSendToPeer("bob", NewClientMsgId(), std::string(8 << 20, 'y')).SerializeAsString();
+  REQUIRE(bad->SendFragments(big, 512).ok());
+  CheckClosedTooLarge(*bad, f);
+}
+
+TEST_CASE("server bad input: over TLS, an 8 MiB message sent at once -> close 1009") {
+  ChatdProcess chatd(
+      {.extra_flags = {"--max-message-bytes", std::to_string(kMaxMessageBytes)}, .tls = true});
+  MustStart(chatd);
+  auto bad = MustLogin(chatd, "mallory", "m1");
+  const std::string big =
+      MakeSendToPeer("bob", NewClientMsgId(), std::string(8 << 20, 'x')).SerializeAsString();
+  REQUIRE(bad->SendRaw(big).ok());
+  CHECK(bad->WaitClosed().value_or(-1) == 1009);
+  CHECK(bad->close_reason() == "message too large");
+  auto alice = MustLogin(chatd, "alice", "a1");
+  MustBarrier(*alice);
 }
 
 TEST_CASE("server bad input: a message over --max-hello-bytes before Hello -> close 1009") {

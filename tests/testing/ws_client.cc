@@ -282,6 +282,15 @@ Status WsClient::SendRaw(std::string bytes, bool binary) {
   return Enqueue(std::move(items));
 }
 
+Status WsClient::SendRaw(std::vector<std::string> messages, bool binary) {
+  std::vector<Outgoing> items(messages.size());
+  for (size_t i = 0; i < messages.size(); ++i) {
+    items[i].bytes = std::move(messages[i]);
+    items[i].protocol = binary ? LWS_WRITE_BINARY : LWS_WRITE_TEXT;
+  }
+  return Enqueue(std::move(items));
+}
+
 Status WsClient::SendFragments(const std::string& bytes, int fragments, bool binary) {
   if (fragments < 1) return InvalidArgument("fragments must be >= 1");
   const size_t n = static_cast<size_t>(fragments);

@@ -56,6 +56,9 @@ class WsClient {
   Status SendEnvelope(const v1::Envelope& envelope, Wire wire = Wire::kBinary);
   // Sends `bytes` as one binary (or text) WebSocket message.
   Status SendRaw(std::string bytes, bool binary = true);
+  // Sends each of `messages` as one WebSocket message, in order. They are queued together, so a
+  // later one is written even if the server closes the connection on an earlier one.
+  Status SendRaw(std::vector<std::string> messages, bool binary = true);
   // Sends `bytes` as one WebSocket message split into `fragments` frames (first frame plus
   // continuation frames, FIN only on the last).
   Status SendFragments(const std::string& bytes, int fragments, bool binary = true);
