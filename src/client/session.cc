@@ -467,7 +467,6 @@ void Session::HandleWelcome(const v1::Envelope& envelope) {
 
 bool Session::RebuildForEpoch(const v1::Welcome& welcome, const std::string& cached_user) {
   stubs_.clear();
-  receipts_capped_.clear();
   // The outbox was kept, but what it holds was written by the cached user, some of it to
   // conversation ids of the old store: another user must not send any of it, and an old id
   // may name another conversation in the new store. A message to a peer (by user id) still
@@ -1058,26 +1057,17 @@ void Session::MergeState(ConversationRow* row, const v1::ConversationState& stat
     // A PresenceUpdate may have told a later last seen than the server's stored state.
     info.peer_last_seen_ms = std::max(info.peer_last_seen_ms, local.peer_last_seen_ms);
   }
-  // This device's watermarks ahead of the server's are kept, and owed to it while the server has
-  // not answered them (receipt_due). Answered, they are owed again only if the server shows less
-  // than it answered (its store went back): less than the watermarks, or than what it capped them
-  // at. A capped answer is what every later state shows, and telling it again would only get the
-  // same answer.
-  const ConversationId id = info.conversation_id;
-  const bool ahead = local.delivered_seq > info.delivered_seq || local.read_seq > info.read_seq;
-  if (ahead && !row->receipt_due) {
-    const auto capped = receipts_capped_.find(id);
-    const bool known = capped != receipts_capped_.end();
-    const Seq delivered = known ? capped->second.delivered_seq : local.delivered_seq;
-    const Seq read = known ? capped->second.read_seq : local.read_seq;
-    row->receipt_due = info.delivered_seq < delivered || info.read_seq < read;
+  if (local.delivered_seq > info.delivered_seq) {
+    info.delivered_seq = local.delivered_seq;
+    row->receipt_due = true;
+    receipts_due_.insert(info.conversation_id);
   }
-  if (!ahead) receipts_capped_.erase(id);
-  if (ahead && row->receipt_due) receipts_due_.insert(id);
-  info.delivered_seq = std::max(info.delivered_seq, local.delivered_seq);
   if (local.read_seq > info.read_seq) {
+    // The server has not seen this device's MarkRead yet: keep it and tell it again.
     info.read_seq = local.read_seq;
     info.unread = std::min(info.unread, local.unread);
+    row->receipt_due = true;
+    receipts_due_.insert(info.conversation_id);
   }
   row->info = info;
 }
@@ -1138,13 +1128,6 @@ void Session::HandleReceiptUpdate(uint64_t rid, const v1::ReceiptUpdate& update)
                                                update.read_seq() >= row.info.read_seq));
   if (confirmed) row.receipt_due = false;
   if (answered_current) receipts_due_.erase(update.conversation_id());
-  if (answered_current &&
-      (update.delivered_seq() < row.info.delivered_seq || update.read_seq() < row.info.read_seq)) {
-    receipts_capped_[update.conversation_id()] = {update.conversation_id(), update.delivered_seq(),
-                                                  update.read_seq()};
-  } else if (confirmed) {
-    receipts_capped_.erase(update.conversation_id());
-  }
   bool info_changed = false;
   if (own && update.read_seq() >= row.info.read_seq) {
     // Exact counts from the server: read on one device is read on all of the user's devices.

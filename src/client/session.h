@@ -316,9 +316,7 @@ class Session {
   // A watched direct peer went offline: its conversation's peer_last_seen_ms moves forward.
   void UpdatePeerLastSeen(const UserId& user, int64_t last_seen_ms);
   // Takes the server's state of a conversation, keeping local watermarks that are ahead of it
-  // and a last seq no lower than the messages the cache holds. Watermarks ahead are owed to the
-  // server (a Receipt) while it has not answered them (receipt_due), or when it shows less than
-  // it answered for them (receipts_capped_, else the watermarks themselves).
+  // (a Receipt not yet answered) and a last seq no lower than the messages the cache holds.
   void MergeState(ConversationRow* row, const v1::ConversationState& state);
   // Updates the cached title, membership and role from a system message.
   void ApplySystemEvent(ConversationInfo* info, const v1::Message& message) const;
@@ -437,10 +435,6 @@ class Session {
     Seq read_seq = 0;
   };
   std::map<uint64_t, SentReceipt> receipts_unanswered_;
-  // Conversations whose current watermarks the server answered below them (it caps them at what
-  // it has): what it answered, which a later state shows without owing a Receipt (MergeState).
-  // Not kept across restarts: the first state below the watermarks after one owes a Receipt.
-  std::map<ConversationId, SentReceipt> receipts_capped_;
   std::set<ConversationId> subscriptions_;  // channels to Subscribe after every connect
   std::map<std::pair<ConversationId, UserId>, int64_t> typing_;  // -> monotonic expiry
   struct TypingSent {
