@@ -795,9 +795,10 @@ Result<std::vector<UserId>> ReadMembers(Connection& conn, ConversationId convers
 }
 
 // What the writer connection remembers between its transactions, so a message in a known
-// conversation costs four statements (idempotency probe, insert, advance, the sender's sent_seq)
-// instead of seven:
-// each conversation's last seq, its members, and the memberships looked up for authorization.
+// conversation costs three statements (idempotency probe, insert, advance; a fourth, a member's
+// sent_seq, only when a third sender takes one of the two latest senders' places) instead of
+// seven: each conversation's tail (last seq, user_ordinal, its two latest senders), its members,
+// and the memberships looked up for authorization.
 // Only the writer connection changes these rows, and every change goes through the writer's
 // SqliteTarget, which keeps the cache in step; a rolled-back transaction clears it. Bounded:
 // past kMaxConversations conversations or kMaxMemberIds cached member ids it starts over.
