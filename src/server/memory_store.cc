@@ -2,6 +2,7 @@
 // It is meant for tests and ephemeral servers, so it is bounded only by memory.
 
 #include <algorithm>
+#include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -45,6 +46,9 @@ struct Conversation {
   std::map<UserId, Member> members;  // current and removed
   size_t current_members = 0;
   std::map<Seq, Message> messages;
+  // The seqs of the stored user messages, ascending (appended as they are stored, dropped from
+  // the front with them): an unread count is two binary searches, not a walk.
+  std::deque<Seq> user_seqs;
   std::map<std::pair<UserId, DeviceId>, Watermarks> cursors;  // per (user, device)
 };
 
@@ -133,11 +137,13 @@ class MemorySource final : public server::ReadSource {
       info.read_seq = std::max(info.read_seq, it->second.read_seq);
       if (it->first.second == device) info.delivered_seq = it->second.delivered_seq;
     }
-    // Whoever replies has seen what came before: counting starts above the user's own message.
+    // Whoever replies has seen what came before: counting starts above the user's own message,
+    // so every user message counted is somebody else's.
     const Seq from = std::max({info.read_seq + 1, member.joined_seq, member.sent_seq + 1});
-    for (auto it = c.messages.lower_bound(from);
-         count_unread && it != c.messages.end() && it->first <= info.last_seq; ++it) {
-      if (it->second.kind == MessageKind::kUser && it->second.sender != user) ++info.unread;
+    if (count_unread && from <= info.last_seq) {
+      info.unread = static_cast<uint64_t>(
+          std::upper_bound(c.user_seqs.begin(), c.user_seqs.end(), info.last_seq) -
+          std::lower_bound(c.user_seqs.begin(), c.user_seqs.end(), from));
     }
     // Nothing a removed member may read is stored any more: say so, not what came later.
     info.first_seq = c.first_seq > info.last_seq ? 0 : c.first_seq;
@@ -335,6 +341,7 @@ class MemoryTarget final : public server::AppendTarget {
     if (c.first_seq == 0) c.first_seq = message.seq;
     c.last_activity_ms = message.server_time_ms;
     if (message.kind == MessageKind::kUser) {
+      c.user_seqs.push_back(message.seq);
       if (auto member = c.members.find(message.sender); member != c.members.end()) {
         member->second.sent_seq = message.seq;
       }
@@ -481,6 +488,9 @@ class MemoryStore final : public MessageStore {
           key->second.server_time_ms = m.server_time_ms;
           key->second.gone_ms = server::KeyGoneMs(request.now_ms);
           data_.buried.emplace(key->second.gone_ms, key->first);
+        }
+        if (!c.user_seqs.empty() && c.user_seqs.front() == c.messages.begin()->first) {
+          c.user_seqs.pop_front();
         }
         c.messages.erase(c.messages.begin());
         ++result.deleted;
