@@ -1129,9 +1129,24 @@ void Session::HandleReceiptUpdate(uint64_t rid, const v1::ReceiptUpdate& update)
   if (confirmed) row.receipt_due = false;
   if (answered_current) receipts_due_.erase(update.conversation_id());
   bool info_changed = false;
+  if (answered_current) {
+    // Answered below what it carried: the server capped the watermarks at the messages it has
+    // (its store went back). This device takes its word, so that a Sync showing the same owes no
+    // Receipt and a later MarkRead up to the old mark is not taken for one already made.
+    if (update.delivered_seq() < row.info.delivered_seq) {
+      row.info.delivered_seq = update.delivered_seq();
+      info_changed = true;
+    }
+    if (update.read_seq() < row.info.read_seq) {
+      row.info.read_seq = update.read_seq();
+      row.info.unread = update.unread();
+      info_changed = true;
+    }
+  }
   if (own && update.read_seq() >= row.info.read_seq) {
     // Exact counts from the server: read on one device is read on all of the user's devices.
-    info_changed = update.read_seq() != row.info.read_seq || update.unread() != row.info.unread;
+    info_changed = info_changed || update.read_seq() != row.info.read_seq ||
+                   update.unread() != row.info.unread;
     row.info.read_seq = update.read_seq();
     row.info.unread = update.unread();
   }

@@ -1445,8 +1445,9 @@ TEST_CASE("session: a receipt refused for good leaves a later one owed") {
 }
 
 // The server never moves watermarks back and caps them at what it has: an answer below the
-// marks its Receipt carried is all it will take. Sending them again would get the same answer,
-// so nothing is owed any more, on this connection, the next one, or after a restart.
+// marks its Receipt carried is all it will take, and the device takes it as its marks. Sending
+// them again would get the same answer, so nothing is owed any more, on this connection, the
+// next one, or after a restart.
 TEST_CASE("session: a receipt answered below the marks it carried is not owed any more") {
   testing::TempDir dir;
   const std::string path = dir.File("cache.db");
@@ -1464,7 +1465,8 @@ TEST_CASE("session: a receipt answered below the marks it carried is not owed an
     capped.set_rid(receipts[0].rid());
     h.session->OnEnvelope(capped);
     CHECK_FALSE(h.cache->GetConversation(5)->receipt_due);
-    CHECK(h.cache->GetConversation(5)->info.read_seq == 3);
+    CHECK(h.cache->GetConversation(5)->info.read_seq == 2);
+    CHECK(h.cache->GetConversation(5)->info.delivered_seq == 2);
     h.session->OnClosed(1006, "abnormal");
     h.Reply(h.Welcome(), {});
     h.clock->Advance(kReceiptIntervalMs);
@@ -1473,6 +1475,53 @@ TEST_CASE("session: a receipt answered below the marks it carried is not owed an
   }
   Restarted restarted(path);
   CHECK(restarted.receipts.empty());
+}
+
+// Group 5 as a Sync lists it when the server holds this device's watermarks at `delivered` and
+// `read`.
+v1::ConversationState CappedGroupState(Seq last_seq, Seq delivered, Seq read) {
+  v1::ConversationState state = GroupState(5, last_seq, 1);
+  state.set_delivered_seq(delivered);
+  state.set_read_seq(read);
+  return state;
+}
+
+// Reconnects with a Sync that lists `state`; returns the Receipts sent once live.
+std::vector<v1::Envelope> ResyncWith(Harness& h, const v1::ConversationState& state) {
+  h.session->OnClosed(1006, "abnormal");
+  v1::SyncBatch batch;
+  *batch.add_conversations() = state;
+  h.Reply(h.Welcome(), batch);
+  REQUIRE(h.state() == ConnectionState::kConnected);
+  h.clock->Advance(kReceiptIntervalMs);
+  h.session->Tick();
+  return OfCase(h.io.Take(), v1::Envelope::kReceipt);
+}
+
+// After the server answered the watermarks lower, Syncs that show them as it answered owe no
+// Receipt, Sync after Sync; and the user reading up to the old mark again is told to the server.
+TEST_CASE("session: watermarks the server capped are this device's, so a later read is sent") {
+  Harness h;
+  ConnectWithGroup(h);
+  h.session->MarkRead(5, 3);
+  h.session->Tick();
+  auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  REQUIRE(receipts.size() == 1);
+  v1::Envelope capped = ReceiptUpdateFor(5, "alice", 2, 2);
+  capped.set_rid(receipts[0].rid());
+  h.session->OnEnvelope(capped);
+  for (int sync = 0; sync < 3; ++sync) {
+    CAPTURE(sync);
+    CHECK(ResyncWith(h, CappedGroupState(3, 2, 2)).empty());
+    CHECK(h.cache->GetConversation(5)->info.read_seq == 2);
+    CHECK_FALSE(h.cache->GetConversation(5)->receipt_due);
+  }
+  h.session->MarkRead(5, 3);
+  h.clock->Advance(kReceiptIntervalMs);
+  h.session->Tick();
+  receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  REQUIRE(receipts.size() == 1);
+  CHECK(receipts[0].receipt().read_seq() == 3);
 }
 
 // Only the answer to a Receipt that carried the current marks settles them: a low answer to an
