@@ -69,6 +69,13 @@ constexpr int kCloseFlushSeconds = 5;
 // docs/server.md, "How a connection is closed".
 constexpr int kDrainSeconds = 2;
 constexpr size_t kDrainMaxBytes = 16 * 1024 * 1024;
+// A connection closed before its Hello succeeded (refused with 1013 under overload or past
+// max_connections, a Hello timeout, a refused token, an oversized first message) is drained for
+// only this long: refusals come in storms, exactly when descriptors must be freed, and a client
+// that behaves has sent no more than its Hello (at most max_hello_bytes) and answers the close
+// frame within a round trip. lws_set_timeout counts whole seconds (Debian's lws 4.1 declares
+// lws_set_timeout_us but does not export it), so this bound is a timer of the wsi.
+constexpr lws_usec_t kUnwelcomedDrainUs = 250 * LWS_US_PER_MS;
 // Shutdown: how long to wait for submitted appends to commit and be acked, then how long for
 // the clients to answer the close frames.
 constexpr auto kShutdownCommitWait = std::chrono::seconds(5);
@@ -703,7 +710,8 @@ class ServerImpl final : public Server, private server::HubIo {
   // So the close frame is written here, the write side is shut down after it (the peer reads
   // the frame, then the end of the stream), and the connection stays open, its input read and
   // dropped, until the peer answers with its close frame or ends the stream; at most
-  // kDrainSeconds and kDrainMaxBytes. Returns false when the write failed.
+  // kDrainSeconds (kUnwelcomedDrainUs before Hello succeeded) and kDrainMaxBytes. Returns false
+  // when the write failed.
   bool WriteCloseFrame(Connection& conn) {
     auto it = closing_.find(conn.id);
     const std::string_view reason =
@@ -718,6 +726,7 @@ class ServerImpl final : public Server, private server::HubIo {
     if (lws_write(conn.wsi, payload, 2 + reason.size(), kWriteClose) < 0) return false;
     conn.close_sent = true;
     lws_set_timeout(conn.wsi, PENDING_TIMEOUT_USER_OK, kDrainSeconds);
+    if (!conn.welcomed) lws_set_timer_usecs(conn.wsi, kUnwelcomedDrainUs);
     ShutWriteWhenFlushed(conn);
     return true;
   }
@@ -947,6 +956,10 @@ class ServerImpl final : public Server, private server::HubIo {
         // The answer to the server's close frame ends the handshake: close the socket (lws
         // would echo the frame otherwise). A close the peer began is echoed by lws.
         return conn->close_sent ? -1 : 0;
+      case LWS_CALLBACK_TIMER:
+        // The drain of a connection that never completed Hello is over (see WriteCloseFrame):
+        // lws closes the socket, as when the kDrainSeconds timeout ends a drain.
+        return conn != nullptr && conn->close_sent ? -1 : 0;
       case LWS_CALLBACK_CLOSED:
         self->OnClosed(wsi);
         return 0;

@@ -257,6 +257,18 @@ class RawWs {
     }
   }
 
+  // After the server's FIN was read: whether the server has closed its socket. A read after a
+  // FIN returns 0 whatever comes next, so this sends the header of a message (a server still
+  // draining reads and drops it) and looks for the reset a closed socket answers it with.
+  bool ServerClosedSocket() {
+    if (!SendHeader(0x2, 1 << 20)) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    int error = 0;
+    socklen_t size = sizeof(error);
+    if (getsockopt(fd_, SOL_SOCKET, SO_ERROR, &error, &size) != 0) return false;
+    return error != 0;
+  }
+
  private:
   bool WriteAll(const std::string& bytes) {
     size_t done = 0;
@@ -430,6 +442,48 @@ TEST_CASE(
   CHECK(alice->Barrier().has_value());
 }
 
+TEST_CASE(
+    "server runtime: a refused connection whose client never answers the close frame is closed "
+    "well before the 2 s drain bound") {
+  ServerOptions options = BaseOptions();
+  options.max_connections = 1;
+  std::unique_ptr<Server> server = MustStart(std::move(options));
+  auto alice = MustLogin(*server, "alice");
+  RawWs refused;
+  REQUIRE(refused.Connect(server->port(), 64 * 1024));
+  REQUIRE(refused.ReadUntilClose() == std::optional<int>(1013));
+  REQUIRE(refused.ReadToEnd() == RawWs::End::kFin);
+  const auto fin = std::chrono::steady_clock::now();
+  // The client neither answers nor ends its side. Before its Hello succeeded a connection is
+  // drained for 250 ms, not 2 s: under a connection storm its descriptor is not held.
+  std::this_thread::sleep_until(fin + std::chrono::milliseconds(700));
+  CHECK(refused.ServerClosedSocket());
+  CHECK(alice->Barrier().has_value());
+}
+
+TEST_CASE(
+    "server runtime: a session whose client never answers the close frame is drained for 2 s, "
+    "then closed") {
+  std::unique_ptr<Server> server = MustStart(BaseOptions());
+  RawWs client;
+  REQUIRE(client.Connect(server->port(), 1 << 20));
+  std::string hello;
+  REQUIRE(HelloEnvelope("alice").SerializeToString(&hello));
+  REQUIRE(client.SendBinary(hello));
+  REQUIRE(client.ReadFrame().has_value());
+  // A second Hello: close 1008.
+  REQUIRE(client.SendBinary(hello));
+  REQUIRE(client.ReadUntilClose() == std::optional<int>(1008));
+  REQUIRE(client.ReadToEnd() == RawWs::End::kFin);
+  const auto fin = std::chrono::steady_clock::now();
+  // Still draining well after 250 ms, and closed right after 2 s (lws does not keep the
+  // socket until the peer ends its side).
+  std::this_thread::sleep_until(fin + std::chrono::milliseconds(700));
+  CHECK_FALSE(client.ServerClosedSocket());
+  std::this_thread::sleep_until(fin + std::chrono::milliseconds(2600));
+  CHECK(client.ServerClosedSocket());
+}
+
 TEST_CASE("server runtime: a message split into fragments is reassembled") {
   std::unique_ptr<Server> server = MustStart(BaseOptions());
   WsClient client;
@@ -533,13 +587,31 @@ TEST_CASE(
   auto alice = MustLogin(*server, "alice");
   RawWs client;
   REQUIRE(client.Connect(server->port(), 1 << 20));
-  // 4 MiB announced: refused at its start. The client sends the first 64 KiB, stalls (a slow
-  // uplink) while the server's close frame arrives unread, then sends the rest; only then does
-  // it read. Every write goes through: the server is draining, not resetting.
-  REQUIRE(client.SendHeader(0x2, 4 << 20));
+  // The client stalls within the drain bound, which is 2 s in a session and 250 ms before Hello
+  // succeeded (a client uploading more than max_hello_bytes before its Hello is not one that
+  // deserves to hold its descriptor for long), and the message is sized so that its rest goes
+  // through well within the bound too.
+  std::chrono::milliseconds pause{0};
+  size_t size = 0;
+  SUBCASE("in a session: past max_message_bytes, drained for 2 s") {
+    pause = std::chrono::milliseconds(300);
+    size = 4 << 20;
+    std::string hello;
+    REQUIRE(HelloEnvelope("bob").SerializeToString(&hello));
+    REQUIRE(client.SendBinary(hello));
+    REQUIRE(client.ReadFrame().has_value());
+  }
+  SUBCASE("before Hello: past max_hello_bytes, drained for 250 ms") {
+    pause = std::chrono::milliseconds(100);
+    size = 256 * 1024;
+  }
+  // Refused at its start. The client sends the first 64 KiB, stalls (a slow uplink) while the
+  // server's close frame arrives unread, then sends the rest; only then does it read. Every
+  // write goes through: the server is draining, not resetting.
+  REQUIRE(client.SendHeader(0x2, size));
   REQUIRE(SendPayloadBytes(client, 64 * 1024));
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));
-  CHECK(SendPayloadBytes(client, (4 << 20) - 64 * 1024));
+  std::this_thread::sleep_for(pause);
+  CHECK(SendPayloadBytes(client, size - 64 * 1024));
   std::string reason;
   CHECK(client.ReadUntilClose(&reason) == std::optional<int>(1009));
   CHECK(reason == "message too large");
