@@ -672,13 +672,12 @@ std::vector<std::string> RawRow(const std::string& path, const std::string& sql)
   "ALTER TABLE conversations DROP COLUMN last_sender; ALTER TABLE conversations DROP COLUMN " \
   "last_sent_seq; ALTER TABLE conversations DROP COLUMN prev_sender; ALTER TABLE "            \
   "conversations DROP COLUMN prev_sent_seq; "
-#define CHAT_BACK_TO_VERSION_7                                                                     \
-  CHAT_BACK_TO_VERSION_8                                                                           \
-      "ALTER TABLE messages DROP COLUMN user_ordinal; ALTER TABLE log0 DROP COLUMN user_ordinal; " \
-      "ALTER TABLE log1 DROP COLUMN user_ordinal; ALTER TABLE conversations DROP COLUMN "          \
-      "user_messages; ALTER TABLE conversations DROP COLUMN gone_user_messages; ALTER TABLE "      \
-      "members "                                                                                   \
-      "DROP COLUMN sent_seq; "
+#define CHAT_BACK_TO_VERSION_7                                                                 \
+  CHAT_BACK_TO_VERSION_8                                                                       \
+  "ALTER TABLE messages DROP COLUMN user_ordinal; ALTER TABLE log0 DROP COLUMN user_ordinal; " \
+  "ALTER TABLE log1 DROP COLUMN user_ordinal; ALTER TABLE conversations DROP COLUMN "          \
+  "user_messages; ALTER TABLE conversations DROP COLUMN gone_user_messages; ALTER TABLE "      \
+  "members DROP COLUMN sent_seq; "
 constexpr const char* kBackToVersion7 = CHAT_BACK_TO_VERSION_7 "PRAGMA user_version = 7;";
 
 constexpr const char* kBackToVersion4 = CHAT_BACK_TO_VERSION_7
