@@ -546,13 +546,7 @@ class Client::Impl final : public ClientListener, public client::SessionIo {
     }
     wake_pending_ = false;
     RunTasks();
-    // Input first, then the timers: after a gap in the loop (Poll() not called for a while, or
-    // slow callbacks) the answers that came meanwhile wait in the socket, and the requests they
-    // answer must not be given up, nor the link taken for dead, for want of reading them.
-    ReadInput();
-    if (stop_) return;
-    session_->Tick();
-    FeedEvents();
+    ReadThenTick();
     if (stop_) return;
     int64_t wait = session_->NextDeadlineMs() - options_.clock->MonotonicMs();
     wait = std::clamp<int64_t>(wait, 0, timeout_ms);
@@ -564,6 +558,13 @@ class Client::Impl final : public ClientListener, public client::SessionIo {
     transport_->Service(idle ? static_cast<int>(wait) : 0);
     FeedEvents();
     RunTasks();
+    ReadThenTick();
+  }
+
+  // Input first, then the timers: after a gap in the loop (Poll() not called for a while, or
+  // slow callbacks) the answers that came meanwhile wait in the socket, and the requests they
+  // answer must not be given up, nor the link taken for dead, for want of reading them.
+  void ReadThenTick() {
     ReadInput();
     if (stop_) return;
     session_->Tick();
