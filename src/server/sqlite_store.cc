@@ -798,10 +798,12 @@ Result<std::vector<UserId>> ReadMembers(Connection& conn, ConversationId convers
 // conversation costs three statements (idempotency probe, insert, advance; a fourth, a member's
 // sent_seq, only when a third sender takes one of the two latest senders' places) instead of
 // seven: each conversation's tail (last seq, user_ordinal, its two latest senders), its members,
-// and the memberships looked up for authorization.
+// and the memberships looked up for authorization; and the direct conversation of each pair of
+// users it looked up or created, so a message addressed by peer costs no lookup either.
 // Only the writer connection changes these rows, and every change goes through the writer's
 // SqliteTarget, which keeps the cache in step; a rolled-back transaction clears it. Bounded:
-// past kMaxConversations conversations or kMaxMemberIds cached member ids it starts over.
+// past kMaxConversations conversations or kMaxMemberIds cached member ids it starts over, and
+// the pairs past kMaxDirects.
 class WriterCache {
  public:
   // A sender and the seq of its last user message.
@@ -865,14 +867,36 @@ class WriterCache {
     it->second.members.reset();
   }
 
+  // The direct conversation of `low` and `high` (low < high), or 0 if not known. A pair's
+  // conversation never changes once created (direct rows are never deleted).
+  ConversationId FindDirect(const UserId& low, const UserId& high) const {
+    auto it = directs_.find(DirectKey(low, high));
+    return it == directs_.end() ? 0 : it->second;
+  }
+  void PutDirect(const UserId& low, const UserId& high, ConversationId conversation_id) {
+    if (directs_.size() >= kMaxDirects) directs_.clear();
+    directs_.emplace(DirectKey(low, high), conversation_id);
+  }
+
   void Clear() {
     conversations_.clear();
+    directs_.clear();
     ids_ = 0;
   }
 
  private:
   static constexpr size_t kMaxConversations = 10'000;
   static constexpr size_t kMaxMemberIds = 100'000;
+  static constexpr size_t kMaxDirects = 10'000;
+
+  // The first id's length, then both ids: unambiguous whatever bytes the ids hold.
+  static std::string DirectKey(const UserId& low, const UserId& high) {
+    std::string key = std::to_string(low.size());
+    key.reserve(key.size() + 1 + low.size() + high.size());
+    key.push_back(':');
+    key.append(low).append(high);
+    return key;
+  }
 
   struct Conversation {
     Tail tail;
@@ -889,6 +913,7 @@ class WriterCache {
   }
 
   std::unordered_map<ConversationId, Conversation> conversations_;
+  std::unordered_map<std::string, ConversationId> directs_;
   size_t ids_ = 0;  // member ids and memberships held, an upper bound (forgotten ones still count)
 };
 
@@ -1201,11 +1226,15 @@ class SqliteTarget final : public server::AppendTarget {
   }
 
   Result<ConversationId> FindDirect(const UserId& low, const UserId& high) override {
+    if (const ConversationId known = cache_.FindDirect(low, high); known != 0) return known;
     Query q(conn_, Sql::kFindDirect);
     q.Text(low).Text(high);
     Result<int64_t> id = ScalarInt(q, 0);
     if (!id.ok()) return id.status();
-    return static_cast<ConversationId>(*id);
+    const auto found = static_cast<ConversationId>(*id);
+    // An absent pair is not remembered: the batch may create it next.
+    if (found != 0) cache_.PutDirect(low, high, found);
+    return found;
   }
 
   Result<ConversationId> CreateDirect(const UserId& low, const UserId& high,
@@ -1227,6 +1256,7 @@ class SqliteTarget final : public server::AppendTarget {
       if (Status s = q.Run(); !s.ok()) return s;
     }
     cache_.ForgetMembers(id);
+    cache_.PutDirect(low, high, id);
     return id;
   }
 

@@ -2597,6 +2597,57 @@ TEST_CASE("store: sqlite: a resend whose message is missing fails alone, not its
   CHECK(read.conversation.unread == 0);
 }
 
+TEST_CASE("store: sqlite: a batch that fails half way leaves nothing of it behind") {
+  Env env(Kind::kSqlite);
+  MessageStore& store = *env.store;
+  const ConversationId ab = OpenDirect(store, "alice", "bob");
+
+  // Another connection makes the insert of one body fail, wherever the store puts it.
+  sqlite3* other = nullptr;
+  REQUIRE(sqlite3_open(env.dir.File("chat.db").c_str(), &other) == SQLITE_OK);
+  for (const char* table : {"log0", "log1", "messages"}) {
+    const std::string sql = std::string("CREATE TRIGGER fail_") + table + " BEFORE INSERT ON " +
+                            table +
+                            " WHEN NEW.body = CAST('boom' AS BLOB) BEGIN SELECT RAISE(ABORT, "
+                            "'injected'); END";
+    REQUIRE(sqlite3_exec(other, sql.c_str(), nullptr, nullptr, nullptr) == SQLITE_OK);
+  }
+  // Its first two messages advance ab and create the conversation of alice and carol before
+  // the third fails: the whole batch is rolled back.
+  std::vector<AppendResult> results;
+  const std::vector<AppendRequest> batch = {ToConversation(ab, "bob", "f-1", "reply"),
+                                            ToPeer("alice", "carol", "f-2", "hello carol"),
+                                            ToPeer("alice", "dave", "f-3", "boom")};
+  Status failed = store.Append(batch, &results);
+  CHECK(failed.code() == Code::kInternal);
+  CHECK(failed.message().find("injected") != std::string_view::npos);
+  CHECK(results.empty());
+  for (const char* table : {"log0", "log1", "messages"}) {
+    const std::string sql = std::string("DROP TRIGGER fail_") + table;
+    REQUIRE(sqlite3_exec(other, sql.c_str(), nullptr, nullptr, nullptr) == SQLITE_OK);
+  }
+  sqlite3_close(other);
+
+  // What the writer remembered of the failed batch went with it: ab goes on at seq 2, and the
+  // conversation of alice and carol is created anew.
+  AppendResult again = CommitOne(store, ToConversation(ab, "bob", "f-4", "reply again"));
+  REQUIRE(again.status.ok());
+  CHECK(again.message.seq == 2);
+  AppendResult carol = CommitOne(store, ToPeer("alice", "carol", "f-5", "hello again"));
+  REQUIRE(carol.status.ok());
+  CHECK(carol.created);
+  CHECK(carol.message.seq == 1);
+  Result<HistoryReply> h = HistoryOf(store, "carol", carol.message.conversation_id, 0, 10);
+  REQUIRE(h.ok());
+  CHECK(Seqs(h->messages) == std::vector<Seq>{1});
+  // And once known, the pair's conversation is found again without creating another.
+  AppendResult reply = CommitOne(store, ToPeer("carol", "alice", "f-6", "hi alice"));
+  REQUIRE(reply.status.ok());
+  CHECK_FALSE(reply.created);
+  CHECK(reply.message.conversation_id == carol.message.conversation_id);
+  CHECK(reply.message.seq == 2);
+}
+
 TEST_CASE("store: sqlite: a locked database makes Append Unavailable and stores nothing") {
   SqliteStoreOptions options;
   options.busy_timeout_ms = 20;
