@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cstring>
 #include <memory>
@@ -69,6 +70,9 @@ constexpr int kCloseFlushSeconds = 5;
 // docs/server.md, "How a connection is closed".
 constexpr int kDrainSeconds = 2;
 constexpr size_t kDrainMaxBytes = 16 * 1024 * 1024;
+// Once its close frame is written, what a connection sends is read by the server itself (see
+// ServerImpl::ReadInsteadOfLws), this much at a time, into one buffer for all connections.
+constexpr size_t kDrainReadBytes = 64 * 1024;
 // A connection closed before its Hello succeeded (refused with 1013 under overload or past
 // max_connections, a Hello timeout, a refused token, an oversized first message) is drained for
 // only this long: refusals come in storms, exactly when descriptors must be freed, and a client
@@ -130,11 +134,18 @@ struct Connection {
 // With the map's next pointer and key, 64 bytes make an 80-byte node (a jemalloc size class).
 static_assert(sizeof(Connection) <= 64, "Connection grew: check the per-connection memory budget");
 
+class ServerImpl;
+
 // A connection the server began closing: few at a time, so kept in ServerImpl::closing_ rather
 // than in every Connection.
 struct Closing {
   std::string reason;        // of the close frame
   size_t drained_bytes = 0;  // read and dropped since the close began
+  // Once the close frame is written, the server reads the socket itself (see
+  // ServerImpl::ReadInsteadOfLws); the watcher's data points back here.
+  ev_io reader = {};
+  ServerImpl* owner = nullptr;
+  SessionId id = 0;
 };
 
 // The close reason fits in a close frame and does not end inside a UTF-8 sequence.
@@ -250,8 +261,6 @@ Status Validate(const ServerOptions& o) {
   if (Status s = Positive(o.retention_batch_max, "retention_batch_max"); !s.ok()) return s;
   return Status::Ok();
 }
-
-class ServerImpl;
 
 // A standard-layout holder, so the timer callback can get back to its server from the sul.
 struct TickTimer {
@@ -465,6 +474,7 @@ class ServerImpl final : public Server, private server::HubIo {
     // CLOSED callbacks run inside; they find the Hub still alive.
     if (context != nullptr) lws_context_destroy(context);
     connections_.clear();
+    for (auto& [id, closing] : closing_) StopReading(closing);
     closing_.clear();
   }
 
@@ -709,9 +719,9 @@ class ServerImpl final : public Server, private server::HubIo {
   // the connection, usually before it read the close frame: it sees 1006, not the code.
   // So the close frame is written here, the write side is shut down after it (the peer reads
   // the frame, then the end of the stream), and the connection stays open, its input read and
-  // dropped, until the peer answers with its close frame or ends the stream; at most
-  // kDrainSeconds (kUnwelcomedDrainUs before Hello succeeded) and kDrainMaxBytes. Returns false
-  // when the write failed.
+  // dropped, until the peer ends the stream (or, where lws still reads, answers with its close
+  // frame: see ReadInsteadOfLws); at most kDrainSeconds (kUnwelcomedDrainUs before Hello
+  // succeeded) and kDrainMaxBytes. Returns false when the write failed.
   bool WriteCloseFrame(Connection& conn) {
     auto it = closing_.find(conn.id);
     const std::string_view reason =
@@ -727,8 +737,59 @@ class ServerImpl final : public Server, private server::HubIo {
     conn.close_sent = true;
     lws_set_timeout(conn.wsi, PENDING_TIMEOUT_USER_OK, kDrainSeconds);
     if (!conn.welcomed) lws_set_timer_usecs(conn.wsi, kUnwelcomedDrainUs);
+    if (it != closing_.end()) ReadInsteadOfLws(conn, it->second);
     ShutWriteWhenFlushed(conn);
     return true;
+  }
+
+  // After the close frame lws must not see the peer's input: lws 4.1 answers a PING by itself,
+  // with a PONG written at the next writeable event, and tells the application nothing (its
+  // server side has no callback for a PING, and lws_close_reason, which makes its client side
+  // drop PINGs, does not stop its server side from answering them). Nothing may follow a close
+  // frame, and on plain TCP the write side is shut: the PONG's write fails and lws closes the
+  // socket at once, with the peer's input unread, so the kernel answers with a reset (a client
+  // that pings while it uploads fails its next write and never reads the close frame).
+  // So lws stops reading here (its reads are paused for good) and the server reads and drops
+  // what the peer sends itself, until the peer ends its stream: it has the close frame and
+  // then the end of the server's stream, and ends its own after answering (its answer is
+  // dropped unseen with the rest). The bounds of the drain end it as before. Over TLS the bytes
+  // are records lws must decrypt and the server's side stays open (see ShutWriteWhenFlushed),
+  // and lws's own poll loop (without the libev plugin) has no watcher to give: there lws goes
+  // on reading, and a PING is still answered after the close frame.
+  void ReadInsteadOfLws(Connection& conn, Closing& closing) {
+    if (loop_ == nullptr || tls_) return;
+    lws_rx_flow_control(conn.wsi, 0);
+    closing.owner = this;
+    closing.id = conn.id;
+    ev_io_init(&closing.reader, &ServerImpl::OnDrainReadable, lws_get_socket_fd(conn.wsi), EV_READ);
+    closing.reader.data = &closing;
+    ev_io_start(loop_, &closing.reader);
+  }
+
+  static void OnDrainReadable(struct ev_loop* /*loop*/, ev_io* watcher, int /*revents*/) {
+    auto* closing = static_cast<Closing*>(watcher->data);
+    closing->owner->ReadAndDrop(*closing);
+  }
+
+  // One read per wake-up, as lws reads each connection once per loop iteration.
+  void ReadAndDrop(Closing& closing) {
+    auto it = connections_.find(closing.id);
+    if (it == connections_.end()) {
+      StopReading(closing);
+      return;
+    }
+    drain_buffer_.resize(kDrainReadBytes);
+    const ssize_t n = recv(closing.reader.fd, drain_buffer_.data(), drain_buffer_.size(), 0);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return;
+    if (n > 0 && Drain(&it->second, static_cast<size_t>(n)) == 0) return;
+    // The peer ended its stream (all it sent was read: the socket closes without a reset), or
+    // the stream failed, or the peer sent past kDrainMaxBytes.
+    StopReading(closing);
+    lws_set_timeout(it->second.wsi, PENDING_TIMEOUT_USER_OK, LWS_TO_KILL_ASYNC);
+  }
+
+  void StopReading(Closing& closing) {
+    if (ev_is_active(&closing.reader)) ev_io_stop(loop_, &closing.reader);
   }
 
   // Shuts the write side down once lws has written all of the close frame (it keeps what the
@@ -809,6 +870,8 @@ class ServerImpl final : public Server, private server::HubIo {
     // sent after a refused one is refused, not stored ahead of it.
     FlushAppends();
     store_threads_->ForgetSession(id);
+    // Before lws closes the descriptor (CLOSED comes first).
+    if (auto it = closing_.find(id); it != closing_.end()) StopReading(it->second);
     closing_.erase(id);
     connections_.erase(id);  // conn is gone from here on
     if (phase_ == Phase::kClosing && connections_.empty()) AdvanceShutdown();
@@ -1047,6 +1110,7 @@ class ServerImpl final : public Server, private server::HubIo {
   std::vector<SessionId> to_forget_;  // loop thread: for Hub::OnClose at iteration end
   std::vector<server::ReadDone> reads_done_;
   std::vector<unsigned char> write_buffer_;
+  std::vector<char> drain_buffer_;  // what a closing connection still sends is read into it
   std::mt19937 rng_;
 };
 

@@ -696,6 +696,53 @@ TEST_CASE(
   CHECK(client.ReadToEnd() == RawWs::End::kFin);
 }
 
+TEST_CASE(
+    "server runtime: a client that pings while its close is drained reads the close frame, "
+    "then the end of the stream, never a pong after it nor a reset") {
+  ServerOptions options = BaseOptions();
+  options.max_message_bytes = 64 * 1024;
+  std::unique_ptr<Server> server = MustStart(std::move(options));
+  RawWs client;
+  REQUIRE(client.Connect(server->port(), 1 << 20));
+  // As above, the pauses and the rest of the message fit well within the drain bound.
+  std::chrono::milliseconds pause{0};
+  size_t rest = 0;
+  SUBCASE("in a session: drained for 2 s") {
+    pause = std::chrono::milliseconds(200);
+    rest = 4 << 20;
+    std::string hello;
+    REQUIRE(HelloEnvelope("bob").SerializeToString(&hello));
+    REQUIRE(client.SendBinary(hello));
+    REQUIRE(client.ReadFrame().has_value());
+  }
+  SUBCASE("before Hello: drained for 250 ms") {
+    pause = std::chrono::milliseconds(60);
+    rest = 256 * 1024;
+  }
+  // The first fragment of a message is over the bound: the server writes its close frame and
+  // shuts its side down. The client, uploading, sends a keepalive ping between two fragments (as
+  // a WebSocket client may), after the close frame has arrived (unread) and before it sends the
+  // rest. Every write goes through: the server is draining, not resetting.
+  REQUIRE(client.SendHeader(0x2, 128 * 1024, /*final=*/false));
+  REQUIRE(SendPayloadBytes(client, 128 * 1024));
+  std::this_thread::sleep_for(pause);
+  REQUIRE(client.SendFrame(0x9, "keepalive"));
+  std::this_thread::sleep_for(pause);
+  CHECK(client.SendHeader(0x0, rest));
+  CHECK(SendPayloadBytes(client, rest));
+  // Only now does the client read: the close frame, with its code, and nothing after it (no
+  // pong: nothing may follow a close frame), then the end of the stream.
+  std::optional<RawWs::Frame> close = client.ReadFrame();
+  REQUIRE(close.has_value());
+  CHECK(close->opcode == 0x8);
+  REQUIRE(close->payload.size() >= 2);
+  CHECK(((static_cast<unsigned char>(close->payload[0]) << 8) |
+         static_cast<unsigned char>(close->payload[1])) == 1009);
+  CHECK(client.SendClose(1009));
+  CHECK_FALSE(client.ReadFrame().has_value());
+  CHECK(client.ReadToEnd() == RawWs::End::kFin);
+}
+
 // Options under which alice, who reads nothing, becomes a slow consumer quickly.
 ServerOptions SlowConsumerOptions() {
   ServerOptions options = BaseOptions();
