@@ -59,7 +59,7 @@ struct ServerOptions {
   uint32_t hello_timeout_ms = 10'000;         // from connect to a valid Hello; close 4001 after
   uint32_t idle_timeout_ms = 90'000;          // without any frame from the client; close 4002
   uint32_t heartbeat_interval_ms = 30'000;    // told to clients in Welcome
-  size_t max_outbound_bytes = 1024 * 1024;    // queued for one connection; past it: slow consumer
+  size_t max_outbound_bytes = 1024 * 1024;    // per connection, +16 B/envelope; then slow consumer
   uint32_t messages_per_second = 200;         // per connection, sustained (token bucket)
   uint32_t messages_burst = 400;              // per connection, bucket size
   size_t bytes_per_second = 4 * 1024 * 1024;  // per connection, inbound

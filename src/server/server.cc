@@ -98,6 +98,9 @@ constexpr size_t kReadQueueMax = 10'000;
 constexpr auto kWriteClose = static_cast<lws_write_protocol>(4);
 // A WebSocket close reason is at most 123 bytes.
 constexpr size_t kMaxCloseReasonBytes = 123;
+// What a queued envelope costs beyond its bytes: its slot in Connection::outbound. Counted
+// against max_outbound_bytes with the bytes, so a flood of tiny envelopes is bounded too.
+constexpr size_t kQueuedFrameOverhead = sizeof(codec::Frame);
 
 // Per-connection state, created at ESTABLISHED and erased at CLOSED; it lives in
 // ServerImpl::connections_ (whose nodes never move) and the wsi's opaque user pointer points at
@@ -108,6 +111,7 @@ struct Connection {
   SessionId id = 0;
   lws* wsi = nullptr;
   std::vector<codec::Frame> outbound;  // encoded envelopes waiting for a write
+  // What outbound costs: each envelope's bytes plus kQueuedFrameOverhead (see QueuedCost).
   size_t outbound_bytes = 0;
   std::unique_ptr<std::string> rx;  // the message being reassembled from fragments
   uint16_t close_code = 0;
@@ -147,6 +151,10 @@ struct Closing {
   ServerImpl* owner = nullptr;
   SessionId id = 0;
 };
+
+// What one queued envelope counts against max_outbound_bytes. A frame shared by several
+// connections counts in full for each.
+size_t QueuedCost(const codec::Frame& frame) { return frame->size() + kQueuedFrameOverhead; }
 
 // The close reason fits in a close frame and does not end inside a UTF-8 sequence.
 std::string CloseReasonBytes(std::string_view reason) {
@@ -604,7 +612,7 @@ class ServerImpl final : public Server, private server::HubIo {
     // One frame always fits an empty queue, so a large reply (a full sync page) can be sent;
     // the bound applies to what piles up behind it.
     if (!conn.outbound.empty() &&
-        conn.outbound_bytes + frame->size() > options_.max_outbound_bytes) {
+        conn.outbound_bytes + QueuedCost(frame) > options_.max_outbound_bytes) {
       Log(LogLevel::kWarn, "chat: session " + std::to_string(session) +
                                " closed as a slow consumer (" +
                                std::to_string(conn.outbound_bytes) + " bytes queued)");
@@ -613,7 +621,7 @@ class ServerImpl final : public Server, private server::HubIo {
       BeginClose(conn, server::kCloseSlowConsumer, "slow consumer");
       return;
     }
-    conn.outbound_bytes += frame->size();
+    conn.outbound_bytes += QueuedCost(frame);
     conn.outbound.push_back(std::move(frame));
     if (!conn.flush_pending) {
       conn.flush_pending = true;
@@ -846,7 +854,7 @@ class ServerImpl final : public Server, private server::HubIo {
                              " refused: " + std::string(refusal.message()));
     codec::Frame frame =
         codec::EncodeShared(codec::ErrorEnvelope(0, refusal), codec::Format::kBinary);
-    conn->outbound_bytes = frame->size();
+    conn->outbound_bytes = QueuedCost(frame);
     conn->outbound.push_back(std::move(frame));
     BeginClose(*conn, server::kCloseTryAgainLater, "try again later");
     return 0;
@@ -937,9 +945,11 @@ class ServerImpl final : public Server, private server::HubIo {
   bool WriteQueued(Connection& conn) {
     size_t n = 0;
     size_t bytes = 0;
+    size_t cost = 0;  // of the envelopes written, as counted in outbound_bytes
     const size_t limit = size_t{conn.pack_limit_kib} * 1024;
     while (n < conn.outbound.size() && (n == 0 || bytes + conn.outbound[n]->size() <= limit)) {
       bytes += conn.outbound[n]->size();
+      cost += QueuedCost(conn.outbound[n]);
       ++n;
     }
     const codec::Format format = conn.text ? codec::Format::kJson : codec::Format::kBinary;
@@ -967,7 +977,7 @@ class ServerImpl final : public Server, private server::HubIo {
       conn.outbound.erase(conn.outbound.begin(),
                           conn.outbound.begin() + static_cast<std::ptrdiff_t>(n));
     }
-    conn.outbound_bytes -= bytes;
+    conn.outbound_bytes -= cost;
     if (written < static_cast<int>(size)) {
       Log(LogLevel::kWarn, "chat: write failed on session " + std::to_string(conn.id));
       return false;

@@ -784,6 +784,43 @@ TEST_CASE("server runtime: a client that does not read is closed as a slow consu
   CHECK(bob->Barrier().has_value());
 }
 
+TEST_CASE(
+    "server runtime: a flood of tiny envelopes is bounded by max_outbound_bytes with each "
+    "envelope's queue slot counted (4003)") {
+  // A Batch of 256 Pings is answered with 256 Pongs, queued one by one while the Hub handles
+  // the Batch and written together at the end of the loop iteration: no timing involved. A
+  // Pong is about a dozen bytes, so 256 of them hold about 3 KiB; with the 16 bytes of each
+  // one's queue slot (on a 64-bit platform) they cost about 7 KiB. Under a 5,000-byte bound the
+  // bytes alone would fit.
+  v1::Envelope batch;
+  for (int i = 0; i < 256; ++i) *batch.mutable_batch()->add_envelopes() = MakePing(0, 1000 + i);
+  v1::Envelope pong;
+  pong.set_rid(1255);
+  pong.mutable_pong()->set_server_time_ms(NowMs());
+  REQUIRE(256 * pong.ByteSizeLong() < 4000);
+  ServerOptions options = BaseOptions();
+  options.max_outbound_bytes = 5000;
+
+  SUBCASE("the bound closes the flood with 4003") {
+    std::unique_ptr<Server> server = MustStart(std::move(options));
+    auto bob = MustLogin(*server, "bob");
+    REQUIRE(bob->SendEnvelope(batch).ok());
+    CHECK(bob->WaitClosed() == std::optional<int>(4003));
+    CHECK(bob->close_reason() == "slow consumer");
+  }
+  SUBCASE("under a bound with room for the slots every Ping gets its Pong") {
+    options.max_outbound_bytes = 256 * (pong.ByteSizeLong() + 2 * sizeof(void*)) + 4096;
+    std::unique_ptr<Server> server = MustStart(std::move(options));
+    auto bob = MustLogin(*server, "bob");
+    REQUIRE(bob->SendEnvelope(batch).ok());
+    for (int i = 0; i < 256; ++i) {
+      std::optional<v1::Envelope> reply = bob->WaitForRid(1000 + i);
+      REQUIRE(reply.has_value());
+      CHECK_MESSAGE(reply->has_pong(), reply->DebugString());
+    }
+  }
+}
+
 TEST_CASE("server runtime: a slow consumer's user goes offline when its close begins") {
   ServerOptions options = SlowConsumerOptions();
   options.presence_grace_ms = 0;
