@@ -62,12 +62,12 @@ constexpr size_t kMaxReceiveBufferBytes = 64 * 1024;
 constexpr uint32_t kMaxCommitDelayMs = 1000;
 // A connection asked to close has this long to take its queued frames and the close frame.
 constexpr int kCloseFlushSeconds = 5;
-// After the server's close frame, the peer has this long to answer with its own (or end the
-// stream), and what it still sends meanwhile is read and dropped up to kDrainMaxBytes; then the
-// socket is closed anyway. The byte bound is above what Linux can hold in flight by default
-// (the peer's send buffer, up to 4 MiB, and ours for receiving, up to 6 MiB), so a peer that
-// reads while it writes has read the close frame before a reset could destroy it. See
-// docs/server.md, "How a connection is closed".
+// After the server's close frame, the peer has this long to end its stream (or, where lws still
+// reads, answer with its own close frame), and what it still sends meanwhile is read and dropped
+// up to kDrainMaxBytes; then the socket is closed anyway. The byte bound is above what Linux
+// can hold in flight by default (the peer's send buffer, up to 4 MiB, and our receive buffer,
+// up to 6 MiB), so a peer that reads while it writes has read the close frame before a reset
+// could destroy it. See docs/server.md, "How a connection is closed".
 constexpr int kDrainSeconds = 2;
 constexpr size_t kDrainMaxBytes = 16 * 1024 * 1024;
 // Once its close frame is written, what a connection sends is read by the server itself (see
@@ -150,6 +150,9 @@ struct Closing {
   ev_io reader = {};
   ServerImpl* owner = nullptr;
   SessionId id = 0;
+  // The drain is over (the peer ended its stream, the stream failed, or the byte bound): the
+  // next writeable callback closes the connection.
+  bool ended = false;
 };
 
 // What one queued envelope counts against max_outbound_bytes. A frame shared by several
@@ -681,8 +684,10 @@ class ServerImpl final : public Server, private server::HubIo {
   void SubmitAppend(server::AppendJob job) override {
     batched_appends_.push_back(std::move(job));
     // The session whose frame produced this append stops being read until the writer catches
-    // up; its data waits in the kernel, and TCP pushes back on the client.
-    if (current_ != nullptr && !current_->paused && AppendsPending() >= options_.writer_queue_max) {
+    // up; its data waits in the kernel, and TCP pushes back on the client. Not one whose close
+    // began (within a Batch, after a slow-consumer close): its input is drained, not paused.
+    if (current_ != nullptr && !current_->paused && !current_->closing &&
+        AppendsPending() >= options_.writer_queue_max) {
       current_->paused = true;
       paused_.push_back(current_->id);
       lws_rx_flow_control(current_->wsi, 0);
@@ -767,6 +772,9 @@ class ServerImpl final : public Server, private server::HubIo {
   void ReadInsteadOfLws(Connection& conn, Closing& closing) {
     if (loop_ == nullptr || tls_) return;
     lws_rx_flow_control(conn.wsi, 0);
+    // For good: a pause for the writer's queue must not be lifted later (lws would then read
+    // alongside the watcher, from the middle of a frame).
+    conn.paused = false;
     closing.owner = this;
     closing.id = conn.id;
     ev_io_init(&closing.reader, &ServerImpl::OnDrainReadable, lws_get_socket_fd(conn.wsi), EV_READ);
@@ -791,9 +799,13 @@ class ServerImpl final : public Server, private server::HubIo {
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return;
     if (n > 0 && Drain(&it->second, static_cast<size_t>(n)) == 0) return;
     // The peer ended its stream (all it sent was read: the socket closes without a reset), or
-    // the stream failed, or the peer sent past kDrainMaxBytes.
+    // the stream failed, or the peer sent past kDrainMaxBytes. The close happens in the next
+    // writeable callback (the write side is shut, so the socket is writeable at once): lws
+    // closes a connection at once only from inside one of its callbacks, and a timeout set from
+    // here would wait for lws's next timer pass, up to 100 ms away.
     StopReading(closing);
-    lws_set_timeout(it->second.wsi, PENDING_TIMEOUT_USER_OK, LWS_TO_KILL_ASYNC);
+    closing.ended = true;
+    lws_callback_on_writable(it->second.wsi);
   }
 
   void StopReading(Closing& closing) {
@@ -986,6 +998,10 @@ class ServerImpl final : public Server, private server::HubIo {
   }
 
   int OnWriteable(Connection* conn) {
+    if (conn->close_sent) {
+      auto it = closing_.find(conn->id);
+      if (it != closing_.end() && it->second.ended) return -1;  // see ReadAndDrop
+    }
     if (!conn->outbound.empty()) {
       if (!WriteQueued(*conn)) return -1;
       // One write per callback; the rest (or the close frame) goes on the next one.

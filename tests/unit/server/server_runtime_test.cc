@@ -4,6 +4,7 @@
 #include <arpa/inet.h>
 #include <doctest/doctest.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -267,6 +268,12 @@ class RawWs {
     socklen_t size = sizeof(error);
     if (getsockopt(fd_, SOL_SOCKET, SO_ERROR, &error, &size) != 0) return false;
     return error != 0;
+  }
+
+  // Whether something arrived to read within `timeout_ms` (nothing is read).
+  bool WaitReadable(int timeout_ms) {
+    pollfd p{fd_, POLLIN, 0};
+    return poll(&p, 1, timeout_ms) == 1 && (p.revents & POLLIN) != 0;
   }
 
  private:
@@ -704,7 +711,7 @@ TEST_CASE(
   std::unique_ptr<Server> server = MustStart(std::move(options));
   RawWs client;
   REQUIRE(client.Connect(server->port(), 1 << 20));
-  // As above, the pauses and the rest of the message fit well within the drain bound.
+  // As above, the pause and the rest of the message fit well within the drain bound.
   std::chrono::milliseconds pause{0};
   size_t rest = 0;
   SUBCASE("in a session: drained for 2 s") {
@@ -725,7 +732,7 @@ TEST_CASE(
   // rest. Every write goes through: the server is draining, not resetting.
   REQUIRE(client.SendHeader(0x2, 128 * 1024, /*final=*/false));
   REQUIRE(SendPayloadBytes(client, 128 * 1024));
-  std::this_thread::sleep_for(pause);
+  REQUIRE(client.WaitReadable(5000));  // the close frame is there (a pong may only follow it)
   REQUIRE(client.SendFrame(0x9, "keepalive"));
   std::this_thread::sleep_for(pause);
   CHECK(client.SendHeader(0x0, rest));
@@ -739,6 +746,52 @@ TEST_CASE(
   CHECK(((static_cast<unsigned char>(close->payload[0]) << 8) |
          static_cast<unsigned char>(close->payload[1])) == 1009);
   CHECK(client.SendClose(1009));
+  CHECK_FALSE(client.ReadFrame().has_value());
+  CHECK(client.ReadToEnd() == RawWs::End::kFin);
+}
+
+TEST_CASE(
+    "server runtime: a send behind a slow-consumer close, with the writer's queue full, does not "
+    "let libwebsockets read the drain (the client still reads 4003, then the end of the stream)") {
+  // Within one Batch the Pongs overflow max_outbound_bytes (the close begins) and the Send
+  // after them finds the writer's queue full, which would pause the connection's reads; when the
+  // writer catches up the pause must not be lifted, or libwebsockets would read alongside the
+  // server's drain, from the middle of a frame, and close with a reset.
+  ServerOptions options = BaseOptions();
+  options.max_outbound_bytes = 200;
+  options.writer_queue_max = 1;
+  std::unique_ptr<Server> server = MustStart(std::move(options));
+  RawWs client;
+  REQUIRE(client.Connect(server->port(), 1 << 20));
+  std::string hello;
+  REQUIRE(HelloEnvelope("bob").SerializeToString(&hello));
+  REQUIRE(client.SendBinary(hello));
+  REQUIRE(client.ReadFrame().has_value());
+  v1::Envelope batch;
+  for (int i = 0; i < 30; ++i) *batch.mutable_batch()->add_envelopes() = MakePing(0, 100 + i);
+  *batch.mutable_batch()->add_envelopes() = MakeSendToPeer("alice", NewClientMsgId(), "x", 200);
+  std::string frame;
+  REQUIRE(batch.SerializeToString(&frame));
+  REQUIRE(client.SendBinary(frame));
+  REQUIRE(client.WaitReadable(5000));
+  // The writer has long caught up when the client, which has not read yet, uploads more, in
+  // pieces, giving the loop many chances to read each (a reader in the middle of the frame would
+  // take a payload byte for a header and close the connection).
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  CHECK(client.SendHeader(0x2, 1 << 20));
+  bool sent = true;
+  for (int i = 0; i < 16 && sent; ++i) {
+    sent = SendPayloadBytes(client, 64 * 1024);
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  CHECK(sent);
+  std::optional<RawWs::Frame> close = client.ReadFrame();
+  REQUIRE(close.has_value());
+  CHECK(close->opcode == 0x8);
+  REQUIRE(close->payload.size() >= 2);
+  CHECK(((static_cast<unsigned char>(close->payload[0]) << 8) |
+         static_cast<unsigned char>(close->payload[1])) == 4003);
+  CHECK(client.SendClose(4003));
   CHECK_FALSE(client.ReadFrame().has_value());
   CHECK(client.ReadToEnd() == RawWs::End::kFin);
 }
