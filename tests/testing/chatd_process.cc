@@ -110,6 +110,18 @@ Result<int> RunProcess(const std::vector<std::string>& argv, const std::string& 
   return ExitCodeOf(wstatus);
 }
 
+Status MakeSelfSignedCertificate(const TempDir& dir, const std::string& subject_alt_name) {
+  Result<int> code =
+      RunProcess({"/usr/bin/openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                  "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", dir.File("key.pem"), "-out",
+                  dir.File("cert.pem"), "-days", "2", "-subj", "/CN=localhost", "-addext",
+                  "subjectAltName=" + subject_alt_name},
+                 dir.path(), dir.File("openssl.log"), 30'000);
+  if (!code.ok()) return code.status();
+  if (*code != 0) return Internal("openssl req failed: " + ReadFile(dir.File("openssl.log")));
+  return Status::Ok();
+}
+
 ChatdProcess::ChatdProcess(ChatdOptions options)
     : options_(std::move(options)), secret_(RandomHex(32)) {
   // No trailing newline: the file holds exactly the secret's bytes.
@@ -168,14 +180,8 @@ Result<std::string> ChatdProcess::CliToken(std::string_view user, std::string_vi
 
 Status ChatdProcess::MakeTlsFiles() {
   if (tls_ready_) return Status::Ok();
-  Result<int> code =
-      RunProcess({"/usr/bin/openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                  "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", dir_.File("key.pem"), "-out",
-                  dir_.File("cert.pem"), "-days", "2", "-subj", "/CN=localhost", "-addext",
-                  "subjectAltName=IP:127.0.0.1,DNS:localhost"},
-                 dir_.path(), dir_.File("openssl.log"), 30'000);
-  if (!code.ok()) return code.status();
-  if (*code != 0) return Internal("openssl req failed: " + ReadFile(dir_.File("openssl.log")));
+  Status made = MakeSelfSignedCertificate(dir_, "IP:127.0.0.1,DNS:localhost");
+  if (!made.ok()) return made;
   tls_ready_ = true;
   return Status::Ok();
 }

@@ -39,6 +39,12 @@ struct ChatdOptions {
 Result<int> RunProcess(const std::vector<std::string>& argv, const std::string& cwd,
                        const std::string& log_path, int timeout_ms);
 
+// Writes a self-signed certificate (P-256, valid for two days, CN=localhost) with the given
+// subjectAltName (e.g. "IP:127.0.0.1,DNS:localhost") and its key to cert.pem and key.pem in
+// `dir`, with the openssl command. The certificate is its own CA: a client that trusts it as a
+// CA file accepts it.
+Status MakeSelfSignedCertificate(const TempDir& dir, const std::string& subject_alt_name);
+
 class ChatdProcess {
  public:
   explicit ChatdProcess(ChatdOptions options = {});

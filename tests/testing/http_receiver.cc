@@ -2,6 +2,10 @@
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <pthread.h>
+#include <signal.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -10,8 +14,24 @@
 
 namespace chat::testing {
 
-HttpReceiver::HttpReceiver(std::vector<int> statuses, bool hang)
-    : statuses_(statuses.empty() ? std::vector<int>{200} : std::move(statuses)), hang_(hang) {
+struct HttpReceiver::Tls {
+  SSL_CTX* context = nullptr;
+};
+
+HttpReceiver::HttpReceiver(HttpReceiverOptions options) : options_(std::move(options)) {
+  if (options_.statuses.empty()) throw std::invalid_argument("HttpReceiver: no statuses");
+  if (!options_.tls_cert_path.empty()) {
+    tls_ = new Tls;
+    tls_->context = SSL_CTX_new(TLS_server_method());
+    if (tls_->context == nullptr ||
+        SSL_CTX_use_certificate_chain_file(tls_->context, options_.tls_cert_path.c_str()) != 1 ||
+        SSL_CTX_use_PrivateKey_file(tls_->context, options_.tls_key_path.c_str(),
+                                    SSL_FILETYPE_PEM) != 1) {
+      SSL_CTX_free(tls_->context);
+      delete tls_;
+      throw std::runtime_error("HttpReceiver: cannot load the TLS certificate or key");
+    }
+  }
   fd_ = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
   sockaddr_in address{};
   address.sin_family = AF_INET;
@@ -30,11 +50,17 @@ HttpReceiver::~HttpReceiver() {
   shutdown(fd_, SHUT_RDWR);
   close(fd_);
   thread_.join();
+  for (void* ssl : held_tls_) SSL_free(static_cast<SSL*>(ssl));
   for (int client : held_) close(client);
+  if (tls_ != nullptr) {
+    SSL_CTX_free(tls_->context);
+    delete tls_;
+  }
 }
 
 std::string HttpReceiver::url() const {
-  return "http://127.0.0.1:" + std::to_string(port_) + "/hook";
+  return std::string(tls_ != nullptr ? "https" : "http") + "://127.0.0.1:" + std::to_string(port_) +
+         "/hook";
 }
 
 std::vector<std::string> HttpReceiver::WaitFor(size_t n) {
@@ -52,16 +78,55 @@ std::vector<std::string> HttpReceiver::WaitForBodies(size_t n) {
   return bodies;
 }
 
+std::vector<std::chrono::steady_clock::time_point> HttpReceiver::WaitForConnections(
+    size_t n, std::chrono::milliseconds limit) {
+  std::unique_lock lock(mutex_);
+  changed_.wait_for(lock, limit, [&] { return connections_.size() >= n; });
+  return connections_;
+}
+
 void HttpReceiver::Run() {
+  // A client that hangs up before the answer is written must not kill the test with SIGPIPE
+  // (SSL_write has no MSG_NOSIGNAL).
+  sigset_t pipe;
+  sigemptyset(&pipe);
+  sigaddset(&pipe, SIGPIPE);
+  pthread_sigmask(SIG_BLOCK, &pipe, nullptr);
   for (;;) {
     const int client = accept(fd_, nullptr, nullptr);
     if (client < 0) return;
+    {
+      std::lock_guard lock(mutex_);
+      connections_.push_back(std::chrono::steady_clock::now());
+    }
+    changed_.notify_all();
+    if (options_.silent) {
+      held_.push_back(client);
+      continue;
+    }
+    SSL* ssl = nullptr;
+    if (tls_ != nullptr) {
+      ssl = SSL_new(tls_->context);
+      SSL_set_fd(ssl, client);
+      // Fails when the client refuses the certificate: the connection is counted, no request.
+      if (SSL_accept(ssl) != 1) {
+        ERR_clear_error();
+        SSL_free(ssl);
+        close(client);
+        continue;
+      }
+    }
+    const auto receive = [&](char* buffer, size_t size) -> ssize_t {
+      if (ssl == nullptr) return recv(client, buffer, size, 0);
+      const int n = SSL_read(ssl, buffer, static_cast<int>(size));
+      return n > 0 ? n : -1;
+    };
     std::string request;
     char buffer[4096];
     size_t header_end = std::string::npos;
     size_t content_length = 0;
     for (;;) {
-      const ssize_t n = recv(client, buffer, sizeof(buffer), 0);
+      const ssize_t n = receive(buffer, sizeof(buffer));
       if (n <= 0) break;
       request.append(buffer, static_cast<size_t>(n));
       if (header_end == std::string::npos) {
@@ -75,20 +140,35 @@ void HttpReceiver::Run() {
         break;
       }
     }
+    if (request.empty()) {
+      // The client went away without a request (a TLS client that refused the certificate's
+      // host name after the handshake, say).
+      if (ssl != nullptr) SSL_free(ssl);
+      close(client);
+      continue;
+    }
     int status = 200;
     {
       std::lock_guard lock(mutex_);
-      status = statuses_[std::min(requests_.size(), statuses_.size() - 1)];
+      status = options_.statuses[std::min(requests_.size(), options_.statuses.size() - 1)];
       requests_.push_back(request);
     }
     changed_.notify_all();
-    if (hang_) {
+    if (options_.hang) {
       held_.push_back(client);
+      if (ssl != nullptr) held_tls_.push_back(ssl);
       continue;
     }
     const std::string response =
         "HTTP/1.1 " + std::to_string(status) + " X\r\nContent-Length: 0\r\n\r\n";
-    send(client, response.data(), response.size(), MSG_NOSIGNAL);
+    if (ssl == nullptr) {
+      send(client, response.data(), response.size(), MSG_NOSIGNAL);
+    } else {
+      SSL_write(ssl, response.data(), static_cast<int>(response.size()));
+      SSL_shutdown(ssl);
+      ERR_clear_error();
+      SSL_free(ssl);
+    }
     close(client);
   }
 }
