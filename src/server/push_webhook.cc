@@ -1,27 +1,27 @@
-// NewWebhookNotifier: POSTs push notifications as JSON over plain HTTP/1.1 from one thread.
+// NewWebhookNotifier: POSTs push notifications as JSON over HTTP or HTTPS from one thread, with
+// libcurl.
 //
-// The client is deliberately tiny: one connection per notification ("Connection: close"), only
-// the status line of the response is read, and every socket step has the attempt's deadline.
-// Notifications still queued when the notifier is destroyed are dropped, so shutdown never waits
-// on a slow receiver for more than the attempt in flight.
-#include <arpa/inet.h>
-#include <fcntl.h>
-#include <netdb.h>
-#include <poll.h>
-#include <sys/socket.h>
-#include <sys/types.h>
-#include <unistd.h>
+// One connection per notification, and only the response's status is read: the transfer stops
+// at the end of the final header block. Every attempt is bounded as a whole by timeout_ms, the
+// name lookup included (libcurl's threaded resolver, which the attempt does not wait for once
+// its time is up). Notifications still queued when the notifier is destroyed are dropped, and
+// the attempt in flight is abandoned, so shutdown never waits on a slow receiver or resolver.
+#include <curl/curl.h>
 
 #include <algorithm>
-#include <cerrno>
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdint>
 #include <cstdio>
 #include <deque>
+#include <filesystem>
+#include <fstream>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <string_view>
+#include <system_error>
 #include <thread>
 #include <utility>
 
@@ -30,16 +30,13 @@
 #include "chat/status.h"
 #include "src/core/threads.h"
 
+// CURLOPT_QUICK_EXIT (7.87.0) keeps a timed-out name lookup from being waited for.
+#if LIBCURL_VERSION_NUM < 0x075700
+#error "the push webhook needs libcurl 7.87.0 or newer"
+#endif
+
 namespace chat {
 namespace {
-
-using SteadyClock = std::chrono::steady_clock;
-
-struct ParsedUrl {
-  std::string host;
-  std::string port = "80";
-  std::string path = "/";
-};
 
 // True if `s` has a byte that may not appear unescaped in a URL's host or request target
 // (controls, space, DEL, and beyond ASCII).
@@ -50,21 +47,25 @@ bool HasUnsafeUrlBytes(std::string_view s) {
   });
 }
 
-Result<ParsedUrl> ParseHttpUrl(std::string_view url) {
-  constexpr std::string_view kScheme = "http://";
-  if (!url.starts_with(kScheme)) return InvalidArgument("webhook url must start with http://");
-  url.remove_prefix(kScheme.size());
-  // A fragment is never sent.
+// Checks `url` and returns what libcurl is given: the URL without its fragment (never sent),
+// with "/" before a query that has no path.
+Result<std::string> ParseWebhookUrl(std::string_view url) {
+  std::string_view scheme;
+  for (std::string_view candidate : {"http://", "https://"}) {
+    if (url.starts_with(candidate)) scheme = candidate;
+  }
+  if (scheme.empty()) return InvalidArgument("webhook url must start with http:// or https://");
+  url.remove_prefix(scheme.size());
   url = url.substr(0, url.find('#'));
-  ParsedUrl parsed;
   const size_t end = url.find_first_of("/?");
   std::string_view authority = url.substr(0, end);
+  std::string path = "/";
   if (end != std::string_view::npos) {
-    // "http://host?q" asks for "/?q".
-    parsed.path.assign(url[end] == '?' ? "/" : "");
-    parsed.path.append(url.substr(end));
+    path.assign(url[end] == '?' ? "/" : "");
+    path.append(url.substr(end));
   }
   const size_t colon = authority.rfind(':');
+  std::string_view host = authority;
   if (colon != std::string_view::npos) {
     std::string_view port = authority.substr(colon + 1);
     if (port.empty() || port.size() > 5 ||
@@ -72,16 +73,19 @@ Result<ParsedUrl> ParseHttpUrl(std::string_view url) {
         std::stoi(std::string(port)) < 1 || std::stoi(std::string(port)) > 65535) {
       return InvalidArgument("webhook url has an invalid port (1..65535)");
     }
-    parsed.port = std::string(port);
-    authority = authority.substr(0, colon);
+    host = authority.substr(0, colon);
   }
-  if (authority.empty()) return InvalidArgument("webhook url has no host");
-  if (authority.find_first_of("@[]") != std::string_view::npos || HasUnsafeUrlBytes(authority) ||
-      HasUnsafeUrlBytes(parsed.path)) {
+  if (host.empty()) return InvalidArgument("webhook url has no host");
+  // No user info and no IPv6 literal. Controls and spaces are refused here, not left to
+  // libcurl, since they could inject header lines.
+  if (host.find_first_of("@[]") != std::string_view::npos || HasUnsafeUrlBytes(authority) ||
+      HasUnsafeUrlBytes(path)) {
     return InvalidArgument("webhook url has invalid characters");
   }
-  parsed.host = std::string(authority);
-  return parsed;
+  std::string out(scheme);
+  out.append(authority);
+  out.append(path);
+  return out;
 }
 
 // Appends `bytes` as a JSON string. Invalid UTF-8 becomes U+FFFD, since message bodies are
@@ -167,96 +171,44 @@ std::string ToJson(const PushNotification& n) {
   return out;
 }
 
-class Socket {
- public:
-  explicit Socket(int fd) : fd_(fd) {}
-  ~Socket() {
-    if (fd_ >= 0) close(fd_);
+// libcurl's global state is set up once per process and never torn down: the application may
+// still use libcurl (or OpenSSL through it) after the last notifier is gone.
+Status InitCurl() {
+  static const CURLcode code = curl_global_init(CURL_GLOBAL_DEFAULT);
+  if (code != CURLE_OK) {
+    return Internal(std::string("webhook: curl_global_init failed: ") + curl_easy_strerror(code));
   }
-  Socket(const Socket&) = delete;
-  Socket& operator=(const Socket&) = delete;
-  int fd() const { return fd_; }
+  return Status::Ok();
+}
 
- private:
-  int fd_;
+struct EasyDeleter {
+  void operator()(CURL* easy) const { curl_easy_cleanup(easy); }
 };
+struct MultiDeleter {
+  void operator()(CURLM* multi) const { curl_multi_cleanup(multi); }
+};
+struct SlistDeleter {
+  void operator()(curl_slist* list) const { curl_slist_free_all(list); }
+};
+using EasyHandle = std::unique_ptr<CURL, EasyDeleter>;
+using MultiHandle = std::unique_ptr<CURLM, MultiDeleter>;
+using HeaderList = std::unique_ptr<curl_slist, SlistDeleter>;
 
-int RemainingMs(SteadyClock::time_point deadline) {
-  const auto left =
-      std::chrono::duration_cast<std::chrono::milliseconds>(deadline - SteadyClock::now());
-  return left.count() > 0 ? static_cast<int>(left.count()) : 0;
-}
-
-// Waits until `fd` is ready for `events` or the deadline passes.
-bool WaitFor(int fd, short events, SteadyClock::time_point deadline) {
-  for (;;) {
-    const int timeout = RemainingMs(deadline);
-    if (timeout == 0) return false;
-    pollfd p{fd, events, 0};
-    const int n = poll(&p, 1, timeout);
-    if (n > 0) return true;
-    if (n == 0 || errno != EINTR) return false;
-  }
-}
-
-// One POST. Returns the HTTP status, or 0 on a network error or timeout.
-int PostOnce(const ParsedUrl& url, const std::string& request, uint32_t timeout_ms) {
-  const auto deadline = SteadyClock::now() + std::chrono::milliseconds(timeout_ms);
-  addrinfo hints{};
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  addrinfo* addresses = nullptr;
-  if (getaddrinfo(url.host.c_str(), url.port.c_str(), &hints, &addresses) != 0) return 0;
-  std::unique_ptr<addrinfo, decltype(&freeaddrinfo)> guard(addresses, &freeaddrinfo);
-
-  for (addrinfo* a = addresses; a != nullptr; a = a->ai_next) {
-    Socket socket(
-        ::socket(a->ai_family, a->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, a->ai_protocol));
-    if (socket.fd() < 0) continue;
-    if (connect(socket.fd(), a->ai_addr, a->ai_addrlen) != 0) {
-      if (errno != EINPROGRESS || !WaitFor(socket.fd(), POLLOUT, deadline)) continue;
-      int error = 0;
-      socklen_t length = sizeof(error);
-      if (getsockopt(socket.fd(), SOL_SOCKET, SO_ERROR, &error, &length) != 0 || error != 0) {
-        continue;
-      }
-    }
-    size_t sent = 0;
-    while (sent < request.size()) {
-      if (!WaitFor(socket.fd(), POLLOUT, deadline)) return 0;
-      const ssize_t n =
-          send(socket.fd(), request.data() + sent, request.size() - sent, MSG_NOSIGNAL);
-      if (n < 0 && (errno == EAGAIN || errno == EINTR)) continue;
-      if (n <= 0) return 0;
-      sent += static_cast<size_t>(n);
-    }
-    // Only the status line matters: "HTTP/1.x NNN ...".
-    std::string response;
-    while (response.find("\r\n") == std::string::npos && response.size() < 1024) {
-      if (!WaitFor(socket.fd(), POLLIN, deadline)) return 0;
-      char buffer[512];
-      const ssize_t n = recv(socket.fd(), buffer, sizeof(buffer), 0);
-      if (n < 0 && (errno == EAGAIN || errno == EINTR)) continue;
-      if (n <= 0) break;
-      response.append(buffer, static_cast<size_t>(n));
-    }
-    if (!response.starts_with("HTTP/1.") || response.size() < 12 || response[8] != ' ') return 0;
-    int status = 0;
-    for (size_t i = 9; i < 12; ++i) {
-      if (response[i] < '0' || response[i] > '9') return 0;
-      status = status * 10 + (response[i] - '0');
-    }
-    return status;
-  }
-  return 0;
-}
+// How long one wait inside an attempt may last before the stop flag is looked at again. A stop
+// also wakes the wait at once (curl_multi_wakeup); this only bounds a wake-up that was missed.
+constexpr int kPollMs = 1000;
 
 class WebhookNotifier final : public PushNotifier {
  public:
-  WebhookNotifier(WebhookOptions options, ParsedUrl url)
-      : options_(std::move(options)), url_(std::move(url)) {
-    // The notifier may be made before the application blocks its signals.
-    thread_ = StartThreadWithSignalsBlocked("chat-push", [this] { Run(); });
+  // Sets up the transfer that every attempt reuses. Internal if libcurl cannot.
+  static Result<std::shared_ptr<PushNotifier>> Make(WebhookOptions options, std::string url) {
+    Status init = InitCurl();
+    if (!init.ok()) return init;
+    auto notifier = std::shared_ptr<WebhookNotifier>(new WebhookNotifier(std::move(options)));
+    Status configured = notifier->Configure(url);
+    if (!configured.ok()) return configured;
+    notifier->Start();
+    return std::shared_ptr<PushNotifier>(std::move(notifier));
   }
 
   ~WebhookNotifier() override {
@@ -265,7 +217,9 @@ class WebhookNotifier final : public PushNotifier {
       stopping_ = true;
     }
     wake_.notify_all();
-    thread_.join();
+    // Ends the wait of an attempt in flight; the attempt is then abandoned.
+    if (multi_ != nullptr) curl_multi_wakeup(multi_.get());
+    if (thread_.joinable()) thread_.join();
   }
 
   void Notify(PushNotification notification) override {
@@ -286,6 +240,125 @@ class WebhookNotifier final : public PushNotifier {
   }
 
  private:
+  explicit WebhookNotifier(WebhookOptions options) : options_(std::move(options)) {}
+
+  Status Configure(const std::string& url) {
+    multi_.reset(curl_multi_init());
+    easy_.reset(curl_easy_init());
+    HeaderList headers(curl_slist_append(nullptr, "Content-Type: application/json"));
+    // libcurl would otherwise ask a body over 1 KiB to wait for "100 Continue", up to a second.
+    curl_slist* more = headers ? curl_slist_append(headers.get(), "Expect:") : nullptr;
+    if (multi_ == nullptr || easy_ == nullptr || more == nullptr) {
+      return Internal("webhook: cannot set up libcurl");
+    }
+    headers_ = std::move(headers);
+    CURL* e = easy_.get();
+    const auto timeout = static_cast<long>(options_.timeout_ms);
+    bool ok = true;
+    const auto set = [&](CURLcode code) { ok = ok && code == CURLE_OK; };
+    set(curl_easy_setopt(e, CURLOPT_URL, url.c_str()));
+    set(curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https"));
+    set(curl_easy_setopt(e, CURLOPT_FOLLOWLOCATION, 0L));
+    // The receiver is reached directly, whatever http_proxy and the like say.
+    set(curl_easy_setopt(e, CURLOPT_PROXY, ""));
+    set(curl_easy_setopt(e, CURLOPT_HTTPHEADER, headers_.get()));
+    // Each attempt as a whole, and its connecting part (lookup, TCP, TLS) too.
+    set(curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, timeout));
+    set(curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, timeout));
+    // Timeouts without SIGALRM: the process's signals belong to the application.
+    set(curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L));
+    // An attempt that timed out or was abandoned during the name lookup leaves the resolver
+    // thread behind (it ends when the system resolver answers) instead of waiting for it.
+    set(curl_easy_setopt(e, CURLOPT_QUICK_EXIT, 1L));
+    // One connection per notification, as a receiver that answers and closes expects.
+    set(curl_easy_setopt(e, CURLOPT_FORBID_REUSE, 1L));
+    set(curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, 1L));
+    set(curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, 2L));
+    if (!options_.ca_file.empty()) {
+      // These CAs instead of the system's, not in addition to them.
+      set(curl_easy_setopt(e, CURLOPT_CAINFO, options_.ca_file.c_str()));
+      set(curl_easy_setopt(e, CURLOPT_CAPATH, static_cast<char*>(nullptr)));
+    }
+    set(curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, &WebhookNotifier::OnHeader));
+    set(curl_easy_setopt(e, CURLOPT_HEADERDATA, this));
+    set(curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, &WebhookNotifier::OnBody));
+    set(curl_easy_setopt(e, CURLOPT_ERRORBUFFER, error_buffer_));
+    if (!ok) return Internal("webhook: libcurl refused an option");
+    return Status::Ok();
+  }
+
+  void Start() {
+    // The notifier may be made before the application blocks its signals. libcurl's resolver
+    // threads, started from this one, inherit its mask.
+    thread_ = StartThreadWithSignalsBlocked("chat-push", [this] { Run(); });
+  }
+
+  // Called with each header line of the response, the blank line that ends a block included.
+  static size_t OnHeader(char* data, size_t size, size_t count, void* user) {
+    auto* self = static_cast<WebhookNotifier*>(user);
+    const size_t n = size * count;
+    const std::string_view line(data, n);
+    if (line != "\r\n" && line != "\n") return n;
+    long code = 0;
+    curl_easy_getinfo(self->easy_.get(), CURLINFO_RESPONSE_CODE, &code);
+    // An interim 1xx answer: the final one follows.
+    if (code < 200) return n;
+    self->status_ = code;
+    // The status is all that is needed: stop before the body (libcurl reports a write error).
+    return 0;
+  }
+
+  // Not reached, since OnHeader stops first; without it libcurl would copy a body to stdout.
+  static size_t OnBody(char*, size_t, size_t, void*) { return 0; }
+
+  // One POST. Returns the HTTP status, or 0 on a network error, a timeout or a stop, with the
+  // reason in `error`.
+  long PostOnce(const std::string& body, std::string& error) {
+    CURL* e = easy_.get();
+    CURLM* m = multi_.get();
+    status_ = 0;
+    error_buffer_[0] = '\0';
+    curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, static_cast<curl_off_t>(body.size()));
+    curl_easy_setopt(e, CURLOPT_POSTFIELDS, body.c_str());
+    CURLMcode multi_code = curl_multi_add_handle(m, e);
+    if (multi_code != CURLM_OK) {
+      error = curl_multi_strerror(multi_code);
+      return 0;
+    }
+    bool done = false;
+    CURLcode result = CURLE_OK;
+    for (;;) {
+      int running = 0;
+      multi_code = curl_multi_perform(m, &running);
+      int left = 0;
+      while (CURLMsg* message = curl_multi_info_read(m, &left)) {
+        if (message->msg == CURLMSG_DONE) {
+          done = true;
+          result = message->data.result;
+        }
+      }
+      if (done || multi_code != CURLM_OK || running == 0) break;
+      if (stopping_) break;
+      multi_code = curl_multi_poll(m, nullptr, 0, kPollMs, nullptr);
+      if (multi_code != CURLM_OK) break;
+    }
+    curl_multi_remove_handle(m, e);
+    if (status_ != 0) return status_;
+    if (done && result == CURLE_OK) {
+      long code = 0;
+      curl_easy_getinfo(e, CURLINFO_RESPONSE_CODE, &code);
+      if (code != 0) return code;
+    }
+    if (done) {
+      error = error_buffer_[0] != '\0' ? error_buffer_ : curl_easy_strerror(result);
+    } else if (multi_code != CURLM_OK) {
+      error = curl_multi_strerror(multi_code);
+    } else {
+      error = "stopped";
+    }
+    return 0;
+  }
+
   void Run() {
     std::unique_lock lock(mutex_);
     for (;;) {
@@ -295,17 +368,11 @@ class WebhookNotifier final : public PushNotifier {
       queue_.pop_front();
       lock.unlock();
       const std::string body = ToJson(notification);
-      const std::string request =
-          "POST " + url_.path + " HTTP/1.1\r\nHost: " + url_.host +
-          (url_.port == "80" ? "" : ":" + url_.port) +
-          "\r\nContent-Type: application/json\r\nContent-Length: " + std::to_string(body.size()) +
-          "\r\nConnection: close\r\n\r\n" + body;
-      lock.lock();
       uint32_t backoff_ms = options_.backoff_ms;
       for (uint32_t attempt = 0;; ++attempt) {
-        lock.unlock();
-        const int status = PostOnce(url_, request, options_.timeout_ms);
-        lock.lock();
+        std::string error;
+        const long status = PostOnce(body, error);
+        if (stopping_) return;
         if (status >= 200 && status < 500) {
           if (status >= 300) {
             Log(LogLevel::kWarn,
@@ -313,39 +380,61 @@ class WebhookNotifier final : public PushNotifier {
           }
           break;
         }
-        if (attempt >= options_.max_retries || stopping_) {
-          Log(LogLevel::kWarn, "chat: push webhook failed (HTTP " + std::to_string(status) +
-                                   ", 0 = network error); gave up");
+        const std::string reason = status != 0 ? "HTTP " + std::to_string(status) : error;
+        if (attempt >= options_.max_retries) {
+          Log(LogLevel::kWarn, "chat: push webhook failed (" + reason + "); gave up after " +
+                                   std::to_string(attempt + 1) +
+                                   (attempt == 0 ? " attempt" : " attempts"));
           break;
         }
+        Log(LogLevel::kDebug, "chat: push webhook failed (" + reason + "); retrying in " +
+                                  std::to_string(backoff_ms) + " ms");
+        lock.lock();
         // The wait ends early on shutdown.
-        wake_.wait_for(lock, std::chrono::milliseconds(backoff_ms), [this] { return stopping_; });
+        wake_.wait_for(lock, std::chrono::milliseconds(backoff_ms),
+                       [this] { return stopping_.load(); });
         if (stopping_) return;
+        lock.unlock();
         backoff_ms = backoff_ms > UINT32_MAX / 2 ? UINT32_MAX : backoff_ms * 2;
       }
+      lock.lock();
     }
   }
 
   const WebhookOptions options_;
-  const ParsedUrl url_;
+  // Used by the notifier's thread only, except curl_multi_wakeup (any thread).
+  MultiHandle multi_;
+  EasyHandle easy_;
+  HeaderList headers_;  // referenced by easy_
+  char error_buffer_[CURL_ERROR_SIZE] = {};
+  long status_ = 0;  // of the attempt in flight, once its final header block ended
+
   std::mutex mutex_;
   std::condition_variable wake_;
   std::deque<PushNotification> queue_;  // at most options_.max_queue
   uint64_t dropped_ = 0;
-  bool stopping_ = false;
+  // Written under mutex_ (for wake_); read without it during an attempt.
+  std::atomic<bool> stopping_ = false;
   // Declared last: started once everything it uses exists.
   std::thread thread_;
 };
 
+bool Readable(const std::string& path) {
+  std::error_code error;
+  return std::filesystem::is_regular_file(path, error) && std::ifstream(path).good();
+}
+
 }  // namespace
 
 Result<std::shared_ptr<PushNotifier>> NewWebhookNotifier(WebhookOptions options) {
-  Result<ParsedUrl> url = ParseHttpUrl(options.url);
+  Result<std::string> url = ParseWebhookUrl(options.url);
   if (!url.ok()) return url.status();
   if (options.timeout_ms == 0) return InvalidArgument("webhook timeout_ms must be positive");
   if (options.max_queue == 0) return InvalidArgument("webhook max_queue must be positive");
-  return std::shared_ptr<PushNotifier>(
-      std::make_shared<WebhookNotifier>(std::move(options), std::move(*url)));
+  if (!options.ca_file.empty() && !Readable(options.ca_file)) {
+    return InvalidArgument("webhook ca_file cannot be read: " + options.ca_file);
+  }
+  return WebhookNotifier::Make(std::move(options), std::move(*url));
 }
 
 }  // namespace chat

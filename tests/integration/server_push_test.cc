@@ -99,7 +99,7 @@ TEST_CASE("server push: --no-push-preview sends an empty preview") {
 }
 
 TEST_CASE("server push: a bad --push-webhook url is a usage error") {
-  ChatdProcess chatd({.extra_flags = {"--push-webhook", "https://example.com/"}});
+  ChatdProcess chatd({.extra_flags = {"--push-webhook", "ftp://example.com/"}});
   CHECK_FALSE(chatd.Start().ok());
 }
 

@@ -1,5 +1,5 @@
 // Push notifications in the Hub (collapse, online users, preview, device tokens) and the webhook
-// notifier against a loopback HTTP receiver.
+// notifier against a loopback HTTP and HTTPS receiver.
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
@@ -7,17 +7,23 @@
 
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <thread>
+#include <utility>
 #include <vector>
 
+#include "chat/log.h"
 #include "chat/push.h"
 #include "chat/server.h"
 #include "chat/store.h"
+#include "tests/testing/chatd_process.h"
 #include "tests/testing/envelopes.h"
 #include "tests/testing/http_receiver.h"
 #include "tests/testing/hub_harness.h"
@@ -516,11 +522,12 @@ TEST_CASE("push tokens: a store without support answers FailedPrecondition") {
 
 // --- Webhook ---
 
-TEST_CASE("push webhook: a url that is not http://host[:port][/path] is INVALID_ARGUMENT") {
+TEST_CASE("push webhook: a url that is not http[s]://host[:port][/path] is INVALID_ARGUMENT") {
   for (const char* url :
-       {"", "https://example.com/", "http://", "http://host:abc/", "http://host:/", "ftp://host/",
-        "http://host:0/", "http://host:65536/", "http://host:99999/", "http://?x", "http://#x",
-        "http://ho\r\nst/", "http://host/a b", "http://host/\x7f", "http://[::1]/"}) {
+       {"", "http://", "https://", "http://host:abc/", "http://host:/", "ftp://host/",
+        "HTTP://host/", "http://host:0/", "http://host:65536/", "https://host:99999/", "http://?x",
+        "http://#x", "http://ho\r\nst/", "http://host/a b", "https://host/a\r\nX: y",
+        "http://host/\x7f", "http://[::1]/", "https://user:pw@host/"}) {
     CAPTURE(url);
     auto notifier = NewWebhookNotifier({.url = url});
     REQUIRE_FALSE(notifier.ok());
@@ -531,6 +538,18 @@ TEST_CASE("push webhook: a url that is not http://host[:port][/path] is INVALID_
   CHECK(NewWebhookNotifier({.url = "http://127.0.0.1:1/x", .max_queue = 0}).status().code() ==
         Code::kInvalidArgument);
   CHECK(NewWebhookNotifier({.url = "http://localhost/push"}).ok());
+  CHECK(NewWebhookNotifier({.url = "https://localhost:8443/push?key=1"}).ok());
+}
+
+TEST_CASE("push webhook: a ca_file that cannot be read is INVALID_ARGUMENT") {
+  TempDir dir;
+  for (const std::string& path : {dir.File("missing.pem"), dir.path()}) {
+    CAPTURE(path);
+    auto notifier = NewWebhookNotifier({.url = "https://localhost/push", .ca_file = path});
+    REQUIRE_FALSE(notifier.ok());
+    CHECK(notifier.status().code() == Code::kInvalidArgument);
+    CHECK(notifier.status().message().find("ca_file") != std::string::npos);
+  }
 }
 
 PushNotification Sample() {
@@ -546,6 +565,12 @@ PushNotification Sample() {
   return n;
 }
 
+constexpr std::string_view kSampleJson =
+    "{\"user\":\"bob\",\"conversation_id\":\"18446744073709551615\",\"sender\":\"alice\","
+    "\"seq\":\"7\",\"server_time_ms\":\"1700000000000\","
+    "\"preview\":\"say \\\"hi\\\"\\u000a\\ufffd\",\"collapsed\":2,\"unread_total\":\"0\","
+    "\"tokens\":[{\"device\":\"b1\",\"platform\":\"fcm\",\"token\":\"tok\"}]}";
+
 TEST_CASE("push webhook: posts the notification as JSON") {
   HttpReceiver receiver({200});
   auto notifier = NewWebhookNotifier({.url = receiver.url()});
@@ -560,11 +585,7 @@ TEST_CASE("push webhook: posts the notification as JSON") {
   CHECK(r.find("\r\nHost: " + authority + "\r\n") != std::string::npos);
   CHECK(r.find("Content-Type: application/json\r\n") != std::string::npos);
   const std::string body = r.substr(r.find("\r\n\r\n") + 4);
-  CHECK(body ==
-        "{\"user\":\"bob\",\"conversation_id\":\"18446744073709551615\",\"sender\":\"alice\","
-        "\"seq\":\"7\",\"server_time_ms\":\"1700000000000\","
-        "\"preview\":\"say \\\"hi\\\"\\u000a\\ufffd\",\"collapsed\":2,\"unread_total\":\"0\","
-        "\"tokens\":[{\"device\":\"b1\",\"platform\":\"fcm\",\"token\":\"tok\"}]}");
+  CHECK(body == kSampleJson);
 }
 
 TEST_CASE("push webhook: a url with a query and no path posts to /?query, without the fragment") {
@@ -610,6 +631,148 @@ TEST_CASE("push webhook: an unreachable receiver never blocks Notify, and the qu
   // The test fails by its time limit if Notify waited for the network. Destroying the notifier
   // at the end drops what is queued and joins its thread.
   for (int i = 0; i < 1000; ++i) (*notifier)->Notify(Sample());
+}
+
+// Collects the log lines of one test; the default sink is back when it is destroyed.
+class LogCapture {
+ public:
+  LogCapture() {
+    SetLogSink([this](LogLevel level, std::string_view line) {
+      std::lock_guard lock(mutex_);
+      lines_.emplace_back(level, line);
+    });
+  }
+  ~LogCapture() { SetLogSink(nullptr); }
+  LogCapture(const LogCapture&) = delete;
+  LogCapture& operator=(const LogCapture&) = delete;
+
+  // The first line at `level` that has every one of `parts`, waiting up to `limit` for it; ""
+  // if none came.
+  std::string WaitFor(LogLevel level, std::vector<std::string_view> parts,
+                      std::chrono::milliseconds limit) {
+    const auto deadline = std::chrono::steady_clock::now() + limit;
+    for (;;) {
+      {
+        std::lock_guard lock(mutex_);
+        for (const auto& [l, line] : lines_) {
+          if (l == level && std::all_of(parts.begin(), parts.end(), [&](std::string_view part) {
+                return line.find(part) != std::string::npos;
+              })) {
+            return line;
+          }
+        }
+      }
+      if (std::chrono::steady_clock::now() >= deadline) return "";
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<std::pair<LogLevel, std::string>> lines_;
+};
+
+// A receiver over https with a self-signed certificate for `subject_alt_name`, made in `dir`.
+HttpReceiver HttpsReceiver(const TempDir& dir, const std::string& subject_alt_name,
+                           HttpReceiverOptions options = {}) {
+  Status made = MakeSelfSignedCertificate(dir, subject_alt_name);
+  REQUIRE_MESSAGE(made.ok(), made.ToString());
+  options.tls_cert_path = dir.File("cert.pem");
+  options.tls_key_path = dir.File("key.pem");
+  return HttpReceiver(std::move(options));
+}
+
+TEST_CASE("push webhook: over https, a receiver trusted through ca_file gets the JSON") {
+  TempDir dir;
+  HttpReceiver receiver = HttpsReceiver(dir, "IP:127.0.0.1");
+  REQUIRE(receiver.url().starts_with("https://127.0.0.1:"));
+  auto notifier = NewWebhookNotifier({.url = receiver.url(), .ca_file = dir.File("cert.pem")});
+  REQUIRE(notifier.ok());
+  (*notifier)->Notify(Sample());
+  const std::vector<std::string> requests = receiver.WaitFor(1);
+  REQUIRE(requests.size() == 1);
+  CHECK(requests[0].starts_with("POST /hook HTTP/1.1\r\n"));
+  CHECK(requests[0].find("Content-Type: application/json\r\n") != std::string::npos);
+  CHECK(requests[0].substr(requests[0].find("\r\n\r\n") + 4) == kSampleJson);
+}
+
+TEST_CASE("push webhook: over https, a certificate the system does not trust gets nothing") {
+  TempDir dir;
+  HttpReceiver receiver = HttpsReceiver(dir, "IP:127.0.0.1");
+  LogCapture log;
+  // No ca_file: the system's CAs, which do not include the test's self-signed certificate.
+  auto notifier = NewWebhookNotifier({.url = receiver.url(), .max_retries = 1, .backoff_ms = 1});
+  REQUIRE(notifier.ok());
+  (*notifier)->Notify(Sample());
+  // The first attempt and its retry, each refused at the handshake, then a warning with the
+  // reason.
+  CHECK(receiver.WaitForConnections(2, std::chrono::seconds(30)).size() == 2);
+  CHECK(log.WaitFor(LogLevel::kWarn, {"push webhook failed", "certificate", "gave up after 2"},
+                    std::chrono::seconds(30)) != "");
+  CHECK(receiver.WaitFor(0).empty());
+}
+
+TEST_CASE("push webhook: over https, a certificate for another host name gets nothing") {
+  TempDir dir;
+  HttpReceiver receiver = HttpsReceiver(dir, "DNS:relay.example");
+  LogCapture log;
+  // The certificate chains to ca_file, but the URL names 127.0.0.1.
+  auto notifier = NewWebhookNotifier(
+      {.url = receiver.url(), .ca_file = dir.File("cert.pem"), .max_retries = 0});
+  REQUIRE(notifier.ok());
+  (*notifier)->Notify(Sample());
+  const std::string line = log.WaitFor(LogLevel::kWarn, {"push webhook failed", "gave up after 1"},
+                                       std::chrono::seconds(30));
+  CHECK(line.find("127.0.0.1") != std::string::npos);
+  CHECK(receiver.WaitForConnections(1, std::chrono::seconds(0)).size() == 1);
+  CHECK(receiver.WaitFor(0).empty());
+}
+
+// The receiver accepts the connection and never answers; each attempt must end by itself after
+// timeout_ms, and the notification is tried again.
+void EachAttemptEndsAfterTimeout(HttpReceiver& receiver, const std::string& ca_file) {
+  constexpr auto kTimeout = std::chrono::milliseconds(500);
+  auto notifier = NewWebhookNotifier({.url = receiver.url(),
+                                      .ca_file = ca_file,
+                                      .timeout_ms = static_cast<uint32_t>(kTimeout.count()),
+                                      .max_retries = 1,
+                                      .backoff_ms = 1});
+  REQUIRE(notifier.ok());
+  (*notifier)->Notify(Sample());
+  const auto connections = receiver.WaitForConnections(2, std::chrono::seconds(30));
+  REQUIRE(connections.size() == 2);
+  const auto gap = connections[1] - connections[0];
+  // Not refused at once, and not held much past its time (generous slack for a loaded machine
+  // under the sanitizers).
+  CHECK(gap >= kTimeout - std::chrono::milliseconds(100));
+  CHECK(gap < kTimeout + std::chrono::seconds(10));
+}
+
+TEST_CASE("push webhook: a receiver that never answers: each attempt ends after timeout_ms") {
+  HttpReceiver receiver({200}, /*hang=*/true);
+  EachAttemptEndsAfterTimeout(receiver, "");
+  // The first attempt sent its request and waited for the answer until its time was up.
+  CHECK(receiver.WaitFor(1)[0].starts_with("POST /hook HTTP/1.1\r\n"));
+}
+
+TEST_CASE("push webhook: an https receiver that never does the handshake: attempts end too") {
+  TempDir dir;
+  HttpReceiver receiver = HttpsReceiver(dir, "IP:127.0.0.1", {.silent = true});
+  EachAttemptEndsAfterTimeout(receiver, dir.File("cert.pem"));
+}
+
+TEST_CASE("push webhook: destroying the notifier abandons the attempt in flight") {
+  HttpReceiver receiver({200}, /*hang=*/true);
+  // The attempt would last far longer than the test's CTest timeout.
+  auto notifier = NewWebhookNotifier({.url = receiver.url(), .timeout_ms = 3'600'000});
+  REQUIRE(notifier.ok());
+  (*notifier)->Notify(Sample());
+  (*notifier)->Notify(Sample());  // still queued: dropped
+  REQUIRE(receiver.WaitFor(1).size() == 1);
+  const auto start = std::chrono::steady_clock::now();
+  notifier->reset();
+  CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(10));
+  CHECK(receiver.WaitFor(0).size() == 1);
 }
 
 }  // namespace
