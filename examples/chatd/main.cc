@@ -348,6 +348,7 @@ struct ServeFlags {
   SecretFlags secret;
   bool no_healthz = false;
   std::string push_webhook;
+  std::string push_webhook_ca_file;
   bool no_push_preview = false;
 };
 
@@ -399,8 +400,15 @@ void AddServeFlags(CLI::App* serve, ServeFlags* f) {
   AddSecretFlags(serve, &f->secret);
   chat::examples::AddLogLevelOption(serve, &f->log_level, "debug, info, warn, error or off");
   serve->add_flag("--no-healthz", f->no_healthz, "Do not answer GET /healthz");
-  serve->add_option("--push-webhook", f->push_webhook,
-                    "POST push notifications for offline users as JSON to this http:// URL");
+  CLI::Option* push_webhook =
+      serve->add_option("--push-webhook", f->push_webhook,
+                        "POST push notifications for offline users as JSON to this http:// or "
+                        "https:// URL");
+  serve
+      ->add_option("--push-webhook-ca-file", f->push_webhook_ca_file,
+                   "PEM file of the CAs to verify an https webhook with, instead of the "
+                   "system's")
+      ->needs(push_webhook);
   serve
       ->add_option("--push-collapse-ms", o.push_collapse_ms,
                    "One push per user and conversation within this window")
@@ -567,8 +575,8 @@ int Serve(ServeFlags& flags) {
   options.serve_healthz = !flags.no_healthz;
   options.push_preview = !flags.no_push_preview;
   if (!flags.push_webhook.empty()) {
-    chat::Result<std::shared_ptr<chat::PushNotifier>> push =
-        chat::NewWebhookNotifier({.url = flags.push_webhook});
+    chat::Result<std::shared_ptr<chat::PushNotifier>> push = chat::NewWebhookNotifier(
+        {.url = flags.push_webhook, .ca_file = flags.push_webhook_ca_file});
     if (!push.ok()) {
       std::cerr << "chatd: --push-webhook: " << push.status().message() << "\n";
       return kExitUsage;

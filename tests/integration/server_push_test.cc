@@ -1,5 +1,5 @@
 // Push notifications through the real chatd: --push-webhook against an HTTP receiver the test
-// runs on loopback.
+// runs on loopback, over http and https.
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
@@ -16,6 +16,7 @@
 
 #include "tests/integration/server_test_helpers.h"
 #include "tests/testing/http_receiver.h"
+#include "tests/testing/temp_dir.h"
 
 namespace chat::testing {
 namespace {
@@ -98,9 +99,33 @@ TEST_CASE("server push: --no-push-preview sends an empty preview") {
   CHECK(bodies[0].find("secret") == std::string::npos);
 }
 
-TEST_CASE("server push: a bad --push-webhook url is a usage error") {
-  ChatdProcess chatd({.extra_flags = {"--push-webhook", "ftp://example.com/"}});
-  CHECK_FALSE(chatd.Start().ok());
+TEST_CASE("server push: a bad --push-webhook url or CA file is a usage error") {
+  TempDir dir;
+  const std::vector<std::vector<std::string>> bad = {
+      {"--push-webhook", "ftp://example.com/"},
+      {"--push-webhook", "https://example.com/", "--push-webhook-ca-file", dir.File("none.pem")},
+      // The CA file only means something with a webhook.
+      {"--push-webhook-ca-file", dir.File("none.pem")}};
+  for (const std::vector<std::string>& flags : bad) {
+    CAPTURE(flags.back());
+    ChatdProcess chatd({.extra_flags = flags});
+    CHECK_FALSE(chatd.Start().ok());
+  }
+}
+
+TEST_CASE("server push: an https webhook trusted with --push-webhook-ca-file gets the call") {
+  TempDir dir;
+  REQUIRE(MakeSelfSignedCertificate(dir, "IP:127.0.0.1").ok());
+  HttpReceiver receiver(
+      {.tls_cert_path = dir.File("cert.pem"), .tls_key_path = dir.File("key.pem")});
+  ChatdProcess chatd({.extra_flags = {"--push-webhook", receiver.url(), "--push-webhook-ca-file",
+                                      dir.File("cert.pem"), "--push-collapse-ms", "10"}});
+  MustStart(chatd);
+  auto alice = MustLogin(chatd, "alice", "a1");
+  MustAck(*alice, MakeSendToPeer("carol", NewClientMsgId(), "over tls"));
+  const std::vector<std::string> bodies = receiver.WaitForBodies(1);
+  CHECK(CountFor(bodies, "carol") == 1);
+  CHECK(bodies[0].find("\"preview\":\"over tls\"") != std::string::npos);
 }
 
 void DeliveryKeepsWorking(HttpReceiver& receiver) {
