@@ -8,9 +8,9 @@ BUILD_TEST ?= build/asan
 BUILD_RUN ?= build/release
 BUILD_TSAN ?= build/tsan
 # The threaded parts, run again under ThreadSanitizer: the server runtime and its store threads,
-# concurrent SQLite readers, the Snowflake generator, the slot pool and the client (Start/Poll/Close
-# threads).
-TSAN_TESTS ?= unit_client|server runtime|store threads|store: sqlite|snowflake|slot pool
+# concurrent SQLite readers, the Snowflake generator, the slot pool, the push webhook's thread
+# (libcurl, stopped from another thread) and the client (Start/Poll/Close threads).
+TSAN_TESTS ?= unit_client|server runtime|store threads|store: sqlite|snowflake|slot pool|push webhook
 
 .PHONY: all deps test test-asan test-tsan test-release run build-test build-run format clean bench
 
