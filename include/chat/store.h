@@ -223,10 +223,27 @@ struct SweepRequest {
   int64_t resend_window_ms = 7LL * 24 * 60 * 60 * 1000;
 };
 
+// One conversation whose oldest messages a retention pass deleted.
+struct ExpiredRange {
+  ConversationId conversation_id = 0;
+  ConversationKind kind = ConversationKind::kUnspecified;
+  Seq first_seq = 0;  // the lowest seq still stored after the pass; 0 when none is
+  // The highest seq the pass deleted: every seq up to it is gone (first_seq - 1 when first_seq
+  // is not 0; else the conversation's last seq when the pass ran).
+  Seq up_to_seq = 0;
+  // Who is told, as AppendResult::recipients: every current member of a direct conversation or
+  // group, at the pass's commit. Channels never list their members (they are told through the
+  // connections subscribed to them); removed members are never listed.
+  std::vector<UserId> recipients;
+};
+
 struct SweepResult {
   uint64_t deleted = 0;       // messages deleted by this call
   uint64_t keys_dropped = 0;  // keys of deleted messages dropped, their resend window over
   bool has_more = false;      // the bound cut the pass: expired messages or keys (may) remain
+  // One entry per conversation the pass deleted messages of, by ascending id: at most
+  // max_messages entries (each deleted at least one message).
+  std::vector<ExpiredRange> expired;
 };
 
 // What a push notification needs to know about one user; see MessageStore::PushTargets.
@@ -283,7 +300,9 @@ class CHAT_EXPORT MessageStore {
   // request.resend_window_ms: a resend of it within that time is acknowledged as a duplicate
   // with the original's conversation, seq, message_id and server time (Append's result holds
   // them, without body). Keys whose window is over are dropped by the same calls, and count
-  // with the messages toward max_messages. Called by one thread at a time, like Append.
+  // with the messages toward max_messages. SweepResult::expired names each conversation whose
+  // messages the call deleted, with its new first_seq and the members to tell (the server sends
+  // their online devices a MessagesExpired notice). Called by one thread at a time, like Append.
   // InvalidArgument if max_messages is 0 or default_retention_ms or resend_window_ms is
   // negative. The default
   // implementation returns FailedPrecondition (not supported by this store).

@@ -471,6 +471,7 @@ class MemoryStore final : public MessageStore {
       const int64_t ttl = server::EffectiveRetention(c.retention_ms, request.default_retention_ms);
       if (ttl <= 0) continue;
       const int64_t cutoff = request.now_ms - ttl;
+      Seq through = 0;  // the last seq deleted here
       // Only the oldest run goes, so the stored range stays contiguous even if the clock that
       // stamped the messages stepped back.
       while (!c.messages.empty() && c.messages.begin()->second.server_time_ms < cutoff) {
@@ -492,10 +493,23 @@ class MemoryStore final : public MessageStore {
         if (!c.user_seqs.empty() && c.user_seqs.front() == c.messages.begin()->first) {
           c.user_seqs.pop_front();
         }
+        through = c.messages.begin()->first;
         c.messages.erase(c.messages.begin());
         ++result.deleted;
       }
       c.first_seq = c.messages.empty() ? 0 : c.messages.begin()->first;
+      if (through != 0) {
+        ExpiredRange& range = result.expired.emplace_back();
+        range.conversation_id = id;
+        range.kind = c.kind;
+        range.first_seq = c.first_seq;
+        range.up_to_seq = through;
+        if (c.kind != ConversationKind::kChannel) {
+          for (const auto& [user, member] : c.members) {
+            if (member.current()) range.recipients.push_back(user);
+          }
+        }
+      }
       if (result.has_more) break;
     }
     return result;

@@ -464,8 +464,9 @@ constexpr std::array<const char*, static_cast<size_t>(Sql::kCount)> kSql = {
     CHAT_ALL_MESSAGES("seq, user_ordinal", "0", " AND seq <= ?2") " ORDER BY seq DESC LIMIT 1",
     CHAT_ALL_MESSAGES(CHAT_MESSAGE_COLUMNS, "?2 - 1", " AND seq <= ?3") " ORDER BY seq LIMIT ?4",
     CHAT_ALL_MESSAGES(CHAT_MESSAGE_COLUMNS, "0", " AND seq < ?2") " ORDER BY seq DESC LIMIT ?3",
-    "SELECT conversation_id, first_seq, CASE WHEN retention_ms > 0 THEN retention_ms ELSE ?1 END "
-    "FROM conversations WHERE first_seq > 0 AND (retention_ms > 0 OR (retention_ms = 0 AND ?1 > "
+    "SELECT conversation_id, first_seq, CASE WHEN retention_ms > 0 THEN retention_ms ELSE ?1 END, "
+    "kind FROM conversations WHERE first_seq > 0 AND (retention_ms > 0 OR (retention_ms = 0 AND ?1 "
+    "> "
     "0)) "
     "ORDER BY conversation_id",
     CHAT_ALL_MESSAGES("seq, ts, client_msg_id, sender, message_id, user_ordinal", "?2 - 1",
@@ -1934,6 +1935,7 @@ class SqliteStore final : public MessageStore {
       ConversationId conversation_id;
       Seq first_seq;
       int64_t retention_ms;
+      ConversationKind kind;
     };
     struct DeletedKey {
       std::string client_msg_id;
@@ -1962,7 +1964,8 @@ class SqliteStore final : public MessageStore {
         Result<bool> row = q.Step();
         if (!row.ok()) return row.status();
         if (!*row) break;
-        candidates.push_back({q.ColumnU64(0), q.ColumnU64(1), q.ColumnInt(2)});
+        candidates.push_back({q.ColumnU64(0), q.ColumnU64(1), q.ColumnInt(2),
+                              static_cast<ConversationKind>(q.ColumnInt(3))});
       }
     }
     for (const Candidate& c : candidates) {
@@ -2012,9 +2015,27 @@ class SqliteStore final : public MessageStore {
         q.U64(c.conversation_id).U64(through);
         if (Status s = q.Run(); !s.ok()) return s;
       }
-      Query q(*writer_, Sql::kSetFirstSeq);
-      q.U64(c.conversation_id).U64(next).U64(gone_user_messages);
-      if (Status s = q.Run(); !s.ok()) return s;
+      {
+        Query q(*writer_, Sql::kSetFirstSeq);
+        q.U64(c.conversation_id).U64(next).U64(gone_user_messages);
+        if (Status s = q.Run(); !s.ok()) return s;
+      }
+      ExpiredRange& range = result->expired.emplace_back();
+      range.conversation_id = c.conversation_id;
+      range.kind = c.kind;
+      range.first_seq = next;
+      range.up_to_seq = through;
+      if (c.kind != ConversationKind::kChannel) {
+        // The writer's cache usually knows them (the conversation's senders looked them up).
+        if (const std::vector<UserId>* known = cache_.FindMembers(c.conversation_id)) {
+          range.recipients = *known;
+        } else {
+          Result<std::vector<UserId>> members = ReadMembers(*writer_, c.conversation_id);
+          if (!members.ok()) return members.status();
+          cache_.PutMembers(c.conversation_id, *members);
+          range.recipients = std::move(*members);
+        }
+      }
       result->deleted += expired;
       if (result->has_more) return Status::Ok();
     }

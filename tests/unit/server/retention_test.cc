@@ -360,6 +360,78 @@ void BatchBoundSpansConversations(Kind kind) {
 }
 RETENTION_CASE(BatchBoundSpansConversations, "the bound counts across conversations")
 
+// What the sweep says it changed, for the notice the server sends the members.
+void SweepNamesEachConversationItChanged(Kind kind) {
+  Env env(kind);
+  MessageStore& store = *env.store;
+  // A direct conversation that keeps its newest messages: seq 1..5 at ts 1000..1004.
+  const ConversationId direct = DirectWith(store, 5);
+  // A group that is emptied, with a member removed before (seq 1 created, 2 message, 3 removal).
+  const ConversationId group =
+      ChangeAt(store, ConversationOp::kCreateGroup, 0, "alice", {"bob", "carol"}, 1000)
+          .message.conversation_id;
+  SendAt(store, group, "alice", "", "g0", 1000);
+  ChangeAt(store, ConversationOp::kRemoveMembers, group, "alice", {"bob"}, 1001);
+  // A channel: its members are not listed.
+  AppendRequest create;
+  create.op = ConversationOp::kCreateGroup;
+  create.sender = "dave";
+  create.sender_device = "dave-phone";
+  create.message_id = ++next_message_id;
+  create.server_time_ms = 1000;
+  create.kind = MessageKind::kSystem;
+  create.group_kind = ConversationKind::kChannel;
+  create.title = "news";
+  create.users = {"erin"};
+  const ConversationId channel = CommitOk(store, create).message.conversation_id;
+  SendAt(store, channel, "dave", "", "c0", 1002);
+  SendAt(store, channel, "dave", "", "c1", 5000);
+  // A conversation with nothing expired is not named.
+  SendAt(store, 0, "frank", "gina", "f0", 5000);
+
+  // Retention 1000 ms at 2003: ts < 1003 goes.
+  SweepResult swept = Sweep(store, 2003, 1000, 100);
+  CHECK(swept.deleted == 3 + 3 + 2);
+  REQUIRE(swept.expired.size() == 3);
+  const ExpiredRange& d = swept.expired[0];
+  CHECK(d.conversation_id == direct);
+  CHECK(d.kind == ConversationKind::kDirect);
+  CHECK(d.first_seq == 4);
+  CHECK(d.up_to_seq == 3);
+  CHECK(d.recipients == std::vector<UserId>{"alice", "bob"});
+  const ExpiredRange& g = swept.expired[1];
+  CHECK(g.conversation_id == group);
+  CHECK(g.kind == ConversationKind::kGroup);
+  CHECK(g.first_seq == 0);                                       // nothing stored any more
+  CHECK(g.up_to_seq == 3);                                       // the conversation's last seq
+  CHECK(g.recipients == std::vector<UserId>{"alice", "carol"});  // not bob, removed
+  const ExpiredRange& c = swept.expired[2];
+  CHECK(c.conversation_id == channel);
+  CHECK(c.kind == ConversationKind::kChannel);
+  CHECK(c.first_seq == 3);
+  CHECK(c.up_to_seq == 2);
+  CHECK(c.recipients.empty());
+
+  // A pass cut by its bound names only what it deleted, with the first_seq it left.
+  SendAt(store, direct, "alice", "", "late0", 3000);  // seq 6
+  SendAt(store, direct, "alice", "", "late1", 3001);  // seq 7
+  SendAt(store, direct, "alice", "", "late2", 9000);  // seq 8
+  SweepResult cut = Sweep(store, 5000, 1000, 2);
+  CHECK(cut.has_more);
+  REQUIRE(cut.expired.size() == 1);
+  CHECK(cut.expired[0].conversation_id == direct);
+  CHECK(cut.expired[0].first_seq == 6);
+  CHECK(cut.expired[0].up_to_seq == 5);
+  SweepResult rest = Sweep(store, 5000, 1000, 2);
+  REQUIRE(rest.expired.size() == 1);
+  CHECK(rest.expired[0].first_seq == 8);
+  CHECK(rest.expired[0].up_to_seq == 7);
+  // Nothing expired: nothing named.
+  CHECK(Sweep(store, 5000, 1000, 100).expired.empty());
+}
+RETENTION_CASE(SweepNamesEachConversationItChanged,
+               "the sweep names each conversation it changed, its new first_seq and members")
+
 void PerConversationRetention(Kind kind) {
   Env env(kind);
   const ConversationId short_lived = DirectWith(*env.store, 3);
