@@ -497,6 +497,40 @@ class Hub::Impl final : private PresenceTracker::Sink {
     Reply(pending.session, *s, reply);
   }
 
+  void OnMessagesExpired(std::span<const ExpiredRange> expired) {
+    for (const ExpiredRange& range : expired) {
+      LocalArena arena;
+      v1::Envelope& notice = *arena.Create<v1::Envelope>();
+      v1::MessagesExpired* body = notice.mutable_messages_expired();
+      body->set_conversation_id(range.conversation_id);
+      body->set_first_seq(range.first_seq);
+      body->set_up_to_seq(range.up_to_seq);
+      codec::Frame binary;
+      codec::Frame json;
+      auto send = [&](SessionId target) {
+        Session* s = FindSession(target);
+        if (s == nullptr) return;
+        codec::Frame& frame = s->format == codec::Format::kJson ? json : binary;
+        if (!frame) frame = codec::EncodeShared(notice, s->format);
+        io_->Send(target, frame);
+      };
+      // Channels fan out on read: only the connections that watch one hear of it, as with its
+      // messages. A removal unsubscribes the removed member's connections, and the store lists
+      // no removed member, so none of them is told.
+      if (range.kind == ConversationKind::kChannel) {
+        auto subs = subscribers_.find(range.conversation_id);
+        if (subs == subscribers_.end()) continue;
+        for (SessionId target : subs->second) send(target);
+        continue;
+      }
+      for (const UserId& user : range.recipients) {
+        auto it = users_.find(user);
+        if (it == users_.end()) continue;
+        for (SessionId target : it->second) send(target);
+      }
+    }
+  }
+
   void Tick() {
     const int64_t now = clock_->MonotonicMs();
     // Only sessions whose deadline has come are looked at, so a tick over many idle sessions
@@ -1846,6 +1880,10 @@ void Hub::OnAppendDone(uint64_t token, const Status& commit_status, AppendResult
 
 void Hub::OnReadDone(uint64_t token, ReadResult result) {
   impl_->OnReadDone(token, std::move(result));
+}
+
+void Hub::OnMessagesExpired(std::span<const ExpiredRange> expired) {
+  impl_->OnMessagesExpired(expired);
 }
 
 void Hub::Tick() { impl_->Tick(); }

@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <string>
 #include <string_view>
 #include <variant>
@@ -173,6 +174,10 @@ class Hub {
 
   void OnAppendDone(uint64_t token, const Status& commit_status, AppendResult result);
   void OnReadDone(uint64_t token, ReadResult result);
+  // Retention passes deleted messages (SweepResult::expired, in pass order): each conversation's
+  // recipients' online devices get a MessagesExpired notice (a channel's: the connections
+  // subscribed to it). The runtime hands them over after the appends committed before them.
+  void OnMessagesExpired(std::span<const ExpiredRange> expired);
 
   // Called by the runtime at least every 100 ms: hello and idle timeouts, rate-limit refill,
   // presence (expiry, grace periods, coalesced updates, last-seen persistence).

@@ -517,7 +517,7 @@ class ServerImpl final : public Server, private server::HubIo {
     // An exchange (acquire), not a store: it reads the writer's Wake, so the pending count
     // that the writer lowered before that Wake is seen below.
     (void)wake_pending_.exchange(false);
-    store_threads_->TakeCompletions(&appends_done_, &reads_done_);
+    store_threads_->TakeCompletions(&appends_done_, &reads_done_, &expired_done_);
     for (server::AppendDone& done : appends_done_) {
       // A failure may have held its connection back after the connection closed (and was
       // forgotten): forget it again, or the hold would stay.
@@ -529,8 +529,11 @@ class ServerImpl final : public Server, private server::HubIo {
     for (server::ReadDone& done : reads_done_) {
       hub_->OnReadDone(done.token, std::move(done.result));
     }
+    // After the appends: those committed before a sweep are delivered before its notice.
+    if (!expired_done_.empty()) hub_->OnMessagesExpired(expired_done_);
     appends_done_.clear();
     reads_done_.clear();
+    expired_done_.clear();
     ResumeReadsIfDrained();
   }
 
@@ -1135,6 +1138,7 @@ class ServerImpl final : public Server, private server::HubIo {
   std::vector<SessionId> to_flush_;   // loop thread: connections to write at iteration end
   std::vector<SessionId> to_forget_;  // loop thread: for Hub::OnClose at iteration end
   std::vector<server::ReadDone> reads_done_;
+  std::vector<ExpiredRange> expired_done_;  // loop thread: retention passes to announce
   std::vector<unsigned char> write_buffer_;
   std::vector<char> drain_buffer_;  // what a closing connection still sends is read into it
   std::mt19937 rng_;

@@ -152,12 +152,15 @@ void StoreThreads::SubmitRead(ReadJob job) {
   PostRead(ReadDone{job.token, FailedRead(job, status)});
 }
 
-void StoreThreads::TakeCompletions(std::vector<AppendDone>* appends, std::vector<ReadDone>* reads) {
+void StoreThreads::TakeCompletions(std::vector<AppendDone>* appends, std::vector<ReadDone>* reads,
+                                   std::vector<ExpiredRange>* expired) {
   std::lock_guard<std::mutex> lock(done_mu_);
   appends->swap(appends_done_);
   reads->swap(reads_done_);
+  expired->swap(expired_done_);
   appends_done_.clear();
   reads_done_.clear();
+  expired_done_.clear();
 }
 
 void StoreThreads::WriterLoop() {
@@ -251,6 +254,13 @@ bool StoreThreads::SweepOnce() {
   if (swept->keys_dropped > 0) {
     Log(LogLevel::kInfo, "chat: retention dropped " + std::to_string(swept->keys_dropped) +
                              " keys of deleted messages, their resend window over");
+  }
+  if (!swept->expired.empty()) {
+    {
+      std::lock_guard<std::mutex> lock(done_mu_);
+      for (ExpiredRange& range : swept->expired) expired_done_.push_back(std::move(range));
+    }
+    wake_();
   }
   return swept->has_more;
 }

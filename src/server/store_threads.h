@@ -13,6 +13,8 @@
 //
 // With retention on, the writer also runs MessageStore::DeleteExpired in bounded passes between
 // commit groups, so a sweep never holds the write lock for longer than one small transaction.
+// What each pass deleted (SweepResult::expired) is posted as a completion too, after the
+// appends committed before it, for the loop to tell the members.
 //
 // Both job queues are bounded. A job submitted past its bound is not queued: it completes at
 // once with Unavailable ("server overloaded"), so the sender gets an error instead of the server
@@ -118,8 +120,12 @@ class StoreThreads {
   // The connection closed: its messages are no longer held back (see the top of this file).
   void ForgetSession(SessionId session);
 
-  // Moves every completion posted so far into `appends` (in submission order) and `reads`.
-  void TakeCompletions(std::vector<AppendDone>* appends, std::vector<ReadDone>* reads);
+  // Moves every completion posted so far into `appends` (in submission order), `reads`, and
+  // `expired` (the conversations retention passes changed, in pass order). An expiry is posted
+  // after the appends committed before its pass: a caller that hands the appends over first
+  // keeps that order.
+  void TakeCompletions(std::vector<AppendDone>* appends, std::vector<ReadDone>* reads,
+                       std::vector<ExpiredRange>* expired);
 
   // Appends submitted and not yet completed (queued or being committed).
   size_t appends_pending() const { return appends_pending_.load(std::memory_order_relaxed); }
@@ -174,6 +180,7 @@ class StoreThreads {
   std::mutex done_mu_;  // guards the completion queues
   std::vector<AppendDone> appends_done_;
   std::vector<ReadDone> reads_done_;
+  std::vector<ExpiredRange> expired_done_;
 
   std::atomic<size_t> appends_pending_{0};
   std::thread writer_;

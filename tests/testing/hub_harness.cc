@@ -137,6 +137,13 @@ void HubHarness::PumpReadsInReverse() {
   Pump();
 }
 
+SweepResult HubHarness::Sweep(const SweepRequest& request) {
+  Result<SweepResult> swept = options_.store->DeleteExpired(request);
+  REQUIRE_MESSAGE(swept.ok(), swept.status().ToString());
+  if (!swept->expired.empty()) hub_->OnMessagesExpired(swept->expired);
+  return *swept;
+}
+
 size_t HubHarness::Pump() {
   size_t ran = 0;
   while (!appends_.empty() || !reads_.empty()) {

@@ -102,6 +102,9 @@ class HubHarness final : public server::HubIo {
   void ReadThenCommit();
   // Answers the queued reads last first (readers finish in any order), then Pump()s the rest.
   void PumpReadsInReverse();
+  // Runs one retention pass on the store, as the writer thread does between commit groups, and
+  // hands what it deleted to the Hub. The pass must succeed.
+  SweepResult Sweep(const SweepRequest& request);
 
   // HubIo.
   void Send(server::SessionId session, codec::Frame frame) override;

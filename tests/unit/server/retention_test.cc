@@ -1,5 +1,6 @@
 // Retention in both stores: MessageStore::DeleteExpired and SetRetention, and what Sync and
 // History answer for the deleted range.
+#include <atomic>
 #include <chrono>
 #include <map>
 #include <memory>
@@ -750,6 +751,134 @@ TEST_CASE("retention: protocol: History below first_seq is an empty page with fi
   }
 }
 
+ServerOptions RoomyOptions() {
+  ServerOptions options;
+  options.idle_timeout_ms = 1'000'000'000;
+  options.hello_timeout_ms = 1'000'000'000;
+  options.messages_burst = 100'000;
+  return options;
+}
+
+// Creates a group or channel from `session` with `members` and returns its id.
+ConversationId CreateOverHub(testing::HubHarness& h, server::SessionId session,
+                             v1::ConversationKind kind, const std::vector<std::string>& members) {
+  v1::Envelope create;
+  create.set_rid(900);
+  create.mutable_create_group()->set_kind(kind);
+  create.mutable_create_group()->set_title("team");
+  for (const std::string& m : members) create.mutable_create_group()->add_members(m);
+  h.SendEnvelope(session, create);
+  h.Pump();
+  for (const v1::Envelope& e : h.Take(session)) {
+    if (e.rid() == 900 && e.has_conversation_update()) {
+      return e.conversation_update().conversation().conversation_id();
+    }
+  }
+  FAIL("no ConversationUpdate for the CreateGroup");
+  return 0;
+}
+
+// The MessagesExpired notices among `envelopes`, in order; each must be an event (rid 0).
+std::vector<v1::MessagesExpired> Notices(const std::vector<v1::Envelope>& envelopes) {
+  std::vector<v1::MessagesExpired> out;
+  for (const v1::Envelope& e : envelopes) {
+    if (!e.has_messages_expired()) continue;
+    CHECK(e.rid() == 0);
+    out.push_back(e.messages_expired());
+  }
+  return out;
+}
+
+TEST_CASE("retention: protocol: a sweep tells every online device of the current members") {
+  testing::HubHarness h(RoomyOptions());
+  const server::SessionId alice1 = h.Connect("alice", "a1");
+  const server::SessionId alice2 = h.Connect("alice", "a2", codec::Format::kJson);
+  const server::SessionId bob = h.Connect("bob", "b1");
+  const server::SessionId carol = h.Connect("carol", "c1");
+  // seq 1: created (dave is a member, offline); seqs 2, 3: messages; seq 4: carol removed.
+  const ConversationId id =
+      CreateOverHub(h, alice1, v1::CONVERSATION_KIND_GROUP, {"bob", "carol", "dave"});
+  h.SendEnvelope(alice1, testing::SendToConversation(1, id, testing::ClientMsgId(1), "one"));
+  h.SendEnvelope(alice1, testing::SendToConversation(2, id, testing::ClientMsgId(2), "two"));
+  h.Pump();
+  v1::Envelope remove;
+  remove.set_rid(3);
+  remove.mutable_remove_members()->set_conversation_id(id);
+  remove.mutable_remove_members()->add_users("carol");
+  h.SendEnvelope(alice1, remove);
+  h.Pump();
+  h.clock().Advance(10'000);
+  // seq 5, newer than the retention: kept.
+  h.SendEnvelope(bob, testing::SendToConversation(4, id, testing::ClientMsgId(3), "kept"));
+  h.Pump();
+  for (server::SessionId s : {alice1, alice2, bob, carol}) h.Take(s);
+
+  SweepResult swept = h.Sweep({h.clock().WallMs(), 5000, 100});
+  REQUIRE(swept.deleted == 4);
+
+  // Both of alice's devices (one speaks JSON) and bob's get the notice, once, and nothing else.
+  for (server::SessionId s : {alice1, alice2, bob}) {
+    CAPTURE(s);
+    std::vector<v1::Envelope> got = h.Take(s);
+    REQUIRE(got.size() == 1);
+    std::vector<v1::MessagesExpired> notices = Notices(got);
+    REQUIRE(notices.size() == 1);
+    CHECK(notices[0].conversation_id() == id);
+    CHECK(notices[0].first_seq() == 5);
+    CHECK(notices[0].up_to_seq() == 4);
+  }
+  // Carol was removed: she is not told.
+  CHECK(h.Take(carol).empty());
+  // Dave was offline: nothing waits for him; he learns it from the conversation's state.
+  const server::SessionId dave = h.Connect("dave", "d1");
+  CHECK(h.Take(dave).empty());
+
+  // A pass that empties the conversation says so: first_seq 0, up to its last seq.
+  h.clock().Advance(10'000);
+  swept = h.Sweep({h.clock().WallMs(), 5000, 100});
+  REQUIRE(swept.deleted == 1);
+  for (server::SessionId s : {alice1, alice2, bob, dave}) {
+    CAPTURE(s);
+    std::vector<v1::MessagesExpired> notices = Notices(h.Take(s));
+    REQUIRE(notices.size() == 1);
+    CHECK(notices[0].first_seq() == 0);
+    CHECK(notices[0].up_to_seq() == 5);
+  }
+  CHECK(h.Take(carol).empty());
+  // A pass that deletes nothing tells nobody.
+  h.Sweep({h.clock().WallMs(), 5000, 100});
+  for (server::SessionId s : {alice1, alice2, bob, carol, dave}) CHECK(h.Take(s).empty());
+  CHECK(h.violations().empty());
+}
+
+TEST_CASE("retention: protocol: a channel's notice goes to the connections subscribed to it") {
+  testing::HubHarness h(RoomyOptions());
+  const server::SessionId alice = h.Connect("alice", "a1");
+  const server::SessionId bob = h.Connect("bob", "b1");
+  const server::SessionId erin = h.Connect("erin", "e1");
+  const ConversationId id = CreateOverHub(h, alice, v1::CONVERSATION_KIND_CHANNEL, {"bob", "erin"});
+  v1::Envelope subscribe;
+  subscribe.set_rid(5);
+  subscribe.mutable_subscribe()->set_conversation_id(id);
+  h.SendEnvelope(bob, subscribe);
+  h.Pump();
+  h.SendEnvelope(alice, testing::SendToConversation(6, id, testing::ClientMsgId(6), "post"));
+  h.Pump();
+  for (server::SessionId s : {alice, bob, erin}) h.Take(s);
+
+  h.clock().Advance(10'000);
+  REQUIRE(h.Sweep({h.clock().WallMs(), 5000, 100}).deleted == 2);
+  std::vector<v1::MessagesExpired> notices = Notices(h.Take(bob));
+  REQUIRE(notices.size() == 1);
+  CHECK(notices[0].conversation_id() == id);
+  CHECK(notices[0].first_seq() == 0);
+  CHECK(notices[0].up_to_seq() == 2);
+  // Members not subscribed, the admin included, are not told: channels fan out on read.
+  CHECK(h.Take(alice).empty());
+  CHECK(h.Take(erin).empty());
+  CHECK(h.violations().empty());
+}
+
 TEST_CASE("retention: sqlite: survives reopening") {
   testing::TempDir dir;
   SqliteStoreOptions options;
@@ -782,7 +911,8 @@ void WriterThreadSweeps(Kind kind) {
   options.retention_sweep_interval_ms = 1;
   options.retention_batch_max = 2;
   options.wall_ms = [] { return int64_t{100'000}; };
-  server::StoreThreads threads(env.store, options, [] {});
+  std::atomic<int> wakes{0};
+  server::StoreThreads threads(env.store, options, [&wakes] { ++wakes; });
   threads.Start();
   // Bounded wait for the writer thread: three passes of at most two messages each.
   bool gone = false;
@@ -795,6 +925,23 @@ void WriterThreadSweeps(Kind kind) {
   SyncReply sync = SyncFrom(*env.store, id, 0);
   REQUIRE(sync.gaps.size() == 1);
   CHECK(sync.gaps[0].to_seq == 5);
+  // Each pass posted what it deleted, in order, and woke the loop for it.
+  std::vector<server::AppendDone> appends;
+  std::vector<server::ReadDone> reads;
+  std::vector<ExpiredRange> expired;
+  threads.TakeCompletions(&appends, &reads, &expired);
+  REQUIRE(expired.size() == 3);
+  CHECK(wakes.load() >= 3);
+  for (const ExpiredRange& range : expired) {
+    CHECK(range.conversation_id == id);
+    CHECK(range.recipients == std::vector<UserId>{"alice", "bob"});
+  }
+  CHECK(expired[0].up_to_seq == 2);
+  CHECK(expired[0].first_seq == 3);
+  CHECK(expired[1].up_to_seq == 4);
+  CHECK(expired[1].first_seq == 5);
+  CHECK(expired[2].up_to_seq == 5);
+  CHECK(expired[2].first_seq == 0);
 }
 RETENTION_CASE(WriterThreadSweeps, "the store writer thread sweeps expired messages")
 

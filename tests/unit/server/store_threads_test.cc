@@ -106,7 +106,8 @@ class Collector {
     while (appends_.size() < appends) {
       std::vector<AppendDone> a;
       std::vector<ReadDone> r;
-      threads.TakeCompletions(&a, &r);
+      std::vector<ExpiredRange> e;
+      threads.TakeCompletions(&a, &r, &e);
       for (AppendDone& d : a) appends_.push_back(std::move(d));
       for (ReadDone& d : r) reads_.push_back(std::move(d));
       if (appends_.size() >= appends) break;
@@ -122,7 +123,8 @@ class Collector {
     while (reads_.size() < reads) {
       std::vector<AppendDone> a;
       std::vector<ReadDone> r;
-      threads.TakeCompletions(&a, &r);
+      std::vector<ExpiredRange> e;
+      threads.TakeCompletions(&a, &r, &e);
       for (AppendDone& d : a) appends_.push_back(std::move(d));
       for (ReadDone& d : r) reads_.push_back(std::move(d));
       if (reads_.size() >= reads) break;
