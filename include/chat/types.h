@@ -103,6 +103,9 @@ struct ConversationInfo {
 struct Cursor {
   ConversationId conversation_id = 0;
   Seq seq = 0;
+  // The lowest seq the client holds (0: none, or not told). Sync lists the conversation's state
+  // when retention has deleted that seq, so the client drops what it holds below first_seq.
+  Seq lowest_seq = 0;
 };
 
 // Seqs [from_seq, to_seq] that a reply left out; fetch them with History.

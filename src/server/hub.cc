@@ -921,7 +921,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
     query.device = s.device;
     query.cursors.reserve(sync.cursors_size());
     for (const v1::Cursor& cursor : sync.cursors()) {
-      query.cursors.push_back(Cursor{cursor.conversation_id(), cursor.seq()});
+      query.cursors.push_back(Cursor{cursor.conversation_id(), cursor.seq(), cursor.lowest_seq()});
     }
     const uint32_t requested = sync.limit() != 0 ? sync.limit() : options_.sync_page_max;
     query.limit = std::min(requested, options_.sync_page_max);

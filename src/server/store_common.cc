@@ -737,11 +737,18 @@ Result<SyncReply> RunSync(ReadSource& source, const SyncQuery& query) {
   if (query.limit == 0) return InvalidArgument("limit must be at least 1");
   if (query.catchup_max == 0) return InvalidArgument("catchup_max must be at least 1");
 
-  // A client may repeat a conversation; its highest claim wins.
-  std::map<ConversationId, Seq> cursors;
+  // A client may repeat a conversation; its highest claim wins, and its lowest held seq.
+  struct Claim {
+    Seq seq = 0;
+    Seq lowest_seq = 0;  // 0: not told
+  };
+  std::map<ConversationId, Claim> cursors;
   for (const Cursor& cursor : query.cursors) {
-    Seq& seq = cursors[cursor.conversation_id];
-    seq = std::max(seq, cursor.seq);
+    Claim& claim = cursors[cursor.conversation_id];
+    claim.seq = std::max(claim.seq, cursor.seq);
+    if (cursor.lowest_seq != 0 && (claim.lowest_seq == 0 || cursor.lowest_seq < claim.lowest_seq)) {
+      claim.lowest_seq = cursor.lowest_seq;
+    }
   }
 
   std::vector<ConversationHead> heads;
@@ -764,12 +771,25 @@ Result<SyncReply> RunSync(ReadSource& source, const SyncQuery& query) {
     // A removed member's log ends at its removal.
     if (head.removed_at_seq != 0) head.last_seq = std::min(head.last_seq, head.removed_at_seq);
     auto it = cursors.find(head.conversation_id);
-    const Seq cursor = it == cursors.end() ? 0 : it->second;
-    if (head.last_seq <= cursor) continue;
+    const Seq cursor = it == cursors.end() ? 0 : it->second.seq;
+    // Retention may have removed the oldest messages; everything stored was removed when
+    // first_seq is 0 while last_seq is not.
+    const Seq first_stored = head.first_seq == 0 ? head.last_seq + 1 : head.first_seq;
+    // The client still holds messages that retention deleted since it last heard (it was
+    // offline, or not subscribed to the channel, when it happened): the state alone, with the
+    // new first_seq, tells it to drop them.
+    const Seq lowest_held = it == cursors.end() ? 0 : it->second.lowest_seq;
+    const bool expired_held = lowest_held != 0 && first_stored > lowest_held;
+    if (head.last_seq <= cursor && !expired_held) continue;
     if (reply.messages.size() >= query.limit ||
         (query.max_bytes != 0 && bytes >= query.max_bytes && !reply.conversations.empty())) {
       reply.has_more = true;
       break;
+    }
+    if (head.last_seq <= cursor) {
+      bytes += StateBytes(infos[i]);
+      reply.conversations.push_back(std::move(infos[i]));
+      continue;
     }
 
     // A member sees the log from the change that added it. The part before it is reported as
@@ -780,10 +800,8 @@ Result<SyncReply> RunSync(ReadSource& source, const SyncQuery& query) {
     if (head.last_seq - cursor > query.catchup_max) {
       start = std::max(start, head.last_seq - query.catchup_max + 1);
     }
-    // Retention may have removed the oldest messages; everything stored was removed when
-    // first_seq is 0 while last_seq is not.
-    // (For a removed member the gap ends at its removal, whatever retention removed after it.)
-    const Seq first_stored = head.first_seq == 0 ? head.last_seq + 1 : head.first_seq;
+    // Past what retention removed (for a removed member the gap ends at its removal, whatever
+    // retention removed after it).
     start = std::min(std::max(start, first_stored), head.last_seq + 1);
     const bool gap = start > cursor + 1;
     if (gap) reply.gaps.push_back({head.conversation_id, cursor + 1, start - 1});
@@ -805,7 +823,7 @@ Result<SyncReply> RunSync(ReadSource& source, const SyncQuery& query) {
     Result<bool> cut = ReadInChunks(read, room, query.max_bytes, &bytes, &reply.messages);
     if (!cut.ok()) return cut.status();
     const size_t added = reply.messages.size() - before;
-    if (added > 0 || gap) {
+    if (added > 0 || gap || expired_held) {
       bytes += StateBytes(infos[i]);
       reply.conversations.push_back(std::move(infos[i]));
     }

@@ -237,6 +237,55 @@ void SyncAcrossDeletedRangeIsAGap(Kind kind) {
 }
 RETENTION_CASE(SyncAcrossDeletedRangeIsAGap, "sync across the deleted range returns a gap")
 
+// Bob's Sync from cursor `cursor`, telling the lowest seq his device holds.
+SyncReply SyncHolding(MessageStore& store, ConversationId id, Seq cursor, Seq lowest_seq) {
+  SyncQuery q;
+  q.user = "bob";
+  q.device = "bob-phone";
+  q.cursors = {{id, cursor, lowest_seq}};
+  Result<SyncReply> r = store.Sync(q);
+  REQUIRE_MESSAGE(r.ok(), r.status().ToString());
+  return *r;
+}
+
+// A device that was offline while retention deleted messages it holds learns it from its next
+// Sync even when nothing is new above its cursor: the conversation's state comes alone.
+void SyncListsStateOfExpiredHeldMessages(Kind kind) {
+  Env env(kind);
+  const ConversationId id = DirectWith(*env.store, 5);
+  // Before any deletion a caught-up device holding everything hears nothing.
+  CHECK(SyncHolding(*env.store, id, 5, 1).conversations.empty());
+  REQUIRE(Sweep(*env.store, 2003, 1000, 100).deleted == 3);
+
+  SyncReply told = SyncHolding(*env.store, id, 5, 1);
+  REQUIRE(told.conversations.size() == 1);
+  CHECK(told.conversations[0].conversation_id == id);
+  CHECK(told.conversations[0].first_seq == 4);
+  CHECK(told.conversations[0].last_seq == 5);
+  CHECK(told.messages.empty());
+  CHECK(told.gaps.empty());
+  CHECK_FALSE(told.has_more);
+  // Holding only what is still stored, or not saying (an older client): nothing to tell.
+  CHECK(SyncHolding(*env.store, id, 5, 4).conversations.empty());
+  CHECK(SyncHolding(*env.store, id, 5, 0).conversations.empty());
+  // With messages above the cursor the state comes as before, with them.
+  SyncReply behind = SyncHolding(*env.store, id, 4, 1);
+  REQUIRE(behind.conversations.size() == 1);
+  CHECK(behind.conversations[0].first_seq == 4);
+  CHECK(Seqs(behind.messages) == std::vector<Seq>{5});
+
+  // Emptied: first_seq 0, and a device holding the last message is told too.
+  REQUIRE(Sweep(*env.store, 100'000, 1000, 100).deleted == 2);
+  SyncReply emptied = SyncHolding(*env.store, id, 5, 5);
+  REQUIRE(emptied.conversations.size() == 1);
+  CHECK(emptied.conversations[0].first_seq == 0);
+  CHECK(emptied.conversations[0].last_seq == 5);
+  CHECK(emptied.messages.empty());
+  CHECK(emptied.gaps.empty());
+}
+RETENTION_CASE(SyncListsStateOfExpiredHeldMessages,
+               "sync lists the state of a conversation whose held messages expired")
+
 void HistoryBelowFirstSeqIsEmpty(Kind kind) {
   Env env(kind);
   const ConversationId id = DirectWith(*env.store, 5);
