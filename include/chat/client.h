@@ -112,6 +112,13 @@ class CHAT_EXPORT ClientListener {
   // it takes its place in the conversation's order.
   virtual void OnMessage(const MessageEvent& event);
   virtual void OnConversationUpdated(const ConversationInfo& info);
+  // Retention deleted the messages of `conversation` with seq <= up_to_seq on the server, and
+  // the client has just deleted the copies it held: remove them from the screen. Called when the
+  // client learns it (the server's notice while connected, or a conversation state or History
+  // page with a higher first_seq, e.g. the first Sync after being offline) and held some of
+  // them; OnConversationUpdated with the new first_seq follows when the conversation is cached.
+  // Messages in the outbox are never touched.
+  virtual void OnMessagesExpired(ConversationId conversation, Seq up_to_seq);
   // Problems that no call returned: authentication failures, a server epoch change (DataLoss:
   // the cache was rebuilt), cache write failures.
   virtual void OnError(const Status& status);

@@ -141,6 +141,9 @@ constexpr const char* kRangeNewestFirst =
 constexpr const char* kCountRange =
     "SELECT COUNT(*) FROM messages WHERE conversation_id = ? AND seq >= ? AND seq <= ?";
 constexpr const char* kHighestSeq = "SELECT MAX(seq) FROM messages WHERE conversation_id = ?";
+constexpr const char* kLowestSeq = "SELECT MIN(seq) FROM messages WHERE conversation_id = ?";
+constexpr const char* kDeleteThrough =
+    "DELETE FROM messages WHERE conversation_id = ? AND seq <= ?";
 constexpr const char* kCountMessages = "SELECT COUNT(*) FROM messages";
 constexpr const char* kAddOutbox =
     "INSERT INTO outbox(client_msg_id, conversation_id, peer, content_type, body, created_ms, "
@@ -611,6 +614,21 @@ Seq Cache::HighestSeq(ConversationId conversation) {
   Stmt s(db_.get(), kHighestSeq);
   // MAX() of no rows is NULL, which reads as 0.
   return s.Int(1, ToDb(conversation)).Step() == SQLITE_ROW ? FromDb(s.ColInt(0)) : 0;
+}
+
+Seq Cache::LowestSeq(ConversationId conversation) {
+  std::lock_guard lock(mu_);
+  Stmt s(db_.get(), kLowestSeq);
+  // MIN() of no rows is NULL, which reads as 0.
+  return s.Int(1, ToDb(conversation)).Step() == SQLITE_ROW ? FromDb(s.ColInt(0)) : 0;
+}
+
+Result<uint64_t> Cache::DeleteMessagesThrough(ConversationId conversation, Seq through) {
+  std::lock_guard lock(mu_);
+  Stmt s(db_.get(), kDeleteThrough);
+  s.Int(1, ToDb(conversation)).Int(2, SeqBound(through));
+  if (s.Run() != SQLITE_DONE) return db_->Error("delete expired messages");
+  return static_cast<uint64_t>(sqlite3_changes64(db_->get()));
 }
 
 uint64_t Cache::CountUnread(ConversationId conversation, Seq from, Seq to, const std::string& me) {

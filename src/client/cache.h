@@ -137,6 +137,11 @@ class Cache {
   uint64_t CountRange(ConversationId conversation, Seq from, Seq to);
   // The highest seq of a cached message of `conversation`; 0 if none is cached.
   Seq HighestSeq(ConversationId conversation);
+  // The lowest seq of a cached message of `conversation`; 0 if none is cached.
+  Seq LowestSeq(ConversationId conversation);
+  // Deletes the cached messages of `conversation` with seq <= through (retention deleted them on
+  // the server) and returns how many there were. The outbox is not touched.
+  Result<uint64_t> DeleteMessagesThrough(ConversationId conversation, Seq through);
   // Cached user messages with from <= seq <= to sent by others after `me`'s last user message
   // in that range: the unread ones above a read watermark (the user's own message counts as
   // having read the conversation up to it, as the server counts).

@@ -42,6 +42,7 @@ std::string_view ConnectionStateName(ConnectionState state) {
 void ClientListener::OnConnectionState(ConnectionState) {}
 void ClientListener::OnMessage(const MessageEvent&) {}
 void ClientListener::OnConversationUpdated(const ConversationInfo&) {}
+void ClientListener::OnMessagesExpired(ConversationId, Seq) {}
 void ClientListener::OnError(const Status&) {}
 void ClientListener::OnTyping(ConversationId, const UserId&, bool) {}
 void ClientListener::OnReceipt(const ReceiptEvent&) {}
@@ -420,6 +421,11 @@ class Client::Impl final : public ClientListener, public client::SessionIo {
   void OnConversationUpdated(const ConversationInfo& info) override {
     Gate([&] {
       if (options_.listener) options_.listener->OnConversationUpdated(info);
+    });
+  }
+  void OnMessagesExpired(ConversationId conversation, Seq up_to_seq) override {
+    Gate([&] {
+      if (options_.listener) options_.listener->OnMessagesExpired(conversation, up_to_seq);
     });
   }
   void OnError(const Status& status) override {

@@ -26,6 +26,12 @@ Status ProtocolError(std::string_view what) {
 // there would never reach its next seq.
 constexpr Seq kMaxCachedSeq = static_cast<Seq>(INT64_MAX);
 
+// Every seq up to the returned one is deleted by retention, as a conversation state tells it:
+// below first_seq, or with first_seq 0 (nothing stored) up to the last seq it reports.
+Seq ExpiredThrough(const v1::ConversationState& state) {
+  return state.first_seq() != 0 ? state.first_seq() - 1 : state.last_seq();
+}
+
 bool IsTokenExpired(const v1::Error& error) {
   return error.code() == v1::Error::UNAUTHENTICATED &&
          error.message().find("expired") != std::string::npos;
@@ -406,6 +412,9 @@ void Session::HandleEnvelope(const v1::Envelope& envelope) {
       break;
     case v1::Envelope::kPresenceUpdate:
       HandlePresenceUpdate(envelope.presence_update());
+      break;
+    case v1::Envelope::kMessagesExpired:
+      HandleMessagesExpired(envelope.messages_expired());
       break;
     case v1::Envelope::kOk:
       HandleOk(envelope.rid());
@@ -840,6 +849,9 @@ void Session::SendSync() {
     // A conversation known only from a Deliver is synced from the start, so that the server
     // tells its state (kind, peer); its messages below the cursor are skipped on arrival.
     cursor->set_seq(stubs_.contains(row.info.conversation_id) ? 0 : row.cursor);
+    // The server lists the conversation if retention deleted some of what this device holds
+    // (it was offline when the notice went out), so it is dropped here too.
+    cursor->set_lowest_seq(cache_->LowestSeq(row.info.conversation_id));
   }
   Write(envelope);
 }
@@ -948,18 +960,26 @@ void Session::HandleSyncBatch(const v1::SyncBatch& batch) {
   // Ingest may ask for another Sync (a hole); this one is still in flight, so it is noted.
   Ingest(messages, /*from_sync=*/true);
   if (!Authenticated()) return;
+  std::vector<Expiry> expired;
   {
     CacheTxn txn(this);
     for (const v1::ConversationState& state : batch.conversations()) {
       ConversationRow row = LoadOrStub(state.conversation_id());
       MergeState(&row, state);
       stubs_.erase(state.conversation_id());
+      // What retention deleted goes with the state that says so (the server lists a
+      // conversation whose deleted messages this device holds, see SendSync).
+      (void)DropExpired(state.conversation_id(), ExpiredThrough(state), &expired);
       if (Status st = cache_->PutConversation(row); !st.ok()) ReportError(st);
       updated.push_back(row.info);
       progress = true;
     }
-    if (Status st = txn.Commit(); !st.ok()) ReportError(st);
+    if (Status st = txn.Commit(); !st.ok()) {
+      ReportError(st);
+      expired.clear();  // rolled back: still cached
+    }
   }
+  for (const auto& [id, through] : expired) listener_->OnMessagesExpired(id, through);
   for (const ConversationInfo& info : updated) listener_->OnConversationUpdated(info);
   if (!Authenticated()) return;
   ReportUnreadTotal();
@@ -1006,7 +1026,8 @@ void Session::HandleHistoryPage(uint64_t rid, const v1::HistoryPage& page) {
     // A newest page (before_seq 0) has no bound but the cache's: a message past it would hold
     // the conversation's last_seq there for good (MergeState keeps it at the cached messages).
     if (m.conversation_id() != pending.conversation || m.seq() == 0 || m.seq() > kMaxCachedSeq ||
-        (pending.before_seq != 0 && m.seq() >= pending.before_seq)) {
+        (pending.before_seq != 0 && m.seq() >= pending.before_seq) ||
+        (page.first_seq() != 0 && m.seq() < page.first_seq())) {
       bad = "a History message of conversation " + std::to_string(m.conversation_id()) +
             " at seq " + std::to_string(m.seq()) + " for conversation " +
             std::to_string(pending.conversation) + " before seq " +
@@ -1030,14 +1051,34 @@ void Session::HandleHistoryPage(uint64_t rid, const v1::HistoryPage& page) {
     }
     if (Status st = txn.Commit(); !st.ok()) ReportError(st);
   }
+  // The page's first_seq is the lowest seq this user may read: retention's floor, or the seq
+  // that (last) added the user, whichever is higher (0: nothing it may read is stored), so it
+  // alone does not say that what the cache holds below it expired (a member added again holds
+  // messages from before). When the cache holds something below it, a Sync asks: the server
+  // lists the conversation's state if retention deleted it (Cursor.lowest_seq), and the state
+  // drops it.
+  const Seq lowest = cache_->LowestSeq(pending.conversation);
+  const bool nothing_stored = page.first_seq() == 0 && page.messages().empty();
+  if (lowest != 0 && (nothing_stored || lowest < page.first_seq())) RequestSync();
   callback(std::move(result));
 }
 
 ConversationInfo Session::HandleConversationUpdate(const v1::ConversationState& state) {
-  ConversationRow row = LoadOrStub(state.conversation_id());
-  MergeState(&row, state);
-  stubs_.erase(state.conversation_id());
-  if (Status st = cache_->PutConversation(row); !st.ok()) ReportError(st);
+  ConversationRow row;
+  std::vector<Expiry> expired;
+  {
+    CacheTxn txn(this);
+    row = LoadOrStub(state.conversation_id());
+    MergeState(&row, state);
+    stubs_.erase(state.conversation_id());
+    (void)DropExpired(state.conversation_id(), ExpiredThrough(state), &expired);
+    if (Status st = cache_->PutConversation(row); !st.ok()) ReportError(st);
+    if (Status st = txn.Commit(); !st.ok()) {
+      ReportError(st);
+      expired.clear();
+    }
+  }
+  for (const auto& [id, through] : expired) listener_->OnMessagesExpired(id, through);
   listener_->OnConversationUpdated(row.info);
   ReportUnreadTotal();
   if (row.info.last_seq > row.cursor) RequestSync();
@@ -1070,6 +1111,70 @@ void Session::MergeState(ConversationRow* row, const v1::ConversationState& stat
     receipts_due_.insert(info.conversation_id);
   }
   row->info = info;
+}
+
+bool Session::DropExpired(ConversationId conversation, Seq through, std::vector<Expiry>* expired) {
+  if (through == 0) return true;
+  Result<uint64_t> dropped = cache_->DeleteMessagesThrough(conversation, through);
+  if (!dropped.ok()) {
+    ReportError(dropped.status());
+    return false;
+  }
+  if (*dropped > 0) expired->emplace_back(conversation, through);
+  return true;
+}
+
+void Session::HandleMessagesExpired(const v1::MessagesExpired& notice) {
+  const ConversationId id = notice.conversation_id();
+  if (id == 0 || notice.first_seq() > kMaxCachedSeq || notice.up_to_seq() > kMaxCachedSeq) {
+    ReportError(ProtocolError("a MessagesExpired for conversation " + std::to_string(id) +
+                              ", first seq " + std::to_string(notice.first_seq()) + ", up to seq " +
+                              std::to_string(notice.up_to_seq())));
+    return;
+  }
+  const Seq through = notice.first_seq() != 0 ? notice.first_seq() - 1 : notice.up_to_seq();
+  if (through == 0) return;
+  std::vector<Expiry> expired;
+  std::optional<ConversationInfo> updated;
+  {
+    CacheTxn txn(this);
+    if (!txn.Started()) return;
+    if (!DropExpired(id, through, &expired)) return;
+    if (std::optional<ConversationRow> row = cache_->GetConversation(id)) {
+      const ConversationInfo before = row->info;
+      if (notice.first_seq() != 0) {
+        row->info.first_seq = std::max(row->info.first_seq, notice.first_seq());
+      } else if (row->info.last_seq > through) {
+        // Messages committed after the sweep reached this device before its notice: the
+        // lowest one stored is the one after the deleted range.
+        row->info.first_seq = std::max(row->info.first_seq, through + 1);
+      } else {
+        // Nothing is stored, so nothing is unread: the server counts stored messages only.
+        // (Otherwise the count stays until the server's next state for the conversation.)
+        row->info.first_seq = 0;
+        row->info.unread = 0;
+      }
+      if (row->info.first_seq != before.first_seq || row->info.unread != before.unread ||
+          !expired.empty()) {
+        if (Status st = cache_->PutConversation(*row); !st.ok()) {
+          ReportError(st);
+          return;  // rolled back
+        }
+        updated = row->info;
+      }
+    }
+    if (Status st = txn.Commit(); !st.ok()) {
+      ReportError(st);
+      return;
+    }
+  }
+  for (const auto& [conversation, up_to] : expired) {
+    listener_->OnMessagesExpired(conversation, up_to);
+  }
+  if (updated) {
+    listener_->OnConversationUpdated(*updated);
+    ReportUnreadTotal();
+  }
 }
 
 void Session::ApplySystemEvent(ConversationInfo* info, const v1::Message& message) const {

@@ -318,6 +318,15 @@ class Session {
   // Takes the server's state of a conversation, keeping local watermarks that are ahead of it
   // (a Receipt not yet answered) and a last seq no lower than the messages the cache holds.
   void MergeState(ConversationRow* row, const v1::ConversationState& state);
+  // Retention deleted messages up to a seq (conversation, up_to_seq), told to the application
+  // once the cache transaction that dropped them is committed.
+  using Expiry = std::pair<ConversationId, Seq>;
+  // Inside a cache transaction: deletes the cached messages of `conversation` with seq <=
+  // `through` (never outbox entries) and, when it held some, notes them in `expired`. False if
+  // the cache failed (reported).
+  bool DropExpired(ConversationId conversation, Seq through, std::vector<Expiry>* expired);
+  // The server's MessagesExpired notice.
+  void HandleMessagesExpired(const v1::MessagesExpired& notice);
   // Updates the cached title, membership and role from a system message.
   void ApplySystemEvent(ConversationInfo* info, const v1::Message& message) const;
   // Sends one Receipt per conversation whose watermarks moved since the last flush.

@@ -45,6 +45,9 @@ class Recorder : public ClientListener {
   void OnConversationUpdated(const ConversationInfo& info) override {
     conversations.push_back(info);
   }
+  void OnMessagesExpired(ConversationId conversation, Seq up_to_seq) override {
+    expired.emplace_back(conversation, up_to_seq);
+  }
   void OnError(const Status& status) override {
     errors.push_back(status);
     if (on_error) on_error(status);
@@ -73,6 +76,7 @@ class Recorder : public ClientListener {
   std::vector<ConnectionState> states;
   std::vector<MessageEvent> messages;
   std::vector<ConversationInfo> conversations;
+  std::vector<std::pair<ConversationId, Seq>> expired;  // OnMessagesExpired
   std::vector<Status> errors;
   std::function<void(const Status&)> on_error;          // called after recording
   std::function<void(const MessageEvent&)> on_message;  // called after recording
@@ -230,7 +234,8 @@ inline v1::Envelope ErrorFor(const v1::Envelope& request, v1::Error::Code code,
   return e;
 }
 
-// The state of group `id` as the server sends it (this user an admin, three members).
+// The state of group `id` as the server sends it (this user an admin, three members, every
+// message stored).
 inline v1::ConversationState GroupState(ConversationId id, Seq last_seq, uint64_t unread,
                                         const std::string& title = "team") {
   v1::ConversationState state;
@@ -238,6 +243,7 @@ inline v1::ConversationState GroupState(ConversationId id, Seq last_seq, uint64_
   state.set_kind(v1::CONVERSATION_KIND_GROUP);
   state.set_title(title);
   state.set_last_seq(last_seq);
+  state.set_first_seq(last_seq > 0 ? 1 : 0);  // every message stored
   state.set_unread(unread);
   state.set_role(v1::ROLE_ADMIN);
   state.set_member_count(3);

@@ -28,6 +28,7 @@ v1::SyncBatch GapBatch(Seq last_seq, Seq from, Seq to) {
   conv->set_conversation_id(5);
   conv->set_kind(v1::CONVERSATION_KIND_GROUP);
   conv->set_last_seq(last_seq);
+  conv->set_first_seq(1);
   auto* gap = batch.add_gaps();
   gap->set_conversation_id(5);
   gap->set_from_seq(from);
@@ -43,6 +44,7 @@ void LiveWithGroupAtSeq1(Harness& h) {
   c5->set_conversation_id(5);
   c5->set_kind(v1::CONVERSATION_KIND_GROUP);
   c5->set_last_seq(1);
+  c5->set_first_seq(1);
   *known.add_messages() = Msg(5, 1);
   h.Reply(first, known);
   REQUIRE(h.state() == ConnectionState::kConnected);
@@ -592,6 +594,7 @@ TEST_CASE("session: a Deliver that skips ahead is held until Sync fills the gap"
   conv->set_kind(v1::CONVERSATION_KIND_DIRECT);
   conv->set_peer("bob");
   conv->set_last_seq(1);
+  conv->set_first_seq(1);
   conv->set_unread(1);
   *state.add_messages() = Msg(5, 1);
   h.Reply(sync1[0], state);
@@ -647,6 +650,7 @@ TEST_CASE("session: a changed server epoch clears the cache and syncs from scrat
   conv->set_conversation_id(5);
   conv->set_kind(v1::CONVERSATION_KIND_DIRECT);
   conv->set_last_seq(2);
+  conv->set_first_seq(1);
   *batch.add_messages() = Msg(5, 1);
   *batch.add_messages() = Msg(5, 2);
   h.Reply(sync, batch);
@@ -685,6 +689,7 @@ TEST_CASE("session: a changed server epoch clears the cache and syncs from scrat
   c6->set_conversation_id(6);
   c6->set_kind(v1::CONVERSATION_KIND_DIRECT);
   c6->set_last_seq(1);
+  c6->set_first_seq(1);
   h.Reply(fresh, rebuilt);
   CHECK(h.listener.SentSeqs(6) == std::vector<Seq>{1});
   CHECK(SendIds(h.io.Take()) == std::vector<std::string>{"msg-kept-01234567"});
@@ -731,6 +736,7 @@ void CachedAtEpoch7(Harness& h) {
   conv->set_conversation_id(5);
   conv->set_kind(v1::CONVERSATION_KIND_DIRECT);
   conv->set_last_seq(2);
+  conv->set_first_seq(1);
   *batch.add_messages() = Msg(5, 1);
   *batch.add_messages() = Msg(5, 2);
   h.Reply(sync, batch);
@@ -820,6 +826,7 @@ TEST_CASE("session: History answers from the cache when it holds the range") {
   conv->set_conversation_id(5);
   conv->set_kind(v1::CONVERSATION_KIND_DIRECT);
   conv->set_last_seq(3);
+  conv->set_first_seq(1);
   for (Seq s = 1; s <= 3; ++s) *batch.add_messages() = Msg(5, s);
   h.Reply(sync, batch);
   h.io.Take();

@@ -1,0 +1,291 @@
+// Session and retention: what the client does when the server says messages expired (the
+// MessagesExpired notice, or a first_seq above what it holds in a conversation state or History
+// page): the cached copies go, in the transaction that stores the new state, and the application
+// is told. Driven with a FakeClock, a fake transport and a cache file.
+#include <doctest/doctest.h>
+#include <sqlite3.h>
+
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "src/client/cache.h"
+#include "src/client/session.h"
+#include "tests/testing/temp_dir.h"
+#include "tests/unit/client/session_harness.h"
+
+namespace chat::client {
+namespace {
+
+using Expired = std::vector<std::pair<ConversationId, Seq>>;
+
+// The seqs of `conversation` stored in the cache file at `path`, read with SQLite itself after
+// the cache let go of the file, and the outbox's client_msg_ids.
+struct FileRows {
+  std::vector<Seq> seqs;
+  std::vector<std::string> outbox;
+};
+
+FileRows ReadFileRows(const std::string& path, ConversationId conversation) {
+  FileRows rows;
+  sqlite3* db = nullptr;
+  REQUIRE(sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READONLY, nullptr) == SQLITE_OK);
+  sqlite3_stmt* stmt = nullptr;
+  REQUIRE(sqlite3_prepare_v2(db, "SELECT seq FROM messages WHERE conversation_id = ? ORDER BY seq",
+                             -1, &stmt, nullptr) == SQLITE_OK);
+  sqlite3_bind_int64(stmt, 1, static_cast<int64_t>(conversation));
+  while (sqlite3_step(stmt) == SQLITE_ROW) {
+    rows.seqs.push_back(static_cast<Seq>(sqlite3_column_int64(stmt, 0)));
+  }
+  sqlite3_finalize(stmt);
+  REQUIRE(sqlite3_prepare_v2(db, "SELECT client_msg_id FROM outbox ORDER BY id", -1, &stmt,
+                             nullptr) == SQLITE_OK);
+  while (sqlite3_step(stmt) == SQLITE_ROW) {
+    rows.outbox.emplace_back(reinterpret_cast<const char*>(sqlite3_column_text(stmt, 0)));
+  }
+  sqlite3_finalize(stmt);
+  sqlite3_close(db);
+  return rows;
+}
+
+// The seqs of `conversation` the open cache holds among 1..to.
+std::vector<Seq> CachedSeqs(Cache& cache, ConversationId conversation, Seq to) {
+  std::vector<Seq> out;
+  for (Seq seq = 1; seq <= to; ++seq) {
+    if (cache.GetMessage(conversation, seq)) out.push_back(seq);
+  }
+  return out;
+}
+
+// Group 5's state as a server that stores seqs first_seq..last_seq sends it.
+v1::ConversationState Stored(Seq first_seq, Seq last_seq, uint64_t unread) {
+  v1::ConversationState state = GroupState(5, last_seq, unread);
+  state.set_first_seq(first_seq);
+  return state;
+}
+
+v1::Envelope Notice(ConversationId conversation, Seq first_seq, Seq up_to_seq) {
+  v1::Envelope e;
+  e.mutable_messages_expired()->set_conversation_id(conversation);
+  e.mutable_messages_expired()->set_first_seq(first_seq);
+  e.mutable_messages_expired()->set_up_to_seq(up_to_seq);
+  return e;
+}
+
+// Connects live with group 5 holding seqs 1..6 (bob's, two unread) and direct conversation 9
+// holding seqs 1..2.
+void LiveWithSixMessages(Harness& h) {
+  v1::Envelope sync = h.Welcome();
+  v1::SyncBatch batch;
+  *batch.add_conversations() = Stored(1, 6, 2);
+  for (Seq s = 1; s <= 6; ++s) *batch.add_messages() = Msg(5, s);
+  v1::ConversationState* direct = batch.add_conversations();
+  direct->set_conversation_id(9);
+  direct->set_kind(v1::CONVERSATION_KIND_DIRECT);
+  direct->set_peer("bob");
+  direct->set_last_seq(2);
+  direct->set_first_seq(1);
+  for (Seq s = 1; s <= 2; ++s) *batch.add_messages() = Msg(9, s);
+  h.Reply(sync, batch);
+  REQUIRE(h.state() == ConnectionState::kConnected);
+  REQUIRE(CachedSeqs(*h.cache, 5, 6) == std::vector<Seq>{1, 2, 3, 4, 5, 6});
+  h.io.Take();
+}
+
+TEST_CASE("session expiry: the notice drops the cached messages below first_seq, not the outbox") {
+  testing::TempDir dir;
+  const std::string path = dir.File("cache.db");
+  std::shared_ptr<Cache> cache(Cache::Open(path).value());
+  Harness h({}, cache);
+  LiveWithSixMessages(h);
+  // A message of this user waiting in the outbox for conversation 5.
+  h.AddOutbox("pending-0123456789abcdef", 5);
+  h.listener.conversations.clear();
+
+  h.session->OnEnvelope(Notice(5, 4, 3));
+  CHECK(h.listener.expired == Expired{{5, 3}});
+  REQUIRE(h.listener.conversations.size() == 1);
+  CHECK(h.listener.conversations[0].conversation_id == 5);
+  CHECK(h.listener.conversations[0].first_seq == 4);
+  CHECK(h.listener.conversations[0].unread == 2);  // until the server's next state says
+  CHECK(CachedSeqs(*h.cache, 5, 6) == std::vector<Seq>{4, 5, 6});
+  CHECK(CachedSeqs(*h.cache, 9, 2) == std::vector<Seq>{1, 2});
+  CHECK(h.cache->GetConversation(5)->info.first_seq == 4);
+  CHECK(h.cache->PendingCount() == 1);
+  CHECK(h.listener.errors.empty());
+
+  // Told again (a stale notice), nothing changes and nobody is told.
+  h.session->OnEnvelope(Notice(5, 2, 1));
+  CHECK(h.listener.expired.size() == 1);
+  CHECK(h.listener.conversations.size() == 1);
+  CHECK(h.cache->GetConversation(5)->info.first_seq == 4);
+
+  // Emptied: nothing is stored, so nothing is unread either.
+  h.session->OnEnvelope(Notice(5, 0, 6));
+  CHECK(h.listener.expired == Expired{{5, 3}, {5, 6}});
+  REQUIRE(h.listener.conversations.size() == 2);
+  CHECK(h.listener.conversations[1].first_seq == 0);
+  CHECK(h.listener.conversations[1].unread == 0);
+  CHECK(h.listener.unread_totals.back() == 0);
+  CHECK(CachedSeqs(*h.cache, 5, 6).empty());
+  // History has nothing older to show from the cache: the server is asked.
+  std::vector<Result<HistoryResult>> pages;
+  h.session->History(5, 0, 10, [&](Result<HistoryResult> r) { pages.push_back(std::move(r)); });
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kHistory).size() == 1);
+
+  // What the file holds: the other conversation and the outbox, untouched.
+  h.session->Stop();
+  cache->Close();
+  const FileRows rows = ReadFileRows(path, 5);
+  CHECK(rows.seqs.empty());
+  CHECK(ReadFileRows(path, 9).seqs == std::vector<Seq>{1, 2});
+  CHECK(rows.outbox == std::vector<std::string>{"pending-0123456789abcdef"});
+}
+
+TEST_CASE("session expiry: a notice after newer messages arrived keeps them") {
+  Harness h;
+  LiveWithSixMessages(h);
+  // Seq 7 was committed after the sweep that emptied seqs 1..6, and delivered before its notice.
+  h.Deliver(Msg(5, 7));
+  h.session->OnEnvelope(Notice(5, 0, 6));
+  CHECK(h.listener.expired == Expired{{5, 6}});
+  CHECK(CachedSeqs(*h.cache, 5, 7) == std::vector<Seq>{7});
+  const ConversationInfo info = h.cache->GetConversation(5)->info;
+  CHECK(info.first_seq == 7);
+  CHECK(info.last_seq == 7);
+  CHECK(info.unread == 3);  // not known to be exact: the server's next state says
+}
+
+TEST_CASE("session expiry: a notice for a conversation the client holds nothing of is quiet") {
+  Harness h;
+  LiveWithSixMessages(h);
+  h.listener.conversations.clear();
+  h.session->OnEnvelope(Notice(77, 3, 2));
+  CHECK(h.listener.expired.empty());
+  CHECK(h.listener.conversations.empty());
+  CHECK_FALSE(h.cache->GetConversation(77).has_value());
+  // One that names no conversation, or a seq the cache cannot hold, is refused.
+  h.session->OnEnvelope(Notice(0, 3, 2));
+  h.session->OnEnvelope(Notice(5, 0, uint64_t{1} << 63));
+  REQUIRE(h.listener.errors.size() == 2);
+  CHECK(h.listener.errors[0].code() == Code::kInternal);
+  CHECK(CachedSeqs(*h.cache, 5, 6).size() == 6);
+}
+
+TEST_CASE("session expiry: a Sync state with a higher first_seq drops what the device holds") {
+  testing::TempDir dir;
+  const std::string path = dir.File("cache.db");
+  std::shared_ptr<Cache> cache(Cache::Open(path).value());
+  Harness h({}, cache);
+  LiveWithSixMessages(h);
+  h.AddOutbox("pending-0123456789abcdef", 5);
+  h.io.Take();
+  // Offline while the server's retention deleted seqs 1..4.
+  h.session->OnClosed(1006, "gone");
+  h.listener.conversations.clear();
+
+  v1::Envelope sync = h.Welcome();
+  // The Sync says which seqs the device still holds, so that the server lists the conversation
+  // although nothing is new in it.
+  std::map<ConversationId, Seq> lowest;
+  for (const v1::Cursor& cursor : sync.sync().cursors()) {
+    lowest[cursor.conversation_id()] = cursor.lowest_seq();
+  }
+  CHECK(lowest[5] == 1);
+  CHECK(lowest[9] == 1);
+  v1::SyncBatch batch;
+  *batch.add_conversations() = Stored(5, 6, 1);
+  h.Reply(sync, batch);
+  CHECK(h.listener.expired == Expired{{5, 4}});
+  REQUIRE(h.listener.conversations.size() == 1);
+  CHECK(h.listener.conversations[0].first_seq == 5);
+  CHECK(h.listener.conversations[0].unread == 1);
+  CHECK(CachedSeqs(*h.cache, 5, 6) == std::vector<Seq>{5, 6});
+
+  // A state that says nothing is stored drops everything up to its last seq.
+  h.io.Take();
+  h.session->OnClosed(1006, "gone");
+  sync = h.Welcome();
+  for (const v1::Cursor& cursor : sync.sync().cursors()) {
+    if (cursor.conversation_id() == 5) CHECK(cursor.lowest_seq() == 5);
+  }
+  batch.Clear();
+  *batch.add_conversations() = Stored(0, 6, 0);
+  h.Reply(sync, batch);
+  CHECK(h.listener.expired == Expired{{5, 4}, {5, 6}});
+  CHECK(CachedSeqs(*h.cache, 5, 6).empty());
+  CHECK(h.cache->GetConversation(5)->info.first_seq == 0);
+  // Holding nothing, the device says so.
+  h.io.Take();
+  h.session->OnClosed(1006, "gone");
+  sync = h.Welcome();
+  for (const v1::Cursor& cursor : sync.sync().cursors()) {
+    if (cursor.conversation_id() == 5) CHECK(cursor.lowest_seq() == 0);
+  }
+  h.Reply(sync, {});
+
+  h.session->Stop();
+  cache->Close();
+  const FileRows rows = ReadFileRows(path, 5);
+  CHECK(rows.seqs.empty());
+  CHECK(ReadFileRows(path, 9).seqs == std::vector<Seq>{1, 2});
+  CHECK(rows.outbox == std::vector<std::string>{"pending-0123456789abcdef"});
+}
+
+TEST_CASE("session expiry: a ConversationUpdate drops; a History page above the cache asks Sync") {
+  Harness h;
+  LiveWithSixMessages(h);
+  // Seq 8 arrives over a hole at 7.
+  h.Deliver(Msg(5, 8));
+  v1::Envelope update;
+  *update.mutable_conversation_update()->mutable_conversation() = Stored(3, 8, 2);
+  h.session->OnEnvelope(update);
+  CHECK(h.listener.expired == Expired{{5, 2}});
+  CHECK(CachedSeqs(*h.cache, 5, 8) == std::vector<Seq>{3, 4, 5, 6, 8});
+
+  // The Syncs the hole asked for find nothing more.
+  for (int i = 0; i < 4; ++i) {
+    std::vector<v1::Envelope> pending = OfCase(h.io.Take(), v1::Envelope::kSync);
+    if (pending.empty()) break;
+    h.Reply(pending.back(), {});
+  }
+
+  // A History page for what the cache lacks says the lowest seq this user may read is 5. That
+  // may be where it joined, so a Sync asks whether what the cache holds below it expired.
+  h.session->History(5, 0, 10, [](Result<HistoryResult>) {});
+  std::vector<v1::Envelope> asked = OfCase(h.io.Take(), v1::Envelope::kHistory);
+  REQUIRE(asked.size() == 1);
+  v1::Envelope page;
+  page.set_rid(asked[0].rid());
+  page.mutable_history_page()->set_conversation_id(5);
+  for (Seq s = 8; s >= 5; --s) *page.mutable_history_page()->add_messages() = Msg(5, s);
+  page.mutable_history_page()->set_first_seq(5);
+  h.session->OnEnvelope(page);
+  CHECK(h.listener.expired == Expired{{5, 2}});  // nothing dropped on the page's word alone
+  CHECK(CachedSeqs(*h.cache, 5, 8) == std::vector<Seq>{3, 4, 5, 6, 7, 8});
+  std::vector<v1::Envelope> syncs = OfCase(h.io.Take(), v1::Envelope::kSync);
+  REQUIRE(syncs.size() == 1);
+  for (const v1::Cursor& cursor : syncs[0].sync().cursors()) {
+    if (cursor.conversation_id() == 5) CHECK(cursor.lowest_seq() == 3);
+  }
+  v1::SyncBatch batch;
+  *batch.add_conversations() = Stored(5, 8, 2);
+  h.listener.conversations.clear();
+  h.Reply(syncs[0], batch);
+  CHECK(h.listener.expired == Expired{{5, 2}, {5, 4}});
+  REQUIRE(h.listener.conversations.size() == 1);
+  CHECK(h.listener.conversations[0].first_seq == 5);
+  CHECK(CachedSeqs(*h.cache, 5, 8) == std::vector<Seq>{5, 6, 7, 8});
+  // History now answers from the cache: nothing is stored below seq 5.
+  std::vector<Result<HistoryResult>> pages;
+  h.session->History(5, 5, 10, [&](Result<HistoryResult> r) { pages.push_back(std::move(r)); });
+  REQUIRE(pages.size() == 1);
+  REQUIRE(pages[0].ok());
+  CHECK(pages[0]->from_cache);
+  CHECK(pages[0]->messages.empty());
+}
+
+}  // namespace
+}  // namespace chat::client
