@@ -316,6 +316,17 @@ class Listener : public chat::ClientListener {
             (status == chat::MessageStatus::kDelivered ? " delivered" : ""));
     }
   }
+  void OnMessagesExpired(chat::ConversationId conversation, chat::Seq up_to_seq) override {
+    std::lock_guard lock(mu_);
+    if (!print_messages_) return;
+    if (json_) {
+      Print("{\"type\":\"expired\",\"conversation_id\":" + std::to_string(conversation) +
+            ",\"up_to_seq\":" + std::to_string(up_to_seq) + "}");
+    } else {
+      Print("[" + std::to_string(conversation) + "] * messages up to #" +
+            std::to_string(up_to_seq) + " expired");
+    }
+  }
   void OnUnreadTotal(uint64_t total) override {
     std::lock_guard lock(mu_);
     if (!verbose_) return;
