@@ -90,7 +90,9 @@ struct ConversationInfo {
   Seq read_seq = 0;       // the user's read watermark (all devices)
   Seq delivered_seq = 0;  // the device's delivered watermark
   uint64_t unread = 0;
-  Seq first_seq = 0;  // lowest stored seq (retention); 0 when empty
+  // Lowest stored seq (retention); 0 when none is. Clients take 0 with a non-zero last_seq as
+  // "every message up to last_seq is gone" and drop their copies.
+  Seq first_seq = 0;
   Role role = Role::kUnspecified;
   uint32_t member_count = 0;
   int64_t last_activity_ms = 0;
