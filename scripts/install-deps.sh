@@ -8,7 +8,7 @@ packages=(
   libwebsockets-dev libwebsockets-evlib-ev libev-dev libssl-dev
   libprotobuf-dev protobuf-compiler
   libsqlite3-dev sqlite3
-  libcurl4-openssl-dev  # the push webhook's HTTP(S) client
+  libcurl4-openssl-dev ca-certificates  # the push webhook's HTTP(S) client and the CAs it trusts
   libjemalloc-dev
   doctest-dev libcli11-dev
   python3 curl procps openssl

@@ -77,15 +77,15 @@ struct WebhookOptions {
   // http[s]://host[:port][/path][?query]; no user info, no IPv6 literal, no spaces or control
   // bytes. An https receiver's certificate and host name are verified.
   std::string url;
-  // PEM file of the CAs that an https receiver's certificate must chain to, used instead of the
-  // system's CA store; "" = the system's store. Default "".
-  std::string ca_file = "";
   // One attempt as a whole, ms: name lookup, connect, TLS handshake, request and response
   // status. Default 5000.
   uint32_t timeout_ms = 5000;
   size_t max_queue = 10'000;  // notifications waiting; past it new ones are dropped
   uint32_t max_retries = 3;   // after the first attempt, on network errors and 5xx
   uint32_t backoff_ms = 200;  // before the first retry; doubles for each further retry
+  // PEM file of the CAs that an https receiver's certificate must chain to, used instead of the
+  // system's CA store; "" = the system's store. Default "".
+  std::string ca_file = "";
 };
 
 // POSTs each notification as JSON (see docs/push.md) from a thread of its own. Notify only

@@ -85,6 +85,14 @@ Result<std::string> ParseWebhookUrl(std::string_view url) {
   std::string out(scheme);
   out.append(authority);
   out.append(path);
+  // What libcurl itself would refuse at every attempt (a second port, host name characters it
+  // does not take) is refused here, once.
+  std::unique_ptr<CURLU, decltype(&curl_url_cleanup)> parsed(curl_url(), &curl_url_cleanup);
+  if (parsed == nullptr) return Internal("webhook: cannot set up libcurl");
+  if (CURLUcode code = curl_url_set(parsed.get(), CURLUPART_URL, out.c_str(), 0);
+      code != CURLUE_OK) {
+    return InvalidArgument(std::string("webhook url is not valid: ") + curl_url_strerror(code));
+  }
   return out;
 }
 
@@ -194,9 +202,10 @@ using EasyHandle = std::unique_ptr<CURL, EasyDeleter>;
 using MultiHandle = std::unique_ptr<CURLM, MultiDeleter>;
 using HeaderList = std::unique_ptr<curl_slist, SlistDeleter>;
 
-// How long one wait inside an attempt may last before the stop flag is looked at again. A stop
-// also wakes the wait at once (curl_multi_wakeup); this only bounds a wake-up that was missed.
-constexpr int kPollMs = 1000;
+// How long one wait inside an attempt may last before the stop flag is looked at again (libcurl
+// ends it earlier when its own timers are due). A stop wakes the wait at once
+// (curl_multi_wakeup); this only bounds a wake-up that was missed.
+constexpr int kPollMs = 60'000;
 
 class WebhookNotifier final : public PushNotifier {
  public:
@@ -246,7 +255,7 @@ class WebhookNotifier final : public PushNotifier {
     multi_.reset(curl_multi_init());
     easy_.reset(curl_easy_init());
     HeaderList headers(curl_slist_append(nullptr, "Content-Type: application/json"));
-    // libcurl would otherwise ask a body over 1 KiB to wait for "100 Continue", up to a second.
+    // libcurl would otherwise make a body over 1 MiB wait for "100 Continue", up to a second.
     curl_slist* more = headers ? curl_slist_append(headers.get(), "Expect:") : nullptr;
     if (multi_ == nullptr || easy_ == nullptr || more == nullptr) {
       return Internal("webhook: cannot set up libcurl");
@@ -278,6 +287,9 @@ class WebhookNotifier final : public PushNotifier {
       // These CAs instead of the system's, not in addition to them.
       set(curl_easy_setopt(e, CURLOPT_CAINFO, options_.ca_file.c_str()));
       set(curl_easy_setopt(e, CURLOPT_CAPATH, static_cast<char*>(nullptr)));
+      // Read at every attempt: libcurl would otherwise keep the file's CAs for a day, and a
+      // receiver's renewed certificate would fail until then.
+      set(curl_easy_setopt(e, CURLOPT_CA_CACHE_TIMEOUT, 0L));
     }
     set(curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, &WebhookNotifier::OnHeader));
     set(curl_easy_setopt(e, CURLOPT_HEADERDATA, this));

@@ -523,11 +523,27 @@ TEST_CASE("push tokens: a store without support answers FailedPrecondition") {
 // --- Webhook ---
 
 TEST_CASE("push webhook: a url that is not http[s]://host[:port][/path] is INVALID_ARGUMENT") {
-  for (const char* url :
-       {"", "http://", "https://", "http://host:abc/", "http://host:/", "ftp://host/",
-        "HTTP://host/", "http://host:0/", "http://host:65536/", "https://host:99999/", "http://?x",
-        "http://#x", "http://ho\r\nst/", "http://host/a b", "https://host/a\r\nX: y",
-        "http://host/\x7f", "http://[::1]/", "https://user:pw@host/"}) {
+  for (const char* url : {"",
+                          "http://",
+                          "https://",
+                          "http://host:abc/",
+                          "http://host:/",
+                          "ftp://host/",
+                          "HTTP://host/",
+                          "http://host:0/",
+                          "http://host:65536/",
+                          "https://host:99999/",
+                          "http://?x",
+                          "http://#x",
+                          "http://ho\r\nst/",
+                          "http://host/a b",
+                          "https://host/a\r\nX: y",
+                          "http://host/\x7f",
+                          "http://[::1]/",
+                          "https://user:pw@host/",
+                          "http://127.0.0.1:80:80/x",
+                          "http://ho%2ast/x",
+                          "http://a,b/x"}) {
     CAPTURE(url);
     auto notifier = NewWebhookNotifier({.url = url});
     REQUIRE_FALSE(notifier.ok());
@@ -718,7 +734,7 @@ TEST_CASE("push webhook: over https, a certificate for another host name gets no
   LogCapture log;
   // The certificate chains to ca_file, but the URL names 127.0.0.1.
   auto notifier = NewWebhookNotifier(
-      {.url = receiver.url(), .ca_file = dir.File("cert.pem"), .max_retries = 0});
+      {.url = receiver.url(), .max_retries = 0, .ca_file = dir.File("cert.pem")});
   REQUIRE(notifier.ok());
   (*notifier)->Notify(Sample());
   const std::string line = log.WaitFor(LogLevel::kWarn, {"push webhook failed", "gave up after 1"},
@@ -733,10 +749,10 @@ TEST_CASE("push webhook: over https, a certificate for another host name gets no
 void EachAttemptEndsAfterTimeout(HttpReceiver& receiver, const std::string& ca_file) {
   constexpr auto kTimeout = std::chrono::milliseconds(500);
   auto notifier = NewWebhookNotifier({.url = receiver.url(),
-                                      .ca_file = ca_file,
                                       .timeout_ms = static_cast<uint32_t>(kTimeout.count()),
                                       .max_retries = 1,
-                                      .backoff_ms = 1});
+                                      .backoff_ms = 1,
+                                      .ca_file = ca_file});
   REQUIRE(notifier.ok());
   (*notifier)->Notify(Sample());
   const auto connections = receiver.WaitForConnections(2, std::chrono::seconds(30));
@@ -744,7 +760,7 @@ void EachAttemptEndsAfterTimeout(HttpReceiver& receiver, const std::string& ca_f
   const auto gap = connections[1] - connections[0];
   // Not refused at once, and not held much past its time (generous slack for a loaded machine
   // under the sanitizers).
-  CHECK(gap >= kTimeout - std::chrono::milliseconds(100));
+  CHECK(gap >= kTimeout / 2);
   CHECK(gap < kTimeout + std::chrono::seconds(10));
 }
 
@@ -763,7 +779,8 @@ TEST_CASE("push webhook: an https receiver that never does the handshake: attemp
 
 TEST_CASE("push webhook: destroying the notifier abandons the attempt in flight") {
   HttpReceiver receiver({200}, /*hang=*/true);
-  // The attempt would last far longer than the test's CTest timeout.
+  // The attempt would last far longer than the test's CTest timeout, and its wait far longer
+  // than the bound below (kPollMs): only the stop's wake-up ends it in time.
   auto notifier = NewWebhookNotifier({.url = receiver.url(), .timeout_ms = 3'600'000});
   REQUIRE(notifier.ok());
   (*notifier)->Notify(Sample());
