@@ -36,6 +36,9 @@ HttpReceiver::HttpReceiver(HttpReceiverOptions options) : options_(std::move(opt
   sockaddr_in address{};
   address.sin_family = AF_INET;
   address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  address.sin_port = htons(options_.port);
+  const int reuse = 1;
+  if (fd_ >= 0) setsockopt(fd_, SOL_SOCKET, SO_REUSEADDR, &reuse, sizeof(reuse));
   if (fd_ < 0 || bind(fd_, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0 ||
       listen(fd_, 64) != 0) {
     throw std::runtime_error("HttpReceiver: cannot listen on loopback");

@@ -23,6 +23,7 @@ struct HttpReceiverOptions {
   // https with this PEM certificate and key (MakeSelfSignedCertificate); "" = plain http.
   std::string tls_cert_path = "";
   std::string tls_key_path = "";
+  uint16_t port = 0;  // 0 = any free one; else this one (a receiver started again in its place)
 };
 
 class HttpReceiver {

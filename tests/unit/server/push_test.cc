@@ -11,6 +11,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <filesystem>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -696,6 +697,31 @@ HttpReceiver HttpsReceiver(const TempDir& dir, const std::string& subject_alt_na
   options.tls_cert_path = dir.File("cert.pem");
   options.tls_key_path = dir.File("key.pem");
   return HttpReceiver(std::move(options));
+}
+
+TEST_CASE("push webhook: a renewed certificate in ca_file is trusted at the next attempt") {
+  TempDir first;
+  TempDir second;
+  const std::string ca_file = first.File("ca.pem");
+  uint16_t port = 0;
+  std::shared_ptr<PushNotifier> notifier;
+  {
+    HttpReceiver receiver = HttpsReceiver(first, "IP:127.0.0.1");
+    std::filesystem::copy_file(first.File("cert.pem"), ca_file);
+    auto made = NewWebhookNotifier({.url = receiver.url(), .ca_file = ca_file});
+    REQUIRE(made.ok());
+    notifier = *made;
+    notifier->Notify(Sample());
+    REQUIRE(receiver.WaitForBodies(1).size() == 1);
+    port = static_cast<uint16_t>(std::stoi(receiver.url().substr(receiver.url().rfind(':') + 1)));
+  }
+  // The relay comes back in its place with a new self-signed certificate, which the operator
+  // puts into the CA file.
+  HttpReceiver renewed = HttpsReceiver(second, "IP:127.0.0.1", {.port = port});
+  std::filesystem::copy_file(second.File("cert.pem"), ca_file,
+                             std::filesystem::copy_options::overwrite_existing);
+  notifier->Notify(Sample());
+  CHECK(renewed.WaitForBodies(1).size() == 1);
 }
 
 TEST_CASE("push webhook: over https, a receiver trusted through ca_file gets the JSON") {
