@@ -14,12 +14,12 @@ namespace chat::client {
 
 namespace {
 
-// Bumped when the schema changes. A cache of version 4 gains the columns added since (see
-// kMigrateVersion4) and keeps its rows: rebuilt, it would lose its cursors (every message would
-// reach the application again) and the watermarks the server has not confirmed. Older ones are
-// dropped and rebuilt from the server, except for the outbox, whose rows are carried over (see
-// kMigrateOutbox).
-constexpr int kSchemaVersion = 5;
+// Bumped when the schema changes. A cache of version 4 or 5 gains the columns added since (see
+// kMigrateVersion4 and kMigrateVersion5) and keeps its rows: rebuilt, it would lose its cursors
+// (every message would reach the application again) and the watermarks the server has not
+// confirmed. Older ones are dropped and rebuilt from the server, except for the outbox, whose rows
+// are carried over (see kMigrateOutbox).
+constexpr int kSchemaVersion = 6;
 
 // The outbox is one B-tree, keyed by insertion order (the rowid), so a Send() commit writes one
 // page to the WAL: every index would add another page to every commit (and its random leaf to
@@ -36,7 +36,8 @@ CREATE TABLE IF NOT EXISTS conversations(
   last_activity_ms INTEGER NOT NULL,
   delivered_all_seq INTEGER NOT NULL DEFAULT 0,
   read_all_seq INTEGER NOT NULL DEFAULT 0,
-  receipt_due INTEGER NOT NULL DEFAULT 0);
+  receipt_due INTEGER NOT NULL DEFAULT 0,
+  expired_through INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS messages(
   conversation_id INTEGER NOT NULL,
   seq INTEGER NOT NULL,
@@ -81,11 +82,16 @@ ALTER TABLE outbox_v4 RENAME TO outbox;
 // far as anything recorded says.
 constexpr const char* kMigrateVersion4 =
     "ALTER TABLE conversations ADD COLUMN receipt_due INTEGER NOT NULL DEFAULT 0";
+// Version 6 added expired_through (see ConversationRow): nothing is known to have expired in a
+// version 5 row. Its messages that did are dropped by the next state that says so (the Sync
+// tells the server the lowest seq held), which sets it.
+constexpr const char* kMigrateVersion5 =
+    "ALTER TABLE conversations ADD COLUMN expired_through INTEGER NOT NULL DEFAULT 0";
 
 // The statements used more than once. Each is compiled once per connection and kept (see
 // Cache::Db::Prepare, which keys them by address: only these constants may be passed to it).
 constexpr const char* kUserVersion = "PRAGMA user_version";
-constexpr const char* kSetUserVersion = "PRAGMA user_version=5";
+constexpr const char* kSetUserVersion = "PRAGMA user_version=6";
 constexpr const char* kHasOutbox =
     "SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'outbox'";
 constexpr const char* kApplicationId = "PRAGMA application_id";
@@ -118,14 +124,21 @@ constexpr const char* kRollback = "ROLLBACK";
 constexpr const char* kGetMeta = "SELECT value FROM meta WHERE key = ?";
 constexpr const char* kSetMeta = "INSERT OR REPLACE INTO meta(key, value) VALUES(?, ?)";
 constexpr const char* kGetConversation =
-    "SELECT conversation_id, state, cursor, delivered_all_seq, read_all_seq, receipt_due "
-    "FROM conversations WHERE conversation_id = ?";
+    "SELECT conversation_id, state, cursor, delivered_all_seq, read_all_seq, receipt_due, "
+    "expired_through FROM conversations WHERE conversation_id = ?";
+// expired_through only goes up, whatever row a caller read before it was raised.
 constexpr const char* kPutConversation =
-    "INSERT OR REPLACE INTO conversations(conversation_id, state, cursor, last_activity_ms, "
-    "delivered_all_seq, read_all_seq, receipt_due) VALUES(?, ?, ?, ?, ?, ?, ?)";
+    "INSERT INTO conversations(conversation_id, state, cursor, last_activity_ms, "
+    "delivered_all_seq, read_all_seq, receipt_due, expired_through) "
+    "VALUES(?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(conversation_id) DO UPDATE SET "
+    "state = excluded.state, cursor = excluded.cursor, "
+    "last_activity_ms = excluded.last_activity_ms, "
+    "delivered_all_seq = excluded.delivered_all_seq, read_all_seq = excluded.read_all_seq, "
+    "receipt_due = excluded.receipt_due, "
+    "expired_through = MAX(expired_through, excluded.expired_through)";
 constexpr const char* kListConversations =
-    "SELECT conversation_id, state, cursor, delivered_all_seq, read_all_seq, receipt_due "
-    "FROM conversations ORDER BY last_activity_ms DESC, conversation_id DESC";
+    "SELECT conversation_id, state, cursor, delivered_all_seq, read_all_seq, receipt_due, "
+    "expired_through FROM conversations ORDER BY last_activity_ms DESC, conversation_id DESC";
 constexpr const char* kReceiptsDue =
     "SELECT conversation_id FROM conversations WHERE receipt_due != 0 ORDER BY conversation_id";
 constexpr const char* kPutMessage =
@@ -286,6 +299,7 @@ ConversationRow RowFrom(Stmt& s) {
   row.delivered_all_seq = FromDb(s.ColInt(3));
   row.read_all_seq = FromDb(s.ColInt(4));
   row.receipt_due = s.ColInt(5) != 0;
+  row.expired_through = FromDb(s.ColInt(6));
   return row;
 }
 
@@ -379,9 +393,12 @@ Result<std::unique_ptr<Cache>> Cache::Open(const std::string& path) {
     Transaction txn(cache.get());
     // Without it, the steps below would commit one by one and could stop half way.
     if (!txn.active()) return cache->db_->Error("begin");
-    if (version == 4) {
-      // The same tables, one column short: everything stays.
-      if (Status st = cache->Exec(kMigrateVersion4); !st.ok()) return st;
+    if (version == 4 || version == 5) {
+      // The same tables, a column or two short: everything stays.
+      if (version == 4) {
+        if (Status st = cache->Exec(kMigrateVersion4); !st.ok()) return st;
+      }
+      if (Status st = cache->Exec(kMigrateVersion5); !st.ok()) return st;
     } else if (version != 0 && version != kSchemaVersion) {
       // Another layout of the derived tables: rebuild them from the server. meta (the epoch and
       // user the outbox was written for) keeps its layout and stays, so the outbox is still
@@ -510,7 +527,8 @@ Status Cache::PutConversation(const ConversationRow& row) {
       .Int(4, row.info.last_activity_ms)
       .Int(5, ToDb(row.delivered_all_seq))
       .Int(6, ToDb(row.read_all_seq))
-      .Int(7, row.receipt_due ? 1 : 0);
+      .Int(7, row.receipt_due ? 1 : 0)
+      .Int(8, SeqBound(row.expired_through));
   if (s.Run() != SQLITE_DONE) return db_->Error("put conversation");
   return Status::Ok();
 }

@@ -60,6 +60,12 @@ struct ConversationRow {
   // that carried these (it caps watermarks at what it has: a lower answer is all it takes), or
   // once it refused them for good.
   bool receipt_due = false;
+  // Every seq up to this one was deleted by the server's retention, as far as this client was
+  // told (a MessagesExpired notice or a conversation state). It only goes up (PutConversation
+  // keeps the higher of the stored and the given value) and seqs are never reused, so nothing at
+  // or below it is stored again, reported or served: a reply the server read before its sweep
+  // may still carry such messages.
+  Seq expired_through = 0;
 };
 
 class Cache {

@@ -722,7 +722,8 @@ void Session::Ingest(const std::vector<const v1::Message*>& messages, bool from_
         }
         it = rows.emplace(m->conversation_id(), std::move(row)).first;
       }
-      if (m->seq() <= it->second.cursor) continue;
+      // Given already, or deleted by retention (a reply the server read before its sweep).
+      if (m->seq() <= it->second.cursor || m->seq() <= it->second.expired_through) continue;
       if (Status st = cache_->PutMessage(*m); !st.ok()) {
         ReportError(st);
         return;
@@ -969,7 +970,7 @@ void Session::HandleSyncBatch(const v1::SyncBatch& batch) {
       stubs_.erase(state.conversation_id());
       // What retention deleted goes with the state that says so (the server lists a
       // conversation whose deleted messages this device holds, see SendSync).
-      (void)DropExpired(state.conversation_id(), ExpiredThrough(state), &expired);
+      (void)DropExpired(&row, ExpiredThrough(state), &expired);
       if (Status st = cache_->PutConversation(row); !st.ok()) ReportError(st);
       updated.push_back(row.info);
       progress = true;
@@ -1045,7 +1046,15 @@ void Session::HandleHistoryPage(uint64_t rid, const v1::HistoryPage& page) {
   result.has_more = page.has_more();
   {
     CacheTxn txn(this);
+    // A page the server read before its retention sweep may hold what this client was told
+    // since is deleted: those messages are neither stored nor shown, and nothing older is left.
+    const std::optional<ConversationRow> row = cache_->GetConversation(pending.conversation);
+    const Seq expired_through = row ? row->expired_through : 0;
     for (const v1::Message& m : page.messages()) {
+      if (m.seq() <= expired_through) {
+        result.has_more = false;
+        continue;
+      }
       (void)cache_->PutMessage(m);
       result.messages.push_back(codec::FromProto(m));
     }
@@ -1071,7 +1080,7 @@ ConversationInfo Session::HandleConversationUpdate(const v1::ConversationState& 
     row = LoadOrStub(state.conversation_id());
     MergeState(&row, state);
     stubs_.erase(state.conversation_id());
-    (void)DropExpired(state.conversation_id(), ExpiredThrough(state), &expired);
+    (void)DropExpired(&row, ExpiredThrough(state), &expired);
     if (Status st = cache_->PutConversation(row); !st.ok()) ReportError(st);
     if (Status st = txn.Commit(); !st.ok()) {
       ReportError(st);
@@ -1094,6 +1103,13 @@ void Session::MergeState(ConversationRow* row, const v1::ConversationState& stat
   // last_seq stays at least at the newest message the cache holds.
   info.last_seq =
       std::max({info.last_seq, row->cursor, cache_->HighestSeq(state.conversation_id())});
+  // Nor is first_seq ever taken back below what this client was told expired (a state read
+  // before the sweep): with nothing stored up to the floor, the lowest stored seq is the one
+  // after it, if any is.
+  const Seq floor = std::max(row->expired_through, ExpiredThrough(state));
+  if (info.first_seq != 0 || info.last_seq > floor) {
+    info.first_seq = info.last_seq > floor ? std::max(info.first_seq, floor + 1) : 0;
+  }
   if (info.peer == local.peer) {
     // A PresenceUpdate may have told a later last seen than the server's stored state.
     info.peer_last_seen_ms = std::max(info.peer_last_seen_ms, local.peer_last_seen_ms);
@@ -1113,13 +1129,15 @@ void Session::MergeState(ConversationRow* row, const v1::ConversationState& stat
   row->info = info;
 }
 
-bool Session::DropExpired(ConversationId conversation, Seq through, std::vector<Expiry>* expired) {
+bool Session::DropExpired(ConversationRow* row, Seq through, std::vector<Expiry>* expired) {
   if (through == 0) return true;
+  const ConversationId conversation = row->info.conversation_id;
   Result<uint64_t> dropped = cache_->DeleteMessagesThrough(conversation, through);
   if (!dropped.ok()) {
     ReportError(dropped.status());
     return false;
   }
+  row->expired_through = std::max(row->expired_through, through);
   if (*dropped > 0) expired->emplace_back(conversation, through);
   return true;
 }
@@ -1139,8 +1157,14 @@ void Session::HandleMessagesExpired(const v1::MessagesExpired& notice) {
   {
     CacheTxn txn(this);
     if (!txn.Started()) return;
-    if (!DropExpired(id, through, &expired)) return;
-    if (std::optional<ConversationRow> row = cache_->GetConversation(id)) {
+    std::optional<ConversationRow> row = cache_->GetConversation(id);
+    // History pages of a conversation the cache has no row for are stored too: they go, though
+    // there is no row to keep the floor in.
+    ConversationRow rowless;
+    rowless.info.conversation_id = id;
+    const Seq floor_before = row ? row->expired_through : 0;
+    if (!DropExpired(row ? &*row : &rowless, through, &expired)) return;
+    if (row) {
       const ConversationInfo before = row->info;
       if (notice.first_seq() != 0) {
         row->info.first_seq = std::max(row->info.first_seq, notice.first_seq());
@@ -1155,7 +1179,7 @@ void Session::HandleMessagesExpired(const v1::MessagesExpired& notice) {
         row->info.unread = 0;
       }
       if (row->info.first_seq != before.first_seq || row->info.unread != before.unread ||
-          !expired.empty()) {
+          row->expired_through != floor_before || !expired.empty()) {
         if (Status st = cache_->PutConversation(*row); !st.ok()) {
           ReportError(st);
           return;  // rolled back

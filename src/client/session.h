@@ -321,10 +321,11 @@ class Session {
   // Retention deleted messages up to a seq (conversation, up_to_seq), told to the application
   // once the cache transaction that dropped them is committed.
   using Expiry = std::pair<ConversationId, Seq>;
-  // Inside a cache transaction: deletes the cached messages of `conversation` with seq <=
-  // `through` (never outbox entries) and, when it held some, notes them in `expired`. False if
-  // the cache failed (reported).
-  bool DropExpired(ConversationId conversation, Seq through, std::vector<Expiry>* expired);
+  // Inside a cache transaction: deletes the cached messages of `row`'s conversation with seq <=
+  // `through` (never outbox entries), raises row->expired_through to it (the caller stores the
+  // row) and, when the cache held some, notes them in `expired`. False if the cache failed
+  // (reported).
+  bool DropExpired(ConversationRow* row, Seq through, std::vector<Expiry>* expired);
   // The server's MessagesExpired notice.
   void HandleMessagesExpired(const v1::MessagesExpired& notice);
   // Updates the cached title, membership and role from a system message.

@@ -413,7 +413,7 @@ PRAGMA user_version=)sql") +
   // A cache written by a newer SDK is refused, not downgraded.
   const std::string newer = dir.File("newer.db");
   ExecOnFile(newer,
-             "PRAGMA application_id=1667785076; PRAGMA user_version=6; "
+             "PRAGMA application_id=1667785076; PRAGMA user_version=7; "
              "CREATE TABLE outbox(id INTEGER PRIMARY KEY, v6 TEXT);");
   opened = Cache::Open(newer);
   CHECK(opened.status().code() == Code::kFailedPrecondition);
@@ -468,46 +468,76 @@ TEST_CASE("cache: an outbox of schema version 2 is carried over with its ids and
   }
 }
 
-TEST_CASE("cache: a version 4 cache keeps its conversations, messages and outbox") {
-  testing::TempDir dir;
-  const std::string path = dir.File("c.db");
-  WriteVersion4Cache(path);
-  {
-    auto opened = Cache::Open(path);
-    REQUIRE(opened.ok());
-    auto& cache = *opened;
-    CHECK(cache->Epoch() == 7);
-    CHECK(cache->UserId() == "alice");
-    std::optional<ConversationRow> row = cache->GetConversation(1);
-    REQUIRE(row.has_value());
-    CHECK(row->info.peer == "bob");
-    CHECK(row->info.delivered_seq == 2);
-    CHECK(row->info.read_seq == 1);
-    CHECK(row->info.unread == 1);
-    CHECK(row->cursor == 2);
-    CHECK(row->delivered_all_seq == 1);
-    CHECK(row->read_all_seq == 0);
-    CHECK_FALSE(row->receipt_due);
-    CHECK(cache->ReceiptsDue().empty());
+TEST_CASE("cache: a version 4 or 5 cache keeps its conversations, messages and outbox") {
+  for (const int version : {4, 5}) {
+    CAPTURE(version);
+    testing::TempDir dir;
+    const std::string path = dir.File("c.db");
+    WriteVersion4Cache(path);
+    if (version == 5) {
+      ExecOnFile(path,
+                 "ALTER TABLE conversations ADD COLUMN receipt_due INTEGER NOT NULL DEFAULT 0; "
+                 "PRAGMA user_version=5;");
+    }
+    {
+      auto opened = Cache::Open(path);
+      REQUIRE(opened.ok());
+      auto& cache = *opened;
+      CHECK(cache->Epoch() == 7);
+      CHECK(cache->UserId() == "alice");
+      std::optional<ConversationRow> row = cache->GetConversation(1);
+      REQUIRE(row.has_value());
+      CHECK(row->info.peer == "bob");
+      CHECK(row->info.delivered_seq == 2);
+      CHECK(row->info.read_seq == 1);
+      CHECK(row->info.unread == 1);
+      CHECK(row->cursor == 2);
+      CHECK(row->delivered_all_seq == 1);
+      CHECK(row->read_all_seq == 0);
+      CHECK_FALSE(row->receipt_due);
+      CHECK(row->expired_through == 0);
+      CHECK(cache->ReceiptsDue().empty());
+      CHECK(cache->MessageCount() == 2);
+      REQUIRE(cache->GetMessage(1, 2).has_value());
+      CHECK(cache->GetMessage(1, 2)->body() == "body-2");
+      std::vector<OutboxEntry> outbox = cache->ListOutbox();
+      REQUIRE(outbox.size() == 1);
+      CHECK(outbox[0].id == 4);
+      CHECK(outbox[0].client_msg_id == "id-v4");
+      CHECK(cache->PendingCount() == 1);
+      // The new columns are written and read like the others.
+      row->receipt_due = true;
+      row->expired_through = 1;
+      REQUIRE(cache->PutConversation(*row).ok());
+    }
+    CHECK(UserVersion(path) == 6);
+    auto cache = Cache::Open(path).value();
+    REQUIRE(cache->GetConversation(1).has_value());
+    CHECK(cache->GetConversation(1)->receipt_due);
+    CHECK(cache->GetConversation(1)->cursor == 2);
+    CHECK(cache->GetConversation(1)->expired_through == 1);
+    CHECK(cache->ReceiptsDue() == std::vector<ConversationId>{1});
     CHECK(cache->MessageCount() == 2);
-    REQUIRE(cache->GetMessage(1, 2).has_value());
-    CHECK(cache->GetMessage(1, 2)->body() == "body-2");
-    std::vector<OutboxEntry> outbox = cache->ListOutbox();
-    REQUIRE(outbox.size() == 1);
-    CHECK(outbox[0].id == 4);
-    CHECK(outbox[0].client_msg_id == "id-v4");
-    CHECK(cache->PendingCount() == 1);
-    // The new column is written and read like the others.
-    row->receipt_due = true;
-    REQUIRE(cache->PutConversation(*row).ok());
   }
-  CHECK(UserVersion(path) == 5);
-  auto cache = Cache::Open(path).value();
-  REQUIRE(cache->GetConversation(1).has_value());
-  CHECK(cache->GetConversation(1)->receipt_due);
-  CHECK(cache->GetConversation(1)->cursor == 2);
-  CHECK(cache->ReceiptsDue() == std::vector<ConversationId>{1});
-  CHECK(cache->MessageCount() == 2);
+}
+
+TEST_CASE("cache: a conversation's expired_through only goes up") {
+  auto cache = Cache::Open("").value();
+  ConversationRow row;
+  row.info.conversation_id = 5;
+  row.cursor = 3;
+  row.expired_through = 6;
+  REQUIRE(cache->PutConversation(row).ok());
+  // A row read before the floor was raised, written back: the rest of it is taken.
+  row.expired_through = 2;
+  row.cursor = 8;
+  REQUIRE(cache->PutConversation(row).ok());
+  CHECK(cache->GetConversation(5)->expired_through == 6);
+  CHECK(cache->GetConversation(5)->cursor == 8);
+  CHECK(cache->ListConversations()[0].expired_through == 6);
+  row.expired_through = 9;
+  REQUIRE(cache->PutConversation(row).ok());
+  CHECK(cache->GetConversation(5)->expired_through == 9);
 }
 
 TEST_CASE("cache: receipt_due is kept per conversation and listed by id") {

@@ -287,5 +287,100 @@ TEST_CASE("session expiry: a ConversationUpdate drops; a History page above the 
   CHECK(pages[0]->messages.empty());
 }
 
+// Seqs of group 5 the application was given, in order.
+std::vector<Seq> Given(const Harness& h) { return h.listener.SentSeqs(5); }
+
+// A page of group 5's history from the server, answering `request`.
+v1::Envelope Page(const v1::Envelope& request, Seq from, Seq to, Seq first_seq, bool has_more) {
+  v1::Envelope page;
+  page.set_rid(request.rid());
+  page.mutable_history_page()->set_conversation_id(5);
+  for (Seq s = to; s >= from && s > 0; --s)
+    *page.mutable_history_page()->add_messages() = Msg(5, s);
+  page.mutable_history_page()->set_first_seq(first_seq);
+  page.mutable_history_page()->set_has_more(has_more);
+  return page;
+}
+
+TEST_CASE("session expiry: a Sync reply the server read before the sweep brings nothing back") {
+  Harness h;
+  v1::Envelope sync = h.Welcome();
+  v1::SyncBatch batch;
+  *batch.add_conversations() = Stored(1, 3, 0);
+  for (Seq s = 1; s <= 3; ++s) *batch.add_messages() = Msg(5, s);
+  h.Reply(sync, batch);
+  REQUIRE(h.state() == ConnectionState::kConnected);
+  h.io.Take();
+  // Seqs 5 and 6 arrive over a hole at 4: the client asks for it.
+  h.Deliver(Msg(5, 5));
+  h.Deliver(Msg(5, 6));
+  std::vector<v1::Envelope> asked = OfCase(h.io.Take(), v1::Envelope::kSync);
+  REQUIRE(asked.size() == 1);
+  // The server reads 4..6 for the reply; then its sweep deletes 1..6, and the notice comes
+  // first.
+  h.session->OnEnvelope(Notice(5, 0, 6));
+  CHECK(h.listener.expired == Expired{{5, 6}});
+  CHECK(CachedSeqs(*h.cache, 5, 6).empty());
+  batch.Clear();
+  *batch.add_conversations() = Stored(1, 6, 3);
+  for (Seq s = 4; s <= 6; ++s) *batch.add_messages() = Msg(5, s);
+  h.listener.conversations.clear();
+  h.Reply(asked[0], batch);
+  // Nothing of it is stored or shown, and the state does not say seq 1 is stored again.
+  CHECK(CachedSeqs(*h.cache, 5, 6).empty());
+  CHECK(Given(h) == std::vector<Seq>{1, 2, 3});
+  CHECK(h.cache->GetConversation(5)->info.first_seq == 0);
+  REQUIRE_FALSE(h.listener.conversations.empty());
+  CHECK(h.listener.conversations.back().first_seq == 0);
+  std::vector<Result<HistoryResult>> pages;
+  h.session->History(5, 0, 10, [&](Result<HistoryResult> r) { pages.push_back(std::move(r)); });
+  for (const Result<HistoryResult>& page : pages) {
+    REQUIRE(page.ok());
+    CHECK(page->messages.empty());
+  }
+  CHECK(h.listener.errors.empty());
+}
+
+TEST_CASE("session expiry: a History page the server read before the sweep brings nothing back") {
+  Harness h;
+  v1::Envelope sync = h.Welcome();
+  // Only the newest two came with the Sync: 1..4 are left to History.
+  v1::SyncBatch batch;
+  *batch.add_conversations() = Stored(1, 6, 0);
+  v1::Gap* gap = batch.add_gaps();
+  gap->set_conversation_id(5);
+  gap->set_from_seq(1);
+  gap->set_to_seq(4);
+  for (Seq s = 5; s <= 6; ++s) *batch.add_messages() = Msg(5, s);
+  h.Reply(sync, batch);
+  REQUIRE(h.state() == ConnectionState::kConnected);
+  h.io.Take();
+  std::vector<Result<HistoryResult>> pages;
+  auto keep = [&](Result<HistoryResult> r) { pages.push_back(std::move(r)); };
+  h.session->History(5, 5, 10, keep);
+  std::vector<v1::Envelope> asked = OfCase(h.io.Take(), v1::Envelope::kHistory);
+  REQUIRE(asked.size() == 1);
+  // The server reads 1..4; its sweep then deletes 1..3, and the notice comes first.
+  h.session->OnEnvelope(Notice(5, 4, 3));
+  h.session->OnEnvelope(Page(asked[0], 1, 4, 1, false));
+  REQUIRE(pages.size() == 1);
+  REQUIRE(pages[0].ok());
+  REQUIRE(pages[0]->messages.size() == 1);
+  CHECK(pages[0]->messages[0].seq == 4);
+  CHECK_FALSE(pages[0]->has_more);
+  CHECK(CachedSeqs(*h.cache, 5, 6) == std::vector<Seq>{4, 5, 6});
+  // From the cache, too, history starts at 4.
+  pages.clear();
+  h.session->History(5, 5, 10, keep);
+  REQUIRE(pages.size() == 1);
+  REQUIRE(pages[0].ok());
+  CHECK(pages[0]->from_cache);
+  REQUIRE(pages[0]->messages.size() == 1);
+  CHECK(pages[0]->messages[0].seq == 4);
+  CHECK_FALSE(pages[0]->has_more);
+  CHECK(h.cache->GetConversation(5)->info.first_seq == 4);
+  CHECK(h.listener.errors.empty());
+}
+
 }  // namespace
 }  // namespace chat::client
