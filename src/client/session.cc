@@ -94,6 +94,7 @@ void Session::Stop() {
   in_flight_ids_.clear();
   ops_.clear();
   expired_.clear();
+  history_syncs_.clear();
   quiet_rids_.clear();
   receipts_unanswered_.clear();
   typing_.clear();
@@ -131,6 +132,7 @@ void Session::ConnectionDown() {
   auto typing = std::move(typing_);
   typing_.clear();
   expired_.clear();
+  history_syncs_.clear();
   quiet_rids_.clear();
   // Receipts of the lost connection may never have reached the server, and the Sync lists only
   // conversations with news: they go again on the next connection.
@@ -1065,10 +1067,15 @@ void Session::HandleHistoryPage(uint64_t rid, const v1::HistoryPage& page) {
   // alone does not say that what the cache holds below it expired (a member added again holds
   // messages from before). When the cache holds something below it, a Sync asks: the server
   // lists the conversation's state if retention deleted it (Cursor.lowest_seq), and the state
-  // drops it.
+  // drops it. Once per first_seq and connection: for a member added again it holds on every
+  // page (and a server that ignores lowest_seq never lists the state), so each page would
+  // otherwise cost a full Sync.
   const Seq lowest = cache_->LowestSeq(pending.conversation);
   const bool nothing_stored = page.first_seq() == 0 && page.messages().empty();
-  if (lowest != 0 && (nothing_stored || lowest < page.first_seq())) RequestSync();
+  if (lowest != 0 && (nothing_stored || lowest < page.first_seq()) &&
+      history_syncs_.emplace(pending.conversation, page.first_seq()).second) {
+    RequestSync();
+  }
   callback(std::move(result));
 }
 

@@ -430,8 +430,11 @@ class Session {
   std::map<uint64_t, ConversationId> expired_;
   // ops_, like histories_, is in rid order, which is the order of the deadlines (one timeout, a
   // monotonic clock): the first entry expires first.
-  std::map<uint64_t, PendingOp> ops_;               // rid -> callback; failed when the link drops
-  std::set<uint64_t> quiet_rids_;                   // Typing requests (bounded)
+  std::map<uint64_t, PendingOp> ops_;  // rid -> callback; failed when the link drops
+  std::set<uint64_t> quiet_rids_;      // Typing requests (bounded)
+  // (conversation, first_seq) of History pages that made this connection sync (see
+  // HandleHistoryPage): each only once.
+  std::set<std::pair<ConversationId, Seq>> history_syncs_;
   std::set<ConversationId> receipts_due_;           // watermarks moved, Receipt not sent yet
   int64_t receipts_sent_at_ = -kReceiptIntervalMs;  // monotonic ms of the last flush
   int64_t receipts_retry_at_ = 0;  // a Receipt was refused for now: no flush before then

@@ -382,5 +382,59 @@ TEST_CASE("session expiry: a History page the server read before the sweep bring
   CHECK(h.listener.errors.empty());
 }
 
+TEST_CASE("session expiry: History pages with the same raised first_seq sync once a connection") {
+  Harness h;
+  // The cache holds 1..3 from before this user was removed, and 8..10 since it was added again
+  // at seq 8; 4..7 it may not read.
+  v1::Envelope sync = h.Welcome();
+  v1::SyncBatch batch;
+  *batch.add_conversations() = Stored(1, 3, 0);
+  for (Seq s = 1; s <= 3; ++s) *batch.add_messages() = Msg(5, s);
+  h.Reply(sync, batch);
+  h.io.Take();
+  h.session->OnClosed(1006, "gone");
+  sync = h.Welcome();
+  batch.Clear();
+  *batch.add_conversations() = Stored(1, 10, 0);
+  v1::Gap* gap = batch.add_gaps();
+  gap->set_conversation_id(5);
+  gap->set_from_seq(4);
+  gap->set_to_seq(7);
+  for (Seq s = 8; s <= 10; ++s) *batch.add_messages() = Msg(5, s);
+  h.Reply(sync, batch);
+  REQUIRE(h.state() == ConnectionState::kConnected);
+  h.io.Take();
+
+  // Each page says the lowest seq this user may read is 8.
+  int syncs = 0;
+  auto page_before_8 = [&] {
+    bool answered = false;
+    h.session->History(5, 8, 10, [&](Result<HistoryResult> r) { answered = r.ok(); });
+    std::vector<v1::Envelope> asked = OfCase(h.io.Take(), v1::Envelope::kHistory);
+    REQUIRE(asked.size() == 1);
+    h.session->OnEnvelope(Page(asked[0], 1, 0, 8, false));
+    CHECK(answered);
+    for (const v1::Envelope& e : OfCase(h.io.Take(), v1::Envelope::kSync)) {
+      ++syncs;
+      // Retention deleted nothing: the server lists the state as it was.
+      v1::SyncBatch none;
+      *none.add_conversations() = Stored(1, 10, 0);
+      h.Reply(e, none);
+    }
+  };
+  page_before_8();
+  CHECK(syncs == 1);
+  page_before_8();
+  page_before_8();
+  CHECK(syncs == 1);
+  CHECK(CachedSeqs(*h.cache, 5, 10) == std::vector<Seq>{1, 2, 3, 8, 9, 10});
+  // A new connection may ask once more.
+  h.session->OnClosed(1006, "gone");
+  h.Reply(h.Welcome(), {});
+  page_before_8();
+  CHECK(syncs == 2);
+  CHECK(h.listener.expired.empty());
+}
+
 }  // namespace
 }  // namespace chat::client
