@@ -707,6 +707,7 @@ void Session::Ingest(const std::vector<const v1::Message*>& messages, bool from_
     CacheTxn txn(this);
     if (!txn.Started()) return;
     std::map<ConversationId, ConversationRow> rows;
+    std::set<ConversationId> first_moved;  // first_seq set from 0 (see below)
     for (const v1::Message* m : messages) {
       // No place in the cache: seqs start at 1 and end at kMaxCachedSeq.
       if (m->conversation_id() == 0 || m->seq() == 0 || m->seq() > kMaxCachedSeq) {
@@ -730,11 +731,20 @@ void Session::Ingest(const std::vector<const v1::Message*>& messages, bool from_
         ReportError(st);
         return;
       }
+      // A known conversation with first_seq 0 had nothing stored up to its last seq (retention
+      // deleted it all, or nothing was ever sent): what the server stores now starts after that,
+      // as its own first_seq does. A stub's first_seq is unknown until its state comes.
+      ConversationInfo& info = it->second.info;
+      if (info.first_seq == 0 && info.kind != ConversationKind::kUnspecified) {
+        info.first_seq =
+            std::min(m->seq(), std::max(it->second.expired_through, info.last_seq) + 1);
+        first_moved.insert(m->conversation_id());
+      }
     }
     for (auto& [id, row] : rows) {
       const Seq before = row.cursor;
       missing |= Advance(&row, &events);
-      if (row.cursor != before || !cache_->GetConversation(id)) {
+      if (row.cursor != before || first_moved.contains(id) || !cache_->GetConversation(id)) {
         if (Status st = cache_->PutConversation(row); !st.ok()) {
           ReportError(st);
           return;

@@ -436,5 +436,35 @@ TEST_CASE("session expiry: History pages with the same raised first_seq sync onc
   CHECK(h.listener.expired.empty());
 }
 
+TEST_CASE("session expiry: messages after everything expired set first_seq again") {
+  Harness h;
+  LiveWithSixMessages(h);
+  h.session->OnEnvelope(Notice(5, 0, 6));
+  REQUIRE(h.cache->GetConversation(5)->info.first_seq == 0);
+  h.listener.conversations.clear();
+  h.Deliver(Msg(5, 7));
+  h.Deliver(Msg(5, 8));
+  CHECK(Given(h) == std::vector<Seq>{1, 2, 3, 4, 5, 6, 7, 8});
+  CHECK(h.cache->GetConversation(5)->info.first_seq == 7);
+  REQUIRE_FALSE(h.listener.conversations.empty());
+  CHECK(h.listener.conversations.back().first_seq == 7);
+  // History answers from the cache: it holds all that is stored.
+  std::vector<Result<HistoryResult>> pages;
+  h.session->History(5, 0, 10, [&](Result<HistoryResult> r) { pages.push_back(std::move(r)); });
+  REQUIRE(pages.size() == 1);
+  REQUIRE(pages[0].ok());
+  CHECK(pages[0]->from_cache);
+  REQUIRE(pages[0]->messages.size() == 2);
+  CHECK(pages[0]->messages[0].seq == 8);
+  CHECK(pages[0]->messages[1].seq == 7);
+  CHECK_FALSE(pages[0]->has_more);
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kHistory).empty());
+
+  // Over a hole, the lowest stored is still the one after what expired.
+  h.session->OnEnvelope(Notice(5, 0, 8));
+  h.Deliver(Msg(5, 11));
+  CHECK(h.cache->GetConversation(5)->info.first_seq == 9);
+}
+
 }  // namespace
 }  // namespace chat::client
