@@ -976,7 +976,12 @@ void Session::HandleSyncBatch(const v1::SyncBatch& batch) {
   std::vector<Expiry> expired;
   {
     CacheTxn txn(this);
+    // Without a transaction the deletes would commit one by one while a failure later could
+    // keep the application from being told: nothing is stored (reported), and the next Sync
+    // lists these states again.
+    const bool started = txn.Started();
     for (const v1::ConversationState& state : batch.conversations()) {
+      if (!started) break;
       ConversationRow row = LoadOrStub(state.conversation_id());
       MergeState(&row, state);
       stubs_.erase(state.conversation_id());
@@ -987,7 +992,9 @@ void Session::HandleSyncBatch(const v1::SyncBatch& batch) {
       updated.push_back(row.info);
       progress = true;
     }
-    if (Status st = txn.Commit(); !st.ok()) {
+    if (!started) {
+      // Nothing was written.
+    } else if (Status st = txn.Commit(); !st.ok()) {
       ReportError(st);
       expired.clear();  // rolled back: still cached
     }
@@ -1094,6 +1101,9 @@ ConversationInfo Session::HandleConversationUpdate(const v1::ConversationState& 
   std::vector<Expiry> expired;
   {
     CacheTxn txn(this);
+    // As in HandleSyncBatch: nothing is stored (reported), so nothing is dropped or told; a
+    // request's callback still gets the server's word.
+    if (!txn.Started()) return codec::FromProto(state);
     row = LoadOrStub(state.conversation_id());
     MergeState(&row, state);
     stubs_.erase(state.conversation_id());

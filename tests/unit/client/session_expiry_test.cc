@@ -466,5 +466,49 @@ TEST_CASE("session expiry: messages after everything expired set first_seq again
   CHECK(h.cache->GetConversation(5)->info.first_seq == 9);
 }
 
+// BEGIN fails while the cache's connection is in a transaction already (here the test's, which
+// it then commits, as writes made outside a transaction would be).
+TEST_CASE("session expiry: a state whose cache transaction did not start drops nothing") {
+  Harness h;
+  LiveWithSixMessages(h);
+  v1::Envelope update;
+  *update.mutable_conversation_update()->mutable_conversation() = Stored(4, 6, 0);
+  {
+    Cache::Transaction outer(h.cache.get());
+    REQUIRE(outer.active());
+    h.session->OnEnvelope(update);
+    REQUIRE(outer.Commit().ok());
+  }
+  CHECK(h.listener.expired.empty());
+  CHECK(CachedSeqs(*h.cache, 5, 6) == std::vector<Seq>{1, 2, 3, 4, 5, 6});
+  REQUIRE_FALSE(h.listener.errors.empty());
+  CHECK(h.listener.errors.back().code() == Code::kUnavailable);
+
+  // The same in a Sync reply.
+  h.io.Take();
+  h.session->OnClosed(1006, "gone");
+  v1::Envelope sync = h.Welcome();
+  v1::SyncBatch batch;
+  *batch.add_conversations() = Stored(4, 6, 0);
+  h.listener.errors.clear();
+  {
+    Cache::Transaction outer(h.cache.get());
+    REQUIRE(outer.active());
+    h.Reply(sync, batch);
+    REQUIRE(outer.Commit().ok());
+  }
+  CHECK(h.listener.expired.empty());
+  CHECK(CachedSeqs(*h.cache, 5, 6) == std::vector<Seq>{1, 2, 3, 4, 5, 6});
+  REQUIRE_FALSE(h.listener.errors.empty());
+  CHECK(h.listener.errors.back().code() == Code::kUnavailable);
+
+  // Once the cache works, the next state drops them and says so.
+  h.io.Take();
+  h.session->OnClosed(1006, "gone");
+  h.Reply(h.Welcome(), batch);
+  CHECK(h.listener.expired == Expired{{5, 3}});
+  CHECK(CachedSeqs(*h.cache, 5, 6) == std::vector<Seq>{4, 5, 6});
+}
+
 }  // namespace
 }  // namespace chat::client
