@@ -155,6 +155,10 @@ constexpr const char* kCountRange =
     "SELECT COUNT(*) FROM messages WHERE conversation_id = ? AND seq >= ? AND seq <= ?";
 constexpr const char* kHighestSeq = "SELECT MAX(seq) FROM messages WHERE conversation_id = ?";
 constexpr const char* kLowestSeq = "SELECT MIN(seq) FROM messages WHERE conversation_id = ?";
+// Each MIN() is one seek of the messages' primary key.
+constexpr const char* kSyncCursors =
+    "SELECT c.conversation_id, c.cursor, (SELECT MIN(m.seq) FROM messages m "
+    "WHERE m.conversation_id = c.conversation_id) FROM conversations c ORDER BY c.conversation_id";
 constexpr const char* kDeleteThrough =
     "DELETE FROM messages WHERE conversation_id = ? AND seq <= ?";
 constexpr const char* kCountMessages = "SELECT COUNT(*) FROM messages";
@@ -639,6 +643,17 @@ Seq Cache::LowestSeq(ConversationId conversation) {
   Stmt s(db_.get(), kLowestSeq);
   // MIN() of no rows is NULL, which reads as 0.
   return s.Int(1, ToDb(conversation)).Step() == SQLITE_ROW ? FromDb(s.ColInt(0)) : 0;
+}
+
+std::vector<Cache::SyncCursor> Cache::SyncCursors() {
+  std::lock_guard lock(mu_);
+  Stmt s(db_.get(), kSyncCursors);
+  std::vector<SyncCursor> out;
+  while (s.Step() == SQLITE_ROW) {
+    // MIN() of no rows is NULL, which reads as 0.
+    out.push_back({FromDb(s.ColInt(0)), FromDb(s.ColInt(1)), FromDb(s.ColInt(2))});
+  }
+  return out;
 }
 
 Result<uint64_t> Cache::DeleteMessagesThrough(ConversationId conversation, Seq through) {

@@ -145,6 +145,13 @@ class Cache {
   Seq HighestSeq(ConversationId conversation);
   // The lowest seq of a cached message of `conversation`; 0 if none is cached.
   Seq LowestSeq(ConversationId conversation);
+  // What a Sync tells the server of each cached conversation, by id: one statement for all.
+  struct SyncCursor {
+    ConversationId conversation_id = 0;
+    Seq cursor = 0;
+    Seq lowest_seq = 0;  // of the cached messages; 0 if none is cached
+  };
+  std::vector<SyncCursor> SyncCursors();
   // Deletes the cached messages of `conversation` with seq <= through (retention deleted them on
   // the server) and returns how many there were. The outbox is not touched.
   Result<uint64_t> DeleteMessagesThrough(ConversationId conversation, Seq through);

@@ -856,15 +856,16 @@ void Session::SendSync() {
   envelope.set_rid(sync_rid_);
   v1::Sync* sync = envelope.mutable_sync();
   sync->set_limit(options_.sync_page_limit);
-  for (const ConversationRow& row : cache_->ListConversations()) {
+  // One statement for every conversation: a Sync goes once per page.
+  for (const Cache::SyncCursor& row : cache_->SyncCursors()) {
     v1::Cursor* cursor = sync->add_cursors();
-    cursor->set_conversation_id(row.info.conversation_id);
+    cursor->set_conversation_id(row.conversation_id);
     // A conversation known only from a Deliver is synced from the start, so that the server
     // tells its state (kind, peer); its messages below the cursor are skipped on arrival.
-    cursor->set_seq(stubs_.contains(row.info.conversation_id) ? 0 : row.cursor);
+    cursor->set_seq(stubs_.contains(row.conversation_id) ? 0 : row.cursor);
     // The server lists the conversation if retention deleted some of what this device holds
     // (it was offline when the notice went out), so it is dropped here too.
-    cursor->set_lowest_seq(cache_->LowestSeq(row.info.conversation_id));
+    cursor->set_lowest_seq(row.lowest_seq);
   }
   Write(envelope);
 }
@@ -1159,13 +1160,17 @@ void Session::MergeState(ConversationRow* row, const v1::ConversationState& stat
 bool Session::DropExpired(ConversationRow* row, Seq through, std::vector<Expiry>* expired) {
   if (through == 0) return true;
   const ConversationId conversation = row->info.conversation_id;
-  Result<uint64_t> dropped = cache_->DeleteMessagesThrough(conversation, through);
-  if (!dropped.ok()) {
-    ReportError(dropped.status());
-    return false;
+  // Every state of a Sync page says how far retention went: most often nothing cached is that
+  // old, and one seek of the primary key says so without a DELETE.
+  if (const Seq lowest = cache_->LowestSeq(conversation); lowest != 0 && lowest <= through) {
+    Result<uint64_t> dropped = cache_->DeleteMessagesThrough(conversation, through);
+    if (!dropped.ok()) {
+      ReportError(dropped.status());
+      return false;
+    }
+    if (*dropped > 0) expired->emplace_back(conversation, through);
   }
   row->expired_through = std::max(row->expired_through, through);
-  if (*dropped > 0) expired->emplace_back(conversation, through);
   return true;
 }
 

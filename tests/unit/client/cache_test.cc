@@ -557,5 +557,27 @@ TEST_CASE("cache: receipt_due is kept per conversation and listed by id") {
   CHECK_FALSE(cache->GetConversation(5)->receipt_due);
 }
 
+TEST_CASE("cache: SyncCursors lists each conversation's cursor and lowest cached seq") {
+  auto cache = Cache::Open("").value();
+  for (ConversationId id : {9, 5, 7}) {
+    ConversationRow row;
+    row.info.conversation_id = id;
+    row.cursor = id;
+    REQUIRE(cache->PutConversation(row).ok());
+  }
+  for (Seq s : {4, 3, 6}) REQUIRE(cache->PutMessage(Msg(5, s)).ok());
+  REQUIRE(cache->PutMessage(Msg(9, 2)).ok());
+  REQUIRE(cache->PutMessage(Msg(8, 1)).ok());  // History of a conversation without a row
+  const std::vector<Cache::SyncCursor> cursors = cache->SyncCursors();
+  REQUIRE(cursors.size() == 3);
+  CHECK(cursors[0].conversation_id == 5);
+  CHECK(cursors[0].cursor == 5);
+  CHECK(cursors[0].lowest_seq == 3);
+  CHECK(cursors[1].conversation_id == 7);
+  CHECK(cursors[1].lowest_seq == 0);
+  CHECK(cursors[2].conversation_id == 9);
+  CHECK(cursors[2].lowest_seq == 2);
+}
+
 }  // namespace
 }  // namespace chat::client
