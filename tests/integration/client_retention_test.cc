@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -86,10 +87,10 @@ std::vector<Seq> CachedSeqs(const std::string& path, ConversationId conversation
 }
 
 TEST_CASE("client: expired messages leave the cache of online and of offline devices") {
-  // A message is deleted 5 s after its commit (time enough for the laptop to go offline first);
-  // the server sweeps every 100 ms.
-  ChatdProcess chatd(
-      {.extra_flags = {"--retention-ms", "5000", "--retention-sweep-interval-ms", "100"}});
+  // No retention until the laptop is offline holding the messages: then bob sets the
+  // conversation's to 1 s, so the sweep (every 100 ms) deletes them about a second after their
+  // commit. Nothing depends on how fast the clients get there.
+  ChatdProcess chatd({.extra_flags = {"--retention-sweep-interval-ms", "100"}});
   MustStart(chatd);
   TempDir dir;
   const std::string online_cache = dir.File("bob-phone.db");
@@ -118,22 +119,39 @@ TEST_CASE("client: expired messages leave the cache of online and of offline dev
   // The laptop goes offline holding all three.
   laptop->Close();
   laptop.reset();
+  REQUIRE(laptop_events->expired_up_to(conversation) == 0);
   REQUIRE(CachedSeqs(offline_cache, conversation) == std::vector<Seq>{1, 2, 3});
 
+  // Retention starts now; its system message (seq 4) expires a second later too.
+  std::mutex mu;
+  std::optional<Status> set;
+  REQUIRE(phone
+              ->SetRetention(conversation, 1000,
+                             [&](Result<ConversationInfo> r) {
+                               std::lock_guard lock(mu);
+                               set = r.status();
+                             })
+              .ok());
+  REQUIRE(Eventually([&] {
+    std::lock_guard lock(mu);
+    return set.has_value();
+  }));
+  REQUIRE(set->ok());
+
   // The phone is told once the sweep deleted them, and drops them.
-  REQUIRE(Eventually([&] { return phone_events->expired_up_to(conversation) == 3; }));
-  CHECK(Eventually([&] { return alice_events->expired_up_to(conversation) == 3; }));
+  REQUIRE(Eventually([&] { return phone_events->expired_up_to(conversation) == 4; }));
+  CHECK(Eventually([&] { return alice_events->expired_up_to(conversation) == 4; }));
   listed = phone->Conversations();
   REQUIRE(listed.ok());
   REQUIRE(listed->size() == 1);
   CHECK((*listed)[0].first_seq == 0);
-  CHECK((*listed)[0].last_seq == 3);
+  CHECK((*listed)[0].last_seq == 4);
   phone->Close();
   CHECK(CachedSeqs(online_cache, conversation).empty());
 
   // The laptop comes back with nothing new in the conversation, and drops them on its Sync.
   laptop = OpenStartedClient(chatd, "bob", "laptop", offline_cache, laptop_events);
-  REQUIRE(Eventually([&] { return laptop_events->expired_up_to(conversation) == 3; }));
+  REQUIRE(Eventually([&] { return laptop_events->expired_up_to(conversation) == 4; }));
   laptop->Close();
   CHECK(CachedSeqs(offline_cache, conversation).empty());
   alice->Close();
