@@ -234,7 +234,7 @@ TEST_CASE("session expiry: a Sync state with a higher first_seq drops what the d
   CHECK(rows.outbox == std::vector<std::string>{"pending-0123456789abcdef"});
 }
 
-TEST_CASE("session expiry: a ConversationUpdate drops; a History page above the cache asks Sync") {
+TEST_CASE("session expiry: a ConversationUpdate drops, a History page above the cache asks Sync") {
   Harness h;
   LiveWithSixMessages(h);
   // Seq 8 arrives over a hole at 7.
