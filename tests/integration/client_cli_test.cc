@@ -198,7 +198,7 @@ std::string Connection(const ChatdProcess& chatd, const std::string& user) {
   return "--url " + chatd.url() + " --token " + chatd.Token(user) + " --device " + user + "-cli";
 }
 
-TEST_CASE("chat-cli: interactive mode never sends a mistyped command; // sends a slash") {
+TEST_CASE("chat-cli: interactive mode never sends a mistyped command, and // sends a slash") {
   ChatdProcess chatd;
   REQUIRE(chatd.Start().ok());
   TempDir dir;

@@ -62,7 +62,7 @@ TEST_CASE("cache: the outbox keeps insertion order, rejects a reused id and is b
   CHECK_FALSE(cache->FindOutbox("id-b").has_value());
 }
 
-TEST_CASE("cache: only a failed message can be discarded, and only once; that frees its place") {
+TEST_CASE("cache: only a failed message can be discarded, and only once, which frees its place") {
   auto cache = Cache::Open("").value();
   OutboxEntry a = Entry("id-a"), b = Entry("id-b"), c = Entry("id-c");
   REQUIRE(cache->AddOutbox(&a, 2).ok());

@@ -1377,7 +1377,7 @@ TEST_CASE("session: delivered and own-message watermarks not yet sent go out aft
   CHECK(receipts[0].receipt().read_seq() == 5);
 }
 
-TEST_CASE("session: after a restart, receipts refused for now or lost go again; not refused ones") {
+TEST_CASE("session: after a restart, receipts refused for now or lost go again, not refused ones") {
   testing::TempDir dir;
   const std::string path = dir.File("cache.db");
   {
@@ -2070,7 +2070,7 @@ TEST_CASE("session: an ack the cache cannot store is reported once, on the resen
 
 // A gap the cache cannot store is not applied at all: the cached messages inside it are not
 // reported, and the next Sync, which brings the gap again, reports them once.
-TEST_CASE("session: a gap the cache cannot store reports nothing; the next Sync's does") {
+TEST_CASE("session: a gap the cache cannot store reports nothing, and the next Sync's does") {
   testing::FaultVfs vfs;
   testing::TempDir dir;
   std::shared_ptr<Cache> cache(Cache::Open(dir.File("cache.db")).value());
@@ -2291,7 +2291,8 @@ TEST_CASE("session: a History page with a message outside the range asked for is
 // refused like the others. Stored, it would hold last_seq there for good (a conversation's
 // last_seq is never below the messages the cache holds) and wrap the next page's bound to 0. A
 // page newer than the conversation's last_seq is taken, and raises it.
-TEST_CASE("session: a newest History page past the largest seq is refused; a newer one is taken") {
+TEST_CASE(
+    "session: a newest History page past the largest seq is refused, and a newer one is taken") {
   Harness h;
   h.ConnectLive();
   auto history = [&](std::vector<v1::Message> messages) {

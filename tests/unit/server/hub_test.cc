@@ -468,7 +468,7 @@ TEST_CASE("hub: an authenticated session is not closed by the hello timeout") {
   ExpectOpen(h, session);
 }
 
-TEST_CASE("hub: a session silent for idle_timeout_ms closes with 4002; any frame resets it") {
+TEST_CASE("hub: a session silent for idle_timeout_ms closes with 4002, and any frame resets it") {
   ServerOptions options;
   options.idle_timeout_ms = 20'000;
   HubHarness h(options);
