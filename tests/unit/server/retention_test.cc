@@ -928,6 +928,46 @@ TEST_CASE("retention: protocol: a channel's notice goes to the connections subsc
   CHECK(h.violations().empty());
 }
 
+// A client built before the notice (protocol_version 1, or unset) has no MessagesExpired in its
+// schema: it would fail to decode the frame and drop the connection, so it is never sent one.
+TEST_CASE("retention: protocol: only sessions of protocol_version 2 get the notice") {
+  testing::HubHarness h(RoomyOptions());
+  const server::SessionId alice = h.Connect("alice", "a1");
+  const server::SessionId bob_new = h.Connect("bob", "b-new", codec::Format::kBinary, 2);
+  const server::SessionId bob_old = h.Connect("bob", "b-old", codec::Format::kBinary, 1);
+  const server::SessionId bob_unset = h.Connect("bob", "b-unset", codec::Format::kJson, 0);
+  const ConversationId group = CreateOverHub(h, alice, v1::CONVERSATION_KIND_GROUP, {"bob"});
+  const ConversationId channel = CreateOverHub(h, alice, v1::CONVERSATION_KIND_CHANNEL, {"bob"});
+  for (server::SessionId s : {bob_new, bob_old, bob_unset}) {
+    v1::Envelope subscribe;
+    subscribe.set_rid(5);
+    subscribe.mutable_subscribe()->set_conversation_id(channel);
+    h.SendEnvelope(s, subscribe);
+  }
+  h.Pump();
+  h.SendEnvelope(alice, testing::SendToConversation(6, group, testing::ClientMsgId(6), "g"));
+  h.SendEnvelope(alice, testing::SendToConversation(7, channel, testing::ClientMsgId(7), "c"));
+  h.Pump();
+  for (server::SessionId s : {alice, bob_new, bob_old, bob_unset}) h.Take(s);
+
+  h.clock().Advance(10'000);
+  REQUIRE(h.Sweep({h.clock().WallMs(), 5000, 100}).deleted == 4);
+  // The version-2 device hears of both conversations.
+  std::vector<v1::MessagesExpired> notices = Notices(h.Take(bob_new));
+  REQUIRE(notices.size() == 2);
+  CHECK(notices[0].conversation_id() == group);
+  CHECK(notices[0].up_to_seq() == 2);
+  CHECK(notices[1].conversation_id() == channel);
+  CHECK(notices[1].up_to_seq() == 2);
+  // The same user's older devices get nothing, and stay connected.
+  for (server::SessionId s : {bob_old, bob_unset}) {
+    CAPTURE(s);
+    CHECK(h.Take(s).empty());
+    CHECK_FALSE(h.closed(s).has_value());
+  }
+  CHECK(h.violations().empty());
+}
+
 TEST_CASE("retention: sqlite: survives reopening") {
   testing::TempDir dir;
   SqliteStoreOptions options;
