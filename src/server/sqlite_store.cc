@@ -2026,13 +2026,14 @@ class SqliteStore final : public MessageStore {
       range.first_seq = next;
       range.up_to_seq = through;
       if (c.kind != ConversationKind::kChannel) {
-        // The writer's cache usually knows them (the conversation's senders looked them up).
+        // The writer's cache knows them if the conversation is busy. Otherwise they are read and
+        // not kept: the cache is the send path's, and the cold conversations a pass goes through
+        // (up to max_messages of them) would push its hot ones out.
         if (const std::vector<UserId>* known = cache_.FindMembers(c.conversation_id)) {
           range.recipients = *known;
         } else {
           Result<std::vector<UserId>> members = ReadMembers(*writer_, c.conversation_id);
           if (!members.ok()) return members.status();
-          cache_.PutMembers(c.conversation_id, *members);
           range.recipients = std::move(*members);
         }
       }

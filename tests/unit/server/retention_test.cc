@@ -1,5 +1,7 @@
 // Retention in both stores: MessageStore::DeleteExpired and SetRetention, and what Sync and
 // History answer for the deleted range.
+#include <sqlite3.h>
+
 #include <atomic>
 #include <chrono>
 #include <map>
@@ -989,6 +991,41 @@ TEST_CASE("retention: sqlite: survives reopening") {
   CHECK(resend.message.seq == 1);
   // The conversation's own retention was stored too.
   CHECK(Sweep(**reopened, 10'000, 0, 100).deleted == 2);
+}
+
+// The members a pass names are read, not kept in the writer's cache: that cache is the send
+// path's, bounded, and starts over when full, so a pass through many cold conversations would push
+// the busy ones out. Seen from outside: after a pass over a conversation nobody sent to since the
+// store opened, the next send reads the members as they are in the file, not a copy the pass kept.
+TEST_CASE("retention: sqlite: a pass leaves the writer's member cache as it found it") {
+  testing::TempDir dir;
+  SqliteStoreOptions options;
+  options.path = dir.File("chat.db");
+  ConversationId id = 0;
+  {
+    Result<std::shared_ptr<MessageStore>> opened = NewSqliteStore(options);
+    REQUIRE(opened.ok());
+    id = DirectWith(**opened, 3);
+  }
+  // Reopened: the writer's cache is empty.
+  Result<std::shared_ptr<MessageStore>> reopened = NewSqliteStore(options);
+  REQUIRE(reopened.ok());
+  MessageStore& store = **reopened;
+  SweepResult swept = Sweep(store, 2002, 1000, 100);
+  REQUIRE(swept.expired.size() == 1);
+  CHECK(swept.expired[0].recipients == std::vector<UserId>{"alice", "bob"});
+
+  // Another connection renames bob to carol in the file, which only a fresh read sees.
+  sqlite3* db = nullptr;
+  REQUIRE(sqlite3_open(options.path.c_str(), &db) == SQLITE_OK);
+  const std::string rename =
+      "UPDATE members SET user_id = 'carol' WHERE conversation_id = " + std::to_string(id) +
+      " AND user_id = 'bob'";
+  const int rc = sqlite3_exec(db, rename.c_str(), nullptr, nullptr, nullptr);
+  sqlite3_close(db);
+  REQUIRE(rc == SQLITE_OK);
+  AppendResult sent = SendAt(store, id, "alice", "", "after", 5000);
+  CHECK(sent.recipients == std::vector<UserId>{"alice", "carol"});
 }
 
 void WriterThreadSweeps(Kind kind) {
