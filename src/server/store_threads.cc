@@ -161,6 +161,7 @@ void StoreThreads::TakeCompletions(std::vector<AppendDone>* appends, std::vector
   appends_done_.clear();
   reads_done_.clear();
   expired_done_.clear();
+  expired_index_.clear();
 }
 
 void StoreThreads::WriterLoop() {
@@ -258,7 +259,19 @@ bool StoreThreads::SweepOnce() {
   if (!swept->expired.empty()) {
     {
       std::lock_guard<std::mutex> lock(done_mu_);
-      for (ExpiredRange& range : swept->expired) expired_done_.push_back(std::move(range));
+      for (ExpiredRange& range : swept->expired) {
+        // While a backlog of expired messages drains, passes run back to back and each names
+        // the same conversations: a range the loop has not taken yet gives way to the later
+        // one (every seq up to its up_to_seq is gone, and its first_seq is the current one), so
+        // an online device gets one notice rather than one per pass.
+        auto [queued, added] =
+            expired_index_.try_emplace(range.conversation_id, expired_done_.size());
+        if (added) {
+          expired_done_.push_back(std::move(range));
+        } else if (range.up_to_seq >= expired_done_[queued->second].up_to_seq) {
+          expired_done_[queued->second] = std::move(range);
+        }
+      }
     }
     wake_();
   }

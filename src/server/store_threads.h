@@ -14,7 +14,9 @@
 // With retention on, the writer also runs MessageStore::DeleteExpired in bounded passes between
 // commit groups, so a sweep never holds the write lock for longer than one small transaction.
 // What each pass deleted (SweepResult::expired) is posted as a completion too, after the
-// appends committed before it, for the loop to tell the members.
+// appends committed before it, for the loop to tell the members. A conversation's range that the
+// loop has not taken yet is replaced by a later pass's (the higher up_to_seq and its first_seq),
+// so passes that run back to back while a backlog drains make one notice, not one each.
 //
 // Both job queues are bounded. A job submitted past its bound is not queued: it completes at
 // once with Unavailable ("server overloaded"), so the sender gets an error instead of the server
@@ -121,9 +123,10 @@ class StoreThreads {
   void ForgetSession(SessionId session);
 
   // Moves every completion posted so far into `appends` (in submission order), `reads`, and
-  // `expired` (the conversations retention passes changed, in pass order). An expiry is posted
-  // after the appends committed before its pass: a caller that hands the appends over first
-  // keeps that order.
+  // `expired` (the conversations retention passes changed, one range each: the latest, at the
+  // place of the conversation's first since the last call). An expiry is posted after the
+  // appends committed before its pass: a caller that hands the appends over first keeps that
+  // order.
   void TakeCompletions(std::vector<AppendDone>* appends, std::vector<ReadDone>* reads,
                        std::vector<ExpiredRange>* expired);
 
@@ -181,6 +184,8 @@ class StoreThreads {
   std::vector<AppendDone> appends_done_;
   std::vector<ReadDone> reads_done_;
   std::vector<ExpiredRange> expired_done_;
+  // The place of each conversation's range in expired_done_.
+  std::unordered_map<ConversationId, size_t> expired_index_;
 
   std::atomic<size_t> appends_pending_{0};
   std::thread writer_;
