@@ -145,7 +145,9 @@ struct SyncQuery {
 };
 
 struct SyncReply {
-  // Conversations with messages above the client's cursor (new ones included), by id.
+  // Conversations with messages above the client's cursor (new ones included), and those whose
+  // messages retention deleted from Cursor::lowest_seq up, by id. Each one's first_seq is what
+  // retention left (see ConversationInfo::first_seq): clients delete their copies below it.
   std::vector<ConversationInfo> conversations;
   // Messages above the cursors in ascending (conversation_id, seq), at most `limit`.
   std::vector<Message> messages;
@@ -170,7 +172,10 @@ struct HistoryQuery {
 struct HistoryReply {
   std::vector<Message> messages;  // newest first
   bool has_more = false;          // older messages exist
-  Seq first_seq = 0;              // lowest stored seq; 0 when empty
+  // Where the user's readable log starts: the conversation's first_seq raised to the seq that
+  // added the user, 0 when nothing readable is stored (a removed user's: nothing up to its
+  // removal). Not what retention left: clients do not delete their copies on it.
+  Seq first_seq = 0;
 };
 
 // Who has read what in one conversation, and the asking user's standing in it.
@@ -272,6 +277,10 @@ class CHAT_EXPORT MessageStore {
                         std::vector<AppendResult>* results) = 0;
 
   // Messages the user's device is missing. Never returns conversations the user is not in.
+  // Each ConversationInfo in the reply (and in AppendResult::conversation) carries first_seq as
+  // the lowest seq still stored. A store reports first_seq 0 with a non-zero last_seq only when
+  // every message up to last_seq is deleted, since clients then drop their cached copies of all
+  // of them.
   virtual Result<SyncReply> Sync(const SyncQuery& query) = 0;
 
   // A page of a conversation, newest first. PermissionDenied if the user is not a member or

@@ -90,8 +90,10 @@ struct ConversationInfo {
   Seq read_seq = 0;       // the user's read watermark (all devices)
   Seq delivered_seq = 0;  // the device's delivered watermark
   uint64_t unread = 0;
-  // Lowest stored seq (retention); 0 when none is. Clients take 0 with a non-zero last_seq as
-  // "every message up to last_seq is gone" and drop their copies.
+  // Lowest stored seq (retention deletes the oldest messages); 0 when none is (for a removed
+  // user: none up to its removal). Clients drop their copies below it, and take 0 with a
+  // non-zero last_seq as "every message up to last_seq is gone": a store reports 0 only then
+  // (1 while every message is stored), never for "not known".
   Seq first_seq = 0;
   Role role = Role::kUnspecified;
   uint32_t member_count = 0;

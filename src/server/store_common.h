@@ -72,6 +72,8 @@ class ReadSource {
   // removed user sees last_seq capped at its removal; unread counts the user messages of others
   // that the user may see above both its read watermark and its own last user message (a few
   // lookups in SQLite, a walk over them in memory); with `count_unread` false it is left 0.
+  // first_seq is the lowest stored seq, 0 only when none is up to last_seq (as capped): clients
+  // drop their copies below it, all of them when it is 0.
   // REQUIRES: `user` is or was a member.
   virtual Result<ConversationInfo> Describe(ConversationId conversation_id, const UserId& user,
                                             const DeviceId& device, bool count_unread = true) = 0;
