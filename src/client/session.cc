@@ -288,7 +288,8 @@ void Session::OnOpen() {
   hello.mutable_hello()->set_token(token);
   hello.mutable_hello()->set_device_id(options_.device_id);
   hello.mutable_hello()->set_client_version("chat-client/0.1");
-  hello.mutable_hello()->set_protocol_version(2);
+  hello.mutable_hello()->set_protocol_version(1);
+  hello.mutable_hello()->set_accepts_messages_expired(true);
   hello.mutable_hello()->set_max_message_bytes(
       static_cast<uint32_t>(std::min<uint64_t>(options_.max_message_bytes, UINT32_MAX)));
   phase_ = Phase::kHello;

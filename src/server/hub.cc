@@ -36,11 +36,10 @@ constexpr size_t kMaxPushPreviewBytes = 1024;
 // if one of them concerns it (older reads are always asked again).
 constexpr size_t kRecentRemovals = 1024;
 constexpr size_t kRecentRemovedUsers = 65'536;
-// Hello.protocol_version this server speaks: 1 up to this; 0 (unset) is taken as 1. A client of
-// version 2 understands MessagesExpired (and sends Cursor.lowest_seq); a client of version 1 was
-// built without it and cannot decode it, so it is never sent one.
-constexpr uint32_t kProtocolVersion = 2;
-constexpr uint32_t kMessagesExpiredVersion = 2;
+// Hello.protocol_version this server speaks; 0 (unset) is taken as 1. Additions that an older
+// client could not decode are asked for by a Hello field of their own
+// (accepts_messages_expired), so clients and servers of either age keep working together.
+constexpr uint32_t kProtocolVersion = 1;
 // Suggested wait before resending after a failed commit, when the store gives none.
 constexpr uint32_t kCommitRetryAfterMs = 1000;
 // Token buckets count in thousandths, so a rate of N per second refills N units per millisecond
@@ -133,7 +132,7 @@ struct Session {
   int64_t byte_tokens = 0;          // thousandths of a byte; negative while in debt
   codec::Format format = codec::Format::kBinary;
   bool format_known = false;
-  uint8_t protocol_version = 1;   // Hello.protocol_version, 1 when unset (at most kProtocolVersion)
+  bool expiry_notices = false;    // Hello.accepts_messages_expired
   uint32_t client_max_bytes = 0;  // Hello.max_message_bytes; 0 = not told
 };
 
@@ -515,7 +514,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
         Session* s = FindSession(target);
         // An older client has no MessagesExpired in its schema: it would fail to decode the
         // frame and drop the connection. It learns the same from its next Sync.
-        if (s == nullptr || s->protocol_version < kMessagesExpiredVersion) return;
+        if (s == nullptr || !s->expiry_notices) return;
         codec::Frame& frame = s->format == codec::Format::kJson ? json : binary;
         if (!frame) frame = codec::EncodeShared(notice, s->format);
         io_->Send(target, frame);
@@ -758,9 +757,9 @@ class Hub::Impl final : private PresenceTracker::Sink {
     if (hello.protocol_version() > kProtocolVersion) {
       // A newer client: refuse plainly rather than misread what it sends.
       SendError(id, s, rid,
-                FailedPrecondition(
-                    "unsupported protocol_version " + std::to_string(hello.protocol_version()) +
-                    "; this server speaks 1 to " + std::to_string(kProtocolVersion)));
+                FailedPrecondition("unsupported protocol_version " +
+                                   std::to_string(hello.protocol_version()) +
+                                   "; this server speaks " + std::to_string(kProtocolVersion)));
       CloseSession(id, kCloseProtocolError, "unsupported protocol version");
       return;
     }
@@ -809,7 +808,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
     s.user_key = &user_entry->first;
     s.device = hello.device_id();
     s.client_max_bytes = hello.max_message_bytes();
-    s.protocol_version = static_cast<uint8_t>(std::max<uint32_t>(hello.protocol_version(), 1));
+    s.expiry_notices = hello.accepts_messages_expired();
     io_->Welcomed(id, s.client_max_bytes);
     s.deadline_ms = DeadlineOf(identity->expires_at_ms, wall_now);
     --pending_sessions_;

@@ -176,7 +176,7 @@ class Hub {
   void OnReadDone(uint64_t token, ReadResult result);
   // Retention passes deleted messages (SweepResult::expired, in pass order): each conversation's
   // recipients' online devices get a MessagesExpired notice (a channel's: the connections
-  // subscribed to it), those whose Hello said protocol_version 2 or above. The runtime hands
+  // subscribed to it), those whose Hello set accepts_messages_expired. The runtime hands
   // them over after the appends committed before them.
   void OnMessagesExpired(std::span<const ExpiredRange> expired);
 

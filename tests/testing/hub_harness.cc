@@ -69,10 +69,10 @@ void HubHarness::Disconnect(server::SessionId session) {
 }
 
 server::SessionId HubHarness::Connect(std::string_view user, std::string_view device,
-                                      codec::Format format, uint32_t protocol_version) {
+                                      codec::Format format, bool accepts_messages_expired) {
   std::optional<server::SessionId> session = Open();
   REQUIRE(session.has_value());
-  SendEnvelope(*session, HelloEnvelope(1, Token(user), device, protocol_version), format);
+  SendEnvelope(*session, HelloEnvelope(1, Token(user), device, accepts_messages_expired), format);
   std::vector<v1::Envelope> got = Take(*session);
   REQUIRE(got.size() == 1);
   REQUIRE_MESSAGE(got[0].has_welcome(), got[0].DebugString());
@@ -201,14 +201,15 @@ void HubHarness::SubmitAppend(server::AppendJob job) { appends_.push_back(std::m
 void HubHarness::SubmitRead(server::ReadJob job) { reads_.push_back(std::move(job)); }
 
 v1::Envelope HelloEnvelope(uint64_t rid, std::string_view token, std::string_view device,
-                           uint32_t protocol_version) {
+                           bool accepts_messages_expired) {
   v1::Envelope envelope;
   envelope.set_rid(rid);
   v1::Hello* hello = envelope.mutable_hello();
   hello->set_token(std::string(token));
   hello->set_device_id(std::string(device));
   hello->set_client_version("test");
-  hello->set_protocol_version(protocol_version);
+  hello->set_protocol_version(1);
+  hello->set_accepts_messages_expired(accepts_messages_expired);
   return envelope;
 }
 

@@ -32,10 +32,6 @@ namespace chat::testing {
 // The HS256 secret of the harness's authenticator (32 bytes).
 inline constexpr std::string_view kHubTestSecret = "hub-harness-secret-0123456789abcd";
 
-// The Hello.protocol_version the harness's clients send unless a test says otherwise: the
-// newest the server speaks, as the SDK's client sends.
-inline constexpr uint32_t kHubTestProtocolVersion = 2;
-
 // One frame as the client received it.
 struct ReceivedFrame {
   codec::Format format = codec::Format::kBinary;
@@ -74,11 +70,12 @@ class HubHarness final : public server::HubIo {
   void SendRaw(server::SessionId session, std::string_view bytes, bool text);
   // The peer went away.
   void Disconnect(server::SessionId session);
-  // Open + Hello(token for `user`, `device`, `protocol_version`), and checks that a Welcome came
-  // back. Returns the session with its received envelopes cleared.
+  // Open + Hello(token for `user`, `device`; accepts_messages_expired as the SDK's client sets
+  // it unless a test says otherwise), and checks that a Welcome came back. Returns the session
+  // with its received envelopes cleared.
   server::SessionId Connect(std::string_view user, std::string_view device,
                             codec::Format format = codec::Format::kBinary,
-                            uint32_t protocol_version = kHubTestProtocolVersion);
+                            bool accepts_messages_expired = true);
 
   // Envelopes the session received since the last Take (Batch frames unpacked).
   std::vector<v1::Envelope> Take(server::SessionId session);
@@ -142,7 +139,7 @@ class HubHarness final : public server::HubIo {
 // --- Envelope builders for tests ---
 
 v1::Envelope HelloEnvelope(uint64_t rid, std::string_view token, std::string_view device,
-                           uint32_t protocol_version = kHubTestProtocolVersion);
+                           bool accepts_messages_expired = true);
 // A Send to the direct conversation with `peer`.
 v1::Envelope SendToPeer(uint64_t rid, std::string_view peer, std::string_view client_msg_id,
                         std::string_view body);

@@ -55,7 +55,8 @@ TEST_CASE("session: connects with Hello, syncs, and reports each state once in o
   v1::Envelope hello = h.OpenToHello();
   CHECK(hello.hello().token() == "token-1");
   CHECK(hello.hello().device_id() == "laptop");
-  CHECK(hello.hello().protocol_version() == 2);
+  CHECK(hello.hello().protocol_version() == 1);
+  CHECK(hello.hello().accepts_messages_expired());
   CHECK(h.io.opens == 1);
 
   v1::Envelope welcome;

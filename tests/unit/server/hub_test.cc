@@ -176,15 +176,15 @@ TEST_CASE("hub: a hello with a newer protocol_version gets FAILED_PRECONDITION a
   HubHarness h;
   SessionId session = h.Open().value();
   v1::Envelope hello = HelloEnvelope(1, h.Token("alice"), "d");
-  hello.mutable_hello()->set_protocol_version(3);
+  hello.mutable_hello()->set_protocol_version(2);
   h.SendEnvelope(session, hello);
   v1::Error error = ExpectError(Only(h.Take(session)), v1::Error::FAILED_PRECONDITION, 1);
-  CHECK(error.message() == "unsupported protocol_version 3; this server speaks 1 to 2");
+  CHECK(error.message() == "unsupported protocol_version 2; this server speaks 1");
   REQUIRE(h.closed(session).has_value());
   CHECK(h.closed(session)->code == server::kCloseProtocolError);
   CHECK(h.hub().session_count() == 0);
-  // Versions 1 and 2 and an unset version (0) are all accepted.
-  for (uint32_t version : {0u, 1u, 2u}) {
+  // Version 1 and an unset version (0) are accepted.
+  for (uint32_t version : {0u, 1u}) {
     SessionId ok = h.Open().value();
     v1::Envelope good = HelloEnvelope(1, h.Token("alice"), "d" + std::to_string(version));
     good.mutable_hello()->set_protocol_version(version);

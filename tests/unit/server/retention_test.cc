@@ -930,14 +930,15 @@ TEST_CASE("retention: protocol: a channel's notice goes to the connections subsc
   CHECK(h.violations().empty());
 }
 
-// A client built before the notice (protocol_version 1, or unset) has no MessagesExpired in its
-// schema: it would fail to decode the frame and drop the connection, so it is never sent one.
-TEST_CASE("retention: protocol: only sessions of protocol_version 2 get the notice") {
+// A client built before the notice does not set Hello.accepts_messages_expired: it has no
+// MessagesExpired in its schema, would fail to decode the frame and drop the connection, so it is
+// never sent one.
+TEST_CASE("retention: protocol: only sessions whose Hello accepts it get the notice") {
   testing::HubHarness h(RoomyOptions());
   const server::SessionId alice = h.Connect("alice", "a1");
-  const server::SessionId bob_new = h.Connect("bob", "b-new", codec::Format::kBinary, 2);
-  const server::SessionId bob_old = h.Connect("bob", "b-old", codec::Format::kBinary, 1);
-  const server::SessionId bob_unset = h.Connect("bob", "b-unset", codec::Format::kJson, 0);
+  const server::SessionId bob_new = h.Connect("bob", "b-new", codec::Format::kBinary, true);
+  const server::SessionId bob_old = h.Connect("bob", "b-old", codec::Format::kBinary, false);
+  const server::SessionId bob_unset = h.Connect("bob", "b-unset", codec::Format::kJson, false);
   const ConversationId group = CreateOverHub(h, alice, v1::CONVERSATION_KIND_GROUP, {"bob"});
   const ConversationId channel = CreateOverHub(h, alice, v1::CONVERSATION_KIND_CHANNEL, {"bob"});
   for (server::SessionId s : {bob_new, bob_old, bob_unset}) {
@@ -954,7 +955,7 @@ TEST_CASE("retention: protocol: only sessions of protocol_version 2 get the noti
 
   h.clock().Advance(10'000);
   REQUIRE(h.Sweep({h.clock().WallMs(), 5000, 100}).deleted == 4);
-  // The version-2 device hears of both conversations.
+  // The device that accepts it hears of both conversations.
   std::vector<v1::MessagesExpired> notices = Notices(h.Take(bob_new));
   REQUIRE(notices.size() == 2);
   CHECK(notices[0].conversation_id() == group);
