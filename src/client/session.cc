@@ -808,12 +808,14 @@ void Session::HandleSendAck(const v1::Envelope& envelope) {
     message.set_content_type(entry->content_type);
     message.set_body(entry->body);
     Seq cursor = 0;  // the conversation's, before this message (0 for one created here)
+    Seq floor = 0;   // what retention deleted there, as far as this client was told
     bool stored = false;
     {
       CacheTxn txn(this);
       if (txn.Started()) {
         if (std::optional<ConversationRow> known = cache_->GetConversation(ack.conversation_id())) {
           cursor = known->cursor;
+          floor = known->expired_through;
         } else if (!entry->peer.empty()) {
           ConversationRow row;
           row.info.conversation_id = ack.conversation_id();
@@ -821,7 +823,9 @@ void Session::HandleSendAck(const v1::Envelope& envelope) {
           row.info.peer = entry->peer;
           (void)cache_->PutConversation(row);
         }
-        (void)cache_->PutMessage(message);
+        // A message retention already deleted (its ack was lost, and the device stayed away
+        // longer than the retention) is not stored back.
+        if (ack.seq() > floor) (void)cache_->PutMessage(message);
         // Removed now, not when the message reaches the application: it may wait there behind
         // a hole, and must not be sent again meanwhile.
         (void)cache_->RemoveOutbox(client_msg_id);
@@ -836,6 +840,11 @@ void Session::HandleSendAck(const v1::Envelope& envelope) {
       // Still pending in the outbox: it is sent again (the server answers with the same seq)
       // after a pause, so a cache that keeps failing is not asked again at once.
       outbox_retry_at_ = std::max(outbox_retry_at_, Now() + kOutboxRetryMinMs);
+    } else if (ack.seq() <= floor) {
+      // Committed, and already deleted by retention: reported sent, once, then gone, so an
+      // application showing it pending takes it off the screen.
+      listener_->OnMessage(EventFor(message));
+      listener_->OnMessagesExpired(ack.conversation_id(), floor);
     } else if (cursor >= ack.seq()) {
       // A Sync gap moved the cursor past this seq while the ack was lost (the link dropped):
       // the message was never reported, and Ingest would skip it. It is reported here, once.

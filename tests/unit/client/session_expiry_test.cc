@@ -144,6 +144,33 @@ TEST_CASE("session expiry: the notice drops the cached messages below first_seq,
   CHECK(rows.outbox == std::vector<std::string>{"pending-0123456789abcdef"});
 }
 
+TEST_CASE("session expiry: an ack for a message retention already deleted stores nothing") {
+  testing::TempDir dir;
+  const std::string path = dir.File("cache.db");
+  std::shared_ptr<Cache> cache(Cache::Open(path).value());
+  Harness h({}, cache);
+  LiveWithSixMessages(h);
+  // This user's message was committed as seq 7, its ack lost; meanwhile retention deleted
+  // everything up to 8, and the device was told. The resend is answered with the old seq.
+  h.session->OnEnvelope(Notice(5, 9, 8));
+  REQUIRE(h.listener.expired == Expired{{5, 8}});
+  h.AddOutbox("resent-0123456789abcdef", 5);
+  std::vector<v1::Envelope> sends = h.io.Take();
+  REQUIRE(SendIds(sends) == std::vector<std::string>{"resent-0123456789abcdef"});
+  h.listener.messages.clear();
+  h.session->OnEnvelope(AckFor(sends[0], 7, /*duplicate=*/true));
+  // Reported sent once, then expired: an application showing it pending takes it away.
+  REQUIRE(h.listener.messages.size() == 1);
+  CHECK(h.listener.messages[0].message.seq == 7);
+  CHECK(h.listener.messages[0].status == MessageStatus::kSent);
+  CHECK(h.listener.expired == Expired{{5, 8}, {5, 8}});
+  CHECK(h.cache->PendingCount() == 0);
+  CHECK(CachedSeqs(*h.cache, 5, 8).empty());
+  h.session->Stop();
+  cache->Close();
+  CHECK(ReadFileRows(path, 5).seqs.empty());
+}
+
 TEST_CASE("session expiry: a notice after newer messages arrived keeps them") {
   Harness h;
   LiveWithSixMessages(h);
