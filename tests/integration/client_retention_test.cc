@@ -2,7 +2,6 @@
 // leaves the clients' caches too, whether a client is online when the sweep runs (the server's
 // notice) or offline (its next Sync).
 #include <doctest/doctest.h>
-#include <sqlite3.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -15,6 +14,7 @@
 
 #include "chat/client.h"
 #include "tests/integration/server_test_helpers.h"
+#include "tests/testing/cache_file.h"
 #include "tests/testing/chatd_process.h"
 #include "tests/testing/client_fixtures.h"
 #include "tests/testing/temp_dir.h"
@@ -68,24 +68,6 @@ class ExpiryRecorder : public ClientListener {
   std::vector<ConversationInfo> infos_;
 };
 
-// The seqs of `conversation` in the cache file at `path`, read with SQLite itself once the
-// client that used it was closed.
-std::vector<Seq> CachedSeqs(const std::string& path, ConversationId conversation) {
-  sqlite3* db = nullptr;
-  REQUIRE(sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READONLY, nullptr) == SQLITE_OK);
-  sqlite3_stmt* stmt = nullptr;
-  REQUIRE(sqlite3_prepare_v2(db, "SELECT seq FROM messages WHERE conversation_id = ? ORDER BY seq",
-                             -1, &stmt, nullptr) == SQLITE_OK);
-  sqlite3_bind_int64(stmt, 1, static_cast<int64_t>(conversation));
-  std::vector<Seq> seqs;
-  while (sqlite3_step(stmt) == SQLITE_ROW) {
-    seqs.push_back(static_cast<Seq>(sqlite3_column_int64(stmt, 0)));
-  }
-  sqlite3_finalize(stmt);
-  sqlite3_close(db);
-  return seqs;
-}
-
 TEST_CASE("client: expired messages leave the cache of online and of offline devices") {
   // No retention until the laptop is offline holding the messages: then bob sets the
   // conversation's to 1 s, so the sweep (every 100 ms) deletes them about a second after their
@@ -120,7 +102,7 @@ TEST_CASE("client: expired messages leave the cache of online and of offline dev
   laptop->Close();
   laptop.reset();
   REQUIRE(laptop_events->expired_up_to(conversation) == 0);
-  REQUIRE(CachedSeqs(offline_cache, conversation) == std::vector<Seq>{1, 2, 3});
+  REQUIRE(FileSeqs(offline_cache, conversation) == std::vector<Seq>{1, 2, 3});
 
   // Retention starts now; its system message (seq 4) expires a second later too.
   std::mutex mu;
@@ -147,13 +129,13 @@ TEST_CASE("client: expired messages leave the cache of online and of offline dev
   CHECK((*listed)[0].first_seq == 0);
   CHECK((*listed)[0].last_seq == 4);
   phone->Close();
-  CHECK(CachedSeqs(online_cache, conversation).empty());
+  CHECK(FileSeqs(online_cache, conversation).empty());
 
   // The laptop comes back with nothing new in the conversation, and drops them on its Sync.
   laptop = OpenStartedClient(chatd, "bob", "laptop", offline_cache, laptop_events);
   REQUIRE(Eventually([&] { return laptop_events->expired_up_to(conversation) == 4; }));
   laptop->Close();
-  CHECK(CachedSeqs(offline_cache, conversation).empty());
+  CHECK(FileSeqs(offline_cache, conversation).empty());
   alice->Close();
 }
 

@@ -13,6 +13,7 @@
 
 #include "src/client/cache.h"
 #include "src/client/session.h"
+#include "tests/testing/cache_file.h"
 #include "tests/testing/temp_dir.h"
 #include "tests/unit/client/session_harness.h"
 
@@ -30,16 +31,10 @@ struct FileRows {
 
 FileRows ReadFileRows(const std::string& path, ConversationId conversation) {
   FileRows rows;
+  rows.seqs = testing::FileSeqs(path, conversation);
   sqlite3* db = nullptr;
   REQUIRE(sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READONLY, nullptr) == SQLITE_OK);
   sqlite3_stmt* stmt = nullptr;
-  REQUIRE(sqlite3_prepare_v2(db, "SELECT seq FROM messages WHERE conversation_id = ? ORDER BY seq",
-                             -1, &stmt, nullptr) == SQLITE_OK);
-  sqlite3_bind_int64(stmt, 1, static_cast<int64_t>(conversation));
-  while (sqlite3_step(stmt) == SQLITE_ROW) {
-    rows.seqs.push_back(static_cast<Seq>(sqlite3_column_int64(stmt, 0)));
-  }
-  sqlite3_finalize(stmt);
   REQUIRE(sqlite3_prepare_v2(db, "SELECT client_msg_id FROM outbox ORDER BY id", -1, &stmt,
                              nullptr) == SQLITE_OK);
   while (sqlite3_step(stmt) == SQLITE_ROW) {
