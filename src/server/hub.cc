@@ -515,9 +515,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
         // An older client has no MessagesExpired in its schema: it would fail to decode the
         // frame and drop the connection. It learns the same from its next Sync.
         if (s == nullptr || !s->expiry_notices) return;
-        codec::Frame& frame = s->format == codec::Format::kJson ? json : binary;
-        if (!frame) frame = codec::EncodeShared(notice, s->format);
-        io_->Send(target, frame);
+        SendShared(target, *s, notice, binary, json);
       };
       // Channels fan out on read: only the connections that watch one hear of it, as with its
       // messages. A removal unsubscribes the removed member's connections, and the store lists
@@ -1627,6 +1625,15 @@ class Hub::Impl final : private PresenceTracker::Sink {
     Reply(id, s, ok);
   }
 
+  // `envelope` to `target` (session `s`), encoded at most once per wire format across the calls
+  // that share `binary` and `json`.
+  void SendShared(SessionId target, const Session& s, const v1::Envelope& envelope,
+                  codec::Frame& binary, codec::Frame& json) {
+    codec::Frame& frame = s.format == codec::Format::kJson ? json : binary;
+    if (!frame) frame = codec::EncodeShared(envelope, s.format);
+    io_->Send(target, frame);
+  }
+
   // `envelope` to every connection of `user` but `except`.
   void SendToUser(const UserId& user, const v1::Envelope& envelope, SessionId except) {
     codec::Frame binary;
@@ -1643,9 +1650,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
       if (target == except) continue;
       Session* s = FindSession(target);
       if (s == nullptr) continue;
-      codec::Frame& frame = s->format == codec::Format::kJson ? json : binary;
-      if (!frame) frame = codec::EncodeShared(envelope, s->format);
-      io_->Send(target, frame);
+      SendShared(target, *s, envelope, binary, json);
     }
   }
 
@@ -1698,9 +1703,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
       if (target == except || !sent.insert(target).second) return;
       Session* s = FindSession(target);
       if (s == nullptr) return;
-      codec::Frame& frame = s->format == codec::Format::kJson ? json : binary;
-      if (!frame) frame = codec::EncodeShared(deliver, s->format);
-      io_->Send(target, frame);
+      SendShared(target, *s, deliver, binary, json);
     };
     auto subs = subscribers_.find(message.conversation_id);
     if (subs != subscribers_.end()) {
@@ -1731,9 +1734,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
           Session* s = FindSession(target);
           if (s == nullptr) continue;
           heard = heard || (push && HeardLately(*s, now));
-          codec::Frame& frame = s->format == codec::Format::kJson ? json : binary;
-          if (!frame) frame = codec::EncodeShared(deliver, s->format);
-          io_->Send(target, frame);
+          SendShared(target, *s, deliver, binary, json);
         }
       }
       if (push && !heard && user != message.sender) QueuePush(user, message);

@@ -465,10 +465,8 @@ constexpr std::array<const char*, static_cast<size_t>(Sql::kCount)> kSql = {
     CHAT_ALL_MESSAGES(CHAT_MESSAGE_COLUMNS, "?2 - 1", " AND seq <= ?3") " ORDER BY seq LIMIT ?4",
     CHAT_ALL_MESSAGES(CHAT_MESSAGE_COLUMNS, "0", " AND seq < ?2") " ORDER BY seq DESC LIMIT ?3",
     "SELECT conversation_id, first_seq, CASE WHEN retention_ms > 0 THEN retention_ms ELSE ?1 END, "
-    "kind FROM conversations WHERE first_seq > 0 AND (retention_ms > 0 OR (retention_ms = 0 AND ?1 "
-    "> "
-    "0)) "
-    "ORDER BY conversation_id",
+    "kind FROM conversations WHERE first_seq > 0 "
+    "AND (retention_ms > 0 OR (retention_ms = 0 AND ?1 > 0)) ORDER BY conversation_id",
     CHAT_ALL_MESSAGES("seq, ts, client_msg_id, sender, message_id, user_ordinal", "?2 - 1",
                       "") " ORDER BY seq LIMIT ?3",
     "DELETE FROM messages WHERE conversation_id = ?1 AND seq <= ?2",
