@@ -76,6 +76,9 @@ struct Options {
   // fanout
   int groups = 20;
   int members = 500;
+  // fanout: every member sends a delivered Receipt for what it received, at most once per this
+  // many ms (the client SDK's coalescing is 100 ms); 0: no receipts.
+  int receipts_ms = 0;
   // channel
   int viewers = 1000;
   int channel_members = 100000;
@@ -95,6 +98,8 @@ constexpr uint64_t kMaxDirectFrameBytes = 64ULL << 20;
 constexpr uint64_t kControlRid = 1ULL << 41;
 // The rid of a Sync (below kControlRid).
 constexpr uint64_t kSyncRid = 1ULL << 40;
+// The rid of a delivered Receipt (fanout --receipts-ms), answered by a ReceiptUpdate.
+constexpr uint64_t kReceiptRid = kSyncRid + 1;
 
 class Bench;
 
@@ -180,6 +185,14 @@ struct Conn {
   // the conversation of the last ConversationUpdate.
   int64_t replies = 0;
   uint64_t reply_conversation = 0;
+
+  // Delivered receipts (fanout --receipts-ms): the conversation of the last Deliver, the highest
+  // seq delivered in it, the seq last reported and when.
+  uint64_t receipt_conversation = 0;
+  uint64_t receipt_due_seq = 0;
+  uint64_t receipt_sent_seq = 0;
+  int64_t receipt_sent_ns = 0;
+  bool receipt_listed = false;  // in Bench::receipts_due_
 };
 
 struct Counters {
@@ -191,6 +204,9 @@ struct Counters {
   int64_t duplicate_acks = 0;
   int64_t connect_failures = 0;
   int64_t closes = 0;
+  int64_t receipts_sent = 0;
+  int64_t receipt_replies = 0;  // ReceiptUpdates answering this process's own Receipts
+  int64_t receipt_updates = 0;  // ReceiptUpdates about others (or another device), rid 0
   std::map<std::string, int64_t> error_codes;
   std::map<int, int64_t> close_codes;
 };
@@ -498,6 +514,7 @@ class Bench {
     Bench* self = reinterpret_cast<TickTimer*>(sul)->owner;
     self->ConnectDue();
     self->ResyncDue();
+    self->SendReceiptsDue();
     self->Heartbeat();
     // On lws's poll loop a timer finer than 10 ms busy-spins (LWS-NOTES pitfall 1).
     if (self->loop_ == nullptr && self->tick_fn_) self->tick_fn_();
@@ -509,6 +526,46 @@ class Bench {
   static void OnPace(struct ev_loop* /*loop*/, ev_timer* timer, int /*revents*/) {
     auto* self = static_cast<Bench*>(timer->data);
     if (self->tick_fn_) self->tick_fn_();
+  }
+
+  // A delivered message makes a Receipt due on its connection (one conversation per member in
+  // fanout: a Deliver of another conversation replaces the one being reported).
+  void NoteDelivered(Conn& conn, const v1::Message& message) {
+    if (conn.receipt_conversation != message.conversation_id()) {
+      conn.receipt_conversation = message.conversation_id();
+      conn.receipt_sent_seq = 0;
+      conn.receipt_due_seq = 0;
+    }
+    conn.receipt_due_seq = std::max(conn.receipt_due_seq, message.seq());
+    if (!conn.receipt_listed) {
+      conn.receipt_listed = true;
+      receipts_due_.push_back(&conn);
+    }
+  }
+
+  // Like the client SDK: what arrived is reported with one Receipt per conversation, at most
+  // once per --receipts-ms. Checked every 10 ms.
+  void SendReceiptsDue() {
+    if (receipts_due_.empty()) return;
+    const int64_t now = NowNs();
+    const int64_t interval = static_cast<int64_t>(options_.receipts_ms) * 1'000'000;
+    std::erase_if(receipts_due_, [&](Conn* conn) {
+      if (conn->state != Conn::State::kReady || conn->receipt_due_seq <= conn->receipt_sent_seq) {
+        conn->receipt_listed = false;
+        return true;
+      }
+      if (now - conn->receipt_sent_ns < interval) return false;
+      v1::Envelope receipt;
+      receipt.set_rid(kReceiptRid);
+      receipt.mutable_receipt()->set_conversation_id(conn->receipt_conversation);
+      receipt.mutable_receipt()->set_delivered_seq(conn->receipt_due_seq);
+      Queue(*conn, receipt);
+      conn->receipt_sent_seq = conn->receipt_due_seq;
+      conn->receipt_sent_ns = now;
+      conn->receipt_listed = false;
+      ++counters_.receipts_sent;
+      return true;
+    });
   }
 
   // A Sync answered with an error (the server overloaded, UNAVAILABLE with retry_after_ms) is
@@ -668,6 +725,7 @@ class Bench {
       }
       case v1::Envelope::kDeliver: {
         const v1::Message& message = envelope.deliver().message();
+        if (options_.receipts_ms > 0 && message.sender() != conn.user) NoteDelivered(conn, message);
         // System messages (group changes) and a sender's own messages are not deliveries under
         // test.
         if (message.content_type() != kBenchContentType || message.sender() == conn.user) break;
@@ -704,6 +762,9 @@ class Bench {
       }
       case v1::Envelope::kOk:
         if (envelope.rid() != 0) ++conn.replies;
+        break;
+      case v1::Envelope::kReceiptUpdate:
+        ++(envelope.rid() == kReceiptRid ? counters_.receipt_replies : counters_.receipt_updates);
         break;
       case v1::Envelope::kConversationUpdate:
         if (envelope.rid() != 0) {
@@ -963,6 +1024,7 @@ class Bench {
   };
   TickTimer tick_;
   ev_timer pace_timer_{};
+  std::vector<Conn*> receipts_due_;  // connections with a delivered Receipt to send
   std::function<void()> tick_fn_;
   std::vector<std::unique_ptr<Conn>> conns_;
   int connecting_ = 0;
@@ -1120,6 +1182,11 @@ StepResult RunStep(Bench& bench, const std::vector<Conn*>& senders, double rate,
   json.Add("server_cpu_us_per_msg", result.server_cpu_us_per_msg);
   json.Raw("server_threads_cpu_s", ThreadCpuJson(threads0, threads1));
   json.Add("generator_cpu_s", self_cpu);
+  if (bench.options().receipts_ms > 0) {
+    json.Add("receipts_sent", bench.counters().receipts_sent - start.receipts_sent);
+    json.Add("receipt_replies", bench.counters().receipt_replies - start.receipt_replies);
+    json.Add("receipt_updates_received", bench.counters().receipt_updates - start.receipt_updates);
+  }
   json.Add("wall_s", wall);
   json.Add("send_s", send_s);
   json.Add("generator_behind", behind);
@@ -1487,6 +1554,7 @@ int RunFanout(Bench& bench) {
   json.Add("workload", "fanout");
   json.Add("groups", o.groups);
   json.Add("members_per_group", o.members);
+  json.Add("receipts_ms", o.receipts_ms);
   json.Add("connections", static_cast<int>(all.size()));
   json.Add("p99_limit_ms", o.p99_limit_ms);
   int64_t t0 = NowNs();
@@ -1905,6 +1973,11 @@ int main(int argc, char** argv) {
   app.add_option("--groups", o.groups, "fanout, storm-groups: groups")->capture_default_str();
   app.add_option("--members", o.members,
                  "fanout, storm-groups: members per group, creator included")
+      ->capture_default_str();
+  app.add_option("--receipts-ms", o.receipts_ms,
+                 "fanout: members send a delivered Receipt for what they received, at most once "
+                 "per this many ms (0: none)")
+      ->check(CLI::Range(0, 60000))
       ->capture_default_str();
   app.add_option("--viewers", o.viewers, "channel: connected, subscribed members")
       ->capture_default_str();
