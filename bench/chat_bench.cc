@@ -528,15 +528,15 @@ class Bench {
     if (self->tick_fn_) self->tick_fn_();
   }
 
-  // A delivered message makes a Receipt due on its connection (one conversation per member in
-  // fanout: a Deliver of another conversation replaces the one being reported).
-  void NoteDelivered(Conn& conn, const v1::Message& message) {
-    if (conn.receipt_conversation != message.conversation_id()) {
-      conn.receipt_conversation = message.conversation_id();
+  // A message delivered or acknowledged makes a Receipt due on its connection (one
+  // conversation per member in fanout: one of another conversation replaces the one reported).
+  void NoteDelivered(Conn& conn, uint64_t conversation_id, uint64_t seq) {
+    if (conn.receipt_conversation != conversation_id) {
+      conn.receipt_conversation = conversation_id;
       conn.receipt_sent_seq = 0;
       conn.receipt_due_seq = 0;
     }
-    conn.receipt_due_seq = std::max(conn.receipt_due_seq, message.seq());
+    conn.receipt_due_seq = std::max(conn.receipt_due_seq, seq);
     if (!conn.receipt_listed) {
       conn.receipt_listed = true;
       receipts_due_.push_back(&conn);
@@ -718,6 +718,10 @@ class Bench {
           break;
         }
         ack_latency_.Record(NowNs() - it->second);
+        // The client SDK takes its own message as read, and says so in its next Receipt.
+        if (options_.receipts_ms > 0) {
+          NoteDelivered(conn, envelope.send_ack().conversation_id(), envelope.send_ack().seq());
+        }
         conn.unacked.erase(it);
         conn.acked_indices.push_back(index);
         ++counters_.acked;
@@ -725,7 +729,9 @@ class Bench {
       }
       case v1::Envelope::kDeliver: {
         const v1::Message& message = envelope.deliver().message();
-        if (options_.receipts_ms > 0 && message.sender() != conn.user) NoteDelivered(conn, message);
+        if (options_.receipts_ms > 0 && message.sender() != conn.user) {
+          NoteDelivered(conn, message.conversation_id(), message.seq());
+        }
         // System messages (group changes) and a sender's own messages are not deliveries under
         // test.
         if (message.content_type() != kBenchContentType || message.sender() == conn.user) break;

@@ -485,6 +485,11 @@ void AddServeFlags(CLI::App* serve, ServeFlags* f) {
                    "Channels one connection receives live at once")
       ->capture_default_str();
   serve
+      ->add_option("--receipt-updates-max-members", o.receipt_updates_max_members,
+                   "Groups of at most this many members tell every member's receipt to the "
+                   "others; larger ones only when all members' lowest watermarks move")
+      ->capture_default_str();
+  serve
       ->add_option("--typing-expires-ms", o.typing_expires_ms,
                    "How long clients show a typing indicator unless refreshed")
       ->capture_default_str();

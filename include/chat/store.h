@@ -76,6 +76,12 @@ struct AppendRequest {
   Role role = Role::kUnspecified;  // kSetRole
   Seq delivered_seq = 0;           // kReceipt
   Seq read_seq = 0;                // kReceipt
+  // kReceipt: in a direct conversation or group of at most this many current members, the
+  // other members are told every move of the sender's watermarks (AppendResult::recipients
+  // lists them); in a larger group only a move of the lowest watermarks over all members
+  // (recipients is empty otherwise), so that a receipt costs no work per member and a message
+  // read by all costs about one update per member, not one per pair of members.
+  uint32_t receipt_update_max_members = UINT32_MAX;
   // kCreateGroup, kAddMembers: member caps (creator included) by the conversation's kind, which
   // only the store knows for an existing conversation; 0 = no cap.
   uint32_t max_group_members = 0;
@@ -125,12 +131,13 @@ struct AppendResult {
   ConversationInfo conversation;
   // kReceipt: whether the sender's user-wide watermarks moved; the sender's watermarks over all of
   // its devices; the sender's unread count across every conversation; and (direct and groups) the
-  // lowest watermarks over all current members.
+  // lowest watermarks over all current members, and whether this receipt moved them.
   bool receipt_changed = false;
   MemberReceipt sender_receipt;
   uint64_t unread_total = 0;
   Seq delivered_all_seq = 0;
   Seq read_all_seq = 0;
+  bool all_seq_moved = false;
 };
 
 struct SyncQuery {

@@ -1090,13 +1090,15 @@ class Hub::Impl final : private PresenceTracker::Sink {
     job.request.sender_device = s.device;
     job.request.delivered_seq = receipt.delivered_seq();
     job.request.read_seq = receipt.read_seq();
+    job.request.receipt_update_max_members = options_.receipt_updates_max_members;
     pending_appends_.emplace(job.token, PendingAppend{id, envelope.rid(), {}, Purpose::kReceipt});
     io_->SubmitAppend(std::move(job));
   }
 
   // The requester gets a ReceiptUpdate with its new watermarks and unread counts as the reply;
-  // its other devices get the same; in direct conversations and groups the other members get
-  // the user's watermarks and the all-members watermarks. Nothing is told when nothing moved.
+  // its other devices get the same; in direct conversations and groups the other members the
+  // store lists get the user's watermarks and the all-members watermarks (in a large group only
+  // when those moved). Nothing is told when nothing moved.
   void AnswerReceipt(const PendingAppend& pending, Session* sender, const AppendResult& result) {
     const ConversationInfo& info = result.conversation;
     v1::Envelope own;

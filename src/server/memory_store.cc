@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <deque>
+#include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -51,6 +52,17 @@ struct Conversation {
   std::deque<Seq> user_seqs;
   std::map<std::pair<UserId, DeviceId>, Watermarks> cursors;  // per (user, device)
 };
+
+// A member's watermarks: the highest over its devices.
+Watermarks Highest(const Conversation& c, const UserId& user) {
+  Watermarks highest;
+  for (auto it = c.cursors.lower_bound({user, DeviceId()});
+       it != c.cursors.end() && it->first.first == user; ++it) {
+    highest.delivered_seq = std::max(highest.delivered_seq, it->second.delivered_seq);
+    highest.read_seq = std::max(highest.read_seq, it->second.read_seq);
+  }
+  return highest;
+}
 
 struct StoredPushToken {
   std::string platform;
@@ -181,13 +193,8 @@ class MemorySource final : public server::ReadSource {
     const Conversation& c = data_->conversations.at(conversation_id);
     auto add = [&](const UserId& user, const Member& member) {
       if (only.empty() && !member.current()) return;
-      MemberReceipt receipt{user, member.role, 0, 0};
-      for (auto it = c.cursors.lower_bound({user, DeviceId()});
-           it != c.cursors.end() && it->first.first == user; ++it) {
-        receipt.delivered_seq = std::max(receipt.delivered_seq, it->second.delivered_seq);
-        receipt.read_seq = std::max(receipt.read_seq, it->second.read_seq);
-      }
-      out->push_back(std::move(receipt));
+      const auto highest = Highest(c, user);
+      out->push_back(MemberReceipt{user, member.role, highest.delivered_seq, highest.read_seq});
     };
     if (!only.empty()) {
       auto it = c.members.find(only);
@@ -324,6 +331,16 @@ class MemoryTarget final : public server::AppendTarget {
     data_->conversations.at(conversation_id).cursors[{user, device}] =
         Watermarks{delivered_seq, read_seq};
     return Status::Ok();
+  }
+
+  // Walks the members every time: the memory store keeps nothing between calls.
+  Result<server::LowestMove> MoveLowest(ConversationId conversation_id, const UserId& user,
+                                        const MemberReceipt& before,
+                                        const MemberReceipt& after) override {
+    std::vector<MemberReceipt> members;
+    if (Status s = Reader().Watermarks(conversation_id, UserId(), &members); !s.ok()) return s;
+    return server::LowestMove{server::CountLowest(members, user, before).marks,
+                              server::CountLowest(members, user, after).marks};
   }
 
   Result<Seq> LastSeq(ConversationId conversation_id) override {

@@ -13,6 +13,7 @@
 #include <array>
 #include <condition_variable>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -864,6 +865,18 @@ class WriterCache {
     if (it == conversations_.end()) return;
     it->second.memberships.clear();
     it->second.members.reset();
+    it->second.lowest.reset();
+  }
+
+  // The lowest watermarks over the current members and how many hold them, as the last receipt
+  // left them.
+  server::LowestCount* FindLowest(ConversationId conversation_id) {
+    auto it = conversations_.find(conversation_id);
+    if (it == conversations_.end() || !it->second.lowest) return nullptr;
+    return &*it->second.lowest;
+  }
+  void PutLowest(ConversationId conversation_id, const server::LowestCount& lowest) {
+    Entry(conversation_id).lowest = lowest;
   }
 
   // The direct conversation of `low` and `high` (low < high), or 0 if not known. A pair's
@@ -901,6 +914,7 @@ class WriterCache {
     Tail tail;
     std::optional<std::vector<UserId>> members;
     std::unordered_map<UserId, server::Membership> memberships;
+    std::optional<server::LowestCount> lowest;
   };
 
   Conversation& Entry(ConversationId conversation_id) {
@@ -1318,6 +1332,39 @@ class SqliteTarget final : public server::AppendTarget {
     Query q(conn_, Sql::kPutCursor);
     q.U64(conversation_id).Text(user).Text(device).U64(delivered_seq).U64(read_seq);
     return q.Run();
+  }
+
+  // With the lowest marks known from the last receipt and how many members hold each, a move
+  // from above them changes nothing and one from them only counts down: the members are read
+  // again only when the last one at the lowest moves (a message every member has got).
+  Result<server::LowestMove> MoveLowest(ConversationId conversation_id, const UserId& user,
+                                        const MemberReceipt& before,
+                                        const MemberReceipt& after) override {
+    server::LowestCount* known = cache_.FindLowest(conversation_id);
+    if (known != nullptr && before.delivered_seq >= known->marks.delivered_seq &&
+        before.read_seq >= known->marks.read_seq) {
+      const server::LowestMarks was = known->marks;
+      bool emptied = false;
+      if (before.delivered_seq == was.delivered_seq && after.delivered_seq > was.delivered_seq &&
+          --known->at_delivered == 0) {
+        emptied = true;
+      }
+      if (before.read_seq == was.read_seq && after.read_seq > was.read_seq &&
+          --known->at_read == 0) {
+        emptied = true;
+      }
+      if (!emptied) return server::LowestMove{was, was};
+      std::vector<MemberReceipt> members;
+      if (Status s = reader_.Watermarks(conversation_id, UserId(), &members); !s.ok()) return s;
+      const server::LowestCount now = server::CountLowest(members, user, after);
+      cache_.PutLowest(conversation_id, now);
+      return server::LowestMove{was, now.marks};
+    }
+    std::vector<MemberReceipt> members;
+    if (Status s = reader_.Watermarks(conversation_id, UserId(), &members); !s.ok()) return s;
+    const server::LowestCount now = server::CountLowest(members, user, after);
+    cache_.PutLowest(conversation_id, now);
+    return server::LowestMove{server::CountLowest(members, user, before).marks, now.marks};
   }
 
   Result<Seq> LastSeq(ConversationId conversation_id) override {

@@ -1,6 +1,7 @@
 #include "src/server/store_common.h"
 
 #include <algorithm>
+#include <limits>
 #include <map>
 #include <string>
 #include <utility>
@@ -539,31 +540,39 @@ Status ApplyReceipt(AppendTarget& target, const AppendRequest& request, AppendRe
   if (!total.ok()) return total.status();
   result->unread_total = *total;
 
-  std::vector<MemberReceipt> marks;
-  // A channel keeps only the member's own cursors: nothing about others is read or told. Nor
-  // is anything told to or about the members of a conversation the user was removed from.
-  const bool own_only = membership->kind == ConversationKind::kChannel || removed;
-  if (Status s = reader.Watermarks(id, own_only ? request.sender : UserId(), &marks); !s.ok()) {
-    return s;
-  }
+  std::vector<MemberReceipt> user_after;
+  if (Status s = reader.Watermarks(id, request.sender, &user_after); !s.ok()) return s;
+  if (user_after.empty()) return Internal("receipt: the member's row is gone");
+  MemberReceipt before_mark = user_before.empty() ? MemberReceipt{} : user_before[0];
+  result->sender_receipt = std::move(user_after[0]);
   // Others are told only when the user's own watermarks (over all devices) moved; one device
   // catching up with another changes nothing they can see.
-  bool first = true;
-  for (const MemberReceipt& mark : marks) {
-    if (mark.user == request.sender) {
-      result->receipt_changed = user_before.empty() ||
-                                user_before[0].delivered_seq != mark.delivered_seq ||
-                                user_before[0].read_seq != mark.read_seq;
-    }
-    if (mark.user == request.sender) result->sender_receipt = mark;
-    if (own_only) continue;
-    result->recipients.push_back(mark.user);
-    result->delivered_all_seq =
-        first ? mark.delivered_seq : std::min(result->delivered_all_seq, mark.delivered_seq);
-    result->read_all_seq = first ? mark.read_seq : std::min(result->read_all_seq, mark.read_seq);
-    first = false;
+  result->receipt_changed = user_before.empty() ||
+                            before_mark.delivered_seq != result->sender_receipt.delivered_seq ||
+                            before_mark.read_seq != result->sender_receipt.read_seq;
+  // A channel keeps only the member's own cursors: nothing about others is read or told. Nor
+  // is anything told to or about the members of a conversation the user was removed from.
+  if (membership->kind == ConversationKind::kChannel || removed) {
+    result->recipients.push_back(request.sender);
+    return Status::Ok();
   }
-  if (own_only) result->recipients.push_back(request.sender);
+  Result<LowestMove> lowest =
+      target.MoveLowest(id, request.sender, before_mark, result->sender_receipt);
+  if (!lowest.ok()) return lowest.status();
+  result->delivered_all_seq = lowest->after.delivered_seq;
+  result->read_all_seq = lowest->after.read_seq;
+  result->all_seq_moved = lowest->after != lowest->before;
+  if (!result->receipt_changed) return Status::Ok();
+  bool tell_members = result->all_seq_moved;
+  if (!tell_members) {
+    Result<uint64_t> count = target.MemberCount(id);
+    if (!count.ok()) return count.status();
+    tell_members = *count <= request.receipt_update_max_members;
+  }
+  if (!tell_members) return Status::Ok();
+  Result<std::vector<UserId>> members = target.Members(id);
+  if (!members.ok()) return members.status();
+  result->recipients = std::move(*members);
   return Status::Ok();
 }
 
@@ -641,6 +650,26 @@ Status ApplySetRetention(AppendTarget& target, const AppendRequest& request, App
 }
 
 }  // namespace
+
+LowestCount CountLowest(std::span<const MemberReceipt> members, const UserId& mover,
+                        const MemberReceipt& mover_marks) {
+  LowestCount lowest;
+  lowest.marks = {std::numeric_limits<Seq>::max(), std::numeric_limits<Seq>::max()};
+  for (const MemberReceipt& member : members) {
+    const MemberReceipt& marks = member.user == mover ? mover_marks : member;
+    if (marks.delivered_seq < lowest.marks.delivered_seq) {
+      lowest.marks.delivered_seq = marks.delivered_seq;
+      lowest.at_delivered = 0;
+    }
+    if (marks.delivered_seq == lowest.marks.delivered_seq) ++lowest.at_delivered;
+    if (marks.read_seq < lowest.marks.read_seq) {
+      lowest.marks.read_seq = marks.read_seq;
+      lowest.at_read = 0;
+    }
+    if (marks.read_seq == lowest.marks.read_seq) ++lowest.at_read;
+  }
+  return lowest;
+}
 
 Status AppendOne(AppendTarget& target, const AppendRequest& request, AppendResult* result) {
   *result = AppendResult{};

@@ -49,6 +49,33 @@ enum class Access {
 // nothing leaks.
 Status Authorize(ConversationId conversation_id, const Membership& membership, Access access);
 
+// The lowest watermarks over a conversation's current members, each member's being the highest
+// over its devices.
+struct LowestMarks {
+  Seq delivered_seq = 0;
+  Seq read_seq = 0;
+  bool operator==(const LowestMarks&) const = default;
+};
+
+// What one user's move did to them.
+struct LowestMove {
+  LowestMarks before;
+  LowestMarks after;
+};
+
+// The lowest marks and how many current members hold each.
+struct LowestCount {
+  LowestMarks marks;
+  uint64_t at_delivered = 0;
+  uint64_t at_read = 0;
+};
+
+// Counts the lowest marks over `members` (Watermarks of the current members), with `mover`'s
+// taken as `mover_marks` whatever the list says. An empty list counts nobody, the marks left at
+// the highest Seq.
+LowestCount CountLowest(std::span<const MemberReceipt> members, const UserId& mover,
+                        const MemberReceipt& mover_marks);
+
 // The head of one conversation, as the sync and history algorithms need it.
 struct ConversationHead {
   ConversationId conversation_id = 0;
@@ -131,6 +158,14 @@ class AppendTarget {
   // Stores the watermarks of one device.
   virtual Status PutCursor(ConversationId conversation_id, const UserId& user,
                            const DeviceId& device, Seq delivered_seq, Seq read_seq) = 0;
+  // The lowest marks of a direct conversation or group before and after `user`'s own marks (the
+  // highest over its devices) moved from `before` to `after`, the move already stored with
+  // PutCursor. A store may keep the lowest marks between calls, so that a receipt costs no work
+  // per member while others remain at the lowest.
+  // REQUIRES: `user` is a current member; no cursor changes but through PutCursor.
+  virtual Result<LowestMove> MoveLowest(ConversationId conversation_id, const UserId& user,
+                                        const MemberReceipt& before,
+                                        const MemberReceipt& after) = 0;
   // The conversation's highest committed seq (0 when it has no messages).
   // REQUIRES: the conversation exists.
   virtual Result<Seq> LastSeq(ConversationId conversation_id) = 0;

@@ -525,6 +525,62 @@ TEST_CASE("channels: an Unsubscribe whose check finishes first still ends the su
   CHECK(Delivered(h.Take(viewer)).size() == 1);
 }
 
+// In a group over receipt_updates_max_members a member's receipt is told to the others only
+// when it moves the lowest watermarks over all members: a message read by everyone costs about
+// one update per member, not one per pair of members. The sender's own devices hear every move.
+TEST_CASE("receipts: a large group is told a receipt only when the lowest watermarks move") {
+  ServerOptions options = RoomyOptions();
+  options.receipt_updates_max_members = 2;
+  HubHarness h(options);
+  SessionId alice = h.Connect("alice", "a1");
+  SessionId bob = h.Connect("bob", "b1");
+  SessionId bob_tablet = h.Connect("bob", "b2");
+  SessionId carol = h.Connect("carol", "c1");
+  const ConversationId id = MustCreate(h, alice, {"bob", "carol"});
+  h.SendEnvelope(alice, SendToConversation(1, id, ClientMsgId(1), "hi"));
+  h.Pump();
+  for (SessionId s : {alice, bob, bob_tablet, carol}) h.Take(s);
+  auto updates = [&](SessionId s) {
+    std::vector<v1::Envelope> got = h.Take(s);
+    std::vector<v1::ReceiptUpdate> out;
+    for (const v1::Envelope& e : got) {
+      if (e.has_receipt_update()) out.push_back(e.receipt_update());
+    }
+    return out;
+  };
+
+  // Everyone delivered the creation and the message (seq 1 and 2) but alice, whose marks are
+  // the lowest: bob's receipt moves only bob's.
+  h.SendEnvelope(bob, ReceiptEnvelope(10, id, 2, 2));
+  h.Pump();
+  CHECK(updates(bob).size() == 1);  // the reply
+  std::vector<v1::ReceiptUpdate> tablet = updates(bob_tablet);
+  REQUIRE(tablet.size() == 1);  // the user's other device hears every move
+  CHECK(tablet[0].read_seq() == 2);
+  CHECK(updates(alice).empty());
+  CHECK(updates(carol).empty());
+
+  h.SendEnvelope(alice, ReceiptEnvelope(11, id, 2, 2));
+  h.Pump();
+  CHECK(updates(alice).size() == 1);
+  CHECK(updates(bob).empty());
+  CHECK(updates(carol).empty());
+
+  // carol is the last: everybody has read everything, and everybody is told.
+  h.SendEnvelope(carol, ReceiptEnvelope(12, id, 2, 2));
+  h.Pump();
+  std::vector<v1::ReceiptUpdate> reply = updates(carol);
+  REQUIRE(reply.size() == 1);
+  CHECK(reply[0].read_all_seq() == 2);
+  for (SessionId s : {alice, bob, bob_tablet}) {
+    std::vector<v1::ReceiptUpdate> got = updates(s);
+    REQUIRE(got.size() == 1);
+    CHECK(got[0].user_id() == "carol");
+    CHECK(got[0].delivered_all_seq() == 2);
+    CHECK(got[0].read_all_seq() == 2);
+  }
+}
+
 // The Hub remembers the last kRecentRemovals removals (1,024 commits). A read that many
 // removals overtook cannot tell whether one of them concerns it, so it is read again: the
 // bound forgets, it does not let a removed member be told. Fewer unrelated removals do not

@@ -10,9 +10,11 @@
 #include <cstdio>
 #include <filesystem>
 #include <functional>
+#include <limits>
 #include <map>
 #include <memory>
 #include <optional>
+#include <random>
 #include <set>
 #include <string>
 #include <thread>
@@ -1277,6 +1279,118 @@ void ReceiptsAreMonotonicPerUserAndExact(Kind kind) {
 }
 STORE_CASE(ReceiptsAreMonotonicPerUserAndExact,
            "receipts are monotonic, per user for read, and unread counts are exact")
+
+// The lowest watermarks over the current members, from the members' page (GetReceipts).
+std::pair<Seq, Seq> LowestOf(MessageStore& store, const UserId& asking, ConversationId id) {
+  Result<ReceiptsReply> page = store.Receipts({.user = asking, .conversation_id = id});
+  REQUIRE(page.ok());
+  Seq delivered = std::numeric_limits<Seq>::max();
+  Seq read = std::numeric_limits<Seq>::max();
+  for (const MemberReceipt& member : page->members) {
+    delivered = std::min(delivered, member.delivered_seq);
+    read = std::min(read, member.read_seq);
+  }
+  return {delivered, read};
+}
+
+void LowestWatermarksFollowEveryReceipt(Kind kind) {
+  Env env(kind);
+  MessageStore& store = *env.store;
+  constexpr int kUsers = 9;
+  auto name = [](int i) { return "u" + std::to_string(i); };
+  std::vector<UserId> invited;
+  for (int i = 1; i < kUsers; ++i) invited.push_back(name(i));
+  AppendRequest create = Create(ConversationKind::kGroup, name(0), invited);
+  create.max_group_members = kUsers;
+  AppendResult created = CommitOne(store, create);
+  REQUIRE(created.status.ok());
+  const ConversationId id = created.message.conversation_id;
+  SendMany(store, id, name(0), 12, "m");
+  std::vector<bool> member(kUsers, true);
+  std::mt19937 random(20261207);
+  int moves = 0;
+  for (int step = 0; step < 600; ++step) {
+    const int roll = static_cast<int>(random() % 100);
+    const int user = static_cast<int>(random() % kUsers);
+    if (roll < 4 && user != 0) {
+      // Members come and go (u0, the admin, stays): the lowest marks can then drop.
+      AppendRequest change =
+          Change(member[user] ? ConversationOp::kRemoveMembers : ConversationOp::kAddMembers, id,
+                 name(0), {name(user)});
+      change.max_group_members = kUsers;
+      REQUIRE(CommitOne(store, change).status.ok());
+      member[user] = !member[user];
+      continue;
+    }
+    if (roll < 8) {
+      SendMany(store, id, name(0), 1, "more-" + std::to_string(step));
+      continue;
+    }
+    if (!member[user]) continue;
+    const Seq last = InfoOf(store, name(0), id)->last_seq;
+    const Seq delivered = random() % (last + 2);
+    const Seq read = random() % (delivered + 1);
+    const std::string device = name(user) + (random() % 2 == 0 ? "-phone" : "-tablet");
+    AppendRequest receipt = ReceiptOf(id, name(user), device, delivered, read);
+    receipt.receipt_update_max_members = 4;  // told every move only while at most 4 are left
+    const std::pair<Seq, Seq> before = LowestOf(store, name(0), id);
+    AppendResult r = CommitOne(store, receipt);
+    REQUIRE(r.status.ok());
+    const std::pair<Seq, Seq> after = LowestOf(store, name(0), id);
+    CAPTURE(step);
+    REQUIRE(r.delivered_all_seq == after.first);
+    REQUIRE(r.read_all_seq == after.second);
+    CHECK(r.all_seq_moved == (after != before));
+    moves += r.all_seq_moved ? 1 : 0;
+    const auto members = static_cast<size_t>(std::count(member.begin(), member.end(), true));
+    if (r.receipt_changed && (r.all_seq_moved || members <= 4)) {
+      CHECK(r.recipients.size() == members);
+    } else {
+      CHECK(r.recipients.empty());
+    }
+  }
+  CHECK(moves > 10);
+  // The lowest marks reached the end of the conversation once every member read it all.
+  const Seq last = InfoOf(store, name(0), id)->last_seq;
+  AppendResult r;
+  for (int user = 0; user < kUsers; ++user) {
+    if (!member[user]) continue;
+    AppendRequest receipt = ReceiptOf(id, name(user), name(user) + "-phone", last, last);
+    receipt.receipt_update_max_members = 4;
+    r = CommitOne(store, receipt);
+    REQUIRE(r.status.ok());
+  }
+  CHECK(r.delivered_all_seq == last);
+  CHECK(r.read_all_seq == last);
+  CHECK(LowestOf(store, name(0), id) == std::pair<Seq, Seq>{last, last});
+}
+STORE_CASE(LowestWatermarksFollowEveryReceipt,
+           "the lowest watermarks over all members follow every receipt and membership change")
+
+void SmallGroupsListEveryMemberForEveryMove(Kind kind) {
+  Env env(kind);
+  MessageStore& store = *env.store;
+  const ConversationId id = CreateGroupOk(store, "alice", {"bob", "carol"});
+  SendMany(store, id, "alice", 3, "a");
+  // bob moves while carol stays at 0: the lowest marks stay, and a group of three is still told.
+  AppendRequest bob = ReceiptOf(id, "bob", "bob-phone", 2, 1);
+  bob.receipt_update_max_members = 3;
+  AppendResult told = CommitOne(store, bob);
+  REQUIRE(told.status.ok());
+  CHECK_FALSE(told.all_seq_moved);
+  CHECK(told.recipients == std::vector<UserId>{"alice", "bob", "carol"});
+  // The same move in a group over the limit is told to nobody else.
+  AppendRequest again = ReceiptOf(id, "bob", "bob-phone", 3, 2);
+  again.receipt_update_max_members = 2;
+  AppendResult quiet = CommitOne(store, again);
+  REQUIRE(quiet.status.ok());
+  CHECK(quiet.receipt_changed);
+  CHECK_FALSE(quiet.all_seq_moved);
+  CHECK(quiet.recipients.empty());
+  CHECK(quiet.sender_receipt.read_seq == 2);
+}
+STORE_CASE(SmallGroupsListEveryMemberForEveryMove,
+           "groups up to the limit list every member for every move, larger ones none")
 
 // The unread count of each member, as Sync reports it.
 uint64_t UnreadOf(MessageStore& store, const UserId& user, ConversationId id) {
@@ -2553,6 +2667,35 @@ TEST_CASE("store: sqlite: a failed transaction stores nothing of the batch") {
   CHECK_FALSE(retried[1].duplicate);
   CHECK(retried[1].message.seq == 2);
   CHECK(retried[2].message.seq == 3);
+}
+
+// The writer keeps the lowest watermarks between receipts; a batch that rolls back must not
+// leave behind the move one of its receipts made.
+TEST_CASE("store: sqlite: a failed batch leaves no move of the lowest watermarks behind") {
+  Env env(Kind::kSqlite);
+  MessageStore& store = *env.store;
+  const std::string path = env.dir.File("chat.db");
+  const ConversationId id = CreateGroupOk(store, "alice", {"bob", "carol"});
+  SendMany(store, id, "alice", 2, "a");  // seqs 2, 3
+  REQUIRE(CommitOne(store, ReceiptOf(id, "alice", "a1", 3, 3)).status.ok());
+  REQUIRE(CommitOne(store, ReceiptOf(id, "bob", "b1", 3, 3)).status.ok());
+  RawExec(path,
+          "CREATE TRIGGER fail_boom BEFORE INSERT ON log0 WHEN NEW.body = CAST('boom' AS BLOB)"
+          " BEGIN SELECT RAISE(ABORT, 'injected failure'); END");
+  // carol's receipt makes everybody's lowest 3, then the batch fails.
+  std::vector<AppendResult> results;
+  CHECK(store
+            .Append(std::vector<AppendRequest>{ReceiptOf(id, "carol", "c1", 3, 3),
+                                               ToConversation(id, "bob", "boom-1", "boom")},
+                    &results)
+            .code() == Code::kInternal);
+  RawExec(path, "DROP TRIGGER fail_boom");
+  SendMany(store, id, "alice", 1, "more");  // seq 4
+  AppendResult alice = CommitOne(store, ReceiptOf(id, "alice", "a1", 4, 4));
+  REQUIRE(alice.status.ok());
+  CHECK(alice.delivered_all_seq == 0);  // carol's receipt never happened
+  CHECK(alice.read_all_seq == 0);
+  CHECK_FALSE(alice.all_seq_moved);
 }
 
 TEST_CASE("store: sqlite: a resend whose message is missing fails alone, not its batch") {
