@@ -321,7 +321,9 @@ for w in "${WORKLOADS[@]}"; do
           --timeout 30 ;;
       fanout)
         run_bench fanout full -- --workload fanout --groups 2 --members 10 --rates 1,5 \
-          --step-seconds 1 --p99-limit-ms 100 --timeout 30 ;;
+          --step-seconds 1 --p99-limit-ms 100 --timeout 30
+        run_bench fanout-receipts full -- --workload fanout --groups 2 --members 10 --rates 1,5 \
+          --receipts-ms 100 --step-seconds 1 --p99-limit-ms 100 --timeout 30 ;;
       channel)
         run_bench channel full -- --workload channel --viewers 20 --channel-members 2000 \
           --add-batch 500 --rates 5,20 --step-seconds 1 --p99-limit-ms 100 --timeout 30 ;;
@@ -349,7 +351,11 @@ for w in "${WORKLOADS[@]}"; do
           --max-connecting 512 ;;
       fanout)
         run_bench fanout full -- --workload fanout --groups 20 --members 500 --max-connecting 512 \
-          --rates 1,2,5,10,20,50,100 --step-seconds 5 --p99-limit-ms 100 --timeout 300 ;;
+          --rates 1,2,5,10,20,50,100 --step-seconds 5 --p99-limit-ms 100 --timeout 300
+        # The members report every delivery with a Receipt, as the client SDK does.
+        run_bench fanout-receipts full -- --workload fanout --groups 20 --members 500 \
+          --max-connecting 512 --rates 1,2,5,10 --receipts-ms 100 --step-seconds 5 \
+          --p99-limit-ms 100 --timeout 300 ;;
       channel)
         run_bench channel full -- --workload channel --viewers 1000 --channel-members 100000 \
           --add-batch 5000 --rates 10,20,50,100,200,500,1000 --step-seconds 5 --p99-limit-ms 100 \

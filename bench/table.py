@@ -18,7 +18,8 @@ import os
 import sys
 
 ORDER = ["floor", "latency", "direct", "direct-normal", "idle", "sync", "connect", "connect-split",
-         "connect-wss", "storm", "storm-groups", "fanout", "channel", "history", "client"]
+         "connect-wss", "storm", "storm-groups", "fanout", "fanout-receipts", "channel", "history",
+         "client"]
 TARGETS = {
     "floor": "(floor, no target)",
     "latency": "p99 < 5 ms at 5,000 msg/s",
@@ -32,6 +33,7 @@ TARGETS = {
     "storm-groups": "(storm beside storm: group members catching up together; no target)",
     "connect-wss": "(wss beside ws; no target)",
     "fanout": ">= 500,000 deliveries/s at p99 < 100 ms",
+    "fanout-receipts": "(fanout with every delivery reported by a Receipt, as the SDK does; no target)",
     "channel": "no per-member work for offline members",
     "history": "newest-50 page p99 < 1 ms server; < 0.2 ms client cache",
     "client": ">= 20,000 sends/s",
@@ -99,9 +101,13 @@ def headline(r):
             r.get("server_cpu_us_per_handshake", -1),
             lat(r["connect_to_welcome"]))
     if w == "fanout":
-        return ("%d groups x %d online members: max %.0f deliveries/s with p99 < %.0f ms "
+        receipts = ""
+        if r.get("receipts_ms"):
+            receipts = ", each reporting its deliveries by Receipt every %d ms" % r["receipts_ms"]
+        return ("%d groups x %d online members%s: max %.0f deliveries/s with p99 < %.0f ms "
                 "(%.0f msg/s, %.1f us server CPU/msg); steps: %s") % (
-            r["groups"], r["members_per_group"], r["max_deliveries_per_s_p99_under_limit"],
+            r["groups"], r["members_per_group"], receipts,
+            r["max_deliveries_per_s_p99_under_limit"],
             r["p99_limit_ms"], r["max_messages_per_s_p99_under_limit"],
             r["server_cpu_us_per_msg_at_max"], steps_text(r)) + settle_text(r)
     if w == "channel":
@@ -152,10 +158,18 @@ def settle_text(r):
 
 
 def steps_text(r):
-    return ", ".join("%.0f/s: %.0f deliveries/s, p99 %.1f ms%s" % (
+    return ", ".join("%.0f/s: %.0f deliveries/s, p99 %.1f ms%s%s" % (
         s["offered_rate"], s["delivered_per_s"], s["send_to_deliver"]["p99_us"] / 1000.0,
-        generator_text(s))
+        receipts_text(s), generator_text(s))
         for s in r["steps"])
+
+
+def receipts_text(s):
+    """A fanout step whose members sent receipts: how many, and the updates they caused."""
+    if "receipts_sent" not in s:
+        return ""
+    return " (%d receipts, %d ReceiptUpdates to other members)" % (
+        s["receipts_sent"], s["receipt_updates_received"])
 
 
 def generator_text(s):
