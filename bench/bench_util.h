@@ -229,8 +229,9 @@ struct SdkOptions {
   uint32_t cache_size_kib = 2000;
   uint64_t mmap_size_bytes = 0;
   int reads = 10000;
-  int members = 100000;  // receipt-store: the channel's members (--channel-members)
-  int unread = 0;        // receipt-store: posts in the channel the receipts leave unread
+  int members = 100000;         // receipt-store: the channel's members (--channel-members)
+  int unread = 0;               // receipt-store: posts in the channel the receipts leave unread
+  int other_conversations = 0;  // receipt-store: the member's direct conversations besides
   int page = 50;
   int sends = 20000;
   int body_bytes = 64;

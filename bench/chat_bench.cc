@@ -79,6 +79,7 @@ struct Options {
   // fanout: every member sends a delivered Receipt for what it received, at most once per this
   // many ms (the client SDK's coalescing is 100 ms); 0: no receipts.
   int receipts_ms = 0;
+  int other_conversations = 0;  // receipt-store
   // channel
   int viewers = 1000;
   int channel_members = 100000;
@@ -1980,6 +1981,10 @@ int main(int argc, char** argv) {
   app.add_option("--members", o.members,
                  "fanout, storm-groups: members per group, creator included")
       ->capture_default_str();
+  app.add_option("--other-conversations", o.other_conversations,
+                 "receipt-store: the member's direct conversations besides the channel, each "
+                 "with a message it has not read")
+      ->capture_default_str();
   app.add_option("--receipts-ms", o.receipts_ms,
                  "fanout: members send a delivered Receipt for what they received, at most once "
                  "per this many ms (0: none)")
@@ -2037,6 +2042,7 @@ int main(int argc, char** argv) {
     sdk.label = o.label;
     sdk.timeout_s = o.timeout_s;
     sdk.members = o.channel_members;
+    sdk.other_conversations = o.other_conversations;
     if (o.workload == "history-gen") return chat::bench::RunHistoryGen(sdk);
     if (o.workload == "history-store") return chat::bench::RunHistoryStore(sdk);
     if (o.workload == "receipt-store") return chat::bench::RunReceiptStore(sdk);

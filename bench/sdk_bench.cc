@@ -4,8 +4,8 @@
 //                  public MessageStore API, in large batches, and lists its conversations;
 //   history-store  times MessageStore::History (newest page) directly on that store;
 //   receipt-store  times a Receipt's commit (MessageStore::Append) by one member of a channel of
-//                  --channel-members members with --unread posts it has not read, in a
-//                  fresh SQLite store at --store;
+//                  --channel-members members with --unread posts it has not read, and of
+//                  --other-conversations direct conversations, in a fresh SQLite store at --store;
 //   client         times Client::Send() into the durable outbox, drains the outbox into a chatd,
 //                  and times Client::History() pages answered from the local cache. With
 //                  --sends 0 and --user it only syncs that user's conversations into a fresh
@@ -428,6 +428,25 @@ int RunReceiptStore(const SdkOptions& o) {
                                [](const AppendResult& r) { return r.status.ok(); });
   }
   json.Add("unread", o.unread);
+  // The viewer's other conversations, each with a message it has not read: the reply to every
+  // receipt carries the viewer's unread total over all of them.
+  for (int k = 0; ok && k < o.other_conversations;) {
+    std::vector<AppendRequest> batch;
+    for (; batch.size() < 1000 && k < o.other_conversations; ++k) {
+      AppendRequest hello = ChannelOp(ConversationOp::kNone, 0, "peer" + std::to_string(k), ++n);
+      hello.peer = "viewer";
+      hello.kind = MessageKind::kUser;
+      hello.client_msg_id = "hello-" + std::to_string(n) + "-0123456789abcdef";
+      hello.content_type = kContentType;
+      hello.body = Body(o.body_bytes, n);
+      batch.push_back(std::move(hello));
+    }
+    std::vector<AppendResult> results;
+    Status s = store.Append(batch, &results);
+    ok = s.ok() && std::all_of(results.begin(), results.end(),
+                               [](const AppendResult& r) { return r.status.ok(); });
+  }
+  json.Add("other_conversations", o.other_conversations);
   Histogram wall;
   for (int i = 0; ok && i < o.reads; ++i) {
     AppendRequest receipt = ChannelOp(ConversationOp::kReceipt, id, "viewer", ++n);
