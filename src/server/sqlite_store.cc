@@ -804,7 +804,7 @@ Result<std::vector<UserId>> ReadMembers(Connection& conn, ConversationId convers
 // SqliteTarget, which keeps the cache in step; a rolled-back transaction clears it. Bounded:
 // past kMaxConversations conversations or kMaxMemberIds cached member ids it starts over, and
 // the pairs past kMaxDirects.
-class WriterCache {
+class WriterCache final : public server::UnreadMemo {
  public:
   // A sender and the seq of its last user message.
   struct Sent {
@@ -890,16 +890,46 @@ class WriterCache {
     directs_.emplace(DirectKey(low, high), conversation_id);
   }
 
+  // Users' unread counts per conversation (server::UnreadMemo): each valid while its
+  // conversation's head is as it was; a receipt puts the count its move left.
+  std::optional<uint64_t> Find(const UserId& user, const ConversationHead& head) override {
+    auto it = unread_.find(user);
+    if (it == unread_.end()) return std::nullopt;
+    auto count = it->second.find(head.conversation_id);
+    if (count == it->second.end() || !SameHead(count->second.head, head)) return std::nullopt;
+    return count->second.unread;
+  }
+  void Put(const UserId& user, const ConversationHead& head, uint64_t unread) override {
+    if (unread_counts_ >= kMaxUnreadCounts) {
+      unread_.clear();
+      unread_counts_ = 0;
+    }
+    auto [it, added] = unread_[user].insert_or_assign(head.conversation_id, Unread{head, unread});
+    if (added) ++unread_counts_;
+  }
+
   void Clear() {
     conversations_.clear();
     directs_.clear();
     ids_ = 0;
+    unread_.clear();
+    unread_counts_ = 0;
   }
 
  private:
   static constexpr size_t kMaxConversations = 10'000;
   static constexpr size_t kMaxMemberIds = 100'000;
   static constexpr size_t kMaxDirects = 10'000;
+  static constexpr size_t kMaxUnreadCounts = 100'000;
+
+  struct Unread {
+    ConversationHead head;  // as it was when counted
+    uint64_t unread = 0;
+  };
+  static bool SameHead(const ConversationHead& a, const ConversationHead& b) {
+    return a.last_seq == b.last_seq && a.first_seq == b.first_seq && a.joined_seq == b.joined_seq &&
+           a.removed_at_seq == b.removed_at_seq;
+  }
 
   // The first id's length, then both ids: unambiguous whatever bytes the ids hold.
   static std::string DirectKey(const UserId& low, const UserId& high) {
@@ -927,6 +957,8 @@ class WriterCache {
 
   std::unordered_map<ConversationId, Conversation> conversations_;
   std::unordered_map<std::string, ConversationId> directs_;
+  std::unordered_map<UserId, std::unordered_map<ConversationId, Unread>> unread_;
+  size_t unread_counts_ = 0;
   size_t ids_ = 0;  // member ids and memberships held, an upper bound (forgotten ones still count)
 };
 
@@ -1337,6 +1369,12 @@ class SqliteTarget final : public server::AppendTarget {
   // With the lowest marks known from the last receipt and how many members hold each, a move
   // from above them changes nothing and one from them only counts down: the members are read
   // again only when the last one at the lowest moves (a message every member has got).
+  // Only the conversations whose head changed since the user's last receipt are counted again.
+  Result<uint64_t> UserUnreadTotal(const UserId& user, const DeviceId& device,
+                                   const ConversationInfo& known) override {
+    return server::UnreadTotal(reader_, user, device, &known, &cache_);
+  }
+
   Result<server::LowestMove> MoveLowest(ConversationId conversation_id, const UserId& user,
                                         const MemberReceipt& before,
                                         const MemberReceipt& after) override {

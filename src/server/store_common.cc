@@ -481,25 +481,6 @@ Status ChangeGroup(AppendTarget& target, const AppendRequest& request, AppendRes
   return Status::Ok();
 }
 
-// `known`, if given, is one of the user's conversations described already: its count is not
-// read again.
-Result<uint64_t> UnreadTotal(ReadSource& source, const UserId& user, const DeviceId& device,
-                             const ConversationInfo* known = nullptr) {
-  std::vector<ConversationHead> heads;
-  if (Status s = source.UserConversations(user, &heads); !s.ok()) return s;
-  uint64_t total = 0;
-  for (const ConversationHead& head : heads) {
-    if (known != nullptr && head.conversation_id == known->conversation_id) {
-      total += known->unread;
-      continue;
-    }
-    Result<ConversationInfo> info = source.Describe(head.conversation_id, user, device);
-    if (!info.ok()) return info.status();
-    total += info->unread;
-  }
-  return total;
-}
-
 Status ApplyReceipt(AppendTarget& target, const AppendRequest& request, AppendResult* result) {
   const ConversationId id = request.conversation_id;
   ReadSource& reader = target.Reader();
@@ -536,7 +517,7 @@ Status ApplyReceipt(AppendTarget& target, const AppendRequest& request, AppendRe
   result->conversation = std::move(*after);
   result->message.conversation_id = id;
   Result<uint64_t> total =
-      UnreadTotal(reader, request.sender, request.sender_device, &result->conversation);
+      target.UserUnreadTotal(request.sender, request.sender_device, result->conversation);
   if (!total.ok()) return total.status();
   result->unread_total = *total;
 
@@ -650,6 +631,29 @@ Status ApplySetRetention(AppendTarget& target, const AppendRequest& request, App
 }
 
 }  // namespace
+
+Result<uint64_t> UnreadTotal(ReadSource& source, const UserId& user, const DeviceId& device,
+                             const ConversationInfo* known, UnreadMemo* memo) {
+  std::vector<ConversationHead> heads;
+  if (Status s = source.UserConversations(user, &heads); !s.ok()) return s;
+  uint64_t total = 0;
+  for (const ConversationHead& head : heads) {
+    uint64_t unread = 0;
+    if (known != nullptr && head.conversation_id == known->conversation_id) {
+      unread = known->unread;
+    } else if (std::optional<uint64_t> kept = memo ? memo->Find(user, head) : std::nullopt) {
+      total += *kept;
+      continue;
+    } else {
+      Result<ConversationInfo> info = source.Describe(head.conversation_id, user, device);
+      if (!info.ok()) return info.status();
+      unread = info->unread;
+    }
+    if (memo != nullptr) memo->Put(user, head, unread);
+    total += unread;
+  }
+  return total;
+}
 
 LowestCount CountLowest(std::span<const MemberReceipt> members, const UserId& mover,
                         const MemberReceipt& mover_marks) {

@@ -85,6 +85,25 @@ struct ConversationHead {
   Seq removed_at_seq = 0;  // see Membership (UserConversations only)
 };
 
+class ReadSource;
+
+// A user's unread counts per conversation kept between calls of UnreadTotal. A count holds as
+// long as the conversation's head (last_seq, first_seq, the user's joined_seq and
+// removed_at_seq) is as it was and the user's read watermark has not moved since: whoever moves
+// it must Put the new count (a receipt's UnreadTotal does, with the conversation as `known`).
+class UnreadMemo {
+ public:
+  virtual ~UnreadMemo() = default;
+  virtual std::optional<uint64_t> Find(const UserId& user, const ConversationHead& head) = 0;
+  virtual void Put(const UserId& user, const ConversationHead& head, uint64_t unread) = 0;
+};
+
+// The user's unread count over all of its conversations (Describe's, summed). `known`, if given,
+// is one of them described already: its count is not read again. `memo`, if given, answers for
+// the conversations whose head did not change and keeps the counts read.
+Result<uint64_t> UnreadTotal(ReadSource& source, const UserId& user, const DeviceId& device,
+                             const ConversationInfo* known = nullptr, UnreadMemo* memo = nullptr);
+
 // Read primitives of a store, called inside one consistent snapshot.
 class ReadSource {
  public:
@@ -158,6 +177,13 @@ class AppendTarget {
   // Stores the watermarks of one device.
   virtual Status PutCursor(ConversationId conversation_id, const UserId& user,
                            const DeviceId& device, Seq delivered_seq, Seq read_seq) = 0;
+  // The user's unread count over all of its conversations, `known` (one of them, described in
+  // this transaction after its change) counted as it says. A store may keep counts between
+  // calls.
+  virtual Result<uint64_t> UserUnreadTotal(const UserId& user, const DeviceId& device,
+                                           const ConversationInfo& known) {
+    return UnreadTotal(Reader(), user, device, &known);
+  }
   // The lowest marks of a direct conversation or group before and after `user`'s own marks (the
   // highest over its devices) moved from `before` to `after`, the move already stored with
   // PutCursor. A store may keep the lowest marks between calls, so that a receipt costs no work

@@ -1409,6 +1409,69 @@ void DeleteOldest(MessageStore& store, uint32_t n) {
   REQUIRE(swept->deleted == n);
 }
 
+// A receipt's reply carries the user's unread total over all of its conversations; the SQLite
+// writer keeps per-conversation counts between receipts and counts again only where a head
+// changed. The total must stay what a Sync computes from scratch, through messages, the user's
+// own messages, receipts in other conversations, membership changes and retention.
+void ReceiptUnreadTotalsStayExact(Kind kind) {
+  Env env(kind);
+  MessageStore& store = *env.store;
+  std::vector<ConversationId> conversations;
+  for (int i = 0; i < 4; ++i)
+    conversations.push_back(OpenDirect(store, "peer" + std::to_string(i), "me"));
+  for (int i = 0; i < 3; ++i) {
+    conversations.push_back(CreateGroupOk(store, "owner", {"me", "peer" + std::to_string(i)}));
+  }
+  std::mt19937 random(7122026);
+  int checked = 0;
+  for (int step = 0; step < 400; ++step) {
+    const ConversationId id = conversations[random() % conversations.size()];
+    const int roll = static_cast<int>(random() % 100);
+    CAPTURE(step);
+    if (roll < 35) {
+      // Someone else writes (in a direct conversation, the peer; in a group, the owner).
+      std::optional<ConversationInfo> info = InfoOf(store, "me", id);
+      const UserId writer = info && info->kind == ConversationKind::kDirect ? info->peer : "owner";
+      if (info && info->removed_at_seq == 0) {
+        SendMany(store, id, writer, 1 + static_cast<int>(random() % 3), "w" + std::to_string(step));
+      }
+      continue;
+    }
+    if (roll < 42) {
+      std::optional<ConversationInfo> info = InfoOf(store, "me", id);
+      if (info && info->removed_at_seq == 0)
+        SendMany(store, id, "me", 1, "me" + std::to_string(step));
+      continue;
+    }
+    if (roll < 46) {
+      // "me" leaves or comes back to a group.
+      std::optional<ConversationInfo> info = InfoOf(store, "me", id);
+      if (!info || info->kind != ConversationKind::kGroup) continue;
+      const ConversationOp op =
+          info->removed_at_seq == 0 ? ConversationOp::kRemoveMembers : ConversationOp::kAddMembers;
+      REQUIRE(CommitOne(store, Change(op, id, "owner", {"me"})).status.ok());
+      continue;
+    }
+    if (roll < 49) {
+      DeleteOldest(store, 1);
+      continue;
+    }
+    std::optional<ConversationInfo> info = InfoOf(store, "me", id);
+    if (!info) continue;
+    const Seq read = random() % (info->last_seq + 1);
+    AppendResult r = CommitOne(store, ReceiptOf(id, "me", "me-phone", read, read));
+    REQUIRE(r.status.ok());
+    Result<SyncReply> fresh = SyncOf(store, "me", {});
+    REQUIRE(fresh.ok());
+    REQUIRE(r.unread_total == fresh->unread_total);
+    ++checked;
+  }
+  CHECK(checked > 100);
+}
+STORE_CASE(ReceiptUnreadTotalsStayExact,
+           "a receipt's unread total stays exact across messages, receipts, membership and "
+           "retention")
+
 void UnreadCountsStartAboveTheUsersOwnMessage(Kind kind) {
   Env env(kind);
   MessageStore& store = *env.store;
