@@ -322,7 +322,8 @@ for w in "${WORKLOADS[@]}"; do
       fanout)
         run_bench fanout full -- --workload fanout --groups 2 --members 10 --rates 1,5 \
           --step-seconds 1 --p99-limit-ms 100 --timeout 30
-        run_bench fanout-receipts full -- --workload fanout --groups 2 --members 10 --rates 1,5 \
+        # 40 members: over chatd's default receipt_updates_max_members (32).
+        run_bench fanout-receipts full -- --workload fanout --groups 2 --members 40 --rates 1,5 \
           --receipts-ms 100 --step-seconds 1 --p99-limit-ms 100 --timeout 30 ;;
       channel)
         run_bench channel full -- --workload channel --viewers 20 --channel-members 2000 \

@@ -486,8 +486,9 @@ void AddServeFlags(CLI::App* serve, ServeFlags* f) {
       ->capture_default_str();
   serve
       ->add_option("--receipt-updates-max-members", o.receipt_updates_max_members,
-                   "Groups of at most this many members tell every member's receipt to the "
-                   "others; larger ones only when all members' lowest watermarks move")
+                   "Groups of at most this many members (0 = every group) tell every member's "
+                   "receipt to the others; larger ones only when all members' lowest "
+                   "watermarks rise")
       ->capture_default_str();
   serve
       ->add_option("--typing-expires-ms", o.typing_expires_ms,

@@ -72,8 +72,9 @@ struct ServerOptions {
   uint32_t max_group_members = 500;           // per group, creator included; 0 = no cap
   uint32_t max_channel_members = 1'000'000;   // per channel, creator included; 0 = no cap
   uint32_t max_channel_subscriptions = 64;    // channels one connection receives live at once
-  // Groups of at most this many members tell every member's receipt to the other members; larger
-  // ones only a move of the lowest watermarks over all members (docs/conversations.md).
+  // Groups of at most this many members (0 = every group) tell every member's receipt to the
+  // other members; larger ones only news of the lowest watermarks over all members
+  // (docs/conversations.md). Direct conversations always tell every receipt.
   uint32_t receipt_updates_max_members = 32;
   uint32_t typing_expires_ms = 6000;   // told in TypingUpdate: show no longer unless refreshed
   uint32_t typing_interval_ms = 1000;  // typing repeats per device and conversation within

@@ -76,12 +76,12 @@ struct AppendRequest {
   Role role = Role::kUnspecified;  // kSetRole
   Seq delivered_seq = 0;           // kReceipt
   Seq read_seq = 0;                // kReceipt
-  // kReceipt: in a direct conversation or group of at most this many current members, the
-  // other members are told every move of the sender's watermarks (AppendResult::recipients
-  // lists them); in a larger group only a move of the lowest watermarks over all members
-  // (recipients is empty otherwise), so that a receipt costs no work per member and a message
-  // read by all costs about one update per member, not one per pair of members.
-  uint32_t receipt_update_max_members = UINT32_MAX;
+  // kReceipt: in a direct conversation, or a group of at most this many current members (0 = any
+  // group), the other members are told every move of the sender's watermarks
+  // (AppendResult::recipients lists them); in a larger group only news of the lowest watermarks
+  // over all members (see AppendResult::all_seq_moved), so that a receipt costs no work per
+  // member and a message read by all costs about one update per member, not one per pair.
+  uint32_t receipt_update_max_members = 0;
   // kCreateGroup, kAddMembers: member caps (creator included) by the conversation's kind, which
   // only the store knows for an existing conversation; 0 = no cap.
   uint32_t max_group_members = 0;
@@ -119,7 +119,9 @@ struct AppendResult {
   // Users to deliver `message` (and `also`) to, sender included, at commit time: every member
   // of a direct conversation or group, plus the users a change removed (they get their own
   // removal message). Channels never list their members: only the actor and the users a change
-  // is about; live delivery to everyone else goes to subscribed sessions.
+  // is about; live delivery to everyone else goes to subscribed sessions. kReceipt: the members
+  // to tell (see AppendRequest::receipt_update_max_members), empty when nobody else is told; in a
+  // channel or after the sender's removal, only the sender.
   std::vector<UserId> recipients;
   ConversationKind kind = ConversationKind::kUnspecified;
   // Conversation changes: further system messages committed after `message` in the same
@@ -131,7 +133,9 @@ struct AppendResult {
   ConversationInfo conversation;
   // kReceipt: whether the sender's user-wide watermarks moved; the sender's watermarks over all of
   // its devices; the sender's unread count across every conversation; and (direct and groups) the
-  // lowest watermarks over all current members, and whether this receipt moved them.
+  // lowest watermarks over all current members, and whether they are news to the members: above
+  // what they were last told (a receipt, or a member's removal before it, raised them), or the
+  // store does not know what that was (the first receipt of a conversation after a restart).
   bool receipt_changed = false;
   MemberReceipt sender_receipt;
   uint64_t unread_total = 0;

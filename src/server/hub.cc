@@ -1096,9 +1096,9 @@ class Hub::Impl final : private PresenceTracker::Sink {
   }
 
   // The requester gets a ReceiptUpdate with its new watermarks and unread counts as the reply;
-  // its other devices get the same; in direct conversations and groups the other members the
-  // store lists get the user's watermarks and the all-members watermarks (in a large group only
-  // when those moved). Nothing is told when nothing moved.
+  // its other devices get the same when the user's marks moved; in direct conversations and
+  // groups the other members the store lists get the user's watermarks and the all-members
+  // watermarks (in a large group only when those rose above what the members were told).
   void AnswerReceipt(const PendingAppend& pending, Session* sender, const AppendResult& result) {
     const ConversationInfo& info = result.conversation;
     v1::Envelope own;
@@ -1117,9 +1117,10 @@ class Hub::Impl final : private PresenceTracker::Sink {
       Reply(pending.session, *sender, own);
       own.set_rid(0);
     }
-    if (!result.receipt_changed) return;
     const UserId& user = result.sender_receipt.user;
-    SendToUser(user, own, pending.session);
+    if (result.receipt_changed) SendToUser(user, own, pending.session);
+    // The store lists the members to tell (none when neither the user's marks nor the lowest
+    // marks moved for them).
     if (result.kind == ConversationKind::kChannel) return;
     v1::Envelope others = own;
     others.mutable_receipt_update()->clear_unread();

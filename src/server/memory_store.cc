@@ -51,6 +51,8 @@ struct Conversation {
   // the front with them): an unread count is two binary searches, not a walk.
   std::deque<Seq> user_seqs;
   std::map<std::pair<UserId, DeviceId>, Watermarks> cursors;  // per (user, device)
+  // The highest lowest watermarks the members were told (see server::LowestMove); none yet.
+  std::optional<server::LowestMarks> lowest_told;
 };
 
 // A member's watermarks: the highest over its devices.
@@ -335,12 +337,14 @@ class MemoryTarget final : public server::AppendTarget {
 
   // Walks the members every time: the memory store keeps nothing between calls.
   Result<server::LowestMove> MoveLowest(ConversationId conversation_id, const UserId& user,
-                                        const MemberReceipt& before,
+                                        const MemberReceipt& /*before*/,
                                         const MemberReceipt& after) override {
     std::vector<MemberReceipt> members;
     if (Status s = Reader().Watermarks(conversation_id, UserId(), &members); !s.ok()) return s;
-    return server::LowestMove{server::CountLowest(members, user, before).marks,
-                              server::CountLowest(members, user, after).marks};
+    server::LowestMove move;
+    move.after = server::CountLowest(members, user, after).marks;
+    move.news = server::RaiseTold(data_->conversations.at(conversation_id).lowest_told, move.after);
+    return move;
   }
 
   Result<Seq> LastSeq(ConversationId conversation_id) override {

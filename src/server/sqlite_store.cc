@@ -878,6 +878,10 @@ class WriterCache final : public server::UnreadMemo {
   void PutLowest(ConversationId conversation_id, const server::LowestCount& lowest) {
     Entry(conversation_id).lowest = lowest;
   }
+  // Raises what the members were told of the lowest marks to `now`: whether that is news.
+  bool Tell(ConversationId conversation_id, const server::LowestMarks& now) {
+    return server::RaiseTold(Entry(conversation_id).told, now);
+  }
 
   // The direct conversation of `low` and `high` (low < high), or 0 if not known. A pair's
   // conversation never changes once created (direct rows are never deleted).
@@ -945,6 +949,9 @@ class WriterCache final : public server::UnreadMemo {
     std::optional<std::vector<UserId>> members;
     std::unordered_map<UserId, server::Membership> memberships;
     std::optional<server::LowestCount> lowest;
+    // What the members were told (server::LowestMove): kept across membership changes, which
+    // may raise the lowest marks with nobody told yet.
+    std::optional<server::LowestMarks> told;
   };
 
   Conversation& Entry(ConversationId conversation_id) {
@@ -1369,40 +1376,31 @@ class SqliteTarget final : public server::AppendTarget {
   // With the lowest marks known from the last receipt and how many members hold each, a move
   // from above them changes nothing and one from them only counts down: the members are read
   // again only when the last one at the lowest moves (a message every member has got).
-  // Only the conversations whose head changed since the user's last receipt are counted again.
-  Result<uint64_t> UserUnreadTotal(const UserId& user, const DeviceId& device,
-                                   const ConversationInfo& known) override {
-    return server::UnreadTotal(reader_, user, device, &known, &cache_);
-  }
-
   Result<server::LowestMove> MoveLowest(ConversationId conversation_id, const UserId& user,
                                         const MemberReceipt& before,
                                         const MemberReceipt& after) override {
     server::LowestCount* known = cache_.FindLowest(conversation_id);
     if (known != nullptr && before.delivered_seq >= known->marks.delivered_seq &&
         before.read_seq >= known->marks.read_seq) {
-      const server::LowestMarks was = known->marks;
       bool emptied = false;
-      if (before.delivered_seq == was.delivered_seq && after.delivered_seq > was.delivered_seq &&
-          --known->at_delivered == 0) {
+      if (before.delivered_seq == known->marks.delivered_seq &&
+          after.delivered_seq > before.delivered_seq && --known->at_delivered == 0) {
         emptied = true;
       }
-      if (before.read_seq == was.read_seq && after.read_seq > was.read_seq &&
+      if (before.read_seq == known->marks.read_seq && after.read_seq > before.read_seq &&
           --known->at_read == 0) {
         emptied = true;
       }
-      if (!emptied) return server::LowestMove{was, was};
-      std::vector<MemberReceipt> members;
-      if (Status s = reader_.Watermarks(conversation_id, UserId(), &members); !s.ok()) return s;
-      const server::LowestCount now = server::CountLowest(members, user, after);
-      cache_.PutLowest(conversation_id, now);
-      return server::LowestMove{was, now.marks};
+      if (!emptied) {
+        const server::LowestMarks now = known->marks;
+        return server::LowestMove{now, cache_.Tell(conversation_id, now)};
+      }
     }
     std::vector<MemberReceipt> members;
     if (Status s = reader_.Watermarks(conversation_id, UserId(), &members); !s.ok()) return s;
     const server::LowestCount now = server::CountLowest(members, user, after);
     cache_.PutLowest(conversation_id, now);
-    return server::LowestMove{server::CountLowest(members, user, before).marks, now.marks};
+    return server::LowestMove{now.marks, cache_.Tell(conversation_id, now.marks)};
   }
 
   Result<Seq> LastSeq(ConversationId conversation_id) override {

@@ -542,13 +542,19 @@ Status ApplyReceipt(AppendTarget& target, const AppendRequest& request, AppendRe
   if (!lowest.ok()) return lowest.status();
   result->delivered_all_seq = lowest->after.delivered_seq;
   result->read_all_seq = lowest->after.read_seq;
-  result->all_seq_moved = lowest->after != lowest->before;
-  if (!result->receipt_changed) return Status::Ok();
-  bool tell_members = result->all_seq_moved;
-  if (!tell_members) {
-    Result<uint64_t> count = target.MemberCount(id);
-    if (!count.ok()) return count.status();
-    tell_members = *count <= request.receipt_update_max_members;
+  result->all_seq_moved = lowest->news;
+  // News of the lowest marks goes to every member, also with a receipt that moved nothing of
+  // the user's own (the news may come from a member's removal); every move of the user's goes
+  // to the members of a direct conversation or a small group.
+  bool tell_members = lowest->news;
+  if (!tell_members && result->receipt_changed) {
+    tell_members =
+        membership->kind == ConversationKind::kDirect || request.receipt_update_max_members == 0;
+    if (!tell_members) {
+      Result<uint64_t> count = target.MemberCount(id);
+      if (!count.ok()) return count.status();
+      tell_members = *count <= request.receipt_update_max_members;
+    }
   }
   if (!tell_members) return Status::Ok();
   Result<std::vector<UserId>> members = target.Members(id);
@@ -653,6 +659,17 @@ Result<uint64_t> UnreadTotal(ReadSource& source, const UserId& user, const Devic
     total += unread;
   }
   return total;
+}
+
+bool RaiseTold(std::optional<LowestMarks>& told, const LowestMarks& now) {
+  if (!told) {
+    told = now;
+    return true;
+  }
+  const LowestMarks was = *told;
+  told->delivered_seq = std::max(told->delivered_seq, now.delivered_seq);
+  told->read_seq = std::max(told->read_seq, now.read_seq);
+  return *told != was;
 }
 
 LowestCount CountLowest(std::span<const MemberReceipt> members, const UserId& mover,

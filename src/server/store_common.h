@@ -59,9 +59,14 @@ struct LowestMarks {
 
 // What one user's move did to them.
 struct LowestMove {
-  LowestMarks before;
-  LowestMarks after;
+  LowestMarks after;  // the lowest marks now
+  // The members are to be told `after`: it rose above what they were told last (or the store
+  // does not know what that was). Clients keep the highest they heard, so a fall is no news.
+  bool news = false;
 };
+
+// `told` raised to `now` where `now` is above it; whether it was (an unknown `told`: always).
+bool RaiseTold(std::optional<LowestMarks>& told, const LowestMarks& now);
 
 // The lowest marks and how many current members hold each.
 struct LowestCount {
@@ -184,10 +189,11 @@ class AppendTarget {
                                            const ConversationInfo& known) {
     return UnreadTotal(Reader(), user, device, &known);
   }
-  // The lowest marks of a direct conversation or group before and after `user`'s own marks (the
-  // highest over its devices) moved from `before` to `after`, the move already stored with
-  // PutCursor. A store may keep the lowest marks between calls, so that a receipt costs no work
-  // per member while others remain at the lowest.
+  // The lowest marks of a direct conversation or group after `user`'s own marks (the highest
+  // over its devices) moved from `before` to `after`, the move already stored with PutCursor,
+  // and whether they are news to the members (see LowestMove; the caller tells them). A store may
+  // keep the lowest marks between calls, so that a receipt costs no work per member while others
+  // remain at the lowest.
   // REQUIRES: `user` is a current member; no cursor changes but through PutCursor.
   virtual Result<LowestMove> MoveLowest(ConversationId conversation_id, const UserId& user,
                                         const MemberReceipt& before,

@@ -549,21 +549,25 @@ TEST_CASE("receipts: a large group is told a receipt only when the lowest waterm
     return out;
   };
 
-  // Everyone delivered the creation and the message (seq 1 and 2) but alice, whose marks are
-  // the lowest: bob's receipt moves only bob's.
-  h.SendEnvelope(bob, ReceiptEnvelope(10, id, 2, 2));
+  // The first receipt tells everybody the lowest marks (0: bob and carol have nothing yet).
+  h.SendEnvelope(alice, ReceiptEnvelope(10, id, 2, 2));
+  h.Pump();
+  CHECK(updates(alice).size() == 1);  // the reply
+  for (SessionId s : {bob, bob_tablet, carol}) {
+    std::vector<v1::ReceiptUpdate> got = updates(s);
+    REQUIRE(got.size() == 1);
+    CHECK(got[0].user_id() == "alice");
+    CHECK(got[0].read_all_seq() == 0);
+  }
+
+  // bob's receipt moves only bob's marks: carol's are the lowest.
+  h.SendEnvelope(bob, ReceiptEnvelope(11, id, 2, 2));
   h.Pump();
   CHECK(updates(bob).size() == 1);  // the reply
   std::vector<v1::ReceiptUpdate> tablet = updates(bob_tablet);
   REQUIRE(tablet.size() == 1);  // the user's other device hears every move
   CHECK(tablet[0].read_seq() == 2);
   CHECK(updates(alice).empty());
-  CHECK(updates(carol).empty());
-
-  h.SendEnvelope(alice, ReceiptEnvelope(11, id, 2, 2));
-  h.Pump();
-  CHECK(updates(alice).size() == 1);
-  CHECK(updates(bob).empty());
   CHECK(updates(carol).empty());
 
   // carol is the last: everybody has read everything, and everybody is told.
@@ -579,6 +583,24 @@ TEST_CASE("receipts: a large group is told a receipt only when the lowest waterm
     CHECK(got[0].delivered_all_seq() == 2);
     CHECK(got[0].read_all_seq() == 2);
   }
+
+  // A removal can raise the lowest marks: the next receipt tells the members, even one that
+  // moves nothing of its sender's (whose other devices then hear nothing).
+  h.SendEnvelope(alice, SendToConversation(2, id, ClientMsgId(2), "more"));  // seq 3
+  h.Pump();
+  h.SendEnvelope(alice, ReceiptEnvelope(13, id, 3, 3));
+  h.SendEnvelope(bob, ReceiptEnvelope(14, id, 3, 3));
+  h.SendEnvelope(alice, MembersEnvelope(15, id, {"carol"}, /*add=*/false));  // seq 4
+  h.Pump();
+  for (SessionId s : {alice, bob, bob_tablet, carol}) h.Take(s);
+  h.SendEnvelope(bob, ReceiptEnvelope(16, id, 3, 3));
+  h.Pump();
+  CHECK(updates(bob).size() == 1);  // the reply
+  CHECK(updates(bob_tablet).empty());
+  std::vector<v1::ReceiptUpdate> news = updates(alice);
+  REQUIRE(news.size() == 1);
+  CHECK(news[0].read_all_seq() == 3);
+  CHECK(updates(carol).empty());
 }
 
 // The Hub remembers the last kRecentRemovals removals (1,024 commits). A read that many

@@ -1309,6 +1309,7 @@ void LowestWatermarksFollowEveryReceipt(Kind kind) {
   std::vector<bool> member(kUsers, true);
   std::mt19937 random(20261207);
   int moves = 0;
+  std::optional<std::pair<Seq, Seq>> told;  // what the members heard of the lowest marks
   for (int step = 0; step < 600; ++step) {
     const int roll = static_cast<int>(random() % 100);
     const int user = static_cast<int>(random() % kUsers);
@@ -1333,17 +1334,22 @@ void LowestWatermarksFollowEveryReceipt(Kind kind) {
     const std::string device = name(user) + (random() % 2 == 0 ? "-phone" : "-tablet");
     AppendRequest receipt = ReceiptOf(id, name(user), device, delivered, read);
     receipt.receipt_update_max_members = 4;  // told every move only while at most 4 are left
-    const std::pair<Seq, Seq> before = LowestOf(store, name(0), id);
     AppendResult r = CommitOne(store, receipt);
     REQUIRE(r.status.ok());
     const std::pair<Seq, Seq> after = LowestOf(store, name(0), id);
     CAPTURE(step);
     REQUIRE(r.delivered_all_seq == after.first);
     REQUIRE(r.read_all_seq == after.second);
-    CHECK(r.all_seq_moved == (after != before));
+    // News: above what the members heard last (each mark the highest they heard), or the first.
+    const bool news = !told || after.first > told->first || after.second > told->second;
+    CHECK(r.all_seq_moved == news);
+    if (news) {
+      told = std::pair<Seq, Seq>{std::max(after.first, told ? told->first : 0),
+                                 std::max(after.second, told ? told->second : 0)};
+    }
     moves += r.all_seq_moved ? 1 : 0;
     const auto members = static_cast<size_t>(std::count(member.begin(), member.end(), true));
-    if (r.receipt_changed && (r.all_seq_moved || members <= 4)) {
+    if (r.all_seq_moved || (r.receipt_changed && members <= 4)) {
       CHECK(r.recipients.size() == members);
     } else {
       CHECK(r.recipients.empty());
@@ -1372,6 +1378,13 @@ void SmallGroupsListEveryMemberForEveryMove(Kind kind) {
   MessageStore& store = *env.store;
   const ConversationId id = CreateGroupOk(store, "alice", {"bob", "carol"});
   SendMany(store, id, "alice", 3, "a");
+  // The first receipt is news to everybody: nobody was told the lowest marks yet.
+  AppendRequest first = ReceiptOf(id, "alice", "alice-phone", 4, 4);
+  first.receipt_update_max_members = 2;
+  AppendResult news = CommitOne(store, first);
+  REQUIRE(news.status.ok());
+  CHECK(news.all_seq_moved);
+  CHECK(news.recipients == std::vector<UserId>{"alice", "bob", "carol"});
   // bob moves while carol stays at 0: the lowest marks stay, and a group of three is still told.
   AppendRequest bob = ReceiptOf(id, "bob", "bob-phone", 2, 1);
   bob.receipt_update_max_members = 3;
@@ -1388,9 +1401,40 @@ void SmallGroupsListEveryMemberForEveryMove(Kind kind) {
   CHECK_FALSE(quiet.all_seq_moved);
   CHECK(quiet.recipients.empty());
   CHECK(quiet.sender_receipt.read_seq == 2);
+  // carol leaves: the lowest marks are bob's now, above what the members heard. The next
+  // receipt tells them, even one that moves nothing of its sender's.
+  REQUIRE(CommitOne(store, Change(ConversationOp::kLeave, id, "carol")).status.ok());
+  AppendRequest same = ReceiptOf(id, "bob", "bob-phone", 3, 2);
+  same.receipt_update_max_members = 1;
+  AppendResult after_leave = CommitOne(store, same);
+  REQUIRE(after_leave.status.ok());
+  CHECK_FALSE(after_leave.receipt_changed);
+  CHECK(after_leave.all_seq_moved);
+  CHECK(after_leave.delivered_all_seq == 3);
+  CHECK(after_leave.read_all_seq == 2);
+  CHECK(after_leave.recipients == std::vector<UserId>{"alice", "bob"});
+  // Told once: the same receipt again is no news.
+  AppendResult repeat = CommitOne(store, same);
+  CHECK_FALSE(repeat.all_seq_moved);
+  CHECK(repeat.recipients.empty());
+
+  // A direct conversation tells every move whatever the limit: alice's second move leaves the
+  // lowest marks at bob's (0), no news, and bob is told all the same.
+  const ConversationId ab = OpenDirect(store, "alice", "bob");
+  SendMany(store, ab, "bob", 4, "b");  // seqs 2..5
+  AppendRequest direct = ReceiptOf(ab, "alice", "alice-phone", 3, 3);
+  direct.receipt_update_max_members = 1;
+  REQUIRE(CommitOne(store, direct).all_seq_moved);  // the first: news
+  direct.delivered_seq = direct.read_seq = 5;
+  AppendResult peer = CommitOne(store, direct);
+  REQUIRE(peer.status.ok());
+  CHECK(peer.receipt_changed);
+  CHECK_FALSE(peer.all_seq_moved);
+  CHECK(peer.recipients == std::vector<UserId>{"alice", "bob"});
 }
 STORE_CASE(SmallGroupsListEveryMemberForEveryMove,
-           "groups up to the limit list every member for every move, larger ones none")
+           "direct conversations and groups up to the limit list every member for every move, "
+           "larger ones only news of the lowest marks")
 
 // The unread count of each member, as Sync reports it.
 uint64_t UnreadOf(MessageStore& store, const UserId& user, ConversationId id) {
@@ -2758,7 +2802,8 @@ TEST_CASE("store: sqlite: a failed batch leaves no move of the lowest watermarks
   REQUIRE(alice.status.ok());
   CHECK(alice.delivered_all_seq == 0);  // carol's receipt never happened
   CHECK(alice.read_all_seq == 0);
-  CHECK_FALSE(alice.all_seq_moved);
+  // What the members heard went with the rollback: the lowest marks are told again.
+  CHECK(alice.all_seq_moved);
 }
 
 TEST_CASE("store: sqlite: a resend whose message is missing fails alone, not its batch") {
