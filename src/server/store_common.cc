@@ -521,15 +521,15 @@ Status ApplyReceipt(AppendTarget& target, const AppendRequest& request, AppendRe
   if (!total.ok()) return total.status();
   result->unread_total = *total;
 
-  std::vector<MemberReceipt> user_after;
-  if (Status s = reader.Watermarks(id, request.sender, &user_after); !s.ok()) return s;
-  if (user_after.empty()) return Internal("receipt: the member's row is gone");
-  MemberReceipt before_mark = user_before.empty() ? MemberReceipt{} : user_before[0];
-  result->sender_receipt = std::move(user_after[0]);
+  if (user_before.empty()) return Internal("receipt: the member's row is gone");
+  const MemberReceipt before_mark = user_before[0];
+  // The user's marks are the highest over its devices, and only this device's moved (upwards).
+  result->sender_receipt = before_mark;
+  result->sender_receipt.delivered_seq = std::max(before_mark.delivered_seq, delivered);
+  result->sender_receipt.read_seq = std::max(before_mark.read_seq, read);
   // Others are told only when the user's own watermarks (over all devices) moved; one device
   // catching up with another changes nothing they can see.
-  result->receipt_changed = user_before.empty() ||
-                            before_mark.delivered_seq != result->sender_receipt.delivered_seq ||
+  result->receipt_changed = before_mark.delivered_seq != result->sender_receipt.delivered_seq ||
                             before_mark.read_seq != result->sender_receipt.read_seq;
   // A channel keeps only the member's own cursors: nothing about others is read or told. Nor
   // is anything told to or about the members of a conversation the user was removed from.
@@ -548,13 +548,9 @@ Status ApplyReceipt(AppendTarget& target, const AppendRequest& request, AppendRe
   // to the members of a direct conversation or a small group.
   bool tell_members = lowest->news;
   if (!tell_members && result->receipt_changed) {
-    tell_members =
-        membership->kind == ConversationKind::kDirect || request.receipt_update_max_members == 0;
-    if (!tell_members) {
-      Result<uint64_t> count = target.MemberCount(id);
-      if (!count.ok()) return count.status();
-      tell_members = *count <= request.receipt_update_max_members;
-    }
+    tell_members = membership->kind == ConversationKind::kDirect ||
+                   request.receipt_update_max_members == 0 ||
+                   result->conversation.member_count <= request.receipt_update_max_members;
   }
   if (!tell_members) return Status::Ok();
   Result<std::vector<UserId>> members = target.Members(id);
