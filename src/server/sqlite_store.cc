@@ -1373,6 +1373,12 @@ class SqliteTarget final : public server::AppendTarget {
     return q.Run();
   }
 
+  // Only the conversations whose head changed since the user's last receipt are counted again.
+  Result<uint64_t> UserUnreadTotal(const UserId& user, const DeviceId& device,
+                                   const ConversationInfo& known) override {
+    return server::UnreadTotal(reader_, user, device, &known, &cache_);
+  }
+
   // With the lowest marks known from the last receipt and how many members hold each, a move
   // from above them changes nothing and one from them only counts down: the members are read
   // again only when the last one at the lowest moves (a message every member has got).
