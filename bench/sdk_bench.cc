@@ -378,6 +378,31 @@ bool CommitOk(MessageStore& store, AppendRequest request, AppendResult* result) 
   return true;
 }
 
+// Appends `count` user messages in batches of 1,000; `make(i)` addresses the i-th (its id
+// number is *n, counted up first), which gets a client_msg_id, content type and body here.
+template <typename Make>
+bool AppendMessages(MessageStore& store, const SdkOptions& o, int count, uint64_t* n, Make make) {
+  for (int i = 0; i < count;) {
+    std::vector<AppendRequest> batch;
+    for (; batch.size() < 1000 && i < count; ++i) {
+      ++*n;
+      AppendRequest message = make(i);
+      message.kind = MessageKind::kUser;
+      message.client_msg_id = "m-" + std::to_string(*n) + "-0123456789abcdef";
+      message.content_type = kContentType;
+      message.body = Body(o.body_bytes, *n);
+      batch.push_back(std::move(message));
+    }
+    std::vector<AppendResult> results;
+    Status s = store.Append(batch, &results);
+    if (!s.ok() || !std::all_of(results.begin(), results.end(),
+                                [](const AppendResult& r) { return r.status.ok(); })) {
+      return false;
+    }
+  }
+  return true;
+}
+
 }  // namespace
 
 // A channel of o.members members (added 5,000 per change), then o.reads Receipts by one of
@@ -412,40 +437,16 @@ int RunReceiptStore(const SdkOptions& o) {
     ok = CommitOk(store, std::move(add), &done);
   }
   // The owner's posts, all unread by the viewer: what its unread count has to count.
-  for (int posted = 0; ok && posted < o.unread;) {
-    std::vector<AppendRequest> batch;
-    for (; batch.size() < 1000 && posted < o.unread; ++posted) {
-      AppendRequest post = ChannelOp(ConversationOp::kNone, id, "owner", ++n);
-      post.kind = MessageKind::kUser;
-      post.client_msg_id = "post-" + std::to_string(n) + "-0123456789abcdef";
-      post.content_type = kContentType;
-      post.body = Body(o.body_bytes, n);
-      batch.push_back(std::move(post));
-    }
-    std::vector<AppendResult> results;
-    Status s = store.Append(batch, &results);
-    ok = s.ok() && std::all_of(results.begin(), results.end(),
-                               [](const AppendResult& r) { return r.status.ok(); });
-  }
+  ok = ok && AppendMessages(store, o, o.unread, &n,
+                            [&](int) { return ChannelOp(ConversationOp::kNone, id, "owner", n); });
   json.Add("unread", o.unread);
   // The viewer's other conversations, each with a message it has not read: the reply to every
   // receipt carries the viewer's unread total over all of them.
-  for (int k = 0; ok && k < o.other_conversations;) {
-    std::vector<AppendRequest> batch;
-    for (; batch.size() < 1000 && k < o.other_conversations; ++k) {
-      AppendRequest hello = ChannelOp(ConversationOp::kNone, 0, "peer" + std::to_string(k), ++n);
-      hello.peer = "viewer";
-      hello.kind = MessageKind::kUser;
-      hello.client_msg_id = "hello-" + std::to_string(n) + "-0123456789abcdef";
-      hello.content_type = kContentType;
-      hello.body = Body(o.body_bytes, n);
-      batch.push_back(std::move(hello));
-    }
-    std::vector<AppendResult> results;
-    Status s = store.Append(batch, &results);
-    ok = s.ok() && std::all_of(results.begin(), results.end(),
-                               [](const AppendResult& r) { return r.status.ok(); });
-  }
+  ok = ok && AppendMessages(store, o, o.other_conversations, &n, [&](int k) {
+         AppendRequest hello = ChannelOp(ConversationOp::kNone, 0, "peer" + std::to_string(k), n);
+         hello.peer = "viewer";
+         return hello;
+       });
   json.Add("other_conversations", o.other_conversations);
   Histogram wall;
   for (int i = 0; ok && i < o.reads; ++i) {
