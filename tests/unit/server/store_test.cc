@@ -1373,30 +1373,32 @@ void LowestWatermarksFollowEveryReceipt(Kind kind) {
 STORE_CASE(LowestWatermarksFollowEveryReceipt,
            "the lowest watermarks over all members follow every receipt and membership change")
 
+// A receipt by `user`'s phone whose other members are told every move only in groups of at
+// most `max_members`.
+AppendResult CommitReceipt(MessageStore& store, ConversationId id, const UserId& user,
+                           Seq delivered, Seq read, uint32_t max_members) {
+  AppendRequest receipt = ReceiptOf(id, user, user + "-phone", delivered, read);
+  receipt.receipt_update_max_members = max_members;
+  AppendResult result = CommitOne(store, receipt);
+  REQUIRE_MESSAGE(result.status.ok(), result.status.ToString());
+  return result;
+}
+
 void SmallGroupsListEveryMemberForEveryMove(Kind kind) {
   Env env(kind);
   MessageStore& store = *env.store;
   const ConversationId id = CreateGroupOk(store, "alice", {"bob", "carol"});
   SendMany(store, id, "alice", 3, "a");
   // The first receipt is news to everybody: nobody was told the lowest marks yet.
-  AppendRequest first = ReceiptOf(id, "alice", "alice-phone", 4, 4);
-  first.receipt_update_max_members = 2;
-  AppendResult news = CommitOne(store, first);
-  REQUIRE(news.status.ok());
+  AppendResult news = CommitReceipt(store, id, "alice", 4, 4, 2);
   CHECK(news.all_seq_moved);
   CHECK(news.recipients == std::vector<UserId>{"alice", "bob", "carol"});
   // bob moves while carol stays at 0: the lowest marks stay, and a group of three is still told.
-  AppendRequest bob = ReceiptOf(id, "bob", "bob-phone", 2, 1);
-  bob.receipt_update_max_members = 3;
-  AppendResult told = CommitOne(store, bob);
-  REQUIRE(told.status.ok());
+  AppendResult told = CommitReceipt(store, id, "bob", 2, 1, 3);
   CHECK_FALSE(told.all_seq_moved);
   CHECK(told.recipients == std::vector<UserId>{"alice", "bob", "carol"});
   // The same move in a group over the limit is told to nobody else.
-  AppendRequest again = ReceiptOf(id, "bob", "bob-phone", 3, 2);
-  again.receipt_update_max_members = 2;
-  AppendResult quiet = CommitOne(store, again);
-  REQUIRE(quiet.status.ok());
+  AppendResult quiet = CommitReceipt(store, id, "bob", 3, 2, 2);
   CHECK(quiet.receipt_changed);
   CHECK_FALSE(quiet.all_seq_moved);
   CHECK(quiet.recipients.empty());
@@ -1404,30 +1406,23 @@ void SmallGroupsListEveryMemberForEveryMove(Kind kind) {
   // carol leaves: the lowest marks are bob's now, above what the members heard. The next
   // receipt tells them, even one that moves nothing of its sender's.
   REQUIRE(CommitOne(store, Change(ConversationOp::kLeave, id, "carol")).status.ok());
-  AppendRequest same = ReceiptOf(id, "bob", "bob-phone", 3, 2);
-  same.receipt_update_max_members = 1;
-  AppendResult after_leave = CommitOne(store, same);
-  REQUIRE(after_leave.status.ok());
+  AppendResult after_leave = CommitReceipt(store, id, "bob", 3, 2, 1);
   CHECK_FALSE(after_leave.receipt_changed);
   CHECK(after_leave.all_seq_moved);
   CHECK(after_leave.delivered_all_seq == 3);
   CHECK(after_leave.read_all_seq == 2);
   CHECK(after_leave.recipients == std::vector<UserId>{"alice", "bob"});
   // Told once: the same receipt again is no news.
-  AppendResult repeat = CommitOne(store, same);
+  AppendResult repeat = CommitReceipt(store, id, "bob", 3, 2, 1);
   CHECK_FALSE(repeat.all_seq_moved);
   CHECK(repeat.recipients.empty());
 
   // A direct conversation tells every move whatever the limit: alice's second move leaves the
   // lowest marks at bob's (0), no news, and bob is told all the same.
   const ConversationId ab = OpenDirect(store, "alice", "bob");
-  SendMany(store, ab, "bob", 4, "b");  // seqs 2..5
-  AppendRequest direct = ReceiptOf(ab, "alice", "alice-phone", 3, 3);
-  direct.receipt_update_max_members = 1;
-  REQUIRE(CommitOne(store, direct).all_seq_moved);  // the first: news
-  direct.delivered_seq = direct.read_seq = 5;
-  AppendResult peer = CommitOne(store, direct);
-  REQUIRE(peer.status.ok());
+  SendMany(store, ab, "bob", 4, "b");                                 // seqs 2..5
+  REQUIRE(CommitReceipt(store, ab, "alice", 3, 3, 1).all_seq_moved);  // the first: news
+  AppendResult peer = CommitReceipt(store, ab, "alice", 5, 5, 1);
   CHECK(peer.receipt_changed);
   CHECK_FALSE(peer.all_seq_moved);
   CHECK(peer.recipients == std::vector<UserId>{"alice", "bob"});
