@@ -318,6 +318,11 @@ class CHAT_EXPORT Client {
   // and subscribed again by the next connection or another Subscribe() call) or
   // ResourceExhausted past kMaxPendingRequests (subscribed by the next connection).
   Status Subscribe(ConversationId conversation);
+  // Forgets the subscription (no later connection makes it) and, when connected, tells the
+  // server. Its refusal is logged, not reported: refused for now (rate limit, overload), it is
+  // sent again after the server's delay (at most 5 times, on the same connection), and until
+  // then the channel's messages keep coming. InvalidArgument if conversation is 0,
+  // FailedPrecondition after Close().
   Status Unsubscribe(ConversationId conversation);
 
   // --- Presence ---

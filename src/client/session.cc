@@ -97,6 +97,8 @@ void Session::Stop() {
   history_syncs_.clear();
   quiet_rids_.clear();
   receipts_unanswered_.clear();
+  unsubscribes_.clear();
+  unsubscribes_due_.clear();
   typing_.clear();
   typing_sent_.clear();
   presence_waiting_.clear();
@@ -138,6 +140,10 @@ void Session::ConnectionDown() {
   // conversations with news: they go again on the next connection.
   for (const auto& [rid, sent] : receipts_unanswered_) receipts_due_.insert(sent.conversation);
   receipts_unanswered_.clear();
+  // The next connection is subscribed to none of these channels.
+  unsubscribes_.clear();
+  unsubscribes_due_.clear();
+  unsubscribes_retry_at_ = 0;
   typing_sent_.clear();
   in_flight_.clear();
   in_flight_ids_.clear();
@@ -230,6 +236,11 @@ void Session::Tick() {
       ExpireTyping();
       FlushReceipts();
       if (!Authenticated()) return;
+      if (!unsubscribes_due_.empty() && now >= unsubscribes_retry_at_) {
+        for (const auto& [channel, resends] : std::exchange(unsubscribes_due_, {})) {
+          if (!SendUnsubscribe(channel, resends)) return;
+        }
+      }
       if (now >= next_ping_) {
         v1::Envelope ping;
         ping.set_rid(NextRid());
@@ -271,6 +282,9 @@ int64_t Session::NextDeadlineMs() const {
       if (!receipts_due_.empty()) {
         next = std::min(
             next, std::max({Now(), receipts_sent_at_ + kReceiptIntervalMs, receipts_retry_at_}));
+      }
+      if (!unsubscribes_due_.empty()) {
+        next = std::min(next, std::max(Now(), unsubscribes_retry_at_));
       }
       return next;
     }
@@ -607,6 +621,12 @@ void Session::HandleError(const v1::Envelope& envelope) {
   if (rid != 0 && quiet_rids_.erase(rid) > 0) {
     // Typing is best effort: not worth an OnError per keystroke.
     Log(LogLevel::kInfo, "chat client: typing refused: " + status.ToString());
+    return;
+  }
+  if (auto it = unsubscribes_.find(rid); rid != 0 && it != unsubscribes_.end()) {
+    const SentUnsubscribe sent = it->second;
+    unsubscribes_.erase(it);
+    UnsubscribeRefused(sent.channel, sent.resends, status);
     return;
   }
   if (rid != 0 && rid == sync_rid_) {
@@ -1484,7 +1504,8 @@ void Session::GetReceipts(ConversationId conversation, ReceiptsCallback callback
 void Session::Subscribe(ConversationId conversation) {
   if (phase_ == Phase::kClosed) return;
   subscriptions_.insert(conversation);
-  if (phase_ != Phase::kLive) return;  // sent when the session goes live
+  unsubscribes_due_.erase(conversation);  // subscribed again: its Unsubscribe is not repeated
+  if (phase_ != Phase::kLive) return;     // sent when the session goes live
   if (RequestsFull()) {
     // Remembered all the same: the next connection subscribes it.
     ReportError(Status(Code::kResourceExhausted, "subscribe to channel " +
@@ -1514,10 +1535,51 @@ bool Session::SendSubscribe(ConversationId channel, bool automatic) {
 void Session::Unsubscribe(ConversationId conversation) {
   if (phase_ == Phase::kClosed) return;
   if (subscriptions_.erase(conversation) == 0 || phase_ != Phase::kLive) return;
+  SendUnsubscribe(conversation, 0);
+}
+
+bool Session::SendUnsubscribe(ConversationId channel, uint32_t resends) {
   v1::Envelope envelope;
-  envelope.set_rid(NextRid());
-  envelope.mutable_unsubscribe()->set_conversation_id(conversation);
-  Write(envelope);
+  const uint64_t rid = NextRid();
+  envelope.set_rid(rid);
+  envelope.mutable_unsubscribe()->set_conversation_id(channel);
+  if (unsubscribes_.size() >= kMaxQuietRids) unsubscribes_.erase(unsubscribes_.begin());
+  unsubscribes_[rid] = {channel, resends};
+  return Write(envelope);
+}
+
+void Session::UnsubscribeRefused(ConversationId channel, uint32_t resends, const Status& status) {
+  // Not worth an OnError: the application is done with the channel, which is forgotten here
+  // already, and the refusal says nothing about the connection (nor is its retry_after_ms the
+  // next reconnect's).
+  const std::string line = "chat client: unsubscribe from channel " + std::to_string(channel) +
+                           " refused: " + status.ToString();
+  if (!IsRetryable(status.code())) {
+    // For good: no longer a member (the server unsubscribed the connection with the removal),
+    // no such channel, a server without Unsubscribe. Nothing is left to undo.
+    Log(LogLevel::kInfo, line);
+    return;
+  }
+  // For now (rate limit, overload): the server still pushes the channel to this connection, so
+  // it goes again after the server's delay, unless the channel was subscribed again or a later
+  // Unsubscribe of it waits for its answer.
+  const bool superseded =
+      subscriptions_.contains(channel) ||
+      std::any_of(unsubscribes_.begin(), unsubscribes_.end(),
+                  [channel](const auto& entry) { return entry.second.channel == channel; });
+  if (superseded) {
+    Log(LogLevel::kInfo, line);
+    return;
+  }
+  if (resends >= kMaxUnsubscribeResends || unsubscribes_due_.size() >= kMaxChannelSubscriptions) {
+    Log(LogLevel::kInfo,
+        line + "; not sent again: the channel is pushed to this connection until it ends");
+    return;
+  }
+  const int64_t wait = std::max<int64_t>(kUnsubscribeRetryMinMs, status.retry_after_ms());
+  Log(LogLevel::kInfo, line + "; sent again in " + std::to_string(wait) + " ms");
+  unsubscribes_due_[channel] = resends + 1;
+  unsubscribes_retry_at_ = std::max(unsubscribes_retry_at_, Now() + wait);
 }
 
 void Session::MarkRead(ConversationId conversation, Seq seq) {
@@ -1692,6 +1754,7 @@ void Session::ResumePresenceAndPush() {
 
 void Session::HandleOk(uint64_t rid) {
   if (rid == 0) return;
+  if (unsubscribes_.erase(rid) > 0) return;
   auto it = ops_.find(rid);
   if (it == ops_.end()) {
     if (auto late = expired_.find(rid); late != expired_.end()) {

@@ -87,6 +87,12 @@ inline constexpr size_t kMaxExpiredRids =
     kMaxPendingRequests + kMaxChannelSubscriptions + 2 * kMaxPresenceSubscriptions + 3;
 // A Receipt refused with a retryable code is sent again after at least this long.
 inline constexpr int64_t kReceiptRetryMinMs = 1'000;
+// An Unsubscribe refused for now (rate limit, overload) is sent again after the server's delay,
+// at least this long, on the same connection and while the channel stays unsubscribed, at most
+// kMaxUnsubscribeResends times; then the server's pushes of the channel are taken until the
+// connection ends (a new one is not subscribed to it).
+inline constexpr int64_t kUnsubscribeRetryMinMs = 1'000;
+inline constexpr uint32_t kMaxUnsubscribeResends = 5;
 // A Sync given up makes the next one (on this connection or the next) wait longer: twice as
 // long per Sync given up in a row, up to this many doublings (8 x request_timeout_ms).
 inline constexpr uint32_t kMaxSyncTimeoutDoublings = 3;
@@ -154,6 +160,8 @@ class Session {
   // its own past request_timeout_ms: then OnError gets DeadlineExceeded and the Sync goes anyway
   // (a late Ok brings one more). Not sent again on this connection.
   void Subscribe(ConversationId conversation);
+  // Forgotten at once; sent when live. Its refusal is logged only; refused for now, it goes
+  // again (see kMaxUnsubscribeResends).
   void Unsubscribe(ConversationId conversation);
   // Moves the read watermark forward (0: up to the cursor) and schedules a Receipt, which is
   // recorded in the cache with it (ConversationRow::receipt_due): sent on the first connection
@@ -300,6 +308,12 @@ class Session {
   // Remembers `rid` as given up (`channel`: a Subscribe's), so its late answer is recognised;
   // past kMaxExpiredRids the oldest is forgotten.
   void GiveUp(uint64_t rid, ConversationId channel);
+  // Sends an Unsubscribe of `channel`, refused for now `resends` times before (0: the
+  // application's). False if the connection was dropped.
+  bool SendUnsubscribe(ConversationId channel, uint32_t resends);
+  // The server refused an Unsubscribe: logged only. Refused for now, it is sent again after the
+  // server's delay (see kMaxUnsubscribeResends).
+  void UnsubscribeRefused(ConversationId channel, uint32_t resends, const Status& status);
   // Sends a Subscribe whose Ok is followed by a Sync, which fetches what the channel got before
   // the server pushed it to this connection; `automatic` when the session re-subscribes. False
   // if the connection was dropped.
@@ -449,6 +463,18 @@ class Session {
   };
   std::map<uint64_t, SentReceipt> receipts_unanswered_;
   std::set<ConversationId> subscriptions_;  // channels to Subscribe after every connect
+  // Unsubscribes the server has not answered (rid -> the channel, and how many times it was
+  // refused for now before; at most kMaxQuietRids), and the channels whose Unsubscribe was
+  // refused for now, sent again at unsubscribes_retry_at_ (-> resends so far; at most
+  // kMaxChannelSubscriptions). Both end with the connection: the server forgets its
+  // subscriptions with it.
+  struct SentUnsubscribe {
+    ConversationId channel = 0;
+    uint32_t resends = 0;
+  };
+  std::map<uint64_t, SentUnsubscribe> unsubscribes_;
+  std::map<ConversationId, uint32_t> unsubscribes_due_;
+  int64_t unsubscribes_retry_at_ = 0;
   std::map<std::pair<ConversationId, UserId>, int64_t> typing_;  // -> monotonic expiry
   struct TypingSent {
     bool active = false;

@@ -9,9 +9,11 @@
 #include <future>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
+#include "chat/log.h"
 #include "src/client/cache.h"
 #include "tests/testing/fake_clock.h"
 #include "tests/testing/fault_vfs.h"
@@ -2040,6 +2042,163 @@ TEST_CASE("session: a Subscribe the server never answers holds back no other cha
   REQUIRE(subs.size() == 2);
   h.session->OnEnvelope(OkFor(subs[0]));
   CHECK(OfCase(h.io.Take(), v1::Envelope::kSync).size() == 1);
+}
+
+// Live, subscribed to channel 8 (its Subscribe answered and its catch-up Sync done).
+void ConnectSubscribed(Harness& h) {
+  h.session->Start();
+  h.session->Subscribe(8);
+  h.ConnectLive();
+  auto subs = OfCase(h.io.Take(), v1::Envelope::kSubscribe);
+  REQUIRE(subs.size() == 1);
+  h.session->OnEnvelope(OkFor(subs[0]));
+  auto syncs = OfCase(h.io.Take(), v1::Envelope::kSync);
+  REQUIRE(syncs.size() == 1);
+  h.Reply(syncs[0], {});
+  REQUIRE(h.io.Take().empty());
+}
+
+// Unsubscribe(8) while live; returns the Unsubscribe sent.
+v1::Envelope UnsubscribeChannel8(Harness& h) {
+  h.session->Unsubscribe(8);
+  auto unsubs = OfCase(h.io.Take(), v1::Envelope::kUnsubscribe);
+  REQUIRE(unsubs.size() == 1);
+  CHECK(unsubs[0].unsubscribe().conversation_id() == 8);
+  return unsubs[0];
+}
+
+v1::Envelope RateLimited(const v1::Envelope& request, uint32_t retry_after_ms) {
+  v1::Envelope e = ErrorFor(request, v1::Error::RESOURCE_EXHAUSTED, "rate limit exceeded");
+  e.mutable_error()->set_retry_after_ms(retry_after_ms);
+  return e;
+}
+
+// The channel is forgotten client-side already: a member removed from it (whom the server
+// unsubscribed with the removal) has nothing to be told, and the connection is fine.
+TEST_CASE("session: an Unsubscribe refused for good is logged only, and not sent again") {
+  std::vector<std::string> lines;
+  SetLogSink([&](LogLevel level, std::string_view line) {
+    if (level == LogLevel::kInfo && line.find("unsubscribe") != std::string_view::npos) {
+      lines.emplace_back(line);
+    }
+  });
+  Harness h;
+  ConnectSubscribed(h);
+  v1::Envelope unsub = UnsubscribeChannel8(h);
+  h.session->OnEnvelope(ErrorFor(unsub, v1::Error::PERMISSION_DENIED, "not a member"));
+  SetLogSink(nullptr);
+  CHECK(h.listener.errors.empty());
+  CHECK(h.state() == ConnectionState::kConnected);
+  REQUIRE(lines.size() == 1);
+  CHECK(lines[0].find("channel 8") != std::string::npos);
+  CHECK(lines[0].find("not a member") != std::string::npos);
+  h.clock->Advance(5'000);
+  h.session->Tick();
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kUnsubscribe).empty());
+  h.session->OnClosed(1006, "abnormal");
+  CHECK(h.session->reconnect_at_ms() - h.Now() == 15);  // the backoff's alone (kRandom % 501)
+  h.ConnectLive();
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kSubscribe).empty());
+}
+
+// Until the server takes it, the channel is pushed to this connection: the Unsubscribe goes
+// again after the server's delay, on this connection only (the next one is not subscribed).
+TEST_CASE("session: an Unsubscribe refused for now goes again after the server's delay") {
+  Harness h;
+  ConnectSubscribed(h);
+  v1::Envelope unsub = UnsubscribeChannel8(h);
+  h.session->OnEnvelope(RateLimited(unsub, 2'000));
+  CHECK(h.listener.errors.empty());
+  CHECK(h.state() == ConnectionState::kConnected);
+  CHECK(h.session->NextDeadlineMs() <= h.Now() + 2'000);
+  h.clock->Advance(1'999);
+  h.session->Tick();
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kUnsubscribe).empty());
+  h.clock->Advance(1);
+  h.session->Tick();
+  auto unsubs = OfCase(h.io.Take(), v1::Envelope::kUnsubscribe);
+  REQUIRE(unsubs.size() == 1);
+  CHECK(unsubs[0].unsubscribe().conversation_id() == 8);
+  CHECK(unsubs[0].rid() != unsub.rid());
+
+  // Answered: nothing more.
+  h.session->OnEnvelope(OkFor(unsubs[0]));
+  h.clock->Advance(5'000);
+  h.session->Tick();
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kUnsubscribe).empty());
+  CHECK(h.listener.errors.empty());
+
+  // The server's delay is not the next reconnect's.
+  h.session->Subscribe(8);
+  auto subs = OfCase(h.io.Take(), v1::Envelope::kSubscribe);
+  REQUIRE(subs.size() == 1);
+  h.session->OnEnvelope(OkFor(subs[0]));
+  h.io.Take();
+  unsub = UnsubscribeChannel8(h);
+  h.session->OnEnvelope(RateLimited(unsub, 20'000));
+  h.session->OnClosed(1006, "abnormal");
+  CHECK(h.session->reconnect_at_ms() - h.Now() == 15);  // the backoff's alone (kRandom % 501)
+  h.ConnectLive();
+  h.clock->Advance(20'000);
+  h.session->Tick();
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kUnsubscribe).empty());
+  CHECK(h.listener.errors.empty());
+}
+
+TEST_CASE("session: an Unsubscribe refused for now waits at least a second, and goes 5 times") {
+  Harness h;
+  ConnectSubscribed(h);
+  v1::Envelope unsub = UnsubscribeChannel8(h);
+  for (uint32_t resends = 0; resends < kMaxUnsubscribeResends; ++resends) {
+    CAPTURE(resends);
+    h.session->OnEnvelope(RateLimited(unsub, 0));
+    h.clock->Advance(kUnsubscribeRetryMinMs - 1);
+    h.session->Tick();
+    CHECK(OfCase(h.io.Take(), v1::Envelope::kUnsubscribe).empty());
+    h.clock->Advance(1);
+    h.session->Tick();
+    auto unsubs = OfCase(h.io.Take(), v1::Envelope::kUnsubscribe);
+    REQUIRE(unsubs.size() == 1);
+    unsub = unsubs[0];
+  }
+  // Then the server's pushes of the channel are taken until the connection ends.
+  h.session->OnEnvelope(RateLimited(unsub, 0));
+  h.clock->Advance(10'000);
+  h.session->Tick();
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kUnsubscribe).empty());
+  CHECK(h.listener.errors.empty());
+  CHECK(h.state() == ConnectionState::kConnected);
+}
+
+TEST_CASE("session: an Unsubscribe refused for now is not sent again once subscribed again") {
+  Harness h;
+  ConnectSubscribed(h);
+  v1::Envelope unsub = UnsubscribeChannel8(h);
+  h.session->OnEnvelope(RateLimited(unsub, 2'000));
+  h.session->Subscribe(8);
+  auto subs = OfCase(h.io.Take(), v1::Envelope::kSubscribe);
+  REQUIRE(subs.size() == 1);
+  h.clock->Advance(2'000);
+  h.session->Tick();
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kUnsubscribe).empty());
+
+  // Unsubscribed again before the refusal of the first came: the second covers it.
+  h.session->OnEnvelope(OkFor(subs[0]));
+  h.io.Take();
+  unsub = UnsubscribeChannel8(h);
+  h.session->Subscribe(8);
+  subs = OfCase(h.io.Take(), v1::Envelope::kSubscribe);
+  REQUIRE(subs.size() == 1);
+  v1::Envelope second = UnsubscribeChannel8(h);
+  h.session->OnEnvelope(RateLimited(unsub, 1'000));
+  h.clock->Advance(1'000);
+  h.session->Tick();
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kUnsubscribe).empty());
+  h.session->OnEnvelope(RateLimited(second, 1'000));
+  h.clock->Advance(1'000);
+  h.session->Tick();
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kUnsubscribe).size() == 1);
+  CHECK(h.listener.errors.empty());
 }
 
 // An ack the cache cannot record leaves the message pending: it is not reported (the app would
