@@ -96,6 +96,7 @@ void Session::Stop() {
   expired_.clear();
   history_syncs_.clear();
   quiet_rids_.clear();
+  pings_.clear();
   receipts_unanswered_.clear();
   unsubscribes_.clear();
   unsubscribes_due_.clear();
@@ -136,6 +137,7 @@ void Session::ConnectionDown() {
   expired_.clear();
   history_syncs_.clear();
   quiet_rids_.clear();
+  pings_.clear();
   // Receipts of the lost connection may never have reached the server, and the Sync lists only
   // conversations with news: they go again on the next connection.
   for (const auto& [rid, sent] : receipts_unanswered_) receipts_due_.insert(sent.conversation);
@@ -243,7 +245,10 @@ void Session::Tick() {
       }
       if (now >= next_ping_) {
         v1::Envelope ping;
-        ping.set_rid(NextRid());
+        const uint64_t rid = NextRid();
+        ping.set_rid(rid);
+        if (pings_.size() >= kMaxQuietRids) pings_.erase(pings_.begin());
+        pings_.insert(rid);
         ping.mutable_ping()->set_client_time_ms(clock_->WallMs());
         next_ping_ = now + heartbeat_ms_;
         if (!Write(ping)) return;
@@ -436,8 +441,11 @@ void Session::HandleEnvelope(const v1::Envelope& envelope) {
     case v1::Envelope::kOk:
       HandleOk(envelope.rid());
       break;
+    case v1::Envelope::kPong:
+      pings_.erase(envelope.rid());
+      break;
     default:
-      // Pong and the replies of features this client does not use only prove the link alive.
+      // The replies of features this client does not use only prove the link alive.
       break;
   }
 }
@@ -627,6 +635,12 @@ void Session::HandleError(const v1::Envelope& envelope) {
     const SentUnsubscribe sent = it->second;
     unsubscribes_.erase(it);
     UnsubscribeRefused(sent.channel, sent.resends, status);
+    return;
+  }
+  if (rid != 0 && pings_.erase(rid) > 0) {
+    // Refused (the rate limit counts Pings too), it proves the link alive as a Pong would, and
+    // the next goes an interval later: nothing for OnError, nor for the next reconnect's delay.
+    Log(LogLevel::kInfo, "chat client: ping refused: " + status.ToString());
     return;
   }
   if (rid != 0 && rid == sync_rid_) {

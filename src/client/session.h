@@ -446,6 +446,7 @@ class Session {
   // monotonic clock): the first entry expires first.
   std::map<uint64_t, PendingOp> ops_;  // rid -> callback; failed when the link drops
   std::set<uint64_t> quiet_rids_;      // Typing requests (bounded)
+  std::set<uint64_t> pings_;           // Pings not answered yet (at most kMaxQuietRids)
   // (conversation, first_seq) of History pages that made this connection sync (see
   // HandleHistoryPage): each only once.
   std::set<std::pair<ConversationId, Seq>> history_syncs_;

@@ -2201,6 +2201,23 @@ TEST_CASE("session: an Unsubscribe refused for now is not sent again once subscr
   CHECK(h.listener.errors.empty());
 }
 
+// The refusal proves the link alive as well as a Pong; the next Ping goes an interval later.
+TEST_CASE("session: a Ping refused by the rate limit is logged only, and delays no reconnect") {
+  Harness h;
+  h.ConnectLive();
+  h.clock->Advance(30'000);
+  h.session->Tick();
+  auto pings = OfCase(h.io.Take(), v1::Envelope::kPing);
+  REQUIRE(pings.size() == 1);
+  h.session->OnEnvelope(RateLimited(pings[0], 60'000));
+  CHECK(h.listener.errors.empty());
+  CHECK(h.state() == ConnectionState::kConnected);
+  // Not sent again before the next interval.
+  ExpectPingAfter(h, 30'000);
+  h.session->OnClosed(1006, "abnormal");
+  CHECK(h.session->reconnect_at_ms() - h.Now() == 15);  // the backoff's alone (kRandom % 501)
+}
+
 // An ack the cache cannot record leaves the message pending: it is not reported (the app would
 // otherwise see it twice, once more on the resend's ack), and goes again after a pause.
 TEST_CASE("session: an ack the cache cannot store is reported once, on the resend's ack") {
