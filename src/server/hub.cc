@@ -1121,7 +1121,7 @@ class Hub::Impl final : private PresenceTracker::Sink {
     if (result.receipt_changed) SendToUser(user, own, pending.session);
     // The store lists the members to tell (none when neither the user's marks nor the lowest
     // marks moved for them).
-    if (result.kind == ConversationKind::kChannel) return;
+    if (result.kind == ConversationKind::kChannel || result.recipients.empty()) return;
     v1::Envelope others = own;
     others.mutable_receipt_update()->clear_unread();
     others.mutable_receipt_update()->clear_unread_total();
