@@ -14,12 +14,12 @@ namespace chat::client {
 
 namespace {
 
-// Bumped when the schema changes. A cache of version 4 or 5 gains the columns added since (see
-// kMigrateVersion4 and kMigrateVersion5) and keeps its rows: rebuilt, it would lose its cursors
+// Bumped when the schema changes. A cache of version 4 to 6 gains the columns added since (see
+// kMigrateVersion4 to kMigrateVersion6) and keeps its rows: rebuilt, it would lose its cursors
 // (every message would reach the application again) and the watermarks the server has not
 // confirmed. Older ones are dropped and rebuilt from the server, except for the outbox, whose rows
 // are carried over (see kMigrateOutbox).
-constexpr int kSchemaVersion = 6;
+constexpr int kSchemaVersion = 7;
 
 // The outbox is one B-tree, keyed by insertion order (the rowid), so a Send() commit writes one
 // page to the WAL: every index would add another page to every commit (and its random leaf to
@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS conversations(
   delivered_all_seq INTEGER NOT NULL DEFAULT 0,
   read_all_seq INTEGER NOT NULL DEFAULT 0,
   receipt_due INTEGER NOT NULL DEFAULT 0,
-  expired_through INTEGER NOT NULL DEFAULT 0);
+  expired_through INTEGER NOT NULL DEFAULT 0,
+  own_seq INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS messages(
   conversation_id INTEGER NOT NULL,
   seq INTEGER NOT NULL,
@@ -87,11 +88,16 @@ constexpr const char* kMigrateVersion4 =
 // tells the server the lowest seq held), which sets it.
 constexpr const char* kMigrateVersion5 =
     "ALTER TABLE conversations ADD COLUMN expired_through INTEGER NOT NULL DEFAULT 0";
+// Version 7 added own_seq (see ConversationRow): the senders are inside the messages' blobs, so
+// a version 6 row starts at 0 (no message of the user's known) and learns it from the user's
+// next message there.
+constexpr const char* kMigrateVersion6 =
+    "ALTER TABLE conversations ADD COLUMN own_seq INTEGER NOT NULL DEFAULT 0";
 
 // The statements used more than once. Each is compiled once per connection and kept (see
 // Cache::Db::Prepare, which keys them by address: only these constants may be passed to it).
 constexpr const char* kUserVersion = "PRAGMA user_version";
-constexpr const char* kSetUserVersion = "PRAGMA user_version=6";
+constexpr const char* kSetUserVersion = "PRAGMA user_version=7";
 constexpr const char* kHasOutbox =
     "SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'outbox'";
 constexpr const char* kApplicationId = "PRAGMA application_id";
@@ -125,20 +131,28 @@ constexpr const char* kGetMeta = "SELECT value FROM meta WHERE key = ?";
 constexpr const char* kSetMeta = "INSERT OR REPLACE INTO meta(key, value) VALUES(?, ?)";
 constexpr const char* kGetConversation =
     "SELECT conversation_id, state, cursor, delivered_all_seq, read_all_seq, receipt_due, "
-    "expired_through FROM conversations WHERE conversation_id = ?";
-// expired_through only goes up, whatever row a caller read before it was raised.
+    "expired_through, own_seq FROM conversations WHERE conversation_id = ?";
+// expired_through and own_seq only go up, whatever row a caller read before they were raised.
 constexpr const char* kPutConversation =
     "INSERT INTO conversations(conversation_id, state, cursor, last_activity_ms, "
-    "delivered_all_seq, read_all_seq, receipt_due, expired_through) "
-    "VALUES(?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(conversation_id) DO UPDATE SET "
+    "delivered_all_seq, read_all_seq, receipt_due, expired_through, own_seq) "
+    "VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(conversation_id) DO UPDATE SET "
     "state = excluded.state, cursor = excluded.cursor, "
     "last_activity_ms = excluded.last_activity_ms, "
     "delivered_all_seq = excluded.delivered_all_seq, read_all_seq = excluded.read_all_seq, "
     "receipt_due = excluded.receipt_due, "
-    "expired_through = MAX(expired_through, excluded.expired_through)";
+    "expired_through = MAX(expired_through, excluded.expired_through), "
+    "own_seq = MAX(own_seq, excluded.own_seq)";
 constexpr const char* kListConversations =
     "SELECT conversation_id, state, cursor, delivered_all_seq, read_all_seq, receipt_due, "
-    "expired_through FROM conversations ORDER BY last_activity_ms DESC, conversation_id DESC";
+    "expired_through, own_seq FROM conversations "
+    "ORDER BY last_activity_ms DESC, conversation_id DESC";
+// The conversations are few next to the messages, and those that match fewer still (the user's
+// latest message not read by every member): no index.
+constexpr const char* kNotReadByAll =
+    "SELECT conversation_id, state, cursor, delivered_all_seq, read_all_seq, receipt_due, "
+    "expired_through, own_seq FROM conversations WHERE own_seq > read_all_seq "
+    "ORDER BY last_activity_ms DESC, conversation_id DESC";
 constexpr const char* kReceiptsDue =
     "SELECT conversation_id FROM conversations WHERE receipt_due != 0 ORDER BY conversation_id";
 constexpr const char* kPutMessage =
@@ -304,6 +318,7 @@ ConversationRow RowFrom(Stmt& s) {
   row.read_all_seq = FromDb(s.ColInt(4));
   row.receipt_due = s.ColInt(5) != 0;
   row.expired_through = FromDb(s.ColInt(6));
+  row.own_seq = FromDb(s.ColInt(7));
   return row;
 }
 
@@ -397,12 +412,15 @@ Result<std::unique_ptr<Cache>> Cache::Open(const std::string& path) {
     Transaction txn(cache.get());
     // Without it, the steps below would commit one by one and could stop half way.
     if (!txn.active()) return cache->db_->Error("begin");
-    if (version == 4 || version == 5) {
-      // The same tables, a column or two short: everything stays.
+    if (version >= 4 && version <= 6) {
+      // The same tables, a column or a few short: everything stays.
       if (version == 4) {
         if (Status st = cache->Exec(kMigrateVersion4); !st.ok()) return st;
       }
-      if (Status st = cache->Exec(kMigrateVersion5); !st.ok()) return st;
+      if (version <= 5) {
+        if (Status st = cache->Exec(kMigrateVersion5); !st.ok()) return st;
+      }
+      if (Status st = cache->Exec(kMigrateVersion6); !st.ok()) return st;
     } else if (version != 0 && version != kSchemaVersion) {
       // Another layout of the derived tables: rebuild them from the server. meta (the epoch and
       // user the outbox was written for) keeps its layout and stays, so the outbox is still
@@ -532,7 +550,8 @@ Status Cache::PutConversation(const ConversationRow& row) {
       .Int(5, ToDb(row.delivered_all_seq))
       .Int(6, ToDb(row.read_all_seq))
       .Int(7, row.receipt_due ? 1 : 0)
-      .Int(8, SeqBound(row.expired_through));
+      .Int(8, SeqBound(row.expired_through))
+      .Int(9, SeqBound(row.own_seq));
   if (s.Run() != SQLITE_DONE) return db_->Error("put conversation");
   return Status::Ok();
 }
@@ -615,6 +634,18 @@ uint64_t Cache::CountRange(ConversationId conversation, Seq from, Seq to) {
   Stmt s(db_.get(), kCountRange);
   s.Int(1, ToDb(conversation)).Int(2, SeqBound(from)).Int(3, SeqBound(to));
   return s.Step() == SQLITE_ROW ? FromDb(s.ColInt(0)) : 0;
+}
+
+std::vector<ConversationId> Cache::NotReadByAll(size_t limit) {
+  std::lock_guard lock(mu_);
+  Stmt s(db_.get(), kNotReadByAll);
+  std::vector<ConversationId> ids;
+  while (ids.size() < limit && s.Step() == SQLITE_ROW) {
+    const ConversationRow row = RowFrom(s);
+    if (row.info.kind == ConversationKind::kChannel || row.info.removed_at_seq != 0) continue;
+    ids.push_back(row.info.conversation_id);
+  }
+  return ids;
 }
 
 std::vector<ConversationId> Cache::ReceiptsDue() {

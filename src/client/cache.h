@@ -66,6 +66,10 @@ struct ConversationRow {
   // or below it is stored again, reported or served: a reply the server read before its sweep
   // may still carry such messages.
   Seq expired_through = 0;
+  // The seq of the latest message of this user (from any of its devices) the cursor has passed
+  // here; 0 if none has (or since the row was written by a cache older than version 7). It only
+  // goes up (PutConversation keeps the higher). Above read_all_seq, some member has not read it.
+  Seq own_seq = 0;
 };
 
 class Cache {
@@ -121,6 +125,10 @@ class Cache {
   Status PutConversation(const ConversationRow& row);
   // Most recently active first.
   std::vector<ConversationRow> ListConversations();
+  // Direct conversations and groups the user is still a member of where some member has not
+  // read the user's latest message, as far as the cache knows (own_seq above read_all_seq): the
+  // most recently active first, at most `limit`. One statement.
+  std::vector<ConversationId> NotReadByAll(size_t limit);
   // The conversations whose row has receipt_due set, by id.
   std::vector<ConversationId> ReceiptsDue();
   // The sum of every cached conversation's unread count.

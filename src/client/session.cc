@@ -678,6 +678,7 @@ void Session::Apply(ConversationRow* row, const v1::Message& next,
     // the user's own messages, so their status can become kRead.
     row->info.read_seq = std::max(row->info.read_seq, next.seq());
     row->info.unread = 0;
+    row->own_seq = std::max(row->own_seq, next.seq());
     *read_moved = true;
   }
   if (next.kind() == v1::MESSAGE_KIND_SYSTEM) ApplySystemEvent(&row->info, next);

@@ -413,7 +413,7 @@ PRAGMA user_version=)sql") +
   // A cache written by a newer SDK is refused, not downgraded.
   const std::string newer = dir.File("newer.db");
   ExecOnFile(newer,
-             "PRAGMA application_id=1667785076; PRAGMA user_version=7; "
+             "PRAGMA application_id=1667785076; PRAGMA user_version=8; "
              "CREATE TABLE outbox(id INTEGER PRIMARY KEY, v6 TEXT);");
   opened = Cache::Open(newer);
   CHECK(opened.status().code() == Code::kFailedPrecondition);
@@ -468,16 +468,21 @@ TEST_CASE("cache: an outbox of schema version 2 is carried over with its ids and
   }
 }
 
-TEST_CASE("cache: a version 4 or 5 cache keeps its conversations, messages and outbox") {
-  for (const int version : {4, 5}) {
+TEST_CASE("cache: a version 4 to 6 cache keeps its conversations, messages and outbox") {
+  for (const int version : {4, 5, 6}) {
     CAPTURE(version);
     testing::TempDir dir;
     const std::string path = dir.File("c.db");
     WriteVersion4Cache(path);
-    if (version == 5) {
+    if (version >= 5) {
       ExecOnFile(path,
                  "ALTER TABLE conversations ADD COLUMN receipt_due INTEGER NOT NULL DEFAULT 0; "
                  "PRAGMA user_version=5;");
+    }
+    if (version == 6) {
+      ExecOnFile(path,
+                 "ALTER TABLE conversations ADD COLUMN expired_through INTEGER NOT NULL DEFAULT 0; "
+                 "PRAGMA user_version=6;");
     }
     {
       auto opened = Cache::Open(path);
@@ -496,7 +501,9 @@ TEST_CASE("cache: a version 4 or 5 cache keeps its conversations, messages and o
       CHECK(row->read_all_seq == 0);
       CHECK_FALSE(row->receipt_due);
       CHECK(row->expired_through == 0);
+      CHECK(row->own_seq == 0);
       CHECK(cache->ReceiptsDue().empty());
+      CHECK(cache->NotReadByAll(64).empty());
       CHECK(cache->MessageCount() == 2);
       REQUIRE(cache->GetMessage(1, 2).has_value());
       CHECK(cache->GetMessage(1, 2)->body() == "body-2");
@@ -508,15 +515,18 @@ TEST_CASE("cache: a version 4 or 5 cache keeps its conversations, messages and o
       // The new columns are written and read like the others.
       row->receipt_due = true;
       row->expired_through = 1;
+      row->own_seq = 2;
       REQUIRE(cache->PutConversation(*row).ok());
     }
-    CHECK(UserVersion(path) == 6);
+    CHECK(UserVersion(path) == 7);
     auto cache = Cache::Open(path).value();
     REQUIRE(cache->GetConversation(1).has_value());
     CHECK(cache->GetConversation(1)->receipt_due);
     CHECK(cache->GetConversation(1)->cursor == 2);
     CHECK(cache->GetConversation(1)->expired_through == 1);
+    CHECK(cache->GetConversation(1)->own_seq == 2);
     CHECK(cache->ReceiptsDue() == std::vector<ConversationId>{1});
+    CHECK(cache->NotReadByAll(64) == std::vector<ConversationId>{1});
     CHECK(cache->MessageCount() == 2);
   }
 }
@@ -538,6 +548,50 @@ TEST_CASE("cache: a conversation's expired_through only goes up") {
   row.expired_through = 9;
   REQUIRE(cache->PutConversation(row).ok());
   CHECK(cache->GetConversation(5)->expired_through == 9);
+}
+
+TEST_CASE("cache: conversations whose own latest message some member has not read, newest first") {
+  auto cache = Cache::Open("").value();
+  // id -> (kind, own_seq, read_all_seq, last_activity_ms, removed_at_seq)
+  struct Case {
+    ConversationId id;
+    ConversationKind kind;
+    Seq own_seq;
+    Seq read_all_seq;
+    int64_t activity;
+    Seq removed_at_seq;
+  };
+  const std::vector<Case> cases = {
+      {1, ConversationKind::kGroup, 4, 3, 100, 0},    // listed
+      {2, ConversationKind::kDirect, 2, 0, 300, 0},   // listed, most recent
+      {3, ConversationKind::kGroup, 4, 4, 400, 0},    // read by all
+      {4, ConversationKind::kGroup, 0, 0, 500, 0},    // no own message
+      {5, ConversationKind::kChannel, 7, 0, 600, 0},  // a channel
+      {6, ConversationKind::kGroup, 5, 1, 700, 5},    // removed from it
+      {7, ConversationKind::kGroup, 9, 8, 200, 0},    // listed
+  };
+  for (const Case& c : cases) {
+    ConversationRow row;
+    row.info.conversation_id = c.id;
+    row.info.kind = c.kind;
+    row.info.last_activity_ms = c.activity;
+    row.info.removed_at_seq = c.removed_at_seq;
+    row.own_seq = c.own_seq;
+    row.read_all_seq = c.read_all_seq;
+    REQUIRE(cache->PutConversation(row).ok());
+  }
+  CHECK(cache->NotReadByAll(64) == std::vector<ConversationId>{2, 7, 1});
+  CHECK(cache->NotReadByAll(2) == std::vector<ConversationId>{2, 7});
+  // own_seq only goes up: a row read before it was raised, written back, keeps it.
+  ConversationRow stale = *cache->GetConversation(1);
+  stale.own_seq = 2;
+  REQUIRE(cache->PutConversation(stale).ok());
+  CHECK(cache->GetConversation(1)->own_seq == 4);
+  CHECK(cache->NotReadByAll(64) == std::vector<ConversationId>{2, 7, 1});
+  // Read by all now.
+  stale.read_all_seq = 4;
+  REQUIRE(cache->PutConversation(stale).ok());
+  CHECK(cache->NotReadByAll(64) == std::vector<ConversationId>{2, 7});
 }
 
 TEST_CASE("cache: receipt_due is kept per conversation and listed by id") {
