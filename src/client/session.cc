@@ -1061,6 +1061,14 @@ void Session::HandleSyncBatch(const v1::SyncBatch& batch) {
   }
   if (phase_ == Phase::kSyncing) {
     SetPhase(Phase::kLive);
+    // The Sync carries no lowest watermarks, and the ReceiptUpdates that raised them while this
+    // device was away went to nobody: a Receipt is answered with them, so the conversations
+    // whose latest message of the user's some member had not read then ask with one (the
+    // device's current watermarks, which the server takes as they are: nothing is written). They
+    // go with the owed ones at the next flush, and are not recorded as owed.
+    for (ConversationId conversation : cache_->NotReadByAll(kMaxReadAsks)) {
+      receipts_due_.insert(conversation);
+    }
     // The server forgets subscriptions with the connection.
     for (ConversationId channel : subscriptions_) {
       if (!SendSubscribe(channel, /*automatic=*/true)) return;

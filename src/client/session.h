@@ -106,6 +106,13 @@ inline constexpr uint64_t kMinReceiveBytesPerSecond = 4 * 1024;
 // Receipts are sent at most this often (all due conversations at once), so a burst of incoming
 // messages costs a few Receipts, not one per loop turn, against the server's rate limit.
 inline constexpr int64_t kReceiptIntervalMs = 100;
+// As a connection goes live, at most this many conversations (the most recently active) ask the
+// server with a Receipt for the lowest watermarks, which the Sync does not carry: those where
+// some member had not read the user's latest message (see HandleSyncBatch). Each goes through the
+// server's store writer and costs a token of the connection's rate limit; 64 stay well within
+// its burst beside the outbox's paced sends, and the conversations the user is looking at are
+// among the most recently active.
+inline constexpr size_t kMaxReadAsks = 64;
 
 class Session {
  public:

@@ -256,6 +256,61 @@ std::vector<std::string> Bodies(const std::vector<Message>& messages, Conversati
   return out;
 }
 
+// The server's read watermark of `user` in `conversation`, asked with `client`'s GetReceipts;
+// 0 if it did not answer.
+Seq ServerReadSeq(Client& client, ConversationId conversation, const UserId& user) {
+  std::mutex mu;
+  std::optional<Result<std::vector<MemberWatermarks>>> got;
+  if (!client
+           .GetReceipts(conversation,
+                        [&](Result<std::vector<MemberWatermarks>> r) {
+                          std::lock_guard lock(mu);
+                          got.emplace(std::move(r));
+                        })
+           .ok() ||
+      !WaitFor([&] {
+        std::lock_guard lock(mu);
+        return got.has_value();
+      })) {
+    return 0;
+  }
+  std::lock_guard lock(mu);
+  if (!got->ok()) return 0;
+  for (const MemberWatermarks& w : **got) {
+    if (w.user_id == user) return w.read_seq;
+  }
+  return 0;
+}
+
+TEST_CASE("client groups e2e: messages read while the sender was offline show read once back") {
+  ChatdProcess chatd;
+  REQUIRE(chatd.Start().ok());
+  TempDir dir;
+  std::optional<Member> alice = Connect(chatd, "alice", "alice-laptop", dir.File("alice.db"));
+  Member bob = Connect(chatd, "bob", "bob-phone", dir.File("bob.db"));
+  REQUIRE(AllConnected({&*alice, &bob}));
+  Result<ConversationInfo> created = Await([&](ConversationCallback done) {
+    return alice->client->CreateGroup("pair", {"bob"}, ConversationKind::kGroup, std::move(done));
+  });
+  REQUIRE(created.ok());
+  const ConversationId id = created->conversation_id;
+  REQUIRE(alice->client->Send(id, "text/plain", "hello").ok());
+  REQUIRE(WaitFor([&] { return Bodies(bob.recorder->messages(), id).size() >= 2; }));
+  REQUIRE(WaitFor([&] { return alice->recorder->delivered() >= 2; }));
+  CHECK(alice->recorder->read() < 2);
+  alice->client->Close();
+  alice.reset();
+
+  // Bob reads while alice is away; the server has it before she comes back.
+  REQUIRE(bob.client->MarkRead(id).ok());
+  REQUIRE(WaitFor([&] { return ServerReadSeq(*bob.client, id, "bob") >= 2; }));
+
+  // Nothing else happens in the conversation: alice learns it by reconnecting.
+  alice = Connect(chatd, "alice", "alice-laptop", dir.File("alice.db"));
+  CHECK(WaitFor([&] { return alice->recorder->read() >= 2; }));
+  CHECK(alice->client->MessageStatusOf(id, 2).value() == MessageStatus::kRead);
+}
+
 TEST_CASE("client groups e2e: a member added later gets the log from the addition, online or not") {
   ChatdProcess chatd;
   REQUIRE(chatd.Start().ok());

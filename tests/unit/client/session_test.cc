@@ -4,8 +4,10 @@
 
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <deque>
+#include <functional>
 #include <future>
 #include <memory>
 #include <string>
@@ -1584,6 +1586,144 @@ TEST_CASE("session: another device's receipt at this one's watermarks settles wh
   std::shared_ptr<Cache> cache(Cache::Open(path).value());
   Harness h({}, cache);
   h.Reply(h.Welcome(), {});
+  h.session->Tick();
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());
+}
+
+// The Sync carries no lowest watermarks: after a reconnect the conversations where some member
+// had not read the user's latest message ask for them with a Receipt (not one owed).
+
+// Answers each Receipt in `receipts` as the server does, with the lowest read watermark
+// `read_all(conversation)` (the lowest delivered one as high).
+void AnswerReceipts(Harness& h, const std::vector<v1::Envelope>& receipts,
+                    const std::function<Seq(ConversationId)>& read_all) {
+  for (const v1::Envelope& receipt : receipts) {
+    const v1::Receipt& r = receipt.receipt();
+    v1::Envelope reply;
+    reply.set_rid(receipt.rid());
+    v1::ReceiptUpdate* u = reply.mutable_receipt_update();
+    u->set_conversation_id(r.conversation_id());
+    u->set_user_id("alice");
+    u->set_device_id("laptop");
+    u->set_delivered_seq(r.delivered_seq());
+    u->set_read_seq(r.read_seq());
+    u->set_delivered_all_seq(read_all(r.conversation_id()));
+    u->set_read_all_seq(read_all(r.conversation_id()));
+    h.session->OnEnvelope(reply);
+  }
+}
+
+std::vector<ConversationId> ReceiptConversations(const std::vector<v1::Envelope>& receipts) {
+  std::vector<ConversationId> out;
+  for (const v1::Envelope& e : receipts) out.push_back(e.receipt().conversation_id());
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+// Drops the connection and brings it back live with a Sync that lists nothing new; returns the
+// Receipts sent at the first flush after that.
+std::vector<v1::Envelope> ReconnectQuietly(Harness& h) {
+  h.session->OnClosed(1006, "abnormal");
+  h.Reply(h.Welcome(), {});
+  REQUIRE(h.state() == ConnectionState::kConnected);
+  h.clock->Advance(kReceiptIntervalMs);
+  h.session->Tick();
+  return OfCase(h.io.Take(), v1::Envelope::kReceipt);
+}
+
+TEST_CASE("session: after a reconnect, own messages read meanwhile are reported kRead") {
+  Harness h;
+  v1::Envelope sync = h.Welcome();
+  v1::SyncBatch batch;
+  *batch.add_conversations() = GroupState(5, 3, 1);
+  *batch.add_messages() = Msg(5, 1);
+  *batch.add_messages() = Msg(5, 2, "alice");
+  *batch.add_messages() = Msg(5, 3);
+  h.Reply(sync, batch);
+  REQUIRE(h.state() == ConnectionState::kConnected);
+  h.session->Tick();
+  auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  REQUIRE(ReceiptConversations(receipts) == std::vector<ConversationId>{5});
+  AnswerReceipts(h, receipts, [](ConversationId) { return Seq{1}; });  // bob has not read 2
+  CHECK(h.listener.statuses == std::vector<std::string>{"5:1:delivered", "5:1:read"});
+  REQUIRE_FALSE(h.cache->GetConversation(5)->receipt_due);
+
+  // Offline, bob reads alice's message: the ReceiptUpdate saying so reached nobody here, and
+  // the Sync lists nothing new.
+  receipts = ReconnectQuietly(h);
+  REQUIRE(receipts.size() == 1);
+  CHECK(receipts[0].receipt().conversation_id() == 5);
+  CHECK(receipts[0].receipt().delivered_seq() == 3);  // the current watermarks, unchanged
+  CHECK(receipts[0].receipt().read_seq() == 2);
+  CHECK_FALSE(h.cache->GetConversation(5)->receipt_due);  // asked, not owed
+  CHECK(h.cache->ReceiptsDue().empty());
+  AnswerReceipts(h, receipts, [](ConversationId) { return Seq{2}; });
+  CHECK(h.listener.statuses ==
+        std::vector<std::string>{"5:1:delivered", "5:1:read", "5:2:delivered", "5:2:read"});
+  CHECK(h.cache->GetConversation(5)->read_all_seq == 2);
+  CHECK(h.listener.receipts.empty());  // the reply to this device's own Receipt
+
+  // Read by every member: the next reconnect asks nothing.
+  CHECK(ReconnectQuietly(h).empty());
+}
+
+TEST_CASE("session: a reconnect asks nothing where no own message waits to be read by all") {
+  Harness h;
+  v1::Envelope sync = h.Welcome();
+  v1::SyncBatch batch;
+  // 5: alice's message not read by all (asked), 6: only bob's messages, 7: alice's message read
+  // by every member, 8: a channel, 9: a group alice was removed from.
+  for (ConversationId id : {5, 6, 7, 8, 9}) {
+    v1::ConversationState state = GroupState(id, 2, 0);
+    if (id == 8) state.set_kind(v1::CONVERSATION_KIND_CHANNEL);
+    if (id == 9) state.set_removed_at_seq(2);
+    *batch.add_conversations() = state;
+    *batch.add_messages() = Msg(id, 1);
+    *batch.add_messages() = Msg(id, 2, id == 6 ? "bob" : "alice");
+  }
+  h.Reply(sync, batch);
+  REQUIRE(h.state() == ConnectionState::kConnected);
+  h.session->Tick();
+  auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  REQUIRE(receipts.size() == 5);  // the delivered watermarks are owed in all of them
+  AnswerReceipts(h, receipts, [](ConversationId id) { return id == 7 ? Seq{2} : Seq{1}; });
+  REQUIRE(h.cache->ReceiptsDue().empty());
+
+  CHECK(ReceiptConversations(ReconnectQuietly(h)) == std::vector<ConversationId>{5});
+}
+
+TEST_CASE("session: a reconnect asks at most 64 conversations, the most recently active") {
+  Harness h;
+  v1::Envelope sync = h.Welcome();
+  v1::SyncBatch batch;
+  constexpr ConversationId kGroups = kMaxReadAsks + 6;
+  for (ConversationId id = 1; id <= kGroups; ++id) {
+    v1::ConversationState state = GroupState(id, 1, 0);
+    // Activity does not follow the ids: the most recent are the odd ones, then the even ones.
+    state.set_last_activity_ms(static_cast<int64_t>((id % 2) * 1'000'000 + id));
+    *batch.add_conversations() = state;
+    v1::Message m = Msg(id, 1, "alice");
+    m.set_server_time_ms(state.last_activity_ms());
+    *batch.add_messages() = m;
+  }
+  h.Reply(sync, batch);
+  REQUIRE(h.state() == ConnectionState::kConnected);
+  h.session->Tick();
+  auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  REQUIRE(receipts.size() == kGroups);  // owed: the user's own messages moved read_seq
+  AnswerReceipts(h, receipts, [](ConversationId) { return Seq{0}; });
+  REQUIRE(h.cache->ReceiptsDue().empty());
+
+  receipts = ReconnectQuietly(h);
+  std::vector<ConversationId> expected;
+  for (ConversationId id = 1; id <= kGroups; ++id) {
+    if (id % 2 == 1 || id > 12) expected.push_back(id);  // the six oldest: 2, 4, .., 12
+  }
+  REQUIRE(expected.size() == kMaxReadAsks);
+  CHECK(ReceiptConversations(receipts) == expected);
+  // No later flush of this connection asks the others.
+  AnswerReceipts(h, receipts, [](ConversationId) { return Seq{0}; });
+  h.clock->Advance(kReceiptIntervalMs);
   h.session->Tick();
   CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());
 }
