@@ -140,7 +140,12 @@ void Session::ConnectionDown() {
   pings_.clear();
   // Receipts of the lost connection may never have reached the server, and the Sync lists only
   // conversations with news: they go again on the next connection.
-  for (const auto& [rid, sent] : receipts_unanswered_) receipts_due_.insert(sent.conversation);
+  // Only what is owed goes again: a conversation asked for its lowest watermarks is asked again
+  // when the next connection's Sync is done.
+  for (const auto& [rid, sent] : receipts_unanswered_) {
+    std::optional<ConversationRow> row = cache_->GetConversation(sent.conversation);
+    if (row && row->receipt_due) receipts_due_.insert(sent.conversation);
+  }
   receipts_unanswered_.clear();
   // The next connection is subscribed to none of these channels.
   unsubscribes_.clear();
@@ -486,6 +491,7 @@ void Session::HandleWelcome(const v1::Envelope& envelope) {
   for (ConversationId conversation : cache_->ReceiptsDue()) receipts_due_.insert(conversation);
   // 90% of the server's rate leaves room for Pings, Syncs and History requests.
   const uint32_t per_second = welcome.limits().messages_per_second();
+  messages_per_second_ = per_second;
   send_rate_ = per_second * 0.9 / 1000.0;
   send_capacity_ = std::max(1.0, per_second * 0.9);
   send_tokens_ = send_capacity_;
@@ -1064,9 +1070,15 @@ void Session::HandleSyncBatch(const v1::SyncBatch& batch) {
     // The Sync carries no lowest watermarks, and the ReceiptUpdates that raised them while this
     // device was away went to nobody: a Receipt is answered with them, so the conversations
     // whose latest message of the user's some member had not read then ask with one (the
-    // device's current watermarks, which the server takes as they are: nothing is written). They
-    // go with the owed ones at the next flush, and are not recorded as owed.
-    for (ConversationId conversation : cache_->NotReadByAll(kMaxReadAsks)) {
+    // device's current watermarks; the server writes only where they are ahead of its cursor for
+    // this device). They go with the owed ones at the next flush, and are not recorded as owed.
+    // At most a tenth of a second's worth of the server's rate limit: they share it with the
+    // outbox's sends, and one refused for now holds back the owed receipts as well.
+    size_t asks = kMaxReadAsks;
+    if (messages_per_second_ != 0) {
+      asks = std::min<size_t>(asks, std::max<uint32_t>(1, messages_per_second_ / 10));
+    }
+    for (ConversationId conversation : cache_->NotReadByAll(asks)) {
       receipts_due_.insert(conversation);
     }
     // The server forgets subscriptions with the connection.

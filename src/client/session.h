@@ -108,10 +108,10 @@ inline constexpr uint64_t kMinReceiveBytesPerSecond = 4 * 1024;
 inline constexpr int64_t kReceiptIntervalMs = 100;
 // As a connection goes live, at most this many conversations (the most recently active) ask the
 // server with a Receipt for the lowest watermarks, which the Sync does not carry: those where
-// some member had not read the user's latest message (see HandleSyncBatch). Each goes through the
-// server's store writer and costs a token of the connection's rate limit; 64 stay well within
-// its burst beside the outbox's paced sends, and the conversations the user is looking at are
-// among the most recently active.
+// some member had not read the user's latest message (see HandleSyncBatch); fewer under a server
+// rate limit below 640 messages per second (a tenth of it). Each goes through the server's store
+// writer and costs a token of the connection's rate limit, which the outbox's sends share; the
+// conversations the user is looking at are among the most recently active.
 inline constexpr size_t kMaxReadAsks = 64;
 
 class Session {
@@ -423,7 +423,8 @@ class Session {
   int64_t outbox_retry_at_ = 0;
   // Sends are paced below the server's messages_per_second (told in Welcome), so a burst from
   // the outbox is not refused by the rate limit, which could reorder it within the window.
-  double send_rate_ = 0;  // tokens per ms; 0 = no limit
+  uint32_t messages_per_second_ = 0;  // the server's rate limit (Welcome); 0 = none told
+  double send_rate_ = 0;              // tokens per ms; 0 = no limit
   double send_capacity_ = 0;
   double send_tokens_ = 0;
   int64_t send_tokens_at_ = 0;

@@ -1728,6 +1728,66 @@ TEST_CASE("session: a reconnect asks at most 64 conversations, the most recently
   CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());
 }
 
+// Under the server's rate limit the asks take at most a tenth of a second's worth of it, the
+// most recently active conversations first.
+TEST_CASE("session: a reconnect asks no more than a tenth of the server's rate per second") {
+  Harness h;
+  v1::Envelope sync = h.Welcome(7, 30'000, /*messages_per_second=*/50);
+  v1::SyncBatch batch;
+  for (ConversationId id = 1; id <= 10; ++id) {
+    v1::ConversationState state = GroupState(id, 1, 0);
+    state.set_last_activity_ms(static_cast<int64_t>(id) * 1000);
+    *batch.add_conversations() = state;
+    v1::Message m = Msg(id, 1, "alice");
+    m.set_server_time_ms(state.last_activity_ms());
+    *batch.add_messages() = m;
+  }
+  h.Reply(sync, batch);
+  REQUIRE(h.state() == ConnectionState::kConnected);
+  h.session->Tick();
+  auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  REQUIRE(receipts.size() == 10);  // owed: the user's own messages moved read_seq
+  AnswerReceipts(h, receipts, [](ConversationId) { return Seq{0}; });
+  REQUIRE(h.cache->ReceiptsDue().empty());
+
+  h.session->OnClosed(1006, "abnormal");
+  h.Reply(h.Welcome(7, 30'000, 50), {});
+  REQUIRE(h.state() == ConnectionState::kConnected);
+  h.clock->Advance(kReceiptIntervalMs);
+  h.session->Tick();
+  // 50 messages per second: five asks, the five most recently active.
+  CHECK(ReceiptConversations(OfCase(h.io.Take(), v1::Envelope::kReceipt)) ==
+        std::vector<ConversationId>{6, 7, 8, 9, 10});
+}
+
+// An ask the link took down unanswered is not sent again during the next connection's Sync, as
+// an owed receipt is: it is asked once, when that Sync is done.
+TEST_CASE("session: an ask lost with the link is asked once on the next connection") {
+  Harness h;
+  v1::Envelope sync = h.Welcome();
+  v1::SyncBatch batch;
+  *batch.add_conversations() = GroupState(5, 2, 0);
+  *batch.add_messages() = Msg(5, 1);
+  *batch.add_messages() = Msg(5, 2, "alice");
+  h.Reply(sync, batch);
+  h.session->Tick();
+  AnswerReceipts(h, OfCase(h.io.Take(), v1::Envelope::kReceipt),
+                 [](ConversationId) { return Seq{1}; });
+  REQUIRE(h.cache->ReceiptsDue().empty());
+  REQUIRE(ReconnectQuietly(h).size() == 1);  // asked, and the link goes before the answer
+
+  h.session->OnClosed(1006, "abnormal");
+  v1::Envelope again = h.Welcome();
+  h.clock->Advance(kReceiptIntervalMs);
+  h.session->Tick();
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());  // nothing while syncing
+  h.Reply(again, {});
+  h.clock->Advance(kReceiptIntervalMs);
+  h.session->Tick();
+  CHECK(ReceiptConversations(OfCase(h.io.Take(), v1::Envelope::kReceipt)) ==
+        std::vector<ConversationId>{5});
+}
+
 // A synced state behind the watermarks the server confirmed (its store went back) is told again,
 // and that too survives a restart.
 TEST_CASE(
