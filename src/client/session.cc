@@ -96,7 +96,6 @@ void Session::Stop() {
   expired_.clear();
   history_syncs_.clear();
   quiet_rids_.clear();
-  pings_.clear();
   receipts_unanswered_.clear();
   unsubscribes_.clear();
   unsubscribes_due_.clear();
@@ -137,7 +136,6 @@ void Session::ConnectionDown() {
   expired_.clear();
   history_syncs_.clear();
   quiet_rids_.clear();
-  pings_.clear();
   // Receipts of the lost connection may never have reached the server, and the Sync lists only
   // conversations with news: they go again on the next connection.
   // Only what is owed goes again: a conversation asked for its lowest watermarks is asked again
@@ -250,13 +248,12 @@ void Session::Tick() {
       }
       if (now >= next_ping_) {
         v1::Envelope ping;
-        const uint64_t rid = NextRid();
-        ping.set_rid(rid);
-        if (pings_.size() >= kMaxQuietRids) pings_.erase(pings_.begin());
-        pings_.insert(rid);
         ping.mutable_ping()->set_client_time_ms(clock_->WallMs());
         next_ping_ = now + heartbeat_ms_;
-        if (!Write(ping)) return;
+        // Refused (the rate limit counts Pings too), a Ping proves the link alive as a Pong
+        // would, and the next goes an interval later: nothing for OnError, nor for the next
+        // reconnect's delay.
+        if (!WriteQuiet(&ping, "ping")) return;
       }
       if (outbox_retry_at_ != 0 && now >= outbox_retry_at_) {
         outbox_retry_at_ = 0;
@@ -447,7 +444,7 @@ void Session::HandleEnvelope(const v1::Envelope& envelope) {
       HandleOk(envelope.rid());
       break;
     case v1::Envelope::kPong:
-      pings_.erase(envelope.rid());
+      quiet_rids_.erase(envelope.rid());
       break;
     default:
       // The replies of features this client does not use only prove the link alive.
@@ -632,21 +629,16 @@ void Session::HandleError(const v1::Envelope& envelope) {
     }
     return;
   }
-  if (rid != 0 && quiet_rids_.erase(rid) > 0) {
-    // Typing is best effort: not worth an OnError per keystroke.
-    Log(LogLevel::kInfo, "chat client: typing refused: " + status.ToString());
+  if (auto it = quiet_rids_.find(rid); rid != 0 && it != quiet_rids_.end()) {
+    Log(LogLevel::kInfo,
+        std::string("chat client: ") + it->second + " refused: " + status.ToString());
+    quiet_rids_.erase(it);
     return;
   }
   if (auto it = unsubscribes_.find(rid); rid != 0 && it != unsubscribes_.end()) {
     const SentUnsubscribe sent = it->second;
     unsubscribes_.erase(it);
     UnsubscribeRefused(sent.channel, sent.resends, status);
-    return;
-  }
-  if (rid != 0 && pings_.erase(rid) > 0) {
-    // Refused (the rate limit counts Pings too), it proves the link alive as a Pong would, and
-    // the next goes an interval later: nothing for OnError, nor for the next reconnect's delay.
-    Log(LogLevel::kInfo, "chat client: ping refused: " + status.ToString());
     return;
   }
   if (rid != 0 && rid == sync_rid_) {
@@ -1485,12 +1477,12 @@ void Session::ReceiptRefused(ConversationId conversation) {
   if (Status st = cache_->PutConversation(*row); !st.ok()) ReportError(st);
 }
 
-void Session::WriteQuiet(v1::Envelope* envelope) {
+bool Session::WriteQuiet(v1::Envelope* envelope, const char* what) {
   const uint64_t rid = NextRid();
   envelope->set_rid(rid);
   if (quiet_rids_.size() >= kMaxQuietRids) quiet_rids_.erase(quiet_rids_.begin());
-  quiet_rids_.insert(rid);
-  Write(*envelope);
+  quiet_rids_.emplace(rid, what);
+  return Write(*envelope);
 }
 
 void Session::ReportUnreadTotal() {
@@ -1651,7 +1643,8 @@ void Session::SetTyping(ConversationId conversation, bool active) {
   v1::Envelope envelope;
   envelope.mutable_typing()->set_conversation_id(conversation);
   envelope.mutable_typing()->set_active(active);
-  WriteQuiet(&envelope);
+  // Typing is best effort: not worth an OnError per keystroke.
+  WriteQuiet(&envelope, "typing");
 }
 
 void Session::SubscribePresence(std::vector<UserId> users, StatusCallback callback) {

@@ -358,8 +358,9 @@ class Session {
   void ReceiptRefused(ConversationId conversation);
   void ExpireTyping();
   void ReportUnreadTotal();
-  // Sends a request whose reply nobody waits for; its error is only logged.
-  void WriteQuiet(v1::Envelope* envelope);
+  // Sends a request whose reply nobody waits for; its error is only logged, as `what` refused.
+  // False when the connection was dropped.
+  bool WriteQuiet(v1::Envelope* envelope, const char* what);
 
   // Stores committed messages and gives every conversation's next seqs to the application.
   void Ingest(const std::vector<const v1::Message*>& messages, bool from_sync);
@@ -453,8 +454,8 @@ class Session {
   // ops_, like histories_, is in rid order, which is the order of the deadlines (one timeout, a
   // monotonic clock): the first entry expires first.
   std::map<uint64_t, PendingOp> ops_;  // rid -> callback; failed when the link drops
-  std::set<uint64_t> quiet_rids_;      // Typing requests (bounded)
-  std::set<uint64_t> pings_;           // Pings not answered yet (at most kMaxQuietRids)
+  // Typing requests and Pings not answered yet (bounded): rid -> what they were, for the log.
+  std::map<uint64_t, const char*> quiet_rids_;
   // (conversation, first_seq) of History pages that made this connection sync (see
   // HandleHistoryPage): each only once.
   std::set<std::pair<ConversationId, Seq>> history_syncs_;
