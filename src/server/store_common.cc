@@ -506,6 +506,7 @@ Status ApplyReceipt(AppendTarget& target, const AppendRequest& request, AppendRe
       std::max({before->delivered_seq, std::min(request.delivered_seq, last), read});
   std::vector<MemberReceipt> user_before;
   if (Status s = reader.Watermarks(id, request.sender, &user_before); !s.ok()) return s;
+  if (user_before.empty()) return Internal("receipt: the member's row is gone");
   if (read != before->read_seq || delivered != before->delivered_seq) {
     if (Status s = target.PutCursor(id, request.sender, request.sender_device, delivered, read);
         !s.ok()) {
@@ -521,7 +522,6 @@ Status ApplyReceipt(AppendTarget& target, const AppendRequest& request, AppendRe
   if (!total.ok()) return total.status();
   result->unread_total = *total;
 
-  if (user_before.empty()) return Internal("receipt: the member's row is gone");
   const MemberReceipt before_mark = user_before[0];
   // The user's marks are the highest over its devices, and only this device's moved (upwards).
   result->sender_receipt = before_mark;
