@@ -303,6 +303,7 @@ enum class Sql : int {
   kPutCursor,
   kWatermarks,
   kWatermarksOf,
+  kReceiptStart,
   kLastSeq,
   kInsertMessage,
   kInsertLog0,
@@ -336,8 +337,6 @@ enum class Sql : int {
   kDescribe,
   kMemberCount,
   kPeer,
-  kReadSeq,
-  kDeliveredSeq,
   kUserOrdinal,
   kRangeAscending,
   kRangeDescending,
@@ -400,6 +399,10 @@ constexpr std::array<const char*, static_cast<size_t>(Sql::kCount)> kSql = {
     "FROM members m LEFT JOIN cursors k "
     "ON k.conversation_id = m.conversation_id AND k.user_id = m.user_id "
     "WHERE m.conversation_id = ?1 AND m.user_id = ?2 GROUP BY m.user_id",
+    // The same member's cursors one by one: its marks and one device's, in one lookup.
+    "SELECT m.role, k.device_id, k.delivered_seq, k.read_seq FROM members m LEFT JOIN cursors k "
+    "ON k.conversation_id = m.conversation_id AND k.user_id = m.user_id "
+    "WHERE m.conversation_id = ?1 AND m.user_id = ?2",
     "SELECT last_seq, user_messages, last_sender, last_sent_seq, prev_sender, prev_sent_seq "
     "FROM conversations WHERE conversation_id = ?1",
     "INSERT INTO messages(" CHAT_STORED_COLUMNS
@@ -453,15 +456,15 @@ constexpr std::array<const char*, static_cast<size_t>(Sql::kCount)> kSql = {
     "m.joined_seq, m.removed_at_seq, c.retention_ms, c.member_count, "
     "CASE ?2 WHEN c.last_sender THEN c.last_sent_seq WHEN c.prev_sender THEN c.prev_sent_seq "
     "ELSE m.sent_seq END, "
-    "c.user_messages, c.gone_user_messages FROM members m "
+    "c.user_messages, c.gone_user_messages, "
+    "(SELECT MAX(read_seq) FROM cursors WHERE conversation_id = ?1 AND user_id = ?2), "
+    "(SELECT delivered_seq FROM cursors "
+    "WHERE conversation_id = ?1 AND user_id = ?2 AND device_id = ?3) FROM members m "
     "JOIN conversations c ON c.conversation_id = m.conversation_id "
     "WHERE m.conversation_id = ?1 AND m.user_id = ?2",
     "SELECT member_count FROM conversations WHERE conversation_id = ?1",
     "SELECT user_id FROM members WHERE conversation_id = ?1 AND user_id <> ?2 "
     "ORDER BY user_id LIMIT 1",
-    "SELECT COALESCE(MAX(read_seq), 0) FROM cursors WHERE conversation_id = ?1 AND user_id = ?2",
-    "SELECT delivered_seq FROM cursors "
-    "WHERE conversation_id = ?1 AND user_id = ?2 AND device_id = ?3",
     CHAT_ALL_MESSAGES("seq, user_ordinal", "0", " AND seq <= ?2") " ORDER BY seq DESC LIMIT 1",
     CHAT_ALL_MESSAGES(CHAT_MESSAGE_COLUMNS, "?2 - 1", " AND seq <= ?3") " ORDER BY seq LIMIT ?4",
     CHAT_ALL_MESSAGES(CHAT_MESSAGE_COLUMNS, "0", " AND seq < ?2") " ORDER BY seq DESC LIMIT ?3",
@@ -1038,7 +1041,7 @@ class SqliteSource final : public server::ReadSource {
     UserCounts counts;
     {
       Query q(conn_, Sql::kDescribe);
-      q.U64(conversation_id).Text(user);
+      q.U64(conversation_id).Text(user).Text(device);
       Result<bool> row = q.Step();
       if (!row.ok()) return row.status();
       if (!*row) return server::NotAMember(conversation_id);
@@ -1055,6 +1058,9 @@ class SqliteSource final : public server::ReadSource {
       sent_seq = q.ColumnU64(10);
       counts = {info.last_seq, info.first_seq, q.ColumnU64(11), q.ColumnU64(12)};
       if (info.removed_at_seq != 0) info.last_seq = std::min(info.last_seq, info.removed_at_seq);
+      // The user's read mark is the highest over its devices (none: NULL, read as 0).
+      info.read_seq = std::min(q.ColumnU64(13), info.last_seq);
+      info.delivered_seq = q.ColumnU64(14);
       // Nothing a removed member may read is stored any more: say so, not what came later.
       if (info.first_seq > info.last_seq) info.first_seq = 0;
     }
@@ -1069,20 +1075,6 @@ class SqliteSource final : public server::ReadSource {
       Result<int64_t> last_seen = LastSeen(info.peer);
       if (!last_seen.ok()) return last_seen.status();
       info.peer_last_seen_ms = *last_seen;
-    }
-    {
-      Query q(conn_, Sql::kReadSeq);
-      q.U64(conversation_id).Text(user);
-      Result<int64_t> seq = ScalarInt(q, 0);
-      if (!seq.ok()) return seq.status();
-      info.read_seq = std::min(static_cast<Seq>(*seq), info.last_seq);
-    }
-    {
-      Query q(conn_, Sql::kDeliveredSeq);
-      q.U64(conversation_id).Text(user).Text(device);
-      Result<int64_t> seq = ScalarInt(q, 0);
-      if (!seq.ok()) return seq.status();
-      info.delivered_seq = static_cast<Seq>(*seq);
     }
     if (count_unread) {
       // Others' user messages above what the user read, its own last message (whoever replies
@@ -1151,6 +1143,25 @@ class SqliteSource final : public server::ReadSource {
       if (!*row) return Status::Ok();
       out->push_back(
           {q.ColumnBytes(0), static_cast<Role>(q.ColumnInt(1)), q.ColumnU64(2), q.ColumnU64(3)});
+    }
+  }
+
+  Result<std::optional<server::DeviceMarks>> ReceiptStart(ConversationId conversation_id,
+                                                          const UserId& user,
+                                                          const DeviceId& device) override {
+    Query q(conn_, Sql::kReceiptStart);
+    q.U64(conversation_id).Text(user);
+    std::optional<server::DeviceMarks> out;
+    for (;;) {
+      Result<bool> row = q.Step();
+      if (!row.ok()) return row.status();
+      if (!*row) return out;
+      if (!out) out = server::DeviceMarks{{user, static_cast<Role>(q.ColumnInt(0)), 0, 0}, 0};
+      // No cursor yet: one row of NULLs, which read as 0.
+      const Seq delivered = q.ColumnU64(2);
+      out->user.delivered_seq = std::max(out->user.delivered_seq, delivered);
+      out->user.read_seq = std::max(out->user.read_seq, q.ColumnU64(3));
+      if (q.ColumnView(1) == device) out->device_delivered_seq = delivered;
     }
   }
 

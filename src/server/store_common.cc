@@ -494,20 +494,22 @@ Status ApplyReceipt(AppendTarget& target, const AppendRequest& request, AppendRe
   }
   result->kind = membership->kind;
   const bool removed = membership->removed_at_seq != 0;
-  // Only the watermarks: the unread count is read once, after the change.
-  Result<ConversationInfo> before =
-      reader.Describe(id, request.sender, request.sender_device, /*count_unread=*/false);
-  if (!before.ok()) return before.status();
+  Result<Seq> last_seq = target.LastSeq(id);
+  if (!last_seq.ok()) return last_seq.status();
+  // What the user may see ends at its removal (as Describe caps it).
+  const Seq last = removed ? std::min(*last_seq, membership->removed_at_seq) : *last_seq;
+  Result<std::optional<DeviceMarks>> start =
+      reader.ReceiptStart(id, request.sender, request.sender_device);
+  if (!start.ok()) return start.status();
+  if (!start->has_value()) return Internal("receipt: the member's row is gone");
+  const MemberReceipt before_mark = (*start)->user;
   // Watermarks never move backwards and never past what is committed. A device that has read
-  // up to a seq has also received it.
-  const Seq last = before->last_seq;
-  const Seq read = std::max(before->read_seq, std::min(request.read_seq, last));
-  const Seq delivered =
-      std::max({before->delivered_seq, std::min(request.delivered_seq, last), read});
-  std::vector<MemberReceipt> user_before;
-  if (Status s = reader.Watermarks(id, request.sender, &user_before); !s.ok()) return s;
-  if (user_before.empty()) return Internal("receipt: the member's row is gone");
-  if (read != before->read_seq || delivered != before->delivered_seq) {
+  // up to a seq has also received it. The user's read mark is the highest over its devices.
+  const Seq before_read = std::min(before_mark.read_seq, last);
+  const Seq before_delivered = (*start)->device_delivered_seq;
+  const Seq read = std::max(before_read, std::min(request.read_seq, last));
+  const Seq delivered = std::max({before_delivered, std::min(request.delivered_seq, last), read});
+  if (read != before_read || delivered != before_delivered) {
     if (Status s = target.PutCursor(id, request.sender, request.sender_device, delivered, read);
         !s.ok()) {
       return s;
@@ -522,7 +524,6 @@ Status ApplyReceipt(AppendTarget& target, const AppendRequest& request, AppendRe
   if (!total.ok()) return total.status();
   result->unread_total = *total;
 
-  const MemberReceipt before_mark = user_before[0];
   // The user's marks are the highest over its devices, and only this device's moved (upwards).
   result->sender_receipt = before_mark;
   result->sender_receipt.delivered_seq = std::max(before_mark.delivered_seq, delivered);
@@ -633,6 +634,17 @@ Status ApplySetRetention(AppendTarget& target, const AppendRequest& request, App
 }
 
 }  // namespace
+
+Result<std::optional<DeviceMarks>> ReadSource::ReceiptStart(ConversationId conversation_id,
+                                                            const UserId& user,
+                                                            const DeviceId& device) {
+  std::vector<MemberReceipt> marks;
+  if (Status s = Watermarks(conversation_id, user, &marks); !s.ok()) return s;
+  if (marks.empty()) return std::optional<DeviceMarks>();
+  Result<ConversationInfo> info = Describe(conversation_id, user, device, /*count_unread=*/false);
+  if (!info.ok()) return info.status();
+  return std::optional<DeviceMarks>(DeviceMarks{std::move(marks[0]), info->delivered_seq});
+}
 
 Result<uint64_t> UnreadTotal(ReadSource& source, const UserId& user, const DeviceId& device,
                              const ConversationInfo* known, UnreadMemo* memo) {

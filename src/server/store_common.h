@@ -109,6 +109,12 @@ class UnreadMemo {
 Result<uint64_t> UnreadTotal(ReadSource& source, const UserId& user, const DeviceId& device,
                              const ConversationInfo* known = nullptr, UnreadMemo* memo = nullptr);
 
+// A member's watermarks (the highest over its devices) and one device's delivered mark.
+struct DeviceMarks {
+  MemberReceipt user;
+  Seq device_delivered_seq = 0;
+};
+
 // Read primitives of a store, called inside one consistent snapshot.
 class ReadSource {
  public:
@@ -138,6 +144,12 @@ class ReadSource {
   // that member alone, also after its removal.
   virtual Status Watermarks(ConversationId conversation_id, const UserId& only,
                             std::vector<MemberReceipt>* out) = 0;
+  // Where a receipt from `device` starts: `user`'s watermarks (Watermarks for `only`) and the
+  // delivered mark of `device` itself (0 without a cursor); std::nullopt when the user has no
+  // member row. The default reads them through Watermarks and Describe.
+  virtual Result<std::optional<DeviceMarks>> ReceiptStart(ConversationId conversation_id,
+                                                          const UserId& user,
+                                                          const DeviceId& device);
 
   // --- Presence ---
   // Whether `a` and `b` are both current members of a direct conversation or group.

@@ -1250,6 +1250,11 @@ void ReceiptsAreMonotonicPerUserAndExact(Kind kind) {
   CHECK(back.status.ok());
   CHECK_FALSE(back.receipt_changed);
   CHECK(back.conversation.read_seq == 3);
+  // Delivered moves from the device's own mark (3), not from the tablet's (6).
+  AppendResult phone_more = CommitOne(store, ReceiptOf(id, "bob", "bob-phone", 4, 3));
+  CHECK_FALSE(phone_more.receipt_changed);
+  CHECK(phone_more.conversation.delivered_seq == 4);
+  CHECK(InfoOf(store, "bob", id, "bob-phone")->delivered_seq == 4);
 
   AppendResult all = CommitOne(store, ReceiptOf(id, "bob", "bob-tablet", 6, 6));
   CHECK(all.conversation.unread == 0);
@@ -2769,6 +2774,26 @@ TEST_CASE("store: sqlite: a failed transaction stores nothing of the batch") {
   CHECK_FALSE(retried[1].duplicate);
   CHECK(retried[1].message.seq == 2);
   CHECK(retried[2].message.seq == 3);
+}
+
+// The writer caches memberships: a member row that vanished behind it (a damaged or edited
+// file) fails the receipt's batch rather than writing a cursor nobody's row stands for.
+TEST_CASE("store: sqlite: a receipt whose member row is gone fails its batch and writes nothing") {
+  Env env(Kind::kSqlite);
+  MessageStore& store = *env.store;
+  const std::string path = env.dir.File("chat.db");
+  const ConversationId id = CreateGroupOk(store, "alice", {"bob"});
+  SendMany(store, id, "alice", 2, "a");                                     // seqs 2, 3
+  REQUIRE(CommitOne(store, ReceiptOf(id, "bob", "b1", 2, 1)).status.ok());  // cached now
+  RawExec(path, "DELETE FROM members WHERE user_id = 'bob'");
+  std::vector<AppendResult> results;
+  const Status failed =
+      store.Append(std::vector<AppendRequest>{ReceiptOf(id, "bob", "b1", 3, 3)}, &results);
+  CHECK(failed.code() == Code::kInternal);
+  CHECK(failed.message().find("member's row is gone") != std::string::npos);
+  // As the first receipt left it.
+  CHECK(RawRow(path, "SELECT delivered_seq, read_seq FROM cursors WHERE user_id = 'bob'") ==
+        std::vector<std::string>{"2", "1"});
 }
 
 // The writer keeps the lowest watermarks between receipts; a batch that rolls back must not
