@@ -807,7 +807,7 @@ Result<std::vector<UserId>> ReadMembers(Connection& conn, ConversationId convers
 // SqliteTarget, which keeps the cache in step; a rolled-back transaction clears it. Bounded:
 // past kMaxConversations conversations or kMaxMemberIds cached member ids it starts over, and
 // the pairs past kMaxDirects.
-class WriterCache final : public server::UnreadMemo {
+class WriterCache {
  public:
   // A sender and the seq of its last user message.
   struct Sent {
@@ -864,6 +864,7 @@ class WriterCache final : public server::UnreadMemo {
 
   // A member was added, changed or removed: what was known of the conversation's members goes.
   void ForgetMembers(ConversationId conversation_id) {
+    Touch(conversation_id);
     auto it = conversations_.find(conversation_id);
     if (it == conversations_.end()) return;
     it->second.memberships.clear();
@@ -897,22 +898,45 @@ class WriterCache final : public server::UnreadMemo {
     directs_.emplace(DirectKey(low, high), conversation_id);
   }
 
-  // Users' unread counts per conversation (server::UnreadMemo): each valid while its
-  // conversation's head is as it was; a receipt puts the count its move left.
-  std::optional<uint64_t> Find(const UserId& user, const ConversationHead& head) override {
-    auto it = unread_.find(user);
-    if (it == unread_.end()) return std::nullopt;
-    auto count = it->second.find(head.conversation_id);
-    if (count == it->second.end() || !SameHead(count->second.head, head)) return std::nullopt;
-    return count->second.unread;
+  // A conversation's stamp: it changes whenever something its members' unread counts depend on
+  // may have changed (a message, retention, a membership), and a stamp once given is never
+  // given again, also after the stamps were dropped.
+  uint64_t Stamp(ConversationId conversation_id) {
+    if (stamps_.size() >= kMaxStamps && !stamps_.contains(conversation_id)) stamps_.clear();
+    auto [it, added] = stamps_.try_emplace(conversation_id, 0);
+    if (added) it->second = ++last_stamp_;
+    return it->second;
   }
-  void Put(const UserId& user, const ConversationHead& head, uint64_t unread) override {
-    if (unread_counts_ >= kMaxUnreadCounts) {
+  void Touch(ConversationId conversation_id) { stamps_.erase(conversation_id); }
+
+  // A user's unread counts, one for each conversation it is or was a member of, each as of its
+  // conversation's stamp (0: to be counted again).
+  struct Counted {
+    uint64_t stamp = 0;
+    uint64_t unread = 0;
+  };
+  using UserUnread = std::unordered_map<ConversationId, Counted>;
+  // The user's counts if every conversation of the user is among them, or nullptr.
+  UserUnread* FindUnread(const UserId& user) {
+    auto it = unread_.find(user);
+    return it == unread_.end() ? nullptr : &it->second;
+  }
+  void PutUnread(const UserId& user, UserUnread counts) {
+    if (unread_counts_ + counts.size() > kMaxUnreadCounts) {
       unread_.clear();
       unread_counts_ = 0;
     }
-    auto [it, added] = unread_[user].insert_or_assign(head.conversation_id, Unread{head, unread});
-    if (added) ++unread_counts_;
+    if (counts.size() > kMaxUnreadCounts) return;
+    unread_counts_ += counts.size();
+    unread_[user] = std::move(counts);  // replaces only what it holds after a ForgetUnread
+  }
+  // The user joined a conversation: its list is incomplete.
+  void ForgetUnread(const UserId& user) { unread_.erase(user); }
+  // The user's read mark moved in the conversation: its count there is to be counted again.
+  void StaleUnread(const UserId& user, ConversationId conversation_id) {
+    if (UserUnread* counts = FindUnread(user)) {
+      if (auto it = counts->find(conversation_id); it != counts->end()) it->second.stamp = 0;
+    }
   }
 
   void Clear() {
@@ -921,6 +945,7 @@ class WriterCache final : public server::UnreadMemo {
     ids_ = 0;
     unread_.clear();
     unread_counts_ = 0;
+    stamps_.clear();
   }
 
  private:
@@ -928,15 +953,7 @@ class WriterCache final : public server::UnreadMemo {
   static constexpr size_t kMaxMemberIds = 100'000;
   static constexpr size_t kMaxDirects = 10'000;
   static constexpr size_t kMaxUnreadCounts = 100'000;
-
-  struct Unread {
-    ConversationHead head;  // as it was when counted
-    uint64_t unread = 0;
-  };
-  static bool SameHead(const ConversationHead& a, const ConversationHead& b) {
-    return a.last_seq == b.last_seq && a.first_seq == b.first_seq && a.joined_seq == b.joined_seq &&
-           a.removed_at_seq == b.removed_at_seq;
-  }
+  static constexpr size_t kMaxStamps = 100'000;
 
   // The first id's length, then both ids: unambiguous whatever bytes the ids hold.
   static std::string DirectKey(const UserId& low, const UserId& high) {
@@ -967,8 +984,10 @@ class WriterCache final : public server::UnreadMemo {
 
   std::unordered_map<ConversationId, Conversation> conversations_;
   std::unordered_map<std::string, ConversationId> directs_;
-  std::unordered_map<UserId, std::unordered_map<ConversationId, Unread>> unread_;
-  size_t unread_counts_ = 0;
+  std::unordered_map<UserId, UserUnread> unread_;
+  size_t unread_counts_ = 0;  // counts held, an upper bound (forgotten users' still count)
+  std::unordered_map<ConversationId, uint64_t> stamps_;
+  uint64_t last_stamp_ = 0;
   size_t ids_ = 0;  // member ids and memberships held, an upper bound (forgotten ones still count)
 };
 
@@ -1319,6 +1338,8 @@ class SqliteTarget final : public server::AppendTarget {
       if (Status s = q.Run(); !s.ok()) return s;
     }
     cache_.ForgetMembers(id);
+    cache_.ForgetUnread(low);
+    cache_.ForgetUnread(high);
     cache_.PutDirect(low, high, id);
     return id;
   }
@@ -1340,6 +1361,7 @@ class SqliteTarget final : public server::AppendTarget {
   Status PutMember(ConversationId conversation_id, const UserId& user, Role role,
                    Seq joined_seq) override {
     cache_.ForgetMembers(conversation_id);
+    cache_.ForgetUnread(user);
     {
       Query count(conn_, Sql::kCountMemberIn);  // before the row says it is current
       count.U64(conversation_id).Text(user);
@@ -1379,15 +1401,43 @@ class SqliteTarget final : public server::AppendTarget {
 
   Status PutCursor(ConversationId conversation_id, const UserId& user, const DeviceId& device,
                    Seq delivered_seq, Seq read_seq) override {
+    cache_.StaleUnread(user, conversation_id);
     Query q(conn_, Sql::kPutCursor);
     q.U64(conversation_id).Text(user).Text(device).U64(delivered_seq).U64(read_seq);
     return q.Run();
   }
 
-  // Only the conversations whose head changed since the user's last receipt are counted again.
+  // The user's counts are kept between receipts: only the conversations whose stamp changed
+  // since are counted again, and the list of the user's conversations is read again only after
+  // it joined one (or the cache was dropped).
   Result<uint64_t> UserUnreadTotal(const UserId& user, const DeviceId& device,
                                    const ConversationInfo& known) override {
-    return server::UnreadTotal(reader_, user, device, &known, &cache_);
+    WriterCache::UserUnread* kept = cache_.FindUnread(user);
+    if (kept == nullptr || !kept->contains(known.conversation_id)) {
+      std::vector<ConversationHead> heads;
+      if (Status s = reader_.UserConversations(user, &heads); !s.ok()) return s;
+      WriterCache::UserUnread counts;
+      counts.reserve(heads.size());
+      for (const ConversationHead& head : heads) counts[head.conversation_id];  // stamp 0
+      cache_.PutUnread(user, std::move(counts));
+      kept = cache_.FindUnread(user);
+      if (kept == nullptr) return server::UnreadTotal(reader_, user, device, &known);  // too many
+    }
+    // `kept` stays valid through the loop: Describe and Stamp leave the users' counts alone.
+    uint64_t total = 0;
+    for (auto& [conversation_id, counted] : *kept) {
+      const uint64_t stamp = cache_.Stamp(conversation_id);
+      if (conversation_id == known.conversation_id) {
+        counted = {stamp, known.unread};
+      } else if (counted.stamp != stamp) {
+        Result<ConversationInfo> info =
+            reader_.Describe(conversation_id, user, device, /*count_unread=*/true);
+        if (!info.ok()) return info.status();
+        counted = {stamp, info->unread};
+      }
+      total += counted.unread;
+    }
+    return total;
   }
 
   // With the lowest marks known from the last receipt and how many members hold each, a move
@@ -1427,6 +1477,7 @@ class SqliteTarget final : public server::AppendTarget {
   }
 
   Status Insert(const Message& m) override {
+    cache_.Touch(m.conversation_id);
     if (!m.client_msg_id.empty()) {
       Query q(conn_, Sql::kInsertKey);
       q.Text(m.client_msg_id).Text(m.sender).U64(m.conversation_id).U64(m.seq);
@@ -2114,6 +2165,7 @@ class SqliteStore final : public MessageStore {
         if (Status s = q.Run(); !s.ok()) return s;
       }
       {
+        cache_.Touch(c.conversation_id);
         Query q(*writer_, Sql::kSetFirstSeq);
         q.U64(c.conversation_id).U64(next).U64(gone_user_messages);
         if (Status s = q.Run(); !s.ok()) return s;

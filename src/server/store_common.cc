@@ -647,24 +647,18 @@ Result<std::optional<DeviceMarks>> ReadSource::ReceiptStart(ConversationId conve
 }
 
 Result<uint64_t> UnreadTotal(ReadSource& source, const UserId& user, const DeviceId& device,
-                             const ConversationInfo* known, UnreadMemo* memo) {
+                             const ConversationInfo* known) {
   std::vector<ConversationHead> heads;
   if (Status s = source.UserConversations(user, &heads); !s.ok()) return s;
   uint64_t total = 0;
   for (const ConversationHead& head : heads) {
-    uint64_t unread = 0;
     if (known != nullptr && head.conversation_id == known->conversation_id) {
-      unread = known->unread;
-    } else if (std::optional<uint64_t> kept = memo ? memo->Find(user, head) : std::nullopt) {
-      total += *kept;
+      total += known->unread;
       continue;
-    } else {
-      Result<ConversationInfo> info = source.Describe(head.conversation_id, user, device);
-      if (!info.ok()) return info.status();
-      unread = info->unread;
     }
-    if (memo != nullptr) memo->Put(user, head, unread);
-    total += unread;
+    Result<ConversationInfo> info = source.Describe(head.conversation_id, user, device);
+    if (!info.ok()) return info.status();
+    total += info->unread;
   }
   return total;
 }

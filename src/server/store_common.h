@@ -92,22 +92,10 @@ struct ConversationHead {
 
 class ReadSource;
 
-// A user's unread counts per conversation kept between calls of UnreadTotal. A count holds as
-// long as the conversation's head (last_seq, first_seq, the user's joined_seq and
-// removed_at_seq) is as it was and the user's read watermark has not moved since: whoever moves
-// it must Put the new count (a receipt's UnreadTotal does, with the conversation as `known`).
-class UnreadMemo {
- public:
-  virtual ~UnreadMemo() = default;
-  virtual std::optional<uint64_t> Find(const UserId& user, const ConversationHead& head) = 0;
-  virtual void Put(const UserId& user, const ConversationHead& head, uint64_t unread) = 0;
-};
-
 // The user's unread count over all of its conversations (Describe's, summed). `known`, if given,
-// is one of them described already: its count is not read again. `memo`, if given, answers for
-// the conversations whose head did not change and keeps the counts read.
+// is one of them described already: its count is not read again.
 Result<uint64_t> UnreadTotal(ReadSource& source, const UserId& user, const DeviceId& device,
-                             const ConversationInfo* known = nullptr, UnreadMemo* memo = nullptr);
+                             const ConversationInfo* known = nullptr);
 
 // A member's watermarks (the highest over its devices) and one device's delivered mark.
 struct DeviceMarks {

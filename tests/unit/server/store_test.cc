@@ -1500,6 +1500,20 @@ void ReceiptUnreadTotalsStayExact(Kind kind) {
       DeleteOldest(store, 1);
       continue;
     }
+    if (roll < 52) {
+      // A conversation "me" was never in: a new peer's first message, or a new group.
+      const std::string n = std::to_string(conversations.size());
+      // Peers named to sort before and after "me" (direct rows keep the pair in order).
+      if (step % 3 == 0) {
+        conversations.push_back(OpenDirect(store, "a-new" + n, "me"));
+      } else if (step % 3 == 1) {
+        conversations.push_back(OpenDirect(store, "new" + n, "me"));
+      } else {
+        conversations.push_back(CreateGroupOk(store, "owner", {"me"}));
+        SendMany(store, conversations.back(), "owner", 2, "new" + n);
+      }
+      continue;
+    }
     std::optional<ConversationInfo> info = InfoOf(store, "me", id);
     if (!info) continue;
     const Seq read = random() % (info->last_seq + 1);
@@ -1513,8 +1527,8 @@ void ReceiptUnreadTotalsStayExact(Kind kind) {
   CHECK(checked > 100);
 }
 STORE_CASE(ReceiptUnreadTotalsStayExact,
-           "a receipt's unread total stays exact across messages, receipts, membership and "
-           "retention")
+           "a receipt's unread total stays exact across messages, receipts, membership, new "
+           "conversations and retention")
 
 void UnreadCountsStartAboveTheUsersOwnMessage(Kind kind) {
   Env env(kind);
