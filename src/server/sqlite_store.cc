@@ -802,11 +802,14 @@ Result<std::vector<UserId>> ReadMembers(Connection& conn, ConversationId convers
 // sent_seq, only when a third sender takes one of the two latest senders' places) instead of
 // seven: each conversation's tail (last seq, user_ordinal, its two latest senders), its members,
 // and the memberships looked up for authorization; and the direct conversation of each pair of
-// users it looked up or created, so a message addressed by peer costs no lookup either.
+// users it looked up or created, so a message addressed by peer costs no lookup either. For
+// receipts: each conversation's lowest watermarks, and each user's unread count per conversation
+// with the conversation's stamp.
 // Only the writer connection changes these rows, and every change goes through the writer's
-// SqliteTarget, which keeps the cache in step; a rolled-back transaction clears it. Bounded:
-// past kMaxConversations conversations or kMaxMemberIds cached member ids it starts over, and
-// the pairs past kMaxDirects.
+// SqliteTarget or its retention sweep, which keep the cache in step; a rolled-back transaction
+// clears it. Bounded: past kMaxConversations conversations or kMaxMemberIds cached member ids it
+// starts over, and the pairs past kMaxDirects, the unread counts past kMaxUnreadCounts and the
+// stamps past kMaxStamps (which only makes the counts be counted again).
 class WriterCache {
  public:
   // A sender and the seq of its last user message.
@@ -921,17 +924,34 @@ class WriterCache {
     auto it = unread_.find(user);
     return it == unread_.end() ? nullptr : &it->second;
   }
+  // Keeps `counts` as the user's (replacing what was kept), unless they alone pass the bound.
   void PutUnread(const UserId& user, UserUnread counts) {
+    ForgetUnread(user);
+    if (counts.size() > kMaxUnreadCounts) return;
     if (unread_counts_ + counts.size() > kMaxUnreadCounts) {
       unread_.clear();
       unread_counts_ = 0;
     }
-    if (counts.size() > kMaxUnreadCounts) return;
     unread_counts_ += counts.size();
-    unread_[user] = std::move(counts);  // replaces only what it holds after a ForgetUnread
+    unread_.emplace(user, std::move(counts));
   }
-  // The user joined a conversation: its list is incomplete.
-  void ForgetUnread(const UserId& user) { unread_.erase(user); }
+  void ForgetUnread(const UserId& user) {
+    auto it = unread_.find(user);
+    if (it == unread_.end()) return;
+    unread_counts_ -= it->second.size();
+    unread_.erase(it);
+  }
+  // The user joined the conversation: its count there is to be counted, the others still hold.
+  void JoinUnread(const UserId& user, ConversationId conversation_id) {
+    UserUnread* counts = FindUnread(user);
+    if (counts == nullptr || counts->contains(conversation_id)) return;
+    if (unread_counts_ >= kMaxUnreadCounts) {
+      ForgetUnread(user);
+      return;
+    }
+    counts->try_emplace(conversation_id);
+    ++unread_counts_;
+  }
   // The user's read mark moved in the conversation: its count there is to be counted again.
   void StaleUnread(const UserId& user, ConversationId conversation_id) {
     if (UserUnread* counts = FindUnread(user)) {
@@ -985,7 +1005,7 @@ class WriterCache {
   std::unordered_map<ConversationId, Conversation> conversations_;
   std::unordered_map<std::string, ConversationId> directs_;
   std::unordered_map<UserId, UserUnread> unread_;
-  size_t unread_counts_ = 0;  // counts held, an upper bound (forgotten users' still count)
+  size_t unread_counts_ = 0;  // counts held
   std::unordered_map<ConversationId, uint64_t> stamps_;
   uint64_t last_stamp_ = 0;
   size_t ids_ = 0;  // member ids and memberships held, an upper bound (forgotten ones still count)
@@ -1338,8 +1358,8 @@ class SqliteTarget final : public server::AppendTarget {
       if (Status s = q.Run(); !s.ok()) return s;
     }
     cache_.ForgetMembers(id);
-    cache_.ForgetUnread(low);
-    cache_.ForgetUnread(high);
+    cache_.JoinUnread(low, id);
+    cache_.JoinUnread(high, id);
     cache_.PutDirect(low, high, id);
     return id;
   }
@@ -1361,7 +1381,7 @@ class SqliteTarget final : public server::AppendTarget {
   Status PutMember(ConversationId conversation_id, const UserId& user, Role role,
                    Seq joined_seq) override {
     cache_.ForgetMembers(conversation_id);
-    cache_.ForgetUnread(user);
+    cache_.JoinUnread(user, conversation_id);  // a re-added member: ForgetMembers restamps it
     {
       Query count(conn_, Sql::kCountMemberIn);  // before the row says it is current
       count.U64(conversation_id).Text(user);
@@ -1418,12 +1438,15 @@ class SqliteTarget final : public server::AppendTarget {
       if (Status s = reader_.UserConversations(user, &heads); !s.ok()) return s;
       WriterCache::UserUnread counts;
       counts.reserve(heads.size());
-      for (const ConversationHead& head : heads) counts[head.conversation_id];  // stamp 0
-      cache_.PutUnread(user, std::move(counts));
+      for (const ConversationHead& head : heads) counts.try_emplace(head.conversation_id);
+      cache_.PutUnread(user, std::move(counts));  // each to be counted (stamp 0)
       kept = cache_.FindUnread(user);
-      if (kept == nullptr) return server::UnreadTotal(reader_, user, device, &known);  // too many
+      if (kept == nullptr) {  // more than the cache may hold: counted every time
+        return server::UnreadTotal(reader_, user, device, heads, &known);
+      }
     }
-    // `kept` stays valid through the loop: Describe and Stamp leave the users' counts alone.
+    // `kept` stays valid through the loop: Stamp and Describe (a read of the connection, which
+    // never reaches the cache) leave the users' counts alone.
     uint64_t total = 0;
     for (auto& [conversation_id, counted] : *kept) {
       const uint64_t stamp = cache_.Stamp(conversation_id);

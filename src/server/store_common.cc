@@ -650,6 +650,12 @@ Result<uint64_t> UnreadTotal(ReadSource& source, const UserId& user, const Devic
                              const ConversationInfo* known) {
   std::vector<ConversationHead> heads;
   if (Status s = source.UserConversations(user, &heads); !s.ok()) return s;
+  return UnreadTotal(source, user, device, heads, known);
+}
+
+Result<uint64_t> UnreadTotal(ReadSource& source, const UserId& user, const DeviceId& device,
+                             std::span<const ConversationHead> heads,
+                             const ConversationInfo* known) {
   uint64_t total = 0;
   for (const ConversationHead& head : heads) {
     if (known != nullptr && head.conversation_id == known->conversation_id) {

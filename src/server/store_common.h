@@ -96,6 +96,10 @@ class ReadSource;
 // is one of them described already: its count is not read again.
 Result<uint64_t> UnreadTotal(ReadSource& source, const UserId& user, const DeviceId& device,
                              const ConversationInfo* known = nullptr);
+// The same over `heads`, the user's conversations as UserConversations read them.
+Result<uint64_t> UnreadTotal(ReadSource& source, const UserId& user, const DeviceId& device,
+                             std::span<const ConversationHead> heads,
+                             const ConversationInfo* known);
 
 // A member's watermarks (the highest over its devices) and one device's delivered mark.
 struct DeviceMarks {

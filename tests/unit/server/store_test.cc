@@ -1454,9 +1454,11 @@ void DeleteOldest(MessageStore& store, uint32_t n) {
 }
 
 // A receipt's reply carries the user's unread total over all of its conversations; the SQLite
-// writer keeps per-conversation counts between receipts and counts again only where a head
-// changed. The total must stay what a Sync computes from scratch, through messages, the user's
-// own messages, receipts in other conversations, membership changes and retention.
+// writer keeps per-conversation counts between receipts and counts again only where the
+// conversation's stamp changed. The total must stay what a Sync computes from scratch, through
+// messages, the user's own messages, receipts in other conversations and from other devices and
+// members, batches of a receipt and a message, membership changes, new conversations and
+// retention.
 void ReceiptUnreadTotalsStayExact(Kind kind) {
   Env env(kind);
   MessageStore& store = *env.store;
@@ -1514,14 +1516,44 @@ void ReceiptUnreadTotalsStayExact(Kind kind) {
       }
       continue;
     }
+    if (roll < 56) {
+      // Another member reads: its counts are kept beside "me"'s, restamped by the same events.
+      std::optional<ConversationInfo> info = InfoOf(store, "owner", id);
+      if (info && info->removed_at_seq == 0) {
+        REQUIRE(CommitOne(store, ReceiptOf(id, "owner", "o1", info->last_seq, info->last_seq))
+                    .status.ok());
+      }
+      continue;
+    }
     std::optional<ConversationInfo> info = InfoOf(store, "me", id);
     if (!info) continue;
     const Seq read = random() % (info->last_seq + 1);
-    AppendResult r = CommitOne(store, ReceiptOf(id, "me", "me-phone", read, read));
+    const DeviceId device = random() % 2 == 0 ? "me-phone" : "me-tablet";
+    // Half of the receipts share their batch with a message in another conversation, before or
+    // after them.
+    std::vector<AppendRequest> batch{ReceiptOf(id, "me", device, read, read)};
+    const ConversationId other = conversations[random() % conversations.size()];
+    std::optional<ConversationInfo> other_info = InfoOf(store, "me", other);
+    const bool with_message =
+        other != id && other_info && other_info->removed_at_seq == 0 && random() % 2 == 0;
+    const bool message_first = random() % 2 == 0;
+    if (with_message) {
+      const UserId writer =
+          other_info->kind == ConversationKind::kDirect ? other_info->peer : "owner";
+      AppendRequest message = ToConversation(other, writer, "b" + std::to_string(step), "batched");
+      batch.insert(message_first ? batch.begin() : batch.end(), std::move(message));
+    }
+    std::vector<AppendResult> results;
+    REQUIRE(store.Append(batch, &results).ok());
+    const AppendResult& r = results[with_message && message_first ? 1 : 0];
     REQUIRE(r.status.ok());
     Result<SyncReply> fresh = SyncOf(store, "me", {});
     REQUIRE(fresh.ok());
-    REQUIRE(r.unread_total == fresh->unread_total);
+    if (!with_message || message_first) {
+      REQUIRE(r.unread_total == fresh->unread_total);
+    } else {  // the message after the receipt is not in its total
+      REQUIRE(r.unread_total + 1 == fresh->unread_total);
+    }
     ++checked;
   }
   CHECK(checked > 100);
@@ -2808,6 +2840,37 @@ TEST_CASE("store: sqlite: a receipt whose member row is gone fails its batch and
   // As the first receipt left it.
   CHECK(RawRow(path, "SELECT delivered_seq, read_seq FROM cursors WHERE user_id = 'bob'") ==
         std::vector<std::string>{"2", "1"});
+}
+
+// The writer keeps each user's unread counts between receipts; a batch that rolls back must not
+// leave behind a count one of its receipts made, nor a stamp that hides one of its messages.
+TEST_CASE("store: sqlite: a failed batch leaves no unread count of its own behind") {
+  Env env(Kind::kSqlite);
+  MessageStore& store = *env.store;
+  const std::string path = env.dir.File("chat.db");
+  const ConversationId ab = OpenDirect(store, "alice", "bob");
+  const ConversationId group = CreateGroupOk(store, "alice", {"bob"});
+  const ConversationId ac = OpenDirect(store, "alice", "carol");
+  REQUIRE(CommitOne(store, ReceiptOf(ab, "bob", "b1", 1, 1)).status.ok());  // counts kept
+  RawExec(path,
+          "CREATE TRIGGER fail_boom BEFORE INSERT ON log0 WHEN NEW.body = CAST('boom' AS BLOB)"
+          " BEGIN SELECT RAISE(ABORT, 'injected failure'); END");
+  // A message bob has not read, his receipt counting it, then the failure (in a third
+  // conversation, so that nothing after the message restamps the group).
+  std::vector<AppendResult> results;
+  CHECK(store
+            .Append(std::vector<AppendRequest>{ToConversation(group, "alice", "g-1", "unread"),
+                                               ReceiptOf(ab, "bob", "b1", 1, 1),
+                                               ToConversation(ac, "alice", "boom-1", "boom")},
+                    &results)
+            .code() == Code::kInternal);
+  RawExec(path, "DROP TRIGGER fail_boom");
+  AppendResult after = CommitOne(store, ReceiptOf(ab, "bob", "b1", 1, 1));
+  REQUIRE(after.status.ok());
+  Result<SyncReply> fresh = SyncOf(store, "bob", {});
+  REQUIRE(fresh.ok());
+  CHECK(after.unread_total == fresh->unread_total);
+  CHECK(after.unread_total == 0);  // the group's message never happened
 }
 
 // The writer keeps the lowest watermarks between receipts; a batch that rolls back must not
