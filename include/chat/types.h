@@ -12,6 +12,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -101,6 +102,11 @@ struct ConversationInfo {
   Seq removed_at_seq = 0;         // non-zero: the user was removed at this seq, may read up to it
   int64_t peer_last_seen_ms = 0;  // direct: when the peer was last online (Unix ms); 0 = unknown
   int64_t retention_ms = 0;       // the conversation's own retention: 0 = server default, -1 = keep
+  // The lowest watermarks over the current members (each member's the highest over its
+  // devices), as the members were last told: the user's own messages up to them are delivered
+  // to / read by every member. 0 in channels and for a removed member.
+  Seq delivered_all_seq = 0;
+  Seq read_all_seq = 0;
 };
 
 // The highest seq a client holds for a conversation with nothing missing below it.
@@ -110,6 +116,12 @@ struct Cursor {
   // The lowest seq the client holds (0: none, or not told). Sync lists the conversation's state
   // when retention has deleted that seq, so the client drops what it holds below first_seq.
   Seq lowest_seq = 0;
+  // The lowest watermarks the client knows (ConversationInfo::delivered_all_seq, read_all_seq);
+  // std::nullopt: not told (a client that predates them). Sync lists the conversation's state
+  // when the stored ones are above what the client knows, so it learns marks raised while it
+  // was away.
+  std::optional<Seq> delivered_all_seq = std::nullopt;
+  std::optional<Seq> read_all_seq = std::nullopt;
 };
 
 // Seqs [from_seq, to_seq] that a reply left out; fetch them with History.

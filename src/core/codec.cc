@@ -549,6 +549,8 @@ void ToProto(const ConversationInfo& in, v1::ConversationState* out) {
   out->set_removed_at_seq(in.removed_at_seq);
   out->set_peer_last_seen_ms(in.peer_last_seen_ms);
   out->set_retention_ms(in.retention_ms);
+  out->set_delivered_all_seq(in.delivered_all_seq);
+  out->set_read_all_seq(in.read_all_seq);
 }
 
 ConversationInfo FromProto(const v1::ConversationState& in) {
@@ -568,6 +570,8 @@ ConversationInfo FromProto(const v1::ConversationState& in) {
   out.removed_at_seq = in.removed_at_seq();
   out.peer_last_seen_ms = in.peer_last_seen_ms();
   out.retention_ms = in.retention_ms();
+  out.delivered_all_seq = in.delivered_all_seq();
+  out.read_all_seq = in.read_all_seq();
   return out;
 }
 

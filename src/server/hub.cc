@@ -925,7 +925,13 @@ class Hub::Impl final : private PresenceTracker::Sink {
     query.device = s.device;
     query.cursors.reserve(sync.cursors_size());
     for (const v1::Cursor& cursor : sync.cursors()) {
-      query.cursors.push_back(Cursor{cursor.conversation_id(), cursor.seq(), cursor.lowest_seq()});
+      Cursor& c = query.cursors.emplace_back();
+      c.conversation_id = cursor.conversation_id();
+      c.seq = cursor.seq();
+      c.lowest_seq = cursor.lowest_seq();
+      // Unset: a client that predates them, never sent states for them (see RunSync).
+      if (cursor.has_delivered_all_seq()) c.delivered_all_seq = cursor.delivered_all_seq();
+      if (cursor.has_read_all_seq()) c.read_all_seq = cursor.read_all_seq();
     }
     const uint32_t requested = sync.limit() != 0 ? sync.limit() : options_.sync_page_max;
     query.limit = std::min(requested, options_.sync_page_max);

@@ -638,6 +638,46 @@ TEST_CASE("codec: ConversationInfo converts to the wire type and back") {
   CHECK(FromProto(wire).peer_last_seen_ms == 1'763'900'123'456);
 }
 
+TEST_CASE("codec: the lowest watermarks go with a conversation's state, and a cursor's claims") {
+  ConversationInfo info;
+  info.conversation_id = 8;
+  info.kind = ConversationKind::kGroup;
+  info.last_seq = 12;
+  info.delivered_all_seq = 11;
+  info.read_all_seq = 9;
+  v1::ConversationState wire;
+  ToProto(info, &wire);
+  CHECK(wire.delivered_all_seq() == 11);
+  CHECK(wire.read_all_seq() == 9);
+  const ConversationInfo back = FromProto(wire);
+  CHECK(back.delivered_all_seq == 11);
+  CHECK(back.read_all_seq == 9);
+
+  // A cursor that names its marks keeps naming them, 0 included, in both encodings; one that
+  // does not (a client that predates them) names none.
+  for (const Format format : {Format::kBinary, Format::kJson}) {
+    CAPTURE(static_cast<int>(format));
+    v1::Envelope envelope;
+    envelope.set_rid(3);
+    v1::Cursor* named = envelope.mutable_sync()->add_cursors();
+    named->set_conversation_id(8);
+    named->set_seq(12);
+    named->set_delivered_all_seq(0);
+    named->set_read_all_seq(7);
+    envelope.mutable_sync()->add_cursors()->set_conversation_id(9);
+    v1::Envelope decoded;
+    REQUIRE(Decode(Encode(envelope, format), format, kMax, &decoded).ok());
+    REQUIRE(decoded.sync().cursors_size() == 2);
+    const v1::Cursor& got = decoded.sync().cursors(0);
+    CHECK(got.has_delivered_all_seq());
+    CHECK(got.delivered_all_seq() == 0);
+    CHECK(got.has_read_all_seq());
+    CHECK(got.read_all_seq() == 7);
+    CHECK_FALSE(decoded.sync().cursors(1).has_delivered_all_seq());
+    CHECK_FALSE(decoded.sync().cursors(1).has_read_all_seq());
+  }
+}
+
 TEST_CASE("codec: enum values from a newer peer map to unspecified") {
   // proto3 enums are open: a newer peer may send values this build does not know.
   v1::Message wire;
