@@ -135,7 +135,8 @@ struct AppendResult {
   // its devices; the sender's unread count across every conversation; and (direct and groups) the
   // lowest watermarks over all current members, and whether they are news to the members: above
   // what they were last told (a receipt, or a member's removal before it, raised them), or the
-  // store does not know what that was (the first receipt of a conversation after a restart).
+  // store knows nothing told yet (its first receipt; a store keeps what it told across restarts,
+  // except that lowest marks of 0 leave nothing to keep).
   bool receipt_changed = false;
   MemberReceipt sender_receipt;
   uint64_t unread_total = 0;
@@ -156,9 +157,11 @@ struct SyncQuery {
 };
 
 struct SyncReply {
-  // Conversations with messages above the client's cursor (new ones included), and those whose
-  // messages retention deleted from Cursor::lowest_seq up, by id. Each one's first_seq is what
-  // retention left (see ConversationInfo::first_seq): clients delete their copies below it.
+  // Conversations with messages above the client's cursor (new ones included), those whose
+  // messages retention deleted from Cursor::lowest_seq up, and those whose lowest watermarks
+  // (ConversationInfo::delivered_all_seq, read_all_seq) are above the ones the cursor names, by
+  // id. Each one's first_seq is what retention left (see ConversationInfo::first_seq): clients
+  // delete their copies below it.
   std::vector<ConversationInfo> conversations;
   // Messages above the cursors in ascending (conversation_id, seq), at most `limit`.
   std::vector<Message> messages;

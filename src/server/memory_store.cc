@@ -165,6 +165,11 @@ class MemorySource final : public server::ReadSource {
     info.member_count = static_cast<uint32_t>(c.current_members);
     info.last_activity_ms = c.last_activity_ms;
     info.retention_ms = c.retention_ms;
+    // A channel keeps no lowest marks, and a removed member is told nothing of the members.
+    if (c.lowest_told && member.removed_at_seq == 0) {
+      info.delivered_all_seq = c.lowest_told->delivered_seq;
+      info.read_all_seq = c.lowest_told->read_seq;
+    }
     return info;
   }
 

@@ -39,7 +39,7 @@ using server::ConversationHead;
 
 // The schema version this build writes. A file with a higher PRAGMA user_version was written
 // by a newer build and is refused rather than misread.
-constexpr int kSchemaVersion = 9;
+constexpr int kSchemaVersion = 10;
 
 // log0 and log1 of schema 5: the columns of messages, in arrival order (rowid), found by
 // conversation and seq through their index.
@@ -242,6 +242,13 @@ ALTER TABLE conversations ADD COLUMN last_sent_seq INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE conversations ADD COLUMN prev_sender TEXT NOT NULL DEFAULT '';
 ALTER TABLE conversations ADD COLUMN prev_sent_seq INTEGER NOT NULL DEFAULT 0;
 )sql",
+    // 10: the lowest watermarks the members were last told (server::LowestMove), so that a
+    // restart neither tells them again as news nor forgets them: Describe and Sync report them.
+    // 0 and 0: nothing told yet (as a version 9 file says of every conversation).
+    R"sql(
+ALTER TABLE conversations ADD COLUMN told_delivered_seq INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE conversations ADD COLUMN told_read_seq INTEGER NOT NULL DEFAULT 0;
+)sql",
 };
 
 #undef CHAT_LOG_TABLE
@@ -335,6 +342,8 @@ enum class Sql : int {
   kConversationExists,
   kUserConversations,
   kDescribe,
+  kTold,
+  kSetTold,
   kMemberCount,
   kPeer,
   kUserOrdinal,
@@ -459,9 +468,13 @@ constexpr std::array<const char*, static_cast<size_t>(Sql::kCount)> kSql = {
     "c.user_messages, c.gone_user_messages, "
     "(SELECT MAX(read_seq) FROM cursors WHERE conversation_id = ?1 AND user_id = ?2), "
     "(SELECT delivered_seq FROM cursors "
-    "WHERE conversation_id = ?1 AND user_id = ?2 AND device_id = ?3) FROM members m "
+    "WHERE conversation_id = ?1 AND user_id = ?2 AND device_id = ?3), "
+    "c.told_delivered_seq, c.told_read_seq FROM members m "
     "JOIN conversations c ON c.conversation_id = m.conversation_id "
     "WHERE m.conversation_id = ?1 AND m.user_id = ?2",
+    "SELECT told_delivered_seq, told_read_seq FROM conversations WHERE conversation_id = ?1",
+    "UPDATE conversations SET told_delivered_seq = ?2, told_read_seq = ?3 "
+    "WHERE conversation_id = ?1",
     "SELECT member_count FROM conversations WHERE conversation_id = ?1",
     "SELECT user_id FROM members WHERE conversation_id = ?1 AND user_id <> ?2 "
     "ORDER BY user_id LIMIT 1",
@@ -885,9 +898,22 @@ class WriterCache {
   void PutLowest(ConversationId conversation_id, const server::LowestCount& lowest) {
     Entry(conversation_id).lowest = lowest;
   }
-  // Raises what the members were told of the lowest marks to `now`: whether that is news.
-  bool Tell(ConversationId conversation_id, const server::LowestMarks& now) {
-    return server::RaiseTold(Entry(conversation_id).told, now);
+  // Whether what the members were told of the lowest marks is known here (else it is in the
+  // conversation's row).
+  bool KnowsTold(ConversationId conversation_id) const {
+    auto it = conversations_.find(conversation_id);
+    return it != conversations_.end() && it->second.told.has_value();
+  }
+  void PutTold(ConversationId conversation_id, const server::LowestMarks& told) {
+    Entry(conversation_id).told = told;
+  }
+  // Raises what the members were told of the lowest marks to `now`: whether that is news, and
+  // then what they are told (each mark the highest told).
+  std::optional<server::LowestMarks> Tell(ConversationId conversation_id,
+                                          const server::LowestMarks& now) {
+    std::optional<server::LowestMarks>& told = Entry(conversation_id).told;
+    if (!server::RaiseTold(told, now)) return std::nullopt;
+    return told;
   }
 
   // The direct conversation of `low` and `high` (low < high), or 0 if not known. A pair's
@@ -1102,6 +1128,11 @@ class SqliteSource final : public server::ReadSource {
       info.delivered_seq = q.ColumnU64(14);
       // Nothing a removed member may read is stored any more: say so, not what came later.
       if (info.first_seq > info.last_seq) info.first_seq = 0;
+      // A channel's stay 0 (no receipt tells them); a removed member is told nothing of them.
+      if (info.removed_at_seq == 0) {
+        info.delivered_all_seq = q.ColumnU64(15);
+        info.read_all_seq = q.ColumnU64(16);
+      }
     }
     if (info.kind == ConversationKind::kDirect) {
       Query q(conn_, Sql::kPeer);
@@ -1481,16 +1512,36 @@ class SqliteTarget final : public server::AppendTarget {
           --known->at_read == 0) {
         emptied = true;
       }
-      if (!emptied) {
-        const server::LowestMarks now = known->marks;
-        return server::LowestMove{now, cache_.Tell(conversation_id, now)};
-      }
+      if (!emptied) return Tell(conversation_id, known->marks);
     }
     std::vector<MemberReceipt> members;
     if (Status s = reader_.Watermarks(conversation_id, UserId(), &members); !s.ok()) return s;
     const server::LowestCount now = server::CountLowest(members, user, after);
     cache_.PutLowest(conversation_id, now);
-    return server::LowestMove{now.marks, cache_.Tell(conversation_id, now.marks)};
+    return Tell(conversation_id, now.marks);
+  }
+
+  // The lowest marks are `now`: news when above what the members were told, which the
+  // conversation's row keeps (in the batch's transaction, so a rollback takes it back too) and
+  // the cache knows once it has read or written it.
+  Result<server::LowestMove> Tell(ConversationId conversation_id, server::LowestMarks now) {
+    if (!cache_.KnowsTold(conversation_id)) {
+      Query q(conn_, Sql::kTold);
+      q.U64(conversation_id);
+      Result<bool> row = q.Step();
+      if (!row.ok()) return row.status();
+      if (!*row) return Internal("receipt: the conversation's row is gone");
+      const server::LowestMarks stored{q.ColumnU64(0), q.ColumnU64(1)};
+      // 0 and 0: nothing told yet, so the first lowest marks are news whatever they are.
+      if (stored != server::LowestMarks{}) cache_.PutTold(conversation_id, stored);
+    }
+    const std::optional<server::LowestMarks> told = cache_.Tell(conversation_id, now);
+    if (told) {
+      Query q(conn_, Sql::kSetTold);
+      q.U64(conversation_id).U64(told->delivered_seq).U64(told->read_seq);
+      if (Status s = q.Run(); !s.ok()) return s;
+    }
+    return server::LowestMove{now, told.has_value()};
   }
 
   Result<Seq> LastSeq(ConversationId conversation_id) override {

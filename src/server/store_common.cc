@@ -544,6 +544,12 @@ Status ApplyReceipt(AppendTarget& target, const AppendRequest& request, AppendRe
   result->delivered_all_seq = lowest->after.delivered_seq;
   result->read_all_seq = lowest->after.read_seq;
   result->all_seq_moved = lowest->news;
+  // What the members are told from now on, as a description after the commit reports it: each
+  // mark the highest told (a fall is no news), described before this move.
+  result->conversation.delivered_all_seq =
+      std::max(result->conversation.delivered_all_seq, lowest->after.delivered_seq);
+  result->conversation.read_all_seq =
+      std::max(result->conversation.read_all_seq, lowest->after.read_seq);
   // News of the lowest marks goes to every member, also with a receipt that moved nothing of
   // the user's own (the news may come from a member's removal); every move of the user's goes
   // to the members of a direct conversation or a small group.
@@ -787,18 +793,25 @@ Result<bool> ReadInChunks(const Read& read, size_t room, uint64_t max_bytes, uin
 }  // namespace
 
 // Conversations are visited in id order and each contributes its missing messages in seq
-// order until `limit` is reached. A conversation is listed in `conversations` only when the
-// reply carries at least one of its messages or a gap for it: its ConversationInfo then
-// describes exactly what the client is about to apply. Conversations after the cut are not
-// listed; has_more tells the client to sync again with advanced cursors, and they come then.
+// order until `limit` is reached. A conversation is listed in `conversations` when the reply
+// carries at least one of its messages or a gap for it (its ConversationInfo then describes
+// exactly what the client is about to apply), and, with nothing new, when the client holds
+// messages retention deleted or knows lower lowest watermarks than the members were told.
+// Conversations after the cut are not listed; has_more tells the client to sync again with
+// advanced cursors, and they come then.
 Result<SyncReply> RunSync(ReadSource& source, const SyncQuery& query) {
   if (query.limit == 0) return InvalidArgument("limit must be at least 1");
   if (query.catchup_max == 0) return InvalidArgument("catchup_max must be at least 1");
 
-  // A client may repeat a conversation; its highest claim wins, and its lowest held seq.
+  // A client may repeat a conversation; its highest claims win, and its lowest held seq.
   struct Claim {
     Seq seq = 0;
     Seq lowest_seq = 0;  // 0: not told
+    std::optional<Seq> delivered_all_seq;
+    std::optional<Seq> read_all_seq;
+  };
+  auto highest = [](std::optional<Seq>& kept, const std::optional<Seq>& named) {
+    if (named) kept = std::max(kept.value_or(0), *named);
   };
   std::map<ConversationId, Claim> cursors;
   for (const Cursor& cursor : query.cursors) {
@@ -807,6 +820,8 @@ Result<SyncReply> RunSync(ReadSource& source, const SyncQuery& query) {
     if (cursor.lowest_seq != 0 && (claim.lowest_seq == 0 || cursor.lowest_seq < claim.lowest_seq)) {
       claim.lowest_seq = cursor.lowest_seq;
     }
+    highest(claim.delivered_all_seq, cursor.delivered_all_seq);
+    highest(claim.read_all_seq, cursor.read_all_seq);
   }
 
   std::vector<ConversationHead> heads;
@@ -838,7 +853,17 @@ Result<SyncReply> RunSync(ReadSource& source, const SyncQuery& query) {
     // new first_seq, tells it to drop them.
     const Seq lowest_held = it == cursors.end() ? 0 : it->second.lowest_seq;
     const bool expired_held = lowest_held != 0 && first_stored > lowest_held;
-    if (head.last_seq <= cursor && !expired_held) continue;
+    // The lowest watermarks rose above what the client knows (the ReceiptUpdates saying so went
+    // out while it was away): the state alone tells it. Only against marks the cursor names: a
+    // client that names none predates them and would be sent the same states on every Sync.
+    auto below = [](const std::optional<Seq>& known, Seq stored) {
+      return known.has_value() && stored > *known;
+    };
+    const bool marks_behind =
+        it != cursors.end() && (below(it->second.delivered_all_seq, infos[i].delivered_all_seq) ||
+                                below(it->second.read_all_seq, infos[i].read_all_seq));
+    const bool state_due = expired_held || marks_behind;
+    if (head.last_seq <= cursor && !state_due) continue;
     if (reply.messages.size() >= query.limit ||
         (query.max_bytes != 0 && bytes >= query.max_bytes && !reply.conversations.empty())) {
       reply.has_more = true;
@@ -881,7 +906,7 @@ Result<SyncReply> RunSync(ReadSource& source, const SyncQuery& query) {
     Result<bool> cut = ReadInChunks(read, room, query.max_bytes, &bytes, &reply.messages);
     if (!cut.ok()) return cut.status();
     const size_t added = reply.messages.size() - before;
-    if (added > 0 || gap || expired_held) {
+    if (added > 0 || gap || state_due) {
       bytes += StateBytes(infos[i]);
       reply.conversations.push_back(std::move(infos[i]));
     }

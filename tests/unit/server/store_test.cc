@@ -670,7 +670,11 @@ std::vector<std::string> RawRow(const std::string& path, const std::string& sql)
 // idempotency index on it, no logs and no keys table.
 // Undoes migration 8 (the user message counts).
 // Undoes migration 9 (the two latest senders in the conversation's row).
+#define CHAT_BACK_TO_VERSION_9                                             \
+  "ALTER TABLE conversations DROP COLUMN told_delivered_seq; ALTER TABLE " \
+  "conversations DROP COLUMN told_read_seq; "
 #define CHAT_BACK_TO_VERSION_8                                                                \
+  CHAT_BACK_TO_VERSION_9                                                                      \
   "ALTER TABLE conversations DROP COLUMN last_sender; ALTER TABLE conversations DROP COLUMN " \
   "last_sent_seq; ALTER TABLE conversations DROP COLUMN prev_sender; ALTER TABLE "            \
   "conversations DROP COLUMN prev_sent_seq; "
@@ -1436,6 +1440,101 @@ STORE_CASE(SmallGroupsListEveryMemberForEveryMove,
            "direct conversations and groups up to the limit list every member for every move, "
            "larger ones only news of the lowest marks")
 
+// A cursor at `seq` that names the lowest marks the client knows (std::nullopt: names none).
+Cursor Knowing(ConversationId id, Seq seq, std::optional<Seq> delivered_all,
+               std::optional<Seq> read_all) {
+  Cursor cursor;
+  cursor.conversation_id = id;
+  cursor.seq = seq;
+  cursor.delivered_all_seq = delivered_all;
+  cursor.read_all_seq = read_all;
+  return cursor;
+}
+
+// The ids of the conversations a Sync reply lists.
+std::vector<ConversationId> Listed(const Result<SyncReply>& reply) {
+  REQUIRE_MESSAGE(reply.ok(), reply.status().ToString());
+  std::vector<ConversationId> out;
+  for (const ConversationInfo& info : reply->conversations) out.push_back(info.conversation_id);
+  return out;
+}
+
+// The lowest marks `user` is told of conversation `id`, as a Sync describes it.
+std::pair<Seq, Seq> ToldOf(MessageStore& store, const UserId& user, ConversationId id) {
+  std::optional<ConversationInfo> info = InfoOf(store, user, id);
+  REQUIRE(info.has_value());
+  return {info->delivered_all_seq, info->read_all_seq};
+}
+
+void DescribeAndSyncCarryTheLowestMarks(Kind kind) {
+  Env env(kind);
+  MessageStore& store = *env.store;
+  using Marks = std::pair<Seq, Seq>;
+
+  // A direct conversation: alice's message (seq 1), which bob has got but not read.
+  const ConversationId ab = OpenDirect(store, "alice", "bob");
+  CHECK(ToldOf(store, "alice", ab) == Marks{0, 0});
+  REQUIRE(CommitReceipt(store, ab, "alice", 1, 1, 8).status.ok());
+  REQUIRE(CommitReceipt(store, ab, "bob", 1, 0, 8).all_seq_moved);
+  CHECK(ToldOf(store, "alice", ab) == Marks{1, 0});
+  CHECK(ToldOf(store, "bob", ab) == Marks{1, 0});
+  // With nothing new, a cursor that names lower marks gets the state alone; one that names the
+  // current marks, or none (a client that predates them), gets nothing.
+  Result<SyncReply> behind = SyncOf(store, "alice", {Knowing(ab, 1, 0, 0)});
+  CHECK(Listed(behind) == std::vector<ConversationId>{ab});
+  CHECK(behind->messages.empty());
+  CHECK(behind->gaps.empty());
+  CHECK_FALSE(behind->has_more);
+  CHECK(behind->conversations.at(0).delivered_all_seq == 1);
+  CHECK(behind->conversations.at(0).read_all_seq == 0);
+  CHECK(Listed(SyncOf(store, "alice", {Knowing(ab, 1, 1, 0)})).empty());
+  CHECK(Listed(SyncOf(store, "alice", {Knowing(ab, 1, std::nullopt, std::nullopt)})).empty());
+  CHECK(Listed(SyncOf(store, "alice", {Knowing(ab, 1, 5, 5)})).empty());  // knows more
+  // bob reads it: a device of alice's that knew it delivered learns it is read.
+  REQUIRE(CommitReceipt(store, ab, "bob", 1, 1, 8).all_seq_moved);
+  Result<SyncReply> read = SyncOf(store, "alice", {Knowing(ab, 1, 1, 0)});
+  CHECK(Listed(read) == std::vector<ConversationId>{ab});
+  CHECK(read->conversations.at(0).read_all_seq == 1);
+  // Only the mark the cursor names counts; a repeated cursor's highest claims win.
+  CHECK(Listed(SyncOf(store, "alice", {Knowing(ab, 1, std::nullopt, 0)})) ==
+        std::vector<ConversationId>{ab});
+  CHECK(Listed(SyncOf(store, "alice", {Knowing(ab, 1, 1, std::nullopt)})).empty());
+  CHECK(Listed(SyncOf(store, "alice", {Knowing(ab, 1, 1, 0), Knowing(ab, 1, 0, 1)})).empty());
+
+  // A small group: the lowest marks are carol's until she reads everything.
+  const ConversationId group = CreateGroupOk(store, "alice", {"bob", "carol"});
+  SendMany(store, group, "alice", 2, "g");  // seqs 2, 3
+  REQUIRE(CommitReceipt(store, group, "alice", 3, 3, 8).status.ok());
+  REQUIRE(CommitReceipt(store, group, "bob", 3, 3, 8).status.ok());
+  REQUIRE(CommitReceipt(store, group, "carol", 2, 1, 8).status.ok());
+  for (const UserId user : {"alice", "bob", "carol"}) {
+    CAPTURE(user);
+    CHECK(ToldOf(store, user, group) == Marks{2, 1});
+  }
+  CHECK(Listed(SyncOf(store, "alice", {Knowing(ab, 1, 1, 1), Knowing(group, 3, 2, 0)})) ==
+        std::vector<ConversationId>{group});
+  CHECK(Listed(SyncOf(store, "alice", {Knowing(ab, 1, 1, 1), Knowing(group, 3, 2, 1)})).empty());
+  REQUIRE(CommitReceipt(store, group, "carol", 3, 3, 8).all_seq_moved);
+  CHECK(ToldOf(store, "bob", group) == Marks{3, 3});
+  // A removed member is told nothing of the members any more.
+  REQUIRE(CommitOne(store, Change(ConversationOp::kRemoveMembers, group, "alice", {"carol"}))
+              .status.ok());
+  CHECK(ToldOf(store, "carol", group) == Marks{0, 0});
+  CHECK(Listed(SyncOf(store, "carol", {Knowing(group, 4, 0, 0)})).empty());  // removed at 4
+  CHECK(ToldOf(store, "alice", group) == Marks{3, 3});
+
+  // A channel keeps none.
+  const ConversationId channel = CreateGroupOk(store, "owner", {"m1"}, ConversationKind::kChannel);
+  SendMany(store, channel, "owner", 1, "c");  // seq 2
+  REQUIRE(CommitReceipt(store, channel, "owner", 2, 2, 8).status.ok());
+  REQUIRE(CommitReceipt(store, channel, "m1", 2, 2, 8).status.ok());
+  CHECK(ToldOf(store, "m1", channel) == Marks{0, 0});
+  CHECK(Listed(SyncOf(store, "m1", {Knowing(channel, 2, 0, 0)})).empty());
+}
+STORE_CASE(DescribeAndSyncCarryTheLowestMarks,
+           "Describe and Sync carry the lowest marks as told, and Sync lists a state whose "
+           "marks the cursor lacks")
+
 // The unread count of each member, as Sync reports it.
 uint64_t UnreadOf(MessageStore& store, const UserId& user, ConversationId id) {
   std::optional<ConversationInfo> info = InfoOf(store, user, id);
@@ -1816,8 +1915,8 @@ TEST_CASE("store: sqlite: a schema newer than this build is DataLoss and left un
   RawExec(path, "PRAGMA user_version = 99");
   Result<std::shared_ptr<MessageStore>> newer = OpenAt(path);
   CHECK(newer.status().code() == Code::kDataLoss);
-  CHECK(newer.status().message() == "schema version 99 is newer than this build supports (9)");
-  RawExec(path, "PRAGMA user_version = 9");
+  CHECK(newer.status().message() == "schema version 99 is newer than this build supports (10)");
+  RawExec(path, "PRAGMA user_version = 10");
   Result<std::shared_ptr<MessageStore>> again = OpenAt(path);
   REQUIRE(again.ok());
   CHECK((*again)->Members(1).ok());
@@ -1945,7 +2044,7 @@ TEST_CASE("store: sqlite: a version 6 file counts each conversation's current me
   REQUIRE(CommitOne(**migrated, Change(ConversationOp::kAddMembers, group, "alice", {"dave"}))
               .status.ok());
   CHECK(InfoOf(**migrated, "alice", group)->member_count == 4);
-  CHECK(RawRow(path, "PRAGMA user_version").at(0) == "9");
+  CHECK(RawRow(path, "PRAGMA user_version").at(0) == "10");
 }
 
 TEST_CASE("store: sqlite: a version 7 file counts its user messages and who sent last") {
@@ -1983,7 +2082,7 @@ TEST_CASE("store: sqlite: a version 7 file counts its user messages and who sent
   REQUIRE(migrated.ok());
   // The rewritten rows are in the database file, not left in the WAL for the first commits.
   CHECK(std::filesystem::file_size(path + "-wal") == 0);
-  CHECK(RawRow(path, "PRAGMA user_version").at(0) == "9");
+  CHECK(RawRow(path, "PRAGMA user_version").at(0) == "10");
   CHECK(UnreadOf(**migrated, "bob", group) == 2);
   CHECK(UnreadOf(**migrated, "carol", group) == 5);
   CHECK(UnreadOf(**migrated, "alice", group) == 0);
@@ -2035,9 +2134,80 @@ TEST_CASE("store: sqlite: a version 8 file keeps its senders' unread counts") {
           "'bob', 'carol'); PRAGMA user_version = 8;");
   Result<std::shared_ptr<MessageStore>> migrated = OpenAt(path);
   REQUIRE(migrated.ok());
-  CHECK(RawRow(path, "PRAGMA user_version").at(0) == "9");
+  CHECK(RawRow(path, "PRAGMA user_version").at(0) == "10");
   log.Check(**migrated, id, users);
   log.Send(**migrated, id, users, "dcbaddcab");
+}
+
+TEST_CASE("store: sqlite: what the members were told of the lowest marks survives a reopen") {
+  TempDir dir;
+  const std::string path = dir.File("chat.db");
+  ConversationId id = 0;
+  {
+    Result<std::shared_ptr<MessageStore>> store = OpenAt(path);
+    REQUIRE(store.ok());
+    id = CreateGroupOk(**store, "alice", {"bob", "carol"});
+    SendMany(**store, id, "alice", 2, "a");  // seqs 2, 3
+    REQUIRE(CommitReceipt(**store, id, "alice", 3, 3, 1).status.ok());
+    REQUIRE(CommitReceipt(**store, id, "bob", 3, 2, 1).status.ok());
+    REQUIRE(CommitReceipt(**store, id, "carol", 2, 2, 1).all_seq_moved);
+  }
+  Result<std::shared_ptr<MessageStore>> reopened = OpenAt(path);
+  REQUIRE(reopened.ok());
+  MessageStore& store = **reopened;
+  CHECK(ToldOf(store, "alice", id) == std::pair<Seq, Seq>{2, 2});
+  Result<SyncReply> sync = SyncOf(store, "alice", {Knowing(id, 3, 2, 0)});
+  CHECK(Listed(sync) == std::vector<ConversationId>{id});
+  CHECK(sync->conversations.at(0).read_all_seq == 2);
+  // bob's move leaves the lowest marks where the members were told before the restart: no
+  // news, and in a group over the limit nobody else hears of it.
+  AppendResult quiet = CommitReceipt(store, id, "bob", 3, 3, 1);
+  CHECK(quiet.receipt_changed);
+  CHECK_FALSE(quiet.all_seq_moved);
+  CHECK(quiet.recipients.empty());
+  CHECK(quiet.read_all_seq == 2);
+  // carol's is news again.
+  AppendResult news = CommitReceipt(store, id, "carol", 3, 3, 1);
+  CHECK(news.all_seq_moved);
+  CHECK(news.conversation.read_all_seq == 3);
+  CHECK(news.recipients == std::vector<UserId>{"alice", "bob", "carol"});
+  CHECK(ToldOf(store, "bob", id) == std::pair<Seq, Seq>{3, 3});
+}
+
+TEST_CASE("store: sqlite: a version 9 file starts with nothing told and keeps its data") {
+  TempDir dir;
+  const std::string path = dir.File("chat.db");
+  ConversationId id = 0;
+  {
+    Result<std::shared_ptr<MessageStore>> store = OpenAt(path);
+    REQUIRE(store.ok());
+    id = CreateGroupOk(**store, "alice", {"bob"});
+    SendMany(**store, id, "alice", 2, "a");  // seqs 2, 3
+    REQUIRE(CommitReceipt(**store, id, "alice", 3, 3, 8).status.ok());
+    REQUIRE(CommitReceipt(**store, id, "bob", 3, 1, 8).status.ok());
+  }
+  RawExec(path, CHAT_BACK_TO_VERSION_9 "PRAGMA user_version = 9;");
+  Result<std::shared_ptr<MessageStore>> migrated = OpenAt(path);
+  REQUIRE(migrated.ok());
+  MessageStore& store = **migrated;
+  CHECK(RawRow(path, "PRAGMA user_version").at(0) == "10");
+  CHECK(RawRow(path,
+               "SELECT told_delivered_seq, told_read_seq FROM conversations "
+               "WHERE conversation_id = " +
+                   std::to_string(id)) == std::vector<std::string>{"0", "0"});
+  std::optional<ConversationInfo> info = InfoOf(store, "bob", id);
+  REQUIRE(info.has_value());
+  CHECK(info->last_seq == 3);
+  CHECK(info->read_seq == 1);
+  CHECK(info->unread == 2);
+  CHECK(info->delivered_all_seq == 0);
+  CHECK(info->read_all_seq == 0);
+  REQUIRE(HistoryOf(store, "bob", id, 0, 10).ok());
+  CHECK(Seqs(HistoryOf(store, "bob", id, 0, 10)->messages) == std::vector<Seq>{3, 2, 1});
+  // The first receipt is news, as with nothing told, and is kept.
+  AppendResult first = CommitReceipt(store, id, "bob", 3, 2, 8);
+  CHECK(first.all_seq_moved);
+  CHECK(ToldOf(store, "alice", id) == std::pair<Seq, Seq>{3, 2});
 }
 
 // A key lookup that finds the file damaged is answered to its own request (as DATA_LOSS) like a
