@@ -38,6 +38,9 @@ CREATE TABLE IF NOT EXISTS conversations(
   read_all_seq INTEGER NOT NULL DEFAULT 0,
   receipt_due INTEGER NOT NULL DEFAULT 0,
   expired_through INTEGER NOT NULL DEFAULT 0,
+  -- Unused since the Sync carries the lowest watermarks: the seq of the user's latest message,
+  -- kept to ask the server for them after a reconnect. Neither read nor written any more; left
+  -- in place so that the schema (version 7) stays as it was.
   own_seq INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS messages(
   conversation_id INTEGER NOT NULL,
@@ -88,9 +91,7 @@ constexpr const char* kMigrateVersion4 =
 // tells the server the lowest seq held), which sets it.
 constexpr const char* kMigrateVersion5 =
     "ALTER TABLE conversations ADD COLUMN expired_through INTEGER NOT NULL DEFAULT 0";
-// Version 7 added own_seq (see ConversationRow): the senders are inside the messages' blobs, so
-// a version 6 row starts at 0 (no message of the user's known) and learns it from the user's
-// next message there.
+// Version 7 added own_seq, which is no longer used (see kSchema).
 constexpr const char* kMigrateVersion6 =
     "ALTER TABLE conversations ADD COLUMN own_seq INTEGER NOT NULL DEFAULT 0";
 
@@ -131,27 +132,20 @@ constexpr const char* kGetMeta = "SELECT value FROM meta WHERE key = ?";
 constexpr const char* kSetMeta = "INSERT OR REPLACE INTO meta(key, value) VALUES(?, ?)";
 constexpr const char* kGetConversation =
     "SELECT conversation_id, state, cursor, delivered_all_seq, read_all_seq, receipt_due, "
-    "expired_through, own_seq FROM conversations WHERE conversation_id = ?";
-// expired_through and own_seq only go up, whatever row a caller read before they were raised.
+    "expired_through FROM conversations WHERE conversation_id = ?";
+// expired_through only goes up, whatever row a caller read before it was raised.
 constexpr const char* kPutConversation =
     "INSERT INTO conversations(conversation_id, state, cursor, last_activity_ms, "
-    "delivered_all_seq, read_all_seq, receipt_due, expired_through, own_seq) "
-    "VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(conversation_id) DO UPDATE SET "
+    "delivered_all_seq, read_all_seq, receipt_due, expired_through) "
+    "VALUES(?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(conversation_id) DO UPDATE SET "
     "state = excluded.state, cursor = excluded.cursor, "
     "last_activity_ms = excluded.last_activity_ms, "
     "delivered_all_seq = excluded.delivered_all_seq, read_all_seq = excluded.read_all_seq, "
     "receipt_due = excluded.receipt_due, "
-    "expired_through = MAX(expired_through, excluded.expired_through), "
-    "own_seq = MAX(own_seq, excluded.own_seq)";
+    "expired_through = MAX(expired_through, excluded.expired_through)";
 constexpr const char* kListConversations =
     "SELECT conversation_id, state, cursor, delivered_all_seq, read_all_seq, receipt_due, "
-    "expired_through, own_seq FROM conversations "
-    "ORDER BY last_activity_ms DESC, conversation_id DESC";
-// The conversations are few next to the messages, and those that match fewer still (the user's
-// latest message not read by every member): no index.
-constexpr const char* kNotReadByAll =
-    "SELECT conversation_id, state, cursor, delivered_all_seq, read_all_seq, receipt_due, "
-    "expired_through, own_seq FROM conversations WHERE own_seq > read_all_seq "
+    "expired_through FROM conversations "
     "ORDER BY last_activity_ms DESC, conversation_id DESC";
 constexpr const char* kReceiptsDue =
     "SELECT conversation_id FROM conversations WHERE receipt_due != 0 ORDER BY conversation_id";
@@ -172,7 +166,8 @@ constexpr const char* kLowestSeq = "SELECT MIN(seq) FROM messages WHERE conversa
 // Each MIN() is one seek of the messages' primary key.
 constexpr const char* kSyncCursors =
     "SELECT c.conversation_id, c.cursor, (SELECT MIN(m.seq) FROM messages m "
-    "WHERE m.conversation_id = c.conversation_id) FROM conversations c ORDER BY c.conversation_id";
+    "WHERE m.conversation_id = c.conversation_id), c.delivered_all_seq, c.read_all_seq "
+    "FROM conversations c ORDER BY c.conversation_id";
 constexpr const char* kDeleteThrough =
     "DELETE FROM messages WHERE conversation_id = ? AND seq <= ?";
 constexpr const char* kCountMessages = "SELECT COUNT(*) FROM messages";
@@ -314,11 +309,11 @@ ConversationRow RowFrom(Stmt& s) {
   if (ParseView(s.ColView(1), &state)) row.info = codec::FromProto(state);
   row.info.conversation_id = FromDb(s.ColInt(0));
   row.cursor = FromDb(s.ColInt(2));
-  row.delivered_all_seq = FromDb(s.ColInt(3));
-  row.read_all_seq = FromDb(s.ColInt(4));
+  // The columns hold the marks (a cache older than them kept them only there).
+  row.info.delivered_all_seq = FromDb(s.ColInt(3));
+  row.info.read_all_seq = FromDb(s.ColInt(4));
   row.receipt_due = s.ColInt(5) != 0;
   row.expired_through = FromDb(s.ColInt(6));
-  row.own_seq = FromDb(s.ColInt(7));
   return row;
 }
 
@@ -547,11 +542,10 @@ Status Cache::PutConversation(const ConversationRow& row) {
       .Blob(2, bytes)
       .Int(3, ToDb(row.cursor))
       .Int(4, row.info.last_activity_ms)
-      .Int(5, ToDb(row.delivered_all_seq))
-      .Int(6, ToDb(row.read_all_seq))
+      .Int(5, ToDb(row.info.delivered_all_seq))
+      .Int(6, ToDb(row.info.read_all_seq))
       .Int(7, row.receipt_due ? 1 : 0)
-      .Int(8, SeqBound(row.expired_through))
-      .Int(9, SeqBound(row.own_seq));
+      .Int(8, SeqBound(row.expired_through));
   if (s.Run() != SQLITE_DONE) return db_->Error("put conversation");
   return Status::Ok();
 }
@@ -636,18 +630,6 @@ uint64_t Cache::CountRange(ConversationId conversation, Seq from, Seq to) {
   return s.Step() == SQLITE_ROW ? FromDb(s.ColInt(0)) : 0;
 }
 
-std::vector<ConversationId> Cache::NotReadByAll(size_t limit) {
-  std::lock_guard lock(mu_);
-  Stmt s(db_.get(), kNotReadByAll);
-  std::vector<ConversationId> ids;
-  while (ids.size() < limit && s.Step() == SQLITE_ROW) {
-    const ConversationRow row = RowFrom(s);
-    if (row.info.kind == ConversationKind::kChannel || row.info.removed_at_seq != 0) continue;
-    ids.push_back(row.info.conversation_id);
-  }
-  return ids;
-}
-
 std::vector<ConversationId> Cache::ReceiptsDue() {
   std::lock_guard lock(mu_);
   Stmt s(db_.get(), kReceiptsDue);
@@ -682,7 +664,8 @@ std::vector<Cache::SyncCursor> Cache::SyncCursors() {
   std::vector<SyncCursor> out;
   while (s.Step() == SQLITE_ROW) {
     // MIN() of no rows is NULL, which reads as 0.
-    out.push_back({FromDb(s.ColInt(0)), FromDb(s.ColInt(1)), FromDb(s.ColInt(2))});
+    out.push_back({FromDb(s.ColInt(0)), FromDb(s.ColInt(1)), FromDb(s.ColInt(2)),
+                   FromDb(s.ColInt(3)), FromDb(s.ColInt(4))});
   }
   return out;
 }

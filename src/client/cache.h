@@ -48,12 +48,11 @@ MessageEvent OutboxMessageEvent(const OutboxEntry& entry, const UserId& user,
                                 const DeviceId& device);
 
 struct ConversationRow {
+  // info.delivered_all_seq and info.read_all_seq (this user's messages up to them are delivered
+  // to / read by every member) come from ReceiptUpdates and conversation states, and only move
+  // forward; they are kept in columns of their own.
   ConversationInfo info;
   Seq cursor = 0;  // see the file comment
-  // Receipt watermarks of all members (from ReceiptUpdate): this user's messages up to these
-  // seqs are delivered / read. They only move forward.
-  Seq delivered_all_seq = 0;
-  Seq read_all_seq = 0;
   // This user's watermarks here (info.delivered_seq, info.read_seq) moved and the server has not
   // confirmed them yet: a Receipt is owed, also after a restart. Set in the write that moves
   // them; cleared once the server's watermarks are at least these, once it answered a Receipt
@@ -66,10 +65,6 @@ struct ConversationRow {
   // or below it is stored again, reported or served: a reply the server read before its sweep
   // may still carry such messages.
   Seq expired_through = 0;
-  // The seq of the latest message of this user (from any of its devices) the cursor has passed
-  // here; 0 if none has (or since the row was written by a cache older than version 7). It only
-  // goes up (PutConversation keeps the higher). Above read_all_seq, some member has not read it.
-  Seq own_seq = 0;
 };
 
 class Cache {
@@ -125,10 +120,6 @@ class Cache {
   Status PutConversation(const ConversationRow& row);
   // Most recently active first.
   std::vector<ConversationRow> ListConversations();
-  // Direct conversations and groups the user is still a member of where some member has not
-  // read the user's latest message, as far as the cache knows (own_seq above read_all_seq): the
-  // most recently active first, at most `limit`. One statement.
-  std::vector<ConversationId> NotReadByAll(size_t limit);
   // The conversations whose row has receipt_due set, by id.
   std::vector<ConversationId> ReceiptsDue();
   // The sum of every cached conversation's unread count.
@@ -157,7 +148,9 @@ class Cache {
   struct SyncCursor {
     ConversationId conversation_id = 0;
     Seq cursor = 0;
-    Seq lowest_seq = 0;  // of the cached messages; 0 if none is cached
+    Seq lowest_seq = 0;         // of the cached messages; 0 if none is cached
+    Seq delivered_all_seq = 0;  // ConversationInfo's, as cached
+    Seq read_all_seq = 0;
   };
   std::vector<SyncCursor> SyncCursors();
   // Deletes the cached messages of `conversation` with seq <= through (retention deleted them on

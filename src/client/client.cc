@@ -388,8 +388,8 @@ class Client::Impl final : public ClientListener, public client::SessionIo {
     if (seq == 0) return InvalidArgument("seq: must not be 0");
     std::optional<client::ConversationRow> row = cache_->GetConversation(conversation);
     if (!row) return NotFound("conversation is not cached");
-    if (seq <= row->read_all_seq) return MessageStatus::kRead;
-    if (seq <= row->delivered_all_seq) return MessageStatus::kDelivered;
+    if (seq <= row->info.read_all_seq) return MessageStatus::kRead;
+    if (seq <= row->info.delivered_all_seq) return MessageStatus::kDelivered;
     return MessageStatus::kSent;
   }
 

@@ -138,8 +138,7 @@ void Session::ConnectionDown() {
   quiet_rids_.clear();
   // Receipts of the lost connection may never have reached the server, and the Sync lists only
   // conversations with news: they go again on the next connection.
-  // Only what is owed goes again: a conversation asked for its lowest watermarks is asked again
-  // when the next connection's Sync is done.
+  // Only what is still owed goes again.
   for (const auto& [rid, sent] : receipts_unanswered_) {
     std::optional<ConversationRow> row = cache_->GetConversation(sent.conversation);
     if (row && row->receipt_due) receipts_due_.insert(sent.conversation);
@@ -488,7 +487,6 @@ void Session::HandleWelcome(const v1::Envelope& envelope) {
   for (ConversationId conversation : cache_->ReceiptsDue()) receipts_due_.insert(conversation);
   // 90% of the server's rate leaves room for Pings, Syncs and History requests.
   const uint32_t per_second = welcome.limits().messages_per_second();
-  messages_per_second_ = per_second;
   send_rate_ = per_second * 0.9 / 1000.0;
   send_capacity_ = std::max(1.0, per_second * 0.9);
   send_tokens_ = send_capacity_;
@@ -676,7 +674,6 @@ void Session::Apply(ConversationRow* row, const v1::Message& next,
     // the user's own messages, so their status can become kRead.
     row->info.read_seq = std::max(row->info.read_seq, next.seq());
     row->info.unread = 0;
-    row->own_seq = std::max(row->own_seq, next.seq());
     *read_moved = true;
   }
   if (next.kind() == v1::MESSAGE_KIND_SYSTEM) ApplySystemEvent(&row->info, next);
@@ -909,6 +906,11 @@ void Session::SendSync() {
     // The server lists the conversation if retention deleted some of what this device holds
     // (it was offline when the notice went out), so it is dropped here too.
     cursor->set_lowest_seq(row.lowest_seq);
+    // The server lists the conversation if the lowest watermarks rose past these while this
+    // device was away (the ReceiptUpdates saying so reached nobody here), so the user's
+    // messages read meanwhile show as read.
+    cursor->set_delivered_all_seq(row.delivered_all_seq);
+    cursor->set_read_all_seq(row.read_all_seq);
   }
   Write(envelope);
 }
@@ -1018,6 +1020,7 @@ void Session::HandleSyncBatch(const v1::SyncBatch& batch) {
   Ingest(messages, /*from_sync=*/true);
   if (!Authenticated()) return;
   std::vector<Expiry> expired;
+  std::vector<LowestRise> rises;  // one for each of `updated`
   {
     CacheTxn txn(this);
     // Without a transaction the deletes would commit one by one while a failure later could
@@ -1027,7 +1030,7 @@ void Session::HandleSyncBatch(const v1::SyncBatch& batch) {
     for (const v1::ConversationState& state : batch.conversations()) {
       if (!started) break;
       ConversationRow row = LoadOrStub(state.conversation_id());
-      MergeState(&row, state);
+      rises.push_back(MergeState(&row, state));
       stubs_.erase(state.conversation_id());
       // What retention deleted goes with the state that says so (the server lists a
       // conversation whose deleted messages this device holds, see SendSync).
@@ -1041,9 +1044,11 @@ void Session::HandleSyncBatch(const v1::SyncBatch& batch) {
     } else if (Status st = txn.Commit(); !st.ok()) {
       ReportError(st);
       expired.clear();  // rolled back: still cached
+      rises.clear();    // as are the lowest watermarks, which the next Sync lists again
     }
   }
   for (const auto& [id, through] : expired) listener_->OnMessagesExpired(id, through);
+  for (size_t i = 0; i < rises.size(); ++i) ReportLowest(updated[i], rises[i]);
   for (const ConversationInfo& info : updated) listener_->OnConversationUpdated(info);
   if (!Authenticated()) return;
   ReportUnreadTotal();
@@ -1059,20 +1064,6 @@ void Session::HandleSyncBatch(const v1::SyncBatch& batch) {
   }
   if (phase_ == Phase::kSyncing) {
     SetPhase(Phase::kLive);
-    // The Sync carries no lowest watermarks, and the ReceiptUpdates that raised them while this
-    // device was away went to nobody: a Receipt is answered with them, so the conversations
-    // whose latest message of the user's some member had not read then ask with one (the
-    // device's current watermarks; the server writes only where they are ahead of its cursor for
-    // this device). They go with the owed ones at the next flush, and are not recorded as owed.
-    // At most a tenth of a second's worth of the server's rate limit: they share it with the
-    // outbox's sends, and one refused for now holds back the owed receipts as well.
-    size_t asks = kMaxReadAsks;
-    if (messages_per_second_ != 0) {
-      asks = std::min<size_t>(asks, std::max<uint32_t>(1, messages_per_second_ / 10));
-    }
-    for (ConversationId conversation : cache_->NotReadByAll(asks)) {
-      receipts_due_.insert(conversation);
-    }
     // The server forgets subscriptions with the connection.
     for (ConversationId channel : subscriptions_) {
       if (!SendSubscribe(channel, /*automatic=*/true)) return;
@@ -1157,31 +1148,61 @@ void Session::HandleHistoryPage(uint64_t rid, const v1::HistoryPage& page) {
 ConversationInfo Session::HandleConversationUpdate(const v1::ConversationState& state) {
   ConversationRow row;
   std::vector<Expiry> expired;
+  LowestRise rise;
   {
     CacheTxn txn(this);
     // As in HandleSyncBatch: nothing is stored (reported), so nothing is dropped or told; a
     // request's callback still gets the server's word.
     if (!txn.Started()) return codec::FromProto(state);
     row = LoadOrStub(state.conversation_id());
-    MergeState(&row, state);
+    rise = MergeState(&row, state);
     stubs_.erase(state.conversation_id());
     (void)DropExpired(&row, ExpiredThrough(state), &expired);
     if (Status st = cache_->PutConversation(row); !st.ok()) ReportError(st);
     if (Status st = txn.Commit(); !st.ok()) {
       ReportError(st);
       expired.clear();
+      rise = LowestRise{};
     }
   }
   for (const auto& [id, through] : expired) listener_->OnMessagesExpired(id, through);
+  ReportLowest(row.info, rise);
   listener_->OnConversationUpdated(row.info);
   ReportUnreadTotal();
   if (row.info.last_seq > row.cursor) RequestSync();
   return row.info;
 }
 
-void Session::MergeState(ConversationRow* row, const v1::ConversationState& state) {
+Session::LowestRise Session::RaiseLowest(ConversationInfo* info, Seq delivered_all_seq,
+                                         Seq read_all_seq) {
+  LowestRise rise;
+  if (delivered_all_seq > info->delivered_all_seq) {
+    info->delivered_all_seq = delivered_all_seq;
+    rise.delivered = true;
+  }
+  if (read_all_seq > info->read_all_seq) {
+    info->read_all_seq = read_all_seq;
+    rise.read = true;
+  }
+  return rise;
+}
+
+void Session::ReportLowest(const ConversationInfo& info, LowestRise rise) {
+  if (rise.delivered) {
+    listener_->OnMessageStatus(info.conversation_id, info.delivered_all_seq,
+                               MessageStatus::kDelivered);
+  }
+  if (rise.read) {
+    listener_->OnMessageStatus(info.conversation_id, info.read_all_seq, MessageStatus::kRead);
+  }
+}
+
+Session::LowestRise Session::MergeState(ConversationRow* row, const v1::ConversationState& state) {
   const ConversationInfo local = row->info;
   ConversationInfo info = codec::FromProto(state);
+  info.delivered_all_seq = local.delivered_all_seq;
+  info.read_all_seq = local.read_all_seq;
+  const LowestRise rise = RaiseLowest(&info, state.delivered_all_seq(), state.read_all_seq());
   // The server's last seq is its word: a wrong one it sent before (a bug, or a hostile server)
   // is replaced, not kept as a maximum for good. A reply read by the server before messages that
   // have reached this client since (live, or held above a hole) is older than the cache, though:
@@ -1212,6 +1233,7 @@ void Session::MergeState(ConversationRow* row, const v1::ConversationState& stat
     receipts_due_.insert(info.conversation_id);
   }
   row->info = info;
+  return rise;
 }
 
 bool Session::DropExpired(ConversationRow* row, Seq through, std::vector<Expiry>* expired) {
@@ -1368,12 +1390,8 @@ void Session::HandleReceiptUpdate(uint64_t rid, const v1::ReceiptUpdate& update)
     row.info.read_seq = update.read_seq();
     row.info.unread = update.unread();
   }
-  const Seq delivered_before = row.delivered_all_seq;
-  const Seq read_before = row.read_all_seq;
-  row.delivered_all_seq = std::max(row.delivered_all_seq, update.delivered_all_seq());
-  row.read_all_seq = std::max(row.read_all_seq, update.read_all_seq());
-  if (confirmed || info_changed || row.delivered_all_seq != delivered_before ||
-      row.read_all_seq != read_before) {
+  const LowestRise rise = RaiseLowest(&row.info, update.delivered_all_seq(), update.read_all_seq());
+  if (confirmed || info_changed || rise.delivered || rise.read) {
     if (Status st = cache_->PutConversation(row); !st.ok()) ReportError(st);
   }
   // The reply to this device's own Receipt tells the application nothing new about members.
@@ -1388,13 +1406,7 @@ void Session::HandleReceiptUpdate(uint64_t rid, const v1::ReceiptUpdate& update)
     event.read_all_seq = update.read_all_seq();
     listener_->OnReceipt(event);
   }
-  if (row.delivered_all_seq != delivered_before) {
-    listener_->OnMessageStatus(row.info.conversation_id, row.delivered_all_seq,
-                               MessageStatus::kDelivered);
-  }
-  if (row.read_all_seq != read_before) {
-    listener_->OnMessageStatus(row.info.conversation_id, row.read_all_seq, MessageStatus::kRead);
-  }
+  ReportLowest(row.info, rise);
   if (info_changed) {
     listener_->OnConversationUpdated(row.info);
     ReportUnreadTotal();

@@ -106,13 +106,6 @@ inline constexpr uint64_t kMinReceiveBytesPerSecond = 4 * 1024;
 // Receipts are sent at most this often (all due conversations at once), so a burst of incoming
 // messages costs a few Receipts, not one per loop turn, against the server's rate limit.
 inline constexpr int64_t kReceiptIntervalMs = 100;
-// As a connection goes live, at most this many conversations (the most recently active) ask the
-// server with a Receipt for the lowest watermarks, which the Sync does not carry: those where
-// some member had not read the user's latest message (see HandleSyncBatch); fewer under a server
-// rate limit below 640 messages per second (a tenth of it). Each goes through the server's store
-// writer and costs a token of the connection's rate limit, which the outbox's sends share; the
-// conversations the user is looking at are among the most recently active.
-inline constexpr size_t kMaxReadAsks = 64;
 
 class Session {
  public:
@@ -336,9 +329,22 @@ class Session {
   void PushRefused(PendingOp op, const Status& status);
   // A watched direct peer went offline: its conversation's peer_last_seen_ms moves forward.
   void UpdatePeerLastSeen(const UserId& user, int64_t last_seen_ms);
+  // Which of a conversation's lowest watermarks (ConversationInfo::delivered_all_seq,
+  // read_all_seq) rose.
+  struct LowestRise {
+    bool delivered = false;
+    bool read = false;
+  };
+  // Raises `info`'s lowest watermarks to the given ones where those are higher: they never go
+  // back (a state or update read before a later one may carry lower ones).
+  static LowestRise RaiseLowest(ConversationInfo* info, Seq delivered_all_seq, Seq read_all_seq);
+  // Tells the application the status of the user's messages that a rise covers (once the row is
+  // stored).
+  void ReportLowest(const ConversationInfo& info, LowestRise rise);
   // Takes the server's state of a conversation, keeping local watermarks that are ahead of it
-  // (a Receipt not yet answered) and a last seq no lower than the messages the cache holds.
-  void MergeState(ConversationRow* row, const v1::ConversationState& state);
+  // (a Receipt not yet answered), a last seq no lower than the messages the cache holds, and the
+  // highest lowest watermarks heard; returns which of those the state raised.
+  LowestRise MergeState(ConversationRow* row, const v1::ConversationState& state);
   // Retention deleted messages up to a seq (conversation, up_to_seq), told to the application
   // once the cache transaction that dropped them is committed.
   using Expiry = std::pair<ConversationId, Seq>;
@@ -424,8 +430,7 @@ class Session {
   int64_t outbox_retry_at_ = 0;
   // Sends are paced below the server's messages_per_second (told in Welcome), so a burst from
   // the outbox is not refused by the rate limit, which could reorder it within the window.
-  uint32_t messages_per_second_ = 0;  // the server's rate limit (Welcome); 0 = none told
-  double send_rate_ = 0;              // tokens per ms; 0 = no limit
+  double send_rate_ = 0;  // tokens per ms; 0 = no limit
   double send_capacity_ = 0;
   double send_tokens_ = 0;
   int64_t send_tokens_at_ = 0;

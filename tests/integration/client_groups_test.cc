@@ -305,7 +305,8 @@ TEST_CASE("client groups e2e: messages read while the sender was offline show re
   REQUIRE(bob.client->MarkRead(id).ok());
   REQUIRE(WaitFor([&] { return ServerReadSeq(*bob.client, id, "bob") >= 2; }));
 
-  // Nothing else happens in the conversation: alice learns it by reconnecting.
+  // Nothing else happens in the conversation: alice learns it from her reconnect's Sync, which
+  // lists the conversation's state with the raised lowest watermarks.
   alice = Connect(chatd, "alice", "alice-laptop", dir.File("alice.db"));
   CHECK(WaitFor([&] { return alice->recorder->read() >= 2; }));
   CHECK(alice->client->MessageStatusOf(id, 2).value() == MessageStatus::kRead);

@@ -497,13 +497,11 @@ TEST_CASE("cache: a version 4 to 6 cache keeps its conversations, messages and o
       CHECK(row->info.read_seq == 1);
       CHECK(row->info.unread == 1);
       CHECK(row->cursor == 2);
-      CHECK(row->delivered_all_seq == 1);
-      CHECK(row->read_all_seq == 0);
+      CHECK(row->info.delivered_all_seq == 1);
+      CHECK(row->info.read_all_seq == 0);
       CHECK_FALSE(row->receipt_due);
       CHECK(row->expired_through == 0);
-      CHECK(row->own_seq == 0);
       CHECK(cache->ReceiptsDue().empty());
-      CHECK(cache->NotReadByAll(64).empty());
       CHECK(cache->MessageCount() == 2);
       REQUIRE(cache->GetMessage(1, 2).has_value());
       CHECK(cache->GetMessage(1, 2)->body() == "body-2");
@@ -515,7 +513,6 @@ TEST_CASE("cache: a version 4 to 6 cache keeps its conversations, messages and o
       // The new columns are written and read like the others.
       row->receipt_due = true;
       row->expired_through = 1;
-      row->own_seq = 2;
       REQUIRE(cache->PutConversation(*row).ok());
     }
     CHECK(UserVersion(path) == 7);
@@ -524,9 +521,7 @@ TEST_CASE("cache: a version 4 to 6 cache keeps its conversations, messages and o
     CHECK(cache->GetConversation(1)->receipt_due);
     CHECK(cache->GetConversation(1)->cursor == 2);
     CHECK(cache->GetConversation(1)->expired_through == 1);
-    CHECK(cache->GetConversation(1)->own_seq == 2);
     CHECK(cache->ReceiptsDue() == std::vector<ConversationId>{1});
-    CHECK(cache->NotReadByAll(64) == std::vector<ConversationId>{1});
     CHECK(cache->MessageCount() == 2);
   }
 }
@@ -550,48 +545,24 @@ TEST_CASE("cache: a conversation's expired_through only goes up") {
   CHECK(cache->GetConversation(5)->expired_through == 9);
 }
 
-TEST_CASE("cache: conversations whose own latest message some member has not read, newest first") {
+TEST_CASE("cache: the lowest watermarks are kept in their columns and named in the Sync cursors") {
   auto cache = Cache::Open("").value();
-  // id -> (kind, own_seq, read_all_seq, last_activity_ms, removed_at_seq)
-  struct Case {
-    ConversationId id;
-    ConversationKind kind;
-    Seq own_seq;
-    Seq read_all_seq;
-    int64_t activity;
-    Seq removed_at_seq;
-  };
-  const std::vector<Case> cases = {
-      {1, ConversationKind::kGroup, 4, 3, 100, 0},    // listed
-      {2, ConversationKind::kDirect, 2, 0, 300, 0},   // listed, most recent
-      {3, ConversationKind::kGroup, 4, 4, 400, 0},    // read by all
-      {4, ConversationKind::kGroup, 0, 0, 500, 0},    // no own message
-      {5, ConversationKind::kChannel, 7, 0, 600, 0},  // a channel
-      {6, ConversationKind::kGroup, 5, 1, 700, 5},    // removed from it
-      {7, ConversationKind::kGroup, 9, 8, 200, 0},    // listed
-  };
-  for (const Case& c : cases) {
-    ConversationRow row;
-    row.info.conversation_id = c.id;
-    row.info.kind = c.kind;
-    row.info.last_activity_ms = c.activity;
-    row.info.removed_at_seq = c.removed_at_seq;
-    row.own_seq = c.own_seq;
-    row.read_all_seq = c.read_all_seq;
-    REQUIRE(cache->PutConversation(row).ok());
-  }
-  CHECK(cache->NotReadByAll(64) == std::vector<ConversationId>{2, 7, 1});
-  CHECK(cache->NotReadByAll(2) == std::vector<ConversationId>{2, 7});
-  // own_seq only goes up: a row read before it was raised, written back, keeps it.
-  ConversationRow stale = *cache->GetConversation(1);
-  stale.own_seq = 2;
-  REQUIRE(cache->PutConversation(stale).ok());
-  CHECK(cache->GetConversation(1)->own_seq == 4);
-  CHECK(cache->NotReadByAll(64) == std::vector<ConversationId>{2, 7, 1});
-  // Read by all now.
-  stale.read_all_seq = 4;
-  REQUIRE(cache->PutConversation(stale).ok());
-  CHECK(cache->NotReadByAll(64) == std::vector<ConversationId>{2, 7});
+  ConversationRow row;
+  row.info.conversation_id = 5;
+  row.info.kind = ConversationKind::kGroup;
+  row.cursor = 4;
+  row.info.delivered_all_seq = 4;
+  row.info.read_all_seq = 2;
+  REQUIRE(cache->PutConversation(row).ok());
+  std::optional<ConversationRow> got = cache->GetConversation(5);
+  REQUIRE(got.has_value());
+  CHECK(got->info.delivered_all_seq == 4);
+  CHECK(got->info.read_all_seq == 2);
+  CHECK(cache->ListConversations().at(0).info.read_all_seq == 2);
+  const std::vector<Cache::SyncCursor> cursors = cache->SyncCursors();
+  REQUIRE(cursors.size() == 1);
+  CHECK(cursors[0].delivered_all_seq == 4);
+  CHECK(cursors[0].read_all_seq == 2);
 }
 
 TEST_CASE("cache: receipt_due is kept per conversation and listed by id") {

@@ -1116,21 +1116,21 @@ TEST_CASE("session: others' receipts move own messages to delivered, then read")
 
   h.session->OnEnvelope(ReceiptUpdateFor(5, "bob", 4, 0));
   CHECK(h.listener.statuses == std::vector<std::string>{"5:4:delivered"});
-  CHECK(h.cache->GetConversation(5)->delivered_all_seq == 4);
-  CHECK(h.cache->GetConversation(5)->read_all_seq == 0);
+  CHECK(h.cache->GetConversation(5)->info.delivered_all_seq == 4);
+  CHECK(h.cache->GetConversation(5)->info.read_all_seq == 0);
   REQUIRE(h.listener.receipts.size() == 1);
   CHECK(h.listener.receipts[0].user_id == "bob");
   CHECK(h.listener.receipts[0].delivered_all_seq == 4);
 
   h.session->OnEnvelope(ReceiptUpdateFor(5, "carol", 4, 4));
   CHECK(h.listener.statuses == std::vector<std::string>{"5:4:delivered", "5:4:read"});
-  CHECK(h.cache->GetConversation(5)->read_all_seq == 4);
+  CHECK(h.cache->GetConversation(5)->info.read_all_seq == 4);
 
   // Watermarks never move back, and a repeat reports no status.
   h.session->OnEnvelope(ReceiptUpdateFor(5, "bob", 2, 1));
   CHECK(h.listener.statuses.size() == 2);
-  CHECK(h.cache->GetConversation(5)->delivered_all_seq == 4);
-  CHECK(h.cache->GetConversation(5)->read_all_seq == 4);
+  CHECK(h.cache->GetConversation(5)->info.delivered_all_seq == 4);
+  CHECK(h.cache->GetConversation(5)->info.read_all_seq == 4);
 
   // A conversation not in the cache is ignored.
   h.session->OnEnvelope(ReceiptUpdateFor(99, "bob", 4, 4));
@@ -1590,13 +1590,13 @@ TEST_CASE("session: another device's receipt at this one's watermarks settles wh
   CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());
 }
 
-// The Sync carries no lowest watermarks: after a reconnect the conversations where some member
-// had not read the user's latest message ask for them with a Receipt (not one owed).
+// The lowest watermarks come with conversation states as with ReceiptUpdates: a Sync names the
+// cached ones in its cursors, and the server lists a state whose marks rose past them.
 
-// Answers each Receipt in `receipts` as the server does, with the lowest read watermark
-// `read_all(conversation)` (the lowest delivered one as high).
+// Answers each Receipt in `receipts` as the server does, with the lowest watermarks both at
+// `all(conversation)`.
 void AnswerReceipts(Harness& h, const std::vector<v1::Envelope>& receipts,
-                    const std::function<Seq(ConversationId)>& read_all) {
+                    const std::function<Seq(ConversationId)>& all) {
   for (const v1::Envelope& receipt : receipts) {
     const v1::Receipt& r = receipt.receipt();
     v1::Envelope reply;
@@ -1607,185 +1607,105 @@ void AnswerReceipts(Harness& h, const std::vector<v1::Envelope>& receipts,
     u->set_device_id("laptop");
     u->set_delivered_seq(r.delivered_seq());
     u->set_read_seq(r.read_seq());
-    u->set_delivered_all_seq(read_all(r.conversation_id()));
-    u->set_read_all_seq(read_all(r.conversation_id()));
+    u->set_delivered_all_seq(all(r.conversation_id()));
+    u->set_read_all_seq(all(r.conversation_id()));
     h.session->OnEnvelope(reply);
   }
 }
 
-std::vector<ConversationId> ReceiptConversations(const std::vector<v1::Envelope>& receipts) {
-  std::vector<ConversationId> out;
-  for (const v1::Envelope& e : receipts) out.push_back(e.receipt().conversation_id());
-  std::sort(out.begin(), out.end());
-  return out;
+// Group 5 as the server describes it to alice after her message 2 among bob's 1 and 3, with
+// the lowest watermarks `delivered_all` and `read_all`.
+v1::ConversationState GroupWithMarks(Seq delivered_all, Seq read_all) {
+  v1::ConversationState state = GroupState(5, 3, 1);
+  state.set_delivered_seq(3);
+  state.set_read_seq(2);
+  state.set_delivered_all_seq(delivered_all);
+  state.set_read_all_seq(read_all);
+  return state;
 }
 
-// Drops the connection and brings it back live with a Sync that lists nothing new; returns the
-// Receipts sent at the first flush after that.
-std::vector<v1::Envelope> ReconnectQuietly(Harness& h) {
-  h.session->OnClosed(1006, "abnormal");
-  h.Reply(h.Welcome(), {});
-  REQUIRE(h.state() == ConnectionState::kConnected);
-  h.clock->Advance(kReceiptIntervalMs);
-  h.session->Tick();
-  return OfCase(h.io.Take(), v1::Envelope::kReceipt);
-}
-
-TEST_CASE("session: after a reconnect, own messages read meanwhile are reported kRead") {
+TEST_CASE("session: a Sync names the cached lowest watermarks, and a listed state raises them") {
   Harness h;
   v1::Envelope sync = h.Welcome();
   v1::SyncBatch batch;
-  *batch.add_conversations() = GroupState(5, 3, 1);
+  *batch.add_conversations() = GroupWithMarks(2, 1);
   *batch.add_messages() = Msg(5, 1);
   *batch.add_messages() = Msg(5, 2, "alice");
   *batch.add_messages() = Msg(5, 3);
   h.Reply(sync, batch);
   REQUIRE(h.state() == ConnectionState::kConnected);
-  h.session->Tick();
-  auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
-  REQUIRE(ReceiptConversations(receipts) == std::vector<ConversationId>{5});
-  AnswerReceipts(h, receipts, [](ConversationId) { return Seq{1}; });  // bob has not read 2
-  CHECK(h.listener.statuses == std::vector<std::string>{"5:1:delivered", "5:1:read"});
-  REQUIRE_FALSE(h.cache->GetConversation(5)->receipt_due);
-
-  // Offline, bob reads alice's message: the ReceiptUpdate saying so reached nobody here, and
-  // the Sync lists nothing new.
-  receipts = ReconnectQuietly(h);
-  REQUIRE(receipts.size() == 1);
-  CHECK(receipts[0].receipt().conversation_id() == 5);
-  CHECK(receipts[0].receipt().delivered_seq() == 3);  // the current watermarks, unchanged
-  CHECK(receipts[0].receipt().read_seq() == 2);
-  CHECK_FALSE(h.cache->GetConversation(5)->receipt_due);  // asked, not owed
-  CHECK(h.cache->ReceiptsDue().empty());
-  AnswerReceipts(h, receipts, [](ConversationId) { return Seq{2}; });
-  CHECK(h.listener.statuses ==
-        std::vector<std::string>{"5:1:delivered", "5:1:read", "5:2:delivered", "5:2:read"});
-  CHECK(h.cache->GetConversation(5)->read_all_seq == 2);
-  CHECK(h.listener.receipts.empty());  // the reply to this device's own Receipt
-
-  // Read by every member: the next reconnect asks nothing.
-  CHECK(ReconnectQuietly(h).empty());
-}
-
-TEST_CASE("session: a reconnect asks nothing where no own message waits to be read by all") {
-  Harness h;
-  v1::Envelope sync = h.Welcome();
-  v1::SyncBatch batch;
-  // 5: alice's message not read by all (asked), 6: only bob's messages, 7: alice's message read
-  // by every member, 8: a channel, 9: a group alice was removed from.
-  for (ConversationId id : {5, 6, 7, 8, 9}) {
-    v1::ConversationState state = GroupState(id, 2, 0);
-    if (id == 8) state.set_kind(v1::CONVERSATION_KIND_CHANNEL);
-    if (id == 9) state.set_removed_at_seq(2);
-    *batch.add_conversations() = state;
-    *batch.add_messages() = Msg(id, 1);
-    *batch.add_messages() = Msg(id, 2, id == 6 ? "bob" : "alice");
-  }
-  h.Reply(sync, batch);
-  REQUIRE(h.state() == ConnectionState::kConnected);
-  h.session->Tick();
-  auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
-  REQUIRE(receipts.size() == 5);  // the delivered watermarks are owed in all of them
-  AnswerReceipts(h, receipts, [](ConversationId id) { return id == 7 ? Seq{2} : Seq{1}; });
-  REQUIRE(h.cache->ReceiptsDue().empty());
-
-  CHECK(ReceiptConversations(ReconnectQuietly(h)) == std::vector<ConversationId>{5});
-}
-
-TEST_CASE("session: a reconnect asks at most 64 conversations, the most recently active") {
-  Harness h;
-  v1::Envelope sync = h.Welcome();
-  v1::SyncBatch batch;
-  constexpr ConversationId kGroups = kMaxReadAsks + 6;
-  for (ConversationId id = 1; id <= kGroups; ++id) {
-    v1::ConversationState state = GroupState(id, 1, 0);
-    // Activity does not follow the ids: the most recent are the odd ones, then the even ones.
-    state.set_last_activity_ms(static_cast<int64_t>((id % 2) * 1'000'000 + id));
-    *batch.add_conversations() = state;
-    v1::Message m = Msg(id, 1, "alice");
-    m.set_server_time_ms(state.last_activity_ms());
-    *batch.add_messages() = m;
-  }
-  h.Reply(sync, batch);
-  REQUIRE(h.state() == ConnectionState::kConnected);
-  h.session->Tick();
-  auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
-  REQUIRE(receipts.size() == kGroups);  // owed: the user's own messages moved read_seq
-  AnswerReceipts(h, receipts, [](ConversationId) { return Seq{0}; });
-  REQUIRE(h.cache->ReceiptsDue().empty());
-
-  receipts = ReconnectQuietly(h);
-  std::vector<ConversationId> expected;
-  for (ConversationId id = 1; id <= kGroups; ++id) {
-    if (id % 2 == 1 || id > 12) expected.push_back(id);  // the six oldest: 2, 4, .., 12
-  }
-  REQUIRE(expected.size() == kMaxReadAsks);
-  CHECK(ReceiptConversations(receipts) == expected);
-  // No later flush of this connection asks the others.
-  AnswerReceipts(h, receipts, [](ConversationId) { return Seq{0}; });
-  h.clock->Advance(kReceiptIntervalMs);
-  h.session->Tick();
-  CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());
-}
-
-// Under the server's rate limit the asks take at most a tenth of a second's worth of it, the
-// most recently active conversations first.
-TEST_CASE("session: a reconnect asks no more than a tenth of the server's rate per second") {
-  Harness h;
-  v1::Envelope sync = h.Welcome(7, 30'000, /*messages_per_second=*/50);
-  v1::SyncBatch batch;
-  for (ConversationId id = 1; id <= 10; ++id) {
-    v1::ConversationState state = GroupState(id, 1, 0);
-    state.set_last_activity_ms(static_cast<int64_t>(id) * 1000);
-    *batch.add_conversations() = state;
-    v1::Message m = Msg(id, 1, "alice");
-    m.set_server_time_ms(state.last_activity_ms());
-    *batch.add_messages() = m;
-  }
-  h.Reply(sync, batch);
-  REQUIRE(h.state() == ConnectionState::kConnected);
-  h.session->Tick();
-  auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
-  REQUIRE(receipts.size() == 10);  // owed: the user's own messages moved read_seq
-  AnswerReceipts(h, receipts, [](ConversationId) { return Seq{0}; });
-  REQUIRE(h.cache->ReceiptsDue().empty());
-
-  h.session->OnClosed(1006, "abnormal");
-  h.Reply(h.Welcome(7, 30'000, 50), {});
-  REQUIRE(h.state() == ConnectionState::kConnected);
-  h.clock->Advance(kReceiptIntervalMs);
-  h.session->Tick();
-  // 50 messages per second: five asks, the five most recently active.
-  CHECK(ReceiptConversations(OfCase(h.io.Take(), v1::Envelope::kReceipt)) ==
-        std::vector<ConversationId>{6, 7, 8, 9, 10});
-}
-
-// An ask the link took down unanswered is not sent again during the next connection's Sync, as
-// an owed receipt is: it is asked once, when that Sync is done.
-TEST_CASE("session: an ask lost with the link is asked once on the next connection") {
-  Harness h;
-  v1::Envelope sync = h.Welcome();
-  v1::SyncBatch batch;
-  *batch.add_conversations() = GroupState(5, 2, 0);
-  *batch.add_messages() = Msg(5, 1);
-  *batch.add_messages() = Msg(5, 2, "alice");
-  h.Reply(sync, batch);
+  CHECK(h.listener.statuses == std::vector<std::string>{"5:2:delivered", "5:1:read"});
+  CHECK(h.cache->GetConversation(5)->info.delivered_all_seq == 2);
+  CHECK(h.cache->GetConversation(5)->info.read_all_seq == 1);
   h.session->Tick();
   AnswerReceipts(h, OfCase(h.io.Take(), v1::Envelope::kReceipt),
                  [](ConversationId) { return Seq{1}; });
   REQUIRE(h.cache->ReceiptsDue().empty());
-  REQUIRE(ReconnectQuietly(h).size() == 1);  // asked, and the link goes before the answer
+  CHECK(h.listener.statuses.size() == 2);  // lower marks than the cached ones: no news
 
+  // Offline, bob reads alice's message; the ReceiptUpdate saying so reached nobody here. The
+  // next connection's Sync names the marks the cache holds...
   h.session->OnClosed(1006, "abnormal");
   v1::Envelope again = h.Welcome();
+  REQUIRE(again.sync().cursors_size() == 1);
+  const v1::Cursor& cursor = again.sync().cursors(0);
+  CHECK(cursor.seq() == 3);
+  CHECK(cursor.has_delivered_all_seq());
+  CHECK(cursor.delivered_all_seq() == 2);
+  CHECK(cursor.has_read_all_seq());
+  CHECK(cursor.read_all_seq() == 1);
+  // ...and the server lists the state alone, with the raised marks.
+  v1::SyncBatch listed;
+  *listed.add_conversations() = GroupWithMarks(3, 2);
+  h.Reply(again, listed);
+  REQUIRE(h.state() == ConnectionState::kConnected);
+  CHECK(h.listener.statuses ==
+        std::vector<std::string>{"5:2:delivered", "5:1:read", "5:3:delivered", "5:2:read"});
+  CHECK(h.cache->GetConversation(5)->info.delivered_all_seq == 3);
+  CHECK(h.cache->GetConversation(5)->info.read_all_seq == 2);
+  REQUIRE_FALSE(h.listener.conversations.empty());
+  CHECK(h.listener.conversations.back().read_all_seq == 2);
+  // Nothing is asked with a Receipt: the Sync answered it.
   h.clock->Advance(kReceiptIntervalMs);
   h.session->Tick();
-  CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());  // nothing while syncing
-  h.Reply(again, {});
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());
+
+  // A state read before (lower marks) takes nothing back; a later one raises them as a Sync's.
+  v1::Envelope update;
+  *update.mutable_conversation_update()->mutable_conversation() = GroupWithMarks(1, 0);
+  h.session->OnEnvelope(update);
+  CHECK(h.listener.statuses.size() == 4);
+  CHECK(h.cache->GetConversation(5)->info.delivered_all_seq == 3);
+  CHECK(h.cache->GetConversation(5)->info.read_all_seq == 2);
+  *update.mutable_conversation_update()->mutable_conversation() = GroupWithMarks(3, 3);
+  h.session->OnEnvelope(update);
+  CHECK(h.listener.statuses.back() == "5:3:read");
+  CHECK(h.cache->GetConversation(5)->info.read_all_seq == 3);
+  CHECK(h.listener.conversations.back().read_all_seq == 3);
+}
+
+// Where every member has read the user's latest message, or none is the user's, a reconnect sends
+// no Receipt either: what used to be asked after each reconnect comes with the Sync.
+TEST_CASE("session: a reconnect sends no Receipt that nothing owes") {
+  Harness h;
+  v1::Envelope sync = h.Welcome();
+  v1::SyncBatch batch;
+  for (ConversationId id : {5, 6}) {
+    *batch.add_conversations() = GroupState(id, 2, 0);
+    *batch.add_messages() = Msg(id, 1);
+    *batch.add_messages() = Msg(id, 2, "alice");
+  }
+  h.Reply(sync, batch);
+  h.session->Tick();
+  AnswerReceipts(h, OfCase(h.io.Take(), v1::Envelope::kReceipt),
+                 [](ConversationId) { return Seq{1}; });  // bob has not read alice's messages
+  REQUIRE(h.cache->ReceiptsDue().empty());
+  h.session->OnClosed(1006, "abnormal");
+  h.Reply(h.Welcome(), {});
+  REQUIRE(h.state() == ConnectionState::kConnected);
   h.clock->Advance(kReceiptIntervalMs);
   h.session->Tick();
-  CHECK(ReceiptConversations(OfCase(h.io.Take(), v1::Envelope::kReceipt)) ==
-        std::vector<ConversationId>{5});
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());
 }
 
 // A synced state behind the watermarks the server confirmed (its store went back) is told again,
