@@ -129,7 +129,9 @@ class CHAT_EXPORT ClientListener {
   // A member's receipt watermarks moved; this user's own other devices included.
   virtual void OnReceipt(const ReceiptEvent& event);
   // This user's messages in `conversation` with seq <= `up_to_seq` reached `status`
-  // (kDelivered or kRead). Reported when the watermark moves forward, never backward.
+  // (kDelivered or kRead). Reported when the watermark moves forward, never backward; it may
+  // come before the OnMessage of messages it covers (a Sync's later page), so keep it per
+  // conversation and apply it to messages that arrive after it too.
   virtual void OnMessageStatus(ConversationId conversation, Seq up_to_seq, MessageStatus status);
   // Unread messages across all conversations changed (exact once synced with the server).
   // The per-conversation count is ConversationInfo::unread in OnConversationUpdated.

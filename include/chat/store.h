@@ -134,9 +134,9 @@ struct AppendResult {
   // kReceipt: whether the sender's user-wide watermarks moved; the sender's watermarks over all of
   // its devices; the sender's unread count across every conversation; and (direct and groups) the
   // lowest watermarks over all current members, and whether they are news to the members: above
-  // what they were last told (a receipt, or a member's removal before it, raised them), or the
-  // store knows nothing told yet (its first receipt; a store keeps what it told across restarts,
-  // except that lowest marks of 0 leave nothing to keep).
+  // what they were last told (a receipt, or a member's removal before it, raised them; 0 and 0
+  // before anything was told, where every client starts; a store keeps what it told across
+  // restarts).
   bool receipt_changed = false;
   MemberReceipt sender_receipt;
   uint64_t unread_total = 0;

@@ -1202,7 +1202,10 @@ Session::LowestRise Session::MergeState(ConversationRow* row, const v1::Conversa
   ConversationInfo info = codec::FromProto(state);
   info.delivered_all_seq = local.delivered_all_seq;
   info.read_all_seq = local.read_all_seq;
-  const LowestRise rise = RaiseLowest(&info, state.delivered_all_seq(), state.read_all_seq());
+  // Marks past the state's own last seq cannot be true: taken as far as it goes, or one bad
+  // state would mark every later message of the user's as read for good.
+  const LowestRise rise = RaiseLowest(&info, std::min(state.delivered_all_seq(), state.last_seq()),
+                                      std::min(state.read_all_seq(), state.last_seq()));
   // The server's last seq is its word: a wrong one it sent before (a bug, or a hostile server)
   // is replaced, not kept as a maximum for good. A reply read by the server before messages that
   // have reached this client since (live, or held above a hole) is older than the cache, though:

@@ -51,8 +51,8 @@ struct Conversation {
   // the front with them): an unread count is two binary searches, not a walk.
   std::deque<Seq> user_seqs;
   std::map<std::pair<UserId, DeviceId>, Watermarks> cursors;  // per (user, device)
-  // The highest lowest watermarks the members were told (see server::LowestMove); none yet.
-  std::optional<server::LowestMarks> lowest_told;
+  // The highest lowest watermarks the members were told (see server::LowestMove).
+  server::LowestMarks lowest_told;
 };
 
 // A member's watermarks: the highest over its devices.
@@ -166,9 +166,9 @@ class MemorySource final : public server::ReadSource {
     info.last_activity_ms = c.last_activity_ms;
     info.retention_ms = c.retention_ms;
     // A channel keeps no lowest marks, and a removed member is told nothing of the members.
-    if (c.lowest_told && member.removed_at_seq == 0) {
-      info.delivered_all_seq = c.lowest_told->delivered_seq;
-      info.read_all_seq = c.lowest_told->read_seq;
+    if (member.removed_at_seq == 0) {
+      info.delivered_all_seq = c.lowest_told.delivered_seq;
+      info.read_all_seq = c.lowest_told.read_seq;
     }
     return info;
   }

@@ -898,22 +898,14 @@ class WriterCache {
   void PutLowest(ConversationId conversation_id, const server::LowestCount& lowest) {
     Entry(conversation_id).lowest = lowest;
   }
-  // Whether what the members were told of the lowest marks is known here (else it is in the
-  // conversation's row).
-  bool KnowsTold(ConversationId conversation_id) const {
+  // What the members were told of the lowest marks, if known here (else the conversation's row
+  // says).
+  std::optional<server::LowestMarks> FindTold(ConversationId conversation_id) const {
     auto it = conversations_.find(conversation_id);
-    return it != conversations_.end() && it->second.told.has_value();
+    return it == conversations_.end() ? std::nullopt : it->second.told;
   }
   void PutTold(ConversationId conversation_id, const server::LowestMarks& told) {
     Entry(conversation_id).told = told;
-  }
-  // Raises what the members were told of the lowest marks to `now`: whether that is news, and
-  // then what they are told (each mark the highest told).
-  std::optional<server::LowestMarks> Tell(ConversationId conversation_id,
-                                          const server::LowestMarks& now) {
-    std::optional<server::LowestMarks>& told = Entry(conversation_id).told;
-    if (!server::RaiseTold(told, now)) return std::nullopt;
-    return told;
   }
 
   // The direct conversation of `low` and `high` (low < high), or 0 if not known. A pair's
@@ -1525,23 +1517,23 @@ class SqliteTarget final : public server::AppendTarget {
   // conversation's row keeps (in the batch's transaction, so a rollback takes it back too) and
   // the cache knows once it has read or written it.
   Result<server::LowestMove> Tell(ConversationId conversation_id, server::LowestMarks now) {
-    if (!cache_.KnowsTold(conversation_id)) {
+    std::optional<server::LowestMarks> told = cache_.FindTold(conversation_id);
+    if (!told) {
       Query q(conn_, Sql::kTold);
       q.U64(conversation_id);
       Result<bool> row = q.Step();
       if (!row.ok()) return row.status();
       if (!*row) return Internal("receipt: the conversation's row is gone");
-      const server::LowestMarks stored{q.ColumnU64(0), q.ColumnU64(1)};
-      // 0 and 0: nothing told yet, so the first lowest marks are news whatever they are.
-      if (stored != server::LowestMarks{}) cache_.PutTold(conversation_id, stored);
+      told = server::LowestMarks{q.ColumnU64(0), q.ColumnU64(1)};  // 0 and 0 when nothing was
     }
-    const std::optional<server::LowestMarks> told = cache_.Tell(conversation_id, now);
-    if (told) {
+    const bool news = server::RaiseTold(*told, now);
+    cache_.PutTold(conversation_id, *told);
+    if (news) {
       Query q(conn_, Sql::kSetTold);
       q.U64(conversation_id).U64(told->delivered_seq).U64(told->read_seq);
       if (Status s = q.Run(); !s.ok()) return s;
     }
-    return server::LowestMove{now, told.has_value()};
+    return server::LowestMove{now, news};
   }
 
   Result<Seq> LastSeq(ConversationId conversation_id) override {

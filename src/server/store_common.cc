@@ -675,15 +675,11 @@ Result<uint64_t> UnreadTotal(ReadSource& source, const UserId& user, const Devic
   return total;
 }
 
-bool RaiseTold(std::optional<LowestMarks>& told, const LowestMarks& now) {
-  if (!told) {
-    told = now;
-    return true;
-  }
-  const LowestMarks was = *told;
-  told->delivered_seq = std::max(told->delivered_seq, now.delivered_seq);
-  told->read_seq = std::max(told->read_seq, now.read_seq);
-  return *told != was;
+bool RaiseTold(LowestMarks& told, const LowestMarks& now) {
+  const LowestMarks was = told;
+  told.delivered_seq = std::max(told.delivered_seq, now.delivered_seq);
+  told.read_seq = std::max(told.read_seq, now.read_seq);
+  return told != was;
 }
 
 LowestCount CountLowest(std::span<const MemberReceipt> members, const UserId& mover,

@@ -60,13 +60,14 @@ struct LowestMarks {
 // What one user's move did to them.
 struct LowestMove {
   LowestMarks after;  // the lowest marks now
-  // The members are to be told `after`: it rose above what they were told last (or the store
-  // does not know what that was). Clients keep the highest they heard, so a fall is no news.
+  // The members are to be told `after`: it rose above what they were told last (0 and 0 before
+  // anything was told, which is what every client starts from). Clients keep the highest they
+  // heard, so a fall is no news.
   bool news = false;
 };
 
-// `told` raised to `now` where `now` is above it; whether it was (an unknown `told`: always).
-bool RaiseTold(std::optional<LowestMarks>& told, const LowestMarks& now);
+// `told` raised to `now` where `now` is above it; whether it was.
+bool RaiseTold(LowestMarks& told, const LowestMarks& now);
 
 // The lowest marks and how many current members hold each.
 struct LowestCount {

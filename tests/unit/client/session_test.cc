@@ -1682,6 +1682,13 @@ TEST_CASE("session: a Sync names the cached lowest watermarks, and a listed stat
   CHECK(h.listener.statuses.back() == "5:3:read");
   CHECK(h.cache->GetConversation(5)->info.read_all_seq == 3);
   CHECK(h.listener.conversations.back().read_all_seq == 3);
+  // Marks past the state's last seq (3) go no further than it: no message sent later shows as
+  // read before anybody read it.
+  *update.mutable_conversation_update()->mutable_conversation() = GroupWithMarks(1000, 1000);
+  h.session->OnEnvelope(update);
+  CHECK(h.cache->GetConversation(5)->info.delivered_all_seq == 3);
+  CHECK(h.cache->GetConversation(5)->info.read_all_seq == 3);
+  CHECK(h.listener.statuses.back() == "5:3:read");
 }
 
 // Where every member has read the user's latest message, or none is the user's, a reconnect sends

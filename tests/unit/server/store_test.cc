@@ -1318,7 +1318,7 @@ void LowestWatermarksFollowEveryReceipt(Kind kind) {
   std::vector<bool> member(kUsers, true);
   std::mt19937 random(20261207);
   int moves = 0;
-  std::optional<std::pair<Seq, Seq>> told;  // what the members heard of the lowest marks
+  std::pair<Seq, Seq> told{0, 0};  // what the members heard of the lowest marks (0: nothing)
   for (int step = 0; step < 600; ++step) {
     const int roll = static_cast<int>(random() % 100);
     const int user = static_cast<int>(random() % kUsers);
@@ -1349,12 +1349,11 @@ void LowestWatermarksFollowEveryReceipt(Kind kind) {
     CAPTURE(step);
     REQUIRE(r.delivered_all_seq == after.first);
     REQUIRE(r.read_all_seq == after.second);
-    // News: above what the members heard last (each mark the highest they heard), or the first.
-    const bool news = !told || after.first > told->first || after.second > told->second;
+    // News: above what the members heard last (each mark the highest they heard).
+    const bool news = after.first > told.first || after.second > told.second;
     CHECK(r.all_seq_moved == news);
     if (news) {
-      told = std::pair<Seq, Seq>{std::max(after.first, told ? told->first : 0),
-                                 std::max(after.second, told ? told->second : 0)};
+      told = {std::max(after.first, told.first), std::max(after.second, told.second)};
     }
     moves += r.all_seq_moved ? 1 : 0;
     const auto members = static_cast<size_t>(std::count(member.begin(), member.end(), true));
@@ -1398,10 +1397,12 @@ void SmallGroupsListEveryMemberForEveryMove(Kind kind) {
   MessageStore& store = *env.store;
   const ConversationId id = CreateGroupOk(store, "alice", {"bob", "carol"});
   SendMany(store, id, "alice", 3, "a");
-  // The first receipt is news to everybody: nobody was told the lowest marks yet.
-  AppendResult news = CommitReceipt(store, id, "alice", 4, 4, 2);
-  CHECK(news.all_seq_moved);
-  CHECK(news.recipients == std::vector<UserId>{"alice", "bob", "carol"});
+  // The first receipt leaves the lowest marks at 0, where every member starts: no news, and
+  // over the limit (2) nobody else is told.
+  AppendResult first = CommitReceipt(store, id, "alice", 4, 4, 2);
+  CHECK(first.receipt_changed);
+  CHECK_FALSE(first.all_seq_moved);
+  CHECK(first.recipients.empty());
   // bob moves while carol stays at 0: the lowest marks stay, and a group of three is still told.
   AppendResult told = CommitReceipt(store, id, "bob", 2, 1, 3);
   CHECK_FALSE(told.all_seq_moved);
@@ -1429,8 +1430,8 @@ void SmallGroupsListEveryMemberForEveryMove(Kind kind) {
   // A direct conversation tells every move whatever the limit: alice's second move leaves the
   // lowest marks at bob's (0), no news, and bob is told all the same.
   const ConversationId ab = OpenDirect(store, "alice", "bob");
-  SendMany(store, ab, "bob", 4, "b");                                 // seqs 2..5
-  REQUIRE(CommitReceipt(store, ab, "alice", 3, 3, 1).all_seq_moved);  // the first: news
+  SendMany(store, ab, "bob", 4, "b");                                     // seqs 2..5
+  CHECK_FALSE(CommitReceipt(store, ab, "alice", 3, 3, 1).all_seq_moved);  // bob's 0 stays
   AppendResult peer = CommitReceipt(store, ab, "alice", 5, 5, 1);
   CHECK(peer.receipt_changed);
   CHECK_FALSE(peer.all_seq_moved);
@@ -2204,7 +2205,7 @@ TEST_CASE("store: sqlite: a version 9 file starts with nothing told and keeps it
   CHECK(info->read_all_seq == 0);
   REQUIRE(HistoryOf(store, "bob", id, 0, 10).ok());
   CHECK(Seqs(HistoryOf(store, "bob", id, 0, 10)->messages) == std::vector<Seq>{3, 2, 1});
-  // The first receipt is news, as with nothing told, and is kept.
+  // The first receipt that raises the lowest marks above 0 is news, and is kept.
   AppendResult first = CommitReceipt(store, id, "bob", 3, 2, 8);
   CHECK(first.all_seq_moved);
   CHECK(ToldOf(store, "alice", id) == std::pair<Seq, Seq>{3, 2});
@@ -3053,6 +3054,7 @@ TEST_CASE("store: sqlite: a failed batch leaves no move of the lowest watermarks
   SendMany(store, id, "alice", 2, "a");  // seqs 2, 3
   REQUIRE(CommitOne(store, ReceiptOf(id, "alice", "a1", 3, 3)).status.ok());
   REQUIRE(CommitOne(store, ReceiptOf(id, "bob", "b1", 3, 3)).status.ok());
+  REQUIRE(CommitOne(store, ReceiptOf(id, "carol", "c1", 2, 2)).all_seq_moved);  // told 2, 2
   RawExec(path,
           "CREATE TRIGGER fail_boom BEFORE INSERT ON log0 WHEN NEW.body = CAST('boom' AS BLOB)"
           " BEGIN SELECT RAISE(ABORT, 'injected failure'); END");
@@ -3067,10 +3069,14 @@ TEST_CASE("store: sqlite: a failed batch leaves no move of the lowest watermarks
   SendMany(store, id, "alice", 1, "more");  // seq 4
   AppendResult alice = CommitOne(store, ReceiptOf(id, "alice", "a1", 4, 4));
   REQUIRE(alice.status.ok());
-  CHECK(alice.delivered_all_seq == 0);  // carol's receipt never happened
-  CHECK(alice.read_all_seq == 0);
-  // What the members heard went with the rollback: the lowest marks are told again.
-  CHECK(alice.all_seq_moved);
+  CHECK(alice.delivered_all_seq == 2);  // carol's receipt never happened
+  CHECK(alice.read_all_seq == 2);
+  CHECK_FALSE(alice.all_seq_moved);
+  CHECK(ToldOf(store, "bob", id) == std::pair<Seq, Seq>{2, 2});
+  // What the members heard went with the rollback: carol's move to 3 is news now.
+  AppendResult carol = CommitOne(store, ReceiptOf(id, "carol", "c1", 3, 3));
+  CHECK(carol.all_seq_moved);
+  CHECK(carol.read_all_seq == 3);
 }
 
 TEST_CASE("store: sqlite: a resend whose message is missing fails alone, not its batch") {
