@@ -1410,10 +1410,9 @@ void Session::HandleReceiptUpdate(uint64_t rid, const v1::ReceiptUpdate& update)
     listener_->OnReceipt(event);
   }
   ReportLowest(row.info, rise);
-  if (info_changed) {
-    listener_->OnConversationUpdated(row.info);
-    ReportUnreadTotal();
-  }
+  // ConversationInfo carries the lowest marks too: an application keeping it sees them move.
+  if (info_changed || rise.delivered || rise.read) listener_->OnConversationUpdated(row.info);
+  if (info_changed) ReportUnreadTotal();
 }
 
 void Session::HandleTypingUpdate(const v1::TypingUpdate& update) {

@@ -1113,11 +1113,15 @@ TEST_CASE("session: others' receipts move own messages to delivered, then read")
   auto sends = OfCase(h.io.Take(), v1::Envelope::kSend);
   REQUIRE(sends.size() == 1);
   h.session->OnEnvelope(AckFor(sends[0], 4));
+  const size_t updates = h.listener.conversations.size();
 
   h.session->OnEnvelope(ReceiptUpdateFor(5, "bob", 4, 0));
   CHECK(h.listener.statuses == std::vector<std::string>{"5:4:delivered"});
   CHECK(h.cache->GetConversation(5)->info.delivered_all_seq == 4);
   CHECK(h.cache->GetConversation(5)->info.read_all_seq == 0);
+  // The application's ConversationInfo carries the marks as they rise.
+  REQUIRE(h.listener.conversations.size() == updates + 1);
+  CHECK(h.listener.conversations.back().delivered_all_seq == 4);
   REQUIRE(h.listener.receipts.size() == 1);
   CHECK(h.listener.receipts[0].user_id == "bob");
   CHECK(h.listener.receipts[0].delivered_all_seq == 4);
@@ -1126,9 +1130,13 @@ TEST_CASE("session: others' receipts move own messages to delivered, then read")
   CHECK(h.listener.statuses == std::vector<std::string>{"5:4:delivered", "5:4:read"});
   CHECK(h.cache->GetConversation(5)->info.read_all_seq == 4);
 
-  // Watermarks never move back, and a repeat reports no status.
+  CHECK(h.listener.conversations.back().read_all_seq == 4);
+
+  // Watermarks never move back, and a repeat reports no status and no update.
+  const size_t before_repeat = h.listener.conversations.size();
   h.session->OnEnvelope(ReceiptUpdateFor(5, "bob", 2, 1));
   CHECK(h.listener.statuses.size() == 2);
+  CHECK(h.listener.conversations.size() == before_repeat);
   CHECK(h.cache->GetConversation(5)->info.delivered_all_seq == 4);
   CHECK(h.cache->GetConversation(5)->info.read_all_seq == 4);
 
