@@ -11,7 +11,6 @@
 // to: 127.0.0.1 for --listen 0.0.0.0, [::1] for ::, an interface's own address for its name.
 #include <arpa/inet.h>
 #include <ifaddrs.h>
-#include <libwebsockets.h>
 #include <netinet/in.h>
 #include <pthread.h>
 #include <signal.h>
@@ -47,7 +46,6 @@
 #include "chat/status.h"
 #include "chat/store.h"
 #include "examples/cli_args.h"
-#include "src/core/slot_pool.h"
 
 #ifdef CHAT_WITH_JEMALLOC
 // Read by jemalloc when it starts. Its background thread hands pages freed after a burst (the
@@ -101,52 +99,6 @@ void FitDescriptorLimit(uint32_t max_connections) {
                   " is too low for max_connections " + std::to_string(max_connections) +
                   "; raise it (ulimit -Hn, LimitNOFILE=) or lower --max-connections");
   }
-}
-
-// libwebsockets' connection struct (952 bytes in Debian's 4.1 with its libev plugin) lands in
-// jemalloc's 1,024-byte class, so the structs of all connections sit 1 KiB apart, and lws reads a
-// field of every one of them whenever it adds or closes a connection (its descriptor-table
-// check): at that stride the reads share a few cache sets and miss. Connection structs ("new
-// server wsi", "listen wsi", "event pipe wsi", ... by lws's allocation reason) of that size are
-// served from 960-byte slots instead (docs/server.md, "Allocator"); every other lws allocation,
-// and a struct of another size, keeps the process's malloc.
-constexpr size_t kLwsSlotBytes = 960;
-constexpr size_t kLwsSlotMinBytes = 897;  // smaller blocks keep the allocator's own size classes
-
-bool IsConnectionStruct(const char* reason) {
-  constexpr std::string_view kSuffix = " wsi";
-  return reason != nullptr && std::string_view(reason).ends_with(kSuffix);
-}
-
-chat::SlotPool& LwsSlots() {
-  static auto* const pool = new chat::SlotPool(kLwsSlotBytes);  // outlives lws: never freed
-  return *pool;
-}
-
-// lws_set_allocator's contract: realloc(nullptr, n) allocates, realloc(p, 0) frees.
-void* LwsRealloc(void* ptr, size_t size, const char* reason) {
-  chat::SlotPool& slots = LwsSlots();
-  if (ptr != nullptr && slots.Owns(ptr)) {
-    if (size == 0) {
-      slots.Free(ptr);
-      return nullptr;
-    }
-    if (size <= slots.slot_bytes()) return ptr;
-    void* moved = std::malloc(size);
-    if (moved == nullptr) return nullptr;  // as realloc: the block stays valid
-    std::memcpy(moved, ptr, slots.slot_bytes());
-    slots.Free(ptr);
-    return moved;
-  }
-  if (size == 0) {
-    std::free(ptr);
-    return nullptr;
-  }
-  if (ptr == nullptr && size >= kLwsSlotMinBytes && size <= slots.slot_bytes() &&
-      IsConnectionStruct(reason)) {
-    if (void* slot = slots.Allocate()) return slot;
-  }
-  return std::realloc(ptr, size);
 }
 
 // Names the allocator in the log, so a deployment can tell which one its chatd runs on.
@@ -668,7 +620,7 @@ int Token(const std::string& user, const std::string& ttl, const SecretFlags& se
 
 int main(int argc, char** argv) {
   // Before anything of lws runs; process-wide, so the application's choice, not the library's.
-  lws_set_allocator(&LwsRealloc);
+  chat::PoolConnectionMemory();
   // chatd reads no SQLite memory statistics; without them SQLite's allocator takes no global
   // mutex per allocation (the writer thread's CPU in `direct` fell 2-3 %, docs/performance.md).
   // Process-wide, so set here by the application, before SQLite is first used, not by the library.

@@ -3,8 +3,8 @@
 // For one allocation size whose blocks a general allocator would place a power of two apart.
 // jemalloc keeps a 952-byte block in its 1,024-byte class, so many such blocks read at the same
 // offset all land in the same few cache sets; slots of 960 bytes (15 cache lines) spread over all
-// of them and take 64 bytes less each. chatd serves libwebsockets' connection structs from one
-// (examples/chatd/main.cc, docs/server.md "Allocator").
+// of them and take 64 bytes less each. PoolConnectionMemory serves libwebsockets' connection
+// structs from one (src/server/connection_memory.cc, docs/server.md "Allocator").
 //
 // Slots are handed out from partly used slabs first; a slab is carved lazily, so its untouched
 // pages are never faulted in; a slab whose slots are all free is released unless no other empty

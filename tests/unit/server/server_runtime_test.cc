@@ -973,5 +973,34 @@ TEST_CASE("server runtime: Shutdown acks the message being committed, then close
   CHECK(*code == 1001);
 }
 
+TEST_CASE(
+    "server runtime: with PoolConnectionMemory, more connections than one slab holds come, talk "
+    "and go, twice") {
+  // Process-wide from here on; the pool hands memory only to lws's connection structs, so the
+  // tests after this one run on it too. Calling it again changes nothing.
+  PoolConnectionMemory();
+  PoolConnectionMemory();
+  std::unique_ptr<Server> server = MustStart(BaseOptions());
+  constexpr int kClients = 80;  // a 64 KiB slab holds 68 slots of 960 bytes
+  for (int round = 0; round < 2; ++round) {
+    std::vector<std::unique_ptr<WsClient>> clients;
+    for (int i = 0; i < kClients; ++i) {
+      clients.push_back(MustLogin(*server, "user" + std::to_string(i)));
+    }
+    const std::string body = "round " + std::to_string(round);
+    REQUIRE(
+        clients.front()->SendEnvelope(MakeSendToPeer("user79", NewClientMsgId(), body, 7)).ok());
+    std::optional<v1::Envelope> ack = clients.front()->WaitForRid(7);
+    REQUIRE(ack.has_value());
+    REQUIRE_MESSAGE(ack->has_send_ack(), ack->DebugString());
+    std::optional<v1::Envelope> delivered =
+        clients.back()->WaitFor([](const v1::Envelope& e) { return e.has_deliver(); });
+    REQUIRE(delivered.has_value());
+    CHECK(delivered->deliver().message().body() == body);
+    for (auto& client : clients) REQUIRE(client->Close().ok());
+  }
+  server->Shutdown();
+}
+
 }  // namespace
 }  // namespace chat::testing
