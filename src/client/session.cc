@@ -976,7 +976,6 @@ void Session::HandleSyncBatch(const v1::SyncBatch& batch) {
     return;
   }
   std::vector<MessageEvent> events;
-  std::vector<ConversationInfo> updated;
   bool progress = false;
   bool saved = true;
   // Gaps first: the newest messages of a conversation come in the same batch as the gap below
@@ -1019,37 +1018,15 @@ void Session::HandleSyncBatch(const v1::SyncBatch& batch) {
   // Ingest may ask for another Sync (a hole); this one is still in flight, so it is noted.
   Ingest(messages, /*from_sync=*/true);
   if (!Authenticated()) return;
-  std::vector<Expiry> expired;
-  std::vector<LowestRise> rises;  // one for each of `updated`
-  {
-    CacheTxn txn(this);
-    // Without a transaction the deletes would commit one by one while a failure later could
-    // keep the application from being told: nothing is stored (reported), and the next Sync
-    // lists these states again.
-    const bool started = txn.Started();
-    for (const v1::ConversationState& state : batch.conversations()) {
-      if (!started) break;
-      ConversationRow row = LoadOrStub(state.conversation_id());
-      rises.push_back(MergeState(&row, state));
-      stubs_.erase(state.conversation_id());
-      // What retention deleted goes with the state that says so (the server lists a
-      // conversation whose deleted messages this device holds, see SendSync).
-      (void)DropExpired(&row, ExpiredThrough(state), &expired);
-      if (Status st = cache_->PutConversation(row); !st.ok()) ReportError(st);
-      updated.push_back(row.info);
-      progress = true;
-    }
-    if (!started) {
-      // Nothing was written.
-    } else if (Status st = txn.Commit(); !st.ok()) {
-      ReportError(st);
-      expired.clear();  // rolled back: still cached
-      rises.clear();    // as are the lowest watermarks, which the next Sync lists again
-    }
-  }
-  for (const auto& [id, through] : expired) listener_->OnMessagesExpired(id, through);
-  for (size_t i = 0; i < rises.size(); ++i) ReportLowest(updated[i], rises[i]);
-  for (const ConversationInfo& info : updated) listener_->OnConversationUpdated(info);
+  std::vector<const v1::ConversationState*> states;
+  states.reserve(static_cast<size_t>(batch.conversations_size()));
+  for (const v1::ConversationState& state : batch.conversations()) states.push_back(&state);
+  if (!states.empty()) progress = true;
+  // Not stored (reported), none of them is told: the cursors stored still name the marks they
+  // raise, so the next Sync lists them again.
+  StoredStates stored;
+  (void)StoreStates(states, &stored);
+  ReportStates(stored);
   if (!Authenticated()) return;
   ReportUnreadTotal();
 
@@ -1146,31 +1123,53 @@ void Session::HandleHistoryPage(uint64_t rid, const v1::HistoryPage& page) {
 }
 
 ConversationInfo Session::HandleConversationUpdate(const v1::ConversationState& state) {
-  ConversationRow row;
-  std::vector<Expiry> expired;
-  LowestRise rise;
-  {
-    CacheTxn txn(this);
-    // As in HandleSyncBatch: nothing is stored (reported), so nothing is dropped or told; a
-    // request's callback still gets the server's word.
-    if (!txn.Started()) return codec::FromProto(state);
-    row = LoadOrStub(state.conversation_id());
-    rise = MergeState(&row, state);
-    stubs_.erase(state.conversation_id());
-    (void)DropExpired(&row, ExpiredThrough(state), &expired);
-    if (Status st = cache_->PutConversation(row); !st.ok()) ReportError(st);
-    if (Status st = txn.Commit(); !st.ok()) {
-      ReportError(st);
-      expired.clear();
-      rise = LowestRise{};
-    }
-  }
-  for (const auto& [id, through] : expired) listener_->OnMessagesExpired(id, through);
-  ReportLowest(row.info, rise);
-  listener_->OnConversationUpdated(row.info);
+  StoredStates stored;
+  // As in HandleSyncBatch: not stored (reported), nothing is dropped or told; a request's
+  // callback still gets the server's word.
+  if (!StoreStates({&state}, &stored)) return codec::FromProto(state);
+  ReportStates(stored);
   ReportUnreadTotal();
+  const ConversationRow& row = stored.rows.front().row;
   if (row.info.last_seq > row.cursor) RequestSync();
   return row.info;
+}
+
+bool Session::StoreStates(const std::vector<const v1::ConversationState*>& states,
+                          StoredStates* stored) {
+  if (states.empty()) return true;
+  StoredStates out;
+  {
+    CacheTxn txn(this);
+    // Without a transaction the deletes would commit one by one while a failure later could
+    // keep the application from being told.
+    if (!txn.Started()) return false;
+    for (const v1::ConversationState* state : states) {
+      StoredState& s = out.rows.emplace_back();
+      s.row = LoadOrStub(state->conversation_id());
+      s.rise = MergeState(&s.row, *state);
+      // What retention deleted goes with the state that says so (the server lists a
+      // conversation whose deleted messages this device holds, see SendSync).
+      if (!DropExpired(&s.row, ExpiredThrough(*state), &out.expired)) return false;
+      // A failed write ends the transaction uncommitted: SQLite may have rolled it back
+      // already, and each write after it would then commit on its own.
+      if (Status st = cache_->PutConversation(s.row); !st.ok()) {
+        ReportError(st);
+        return false;
+      }
+    }
+    if (Status st = txn.Commit(); !st.ok()) {
+      ReportError(st);
+      return false;
+    }
+  }
+  for (const StoredState& s : out.rows) stubs_.erase(s.row.info.conversation_id);
+  *stored = std::move(out);
+  return true;
+}
+
+void Session::ReportStates(const StoredStates& stored) {
+  for (const auto& [id, through] : stored.expired) listener_->OnMessagesExpired(id, through);
+  for (const StoredState& s : stored.rows) ReportStored(s.row.info, s.rise);
 }
 
 Session::LowestRise Session::RaiseLowest(ConversationInfo* info, Seq delivered_all_seq,
@@ -1187,7 +1186,7 @@ Session::LowestRise Session::RaiseLowest(ConversationInfo* info, Seq delivered_a
   return rise;
 }
 
-void Session::ReportLowest(const ConversationInfo& info, LowestRise rise) {
+void Session::ReportStored(const ConversationInfo& info, LowestRise rise) {
   if (rise.delivered) {
     listener_->OnMessageStatus(info.conversation_id, info.delivered_all_seq,
                                MessageStatus::kDelivered);
@@ -1195,6 +1194,7 @@ void Session::ReportLowest(const ConversationInfo& info, LowestRise rise) {
   if (rise.read) {
     listener_->OnMessageStatus(info.conversation_id, info.read_all_seq, MessageStatus::kRead);
   }
+  listener_->OnConversationUpdated(info);
 }
 
 Session::LowestRise Session::MergeState(ConversationRow* row, const v1::ConversationState& state) {
@@ -1394,8 +1394,13 @@ void Session::HandleReceiptUpdate(uint64_t rid, const v1::ReceiptUpdate& update)
     row.info.unread = update.unread();
   }
   const LowestRise rise = RaiseLowest(&row.info, update.delivered_all_seq(), update.read_all_seq());
-  if (confirmed || info_changed || rise.delivered || rise.read) {
-    if (Status st = cache_->PutConversation(row); !st.ok()) ReportError(st);
+  const bool changed = info_changed || rise.delivered || rise.read;
+  bool stored = true;
+  if (confirmed || changed) {
+    if (Status st = cache_->PutConversation(row); !st.ok()) {
+      ReportError(st);
+      stored = false;
+    }
   }
   // The reply to this device's own Receipt tells the application nothing new about members.
   if (rid == 0 || !own) {
@@ -1409,9 +1414,11 @@ void Session::HandleReceiptUpdate(uint64_t rid, const v1::ReceiptUpdate& update)
     event.read_all_seq = update.read_all_seq();
     listener_->OnReceipt(event);
   }
-  ReportLowest(row.info, rise);
+  // What the cache did not keep is told when a Sync lists the conversation's state again (its
+  // cursor names the marks stored) and that is stored, as a Sync's rise is (ReportStored).
+  if (!stored) return;
   // ConversationInfo carries the lowest marks too: an application keeping it sees them move.
-  if (info_changed || rise.delivered || rise.read) listener_->OnConversationUpdated(row.info);
+  if (changed) ReportStored(row.info, rise);
   if (info_changed) ReportUnreadTotal();
 }
 

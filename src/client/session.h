@@ -276,7 +276,8 @@ class Session {
   // the largest seq the cache holds).
   Status CheckSyncBatch(const v1::SyncBatch& batch);
   void HandleHistoryPage(uint64_t rid, const v1::HistoryPage& page);
-  // Applies a conversation's state from the server; returns what the application is told.
+  // Applies a conversation's state from the server; returns what the application is told, or,
+  // when the cache could not store it (reported, and nothing told), the server's state as sent.
   ConversationInfo HandleConversationUpdate(const v1::ConversationState& state);
   void HandleReceiptUpdate(uint64_t rid, const v1::ReceiptUpdate& update);
   void HandleTypingUpdate(const v1::TypingUpdate& update);
@@ -338,9 +339,11 @@ class Session {
   // Raises `info`'s lowest watermarks to the given ones where those are higher: they never go
   // back (a state or update read before a later one may carry lower ones).
   static LowestRise RaiseLowest(ConversationInfo* info, Seq delivered_all_seq, Seq read_all_seq);
-  // Tells the application the status of the user's messages that a rise covers (once the row is
-  // stored).
-  void ReportLowest(const ConversationInfo& info, LowestRise rise);
+  // Tells the application of a conversation row once it is stored, never before: the status of
+  // the user's messages that the rise of its lowest watermarks covers, then the conversation. A
+  // rise the cache did not keep is listed again by the next Sync, whose cursor names the marks
+  // stored, and told when that one is stored: told before as well, it would be told twice.
+  void ReportStored(const ConversationInfo& info, LowestRise rise);
   // Takes the server's state of a conversation, keeping local watermarks that are ahead of it
   // (a Receipt not yet answered), a last seq no lower than the messages the cache holds, and the
   // highest lowest watermarks heard; returns which of those the state raised.
@@ -353,6 +356,24 @@ class Session {
   // row) and, when the cache held some, notes them in `expired`. False if the cache failed
   // (reported).
   bool DropExpired(ConversationRow* row, Seq through, std::vector<Expiry>* expired);
+  // Conversation states from the server as StoreStates stored them: the rows, with the rises of
+  // their lowest watermarks, and what retention deleted from the cache.
+  struct StoredState {
+    ConversationRow row;
+    LowestRise rise;
+  };
+  struct StoredStates {
+    std::vector<StoredState> rows;
+    std::vector<Expiry> expired;
+  };
+  // Stores the server's `states` in one cache transaction: merges each into its conversation's
+  // row (MergeState), deletes the cached messages retention deleted (DropExpired) and writes the
+  // row. False if the cache failed (reported): then nothing of them is stored and `stored` is
+  // left empty, so nothing is told, and a conversation known only from a Deliver is still synced
+  // from the start.
+  bool StoreStates(const std::vector<const v1::ConversationState*>& states, StoredStates* stored);
+  // Tells the application what StoreStates stored, once it is committed.
+  void ReportStates(const StoredStates& stored);
   // The server's MessagesExpired notice.
   void HandleMessagesExpired(const v1::MessagesExpired& notice);
   // Updates the cached title, membership and role from a system message.

@@ -17,6 +17,7 @@
 
 #include "chat/log.h"
 #include "src/client/cache.h"
+#include "tests/testing/cache_file.h"
 #include "tests/testing/fake_clock.h"
 #include "tests/testing/fault_vfs.h"
 #include "tests/testing/temp_dir.h"
@@ -1697,6 +1698,74 @@ TEST_CASE("session: a Sync names the cached lowest watermarks, and a listed stat
   CHECK(h.cache->GetConversation(5)->info.delivered_all_seq == 3);
   CHECK(h.cache->GetConversation(5)->info.read_all_seq == 3);
   CHECK(h.listener.statuses.back() == "5:3:read");
+}
+
+// A rise of the lowest watermarks is told once the row holding it is stored, never before: one
+// the cache did not keep is listed again by the next Sync, whose cursor names the marks stored,
+// and would be told twice. The same holds whichever way the rise comes.
+TEST_CASE(
+    "session: a rise of the lowest watermarks the cache could not store is told once, later") {
+  testing::TempDir dir;
+  const std::string path = dir.File("cache.db");
+  {
+    Harness h({}, std::shared_ptr<Cache>(Cache::Open(path).value()));
+    v1::Envelope sync = h.Welcome();
+    v1::SyncBatch batch;
+    *batch.add_conversations() = GroupWithMarks(2, 1);
+    *batch.add_messages() = Msg(5, 1);
+    *batch.add_messages() = Msg(5, 2, "alice");
+    *batch.add_messages() = Msg(5, 3);
+    h.Reply(sync, batch);
+    REQUIRE(h.listener.statuses == std::vector<std::string>{"5:2:delivered", "5:1:read"});
+    h.session->Stop();
+  }
+  // The next time, the row of group 5 cannot be written, while the rest of the cache can.
+  testing::FailConversationWrites(path, 5, true);
+  {
+    Harness h({}, std::shared_ptr<Cache>(Cache::Open(path).value()));
+    v1::Envelope sync = h.Welcome();
+    SUBCASE("from a Sync page") {
+      v1::SyncBatch listed;
+      *listed.add_conversations() = GroupWithMarks(3, 2);
+      h.Reply(sync, listed);
+    }
+    SUBCASE("from a ConversationUpdate") {
+      h.Reply(sync, {});
+      v1::Envelope update;
+      *update.mutable_conversation_update()->mutable_conversation() = GroupWithMarks(3, 2);
+      h.session->OnEnvelope(update);
+    }
+    SUBCASE("from a ReceiptUpdate") {
+      h.Reply(sync, {});
+      h.session->OnEnvelope(ReceiptUpdateFor(5, "bob", 3, 2));
+      CHECK(h.listener.receipts.size() == 1);  // bob's receipt is told as it comes
+    }
+    CHECK(h.state() == ConnectionState::kConnected);
+    REQUIRE_FALSE(h.listener.errors.empty());
+    CHECK(h.listener.errors[0].code() == Code::kUnavailable);
+    CHECK(h.listener.statuses.empty());
+    // Nor is the conversation told with marks the cache does not hold.
+    for (const ConversationInfo& info : h.listener.conversations) {
+      CHECK(info.read_all_seq == 1);
+    }
+    CHECK(h.cache->GetConversation(5)->info.delivered_all_seq == 2);
+    CHECK(h.cache->GetConversation(5)->info.read_all_seq == 1);
+    h.session->Stop();
+  }
+  // Once the row can be written again, the next Sync lists the state, and the rise is told.
+  testing::FailConversationWrites(path, 5, false);
+  Harness h({}, std::shared_ptr<Cache>(Cache::Open(path).value()));
+  v1::Envelope sync = h.Welcome();
+  REQUIRE(sync.sync().cursors_size() == 1);
+  CHECK(sync.sync().cursors(0).delivered_all_seq() == 2);
+  CHECK(sync.sync().cursors(0).read_all_seq() == 1);
+  v1::SyncBatch listed;
+  *listed.add_conversations() = GroupWithMarks(3, 2);
+  h.Reply(sync, listed);
+  CHECK(h.listener.statuses == std::vector<std::string>{"5:3:delivered", "5:2:read"});
+  REQUIRE_FALSE(h.listener.conversations.empty());
+  CHECK(h.listener.conversations.back().read_all_seq == 2);
+  CHECK(h.cache->GetConversation(5)->info.read_all_seq == 2);
 }
 
 // Where every member has read the user's latest message, or none is the user's, a reconnect sends
