@@ -729,14 +729,14 @@ MessageEvent Session::EventFor(const v1::Message& message) const {
   return event;
 }
 
-void Session::Ingest(const std::vector<const v1::Message*>& messages, bool from_sync) {
+bool Session::Ingest(const std::vector<const v1::Message*>& messages, bool from_sync) {
   std::vector<MessageEvent> events;
   std::vector<ConversationInfo> updated;
   bool missing = false;
   bool new_stub = false;
   {
     CacheTxn txn(this);
-    if (!txn.Started()) return;
+    if (!txn.Started()) return false;
     std::map<ConversationId, ConversationRow> rows;
     std::set<ConversationId> first_moved;  // first_seq set from 0 (see below)
     for (const v1::Message* m : messages) {
@@ -760,7 +760,7 @@ void Session::Ingest(const std::vector<const v1::Message*>& messages, bool from_
       if (m->seq() <= it->second.cursor || m->seq() <= it->second.expired_through) continue;
       if (Status st = cache_->PutMessage(*m); !st.ok()) {
         ReportError(st);
-        return;
+        return false;
       }
       // A known conversation with first_seq 0 had nothing stored up to its last seq (retention
       // deleted it all, or nothing was ever sent): what the server stores now starts after that,
@@ -778,14 +778,14 @@ void Session::Ingest(const std::vector<const v1::Message*>& messages, bool from_
       if (row.cursor != before || first_moved.contains(id) || !cache_->GetConversation(id)) {
         if (Status st = cache_->PutConversation(row); !st.ok()) {
           ReportError(st);
-          return;
+          return false;
         }
         updated.push_back(row.info);
       }
     }
     if (Status st = txn.Commit(); !st.ok()) {
       ReportError(st);
-      return;
+      return false;
     }
   }
   for (const MessageEvent& event : events) listener_->OnMessage(event);
@@ -793,6 +793,7 @@ void Session::Ingest(const std::vector<const v1::Message*>& messages, bool from_
   if (!updated.empty()) ReportUnreadTotal();
   // A Sync reply carries the states of the conversations it brings; a Deliver does not.
   if (missing || (new_stub && !from_sync)) RequestSync();
+  return true;
 }
 
 void Session::HandleSendAck(const v1::Envelope& envelope) {
@@ -976,8 +977,8 @@ void Session::HandleSyncBatch(const v1::SyncBatch& batch) {
     return;
   }
   std::vector<MessageEvent> events;
-  bool progress = false;
-  bool saved = true;
+  bool progress = false;  // the page holds something to apply
+  bool saved = true;      // and the cache stored all of it
   // Gaps first: the newest messages of a conversation come in the same batch as the gap below
   // them, and the cursor must jump over the gap before they can follow it.
   if (batch.gaps_size() > 0) {
@@ -1016,7 +1017,7 @@ void Session::HandleSyncBatch(const v1::SyncBatch& batch) {
   for (const v1::Message& m : batch.messages()) messages.push_back(&m);
   if (!messages.empty()) progress = true;
   // Ingest may ask for another Sync (a hole); this one is still in flight, so it is noted.
-  Ingest(messages, /*from_sync=*/true);
+  if (!Ingest(messages, /*from_sync=*/true)) saved = false;
   if (!Authenticated()) return;
   std::vector<const v1::ConversationState*> states;
   states.reserve(static_cast<size_t>(batch.conversations_size()));
@@ -1025,17 +1026,21 @@ void Session::HandleSyncBatch(const v1::SyncBatch& batch) {
   // Not stored (reported), none of them is told: the cursors stored still name the marks they
   // raise, so the next Sync lists them again.
   StoredStates stored;
-  (void)StoreStates(states, &stored);
+  if (!StoreStates(states, &stored)) saved = false;
   ReportStates(stored);
   if (!Authenticated()) return;
   ReportUnreadTotal();
 
   sync_rid_ = 0;
   sync_timeouts_ = 0;
-  // Without progress another page would be the same page: stop rather than loop. A Sync asked
-  // for while this one was in flight goes in any case: the server may have read this one before
-  // what it is asked for (a channel subscription, a message above a hole) happened.
-  if ((batch.has_more() && progress) || sync_again_) {
+  // Without progress another page would be the same page: stop rather than loop. Nor is a page
+  // the cache could not store all of progress (reported): the cursors sent next would bring it
+  // again, at once and for as long as the cache fails. The client goes live with what it holds;
+  // the next connection syncs again, as does a Sync asked for meanwhile (a message above a
+  // hole, a channel subscribed to, a state past the cursor). Such a Sync asked for while this
+  // one was in flight goes in any case: the server may have read this one before what it is
+  // asked for happened.
+  if ((batch.has_more() && progress && saved) || sync_again_) {
     SendSync();
     return;
   }

@@ -390,7 +390,8 @@ class Session {
   bool WriteQuiet(v1::Envelope* envelope, const char* what);
 
   // Stores committed messages and gives every conversation's next seqs to the application.
-  void Ingest(const std::vector<const v1::Message*>& messages, bool from_sync);
+  // False if the cache failed (reported): nothing of them is stored or given.
+  bool Ingest(const std::vector<const v1::Message*>& messages, bool from_sync);
   // Moves `conversation`'s cursor over the cached messages that follow it; collects the events
   // to report after the commit. With `skip_to` (the end of a gap the server reported), the
   // cursor first passes every seq up to it, reporting the cached messages among them (received

@@ -2476,6 +2476,66 @@ TEST_CASE("session: a gap the cache cannot store reports nothing, and the next S
   CHECK(h.cache->GetConversation(5)->cursor == 3);
 }
 
+// A page the cache could not store moved nothing: the next Sync would name the same cursors and
+// get the same page. A server answering each with has_more would otherwise be asked again at
+// once, for as long as the cache fails. The client stops and goes live with what it holds; the
+// next connection, or a message above the hole, syncs again.
+TEST_CASE("session: a Sync page the cache cannot store is not asked for again at once") {
+  testing::FaultVfs vfs;
+  testing::TempDir dir;
+  std::shared_ptr<Cache> cache(Cache::Open(dir.File("cache.db")).value());
+  Harness h({}, cache);
+  // Group 5 holds seqs 1 to 6; the server pages them three at a time.
+  const auto page = [](Seq from) {
+    v1::SyncBatch batch;
+    *batch.add_conversations() = GroupState(5, 6, 6);
+    for (Seq seq = from; seq < from + 3; ++seq) *batch.add_messages() = Msg(5, seq);
+    batch.set_has_more(from == 1);
+    return batch;
+  };
+  v1::Envelope sync = h.Welcome();
+  vfs.FailWrites(true);
+  int syncs = 0;
+  for (std::vector<v1::Envelope> asked{sync}; !asked.empty() && syncs < 10;
+       asked = OfCase(h.io.Take(), v1::Envelope::kSync)) {
+    ++syncs;
+    h.Reply(asked[0], page(1));
+  }
+  vfs.FailWrites(false);
+  CHECK(vfs.refused() > 0);
+  CHECK(syncs == 1);
+  REQUIRE_FALSE(h.listener.errors.empty());
+  CHECK(h.listener.errors[0].code() == Code::kUnavailable);
+  CHECK(h.state() == ConnectionState::kConnected);
+  CHECK(h.listener.SentSeqs(5).empty());
+  CHECK_FALSE(h.cache->GetConversation(5).has_value());
+
+  // The cache works again. What syncs next:
+  v1::Envelope again;
+  SUBCASE("the next connection") {
+    h.session->OnClosed(1006, "abnormal");
+    again = h.Welcome();
+  }
+  SUBCASE("a live message above the hole") {
+    h.Deliver(Msg(5, 7));
+    auto asked = OfCase(h.io.Take(), v1::Envelope::kSync);
+    REQUIRE(asked.size() == 1);
+    again = asked[0];
+  }
+  h.Reply(again, page(1));
+  auto next = OfCase(h.io.Take(), v1::Envelope::kSync);
+  REQUIRE(next.size() == 1);
+  REQUIRE(next[0].sync().cursors_size() == 1);
+  CHECK(next[0].sync().cursors(0).seq() == 3);
+  h.Reply(next[0], page(4));
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kSync).empty());
+  CHECK(h.state() == ConnectionState::kConnected);
+  std::vector<Seq> want{1, 2, 3, 4, 5, 6};
+  if (h.cache->GetMessage(5, 7)) want.push_back(7);
+  CHECK(h.listener.SentSeqs(5) == want);
+  CHECK(h.cache->GetConversation(5)->cursor == want.back());
+}
+
 // A Sync reply with an impossible gap is refused whole, as a failed Sync: the cursor stays
 // where it was (a gap to UINT64_MAX would wedge the conversation for good, since the cursor's
 // next seq wraps to 0), the error says why, and the next connection syncs again.
