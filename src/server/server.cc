@@ -15,6 +15,8 @@
 #include <libwebsockets.h>
 #include <net/if.h>
 #include <netinet/in.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -22,6 +24,7 @@
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <climits>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -768,12 +771,12 @@ class ServerImpl final : public Server, private server::HubIo {
   // So lws stops reading here (its reads are paused for good) and the server reads and drops
   // what the peer sends itself, until the peer ends its stream: it has the close frame and
   // then the end of the server's stream, and ends its own after answering (its answer is
-  // dropped unseen with the rest). The bounds of the drain end it as before. Over TLS the bytes
-  // are records lws must decrypt and the server's side stays open (see ShutWriteWhenFlushed),
-  // and lws's own poll loop (without the libev plugin) has no watcher to give: there lws goes
-  // on reading, and a PING is still answered after the close frame.
+  // dropped unseen with the rest). The bounds of the drain end it as before. Over TLS the
+  // records are decrypted with lws's own SSL object (the server's side stays open, see
+  // ShutWriteWhenFlushed). lws's own poll loop (without the libev plugin) has no watcher to
+  // give: there lws goes on reading, and a PING is still answered after the close frame.
   void ReadInsteadOfLws(Connection& conn, Closing& closing) {
-    if (loop_ == nullptr || tls_) return;
+    if (loop_ == nullptr) return;
     lws_rx_flow_control(conn.wsi, 0);
     // For good: a pause for the writer's queue must not be lifted later (lws would then read
     // alongside the watcher, from the middle of a frame).
@@ -783,6 +786,8 @@ class ServerImpl final : public Server, private server::HubIo {
     ev_io_init(&closing.reader, &ServerImpl::OnDrainReadable, lws_get_socket_fd(conn.wsi), EV_READ);
     closing.reader.data = &closing;
     ev_io_start(loop_, &closing.reader);
+    // What the TLS library decrypted before lws stopped reading is not news to the socket.
+    if (tls_ && SSL_pending(lws_get_ssl(conn.wsi)) > 0) ReadAndDrop(closing);
   }
 
   static void OnDrainReadable(struct ev_loop* /*loop*/, ev_io* watcher, int /*revents*/) {
@@ -798,7 +803,8 @@ class ServerImpl final : public Server, private server::HubIo {
       return;
     }
     drain_buffer_.resize(kDrainReadBytes);
-    const ssize_t n = recv(closing.reader.fd, drain_buffer_.data(), drain_buffer_.size(), 0);
+    const ssize_t n = tls_ ? ReadTls(it->second.wsi)
+                           : recv(closing.reader.fd, drain_buffer_.data(), drain_buffer_.size(), 0);
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return;
     if (n > 0 && Drain(&it->second, static_cast<size_t>(n)) == 0) return;
     // The peer ended its stream (all it sent was read: the socket closes without a reset), or
@@ -809,6 +815,34 @@ class ServerImpl final : public Server, private server::HubIo {
     StopReading(closing);
     closing.ended = true;
     lws_callback_on_writable(it->second.wsi);
+  }
+
+  // One read into drain_buffer_ through the connection's TLS session, as recv(2) answers: the
+  // bytes decrypted (every record the socket holds up to the buffer's size), 0 when the peer
+  // ended its stream (close_notify, or the end of the TCP stream), -1 with errno EAGAIN when a
+  // record is still incomplete, -1 otherwise (a failed session).
+  ssize_t ReadTls(lws* wsi) {
+    SSL* ssl = lws_get_ssl(wsi);
+    if (ssl == nullptr) return 0;
+    size_t total = 0;
+    while (total < drain_buffer_.size()) {
+      ERR_clear_error();
+      const int cap = static_cast<int>(std::min<size_t>(drain_buffer_.size() - total, INT_MAX));
+      const int n = SSL_read(ssl, drain_buffer_.data() + total, cap);
+      if (n > 0) {
+        total += static_cast<size_t>(n);
+        continue;
+      }
+      const int error = SSL_get_error(ssl, n);
+      if (error == SSL_ERROR_WANT_READ || error == SSL_ERROR_WANT_WRITE) break;
+      if (total > 0) break;  // the end comes with the next read
+      if (error == SSL_ERROR_ZERO_RETURN) return 0;
+      errno = ECONNRESET;
+      return -1;
+    }
+    if (total > 0) return static_cast<ssize_t>(total);
+    errno = EAGAIN;
+    return -1;
   }
 
   void StopReading(Closing& closing) {
@@ -822,10 +856,25 @@ class ServerImpl final : public Server, private server::HubIo {
       lws_callback_on_writable(conn.wsi);
       return;
     }
+    if (!tls_) {
+      conn.write_shut = true;
+      shutdown(lws_get_socket_fd(conn.wsi), SHUT_WR);
+      return;
+    }
+    // Over TLS the end of the stream is TLS's close_notify (a FIN under the session would make
+    // the peer's TLS library report a truncated stream), and the socket stays open both ways.
+    // It goes now where the server reads the drain itself; where lws goes on reading (its own
+    // poll loop), lws could still have a PONG to write, so it goes when lws closes the socket.
+    SSL* ssl = lws_get_ssl(conn.wsi);
+    if (loop_ != nullptr && ssl != nullptr) {
+      ERR_clear_error();
+      const int done = SSL_shutdown(ssl);
+      if (done < 0 && SSL_get_error(ssl, done) == SSL_ERROR_WANT_WRITE) {
+        lws_callback_on_writable(conn.wsi);  // the socket is full: the rest of it goes then
+        return;
+      }
+    }
     conn.write_shut = true;
-    // Over TLS the stream ends with lws's close_notify when the socket is closed: a FIN under
-    // the TLS session would make the peer's TLS library report a truncated stream.
-    if (!tls_) shutdown(lws_get_socket_fd(conn.wsi), SHUT_WR);
   }
 
   // Input that arrives after a close began is read and dropped (see WriteCloseFrame). Returns

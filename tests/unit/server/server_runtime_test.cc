@@ -4,7 +4,10 @@
 #include <arpa/inet.h>
 #include <doctest/doctest.h>
 #include <netinet/in.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 #include <poll.h>
+#include <signal.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -26,6 +29,8 @@
 #include "chat/server.h"
 #include "chat/store.h"
 #include "chat/v1/chat.pb.h"
+#include "tests/testing/chatd_process.h"
+#include "tests/testing/temp_dir.h"
 #include "tests/testing/ws_client.h"
 
 namespace chat::testing {
@@ -132,10 +137,17 @@ class GatedStore : public MessageStoreWrapper {
 class RawWs {
  public:
   ~RawWs() {
+    if (ssl_ != nullptr) SSL_free(ssl_);
+    if (context_ != nullptr) SSL_CTX_free(context_);
     if (fd_ >= 0) close(fd_);
   }
 
-  bool Connect(uint16_t port, int receive_buffer) {
+  // As Connect, over TLS (the server's certificate is not verified).
+  bool ConnectTls(uint16_t port, int receive_buffer) {
+    return Connect(port, receive_buffer, /*tls=*/true);
+  }
+
+  bool Connect(uint16_t port, int receive_buffer, bool tls = false) {
     fd_ = socket(AF_INET, SOCK_STREAM, 0);
     if (fd_ < 0) return false;
     // A small receive window makes the server's socket fill up quickly.
@@ -147,6 +159,12 @@ class RawWs {
     addr.sin_port = htons(port);
     addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     if (connect(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) return false;
+    if (tls) {
+      context_ = SSL_CTX_new(TLS_client_method());
+      if (context_ == nullptr) return false;
+      ssl_ = SSL_new(context_);
+      if (ssl_ == nullptr || SSL_set_fd(ssl_, fd_) != 1 || SSL_connect(ssl_) != 1) return false;
+    }
     const std::string request =
         "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
@@ -155,7 +173,7 @@ class RawWs {
     std::string response;
     char c = 0;
     while (response.find("\r\n\r\n") == std::string::npos) {
-      if (read(fd_, &c, 1) != 1) return false;
+      if (ReadSome(&c, 1) != 1) return false;
       response += c;
     }
     return response.rfind("HTTP/1.1 101", 0) == 0;
@@ -251,7 +269,7 @@ class RawWs {
   End ReadToEnd() {
     char buffer[4096];
     for (;;) {
-      const ssize_t n = read(fd_, buffer, sizeof(buffer));
+      const ssize_t n = ReadSome(buffer, sizeof(buffer));
       if (n > 0) continue;
       if (n == 0) return End::kFin;
       return errno == EAGAIN || errno == EWOULDBLOCK ? End::kOpen : End::kReset;
@@ -272,6 +290,7 @@ class RawWs {
 
   // Whether something arrived to read within `timeout_ms` (nothing is read).
   bool WaitReadable(int timeout_ms) {
+    if (ssl_ != nullptr && SSL_pending(ssl_) > 0) return true;
     pollfd p{fd_, POLLIN, 0};
     return poll(&p, 1, timeout_ms) == 1 && (p.revents & POLLIN) != 0;
   }
@@ -280,8 +299,7 @@ class RawWs {
   bool WriteAll(const std::string& bytes) {
     size_t done = 0;
     while (done < bytes.size()) {
-      // MSG_NOSIGNAL: a write after the server reset the connection fails, it does not kill.
-      const ssize_t n = send(fd_, bytes.data() + done, bytes.size() - done, MSG_NOSIGNAL);
+      const ssize_t n = WriteSome(bytes.data() + done, bytes.size() - done);
       if (n <= 0) return false;
       done += static_cast<size_t>(n);
     }
@@ -292,14 +310,50 @@ class RawWs {
     auto* p = static_cast<char*>(out);
     size_t done = 0;
     while (done < n) {
-      const ssize_t r = read(fd_, p + done, n - done);
+      const ssize_t r = ReadSome(p + done, n - done);
       if (r <= 0) return false;
       done += static_cast<size_t>(r);
     }
     return true;
   }
 
+  // As send(2); over TLS one record's worth at most.
+  ssize_t WriteSome(const char* data, size_t size) {
+    if (ssl_ == nullptr) {
+      // MSG_NOSIGNAL: a write after the server reset the connection fails, it does not kill.
+      return send(fd_, data, size, MSG_NOSIGNAL);
+    }
+    // OpenSSL writes with write(2): a write after a reset raises SIGPIPE, ignored here.
+    signal(SIGPIPE, SIG_IGN);
+    const int n = SSL_write(ssl_, data, static_cast<int>(std::min<size_t>(size, 16 * 1024)));
+    return n > 0 ? n : -1;
+  }
+
+  // As read(2): 0 at the end of the stream (over TLS, the server's close_notify), -1 with errno
+  // EAGAIN when the receive timeout passed, -1 otherwise for a failed stream (a reset).
+  ssize_t ReadSome(void* out, size_t size) {
+    if (ssl_ == nullptr) return read(fd_, out, size);
+    if (close_notified_) return 0;  // as a read after a FIN
+    ERR_clear_error();
+    const int n = SSL_read(ssl_, out, static_cast<int>(size));
+    if (n > 0) return n;
+    const int error = SSL_get_error(ssl_, n);
+    if (error == SSL_ERROR_ZERO_RETURN) {
+      close_notified_ = true;
+      return 0;
+    }
+    if (error == SSL_ERROR_WANT_READ || (error == SSL_ERROR_SYSCALL && errno == EAGAIN)) {
+      errno = EAGAIN;
+    } else {
+      errno = ECONNRESET;
+    }
+    return -1;
+  }
+
   int fd_ = -1;
+  SSL_CTX* context_ = nullptr;
+  SSL* ssl_ = nullptr;
+  bool close_notified_ = false;  // the server's close_notify was read
 };
 
 // A refused connection gets one Error{UNAVAILABLE, retry_after_ms} frame, then close 1013.
@@ -747,6 +801,45 @@ TEST_CASE(
          static_cast<unsigned char>(close->payload[1])) == 1009);
   CHECK(client.SendClose(1009));
   CHECK_FALSE(client.ReadFrame().has_value());
+  CHECK(client.ReadToEnd() == RawWs::End::kFin);
+}
+
+TEST_CASE(
+    "server runtime: over TLS, a client that pings while its close is drained reads the close "
+    "frame and then the end of the stream, never a pong after it") {
+  TempDir dir;
+  REQUIRE(MakeSelfSignedCertificate(dir, "IP:127.0.0.1").ok());
+  ServerOptions options = BaseOptions();
+  options.max_message_bytes = 64 * 1024;
+  options.tls_cert_path = dir.File("cert.pem");
+  options.tls_key_path = dir.File("key.pem");
+  std::unique_ptr<Server> server = MustStart(std::move(options));
+  RawWs client;
+  REQUIRE(client.ConnectTls(server->port(), 1 << 20));
+  std::string hello;
+  REQUIRE(HelloEnvelope("bob").SerializeToString(&hello));
+  REQUIRE(client.SendBinary(hello));
+  REQUIRE(client.ReadFrame().has_value());
+  // As on plain TCP (above): a first fragment over the bound, the close frame arrives unread,
+  // the client pings, then sends the rest of its message, and only then reads.
+  REQUIRE(client.SendHeader(0x2, 128 * 1024, /*final=*/false));
+  REQUIRE(SendPayloadBytes(client, 128 * 1024));
+  REQUIRE(client.WaitReadable(5000));
+  REQUIRE(client.SendFrame(0x9, "keepalive"));
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  CHECK(client.SendHeader(0x0, 256 * 1024));
+  CHECK(SendPayloadBytes(client, 256 * 1024));
+  std::optional<RawWs::Frame> close = client.ReadFrame();
+  REQUIRE(close.has_value());
+  CHECK(close->opcode == 0x8);
+  REQUIRE(close->payload.size() >= 2);
+  CHECK(((static_cast<unsigned char>(close->payload[0]) << 8) |
+         static_cast<unsigned char>(close->payload[1])) == 1009);
+  CHECK(client.SendClose(1009));
+  // Nothing after the close frame: no pong, only the end of the stream (TLS's close_notify).
+  std::optional<RawWs::Frame> after = client.ReadFrame();
+  CHECK_MESSAGE(!after.has_value(), "a frame of opcode " << (after.has_value() ? after->opcode : -1)
+                                                         << " after the close");
   CHECK(client.ReadToEnd() == RawWs::End::kFin);
 }
 
