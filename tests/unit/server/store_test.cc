@@ -1536,6 +1536,131 @@ STORE_CASE(DescribeAndSyncCarryTheLowestMarks,
            "Describe and Sync carry the lowest marks as told, and Sync lists a state whose "
            "marks the cursor lacks")
 
+// What a client holds of a conversation while it follows Sync pages: its cursor (the highest
+// seq it holds) and the lowest marks it was told, both named in its next Sync.
+struct Held {
+  Seq seq = 0;
+  Seq delivered_all = 0;
+  Seq read_all = 0;
+};
+
+// A Sync cut by its byte bound (or its limit) while conversations are due for their lowest
+// marks alone and others for their messages: following the pages with the cursors a client then
+// holds lists each state once, brings every message once, and ends.
+void StateOnlyListingsAcrossCuts(Kind kind) {
+  Env env(kind);
+  MessageStore& store = *env.store;
+  const std::string big(600, 'x');
+  std::map<ConversationId, Held> start;
+  std::map<ConversationId, std::vector<Seq>> missing;  // the messages "me" has not got
+  std::vector<ConversationId> alone;                   // due for their marks alone
+  int peers = 0;
+  // A direct conversation whose one message, me's, the peer has read: told 1 and 1.
+  auto read_by_peer = [&] {
+    const UserId peer = "p" + std::to_string(peers++);
+    const ConversationId id = OpenDirect(store, "me", peer);
+    CommitReceipt(store, id, "me", 1, 1, 8);
+    REQUIRE(CommitReceipt(store, id, peer, 1, 1, 8).all_seq_moved);
+    return std::pair{id, peer};
+  };
+  // Large messages from `peer` that "me" has not got.
+  auto post = [&](ConversationId id, const UserId& peer, int n) {
+    for (int i = 0; i < n; ++i) {
+      AppendResult r =
+          CommitOne(store, ToConversation(id, peer, "big-" + std::to_string(++peers), big));
+      REQUIRE(r.status.ok());
+      missing[id].push_back(r.message.seq);
+    }
+  };
+  auto due_alone = [&](Seq delivered_all, Seq read_all) {
+    const ConversationId id = read_by_peer().first;
+    start[id] = {1, delivered_all, read_all};
+    alone.push_back(id);
+  };
+  auto with_messages = [&] {
+    const UserId peer = "q" + std::to_string(peers++);
+    const ConversationId id = OpenDirect(store, peer, "me");
+    missing[id].push_back(1);
+    post(id, peer, 4);
+    start[id] = {0, 0, 0};
+  };
+  // Ids in this order: states alone before, between and after the conversations with messages.
+  due_alone(0, 0);
+  with_messages();
+  due_alone(1, 0);  // knows it delivered, not read
+  due_alone(0, 0);
+  with_messages();
+  // Due for both: its marks rose and it has messages.
+  const auto [both, both_peer] = read_by_peer();
+  post(both, both_peer, 4);
+  start[both] = {1, 0, 0};
+  // Nothing due: the client knows the marks and holds every message.
+  const ConversationId quiet = read_by_peer().first;
+  start[quiet] = {1, 1, 1};
+  for (int i = 0; i < 3; ++i) due_alone(0, 0);
+  with_messages();
+
+  for (const uint64_t max_bytes : {uint64_t{1}, uint64_t{1500}, uint64_t{4000}, uint64_t{0}}) {
+    for (const uint32_t limit : {2u, 500u}) {
+      CAPTURE(max_bytes);
+      CAPTURE(limit);
+      std::map<ConversationId, Held> held = start;
+      std::map<ConversationId, int> listings;
+      std::map<ConversationId, std::vector<Seq>> got;
+      auto query = [&] {
+        SyncQuery q;
+        q.user = "me";
+        q.device = "me-phone";
+        for (const auto& [id, h] : held) {
+          q.cursors.push_back(Knowing(id, h.seq, h.delivered_all, h.read_all));
+        }
+        q.limit = limit;
+        q.catchup_max = 1000;
+        q.max_bytes = max_bytes;
+        return q;
+      };
+      bool more = true;
+      int pages = 0;
+      while (more) {
+        REQUIRE(++pages <= 60);
+        Result<SyncReply> page = store.Sync(query());
+        REQUIRE_MESSAGE(page.ok(), page.status().ToString());
+        CHECK(page->gaps.empty());
+        for (const Message& m : page->messages) {
+          got[m.conversation_id].push_back(m.seq);
+          held[m.conversation_id].seq = m.seq;
+        }
+        for (const ConversationInfo& info : page->conversations) {
+          ++listings[info.conversation_id];
+          Held& h = held[info.conversation_id];
+          h.delivered_all = std::max(h.delivered_all, info.delivered_all_seq);
+          h.read_all = std::max(h.read_all, info.read_all_seq);
+        }
+        more = page->has_more;
+      }
+      for (const ConversationId id : alone) {
+        CAPTURE(id);
+        CHECK(listings[id] == 1);
+        CHECK_FALSE(got.contains(id));
+        CHECK(held[id].delivered_all == 1);
+        CHECK(held[id].read_all == 1);
+      }
+      CHECK(listings[quiet] == 0);
+      CHECK(got == missing);
+      CHECK(held[both].read_all == 1);
+      // The client is up to date: the next Sync has nothing for it.
+      Result<SyncReply> after = store.Sync(query());
+      REQUIRE(after.ok());
+      CHECK(after->conversations.empty());
+      CHECK(after->messages.empty());
+      CHECK_FALSE(after->has_more);
+    }
+  }
+}
+STORE_CASE(StateOnlyListingsAcrossCuts,
+           "a Sync cut by its byte bound or limit lists each state due for its lowest marks "
+           "once across the pages, and ends")
+
 // The unread count of each member, as Sync reports it.
 uint64_t UnreadOf(MessageStore& store, const UserId& user, ConversationId id) {
   std::optional<ConversationInfo> info = InfoOf(store, user, id);
