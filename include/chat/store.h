@@ -133,7 +133,8 @@ struct AppendResult {
   ConversationInfo conversation;
   // kReceipt: whether the sender's user-wide watermarks moved; the sender's watermarks over all of
   // its devices; the sender's unread count across every conversation; and (direct and groups) the
-  // lowest watermarks over all current members, and whether they are news to the members: above
+  // lowest watermarks over all current members (each counted from the seq before its join, see
+  // ConversationInfo::delivered_all_seq), and whether they are news to the members: above
   // what they were last told (a receipt, or a member's removal before it, raised them; 0 and 0
   // before anything was told, where every client starts; a store keeps what it told across
   // restarts).

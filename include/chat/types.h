@@ -103,8 +103,9 @@ struct ConversationInfo {
   int64_t peer_last_seen_ms = 0;  // direct: when the peer was last online (Unix ms); 0 = unknown
   int64_t retention_ms = 0;       // the conversation's own retention: 0 = server default, -1 = keep
   // The lowest watermarks over the current members (each member's the highest over its
-  // devices), as the members were last told: the user's own messages up to them are delivered
-  // to / read by every member. 0 in channels and for a removed member.
+  // devices, and at least the seq before its join: what came before was never its to read), as
+  // the members were last told: the user's own messages up to them are delivered to / read by
+  // every member. 0 in channels and for a removed member.
   Seq delivered_all_seq = 0;
   Seq read_all_seq = 0;
 };

@@ -346,6 +346,11 @@ class MemoryTarget final : public server::AppendTarget {
                                         const MemberReceipt& after) override {
     std::vector<MemberReceipt> members;
     if (Status s = Reader().Watermarks(conversation_id, UserId(), &members); !s.ok()) return s;
+    const Conversation& c = data_->conversations.at(conversation_id);
+    for (MemberReceipt& member : members) {
+      const Seq joined_seq = c.members.at(member.user).joined_seq;
+      member = server::CountedFromJoin(std::move(member), joined_seq);
+    }
     server::LowestMove move;
     move.after = server::CountLowest(members, user, after).marks;
     move.news = server::RaiseTold(data_->conversations.at(conversation_id).lowest_told, move.after);

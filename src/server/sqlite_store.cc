@@ -310,6 +310,7 @@ enum class Sql : int {
   kPutCursor,
   kWatermarks,
   kWatermarksOf,
+  kCountedWatermarks,
   kReceiptStart,
   kLastSeq,
   kInsertMessage,
@@ -408,6 +409,11 @@ constexpr std::array<const char*, static_cast<size_t>(Sql::kCount)> kSql = {
     "FROM members m LEFT JOIN cursors k "
     "ON k.conversation_id = m.conversation_id AND k.user_id = m.user_id "
     "WHERE m.conversation_id = ?1 AND m.user_id = ?2 GROUP BY m.user_id",
+    // The current members' marks and the seq that added each, for the lowest marks.
+    "SELECT m.user_id, m.role, COALESCE(MAX(k.delivered_seq), 0), COALESCE(MAX(k.read_seq), 0), "
+    "m.joined_seq FROM members m LEFT JOIN cursors k "
+    "ON k.conversation_id = m.conversation_id AND k.user_id = m.user_id "
+    "WHERE m.conversation_id = ?1 AND m.removed_at_seq = 0 GROUP BY m.user_id ORDER BY m.user_id",
     // The same member's cursors one by one: its marks and one device's, in one lookup.
     "SELECT m.role, k.device_id, k.delivered_seq, k.read_seq FROM members m LEFT JOIN cursors k "
     "ON k.conversation_id = m.conversation_id AND k.user_id = m.user_id "
@@ -1507,7 +1513,16 @@ class SqliteTarget final : public server::AppendTarget {
       if (!emptied) return Tell(conversation_id, known->marks);
     }
     std::vector<MemberReceipt> members;
-    if (Status s = reader_.Watermarks(conversation_id, UserId(), &members); !s.ok()) return s;
+    Query q(conn_, Sql::kCountedWatermarks);
+    q.U64(conversation_id);
+    for (;;) {
+      Result<bool> row = q.Step();
+      if (!row.ok()) return row.status();
+      if (!*row) break;
+      members.push_back(server::CountedFromJoin(
+          {q.ColumnBytes(0), static_cast<Role>(q.ColumnInt(1)), q.ColumnU64(2), q.ColumnU64(3)},
+          q.ColumnU64(4)));
+    }
     const server::LowestCount now = server::CountLowest(members, user, after);
     cache_.PutLowest(conversation_id, now);
     return Tell(conversation_id, now.marks);

@@ -539,7 +539,8 @@ Status ApplyReceipt(AppendTarget& target, const AppendRequest& request, AppendRe
     return Status::Ok();
   }
   Result<LowestMove> lowest =
-      target.MoveLowest(id, request.sender, before_mark, result->sender_receipt);
+      target.MoveLowest(id, request.sender, CountedFromJoin(before_mark, membership->joined_seq),
+                        CountedFromJoin(result->sender_receipt, membership->joined_seq));
   if (!lowest.ok()) return lowest.status();
   result->delivered_all_seq = lowest->after.delivered_seq;
   result->read_all_seq = lowest->after.read_seq;
@@ -680,6 +681,13 @@ bool RaiseTold(LowestMarks& told, const LowestMarks& now) {
   told.delivered_seq = std::max(told.delivered_seq, now.delivered_seq);
   told.read_seq = std::max(told.read_seq, now.read_seq);
   return told != was;
+}
+
+MemberReceipt CountedFromJoin(MemberReceipt marks, Seq joined_seq) {
+  const Seq before_join = joined_seq == 0 ? 0 : joined_seq - 1;
+  marks.delivered_seq = std::max(marks.delivered_seq, before_join);
+  marks.read_seq = std::max(marks.read_seq, before_join);
+  return marks;
 }
 
 LowestCount CountLowest(std::span<const MemberReceipt> members, const UserId& mover,

@@ -50,7 +50,7 @@ enum class Access {
 Status Authorize(ConversationId conversation_id, const Membership& membership, Access access);
 
 // The lowest watermarks over a conversation's current members, each member's being the highest
-// over its devices.
+// over its devices and at least the seq before its join (CountedFromJoin).
 struct LowestMarks {
   Seq delivered_seq = 0;
   Seq read_seq = 0;
@@ -69,6 +69,13 @@ struct LowestMove {
 // `told` raised to `now` where `now` is above it; whether it was.
 bool RaiseTold(LowestMarks& told, const LowestMarks& now);
 
+// A current member's marks as the lowest marks count them: each at least the seq before
+// `joined_seq`, the change that added the member, since what came before was never the
+// member's to get or read. A member added later then starts at or above the lowest marks (they
+// cannot pass the last seq before its join), so they never fall and what the members were told
+// stands: the sender's earlier messages stay read, and its later ones wait for the new member.
+MemberReceipt CountedFromJoin(MemberReceipt marks, Seq joined_seq);
+
 // The lowest marks and how many current members hold each.
 struct LowestCount {
   LowestMarks marks;
@@ -76,9 +83,9 @@ struct LowestCount {
   uint64_t at_read = 0;
 };
 
-// Counts the lowest marks over `members` (Watermarks of the current members), with `mover`'s
-// taken as `mover_marks` whatever the list says. An empty list counts nobody, the marks left at
-// the highest Seq.
+// Counts the lowest marks over `members` (Watermarks of the current members, each counted from
+// its join by CountedFromJoin), with `mover`'s taken as `mover_marks` whatever the list says. An
+// empty list counts nobody, the marks left at the highest Seq.
 LowestCount CountLowest(std::span<const MemberReceipt> members, const UserId& mover,
                         const MemberReceipt& mover_marks);
 
@@ -195,7 +202,8 @@ class AppendTarget {
     return UnreadTotal(Reader(), user, device, &known);
   }
   // The lowest marks of a direct conversation or group after `user`'s own marks (the highest
-  // over its devices) moved from `before` to `after`, the move already stored with PutCursor,
+  // over its devices, counted from its join by CountedFromJoin, as the store counts every
+  // member's) moved from `before` to `after`, the move already stored with PutCursor,
   // and whether they are news to the members (see LowestMove; the caller tells them). A store may
   // keep the lowest marks between calls, so that a receipt costs no work per member while others
   // remain at the lowest.

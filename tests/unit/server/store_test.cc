@@ -1289,15 +1289,18 @@ void ReceiptsAreMonotonicPerUserAndExact(Kind kind) {
 STORE_CASE(ReceiptsAreMonotonicPerUserAndExact,
            "receipts are monotonic, per user for read, and unread counts are exact")
 
-// The lowest watermarks over the current members, from the members' page (GetReceipts).
-std::pair<Seq, Seq> LowestOf(MessageStore& store, const UserId& asking, ConversationId id) {
+// The lowest watermarks over the current members, from the members' page (GetReceipts), each
+// member's marks counted from the seq before it joined (`joined`, the seq that added it).
+std::pair<Seq, Seq> LowestOf(MessageStore& store, const UserId& asking, ConversationId id,
+                             const std::map<UserId, Seq>& joined) {
   Result<ReceiptsReply> page = store.Receipts({.user = asking, .conversation_id = id});
   REQUIRE(page.ok());
   Seq delivered = std::numeric_limits<Seq>::max();
   Seq read = std::numeric_limits<Seq>::max();
   for (const MemberReceipt& member : page->members) {
-    delivered = std::min(delivered, member.delivered_seq);
-    read = std::min(read, member.read_seq);
+    const Seq before_join = joined.at(member.user) - 1;
+    delivered = std::min(delivered, std::max(member.delivered_seq, before_join));
+    read = std::min(read, std::max(member.read_seq, before_join));
   }
   return {delivered, read};
 }
@@ -1316,6 +1319,8 @@ void LowestWatermarksFollowEveryReceipt(Kind kind) {
   const ConversationId id = created.message.conversation_id;
   SendMany(store, id, name(0), 12, "m");
   std::vector<bool> member(kUsers, true);
+  std::map<UserId, Seq> joined;  // the seq that added each member: the creation, at first
+  for (int i = 0; i < kUsers; ++i) joined[name(i)] = 1;
   std::mt19937 random(20261207);
   int moves = 0;
   std::pair<Seq, Seq> told{0, 0};  // what the members heard of the lowest marks (0: nothing)
@@ -1323,12 +1328,15 @@ void LowestWatermarksFollowEveryReceipt(Kind kind) {
     const int roll = static_cast<int>(random() % 100);
     const int user = static_cast<int>(random() % kUsers);
     if (roll < 4 && user != 0) {
-      // Members come and go (u0, the admin, stays): the lowest marks can then drop.
+      // Members come and go (u0, the admin, stays). A member added counts from the seq before
+      // its join, so the lowest marks never fall: nothing told is taken back.
       AppendRequest change =
           Change(member[user] ? ConversationOp::kRemoveMembers : ConversationOp::kAddMembers, id,
                  name(0), {name(user)});
       change.max_group_members = kUsers;
-      REQUIRE(CommitOne(store, change).status.ok());
+      AppendResult changed = CommitOne(store, change);
+      REQUIRE(changed.status.ok());
+      if (!member[user]) joined[name(user)] = changed.message.seq;
       member[user] = !member[user];
       continue;
     }
@@ -1345,10 +1353,12 @@ void LowestWatermarksFollowEveryReceipt(Kind kind) {
     receipt.receipt_update_max_members = 4;  // told every move only while at most 4 are left
     AppendResult r = CommitOne(store, receipt);
     REQUIRE(r.status.ok());
-    const std::pair<Seq, Seq> after = LowestOf(store, name(0), id);
+    const std::pair<Seq, Seq> after = LowestOf(store, name(0), id, joined);
     CAPTURE(step);
     REQUIRE(r.delivered_all_seq == after.first);
     REQUIRE(r.read_all_seq == after.second);
+    CHECK(after.first >= told.first);
+    CHECK(after.second >= told.second);
     // News: above what the members heard last (each mark the highest they heard).
     const bool news = after.first > told.first || after.second > told.second;
     CHECK(r.all_seq_moved == news);
@@ -1376,7 +1386,7 @@ void LowestWatermarksFollowEveryReceipt(Kind kind) {
   }
   CHECK(r.delivered_all_seq == last);
   CHECK(r.read_all_seq == last);
-  CHECK(LowestOf(store, name(0), id) == std::pair<Seq, Seq>{last, last});
+  CHECK(LowestOf(store, name(0), id, joined) == std::pair<Seq, Seq>{last, last});
 }
 STORE_CASE(LowestWatermarksFollowEveryReceipt,
            "the lowest watermarks over all members follow every receipt and membership change")
@@ -1660,6 +1670,107 @@ void StateOnlyListingsAcrossCuts(Kind kind) {
 STORE_CASE(StateOnlyListingsAcrossCuts,
            "a Sync cut by its byte bound or limit lists each state due for its lowest marks "
            "once across the pages, and ends")
+
+// A member added to a group counts in the lowest marks from the seq before its join: what
+// came before was never its to get or read. Its arrival takes back nothing the members were
+// told of earlier messages, a later message is not read by all until it has read it, and a
+// receipt that completes the earlier messages after its join tells the members so.
+void AddedMemberCountsFromItsJoin(Kind kind) {
+  Env env(kind);
+  MessageStore& store = *env.store;
+  using Marks = std::pair<Seq, Seq>;
+  const ConversationId id = CreateGroupOk(store, "alice", {"bob", "carol"});  // seq 1
+  SendMany(store, id, "alice", 3, "a");                                       // seqs 2..4
+  for (const UserId user : {"alice", "bob", "carol"}) CommitReceipt(store, id, user, 4, 4, 8);
+  REQUIRE(ToldOf(store, "alice", id) == Marks{4, 4});
+
+  // dave joins at seq 5, with no receipt yet.
+  AppendResult added = CommitOne(store, Change(ConversationOp::kAddMembers, id, "alice", {"dave"}));
+  REQUIRE(added.status.ok());
+  REQUIRE(added.message.seq == 5);
+  CHECK(added.conversation.delivered_all_seq == 4);
+  CHECK(added.conversation.read_all_seq == 4);
+  CHECK(ToldOf(store, "alice", id) == Marks{4, 4});
+  CHECK(ToldOf(store, "dave", id) == Marks{4, 4});
+  // alice's device, which knows 4 and 4, gets seq 5 with the marks where they were.
+  Result<SyncReply> joined = SyncOf(store, "alice", {Knowing(id, 4, 4, 4)});
+  CHECK(Listed(joined) == std::vector<ConversationId>{id});
+  CHECK(Seqs(joined->messages) == std::vector<Seq>{5});
+  CHECK(joined->conversations.at(0).delivered_all_seq == 4);
+  CHECK(joined->conversations.at(0).read_all_seq == 4);
+
+  // alice posts seq 6 and everybody but dave reads it: what alice hears of each receipt (a
+  // small group is told every move) keeps seqs up to 4 read and seq 6 neither delivered to
+  // nor read by all.
+  SendMany(store, id, "alice", 1, "b");
+  for (const UserId user : {"alice", "bob", "carol"}) {
+    CAPTURE(user);
+    AppendResult r = CommitReceipt(store, id, user, 6, 6, 8);
+    CHECK(r.delivered_all_seq == 4);
+    CHECK(r.read_all_seq == 4);
+    CHECK_FALSE(r.all_seq_moved);
+    CHECK(r.conversation.delivered_all_seq == 4);
+    CHECK(r.conversation.read_all_seq == 4);
+  }
+  CHECK(ToldOf(store, "alice", id) == Marks{4, 4});
+  CHECK(Listed(SyncOf(store, "alice", {Knowing(id, 6, 4, 4)})).empty());
+
+  // dave's device gets seqs 5 and 6: seq 6 is delivered to all, not read by all.
+  AppendResult got = CommitReceipt(store, id, "dave", 6, 0, 8);
+  CHECK(got.all_seq_moved);
+  CHECK(got.delivered_all_seq == 6);
+  CHECK(got.read_all_seq == 4);
+  CHECK(ToldOf(store, "alice", id) == Marks{6, 4});
+  // He reads his addition (seq 5), then seq 6: only then is alice's message read by all.
+  AppendResult addition = CommitReceipt(store, id, "dave", 6, 5, 8);
+  CHECK(addition.all_seq_moved);
+  CHECK(addition.read_all_seq == 5);
+  CHECK(ToldOf(store, "alice", id) == Marks{6, 5});
+  Result<SyncReply> behind = SyncOf(store, "alice", {Knowing(id, 6, 6, 4)});
+  CHECK(Listed(behind) == std::vector<ConversationId>{id});
+  CHECK(behind->conversations.at(0).read_all_seq == 5);
+  CHECK(CommitReceipt(store, id, "dave", 6, 6, 8).all_seq_moved);
+  CHECK(ToldOf(store, "alice", id) == Marks{6, 6});
+
+  // bob reads alice's last message just after erin joined: every member that could ever read
+  // it has, and alice's device that knew it unread learns it.
+  const ConversationId late = CreateGroupOk(store, "alice", {"bob", "carol"});  // seq 1
+  SendMany(store, late, "alice", 2, "c");                                       // seqs 2, 3
+  CommitReceipt(store, late, "alice", 3, 3, 1);
+  CommitReceipt(store, late, "carol", 3, 3, 1);
+  CommitReceipt(store, late, "bob", 3, 2, 1);
+  REQUIRE(ToldOf(store, "alice", late) == Marks{3, 2});
+  REQUIRE(
+      CommitOne(store, Change(ConversationOp::kAddMembers, late, "alice", {"erin"})).status.ok());
+  AppendResult completed = CommitReceipt(store, late, "bob", 3, 3, 1);
+  CHECK(completed.all_seq_moved);
+  CHECK(completed.read_all_seq == 3);
+  CHECK(completed.recipients == std::vector<UserId>{"alice", "bob", "carol", "erin"});
+  CHECK(ToldOf(store, "alice", late) == Marks{3, 3});
+  Result<SyncReply> learned =
+      SyncOf(store, "alice", {Knowing(id, 6, 6, 6), Knowing(late, 4, 3, 2)});
+  CHECK(Listed(learned) == std::vector<ConversationId>{late});
+  CHECK(learned->messages.empty());
+  CHECK(learned->conversations.at(0).read_all_seq == 3);
+
+  // The same when the member that held the lowest marks leaves and another joins: the next
+  // receipt tells the members the marks of those who stayed.
+  const ConversationId swap = CreateGroupOk(store, "alice", {"bob", "carol"});  // seq 1
+  SendMany(store, swap, "alice", 2, "d");                                       // seqs 2, 3
+  CommitReceipt(store, swap, "alice", 3, 3, 1);
+  CommitReceipt(store, swap, "bob", 3, 3, 1);
+  CommitReceipt(store, swap, "carol", 3, 1, 1);
+  REQUIRE(ToldOf(store, "alice", swap) == Marks{3, 1});
+  REQUIRE(CommitOne(store, Change(ConversationOp::kLeave, swap, "carol")).status.ok());  // seq 4
+  REQUIRE(
+      CommitOne(store, Change(ConversationOp::kAddMembers, swap, "alice", {"erin"})).status.ok());
+  AppendResult next = CommitReceipt(store, swap, "bob", 5, 5, 1);
+  CHECK(next.all_seq_moved);
+  CHECK(next.read_all_seq == 3);
+  CHECK(ToldOf(store, "alice", swap) == Marks{3, 3});
+}
+STORE_CASE(AddedMemberCountsFromItsJoin,
+           "a member added to a group counts in the lowest marks from the seq before its join")
 
 // The unread count of each member, as Sync reports it.
 uint64_t UnreadOf(MessageStore& store, const UserId& user, ConversationId id) {
