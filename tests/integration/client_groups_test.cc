@@ -14,8 +14,10 @@
 #include <vector>
 
 #include "chat/client.h"
+#include "chat/v1/chat.pb.h"
 #include "tests/testing/chatd_process.h"
 #include "tests/testing/temp_dir.h"
+#include "tests/testing/ws_client.h"
 
 namespace chat::testing {
 namespace {
@@ -309,6 +311,58 @@ TEST_CASE("client groups e2e: messages read while the sender was offline show re
   // lists the conversation's state with the raised lowest watermarks.
   alice = Connect(chatd, "alice", "alice-laptop", dir.File("alice.db"));
   CHECK(WaitFor([&] { return alice->recorder->read() >= 2; }));
+  CHECK(alice->client->MessageStatusOf(id, 2).value() == MessageStatus::kRead);
+}
+
+TEST_CASE(
+    "client groups e2e: over the receipt limit, a message read while the sender was offline "
+    "shows read after chatd restarted") {
+  ChatdProcess chatd;
+  REQUIRE(chatd.Start().ok());
+  TempDir dir;
+  std::optional<Member> alice = Connect(chatd, "alice", "alice-laptop", dir.File("alice.db"));
+  REQUIRE(AllConnected({&*alice}));
+  // 34 members, over the server's receipt_updates_max_members (32): the others are told only
+  // rises of the lowest marks, and alice is offline when the last one comes.
+  std::vector<UserId> others;
+  for (int i = 0; i < 33; ++i) others.push_back("m" + std::to_string(i));
+  Result<ConversationInfo> created = Await([&](ConversationCallback done) {
+    return alice->client->CreateGroup("crowd", others, ConversationKind::kGroup, std::move(done));
+  });
+  REQUIRE(created.ok());
+  const ConversationId id = created->conversation_id;
+  REQUIRE(alice->client->Send(id, "text/plain", "hello").ok());  // seq 2
+  // Her own read mark follows her message on the server before she goes.
+  REQUIRE(WaitFor([&] { return ServerReadSeq(*alice->client, id, "alice") >= 2; }, 10'000));
+  CHECK(alice->client->MessageStatusOf(id, 2).value() == MessageStatus::kSent);
+  alice->client->Close();
+  alice.reset();
+
+  // Every other member gets and reads it, each over its own short connection.
+  v1::ReceiptUpdate last;
+  for (const UserId& user : others) {
+    CAPTURE(user);
+    Result<std::unique_ptr<WsClient>> ws = chatd.Login(user, user + "-phone");
+    REQUIRE_MESSAGE(ws.ok(), ws.status().ToString());
+    v1::Envelope receipt;
+    receipt.mutable_receipt()->set_conversation_id(id);
+    receipt.mutable_receipt()->set_delivered_seq(2);
+    receipt.mutable_receipt()->set_read_seq(2);
+    std::optional<v1::Envelope> reply = (*ws)->Request(receipt);
+    REQUIRE(reply.has_value());
+    REQUIRE_MESSAGE(reply->has_receipt_update(), reply->DebugString());
+    last = reply->receipt_update();
+  }
+  CHECK(last.read_all_seq() == 2);
+
+  // chatd goes down and comes back on the same database before alice reconnects.
+  Result<int> stopped = chatd.Terminate();
+  REQUIRE(stopped.ok());
+  CHECK(*stopped == 0);
+  REQUIRE(chatd.Restart().ok());
+
+  alice = Connect(chatd, "alice", "alice-laptop", dir.File("alice.db"));
+  CHECK(WaitFor([&] { return alice->recorder->read() >= 2; }, 10'000));
   CHECK(alice->client->MessageStatusOf(id, 2).value() == MessageStatus::kRead);
 }
 
