@@ -141,7 +141,7 @@ void Session::ConnectionDown() {
   // Only what is still owed goes again.
   for (const auto& [rid, sent] : receipts_unanswered_) {
     std::optional<ConversationRow> row = cache_->GetConversation(sent.conversation);
-    if (row && row->receipt_due) receipts_due_.insert(sent.conversation);
+    if (row && row->receipt_due) MakeReceiptDue(sent.conversation, now);
   }
   receipts_unanswered_.clear();
   // The next connection is subscribed to none of these channels.
@@ -284,10 +284,13 @@ int64_t Session::NextDeadlineMs() const {
       if (!typing_.empty()) {
         for (const auto& [key, expiry] : typing_) next = std::min(next, expiry);
       }
-      // Receipts go out at the end of the turn that moved the watermarks (or the interval).
+      // Receipts go out at the end of the turn that moved the watermarks (or the interval), or
+      // when the first one delayed comes due (a large group's delivered-only ones).
       if (!receipts_due_.empty()) {
-        next = std::min(
-            next, std::max({Now(), receipts_sent_at_ + kReceiptIntervalMs, receipts_retry_at_}));
+        int64_t due = receipts_due_.begin()->second;
+        for (const auto& [conversation, at] : receipts_due_) due = std::min(due, at);
+        next = std::min(next, std::max({Now(), due, receipts_sent_at_ + kReceiptIntervalMs,
+                                        receipts_retry_at_}));
       }
       if (!unsubscribes_due_.empty()) {
         next = std::min(next, std::max(Now(), unsubscribes_retry_at_));
@@ -484,7 +487,9 @@ void Session::HandleWelcome(const v1::Envelope& envelope) {
   receipts_retry_at_ = 0;
   // Receipts owed from before (a Receipt unanswered when the client was closed or the process
   // ended): the Sync lists only conversations with news, so nothing else would send them.
-  for (ConversationId conversation : cache_->ReceiptsDue()) receipts_due_.insert(conversation);
+  // They go at the usual pace: what was owed before this connection is not held back again
+  // (kLargeGroupDeliveredDelayMs).
+  for (ConversationId conversation : cache_->ReceiptsDue()) MakeReceiptDue(conversation, now);
   // 90% of the server's rate leaves room for Pings, Syncs and History requests.
   const uint32_t per_second = welcome.limits().messages_per_second();
   send_rate_ = per_second * 0.9 / 1000.0;
@@ -619,7 +624,7 @@ void Session::HandleError(const v1::Envelope& envelope) {
     // repeated (the next move of the watermarks sends a new one).
     Log(LogLevel::kInfo, "chat client: receipt refused: " + status.ToString());
     if (IsRetryable(status.code())) {
-      receipts_due_.insert(conversation);
+      MakeReceiptDue(conversation, Now());
       receipts_retry_at_ =
           std::max(receipts_retry_at_, Now() + std::max<int64_t>(kReceiptRetryMinMs, retry_after));
     } else {
@@ -709,14 +714,11 @@ bool Session::Advance(ConversationRow* row, std::vector<MessageEvent>* events, S
   }
   // Messages reached the application: tell the server (coalesced, see FlushReceipts). Only
   // the user's own messages alone need no delivered receipt unless they also moved read_seq.
-  if ((others || read_moved) && row->cursor > row->info.delivered_seq) {
-    row->info.delivered_seq = row->cursor;
+  const bool delivered_moved = (others || read_moved) && row->cursor > row->info.delivered_seq;
+  if (delivered_moved) row->info.delivered_seq = row->cursor;
+  if (delivered_moved || read_moved) {
     row->receipt_due = true;
-    receipts_due_.insert(id);
-  }
-  if (read_moved) {
-    row->receipt_due = true;
-    receipts_due_.insert(id);
+    MakeReceiptDue(id, read_moved ? Now() : DeliveredReceiptAt(row->info));
   }
   return cache_->CountRange(id, row->cursor + 1, kMaxCachedSeq) > 0;
 }
@@ -1229,16 +1231,19 @@ Session::LowestRise Session::MergeState(ConversationRow* row, const v1::Conversa
     info.peer_last_seen_ms = std::max(info.peer_last_seen_ms, local.peer_last_seen_ms);
   }
   if (local.delivered_seq > info.delivered_seq) {
+    // The server has not seen this device's delivered watermark yet: tell it again, as any
+    // delivered-only Receipt (one owed from before this connection is due at the usual pace
+    // already, since its Welcome).
     info.delivered_seq = local.delivered_seq;
     row->receipt_due = true;
-    receipts_due_.insert(info.conversation_id);
+    MakeReceiptDue(info.conversation_id, DeliveredReceiptAt(info));
   }
   if (local.read_seq > info.read_seq) {
     // The server has not seen this device's MarkRead yet: keep it and tell it again.
     info.read_seq = local.read_seq;
     info.unread = std::min(info.unread, local.unread);
     row->receipt_due = true;
-    receipts_due_.insert(info.conversation_id);
+    MakeReceiptDue(info.conversation_id, Now());
   }
   row->info = info;
   return rise;
@@ -1462,13 +1467,32 @@ void Session::ExpireTyping() {
   }
 }
 
+void Session::MakeReceiptDue(ConversationId conversation, int64_t at) {
+  auto [it, added] = receipts_due_.try_emplace(conversation, at);
+  if (!added) it->second = std::min(it->second, at);
+}
+
+int64_t Session::DeliveredReceiptAt(const ConversationInfo& info) const {
+  const bool large =
+      info.kind == ConversationKind::kGroup && info.member_count > kLargeGroupMembers;
+  return Now() + (large ? kLargeGroupDeliveredDelayMs : 0);
+}
+
 void Session::FlushReceipts() {
   if (!Authenticated() || receipts_due_.empty()) return;
   const int64_t now = Now();
   if (now < receipts_sent_at_ + kReceiptIntervalMs || now < receipts_retry_at_) return;
+  std::vector<ConversationId> due;
+  for (auto it = receipts_due_.begin(); it != receipts_due_.end();) {
+    if (it->second > now) {
+      ++it;
+      continue;
+    }
+    due.push_back(it->first);
+    it = receipts_due_.erase(it);
+  }
+  if (due.empty()) return;  // only delayed ones wait: the interval starts when one goes
   receipts_sent_at_ = now;
-  auto due = std::move(receipts_due_);
-  receipts_due_.clear();
   for (auto it = due.begin(); it != due.end(); ++it) {
     std::optional<ConversationRow> row = cache_->GetConversation(*it);
     if (!row) continue;
@@ -1485,7 +1509,7 @@ void Session::FlushReceipts() {
     receipts_unanswered_[rid] = {*it, row->info.delivered_seq, row->info.read_seq};
     if (!Write(envelope)) {
       // The connection was dropped, which made this Receipt due again: the rest wait with it.
-      receipts_due_.insert(std::next(it), due.end());
+      for (auto rest = std::next(it); rest != due.end(); ++rest) MakeReceiptDue(*rest, now);
       return;
     }
   }
@@ -1649,7 +1673,7 @@ void Session::MarkRead(ConversationId conversation, Seq seq) {
     ReportError(st);
     return;
   }
-  receipts_due_.insert(conversation);
+  MakeReceiptDue(conversation, Now());
   listener_->OnConversationUpdated(row.info);
   ReportUnreadTotal();
 }

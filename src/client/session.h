@@ -106,6 +106,16 @@ inline constexpr uint64_t kMinReceiveBytesPerSecond = 4 * 1024;
 // Receipts are sent at most this often (all due conversations at once), so a burst of incoming
 // messages costs a few Receipts, not one per loop turn, against the server's rate limit.
 inline constexpr int64_t kReceiptIntervalMs = 100;
+// In a group of more than kLargeGroupMembers members, a Receipt that moves only the delivered
+// watermark goes kLargeGroupDeliveredDelayMs after the conversation's Receipt became due, not
+// with the next flush; one whose read watermark moved keeps the kReceiptIntervalMs pace. The
+// server does not tell the other members of such a group each member's receipts, only rises of
+// the lowest watermarks over all members, and those wait for the slowest member anyway (32
+// mirrors the default of ServerOptions::receipt_updates_max_members, which the client is not
+// told). At the usual pace every member of a busy group would send about one Receipt per message
+// received, each a write and an answered frame on the server.
+inline constexpr uint32_t kLargeGroupMembers = 32;
+inline constexpr int64_t kLargeGroupDeliveredDelayMs = 1'000;
 
 class Session {
  public:
@@ -378,7 +388,14 @@ class Session {
   void HandleMessagesExpired(const v1::MessagesExpired& notice);
   // Updates the cached title, membership and role from a system message.
   void ApplySystemEvent(ConversationInfo* info, const v1::Message& message) const;
-  // Sends one Receipt per conversation whose watermarks moved since the last flush.
+  // Makes a Receipt for `conversation` due from `at` (monotonic ms) on, unless it is due from
+  // earlier already.
+  void MakeReceiptDue(ConversationId conversation, int64_t at);
+  // When a Receipt that moves only the delivered watermark of `info`'s conversation may go: now,
+  // or kLargeGroupDeliveredDelayMs from now in a group of more than kLargeGroupMembers members.
+  int64_t DeliveredReceiptAt(const ConversationInfo& info) const;
+  // Sends one Receipt per conversation whose watermarks moved since the last flush and whose
+  // Receipt is due.
   void FlushReceipts();
   // The server refused a Receipt for `conversation` for good: unless a later one is waiting or
   // unanswered, the cache owes none any more (else it would be sent again on every start).
@@ -486,7 +503,9 @@ class Session {
   // (conversation, first_seq) of History pages that made this connection sync (see
   // HandleHistoryPage): each only once.
   std::set<std::pair<ConversationId, Seq>> history_syncs_;
-  std::set<ConversationId> receipts_due_;           // watermarks moved, Receipt not sent yet
+  // Conversations whose watermarks moved and whose Receipt was not sent yet (one entry each, as
+  // the conversations in the cache) -> the monotonic ms from which it may go.
+  std::map<ConversationId, int64_t> receipts_due_;
   int64_t receipts_sent_at_ = -kReceiptIntervalMs;  // monotonic ms of the last flush
   int64_t receipts_retry_at_ = 0;  // a Receipt was refused for now: no flush before then
   // Receipts the server has not answered yet (rid -> what was sent, at most kMaxQuietRids): due

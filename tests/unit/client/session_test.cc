@@ -988,6 +988,141 @@ TEST_CASE("session: delivered receipts are coalesced, one per conversation at mo
   CHECK(receipts[0].receipt().read_seq() == 7);
 }
 
+// The state of conversation `id` of `kind` with `members` members, holding messages 1..3.
+v1::ConversationState StateOf(ConversationId id, v1::ConversationKind kind, uint32_t members) {
+  v1::ConversationState state = GroupState(id, 3, 3);
+  state.set_kind(kind);
+  state.set_member_count(members);
+  if (kind == v1::CONVERSATION_KIND_DIRECT) state.set_peer("bob");
+  return state;
+}
+
+// Connects live with the conversations of `states`, each holding bob's messages 1..3, lets the
+// Receipts for those go and the interval pass: a Receipt due now goes at the next Tick.
+void ConnectWith(Harness& h, const std::vector<v1::ConversationState>& states) {
+  v1::Envelope sync = h.Welcome();
+  v1::SyncBatch batch;
+  for (const v1::ConversationState& state : states) {
+    *batch.add_conversations() = state;
+    for (Seq seq = 1; seq <= 3; ++seq) *batch.add_messages() = Msg(state.conversation_id(), seq);
+  }
+  h.Reply(sync, batch);
+  REQUIRE(h.state() == ConnectionState::kConnected);
+  h.clock->Advance(kLargeGroupDeliveredDelayMs);
+  h.session->Tick();
+  h.io.Take();
+  h.clock->Advance(kReceiptIntervalMs);
+}
+
+TEST_CASE("session: in a group of over 32 members delivered receipts wait 1 s, then go as one") {
+  Harness h;
+  ConnectWith(h, {StateOf(5, v1::CONVERSATION_KIND_GROUP, 40)});
+  const int64_t first = h.Now();
+  for (Seq seq = 4; seq <= 13; ++seq) {  // one message every 100 ms
+    h.Deliver(Msg(5, seq));
+    h.clock->Advance(seq < 13 ? kReceiptIntervalMs : kReceiptIntervalMs - 1);
+    h.session->Tick();
+    CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());
+  }
+  REQUIRE(h.Now() == first + kLargeGroupDeliveredDelayMs - 1);
+  h.clock->Advance(1);
+  h.session->Tick();
+  auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  REQUIRE(receipts.size() == 1);
+  CHECK(receipts[0].receipt().conversation_id() == 5);
+  CHECK(receipts[0].receipt().delivered_seq() == 13);
+  CHECK(receipts[0].receipt().read_seq() == 0);
+
+  // The next delivery waits its own second.
+  h.Deliver(Msg(5, 14));
+  h.clock->Advance(kLargeGroupDeliveredDelayMs - 1);
+  h.session->Tick();
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());
+  h.clock->Advance(1);
+  h.session->Tick();
+  receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  REQUIRE(receipts.size() == 1);
+  CHECK(receipts[0].receipt().delivered_seq() == 14);
+}
+
+TEST_CASE("session: in a group of over 32 members a read receipt goes at once, with delivered") {
+  Harness h;
+  ConnectWith(h, {StateOf(5, v1::CONVERSATION_KIND_GROUP, 40)});
+  const int64_t first = h.Now();
+  h.Deliver(Msg(5, 4));
+  h.Deliver(Msg(5, 5));
+  h.clock->Advance(2 * kReceiptIntervalMs);
+  h.session->Tick();
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());
+  h.session->MarkRead(5, 4);
+  h.session->Tick();
+  auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  REQUIRE(receipts.size() == 1);
+  CHECK(receipts[0].receipt().delivered_seq() == 5);
+  CHECK(receipts[0].receipt().read_seq() == 4);
+  // That one carried the delivered mark: nothing is left waiting for the second to pass.
+  h.clock->SetMonotonicMs(first + kLargeGroupDeliveredDelayMs);
+  h.session->Tick();
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());
+
+  // The user's own message (sent from another device) marks the conversation read up to it.
+  h.Deliver(Msg(5, 6));
+  h.Deliver(Msg(5, 7, "alice"));
+  h.clock->Advance(kReceiptIntervalMs);
+  h.session->Tick();
+  receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  REQUIRE(receipts.size() == 1);
+  CHECK(receipts[0].receipt().delivered_seq() == 7);
+  CHECK(receipts[0].receipt().read_seq() == 7);
+}
+
+TEST_CASE("session: direct conversations, groups up to 32 members and channels keep the pace") {
+  Harness h;
+  ConnectWith(
+      h, {StateOf(5, v1::CONVERSATION_KIND_GROUP, 40), StateOf(6, v1::CONVERSATION_KIND_GROUP, 10),
+          StateOf(7, v1::CONVERSATION_KIND_GROUP, kLargeGroupMembers),
+          StateOf(8, v1::CONVERSATION_KIND_DIRECT, 2),
+          StateOf(9, v1::CONVERSATION_KIND_CHANNEL, 1'000)});
+  for (ConversationId conversation : {5, 6, 7, 8, 9}) h.Deliver(Msg(conversation, 4));
+  h.session->Tick();
+  auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  std::vector<ConversationId> sent;
+  for (const v1::Envelope& e : receipts) {
+    sent.push_back(e.receipt().conversation_id());
+    CHECK(e.receipt().delivered_seq() == 4);
+  }
+  CHECK(sent == std::vector<ConversationId>{6, 7, 8, 9});
+  h.clock->Advance(kLargeGroupDeliveredDelayMs - 1);
+  h.session->Tick();
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());
+  h.clock->Advance(1);
+  h.session->Tick();
+  receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  REQUIRE(receipts.size() == 1);
+  CHECK(receipts[0].receipt().conversation_id() == 5);
+}
+
+TEST_CASE("session: a delayed delivered receipt wakes the session when it is due, by itself") {
+  Harness h;
+  ConnectWith(h, {StateOf(5, v1::CONVERSATION_KIND_GROUP, 40)});
+  const int64_t first = h.Now();
+  h.Deliver(Msg(5, 4));
+  // As the client's loop does: sleep until the session's deadline, then tick. Nothing else
+  // happens meanwhile.
+  int wakeups = 0;
+  std::vector<v1::Envelope> receipts;
+  while (receipts.empty() && wakeups < 100) {
+    h.clock->SetMonotonicMs(std::max(h.Now(), h.session->NextDeadlineMs()));
+    h.session->Tick();
+    receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+    ++wakeups;
+  }
+  REQUIRE(receipts.size() == 1);
+  CHECK(receipts[0].receipt().delivered_seq() == 4);
+  CHECK(h.Now() == first + kLargeGroupDeliveredDelayMs);
+  CHECK(wakeups == 1);  // not once every 100 ms meanwhile
+}
+
 TEST_CASE("session: MarkRead sends read_seq, updates unread and the total, never moves back") {
   Harness h;
   ConnectWithGroup(h);
@@ -1389,6 +1524,36 @@ TEST_CASE("session: delivered and own-message watermarks not yet sent go out aft
   REQUIRE(receipts.size() == 1);
   CHECK(receipts[0].receipt().delivered_seq() == 5);
   CHECK(receipts[0].receipt().read_seq() == 5);
+}
+
+TEST_CASE("session: a large group's delayed delivered receipt is not delayed past a reconnect") {
+  testing::TempDir dir;
+  const std::string path = dir.File("cache.db");
+  {
+    std::shared_ptr<Cache> cache(Cache::Open(path).value());
+    Harness h({}, cache);
+    ConnectWith(h, {StateOf(5, v1::CONVERSATION_KIND_GROUP, 40)});
+    h.Deliver(Msg(5, 4));
+    h.session->Tick();
+    CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());
+    // The connection drops within the second: the next one sends what is owed at once.
+    h.session->OnClosed(1006, "abnormal");
+    h.session->Reconnect();
+    const int64_t reconnected = h.Now();
+    h.Reply(h.Welcome(), {});
+    h.session->Tick();
+    auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+    REQUIRE(receipts.size() == 1);
+    CHECK(receipts[0].receipt().delivered_seq() == 4);
+    CHECK(h.Now() < reconnected + kLargeGroupDeliveredDelayMs);
+
+    h.Deliver(Msg(5, 5));
+    h.session->Stop();  // Close() within the second
+  }
+  // So does the next start.
+  Restarted restarted(path);
+  REQUIRE(restarted.receipts.size() == 1);
+  CHECK(restarted.receipts[0].receipt().delivered_seq() == 5);
 }
 
 TEST_CASE("session: after a restart, receipts refused for now or lost go again, not refused ones") {
