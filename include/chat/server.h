@@ -127,11 +127,12 @@ struct ServerOptions {
 // the process's malloc (docs/server.md, "Allocator"): with jemalloc, whose 1,024-byte class would
 // place them 1 KiB apart, each connection takes 64 bytes less and adding or closing connections
 // much less CPU (libwebsockets reads a field of every connection's struct then). Every other
-// allocation of libwebsockets keeps malloc. Process-wide (it installs libwebsockets' allocator,
-// for the server's and the client's connections alike), so the application's choice: call it
-// once, before anything in the process uses libwebsockets; later calls do nothing. The pool's
-// memory is never returned to malloc while the process runs, except slabs whose slots are all
-// free.
+// allocation of libwebsockets keeps malloc. Process-wide: it installs libwebsockets' allocator,
+// for the server's and the client's connections alike, in place of any installed before, so it
+// is the application's choice. Call it once, before anything in the process uses libwebsockets
+// (blocks allocated before it are later freed with free(): an allocator installed earlier must
+// be malloc's); later calls do nothing. The pool's slabs go back to malloc only when all their
+// slots are free.
 CHAT_EXPORT void PoolConnectionMemory();
 
 class CHAT_EXPORT Server {

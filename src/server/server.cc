@@ -786,8 +786,9 @@ class ServerImpl final : public Server, private server::HubIo {
     ev_io_init(&closing.reader, &ServerImpl::OnDrainReadable, lws_get_socket_fd(conn.wsi), EV_READ);
     closing.reader.data = &closing;
     ev_io_start(loop_, &closing.reader);
-    // What the TLS library decrypted before lws stopped reading is not news to the socket.
-    if (tls_ && SSL_pending(lws_get_ssl(conn.wsi)) > 0) ReadAndDrop(closing);
+    // What the TLS library holds from before lws stopped reading is not news to the socket.
+    SSL* ssl = tls_ ? lws_get_ssl(conn.wsi) : nullptr;
+    if (ssl != nullptr && SSL_has_pending(ssl) == 1) ReadAndDrop(closing);
   }
 
   static void OnDrainReadable(struct ev_loop* /*loop*/, ev_io* watcher, int /*revents*/) {
@@ -803,10 +804,11 @@ class ServerImpl final : public Server, private server::HubIo {
       return;
     }
     drain_buffer_.resize(kDrainReadBytes);
-    const ssize_t n = tls_ ? ReadTls(it->second.wsi)
+    bool peer_ended = false;  // over TLS: the end came with the bytes read
+    const ssize_t n = tls_ ? ReadTls(it->second.wsi, &peer_ended)
                            : recv(closing.reader.fd, drain_buffer_.data(), drain_buffer_.size(), 0);
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return;
-    if (n > 0 && Drain(&it->second, static_cast<size_t>(n)) == 0) return;
+    if (n > 0 && Drain(&it->second, static_cast<size_t>(n)) == 0 && !peer_ended) return;
     // The peer ended its stream (all it sent was read: the socket closes without a reset), or
     // the stream failed, or the peer sent past kDrainMaxBytes. The close happens in the next
     // writeable callback (the write side is shut, so the socket is writeable at once): lws
@@ -818,12 +820,16 @@ class ServerImpl final : public Server, private server::HubIo {
   }
 
   // One read into drain_buffer_ through the connection's TLS session, as recv(2) answers: the
-  // bytes decrypted (every record the socket holds up to the buffer's size), 0 when the peer
-  // ended its stream (close_notify, or the end of the TCP stream), -1 with errno EAGAIN when a
-  // record is still incomplete, -1 otherwise (a failed session).
-  ssize_t ReadTls(lws* wsi) {
+  // bytes decrypted (every record the socket holds, up to the buffer's size), or -1 with errno
+  // EAGAIN when no record is complete yet. `*ended` is set when the stream ended after what was
+  // read: the peer's close_notify, the end of the TCP stream, or a failed session (a peer that
+  // sends its close frame and close_notify together has nothing more to send).
+  ssize_t ReadTls(lws* wsi, bool* ended) {
     SSL* ssl = lws_get_ssl(wsi);
-    if (ssl == nullptr) return 0;
+    if (ssl == nullptr) {
+      *ended = true;
+      return 0;
+    }
     size_t total = 0;
     while (total < drain_buffer_.size()) {
       ERR_clear_error();
@@ -834,13 +840,11 @@ class ServerImpl final : public Server, private server::HubIo {
         continue;
       }
       const int error = SSL_get_error(ssl, n);
-      if (error == SSL_ERROR_WANT_READ || error == SSL_ERROR_WANT_WRITE) break;
-      if (total > 0) break;  // the end comes with the next read
-      if (error == SSL_ERROR_ZERO_RETURN) return 0;
-      errno = ECONNRESET;
-      return -1;
+      if (error != SSL_ERROR_WANT_READ && error != SSL_ERROR_WANT_WRITE) *ended = true;
+      break;
     }
-    if (total > 0) return static_cast<ssize_t>(total);
+    ERR_clear_error();  // nothing of the drain's is left in this thread's queue for lws's calls
+    if (total > 0 || *ended) return static_cast<ssize_t>(total);
     errno = EAGAIN;
     return -1;
   }
@@ -869,7 +873,9 @@ class ServerImpl final : public Server, private server::HubIo {
     if (loop_ != nullptr && ssl != nullptr) {
       ERR_clear_error();
       const int done = SSL_shutdown(ssl);
-      if (done < 0 && SSL_get_error(ssl, done) == SSL_ERROR_WANT_WRITE) {
+      const int error = done < 0 ? SSL_get_error(ssl, done) : SSL_ERROR_NONE;
+      ERR_clear_error();
+      if (error == SSL_ERROR_WANT_WRITE) {
         lws_callback_on_writable(conn.wsi);  // the socket is full: the rest of it goes then
         return;
       }
