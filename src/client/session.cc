@@ -978,6 +978,9 @@ void Session::HandleSyncBatch(const v1::SyncBatch& batch) {
     Disconnect("sync reply refused: " + error.ToString());
     return;
   }
+  // A Sync asked for before this page came (a channel subscribed to, a message above a hole)
+  // goes whatever becomes of the page; one asked for while it is applied, only if it is stored.
+  const bool asked_before = sync_again_;
   std::vector<MessageEvent> events;
   bool progress = false;  // the page holds something to apply
   bool saved = true;      // and the cache stored all of it
@@ -1041,8 +1044,11 @@ void Session::HandleSyncBatch(const v1::SyncBatch& batch) {
   // the next connection syncs again, as does a Sync asked for meanwhile (a message above a
   // hole, a channel subscribed to, a state past the cursor). Such a Sync asked for while this
   // one was in flight goes in any case: the server may have read this one before what it is
-  // asked for happened.
-  if ((batch.has_more() && progress && saved) || sync_again_) {
+  // asked for happened. Not one that applying a page not stored asked for: the page itself asks
+  // (a message it holds above a gap it could not store), and would come back at once.
+  const bool again = saved ? sync_again_ : asked_before;
+  sync_again_ = false;
+  if ((batch.has_more() && progress && saved) || again) {
     SendSync();
     return;
   }

@@ -2701,6 +2701,48 @@ TEST_CASE("session: a Sync page the cache cannot store is not asked for again at
   CHECK(h.cache->GetConversation(5)->cursor == want.back());
 }
 
+// A page whose gap could not be stored leaves the messages above the gap waiting behind a hole,
+// and applying the page asks for a Sync to fill it. That Sync would bring the same page at once:
+// it goes no more than the page's own next page does, for as long as the cache fails.
+TEST_CASE("session: a Sync page whose gap the cache cannot store does not ask for itself again") {
+  testing::TempDir dir;
+  const std::string path = dir.File("cache.db");
+  {
+    // Group 5 at cursor 1, with seq 3 received live above the hole.
+    Harness h({}, std::shared_ptr<Cache>(Cache::Open(path).value()));
+    LiveWithGroupAtSeq1(h);
+    h.Deliver(Msg(5, 3));
+    REQUIRE(OfCase(h.io.Take(), v1::Envelope::kSync).size() == 1);
+    h.session->Stop();
+  }
+  testing::FailConversationWrites(path, 5, true);
+  Harness h({}, std::shared_ptr<Cache>(Cache::Open(path).value()));
+  v1::Envelope sync = h.Welcome();
+  REQUIRE(sync.sync().cursors_size() == 1);
+  REQUIRE(sync.sync().cursors(0).seq() == 1);
+  v1::SyncBatch page = GapBatch(/*last_seq=*/3, /*from=*/2, /*to=*/2);
+  *page.add_messages() = Msg(5, 3);
+  int want = 1;
+  SUBCASE("nothing else asks") {}
+  SUBCASE("a Sync asked for before the page came still goes, once") {
+    // A live message above the hole, while the Sync is in flight.
+    h.Deliver(Msg(5, 4));
+    CHECK(OfCase(h.io.Take(), v1::Envelope::kSync).empty());
+    want = 2;
+  }
+  int syncs = 0;
+  for (std::vector<v1::Envelope> asked{sync}; !asked.empty() && syncs < 10;
+       asked = OfCase(h.io.Take(), v1::Envelope::kSync)) {
+    ++syncs;
+    h.Reply(asked[0], page);
+  }
+  CHECK(syncs == want);
+  REQUIRE_FALSE(h.listener.errors.empty());
+  CHECK(h.state() == ConnectionState::kConnected);
+  CHECK(h.listener.SentSeqs(5).empty());
+  CHECK(h.cache->GetConversation(5)->cursor == 1);
+}
+
 // A Sync reply with an impossible gap is refused whole, as a failed Sync: the cursor stays
 // where it was (a gap to UINT64_MAX would wedge the conversation for good, since the cursor's
 // next seq wraps to 0), the error says why, and the next connection syncs again.
