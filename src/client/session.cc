@@ -1028,13 +1028,13 @@ void Session::HandleSyncBatch(const v1::SyncBatch& batch) {
   states.reserve(static_cast<size_t>(batch.conversations_size()));
   for (const v1::ConversationState& state : batch.conversations()) states.push_back(&state);
   if (!states.empty()) progress = true;
-  // Not stored (reported), none of them is told: the cursors stored still name the marks they
-  // raise, so the next Sync lists them again.
+  // Not stored (reported), they are told without the rise of the lowest marks: the cursors
+  // stored still name the marks stored, so the next Sync lists them again.
   StoredStates stored;
   if (!StoreStates(states, &stored)) saved = false;
   ReportStates(stored);
   if (!Authenticated()) return;
-  ReportUnreadTotal();
+  ReportUnreadTotal(stored.unstored);
 
   sync_rid_ = 0;
   sync_timeouts_ = 0;
@@ -1137,9 +1137,13 @@ void Session::HandleHistoryPage(uint64_t rid, const v1::HistoryPage& page) {
 
 ConversationInfo Session::HandleConversationUpdate(const v1::ConversationState& state) {
   StoredStates stored;
-  // As in HandleSyncBatch: not stored (reported), nothing is dropped or told; a request's
-  // callback still gets the server's word.
-  if (!StoreStates({&state}, &stored)) return codec::FromProto(state);
+  // As in HandleSyncBatch: not stored (reported), it is told without the rise of the lowest
+  // marks; a request's callback still gets the server's word.
+  if (!StoreStates({&state}, &stored)) {
+    ReportStates(stored);
+    ReportUnreadTotal(stored.unstored);
+    return codec::FromProto(state);
+  }
   ReportStates(stored);
   ReportUnreadTotal();
   const ConversationRow& row = stored.rows.front().row;
@@ -1150,33 +1154,57 @@ ConversationInfo Session::HandleConversationUpdate(const v1::ConversationState& 
 bool Session::StoreStates(const std::vector<const v1::ConversationState*>& states,
                           StoredStates* stored) {
   if (states.empty()) return true;
+  if (StoredStates out; WriteStates(states, &out)) {
+    for (const StoredState& s : out.rows) stubs_.erase(s.row.info.conversation_id);
+    *stored = std::move(out);
+    return true;
+  }
+  // Rolled back: the rows are merged again from what the cache holds, without writing them. The
+  // user's own watermarks and counts, the title and the membership are told as the states say
+  // (no Sync lists the conversation again for them: its cursor does not name them), the lowest
+  // marks as stored (a rise is told once the next Sync's state is stored, else twice).
   StoredStates out;
-  {
-    CacheTxn txn(this);
-    // Without a transaction the deletes would commit one by one while a failure later could
-    // keep the application from being told.
-    if (!txn.Started()) return false;
-    for (const v1::ConversationState* state : states) {
-      StoredState& s = out.rows.emplace_back();
-      s.row = LoadOrStub(state->conversation_id());
-      s.rise = MergeState(&s.row, *state);
-      // What retention deleted goes with the state that says so (the server lists a
-      // conversation whose deleted messages this device holds, see SendSync).
-      if (!DropExpired(&s.row, ExpiredThrough(*state), &out.expired)) return false;
-      // A failed write ends the transaction uncommitted: SQLite may have rolled it back
-      // already, and each write after it would then commit on its own.
-      if (Status st = cache_->PutConversation(s.row); !st.ok()) {
-        ReportError(st);
-        return false;
-      }
+  std::map<ConversationId, ConversationRow> rows;  // a second state of one merges into the first
+  for (const v1::ConversationState* state : states) {
+    auto it = rows.find(state->conversation_id());
+    if (it == rows.end()) {
+      it = rows.emplace(state->conversation_id(), LoadOrStub(state->conversation_id())).first;
     }
-    if (Status st = txn.Commit(); !st.ok()) {
+    const ConversationInfo before = it->second.info;
+    (void)MergeState(&it->second, *state);
+    it->second.info.delivered_all_seq = before.delivered_all_seq;
+    it->second.info.read_all_seq = before.read_all_seq;
+    out.rows.push_back({it->second, LowestRise{}});
+    out.unstored.push_back(it->second.info);
+  }
+  *stored = std::move(out);
+  return false;
+}
+
+bool Session::WriteStates(const std::vector<const v1::ConversationState*>& states,
+                          StoredStates* out) {
+  CacheTxn txn(this);
+  // Without a transaction the deletes would commit one by one while a failure later could
+  // keep the application from being told.
+  if (!txn.Started()) return false;
+  for (const v1::ConversationState* state : states) {
+    StoredState& s = out->rows.emplace_back();
+    s.row = LoadOrStub(state->conversation_id());
+    s.rise = MergeState(&s.row, *state);
+    // What retention deleted goes with the state that says so (the server lists a
+    // conversation whose deleted messages this device holds, see SendSync).
+    if (!DropExpired(&s.row, ExpiredThrough(*state), &out->expired)) return false;
+    // A failed write ends the transaction uncommitted: SQLite may have rolled it back
+    // already, and each write after it would then commit on its own.
+    if (Status st = cache_->PutConversation(s.row); !st.ok()) {
       ReportError(st);
       return false;
     }
   }
-  for (const StoredState& s : out.rows) stubs_.erase(s.row.info.conversation_id);
-  *stored = std::move(out);
+  if (Status st = txn.Commit(); !st.ok()) {
+    ReportError(st);
+    return false;
+  }
   return true;
 }
 
@@ -1409,6 +1437,8 @@ void Session::HandleReceiptUpdate(uint64_t rid, const v1::ReceiptUpdate& update)
     row.info.read_seq = update.read_seq();
     row.info.unread = update.unread();
   }
+  const Seq stored_delivered_all = row.info.delivered_all_seq;
+  const Seq stored_read_all = row.info.read_all_seq;
   const LowestRise rise = RaiseLowest(&row.info, update.delivered_all_seq(), update.read_all_seq());
   const bool changed = info_changed || rise.delivered || rise.read;
   bool stored = true;
@@ -1430,9 +1460,19 @@ void Session::HandleReceiptUpdate(uint64_t rid, const v1::ReceiptUpdate& update)
     event.read_all_seq = update.read_all_seq();
     listener_->OnReceipt(event);
   }
-  // What the cache did not keep is told when a Sync lists the conversation's state again (its
-  // cursor names the marks stored) and that is stored, as a Sync's rise is (ReportStored).
-  if (!stored) return;
+  if (!stored) {
+    // A rise the cache did not keep is told when a Sync lists the conversation's state again
+    // (its cursor names the marks stored) and that is stored, as a Sync's rise is
+    // (ReportStored). No Sync lists it for the user's own watermarks and counts, though (its
+    // cursor does not name them): those are told now, with the lowest marks as stored.
+    if (info_changed) {
+      row.info.delivered_all_seq = stored_delivered_all;
+      row.info.read_all_seq = stored_read_all;
+      ReportStored(row.info, LowestRise{});
+      ReportUnreadTotal({row.info});
+    }
+    return;
+  }
   // ConversationInfo carries the lowest marks too: an application keeping it sees them move.
   if (changed) ReportStored(row.info, rise);
   if (info_changed) ReportUnreadTotal();
@@ -1541,8 +1581,16 @@ bool Session::WriteQuiet(v1::Envelope* envelope, const char* what) {
   return Write(*envelope);
 }
 
-void Session::ReportUnreadTotal() {
-  const uint64_t total = cache_->UnreadTotal();
+void Session::ReportUnreadTotal(const std::vector<ConversationInfo>& unstored) {
+  uint64_t total = cache_->UnreadTotal();
+  // The last told of each (a page may list one twice) replaces what the cache holds of it.
+  std::map<ConversationId, uint64_t> told;
+  for (const ConversationInfo& info : unstored) told[info.conversation_id] = info.unread;
+  for (const auto& [conversation, unread] : told) {
+    const std::optional<ConversationRow> row = cache_->GetConversation(conversation);
+    total -= std::min(total, row ? row->info.unread : 0);
+    total += unread;
+  }
   if (total == unread_total_) return;
   unread_total_ = total;
   listener_->OnUnreadTotal(total);

@@ -349,10 +349,12 @@ class Session {
   // Raises `info`'s lowest watermarks to the given ones where those are higher: they never go
   // back (a state or update read before a later one may carry lower ones).
   static LowestRise RaiseLowest(ConversationInfo* info, Seq delivered_all_seq, Seq read_all_seq);
-  // Tells the application of a conversation row once it is stored, never before: the status of
-  // the user's messages that the rise of its lowest watermarks covers, then the conversation. A
-  // rise the cache did not keep is listed again by the next Sync, whose cursor names the marks
-  // stored, and told when that one is stored: told before as well, it would be told twice.
+  // Tells the application of a conversation row: the status of the user's messages that the
+  // rise of its lowest watermarks covers, then the conversation. A rise is told once the row
+  // holding it is stored, never before: one the cache did not keep is listed again by the next
+  // Sync, whose cursor names the marks stored, and told when that one is stored (told before as
+  // well, it would be told twice). A row not stored is told with no rise and its lowest marks
+  // as stored.
   void ReportStored(const ConversationInfo& info, LowestRise rise);
   // Takes the server's state of a conversation, keeping local watermarks that are ahead of it
   // (a Receipt not yet answered), a last seq no lower than the messages the cache holds, and the
@@ -375,14 +377,21 @@ class Session {
   struct StoredStates {
     std::vector<StoredState> rows;
     std::vector<Expiry> expired;
+    // When the cache failed: the conversations as told, which it holds as before
+    // (ReportUnreadTotal).
+    std::vector<ConversationInfo> unstored;
   };
   // Stores the server's `states` in one cache transaction: merges each into its conversation's
   // row (MergeState), deletes the cached messages retention deleted (DropExpired) and writes the
-  // row. False if the cache failed (reported): then nothing of them is stored and `stored` is
-  // left empty, so nothing is told, and a conversation known only from a Deliver is still synced
-  // from the start.
+  // row. False if the cache failed (reported): nothing of them is stored, and a conversation
+  // known only from a Deliver is still synced from the start. `stored` then holds what may be
+  // told of them: the rows merged, but with the lowest marks as the cache holds them and no rise
+  // (the next Sync lists the states again, and a rise is told once stored), nothing expired, and
+  // each row's info in `unstored` as well.
   bool StoreStates(const std::vector<const v1::ConversationState*>& states, StoredStates* stored);
-  // Tells the application what StoreStates stored, once it is committed.
+  // StoreStates' transaction; false if the cache failed (reported), with nothing committed.
+  bool WriteStates(const std::vector<const v1::ConversationState*>& states, StoredStates* out);
+  // Tells the application what StoreStates stored, once it is committed, or what it could not.
   void ReportStates(const StoredStates& stored);
   // The server's MessagesExpired notice.
   void HandleMessagesExpired(const v1::MessagesExpired& notice);
@@ -401,7 +410,9 @@ class Session {
   // unanswered, the cache owes none any more (else it would be sent again on every start).
   void ReceiptRefused(ConversationId conversation);
   void ExpireTyping();
-  void ReportUnreadTotal();
+  // Tells OnUnreadTotal the cache's total when it changed. The conversations in `unstored` were
+  // told with counts the cache could not store: they count as told.
+  void ReportUnreadTotal(const std::vector<ConversationInfo>& unstored = {});
   // Sends a request whose reply nobody waits for; its error is only logged, as `what` refused.
   // False when the connection was dropped.
   bool WriteQuiet(v1::Envelope* envelope, const char* what);

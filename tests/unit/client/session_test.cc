@@ -1933,6 +1933,90 @@ TEST_CASE(
   CHECK(h.cache->GetConversation(5)->info.read_all_seq == 2);
 }
 
+// The user's own watermarks and counts (read on another device), a title or the membership come
+// in a ReceiptUpdate or a conversation state, and no later Sync lists them again: its cursor does
+// not name them. When the cache cannot store the row, they are told all the same, but with the
+// lowest marks as stored (their rise is told once a later Sync's state is stored), and without
+// what retention deleted in the transaction rolled back.
+TEST_CASE("session: read state from another device that the cache cannot store is told") {
+  testing::TempDir dir;
+  const std::string path = dir.File("cache.db");
+  {
+    // Group 5 holds alice's message 1 and bob's 2 and 3, unread.
+    Harness h({}, std::shared_ptr<Cache>(Cache::Open(path).value()));
+    v1::Envelope sync = h.Welcome();
+    v1::SyncBatch batch;
+    *batch.add_conversations() = GroupState(5, 3, 2);
+    *batch.add_messages() = Msg(5, 1, "alice");
+    *batch.add_messages() = Msg(5, 2);
+    *batch.add_messages() = Msg(5, 3);
+    h.Reply(sync, batch);
+    REQUIRE(h.listener.unread_totals.back() == 2);
+    h.session->Stop();
+  }
+  testing::FailConversationWrites(path, 5, true);
+  Harness h({}, std::shared_ptr<Cache>(Cache::Open(path).value()));
+  const ConversationInfo stored = h.cache->GetConversation(5)->info;
+  REQUIRE(stored.read_seq < 3);
+  v1::Envelope sync = h.Welcome();
+  // Read up to 3 on the phone, after every member read alice's message 1, which retention then
+  // deleted.
+  v1::ConversationState read = GroupState(5, 3, 0, "renamed");
+  read.set_first_seq(2);
+  read.set_delivered_seq(3);
+  read.set_read_seq(3);
+  read.set_delivered_all_seq(1);
+  read.set_read_all_seq(1);
+  uint64_t total = 0;
+  SUBCASE("from a ReceiptUpdate") {
+    h.Reply(sync, {});
+    v1::Envelope update = ReceiptUpdateFor(5, "alice", 3, 3);
+    update.mutable_receipt_update()->set_delivered_all_seq(1);
+    update.mutable_receipt_update()->set_read_all_seq(1);
+    update.mutable_receipt_update()->set_unread(0);
+    h.session->OnEnvelope(update);
+  }
+  SUBCASE("from a ConversationUpdate") {
+    h.Reply(sync, {});
+    v1::Envelope update;
+    *update.mutable_conversation_update()->mutable_conversation() = read;
+    h.session->OnEnvelope(update);
+    REQUIRE_FALSE(h.listener.conversations.empty());
+    CHECK(h.listener.conversations.back().title == "renamed");
+  }
+  SUBCASE("from a Sync page, after its messages are stored") {
+    // The page also brings group 6, whose message is stored while its state is rolled back
+    // with group 5's.
+    v1::SyncBatch page;
+    *page.add_conversations() = GroupState(6, 1, 1);
+    *page.add_conversations() = read;
+    *page.add_messages() = Msg(6, 1);
+    h.Reply(sync, page);
+    CHECK(h.listener.SentSeqs(6) == std::vector<Seq>{1});
+    REQUIRE_FALSE(h.listener.conversations.empty());
+    CHECK(h.listener.conversations.back().title == "renamed");
+    total = 1;
+  }
+  CHECK(h.state() == ConnectionState::kConnected);
+  REQUIRE_FALSE(h.listener.errors.empty());
+  CHECK(h.listener.errors[0].code() == Code::kUnavailable);
+  REQUIRE_FALSE(h.listener.conversations.empty());
+  const ConversationInfo& told = h.listener.conversations.back();
+  CHECK(told.conversation_id == 5);
+  CHECK(told.read_seq == 3);
+  CHECK(told.unread == 0);
+  CHECK(told.delivered_all_seq == 0);
+  CHECK(told.read_all_seq == 0);
+  CHECK(h.listener.statuses.empty());
+  REQUIRE_FALSE(h.listener.unread_totals.empty());
+  CHECK(h.listener.unread_totals.back() == total);
+  CHECK(h.listener.expired.empty());
+  // The cache holds what it held.
+  CHECK(h.cache->GetMessage(5, 1).has_value());
+  CHECK(h.cache->GetConversation(5)->info.read_seq == stored.read_seq);
+  CHECK(h.cache->GetConversation(5)->info.read_all_seq == 0);
+}
+
 // Where every member has read the user's latest message, or none is the user's, a reconnect sends
 // no Receipt either: what used to be asked after each reconnect comes with the Sync.
 TEST_CASE("session: a reconnect sends no Receipt that nothing owes") {
