@@ -1138,16 +1138,12 @@ void Session::HandleHistoryPage(uint64_t rid, const v1::HistoryPage& page) {
 ConversationInfo Session::HandleConversationUpdate(const v1::ConversationState& state) {
   StoredStates stored;
   // As in HandleSyncBatch: not stored (reported), it is told without the rise of the lowest
-  // marks; a request's callback still gets the server's word.
-  if (!StoreStates({&state}, &stored)) {
-    ReportStates(stored);
-    ReportUnreadTotal(stored.unstored);
-    return codec::FromProto(state);
-  }
+  // marks, to a request's callback as well.
+  const bool ok = StoreStates({&state}, &stored);
   ReportStates(stored);
-  ReportUnreadTotal();
+  ReportUnreadTotal(stored.unstored);
   const ConversationRow& row = stored.rows.front().row;
-  if (row.info.last_seq > row.cursor) RequestSync();
+  if (ok && row.info.last_seq > row.cursor) RequestSync();
   return row.info;
 }
 

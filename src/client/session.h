@@ -286,8 +286,8 @@ class Session {
   // the largest seq the cache holds).
   Status CheckSyncBatch(const v1::SyncBatch& batch);
   void HandleHistoryPage(uint64_t rid, const v1::HistoryPage& page);
-  // Applies a conversation's state from the server; returns what the application is told, or,
-  // when the cache could not store it (reported, and nothing told), the server's state as sent.
+  // Applies a conversation's state from the server; returns what the application is told (when
+  // the cache could not store it, reported, with the lowest marks as stored: see StoreStates).
   ConversationInfo HandleConversationUpdate(const v1::ConversationState& state);
   void HandleReceiptUpdate(uint64_t rid, const v1::ReceiptUpdate& update);
   void HandleTypingUpdate(const v1::TypingUpdate& update);

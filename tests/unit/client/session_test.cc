@@ -2189,6 +2189,63 @@ TEST_CASE("session: a group operation calls back with the new state and caches i
   CHECK(calls == 1);
 }
 
+// A group operation's callback gets the conversation as the application is told it, also when
+// the cache cannot store it: merged with what this device knows (its read watermark not yet
+// answered, what retention deleted), the lowest marks as stored, not the server's state as sent.
+TEST_CASE("session: a group operation the cache cannot store calls back with the merged state") {
+  testing::TempDir dir;
+  const std::string path = dir.File("cache.db");
+  {
+    // Group 5 with bob's messages 1..3, read up to 3 here (not yet answered), seq 1 expired.
+    Harness h({}, std::shared_ptr<Cache>(Cache::Open(path).value()));
+    ConnectWithGroup(h);
+    h.session->MarkRead(5, 3);
+    v1::Envelope expired;
+    expired.mutable_messages_expired()->set_conversation_id(5);
+    expired.mutable_messages_expired()->set_first_seq(2);
+    h.session->OnEnvelope(expired);
+    REQUIRE(h.cache->GetConversation(5)->info.read_seq == 3);
+    REQUIRE(h.cache->GetConversation(5)->expired_through == 1);
+    REQUIRE(h.cache->GetConversation(5)->info.read_all_seq == 0);
+    h.session->Stop();
+  }
+  testing::FailConversationWrites(path, 5, true);
+  Harness h({}, std::shared_ptr<Cache>(Cache::Open(path).value()));
+  h.ConnectLive();
+  Result<ConversationInfo> got = Internal("not called");
+  v1::Envelope request;
+  request.mutable_rename_group()->set_conversation_id(5);
+  request.mutable_rename_group()->set_title("renamed");
+  h.session->ConversationRequest(request, [&](Result<ConversationInfo> r) { got = std::move(r); });
+  auto written = OfCase(h.io.Take(), v1::Envelope::kRenameGroup);
+  REQUIRE(written.size() == 1);
+  // The server read the state before this device's Receipt and retention's sweep, and its
+  // lowest marks run past its last seq.
+  v1::Envelope reply;
+  reply.set_rid(written[0].rid());
+  v1::ConversationState state = GroupState(5, 3, 3, "renamed");
+  state.set_delivered_all_seq(1000);
+  state.set_read_all_seq(1000);
+  *reply.mutable_conversation_update()->mutable_conversation() = state;
+  h.session->OnEnvelope(reply);
+  REQUIRE_FALSE(h.listener.errors.empty());
+  CHECK(h.listener.errors[0].code() == Code::kUnavailable);
+  REQUIRE(got.ok());
+  CHECK(got->title == "renamed");
+  CHECK(got->read_seq == 3);
+  CHECK(got->unread == 0);
+  CHECK(got->first_seq == 2);
+  CHECK(got->last_seq == 3);
+  CHECK(got->delivered_all_seq == 0);
+  CHECK(got->read_all_seq == 0);
+  REQUIRE_FALSE(h.listener.conversations.empty());
+  const ConversationInfo& told = h.listener.conversations.back();
+  CHECK(told.title == "renamed");
+  CHECK(told.read_seq == 3);
+  CHECK(told.read_all_seq == 0);
+  CHECK(h.listener.statuses.empty());
+}
+
 TEST_CASE("session: a refused group operation calls back with the server's error") {
   Harness h;
   h.ConnectLive();
