@@ -153,6 +153,7 @@ void Session::ConnectionDown() {
   in_flight_ids_.clear();
   sync_rid_ = 0;
   sync_again_ = false;
+  sync_retry_at_ = 0;  // the next connection syncs anyway
   hello_rid_ = 0;
   EndReceiving();
   input_pending_ = false;  // input of the lost connection; the runtime tells anew each turn
@@ -245,6 +246,10 @@ void Session::Tick() {
           if (!SendUnsubscribe(channel, resends)) return;
         }
       }
+      if (sync_retry_at_ != 0 && now >= sync_retry_at_ && sync_rid_ == 0) {
+        SendSync();
+        if (!Authenticated()) return;
+      }
       if (now >= next_ping_) {
         v1::Envelope ping;
         ping.mutable_ping()->set_client_time_ms(clock_->WallMs());
@@ -295,6 +300,7 @@ int64_t Session::NextDeadlineMs() const {
       if (!unsubscribes_due_.empty()) {
         next = std::min(next, std::max(Now(), unsubscribes_retry_at_));
       }
+      if (sync_retry_at_ != 0 && sync_rid_ == 0) next = std::min(next, sync_retry_at_);
       return next;
     }
     default:
@@ -896,6 +902,7 @@ void Session::SendSync() {
   sync_rid_ = NextRid();
   sync_deadline_ = NewDeadline(SyncTimeoutMs());
   sync_again_ = false;
+  sync_retry_at_ = 0;
   envelope.set_rid(sync_rid_);
   v1::Sync* sync = envelope.mutable_sync();
   sync->set_limit(options_.sync_page_limit);
@@ -1040,14 +1047,22 @@ void Session::HandleSyncBatch(const v1::SyncBatch& batch) {
   sync_timeouts_ = 0;
   // Without progress another page would be the same page: stop rather than loop. Nor is a page
   // the cache could not store all of progress (reported): the cursors sent next would bring it
-  // again, at once and for as long as the cache fails. The client goes live with what it holds;
-  // the next connection syncs again, as does a Sync asked for meanwhile (a message above a
-  // hole, a channel subscribed to, a state past the cursor). Such a Sync asked for while this
-  // one was in flight goes in any case: the server may have read this one before what it is
-  // asked for happened. Not one that applying a page not stored asked for: the page itself asks
-  // (a message it holds above a gap it could not store), and would come back at once.
+  // again, at once and for as long as the cache fails. The client goes live with what it holds
+  // and asks again after a while, longer after each such page in a row (kSyncRetryMinMs), or
+  // sooner when something asks for a Sync (a message above a hole, a channel subscribed to, a
+  // state past the cursor). Such a Sync asked for while this one was in flight goes in any case:
+  // the server may have read this one before what it is asked for happened. Not one that
+  // applying a page not stored asked for: the page itself asks (a message it holds above a gap it
+  // could not store), and would come back at once.
   const bool again = saved ? sync_again_ : asked_before;
   sync_again_ = false;
+  if (saved) {
+    sync_retry_ms_ = 0;
+  } else {
+    sync_retry_ms_ =
+        sync_retry_ms_ == 0 ? kSyncRetryMinMs : std::min(2 * sync_retry_ms_, kSyncRetryMaxMs);
+    sync_retry_at_ = Now() + sync_retry_ms_;
+  }
   if ((batch.has_more() && progress && saved) || again) {
     SendSync();
     return;

@@ -96,6 +96,12 @@ inline constexpr uint32_t kMaxUnsubscribeResends = 5;
 // A Sync given up makes the next one (on this connection or the next) wait longer: twice as
 // long per Sync given up in a row, up to this many doublings (8 x request_timeout_ms).
 inline constexpr uint32_t kMaxSyncTimeoutDoublings = 3;
+// After a Sync page the cache could not store in full (a full disk, an I/O error), the client
+// goes live with what it holds and asks again after kSyncRetryMinMs, twice as long after each
+// such page in a row, at most kSyncRetryMaxMs; a page stored starts over. Without it, what later
+// pages held (a group the user was added to while offline) would wait for the next connection.
+inline constexpr int64_t kSyncRetryMinMs = 1'000;
+inline constexpr int64_t kSyncRetryMaxMs = 60'000;
 // However long frames take to arrive, a request is given up at most kMaxWaitFactor x
 // request_timeout_ms after it was sent, and one frame may take at most that long to arrive (or,
 // when longer, request_timeout_ms plus max_message_bytes at kMinReceiveBytesPerSecond): a server
@@ -471,6 +477,11 @@ class Session {
   Deadline sync_deadline_;
   uint32_t sync_timeouts_ = 0;  // Syncs given up in a row (SyncTimeoutMs)
   bool sync_again_ = false;
+  // A page the cache could not store: a Sync goes at sync_retry_at_ (monotonic ms; 0: none due,
+  // and a Sync sent for any reason does its work), sync_retry_ms_ after the page (0 once a page
+  // is stored; see kSyncRetryMinMs).
+  int64_t sync_retry_at_ = 0;
+  int64_t sync_retry_ms_ = 0;
   std::set<ConversationId> stubs_;  // known only from a Deliver: ask Sync for their state
 
   std::map<uint64_t, std::string> in_flight_;  // rid -> client_msg_id

@@ -2884,6 +2884,73 @@ TEST_CASE("session: a Sync page whose gap the cache cannot store does not ask fo
   CHECK(h.cache->GetConversation(5)->cursor == 1);
 }
 
+// Nor is the rest of the Sync left to the next connection (a group the user was added to while
+// offline may come on a later page): the client asks again after 1 s, twice as long after each
+// page in a row that the cache could not store (at most a minute), and starts over once one is
+// stored.
+TEST_CASE("session: a Sync page the cache cannot store is asked for again after a backoff") {
+  testing::FaultVfs vfs;
+  testing::TempDir dir;
+  std::shared_ptr<Cache> cache(Cache::Open(dir.File("cache.db")).value());
+  Harness h({}, cache);
+  // Group 5 holds seqs 1 to 6; the server pages them three at a time.
+  const auto page = [](Seq from, Seq last = 6) {
+    v1::SyncBatch batch;
+    *batch.add_conversations() = GroupState(5, last, last);
+    for (Seq seq = from; seq < from + 3 && seq <= last; ++seq) *batch.add_messages() = Msg(5, seq);
+    batch.set_has_more(from + 3 <= last);
+    return batch;
+  };
+  // No Sync for `ms` - 1 ms, then one; returns it.
+  const auto sync_after = [&h](int64_t ms) {
+    CHECK(h.session->NextDeadlineMs() <= h.Now() + ms);
+    h.clock->Advance(ms - 1);
+    h.session->Tick();
+    CHECK(OfCase(h.io.Take(), v1::Envelope::kSync).empty());
+    h.clock->Advance(1);
+    h.session->Tick();
+    auto syncs = OfCase(h.io.Take(), v1::Envelope::kSync);
+    REQUIRE(syncs.size() == 1);
+    return syncs[0];
+  };
+  v1::Envelope sync = h.Welcome(7, /*heartbeat_ms=*/300'000);  // the link needs no Ping meanwhile
+  vfs.FailWrites(true);
+  const int64_t delays[] = {kSyncRetryMinMs, 2'000,  4'000,           8'000,
+                            16'000,          32'000, kSyncRetryMaxMs, kSyncRetryMaxMs};
+  for (int64_t delay : delays) {
+    CAPTURE(delay);
+    h.Reply(sync, page(1));
+    CHECK(h.state() == ConnectionState::kConnected);
+    CHECK(OfCase(h.io.Take(), v1::Envelope::kSync).empty());  // not at once
+    sync = sync_after(delay);
+  }
+  CHECK(h.listener.SentSeqs(5).empty());
+
+  // The cache works again: the retry syncs everything.
+  vfs.FailWrites(false);
+  h.Reply(sync, page(1));
+  auto next = OfCase(h.io.Take(), v1::Envelope::kSync);
+  REQUIRE(next.size() == 1);
+  h.Reply(next[0], page(4));
+  CHECK(h.listener.SentSeqs(5) == std::vector<Seq>{1, 2, 3, 4, 5, 6});
+  h.clock->Advance(4 * kSyncRetryMinMs);  // past the next retry there would have been
+  h.session->Tick();
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kSync).empty());
+
+  // A page stored starts the delays over: the next page not stored is asked for after 1 s.
+  h.Deliver(Msg(5, 8));  // above a hole
+  next = OfCase(h.io.Take(), v1::Envelope::kSync);
+  REQUIRE(next.size() == 1);
+  vfs.FailWrites(true);
+  h.Reply(next[0], page(7, 8));
+  sync = sync_after(kSyncRetryMinMs);
+  vfs.FailWrites(false);
+  h.Reply(sync, page(7, 8));
+  CHECK(h.listener.SentSeqs(5) == std::vector<Seq>{1, 2, 3, 4, 5, 6, 7, 8});
+  CHECK(vfs.refused() > 0);
+  CHECK(h.state() == ConnectionState::kConnected);
+}
+
 // A Sync reply with an impossible gap is refused whole, as a failed Sync: the cursor stays
 // where it was (a gap to UINT64_MAX would wedge the conversation for good, since the cursor's
 // next seq wraps to 0), the error says why, and the next connection syncs again.
