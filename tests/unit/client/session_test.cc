@@ -2785,7 +2785,8 @@ TEST_CASE("session: a gap the cache cannot store reports nothing, and the next S
 // A page the cache could not store moved nothing: the next Sync would name the same cursors and
 // get the same page. A server answering each with has_more would otherwise be asked again at
 // once, for as long as the cache fails. The client stops and goes live with what it holds; the
-// next connection, or a message above the hole, syncs again.
+// next connection, a message of a conversation it has not cached, or the retry a second later
+// syncs again.
 TEST_CASE("session: a Sync page the cache cannot store is not asked for again at once") {
   testing::FaultVfs vfs;
   testing::TempDir dir;
@@ -2822,8 +2823,15 @@ TEST_CASE("session: a Sync page the cache cannot store is not asked for again at
     h.session->OnClosed(1006, "abnormal");
     again = h.Welcome();
   }
-  SUBCASE("a live message above the hole") {
+  SUBCASE("a live message of a conversation not cached yet") {
     h.Deliver(Msg(5, 7));
+    auto asked = OfCase(h.io.Take(), v1::Envelope::kSync);
+    REQUIRE(asked.size() == 1);
+    again = asked[0];
+  }
+  SUBCASE("the retry") {
+    h.clock->Advance(kSyncRetryMinMs);
+    h.session->Tick();
     auto asked = OfCase(h.io.Take(), v1::Envelope::kSync);
     REQUIRE(asked.size() == 1);
     again = asked[0];
