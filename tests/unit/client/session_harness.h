@@ -259,6 +259,12 @@ inline std::vector<v1::Envelope> OfCase(const std::vector<v1::Envelope>& all,
   return out;
 }
 
+// Ticks the session and returns the Receipts it wrote then (everything else written is dropped).
+inline std::vector<v1::Envelope> TickReceipts(Harness& h) {
+  h.session->Tick();
+  return OfCase(h.io.Take(), v1::Envelope::kReceipt);
+}
+
 }  // namespace chat::client
 
 #endif  // CHAT_TESTS_UNIT_CLIENT_SESSION_HARNESS_H_

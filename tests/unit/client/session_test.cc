@@ -967,22 +967,18 @@ TEST_CASE("session: delivered receipts are coalesced, one per conversation at mo
   h.Deliver(Msg(5, 5));
   h.Deliver(Msg(5, 6));
   CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());  // not before the tick
-  h.session->Tick();
-  CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());  // not within the interval
+  CHECK(TickReceipts(h).empty());                              // not within the interval
   CHECK(h.session->NextDeadlineMs() == h.Now() + kReceiptIntervalMs);
   h.clock->Advance(kReceiptIntervalMs);
-  h.session->Tick();
-  auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  auto receipts = TickReceipts(h);
   REQUIRE(receipts.size() == 1);
   CHECK(receipts[0].receipt().delivered_seq() == 6);
-  h.session->Tick();
-  CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());
+  CHECK(TickReceipts(h).empty());
 
   // This user's own message (from another device) marks the conversation read up to it.
   h.Deliver(Msg(5, 7, "alice"));
   h.clock->Advance(kReceiptIntervalMs);
-  h.session->Tick();
-  receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  receipts = TickReceipts(h);
   REQUIRE(receipts.size() == 1);
   CHECK(receipts[0].receipt().delivered_seq() == 7);
   CHECK(receipts[0].receipt().read_seq() == 7);
@@ -1014,6 +1010,15 @@ void ConnectWith(Harness& h, const std::vector<v1::ConversationState>& states) {
   h.clock->Advance(kReceiptIntervalMs);
 }
 
+// A large group's delivered-only Receipt due now: none goes until kLargeGroupDeliveredDelayMs has
+// passed (checked a millisecond before), then the Receipts written at that moment.
+std::vector<v1::Envelope> ReceiptsOnceDelayed(Harness& h) {
+  h.clock->Advance(kLargeGroupDeliveredDelayMs - 1);
+  CHECK(TickReceipts(h).empty());
+  h.clock->Advance(1);
+  return TickReceipts(h);
+}
+
 TEST_CASE("session: in a group of over 32 members delivered receipts wait 1 s, then go as one") {
   Harness h;
   ConnectWith(h, {StateOf(5, v1::CONVERSATION_KIND_GROUP, 40)});
@@ -1021,13 +1026,11 @@ TEST_CASE("session: in a group of over 32 members delivered receipts wait 1 s, t
   for (Seq seq = 4; seq <= 13; ++seq) {  // one message every 100 ms
     h.Deliver(Msg(5, seq));
     h.clock->Advance(seq < 13 ? kReceiptIntervalMs : kReceiptIntervalMs - 1);
-    h.session->Tick();
-    CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());
+    CHECK(TickReceipts(h).empty());
   }
   REQUIRE(h.Now() == first + kLargeGroupDeliveredDelayMs - 1);
   h.clock->Advance(1);
-  h.session->Tick();
-  auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  auto receipts = TickReceipts(h);
   REQUIRE(receipts.size() == 1);
   CHECK(receipts[0].receipt().conversation_id() == 5);
   CHECK(receipts[0].receipt().delivered_seq() == 13);
@@ -1035,12 +1038,7 @@ TEST_CASE("session: in a group of over 32 members delivered receipts wait 1 s, t
 
   // The next delivery waits its own second.
   h.Deliver(Msg(5, 14));
-  h.clock->Advance(kLargeGroupDeliveredDelayMs - 1);
-  h.session->Tick();
-  CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());
-  h.clock->Advance(1);
-  h.session->Tick();
-  receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  receipts = ReceiptsOnceDelayed(h);
   REQUIRE(receipts.size() == 1);
   CHECK(receipts[0].receipt().delivered_seq() == 14);
 }
@@ -1052,25 +1050,21 @@ TEST_CASE("session: in a group of over 32 members a read receipt goes at once, w
   h.Deliver(Msg(5, 4));
   h.Deliver(Msg(5, 5));
   h.clock->Advance(2 * kReceiptIntervalMs);
-  h.session->Tick();
-  CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());
+  CHECK(TickReceipts(h).empty());
   h.session->MarkRead(5, 4);
-  h.session->Tick();
-  auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  auto receipts = TickReceipts(h);
   REQUIRE(receipts.size() == 1);
   CHECK(receipts[0].receipt().delivered_seq() == 5);
   CHECK(receipts[0].receipt().read_seq() == 4);
   // That one carried the delivered mark: nothing is left waiting for the second to pass.
   h.clock->SetMonotonicMs(first + kLargeGroupDeliveredDelayMs);
-  h.session->Tick();
-  CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());
+  CHECK(TickReceipts(h).empty());
 
   // The user's own message (sent from another device) marks the conversation read up to it.
   h.Deliver(Msg(5, 6));
   h.Deliver(Msg(5, 7, "alice"));
   h.clock->Advance(kReceiptIntervalMs);
-  h.session->Tick();
-  receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  receipts = TickReceipts(h);
   REQUIRE(receipts.size() == 1);
   CHECK(receipts[0].receipt().delivered_seq() == 7);
   CHECK(receipts[0].receipt().read_seq() == 7);
@@ -1084,20 +1078,14 @@ TEST_CASE("session: direct conversations, groups up to 32 members and channels k
           StateOf(8, v1::CONVERSATION_KIND_DIRECT, 2),
           StateOf(9, v1::CONVERSATION_KIND_CHANNEL, 1'000)});
   for (ConversationId conversation : {5, 6, 7, 8, 9}) h.Deliver(Msg(conversation, 4));
-  h.session->Tick();
-  auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  auto receipts = TickReceipts(h);
   std::vector<ConversationId> sent;
   for (const v1::Envelope& e : receipts) {
     sent.push_back(e.receipt().conversation_id());
     CHECK(e.receipt().delivered_seq() == 4);
   }
   CHECK(sent == std::vector<ConversationId>{6, 7, 8, 9});
-  h.clock->Advance(kLargeGroupDeliveredDelayMs - 1);
-  h.session->Tick();
-  CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());
-  h.clock->Advance(1);
-  h.session->Tick();
-  receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  receipts = ReceiptsOnceDelayed(h);
   REQUIRE(receipts.size() == 1);
   CHECK(receipts[0].receipt().conversation_id() == 5);
 }
@@ -1113,8 +1101,7 @@ TEST_CASE("session: a delayed delivered receipt wakes the session when it is due
   std::vector<v1::Envelope> receipts;
   while (receipts.empty() && wakeups < 100) {
     h.clock->SetMonotonicMs(std::max(h.Now(), h.session->NextDeadlineMs()));
-    h.session->Tick();
-    receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+    receipts = TickReceipts(h);
     ++wakeups;
   }
   REQUIRE(receipts.size() == 1);
@@ -1137,8 +1124,7 @@ TEST_CASE("session: MarkRead sends read_seq, updates unread and the total, never
   CHECK(h.listener.conversations[0].unread == 1);
   CHECK(h.listener.unread_totals == std::vector<uint64_t>{3, 1});
   h.clock->Advance(kReceiptIntervalMs);
-  h.session->Tick();
-  auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  auto receipts = TickReceipts(h);
   REQUIRE(receipts.size() == 1);
   CHECK(receipts[0].receipt().read_seq() == 2);
   CHECK(receipts[0].receipt().delivered_seq() == 3);
@@ -1147,8 +1133,7 @@ TEST_CASE("session: MarkRead sends read_seq, updates unread and the total, never
   h.session->MarkRead(5, 1);
   h.session->MarkRead(5, 2);
   h.clock->Advance(kReceiptIntervalMs);
-  h.session->Tick();
-  CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());
+  CHECK(TickReceipts(h).empty());
   CHECK(h.listener.conversations.size() == 1);
 
   // Beyond the newest message given to the application it is capped there; 0 means all.
@@ -1286,8 +1271,7 @@ TEST_CASE("session: the reply to this device's own Receipt updates unread withou
   Harness h;
   ConnectWithGroup(h);
   h.session->MarkRead(5, 3);
-  h.session->Tick();
-  auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  auto receipts = TickReceipts(h);
   REQUIRE(receipts.size() == 1);
   v1::Envelope reply = ReceiptUpdateFor(5, "alice", 3, 3);
   reply.set_rid(receipts[0].rid());
@@ -1299,8 +1283,7 @@ TEST_CASE("session: the reply to this device's own Receipt updates unread withou
 TEST_CASE("session: a refused receipt is logged, not reported as an error") {
   Harness h;
   ConnectWithGroup(h);
-  h.session->Tick();
-  auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  auto receipts = TickReceipts(h);
   REQUIRE(receipts.size() == 1);
   v1::Envelope error;
   error.set_rid(receipts[0].rid());
@@ -1322,8 +1305,7 @@ TEST_CASE("session: the synced state keeps a read watermark the server has not s
   h.Reply(sync, batch);
   CHECK(h.cache->GetConversation(5)->info.read_seq == 3);
   CHECK(h.cache->GetConversation(5)->info.unread == 0);
-  h.session->Tick();
-  auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  auto receipts = TickReceipts(h);
   REQUIRE(receipts.size() == 1);
   CHECK(receipts[0].receipt().read_seq() == 3);
 }
@@ -1334,8 +1316,7 @@ TEST_CASE("session: a receipt the server never answered is sent again after a re
   Harness h;
   ConnectWithGroup(h);
   h.session->MarkRead(5, 3);
-  h.session->Tick();
-  auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  auto receipts = TickReceipts(h);
   REQUIRE(receipts.size() == 1);
   CHECK(receipts[0].receipt().read_seq() == 3);
   h.session->OnClosed(1006, "abnormal");  // before the server answered
@@ -1343,8 +1324,7 @@ TEST_CASE("session: a receipt the server never answered is sent again after a re
   h.Reply(h.Welcome(), {});
   REQUIRE(h.state() == ConnectionState::kConnected);
   h.clock->Advance(kReceiptIntervalMs);
-  h.session->Tick();
-  receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  receipts = TickReceipts(h);
   REQUIRE(receipts.size() == 1);
   CHECK(receipts[0].receipt().conversation_id() == 5);
   CHECK(receipts[0].receipt().delivered_seq() == 3);
@@ -1357,16 +1337,14 @@ TEST_CASE("session: a receipt the server never answered is sent again after a re
   h.session->OnClosed(1006, "abnormal");
   h.Reply(h.Welcome(), {});
   h.clock->Advance(kReceiptIntervalMs);
-  h.session->Tick();
-  CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());
+  CHECK(TickReceipts(h).empty());
 }
 
 TEST_CASE("session: a receipt refused for now is sent again after the server's delay") {
   Harness h;
   ConnectWithGroup(h);
   h.session->MarkRead(5, 3);
-  h.session->Tick();
-  auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  auto receipts = TickReceipts(h);
   REQUIRE(receipts.size() == 1);
   v1::Envelope limited;
   limited.set_rid(receipts[0].rid());
@@ -1378,11 +1356,9 @@ TEST_CASE("session: a receipt refused for now is sent again after the server's d
   CHECK(h.state() == ConnectionState::kConnected);
 
   h.clock->Advance(1'999);
-  h.session->Tick();
-  CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());
+  CHECK(TickReceipts(h).empty());
   h.clock->Advance(1);
-  h.session->Tick();
-  receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  receipts = TickReceipts(h);
   REQUIRE(receipts.size() == 1);
   CHECK(receipts[0].receipt().conversation_id() == 5);
   CHECK(receipts[0].receipt().read_seq() == 3);
@@ -1395,13 +1371,11 @@ TEST_CASE("session: a receipt refused for now is sent again after the server's d
   h.session->OnEnvelope(denied);
   CHECK(h.listener.errors.empty());
   h.clock->Advance(5'000);
-  h.session->Tick();
-  CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());
+  CHECK(TickReceipts(h).empty());
   h.session->OnClosed(1006, "abnormal");
   h.Reply(h.Welcome(), {});
   h.clock->Advance(kReceiptIntervalMs);
-  h.session->Tick();
-  CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());
+  CHECK(TickReceipts(h).empty());
 }
 
 TEST_CASE("session: receipts not written when the queue filled are sent on the next connection") {
@@ -1422,8 +1396,7 @@ TEST_CASE("session: receipts not written when the queue filled are sent on the n
 
   h.Reply(h.Welcome(), {});
   h.clock->Advance(kReceiptIntervalMs);
-  h.session->Tick();
-  auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  auto receipts = TickReceipts(h);
   REQUIRE(receipts.size() == 2);
   CHECK(receipts[0].receipt().conversation_id() == 5);
   CHECK(receipts[1].receipt().conversation_id() == 6);
@@ -1438,8 +1411,7 @@ struct Restarted {
   explicit Restarted(const std::string& path)
       : h({}, std::shared_ptr<Cache>(Cache::Open(path).value())) {
     h.Reply(h.Welcome(), {});
-    h.session->Tick();
-    receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+    receipts = TickReceipts(h);
   }
   Harness h;
   std::vector<v1::Envelope> receipts;
@@ -1452,8 +1424,7 @@ TEST_CASE("session: a receipt the server has not answered is sent again after a 
     std::shared_ptr<Cache> cache(Cache::Open(path).value());
     Harness h({}, cache);
     ConnectWithGroup(h);
-    h.session->Tick();
-    auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+    auto receipts = TickReceipts(h);
     REQUIRE(receipts.size() == 1);
     v1::Envelope reply = ReceiptUpdateFor(5, "alice", 3, 0);
     reply.set_rid(receipts[0].rid());
@@ -1466,8 +1437,7 @@ TEST_CASE("session: a receipt the server has not answered is sent again after a 
     Harness h({}, cache);
     h.Reply(h.Welcome(), {});  // nothing new: the Sync lists no conversation
     REQUIRE(h.state() == ConnectionState::kConnected);
-    h.session->Tick();
-    auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+    auto receipts = TickReceipts(h);
     REQUIRE(receipts.size() == 1);
     CHECK(receipts[0].receipt().conversation_id() == 5);
     CHECK(receipts[0].receipt().delivered_seq() == 3);
@@ -1482,8 +1452,7 @@ TEST_CASE("session: a receipt the server has not answered is sent again after a 
   h.Reply(h.Welcome(), {});
   h.session->Tick();
   h.clock->Advance(kReceiptIntervalMs);
-  h.session->Tick();
-  CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());
+  CHECK(TickReceipts(h).empty());
   CHECK(h.cache->GetConversation(5)->info.read_seq == 2);
 }
 
@@ -1534,15 +1503,13 @@ TEST_CASE("session: a large group's delayed delivered receipt is not delayed pas
     Harness h({}, cache);
     ConnectWith(h, {StateOf(5, v1::CONVERSATION_KIND_GROUP, 40)});
     h.Deliver(Msg(5, 4));
-    h.session->Tick();
-    CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());
+    CHECK(TickReceipts(h).empty());
     // The connection drops within the second: the next one sends what is owed at once.
     h.session->OnClosed(1006, "abnormal");
     h.session->Reconnect();
     const int64_t reconnected = h.Now();
     h.Reply(h.Welcome(), {});
-    h.session->Tick();
-    auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+    auto receipts = TickReceipts(h);
     REQUIRE(receipts.size() == 1);
     CHECK(receipts[0].receipt().delivered_seq() == 4);
     CHECK(h.Now() < reconnected + kLargeGroupDeliveredDelayMs);
@@ -1564,8 +1531,7 @@ TEST_CASE("session: after a restart, receipts refused for now or lost go again, 
     Harness h({}, cache);
     ConnectWithGroup(h);
     h.session->MarkRead(5, 3);
-    h.session->Tick();
-    auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+    auto receipts = TickReceipts(h);
     REQUIRE(receipts.size() == 1);
     v1::Envelope limited;
     limited.set_rid(receipts[0].rid());
@@ -1592,8 +1558,7 @@ TEST_CASE("session: after a restart, receipts refused for now or lost go again, 
   std::shared_ptr<Cache> cache(Cache::Open(path).value());
   Harness h({}, cache);
   h.Reply(h.Welcome(), {});
-  h.session->Tick();
-  CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());
+  CHECK(TickReceipts(h).empty());
 }
 
 // A refusal for good settles only the watermarks it refused: a later Receipt, waiting or
@@ -1642,8 +1607,7 @@ TEST_CASE("session: a receipt answered below the marks it carried is not owed an
     Harness h({}, cache);
     ConnectWithGroup(h);
     h.session->MarkRead(5, 3);
-    h.session->Tick();
-    auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+    auto receipts = TickReceipts(h);
     REQUIRE(receipts.size() == 1);
     CHECK(receipts[0].receipt().delivered_seq() == 3);
     CHECK(receipts[0].receipt().read_seq() == 3);
@@ -1656,8 +1620,7 @@ TEST_CASE("session: a receipt answered below the marks it carried is not owed an
     h.session->OnClosed(1006, "abnormal");
     h.Reply(h.Welcome(), {});
     h.clock->Advance(kReceiptIntervalMs);
-    h.session->Tick();
-    CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());
+    CHECK(TickReceipts(h).empty());
   }
   Restarted restarted(path);
   CHECK(restarted.receipts.empty());
@@ -1690,8 +1653,7 @@ TEST_CASE("session: watermarks the server capped are this device's, so a later r
   Harness h;
   ConnectWithGroup(h);
   h.session->MarkRead(5, 3);
-  h.session->Tick();
-  auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  auto receipts = TickReceipts(h);
   REQUIRE(receipts.size() == 1);
   v1::Envelope capped = ReceiptUpdateFor(5, "alice", 2, 2);
   capped.set_rid(receipts[0].rid());
@@ -1704,8 +1666,7 @@ TEST_CASE("session: watermarks the server capped are this device's, so a later r
   }
   h.session->MarkRead(5, 3);
   h.clock->Advance(kReceiptIntervalMs);
-  h.session->Tick();
-  receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+  receipts = TickReceipts(h);
   REQUIRE(receipts.size() == 1);
   CHECK(receipts[0].receipt().read_seq() == 3);
 }
@@ -1760,8 +1721,7 @@ TEST_CASE("session: another device's receipt at this one's watermarks settles wh
   std::shared_ptr<Cache> cache(Cache::Open(path).value());
   Harness h({}, cache);
   h.Reply(h.Welcome(), {});
-  h.session->Tick();
-  CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());
+  CHECK(TickReceipts(h).empty());
 }
 
 // The lowest watermarks come with conversation states as with ReceiptUpdates: a Sync names the
@@ -1841,8 +1801,7 @@ TEST_CASE("session: a Sync names the cached lowest watermarks, and a listed stat
   CHECK(h.listener.conversations.back().read_all_seq == 2);
   // Nothing is asked with a Receipt: the Sync answered it.
   h.clock->Advance(kReceiptIntervalMs);
-  h.session->Tick();
-  CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());
+  CHECK(TickReceipts(h).empty());
 
   // A state read before (lower marks) takes nothing back; a later one raises them as a Sync's.
   v1::Envelope update;
@@ -2037,8 +1996,7 @@ TEST_CASE("session: a reconnect sends no Receipt that nothing owes") {
   h.Reply(h.Welcome(), {});
   REQUIRE(h.state() == ConnectionState::kConnected);
   h.clock->Advance(kReceiptIntervalMs);
-  h.session->Tick();
-  CHECK(OfCase(h.io.Take(), v1::Envelope::kReceipt).empty());
+  CHECK(TickReceipts(h).empty());
 }
 
 // A synced state behind the watermarks the server confirmed (its store went back) is told again,
@@ -2055,8 +2013,7 @@ TEST_CASE(
       Harness h({}, cache);
       ConnectWithGroup(h);
       h.session->MarkRead(5, 3);
-      h.session->Tick();
-      auto receipts = OfCase(h.io.Take(), v1::Envelope::kReceipt);
+      auto receipts = TickReceipts(h);
       REQUIRE(receipts.size() == 1);
       v1::Envelope reply = ReceiptUpdateFor(5, "alice", 3, 3);
       reply.set_rid(receipts[0].rid());
@@ -2782,6 +2739,15 @@ TEST_CASE("session: a gap the cache cannot store reports nothing, and the next S
   CHECK(h.cache->GetConversation(5)->cursor == 3);
 }
 
+// A Sync page of group 5, which holds seqs 1 to `last`, paged three at a time from `from`.
+v1::SyncBatch GroupPage(Seq from, Seq last = 6) {
+  v1::SyncBatch batch;
+  *batch.add_conversations() = GroupState(5, last, last);
+  for (Seq seq = from; seq < from + 3 && seq <= last; ++seq) *batch.add_messages() = Msg(5, seq);
+  batch.set_has_more(from + 3 <= last);
+  return batch;
+}
+
 // A page the cache could not store moved nothing: the next Sync would name the same cursors and
 // get the same page. A server answering each with has_more would otherwise be asked again at
 // once, for as long as the cache fails. The client stops and goes live with what it holds; the
@@ -2793,13 +2759,7 @@ TEST_CASE("session: a Sync page the cache cannot store is not asked for again at
   std::shared_ptr<Cache> cache(Cache::Open(dir.File("cache.db")).value());
   Harness h({}, cache);
   // Group 5 holds seqs 1 to 6; the server pages them three at a time.
-  const auto page = [](Seq from) {
-    v1::SyncBatch batch;
-    *batch.add_conversations() = GroupState(5, 6, 6);
-    for (Seq seq = from; seq < from + 3; ++seq) *batch.add_messages() = Msg(5, seq);
-    batch.set_has_more(from == 1);
-    return batch;
-  };
+  const auto page = [](Seq from) { return GroupPage(from); };
   v1::Envelope sync = h.Welcome();
   vfs.FailWrites(true);
   int syncs = 0;
@@ -2902,13 +2862,7 @@ TEST_CASE("session: a Sync page the cache cannot store is asked for again after 
   std::shared_ptr<Cache> cache(Cache::Open(dir.File("cache.db")).value());
   Harness h({}, cache);
   // Group 5 holds seqs 1 to 6; the server pages them three at a time.
-  const auto page = [](Seq from, Seq last = 6) {
-    v1::SyncBatch batch;
-    *batch.add_conversations() = GroupState(5, last, last);
-    for (Seq seq = from; seq < from + 3 && seq <= last; ++seq) *batch.add_messages() = Msg(5, seq);
-    batch.set_has_more(from + 3 <= last);
-    return batch;
-  };
+  const auto page = [](Seq from, Seq last = 6) { return GroupPage(from, last); };
   // No Sync for `ms` - 1 ms, then one; returns it.
   const auto sync_after = [&h](int64_t ms) {
     CHECK(h.session->NextDeadlineMs() <= h.Now() + ms);

@@ -771,6 +771,28 @@ TEST_CASE(
   CHECK(client.ReadToEnd() == RawWs::End::kFin);
 }
 
+// The first fragment of a message is over the bound (max_message_bytes 64 KiB): the server
+// writes its close frame and ends its side of the stream. The client, uploading, sends a
+// keepalive ping between two fragments (as a WebSocket client may), after the close frame has
+// arrived (unread) and before it sends the rest (`rest` bytes, after `pause`). Every write goes
+// through: the server is draining, not resetting. Only then does the client read: the close
+// frame, with its code 1009 (the caller checks that nothing follows it: no pong).
+void PingThroughClose(RawWs& client, std::chrono::milliseconds pause, size_t rest) {
+  REQUIRE(client.SendHeader(0x2, 128 * 1024, /*final=*/false));
+  REQUIRE(SendPayloadBytes(client, 128 * 1024));
+  REQUIRE(client.WaitReadable(5000));  // the close frame is there (a pong may only follow it)
+  REQUIRE(client.SendFrame(0x9, "keepalive"));
+  std::this_thread::sleep_for(pause);
+  CHECK(client.SendHeader(0x0, rest));
+  CHECK(SendPayloadBytes(client, rest));
+  std::optional<RawWs::Frame> close = client.ReadFrame();
+  REQUIRE(close.has_value());
+  CHECK(close->opcode == 0x8);
+  REQUIRE(close->payload.size() >= 2);
+  CHECK(((static_cast<unsigned char>(close->payload[0]) << 8) |
+         static_cast<unsigned char>(close->payload[1])) == 1009);
+}
+
 TEST_CASE(
     "server runtime: a client that pings while its close is drained reads the close frame, "
     "then the end of the stream, never a pong after it nor a reset") {
@@ -794,25 +816,7 @@ TEST_CASE(
     pause = std::chrono::milliseconds(60);
     rest = 256 * 1024;
   }
-  // The first fragment of a message is over the bound: the server writes its close frame and
-  // shuts its side down. The client, uploading, sends a keepalive ping between two fragments (as
-  // a WebSocket client may), after the close frame has arrived (unread) and before it sends the
-  // rest. Every write goes through: the server is draining, not resetting.
-  REQUIRE(client.SendHeader(0x2, 128 * 1024, /*final=*/false));
-  REQUIRE(SendPayloadBytes(client, 128 * 1024));
-  REQUIRE(client.WaitReadable(5000));  // the close frame is there (a pong may only follow it)
-  REQUIRE(client.SendFrame(0x9, "keepalive"));
-  std::this_thread::sleep_for(pause);
-  CHECK(client.SendHeader(0x0, rest));
-  CHECK(SendPayloadBytes(client, rest));
-  // Only now does the client read: the close frame, with its code, and nothing after it (no
-  // pong: nothing may follow a close frame), then the end of the stream.
-  std::optional<RawWs::Frame> close = client.ReadFrame();
-  REQUIRE(close.has_value());
-  CHECK(close->opcode == 0x8);
-  REQUIRE(close->payload.size() >= 2);
-  CHECK(((static_cast<unsigned char>(close->payload[0]) << 8) |
-         static_cast<unsigned char>(close->payload[1])) == 1009);
+  PingThroughClose(client, pause, rest);
   CHECK(client.SendClose(1009));
   CHECK_FALSE(client.ReadFrame().has_value());
   CHECK(client.ReadToEnd() == RawWs::End::kFin);
@@ -834,21 +838,7 @@ TEST_CASE(
   REQUIRE(HelloEnvelope("bob").SerializeToString(&hello));
   REQUIRE(client.SendBinary(hello));
   REQUIRE(client.ReadFrame().has_value());
-  // As on plain TCP (above): a first fragment over the bound, the close frame arrives unread,
-  // the client pings, then sends the rest of its message, and only then reads.
-  REQUIRE(client.SendHeader(0x2, 128 * 1024, /*final=*/false));
-  REQUIRE(SendPayloadBytes(client, 128 * 1024));
-  REQUIRE(client.WaitReadable(5000));
-  REQUIRE(client.SendFrame(0x9, "keepalive"));
-  std::this_thread::sleep_for(std::chrono::milliseconds(200));
-  CHECK(client.SendHeader(0x0, 256 * 1024));
-  CHECK(SendPayloadBytes(client, 256 * 1024));
-  std::optional<RawWs::Frame> close = client.ReadFrame();
-  REQUIRE(close.has_value());
-  CHECK(close->opcode == 0x8);
-  REQUIRE(close->payload.size() >= 2);
-  CHECK(((static_cast<unsigned char>(close->payload[0]) << 8) |
-         static_cast<unsigned char>(close->payload[1])) == 1009);
+  PingThroughClose(client, std::chrono::milliseconds(200), 256 * 1024);
   // Nothing after the close frame: no pong, only the end of the stream (TLS's close_notify, which
   // the server sent right after its close frame).
   std::optional<RawWs::Frame> after = client.ReadFrame();
