@@ -231,7 +231,11 @@ struct SdkOptions {
   int reads = 10000;
   int members = 100000;         // receipt-store: the channel's members (--channel-members)
   int unread = 0;               // receipt-store: posts in the channel the receipts leave unread
-  int other_conversations = 0;  // receipt-store: the member's direct conversations besides
+  int other_conversations = 0;  // receipt-store: the member's direct conversations besides;
+                                // push-store: each user's direct conversations
+  int users = 256;              // push-store: users, all of them asked for in each call
+  // push-store: each user's conversations left unread (-1: all).
+  int unread_conversations = -1;
   int page = 50;
   int sends = 20000;
   int body_bytes = 64;
@@ -246,6 +250,7 @@ int RunHistoryGen(const SdkOptions& options);
 int RunHistoryStore(const SdkOptions& options);
 int RunClient(const SdkOptions& options);
 int RunReceiptStore(const SdkOptions& options);
+int RunPushStore(const SdkOptions& options);
 
 }  // namespace chat::bench
 

@@ -79,7 +79,7 @@ struct Options {
   // fanout: every member sends a delivered Receipt for what it received, at most once per this
   // many ms (the client SDK's coalescing is 100 ms); 0: no receipts.
   int receipts_ms = 0;
-  int other_conversations = 0;  // receipt-store
+  int other_conversations = 0;  // receipt-store, push-store
   // channel
   int viewers = 1000;
   int channel_members = 100000;
@@ -1935,7 +1935,8 @@ int main(int argc, char** argv) {
          "--workload", o.workload,
          "latency | direct | idle | sync | connect | storm | storm-groups | fanout | channel | "
          "history | "
-         "history-gen | history-store | client | receipt-store | floor | tcp-echo-server")
+         "history-gen | history-store | client | receipt-store | push-store | floor | "
+         "tcp-echo-server")
       ->required();
   app.add_option("--host", o.host, "server address")->capture_default_str();
   app.add_option("--port", o.port, "server port (not used by the SDK workloads)");
@@ -1984,7 +1985,8 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--other-conversations", o.other_conversations,
                  "receipt-store: the member's direct conversations besides the channel, each "
-                 "with a message it has not read")
+                 "with a message it has not read; push-store: each user's direct conversations, "
+                 "each with two messages the user has not read")
       ->capture_default_str();
   app.add_option("--receipts-ms", o.receipts_ms,
                  "fanout: members send a delivered Receipt for what they received, at most once "
@@ -2006,7 +2008,13 @@ int main(int argc, char** argv) {
   app.add_option("--page", o.page, "history: messages per page")->capture_default_str();
   chat::bench::SdkOptions sdk;
   app.add_option("--store", sdk.store_path,
-                 "history-gen, history-store, receipt-store: the SQLite store file");
+                 "history-gen, history-store, receipt-store, push-store: the SQLite store file");
+  app.add_option("--users", sdk.users, "push-store: users, every one asked for in each call")
+      ->capture_default_str();
+  app.add_option("--unread-conversations", sdk.unread_conversations,
+                 "push-store: of each user's conversations, how many end with two messages it "
+                 "has not read; the others end with its answer (-1: all)")
+      ->capture_default_str();
   app.add_option("--messages-per-conversation", sdk.messages_per_conversation,
                  "history-gen: messages in each conversation")
       ->capture_default_str();
@@ -2025,7 +2033,8 @@ int main(int argc, char** argv) {
                  "history-gen, history-store: SQLite memory map per connection (bytes)")
       ->capture_default_str();
   app.add_option("--reads", sdk.reads,
-                 "history-store, client: pages read; receipt-store: receipts committed")
+                 "history-store, client: pages read; receipt-store: receipts committed; "
+                 "push-store: PushTargets calls")
       ->capture_default_str();
   app.add_option("--sends", sdk.sends, "client: Send() calls")->capture_default_str();
   app.add_option("--url", sdk.url, "client: chatd's ws:// address (empty: no server)");
@@ -2033,7 +2042,7 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
 
   if (o.workload == "history-gen" || o.workload == "history-store" || o.workload == "client" ||
-      o.workload == "receipt-store") {
+      o.workload == "receipt-store" || o.workload == "push-store") {
     sdk.workload = o.workload;
     sdk.conversations_file = o.conversations_file;
     sdk.conversations = o.conversations;
@@ -2047,6 +2056,7 @@ int main(int argc, char** argv) {
     if (o.workload == "history-gen") return chat::bench::RunHistoryGen(sdk);
     if (o.workload == "history-store") return chat::bench::RunHistoryStore(sdk);
     if (o.workload == "receipt-store") return chat::bench::RunReceiptStore(sdk);
+    if (o.workload == "push-store") return chat::bench::RunPushStore(sdk);
     return chat::bench::RunClient(sdk);
   }
 

@@ -6,6 +6,10 @@
 //   receipt-store  times a Receipt's commit (MessageStore::Append) by one member of a channel of
 //                  --channel-members members with --unread posts it has not read, and of
 //                  --other-conversations direct conversations, in a fresh SQLite store at --store;
+//   push-store     times MessageStore::PushTargets for --users users at once (the hub asks for
+//                  up to 256 when push windows end), each in --other-conversations direct
+//                  conversations, --unread-conversations of them (default all) with unread
+//                  messages, in a fresh SQLite store at --store;
 //   client         times Client::Send() into the durable outbox, drains the outbox into a chatd,
 //                  and times Client::History() pages answered from the local cache. With
 //                  --sends 0 and --user it only syncs that user's conversations into a fresh
@@ -461,6 +465,94 @@ int RunReceiptStore(const SdkOptions& o) {
   }
   json.Raw("receipt_commit", wall.Json());
   return Print(json, ok, cpu0);
+}
+
+// o.users users, each in o.other_conversations direct conversations (with the same peers), each
+// conversation one message of the user's and then two of its peer's: two unread, counted above
+// the user's own message (or, past the first o.unread_conversations when that is not -1, the
+// user's answer after them: nothing unread). Then o.reads MessageStore::PushTargets calls, each for
+// every user at once, as the hub asks for the tokens and badges of the users whose push windows
+// ended.
+int RunPushStore(const SdkOptions& o) {
+  double cpu0 = CpuSecondsSelf();
+  JsonObject json;
+  json.Add("workload", "push-store");
+  json.Add("users", o.users);
+  json.Add("other_conversations", o.other_conversations);
+  json.Add("unread_conversations", o.unread_conversations);
+  json.Add("reads", o.reads);
+  if (o.users < 1 || o.other_conversations < 1) {
+    std::fprintf(stderr, "chat-bench: push-store needs --users and --other-conversations >= 1\n");
+    return Print(json, false, cpu0);
+  }
+  std::filesystem::remove(o.store_path);
+  Result<std::shared_ptr<MessageStore>> opened = NewSqliteStore({.path = o.store_path});
+  if (!opened.ok()) {
+    std::fprintf(stderr, "chat-bench: %s\n", opened.status().ToString().c_str());
+    return Print(json, false, cpu0);
+  }
+  MessageStore& store = **opened;
+  std::vector<UserId> users;
+  for (int i = 0; i < o.users; ++i) users.push_back("user" + std::to_string(i));
+  const int conversations = o.users * o.other_conversations;
+  // Conversation i is between user i % users and peer i / users, so a user's conversations are
+  // spread over the table as those of a server's users are, not next to each other.
+  auto user_of = [&](int i) { return users[static_cast<size_t>(i % o.users)]; };
+  auto peer_of = [&](int i) { return "peer" + std::to_string(i / o.users); };
+  uint64_t n = 0;
+  const int64_t build_start = NowNs();
+  bool ok = AppendMessages(store, o, conversations, &n, [&](int i) {
+    AppendRequest hello = ChannelOp(ConversationOp::kNone, 0, user_of(i), n);
+    hello.peer = peer_of(i);
+    return hello;
+  });
+  for (int round = 0; round < 2; ++round) {
+    ok = ok && AppendMessages(store, o, conversations, &n, [&](int i) {
+           AppendRequest reply = ChannelOp(ConversationOp::kNone, 0, peer_of(i), n);
+           reply.peer = user_of(i);
+           return reply;
+         });
+  }
+  // The user answers in the conversations past the first `unread` of each (none by default),
+  // which leaves nothing unread there.
+  const int unread = o.unread_conversations < 0
+                         ? o.other_conversations
+                         : std::min(o.unread_conversations, o.other_conversations);
+  const int first_read = unread * o.users;
+  ok = ok && AppendMessages(store, o, conversations - first_read, &n, [&](int i) {
+         AppendRequest answer = ChannelOp(ConversationOp::kNone, 0, user_of(first_read + i), n);
+         answer.peer = peer_of(first_read + i);
+         return answer;
+       });
+  json.Add("build_s", static_cast<double>(NowNs() - build_start) / 1e9);
+  Histogram wall;
+  Histogram cpu;
+  int64_t wall_total = 0;
+  int64_t wrong = 0;  // badges other than the two unread of each conversation
+  for (int i = 0; ok && i < o.reads; ++i) {
+    const int64_t cpu_start = ThreadCpuNs();
+    const int64_t start = NowNs();
+    Result<std::vector<PushTarget>> targets = store.PushTargets(users);
+    const int64_t took = NowNs() - start;
+    wall.Record(took);
+    cpu.Record(ThreadCpuNs() - cpu_start);
+    wall_total += took;
+    if (!targets.ok() || targets->size() != users.size()) {
+      std::fprintf(stderr, "chat-bench: PushTargets: %s\n",
+                   targets.ok() ? "a user is missing" : targets.status().ToString().c_str());
+      ok = false;
+      break;
+    }
+    for (const PushTarget& target : *targets) {
+      if (target.unread_total != 2 * static_cast<uint64_t>(unread)) ++wrong;
+    }
+  }
+  json.Raw("push_targets_call", wall.Json());
+  json.Raw("push_targets_call_cpu", cpu.Json());
+  const double calls_users = static_cast<double>(std::max(o.reads, 1)) * o.users;
+  json.Add("us_per_user", static_cast<double>(wall_total) / 1000.0 / calls_users);
+  json.Add("wrong_badges", wrong);
+  return Print(json, ok && wrong == 0, cpu0);
 }
 
 namespace {
