@@ -343,6 +343,7 @@ enum class Sql : int {
   kConversationExists,
   kUserConversations,
   kDescribe,
+  kUserUnread,
   kTold,
   kSetTold,
   kMemberCount,
@@ -478,6 +479,15 @@ constexpr std::array<const char*, static_cast<size_t>(Sql::kCount)> kSql = {
     "c.told_delivered_seq, c.told_read_seq FROM members m "
     "JOIN conversations c ON c.conversation_id = m.conversation_id "
     "WHERE m.conversation_id = ?1 AND m.user_id = ?2",
+    // Of each conversation of user ?1, what its unread count needs: kDescribe's columns for it.
+    "SELECT c.conversation_id, c.last_seq, c.first_seq, c.user_messages, c.gone_user_messages, "
+    "m.joined_seq, m.removed_at_seq, "
+    "CASE ?1 WHEN c.last_sender THEN c.last_sent_seq WHEN c.prev_sender THEN c.prev_sent_seq "
+    "ELSE m.sent_seq END, "
+    "(SELECT MAX(read_seq) FROM cursors k "
+    "WHERE k.conversation_id = m.conversation_id AND k.user_id = ?1) "
+    "FROM members m JOIN conversations c ON c.conversation_id = m.conversation_id "
+    "WHERE m.user_id = ?1",
     "SELECT told_delivered_seq, told_read_seq FROM conversations WHERE conversation_id = ?1",
     "UPDATE conversations SET told_delivered_seq = ?2, told_read_seq = ?3 "
     "WHERE conversation_id = ?1",
@@ -1099,9 +1109,7 @@ class SqliteSource final : public server::ReadSource {
                                     const DeviceId& device, bool count_unread) override {
     ConversationInfo info;
     info.conversation_id = conversation_id;
-    Seq joined_seq = 0;
-    Seq sent_seq = 0;
-    UserCounts counts;
+    MemberCounts member;
     {
       Query q(conn_, Sql::kDescribe);
       q.U64(conversation_id).Text(user).Text(device);
@@ -1110,19 +1118,20 @@ class SqliteSource final : public server::ReadSource {
       if (!*row) return server::NotAMember(conversation_id);
       info.kind = static_cast<ConversationKind>(q.ColumnInt(0));
       info.title = q.ColumnBytes(1);
-      info.last_seq = q.ColumnU64(2);
       info.first_seq = q.ColumnU64(3);
       info.last_activity_ms = q.ColumnInt(4);
       info.role = static_cast<Role>(q.ColumnInt(5));
-      joined_seq = q.ColumnU64(6);
       info.removed_at_seq = q.ColumnU64(7);
       info.retention_ms = q.ColumnInt(8);
       info.member_count = static_cast<uint32_t>(q.ColumnInt(9));
-      sent_seq = q.ColumnU64(10);
-      counts = {info.last_seq, info.first_seq, q.ColumnU64(11), q.ColumnU64(12)};
-      if (info.removed_at_seq != 0) info.last_seq = std::min(info.last_seq, info.removed_at_seq);
+      member.counts = {q.ColumnU64(2), info.first_seq, q.ColumnU64(11), q.ColumnU64(12)};
+      member.joined_seq = q.ColumnU64(6);
+      member.removed_at_seq = info.removed_at_seq;
+      member.sent_seq = q.ColumnU64(10);
       // The user's read mark is the highest over its devices (none: NULL, read as 0).
-      info.read_seq = std::min(q.ColumnU64(13), info.last_seq);
+      member.read_seq = q.ColumnU64(13);
+      info.last_seq = member.last_seq();
+      info.read_seq = member.read_mark();
       info.delivered_seq = q.ColumnU64(14);
       // Nothing a removed member may read is stored any more: say so, not what came later.
       if (info.first_seq > info.last_seq) info.first_seq = 0;
@@ -1145,18 +1154,41 @@ class SqliteSource final : public server::ReadSource {
       info.peer_last_seen_ms = *last_seen;
     }
     if (count_unread) {
-      // Others' user messages above what the user read, its own last message (whoever replies
-      // has seen what came before) and its join. Two lookups, however many are unread.
-      const Seq above = std::max({info.read_seq, joined_seq == 0 ? 0 : joined_seq - 1, sent_seq});
-      if (above < info.last_seq) {
-        Result<uint64_t> through_last = UserMessagesThrough(conversation_id, info.last_seq, counts);
-        if (!through_last.ok()) return through_last.status();
-        Result<uint64_t> through_above = UserMessagesThrough(conversation_id, above, counts);
-        if (!through_above.ok()) return through_above.status();
-        info.unread = *through_last > *through_above ? *through_last - *through_above : 0;
-      }
+      Result<uint64_t> unread = Unread(conversation_id, member);
+      if (!unread.ok()) return unread.status();
+      info.unread = *unread;
     }
     return info;
+  }
+
+  // Describe's unread, summed, from one statement over the user's member rows (kUserUnread):
+  // no title, peer, last seen or marks of others, and the ordinal lookups only where something
+  // is unread.
+  Result<uint64_t> CountUnread(const UserId& user) override {
+    std::vector<std::pair<ConversationId, MemberCounts>> rows;
+    {
+      Query q(conn_, Sql::kUserUnread);
+      q.Text(user);
+      for (;;) {
+        Result<bool> row = q.Step();
+        if (!row.ok()) return row.status();
+        if (!*row) break;
+        MemberCounts member;
+        member.counts = {q.ColumnU64(1), q.ColumnU64(2), q.ColumnU64(3), q.ColumnU64(4)};
+        member.joined_seq = q.ColumnU64(5);
+        member.removed_at_seq = q.ColumnU64(6);
+        member.sent_seq = q.ColumnU64(7);
+        member.read_seq = q.ColumnU64(8);
+        rows.emplace_back(q.ColumnU64(0), member);
+      }
+    }
+    uint64_t total = 0;
+    for (const auto& [conversation_id, member] : rows) {
+      Result<uint64_t> unread = Unread(conversation_id, member);
+      if (!unread.ok()) return unread.status();
+      total += *unread;
+    }
+    return total;
   }
 
   // What a conversation's row says of its stored user messages.
@@ -1166,6 +1198,35 @@ class SqliteSource final : public server::ReadSource {
     uint64_t user_messages = 0;       // the user_ordinal of the message at last_seq
     uint64_t gone_user_messages = 0;  // that of the last message retention deleted
   };
+
+  // What a member's unread count in a conversation depends on, as stored.
+  struct MemberCounts {
+    UserCounts counts;
+    Seq joined_seq = 0;
+    Seq removed_at_seq = 0;  // non-zero: removed at this seq
+    Seq sent_seq = 0;        // the member's own last user message
+    Seq read_seq = 0;        // the highest over its devices
+    // A removed member sees the log up to its removal.
+    Seq last_seq() const {
+      return removed_at_seq != 0 ? std::min(counts.last_seq, removed_at_seq) : counts.last_seq;
+    }
+    Seq read_mark() const { return std::min(read_seq, last_seq()); }
+  };
+
+  // Others' user messages above what the member read, its own last message (whoever replies
+  // has seen what came before) and its join, up to what it may read. Two lookups at most,
+  // however many are unread; none when nothing is.
+  Result<uint64_t> Unread(ConversationId conversation_id, const MemberCounts& member) {
+    const Seq last = member.last_seq();
+    const Seq joined = member.joined_seq;
+    const Seq above = std::max({member.read_mark(), joined == 0 ? 0 : joined - 1, member.sent_seq});
+    if (above >= last) return uint64_t{0};
+    Result<uint64_t> through_last = UserMessagesThrough(conversation_id, last, member.counts);
+    if (!through_last.ok()) return through_last.status();
+    Result<uint64_t> through_above = UserMessagesThrough(conversation_id, above, member.counts);
+    if (!through_above.ok()) return through_above.status();
+    return *through_last > *through_above ? *through_last - *through_above : 0;
+  }
 
   // The number of user messages up to `seq` (counting from the stored ones on): the
   // user_ordinal of the message there, or of the nearest one stored below should that row be

@@ -653,6 +653,10 @@ Result<std::optional<DeviceMarks>> ReadSource::ReceiptStart(ConversationId conve
   return std::optional<DeviceMarks>(DeviceMarks{std::move(marks[0]), info->delivered_seq});
 }
 
+Result<uint64_t> ReadSource::CountUnread(const UserId& user) {
+  return UnreadTotal(*this, user, DeviceId());
+}
+
 Result<uint64_t> UnreadTotal(ReadSource& source, const UserId& user, const DeviceId& device,
                              const ConversationInfo* known) {
   std::vector<ConversationHead> heads;
@@ -1131,8 +1135,8 @@ Result<std::vector<PushTarget>> RunPushTargets(ReadSource& source, std::span<con
   for (UserId& user : sorted) {
     PushTarget target;
     if (Status s = source.PushTokens(user, &target.tokens); !s.ok()) return s;
-    // The badge counts what Sync would report; no device is involved in unread counts.
-    Result<uint64_t> total = UnreadTotal(source, user, DeviceId());
+    // The badge counts what Sync would report.
+    Result<uint64_t> total = source.CountUnread(user);
     if (!total.ok()) return total.status();
     target.unread_total = *total;
     target.user = std::move(user);

@@ -144,6 +144,10 @@ class ReadSource {
   // that member alone, also after its removal.
   virtual Status Watermarks(ConversationId conversation_id, const UserId& only,
                             std::vector<MemberReceipt>* out) = 0;
+  // The user's unread count over all of its conversations: the sum of Describe's `unread`,
+  // which no device changes. The default sums Describe over UserConversations (UnreadTotal); a
+  // store may count it without describing each conversation.
+  virtual Result<uint64_t> CountUnread(const UserId& user);
   // Where a receipt from `device` starts: `user`'s watermarks (Watermarks for `only`) and the
   // delivered mark of `device` itself (0 without a cursor); std::nullopt when the user has no
   // member row. The default reads them through Watermarks and Describe.

@@ -1789,11 +1789,44 @@ void DeleteOldest(MessageStore& store, uint32_t n) {
   REQUIRE(swept->deleted == n);
 }
 
+// Every conversation of `user` as a Sync from nothing describes it: one message of each at most
+// (the rest a gap), so every one is listed. `total`, if given, gets the reply's unread total.
+std::map<ConversationId, ConversationInfo> DescribedOf(MessageStore& store, const UserId& user,
+                                                       uint64_t* total = nullptr) {
+  Result<SyncReply> reply = SyncOf(store, user, {}, /*limit=*/100'000, /*catchup_max=*/1);
+  REQUIRE(reply.ok());
+  REQUIRE_FALSE(reply->has_more);
+  std::map<ConversationId, ConversationInfo> out;
+  for (ConversationInfo& info : reply->conversations) out[info.conversation_id] = std::move(info);
+  if (total != nullptr) *total = reply->unread_total;
+  return out;
+}
+
+// The badge PushTargets gives each of `users` is its unread count in each of its conversations,
+// as Sync describes them, summed (SQLite counts it without describing them).
+void CheckBadges(MessageStore& store, const std::vector<UserId>& users) {
+  Result<std::vector<PushTarget>> targets = store.PushTargets(users);
+  REQUIRE(targets.ok());
+  REQUIRE(targets->size() == users.size());
+  for (const PushTarget& target : *targets) {
+    uint64_t sync_total = 0;
+    uint64_t described = 0;
+    for (const auto& [id, info] : DescribedOf(store, target.user, &sync_total)) {
+      described += info.unread;
+    }
+    CHECK(sync_total == described);
+    CHECK_MESSAGE(target.unread_total == described, target.user);
+  }
+}
+
 // A receipt's reply carries the user's unread total over all of its conversations; the SQLite
 // writer keeps per-conversation counts between receipts and counts again only where the
 // conversation's stamp changed. The total must stay what a Sync computes from scratch, through
 // messages, the user's own messages, receipts in other conversations and from other devices and
 // members, batches of a receipt and a message, membership changes, new conversations and
+// retention. After every step each user's push badge must be its conversations' counts summed:
+// in direct conversations, groups and channels, with messages before a join and after a
+// removal (a member counts from its join up to its removal), the user's own messages and
 // retention.
 void ReceiptUnreadTotalsStayExact(Kind kind) {
   Env env(kind);
@@ -1804,79 +1837,94 @@ void ReceiptUnreadTotalsStayExact(Kind kind) {
   for (int i = 0; i < 3; ++i) {
     conversations.push_back(CreateGroupOk(store, "owner", {"me", "peer" + std::to_string(i)}));
   }
+  for (int i = 0; i < 2; ++i) {
+    conversations.push_back(CreateGroupOk(store, "owner", {"me", "peer" + std::to_string(i)},
+                                          ConversationKind::kChannel));
+  }
+  // "nobody" has no conversation: a badge of 0.
+  const std::vector<UserId> badged = {"me", "owner", "peer0", "peer1", "peer2", "nobody"};
+  // Who else writes in a conversation of "me"'s: the peer of a direct one, else the owner (also
+  // while "me" is not a member).
+  auto writer_of = [](const ConversationInfo& info) -> UserId {
+    return info.kind == ConversationKind::kDirect ? info.peer : "owner";
+  };
   std::mt19937 random(7122026);
   int checked = 0;
   for (int step = 0; step < 400; ++step) {
-    const ConversationId id = conversations[random() % conversations.size()];
-    const int roll = static_cast<int>(random() % 100);
     CAPTURE(step);
+    CheckBadges(store, badged);
+    const std::map<ConversationId, ConversationInfo> mine = DescribedOf(store, "me");
+    const ConversationId id = conversations[random() % conversations.size()];
+    const ConversationInfo& info = mine.at(id);
+    const int roll = static_cast<int>(random() % 100);
     if (roll < 35) {
-      // Someone else writes (in a direct conversation, the peer; in a group, the owner).
-      std::optional<ConversationInfo> info = InfoOf(store, "me", id);
-      const UserId writer = info && info->kind == ConversationKind::kDirect ? info->peer : "owner";
-      if (info && info->removed_at_seq == 0) {
-        SendMany(store, id, writer, 1 + static_cast<int>(random() % 3), "w" + std::to_string(step));
-      }
+      SendMany(store, id, writer_of(info), 1 + static_cast<int>(random() % 3),
+               "w" + std::to_string(step));
       continue;
     }
     if (roll < 42) {
-      std::optional<ConversationInfo> info = InfoOf(store, "me", id);
-      if (info && info->removed_at_seq == 0)
-        SendMany(store, id, "me", 1, "me" + std::to_string(step));
+      if (info.removed_at_seq == 0) SendMany(store, id, "me", 1, "me" + std::to_string(step));
       continue;
     }
     if (roll < 46) {
-      // "me" leaves or comes back to a group.
-      std::optional<ConversationInfo> info = InfoOf(store, "me", id);
-      if (!info || info->kind != ConversationKind::kGroup) continue;
+      // "me" leaves or comes back to a group or channel.
+      if (info.kind == ConversationKind::kDirect) continue;
       const ConversationOp op =
-          info->removed_at_seq == 0 ? ConversationOp::kRemoveMembers : ConversationOp::kAddMembers;
+          info.removed_at_seq == 0 ? ConversationOp::kRemoveMembers : ConversationOp::kAddMembers;
       REQUIRE(CommitOne(store, Change(op, id, "owner", {"me"})).status.ok());
       continue;
     }
     if (roll < 49) {
-      DeleteOldest(store, 1);
+      // Retention deletes from the lowest conversation on, through what users have not read.
+      DeleteOldest(store, 1 + static_cast<uint32_t>(random() % 8));
       continue;
     }
     if (roll < 52) {
-      // A conversation "me" was never in: a new peer's first message, or a new group.
+      // A conversation "me" was never in: a new peer's first message, a new group, or a group or
+      // channel with messages before "me" is added.
       const std::string n = std::to_string(conversations.size());
       // Peers named to sort before and after "me" (direct rows keep the pair in order).
-      if (step % 3 == 0) {
+      if (step % 4 == 0) {
         conversations.push_back(OpenDirect(store, "a-new" + n, "me"));
-      } else if (step % 3 == 1) {
+      } else if (step % 4 == 1) {
         conversations.push_back(OpenDirect(store, "new" + n, "me"));
-      } else {
+      } else if (step % 4 == 2) {
         conversations.push_back(CreateGroupOk(store, "owner", {"me"}));
         SendMany(store, conversations.back(), "owner", 2, "new" + n);
+      } else {
+        const ConversationKind made =
+            step % 8 == 3 ? ConversationKind::kGroup : ConversationKind::kChannel;
+        const ConversationId late = CreateGroupOk(store, "owner", {"peer0"}, made);
+        SendMany(store, late, "owner", 2, "before" + n);
+        REQUIRE(CommitOne(store, Change(ConversationOp::kAddMembers, late, "owner", {"me"}))
+                    .status.ok());
+        SendMany(store, late, "peer0", 1, "after" + n);
+        conversations.push_back(late);
       }
       continue;
     }
     if (roll < 56) {
       // Another member reads: its counts are kept beside "me"'s, restamped by the same events.
-      std::optional<ConversationInfo> info = InfoOf(store, "owner", id);
-      if (info && info->removed_at_seq == 0) {
-        REQUIRE(CommitOne(store, ReceiptOf(id, "owner", "o1", info->last_seq, info->last_seq))
-                    .status.ok());
+      const std::map<ConversationId, ConversationInfo> owners = DescribedOf(store, "owner");
+      auto it = owners.find(id);
+      if (it != owners.end() && it->second.removed_at_seq == 0) {
+        const Seq last = it->second.last_seq;
+        REQUIRE(CommitOne(store, ReceiptOf(id, "owner", "o1", last, last)).status.ok());
       }
       continue;
     }
-    std::optional<ConversationInfo> info = InfoOf(store, "me", id);
-    if (!info) continue;
-    const Seq read = random() % (info->last_seq + 1);
+    const Seq read = random() % (info.last_seq + 1);
     const DeviceId device = random() % 2 == 0 ? "me-phone" : "me-tablet";
     // Half of the receipts share their batch with a message in another conversation, before or
     // after them.
     std::vector<AppendRequest> batch{ReceiptOf(id, "me", device, read, read)};
     const ConversationId other = conversations[random() % conversations.size()];
-    std::optional<ConversationInfo> other_info = InfoOf(store, "me", other);
-    const bool with_message =
-        other != id && other_info && other_info->removed_at_seq == 0 && random() % 2 == 0;
+    const ConversationInfo& other_info = mine.at(other);
+    const bool with_message = other != id && other_info.removed_at_seq == 0 && random() % 2 == 0;
     const bool message_first = random() % 2 == 0;
     if (with_message) {
-      const UserId writer =
-          other_info->kind == ConversationKind::kDirect ? other_info->peer : "owner";
-      AppendRequest message = ToConversation(other, writer, "b" + std::to_string(step), "batched");
+      AppendRequest message =
+          ToConversation(other, writer_of(other_info), "b" + std::to_string(step), "batched");
       batch.insert(message_first ? batch.begin() : batch.end(), std::move(message));
     }
     std::vector<AppendResult> results;
@@ -1892,11 +1940,12 @@ void ReceiptUnreadTotalsStayExact(Kind kind) {
     }
     ++checked;
   }
+  CheckBadges(store, badged);
   CHECK(checked > 100);
 }
 STORE_CASE(ReceiptUnreadTotalsStayExact,
-           "a receipt's unread total stays exact across messages, receipts, membership, new "
-           "conversations and retention")
+           "a receipt's unread total and every push badge stay exact across messages, receipts, "
+           "membership, new conversations and retention")
 
 void UnreadCountsStartAboveTheUsersOwnMessage(Kind kind) {
   Env env(kind);
