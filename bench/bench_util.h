@@ -225,7 +225,8 @@ struct SdkOptions {
   int messages_per_conversation = 100;
   int batch = 10000;
   int burst = 10;  // history-gen: consecutive messages of one conversation between turns
-  // history-gen, history-store: SqliteStoreOptions::cache_size_kib and mmap_size_bytes.
+  // history-gen, history-store, push-store: SqliteStoreOptions::cache_size_kib and
+  // mmap_size_bytes.
   uint32_t cache_size_kib = 2000;
   uint64_t mmap_size_bytes = 0;
   int reads = 10000;

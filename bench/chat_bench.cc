@@ -2026,11 +2026,11 @@ int main(int argc, char** argv) {
                  "history-gen: messages a conversation gets in a row before the next one's turn")
       ->capture_default_str();
   app.add_option("--cache-kib", sdk.cache_size_kib,
-                 "history-gen, history-store: SQLite page cache per connection, the writer's "
-                 "included (KiB)")
+                 "history-gen, history-store, push-store: SQLite page cache per connection, the "
+                 "writer's included (KiB)")
       ->capture_default_str();
   app.add_option("--mmap-bytes", sdk.mmap_size_bytes,
-                 "history-gen, history-store: SQLite memory map per connection (bytes)")
+                 "history-gen, history-store, push-store: SQLite memory map per connection (bytes)")
       ->capture_default_str();
   app.add_option("--reads", sdk.reads,
                  "history-store, client: pages read; receipt-store: receipts committed; "
