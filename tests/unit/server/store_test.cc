@@ -1978,18 +1978,24 @@ void UnreadCountsStartAboveTheUsersOwnMessage(Kind kind) {
   CHECK(UnreadOf(store, "bob", id) == 1);
   REQUIRE(CommitOne(store, ReceiptOf(id, "carol", "carol-phone", 3, 3)).status.ok());
   CHECK(UnreadOf(store, "carol", id) == 3);
+  // Push badges (SQLite counts them from the member rows, not through Describe) agree.
+  const std::vector<UserId> everyone = {"alice", "bob", "carol", "dave"};
+  CheckBadges(store, everyone);
 
   // Messages retention deleted are counted by nobody, wherever the count starts.
   DeleteOldest(store, 4);  // seqs 1..4
   CHECK(UnreadOf(store, "carol", id) == 2);
   CHECK(UnreadOf(store, "bob", id) == 1);
+  CheckBadges(store, everyone);
   DeleteOldest(store, 5);  // seqs 5..9: carol may read nothing stored
   CHECK(UnreadOf(store, "carol", id) == 0);
   CHECK(UnreadOf(store, "dave", id) == 1);
   CHECK(UnreadOf(store, "bob", id) == 1);
+  CheckBadges(store, everyone);
   DeleteOldest(store, 1);  // seq 10: nothing is stored
   CHECK(UnreadOf(store, "dave", id) == 0);
   CHECK(UnreadOf(store, "bob", id) == 0);
+  CheckBadges(store, everyone);
   // The count goes on from there.
   SendMany(store, id, "alice", 2, "f");  // seqs 11..12
   CHECK(UnreadOf(store, "dave", id) == 2);
