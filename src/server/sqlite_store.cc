@@ -1179,7 +1179,9 @@ class SqliteSource final : public server::ReadSource {
         member.removed_at_seq = q.ColumnU64(6);
         member.sent_seq = q.ColumnU64(7);
         member.read_seq = q.ColumnU64(8);
-        rows.emplace_back(q.ColumnU64(0), member);
+        // Only what has something unread waits for its lookups: a user in many conversations
+        // holds a row for few of them.
+        if (member.any_unread()) rows.emplace_back(q.ColumnU64(0), member);
       }
     }
     uint64_t total = 0;
@@ -1211,16 +1213,20 @@ class SqliteSource final : public server::ReadSource {
       return removed_at_seq != 0 ? std::min(counts.last_seq, removed_at_seq) : counts.last_seq;
     }
     Seq read_mark() const { return std::min(read_seq, last_seq()); }
+    // Where others' unread messages start: above what the member read, its own last message
+    // (whoever replies has seen what came before) and its join.
+    Seq unread_above() const {
+      return std::max({read_mark(), joined_seq == 0 ? 0 : joined_seq - 1, sent_seq});
+    }
+    bool any_unread() const { return unread_above() < last_seq(); }
   };
 
-  // Others' user messages above what the member read, its own last message (whoever replies
-  // has seen what came before) and its join, up to what it may read. Two lookups at most,
-  // however many are unread; none when nothing is.
+  // Others' user messages above member.unread_above(), up to what the member may read. Two
+  // lookups at most, however many are unread; none when nothing is.
   Result<uint64_t> Unread(ConversationId conversation_id, const MemberCounts& member) {
+    if (!member.any_unread()) return uint64_t{0};
     const Seq last = member.last_seq();
-    const Seq joined = member.joined_seq;
-    const Seq above = std::max({member.read_mark(), joined == 0 ? 0 : joined - 1, member.sent_seq});
-    if (above >= last) return uint64_t{0};
+    const Seq above = member.unread_above();
     Result<uint64_t> through_last = UserMessagesThrough(conversation_id, last, member.counts);
     if (!through_last.ok()) return through_last.status();
     Result<uint64_t> through_above = UserMessagesThrough(conversation_id, above, member.counts);
