@@ -1158,7 +1158,16 @@ ConversationInfo Session::HandleConversationUpdate(const v1::ConversationState& 
   ReportStates(stored);
   ReportUnreadTotal(stored.unstored);
   const ConversationRow& row = stored.rows.front().row;
-  if (ok && row.info.last_seq > row.cursor) RequestSync();
+  if (row.info.last_seq > row.cursor) {
+    if (ok) {
+      RequestSync();
+    } else if (sync_retry_at_ == 0) {
+      // Not stored, the state asks for the messages past the cursor all the same (nothing else
+      // may ask before the next connection), after the delay a Sync page not stored waits: the
+      // cache just failed, and would likely fail that Sync's page too.
+      sync_retry_at_ = Now() + std::max(sync_retry_ms_, kSyncRetryMinMs);
+    }
+  }
   return row.info;
 }
 

@@ -2913,6 +2913,60 @@ TEST_CASE("session: a Sync page the cache cannot store is asked for again after 
   CHECK(h.state() == ConnectionState::kConnected);
 }
 
+// A ConversationUpdate saying a conversation holds messages past the cursor makes the client
+// fetch them. When the cache cannot store that state the news is not forgotten: the client asks
+// after the delay a Sync page not stored waits (kSyncRetryMinMs), as nothing else might ask before
+// the next connection. Also when a Sync is in flight that the server may have read before the
+// messages came.
+TEST_CASE("session: a ConversationUpdate past the cursor that the cache cannot store still syncs") {
+  testing::FaultVfs vfs;
+  testing::TempDir dir;
+  std::shared_ptr<Cache> cache(Cache::Open(dir.File("cache.db")).value());
+  Harness h({}, cache);
+  LiveWithGroupAtSeq1(h);
+  h.io.Take();
+  std::vector<v1::Envelope> in_flight;
+  SUBCASE("no Sync in flight") {}
+  SUBCASE("a Sync in flight, read by the server before the messages") {
+    h.Deliver(Msg(6, 1));  // a conversation not cached yet
+    in_flight = OfCase(h.io.Take(), v1::Envelope::kSync);
+    REQUIRE(in_flight.size() == 1);
+  }
+  vfs.FailWrites(true);
+  v1::Envelope update;
+  *update.mutable_conversation_update()->mutable_conversation() = GroupState(5, 3, 2, "renamed");
+  h.session->OnEnvelope(update);
+  vfs.FailWrites(false);
+  REQUIRE_FALSE(h.listener.errors.empty());
+  CHECK(h.listener.errors[0].code() == Code::kUnavailable);
+  REQUIRE_FALSE(h.listener.conversations.empty());
+  CHECK(h.listener.conversations.back().last_seq == 3);
+  CHECK(h.cache->GetConversation(5)->info.last_seq == 1);
+  if (!in_flight.empty()) {
+    v1::SyncBatch before;
+    *before.add_conversations() = GroupState(6, 1, 1);
+    *before.add_messages() = Msg(6, 1);
+    h.Reply(in_flight[0], before);
+    CHECK(h.listener.SentSeqs(6) == std::vector<Seq>{1});
+  }
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kSync).empty());  // not at once: the cache just failed
+  CHECK(h.session->NextDeadlineMs() <= h.Now() + kSyncRetryMinMs);
+  h.clock->Advance(kSyncRetryMinMs);
+  h.session->Tick();
+  auto syncs = OfCase(h.io.Take(), v1::Envelope::kSync);
+  REQUIRE(syncs.size() == 1);
+  v1::SyncBatch batch;
+  *batch.add_conversations() = GroupState(5, 3, 2, "renamed");
+  *batch.add_messages() = Msg(5, 2);
+  *batch.add_messages() = Msg(5, 3);
+  h.Reply(syncs[0], batch);
+  CHECK(h.listener.SentSeqs(5) == std::vector<Seq>{1, 2, 3});
+  CHECK(h.cache->GetConversation(5)->cursor == 3);
+  CHECK(h.cache->GetConversation(5)->info.title == "renamed");
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kSync).empty());
+  CHECK(h.state() == ConnectionState::kConnected);
+}
+
 // A Sync reply with an impossible gap is refused whole, as a failed Sync: the cursor stays
 // where it was (a gap to UINT64_MAX would wedge the conversation for good, since the cursor's
 // next seq wraps to 0), the error says why, and the next connection syncs again.
