@@ -448,6 +448,8 @@ Cache::~Cache() = default;
 void Cache::Close() {
   std::lock_guard lock(mu_);
   db_->Close();
+  kept_unread_.clear();
+  kept_written_.clear();
 }
 
 Status Cache::Exec(const char* sql) {
@@ -477,6 +479,7 @@ Cache::Transaction::~Transaction() {
   // map is read again when next needed.
   cache_->pending_count_ = s.Run() == SQLITE_DONE ? pending_before_ : std::nullopt;
   cache_->outbox_ids_.reset();
+  cache_->kept_written_.clear();
 }
 
 Status Cache::Transaction::Commit() {
@@ -484,6 +487,8 @@ Status Cache::Transaction::Commit() {
   Stmt s(cache_->db_.get(), kCommit);
   if (s.Run() == SQLITE_DONE) {
     active_ = false;
+    for (ConversationId id : cache_->kept_written_) cache_->kept_unread_.erase(id);
+    cache_->kept_written_.clear();
     return Status::Ok();
   }
   // Still open (e.g. SQLITE_BUSY): the destructor rolls it back.
@@ -522,6 +527,8 @@ Status Cache::ResetForEpoch(uint64_t epoch, const std::string& user_id) {
     return FailedPrecondition("cache: an epoch reset must be made in a transaction");
   }
   if (Status st = Exec("DELETE FROM conversations; DELETE FROM messages;"); !st.ok()) return st;
+  // The counts kept belong to the rows deleted: they go with the commit.
+  for (const auto& [id, kept] : kept_unread_) kept_written_.insert(id);
   return SetIdentity(epoch, user_id);
 }
 
@@ -547,6 +554,13 @@ Status Cache::PutConversation(const ConversationRow& row) {
       .Int(7, row.receipt_due ? 1 : 0)
       .Int(8, SeqBound(row.expired_through));
   if (s.Run() != SQLITE_DONE) return db_->Error("put conversation");
+  if (kept_unread_.contains(row.info.conversation_id)) {
+    if (sqlite3_get_autocommit(db_->get()) != 0) {
+      kept_unread_.erase(row.info.conversation_id);
+    } else {
+      kept_written_.insert(row.info.conversation_id);
+    }
+  }
   return Status::Ok();
 }
 
@@ -639,9 +653,38 @@ std::vector<ConversationId> Cache::ReceiptsDue() {
 }
 
 uint64_t Cache::UnreadTotal() {
+  std::lock_guard lock(mu_);
   uint64_t total = 0;
-  for (const ConversationRow& row : ListConversations()) total += row.info.unread;
+  size_t kept_rows = 0;
+  for (const ConversationRow& row : ListConversations()) {
+    auto kept = kept_unread_.find(row.info.conversation_id);
+    if (kept == kept_unread_.end()) {
+      total += row.info.unread;
+    } else {
+      total += kept->second.unread;
+      ++kept_rows;
+    }
+  }
+  if (kept_rows < kept_unread_.size()) {
+    // Conversations told but never stored (known only from a state the cache could not write).
+    for (const auto& [id, kept] : kept_unread_) {
+      if (!GetConversation(id)) total += kept.unread;
+    }
+  }
   return total;
+}
+
+void Cache::KeepUnread(ConversationId conversation, uint64_t unread) {
+  std::lock_guard lock(mu_);
+  auto it = kept_unread_.find(conversation);
+  if (it == kept_unread_.end() && kept_unread_.size() >= kMaxKeptUnread) {
+    auto oldest = kept_unread_.begin();
+    for (auto i = kept_unread_.begin(); i != kept_unread_.end(); ++i) {
+      if (i->second.order < oldest->second.order) oldest = i;
+    }
+    kept_unread_.erase(oldest);
+  }
+  kept_unread_[conversation] = {unread, ++kept_order_};
 }
 
 Seq Cache::HighestSeq(ConversationId conversation) {

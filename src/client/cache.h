@@ -22,6 +22,7 @@
 #include <optional>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "chat/client.h"
@@ -66,6 +67,9 @@ struct ConversationRow {
   // may still carry such messages.
   Seq expired_through = 0;
 };
+
+// The most conversations whose unread count told but not stored Cache::KeepUnread keeps.
+inline constexpr size_t kMaxKeptUnread = 1'024;
 
 class Cache {
  public:
@@ -122,8 +126,15 @@ class Cache {
   std::vector<ConversationRow> ListConversations();
   // The conversations whose row has receipt_due set, by id.
   std::vector<ConversationId> ReceiptsDue();
-  // The sum of every cached conversation's unread count.
+  // The sum of every cached conversation's unread count, with the counts kept by KeepUnread in
+  // place of the stored ones.
   uint64_t UnreadTotal();
+  // `unread` was told to the application for `conversation` (a read on another device), but the
+  // cache could not write its row: UnreadTotal() counts it instead of the stored count (or as
+  // one more conversation, if none is stored) until a write of the row is committed, the cache
+  // is reset for a new epoch, or it is closed. At most kMaxKeptUnread conversations; past it the
+  // oldest goes back to its stored count.
+  void KeepUnread(ConversationId conversation, uint64_t unread);
 
   // --- Messages ---
   // Stores a committed message; a second copy of the same (conversation, seq) is ignored.
@@ -196,6 +207,16 @@ class Cache {
   // on client_msg_id (see cache.cc). Read on first use, then kept by AddOutbox and RemoveOutbox;
   // read again after a rollback or a failed write.
   std::optional<std::unordered_map<std::string, int64_t>> outbox_ids_;
+  // KeepUnread's counts: conversation -> (count, order kept), at most kMaxKeptUnread. A row
+  // written inside a transaction drops its count only once that commits (kept_written_ holds
+  // those rows until then; a rollback empties it).
+  struct KeptUnread {
+    uint64_t unread = 0;
+    uint64_t order = 0;
+  };
+  std::unordered_map<ConversationId, KeptUnread> kept_unread_;
+  std::unordered_set<ConversationId> kept_written_;
+  uint64_t kept_order_ = 0;
 };
 
 }  // namespace chat::client

@@ -1602,15 +1602,13 @@ bool Session::WriteQuiet(v1::Envelope* envelope, const char* what) {
 }
 
 void Session::ReportUnreadTotal(const std::vector<ConversationInfo>& unstored) {
-  uint64_t total = cache_->UnreadTotal();
-  // The last told of each (a page may list one twice) replaces what the cache holds of it.
-  std::map<ConversationId, uint64_t> told;
-  for (const ConversationInfo& info : unstored) told[info.conversation_id] = info.unread;
-  for (const auto& [conversation, unread] : told) {
-    const std::optional<ConversationRow> row = cache_->GetConversation(conversation);
-    total -= std::min(total, row ? row->info.unread : 0);
-    total += unread;
+  // The last told of each (a page may list one twice) replaces what the cache holds of it, in
+  // this total and the later ones (Client::UnreadTotal() too) until its row is written: else the
+  // next total, or the application's read, would take back the news as if it never came.
+  for (const ConversationInfo& info : unstored) {
+    cache_->KeepUnread(info.conversation_id, info.unread);
   }
+  const uint64_t total = cache_->UnreadTotal();
   if (total == unread_total_) return;
   unread_total_ = total;
   listener_->OnUnreadTotal(total);

@@ -156,6 +156,33 @@ TEST_CASE("cache: an uncommitted transaction leaves nothing behind") {
   CHECK(cache->MessageCount() == 1);
 }
 
+TEST_CASE("cache: an unread count kept counts until a write of its row is committed") {
+  auto cache = Cache::Open("").value();
+  ConversationRow row;
+  row.info.conversation_id = 5;
+  row.info.unread = 4;
+  REQUIRE(cache->PutConversation(row).ok());
+  cache->KeepUnread(5, 1);
+  cache->KeepUnread(6, 2);  // no row stored: one more conversation
+  CHECK(cache->UnreadTotal() == 3);
+  {
+    // A write rolled back keeps the count.
+    Cache::Transaction txn(cache.get());
+    REQUIRE(cache->PutConversation(row).ok());
+  }
+  CHECK(cache->UnreadTotal() == 3);
+  {
+    Cache::Transaction txn(cache.get());
+    REQUIRE(cache->PutConversation(row).ok());
+    CHECK(cache->UnreadTotal() == 3);  // not before the commit
+    REQUIRE(txn.Commit().ok());
+  }
+  CHECK(cache->UnreadTotal() == 6);
+  // Bounded: the oldest goes back to its stored count (none stored: nothing).
+  for (ConversationId id = 100; id < 100 + kMaxKeptUnread; ++id) cache->KeepUnread(id, 0);
+  CHECK(cache->UnreadTotal() == 4);
+}
+
 TEST_CASE("cache: the pending count follows removals, failures and rolled back transactions") {
   auto cache = Cache::Open("").value();
   OutboxEntry a = Entry("id-a"), b = Entry("id-b"), c = Entry("id-c");

@@ -1976,6 +1976,65 @@ TEST_CASE("session: read state from another device that the cache cannot store i
   CHECK(h.cache->GetConversation(5)->info.read_all_seq == 0);
 }
 
+// A count told but not stored (read on another device, while the cache could not write the row)
+// is not taken back by the next total: UnreadTotal() (the cache's) and later OnUnreadTotal calls
+// count the conversation as told until its row is written, here by the next Sync's state.
+TEST_CASE(
+    "session: an unread count the cache could not store stays told until the row is written") {
+  testing::FaultVfs vfs;
+  testing::TempDir dir;
+  std::shared_ptr<Cache> cache(Cache::Open(dir.File("cache.db")).value());
+  Harness h({}, cache);
+  v1::Envelope sync = h.Welcome();
+  // Group 5 holds alice's message 1 and bob's 2 and 3, unread; group 6 bob's message 1.
+  v1::SyncBatch batch;
+  *batch.add_conversations() = GroupState(5, 3, 2);
+  *batch.add_conversations() = GroupState(6, 1, 1);
+  *batch.add_messages() = Msg(5, 1, "alice");
+  *batch.add_messages() = Msg(5, 2);
+  *batch.add_messages() = Msg(5, 3);
+  *batch.add_messages() = Msg(6, 1);
+  h.Reply(sync, batch);
+  REQUIRE(h.listener.unread_totals.back() == 3);
+
+  // Read up to 3 on the phone; the cache cannot store it.
+  vfs.FailWrites(true);
+  v1::Envelope read = ReceiptUpdateFor(5, "alice", 3, 3);
+  read.mutable_receipt_update()->set_delivered_all_seq(0);
+  read.mutable_receipt_update()->set_read_all_seq(0);
+  read.mutable_receipt_update()->set_unread(0);
+  h.session->OnEnvelope(read);
+  vfs.FailWrites(false);
+  REQUIRE_FALSE(h.listener.errors.empty());
+  CHECK(h.listener.conversations.back().unread == 0);
+  CHECK(h.listener.unread_totals.back() == 1);
+  CHECK(h.cache->GetConversation(5)->info.unread == 2);  // the row holds what it held
+  CHECK(h.cache->UnreadTotal() == 1);                    // Client::UnreadTotal()
+
+  // A message in group 6 is stored: the total counts group 5 as told, not as stored.
+  h.Deliver(Msg(6, 2));
+  CHECK(h.listener.SentSeqs(6) == std::vector<Seq>{1, 2});
+  CHECK(h.listener.unread_totals.back() == 2);
+  CHECK(h.cache->UnreadTotal() == 2);
+
+  // The next Sync stores group 5's row: from then on the stored count is the one counted.
+  h.session->OnClosed(1006, "abnormal");
+  sync = h.Welcome();
+  v1::SyncBatch listed;
+  v1::ConversationState state = GroupState(5, 3, 0);
+  state.set_delivered_seq(3);
+  state.set_read_seq(3);
+  *listed.add_conversations() = state;
+  h.Reply(sync, listed);
+  CHECK(h.cache->GetConversation(5)->info.unread == 0);
+  CHECK(h.cache->UnreadTotal() == 2);
+  h.Deliver(Msg(5, 4));
+  CHECK(h.listener.SentSeqs(5) == std::vector<Seq>{1, 2, 3, 4});
+  CHECK(h.cache->GetConversation(5)->info.unread == 1);
+  CHECK(h.listener.unread_totals.back() == 3);
+  CHECK(h.cache->UnreadTotal() == 3);
+}
+
 // Where every member has read the user's latest message, or none is the user's, a reconnect sends
 // no Receipt either: what used to be asked after each reconnect comes with the Sync.
 TEST_CASE("session: a reconnect sends no Receipt that nothing owes") {
