@@ -513,6 +513,7 @@ void Session::HandleWelcome(const v1::Envelope& envelope) {
 
 bool Session::RebuildForEpoch(const v1::Welcome& welcome, const std::string& cached_user) {
   stubs_.clear();
+  rowless_floors_.clear();  // the old store's
   // The outbox was kept, but what it holds was written by the cached user, some of it to
   // conversation ids of the old store: another user must not send any of it, and an old id
   // may name another conversation in the new store. A message to a peer (by user id) still
@@ -666,7 +667,15 @@ ConversationRow Session::LoadOrStub(ConversationId conversation) {
   if (std::optional<ConversationRow> row = cache_->GetConversation(conversation)) return *row;
   ConversationRow row;
   row.info.conversation_id = conversation;
+  row.expired_through = KnownFloor(conversation, std::nullopt);
   return row;
+}
+
+Seq Session::KnownFloor(ConversationId conversation,
+                        const std::optional<ConversationRow>& row) const {
+  if (row) return row->expired_through;
+  auto it = rowless_floors_.find(conversation);
+  return it != rowless_floors_.end() ? it->second : 0;
 }
 
 void Session::Apply(ConversationRow* row, const v1::Message& next,
@@ -852,14 +861,16 @@ void Session::HandleSendAck(const v1::Envelope& envelope) {
     {
       CacheTxn txn(this);
       if (txn.Started()) {
-        if (std::optional<ConversationRow> known = cache_->GetConversation(ack.conversation_id())) {
+        std::optional<ConversationRow> known = cache_->GetConversation(ack.conversation_id());
+        floor = KnownFloor(ack.conversation_id(), known);
+        if (known) {
           cursor = known->cursor;
-          floor = known->expired_through;
         } else if (!entry->peer.empty()) {
           ConversationRow row;
           row.info.conversation_id = ack.conversation_id();
           row.info.kind = ConversationKind::kDirect;
           row.info.peer = entry->peer;
+          row.expired_through = floor;
           (void)cache_->PutConversation(row);
         }
         // A message retention already deleted (its ack was lost, and the device stayed away
@@ -1121,8 +1132,8 @@ void Session::HandleHistoryPage(uint64_t rid, const v1::HistoryPage& page) {
     CacheTxn txn(this);
     // A page the server read before its retention sweep may hold what this client was told
     // since is deleted: those messages are neither stored nor shown, and nothing older is left.
-    const std::optional<ConversationRow> row = cache_->GetConversation(pending.conversation);
-    const Seq expired_through = row ? row->expired_through : 0;
+    const Seq expired_through =
+        KnownFloor(pending.conversation, cache_->GetConversation(pending.conversation));
     for (const v1::Message& m : page.messages()) {
       if (m.seq() <= expired_through) {
         result.has_more = false;
@@ -1336,11 +1347,17 @@ void Session::HandleMessagesExpired(const v1::MessagesExpired& notice) {
     CacheTxn txn(this);
     if (!txn.Started()) return;
     std::optional<ConversationRow> row = cache_->GetConversation(id);
-    // History pages of a conversation the cache has no row for are stored too: they go, though
-    // there is no row to keep the floor in.
+    // History pages of a conversation the cache has no row for are stored too: they go, and the
+    // floor is kept apart until a row is made (LoadOrStub), whatever becomes of this transaction.
     ConversationRow rowless;
     rowless.info.conversation_id = id;
     const Seq floor_before = row ? row->expired_through : 0;
+    if (!row && through > KnownFloor(id, std::nullopt)) {
+      if (!rowless_floors_.contains(id) && rowless_floors_.size() >= kMaxRowlessFloors) {
+        rowless_floors_.erase(rowless_floors_.begin());
+      }
+      rowless_floors_[id] = through;
+    }
     if (!DropExpired(row ? &*row : &rowless, through, &expired)) return;
     if (row) {
       const ConversationInfo before = row->info;

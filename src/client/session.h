@@ -78,6 +78,9 @@ inline constexpr int64_t kTypingMaxShowMs = 6'000;
 inline constexpr size_t kMaxTypingShown = 1'000;
 // Receipt/Typing requests whose errors are recognised (older ones are forgotten).
 inline constexpr size_t kMaxQuietRids = 1'024;
+// Conversations whose retention floor is kept without a cache row (see rowless_floors_); past
+// it the one with the lowest id is forgotten.
+inline constexpr size_t kMaxRowlessFloors = 1'024;
 // Requests given up whose late answers are recognised (the oldest are forgotten past it): as
 // many as may wait for answers at once, so that all of them given up together are, on a server
 // that answers nothing for a while: the application's, the channel re-subscriptions, the
@@ -435,7 +438,11 @@ class Session {
   // Advance's step over one message: the cursor moves to it and it is reported.
   void Apply(ConversationRow* row, const v1::Message& message, std::vector<MessageEvent>* events,
              bool* others, bool* read_moved);
+  // The cached row, or a new one (with the retention floor of a notice that came before it).
   ConversationRow LoadOrStub(ConversationId conversation);
+  // How far retention deleted `conversation`, as far as this client was told: `row`'s floor,
+  // or without one the floor of a notice that came before it (rowless_floors_).
+  Seq KnownFloor(ConversationId conversation, const std::optional<ConversationRow>& row) const;
 
   // Spends one token of the client-side send budget; false (and a retry timer) when empty.
   bool TakeSendToken();
@@ -484,6 +491,12 @@ class Session {
   int64_t sync_retry_at_ = 0;
   int64_t sync_retry_ms_ = 0;
   std::set<ConversationId> stubs_;  // known only from a Deliver: ask Sync for their state
+  // Retention's floor (ConversationRow::expired_through) told by MessagesExpired notices for
+  // conversations the cache had no row for (the user was just added, and the Sync bringing the
+  // conversation is in flight): a row made later starts from it, and a History page of such a
+  // conversation is cut at it, so that a reply the server read before its sweep stores and shows
+  // none of what it deleted. At most kMaxRowlessFloors; forgotten with the epoch.
+  std::map<ConversationId, Seq> rowless_floors_;
 
   std::map<uint64_t, std::string> in_flight_;  // rid -> client_msg_id
   std::set<std::string> in_flight_ids_;

@@ -404,6 +404,60 @@ TEST_CASE("session expiry: a History page the server read before the sweep bring
   CHECK(h.listener.errors.empty());
 }
 
+// A notice may come for a conversation the cache has no row for yet (the user was just added,
+// and the Sync that brings it is in flight): the floor it sets is kept all the same, so a Sync
+// reply or History page the server read before its sweep shows none of what it deleted.
+TEST_CASE("session expiry: a notice for a conversation not cached yet still sets its floor") {
+  Harness h;
+  h.ConnectLive();
+  SUBCASE("a Sync reply read before the sweep") {
+    h.Deliver(Msg(6, 1));  // a conversation not cached yet: the client asks for its state
+    std::vector<v1::Envelope> asked = OfCase(h.io.Take(), v1::Envelope::kSync);
+    REQUIRE(asked.size() == 1);
+    // The server reads group 5's seqs 1..5 for the reply; its sweep then deletes 1..3, and the
+    // notice comes first.
+    h.session->OnEnvelope(Notice(5, 4, 3));
+    CHECK(h.listener.expired.empty());
+    v1::SyncBatch batch;
+    *batch.add_conversations() = Stored(1, 5, 5);
+    *batch.add_conversations() = GroupState(6, 1, 1);
+    for (Seq s = 1; s <= 5; ++s) *batch.add_messages() = Msg(5, s);
+    *batch.add_messages() = Msg(6, 1);
+    h.Reply(asked[0], batch);
+    CHECK(Given(h).empty());
+    CHECK(CachedSeqs(*h.cache, 5, 5) == std::vector<Seq>{4, 5});
+    REQUIRE(h.cache->GetConversation(5).has_value());
+    CHECK(h.cache->GetConversation(5)->info.first_seq == 4);
+    // Seqs 4 and 5 wait above a hole: the next Sync, read after the sweep, passes it.
+    asked = OfCase(h.io.Take(), v1::Envelope::kSync);
+    REQUIRE(asked.size() == 1);
+    batch.Clear();
+    *batch.add_conversations() = Stored(4, 5, 2);
+    v1::Gap* gap = batch.add_gaps();
+    gap->set_conversation_id(5);
+    gap->set_from_seq(1);
+    gap->set_to_seq(3);
+    h.Reply(asked[0], batch);
+    CHECK(Given(h) == std::vector<Seq>{4, 5});
+    CHECK(h.listener.conversations.back().first_seq == 4);
+  }
+  SUBCASE("a History page read before the sweep") {
+    std::vector<Result<HistoryResult>> pages;
+    h.session->History(5, 0, 10, [&](Result<HistoryResult> r) { pages.push_back(std::move(r)); });
+    std::vector<v1::Envelope> asked = OfCase(h.io.Take(), v1::Envelope::kHistory);
+    REQUIRE(asked.size() == 1);
+    h.session->OnEnvelope(Notice(5, 4, 3));
+    h.session->OnEnvelope(Page(asked[0], 1, 5, 1, false));
+    REQUIRE(pages.size() == 1);
+    REQUIRE(pages[0].ok());
+    std::vector<Seq> seqs;
+    for (const Message& m : pages[0]->messages) seqs.push_back(m.seq);
+    CHECK(seqs == std::vector<Seq>{5, 4});
+    CHECK(CachedSeqs(*h.cache, 5, 5) == std::vector<Seq>{4, 5});
+  }
+  CHECK(h.listener.errors.empty());
+}
+
 TEST_CASE("session expiry: History pages with the same raised first_seq sync once a connection") {
   Harness h;
   // The cache holds 1..3 from before this user was removed, and 8..10 since it was added again
