@@ -1981,7 +1981,7 @@ int RunFanoutFloorServer(const Options& o) {
       const auto due =
           static_cast<int64_t>(rate * static_cast<double>(tick + 1'000'000 - t0) / 1e9);
       for (; ok && sent < due; ++sent) {
-        ok = write(fds[next], message.data(), message.size()) ==
+        ok = send(fds[next], message.data(), message.size(), MSG_NOSIGNAL) ==
              static_cast<ssize_t>(message.size());
         next = next + 1 == fds.size() ? 0 : next + 1;
       }
