@@ -321,7 +321,7 @@ run_floor() {
 # them; no chatd. Its CPU per message is what the kernel alone takes of chatd's core per
 # delivery. run_fanout_floor CONNECTIONS RATES STEP_SECONDS
 run_fanout_floor() {
-  local connections=$1 rates=$2 seconds=$3 bytes=128
+  local connections=$1 rates=$2 seconds=$3 bytes=181
   local args=(--connections "$connections" --body-bytes "$bytes")
   start_peer fanout-floor-server "${args[@]}" --rates "$rates" --step-seconds "$seconds"
   echo "== fanout-floor: plain TCP, $bytes-byte messages to $connections connections in turn at $rates/s"
