@@ -1819,24 +1819,49 @@ int RunHistory(Bench& bench) {
   return Finish(bench, json, completed, check);
 }
 
-// The floor: a plain TCP ping-pong over loopback, `round_trips` of body_bytes each way.
-int RunTcpEchoServer(const Options& o) {
-  int listener = socket(AF_INET, SOCK_STREAM, 0);
-  int one = 1;
-  setsockopt(listener, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+// The plain-TCP floors: o.host:o.port as an address.
+sockaddr_in LoopbackAddress(const Options& o) {
   sockaddr_in address{};
   address.sin_family = AF_INET;
   address.sin_port = htons(static_cast<uint16_t>(o.port));
   inet_pton(AF_INET, o.host.c_str(), &address.sin_addr);
+  return address;
+}
+
+// A listening socket on o.host:o.port (0: any free port), whose port is printed to stderr as
+// "<name> listening on <port>" for run.sh; -1 on failure.
+int ListenLoopback(const Options& o, const char* name) {
+  int listener = socket(AF_INET, SOCK_STREAM, 0);
+  int one = 1;
+  setsockopt(listener, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  sockaddr_in address = LoopbackAddress(o);
   if (bind(listener, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0 ||
-      listen(listener, 4) != 0) {
-    std::perror("tcp-echo-server | fanout-floor | fanout-floor-server");
-    return 1;
+      listen(listener, 4096) != 0) {
+    std::perror(name);
+    close(listener);
+    return -1;
   }
   socklen_t size = sizeof address;
   getsockname(listener, reinterpret_cast<sockaddr*>(&address), &size);
-  std::printf("tcp-echo listening on %d\n", ntohs(address.sin_port));
-  std::fflush(stdout);
+  std::fprintf(stderr, "%s listening on %d\n", name, ntohs(address.sin_port));
+  return listener;
+}
+
+// Prints a plain-TCP floor's result: a TCP stream neither loses, repeats nor reorders (a short
+// stream shows as not completed).
+int PrintFloorResult(JsonObject& json, bool ok) {
+  json.Add("lost", static_cast<int64_t>(0));
+  json.Add("duplicated", static_cast<int64_t>(0));
+  json.Add("reordered", static_cast<int64_t>(0));
+  std::printf("%s\n", json.str().c_str());
+  return ok ? 0 : 1;
+}
+
+// The floor: a plain TCP ping-pong over loopback, `round_trips` of body_bytes each way.
+int RunTcpEchoServer(const Options& o) {
+  int listener = ListenLoopback(o, "tcp-echo");
+  if (listener < 0) return 1;
+  int one = 1;
   int fd = accept(listener, nullptr, nullptr);
   if (fd < 0) return 1;
   setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
@@ -1853,11 +1878,8 @@ int RunTcpEchoServer(const Options& o) {
 
 int RunFloor(const Options& o) {
   int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_port = htons(static_cast<uint16_t>(o.port));
-  inet_pton(AF_INET, o.host.c_str(), &address.sin_addr);
-  if (connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0) {
+  const sockaddr_in address = LoopbackAddress(o);
+  if (connect(fd, reinterpret_cast<const sockaddr*>(&address), sizeof address) != 0) {
     std::perror("floor: connect");
     return 1;
   }
@@ -1913,11 +1935,7 @@ int RunFloor(const Options& o) {
   json.Add("round_trips_per_s", static_cast<double>(rtt.count()) / seconds);
   if (sync.count() > 0) json.Raw("append_fdatasync", sync.Json());
   json.Add("generator_cpu_s", CpuSecondsSelf() - cpu0);
-  json.Add("lost", static_cast<int64_t>(0));
-  json.Add("duplicated", static_cast<int64_t>(0));
-  json.Add("reordered", static_cast<int64_t>(0));
-  std::printf("%s\n", json.str().c_str());
-  return ok ? 0 : 1;
+  return PrintFloorResult(json, ok);
 }
 
 // The fan-out floor: what the kernel alone costs to write one small message to each of many
@@ -1928,28 +1946,11 @@ int RunFloor(const Options& o) {
 // CPU per message; the receiver (`fanout-floor`, the generator's core) reads them with epoll. On
 // loopback the receiving socket's TCP input runs in the sender's context, as it does for chatd's
 // deliveries, so the sender's CPU per message is the floor of chatd's CPU per delivery here.
-sockaddr_in LoopbackAddress(const Options& o) {
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_port = htons(static_cast<uint16_t>(o.port));
-  inet_pton(AF_INET, o.host.c_str(), &address.sin_addr);
-  return address;
-}
-
 int RunFanoutFloorServer(const Options& o) {
   RaiseDescriptorLimit();
-  int listener = socket(AF_INET, SOCK_STREAM, 0);
+  int listener = ListenLoopback(o, "fanout-floor-server");
+  if (listener < 0) return 1;
   int one = 1;
-  setsockopt(listener, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-  sockaddr_in address = LoopbackAddress(o);
-  if (bind(listener, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0 ||
-      listen(listener, 4096) != 0) {
-    std::perror("fanout-floor-server");
-    return 1;
-  }
-  socklen_t size = sizeof address;
-  getsockname(listener, reinterpret_cast<sockaddr*>(&address), &size);
-  std::fprintf(stderr, "fanout-floor-server listening on %d\n", ntohs(address.sin_port));
   std::vector<int> fds;
   fds.reserve(static_cast<size_t>(o.connections));
   while (static_cast<int>(fds.size()) < o.connections) {
@@ -2022,12 +2023,8 @@ int RunFanoutFloorServer(const Options& o) {
   json.Raw("steps", "[" + steps + "]");
   json.Add("max_rate_held", max_rate_held);
   json.Add("sender_cpu_us_per_message_at_max", cpu_us_at_max);
-  // A TCP stream neither loses, repeats nor reorders; the receiver checks the byte count.
-  json.Add("lost", static_cast<int64_t>(0));
-  json.Add("duplicated", static_cast<int64_t>(0));
-  json.Add("reordered", static_cast<int64_t>(0));
-  std::printf("%s\n", json.str().c_str());
-  return ok ? 0 : 1;
+  // The receiver checks that every stream ended on a whole message.
+  return PrintFloorResult(json, ok);
 }
 
 // Reads every connection to its end; exits 1 unless each stream ended on a whole message.
