@@ -384,7 +384,9 @@ void Session::HandleEnvelope(const v1::Envelope& envelope) {
       HandleSendAck(envelope);
       break;
     case v1::Envelope::kDeliver:
-      Ingest({&envelope.deliver().message()}, /*from_sync=*/false);
+      // Not stored (reported), the message is asked for all the same: nothing else may ask for
+      // it before the next connection.
+      if (!Ingest({&envelope.deliver().message()}, /*from_sync=*/false)) RetrySyncLater();
       break;
     case v1::Envelope::kSyncBatch:
       if (envelope.rid() != 0 && envelope.rid() == sync_rid_) {
@@ -1172,14 +1174,19 @@ ConversationInfo Session::HandleConversationUpdate(const v1::ConversationState& 
   if (row.info.last_seq > row.cursor) {
     if (ok) {
       RequestSync();
-    } else if (sync_retry_at_ == 0) {
+    } else {
       // Not stored, the state asks for the messages past the cursor all the same (nothing else
-      // may ask before the next connection), after the delay a Sync page not stored waits: the
-      // cache just failed, and would likely fail that Sync's page too.
-      sync_retry_at_ = Now() + std::max(sync_retry_ms_, kSyncRetryMinMs);
+      // may ask before the next connection).
+      RetrySyncLater();
     }
   }
   return row.info;
+}
+
+void Session::RetrySyncLater() {
+  // After the delay a Sync page not stored waits: the cache just failed, and would likely fail
+  // that Sync's page too.
+  if (sync_retry_at_ == 0) sync_retry_at_ = Now() + std::max(sync_retry_ms_, kSyncRetryMinMs);
 }
 
 bool Session::StoreStates(const std::vector<const v1::ConversationState*>& states,

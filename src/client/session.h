@@ -448,6 +448,9 @@ class Session {
   bool TakeSendToken();
   void SendSync();
   void RequestSync();
+  // Asks for what the cache could not store (a live message, a state past the cursor) with a
+  // Sync kSyncRetryMinMs (or the current retry delay) from now, unless a retry is due already.
+  void RetrySyncLater();
   void PumpOutbox();
   // Marks a pending outbox entry failed and tells the application (kFailed with `reason`).
   // False if the cache could not record it (the entry stays pending).
@@ -486,8 +489,8 @@ class Session {
   bool sync_again_ = false;
   // A page the cache could not store: a Sync goes at sync_retry_at_ (monotonic ms; 0: none due,
   // and a Sync sent for any reason does its work), sync_retry_ms_ after the page (0 once a page
-  // is stored; see kSyncRetryMinMs). A ConversationUpdate past the cursor that the cache could
-  // not store sets it too, when none is due.
+  // is stored; see kSyncRetryMinMs). A live message or a ConversationUpdate past the cursor
+  // that the cache could not store sets it too, when none is due (RetrySyncLater).
   int64_t sync_retry_at_ = 0;
   int64_t sync_retry_ms_ = 0;
   std::set<ConversationId> stubs_;  // known only from a Deliver: ask Sync for their state
