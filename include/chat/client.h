@@ -381,7 +381,8 @@ class CHAT_EXPORT Client {
   // Unread messages across the cached conversations.
   Result<uint64_t> UnreadTotal();
 
-  // The cached conversations, most recently active first.
+  // The cached conversations, most recently active first. An unread count reported but not
+  // stored yet (the cache could not write it) is listed as reported, as UnreadTotal() counts it.
   Result<std::vector<ConversationInfo>> Conversations();
   // The messages in the outbox (pending and failed), oldest first.
   Result<std::vector<MessageEvent>> Outbox();

@@ -652,18 +652,25 @@ std::vector<ConversationId> Cache::ReceiptsDue() {
   return ids;
 }
 
+std::vector<ConversationInfo> Cache::ListConversationInfos() {
+  std::lock_guard lock(mu_);
+  std::vector<ConversationInfo> infos;
+  for (ConversationRow& row : ListConversations()) {
+    if (auto kept = kept_unread_.find(row.info.conversation_id); kept != kept_unread_.end()) {
+      row.info.unread = kept->second.unread;
+    }
+    infos.push_back(std::move(row.info));
+  }
+  return infos;
+}
+
 uint64_t Cache::UnreadTotal() {
   std::lock_guard lock(mu_);
   uint64_t total = 0;
   size_t kept_rows = 0;
-  for (const ConversationRow& row : ListConversations()) {
-    auto kept = kept_unread_.find(row.info.conversation_id);
-    if (kept == kept_unread_.end()) {
-      total += row.info.unread;
-    } else {
-      total += kept->second.unread;
-      ++kept_rows;
-    }
+  for (const ConversationInfo& info : ListConversationInfos()) {
+    total += info.unread;
+    if (kept_unread_.contains(info.conversation_id)) ++kept_rows;
   }
   if (kept_rows < kept_unread_.size()) {
     // Conversations told but never stored (known only from a state the cache could not write).

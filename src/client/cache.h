@@ -122,18 +122,22 @@ class Cache {
   // --- Conversations ---
   std::optional<ConversationRow> GetConversation(ConversationId id);
   Status PutConversation(const ConversationRow& row);
-  // Most recently active first.
+  // Most recently active first, as stored.
   std::vector<ConversationRow> ListConversations();
+  // The cached conversations as the application was told them (Client::Conversations()), most
+  // recently active first: the stored rows, with the counts kept by KeepUnread in place of the
+  // stored ones.
+  std::vector<ConversationInfo> ListConversationInfos();
   // The conversations whose row has receipt_due set, by id.
   std::vector<ConversationId> ReceiptsDue();
   // The sum of every cached conversation's unread count, with the counts kept by KeepUnread in
   // place of the stored ones.
   uint64_t UnreadTotal();
   // `unread` was told to the application for `conversation` (a read on another device), but the
-  // cache could not write its row: UnreadTotal() counts it instead of the stored count (or as
-  // one more conversation, if none is stored) until a write of the row is committed, the cache
-  // is reset for a new epoch, or it is closed. At most kMaxKeptUnread conversations; past it the
-  // oldest goes back to its stored count.
+  // cache could not write its row: ListConversationInfos() and UnreadTotal() give it instead of
+  // the stored count (UnreadTotal() counts it as one more conversation, if none is stored) until
+  // a write of the row is committed, the cache is reset for a new epoch, or it is closed. At most
+  // kMaxKeptUnread conversations; past it the oldest goes back to its stored count.
   void KeepUnread(ConversationId conversation, uint64_t unread);
 
   // --- Messages ---

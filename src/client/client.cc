@@ -244,11 +244,7 @@ class Client::Impl final : public ClientListener, public client::SessionIo {
 
   Result<std::vector<ConversationInfo>> Conversations() {
     if (closed_) return FailedPrecondition("client is closed");
-    std::vector<ConversationInfo> out;
-    for (const client::ConversationRow& row : cache_->ListConversations()) {
-      out.push_back(row.info);
-    }
-    return out;
+    return cache_->ListConversationInfos();
   }
 
   Result<std::vector<MessageEvent>> Outbox() {

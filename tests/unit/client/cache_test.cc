@@ -165,6 +165,9 @@ TEST_CASE("cache: an unread count kept counts until a write of its row is commit
   cache->KeepUnread(5, 1);
   cache->KeepUnread(6, 2);  // no row stored: one more conversation
   CHECK(cache->UnreadTotal() == 3);
+  // Listed as kept too (no row is listed for 6).
+  REQUIRE(cache->ListConversationInfos().size() == 1);
+  CHECK(cache->ListConversationInfos()[0].unread == 1);
   {
     // A write rolled back keeps the count.
     Cache::Transaction txn(cache.get());
@@ -178,6 +181,7 @@ TEST_CASE("cache: an unread count kept counts until a write of its row is commit
     REQUIRE(txn.Commit().ok());
   }
   CHECK(cache->UnreadTotal() == 6);
+  CHECK(cache->ListConversationInfos()[0].unread == 4);
   // Bounded: the oldest goes back to its stored count (none stored: nothing).
   for (ConversationId id = 100; id < 100 + kMaxKeptUnread; ++id) cache->KeepUnread(id, 0);
   CHECK(cache->UnreadTotal() == 4);

@@ -1999,13 +1999,21 @@ TEST_CASE("session: read state from another device that the cache cannot store i
 
 // A count told but not stored (read on another device, while the cache could not write the row)
 // is not taken back by the next total: UnreadTotal() (the cache's) and later OnUnreadTotal calls
-// count the conversation as told until its row is written, here by the next Sync's state.
+// count the conversation as told until its row is written, here by the next Sync's state, and
+// Client::Conversations() lists it so, agreeing with them.
 TEST_CASE(
     "session: an unread count the cache could not store stays told until the row is written") {
   testing::FaultVfs vfs;
   testing::TempDir dir;
   std::shared_ptr<Cache> cache(Cache::Open(dir.File("cache.db")).value());
   Harness h({}, cache);
+  // What Client::Conversations() lists for a conversation.
+  auto listed_unread = [&](ConversationId id) -> std::optional<uint64_t> {
+    for (const ConversationInfo& info : h.cache->ListConversationInfos()) {
+      if (info.conversation_id == id) return info.unread;
+    }
+    return std::nullopt;
+  };
   v1::Envelope sync = h.Welcome();
   // Group 5 holds alice's message 1 and bob's 2 and 3, unread; group 6 bob's message 1.
   v1::SyncBatch batch;
@@ -2031,12 +2039,17 @@ TEST_CASE(
   CHECK(h.listener.unread_totals.back() == 1);
   CHECK(h.cache->GetConversation(5)->info.unread == 2);  // the row holds what it held
   CHECK(h.cache->UnreadTotal() == 1);                    // Client::UnreadTotal()
+  // Client::Conversations() agrees with it.
+  CHECK(listed_unread(5) == 0);
+  CHECK(listed_unread(6) == 1);
 
   // A message in group 6 is stored: the total counts group 5 as told, not as stored.
   h.Deliver(Msg(6, 2));
   CHECK(h.listener.SentSeqs(6) == std::vector<Seq>{1, 2});
   CHECK(h.listener.unread_totals.back() == 2);
   CHECK(h.cache->UnreadTotal() == 2);
+  CHECK(listed_unread(5) == 0);
+  CHECK(listed_unread(6) == 2);
 
   // The next Sync stores group 5's row: from then on the stored count is the one counted.
   h.session->OnClosed(1006, "abnormal");
@@ -2054,6 +2067,7 @@ TEST_CASE(
   CHECK(h.cache->GetConversation(5)->info.unread == 1);
   CHECK(h.listener.unread_totals.back() == 3);
   CHECK(h.cache->UnreadTotal() == 3);
+  CHECK(listed_unread(5) == 1);
 }
 
 // Where every member has read the user's latest message, or none is the user's, a reconnect sends
