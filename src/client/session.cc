@@ -748,7 +748,8 @@ MessageEvent Session::EventFor(const v1::Message& message) const {
   return event;
 }
 
-bool Session::Ingest(const std::vector<const v1::Message*>& messages, bool from_sync) {
+bool Session::Ingest(const std::vector<const v1::Message*>& messages, bool from_sync,
+                     const std::set<ConversationId>& stated) {
   std::vector<MessageEvent> events;
   std::vector<ConversationInfo> updated;
   bool missing = false;
@@ -799,7 +800,7 @@ bool Session::Ingest(const std::vector<const v1::Message*>& messages, bool from_
           ReportError(st);
           return false;
         }
-        updated.push_back(row.info);
+        if (!stated.contains(id)) updated.push_back(row.info);
       }
     }
     if (Status st = txn.Commit(); !st.ok()) {
@@ -1041,8 +1042,14 @@ void Session::HandleSyncBatch(const v1::SyncBatch& batch) {
   messages.reserve(static_cast<size_t>(batch.messages_size()));
   for (const v1::Message& m : batch.messages()) messages.push_back(&m);
   if (!messages.empty()) progress = true;
+  // The conversations the page states are reported once, from their states below, whether
+  // those are stored or not.
+  std::set<ConversationId> stated;
+  for (const v1::ConversationState& state : batch.conversations()) {
+    stated.insert(state.conversation_id());
+  }
   // Ingest may ask for another Sync (a hole); this one is still in flight, so it is noted.
-  if (!Ingest(messages, /*from_sync=*/true)) saved = false;
+  if (!Ingest(messages, /*from_sync=*/true, stated)) saved = false;
   if (!Authenticated()) return;
   std::vector<const v1::ConversationState*> states;
   states.reserve(static_cast<size_t>(batch.conversations_size()));

@@ -427,8 +427,12 @@ class Session {
   bool WriteQuiet(v1::Envelope* envelope, const char* what);
 
   // Stores committed messages and gives every conversation's next seqs to the application.
-  // False if the cache failed (reported): nothing of them is stored or given.
-  bool Ingest(const std::vector<const v1::Message*>& messages, bool from_sync);
+  // False if the cache failed (reported): nothing of them is stored or given. The conversations
+  // in `stated` (a Sync page's states, which the caller stores and reports next) are not
+  // reported here: reported from the rows as stored, they would take back for a moment what a
+  // state the cache could not store told before (a title, a read on another device).
+  bool Ingest(const std::vector<const v1::Message*>& messages, bool from_sync,
+              const std::set<ConversationId>& stated = {});
   // Moves `conversation`'s cursor over the cached messages that follow it; collects the events
   // to report after the commit. With `skip_to` (the end of a gap the server reported), the
   // cursor first passes every seq up to it, reporting the cached messages among them (received

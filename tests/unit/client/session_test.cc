@@ -3061,6 +3061,58 @@ TEST_CASE("session: a ConversationUpdate past the cursor that the cache cannot s
   CHECK(h.state() == ConnectionState::kConnected);
 }
 
+// What a ConversationUpdate the cache could not store told (a new title, a read on another
+// device) is not taken back by the Sync page that brings its messages: the page's messages are
+// stored on the old row before its state is, and the conversation is reported once, from the
+// state, not first as the old row with the messages applied.
+TEST_CASE(
+    "session: a Sync page after a ConversationUpdate not stored does not report the old row") {
+  testing::FaultVfs vfs;
+  testing::TempDir dir;
+  std::shared_ptr<Cache> cache(Cache::Open(dir.File("cache.db")).value());
+  Harness h({}, cache);
+  LiveWithGroupAtSeq1(h);
+  h.io.Take();
+  REQUIRE(h.cache->UnreadTotal() == 0);
+  // Renamed, and bob's messages 2 and 3 read on the phone; the cache cannot store it.
+  v1::ConversationState told = GroupState(5, 3, 0, "renamed");
+  told.set_delivered_seq(3);
+  told.set_read_seq(3);
+  vfs.FailWrites(true);
+  v1::Envelope update;
+  *update.mutable_conversation_update()->mutable_conversation() = told;
+  h.session->OnEnvelope(update);
+  vfs.FailWrites(false);
+  REQUIRE_FALSE(h.listener.errors.empty());
+  REQUIRE_FALSE(h.listener.conversations.empty());
+  CHECK(h.listener.conversations.back().title == "renamed");
+  CHECK(h.listener.conversations.back().unread == 0);
+  const size_t reports = h.listener.conversations.size();
+  const size_t totals = h.listener.unread_totals.size();
+  h.clock->Advance(kSyncRetryMinMs);
+  h.session->Tick();
+  auto syncs = OfCase(h.io.Take(), v1::Envelope::kSync);
+  REQUIRE(syncs.size() == 1);
+  v1::SyncBatch batch;
+  *batch.add_conversations() = told;
+  *batch.add_messages() = Msg(5, 2);
+  *batch.add_messages() = Msg(5, 3);
+  h.Reply(syncs[0], batch);
+  REQUIRE(h.listener.SentSeqs(5) == std::vector<Seq>{1, 2, 3});
+  REQUIRE(h.listener.conversations.size() > reports);
+  for (size_t i = reports; i < h.listener.conversations.size(); ++i) {
+    const ConversationInfo& info = h.listener.conversations[i];
+    CHECK(info.conversation_id == 5);
+    CHECK(info.title == "renamed");
+    CHECK(info.unread == 0);
+  }
+  for (size_t i = totals; i < h.listener.unread_totals.size(); ++i) {
+    CHECK(h.listener.unread_totals[i] == 0);
+  }
+  CHECK(h.cache->GetConversation(5)->info.title == "renamed");
+  CHECK(h.cache->UnreadTotal() == 0);
+}
+
 // A Sync reply with an impossible gap is refused whole, as a failed Sync: the cursor stays
 // where it was (a gap to UINT64_MAX would wedge the conversation for good, since the cursor's
 // next seq wraps to 0), the error says why, and the next connection syncs again.
