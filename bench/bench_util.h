@@ -33,16 +33,6 @@ inline int64_t WallMs() {
   return static_cast<int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1'000'000;
 }
 
-// Up to 10,000 connections need as many descriptors: the soft limit raised to the hard one.
-// Returns the limit now in force (0 if it cannot be read).
-inline rlim_t RaiseDescriptorLimit() {
-  rlimit limit{};
-  if (getrlimit(RLIMIT_NOFILE, &limit) != 0) return 0;
-  limit.rlim_cur = limit.rlim_max;
-  setrlimit(RLIMIT_NOFILE, &limit);
-  return getrlimit(RLIMIT_NOFILE, &limit) == 0 ? limit.rlim_cur : 0;
-}
-
 inline double CpuSecondsSelf() {
   rusage usage{};
   getrusage(RUSAGE_SELF, &usage);

@@ -15,7 +15,6 @@
 #include <libwebsockets.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
-#include <sys/epoll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -229,7 +228,12 @@ class Bench {
       *error = "cannot read a secret of >= 32 bytes from --secret-file " + options_.secret_file;
       return false;
     }
-    const rlim_t descriptors = RaiseDescriptorLimit();
+    // Up to 10,000 connections need as many descriptors; raise the soft limit to the hard one.
+    rlimit limit{};
+    if (getrlimit(RLIMIT_NOFILE, &limit) == 0) {
+      limit.rlim_cur = limit.rlim_max;
+      setrlimit(RLIMIT_NOFILE, &limit);
+    }
     lws_set_log_level(LLL_ERR, nullptr);
     protocols_[0] = {"chat.v1", &Bench::Callback, 0, 1 << 16, 0, nullptr, 0};
     protocols_[1] = {nullptr, nullptr, 0, 0, 0, nullptr, 0};
@@ -237,7 +241,7 @@ class Bench {
     info.port = CONTEXT_PORT_NO_LISTEN;
     info.protocols = protocols_;
     info.user = this;
-    info.fd_limit_per_thread = static_cast<unsigned int>(descriptors);
+    info.fd_limit_per_thread = static_cast<unsigned int>(limit.rlim_cur);
     info.pt_serv_buf_size = 64 * 1024;
     if (options_.tls) info.options |= LWS_SERVER_OPTION_DO_SSL_GLOBAL_INIT;
     // The libev (epoll) loop, as chatd runs: lws's own poll(2) loop scans every descriptor on
@@ -1819,49 +1823,24 @@ int RunHistory(Bench& bench) {
   return Finish(bench, json, completed, check);
 }
 
-// The plain-TCP floors: o.host:o.port as an address.
-sockaddr_in LoopbackAddress(const Options& o) {
+// The floor: a plain TCP ping-pong over loopback, `round_trips` of body_bytes each way.
+int RunTcpEchoServer(const Options& o) {
+  int listener = socket(AF_INET, SOCK_STREAM, 0);
+  int one = 1;
+  setsockopt(listener, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
   sockaddr_in address{};
   address.sin_family = AF_INET;
   address.sin_port = htons(static_cast<uint16_t>(o.port));
   inet_pton(AF_INET, o.host.c_str(), &address.sin_addr);
-  return address;
-}
-
-// A listening socket on o.host:o.port (0: any free port), whose port is printed to stderr as
-// "<name> listening on <port>" for run.sh; -1 on failure.
-int ListenLoopback(const Options& o, const char* name) {
-  int listener = socket(AF_INET, SOCK_STREAM, 0);
-  int one = 1;
-  setsockopt(listener, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-  sockaddr_in address = LoopbackAddress(o);
   if (bind(listener, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0 ||
-      listen(listener, 4096) != 0) {
-    std::perror(name);
-    close(listener);
-    return -1;
+      listen(listener, 4) != 0) {
+    std::perror("tcp-echo-server");
+    return 1;
   }
   socklen_t size = sizeof address;
   getsockname(listener, reinterpret_cast<sockaddr*>(&address), &size);
-  std::fprintf(stderr, "%s listening on %d\n", name, ntohs(address.sin_port));
-  return listener;
-}
-
-// Prints a plain-TCP floor's result: a TCP stream neither loses, repeats nor reorders (a short
-// stream shows as not completed).
-int PrintFloorResult(JsonObject& json, bool ok) {
-  json.Add("lost", static_cast<int64_t>(0));
-  json.Add("duplicated", static_cast<int64_t>(0));
-  json.Add("reordered", static_cast<int64_t>(0));
-  std::printf("%s\n", json.str().c_str());
-  return ok ? 0 : 1;
-}
-
-// The floor: a plain TCP ping-pong over loopback, `round_trips` of body_bytes each way.
-int RunTcpEchoServer(const Options& o) {
-  int listener = ListenLoopback(o, "tcp-echo");
-  if (listener < 0) return 1;
-  int one = 1;
+  std::printf("tcp-echo listening on %d\n", ntohs(address.sin_port));
+  std::fflush(stdout);
   int fd = accept(listener, nullptr, nullptr);
   if (fd < 0) return 1;
   setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
@@ -1878,8 +1857,11 @@ int RunTcpEchoServer(const Options& o) {
 
 int RunFloor(const Options& o) {
   int fd = socket(AF_INET, SOCK_STREAM, 0);
-  const sockaddr_in address = LoopbackAddress(o);
-  if (connect(fd, reinterpret_cast<const sockaddr*>(&address), sizeof address) != 0) {
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_port = htons(static_cast<uint16_t>(o.port));
+  inet_pton(AF_INET, o.host.c_str(), &address.sin_addr);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0) {
     std::perror("floor: connect");
     return 1;
   }
@@ -1935,152 +1917,11 @@ int RunFloor(const Options& o) {
   json.Add("round_trips_per_s", static_cast<double>(rtt.count()) / seconds);
   if (sync.count() > 0) json.Raw("append_fdatasync", sync.Json());
   json.Add("generator_cpu_s", CpuSecondsSelf() - cpu0);
-  return PrintFloorResult(json, ok);
-}
-
-// The fan-out floor: what the kernel alone costs to write one small message to each of many
-// loopback TCP connections in turn, as chatd's fan-out does (a `send` per delivery), with no
-// protocol, no storage and no event loop. The sender (`fanout-floor-server`, pinned where chatd
-// runs) accepts `connections` connections and, for each rate of `rates`, writes body_bytes to
-// them in turn on an open-loop schedule of 1 ms ticks for step_s seconds, then reports its own
-// CPU per message; the receiver (`fanout-floor`, the generator's core) reads them with epoll. On
-// loopback the receiving socket's TCP input runs in the sender's context, as it does for chatd's
-// deliveries, so the sender's CPU per message is the floor of chatd's CPU per delivery here.
-int RunFanoutFloorServer(const Options& o) {
-  RaiseDescriptorLimit();
-  int listener = ListenLoopback(o, "fanout-floor-server");
-  if (listener < 0) return 1;
-  int one = 1;
-  std::vector<int> fds;
-  fds.reserve(static_cast<size_t>(o.connections));
-  while (static_cast<int>(fds.size()) < o.connections) {
-    int fd = accept(listener, nullptr, nullptr);
-    if (fd < 0) {
-      std::perror("fanout-floor-server: accept");
-      return 1;
-    }
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    fds.push_back(fd);
-  }
-  close(listener);
-  // Blocking writes: should the receiver fall behind, the sender waits instead of spinning, so
-  // its CPU stays what the writes cost (and the step shows as behind its schedule).
-  const std::string message(static_cast<size_t>(std::max(o.body_bytes, 1)), 'f');
-  bool ok = true;
-  size_t next = 0;
-  std::string steps;
-  double max_rate_held = 0;
-  double cpu_us_at_max = -1;
-  for (double rate : o.rates) {
-    const double cpu0 = CpuSecondsSelf();
-    const int64_t t0 = NowNs();
-    const int64_t end = t0 + static_cast<int64_t>(o.step_s * 1e9);
-    int64_t sent = 0;
-    for (int64_t tick = t0; ok && tick < end; tick += 1'000'000) {
-      timespec until{tick / 1'000'000'000, tick % 1'000'000'000};
-      clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &until, nullptr);
-      const auto due =
-          static_cast<int64_t>(rate * static_cast<double>(tick + 1'000'000 - t0) / 1e9);
-      for (; ok && sent < due; ++sent) {
-        ok = send(fds[next], message.data(), message.size(), MSG_NOSIGNAL) ==
-             static_cast<ssize_t>(message.size());
-        next = next + 1 == fds.size() ? 0 : next + 1;
-      }
-    }
-    const double wall = static_cast<double>(NowNs() - t0) / 1e9;
-    const double cpu = CpuSecondsSelf() - cpu0;
-    const double per_s = static_cast<double>(sent) / wall;
-    const double cpu_us = sent > 0 ? cpu * 1e6 / static_cast<double>(sent) : -1.0;
-    // Held: the writes kept to the schedule (within 2 %, the last tick's sleep included).
-    const bool held = ok && per_s >= 0.98 * rate;
-    if (held && rate > max_rate_held) {
-      max_rate_held = rate;
-      cpu_us_at_max = cpu_us;
-    }
-    JsonObject step;
-    step.Add("offered_rate", rate);
-    step.Add("sent", sent);
-    step.Add("wall_s", wall);
-    step.Add("sent_per_s", per_s);
-    step.Add("sender_cpu_s", cpu);
-    step.Add("sender_cpu_us_per_message", cpu_us);
-    step.Add("held", held);
-    steps += (steps.empty() ? "" : ",") + step.str();
-  }
-  // End the streams, then stay until the receiver has read to the end of each.
-  char byte = 0;
-  for (int fd : fds) shutdown(fd, SHUT_WR);
-  for (int fd : fds) {
-    while (read(fd, &byte, 1) > 0) {
-    }
-    close(fd);
-  }
-  JsonObject json;
-  json.Add("workload", "fanout-floor");
-  json.Add("completed", ok);
-  json.Add("connections", o.connections);
-  json.Add("bytes", static_cast<int>(message.size()));
-  json.Raw("steps", "[" + steps + "]");
-  json.Add("max_rate_held", max_rate_held);
-  json.Add("sender_cpu_us_per_message_at_max", cpu_us_at_max);
-  // The receiver checks that every stream ended on a whole message.
-  return PrintFloorResult(json, ok);
-}
-
-// Reads every connection to its end; exits 1 unless each stream ended on a whole message.
-int RunFanoutFloor(const Options& o) {
-  RaiseDescriptorLimit();
-  const sockaddr_in address = LoopbackAddress(o);
-  std::vector<int> fds;
-  fds.reserve(static_cast<size_t>(o.connections));
-  for (int i = 0; i < o.connections; ++i) {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    if (fd < 0 || connect(fd, reinterpret_cast<const sockaddr*>(&address), sizeof address) != 0) {
-      std::perror("fanout-floor: connect");
-      return 1;
-    }
-    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
-    fds.push_back(fd);
-  }
-  int poller = epoll_create1(0);
-  std::unordered_map<int, int64_t> bytes;
-  for (int fd : fds) {
-    epoll_event event{};
-    event.events = EPOLLIN;
-    event.data.fd = fd;
-    epoll_ctl(poller, EPOLL_CTL_ADD, fd, &event);
-    bytes[fd] = 0;
-  }
-  const double cpu0 = CpuSecondsSelf();
-  int ended = 0;
-  const int64_t deadline = NowNs() + static_cast<int64_t>(o.timeout_s * 1e9);
-  std::vector<char> buffer(1 << 16);
-  std::array<epoll_event, 1024> events{};
-  while (ended < o.connections && NowNs() < deadline) {
-    const int ready = epoll_wait(poller, events.data(), static_cast<int>(events.size()), 1000);
-    for (int e = 0; e < ready; ++e) {
-      const int fd = events[static_cast<size_t>(e)].data.fd;
-      const ssize_t n = read(fd, buffer.data(), buffer.size());
-      if (n > 0) {
-        bytes[fd] += n;
-      } else if (n == 0 || (errno != EAGAIN && errno != EINTR)) {
-        ++ended;
-        epoll_ctl(poller, EPOLL_CTL_DEL, fd, nullptr);
-      }
-    }
-  }
-  close(poller);
-  for (int fd : fds) close(fd);
-  const int64_t size = std::max(o.body_bytes, 1);
-  int64_t messages = 0;
-  bool whole = true;
-  for (const auto& [fd, n] : bytes) {
-    messages += n / size;
-    whole = whole && n % size == 0;
-  }
-  std::fprintf(stderr, "fanout-floor: %" PRId64 " messages on %d of %d connections, %.3f CPU-s\n",
-               messages, ended, o.connections, CpuSecondsSelf() - cpu0);
-  return ended == o.connections && whole ? 0 : 1;
+  json.Add("lost", static_cast<int64_t>(0));
+  json.Add("duplicated", static_cast<int64_t>(0));
+  json.Add("reordered", static_cast<int64_t>(0));
+  std::printf("%s\n", json.str().c_str());
+  return ok ? 0 : 1;
 }
 
 }  // namespace
@@ -2221,8 +2062,6 @@ int main(int argc, char** argv) {
 
   if (o.workload == "tcp-echo-server") return chat::bench::RunTcpEchoServer(o);
   if (o.workload == "floor") return chat::bench::RunFloor(o);
-  if (o.workload == "fanout-floor-server") return chat::bench::RunFanoutFloorServer(o);
-  if (o.workload == "fanout-floor") return chat::bench::RunFanoutFloor(o);
   if (o.rates.empty()) o.rates = {5000, 10000, 20000, 30000, 40000, 50000, 60000};
 
   chat::bench::Bench bench(o);

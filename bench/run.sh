@@ -5,9 +5,8 @@
 #   bench/run.sh [--quick] [--build-dir DIR] [--results-dir DIR] [workload...]
 #
 #   workloads: floor latency direct idle sync connect storm fanout channel history client
-#              (default: all; connect also runs over wss as connect-wss, storm also as
-#              storm-groups, members of groups catching up on the same messages, and fanout
-#              also as fanout-floor, the kernel's share of a delivery without chatd)
+#              (default: all; connect also runs over wss as connect-wss, and storm also as
+#              storm-groups, members of groups catching up on the same messages)
 #   --quick        every workload small (under a minute in all); used by the test suite
 #   --build-dir    use the chatd and chat-bench already built there instead of building Release
 #                  into build/bench
@@ -31,7 +30,7 @@ while [[ $# -gt 0 ]]; do
     --quick) QUICK=1 ;;
     --build-dir) BUILD_DIR=$2; shift ;;
     --results-dir) RESULTS=$2; shift ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     -*) echo "run.sh: unknown flag $1" >&2; exit 2 ;;
     *) WORKLOADS+=("$1") ;;
   esac
@@ -280,61 +279,26 @@ run_connect_wss() {
   CHATD_TLS=0
 }
 
-# Starts a plain-TCP peer of chat-bench on the server's core (no chatd) and sets PEER_PORT to
-# the port it printed: start_peer WORKLOAD ARGS...
-start_peer() {
-  local workload=$1
-  shift
-  : >"$TMP/peer.out"
-  : >"$TMP/peer.err"
-  "${PIN_SERVER[@]}" "$BENCH" --workload "$workload" --port 0 --label floor "$@" \
-    >"$TMP/peer.out" 2>"$TMP/peer.err" &
+run_floor() {
+  local trips=$1 syncs=$2
+  : >"$TMP/echo.out"
+  "${PIN_SERVER[@]}" "$BENCH" --workload tcp-echo-server --port 0 --label floor >"$TMP/echo.out" &
   ECHO_PID=$!
-  PEER_PORT=""
+  local port=""
   for _ in $(seq 1 100); do
-    PEER_PORT=$(sed -n 's/^[a-z-]* listening on \([0-9]*\)$/\1/p' "$TMP/peer.out" "$TMP/peer.err" || true)
-    [[ -n "$PEER_PORT" ]] && break
+    port=$(sed -n 's/^tcp-echo listening on \([0-9]*\)$/\1/p' "$TMP/echo.out" || true)
+    [[ -n "$port" ]] && break
     sleep 0.1
   done
-}
-
-stop_peer() {
+  echo "== floor: plain TCP ping-pong over loopback, $trips round trips; $syncs appends + fdatasync"
+  local rc=0
+  "${PIN_GEN[@]}" "$BENCH" --workload floor --port "$port" --label floor --round-trips "$trips" \
+    --syncs "$syncs" --sync-dir "$TMP" >"$TMP/floor.raw" || rc=$?
   kill "$ECHO_PID" 2>/dev/null || true
   wait "$ECHO_PID" 2>/dev/null || true
   ECHO_PID=""
-}
-
-run_floor() {
-  local trips=$1 syncs=$2
-  start_peer tcp-echo-server
-  echo "== floor: plain TCP ping-pong over loopback, $trips round trips; $syncs appends + fdatasync"
-  local rc=0
-  "${PIN_GEN[@]}" "$BENCH" --workload floor --port "$PEER_PORT" --label floor --round-trips "$trips" \
-    --syncs "$syncs" --sync-dir "$TMP" >"$TMP/floor.raw" || rc=$?
-  stop_peer
   record floor none "chat-bench --workload floor --round-trips $trips --syncs $syncs" "$rc" \
     "$TMP/floor.raw"
-}
-
-# fanout's floor: a plain sender on the server's core writes a delivery-sized message to each of
-# CONNECTIONS loopback connections in turn at each of RATES messages/s, the generator reading
-# them; no chatd. Its CPU per message is what the kernel alone takes of chatd's core per
-# delivery. run_fanout_floor CONNECTIONS RATES STEP_SECONDS
-run_fanout_floor() {
-  local connections=$1 rates=$2 seconds=$3 bytes=181
-  local args=(--connections "$connections" --body-bytes "$bytes")
-  start_peer fanout-floor-server "${args[@]}" --rates "$rates" --step-seconds "$seconds"
-  echo "== fanout-floor: plain TCP, $bytes-byte messages to $connections connections in turn at $rates/s"
-  local rc=0
-  "${PIN_GEN[@]}" "$BENCH" --workload fanout-floor --port "$PEER_PORT" --label floor --timeout 300 \
-    "${args[@]}" 2>"$TMP/fanout-floor.err" || rc=$?
-  # The sender prints its result once the generator has read every stream to its end.
-  wait "$ECHO_PID" 2>/dev/null || rc=1
-  ECHO_PID=""
-  [[ $rc -eq 0 ]] || { echo "   exit $rc"; cat "$TMP/fanout-floor.err" "$TMP/peer.err" >&2 || true; }
-  record fanout-floor none \
-    "chat-bench --workload fanout-floor-server ${args[*]} --rates $rates --step-seconds $seconds" \
-    "$rc" "$TMP/peer.out"
 }
 
 for w in "${WORKLOADS[@]}"; do
@@ -356,7 +320,6 @@ for w in "${WORKLOADS[@]}"; do
         run_bench storm-groups full -- --workload storm-groups --groups 4 --members 10 --per-client 3 \
           --timeout 30 ;;
       fanout)
-        run_fanout_floor 20 1000,5000 1
         run_bench fanout full -- --workload fanout --groups 2 --members 10 --rates 1,5 \
           --step-seconds 1 --p99-limit-ms 100 --timeout 30
         # 40 members: over chatd's default receipt_updates_max_members (32). 1000 ms is the
@@ -389,7 +352,6 @@ for w in "${WORKLOADS[@]}"; do
         run_bench storm-groups full -- --workload storm-groups --groups 20 --members 500 --per-client 20 \
           --max-connecting 512 ;;
       fanout)
-        run_fanout_floor 10000 100000,200000,300000,400000,500000 5
         run_bench fanout full -- --workload fanout --groups 20 --members 500 --max-connecting 512 \
           --rates 1,2,5,10,20,50,100 --step-seconds 5 --p99-limit-ms 100 --timeout 300
         # The members report their deliveries with Receipts, as the client SDK does: 1000 ms is

@@ -18,7 +18,7 @@ import os
 import sys
 
 ORDER = ["floor", "latency", "direct", "direct-normal", "idle", "sync", "connect", "connect-split",
-         "connect-wss", "storm", "storm-groups", "fanout-floor", "fanout", "fanout-receipts", "channel", "history",
+         "connect-wss", "storm", "storm-groups", "fanout", "fanout-receipts", "channel", "history",
          "client"]
 TARGETS = {
     "floor": "(floor, no target)",
@@ -32,7 +32,6 @@ TARGETS = {
     "storm": "10,000 clients: < 10 s, 0 lost",
     "storm-groups": "(storm beside storm: group members catching up together; no target)",
     "connect-wss": "(wss beside ws; no target)",
-    "fanout-floor": "(floor of fanout: the kernel's CPU per delivery on chatd's core; no target)",
     "fanout": ">= 500,000 deliveries/s at p99 < 100 ms",
     "fanout-receipts": "(fanout with every delivery reported by a Receipt, as the SDK does; no target)",
     "channel": "no per-member work for offline members",
@@ -73,14 +72,6 @@ def headline(r):
         if "append_fdatasync" in r:
             out += "; 12 KiB append + fdatasync " + lat(r["append_fdatasync"])
         return out
-    if w == "fanout-floor":
-        steps = ", ".join("%.0f/s: %.0f/s sent, %.2f us sender CPU/msg%s" % (
-            s["offered_rate"], s["sent_per_s"], s["sender_cpu_us_per_message"],
-            "" if s["held"] else " (behind)") for s in r["steps"])
-        return ("plain TCP, %d-byte messages to %d connections in turn: max %.0f messages/s "
-                "held (%.2f us sender CPU/msg there); steps: %s") % (
-            r["bytes"], r["connections"], r["max_rate_held"],
-            r["sender_cpu_us_per_message_at_max"], steps)
     if w == "latency":
         s = r.get("step", {})
         return "%.0f msg/s offered, %d pairs: ack %s; deliver %s" % (
