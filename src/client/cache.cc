@@ -681,7 +681,7 @@ uint64_t Cache::UnreadTotal() {
   return total;
 }
 
-void Cache::KeepUnread(ConversationId conversation, uint64_t unread) {
+void Cache::KeepUnread(ConversationId conversation, Seq read_seq, uint64_t unread) {
   std::lock_guard lock(mu_);
   auto it = kept_unread_.find(conversation);
   if (it == kept_unread_.end() && kept_unread_.size() >= kMaxKeptUnread) {
@@ -691,7 +691,16 @@ void Cache::KeepUnread(ConversationId conversation, uint64_t unread) {
     }
     kept_unread_.erase(oldest);
   }
-  kept_unread_[conversation] = {unread, ++kept_order_};
+  kept_unread_[conversation] = {read_seq, unread, ++kept_order_};
+}
+
+void Cache::ApplyKept(ConversationRow* row) {
+  std::lock_guard lock(mu_);
+  const ConversationId id = row->info.conversation_id;
+  auto kept = kept_unread_.find(id);
+  if (kept == kept_unread_.end() || kept_written_.contains(id)) return;
+  row->info.read_seq = kept->second.read_seq;
+  row->info.unread = kept->second.unread;
 }
 
 Seq Cache::HighestSeq(ConversationId conversation) {

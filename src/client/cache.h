@@ -133,12 +133,19 @@ class Cache {
   // The sum of every cached conversation's unread count, with the counts kept by KeepUnread in
   // place of the stored ones.
   uint64_t UnreadTotal();
-  // `unread` was told to the application for `conversation` (a read on another device), but the
-  // cache could not write its row: ListConversationInfos() and UnreadTotal() give it instead of
-  // the stored count (UnreadTotal() counts it as one more conversation, if none is stored) until
-  // a write of the row is committed, the cache is reset for a new epoch, or it is closed. At most
-  // kMaxKeptUnread conversations; past it the oldest goes back to its stored count.
-  void KeepUnread(ConversationId conversation, uint64_t unread);
+  // `unread`, with the read watermark `read_seq`, was told to the application for
+  // `conversation` (a read on another device), but the cache could not write its row:
+  // ListConversationInfos() and UnreadTotal() give it instead of the stored count (UnreadTotal()
+  // counts it as one more conversation, if none is stored) until a write of the row is committed,
+  // the cache is reset for a new epoch, or it is closed. At most kMaxKeptUnread conversations;
+  // past it the oldest goes back to its stored count.
+  void KeepUnread(ConversationId conversation, Seq read_seq, uint64_t unread);
+  // Puts the read watermark and count kept by KeepUnread for `row`'s conversation in place of
+  // `row`'s. A row about to be changed and written is loaded through it: the write then stores
+  // what the application was told, which is why committing it ends the keeping, and a write
+  // that is not about the count (a last seen, a retention notice, a message) does not take the
+  // count back. A row already written in the open transaction is left alone: it holds them.
+  void ApplyKept(ConversationRow* row);
 
   // --- Messages ---
   // Stores a committed message; a second copy of the same (conversation, seq) is ignored.
@@ -211,10 +218,11 @@ class Cache {
   // on client_msg_id (see cache.cc). Read on first use, then kept by AddOutbox and RemoveOutbox;
   // read again after a rollback or a failed write.
   std::optional<std::unordered_map<std::string, int64_t>> outbox_ids_;
-  // KeepUnread's counts: conversation -> (count, order kept), at most kMaxKeptUnread. A row
-  // written inside a transaction drops its count only once that commits (kept_written_ holds
-  // those rows until then; a rollback empties it).
+  // KeepUnread's counts: conversation -> (read watermark, count, order kept), at most
+  // kMaxKeptUnread. A row written inside a transaction drops its count only once that commits
+  // (kept_written_ holds those rows until then; a rollback empties it).
   struct KeptUnread {
+    Seq read_seq = 0;
     uint64_t unread = 0;
     uint64_t order = 0;
   };

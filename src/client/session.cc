@@ -665,11 +665,19 @@ void Session::HandleError(const v1::Envelope& envelope) {
   ReportError(status);
 }
 
+std::optional<ConversationRow> Session::LoadRow(ConversationId conversation) {
+  std::optional<ConversationRow> row = cache_->GetConversation(conversation);
+  if (row) cache_->ApplyKept(&*row);
+  return row;
+}
+
 ConversationRow Session::LoadOrStub(ConversationId conversation) {
-  if (std::optional<ConversationRow> row = cache_->GetConversation(conversation)) return *row;
+  if (std::optional<ConversationRow> row = LoadRow(conversation)) return *row;
   ConversationRow row;
   row.info.conversation_id = conversation;
   row.expired_through = KnownFloor(conversation, std::nullopt);
+  // A state the cache could not store may have told a count for it.
+  cache_->ApplyKept(&row);
   return row;
 }
 
@@ -874,6 +882,7 @@ void Session::HandleSendAck(const v1::Envelope& envelope) {
           row.info.kind = ConversationKind::kDirect;
           row.info.peer = entry->peer;
           row.expired_through = floor;
+          cache_->ApplyKept(&row);
           (void)cache_->PutConversation(row);
         }
         // A message retention already deleted (its ack was lost, and the device stayed away
@@ -1360,7 +1369,7 @@ void Session::HandleMessagesExpired(const v1::MessagesExpired& notice) {
   {
     CacheTxn txn(this);
     if (!txn.Started()) return;
-    std::optional<ConversationRow> row = cache_->GetConversation(id);
+    std::optional<ConversationRow> row = LoadRow(id);
     // History pages of a conversation the cache has no row for are stored too: they go, and the
     // floor is kept apart until a row is made (LoadOrStub), whatever becomes of this transaction.
     ConversationRow rowless;
@@ -1449,7 +1458,7 @@ void Session::HandleReceiptUpdate(uint64_t rid, const v1::ReceiptUpdate& update)
     answered = it->second;
     receipts_unanswered_.erase(it);
   }
-  std::optional<ConversationRow> found = cache_->GetConversation(update.conversation_id());
+  std::optional<ConversationRow> found = LoadRow(update.conversation_id());
   if (!found) return;  // a conversation this client has not synced yet; Sync brings its state
   ConversationRow row = std::move(*found);
   const bool own = !user_id_.empty() && update.user_id() == user_id_;
@@ -1618,7 +1627,7 @@ void Session::ReceiptRefused(ConversationId conversation) {
   for (const auto& [rid, sent] : receipts_unanswered_) {
     if (sent.conversation == conversation) return;
   }
-  std::optional<ConversationRow> row = cache_->GetConversation(conversation);
+  std::optional<ConversationRow> row = LoadRow(conversation);
   if (!row || !row->receipt_due) return;
   row->receipt_due = false;
   if (Status st = cache_->PutConversation(*row); !st.ok()) ReportError(st);
@@ -1637,7 +1646,7 @@ void Session::ReportUnreadTotal(const std::vector<ConversationInfo>& unstored) {
   // this total and the later ones (Client::UnreadTotal() too) until its row is written: else the
   // next total, or the application's read, would take back the news as if it never came.
   for (const ConversationInfo& info : unstored) {
-    cache_->KeepUnread(info.conversation_id, info.unread);
+    cache_->KeepUnread(info.conversation_id, info.read_seq, info.unread);
   }
   const uint64_t total = cache_->UnreadTotal();
   if (total == unread_total_) return;
@@ -1764,7 +1773,7 @@ void Session::UnsubscribeRefused(ConversationId channel, uint32_t resends, const
 
 void Session::MarkRead(ConversationId conversation, Seq seq) {
   if (phase_ == Phase::kClosed) return;
-  std::optional<ConversationRow> found = cache_->GetConversation(conversation);
+  std::optional<ConversationRow> found = LoadRow(conversation);
   if (!found) return;
   ConversationRow row = std::move(*found);
   const Seq target = seq == 0 ? row.cursor : std::min(seq, row.cursor);
@@ -2188,6 +2197,7 @@ void Session::UpdatePeerLastSeen(const UserId& user, int64_t last_seen_ms) {
         continue;
       }
       row.info.peer_last_seen_ms = last_seen_ms;
+      cache_->ApplyKept(&row);
       if (Status st = cache_->PutConversation(row); !st.ok()) {
         ReportError(st);
         return;

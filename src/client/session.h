@@ -442,7 +442,10 @@ class Session {
   // Advance's step over one message: the cursor moves to it and it is reported.
   void Apply(ConversationRow* row, const v1::Message& message, std::vector<MessageEvent>* events,
              bool* others, bool* read_moved);
-  // The cached row, or a new one (with the retention floor of a notice that came before it).
+  // The cached row to change and write, with the read watermark and unread count told but not
+  // stored in place of the stored ones (Cache::ApplyKept).
+  std::optional<ConversationRow> LoadRow(ConversationId conversation);
+  // LoadRow's row, or a new one (with the retention floor of a notice that came before it).
   ConversationRow LoadOrStub(ConversationId conversation);
   // How far retention deleted `conversation`, as far as this client was told: `row`'s floor,
   // or without one the floor of a notice that came before it (rowless_floors_).

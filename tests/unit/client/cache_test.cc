@@ -162,12 +162,17 @@ TEST_CASE("cache: an unread count kept counts until a write of its row is commit
   row.info.conversation_id = 5;
   row.info.unread = 4;
   REQUIRE(cache->PutConversation(row).ok());
-  cache->KeepUnread(5, 1);
-  cache->KeepUnread(6, 2);  // no row stored: one more conversation
+  cache->KeepUnread(5, 3, 1);
+  cache->KeepUnread(6, 0, 2);  // no row stored: one more conversation
   CHECK(cache->UnreadTotal() == 3);
   // Listed as kept too (no row is listed for 6).
   REQUIRE(cache->ListConversationInfos().size() == 1);
   CHECK(cache->ListConversationInfos()[0].unread == 1);
+  // A row loaded to be written takes the kept count and the read watermark told with it.
+  ConversationRow loaded = *cache->GetConversation(5);
+  cache->ApplyKept(&loaded);
+  CHECK(loaded.info.read_seq == 3);
+  CHECK(loaded.info.unread == 1);
   {
     // A write rolled back keeps the count.
     Cache::Transaction txn(cache.get());
@@ -178,12 +183,16 @@ TEST_CASE("cache: an unread count kept counts until a write of its row is commit
     Cache::Transaction txn(cache.get());
     REQUIRE(cache->PutConversation(row).ok());
     CHECK(cache->UnreadTotal() == 3);  // not before the commit
+    // Loaded again in the same transaction, the row is the one written.
+    ConversationRow again = *cache->GetConversation(5);
+    cache->ApplyKept(&again);
+    CHECK(again.info.unread == 4);
     REQUIRE(txn.Commit().ok());
   }
   CHECK(cache->UnreadTotal() == 6);
   CHECK(cache->ListConversationInfos()[0].unread == 4);
   // Bounded: the oldest goes back to its stored count (none stored: nothing).
-  for (ConversationId id = 100; id < 100 + kMaxKeptUnread; ++id) cache->KeepUnread(id, 0);
+  for (ConversationId id = 100; id < 100 + kMaxKeptUnread; ++id) cache->KeepUnread(id, 0, 0);
   CHECK(cache->UnreadTotal() == 4);
 }
 

@@ -2070,6 +2070,115 @@ TEST_CASE(
   CHECK(listed_unread(5) == 1);
 }
 
+// A count told but not stored stays told through any later write of the row that is not a newer
+// count from the server: the write stores the told count (and the read watermark it came with),
+// and a message counts on from it.
+TEST_CASE("session: a write of the row after an unread count the cache could not store keeps it") {
+  testing::FaultVfs vfs;
+  testing::TempDir dir;
+  std::shared_ptr<Cache> cache(Cache::Open(dir.File("cache.db")).value());
+  Harness h({}, cache);
+  auto listed_unread = [&](ConversationId id) -> std::optional<uint64_t> {
+    for (const ConversationInfo& info : h.cache->ListConversationInfos()) {
+      if (info.conversation_id == id) return info.unread;
+    }
+    return std::nullopt;
+  };
+  v1::Envelope sync = h.Welcome();
+  // The direct conversation 5 with bob holds alice's message 1 and bob's 2 and 3, unread.
+  v1::ConversationState direct = GroupState(5, 3, 2);
+  direct.set_kind(v1::CONVERSATION_KIND_DIRECT);
+  direct.set_peer("bob");
+  direct.set_member_count(2);
+  v1::SyncBatch batch;
+  *batch.add_conversations() = direct;
+  *batch.add_messages() = Msg(5, 1, "alice");
+  *batch.add_messages() = Msg(5, 2);
+  *batch.add_messages() = Msg(5, 3);
+  h.Reply(sync, batch);
+  REQUIRE(h.listener.unread_totals.back() == 2);
+  h.session->SubscribePresence({"bob"}, [](const Status&) {});
+  for (const v1::Envelope& e : OfCase(h.io.Take(), v1::Envelope::kPresenceSubscribe)) {
+    h.session->OnEnvelope(OkFor(e));
+  }
+
+  // Read up to 3 on the phone; the cache cannot store it.
+  vfs.FailWrites(true);
+  v1::Envelope read = ReceiptUpdateFor(5, "alice", 3, 3);
+  read.mutable_receipt_update()->set_delivered_all_seq(0);
+  read.mutable_receipt_update()->set_read_all_seq(0);
+  read.mutable_receipt_update()->set_unread(0);
+  h.session->OnEnvelope(read);
+  vfs.FailWrites(false);
+  REQUIRE_FALSE(h.listener.errors.empty());
+  REQUIRE(h.listener.unread_totals.back() == 0);
+  const size_t updates = h.listener.conversations.size();
+
+  SUBCASE("no other write first") {}
+  SUBCASE("bob's last seen") {
+    v1::Envelope offline;
+    offline.mutable_presence_update()->set_user_id("bob");
+    offline.mutable_presence_update()->set_last_seen_ms(7'000);
+    h.session->OnEnvelope(offline);
+    REQUIRE(h.cache->GetConversation(5)->info.peer_last_seen_ms == 7'000);
+  }
+  SUBCASE("a retention notice") {
+    v1::Envelope notice;
+    notice.mutable_messages_expired()->set_conversation_id(5);
+    notice.mutable_messages_expired()->set_first_seq(2);
+    h.session->OnEnvelope(notice);
+    REQUIRE(h.cache->GetConversation(5)->info.first_seq == 2);
+  }
+  SUBCASE("bob's read") {
+    h.session->OnEnvelope(ReceiptUpdateFor(5, "bob", 1, 1));
+    REQUIRE(h.cache->GetConversation(5)->info.read_all_seq == 1);
+  }
+  SUBCASE("a read on this device below the phone's") {
+    // Nothing to recount: the phone read further.
+    h.session->MarkRead(5, 2);
+  }
+  if (h.listener.conversations.size() > updates) {
+    CHECK(h.listener.conversations.back().unread == 0);
+  }
+  CHECK(h.listener.unread_totals.back() == 0);
+  CHECK(h.cache->UnreadTotal() == 0);
+  CHECK(listed_unread(5) == 0);
+
+  // bob's next message counts on from the count told, and the row stores it.
+  h.Deliver(Msg(5, 4));
+  CHECK(h.listener.SentSeqs(5) == std::vector<Seq>{1, 2, 3, 4});
+  CHECK(h.listener.conversations.back().unread == 1);
+  CHECK(h.listener.unread_totals.back() == 1);
+  CHECK(h.cache->UnreadTotal() == 1);
+  CHECK(listed_unread(5) == 1);
+  CHECK(h.cache->GetConversation(5)->info.unread == 1);
+  CHECK(h.cache->GetConversation(5)->info.read_seq == 3);
+}
+
+// The same for a conversation known only from a state the cache could not store: the row its
+// first message makes stores the count told.
+TEST_CASE("session: a row first made after an unread count the cache could not store keeps it") {
+  testing::FaultVfs vfs;
+  testing::TempDir dir;
+  std::shared_ptr<Cache> cache(Cache::Open(dir.File("cache.db")).value());
+  Harness h({}, cache);
+  h.ConnectLive();
+  vfs.FailWrites(true);
+  v1::Envelope update;
+  *update.mutable_conversation_update()->mutable_conversation() = GroupState(7, 3, 3);
+  h.session->OnEnvelope(update);
+  vfs.FailWrites(false);
+  REQUIRE_FALSE(h.cache->GetConversation(7).has_value());
+  REQUIRE(h.listener.unread_totals.back() == 3);
+
+  // Message 4 waits above the hole its Sync fills; its row is written now.
+  h.Deliver(Msg(7, 4));
+  REQUIRE(h.cache->GetConversation(7).has_value());
+  CHECK(h.listener.unread_totals.back() == 3);
+  CHECK(h.cache->UnreadTotal() == 3);
+  CHECK(h.cache->GetConversation(7)->info.unread == 3);
+}
+
 // Where every member has read the user's latest message, or none is the user's, a reconnect sends
 // no Receipt either: what used to be asked after each reconnect comes with the Sync.
 TEST_CASE("session: a reconnect sends no Receipt that nothing owes") {
