@@ -913,8 +913,9 @@ void Session::HandleSendAck(const v1::Envelope& envelope) {
       listener_->OnMessage(EventFor(message));
     } else {
       // Reported now if it is the cursor's next seq, else when the hole below it is filled, or
-      // passed by a Sync gap (Advance).
-      Ingest({&message}, /*from_sync=*/false);
+      // passed by a Sync gap (Advance). Stored but not reported (the cache failed in between),
+      // it is out of the outbox and nothing else may ask for it before the next connection.
+      if (!Ingest({&message}, /*from_sync=*/false)) RetrySyncLater();
     }
   }
   PumpOutbox();

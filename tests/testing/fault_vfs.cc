@@ -11,6 +11,8 @@ namespace chat::testing {
 struct FaultVfs::File {
   sqlite3_file base;  // pMethods = &FaultVfs::methods_ once opened
   FaultVfs* owner;
+  bool wal;          // a write-ahead log
+  bool commit_page;  // the next write is the page of a commit frame (WAL)
   sqlite3_file* real() { return reinterpret_cast<sqlite3_file*>(this + 1); }
 };
 
@@ -21,6 +23,22 @@ sqlite3_file* Real(sqlite3_file* f) { return reinterpret_cast<FaultVfs::File*>(f
 }  // namespace
 
 FaultVfs* FaultVfs::Of(sqlite3_file* file) { return reinterpret_cast<File*>(file)->owner; }
+
+namespace {
+
+// The size of a WAL file's header and of each frame's header; a frame's header is written on its
+// own, then its page. Bytes 4..7 of a frame's header (the database's size in pages after a
+// commit) are nonzero only in the last frame of a commit.
+constexpr sqlite3_int64 kWalHeaderBytes = 32;
+constexpr int kWalFrameHeaderBytes = 24;
+
+bool IsCommitFrameHeader(const void* buf, int n, sqlite3_int64 off) {
+  if (n != kWalFrameHeaderBytes || off < kWalHeaderBytes) return false;
+  const auto* bytes = static_cast<const unsigned char*>(buf);
+  return (bytes[4] | bytes[5] | bytes[6] | bytes[7]) != 0;
+}
+
+}  // namespace
 
 FaultVfs::FaultVfs() {
   base_ = sqlite3_vfs_find(nullptr);
@@ -41,11 +59,23 @@ FaultVfs::FaultVfs() {
     return Real(f)->pMethods->xRead(Real(f), buf, n, off);
   };
   methods_.xWrite = [](sqlite3_file* f, const void* buf, int n, sqlite3_int64 off) {
-    if (FaultVfs* owner = Of(f); owner->fail_.load()) {
+    FaultVfs* owner = Of(f);
+    if (owner->fail_.load()) {
       owner->refused_.fetch_add(1);
       return SQLITE_FULL;
     }
-    return Real(f)->pMethods->xWrite(Real(f), buf, n, off);
+    const int rc = Real(f)->pMethods->xWrite(Real(f), buf, n, off);
+    auto* file = reinterpret_cast<File*>(f);
+    if (rc != SQLITE_OK || !file->wal) return rc;
+    if (file->commit_page) {
+      file->commit_page = false;
+      if (owner->commits_left_.load() > 0 && owner->commits_left_.fetch_sub(1) == 1) {
+        owner->fail_.store(true);
+      }
+    } else {
+      file->commit_page = IsCommitFrameHeader(buf, n, off);
+    }
+    return rc;
   };
   methods_.xTruncate = [](sqlite3_file* f, sqlite3_int64 size) {
     return Real(f)->pMethods->xTruncate(Real(f), size);
@@ -106,6 +136,7 @@ int FaultVfs::Open(sqlite3_vfs* vfs, const char* name, sqlite3_file* file, int f
   auto* wrapped = reinterpret_cast<File*>(file);
   std::memset(wrapped, 0, sizeof(File));
   wrapped->owner = self;
+  wrapped->wal = (flags & SQLITE_OPEN_WAL) != 0;
   sqlite3_file* real = wrapped->real();
   std::memset(real, 0, static_cast<size_t>(self->base_->szOsFile));
   const int rc = self->base_->xOpen(self->base_, name, real, flags, out_flags);

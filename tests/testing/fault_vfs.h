@@ -23,8 +23,19 @@ class FaultVfs {
   FaultVfs& operator=(const FaultVfs&) = delete;
 
   // From now on, every write and sync to a file opened through this VFS fails (true), or
-  // passes to the default VFS again (false).
-  void FailWrites(bool fail) { fail_.store(fail); }
+  // passes to the default VFS again (false). Either ends a count of FailWritesAfterCommits.
+  void FailWrites(bool fail) {
+    commits_left_.store(-1);
+    fail_.store(fail);
+  }
+  // The next `commits` transactions of databases in WAL mode (as the cache is) commit, then
+  // every write and sync fails, as after FailWrites(true): for a failure of the transaction
+  // after a given one. A commit is taken as written once the page of its WAL frame that marks
+  // it a commit is.
+  void FailWritesAfterCommits(int commits) {
+    fail_.store(commits <= 0);
+    commits_left_.store(commits > 0 ? commits : -1);
+  }
   // Writes and syncs refused so far.
   int refused() const { return refused_.load(); }
 
@@ -40,6 +51,7 @@ class FaultVfs {
   sqlite3_vfs* base_ = nullptr;
   sqlite3_io_methods methods_{};
   std::atomic<bool> fail_{false};
+  std::atomic<int> commits_left_{-1};  // -1: not counting
   std::atomic<int> refused_{0};
 };
 

@@ -547,6 +547,46 @@ TEST_CASE("session: a cache write failure reaches OnError after the cache is fre
   CHECK(h.state() == ConnectionState::kConnected);
 }
 
+// The user's own message is stored with its SendAck (and leaves the outbox), then reported by a
+// second write. When only that one fails, a Sync asks for the message after the same delay.
+TEST_CASE("session: an acked message stored but not reported is asked for by a Sync") {
+  testing::FaultVfs vfs;
+  testing::TempDir dir;
+  std::shared_ptr<Cache> cache(Cache::Open(dir.File("cache.db")).value());
+  Harness h({}, cache);
+  LiveWithGroupAtSeq1(h);
+  h.session->Tick();  // the first Ping: the next is a heartbeat away
+  h.io.Take();
+  h.AddOutbox("m1", 5);
+  auto sends = OfCase(h.io.Take(), v1::Envelope::kSend);
+  REQUIRE(sends.size() == 1);
+  vfs.FailWritesAfterCommits(1);
+  h.session->OnEnvelope(AckFor(sends[0], 2));
+  vfs.FailWrites(false);
+  REQUIRE(h.cache->GetMessage(5, 2).has_value());
+  REQUIRE_FALSE(h.cache->FindOutbox("m1").has_value());
+  REQUIRE(h.listener.errors.size() == 1);
+  CHECK(h.listener.errors[0].code() == Code::kUnavailable);
+  CHECK(h.listener.SentSeqs(5) == std::vector<Seq>{1});
+  // Not at once (the cache just failed): after the delay.
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kSync).empty());
+  CHECK(h.session->NextDeadlineMs() <= h.Now() + kSyncRetryMinMs);
+  h.clock->Advance(kSyncRetryMinMs);
+  h.session->Tick();
+  auto syncs = OfCase(h.io.Take(), v1::Envelope::kSync);
+  REQUIRE(syncs.size() == 1);
+  v1::SyncBatch batch;
+  *batch.add_conversations() = GroupState(5, 2, 0);
+  v1::Message mine = Msg(5, 2, "alice");
+  mine.set_client_msg_id("m1");
+  *batch.add_messages() = mine;
+  h.Reply(syncs[0], batch);
+  CHECK(h.listener.SentSeqs(5) == std::vector<Seq>{1, 2});
+  CHECK(h.listener.messages.back().outgoing);
+  CHECK(h.cache->GetConversation(5)->cursor == 2);
+  CHECK(h.listener.errors.size() == 1);
+}
+
 TEST_CASE("session: an outbox entry acked before its announcement is not reported pending") {
   Harness h;
   h.ConnectLive();
