@@ -1576,6 +1576,10 @@ void Session::ExpireTyping() {
 
 void Session::MakeReceiptDue(ConversationId conversation, int64_t at) {
   auto [it, added] = receipts_due_.try_emplace(conversation, at);
+  if (txn_depth_ > 0) {
+    receipts_due_before_.try_emplace(conversation,
+                                     added ? std::nullopt : std::optional<int64_t>(it->second));
+  }
   if (!added) it->second = std::min(it->second, at);
 }
 
@@ -2355,6 +2359,12 @@ Session::CacheTxn::CacheTxn(Session* session) : session_(session) {
   txn_.emplace(session_->cache_);
 }
 
+Status Session::CacheTxn::Commit() {
+  Status st = txn_->Commit();
+  committed_ = st.ok();
+  return st;
+}
+
 bool Session::CacheTxn::Started() {
   if (txn_->active()) return true;
   session_->ReportError(Unavailable("cache: transaction did not start"));
@@ -2364,6 +2374,17 @@ bool Session::CacheTxn::Started() {
 Session::CacheTxn::~CacheTxn() {
   txn_.reset();  // rolls back if not committed, and frees the cache's mutex
   if (--session_->txn_depth_ > 0) return;
+  auto& before = session_->receipts_due_before_;
+  if (!committed_) {
+    for (const auto& [conversation, at] : before) {
+      if (at) {
+        session_->receipts_due_[conversation] = *at;
+      } else {
+        session_->receipts_due_.erase(conversation);
+      }
+    }
+  }
+  before.clear();
   for (const Status& status : std::exchange(session_->held_errors_, {})) {
     session_->listener_->OnError(status);
   }

@@ -220,13 +220,14 @@ class Session {
     ~CacheTxn();
     CacheTxn(const CacheTxn&) = delete;
     CacheTxn& operator=(const CacheTxn&) = delete;
-    Status Commit() { return txn_->Commit(); }
+    Status Commit();
     // False if BEGIN failed: writes made now would commit one by one. Reported then.
     bool Started();
 
    private:
     Session* const session_;
     std::optional<Cache::Transaction> txn_;
+    bool committed_ = false;
   };
 
   // When a request waiting for its answer is given up, and what the server had served when it
@@ -552,6 +553,10 @@ class Session {
   // Conversations whose watermarks moved and whose Receipt was not sent yet (one entry each, as
   // the conversations in the cache) -> the monotonic ms from which it may go.
   std::map<ConversationId, int64_t> receipts_due_;
+  // What receipts_due_ held, for each conversation the open CacheTxn made a Receipt due for
+  // (nullopt: none was due): put back if the transaction rolls back, since the cache then holds
+  // the watermarks as they were and no Receipt is owed for the moves it did not keep.
+  std::map<ConversationId, std::optional<int64_t>> receipts_due_before_;
   int64_t receipts_sent_at_ = -kReceiptIntervalMs;  // monotonic ms of the last flush
   int64_t receipts_retry_at_ = 0;  // a Receipt was refused for now: no flush before then
   // Receipts the server has not answered yet (rid -> what was sent, at most kMaxQuietRids): due

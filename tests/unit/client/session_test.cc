@@ -547,6 +547,45 @@ TEST_CASE("session: a cache write failure reaches OnError after the cache is fre
   CHECK(h.state() == ConnectionState::kConnected);
 }
 
+// A message the cache could not store was not delivered to the application: no Receipt becomes
+// due for it, so the session neither wakes at once for one nor repeats the stored watermarks. A
+// Receipt owed from before still goes.
+TEST_CASE("session: a Deliver the cache could not store makes no Receipt due") {
+  testing::FaultVfs vfs;
+  testing::TempDir dir;
+  std::shared_ptr<Cache> cache(Cache::Open(dir.File("cache.db")).value());
+  Harness h({}, cache);
+  Seq seq = 1;
+  bool owed = false;  // the Receipt for seq 1 is not sent yet
+  SUBCASE("a conversation not cached yet") { h.ConnectLive(); }
+  SUBCASE("a conversation cached up to the seq before") {
+    LiveWithGroupAtSeq1(h);
+    seq = 2;
+  }
+  SUBCASE("a conversation cached up to the seq before, its Receipt owed") {
+    LiveWithGroupAtSeq1(h);
+    seq = 2;
+    owed = true;
+  }
+  if (!owed) {
+    h.session->Tick();  // the first Ping, and the Receipt for seq 1 if cached
+    h.io.Take();
+  }
+  vfs.FailWrites(true);
+  h.Deliver(Msg(5, seq));
+  vfs.FailWrites(false);
+  REQUIRE(h.listener.errors.size() == 1);
+  if (!owed) CHECK(h.session->NextDeadlineMs() > h.Now());
+  h.clock->Advance(kReceiptIntervalMs);
+  const std::vector<v1::Envelope> receipts = TickReceipts(h);
+  if (owed) {
+    REQUIRE(receipts.size() == 1);
+    CHECK(receipts[0].receipt().delivered_seq() == 1);
+  } else {
+    CHECK(receipts.empty());
+  }
+}
+
 // The user's own message is stored with its SendAck (and leaves the outbox), then reported by a
 // second write. When only that one fails, a Sync asks for the message after the same delay.
 TEST_CASE("session: an acked message stored but not reported is asked for by a Sync") {
