@@ -1071,7 +1071,7 @@ void Session::HandleSyncBatch(const v1::SyncBatch& batch) {
   if (!StoreStates(states, &stored)) saved = false;
   ReportStates(stored);
   if (!Authenticated()) return;
-  ReportUnreadTotal(stored.unstored);
+  ReportUnreadTotal();
 
   sync_rid_ = 0;
   sync_timeouts_ = 0;
@@ -1186,7 +1186,7 @@ ConversationInfo Session::HandleConversationUpdate(const v1::ConversationState& 
   // marks, to a request's callback as well.
   const bool ok = StoreStates({&state}, &stored);
   ReportStates(stored);
-  ReportUnreadTotal(stored.unstored);
+  ReportUnreadTotal();
   const ConversationRow& row = stored.rows.front().row;
   if (row.info.last_seq > row.cursor) {
     if (ok) {
@@ -1264,6 +1264,7 @@ bool Session::WriteStates(const std::vector<const v1::ConversationState*>& state
 }
 
 void Session::ReportStates(const StoredStates& stored) {
+  KeepUnstored(stored.unstored);
   for (const auto& [id, through] : stored.expired) listener_->OnMessagesExpired(id, through);
   for (const StoredState& s : stored.rows) ReportStored(s.row.info, s.rise);
 }
@@ -1509,6 +1510,8 @@ void Session::HandleReceiptUpdate(uint64_t rid, const v1::ReceiptUpdate& update)
       stored = false;
     }
   }
+  // Told below (OnConversationUpdated, after OnReceipt) though not stored: kept from now on.
+  if (!stored && info_changed) KeepUnstored({row.info});
   // The reply to this device's own Receipt tells the application nothing new about members.
   if (rid == 0 || !own) {
     ReceiptEvent event;
@@ -1530,7 +1533,7 @@ void Session::HandleReceiptUpdate(uint64_t rid, const v1::ReceiptUpdate& update)
       row.info.delivered_all_seq = stored_delivered_all;
       row.info.read_all_seq = stored_read_all;
       ReportStored(row.info, LowestRise{});
-      ReportUnreadTotal({row.info});
+      ReportUnreadTotal();
     }
     return;
   }
@@ -1646,13 +1649,17 @@ bool Session::WriteQuiet(v1::Envelope* envelope, const char* what) {
   return Write(*envelope);
 }
 
-void Session::ReportUnreadTotal(const std::vector<ConversationInfo>& unstored) {
+void Session::KeepUnstored(const std::vector<ConversationInfo>& unstored) {
   // The last told of each (a page may list one twice) replaces what the cache holds of it, in
-  // this total and the later ones (Client::UnreadTotal() too) until its row is written: else the
-  // next total, or the application's read, would take back the news as if it never came.
+  // every later total (Client::UnreadTotal() too) and listing (Client::Conversations()) until its
+  // row is written: else they would take back the news as if it never came. Kept before it is
+  // told, so that an application reading either from inside the callback sees what it is told.
   for (const ConversationInfo& info : unstored) {
     cache_->KeepUnread(info.conversation_id, info.read_seq, info.unread);
   }
+}
+
+void Session::ReportUnreadTotal() {
   const uint64_t total = cache_->UnreadTotal();
   if (total == unread_total_) return;
   unread_total_ = total;

@@ -388,7 +388,7 @@ class Session {
     std::vector<StoredState> rows;
     std::vector<Expiry> expired;
     // When the cache failed: the conversations as told, which it holds as before
-    // (ReportUnreadTotal).
+    // (KeepUnstored).
     std::vector<ConversationInfo> unstored;
   };
   // Stores the server's `states` in one cache transaction: merges each into its conversation's
@@ -401,7 +401,8 @@ class Session {
   bool StoreStates(const std::vector<const v1::ConversationState*>& states, StoredStates* stored);
   // StoreStates' transaction; false if the cache failed (reported), with nothing committed.
   bool WriteStates(const std::vector<const v1::ConversationState*>& states, StoredStates* out);
-  // Tells the application what StoreStates stored, once it is committed, or what it could not.
+  // Tells the application what StoreStates stored, once it is committed, or what it could not
+  // (kept first: KeepUnstored).
   void ReportStates(const StoredStates& stored);
   // The server's MessagesExpired notice.
   void HandleMessagesExpired(const v1::MessagesExpired& notice);
@@ -420,9 +421,11 @@ class Session {
   // unanswered, the cache owes none any more (else it would be sent again on every start).
   void ReceiptRefused(ConversationId conversation);
   void ExpireTyping();
-  // Tells OnUnreadTotal the cache's total when it changed. The conversations in `unstored` were
-  // told with counts the cache could not store: they count as told.
-  void ReportUnreadTotal(const std::vector<ConversationInfo>& unstored = {});
+  // The conversations in `unstored` are about to be told with counts the cache could not store:
+  // from now on they count and are listed as told (Cache::KeepUnread).
+  void KeepUnstored(const std::vector<ConversationInfo>& unstored);
+  // Tells OnUnreadTotal the cache's total when it changed.
+  void ReportUnreadTotal();
   // Sends a request whose reply nobody waits for; its error is only logged, as `what` refused.
   // False when the connection was dropped.
   bool WriteQuiet(v1::Envelope* envelope, const char* what);

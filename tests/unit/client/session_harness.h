@@ -44,6 +44,7 @@ class Recorder : public ClientListener {
   }
   void OnConversationUpdated(const ConversationInfo& info) override {
     conversations.push_back(info);
+    if (on_conversation) on_conversation(info);
   }
   void OnMessagesExpired(ConversationId conversation, Seq up_to_seq) override {
     expired.emplace_back(conversation, up_to_seq);
@@ -55,7 +56,10 @@ class Recorder : public ClientListener {
   void OnTyping(ConversationId conversation, const UserId& user, bool active) override {
     typing.push_back(std::to_string(conversation) + ":" + user + ":" + (active ? "on" : "off"));
   }
-  void OnReceipt(const ReceiptEvent& event) override { receipts.push_back(event); }
+  void OnReceipt(const ReceiptEvent& event) override {
+    receipts.push_back(event);
+    if (on_receipt) on_receipt(event);
+  }
   void OnMessageStatus(ConversationId conversation, Seq up_to_seq, MessageStatus status) override {
     statuses.push_back(std::to_string(conversation) + ":" + std::to_string(up_to_seq) + ":" +
                        (status == MessageStatus::kRead ? "read" : "delivered"));
@@ -76,12 +80,14 @@ class Recorder : public ClientListener {
   std::vector<ConnectionState> states;
   std::vector<MessageEvent> messages;
   std::vector<ConversationInfo> conversations;
-  std::vector<std::pair<ConversationId, Seq>> expired;  // OnMessagesExpired
+  std::function<void(const ConversationInfo&)> on_conversation;  // called after recording
+  std::vector<std::pair<ConversationId, Seq>> expired;           // OnMessagesExpired
   std::vector<Status> errors;
   std::function<void(const Status&)> on_error;          // called after recording
   std::function<void(const MessageEvent&)> on_message;  // called after recording
   std::vector<std::string> typing;
   std::vector<ReceiptEvent> receipts;
+  std::function<void(const ReceiptEvent&)> on_receipt;  // called after recording
   std::vector<std::string> statuses;
   std::vector<uint64_t> unread_totals;
   std::vector<PresenceInfo> presence;

@@ -2258,6 +2258,70 @@ TEST_CASE("session: a row first made after an unread count the cache could not s
   CHECK(h.cache->GetConversation(7)->info.unread == 3);
 }
 
+// An application that refreshes its list and badge from inside OnConversationUpdated reads
+// Client::Conversations() and Client::UnreadTotal() (the cache's): a count the cache could not
+// store is already what they give when it is told.
+TEST_CASE("session: a count the cache could not store is listed as told inside its callback") {
+  testing::FaultVfs vfs;
+  testing::TempDir dir;
+  std::shared_ptr<Cache> cache(Cache::Open(dir.File("cache.db")).value());
+  Harness h({}, cache);
+  v1::Envelope sync = h.Welcome();
+  // Group 5 holds bob's messages 1 and 2, unread.
+  v1::SyncBatch batch;
+  *batch.add_conversations() = GroupState(5, 2, 2);
+  *batch.add_messages() = Msg(5, 1);
+  *batch.add_messages() = Msg(5, 2);
+  h.Reply(sync, batch);
+  REQUIRE(h.listener.unread_totals.back() == 2);
+  // What the application reads inside each OnConversationUpdated for group 5.
+  std::vector<std::pair<uint64_t, uint64_t>> seen;  // (listed unread, total)
+  h.listener.on_conversation = [&](const ConversationInfo& info) {
+    if (info.conversation_id != 5) return;
+    for (const ConversationInfo& listed : h.cache->ListConversationInfos()) {
+      if (listed.conversation_id == 5) seen.emplace_back(listed.unread, h.cache->UnreadTotal());
+    }
+  };
+  // Read up to 2 on the phone; the cache cannot store it.
+  v1::ConversationState read = GroupState(5, 2, 0);
+  read.set_delivered_seq(2);
+  read.set_read_seq(2);
+  vfs.FailWrites(true);
+  SUBCASE("from a ReceiptUpdate") {
+    // OnReceipt comes first: the listing read there is the one told next, too.
+    h.listener.on_receipt = [&](const ReceiptEvent&) {
+      for (const ConversationInfo& listed : h.cache->ListConversationInfos()) {
+        if (listed.conversation_id == 5) CHECK(listed.unread == 0);
+      }
+    };
+    v1::Envelope update = ReceiptUpdateFor(5, "alice", 2, 2);
+    update.mutable_receipt_update()->set_delivered_all_seq(0);
+    update.mutable_receipt_update()->set_read_all_seq(0);
+    update.mutable_receipt_update()->set_unread(0);
+    h.session->OnEnvelope(update);
+    CHECK(h.listener.receipts.size() == 1);
+  }
+  SUBCASE("from a ConversationUpdate") {
+    v1::Envelope update;
+    *update.mutable_conversation_update()->mutable_conversation() = read;
+    h.session->OnEnvelope(update);
+  }
+  SUBCASE("from a Sync page") {
+    h.session->OnClosed(1006, "abnormal");
+    vfs.FailWrites(false);
+    sync = h.Welcome();
+    vfs.FailWrites(true);
+    v1::SyncBatch page;
+    *page.add_conversations() = read;
+    h.Reply(sync, page);
+  }
+  vfs.FailWrites(false);
+  REQUIRE_FALSE(h.listener.errors.empty());
+  REQUIRE(h.listener.conversations.back().unread == 0);
+  CHECK(seen == std::vector<std::pair<uint64_t, uint64_t>>{{0, 0}});
+  CHECK(h.listener.unread_totals.back() == 0);
+}
+
 // Where every member has read the user's latest message, or none is the user's, a reconnect sends
 // no Receipt either: what used to be asked after each reconnect comes with the Sync.
 TEST_CASE("session: a reconnect sends no Receipt that nothing owes") {
