@@ -378,11 +378,13 @@ class CHAT_EXPORT Client {
   // The status of this user's message `seq` in `conversation` from the cached watermarks:
   // kRead, kDelivered or kSent. NotFound if the conversation is not cached.
   Result<MessageStatus> MessageStatusOf(ConversationId conversation, Seq seq);
-  // Unread messages across the cached conversations.
+  // Unread messages across the cached conversations: the sum of the counts Conversations()
+  // lists.
   Result<uint64_t> UnreadTotal();
 
   // The cached conversations, most recently active first. An unread count reported but not
-  // stored yet (the cache could not write it) is listed as reported, as UnreadTotal() counts it.
+  // stored yet (the cache could not write it) is listed as reported, as UnreadTotal() counts it;
+  // a conversation reported but never stored is neither listed nor counted.
   Result<std::vector<ConversationInfo>> Conversations();
   // The messages in the outbox (pending and failed), oldest first.
   Result<std::vector<MessageEvent>> Outbox();

@@ -666,23 +666,17 @@ std::vector<ConversationInfo> Cache::ListConversationInfos() {
 
 uint64_t Cache::UnreadTotal() {
   std::lock_guard lock(mu_);
+  // Every count kept is of a listed row (KeepUnread), so the total is the listing's.
   uint64_t total = 0;
-  size_t kept_rows = 0;
-  for (const ConversationInfo& info : ListConversationInfos()) {
-    total += info.unread;
-    if (kept_unread_.contains(info.conversation_id)) ++kept_rows;
-  }
-  if (kept_rows < kept_unread_.size()) {
-    // Conversations told but never stored (known only from a state the cache could not write).
-    for (const auto& [id, kept] : kept_unread_) {
-      if (!GetConversation(id)) total += kept.unread;
-    }
-  }
+  for (const ConversationInfo& info : ListConversationInfos()) total += info.unread;
   return total;
 }
 
 void Cache::KeepUnread(ConversationId conversation, Seq read_seq, uint64_t unread) {
   std::lock_guard lock(mu_);
+  // Without a row there is nothing to list the count in, and nothing would end the keeping if no
+  // row is ever made (the user was removed before the next Sync): the next Sync brings the state.
+  if (!GetConversation(conversation)) return;
   auto it = kept_unread_.find(conversation);
   if (it == kept_unread_.end() && kept_unread_.size() >= kMaxKeptUnread) {
     auto oldest = kept_unread_.begin();

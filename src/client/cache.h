@@ -130,15 +130,15 @@ class Cache {
   std::vector<ConversationInfo> ListConversationInfos();
   // The conversations whose row has receipt_due set, by id.
   std::vector<ConversationId> ReceiptsDue();
-  // The sum of every cached conversation's unread count, with the counts kept by KeepUnread in
-  // place of the stored ones.
+  // The sum of the unread counts ListConversationInfos() lists.
   uint64_t UnreadTotal();
   // `unread`, with the read watermark `read_seq`, was told to the application for
   // `conversation` (a read on another device), but the cache could not write its row:
-  // ListConversationInfos() and UnreadTotal() give it instead of the stored count (UnreadTotal()
-  // counts it as one more conversation, if none is stored) until a write of the row is committed,
-  // the cache is reset for a new epoch, or it is closed. At most kMaxKeptUnread conversations;
-  // past it the oldest goes back to its stored count.
+  // ListConversationInfos() and UnreadTotal() give it instead of the stored count until a write
+  // of the row is committed, the cache is reset for a new epoch, or it is closed. Only for a
+  // conversation the cache holds a row of: one it has none of is neither listed nor counted, and
+  // nothing is kept of it. At most kMaxKeptUnread conversations; past it the oldest goes back to
+  // its stored count.
   void KeepUnread(ConversationId conversation, Seq read_seq, uint64_t unread);
   // Puts the read watermark and count kept by KeepUnread for `row`'s conversation in place of
   // `row`'s. A row about to be changed and written is loaded through it: the write then stores

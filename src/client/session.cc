@@ -676,8 +676,6 @@ ConversationRow Session::LoadOrStub(ConversationId conversation) {
   ConversationRow row;
   row.info.conversation_id = conversation;
   row.expired_through = KnownFloor(conversation, std::nullopt);
-  // A state the cache could not store may have told a count for it.
-  cache_->ApplyKept(&row);
   return row;
 }
 
@@ -882,7 +880,6 @@ void Session::HandleSendAck(const v1::Envelope& envelope) {
           row.info.kind = ConversationKind::kDirect;
           row.info.peer = entry->peer;
           row.expired_through = floor;
-          cache_->ApplyKept(&row);
           (void)cache_->PutConversation(row);
         }
         // A message retention already deleted (its ack was lost, and the device stayed away

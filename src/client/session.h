@@ -422,7 +422,7 @@ class Session {
   void ReceiptRefused(ConversationId conversation);
   void ExpireTyping();
   // The conversations in `unstored` are about to be told with counts the cache could not store:
-  // from now on they count and are listed as told (Cache::KeepUnread).
+  // from now on those it holds a row of count and are listed as told (Cache::KeepUnread).
   void KeepUnstored(const std::vector<ConversationInfo>& unstored);
   // Tells OnUnreadTotal the cache's total when it changed.
   void ReportUnreadTotal();

@@ -163,9 +163,9 @@ TEST_CASE("cache: an unread count kept counts until a write of its row is commit
   row.info.unread = 4;
   REQUIRE(cache->PutConversation(row).ok());
   cache->KeepUnread(5, 3, 1);
-  cache->KeepUnread(6, 0, 2);  // no row stored: one more conversation
-  CHECK(cache->UnreadTotal() == 3);
-  // Listed as kept too (no row is listed for 6).
+  cache->KeepUnread(6, 0, 2);  // no row stored: neither listed nor counted
+  CHECK(cache->UnreadTotal() == 1);
+  // Listed as kept too.
   REQUIRE(cache->ListConversationInfos().size() == 1);
   CHECK(cache->ListConversationInfos()[0].unread == 1);
   // A row loaded to be written takes the kept count and the read watermark told with it.
@@ -178,21 +178,33 @@ TEST_CASE("cache: an unread count kept counts until a write of its row is commit
     Cache::Transaction txn(cache.get());
     REQUIRE(cache->PutConversation(row).ok());
   }
-  CHECK(cache->UnreadTotal() == 3);
+  CHECK(cache->UnreadTotal() == 1);
   {
     Cache::Transaction txn(cache.get());
     REQUIRE(cache->PutConversation(row).ok());
-    CHECK(cache->UnreadTotal() == 3);  // not before the commit
+    CHECK(cache->UnreadTotal() == 1);  // not before the commit
     // Loaded again in the same transaction, the row is the one written.
     ConversationRow again = *cache->GetConversation(5);
     cache->ApplyKept(&again);
     CHECK(again.info.unread == 4);
     REQUIRE(txn.Commit().ok());
   }
-  CHECK(cache->UnreadTotal() == 6);
+  CHECK(cache->UnreadTotal() == 4);
   CHECK(cache->ListConversationInfos()[0].unread == 4);
-  // Bounded: the oldest goes back to its stored count (none stored: nothing).
-  for (ConversationId id = 100; id < 100 + kMaxKeptUnread; ++id) cache->KeepUnread(id, 0, 0);
+  // Nothing was kept of 6: a row made for it later does not take the count told before.
+  ConversationRow made;
+  made.info.conversation_id = 6;
+  cache->ApplyKept(&made);
+  CHECK(made.info.unread == 0);
+  // Bounded: the oldest goes back to its stored count.
+  cache->KeepUnread(5, 3, 1);
+  CHECK(cache->UnreadTotal() == 1);
+  row.info.unread = 0;
+  for (ConversationId id = 100; id < 100 + kMaxKeptUnread; ++id) {
+    row.info.conversation_id = id;
+    REQUIRE(cache->PutConversation(row).ok());
+    cache->KeepUnread(id, 0, 0);
+  }
   CHECK(cache->UnreadTotal() == 4);
 }
 

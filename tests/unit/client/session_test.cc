@@ -2234,28 +2234,55 @@ TEST_CASE("session: a write of the row after an unread count the cache could not
   CHECK(h.cache->GetConversation(5)->info.read_seq == 3);
 }
 
-// The same for a conversation known only from a state the cache could not store: the row its
-// first message makes stores the count told.
-TEST_CASE("session: a row first made after an unread count the cache could not store keeps it") {
+// A conversation known only from a state the cache could not store is reported, but neither
+// listed by Client::Conversations() nor counted by UnreadTotal(): nothing is kept of it, so no
+// count outlives it. The next Sync brings its state again.
+TEST_CASE("session: a conversation the cache could not store is neither listed nor counted") {
   testing::FaultVfs vfs;
   testing::TempDir dir;
   std::shared_ptr<Cache> cache(Cache::Open(dir.File("cache.db")).value());
   Harness h({}, cache);
   h.ConnectLive();
+  h.io.Take();
   vfs.FailWrites(true);
   v1::Envelope update;
   *update.mutable_conversation_update()->mutable_conversation() = GroupState(7, 3, 3);
   h.session->OnEnvelope(update);
   vfs.FailWrites(false);
   REQUIRE_FALSE(h.cache->GetConversation(7).has_value());
-  REQUIRE(h.listener.unread_totals.back() == 3);
+  REQUIRE_FALSE(h.listener.conversations.empty());
+  CHECK(h.listener.conversations.back().unread == 3);
+  CHECK(h.cache->ListConversationInfos().empty());
+  CHECK(h.cache->UnreadTotal() == 0);
+  CHECK(h.listener.unread_totals.empty());
 
-  // Message 4 waits above the hole its Sync fills; its row is written now.
-  h.Deliver(Msg(7, 4));
-  REQUIRE(h.cache->GetConversation(7).has_value());
-  CHECK(h.listener.unread_totals.back() == 3);
-  CHECK(h.cache->UnreadTotal() == 3);
-  CHECK(h.cache->GetConversation(7)->info.unread == 3);
+  SUBCASE("the user is removed before the next Sync") {
+    h.clock->Advance(kSyncRetryMinMs);
+    h.session->Tick();
+    auto syncs = OfCase(h.io.Take(), v1::Envelope::kSync);
+    REQUIRE(syncs.size() == 1);
+    h.Reply(syncs[0], {});
+    CHECK(h.cache->ListConversationInfos().empty());
+    CHECK(h.cache->UnreadTotal() == 0);
+    CHECK(h.listener.unread_totals.empty());
+  }
+  SUBCASE("a message makes its row first") {
+    // Message 4 waits above the hole its Sync fills; its row is written now, counting nothing.
+    h.Deliver(Msg(7, 4));
+    REQUIRE(h.cache->GetConversation(7).has_value());
+    CHECK(h.cache->UnreadTotal() == 0);
+    CHECK(h.cache->ListConversationInfos().at(0).unread == 0);
+    auto syncs = OfCase(h.io.Take(), v1::Envelope::kSync);
+    REQUIRE(syncs.size() == 1);
+    v1::SyncBatch batch;
+    *batch.add_conversations() = GroupState(7, 4, 4);
+    for (Seq seq = 1; seq <= 3; ++seq) *batch.add_messages() = Msg(7, seq);
+    h.Reply(syncs[0], batch);
+    CHECK(h.listener.SentSeqs(7) == std::vector<Seq>{1, 2, 3, 4});
+    CHECK(h.cache->ListConversationInfos().at(0).unread == 4);
+    CHECK(h.cache->UnreadTotal() == 4);
+    CHECK(h.listener.unread_totals.back() == 4);
+  }
 }
 
 // An application that refreshes its list and badge from inside OnConversationUpdated reads
