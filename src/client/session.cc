@@ -516,6 +516,7 @@ void Session::HandleWelcome(const v1::Envelope& envelope) {
 bool Session::RebuildForEpoch(const v1::Welcome& welcome, const std::string& cached_user) {
   stubs_.clear();
   rowless_floors_.clear();  // the old store's
+  floors_taken_.clear();
   // The outbox was kept, but what it holds was written by the cached user, some of it to
   // conversation ids of the old store: another user must not send any of it, and an old id
   // may name another conversation in the new store. A message to a peer (by user id) still
@@ -676,6 +677,7 @@ ConversationRow Session::LoadOrStub(ConversationId conversation) {
   ConversationRow row;
   row.info.conversation_id = conversation;
   row.expired_through = KnownFloor(conversation, std::nullopt);
+  NoteFloorTaken(conversation);
   return row;
 }
 
@@ -683,7 +685,26 @@ Seq Session::KnownFloor(ConversationId conversation,
                         const std::optional<ConversationRow>& row) const {
   if (row) return row->expired_through;
   auto it = rowless_floors_.find(conversation);
-  return it != rowless_floors_.end() ? it->second : 0;
+  return it != rowless_floors_.end() ? it->second.through : 0;
+}
+
+void Session::KeepRowlessFloor(ConversationId conversation, Seq through) {
+  auto it = rowless_floors_.find(conversation);
+  if (it == rowless_floors_.end() && rowless_floors_.size() >= kMaxRowlessFloors) {
+    // The oldest goes: the newest is the likeliest to be in use (its Sync in flight).
+    auto oldest = rowless_floors_.begin();
+    for (auto i = rowless_floors_.begin(); i != rowless_floors_.end(); ++i) {
+      if (i->second.order < oldest->second.order) oldest = i;
+    }
+    rowless_floors_.erase(oldest);
+  }
+  rowless_floors_[conversation] = {through, ++rowless_order_};
+}
+
+void Session::NoteFloorTaken(ConversationId conversation) {
+  if (txn_depth_ > 0 && rowless_floors_.contains(conversation)) {
+    floors_taken_.insert(conversation);
+  }
 }
 
 void Session::Apply(ConversationRow* row, const v1::Message& next,
@@ -880,6 +901,7 @@ void Session::HandleSendAck(const v1::Envelope& envelope) {
           row.info.kind = ConversationKind::kDirect;
           row.info.peer = entry->peer;
           row.expired_through = floor;
+          NoteFloorTaken(row.info.conversation_id);
           (void)cache_->PutConversation(row);
         }
         // A message retention already deleted (its ack was lost, and the device stayed away
@@ -1367,19 +1389,15 @@ void Session::HandleMessagesExpired(const v1::MessagesExpired& notice) {
   std::optional<ConversationInfo> updated;
   {
     CacheTxn txn(this);
-    if (!txn.Started()) return;
     std::optional<ConversationRow> row = LoadRow(id);
     // History pages of a conversation the cache has no row for are stored too: they go, and the
-    // floor is kept apart until a row is made (LoadOrStub), whatever becomes of this transaction.
+    // floor is kept apart until a row is made (LoadOrStub), whatever becomes of this transaction,
+    // even one that did not start.
     ConversationRow rowless;
     rowless.info.conversation_id = id;
     const Seq floor_before = row ? row->expired_through : 0;
-    if (!row && through > KnownFloor(id, std::nullopt)) {
-      if (!rowless_floors_.contains(id) && rowless_floors_.size() >= kMaxRowlessFloors) {
-        rowless_floors_.erase(rowless_floors_.begin());
-      }
-      rowless_floors_[id] = through;
-    }
+    if (!row && through > KnownFloor(id, std::nullopt)) KeepRowlessFloor(id, through);
+    if (!txn.Started()) return;
     if (!DropExpired(row ? &*row : &rowless, through, &expired)) return;
     if (row) {
       const ConversationInfo before = row->info;
@@ -2389,6 +2407,12 @@ Session::CacheTxn::~CacheTxn() {
     }
   }
   before.clear();
+  // A floor kept without a row is the row's once a row made from it is committed.
+  for (ConversationId conversation : std::exchange(session_->floors_taken_, {})) {
+    if (committed_ && session_->cache_->GetConversation(conversation)) {
+      session_->rowless_floors_.erase(conversation);
+    }
+  }
   for (const Status& status : std::exchange(session_->held_errors_, {})) {
     session_->listener_->OnError(status);
   }

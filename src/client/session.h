@@ -79,7 +79,7 @@ inline constexpr size_t kMaxTypingShown = 1'000;
 // Receipt/Typing requests whose errors are recognised (older ones are forgotten).
 inline constexpr size_t kMaxQuietRids = 1'024;
 // Conversations whose retention floor is kept without a cache row (see rowless_floors_); past
-// it the one with the lowest id is forgotten.
+// it the one kept longest is forgotten.
 inline constexpr size_t kMaxRowlessFloors = 1'024;
 // Requests given up whose late answers are recognised (the oldest are forgotten past it): as
 // many as may wait for answers at once, so that all of them given up together are, on a server
@@ -454,6 +454,10 @@ class Session {
   // How far retention deleted `conversation`, as far as this client was told: `row`'s floor,
   // or without one the floor of a notice that came before it (rowless_floors_).
   Seq KnownFloor(ConversationId conversation, const std::optional<ConversationRow>& row) const;
+  // Keeps `through` as `conversation`'s floor until it has a row (rowless_floors_).
+  void KeepRowlessFloor(ConversationId conversation, Seq through);
+  // A row of `conversation` is being made, in the open CacheTxn, from its rowless floor.
+  void NoteFloorTaken(ConversationId conversation);
 
   // Spends one token of the client-side send budget; false (and a retry timer) when empty.
   bool TakeSendToken();
@@ -509,8 +513,17 @@ class Session {
   // conversations the cache had no row for (the user was just added, and the Sync bringing the
   // conversation is in flight): a row made later starts from it, and a History page of such a
   // conversation is cut at it, so that a reply the server read before its sweep stores and shows
-  // none of what it deleted. At most kMaxRowlessFloors; forgotten with the epoch.
-  std::map<ConversationId, Seq> rowless_floors_;
+  // none of what it deleted. Forgotten once a row made from it is committed (the row holds it),
+  // and with the epoch; at most kMaxRowlessFloors.
+  struct RowlessFloor {
+    Seq through = 0;
+    uint64_t order = 0;  // when kept: past the bound the oldest goes
+  };
+  std::map<ConversationId, RowlessFloor> rowless_floors_;
+  uint64_t rowless_order_ = 0;
+  // The conversations whose rowless floor a row was made from in the open CacheTxn (at most
+  // kMaxRowlessFloors): their floors go when it commits, if the row is there.
+  std::set<ConversationId> floors_taken_;
 
   std::map<uint64_t, std::string> in_flight_;  // rid -> client_msg_id
   std::set<std::string> in_flight_ids_;

@@ -458,6 +458,60 @@ TEST_CASE("session expiry: a notice for a conversation not cached yet still sets
   CHECK(h.listener.errors.empty());
 }
 
+// The floors kept without a row are bounded, but the one dropped past the bound is the oldest
+// (not the lowest id), and one whose conversation got a row since is the row's and counts no
+// more. Nor does a notice whose cache transaction did not start lose its floor.
+TEST_CASE("session expiry: a floor kept without a row is kept while others come and go") {
+  Harness h;
+  h.ConnectLive();
+  h.io.Take();
+  auto notices = [&](ConversationId from, size_t count) {
+    for (ConversationId id = from; id < from + count; ++id) {
+      h.session->OnEnvelope(Notice(id, 4, 3));
+    }
+  };
+  SUBCASE("past the bound, the oldest goes") {
+    notices(1001, kMaxRowlessFloors - 1);
+    h.session->OnEnvelope(Notice(5, 4, 3));
+    h.session->OnEnvelope(Notice(3001, 4, 3));
+  }
+  SUBCASE("those whose conversation got a row since count no more") {
+    h.session->OnEnvelope(Notice(5, 4, 3));
+    notices(1001, kMaxRowlessFloors - 1);
+    h.Deliver(Msg(6, 1));  // a conversation not cached yet: the client asks for its state
+    std::vector<v1::Envelope> asked = OfCase(h.io.Take(), v1::Envelope::kSync);
+    REQUIRE(asked.size() == 1);
+    v1::SyncBatch batch;
+    for (ConversationId id = 1001; id < 1001 + kMaxRowlessFloors - 1; ++id) {
+      *batch.add_conversations() = GroupState(id, 0, 0);
+    }
+    *batch.add_conversations() = GroupState(6, 1, 1);
+    *batch.add_messages() = Msg(6, 1);
+    h.Reply(asked[0], batch);
+    REQUIRE(h.cache->GetConversation(1001).has_value());
+    CHECK(h.cache->GetConversation(1001)->expired_through == 3);
+    h.session->OnEnvelope(Notice(3001, 4, 3));
+  }
+  SUBCASE("the notice's cache transaction did not start") {
+    // BEGIN fails while the cache's connection is in a transaction already.
+    Cache::Transaction outer(h.cache.get());
+    REQUIRE(outer.active());
+    h.session->OnEnvelope(Notice(5, 4, 3));
+    REQUIRE(outer.Commit().ok());
+  }
+  // A History page the server read before the sweep shows none of what it deleted.
+  std::vector<Result<HistoryResult>> pages;
+  h.session->History(5, 0, 10, [&](Result<HistoryResult> r) { pages.push_back(std::move(r)); });
+  std::vector<v1::Envelope> asked = OfCase(h.io.Take(), v1::Envelope::kHistory);
+  REQUIRE(asked.size() == 1);
+  h.session->OnEnvelope(Page(asked[0], 1, 5, 1, false));
+  REQUIRE(pages.size() == 1);
+  REQUIRE(pages[0].ok());
+  std::vector<Seq> seqs;
+  for (const Message& m : pages[0]->messages) seqs.push_back(m.seq);
+  CHECK(seqs == std::vector<Seq>{5, 4});
+}
+
 TEST_CASE("session expiry: History pages with the same raised first_seq sync once a connection") {
   Harness h;
   // The cache holds 1..3 from before this user was removed, and 8..10 since it was added again
