@@ -1107,6 +1107,9 @@ void Session::HandleSyncBatch(const v1::SyncBatch& batch) {
   sync_again_ = false;
   if (saved) {
     sync_retry_ms_ = 0;
+    // A retry armed while the delays were longer (a live message not stored while this Sync was
+    // in flight) starts over as well.
+    if (sync_retry_at_ != 0) sync_retry_at_ = std::min(sync_retry_at_, Now() + kSyncRetryMinMs);
   } else {
     sync_retry_ms_ =
         sync_retry_ms_ == 0 ? kSyncRetryMinMs : std::min(2 * sync_retry_ms_, kSyncRetryMaxMs);

@@ -505,7 +505,8 @@ class Session {
   // A page the cache could not store: a Sync goes at sync_retry_at_ (monotonic ms; 0: none due,
   // and a Sync sent for any reason does its work), sync_retry_ms_ after the page (0 once a page
   // is stored; see kSyncRetryMinMs). A live message or a ConversationUpdate past the cursor
-  // that the cache could not store sets it too, when none is due (RetrySyncLater).
+  // that the cache could not store sets it too, when none is due (RetrySyncLater); a page stored
+  // then brings it to at most kSyncRetryMinMs after that page.
   int64_t sync_retry_at_ = 0;
   int64_t sync_retry_ms_ = 0;
   std::set<ConversationId> stubs_;  // known only from a Deliver: ask Sync for their state

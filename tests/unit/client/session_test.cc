@@ -3286,6 +3286,49 @@ TEST_CASE("session: a Sync page the cache cannot store is asked for again after 
   CHECK(h.state() == ConnectionState::kConnected);
 }
 
+// A live message the cache could not store while the Sync retries were backing off is asked for
+// after the longer delay then, but a page stored meanwhile starts the delays over for it too: its
+// Sync goes kSyncRetryMinMs after that page, not after the delay of the pages not stored.
+TEST_CASE("session: a page stored brings a retry armed during a backoff back to the first delay") {
+  testing::FaultVfs vfs;
+  testing::TempDir dir;
+  std::shared_ptr<Cache> cache(Cache::Open(dir.File("cache.db")).value());
+  Harness h({}, cache);
+  v1::Envelope sync = h.Welcome(7, /*heartbeat_ms=*/300'000);  // the link needs no Ping meanwhile
+  // Three pages in a row not stored: the next retry waits 4 s.
+  vfs.FailWrites(true);
+  for (int64_t delay : {kSyncRetryMinMs, 2 * kSyncRetryMinMs}) {
+    h.Reply(sync, GroupPage(1));
+    h.clock->Advance(delay);
+    h.session->Tick();
+    auto syncs = OfCase(h.io.Take(), v1::Envelope::kSync);
+    REQUIRE(syncs.size() == 1);
+    sync = syncs[0];
+  }
+  h.Reply(sync, GroupPage(1));
+  h.clock->Advance(4 * kSyncRetryMinMs);
+  h.session->Tick();
+  auto syncs = OfCase(h.io.Take(), v1::Envelope::kSync);
+  REQUIRE(syncs.size() == 1);
+  // While that Sync is in flight, a message of group 6 comes that the cache cannot store.
+  h.Deliver(Msg(6, 1));
+  REQUIRE(h.listener.SentSeqs(6).empty());
+  vfs.FailWrites(false);
+  // The server read the Sync before the message, and had nothing new (the page is stored).
+  h.Reply(syncs[0], {});
+  CHECK(OfCase(h.io.Take(), v1::Envelope::kSync).empty());
+  CHECK(h.session->NextDeadlineMs() <= h.Now() + kSyncRetryMinMs);
+  h.clock->Advance(kSyncRetryMinMs);
+  h.session->Tick();
+  syncs = OfCase(h.io.Take(), v1::Envelope::kSync);
+  REQUIRE(syncs.size() == 1);
+  v1::SyncBatch batch;
+  *batch.add_conversations() = GroupState(6, 1, 1);
+  *batch.add_messages() = Msg(6, 1);
+  h.Reply(syncs[0], batch);
+  CHECK(h.listener.SentSeqs(6) == std::vector<Seq>{1});
+}
+
 // A ConversationUpdate saying a conversation holds messages past the cursor makes the client
 // fetch them. When the cache cannot store that state the news is not forgotten: the client asks
 // after the delay a Sync page not stored waits (kSyncRetryMinMs), as nothing else might ask before
