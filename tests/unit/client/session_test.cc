@@ -3421,18 +3421,45 @@ TEST_CASE(
   *batch.add_messages() = Msg(5, 3);
   h.Reply(syncs[0], batch);
   REQUIRE(h.listener.SentSeqs(5) == std::vector<Seq>{1, 2, 3});
-  REQUIRE(h.listener.conversations.size() > reports);
-  for (size_t i = reports; i < h.listener.conversations.size(); ++i) {
-    const ConversationInfo& info = h.listener.conversations[i];
-    CHECK(info.conversation_id == 5);
-    CHECK(info.title == "renamed");
-    CHECK(info.unread == 0);
-  }
-  for (size_t i = totals; i < h.listener.unread_totals.size(); ++i) {
-    CHECK(h.listener.unread_totals[i] == 0);
-  }
+  // Reported once, as told; the total, 0 all along, is not reported again.
+  REQUIRE(h.listener.conversations.size() == reports + 1);
+  const ConversationInfo& info = h.listener.conversations.back();
+  CHECK(info.conversation_id == 5);
+  CHECK(info.title == "renamed");
+  CHECK(info.unread == 0);
+  CHECK(h.listener.unread_totals.size() == totals);
   CHECK(h.cache->GetConversation(5)->info.title == "renamed");
   CHECK(h.cache->UnreadTotal() == 0);
+}
+
+// A Sync page whose messages and state the cache stores reports each conversation it states
+// once, from the state, not also before it as the row with the messages applied.
+TEST_CASE("session: a Sync page reports each conversation it states once") {
+  Harness h;
+  LiveWithGroupAtSeq1(h);
+  h.session->OnClosed(1006, "abnormal");
+  v1::Envelope sync = h.Welcome();
+  const size_t reports = h.listener.conversations.size();
+  const size_t totals = h.listener.unread_totals.size();
+  // bob's messages 2 and 3 and group 6's 1, with both states.
+  v1::SyncBatch batch;
+  *batch.add_conversations() = GroupState(5, 3, 2, "renamed");
+  *batch.add_conversations() = GroupState(6, 1, 1);
+  *batch.add_messages() = Msg(5, 2);
+  *batch.add_messages() = Msg(5, 3);
+  *batch.add_messages() = Msg(6, 1);
+  h.Reply(sync, batch);
+  REQUIRE(h.listener.SentSeqs(5) == std::vector<Seq>{1, 2, 3});
+  REQUIRE(h.listener.SentSeqs(6) == std::vector<Seq>{1});
+  REQUIRE(h.listener.conversations.size() == reports + 2);
+  const ConversationInfo& five = h.listener.conversations[reports];
+  CHECK(five.conversation_id == 5);
+  CHECK(five.title == "renamed");
+  CHECK(five.unread == 2);
+  CHECK(five.last_seq == 3);
+  CHECK(h.listener.conversations[reports + 1].conversation_id == 6);
+  CHECK(h.listener.unread_totals.size() == totals + 1);
+  CHECK(h.listener.unread_totals.back() == 3);
 }
 
 // A Sync reply with an impossible gap is refused whole, as a failed Sync: the cursor stays
