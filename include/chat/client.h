@@ -383,8 +383,9 @@ class CHAT_EXPORT Client {
   Result<uint64_t> UnreadTotal();
 
   // The cached conversations, most recently active first. An unread count reported but not
-  // stored yet (the cache could not write it) is listed as reported, as UnreadTotal() counts it;
-  // a conversation reported but never stored is neither listed nor counted.
+  // stored yet (the cache could not write it) is listed as reported, with the read_seq reported
+  // with it, as UnreadTotal() counts it; a conversation reported but never stored is neither
+  // listed nor counted.
   Result<std::vector<ConversationInfo>> Conversations();
   // The messages in the outbox (pending and failed), oldest first.
   Result<std::vector<MessageEvent>> Outbox();

@@ -657,6 +657,7 @@ std::vector<ConversationInfo> Cache::ListConversationInfos() {
   std::vector<ConversationInfo> infos;
   for (ConversationRow& row : ListConversations()) {
     if (auto kept = kept_unread_.find(row.info.conversation_id); kept != kept_unread_.end()) {
+      row.info.read_seq = kept->second.read_seq;
       row.info.unread = kept->second.unread;
     }
     infos.push_back(std::move(row.info));

@@ -125,8 +125,8 @@ class Cache {
   // Most recently active first, as stored.
   std::vector<ConversationRow> ListConversations();
   // The cached conversations as the application was told them (Client::Conversations()), most
-  // recently active first: the stored rows, with the counts kept by KeepUnread in place of the
-  // stored ones.
+  // recently active first: the stored rows, with the read watermarks and counts kept by
+  // KeepUnread in place of the stored ones.
   std::vector<ConversationInfo> ListConversationInfos();
   // The conversations whose row has receipt_due set, by id.
   std::vector<ConversationId> ReceiptsDue();

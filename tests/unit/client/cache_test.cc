@@ -165,9 +165,10 @@ TEST_CASE("cache: an unread count kept counts until a write of its row is commit
   cache->KeepUnread(5, 3, 1);
   cache->KeepUnread(6, 0, 2);  // no row stored: neither listed nor counted
   CHECK(cache->UnreadTotal() == 1);
-  // Listed as kept too.
+  // Listed as kept too, with the read watermark told with the count.
   REQUIRE(cache->ListConversationInfos().size() == 1);
   CHECK(cache->ListConversationInfos()[0].unread == 1);
+  CHECK(cache->ListConversationInfos()[0].read_seq == 3);
   // A row loaded to be written takes the kept count and the read watermark told with it.
   ConversationRow loaded = *cache->GetConversation(5);
   cache->ApplyKept(&loaded);

@@ -2118,9 +2118,12 @@ TEST_CASE(
   CHECK(h.listener.unread_totals.back() == 1);
   CHECK(h.cache->GetConversation(5)->info.unread == 2);  // the row holds what it held
   CHECK(h.cache->UnreadTotal() == 1);                    // Client::UnreadTotal()
-  // Client::Conversations() agrees with it.
+  // Client::Conversations() agrees with it, and lists the read watermark told with the count.
   CHECK(listed_unread(5) == 0);
   CHECK(listed_unread(6) == 1);
+  for (const ConversationInfo& info : h.cache->ListConversationInfos()) {
+    if (info.conversation_id == 5) CHECK(info.read_seq == 3);
+  }
 
   // A message in group 6 is stored: the total counts group 5 as told, not as stored.
   h.Deliver(Msg(6, 2));
