@@ -7,6 +7,7 @@
 
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -263,6 +264,14 @@ inline std::vector<v1::Envelope> OfCase(const std::vector<v1::Envelope>& all,
     if (e.body_case() == body) out.push_back(e);
   }
   return out;
+}
+
+// What Client::Conversations() lists for `conversation` (read from the cache), if anything.
+inline std::optional<ConversationInfo> Listed(Cache& cache, ConversationId conversation) {
+  for (ConversationInfo& info : cache.ListConversationInfos()) {
+    if (info.conversation_id == conversation) return std::move(info);
+  }
+  return std::nullopt;
 }
 
 // Ticks the session and returns the Receipts it wrote then (everything else written is dropped).

@@ -2086,13 +2086,6 @@ TEST_CASE(
   testing::TempDir dir;
   std::shared_ptr<Cache> cache(Cache::Open(dir.File("cache.db")).value());
   Harness h({}, cache);
-  // What Client::Conversations() lists for a conversation.
-  auto listed_unread = [&](ConversationId id) -> std::optional<uint64_t> {
-    for (const ConversationInfo& info : h.cache->ListConversationInfos()) {
-      if (info.conversation_id == id) return info.unread;
-    }
-    return std::nullopt;
-  };
   v1::Envelope sync = h.Welcome();
   // Group 5 holds alice's message 1 and bob's 2 and 3, unread; group 6 bob's message 1.
   v1::SyncBatch batch;
@@ -2119,19 +2112,17 @@ TEST_CASE(
   CHECK(h.cache->GetConversation(5)->info.unread == 2);  // the row holds what it held
   CHECK(h.cache->UnreadTotal() == 1);                    // Client::UnreadTotal()
   // Client::Conversations() agrees with it, and lists the read watermark told with the count.
-  CHECK(listed_unread(5) == 0);
-  CHECK(listed_unread(6) == 1);
-  for (const ConversationInfo& info : h.cache->ListConversationInfos()) {
-    if (info.conversation_id == 5) CHECK(info.read_seq == 3);
-  }
+  CHECK(Listed(*h.cache, 5).value().unread == 0);
+  CHECK(Listed(*h.cache, 6).value().unread == 1);
+  CHECK(Listed(*h.cache, 5).value().read_seq == 3);
 
   // A message in group 6 is stored: the total counts group 5 as told, not as stored.
   h.Deliver(Msg(6, 2));
   CHECK(h.listener.SentSeqs(6) == std::vector<Seq>{1, 2});
   CHECK(h.listener.unread_totals.back() == 2);
   CHECK(h.cache->UnreadTotal() == 2);
-  CHECK(listed_unread(5) == 0);
-  CHECK(listed_unread(6) == 2);
+  CHECK(Listed(*h.cache, 5).value().unread == 0);
+  CHECK(Listed(*h.cache, 6).value().unread == 2);
 
   // The next Sync stores group 5's row: from then on the stored count is the one counted.
   h.session->OnClosed(1006, "abnormal");
@@ -2149,7 +2140,7 @@ TEST_CASE(
   CHECK(h.cache->GetConversation(5)->info.unread == 1);
   CHECK(h.listener.unread_totals.back() == 3);
   CHECK(h.cache->UnreadTotal() == 3);
-  CHECK(listed_unread(5) == 1);
+  CHECK(Listed(*h.cache, 5).value().unread == 1);
 }
 
 // A count told but not stored stays told through any later write of the row that is not a newer
@@ -2160,12 +2151,6 @@ TEST_CASE("session: a write of the row after an unread count the cache could not
   testing::TempDir dir;
   std::shared_ptr<Cache> cache(Cache::Open(dir.File("cache.db")).value());
   Harness h({}, cache);
-  auto listed_unread = [&](ConversationId id) -> std::optional<uint64_t> {
-    for (const ConversationInfo& info : h.cache->ListConversationInfos()) {
-      if (info.conversation_id == id) return info.unread;
-    }
-    return std::nullopt;
-  };
   v1::Envelope sync = h.Welcome();
   // The direct conversation 5 with bob holds alice's message 1 and bob's 2 and 3, unread.
   v1::ConversationState direct = GroupState(5, 3, 2);
@@ -2224,7 +2209,7 @@ TEST_CASE("session: a write of the row after an unread count the cache could not
   }
   CHECK(h.listener.unread_totals.back() == 0);
   CHECK(h.cache->UnreadTotal() == 0);
-  CHECK(listed_unread(5) == 0);
+  CHECK(Listed(*h.cache, 5).value().unread == 0);
 
   // bob's next message counts on from the count told, and the row stores it.
   h.Deliver(Msg(5, 4));
@@ -2232,7 +2217,7 @@ TEST_CASE("session: a write of the row after an unread count the cache could not
   CHECK(h.listener.conversations.back().unread == 1);
   CHECK(h.listener.unread_totals.back() == 1);
   CHECK(h.cache->UnreadTotal() == 1);
-  CHECK(listed_unread(5) == 1);
+  CHECK(Listed(*h.cache, 5).value().unread == 1);
   CHECK(h.cache->GetConversation(5)->info.unread == 1);
   CHECK(h.cache->GetConversation(5)->info.read_seq == 3);
 }
@@ -2308,8 +2293,8 @@ TEST_CASE("session: a count the cache could not store is listed as told inside i
   std::vector<std::pair<uint64_t, uint64_t>> seen;  // (listed unread, total)
   h.listener.on_conversation = [&](const ConversationInfo& info) {
     if (info.conversation_id != 5) return;
-    for (const ConversationInfo& listed : h.cache->ListConversationInfos()) {
-      if (listed.conversation_id == 5) seen.emplace_back(listed.unread, h.cache->UnreadTotal());
+    if (auto listed = Listed(*h.cache, 5)) {
+      seen.emplace_back(listed->unread, h.cache->UnreadTotal());
     }
   };
   // Read up to 2 on the phone; the cache cannot store it.
@@ -2320,9 +2305,7 @@ TEST_CASE("session: a count the cache could not store is listed as told inside i
   SUBCASE("from a ReceiptUpdate") {
     // OnReceipt comes first: the listing read there is the one told next, too.
     h.listener.on_receipt = [&](const ReceiptEvent&) {
-      for (const ConversationInfo& listed : h.cache->ListConversationInfos()) {
-        if (listed.conversation_id == 5) CHECK(listed.unread == 0);
-      }
+      if (auto listed = Listed(*h.cache, 5)) CHECK(listed->unread == 0);
     };
     v1::Envelope update = ReceiptUpdateFor(5, "alice", 2, 2);
     update.mutable_receipt_update()->set_delivered_all_seq(0);
