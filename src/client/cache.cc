@@ -680,11 +680,9 @@ void Cache::KeepUnread(ConversationId conversation, Seq read_seq, uint64_t unrea
   if (!GetConversation(conversation)) return;
   auto it = kept_unread_.find(conversation);
   if (it == kept_unread_.end() && kept_unread_.size() >= kMaxKeptUnread) {
-    auto oldest = kept_unread_.begin();
-    for (auto i = kept_unread_.begin(); i != kept_unread_.end(); ++i) {
-      if (i->second.order < oldest->second.order) oldest = i;
-    }
-    kept_unread_.erase(oldest);
+    kept_unread_.erase(std::min_element(
+        kept_unread_.begin(), kept_unread_.end(),
+        [](const auto& a, const auto& b) { return a.second.order < b.second.order; }));
   }
   kept_unread_[conversation] = {read_seq, unread, ++kept_order_};
 }

@@ -674,10 +674,17 @@ std::optional<ConversationRow> Session::LoadRow(ConversationId conversation) {
 
 ConversationRow Session::LoadOrStub(ConversationId conversation) {
   if (std::optional<ConversationRow> row = LoadRow(conversation)) return *row;
+  return NewRow(conversation);
+}
+
+ConversationRow Session::NewRow(ConversationId conversation) {
   ConversationRow row;
   row.info.conversation_id = conversation;
   row.expired_through = KnownFloor(conversation, std::nullopt);
-  NoteFloorTaken(conversation);
+  // Made from a rowless floor in the open CacheTxn: the floor goes once the row is committed.
+  if (txn_depth_ > 0 && rowless_floors_.contains(conversation)) {
+    floors_taken_.insert(conversation);
+  }
   return row;
 }
 
@@ -692,19 +699,11 @@ void Session::KeepRowlessFloor(ConversationId conversation, Seq through) {
   auto it = rowless_floors_.find(conversation);
   if (it == rowless_floors_.end() && rowless_floors_.size() >= kMaxRowlessFloors) {
     // The oldest goes: the newest is the likeliest to be in use (its Sync in flight).
-    auto oldest = rowless_floors_.begin();
-    for (auto i = rowless_floors_.begin(); i != rowless_floors_.end(); ++i) {
-      if (i->second.order < oldest->second.order) oldest = i;
-    }
-    rowless_floors_.erase(oldest);
+    rowless_floors_.erase(std::min_element(
+        rowless_floors_.begin(), rowless_floors_.end(),
+        [](const auto& a, const auto& b) { return a.second.order < b.second.order; }));
   }
   rowless_floors_[conversation] = {through, ++rowless_order_};
-}
-
-void Session::NoteFloorTaken(ConversationId conversation) {
-  if (txn_depth_ > 0 && rowless_floors_.contains(conversation)) {
-    floors_taken_.insert(conversation);
-  }
 }
 
 void Session::Apply(ConversationRow* row, const v1::Message& next,
@@ -896,12 +895,9 @@ void Session::HandleSendAck(const v1::Envelope& envelope) {
         if (known) {
           cursor = known->cursor;
         } else if (!entry->peer.empty()) {
-          ConversationRow row;
-          row.info.conversation_id = ack.conversation_id();
+          ConversationRow row = NewRow(ack.conversation_id());
           row.info.kind = ConversationKind::kDirect;
           row.info.peer = entry->peer;
-          row.expired_through = floor;
-          NoteFloorTaken(row.info.conversation_id);
           (void)cache_->PutConversation(row);
         }
         // A message retention already deleted (its ack was lost, and the device stayed away

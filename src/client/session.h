@@ -451,13 +451,14 @@ class Session {
   std::optional<ConversationRow> LoadRow(ConversationId conversation);
   // LoadRow's row, or a new one (with the retention floor of a notice that came before it).
   ConversationRow LoadOrStub(ConversationId conversation);
+  // A new row of `conversation`, not stored yet, from the retention floor of a notice that came
+  // before it (rowless_floors_, which it takes over once the open CacheTxn commits).
+  ConversationRow NewRow(ConversationId conversation);
   // How far retention deleted `conversation`, as far as this client was told: `row`'s floor,
   // or without one the floor of a notice that came before it (rowless_floors_).
   Seq KnownFloor(ConversationId conversation, const std::optional<ConversationRow>& row) const;
   // Keeps `through` as `conversation`'s floor until it has a row (rowless_floors_).
   void KeepRowlessFloor(ConversationId conversation, Seq through);
-  // A row of `conversation` is being made, in the open CacheTxn, from its rowless floor.
-  void NoteFloorTaken(ConversationId conversation);
 
   // Spends one token of the client-side send budget; false (and a retry timer) when empty.
   bool TakeSendToken();
